@@ -1,0 +1,228 @@
+#!/usr/bin/env node
+/**
+ * `engine`: argument parsing and printing only; every action is one call into engine/.
+ */
+import { Command, CommanderError, Option } from 'commander';
+import {
+  backup,
+  ENGINE_VERSION,
+  EngineError,
+  InvalidArgumentError,
+  initRepository,
+  listBackups,
+  parseSize,
+  restore,
+  runDemo,
+  showBackup,
+  verify,
+} from '../engine/index.js';
+import { EXIT, exitCodeFor } from './exit-codes.js';
+import { createProgress } from './progress.js';
+import { backupJson, printBackup, printInit, printJson, printList, printRestore, printShow, printVerify, restoreJson } from './output.js';
+
+interface GlobalOptions {
+  debug?: boolean;
+}
+
+let jsonMode = false;
+
+function repoOption(): Option {
+  return new Option('--repo <path>', 'repository path (default: $ENGINE_REPO)').env('ENGINE_REPO');
+}
+
+function requireRepo(repo: string | undefined): string {
+  if (!repo) throw new InvalidArgumentError('no repository: give --repo PATH or set ENGINE_REPO');
+  return repo;
+}
+
+function collect(value: string, previous: string[] = []): string[] {
+  return [...previous, value];
+}
+
+function workersOption(): Option {
+  return new Option('--workers <n>', 'hashing/compression worker threads (default: one per core)').argParser((v) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 1 || n > 64) throw new InvalidArgumentError(`--workers ${v}: give a whole number from 1 to 64`);
+    return n;
+  });
+}
+
+/** SIGINT/SIGTERM abort the running operation cleanly (nothing half-committed); a second one exits at once. */
+function interruptSignal(): AbortSignal {
+  const controller = new AbortController();
+  const onSignal = (): void => {
+    if (controller.signal.aborted) process.exit(EXIT.interrupted);
+    controller.abort();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  return controller.signal;
+}
+
+function buildProgram(): Command {
+  const program = new Command('engine')
+    .description('Block-level, deduplicating backups of VM disks (oVirt, KVM/libvirt)')
+    .version(ENGINE_VERSION)
+    .option('--debug', 'print stack traces with errors')
+    .showHelpAfterError()
+    .exitOverride();
+
+  program
+    .command('init')
+    .description('create a repository')
+    .argument('<repo>', 'directory to create (must be new or empty)')
+    .option('--block-size <size>', 'fixed block size, a power of two from 64K to 16M (default 1M)')
+    .option('--json', 'print the repository config as JSON')
+    .action(async (repo: string, opts: { blockSize?: string; json?: boolean }) => {
+      jsonMode = opts.json === true;
+      const config = await initRepository(repo, { blockSize: opts.blockSize === undefined ? undefined : parseSize(opts.blockSize) });
+      if (jsonMode) printJson(config);
+      else printInit(repo, config);
+    });
+
+  program
+    .command('backup')
+    .description('back up one or more disks (raw images or block devices) as one backup')
+    .addOption(repoOption())
+    .requiredOption('--source <path>', 'disk image or block device; repeat for each disk of the VM', collect)
+    .option('--disk-name <name>', 'name of the disk in the backup, one per --source (default: the source file name)', collect)
+    .option('--name <name>', 'name of the backup (default: the source file name)')
+    .option('--json', 'print only the result, as JSON')
+    .addOption(workersOption())
+    .action(async (opts: { repo?: string; source: string[]; diskName?: string[]; name?: string; json?: boolean; workers?: number }) => {
+      jsonMode = opts.json === true;
+      const progress = createProgress({ json: jsonMode });
+      const { record } = await backup({
+        repo: requireRepo(opts.repo),
+        sources: opts.source,
+        diskNames: opts.diskName,
+        name: opts.name,
+        workers: opts.workers,
+        signal: interruptSignal(),
+        onProgress: (p) => progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal),
+        onNotice: (message) => {
+          if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
+        },
+      });
+      progress.done();
+      if (jsonMode) printJson(backupJson(record));
+      else printBackup(record);
+    });
+
+  program
+    .command('list')
+    .description('list the backups in a repository, oldest first')
+    .addOption(repoOption())
+    .option('--json', 'print JSON')
+    .action(async (opts: { repo?: string; json?: boolean }) => {
+      jsonMode = opts.json === true;
+      const { backups, damaged } = await listBackups(requireRepo(opts.repo));
+      if (jsonMode) printJson({ backups: backups.map(backupJson), damaged });
+      else printList(backups, damaged);
+    });
+
+  program
+    .command('show')
+    .description('show one backup')
+    .addOption(repoOption())
+    .argument('<backup-id>', 'backup id or a unique prefix of it')
+    .option('--json', 'print JSON')
+    .action(async (id: string, opts: { repo?: string; json?: boolean }) => {
+      jsonMode = opts.json === true;
+      const record = await showBackup(requireRepo(opts.repo), id);
+      if (jsonMode) printJson(backupJson(record));
+      else printShow(record);
+    });
+
+  program
+    .command('restore')
+    .description('restore a backup to a new raw file, an existing file or a block device')
+    .addOption(repoOption())
+    .argument('<backup-id>', 'backup id or a unique prefix of it')
+    .option('--disk <name>', 'the disk to restore (needed when the backup has several, unless --to is a directory)')
+    .requiredOption('--to <path>', 'target: a new file (created sparse), an existing file or block device at least as large, or a directory')
+    .option('--json', 'print only the result, as JSON')
+    .addOption(workersOption())
+    .action(async (id: string, opts: { repo?: string; disk?: string; to: string; json?: boolean; workers?: number }) => {
+      jsonMode = opts.json === true;
+      const progress = createProgress({ json: jsonMode });
+      const result = await restore({
+        repo: requireRepo(opts.repo),
+        backupId: id,
+        disk: opts.disk,
+        to: opts.to,
+        workers: opts.workers,
+        signal: interruptSignal(),
+        onProgress: (p) => progress.update(`restore ${p.disk}`, p.bytesDone, p.bytesTotal),
+      });
+      progress.done();
+      if (jsonMode) printJson(restoreJson(result));
+      else printRestore(result);
+    });
+
+  program
+    .command('verify')
+    .description('check the repository; exits 4 and names every problem it finds')
+    .addOption(repoOption())
+    .option('--read-data', 're-read and re-hash every chunk of every pack')
+    .option('--json', 'print JSON')
+    .addOption(workersOption())
+    .action(async (opts: { repo?: string; readData?: boolean; json?: boolean; workers?: number }) => {
+      jsonMode = opts.json === true;
+      const progress = createProgress({ json: jsonMode });
+      const report = await verify({
+        repo: requireRepo(opts.repo),
+        readData: opts.readData,
+        workers: opts.workers,
+        onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items'),
+      });
+      progress.done();
+      if (jsonMode) printJson(report);
+      else printVerify(report);
+      if (!report.ok) process.exitCode = EXIT.integrity;
+    });
+
+  program
+    .command('demo')
+    .description('the quick start: generate a VM-like disk, back it up twice, restore, compare, verify')
+    .option('--dir <path>', 'work directory to keep (default: a temporary one, removed afterwards)')
+    .option('--size <size>', 'image size (default 512M + 4097 bytes)')
+    .action(async (opts: { dir?: string; size?: string }) => {
+      const result = await runDemo({
+        dir: opts.dir,
+        size: opts.size === undefined ? undefined : parseSize(opts.size),
+        onStep: (message) => process.stdout.write(`demo: ${message}\n`),
+      });
+      process.stdout.write(`demo: done; ${result.backups.length} backups restored byte for byte, repository verified\n`);
+    });
+
+  return program;
+}
+
+function reportError(error: unknown, debug: boolean): number {
+  if (error instanceof CommanderError) {
+    return error.exitCode === 0 ? EXIT.ok : EXIT.usage;
+  }
+  const engineError = error instanceof EngineError ? error : undefined;
+  const code = engineError?.code;
+  const message = error instanceof Error ? error.message : String(error);
+  if (jsonMode) {
+    printJson({ error: { code: code ?? 'ENGINE_INTERNAL', message, details: engineError?.details ?? {} } });
+  } else {
+    process.stderr.write(`engine: ${message}\n`);
+    if (debug && error instanceof Error && error.stack) process.stderr.write(`${error.stack}\n`);
+  }
+  return exitCodeFor(code);
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+    return typeof process.exitCode === 'number' ? process.exitCode : EXIT.ok;
+  } catch (error) {
+    return reportError(error, (program.opts() as GlobalOptions).debug === true);
+  }
+}
+
+process.exitCode = await main(process.argv);

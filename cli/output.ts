@@ -1,0 +1,109 @@
+/** Shapes and prints results. The JSON shapes are a contract (SPEC.md, "CLI JSON output"). */
+import type { BackupRecord, DiskRecord } from '../repo-format/backup-record.js';
+import type { RepositoryConfig } from '../repo-format/config.js';
+import type { RestoreResult } from '../engine/restore/restore.js';
+import type { VerifyReport } from '../engine/verify.js';
+import { formatBytes } from '../engine/units.js';
+
+export function diskJson(disk: DiskRecord): Record<string, unknown> {
+  return { name: disk.name, size: disk.size, source: disk.source, ...disk.stats };
+}
+
+export function backupJson(record: BackupRecord): Record<string, unknown> {
+  return {
+    id: record.id,
+    name: record.name,
+    type: record.type,
+    parent: record.parent,
+    startTime: record.startTime,
+    endTime: record.endTime,
+    hostname: record.hostname,
+    engineVersion: record.engineVersion,
+    blockSize: record.blockSize,
+    disks: record.disks.map(diskJson),
+  };
+}
+
+export function printJson(value: unknown): void {
+  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+}
+
+function seconds(ms: number): string {
+  return `${(ms / 1000).toFixed(1)} s`;
+}
+
+export function printBackup(record: BackupRecord): void {
+  const lines = [`backup ${record.id} (${record.type}) "${record.name}" committed`];
+  for (const disk of record.disks) {
+    const s = disk.stats;
+    const rate = s.durationMs > 0 ? `${formatBytes((s.bytesRead / s.durationMs) * 1000)}/s` : '-';
+    lines.push(
+      `  ${disk.name}: ${formatBytes(disk.size)}, read ${formatBytes(s.bytesRead)} in ${seconds(s.durationMs)} (${rate}); ` +
+        `${s.blocksNew} new blocks (${formatBytes(s.bytesNew)} → ${formatBytes(s.bytesStored)} stored), ` +
+        `${s.blocksDeduplicated} deduplicated, ${s.blocksZero} zero`,
+    );
+  }
+  process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+export function printList(backups: BackupRecord[], damaged: { id: string; message: string }[]): void {
+  const rows = [['ID', 'TIME', 'TYPE', 'PARENT', 'NAME', 'DISKS', 'SIZE', 'READ', 'NEW']];
+  for (const b of backups) {
+    const size = b.disks.reduce((sum, d) => sum + d.size, 0);
+    const read = b.disks.reduce((sum, d) => sum + d.stats.bytesRead, 0);
+    const added = b.disks.reduce((sum, d) => sum + d.stats.bytesStored, 0);
+    rows.push([b.id.slice(0, 12), b.startTime.replace('T', ' ').slice(0, 19), b.type, b.parent?.slice(0, 12) ?? '-', b.name, String(b.disks.length), formatBytes(size), formatBytes(read), formatBytes(added)]);
+  }
+  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
+  const text = rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
+  process.stdout.write(`${text}\n`);
+  for (const d of damaged) process.stdout.write(`DAMAGED ${d.id}: ${d.message}\n`);
+}
+
+export function printShow(record: BackupRecord): void {
+  const lines = [
+    `id:        ${record.id}`,
+    `name:      ${record.name}`,
+    `type:      ${record.type}`,
+    `parent:    ${record.parent ?? '-'}`,
+    `started:   ${record.startTime}`,
+    `finished:  ${record.endTime}`,
+    `host:      ${record.hostname} (engine ${record.engineVersion})`,
+    `blocksize: ${formatBytes(record.blockSize)}`,
+  ];
+  for (const disk of record.disks) {
+    const s = disk.stats;
+    lines.push(
+      `disk ${disk.name}: ${formatBytes(disk.size)} (${disk.size} bytes) from ${disk.source.kind} ${disk.source.path}`,
+      `  blocks: ${s.blocksTotal} total, ${s.blocksNew} new, ${s.blocksDeduplicated} deduplicated, ${s.blocksZero} zero`,
+      `  bytes: ${s.bytesRead} read, ${s.bytesNew} new, ${s.bytesStored} stored; ${seconds(s.durationMs)}`,
+    );
+  }
+  process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+export function printInit(path: string, config: RepositoryConfig): void {
+  process.stdout.write(`created repository ${config.id} at ${path} (block size ${formatBytes(config.blockSize)}, format ${config.version})\n`);
+}
+
+export function restoreJson(result: RestoreResult): Record<string, unknown> {
+  return { backup: result.backup.id, disks: result.disks };
+}
+
+export function printRestore(result: RestoreResult): void {
+  for (const d of result.disks) {
+    process.stdout.write(`restored disk ${d.name} of backup ${result.backup.id} to ${d.path} (${formatBytes(d.size)}, ${formatBytes(d.bytesWritten)} written)\n`);
+  }
+}
+
+export function printVerify(report: VerifyReport): void {
+  const lines = [
+    `checked ${report.backups} backups, ${report.packs} packs, ${report.blobs} blobs${report.readData ? `, read ${formatBytes(report.bytesChecked)}` : ' (structure only; --read-data re-reads every chunk)'}`,
+  ];
+  for (const p of report.problems) lines.push(`ERROR ${p.code}: ${p.message}`);
+  const g = report.garbage;
+  if (g.unreferencedBlobs > 0) lines.push(`garbage: ${g.unreferencedBlobs} unreferenced blobs (${formatBytes(g.unreferencedBytes)}), reclaimable by a later gc`);
+  if (g.tempFiles.length > 0) lines.push(`garbage: ${g.tempFiles.length} temporary files in tmp/ left by an interrupted writer (${g.tempFiles.slice(0, 3).join(', ')})`);
+  lines.push(report.ok ? 'no problems found' : `${report.problems.length} problems found`);
+  process.stdout.write(`${lines.join('\n')}\n`);
+}

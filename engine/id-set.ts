@@ -1,0 +1,40 @@
+/**
+ * A compact set of blob ids, keyed by their first 8 bytes: 8 bytes per id instead of ~100 for a Set of
+ * hex strings, so verify can mark every referenced chunk of a large repository. Two ids sharing 64-bit
+ * prefixes is a 2^-64 event per pair; the set is used to count and list garbage, never to delete data.
+ */
+export class IdPrefixSet {
+  private values = new BigUint64Array(1024);
+  private length = 0;
+  private sorted = true;
+
+  add(id: Buffer): void {
+    if (this.length === this.values.length) {
+      const grown = new BigUint64Array(this.values.length * 2);
+      grown.set(this.values);
+      this.values = grown;
+    }
+    this.values[this.length] = id.readBigUInt64BE(0);
+    this.length += 1;
+    this.sorted = false;
+  }
+
+  has(id: Buffer): boolean {
+    if (!this.sorted) {
+      const view = this.values.subarray(0, this.length);
+      view.sort();
+      this.sorted = true;
+    }
+    const key = id.readBigUInt64BE(0);
+    let low = 0;
+    let high = this.length - 1;
+    while (low <= high) {
+      const mid = Math.floor((low + high) / 2);
+      const value = this.values[mid]!;
+      if (value === key) return true;
+      if (value < key) low = mid + 1;
+      else high = mid - 1;
+    }
+    return false;
+  }
+}

@@ -1,0 +1,21 @@
+/** The engine's public API: what the CLI, bench/ and test/ (and backup vendors) call. */
+export { initRepository } from './init.js';
+export { backup, type BackupOptions, type BackupResult } from './backup.js';
+export { restore, type RestoreOptions, type RestoreResult, type RestoredDisk, type RestoreProgress } from './restore/restore.js';
+export { verify, type VerifyOptions, type VerifyReport, type VerifyProblem } from './verify.js';
+export { listBackups, showBackup } from './catalogue.js';
+export { runDemo, type DemoOptions, type DemoResult } from './demo.js';
+export { generateImage, mutateImage, SeededRandom, VM_DISK_MIX, type ImageMix, type Mutation } from './synthetic-image.js';
+export { parseSize, formatBytes } from './units.js';
+export { ENGINE_VERSION } from './version.js';
+export type { DiskProgress } from './pipeline/backup-disk.js';
+export {
+  SourceUnreadableError,
+  SourceChangedError,
+  TargetTooSmallError,
+  TargetUnwritableError,
+  DiskNotFoundError,
+  InterruptedError,
+  CorruptChunkError,
+} from './errors.js';
+export * from '../repo-format/index.js';

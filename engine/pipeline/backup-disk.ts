@@ -1,0 +1,194 @@
+/**
+ * Backs up one disk: the block pipeline.
+ *
+ *   reader ──slot──▶ workers: zero check + SHA-256 ──▶ in-order assembler ──▶ one index lookup per batch
+ *        ▲                                                      │ new blocks: workers seal (lz4, xxh64)
+ *        └────────────── slot released ◀── pack writer ◀────────┘ map builder (entries in block order)
+ *
+ * The reader runs ahead of the assembler by at most slotCount blocks (the SlotPool is the bound), the
+ * assembler looks up a batch of ids at a time (never one LevelDB get per block), and only blocks whose
+ * id is not yet in the repository are compressed and written.
+ */
+import { KIND_DATA, ZERO_ID } from '../../repo-format/constants.js';
+import { MapBuilder } from '../../repo-format/block-map.js';
+import type { BlobWriter } from '../../repo-format/blob-writer.js';
+import type { DiskRecord, DiskStats } from '../../repo-format/backup-record.js';
+import type { Repository } from '../../repo-format/repository.js';
+import type { BlockSource } from '../sources/source.js';
+import type { BlockPool } from './block-pool.js';
+import type { HashResult } from './tasks.js';
+import { InterruptedError } from '../errors.js';
+
+export interface DiskProgress {
+  disk: string;
+  bytesDone: number;
+  bytesTotal: number;
+  bytesRead: number;
+  bytesNew: number;
+}
+
+export interface BackupDiskContext {
+  repo: Repository;
+  pool: BlockPool;
+  dataWriter: BlobWriter;
+  metaWriter: BlobWriter;
+  signal?: AbortSignal | undefined;
+  onProgress?: ((progress: DiskProgress) => void) | undefined;
+}
+
+interface InFlight {
+  block: number;
+  slot: number;
+  length: number;
+  result: HashResult | undefined;
+  done: Promise<void>;
+}
+
+/** A FIFO the reader fills and the assembler drains; `shift` waits for the next block or the end. */
+class BlockQueue {
+  private readonly items: InFlight[] = [];
+  private waiter: (() => void) | undefined;
+  private ended = false;
+
+  push(item: InFlight): void {
+    this.items.push(item);
+    this.wake();
+  }
+
+  end(): void {
+    this.ended = true;
+    this.wake();
+  }
+
+  get headReady(): boolean {
+    return this.items.length > 0 && this.items[0]!.result !== undefined;
+  }
+
+  async shift(): Promise<InFlight | undefined> {
+    while (this.items.length === 0 && !this.ended) await new Promise<void>((resolve) => (this.waiter = resolve));
+    return this.items.shift();
+  }
+
+  private wake(): void {
+    const waiter = this.waiter;
+    this.waiter = undefined;
+    waiter?.();
+  }
+}
+
+export async function backupDisk(source: BlockSource, name: string, context: BackupDiskContext): Promise<DiskRecord> {
+  const { repo, pool, dataWriter, signal } = context;
+  const blockSize = repo.blockSize;
+  const blockCount = Math.ceil(source.size / blockSize);
+  const started = Date.now();
+  const stats: DiskStats = {
+    bytesRead: 0,
+    bytesNew: 0,
+    bytesStored: 0,
+    blocksTotal: blockCount,
+    blocksZero: 0,
+    blocksNew: 0,
+    blocksDeduplicated: 0,
+    durationMs: 0,
+  };
+  const map = new MapBuilder(blockCount, repo.pageStore(context.metaWriter));
+  const queue = new BlockQueue();
+  const batchLimit = Math.max(1, Math.floor(pool.slots.count / 2));
+  let failure: unknown;
+  let bytesDone = 0;
+
+  const fail = (error: unknown): void => {
+    failure ??= error;
+    pool.slots.fail(error);
+    queue.end();
+  };
+
+  const read = async (): Promise<void> => {
+    for (let block = 0; block < blockCount && failure === undefined; block += 1) {
+      if (signal?.aborted) throw new InterruptedError('backup');
+      const slot = await pool.slots.acquire();
+      const offset = block * blockSize;
+      const length = Math.min(blockSize, source.size - offset);
+      await source.read(pool.input(slot, length), offset);
+      stats.bytesRead += length;
+      const item: InFlight = { block, slot, length, result: undefined, done: Promise.resolve() };
+      item.done = pool.hash(slot, length).then((result) => {
+        item.result = result;
+      });
+      // A rejected hash is surfaced by the assembler when it reaches this block; keep Node quiet until then.
+      item.done.catch(() => undefined);
+      queue.push(item);
+    }
+    queue.end();
+  };
+
+  const storeBatch = async (batch: InFlight[]): Promise<void> => {
+    const candidates = batch.filter((item) => item.result && !item.result.zero);
+    const ids = candidates.map((item) => Buffer.from((item.result as { id: Uint8Array }).id));
+    const known = await dataWriter.known(ids);
+    const sealing = new Map<InFlight, Promise<{ frameLength: number; flags: number }>>();
+    const claimedHere = new Set<string>();
+    candidates.forEach((item, i) => {
+      const hex = ids[i]!.toString('hex');
+      if (known[i] || claimedHere.has(hex)) return;
+      claimedHere.add(hex);
+      dataWriter.claim(ids[i]!);
+      const sealed = pool.seal(item.slot, item.length, KIND_DATA, ids[i]!);
+      sealed.catch(() => undefined);
+      sealing.set(item, sealed);
+    });
+    for (const item of batch) {
+      const result = item.result!;
+      if (result.zero) {
+        stats.blocksZero += 1;
+        await map.push(ZERO_ID);
+      } else {
+        const id = Buffer.from(result.id);
+        const sealed = sealing.get(item);
+        if (sealed) {
+          const { frameLength, flags } = await sealed;
+          await dataWriter.add(pool.output(item.slot, frameLength), { kind: KIND_DATA, flags, rawLength: item.length, id });
+          stats.blocksNew += 1;
+          stats.bytesNew += item.length;
+          stats.bytesStored += frameLength;
+        } else {
+          stats.blocksDeduplicated += 1;
+        }
+        await map.push(id);
+      }
+      bytesDone += item.length;
+      pool.slots.release(item.slot);
+    }
+    context.onProgress?.({ disk: name, bytesDone, bytesTotal: source.size, bytesRead: stats.bytesRead, bytesNew: stats.bytesNew });
+  };
+
+  const assemble = async (): Promise<void> => {
+    let batch: InFlight[] = [];
+    for (;;) {
+      const item = await queue.shift();
+      if (!item || failure !== undefined) break;
+      await item.done;
+      batch.push(item);
+      // Look up as many finished blocks as are ready, but never sit on slots the reader is waiting for.
+      if (batch.length >= batchLimit || !queue.headReady) {
+        await storeBatch(batch);
+        batch = [];
+      }
+    }
+    if (failure === undefined && batch.length > 0) await storeBatch(batch);
+  };
+
+  const reader = read().catch(fail);
+  const assembler = assemble().catch(fail);
+  await Promise.all([reader, assembler]);
+  if (failure !== undefined) throw failure;
+  const root = await map.finish();
+  stats.durationMs = Date.now() - started;
+  return {
+    name,
+    size: source.size,
+    source: { ...source.description },
+    map: { root: root.root.toString('hex'), depth: root.depth, blocks: root.blocks },
+    stats,
+  };
+}

@@ -1,0 +1,99 @@
+/**
+ * A piscina worker: the CPU-heavy half of the pipeline (zero check, SHA-256, lz4, xxh64), on blocks that
+ * sit in shared memory. Runs with piscina `atomics: 'disabled'` so that this thread's event loop turns
+ * between tasks: lz4-napi frees its output buffers from N-API finalizers, which only run then.
+ */
+import { workerData } from 'node:worker_threads';
+import { openSync, readSync, closeSync } from 'node:fs';
+import { initChecksum } from '../../repo-format/checksum.js';
+import { openBlob, sealBlob, sha256 } from '../../repo-format/blob-codec.js';
+import type { BlockTask, HashResult, OpenResult, SealResult, SharedSlots, VerifyPackResult } from './tasks.js';
+
+const slots = workerData as SharedSlots;
+const zeros = Buffer.alloc(slots.inputSlotSize);
+await initChecksum();
+
+function inputSlot(slot: number, length: number): Buffer {
+  return Buffer.from(slots.input, slot * slots.inputSlotSize, length);
+}
+
+function outputSlot(slot: number, length = slots.outputSlotSize): Buffer {
+  return Buffer.from(slots.output, slot * slots.outputSlotSize, length);
+}
+
+function readExactly(fd: number, target: Buffer, position: number): number {
+  let filled = 0;
+  while (filled < target.length) {
+    const got = readSync(fd, target, filled, target.length - filled, position + filled);
+    if (got === 0) break;
+    filled += got;
+  }
+  return filled;
+}
+
+function hash(slot: number, length: number): HashResult {
+  const block = inputSlot(slot, length);
+  if (block.equals(zeros.subarray(0, length))) return { zero: true };
+  return { zero: false, id: new Uint8Array(sha256(block)) };
+}
+
+function seal(slot: number, length: number, kind: number, id: Uint8Array): SealResult {
+  const target = outputSlot(slot);
+  const frameLength = sealBlob(kind, Buffer.from(id), inputSlot(slot, length), target);
+  return { frameLength, flags: target.readUInt8(5) };
+}
+
+function openFrame(task: Extract<BlockTask, { op: 'open' }>): OpenResult {
+  if (task.length > slots.outputSlotSize) return { ok: false, why: `index says the frame is ${task.length} bytes, more than a block can need` };
+  const frame = outputSlot(task.slot, task.length);
+  let fd: number;
+  try {
+    fd = openSync(task.packPath, 'r');
+  } catch (error) {
+    return { ok: false, why: `cannot open pack (${(error as NodeJS.ErrnoException).code ?? String(error)})` };
+  }
+  try {
+    const got = readExactly(fd, frame, task.offset);
+    if (got !== task.length) return { ok: false, why: `pack is truncated: read ${got} of ${task.length} bytes` };
+  } finally {
+    closeSync(fd);
+  }
+  const opened = openBlob(frame, Buffer.from(task.id));
+  if (typeof opened === 'string') return { ok: false, why: opened };
+  if (opened.plaintext.length > slots.inputSlotSize) return { ok: false, why: 'blob is larger than a block' };
+  inputSlot(task.slot, opened.plaintext.length).set(opened.plaintext);
+  return { ok: true, rawLength: opened.plaintext.length };
+}
+
+function verifyPack(task: Extract<BlockTask, { op: 'verify-pack' }>): VerifyPackResult {
+  const bad: VerifyPackResult['bad'] = [];
+  const fd = openSync(task.packPath, 'r');
+  try {
+    for (const { offset, length } of task.frames) {
+      const frame = Buffer.allocUnsafe(length);
+      const got = readExactly(fd, frame, offset);
+      if (got !== length) {
+        bad.push({ offset, why: `pack is truncated: read ${got} of ${length} bytes` });
+        continue;
+      }
+      const opened = openBlob(frame);
+      if (typeof opened === 'string') bad.push({ offset, why: opened });
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return { bad };
+}
+
+export default function run(task: BlockTask): HashResult | SealResult | OpenResult | VerifyPackResult {
+  switch (task.op) {
+    case 'hash':
+      return hash(task.slot, task.length);
+    case 'seal':
+      return seal(task.slot, task.length, task.kind, task.id);
+    case 'open':
+      return openFrame(task);
+    case 'verify-pack':
+      return verifyPack(task);
+  }
+}

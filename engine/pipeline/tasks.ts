@@ -1,0 +1,57 @@
+/**
+ * Messages between the main thread and the block workers. Block data never travels in messages: it
+ * sits in two SharedArrayBuffers of `slotCount` slots each, created once per pool:
+ *   input  slot i: blockSize bytes (plaintext: read from the source, or restored from a pack)
+ *   output slot i: blockSize + frame overhead bytes (a sealed frame, or frame bytes read from a pack)
+ */
+export interface SharedSlots {
+  input: SharedArrayBuffer;
+  output: SharedArrayBuffer;
+  slotCount: number;
+  inputSlotSize: number;
+  outputSlotSize: number;
+}
+
+/** Zero check, then SHA-256 of input slot `slot`. */
+export interface HashTask {
+  op: 'hash';
+  slot: number;
+  length: number;
+}
+export type HashResult = { zero: true } | { zero: false; id: Uint8Array };
+
+/** lz4 (when it helps) and frame assembly from input slot `slot` into output slot `slot`. */
+export interface SealTask {
+  op: 'seal';
+  slot: number;
+  length: number;
+  kind: number;
+  id: Uint8Array;
+}
+export interface SealResult {
+  frameLength: number;
+  flags: number;
+}
+
+/** Read a frame from a pack into output slot `slot`, check it, and place its plaintext in input slot `slot`. */
+export interface OpenTask {
+  op: 'open';
+  slot: number;
+  packPath: string;
+  offset: number;
+  length: number;
+  id: Uint8Array;
+}
+export type OpenResult = { ok: true; rawLength: number } | { ok: false; why: string };
+
+/** Check every frame of a whole pack (verify --read-data). */
+export interface VerifyPackTask {
+  op: 'verify-pack';
+  packPath: string;
+  frames: { offset: number; length: number }[];
+}
+export interface VerifyPackResult {
+  bad: { offset: number; why: string }[];
+}
+
+export type BlockTask = HashTask | SealTask | OpenTask | VerifyPackTask;

@@ -1,0 +1,85 @@
+/**
+ * Restore targets on the local host: a new raw file (created sparse, zero blocks left as holes, exact
+ * final size), an existing file, or a block device (both must be large enough; zero blocks are written
+ * as zeros there, since their old content is not zero).
+ */
+import { open, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { classifyWriteError, isErrnoException } from '../../repo-format/errors.js';
+import { TargetTooSmallError, TargetUnwritableError } from '../errors.js';
+import { blockDeviceSize } from '../sources/device-size.js';
+
+export interface RestoreTarget {
+  readonly path: string;
+  /** True when unwritten ranges already read as zeros (a new sparse file). */
+  readonly zeroed: boolean;
+  write(data: Buffer, offset: number): Promise<void>;
+  /** Flushes to stable storage; a restore is not reported done before this resolves. */
+  finish(): Promise<void>;
+  /** Closes after a failure; removes the file if this restore created it. */
+  discard(): Promise<void>;
+}
+
+export class FileTarget implements RestoreTarget {
+  private constructor(
+    readonly path: string,
+    private readonly handle: FileHandle,
+    readonly zeroed: boolean,
+    private readonly created: boolean,
+  ) {}
+
+  static async open(path: string, diskSize: number): Promise<FileTarget> {
+    const existing = await stat(path).catch((error: unknown) => {
+      if (isErrnoException(error) && error.code === 'ENOENT') return undefined;
+      throw new TargetUnwritableError(path, String(error));
+    });
+    if (!existing) {
+      let handle: FileHandle;
+      try {
+        handle = await open(path, 'wx', 0o600);
+        await handle.truncate(diskSize);
+      } catch (error) {
+        const classified = classifyWriteError(error, path);
+        if (classified !== error) throw classified;
+        throw new TargetUnwritableError(path, isErrnoException(error) ? `${error.code}: ${error.message}` : String(error));
+      }
+      return new FileTarget(path, handle, true, true);
+    }
+    let size: number;
+    if (existing.isBlockDevice()) size = await blockDeviceSize(existing.rdev);
+    else if (existing.isFile()) size = existing.size;
+    else throw new TargetUnwritableError(path, 'it exists and is neither a regular file nor a block device');
+    if (size < diskSize) throw new TargetTooSmallError(path, size, diskSize);
+    try {
+      return new FileTarget(path, await open(path, 'r+'), false, false);
+    } catch (error) {
+      throw new TargetUnwritableError(path, isErrnoException(error) ? `${error.code}: ${error.message}` : String(error));
+    }
+  }
+
+  async write(data: Buffer, offset: number): Promise<void> {
+    let written = 0;
+    try {
+      while (written < data.length) {
+        const { bytesWritten } = await this.handle.write(data, written, data.length - written, offset + written);
+        written += bytesWritten;
+      }
+    } catch (error) {
+      throw classifyWriteError(error, this.path);
+    }
+  }
+
+  async finish(): Promise<void> {
+    try {
+      await this.handle.sync();
+    } catch (error) {
+      throw classifyWriteError(error, this.path);
+    } finally {
+      await this.handle.close();
+    }
+  }
+
+  async discard(): Promise<void> {
+    await this.handle.close().catch(() => undefined);
+    if (this.created) await unlink(this.path).catch(() => undefined);
+  }
+}

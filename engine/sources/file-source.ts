@@ -1,0 +1,72 @@
+import { open, type FileHandle } from 'node:fs/promises';
+import { basename } from 'node:path';
+import { isErrnoException } from '../../repo-format/errors.js';
+import { SourceChangedError, SourceUnreadableError } from '../errors.js';
+import { blockDeviceSize } from './device-size.js';
+import type { BlockSource, SourceDescription } from './source.js';
+
+/** A raw image file or a block device (an attached disk snapshot inside the backup appliance). */
+export class FileSource implements BlockSource {
+  private constructor(
+    private readonly handle: FileHandle,
+    readonly size: number,
+    readonly description: SourceDescription,
+    private readonly currentSize: () => Promise<number>,
+  ) {}
+
+  get defaultName(): string {
+    return basename(this.description.path);
+  }
+
+  static async open(path: string): Promise<FileSource> {
+    let handle: FileHandle;
+    try {
+      handle = await open(path, 'r');
+    } catch (error) {
+      throw new SourceUnreadableError(path, isErrnoException(error) ? `${error.code}: ${error.message}` : String(error));
+    }
+    try {
+      const stats = await handle.stat();
+      if (stats.isBlockDevice()) {
+        const size = () => blockDeviceSize(stats.rdev);
+        return new FileSource(handle, await size(), { kind: 'block-device', path }, size);
+      }
+      if (!stats.isFile()) throw new SourceUnreadableError(path, 'not a regular file or a block device');
+      const size = async () => (await handle.stat()).size;
+      return new FileSource(handle, stats.size, { kind: 'file', path }, size);
+    } catch (error) {
+      await handle.close();
+      throw error;
+    }
+  }
+
+  async read(target: Buffer, offset: number): Promise<void> {
+    let filled = 0;
+    while (filled < target.length) {
+      let bytesRead: number;
+      try {
+        ({ bytesRead } = await this.handle.read(target, filled, target.length - filled, offset + filled));
+      } catch (error) {
+        throw new SourceUnreadableError(this.description.path, isErrnoException(error) ? `${error.code} at offset ${offset + filled}` : String(error));
+      }
+      if (bytesRead === 0) {
+        throw new SourceChangedError(this.description.path, `it ended at offset ${offset + filled}, but had ${this.size} bytes when the backup started`);
+      }
+      filled += bytesRead;
+    }
+  }
+
+  async close(): Promise<void> {
+    try {
+      const now = await this.currentSize();
+      if (now !== this.size) throw new SourceChangedError(this.description.path, `its size went from ${this.size} to ${now} bytes`);
+    } finally {
+      await this.handle.close();
+    }
+  }
+
+  /** Releases the source without the size check (after another failure). */
+  async dispose(): Promise<void> {
+    await this.handle.close().catch(() => undefined);
+  }
+}

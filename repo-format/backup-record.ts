@@ -1,0 +1,102 @@
+/**
+ * Backup records: one JSON file per backup in backups/<id>, written once (durable-file.ts, exclusive)
+ * as the last step of a backup. Its presence is what makes a backup exist. See SPEC.md, "Backup record".
+ */
+import { ID_SIZE } from './constants.js';
+import { CorruptMetadataError } from './errors.js';
+import type { MapRoot } from './block-map.js';
+
+export type BackupType = 'full' | 'incremental' | 'differential';
+
+export interface DiskStats {
+  /** Bytes read from the source for this disk. */
+  bytesRead: number;
+  /** Raw bytes of chunks that were not in the repository before this backup. */
+  bytesNew: number;
+  /** Bytes this disk's new chunks added to pack files (compressed payload plus frame overhead). */
+  bytesStored: number;
+  blocksTotal: number;
+  blocksZero: number;
+  blocksNew: number;
+  blocksDeduplicated: number;
+  durationMs: number;
+}
+
+export interface DiskRecord {
+  name: string;
+  size: number;
+  source: { kind: string; path: string };
+  map: { root: string; depth: number; blocks: number };
+  stats: DiskStats;
+}
+
+export interface BackupRecord {
+  version: 1;
+  id: string;
+  name: string;
+  type: BackupType;
+  parent: string | null;
+  startTime: string;
+  endTime: string;
+  hostname: string;
+  engineVersion: string;
+  blockSize: number;
+  disks: DiskRecord[];
+}
+
+export function mapRootOf(disk: DiskRecord): MapRoot {
+  return { root: Buffer.from(disk.map.root, 'hex'), depth: disk.map.depth, blocks: disk.map.blocks };
+}
+
+export function encodeBackupRecord(record: BackupRecord): Buffer {
+  return Buffer.from(`${JSON.stringify(record, null, 2)}\n`, 'utf8');
+}
+
+const isCount = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+const isText = (v: unknown): v is string => typeof v === 'string';
+
+function checkDisk(disk: unknown, blockSize: number): string | undefined {
+  if (typeof disk !== 'object' || disk === null) return 'a disk entry is not an object';
+  const d = disk as Record<string, unknown>;
+  if (!isText(d.name) || d.name.length === 0) return 'a disk has no name';
+  if (!isCount(d.size)) return `disk ${d.name} has no valid size`;
+  const source = d.source as Record<string, unknown> | undefined;
+  if (!source || !isText(source.kind) || !isText(source.path)) return `disk ${d.name} has no source`;
+  const map = d.map as Record<string, unknown> | undefined;
+  if (!map || !isText(map.root) || map.root.length !== ID_SIZE * 2 || !/^[0-9a-f]+$/.test(map.root)) return `disk ${d.name} has no valid map root`;
+  if (!isCount(map.depth) || !isCount(map.blocks)) return `disk ${d.name} has no valid map shape`;
+  if (map.blocks !== Math.ceil(d.size / blockSize)) return `disk ${d.name}: ${map.blocks} map blocks do not cover ${d.size} bytes`;
+  const stats = d.stats as Record<string, unknown> | undefined;
+  if (!stats) return `disk ${d.name} has no statistics`;
+  for (const key of ['bytesRead', 'bytesNew', 'bytesStored', 'blocksTotal', 'blocksZero', 'blocksNew', 'blocksDeduplicated', 'durationMs']) {
+    if (!isCount(stats[key])) return `disk ${d.name} statistic ${key} is not a count`;
+  }
+  return undefined;
+}
+
+export function decodeBackupRecord(bytes: Buffer, where: string): BackupRecord {
+  let value: unknown;
+  try {
+    value = JSON.parse(bytes.toString('utf8'));
+  } catch {
+    throw new CorruptMetadataError(where, 'not valid JSON');
+  }
+  const fail = (why: string): never => {
+    throw new CorruptMetadataError(where, why);
+  };
+  if (typeof value !== 'object' || value === null) return fail('not an object');
+  const r = value as Record<string, unknown>;
+  if (r.version !== 1) fail(`unknown record version ${String(r.version)}`);
+  if (!isText(r.id) || !/^[0-9a-f]{32}$/.test(r.id)) fail('no valid id');
+  if (!isText(r.name)) fail('no name');
+  if (r.type !== 'full' && r.type !== 'incremental' && r.type !== 'differential') fail(`unknown type ${String(r.type)}`);
+  if (r.parent !== null && !isText(r.parent)) fail('parent is neither null nor an id');
+  for (const key of ['startTime', 'endTime', 'hostname', 'engineVersion']) if (!isText(r[key])) fail(`no ${key}`);
+  if (!isCount(r.blockSize) || r.blockSize === 0) fail('no block size');
+  if (!Array.isArray(r.disks)) fail('no disk list');
+  for (const disk of r.disks as unknown[]) {
+    const problem = checkDisk(disk, r.blockSize as number);
+    if (problem) fail(problem);
+  }
+  return value as BackupRecord;
+}

@@ -1,0 +1,95 @@
+/**
+ * Writes new blobs into packs and makes them visible in the index in the required order:
+ * a pack is sealed (fsync, rename, fsync dir) BEFORE its entries enter the index.
+ *
+ * Blobs written but not yet indexed are "pending": `known()` answers from them first, so a block seen
+ * twice in one backup is stored once. Sealing a full pack runs in the background while the next pack
+ * fills; at most one seal is in flight.
+ */
+import { PACK_TARGET_SIZE } from './constants.js';
+import type { FrameHeader } from './frame.js';
+import type { IndexStore } from './index-store.js';
+import { PackWriter } from './pack-file.js';
+
+export class BlobWriter {
+  private current: PackWriter | undefined;
+  private readonly pending = new Set<string>();
+  private sealing: Promise<void> = Promise.resolve();
+  private failure: unknown;
+  private readonly openPacks = new Set<PackWriter>();
+  bytesWritten = 0;
+
+  constructor(
+    private readonly root: string,
+    private readonly index: IndexStore,
+    private readonly packTargetSize = PACK_TARGET_SIZE,
+  ) {}
+
+  /** For each id: is it already stored (indexed, or written earlier in this session)? One index batch. */
+  async known(ids: readonly Buffer[]): Promise<boolean[]> {
+    const answer = ids.map((id) => this.pending.has(id.toString('hex')));
+    const ask: number[] = [];
+    answer.forEach((isPending, i) => {
+      if (!isPending) ask.push(i);
+    });
+    const locations = await this.index.lookup(ask.map((i) => ids[i]!));
+    locations.forEach((location, j) => {
+      if (location) answer[ask[j]!] = true;
+    });
+    return answer;
+  }
+
+  /** Claims an id before its frame is built, so concurrent duplicates in one batch are not stored twice. */
+  claim(id: Buffer): void {
+    this.pending.add(id.toString('hex'));
+  }
+
+  async add(frame: Uint8Array, header: Omit<FrameHeader, 'storedLength'>): Promise<void> {
+    if (this.failure) throw this.failure;
+    this.pending.add(header.id.toString('hex'));
+    if (!this.current) {
+      this.current = await PackWriter.create(this.root);
+      this.openPacks.add(this.current);
+    }
+    await this.current.append(frame, header);
+    this.bytesWritten += frame.length;
+    if (this.current.byteSize >= this.packTargetSize) this.rotate();
+  }
+
+  /** Seals whatever is open and waits until every blob written so far is in the index. */
+  async flush(): Promise<void> {
+    this.rotate();
+    await this.sealing;
+    if (this.failure) throw this.failure;
+  }
+
+  /** Discards open packs. Already sealed packs stay: unreferenced, they are garbage for a later GC. */
+  async abort(): Promise<void> {
+    await this.sealing.catch(() => undefined);
+    for (const pack of this.openPacks) await pack.abort();
+    this.openPacks.clear();
+    this.current = undefined;
+  }
+
+  private rotate(): void {
+    const pack = this.current;
+    this.current = undefined;
+    if (!pack) return;
+    if (pack.isEmpty) {
+      this.openPacks.delete(pack);
+      void pack.abort();
+      return;
+    }
+    this.sealing = this.sealing.then(async () => {
+      if (this.failure) return;
+      try {
+        const entries = await pack.seal();
+        this.openPacks.delete(pack);
+        await this.index.addEntries(entries);
+        for (const entry of entries) this.pending.delete(entry.id.toString('hex'));
+      } catch (error) {
+        this.failure = error;
+      }
+    });
+  }
+}

@@ -1,0 +1,74 @@
+/**
+ * Every magic number, version and limit of the repository format. PLEASE DO NOT CHANGE a value here
+ * without bumping FORMAT_VERSION and describing the change in SPEC.md ("Changes").
+ */
+
+/** The repository format this code writes and the newest it reads. */
+export const FORMAT_VERSION = 1;
+
+/** `config` file `format` field: tells a repository apart from any other JSON file. */
+export const CONFIG_FORMAT_NAME = 'vm-backup-engine repository';
+
+export const HASH_ID = 'sha256';
+export const CHECKSUM_ID = 'xxh64';
+export const COMPRESSION_ID = 'lz4-block';
+
+/** Pack file header: "EPACK" + 0x00 0x01 0x0a (format 1), 8 bytes. */
+export const PACK_MAGIC = Buffer.from([0x45, 0x50, 0x41, 0x43, 0x4b, 0x00, 0x01, 0x0a]);
+export const PACK_HEADER_SIZE = 32;
+export const PACK_VERSION = 1;
+
+/** Frame header magic "EFRM". */
+export const FRAME_MAGIC = 0x4d524645; // "EFRM" read as a little-endian u32
+export const FRAME_HEADER_SIZE = 48;
+export const FRAME_TRAILER_SIZE = 8;
+export const FRAME_OVERHEAD = FRAME_HEADER_SIZE + FRAME_TRAILER_SIZE;
+
+export const ID_SIZE = 32;
+export const PACK_ID_SIZE = 16;
+
+/** Frame kinds. */
+export const KIND_DATA = 1;
+export const KIND_MAP_LEAF = 2;
+export const KIND_MAP_NODE = 3;
+
+/** Frame flags. Bits 1..7 are reserved and must be zero. */
+export const FLAG_LZ4 = 1;
+export const KNOWN_FRAME_FLAGS = FLAG_LZ4;
+
+/** Block size bounds: a power of two, a multiple of 64 KiB (QEMU's dirty-bitmap granularity). */
+export const MIN_BLOCK_SIZE = 64 * 1024;
+export const MAX_BLOCK_SIZE = 16 * 1024 * 1024;
+export const DEFAULT_BLOCK_SIZE = 1024 * 1024;
+
+/** Largest raw length a frame may declare; anything bigger is corruption, never an allocation. */
+export const MAX_FRAME_RAW_LENGTH = MAX_BLOCK_SIZE;
+
+/** Packs are sealed once they reach this many bytes (the spec allows 16–64 MiB). */
+export const PACK_TARGET_SIZE = 32 * 1024 * 1024;
+/** A pack must never exceed this size: offsets inside a pack are u32. */
+export const PACK_MAX_SIZE = 0xffff_ffff;
+
+/** Entries per map page (leaf or node). 1024 × 32 B = 32 KiB pages. */
+export const MAP_PAGE_ENTRIES = 1024;
+
+/** The map entry and page id that mean "all zeros". SHA-256 never yields 32 zero bytes in practice. */
+export const ZERO_ID = Buffer.alloc(ID_SIZE);
+
+/** LevelDB key prefixes. */
+export const KEY_PREFIX_META = 0x00;
+export const KEY_PREFIX_BLOB = 0x01;
+export const KEY_PREFIX_BACKUP = 0x02;
+
+/** Index entry value size. */
+export const INDEX_ENTRY_SIZE = 30;
+
+/** Repository layout, relative to the repository root. */
+export const LAYOUT = {
+  config: 'config',
+  packs: 'packs',
+  backups: 'backups',
+  index: 'index',
+  tmp: 'tmp',
+  lock: 'lock',
+} as const;

@@ -1,0 +1,47 @@
+import { link, open, rename, unlink } from 'node:fs/promises';
+import { dirname, basename, join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { classifyWriteError } from './errors.js';
+
+/** fsync a directory so that a rename or unlink inside it survives a power loss. */
+export async function fsyncDirectory(path: string): Promise<void> {
+  const handle = await open(path, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * The one durable-write path of the repository: temp name in the same directory → write → fsync →
+ * close → rename → fsync(directory). A reader sees either no file or the whole file, never a part.
+ */
+export async function writeFileDurably(path: string, data: Uint8Array, options: { exclusive?: boolean } = {}): Promise<void> {
+  const dir = dirname(path);
+  const temp = join(dir, `.${basename(path)}.${randomBytes(6).toString('hex')}.tmp`);
+  try {
+    const handle = await open(temp, 'wx', 0o644);
+    try {
+      let written = 0;
+      while (written < data.length) {
+        const { bytesWritten } = await handle.write(data, written, data.length - written, written);
+        written += bytesWritten;
+      }
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    if (options.exclusive) {
+      // link() fails with EEXIST where rename() would silently replace: the record must be written once.
+      await link(temp, path);
+      await unlink(temp);
+    } else {
+      await rename(temp, path);
+    }
+    await fsyncDirectory(dir);
+  } catch (error) {
+    await unlink(temp).catch(() => undefined);
+    throw classifyWriteError(error, path);
+  }
+}

@@ -1,0 +1,143 @@
+/**
+ * Every failure the engine reports on purpose is an EngineError with a stable `code`.
+ * Callers (the CLI, backup vendors' scripts) match on `code`, never on the message.
+ * The list of codes and the exit code each maps to is documented in SPEC.md, "Errors".
+ */
+export type ErrorCode =
+  | 'ENGINE_INVALID_ARGUMENT'
+  | 'ENGINE_NOT_A_REPOSITORY'
+  | 'ENGINE_REPOSITORY_EXISTS'
+  | 'ENGINE_FORMAT_TOO_NEW'
+  | 'ENGINE_REPOSITORY_LOCKED'
+  | 'ENGINE_CORRUPT_FRAME'
+  | 'ENGINE_CORRUPT_PACK'
+  | 'ENGINE_CORRUPT_METADATA'
+  | 'ENGINE_MISSING_BLOB'
+  | 'ENGINE_BACKUP_NOT_FOUND'
+  | 'ENGINE_AMBIGUOUS_ID'
+  | 'ENGINE_DISK_NOT_FOUND'
+  | 'ENGINE_SOURCE_UNREADABLE'
+  | 'ENGINE_SOURCE_CHANGED'
+  | 'ENGINE_TARGET_TOO_SMALL'
+  | 'ENGINE_TARGET_UNWRITABLE'
+  | 'ENGINE_NO_SPACE'
+  | 'ENGINE_INTERRUPTED'
+  | 'ENGINE_INTERNAL';
+
+export class EngineError extends Error {
+  readonly code: ErrorCode;
+  readonly details: Readonly<Record<string, unknown>>;
+
+  constructor(code: ErrorCode, message: string, details: Record<string, unknown> = {}, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'EngineError';
+    this.code = code;
+    this.details = details;
+  }
+
+  toJSON(): { code: ErrorCode; message: string; details: Readonly<Record<string, unknown>> } {
+    return { code: this.code, message: this.message, details: this.details };
+  }
+}
+
+export class InvalidArgumentError extends EngineError {
+  constructor(message: string, details: Record<string, unknown> = {}) {
+    super('ENGINE_INVALID_ARGUMENT', message, details);
+  }
+}
+
+export class NotARepositoryError extends EngineError {
+  constructor(path: string, why: string) {
+    super('ENGINE_NOT_A_REPOSITORY', `${path} is not an engine repository: ${why}`, { path });
+  }
+}
+
+export class RepositoryExistsError extends EngineError {
+  constructor(path: string) {
+    super('ENGINE_REPOSITORY_EXISTS', `${path} already holds a repository or other files; choose an empty or new directory`, { path });
+  }
+}
+
+export class FormatTooNewError extends EngineError {
+  constructor(path: string, found: number, supported: number) {
+    super(
+      'ENGINE_FORMAT_TOO_NEW',
+      `repository ${path} has format version ${found}; this engine reads versions up to ${supported}: upgrade the engine`,
+      { path, found, supported },
+    );
+  }
+}
+
+export interface LockHolder {
+  pid: number;
+  hostname: string;
+  since: string;
+  command: string;
+}
+
+export class RepositoryLockedError extends EngineError {
+  constructor(path: string, holder: LockHolder | undefined) {
+    const who = holder
+      ? `locked by pid ${holder.pid} on host ${holder.hostname} since ${holder.since} (${holder.command})`
+      : 'locked by another process (its lock file could not be read)';
+    super('ENGINE_REPOSITORY_LOCKED', `repository ${path} is ${who}`, { path, holder });
+  }
+}
+
+/** A frame in a pack failed its checks: bad magic, impossible lengths, checksum or hash mismatch. */
+export class CorruptFrameError extends EngineError {
+  constructor(packId: string, offset: number, why: string, extra: Record<string, unknown> = {}) {
+    super('ENGINE_CORRUPT_FRAME', `corrupt frame in pack ${packId} at offset ${offset}: ${why}`, { packId, offset, why, ...extra });
+  }
+}
+
+export class CorruptPackError extends EngineError {
+  constructor(packId: string, why: string) {
+    super('ENGINE_CORRUPT_PACK', `pack ${packId} is damaged: ${why}`, { packId, why });
+  }
+}
+
+export class CorruptMetadataError extends EngineError {
+  constructor(what: string, why: string) {
+    super('ENGINE_CORRUPT_METADATA', `${what} is damaged: ${why}`, { what, why });
+  }
+}
+
+export class MissingBlobError extends EngineError {
+  constructor(id: string, what: string) {
+    super('ENGINE_MISSING_BLOB', `${what} ${id} is not in the repository index`, { id, what });
+  }
+}
+
+export class BackupNotFoundError extends EngineError {
+  constructor(id: string) {
+    super('ENGINE_BACKUP_NOT_FOUND', `no backup matches "${id}"`, { id });
+  }
+}
+
+export class AmbiguousIdError extends EngineError {
+  constructor(prefix: string, matches: string[]) {
+    super('ENGINE_AMBIGUOUS_ID', `"${prefix}" matches ${matches.length} backups (${matches.slice(0, 4).join(', ')}…): give more characters`, {
+      prefix,
+      matches,
+    });
+  }
+}
+
+export class NoSpaceError extends EngineError {
+  constructor(path: string, cause: unknown) {
+    super('ENGINE_NO_SPACE', `no space left on the device holding ${path}`, { path }, { cause });
+  }
+}
+
+export function isErrnoException(error: unknown): error is NodeJS.ErrnoException {
+  return error instanceof Error && typeof (error as NodeJS.ErrnoException).code === 'string';
+}
+
+/** Turns ENOSPC / EDQUOT / EFBIG into NoSpaceError so every caller reports a full disk the same way. */
+export function classifyWriteError(error: unknown, path: string): unknown {
+  if (isErrnoException(error) && (error.code === 'ENOSPC' || error.code === 'EDQUOT' || error.code === 'EFBIG')) {
+    return new NoSpaceError(path, error);
+  }
+  return error;
+}

@@ -1,0 +1,99 @@
+/**
+ * The LevelDB index: blob id → location (index-entry.ts), and the backup catalogue (backup id → record).
+ * It is a cache of what the packs and the backups/ folder hold: `rebuildIndex` recreates it from them.
+ * LevelDB admits one process at a time; the repository lock (lock.ts) is taken before it is opened.
+ */
+import { ClassicLevel } from 'classic-level';
+import { KEY_PREFIX_BACKUP, KEY_PREFIX_BLOB, KEY_PREFIX_META } from './constants.js';
+import { blobKey, decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from './index-entry.js';
+import { CorruptMetadataError, classifyWriteError } from './errors.js';
+
+type Db = ClassicLevel<Buffer, Buffer>;
+
+function prefixed(prefix: number, text: string): Buffer {
+  return Buffer.concat([Buffer.from([prefix]), Buffer.from(text, 'utf8')]);
+}
+
+export class IndexStore {
+  private constructor(
+    private readonly db: Db,
+    readonly path: string,
+  ) {}
+
+  static async open(path: string, options: { create: boolean }): Promise<IndexStore> {
+    const db: Db = new ClassicLevel<Buffer, Buffer>(path, {
+      keyEncoding: 'buffer',
+      valueEncoding: 'buffer',
+      createIfMissing: options.create,
+      errorIfExists: false,
+    });
+    await db.open();
+    return new IndexStore(db, path);
+  }
+
+  async close(): Promise<void> {
+    await this.db.close();
+  }
+
+  /** One batched read for many ids: the dedupe path never issues one get per block. */
+  async lookup(ids: readonly Buffer[]): Promise<(BlobLocation | undefined)[]> {
+    if (ids.length === 0) return [];
+    const values = await this.db.getMany(ids.map(blobKey));
+    return values.map((value, i) => {
+      if (value === undefined) return undefined;
+      const location = decodeLocation(value);
+      if (!location) throw new CorruptMetadataError('index', `entry for blob ${ids[i]!.toString('hex')} has a bad length`);
+      return location;
+    });
+  }
+
+  /** Adds the entries of one sealed pack in one synchronous batch. */
+  async addEntries(entries: readonly IndexEntry[]): Promise<void> {
+    if (entries.length === 0) return;
+    try {
+      await this.db.batch(
+        entries.map((entry) => ({ type: 'put' as const, key: blobKey(entry.id), value: encodeLocation(entry) })),
+        { sync: true },
+      );
+    } catch (error) {
+      throw classifyWriteError(error, this.path);
+    }
+  }
+
+  async *blobs(): AsyncGenerator<IndexEntry> {
+    for await (const [key, value] of this.db.iterator({ gte: Buffer.from([KEY_PREFIX_BLOB]), lt: Buffer.from([KEY_PREFIX_BLOB + 1]) })) {
+      const location = decodeLocation(value);
+      if (!location) throw new CorruptMetadataError('index', `entry for blob ${key.toString('hex', 1)} has a bad length`);
+      yield { id: Buffer.from(key.subarray(1)), ...location };
+    }
+  }
+
+  async putBackup(id: string, record: Buffer): Promise<void> {
+    await this.db.put(prefixed(KEY_PREFIX_BACKUP, id), record, { sync: true });
+  }
+
+  async deleteBackup(id: string): Promise<void> {
+    await this.db.del(prefixed(KEY_PREFIX_BACKUP, id), { sync: true });
+  }
+
+  async backupIds(): Promise<string[]> {
+    const ids: string[] = [];
+    for await (const key of this.db.keys({ gte: Buffer.from([KEY_PREFIX_BACKUP]), lt: Buffer.from([KEY_PREFIX_BACKUP + 1]) })) {
+      ids.push(key.toString('utf8', 1));
+    }
+    return ids;
+  }
+
+  async getBackup(id: string): Promise<Buffer | undefined> {
+    return this.db.get(prefixed(KEY_PREFIX_BACKUP, id));
+  }
+
+  async getMeta(name: string): Promise<string | undefined> {
+    const value = await this.db.get(prefixed(KEY_PREFIX_META, name));
+    return value?.toString('utf8');
+  }
+
+  async putMeta(name: string, value: string): Promise<void> {
+    await this.db.put(prefixed(KEY_PREFIX_META, name), Buffer.from(value, 'utf8'), { sync: true });
+  }
+}

@@ -1,0 +1,9 @@
+/** Storage only: packs, frames, index, block maps, backup records, locks. Knows nothing of VMs. */
+export * from './constants.js';
+export * from './errors.js';
+export { Repository, type OpenOptions, type OpenReport } from './repository.js';
+export { type RepositoryConfig, validateBlockSize } from './config.js';
+export { type BackupRecord, type DiskRecord, type DiskStats, type BackupType, mapRootOf } from './backup-record.js';
+export { readMap, mapDepth, MapBuilder, type MapRoot, type MapRun } from './block-map.js';
+export { packPath, scanPack } from './pack-file.js';
+export { readLockHolder } from './lock.js';

@@ -1,0 +1,213 @@
+/**
+ * Pack files: append-only, written under tmp/, fsynced, then renamed into packs/<2 hex>/<32 hex>.
+ *
+ *   pack header (32 B) || frame 1 || frame 2 || … || frame N
+ *
+ * The header is magic (8) || version u32 LE || reserved u32 (0) || pack id (16). Frames are self-describing
+ * (frame.ts), so scanning a pack from offset 32 to its end yields every blob it holds: that is how the
+ * index is rebuilt. See SPEC.md, "Pack".
+ */
+import { mkdir, open, rename, unlink, stat, type FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import {
+  FRAME_HEADER_SIZE,
+  LAYOUT,
+  PACK_HEADER_SIZE,
+  PACK_ID_SIZE,
+  PACK_MAGIC,
+  PACK_MAX_SIZE,
+  PACK_VERSION,
+} from './constants.js';
+import { classifyWriteError, CorruptFrameError, CorruptPackError } from './errors.js';
+import { fsyncDirectory } from './durable-file.js';
+import { decodeFrameHeader, frameLength, type FrameHeader } from './frame.js';
+import type { IndexEntry } from './index-entry.js';
+
+export function packPath(root: string, packId: string): string {
+  return join(root, LAYOUT.packs, packId.slice(0, 2), packId);
+}
+
+export function encodePackHeader(packId: string): Buffer {
+  const header = Buffer.alloc(PACK_HEADER_SIZE);
+  PACK_MAGIC.copy(header, 0);
+  header.writeUInt32LE(PACK_VERSION, 8);
+  header.writeUInt32LE(0, 12);
+  Buffer.from(packId, 'hex').copy(header, 16, 0, PACK_ID_SIZE);
+  return header;
+}
+
+export function decodePackHeader(header: Buffer, expectedPackId: string): string | undefined {
+  if (header.length < PACK_HEADER_SIZE) return 'pack header is cut short';
+  if (!header.subarray(0, 8).equals(PACK_MAGIC)) return 'bad pack magic';
+  const version = header.readUInt32LE(8);
+  if (version !== PACK_VERSION) return `unsupported pack version ${version}`;
+  const id = header.toString('hex', 16, 16 + PACK_ID_SIZE);
+  if (id !== expectedPackId) return `header names pack ${id}, file is named ${expectedPackId}`;
+  return undefined;
+}
+
+/** Appends frames to one pack. Not safe for concurrent append(): the pipeline appends from one place. */
+export class PackWriter {
+  readonly packId: string;
+  readonly entries: IndexEntry[] = [];
+  private size = PACK_HEADER_SIZE;
+  private constructor(
+    private readonly root: string,
+    private readonly handle: FileHandle,
+    private readonly tempPath: string,
+    packId: string,
+  ) {
+    this.packId = packId;
+  }
+
+  static async create(root: string): Promise<PackWriter> {
+    const packId = randomBytes(PACK_ID_SIZE).toString('hex');
+    const tempPath = join(root, LAYOUT.tmp, `${packId}.pack`);
+    const handle = await open(tempPath, 'wx', 0o444).catch((error: unknown) => {
+      throw classifyWriteError(error, tempPath);
+    });
+    const writer = new PackWriter(root, handle, tempPath, packId);
+    await writer.writeAt(encodePackHeader(packId), 0);
+    return writer;
+  }
+
+  get byteSize(): number {
+    return this.size;
+  }
+
+  get isEmpty(): boolean {
+    return this.entries.length === 0;
+  }
+
+  /** Appends one complete frame (built by sealBlob) and records where it went. */
+  async append(frame: Uint8Array, header: Omit<FrameHeader, 'storedLength'>): Promise<IndexEntry> {
+    if (this.size + frame.length > PACK_MAX_SIZE) throw new Error('pack would exceed its maximum size');
+    const offset = this.size;
+    this.size += frame.length;
+    await this.writeAt(frame, offset);
+    const entry: IndexEntry = {
+      id: header.id,
+      packId: this.packId,
+      offset,
+      length: frame.length,
+      rawLength: header.rawLength,
+      kind: header.kind,
+      flags: header.flags,
+    };
+    this.entries.push(entry);
+    return entry;
+  }
+
+  /** Makes the pack durable under its final name. After this resolves, index entries may point at it. */
+  async seal(): Promise<IndexEntry[]> {
+    const finalPath = packPath(this.root, this.packId);
+    try {
+      await this.handle.sync();
+      await this.handle.close();
+      await mkdir(join(this.root, LAYOUT.packs, this.packId.slice(0, 2)), { recursive: true });
+      await rename(this.tempPath, finalPath);
+      await fsyncDirectory(join(this.root, LAYOUT.packs, this.packId.slice(0, 2)));
+    } catch (error) {
+      throw classifyWriteError(error, finalPath);
+    }
+    return this.entries;
+  }
+
+  /** Drops an unfinished pack (a failed or interrupted backup). */
+  async abort(): Promise<void> {
+    await this.handle.close().catch(() => undefined);
+    await unlink(this.tempPath).catch(() => undefined);
+  }
+
+  private async writeAt(data: Uint8Array, position: number): Promise<void> {
+    let written = 0;
+    try {
+      while (written < data.length) {
+        const { bytesWritten } = await this.handle.write(data, written, data.length - written, position + written);
+        written += bytesWritten;
+      }
+    } catch (error) {
+      throw classifyWriteError(error, this.tempPath);
+    }
+  }
+}
+
+/** Reads one frame's bytes; a pack that is missing or too short is reported as damaged, naming pack and offset. */
+export async function readFrameBytes(root: string, packId: string, offset: number, length: number): Promise<Buffer> {
+  let handle: FileHandle;
+  try {
+    handle = await open(packPath(root, packId), 'r');
+  } catch (error) {
+    throw new CorruptPackError(packId, `cannot open pack (${(error as NodeJS.ErrnoException).code ?? String(error)})`);
+  }
+  try {
+    const buffer = Buffer.allocUnsafe(length);
+    const { bytesRead } = await handle.read(buffer, 0, length, offset);
+    if (bytesRead !== length) throw new CorruptFrameError(packId, offset, `pack is truncated: read ${bytesRead} of ${length} bytes`);
+    return buffer;
+  } finally {
+    await handle.close();
+  }
+}
+
+export interface ScannedFrame {
+  offset: number;
+  header: FrameHeader;
+  length: number;
+}
+
+export interface PackScan {
+  packId: string;
+  size: number;
+  frames: ScannedFrame[];
+  /** Set when the pack cannot be read to its end; frames before the damage are still listed. */
+  damage?: { offset: number; why: string };
+}
+
+/**
+ * Walks a pack's frame headers (without reading payloads) to list its blobs. Used to rebuild the index
+ * and by verify. Stops at the first header that does not parse: nothing after it can be located.
+ */
+export async function scanPack(root: string, packId: string): Promise<PackScan> {
+  const path = packPath(root, packId);
+  const handle = await open(path, 'r');
+  try {
+    const { size } = await handle.stat();
+    const scan: PackScan = { packId, size, frames: [] };
+    const header = Buffer.alloc(Math.max(PACK_HEADER_SIZE, FRAME_HEADER_SIZE));
+    const { bytesRead } = await handle.read(header, 0, PACK_HEADER_SIZE, 0);
+    const packProblem = decodePackHeader(header.subarray(0, bytesRead), packId);
+    if (packProblem) {
+      scan.damage = { offset: 0, why: packProblem };
+      return scan;
+    }
+    let offset = PACK_HEADER_SIZE;
+    while (offset < size) {
+      const { bytesRead: got } = await handle.read(header, 0, FRAME_HEADER_SIZE, offset);
+      const decoded = decodeFrameHeader(header.subarray(0, got));
+      if (typeof decoded === 'string') {
+        scan.damage = { offset, why: decoded };
+        break;
+      }
+      const length = frameLength(decoded.storedLength);
+      if (offset + length > size) {
+        scan.damage = { offset, why: `frame of ${length} bytes runs past the end of the pack (${size} bytes): truncated` };
+        break;
+      }
+      scan.frames.push({ offset, header: decoded, length });
+      offset += length;
+    }
+    return scan;
+  } finally {
+    await handle.close();
+  }
+}
+
+export async function packSize(root: string, packId: string): Promise<number | undefined> {
+  try {
+    return (await stat(packPath(root, packId))).size;
+  } catch {
+    return undefined;
+  }
+}

@@ -1,0 +1,275 @@
+/**
+ * A repository on a local filesystem: config, packs/, backups/, index/ (LevelDB), tmp/, lock.
+ *
+ * Opening for reading (`list`, `show`) needs no lock: backup records are immutable files. Anything that
+ * uses the index (backup, restore, verify) opens it exclusively: LevelDB admits one process at a time.
+ */
+import { mkdir, readdir, readFile, rm, stat, unlink } from 'node:fs/promises';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { FORMAT_VERSION, LAYOUT } from './constants.js';
+import { decodeConfig, encodeConfig, newConfig, type RepositoryConfig } from './config.js';
+import {
+  AmbiguousIdError,
+  BackupNotFoundError,
+  CorruptFrameError,
+  CorruptMetadataError,
+  FormatTooNewError,
+  isErrnoException,
+  MissingBlobError,
+  NotARepositoryError,
+  RepositoryExistsError,
+  RepositoryLockedError,
+} from './errors.js';
+import { fsyncDirectory, writeFileDurably } from './durable-file.js';
+import { IndexStore } from './index-store.js';
+import { acquireLock, readLockHolder, type RepositoryLock } from './lock.js';
+import { decodeBackupRecord, encodeBackupRecord, type BackupRecord } from './backup-record.js';
+import { readFrameBytes, scanPack } from './pack-file.js';
+import { openBlob, sha256 } from './blob-codec.js';
+import { initChecksum } from './checksum.js';
+import { BlobWriter } from './blob-writer.js';
+import type { BlobLocation } from './index-entry.js';
+import type { LoadPage, StorePage } from './block-map.js';
+import { sealBlobToBuffer } from './blob-codec.js';
+
+export interface OpenOptions {
+  /** 'read': records only, no lock. 'exclusive': lock + index. */
+  access: 'read' | 'exclusive';
+  /** What the lock file says the holder is doing (e.g. "backup"). */
+  command?: string;
+}
+
+export interface OpenReport {
+  /** Who held a stale lock that opening broke. */
+  brokeStaleLock?: { pid: number; hostname: string; since: string };
+  /** Set when the index was missing and was rebuilt from the packs. */
+  rebuiltIndex?: { packs: number; blobs: number };
+}
+
+export class Repository {
+  private indexStore: IndexStore | undefined;
+  private lock: RepositoryLock | undefined;
+  readonly openReport: OpenReport = {};
+
+  private constructor(
+    readonly root: string,
+    readonly config: RepositoryConfig,
+  ) {}
+
+  get blockSize(): number {
+    return this.config.blockSize;
+  }
+
+  static async init(root: string, options: { blockSize: number }): Promise<RepositoryConfig> {
+    const config = newConfig(randomBytes(16).toString('hex'), options.blockSize, new Date());
+    try {
+      const entries = await readdir(root);
+      if (entries.length > 0) throw new RepositoryExistsError(root);
+    } catch (error) {
+      if (!isErrnoException(error) || error.code !== 'ENOENT') throw error;
+    }
+    await mkdir(root, { recursive: true });
+    for (const dir of [LAYOUT.packs, LAYOUT.backups, LAYOUT.tmp]) await mkdir(join(root, dir), { recursive: true });
+    const packs = join(root, LAYOUT.packs);
+    await Promise.all(Array.from({ length: 256 }, (_, i) => mkdir(join(packs, i.toString(16).padStart(2, '0')))));
+    const index = await IndexStore.open(join(root, LAYOUT.index), { create: true });
+    await index.putMeta('repository-id', config.id);
+    await index.close();
+    // The config is written last: a directory without one is not a repository, so a crashed init is visible.
+    await writeFileDurably(join(root, LAYOUT.config), encodeConfig(config), { exclusive: true });
+    await fsyncDirectory(root);
+    return config;
+  }
+
+  static async open(root: string, options: OpenOptions): Promise<Repository> {
+    let bytes: Buffer;
+    try {
+      bytes = await readFile(join(root, LAYOUT.config));
+    } catch (error) {
+      const code = isErrnoException(error) ? error.code : undefined;
+      throw new NotARepositoryError(root, code === 'ENOENT' ? 'it has no config file' : `its config cannot be read (${code ?? String(error)})`);
+    }
+    const config = decodeConfig(bytes);
+    if (typeof config === 'string') throw new NotARepositoryError(root, config);
+    if (config.version > FORMAT_VERSION) throw new FormatTooNewError(root, config.version, FORMAT_VERSION);
+    const repo = new Repository(root, config);
+    await initChecksum();
+    if (options.access === 'exclusive') await repo.openExclusive(options.command ?? 'engine');
+    return repo;
+  }
+
+  private async openExclusive(command: string): Promise<void> {
+    this.lock = await acquireLock(this.root, command);
+    if (this.lock.brokeStale) this.openReport.brokeStaleLock = this.lock.brokeStale;
+    try {
+      const indexPath = join(this.root, LAYOUT.index);
+      const missing = await stat(join(indexPath, 'CURRENT')).then(() => false, () => true);
+      if (missing) {
+        await rm(indexPath, { recursive: true, force: true });
+        this.indexStore = await IndexStore.open(indexPath, { create: true });
+        this.openReport.rebuiltIndex = await this.rebuildIndex();
+      } else {
+        this.indexStore = await IndexStore.open(indexPath, { create: false }).catch(async (error: unknown) => {
+          if (String((error as { cause?: unknown }).cause ?? error).includes('lock')) {
+            throw new RepositoryLockedError(this.root, await readLockHolder(this.root));
+          }
+          throw new CorruptMetadataError('index (LevelDB)', String((error as { cause?: unknown }).cause ?? error));
+        });
+      }
+      await this.reconcileCatalogue();
+    } catch (error) {
+      await this.close();
+      throw error;
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.indexStore?.close().catch(() => undefined);
+    this.indexStore = undefined;
+    await this.lock?.release();
+    this.lock = undefined;
+  }
+
+  get index(): IndexStore {
+    if (!this.indexStore) throw new Error('repository was opened without its index (access: read)');
+    return this.indexStore;
+  }
+
+  /** Scans every pack and re-enters every frame in the index. The catalogue follows from backups/. */
+  async rebuildIndex(): Promise<{ packs: number; blobs: number }> {
+    let packs = 0;
+    let blobs = 0;
+    for (const packId of await this.listPackIds()) {
+      const scan = await scanPack(this.root, packId);
+      packs += 1;
+      blobs += scan.frames.length;
+      await this.index.addEntries(
+        scan.frames.map((frame) => ({
+          id: frame.header.id,
+          packId,
+          offset: frame.offset,
+          length: frame.length,
+          rawLength: frame.header.rawLength,
+          kind: frame.header.kind,
+          flags: frame.header.flags,
+        })),
+      );
+    }
+    return { packs, blobs };
+  }
+
+  async listPackIds(): Promise<string[]> {
+    const ids: string[] = [];
+    const packs = join(this.root, LAYOUT.packs);
+    for (const dir of (await readdir(packs)).sort()) {
+      for (const name of (await readdir(join(packs, dir))).sort()) {
+        if (/^[0-9a-f]{32}$/.test(name) && name.startsWith(dir)) ids.push(name);
+      }
+    }
+    return ids;
+  }
+
+  async listTempFiles(): Promise<string[]> {
+    return (await readdir(join(this.root, LAYOUT.tmp))).sort();
+  }
+
+  /** Deletes leftovers of dead writers. Only valid while holding the exclusive lock. */
+  async removeTempFiles(): Promise<number> {
+    this.index; // asserts exclusive access
+    const names = await this.listTempFiles();
+    for (const name of names) await unlink(join(this.root, LAYOUT.tmp, name)).catch(() => undefined);
+    return names.length;
+  }
+
+  /** Makes the LevelDB catalogue agree with backups/, which is the truth. */
+  private async reconcileCatalogue(): Promise<void> {
+    const onDisk = new Set(await this.listBackupIds());
+    const inIndex = new Set(await this.index.backupIds());
+    for (const id of onDisk) {
+      if (!inIndex.has(id)) await this.index.putBackup(id, await readFile(join(this.root, LAYOUT.backups, id)));
+    }
+    for (const id of inIndex) if (!onDisk.has(id)) await this.index.deleteBackup(id);
+  }
+
+  async listBackupIds(): Promise<string[]> {
+    return (await readdir(join(this.root, LAYOUT.backups))).filter((name) => /^[0-9a-f]{32}$/.test(name));
+  }
+
+  async readBackup(id: string): Promise<BackupRecord> {
+    const where = `backup record ${id}`;
+    const bytes = await readFile(join(this.root, LAYOUT.backups, id)).catch(() => {
+      throw new BackupNotFoundError(id);
+    });
+    return decodeBackupRecord(bytes, where);
+  }
+
+  /** Every backup, oldest first. A damaged record is reported, not skipped silently. */
+  async listBackups(): Promise<{ backups: BackupRecord[]; damaged: { id: string; error: Error }[] }> {
+    const backups: BackupRecord[] = [];
+    const damaged: { id: string; error: Error }[] = [];
+    for (const id of await this.listBackupIds()) {
+      try {
+        backups.push(await this.readBackup(id));
+      } catch (error) {
+        damaged.push({ id, error: error as Error });
+      }
+    }
+    backups.sort((a, b) => a.startTime.localeCompare(b.startTime) || a.id.localeCompare(b.id));
+    return { backups, damaged };
+  }
+
+  /** Resolves a full id or a unique prefix (at least 4 hex characters). */
+  async findBackup(idOrPrefix: string): Promise<BackupRecord> {
+    const wanted = idOrPrefix.toLowerCase();
+    if (!/^[0-9a-f]{4,32}$/.test(wanted)) throw new BackupNotFoundError(idOrPrefix);
+    const matches = (await this.listBackupIds()).filter((id) => id.startsWith(wanted));
+    if (matches.length === 0) throw new BackupNotFoundError(idOrPrefix);
+    if (matches.length > 1) throw new AmbiguousIdError(idOrPrefix, matches);
+    return this.readBackup(matches[0]!);
+  }
+
+  async lookup(ids: readonly Buffer[]): Promise<(BlobLocation | undefined)[]> {
+    return this.index.lookup(ids);
+  }
+
+  /** Reads, checks and opens one blob (used for map pages; data chunks go through the workers). */
+  async readBlob(id: Buffer, what: string): Promise<Buffer> {
+    const [location] = await this.index.lookup([id]);
+    if (!location) throw new MissingBlobError(id.toString('hex'), what);
+    const frame = await readFrameBytes(this.root, location.packId, location.offset, location.length);
+    const opened = openBlob(frame, id);
+    if (typeof opened === 'string') throw new CorruptFrameError(location.packId, location.offset, opened, { blob: id.toString('hex'), what });
+    return opened.plaintext;
+  }
+
+  readonly loadPage: LoadPage = (id) => this.readBlob(id, 'map page');
+
+  createBlobWriter(packTargetSize?: number): BlobWriter {
+    return new BlobWriter(this.root, this.index, packTargetSize);
+  }
+
+  /** A StorePage that writes map pages through `writer`, skipping pages the repository already has. */
+  pageStore(writer: BlobWriter): StorePage {
+    return async (kind, page) => {
+      const id = sha256(page);
+      const [known] = await writer.known([id]);
+      if (!known) {
+        writer.claim(id);
+        const frame = sealBlobToBuffer(kind, id, page);
+        await writer.add(frame, { kind, flags: frame.readUInt8(5), rawLength: page.length, id });
+      }
+      return id;
+    };
+  }
+
+  /**
+   * The commit point of a backup. Call only after every blob it references is in the index
+   * (BlobWriter.flush). The record file is written once, durably; the catalogue entry follows.
+   */
+  async commitBackup(record: BackupRecord): Promise<void> {
+    const bytes = encodeBackupRecord(record);
+    await writeFileDurably(join(this.root, LAYOUT.backups, record.id), bytes, { exclusive: true });
+    await this.index.putBackup(record.id, bytes);
+  }
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh clone: system packages the tests need, npm dependencies, the build.
+# Safe to run again: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for tool in qemu-img:qemu-utils nbdinfo:libnbd-bin nbdkit:nbdkit; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing ${need_apt[*]}" >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: missing ${need_apt[*]} (install them as root); tests that need them will fail" >&2
+  fi
+fi
+
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  echo "setup: npm ci" >&2
+  npm ci --no-audit --no-fund >/dev/null
+fi
+
+# Rebuild when any TypeScript source is newer than the last build.
+if [ ! -f dist/.built ] || [ -n "$(find repo-format engine cli bench tsconfig.json package.json -newer dist/.built -print -quit 2>/dev/null)" ]; then
+  echo "setup: building (tsc)" >&2
+  rm -rf dist
+  npx tsc -p tsconfig.json
+  touch dist/.built
+fi
