@@ -10,6 +10,7 @@ import { PACK_TARGET_SIZE } from './constants.js';
 import type { FrameHeader } from './frame.js';
 import type { IndexStore } from './index-store.js';
 import { PackWriter } from './pack-file.js';
+import { crashPoint } from './crash-points.js';
 
 export class BlobWriter {
   private current: PackWriter | undefined;
@@ -83,9 +84,12 @@ export class BlobWriter {
     this.sealing = this.sealing.then(async () => {
       if (this.failure) return;
       try {
+        crashPoint('pack-written');
         const entries = await pack.seal();
         this.openPacks.delete(pack);
+        crashPoint('pack-sealed');
         await this.index.addEntries(entries);
+        crashPoint('index-written');
         for (const entry of entries) this.pending.delete(entry.id.toString('hex'));
       } catch (error) {
         this.failure = error;

@@ -32,6 +32,7 @@ import { BlobWriter } from './blob-writer.js';
 import type { BlobLocation } from './index-entry.js';
 import type { LoadPage, StorePage } from './block-map.js';
 import { sealBlobToBuffer } from './blob-codec.js';
+import { crashPoint } from './crash-points.js';
 
 export interface OpenOptions {
   /** 'read': records only, no lock. 'exclusive': lock + index. */
@@ -269,7 +270,9 @@ export class Repository {
    */
   async commitBackup(record: BackupRecord): Promise<void> {
     const bytes = encodeBackupRecord(record);
+    crashPoint('before-record');
     await writeFileDurably(join(this.root, LAYOUT.backups, record.id), bytes, { exclusive: true });
+    crashPoint('record-written');
     await this.index.putBackup(record.id, bytes);
   }
 }

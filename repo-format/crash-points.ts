@@ -1,0 +1,17 @@
+/**
+ * Fault injection for the crash tests: when ENGINE_CRASH_AT names a point, the process kills itself
+ * with SIGKILL on reaching it (as `kill -9` or a power cut would), leaving whatever is on disk. Off
+ * unless that variable is set; each call is one comparison.
+ */
+export type CrashPoint =
+  | 'pack-written' // a pack's frames are written, not yet fsynced or renamed
+  | 'pack-sealed' // a pack is durable under its final name, its index batch not yet written
+  | 'index-written' // a pack's index batch is written
+  | 'before-record' // every blob is indexed, the backup record not yet written
+  | 'record-written'; // the backup record is durable, the catalogue entry not yet written
+
+const armed = process.env.ENGINE_CRASH_AT;
+
+export function crashPoint(point: CrashPoint): void {
+  if (armed === point) process.kill(process.pid, 'SIGKILL');
+}
