@@ -31,7 +31,8 @@ export function createProgress(options: { json: boolean; stream?: NodeJS.WriteSt
   return {
     update(label, done, total, unit = 'bytes') {
       const now = Date.now();
-      if (now - lastDraw < (tty ? 100 : 5000) && done < total) return;
+      // A terminal redraws often and shows 100%; a log gets a line every 5 s, and the result says the rest.
+      if (tty ? now - lastDraw < 100 && done < total : now - lastDraw < 5000) return;
       lastDraw = now;
       const elapsed = (now - started) / 1000;
       const rate = elapsed > 0 ? done / elapsed : 0;

@@ -1,0 +1,123 @@
+/**
+ * Shared test helpers: temporary directories, the real CLI as a child process, deterministic data,
+ * byte comparison with the real `cmp`.
+ */
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { mkdtemp, open, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { SeededRandom } from '../dist/engine/index.js';
+
+export const ENGINE_BIN = fileURLToPath(new URL('../bin/engine.js', import.meta.url));
+
+export interface RunResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `engine ARGS` as a separate process, exactly as a user would. */
+export function runEngine(args: string[], options: { env?: Record<string, string>; cwd?: string } = {}): Promise<RunResult> {
+  return new Promise((resolve) => {
+    execFile(
+      process.execPath,
+      [ENGINE_BIN, ...args],
+      { env: { ...process.env, ...options.env }, cwd: options.cwd, maxBuffer: 64 * 1024 * 1024 },
+      (error, stdout, stderr) => {
+        const code = error ? (typeof error.code === 'number' ? error.code : error.signal === 'SIGKILL' ? 137 : 1) : 0;
+        resolve({ code, stdout, stderr });
+      },
+    );
+  });
+}
+
+export function spawnEngine(args: string[], env: Record<string, string> = {}): ChildProcess {
+  return spawn(process.execPath, [ENGINE_BIN, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+export function exitOf(child: ChildProcess): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  return new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+}
+
+export async function tempDir(prefix = 'engine-test-'): Promise<{ path: string; cleanup: () => Promise<void> }> {
+  const path = await mkdtemp(join(tmpdir(), prefix));
+  return { path, cleanup: () => rm(path, { recursive: true, force: true }) };
+}
+
+/** Runs a system command; rejects with its stderr when it fails. */
+export function sh(command: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile(command, args, { maxBuffer: 64 * 1024 * 1024 }, (error, stdout, stderr) => {
+      if (error) reject(new Error(`${command} ${args.join(' ')} failed: ${stderr || error.message}`));
+      else resolve(stdout);
+    });
+  });
+}
+
+/** `cmp` exits 0 when the files are identical byte for byte (and of the same length). */
+export async function filesIdentical(a: string, b: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    execFile('cmp', ['--silent', a, b], (error) => resolve(error === null));
+  });
+}
+
+/** Compares the first `length` bytes of two files with `cmp -n`. */
+export async function prefixIdentical(a: string, b: string, length: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    execFile('cmp', ['--silent', '-n', String(length), a, b], (error) => resolve(error === null));
+  });
+}
+
+export async function sha256File(path: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(path, { highWaterMark: 4 * 1024 * 1024 })) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
+export type Fill = 'random' | 'zero' | 'text' | 'repeat';
+
+/** Writes `length` bytes of one kind of content at `offset` (creating or extending the file). */
+export async function writeRegion(path: string, offset: number, length: number, fill: Fill, seed = 'x'): Promise<void> {
+  const handle = await open(path, 'a+').then(async (h) => {
+    await h.close();
+    return open(path, 'r+');
+  });
+  try {
+    const random = new SeededRandom(`${seed}/${offset}`);
+    const step = 4 * 1024 * 1024;
+    const pattern = random.bytes(64 * 1024);
+    for (let at = 0; at < length; at += step) {
+      const n = Math.min(step, length - at);
+      let data: Buffer;
+      if (fill === 'random') data = random.bytes(n);
+      else if (fill === 'zero') data = Buffer.alloc(n);
+      else if (fill === 'repeat') data = Buffer.alloc(n, pattern);
+      else data = Buffer.from(Array.from({ length: Math.ceil(n / 16) }, (_, i) => `line ${(offset + at) / 16 + i} ok\n`.padEnd(16, '.')).join('').slice(0, n), 'latin1');
+      await handle.write(data, 0, n, offset + at);
+    }
+  } finally {
+    await handle.close();
+  }
+}
+
+/** Creates a sparse file of `size` bytes (all holes). */
+export async function sparseFile(path: string, size: number): Promise<void> {
+  const handle = await open(path, 'w');
+  await handle.truncate(size);
+  await handle.close();
+}
+
+export function parseJson<T>(text: string): T {
+  return JSON.parse(text) as T;
+}
+
+export interface BackupJson {
+  id: string;
+  type: string;
+  name: string;
+  blockSize: number;
+  disks: { name: string; size: number; bytesRead: number; bytesNew: number; bytesStored: number; blocksNew: number; blocksZero: number; blocksDeduplicated: number; blocksTotal: number }[];
+}
