@@ -53,10 +53,10 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   let repo: Repository | undefined;
   let pool: BlockPool | undefined;
   try {
-    // Open every source first: a missing disk fails the run before anything is written.
+    repo = await Repository.open(options.repo, { access: 'exclusive', command: 'backup' });
+    // Open every source before writing: a missing disk fails the run with nothing written.
     for (const path of options.sources) sources.push(await FileSource.open(path));
     const names = diskNamesFor(sources, options.diskNames);
-    repo = await Repository.open(options.repo, { access: 'exclusive', command: 'backup' });
     const notice = options.onNotice ?? (() => undefined);
     if (repo.openReport.brokeStaleLock) {
       const stale = repo.openReport.brokeStaleLock;

@@ -23,7 +23,7 @@ export class FileSource implements BlockSource {
     try {
       handle = await open(path, 'r');
     } catch (error) {
-      throw new SourceUnreadableError(path, isErrnoException(error) ? `${error.code}: ${error.message}` : String(error));
+      throw new SourceUnreadableError(path, error instanceof Error ? error.message : String(error));
     }
     try {
       const stats = await handle.stat();
