@@ -14,11 +14,15 @@ export function parseSize(text: string): number {
 
 export function formatBytes(bytes: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
-  let value = bytes;
   let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit += 1;
-  }
-  return unit === 0 ? `${bytes} B` : `${value.toFixed(value >= 100 ? 0 : value >= 10 ? 1 : 2)} ${units[unit]}`;
+  while (unit < units.length - 1 && bytes >= 1024 ** (unit + 1)) unit += 1;
+  if (unit === 0) return `${bytes} B`;
+  const value = bytes / 1024 ** unit;
+  const digits = value >= 100 ? 0 : value >= 10 ? 1 : 2;
+  const text = value.toFixed(digits);
+  // Rounding can reach the next unit (1048575 B is "1024 KiB" at 0 digits): show it in that unit.
+  if (Number(text) >= 1024 && unit < units.length - 1) return `${(1).toFixed(2)} ${units[unit + 1]}`;
+  if (Number(text) >= 100 && digits > 0) return `${value.toFixed(0)} ${units[unit]}`;
+  if (Number(text) >= 10 && digits > 1) return `${value.toFixed(1)} ${units[unit]}`;
+  return `${text} ${units[unit]}`;
 }

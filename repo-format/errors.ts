@@ -139,5 +139,8 @@ export function classifyWriteError(error: unknown, path: string): unknown {
   if (isErrnoException(error) && (error.code === 'ENOSPC' || error.code === 'EDQUOT' || error.code === 'EFBIG')) {
     return new NoSpaceError(path, error);
   }
+  // LevelDB reports a full disk as an IO error whose text carries strerror(ENOSPC).
+  const text = error instanceof Error ? `${error.message} ${String((error as { cause?: unknown }).cause ?? '')}` : '';
+  if (text.includes('No space left on device')) return new NoSpaceError(path, error);
   return error;
 }

@@ -42,6 +42,7 @@ export function decodePackHeader(header: Buffer, expectedPackId: string): string
   if (!header.subarray(0, 8).equals(PACK_MAGIC)) return 'bad pack magic';
   const version = header.readUInt32LE(8);
   if (version !== PACK_VERSION) return `unsupported pack version ${version}`;
+  if (header.readUInt32LE(12) !== 0) return 'reserved pack header bytes are not zero';
   const id = header.toString('hex', 16, 16 + PACK_ID_SIZE);
   if (id !== expectedPackId) return `header names pack ${id}, file is named ${expectedPackId}`;
   return undefined;

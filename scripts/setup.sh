@@ -26,7 +26,7 @@ fi
 # Rebuild when any TypeScript source is newer than the last build.
 if [ ! -f dist/.built ] || [ -n "$(find repo-format engine cli bench tsconfig.json package.json -newer dist/.built -print -quit 2>/dev/null)" ]; then
   echo "setup: building (tsc)" >&2
-  rm -rf dist
+
   npx tsc -p tsconfig.json
   touch dist/.built
 fi

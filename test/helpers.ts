@@ -39,7 +39,9 @@ export function spawnEngine(args: string[], env: Record<string, string> = {}): C
 }
 
 export function exitOf(child: ChildProcess): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
-  return new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+  // The child may already have exited (its 'exit' event is then gone).
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve({ code: child.exitCode, signal: child.signalCode });
+  return new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
 }
 
 export async function tempDir(prefix = 'engine-test-'): Promise<{ path: string; cleanup: () => Promise<void> }> {
