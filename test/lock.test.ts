@@ -71,8 +71,8 @@ describe('repository lock', () => {
     expect(lock.holder.command).toBe('backup');
     expect(lock.holder.since).toMatch(ISO_TIME);
     expect(lock.brokeStale).toBeUndefined();
-    const onDisk = JSON.parse(await readFile(join(root, 'lock'), 'utf8')) as LockHolder;
-    expect(onDisk).toEqual(lock.holder);
+    const onDisk = JSON.parse(await readFile(join(root, 'lock'), 'utf8')) as LockHolder & { token: string };
+    expect(onDisk).toEqual({ ...lock.holder, token: expect.stringMatching(/^[0-9a-f]{16}$/) });
     expect(await readLockHolder(root)).toEqual(lock.holder);
     await lock.release();
   });
