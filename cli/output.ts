@@ -103,6 +103,7 @@ export function printVerify(report: VerifyReport): void {
   for (const p of report.problems) lines.push(`ERROR ${p.code}: ${p.message}`);
   const g = report.garbage;
   if (g.unreferencedBlobs > 0) lines.push(`garbage: ${g.unreferencedBlobs} unreferenced blobs (${formatBytes(g.unreferencedBytes)}), reclaimable by a later gc`);
+  if (g.unindexedPacks.length > 0) lines.push(`garbage: ${g.unindexedPacks.length} packs no index entry names (${formatBytes(g.unindexedBytes)}), left by an interrupted writer`);
   if (g.tempFiles.length > 0) lines.push(`garbage: ${g.tempFiles.length} temporary files in tmp/ left by an interrupted writer (${g.tempFiles.slice(0, 3).join(', ')})`);
   lines.push(report.ok ? 'no problems found' : `${report.problems.length} problems found`);
   process.stdout.write(`${lines.join('\n')}\n`);

@@ -37,7 +37,7 @@ export interface VerifyReport {
   blobs: number;
   bytesChecked: number;
   problems: VerifyProblem[];
-  garbage: { tempFiles: string[]; unreferencedBlobs: number; unreferencedBytes: number };
+  garbage: { tempFiles: string[]; unindexedPacks: string[]; unindexedBytes: number; unreferencedBlobs: number; unreferencedBytes: number };
 }
 
 export interface VerifyOptions {
@@ -59,7 +59,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     blobs: 0,
     bytesChecked: 0,
     problems: [],
-    garbage: { tempFiles: [], unreferencedBlobs: 0, unreferencedBytes: 0 },
+    garbage: { tempFiles: [], unindexedPacks: [], unindexedBytes: 0, unreferencedBlobs: 0, unreferencedBytes: 0 },
   };
   const problem = (p: VerifyProblem): void => {
     if (report.problems.length < PROBLEM_LIMIT) report.problems.push(p);
@@ -85,10 +85,17 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
         problem({ code: 'PACK_DAMAGED', message: `pack ${packId} is damaged at offset ${scan.damage.offset}: ${scan.damage.why}`, pack: packId, packOffset: scan.damage.offset });
       }
       const locations = await repo.lookup(scan.frames.map((f) => f.header.id));
+      let named = 0;
       scan.frames.forEach((frame, i) => {
         const location = locations[i];
-        if (location && location.packId === packId && location.offset === frame.offset) confirmedEntries += 1;
+        if (location && location.packId === packId && location.offset === frame.offset) named += 1;
       });
+      confirmedEntries += named;
+      // A pack sealed by a writer that died before its index batch: nothing can reach its blobs.
+      if (named === 0 && !scan.damage) {
+        report.garbage.unindexedPacks.push(packId);
+        report.garbage.unindexedBytes += scan.size;
+      }
       if (report.readData && pool && scan.frames.length > 0) {
         const { bad } = await pool.verifyPack({ packPath: packPath(repo.root, packId), frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) });
         report.bytesChecked += scan.size;

@@ -35,11 +35,18 @@ async function expectRestores(repo: string, id: string, image: string): Promise<
   await sh('rm', ['-f', target]);
 }
 
-async function expectVerifies(repo: string): Promise<void> {
+interface Garbage {
+  tempFiles: string[];
+  unindexedPacks: string[];
+  unreferencedBlobs: number;
+}
+
+async function expectVerifies(repo: string): Promise<Garbage> {
   const result = await runEngine(['verify', '--repo', repo, '--read-data', '--json']);
-  const report = parseJson<{ ok: boolean; problems: unknown[] }>(result.stdout);
+  const report = parseJson<{ ok: boolean; problems: unknown[]; garbage: Garbage }>(result.stdout);
   expect(report.problems).toEqual([]);
   expect(result.code).toBe(0);
+  return report.garbage;
 }
 
 describe('kill -9 during a backup', () => {
@@ -66,7 +73,11 @@ describe('kill -9 during a backup', () => {
     const before = await backupIds(repo);
     const crashed = await runEngine(['backup', '--repo', repo, '--source', big], { env: { ENGINE_CRASH_AT: point } });
     expect(crashed.code).toBe(137); // killed by SIGKILL, as kill -9 would
-    await expectVerifies(repo);
+    const garbage = await expectVerifies(repo);
+    // What each crash leaves is listed by verify as garbage (SPEC.md, section 10).
+    if (point === 'pack-written') expect(garbage.tempFiles.length).toBeGreaterThan(0);
+    if (point === 'pack-sealed') expect(garbage.unindexedPacks.length).toBeGreaterThan(0);
+    if (point === 'index-written' || point === 'before-record') expect(garbage.unreferencedBlobs).toBeGreaterThan(0);
     const after = await backupIds(repo);
     // Only a crash after the record is durable leaves a (complete) backup behind.
     if (point === 'record-written') {
