@@ -45,16 +45,21 @@ export class BlobWriter {
     this.pending.add(id.toString('hex'));
   }
 
-  async add(frame: Uint8Array, header: Omit<FrameHeader, 'storedLength'>): Promise<void> {
-    if (this.failure) throw this.failure;
+  /**
+   * Appends a frame to the open pack (opening one when needed). Resolves when the frame is written, not
+   * when it is durable: `flush` is the durability point. `frame` must stay unchanged until then.
+   */
+  add(frame: Uint8Array, header: Omit<FrameHeader, 'storedLength'>): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
     this.pending.add(header.id.toString('hex'));
     if (!this.current) {
-      this.current = await PackWriter.create(this.root);
+      this.current = new PackWriter(this.root);
       this.openPacks.add(this.current);
     }
-    await this.current.append(frame, header);
+    const written = this.current.append(frame, header);
     this.bytesWritten += frame.length;
     if (this.current.byteSize >= this.packTargetSize) this.rotate();
+    return written;
   }
 
   /** Seals whatever is open and waits until every blob written so far is in the index. */

@@ -48,29 +48,28 @@ export function decodePackHeader(header: Buffer, expectedPackId: string): string
   return undefined;
 }
 
-/** Appends frames to one pack. Not safe for concurrent append(): the pipeline appends from one place. */
+/**
+ * Appends frames to one pack. `append` assigns each frame its offset at once and writes it in the
+ * background, so the pipeline can hand over the next frame without waiting for the disk; `seal` waits for
+ * every write before making the pack durable.
+ */
 export class PackWriter {
   readonly packId: string;
   readonly entries: IndexEntry[] = [];
   private size = PACK_HEADER_SIZE;
-  private constructor(
-    private readonly root: string,
-    private readonly handle: FileHandle,
-    private readonly tempPath: string,
-    packId: string,
-  ) {
-    this.packId = packId;
-  }
+  private readonly tempPath: string;
+  private readonly opened: Promise<FileHandle>;
+  private readonly writes = new Set<Promise<void>>();
 
-  static async create(root: string): Promise<PackWriter> {
-    const packId = randomBytes(PACK_ID_SIZE).toString('hex');
-    const tempPath = join(root, LAYOUT.tmp, `${packId}.pack`);
-    const handle = await open(tempPath, 'wx', 0o444).catch((error: unknown) => {
-      throw classifyWriteError(error, tempPath);
+  constructor(private readonly root: string) {
+    this.packId = randomBytes(PACK_ID_SIZE).toString('hex');
+    this.tempPath = join(root, LAYOUT.tmp, `${this.packId}.pack`);
+    this.opened = open(this.tempPath, 'wx', 0o444).catch((error: unknown) => {
+      throw classifyWriteError(error, this.tempPath);
     });
-    const writer = new PackWriter(root, handle, tempPath, packId);
-    await writer.writeAt(encodePackHeader(packId), 0);
-    return writer;
+    // Reported by whichever append, seal or abort awaits it first.
+    this.opened.catch(() => undefined);
+    this.track(this.writeAt(encodePackHeader(this.packId), 0));
   }
 
   get byteSize(): number {
@@ -81,13 +80,15 @@ export class PackWriter {
     return this.entries.length === 0;
   }
 
-  /** Appends one complete frame (built by sealBlob) and records where it went. */
-  async append(frame: Uint8Array, header: Omit<FrameHeader, 'storedLength'>): Promise<IndexEntry> {
-    if (this.size + frame.length > PACK_MAX_SIZE) throw new Error('pack would exceed its maximum size');
+  /**
+   * Appends one complete frame (built by sealBlob). Resolves when the frame is written; `frame` must stay
+   * unchanged until then.
+   */
+  append(frame: Uint8Array, header: Omit<FrameHeader, 'storedLength'>): Promise<void> {
+    if (this.size + frame.length > PACK_MAX_SIZE) return Promise.reject(new Error('pack would exceed its maximum size'));
     const offset = this.size;
     this.size += frame.length;
-    await this.writeAt(frame, offset);
-    const entry: IndexEntry = {
+    this.entries.push({
       id: header.id,
       packId: this.packId,
       offset,
@@ -95,17 +96,18 @@ export class PackWriter {
       rawLength: header.rawLength,
       kind: header.kind,
       flags: header.flags,
-    };
-    this.entries.push(entry);
-    return entry;
+    });
+    return this.track(this.writeAt(frame, offset));
   }
 
   /** Makes the pack durable under its final name. After this resolves, index entries may point at it. */
   async seal(): Promise<IndexEntry[]> {
     const finalPath = packPath(this.root, this.packId);
+    const handle = await this.opened;
+    await Promise.all(this.writes);
     try {
-      await this.handle.sync();
-      await this.handle.close();
+      await handle.sync();
+      await handle.close();
       await mkdir(join(this.root, LAYOUT.packs, this.packId.slice(0, 2)), { recursive: true });
       await rename(this.tempPath, finalPath);
       await fsyncDirectory(join(this.root, LAYOUT.packs, this.packId.slice(0, 2)));
@@ -117,15 +119,27 @@ export class PackWriter {
 
   /** Drops an unfinished pack (a failed or interrupted backup). */
   async abort(): Promise<void> {
-    await this.handle.close().catch(() => undefined);
+    await Promise.allSettled(this.writes);
+    const handle = await this.opened.catch(() => undefined);
+    await handle?.close().catch(() => undefined);
     await unlink(this.tempPath).catch(() => undefined);
   }
 
+  private track(write: Promise<void>): Promise<void> {
+    this.writes.add(write);
+    const untrack = (): void => {
+      this.writes.delete(write);
+    };
+    write.then(untrack, untrack);
+    return write;
+  }
+
   private async writeAt(data: Uint8Array, position: number): Promise<void> {
+    const handle = await this.opened;
     let written = 0;
     try {
       while (written < data.length) {
-        const { bytesWritten } = await this.handle.write(data, written, data.length - written, position + written);
+        const { bytesWritten } = await handle.write(data, written, data.length - written, position + written);
         written += bytesWritten;
       }
     } catch (error) {

@@ -497,13 +497,14 @@ describe('pack writer and scanner in a repository', () => {
 
   test('PackWriter appends frames after the header; scanPack finds every one at its offset', async () => {
     const blobs = makeBlobs();
-    const writer = await PackWriter.create(root);
+    const writer = new PackWriter(root);
     expect(writer.byteSize).toBe(PACK_HEADER_SIZE);
     expect(writer.isEmpty).toBe(true);
     let expectedOffset = PACK_HEADER_SIZE;
     for (const blob of blobs) {
       const header = ok(decodeFrameHeader(blob.frame));
-      const entry = await writer.append(blob.frame, { kind: header.kind, flags: header.flags, rawLength: header.rawLength, id: header.id });
+      await writer.append(blob.frame, { kind: header.kind, flags: header.flags, rawLength: header.rawLength, id: header.id });
+      const entry = writer.entries.at(-1);
       expect(entry).toEqual({
         id: blob.id,
         packId: writer.packId,
@@ -572,13 +573,13 @@ describe('pack writer and scanner in a repository', () => {
   });
 
   async function sealedPack(count: number): Promise<{ packId: string; offsets: number[]; size: number }> {
-    const writer = await PackWriter.create(root);
+    const writer = new PackWriter(root);
     const offsets: number[] = [];
     for (let i = 0; i < count; i += 1) {
       const raw = randomBytes(1000 + i);
       const id = sha256(raw);
-      const entry = await writer.append(sealBlobToBuffer(KIND_DATA, id, raw), { kind: KIND_DATA, flags: 0, rawLength: raw.length, id });
-      offsets.push(entry.offset);
+      await writer.append(sealBlobToBuffer(KIND_DATA, id, raw), { kind: KIND_DATA, flags: 0, rawLength: raw.length, id });
+      offsets.push(writer.entries.at(-1)!.offset);
     }
     await writer.seal();
     const path = packPath(root, writer.packId);

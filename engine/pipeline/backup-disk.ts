@@ -97,29 +97,43 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
   let failure: unknown;
   let bytesDone = 0;
 
+  const writes = new Set<Promise<void>>();
+
   const fail = (error: unknown): void => {
     failure ??= error;
     pool.slots.fail(error);
     queue.end();
   };
 
+  // Reads are issued as soon as a slot is free, several at once; the queue keeps block order.
   const read = async (): Promise<void> => {
     for (let block = 0; block < blockCount && failure === undefined; block += 1) {
       if (signal?.aborted) throw new InterruptedError('backup');
       const slot = await pool.slots.acquire();
       const offset = block * blockSize;
       const length = Math.min(blockSize, source.size - offset);
-      await source.read(pool.input(slot, length), offset);
-      stats.bytesRead += length;
       const item: InFlight = { block, slot, length, result: undefined, done: Promise.resolve() };
-      item.done = pool.hash(slot, length).then((result) => {
-        item.result = result;
-      });
-      // A rejected hash is surfaced by the assembler when it reaches this block; keep Node quiet until then.
+      item.done = (async () => {
+        await source.read(pool.input(slot, length), offset);
+        stats.bytesRead += length;
+        item.result = await pool.hash(slot, length);
+      })();
+      // A failed read or hash is surfaced by the assembler when it reaches this block.
       item.done.catch(() => undefined);
       queue.push(item);
     }
     queue.end();
+  };
+
+  /** Frames are written in the background; a slot is free again once its frame is on its way to disk. */
+  const writeFrame = (item: InFlight, id: Buffer, frameLength: number, flags: number): void => {
+    const written = dataWriter.add(pool.output(item.slot, frameLength), { kind: KIND_DATA, flags, rawLength: item.length, id });
+    const tracked = written.then(
+      () => pool.slots.release(item.slot),
+      (error: unknown) => fail(error),
+    );
+    writes.add(tracked);
+    void tracked.finally(() => writes.delete(tracked));
   };
 
   const storeBatch = async (batch: InFlight[]): Promise<void> => {
@@ -142,22 +156,24 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
       if (result.zero) {
         stats.blocksZero += 1;
         await map.push(ZERO_ID);
+        pool.slots.release(item.slot);
       } else {
         const id = Buffer.from(result.id);
         const sealed = sealing.get(item);
         if (sealed) {
           const { frameLength, flags } = await sealed;
-          await dataWriter.add(pool.output(item.slot, frameLength), { kind: KIND_DATA, flags, rawLength: item.length, id });
+          if (failure !== undefined) throw failure;
+          writeFrame(item, id, frameLength, flags);
           stats.blocksNew += 1;
           stats.bytesNew += item.length;
           stats.bytesStored += frameLength;
         } else {
           stats.blocksDeduplicated += 1;
+          pool.slots.release(item.slot);
         }
         await map.push(id);
       }
       bytesDone += item.length;
-      pool.slots.release(item.slot);
     }
     context.onProgress?.({ disk: name, bytesDone, bytesTotal: source.size, bytesRead: stats.bytesRead, bytesNew: stats.bytesNew });
   };
@@ -181,6 +197,7 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
   const reader = read().catch(fail);
   const assembler = assemble().catch(fail);
   await Promise.all([reader, assembler]);
+  await Promise.all(writes);
   if (failure !== undefined) throw failure;
   const root = await map.finish();
   stats.durationMs = Date.now() - started;

@@ -1,7 +1,7 @@
 /**
  * The worker pool and its shared slots. One pool serves a whole backup, restore or verify.
  *
- * Memory: 2 × slotCount × block size (+ frame overhead), chosen so that the pipeline stays near 64 MiB
+ * Memory: 2 × slotCount × block size (+ frame overhead), chosen so that the pipeline stays near 32 MiB
  * of block buffers per side whatever the block size, and at least 8 slots so both workers stay busy
  * while the main thread reads, looks up and writes.
  */
@@ -11,7 +11,7 @@ import { FRAME_OVERHEAD } from '../../repo-format/constants.js';
 import { SlotPool } from './slot-pool.js';
 import type { BlockTask, HashResult, OpenResult, SealResult, SharedSlots, VerifyPackResult, OpenTask, VerifyPackTask } from './tasks.js';
 
-const SLOT_BUDGET_BYTES = 64 * 1024 * 1024;
+const SLOT_BUDGET_BYTES = 32 * 1024 * 1024;
 
 export interface BlockPoolOptions {
   blockSize: number;
@@ -43,6 +43,8 @@ export class BlockPool {
       maxThreads: this.workers,
       // 'sync' blocks the worker's event loop between tasks; lz4-napi's buffers then never get freed.
       atomics: 'disabled',
+      // Several tasks queued per worker: it starts the next one without a round trip through the main thread.
+      concurrentTasksPerWorker: 4,
       workerData: this.shared,
       idleTimeout: 60_000,
     });

@@ -4,12 +4,28 @@
  * between tasks: lz4-napi frees its output buffers from N-API finalizers, which only run then.
  */
 import { workerData } from 'node:worker_threads';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { openSync, readSync, closeSync } from 'node:fs';
 import { initChecksum } from '../../repo-format/checksum.js';
 import { openBlob, sealBlob, sha256 } from '../../repo-format/blob-codec.js';
 import type { BlockTask, HashResult, OpenResult, SealResult, SharedSlots, VerifyPackResult } from './tasks.js';
 
 const slots = workerData as SharedSlots;
+
+/*
+ * lz4-napi returns a new Buffer per call, freed only when V8 collects its wrapper. V8 counts that memory
+ * as external and collects late: a worker sealing 1 MiB blocks grew ~100 MiB before each collection. A
+ * young-generation collection every few blocks keeps it near zero and is cheaper than the page faults of
+ * the churn (measured: 3000 blocks, 148 → 61 MiB RSS, 3.8 → 3.5 s).
+ */
+setFlagsFromString('--expose-gc');
+const collectGarbage = runInNewContext('gc') as (options: { type: 'minor' | 'major' }) => void;
+let allocations = 0;
+function allocated(): void {
+  allocations += 1;
+  if (allocations % 4 === 0) collectGarbage({ type: 'minor' });
+}
 const zeros = Buffer.alloc(slots.inputSlotSize);
 await initChecksum();
 
@@ -90,10 +106,13 @@ export default function run(task: BlockTask): HashResult | SealResult | OpenResu
     case 'hash':
       return hash(task.slot, task.length);
     case 'seal':
+      allocated();
       return seal(task.slot, task.length, task.kind, task.id);
     case 'open':
+      allocated();
       return openFrame(task);
     case 'verify-pack':
+      allocated();
       return verifyPack(task);
   }
 }
