@@ -1,0 +1,117 @@
+/**
+ * The CLI contract: exit codes, JSON-only output, one-line errors, progress on a terminal, interruption.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { execFile } from 'node:child_process';
+import { access, readdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { generateImage } from '../dist/engine/index.js';
+import { ENGINE_BIN, exitOf, parseJson, runEngine, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
+
+const MiB = 1024 * 1024;
+let dir: string;
+let repo: string;
+let image: string;
+let cleanup: () => Promise<void>;
+
+beforeAll(async () => {
+  ({ path: dir, cleanup } = await tempDir());
+  repo = join(dir, 'repo');
+  await runEngine(['init', repo]);
+  image = join(dir, 'disk.img');
+  await sparseFile(image, 3 * MiB);
+  await writeRegion(image, 0, 3 * MiB, 'random', 'cli');
+});
+afterAll(async () => {
+  await cleanup();
+});
+
+describe('usage', () => {
+  test('help and version exit 0', async () => {
+    const help = await runEngine(['--help']);
+    expect(help.code).toBe(0);
+    for (const command of ['init', 'backup', 'list', 'show', 'restore', 'verify', 'demo']) expect(help.stdout).toContain(command);
+    expect((await runEngine(['--version'])).stdout.trim()).toMatch(/^\d+\.\d+\.\d+$/);
+  });
+
+  test.each([
+    [['backup', '--repo', 'x'], "required option '--source <path>' not specified"],
+    [['frobnicate'], "unknown command 'frobnicate'"],
+    [['backup', '--repo', 'x', '--source', 'y', '--workers', '0'], '--workers 0: give a whole number from 1 to 64'],
+    [['init', 'somewhere', '--block-size', '3M'], 'block size 3145728 is not allowed: it must be a power of two from 64 KiB to 16 MiB'],
+    [['init', 'somewhere', '--block-size', 'lots'], '"lots" is not a size'],
+  ])('%j is a usage error (exit 2)', async (args, message) => {
+    const result = await runEngine(args);
+    expect(result.code).toBe(2);
+    expect(result.stderr).toContain(message);
+  });
+});
+
+describe('output', () => {
+  test('--json errors are one JSON document on stdout, nothing on stderr', async () => {
+    const result = await runEngine(['list', '--repo', join(dir, 'nothing-here'), '--json']);
+    expect(result.code).toBe(5);
+    expect(result.stderr).toBe('');
+    expect(parseJson<{ error: { code: string; message: string } }>(result.stdout).error).toMatchObject({
+      code: 'ENGINE_NOT_A_REPOSITORY',
+      message: `${join(dir, 'nothing-here')} is not an engine repository: it has no config file`,
+    });
+  });
+
+  test('errors are one line; --debug adds the stack', async () => {
+    const plain = await runEngine(['show', '--repo', repo, 'ffff']);
+    expect(plain.code).toBe(1);
+    expect(plain.stderr).toBe('engine: no backup matches "ffff"\n');
+    const debug = await runEngine(['--debug', 'show', '--repo', repo, 'ffff']);
+    expect(debug.stderr.split('\n').length).toBeGreaterThan(3);
+    expect(debug.stderr).toContain('at ');
+  });
+
+  test('backup, list and show agree; every documented field is present', async () => {
+    const made = parseJson<BackupJson & Record<string, unknown>>((await runEngine(['backup', '--repo', repo, '--source', image, '--json'])).stdout);
+    for (const field of ['id', 'name', 'type', 'parent', 'startTime', 'endTime', 'hostname', 'engineVersion', 'blockSize', 'disks']) expect(made).toHaveProperty(field);
+    const disk = made.disks[0]!;
+    for (const field of ['name', 'size', 'source', 'bytesRead', 'bytesNew', 'bytesStored', 'blocksTotal', 'blocksZero', 'blocksNew', 'blocksDeduplicated', 'durationMs']) {
+      expect(disk).toHaveProperty(field);
+    }
+    expect(disk.blocksZero + disk.blocksNew + disk.blocksDeduplicated).toBe(disk.blocksTotal);
+    const listed = parseJson<{ backups: BackupJson[] }>((await runEngine(['list', '--repo', repo, '--json'])).stdout);
+    expect(listed.backups.find((b) => b.id === made.id)).toEqual(made);
+    const shown = parseJson<BackupJson>((await runEngine(['show', '--repo', repo, made.id.slice(0, 6), '--json'])).stdout);
+    expect(shown).toEqual(made);
+    const human = await runEngine(['list', '--repo', repo]);
+    expect(human.stdout).toContain(made.id.slice(0, 12));
+  });
+
+  test('on a terminal, progress is a redrawn bar with rate and ETA on stderr', async () => {
+    const big = join(dir, 'tty.img');
+    await generateImage(big, 256 * MiB, 'cli-tty');
+    // `script` gives the command a pseudo-terminal, as an operator's shell would.
+    const transcript = await new Promise<string>((resolve) => {
+      execFile('script', ['-qfec', `${process.execPath} ${ENGINE_BIN} backup --repo ${repo} --source ${big} --workers 1`, '/dev/null'], (_e, stdout) => resolve(stdout));
+    });
+    expect(transcript).toMatch(/\r\x1b\[K\[[#-]{24}\] backup tty\.img \(1\/1\) [\d.]+ [KMG]iB\/256 MiB [\d.]+% [\d.]+ [KMG]iB\/s ETA \d\d:\d\d/);
+    expect(transcript).toContain('committed');
+  });
+});
+
+describe('interruption', () => {
+  test('SIGINT during a backup: exit 130, nothing committed, no temporary file, lock released', async () => {
+    const big = join(dir, 'interrupt.img');
+    await generateImage(big, 512 * MiB, 'cli-interrupt');
+    const before = parseJson<{ backups: unknown[] }>((await runEngine(['list', '--repo', repo, '--json'])).stdout).backups.length;
+    const child = spawnEngine(['backup', '--repo', repo, '--source', big, '--workers', '1']);
+    let stderr = '';
+    child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    for (let i = 0; i < 200 && !(await access(join(repo, 'lock')).then(() => true, () => false)); i += 1) await new Promise((r) => setTimeout(r, 10));
+    await new Promise((r) => setTimeout(r, 200));
+    child.kill('SIGINT');
+    const { code } = await exitOf(child);
+    expect(code).toBe(130);
+    expect(stderr).toContain('engine: backup was interrupted; nothing of it was committed');
+    expect(parseJson<{ backups: unknown[] }>((await runEngine(['list', '--repo', repo, '--json'])).stdout).backups.length).toBe(before);
+    expect(await readdir(join(repo, 'tmp'))).toEqual([]);
+    await expect(access(join(repo, 'lock'))).rejects.toThrow();
+    expect((await runEngine(['verify', '--repo', repo])).code).toBe(0);
+  });
+});
