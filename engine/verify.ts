@@ -74,6 +74,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     const packIds = await repo.listPackIds();
     const packSizes = new Map<string, number>();
     const damagedPacks = new Set<string>();
+    const packChecks = new Set<Promise<void>>();
     let confirmedEntries = 0;
     for (const [n, packId] of packIds.entries()) {
       options.onProgress?.({ phase: report.readData ? 'reading packs' : 'scanning packs', done: n, total: packIds.length });
@@ -97,17 +98,28 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
         report.garbage.unindexedBytes += scan.size;
       }
       if (report.readData && pool && scan.frames.length > 0) {
-        const { bad } = await pool.verifyPack({ packPath: packPath(repo.root, packId), frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) });
-        report.bytesChecked += scan.size;
-        for (const { offset, why } of bad) {
-          const frame = scan.frames.find((f) => f.offset === offset)!;
-          const blob = frame.header.id.toString('hex');
-          const found: VerifyProblem = { code: 'FRAME_DAMAGED', message: `pack ${packId} offset ${offset} (blob ${blob.slice(0, 16)}…): ${why}`, pack: packId, packOffset: offset, blob };
-          damagedBlobs.set(blob, found);
-          problem(found);
-        }
+        // One pack per worker at a time: the main thread scans the next pack while the workers hash.
+        while (packChecks.size >= pool.workers) await Promise.race(packChecks);
+        const check = pool
+          .verifyPack({ packPath: packPath(repo.root, packId), frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) })
+          .then(({ bad }) => {
+            report.bytesChecked += scan.size;
+            for (const { offset, why } of bad) {
+              const frame = scan.frames.find((f) => f.offset === offset)!;
+              const blob = frame.header.id.toString('hex');
+              const found: VerifyProblem = { code: 'FRAME_DAMAGED', message: `pack ${packId} offset ${offset} (blob ${blob.slice(0, 16)}…): ${why}`, pack: packId, packOffset: offset, blob };
+              damagedBlobs.set(blob, found);
+              problem(found);
+            }
+          });
+        packChecks.add(check);
+        void check.then(
+          () => packChecks.delete(check),
+          () => packChecks.delete(check),
+        );
       }
     }
+    await Promise.all(packChecks);
 
     // 2. Index: every entry must point at its frame. Counted cheaply above; located only if the count is off.
     let indexEntries = 0;

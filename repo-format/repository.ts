@@ -177,7 +177,7 @@ export class Repository {
 
   /** Deletes leftovers of dead writers. Only valid while holding the exclusive lock. */
   async removeTempFiles(): Promise<number> {
-    this.index; // asserts exclusive access
+    if (!this.lock) throw new Error('removeTempFiles needs the exclusive lock');
     const names = await this.listTempFiles();
     for (const name of names) await unlink(join(this.root, LAYOUT.tmp, name)).catch(() => undefined);
     return names.length;
