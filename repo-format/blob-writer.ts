@@ -57,6 +57,10 @@ export class BlobWriter {
       this.openPacks.add(this.current);
     }
     const written = this.current.append(frame, header);
+    // Any failed write fails the whole writer: nothing after it may be sealed or indexed.
+    written.catch((error: unknown) => {
+      this.failure ??= error;
+    });
     this.bytesWritten += frame.length;
     if (this.current.byteSize >= this.packTargetSize) this.rotate();
     return written;
@@ -71,6 +75,8 @@ export class BlobWriter {
 
   /** Discards open packs. Already sealed packs stay: unreferenced, they are garbage for a later GC. */
   async abort(): Promise<void> {
+    // Seals queued behind this point are skipped: an aborted writer indexes nothing more.
+    this.failure ??= new Error('blob writer aborted');
     await this.sealing.catch(() => undefined);
     for (const pack of this.openPacks) await pack.abort();
     this.openPacks.clear();

@@ -60,6 +60,8 @@ export class PackWriter {
   private readonly tempPath: string;
   private readonly opened: Promise<FileHandle>;
   private readonly writes = new Set<Promise<void>>();
+  /** The first write that failed: a pack with a hole must never be sealed and indexed. */
+  private writeFailure: unknown;
 
   constructor(private readonly root: string) {
     this.packId = randomBytes(PACK_ID_SIZE).toString('hex');
@@ -104,7 +106,8 @@ export class PackWriter {
   async seal(): Promise<IndexEntry[]> {
     const finalPath = packPath(this.root, this.packId);
     const handle = await this.opened;
-    await Promise.all(this.writes);
+    await Promise.allSettled(this.writes);
+    if (this.writeFailure !== undefined) throw this.writeFailure;
     try {
       await handle.sync();
       await handle.close();
@@ -127,10 +130,13 @@ export class PackWriter {
 
   private track(write: Promise<void>): Promise<void> {
     this.writes.add(write);
-    const untrack = (): void => {
-      this.writes.delete(write);
-    };
-    write.then(untrack, untrack);
+    write.then(
+      () => this.writes.delete(write),
+      (error: unknown) => {
+        this.writeFailure ??= error;
+        this.writes.delete(write);
+      },
+    );
     return write;
   }
 

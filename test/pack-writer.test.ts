@@ -4,14 +4,13 @@
  */
 import { afterAll, beforeAll, expect, test } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { mkdir } from 'node:fs/promises';
+import { mkdir, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { PackWriter, scanPack } from '../dist/repo-format/pack-file.js';
+import { PackWriter, readFrameBytes, scanPack } from '../dist/repo-format/pack-file.js';
 import { openBlob, sealBlobToBuffer, sha256 } from '../dist/repo-format/blob-codec.js';
 import { initChecksum } from '../dist/repo-format/checksum.js';
-import { readFrameBytes } from '../dist/repo-format/pack-file.js';
 import { KIND_DATA } from '../dist/repo-format/constants.js';
-import { tempDir } from './helpers.js';
+import { sh, tempDir } from './helpers.js';
 
 let root: string;
 let cleanup: () => Promise<void>;
@@ -42,5 +41,29 @@ test('200 appends in flight at once land at their offsets; seal waits for every 
   for (const [i, entry] of entries.entries()) {
     const opened = openBlob(await readFrameBytes(root, writer.packId, entry.offset, entry.length), blobs[i]!.id);
     expect(typeof opened === 'string' ? opened : opened.plaintext.equals(blobs[i]!.raw)).toBe(true);
+  }
+});
+
+test('a write that fails (disk full) poisons the pack: seal refuses, nothing is renamed into packs/', async () => {
+  const mountPoint = join(root, 'tiny');
+  await mkdir(mountPoint);
+  await sh('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mountPoint]);
+  try {
+    await mkdir(join(mountPoint, 'tmp'));
+    await mkdir(join(mountPoint, 'packs'));
+    const writer = new PackWriter(mountPoint);
+    const writes = Array.from({ length: 6 }, (_, i) => {
+      const raw = randomBytes(400 * 1024 + i);
+      const id = sha256(raw);
+      return writer.append(sealBlobToBuffer(KIND_DATA, id, raw), { kind: KIND_DATA, flags: 0, rawLength: raw.length, id });
+    });
+    const outcomes = await Promise.allSettled(writes);
+    expect(outcomes.some((o) => o.status === 'rejected')).toBe(true);
+    await expect(writer.seal()).rejects.toMatchObject({ code: 'ENGINE_NO_SPACE' });
+    expect(await readdir(join(mountPoint, 'packs'))).toEqual([]);
+    await writer.abort();
+    expect(await readdir(join(mountPoint, 'tmp'))).toEqual([]);
+  } finally {
+    await sh('umount', [mountPoint]);
   }
 });
