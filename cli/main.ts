@@ -64,8 +64,14 @@ function buildProgram(): Command {
     .description('Block-level, deduplicating backups of VM disks (oVirt, KVM/libvirt)')
     .version(ENGINE_VERSION)
     .option('--debug', 'print stack traces with errors')
-    .showHelpAfterError()
-    .exitOverride();
+    .exitOverride()
+    // Commander's own errors follow the same rules as ours: one line "engine: …", nothing on stderr with --json.
+    .configureOutput({
+      writeErr: (text) => {
+        if (!jsonMode) process.stderr.write(text);
+      },
+      outputError: (text, write) => write(`engine: ${text.replace(/^error: /, '')}`),
+    });
 
   program
     .command('init')
@@ -201,7 +207,9 @@ function buildProgram(): Command {
 
 function reportError(error: unknown, debug: boolean): number {
   if (error instanceof CommanderError) {
-    return error.exitCode === 0 ? EXIT.ok : EXIT.usage;
+    if (error.exitCode === 0) return EXIT.ok;
+    if (jsonMode) printJson({ error: { code: 'ENGINE_INVALID_ARGUMENT', message: error.message.replace(/^error: /, ''), details: {} } });
+    return EXIT.usage;
   }
   const engineError = error instanceof EngineError ? error : undefined;
   const code = engineError?.code;
@@ -216,6 +224,8 @@ function reportError(error: unknown, debug: boolean): number {
 }
 
 export async function main(argv: string[]): Promise<number> {
+  // Known before parsing, so that even a usage error is reported as JSON.
+  jsonMode = argv.includes('--json');
   const program = buildProgram();
   try {
     await program.parseAsync(argv);

@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { basename } from 'node:path';
 import { Repository } from '../repo-format/repository.js';
 import { InvalidArgumentError } from '../repo-format/errors.js';
-import type { BackupRecord, DiskRecord } from '../repo-format/backup-record.js';
+import { diskNameProblem, type BackupRecord, type DiskRecord } from '../repo-format/backup-record.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { backupDisk, type DiskProgress } from './pipeline/backup-disk.js';
 import { FileSource } from './sources/file-source.js';
@@ -39,7 +39,8 @@ function diskNamesFor(sources: BlockSource[], explicit: string[] | undefined): s
   const names = explicit && explicit.length > 0 ? explicit : sources.map((source) => source.defaultName);
   const seen = new Set<string>();
   for (const name of names) {
-    if (name.length === 0 || /[\u0000-\u001f/]/.test(name)) throw new InvalidArgumentError(`disk name "${name}" is not allowed (empty, or has "/" or control characters)`);
+    const problem = diskNameProblem(name);
+    if (problem) throw new InvalidArgumentError(`disk name ${JSON.stringify(name)} is not allowed: ${problem}`);
     if (seen.has(name)) throw new InvalidArgumentError(`two disks are named "${name}": give distinct --disk-name values`);
     seen.add(name);
   }
@@ -104,11 +105,11 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       blockSize: repo.blockSize,
       disks,
     };
-    await repo.commitBackup(record);
+    for (const warning of await repo.commitBackup(record)) notice(warning);
     return { record };
   } finally {
     for (const source of sources) await source.dispose();
-    await pool?.close();
+    await pool?.close().catch(() => undefined);
     await repo?.close();
   }
 }

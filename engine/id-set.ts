@@ -8,11 +8,15 @@ export class IdPrefixSet {
   private length = 0;
   private sorted = true;
 
+  /** Adds an id; adding one that is already present costs 8 bytes until the next compaction. */
   add(id: Buffer): void {
     if (this.length === this.values.length) {
-      const grown = new BigUint64Array(this.values.length * 2);
-      grown.set(this.values);
-      this.values = grown;
+      this.compact();
+      if (this.length > this.values.length / 2) {
+        const grown = new BigUint64Array(this.values.length * 2);
+        grown.set(this.values.subarray(0, this.length));
+        this.values = grown;
+      }
     }
     this.values[this.length] = id.readBigUInt64BE(0);
     this.length += 1;
@@ -20,11 +24,7 @@ export class IdPrefixSet {
   }
 
   has(id: Buffer): boolean {
-    if (!this.sorted) {
-      const view = this.values.subarray(0, this.length);
-      view.sort();
-      this.sorted = true;
-    }
+    this.compact();
     const key = id.readBigUInt64BE(0);
     let low = 0;
     let high = this.length - 1;
@@ -36,5 +36,23 @@ export class IdPrefixSet {
       else high = mid - 1;
     }
     return false;
+  }
+
+  get size(): number {
+    this.compact();
+    return this.length;
+  }
+
+  /** Sorts and drops duplicates, in place: amortised O(n log n) over all adds. */
+  private compact(): void {
+    if (this.sorted) return;
+    const view = this.values.subarray(0, this.length);
+    view.sort();
+    let kept = 0;
+    for (let i = 0; i < view.length; i += 1) {
+      if (kept === 0 || view[i] !== view[kept - 1]) view[kept++] = view[i]!;
+    }
+    this.length = kept;
+    this.sorted = true;
   }
 }

@@ -12,7 +12,7 @@ import { Repository } from '../repo-format/repository.js';
 import { mapPageIds, readMap } from '../repo-format/block-map.js';
 import { mapRootOf } from '../repo-format/backup-record.js';
 import { packPath, scanPack } from '../repo-format/pack-file.js';
-import { decodeFrameHeader } from '../repo-format/frame.js';
+import { decodeFrameHeader, frameLength } from '../repo-format/frame.js';
 import { openBlob } from '../repo-format/blob-codec.js';
 import { FRAME_HEADER_SIZE, ID_SIZE, ZERO_ID } from '../repo-format/constants.js';
 import { BlockPool } from './pipeline/block-pool.js';
@@ -89,7 +89,17 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       let named = 0;
       scan.frames.forEach((frame, i) => {
         const location = locations[i];
-        if (location && location.packId === packId && location.offset === frame.offset) named += 1;
+        if (
+          location &&
+          location.packId === packId &&
+          location.offset === frame.offset &&
+          location.length === frame.length &&
+          location.rawLength === frame.header.rawLength &&
+          location.kind === frame.header.kind &&
+          location.flags === frame.header.flags
+        ) {
+          named += 1;
+        }
       });
       confirmedEntries += named;
       // A pack sealed by a writer that died before its index batch: nothing can reach its blobs.
@@ -102,16 +112,23 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
         while (packChecks.size >= pool.workers) await Promise.race(packChecks);
         const check = pool
           .verifyPack({ packPath: packPath(repo.root, packId), frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) })
-          .then(({ bad }) => {
-            report.bytesChecked += scan.size;
-            for (const { offset, why } of bad) {
-              const frame = scan.frames.find((f) => f.offset === offset)!;
-              const blob = frame.header.id.toString('hex');
-              const found: VerifyProblem = { code: 'FRAME_DAMAGED', message: `pack ${packId} offset ${offset} (blob ${blob.slice(0, 16)}…): ${why}`, pack: packId, packOffset: offset, blob };
-              damagedBlobs.set(blob, found);
-              problem(found);
-            }
-          });
+          .then(
+            ({ bad }) => {
+              report.bytesChecked += scan.size;
+              for (const { offset, why } of bad) {
+                const frame = scan.frames.find((f) => f.offset === offset)!;
+                const blob = frame.header.id.toString('hex');
+                const found: VerifyProblem = { code: 'FRAME_DAMAGED', message: `pack ${packId} offset ${offset} (blob ${blob.slice(0, 16)}…): ${why}`, pack: packId, packOffset: offset, blob };
+                damagedBlobs.set(blob, found);
+                problem(found);
+              }
+            },
+            (error: unknown) => {
+              // The check itself failed (a worker died): the pack was not verified, which is a problem too.
+              damagedPacks.add(packId);
+              problem({ code: 'PACK_DAMAGED', message: `pack ${packId} could not be checked: ${(error as Error).message}`, pack: packId });
+            },
+          );
         packChecks.add(check);
         void check.then(
           () => packChecks.delete(check),
@@ -127,7 +144,8 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     report.blobs = indexEntries;
     if (confirmedEntries !== indexEntries || damagedPacks.size > 0) {
       await checkIndexEntries(repo, packSizes, damagedPacks, (found) => {
-        if (found.code === 'FRAME_DAMAGED' && found.blob) damagedBlobs.set(found.blob, found);
+        // Any entry that cannot deliver its blob makes the chunk damaged for every backup that uses it.
+        if (found.blob) damagedBlobs.set(found.blob, found);
         problem(found);
       });
     }
@@ -142,9 +160,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       for (const disk of record.disks) {
         const where = { backup: record.id, disk: disk.name };
         try {
-          for await (const { id } of mapPageIds(mapRootOf(disk), repo.loadPage)) {
-            if (!referenced.has(id)) referenced.add(id);
-          }
+          for await (const { id } of mapPageIds(mapRootOf(disk), repo.loadPage)) referenced.add(id);
           for await (const run of readMap(mapRootOf(disk), repo.loadPage)) {
             if (run.entries === null) continue;
             const ids: Buffer[] = [];
@@ -161,7 +177,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
               const hex = id.toString('hex');
               if (!locations[i]) {
                 problem({ code: 'CHUNK_MISSING', message: `backup ${record.id}, disk ${disk.name}, offset ${offset}: chunk ${hex.slice(0, 16)}… is missing`, ...where, offset, blob: hex });
-              } else if (!referenced.has(id)) {
+              } else {
                 referenced.add(id);
               }
               const damage = damagedBlobs.get(hex);
@@ -186,7 +202,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     report.ok = report.problems.length === 0;
     return report;
   } finally {
-    await pool?.close();
+    await pool?.close().catch(() => undefined);
     await repo.close();
   }
 }
@@ -225,6 +241,10 @@ async function checkIndexEntries(
     const decoded = decodeFrameHeader(bytes);
     if (typeof decoded === 'string' || !decoded.id.equals(entry.id)) {
       problem({ ...base, message: `index entry for blob ${blob.slice(0, 16)}… does not point at that blob in pack ${entry.packId}` });
+      continue;
+    }
+    if (frameLength(decoded.storedLength) !== entry.length || decoded.rawLength !== entry.rawLength || decoded.kind !== entry.kind || decoded.flags !== entry.flags) {
+      problem({ ...base, message: `index entry for blob ${blob.slice(0, 16)}… disagrees with its frame in pack ${entry.packId} (length, raw length, kind or flags)` });
       continue;
     }
     if (wanted === entry.length) {

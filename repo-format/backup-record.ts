@@ -52,13 +52,25 @@ export function encodeBackupRecord(record: BackupRecord): Buffer {
   return Buffer.from(`${JSON.stringify(record, null, 2)}\n`, 'utf8');
 }
 
+/**
+ * Why a disk name is unusable, or undefined. Names become file names when a backup is restored into a
+ * directory, so they must be one path component.
+ */
+export function diskNameProblem(name: string): string | undefined {
+  if (name.length === 0 || name.length > 255) return 'it must have 1 to 255 characters';
+  if (name === '.' || name === '..' || /[\u0000-\u001f/\\]/.test(name)) return 'it must not be "." or "..", nor contain "/", "\\" or control characters';
+  return undefined;
+}
+
 const isCount = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
 const isText = (v: unknown): v is string => typeof v === 'string';
 
 function checkDisk(disk: unknown, blockSize: number): string | undefined {
   if (typeof disk !== 'object' || disk === null) return 'a disk entry is not an object';
   const d = disk as Record<string, unknown>;
-  if (!isText(d.name) || d.name.length === 0) return 'a disk has no name';
+  if (!isText(d.name)) return 'a disk has no name';
+  const nameProblem = diskNameProblem(d.name);
+  if (nameProblem) return `disk name ${JSON.stringify(d.name)} is not allowed: ${nameProblem}`;
   if (!isCount(d.size)) return `disk ${d.name} has no valid size`;
   const source = d.source as Record<string, unknown> | undefined;
   if (!source || !isText(source.kind) || !isText(source.path)) return `disk ${d.name} has no source`;
@@ -94,9 +106,13 @@ export function decodeBackupRecord(bytes: Buffer, where: string): BackupRecord {
   for (const key of ['startTime', 'endTime', 'hostname', 'engineVersion']) if (!isText(r[key])) fail(`no ${key}`);
   if (!isCount(r.blockSize) || r.blockSize === 0) fail('no block size');
   if (!Array.isArray(r.disks)) fail('no disk list');
+  const names = new Set<string>();
   for (const disk of r.disks as unknown[]) {
     const problem = checkDisk(disk, r.blockSize as number);
     if (problem) fail(problem);
+    const name = (disk as DiskRecord).name;
+    if (names.has(name)) fail(`two disks are named ${JSON.stringify(name)}`);
+    names.add(name);
   }
   return value as BackupRecord;
 }

@@ -14,12 +14,13 @@ export async function fsyncDirectory(path: string): Promise<void> {
 }
 
 /**
- * The one durable-write path of the repository: temp name in the same directory → write → fsync →
- * close → rename → fsync(directory). A reader sees either no file or the whole file, never a part.
+ * The one durable-write path of the repository: temp file (in the same directory, or a given temp
+ * directory on the same filesystem) → write → fsync → close → rename (or link, when the name must not
+ * exist yet) → fsync(directory). A reader sees either no file or the whole file, never a part.
  */
-export async function writeFileDurably(path: string, data: Uint8Array, options: { exclusive?: boolean } = {}): Promise<void> {
+export async function writeFileDurably(path: string, data: Uint8Array, options: { exclusive?: boolean; tempDir?: string } = {}): Promise<void> {
   const dir = dirname(path);
-  const temp = join(dir, `.${basename(path)}.${randomBytes(6).toString('hex')}.tmp`);
+  const temp = join(options.tempDir ?? dir, `.${basename(path)}.${randomBytes(6).toString('hex')}.tmp`);
   try {
     const handle = await open(temp, 'wx', 0o644);
     try {
@@ -33,15 +34,18 @@ export async function writeFileDurably(path: string, data: Uint8Array, options: 
       await handle.close();
     }
     if (options.exclusive) {
-      // link() fails with EEXIST where rename() would silently replace: the record must be written once.
+      // link() fails with EEXIST where rename() would silently replace: the file is written once.
       await link(temp, path);
-      await unlink(temp);
     } else {
       await rename(temp, path);
     }
-    await fsyncDirectory(dir);
   } catch (error) {
     await unlink(temp).catch(() => undefined);
     throw classifyWriteError(error, path);
   }
+  // The file now exists under its name; what follows only makes that durable and tidies up.
+  await unlink(temp).catch(() => undefined);
+  await fsyncDirectory(dir).catch((error: unknown) => {
+    throw classifyWriteError(error, dir);
+  });
 }

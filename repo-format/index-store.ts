@@ -1,6 +1,7 @@
 /**
  * The LevelDB index: blob id → location (index-entry.ts), and the backup catalogue (backup id → record).
- * It is a cache of what the packs and the backups/ folder hold: `rebuildIndex` recreates it from them.
+ * It is a cache of what the packs and the backups/ folder hold: Repository rebuilds it from them when it
+ * is missing.
  * LevelDB admits one process at a time; the repository lock (lock.ts) is taken before it is opened.
  */
 import { ClassicLevel } from 'classic-level';

@@ -12,7 +12,9 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import {
   FRAME_HEADER_SIZE,
+  FRAME_OVERHEAD,
   LAYOUT,
+  MAX_FRAME_RAW_LENGTH,
   PACK_HEADER_SIZE,
   PACK_ID_SIZE,
   PACK_MAGIC,
@@ -156,6 +158,10 @@ export class PackWriter {
 
 /** Reads one frame's bytes; a pack that is missing or too short is reported as damaged, naming pack and offset. */
 export async function readFrameBytes(root: string, packId: string, offset: number, length: number): Promise<Buffer> {
+  // The length comes from the index: bound it before it sizes an allocation.
+  if (length < FRAME_OVERHEAD || length > FRAME_OVERHEAD + MAX_FRAME_RAW_LENGTH) {
+    throw new CorruptFrameError(packId, offset, `the index gives an impossible frame length ${length}`);
+  }
   let handle: FileHandle;
   try {
     handle = await open(packPath(root, packId), 'r');

@@ -4,7 +4,7 @@
  * Opening for reading (`list`, `show`) needs no lock: backup records are immutable files. Anything that
  * uses the index (backup, restore, verify) opens it exclusively: LevelDB admits one process at a time.
  */
-import { mkdir, readdir, readFile, rm, stat, unlink } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { FORMAT_VERSION, LAYOUT } from './constants.js';
@@ -74,6 +74,7 @@ export class Repository {
     for (const dir of [LAYOUT.packs, LAYOUT.backups, LAYOUT.tmp]) await mkdir(join(root, dir), { recursive: true });
     const packs = join(root, LAYOUT.packs);
     await Promise.all(Array.from({ length: 256 }, (_, i) => mkdir(join(packs, i.toString(16).padStart(2, '0')))));
+    await fsyncDirectory(packs);
     const index = await IndexStore.open(join(root, LAYOUT.index), { create: true });
     await index.putMeta('repository-id', config.id);
     await index.close();
@@ -106,18 +107,12 @@ export class Repository {
     try {
       const indexPath = join(this.root, LAYOUT.index);
       const missing = await stat(join(indexPath, 'CURRENT')).then(() => false, () => true);
-      if (missing) {
-        await rm(indexPath, { recursive: true, force: true });
-        this.indexStore = await IndexStore.open(indexPath, { create: true });
-        this.openReport.rebuiltIndex = await this.rebuildIndex();
-      } else {
-        this.indexStore = await IndexStore.open(indexPath, { create: false }).catch(async (error: unknown) => {
-          if (String((error as { cause?: unknown }).cause ?? error).includes('lock')) {
-            throw new RepositoryLockedError(this.root, await readLockHolder(this.root));
-          }
-          throw new CorruptMetadataError('index (LevelDB)', String((error as { cause?: unknown }).cause ?? error));
-        });
-      }
+      if (missing) this.openReport.rebuiltIndex = await this.rebuildIndexInto(indexPath);
+      this.indexStore = await IndexStore.open(indexPath, { create: false }).catch(async (error: unknown) => {
+        const cause = (error as { cause?: { code?: string } }).cause;
+        if (cause?.code === 'LEVEL_LOCKED') throw new RepositoryLockedError(this.root, await readLockHolder(this.root));
+        throw new CorruptMetadataError('index (LevelDB)', String(cause ?? error));
+      });
       await this.reconcileCatalogue();
     } catch (error) {
       await this.close();
@@ -137,26 +132,40 @@ export class Repository {
     return this.indexStore;
   }
 
-  /** Scans every pack and re-enters every frame in the index. The catalogue follows from backups/. */
-  async rebuildIndex(): Promise<{ packs: number; blobs: number }> {
+  /**
+   * Rebuilds the index from the packs, in a separate directory renamed into place when complete: an
+   * interrupted rebuild leaves no index (and is simply done again), never a partial one that would be
+   * trusted. The catalogue follows from backups/ on open.
+   */
+  private async rebuildIndexInto(indexPath: string): Promise<{ packs: number; blobs: number }> {
+    const building = join(this.root, LAYOUT.tmp, `index-rebuild.${randomBytes(4).toString('hex')}`);
+    const index = await IndexStore.open(building, { create: true });
     let packs = 0;
     let blobs = 0;
-    for (const packId of await this.listPackIds()) {
-      const scan = await scanPack(this.root, packId);
-      packs += 1;
-      blobs += scan.frames.length;
-      await this.index.addEntries(
-        scan.frames.map((frame) => ({
-          id: frame.header.id,
-          packId,
-          offset: frame.offset,
-          length: frame.length,
-          rawLength: frame.header.rawLength,
-          kind: frame.header.kind,
-          flags: frame.header.flags,
-        })),
-      );
+    try {
+      await index.putMeta('repository-id', this.config.id);
+      for (const packId of await this.listPackIds()) {
+        const scan = await scanPack(this.root, packId);
+        packs += 1;
+        blobs += scan.frames.length;
+        await index.addEntries(
+          scan.frames.map((frame) => ({
+            id: frame.header.id,
+            packId,
+            offset: frame.offset,
+            length: frame.length,
+            rawLength: frame.header.rawLength,
+            kind: frame.header.kind,
+            flags: frame.header.flags,
+          })),
+        );
+      }
+    } finally {
+      await index.close();
     }
+    await rm(indexPath, { recursive: true, force: true });
+    await rename(building, indexPath);
+    await fsyncDirectory(this.root);
     return { packs, blobs };
   }
 
@@ -175,11 +184,15 @@ export class Repository {
     return (await readdir(join(this.root, LAYOUT.tmp))).sort();
   }
 
-  /** Deletes leftovers of dead writers. Only valid while holding the exclusive lock. */
+  /**
+   * Deletes leftovers of dead writers (unfinished packs, record temp files, interrupted index rebuilds).
+   * Only valid while holding the exclusive lock, which no live writer then holds. `lock.*` files are
+   * another process's lock being created right now and are left alone.
+   */
   async removeTempFiles(): Promise<number> {
     if (!this.lock) throw new Error('removeTempFiles needs the exclusive lock');
-    const names = await this.listTempFiles();
-    for (const name of names) await unlink(join(this.root, LAYOUT.tmp, name)).catch(() => undefined);
+    const names = (await this.listTempFiles()).filter((name) => !name.startsWith('lock.'));
+    for (const name of names) await rm(join(this.root, LAYOUT.tmp, name), { recursive: true, force: true });
     return names.length;
   }
 
@@ -202,7 +215,10 @@ export class Repository {
     const bytes = await readFile(join(this.root, LAYOUT.backups, id)).catch(() => {
       throw new BackupNotFoundError(id);
     });
-    return decodeBackupRecord(bytes, where);
+    const record = decodeBackupRecord(bytes, where);
+    if (record.id !== id) throw new CorruptMetadataError(where, `it names itself ${record.id}`);
+    if (record.blockSize !== this.config.blockSize) throw new CorruptMetadataError(where, `block size ${record.blockSize} differs from the repository's ${this.config.blockSize}`);
+    return record;
   }
 
   /** Every backup, oldest first. A damaged record is reported, not skipped silently. */
@@ -266,13 +282,20 @@ export class Repository {
 
   /**
    * The commit point of a backup. Call only after every blob it references is in the index
-   * (BlobWriter.flush). The record file is written once, durably; the catalogue entry follows.
+   * (BlobWriter.flush). The record file is written once, durably; the catalogue entry follows. Returns
+   * warnings about what failed after the commit point (the backup exists all the same).
    */
-  async commitBackup(record: BackupRecord): Promise<void> {
+  async commitBackup(record: BackupRecord): Promise<string[]> {
     const bytes = encodeBackupRecord(record);
     crashPoint('before-record');
-    await writeFileDurably(join(this.root, LAYOUT.backups, record.id), bytes, { exclusive: true });
+    await writeFileDurably(join(this.root, LAYOUT.backups, record.id), bytes, { exclusive: true, tempDir: join(this.root, LAYOUT.tmp) });
     crashPoint('record-written');
-    await this.index.putBackup(record.id, bytes);
+    // The backup exists from here on. A catalogue that fails to follow is repaired on the next open.
+    try {
+      await this.index.putBackup(record.id, bytes);
+    } catch (error) {
+      return [`backup ${record.id} is committed, but its catalogue entry was not written (${(error as Error).message}); the next command adds it`];
+    }
+    return [];
   }
 }

@@ -188,6 +188,16 @@ describe('damage', () => {
     const verify = await runEngine(['verify', '--repo', repo]);
     expect(verify.code).toBe(4);
     expect(verify.stdout).toMatch(new RegExp(`PACK_DAMAGED: pack ${truncatedPack} is damaged at offset \\d+: frame of \\d+ bytes runs past the end of the pack`));
+    // Every chunk the cut took away is reported against the backup, disk and offset that need it.
+    const report = parseJson<{ problems: { code: string; backup?: string; disk?: string; offset?: number }[] }>(
+      (await runEngine(['verify', '--repo', repo, '--json'])).stdout,
+    );
+    const lost = report.problems.filter((p) => p.code === 'CHUNK_DAMAGED');
+    expect(lost.length).toBeGreaterThan(0);
+    for (const p of lost) {
+      expect(p).toMatchObject({ backup: good.id, disk: 'truncated.img' });
+      expect(p.offset! % MiB).toBe(0);
+    }
     const restore = await runEngine(['restore', '--repo', repo, good.id, '--to', join(dir, 'truncated.restored')]);
     expect(restore.code).toBe(4);
     expect(restore.stderr).toMatch(new RegExp(`backup ${good.id}, disk truncated.img, offset \\d+: .* in pack ${truncatedPack} .*(truncated|runs past|checksum)`));
@@ -209,6 +219,20 @@ describe('damage', () => {
     const target = join(dir, 'record.restored');
     expect((await runEngine(['restore', '--repo', repo, a.id, '--to', target])).code).toBe(0);
     expect(await filesIdentical(image, target)).toBe(true);
+  });
+
+  test('a record whose disk name would escape the restore directory is refused as damaged', async () => {
+    const repo = await freshRepo('repo-escape');
+    const image = await randomImage('escape.img', MiB);
+    const made = await backupOk(repo, image);
+    const path = join(repo, 'backups', made.id);
+    const record = JSON.parse(await readFile(path, 'utf8')) as { disks: { name: string }[] };
+    record.disks[0]!.name = '../../escaped';
+    await writeFile(path, JSON.stringify(record));
+    const restore = await runEngine(['restore', '--repo', repo, made.id, '--to', join(dir, 'escape-dir')]);
+    expect(restore.code).toBe(4);
+    expect(restore.stderr).toContain(`backup record ${made.id} is damaged: disk name "../../escaped" is not allowed`);
+    await expect(stat(join(dir, 'escaped'))).rejects.toThrow();
   });
 
   test('a lost index is rebuilt from the packs; every backup still restores', async () => {

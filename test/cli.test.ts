@@ -36,7 +36,7 @@ describe('usage', () => {
 
   test.each([
     [['backup', '--repo', 'x'], "required option '--source <path>' not specified"],
-    [['frobnicate'], "unknown command 'frobnicate'"],
+    [['frobnicate'], "engine: unknown command 'frobnicate'\n"],
     [['backup', '--repo', 'x', '--source', 'y', '--workers', '0'], '--workers 0: give a whole number from 1 to 64'],
     [['init', 'somewhere', '--block-size', '3M'], 'block size 3145728 is not allowed: it must be a power of two from 64 KiB to 16 MiB'],
     [['init', 'somewhere', '--block-size', 'lots'], '"lots" is not a size'],
@@ -55,6 +55,16 @@ describe('output', () => {
     expect(parseJson<{ error: { code: string; message: string } }>(result.stdout).error).toMatchObject({
       code: 'ENGINE_NOT_A_REPOSITORY',
       message: `${join(dir, 'nothing-here')} is not an engine repository: it has no config file`,
+    });
+  });
+
+  test('--json usage errors are JSON too, with exit 2', async () => {
+    const result = await runEngine(['backup', '--repo', repo, '--json']);
+    expect(result.code).toBe(2);
+    expect(result.stderr).toBe('');
+    expect(parseJson<{ error: { code: string; message: string } }>(result.stdout).error).toMatchObject({
+      code: 'ENGINE_INVALID_ARGUMENT',
+      message: "required option '--source <path>' not specified",
     });
   });
 

@@ -441,6 +441,12 @@ describe('pack header', () => {
     }
   });
 
+  test('reserved bytes must be zero', () => {
+    const bad = encodePackHeader(packId);
+    bad[13] = 1;
+    expect(decodePackHeader(bad, packId)).toBe('reserved pack header bytes are not zero');
+  });
+
   test('rejections: cut short, bad magic, unsupported version, wrong pack id', () => {
     const good = encodePackHeader(packId);
     expect(decodePackHeader(good.subarray(0, 31), packId)).toBe('pack header is cut short');
@@ -909,7 +915,9 @@ describe('backup record', () => {
 
   test('other disk rejections', () => {
     expect(rejection((r) => (r.disks = [null]))).toBe('a disk entry is not an object');
-    expect(rejection((r) => (firstDisk(r).name = ''))).toBe('a disk has no name');
+    expect(rejection((r) => (firstDisk(r).name = ''))).toBe('disk name "" is not allowed: it must have 1 to 255 characters');
+    expect(rejection((r) => (firstDisk(r).name = 'a/b'))).toBe('disk name "a/b" is not allowed: it must not be "." or "..", nor contain "/", "\\" or control characters');
+    expect(rejection((r) => (firstDisk(r).name = '..'))).toContain('disk name ".." is not allowed');
     expect(rejection((r) => (firstDisk(r).size = -1))).toBe('disk sda has no valid size');
     expect(rejection((r) => delete firstDisk(r).source)).toBe('disk sda has no source');
     expect(rejection((r) => ((firstDisk(r).map as Record<string, unknown>).root = root.toUpperCase()))).toBe('disk sda has no valid map root');

@@ -43,7 +43,16 @@ function outputSlot(slot: number, length = slots.outputSlotSize): Buffer {
   return Buffer.from(slots.output, slot * slots.outputSlotSize, length);
 }
 
-function readExactly(fd: number, target: Buffer, position: number): number {
+/** Reads up to target.length bytes; an I/O error (EIO on bad media) is returned as a reason, not thrown. */
+function readExactly(fd: number, target: Buffer, position: number): number | string {
+  try {
+    return readFully(fd, target, position);
+  } catch (error) {
+    return `read error (${(error as NodeJS.ErrnoException).code ?? String(error)})`;
+  }
+}
+
+function readFully(fd: number, target: Buffer, position: number): number {
   let filled = 0;
   while (filled < target.length) {
     const got = readSync(fd, target, filled, target.length - filled, position + filled);
@@ -76,6 +85,7 @@ function openFrame(task: Extract<BlockTask, { op: 'open' }>): OpenResult {
   }
   try {
     const got = readExactly(fd, frame, task.offset);
+    if (typeof got === 'string') return { ok: false, why: got };
     if (got !== task.length) return { ok: false, why: `pack is truncated: read ${got} of ${task.length} bytes` };
   } finally {
     closeSync(fd);
@@ -89,11 +99,20 @@ function openFrame(task: Extract<BlockTask, { op: 'open' }>): OpenResult {
 
 function verifyPack(task: Extract<BlockTask, { op: 'verify-pack' }>): VerifyPackResult {
   const bad: VerifyPackResult['bad'] = [];
-  const fd = openSync(task.packPath, 'r');
+  let fd: number;
+  try {
+    fd = openSync(task.packPath, 'r');
+  } catch (error) {
+    return { bad: task.frames.map(({ offset }) => ({ offset, why: `cannot open pack (${(error as NodeJS.ErrnoException).code ?? String(error)})` })) };
+  }
   try {
     for (const { offset, length } of task.frames) {
       const frame = scratch.length >= length ? scratch.subarray(0, length) : Buffer.allocUnsafe(length);
       const got = readExactly(fd, frame, offset);
+      if (typeof got === 'string') {
+        bad.push({ offset, why: got });
+        continue;
+      }
       if (got !== length) {
         bad.push({ offset, why: `pack is truncated: read ${got} of ${length} bytes` });
         continue;

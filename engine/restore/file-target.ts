@@ -4,7 +4,9 @@
  * as zeros there, since their old content is not zero).
  */
 import { open, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { dirname } from 'node:path';
 import { classifyWriteError, isErrnoException } from '../../repo-format/errors.js';
+import { fsyncDirectory } from '../../repo-format/durable-file.js';
 import { TargetTooSmallError, TargetUnwritableError } from '../errors.js';
 import { blockDeviceSize } from '../sources/device-size.js';
 
@@ -33,14 +35,18 @@ export class FileTarget implements RestoreTarget {
       throw new TargetUnwritableError(path, String(error));
     });
     if (!existing) {
-      let handle: FileHandle;
+      let handle: FileHandle | undefined;
       try {
         handle = await open(path, 'wx', 0o600);
         await handle.truncate(diskSize);
       } catch (error) {
+        if (handle) {
+          await handle.close().catch(() => undefined);
+          await unlink(path).catch(() => undefined);
+        }
         const classified = classifyWriteError(error, path);
         if (classified !== error) throw classified;
-        throw new TargetUnwritableError(path, isErrnoException(error) ? `${error.code}: ${error.message}` : String(error));
+        throw new TargetUnwritableError(path, isErrnoException(error) ? error.message : String(error));
       }
       return new FileTarget(path, handle, true, true);
     }
@@ -52,7 +58,7 @@ export class FileTarget implements RestoreTarget {
     try {
       return new FileTarget(path, await open(path, 'r+'), false, false);
     } catch (error) {
-      throw new TargetUnwritableError(path, isErrnoException(error) ? `${error.code}: ${error.message}` : String(error));
+      throw new TargetUnwritableError(path, isErrnoException(error) ? error.message : String(error));
     }
   }
 
@@ -71,6 +77,8 @@ export class FileTarget implements RestoreTarget {
   async finish(): Promise<void> {
     try {
       await this.handle.sync();
+      // A new file's name must survive a power loss as well as its data.
+      if (this.created) await fsyncDirectory(dirname(this.path));
     } catch (error) {
       throw classifyWriteError(error, this.path);
     } finally {

@@ -86,7 +86,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
     }
     return { backup: record, disks };
   } finally {
-    await pool?.close();
+    await pool?.close().catch(() => undefined);
     await repo.close();
   }
 }
