@@ -60,8 +60,8 @@ class BlockQueue {
     this.wake();
   }
 
-  get headReady(): boolean {
-    return this.items.length > 0 && this.items[0]!.result !== undefined;
+  get isEmpty(): boolean {
+    return this.items.length === 0;
   }
 
   async shift(): Promise<InFlight | undefined> {
@@ -185,8 +185,9 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
       if (!item || failure !== undefined) break;
       await item.done;
       batch.push(item);
-      // Look up as many finished blocks as are ready, but never sit on slots the reader is waiting for.
-      if (batch.length >= batchLimit || !queue.headReady) {
+      // Fill a batch (one index lookup for all of it) while more blocks are in flight; half the slots at
+      // most, so the reader always has the other half. When nothing more is in flight, go now.
+      if (batch.length >= batchLimit || queue.isEmpty) {
         await storeBatch(batch);
         batch = [];
       }
