@@ -10,14 +10,14 @@ import { InvalidArgumentError } from '../repo-format/errors.js';
 import { diskNameProblem, type BackupRecord, type DiskRecord } from '../repo-format/backup-record.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { backupDisk, type DiskProgress } from './pipeline/backup-disk.js';
-import { FileSource } from './sources/file-source.js';
+import { openSource } from './sources/open-source.js';
 import type { BlockSource } from './sources/source.js';
 import { InterruptedError } from './errors.js';
 import { ENGINE_VERSION } from './version.js';
 
 export interface BackupOptions {
   repo: string;
-  /** Paths of raw images or block devices. */
+  /** Raw images, block devices or NBD URIs (nbd://host/export, nbd+unix:///export?socket=PATH). */
   sources: string[];
   /** Disk names, one per source; default: each source's file name. */
   diskNames?: string[] | undefined;
@@ -56,7 +56,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   try {
     repo = await Repository.open(options.repo, { access: 'exclusive', command: 'backup' });
     // Open every source before writing: a missing disk fails the run with nothing written.
-    for (const path of options.sources) sources.push(await FileSource.open(path));
+    for (const spec of options.sources) sources.push(await openSource(spec));
     const names = diskNamesFor(sources, options.diskNames);
     const notice = options.onNotice ?? (() => undefined);
     if (repo.openReport.brokeStaleLock) {

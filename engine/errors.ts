@@ -46,3 +46,36 @@ export class CorruptChunkError extends EngineError {
     );
   }
 }
+
+/** Could not connect, or the server refused the export or an option we need. */
+export class NbdConnectError extends EngineError {
+  constructor(uri: string, why: string) {
+    super('ENGINE_NBD_CONNECT', `NBD ${uri}: ${why}`, { uri, why });
+  }
+}
+
+/** The server broke the protocol (bad magic, impossible lengths, unknown cookie, short reply, early close). */
+export class NbdProtocolError extends EngineError {
+  constructor(uri: string, why: string) {
+    super('ENGINE_NBD_PROTOCOL', `NBD ${uri}: protocol error: ${why}`, { uri, why });
+  }
+}
+
+/** The server answered a command with an error. */
+export class NbdCommandError extends EngineError {
+  constructor(uri: string, command: string, offset: number, length: number, errno: string, message = '') {
+    super('ENGINE_NBD_COMMAND', `NBD ${uri}: ${command} of ${length} bytes at offset ${offset} failed: ${errno}${message ? ` (${message})` : ''}`, {
+      uri,
+      command,
+      offset,
+      length,
+      errno,
+    });
+  }
+}
+
+export class TimeoutError extends EngineError {
+  constructor(what: string, ms: number) {
+    super('ENGINE_TIMEOUT', `${what} did not answer within ${ms / 1000} s`, { what, ms });
+  }
+}

@@ -22,6 +22,10 @@ export type ErrorCode =
   | 'ENGINE_TARGET_UNWRITABLE'
   | 'ENGINE_NO_SPACE'
   | 'ENGINE_INTERRUPTED'
+  | 'ENGINE_NBD_CONNECT'
+  | 'ENGINE_NBD_PROTOCOL'
+  | 'ENGINE_NBD_COMMAND'
+  | 'ENGINE_TIMEOUT'
   | 'ENGINE_INTERNAL';
 
 export class EngineError extends Error {

@@ -18,6 +18,7 @@ import type { BlockSource } from '../sources/source.js';
 import type { BlockPool } from './block-pool.js';
 import type { HashResult } from './tasks.js';
 import { InterruptedError } from '../errors.js';
+import { ZeroExtentCursor } from './zero-extents.js';
 
 export interface DiskProgress {
   disk: string;
@@ -98,6 +99,7 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
   let bytesDone = 0;
 
   const writes = new Set<Promise<void>>();
+  const zeroExtents = source.extents ? new ZeroExtentCursor(source.extents()) : undefined;
 
   const fail = (error: unknown): void => {
     failure ??= error;
@@ -113,11 +115,16 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
       const offset = block * blockSize;
       const length = Math.min(blockSize, source.size - offset);
       const item: InFlight = { block, slot, length, result: undefined, done: Promise.resolve() };
-      item.done = (async () => {
-        await source.read(pool.input(slot, length), offset);
-        stats.bytesRead += length;
-        item.result = await pool.hash(slot, length);
-      })();
+      if (zeroExtents && (await zeroExtents.isZero(offset, length))) {
+        // The source says this block reads as zeros (a hole, a zero cluster): record it without reading.
+        item.result = { zero: true };
+      } else {
+        item.done = (async () => {
+          await source.read(pool.input(slot, length), offset);
+          stats.bytesRead += length;
+          item.result = await pool.hash(slot, length);
+        })();
+      }
       // A failed read or hash is surfaced by the assembler when it reaches this block.
       item.done.catch(() => undefined);
       queue.push(item);

@@ -1,0 +1,108 @@
+/**
+ * Exact-length reads from a socket, for a parser that knows how many bytes it needs next. Chunks are
+ * queued as they arrive; `read(n)` resolves with exactly n bytes (a zero-copy view when one chunk holds
+ * them), `readInto` copies straight into the caller's buffer. A close before the bytes arrive rejects.
+ */
+import type { Socket } from 'node:net';
+
+export class SocketReader {
+  private readonly chunks: Buffer[] = [];
+  private buffered = 0;
+  private waiter: { bytes: number; resolve: () => void; reject: (error: Error) => void } | undefined;
+  private ended: Error | undefined;
+
+  constructor(
+    socket: Socket,
+    private readonly closedError: () => Error,
+  ) {
+    socket.on('data', (chunk: Buffer) => {
+      this.chunks.push(chunk);
+      this.buffered += chunk.length;
+      this.wake();
+    });
+    const end = (error?: Error): void => {
+      this.ended ??= error ?? this.closedError();
+      this.wake();
+    };
+    socket.on('end', () => end());
+    socket.on('close', () => end());
+    socket.on('error', (error) => end(error));
+  }
+
+  /** Fails the reader (and the read waiting on it) with `error`. */
+  fail(error: Error): void {
+    this.ended ??= error;
+    this.wake();
+  }
+
+  async read(bytes: number): Promise<Buffer> {
+    if (bytes === 0) return Buffer.alloc(0);
+    await this.await(bytes);
+    const first = this.chunks[0]!;
+    if (first.length >= bytes) {
+      const out = first.subarray(0, bytes);
+      this.consume(bytes);
+      return out;
+    }
+    const out = Buffer.allocUnsafe(bytes);
+    this.copyOut(out, 0, bytes);
+    return out;
+  }
+
+  async readInto(target: Buffer, at: number, bytes: number): Promise<void> {
+    await this.await(bytes);
+    this.copyOut(target, at, bytes);
+  }
+
+  async skip(bytes: number): Promise<void> {
+    await this.await(bytes);
+    this.consume(bytes);
+  }
+
+  private copyOut(target: Buffer, at: number, bytes: number): void {
+    let done = 0;
+    while (done < bytes) {
+      const first = this.chunks[0]!;
+      const n = Math.min(first.length, bytes - done);
+      first.copy(target, at + done, 0, n);
+      done += n;
+      this.consume(n);
+    }
+  }
+
+  private consume(bytes: number): void {
+    let left = bytes;
+    while (left > 0) {
+      const first = this.chunks[0]!;
+      if (first.length <= left) {
+        this.chunks.shift();
+        left -= first.length;
+      } else {
+        this.chunks[0] = first.subarray(left);
+        left = 0;
+      }
+    }
+    this.buffered -= bytes;
+  }
+
+  private await(bytes: number): Promise<void> {
+    if (this.buffered >= bytes) return Promise.resolve();
+    if (this.ended) return Promise.reject(this.ended);
+    if (this.waiter) return Promise.reject(new Error('SocketReader allows one read at a time'));
+    return new Promise((resolve, reject) => {
+      this.waiter = { bytes, resolve, reject };
+    });
+  }
+
+  private wake(): void {
+    const waiter = this.waiter;
+    if (!waiter) return;
+    if (this.buffered >= waiter.bytes) {
+      this.waiter = undefined;
+      waiter.resolve();
+    } else if (this.ended) {
+      this.waiter = undefined;
+      waiter.reject(this.ended);
+    }
+  }
+}

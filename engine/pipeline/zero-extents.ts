@@ -1,0 +1,32 @@
+/**
+ * Walks a source's extent map alongside the pipeline's block order and answers "does this block read as
+ * zeros?" without reading it. Extents are consumed lazily, so memory stays flat for any disk size.
+ */
+import type { Extent } from '../sources/source.js';
+
+export class ZeroExtentCursor {
+  private readonly iterator: AsyncIterator<Extent>;
+  private current: Extent | undefined;
+  private done = false;
+
+  constructor(extents: AsyncIterable<Extent>) {
+    this.iterator = extents[Symbol.asyncIterator]();
+  }
+
+  /** True when [offset, offset + length) lies entirely in zero extents. Offsets must not go backwards. */
+  async isZero(offset: number, length: number): Promise<boolean> {
+    let at = offset;
+    const end = offset + length;
+    while (at < end) {
+      while (!this.done && (!this.current || this.current.offset + this.current.length <= at)) {
+        const next = await this.iterator.next();
+        if (next.done) this.done = true;
+        else this.current = next.value;
+      }
+      const extent = this.current;
+      if (!extent || extent.offset > at || extent.offset + extent.length <= at || !extent.zero) return false;
+      at = extent.offset + extent.length;
+    }
+    return true;
+  }
+}
