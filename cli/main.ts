@@ -24,6 +24,20 @@ interface GlobalOptions {
   debug?: boolean;
 }
 
+interface BackupCliOptions {
+  repo?: string;
+  source?: string[];
+  image?: string[];
+  diskName?: string[];
+  name?: string;
+  full?: boolean;
+  incremental?: boolean;
+  differential?: boolean;
+  auto?: boolean;
+  json?: boolean;
+  workers?: number;
+}
+
 let jsonMode = false;
 
 function repoOption(): Option {
@@ -88,19 +102,27 @@ function buildProgram(): Command {
 
   program
     .command('backup')
-    .description('back up one or more disks (raw images or block devices) as one backup')
+    .description('back up one or more disks of a VM as one backup')
     .addOption(repoOption())
-    .requiredOption('--source <path>', 'disk image or block device; repeat for each disk of the VM', collect)
-    .option('--disk-name <name>', 'name of the disk in the backup, one per --source (default: the source file name)', collect)
-    .option('--name <name>', 'name of the backup (default: the source file name)')
+    .option('--source <path|uri>', 'raw image, block device or NBD URI, read whole; repeat for each disk', collect)
+    .option('--image <qcow2>', "qcow2 image of a stopped VM: incremental and differential backups from its dirty bitmaps; repeat for each disk", collect)
+    .option('--disk-name <name>', 'name of each disk in the backup, for every --source then every --image (default: the file name)', collect)
+    .option('--name <name>', 'name of the backup; a chain continues from the newest backup of the same name (default: the file name)')
+    .addOption(new Option('--full', 'read every disk whole and start a new chain').conflicts(['incremental', 'differential', 'auto']))
+    .addOption(new Option('--incremental', 'read the blocks changed since the previous backup').conflicts(['differential', 'auto']))
+    .addOption(new Option('--differential', 'read the blocks changed since the last full backup').conflicts(['auto']))
+    .option('--auto', 'incremental where a valid chain exists, full otherwise (the default)')
     .option('--json', 'print only the result, as JSON')
     .addOption(workersOption())
-    .action(async (opts: { repo?: string; source: string[]; diskName?: string[]; name?: string; json?: boolean; workers?: number }) => {
+    .action(async (opts: BackupCliOptions) => {
       jsonMode = opts.json === true;
+      if ((opts.source ?? []).length + (opts.image ?? []).length === 0) throw new InvalidArgumentError('name at least one disk: --source PATH|URI or --image QCOW2');
       const progress = createProgress({ json: jsonMode });
       const { record } = await backup({
         repo: requireRepo(opts.repo),
         sources: opts.source,
+        images: opts.image,
+        mode: opts.full ? 'full' : opts.incremental ? 'incremental' : opts.differential ? 'differential' : 'auto',
         diskNames: opts.diskName,
         name: opts.name,
         workers: opts.workers,

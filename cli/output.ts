@@ -6,7 +6,16 @@ import type { VerifyReport } from '../engine/verify.js';
 import { formatBytes } from '../engine/units.js';
 
 export function diskJson(disk: DiskRecord): Record<string, unknown> {
-  return { name: disk.name, size: disk.size, source: disk.source, ...disk.stats };
+  return {
+    name: disk.name,
+    size: disk.size,
+    source: disk.source,
+    mode: disk.mode,
+    modeReason: disk.modeReason,
+    parent: disk.parent,
+    checkpoint: disk.cbt?.checkpoint ?? null,
+    ...disk.stats,
+  };
 }
 
 export function backupJson(record: BackupRecord): Record<string, unknown> {
@@ -38,21 +47,23 @@ export function printBackup(record: BackupRecord): void {
     const s = disk.stats;
     const rate = s.durationMs > 0 ? `${formatBytes((s.bytesRead / s.durationMs) * 1000)}/s` : '-';
     lines.push(
-      `  ${disk.name}: ${formatBytes(disk.size)}, read ${formatBytes(s.bytesRead)} in ${seconds(s.durationMs)} (${rate}); ` +
+      `  ${disk.name}: ${disk.mode}${disk.modeReason ? ` (${disk.modeReason})` : ''}, ${formatBytes(disk.size)}, read ${formatBytes(s.bytesRead)} in ${seconds(s.durationMs)} (${rate}); ` +
         `${s.blocksNew} new blocks (${formatBytes(s.bytesNew)} → ${formatBytes(s.bytesStored)} stored), ` +
-        `${s.blocksDeduplicated} deduplicated, ${s.blocksZero} zero`,
+        `${s.blocksDeduplicated} deduplicated, ${s.blocksZero} zero, ${s.blocksUnchanged} unchanged`,
     );
   }
   process.stdout.write(`${lines.join('\n')}\n`);
 }
 
 export function printList(backups: BackupRecord[], damaged: { id: string; message: string }[]): void {
-  const rows = [['ID', 'TIME', 'TYPE', 'PARENT', 'NAME', 'DISKS', 'SIZE', 'READ', 'NEW']];
+  const rows = [['ID', 'TIME', 'TYPE', 'PARENT', 'CHECKPOINT', 'NAME', 'DISKS', 'SIZE', 'READ', 'NEW']];
   for (const b of backups) {
     const size = b.disks.reduce((sum, d) => sum + d.size, 0);
     const read = b.disks.reduce((sum, d) => sum + d.stats.bytesRead, 0);
     const added = b.disks.reduce((sum, d) => sum + d.stats.bytesStored, 0);
-    rows.push([b.id.slice(0, 12), b.startTime.replace('T', ' ').slice(0, 19), b.type, b.parent?.slice(0, 12) ?? '-', b.name, String(b.disks.length), formatBytes(size), formatBytes(read), formatBytes(added)]);
+    const checkpoints = [...new Set(b.disks.map((d) => d.cbt?.checkpoint).filter((c) => c !== undefined))];
+    const checkpoint = checkpoints.length === 0 ? '-' : checkpoints.length === 1 ? checkpoints[0]!.slice(0, 19) : `${checkpoints.length} checkpoints`;
+    rows.push([b.id.slice(0, 12), b.startTime.replace('T', ' ').slice(0, 19), b.type, b.parent?.slice(0, 12) ?? '-', checkpoint, b.name, String(b.disks.length), formatBytes(size), formatBytes(read), formatBytes(added)]);
   }
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
   const text = rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
@@ -75,7 +86,9 @@ export function printShow(record: BackupRecord): void {
     const s = disk.stats;
     lines.push(
       `disk ${disk.name}: ${formatBytes(disk.size)} (${disk.size} bytes) from ${disk.source.kind} ${disk.source.path}`,
-      `  blocks: ${s.blocksTotal} total, ${s.blocksNew} new, ${s.blocksDeduplicated} deduplicated, ${s.blocksZero} zero`,
+      `  mode: ${disk.mode}${disk.modeReason ? ` (full read: ${disk.modeReason})` : ''}${disk.parent ? `, unchanged blocks from ${disk.parent}` : ''}`,
+      ...(disk.cbt ? [`  checkpoint: ${disk.cbt.checkpoint}${disk.cbt.base ? `, read against ${disk.cbt.base}` : ''}; chain full ${disk.cbt.chainFull}`] : []),
+      `  blocks: ${s.blocksTotal} total, ${s.blocksNew} new, ${s.blocksDeduplicated} deduplicated, ${s.blocksZero} zero, ${s.blocksUnchanged} unchanged`,
       `  bytes: ${s.bytesRead} read, ${s.bytesNew} new, ${s.bytesStored} stored; ${seconds(s.durationMs)}`,
     );
   }

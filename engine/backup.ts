@@ -1,27 +1,35 @@
 /**
  * A backup of one or more disks into one backup record, committed in the order SPEC.md requires:
- * data packs durable and indexed → map pages durable and indexed → backup record (the commit point).
+ * data packs durable and indexed → map pages durable and indexed → backup record (the commit point) →
+ * only then the changed-block-tracking bookkeeping (old bitmaps removed).
  */
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { basename } from 'node:path';
 import { Repository } from '../repo-format/repository.js';
 import { InvalidArgumentError } from '../repo-format/errors.js';
-import { diskNameProblem, type BackupRecord, type DiskRecord } from '../repo-format/backup-record.js';
+import { diskNameProblem, type BackupRecord, type BackupType, type DiskRecord } from '../repo-format/backup-record.js';
 import { BlockPool } from './pipeline/block-pool.js';
-import { backupDisk, type DiskProgress } from './pipeline/backup-disk.js';
+import { backupDisk, type DiskProgress, type IncrementalPlan } from './pipeline/backup-disk.js';
 import { openSource } from './sources/open-source.js';
 import type { BlockSource } from './sources/source.js';
+import { openImageDisk, type ImageDiskSession, type RequestedMode } from './cbt/image-disk.js';
 import { InterruptedError } from './errors.js';
 import { ENGINE_VERSION } from './version.js';
 
+export type { RequestedMode } from './cbt/image-disk.js';
+
 export interface BackupOptions {
   repo: string;
-  /** Raw images, block devices or NBD URIs (nbd://host/export, nbd+unix:///export?socket=PATH). */
-  sources: string[];
-  /** Disk names, one per source; default: each source's file name. */
+  /** Raw images, block devices or NBD URIs (nbd://host/export, nbd+unix:///export?socket=PATH): read whole. */
+  sources?: string[] | undefined;
+  /** qcow2 images of a stopped VM: the engine manages their dirty bitmaps (incremental, differential). */
+  images?: string[] | undefined;
+  /** Disk names, one per source then one per image; default: each file name (or NBD export name). */
   diskNames?: string[] | undefined;
   name?: string | undefined;
+  /** Default 'auto': incremental where a valid chain exists, full otherwise. */
+  mode?: RequestedMode | undefined;
   workers?: number | undefined;
   signal?: AbortSignal | undefined;
   onProgress?: ((progress: DiskProgress & { diskIndex: number; diskCount: number }) => void) | undefined;
@@ -32,11 +40,7 @@ export interface BackupResult {
   record: BackupRecord;
 }
 
-function diskNamesFor(sources: BlockSource[], explicit: string[] | undefined): string[] {
-  if (explicit && explicit.length > 0 && explicit.length !== sources.length) {
-    throw new InvalidArgumentError(`${explicit.length} disk names for ${sources.length} sources: give one --disk-name per --source`);
-  }
-  const names = explicit && explicit.length > 0 ? explicit : sources.map((source) => source.defaultName);
+function checkNames(names: string[]): void {
   const seen = new Set<string>();
   for (const name of names) {
     const problem = diskNameProblem(name);
@@ -44,20 +48,42 @@ function diskNamesFor(sources: BlockSource[], explicit: string[] | undefined): s
     if (seen.has(name)) throw new InvalidArgumentError(`two disks are named "${name}": give distinct --disk-name values`);
     seen.add(name);
   }
-  return names;
+}
+
+/** One disk to back up: where it reads from and how (whole, or incremental against a parent). */
+interface DiskJob {
+  name: string;
+  source: BlockSource;
+  plan: IncrementalPlan | undefined;
+  mode: BackupType;
+  modeReason: string | null;
+  parent: string | null;
+  image?: ImageDiskSession;
+}
+
+function backupType(disks: DiskRecord[]): BackupType {
+  if (disks.some((d) => d.mode === 'differential')) return 'differential';
+  if (disks.some((d) => d.mode === 'incremental')) return 'incremental';
+  return 'full';
 }
 
 export async function backup(options: BackupOptions): Promise<BackupResult> {
-  if (options.sources.length === 0) throw new InvalidArgumentError('no source given: name at least one disk image or block device');
+  const plainSpecs = options.sources ?? [];
+  const imagePaths = options.images ?? [];
+  const diskCount = plainSpecs.length + imagePaths.length;
+  if (diskCount === 0) throw new InvalidArgumentError('no disk given: name at least one --source or --image');
+  if (options.diskNames && options.diskNames.length > 0 && options.diskNames.length !== diskCount) {
+    throw new InvalidArgumentError(`${options.diskNames.length} disk names for ${diskCount} disks: give one --disk-name per --source and --image, in that order`);
+  }
+  const requested = options.mode ?? 'auto';
   const startTime = new Date();
-  const sources: BlockSource[] = [];
+  const id = randomBytes(16).toString('hex');
+  const jobs: DiskJob[] = [];
   let repo: Repository | undefined;
   let pool: BlockPool | undefined;
+  let committed = false;
   try {
     repo = await Repository.open(options.repo, { access: 'exclusive', command: 'backup' });
-    // Open every source before writing: a missing disk fails the run with nothing written.
-    for (const spec of options.sources) sources.push(await openSource(spec));
-    const names = diskNamesFor(sources, options.diskNames);
     const notice = options.onNotice ?? (() => undefined);
     if (repo.openReport.brokeStaleLock) {
       const stale = repo.openReport.brokeStaleLock;
@@ -67,22 +93,48 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     const leftovers = await repo.removeTempFiles();
     if (leftovers > 0) notice(`removed ${leftovers} temporary files left by an interrupted writer`);
 
+    // Open every disk before writing anything: a missing disk fails the run with nothing written.
+    const noCbt = requested === 'incremental' || requested === 'differential' ? 'this source has no changed-block tracking (use --image for qcow2)' : null;
+    for (const spec of plainSpecs) {
+      const source = await openSource(spec);
+      jobs.push({ name: source.defaultName, source, plan: undefined, mode: 'full', modeReason: noCbt, parent: null });
+    }
+    const names = options.diskNames && options.diskNames.length > 0 ? options.diskNames : [...jobs.map((j) => j.name), ...imagePaths.map((p) => basename(p))];
+    checkNames(names);
+    jobs.forEach((job, i) => (job.name = names[i]!));
+    const name = options.name ?? (diskCount === 1 ? basename(plainSpecs[0] ?? imagePaths[0]!) : names.join('+'));
+    if (imagePaths.length > 0) {
+      // The chain of a disk continues from the newest backup of the same name that has it.
+      const history = (await repo.listBackups()).backups.filter((r) => r.name === name).reverse();
+      for (const [i, image] of imagePaths.entries()) {
+        const session = await openImageDisk({ image, name: names[plainSpecs.length + i]!, backupId: id, requested, history });
+        jobs.push({ name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, image: session });
+        if (session.modeReason && requested !== 'full') notice(`disk ${session.name}: full read: ${session.modeReason}`);
+      }
+    }
+
     pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers });
     const dataWriter = repo.createBlobWriter();
     const metaWriter = repo.createBlobWriter();
     const disks: DiskRecord[] = [];
     try {
-      for (const [i, source] of sources.entries()) {
-        const disk = await backupDisk(source, names[i]!, {
-          repo,
-          pool,
-          dataWriter,
-          metaWriter,
-          signal: options.signal,
-          onProgress: options.onProgress && ((p) => options.onProgress!({ ...p, diskIndex: i, diskCount: sources.length })),
-        });
-        await source.close();
-        disks.push(disk);
+      for (const [i, job] of jobs.entries()) {
+        const disk = await backupDisk(
+          job.source,
+          job.name,
+          {
+            repo,
+            pool,
+            dataWriter,
+            metaWriter,
+            signal: options.signal,
+            onProgress: options.onProgress && ((p) => options.onProgress!({ ...p, diskIndex: i, diskCount })),
+          },
+          job.plan,
+        );
+        await job.source.close();
+        await job.image?.release();
+        disks.push({ ...disk, mode: job.mode, modeReason: job.modeReason, parent: job.parent, cbt: job.image?.cbt ?? null });
       }
       if (options.signal?.aborted) throw new InterruptedError('backup');
       await dataWriter.flush();
@@ -94,10 +146,10 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     }
     const record: BackupRecord = {
       version: 1,
-      id: randomBytes(16).toString('hex'),
-      name: options.name ?? (sources.length === 1 ? basename(options.sources[0]!) : names.join('+')),
-      type: 'full',
-      parent: null,
+      id,
+      name,
+      type: backupType(disks),
+      parent: disks.find((d) => d.parent !== null)?.parent ?? null,
       startTime: startTime.toISOString(),
       endTime: new Date().toISOString(),
       hostname: hostname(),
@@ -106,9 +158,17 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       disks,
     };
     for (const warning of await repo.commitBackup(record)) notice(warning);
+    committed = true;
+    for (const job of jobs) {
+      await job.image?.finish().catch((error: unknown) => notice(`disk ${job.name}: could not remove old bitmaps: ${(error as Error).message}`));
+    }
     return { record };
   } finally {
-    for (const source of sources) await source.dispose();
+    for (const job of jobs) {
+      await job.source.dispose();
+      await job.image?.release().catch(() => undefined);
+      if (!committed) await job.image?.rollback();
+    }
     await pool?.close().catch(() => undefined);
     await repo?.close();
   }

@@ -19,13 +19,35 @@ export interface DiskStats {
   blocksZero: number;
   blocksNew: number;
   blocksDeduplicated: number;
+  /** Blocks not read: clean according to changed-block tracking, taken from the parent's map. */
+  blocksUnchanged: number;
   durationMs: number;
+}
+
+/** Changed-block tracking state of a disk after a backup (SPEC.md, "Chains"). */
+export interface DiskCbt {
+  /** The checkpoint (dirty bitmap) this backup started: writes after this backup are recorded in it. */
+  checkpoint: string;
+  /** The checkpoint the dirty blocks were read against (null for a full read). */
+  base: string | null;
+  /** The full backup that started this chain, and its checkpoint (what a differential reads against). */
+  chainFull: string;
+  chainCheckpoint: string;
+  /** Bytes per bitmap bit. */
+  granularity: number;
 }
 
 export interface DiskRecord {
   name: string;
   size: number;
   source: { kind: string; path: string };
+  /** What was done for this disk, whatever was asked. */
+  mode: BackupType;
+  /** Why a full read happened when an incremental or differential was asked; null otherwise. */
+  modeReason: string | null;
+  /** The backup whose map gave this disk's unchanged blocks; null for a full read. */
+  parent: string | null;
+  cbt: DiskCbt | null;
   map: { root: string; depth: number; blocks: number };
   stats: DiskStats;
 }
@@ -78,9 +100,19 @@ function checkDisk(disk: unknown, blockSize: number): string | undefined {
   if (!map || !isText(map.root) || map.root.length !== ID_SIZE * 2 || !/^[0-9a-f]+$/.test(map.root)) return `disk ${d.name} has no valid map root`;
   if (!isCount(map.depth) || !isCount(map.blocks)) return `disk ${d.name} has no valid map shape`;
   if (map.blocks !== Math.ceil(d.size / blockSize)) return `disk ${d.name}: ${map.blocks} map blocks do not cover ${d.size} bytes`;
+  if (d.mode !== 'full' && d.mode !== 'incremental' && d.mode !== 'differential') return `disk ${d.name} has no valid mode`;
+  if (d.modeReason !== null && !isText(d.modeReason)) return `disk ${d.name} has an invalid mode reason`;
+  if (d.parent !== null && !(isText(d.parent) && /^[0-9a-f]{32}$/.test(d.parent))) return `disk ${d.name} has an invalid parent`;
+  if ((d.mode === 'full') !== (d.parent === null)) return `disk ${d.name}: a ${d.mode} read ${d.parent === null ? 'without' : 'with'} a parent`;
+  if (d.cbt !== null) {
+    const c = d.cbt as Record<string, unknown> | undefined;
+    if (!c || !isText(c.checkpoint) || !(c.base === null || isText(c.base)) || !isText(c.chainFull) || !isText(c.chainCheckpoint) || !isCount(c.granularity)) {
+      return `disk ${d.name} has invalid changed-block tracking state`;
+    }
+  }
   const stats = d.stats as Record<string, unknown> | undefined;
   if (!stats) return `disk ${d.name} has no statistics`;
-  for (const key of ['bytesRead', 'bytesNew', 'bytesStored', 'blocksTotal', 'blocksZero', 'blocksNew', 'blocksDeduplicated', 'durationMs']) {
+  for (const key of ['bytesRead', 'bytesNew', 'bytesStored', 'blocksTotal', 'blocksZero', 'blocksNew', 'blocksDeduplicated', 'blocksUnchanged', 'durationMs']) {
     if (!isCount(stats[key])) return `disk ${d.name} statistic ${key} is not a count`;
   }
   return undefined;

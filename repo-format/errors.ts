@@ -26,6 +26,7 @@ export type ErrorCode =
   | 'ENGINE_NBD_PROTOCOL'
   | 'ENGINE_NBD_COMMAND'
   | 'ENGINE_TIMEOUT'
+  | 'ENGINE_TOOL_FAILED'
   | 'ENGINE_INTERNAL';
 
 export class EngineError extends Error {

@@ -35,7 +35,8 @@ describe('usage', () => {
   });
 
   test.each([
-    [['backup', '--repo', 'x'], "required option '--source <path>' not specified"],
+    [['backup', '--repo', 'x'], 'name at least one disk: --source PATH|URI or --image QCOW2'],
+    [['backup', '--repo', 'x', '--image', 'a.qcow2', '--full', '--incremental'], "option '--full' cannot be used with option '--incremental'"],
     [['frobnicate'], "engine: unknown command 'frobnicate'\n"],
     [['backup', '--repo', 'x', '--source', 'y', '--workers', '0'], '--workers 0: give a whole number from 1 to 64'],
     [['init', 'somewhere', '--block-size', '3M'], 'block size 3145728 is not allowed: it must be a power of two from 64 KiB to 16 MiB'],
@@ -64,7 +65,7 @@ describe('output', () => {
     expect(result.stderr).toBe('');
     expect(parseJson<{ error: { code: string; message: string } }>(result.stdout).error).toMatchObject({
       code: 'ENGINE_INVALID_ARGUMENT',
-      message: "required option '--source <path>' not specified",
+      message: 'name at least one disk: --source PATH|URI or --image QCOW2',
     });
   });
 
@@ -81,10 +82,10 @@ describe('output', () => {
     const made = parseJson<BackupJson & Record<string, unknown>>((await runEngine(['backup', '--repo', repo, '--source', image, '--json'])).stdout);
     for (const field of ['id', 'name', 'type', 'parent', 'startTime', 'endTime', 'hostname', 'engineVersion', 'blockSize', 'disks']) expect(made).toHaveProperty(field);
     const disk = made.disks[0]!;
-    for (const field of ['name', 'size', 'source', 'bytesRead', 'bytesNew', 'bytesStored', 'blocksTotal', 'blocksZero', 'blocksNew', 'blocksDeduplicated', 'durationMs']) {
+    for (const field of ['name', 'size', 'source', 'bytesRead', 'bytesNew', 'bytesStored', 'blocksTotal', 'blocksZero', 'blocksNew', 'blocksDeduplicated', 'blocksUnchanged', 'durationMs']) {
       expect(disk).toHaveProperty(field);
     }
-    expect(disk.blocksZero + disk.blocksNew + disk.blocksDeduplicated).toBe(disk.blocksTotal);
+    expect(disk.blocksZero + disk.blocksNew + disk.blocksDeduplicated + disk.blocksUnchanged).toBe(disk.blocksTotal);
     const listed = parseJson<{ backups: BackupJson[] }>((await runEngine(['list', '--repo', repo, '--json'])).stdout);
     expect(listed.backups.find((b) => b.id === made.id)).toEqual(made);
     const shown = parseJson<BackupJson>((await runEngine(['show', '--repo', repo, made.id.slice(0, 6), '--json'])).stdout);

@@ -820,15 +820,23 @@ describe('backup record', () => {
           name: 'sda',
           size: 10 * MiB + 1,
           source: { kind: 'file', path: '/images/sda.raw' },
+          mode: 'full',
+          modeReason: null,
+          parent: null,
+          cbt: null,
           map: { root, depth: 0, blocks: 11 },
-          stats: { bytesRead: 10 * MiB + 1, bytesNew: 3 * MiB, bytesStored: 1234567, blocksTotal: 11, blocksZero: 2, blocksNew: 3, blocksDeduplicated: 6, durationMs: 1500 },
+          stats: { bytesRead: 10 * MiB + 1, bytesNew: 3 * MiB, bytesStored: 1234567, blocksTotal: 11, blocksZero: 2, blocksNew: 3, blocksDeduplicated: 6, blocksUnchanged: 0, durationMs: 1500 },
         },
         {
           name: 'sdb',
           size: 0,
           source: { kind: 'nbd', path: 'nbd+unix:///sdb' },
+          mode: 'incremental',
+          modeReason: null,
+          parent: 'ab'.repeat(16),
+          cbt: { checkpoint: 'engine-2', base: 'engine-1', chainFull: 'ab'.repeat(16), chainCheckpoint: 'engine-1', granularity: 65536 },
           map: { root: '0'.repeat(64), depth: 0, blocks: 0 },
-          stats: { bytesRead: 0, bytesNew: 0, bytesStored: 0, blocksTotal: 0, blocksZero: 0, blocksNew: 0, blocksDeduplicated: 0, durationMs: 0 },
+          stats: { bytesRead: 0, bytesNew: 0, bytesStored: 0, blocksTotal: 0, blocksZero: 0, blocksNew: 0, blocksDeduplicated: 0, blocksUnchanged: 0, durationMs: 0 },
         },
       ],
     };
@@ -907,6 +915,9 @@ describe('backup record', () => {
   });
 
   test('negative or non-integer statistics', () => {
+    expect(rejection((r) => ((firstDisk(r) as unknown as Record<string, unknown>).mode = 'weekly'))).toBe('disk sda has no valid mode');
+    expect(rejection((r) => (firstDisk(r).parent = 'ab'.repeat(16)))).toBe('disk sda: a full read with a parent');
+    expect(rejection((r) => ((firstDisk(r) as unknown as Record<string, unknown>).cbt = { checkpoint: 1 }))).toBe('disk sda has invalid changed-block tracking state');
     expect(rejection((r) => ((firstDisk(r).stats as Record<string, unknown>).bytesNew = -1))).toBe('disk sda statistic bytesNew is not a count');
     expect(rejection((r) => ((firstDisk(r).stats as Record<string, unknown>).durationMs = 1.5))).toBe('disk sda statistic durationMs is not a count');
     expect(rejection((r) => delete (firstDisk(r).stats as Record<string, unknown>).blocksZero)).toBe('disk sda statistic blocksZero is not a count');

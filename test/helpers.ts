@@ -121,5 +121,5 @@ export interface BackupJson {
   type: string;
   name: string;
   blockSize: number;
-  disks: { name: string; size: number; bytesRead: number; bytesNew: number; bytesStored: number; blocksNew: number; blocksZero: number; blocksDeduplicated: number; blocksTotal: number }[];
+  disks: { name: string; size: number; bytesRead: number; bytesNew: number; bytesStored: number; blocksNew: number; blocksZero: number; blocksDeduplicated: number; blocksUnchanged: number; blocksTotal: number; mode?: string; modeReason?: string; parent?: string | null; checkpoint?: string }[];
 }

@@ -8,6 +8,9 @@
  * The reader runs ahead of the assembler by at most slotCount blocks (the SlotPool is the bound), the
  * assembler looks up a batch of ids at a time (never one LevelDB get per block), and only blocks whose
  * id is not yet in the repository are compressed and written.
+ *
+ * Incremental: given the parent's map and the dirty extents, only blocks that a dirty byte touches are
+ * read; every run of clean blocks takes its entries from the parent's map, so the new map is complete.
  */
 import { KIND_DATA, ZERO_ID } from '../../repo-format/constants.js';
 import { MapBuilder } from '../../repo-format/block-map.js';
@@ -19,6 +22,8 @@ import type { BlockPool } from './block-pool.js';
 import type { HashResult } from './tasks.js';
 import { InterruptedError } from '../errors.js';
 import { ZeroExtentCursor } from './zero-extents.js';
+import { DirtyCursor, ParentMapCursor, type Range } from './map-cursors.js';
+import type { MapRoot } from '../../repo-format/block-map.js';
 
 export interface DiskProgress {
   disk: string;
@@ -26,6 +31,12 @@ export interface DiskProgress {
   bytesTotal: number;
   bytesRead: number;
   bytesNew: number;
+}
+
+/** What an incremental or differential read needs: the map to take clean blocks from, and what changed. */
+export interface IncrementalPlan {
+  parent: MapRoot;
+  dirty: AsyncIterable<Range>;
 }
 
 export interface BackupDiskContext {
@@ -43,6 +54,8 @@ interface InFlight {
   length: number;
   result: HashResult | undefined;
   done: Promise<void>;
+  /** Set for a run of clean blocks taken from the parent map (no slot, nothing read). */
+  unchanged?: number;
 }
 
 /** A FIFO the reader fills and the assembler drains; `shift` waits for the next block or the end. */
@@ -77,7 +90,7 @@ class BlockQueue {
   }
 }
 
-export async function backupDisk(source: BlockSource, name: string, context: BackupDiskContext): Promise<DiskRecord> {
+export async function backupDisk(source: BlockSource, name: string, context: BackupDiskContext, plan?: IncrementalPlan): Promise<DiskRecord> {
   const { repo, pool, dataWriter, signal } = context;
   const blockSize = repo.blockSize;
   const blockCount = Math.ceil(source.size / blockSize);
@@ -90,8 +103,12 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
     blocksZero: 0,
     blocksNew: 0,
     blocksDeduplicated: 0,
+    blocksUnchanged: 0,
     durationMs: 0,
   };
+  if (plan && plan.parent.blocks !== blockCount) throw new Error(`parent map has ${plan.parent.blocks} blocks, the disk ${blockCount}`);
+  const parent = plan ? new ParentMapCursor(plan.parent, repo.loadPage) : undefined;
+  const dirty = plan ? new DirtyCursor(plan.dirty) : undefined;
   const map = new MapBuilder(blockCount, repo.pageStore(context.metaWriter));
   const queue = new BlockQueue();
   const batchLimit = Math.max(1, Math.floor(pool.slots.count / 2));
@@ -111,6 +128,14 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
   const read = async (): Promise<void> => {
     for (let block = 0; block < blockCount && failure === undefined; block += 1) {
       if (signal?.aborted) throw new InterruptedError('backup');
+      if (dirty) {
+        const nextDirty = await dirty.nextDirtyBlock(block, blockSize, blockCount);
+        if (nextDirty > block) {
+          queue.push({ block, slot: -1, length: 0, result: undefined, done: Promise.resolve(), unchanged: nextDirty - block });
+          block = nextDirty - 1;
+          continue;
+        }
+      }
       const slot = await pool.slots.acquire();
       const offset = block * blockSize;
       const length = Math.min(blockSize, source.size - offset);
@@ -185,11 +210,26 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
     context.onProgress?.({ disk: name, bytesDone, bytesTotal: source.size, bytesRead: stats.bytesRead, bytesNew: stats.bytesNew });
   };
 
+  /** Clean blocks: the parent's entries, unread. */
+  const takeUnchanged = async (item: InFlight): Promise<void> => {
+    for (let block = item.block; block < item.block + item.unchanged!; block += 1) {
+      await map.push(await parent!.entry(block));
+      bytesDone += Math.min(blockSize, source.size - block * blockSize);
+    }
+    stats.blocksUnchanged += item.unchanged!;
+  };
+
   const assemble = async (): Promise<void> => {
     let batch: InFlight[] = [];
     for (;;) {
       const item = await queue.shift();
       if (!item || failure !== undefined) break;
+      if (item.unchanged !== undefined) {
+        if (batch.length > 0) await storeBatch(batch);
+        batch = [];
+        await takeUnchanged(item);
+        continue;
+      }
       await item.done;
       batch.push(item);
       // Fill a batch (one index lookup for all of it) while more blocks are in flight; half the slots at
@@ -213,6 +253,10 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
     name,
     size: source.size,
     source: { ...source.description },
+    mode: 'full',
+    modeReason: null,
+    parent: null,
+    cbt: null,
     map: { root: root.root.toString('hex'), depth: root.depth, blocks: root.blocks },
     stats,
   };

@@ -12,9 +12,23 @@ export class NbdSource implements BlockSource {
     readonly description: SourceDescription,
   ) {}
 
-  static async open(uri: string, options: { connections?: number } = {}): Promise<NbdSource> {
-    const client = await NbdClient.connect(uri, { metaContexts: [P.CONTEXT_BASE_ALLOCATION], connections: options.connections });
-    return new NbdSource(client, { kind: 'nbd', path: uri });
+  /** `dirtyContext`: a metadata context (qemu:dirty-bitmap:NAME) that must exist; see dirtyExtents(). */
+  static async open(uri: string, options: { connections?: number; dirtyContext?: string | undefined; description?: SourceDescription } = {}): Promise<NbdSource> {
+    const contexts = [P.CONTEXT_BASE_ALLOCATION, ...(options.dirtyContext ? [options.dirtyContext] : [])];
+    const client = await NbdClient.connect(uri, { metaContexts: contexts, require: options.dirtyContext ? [options.dirtyContext] : [], connections: options.connections });
+    const source = new NbdSource(client, options.description ?? { kind: 'nbd', path: uri });
+    source.dirtyContext = options.dirtyContext;
+    return source;
+  }
+
+  private dirtyContext: string | undefined;
+
+  /** The dirty extents of the negotiated dirty-bitmap context, in order. */
+  async *dirtyExtents(): AsyncGenerator<{ offset: number; length: number }> {
+    if (!this.dirtyContext) throw new Error('no dirty bitmap context was negotiated');
+    for await (const extent of this.client.blockStatus(this.dirtyContext)) {
+      if ((extent.flags & P.STATE_DIRTY) !== 0) yield { offset: extent.offset, length: extent.length };
+    }
   }
 
   get size(): number {

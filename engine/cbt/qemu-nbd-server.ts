@@ -1,0 +1,47 @@
+/**
+ * The engine's own qemu-nbd for an offline image: read-only, persistent (several connections), on a
+ * Unix socket in a private temporary directory (short: socket paths are limited to 108 bytes),
+ * optionally exposing one dirty bitmap as qemu:dirty-bitmap:NAME.
+ */
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { runTool } from './run-tool.js';
+
+export interface RunningExport {
+  uri: string;
+  stop(): Promise<void>;
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export async function serveImage(image: string, format: string, bitmap?: string): Promise<RunningExport> {
+  const dir = await mkdtemp(join(tmpdir(), 'engine-nbd-'));
+  const socket = join(dir, 'nbd.sock');
+  const pidFile = join(dir, 'qemu-nbd.pid');
+  const args = ['-r', '-f', format, '--socket', socket, '--persistent', '--shared', '8', '--fork', '--pid-file', pidFile];
+  if (bitmap) args.push('-B', bitmap);
+  try {
+    await runTool('qemu-nbd', [...args, resolve(image)]);
+  } catch (error) {
+    await rm(dir, { recursive: true, force: true });
+    throw error;
+  }
+  const pid = Number((await readFile(pidFile, 'utf8')).trim());
+  return {
+    uri: `nbd+unix:///?socket=${socket}`,
+    stop: async () => {
+      if (alive(pid)) process.kill(pid, 'SIGTERM');
+      // qemu-nbd releases the image lock when it exits; wait for that before qemu-img touches the image.
+      for (let i = 0; i < 500 && alive(pid); i += 1) await new Promise((resolve) => setTimeout(resolve, 10));
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
+}

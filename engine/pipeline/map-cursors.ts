@@ -1,0 +1,55 @@
+/**
+ * Cursors that walk, in block order, what an incremental backup needs besides the source: the parent
+ * backup's map (entries of unchanged blocks) and the dirty extents (which blocks changed). Both consume
+ * their input lazily, so memory stays flat whatever the disk size.
+ */
+import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
+import { readMap, type LoadPage, type MapRoot, type MapRun } from '../../repo-format/block-map.js';
+
+export class ParentMapCursor {
+  private readonly runs: AsyncGenerator<MapRun>;
+  private run: MapRun | undefined;
+
+  constructor(map: MapRoot, loadPage: LoadPage) {
+    this.runs = readMap(map, loadPage);
+  }
+
+  /** The parent's entry for `block`. Blocks must not go backwards. */
+  async entry(block: number): Promise<Buffer> {
+    while (!this.run || this.run.firstBlock + this.run.count <= block) {
+      const next = await this.runs.next();
+      if (next.done) throw new Error(`parent map ends before block ${block}`);
+      this.run = next.value;
+    }
+    if (this.run.entries === null) return ZERO_ID;
+    const at = (block - this.run.firstBlock) * ID_SIZE;
+    return this.run.entries.subarray(at, at + ID_SIZE);
+  }
+}
+
+export interface Range {
+  offset: number;
+  length: number;
+}
+
+export class DirtyCursor {
+  private readonly iterator: AsyncIterator<Range>;
+  private current: Range | undefined;
+  private done = false;
+
+  constructor(dirty: AsyncIterable<Range>) {
+    this.iterator = dirty[Symbol.asyncIterator]();
+  }
+
+  /** The first block at or after `fromBlock` that any dirty byte touches, or `blockCount` if none. */
+  async nextDirtyBlock(fromBlock: number, blockSize: number, blockCount: number): Promise<number> {
+    const from = fromBlock * blockSize;
+    while (!this.done && (!this.current || this.current.offset + this.current.length <= from)) {
+      const next = await this.iterator.next();
+      if (next.done) this.done = true;
+      else this.current = next.value;
+    }
+    if (!this.current || this.current.offset + this.current.length <= from) return blockCount;
+    return Math.min(blockCount, Math.max(fromBlock, Math.floor(this.current.offset / blockSize)));
+  }
+}
