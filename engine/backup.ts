@@ -107,7 +107,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       // The chain of a disk continues from the newest backup of the same name that has it.
       const history = (await repo.listBackups()).backups.filter((r) => r.name === name).reverse();
       for (const [i, image] of imagePaths.entries()) {
-        const session = await openImageDisk({ image, name: names[plainSpecs.length + i]!, backupId: id, requested, history });
+        const session = await openImageDisk({ image, name: names[plainSpecs.length + i]!, backupId: id, requested, history, loadPage: repo.loadPage, blockSize: repo.blockSize });
         jobs.push({ name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, image: session });
         if (session.modeReason && requested !== 'full') notice(`disk ${session.name}: full read: ${session.modeReason}`);
       }

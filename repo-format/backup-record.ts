@@ -35,6 +35,8 @@ export interface DiskCbt {
   chainCheckpoint: string;
   /** Bytes per bitmap bit. */
   granularity: number;
+  /** Clean blocks re-read and found identical to the parent (the CBT audit); 0 for a full read. */
+  audited: number;
 }
 
 export interface DiskRecord {
@@ -106,7 +108,7 @@ function checkDisk(disk: unknown, blockSize: number): string | undefined {
   if ((d.mode === 'full') !== (d.parent === null)) return `disk ${d.name}: a ${d.mode} read ${d.parent === null ? 'without' : 'with'} a parent`;
   if (d.cbt !== null) {
     const c = d.cbt as Record<string, unknown> | undefined;
-    if (!c || !isText(c.checkpoint) || !(c.base === null || isText(c.base)) || !isText(c.chainFull) || !isText(c.chainCheckpoint) || !isCount(c.granularity)) {
+    if (!c || !isText(c.checkpoint) || !(c.base === null || isText(c.base)) || !isText(c.chainFull) || !isText(c.chainCheckpoint) || !isCount(c.granularity) || !isCount(c.audited)) {
       return `disk ${d.name} has invalid changed-block tracking state`;
     }
   }

@@ -68,6 +68,9 @@ describe('a chain on an offline qcow2 image', () => {
     expect(inc1.disks[0]).toMatchObject({ mode: 'incremental', modeReason: null, parent: full.id });
     expect(inc1.disks[0]!.bytesRead).toBe(4 * MiB); // blocks 1, 500, 501, 1536
     expect(inc1.disks[0]!.blocksUnchanged).toBe(2048 - 4);
+    const shown = parseJson<{ disks: { cbt: { audited: number; base: string } }[] }>(await readFile(join(repo, 'backups', inc1.id), 'utf8'));
+    expect(shown.disks[0]!.cbt.base).toBe(full.disks[0]!.checkpoint);
+    expect(shown.disks[0]!.cbt.audited).toBeGreaterThanOrEqual(8); // 16 random picks, less repeats and dirty ones
 
     await qemuIo(image, ['write -P 0x33 900M 1M', 'write -P 0x34 1M 4k']);
     const inc2 = await backupImage(repo, image, ['--incremental']);
@@ -157,6 +160,26 @@ describe('a chain the engine cannot trust is read in full, and says so', () => {
     await sh('qemu-img', ['bitmap', '--remove', image, name]);
     await sh('qemu-img', ['bitmap', '--add', '--enable', '-g', '131072', image, name]);
     await expectFullFallback(repo, image, /changed granularity from 65536 to 131072/);
+  });
+
+  test('a bitmap that missed writes is caught by the CBT audit', async () => {
+    const repo = join(dir, 'repo-audit');
+    await runEngine(['init', repo]);
+    const image = join(dir, 'audit.qcow2');
+    await qcow2(image, '32M');
+    await qemuIo(image, ['write -P 0x71 0 32M']); // every block allocated and non-zero
+    const full = await backupImage(repo, image);
+    // Every block changes, but the bitmap is cleared: it now claims the whole disk is clean.
+    await qemuIo(image, ['write -P 0x72 0 32M']);
+    await sh('qemu-img', ['bitmap', '--clear', image, full.disks[0]!.checkpoint!]);
+    const result = await runEngine(['backup', '--repo', repo, '--image', image, '--incremental', '--json']);
+    const backup = parseJson<{ id: string; disks: { mode: string; modeReason: string; bytesRead: number }[] }>(result.stdout);
+    expect(backup.disks[0]!.mode).toBe('full');
+    expect(backup.disks[0]!.modeReason).toMatch(new RegExp(`^CBT audit: the block at offset \\d+ differs from parent backup ${full.id} although bitmap ${full.disks[0]!.checkpoint} calls it clean$`));
+    expect(backup.disks[0]!.bytesRead).toBe(32 * MiB);
+    const frozen = join(dir, 'audit-frozen.qcow2');
+    await copyFile(image, frozen);
+    await expectRestoreEquals(repo, backup.id, frozen);
   });
 
   test('the disk grew', async () => {

@@ -834,7 +834,7 @@ describe('backup record', () => {
           mode: 'incremental',
           modeReason: null,
           parent: 'ab'.repeat(16),
-          cbt: { checkpoint: 'engine-2', base: 'engine-1', chainFull: 'ab'.repeat(16), chainCheckpoint: 'engine-1', granularity: 65536 },
+          cbt: { checkpoint: 'engine-2', base: 'engine-1', chainFull: 'ab'.repeat(16), chainCheckpoint: 'engine-1', granularity: 65536, audited: 16 },
           map: { root: '0'.repeat(64), depth: 0, blocks: 0 },
           stats: { bytesRead: 0, bytesNew: 0, bytesStored: 0, blocksTotal: 0, blocksZero: 0, blocksNew: 0, blocksDeduplicated: 0, blocksUnchanged: 0, durationMs: 0 },
         },

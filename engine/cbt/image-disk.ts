@@ -16,6 +16,8 @@ import { NbdSource } from '../sources/nbd-source.js';
 import type { IncrementalPlan } from '../pipeline/backup-disk.js';
 import { addBitmap, BITMAP_PREFIX, bitmapName, imageInfo, removeBitmap, type ImageInfo } from './qcow2-bitmaps.js';
 import { serveImage, type RunningExport } from './qemu-nbd-server.js';
+import { auditCleanBlocks } from './audit.js';
+import type { LoadPage } from '../../repo-format/block-map.js';
 
 export type RequestedMode = 'full' | 'incremental' | 'differential' | 'auto';
 
@@ -72,13 +74,15 @@ export async function openImageDisk(args: {
   backupId: string;
   requested: RequestedMode;
   history: BackupRecord[];
+  loadPage: LoadPage;
+  blockSize: number;
 }): Promise<ImageDiskSession> {
   const { image, name, backupId } = args;
   const before = await imageInfo(image);
   if (before.format !== 'qcow2') {
     throw new InvalidArgumentError(`${image} is a ${before.format} image: --image needs qcow2 (persistent dirty bitmaps); back up raw images with --source`);
   }
-  const chain = chooseChain(name, args.requested, before, args.history);
+  let chain = chooseChain(name, args.requested, before, args.history);
   const checkpoint = bitmapName(backupId);
   await addBitmap(image, checkpoint);
   let exported: RunningExport | undefined;
@@ -90,6 +94,22 @@ export async function openImageDisk(args: {
       dirtyContext: chain.base ? `qemu:dirty-bitmap:${chain.base}` : undefined,
       description: { kind: 'qcow2-image', path: image },
     });
+    // Audit the bitmap before trusting it; a mismatch turns this disk into a full read.
+    let audited = 0;
+    if (chain.parent && chain.base) {
+      const audit = await auditCleanBlocks({ source, parent: mapRootOf(chain.parent.disk), loadPage: args.loadPage, dirty: source.dirtyExtents(), blockSize: args.blockSize });
+      audited = audit.audited;
+      if (audit.mismatch) {
+        chain = {
+          ...chain,
+          mode: 'full',
+          reason: `CBT audit: the block at offset ${audit.mismatch.offset} differs from parent backup ${chain.parent.record.id} although bitmap ${chain.base} calls it clean`,
+          base: null,
+          parent: null,
+        };
+        audited = 0;
+      }
+    }
     const previousCbt = chain.previous?.cbt;
     const cbt: DiskCbt = {
       checkpoint,
@@ -97,6 +117,7 @@ export async function openImageDisk(args: {
       chainFull: chain.mode === 'full' || !previousCbt ? backupId : previousCbt.chainFull,
       chainCheckpoint: chain.mode === 'full' || !previousCbt ? checkpoint : previousCbt.chainCheckpoint,
       granularity,
+      audited,
     };
     const running = exported;
     return {
