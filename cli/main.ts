@@ -28,6 +28,7 @@ interface BackupCliOptions {
   repo?: string;
   source?: string[];
   image?: string[];
+  libvirt?: string;
   diskName?: string[];
   name?: string;
   full?: boolean;
@@ -106,6 +107,7 @@ function buildProgram(): Command {
     .addOption(repoOption())
     .option('--source <path|uri>', 'raw image, block device or NBD URI, read whole; repeat for each disk', collect)
     .option('--image <qcow2>', "qcow2 image of a stopped VM: incremental and differential backups from its dirty bitmaps; repeat for each disk", collect)
+    .option('--libvirt <domain>', 'a running libvirt domain: all its disks, through checkpoints and a pull-mode backup')
     .option('--disk-name <name>', 'name of each disk in the backup, for every --source then every --image (default: the file name)', collect)
     .option('--name <name>', 'name of the backup; a chain continues from the newest backup of the same name (default: the file name)')
     .addOption(new Option('--full', 'read every disk whole and start a new chain').conflicts(['incremental', 'differential', 'auto']))
@@ -116,12 +118,15 @@ function buildProgram(): Command {
     .addOption(workersOption())
     .action(async (opts: BackupCliOptions) => {
       jsonMode = opts.json === true;
-      if ((opts.source ?? []).length + (opts.image ?? []).length === 0) throw new InvalidArgumentError('name at least one disk: --source PATH|URI or --image QCOW2');
+      if ((opts.source ?? []).length + (opts.image ?? []).length === 0 && opts.libvirt === undefined) {
+        throw new InvalidArgumentError('name at least one disk: --source PATH|URI, --image QCOW2 or --libvirt DOMAIN');
+      }
       const progress = createProgress({ json: jsonMode });
       const { record } = await backup({
         repo: requireRepo(opts.repo),
         sources: opts.source,
         images: opts.image,
+        libvirt: opts.libvirt,
         mode: opts.full ? 'full' : opts.incremental ? 'incremental' : opts.differential ? 'differential' : 'auto',
         diskNames: opts.diskName,
         name: opts.name,

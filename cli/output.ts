@@ -62,7 +62,7 @@ export function printList(backups: BackupRecord[], damaged: { id: string; messag
     const read = b.disks.reduce((sum, d) => sum + d.stats.bytesRead, 0);
     const added = b.disks.reduce((sum, d) => sum + d.stats.bytesStored, 0);
     const checkpoints = [...new Set(b.disks.map((d) => d.cbt?.checkpoint).filter((c) => c !== undefined))];
-    const checkpoint = checkpoints.length === 0 ? '-' : checkpoints.length === 1 ? checkpoints[0]!.slice(0, 19) : `${checkpoints.length} checkpoints`;
+    const checkpoint = checkpoints.length === 0 ? '-' : checkpoints.length === 1 ? checkpoints[0]!.slice(0, 28) : `${checkpoints.length} checkpoints`;
     rows.push([b.id.slice(0, 12), b.startTime.replace('T', ' ').slice(0, 19), b.type, b.parent?.slice(0, 12) ?? '-', checkpoint, b.name, String(b.disks.length), formatBytes(size), formatBytes(read), formatBytes(added)]);
   }
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));

@@ -8,12 +8,13 @@ import { randomBytes } from 'node:crypto';
 import { basename } from 'node:path';
 import { Repository } from '../repo-format/repository.js';
 import { InvalidArgumentError } from '../repo-format/errors.js';
-import { diskNameProblem, type BackupRecord, type BackupType, type DiskRecord } from '../repo-format/backup-record.js';
+import { diskNameProblem, type BackupRecord, type BackupType, type DiskCbt, type DiskRecord } from '../repo-format/backup-record.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { backupDisk, type DiskProgress, type IncrementalPlan } from './pipeline/backup-disk.js';
 import { openSource } from './sources/open-source.js';
 import type { BlockSource } from './sources/source.js';
-import { openImageDisk, type ImageDiskSession, type RequestedMode } from './cbt/image-disk.js';
+import { openImageDisk, type RequestedMode } from './cbt/image-disk.js';
+import { openLibvirtBackup } from './cbt/libvirt-domain.js';
 import { InterruptedError } from './errors.js';
 import { ENGINE_VERSION } from './version.js';
 
@@ -25,6 +26,8 @@ export interface BackupOptions {
   sources?: string[] | undefined;
   /** qcow2 images of a stopped VM: the engine manages their dirty bitmaps (incremental, differential). */
   images?: string[] | undefined;
+  /** A running libvirt domain: all its disks, through checkpoints and a pull-mode backup. */
+  libvirt?: string | undefined;
   /** Disk names, one per source then one per image; default: each file name (or NBD export name). */
   diskNames?: string[] | undefined;
   name?: string | undefined;
@@ -50,6 +53,13 @@ function checkNames(names: string[]): void {
   }
 }
 
+/** The changed-block-tracking bookkeeping around some disks (one qcow2 image, or one libvirt job). */
+interface CbtSession {
+  release(): Promise<void>;
+  finish(): Promise<void>;
+  rollback(): Promise<void>;
+}
+
 /** One disk to back up: where it reads from and how (whole, or incremental against a parent). */
 interface DiskJob {
   name: string;
@@ -58,7 +68,8 @@ interface DiskJob {
   mode: BackupType;
   modeReason: string | null;
   parent: string | null;
-  image?: ImageDiskSession;
+  cbt: DiskCbt | null;
+  session?: CbtSession;
 }
 
 function backupType(disks: DiskRecord[]): BackupType {
@@ -70,8 +81,14 @@ function backupType(disks: DiskRecord[]): BackupType {
 export async function backup(options: BackupOptions): Promise<BackupResult> {
   const plainSpecs = options.sources ?? [];
   const imagePaths = options.images ?? [];
+  if (options.libvirt !== undefined && plainSpecs.length + imagePaths.length > 0) {
+    throw new InvalidArgumentError('--libvirt backs up all disks of the domain: do not combine it with --source or --image');
+  }
+  if (options.libvirt !== undefined && options.diskNames && options.diskNames.length > 0) {
+    throw new InvalidArgumentError('--libvirt names each disk after its target (vda, sdb…): --disk-name does not apply');
+  }
   const diskCount = plainSpecs.length + imagePaths.length;
-  if (diskCount === 0) throw new InvalidArgumentError('no disk given: name at least one --source or --image');
+  if (diskCount === 0 && options.libvirt === undefined) throw new InvalidArgumentError('no disk given: name at least one --source or --image, or --libvirt DOMAIN');
   if (options.diskNames && options.diskNames.length > 0 && options.diskNames.length !== diskCount) {
     throw new InvalidArgumentError(`${options.diskNames.length} disk names for ${diskCount} disks: give one --disk-name per --source and --image, in that order`);
   }
@@ -97,21 +114,24 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     const noCbt = requested === 'incremental' || requested === 'differential' ? 'this source has no changed-block tracking (use --image for qcow2)' : null;
     for (const spec of plainSpecs) {
       const source = await openSource(spec);
-      jobs.push({ name: source.defaultName, source, plan: undefined, mode: 'full', modeReason: noCbt, parent: null });
+      jobs.push({ name: source.defaultName, source, plan: undefined, mode: 'full', modeReason: noCbt, parent: null, cbt: null });
     }
     const names = options.diskNames && options.diskNames.length > 0 ? options.diskNames : [...jobs.map((j) => j.name), ...imagePaths.map((p) => basename(p))];
     checkNames(names);
     jobs.forEach((job, i) => (job.name = names[i]!));
-    const name = options.name ?? (diskCount === 1 ? basename(plainSpecs[0] ?? imagePaths[0]!) : names.join('+'));
-    if (imagePaths.length > 0) {
-      // The chain of a disk continues from the newest backup of the same name that has it.
-      const history = (await repo.listBackups()).backups.filter((r) => r.name === name).reverse();
-      for (const [i, image] of imagePaths.entries()) {
-        const session = await openImageDisk({ image, name: names[plainSpecs.length + i]!, backupId: id, requested, history, loadPage: repo.loadPage, blockSize: repo.blockSize });
-        jobs.push({ name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, image: session });
-        if (session.modeReason && requested !== 'full') notice(`disk ${session.name}: full read: ${session.modeReason}`);
-      }
+    const name = options.name ?? options.libvirt ?? (diskCount === 1 ? basename(plainSpecs[0] ?? imagePaths[0]!) : names.join('+'));
+    // The chain of a disk continues from the newest backup of the same name that has it.
+    const history = imagePaths.length > 0 || options.libvirt !== undefined ? (await repo.listBackups()).backups.filter((r) => r.name === name).reverse() : [];
+    const chainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize };
+    for (const [i, image] of imagePaths.entries()) {
+      const session = await openImageDisk({ image, name: names[plainSpecs.length + i]!, ...chainArgs });
+      jobs.push({ name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, session });
     }
+    if (options.libvirt !== undefined) {
+      const session = await openLibvirtBackup({ domain: options.libvirt, ...chainArgs });
+      for (const disk of session.disks) jobs.push({ ...disk, session });
+    }
+    for (const job of jobs) if (job.cbt && job.modeReason && requested !== 'full') notice(`disk ${job.name}: full read: ${job.modeReason}`);
 
     pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers });
     const dataWriter = repo.createBlobWriter();
@@ -128,13 +148,14 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
             dataWriter,
             metaWriter,
             signal: options.signal,
-            onProgress: options.onProgress && ((p) => options.onProgress!({ ...p, diskIndex: i, diskCount })),
+            onProgress: options.onProgress && ((p) => options.onProgress!({ ...p, diskIndex: i, diskCount: jobs.length })),
           },
           job.plan,
         );
         await job.source.close();
-        await job.image?.release();
-        disks.push({ ...disk, mode: job.mode, modeReason: job.modeReason, parent: job.parent, cbt: job.image?.cbt ?? null });
+        // A session (a libvirt job) may serve several disks: end it after its last one.
+        if (job.session && !jobs.slice(i + 1).some((later) => later.session === job.session)) await job.session.release();
+        disks.push({ ...disk, mode: job.mode, modeReason: job.modeReason, parent: job.parent, cbt: job.cbt });
       }
       if (options.signal?.aborted) throw new InterruptedError('backup');
       await dataWriter.flush();
@@ -159,15 +180,15 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     };
     for (const warning of await repo.commitBackup(record)) notice(warning);
     committed = true;
-    for (const job of jobs) {
-      await job.image?.finish().catch((error: unknown) => notice(`disk ${job.name}: could not remove old bitmaps: ${(error as Error).message}`));
+    for (const session of new Set(jobs.map((j) => j.session))) {
+      await session?.finish().catch((error: unknown) => notice(`could not remove old checkpoints: ${(error as Error).message}`));
     }
     return { record };
   } finally {
-    for (const job of jobs) {
-      await job.source.dispose();
-      await job.image?.release().catch(() => undefined);
-      if (!committed) await job.image?.rollback();
+    for (const job of jobs) await job.source.dispose();
+    for (const session of new Set(jobs.map((j) => j.session))) {
+      await session?.release().catch(() => undefined);
+      if (!committed) await session?.rollback();
     }
     await pool?.close().catch(() => undefined);
     await repo?.close();

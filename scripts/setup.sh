@@ -5,14 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for tool in qemu-img:qemu-utils nbdinfo:libnbd-bin nbdkit:nbdkit; do
+# qemu tools for NBD and qcow2 bitmaps; libvirt with a TCG-capable QEMU for the running-VM tests.
+for tool in qemu-img:qemu-utils nbdinfo:libnbd-bin nbdkit:nbdkit libvirtd:libvirt-daemon-system virsh:libvirt-clients qemu-system-x86_64:qemu-system-x86; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing ${need_apt[*]}" >&2
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   else
     echo "setup: missing ${need_apt[*]} (install them as root); tests that need them will fail" >&2
   fi

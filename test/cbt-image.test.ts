@@ -134,7 +134,7 @@ describe('a chain the engine cannot trust is read in full, and says so', () => {
   test('the bitmap was removed', async () => {
     const { repo, image, full } = await chainStart('removed');
     await sh('qemu-img', ['bitmap', '--remove', image, full.disks[0]!.checkpoint!]);
-    await expectFullFallback(repo, image, /bitmap engine-[0-9a-f]+ is missing from the image/);
+    await expectFullFallback(repo, image, /bitmap engine-[0-9a-f]+-[0-9a-f]+ is missing from the image/);
   });
 
   test('the bitmap is inconsistent (qemu-nbd killed while writing)', async () => {
@@ -145,7 +145,7 @@ describe('a chain the engine cannot trust is read in full, and says so', () => {
     process.kill(pid, 'SIGKILL');
     await new Promise((resolve) => setTimeout(resolve, 200));
     expect((await bitmaps(image)).find((b) => b.name === full.disks[0]!.checkpoint)!.flags).toContain('in-use');
-    await expectFullFallback(repo, image, /bitmap engine-[0-9a-f]+ is inconsistent/);
+    await expectFullFallback(repo, image, /bitmap engine-[0-9a-f]+-[0-9a-f]+ is inconsistent/);
   });
 
   test('the bitmap was disabled', async () => {

@@ -35,7 +35,7 @@ describe('usage', () => {
   });
 
   test.each([
-    [['backup', '--repo', 'x'], 'name at least one disk: --source PATH|URI or --image QCOW2'],
+    [['backup', '--repo', 'x'], 'name at least one disk: --source PATH|URI, --image QCOW2 or --libvirt DOMAIN'],
     [['backup', '--repo', 'x', '--image', 'a.qcow2', '--full', '--incremental'], "option '--full' cannot be used with option '--incremental'"],
     [['frobnicate'], "engine: unknown command 'frobnicate'\n"],
     [['backup', '--repo', 'x', '--source', 'y', '--workers', '0'], '--workers 0: give a whole number from 1 to 64'],
@@ -65,7 +65,7 @@ describe('output', () => {
     expect(result.stderr).toBe('');
     expect(parseJson<{ error: { code: string; message: string } }>(result.stdout).error).toMatchObject({
       code: 'ENGINE_INVALID_ARGUMENT',
-      message: 'name at least one disk: --source PATH|URI or --image QCOW2',
+      message: 'name at least one disk: --source PATH|URI, --image QCOW2 or --libvirt DOMAIN',
     });
   });
 

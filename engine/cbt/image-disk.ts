@@ -14,7 +14,7 @@ import { mapRootOf, type BackupRecord, type BackupType, type DiskCbt, type DiskR
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { NbdSource } from '../sources/nbd-source.js';
 import type { IncrementalPlan } from '../pipeline/backup-disk.js';
-import { addBitmap, BITMAP_PREFIX, bitmapName, imageInfo, removeBitmap, type ImageInfo } from './qcow2-bitmaps.js';
+import { addBitmap, bitmapName, bitmapPrefix, imageInfo, removeBitmap, type ImageInfo } from './qcow2-bitmaps.js';
 import { serveImage, type RunningExport } from './qemu-nbd-server.js';
 import { auditCleanBlocks } from './audit.js';
 import type { LoadPage } from '../../repo-format/block-map.js';
@@ -74,6 +74,7 @@ export async function openImageDisk(args: {
   backupId: string;
   requested: RequestedMode;
   history: BackupRecord[];
+  repositoryId: string;
   loadPage: LoadPage;
   blockSize: number;
 }): Promise<ImageDiskSession> {
@@ -83,7 +84,7 @@ export async function openImageDisk(args: {
     throw new InvalidArgumentError(`${image} is a ${before.format} image: --image needs qcow2 (persistent dirty bitmaps); back up raw images with --source`);
   }
   let chain = chooseChain(name, args.requested, before, args.history);
-  const checkpoint = bitmapName(backupId);
+  const checkpoint = bitmapName(args.repositoryId, backupId);
   await addBitmap(image, checkpoint);
   let exported: RunningExport | undefined;
   try {
@@ -135,7 +136,7 @@ export async function openImageDisk(args: {
       finish: async () => {
         const keep = new Set([cbt.checkpoint, cbt.chainCheckpoint]);
         for (const bitmap of (await imageInfo(image)).bitmaps) {
-          if (bitmap.name.startsWith(BITMAP_PREFIX) && !keep.has(bitmap.name)) await removeBitmap(image, bitmap.name);
+          if (bitmap.name.startsWith(bitmapPrefix(args.repositoryId)) && !keep.has(bitmap.name)) await removeBitmap(image, bitmap.name);
         }
       },
       rollback: async () => {

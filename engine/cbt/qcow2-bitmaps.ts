@@ -1,6 +1,8 @@
 /**
  * Persistent dirty bitmaps of an offline qcow2 image, through qemu-img (the image must be closed: no VM
- * and no qemu-nbd may hold it). The engine names its bitmaps `engine-<backup id>`.
+ * and no qemu-nbd may hold it). The engine names its bitmaps (and libvirt checkpoints)
+ * `engine-<first 8 hex of the repository id>-<backup id>`: a repository only ever prunes its own, so two
+ * repositories backing up the same disk do not break each other's chains.
  */
 import { runTool } from './run-tool.js';
 
@@ -17,10 +19,12 @@ export interface ImageInfo {
   bitmaps: BitmapInfo[];
 }
 
-export const BITMAP_PREFIX = 'engine-';
+export function bitmapPrefix(repositoryId: string): string {
+  return `engine-${repositoryId.slice(0, 8)}-`;
+}
 
-export function bitmapName(backupId: string): string {
-  return `${BITMAP_PREFIX}${backupId}`;
+export function bitmapName(repositoryId: string, backupId: string): string {
+  return `${bitmapPrefix(repositoryId)}${backupId}`;
 }
 
 export async function imageInfo(image: string): Promise<ImageInfo> {

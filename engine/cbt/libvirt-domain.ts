@@ -1,0 +1,240 @@
+/**
+ * Changed-block tracking for a running VM under libvirt (a plain KVM host; what oVirt 4.4+ does
+ * underneath): libvirt checkpoints and pull-mode backups.
+ *
+ * One backup = one `virsh backup-begin` job over all the domain's disks, with a new checkpoint
+ * `engine-<backup id>` created at job start (every disk, `checkpoint='bitmap'`). libvirt exports each disk,
+ * frozen at that instant, over NBD on a Unix socket (export name = the disk's target, dirty bitmap context
+ * `qemu:dirty-bitmap:backup-<target>` for incremental disks). The engine reads them, ends the job with
+ * `virsh domjobabort`, and after the record is committed deletes the engine checkpoints no chain needs.
+ * A failed backup deletes the checkpoint it created: it survives the abort, and a next incremental based on
+ * it would miss the writes this backup never stored.
+ */
+import { chown, mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { mapRootOf, type BackupRecord, type BackupType, type DiskCbt, type DiskRecord } from '../../repo-format/backup-record.js';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
+import type { LoadPage } from '../../repo-format/block-map.js';
+import type { IncrementalPlan } from '../pipeline/backup-disk.js';
+import { NbdSource } from '../sources/nbd-source.js';
+import { auditCleanBlocks } from './audit.js';
+import type { RequestedMode } from './image-disk.js';
+import { bitmapName, bitmapPrefix } from './qcow2-bitmaps.js';
+import { runTool } from './run-tool.js';
+
+/** libvirt creates bitmaps with qemu's default granularity for qcow2. */
+const LIBVIRT_GRANULARITY = 64 * 1024;
+
+export interface DomainDisk {
+  target: string;
+  source: string;
+  size: number;
+}
+
+export interface LibvirtDiskJob {
+  name: string;
+  source: NbdSource;
+  plan: IncrementalPlan | undefined;
+  mode: BackupType;
+  modeReason: string | null;
+  parent: string | null;
+  cbt: DiskCbt;
+}
+
+export interface LibvirtSession {
+  disks: LibvirtDiskJob[];
+  /** Ends the pull-mode job and closes the exports. */
+  release(): Promise<void>;
+  /** After the record is committed: delete the engine checkpoints no chain needs any more. */
+  finish(): Promise<void>;
+  /** After a failure: delete the checkpoint this backup created. */
+  rollback(): Promise<void>;
+}
+
+function virsh(args: string[]): Promise<string> {
+  return runTool('virsh', ['-q', ...args]);
+}
+
+export async function domainDisks(domain: string): Promise<DomainDisk[]> {
+  const disks: DomainDisk[] = [];
+  for (const line of (await virsh(['domblklist', domain, '--details'])).split('\n')) {
+    const [, device, target, source] = line.trim().split(/\s+/);
+    if (device !== 'disk' || !target || !source || source === '-') continue;
+    const info = await virsh(['domblkinfo', domain, target]);
+    const capacity = /Capacity:\s+(\d+)/.exec(info);
+    if (!capacity) throw new InvalidArgumentError(`cannot read the size of disk ${target} of domain ${domain}`);
+    disks.push({ target, source, size: Number(capacity[1]) });
+  }
+  if (disks.length === 0) throw new InvalidArgumentError(`domain ${domain} has no disks to back up`);
+  return disks;
+}
+
+async function checkpoints(domain: string): Promise<string[]> {
+  return (await virsh(['checkpoint-list', domain, '--name'])).split('\n').map((l) => l.trim()).filter(Boolean);
+}
+
+interface DiskChain {
+  mode: BackupType;
+  reason: string | null;
+  base: string | null;
+  parent: { record: BackupRecord; disk: DiskRecord } | null;
+  previous: DiskRecord | null;
+}
+
+function chooseChain(disk: DomainDisk, requested: RequestedMode, existing: Set<string>, history: BackupRecord[]): DiskChain {
+  const full = (reason: string | null): DiskChain => ({ mode: 'full', reason, base: null, parent: null, previous: null });
+  if (requested === 'full') return full(null);
+  const previousRecord = history.find((r) => r.disks.some((d) => d.name === disk.target && d.cbt !== null));
+  const previous = previousRecord?.disks.find((d) => d.name === disk.target) ?? null;
+  if (!previousRecord || !previous?.cbt) {
+    const added = history.length > 0 ? ' (a disk added since the last backup)' : '';
+    return full(`no earlier backup of this disk with changed-block tracking${added}`);
+  }
+  const wanted: BackupType = requested === 'differential' ? 'differential' : 'incremental';
+  const base = wanted === 'differential' ? previous.cbt.chainCheckpoint : previous.cbt.checkpoint;
+  const parentId = wanted === 'differential' ? previous.cbt.chainFull : previousRecord.id;
+  if (disk.size !== previous.size) return full(`the disk size changed from ${previous.size} to ${disk.size} bytes`);
+  if (!existing.has(base)) return full(`checkpoint ${base} no longer exists in libvirt`);
+  const parentRecord = history.find((r) => r.id === parentId);
+  const parentDisk = parentRecord?.disks.find((d) => d.name === disk.target);
+  if (!parentRecord || !parentDisk) return full(`parent backup ${parentId} of this disk is no longer in the repository`);
+  if (parentDisk.size !== disk.size) return full(`the disk size changed since parent backup ${parentId}`);
+  return { mode: wanted, reason: null, base, parent: { record: parentRecord, disk: parentDisk }, previous };
+}
+
+function xmlEscape(text: string): string {
+  return text.replace(/&/g, '&amp;').replace(/'/g, '&apos;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+}
+
+/** A directory qemu (running as libvirt-qemu) can create its socket and scratch files in. */
+async function runDirectory(): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), 'engine-libvirt-'));
+  const ids = await runTool('id', ['-u', 'libvirt-qemu']).then(
+    async (uid) => ({ uid: Number(uid.trim()), gid: Number((await runTool('id', ['-g', 'libvirt-qemu'])).trim()) }),
+    () => undefined,
+  );
+  if (ids) await chown(dir, ids.uid, ids.gid);
+  await chmod(dir, 0o770);
+  return dir;
+}
+
+export async function openLibvirtBackup(args: {
+  domain: string;
+  backupId: string;
+  requested: RequestedMode;
+  history: BackupRecord[];
+  repositoryId: string;
+  loadPage: LoadPage;
+  blockSize: number;
+}): Promise<LibvirtSession> {
+  const { domain, backupId } = args;
+  const state = (await virsh(['domstate', domain])).trim();
+  if (state !== 'running' && state !== 'paused') {
+    throw new InvalidArgumentError(`domain ${domain} is ${state}: a libvirt backup needs a running VM (back up a stopped VM's qcow2 images with --image)`);
+  }
+  const disks = await domainDisks(domain);
+  const existing = new Set(await checkpoints(domain));
+  const chains = disks.map((disk) => chooseChain(disk, args.requested, existing, args.history));
+  const checkpoint = bitmapName(args.repositoryId, backupId);
+  const dir = await runDirectory();
+  const socket = join(dir, 'backup.sock');
+  const diskXml = disks
+    .map((disk, i) => {
+      const chain = chains[i]!;
+      const mode = chain.base ? `backupmode='incremental' incremental='${xmlEscape(chain.base)}'` : `backupmode='full'`;
+      return `<disk name='${xmlEscape(disk.target)}' backup='yes' type='file' ${mode}><scratch file='${xmlEscape(join(dir, `scratch-${disk.target}.qcow2`))}'/></disk>`;
+    })
+    .join('');
+  const backupXml = join(dir, 'backup.xml');
+  const checkpointXml = join(dir, 'checkpoint.xml');
+  await writeFile(backupXml, `<domainbackup mode='pull'><server transport='unix' socket='${xmlEscape(socket)}'/><disks>${diskXml}</disks></domainbackup>`);
+  await writeFile(
+    checkpointXml,
+    `<domaincheckpoint><name>${xmlEscape(checkpoint)}</name><disks>${disks.map((d) => `<disk name='${xmlEscape(d.target)}' checkpoint='bitmap'/>`).join('')}</disks></domaincheckpoint>`,
+  );
+
+  let jobStarted = false;
+  const sources: NbdSource[] = [];
+  const release = async (): Promise<void> => {
+    for (const source of sources) await source.dispose();
+    if (jobStarted) {
+      jobStarted = false;
+      await virsh(['domjobabort', domain]).catch(() => undefined);
+      // libvirt tears the job down after domjobabort returns; its scratch files must outlive that.
+      for (let i = 0; i < 100; i += 1) {
+        const info = await virsh(['domjobinfo', domain]).catch(() => '');
+        if (!/Job type:\s+(Unbounded|Bounded)/.test(info)) break;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    }
+    await rm(dir, { recursive: true, force: true });
+  };
+  const deleteCheckpoint = async (): Promise<void> => {
+    await virsh(['checkpoint-delete', domain, checkpoint]).catch(() => undefined);
+  };
+
+  try {
+    await virsh(['backup-begin', domain, backupXml, checkpointXml]);
+    jobStarted = true;
+    const jobs: LibvirtDiskJob[] = [];
+    for (const [i, disk] of disks.entries()) {
+      let chain = chains[i]!;
+      const dirtyContext = chain.base ? `qemu:dirty-bitmap:backup-${disk.target}` : undefined;
+      const source = await NbdSource.open(`nbd+unix:///${encodeURIComponent(disk.target)}?socket=${socket}`, {
+        dirtyContext,
+        description: { kind: 'libvirt-disk', path: `${domain}:${disk.target} (${disk.source})` },
+      });
+      sources.push(source);
+      let audited = 0;
+      if (chain.parent && chain.base) {
+        const audit = await auditCleanBlocks({ source, parent: mapRootOf(chain.parent.disk), loadPage: args.loadPage, dirty: source.dirtyExtents(), blockSize: args.blockSize });
+        audited = audit.audited;
+        if (audit.mismatch) {
+          chain = {
+            ...chain,
+            mode: 'full',
+            reason: `CBT audit: the block at offset ${audit.mismatch.offset} differs from parent backup ${chain.parent.record.id} although checkpoint ${chain.base} calls it clean`,
+            base: null,
+            parent: null,
+          };
+          audited = 0;
+        }
+      }
+      const previousCbt = chain.previous?.cbt;
+      const newChain = chain.mode === 'full' || !previousCbt;
+      jobs.push({
+        name: disk.target,
+        source,
+        plan: chain.parent ? { parent: mapRootOf(chain.parent.disk), dirty: source.dirtyExtents() } : undefined,
+        mode: chain.mode,
+        modeReason: chain.reason,
+        parent: chain.parent?.record.id ?? null,
+        cbt: {
+          checkpoint,
+          base: chain.base,
+          chainFull: newChain ? backupId : previousCbt.chainFull,
+          chainCheckpoint: newChain ? checkpoint : previousCbt.chainCheckpoint,
+          granularity: LIBVIRT_GRANULARITY,
+          audited,
+        },
+      });
+    }
+    return {
+      disks: jobs,
+      release,
+      finish: async () => {
+        const keep = new Set([checkpoint, ...jobs.map((j) => j.cbt.chainCheckpoint)]);
+        // Newest first: deleting a checkpoint merges its bitmap into its parent checkpoint's.
+        for (const name of (await checkpoints(domain)).reverse()) {
+          if (name.startsWith(bitmapPrefix(args.repositoryId)) && !keep.has(name)) await virsh(['checkpoint-delete', domain, name]);
+        }
+      },
+      rollback: deleteCheckpoint,
+    };
+  } catch (error) {
+    await release();
+    await deleteCheckpoint();
+    throw error;
+  }
+}

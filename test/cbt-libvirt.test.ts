@@ -1,0 +1,210 @@
+/**
+ * Changed-block tracking on a running VM under a real libvirtd (TCG domain): checkpoints and pull-mode
+ * backups. Guest writes go in through HMP qemu-io; the expected content of every disk is kept in a local
+ * raw file with the same writes, and every backup point must restore to exactly that.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { copyFile, open, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir } from './helpers.js';
+import { qcow2, qemuIo } from './qemu.js';
+import { destroyDomain, ensureLibvirtd, guestWrite, startDomain } from './libvirt.js';
+
+const MiB = 1024 * 1024;
+let dir: string;
+let cleanup: () => Promise<void>;
+const domains: string[] = [];
+
+interface DiskJson {
+  name: string;
+  mode: string;
+  modeReason: string | null;
+  parent: string | null;
+  checkpoint: string | null;
+  bytesRead: number;
+  size: number;
+}
+interface BackupOut {
+  id: string;
+  type: string;
+  disks: DiskJson[];
+}
+
+beforeAll(async () => {
+  ({ path: dir, cleanup } = await tempDir('engine-libvirt-'));
+  await sh('chmod', ['755', dir]); // qemu runs as libvirt-qemu and must reach the images
+  await ensureLibvirtd(dir);
+});
+afterAll(async () => {
+  for (const d of domains) await destroyDomain(d);
+  await cleanup();
+});
+
+/** A qcow2 disk and the raw file that mirrors what it must hold. */
+async function disk(name: string, size: number, initial: [number, number, number][]): Promise<{ image: string; expected: string }> {
+  const image = join(dir, `${name}.qcow2`);
+  const expected = join(dir, `${name}.expected.raw`);
+  await qcow2(image, String(size));
+  await sparseFile(expected, size);
+  await qemuIo(image, initial.map(([p, o, l]) => `write -P ${p} ${o} ${l}`));
+  for (const [p, o, l] of initial) await mirror(expected, p, o, l);
+  await sh('chown', ['libvirt-qemu:kvm', image]).catch(() => undefined);
+  return { image, expected };
+}
+
+async function mirror(path: string, pattern: number, offset: number, length: number): Promise<void> {
+  const handle = await open(path, 'r+');
+  await handle.write(Buffer.alloc(length, pattern), 0, length, offset);
+  await handle.close();
+}
+
+async function write(domain: string, device: string, expected: string, pattern: number, offset: number, length: number): Promise<void> {
+  await guestWrite(domain, device, pattern, offset, length);
+  await mirror(expected, pattern, offset, length);
+}
+
+async function backup(repo: string, domain: string, mode: string[] = [], env: Record<string, string> = {}): Promise<BackupOut> {
+  const result = await runEngine(['backup', '--repo', repo, '--libvirt', domain, '--json', ...mode], { env });
+  if (result.code !== 0) throw new Error(`backup failed (${result.code}): ${result.stdout} ${result.stderr}`);
+  return parseJson<BackupOut>(result.stdout);
+}
+
+async function checkpoints(domain: string): Promise<string[]> {
+  return (await sh('virsh', ['-q', 'checkpoint-list', domain, '--name'])).split('\n').map((l) => l.trim()).filter(Boolean).sort();
+}
+
+async function expectRestores(repo: string, id: string, diskName: string, expectedSnapshot: string): Promise<void> {
+  const target = join(dir, `restore-${id}-${diskName}.raw`);
+  const result = await runEngine(['restore', '--repo', repo, id, '--disk', diskName, '--to', target]);
+  expect(result.code).toBe(0);
+  expect(await filesIdentical(target, expectedSnapshot)).toBe(true);
+  await rm(target);
+}
+
+async function snapshot(expected: string, tag: string): Promise<string> {
+  const copy = `${expected}.${tag}`;
+  await copyFile(expected, copy);
+  return copy;
+}
+
+/*
+ * One domain for the whole story: defining a domain costs libvirt ~40 s here (it re-probes QEMU's
+ * capabilities under TCG), so the scenarios run one after another on the same VM and repository.
+ */
+describe('a running libvirt domain', () => {
+  const domain = `engine-test-${process.pid}`;
+  let repo: string;
+  let vda: { image: string; expected: string };
+  let vdb: { image: string; expected: string };
+  let full: BackupOut;
+  let latest: BackupOut;
+
+  beforeAll(async () => {
+    domains.push(domain);
+    vda = await disk(`${domain}-vda`, 256 * MiB, [[0xab, 0, 4 * MiB]]);
+    vdb = await disk(`${domain}-vdb`, 64 * MiB, [[0x5b, 10 * MiB, 2 * MiB]]);
+    await startDomain(domain, [{ image: vda.image, target: 'vda' }, { image: vdb.image, target: 'vdb' }], dir);
+    repo = join(dir, 'repo');
+    await runEngine(['init', repo]);
+  }, 300_000);
+
+  test('full → incremental → differential → incremental over two disks: exact reads, exact restores, checkpoints kept tidy', async () => {
+    full = await backup(repo, domain);
+    const snap0 = [await snapshot(vda.expected, '0'), await snapshot(vdb.expected, '0')];
+    expect(full.type).toBe('full');
+    expect(full.disks.map((d) => [d.name, d.mode, d.bytesRead])).toEqual([
+      ['vda', 'full', 4 * MiB],
+      ['vdb', 'full', 2 * MiB],
+    ]);
+    expect(await checkpoints(domain)).toEqual([full.disks[0]!.checkpoint]);
+
+    await write(domain, 'virtio-disk0', vda.expected, 0xcd, 1 * MiB, MiB);
+    await write(domain, 'virtio-disk0', vda.expected, 0xce, 100 * MiB + 4096, 4096);
+    await write(domain, 'virtio-disk1', vdb.expected, 0xcf, 63 * MiB, 64 * 1024);
+    const inc = await backup(repo, domain, ['--incremental']);
+    const snap1 = [await snapshot(vda.expected, '1'), await snapshot(vdb.expected, '1')];
+    expect(inc.type).toBe('incremental');
+    expect(inc.disks.map((d) => [d.name, d.mode, d.parent, d.bytesRead])).toEqual([
+      ['vda', 'incremental', full.id, 2 * MiB],
+      ['vdb', 'incremental', full.id, MiB],
+    ]);
+
+    await write(domain, 'virtio-disk0', vda.expected, 0xd0, 200 * MiB, 2 * MiB);
+    const diff = await backup(repo, domain, ['--differential']);
+    const snap2 = [await snapshot(vda.expected, '2'), await snapshot(vdb.expected, '2')];
+    expect(diff.type).toBe('differential');
+    // Everything since the full: vda blocks 1, 100, 200, 201; vdb block 63.
+    expect(diff.disks.map((d) => [d.mode, d.parent, d.bytesRead])).toEqual([
+      ['differential', full.id, 4 * MiB],
+      ['differential', full.id, MiB],
+    ]);
+
+    await write(domain, 'virtio-disk1', vdb.expected, 0xd1, 0, 512);
+    latest = await backup(repo, domain);
+    const snap3 = [await snapshot(vda.expected, '3'), await snapshot(vdb.expected, '3')];
+    expect(latest.disks.map((d) => [d.mode, d.parent, d.bytesRead])).toEqual([
+      ['incremental', diff.id, 0],
+      ['incremental', diff.id, MiB],
+    ]);
+    // Only the chain's full checkpoint and the newest remain.
+    expect(await checkpoints(domain)).toEqual([full.disks[0]!.checkpoint, latest.disks[0]!.checkpoint].sort());
+
+    for (const [backupRecord, snaps] of [[full, snap0], [inc, snap1], [diff, snap2], [latest, snap3]] as const) {
+      await expectRestores(repo, backupRecord.id, 'vda', snaps[0]!);
+      await expectRestores(repo, backupRecord.id, 'vdb', snaps[1]!);
+    }
+  });
+
+  test('a failed backup deletes the checkpoint it created and ends the job; the next incremental misses nothing', async () => {
+    const before = await checkpoints(domain);
+    await write(domain, 'virtio-disk0', vda.expected, 0x22, 50 * MiB, MiB);
+    const failed = await runEngine(['backup', '--repo', repo, '--libvirt', domain, '--incremental'], { env: { ENGINE_FAIL_AT: 'before-record' } });
+    expect(failed.code).toBe(1);
+    expect(failed.stderr).toContain('injected failure at before-record');
+    expect(await checkpoints(domain)).toEqual(before);
+    expect(await sh('virsh', ['domjobinfo', domain])).toMatch(/Job type:\s+None/);
+    await write(domain, 'virtio-disk0', vda.expected, 0x33, 80 * MiB, MiB);
+    const next = await backup(repo, domain, ['--incremental']);
+    expect(next.disks.map((d) => [d.mode, d.parent, d.bytesRead])).toEqual([
+      ['incremental', latest.id, 2 * MiB],
+      ['incremental', latest.id, 0],
+    ]);
+    await expectRestores(repo, next.id, 'vda', await snapshot(vda.expected, 'b'));
+    latest = next;
+  });
+
+  test('a checkpoint deleted behind the engine’s back means a full read, said', async () => {
+    await sh('virsh', ['checkpoint-delete', domain, latest.disks[0]!.checkpoint!]);
+    const after = await backup(repo, domain, ['--incremental']);
+    expect(after.type).toBe('full');
+    expect(after.disks[0]).toMatchObject({ mode: 'full', modeReason: `checkpoint ${latest.disks[0]!.checkpoint} no longer exists in libvirt`, bytesRead: 9 * MiB }); // blocks 0–3, 50, 80, 100, 200, 201
+    await expectRestores(repo, after.id, 'vda', await snapshot(vda.expected, 'c'));
+    latest = after;
+  });
+
+  test('a disk added since the last backup is read in full; the others stay incremental', async () => {
+    const vdc = await disk(`${domain}-vdc`, 32 * MiB, [[0x55, 3 * MiB, MiB]]);
+    // TCG's i440fx bus here refuses hot-plug: add the disk to the configuration and restart the VM.
+    await sh('virsh', ['attach-disk', domain, vdc.image, 'vdc', '--driver', 'qemu', '--subdriver', 'qcow2', '--targetbus', 'virtio', '--config']);
+    await sh('virsh', ['destroy', domain]);
+    await sh('virsh', ['start', domain]);
+    await write(domain, 'virtio-disk0', vda.expected, 0x66, 10 * MiB, MiB);
+    const withNewDisk = await backup(repo, domain, ['--incremental']);
+    expect(withNewDisk.type).toBe('incremental');
+    expect(withNewDisk.disks.map((d) => [d.name, d.mode, d.bytesRead])).toEqual([
+      ['vda', 'incremental', MiB],
+      ['vdb', 'incremental', 0],
+      ['vdc', 'full', MiB],
+    ]);
+    expect(withNewDisk.disks[2]!.modeReason).toBe('no earlier backup of this disk with changed-block tracking (a disk added since the last backup)');
+    await expectRestores(repo, withNewDisk.id, 'vda', await snapshot(vda.expected, 'd'));
+    await expectRestores(repo, withNewDisk.id, 'vdc', await snapshot(vdc.expected, 'd'));
+  });
+
+  test('a domain that is not running is refused clearly', async () => {
+    await sh('virsh', ['destroy', domain]);
+    const result = await runEngine(['backup', '--repo', repo, '--libvirt', domain]);
+    expect(result.code).toBe(2);
+    expect(result.stderr).toContain(`domain ${domain} is shut off: a libvirt backup needs a running VM`);
+  });
+});
