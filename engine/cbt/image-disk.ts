@@ -10,16 +10,16 @@
  * Before trusting a chain the engine checks it; anything wrong means a full read of the disk, said in
  * `modeReason` and never silently an incomplete incremental.
  */
-import { mapRootOf, type BackupRecord, type BackupType, type DiskCbt, type DiskRecord } from '../../repo-format/backup-record.js';
+import type { BackupRecord, BackupType, DiskCbt } from '../../repo-format/backup-record.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { NbdSource } from '../sources/nbd-source.js';
 import type { IncrementalPlan } from '../pipeline/backup-disk.js';
 import { addBitmap, bitmapName, bitmapPrefix, imageInfo, removeBitmap, type ImageInfo } from './qcow2-bitmaps.js';
 import { serveImage, type RunningExport } from './qemu-nbd-server.js';
-import { auditCleanBlocks } from './audit.js';
+import { chooseChain, settleChain, type RequestedMode } from './chain.js';
 import type { LoadPage } from '../../repo-format/block-map.js';
 
-export type RequestedMode = 'full' | 'incremental' | 'differential' | 'auto';
+export type { RequestedMode } from './chain.js';
 
 export interface ImageDiskSession {
   name: string;
@@ -37,35 +37,16 @@ export interface ImageDiskSession {
   rollback(): Promise<void>;
 }
 
-interface Chain {
-  mode: BackupType;
-  reason: string | null;
-  base: string | null;
-  parent: { record: BackupRecord; disk: DiskRecord } | null;
-  previous: DiskRecord | null;
-}
-
-/** Decides what can be done for this disk, and why not more. `history` is newest first. */
-function chooseChain(name: string, requested: RequestedMode, info: ImageInfo, history: BackupRecord[]): Chain {
-  const full = (reason: string | null): Chain => ({ mode: 'full', reason, base: null, parent: null, previous: null });
-  if (requested === 'full') return full(null);
-  const previousRecord = history.find((r) => r.disks.some((d) => d.name === name && d.cbt !== null));
-  const previous = previousRecord?.disks.find((d) => d.name === name) ?? null;
-  if (!previousRecord || !previous?.cbt) return full('no earlier backup of this disk with changed-block tracking');
-  const wanted: BackupType = requested === 'differential' ? 'differential' : 'incremental';
-  const base = wanted === 'differential' ? previous.cbt.chainCheckpoint : previous.cbt.checkpoint;
-  const parentId = wanted === 'differential' ? previous.cbt.chainFull : previousRecord.id;
-  if (info.virtualSize !== previous.size) return full(`the disk size changed from ${previous.size} to ${info.virtualSize} bytes`);
-  const bitmap = info.bitmaps.find((b) => b.name === base);
-  if (!bitmap) return full(`bitmap ${base} is missing from the image`);
-  if (bitmap.flags.includes('in-use')) return full(`bitmap ${base} is inconsistent (the image was not closed cleanly)`);
-  if (!bitmap.flags.includes('auto')) return full(`bitmap ${base} is disabled: it stopped recording writes`);
-  if (bitmap.granularity !== previous.cbt.granularity) return full(`bitmap ${base} changed granularity from ${previous.cbt.granularity} to ${bitmap.granularity}`);
-  const parentRecord = history.find((r) => r.id === parentId);
-  const parentDisk = parentRecord?.disks.find((d) => d.name === name);
-  if (!parentRecord || !parentDisk) return full(`parent backup ${parentId} of this disk is no longer in the repository`);
-  if (parentDisk.size !== info.virtualSize) return full(`the disk size changed since parent backup ${parentId}`);
-  return { mode: wanted, reason: null, base, parent: { record: parentRecord, disk: parentDisk }, previous };
+/** The checks of a qcow2 bitmap before it is trusted as an incremental's base. */
+function bitmapProblem(info: ImageInfo): (base: string, previous: DiskCbt) => string | null {
+  return (base, previous) => {
+    const bitmap = info.bitmaps.find((b) => b.name === base);
+    if (!bitmap) return `bitmap ${base} is missing from the image`;
+    if (bitmap.flags.includes('in-use')) return `bitmap ${base} is inconsistent (the image was not closed cleanly)`;
+    if (!bitmap.flags.includes('auto')) return `bitmap ${base} is disabled: it stopped recording writes`;
+    if (bitmap.granularity !== previous.granularity) return `bitmap ${base} changed granularity from ${previous.granularity} to ${bitmap.granularity}`;
+    return null;
+  };
 }
 
 export async function openImageDisk(args: {
@@ -83,48 +64,36 @@ export async function openImageDisk(args: {
   if (before.format !== 'qcow2') {
     throw new InvalidArgumentError(`${image} is a ${before.format} image: --image needs qcow2 (persistent dirty bitmaps); back up raw images with --source`);
   }
-  let chain = chooseChain(name, args.requested, before, args.history);
+  const chosen = chooseChain(name, args.requested, { size: before.virtualSize, baseProblem: bitmapProblem(before) }, args.history);
   const checkpoint = bitmapName(args.repositoryId, backupId);
   await addBitmap(image, checkpoint);
   let exported: RunningExport | undefined;
+  let opened: NbdSource | undefined;
   try {
     const granularity = (await imageInfo(image)).bitmaps.find((b) => b.name === checkpoint)?.granularity;
     if (granularity === undefined) throw new Error(`bitmap ${checkpoint} did not appear in ${image}`);
-    exported = await serveImage(image, 'qcow2', chain.base ?? undefined);
+    exported = await serveImage(image, 'qcow2', chosen.base ?? undefined);
     const source = await NbdSource.open(exported.uri, {
-      dirtyContext: chain.base ? `qemu:dirty-bitmap:${chain.base}` : undefined,
+      dirtyContext: chosen.base ? `qemu:dirty-bitmap:${chosen.base}` : undefined,
       description: { kind: 'qcow2-image', path: image },
     });
-    // Audit the bitmap before trusting it; a mismatch turns this disk into a full read.
-    let audited = 0;
-    if (chain.parent && chain.base) {
-      const audit = await auditCleanBlocks({ source, parent: mapRootOf(chain.parent.disk), loadPage: args.loadPage, dirty: source.dirtyExtents(), blockSize: args.blockSize });
-      audited = audit.audited;
-      if (audit.mismatch) {
-        chain = {
-          ...chain,
-          mode: 'full',
-          reason: `CBT audit: the block at offset ${audit.mismatch.offset} differs from parent backup ${chain.parent.record.id} although bitmap ${chain.base} calls it clean`,
-          base: null,
-          parent: null,
-        };
-        audited = 0;
-      }
-    }
-    const previousCbt = chain.previous?.cbt;
-    const cbt: DiskCbt = {
+    opened = source;
+    const { chain, cbt, plan } = await settleChain({
+      chain: chosen,
+      source,
+      dirty: () => source.dirtyExtents(),
+      what: 'bitmap',
       checkpoint,
-      base: chain.base,
-      chainFull: chain.mode === 'full' || !previousCbt ? backupId : previousCbt.chainFull,
-      chainCheckpoint: chain.mode === 'full' || !previousCbt ? checkpoint : previousCbt.chainCheckpoint,
+      backupId,
       granularity,
-      audited,
-    };
+      loadPage: args.loadPage,
+      blockSize: args.blockSize,
+    });
     const running = exported;
     return {
       name,
       source,
-      plan: chain.parent ? { parent: mapRootOf(chain.parent.disk), dirty: source.dirtyExtents() } : undefined,
+      plan,
       mode: chain.mode,
       modeReason: chain.reason,
       parent: chain.parent?.record.id ?? null,
@@ -144,6 +113,7 @@ export async function openImageDisk(args: {
       },
     };
   } catch (error) {
+    await opened?.dispose();
     await exported?.stop();
     await removeBitmap(image, checkpoint).catch(() => undefined);
     throw error;

@@ -13,13 +13,12 @@
 import { chown, mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { mapRootOf, type BackupRecord, type BackupType, type DiskCbt, type DiskRecord } from '../../repo-format/backup-record.js';
+import type { BackupRecord, BackupType, DiskCbt } from '../../repo-format/backup-record.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { LoadPage } from '../../repo-format/block-map.js';
 import type { IncrementalPlan } from '../pipeline/backup-disk.js';
 import { NbdSource } from '../sources/nbd-source.js';
-import { auditCleanBlocks } from './audit.js';
-import type { RequestedMode } from './image-disk.js';
+import { chooseChain, settleChain, type RequestedMode } from './chain.js';
 import { bitmapName, bitmapPrefix } from './qcow2-bitmaps.js';
 import { runTool } from './run-tool.js';
 
@@ -74,35 +73,6 @@ async function checkpoints(domain: string): Promise<string[]> {
   return (await virsh(['checkpoint-list', domain, '--name'])).split('\n').map((l) => l.trim()).filter(Boolean);
 }
 
-interface DiskChain {
-  mode: BackupType;
-  reason: string | null;
-  base: string | null;
-  parent: { record: BackupRecord; disk: DiskRecord } | null;
-  previous: DiskRecord | null;
-}
-
-function chooseChain(disk: DomainDisk, requested: RequestedMode, existing: Set<string>, history: BackupRecord[]): DiskChain {
-  const full = (reason: string | null): DiskChain => ({ mode: 'full', reason, base: null, parent: null, previous: null });
-  if (requested === 'full') return full(null);
-  const previousRecord = history.find((r) => r.disks.some((d) => d.name === disk.target && d.cbt !== null));
-  const previous = previousRecord?.disks.find((d) => d.name === disk.target) ?? null;
-  if (!previousRecord || !previous?.cbt) {
-    const added = history.length > 0 ? ' (a disk added since the last backup)' : '';
-    return full(`no earlier backup of this disk with changed-block tracking${added}`);
-  }
-  const wanted: BackupType = requested === 'differential' ? 'differential' : 'incremental';
-  const base = wanted === 'differential' ? previous.cbt.chainCheckpoint : previous.cbt.checkpoint;
-  const parentId = wanted === 'differential' ? previous.cbt.chainFull : previousRecord.id;
-  if (disk.size !== previous.size) return full(`the disk size changed from ${previous.size} to ${disk.size} bytes`);
-  if (!existing.has(base)) return full(`checkpoint ${base} no longer exists in libvirt`);
-  const parentRecord = history.find((r) => r.id === parentId);
-  const parentDisk = parentRecord?.disks.find((d) => d.name === disk.target);
-  if (!parentRecord || !parentDisk) return full(`parent backup ${parentId} of this disk is no longer in the repository`);
-  if (parentDisk.size !== disk.size) return full(`the disk size changed since parent backup ${parentId}`);
-  return { mode: wanted, reason: null, base, parent: { record: parentRecord, disk: parentDisk }, previous };
-}
-
 function xmlEscape(text: string): string {
   return text.replace(/&/g, '&amp;').replace(/'/g, '&apos;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 }
@@ -135,7 +105,8 @@ export async function openLibvirtBackup(args: {
   }
   const disks = await domainDisks(domain);
   const existing = new Set(await checkpoints(domain));
-  const chains = disks.map((disk) => chooseChain(disk, args.requested, existing, args.history));
+  const checkpointProblem = (base: string): string | null => (existing.has(base) ? null : `checkpoint ${base} no longer exists in libvirt`);
+  const chains = disks.map((disk) => chooseChain(disk.target, args.requested, { size: disk.size, baseProblem: checkpointProblem, addedDisk: true }, args.history));
   const checkpoint = bitmapName(args.repositoryId, backupId);
   const dir = await runDirectory();
   const socket = join(dir, 'backup.sock');
@@ -179,46 +150,24 @@ export async function openLibvirtBackup(args: {
     jobStarted = true;
     const jobs: LibvirtDiskJob[] = [];
     for (const [i, disk] of disks.entries()) {
-      let chain = chains[i]!;
-      const dirtyContext = chain.base ? `qemu:dirty-bitmap:backup-${disk.target}` : undefined;
+      const chosen = chains[i]!;
       const source = await NbdSource.open(`nbd+unix:///${encodeURIComponent(disk.target)}?socket=${socket}`, {
-        dirtyContext,
+        dirtyContext: chosen.base ? `qemu:dirty-bitmap:backup-${disk.target}` : undefined,
         description: { kind: 'libvirt-disk', path: `${domain}:${disk.target} (${disk.source})` },
       });
       sources.push(source);
-      let audited = 0;
-      if (chain.parent && chain.base) {
-        const audit = await auditCleanBlocks({ source, parent: mapRootOf(chain.parent.disk), loadPage: args.loadPage, dirty: source.dirtyExtents(), blockSize: args.blockSize });
-        audited = audit.audited;
-        if (audit.mismatch) {
-          chain = {
-            ...chain,
-            mode: 'full',
-            reason: `CBT audit: the block at offset ${audit.mismatch.offset} differs from parent backup ${chain.parent.record.id} although checkpoint ${chain.base} calls it clean`,
-            base: null,
-            parent: null,
-          };
-          audited = 0;
-        }
-      }
-      const previousCbt = chain.previous?.cbt;
-      const newChain = chain.mode === 'full' || !previousCbt;
-      jobs.push({
-        name: disk.target,
+      const { chain, cbt, plan } = await settleChain({
+        chain: chosen,
         source,
-        plan: chain.parent ? { parent: mapRootOf(chain.parent.disk), dirty: source.dirtyExtents() } : undefined,
-        mode: chain.mode,
-        modeReason: chain.reason,
-        parent: chain.parent?.record.id ?? null,
-        cbt: {
-          checkpoint,
-          base: chain.base,
-          chainFull: newChain ? backupId : previousCbt.chainFull,
-          chainCheckpoint: newChain ? checkpoint : previousCbt.chainCheckpoint,
-          granularity: LIBVIRT_GRANULARITY,
-          audited,
-        },
+        dirty: () => source.dirtyExtents(),
+        what: 'checkpoint',
+        checkpoint,
+        backupId,
+        granularity: LIBVIRT_GRANULARITY,
+        loadPage: args.loadPage,
+        blockSize: args.blockSize,
       });
+      jobs.push({ name: disk.target, source, plan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt });
     }
     return {
       disks: jobs,

@@ -1,0 +1,102 @@
+/**
+ * The chain logic shared by every changed-block-tracking source (offline qcow2 images, libvirt domains):
+ * decide what can be done for a disk and why not more, audit the base before trusting it, and compute the
+ * CBT state the backup records. Only the check of the base itself (a qcow2 bitmap, a libvirt checkpoint)
+ * differs between sources.
+ */
+import { mapRootOf, type BackupRecord, type BackupType, type DiskCbt, type DiskRecord } from '../../repo-format/backup-record.js';
+import type { LoadPage } from '../../repo-format/block-map.js';
+import type { BlockSource } from '../sources/source.js';
+import type { IncrementalPlan } from '../pipeline/backup-disk.js';
+import type { Range } from '../pipeline/map-cursors.js';
+import { auditCleanBlocks } from './audit.js';
+
+export type RequestedMode = 'full' | 'incremental' | 'differential' | 'auto';
+
+export interface Chain {
+  mode: BackupType;
+  /** Why a full read although more was asked; null otherwise. */
+  reason: string | null;
+  /** The checkpoint to read dirty blocks against; null for a full read. */
+  base: string | null;
+  parent: { record: BackupRecord; disk: DiskRecord } | null;
+  previous: DiskRecord | null;
+}
+
+export interface ChainFacts {
+  /** The disk's size now. */
+  size: number;
+  /** Why this base cannot be trusted (missing, inconsistent, …), or null. */
+  baseProblem(base: string, previous: DiskCbt): string | null;
+  /** Said after "no earlier backup of this disk…" when the VM has older backups (a disk added since). */
+  addedDisk?: boolean;
+}
+
+/** Decides what can be done for disk `name`. `history` holds the backups of this VM, newest first. */
+export function chooseChain(name: string, requested: RequestedMode, facts: ChainFacts, history: BackupRecord[]): Chain {
+  const full = (reason: string | null): Chain => ({ mode: 'full', reason, base: null, parent: null, previous: null });
+  if (requested === 'full') return full(null);
+  const previousRecord = history.find((r) => r.disks.some((d) => d.name === name && d.cbt !== null));
+  const previous = previousRecord?.disks.find((d) => d.name === name) ?? null;
+  if (!previousRecord || !previous?.cbt) {
+    return full(`no earlier backup of this disk with changed-block tracking${facts.addedDisk && history.length > 0 ? ' (a disk added since the last backup)' : ''}`);
+  }
+  const wanted: BackupType = requested === 'differential' ? 'differential' : 'incremental';
+  const base = wanted === 'differential' ? previous.cbt.chainCheckpoint : previous.cbt.checkpoint;
+  const parentId = wanted === 'differential' ? previous.cbt.chainFull : previousRecord.id;
+  if (facts.size !== previous.size) return full(`the disk size changed from ${previous.size} to ${facts.size} bytes`);
+  const problem = facts.baseProblem(base, previous.cbt);
+  if (problem) return full(problem);
+  const parentRecord = history.find((r) => r.id === parentId);
+  const parentDisk = parentRecord?.disks.find((d) => d.name === name);
+  if (!parentRecord || !parentDisk) return full(`parent backup ${parentId} of this disk is no longer in the repository`);
+  if (parentDisk.size !== facts.size) return full(`the disk size changed since parent backup ${parentId}`);
+  return { mode: wanted, reason: null, base, parent: { record: parentRecord, disk: parentDisk }, previous };
+}
+
+export interface SettledChain {
+  chain: Chain;
+  cbt: DiskCbt;
+  plan: IncrementalPlan | undefined;
+}
+
+/**
+ * Runs the CBT audit on an incremental or differential chain (a mismatch turns it into a full read, said),
+ * then computes the CBT state and the incremental plan.
+ */
+export async function settleChain(args: {
+  chain: Chain;
+  source: BlockSource;
+  dirty: () => AsyncIterable<Range>;
+  what: string;
+  checkpoint: string;
+  backupId: string;
+  granularity: number;
+  loadPage: LoadPage;
+  blockSize: number;
+}): Promise<SettledChain> {
+  let chain = args.chain;
+  let audited = 0;
+  if (chain.parent && chain.base) {
+    const audit = await auditCleanBlocks({ source: args.source, parent: mapRootOf(chain.parent.disk), loadPage: args.loadPage, dirty: args.dirty(), blockSize: args.blockSize });
+    audited = audit.audited;
+    if (audit.mismatch) {
+      const reason = `CBT audit: the block at offset ${audit.mismatch.offset} differs from parent backup ${chain.parent.record.id} although ${args.what} ${chain.base} calls it clean`;
+      chain = { ...chain, mode: 'full', reason, base: null, parent: null };
+      audited = 0;
+    }
+  }
+  const previous = chain.mode === 'full' ? undefined : chain.previous?.cbt;
+  return {
+    chain,
+    cbt: {
+      checkpoint: args.checkpoint,
+      base: chain.base,
+      chainFull: previous ? previous.chainFull : args.backupId,
+      chainCheckpoint: previous ? previous.chainCheckpoint : args.checkpoint,
+      granularity: args.granularity,
+      audited,
+    },
+    plan: chain.parent ? { parent: mapRootOf(chain.parent.disk), dirty: args.dirty() } : undefined,
+  };
+}
