@@ -13,6 +13,17 @@ import { auditCleanBlocks } from './audit.js';
 
 export type RequestedMode = 'full' | 'incremental' | 'differential' | 'auto';
 
+/** A disk ready to be read: its source, and how (whole, or against a parent), and its CBT state. */
+export interface CbtDiskJob {
+  name: string;
+  source: BlockSource;
+  plan: IncrementalPlan | undefined;
+  mode: BackupType;
+  modeReason: string | null;
+  parent: string | null;
+  cbt: DiskCbt;
+}
+
 export interface Chain {
   mode: BackupType;
   /** Why a full read although more was asked; null otherwise. */

@@ -10,25 +10,17 @@
  * Before trusting a chain the engine checks it; anything wrong means a full read of the disk, said in
  * `modeReason` and never silently an incomplete incremental.
  */
-import type { BackupRecord, BackupType, DiskCbt } from '../../repo-format/backup-record.js';
+import type { BackupRecord, DiskCbt } from '../../repo-format/backup-record.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { NbdSource } from '../sources/nbd-source.js';
-import type { IncrementalPlan } from '../pipeline/backup-disk.js';
 import { addBitmap, bitmapName, bitmapPrefix, imageInfo, removeBitmap, type ImageInfo } from './qcow2-bitmaps.js';
 import { serveImage, type RunningExport } from './qemu-nbd-server.js';
-import { chooseChain, settleChain, type RequestedMode } from './chain.js';
+import { chooseChain, settleChain, type CbtDiskJob, type RequestedMode } from './chain.js';
 import type { LoadPage } from '../../repo-format/block-map.js';
 
 export type { RequestedMode } from './chain.js';
 
-export interface ImageDiskSession {
-  name: string;
-  source: NbdSource;
-  plan: IncrementalPlan | undefined;
-  mode: BackupType;
-  modeReason: string | null;
-  parent: string | null;
-  cbt: DiskCbt;
+export interface ImageDiskSession extends CbtDiskJob {
   /** Stops the export (before the image's bitmaps can change). */
   release(): Promise<void>;
   /** After the backup record is committed: drop the bitmaps no chain needs any more. */

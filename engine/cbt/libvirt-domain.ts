@@ -13,12 +13,11 @@
 import { chown, mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { BackupRecord, BackupType, DiskCbt } from '../../repo-format/backup-record.js';
+import type { BackupRecord } from '../../repo-format/backup-record.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { LoadPage } from '../../repo-format/block-map.js';
-import type { IncrementalPlan } from '../pipeline/backup-disk.js';
 import { NbdSource } from '../sources/nbd-source.js';
-import { chooseChain, settleChain, type RequestedMode } from './chain.js';
+import { chooseChain, settleChain, type CbtDiskJob, type RequestedMode } from './chain.js';
 import { bitmapName, bitmapPrefix } from './qcow2-bitmaps.js';
 import { runTool } from './run-tool.js';
 
@@ -31,18 +30,8 @@ export interface DomainDisk {
   size: number;
 }
 
-export interface LibvirtDiskJob {
-  name: string;
-  source: NbdSource;
-  plan: IncrementalPlan | undefined;
-  mode: BackupType;
-  modeReason: string | null;
-  parent: string | null;
-  cbt: DiskCbt;
-}
-
 export interface LibvirtSession {
-  disks: LibvirtDiskJob[];
+  disks: CbtDiskJob[];
   /** Ends the pull-mode job and closes the exports. */
   release(): Promise<void>;
   /** After the record is committed: delete the engine checkpoints no chain needs any more. */
@@ -148,7 +137,7 @@ export async function openLibvirtBackup(args: {
   try {
     await virsh(['backup-begin', domain, backupXml, checkpointXml]);
     jobStarted = true;
-    const jobs: LibvirtDiskJob[] = [];
+    const jobs: CbtDiskJob[] = [];
     for (const [i, disk] of disks.entries()) {
       const chosen = chains[i]!;
       const source = await NbdSource.open(`nbd+unix:///${encodeURIComponent(disk.target)}?socket=${socket}`, {
