@@ -79,3 +79,20 @@ export class TimeoutError extends EngineError {
     super('ENGINE_TIMEOUT', `${what} did not answer within ${ms / 1000} s`, { what, ms });
   }
 }
+
+/** The oVirt engine answered with a fault (or an error status). */
+export class OvirtFaultError extends EngineError {
+  constructor(request: string, status: number, reason: string, detail: string) {
+    super('ENGINE_OVIRT_FAULT', `oVirt ${request}: HTTP ${status}: ${reason}${detail ? ` (${detail})` : ''}`, { request, status, reason, detail });
+  }
+
+  get status(): number {
+    return this.details.status as number;
+  }
+}
+
+export class OvirtAuthError extends EngineError {
+  constructor(url: string, why: string) {
+    super('ENGINE_OVIRT_AUTH', `oVirt ${url}: login failed: ${why}`, { url, why });
+  }
+}

@@ -27,6 +27,8 @@ export type ErrorCode =
   | 'ENGINE_NBD_COMMAND'
   | 'ENGINE_TIMEOUT'
   | 'ENGINE_TOOL_FAILED'
+  | 'ENGINE_OVIRT_FAULT'
+  | 'ENGINE_OVIRT_AUTH'
   | 'ENGINE_INTERNAL';
 
 export class EngineError extends Error {

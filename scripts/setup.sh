@@ -25,7 +25,7 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
 fi
 
 # Rebuild when any TypeScript source is newer than the last build.
-if [ ! -f dist/.built ] || [ -n "$(find repo-format engine cli bench tsconfig.json package.json -newer dist/.built -print -quit 2>/dev/null)" ]; then
+if [ ! -f dist/.built ] || [ -n "$(find repo-format engine cli bench test/ovirt-sim tsconfig.json package.json -newer dist/.built -print -quit 2>/dev/null)" ]; then
   echo "setup: building (tsc)" >&2
 
   npx tsc -p tsconfig.json

@@ -1,0 +1,172 @@
+/**
+ * The oVirt REST client: API root `/ovirt-engine/api`, header `Version: 4`, an SSO token
+ * (`grant_type=password`, `scope=ovirt-app-api`) renewed once on a 401, TLS with a CA file, XML bodies, a
+ * `Correlation-Id` on every request (so engine.log lines can be tied to this run), fault XML turned into
+ * OvirtFaultError with reason and detail, 409 retried with backoff, and a bounded poll for every
+ * transitional state. See ../shared/reference/ovirt-rest-api.md, section 4.
+ */
+import { request as httpRequest } from 'node:http';
+import { request as httpsRequest } from 'node:https';
+import { readFile } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { OvirtAuthError, OvirtFaultError, TimeoutError } from '../errors.js';
+import { buildXml, parseXml, text, child, type XmlElement, type XmlInput } from './xml.js';
+
+export interface OvirtCredentials {
+  username: string;
+  password: string;
+}
+
+export interface OvirtClientOptions {
+  /** e.g. https://engine.example.org (the /ovirt-engine/api path is added). */
+  url: string;
+  credentials: OvirtCredentials;
+  /** PEM file of the engine's CA. */
+  caFile?: string | undefined;
+  /** Retries of a 409 Conflict before giving up, and the first delay (doubling). */
+  conflictRetries?: number;
+  conflictDelayMs?: number;
+  requestTimeoutMs?: number;
+}
+
+interface HttpResponse {
+  status: number;
+  headers: Record<string, string | string[] | undefined>;
+  body: string;
+}
+
+export interface OvirtResponse {
+  status: number;
+  /** The parsed XML body, if any. */
+  xml: XmlElement | undefined;
+}
+
+export class OvirtClient {
+  private token: string | undefined;
+  private ca: Buffer | undefined;
+  private counter = 0;
+  /** Prefix of this run's Correlation-Id values. */
+  readonly correlation = `engine-${randomBytes(4).toString('hex')}`;
+  private readonly base: URL;
+
+  constructor(private readonly options: OvirtClientOptions) {
+    this.base = new URL(options.url);
+  }
+
+  private async send(method: string, path: string, headers: Record<string, string>, body?: string): Promise<HttpResponse> {
+    if (this.options.caFile && !this.ca) this.ca = await readFile(this.options.caFile);
+    const url = new URL(path, this.base);
+    const requester = url.protocol === 'https:' ? httpsRequest : httpRequest;
+    const timeout = this.options.requestTimeoutMs ?? 120_000;
+    return new Promise((resolve, reject) => {
+      const req = requester(url, { method, headers: { ...headers, ...(body !== undefined ? { 'Content-Length': String(Buffer.byteLength(body)) } : {}) }, ca: this.ca, timeout }, (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (chunk: Buffer) => chunks.push(chunk));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }));
+        res.on('error', reject);
+      });
+      req.on('timeout', () => req.destroy(new TimeoutError(`oVirt ${method} ${url.pathname}`, timeout)));
+      req.on('error', reject);
+      if (body !== undefined) req.write(body);
+      req.end();
+    });
+  }
+
+  /** Logs in through SSO and keeps the token. */
+  async login(): Promise<void> {
+    const form = new URLSearchParams({
+      grant_type: 'password',
+      scope: 'ovirt-app-api',
+      username: this.options.credentials.username,
+      password: this.options.credentials.password,
+    }).toString();
+    const response = await this.send('POST', '/ovirt-engine/sso/oauth/token', { 'Content-Type': 'application/x-www-form-urlencoded', Accept: 'application/json' }, form);
+    let parsed: { access_token?: string; error?: string; error_description?: string } = {};
+    try {
+      parsed = JSON.parse(response.body) as typeof parsed;
+    } catch {
+      throw new OvirtAuthError(this.options.url, `HTTP ${response.status}, not a JSON token response`);
+    }
+    if (response.status !== 200 || !parsed.access_token) {
+      throw new OvirtAuthError(this.options.url, parsed.error_description ?? parsed.error ?? `HTTP ${response.status}`);
+    }
+    this.token = parsed.access_token;
+  }
+
+  /**
+   * One API call. `path` is relative to /ovirt-engine/api (e.g. "vms/123/snapshots"). Renews the token once
+   * on 401; retries 409 with backoff; any other error status becomes OvirtFaultError.
+   */
+  async call(method: string, path: string, options: { body?: string; headers?: Record<string, string>; query?: Record<string, string> } = {}): Promise<OvirtResponse> {
+    if (!this.token) await this.login();
+    const query = options.query ? `?${new URLSearchParams(options.query).toString()}` : '';
+    const fullPath = `/ovirt-engine/api/${path.replace(/^\//, '')}${query}`;
+    const what = `${method} ${fullPath}`;
+    let relogged = false;
+    let delay = this.options.conflictDelayMs ?? 1000;
+    for (let conflicts = 0; ; ) {
+      this.counter += 1;
+      const headers: Record<string, string> = {
+        Authorization: `Bearer ${this.token}`,
+        Version: '4',
+        Accept: 'application/xml',
+        'Correlation-Id': `${this.correlation}-${this.counter}`,
+        ...(options.body !== undefined ? { 'Content-Type': 'application/xml' } : {}),
+        ...options.headers,
+      };
+      const response = await this.send(method, fullPath, headers, options.body);
+      if (response.status === 401 && !relogged) {
+        relogged = true;
+        await this.login();
+        continue;
+      }
+      if (response.status === 409 && conflicts < (this.options.conflictRetries ?? 5)) {
+        conflicts += 1;
+        await new Promise((resolve) => setTimeout(resolve, delay));
+        delay *= 2;
+        continue;
+      }
+      const xml = response.body.trim().startsWith('<') ? parseXml(response.body) : undefined;
+      if (response.status >= 400) {
+        const fault = child(xml, 'fault');
+        throw new OvirtFaultError(what, response.status, text(fault, 'reason') ?? httpReason(response.status), text(fault, 'detail') ?? '');
+      }
+      return { status: response.status, xml };
+    }
+  }
+
+  get(path: string, query?: Record<string, string>, headers?: Record<string, string>): Promise<OvirtResponse> {
+    return this.call('GET', path, { ...(query ? { query } : {}), ...(headers ? { headers } : {}) });
+  }
+
+  post(path: string, root: string, value: XmlInput, query?: Record<string, string>): Promise<OvirtResponse> {
+    return this.call('POST', path, { body: buildXml(root, value), ...(query ? { query } : {}) });
+  }
+
+  put(path: string, root: string, value: XmlInput): Promise<OvirtResponse> {
+    return this.call('PUT', path, { body: buildXml(root, value) });
+  }
+
+  delete(path: string, query?: Record<string, string>): Promise<OvirtResponse> {
+    return this.call('DELETE', path, query ? { query } : {});
+  }
+
+  /**
+   * Polls `probe` until it returns a value (not undefined), at `intervalMs`, for at most `timeoutMs`:
+   * every transitional state (locked snapshots, backup phases, transfer phases) is waited for this way.
+   */
+  async waitFor<T>(what: string, probe: () => Promise<T | undefined>, options: { timeoutMs?: number; intervalMs?: number } = {}): Promise<T> {
+    const timeoutMs = options.timeoutMs ?? 600_000;
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const value = await probe();
+      if (value !== undefined) return value;
+      if (Date.now() >= deadline) throw new TimeoutError(what, timeoutMs);
+      await new Promise((resolve) => setTimeout(resolve, options.intervalMs ?? 1000));
+    }
+  }
+}
+
+function httpReason(status: number): string {
+  return { 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 409: 'Conflict', 500: 'Internal Server Error' }[status] ?? 'error';
+}
