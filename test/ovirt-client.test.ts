@@ -7,16 +7,21 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { OvirtClient } from '../dist/engine/ovirt/client.js';
 import { attribute, child, children, parseXml, text, buildXml } from '../dist/engine/ovirt/xml.js';
 import { startOvirtSim, type OvirtSim } from '../dist/test/ovirt-sim/server.js';
+import { tempDir } from './helpers.js';
 
 let sim: OvirtSim;
+let cleanup: () => Promise<void>;
 
 beforeAll(async () => {
-  sim = await startOvirtSim();
-  sim.addVm('vm1');
-  sim.addVm('backup-appliance', 'up');
+  let dir: string;
+  ({ path: dir, cleanup } = await tempDir('engine-ovirt-client-'));
+  sim = await startOvirtSim({ dir });
+  await sim.addVm('vm1', [{ alias: 'vm1_Disk1', size: '16M' }]);
+  await sim.addVm('backup-appliance', []);
 });
 afterAll(async () => {
   await sim.stop();
+  await cleanup();
 });
 
 function client(password = 'secret'): OvirtClient {

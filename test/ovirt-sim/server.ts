@@ -1,20 +1,58 @@
 /**
  * An oVirt engine simulator: real HTTP, the documented element names, status codes and async states
  * (../shared/reference/ovirt-rest-api.md). No oVirt engine can run here; this is the one simulated part of
- * the test set-up, and everything under it (disks, snapshots, bitmaps) is meant to be real qcow2 files.
+ * the test set-up, and everything under it is real: every disk is a qcow2 file, a snapshot is a real qcow2
+ * overlay (the frozen image stays below it), removing a snapshot merges the overlay back with
+ * `qemu-img commit`.
  *
- * This first part covers the protocol: SSO tokens (with forced expiry), the API root, VMs (list, search by
- * name, get), fault XML, Correlation-Id echo, a request log for assertions, and fault injection (409s).
- * Runnable on its own: `npm run ovirt-sim` (see main.ts).
+ * Attaching a disk to the appliance VM makes its data readable the way the appliance would see a hot-plugged
+ * virtio disk, at `<deviceRoot>/virtio-<first 20 characters of the disk id>`: no real device node can exist
+ * here, so the path is an nbdfuse file (libnbd-bin) serving the image through qemu-nbd — a read-only frozen
+ * snapshot image for backups, the writable disk for restores. Detaching unmounts it.
+ *
+ * Fault injection: snapshot creation fails, N × 409 on a request, every token expires.
+ * Runnable on its own: `npm run ovirt-sim` (main.ts).
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { randomUUID } from 'node:crypto';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import type { AddressInfo } from 'node:net';
+
+export interface SimDisk {
+  id: string;
+  alias: string;
+  size: number;
+  /** The active (writable) layer. */
+  image: string;
+}
+
+export interface SimSnapshot {
+  id: string;
+  description: string;
+  status: 'locked' | 'ok';
+  /** Per disk id: the frozen image at snapshot time (the overlay's backing file). */
+  frozen: Map<string, string>;
+  ovf: string;
+  removing: boolean;
+}
+
+export interface SimAttachment {
+  diskId: string;
+  snapshotId: string | undefined;
+  active: boolean;
+  device: string | undefined;
+  fuse: ChildProcess | undefined;
+}
 
 export interface SimVm {
   id: string;
   name: string;
-  status: 'up' | 'down' | 'paused';
+  status: 'up' | 'down';
+  disks: string[];
+  snapshots: Map<string, SimSnapshot>;
+  attachments: Map<string, SimAttachment>;
 }
 
 export interface SimRequest {
@@ -25,36 +63,54 @@ export interface SimRequest {
 }
 
 export interface SimOptions {
+  /** Where disk images and the appliance's device files live. */
+  dir: string;
   username?: string;
   password?: string;
   port?: number;
+  /** How long snapshots stay locked (creation and removal). */
+  lockMs?: number;
 }
 
 export interface OvirtSim {
   url: string;
+  deviceRoot: string;
   vms: Map<string, SimVm>;
+  disks: Map<string, SimDisk>;
   requests: SimRequest[];
-  /** Fault injection. */
   faults: {
     /** The next `count` requests matching method and path answer 409 with an oVirt conflict fault. */
     conflict(method: string, path: RegExp, count: number): void;
     /** Every token issued so far stops working (as after the engine's token lifetime). */
     expireTokens(): void;
+    /** The next snapshot creation fails: the snapshot disappears while locked, as the engine reports it. */
+    failNextSnapshot(): void;
   };
-  addVm(name: string, status?: SimVm['status']): SimVm;
+  addVm(name: string, disks: { alias: string; size: string }[], status?: SimVm['status']): Promise<SimVm>;
   stop(): Promise<void>;
 }
 
-function xmlEscape(text: string): string {
-  return text.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
+function tool(command: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile(command, args, (error, stdout, stderr) => (error ? reject(new Error(`${command} ${args.join(' ')}: ${stderr || error.message}`)) : resolve(stdout)));
+  });
+}
+
+function xmlEscape(value: string): string {
+  return value.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
 }
 
 export function faultXml(reason: string, detail: string): string {
   return `<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n<fault>\n    <detail>${xmlEscape(detail)}</detail>\n    <reason>${xmlEscape(reason)}</reason>\n</fault>\n`;
 }
 
-function vmXml(vm: SimVm): string {
-  return `<vm href="/ovirt-engine/api/vms/${vm.id}" id="${vm.id}"><name>${xmlEscape(vm.name)}</name><status>${vm.status}</status><link href="/ovirt-engine/api/vms/${vm.id}/snapshots" rel="snapshots"/><link href="/ovirt-engine/api/vms/${vm.id}/diskattachments" rel="diskattachments"/></vm>`;
+const API = '/ovirt-engine/api';
+
+function ovfFor(vm: SimVm, disks: Map<string, SimDisk>): string {
+  const diskItems = vm.disks
+    .map((id) => `<Disk ovf:diskId="${id}" ovf:size="${Math.ceil(disks.get(id)!.size / 2 ** 30)}" ovf:fileRef="${id}" ovf:format="http://www.gnome.org/~markmc/qcow-image-format.html"/>`)
+    .join('');
+  return `<?xml version='1.0' encoding='UTF-8'?><ovf:Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1/" ovf:version="4.5"><References/><Section xsi:type="ovf:DiskSection_Type" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">${diskItems}</Section><Content ovf:id="out" xsi:type="ovf:VirtualSystem_Type" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><Name>${xmlEscape(vm.name)}</Name><VmId>${vm.id}</VmId></Content></ovf:Envelope>`;
 }
 
 async function readBody(req: IncomingMessage): Promise<string> {
@@ -63,23 +119,90 @@ async function readBody(req: IncomingMessage): Promise<string> {
   return Buffer.concat(chunks).toString('utf8');
 }
 
-export async function startOvirtSim(options: SimOptions = {}): Promise<OvirtSim> {
+function tagText(xml: string, tag: string): string | undefined {
+  return new RegExp(`<${tag}>([^<]*)</${tag}>`).exec(xml)?.[1];
+}
+
+export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
   const username = options.username ?? 'admin@internal';
   const password = options.password ?? 'secret';
+  const lockMs = options.lockMs ?? 300;
+  const imagesDir = join(options.dir, 'images');
+  const deviceRoot = join(options.dir, 'dev', 'disk', 'by-id');
+  await mkdir(imagesDir, { recursive: true });
+  await mkdir(deviceRoot, { recursive: true });
   const tokens = new Set<string>();
   const vms = new Map<string, SimVm>();
+  const disks = new Map<string, SimDisk>();
   const requests: SimRequest[] = [];
   const conflicts: { method: string; path: RegExp; left: number }[] = [];
+  let failNextSnapshot = false;
+  const timers = new Set<NodeJS.Timeout>();
+  const later = (ms: number, work: () => Promise<void>): void => {
+    const timer = setTimeout(() => {
+      timers.delete(timer);
+      void work().catch((error: unknown) => process.stderr.write(`ovirt-sim: ${String(error)}\n`));
+    }, ms);
+    timers.add(timer);
+  };
+
+  const vmXml = (vm: SimVm, allContent: boolean): string =>
+    `<vm href="${API}/vms/${vm.id}" id="${vm.id}"><name>${xmlEscape(vm.name)}</name><status>${vm.status}</status>` +
+    (allContent ? `<initialization><configuration><type>ovf</type><data>${xmlEscape(ovfFor(vm, disks))}</data></configuration></initialization>` : '') +
+    `<link href="${API}/vms/${vm.id}/snapshots" rel="snapshots"/><link href="${API}/vms/${vm.id}/diskattachments" rel="diskattachments"/></vm>`;
+
+  const snapshotXml = (vm: SimVm, s: SimSnapshot, allContent: boolean): string =>
+    `<snapshot href="${API}/vms/${vm.id}/snapshots/${s.id}" id="${s.id}"><description>${xmlEscape(s.description)}</description>` +
+    `<snapshot_status>${s.status}</snapshot_status><snapshot_type>regular</snapshot_type><persist_memorystate>false</persist_memorystate>` +
+    (allContent ? `<initialization><configuration><type>ovf</type><data>${xmlEscape(s.ovf)}</data></configuration></initialization>` : '') +
+    `<vm href="${API}/vms/${vm.id}" id="${vm.id}"/></snapshot>`;
+
+  const activeSnapshotXml = (vm: SimVm): string =>
+    `<snapshot href="${API}/vms/${vm.id}/snapshots/active-${vm.id}" id="active-${vm.id}"><description>Active VM</description><snapshot_status>ok</snapshot_status><snapshot_type>active</snapshot_type></snapshot>`;
+
+  const diskXml = (disk: SimDisk, extra = ''): string =>
+    `<disk href="${API}/disks/${disk.id}" id="${disk.id}"><alias>${xmlEscape(disk.alias)}</alias><format>cow</format><provisioned_size>${disk.size}</provisioned_size><status>ok</status>${extra}</disk>`;
+
+  const attachmentXml = (vm: SimVm, a: SimAttachment): string =>
+    `<disk_attachment href="${API}/vms/${vm.id}/diskattachments/${a.diskId}" id="${a.diskId}"><active>${a.active}</active><bootable>false</bootable><interface>virtio</interface>` +
+    (a.device ? `<logical_name>${a.device}</logical_name>` : '') +
+    `<disk href="${API}/disks/${a.diskId}" id="${a.diskId}"/><vm href="${API}/vms/${vm.id}" id="${vm.id}"/></disk_attachment>`;
+
+  /** Hot-plug: the image appears as a virtio disk of the appliance (an nbdfuse file). */
+  const plug = async (a: SimAttachment, image: string, readOnly: boolean): Promise<void> => {
+    const device = join(deviceRoot, `virtio-${a.diskId.slice(0, 20)}`);
+    await writeFile(device, '');
+    const fuse = spawn('nbdfuse', [...(readOnly ? ['-r'] : []), device, '--socket-activation', 'qemu-nbd', ...(readOnly ? ['-r'] : []), '-f', 'qcow2', image], { stdio: 'ignore' });
+    a.fuse = fuse;
+    for (let i = 0; i < 200; i += 1) {
+      if ((await stat(device).then((s) => s.size, () => 0)) > 0) break;
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
+    a.device = device;
+  };
+
+  const unplug = async (a: SimAttachment): Promise<void> => {
+    if (!a.device) return;
+    const fuse = a.fuse;
+    await tool('umount', [a.device]).catch(() => undefined);
+    if (fuse && fuse.exitCode === null) await new Promise((resolve) => fuse.once('exit', resolve));
+    await rm(a.device, { force: true });
+    a.device = undefined;
+    a.fuse = undefined;
+  };
+
+  const attachedElsewhere = (snapshot: SimSnapshot): boolean => {
+    for (const vm of vms.values()) for (const a of vm.attachments.values()) if (a.snapshotId === snapshot.id) return true;
+    return false;
+  };
 
   const send = (req: IncomingMessage, res: ServerResponse, status: number, body: string, type = 'application/xml'): void => {
     const correlation = req.headers['correlation-id'];
-    res.writeHead(status, {
-      'Content-Type': type,
-      ...(typeof correlation === 'string' ? { 'Correlation-Id': correlation.replace(/[^0-9a-zA-Z_-]/g, '') } : {}),
-    });
+    res.writeHead(status, { 'Content-Type': type, ...(typeof correlation === 'string' ? { 'Correlation-Id': correlation.replace(/[^0-9a-zA-Z_-]/g, '') } : {}) });
     res.end(body);
     requests.push({ method: req.method ?? '', path: req.url ?? '', headers: req.headers, status });
   };
+  const notFound = (req: IncomingMessage, res: ServerResponse, what: string): void => send(req, res, 404, faultXml('Operation Failed', `Entity not found: ${what}`));
 
   const handle = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
     const url = new URL(req.url ?? '/', 'http://sim');
@@ -96,7 +219,7 @@ export async function startOvirtSim(options: SimOptions = {}): Promise<OvirtSim>
       tokens.add(token);
       return send(req, res, 200, JSON.stringify({ access_token: token, token_type: 'bearer', scope: 'ovirt-app-api', exp: String(Date.now() + 3_600_000) }), 'application/json');
     }
-    if (!url.pathname.startsWith('/ovirt-engine/api')) return send(req, res, 404, faultXml('Not Found', url.pathname));
+    if (!url.pathname.startsWith(API)) return send(req, res, 404, faultXml('Not Found', url.pathname));
     const auth = req.headers.authorization ?? '';
     if (!auth.startsWith('Bearer ') || !tokens.has(auth.slice(7))) {
       res.setHeader('WWW-Authenticate', 'Bearer');
@@ -104,7 +227,8 @@ export async function startOvirtSim(options: SimOptions = {}): Promise<OvirtSim>
     }
     const version = req.headers.version;
     if (version !== undefined && version !== '4') return send(req, res, 400, faultXml('Operation Failed', `Version ${String(version)} is not supported`));
-    const path = url.pathname.slice('/ovirt-engine/api'.length).replace(/\/$/, '');
+    const path = url.pathname.slice(API.length).replace(/\/$/, '');
+    const allContent = req.headers['all-content'] === 'true' || url.searchParams.get('all_content') === 'true';
     const conflict = conflicts.find((c) => c.method === method && c.path.test(path) && c.left > 0);
     if (conflict) {
       conflict.left -= 1;
@@ -117,13 +241,121 @@ export async function startOvirtSim(options: SimOptions = {}): Promise<OvirtSim>
       const search = url.searchParams.get('search');
       const nameMatch = search ? /^name=(.+)$/.exec(search) : null;
       const list = [...vms.values()].filter((vm) => !nameMatch || vm.name === nameMatch[1]);
-      return send(req, res, 200, `<vms>${list.map(vmXml).join('')}</vms>`);
+      return send(req, res, 200, `<vms>${list.map((vm) => vmXml(vm, allContent)).join('')}</vms>`);
     }
-    const vmMatch = /^\/vms\/([^/]+)$/.exec(path);
-    if (vmMatch && method === 'GET') {
-      const vm = vms.get(vmMatch[1]!);
-      if (!vm) return send(req, res, 404, faultXml('Operation Failed', `Entity not found: ${vmMatch[1]}`));
-      return send(req, res, 200, vmXml(vm));
+    const diskMatch = /^\/disks\/([^/]+)$/.exec(path);
+    if (diskMatch && method === 'GET') {
+      const disk = disks.get(diskMatch[1]!);
+      return disk ? send(req, res, 200, diskXml(disk)) : notFound(req, res, diskMatch[1]!);
+    }
+    const vmPath = /^\/vms\/([^/]+)(\/.*)?$/.exec(path);
+    if (!vmPath) return send(req, res, 404, faultXml('Not Found', `${method} ${url.pathname}`));
+    const vm = vms.get(vmPath[1]!);
+    if (!vm) return notFound(req, res, vmPath[1]!);
+    const rest = vmPath[2] ?? '';
+
+    if (rest === '' && method === 'GET') return send(req, res, 200, vmXml(vm, allContent));
+
+    if (rest === '/snapshots' && method === 'GET') {
+      return send(req, res, 200, `<snapshots>${activeSnapshotXml(vm)}${[...vm.snapshots.values()].map((s) => snapshotXml(vm, s, false)).join('')}</snapshots>`);
+    }
+    if (rest === '/snapshots' && method === 'POST') {
+      const body = await readBody(req);
+      const description = tagText(body, 'description');
+      if (!description) return send(req, res, 400, faultXml('Incomplete parameters', 'Snapshot [description] required for add'));
+      if ([...vm.snapshots.values()].some((s) => s.status === 'locked')) {
+        return send(req, res, 409, faultXml('Operation Failed', `[Cannot create Snapshot. Snapshot is currently being created for VM ${vm.name}.]`));
+      }
+      const snapshot: SimSnapshot = { id: randomUUID(), description, status: 'locked', frozen: new Map(), ovf: ovfFor(vm, disks), removing: false };
+      vm.snapshots.set(snapshot.id, snapshot);
+      const fails = failNextSnapshot;
+      failNextSnapshot = false;
+      later(lockMs, async () => {
+        if (fails) {
+          vm.snapshots.delete(snapshot.id); // USER_CREATE_SNAPSHOT_FINISHED_FAILURE: the snapshot disappears
+          return;
+        }
+        // A real overlay per disk: the current image is frozen below a new active layer.
+        for (const id of vm.disks) {
+          const disk = disks.get(id)!;
+          const overlay = join(imagesDir, `${id}.${snapshot.id}.qcow2`);
+          await tool('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', disk.image, '-F', 'qcow2', overlay]);
+          snapshot.frozen.set(id, disk.image);
+          disk.image = overlay;
+        }
+        snapshot.status = 'ok';
+      });
+      return send(req, res, 202, snapshotXml(vm, snapshot, false).replace('</snapshot>', '<creation_status>pending</creation_status></snapshot>'));
+    }
+    const snapPath = /^\/snapshots\/([^/]+)(\/disks)?$/.exec(rest);
+    if (snapPath) {
+      const snapshot = vm.snapshots.get(snapPath[1]!);
+      if (!snapshot) return notFound(req, res, snapPath[1]!);
+      if (snapPath[2] && method === 'GET') {
+        const items = [...snapshot.frozen.keys()].map((id) => diskXml(disks.get(id)!, `<snapshot id="${snapshot.id}"/>`));
+        return send(req, res, 200, `<disks>${items.join('')}</disks>`);
+      }
+      if (!snapPath[2] && method === 'GET') return send(req, res, 200, snapshotXml(vm, snapshot, allContent));
+      if (!snapPath[2] && method === 'DELETE') {
+        if (attachedElsewhere(snapshot)) {
+          return send(req, res, 409, faultXml('Operation Failed', `[Cannot remove Snapshot: The following disks snapshots are attached to other VMs. Please detach them from those VMs and try again.]`));
+        }
+        if (snapshot.status === 'locked') return send(req, res, 409, faultXml('Operation Failed', '[Cannot remove Snapshot. Snapshot is currently being created or removed.]'));
+        snapshot.status = 'locked';
+        snapshot.removing = true;
+        later(lockMs, async () => {
+          // The merge: the overlay's data goes down into the frozen image, which becomes active again.
+          for (const [id, base] of snapshot.frozen) {
+            const disk = disks.get(id)!;
+            await tool('qemu-img', ['commit', '-q', '-f', 'qcow2', disk.image]);
+            await rm(disk.image, { force: true });
+            disk.image = base;
+          }
+          vm.snapshots.delete(snapshot.id);
+        });
+        return send(req, res, 200, '<action><status>complete</status></action>');
+      }
+    }
+
+    if (rest === '/diskattachments' && method === 'GET') {
+      const items = [...vm.attachments.values()].map((a) => attachmentXml(vm, a));
+      return send(req, res, 200, `<disk_attachments>${items.join('')}</disk_attachments>`);
+    }
+    if (rest === '/diskattachments' && method === 'POST') {
+      const body = await readBody(req);
+      const diskId = /<disk id="([^"]+)"/.exec(body)?.[1];
+      const snapshotId = /<snapshot id="([^"]+)"/.exec(body)?.[1];
+      const active = tagText(body, 'active') === 'true';
+      if (!diskId) return send(req, res, 400, faultXml('Incomplete parameters', 'Disk [id] required for add'));
+      const disk = disks.get(diskId);
+      if (!disk) return notFound(req, res, diskId);
+      if (vm.attachments.has(diskId)) return send(req, res, 409, faultXml('Operation Failed', '[Cannot attach Virtual Disk. The disk is already attached to VM.]'));
+      let image = disk.image;
+      if (snapshotId) {
+        const owner = [...vms.values()].find((v) => v.snapshots.has(snapshotId));
+        const snapshot = owner?.snapshots.get(snapshotId);
+        const frozen = snapshot?.frozen.get(diskId);
+        if (!snapshot || !frozen || snapshot.status !== 'ok') return send(req, res, 400, faultXml('Operation Failed', `[Cannot attach Virtual Disk. Snapshot ${snapshotId} of disk ${diskId} is not available.]`));
+        image = frozen;
+      }
+      const attachment: SimAttachment = { diskId, snapshotId, active, device: undefined, fuse: undefined };
+      vm.attachments.set(diskId, attachment);
+      if (active) await plug(attachment, image, snapshotId !== undefined);
+      return send(req, res, 201, attachmentXml(vm, attachment));
+    }
+    const attachPath = /^\/diskattachments\/([^/]+)$/.exec(rest);
+    if (attachPath) {
+      const attachment = vm.attachments.get(attachPath[1]!);
+      if (!attachment) return notFound(req, res, attachPath[1]!);
+      if (method === 'GET') return send(req, res, 200, attachmentXml(vm, attachment));
+      if (method === 'DELETE') {
+        if (url.searchParams.get('detach_only') === 'false' && attachment.snapshotId) {
+          return send(req, res, 400, faultXml('Operation Failed', '[Cannot remove a disk snapshot attachment with detach_only=false.]'));
+        }
+        await unplug(attachment);
+        vm.attachments.delete(attachment.diskId);
+        return send(req, res, 200, '<action><status>complete</status></action>');
+      }
     }
     return send(req, res, 404, faultXml('Not Found', `${method} ${url.pathname}`));
   };
@@ -135,17 +367,34 @@ export async function startOvirtSim(options: SimOptions = {}): Promise<OvirtSim>
   const { port } = server.address() as AddressInfo;
   return {
     url: `http://127.0.0.1:${port}`,
+    deviceRoot,
     vms,
+    disks,
     requests,
     faults: {
       conflict: (method, path, count) => conflicts.push({ method, path, left: count }),
       expireTokens: () => tokens.clear(),
+      failNextSnapshot: () => {
+        failNextSnapshot = true;
+      },
     },
-    addVm(name, status = 'up') {
-      const vm: SimVm = { id: randomUUID(), name, status };
+    async addVm(name, diskSpecs, status = 'up') {
+      const vm: SimVm = { id: randomUUID(), name, status, disks: [], snapshots: new Map(), attachments: new Map() };
+      for (const spec of diskSpecs) {
+        const id = randomUUID();
+        const image = join(imagesDir, `${id}.qcow2`);
+        await tool('qemu-img', ['create', '-q', '-f', 'qcow2', image, spec.size]);
+        const size = JSON.parse(await tool('qemu-img', ['info', '--output=json', image]))['virtual-size'] as number;
+        disks.set(id, { id, alias: spec.alias, size, image });
+        vm.disks.push(id);
+      }
       vms.set(vm.id, vm);
       return vm;
     },
-    stop: () => new Promise((resolve) => server.close(() => resolve())),
+    stop: async () => {
+      for (const timer of timers) clearTimeout(timer);
+      for (const vm of vms.values()) for (const a of vm.attachments.values()) await unplug(a);
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
   };
 }
