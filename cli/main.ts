@@ -9,6 +9,8 @@ import {
   EngineError,
   InvalidArgumentError,
   initRepository,
+  ovirtApplianceBackup,
+  ovirtCleanup,
   listBackups,
   parseSize,
   restore,
@@ -16,6 +18,7 @@ import {
   showBackup,
   verify,
 } from '../engine/index.js';
+import { readFile } from 'node:fs/promises';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createProgress } from './progress.js';
 import { backupJson, printBackup, printInit, printJson, printList, printRestore, printShow, printVerify, restoreJson } from './output.js';
@@ -29,6 +32,12 @@ interface BackupCliOptions {
   source?: string[];
   image?: string[];
   libvirt?: string;
+  ovirt?: string;
+  vm?: string;
+  appliance?: string;
+  deviceRoot?: string;
+  ovirtCredentials?: string;
+  caFile?: string;
   diskName?: string[];
   name?: string;
   full?: boolean;
@@ -48,6 +57,23 @@ function repoOption(): Option {
 function requireRepo(repo: string | undefined): string {
   if (!repo) throw new InvalidArgumentError('no repository: give --repo PATH or set ENGINE_REPO');
   return repo;
+}
+
+/** Credentials never come from the command line itself: a file, or the environment. */
+function ovirtCredentialsOption(): Option {
+  return new Option('--ovirt-credentials <file>', 'file with the oVirt user on its first line and the password on its second (default: $ENGINE_OVIRT_USER and $ENGINE_OVIRT_PASSWORD)');
+}
+
+async function loadCredentials(file: string | undefined): Promise<{ username: string; password: string }> {
+  if (file) {
+    const [username, password] = (await readFile(file, 'utf8')).split('\n');
+    if (!username || password === undefined) throw new InvalidArgumentError(`${file}: expected the user on the first line and the password on the second`);
+    return { username: username.trim(), password: password.replace(/\r$/, '') };
+  }
+  const username = process.env.ENGINE_OVIRT_USER;
+  const password = process.env.ENGINE_OVIRT_PASSWORD;
+  if (!username || password === undefined) throw new InvalidArgumentError('oVirt credentials: give --ovirt-credentials FILE or set ENGINE_OVIRT_USER and ENGINE_OVIRT_PASSWORD');
+  return { username, password };
 }
 
 function collect(value: string, previous: string[] = []): string[] {
@@ -108,6 +134,12 @@ function buildProgram(): Command {
     .option('--source <path|uri>', 'raw image, block device or NBD URI, read whole; repeat for each disk', collect)
     .option('--image <qcow2>', "qcow2 image of a stopped VM: incremental and differential backups from its dirty bitmaps; repeat for each disk", collect)
     .option('--libvirt <domain>', 'a running libvirt domain: all its disks, through checkpoints and a pull-mode backup')
+    .option('--ovirt <url>', 'an oVirt engine (https://engine.example.org): back up --vm through this backup appliance')
+    .option('--vm <name>', 'with --ovirt: the VM to back up')
+    .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM')
+    .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id'))
+    .addOption(ovirtCredentialsOption())
+    .addOption(new Option('--ca-file <pem>', "with --ovirt: the engine's CA certificate"))
     .option('--disk-name <name>', 'name of each disk in the backup, for every --source then every --image (default: the file name)', collect)
     .option('--name <name>', 'name of the backup; a chain continues from the newest backup of the same name (default: the file name)')
     .addOption(new Option('--full', 'read every disk whole and start a new chain').conflicts(['incremental', 'differential', 'auto']))
@@ -118,6 +150,30 @@ function buildProgram(): Command {
     .addOption(workersOption())
     .action(async (opts: BackupCliOptions) => {
       jsonMode = opts.json === true;
+      if (opts.ovirt !== undefined) {
+        if ((opts.source ?? []).length + (opts.image ?? []).length > 0 || opts.libvirt !== undefined) {
+          throw new InvalidArgumentError('--ovirt backs up a VM through its snapshot: do not combine it with --source, --image or --libvirt');
+        }
+        if (!opts.vm || !opts.appliance) throw new InvalidArgumentError('--ovirt needs --vm NAME (the VM) and --appliance NAME (this backup appliance)');
+        const progress = createProgress({ json: jsonMode });
+        const { record } = await ovirtApplianceBackup({
+          repo: requireRepo(opts.repo),
+          ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
+          vm: opts.vm,
+          appliance: opts.appliance,
+          deviceRoot: opts.deviceRoot,
+          workers: opts.workers,
+          signal: interruptSignal(),
+          onProgress: (p) => progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal),
+          onNotice: (message) => {
+            if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
+          },
+        });
+        progress.done();
+        if (jsonMode) printJson(backupJson(record));
+        else printBackup(record);
+        return;
+      }
       if ((opts.source ?? []).length + (opts.image ?? []).length === 0 && opts.libvirt === undefined) {
         throw new InvalidArgumentError('name at least one disk: --source PATH|URI, --image QCOW2 or --libvirt DOMAIN');
       }
@@ -213,6 +269,27 @@ function buildProgram(): Command {
       if (jsonMode) printJson(report);
       else printVerify(report);
       if (!report.ok) process.exitCode = EXIT.integrity;
+    });
+
+  const ovirt = program.command('ovirt').description('oVirt housekeeping');
+  ovirt
+    .command('cleanup')
+    .description('remove the snapshots and disk attachments that interrupted oVirt backups left (from the repository journal)')
+    .addOption(repoOption())
+    .requiredOption('--ovirt <url>', 'the oVirt engine')
+    .addOption(ovirtCredentialsOption())
+    .option('--ca-file <pem>', "the engine's CA certificate")
+    .option('--json', 'print JSON')
+    .action(async (opts: { repo?: string; ovirt: string; ovirtCredentials?: string; caFile?: string; json?: boolean }) => {
+      jsonMode = opts.json === true;
+      const messages: string[] = [];
+      const removed = await ovirtCleanup({
+        repo: requireRepo(opts.repo),
+        ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
+        onNotice: (m) => messages.push(m),
+      });
+      if (jsonMode) printJson({ removed, messages });
+      else process.stdout.write(`${[...messages, `removed ${removed} leftover resources`].join('\n')}\n`);
     });
 
   program

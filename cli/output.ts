@@ -30,6 +30,7 @@ export function backupJson(record: BackupRecord): Record<string, unknown> {
     engineVersion: record.engineVersion,
     blockSize: record.blockSize,
     disks: record.disks.map(diskJson),
+    attachments: record.attachments.map((a) => ({ name: a.name, mediaType: a.mediaType, bytes: Buffer.byteLength(a.data) })),
   };
 }
 

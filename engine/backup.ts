@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { basename } from 'node:path';
 import { Repository } from '../repo-format/repository.js';
 import { InvalidArgumentError } from '../repo-format/errors.js';
-import { diskNameProblem, type BackupRecord, type BackupType, type DiskCbt, type DiskRecord } from '../repo-format/backup-record.js';
+import { diskNameProblem, type BackupRecord, type BackupType, type DiskCbt, type DiskRecord, type RecordAttachment } from '../repo-format/backup-record.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { backupDisk, type DiskProgress, type IncrementalPlan } from './pipeline/backup-disk.js';
 import { openSource } from './sources/open-source.js';
@@ -31,6 +31,8 @@ export interface BackupOptions {
   /** Disk names, one per source then one per image; default: each file name (or NBD export name). */
   diskNames?: string[] | undefined;
   name?: string | undefined;
+  /** Documents kept with the backup (e.g. the VM's OVF). */
+  attachments?: RecordAttachment[] | undefined;
   /** Default 'auto': incremental where a valid chain exists, full otherwise. */
   mode?: RequestedMode | undefined;
   workers?: number | undefined;
@@ -177,6 +179,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       engineVersion: ENGINE_VERSION,
       blockSize: repo.blockSize,
       disks,
+      attachments: options.attachments ?? [],
     };
     for (const warning of await repo.commitBackup(record)) notice(warning);
     committed = true;

@@ -18,4 +18,6 @@ export {
   InterruptedError,
   CorruptChunkError,
 } from './errors.js';
+export { OvirtClient, type OvirtClientOptions, type OvirtCredentials } from './ovirt/client.js';
+export { ovirtApplianceBackup, ovirtCleanup, type OvirtApplianceBackupOptions } from './ovirt/appliance-backup.js';
 export * from '../repo-format/index.js';

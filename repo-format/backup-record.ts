@@ -54,6 +54,13 @@ export interface DiskRecord {
   stats: DiskStats;
 }
 
+/** A document kept with a backup (e.g. the VM's configuration, to recreate it on restore). */
+export interface RecordAttachment {
+  name: string;
+  mediaType: string;
+  data: string;
+}
+
 export interface BackupRecord {
   version: 1;
   id: string;
@@ -66,6 +73,7 @@ export interface BackupRecord {
   engineVersion: string;
   blockSize: number;
   disks: DiskRecord[];
+  attachments: RecordAttachment[];
 }
 
 export function mapRootOf(disk: DiskRecord): MapRoot {
@@ -140,6 +148,11 @@ export function decodeBackupRecord(bytes: Buffer, where: string): BackupRecord {
   for (const key of ['startTime', 'endTime', 'hostname', 'engineVersion']) if (!isText(r[key])) fail(`no ${key}`);
   if (!isCount(r.blockSize) || r.blockSize === 0) fail('no block size');
   if (!Array.isArray(r.disks)) fail('no disk list');
+  if (!Array.isArray(r.attachments)) fail('no attachment list');
+  for (const a of r.attachments as unknown[]) {
+    const x = a as Record<string, unknown> | null;
+    if (!x || !isText(x.name) || x.name.length === 0 || !isText(x.mediaType) || !isText(x.data)) fail('an attachment lacks a name, media type or data');
+  }
   const names = new Set<string>();
   for (const disk of r.disks as unknown[]) {
     const problem = checkDisk(disk, r.blockSize as number);

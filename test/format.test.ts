@@ -839,6 +839,7 @@ describe('backup record', () => {
           stats: { bytesRead: 0, bytesNew: 0, bytesStored: 0, blocksTotal: 0, blocksZero: 0, blocksNew: 0, blocksDeduplicated: 0, blocksUnchanged: 0, durationMs: 0 },
         },
       ],
+      attachments: [{ name: 'ovf', mediaType: 'application/ovf+xml', data: '<ovf:Envelope/>' }],
     };
   }
 

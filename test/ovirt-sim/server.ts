@@ -85,6 +85,8 @@ export interface OvirtSim {
     expireTokens(): void;
     /** The next snapshot creation fails: the snapshot disappears while locked, as the engine reports it. */
     failNextSnapshot(): void;
+    /** After `count` more API requests, every token expires (in the middle of a run). */
+    expireTokensAfter(count: number): void;
   };
   addVm(name: string, disks: { alias: string; size: string }[], status?: SimVm['status']): Promise<SimVm>;
   stop(): Promise<void>;
@@ -137,6 +139,7 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
   const requests: SimRequest[] = [];
   const conflicts: { method: string; path: RegExp; left: number }[] = [];
   let failNextSnapshot = false;
+  let expireAfter = -1;
   const timers = new Set<NodeJS.Timeout>();
   const later = (ms: number, work: () => Promise<void>): void => {
     const timer = setTimeout(() => {
@@ -221,6 +224,11 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     }
     if (!url.pathname.startsWith(API)) return send(req, res, 404, faultXml('Not Found', url.pathname));
     const auth = req.headers.authorization ?? '';
+    if (!auth.startsWith('Bearer ') || !tokens.has(auth.slice(7))) {
+      res.setHeader('WWW-Authenticate', 'Bearer');
+      return send(req, res, 401, '', 'text/html');
+    }
+    if (expireAfter >= 0 && expireAfter-- === 0) tokens.clear();
     if (!auth.startsWith('Bearer ') || !tokens.has(auth.slice(7))) {
       res.setHeader('WWW-Authenticate', 'Bearer');
       return send(req, res, 401, '', 'text/html');
@@ -376,6 +384,9 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       expireTokens: () => tokens.clear(),
       failNextSnapshot: () => {
         failNextSnapshot = true;
+      },
+      expireTokensAfter: (count) => {
+        expireAfter = count;
       },
     },
     async addVm(name, diskSpecs, status = 'up') {

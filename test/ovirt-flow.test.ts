@@ -1,0 +1,148 @@
+/**
+ * The disk-attachment backup flow end to end, against the oVirt simulator on real qcow2 disks: the real
+ * CLI as the backup appliance would run it, byte-identical restores, the OVF kept, and nothing left behind
+ * (snapshots, attachments, devices, journal) after success, injected faults or a kill -9.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { readdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { filesIdentical, parseJson, runEngine, sh, tempDir } from './helpers.js';
+import { qemuIo } from './qemu.js';
+import { startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
+
+const MiB = 1024 * 1024;
+let dir: string;
+let cleanup: () => Promise<void>;
+let sim: OvirtSim;
+let vm: SimVm;
+let repo: string;
+const env = { ENGINE_OVIRT_USER: 'admin@internal', ENGINE_OVIRT_PASSWORD: 'secret' };
+
+beforeAll(async () => {
+  ({ path: dir, cleanup } = await tempDir('engine-ovirt-flow-'));
+  sim = await startOvirtSim({ dir: join(dir, 'sim'), lockMs: 200 });
+  vm = await sim.addVm('vm1', [
+    { alias: 'vm1_Disk1', size: '64M' },
+    { alias: 'vm1_Disk2', size: '32M' },
+  ]);
+  await sim.addVm('appliance', []);
+  const [d1, d2] = vm.disks.map((id) => sim.disks.get(id)!);
+  await qemuIo(d1!.image, ['write -P 0xa1 0 4M', 'write -P 0xa2 40M 1M']);
+  await qemuIo(d2!.image, ['write -P 0xb1 8M 2M']);
+  repo = join(dir, 'repo');
+  await runEngine(['init', repo]);
+});
+afterAll(async () => {
+  await sim.stop();
+  await cleanup();
+});
+
+function backupArgs(): string[] {
+  return ['backup', '--repo', repo, '--ovirt', sim.url, '--vm', 'vm1', '--appliance', 'appliance', '--device-root', sim.deviceRoot, '--json'];
+}
+
+/** What the disks hold now, as raw files (the snapshot must capture exactly this). */
+async function expectedRaw(tag: string): Promise<string[]> {
+  const out: string[] = [];
+  for (const id of vm.disks) {
+    const raw = join(dir, `expected-${tag}-${id}.raw`);
+    await sh('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', sim.disks.get(id)!.image, raw]);
+    out.push(raw);
+  }
+  return out;
+}
+
+async function expectNoLeftovers(): Promise<void> {
+  // Wait for the simulator's asynchronous snapshot removal to finish.
+  for (let i = 0; i < 100 && vm.snapshots.size > 0; i += 1) await new Promise((r) => setTimeout(r, 50));
+  expect([...vm.snapshots.keys()]).toEqual([]);
+  const appliance = [...sim.vms.values()].find((v) => v.name === 'appliance')!;
+  expect([...appliance.attachments.keys()]).toEqual([]);
+  expect(await readdir(sim.deviceRoot)).toEqual([]);
+  expect(await readdir(join(repo, 'journal')).catch(() => [])).toEqual([]);
+}
+
+async function expectRestores(id: string, expected: string[]): Promise<void> {
+  for (const [i, alias] of ['vm1_Disk1', 'vm1_Disk2'].entries()) {
+    const target = join(dir, `restored-${id}-${alias}.raw`);
+    const result = await runEngine(['restore', '--repo', repo, id, '--disk', alias, '--to', target]);
+    expect(result.code).toBe(0);
+    expect(await filesIdentical(target, expected[i]!)).toBe(true);
+    await rm(target);
+  }
+}
+
+describe('oVirt disk-attachment backup', () => {
+  test('snapshot, OVF, attach by serial, back up, detach, remove: restores byte for byte, nothing left', async () => {
+    const expected = await expectedRaw('1');
+    const result = await runEngine(backupArgs(), { env });
+    expect(result.stderr).toBe('');
+    expect(result.code).toBe(0);
+    const backup = parseJson<{ id: string; name: string; disks: { name: string; size: number; bytesRead: number; source: { path: string } }[]; attachments: { name: string }[] }>(result.stdout);
+    expect(backup.name).toBe('vm1');
+    expect(backup.disks.map((d) => [d.name, d.size])).toEqual([
+      ['vm1_Disk1', 64 * MiB],
+      ['vm1_Disk2', 32 * MiB],
+    ]);
+    expect(backup.disks[0]!.source.path).toBe(join(sim.deviceRoot, `virtio-${vm.disks[0]!.slice(0, 20)}`));
+    expect(backup.attachments.map((a) => a.name)).toEqual(['ovf', 'ovirt-vm']);
+    const record = JSON.parse(await (await import('node:fs/promises')).readFile(join(repo, 'backups', backup.id), 'utf8')) as { attachments: { name: string; data: string }[] };
+    expect(record.attachments[0]!.data).toContain(`<VmId>${vm.id}</VmId>`);
+    // The snapshot went through the documented request shapes.
+    const snapshotPost = sim.requests.find((r) => r.method === 'POST' && r.path.endsWith('/snapshots'));
+    expect(snapshotPost?.status).toBe(202);
+    await expectNoLeftovers();
+    await expectRestores(backup.id, expected);
+  });
+
+  test('a snapshot that fails to be created is a clear error, and leaves nothing', async () => {
+    sim.faults.failNextSnapshot();
+    const result = await runEngine(backupArgs().filter((a) => a !== '--json'), { env });
+    expect(result.code).toBe(1);
+    expect(result.stderr).toContain('snapshot creation failed');
+    await expectNoLeftovers();
+  });
+
+  test('409 on detach is retried; an expired token mid-run is renewed', async () => {
+    await qemuIo(sim.disks.get(vm.disks[0]!)!.image, ['write -P 0xa3 20M 1M']);
+    const expected = await expectedRaw('3');
+    sim.faults.conflict('DELETE', /\/diskattachments\//, 2);
+    sim.faults.expireTokensAfter(6);
+    const result = await runEngine(backupArgs(), { env });
+    expect(result.code).toBe(0);
+    expect(sim.requests.filter((r) => r.method === 'DELETE' && r.path.includes('/diskattachments/') && r.status === 409)).toHaveLength(2);
+    expect(sim.requests.some((r) => r.status === 401)).toBe(true);
+    await expectNoLeftovers();
+    await expectRestores(parseJson<{ id: string }>(result.stdout).id, expected);
+  });
+
+  test('kill -9 mid-backup leaves a journal; `engine ovirt cleanup` removes every leftover', async () => {
+    const crashed = await runEngine(backupArgs(), { env: { ...env, ENGINE_CRASH_AT: 'before-record' } });
+    expect(crashed.code).toBe(137);
+    expect(vm.snapshots.size).toBe(1);
+    expect((await readdir(sim.deviceRoot)).length).toBe(2);
+    expect((await readdir(join(repo, 'journal'))).length).toBe(1);
+    const cleaned = await runEngine(['ovirt', 'cleanup', '--repo', repo, '--ovirt', sim.url, '--json'], { env });
+    expect(cleaned.code).toBe(0);
+    expect(parseJson<{ removed: number }>(cleaned.stdout).removed).toBe(3); // two attachments, one snapshot
+    await expectNoLeftovers();
+  });
+
+  test('after another kill -9, the next run cleans up by itself and succeeds', async () => {
+    const crashed = await runEngine(backupArgs(), { env: { ...env, ENGINE_CRASH_AT: 'before-record' } });
+    expect(crashed.code).toBe(137);
+    const expected = await expectedRaw('5');
+    const next = await runEngine(backupArgs().filter((a) => a !== '--json'), { env });
+    expect(next.code).toBe(0);
+    expect(next.stderr).toContain('removed leftover snapshot');
+    await expectNoLeftovers();
+    const id = /backup ([0-9a-f]{32})/.exec(next.stdout)![1]!;
+    await expectRestores(id, expected);
+  });
+
+  test('credentials never come from the command line; missing ones are a usage error', async () => {
+    const result = await runEngine(backupArgs(), { env: { ENGINE_OVIRT_USER: '', ENGINE_OVIRT_PASSWORD: '' } });
+    expect(result.code).toBe(2);
+    expect(parseJson<{ error: { message: string } }>(result.stdout).error.message).toContain('give --ovirt-credentials FILE or set ENGINE_OVIRT_USER and ENGINE_OVIRT_PASSWORD');
+  });
+});
