@@ -11,6 +11,7 @@ import {
   initRepository,
   ovirtApplianceBackup,
   ovirtCleanup,
+  ovirtRestoreVm,
   listBackups,
   parseSize,
   restore,
@@ -25,6 +26,25 @@ import { backupJson, printBackup, printInit, printJson, printList, printRestore,
 
 interface GlobalOptions {
   debug?: boolean;
+}
+
+interface RestoreCliOptions {
+  repo?: string;
+  disk?: string;
+  to?: string;
+  ovirt?: string;
+  newVm?: string;
+  toVm?: string;
+  cluster?: string;
+  storageDomain?: string;
+  keepDiskIds?: boolean;
+  appliance?: string;
+  deviceRoot?: string;
+  via?: string;
+  ovirtCredentials?: string;
+  caFile?: string;
+  json?: boolean;
+  workers?: number;
 }
 
 interface BackupCliOptions {
@@ -229,11 +249,46 @@ function buildProgram(): Command {
     .addOption(repoOption())
     .argument('<backup-id>', 'backup id or a unique prefix of it')
     .option('--disk <name>', 'the disk to restore (needed when the backup has several, unless --to is a directory)')
-    .requiredOption('--to <path>', 'target: a new file (created sparse), an existing file or block device at least as large, or a directory')
+    .option('--to <path>', 'target: a new file (created sparse), an existing file or block device at least as large, or a directory')
+    .option('--ovirt <url>', 'restore into oVirt through this backup appliance (with --new-vm or --to-vm)')
+    .option('--new-vm <name>', 'with --ovirt: create this VM from the backup\'s OVF, with new disks holding the restore point')
+    .option('--to-vm <name>', 'with --ovirt and --disk: restore one disk into a new disk of this existing VM')
+    .option('--cluster <name>', 'with --new-vm: the cluster (default: Default)')
+    .option('--storage-domain <name>', 'with --ovirt: where the new disks go (default: the first data domain)')
+    .option('--keep-disk-ids', 'with --new-vm: give the new disks their original ids (the OVF import then attaches them itself)')
+    .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM')
+    .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id'))
+    .addOption(new Option('--via <how>', 'with --ovirt: write through the appliance, or upload through an imageio transfer').choices(['appliance', 'transfer']).default('appliance'))
+    .addOption(ovirtCredentialsOption())
+    .option('--ca-file <pem>', "with --ovirt: the engine's CA certificate")
     .option('--json', 'print only the result, as JSON')
     .addOption(workersOption())
-    .action(async (id: string, opts: { repo?: string; disk?: string; to: string; json?: boolean; workers?: number }) => {
+    .action(async (id: string, opts: RestoreCliOptions) => {
       jsonMode = opts.json === true;
+      if (opts.ovirt !== undefined) {
+        if (opts.via === 'transfer') throw new InvalidArgumentError('--via transfer (imageio upload) is not implemented yet: restore --via appliance');
+        if (!opts.appliance) throw new InvalidArgumentError('--ovirt needs --appliance NAME (this backup appliance)');
+        const result = await ovirtRestoreVm({
+          repo: requireRepo(opts.repo),
+          ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
+          backupId: id,
+          appliance: opts.appliance,
+          newVm: opts.newVm,
+          toVm: opts.toVm,
+          disk: opts.disk,
+          cluster: opts.cluster,
+          storageDomain: opts.storageDomain,
+          keepDiskIds: opts.keepDiskIds,
+          deviceRoot: opts.deviceRoot,
+          onNotice: (message) => {
+            if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
+          },
+        });
+        if (jsonMode) printJson(result);
+        else process.stdout.write(`restored backup ${result.backup} into VM ${result.vm.name} (${result.vm.id}): ${result.disks.map((d) => `${d.name} → disk ${d.id}`).join(', ')}\n`);
+        return;
+      }
+      if (opts.to === undefined) throw new InvalidArgumentError("required option '--to <path>' not specified");
       const progress = createProgress({ json: jsonMode });
       const result = await restore({
         repo: requireRepo(opts.repo),

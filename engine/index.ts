@@ -20,4 +20,5 @@ export {
 } from './errors.js';
 export { OvirtClient, type OvirtClientOptions, type OvirtCredentials } from './ovirt/client.js';
 export { ovirtApplianceBackup, ovirtCleanup, type OvirtApplianceBackupOptions } from './ovirt/appliance-backup.js';
+export { ovirtRestoreVm, type OvirtRestoreOptions, type OvirtRestoreResult } from './ovirt/restore-vm.js';
 export * from '../repo-format/index.js';

@@ -16,6 +16,8 @@ let cleanup: () => Promise<void>;
 let sim: OvirtSim;
 let vm: SimVm;
 let repo: string;
+/** The first backup and what its disks held. */
+let first: { id: string; expected: string[] };
 const env = { ENGINE_OVIRT_USER: 'admin@internal', ENGINE_OVIRT_PASSWORD: 'secret' };
 
 beforeAll(async () => {
@@ -93,6 +95,7 @@ describe('oVirt disk-attachment backup', () => {
     expect(snapshotPost?.status).toBe(202);
     await expectNoLeftovers();
     await expectRestores(backup.id, expected);
+    first = { id: backup.id, expected };
   });
 
   test('a snapshot that fails to be created is a clear error, and leaves nothing', async () => {
@@ -144,5 +147,65 @@ describe('oVirt disk-attachment backup', () => {
     const result = await runEngine(backupArgs(), { env: { ENGINE_OVIRT_USER: '', ENGINE_OVIRT_PASSWORD: '' } });
     expect(result.code).toBe(2);
     expect(parseJson<{ error: { message: string } }>(result.stdout).error.message).toContain('give --ovirt-credentials FILE or set ENGINE_OVIRT_USER and ENGINE_OVIRT_PASSWORD');
+  });
+
+  test('restore to a new VM: new disks written through the appliance, the VM created from the same OVF', async () => {
+    const result = await runEngine(['restore', '--repo', repo, first.id, '--ovirt', sim.url, '--new-vm', 'vm1-restored', '--appliance', 'appliance', '--device-root', sim.deviceRoot, '--json'], { env });
+    expect(result.stderr).toBe('');
+    expect(result.code).toBe(0);
+    const out = parseJson<{ vm: { id: string; name: string }; disks: { name: string; id: string }[] }>(result.stdout);
+    const created = sim.vms.get(out.vm.id)!;
+    expect(created.name).toBe('vm1-restored');
+    const record = JSON.parse(await (await import('node:fs/promises')).readFile(join(repo, 'backups', first.id), 'utf8')) as { attachments: { name: string; data: string }[] };
+    expect(created.importedOvf).toBe(record.attachments[0]!.data); // the same OVF
+    expect([...created.attachments.keys()].sort()).toEqual(out.disks.map((d) => d.id).sort()); // attached explicitly: new ids
+    for (const [i, disk] of out.disks.entries()) {
+      expect(vm.disks).not.toContain(disk.id);
+      const raw = join(dir, `restored-vm-${i}.raw`);
+      await sh('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', sim.disks.get(disk.id)!.image, raw]);
+      expect(await filesIdentical(raw, first.expected[i]!)).toBe(true);
+    }
+    await expectNoLeftovers();
+  });
+
+  test('restore one disk into a new disk of an existing VM', async () => {
+    const target = await sim.addVm('target', [], 'down');
+    const result = await runEngine(['restore', '--repo', repo, first.id, '--disk', 'vm1_Disk2', '--ovirt', sim.url, '--to-vm', 'target', '--appliance', 'appliance', '--device-root', sim.deviceRoot, '--json'], { env });
+    expect(result.code).toBe(0);
+    const out = parseJson<{ disks: { id: string }[] }>(result.stdout);
+    expect([...target.attachments.keys()]).toEqual([out.disks[0]!.id]);
+    const raw = join(dir, 'restored-one.raw');
+    await sh('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', sim.disks.get(out.disks[0]!.id)!.image, raw]);
+    expect(await filesIdentical(raw, first.expected[1]!)).toBe(true);
+    await expectNoLeftovers();
+  });
+
+  test('a restore that fails removes the disks it created', async () => {
+    const disksBefore = [...sim.disks.keys()].sort();
+    const result = await runEngine(['restore', '--repo', repo, first.id, '--ovirt', sim.url, '--new-vm', 'vm1-bad', '--cluster', 'Nope', '--appliance', 'appliance', '--device-root', sim.deviceRoot], { env });
+    expect(result.code).toBe(1);
+    expect(result.stderr).toContain("Cluster Nope doesn't exist");
+    expect([...sim.disks.keys()].sort()).toEqual(disksBefore);
+    expect([...sim.vms.values()].some((v) => v.name === 'vm1-bad')).toBe(false);
+    await expectNoLeftovers();
+  });
+
+  test('disaster recovery with the original disk ids: the OVF import attaches the disks itself', async () => {
+    // The original VM and its disks are gone.
+    for (const id of vm.disks) sim.disks.delete(id);
+    sim.vms.delete(vm.id);
+    const result = await runEngine(['restore', '--repo', repo, first.id, '--ovirt', sim.url, '--new-vm', 'vm1', '--keep-disk-ids', '--appliance', 'appliance', '--device-root', sim.deviceRoot, '--json'], { env });
+    expect(result.code).toBe(0);
+    const out = parseJson<{ vm: { id: string }; disks: { id: string }[] }>(result.stdout);
+    expect(out.disks.map((d) => d.id)).toEqual(vm.disks);
+    const created = sim.vms.get(out.vm.id)!;
+    expect(created.disks).toEqual(vm.disks); // attached by the import, from the OVF
+    const explicitAttach = sim.requests.filter((r) => r.method === 'POST' && r.path.includes(`/vms/${out.vm.id}/diskattachments`));
+    expect(explicitAttach).toEqual([]);
+    for (const [i, id] of vm.disks.entries()) {
+      const raw = join(dir, `dr-${i}.raw`);
+      await sh('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', sim.disks.get(id)!.image, raw]);
+      expect(await filesIdentical(raw, first.expected[i]!)).toBe(true);
+    }
   });
 });

@@ -41,22 +41,35 @@ interface SnapshotDisk {
   size: number;
 }
 
-async function vmIdByName(client: OvirtClient, name: string): Promise<string> {
+export type Wait = { timeoutMs: number; intervalMs: number };
+
+export async function vmIdByName(client: OvirtClient, name: string): Promise<string> {
   const found = children(child((await client.get('vms', { search: `name=${name}` })).xml, 'vms'), 'vm').filter((vm) => text(vm, 'name') === name);
   if (found.length !== 1) throw new InvalidArgumentError(found.length === 0 ? `oVirt has no VM named "${name}"` : `oVirt has ${found.length} VMs named "${name}"`);
   return attribute(found[0], 'id')!;
 }
 
-function isNotFound(error: unknown): boolean {
+export function isNotFound(error: unknown): boolean {
   return error instanceof OvirtFaultError && error.status === 404;
 }
 
+async function deleteIfPresent(client: OvirtClient, path: string): Promise<void> {
+  await client.delete(path).catch((error: unknown) => {
+    if (!isNotFound(error)) throw error;
+  });
+}
+
+/** The order cleanup undoes kinds in: what holds a resource goes before the resource. */
+const UNDO_ORDER = ['attachment', 'vm', 'snapshot', 'disk'];
+
 /** Removes what a journal entry names, idempotently (already gone is fine). */
-async function undo(client: OvirtClient, entry: JournalEntry, wait: { timeoutMs: number; intervalMs: number }): Promise<void> {
+export async function undo(client: OvirtClient, entry: JournalEntry, wait: Wait): Promise<void> {
   if (entry.kind === 'attachment') {
-    await client.delete(`vms/${entry.vm}/diskattachments/${entry.disk}`).catch((error: unknown) => {
-      if (!isNotFound(error)) throw error;
-    });
+    await deleteIfPresent(client, `vms/${entry.vm}/diskattachments/${entry.disk}`);
+  } else if (entry.kind === 'vm') {
+    await deleteIfPresent(client, `vms/${entry.vm}`);
+  } else if (entry.kind === 'disk') {
+    await deleteIfPresent(client, `disks/${entry.disk}`);
   } else if (entry.kind === 'snapshot' && !entry.snapshot) {
     // The run died between asking for the snapshot and learning its id: find it by its description.
     const list = children(child((await client.get(`vms/${entry.vm}/snapshots`)).xml, 'snapshots'), 'snapshot');
@@ -88,14 +101,14 @@ async function undo(client: OvirtClient, entry: JournalEntry, wait: { timeoutMs:
 }
 
 /** Undoes every entry of every journal in the repository: attachments first, then snapshots. */
-export async function cleanupJournals(repo: string, client: OvirtClient, wait: { timeoutMs: number; intervalMs: number }, notice: (m: string) => void): Promise<number> {
+export async function cleanupJournals(repo: string, client: OvirtClient, wait: Wait, notice: (m: string) => void): Promise<number> {
   let removed = 0;
   for (const journal of await Journal.list(repo)) {
-    const ordered = [...journal.entries].sort((a, b) => (a.kind === b.kind ? 0 : a.kind === 'attachment' ? -1 : 1));
+    const ordered = [...journal.entries].sort((a, b) => UNDO_ORDER.indexOf(a.kind) - UNDO_ORDER.indexOf(b.kind));
     for (const entry of ordered) {
       await undo(client, entry, wait);
       await journal.remove((e) => e === entry);
-      notice(`removed leftover ${entry.kind} ${entry.kind === 'snapshot' ? entry.snapshot : entry.disk} of an interrupted run`);
+      notice(`removed leftover ${entry.kind} ${entry.snapshot || entry.disk || entry.vm} of an interrupted run`);
       removed += 1;
     }
     await journal.remove(() => true);
@@ -103,7 +116,7 @@ export async function cleanupJournals(repo: string, client: OvirtClient, wait: {
   return removed;
 }
 
-async function findDevice(client: OvirtClient, applianceId: string, disk: SnapshotDisk, deviceRoot: string, wait: { timeoutMs: number; intervalMs: number }): Promise<string> {
+export async function findDevice(client: OvirtClient, applianceId: string, disk: SnapshotDisk, deviceRoot: string, wait: Wait): Promise<string> {
   const byId = join(deviceRoot, `virtio-${disk.id.slice(0, 20)}`);
   return client.waitFor(`disk ${disk.id} to appear in the appliance`, async () => {
     const size = await stat(byId).then((s) => (s.isBlockDevice() || s.isFile() ? s.size : -1), () => -1);

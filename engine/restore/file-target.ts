@@ -29,7 +29,11 @@ export class FileTarget implements RestoreTarget {
     private readonly created: boolean,
   ) {}
 
-  static async open(path: string, diskSize: number): Promise<FileTarget> {
+  /**
+   * `assumeZeroed`: an existing target known to read as zeros (a freshly created disk), so zero blocks
+   * need not be written.
+   */
+  static async open(path: string, diskSize: number, options: { assumeZeroed?: boolean } = {}): Promise<FileTarget> {
     const existing = await stat(path).catch((error: unknown) => {
       if (isErrnoException(error) && error.code === 'ENOENT') return undefined;
       throw new TargetUnwritableError(path, String(error));
@@ -56,7 +60,7 @@ export class FileTarget implements RestoreTarget {
     else throw new TargetUnwritableError(path, 'it exists and is neither a regular file nor a block device');
     if (size < diskSize) throw new TargetTooSmallError(path, size, diskSize);
     try {
-      return new FileTarget(path, await open(path, 'r+'), false, false);
+      return new FileTarget(path, await open(path, 'r+'), options.assumeZeroed === true, false);
     } catch (error) {
       throw new TargetUnwritableError(path, isErrnoException(error) ? error.message : String(error));
     }

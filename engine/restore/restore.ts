@@ -29,6 +29,8 @@ export interface RestoreOptions {
   /** Disk name; may be omitted when the backup has one disk, or when `to` is a directory for all disks. */
   disk?: string | undefined;
   to: string;
+  /** The target is a new disk that reads as zeros: zero blocks are skipped instead of written. */
+  targetIsZeroed?: boolean | undefined;
   workers?: number | undefined;
   signal?: AbortSignal | undefined;
   onProgress?: ((progress: RestoreProgress) => void) | undefined;
@@ -75,7 +77,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
     pool = new BlockPool({ blockSize: record.blockSize, workers: options.workers });
     const disks: RestoredDisk[] = [];
     for (const { disk, path } of plan) {
-      const target = await FileTarget.open(path, disk.size);
+      const target = await FileTarget.open(path, disk.size, { assumeZeroed: options.targetIsZeroed });
       try {
         disks.push(await restoreDisk(repo, pool, record, disk, target, options));
         await target.finish();

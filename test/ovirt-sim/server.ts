@@ -26,7 +26,12 @@ export interface SimDisk {
   size: number;
   /** The active (writable) layer. */
   image: string;
+  status: 'locked' | 'ok';
+  storageDomain: string;
 }
+
+export const STORAGE_DOMAIN_ID = '5e7d0f3a-0000-4000-8000-00000000da7a';
+export const CLUSTER_ID = 'c1a55e00-0000-4000-8000-0000000000c1';
 
 export interface SimSnapshot {
   id: string;
@@ -50,6 +55,9 @@ export interface SimVm {
   id: string;
   name: string;
   status: 'up' | 'down';
+  cluster: string;
+  /** The OVF the VM was imported from, if it was. */
+  importedOvf: string | undefined;
   disks: string[];
   snapshots: Map<string, SimSnapshot>;
   attachments: Map<string, SimAttachment>;
@@ -100,6 +108,17 @@ function tool(command: string, args: string[]): Promise<string> {
 
 function xmlEscape(value: string): string {
   return value.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
+}
+
+function xmlUnescape(value: string): string {
+  return value
+    .replace(/&lt;/g, '<')
+    .replace(/&gt;/g, '>')
+    .replace(/&quot;/g, '"')
+    .replace(/&apos;/g, "'")
+    .replace(/&#(\d+);/g, (_, n: string) => String.fromCodePoint(Number(n)))
+    .replace(/&#x([0-9a-f]+);/gi, (_, n: string) => String.fromCodePoint(parseInt(n, 16)))
+    .replace(/&amp;/g, '&');
 }
 
 export function faultXml(reason: string, detail: string): string {
@@ -164,7 +183,8 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     `<snapshot href="${API}/vms/${vm.id}/snapshots/active-${vm.id}" id="active-${vm.id}"><description>Active VM</description><snapshot_status>ok</snapshot_status><snapshot_type>active</snapshot_type></snapshot>`;
 
   const diskXml = (disk: SimDisk, extra = ''): string =>
-    `<disk href="${API}/disks/${disk.id}" id="${disk.id}"><alias>${xmlEscape(disk.alias)}</alias><format>cow</format><provisioned_size>${disk.size}</provisioned_size><status>ok</status>${extra}</disk>`;
+    `<disk href="${API}/disks/${disk.id}" id="${disk.id}"><alias>${xmlEscape(disk.alias)}</alias><name>${xmlEscape(disk.alias)}</name><format>cow</format><provisioned_size>${disk.size}</provisioned_size><status>${disk.status}</status>` +
+    `<storage_domains><storage_domain id="${disk.storageDomain}"/></storage_domains>${extra}</disk>`;
 
   const attachmentXml = (vm: SimVm, a: SimAttachment): string =>
     `<disk_attachment href="${API}/vms/${vm.id}/diskattachments/${a.diskId}" id="${a.diskId}"><active>${a.active}</active><bootable>false</bootable><interface>virtio</interface>` +
@@ -251,10 +271,73 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       const list = [...vms.values()].filter((vm) => !nameMatch || vm.name === nameMatch[1]);
       return send(req, res, 200, `<vms>${list.map((vm) => vmXml(vm, allContent)).join('')}</vms>`);
     }
+    if (path === '/clusters' && method === 'GET') {
+      return send(req, res, 200, `<clusters><cluster href="${API}/clusters/${CLUSTER_ID}" id="${CLUSTER_ID}"><name>Default</name></cluster></clusters>`);
+    }
+    if (path === '/storagedomains' && method === 'GET') {
+      return send(req, res, 200, `<storage_domains><storage_domain href="${API}/storagedomains/${STORAGE_DOMAIN_ID}" id="${STORAGE_DOMAIN_ID}"><name>data</name><type>data</type><status>active</status></storage_domain></storage_domains>`);
+    }
+    if (path === '/disks' && method === 'POST') {
+      const body = await readBody(req);
+      const format = tagText(body, 'format');
+      const size = Number(tagText(body, 'provisioned_size'));
+      const domain = /<storage_domain id="([^"]+)"/.exec(body)?.[1];
+      const name = tagText(body, 'name') ?? tagText(body, 'alias');
+      if (format !== 'cow' && format !== 'raw') return send(req, res, 400, faultXml('Incomplete parameters', 'Disk [format] required for add'));
+      if (!Number.isSafeInteger(size) || size <= 0) return send(req, res, 400, faultXml('Incomplete parameters', 'Disk [provisionedSize] required for add'));
+      if (domain !== STORAGE_DOMAIN_ID) return send(req, res, 400, faultXml('Operation Failed', `[Cannot add Virtual Disk. Storage Domain doesn't exist.]`));
+      const id = /^<disk id="([^"]+)"/.exec(body.trim())?.[1] ?? randomUUID();
+      if (disks.has(id)) return send(req, res, 409, faultXml('Operation Failed', `[Cannot add Virtual Disk. Disk ${id} already exists.]`));
+      const image = join(imagesDir, `${id}.qcow2`);
+      const disk: SimDisk = { id, alias: name ?? `disk-${id.slice(0, 8)}`, size, image, status: 'locked', storageDomain: domain };
+      disks.set(id, disk);
+      later(lockMs, async () => {
+        await tool('qemu-img', ['create', '-q', '-f', format === 'cow' ? 'qcow2' : 'raw', image, String(size)]);
+        disk.status = 'ok';
+      });
+      return send(req, res, 202, diskXml(disk));
+    }
     const diskMatch = /^\/disks\/([^/]+)$/.exec(path);
     if (diskMatch && method === 'GET') {
       const disk = disks.get(diskMatch[1]!);
       return disk ? send(req, res, 200, diskXml(disk)) : notFound(req, res, diskMatch[1]!);
+    }
+    if (diskMatch && method === 'DELETE') {
+      const disk = disks.get(diskMatch[1]!);
+      if (!disk) return notFound(req, res, diskMatch[1]!);
+      for (const owner of vms.values()) {
+        if (owner.attachments.has(disk.id) || owner.disks.includes(disk.id)) {
+          return send(req, res, 409, faultXml('Operation Failed', `[Cannot remove Virtual Disk. The disk is attached to VM ${owner.name}.]`));
+        }
+      }
+      disks.delete(disk.id);
+      await rm(disk.image, { force: true });
+      return send(req, res, 200, '<action><status>complete</status></action>');
+    }
+    if (path === '/vms' && method === 'POST') {
+      const body = await readBody(req);
+      const name = tagText(body.replace(/<cluster>[\s\S]*?<\/cluster>/, '').replace(/<data>[\s\S]*?<\/data>/, ''), 'name');
+      const data = /<data>(?:<!\[CDATA\[)?([\s\S]*?)(?:\]\]>)?<\/data>/.exec(body)?.[1];
+      const type = tagText(body, 'type');
+      if (!data || type !== 'ovf') return send(req, res, 400, faultXml('Incomplete parameters', 'Vm [initialization.configuration.type, initialization.configuration.data] required for add'));
+      const ovf = body.includes('<![CDATA[') ? data : xmlUnescape(data);
+      const vmName = name ?? /<Name>([^<]*)<\/Name>/.exec(ovf)?.[1];
+      if (!vmName) return send(req, res, 400, faultXml('Incomplete parameters', 'Vm [name] required for add'));
+      if ([...vms.values()].some((v) => v.name === vmName)) return send(req, res, 409, faultXml('Operation Failed', `[Cannot add VM. The VM name is already in use.]`));
+      const clusterName = /<cluster>\s*<name>([^<]*)<\/name>/.exec(body)?.[1];
+      if (clusterName !== undefined && clusterName !== 'Default') return send(req, res, 400, faultXml('Operation Failed', `[Cannot add VM. Cluster ${clusterName} doesn't exist.]`));
+      const created: SimVm = { id: randomUUID(), name: vmName, status: 'down', cluster: CLUSTER_ID, importedOvf: ovf, disks: [], snapshots: new Map(), attachments: new Map() };
+      // ImportVmFromConfiguration attaches the OVF's disks that exist (by id) and are free.
+      for (const [, diskId] of ovf.matchAll(/ovf:diskId="([^"]+)"/g)) {
+        const disk = disks.get(diskId!);
+        const taken = [...vms.values()].some((v) => v.disks.includes(diskId!) || v.attachments.has(diskId!));
+        if (disk && !taken) {
+          created.disks.push(disk.id);
+          created.attachments.set(disk.id, { diskId: disk.id, snapshotId: undefined, active: true, device: undefined, fuse: undefined });
+        }
+      }
+      vms.set(created.id, created);
+      return send(req, res, 201, vmXml(created, false));
     }
     const vmPath = /^\/vms\/([^/]+)(\/.*)?$/.exec(path);
     if (!vmPath) return send(req, res, 404, faultXml('Not Found', `${method} ${url.pathname}`));
@@ -263,6 +346,18 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     const rest = vmPath[2] ?? '';
 
     if (rest === '' && method === 'GET') return send(req, res, 200, vmXml(vm, allContent));
+    if (rest === '' && method === 'DELETE') {
+      if (vm.status === 'up') return send(req, res, 409, faultXml('Operation Failed', '[Cannot remove VM. VM is running.]'));
+      // Removing a VM removes its disks too (unless detach_only), as the engine does.
+      for (const a of vm.attachments.values()) await unplug(a);
+      for (const id of new Set([...vm.disks, ...vm.attachments.keys()])) {
+        const disk = disks.get(id);
+        if (disk) await rm(disk.image, { force: true });
+        disks.delete(id);
+      }
+      vms.delete(vm.id);
+      return send(req, res, 200, '<action><status>complete</status></action>');
+    }
 
     if (rest === '/snapshots' && method === 'GET') {
       return send(req, res, 200, `<snapshots>${activeSnapshotXml(vm)}${[...vm.snapshots.values()].map((s) => snapshotXml(vm, s, false)).join('')}</snapshots>`);
@@ -346,9 +441,14 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
         if (!snapshot || !frozen || snapshot.status !== 'ok') return send(req, res, 400, faultXml('Operation Failed', `[Cannot attach Virtual Disk. Snapshot ${snapshotId} of disk ${diskId} is not available.]`));
         image = frozen;
       }
+      if (!snapshotId && disk.status !== 'ok') return send(req, res, 409, faultXml('Operation Failed', '[Cannot attach Virtual Disk. Disk is locked.]'));
+      if (!snapshotId && [...vms.values()].some((v) => v !== vm && (v.attachments.has(diskId) || v.disks.includes(diskId)))) {
+        return send(req, res, 409, faultXml('Operation Failed', '[Cannot attach Virtual Disk. The disk is not shareable and is already attached to a VM.]'));
+      }
       const attachment: SimAttachment = { diskId, snapshotId, active, device: undefined, fuse: undefined };
       vm.attachments.set(diskId, attachment);
-      if (active) await plug(attachment, image, snapshotId !== undefined);
+      // A disk of a running VM is hot-plugged; a stopped VM only records the attachment.
+      if (active && vm.status === 'up') await plug(attachment, image, snapshotId !== undefined);
       return send(req, res, 201, attachmentXml(vm, attachment));
     }
     const attachPath = /^\/diskattachments\/([^/]+)$/.exec(rest);
@@ -390,13 +490,13 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       },
     },
     async addVm(name, diskSpecs, status = 'up') {
-      const vm: SimVm = { id: randomUUID(), name, status, disks: [], snapshots: new Map(), attachments: new Map() };
+      const vm: SimVm = { id: randomUUID(), name, status, cluster: CLUSTER_ID, importedOvf: undefined, disks: [], snapshots: new Map(), attachments: new Map() };
       for (const spec of diskSpecs) {
         const id = randomUUID();
         const image = join(imagesDir, `${id}.qcow2`);
         await tool('qemu-img', ['create', '-q', '-f', 'qcow2', image, spec.size]);
         const size = JSON.parse(await tool('qemu-img', ['info', '--output=json', image]))['virtual-size'] as number;
-        disks.set(id, { id, alias: spec.alias, size, image });
+        disks.set(id, { id, alias: spec.alias, size, image, status: 'ok', storageDomain: STORAGE_DOMAIN_ID });
         vm.disks.push(id);
       }
       vms.set(vm.id, vm);
