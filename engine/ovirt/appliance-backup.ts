@@ -16,6 +16,7 @@ import { Repository } from '../../repo-format/repository.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { backup, type BackupOptions, type BackupResult } from '../backup.js';
 import { OvirtFaultError } from '../errors.js';
+import { blockDeviceSize } from '../sources/device-size.js';
 import { OvirtClient, type OvirtClientOptions } from './client.js';
 import { attribute, child, children, text } from './xml.js';
 
@@ -116,16 +117,28 @@ export async function cleanupJournals(repo: string, client: OvirtClient, wait: W
   return removed;
 }
 
+/** Size of a block device (sysfs) or a file (the simulator's nbdfuse files); -1 if it is not there. */
+async function deviceSize(path: string): Promise<number> {
+  const info = await stat(path).catch(() => undefined);
+  if (!info) return -1;
+  if (info.isBlockDevice()) return blockDeviceSize(info.rdev).catch(() => -1);
+  return info.isFile() ? info.size : -1;
+}
+
+/**
+ * The attached disk inside the appliance: /dev/disk/by-id/virtio-<first 20 characters of the disk id>
+ * (the virtio serial oVirt sets), checked against the disk's size; the guest agent's logical_name is the
+ * fallback. Polled: hot-plug takes a moment.
+ */
 export async function findDevice(client: OvirtClient, applianceId: string, disk: SnapshotDisk, deviceRoot: string, wait: Wait): Promise<string> {
   const byId = join(deviceRoot, `virtio-${disk.id.slice(0, 20)}`);
   return client.waitFor(`disk ${disk.id} to appear in the appliance`, async () => {
-    const size = await stat(byId).then((s) => (s.isBlockDevice() || s.isFile() ? s.size : -1), () => -1);
+    const size = await deviceSize(byId);
     if (size === disk.size) return byId;
-    // Fallback: the guest agent's logical_name (a block device reports size 0 to stat: accept it by path).
     const attachment = child((await client.get(`vms/${applianceId}/diskattachments/${disk.id}`)).xml, 'disk_attachment');
     const logical = text(attachment, 'logical_name');
-    if (logical && (await stat(logical).then((s) => s.isBlockDevice() || s.size === disk.size, () => false))) return logical;
-    if (size > 0 && size !== disk.size) throw new InvalidArgumentError(`${byId} holds ${size} bytes, disk ${disk.id} has ${disk.size}: not the disk that was attached`);
+    if (logical && (await deviceSize(logical)) === disk.size) return logical;
+    if (size > 0) throw new InvalidArgumentError(`${byId} holds ${size} bytes, disk ${disk.id} has ${disk.size}: not the disk that was attached`);
     return undefined;
   }, wait);
 }
