@@ -11,6 +11,7 @@ import {
   initRepository,
   ovirtApplianceBackup,
   ovirtCleanup,
+  ovirtIncrementalBackup,
   ovirtRestoreVm,
   listBackups,
   parseSize,
@@ -154,9 +155,9 @@ function buildProgram(): Command {
     .option('--source <path|uri>', 'raw image, block device or NBD URI, read whole; repeat for each disk', collect)
     .option('--image <qcow2>', "qcow2 image of a stopped VM: incremental and differential backups from its dirty bitmaps; repeat for each disk", collect)
     .option('--libvirt <domain>', 'a running libvirt domain: all its disks, through checkpoints and a pull-mode backup')
-    .option('--ovirt <url>', 'an oVirt engine (https://engine.example.org): back up --vm through this backup appliance')
+    .option('--ovirt <url>', 'an oVirt engine (https://engine.example.org): back up --vm through its incremental backup API, or with --appliance through this backup appliance')
     .option('--vm <name>', 'with --ovirt: the VM to back up')
-    .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM')
+    .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM (the disk-attachment flow: full backups)')
     .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id'))
     .addOption(ovirtCredentialsOption())
     .addOption(new Option('--ca-file <pem>', "with --ovirt: the engine's CA certificate"))
@@ -174,21 +175,27 @@ function buildProgram(): Command {
         if ((opts.source ?? []).length + (opts.image ?? []).length > 0 || opts.libvirt !== undefined) {
           throw new InvalidArgumentError('--ovirt backs up a VM through its snapshot: do not combine it with --source, --image or --libvirt');
         }
-        if (!opts.vm || !opts.appliance) throw new InvalidArgumentError('--ovirt needs --vm NAME (the VM) and --appliance NAME (this backup appliance)');
+        if (!opts.vm) throw new InvalidArgumentError('--ovirt needs --vm NAME (the VM to back up)');
         const progress = createProgress({ json: jsonMode });
-        const { record } = await ovirtApplianceBackup({
+        const common = {
           repo: requireRepo(opts.repo),
           ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
           vm: opts.vm,
-          appliance: opts.appliance,
-          deviceRoot: opts.deviceRoot,
           workers: opts.workers,
           signal: interruptSignal(),
-          onProgress: (p) => progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal),
-          onNotice: (message) => {
+          onProgress: (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }) =>
+            progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal),
+          onNotice: (message: string) => {
             if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
           },
-        });
+        };
+        if (opts.appliance !== undefined && (opts.incremental || opts.differential)) {
+          throw new InvalidArgumentError('the disk-attachment flow (--appliance) makes full backups; leave out --appliance for incremental ones');
+        }
+        const { record } =
+          opts.appliance !== undefined
+            ? await ovirtApplianceBackup({ ...common, appliance: opts.appliance, deviceRoot: opts.deviceRoot })
+            : await ovirtIncrementalBackup({ ...common, mode: opts.full ? 'full' : opts.incremental ? 'incremental' : opts.differential ? 'differential' : 'auto' });
         progress.done();
         if (jsonMode) printJson(backupJson(record));
         else printBackup(record);

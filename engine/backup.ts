@@ -14,6 +14,8 @@ import { backupDisk, type DiskProgress, type IncrementalPlan } from './pipeline/
 import { openSource } from './sources/open-source.js';
 import type { BlockSource } from './sources/source.js';
 import { openImageDisk, type RequestedMode } from './cbt/image-disk.js';
+import type { CbtDiskJob } from './cbt/chain.js';
+import type { LoadPage } from '../repo-format/block-map.js';
 import { openLibvirtBackup } from './cbt/libvirt-domain.js';
 import { InterruptedError } from './errors.js';
 import { ENGINE_VERSION } from './version.js';
@@ -28,6 +30,12 @@ export interface BackupOptions {
   images?: string[] | undefined;
   /** A running libvirt domain: all its disks, through checkpoints and a pull-mode backup. */
   libvirt?: string | undefined;
+  /**
+   * Disks prepared by a flow of its own (e.g. oVirt's backup API), given what it needs to decide each
+   * disk's chain. Its session is released after its last disk, finished after the commit, rolled back on
+   * failure.
+   */
+  provider?: ((args: ChainArgs) => Promise<CbtSession & { disks: CbtDiskJob[] }>) | undefined;
   /** Disk names, one per source then one per image; default: each file name (or NBD export name). */
   diskNames?: string[] | undefined;
   name?: string | undefined;
@@ -55,8 +63,19 @@ function checkNames(names: string[]): void {
   }
 }
 
+/** What a changed-block-tracking flow needs to decide the chains of its disks. */
+export interface ChainArgs {
+  backupId: string;
+  requested: RequestedMode;
+  /** Backups of this VM (same name), newest first. */
+  history: BackupRecord[];
+  repositoryId: string;
+  loadPage: LoadPage;
+  blockSize: number;
+}
+
 /** The changed-block-tracking bookkeeping around some disks (one qcow2 image, or one libvirt job). */
-interface CbtSession {
+export interface CbtSession {
   release(): Promise<void>;
   finish(): Promise<void>;
   rollback(): Promise<void>;
@@ -90,7 +109,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     throw new InvalidArgumentError('--libvirt names each disk after its target (vda, sdb…): --disk-name does not apply');
   }
   const diskCount = plainSpecs.length + imagePaths.length;
-  if (diskCount === 0 && options.libvirt === undefined) throw new InvalidArgumentError('no disk given: name at least one --source or --image, or --libvirt DOMAIN');
+  if (diskCount === 0 && options.libvirt === undefined && options.provider === undefined) throw new InvalidArgumentError('no disk given: name at least one --source or --image, or --libvirt DOMAIN');
   if (options.diskNames && options.diskNames.length > 0 && options.diskNames.length !== diskCount) {
     throw new InvalidArgumentError(`${options.diskNames.length} disk names for ${diskCount} disks: give one --disk-name per --source and --image, in that order`);
   }
@@ -123,14 +142,15 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     jobs.forEach((job, i) => (job.name = names[i]!));
     const name = options.name ?? options.libvirt ?? (diskCount === 1 ? basename(plainSpecs[0] ?? imagePaths[0]!) : names.join('+'));
     // The chain of a disk continues from the newest backup of the same name that has it.
-    const history = imagePaths.length > 0 || options.libvirt !== undefined ? (await repo.listBackups()).backups.filter((r) => r.name === name).reverse() : [];
-    const chainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize };
+    const history = imagePaths.length > 0 || options.libvirt !== undefined || options.provider !== undefined ? (await repo.listBackups()).backups.filter((r) => r.name === name).reverse() : [];
+    const chainArgs: ChainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize };
     for (const [i, image] of imagePaths.entries()) {
       const session = await openImageDisk({ image, name: names[plainSpecs.length + i]!, ...chainArgs });
       jobs.push({ name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, session });
     }
-    if (options.libvirt !== undefined) {
-      const session = await openLibvirtBackup({ domain: options.libvirt, ...chainArgs });
+    const provider = options.libvirt !== undefined ? (args: ChainArgs) => openLibvirtBackup({ domain: options.libvirt!, ...args }) : options.provider;
+    if (provider) {
+      const session = await provider(chainArgs);
       for (const disk of session.disks) jobs.push({ ...disk, session });
     }
     for (const job of jobs) if (job.cbt && job.modeReason && requested !== 'full') notice(`disk ${job.name}: full read: ${job.modeReason}`);

@@ -21,4 +21,5 @@ export {
 export { OvirtClient, type OvirtClientOptions, type OvirtCredentials } from './ovirt/client.js';
 export { ovirtApplianceBackup, ovirtCleanup, type OvirtApplianceBackupOptions } from './ovirt/appliance-backup.js';
 export { ovirtRestoreVm, type OvirtRestoreOptions, type OvirtRestoreResult } from './ovirt/restore-vm.js';
+export { ovirtIncrementalBackup, type OvirtIncrementalBackupOptions } from './ovirt/incremental-backup.js';
 export * from '../repo-format/index.js';

@@ -61,7 +61,19 @@ async function deleteIfPresent(client: OvirtClient, path: string): Promise<void>
 }
 
 /** The order cleanup undoes kinds in: what holds a resource goes before the resource. */
-const UNDO_ORDER = ['attachment', 'vm', 'snapshot', 'disk'];
+const UNDO_ORDER = ['attachment', 'transfer', 'backup', 'vm', 'snapshot', 'disk'];
+
+/** Waits until `probe` sees a terminal state, or the entity is gone (404). */
+async function settle(client: OvirtClient, what: string, path: string, root: string, done: (phase: string | undefined) => boolean, wait: Wait): Promise<void> {
+  await client.waitFor(what, async () => {
+    try {
+      return done(text(child((await client.get(path)).xml, root), 'phase')) ? true : undefined;
+    } catch (error) {
+      if (isNotFound(error)) return true;
+      throw error;
+    }
+  }, wait);
+}
 
 /** Removes what a journal entry names, idempotently (already gone is fine). */
 export async function undo(client: OvirtClient, entry: JournalEntry, wait: Wait): Promise<void> {
@@ -71,6 +83,16 @@ export async function undo(client: OvirtClient, entry: JournalEntry, wait: Wait)
     await deleteIfPresent(client, `vms/${entry.vm}`);
   } else if (entry.kind === 'disk') {
     await deleteIfPresent(client, `disks/${entry.disk}`);
+  } else if (entry.kind === 'transfer') {
+    await client.post(`imagetransfers/${entry.transfer}/cancel`, 'action', {}).catch((error: unknown) => {
+      if (!isNotFound(error)) throw error;
+    });
+    await settle(client, `image transfer ${entry.transfer} to end`, `imagetransfers/${entry.transfer}`, 'image_transfer', (p) => p === undefined || p.startsWith('finished') || p.startsWith('cancelled'), wait);
+  } else if (entry.kind === 'backup') {
+    await client.post(`vms/${entry.vm}/backups/${entry.backup}/finalize`, 'action', {}).catch((error: unknown) => {
+      if (!isNotFound(error)) throw error;
+    });
+    await settle(client, `backup ${entry.backup} to finish`, `vms/${entry.vm}/backups/${entry.backup}`, 'backup', (p) => p === 'succeeded' || p === 'failed', wait);
   } else if (entry.kind === 'snapshot' && !entry.snapshot) {
     // The run died between asking for the snapshot and learning its id: find it by its description.
     const list = children(child((await client.get(`vms/${entry.vm}/snapshots`)).xml, 'snapshots'), 'snapshot');
@@ -109,7 +131,7 @@ export async function cleanupJournals(repo: string, client: OvirtClient, wait: W
     for (const entry of ordered) {
       await undo(client, entry, wait);
       await journal.remove((e) => e === entry);
-      notice(`removed leftover ${entry.kind} ${entry.snapshot || entry.disk || entry.vm} of an interrupted run`);
+      notice(`removed leftover ${entry.kind} ${entry.snapshot || entry.transfer || entry.backup || entry.disk || entry.vm} of an interrupted run`);
       removed += 1;
     }
     await journal.remove(() => true);

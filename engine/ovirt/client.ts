@@ -53,6 +53,18 @@ export class OvirtClient {
     this.base = new URL(options.url);
   }
 
+  /** 409 handling, from the options or the environment (ENGINE_OVIRT_CONFLICT_RETRIES, ENGINE_OVIRT_CONFLICT_DELAY_MS). */
+  private get conflictPolicy(): { retries: number; delayMs: number } {
+    const env = (name: string): number | undefined => {
+      const value = process.env[name];
+      return value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined;
+    };
+    return {
+      retries: this.options.conflictRetries ?? env('ENGINE_OVIRT_CONFLICT_RETRIES') ?? 5,
+      delayMs: this.options.conflictDelayMs ?? env('ENGINE_OVIRT_CONFLICT_DELAY_MS') ?? 1000,
+    };
+  }
+
   private async send(method: string, path: string, headers: Record<string, string>, body?: string): Promise<HttpResponse> {
     if (this.options.caFile && !this.ca) this.ca = await readFile(this.options.caFile);
     const url = new URL(path, this.base);
@@ -103,7 +115,8 @@ export class OvirtClient {
     const fullPath = `/ovirt-engine/api/${path.replace(/^\//, '')}${query}`;
     const what = `${method} ${fullPath}`;
     let relogged = false;
-    let delay = this.options.conflictDelayMs ?? 1000;
+    const policy = this.conflictPolicy;
+    let delay = policy.delayMs;
     for (let conflicts = 0; ; ) {
       this.counter += 1;
       const headers: Record<string, string> = {
@@ -120,7 +133,7 @@ export class OvirtClient {
         await this.login();
         continue;
       }
-      if (response.status === 409 && conflicts < (this.options.conflictRetries ?? 5)) {
+      if (response.status === 409 && conflicts < policy.retries) {
         conflicts += 1;
         await new Promise((resolve) => setTimeout(resolve, delay));
         delay *= 2;
@@ -158,11 +171,14 @@ export class OvirtClient {
   async waitFor<T>(what: string, probe: () => Promise<T | undefined>, options: { timeoutMs?: number; intervalMs?: number } = {}): Promise<T> {
     const timeoutMs = options.timeoutMs ?? 600_000;
     const deadline = Date.now() + timeoutMs;
+    // Quick first polls (most transitions take well under a second), then every `intervalMs`.
+    let delay = Math.min(100, options.intervalMs ?? 1000);
     for (;;) {
       const value = await probe();
       if (value !== undefined) return value;
       if (Date.now() >= deadline) throw new TimeoutError(what, timeoutMs);
-      await new Promise((resolve) => setTimeout(resolve, options.intervalMs ?? 1000));
+      await new Promise((resolve) => setTimeout(resolve, Math.min(delay, Math.max(0, deadline - Date.now()))));
+      delay = Math.min(delay * 2, options.intervalMs ?? 1000);
     }
   }
 }

@@ -10,7 +10,13 @@
  * here, so the path is an nbdfuse file (libnbd-bin) serving the image through qemu-nbd — a read-only frozen
  * snapshot image for backups, the writable disk for restores. Detaching unmounts it.
  *
- * Fault injection: snapshot creation fails, N × 409 on a request, every token expires.
+ * The 4.4+ backup API is a cold backup: a checkpoint is a qcow2 bitmap `sim-<checkpoint id>` in each disk,
+ * each backup disk is a read-only qemu-nbd export (with `-B` of the base checkpoint for incremental disks),
+ * and imageio's data plane (OPTIONS, ranged GET, /extents?context=zero|dirty) is served from those exports
+ * through the engine's NBD client.
+ *
+ * Fault injection: snapshot creation fails, N × 409 on a request, every token expires (now, or after N
+ * requests), an image transfer goes paused_system, the engine restarts in the middle of a backup.
  * Runnable on its own: `npm run ovirt-sim` (main.ts).
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
@@ -19,6 +25,7 @@ import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { AddressInfo } from 'node:net';
+import { NbdClient } from '../../engine/nbd/client.js';
 
 export interface SimDisk {
   id: string;
@@ -61,6 +68,33 @@ export interface SimVm {
   disks: string[];
   snapshots: Map<string, SimSnapshot>;
   attachments: Map<string, SimAttachment>;
+  checkpoints: SimCheckpoint[];
+}
+
+export interface SimCheckpoint {
+  id: string;
+  parentId: string | undefined;
+  state: 'created' | 'invalid';
+}
+
+export interface SimBackup {
+  id: string;
+  vmId: string;
+  phase: 'initializing' | 'ready' | 'finalizing' | 'succeeded' | 'failed';
+  from: string | undefined;
+  to: string;
+  disks: string[];
+  /** Per disk: 'full' | 'incremental', and its read-only export. */
+  modes: Map<string, 'full' | 'incremental'>;
+  exports: Map<string, { socket: string; pid: number }>;
+}
+
+export interface SimTransfer {
+  id: string;
+  diskId: string;
+  backupId: string;
+  phase: 'initializing' | 'transferring' | 'paused_system' | 'finished_success' | 'finished_failure' | 'cancelled_user';
+  ticket: string;
 }
 
 export interface SimRequest {
@@ -82,6 +116,9 @@ export interface SimOptions {
 
 export interface OvirtSim {
   url: string;
+  imageioUrl: string;
+  backups: Map<string, SimBackup>;
+  transfers: Map<string, SimTransfer>;
   deviceRoot: string;
   vms: Map<string, SimVm>;
   disks: Map<string, SimDisk>;
@@ -95,6 +132,12 @@ export interface OvirtSim {
     failNextSnapshot(): void;
     /** After `count` more API requests, every token expires (in the middle of a run). */
     expireTokensAfter(count: number): void;
+    /** The next image transfer goes to paused_system instead of transferring. */
+    pauseNextTransfer(): void;
+    /** The engine restarts: tokens are gone, running backups fail (and stop being monitored). */
+    restartEngine(): Promise<void>;
+    /** The engine restarts after `count` more API requests whose path matches. */
+    restartEngineAfter(path: RegExp, count: number): void;
   };
   addVm(name: string, disks: { alias: string; size: string }[], status?: SimVm['status']): Promise<SimVm>;
   stop(): Promise<void>;
@@ -158,6 +201,11 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
   const requests: SimRequest[] = [];
   const conflicts: { method: string; path: RegExp; left: number }[] = [];
   let failNextSnapshot = false;
+  let restartAfter: { path: RegExp; left: number } | undefined;
+  let pauseNextTransfer = false;
+  const backups = new Map<string, SimBackup>();
+  const transfers = new Map<string, SimTransfer>();
+  const tickets = new Map<string, { socket: string; size: number; dirtyBitmap: string | undefined }>();
   let expireAfter = -1;
   const timers = new Set<NodeJS.Timeout>();
   const later = (ms: number, work: () => Promise<void>): void => {
@@ -178,6 +226,115 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     `<snapshot_status>${s.status}</snapshot_status><snapshot_type>regular</snapshot_type><persist_memorystate>false</persist_memorystate>` +
     (allContent ? `<initialization><configuration><type>ovf</type><data>${xmlEscape(s.ovf)}</data></configuration></initialization>` : '') +
     `<vm href="${API}/vms/${vm.id}" id="${vm.id}"/></snapshot>`;
+
+  /*
+   * ovirt-imageio's data plane (IMAGEIO docs/images.md): OPTIONS, GET with a Range, and
+   * /extents?context=zero|dirty, served from the backup's qemu-nbd export through an NBD client.
+   */
+  let imageioUrl = '';
+  const nbdClients = new Map<string, Promise<NbdClient>>();
+  const nbdFor = (ticket: string, t: { socket: string; dirtyBitmap: string | undefined }): Promise<NbdClient> => {
+    let client = nbdClients.get(ticket);
+    if (!client) {
+      client = NbdClient.connect(`nbd+unix:///?socket=${t.socket}`, { metaContexts: ['base:allocation', ...(t.dirtyBitmap ? [`qemu:dirty-bitmap:${t.dirtyBitmap}`] : [])] });
+      nbdClients.set(ticket, client);
+    }
+    return client;
+  };
+  const imageio: Server = createServer((req, res) => {
+    void (async () => {
+      const url = new URL(req.url ?? '/', 'http://imageio');
+      const match = /^\/images\/([^/]+)(\/extents)?$/.exec(url.pathname);
+      const t = match ? tickets.get(match[1]!) : undefined;
+      if (!match || !t) {
+        res.writeHead(403, { 'Content-Type': 'text/plain' });
+        return res.end('You are not allowed to access this resource: the ticket does not exist, has expired, or was canceled');
+      }
+      if (req.method === 'OPTIONS') {
+        res.writeHead(200, { Allow: 'GET,PUT,PATCH,OPTIONS', 'Content-Type': 'application/json' });
+        return res.end(JSON.stringify({ unix_socket: null, features: ['extents', 'zero', 'flush'], max_readers: 4, max_writers: 4 }));
+      }
+      const client = await nbdFor(match[1]!, t);
+      if (match[2]) {
+        const context = url.searchParams.get('context') ?? 'zero';
+        if (context === 'dirty' && !t.dirtyBitmap) {
+          res.writeHead(404, { 'Content-Type': 'text/plain' });
+          return res.end('Ticket does not support dirty extents');
+        }
+        const zero: { start: number; length: number; zero: boolean }[] = [];
+        for await (const e of client.blockStatus('base:allocation')) zero.push({ start: e.offset, length: e.length, zero: (e.flags & 2) !== 0 });
+        let body: unknown = zero.map((e) => ({ ...e, hole: false }));
+        if (context === 'dirty') {
+          const dirty: { start: number; length: number; dirty: boolean; zero: boolean }[] = [];
+          for await (const e of client.blockStatus(`qemu:dirty-bitmap:${t.dirtyBitmap}`)) dirty.push({ start: e.offset, length: e.length, dirty: (e.flags & 1) !== 0, zero: false });
+          body = dirty;
+        }
+        res.writeHead(200, { 'Content-Type': 'application/json' });
+        return res.end(JSON.stringify(body));
+      }
+      const range = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '');
+      const start = range ? Number(range[1]) : 0;
+      const end = range ? Number(range[2]) : t.size - 1;
+      if (start > end || end >= t.size) {
+        res.writeHead(416, { 'Content-Range': `bytes */${t.size}` });
+        return res.end();
+      }
+      const data = Buffer.alloc(end - start + 1);
+      await client.read(data, start);
+      res.writeHead(range ? 206 : 200, { 'Content-Type': 'application/octet-stream', 'Content-Length': String(data.length), ...(range ? { 'Content-Range': `bytes ${start}-${end}/*` } : {}) });
+      res.end(data);
+    })().catch((error: unknown) => {
+      res.writeHead(500, { 'Content-Type': 'text/plain' });
+      res.end(String(error));
+    });
+  });
+
+  const backupXml = (vm: SimVm, b: SimBackup): string =>
+    `<backup href="${API}/vms/${vm.id}/backups/${b.id}" id="${b.id}"><actions><link href="${API}/vms/${vm.id}/backups/${b.id}/finalize" rel="finalize"/></actions>` +
+    `<link href="${API}/vms/${vm.id}/backups/${b.id}/disks" rel="disks"/>${b.from ? `<from_checkpoint_id>${b.from}</from_checkpoint_id>` : ''}<to_checkpoint_id>${b.to}</to_checkpoint_id>` +
+    `<phase>${b.phase}</phase><disks>${b.disks.map((id) => `<disk id="${id}"/>`).join('')}</disks><vm href="${API}/vms/${vm.id}" id="${vm.id}"/></backup>`;
+
+  const transferXml = (t: SimTransfer): string =>
+    `<image_transfer href="${API}/imagetransfers/${t.id}" id="${t.id}"><direction>download</direction><format>raw</format><phase>${t.phase}</phase>` +
+    `<transfer_url>${imageioUrl}/images/${t.ticket}</transfer_url><proxy_url>${imageioUrl}/images/${t.ticket}</proxy_url><disk id="${t.diskId}"/><backup id="${t.backupId}"/></image_transfer>`;
+
+  const stopExports = async (backup: SimBackup): Promise<void> => {
+    for (const { socket, pid } of backup.exports.values()) {
+      try {
+        process.kill(pid, 'SIGTERM');
+      } catch {
+        continue;
+      }
+      for (let i = 0; i < 200; i += 1) {
+        try {
+          process.kill(pid, 0);
+          await new Promise((resolve) => setTimeout(resolve, 10));
+        } catch {
+          break;
+        }
+      }
+      await rm(socket, { force: true });
+    }
+    backup.exports.clear();
+  };
+
+  /** An engine restart: sessions are gone; backups it was running fail, their transfers and exports end. */
+  const restart = async (): Promise<void> => {
+    tokens.clear();
+    for (const backup of backups.values()) {
+      if (backup.phase === 'initializing' || backup.phase === 'ready') {
+        backup.phase = 'failed'; // VM_BACKUP_FAILED_UNMONITORED: "cleanup may be required"
+        await stopExports(backup);
+      }
+    }
+    for (const transfer of transfers.values()) {
+      if (transfer.phase === 'transferring' || transfer.phase === 'initializing' || transfer.phase === 'paused_system') transfer.phase = 'finished_failure';
+      tickets.delete(transfer.ticket);
+      const client = nbdClients.get(transfer.ticket);
+      nbdClients.delete(transfer.ticket);
+      await client?.then((c) => c.close(), () => undefined);
+    }
+  };
 
   const activeSnapshotXml = (vm: SimVm): string =>
     `<snapshot href="${API}/vms/${vm.id}/snapshots/active-${vm.id}" id="active-${vm.id}"><description>Active VM</description><snapshot_status>ok</snapshot_status><snapshot_type>active</snapshot_type></snapshot>`;
@@ -249,6 +406,10 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       return send(req, res, 401, '', 'text/html');
     }
     if (expireAfter >= 0 && expireAfter-- === 0) tokens.clear();
+    if (restartAfter && restartAfter.path.test(url.pathname) && restartAfter.left-- === 0) {
+      restartAfter = undefined;
+      await restart();
+    }
     if (!auth.startsWith('Bearer ') || !tokens.has(auth.slice(7))) {
       res.setHeader('WWW-Authenticate', 'Bearer');
       return send(req, res, 401, '', 'text/html');
@@ -326,7 +487,7 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       if ([...vms.values()].some((v) => v.name === vmName)) return send(req, res, 409, faultXml('Operation Failed', `[Cannot add VM. The VM name is already in use.]`));
       const clusterName = /<cluster>\s*<name>([^<]*)<\/name>/.exec(body)?.[1];
       if (clusterName !== undefined && clusterName !== 'Default') return send(req, res, 400, faultXml('Operation Failed', `[Cannot add VM. Cluster ${clusterName} doesn't exist.]`));
-      const created: SimVm = { id: randomUUID(), name: vmName, status: 'down', cluster: CLUSTER_ID, importedOvf: ovf, disks: [], snapshots: new Map(), attachments: new Map() };
+      const created: SimVm = { id: randomUUID(), name: vmName, status: 'down', cluster: CLUSTER_ID, importedOvf: ovf, disks: [], snapshots: new Map(), attachments: new Map(), checkpoints: [] };
       // ImportVmFromConfiguration attaches the OVF's disks that exist (by id) and are free.
       for (const [, diskId] of ovf.matchAll(/ovf:diskId="([^"]+)"/g)) {
         const disk = disks.get(diskId!);
@@ -338,6 +499,42 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       }
       vms.set(created.id, created);
       return send(req, res, 201, vmXml(created, false));
+    }
+    if (path === '/imagetransfers' && method === 'POST') {
+      const body = await readBody(req);
+      const diskId = /<disk id="([^"]+)"/.exec(body)?.[1];
+      const backupId = /<backup id="([^"]+)"/.exec(body)?.[1];
+      if (tagText(body, 'format') !== 'raw') return send(req, res, 400, faultXml('Operation Failed', '[Cannot transfer Virtual Disk. The format is not applicable for backup.]'));
+      const backup = backupId ? backups.get(backupId) : undefined;
+      if (!diskId || !backup || !backup.disks.includes(diskId)) return send(req, res, 400, faultXml('Operation Failed', '[Cannot transfer Virtual Disk. Backup or disk not found.]'));
+      if (backup.phase !== 'ready') return send(req, res, 409, faultXml('Operation Failed', `[Cannot transfer Virtual Disk. The VM backup is not in READY phase, backup phase is ${backup.phase}.]`));
+      const exported = backup.exports.get(diskId)!;
+      const transfer: SimTransfer = { id: randomUUID(), diskId, backupId: backup.id, phase: 'initializing', ticket: randomUUID() };
+      transfers.set(transfer.id, transfer);
+      tickets.set(transfer.ticket, { socket: exported.socket, size: disks.get(diskId)!.size, dirtyBitmap: backup.modes.get(diskId) === 'incremental' ? `sim-${backup.from}` : undefined });
+      const paused = pauseNextTransfer;
+      pauseNextTransfer = false;
+      later(lockMs / 2, async () => {
+        if (transfer.phase === 'initializing') transfer.phase = paused ? 'paused_system' : 'transferring';
+      });
+      return send(req, res, 201, transferXml(transfer));
+    }
+    const transferPath = /^\/imagetransfers\/([^/]+)(\/finalize|\/cancel)?$/.exec(path);
+    if (transferPath) {
+      const transfer = transfers.get(transferPath[1]!);
+      if (!transfer) return notFound(req, res, transferPath[1]!);
+      if (!transferPath[2] && method === 'GET') return send(req, res, 200, transferXml(transfer));
+      if (transferPath[2] && method === 'POST') {
+        const finalize = transferPath[2] === '/finalize' && transfer.phase === 'transferring';
+        tickets.delete(transfer.ticket);
+        const client = nbdClients.get(transfer.ticket);
+        nbdClients.delete(transfer.ticket);
+        await client?.then((c) => c.close(), () => undefined);
+        later(lockMs / 2, async () => {
+          transfer.phase = finalize ? 'finished_success' : transferPath[2] === '/cancel' ? 'cancelled_user' : 'finished_failure';
+        });
+        return send(req, res, 200, '<action><status>complete</status></action>');
+      }
     }
     const vmPath = /^\/vms\/([^/]+)(\/.*)?$/.exec(path);
     if (!vmPath) return send(req, res, 404, faultXml('Not Found', `${method} ${url.pathname}`));
@@ -420,8 +617,77 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       }
     }
 
+    if (rest === '/checkpoints' && method === 'GET') {
+      const items = vm.checkpoints.map((c) => `<checkpoint href="${API}/vms/${vm.id}/checkpoints/${c.id}" id="${c.id}">${c.parentId ? `<parent_id>${c.parentId}</parent_id>` : ''}<state>${c.state}</state><vm id="${vm.id}"/></checkpoint>`);
+      return send(req, res, 200, `<checkpoints>${items.join('')}</checkpoints>`);
+    }
+    const checkpointPath = /^\/checkpoints\/([^/]+)$/.exec(rest);
+    if (checkpointPath && method === 'DELETE') {
+      const checkpoint = vm.checkpoints.find((c) => c.id === checkpointPath[1]);
+      if (!checkpoint) return notFound(req, res, checkpointPath[1]!);
+      for (const id of vm.disks) await tool('qemu-img', ['bitmap', '--remove', disks.get(id)!.image, `sim-${checkpoint.id}`]).catch(() => undefined);
+      vm.checkpoints = vm.checkpoints.filter((c) => c !== checkpoint);
+      return send(req, res, 200, '<action><status>complete</status></action>');
+    }
+    if (rest === '/backups' && method === 'POST') {
+      const body = await readBody(req);
+      const from = tagText(body, 'from_checkpoint_id');
+      if ([...backups.values()].some((b) => b.vmId === vm.id && (b.phase === 'initializing' || b.phase === 'ready' || b.phase === 'finalizing'))) {
+        return send(req, res, 409, faultXml('Operation Failed', '[Cannot backup VM. The VM is during a backup operation.]'));
+      }
+      if (from) {
+        const checkpoint = vm.checkpoints.find((c) => c.id === from);
+        if (!checkpoint) return send(req, res, 400, faultXml('Operation Failed', `[Cannot backup VM. Checkpoint ID ${from} doesn't exist.]`));
+        if (checkpoint.state === 'invalid') return send(req, res, 400, faultXml('Operation Failed', `[Cannot backup VM. Checkpoint ID ${from} is invalid and should be removed.]`));
+      }
+      const wanted = [...body.matchAll(/<disk id="([^"]+)"/g)].map((m) => m[1]!);
+      const backup: SimBackup = { id: randomUUID(), vmId: vm.id, phase: 'initializing', from, to: randomUUID(), disks: wanted.length > 0 ? wanted : [...vm.disks], modes: new Map(), exports: new Map() };
+      backups.set(backup.id, backup);
+      later(lockMs, async () => {
+        // Cold backup: a bitmap per disk for the new checkpoint, a read-only qemu-nbd per disk.
+        for (const id of backup.disks) {
+          const disk = disks.get(id)!;
+          const info = JSON.parse(await tool('qemu-img', ['info', '--output=json', disk.image])) as { 'format-specific'?: { data?: { bitmaps?: { name: string }[] } } };
+          const hasBase = from !== undefined && (info['format-specific']?.data?.bitmaps ?? []).some((b) => b.name === `sim-${from}`);
+          backup.modes.set(id, hasBase ? 'incremental' : 'full');
+          await tool('qemu-img', ['bitmap', '--add', '--enable', disk.image, `sim-${backup.to}`]);
+          const socket = join(options.dir, `nbd-${backup.id.slice(0, 8)}-${id.slice(0, 8)}.sock`);
+          const pidFile = `${socket}.pid`;
+          await tool('qemu-nbd', ['-r', '-f', 'qcow2', '--socket', socket, '--persistent', '--shared', '8', '--fork', '--pid-file', pidFile, ...(hasBase ? ['-B', `sim-${from}`] : []), disk.image]);
+          const pid = Number((await (await import('node:fs/promises')).readFile(pidFile, 'utf8')).trim());
+          backup.exports.set(id, { socket, pid });
+        }
+        vm.checkpoints.push({ id: backup.to, parentId: vm.checkpoints.at(-1)?.id, state: 'created' });
+        if (backup.phase === 'initializing') backup.phase = 'ready';
+      });
+      return send(req, res, 202, backupXml(vm, backup));
+    }
+    const backupPath = /^\/backups\/([^/]+)(\/disks|\/finalize)?$/.exec(rest);
+    if (backupPath) {
+      const backup = backups.get(backupPath[1]!);
+      if (!backup || backup.vmId !== vm.id) return notFound(req, res, backupPath[1]!);
+      if (!backupPath[2] && method === 'GET') return send(req, res, 200, backupXml(vm, backup));
+      if (backupPath[2] === '/disks' && method === 'GET') {
+        return send(req, res, 200, `<disks>${backup.disks.map((id) => diskXml(disks.get(id)!, backup.modes.has(id) ? `<backup_mode>${backup.modes.get(id)}</backup_mode>` : '')).join('')}</disks>`);
+      }
+      if (backupPath[2] === '/finalize' && method === 'POST') {
+        if ([...transfers.values()].some((t) => t.backupId === backup.id && (t.phase === 'transferring' || t.phase === 'initializing' || t.phase === 'paused_system'))) {
+          return send(req, res, 409, faultXml('Operation Failed', '[Cannot stop VM backup. There is an active image transfer for VM backup]'));
+        }
+        const failed = backup.phase === 'failed';
+        backup.phase = 'finalizing';
+        later(lockMs, async () => {
+          await stopExports(backup);
+          backup.phase = failed ? 'failed' : 'succeeded';
+        });
+        return send(req, res, 200, '<action><status>complete</status></action>');
+      }
+    }
+
     if (rest === '/diskattachments' && method === 'GET') {
-      const items = [...vm.attachments.values()].map((a) => attachmentXml(vm, a));
+      // The VM's own disks, then disks attached to it (e.g. snapshot disks on the appliance).
+      const own = vm.disks.filter((id) => !vm.attachments.has(id)).map((id) => ({ diskId: id, snapshotId: undefined, active: true, device: undefined, fuse: undefined }));
+      const items = [...own, ...vm.attachments.values()].map((a) => attachmentXml(vm, a));
       return send(req, res, 200, `<disk_attachments>${items.join('')}</disk_attachments>`);
     }
     if (rest === '/diskattachments' && method === 'POST') {
@@ -473,8 +739,13 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
   });
   await new Promise<void>((resolve) => server.listen(options.port ?? 0, '127.0.0.1', resolve));
   const { port } = server.address() as AddressInfo;
+  await new Promise<void>((resolve) => imageio.listen(0, '127.0.0.1', resolve));
+  imageioUrl = `http://127.0.0.1:${(imageio.address() as AddressInfo).port}`;
   return {
     url: `http://127.0.0.1:${port}`,
+    imageioUrl,
+    backups,
+    transfers,
     deviceRoot,
     vms,
     disks,
@@ -488,9 +759,16 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       expireTokensAfter: (count) => {
         expireAfter = count;
       },
+      pauseNextTransfer: () => {
+        pauseNextTransfer = true;
+      },
+      restartEngine: () => restart(),
+      restartEngineAfter: (path, count) => {
+        restartAfter = { path, left: count };
+      },
     },
     async addVm(name, diskSpecs, status = 'up') {
-      const vm: SimVm = { id: randomUUID(), name, status, cluster: CLUSTER_ID, importedOvf: undefined, disks: [], snapshots: new Map(), attachments: new Map() };
+      const vm: SimVm = { id: randomUUID(), name, status, cluster: CLUSTER_ID, importedOvf: undefined, disks: [], snapshots: new Map(), attachments: new Map(), checkpoints: [] };
       for (const spec of diskSpecs) {
         const id = randomUUID();
         const image = join(imagesDir, `${id}.qcow2`);
@@ -504,6 +782,9 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     },
     stop: async () => {
       for (const timer of timers) clearTimeout(timer);
+      for (const client of nbdClients.values()) await client.then((c) => c.close(), () => undefined);
+      for (const backup of backups.values()) await stopExports(backup);
+      await new Promise<void>((resolve) => imageio.close(() => resolve()));
       for (const vm of vms.values()) for (const a of vm.attachments.values()) await unplug(a);
       await new Promise<void>((resolve) => server.close(() => resolve()));
     },

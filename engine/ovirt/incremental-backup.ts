@@ -1,0 +1,228 @@
+/**
+ * oVirt 4.4+ incremental backup API: `POST /vms/{id}/backups` (with `from_checkpoint_id` for an
+ * incremental) → wait for phase `ready` → per disk read `backup_mode` → a download image transfer
+ * (format raw) → read through ovirt-imageio (zero extents skipped; for incremental disks only the dirty
+ * extents) → finalize the transfers → finalize the backup. `to_checkpoint_id` is kept at once (in the
+ * journal, then in the record: the engine purges backups after 15 minutes).
+ *
+ * A missing or invalid checkpoint (400 from the engine) or a failed incremental (event 10791) is retried
+ * as a full backup, said in `modeReason`. oVirt cannot mix full and incremental disks in one backup: if a
+ * disk has no valid chain, every disk is read in full.
+ */
+import { Journal, type JournalEntry } from '../../repo-format/journal.js';
+import { Repository } from '../../repo-format/repository.js';
+import type { DiskCbt } from '../../repo-format/backup-record.js';
+import { backup, type BackupOptions, type BackupResult, type ChainArgs } from '../backup.js';
+import { chooseChain, settleChain, type CbtDiskJob, type Chain, type RequestedMode } from '../cbt/chain.js';
+import { OvirtFaultError } from '../errors.js';
+import { OvirtClient, type OvirtClientOptions } from './client.js';
+import { ImageioSource } from './imageio-source.js';
+import { cleanupJournals, undo, vmIdByName, type Wait } from './appliance-backup.js';
+import { attribute, child, children, text } from './xml.js';
+
+export interface OvirtIncrementalBackupOptions {
+  repo: string;
+  ovirt: OvirtClientOptions;
+  vm: string;
+  mode?: RequestedMode | undefined;
+  timeoutMs?: number | undefined;
+  pollMs?: number | undefined;
+  workers?: number | undefined;
+  signal?: AbortSignal | undefined;
+  onProgress?: BackupOptions['onProgress'];
+  onNotice?: ((message: string) => void) | undefined;
+}
+
+interface VmDisk {
+  id: string;
+  name: string;
+  size: number;
+}
+
+async function vmDisks(client: OvirtClient, vmId: string): Promise<VmDisk[]> {
+  const ids = children(child((await client.get(`vms/${vmId}/diskattachments`)).xml, 'disk_attachments'), 'disk_attachment').map((a) => attribute(child(a, 'disk'), 'id') ?? attribute(a, 'id')!);
+  const disks: VmDisk[] = [];
+  for (const id of ids) {
+    const disk = child((await client.get(`disks/${id}`)).xml, 'disk');
+    disks.push({ id, name: text(disk, 'alias') ?? text(disk, 'name') ?? id, size: Number(text(disk, 'provisioned_size')) });
+  }
+  // Disk names must be unique in a backup: aliases when they are, ids otherwise.
+  if (new Set(disks.map((d) => d.name)).size !== disks.length) for (const d of disks) d.name = d.id;
+  return disks;
+}
+
+export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOptions): Promise<BackupResult> {
+  const notice = options.onNotice ?? (() => undefined);
+  const wait: Wait = { timeoutMs: options.timeoutMs ?? 600_000, intervalMs: options.pollMs ?? 1000 };
+  await Repository.open(options.repo, { access: 'read' });
+  const client = new OvirtClient(options.ovirt);
+  await client.login();
+  await cleanupJournals(options.repo, client, wait, notice);
+  const vmId = await vmIdByName(client, options.vm);
+  const disks = await vmDisks(client, vmId);
+  const ovf = text(child(child(child((await client.get(`vms/${vmId}`, { all_content: 'true' })).xml, 'vm'), 'initialization'), 'configuration'), 'data');
+  return backup({
+    repo: options.repo,
+    name: options.vm,
+    mode: options.mode ?? 'auto',
+    workers: options.workers,
+    signal: options.signal,
+    onProgress: options.onProgress,
+    onNotice: options.onNotice,
+    attachments: [
+      ...(ovf ? [{ name: 'ovf', mediaType: 'application/ovf+xml', data: ovf }] : []),
+      { name: 'ovirt-vm', mediaType: 'application/json', data: JSON.stringify({ vmId, vmName: options.vm, disks: disks.map((d) => ({ id: d.id, alias: d.name, size: d.size })) }) },
+    ],
+    provider: (args) => openOvirtBackup(client, vmId, disks, args, wait, options.repo),
+  });
+}
+
+async function openOvirtBackup(client: OvirtClient, vmId: string, disks: VmDisk[], args: ChainArgs, wait: Wait, repo: string): Promise<{ disks: CbtDiskJob[]; release(): Promise<void>; finish(): Promise<void>; rollback(): Promise<void> }> {
+  const checkpoints = new Map(
+    children(child((await client.get(`vms/${vmId}/checkpoints`)).xml, 'checkpoints'), 'checkpoint').map((c) => [attribute(c, 'id')!, text(c, 'state') ?? 'created']),
+  );
+  const baseProblem = (base: string): string | null => {
+    const state = checkpoints.get(base);
+    if (state === undefined) return `checkpoint ${base} no longer exists in oVirt`;
+    return state === 'invalid' ? `checkpoint ${base} is invalid in oVirt` : null;
+  };
+  let chains = disks.map((d) => chooseChain(d.name, args.requested, { size: d.size, baseProblem, addedDisk: true }, args.history));
+  const allFull = (why: (chain: Chain) => string | null): void => {
+    chains = chains.map((c) => ({ mode: 'full', reason: c.mode === 'full' ? c.reason : why(c), base: null, parent: null, previous: null }));
+  };
+  const bases = new Set(chains.map((c) => c.base));
+  if (chains.some((c) => c.mode === 'full') || bases.size > 1) {
+    allFull(() => 'oVirt cannot mix full and incremental disks in one backup, and another disk of the VM needs a full backup');
+  }
+
+  const journal = await Journal.create(repo, { flow: 'ovirt-backup-api', vm: vmId });
+  const entries: JournalEntry[] = [];
+  const track = async (entry: JournalEntry): Promise<void> => {
+    await journal.add(entry);
+    entries.push(entry);
+  };
+
+  // Start the backup; a checkpoint the engine refuses, or a failed incremental, is retried as a full.
+  const start = async (from: string | null): Promise<{ id: string; to: string; phase: string }> => {
+    const answer = child(
+      (await client.post(`vms/${vmId}/backups`, 'backup', {
+        ...(from ? { from_checkpoint_id: from } : {}),
+        disks: { disk: disks.map((d) => ({ '@_id': d.id })) },
+      })).xml,
+      'backup',
+    );
+    const id = attribute(answer, 'id')!;
+    await track({ kind: 'backup', vm: vmId, backup: id });
+    // Kept from the first answer: the engine purges finished backups (and their ids) after 15 minutes.
+    const to = text(answer, 'to_checkpoint_id') ?? '';
+    const phase = await client.waitFor(`backup ${id} to be ready`, async () => {
+      const current = text(child((await client.get(`vms/${vmId}/backups/${id}`)).xml, 'backup'), 'phase');
+      return current === 'ready' || current === 'failed' ? current : undefined;
+    }, wait);
+    return { id, to, phase };
+  };
+  let started: { id: string; to: string; phase: string };
+  const base = chains[0]?.base ?? null;
+  try {
+    started = await start(base);
+  } catch (error) {
+    if (!(base && error instanceof OvirtFaultError && error.status === 400 && /checkpoint/i.test(error.message))) throw error;
+    allFull(() => `oVirt refused the checkpoint: ${error.message}`);
+    started = await start(null);
+  }
+  if (started.phase === 'failed' && base && chains[0]?.mode !== 'full') {
+    await undo(client, entries.at(-1)!, wait);
+    allFull(() => 'oVirt failed the incremental backup (event 10791: a full backup is needed)');
+    started = await start(null);
+  }
+  if (started.phase !== 'ready') throw new OvirtFaultError(`backup of VM ${vmId}`, 200, `the backup ended in phase ${started.phase}`, 'see the engine events for the reason');
+  const backupId = started.id;
+  const modes = new Map(
+    children(child((await client.get(`vms/${vmId}/backups/${backupId}/disks`)).xml, 'disks'), 'disk').map((d) => [attribute(d, 'id')!, text(d, 'backup_mode') ?? 'full']),
+  );
+
+  const transfers: { id: string; entry: JournalEntry }[] = [];
+  const sources: ImageioSource[] = [];
+  const jobs: CbtDiskJob[] = [];
+  try {
+    for (const [i, disk] of disks.entries()) {
+      let chain = chains[i]!;
+      if (chain.mode !== 'full' && modes.get(disk.id) !== 'incremental') {
+        chain = { mode: 'full', reason: 'oVirt chose a full backup for this disk', base: null, parent: null, previous: null };
+      }
+      const transfer = child(
+        (await client.post('imagetransfers', 'image_transfer', { disk: { '@_id': disk.id }, backup: { '@_id': backupId }, direction: 'download', format: 'raw' })).xml,
+        'image_transfer',
+      );
+      const transferId = attribute(transfer, 'id')!;
+      const entry: JournalEntry = { kind: 'transfer', transfer: transferId };
+      await track(entry);
+      transfers.push({ id: transferId, entry });
+      const ready = await client.waitFor(`image transfer ${transferId} to start`, async () => {
+        const t = child((await client.get(`imagetransfers/${transferId}`)).xml, 'image_transfer');
+        const phase = text(t, 'phase');
+        if (phase === 'transferring') return t;
+        if (phase === 'paused_system' || phase?.startsWith('finished') || phase?.startsWith('cancelled')) {
+          throw new OvirtFaultError(`image transfer ${transferId}`, 200, `the transfer went to phase ${phase}`, 'the engine or the host stopped it');
+        }
+        return undefined;
+      }, wait);
+      const url = text(ready, 'transfer_url') ?? text(ready, 'proxy_url');
+      if (!url) throw new OvirtFaultError(`image transfer ${transferId}`, 200, 'no transfer_url', '');
+      const source = await ImageioSource.open(url, disk.size, { name: disk.name, description: { kind: 'ovirt-imageio', path: `${vmId}/${disk.id}` } });
+      sources.push(source);
+      const settled = await settleChain({
+        chain,
+        source,
+        dirty: () => source.dirtyExtents(),
+        what: 'checkpoint',
+        checkpoint: started.to,
+        backupId: args.backupId,
+        granularity: 65536,
+        loadPage: args.loadPage,
+        blockSize: args.blockSize,
+      });
+      const cbt: DiskCbt = settled.cbt;
+      jobs.push({ name: disk.name, source, plan: settled.plan, mode: settled.chain.mode, modeReason: settled.chain.reason, parent: settled.chain.parent?.record.id ?? null, cbt });
+    }
+  } catch (error) {
+    for (const source of sources) await source.dispose();
+    for (const entry of [...entries].reverse()) await undo(client, entry, wait).catch(() => undefined);
+    await journal.remove(() => true);
+    throw error;
+  }
+
+  let released = false;
+  const release = async (): Promise<void> => {
+    if (released) return;
+    released = true;
+    for (const source of sources) await source.dispose();
+    // Transfers first: the engine refuses to finalize a backup with an active transfer.
+    for (const { id, entry } of transfers) {
+      await client.post(`imagetransfers/${id}/finalize`, 'action', {}).catch((error: unknown) => {
+        if (!(error instanceof OvirtFaultError && error.status === 404)) throw error;
+      });
+      await client.waitFor(`image transfer ${id} to finish`, async () => {
+        try {
+          const phase = text(child((await client.get(`imagetransfers/${id}`)).xml, 'image_transfer'), 'phase');
+          return phase?.startsWith('finished') || phase?.startsWith('cancelled') ? true : undefined;
+        } catch (error) {
+          if (error instanceof OvirtFaultError && error.status === 404) return true;
+          throw error;
+        }
+      }, wait);
+      await journal.remove((e) => e === entry);
+    }
+    const backupEntry = entries.find((e) => e.kind === 'backup' && e.backup === backupId)!;
+    await undo(client, backupEntry, wait);
+    await journal.remove(() => true);
+  };
+  return {
+    disks: jobs,
+    release,
+    finish: async () => undefined,
+    rollback: async () => {
+      await release().catch(() => undefined);
+    },
+  };
+}
