@@ -43,6 +43,7 @@ beforeAll(async () => {
   ]);
   await qemuIo(image(0), ['write -P 0x11 0 6M']);
   await qemuIo(image(1), ['write -P 0x21 4M 2M']);
+  await sim.addVm('appliance', []);
   repo = join(dir, 'repo');
   await runEngine(['init', repo]);
 });
@@ -167,5 +168,21 @@ describe('oVirt incremental backup API', () => {
       ['incremental', before, 0],
     ]);
     await expectRestores(next.out!.id, await expected('4'));
+  });
+
+  test('the last incremental restores to a new VM: byte-identical disks and the same OVF', async () => {
+    const point = points.at(-1)!;
+    const result = await runEngine(['restore', '--repo', repo, point.id, '--ovirt', sim.url, '--new-vm', 'db1-restored', '--appliance', 'appliance', '--device-root', sim.deviceRoot, '--json'], { env });
+    expect(result.code).toBe(0);
+    const out = parseJson<{ vm: { id: string }; disks: { id: string; name: string }[] }>(result.stdout);
+    const created = sim.vms.get(out.vm.id)!;
+    const record = JSON.parse(await (await import('node:fs/promises')).readFile(join(repo, 'backups', point.id), 'utf8')) as { attachments: { name: string; data: string }[] };
+    expect(created.importedOvf).toBe(record.attachments.find((a) => a.name === 'ovf')!.data);
+    for (const [i, disk] of out.disks.entries()) {
+      const raw = join(dir, `restored-api-${i}.raw`);
+      await sh('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', sim.disks.get(disk.id)!.image, raw]);
+      expect(await filesIdentical(raw, point.expected[i]!)).toBe(true);
+    }
+    expect(await readdir(sim.deviceRoot)).toEqual([]);
   });
 });
