@@ -273,13 +273,13 @@ function buildProgram(): Command {
     .action(async (id: string, opts: RestoreCliOptions) => {
       jsonMode = opts.json === true;
       if (opts.ovirt !== undefined) {
-        if (opts.via === 'transfer') throw new InvalidArgumentError('--via transfer (imageio upload) is not implemented yet: restore --via appliance');
-        if (!opts.appliance) throw new InvalidArgumentError('--ovirt needs --appliance NAME (this backup appliance)');
+        if (opts.via !== 'transfer' && !opts.appliance) throw new InvalidArgumentError('--ovirt needs --appliance NAME (this backup appliance), or --via transfer');
         const result = await ovirtRestoreVm({
           repo: requireRepo(opts.repo),
           ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
           backupId: id,
           appliance: opts.appliance,
+          via: opts.via === 'transfer' ? 'transfer' : 'appliance',
           newVm: opts.newVm,
           toVm: opts.toVm,
           disk: opts.disk,

@@ -185,4 +185,21 @@ describe('oVirt incremental backup API', () => {
     }
     expect(await readdir(sim.deviceRoot)).toEqual([]);
   });
+
+  test('restore through imageio upload transfers (--via transfer), without the appliance', async () => {
+    const point = points.at(-1)!;
+    const result = await runEngine(['restore', '--repo', repo, point.id, '--ovirt', sim.url, '--new-vm', 'db1-uploaded', '--via', 'transfer', '--json'], { env });
+    expect(result.stderr).toBe('');
+    expect(result.code).toBe(0);
+    const out = parseJson<{ vm: { id: string }; disks: { id: string }[] }>(result.stdout);
+    for (const [i, disk] of out.disks.entries()) {
+      const raw = join(dir, `uploaded-${i}.raw`);
+      await sh('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', sim.disks.get(disk.id)!.image, raw]);
+      expect(await filesIdentical(raw, point.expected[i]!)).toBe(true);
+    }
+    const uploads = [...sim.transfers.values()].filter((t) => t.direction === 'upload');
+    expect(uploads.map((t) => t.phase)).toEqual(['finished_success', 'finished_success']);
+    expect([...sim.vms.get(out.vm.id)!.attachments.keys()].sort()).toEqual(out.disks.map((d) => d.id).sort());
+    await expectNothingOpen();
+  });
 });

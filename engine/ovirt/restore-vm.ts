@@ -16,13 +16,18 @@ import { showBackup } from '../catalogue.js';
 import { restore } from '../restore/restore.js';
 import { OvirtClient, type OvirtClientOptions } from './client.js';
 import { attribute, child, children, text } from './xml.js';
+import { ImageioTarget } from './imageio-target.js';
+import { OvirtFaultError } from '../errors.js';
 import { cleanupJournals, findDevice, isNotFound, undo, vmIdByName, type Wait } from './appliance-backup.js';
 
 export interface OvirtRestoreOptions {
   repo: string;
   ovirt: OvirtClientOptions;
   backupId: string;
-  appliance: string;
+  /** Write the disks through this backup appliance (attach, write the device, detach)… */
+  appliance?: string | undefined;
+  /** …or upload them through imageio transfers ('transfer'). */
+  via?: 'appliance' | 'transfer' | undefined;
   /** A new VM from the backup's OVF… */
   newVm?: string | undefined;
   cluster?: string | undefined;
@@ -78,7 +83,9 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
   const client = new OvirtClient(options.ovirt);
   await client.login();
   await cleanupJournals(options.repo, client, wait, notice);
-  const applianceId = await vmIdByName(client, options.appliance);
+  const via = options.via ?? 'appliance';
+  if (via === 'appliance' && !options.appliance) throw new InvalidArgumentError('restore through the appliance needs --appliance NAME (or --via transfer)');
+  const applianceId = via === 'appliance' ? await vmIdByName(client, options.appliance!) : '';
   const targetVmId = options.toVm !== undefined ? await vmIdByName(client, options.toVm) : undefined;
   const domain = await storageDomainId(client, options.storageDomain);
   const journal = await Journal.create(options.repo, { flow: 'ovirt-restore', backup: record.id });
@@ -111,16 +118,43 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
       const diskEntry: JournalEntry = { kind: 'disk', disk: diskId };
       await track(diskEntry);
       await client.waitFor(`disk ${diskId} to be created`, async () => (text(child((await client.get(`disks/${diskId}`)).xml, 'disk'), 'status') === 'ok' ? true : undefined), wait);
-      // 2. Attach it to the appliance, writable, and find it by serial.
-      const attachEntry: JournalEntry = { kind: 'attachment', vm: applianceId, disk: diskId };
-      await track(attachEntry);
-      await client.post(`vms/${applianceId}/diskattachments`, 'disk_attachment', { disk: { '@_id': diskId }, interface: 'virtio', bootable: false, active: true });
-      const device = await findDevice(client, applianceId, { id: diskId, alias: disk.name, size: disk.size }, options.deviceRoot ?? '/dev/disk/by-id', wait);
-      // 3. Write the restore point (a new disk reads as zeros: zero blocks are skipped), flushed by restore.
-      await restore({ repo: options.repo, backupId: record.id, disk: disk.name, to: device, targetIsZeroed: true });
-      // 4. Detach.
-      await undo(client, attachEntry, wait);
-      await forget(attachEntry);
+      if (via === 'appliance') {
+        // 2. Attach it to the appliance, writable, and find it by serial.
+        const attachEntry: JournalEntry = { kind: 'attachment', vm: applianceId, disk: diskId };
+        await track(attachEntry);
+        await client.post(`vms/${applianceId}/diskattachments`, 'disk_attachment', { disk: { '@_id': diskId }, interface: 'virtio', bootable: false, active: true });
+        const device = await findDevice(client, applianceId, { id: diskId, alias: disk.name, size: disk.size }, options.deviceRoot ?? '/dev/disk/by-id', wait);
+        // 3. Write the restore point (a new disk reads as zeros: zero blocks are skipped), flushed by restore.
+        await restore({ repo: options.repo, backupId: record.id, disk: disk.name, to: device, targetIsZeroed: true });
+        // 4. Detach.
+        await undo(client, attachEntry, wait);
+        await forget(attachEntry);
+      } else {
+        // 2–4 through imageio: an upload transfer, written with PUTs, flushed, finalized.
+        const answer = child((await client.post('imagetransfers', 'image_transfer', { disk: { '@_id': diskId }, direction: 'upload', format: 'raw' })).xml, 'image_transfer');
+        const transferId = attribute(answer, 'id')!;
+        const transferEntry: JournalEntry = { kind: 'transfer', transfer: transferId };
+        await track(transferEntry);
+        const ready = await client.waitFor(`upload transfer ${transferId} to start`, async () => {
+          const t = child((await client.get(`imagetransfers/${transferId}`)).xml, 'image_transfer');
+          const phase = text(t, 'phase');
+          if (phase === 'transferring') return t;
+          if (phase === 'paused_system' || phase?.startsWith('finished') || phase?.startsWith('cancelled')) {
+            throw new OvirtFaultError(`image transfer ${transferId}`, 200, `the transfer went to phase ${phase}`, '');
+          }
+          return undefined;
+        }, wait);
+        const url = text(ready, 'transfer_url') ?? text(ready, 'proxy_url');
+        if (!url) throw new OvirtFaultError(`image transfer ${transferId}`, 200, 'no transfer_url', '');
+        await restore({ repo: options.repo, backupId: record.id, disk: disk.name, to: url, openTarget: async () => new ImageioTarget(new URL(url)) });
+        await client.post(`imagetransfers/${transferId}/finalize`, 'action', {});
+        const phase = await client.waitFor(`upload transfer ${transferId} to finish`, async () => {
+          const current = text(child((await client.get(`imagetransfers/${transferId}`)).xml, 'image_transfer'), 'phase');
+          return current?.startsWith('finished') ? current : undefined;
+        }, wait);
+        if (phase !== 'finished_success') throw new OvirtFaultError(`image transfer ${transferId}`, 200, `the upload ended in phase ${phase}`, '');
+        await forget(transferEntry);
+      }
       restored.push({ name: disk.name, id: diskId, size: disk.size });
     }
 

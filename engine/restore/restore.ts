@@ -29,6 +29,8 @@ export interface RestoreOptions {
   /** Disk name; may be omitted when the backup has one disk, or when `to` is a directory for all disks. */
   disk?: string | undefined;
   to: string;
+  /** Another kind of target than a local path (e.g. an imageio upload): opened per disk instead of `to`. */
+  openTarget?: ((disk: DiskRecord) => Promise<RestoreTarget>) | undefined;
   /** The target is a new disk that reads as zeros: zero blocks are skipped instead of written. */
   targetIsZeroed?: boolean | undefined;
   workers?: number | undefined;
@@ -73,11 +75,14 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   let pool: BlockPool | undefined;
   try {
     const record = await repo.findBackup(options.backupId);
-    const plan = await planTargets(record, options.disk, options.to);
+    const plan = options.openTarget
+      ? record.disks.filter((d) => options.disk === undefined || d.name === options.disk).map((disk) => ({ disk, path: '' }))
+      : await planTargets(record, options.disk, options.to);
+    if (plan.length === 0) throw new DiskNotFoundError(record.id, options.disk ?? '', record.disks.map((d) => d.name));
     pool = new BlockPool({ blockSize: record.blockSize, workers: options.workers });
     const disks: RestoredDisk[] = [];
     for (const { disk, path } of plan) {
-      const target = await FileTarget.open(path, disk.size, { assumeZeroed: options.targetIsZeroed });
+      const target = options.openTarget ? await options.openTarget(disk) : await FileTarget.open(path, disk.size, { assumeZeroed: options.targetIsZeroed });
       try {
         disks.push(await restoreDisk(repo, pool, record, disk, target, options));
         await target.finish();

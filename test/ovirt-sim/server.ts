@@ -92,7 +92,11 @@ export interface SimBackup {
 export interface SimTransfer {
   id: string;
   diskId: string;
+  /** The backup a download belongs to; empty for an upload. */
   backupId: string;
+  direction: 'download' | 'upload';
+  /** An upload's own writable export. */
+  upload?: { socket: string; pid: number };
   phase: 'initializing' | 'transferring' | 'paused_system' | 'finished_success' | 'finished_failure' | 'cancelled_user';
   ticket: string;
 }
@@ -177,6 +181,12 @@ function ovfFor(vm: SimVm, disks: Map<string, SimDisk>): string {
   return `<?xml version='1.0' encoding='UTF-8'?><ovf:Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1/" ovf:version="4.5"><References/><Section xsi:type="ovf:DiskSection_Type" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">${diskItems}</Section><Content ovf:id="out" xsi:type="ovf:VirtualSystem_Type" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><Name>${xmlEscape(vm.name)}</Name><VmId>${vm.id}</VmId></Content></ovf:Envelope>`;
 }
 
+async function readBodyBuffer(req: IncomingMessage): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of req) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks);
+}
+
 async function readBody(req: IncomingMessage): Promise<string> {
   const chunks: Buffer[] = [];
   for await (const chunk of req) chunks.push(chunk as Buffer);
@@ -205,7 +215,7 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
   let pauseNextTransfer = false;
   const backups = new Map<string, SimBackup>();
   const transfers = new Map<string, SimTransfer>();
-  const tickets = new Map<string, { socket: string; size: number; dirtyBitmap: string | undefined }>();
+  const tickets = new Map<string, { socket: string; size: number; dirtyBitmap: string | undefined; writable?: boolean }>();
   let expireAfter = -1;
   const timers = new Set<NodeJS.Timeout>();
   const later = (ms: number, work: () => Promise<void>): void => {
@@ -255,6 +265,29 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
         return res.end(JSON.stringify({ unix_socket: null, features: ['extents', 'zero', 'flush'], max_readers: 4, max_writers: 4 }));
       }
       const client = await nbdFor(match[1]!, t);
+      if (req.method === 'PUT' || req.method === 'PATCH') {
+        if (!t.writable) {
+          res.writeHead(403, { 'Content-Type': 'text/plain' });
+          return res.end('This ticket does not allow writing');
+        }
+        const body = await readBodyBuffer(req);
+        if (req.method === 'PATCH') {
+          const op = JSON.parse(body.toString('utf8')) as { op: string; offset?: number; size?: number };
+          if (op.op === 'flush') await client.flush();
+          else if (op.op === 'zero') await client.writeZeroes(op.offset ?? 0, op.size ?? 0);
+          res.writeHead(200);
+          return res.end();
+        }
+        const start = Number(/^bytes (\d+)-/.exec(String(req.headers['content-range'] ?? ''))?.[1] ?? 0);
+        if (start + body.length > t.size) {
+          res.writeHead(416);
+          return res.end();
+        }
+        await client.write(body, start);
+        if (url.searchParams.get('flush') !== 'n') await client.flush();
+        res.writeHead(200);
+        return res.end();
+      }
       if (match[2]) {
         const context = url.searchParams.get('context') ?? 'zero';
         if (context === 'dirty' && !t.dirtyBitmap) {
@@ -295,26 +328,24 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     `<phase>${b.phase}</phase><disks>${b.disks.map((id) => `<disk id="${id}"/>`).join('')}</disks><vm href="${API}/vms/${vm.id}" id="${vm.id}"/></backup>`;
 
   const transferXml = (t: SimTransfer): string =>
-    `<image_transfer href="${API}/imagetransfers/${t.id}" id="${t.id}"><direction>download</direction><format>raw</format><phase>${t.phase}</phase>` +
+    `<image_transfer href="${API}/imagetransfers/${t.id}" id="${t.id}"><direction>${t.direction}</direction><format>raw</format><phase>${t.phase}</phase>` +
     `<transfer_url>${imageioUrl}/images/${t.ticket}</transfer_url><proxy_url>${imageioUrl}/images/${t.ticket}</proxy_url><disk id="${t.diskId}"/><backup id="${t.backupId}"/></image_transfer>`;
 
-  const stopExports = async (backup: SimBackup): Promise<void> => {
-    for (const { socket, pid } of backup.exports.values()) {
-      try {
-        process.kill(pid, 'SIGTERM');
-      } catch {
-        continue;
-      }
+  const stopProcess = async (pid: number, socket: string): Promise<void> => {
+    try {
+      process.kill(pid, 'SIGTERM');
       for (let i = 0; i < 200; i += 1) {
-        try {
-          process.kill(pid, 0);
-          await new Promise((resolve) => setTimeout(resolve, 10));
-        } catch {
-          break;
-        }
+        process.kill(pid, 0);
+        await new Promise((resolve) => setTimeout(resolve, 10));
       }
-      await rm(socket, { force: true });
+    } catch {
+      // gone
     }
+    await rm(socket, { force: true });
+  };
+
+  const stopExports = async (backup: SimBackup): Promise<void> => {
+    for (const { socket, pid } of backup.exports.values()) await stopProcess(pid, socket);
     backup.exports.clear();
   };
 
@@ -503,13 +534,30 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     if (path === '/imagetransfers' && method === 'POST') {
       const body = await readBody(req);
       const diskId = /<disk id="([^"]+)"/.exec(body)?.[1];
+      if (tagText(body, 'direction') === 'upload') {
+        const disk = diskId ? disks.get(diskId) : undefined;
+        if (!disk) return send(req, res, 404, faultXml('Operation Failed', `Entity not found: ${diskId}`));
+        if (disk.status !== 'ok') return send(req, res, 409, faultXml('Operation Failed', '[Cannot transfer Virtual Disk. Disk is locked.]'));
+        if (tagText(body, 'format') !== 'raw') return send(req, res, 400, faultXml('Operation Failed', '[Cannot transfer Virtual Disk. Upload format must be raw here.]'));
+        const socket = join(options.dir, `up-${disk.id.slice(0, 8)}.sock`);
+        await tool('qemu-nbd', ['-f', 'qcow2', '--socket', socket, '--persistent', '--shared', '8', '--fork', '--pid-file', `${socket}.pid`, disk.image]);
+        const pid = Number((await (await import('node:fs/promises')).readFile(`${socket}.pid`, 'utf8')).trim());
+        const transfer: SimTransfer = { id: randomUUID(), diskId: disk.id, backupId: '', direction: 'upload', upload: { socket, pid }, phase: 'initializing', ticket: randomUUID() };
+        transfers.set(transfer.id, transfer);
+        tickets.set(transfer.ticket, { socket, size: disk.size, dirtyBitmap: undefined, writable: true });
+        disk.status = 'locked';
+        later(lockMs / 2, async () => {
+          if (transfer.phase === 'initializing') transfer.phase = 'transferring';
+        });
+        return send(req, res, 201, transferXml(transfer));
+      }
       const backupId = /<backup id="([^"]+)"/.exec(body)?.[1];
       if (tagText(body, 'format') !== 'raw') return send(req, res, 400, faultXml('Operation Failed', '[Cannot transfer Virtual Disk. The format is not applicable for backup.]'));
       const backup = backupId ? backups.get(backupId) : undefined;
       if (!diskId || !backup || !backup.disks.includes(diskId)) return send(req, res, 400, faultXml('Operation Failed', '[Cannot transfer Virtual Disk. Backup or disk not found.]'));
       if (backup.phase !== 'ready') return send(req, res, 409, faultXml('Operation Failed', `[Cannot transfer Virtual Disk. The VM backup is not in READY phase, backup phase is ${backup.phase}.]`));
       const exported = backup.exports.get(diskId)!;
-      const transfer: SimTransfer = { id: randomUUID(), diskId, backupId: backup.id, phase: 'initializing', ticket: randomUUID() };
+      const transfer: SimTransfer = { id: randomUUID(), diskId, backupId: backup.id, direction: 'download', phase: 'initializing', ticket: randomUUID() };
       transfers.set(transfer.id, transfer);
       tickets.set(transfer.ticket, { socket: exported.socket, size: disks.get(diskId)!.size, dirtyBitmap: backup.modes.get(diskId) === 'incremental' ? `sim-${backup.from}` : undefined });
       const paused = pauseNextTransfer;
@@ -531,6 +579,10 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
         nbdClients.delete(transfer.ticket);
         await client?.then((c) => c.close(), () => undefined);
         later(lockMs / 2, async () => {
+          if (transfer.upload) {
+            await stopProcess(transfer.upload.pid, transfer.upload.socket);
+            disks.get(transfer.diskId)!.status = 'ok';
+          }
           transfer.phase = finalize ? 'finished_success' : transferPath[2] === '/cancel' ? 'cancelled_user' : 'finished_failure';
         });
         return send(req, res, 200, '<action><status>complete</status></action>');
