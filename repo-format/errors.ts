@@ -29,6 +29,7 @@ export type ErrorCode =
   | 'ENGINE_TOOL_FAILED'
   | 'ENGINE_OVIRT_FAULT'
   | 'ENGINE_OVIRT_AUTH'
+  | 'ENGINE_OVIRT_CONNECT'
   | 'ENGINE_INTERNAL';
 
 export class EngineError extends Error {

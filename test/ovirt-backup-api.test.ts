@@ -202,4 +202,19 @@ describe('oVirt incremental backup API', () => {
     expect([...sim.vms.get(out.vm.id)!.attachments.keys()].sort()).toEqual(out.disks.map((d) => d.id).sort());
     await expectNothingOpen();
   });
+
+  test('a disk added since the last backup: every disk read in full (oVirt does not mix), each saying why', async () => {
+    const added = await sim.addDisk(vm, 'db1_logs', '16M');
+    await qemuIo(added.image, ['write -P 0x31 0 1M']);
+    const result = await backup(['--incremental']);
+    expect(result.error).toBeUndefined();
+    expect(result.out!.disks.map((d) => [d.name, d.mode])).toEqual([
+      ['db1_os', 'full'],
+      ['db1_data', 'full'],
+      ['db1_logs', 'full'],
+    ]);
+    expect(result.out!.disks[2]!.modeReason).toBe('no earlier backup of this disk with changed-block tracking (a disk added since the last backup)');
+    expect(result.out!.disks[0]!.modeReason).toBe('oVirt cannot mix full and incremental disks in one backup, and another disk of the VM needs a full backup');
+    await expectNothingOpen();
+  });
 });

@@ -7,7 +7,9 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { OvirtClient } from '../dist/engine/ovirt/client.js';
 import { attribute, child, children, parseXml, text, buildXml } from '../dist/engine/ovirt/xml.js';
 import { startOvirtSim, type OvirtSim } from '../dist/test/ovirt-sim/server.js';
-import { tempDir } from './helpers.js';
+import { sh, tempDir } from './helpers.js';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 
 let sim: OvirtSim;
 let cleanup: () => Promise<void>;
@@ -134,5 +136,28 @@ describe('recorded response shapes (from the API model and real engines)', () =>
   test('request bodies: the disk attachment of the appliance flow', () => {
     const body = buildXml('disk_attachment', { disk: { '@_id': 'D', snapshot: { '@_id': 'S' } }, interface: 'virtio', bootable: false, active: true });
     expect(body).toBe('<disk_attachment><disk id="D"><snapshot id="S"/></disk><interface>virtio</interface><bootable>false</bootable><active>true</active></disk_attachment>');
+  });
+});
+
+describe('TLS with the engine\'s CA', () => {
+  test('a CA file makes the HTTPS engine trusted; without it the refusal is one clear line', async () => {
+    const { path: tlsDir, cleanup: tlsCleanup } = await tempDir('engine-ovirt-tls-');
+    try {
+      const key = join(tlsDir, 'key.pem');
+      const cert = join(tlsDir, 'cert.pem');
+      await sh('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '1', '-subj', '/CN=engine.test', '-addext', 'subjectAltName=IP:127.0.0.1']);
+      const secure = await startOvirtSim({ dir: join(tlsDir, 'sim'), tls: { key: await readFile(key, 'utf8'), cert: await readFile(cert, 'utf8') } });
+      try {
+        expect(secure.url).toMatch(/^https:/);
+        const trusted = new OvirtClient({ url: secure.url, credentials: { username: 'admin@internal', password: 'secret' }, caFile: cert });
+        expect((await trusted.get('')).status).toBe(200);
+        const untrusted = new OvirtClient({ url: secure.url, credentials: { username: 'admin@internal', password: 'secret' } });
+        await expect(untrusted.get('')).rejects.toMatchObject({ code: 'ENGINE_OVIRT_CONNECT', message: expect.stringMatching(/cannot connect: self[- ]signed certificate/) });
+      } finally {
+        await secure.stop();
+      }
+    } finally {
+      await tlsCleanup();
+    }
   });
 });

@@ -10,6 +10,7 @@ import { request as httpsRequest } from 'node:https';
 import { readFile } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { OvirtAuthError, OvirtFaultError, TimeoutError } from '../errors.js';
+import { EngineError } from '../../repo-format/errors.js';
 import { buildXml, parseXml, text, child, type XmlElement, type XmlInput } from './xml.js';
 
 export interface OvirtCredentials {
@@ -78,7 +79,11 @@ export class OvirtClient {
         res.on('error', reject);
       });
       req.on('timeout', () => req.destroy(new TimeoutError(`oVirt ${method} ${url.pathname}`, timeout)));
-      req.on('error', reject);
+      req.on('error', (error) => {
+        if (error instanceof EngineError) return reject(error);
+        // TLS (unknown CA, wrong name) and network failures: one clear line naming the engine.
+        reject(new EngineError('ENGINE_OVIRT_CONNECT', `oVirt ${this.base.origin}: cannot connect: ${error.message}`, { url: this.base.origin }));
+      });
       if (body !== undefined) req.write(body);
       req.end();
     });

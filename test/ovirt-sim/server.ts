@@ -20,6 +20,7 @@
  * Runnable on its own: `npm run ovirt-sim` (main.ts).
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 import { randomUUID } from 'node:crypto';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
@@ -116,6 +117,8 @@ export interface SimOptions {
   port?: number;
   /** How long snapshots stay locked (creation and removal). */
   lockMs?: number;
+  /** Serve the API over HTTPS with this key and certificate (PEM), as a real engine does. */
+  tls?: { key: string; cert: string };
 }
 
 export interface OvirtSim {
@@ -144,6 +147,8 @@ export interface OvirtSim {
     restartEngineAfter(path: RegExp, count: number): void;
   };
   addVm(name: string, disks: { alias: string; size: string }[], status?: SimVm['status']): Promise<SimVm>;
+  /** A new disk for an existing VM (a disk added between backups). */
+  addDisk(vm: SimVm, alias: string, size: string): Promise<SimDisk>;
   stop(): Promise<void>;
 }
 
@@ -786,15 +791,16 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     return send(req, res, 404, faultXml('Not Found', `${method} ${url.pathname}`));
   };
 
-  const server: Server = createServer((req, res) => {
+  const onRequest = (req: IncomingMessage, res: ServerResponse): void => {
     handle(req, res).catch((error: unknown) => send(req, res, 500, faultXml('Internal Server Error', String(error))));
-  });
+  };
+  const server: Server = options.tls ? createHttpsServer({ key: options.tls.key, cert: options.tls.cert }, onRequest) : createServer(onRequest);
   await new Promise<void>((resolve) => server.listen(options.port ?? 0, '127.0.0.1', resolve));
   const { port } = server.address() as AddressInfo;
   await new Promise<void>((resolve) => imageio.listen(0, '127.0.0.1', resolve));
   imageioUrl = `http://127.0.0.1:${(imageio.address() as AddressInfo).port}`;
   return {
-    url: `http://127.0.0.1:${port}`,
+    url: `${options.tls ? 'https' : 'http'}://127.0.0.1:${port}`,
     imageioUrl,
     backups,
     transfers,
@@ -818,6 +824,16 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       restartEngineAfter: (path, count) => {
         restartAfter = { path, left: count };
       },
+    },
+    async addDisk(vm, alias, size) {
+      const id = randomUUID();
+      const image = join(imagesDir, `${id}.qcow2`);
+      await tool('qemu-img', ['create', '-q', '-f', 'qcow2', image, size]);
+      const virtualSize = JSON.parse(await tool('qemu-img', ['info', '--output=json', image]))['virtual-size'] as number;
+      const disk: SimDisk = { id, alias, size: virtualSize, image, status: 'ok', storageDomain: STORAGE_DOMAIN_ID };
+      disks.set(id, disk);
+      vm.disks.push(id);
+      return disk;
     },
     async addVm(name, diskSpecs, status = 'up') {
       const vm: SimVm = { id: randomUUID(), name, status, cluster: CLUSTER_ID, importedOvf: undefined, disks: [], snapshots: new Map(), attachments: new Map(), checkpoints: [] };
