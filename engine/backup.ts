@@ -10,9 +10,8 @@ import { Repository } from '../repo-format/repository.js';
 import { InvalidArgumentError } from '../repo-format/errors.js';
 import { diskNameProblem, type BackupRecord, type BackupType, type DiskCbt, type DiskRecord, type RecordAttachment } from '../repo-format/backup-record.js';
 import { BlockPool } from './pipeline/block-pool.js';
-import { backupDisk, type DiskProgress, type IncrementalPlan } from './pipeline/backup-disk.js';
+import { backupDisk, type DiskProgress } from './pipeline/backup-disk.js';
 import { openSource } from './sources/open-source.js';
-import type { BlockSource } from './sources/source.js';
 import { openImageDisk, type RequestedMode } from './cbt/image-disk.js';
 import type { CbtDiskJob } from './cbt/chain.js';
 import type { LoadPage } from '../repo-format/block-map.js';
@@ -81,17 +80,8 @@ export interface CbtSession {
   rollback(): Promise<void>;
 }
 
-/** One disk to back up: where it reads from and how (whole, or incremental against a parent). */
-interface DiskJob {
-  name: string;
-  source: BlockSource;
-  plan: IncrementalPlan | undefined;
-  mode: BackupType;
-  modeReason: string | null;
-  parent: string | null;
-  cbt: DiskCbt | null;
-  session?: CbtSession;
-}
+/** One disk to back up: a CBT job, or a plain source read whole (no CBT state), with its session if any. */
+type DiskJob = Omit<CbtDiskJob, 'cbt'> & { cbt: DiskCbt | null; session?: CbtSession };
 
 function backupType(disks: DiskRecord[]): BackupType {
   if (disks.some((d) => d.mode === 'differential')) return 'differential';

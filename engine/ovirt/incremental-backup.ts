@@ -17,6 +17,7 @@ import { chooseChain, settleChain, type CbtDiskJob, type Chain, type RequestedMo
 import { OvirtFaultError } from '../errors.js';
 import { OvirtClient, type OvirtClientOptions } from './client.js';
 import { ImageioSource } from './imageio-source.js';
+import { finalizeTransfer, startTransfer } from './transfers.js';
 import { cleanupJournals, undo, vmIdByName, type Wait } from './appliance-backup.js';
 import { attribute, child, children, text } from './xml.js';
 
@@ -150,25 +151,11 @@ async function openOvirtBackup(client: OvirtClient, vmId: string, disks: VmDisk[
       if (chain.mode !== 'full' && modes.get(disk.id) !== 'incremental') {
         chain = { mode: 'full', reason: 'oVirt chose a full backup for this disk', base: null, parent: null, previous: null };
       }
-      const transfer = child(
-        (await client.post('imagetransfers', 'image_transfer', { disk: { '@_id': disk.id }, backup: { '@_id': backupId }, direction: 'download', format: 'raw' })).xml,
-        'image_transfer',
-      );
-      const transferId = attribute(transfer, 'id')!;
-      const entry: JournalEntry = { kind: 'transfer', transfer: transferId };
-      await track(entry);
-      transfers.push({ id: transferId, entry });
-      const ready = await client.waitFor(`image transfer ${transferId} to start`, async () => {
-        const t = child((await client.get(`imagetransfers/${transferId}`)).xml, 'image_transfer');
-        const phase = text(t, 'phase');
-        if (phase === 'transferring') return t;
-        if (phase === 'paused_system' || phase?.startsWith('finished') || phase?.startsWith('cancelled')) {
-          throw new OvirtFaultError(`image transfer ${transferId}`, 200, `the transfer went to phase ${phase}`, 'the engine or the host stopped it');
-        }
-        return undefined;
+      const { url } = await startTransfer(client, { disk: disk.id, backup: backupId, direction: 'download' }, async (id) => {
+        const entry: JournalEntry = { kind: 'transfer', transfer: id };
+        await track(entry);
+        transfers.push({ id, entry });
       }, wait);
-      const url = text(ready, 'transfer_url') ?? text(ready, 'proxy_url');
-      if (!url) throw new OvirtFaultError(`image transfer ${transferId}`, 200, 'no transfer_url', '');
       const source = await ImageioSource.open(url, disk.size, { name: disk.name, description: { kind: 'ovirt-imageio', path: `${vmId}/${disk.id}` } });
       sources.push(source);
       const settled = await settleChain({
@@ -199,18 +186,7 @@ async function openOvirtBackup(client: OvirtClient, vmId: string, disks: VmDisk[
     for (const source of sources) await source.dispose();
     // Transfers first: the engine refuses to finalize a backup with an active transfer.
     for (const { id, entry } of transfers) {
-      await client.post(`imagetransfers/${id}/finalize`, 'action', {}).catch((error: unknown) => {
-        if (!(error instanceof OvirtFaultError && error.status === 404)) throw error;
-      });
-      await client.waitFor(`image transfer ${id} to finish`, async () => {
-        try {
-          const phase = text(child((await client.get(`imagetransfers/${id}`)).xml, 'image_transfer'), 'phase');
-          return phase?.startsWith('finished') || phase?.startsWith('cancelled') ? true : undefined;
-        } catch (error) {
-          if (error instanceof OvirtFaultError && error.status === 404) return true;
-          throw error;
-        }
-      }, wait);
+      await finalizeTransfer(client, id, wait);
       await journal.remove((e) => e === entry);
     }
     const backupEntry = entries.find((e) => e.kind === 'backup' && e.backup === backupId)!;

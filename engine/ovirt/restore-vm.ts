@@ -17,6 +17,7 @@ import { restore } from '../restore/restore.js';
 import { OvirtClient, type OvirtClientOptions } from './client.js';
 import { attribute, child, children, text } from './xml.js';
 import { ImageioTarget } from './imageio-target.js';
+import { finalizeTransfer, startTransfer } from './transfers.js';
 import { OvirtFaultError } from '../errors.js';
 import { cleanupJournals, findDevice, isNotFound, undo, vmIdByName, type Wait } from './appliance-backup.js';
 
@@ -131,29 +132,15 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
         await forget(attachEntry);
       } else {
         // 2–4 through imageio: an upload transfer, written with PUTs, flushed, finalized.
-        const answer = child((await client.post('imagetransfers', 'image_transfer', { disk: { '@_id': diskId }, direction: 'upload', format: 'raw' })).xml, 'image_transfer');
-        const transferId = attribute(answer, 'id')!;
-        const transferEntry: JournalEntry = { kind: 'transfer', transfer: transferId };
-        await track(transferEntry);
-        const ready = await client.waitFor(`upload transfer ${transferId} to start`, async () => {
-          const t = child((await client.get(`imagetransfers/${transferId}`)).xml, 'image_transfer');
-          const phase = text(t, 'phase');
-          if (phase === 'transferring') return t;
-          if (phase === 'paused_system' || phase?.startsWith('finished') || phase?.startsWith('cancelled')) {
-            throw new OvirtFaultError(`image transfer ${transferId}`, 200, `the transfer went to phase ${phase}`, '');
-          }
-          return undefined;
+        let transferEntry: JournalEntry | undefined;
+        const { id: transferId, url } = await startTransfer(client, { disk: diskId, direction: 'upload' }, async (id) => {
+          transferEntry = { kind: 'transfer', transfer: id };
+          await track(transferEntry);
         }, wait);
-        const url = text(ready, 'transfer_url') ?? text(ready, 'proxy_url');
-        if (!url) throw new OvirtFaultError(`image transfer ${transferId}`, 200, 'no transfer_url', '');
         await restore({ repo: options.repo, backupId: record.id, disk: disk.name, to: url, openTarget: async () => new ImageioTarget(new URL(url)) });
-        await client.post(`imagetransfers/${transferId}/finalize`, 'action', {});
-        const phase = await client.waitFor(`upload transfer ${transferId} to finish`, async () => {
-          const current = text(child((await client.get(`imagetransfers/${transferId}`)).xml, 'image_transfer'), 'phase');
-          return current?.startsWith('finished') ? current : undefined;
-        }, wait);
+        const phase = await finalizeTransfer(client, transferId, wait);
         if (phase !== 'finished_success') throw new OvirtFaultError(`image transfer ${transferId}`, 200, `the upload ended in phase ${phase}`, '');
-        await forget(transferEntry);
+        await forget(transferEntry!);
       }
       restored.push({ name: disk.name, id: diskId, size: disk.size });
     }
