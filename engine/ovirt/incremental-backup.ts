@@ -9,6 +9,7 @@
  * as a full backup, said in `modeReason`. oVirt cannot mix full and incremental disks in one backup: if a
  * disk has no valid chain, every disk is read in full.
  */
+import { readFile } from 'node:fs/promises';
 import { Journal, type JournalEntry } from '../../repo-format/journal.js';
 import { Repository } from '../../repo-format/repository.js';
 import type { DiskCbt } from '../../repo-format/backup-record.js';
@@ -74,11 +75,11 @@ export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOpti
       ...(ovf ? [{ name: 'ovf', mediaType: 'application/ovf+xml', data: ovf }] : []),
       { name: 'ovirt-vm', mediaType: 'application/json', data: JSON.stringify({ vmId, vmName: options.vm, disks: disks.map((d) => ({ id: d.id, alias: d.name, size: d.size })) }) },
     ],
-    provider: (args) => openOvirtBackup(client, vmId, disks, args, wait, options.repo),
+    provider: async (args) => openOvirtBackup(client, vmId, disks, args, wait, options.repo, options.ovirt.caFile ? await readFile(options.ovirt.caFile) : undefined),
   });
 }
 
-async function openOvirtBackup(client: OvirtClient, vmId: string, disks: VmDisk[], args: ChainArgs, wait: Wait, repo: string): Promise<{ disks: CbtDiskJob[]; release(): Promise<void>; finish(): Promise<void>; rollback(): Promise<void> }> {
+async function openOvirtBackup(client: OvirtClient, vmId: string, disks: VmDisk[], args: ChainArgs, wait: Wait, repo: string, ca: Buffer | undefined): Promise<{ disks: CbtDiskJob[]; release(): Promise<void>; finish(): Promise<void>; rollback(): Promise<void> }> {
   const checkpoints = new Map(
     children(child((await client.get(`vms/${vmId}/checkpoints`)).xml, 'checkpoints'), 'checkpoint').map((c) => [attribute(c, 'id')!, text(c, 'state') ?? 'created']),
   );
@@ -156,7 +157,8 @@ async function openOvirtBackup(client: OvirtClient, vmId: string, disks: VmDisk[
         await track(entry);
         transfers.push({ id, entry });
       }, wait);
-      const source = await ImageioSource.open(url, disk.size, { name: disk.name, description: { kind: 'ovirt-imageio', path: `${vmId}/${disk.id}` } });
+      // imageio's certificate is signed by the engine's CA, like the API's.
+      const source = await ImageioSource.open(url, disk.size, { name: disk.name, description: { kind: 'ovirt-imageio', path: `${vmId}/${disk.id}` }, ca });
       sources.push(source);
       const settled = await settleChain({
         chain,

@@ -9,6 +9,7 @@
  * Everything created is journaled; a failed restore removes what it created (disks, attachments, the new
  * VM), and `engine ovirt cleanup` finishes that after a crash.
  */
+import { readFile } from 'node:fs/promises';
 import { Journal, type JournalEntry } from '../../repo-format/journal.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { BackupRecord, DiskRecord } from '../../repo-format/backup-record.js';
@@ -137,7 +138,8 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
           transferEntry = { kind: 'transfer', transfer: id };
           await track(transferEntry);
         }, wait);
-        await restore({ repo: options.repo, backupId: record.id, disk: disk.name, to: url, openTarget: async () => new ImageioTarget(new URL(url)) });
+        const ca = options.ovirt.caFile ? await readFile(options.ovirt.caFile) : undefined;
+        await restore({ repo: options.repo, backupId: record.id, disk: disk.name, to: url, openTarget: async () => new ImageioTarget(new URL(url), ca) });
         const phase = await finalizeTransfer(client, transferId, wait);
         if (phase !== 'finished_success') throw new OvirtFaultError(`image transfer ${transferId}`, 200, `the upload ended in phase ${phase}`, '');
         await forget(transferEntry!);
