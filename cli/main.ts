@@ -15,6 +15,7 @@ import {
   ovirtRestoreVm,
   listBackups,
   parseSize,
+  primitivesReport,
   restore,
   runDemo,
   showBackup,
@@ -352,6 +353,17 @@ function buildProgram(): Command {
       });
       if (jsonMode) printJson({ removed, messages });
       else process.stdout.write(`${[...messages, `removed ${removed} leftover resources`].join('\n')}\n`);
+    });
+
+  program
+    .command('bench')
+    .description('micro-benchmark of the primitives on this machine (SHA-256, xxh64, lz4, zero check), MB/s per thread')
+    .option('--json', 'print JSON')
+    .action(async (opts: { json?: boolean }) => {
+      jsonMode = opts.json === true;
+      const { rows, markdown } = await primitivesReport();
+      if (jsonMode) printJson({ rows });
+      else process.stdout.write(markdown);
     });
 
   program

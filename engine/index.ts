@@ -8,6 +8,7 @@ export { runDemo, type DemoOptions, type DemoResult } from './demo.js';
 export { generateImage, mutateImage, SeededRandom, VM_DISK_MIX, type ImageMix, type Mutation } from './synthetic-image.js';
 export { parseSize, formatBytes } from './units.js';
 export { ENGINE_VERSION } from './version.js';
+export { primitivesReport, runPrimitives, type Row as PrimitiveRow } from './primitives-bench.js';
 export type { DiskProgress } from './pipeline/backup-disk.js';
 export {
   SourceUnreadableError,

@@ -106,6 +106,18 @@ describe('output', () => {
   });
 });
 
+describe('engine bench', () => {
+  test('reports every primitive on every kind of data, as JSON', async () => {
+    const result = await runEngine(['bench', '--json']);
+    expect(result.code).toBe(0);
+    const { rows } = parseJson<{ rows: { primitive: string; data: string; blockSize: number; trialsMbPerS: number[] }[] }>(result.stdout);
+    const primitives = [...new Set(rows.map((r) => r.primitive))];
+    expect(primitives).toEqual(['SHA-256 (node:crypto)', 'xxh64 (xxhash-wasm h64Raw)', 'lz4 compressSync (lz4-napi)', 'lz4 uncompressSync (lz4-napi)', 'zero check (Buffer.equals)']);
+    for (const p of primitives) expect(rows.filter((r) => r.primitive === p).map((r) => r.data).sort()).toEqual(['random', 'text', 'zero']);
+    for (const r of rows) expect(r.trialsMbPerS).toHaveLength(3);
+  });
+});
+
 describe('interruption', () => {
   test('SIGINT during a backup: exit 130, nothing committed, no temporary file, lock released', async () => {
     const big = join(dir, 'interrupt.img');
