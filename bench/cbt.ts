@@ -15,8 +15,8 @@ import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { formatBytes, generateImage, parseSize, SeededRandom } from '../engine/index.js';
-import { NbdClient } from '../engine/nbd/client.js';
+import { formatBytes, generateImage, NbdClient, parseSize, SeededRandom } from '../engine/index.js';
+import { reportMarkdown, writeReport } from './report.js';
 
 const ENGINE = fileURLToPath(new URL('../../bin/engine.js', import.meta.url));
 const MB = 1e6;
@@ -219,25 +219,17 @@ async function main(): Promise<void> {
     }
 
     const machine = `${cpus()[0]?.model ?? 'unknown CPU'}, ${cpus().length} cores, ${formatBytes(totalmem())} RAM, Node ${process.version}`;
-    const markdown = [
-      `# Changed-block tracking benchmark (${new Date().toISOString()})`,
-      '',
-      `Machine: ${machine}. Disk: ${formatBytes(size)} VM-like image (generateImage seed "cbt-bench") as qcow2. MB = 10^6 B; MB/s = disk size / wall time.`,
-      'Engine times are whole CLI runs (process start, chain checks, bitmap or checkpoint bookkeeping, commit).',
-      '',
+    const markdown = reportMarkdown(
+      'Changed-block tracking benchmark',
+      [
+        `Machine: ${machine}. Disk: ${formatBytes(size)} VM-like image (generateImage seed "cbt-bench") as qcow2. MB = 10^6 B; MB/s = disk size / wall time.`,
+        'Engine times are whole CLI runs (process start, chain checks, bitmap or checkpoint bookkeeping, commit).',
+      ],
       table(rows),
-      '',
-      '## Targets (reported, never enforced)',
-      '',
-      ...targets.map((t) => `- ${t}`),
-      ...(skipped.length > 0 ? ['', '## Skipped', '', ...skipped.map((s) => `- ${s}`)] : []),
-      '',
-    ].join('\n');
-    process.stdout.write(markdown);
-    await mkdir(outDir, { recursive: true });
-    const stamp = new Date().toISOString().replace(/[:.]/g, '-');
-    await writeFile(join(outDir, `cbt-${stamp}.json`), JSON.stringify({ machine, size, rows, targets, skipped }, null, 2));
-    await writeFile(join(outDir, `cbt-${stamp}.md`), markdown);
+      targets,
+      skipped,
+    );
+    await writeReport(outDir, 'cbt', markdown, { machine, size, rows, targets, skipped });
   } finally {
     await rm(work, { recursive: true, force: true });
   }

@@ -10,11 +10,12 @@
  * Targets (reported, never enforced): full backup ≥ 5× restic, ≥ 2× borg.
  */
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, stat } from 'node:fs/promises';
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { formatBytes, generateImage, parseSize } from '../engine/index.js';
+import { reportMarkdown, writeReport } from './report.js';
 
 const ENGINE = fileURLToPath(new URL('../../bin/engine.js', import.meta.url));
 const MB = 1e6;
@@ -213,26 +214,19 @@ async function main(): Promise<void> {
         return `| ${r.scenario} | ${r.tool} | ${r.seconds.toFixed(2)} | ${r.mbPerS.toFixed(0)} | ${ratio} | ${r.cpuSeconds.toFixed(1)} | ${r.peakRssMiB.toFixed(0)} | ${r.storedBytes !== undefined ? formatBytes(r.storedBytes) : ''} |`;
       }),
     ].join('\n');
-    const markdown = [
-      `# Peers benchmark (${new Date().toISOString()})`,
-      '',
-      `Machine: ${machine}. Image: ${formatBytes(size)} VM-like raw image (generateImage seed "peers-bench"), warm in the page cache. MB = 10^6 B.`,
-      '"engine ÷ this": how many times longer this tool took than the engine (above 1: the engine is faster).',
-      '',
+    const markdown = reportMarkdown(
+      'Peers benchmark',
+      [
+        `Machine: ${machine}. Image: ${formatBytes(size)} VM-like raw image (generateImage seed "peers-bench"), warm in the page cache. MB = 10^6 B.`,
+        '"engine ÷ this": how many times longer this tool took than the engine (above 1: the engine is faster).',
+      ],
       table,
-      '',
-      '## Targets (reported, never enforced)',
-      '',
-      ...targets.map((t) => `- ${t}`),
-      ...(skipped.length > 0 ? ['', '## Skipped', '', ...skipped.map((s) => `- ${s}`)] : []),
-      '',
-    ].join('\n');
-    process.stdout.write(markdown);
-    await mkdir(outDir, { recursive: true });
-    const stamp = new Date().toISOString().replace(/[:.]/g, '-');
-    await writeFile(join(outDir, `peers-${stamp}.json`), JSON.stringify({ machine, size, rows, targets, skipped }, null, 2));
-    await writeFile(join(outDir, `peers-${stamp}.md`), markdown);
-    await writeFile(join(outDir, `peers-${stamp}.svg`), svgChart(rows, `Full backup and restore of a ${formatBytes(size)} VM-like image (MB/s, higher is better)`));
+      targets,
+      skipped,
+    );
+    await writeReport(outDir, 'peers', markdown, { machine, size, rows, targets, skipped }, {
+      svg: svgChart(rows, `Full backup and restore of a ${formatBytes(size)} VM-like image (MB/s, higher is better)`),
+    });
   } finally {
     await rm(work, { recursive: true, force: true });
   }

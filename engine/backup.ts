@@ -12,14 +12,13 @@ import { diskNameProblem, type BackupRecord, type BackupType, type DiskCbt, type
 import { BlockPool } from './pipeline/block-pool.js';
 import { backupDisk, type DiskProgress } from './pipeline/backup-disk.js';
 import { openSource } from './sources/open-source.js';
-import { openImageDisk, type RequestedMode } from './cbt/image-disk.js';
-import type { CbtDiskJob } from './cbt/chain.js';
-import type { LoadPage } from '../repo-format/block-map.js';
+import { openImageDisk } from './cbt/image-disk.js';
+import type { CbtDiskJob, CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
 import { openLibvirtBackup } from './cbt/libvirt-domain.js';
 import { InterruptedError } from './errors.js';
 import { ENGINE_VERSION } from './version.js';
 
-export type { RequestedMode } from './cbt/image-disk.js';
+export type { CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
 
 export interface BackupOptions {
   repo: string;
@@ -60,24 +59,6 @@ function checkNames(names: string[]): void {
     if (seen.has(name)) throw new InvalidArgumentError(`two disks are named "${name}": give distinct --disk-name values`);
     seen.add(name);
   }
-}
-
-/** What a changed-block-tracking flow needs to decide the chains of its disks. */
-export interface ChainArgs {
-  backupId: string;
-  requested: RequestedMode;
-  /** Backups of this VM (same name), newest first. */
-  history: BackupRecord[];
-  repositoryId: string;
-  loadPage: LoadPage;
-  blockSize: number;
-}
-
-/** The changed-block-tracking bookkeeping around some disks (one qcow2 image, or one libvirt job). */
-export interface CbtSession {
-  release(): Promise<void>;
-  finish(): Promise<void>;
-  rollback(): Promise<void>;
 }
 
 /** One disk to back up: a CBT job, or a plain source read whole (no CBT state), with its session if any. */

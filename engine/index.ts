@@ -19,8 +19,10 @@ export {
   InterruptedError,
   CorruptChunkError,
 } from './errors.js';
+export { NbdClient, type NbdClientOptions } from './nbd/client.js';
 export { OvirtClient, type OvirtClientOptions, type OvirtCredentials } from './ovirt/client.js';
-export { ovirtApplianceBackup, ovirtCleanup, type OvirtApplianceBackupOptions } from './ovirt/appliance-backup.js';
+export { ovirtApplianceBackup, type OvirtApplianceBackupOptions } from './ovirt/appliance-backup.js';
+export { ovirtCleanup } from './ovirt/cleanup.js';
 export { ovirtRestoreVm, type OvirtRestoreOptions, type OvirtRestoreResult } from './ovirt/restore-vm.js';
 export { ovirtIncrementalBackup, type OvirtIncrementalBackupOptions } from './ovirt/incremental-backup.js';
 export * from '../repo-format/index.js';

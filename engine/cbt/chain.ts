@@ -13,6 +13,24 @@ import { auditCleanBlocks } from './audit.js';
 
 export type RequestedMode = 'full' | 'incremental' | 'differential' | 'auto';
 
+/** What a changed-block-tracking flow needs to decide the chains of its disks. */
+export interface ChainArgs {
+  backupId: string;
+  requested: RequestedMode;
+  /** Backups of this VM (same name), newest first. */
+  history: BackupRecord[];
+  repositoryId: string;
+  loadPage: LoadPage;
+  blockSize: number;
+}
+
+/** The changed-block-tracking bookkeeping around some disks (one qcow2 image, one libvirt or oVirt job). */
+export interface CbtSession {
+  release(): Promise<void>;
+  finish(): Promise<void>;
+  rollback(): Promise<void>;
+}
+
 /** A disk ready to be read: its source, and how (whole, or against a parent), and its CBT state. */
 export interface CbtDiskJob {
   name: string;

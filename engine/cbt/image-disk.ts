@@ -10,24 +10,15 @@
  * Before trusting a chain the engine checks it; anything wrong means a full read of the disk, said in
  * `modeReason` and never silently an incomplete incremental.
  */
-import type { BackupRecord, DiskCbt } from '../../repo-format/backup-record.js';
+import type { DiskCbt } from '../../repo-format/backup-record.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { NbdSource } from '../sources/nbd-source.js';
 import { addBitmap, bitmapName, bitmapPrefix, imageInfo, removeBitmap, type ImageInfo } from './qcow2-bitmaps.js';
 import { serveImage, type RunningExport } from './qemu-nbd-server.js';
-import { chooseChain, settleChain, type CbtDiskJob, type RequestedMode } from './chain.js';
-import type { LoadPage } from '../../repo-format/block-map.js';
+import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type ChainArgs } from './chain.js';
 
-export type { RequestedMode } from './chain.js';
-
-export interface ImageDiskSession extends CbtDiskJob {
-  /** Stops the export (before the image's bitmaps can change). */
-  release(): Promise<void>;
-  /** After the backup record is committed: drop the bitmaps no chain needs any more. */
-  finish(): Promise<void>;
-  /** After a failure: drop the bitmap this backup added. */
-  rollback(): Promise<void>;
-}
+/** One image's disk and its bitmap bookkeeping (release stops the export before the bitmaps change). */
+export type ImageDiskSession = CbtDiskJob & CbtSession;
 
 /** The checks of a qcow2 bitmap before it is trusted as an incremental's base. */
 function bitmapProblem(info: ImageInfo): (base: string, previous: DiskCbt) => string | null {
@@ -41,16 +32,7 @@ function bitmapProblem(info: ImageInfo): (base: string, previous: DiskCbt) => st
   };
 }
 
-export async function openImageDisk(args: {
-  image: string;
-  name: string;
-  backupId: string;
-  requested: RequestedMode;
-  history: BackupRecord[];
-  repositoryId: string;
-  loadPage: LoadPage;
-  blockSize: number;
-}): Promise<ImageDiskSession> {
+export async function openImageDisk(args: ChainArgs & { image: string; name: string }): Promise<ImageDiskSession> {
   const { image, name, backupId } = args;
   const before = await imageInfo(image);
   if (before.format !== 'qcow2') {

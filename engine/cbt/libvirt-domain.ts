@@ -13,11 +13,9 @@
 import { chown, mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { BackupRecord } from '../../repo-format/backup-record.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
-import type { LoadPage } from '../../repo-format/block-map.js';
 import { NbdSource } from '../sources/nbd-source.js';
-import { chooseChain, settleChain, type CbtDiskJob, type RequestedMode } from './chain.js';
+import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type ChainArgs } from './chain.js';
 import { bitmapName, bitmapPrefix } from './qcow2-bitmaps.js';
 import { runTool } from './run-tool.js';
 
@@ -30,15 +28,8 @@ export interface DomainDisk {
   size: number;
 }
 
-export interface LibvirtSession {
-  disks: CbtDiskJob[];
-  /** Ends the pull-mode job and closes the exports. */
-  release(): Promise<void>;
-  /** After the record is committed: delete the engine checkpoints no chain needs any more. */
-  finish(): Promise<void>;
-  /** After a failure: delete the checkpoint this backup created. */
-  rollback(): Promise<void>;
-}
+/** All disks of one pull-mode job: released (domjobabort) after the last one, finished after the commit. */
+export type LibvirtSession = CbtSession & { disks: CbtDiskJob[] };
 
 function virsh(args: string[]): Promise<string> {
   return runTool('virsh', ['-q', ...args]);
@@ -78,15 +69,7 @@ async function runDirectory(): Promise<string> {
   return dir;
 }
 
-export async function openLibvirtBackup(args: {
-  domain: string;
-  backupId: string;
-  requested: RequestedMode;
-  history: BackupRecord[];
-  repositoryId: string;
-  loadPage: LoadPage;
-  blockSize: number;
-}): Promise<LibvirtSession> {
+export async function openLibvirtBackup(args: ChainArgs & { domain: string }): Promise<LibvirtSession> {
   const { domain, backupId } = args;
   const state = (await virsh(['domstate', domain])).trim();
   if (state !== 'running' && state !== 'paused') {

@@ -13,26 +13,18 @@ import { readFile } from 'node:fs/promises';
 import { Journal, type JournalEntry } from '../../repo-format/journal.js';
 import { Repository } from '../../repo-format/repository.js';
 import type { DiskCbt } from '../../repo-format/backup-record.js';
-import { backup, type BackupOptions, type BackupResult, type ChainArgs } from '../backup.js';
-import { chooseChain, settleChain, type CbtDiskJob, type Chain, type RequestedMode } from '../cbt/chain.js';
+import { backup, type BackupResult } from '../backup.js';
+import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type Chain, type ChainArgs, type RequestedMode } from '../cbt/chain.js';
 import { OvirtFaultError } from '../errors.js';
-import { OvirtClient, type OvirtClientOptions } from './client.js';
+import { OvirtClient } from './client.js';
 import { ImageioSource } from './imageio-source.js';
 import { finalizeTransfer, startTransfer } from './transfers.js';
-import { cleanupJournals, undo, vmIdByName, type Wait } from './appliance-backup.js';
+import { cleanupJournals, undo } from './cleanup.js';
+import { vmIdByName, waitOf, type OvirtBackupRunOptions, type Wait } from './common.js';
 import { attribute, child, children, text } from './xml.js';
 
-export interface OvirtIncrementalBackupOptions {
-  repo: string;
-  ovirt: OvirtClientOptions;
-  vm: string;
+export interface OvirtIncrementalBackupOptions extends OvirtBackupRunOptions {
   mode?: RequestedMode | undefined;
-  timeoutMs?: number | undefined;
-  pollMs?: number | undefined;
-  workers?: number | undefined;
-  signal?: AbortSignal | undefined;
-  onProgress?: BackupOptions['onProgress'];
-  onNotice?: ((message: string) => void) | undefined;
 }
 
 interface VmDisk {
@@ -55,7 +47,7 @@ async function vmDisks(client: OvirtClient, vmId: string): Promise<VmDisk[]> {
 
 export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOptions): Promise<BackupResult> {
   const notice = options.onNotice ?? (() => undefined);
-  const wait: Wait = { timeoutMs: options.timeoutMs ?? 600_000, intervalMs: options.pollMs ?? 1000 };
+  const wait = waitOf(options);
   await Repository.open(options.repo, { access: 'read' });
   const client = new OvirtClient(options.ovirt);
   await client.login();
@@ -79,7 +71,7 @@ export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOpti
   });
 }
 
-async function openOvirtBackup(client: OvirtClient, vmId: string, disks: VmDisk[], args: ChainArgs, wait: Wait, repo: string, ca: Buffer | undefined): Promise<{ disks: CbtDiskJob[]; release(): Promise<void>; finish(): Promise<void>; rollback(): Promise<void> }> {
+async function openOvirtBackup(client: OvirtClient, vmId: string, disks: VmDisk[], args: ChainArgs, wait: Wait, repo: string, ca: Buffer | undefined): Promise<CbtSession & { disks: CbtDiskJob[] }> {
   const checkpoints = new Map(
     children(child((await client.get(`vms/${vmId}/checkpoints`)).xml, 'checkpoints'), 'checkpoint').map((c) => [attribute(c, 'id')!, text(c, 'state') ?? 'created']),
   );

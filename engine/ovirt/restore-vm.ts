@@ -20,7 +20,8 @@ import { attribute, child, children, text } from './xml.js';
 import { ImageioTarget } from './imageio-target.js';
 import { finalizeTransfer, startTransfer } from './transfers.js';
 import { OvirtFaultError } from '../errors.js';
-import { cleanupJournals, findDevice, isNotFound, undo, vmIdByName, type Wait } from './appliance-backup.js';
+import { cleanupJournals, undo } from './cleanup.js';
+import { findDevice, isNotFound, vmIdByName, type OvirtDisk, type Wait } from './common.js';
 
 export interface OvirtRestoreOptions {
   repo: string;
@@ -50,17 +51,11 @@ export interface OvirtRestoreResult {
   disks: { name: string; id: string; size: number }[];
 }
 
-interface BackedUpDisk {
-  id: string;
-  alias: string;
-  size: number;
-}
-
-function ovirtMetadata(record: BackupRecord): { ovf: string; disks: BackedUpDisk[] } {
+function ovirtMetadata(record: BackupRecord): { ovf: string; disks: OvirtDisk[] } {
   const ovf = record.attachments.find((a) => a.name === 'ovf')?.data;
   const meta = record.attachments.find((a) => a.name === 'ovirt-vm')?.data;
   if (!ovf || !meta) throw new InvalidArgumentError(`backup ${record.id} was not made from oVirt: it keeps no OVF`);
-  return { ovf, disks: (JSON.parse(meta) as { disks: BackedUpDisk[] }).disks };
+  return { ovf, disks: (JSON.parse(meta) as { disks: OvirtDisk[] }).disks };
 }
 
 async function storageDomainId(client: OvirtClient, name: string | undefined): Promise<string> {
@@ -77,7 +72,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
   const wait: Wait = { timeoutMs: options.timeoutMs ?? 600_000, intervalMs: options.pollMs ?? 1000 };
   const record = await showBackup(options.repo, options.backupId);
   const { ovf, disks: backedUp } = ovirtMetadata(record);
-  const selected: { disk: DiskRecord; meta: BackedUpDisk }[] = record.disks
+  const selected: { disk: DiskRecord; meta: OvirtDisk }[] = record.disks
     .filter((d) => options.disk === undefined || d.name === options.disk)
     .map((disk, i) => ({ disk, meta: backedUp.find((m) => m.alias === disk.name || m.id === disk.name) ?? backedUp[i]! }));
   if (selected.length === 0) throw new InvalidArgumentError(`backup ${record.id} has no disk "${options.disk}"`);

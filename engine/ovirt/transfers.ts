@@ -1,9 +1,8 @@
 /** Image transfers (download for backups, upload for restores): start, wait, finalize. */
 import { OvirtFaultError } from '../errors.js';
 import type { OvirtClient } from './client.js';
+import type { Wait } from './common.js';
 import { attribute, child, text } from './xml.js';
-
-type Wait = { timeoutMs: number; intervalMs: number };
 
 function phaseOf(client: OvirtClient, id: string): Promise<string | undefined> {
   return client.get(`imagetransfers/${id}`).then((r) => text(child(r.xml, 'image_transfer'), 'phase'));

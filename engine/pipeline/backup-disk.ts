@@ -90,6 +90,11 @@ class BlockQueue {
   }
 }
 
+/** The block's id as a Buffer view over the worker's answer (no copy). */
+function idOf(result: { id: Uint8Array }): Buffer {
+  return Buffer.from(result.id.buffer, result.id.byteOffset, result.id.byteLength);
+}
+
 export async function backupDisk(source: BlockSource, name: string, context: BackupDiskContext, plan?: IncrementalPlan): Promise<DiskRecord> {
   const { repo, pool, dataWriter, signal } = context;
   const blockSize = repo.blockSize;
@@ -170,7 +175,7 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
 
   const storeBatch = async (batch: InFlight[]): Promise<void> => {
     const candidates = batch.filter((item) => item.result && !item.result.zero);
-    const ids = candidates.map((item) => Buffer.from((item.result as { id: Uint8Array }).id));
+    const ids = candidates.map((item) => idOf(item.result as { id: Uint8Array }));
     const known = await dataWriter.known(ids);
     const sealing = new Map<InFlight, Promise<{ frameLength: number; flags: number }>>();
     const claimedHere = new Set<string>();
@@ -190,7 +195,7 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
         await map.push(ZERO_ID);
         pool.slots.release(item.slot);
       } else {
-        const id = Buffer.from(result.id);
+        const id = idOf(result);
         const sealed = sealing.get(item);
         if (sealed) {
           const { frameLength, flags } = await sealed;

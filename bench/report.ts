@@ -1,0 +1,29 @@
+/** The shape every benchmark report shares: intro, body, targets, skipped peers; written as .md and .json. */
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+
+export function reportMarkdown(title: string, intro: string[], body: string, targets: string[], skipped: string[]): string {
+  return [
+    `# ${title} (${new Date().toISOString()})`,
+    '',
+    ...intro,
+    '',
+    body,
+    '',
+    '## Targets (reported, never enforced)',
+    '',
+    ...targets.map((t) => `- ${t}`),
+    ...(skipped.length > 0 ? ['', '## Skipped', '', ...skipped.map((s) => `- ${s}`)] : []),
+    '',
+  ].join('\n');
+}
+
+/** Prints the markdown and writes <prefix>-<time>.md, .json and any extra files into `outDir`. */
+export async function writeReport(outDir: string, prefix: string, markdown: string, data: unknown, extra: Record<string, string> = {}): Promise<void> {
+  process.stdout.write(markdown);
+  await mkdir(outDir, { recursive: true });
+  const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+  await writeFile(join(outDir, `${prefix}-${stamp}.json`), JSON.stringify(data, null, 2));
+  await writeFile(join(outDir, `${prefix}-${stamp}.md`), markdown);
+  for (const [extension, content] of Object.entries(extra)) await writeFile(join(outDir, `${prefix}-${stamp}.${extension}`), content);
+}

@@ -1,0 +1,72 @@
+/** What every oVirt flow shares: options, waits, VM lookup, 404s, and finding attached disks in the appliance. */
+import { stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
+import type { BackupOptions } from '../backup.js';
+import { OvirtFaultError } from '../errors.js';
+import { blockDeviceSize } from '../sources/device-size.js';
+import type { OvirtClient, OvirtClientOptions } from './client.js';
+import { attribute, child, children, text } from './xml.js';
+
+/** Options of every oVirt backup run. */
+export interface OvirtBackupRunOptions {
+  repo: string;
+  ovirt: OvirtClientOptions;
+  vm: string;
+  /** Bounds on the waits (snapshots, hot-plug, backup and transfer phases). */
+  timeoutMs?: number | undefined;
+  pollMs?: number | undefined;
+  workers?: number | undefined;
+  signal?: AbortSignal | undefined;
+  onProgress?: BackupOptions['onProgress'];
+  onNotice?: ((message: string) => void) | undefined;
+}
+
+/** A disk as the engine knows it: id, name (alias) and provisioned size. */
+export interface OvirtDisk {
+  id: string;
+  alias: string;
+  size: number;
+}
+
+export function waitOf(options: { timeoutMs?: number | undefined; pollMs?: number | undefined }): Wait {
+  return { timeoutMs: options.timeoutMs ?? 600_000, intervalMs: options.pollMs ?? 1000 };
+}
+
+export type Wait = { timeoutMs: number; intervalMs: number };
+
+export async function vmIdByName(client: OvirtClient, name: string): Promise<string> {
+  const found = children(child((await client.get('vms', { search: `name=${name}` })).xml, 'vms'), 'vm').filter((vm) => text(vm, 'name') === name);
+  if (found.length !== 1) throw new InvalidArgumentError(found.length === 0 ? `oVirt has no VM named "${name}"` : `oVirt has ${found.length} VMs named "${name}"`);
+  return attribute(found[0], 'id')!;
+}
+
+export function isNotFound(error: unknown): boolean {
+  return error instanceof OvirtFaultError && error.status === 404;
+}
+
+/** Size of a block device (sysfs) or a file (the simulator's nbdfuse files); -1 if it is not there. */
+async function deviceSize(path: string): Promise<number> {
+  const info = await stat(path).catch(() => undefined);
+  if (!info) return -1;
+  if (info.isBlockDevice()) return blockDeviceSize(info.rdev).catch(() => -1);
+  return info.isFile() ? info.size : -1;
+}
+
+/**
+ * The attached disk inside the appliance: /dev/disk/by-id/virtio-<first 20 characters of the disk id>
+ * (the virtio serial oVirt sets), checked against the disk's size; the guest agent's logical_name is the
+ * fallback. Polled: hot-plug takes a moment.
+ */
+export async function findDevice(client: OvirtClient, applianceId: string, disk: OvirtDisk, deviceRoot: string, wait: Wait): Promise<string> {
+  const byId = join(deviceRoot, `virtio-${disk.id.slice(0, 20)}`);
+  return client.waitFor(`disk ${disk.id} to appear in the appliance`, async () => {
+    const size = await deviceSize(byId);
+    if (size === disk.size) return byId;
+    const attachment = child((await client.get(`vms/${applianceId}/diskattachments/${disk.id}`)).xml, 'disk_attachment');
+    const logical = text(attachment, 'logical_name');
+    if (logical && (await deviceSize(logical)) === disk.size) return logical;
+    if (size > 0) throw new InvalidArgumentError(`${byId} holds ${size} bytes, disk ${disk.id} has ${disk.size}: not the disk that was attached`);
+    return undefined;
+  }, wait);
+}
