@@ -71,4 +71,5 @@ export const LAYOUT = {
   index: 'index',
   tmp: 'tmp',
   lock: 'lock',
+  readers: 'readers',
 } as const;

@@ -7,3 +7,4 @@ export { type BackupRecord, type DiskRecord, type DiskStats, type BackupType, ma
 export { readMap, mapDepth, MapBuilder, type MapRoot, type MapRun } from './block-map.js';
 export { packPath, scanPack } from './pack-file.js';
 export { readLockHolder } from './lock.js';
+export { registerReader, listReaders, removeStaleReaders, type ReaderRegistration, type RegisteredReader } from './readers.js';

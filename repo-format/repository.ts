@@ -71,7 +71,7 @@ export class Repository {
       if (!isErrnoException(error) || error.code !== 'ENOENT') throw error;
     }
     await mkdir(root, { recursive: true });
-    for (const dir of [LAYOUT.packs, LAYOUT.backups, LAYOUT.tmp]) await mkdir(join(root, dir), { recursive: true });
+    for (const dir of [LAYOUT.packs, LAYOUT.backups, LAYOUT.tmp, LAYOUT.readers]) await mkdir(join(root, dir), { recursive: true });
     const packs = join(root, LAYOUT.packs);
     await Promise.all(Array.from({ length: 256 }, (_, i) => mkdir(join(packs, i.toString(16).padStart(2, '0')))));
     await fsyncDirectory(packs);
