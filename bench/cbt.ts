@@ -10,39 +10,16 @@
  * Targets (reported, never enforced): incremental at 1% ≤ 5% of the full's wall time; full from a libvirt
  * pull export ≥ 10× virtnbdbackup.
  */
-import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import { cpus, tmpdir, totalmem } from 'node:os';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { formatBytes, generateImage, NbdClient, parseSize, SeededRandom } from '../engine/index.js';
+import { formatBytes, generateImage, parseSize } from '../engine/index.js';
+import { applyChangeSet, withQemuNbd } from './change-set.js';
 import { reportMarkdown, writeReport } from './report.js';
+import { arg, ENGINE, logger, machineLine, MB, run } from './tools.js';
+import { libvirtScenario } from './libvirt-scenario.js';
 
-const ENGINE = fileURLToPath(new URL('../../bin/engine.js', import.meta.url));
-const MB = 1e6;
-
-function arg(name: string): string | undefined {
-  const i = process.argv.indexOf(name);
-  return i >= 0 ? process.argv[i + 1] : undefined;
-}
-
-function log(message: string): void {
-  process.stderr.write(`[cbt-bench ${new Date().toISOString().slice(11, 19)}] ${message}\n`);
-}
-
-function run(command: string, args: string[], options: { env?: Record<string, string> } = {}): Promise<{ stdout: string; seconds: number }> {
-  const started = performance.now();
-  return new Promise((resolve, reject) => {
-    execFile(command, args, { maxBuffer: 64 * 1024 * 1024, env: { ...process.env, ...options.env } }, (error, stdout, stderr) => {
-      if (error) reject(new Error(`${command} ${args.join(' ')}: ${stderr || error.message}`));
-      else resolve({ stdout, seconds: (performance.now() - started) / 1000 });
-    });
-  });
-}
-
-async function available(command: string): Promise<boolean> {
-  return run('which', [command]).then(() => true, () => false);
-}
+const log = logger('cbt-bench');
 
 interface EngineBackup {
   seconds: number;
@@ -62,38 +39,9 @@ async function engineBackup(args: string[]): Promise<EngineBackup> {
   };
 }
 
-/** Rewrites `fraction` of the disk with random data in 4 KiB–1 MiB writes, through a writable qemu-nbd. */
-async function rewrite(image: string, fraction: number, seed: string, workDir: string): Promise<number> {
-  const socket = join(workDir, `w-${seed}.sock`);
-  const pidFile = join(workDir, `w-${seed}.pid`);
-  await run('qemu-nbd', ['-f', 'qcow2', '--socket', socket, '--persistent', '--fork', '--pid-file', pidFile, image]);
-  const pid = Number((await readFile(pidFile, 'utf8')).trim());
-  const random = new SeededRandom(seed);
-  let written = 0;
-  try {
-    const client = await NbdClient.connect(`nbd+unix:///?socket=${socket}`);
-    const size = client.size;
-    const budget = Math.floor(size * fraction);
-    while (written < budget) {
-      const length = Math.min(budget - written, 4096 * (1 + random.below(256)));
-      const offset = random.below(Math.floor((size - length) / 4096)) * 4096;
-      await client.write(random.bytes(length), offset);
-      written += length;
-    }
-    await client.flush();
-    await client.close();
-  } finally {
-    process.kill(pid, 'SIGTERM');
-    for (let i = 0; i < 500; i += 1) {
-      try {
-        process.kill(pid, 0);
-        await new Promise((resolve) => setTimeout(resolve, 10));
-      } catch {
-        break;
-      }
-    }
-  }
-  return written;
+/** Rewrites `fraction` of the disk through a writable qemu-nbd, which the image's bitmaps record. */
+async function rewrite(image: string, size: number, fraction: number, seed: string, workDir: string): Promise<number> {
+  return withQemuNbd(image, 'qcow2', workDir, (uri) => applyChangeSet({ nbd: [uri] }, size, fraction, seed));
 }
 
 interface Row {
@@ -140,7 +88,7 @@ async function main(): Promise<void> {
     const full = await engineBackup(['--repo', repo, '--image', image, '--full']);
     rows.push({ scenario: 'offline qcow2: full', tool: 'engine --image', seconds: full.seconds, bytesRead: full.bytesRead, note: full.mode });
     for (const fraction of [0.01, 0.1]) {
-      const written = await rewrite(image, fraction, `cbt-${fraction}`, work);
+      const written = await rewrite(image, size, fraction, `cbt-${fraction}`, work);
       await run('sync', []);
       log(`offline image: incremental after rewriting ${formatBytes(written)}`);
       const inc = await engineBackup(['--repo', repo, '--image', image, '--incremental']);
@@ -154,71 +102,19 @@ async function main(): Promise<void> {
 
     // 2. libvirt, side by side with virtnbdbackup.
     if (process.argv.includes('--no-libvirt')) skipped.push('libvirt scenarios: --no-libvirt');
-    else if (!(await available('virsh')) || !(await run('virsh', ['version']).then(() => true, () => false))) skipped.push('libvirt scenarios: no running libvirtd (virsh version failed)');
     else {
-      const vmImage = join(work, 'vm.qcow2');
-      await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'qcow2', image, vmImage]);
-      await run('chown', ['libvirt-qemu:kvm', vmImage]).catch(() => undefined);
-      await run('sync', []);
-      const domain = `cbt-bench-${process.pid}`;
-      const xml = `<domain type='qemu'><name>${domain}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os><devices><emulator>/usr/bin/qemu-system-x86_64</emulator><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${vmImage}'/><target dev='vda' bus='virtio'/></disk><video><model type='none'/></video><memballoon model='none'/></devices></domain>`;
-      await writeFile(join(work, 'domain.xml'), xml);
-      log('libvirt: defining and starting a TCG domain (libvirt probes QEMU here: ~40 s)');
-      await run('virsh', ['define', join(work, 'domain.xml')]);
-      try {
-        await run('virsh', ['start', domain]);
-        const vrepo = join(work, 'repo-libvirt');
-        await run(process.execPath, [ENGINE, 'init', vrepo]);
-        const hasVnb = await available('virtnbdbackup');
-        const runDir = join(work, 'run');
-        await mkdir(runDir);
-        await run('chown', ['libvirt-qemu:kvm', runDir]).catch(() => undefined);
-        await run('chmod', ['770', runDir]);
-        const random = new SeededRandom('cbt-libvirt');
-        /** 1% of the disk rewritten by the guest (HMP qemu-io writes of 64 KiB–1 MiB). */
-        const guestWrites = async (): Promise<number> => {
-          let written = 0;
-          while (written < size * 0.01) {
-            const length = 65536 * (1 + random.below(16));
-            const offset = random.below(Math.floor((size - length) / 65536)) * 65536;
-            await run('virsh', ['qemu-monitor-command', domain, '--hmp', `qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P ${1 + random.below(250)} ${offset} ${length}"`]);
-            written += length;
-          }
-          return written;
-        };
-        // virtnbdbackup refuses to run next to checkpoints it did not create: its chain runs first, and its
-        // checkpoints are deleted before the engine's chain starts.
-        let vfull: { seconds: number } | undefined;
-        if (hasVnb) {
-          log('libvirt: virtnbdbackup full');
-          vfull = await run('virtnbdbackup', ['-d', domain, '-l', 'full', '-o', join(work, 'vnb'), '-S', runDir, '-n']);
-          rows.push({ scenario: 'running VM (libvirt pull): full', tool: 'virtnbdbackup -l full', seconds: vfull.seconds, bytesRead: null, note: 'one worker per disk, sparse stream' });
-          const written = await guestWrites();
-          log('libvirt: virtnbdbackup incremental');
-          const vinc = await run('virtnbdbackup', ['-d', domain, '-l', 'inc', '-o', join(work, 'vnb'), '-S', runDir, '-n']);
-          rows.push({ scenario: 'running VM (libvirt pull): incremental, 1% rewritten', tool: 'virtnbdbackup -l inc', seconds: vinc.seconds, bytesRead: null, note: `${formatBytes(written)} written` });
-          for (const name of (await run('virsh', ['-q', 'checkpoint-list', domain, '--name'])).stdout.split('\n').map((l) => l.trim()).filter(Boolean).reverse()) {
-            await run('virsh', ['checkpoint-delete', domain, name]);
-          }
-        } else skipped.push('virtnbdbackup: not installed (apt-get install virtnbdbackup)');
-        log('libvirt: engine full');
-        const efull = await engineBackup(['--repo', vrepo, '--libvirt', domain, '--full']);
-        rows.push({ scenario: 'running VM (libvirt pull): full', tool: 'engine --libvirt', seconds: efull.seconds, bytesRead: efull.bytesRead, note: efull.mode });
-        if (vfull) {
-          const ratio = vfull.seconds / efull.seconds;
-          targets.push(`full from a libvirt pull export ≥ 10× virtnbdbackup: ${ratio.toFixed(1)}× → ${ratio >= 10 ? 'PASS' : 'MISS'}`);
-        }
-        const written = await guestWrites();
-        log('libvirt: engine incremental');
-        const einc = await engineBackup(['--repo', vrepo, '--libvirt', domain, '--incremental']);
-        rows.push({ scenario: 'running VM (libvirt pull): incremental, 1% rewritten', tool: 'engine --libvirt', seconds: einc.seconds, bytesRead: einc.bytesRead, note: `${einc.mode}; ${formatBytes(written)} written; ${((einc.seconds / efull.seconds) * 100).toFixed(1)}% of the full's time` });
-      } finally {
-        await run('virsh', ['destroy', domain]).catch(() => undefined);
-        await run('virsh', ['undefine', domain, '--checkpoints-metadata']).catch(() => undefined);
+      const outcome = await libvirtScenario(image, size, work, log, { virtnbdbackup: true });
+      skipped.push(...outcome.skipped);
+      for (const r of outcome.rows) rows.push({ scenario: `running VM (libvirt pull): ${r.scenario}`, tool: r.tool, seconds: r.measured.seconds, bytesRead: r.bytesRead, note: r.note });
+      const engineFull = outcome.rows.find((r) => r.scenario === 'full' && r.tool.startsWith('engine'));
+      const peerFull = outcome.rows.find((r) => r.scenario === 'full' && r.tool.startsWith('virtnbdbackup'));
+      if (engineFull && peerFull) {
+        const ratio = peerFull.measured.seconds / engineFull.measured.seconds;
+        targets.push(`full from a libvirt pull export ≥ 10× virtnbdbackup: ${ratio.toFixed(1)}× → ${ratio >= 10 ? 'PASS' : 'MISS'}`);
       }
     }
 
-    const machine = `${cpus()[0]?.model ?? 'unknown CPU'}, ${cpus().length} cores, ${formatBytes(totalmem())} RAM, Node ${process.version}`;
+    const machine = machineLine();
     const markdown = reportMarkdown(
       'Changed-block tracking benchmark',
       [

@@ -19,6 +19,7 @@ export {
   InterruptedError,
   CorruptChunkError,
 } from './errors.js';
+export { stopProcess } from './process.js';
 export { NbdClient, type NbdClientOptions } from './nbd/client.js';
 export { OvirtClient, type OvirtClientOptions, type OvirtCredentials } from './ovirt/client.js';
 export { ovirtApplianceBackup, type OvirtApplianceBackupOptions } from './ovirt/appliance-backup.js';

@@ -8,3 +8,4 @@ export { readMap, mapDepth, MapBuilder, type MapRoot, type MapRun } from './bloc
 export { packPath, scanPack } from './pack-file.js';
 export { readLockHolder } from './lock.js';
 export { registerReader, listReaders, removeStaleReaders, type ReaderRegistration, type RegisteredReader } from './readers.js';
+export { isProcessAlive } from './process-alive.js';

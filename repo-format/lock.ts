@@ -12,6 +12,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { LAYOUT } from './constants.js';
+import { isProcessAlive } from './process-alive.js';
 import { classifyWriteError, isErrnoException, RepositoryLockedError, type LockHolder } from './errors.js';
 
 export interface RepositoryLock {
@@ -19,15 +20,6 @@ export interface RepositoryLock {
   /** Set when acquiring broke a stale lock: who held it. */
   brokeStale?: LockHolder;
   release(): Promise<void>;
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return !(isErrnoException(error) && error.code === 'ESRCH');
-  }
 }
 
 export async function readLockHolder(root: string): Promise<LockHolder | undefined> {
@@ -51,7 +43,7 @@ async function readLockFile(path: string): Promise<(LockHolder & { token: string
 }
 
 export function isStale(holder: LockHolder): boolean {
-  return holder.hostname === hostname() && holder.pid !== process.pid && !isAlive(holder.pid);
+  return holder.hostname === hostname() && holder.pid !== process.pid && !isProcessAlive(holder.pid);
 }
 
 /** Creates `lock` with its content in one step (link of a complete temp file): never an empty lock file. */

@@ -10,6 +10,7 @@ import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { acquireLock, isStale, readLockHolder } from '../dist/repo-format/lock.js';
 import { RepositoryLockedError, type LockHolder } from '../dist/repo-format/errors.js';
+import { isProcessAlive } from '../dist/repo-format/process-alive.js';
 
 const ISO_TIME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
 
@@ -166,5 +167,27 @@ describe('repository lock', () => {
     await lock.release();
     expect(await readLockHolder(root)).toEqual(next.holder);
     await next.release();
+  });
+});
+
+describe('process liveness', () => {
+  test('a zombie counts as dead (a lock held by an exited, unreaped process is stale)', async () => {
+    // bash starts `true` in the background, prints its pid and becomes `sleep`, which never reaps it.
+    const parent = spawn('bash', ['-c', 'true & echo $!; exec sleep 5'], { stdio: ['ignore', 'pipe', 'ignore'] });
+    try {
+      const pid = Number(await new Promise<string>((resolve) => parent.stdout.once('data', (chunk: Buffer) => resolve(chunk.toString()))));
+      let zombie = false;
+      for (let i = 0; i < 200 && !zombie; i += 1) {
+        zombie = (await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '')).includes(') Z ');
+        if (!zombie) await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+      expect(zombie).toBe(true);
+      expect(() => process.kill(pid, 0)).not.toThrow(); // what a kill(0)-only check would call alive
+      expect(isProcessAlive(pid)).toBe(false);
+      expect(isStale({ pid, hostname: hostname(), since: new Date().toISOString(), command: 'backup' })).toBe(true);
+      expect(isProcessAlive(parent.pid!)).toBe(true);
+    } finally {
+      parent.kill('SIGKILL');
+    }
   });
 });

@@ -2,6 +2,7 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { sh } from './helpers.js';
+import { stopProcess } from '../dist/engine/process.js';
 
 export async function qcow2(path: string, size: string): Promise<void> {
   await sh('qemu-img', ['create', '-q', '-f', 'qcow2', path, size]);
@@ -35,21 +36,7 @@ export async function qemuNbd(image: string, dir: string, options: { readOnly?: 
   return {
     uri: `nbd+unix:///${encodeURIComponent(name)}?socket=${socket}`,
     socket,
-    stop: async () => {
-      try {
-        process.kill(pid, 'SIGTERM');
-      } catch {
-        return;
-      }
-      for (let i = 0; i < 200; i += 1) {
-        try {
-          process.kill(pid, 0);
-        } catch {
-          return;
-        }
-        await new Promise((resolve) => setTimeout(resolve, 10));
-      }
-    },
+    stop: () => stopProcess(pid),
   };
 }
 

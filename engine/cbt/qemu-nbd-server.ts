@@ -7,19 +7,11 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { runTool } from './run-tool.js';
+import { stopProcess } from '../process.js';
 
 export interface RunningExport {
   uri: string;
   stop(): Promise<void>;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 export async function serveImage(image: string, format: string, bitmap?: string): Promise<RunningExport> {
@@ -38,9 +30,8 @@ export async function serveImage(image: string, format: string, bitmap?: string)
   return {
     uri: `nbd+unix:///?socket=${socket}`,
     stop: async () => {
-      if (alive(pid)) process.kill(pid, 'SIGTERM');
       // qemu-nbd releases the image lock when it exits; wait for that before qemu-img touches the image.
-      for (let i = 0; i < 500 && alive(pid); i += 1) await new Promise((resolve) => setTimeout(resolve, 10));
+      await stopProcess(pid);
       await rm(dir, { recursive: true, force: true });
     },
   };

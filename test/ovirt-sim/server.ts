@@ -27,6 +27,7 @@ import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { AddressInfo } from 'node:net';
 import { NbdClient } from '../../engine/nbd/client.js';
+import { stopProcess } from '../../engine/process.js';
 
 export interface SimDisk {
   id: string;
@@ -336,21 +337,13 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     `<image_transfer href="${API}/imagetransfers/${t.id}" id="${t.id}"><direction>${t.direction}</direction><format>raw</format><phase>${t.phase}</phase>` +
     `<transfer_url>${imageioUrl}/images/${t.ticket}</transfer_url><proxy_url>${imageioUrl}/images/${t.ticket}</proxy_url><disk id="${t.diskId}"/><backup id="${t.backupId}"/></image_transfer>`;
 
-  const stopProcess = async (pid: number, socket: string): Promise<void> => {
-    try {
-      process.kill(pid, 'SIGTERM');
-      for (let i = 0; i < 200; i += 1) {
-        process.kill(pid, 0);
-        await new Promise((resolve) => setTimeout(resolve, 10));
-      }
-    } catch {
-      // gone
-    }
+  const stopExport = async (pid: number, socket: string): Promise<void> => {
+    await stopProcess(pid);
     await rm(socket, { force: true });
   };
 
   const stopExports = async (backup: SimBackup): Promise<void> => {
-    for (const { socket, pid } of backup.exports.values()) await stopProcess(pid, socket);
+    for (const { socket, pid } of backup.exports.values()) await stopExport(pid, socket);
     backup.exports.clear();
   };
 
@@ -585,7 +578,7 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
         await client?.then((c) => c.close(), () => undefined);
         later(lockMs / 2, async () => {
           if (transfer.upload) {
-            await stopProcess(transfer.upload.pid, transfer.upload.socket);
+            await stopExport(transfer.upload.pid, transfer.upload.socket);
             disks.get(transfer.diskId)!.status = 'ok';
           }
           transfer.phase = finalize ? 'finished_success' : transferPath[2] === '/cancel' ? 'cancelled_user' : 'finished_failure';
