@@ -357,12 +357,12 @@ function buildProgram(): Command {
 
   program
     .command('bench')
-    .description('micro-benchmark of the primitives on this machine (SHA-256, xxh64, lz4, zero check), MB/s per thread')
+    .description('micro-benchmark of the primitives on this machine (SHA-256, xxh64, lz4, zero check) per thread, and of the pipeline with 1..N workers, in MB/s')
     .option('--json', 'print JSON')
     .action(async (opts: { json?: boolean }) => {
       jsonMode = opts.json === true;
-      const { rows, markdown } = await primitivesReport();
-      if (jsonMode) printJson({ rows });
+      const { rows, pipeline, markdown } = await primitivesReport();
+      if (jsonMode) printJson({ rows, pipeline });
       else process.stdout.write(markdown);
     });
 

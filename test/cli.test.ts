@@ -115,6 +115,9 @@ describe('engine bench', () => {
     expect(primitives).toEqual(['SHA-256 (node:crypto)', 'xxh64 (xxhash-wasm h64Raw)', 'lz4 compressSync (lz4-napi)', 'lz4 uncompressSync (lz4-napi)', 'zero check (Buffer.equals)']);
     for (const p of primitives) expect(rows.filter((r) => r.primitive === p).map((r) => r.data).sort()).toEqual(['random', 'text', 'zero']);
     for (const r of rows) expect(r.trialsMbPerS).toHaveLength(3);
+    const { pipeline } = parseJson<{ pipeline: { workers: number; data: string; mbPerS: number }[] }>(result.stdout);
+    expect(pipeline.map((r) => `${r.data}/${r.workers}`)).toEqual(expect.arrayContaining(['random/1', 'random/2', 'text/1', 'text/2']));
+    for (const r of pipeline) expect(r.mbPerS).toBeGreaterThan(0);
   });
 });
 
