@@ -105,9 +105,12 @@ function passwordFileOption(): Option {
   return new Option('--password-file <file>', 'file holding the passphrase of an encrypted repository (default: $ENGINE_PASSWORD)');
 }
 
-/** The file's content less one trailing newline, else $ENGINE_PASSWORD, else undefined (a plain repository needs none). */
+/**
+ * The file's content less one trailing newline, else $ENGINE_PASSWORD, else undefined (a plain repository
+ * needs none). An empty variable counts as unset: no encrypted repository has an empty passphrase.
+ */
 async function loadPassphrase(file: string | undefined): Promise<string | undefined> {
-  if (file === undefined) return process.env.ENGINE_PASSWORD;
+  if (file === undefined) return process.env.ENGINE_PASSWORD || undefined;
   const text = await readFile(file, 'utf8').catch((error: unknown) => {
     throw new InvalidArgumentError(`--password-file ${file}: cannot be read (${(error as NodeJS.ErrnoException).code ?? String(error)})`);
   });

@@ -26,8 +26,8 @@ export function sealMetadata(dataKey: Uint8Array, plaintext: Uint8Array, name: s
 
 /** The plaintext, or why it cannot be had (the caller names the file). */
 export function openMetadata(dataKey: Uint8Array, bytes: Buffer, name: string): Buffer | string {
-  if (bytes.length < SEALED_METADATA_HEADER_SIZE + ENCRYPTION_OVERHEAD) return 'too short to be an encrypted file';
   if (!bytes.subarray(0, SEALED_METADATA_MAGIC.length).equals(SEALED_METADATA_MAGIC)) return 'not encrypted (no EENC magic), in an encrypted repository';
+  if (bytes.length < SEALED_METADATA_HEADER_SIZE + ENCRYPTION_OVERHEAD) return 'too short to be an encrypted file';
   const version = bytes.readUInt8(SEALED_METADATA_MAGIC.length);
   if (version !== SEALED_METADATA_VERSION) return `unknown encrypted file version ${version}`;
   const plaintext = gcmOpen(dataKey, bytes.subarray(SEALED_METADATA_HEADER_SIZE), aad(name));
