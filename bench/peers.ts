@@ -9,55 +9,18 @@
  * the reason. Output: a markdown table, JSON and an SVG bar chart (engine against each peer, with ratios).
  * Targets (reported, never enforced): full backup ≥ 5× restic, ≥ 2× borg.
  */
-import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, rm, stat } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { formatBytes, generateImage, parseSize } from '../engine/index.js';
 import { reportMarkdown, writeReport } from './report.js';
+import { arg, duBytes, logger, sh, timed, type Measured } from './process.js';
 
 const ENGINE = fileURLToPath(new URL('../../bin/engine.js', import.meta.url));
 const MB = 1e6;
 
-function arg(name: string): string | undefined {
-  const i = process.argv.indexOf(name);
-  return i >= 0 ? process.argv[i + 1] : undefined;
-}
-
-function log(message: string): void {
-  process.stderr.write(`[peers ${new Date().toISOString().slice(11, 19)}] ${message}\n`);
-}
-
-interface Measured {
-  seconds: number;
-  cpuSeconds: number;
-  peakRssMiB: number;
-}
-
-function sh(command: string, args: string[], env: Record<string, string> = {}): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(command, args, { maxBuffer: 64 * 1024 * 1024, env: { ...process.env, ...env } }, (error, stdout, stderr) => {
-      if (error) reject(new Error(`${command} ${args.join(' ')}: ${(stderr || error.message).trim().split('\n').slice(-2).join(' ')}`));
-      else resolve(stdout);
-    });
-  });
-}
-
-/** Runs a command under /usr/bin/time (stdout discarded): wall seconds, user+sys CPU, peak RSS. */
-async function timed(command: string, args: string[], env: Record<string, string> = {}): Promise<Measured> {
-  const quoted = [command, ...args].map((a) => `'${a.replace(/'/g, "'\\''")}'`).join(' ');
-  const stderr = await new Promise<string>((resolve, reject) => {
-    execFile('bash', ['-c', `/usr/bin/time -f '@@%e %U %S %M' ${quoted} > /dev/null 2> >(cat >&2)`], { maxBuffer: 64 * 1024 * 1024, env: { ...process.env, ...env } }, (error, _stdout, err) => {
-      if (error) reject(new Error(`${command} ${args.slice(0, 3).join(' ')}…: ${err.trim().split('\n').slice(-2).join(' ')}`));
-      else resolve(err);
-    });
-  });
-  const line = stderr.split('\n').find((l) => l.startsWith('@@'));
-  if (!line) throw new Error(`no timing from ${command}`);
-  const [e, u, s, m] = line.slice(2).trim().split(/\s+/).map(Number);
-  return { seconds: e!, cpuSeconds: u! + s!, peakRssMiB: m! / 1024 };
-}
+const log = logger('peers');
 
 async function available(command: string): Promise<boolean> {
   return sh('which', [command]).then(() => true, () => false);
@@ -73,17 +36,6 @@ async function ensure(command: string, pkg: string): Promise<string | true> {
     return `apt-get install ${pkg} failed: ${(error as Error).message}`;
   }
   return (await available(command)) ? true : `${pkg} installed no ${command}`;
-}
-
-async function duBytes(path: string): Promise<number> {
-  let total = 0;
-  const walk = async (p: string): Promise<void> => {
-    const info = await stat(p);
-    if (info.isDirectory()) for (const name of await readdir(p)) await walk(join(p, name));
-    else total += info.size;
-  };
-  await walk(path);
-  return total;
 }
 
 interface Row {

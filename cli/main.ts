@@ -393,7 +393,7 @@ function buildProgram(): Command {
 
   program
     .command('bench')
-    .description('micro-benchmark of the primitives on this machine (SHA-256, xxh64, lz4, zero check), MB/s per thread')
+    .description('micro-benchmark of the primitives on this machine (SHA-256, xxh64, lz4, zero check, HMAC-SHA256, AES-256-GCM), MB/s per thread')
     .option('--json', 'print JSON')
     .action(async (opts: { json?: boolean }) => {
       jsonMode = opts.json === true;
