@@ -14,6 +14,7 @@ import { newRepositoryKeys } from '../dist/repo-format/crypto.js';
 import { AUTHENTICATION_FAILED, blobId, openBlob, sealBlobToBuffer } from '../dist/repo-format/blob-codec.js';
 import { openMetadata, sealMetadata } from '../dist/repo-format/sealed-metadata.js';
 import { checksum64, initChecksum } from '../dist/repo-format/checksum.js';
+import { decodeConfig, encodeConfig, newConfig } from '../dist/repo-format/config.js';
 import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
 import { qcow2, qemuImgCompare, qemuIo } from './qemu.js';
 
@@ -138,6 +139,50 @@ describe('key file', () => {
     expect(reason(edited((f) => (f.sealed = 'AAAA')))).toBe('key file k is damaged: the sealed keys are not 92 bytes of base64');
     expect(reason(edited((f) => (f.cipher = 'chacha20')))).toBe('key file k is damaged: unknown cipher chacha20');
     await expect(createKeyFile(newRepositoryKeys(), '', repositoryId, '0000000000000002')).rejects.toMatchObject({ code: 'ENGINE_INVALID_ARGUMENT' });
+  });
+});
+
+describe('config of an encrypted repository', () => {
+  const id = '0123456789abcdef0123456789abcdef';
+  const created = new Date('2024-05-06T07:08:09.010Z');
+  const encryption = { cipher: 'aes-256-gcm' as const, keyFile: 'keys/0011223344556677.json' };
+
+  function edited(edit: (c: Record<string, unknown>) => void): Buffer {
+    const c = JSON.parse(encodeConfig(newConfig(id, MiB, created, encryption)).toString('utf8')) as Record<string, unknown>;
+    edit(c);
+    return Buffer.from(JSON.stringify(c));
+  }
+
+  test('round trip and exact content: version 2, keyed hash, the key file named', () => {
+    const config = newConfig(id, MiB, created, encryption);
+    expect(JSON.parse(encodeConfig(config).toString('utf8'))).toEqual({
+      format: 'vm-backup-engine repository',
+      version: 2,
+      id,
+      created: '2024-05-06T07:08:09.010Z',
+      blockSize: MiB,
+      hash: 'hmac-sha256',
+      checksum: 'xxh64',
+      compression: 'lz4-block',
+      mapPageEntries: 1024,
+      encryption: { cipher: 'aes-256-gcm', keyFile: 'keys/0011223344556677.json' },
+    });
+    expect(decodeConfig(encodeConfig(config))).toEqual(config);
+  });
+
+  test('inconsistent encryption parameters are refused; a newer encrypted version is too new', () => {
+    expect(decodeConfig(edited((c) => (c.version = 1)))).toBe('config has encryption parameters but version 1');
+    expect(decodeConfig(edited((c) => (c.hash = 'sha256')))).toBe('config names a hash, checksum or compression this engine does not know');
+    expect(decodeConfig(edited((c) => ((c.encryption as Record<string, unknown>).cipher = 'aes-128-cbc')))).toBe('config names a cipher this engine does not know');
+    expect(decodeConfig(edited((c) => ((c.encryption as Record<string, unknown>).keyFile = '../key.json')))).toBe('config names no valid key file');
+    const newer = decodeConfig(edited((c) => (c.version = 3)));
+    expect(typeof newer === 'string' ? newer : newer.version).toBe(3);
+    // Without encryption, version 2 is a plain repository of a future format.
+    const plain2 = decodeConfig(edited((c) => {
+      delete c.encryption;
+      c.version = 2;
+    }));
+    expect(typeof plain2 === 'string' ? plain2 : plain2.version).toBe(2);
   });
 });
 
@@ -348,6 +393,50 @@ describe('tampering', () => {
     expect([forgedId, rottenId]).toContain(error.details.chunk);
     expect(error.details).toMatchObject({ backupId: backup.id, disk: 'tamper.img', diskOffset: offsetOf(error.details.chunk) });
     await expect(stat(target)).rejects.toThrow();
+  });
+});
+
+describe('large offsets', () => {
+  test('a sparse 5 GiB disk with data past 2^32: exact restore; a forged chunk there is named at its offset', async () => {
+    const GiB = 1024 * MiB;
+    const repo = await encryptedRepo('repo-big');
+    const image = join(dir, 'big.img');
+    const size = 5 * GiB + 123;
+    await sparseFile(image, size);
+    await writeRegion(image, 2 ** 32 - MiB - 5, 3 * MiB, 'random', 'straddle');
+    await writeRegion(image, size - 2 * MiB, 2 * MiB, 'random', 'tail');
+    const backup = await backupOk(repo, ['--source', image]);
+    const restored = join(dir, 'big.restored');
+    expect((await runEngine(['restore', '--repo', repo, backup.id, '--to', restored], withPass())).code).toBe(0);
+    expect(await filesIdentical(image, restored)).toBe(true);
+    await rm(restored);
+
+    // The block at 4 GiB + 1 MiB (block 4097), wholly past 2^32: find its frame by its keyed id, forge it.
+    const blockOffset = 4 * GiB + MiB;
+    const block = Buffer.alloc(MiB);
+    const source = await open(image, 'r');
+    await source.read(block, 0, MiB, blockOffset);
+    await source.close();
+    const opened = await Repository.open(repo, { access: 'read', passphrase: PASSPHRASE });
+    const id = opened.blobId(block).toString('hex');
+    let forged = false;
+    for (const packId of await packIds(repo)) {
+      const frame = (await scanPack(repo, packId, true)).frames.find((f) => f.header.id.toString('hex') === id);
+      if (!frame) continue;
+      const handle = await open(join(repo, 'packs', packId.slice(0, 2), packId), 'r+');
+      const data = Buffer.alloc(frame.length);
+      await handle.read(data, 0, frame.length, frame.offset);
+      data[FRAME_HEADER_SIZE + 100] = data[FRAME_HEADER_SIZE + 100]! ^ 0x80;
+      data.writeBigUInt64LE(checksum64(data.subarray(0, frame.length - 8)), frame.length - 8);
+      await handle.write(data, 0, frame.length, frame.offset);
+      await handle.close();
+      forged = true;
+    }
+    expect(forged).toBe(true);
+    const verify = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], withPass());
+    expect(verify.code).toBe(4);
+    const problems = parseJson<{ problems: { code: string; offset?: number; blob?: string }[] }>(verify.stdout).problems;
+    expect(problems.filter((p) => p.code === 'CHUNK_DAMAGED')).toEqual([expect.objectContaining({ offset: blockOffset, blob: id })]);
   });
 });
 
