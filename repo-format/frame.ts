@@ -4,7 +4,8 @@
  *
  *   header (48 B) || payload (storedLength B) || xxh64(header || payload) (8 B, little-endian)
  *
- * See SPEC.md, "Frame", for the byte table.
+ * See SPEC.md, "Frame", for the byte table. In an encrypted repository the payload is
+ * nonce || AES-256-GCM(lz4 or plain) || tag and flag bit 1 is set (SPEC.md, section 18.3).
  */
 import {
   FRAME_HEADER_SIZE,
