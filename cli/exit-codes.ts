@@ -8,6 +8,7 @@ export const EXIT = {
   locked: 3,
   integrity: 4,
   notARepository: 5,
+  passphrase: 6,
   interrupted: 130,
 } as const;
 
@@ -27,6 +28,9 @@ export function exitCodeFor(code: ErrorCode | undefined): number {
       return EXIT.notARepository;
     case 'ENGINE_INTERRUPTED':
       return EXIT.interrupted;
+    case 'ENGINE_WRONG_PASSPHRASE':
+    case 'ENGINE_PASSPHRASE_REQUIRED':
+      return EXIT.passphrase;
     default:
       return EXIT.failed;
   }

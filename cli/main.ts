@@ -32,6 +32,7 @@ interface GlobalOptions {
 
 interface RestoreCliOptions {
   repo?: string;
+  passwordFile?: string;
   disk?: string;
   to?: string;
   ovirt?: string;
@@ -51,6 +52,7 @@ interface RestoreCliOptions {
 
 interface BackupCliOptions {
   repo?: string;
+  passwordFile?: string;
   source?: string[];
   image?: string[];
   libvirt?: string;
@@ -98,6 +100,23 @@ async function loadCredentials(file: string | undefined): Promise<{ username: st
   return { username, password };
 }
 
+/** The passphrase of an encrypted repository: never an argument (argv is visible to every user), a file or the environment. */
+function passwordFileOption(): Option {
+  return new Option('--password-file <file>', 'file holding the passphrase of an encrypted repository (default: $ENGINE_PASSWORD)');
+}
+
+/**
+ * The file's content less one trailing newline, else $ENGINE_PASSWORD, else undefined (a plain repository
+ * needs none). An empty variable counts as unset: no encrypted repository has an empty passphrase.
+ */
+async function loadPassphrase(file: string | undefined): Promise<string | undefined> {
+  if (file === undefined) return process.env.ENGINE_PASSWORD || undefined;
+  const text = await readFile(file, 'utf8').catch((error: unknown) => {
+    throw new InvalidArgumentError(`--password-file ${file}: cannot be read (${(error as NodeJS.ErrnoException).code ?? String(error)})`);
+  });
+  return text.replace(/\r?\n$/, '');
+}
+
 function collect(value: string, previous: string[] = []): string[] {
   return [...previous, value];
 }
@@ -141,10 +160,15 @@ function buildProgram(): Command {
     .description('create a repository')
     .argument('<repo>', 'directory to create (must be new or empty)')
     .option('--block-size <size>', 'fixed block size, a power of two from 64K to 16M (default 1M)')
+    .option('--encrypt', 'encrypt the repository (AES-256-GCM, keyed chunk ids) under a passphrase from --password-file or $ENGINE_PASSWORD')
+    .addOption(passwordFileOption())
     .option('--json', 'print the repository config as JSON')
-    .action(async (repo: string, opts: { blockSize?: string; json?: boolean }) => {
+    .action(async (repo: string, opts: { blockSize?: string; encrypt?: boolean; passwordFile?: string; json?: boolean }) => {
       jsonMode = opts.json === true;
-      const config = await initRepository(repo, { blockSize: opts.blockSize === undefined ? undefined : parseSize(opts.blockSize) });
+      if (!opts.encrypt && opts.passwordFile !== undefined) throw new InvalidArgumentError('--password-file is for an encrypted repository: add --encrypt');
+      const passphrase = opts.encrypt ? await loadPassphrase(opts.passwordFile) : undefined;
+      if (opts.encrypt && passphrase === undefined) throw new InvalidArgumentError('--encrypt needs a passphrase: set ENGINE_PASSWORD or give --password-file FILE');
+      const config = await initRepository(repo, { blockSize: opts.blockSize === undefined ? undefined : parseSize(opts.blockSize), passphrase });
       if (jsonMode) printJson(config);
       else printInit(repo, config);
     });
@@ -170,8 +194,10 @@ function buildProgram(): Command {
     .option('--auto', 'incremental where a valid chain exists, full otherwise (the default)')
     .option('--json', 'print only the result, as JSON')
     .addOption(workersOption())
+    .addOption(passwordFileOption())
     .action(async (opts: BackupCliOptions) => {
       jsonMode = opts.json === true;
+      const passphrase = await loadPassphrase(opts.passwordFile);
       if (opts.ovirt !== undefined) {
         if ((opts.source ?? []).length + (opts.image ?? []).length > 0 || opts.libvirt !== undefined) {
           throw new InvalidArgumentError('--ovirt backs up a VM through its snapshot: do not combine it with --source, --image or --libvirt');
@@ -180,6 +206,7 @@ function buildProgram(): Command {
         const progress = createProgress({ json: jsonMode });
         const common = {
           repo: requireRepo(opts.repo),
+          passphrase,
           ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
           vm: opts.vm,
           workers: opts.workers,
@@ -208,6 +235,7 @@ function buildProgram(): Command {
       const progress = createProgress({ json: jsonMode });
       const { record } = await backup({
         repo: requireRepo(opts.repo),
+        passphrase,
         sources: opts.source,
         images: opts.image,
         libvirt: opts.libvirt,
@@ -230,10 +258,11 @@ function buildProgram(): Command {
     .command('list')
     .description('list the backups in a repository, oldest first')
     .addOption(repoOption())
+    .addOption(passwordFileOption())
     .option('--json', 'print JSON')
-    .action(async (opts: { repo?: string; json?: boolean }) => {
+    .action(async (opts: { repo?: string; passwordFile?: string; json?: boolean }) => {
       jsonMode = opts.json === true;
-      const { backups, damaged } = await listBackups(requireRepo(opts.repo));
+      const { backups, damaged } = await listBackups(requireRepo(opts.repo), { passphrase: await loadPassphrase(opts.passwordFile) });
       if (jsonMode) printJson({ backups: backups.map(backupJson), damaged });
       else printList(backups, damaged);
     });
@@ -243,10 +272,11 @@ function buildProgram(): Command {
     .description('show one backup')
     .addOption(repoOption())
     .argument('<backup-id>', 'backup id or a unique prefix of it')
+    .addOption(passwordFileOption())
     .option('--json', 'print JSON')
-    .action(async (id: string, opts: { repo?: string; json?: boolean }) => {
+    .action(async (id: string, opts: { repo?: string; passwordFile?: string; json?: boolean }) => {
       jsonMode = opts.json === true;
-      const record = await showBackup(requireRepo(opts.repo), id);
+      const record = await showBackup(requireRepo(opts.repo), id, { passphrase: await loadPassphrase(opts.passwordFile) });
       if (jsonMode) printJson(backupJson(record));
       else printShow(record);
     });
@@ -271,12 +301,15 @@ function buildProgram(): Command {
     .option('--ca-file <pem>', "with --ovirt: the engine's CA certificate")
     .option('--json', 'print only the result, as JSON')
     .addOption(workersOption())
+    .addOption(passwordFileOption())
     .action(async (id: string, opts: RestoreCliOptions) => {
       jsonMode = opts.json === true;
+      const passphrase = await loadPassphrase(opts.passwordFile);
       if (opts.ovirt !== undefined) {
         if (opts.via !== 'transfer' && !opts.appliance) throw new InvalidArgumentError('--ovirt needs --appliance NAME (this backup appliance), or --via transfer');
         const result = await ovirtRestoreVm({
           repo: requireRepo(opts.repo),
+          passphrase,
           ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
           backupId: id,
           appliance: opts.appliance,
@@ -300,6 +333,7 @@ function buildProgram(): Command {
       const progress = createProgress({ json: jsonMode });
       const result = await restore({
         repo: requireRepo(opts.repo),
+        passphrase,
         backupId: id,
         disk: opts.disk,
         to: opts.to,
@@ -319,11 +353,13 @@ function buildProgram(): Command {
     .option('--read-data', 're-read and re-hash every chunk of every pack')
     .option('--json', 'print JSON')
     .addOption(workersOption())
-    .action(async (opts: { repo?: string; readData?: boolean; json?: boolean; workers?: number }) => {
+    .addOption(passwordFileOption())
+    .action(async (opts: { repo?: string; readData?: boolean; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
       const progress = createProgress({ json: jsonMode });
       const report = await verify({
         repo: requireRepo(opts.repo),
+        passphrase: await loadPassphrase(opts.passwordFile),
         readData: opts.readData,
         workers: opts.workers,
         onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items'),
@@ -357,7 +393,7 @@ function buildProgram(): Command {
 
   program
     .command('bench')
-    .description('micro-benchmark of the primitives on this machine (SHA-256, xxh64, lz4, zero check) per thread, and of the pipeline with 1..N workers, in MB/s')
+    .description('micro-benchmark of the primitives on this machine (SHA-256, xxh64, lz4, zero check, HMAC-SHA256, AES-256-GCM) per thread, and of the pipeline with 1..N workers, in MB/s')
     .option('--json', 'print JSON')
     .action(async (opts: { json?: boolean }) => {
       jsonMode = opts.json === true;

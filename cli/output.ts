@@ -97,7 +97,7 @@ export function printShow(record: BackupRecord): void {
 }
 
 export function printInit(path: string, config: RepositoryConfig): void {
-  process.stdout.write(`created repository ${config.id} at ${path} (block size ${formatBytes(config.blockSize)}, format ${config.version})\n`);
+  process.stdout.write(`created repository ${config.id} at ${path} (block size ${formatBytes(config.blockSize)}, format ${config.version}${config.encryption ? `, encrypted: ${config.encryption.cipher}, key file ${config.encryption.keyFile}` : ''})\n`);
 }
 
 export function restoreJson(result: RestoreResult): Record<string, unknown> {

@@ -22,6 +22,8 @@ export type { CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
 
 export interface BackupOptions {
   repo: string;
+  /** The passphrase of an encrypted repository. */
+  passphrase?: string | undefined;
   /** Raw images, block devices or NBD URIs (nbd://host/export, nbd+unix:///export?socket=PATH): read whole. */
   sources?: string[] | undefined;
   /** qcow2 images of a stopped VM: the engine manages their dirty bitmaps (incremental, differential). */
@@ -92,7 +94,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   let pool: BlockPool | undefined;
   let committed = false;
   try {
-    repo = await Repository.open(options.repo, { access: 'exclusive', command: 'backup' });
+    repo = await Repository.open(options.repo, { access: 'exclusive', command: 'backup', passphrase: options.passphrase });
     const notice = options.onNotice ?? (() => undefined);
     if (repo.openReport.brokeStaleLock) {
       const stale = repo.openReport.brokeStaleLock;
@@ -114,7 +116,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     const name = options.name ?? options.libvirt ?? (diskCount === 1 ? basename(plainSpecs[0] ?? imagePaths[0]!) : names.join('+'));
     // The chain of a disk continues from the newest backup of the same name that has it.
     const history = imagePaths.length > 0 || options.libvirt !== undefined || options.provider !== undefined ? (await repo.listBackups()).backups.filter((r) => r.name === name).reverse() : [];
-    const chainArgs: ChainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize };
+    const chainArgs: ChainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize, blockId: repo.blobId };
     for (const [i, image] of imagePaths.entries()) {
       const session = await openImageDisk({ image, name: names[plainSpecs.length + i]!, ...chainArgs });
       jobs.push({ name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, session });
@@ -126,7 +128,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     }
     for (const job of jobs) if (job.cbt && job.modeReason && requested !== 'full') notice(`disk ${job.name}: full read: ${job.modeReason}`);
 
-    pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers });
+    pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, keys: repo.keys });
     const dataWriter = repo.createBlobWriter();
     const metaWriter = repo.createBlobWriter();
     const disks: DiskRecord[] = [];

@@ -1,8 +1,10 @@
 /**
  * Micro-benchmark of the engine's primitives on 1 MiB blocks, in MB/s (MB = 10^6 bytes), one thread,
  * like `proxmox-backup-client benchmark`: SHA-256 (node:crypto), xxh64 (xxhash-wasm, through the
- * repository's checksum64), lz4 compressSync / uncompressSync (lz4-napi), and the zero check
- * (Buffer.equals against a preallocated zero buffer). Data: seeded random, text-like, and all-zero blocks.
+ * repository's checksum64), lz4 compressSync / uncompressSync (lz4-napi), the zero check
+ * (Buffer.equals against a preallocated zero buffer), and the primitives of encrypted repositories:
+ * HMAC-SHA256 (keyed chunk ids) and AES-256-GCM seal / open as the repository calls them (random nonce,
+ * 16-byte tag). Data: seeded random, text-like, and all-zero blocks.
  *
  *   engine bench            (or: npm run bench:primitives)
  */
@@ -13,6 +15,7 @@ import { SeededRandom } from './synthetic-image.js';
 import { checksum64, initChecksum } from '../repo-format/checksum.js';
 import { KIND_DATA } from '../repo-format/constants.js';
 import { BlockPool } from './pipeline/block-pool.js';
+import { gcmOpen, gcmSeal, keyedId, newRepositoryKeys } from '../repo-format/crypto.js';
 
 export type DataKind = 'random' | 'text' | 'zero';
 
@@ -101,6 +104,8 @@ const median = (values: number[]): number => {
 export async function runPrimitives(): Promise<Row[]> {
   await initChecksum();
   const zeros = Buffer.alloc(BLOCK);
+  const keys = newRepositoryKeys();
+  const aad = Buffer.alloc(48);
   const rows: Row[] = [];
   let sink = 0;
   for (const data of ['random', 'text', 'zero'] as const) {
@@ -129,6 +134,17 @@ export async function runPrimitives(): Promise<Row[]> {
     add('zero check (Buffer.equals)', await measure(blocks, raw, (b) => {
       sink ^= b.equals(zeros) ? 1 : 0;
     }), data === 'zero' ? {} : { note: 'exits at the first non-zero byte' });
+
+    add('HMAC-SHA256 (node:crypto)', await measure(blocks, raw, (b) => {
+      sink ^= keyedId(keys.idKey, b)[0]!;
+    }));
+    add('AES-256-GCM encrypt (node:crypto)', await measure(blocks, raw, (b) => {
+      sink ^= gcmSeal(keys.dataKey, b, aad).length;
+    }));
+    const sealed = blocks.map((b) => gcmSeal(keys.dataKey, b, aad));
+    add('AES-256-GCM decrypt (node:crypto)', await measure(sealed, raw, (s) => {
+      sink ^= gcmOpen(keys.dataKey, s, aad)?.length ?? 0;
+    }), { note: 'tag checked' });
   }
   void sink; // keeps the results observable, so no call is optimised away
   return rows;

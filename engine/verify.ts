@@ -4,8 +4,8 @@
  * Structure (always): every pack's header and frame chain parses to its end; every index entry points at
  * a frame of that id in an existing pack; every backup record parses; every map page reads and checks;
  * every chunk a map references is in the index.
- * Data (--read-data): every frame of every pack is re-read and re-hashed (xxh64, lz4, SHA-256) in the
- * workers; a damaged chunk is reported with the backups, disks and offsets that reference it.
+ * Data (--read-data): every frame of every pack is re-read and re-hashed (xxh64, AES-256-GCM tag when
+ * encrypted, lz4, the blob id) in the workers; a damaged chunk is reported with the backups, disks and offsets that reference it.
  */
 import { open } from 'node:fs/promises';
 import { Repository } from '../repo-format/repository.js';
@@ -42,6 +42,8 @@ export interface VerifyReport {
 
 export interface VerifyOptions {
   repo: string;
+  /** The passphrase of an encrypted repository. */
+  passphrase?: string | undefined;
   readData?: boolean | undefined;
   workers?: number | undefined;
   onProgress?: ((progress: { phase: string; done: number; total: number }) => void) | undefined;
@@ -50,7 +52,7 @@ export interface VerifyOptions {
 const PROBLEM_LIMIT = 1000;
 
 export async function verify(options: VerifyOptions): Promise<VerifyReport> {
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify' });
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify', passphrase: options.passphrase });
   const report: VerifyReport = {
     ok: true,
     readData: options.readData === true,
@@ -67,7 +69,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
   let pool: BlockPool | undefined;
   try {
     report.garbage.tempFiles = await repo.listTempFiles();
-    if (report.readData) pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, slotCount: 1 });
+    if (report.readData) pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, slotCount: 1, keys: repo.keys });
 
     // 1. Packs: frame chains, and (with --read-data) every frame's content.
     const damagedBlobs = new Map<string, VerifyProblem>();
@@ -78,7 +80,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     let confirmedEntries = 0;
     for (const [n, packId] of packIds.entries()) {
       options.onProgress?.({ phase: report.readData ? 'reading packs' : 'scanning packs', done: n, total: packIds.length });
-      const scan = await scanPack(repo.root, packId);
+      const scan = await scanPack(repo.root, packId, repo.encrypted);
       packSizes.set(packId, scan.size);
       report.packs += 1;
       if (scan.damage) {
@@ -238,7 +240,7 @@ async function checkIndexEntries(
     } finally {
       await handle.close();
     }
-    const decoded = decodeFrameHeader(bytes);
+    const decoded = decodeFrameHeader(bytes, 0, repo.encrypted);
     if (typeof decoded === 'string' || !decoded.id.equals(entry.id)) {
       problem({ ...base, message: `index entry for blob ${blob.slice(0, 16)}… does not point at that blob in pack ${entry.packId}` });
       continue;
@@ -248,7 +250,7 @@ async function checkIndexEntries(
       continue;
     }
     if (wanted === entry.length) {
-      const opened = openBlob(bytes, entry.id);
+      const opened = openBlob(bytes, entry.id, repo.keys);
       if (typeof opened === 'string') {
         problem({ code: 'FRAME_DAMAGED', message: `pack ${entry.packId} offset ${entry.offset} (blob ${blob.slice(0, 16)}…): ${opened}`, pack: entry.packId, packOffset: entry.offset, blob });
       }

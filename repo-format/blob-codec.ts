@@ -1,35 +1,53 @@
 /**
  * Turns plaintext into a stored frame and back, with every check a reader owes the data:
- * frame checksum (xxh64) first, then lz4 decompression with a bounded size, then SHA-256 against the id.
- * Used by the hashing workers (data chunks) and by the main thread (map pages) alike.
+ * frame checksum (xxh64) first, then (encrypted repositories) AES-256-GCM decryption and its tag, then lz4
+ * decompression with a bounded size, then the blob id: SHA-256, or HMAC-SHA256 under the id key.
+ * Used by the hashing workers (data chunks) and by the main thread (map pages) alike. `keys` is given
+ * exactly when the repository is encrypted.
  */
 import { createHash } from 'node:crypto';
 import { compressSync, uncompressSync } from 'lz4-napi';
-import { FLAG_LZ4, FRAME_OVERHEAD, ID_SIZE } from './constants.js';
-import { decodeFrame, encodeFrame, type FrameHeader } from './frame.js';
+import { ENCRYPTION_OVERHEAD, FLAG_ENCRYPTED, FLAG_LZ4, FRAME_HEADER_SIZE, FRAME_OVERHEAD, ID_SIZE } from './constants.js';
+import { decodeFrame, encodeFrame, encodeFrameHeader, finishFrame, type FrameHeader } from './frame.js';
+import { gcmOpen, gcmSealInto, keyedId, type RepositoryKeys } from './crypto.js';
 
 export function sha256(data: Uint8Array): Buffer {
   return createHash('sha256').update(data).digest();
 }
 
+/** The id of a blob: SHA-256 of its plaintext, or in an encrypted repository HMAC-SHA256 under the id key. */
+export function blobId(data: Uint8Array, keys?: RepositoryKeys): Buffer {
+  return keys ? keyedId(keys.idKey, data) : sha256(data);
+}
+
 /** Size of the lz4-napi block prefix: the uncompressed length as a little-endian u32. */
 const LZ4_SIZE_PREFIX = 4;
 
-/**
- * Writes the frame for `raw` into `target` at `at` and returns the frame length. lz4 is kept only when
- * it makes the payload smaller; otherwise the plaintext is stored. `target` needs FRAME_OVERHEAD + raw.length bytes.
- */
-export function sealBlob(kind: number, id: Buffer, raw: Buffer, target: Buffer, at = 0): number {
-  const compressed = compressSync(raw);
-  if (compressed.length < raw.length) {
-    return encodeFrame({ kind, flags: FLAG_LZ4, rawLength: raw.length, id }, compressed, target, at);
-  }
-  return encodeFrame({ kind, flags: 0, rawLength: raw.length, id }, raw, target, at);
+/** Bytes a frame of `rawLength` plaintext bytes may need at most (incompressible, and encrypted when `keys`). */
+export function maxFrameLength(rawLength: number, keys?: RepositoryKeys): number {
+  return FRAME_OVERHEAD + rawLength + (keys ? ENCRYPTION_OVERHEAD : 0);
 }
 
-export function sealBlobToBuffer(kind: number, id: Buffer, raw: Buffer): Buffer {
-  const target = Buffer.allocUnsafe(FRAME_OVERHEAD + raw.length);
-  const length = sealBlob(kind, id, raw, target);
+/**
+ * Writes the frame for `raw` into `target` at `at` and returns the frame length. lz4 is kept only when
+ * it makes the payload smaller; otherwise the plaintext is stored. With `keys`, that payload is sealed with
+ * AES-256-GCM, the 48-byte frame header as authenticated data. `target` needs maxFrameLength(raw.length, keys) bytes.
+ */
+export function sealBlob(kind: number, id: Buffer, raw: Buffer, target: Buffer, at = 0, keys?: RepositoryKeys): number {
+  const compressed = compressSync(raw);
+  const useLz4 = compressed.length < raw.length;
+  const inner = useLz4 ? compressed : raw;
+  if (!keys) return encodeFrame({ kind, flags: useLz4 ? FLAG_LZ4 : 0, rawLength: raw.length, id }, inner, target, at);
+  const header: FrameHeader = { kind, flags: (useLz4 ? FLAG_LZ4 : 0) | FLAG_ENCRYPTED, rawLength: raw.length, storedLength: inner.length + ENCRYPTION_OVERHEAD, id };
+  encodeFrameHeader(header, target, at);
+  const aad = target.subarray(at, at + FRAME_HEADER_SIZE);
+  gcmSealInto(keys.dataKey, inner, aad, target, at + FRAME_HEADER_SIZE);
+  return finishFrame(header, target, at);
+}
+
+export function sealBlobToBuffer(kind: number, id: Buffer, raw: Buffer, keys?: RepositoryKeys): Buffer {
+  const target = Buffer.allocUnsafe(maxFrameLength(raw.length, keys));
+  const length = sealBlob(kind, id, raw, target, 0, keys);
   return target.subarray(0, length);
 }
 
@@ -38,15 +56,24 @@ export interface OpenedBlob {
   plaintext: Buffer;
 }
 
+/** Message of a frame whose GCM tag does not match: named so that verify and restore say the same. */
+export const AUTHENTICATION_FAILED = 'authentication failed (AES-256-GCM tag): the encrypted payload or its header was altered';
+
 /**
  * Checks and opens one frame. Returns a reason string on any failure: the caller knows the pack and
  * offset and turns it into a CorruptFrameError that names them.
  */
-export function openBlob(frame: Buffer, expectedId?: Buffer): OpenedBlob | string {
-  const decoded = decodeFrame(frame);
+export function openBlob(frame: Buffer, expectedId?: Buffer, keys?: RepositoryKeys): OpenedBlob | string {
+  const decoded = decodeFrame(frame, keys !== undefined);
   if (typeof decoded === 'string') return decoded;
-  const { header, payload } = decoded;
+  const { header } = decoded;
+  let payload = decoded.payload;
   if (expectedId && !expectedId.equals(header.id)) return 'frame holds a different blob than the index says';
+  if (keys) {
+    const opened = gcmOpen(keys.dataKey, payload, frame.subarray(0, FRAME_HEADER_SIZE));
+    if (!opened) return AUTHENTICATION_FAILED;
+    payload = opened;
+  }
   let plaintext: Buffer;
   if ((header.flags & FLAG_LZ4) !== 0) {
     // The prefix is covered by the checksum, but check it anyway: it sizes lz4's output allocation.
@@ -60,7 +87,7 @@ export function openBlob(frame: Buffer, expectedId?: Buffer): OpenedBlob | strin
   } else {
     plaintext = payload;
   }
-  const actual = sha256(plaintext);
-  if (!actual.equals(header.id.subarray(0, ID_SIZE))) return 'SHA-256 of the plaintext does not match the blob id';
+  const actual = blobId(plaintext, keys);
+  if (!actual.equals(header.id.subarray(0, ID_SIZE))) return keys ? 'HMAC-SHA256 of the plaintext does not match the blob id' : 'SHA-256 of the plaintext does not match the blob id';
   return { header, plaintext };
 }

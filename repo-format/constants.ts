@@ -3,8 +3,10 @@
  * without bumping FORMAT_VERSION and describing the change in SPEC.md ("Changes").
  */
 
-/** The repository format this code writes and the newest it reads. */
+/** The format of unencrypted repositories: what this code writes for them and the newest it reads. */
 export const FORMAT_VERSION = 1;
+/** The format of encrypted repositories (keyed blob ids, AES-256-GCM frames and records): SPEC.md, section 18. */
+export const ENCRYPTED_FORMAT_VERSION = 2;
 
 /** `config` file `format` field: tells a repository apart from any other JSON file. */
 export const CONFIG_FORMAT_NAME = 'vm-backup-engine repository';
@@ -12,6 +14,10 @@ export const CONFIG_FORMAT_NAME = 'vm-backup-engine repository';
 export const HASH_ID = 'sha256';
 export const CHECKSUM_ID = 'xxh64';
 export const COMPRESSION_ID = 'lz4-block';
+/** Blob ids of encrypted repositories: HMAC-SHA256 under the repository's id key. */
+export const KEYED_HASH_ID = 'hmac-sha256';
+export const CIPHER_ID = 'aes-256-gcm' as const;
+export const KDF_ID = 'scrypt' as const;
 
 /** Pack file header: "EPACK" + 0x00 0x01 0x0a (format 1), 8 bytes. */
 export const PACK_MAGIC = Buffer.from([0x45, 0x50, 0x41, 0x43, 0x4b, 0x00, 0x01, 0x0a]);
@@ -32,9 +38,30 @@ export const KIND_DATA = 1;
 export const KIND_MAP_LEAF = 2;
 export const KIND_MAP_NODE = 3;
 
-/** Frame flags. Bits 1..7 are reserved and must be zero. */
+/** Frame flags. Bit 1 is set on every frame of an encrypted repository and on none of a plain one; bits 2..7 are reserved. */
 export const FLAG_LZ4 = 1;
+export const FLAG_ENCRYPTED = 2;
+/** Flags a frame of an unencrypted repository may carry. */
 export const KNOWN_FRAME_FLAGS = FLAG_LZ4;
+/** Flags a frame of an encrypted repository may carry (FLAG_ENCRYPTED is required there). */
+export const KNOWN_ENCRYPTED_FRAME_FLAGS = FLAG_LZ4 | FLAG_ENCRYPTED;
+
+/** AES-256-GCM: 32-byte keys, a random 12-byte nonce before the ciphertext, a 16-byte tag after it. */
+export const KEY_SIZE = 32;
+export const GCM_NONCE_SIZE = 12;
+export const GCM_TAG_SIZE = 16;
+export const ENCRYPTION_OVERHEAD = GCM_NONCE_SIZE + GCM_TAG_SIZE;
+
+/** Encrypted metadata files (backup records): "EENC" || version byte 1 || nonce || ciphertext || tag. */
+export const SEALED_METADATA_MAGIC = Buffer.from('EENC', 'latin1');
+export const SEALED_METADATA_VERSION = 1;
+export const SEALED_METADATA_HEADER_SIZE = SEALED_METADATA_MAGIC.length + 1;
+
+/** scrypt parameters written by init, and the bounds a key file's parameters must respect (a cost cap against a forged file). */
+export const SCRYPT_DEFAULTS = { N: 2 ** 15, r: 8, p: 1 } as const;
+export const SCRYPT_MIN_N = 2 ** 15;
+export const SCRYPT_MAX_MEMORY = 1024 * 1024 * 1024;
+export const SCRYPT_SALT_SIZE = 32;
 
 /** Block size bounds: a power of two, a multiple of 64 KiB (QEMU's dirty-bitmap granularity). */
 export const MIN_BLOCK_SIZE = 64 * 1024;
@@ -43,6 +70,8 @@ export const DEFAULT_BLOCK_SIZE = 1024 * 1024;
 
 /** Largest raw length a frame may declare; anything bigger is corruption, never an allocation. */
 export const MAX_FRAME_RAW_LENGTH = MAX_BLOCK_SIZE;
+/** Largest frame of any repository: an incompressible block, encrypted. */
+export const MAX_FRAME_LENGTH = FRAME_OVERHEAD + ENCRYPTION_OVERHEAD + MAX_FRAME_RAW_LENGTH;
 
 /** Packs are sealed once they reach this many bytes (the spec allows 16–64 MiB). */
 export const PACK_TARGET_SIZE = 32 * 1024 * 1024;
@@ -72,4 +101,5 @@ export const LAYOUT = {
   tmp: 'tmp',
   lock: 'lock',
   readers: 'readers',
+  keys: 'keys',
 } as const;

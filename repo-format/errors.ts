@@ -30,6 +30,8 @@ export type ErrorCode =
   | 'ENGINE_OVIRT_FAULT'
   | 'ENGINE_OVIRT_AUTH'
   | 'ENGINE_OVIRT_CONNECT'
+  | 'ENGINE_WRONG_PASSPHRASE'
+  | 'ENGINE_PASSPHRASE_REQUIRED'
   | 'ENGINE_INTERNAL';
 
 export class EngineError extends Error {
@@ -129,6 +131,20 @@ export class AmbiguousIdError extends EngineError {
       prefix,
       matches,
     });
+  }
+}
+
+/** The passphrase does not unlock the repository's key file (or the key file was altered). */
+export class WrongPassphraseError extends EngineError {
+  constructor(path: string) {
+    super('ENGINE_WRONG_PASSPHRASE', `wrong passphrase for repository ${path}: it does not unlock the repository's key file (or the key file was altered)`, { path });
+  }
+}
+
+/** An encrypted repository was opened without a passphrase. */
+export class PassphraseRequiredError extends EngineError {
+  constructor(path: string) {
+    super('ENGINE_PASSPHRASE_REQUIRED', `repository ${path} is encrypted: give its passphrase in ENGINE_PASSWORD or with --password-file FILE`, { path });
   }
 }
 

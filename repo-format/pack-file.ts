@@ -14,7 +14,7 @@ import {
   FRAME_HEADER_SIZE,
   FRAME_OVERHEAD,
   LAYOUT,
-  MAX_FRAME_RAW_LENGTH,
+  MAX_FRAME_LENGTH,
   PACK_HEADER_SIZE,
   PACK_ID_SIZE,
   PACK_MAGIC,
@@ -159,7 +159,7 @@ export class PackWriter {
 /** Reads one frame's bytes; a pack that is missing or too short is reported as damaged, naming pack and offset. */
 export async function readFrameBytes(root: string, packId: string, offset: number, length: number): Promise<Buffer> {
   // The length comes from the index: bound it before it sizes an allocation.
-  if (length < FRAME_OVERHEAD || length > FRAME_OVERHEAD + MAX_FRAME_RAW_LENGTH) {
+  if (length < FRAME_OVERHEAD || length > MAX_FRAME_LENGTH) {
     throw new CorruptFrameError(packId, offset, `the index gives an impossible frame length ${length}`);
   }
   let handle: FileHandle;
@@ -195,8 +195,9 @@ export interface PackScan {
 /**
  * Walks a pack's frame headers (without reading payloads) to list its blobs. Used to rebuild the index
  * and by verify. Stops at the first header that does not parse: nothing after it can be located.
+ * `encrypted`: the repository is encrypted (frame.ts, decodeFrameHeader).
  */
-export async function scanPack(root: string, packId: string): Promise<PackScan> {
+export async function scanPack(root: string, packId: string, encrypted = false): Promise<PackScan> {
   const path = packPath(root, packId);
   const handle = await open(path, 'r');
   try {
@@ -212,7 +213,7 @@ export async function scanPack(root: string, packId: string): Promise<PackScan> 
     let offset = PACK_HEADER_SIZE;
     while (offset < size) {
       const { bytesRead: got } = await handle.read(header, 0, FRAME_HEADER_SIZE, offset);
-      const decoded = decodeFrameHeader(header.subarray(0, got));
+      const decoded = decodeFrameHeader(header.subarray(0, got), 0, encrypted);
       if (typeof decoded === 'string') {
         scan.damage = { offset, why: decoded };
         break;

@@ -7,8 +7,8 @@
 import { mkdir, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { FORMAT_VERSION, LAYOUT } from './constants.js';
-import { decodeConfig, encodeConfig, newConfig, type RepositoryConfig } from './config.js';
+import { CIPHER_ID, LAYOUT } from './constants.js';
+import { decodeConfig, encodeConfig, newConfig, newestReadableVersion, type RepositoryConfig } from './config.js';
 import {
   AmbiguousIdError,
   BackupNotFoundError,
@@ -18,6 +18,7 @@ import {
   isErrnoException,
   MissingBlobError,
   NotARepositoryError,
+  PassphraseRequiredError,
   RepositoryExistsError,
   RepositoryLockedError,
 } from './errors.js';
@@ -26,12 +27,14 @@ import { IndexStore } from './index-store.js';
 import { acquireLock, readLockHolder, type RepositoryLock } from './lock.js';
 import { decodeBackupRecord, encodeBackupRecord, type BackupRecord } from './backup-record.js';
 import { readFrameBytes, scanPack } from './pack-file.js';
-import { openBlob, sha256 } from './blob-codec.js';
+import { blobId, openBlob, sealBlobToBuffer } from './blob-codec.js';
 import { initChecksum } from './checksum.js';
 import { BlobWriter } from './blob-writer.js';
 import type { BlobLocation } from './index-entry.js';
 import type { LoadPage, StorePage } from './block-map.js';
-import { sealBlobToBuffer } from './blob-codec.js';
+import { newRepositoryKeys, type RepositoryKeys } from './crypto.js';
+import { checkPassphrase, createKeyFile, decodeKeyFile, encodeKeyFile, keyFileName, unlockKeyFile } from './key-file.js';
+import { openMetadata, sealMetadata } from './sealed-metadata.js';
 import { crashPoint } from './crash-points.js';
 
 export interface OpenOptions {
@@ -39,6 +42,8 @@ export interface OpenOptions {
   access: 'read' | 'exclusive';
   /** What the lock file says the holder is doing (e.g. "backup"). */
   command?: string;
+  /** Unlocks an encrypted repository; ignored by a plain one. */
+  passphrase?: string | undefined;
 }
 
 export interface OpenReport {
@@ -56,14 +61,24 @@ export class Repository {
   private constructor(
     readonly root: string,
     readonly config: RepositoryConfig,
+    /** The master keys of an encrypted repository; undefined for a plain one. */
+    readonly keys: RepositoryKeys | undefined,
   ) {}
 
   get blockSize(): number {
     return this.config.blockSize;
   }
 
-  static async init(root: string, options: { blockSize: number }): Promise<RepositoryConfig> {
-    const config = newConfig(randomBytes(16).toString('hex'), options.blockSize, new Date());
+  /** The id of a block or page: SHA-256, or HMAC-SHA256 under the id key in an encrypted repository. */
+  readonly blobId = (data: Uint8Array): Buffer => blobId(data, this.keys);
+
+  /** `passphrase` makes an encrypted repository (format version 2). */
+  static async init(root: string, options: { blockSize: number; passphrase?: string | undefined }): Promise<RepositoryConfig> {
+    if (options.passphrase !== undefined) checkPassphrase(options.passphrase);
+    const repositoryId = randomBytes(16).toString('hex');
+    const keyId = randomBytes(8).toString('hex');
+    const encryption = options.passphrase === undefined ? undefined : { cipher: CIPHER_ID, keyFile: `${LAYOUT.keys}/${keyFileName(keyId)}` };
+    const config = newConfig(repositoryId, options.blockSize, new Date(), encryption);
     try {
       const entries = await readdir(root);
       if (entries.length > 0) throw new RepositoryExistsError(root);
@@ -72,6 +87,11 @@ export class Repository {
     }
     await mkdir(root, { recursive: true });
     for (const dir of [LAYOUT.packs, LAYOUT.backups, LAYOUT.tmp, LAYOUT.readers]) await mkdir(join(root, dir), { recursive: true });
+    if (encryption && options.passphrase !== undefined) {
+      await mkdir(join(root, LAYOUT.keys));
+      const keyFile = await createKeyFile(newRepositoryKeys(), options.passphrase, repositoryId, keyId);
+      await writeFileDurably(join(root, encryption.keyFile), encodeKeyFile(keyFile), { exclusive: true });
+    }
     const packs = join(root, LAYOUT.packs);
     await Promise.all(Array.from({ length: 256 }, (_, i) => mkdir(join(packs, i.toString(16).padStart(2, '0')))));
     await fsyncDirectory(packs);
@@ -94,11 +114,26 @@ export class Repository {
     }
     const config = decodeConfig(bytes);
     if (typeof config === 'string') throw new NotARepositoryError(root, config);
-    if (config.version > FORMAT_VERSION) throw new FormatTooNewError(root, config.version, FORMAT_VERSION);
-    const repo = new Repository(root, config);
+    if (config.version > newestReadableVersion(config)) throw new FormatTooNewError(root, config.version, newestReadableVersion(config));
+    // Keys first: a wrong passphrase stops here, before the lock or anything else is written.
+    const keys = config.encryption ? await Repository.unlock(root, config, options.passphrase) : undefined;
+    const repo = new Repository(root, config, keys);
     await initChecksum();
     if (options.access === 'exclusive') await repo.openExclusive(options.command ?? 'engine');
     return repo;
+  }
+
+  private static async unlock(root: string, config: RepositoryConfig, passphrase: string | undefined): Promise<RepositoryKeys> {
+    if (passphrase === undefined) throw new PassphraseRequiredError(root);
+    const keyFile = config.encryption!.keyFile;
+    const bytes = await readFile(join(root, keyFile)).catch((error: unknown) => {
+      throw new CorruptMetadataError(`key file ${keyFile}`, `cannot be read (${isErrnoException(error) ? error.code : String(error)})`);
+    });
+    return unlockKeyFile(decodeKeyFile(bytes, `key file ${keyFile}`), passphrase, config.id, root);
+  }
+
+  get encrypted(): boolean {
+    return this.keys !== undefined;
   }
 
   private async openExclusive(command: string): Promise<void> {
@@ -145,7 +180,7 @@ export class Repository {
     try {
       await index.putMeta('repository-id', this.config.id);
       for (const packId of await this.listPackIds()) {
-        const scan = await scanPack(this.root, packId);
+        const scan = await scanPack(this.root, packId, this.encrypted);
         packs += 1;
         blobs += scan.frames.length;
         await index.addEntries(
@@ -215,10 +250,17 @@ export class Repository {
     const bytes = await readFile(join(this.root, LAYOUT.backups, id)).catch(() => {
       throw new BackupNotFoundError(id);
     });
-    const record = decodeBackupRecord(bytes, where);
+    const record = decodeBackupRecord(this.openRecordBytes(bytes, id, where), where);
     if (record.id !== id) throw new CorruptMetadataError(where, `it names itself ${record.id}`);
     if (record.blockSize !== this.config.blockSize) throw new CorruptMetadataError(where, `block size ${record.blockSize} differs from the repository's ${this.config.blockSize}`);
     return record;
+  }
+
+  private openRecordBytes(bytes: Buffer, id: string, where: string): Buffer {
+    if (!this.keys) return bytes;
+    const plaintext = openMetadata(this.keys.dataKey, bytes, `${LAYOUT.backups}/${id}`);
+    if (typeof plaintext === 'string') throw new CorruptMetadataError(where, plaintext);
+    return plaintext;
   }
 
   /** Every backup, oldest first. A damaged record is reported, not skipped silently. */
@@ -255,7 +297,7 @@ export class Repository {
     const [location] = await this.index.lookup([id]);
     if (!location) throw new MissingBlobError(id.toString('hex'), what);
     const frame = await readFrameBytes(this.root, location.packId, location.offset, location.length);
-    const opened = openBlob(frame, id);
+    const opened = openBlob(frame, id, this.keys);
     if (typeof opened === 'string') throw new CorruptFrameError(location.packId, location.offset, opened, { blob: id.toString('hex'), what });
     return opened.plaintext;
   }
@@ -269,11 +311,11 @@ export class Repository {
   /** A StorePage that writes map pages through `writer`, skipping pages the repository already has. */
   pageStore(writer: BlobWriter): StorePage {
     return async (kind, page) => {
-      const id = sha256(page);
+      const id = this.blobId(page);
       const [known] = await writer.known([id]);
       if (!known) {
         writer.claim(id);
-        const frame = sealBlobToBuffer(kind, id, page);
+        const frame = sealBlobToBuffer(kind, id, page, this.keys);
         await writer.add(frame, { kind, flags: frame.readUInt8(5), rawLength: page.length, id });
       }
       return id;
@@ -286,7 +328,8 @@ export class Repository {
    * warnings about what failed after the commit point (the backup exists all the same).
    */
   async commitBackup(record: BackupRecord): Promise<string[]> {
-    const bytes = encodeBackupRecord(record);
+    const plaintext = encodeBackupRecord(record);
+    const bytes = this.keys ? sealMetadata(this.keys.dataKey, plaintext, `${LAYOUT.backups}/${record.id}`) : plaintext;
     crashPoint('before-record');
     await writeFileDurably(join(this.root, LAYOUT.backups, record.id), bytes, { exclusive: true, tempDir: join(this.root, LAYOUT.tmp) });
     crashPoint('record-written');

@@ -112,7 +112,16 @@ describe('engine bench', () => {
     expect(result.code).toBe(0);
     const { rows } = parseJson<{ rows: { primitive: string; data: string; blockSize: number; trialsMbPerS: number[] }[] }>(result.stdout);
     const primitives = [...new Set(rows.map((r) => r.primitive))];
-    expect(primitives).toEqual(['SHA-256 (node:crypto)', 'xxh64 (xxhash-wasm h64Raw)', 'lz4 compressSync (lz4-napi)', 'lz4 uncompressSync (lz4-napi)', 'zero check (Buffer.equals)']);
+    expect(primitives).toEqual([
+      'SHA-256 (node:crypto)',
+      'xxh64 (xxhash-wasm h64Raw)',
+      'lz4 compressSync (lz4-napi)',
+      'lz4 uncompressSync (lz4-napi)',
+      'zero check (Buffer.equals)',
+      'HMAC-SHA256 (node:crypto)',
+      'AES-256-GCM encrypt (node:crypto)',
+      'AES-256-GCM decrypt (node:crypto)',
+    ]);
     for (const p of primitives) expect(rows.filter((r) => r.primitive === p).map((r) => r.data).sort()).toEqual(['random', 'text', 'zero']);
     for (const r of rows) expect(r.trialsMbPerS).toHaveLength(3);
     const { pipeline } = parseJson<{ pipeline: { workers: number; data: string; mbPerS: number }[] }>(result.stdout);

@@ -172,12 +172,12 @@ describe('repository lock', () => {
 
 describe('process liveness', () => {
   test('a zombie counts as dead (a lock held by an exited, unreaped process is stale)', async () => {
-    // bash starts `true` in the background, prints its pid and becomes `sleep`, which never reaps it.
-    const parent = spawn('bash', ['-c', 'true & echo $!; exec sleep 5'], { stdio: ['ignore', 'pipe', 'ignore'] });
+    // bash starts a short sleep in the background, prints its pid and becomes a long `sleep`, which never reaps it.
+    const parent = spawn('bash', ['-c', 'sleep 0.2 & echo $!; exec sleep 10'], { stdio: ['ignore', 'pipe', 'ignore'] });
     try {
       const pid = Number(await new Promise<string>((resolve) => parent.stdout.once('data', (chunk: Buffer) => resolve(chunk.toString()))));
       let zombie = false;
-      for (let i = 0; i < 200 && !zombie; i += 1) {
+      for (let i = 0; i < 500 && !zombie; i += 1) {
         zombie = (await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '')).includes(') Z ');
         if (!zombie) await new Promise((resolve) => setTimeout(resolve, 10));
       }

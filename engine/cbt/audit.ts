@@ -4,7 +4,7 @@
  * a restored image with stale bitmaps) is caught here, and the disk is read in full instead of producing a
  * silently incomplete incremental.
  */
-import { randomInt, createHash } from 'node:crypto';
+import { randomInt } from 'node:crypto';
 import { ZERO_ID } from '../../repo-format/constants.js';
 import type { LoadPage, MapRoot } from '../../repo-format/block-map.js';
 import { DirtyCursor, ParentMapCursor, type Range } from '../pipeline/map-cursors.js';
@@ -27,6 +27,8 @@ export async function auditCleanBlocks(args: {
   loadPage: LoadPage;
   dirty: AsyncIterable<Range>;
   blockSize: number;
+  /** The repository's block id: SHA-256, or HMAC-SHA256 in an encrypted repository. */
+  blockId: (data: Uint8Array) => Buffer;
 }): Promise<AuditResult> {
   const { source, blockSize } = args;
   const blockCount = Math.ceil(source.size / blockSize);
@@ -41,7 +43,7 @@ export async function auditCleanBlocks(args: {
     const length = Math.min(blockSize, source.size - block * blockSize);
     const data = buffer.subarray(0, length);
     await source.read(data, block * blockSize);
-    const id = data.equals(zeros.subarray(0, length)) ? ZERO_ID : createHash('sha256').update(data).digest();
+    const id = data.equals(zeros.subarray(0, length)) ? ZERO_ID : args.blockId(data);
     audited += 1;
     if (!id.equals(await parent.entry(block))) return { audited, mismatch: { offset: block * blockSize } };
   }

@@ -22,6 +22,8 @@ export interface ChainArgs {
   repositoryId: string;
   loadPage: LoadPage;
   blockSize: number;
+  /** The repository's block id (SHA-256, or HMAC-SHA256 when encrypted): the audit compares ids. */
+  blockId: (data: Uint8Array) => Buffer;
 }
 
 /** The changed-block-tracking bookkeeping around some disks (one qcow2 image, one libvirt or oVirt job). */
@@ -103,11 +105,12 @@ export async function settleChain(args: {
   granularity: number;
   loadPage: LoadPage;
   blockSize: number;
+  blockId: (data: Uint8Array) => Buffer;
 }): Promise<SettledChain> {
   let chain = args.chain;
   let audited = 0;
   if (chain.parent && chain.base) {
-    const audit = await auditCleanBlocks({ source: args.source, parent: mapRootOf(chain.parent.disk), loadPage: args.loadPage, dirty: args.dirty(), blockSize: args.blockSize });
+    const audit = await auditCleanBlocks({ source: args.source, parent: mapRootOf(chain.parent.disk), loadPage: args.loadPage, dirty: args.dirty(), blockSize: args.blockSize, blockId: args.blockId });
     audited = audit.audited;
     if (audit.mismatch) {
       const reason = `CBT audit: the block at offset ${audit.mismatch.offset} differs from parent backup ${chain.parent.record.id} although ${args.what} ${chain.base} calls it clean`;

@@ -62,6 +62,7 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
       granularity,
       loadPage: args.loadPage,
       blockSize: args.blockSize,
+      blockId: args.blockId,
     });
     const running = exported;
     return {

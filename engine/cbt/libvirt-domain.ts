@@ -138,6 +138,7 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
         granularity: LIBVIRT_GRANULARITY,
         loadPage: args.loadPage,
         blockSize: args.blockSize,
+        blockId: args.blockId,
       });
       jobs.push({ name: disk.target, source, plan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt });
     }

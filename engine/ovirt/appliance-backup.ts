@@ -28,7 +28,7 @@ export interface OvirtApplianceBackupOptions extends OvirtBackupRunOptions {
 export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions): Promise<BackupResult> {
   const notice = options.onNotice ?? (() => undefined);
   const wait = waitOf(options);
-  await Repository.open(options.repo, { access: 'read' }); // a clear error before anything is created
+  await Repository.open(options.repo, { access: 'read', passphrase: options.passphrase }); // a clear error before anything is created
   const client = new OvirtClient(options.ovirt);
   await client.login();
   await cleanupJournals(options.repo, client, wait, notice);
@@ -88,6 +88,7 @@ export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions)
     const names = new Set(aliases).size === aliases.length ? aliases : disks.map((d) => d.id);
     const result = await backup({
       repo: options.repo,
+      passphrase: options.passphrase,
       sources: devices,
       diskNames: names,
       name: options.vm,

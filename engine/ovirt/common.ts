@@ -11,6 +11,8 @@ import { attribute, child, children, text } from './xml.js';
 /** Options of every oVirt backup run. */
 export interface OvirtBackupRunOptions {
   repo: string;
+  /** The passphrase of an encrypted repository. */
+  passphrase?: string | undefined;
   ovirt: OvirtClientOptions;
   vm: string;
   /** Bounds on the waits (snapshots, hot-plug, backup and transfer phases). */

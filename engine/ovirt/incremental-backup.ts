@@ -48,7 +48,7 @@ async function vmDisks(client: OvirtClient, vmId: string): Promise<VmDisk[]> {
 export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOptions): Promise<BackupResult> {
   const notice = options.onNotice ?? (() => undefined);
   const wait = waitOf(options);
-  await Repository.open(options.repo, { access: 'read' });
+  await Repository.open(options.repo, { access: 'read', passphrase: options.passphrase });
   const client = new OvirtClient(options.ovirt);
   await client.login();
   await cleanupJournals(options.repo, client, wait, notice);
@@ -57,6 +57,7 @@ export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOpti
   const ovf = text(child(child(child((await client.get(`vms/${vmId}`, { all_content: 'true' })).xml, 'vm'), 'initialization'), 'configuration'), 'data');
   return backup({
     repo: options.repo,
+    passphrase: options.passphrase,
     name: options.vm,
     mode: options.mode ?? 'auto',
     workers: options.workers,
@@ -162,6 +163,7 @@ async function openOvirtBackup(client: OvirtClient, vmId: string, disks: VmDisk[
         granularity: 65536,
         loadPage: args.loadPage,
         blockSize: args.blockSize,
+        blockId: args.blockId,
       });
       const cbt: DiskCbt = settled.cbt;
       jobs.push({ name: disk.name, source, plan: settled.plan, mode: settled.chain.mode, modeReason: settled.chain.reason, parent: settled.chain.parent?.record.id ?? null, cbt });

@@ -25,6 +25,8 @@ import { findDevice, isNotFound, vmIdByName, type OvirtDisk, type Wait } from '.
 
 export interface OvirtRestoreOptions {
   repo: string;
+  /** The passphrase of an encrypted repository. */
+  passphrase?: string | undefined;
   ovirt: OvirtClientOptions;
   backupId: string;
   /** Write the disks through this backup appliance (attach, write the device, detach)… */
@@ -70,7 +72,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
   if (options.toVm !== undefined && options.disk === undefined) throw new InvalidArgumentError('--to-vm restores one disk: name it with --disk');
   const notice = options.onNotice ?? (() => undefined);
   const wait: Wait = { timeoutMs: options.timeoutMs ?? 600_000, intervalMs: options.pollMs ?? 1000 };
-  const record = await showBackup(options.repo, options.backupId);
+  const record = await showBackup(options.repo, options.backupId, { passphrase: options.passphrase });
   const { ovf, disks: backedUp } = ovirtMetadata(record);
   const selected: { disk: DiskRecord; meta: OvirtDisk }[] = record.disks
     .filter((d) => options.disk === undefined || d.name === options.disk)
@@ -122,7 +124,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
         await client.post(`vms/${applianceId}/diskattachments`, 'disk_attachment', { disk: { '@_id': diskId }, interface: 'virtio', bootable: false, active: true });
         const device = await findDevice(client, applianceId, { id: diskId, alias: disk.name, size: disk.size }, options.deviceRoot ?? '/dev/disk/by-id', wait);
         // 3. Write the restore point (a new disk reads as zeros: zero blocks are skipped), flushed by restore.
-        await restore({ repo: options.repo, backupId: record.id, disk: disk.name, to: device, targetIsZeroed: true });
+        await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: device, targetIsZeroed: true });
         // 4. Detach.
         await undo(client, attachEntry, wait);
         await forget(attachEntry);
@@ -134,7 +136,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
           await track(transferEntry);
         }, wait);
         const ca = options.ovirt.caFile ? await readFile(options.ovirt.caFile) : undefined;
-        await restore({ repo: options.repo, backupId: record.id, disk: disk.name, to: url, openTarget: async () => new ImageioTarget(new URL(url), ca) });
+        await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: url, openTarget: async () => new ImageioTarget(new URL(url), ca) });
         const phase = await finalizeTransfer(client, transferId, wait);
         if (phase !== 'finished_success') throw new OvirtFaultError(`image transfer ${transferId}`, 200, `the upload ended in phase ${phase}`, '');
         await forget(transferEntry!);

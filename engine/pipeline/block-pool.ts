@@ -7,9 +7,10 @@
  */
 import { availableParallelism } from 'node:os';
 import { Piscina } from 'piscina';
-import { FRAME_OVERHEAD } from '../../repo-format/constants.js';
+import { maxFrameLength } from '../../repo-format/blob-codec.js';
+import type { RepositoryKeys } from '../../repo-format/crypto.js';
 import { SlotPool } from './slot-pool.js';
-import type { BlockTask, HashResult, OpenResult, SealResult, SharedSlots, VerifyPackResult, OpenTask, VerifyPackTask } from './tasks.js';
+import type { BlockTask, HashResult, OpenResult, SealResult, SharedSlots, VerifyPackResult, OpenTask, VerifyPackTask, WorkerSetup } from './tasks.js';
 
 const SLOT_BUDGET_BYTES = 32 * 1024 * 1024;
 
@@ -17,6 +18,8 @@ export interface BlockPoolOptions {
   blockSize: number;
   workers?: number;
   slotCount?: number;
+  /** The keys of an encrypted repository: the workers hash with HMAC-SHA256 and seal with AES-256-GCM. */
+  keys?: RepositoryKeys | undefined;
 }
 
 export class BlockPool {
@@ -27,7 +30,7 @@ export class BlockPool {
 
   constructor(options: BlockPoolOptions) {
     const slotCount = options.slotCount ?? Math.min(32, Math.max(8, Math.floor(SLOT_BUDGET_BYTES / options.blockSize)));
-    const outputSlotSize = options.blockSize + FRAME_OVERHEAD;
+    const outputSlotSize = maxFrameLength(options.blockSize, options.keys);
     this.shared = {
       input: new SharedArrayBuffer(slotCount * options.blockSize),
       output: new SharedArrayBuffer(slotCount * outputSlotSize),
@@ -45,7 +48,7 @@ export class BlockPool {
       atomics: 'disabled',
       // Several tasks queued per worker: it starts the next one without a round trip through the main thread.
       concurrentTasksPerWorker: 4,
-      workerData: this.shared,
+      workerData: { ...this.shared, keys: options.keys } satisfies WorkerSetup,
       idleTimeout: 60_000,
     });
   }

@@ -1,5 +1,5 @@
 /**
- * A piscina worker: the CPU-heavy half of the pipeline (zero check, SHA-256, lz4, xxh64), on blocks that
+ * A piscina worker: the CPU-heavy half of the pipeline (zero check, block id, lz4, AES-256-GCM, xxh64), on blocks that
  * sit in shared memory. Runs with piscina `atomics: 'disabled'` so that this thread's event loop turns
  * between tasks: lz4-napi frees its output buffers from N-API finalizers, which only run then.
  */
@@ -8,10 +8,13 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { openSync, readSync, closeSync } from 'node:fs';
 import { initChecksum } from '../../repo-format/checksum.js';
-import { openBlob, sealBlob, sha256 } from '../../repo-format/blob-codec.js';
-import type { BlockTask, HashResult, OpenResult, SealResult, SharedSlots, VerifyPackResult } from './tasks.js';
+import { blobId, openBlob, sealBlob } from '../../repo-format/blob-codec.js';
+import type { RepositoryKeys } from '../../repo-format/crypto.js';
+import type { BlockTask, HashResult, OpenResult, SealResult, VerifyPackResult, WorkerSetup } from './tasks.js';
 
-const slots = workerData as SharedSlots;
+const slots = workerData as WorkerSetup;
+/** Given once per worker (workerData), never per task. */
+const keys: RepositoryKeys | undefined = slots.keys ? { dataKey: Buffer.from(slots.keys.dataKey), idKey: Buffer.from(slots.keys.idKey) } : undefined;
 
 /*
  * lz4-napi returns a new Buffer per call, freed only when V8 collects its wrapper. V8 counts that memory
@@ -65,12 +68,12 @@ function readFully(fd: number, target: Buffer, position: number): number {
 function hash(slot: number, length: number): HashResult {
   const block = inputSlot(slot, length);
   if (block.equals(zeros.subarray(0, length))) return { zero: true };
-  return { zero: false, id: new Uint8Array(sha256(block)) };
+  return { zero: false, id: new Uint8Array(blobId(block, keys)) };
 }
 
 function seal(slot: number, length: number, kind: number, id: Uint8Array): SealResult {
   const target = outputSlot(slot);
-  const frameLength = sealBlob(kind, Buffer.from(id), inputSlot(slot, length), target);
+  const frameLength = sealBlob(kind, Buffer.from(id), inputSlot(slot, length), target, 0, keys);
   return { frameLength, flags: target.readUInt8(5) };
 }
 
@@ -90,7 +93,7 @@ function openFrame(task: Extract<BlockTask, { op: 'open' }>): OpenResult {
   } finally {
     closeSync(fd);
   }
-  const opened = openBlob(frame, Buffer.from(task.id));
+  const opened = openBlob(frame, Buffer.from(task.id), keys);
   if (typeof opened === 'string') return { ok: false, why: opened };
   if (opened.plaintext.length > slots.inputSlotSize) return { ok: false, why: 'blob is larger than a block' };
   inputSlot(task.slot, opened.plaintext.length).set(opened.plaintext);
@@ -117,7 +120,7 @@ function verifyPack(task: Extract<BlockTask, { op: 'verify-pack' }>): VerifyPack
         bad.push({ offset, why: `pack is truncated: read ${got} of ${length} bytes` });
         continue;
       }
-      const opened = openBlob(frame);
+      const opened = openBlob(frame, undefined, keys);
       if (typeof opened === 'string') bad.push({ offset, why: opened });
     }
   } finally {

@@ -2,7 +2,7 @@
  * Messages between the main thread and the block workers. Block data never travels in messages: it
  * sits in two SharedArrayBuffers of `slotCount` slots each, created once per pool:
  *   input  slot i: blockSize bytes (plaintext: read from the source, or restored from a pack)
- *   output slot i: blockSize + frame overhead bytes (a sealed frame, or frame bytes read from a pack)
+ *   output slot i: the largest frame of a block (a sealed frame, or frame bytes read from a pack)
  */
 export interface SharedSlots {
   input: SharedArrayBuffer;
@@ -12,7 +12,12 @@ export interface SharedSlots {
   outputSlotSize: number;
 }
 
-/** Zero check, then SHA-256 of input slot `slot`. */
+/** What each worker gets once, at pool creation: the slots, and the keys of an encrypted repository. */
+export interface WorkerSetup extends SharedSlots {
+  keys?: { dataKey: Uint8Array; idKey: Uint8Array } | undefined;
+}
+
+/** Zero check, then the block id (SHA-256, or HMAC-SHA256 in an encrypted repository) of input slot `slot`. */
 export interface HashTask {
   op: 'hash';
   slot: number;
@@ -20,7 +25,7 @@ export interface HashTask {
 }
 export type HashResult = { zero: true } | { zero: false; id: Uint8Array };
 
-/** lz4 (when it helps) and frame assembly from input slot `slot` into output slot `slot`. */
+/** lz4 (when it helps), encryption (encrypted repositories) and frame assembly from input slot `slot` into output slot `slot`. */
 export interface SealTask {
   op: 'seal';
   slot: number;

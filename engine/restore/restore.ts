@@ -2,8 +2,8 @@
  * Restores one disk of a backup, or every disk of it into a directory. Each backup's map is complete,
  * so a restore reads exactly one map, whatever the backup's type.
  *
- * Chunks are read from packs by the workers (several in flight), each checked (xxh64 of the frame,
- * then SHA-256 of the plaintext against its id) before a byte of it reaches the target.
+ * Chunks are read from packs by the workers (several in flight), each checked (xxh64 of the frame, the
+ * AES-256-GCM tag in an encrypted repository, then the plaintext's id) before a byte of it reaches the target.
  */
 import { mkdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -25,6 +25,8 @@ export interface RestoreProgress {
 
 export interface RestoreOptions {
   repo: string;
+  /** The passphrase of an encrypted repository. */
+  passphrase?: string | undefined;
   backupId: string;
   /** Disk name; may be omitted when the backup has one disk, or when `to` is a directory for all disks. */
   disk?: string | undefined;
@@ -71,7 +73,7 @@ async function planTargets(record: BackupRecord, disk: string | undefined, to: s
 }
 
 export async function restore(options: RestoreOptions): Promise<RestoreResult> {
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'restore' });
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'restore', passphrase: options.passphrase });
   let pool: BlockPool | undefined;
   try {
     const record = await repo.findBackup(options.backupId);
@@ -79,7 +81,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
       ? record.disks.filter((d) => options.disk === undefined || d.name === options.disk).map((disk) => ({ disk, path: '' }))
       : await planTargets(record, options.disk, options.to);
     if (plan.length === 0) throw new DiskNotFoundError(record.id, options.disk ?? '', record.disks.map((d) => d.name));
-    pool = new BlockPool({ blockSize: record.blockSize, workers: options.workers });
+    pool = new BlockPool({ blockSize: record.blockSize, workers: options.workers, keys: repo.keys });
     const disks: RestoredDisk[] = [];
     for (const { disk, path } of plan) {
       const target = options.openTarget ? await options.openTarget(disk) : await FileTarget.open(path, disk.size, { assumeZeroed: options.targetIsZeroed });
