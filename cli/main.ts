@@ -18,13 +18,14 @@ import {
   primitivesReport,
   restore,
   runDemo,
+  serve,
   showBackup,
   verify,
 } from '../engine/index.js';
 import { readFile } from 'node:fs/promises';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createProgress } from './progress.js';
-import { backupJson, printBackup, printInit, printJson, printList, printRestore, printShow, printVerify, restoreJson } from './output.js';
+import { backupJson, printBackup, printInit, printJson, printList, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
 
 interface GlobalOptions {
   debug?: boolean;
@@ -332,6 +333,50 @@ function buildProgram(): Command {
       if (jsonMode) printJson(report);
       else printVerify(report);
       if (!report.ok) process.exitCode = EXIT.integrity;
+    });
+
+  program
+    .command('serve')
+    .description('serve a backup\'s disks over NBD (one export per disk, named after it) until SIGINT/SIGTERM')
+    .addOption(repoOption())
+    .argument('<backup-id>', 'backup id or a unique prefix of it')
+    .option('--disk <name>', 'serve only this disk')
+    .option('--socket <path>', 'listen on this Unix socket')
+    .option('--port <n>', 'listen on this TCP port (0: any free port)', (v) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError(`--port ${v}: give a port number from 0 to 65535`);
+      return n;
+    })
+    .option('--host <address>', 'with --port: the address to listen on (default 127.0.0.1)')
+    .option('--writable', 'accept writes into a temporary copy-on-write overlay (instant recovery); the backup is never changed')
+    .option('--overlay-dir <dir>', 'with --writable: where the overlay file lives (default: the system temporary directory)')
+    .option('--cache <size>', 'chunk cache size (default 64M)')
+    .option('--json', 'print the exports as JSON once listening')
+    .addOption(workersOption())
+    .action(async (id: string, opts: { repo?: string; disk?: string; socket?: string; port?: number; host?: string; writable?: boolean; overlayDir?: string; cache?: string; json?: boolean; workers?: number }) => {
+      jsonMode = opts.json === true;
+      if ((opts.socket === undefined) === (opts.port === undefined)) throw new InvalidArgumentError('give exactly one of --socket PATH or --port N');
+      const handle = await serve({
+        repo: requireRepo(opts.repo),
+        backupId: id,
+        disk: opts.disk,
+        socket: opts.socket,
+        port: opts.port,
+        host: opts.host,
+        writable: opts.writable,
+        overlayDir: opts.overlayDir,
+        cacheBytes: opts.cache === undefined ? undefined : parseSize(opts.cache),
+        workers: opts.workers,
+        // A server's log is its only voice: stderr, with or without --json.
+        onLog: (message) => process.stderr.write(`engine serve: ${message}\n`),
+      });
+      if (jsonMode) printJson(serveJson(handle));
+      else printServe(handle);
+      await new Promise<void>((resolve) => {
+        process.once('SIGINT', resolve);
+        process.once('SIGTERM', resolve);
+      });
+      await handle.close();
     });
 
   const ovirt = program.command('ovirt').description('oVirt housekeeping');

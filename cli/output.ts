@@ -3,6 +3,7 @@ import type { BackupRecord, DiskRecord } from '../repo-format/backup-record.js';
 import type { RepositoryConfig } from '../repo-format/config.js';
 import type { RestoreResult } from '../engine/restore/restore.js';
 import type { VerifyReport } from '../engine/verify.js';
+import type { ServeHandle } from '../engine/serve/serve.js';
 import { formatBytes } from '../engine/units.js';
 
 export function diskJson(disk: DiskRecord): Record<string, unknown> {
@@ -120,5 +121,25 @@ export function printVerify(report: VerifyReport): void {
   if (g.unindexedPacks.length > 0) lines.push(`garbage: ${g.unindexedPacks.length} packs no index entry names (${formatBytes(g.unindexedBytes)}), left by an interrupted writer`);
   if (g.tempFiles.length > 0) lines.push(`garbage: ${g.tempFiles.length} temporary files in tmp/ left by an interrupted writer (${g.tempFiles.slice(0, 3).join(', ')})`);
   lines.push(report.ok ? 'no problems found' : `${report.problems.length} problems found`);
+  process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+export function serveJson(handle: ServeHandle): Record<string, unknown> {
+  return {
+    backup: handle.backup.id,
+    socket: handle.address.socket ?? null,
+    host: handle.address.host ?? null,
+    port: handle.address.port ?? null,
+    writable: handle.writable,
+    readerToken: handle.readerToken,
+    tableBytes: handle.tableBytes,
+    pid: process.pid,
+    exports: handle.exports,
+  };
+}
+
+export function printServe(handle: ServeHandle): void {
+  const lines = [`serving backup ${handle.backup.id}${handle.writable ? ' (writable overlay)' : ' (read-only)'}; stop with Ctrl-C or SIGTERM`];
+  for (const e of handle.exports) lines.push(`  ${e.name}: ${formatBytes(e.size)} at ${e.uri}${e.missingChunks > 0 ? ` (${e.missingChunks} chunks missing: EIO)` : ''}`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }

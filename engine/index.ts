@@ -20,6 +20,9 @@ export {
   CorruptChunkError,
 } from './errors.js';
 export { NbdClient, type NbdClientOptions } from './nbd/client.js';
+export { NbdServer, MAX_REQUEST_BYTES, type NbdServerOptions, type ListenAddress } from './nbd/server.js';
+export { ExportError, type NbdExport, type ReadPiece, type AllocationExtent } from './nbd/export.js';
+export { serve, DEFAULT_CACHE_BYTES, type ServeOptions, type ServeHandle, type ServedExport } from './serve/serve.js';
 export { OvirtClient, type OvirtClientOptions, type OvirtCredentials } from './ovirt/client.js';
 export { ovirtApplianceBackup, type OvirtApplianceBackupOptions } from './ovirt/appliance-backup.js';
 export { ovirtCleanup } from './ovirt/cleanup.js';
