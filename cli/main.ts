@@ -35,6 +35,9 @@ interface RestoreCliOptions {
   repo?: string;
   disk?: string;
   to?: string;
+  toQcow2?: string;
+  onlyChanged?: boolean;
+  sinceBitmap?: string;
   ovirt?: string;
   newVm?: string;
   toVm?: string;
@@ -258,7 +261,10 @@ function buildProgram(): Command {
     .addOption(repoOption())
     .argument('<backup-id>', 'backup id or a unique prefix of it')
     .option('--disk <name>', 'the disk to restore (needed when the backup has several, unless --to is a directory)')
-    .option('--to <path>', 'target: a new file (created sparse), an existing file or block device at least as large, or a directory')
+    .option('--to <path|uri>', 'target: a new file (created sparse), an existing file or block device at least as large, a directory, or an NBD URI (nbd://host[:port]/export, nbd+unix:///export?socket=PATH) of an existing export')
+    .option('--to-qcow2 <file>', 'restore into a new qcow2 image (created at the disk\'s size, written through qemu-nbd)')
+    .option('--only-changed', 'rollback: read the existing target back and write only the blocks that differ from the backup')
+    .option('--since-bitmap <name>', 'with --only-changed and an NBD target: write only the blocks this dirty bitmap (the checkpoint of a backup of this disk) and the maps say changed, without reading the target')
     .option('--ovirt <url>', 'restore into oVirt through this backup appliance (with --new-vm or --to-vm)')
     .option('--new-vm <name>', 'with --ovirt: create this VM from the backup\'s OVF, with new disks holding the restore point')
     .option('--to-vm <name>', 'with --ovirt and --disk: restore one disk into a new disk of this existing VM')
@@ -297,13 +303,16 @@ function buildProgram(): Command {
         else process.stdout.write(`restored backup ${result.backup} into VM ${result.vm.name} (${result.vm.id}): ${result.disks.map((d) => `${d.name} → disk ${d.id}`).join(', ')}\n`);
         return;
       }
-      if (opts.to === undefined) throw new InvalidArgumentError("required option '--to <path>' not specified");
+      if ((opts.to === undefined) === (opts.toQcow2 === undefined)) throw new InvalidArgumentError('give exactly one target: --to PATH|URI or --to-qcow2 FILE');
       const progress = createProgress({ json: jsonMode });
       const result = await restore({
         repo: requireRepo(opts.repo),
         backupId: id,
         disk: opts.disk,
-        to: opts.to,
+        to: opts.to ?? '',
+        toQcow2: opts.toQcow2,
+        onlyChanged: opts.onlyChanged,
+        sinceBitmap: opts.sinceBitmap,
         workers: opts.workers,
         signal: interruptSignal(),
         onProgress: (p) => progress.update(`restore ${p.disk}`, p.bytesDone, p.bytesTotal),

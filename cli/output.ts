@@ -102,12 +102,14 @@ export function printInit(path: string, config: RepositoryConfig): void {
 }
 
 export function restoreJson(result: RestoreResult): Record<string, unknown> {
-  return { backup: result.backup.id, disks: result.disks };
+  return { backup: result.backup.id, disks: result.disks.map((d) => ({ ...d, rollback: d.rollback ?? null })) };
 }
 
 export function printRestore(result: RestoreResult): void {
   for (const d of result.disks) {
-    process.stdout.write(`restored disk ${d.name} of backup ${result.backup.id} to ${d.path} (${formatBytes(d.size)}, ${formatBytes(d.bytesWritten)} written)\n`);
+    const compared = d.blocksCompared > 0 ? `; ${d.blocksCompared} blocks compared` : '';
+    const rollback = d.rollback ? `; bitmap ${d.rollback.bitmap} (checkpoint of ${d.rollback.baseBackup}): ${d.rollback.blocksDirty} dirty blocks, ${d.rollback.blocksChangedSinceBase} changed between the backups` : '';
+    process.stdout.write(`restored disk ${d.name} of backup ${result.backup.id} to ${d.path} (${formatBytes(d.size)}, ${d.blocksWritten} blocks / ${formatBytes(d.bytesWritten)} written${compared}${rollback})\n`);
   }
 }
 
