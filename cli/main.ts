@@ -19,13 +19,15 @@ import {
   restore,
   runDemo,
   serve,
+  mount,
+  umount,
   showBackup,
   verify,
 } from '../engine/index.js';
 import { readFile } from 'node:fs/promises';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createProgress } from './progress.js';
-import { backupJson, printBackup, printInit, printJson, printList, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
+import { backupJson, printBackup, printInit, printJson, printList, printMount, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
 
 interface GlobalOptions {
   debug?: boolean;
@@ -386,6 +388,34 @@ function buildProgram(): Command {
         process.once('SIGTERM', resolve);
       });
       await handle.close();
+    });
+
+  program
+    .command('mount')
+    .description('mount a backup\'s filesystems read-only under a directory (file-level restore); undo with engine umount')
+    .addOption(repoOption())
+    .argument('<backup-id>', 'backup id or a unique prefix of it')
+    .argument('<dir>', 'an empty (or new) directory: <dir>/<disk>/ or <dir>/<disk>/p<N>/ per filesystem')
+    .option('--disk <name>', 'mount only this disk')
+    .option('--cache <size>', 'chunk cache of the background server (default 64M)')
+    .option('--json', 'print JSON')
+    .action(async (id: string, dir: string, opts: { repo?: string; disk?: string; cache?: string; json?: boolean }) => {
+      jsonMode = opts.json === true;
+      const result = await mount({ repo: requireRepo(opts.repo), backupId: id, dir, disk: opts.disk, cacheBytes: opts.cache === undefined ? undefined : parseSize(opts.cache) });
+      if (jsonMode) printJson(result);
+      else printMount(result);
+    });
+
+  program
+    .command('umount')
+    .description('undo engine mount: filesystems, loop devices, nbdfuse, the background server and its registration')
+    .argument('<dir>', 'the directory given to engine mount')
+    .option('--json', 'print JSON')
+    .action(async (dir: string, opts: { json?: boolean }) => {
+      jsonMode = opts.json === true;
+      const result = await umount({ dir });
+      if (jsonMode) printJson(result);
+      else process.stdout.write(`unmounted ${result.dir}: ${result.unmounted} filesystems, ${result.loopDevicesDetached} loop devices, ${result.fuseStopped} disk files, server ${result.serverStopped ? 'stopped' : 'not running'}\n`);
     });
 
   const ovirt = program.command('ovirt').description('oVirt housekeeping');

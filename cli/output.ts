@@ -4,6 +4,7 @@ import type { RepositoryConfig } from '../repo-format/config.js';
 import type { RestoreResult } from '../engine/restore/restore.js';
 import type { VerifyReport } from '../engine/verify.js';
 import type { ServeHandle } from '../engine/serve/serve.js';
+import type { MountResult } from '../engine/mount/mount.js';
 import { formatBytes } from '../engine/units.js';
 
 export function diskJson(disk: DiskRecord): Record<string, unknown> {
@@ -143,5 +144,15 @@ export function serveJson(handle: ServeHandle): Record<string, unknown> {
 export function printServe(handle: ServeHandle): void {
   const lines = [`serving backup ${handle.backup.id}${handle.writable ? ' (writable overlay)' : ' (read-only)'}; stop with Ctrl-C or SIGTERM`];
   for (const e of handle.exports) lines.push(`  ${e.name}: ${formatBytes(e.size)} at ${e.uri}${e.missingChunks > 0 ? ` (${e.missingChunks} chunks missing: EIO)` : ''}`);
+  process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+export function printMount(result: MountResult): void {
+  const lines = [`mounted backup ${result.backup} under ${result.dir} (read-only); engine umount ${result.dir} undoes it`];
+  for (const d of result.disks) lines.push(`  disk ${d.name}: ${formatBytes(d.size)}, partition table: ${d.partitionTable}, image file ${d.image}`);
+  for (const f of result.filesystems) {
+    const what = `${f.disk}${f.partition === null ? '' : ` partition ${f.partition}`}`;
+    lines.push(f.path ? `  ${what}: ${f.type} at ${f.path}` : `  ${what}: not mounted (${f.reason})`);
+  }
   process.stdout.write(`${lines.join('\n')}\n`);
 }

@@ -4,6 +4,7 @@
  * (short: socket paths are limited to 108 bytes), optionally exposing one dirty bitmap as
  * qemu:dirty-bitmap:NAME.
  */
+import { readFileSync } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -14,12 +15,18 @@ export interface RunningExport {
   stop(): Promise<void>;
 }
 
-function alive(pid: number): boolean {
+/** Whether a process runs; a zombie (exited, not yet reaped by its parent) does not. */
+export function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch {
     return false;
+  }
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return true;
   }
 }
 
