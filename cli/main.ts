@@ -18,13 +18,16 @@ import {
   primitivesReport,
   restore,
   runDemo,
+  serve,
+  mount,
+  umount,
   showBackup,
   verify,
 } from '../engine/index.js';
 import { readFile } from 'node:fs/promises';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createProgress } from './progress.js';
-import { backupJson, printBackup, printInit, printJson, printList, printRestore, printShow, printVerify, restoreJson } from './output.js';
+import { backupJson, printBackup, printInit, printJson, printList, printMount, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
 
 interface GlobalOptions {
   debug?: boolean;
@@ -35,6 +38,9 @@ interface RestoreCliOptions {
   passwordFile?: string;
   disk?: string;
   to?: string;
+  toQcow2?: string;
+  onlyChanged?: boolean;
+  sinceBitmap?: string;
   ovirt?: string;
   newVm?: string;
   toVm?: string;
@@ -287,7 +293,10 @@ function buildProgram(): Command {
     .addOption(repoOption())
     .argument('<backup-id>', 'backup id or a unique prefix of it')
     .option('--disk <name>', 'the disk to restore (needed when the backup has several, unless --to is a directory)')
-    .option('--to <path>', 'target: a new file (created sparse), an existing file or block device at least as large, or a directory')
+    .option('--to <path|uri>', 'target: a new file (created sparse), an existing file or block device at least as large, a directory, or an NBD URI (nbd://host[:port]/export, nbd+unix:///export?socket=PATH) of an existing export')
+    .option('--to-qcow2 <file>', 'restore into a new qcow2 image (created at the disk\'s size, written through qemu-nbd)')
+    .option('--only-changed', 'rollback: read the existing target back and write only the blocks that differ from the backup')
+    .option('--since-bitmap <name>', 'with --only-changed and an NBD target: write only the blocks this dirty bitmap (the checkpoint of a backup of this disk) and the maps say changed, without reading the target')
     .option('--ovirt <url>', 'restore into oVirt through this backup appliance (with --new-vm or --to-vm)')
     .option('--new-vm <name>', 'with --ovirt: create this VM from the backup\'s OVF, with new disks holding the restore point')
     .option('--to-vm <name>', 'with --ovirt and --disk: restore one disk into a new disk of this existing VM')
@@ -329,14 +338,17 @@ function buildProgram(): Command {
         else process.stdout.write(`restored backup ${result.backup} into VM ${result.vm.name} (${result.vm.id}): ${result.disks.map((d) => `${d.name} → disk ${d.id}`).join(', ')}\n`);
         return;
       }
-      if (opts.to === undefined) throw new InvalidArgumentError("required option '--to <path>' not specified");
+      if ((opts.to === undefined) === (opts.toQcow2 === undefined)) throw new InvalidArgumentError('give exactly one target: --to PATH|URI or --to-qcow2 FILE');
       const progress = createProgress({ json: jsonMode });
       const result = await restore({
         repo: requireRepo(opts.repo),
         passphrase,
         backupId: id,
         disk: opts.disk,
-        to: opts.to,
+        to: opts.to ?? '',
+        toQcow2: opts.toQcow2,
+        onlyChanged: opts.onlyChanged,
+        sinceBitmap: opts.sinceBitmap,
         workers: opts.workers,
         signal: interruptSignal(),
         onProgress: (p) => progress.update(`restore ${p.disk}`, p.bytesDone, p.bytesTotal),
@@ -368,6 +380,82 @@ function buildProgram(): Command {
       if (jsonMode) printJson(report);
       else printVerify(report);
       if (!report.ok) process.exitCode = EXIT.integrity;
+    });
+
+  program
+    .command('serve')
+    .description('serve a backup\'s disks over NBD (one export per disk, named after it) until SIGINT/SIGTERM')
+    .addOption(repoOption())
+    .argument('<backup-id>', 'backup id or a unique prefix of it')
+    .option('--disk <name>', 'serve only this disk')
+    .option('--socket <path>', 'listen on this Unix socket')
+    .option('--port <n>', 'listen on this TCP port (0: any free port)', (v) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError(`--port ${v}: give a port number from 0 to 65535`);
+      return n;
+    })
+    .option('--host <address>', 'with --port: the address to listen on (default 127.0.0.1)')
+    .option('--writable', 'accept writes into a temporary copy-on-write overlay (instant recovery); the backup is never changed')
+    .option('--overlay-dir <dir>', 'with --writable: where the overlay file lives (default: the system temporary directory)')
+    .option('--cache <size>', 'chunk cache size (default 64M)')
+    .option('--json', 'print the exports as JSON once listening')
+    .addOption(workersOption())
+    .addOption(passwordFileOption())
+    .action(async (id: string, opts: { repo?: string; disk?: string; socket?: string; port?: number; host?: string; writable?: boolean; overlayDir?: string; cache?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
+      jsonMode = opts.json === true;
+      if ((opts.socket === undefined) === (opts.port === undefined)) throw new InvalidArgumentError('give exactly one of --socket PATH or --port N');
+      const handle = await serve({
+        repo: requireRepo(opts.repo),
+        backupId: id,
+        disk: opts.disk,
+        socket: opts.socket,
+        port: opts.port,
+        host: opts.host,
+        writable: opts.writable,
+        overlayDir: opts.overlayDir,
+        cacheBytes: opts.cache === undefined ? undefined : parseSize(opts.cache),
+        workers: opts.workers,
+        passphrase: await loadPassphrase(opts.passwordFile),
+        // A server's log is its only voice: stderr, with or without --json.
+        onLog: (message) => process.stderr.write(`engine serve: ${message}\n`),
+      });
+      if (jsonMode) printJson(serveJson(handle));
+      else printServe(handle);
+      await new Promise<void>((resolve) => {
+        process.once('SIGINT', resolve);
+        process.once('SIGTERM', resolve);
+      });
+      await handle.close();
+    });
+
+  program
+    .command('mount')
+    .description('mount a backup\'s filesystems read-only under a directory (file-level restore); undo with engine umount')
+    .addOption(repoOption())
+    .argument('<backup-id>', 'backup id or a unique prefix of it')
+    .argument('<dir>', 'an empty (or new) directory: <dir>/<disk>/ or <dir>/<disk>/p<N>/ per filesystem')
+    .option('--disk <name>', 'mount only this disk')
+    .option('--cache <size>', 'chunk cache of the background server (default 64M)')
+    .addOption(passwordFileOption())
+    .option('--json', 'print JSON')
+    .action(async (id: string, dir: string, opts: { repo?: string; disk?: string; cache?: string; json?: boolean; passwordFile?: string }) => {
+      jsonMode = opts.json === true;
+      const passphrase = await loadPassphrase(opts.passwordFile);
+      const result = await mount({ repo: requireRepo(opts.repo), backupId: id, dir, disk: opts.disk, cacheBytes: opts.cache === undefined ? undefined : parseSize(opts.cache), passphrase });
+      if (jsonMode) printJson(result);
+      else printMount(result);
+    });
+
+  program
+    .command('umount')
+    .description('undo engine mount: filesystems, loop devices, nbdfuse, the background server and its registration')
+    .argument('<dir>', 'the directory given to engine mount')
+    .option('--json', 'print JSON')
+    .action(async (dir: string, opts: { json?: boolean }) => {
+      jsonMode = opts.json === true;
+      const result = await umount({ dir });
+      if (jsonMode) printJson(result);
+      else process.stdout.write(`unmounted ${result.dir}: ${result.unmounted} filesystems, ${result.loopDevicesDetached} loop devices, ${result.fuseStopped} disk files, server ${result.serverStopped ? 'stopped' : 'not running'}\n`);
     });
 
   const ovirt = program.command('ovirt').description('oVirt housekeeping');

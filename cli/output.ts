@@ -3,6 +3,8 @@ import type { BackupRecord, DiskRecord } from '../repo-format/backup-record.js';
 import type { RepositoryConfig } from '../repo-format/config.js';
 import type { RestoreResult } from '../engine/restore/restore.js';
 import type { VerifyReport } from '../engine/verify.js';
+import type { ServeHandle } from '../engine/serve/serve.js';
+import type { MountResult } from '../engine/mount/mount.js';
 import { formatBytes } from '../engine/units.js';
 
 export function diskJson(disk: DiskRecord): Record<string, unknown> {
@@ -101,12 +103,14 @@ export function printInit(path: string, config: RepositoryConfig): void {
 }
 
 export function restoreJson(result: RestoreResult): Record<string, unknown> {
-  return { backup: result.backup.id, disks: result.disks };
+  return { backup: result.backup.id, disks: result.disks.map((d) => ({ ...d, rollback: d.rollback ?? null })) };
 }
 
 export function printRestore(result: RestoreResult): void {
   for (const d of result.disks) {
-    process.stdout.write(`restored disk ${d.name} of backup ${result.backup.id} to ${d.path} (${formatBytes(d.size)}, ${formatBytes(d.bytesWritten)} written)\n`);
+    const compared = d.blocksCompared > 0 ? `; ${d.blocksCompared} blocks compared` : '';
+    const rollback = d.rollback ? `; bitmap ${d.rollback.bitmap} (checkpoint of ${d.rollback.baseBackup}): ${d.rollback.blocksDirty} dirty blocks, ${d.rollback.blocksChangedSinceBase} changed between the backups` : '';
+    process.stdout.write(`restored disk ${d.name} of backup ${result.backup.id} to ${d.path} (${formatBytes(d.size)}, ${d.blocksWritten} blocks / ${formatBytes(d.bytesWritten)} written${compared}${rollback})\n`);
   }
 }
 
@@ -120,5 +124,35 @@ export function printVerify(report: VerifyReport): void {
   if (g.unindexedPacks.length > 0) lines.push(`garbage: ${g.unindexedPacks.length} packs no index entry names (${formatBytes(g.unindexedBytes)}), left by an interrupted writer`);
   if (g.tempFiles.length > 0) lines.push(`garbage: ${g.tempFiles.length} temporary files in tmp/ left by an interrupted writer (${g.tempFiles.slice(0, 3).join(', ')})`);
   lines.push(report.ok ? 'no problems found' : `${report.problems.length} problems found`);
+  process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+export function serveJson(handle: ServeHandle): Record<string, unknown> {
+  return {
+    backup: handle.backup.id,
+    socket: handle.address.socket ?? null,
+    host: handle.address.host ?? null,
+    port: handle.address.port ?? null,
+    writable: handle.writable,
+    readerToken: handle.readerToken,
+    tableBytes: handle.tableBytes,
+    pid: process.pid,
+    exports: handle.exports,
+  };
+}
+
+export function printServe(handle: ServeHandle): void {
+  const lines = [`serving backup ${handle.backup.id}${handle.writable ? ' (writable overlay)' : ' (read-only)'}; stop with Ctrl-C or SIGTERM`];
+  for (const e of handle.exports) lines.push(`  ${e.name}: ${formatBytes(e.size)} at ${e.uri}${e.missingChunks > 0 ? ` (${e.missingChunks} chunks missing: EIO)` : ''}`);
+  process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+export function printMount(result: MountResult): void {
+  const lines = [`mounted backup ${result.backup} under ${result.dir} (read-only); engine umount ${result.dir} undoes it`];
+  for (const d of result.disks) lines.push(`  disk ${d.name}: ${formatBytes(d.size)}, partition table: ${d.partitionTable}, image file ${d.image}`);
+  for (const f of result.filesystems) {
+    const what = `${f.disk}${f.partition === null ? '' : ` partition ${f.partition}`}`;
+    lines.push(f.path ? `  ${what}: ${f.type} at ${f.path}` : `  ${what}: not mounted (${f.reason})`);
+  }
   process.stdout.write(`${lines.join('\n')}\n`);
 }

@@ -21,6 +21,11 @@ export {
 } from './errors.js';
 export { stopProcess } from './process.js';
 export { NbdClient, type NbdClientOptions } from './nbd/client.js';
+export { NbdServer, MAX_REQUEST_BYTES, type NbdServerOptions, type ListenAddress } from './nbd/server.js';
+export { ExportError, type NbdExport, type ReadPiece, type AllocationExtent } from './nbd/export.js';
+export { mount, umount, type MountOptions, type MountResult, type MountedFilesystem, type UmountResult } from './mount/mount.js';
+export { readPartitionTable, type Partition, type PartitionTable } from './mount/partition-table.js';
+export { serve, DEFAULT_CACHE_BYTES, type ServeOptions, type ServeHandle, type ServedExport } from './serve/serve.js';
 export { OvirtClient, type OvirtClientOptions, type OvirtCredentials } from './ovirt/client.js';
 export { ovirtApplianceBackup, type OvirtApplianceBackupOptions } from './ovirt/appliance-backup.js';
 export { ovirtCleanup } from './ovirt/cleanup.js';

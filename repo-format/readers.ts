@@ -28,6 +28,8 @@ export interface ReaderRegistration {
 
 export interface RegisteredReader {
   readonly registration: ReaderRegistration;
+  /** The registration file, for a last-moment synchronous removal at process exit. */
+  readonly path: string;
   release(): Promise<void>;
 }
 
@@ -51,6 +53,7 @@ export async function registerReader(root: string, command: string, backupIds: s
   let released = false;
   return {
     registration,
+    path,
     release: async () => {
       if (released) return;
       released = true;

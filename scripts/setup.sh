@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-# qemu tools for NBD and qcow2 bitmaps; libvirt with a TCG-capable QEMU for the running-VM tests.
-for tool in qemu-img:qemu-utils nbdinfo:libnbd-bin nbdkit:nbdkit libvirtd:libvirt-daemon-system virsh:libvirt-clients qemu-system-x86_64:qemu-system-x86; do
+# qemu tools for NBD and qcow2 bitmaps; nbdfuse, e2fsprogs, xfsprogs and sfdisk for engine mount and its tests; libvirt with a TCG-capable QEMU for the running-VM tests.
+for tool in qemu-img:qemu-utils nbdinfo:libnbd-bin nbdfuse:libnbd-bin nbdkit:nbdkit mkfs.xfs:xfsprogs mke2fs:e2fsprogs sfdisk:fdisk libvirtd:libvirt-daemon-system virsh:libvirt-clients qemu-system-x86_64:qemu-system-x86; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

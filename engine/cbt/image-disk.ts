@@ -46,7 +46,7 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
   try {
     const granularity = (await imageInfo(image)).bitmaps.find((b) => b.name === checkpoint)?.granularity;
     if (granularity === undefined) throw new Error(`bitmap ${checkpoint} did not appear in ${image}`);
-    exported = await serveImage(image, 'qcow2', chosen.base ?? undefined);
+    exported = await serveImage(image, 'qcow2', { bitmap: chosen.base ?? undefined });
     const source = await NbdSource.open(exported.uri, {
       dirtyContext: chosen.base ? `qemu:dirty-bitmap:${chosen.base}` : undefined,
       description: { kind: 'qcow2-image', path: image },

@@ -1,7 +1,8 @@
 /**
- * The engine's own qemu-nbd for an offline image: read-only, persistent (several connections), on a
- * Unix socket in a private temporary directory (short: socket paths are limited to 108 bytes),
- * optionally exposing one dirty bitmap as qemu:dirty-bitmap:NAME.
+ * The engine's own qemu-nbd for an offline image: read-only unless asked (a restore into a new qcow2
+ * writes through it), persistent (several connections), on a Unix socket in a private temporary directory
+ * (short: socket paths are limited to 108 bytes), optionally exposing one dirty bitmap as
+ * qemu:dirty-bitmap:NAME.
  */
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -14,12 +15,15 @@ export interface RunningExport {
   stop(): Promise<void>;
 }
 
-export async function serveImage(image: string, format: string, bitmap?: string): Promise<RunningExport> {
+export async function serveImage(image: string, format: string, options: { bitmap?: string | undefined; writable?: boolean } = {}): Promise<RunningExport> {
   const dir = await mkdtemp(join(tmpdir(), 'engine-nbd-'));
   const socket = join(dir, 'nbd.sock');
   const pidFile = join(dir, 'qemu-nbd.pid');
-  const args = ['-r', '-f', format, '--socket', socket, '--persistent', '--shared', '8', '--fork', '--pid-file', pidFile];
-  if (bitmap) args.push('-B', bitmap);
+  const args = ['-f', format, '--socket', socket, '--persistent', '--shared', '8', '--fork', '--pid-file', pidFile];
+  if (!options.writable) args.push('-r');
+  // Writes reach the image file without qemu's page-cache games; FLUSH makes them durable.
+  else args.push('--cache', 'writeback');
+  if (options.bitmap) args.push('-B', options.bitmap);
   try {
     await runTool('qemu-nbd', [...args, resolve(image)]);
   } catch (error) {

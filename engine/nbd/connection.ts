@@ -12,6 +12,7 @@ import { NbdCommandError, NbdConnectError, NbdProtocolError, TimeoutError } from
 import * as P from './protocol.js';
 import { SocketReader } from './socket-reader.js';
 import type { NbdUri } from './uri.js';
+import { encodeLengthPrefixed as lengthPrefixed, encodeOptionHeader, encodeRequest } from './wire.js';
 
 export interface ExportInfo {
   size: number;
@@ -139,14 +140,7 @@ export class NbdConnection {
   }
 
   private header(flags: number, type: number, cookie: bigint, offset: number, length: number): Buffer {
-    const header = Buffer.allocUnsafe(28);
-    header.writeUInt32BE(P.REQUEST_MAGIC, 0);
-    header.writeUInt16BE(flags, 4);
-    header.writeUInt16BE(type, 6);
-    header.writeBigUInt64BE(cookie, 8);
-    header.writeBigUInt64BE(BigInt(offset), 16);
-    header.writeUInt32BE(length, 24);
-    return header;
+    return encodeRequest({ flags, type, cookie, offset, length });
   }
 
   private request(
@@ -331,19 +325,7 @@ async function openSocket(uri: NbdUri, timeoutMs: number): Promise<Socket> {
 }
 
 function optionHeader(option: number, length: number): Buffer {
-  const header = Buffer.allocUnsafe(16);
-  header.writeBigUInt64BE(P.IHAVEOPT, 0);
-  header.writeUInt32BE(option, 8);
-  header.writeUInt32BE(length, 12);
-  return header;
-}
-
-function lengthPrefixed(name: string): Buffer {
-  const bytes = Buffer.from(name, 'utf8');
-  const field = Buffer.allocUnsafe(4 + bytes.length);
-  field.writeUInt32BE(bytes.length, 0);
-  bytes.copy(field, 4);
-  return field;
+  return encodeOptionHeader({ option, length });
 }
 
 interface OptionReply {

@@ -2,6 +2,9 @@
  * Exact-length reads from a socket, for a parser that knows how many bytes it needs next. Chunks are
  * queued as they arrive; `read(n)` resolves with exactly n bytes (a zero-copy view when one chunk holds
  * them), `readInto` copies straight into the caller's buffer. A close before the bytes arrive rejects.
+ *
+ * With `highWaterMark`, the socket is paused while that many bytes wait unread (a server must not buffer
+ * whatever a client pipelines), and resumed when they are consumed or a read needs more.
  */
 import type { Socket } from 'node:net';
 
@@ -11,14 +14,21 @@ export class SocketReader {
   private waiter: { bytes: number; resolve: () => void; reject: (error: Error) => void } | undefined;
   private ended: Error | undefined;
 
+  private paused = false;
+
   constructor(
-    socket: Socket,
+    private readonly socket: Socket,
     private readonly closedError: () => Error,
+    private readonly highWaterMark = Infinity,
   ) {
     socket.on('data', (chunk: Buffer) => {
       this.chunks.push(chunk);
       this.buffered += chunk.length;
       this.wake();
+      if (this.buffered >= this.highWaterMark && !this.paused && !(this.waiter && this.waiter.bytes > this.buffered)) {
+        this.paused = true;
+        this.socket.pause();
+      }
     });
     const end = (error?: Error): void => {
       this.ended ??= error ?? this.closedError();
@@ -83,6 +93,14 @@ export class SocketReader {
       }
     }
     this.buffered -= bytes;
+    this.resumeIf(0);
+  }
+
+  private resumeIf(needed: number): void {
+    if (this.paused && (this.buffered < this.highWaterMark || needed > this.buffered)) {
+      this.paused = false;
+      this.socket.resume();
+    }
   }
 
   private await(bytes: number): Promise<void> {
@@ -91,6 +109,7 @@ export class SocketReader {
     if (this.waiter) return Promise.reject(new Error('SocketReader allows one read at a time'));
     return new Promise((resolve, reject) => {
       this.waiter = { bytes, resolve, reject };
+      this.resumeIf(bytes);
     });
   }
 

@@ -15,6 +15,10 @@ export interface RestoreTarget {
   /** True when unwritten ranges already read as zeros (a new sparse file). */
   readonly zeroed: boolean;
   write(data: Buffer, offset: number): Promise<void>;
+  /** Zeroes a range without sending zeros where the target can (NBD WRITE_ZEROES); absent: zeros are written. */
+  writeZeroes?(offset: number, length: number): Promise<void>;
+  /** Reads the target's present content (restore --only-changed compares it with the restore point). */
+  read?(target: Buffer, offset: number): Promise<void>;
   /** Flushes to stable storage; a restore is not reported done before this resolves. */
   finish(): Promise<void>;
   /** Closes after a failure; removes the file if this restore created it. */
@@ -75,6 +79,15 @@ export class FileTarget implements RestoreTarget {
       }
     } catch (error) {
       throw classifyWriteError(error, this.path);
+    }
+  }
+
+  async read(target: Buffer, offset: number): Promise<void> {
+    let done = 0;
+    while (done < target.length) {
+      const { bytesRead } = await this.handle.read(target, done, target.length - done, offset + done);
+      if (bytesRead === 0) throw new TargetUnwritableError(this.path, `cannot read back ${target.length} bytes at offset ${offset}: the target ends first`);
+      done += bytesRead;
     }
   }
 

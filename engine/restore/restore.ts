@@ -16,6 +16,12 @@ import { InvalidArgumentError, MissingBlobError } from '../../repo-format/errors
 import { BlockPool } from '../pipeline/block-pool.js';
 import { CorruptChunkError, DiskNotFoundError, InterruptedError } from '../errors.js';
 import { FileTarget, type RestoreTarget } from './file-target.js';
+import { NbdTarget } from './nbd-target.js';
+import { Qcow2Target } from './qcow2-target.js';
+import { planRollback } from './rollback-plan.js';
+import { isNbdUri } from '../nbd/uri.js';
+import { STATE_DIRTY } from '../nbd/protocol.js';
+import type { BlobLocation } from '../../repo-format/index-entry.js';
 
 export interface RestoreProgress {
   disk: string;
@@ -30,11 +36,18 @@ export interface RestoreOptions {
   backupId: string;
   /** Disk name; may be omitted when the backup has one disk, or when `to` is a directory for all disks. */
   disk?: string | undefined;
+  /** A path (new file, existing file or block device, directory) or an NBD URI (an existing export). */
   to: string;
+  /** Restore into a new qcow2 image instead of `to`. */
+  toQcow2?: string | undefined;
   /** Another kind of target than a local path (e.g. an imageio upload): opened per disk instead of `to`. */
   openTarget?: ((disk: DiskRecord) => Promise<RestoreTarget>) | undefined;
   /** The target is a new disk that reads as zeros: zero blocks are skipped instead of written. */
   targetIsZeroed?: boolean | undefined;
+  /** Rollback: read the existing target back and write only the blocks that differ from the restore point. */
+  onlyChanged?: boolean | undefined;
+  /** With onlyChanged and an NBD target: write only what this dirty bitmap (a backup's checkpoint) implies. */
+  sinceBitmap?: string | undefined;
   workers?: number | undefined;
   signal?: AbortSignal | undefined;
   onProgress?: ((progress: RestoreProgress) => void) | undefined;
@@ -46,6 +59,12 @@ export interface RestoredDisk {
   size: number;
   bytesWritten: number;
   blocksZero: number;
+  /** Blocks written to the target (data, or zeros on a target that does not already read as zeros). */
+  blocksWritten: number;
+  /** Blocks read back from the target and hashed (--only-changed without a bitmap). */
+  blocksCompared: number;
+  /** --since-bitmap: the backup whose checkpoint the bitmap is, and how the written blocks were chosen. */
+  rollback?: { bitmap: string; baseBackup: string; blocksDirty: number; blocksChangedSinceBase: number } | undefined;
 }
 
 export interface RestoreResult {
@@ -72,21 +91,64 @@ async function planTargets(record: BackupRecord, disk: string | undefined, to: s
   return record.disks.map((d) => ({ disk: d, path: join(to, d.name) }));
 }
 
+/** One target per disk for a single-target kind (NBD export, new qcow2): the backup must name one disk. */
+function singleDisk(record: BackupRecord, disk: string | undefined, what: string): DiskRecord[] {
+  if (disk !== undefined) {
+    const found = record.disks.find((d) => d.name === disk);
+    if (!found) throw new DiskNotFoundError(record.id, disk, record.disks.map((d) => d.name));
+    return [found];
+  }
+  if (record.disks.length !== 1) throw new InvalidArgumentError(`backup ${record.id} has ${record.disks.length} disks: name the one to restore into ${what} with --disk`);
+  return [record.disks[0]!];
+}
+
+function checkRollbackOptions(options: RestoreOptions): void {
+  if (options.sinceBitmap !== undefined && !options.onlyChanged) throw new InvalidArgumentError('--since-bitmap goes with --only-changed');
+  if (!options.onlyChanged) return;
+  if (options.toQcow2 !== undefined) throw new InvalidArgumentError('--only-changed rolls back an existing target; --to-qcow2 creates a new one');
+  if (options.sinceBitmap !== undefined && !isNbdUri(options.to)) throw new InvalidArgumentError('--since-bitmap needs an NBD target (--to nbd+unix:///…?socket=… exporting the bitmap, e.g. qemu-nbd -B NAME)');
+}
+
 export async function restore(options: RestoreOptions): Promise<RestoreResult> {
+  checkRollbackOptions(options);
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'restore', passphrase: options.passphrase });
   let pool: BlockPool | undefined;
   try {
     const record = await repo.findBackup(options.backupId);
+    const nbd = options.openTarget === undefined && options.toQcow2 === undefined && isNbdUri(options.to);
     const plan = options.openTarget
       ? record.disks.filter((d) => options.disk === undefined || d.name === options.disk).map((disk) => ({ disk, path: '' }))
-      : await planTargets(record, options.disk, options.to);
+      : options.toQcow2 !== undefined || nbd
+        ? singleDisk(record, options.disk, options.toQcow2 ?? options.to).map((disk) => ({ disk, path: options.toQcow2 ?? options.to }))
+        : await planTargets(record, options.disk, options.to);
     if (plan.length === 0) throw new DiskNotFoundError(record.id, options.disk ?? '', record.disks.map((d) => d.name));
     pool = new BlockPool({ blockSize: record.blockSize, workers: options.workers, keys: repo.keys });
     const disks: RestoredDisk[] = [];
+    const bitmapContext = options.sinceBitmap === undefined ? undefined : `qemu:dirty-bitmap:${options.sinceBitmap}`;
     for (const { disk, path } of plan) {
-      const target = options.openTarget ? await options.openTarget(disk) : await FileTarget.open(path, disk.size, { assumeZeroed: options.targetIsZeroed });
+      if (options.onlyChanged && !options.openTarget && !nbd && !(await stat(path).then(() => true, () => false))) {
+        throw new InvalidArgumentError(`--only-changed rolls back an existing target; ${path} does not exist`);
+      }
+      const target: RestoreTarget = options.openTarget
+        ? await options.openTarget(disk)
+        : options.toQcow2 !== undefined
+          ? await Qcow2Target.create(options.toQcow2, disk.size)
+          : nbd
+            ? await NbdTarget.open(options.to, disk.size, { metaContexts: bitmapContext ? [bitmapContext] : [] })
+            : await FileTarget.open(path, disk.size, { assumeZeroed: options.targetIsZeroed });
       try {
-        disks.push(await restoreDisk(repo, pool, record, disk, target, options));
+        let only: Uint8Array | undefined;
+        let rollback: RestoredDisk['rollback'];
+        if (options.onlyChanged && !target.read) throw new InvalidArgumentError(`--only-changed: target ${target.path} cannot be read back`);
+        if (bitmapContext && target instanceof NbdTarget) {
+          if (!target.hasContext(bitmapContext)) throw new InvalidArgumentError(`${target.path} exports no dirty bitmap ${options.sinceBitmap} (qemu-nbd -B ${options.sinceBitmap})`);
+          const plan = await planRollback(repo, disk, options.sinceBitmap!, target.flaggedRanges(bitmapContext, STATE_DIRTY, disk.size));
+          only = plan.write;
+          rollback = { bitmap: options.sinceBitmap!, baseBackup: plan.base.id, blocksDirty: plan.blocksDirty, blocksChangedSinceBase: plan.blocksChangedSinceBase };
+        }
+        const restored = await restoreDisk(repo, pool, record, disk, target, { ...options, compare: options.onlyChanged === true && only === undefined, only });
+        if (rollback) restored.rollback = rollback;
+        disks.push(restored);
         await target.finish();
       } catch (error) {
         await target.discard();
@@ -100,37 +162,79 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   }
 }
 
-/** Restores one disk's map onto an opened target. Exported for other targets (NBD) to reuse. */
-export async function restoreDisk(
-  repo: Repository,
-  pool: BlockPool,
-  record: BackupRecord,
-  disk: DiskRecord,
-  target: RestoreTarget,
-  options: { signal?: AbortSignal | undefined; onProgress?: ((progress: RestoreProgress) => void) | undefined },
-): Promise<RestoredDisk> {
+export interface RestoreDiskOptions {
+  signal?: AbortSignal | undefined;
+  onProgress?: ((progress: RestoreProgress) => void) | undefined;
+  /** Read every block back from the target (workers hash it) and write only those that differ. */
+  compare?: boolean | undefined;
+  /** Write only the blocks marked 1; the others are left as they are. */
+  only?: Uint8Array | undefined;
+}
+
+/**
+ * Restores one disk's map onto an opened target. Exported for other targets to reuse.
+ *
+ * Zero blocks: skipped on a target that reads as zeros, WRITE_ZEROES where the target has it (one call per
+ * run of zero blocks), zero buffers otherwise.
+ */
+export async function restoreDisk(repo: Repository, pool: BlockPool, record: BackupRecord, disk: DiskRecord, target: RestoreTarget, options: RestoreDiskOptions): Promise<RestoredDisk> {
   const blockSize = record.blockSize;
   const zeros = Buffer.alloc(blockSize);
-  const result: RestoredDisk = { name: disk.name, path: target.path, size: disk.size, bytesWritten: 0, blocksZero: 0 };
+  const result: RestoredDisk = { name: disk.name, path: target.path, size: disk.size, bytesWritten: 0, blocksZero: 0, blocksWritten: 0, blocksCompared: 0 };
   const inFlight = new Set<Promise<void>>();
   let failure: unknown;
   let bytesDone = 0;
   const batchLimit = Math.max(1, pool.slots.count);
+  const only = options.only;
 
   const lengthOf = (block: number): number => Math.min(blockSize, disk.size - block * blockSize);
   const progress = (): void => options.onProgress?.({ disk: disk.name, bytesDone, bytesTotal: disk.size });
+  const whereOf = (block: number, id: Buffer, location: BlobLocation) => ({ backupId: record.id, disk: disk.name, diskOffset: block * blockSize, packId: location.packId, packOffset: location.offset, chunk: id.toString('hex') });
 
-  const restoreChunk = async (block: number, id: Buffer, location: { packId: string; offset: number; length: number }): Promise<void> => {
+  /** Opens a chunk into `slot` (the workers check it) and writes it. */
+  const writeChunk = async (slot: number, block: number, id: Buffer, location: BlobLocation): Promise<void> => {
+    const opened = await pool.open({ slot, packPath: packPath(repo.root, location.packId), offset: location.offset, length: location.length, id });
+    if (!opened.ok) throw new CorruptChunkError(whereOf(block, id, location), opened.why);
+    if (opened.rawLength !== lengthOf(block)) throw new CorruptChunkError(whereOf(block, id, location), `chunk holds ${opened.rawLength} bytes, the block needs ${lengthOf(block)}`);
+    await target.write(pool.input(slot, opened.rawLength), block * blockSize);
+    result.bytesWritten += opened.rawLength;
+    result.blocksWritten += 1;
+  };
+
+  /** Writes zeros over blocks [first, first + count) of a target that does not read as zeros. */
+  const zeroBlocks = async (first: number, count: number): Promise<void> => {
+    const offset = first * blockSize;
+    const length = Math.min(count * blockSize, disk.size - offset);
+    if (target.writeZeroes) await target.writeZeroes(offset, length);
+    else for (let at = offset; at < offset + length; at += blockSize) await target.write(zeros.subarray(0, Math.min(blockSize, offset + length - at)), at);
+    result.bytesWritten += length;
+    result.blocksWritten += count;
+  };
+
+  const restoreChunk = async (block: number, id: Buffer, location: BlobLocation): Promise<void> => {
     const slot = await pool.slots.acquire();
     try {
-      const diskOffset = block * blockSize;
-      const opened = await pool.open({ slot, packPath: packPath(repo.root, location.packId), offset: location.offset, length: location.length, id });
-      const where = { backupId: record.id, disk: disk.name, diskOffset, packId: location.packId, packOffset: location.offset, chunk: id.toString('hex') };
-      if (!opened.ok) throw new CorruptChunkError(where, opened.why);
-      if (opened.rawLength !== lengthOf(block)) throw new CorruptChunkError(where, `chunk holds ${opened.rawLength} bytes, the block needs ${lengthOf(block)}`);
-      await target.write(pool.input(slot, opened.rawLength), diskOffset);
-      result.bytesWritten += opened.rawLength;
-      bytesDone += opened.rawLength;
+      await writeChunk(slot, block, id, location);
+      bytesDone += lengthOf(block);
+    } finally {
+      pool.slots.release(slot);
+    }
+  };
+
+  /** Rollback: the target's block is read into a slot and hashed by a worker; only a difference is written. */
+  const compareBlock = async (block: number, id: Buffer | null, location: BlobLocation | undefined): Promise<void> => {
+    const slot = await pool.slots.acquire();
+    try {
+      const length = lengthOf(block);
+      await target.read!(pool.input(slot, length), block * blockSize);
+      const hashed = await pool.hash(slot, length);
+      result.blocksCompared += 1;
+      const same = id === null ? hashed.zero : !hashed.zero && id.equals(Buffer.from(hashed.id));
+      if (!same) {
+        if (id === null) await zeroBlocks(block, 1);
+        else await writeChunk(slot, block, id, location!);
+      }
+      bytesDone += length;
     } finally {
       pool.slots.release(slot);
     }
@@ -144,51 +248,68 @@ export async function restoreDisk(
     void tracked.finally(() => inFlight.delete(tracked));
   };
 
-  const writeZeros = async (firstBlock: number, count: number): Promise<void> => {
+  /** Zero blocks of the restore point, as runs, honouring `only`. */
+  const restoreZeros = async (first: number, count: number): Promise<void> => {
     result.blocksZero += count;
-    for (let block = firstBlock; block < firstBlock + count; block += 1) {
-      const length = lengthOf(block);
-      if (!target.zeroed) {
-        await target.write(zeros.subarray(0, length), block * blockSize);
-        result.bytesWritten += length;
-      }
-      bytesDone += length;
+    let runStart = -1;
+    const flushRun = async (end: number): Promise<void> => {
+      if (runStart >= 0 && !target.zeroed) await zeroBlocks(runStart, end - runStart);
+      runStart = -1;
+    };
+    for (let block = first; block < first + count; block += 1) {
+      const wanted = only === undefined || only[block] === 1;
+      if (wanted && runStart < 0) runStart = block;
+      if (!wanted) await flushRun(block);
+      bytesDone += lengthOf(block);
     }
+    await flushRun(first + count);
   };
 
-  let pending: { block: number; id: Buffer }[] = [];
+  let pending: { block: number; id: Buffer | null }[] = [];
   const flushPending = async (): Promise<void> => {
-    const locations = await repo.lookup(pending.map((p) => p.id));
-    for (const [i, { block, id }] of pending.entries()) {
-      const location = locations[i];
-      if (!location) {
+    const wanted = pending.filter((p) => p.id !== null);
+    const found = await repo.lookup(wanted.map((p) => p.id!));
+    const locations = new Map(wanted.map((p, i) => [p.block, found[i]]));
+    for (const { block, id } of pending) {
+      const location = locations.get(block);
+      if (id !== null && !location) {
         throw new MissingBlobError(id.toString('hex'), `chunk for backup ${record.id}, disk ${disk.name}, offset ${block * blockSize}:`);
       }
       // Wait for a slot here rather than queueing unboundedly: this is the restore's backpressure.
       while (pool.slots.available === 0 && failure === undefined) await Promise.race(inFlight);
       if (failure !== undefined) throw failure;
-      launch(restoreChunk(block, id, location));
+      launch(options.compare ? compareBlock(block, id, location) : restoreChunk(block, id!, location!));
     }
     pending = [];
     progress();
+  };
+  const queue = async (block: number, id: Buffer | null): Promise<void> => {
+    pending.push({ block, id });
+    if (pending.length >= batchLimit) await flushPending();
   };
 
   try {
     for await (const run of readMap(mapRootOf(disk), repo.loadPage)) {
       if (options.signal?.aborted) throw new InterruptedError('restore');
       if (failure !== undefined) throw failure;
-      if (run.entries === null) {
-        await writeZeros(run.firstBlock, run.count);
+      if (run.entries === null && !options.compare) {
+        await restoreZeros(run.firstBlock, run.count);
         continue;
       }
       for (let i = 0; i < run.count; i += 1) {
-        const id = run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
-        if (ZERO_ID.equals(id)) {
-          await writeZeros(run.firstBlock + i, 1);
-          continue;
+        const block = run.firstBlock + i;
+        const entry = run.entries === null ? ZERO_ID : run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
+        const zero = ZERO_ID.equals(entry);
+        if (options.compare) {
+          if (zero) result.blocksZero += 1;
+          await queue(block, zero ? null : Buffer.from(entry));
+        } else if (zero) {
+          await restoreZeros(block, 1);
+        } else if (only !== undefined && only[block] !== 1) {
+          bytesDone += lengthOf(block);
+        } else {
+          await queue(block, Buffer.from(entry));
         }
-        pending.push({ block: run.firstBlock + i, id: Buffer.from(id) });
-        if (pending.length >= batchLimit) await flushPending();
       }
     }
     if (pending.length > 0) await flushPending();

@@ -1,0 +1,299 @@
+/**
+ * `engine mount` / `engine umount`: file-level restore. A backup's disks are served by a background
+ * `serve` (serve-daemon.ts) on a socket in the mount's state directory, each export appears as a file
+ * through nbdfuse, partition tables are read (partition-table.ts), and every ext2/3/4 or xfs filesystem is
+ * mounted read-only through a read-only loop device over its byte range:
+ *
+ *   <dir>/<disk>/        the filesystem of a disk without a partition table
+ *   <dir>/<disk>/p<N>/   the filesystem of partition N
+ *
+ * Everything a mount creates (server, nbdfuse processes, loop devices, mounts, directories) is recorded
+ * in <run dir>/mounts/<hash of dir>/state.json as soon as it exists, so `umount` (or a mount that fails
+ * half-way) removes exactly that, in reverse order, and nothing is left behind: no mount, loop device,
+ * process or reader registration. The run dir is $ENGINE_RUN_DIR, /run/engine by default.
+ */
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { closeSync, openSync } from 'node:fs';
+import { mkdir, open, readdir, readFile, realpath, rename, rm, rmdir, stat, unlink, writeFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
+import { isProcessAlive } from '../../repo-format/process-alive.js';
+import { stopProcess } from '../process.js';
+import { runTool } from '../cbt/run-tool.js';
+import type { ServedExport, ServeOptions } from '../serve/serve.js';
+import { probeFilesystem } from './filesystem-probe.js';
+import { readPartitionTable, type ReadAt } from './partition-table.js';
+
+export interface MountOptions {
+  repo: string;
+  backupId: string;
+  dir: string;
+  disk?: string | undefined;
+  runDir?: string | undefined;
+  cacheBytes?: number | undefined;
+  /** The passphrase of an encrypted repository; handed to the background server in its environment, never in argv. */
+  passphrase?: string | undefined;
+}
+
+export interface MountedFilesystem {
+  disk: string;
+  /** Partition number, or null for a filesystem on the whole disk. */
+  partition: number | null;
+  offset: number;
+  length: number;
+  type: string | null;
+  /** Where it is mounted, or null when it is not (`reason` says why). */
+  path: string | null;
+  loop: string | null;
+  reason: string | null;
+}
+
+export interface MountResult {
+  backup: string;
+  dir: string;
+  /** The disks as files (nbdfuse), for tools that want the raw image. */
+  disks: { name: string; size: number; image: string; partitionTable: string }[];
+  filesystems: MountedFilesystem[];
+  serverPid: number;
+  readerToken: string;
+}
+
+interface MountState {
+  version: 1;
+  dir: string;
+  repo: string;
+  created: string;
+  server?: { pid: number; readerToken?: string };
+  fuse: { pid: number; mountpoint: string }[];
+  loops: string[];
+  mounts: string[];
+  dirs: string[];
+  result?: MountResult;
+}
+
+const WAIT_MS = 20_000;
+
+function runDirOf(options: { runDir?: string | undefined }): string {
+  return options.runDir ?? process.env.ENGINE_RUN_DIR ?? '/run/engine';
+}
+
+async function canonical(dir: string): Promise<string> {
+  return realpath(dir).catch(() => resolve(dir));
+}
+
+function stateDirFor(runDir: string, dir: string): string {
+  return join(runDir, 'mounts', createHash('sha256').update(dir).digest('hex').slice(0, 16));
+}
+
+async function saveState(stateDir: string, state: MountState): Promise<void> {
+  const path = join(stateDir, 'state.json');
+  await writeFile(`${path}.tmp`, JSON.stringify(state, null, 2));
+  await rename(`${path}.tmp`, path);
+}
+
+async function waitFor(what: string, check: () => Promise<boolean>, timeoutMs = WAIT_MS): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new EngineError('ENGINE_TIMEOUT', `${what} did not happen within ${timeoutMs / 1000} s`, { what });
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+async function mountedAt(path: string): Promise<boolean> {
+  const mounts = await readFile('/proc/mounts', 'utf8');
+  // /proc/mounts escapes spaces and the like as octal.
+  const escaped = path.replace(/[ \t\n\\]/g, (c) => `\\${c.charCodeAt(0).toString(8).padStart(3, '0')}`);
+  return mounts.split('\n').some((line) => line.split(' ')[1] === escaped);
+}
+
+/** Starts the background server; resolves with its pid once it listens. */
+function startServer(options: ServeOptions, logPath: string): Promise<{ pid: number; readerToken: string; backupId: string; exports: ServedExport[] }> {
+  const script = fileURLToPath(new URL('./serve-daemon.js', import.meta.url));
+  const log = openSync(logPath, 'a');
+  const { passphrase, ...visible } = options;
+  // argv is readable by every user of the host (ps); the environment of a process is not.
+  const env = passphrase === undefined ? process.env : { ...process.env, ENGINE_PASSWORD: passphrase };
+  const child = spawn(process.execPath, [script, JSON.stringify(visible)], { detached: true, stdio: ['ignore', log, log, 'ipc'], env });
+  closeSync(log);
+  return new Promise((resolvePromise, reject) => {
+    const fail = (error: Error): void => {
+      if (child.pid !== undefined && isProcessAlive(child.pid)) process.kill(child.pid, 'SIGTERM');
+      reject(error);
+    };
+    child.once('error', fail);
+    child.once('exit', (code) => fail(new EngineError('ENGINE_INTERNAL', `the mount's server exited (${code}) before it was ready; see ${logPath}`)));
+    child.once('message', (message: { ready?: boolean; readerToken?: string; backupId?: string; exports?: ServedExport[]; error?: { message: string; code?: string } }) => {
+      child.removeAllListeners('exit');
+      if (message.error) {
+        reject(new EngineError((message.error.code as never) ?? 'ENGINE_INTERNAL', message.error.message));
+        return;
+      }
+      child.disconnect();
+      child.unref();
+      resolvePromise({ pid: child.pid!, readerToken: message.readerToken!, backupId: message.backupId!, exports: message.exports! });
+    });
+  });
+}
+
+/** Starts nbdfuse for one export; resolves once the file is there. */
+async function startFuse(uriSocket: string, exportName: string, mountpoint: string): Promise<number> {
+  await mkdir(mountpoint, { recursive: true });
+  const pidFile = `${mountpoint}.pid`;
+  const uri = `nbd+unix:///${encodeURIComponent(exportName)}?socket=${uriSocket}`;
+  const child = spawn('nbdfuse', ['-r', '-P', pidFile, join(mountpoint, 'disk'), uri], { detached: true, stdio: 'ignore' });
+  child.unref();
+  let exited: string | undefined;
+  child.once('error', (error) => {
+    exited = `nbdfuse failed to start (${error.message}; Debian: apt-get install libnbd-bin)`;
+  });
+  child.once('exit', (code) => {
+    exited = `nbdfuse exited with code ${code}`;
+  });
+  await waitFor(`nbdfuse of ${exportName} becoming ready`, async () => {
+    if (exited) throw new EngineError('ENGINE_TOOL_FAILED', exited);
+    return stat(pidFile).then(() => true, () => false);
+  });
+  await unlink(pidFile).catch(() => undefined);
+  return child.pid!;
+}
+
+function fileReader(path: string, size: number): { readAt: ReadAt; close: () => Promise<void> } {
+  let handle: Awaited<ReturnType<typeof open>> | undefined;
+  return {
+    readAt: async (offset, length) => {
+      handle ??= await open(path, 'r');
+      const out = Buffer.alloc(length);
+      if (offset >= size) return out;
+      await handle.read(out, 0, Math.min(length, size - offset), offset);
+      return out;
+    },
+    close: async () => {
+      await handle?.close();
+    },
+  };
+}
+
+export async function mount(options: MountOptions): Promise<MountResult> {
+  await mkdir(options.dir, { recursive: true });
+  const dir = await canonical(options.dir);
+  if ((await readdir(dir)).length > 0) throw new InvalidArgumentError(`mount point ${dir} is not empty`);
+  const stateDir = stateDirFor(runDirOf(options), dir);
+  if (await stat(join(stateDir, 'state.json')).then(() => true, () => false)) throw new InvalidArgumentError(`${dir} is already an engine mount: engine umount ${dir} first`);
+  await mkdir(stateDir, { recursive: true, mode: 0o700 });
+  const state: MountState = { version: 1, dir, repo: resolve(options.repo), created: new Date().toISOString(), fuse: [], loops: [], mounts: [], dirs: [] };
+  await saveState(stateDir, state);
+  try {
+    const socket = join(stateDir, 'nbd.sock');
+    const server = await startServer({ repo: options.repo, backupId: options.backupId, disk: options.disk, socket, cacheBytes: options.cacheBytes, passphrase: options.passphrase }, join(stateDir, 'serve.log'));
+    state.server = { pid: server.pid, readerToken: server.readerToken };
+    await saveState(stateDir, state);
+
+    const result: MountResult = { backup: server.backupId, dir, disks: [], filesystems: [], serverPid: server.pid, readerToken: server.readerToken };
+    for (const [i, exp] of server.exports.entries()) {
+      const mountpoint = join(stateDir, `fuse-${i}`);
+      const pid = await startFuse(socket, exp.name, mountpoint);
+      state.fuse.push({ pid, mountpoint });
+      await saveState(stateDir, state);
+      const image = join(mountpoint, 'disk');
+      const reader = fileReader(image, exp.size);
+      try {
+        const table = await readPartitionTable(reader.readAt, exp.size);
+        result.disks.push({ name: exp.name, size: exp.size, image, partitionTable: table.scheme });
+        const areas = table.scheme === 'none' ? [{ number: null, offset: 0, length: exp.size }] : table.partitions.map((p) => ({ number: p.number as number | null, offset: p.offset, length: p.length }));
+        for (const area of areas) {
+          const fs = await probeFilesystem(reader.readAt, area.offset, area.length);
+          const entry: MountedFilesystem = { disk: exp.name, partition: area.number, offset: area.offset, length: area.length, type: fs?.type ?? null, path: null, loop: null, reason: null };
+          result.filesystems.push(entry);
+          if (!fs) {
+            entry.reason = 'no ext2/3/4 or xfs filesystem found';
+            continue;
+          }
+          const loop = (await runTool('losetup', ['--find', '--show', '--read-only', '--offset', String(area.offset), '--sizelimit', String(area.length), image])).trim();
+          state.loops.push(loop);
+          await saveState(stateDir, state);
+          entry.loop = loop;
+          const target = area.number === null ? join(dir, exp.name) : join(dir, exp.name, `p${area.number}`);
+          for (const created of [join(dir, exp.name), target]) {
+            if (!(await stat(created).then(() => true, () => false))) {
+              await mkdir(created);
+              state.dirs.push(created);
+            }
+          }
+          await runTool('mount', ['-t', fs.type, '-o', fs.mountOptions, loop, target]);
+          state.mounts.push(target);
+          await saveState(stateDir, state);
+          entry.path = target;
+        }
+      } finally {
+        await reader.close();
+      }
+    }
+    state.result = result;
+    await saveState(stateDir, state);
+    return result;
+  } catch (error) {
+    await teardown(stateDir, state).catch(() => undefined);
+    throw error;
+  }
+}
+
+export interface UmountResult {
+  dir: string;
+  unmounted: number;
+  loopDevicesDetached: number;
+  fuseStopped: number;
+  serverStopped: boolean;
+}
+
+export async function umount(options: { dir: string; runDir?: string | undefined }): Promise<UmountResult> {
+  const dir = await canonical(options.dir);
+  const stateDir = stateDirFor(runDirOf(options), dir);
+  const text = await readFile(join(stateDir, 'state.json'), 'utf8').catch(() => undefined);
+  if (text === undefined) throw new InvalidArgumentError(`${dir} is not an engine mount (no state in ${stateDir})`);
+  return teardown(stateDir, JSON.parse(text) as MountState);
+}
+
+/** Undoes what `state` records, newest first; the state shrinks as each piece goes, so a retry resumes. */
+async function teardown(stateDir: string, state: MountState): Promise<UmountResult> {
+  const result: UmountResult = { dir: state.dir, unmounted: 0, loopDevicesDetached: 0, fuseStopped: 0, serverStopped: false };
+  while (state.mounts.length > 0) {
+    const target = state.mounts[state.mounts.length - 1]!;
+    if (await mountedAt(target)) await runTool('umount', [target]);
+    state.mounts.pop();
+    result.unmounted += 1;
+    await saveState(stateDir, state);
+  }
+  while (state.loops.length > 0) {
+    const loop = state.loops[state.loops.length - 1]!;
+    await runTool('losetup', ['--detach', loop]).catch((error: unknown) => {
+      // Already gone (a previous attempt) is fine; a busy device is not.
+      if (!/No such device|not a block device|No such device or address/i.test((error as Error).message)) throw error;
+    });
+    state.loops.pop();
+    result.loopDevicesDetached += 1;
+    await saveState(stateDir, state);
+  }
+  for (const created of [...state.dirs].reverse()) await rmdir(created).catch(() => undefined);
+  state.dirs = [];
+  while (state.fuse.length > 0) {
+    const fuse = state.fuse[state.fuse.length - 1]!;
+    if (await mountedAt(fuse.mountpoint)) await runTool('umount', [fuse.mountpoint]);
+    await stopProcess(fuse.pid, 10_000);
+    await rmdir(fuse.mountpoint).catch(() => undefined);
+    state.fuse.pop();
+    result.fuseStopped += 1;
+    await saveState(stateDir, state);
+  }
+  if (state.server) {
+    await stopProcess(state.server.pid, 10_000);
+    // A server that had to be killed could not release its registration: do it for it.
+    if (state.server.readerToken) await unlink(join(state.repo, 'readers', `${state.server.readerToken}.json`)).catch(() => undefined);
+    result.serverStopped = true;
+    delete state.server;
+    await saveState(stateDir, state);
+  }
+  await rm(stateDir, { recursive: true, force: true });
+  return result;
+}

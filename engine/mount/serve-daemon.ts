@@ -1,0 +1,27 @@
+/**
+ * The background `serve` of a mount: started detached by mount.ts with its options as one JSON argument,
+ * it reports over IPC once listening ({ready, readerToken}) or failing ({error}), then serves until
+ * SIGTERM/SIGINT, when it closes the server and releases its reader registration.
+ */
+import { serve, type ServeOptions } from '../serve/serve.js';
+
+const options = JSON.parse(process.argv[2] ?? '{}') as ServeOptions;
+// The passphrase of an encrypted repository comes in the environment (mount.ts), never in argv.
+const passphrase = process.env.ENGINE_PASSWORD || undefined;
+const report = (message: unknown): void => {
+  if (process.send) process.send(message);
+};
+
+try {
+  const handle = await serve({ ...options, passphrase, onLog: (message) => process.stderr.write(`${new Date().toISOString()} ${message}\n`) });
+  const stop = (): void => {
+    void handle.close().finally(() => process.exit(0));
+  };
+  process.once('SIGTERM', stop);
+  process.once('SIGINT', stop);
+  report({ ready: true, readerToken: handle.readerToken, backupId: handle.backup.id, exports: handle.exports });
+  process.disconnect?.();
+} catch (error) {
+  report({ error: { message: (error as Error).message, code: (error as { code?: string }).code } });
+  process.exitCode = 1;
+}

@@ -1,0 +1,58 @@
+/**
+ * A new qcow2 image as a restore target (`restore --to-qcow2 FILE`): `qemu-img create` at the disk's
+ * size, the engine's own writable qemu-nbd on it, the restore written through the NBD client (a new image
+ * reads as zeros, so zero blocks are skipped and stay unallocated), FLUSH, qemu-nbd stopped. A restore that
+ * fails removes the image it created; an existing FILE is refused, never overwritten.
+ */
+import { rm, stat } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
+import { fsyncDirectory } from '../../repo-format/durable-file.js';
+import { runTool } from '../cbt/run-tool.js';
+import { serveImage, type RunningExport } from '../cbt/qemu-nbd-server.js';
+import { TargetUnwritableError } from '../errors.js';
+import type { RestoreTarget } from './file-target.js';
+import { NbdTarget } from './nbd-target.js';
+
+export class Qcow2Target implements RestoreTarget {
+  readonly zeroed = true;
+
+  private constructor(
+    readonly path: string,
+    private readonly exported: RunningExport,
+    private readonly nbd: NbdTarget,
+  ) {}
+
+  static async create(path: string, diskSize: number): Promise<Qcow2Target> {
+    const file = resolve(path);
+    if (await stat(file).then(() => true, () => false)) throw new TargetUnwritableError(file, 'it already exists (--to-qcow2 creates a new image)');
+    await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(diskSize)]);
+    let exported: RunningExport | undefined;
+    try {
+      exported = await serveImage(file, 'qcow2', { writable: true });
+      return new Qcow2Target(file, exported, await NbdTarget.open(exported.uri, diskSize, { zeroed: true }));
+    } catch (error) {
+      await exported?.stop();
+      await rm(file, { force: true });
+      throw error;
+    }
+  }
+
+  write(data: Buffer, offset: number): Promise<void> {
+    return this.nbd.write(data, offset);
+  }
+
+  async finish(): Promise<void> {
+    try {
+      await this.nbd.finish();
+    } finally {
+      await this.exported.stop();
+    }
+    await fsyncDirectory(dirname(this.path));
+  }
+
+  async discard(): Promise<void> {
+    await this.nbd.discard();
+    await this.exported.stop();
+    await rm(this.path, { force: true });
+  }
+}

@@ -1,0 +1,170 @@
+/**
+ * One disk of a backup as an NBD export: reads come from the block table (zero blocks are holes, never
+ * read), chunks from the packs through the cache, with read-ahead of the next chunks when the client reads
+ * sequentially. With an overlay the export is writable: writes go to the overlay, reads merge it over the
+ * backup, and the repository is never written.
+ */
+import * as P from '../nbd/protocol.js';
+import { ExportError, type AllocationExtent, type NbdExport, type ReadPiece } from '../nbd/export.js';
+import type { BlockTable } from './block-table.js';
+import { ChunkUnreadable, type ChunkLoader } from './chunk-cache.js';
+import type { Overlay } from './overlay.js';
+
+export interface BackupExportOptions {
+  name: string;
+  backupId: string;
+  /** Distinguishes this export's chunks in the shared cache. */
+  exportIndex: number;
+  table: BlockTable;
+  loader: ChunkLoader;
+  readAheadBlocks: number;
+  overlay?: Overlay | undefined;
+  onLog?: ((message: string) => void) | undefined;
+}
+
+/** Room for 2^36 blocks per export in the cache key, far beyond any disk. */
+const KEY_STRIDE = 2 ** 36;
+
+export class BackupExport implements NbdExport {
+  readonly name: string;
+  readonly description: string;
+  readonly size: number;
+  readonly writable: boolean;
+  private nextSequentialBlock = -1;
+  badChunks = 0;
+
+  constructor(private readonly options: BackupExportOptions) {
+    this.name = options.name;
+    this.size = options.table.diskSize;
+    this.writable = options.overlay !== undefined;
+    this.description = `disk ${options.name} of backup ${options.backupId}${this.writable ? ' (writable overlay; the backup is never changed)' : ''}`;
+  }
+
+  private get table(): BlockTable {
+    return this.options.table;
+  }
+
+  async read(offset: number, length: number): Promise<ReadPiece[]> {
+    const blockSize = this.table.blockSize;
+    const first = Math.floor(offset / blockSize);
+    const last = Math.floor((offset + length - 1) / blockSize);
+    const parts: Promise<ReadPiece>[] = [];
+    for (let block = first; block <= last; block += 1) {
+      const start = Math.max(offset, block * blockSize);
+      const end = Math.min(offset + length, block * blockSize + this.table.lengthOf(block));
+      parts.push(this.readInBlock(block, start, end - start));
+    }
+    const pieces = await Promise.all(parts);
+    this.readAhead(first, last);
+    return mergeHoles(pieces);
+  }
+
+  private async readInBlock(block: number, offset: number, length: number): Promise<ReadPiece> {
+    const overlay = this.options.overlay;
+    const inBlock = offset - block * this.table.blockSize;
+    if (overlay?.touches(block)) {
+      const target = Buffer.alloc(length);
+      if (!this.table.isZero(block)) (await this.chunk(block)).copy(target, 0, inBlock, inBlock + length);
+      await overlay.readInto(block, inBlock, target);
+      return { offset, data: target };
+    }
+    if (this.table.isZero(block)) return { offset, length, zero: true };
+    const chunk = await this.chunk(block);
+    return { offset, data: chunk.subarray(inBlock, inBlock + length) };
+  }
+
+  private async chunk(block: number): Promise<Buffer> {
+    const where = `backup ${this.options.backupId}, disk ${this.name}, offset ${block * this.table.blockSize}`;
+    const location = this.table.location(block);
+    if (!location) {
+      this.badChunks += 1;
+      this.options.onLog?.(`${where}: chunk ${this.table.id(block).toString('hex').slice(0, 16)}… is missing from the repository; answering EIO`);
+      throw new ExportError(P.NBD_EIO, `${where}: chunk missing from the repository`);
+    }
+    try {
+      return await this.options.loader.load(this.key(block), location, this.table.lengthOf(block));
+    } catch (error) {
+      if (!(error instanceof ChunkUnreadable)) throw error;
+      this.badChunks += 1;
+      this.options.onLog?.(`${where}: ${error.message}; answering EIO`);
+      throw new ExportError(P.NBD_EIO, `${where}: ${error.message}`);
+    }
+  }
+
+  private key(block: number): number {
+    return this.options.exportIndex * KEY_STRIDE + block;
+  }
+
+  /** Sequential reads (this one starts where the last ended, or in the same block) load the next chunks early. */
+  private readAhead(first: number, last: number): void {
+    const sequential = first === this.nextSequentialBlock || first === this.nextSequentialBlock - 1;
+    this.nextSequentialBlock = last + 1;
+    if (!sequential) return;
+    for (let block = last + 1; block <= last + this.options.readAheadBlocks && block < this.table.blocks; block += 1) {
+      const location = this.table.location(block);
+      if (!location || !this.options.loader.idle(this.key(block))) continue;
+      // A failure here is reported by the read that needs the chunk, not by the guess.
+      this.options.loader.load(this.key(block), location, this.table.lengthOf(block)).catch(() => undefined);
+    }
+  }
+
+  async allocation(offset: number, length: number): Promise<AllocationExtent[]> {
+    const blockSize = this.table.blockSize;
+    const extents: AllocationExtent[] = [];
+    const end = offset + length;
+    let block = Math.floor(offset / blockSize);
+    let at = offset;
+    while (at < end && block < this.table.blocks) {
+      const zero = this.table.isZero(block) && !this.options.overlay?.touches(block);
+      const flags = zero ? P.STATE_HOLE | P.STATE_ZERO : 0;
+      const blockEnd = Math.min(end, block * blockSize + this.table.lengthOf(block));
+      const previous = extents[extents.length - 1];
+      // Extent lengths are u32: start a new extent rather than overflow one.
+      if (previous && previous.flags === flags && previous.length + (blockEnd - at) <= 0xffffffff - blockSize) previous.length += blockEnd - at;
+      else extents.push({ length: blockEnd - at, flags });
+      at = blockEnd;
+      block += 1;
+    }
+    return extents;
+  }
+
+  async write(data: Buffer, offset: number): Promise<void> {
+    await this.overlayOrRefuse().write(data, offset, (o, l) => this.readBytes(o, l));
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    await this.overlayOrRefuse().zero(offset, length, (o, l) => this.readBytes(o, l));
+  }
+
+  async trim(offset: number, length: number): Promise<void> {
+    // A trimmed range may read as anything afterwards; zeros are the simplest honest answer.
+    await this.writeZeroes(offset, length);
+  }
+
+  async flush(): Promise<void> {
+    await this.options.overlay?.flush();
+  }
+
+  private overlayOrRefuse(): Overlay {
+    if (!this.options.overlay) throw new ExportError(P.NBD_EPERM, 'the export is read-only');
+    return this.options.overlay;
+  }
+
+  /** The export's present bytes of a range, as one buffer. */
+  private async readBytes(offset: number, length: number): Promise<Buffer> {
+    const pieces = await this.read(offset, length);
+    const out = Buffer.alloc(length);
+    for (const piece of pieces) if ('data' in piece) piece.data.copy(out, piece.offset - offset);
+    return out;
+  }
+}
+
+function mergeHoles(pieces: ReadPiece[]): ReadPiece[] {
+  const merged: ReadPiece[] = [];
+  for (const piece of pieces) {
+    const previous = merged[merged.length - 1];
+    if (previous && 'zero' in previous && 'zero' in piece) previous.length += piece.length;
+    else merged.push('zero' in piece ? { ...piece } : piece);
+  }
+  return merged;
+}
