@@ -72,4 +72,10 @@ export const LAYOUT = {
   tmp: 'tmp',
   lock: 'lock',
   readers: 'readers',
+  writers: 'writers',
+  protected: 'protected',
+  quarantine: 'quarantine',
 } as const;
+
+/** gc rewrites a pack whose live bytes are under this fraction of its frames' bytes (default). */
+export const GC_DEFAULT_REWRITE_BELOW = 0.5;

@@ -61,6 +61,25 @@ export class IndexStore {
     }
   }
 
+  /**
+   * gc's one step on the index: entries moved to new packs and entries removed, in one synchronous batch,
+   * so that no crash leaves some moved and others not.
+   */
+  async applyBatch(changes: { put: readonly IndexEntry[]; del: readonly Buffer[] }): Promise<void> {
+    if (changes.put.length + changes.del.length === 0) return;
+    try {
+      await this.db.batch(
+        [
+          ...changes.put.map((entry) => ({ type: 'put' as const, key: blobKey(entry.id), value: encodeLocation(entry) })),
+          ...changes.del.map((id) => ({ type: 'del' as const, key: blobKey(id) })),
+        ],
+        { sync: true },
+      );
+    } catch (error) {
+      throw classifyWriteError(error, this.path);
+    }
+  }
+
   async *blobs(): AsyncGenerator<IndexEntry> {
     for await (const [key, value] of this.db.iterator({ gte: Buffer.from([KEY_PREFIX_BLOB]), lt: Buffer.from([KEY_PREFIX_BLOB + 1]) })) {
       const location = decodeLocation(value);

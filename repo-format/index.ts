@@ -8,3 +8,5 @@ export { readMap, mapDepth, MapBuilder, type MapRoot, type MapRun } from './bloc
 export { packPath, scanPack } from './pack-file.js';
 export { readLockHolder } from './lock.js';
 export { registerReader, listReaders, removeStaleReaders, type ReaderRegistration, type RegisteredReader } from './readers.js';
+export { listProtected } from './protection.js';
+export { listQuarantine, type QuarantinedFrame } from './quarantine.js';
