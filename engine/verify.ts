@@ -121,6 +121,15 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
           named += 1;
         }
       });
+      // An entry still naming a frame repair set aside (a repair killed before its new index was in place).
+      scan.frames.forEach((frame, i) => {
+        const location = locations[i];
+        if (!location || location.packId !== packId || location.offset !== frame.offset || !quarantine.has(quarantineKey(packId, frame.offset))) return;
+        const blob = frame.header.id.toString('hex');
+        const found: VerifyProblem = { code: 'INDEX_ENTRY_BAD', message: `index entry for blob ${blob.slice(0, 16)}… names a quarantined (damaged) frame in pack ${packId} at offset ${frame.offset}: run engine repair`, pack: packId, packOffset: frame.offset, blob };
+        damagedBlobs.set(blob, found);
+        problem(found);
+      });
       confirmedEntries += named;
       // A pack sealed by a writer that died before its index batch: nothing can reach its blobs.
       if (named === 0 && !scan.damage) {
