@@ -23,11 +23,17 @@ import {
   umount,
   showBackup,
   verify,
+  prune,
+  gc,
+  repair,
+  setProtection,
+  KEEP_RULES,
+  type RetentionPolicy,
 } from '../engine/index.js';
 import { readFile } from 'node:fs/promises';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createProgress } from './progress.js';
-import { backupJson, printBackup, printInit, printJson, printList, printMount, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
+import { backupJson, printBackup, printGc, printInit, printJson, printList, printMount, printProtect, printPrune, printRepair, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
 
 interface GlobalOptions {
   debug?: boolean;
@@ -131,6 +137,23 @@ function workersOption(): Option {
   return new Option('--workers <n>', 'hashing/compression worker threads (default: one per core)').argParser((v) => {
     const n = Number(v);
     if (!Number.isInteger(n) || n < 1 || n > 64) throw new InvalidArgumentError(`--workers ${v}: give a whole number from 1 to 64`);
+    return n;
+  });
+}
+
+/** "10%" or "10" → 0.1; bounds (0, 100] or [0, 100]. */
+function percentOption(flags: string, description: string, allowZero: boolean): Option {
+  return new Option(flags, description).argParser((v) => {
+    const n = Number(v.endsWith('%') ? v.slice(0, -1) : v);
+    if (!Number.isFinite(n) || n > 100 || n < 0 || (!allowZero && n === 0)) throw new InvalidArgumentError(`${flags.split(' ')[0]} ${v}: give a percentage ${allowZero ? 'from 0' : 'above 0'} up to 100%`);
+    return n / 100;
+  });
+}
+
+function countOption(rule: string): Option {
+  return new Option(`--keep-${rule} <n>`, `keep ${rule === 'last' ? 'the n newest backups' : `the newest backup of each of the n newest ${rule === 'daily' ? 'days' : rule.replace(/ly$/, 's')} that have one (UTC)`}`).argParser((v) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`--keep-${rule} ${v}: give a whole number of 0 or more`);
     return n;
   });
 }
@@ -363,16 +386,21 @@ function buildProgram(): Command {
     .description('check the repository; exits 4 and names every problem it finds')
     .addOption(repoOption())
     .option('--read-data', 're-read and re-hash every chunk of every pack')
+    .addOption(percentOption('--subset <percent>', 'with --read-data: read only this share of the packs (e.g. 10%), chosen by --seed', false))
+    .option('--seed <text>', 'with --subset: what chooses the packs (default: random, printed)')
     .option('--json', 'print JSON')
     .addOption(workersOption())
     .addOption(passwordFileOption())
-    .action(async (opts: { repo?: string; readData?: boolean; json?: boolean; workers?: number; passwordFile?: string }) => {
+    .action(async (opts: { repo?: string; readData?: boolean; subset?: number; seed?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
+      if ((opts.subset !== undefined || opts.seed !== undefined) && !opts.readData) throw new InvalidArgumentError('--subset and --seed choose which packs --read-data reads: give --read-data too');
       const progress = createProgress({ json: jsonMode });
       const report = await verify({
         repo: requireRepo(opts.repo),
         passphrase: await loadPassphrase(opts.passwordFile),
         readData: opts.readData,
+        subset: opts.subset,
+        seed: opts.seed,
         workers: opts.workers,
         onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items'),
       });
@@ -456,6 +484,82 @@ function buildProgram(): Command {
       const result = await umount({ dir });
       if (jsonMode) printJson(result);
       else process.stdout.write(`unmounted ${result.dir}: ${result.unmounted} filesystems, ${result.loopDevicesDetached} loop devices, ${result.fuseStopped} disk files, server ${result.serverStopped ? 'stopped' : 'not running'}\n`);
+    });
+
+  const prunes = program
+    .command('prune')
+    .description('remove the backups a retention policy does not keep (per backup name); gc then reclaims their space')
+    .addOption(repoOption());
+  for (const rule of KEEP_RULES) prunes.addOption(countOption(rule));
+  prunes
+    .option('--dry-run', 'say what would be removed, remove nothing')
+    .addOption(passwordFileOption())
+    .option('--json', 'print JSON')
+    .action(async (opts: { repo?: string; dryRun?: boolean; json?: boolean; passwordFile?: string } & Record<string, unknown>) => {
+      jsonMode = opts.json === true;
+      const policy: RetentionPolicy = {};
+      for (const rule of KEEP_RULES) {
+        const value = opts[`keep${rule[0]!.toUpperCase()}${rule.slice(1)}`];
+        if (typeof value === 'number') policy[rule] = value;
+      }
+      const report = await prune({ repo: requireRepo(opts.repo), policy, dryRun: opts.dryRun, passphrase: await loadPassphrase(opts.passwordFile) });
+      if (jsonMode) printJson(report);
+      else printPrune(report);
+    });
+
+  for (const wanted of [true, false]) {
+    program
+      .command(wanted ? 'protect' : 'unprotect')
+      .description(wanted ? 'protect a backup: prune never removes it' : 'let prune remove a backup again')
+      .addOption(repoOption())
+      .argument('<backup-id>', 'backup id or a unique prefix of it')
+      .addOption(passwordFileOption())
+      .option('--json', 'print JSON')
+      .action(async (id: string, opts: { repo?: string; json?: boolean; passwordFile?: string }) => {
+        jsonMode = opts.json === true;
+        const result = await setProtection(requireRepo(opts.repo), id, wanted, { passphrase: await loadPassphrase(opts.passwordFile) });
+        if (jsonMode) printJson(result);
+        else printProtect(result);
+      });
+  }
+
+  program
+    .command('gc')
+    .description('delete chunks no backup references and rewrite sparse packs; safe while a backup runs')
+    .addOption(repoOption())
+    .addOption(percentOption('--rewrite-below <percent>', 'rewrite packs whose live share is under this (default 50%)', true))
+    .option('--dry-run', 'say what would be deleted and rewritten, change nothing')
+    .addOption(passwordFileOption())
+    .option('--json', 'print JSON')
+    .action(async (opts: { repo?: string; rewriteBelow?: number; dryRun?: boolean; json?: boolean; passwordFile?: string }) => {
+      jsonMode = opts.json === true;
+      const report = await gc({
+        repo: requireRepo(opts.repo),
+        passphrase: await loadPassphrase(opts.passwordFile),
+        rewriteBelow: opts.rewriteBelow,
+        dryRun: opts.dryRun,
+        onNotice: (message) => {
+          if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
+        },
+      });
+      if (jsonMode) printJson(report);
+      else printGc(report);
+    });
+
+  program
+    .command('repair')
+    .description('re-read every frame, rebuild the index from the good ones, set damaged chunks aside; exits 4 if a backup still references damaged data')
+    .addOption(repoOption())
+    .addOption(passwordFileOption())
+    .option('--json', 'print JSON')
+    .action(async (opts: { repo?: string; json?: boolean; passwordFile?: string }) => {
+      jsonMode = opts.json === true;
+      const progress = createProgress({ json: jsonMode });
+      const report = await repair({ repo: requireRepo(opts.repo), passphrase: await loadPassphrase(opts.passwordFile), onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
+      progress.done();
+      if (jsonMode) printJson(report);
+      else printRepair(report);
+      if (!report.ok) process.exitCode = EXIT.integrity;
     });
 
   const ovirt = program.command('ovirt').description('oVirt housekeeping');

@@ -5,6 +5,10 @@ import type { RestoreResult } from '../engine/restore/restore.js';
 import type { VerifyReport } from '../engine/verify.js';
 import type { ServeHandle } from '../engine/serve/serve.js';
 import type { MountResult } from '../engine/mount/mount.js';
+import type { PruneReport } from '../engine/prune.js';
+import type { GcReport } from '../engine/gc.js';
+import type { RepairReport } from '../engine/repair.js';
+import type { ProtectResult } from '../engine/protect.js';
 import { formatBytes } from '../engine/units.js';
 
 export function diskJson(disk: DiskRecord): Record<string, unknown> {
@@ -118,6 +122,8 @@ export function printVerify(report: VerifyReport): void {
   const lines = [
     `checked ${report.backups} backups, ${report.packs} packs, ${report.blobs} blobs${report.readData ? `, read ${formatBytes(report.bytesChecked)}` : ' (structure only; --read-data re-reads every chunk)'}`,
   ];
+  if (report.subset) lines.push(`read the data of ${report.subset.packs} of ${report.packs} packs (${report.subset.percent}%, seed ${report.subset.seed})`);
+  if (report.quarantined.length > 0) lines.push(`quarantined: ${report.quarantined.length} damaged frames set aside by repair`);
   for (const p of report.problems) lines.push(`ERROR ${p.code}: ${p.message}`);
   const g = report.garbage;
   if (g.unreferencedBlobs > 0) lines.push(`garbage: ${g.unreferencedBlobs} unreferenced blobs (${formatBytes(g.unreferencedBytes)}), reclaimable by a later gc`);
@@ -154,5 +160,43 @@ export function printMount(result: MountResult): void {
     const what = `${f.disk}${f.partition === null ? '' : ` partition ${f.partition}`}`;
     lines.push(f.path ? `  ${what}: ${f.type} at ${f.path}` : `  ${what}: not mounted (${f.reason})`);
   }
+  process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+export function printPrune(report: PruneReport): void {
+  const lines: string[] = [];
+  for (const b of report.backups) {
+    lines.push(`${b.keep ? 'keep  ' : report.dryRun ? 'would remove' : 'remove'} ${b.id.slice(0, 12)}  ${b.startTime.replace('T', ' ').slice(0, 19)}  ${b.name}${b.keep ? `  (${b.reasons.join(', ')})` : ''}`);
+  }
+  for (const d of report.damaged) lines.push(`DAMAGED ${d.id}: ${d.message} (left alone)`);
+  lines.push(`${report.kept} kept, ${report.removed} ${report.dryRun ? 'would be removed (dry run)' : 'removed'}${report.removed > 0 && !report.dryRun ? '; engine gc reclaims their space' : ''}`);
+  process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+export function printProtect(result: ProtectResult): void {
+  const state = result.protected ? 'protected' : 'not protected';
+  process.stdout.write(`backup ${result.backup} is ${state}${result.changed ? '' : ' (it already was)'}\n`);
+}
+
+export function printGc(report: GcReport): void {
+  const p = report.packs;
+  const lines = [
+    `${report.dryRun ? 'would delete' : 'deleted'} ${p.deleted.length} of ${p.before} packs (${p.rewritten.length} rewritten into ${report.dryRun ? 'new packs' : `${p.created.length} new`}), ${report.chunks.removed} unreferenced blobs removed, ${report.chunks.moved} moved`,
+    `${report.dryRun ? 'would reclaim' : 'reclaimed'} ${formatBytes(report.bytes.reclaimed)} (${formatBytes(report.bytes.deleted)} deleted, ${formatBytes(report.bytes.written)} written)`,
+  ];
+  if (report.backupsCommittedDuringGc.length > 0) lines.push(`${report.backupsCommittedDuringGc.length} backups committed during gc were marked too`);
+  for (const k of p.kept) lines.push(`kept pack ${k.pack}: ${k.why}`);
+  if (p.deferred.length > 0) lines.push(`deferred: ${p.deferred.length} packs stay until no reader is registered (${report.readers} now); a later gc deletes them`);
+  process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+export function printRepair(report: RepairReport): void {
+  const lines = [
+    `index rebuilt from ${report.index.packs} packs, ${report.index.blobs} blobs (the old index was ${report.previousIndex}); read ${report.framesChecked} frames, ${formatBytes(report.bytesChecked)}`,
+  ];
+  for (const q of report.quarantined) lines.push(`quarantined: pack ${q.pack} offset ${q.offset}${q.blob ? ` (blob ${q.blob.slice(0, 16)}…)` : ''}: ${q.why}`);
+  if (report.tempFilesRemoved > 0) lines.push(`removed ${report.tempFilesRemoved} temporary files`);
+  for (const d of report.damaged) lines.push(`DAMAGED ${d.code}: ${d.message}`);
+  lines.push(report.ok ? 'every backup restores' : `${report.damaged.length} damaged references remain`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }

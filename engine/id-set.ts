@@ -1,7 +1,8 @@
 /**
  * A compact set of blob ids, keyed by their first 8 bytes: 8 bytes per id instead of ~100 for a Set of
  * hex strings, so verify can mark every referenced chunk of a large repository. Two ids sharing 64-bit
- * prefixes is a 2^-64 event per pair; the set is used to count and list garbage, never to delete data.
+ * prefixes is a 2^-64 event per pair, and errs one way only: `has` may say yes for an id never added, never
+ * no for one that was. gc marks live blobs with it, so a collision keeps a dead blob; it never deletes a live one.
  */
 export class IdPrefixSet {
   private values = new BigUint64Array(1024);

@@ -9,12 +9,13 @@
  */
 import { open } from 'node:fs/promises';
 import { Repository } from '../repo-format/repository.js';
-import { mapPageIds, readMap } from '../repo-format/block-map.js';
-import { mapRootOf } from '../repo-format/backup-record.js';
 import { packPath, scanPack } from '../repo-format/pack-file.js';
 import { decodeFrameHeader, frameLength } from '../repo-format/frame.js';
 import { openBlob } from '../repo-format/blob-codec.js';
-import { FRAME_HEADER_SIZE, ID_SIZE, ZERO_ID } from '../repo-format/constants.js';
+import { createHash, randomBytes } from 'node:crypto';
+import { FRAME_HEADER_SIZE } from '../repo-format/constants.js';
+import { listQuarantine, quarantineKey, type QuarantinedFrame } from '../repo-format/quarantine.js';
+import { walkReferences } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { IdPrefixSet } from './id-set.js';
 
@@ -37,6 +38,10 @@ export interface VerifyReport {
   blobs: number;
   bytesChecked: number;
   problems: VerifyProblem[];
+  /** With --subset: the share of packs whose data was read, the seed that chose them, how many. */
+  subset: { percent: number; seed: string; packs: number } | null;
+  /** Frames repair found damaged and set aside: known damage, not problems in themselves. */
+  quarantined: QuarantinedFrame[];
   garbage: { tempFiles: string[]; unindexedPacks: string[]; unindexedBytes: number; unreferencedBlobs: number; unreferencedBytes: number };
 }
 
@@ -45,6 +50,10 @@ export interface VerifyOptions {
   /** The passphrase of an encrypted repository. */
   passphrase?: string | undefined;
   readData?: boolean | undefined;
+  /** With readData: read only this fraction (0 < f ≤ 1) of the packs, chosen by `seed`. */
+  subset?: number | undefined;
+  /** Seeds the subset's choice (default: random, reported so that a run can be repeated). */
+  seed?: string | undefined;
   workers?: number | undefined;
   onProgress?: ((progress: { phase: string; done: number; total: number }) => void) | undefined;
 }
@@ -61,6 +70,8 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     blobs: 0,
     bytesChecked: 0,
     problems: [],
+    subset: null,
+    quarantined: [],
     garbage: { tempFiles: [], unindexedPacks: [], unindexedBytes: 0, unreferencedBlobs: 0, unreferencedBytes: 0 },
   };
   const problem = (p: VerifyProblem): void => {
@@ -71,9 +82,18 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     report.garbage.tempFiles = await repo.listTempFiles();
     if (report.readData) pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, slotCount: 1, keys: repo.keys });
 
-    // 1. Packs: frame chains, and (with --read-data) every frame's content.
+    const quarantine = await listQuarantine(repo.root);
+    report.quarantined = [...quarantine.values()];
+    const quarantinedBlobs = new Map<string, QuarantinedFrame>();
+    for (const frame of quarantine.values()) if (frame.blob) quarantinedBlobs.set(frame.blob, frame);
+
+    // 1. Packs: frame chains, and (with --read-data) every frame's content, or that of a subset of packs.
     const damagedBlobs = new Map<string, VerifyProblem>();
     const packIds = await repo.listPackIds();
+    const readPacks = report.readData ? choosePacks(packIds, options.subset, options.seed) : Object.assign(new Set<string>(), { seed: '' });
+    if (report.readData && options.subset !== undefined) {
+      report.subset = { percent: Math.round(options.subset * 10000) / 100, seed: readPacks.seed, packs: readPacks.size };
+    }
     const packSizes = new Map<string, number>();
     const damagedPacks = new Set<string>();
     const packChecks = new Set<Promise<void>>();
@@ -85,7 +105,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       report.packs += 1;
       if (scan.damage) {
         damagedPacks.add(packId);
-        problem({ code: 'PACK_DAMAGED', message: `pack ${packId} is damaged at offset ${scan.damage.offset}: ${scan.damage.why}`, pack: packId, packOffset: scan.damage.offset });
+        if (!quarantine.has(quarantineKey(packId, scan.damage.offset))) problem({ code: 'PACK_DAMAGED', message: `pack ${packId} is damaged at offset ${scan.damage.offset}: ${scan.damage.why}`, pack: packId, packOffset: scan.damage.offset });
       }
       const locations = await repo.lookup(scan.frames.map((f) => f.header.id));
       let named = 0;
@@ -103,13 +123,22 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
           named += 1;
         }
       });
+      // An entry still naming a frame repair set aside (a repair killed before its new index was in place).
+      scan.frames.forEach((frame, i) => {
+        const location = locations[i];
+        if (!location || location.packId !== packId || location.offset !== frame.offset || !quarantine.has(quarantineKey(packId, frame.offset))) return;
+        const blob = frame.header.id.toString('hex');
+        const found: VerifyProblem = { code: 'INDEX_ENTRY_BAD', message: `index entry for blob ${blob.slice(0, 16)}… names a quarantined (damaged) frame in pack ${packId} at offset ${frame.offset}: run engine repair`, pack: packId, packOffset: frame.offset, blob };
+        damagedBlobs.set(blob, found);
+        problem(found);
+      });
       confirmedEntries += named;
       // A pack sealed by a writer that died before its index batch: nothing can reach its blobs.
       if (named === 0 && !scan.damage) {
         report.garbage.unindexedPacks.push(packId);
         report.garbage.unindexedBytes += scan.size;
       }
-      if (report.readData && pool && scan.frames.length > 0) {
+      if (readPacks.has(packId) && pool && scan.frames.length > 0) {
         // One pack per worker at a time: the main thread scans the next pack while the workers hash.
         while (packChecks.size >= pool.workers) await Promise.race(packChecks);
         const check = pool
@@ -118,6 +147,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
             ({ bad }) => {
               report.bytesChecked += scan.size;
               for (const { offset, why } of bad) {
+                if (quarantine.has(quarantineKey(packId, offset))) continue;
                 const frame = scan.frames.find((f) => f.offset === offset)!;
                 const blob = frame.header.id.toString('hex');
                 const found: VerifyProblem = { code: 'FRAME_DAMAGED', message: `pack ${packId} offset ${offset} (blob ${blob.slice(0, 16)}…): ${why}`, pack: packId, packOffset: offset, blob };
@@ -156,43 +186,30 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     const referenced = new IdPrefixSet();
     const { backups, damaged } = await repo.listBackups();
     for (const { id, error } of damaged) problem({ code: 'RECORD_DAMAGED', message: error.message, backup: id });
-    for (const [n, record] of backups.entries()) {
-      options.onProgress?.({ phase: 'checking backups', done: n, total: backups.length });
-      report.backups += 1;
-      for (const disk of record.disks) {
-        const where = { backup: record.id, disk: disk.name };
-        try {
-          for await (const { id } of mapPageIds(mapRootOf(disk), repo.loadPage)) referenced.add(id);
-          for await (const run of readMap(mapRootOf(disk), repo.loadPage)) {
-            if (run.entries === null) continue;
-            const ids: Buffer[] = [];
-            const blocks: number[] = [];
-            for (let i = 0; i < run.count; i += 1) {
-              const id = run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
-              if (ZERO_ID.equals(id)) continue;
-              ids.push(Buffer.from(id));
-              blocks.push(run.firstBlock + i);
-            }
-            const locations = await repo.lookup(ids);
-            ids.forEach((id, i) => {
-              const offset = blocks[i]! * record.blockSize;
-              const hex = id.toString('hex');
-              if (!locations[i]) {
-                problem({ code: 'CHUNK_MISSING', message: `backup ${record.id}, disk ${disk.name}, offset ${offset}: chunk ${hex.slice(0, 16)}… is missing`, ...where, offset, blob: hex });
-              } else {
-                referenced.add(id);
-              }
-              const damage = damagedBlobs.get(hex);
-              if (damage) {
-                problem({ code: 'CHUNK_DAMAGED', message: `backup ${record.id}, disk ${disk.name}, offset ${offset}: chunk ${hex.slice(0, 16)}… is damaged (${damage.message})`, ...where, offset, blob: hex, ...(damage.pack ? { pack: damage.pack } : {}) });
-              }
-            });
+    report.backups = backups.length;
+    await walkReferences(
+      repo,
+      backups,
+      {
+        page: (id) => referenced.add(id),
+        chunk: ({ backup, disk, offset, id, location }) => {
+          const hex = id.toString('hex');
+          const where = { backup, disk, offset, blob: hex };
+          const prefix = `backup ${backup}, disk ${disk}, offset ${offset}: chunk ${hex.slice(0, 16)}…`;
+          if (location) {
+            referenced.add(id);
+          } else {
+            const known = quarantinedBlobs.get(hex);
+            if (known) problem({ code: 'CHUNK_DAMAGED', message: `${prefix} is damaged (quarantined by repair: pack ${known.pack} offset ${known.offset}: ${known.why}); the next backup of a source that still holds this block stores a good copy`, ...where, pack: known.pack, packOffset: known.offset });
+            else problem({ code: 'CHUNK_MISSING', message: `${prefix} is missing`, ...where });
           }
-        } catch (error) {
-          problem({ code: 'MAP_DAMAGED', message: `backup ${record.id}, disk ${disk.name}: ${(error as Error).message}`, ...where });
-        }
-      }
-    }
+          const damage = damagedBlobs.get(hex);
+          if (damage) problem({ code: 'CHUNK_DAMAGED', message: `${prefix} is damaged (${damage.message})`, ...where, ...(damage.pack ? { pack: damage.pack } : {}) });
+        },
+        mapDamaged: (backup, disk, error) => problem({ code: 'MAP_DAMAGED', message: `backup ${backup}, disk ${disk}: ${error.message}`, backup, disk }),
+      },
+      (n) => options.onProgress?.({ phase: 'checking backups', done: n, total: backups.length }),
+    );
     report.garbage.unreferencedBlobs = 0;
     report.garbage.unreferencedBytes = 0;
     for await (const entry of repo.index.blobs()) {
@@ -256,4 +273,14 @@ async function checkIndexEntries(
       }
     }
   }
+}
+
+/** The packs whose data a --subset run reads: the first ceil(f × n) in the order of SHA-256(seed || pack id). */
+function choosePacks(packIds: readonly string[], fraction: number | undefined, seed: string | undefined): Set<string> & { seed: string } {
+  const chosenSeed = seed ?? randomBytes(8).toString('hex');
+  const count = fraction === undefined ? packIds.length : Math.ceil(fraction * packIds.length);
+  const order = packIds
+    .map((id) => ({ id, key: createHash('sha256').update(chosenSeed).update(id).digest('hex') }))
+    .sort((a, b) => a.key.localeCompare(b.key));
+  return Object.assign(new Set(order.slice(0, count).map((p) => p.id)), { seed: chosenSeed });
 }

@@ -102,4 +102,10 @@ export const LAYOUT = {
   lock: 'lock',
   readers: 'readers',
   keys: 'keys',
+  writers: 'writers',
+  protected: 'protected',
+  quarantine: 'quarantine',
 } as const;
+
+/** gc rewrites a pack whose live bytes are under this fraction of its frames' bytes (default). */
+export const GC_DEFAULT_REWRITE_BELOW = 0.5;

@@ -2,19 +2,31 @@
  * Fault injection for the crash tests: when ENGINE_CRASH_AT names a point, the process kills itself
  * with SIGKILL on reaching it (as `kill -9` or a power cut would), leaving whatever is on disk; when
  * ENGINE_FAIL_AT names it, an ordinary error is thrown there instead (a failure the engine must clean up
- * after). Off unless those variables are set; each call is two comparisons.
+ * after); when ENGINE_STOP_AT names it, the process stops itself with SIGSTOP there (a test then runs
+ * another command against the repository and resumes it with SIGCONT: a real interleaving, no mock).
+ * Off unless those variables are set; each call is three comparisons.
  */
 export type CrashPoint =
   | 'pack-written' // a pack's frames are written, not yet fsynced or renamed
   | 'pack-sealed' // a pack is durable under its final name, its index batch not yet written
   | 'index-written' // a pack's index batch is written
   | 'before-record' // every blob is indexed, the backup record not yet written
-  | 'record-written'; // the backup record is durable, the catalogue entry not yet written
+  | 'record-written' // the backup record is durable, the catalogue entry not yet written
+  | 'prune-record-removed' // prune removed one backup record, others (and catalogue entries) may remain
+  | 'gc-marked' // gc marked under the lock and released it; nothing written yet
+  | 'gc-copied' // gc copied live frames into new packs under tmp/ (durable there), lock not held
+  | 'gc-published' // gc holds the lock again; new packs renamed into packs/, not yet indexed
+  | 'gc-indexed' // gc's index batch (entries moved and removed) is written; no pack deleted yet
+  | 'gc-pack-deleted' // gc deleted its first pack
+  | 'repair-quarantined' // repair wrote its quarantine files; the new index is not yet swapped in
+  | 'repair-index-swapped'; // repair's rebuilt index is in place; the old one not yet deleted
 
 const crashAt = process.env.ENGINE_CRASH_AT;
 const failAt = process.env.ENGINE_FAIL_AT;
+const stopAt = process.env.ENGINE_STOP_AT;
 
 export function crashPoint(point: CrashPoint): void {
   if (crashAt === point) process.kill(process.pid, 'SIGKILL');
   if (failAt === point) throw new Error(`injected failure at ${point} (ENGINE_FAIL_AT)`);
+  if (stopAt === point) process.kill(process.pid, 'SIGSTOP');
 }

@@ -11,6 +11,13 @@ import { CorruptMetadataError, classifyWriteError } from './errors.js';
 
 type Db = ClassicLevel<Buffer, Buffer>;
 
+/** LevelDB's own read errors (a corrupt table or log) are a damaged index: say so, and what mends it. */
+function readFailure(error: unknown): never {
+  if (error instanceof CorruptMetadataError) throw error;
+  const cause = (error as { cause?: unknown }).cause;
+  throw new CorruptMetadataError('index (LevelDB)', `${String(cause ?? error)}; \`engine repair\` rebuilds it from the packs`);
+}
+
 function prefixed(prefix: number, text: string): Buffer {
   return Buffer.concat([Buffer.from([prefix]), Buffer.from(text, 'utf8')]);
 }
@@ -39,7 +46,7 @@ export class IndexStore {
   /** One batched read for many ids: the dedupe path never issues one get per block. */
   async lookup(ids: readonly Buffer[]): Promise<(BlobLocation | undefined)[]> {
     if (ids.length === 0) return [];
-    const values = await this.db.getMany(ids.map(blobKey));
+    const values = await this.db.getMany(ids.map(blobKey)).catch(readFailure);
     return values.map((value, i) => {
       if (value === undefined) return undefined;
       const location = decodeLocation(value);
@@ -61,11 +68,38 @@ export class IndexStore {
     }
   }
 
+  /**
+   * gc's one step on the index: entries moved to new packs and entries removed, in one synchronous batch,
+   * so that no crash leaves some moved and others not.
+   */
+  async applyBatch(changes: { put: readonly IndexEntry[]; del: readonly Buffer[] }): Promise<void> {
+    if (changes.put.length + changes.del.length === 0) return;
+    try {
+      await this.db.batch(
+        [
+          ...changes.put.map((entry) => ({ type: 'put' as const, key: blobKey(entry.id), value: encodeLocation(entry) })),
+          ...changes.del.map((id) => ({ type: 'del' as const, key: blobKey(id) })),
+        ],
+        { sync: true },
+      );
+    } catch (error) {
+      throw classifyWriteError(error, this.path);
+    }
+  }
+
   async *blobs(): AsyncGenerator<IndexEntry> {
-    for await (const [key, value] of this.db.iterator({ gte: Buffer.from([KEY_PREFIX_BLOB]), lt: Buffer.from([KEY_PREFIX_BLOB + 1]) })) {
-      const location = decodeLocation(value);
-      if (!location) throw new CorruptMetadataError('index', `entry for blob ${key.toString('hex', 1)} has a bad length`);
-      yield { id: Buffer.from(key.subarray(1)), ...location };
+    const entries = this.db.iterator({ gte: Buffer.from([KEY_PREFIX_BLOB]), lt: Buffer.from([KEY_PREFIX_BLOB + 1]) });
+    try {
+      for (;;) {
+        const next = await entries.next().catch(readFailure);
+        if (next === undefined) return;
+        const [key, value] = next;
+        const location = decodeLocation(value);
+        if (!location || key.length !== 33) throw new CorruptMetadataError('index', `entry for blob ${key.toString('hex', 1)} has a bad length; \`engine repair\` rebuilds the index`);
+        yield { id: Buffer.from(key.subarray(1)), ...location };
+      }
+    } finally {
+      await entries.close().catch(() => undefined);
     }
   }
 
@@ -79,18 +113,22 @@ export class IndexStore {
 
   async backupIds(): Promise<string[]> {
     const ids: string[] = [];
-    for await (const key of this.db.keys({ gte: Buffer.from([KEY_PREFIX_BACKUP]), lt: Buffer.from([KEY_PREFIX_BACKUP + 1]) })) {
-      ids.push(key.toString('utf8', 1));
+    try {
+      for await (const key of this.db.keys({ gte: Buffer.from([KEY_PREFIX_BACKUP]), lt: Buffer.from([KEY_PREFIX_BACKUP + 1]) })) {
+        ids.push(key.toString('utf8', 1));
+      }
+    } catch (error) {
+      readFailure(error);
     }
     return ids;
   }
 
   async getBackup(id: string): Promise<Buffer | undefined> {
-    return this.db.get(prefixed(KEY_PREFIX_BACKUP, id));
+    return this.db.get(prefixed(KEY_PREFIX_BACKUP, id)).catch(readFailure);
   }
 
   async getMeta(name: string): Promise<string | undefined> {
-    const value = await this.db.get(prefixed(KEY_PREFIX_META, name));
+    const value = await this.db.get(prefixed(KEY_PREFIX_META, name)).catch(readFailure);
     return value?.toString('utf8');
   }
 

@@ -9,3 +9,5 @@ export { packPath, scanPack } from './pack-file.js';
 export { readLockHolder } from './lock.js';
 export { registerReader, listReaders, removeStaleReaders, type ReaderRegistration, type RegisteredReader } from './readers.js';
 export { isProcessAlive } from './process-alive.js';
+export { listProtected } from './protection.js';
+export { listQuarantine, type QuarantinedFrame } from './quarantine.js';

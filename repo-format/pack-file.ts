@@ -11,6 +11,7 @@ import { mkdir, open, rename, unlink, stat, type FileHandle } from 'node:fs/prom
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import {
+  FRAME_MAGIC as FRAME_MAGIC_VALUE,
   FRAME_HEADER_SIZE,
   FRAME_OVERHEAD,
   LAYOUT,
@@ -65,9 +66,13 @@ export class PackWriter {
   /** The first write that failed: a pack with a hole must never be sealed and indexed. */
   private writeFailure: unknown;
 
-  constructor(private readonly root: string) {
+  /** `tempPrefix` names the temp file `tmp/<prefix><pack id>.pack` (a registered writer's token, for gc). */
+  constructor(
+    private readonly root: string,
+    options: { tempPrefix?: string } = {},
+  ) {
     this.packId = randomBytes(PACK_ID_SIZE).toString('hex');
-    this.tempPath = join(root, LAYOUT.tmp, `${this.packId}.pack`);
+    this.tempPath = join(root, LAYOUT.tmp, `${options.tempPrefix ?? ''}${this.packId}.pack`);
     this.opened = open(this.tempPath, 'wx', 0o444).catch((error: unknown) => {
       throw classifyWriteError(error, this.tempPath);
     });
@@ -106,13 +111,27 @@ export class PackWriter {
 
   /** Makes the pack durable under its final name. After this resolves, index entries may point at it. */
   async seal(): Promise<IndexEntry[]> {
-    const finalPath = packPath(this.root, this.packId);
+    await this.finish();
+    return this.publish();
+  }
+
+  /** Makes the pack's content durable under its temporary name (gc publishes later, under the lock). */
+  async finish(): Promise<void> {
     const handle = await this.opened;
     await Promise.allSettled(this.writes);
     if (this.writeFailure !== undefined) throw this.writeFailure;
     try {
       await handle.sync();
       await handle.close();
+    } catch (error) {
+      throw classifyWriteError(error, this.tempPath);
+    }
+  }
+
+  /** Renames a finished pack into packs/ and makes the rename durable. */
+  async publish(): Promise<IndexEntry[]> {
+    const finalPath = packPath(this.root, this.packId);
+    try {
       await mkdir(join(this.root, LAYOUT.packs, this.packId.slice(0, 2)), { recursive: true });
       await rename(this.tempPath, finalPath);
       await fsyncDirectory(join(this.root, LAYOUT.packs, this.packId.slice(0, 2)));
@@ -230,6 +249,72 @@ export async function scanPack(root: string, packId: string, encrypted = false):
   } finally {
     await handle.close();
   }
+}
+
+/** Deletes a pack (gc only: the caller has made sure no index entry, record or live reader needs it). */
+export async function deletePack(root: string, packId: string): Promise<void> {
+  await unlink(packPath(root, packId)).catch((error: unknown) => {
+    if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+  });
+}
+
+export interface PackDamage {
+  offset: number;
+  why: string;
+  /** Set when the damage is one frame whose header parsed (its blob id, as the header says). */
+  frame?: { header: FrameHeader; length: number };
+}
+
+/**
+ * Walks a whole pack held in memory (repair), checking every frame with `check` and, unlike scanPack,
+ * carrying on after damage: where no frame header parses, it searches forward for the next frame magic
+ * whose frame passes its checks, so one damaged header does not hide every good frame behind it.
+ */
+export function walkPackBytes(
+  bytes: Buffer,
+  packId: string,
+  check: (frame: Buffer, header: FrameHeader) => string | undefined,
+  encrypted = false,
+): { good: ScannedFrame[]; damage: PackDamage[] } {
+  const good: ScannedFrame[] = [];
+  const damage: PackDamage[] = [];
+  const headerProblem = decodePackHeader(bytes.subarray(0, PACK_HEADER_SIZE), packId);
+  if (headerProblem) damage.push({ offset: 0, why: headerProblem });
+  const magic = Buffer.alloc(4);
+  magic.writeUInt32LE(FRAME_MAGIC_VALUE, 0);
+  let offset = PACK_HEADER_SIZE;
+  let lost: PackDamage | undefined;
+  while (offset < bytes.length) {
+    const header = decodeFrameHeader(bytes, offset, encrypted);
+    const length = typeof header === 'string' ? 0 : frameLength(header.storedLength);
+    let why = typeof header === 'string' ? header : undefined;
+    if (typeof header !== 'string' && offset + length > bytes.length) why = `frame of ${length} bytes runs past the end of the pack (${bytes.length} bytes): truncated`;
+    if (typeof header !== 'string' && why === undefined) {
+      why = check(bytes.subarray(offset, offset + length), header);
+      if (why === undefined) {
+        good.push({ offset, header, length });
+        lost = undefined;
+        offset += length;
+        continue;
+      }
+      // A frame whose header parses but whose content fails: its length is probably right, and the
+      // next frame is probably behind it; resync confirms either way.
+      damage.push({ offset, why, frame: { header, length } });
+      lost = undefined;
+      const next = offset + length;
+      if (next >= bytes.length) break;
+      offset = typeof decodeFrameHeader(bytes, next, encrypted) !== 'string' ? next : bytes.indexOf(magic, offset + 1);
+      if (offset < 0) break;
+      continue;
+    }
+    if (!lost) {
+      lost = { offset, why: why ?? 'damaged' };
+      damage.push(lost);
+    }
+    offset = bytes.indexOf(magic, offset + 1);
+    if (offset < 0) break;
+  }
+  return { good, damage };
 }
 
 export async function packSize(root: string, packId: string): Promise<number | undefined> {

@@ -4,7 +4,7 @@
  * Opening for reading (`list`, `show`) needs no lock: backup records are immutable files. Anything that
  * uses the index (backup, restore, verify) opens it exclusively: LevelDB admits one process at a time.
  */
-import { mkdir, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { CIPHER_ID, LAYOUT } from './constants.js';
@@ -36,10 +36,15 @@ import { newRepositoryKeys, type RepositoryKeys } from './crypto.js';
 import { checkPassphrase, createKeyFile, decodeKeyFile, encodeKeyFile, keyFileName, unlockKeyFile } from './key-file.js';
 import { openMetadata, sealMetadata } from './sealed-metadata.js';
 import { crashPoint } from './crash-points.js';
+import { liveWriterTokens } from './writers.js';
+import { removeStaleRegistrations } from './registry.js';
+import { listQuarantine, quarantineKey } from './quarantine.js';
 
 export interface OpenOptions {
   /** 'read': records only, no lock. 'exclusive': lock + index. */
   access: 'read' | 'exclusive';
+  /** 'skip': take the lock but leave the index closed (repair, which builds a new one). */
+  index?: 'open' | 'skip';
   /** What the lock file says the holder is doing (e.g. "backup"). */
   command?: string;
   /** Unlocks an encrypted repository; ignored by a plain one. */
@@ -119,7 +124,7 @@ export class Repository {
     const keys = config.encryption ? await Repository.unlock(root, config, options.passphrase) : undefined;
     const repo = new Repository(root, config, keys);
     await initChecksum();
-    if (options.access === 'exclusive') await repo.openExclusive(options.command ?? 'engine');
+    if (options.access === 'exclusive') await repo.openExclusive(options.command ?? 'engine', options.index ?? 'open');
     return repo;
   }
 
@@ -136,23 +141,60 @@ export class Repository {
     return this.keys !== undefined;
   }
 
-  private async openExclusive(command: string): Promise<void> {
+  private async openExclusive(command: string, index: 'open' | 'skip'): Promise<void> {
     this.lock = await acquireLock(this.root, command);
     if (this.lock.brokeStale) this.openReport.brokeStaleLock = this.lock.brokeStale;
     try {
-      const indexPath = join(this.root, LAYOUT.index);
-      const missing = await stat(join(indexPath, 'CURRENT')).then(() => false, () => true);
-      if (missing) this.openReport.rebuiltIndex = await this.rebuildIndexInto(indexPath);
-      this.indexStore = await IndexStore.open(indexPath, { create: false }).catch(async (error: unknown) => {
-        const cause = (error as { cause?: { code?: string } }).cause;
-        if (cause?.code === 'LEVEL_LOCKED') throw new RepositoryLockedError(this.root, await readLockHolder(this.root));
-        throw new CorruptMetadataError('index (LevelDB)', String(cause ?? error));
-      });
-      await this.reconcileCatalogue();
+      if (index === 'open') await this.openIndex();
     } catch (error) {
       await this.close();
       throw error;
     }
+  }
+
+  private async openIndex(): Promise<void> {
+    const indexPath = join(this.root, LAYOUT.index);
+    const missing = await stat(join(indexPath, 'CURRENT')).then(() => false, () => true);
+    if (missing) this.openReport.rebuiltIndex = await this.rebuildIndexInto(indexPath);
+    this.indexStore = await IndexStore.open(indexPath, { create: false }).catch(async (error: unknown) => {
+      const cause = (error as { cause?: { code?: string } }).cause;
+      if (cause?.code === 'LEVEL_LOCKED') throw new RepositoryLockedError(this.root, await readLockHolder(this.root));
+      throw new CorruptMetadataError('index (LevelDB)', `${String(cause ?? error)}; \`engine repair\` rebuilds it from the packs`);
+    });
+    await this.reconcileCatalogue();
+  }
+
+  /**
+   * Puts an index built elsewhere (under tmp/, complete and closed) in place of the current one: the old
+   * index is moved aside, the new one renamed in, the repository directory fsynced, the old one deleted.
+   * A crash between the two renames leaves no index/, which the next open rebuilds from the packs
+   * (skipping quarantined frames): never a mix of the two.
+   */
+  async installIndex(builtPath: string): Promise<void> {
+    if (!this.lock) throw new Error('installIndex needs the exclusive lock');
+    await this.indexStore?.close().catch(() => undefined);
+    this.indexStore = undefined;
+    const indexPath = join(this.root, LAYOUT.index);
+    const aside = join(this.root, LAYOUT.tmp, `index-old.${randomBytes(4).toString('hex')}`);
+    await rename(indexPath, aside).catch((error: unknown) => {
+      if (!isErrnoException(error) || error.code !== 'ENOENT') throw error;
+    });
+    await rename(builtPath, indexPath);
+    await fsyncDirectory(this.root);
+    crashPoint('repair-index-swapped');
+    await rm(aside, { recursive: true, force: true });
+    await this.openIndex();
+  }
+
+  /**
+   * Removes a backup (prune): its record, the one file that makes it exist, then its catalogue entry.
+   * Its chunks stay until gc finds no other backup referencing them.
+   */
+  async removeBackup(id: string): Promise<void> {
+    if (!this.lock) throw new Error('removeBackup needs the exclusive lock');
+    await unlink(join(this.root, LAYOUT.backups, id));
+    await fsyncDirectory(join(this.root, LAYOUT.backups));
+    await this.index.deleteBackup(id);
   }
 
   async close(): Promise<void> {
@@ -179,12 +221,15 @@ export class Repository {
     let blobs = 0;
     try {
       await index.putMeta('repository-id', this.config.id);
+      // Frames repair found damaged must not come back: deduplication would trust them again.
+      const quarantined = await listQuarantine(this.root);
       for (const packId of await this.listPackIds()) {
         const scan = await scanPack(this.root, packId, this.encrypted);
+        const frames = scan.frames.filter((frame) => !quarantined.has(quarantineKey(packId, frame.offset)));
         packs += 1;
-        blobs += scan.frames.length;
+        blobs += frames.length;
         await index.addEntries(
-          scan.frames.map((frame) => ({
+          frames.map((frame) => ({
             id: frame.header.id,
             packId,
             offset: frame.offset,
@@ -215,17 +260,26 @@ export class Repository {
     return ids;
   }
 
+  /** Makes deletions in packs/ durable: one fsync per pack directory touched. */
+  async syncPackDirectories(packIds: readonly string[]): Promise<void> {
+    for (const dir of new Set(packIds.map((id) => id.slice(0, 2)))) await fsyncDirectory(join(this.root, LAYOUT.packs, dir));
+  }
+
+  /** Files in tmp/ that no live registered writer (a gc between its phases) owns. */
   async listTempFiles(): Promise<string[]> {
-    return (await readdir(join(this.root, LAYOUT.tmp))).sort();
+    const live = await liveWriterTokens(this.root);
+    return (await readdir(join(this.root, LAYOUT.tmp))).filter((name) => !live.some((token) => name.startsWith(token))).sort();
   }
 
   /**
    * Deletes leftovers of dead writers (unfinished packs, record temp files, interrupted index rebuilds).
-   * Only valid while holding the exclusive lock, which no live writer then holds. `lock.*` files are
-   * another process's lock being created right now and are left alone.
+   * Only valid while holding the exclusive lock, which no live writer then holds, and leaving alone the
+   * files of live registered writers (writers.ts). `lock.*` files are another process's lock being
+   * created right now and are left alone too.
    */
   async removeTempFiles(): Promise<number> {
     if (!this.lock) throw new Error('removeTempFiles needs the exclusive lock');
+    await removeStaleRegistrations(this.root, LAYOUT.writers);
     const names = (await this.listTempFiles()).filter((name) => !name.startsWith('lock.'));
     for (const name of names) await rm(join(this.root, LAYOUT.tmp, name), { recursive: true, force: true });
     return names.length;

@@ -1,0 +1,325 @@
+/**
+ * `engine gc`: reclaims the space of chunks and map pages no backup references, without trusting clocks
+ * and without blocking backups for its long part. Three phases (SPEC.md, "Garbage collection"):
+ *
+ * 1. Mark (lock held): every page and chunk of every backup is marked live; refuses to go on if a record
+ *    is damaged or a referenced blob is missing from the index (it could not tell what is live). Every
+ *    indexed pack is classified: dead (no live blob), to rewrite (live bytes under the threshold), kept.
+ *    gc registers in writers/ and releases the lock.
+ * 2. Copy (no lock): live frames of the packs to rewrite are read, checked and copied byte for byte into
+ *    new packs under tmp/<token>.*, made durable there. Nothing visible changes; backups run meanwhile.
+ * 3. Commit (lock held again): backups committed since phase 1 are marked too (they may have deduplicated
+ *    against blobs phase 1 found dead: those are still where they were, since nothing was deleted); a
+ *    dead pack or pack to rewrite holding a blob live now is left alone. New packs are renamed into
+ *    packs/, then one index batch moves the copied entries and removes the dead ones, each only if the
+ *    entry still names the place phase 1 saw (compare-and-swap: a repair in between wins). Only then
+ *    are packs that no index entry names deleted, unless a reader is registered: their deletion is then
+ *    deferred to a later gc (they stay as unindexed packs, which any later gc deletes).
+ */
+import { stat } from 'node:fs/promises';
+import { Repository } from '../repo-format/repository.js';
+import { CorruptMetadataError, EngineError, InvalidArgumentError, MissingBlobError } from '../repo-format/errors.js';
+import { crashPoint } from '../repo-format/crash-points.js';
+import { deletePack, packPath, PackWriter, readFrameBytes } from '../repo-format/pack-file.js';
+import { openBlob } from '../repo-format/blob-codec.js';
+import { listQuarantine, removeFromQuarantine } from '../repo-format/quarantine.js';
+import { registerWriter } from '../repo-format/writers.js';
+import { listReaders, removeStaleReaders } from '../repo-format/readers.js';
+import type { IndexEntry } from '../repo-format/index-entry.js';
+import type { BackupRecord } from '../repo-format/backup-record.js';
+import { GC_DEFAULT_REWRITE_BELOW, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../repo-format/constants.js';
+import { IdPrefixSet } from './id-set.js';
+import { walkReferences } from './references.js';
+
+export interface GcOptions {
+  repo: string;
+  /** The passphrase of an encrypted repository. */
+  passphrase?: string | undefined;
+  /** Rewrite packs whose live share of bytes is under this fraction (0 … 1); default 0.5. */
+  rewriteBelow?: number | undefined;
+  /** Plan only: report what would be deleted and rewritten, change nothing. */
+  dryRun?: boolean | undefined;
+  onNotice?: ((message: string) => void) | undefined;
+}
+
+export interface GcReport {
+  dryRun: boolean;
+  rewriteBelow: number;
+  backups: number;
+  /** Backups committed while gc copied (marked in phase 3). */
+  backupsCommittedDuringGc: string[];
+  packs: {
+    before: number;
+    deleted: string[];
+    rewritten: string[];
+    created: string[];
+    /** Packs planned for deletion or rewriting but left in place, with why. */
+    kept: { pack: string; why: string }[];
+    /** Packs no index entry names any more, not deleted because a reader is registered. */
+    deferred: string[];
+  };
+  chunks: { live: number; removed: number; moved: number };
+  bytes: { before: number; deleted: number; written: number; reclaimed: number };
+  readers: number;
+}
+
+interface PackPlan {
+  packId: string;
+  size: number;
+  live: IndexEntry[];
+  dead: IndexEntry[];
+}
+
+const LOOKUP_BATCH = 1024;
+
+export async function gc(options: GcOptions): Promise<GcReport> {
+  const rewriteBelow = options.rewriteBelow ?? GC_DEFAULT_REWRITE_BELOW;
+  if (!(rewriteBelow >= 0 && rewriteBelow <= 1)) throw new InvalidArgumentError(`rewrite threshold ${rewriteBelow}: give a fraction from 0 to 1 (0%–100%)`);
+  const notice = options.onNotice ?? (() => undefined);
+  const report: GcReport = {
+    dryRun: options.dryRun === true,
+    rewriteBelow,
+    backups: 0,
+    backupsCommittedDuringGc: [],
+    packs: { before: 0, deleted: [], rewritten: [], created: [], kept: [], deferred: [] },
+    chunks: { live: 0, removed: 0, moved: 0 },
+    bytes: { before: 0, deleted: 0, written: 0, reclaimed: 0 },
+    readers: 0,
+  };
+
+  // Phase 1: mark and plan, under the lock.
+  let repo = await Repository.open(options.repo, { access: 'exclusive', command: 'gc', passphrase: options.passphrase });
+  const live = new IdPrefixSet();
+  const marked = new Set<string>();
+  const dead: PackPlan[] = [];
+  const rewrite: PackPlan[] = [];
+  const unindexed: PackPlan[] = [];
+  let writer: Awaited<ReturnType<typeof registerWriter>> | undefined;
+  try {
+    await repo.removeTempFiles();
+    const records = await recordsOrRefuse(repo);
+    await mark(repo, records, live);
+    for (const record of records) marked.add(record.id);
+    report.backups = records.length;
+
+    const byPack = new Map<string, PackPlan>();
+    for await (const entry of repo.index.blobs()) {
+      let plan = byPack.get(entry.packId);
+      if (!plan) byPack.set(entry.packId, (plan = { packId: entry.packId, size: 0, live: [], dead: [] }));
+      (live.has(entry.id) ? plan.live : plan.dead).push(entry);
+    }
+    const packIds = await repo.listPackIds();
+    report.packs.before = packIds.length;
+    for (const packId of packIds) {
+      const size = (await stat(packPath(repo.root, packId))).size;
+      report.bytes.before += size;
+      const plan = byPack.get(packId);
+      if (!plan) {
+        unindexed.push({ packId, size, live: [], dead: [] }); // garbage of a crash or an earlier gc, deleted in phase 3
+        continue;
+      }
+      plan.size = size;
+      report.chunks.live += plan.live.length;
+      const liveBytes = plan.live.reduce((sum, e) => sum + e.length, 0);
+      if (plan.live.length === 0) dead.push(plan);
+      else if (liveBytes < rewriteBelow * (size - PACK_HEADER_SIZE)) rewrite.push(plan);
+    }
+    // Entries naming packs that do not exist are verify's and repair's business, not gc's.
+    if (report.dryRun) {
+      report.packs.deleted = [...dead, ...rewrite, ...unindexed].map((p) => p.packId);
+      report.packs.rewritten = rewrite.map((p) => p.packId);
+      report.chunks.removed = [...dead, ...rewrite].reduce((sum, p) => sum + p.dead.length, 0);
+      report.chunks.moved = rewrite.reduce((sum, p) => sum + p.live.length, 0);
+      report.bytes.deleted = [...dead, ...rewrite, ...unindexed].reduce((sum, p) => sum + p.size, 0);
+      report.bytes.written = rewrite.reduce((sum, p) => sum + p.live.reduce((s, e) => s + e.length, 0), 0);
+      report.bytes.reclaimed = report.bytes.deleted - report.bytes.written;
+      return report;
+    }
+    // Registered before the lock is let go, so that no other gc starts and no lock holder clears our tmp files.
+    writer = await registerWriter(repo.root, 'gc');
+  } finally {
+    await repo.close();
+  }
+
+  const created: PackWriter[] = [];
+  try {
+    crashPoint('gc-marked');
+
+    // Phase 2: copy live frames of sparse packs, without the lock.
+    const copied = new Map<string, IndexEntry[]>(); // old pack → the entries of its frames in new packs
+    let current: PackWriter | undefined;
+    for (const plan of rewrite) {
+      const moved: IndexEntry[] = [];
+      let damaged: string | undefined;
+      const frames: { entry: IndexEntry; bytes: Buffer }[] = [];
+      plan.live.sort((a, b) => a.offset - b.offset); // phase 3 pairs plan.live[i] with moved[i]
+      for (const entry of plan.live) {
+        try {
+          const bytes = await readFrameBytes(options.repo, entry.packId, entry.offset, entry.length);
+          const opened = openBlob(bytes, entry.id, repo.keys);
+          if (typeof opened === 'string') damaged = `the frame of blob ${entry.id.toString('hex').slice(0, 16)}… at offset ${entry.offset} is damaged (${opened})`;
+          else frames.push({ entry, bytes });
+        } catch (error) {
+          damaged = (error as Error).message;
+        }
+        if (damaged) break;
+      }
+      if (damaged) {
+        // Copying would leave the damaged blob behind; verify and repair deal with it first.
+        report.packs.kept.push({ pack: plan.packId, why: `not rewritten: ${damaged}; run engine repair` });
+        continue;
+      }
+      for (const { entry, bytes } of frames) {
+        if (!current) {
+          current = new PackWriter(options.repo, { tempPrefix: `${writer!.registration.token}.` });
+          created.push(current);
+        }
+        const before = current.entries.length;
+        await current.append(bytes, { kind: entry.kind, flags: entry.flags, rawLength: entry.rawLength, id: entry.id });
+        moved.push(current.entries[before]!);
+        if (current.byteSize >= PACK_TARGET_SIZE) {
+          await current.finish();
+          current = undefined;
+        }
+      }
+      copied.set(plan.packId, moved);
+    }
+    if (current) await current.finish();
+    crashPoint('gc-copied');
+
+    // Phase 3: commit, under the lock again (waiting for a running backup to finish).
+    repo = await openWhenFree(options.repo, options.passphrase, notice);
+    try {
+      await repo.removeTempFiles();
+      const all = await recordsOrRefuse(repo);
+      const newer = all.filter((r) => !marked.has(r.id));
+      report.backupsCommittedDuringGc = newer.map((r) => r.id);
+      report.backups = all.length;
+      const liveNow = new IdPrefixSet();
+      await mark(repo, newer, liveNow);
+
+      const put: IndexEntry[] = [];
+      const del: Buffer[] = [];
+      const stillNamed = async (entries: IndexEntry[]): Promise<boolean[]> => {
+        const answer: boolean[] = [];
+        for (let at = 0; at < entries.length; at += LOOKUP_BATCH) {
+          const slice = entries.slice(at, at + LOOKUP_BATCH);
+          const locations = await repo.lookup(slice.map((e) => e.id));
+          slice.forEach((e, i) => answer.push(locations[i]?.packId === e.packId && locations[i]?.offset === e.offset));
+        }
+        return answer;
+      };
+      const revived = (plan: PackPlan): IndexEntry | undefined => plan.dead.find((e) => liveNow.has(e.id));
+      for (const plan of dead) {
+        const back = revived(plan);
+        if (back) {
+          report.packs.kept.push({ pack: plan.packId, why: `blob ${back.id.toString('hex').slice(0, 16)}… is referenced by a backup committed during gc` });
+          continue;
+        }
+        const named = await stillNamed(plan.dead);
+        plan.dead.forEach((e, i) => named[i] && del.push(e.id));
+      }
+      const publish = new Set<PackWriter>();
+      for (const plan of rewrite) {
+        const moved = copied.get(plan.packId);
+        if (!moved) continue;
+        const back = revived(plan);
+        if (back) {
+          report.packs.kept.push({ pack: plan.packId, why: `blob ${back.id.toString('hex').slice(0, 16)}… is referenced by a backup committed during gc` });
+          continue;
+        }
+        const liveNamed = await stillNamed(plan.live);
+        const deadNamed = await stillNamed(plan.dead);
+        plan.live.forEach((_, i) => {
+          if (!liveNamed[i]) return;
+          put.push(moved[i]!);
+          publish.add(created.find((w) => w.packId === moved[i]!.packId)!);
+        });
+        plan.dead.forEach((e, i) => deadNamed[i] && del.push(e.id));
+        report.packs.rewritten.push(plan.packId);
+      }
+      // Write order: new packs durable under their names, then the index batch, then deletions.
+      for (const pack of created) {
+        if (!publish.has(pack)) continue;
+        await pack.publish();
+        report.packs.created.push(pack.packId);
+        report.bytes.written += pack.byteSize;
+      }
+      crashPoint('gc-published');
+      await repo.index.applyBatch({ put, del });
+      crashPoint('gc-indexed');
+      report.chunks.moved = put.length;
+      report.chunks.removed = del.length;
+
+      // Only packs no index entry names are deleted: nothing can reach them any more.
+      const named = new Set<string>();
+      for await (const entry of repo.index.blobs()) named.add(entry.packId);
+      const unnamed = (await repo.listPackIds()).filter((id) => !named.has(id));
+      await removeStaleReaders(repo.root);
+      const { live: readers } = await listReaders(repo.root);
+      report.readers = readers.length;
+      if (readers.length > 0) {
+        report.packs.deferred = unnamed;
+        notice(`${readers.length} reader(s) registered (engine serve/mount): deleting ${unnamed.length} packs is deferred to a later gc`);
+      } else {
+        for (const [n, packId] of unnamed.entries()) {
+          report.bytes.deleted += (await stat(packPath(repo.root, packId)).catch(() => ({ size: 0 }))).size;
+          await deletePack(repo.root, packId);
+          report.packs.deleted.push(packId);
+          if (n === 0) crashPoint('gc-pack-deleted');
+        }
+        await repo.syncPackDirectories(unnamed);
+        await removeFromQuarantine(repo.root, new Set(unnamed));
+      }
+      report.packs.rewritten = report.packs.rewritten.filter((id) => report.packs.deleted.includes(id) || report.packs.deferred.includes(id));
+      report.bytes.reclaimed = report.bytes.deleted - report.bytes.written;
+    } finally {
+      await repo.close();
+    }
+    return report;
+  } finally {
+    for (const pack of created) await pack.abort().catch(() => undefined);
+    await writer?.release();
+  }
+}
+
+/** gc cannot tell what a damaged record references: it refuses rather than guess. */
+async function recordsOrRefuse(repo: Repository): Promise<BackupRecord[]> {
+  const { backups, damaged } = await repo.listBackups();
+  if (damaged.length > 0) {
+    throw new CorruptMetadataError(`backup record ${damaged[0]!.id}`, `${damaged[0]!.error.message}; gc cannot tell which chunks it needs and deletes nothing (engine verify names the damage; prune or restore the record first)`);
+  }
+  return backups;
+}
+
+/** Marks every page and chunk of `records`; refuses when one is neither indexed nor known damaged. */
+async function mark(repo: Repository, records: readonly BackupRecord[], live: IdPrefixSet): Promise<void> {
+  const quarantined = new Set([...(await listQuarantine(repo.root)).values()].map((q) => q.blob).filter((b): b is string => b !== null));
+  let refusal: EngineError | undefined;
+  await walkReferences(repo, records, {
+    page: (id) => live.add(id),
+    chunk: ({ backup, disk, offset, id, location }) => {
+      if (location) live.add(id);
+      else if (!quarantined.has(id.toString('hex'))) refusal ??= new MissingBlobError(id.toString('hex'), `gc refuses to run: chunk of backup ${backup}, disk ${disk}, offset ${offset},`);
+    },
+    mapDamaged: (backup, disk, error) => {
+      refusal ??= new CorruptMetadataError(`the map of backup ${backup}, disk ${disk}`, `${error.message}; gc cannot tell which chunks it needs and deletes nothing (run engine repair)`);
+    },
+  });
+  if (refusal) throw refusal;
+}
+
+/** Phase 3 waits for the lock (a backup may hold it for hours): gc has work in flight and holds nothing. */
+async function openWhenFree(path: string, passphrase: string | undefined, notice: (message: string) => void): Promise<Repository> {
+  let told = false;
+  for (;;) {
+    try {
+      return await Repository.open(path, { access: 'exclusive', command: 'gc', passphrase });
+    } catch (error) {
+      if (!(error instanceof EngineError) || error.code !== 'ENGINE_REPOSITORY_LOCKED') throw error;
+      if (!told) notice(`waiting to commit: ${error.message}`);
+      told = true;
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+  }
+}

@@ -1,0 +1,71 @@
+/**
+ * `engine prune`: removes the backups the retention policy (retention.ts) does not keep. It removes only
+ * backup records (and their catalogue entries): every backup's map is complete, so removing one never
+ * breaks another's restore; the chunks no backup references any more are reclaimed by `engine gc`.
+ * Damaged records are never removed (their group cannot be known) and are reported.
+ */
+import { Repository } from '../repo-format/repository.js';
+import { InvalidArgumentError } from '../repo-format/errors.js';
+import { listProtected } from '../repo-format/protection.js';
+import { crashPoint } from '../repo-format/crash-points.js';
+import { applyRetention, KEEP_RULES, policyIsEmpty, type RetentionPolicy } from './retention.js';
+
+export interface PruneOptions {
+  repo: string;
+  /** The passphrase of an encrypted repository. */
+  passphrase?: string | undefined;
+  policy: RetentionPolicy;
+  dryRun?: boolean | undefined;
+}
+
+export interface PrunedBackup {
+  id: string;
+  name: string;
+  startTime: string;
+  keep: boolean;
+  reasons: string[];
+}
+
+export interface PruneReport {
+  dryRun: boolean;
+  policy: RetentionPolicy;
+  /** Every backup, grouped by name, each group newest first. */
+  backups: PrunedBackup[];
+  kept: number;
+  removed: number;
+  damaged: { id: string; message: string }[];
+}
+
+export async function prune(options: PruneOptions): Promise<PruneReport> {
+  for (const rule of KEEP_RULES) {
+    const n = options.policy[rule];
+    if (n !== undefined && (!Number.isInteger(n) || n < 0)) throw new InvalidArgumentError(`--keep-${rule} ${n}: give a whole number of 0 or more`);
+  }
+  if (policyIsEmpty(options.policy)) {
+    throw new InvalidArgumentError('no --keep-* option given: prune would remove every unprotected backup; say what to keep');
+  }
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'prune', passphrase: options.passphrase });
+  try {
+    const { backups, damaged } = await repo.listBackups();
+    const decisions = applyRetention(backups, options.policy, await listProtected(repo.root));
+    const report: PruneReport = {
+      dryRun: options.dryRun === true,
+      policy: options.policy,
+      backups: decisions.map(({ backup, keep, reasons }) => ({ id: backup.id, name: backup.name, startTime: backup.startTime, keep, reasons })),
+      kept: decisions.filter((d) => d.keep).length,
+      removed: decisions.filter((d) => !d.keep).length,
+      damaged: damaged.map(({ id, error }) => ({ id, message: error.message })),
+    };
+    if (!report.dryRun) {
+      // One record at a time, each removal atomic: a crash leaves some removed, the rest intact, and
+      // running prune again finishes the job.
+      for (const decision of decisions.filter((d) => !d.keep)) {
+        await repo.removeBackup(decision.backup.id);
+        crashPoint('prune-record-removed');
+      }
+    }
+    return report;
+  } finally {
+    await repo.close();
+  }
+}

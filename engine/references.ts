@@ -1,0 +1,52 @@
+/**
+ * Walks what backups reference: every map page and every chunk of every disk, in block order, with the
+ * chunk's index location (one batched lookup per leaf). Verify reports from it; gc marks from it.
+ */
+import type { Repository } from '../repo-format/repository.js';
+import type { BackupRecord } from '../repo-format/backup-record.js';
+import { mapRootOf } from '../repo-format/backup-record.js';
+import { mapPageIds, readMap } from '../repo-format/block-map.js';
+import type { BlobLocation } from '../repo-format/index-entry.js';
+import { ID_SIZE, ZERO_ID } from '../repo-format/constants.js';
+
+export interface ChunkReference {
+  backup: string;
+  disk: string;
+  /** Byte offset of the block in the disk. */
+  offset: number;
+  id: Buffer;
+  location: BlobLocation | undefined;
+}
+
+export interface ReferenceVisitor {
+  page(id: Buffer): void;
+  chunk(reference: ChunkReference): void;
+  /** A map that cannot be read to its end (its pages missing or damaged). */
+  mapDamaged(backup: string, disk: string, error: Error): void;
+}
+
+export async function walkReferences(repo: Repository, records: readonly BackupRecord[], visitor: ReferenceVisitor, onRecord?: (n: number) => void): Promise<void> {
+  for (const [n, record] of records.entries()) {
+    onRecord?.(n);
+    for (const disk of record.disks) {
+      try {
+        for await (const { id } of mapPageIds(mapRootOf(disk), repo.loadPage)) visitor.page(id);
+        for await (const run of readMap(mapRootOf(disk), repo.loadPage)) {
+          if (run.entries === null) continue;
+          const ids: Buffer[] = [];
+          const blocks: number[] = [];
+          for (let i = 0; i < run.count; i += 1) {
+            const id = run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
+            if (ZERO_ID.equals(id)) continue;
+            ids.push(Buffer.from(id));
+            blocks.push(run.firstBlock + i);
+          }
+          const locations = await repo.lookup(ids);
+          ids.forEach((id, i) => visitor.chunk({ backup: record.id, disk: disk.name, offset: blocks[i]! * record.blockSize, id, location: locations[i] }));
+        }
+      } catch (error) {
+        visitor.mapDamaged(record.id, disk.name, error as Error);
+      }
+    }
+  }
+}

@@ -1,0 +1,82 @@
+/**
+ * The quarantine: frames found damaged by `repair`. Packs are immutable, so a damaged frame stays where
+ * it is; what moves is its identity: its index entry is removed (deduplication then misses the blob, and
+ * the next backup that reads the block stores a good copy) and its place is recorded here, one file per
+ * frame, `quarantine/<pack id>-<offset>.json`:
+ *
+ *   {"pack": <32 hex>, "offset": <integer>, "blob": <64 hex> | null, "why": <text>, "since": <ISO 8601>}
+ *
+ * `blob` is null for damage that is not one frame (a pack header, or a frame chain cut where no header
+ * parses). An index rebuilt from the packs never enters a quarantined frame; verify reports a
+ * quarantined frame as known damage, not as a new problem; gc removes the files of the packs it deletes.
+ */
+import { mkdir, readdir, readFile, unlink } from 'node:fs/promises';
+import { join } from 'node:path';
+import { LAYOUT } from './constants.js';
+import { fsyncDirectory, writeFileDurably } from './durable-file.js';
+
+export interface QuarantinedFrame {
+  pack: string;
+  offset: number;
+  blob: string | null;
+  why: string;
+  since: string;
+}
+
+export function quarantineKey(pack: string, offset: number): string {
+  return `${pack}-${offset}`;
+}
+
+export function encodeQuarantined(frame: QuarantinedFrame): Buffer {
+  return Buffer.from(JSON.stringify({ pack: frame.pack, offset: frame.offset, blob: frame.blob, why: frame.why, since: frame.since }));
+}
+
+export function decodeQuarantined(bytes: Buffer): QuarantinedFrame | undefined {
+  try {
+    const value = JSON.parse(bytes.toString('utf8')) as Partial<QuarantinedFrame>;
+    if (typeof value.pack !== 'string' || !/^[0-9a-f]{32}$/.test(value.pack)) return undefined;
+    if (typeof value.offset !== 'number' || !Number.isSafeInteger(value.offset) || value.offset < 0) return undefined;
+    if (value.blob !== null && (typeof value.blob !== 'string' || !/^[0-9a-f]{64}$/.test(value.blob))) return undefined;
+    return { pack: value.pack, offset: value.offset, blob: value.blob, why: String(value.why ?? ''), since: String(value.since ?? '') };
+  } catch {
+    return undefined;
+  }
+}
+
+/** Every quarantined frame, keyed by quarantineKey(pack, offset). Unreadable files are skipped. */
+export async function listQuarantine(root: string): Promise<Map<string, QuarantinedFrame>> {
+  const dir = join(root, LAYOUT.quarantine);
+  const names = await readdir(dir).catch(() => [] as string[]);
+  const frames = new Map<string, QuarantinedFrame>();
+  for (const name of names.filter((n) => n.endsWith('.json'))) {
+    const bytes = await readFile(join(dir, name)).catch(() => undefined);
+    const frame = bytes && decodeQuarantined(bytes);
+    if (frame) frames.set(quarantineKey(frame.pack, frame.offset), frame);
+  }
+  return frames;
+}
+
+/** Records frames durably; one already recorded keeps its first record. */
+export async function addToQuarantine(root: string, frames: QuarantinedFrame[]): Promise<void> {
+  if (frames.length === 0) return;
+  const dir = join(root, LAYOUT.quarantine);
+  await mkdir(dir, { recursive: true });
+  const known = await listQuarantine(root);
+  for (const frame of frames) {
+    if (known.has(quarantineKey(frame.pack, frame.offset))) continue;
+    await writeFileDurably(join(dir, `${quarantineKey(frame.pack, frame.offset)}.json`), encodeQuarantined(frame), { tempDir: join(root, LAYOUT.tmp) });
+  }
+}
+
+/** Forgets the frames of deleted packs. */
+export async function removeFromQuarantine(root: string, packIds: ReadonlySet<string>): Promise<number> {
+  const dir = join(root, LAYOUT.quarantine);
+  let removed = 0;
+  for (const frame of (await listQuarantine(root)).values()) {
+    if (!packIds.has(frame.pack)) continue;
+    await unlink(join(dir, `${quarantineKey(frame.pack, frame.offset)}.json`)).catch(() => undefined);
+    removed += 1;
+  }
+  if (removed > 0) await fsyncDirectory(dir);
+  return removed;
+}
