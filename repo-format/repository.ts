@@ -97,7 +97,8 @@ export class Repository {
     if (encryption && options.passphrase !== undefined) {
       await mkdir(join(root, LAYOUT.keys));
       const keyFile = await createKeyFile(newRepositoryKeys(), options.passphrase, repositoryId, keyId);
-      await writeFileDurably(join(root, encryption.keyFile), encodeKeyFile(keyFile), { exclusive: true });
+      // Owner-only: whoever reads the key file can guess passphrases offline (SPEC.md, section 17).
+      await writeFileDurably(join(root, encryption.keyFile), encodeKeyFile(keyFile), { exclusive: true, mode: 0o600 });
     }
     const packs = join(root, LAYOUT.packs);
     await Promise.all(Array.from({ length: 256 }, (_, i) => mkdir(join(packs, i.toString(16).padStart(2, '0')))));

@@ -239,6 +239,8 @@ describe('an encrypted repository through the CLI', () => {
     const keyFile = (config.encryption as { keyFile: string }).keyFile;
     expect(keyFile).toMatch(/^keys\/[0-9a-f]{16}\.json$/);
     expect((await stat(join(repo, keyFile))).isFile()).toBe(true);
+    // Readable by its owner only: anyone who reads it can try passphrases offline.
+    expect((await stat(join(repo, keyFile))).mode % 0o1000).toBe(0o600);
 
     image = await markedImage('marked.img');
     first = await backupOk(repo, ['--source', image]);
