@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { copyFile, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
-import { Repository, scanPack, KIND_DATA, FLAG_ENCRYPTED, FRAME_HEADER_SIZE, KIND_MAP_LEAF } from '../dist/engine/index.js';
+import { Repository, scanPack, KIND_DATA, FLAG_ENCRYPTED, FRAME_HEADER_SIZE, KIND_MAP_LEAF, ovirtApplianceBackup, ovirtIncrementalBackup } from '../dist/engine/index.js';
 import { createKeyFile, decodeKeyFile, encodeKeyFile, unlockKeyFile, type KeyFile } from '../dist/repo-format/key-file.js';
 import { newRepositoryKeys } from '../dist/repo-format/crypto.js';
 import { AUTHENTICATION_FAILED, blobId, openBlob, sealBlobToBuffer } from '../dist/repo-format/blob-codec.js';
@@ -525,5 +525,16 @@ describe('a config rewritten to plain (downgrade)', () => {
     expect(plain.code).toBe(0);
     // Reading a plain repository with a passphrase set is harmless and still works.
     expect((await runEngine(['list', '--repo', repo, '--json'], withPass())).code).toBe(0);
+  });
+
+  test('the oVirt backup flows refuse it before they contact oVirt or journal anything', async () => {
+    const repo = join(dir, 'repo-plain-ovirt');
+    expect((await runEngine(['init', repo], { env: { ENGINE_PASSWORD: '' } })).code).toBe(0);
+    const before = await snapshot(repo);
+    // Nothing listens on port 9 of localhost: reaching oVirt would fail with ENGINE_OVIRT_CONNECT instead.
+    const common = { repo, passphrase: PASSPHRASE, ovirt: { url: 'https://127.0.0.1:9', credentials: { username: 'u', password: 'p' } }, vm: 'vm1' };
+    await expect(ovirtIncrementalBackup(common)).rejects.toMatchObject({ code: 'ENGINE_NOT_ENCRYPTED' });
+    await expect(ovirtApplianceBackup({ ...common, appliance: 'app' })).rejects.toMatchObject({ code: 'ENGINE_NOT_ENCRYPTED' });
+    expect(await snapshot(repo)).toEqual(before);
   });
 });
