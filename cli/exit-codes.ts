@@ -30,6 +30,7 @@ export function exitCodeFor(code: ErrorCode | undefined): number {
       return EXIT.interrupted;
     case 'ENGINE_WRONG_PASSPHRASE':
     case 'ENGINE_PASSPHRASE_REQUIRED':
+    case 'ENGINE_NOT_ENCRYPTED':
       return EXIT.passphrase;
     default:
       return EXIT.failed;

@@ -49,6 +49,15 @@ export interface BackupOptions {
   onNotice?: ((message: string) => void) | undefined;
 }
 
+/**
+ * Opens the repository a backup writes to. A passphrase given for a plain repository is refused
+ * (ENGINE_NOT_ENCRYPTED) rather than ignored: the caller expects encryption, and the config that says
+ * otherwise may have been rewritten (SPEC.md, section 18.5).
+ */
+export function openBackupRepository(repo: string, passphrase: string | undefined, access: 'read' | 'exclusive'): Promise<Repository> {
+  return Repository.open(repo, { access, command: 'backup', passphrase, requireEncryption: passphrase !== undefined });
+}
+
 export interface BackupResult {
   record: BackupRecord;
 }
@@ -94,7 +103,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   let pool: BlockPool | undefined;
   let committed = false;
   try {
-    repo = await Repository.open(options.repo, { access: 'exclusive', command: 'backup', passphrase: options.passphrase });
+    repo = await openBackupRepository(options.repo, options.passphrase, 'exclusive');
     const notice = options.onNotice ?? (() => undefined);
     if (repo.openReport.brokeStaleLock) {
       const stale = repo.openReport.brokeStaleLock;

@@ -18,11 +18,11 @@ export async function fsyncDirectory(path: string): Promise<void> {
  * directory on the same filesystem) → write → fsync → close → rename (or link, when the name must not
  * exist yet) → fsync(directory). A reader sees either no file or the whole file, never a part.
  */
-export async function writeFileDurably(path: string, data: Uint8Array, options: { exclusive?: boolean; tempDir?: string } = {}): Promise<void> {
+export async function writeFileDurably(path: string, data: Uint8Array, options: { exclusive?: boolean; tempDir?: string; mode?: number } = {}): Promise<void> {
   const dir = dirname(path);
   const temp = join(options.tempDir ?? dir, `.${basename(path)}.${randomBytes(6).toString('hex')}.tmp`);
   try {
-    const handle = await open(temp, 'wx', 0o644);
+    const handle = await open(temp, 'wx', options.mode ?? 0o644);
     try {
       let written = 0;
       while (written < data.length) {

@@ -32,6 +32,7 @@ export type ErrorCode =
   | 'ENGINE_OVIRT_CONNECT'
   | 'ENGINE_WRONG_PASSPHRASE'
   | 'ENGINE_PASSPHRASE_REQUIRED'
+  | 'ENGINE_NOT_ENCRYPTED'
   | 'ENGINE_INTERNAL';
 
 export class EngineError extends Error {
@@ -145,6 +146,21 @@ export class WrongPassphraseError extends EngineError {
 export class PassphraseRequiredError extends EngineError {
   constructor(path: string) {
     super('ENGINE_PASSPHRASE_REQUIRED', `repository ${path} is encrypted: give its passphrase in ENGINE_PASSWORD or with --password-file FILE`, { path });
+  }
+}
+
+/**
+ * A passphrase was given for a repository whose config names no encryption, by a caller about to write
+ * (backup). Writing would put plaintext where the caller expects ciphertext: the repository may have been
+ * made plain by mistake, or an attacker may have rewritten an encrypted repository's config.
+ */
+export class NotEncryptedError extends EngineError {
+  constructor(path: string) {
+    super(
+      'ENGINE_NOT_ENCRYPTED',
+      `a passphrase was given, but repository ${path} is not encrypted (its config names no encryption): backup refuses to write plaintext where encryption is expected. Give no passphrase for a plain repository; if this one was created encrypted, its config was altered`,
+      { path },
+    );
   }
 }
 

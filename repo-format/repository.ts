@@ -18,6 +18,7 @@ import {
   isErrnoException,
   MissingBlobError,
   NotARepositoryError,
+  NotEncryptedError,
   PassphraseRequiredError,
   RepositoryExistsError,
   RepositoryLockedError,
@@ -47,8 +48,14 @@ export interface OpenOptions {
   index?: 'open' | 'skip';
   /** What the lock file says the holder is doing (e.g. "backup"). */
   command?: string;
-  /** Unlocks an encrypted repository; ignored by a plain one. */
+  /** Unlocks an encrypted repository; ignored by a plain one unless `requireEncryption`. */
   passphrase?: string | undefined;
+  /**
+   * Refuse a plain repository (NotEncryptedError) before anything else: the caller expects an encrypted
+   * one and is about to write. A config is not authenticated, so this is what stops an encrypted
+   * repository whose config was rewritten as a plain one from receiving plaintext.
+   */
+  requireEncryption?: boolean | undefined;
 }
 
 export interface OpenReport {
@@ -95,7 +102,8 @@ export class Repository {
     if (encryption && options.passphrase !== undefined) {
       await mkdir(join(root, LAYOUT.keys));
       const keyFile = await createKeyFile(newRepositoryKeys(), options.passphrase, repositoryId, keyId);
-      await writeFileDurably(join(root, encryption.keyFile), encodeKeyFile(keyFile), { exclusive: true });
+      // Owner-only: whoever reads the key file can guess passphrases offline (SPEC.md, section 17).
+      await writeFileDurably(join(root, encryption.keyFile), encodeKeyFile(keyFile), { exclusive: true, mode: 0o600 });
     }
     const packs = join(root, LAYOUT.packs);
     await Promise.all(Array.from({ length: 256 }, (_, i) => mkdir(join(packs, i.toString(16).padStart(2, '0')))));
@@ -120,6 +128,7 @@ export class Repository {
     const config = decodeConfig(bytes);
     if (typeof config === 'string') throw new NotARepositoryError(root, config);
     if (config.version > newestReadableVersion(config)) throw new FormatTooNewError(root, config.version, newestReadableVersion(config));
+    if (options.requireEncryption === true && !config.encryption) throw new NotEncryptedError(root);
     // Keys first: a wrong passphrase stops here, before the lock or anything else is written.
     const keys = config.encryption ? await Repository.unlock(root, config, options.passphrase) : undefined;
     const repo = new Repository(root, config, keys);
@@ -131,10 +140,13 @@ export class Repository {
   private static async unlock(root: string, config: RepositoryConfig, passphrase: string | undefined): Promise<RepositoryKeys> {
     if (passphrase === undefined) throw new PassphraseRequiredError(root);
     const keyFile = config.encryption!.keyFile;
+    const where = `key file ${keyFile}`;
     const bytes = await readFile(join(root, keyFile)).catch((error: unknown) => {
-      throw new CorruptMetadataError(`key file ${keyFile}`, `cannot be read (${isErrnoException(error) ? error.code : String(error)})`);
+      throw new CorruptMetadataError(where, `cannot be read (${isErrnoException(error) ? error.code : String(error)})`);
     });
-    return unlockKeyFile(decodeKeyFile(bytes, `key file ${keyFile}`), passphrase, config.id, root);
+    const file = decodeKeyFile(bytes, where);
+    if (`${LAYOUT.keys}/${keyFileName(file.id)}` !== keyFile) throw new CorruptMetadataError(where, `it names itself ${file.id}`);
+    return unlockKeyFile(file, passphrase, config.id, root);
   }
 
   get encrypted(): boolean {

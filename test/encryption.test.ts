@@ -2,13 +2,14 @@
  * Encrypted repositories (SPEC.md, section 18): key file, keyed chunk ids, AES-256-GCM frames and records,
  * through the real CLI. Round trips are byte-exact (cmp, qemu-img compare); a marker written into the disk
  * must appear nowhere in the repository; a wrong passphrase writes nothing; a tampered ciphertext is named
- * by backup, disk and offset by verify and refused by restore.
+ * by backup, disk and offset by verify and refused by restore; a config rewritten as plain cannot make a
+ * backup that was given a passphrase write plaintext.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { copyFile, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
-import { Repository, scanPack, KIND_DATA, FLAG_ENCRYPTED, FRAME_HEADER_SIZE, KIND_MAP_LEAF } from '../dist/engine/index.js';
+import { Repository, scanPack, KIND_DATA, FLAG_ENCRYPTED, FRAME_HEADER_SIZE, KIND_MAP_LEAF, ovirtApplianceBackup, ovirtIncrementalBackup } from '../dist/engine/index.js';
 import { createKeyFile, decodeKeyFile, encodeKeyFile, unlockKeyFile, type KeyFile } from '../dist/repo-format/key-file.js';
 import { newRepositoryKeys } from '../dist/repo-format/crypto.js';
 import { AUTHENTICATION_FAILED, blobId, openBlob, sealBlobToBuffer } from '../dist/repo-format/blob-codec.js';
@@ -238,6 +239,8 @@ describe('an encrypted repository through the CLI', () => {
     const keyFile = (config.encryption as { keyFile: string }).keyFile;
     expect(keyFile).toMatch(/^keys\/[0-9a-f]{16}\.json$/);
     expect((await stat(join(repo, keyFile))).isFile()).toBe(true);
+    // Readable by its owner only: anyone who reads it can try passphrases offline.
+    expect((await stat(join(repo, keyFile))).mode % 0o1000).toBe(0o600);
 
     image = await markedImage('marked.img');
     first = await backupOk(repo, ['--source', image]);
@@ -319,6 +322,21 @@ describe('an encrypted repository through the CLI', () => {
     const parsed = parseJson<{ backups: { id: string }[]; damaged: { id: string; message: string }[] }>(list.stdout);
     expect(parsed.backups.map((b) => b.id)).toEqual([backup.id]);
     expect(parsed.damaged).toEqual([{ id: forged, message: `backup record ${forged} is damaged: authentication failed (AES-256-GCM tag): the file was altered, or belongs to another name or repository` }]);
+  });
+
+  test('a key file whose id is not its file name is refused before unlocking (its id is authenticated data)', async () => {
+    const repoK = await encryptedRepo('repo-keyid');
+    const config = JSON.parse(await readFile(join(repoK, 'config'), 'utf8')) as { encryption: { keyFile: string } };
+    const keyPath = join(repoK, config.encryption.keyFile);
+    const file = JSON.parse(await readFile(keyPath, 'utf8')) as KeyFile;
+    const other = file.id === '0123456789abcdef' ? 'fedcba9876543210' : '0123456789abcdef';
+    await writeFile(keyPath, encodeKeyFile({ ...file, id: other }));
+    const result = await runEngine(['list', '--repo', repoK, '--json'], withPass());
+    expect(result.code).toBe(4);
+    expect(parseJson<{ error: { code: string; message: string } }>(result.stdout).error).toMatchObject({
+      code: 'ENGINE_CORRUPT_METADATA',
+      message: `key file ${config.encryption.keyFile} is damaged: it names itself ${other}`,
+    });
   });
 
   test('a lost index is rebuilt from the encrypted packs', async () => {
@@ -510,5 +528,59 @@ describe('changed-block tracking on an encrypted repository', () => {
       expect(await qemuImgCompare(target, 'raw', frozen, 'qcow2')).toBe(true);
       await rm(target);
     }
+  });
+});
+
+describe('a config rewritten to plain (downgrade)', () => {
+  test('backup with a passphrase into a repository whose config names no encryption: refused, nothing written', async () => {
+    const repo = await encryptedRepo('repo-downgrade');
+    const image = await markedImage('downgrade.img');
+    const first = await backupOk(repo, ['--source', image]);
+    // An attacker with write access to the storage rewrites config as a plain (version 1) repository's.
+    const config = JSON.parse(await readFile(join(repo, 'config'), 'utf8')) as Record<string, unknown>;
+    delete config.encryption;
+    config.version = 1;
+    config.hash = 'sha256';
+    await writeFile(join(repo, 'config'), `${JSON.stringify(config, null, 2)}\n`);
+    const before = await snapshot(repo);
+    const result = await runEngine(['backup', '--repo', repo, '--source', image, '--json'], withPass());
+    expect(parseJson<{ error: { code: string; message: string } }>(result.stdout).error).toEqual({
+      code: 'ENGINE_NOT_ENCRYPTED',
+      message: `a passphrase was given, but repository ${repo} is not encrypted (its config names no encryption): backup refuses to write plaintext where encryption is expected. Give no passphrase for a plain repository; if this one was created encrypted, its config was altered`,
+      details: { path: repo },
+    });
+    expect(result.code).toBe(6);
+    expect(await snapshot(repo)).toEqual(before);
+    await expect(sh('grep', ['-r', '-l', '-F', MARKER, repo])).rejects.toThrow();
+    // Reading stays harmless: the encrypted record is reported damaged, never trusted.
+    const list = parseJson<{ backups: unknown[]; damaged: { id: string }[] }>((await runEngine(['list', '--repo', repo, '--json'], withPass())).stdout);
+    expect(list).toMatchObject({ backups: [], damaged: [{ id: first.id }] });
+  });
+
+  test('a plain repository: a backup without a passphrase works, with one it is refused', async () => {
+    const repo = join(dir, 'repo-plain');
+    expect((await runEngine(['init', repo], { env: { ENGINE_PASSWORD: '' } })).code).toBe(0);
+    const image = join(dir, 'plain-small.img');
+    await sparseFile(image, 3 * MiB);
+    await writeRegion(image, 0, 3 * MiB, 'random', 'plain-small');
+    const refused = await runEngine(['backup', '--repo', repo, '--source', image, '--json'], withPass());
+    expect(refused.code).toBe(6);
+    expect(parseJson<{ error: { code: string } }>(refused.stdout).error.code).toBe('ENGINE_NOT_ENCRYPTED');
+    expect(await readdir(join(repo, 'backups'))).toEqual([]);
+    const plain = await runEngine(['backup', '--repo', repo, '--source', image, '--json'], { env: { ENGINE_PASSWORD: '' } });
+    expect(plain.code).toBe(0);
+    // Reading a plain repository with a passphrase set is harmless and still works.
+    expect((await runEngine(['list', '--repo', repo, '--json'], withPass())).code).toBe(0);
+  });
+
+  test('the oVirt backup flows refuse it before they contact oVirt or journal anything', async () => {
+    const repo = join(dir, 'repo-plain-ovirt');
+    expect((await runEngine(['init', repo], { env: { ENGINE_PASSWORD: '' } })).code).toBe(0);
+    const before = await snapshot(repo);
+    // Nothing listens on port 9 of localhost: reaching oVirt would fail with ENGINE_OVIRT_CONNECT instead.
+    const common = { repo, passphrase: PASSPHRASE, ovirt: { url: 'https://127.0.0.1:9', credentials: { username: 'u', password: 'p' } }, vm: 'vm1' };
+    await expect(ovirtIncrementalBackup(common)).rejects.toMatchObject({ code: 'ENGINE_NOT_ENCRYPTED' });
+    await expect(ovirtApplianceBackup({ ...common, appliance: 'app' })).rejects.toMatchObject({ code: 'ENGINE_NOT_ENCRYPTED' });
+    expect(await snapshot(repo)).toEqual(before);
   });
 });

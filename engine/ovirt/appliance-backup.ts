@@ -10,9 +10,8 @@
  * gone, so that `engine ovirt cleanup` — and the next run, automatically — removes what a crash left.
  */
 import { Journal, type JournalEntry } from '../../repo-format/journal.js';
-import { Repository } from '../../repo-format/repository.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
-import { backup, type BackupResult } from '../backup.js';
+import { backup, openBackupRepository, type BackupResult } from '../backup.js';
 import { OvirtFaultError } from '../errors.js';
 import { OvirtClient } from './client.js';
 import { cleanupJournals, undo } from './cleanup.js';
@@ -28,7 +27,7 @@ export interface OvirtApplianceBackupOptions extends OvirtBackupRunOptions {
 export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions): Promise<BackupResult> {
   const notice = options.onNotice ?? (() => undefined);
   const wait = waitOf(options);
-  await Repository.open(options.repo, { access: 'read', passphrase: options.passphrase }); // a clear error before anything is created
+  await openBackupRepository(options.repo, options.passphrase, 'read'); // a clear error before anything is created
   const client = new OvirtClient(options.ovirt);
   await client.login();
   await cleanupJournals(options.repo, client, wait, notice);

@@ -11,9 +11,8 @@
  */
 import { readFile } from 'node:fs/promises';
 import { Journal, type JournalEntry } from '../../repo-format/journal.js';
-import { Repository } from '../../repo-format/repository.js';
 import type { DiskCbt } from '../../repo-format/backup-record.js';
-import { backup, type BackupResult } from '../backup.js';
+import { backup, openBackupRepository, type BackupResult } from '../backup.js';
 import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type Chain, type ChainArgs, type RequestedMode } from '../cbt/chain.js';
 import { OvirtFaultError } from '../errors.js';
 import { OvirtClient } from './client.js';
@@ -48,7 +47,7 @@ async function vmDisks(client: OvirtClient, vmId: string): Promise<VmDisk[]> {
 export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOptions): Promise<BackupResult> {
   const notice = options.onNotice ?? (() => undefined);
   const wait = waitOf(options);
-  await Repository.open(options.repo, { access: 'read', passphrase: options.passphrase });
+  await openBackupRepository(options.repo, options.passphrase, 'read'); // a clear error before anything is created
   const client = new OvirtClient(options.ovirt);
   await client.login();
   await cleanupJournals(options.repo, client, wait, notice);
