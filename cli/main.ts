@@ -3,37 +3,46 @@
  * `engine`: argument parsing and printing only; every action is one call into engine/.
  */
 import { Command, CommanderError, Option } from 'commander';
-import {
-  backup,
-  ENGINE_VERSION,
-  EngineError,
-  InvalidArgumentError,
-  initRepository,
-  ovirtApplianceBackup,
-  ovirtCleanup,
-  ovirtIncrementalBackup,
-  ovirtRestoreVm,
-  listBackups,
-  parseSize,
-  primitivesReport,
-  restore,
-  runDemo,
-  serve,
-  mount,
-  umount,
-  showBackup,
-  verify,
-  prune,
-  gc,
-  repair,
-  setProtection,
-  KEEP_RULES,
-  type RetentionPolicy,
-} from '../engine/index.js';
+import { EngineError, InvalidArgumentError } from '../repo-format/errors.js';
+import { ENGINE_VERSION } from '../engine/version.js';
+import { parseSize } from '../engine/units.js';
+import { KEEP_RULES, type RetentionPolicy } from '../engine/retention.js';
 import { readFile } from 'node:fs/promises';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createProgress } from './progress.js';
 import { backupJson, printBackup, printGc, printInit, printJson, printList, printMount, printProtect, printPrune, printRepair, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
+
+/**
+ * Each command loads only the engine modules it runs: the whole engine (oVirt XML, NBD server, mount, gc …)
+ * costs start-up time that a nightly `backup` of a disk should not pay.
+ */
+type AnyFunction = (...args: never[]) => unknown;
+function lazy<M, K extends keyof M>(importer: () => Promise<M>, name: K): M[K] extends AnyFunction ? (...args: Parameters<M[K]>) => Promise<Awaited<ReturnType<M[K]>>> : never {
+  const call = async (...args: unknown[]): Promise<unknown> => ((await importer())[name] as (...a: unknown[]) => unknown)(...args);
+  return call as never;
+}
+
+const engine = {
+  initRepository: lazy(() => import('../engine/init.js'), 'initRepository'),
+  ovirtApplianceBackup: lazy(() => import('../engine/ovirt/appliance-backup.js'), 'ovirtApplianceBackup'),
+  ovirtIncrementalBackup: lazy(() => import('../engine/ovirt/incremental-backup.js'), 'ovirtIncrementalBackup'),
+  backup: lazy(() => import('../engine/backup.js'), 'backup'),
+  listBackups: lazy(() => import('../engine/catalogue.js'), 'listBackups'),
+  showBackup: lazy(() => import('../engine/catalogue.js'), 'showBackup'),
+  ovirtRestoreVm: lazy(() => import('../engine/ovirt/restore-vm.js'), 'ovirtRestoreVm'),
+  restore: lazy(() => import('../engine/restore/restore.js'), 'restore'),
+  verify: lazy(() => import('../engine/verify.js'), 'verify'),
+  serve: lazy(() => import('../engine/serve/serve.js'), 'serve'),
+  mount: lazy(() => import('../engine/mount/mount.js'), 'mount'),
+  umount: lazy(() => import('../engine/mount/mount.js'), 'umount'),
+  prune: lazy(() => import('../engine/prune.js'), 'prune'),
+  setProtection: lazy(() => import('../engine/protect.js'), 'setProtection'),
+  gc: lazy(() => import('../engine/gc.js'), 'gc'),
+  repair: lazy(() => import('../engine/repair.js'), 'repair'),
+  ovirtCleanup: lazy(() => import('../engine/ovirt/cleanup.js'), 'ovirtCleanup'),
+  primitivesReport: lazy(() => import('../engine/primitives-bench.js'), 'primitivesReport'),
+  runDemo: lazy(() => import('../engine/demo.js'), 'runDemo'),
+};
 
 interface GlobalOptions {
   debug?: boolean;
@@ -197,7 +206,7 @@ function buildProgram(): Command {
       if (!opts.encrypt && opts.passwordFile !== undefined) throw new InvalidArgumentError('--password-file is for an encrypted repository: add --encrypt');
       const passphrase = opts.encrypt ? await loadPassphrase(opts.passwordFile) : undefined;
       if (opts.encrypt && passphrase === undefined) throw new InvalidArgumentError('--encrypt needs a passphrase: set ENGINE_PASSWORD or give --password-file FILE');
-      const config = await initRepository(repo, { blockSize: opts.blockSize === undefined ? undefined : parseSize(opts.blockSize), passphrase });
+      const config = await engine.initRepository(repo, { blockSize: opts.blockSize === undefined ? undefined : parseSize(opts.blockSize), passphrase });
       if (jsonMode) printJson(config);
       else printInit(repo, config);
     });
@@ -251,8 +260,8 @@ function buildProgram(): Command {
         }
         const { record } =
           opts.appliance !== undefined
-            ? await ovirtApplianceBackup({ ...common, appliance: opts.appliance, deviceRoot: opts.deviceRoot })
-            : await ovirtIncrementalBackup({ ...common, mode: opts.full ? 'full' : opts.incremental ? 'incremental' : opts.differential ? 'differential' : 'auto' });
+            ? await engine.ovirtApplianceBackup({ ...common, appliance: opts.appliance, deviceRoot: opts.deviceRoot })
+            : await engine.ovirtIncrementalBackup({ ...common, mode: opts.full ? 'full' : opts.incremental ? 'incremental' : opts.differential ? 'differential' : 'auto' });
         progress.done();
         if (jsonMode) printJson(backupJson(record));
         else printBackup(record);
@@ -262,7 +271,7 @@ function buildProgram(): Command {
         throw new InvalidArgumentError('name at least one disk: --source PATH|URI, --image QCOW2 or --libvirt DOMAIN');
       }
       const progress = createProgress({ json: jsonMode });
-      const { record } = await backup({
+      const { record } = await engine.backup({
         repo: requireRepo(opts.repo),
         passphrase,
         sources: opts.source,
@@ -291,7 +300,7 @@ function buildProgram(): Command {
     .option('--json', 'print JSON')
     .action(async (opts: { repo?: string; passwordFile?: string; json?: boolean }) => {
       jsonMode = opts.json === true;
-      const { backups, damaged } = await listBackups(requireRepo(opts.repo), { passphrase: await loadPassphrase(opts.passwordFile) });
+      const { backups, damaged } = await engine.listBackups(requireRepo(opts.repo), { passphrase: await loadPassphrase(opts.passwordFile) });
       if (jsonMode) printJson({ backups: backups.map(backupJson), damaged });
       else printList(backups, damaged);
     });
@@ -305,7 +314,7 @@ function buildProgram(): Command {
     .option('--json', 'print JSON')
     .action(async (id: string, opts: { repo?: string; passwordFile?: string; json?: boolean }) => {
       jsonMode = opts.json === true;
-      const record = await showBackup(requireRepo(opts.repo), id, { passphrase: await loadPassphrase(opts.passwordFile) });
+      const record = await engine.showBackup(requireRepo(opts.repo), id, { passphrase: await loadPassphrase(opts.passwordFile) });
       if (jsonMode) printJson(backupJson(record));
       else printShow(record);
     });
@@ -339,7 +348,7 @@ function buildProgram(): Command {
       const passphrase = await loadPassphrase(opts.passwordFile);
       if (opts.ovirt !== undefined) {
         if (opts.via !== 'transfer' && !opts.appliance) throw new InvalidArgumentError('--ovirt needs --appliance NAME (this backup appliance), or --via transfer');
-        const result = await ovirtRestoreVm({
+        const result = await engine.ovirtRestoreVm({
           repo: requireRepo(opts.repo),
           passphrase,
           ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
@@ -363,7 +372,7 @@ function buildProgram(): Command {
       }
       if ((opts.to === undefined) === (opts.toQcow2 === undefined)) throw new InvalidArgumentError('give exactly one target: --to PATH|URI or --to-qcow2 FILE');
       const progress = createProgress({ json: jsonMode });
-      const result = await restore({
+      const result = await engine.restore({
         repo: requireRepo(opts.repo),
         passphrase,
         backupId: id,
@@ -395,7 +404,7 @@ function buildProgram(): Command {
       jsonMode = opts.json === true;
       if ((opts.subset !== undefined || opts.seed !== undefined) && !opts.readData) throw new InvalidArgumentError('--subset and --seed choose which packs --read-data reads: give --read-data too');
       const progress = createProgress({ json: jsonMode });
-      const report = await verify({
+      const report = await engine.verify({
         repo: requireRepo(opts.repo),
         passphrase: await loadPassphrase(opts.passwordFile),
         readData: opts.readData,
@@ -432,7 +441,7 @@ function buildProgram(): Command {
     .action(async (id: string, opts: { repo?: string; disk?: string; socket?: string; port?: number; host?: string; writable?: boolean; overlayDir?: string; cache?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
       if ((opts.socket === undefined) === (opts.port === undefined)) throw new InvalidArgumentError('give exactly one of --socket PATH or --port N');
-      const handle = await serve({
+      const handle = await engine.serve({
         repo: requireRepo(opts.repo),
         backupId: id,
         disk: opts.disk,
@@ -469,7 +478,7 @@ function buildProgram(): Command {
     .action(async (id: string, dir: string, opts: { repo?: string; disk?: string; cache?: string; json?: boolean; passwordFile?: string }) => {
       jsonMode = opts.json === true;
       const passphrase = await loadPassphrase(opts.passwordFile);
-      const result = await mount({ repo: requireRepo(opts.repo), backupId: id, dir, disk: opts.disk, cacheBytes: opts.cache === undefined ? undefined : parseSize(opts.cache), passphrase });
+      const result = await engine.mount({ repo: requireRepo(opts.repo), backupId: id, dir, disk: opts.disk, cacheBytes: opts.cache === undefined ? undefined : parseSize(opts.cache), passphrase });
       if (jsonMode) printJson(result);
       else printMount(result);
     });
@@ -481,7 +490,7 @@ function buildProgram(): Command {
     .option('--json', 'print JSON')
     .action(async (dir: string, opts: { json?: boolean }) => {
       jsonMode = opts.json === true;
-      const result = await umount({ dir });
+      const result = await engine.umount({ dir });
       if (jsonMode) printJson(result);
       else process.stdout.write(`unmounted ${result.dir}: ${result.unmounted} filesystems, ${result.loopDevicesDetached} loop devices, ${result.fuseStopped} disk files, server ${result.serverStopped ? 'stopped' : 'not running'}\n`);
     });
@@ -502,7 +511,7 @@ function buildProgram(): Command {
         const value = opts[`keep${rule[0]!.toUpperCase()}${rule.slice(1)}`];
         if (typeof value === 'number') policy[rule] = value;
       }
-      const report = await prune({ repo: requireRepo(opts.repo), policy, dryRun: opts.dryRun, passphrase: await loadPassphrase(opts.passwordFile) });
+      const report = await engine.prune({ repo: requireRepo(opts.repo), policy, dryRun: opts.dryRun, passphrase: await loadPassphrase(opts.passwordFile) });
       if (jsonMode) printJson(report);
       else printPrune(report);
     });
@@ -517,7 +526,7 @@ function buildProgram(): Command {
       .option('--json', 'print JSON')
       .action(async (id: string, opts: { repo?: string; json?: boolean; passwordFile?: string }) => {
         jsonMode = opts.json === true;
-        const result = await setProtection(requireRepo(opts.repo), id, wanted, { passphrase: await loadPassphrase(opts.passwordFile) });
+        const result = await engine.setProtection(requireRepo(opts.repo), id, wanted, { passphrase: await loadPassphrase(opts.passwordFile) });
         if (jsonMode) printJson(result);
         else printProtect(result);
       });
@@ -533,7 +542,7 @@ function buildProgram(): Command {
     .option('--json', 'print JSON')
     .action(async (opts: { repo?: string; rewriteBelow?: number; dryRun?: boolean; json?: boolean; passwordFile?: string }) => {
       jsonMode = opts.json === true;
-      const report = await gc({
+      const report = await engine.gc({
         repo: requireRepo(opts.repo),
         passphrase: await loadPassphrase(opts.passwordFile),
         rewriteBelow: opts.rewriteBelow,
@@ -555,7 +564,7 @@ function buildProgram(): Command {
     .action(async (opts: { repo?: string; json?: boolean; passwordFile?: string }) => {
       jsonMode = opts.json === true;
       const progress = createProgress({ json: jsonMode });
-      const report = await repair({ repo: requireRepo(opts.repo), passphrase: await loadPassphrase(opts.passwordFile), onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
+      const report = await engine.repair({ repo: requireRepo(opts.repo), passphrase: await loadPassphrase(opts.passwordFile), onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
       progress.done();
       if (jsonMode) printJson(report);
       else printRepair(report);
@@ -574,7 +583,7 @@ function buildProgram(): Command {
     .action(async (opts: { repo?: string; ovirt: string; ovirtCredentials?: string; caFile?: string; json?: boolean }) => {
       jsonMode = opts.json === true;
       const messages: string[] = [];
-      const removed = await ovirtCleanup({
+      const removed = await engine.ovirtCleanup({
         repo: requireRepo(opts.repo),
         ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
         onNotice: (m) => messages.push(m),
@@ -589,7 +598,7 @@ function buildProgram(): Command {
     .option('--json', 'print JSON')
     .action(async (opts: { json?: boolean }) => {
       jsonMode = opts.json === true;
-      const { rows, pipeline, markdown } = await primitivesReport();
+      const { rows, pipeline, markdown } = await engine.primitivesReport();
       if (jsonMode) printJson({ rows, pipeline });
       else process.stdout.write(markdown);
     });
@@ -600,7 +609,7 @@ function buildProgram(): Command {
     .option('--dir <path>', 'work directory to keep (default: a temporary one, removed afterwards)')
     .option('--size <size>', 'image size (default 512M + 4097 bytes)')
     .action(async (opts: { dir?: string; size?: string }) => {
-      const result = await runDemo({
+      const result = await engine.runDemo({
         dir: opts.dir,
         size: opts.size === undefined ? undefined : parseSize(opts.size),
         onStep: (message) => process.stdout.write(`demo: ${message}\n`),
