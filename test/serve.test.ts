@@ -349,6 +349,20 @@ describe('the copy-on-write overlay', () => {
   });
 });
 
+/** The data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT. */
+function metaContextOption(exportName: string, queries: string[]): Buffer {
+  const field = (text: string): Buffer => {
+    const bytes = Buffer.from(text, 'utf8');
+    const out = Buffer.alloc(4 + bytes.length);
+    out.writeUInt32BE(bytes.length, 0);
+    bytes.copy(out, 4);
+    return out;
+  };
+  const count = Buffer.alloc(4);
+  count.writeUInt32BE(queries.length, 0);
+  return Buffer.concat([field(exportName), count, ...queries.map(field)]);
+}
+
 /** A raw client that speaks exactly what the test says, to misbehave on purpose. */
 class RawClient {
   readonly reader: SocketReader;
@@ -529,6 +543,47 @@ describe('misbehaving clients', () => {
     await huge.go('os');
     huge.request(1, 0, 0x7fffffff);
     expect(await huge.closed()).toBe(true);
+  });
+
+  test('metadata contexts: "base:" lists base:allocation and selects nothing; a failed SET_META_CONTEXT deselects', async () => {
+    const client = await RawClient.open(socketPath);
+    client.option(8);
+    expect((await client.optionReply()).type).toBe(1);
+    client.option(9, metaContextOption('os', ['base:']));
+    const listed = await client.optionReply();
+    expect(listed.type).toBe(4); // NBD_REP_META_CONTEXT
+    expect([listed.data.readUInt32BE(0), listed.data.toString('utf8', 4)]).toEqual([0, 'base:allocation']);
+    expect((await client.optionReply()).type).toBe(1);
+    client.option(10, metaContextOption('os', ['base:', 'x-other:thing']));
+    expect((await client.optionReply()).type).toBe(1); // nothing selected, straight to ACK
+    client.option(10, metaContextOption('os', ['base:allocation']));
+    expect((await client.optionReply()).type).toBe(4);
+    expect((await client.optionReply()).type).toBe(1);
+    // A malformed SET_META_CONTEXT fails, and replaces the selection all the same.
+    client.option(10, metaContextOption('os', ['base:allocation']).subarray(0, 12));
+    expect((await client.optionReply()).type).toBe(2 ** 31 + 3);
+    await client.go('os', false);
+    client.request(7, 0, 4096);
+    expect(await client.structuredResult()).toBe(22);
+    client.close();
+  });
+
+  test('a writable export: TRIM past the end is EINVAL, WRITE_ZEROES past the end ENOSPC', async () => {
+    const rwSocket = join(dir, 'rw-raw.sock');
+    const rw = await serve({ repo, backupId, socket: rwSocket, writable: true, overlayDir: dir });
+    try {
+      const client = await RawClient.open(rwSocket);
+      await client.go('os');
+      client.request(4, SIZE - 10, 4096);
+      expect(await client.structuredResult()).toBe(22);
+      client.request(6, SIZE - 10, 4096);
+      expect(await client.structuredResult()).toBe(28);
+      client.request(4, SIZE - 4096, 4096);
+      expect(await client.simpleResult()).toBe(0);
+      client.close();
+    } finally {
+      await rw.close();
+    }
   });
 
   test('the server still serves a well-behaved client', async () => {

@@ -9,8 +9,8 @@
  *
  * Nothing a client sends is trusted: a bad request magic or a WRITE longer than the maximum request is a
  * hard disconnect (the stream cannot be resynchronised cheaply), other bad requests get an error reply
- * (EINVAL for unknown commands and flags, out-of-range reads and oversized reads; ENOSPC for writes past
- * the end; EPERM for writes to a read-only export) and the connection carries on.
+ * (EINVAL for unknown commands and flags, out-of-range reads and trims and oversized reads; ENOSPC for
+ * writes past the end; EPERM for writes to a read-only export) and the connection carries on.
  */
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { unlink } from 'node:fs/promises';
@@ -222,7 +222,8 @@ class ServerConnection {
         case P.CMD_WRITE_ZEROES:
         case P.CMD_TRIM: {
           if (!exp.writable) throw new RequestError(P.NBD_EPERM, 'the export is read-only');
-          if (end > exp.size) throw new RequestError(P.NBD_ENOSPC, `write ${request.offset}+${request.length} runs past the end of the export (${exp.size} bytes)`);
+          // The protocol's error values: ENOSPC for writes past the end, EINVAL for a trim past it.
+          if (end > exp.size) throw new RequestError(request.type === P.CMD_TRIM ? P.NBD_EINVAL : P.NBD_ENOSPC, `${request.type === P.CMD_TRIM ? 'trim' : 'write'} ${request.offset}+${request.length} runs past the end of the export (${exp.size} bytes)`);
           if (request.type === P.CMD_WRITE) await exp.write!(payload!, request.offset);
           else if (request.type === P.CMD_WRITE_ZEROES) await exp.writeZeroes!(request.offset, request.length);
           else await exp.trim!(request.offset, request.length);
