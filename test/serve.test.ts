@@ -12,6 +12,7 @@ import { NbdClient, serve, type ServeHandle } from '../dist/engine/index.js';
 import { SocketReader } from '../dist/engine/nbd/socket-reader.js';
 import { encodeOptionHeader, encodeRequest } from '../dist/engine/nbd/wire.js';
 import { Overlay } from '../dist/engine/serve/overlay.js';
+import { NbdServer } from '../dist/engine/nbd/server.js';
 import { exitOf, filesIdentical, parseJson, prefixIdentical, runEngine, sh, sha256File, spawnEngine, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
 import { qemuImgCompare } from './qemu.js';
 
@@ -588,6 +589,60 @@ describe('misbehaving clients', () => {
 
   test('the server still serves a well-behaved client', async () => {
     expect(await qemuImgCompare(image, 'raw', handle.exports[0]!.uri, 'raw')).toBe(true);
+  });
+});
+
+describe('a client that pipelines big reads and never reads the replies', () => {
+  test('the server builds at most 64 MiB of replies at once per connection, and answers every request in the end', async () => {
+    const started: number[] = [];
+    const releases: (() => void)[] = [];
+    const exportSize = 1024 * MiB;
+    const server = new NbdServer({
+      exports: [
+        {
+          name: 'held',
+          description: 'reads wait for the test',
+          size: exportSize,
+          writable: false,
+          read: async (offset: number, length: number) => {
+            started.push(offset);
+            await new Promise<void>((resolve) => releases.push(resolve));
+            return [{ offset, length, zero: true as const }];
+          },
+          allocation: async (_offset: number, length: number) => [{ length, flags: 0 }],
+        },
+      ],
+    });
+    const socketPath = join(dir, 'held.sock');
+    await server.listen({ socket: socketPath });
+    const until = async (check: () => boolean): Promise<void> => {
+      while (!check()) await new Promise((resolve) => setTimeout(resolve, 10));
+    };
+    try {
+      const client = await RawClient.open(socketPath);
+      await client.go('held');
+      for (let i = 0; i < 16; i += 1) client.request(0, i * 32 * MiB, 32 * MiB);
+      await until(() => started.length >= 2);
+      // Two reads of 32 MiB fill the connection's budget: the others wait, unread, in the socket.
+      expect(started.length).toBe(2);
+      releases.shift()!();
+      await until(() => started.length >= 3);
+      expect(started.length).toBe(3);
+      // Let everything through; every request is answered.
+      const answered = (async () => {
+        for (let i = 0; i < 16; i += 1) expect(await client.structuredResult()).toBe(0);
+      })();
+      while (started.length < 16 || releases.length > 0) {
+        releases.shift()?.();
+        await new Promise((resolve) => setTimeout(resolve, 1));
+      }
+      await answered;
+      expect(started.sort((a, b) => a - b)).toEqual(Array.from({ length: 16 }, (_, i) => i * 32 * MiB));
+      client.close();
+    } finally {
+      for (const release of releases) release();
+      await server.close();
+    }
   });
 });
 
