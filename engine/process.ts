@@ -1,9 +1,35 @@
 /** Stopping a helper process the engine started (qemu-nbd, nbdfuse, a mount's server). */
+import { readFileSync } from 'node:fs';
 import { isProcessAlive } from '../repo-format/process-alive.js';
 
-async function waitGone(pid: number, timeoutMs: number): Promise<boolean> {
+/**
+ * Who runs under `pid` now: the boot id and the process's start time (field 22 of /proc/<pid>/stat, in
+ * clock ticks since boot). A pid recorded in a file outlives its process (kill -9, a crash, a reboot with
+ * a persistent state directory) and is reused by the kernel; the same pid with another identity is another
+ * process, which must never be signalled. Undefined when the process is gone or /proc cannot tell.
+ */
+export function processIdentity(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // "pid (comm) state ppid …": comm may hold spaces and parentheses, so count fields after the last ")".
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const startTime = fields[19];
+    const bootId = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+    return startTime === undefined ? undefined : `${bootId}:${startTime}`;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Whether `pid` still runs and, when `identity` is given, is still that process. */
+function stillThere(pid: number, identity: string | undefined): boolean {
+  if (!isProcessAlive(pid)) return false;
+  return identity === undefined || processIdentity(pid) === identity;
+}
+
+async function waitGone(pid: number, identity: string | undefined, timeoutMs: number): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
-  while (isProcessAlive(pid)) {
+  while (stillThere(pid, identity)) {
     if (Date.now() > deadline) return false;
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
@@ -12,20 +38,23 @@ async function waitGone(pid: number, timeoutMs: number): Promise<boolean> {
 
 /**
  * SIGTERM, then wait until the process no longer runs; after `timeoutMs` SIGKILL and wait again. Throws
- * when even SIGKILL did not end it (a process stuck in the kernel), rather than pretend it is gone.
+ * when even SIGKILL did not end it (a process stuck in the kernel), rather than pretend it is gone. With
+ * `identity` (from processIdentity when the process was started), a pid now held by another process counts
+ * as gone and is left alone.
  */
-export async function stopProcess(pid: number, timeoutMs = 5000): Promise<void> {
-  if (!isProcessAlive(pid)) return;
+export async function stopProcess(pid: number, timeoutMs = 5000, identity?: string): Promise<void> {
+  if (!stillThere(pid, identity)) return;
   try {
     process.kill(pid, 'SIGTERM');
   } catch {
     return;
   }
-  if (await waitGone(pid, timeoutMs)) return;
+  if (await waitGone(pid, identity, timeoutMs)) return;
+  if (!stillThere(pid, identity)) return;
   try {
     process.kill(pid, 'SIGKILL');
   } catch {
     return;
   }
-  if (!(await waitGone(pid, 5000))) throw new Error(`process ${pid} did not exit after SIGTERM and SIGKILL`);
+  if (!(await waitGone(pid, identity, 5000))) throw new Error(`process ${pid} did not exit after SIGTERM and SIGKILL`);
 }

@@ -4,7 +4,9 @@
  * no loop device, no process, no reader registration). Partition tables made by sfdisk, read by the engine.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { mkdir, open, readdir, readFile, writeFile } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { mkdir, open, readdir, readFile, realpath, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { readPartitionTable } from '../dist/engine/index.js';
 import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
@@ -162,6 +164,50 @@ describe('engine mount', () => {
     expect(refused.code).toBe(2);
     expect(await readdir(busy)).toEqual(['keep.txt']);
     await assertNothingLeft(busy);
+  });
+});
+
+describe('engine umount of a stale state', () => {
+  test('pids, a loop device and a mount now belonging to others (kill -9, a reboot, reuse) are left alone; the state goes', async () => {
+    const mountDir = join(dir, 'stale');
+    await mkdir(join(mountDir, 'os'), { recursive: true });
+    const real = await realpath(mountDir);
+    const stateDir = join(runDir, 'mounts', createHash('sha256').update(real).digest('hex').slice(0, 16));
+    await mkdir(join(stateDir, 'fuse-0'), { recursive: true });
+    // Other processes now run under the pids the state recorded; another loop device and mount took the names.
+    const others = [spawn('sleep', ['300'], { stdio: 'ignore' }), spawn('sleep', ['300'], { stdio: 'ignore' })];
+    const backing = join(dir, 'someone-elses.img');
+    await sparseFile(backing, 4 * MiB);
+    const loop = (await sh('losetup', ['--find', '--show', backing])).trim();
+    await sh('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'someone-elses', join(mountDir, 'os')]);
+    try {
+      const state = {
+        version: 1,
+        dir: real,
+        repo,
+        created: new Date().toISOString(),
+        server: { pid: others[0]!.pid, identity: 'an-earlier-boot:12345', readerToken: 'gone' },
+        fuse: [{ pid: others[1]!.pid, identity: 'an-earlier-boot:12346', mountpoint: join(stateDir, 'fuse-0') }],
+        loops: [loop],
+        mounts: [join(real, 'os')],
+        dirs: [],
+      };
+      await writeFile(join(stateDir, 'state.json'), JSON.stringify(state));
+      const result = await runEngine(['umount', mountDir, '--json'], { env: env() });
+      expect(result.code).toBe(0);
+      for (const other of others) {
+        expect(other.exitCode).toBe(null);
+        expect(other.signalCode).toBe(null);
+        expect(() => process.kill(other.pid!, 0)).not.toThrow();
+      }
+      expect((await sh('losetup', ['--list', '--noheadings', '--output', 'BACK-FILE', loop])).trim()).toBe(backing);
+      expect((await readFile('/proc/mounts', 'utf8')).includes(`someone-elses ${join(real, 'os')} tmpfs`)).toBe(true);
+      expect(await readdir(join(runDir, 'mounts'))).toEqual([]);
+    } finally {
+      for (const other of others) other.kill('SIGKILL');
+      await sh('umount', [join(mountDir, 'os')]).catch(() => undefined);
+      await sh('losetup', ['--detach', loop]).catch(() => undefined);
+    }
   });
 });
 

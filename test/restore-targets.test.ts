@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { chmod, open, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { ENGINE_BIN, filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
 import { qcow2, qemuImgCompare, qemuIo, qemuNbd, type Export } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -40,6 +40,16 @@ afterAll(async () => {
   for (const e of exportsToStop) await e.stop();
   await cleanup();
 });
+
+/** nbdkit's eval plugin over a file: reads and writes only, so no NBD_FLAG_SEND_FLUSH. */
+function noFlushPlugin(file: string): string[] {
+  return [
+    'eval',
+    `get_size=echo ${SIZE}`,
+    `pread=dd if=${file} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none`,
+    `pwrite=dd of=${file} seek=$4 conv=notrunc oflag=seek_bytes status=none`,
+  ];
+}
 
 async function restoreJson(args: string[]): Promise<RestoreJson> {
   const result = await runEngine(['restore', '--repo', repo, ...args, '--json']);
@@ -119,6 +129,17 @@ describe('restore --to an NBD export', () => {
     expect(await qemuImgCompare(image, 'raw', target, 'qcow2')).toBe(true);
     // Written as zeros through WRITE_ZEROES, the zero blocks are zero clusters, not 57 MiB of data.
     expect(await dataBytes(target)).toBe(7 * MiB);
+  });
+
+  test('an export that does not advertise FLUSH (nbdkit eval without a flush script) is restored without sending one', async () => {
+    const file = join(dir, 'no-flush.img');
+    await writeRegion(file, 0, SIZE, 'repeat', 'other');
+    const info = await sh('nbdkit', ['-U', '-', ...noFlushPlugin(file), '--run', 'nbdinfo "$uri"']);
+    expect(info).toMatch(/can_flush: false/);
+    const run = `${process.execPath} ${ENGINE_BIN} restore --repo ${repo} ${backupId} --to "$uri" --json`;
+    const out = await sh('nbdkit', ['-U', '-', ...noFlushPlugin(file), '--run', run]);
+    expect(parseJson<RestoreJson>(out).disks[0]!.blocksWritten).toBe(64);
+    expect(await filesIdentical(file, image)).toBe(true);
   });
 
   test('an export smaller than the disk, or read-only, is refused', async () => {

@@ -11,6 +11,8 @@ import { join } from 'node:path';
 import { NbdClient, serve, type ServeHandle } from '../dist/engine/index.js';
 import { SocketReader } from '../dist/engine/nbd/socket-reader.js';
 import { encodeOptionHeader, encodeRequest } from '../dist/engine/nbd/wire.js';
+import { Overlay } from '../dist/engine/serve/overlay.js';
+import { NbdServer } from '../dist/engine/nbd/server.js';
 import { exitOf, filesIdentical, parseJson, prefixIdentical, runEngine, sh, sha256File, spawnEngine, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
 import { qemuImgCompare } from './qemu.js';
 
@@ -210,8 +212,11 @@ describe('an encrypted repository', () => {
 });
 
 describe('a damaged chunk', () => {
+  let damaged: string;
+  const failed: number[] = [];
+
   test('fails the reads that need it with EIO, is logged with backup, disk and offset, and the server keeps serving', async () => {
-    const damaged = join(dir, 'damaged');
+    damaged = join(dir, 'damaged');
     await sh('cp', ['-a', repo, damaged]);
     // The first data frame of the first data pack: flip a payload byte.
     let flipped = false;
@@ -237,7 +242,6 @@ describe('a damaged chunk', () => {
     const log: string[] = [];
     const handle = await serve({ repo: damaged, backupId, socket: join(dir, 'bad.sock'), onLog: (m) => log.push(m) });
     const client = await NbdClient.connect(handle.exports[0]!.uri);
-    const failed: number[] = [];
     try {
       const file = await open(image, 'r');
       for (const block of [0, 1, 2, 4200, 4201, 5120]) {
@@ -262,7 +266,103 @@ describe('a damaged chunk', () => {
     expect(failed.length).toBe(1);
     expect(log.some((m) => m.includes(`backup ${backupId}, disk os, offset ${failed[0]! * MiB}`) && m.includes('EIO'))).toBe(true);
   });
+
+  test('with --writable, a block the guest overwrote whole reads back without touching the damaged chunk', async () => {
+    expect(failed.length).toBe(1);
+    const offset = failed[0]! * MiB;
+    const log: string[] = [];
+    const handle = await serve({ repo: damaged, backupId, socket: join(dir, 'bad-rw.sock'), writable: true, overlayDir: dir, onLog: (m) => log.push(m) });
+    try {
+      const client = await NbdClient.connect(handle.exports[0]!.uri);
+      try {
+        await client.write(Buffer.alloc(MiB, 0x33), offset);
+        const got = Buffer.alloc(MiB);
+        await client.read(got, offset);
+        expect(got.equals(Buffer.alloc(MiB, 0x33))).toBe(true);
+        await client.writeZeroes(offset, 4096);
+        await client.trim(offset + 8192, 4096);
+        await client.read(got.subarray(0, 16384), offset);
+        expect(got.subarray(0, 4096).equals(Buffer.alloc(4096))).toBe(true);
+        expect(got.subarray(4096, 8192).equals(Buffer.alloc(4096, 0x33))).toBe(true);
+        expect(got.subarray(8192, 12288).equals(Buffer.alloc(4096))).toBe(true);
+      } finally {
+        await client.close();
+      }
+      expect(handle.stats().badChunks).toBe(0);
+      expect(log).toEqual([]);
+    } finally {
+      await handle.close();
+    }
+  });
 });
+
+describe('the copy-on-write overlay', () => {
+  test('WRITE_ZEROES/TRIM of whole granules store nothing; partial granules, data past 2^32 and the short last granule read back exact', async () => {
+    const size = 6 * 1024 * MiB + 1000;
+    const overlay = await Overlay.create(size, MiB, dir);
+    const BASE = 0xab;
+    // The export's content: a backup of 0xab bytes with the overlay merged over it.
+    const current = async (offset: number, length: number): Promise<Buffer> => {
+      const out = Buffer.alloc(length, BASE);
+      for (let at = offset; at < offset + length; ) {
+        const block = Math.floor(at / MiB);
+        const upTo = Math.min(offset + length, (block + 1) * MiB);
+        await overlay.readInto(block, at - block * MiB, out.subarray(at - offset, upTo - offset));
+        at = upTo;
+      }
+      return out;
+    };
+    const expectBytes = async (offset: number, length: number, value: number): Promise<void> => {
+      expect((await current(offset, length)).equals(Buffer.alloc(length, value))).toBe(true);
+    };
+    try {
+      const at = 2 ** 32 + 100;
+      await overlay.write(Buffer.alloc(3 * MiB, 0x11), at, current);
+      const zeroFrom = 2 ** 32 + 1000;
+      const zeroLength = 256 * MiB + 5000;
+      await overlay.zero(zeroFrom, zeroLength, current);
+      // Only the two partial granules at the ends of the zeroed range were written besides the data.
+      expect(await overlay.allocatedBytes()).toBeLessThan(3 * MiB + 64 * 1024);
+      await expectBytes(2 ** 32, 100, BASE);
+      await expectBytes(at, zeroFrom - at, 0x11);
+      await expectBytes(zeroFrom, 8 * MiB, 0);
+      await expectBytes(zeroFrom + zeroLength - 8 * MiB, 8 * MiB, 0);
+      await expectBytes(zeroFrom + zeroLength, 4096, BASE);
+      const middle = Math.floor((zeroFrom + MiB) / MiB);
+      expect(overlay.covers(middle, 0, MiB)).toBe(true);
+      expect(overlay.covers(middle + 1000, 0, MiB)).toBe(false);
+      // Data written into a zeroed range, unaligned: its neighbours stay zero.
+      await overlay.write(Buffer.alloc(10, 0x22), zeroFrom + 5 * MiB + 7, current);
+      await expectBytes(zeroFrom + 5 * MiB, 7, 0);
+      await expectBytes(zeroFrom + 5 * MiB + 7, 10, 0x22);
+      await expectBytes(zeroFrom + 5 * MiB + 17, 4096, 0);
+      // The disk's last granule is 1000 bytes: zeroed whole, then written in part.
+      await overlay.zero(size - 1000, 1000, current);
+      await expectBytes(size - 1000, 1000, 0);
+      await overlay.write(Buffer.alloc(10, 0x44), size - 500, current);
+      await expectBytes(size - 1000, 500, 0);
+      await expectBytes(size - 500, 10, 0x44);
+      await expectBytes(size - 490, 490, 0);
+      expect(overlay.bytesWritten).toBe(3 * MiB + zeroLength + 10 + 1000 + 10);
+    } finally {
+      await overlay.close();
+    }
+  });
+});
+
+/** The data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT. */
+function metaContextOption(exportName: string, queries: string[]): Buffer {
+  const field = (text: string): Buffer => {
+    const bytes = Buffer.from(text, 'utf8');
+    const out = Buffer.alloc(4 + bytes.length);
+    out.writeUInt32BE(bytes.length, 0);
+    bytes.copy(out, 4);
+    return out;
+  };
+  const count = Buffer.alloc(4);
+  count.writeUInt32BE(queries.length, 0);
+  return Buffer.concat([field(exportName), count, ...queries.map(field)]);
+}
 
 /** A raw client that speaks exactly what the test says, to misbehave on purpose. */
 class RawClient {
@@ -446,8 +546,103 @@ describe('misbehaving clients', () => {
     expect(await huge.closed()).toBe(true);
   });
 
+  test('metadata contexts: "base:" lists base:allocation and selects nothing; a failed SET_META_CONTEXT deselects', async () => {
+    const client = await RawClient.open(socketPath);
+    client.option(8);
+    expect((await client.optionReply()).type).toBe(1);
+    client.option(9, metaContextOption('os', ['base:']));
+    const listed = await client.optionReply();
+    expect(listed.type).toBe(4); // NBD_REP_META_CONTEXT
+    expect([listed.data.readUInt32BE(0), listed.data.toString('utf8', 4)]).toEqual([0, 'base:allocation']);
+    expect((await client.optionReply()).type).toBe(1);
+    client.option(10, metaContextOption('os', ['base:', 'x-other:thing']));
+    expect((await client.optionReply()).type).toBe(1); // nothing selected, straight to ACK
+    client.option(10, metaContextOption('os', ['base:allocation']));
+    expect((await client.optionReply()).type).toBe(4);
+    expect((await client.optionReply()).type).toBe(1);
+    // A malformed SET_META_CONTEXT fails, and replaces the selection all the same.
+    client.option(10, metaContextOption('os', ['base:allocation']).subarray(0, 12));
+    expect((await client.optionReply()).type).toBe(2 ** 31 + 3);
+    await client.go('os', false);
+    client.request(7, 0, 4096);
+    expect(await client.structuredResult()).toBe(22);
+    client.close();
+  });
+
+  test('a writable export: TRIM past the end is EINVAL, WRITE_ZEROES past the end ENOSPC', async () => {
+    const rwSocket = join(dir, 'rw-raw.sock');
+    const rw = await serve({ repo, backupId, socket: rwSocket, writable: true, overlayDir: dir });
+    try {
+      const client = await RawClient.open(rwSocket);
+      await client.go('os');
+      client.request(4, SIZE - 10, 4096);
+      expect(await client.structuredResult()).toBe(22);
+      client.request(6, SIZE - 10, 4096);
+      expect(await client.structuredResult()).toBe(28);
+      client.request(4, SIZE - 4096, 4096);
+      expect(await client.simpleResult()).toBe(0);
+      client.close();
+    } finally {
+      await rw.close();
+    }
+  });
+
   test('the server still serves a well-behaved client', async () => {
     expect(await qemuImgCompare(image, 'raw', handle.exports[0]!.uri, 'raw')).toBe(true);
+  });
+});
+
+describe('a client that pipelines big reads and never reads the replies', () => {
+  test('the server builds at most 64 MiB of replies at once per connection, and answers every request in the end', async () => {
+    const started: number[] = [];
+    const releases: (() => void)[] = [];
+    const exportSize = 1024 * MiB;
+    const server = new NbdServer({
+      exports: [
+        {
+          name: 'held',
+          description: 'reads wait for the test',
+          size: exportSize,
+          writable: false,
+          read: async (offset: number, length: number) => {
+            started.push(offset);
+            await new Promise<void>((resolve) => releases.push(resolve));
+            return [{ offset, length, zero: true as const }];
+          },
+          allocation: async (_offset: number, length: number) => [{ length, flags: 0 }],
+        },
+      ],
+    });
+    const socketPath = join(dir, 'held.sock');
+    await server.listen({ socket: socketPath });
+    const until = async (check: () => boolean): Promise<void> => {
+      while (!check()) await new Promise((resolve) => setTimeout(resolve, 10));
+    };
+    try {
+      const client = await RawClient.open(socketPath);
+      await client.go('held');
+      for (let i = 0; i < 16; i += 1) client.request(0, i * 32 * MiB, 32 * MiB);
+      await until(() => started.length >= 2);
+      // Two reads of 32 MiB fill the connection's budget: the others wait, unread, in the socket.
+      expect(started.length).toBe(2);
+      releases.shift()!();
+      await until(() => started.length >= 3);
+      expect(started.length).toBe(3);
+      // Let everything through; every request is answered.
+      const answered = (async () => {
+        for (let i = 0; i < 16; i += 1) expect(await client.structuredResult()).toBe(0);
+      })();
+      while (started.length < 16 || releases.length > 0) {
+        releases.shift()?.();
+        await new Promise((resolve) => setTimeout(resolve, 1));
+      }
+      await answered;
+      expect(started.sort((a, b) => a - b)).toEqual(Array.from({ length: 16 }, (_, i) => i * 32 * MiB));
+      client.close();
+    } finally {
+      for (const release of releases) release();
+      await server.close();
+    }
   });
 });
 

@@ -20,7 +20,7 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
 import { isProcessAlive } from '../../repo-format/process-alive.js';
-import { stopProcess } from '../process.js';
+import { processIdentity, stopProcess } from '../process.js';
 import { runTool } from '../cbt/run-tool.js';
 import type { ServedExport, ServeOptions } from '../serve/serve.js';
 import { probeFilesystem } from './filesystem-probe.js';
@@ -65,8 +65,9 @@ interface MountState {
   dir: string;
   repo: string;
   created: string;
-  server?: { pid: number; readerToken?: string };
-  fuse: { pid: number; mountpoint: string }[];
+  /** `identity` (boot id and start time, process.ts): a pid held by another process later is never signalled. */
+  server?: { pid: number; identity?: string | undefined; readerToken?: string };
+  fuse: { pid: number; identity?: string | undefined; mountpoint: string }[];
   loops: string[];
   mounts: string[];
   dirs: string[];
@@ -101,11 +102,23 @@ async function waitFor(what: string, check: () => Promise<boolean>, timeoutMs = 
   }
 }
 
-async function mountedAt(path: string): Promise<boolean> {
+/** The device mounted at `path` (the newest mount there), or undefined when nothing is. */
+async function mountedAt(path: string): Promise<string | undefined> {
   const mounts = await readFile('/proc/mounts', 'utf8');
   // /proc/mounts escapes spaces and the like as octal.
   const escaped = path.replace(/[ \t\n\\]/g, (c) => `\\${c.charCodeAt(0).toString(8).padStart(3, '0')}`);
-  return mounts.split('\n').some((line) => line.split(' ')[1] === escaped);
+  const lines = mounts.split('\n').filter((line) => line.split(' ')[1] === escaped);
+  return lines.length === 0 ? undefined : lines[lines.length - 1]!.split(' ')[0];
+}
+
+/**
+ * Whether loop device `loop` is still this mount's: its backing file is one of the mount's nbdfuse files.
+ * A recorded loop device can be detached by someone else and the name reused (or, with a persistent
+ * ENGINE_RUN_DIR, the host rebooted): another's loop device is never detached.
+ */
+async function loopIsOurs(loop: string, stateDir: string): Promise<boolean> {
+  const backing = await runTool('losetup', ['--list', '--noheadings', '--output', 'BACK-FILE', loop]).catch(() => '');
+  return backing.trim().replace(/ \(deleted\)$/, '').startsWith(`${stateDir}/`);
 }
 
 /** Starts the background server; resolves with its pid once it listens. */
@@ -151,10 +164,17 @@ async function startFuse(uriSocket: string, exportName: string, mountpoint: stri
   child.once('exit', (code) => {
     exited = `nbdfuse exited with code ${code}`;
   });
-  await waitFor(`nbdfuse of ${exportName} becoming ready`, async () => {
-    if (exited) throw new EngineError('ENGINE_TOOL_FAILED', exited);
-    return stat(pidFile).then(() => true, () => false);
-  });
+  try {
+    await waitFor(`nbdfuse of ${exportName} becoming ready`, async () => {
+      if (exited) throw new EngineError('ENGINE_TOOL_FAILED', exited);
+      return stat(pidFile).then(() => true, () => false);
+    });
+  } catch (error) {
+    // Not yet in the state: stop it here, or a timed-out nbdfuse would outlive the failed mount.
+    if (child.pid !== undefined && exited === undefined) await stopProcess(child.pid, 5000).catch(() => undefined);
+    if (await mountedAt(mountpoint)) await runTool('umount', [mountpoint]).catch(() => undefined);
+    throw error;
+  }
   await unlink(pidFile).catch(() => undefined);
   return child.pid!;
 }
@@ -187,14 +207,14 @@ export async function mount(options: MountOptions): Promise<MountResult> {
   try {
     const socket = join(stateDir, 'nbd.sock');
     const server = await startServer({ repo: options.repo, backupId: options.backupId, disk: options.disk, socket, cacheBytes: options.cacheBytes, passphrase: options.passphrase }, join(stateDir, 'serve.log'));
-    state.server = { pid: server.pid, readerToken: server.readerToken };
+    state.server = { pid: server.pid, identity: processIdentity(server.pid), readerToken: server.readerToken };
     await saveState(stateDir, state);
 
     const result: MountResult = { backup: server.backupId, dir, disks: [], filesystems: [], serverPid: server.pid, readerToken: server.readerToken };
     for (const [i, exp] of server.exports.entries()) {
       const mountpoint = join(stateDir, `fuse-${i}`);
       const pid = await startFuse(socket, exp.name, mountpoint);
-      state.fuse.push({ pid, mountpoint });
+      state.fuse.push({ pid, identity: processIdentity(pid), mountpoint });
       await saveState(stateDir, state);
       const image = join(mountpoint, 'disk');
       const reader = fileReader(image, exp.size);
@@ -221,9 +241,10 @@ export async function mount(options: MountOptions): Promise<MountResult> {
               state.dirs.push(created);
             }
           }
-          await runTool('mount', ['-t', fs.type, '-o', fs.mountOptions, loop, target]);
+          // Recorded before it exists: a mount killed right after `mount` still leaves it in the state.
           state.mounts.push(target);
           await saveState(stateDir, state);
+          await runTool('mount', ['-t', fs.type, '-o', fs.mountOptions, loop, target]);
           entry.path = target;
         }
       } finally {
@@ -260,14 +281,16 @@ async function teardown(stateDir: string, state: MountState): Promise<UmountResu
   const result: UmountResult = { dir: state.dir, unmounted: 0, loopDevicesDetached: 0, fuseStopped: 0, serverStopped: false };
   while (state.mounts.length > 0) {
     const target = state.mounts[state.mounts.length - 1]!;
-    if (await mountedAt(target)) await runTool('umount', [target]);
+    // Only a filesystem on one of this mount's loop devices: whatever else is mounted there is not ours.
+    const device = await mountedAt(target);
+    if (device !== undefined && state.loops.includes(device)) await runTool('umount', [target]);
     state.mounts.pop();
     result.unmounted += 1;
     await saveState(stateDir, state);
   }
   while (state.loops.length > 0) {
     const loop = state.loops[state.loops.length - 1]!;
-    await runTool('losetup', ['--detach', loop]).catch((error: unknown) => {
+    if (await loopIsOurs(loop, stateDir)) await runTool('losetup', ['--detach', loop]).catch((error: unknown) => {
       // Already gone (a previous attempt) is fine; a busy device is not.
       if (!/No such device|not a block device|No such device or address/i.test((error as Error).message)) throw error;
     });
@@ -280,14 +303,14 @@ async function teardown(stateDir: string, state: MountState): Promise<UmountResu
   while (state.fuse.length > 0) {
     const fuse = state.fuse[state.fuse.length - 1]!;
     if (await mountedAt(fuse.mountpoint)) await runTool('umount', [fuse.mountpoint]);
-    await stopProcess(fuse.pid, 10_000);
+    await stopProcess(fuse.pid, 10_000, fuse.identity);
     await rmdir(fuse.mountpoint).catch(() => undefined);
     state.fuse.pop();
     result.fuseStopped += 1;
     await saveState(stateDir, state);
   }
   if (state.server) {
-    await stopProcess(state.server.pid, 10_000);
+    await stopProcess(state.server.pid, 10_000, state.server.identity);
     // A server that had to be killed could not release its registration: do it for it.
     if (state.server.readerToken) await unlink(join(state.repo, 'readers', `${state.server.readerToken}.json`)).catch(() => undefined);
     result.serverStopped = true;

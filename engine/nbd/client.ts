@@ -95,8 +95,14 @@ export class NbdClient {
     await this.pick().trim(offset, length);
   }
 
-  /** FLUSH on every connection: with multi-conn, a flush covers the writes that completed before it. */
+  /**
+   * FLUSH on every connection: with multi-conn, a flush covers the writes that completed before it. An
+   * export without NBD_FLAG_SEND_FLUSH must not be sent one (the protocol forbids it; nbdkit answers
+   * EINVAL): its writes are as stable when answered as that server makes them, and nothing more can be
+   * asked of it.
+   */
   async flush(): Promise<void> {
+    if ((this.info.flags & P.TFLAG_SEND_FLUSH) === 0) return;
     await Promise.all(this.connections.map((c) => c.flush()));
   }
 

@@ -148,6 +148,8 @@ export async function negotiate(context: HandshakeContext): Promise<Negotiated> 
       }
       case P.OPT_LIST_META_CONTEXT:
       case P.OPT_SET_META_CONTEXT: {
+        // SET_META_CONTEXT replaces the selection even when it fails (NBD protocol): nothing stays selected.
+        if (option === P.OPT_SET_META_CONTEXT) contextFor = undefined;
         const name = data.string();
         const queryCount = data.u32();
         const queries: string[] = [];

@@ -2,15 +2,16 @@
  * An NBD server (fixed newstyle, structured replies, base:allocation, multi-conn) over any NbdExport.
  *
  * Per connection: the handshake (server-handshake.ts), then the transmission loop. Requests are read one
- * at a time and run concurrently up to MAX_IN_FLIGHT per connection; replies go out as they complete (the
- * protocol allows any order). The loop stops reading while that many are running or while the socket's
- * send queue is over SEND_HIGH_WATER, and the socket reader pauses the socket itself when unread bytes pile
- * up: memory per connection is bounded whatever the client pipelines.
+ * at a time and run concurrently up to MAX_IN_FLIGHT requests and IN_FLIGHT_BYTES of READ/WRITE payload
+ * per connection; replies go out as they complete (the protocol allows any order). The loop stops reading
+ * while either limit is reached or while the socket's send queue is over SEND_HIGH_WATER, and the socket
+ * reader pauses the socket itself when unread bytes pile up: memory per connection is bounded (about
+ * IN_FLIGHT_BYTES twice plus SEND_HIGH_WATER) whatever the client pipelines.
  *
  * Nothing a client sends is trusted: a bad request magic or a WRITE longer than the maximum request is a
  * hard disconnect (the stream cannot be resynchronised cheaply), other bad requests get an error reply
- * (EINVAL for unknown commands and flags, out-of-range reads and oversized reads; ENOSPC for writes past
- * the end; EPERM for writes to a read-only export) and the connection carries on.
+ * (EINVAL for unknown commands and flags, out-of-range reads and trims and oversized reads; ENOSPC for
+ * writes past the end; EPERM for writes to a read-only export) and the connection carries on.
  */
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { unlink } from 'node:fs/promises';
@@ -22,6 +23,11 @@ import { decodeRequest, encodeChunkHeader, encodeSimpleReply, REQUEST_SIZE, type
 
 export const MAX_REQUEST_BYTES = 32 * 1024 * 1024;
 const MAX_IN_FLIGHT = 16;
+/**
+ * Payload bytes (READ replies being built, WRITE data) in flight per connection. Without it 16 reads of
+ * 32 MiB (512 MiB) could be built at once, and all of them queued on a socket whose client does not read.
+ */
+const IN_FLIGHT_BYTES = 64 * 1024 * 1024;
 const SEND_HIGH_WATER = 8 * 1024 * 1024;
 const RECEIVE_HIGH_WATER = 4 * 1024 * 1024;
 /** At most this many block-status extents per reply; the client asks again for the rest. */
@@ -125,6 +131,7 @@ export class NbdServer {
 class ServerConnection {
   private readonly reader: SocketReader;
   private readonly inFlight = new Set<Promise<void>>();
+  private inFlightBytes = 0;
   private closed = false;
   private negotiated: Negotiated | undefined;
 
@@ -189,16 +196,21 @@ class ServerConnection {
       const request = decodeRequest(Buffer.from(await this.reader.read(REQUEST_SIZE)));
       if (typeof request === 'string') throw new HangUp(request);
       if (request.type === P.CMD_DISC) return;
-      let payload: Buffer | undefined;
-      if (request.type === P.CMD_WRITE) {
-        if (request.length > MAX_REQUEST_BYTES) throw new HangUp(`WRITE of ${request.length} bytes, more than the ${MAX_REQUEST_BYTES} advertised`);
-        payload = Buffer.from(await this.reader.read(request.length));
-      }
-      const work = this.handle(negotiated, request, payload).catch((error: unknown) => {
-        this.server.log(`request failed: ${(error as Error).message}`);
-      });
+      if (request.type === P.CMD_WRITE && request.length > MAX_REQUEST_BYTES) throw new HangUp(`WRITE of ${request.length} bytes, more than the ${MAX_REQUEST_BYTES} advertised`);
+      // What the request will hold in memory (a READ over the maximum is refused without reading).
+      const bytes = request.type === P.CMD_WRITE || (request.type === P.CMD_READ && request.length <= MAX_REQUEST_BYTES) ? request.length : 0;
+      while (this.inFlight.size > 0 && this.inFlightBytes + bytes > IN_FLIGHT_BYTES) await Promise.race(this.inFlight);
+      const payload = request.type === P.CMD_WRITE ? Buffer.from(await this.reader.read(request.length)) : undefined;
+      this.inFlightBytes += bytes;
+      const work = this.handle(negotiated, request, payload)
+        .catch((error: unknown) => {
+          this.server.log(`request failed: ${(error as Error).message}`);
+        })
+        .finally(() => {
+          this.inFlightBytes -= bytes;
+          this.inFlight.delete(work);
+        });
       this.inFlight.add(work);
-      void work.finally(() => this.inFlight.delete(work));
     }
   }
 
@@ -222,7 +234,8 @@ class ServerConnection {
         case P.CMD_WRITE_ZEROES:
         case P.CMD_TRIM: {
           if (!exp.writable) throw new RequestError(P.NBD_EPERM, 'the export is read-only');
-          if (end > exp.size) throw new RequestError(P.NBD_ENOSPC, `write ${request.offset}+${request.length} runs past the end of the export (${exp.size} bytes)`);
+          // The protocol's error values: ENOSPC for writes past the end, EINVAL for a trim past it.
+          if (end > exp.size) throw new RequestError(request.type === P.CMD_TRIM ? P.NBD_EINVAL : P.NBD_ENOSPC, `${request.type === P.CMD_TRIM ? 'trim' : 'write'} ${request.offset}+${request.length} runs past the end of the export (${exp.size} bytes)`);
           if (request.type === P.CMD_WRITE) await exp.write!(payload!, request.offset);
           else if (request.type === P.CMD_WRITE_ZEROES) await exp.writeZeroes!(request.offset, request.length);
           else await exp.trim!(request.offset, request.length);

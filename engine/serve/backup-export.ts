@@ -64,7 +64,8 @@ export class BackupExport implements NbdExport {
     const inBlock = offset - block * this.table.blockSize;
     if (overlay?.touches(block)) {
       const target = Buffer.alloc(length);
-      if (!this.table.isZero(block)) (await this.chunk(block)).copy(target, 0, inBlock, inBlock + length);
+      // A range the overlay answers alone needs no backup read: an overwritten damaged chunk reads fine.
+      if (!this.table.isZero(block) && !overlay.covers(block, inBlock, length)) (await this.chunk(block)).copy(target, 0, inBlock, inBlock + length);
       await overlay.readInto(block, inBlock, target);
       return { offset, data: target };
     }
@@ -137,7 +138,7 @@ export class BackupExport implements NbdExport {
   }
 
   async trim(offset: number, length: number): Promise<void> {
-    // A trimmed range may read as anything afterwards; zeros are the simplest honest answer.
+    // A trimmed range may read as anything afterwards; zeros are the simplest honest answer, and cost nothing.
     await this.writeZeroes(offset, length);
   }
 

@@ -3,29 +3,39 @@
  * sparse file at their own offsets, never to the repository. The file is unlinked as soon as it is open,
  * so it disappears with the process however the process ends.
  *
- * Which bytes the overlay holds is tracked per GRANULE (4 KiB), one byte per granule, in a small array
- * per block that was ever written: memory grows with what the guest wrote, not with the disk. A write
- * that covers part of a granule is completed with the granule's current content first (read-modify-write),
- * so a granule in the overlay is always whole.
+ * What the overlay holds is tracked per GRANULE (4 KiB), one byte per granule, in a small array per block
+ * that was ever written: DATA (the file holds the granule's bytes) or ZERO (the granule reads as zeros and
+ * nothing is stored: WRITE_ZEROES and TRIM of whole granules cost no I/O and no space, so a guest zeroing
+ * or discarding its whole disk does not fill the overlay's file system). Memory grows with what the guest
+ * wrote, not with the disk. A write (or zeroing) that covers part of a granule is completed with the
+ * granule's current content first (read-modify-write), so a DATA granule in the file is always whole.
  */
 import { mkdtemp, open, rm, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 export const GRANULE = 4096;
-const ZERO_STEP = 1024 * 1024;
+const DATA = 1;
+const ZERO = 2;
+
+/** The export's present content of a range (backup merged with the overlay), for read-modify-write. */
+export type CurrentContent = (offset: number, length: number) => Promise<Buffer>;
 
 export class Overlay {
-  /** block → one byte per granule of the block, 1 where the overlay holds the granule. */
+  /** block → one byte per granule of the block: 0 (not in the overlay), DATA or ZERO. */
   private readonly written = new Map<number, Uint8Array>();
+  private readonly granulesPerBlock: number;
   private queue: Promise<void> = Promise.resolve();
+  /** Bytes the guest wrote or zeroed. */
   bytesWritten = 0;
 
   private constructor(
     private readonly handle: FileHandle,
     readonly size: number,
     readonly blockSize: number,
-  ) {}
+  ) {
+    this.granulesPerBlock = Math.ceil(blockSize / GRANULE);
+  }
 
   static async create(size: number, blockSize: number, dir = tmpdir()): Promise<Overlay> {
     const work = await mkdtemp(join(dir, 'engine-overlay-'));
@@ -44,8 +54,22 @@ export class Overlay {
     return this.written.has(block);
   }
 
+  /** Whether the overlay alone answers [blockOffset, blockOffset + length) of `block` (no backup read needed). */
+  covers(block: number, blockOffset: number, length: number): boolean {
+    const map = this.written.get(block);
+    if (!map) return false;
+    const last = Math.floor((blockOffset + length - 1) / GRANULE);
+    for (let g = Math.floor(blockOffset / GRANULE); g <= last; g += 1) if (map[g] === 0) return false;
+    return true;
+  }
+
   get blocksTouched(): number {
     return this.written.size;
+  }
+
+  /** Bytes the overlay's file occupies on disk. */
+  async allocatedBytes(): Promise<number> {
+    return (await this.handle.stat()).blocks * 512;
   }
 
   /**
@@ -59,43 +83,47 @@ export class Overlay {
     let g = Math.floor(blockOffset / GRANULE);
     const lastGranule = Math.floor((blockOffset + target.length - 1) / GRANULE);
     while (g <= lastGranule) {
-      if (map[g] !== 1) {
+      const state = map[g];
+      if (state === 0) {
         g += 1;
         continue;
       }
       let end = g;
-      while (end + 1 <= lastGranule && map[end + 1] === 1) end += 1;
-      const from = Math.max(g * GRANULE, blockOffset);
-      const to = Math.min((end + 1) * GRANULE, blockOffset + target.length);
-      await this.readFully(target.subarray(from - blockOffset, to - blockOffset), base + from);
+      while (end + 1 <= lastGranule && map[end + 1] === state) end += 1;
+      const from = Math.max(g * GRANULE, blockOffset) - blockOffset;
+      const to = Math.min((end + 1) * GRANULE, blockOffset + target.length) - blockOffset;
+      if (state === ZERO) target.fill(0, from, to);
+      else await this.readFully(target.subarray(from, to), base + blockOffset + from);
       g = end + 1;
     }
   }
 
   /**
-   * Writes `data` at `offset`. `current` reads the export's present content of a range (for partial
-   * granules). Writes are serialised: two overlapping read-modify-writes must not interleave.
+   * Writes `data` at `offset`. Writes are serialised: two overlapping read-modify-writes must not
+   * interleave.
    */
-  write(data: Buffer, offset: number, current: (offset: number, length: number) => Promise<Buffer>): Promise<void> {
+  write(data: Buffer, offset: number, current: CurrentContent): Promise<void> {
     return this.serialised(async () => {
-      const start = Math.floor(offset / GRANULE) * GRANULE;
-      const end = Math.min(this.size, Math.ceil((offset + data.length) / GRANULE) * GRANULE);
-      let whole = data;
-      if (start !== offset || end !== offset + data.length) {
-        whole = await current(start, end - start);
-        data.copy(whole, offset - start);
-      }
-      await this.writeFully(whole, start);
-      this.mark(start, end);
+      await this.writeGranules(data, offset, current);
       this.bytesWritten += data.length;
     });
   }
 
-  /** Zeroes a range (WRITE_ZEROES and TRIM), in bounded steps. */
-  async zero(offset: number, length: number, current: (offset: number, length: number) => Promise<Buffer>): Promise<void> {
-    for (let at = offset; at < offset + length; at += ZERO_STEP) {
-      await this.write(Buffer.alloc(Math.min(ZERO_STEP, offset + length - at)), at, current);
-    }
+  /**
+   * Zeroes a range (WRITE_ZEROES and TRIM): whole granules are only marked ZERO; a partial granule at
+   * either end is read, zeroed in part and written whole.
+   */
+  zero(offset: number, length: number, current: CurrentContent): Promise<void> {
+    return this.serialised(async () => {
+      const end = offset + length;
+      const wholeStart = Math.min(end, Math.ceil(offset / GRANULE) * GRANULE);
+      // The disk's last granule may be short: it ends at the disk's end, and is then whole.
+      const wholeEnd = Math.max(wholeStart, end === this.size ? end : Math.floor(end / GRANULE) * GRANULE);
+      if (wholeStart > offset) await this.writeGranules(Buffer.alloc(wholeStart - offset), offset, current);
+      if (wholeEnd > wholeStart) this.mark(wholeStart, wholeEnd, ZERO);
+      if (end > wholeEnd) await this.writeGranules(Buffer.alloc(end - wholeEnd), wholeEnd, current);
+      this.bytesWritten += length;
+    });
   }
 
   async flush(): Promise<void> {
@@ -107,16 +135,33 @@ export class Overlay {
     await this.handle.close();
   }
 
-  private mark(start: number, end: number): void {
-    for (let g = start / GRANULE; g < end / GRANULE; g += 1) {
-      const offset = g * GRANULE;
-      const block = Math.floor(offset / this.blockSize);
+  /** The body of a write; the caller holds the queue. */
+  private async writeGranules(data: Buffer, offset: number, current: CurrentContent): Promise<void> {
+    const start = Math.floor(offset / GRANULE) * GRANULE;
+    const end = Math.min(this.size, Math.ceil((offset + data.length) / GRANULE) * GRANULE);
+    if (end <= start) return;
+    let whole = data;
+    if (start !== offset || end !== offset + data.length) {
+      whole = await current(start, end - start);
+      data.copy(whole, offset - start);
+    }
+    await this.writeFully(whole, start);
+    this.mark(start, end, DATA);
+  }
+
+  /** Sets granules [start, end) (start granule-aligned; end aligned or the disk's end) to `state`, block by block. */
+  private mark(start: number, end: number, state: number): void {
+    for (let at = start; at < end; ) {
+      const block = Math.floor(at / this.blockSize);
+      const blockStart = block * this.blockSize;
+      const upTo = Math.min(end, blockStart + this.blockSize);
       let map = this.written.get(block);
       if (!map) {
-        map = new Uint8Array(Math.ceil(this.blockSize / GRANULE));
+        map = new Uint8Array(this.granulesPerBlock);
         this.written.set(block, map);
       }
-      map[(offset - block * this.blockSize) / GRANULE] = 1;
+      map.fill(state, (at - blockStart) / GRANULE, Math.ceil((upTo - blockStart) / GRANULE));
+      at = upTo;
     }
   }
 
