@@ -4,9 +4,9 @@
  * a second gc refused, deletions deferred while a reader is registered, and a refusal to guess.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { registerReader } from '../dist/engine/index.js';
+import { KIND_DATA, registerReader, scanPack } from '../dist/engine/index.js';
 import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
 import type { ChildProcess } from 'node:child_process';
 
@@ -29,6 +29,7 @@ interface GcJson {
   chunks: { live: number; removed: number; moved: number };
   bytes: { before: number; deleted: number; written: number; reclaimed: number };
   readers: number;
+  markers: { quarantine: string[]; protected: string[] };
 }
 
 interface VerifyJson {
@@ -238,5 +239,64 @@ describe('engine gc', () => {
     expect(result.stderr).toContain(`backup record ${one.id} is damaged`);
     expect(result.stderr).toContain('deletes nothing');
     expect(await packCount(repo)).toBe(4);
+  });
+
+  test('removes markers that name nothing, keeps the quarantine record of damage a backup still references', async () => {
+    const repo = await freshRepo('repo-markers');
+    const a = await image('markers-a.img', [[3, 'ma']]);
+    const damagedBackup = await backupOf(repo, a);
+    const b = await image('markers-b.img', [[2, 'mb']]);
+    const gone = await backupOf(repo, b, 'other');
+    for (const id of [damagedBackup.id, gone.id]) expect((await runEngine(['protect', '--repo', repo, id])).code).toBe(0);
+    await rm(join(repo, 'backups', gone.id)); // a record deleted by hand: its marker now names nothing
+    const strayPack = 'ab'.repeat(16);
+    await mkdir(join(repo, 'quarantine'), { recursive: true });
+    await writeFile(join(repo, 'quarantine', `${strayPack}-32.json`), JSON.stringify({ pack: strayPack, offset: 32, blob: null, why: 'test', since: new Date().toISOString() }));
+
+    // Block 0 of the first backup damaged and set aside by repair; no good copy exists.
+    let damaged: { pack: string; offset: number } | undefined;
+    for (const sub of await readdir(join(repo, 'packs'))) {
+      for (const packId of await readdir(join(repo, 'packs', sub))) {
+        const frames = (await scanPack(repo, packId)).frames;
+        if (frames.length !== 3 || frames[0]!.header.kind !== KIND_DATA) continue;
+        const handle = await open(join(repo, 'packs', sub, packId), 'r+');
+        await handle.write(Buffer.from([0xff, 0x00, 0xff]), 0, 3, frames[0]!.offset + 48 + 500);
+        await handle.close();
+        damaged = { pack: packId, offset: frames[0]!.offset };
+      }
+    }
+    expect(damaged).toBeDefined();
+    expect((await runEngine(['repair', '--repo', repo])).code).toBe(4);
+    const damagedKey = `${damaged!.pack}-${damaged!.offset}`;
+    const quarantineFiles = async (): Promise<string[]> => (await readdir(join(repo, 'quarantine'))).sort();
+    expect(await quarantineFiles()).toEqual([`${damagedKey}.json`, `${strayPack}-32.json`].sort());
+
+    const dry = parseJson<GcJson>((await runEngine(['gc', '--repo', repo, '--dry-run', '--json'])).stdout);
+    expect(dry.markers).toEqual({ quarantine: [`${strayPack}-32`], protected: [gone.id] });
+    expect((await quarantineFiles()).length).toBe(2);
+    expect((await readdir(join(repo, 'protected'))).length).toBe(2);
+
+    // The damaged pack's two good chunks are copied and the pack deleted; its record stays, since the
+    // first backup still needs that chunk and has no other copy.
+    const result = await runEngine(['gc', '--repo', repo, '--rewrite-below', '100%', '--json']);
+    expect(result.code).toBe(0);
+    const report = parseJson<GcJson>(result.stdout);
+    expect(report.packs.deleted).toContain(damaged!.pack);
+    expect(report.markers).toEqual({ quarantine: [`${strayPack}-32`], protected: [gone.id] });
+    expect(await quarantineFiles()).toEqual([`${damagedKey}.json`]);
+    expect(await readdir(join(repo, 'protected'))).toEqual([damagedBackup.id]);
+    // gc can still mark past the damaged chunk (it would refuse if the record were gone).
+    const again = await runEngine(['gc', '--repo', repo, '--json']);
+    expect(again.stderr).toBe('');
+    expect(again.code).toBe(0);
+    expect(parseJson<GcJson>(again.stdout).markers).toEqual({ quarantine: [], protected: [] });
+
+    // The next backup of the source stores a good copy: the record names nothing any more, and goes.
+    await backupOf(repo, a);
+    const healed = parseJson<GcJson>((await runEngine(['gc', '--repo', repo, '--json'])).stdout);
+    expect(healed.markers).toEqual({ quarantine: [damagedKey], protected: [] });
+    expect(await quarantineFiles()).toEqual([]);
+    expect((await verified(repo)).garbage.unreferencedBlobs).toBe(0);
+    await expectRestores(repo, damagedBackup.id, a);
   });
 });
