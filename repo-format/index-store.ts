@@ -111,11 +111,15 @@ export class IndexStore {
   }
 
   async putBackup(id: string, record: Buffer): Promise<void> {
-    await this.db.put(prefixed(KEY_PREFIX_BACKUP, id), record, { sync: true });
+    await this.db.put(prefixed(KEY_PREFIX_BACKUP, id), record, { sync: true }).catch((error: unknown) => {
+      throw classifyWriteError(error, this.path);
+    });
   }
 
   async deleteBackup(id: string): Promise<void> {
-    await this.db.del(prefixed(KEY_PREFIX_BACKUP, id), { sync: true });
+    await this.db.del(prefixed(KEY_PREFIX_BACKUP, id), { sync: true }).catch((error: unknown) => {
+      throw classifyWriteError(error, this.path);
+    });
   }
 
   async backupIds(): Promise<string[]> {

@@ -4,10 +4,10 @@
  * a second gc refused, deletions deferred while a reader is registered, and a refusal to guess.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { mkdir, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, open, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { KIND_DATA, registerReader, scanPack } from '../dist/engine/index.js';
-import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, sparseFile, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
 import type { ChildProcess } from 'node:child_process';
 
 const MiB = 1024 * 1024;
@@ -85,17 +85,6 @@ async function packCount(repo: string): Promise<number> {
   return n;
 }
 
-/** Waits until the child has stopped itself (SIGSTOP at ENGINE_STOP_AT): state T in /proc. */
-async function stopped(child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 600; i += 1) {
-    const stat = await readFile(`/proc/${child.pid}/stat`, 'utf8').catch(() => '');
-    if (stat.split(') ')[1]?.startsWith('T')) return;
-    if (child.exitCode !== null) throw new Error(`gc exited (${child.exitCode}) before stopping`);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  throw new Error('gc never stopped');
-}
-
 async function resumed(child: ChildProcess): Promise<{ code: number | null; json: GcJson }> {
   let stdout = '';
   child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
@@ -155,7 +144,7 @@ describe('engine gc', () => {
 
     // Round 1: an unrelated backup commits while gc copies; gc's temp packs survive that backup's cleanup of tmp/.
     let child = spawnEngine(['gc', '--repo', repo, '--json'], { ENGINE_STOP_AT: 'gc-copied' });
-    await stopped(child);
+    await stoppedItself(child);
     const z = await image('z.img', [[3, 'z']]);
     const bz = await backupOf(repo, z, 'other');
     const second = await runEngine(['gc', '--repo', repo]);
@@ -182,7 +171,7 @@ describe('engine gc', () => {
     expect(parseJson<{ removed: number }>((await runEngine(['prune', '--repo', repo, '--keep-last', '1', '--json'])).stdout).removed).toBe(1);
     const beforePacks = await packCount(repo);
     child = spawnEngine(['gc', '--repo', repo, '--json'], { ENGINE_STOP_AT: 'gc-marked' });
-    await stopped(child);
+    await stoppedItself(child);
     const revived = await backupOf(repo, k, 'k');
     expect(revived.disks[0]!.blocksNew).toBe(0); // every chunk deduplicated against what gc found dead
     ({ code, json } = await resumed(child));
