@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { access, copyFile, mkdir, open, readdir, readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
-import { exitOf, filesIdentical, parseJson, runEngine, sh, spawnEngine, sparseFile, stoppedItself, tempDir, Tmpfs, writeRegion, type BackupJson, type RunResult } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, resumedJson, runEngine, sh, spawnEngine, sparseFile, stoppedItself, tempDir, Tmpfs, writeRegion, type BackupJson, type RunResult } from './helpers.js';
 import { generateImage, KIND_DATA, listQuarantine, scanPack, SeededRandom } from '../dist/engine/index.js';
 import { checksum64, initChecksum } from '../dist/repo-format/checksum.js';
 
@@ -346,14 +346,6 @@ class CampaignRepo {
     expect((await this.run(['prune', '--keep-last', '1'])).code).toBe(0);
     await this.forgetRemoved();
   }
-}
-
-async function resumedJson<T>(child: ChildProcess): Promise<{ code: number | null; json: T }> {
-  let stdout = '';
-  child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
-  child.kill('SIGCONT');
-  const { code } = await exitOf(child);
-  return { code, json: parseJson<T>(stdout) };
 }
 
 describe('fault campaign', () => {

@@ -7,8 +7,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { mkdir, open, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { KIND_DATA, registerReader, scanPack } from '../dist/engine/index.js';
-import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, sparseFile, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
-import type { ChildProcess } from 'node:child_process';
+import { filesIdentical, parseJson, resumedJson, runEngine, spawnEngine, sparseFile, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const FRAME_OVERHEAD = 56;
@@ -85,14 +84,6 @@ async function packCount(repo: string): Promise<number> {
   return n;
 }
 
-async function resumed(child: ChildProcess): Promise<{ code: number | null; json: GcJson }> {
-  let stdout = '';
-  child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
-  child.kill('SIGCONT');
-  const { code } = await exitOf(child);
-  return { code, json: parseJson<GcJson>(stdout) };
-}
-
 describe('engine gc', () => {
   test('deletes what only pruned backups referenced, rewrites a sparse pack, and every kept backup restores', async () => {
     const repo = await freshRepo('repo-reclaim');
@@ -151,7 +142,7 @@ describe('engine gc', () => {
     expect(second.code).toBe(3);
     expect(second.stderr).toContain(`is locked by pid ${child.pid} on host`);
     expect(second.stderr).toContain('(gc)');
-    let { code, json } = await resumed(child);
+    let { code, json } = await resumedJson<GcJson>(child);
     expect(code).toBe(0);
     expect(json.backupsCommittedDuringGc).toEqual([bz.id]);
     expect(json.packs.rewritten.length).toBe(1); // bx's data pack: 4 of 10 chunks live
@@ -174,7 +165,7 @@ describe('engine gc', () => {
     await stoppedItself(child);
     const revived = await backupOf(repo, k, 'k');
     expect(revived.disks[0]!.blocksNew).toBe(0); // every chunk deduplicated against what gc found dead
-    ({ code, json } = await resumed(child));
+    ({ code, json } = await resumedJson<GcJson>(child));
     expect(code).toBe(0);
     expect(json.backupsCommittedDuringGc).toEqual([revived.id]);
     expect(json.packs.deleted).toEqual([]);

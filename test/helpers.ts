@@ -135,6 +135,15 @@ export async function stoppedItself(child: ChildProcess): Promise<void> {
   throw new Error('the child never stopped');
 }
 
+/** Resumes a child stopped by ENGINE_STOP_AT and returns its exit code and the JSON it printed. */
+export async function resumedJson<T>(child: ChildProcess): Promise<{ code: number | null; json: T }> {
+  let stdout = '';
+  child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+  child.kill('SIGCONT');
+  const { code } = await exitOf(child);
+  return { code, json: parseJson<T>(stdout) };
+}
+
 /**
  * A small tmpfs (a real filesystem that really fills up) and a filler file that takes all of its free
  * space but `leave` bytes; tmpfs allocates whole pages, deterministically, and keeps nothing in reserve.
