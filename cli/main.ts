@@ -561,10 +561,11 @@ function buildProgram(): Command {
     .addOption(repoOption())
     .addOption(passwordFileOption())
     .option('--json', 'print JSON')
-    .action(async (opts: { repo?: string; json?: boolean; passwordFile?: string }) => {
+    .addOption(workersOption())
+    .action(async (opts: { repo?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
       const progress = createProgress({ json: jsonMode });
-      const report = await engine.repair({ repo: requireRepo(opts.repo), passphrase: await loadPassphrase(opts.passwordFile), onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
+      const report = await engine.repair({ repo: requireRepo(opts.repo), passphrase: await loadPassphrase(opts.passwordFile), workers: opts.workers, onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
       progress.done();
       if (jsonMode) printJson(report);
       else printRepair(report);

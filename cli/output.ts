@@ -187,6 +187,10 @@ export function printGc(report: GcReport): void {
   if (report.backupsCommittedDuringGc.length > 0) lines.push(`${report.backupsCommittedDuringGc.length} backups committed during gc were marked too`);
   for (const k of p.kept) lines.push(`kept pack ${k.pack}: ${k.why}`);
   if (p.deferred.length > 0) lines.push(`deferred: ${p.deferred.length} packs stay until no reader is registered (${report.readers} now); a later gc deletes them`);
+  const m = report.markers;
+  if (m.quarantine.length + m.protected.length > 0) {
+    lines.push(`${report.dryRun ? 'would remove' : 'removed'} ${m.quarantine.length} quarantine records of packs that are gone, ${m.protected.length} protection markers of backups that are gone`);
+  }
   process.stdout.write(`${lines.join('\n')}\n`);
 }
 

@@ -14,7 +14,9 @@
  *    packs/, then one index batch moves the copied entries and removes the dead ones, each only if the
  *    entry still names the place phase 1 saw (compare-and-swap: a repair in between wins). Only then
  *    are packs that no index entry names deleted, unless a reader is registered: their deletion is then
- *    deferred to a later gc (they stay as unindexed packs, which any later gc deletes).
+ *    deferred to a later gc (they stay as unindexed packs, which any later gc deletes). Last, markers that
+ *    name what no longer exists are removed: quarantine records of packs that are gone (except those of
+ *    blobs a backup still references with no good copy) and protection markers of backups that are gone.
  */
 import { stat } from 'node:fs/promises';
 import { Repository } from '../repo-format/repository.js';
@@ -22,7 +24,8 @@ import { CorruptMetadataError, EngineError, InvalidArgumentError, MissingBlobErr
 import { crashPoint } from '../repo-format/crash-points.js';
 import { deletePack, packPath, PackWriter, readFrameBytes } from '../repo-format/pack-file.js';
 import { openBlob } from '../repo-format/blob-codec.js';
-import { listQuarantine, removeFromQuarantine } from '../repo-format/quarantine.js';
+import { listQuarantine, quarantineKey, removeFromQuarantine } from '../repo-format/quarantine.js';
+import { orphanedMarkers, removeOrphanedMarkers } from '../repo-format/protection.js';
 import { registerWriter } from '../repo-format/writers.js';
 import { listReaders, removeStaleReaders } from '../repo-format/readers.js';
 import type { IndexEntry } from '../repo-format/index-entry.js';
@@ -61,6 +64,12 @@ export interface GcReport {
   chunks: { live: number; removed: number; moved: number };
   bytes: { before: number; deleted: number; written: number; reclaimed: number };
   readers: number;
+  /**
+   * Markers that name nothing any more, removed (dry run: that would be): quarantine records
+   * (`<pack>-<offset>`) of packs that no longer exist, but for blobs a backup still references with no good
+   * copy; protection markers of backups whose record is gone.
+   */
+  markers: { quarantine: string[]; protected: string[] };
 }
 
 interface PackPlan {
@@ -85,11 +94,14 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     chunks: { live: 0, removed: 0, moved: 0 },
     bytes: { before: 0, deleted: 0, written: 0, reclaimed: 0 },
     readers: 0,
+    markers: { quarantine: [], protected: [] },
   };
 
   // Phase 1: mark and plan, under the lock.
   let repo = await Repository.open(options.repo, { access: 'exclusive', command: 'gc', passphrase: options.passphrase });
   const live = new IdPrefixSet();
+  /** Referenced blobs with no indexed copy, only a quarantine record (hex ids; as many as damaged chunks). */
+  const damagedReferenced = new Set<string>();
   const marked = new Set<string>();
   const dead: PackPlan[] = [];
   const rewrite: PackPlan[] = [];
@@ -98,7 +110,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
   try {
     await repo.removeTempFiles();
     const records = await recordsOrRefuse(repo);
-    await mark(repo, records, live);
+    await mark(repo, records, live, damagedReferenced);
     for (const record of records) marked.add(record.id);
     report.backups = records.length;
 
@@ -133,6 +145,8 @@ export async function gc(options: GcOptions): Promise<GcReport> {
       report.bytes.deleted = [...dead, ...rewrite, ...unindexed].reduce((sum, p) => sum + p.size, 0);
       report.bytes.written = rewrite.reduce((sum, p) => sum + p.live.reduce((s, e) => s + e.length, 0), 0);
       report.bytes.reclaimed = report.bytes.deleted - report.bytes.written;
+      const goingPacks = new Set([...dead, ...rewrite, ...unindexed].map((p) => p.packId));
+      report.markers = await staleMarkers(repo, damagedReferenced, (packId) => !goingPacks.has(packId));
       return report;
     }
     // Registered before the lock is let go, so that no other gc starts and no lock holder clears our tmp files.
@@ -196,7 +210,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
       report.backupsCommittedDuringGc = newer.map((r) => r.id);
       report.backups = all.length;
       const liveNow = new IdPrefixSet();
-      await mark(repo, newer, liveNow);
+      await mark(repo, newer, liveNow, damagedReferenced);
 
       const put: IndexEntry[] = [];
       const del: Buffer[] = [];
@@ -269,8 +283,11 @@ export async function gc(options: GcOptions): Promise<GcReport> {
           if (n === 0) crashPoint('gc-pack-deleted');
         }
         await repo.syncPackDirectories(unnamed);
-        await removeFromQuarantine(repo.root, new Set(unnamed));
       }
+      // Markers naming what no longer exists: nothing can need them (the lock is held, so no protect runs).
+      const stale = await staleMarkers(repo, damagedReferenced, () => true);
+      report.markers.quarantine = await removeFromQuarantine(repo.root, stale.quarantine);
+      report.markers.protected = await removeOrphanedMarkers(repo.root, new Set(await repo.listBackupIds()));
       report.packs.rewritten = report.packs.rewritten.filter((id) => report.packs.deleted.includes(id) || report.packs.deferred.includes(id));
       report.bytes.reclaimed = report.bytes.deleted - report.bytes.written;
     } finally {
@@ -292,15 +309,34 @@ async function recordsOrRefuse(repo: Repository): Promise<BackupRecord[]> {
   return backups;
 }
 
-/** Marks every page and chunk of `records`; refuses when one is neither indexed nor known damaged. */
-async function mark(repo: Repository, records: readonly BackupRecord[], live: IdPrefixSet): Promise<void> {
+/**
+ * The markers gc removes: quarantine records of packs that do not exist (or, for a dry run, will not:
+ * `stays` says which existing packs stay), unless the blob is one a backup still references with no
+ * indexed copy (the record is then the only trace of that damage, and what lets gc mark past it); and
+ * protection markers of backups whose record file is gone.
+ */
+async function staleMarkers(repo: Repository, damagedReferenced: ReadonlySet<string>, stays: (packId: string) => boolean): Promise<GcReport['markers']> {
+  const packs = new Set((await repo.listPackIds()).filter(stays));
+  const quarantine = [...(await listQuarantine(repo.root)).values()]
+    .filter((q) => !packs.has(q.pack) && !(q.blob !== null && damagedReferenced.has(q.blob)))
+    .map((q) => quarantineKey(q.pack, q.offset))
+    .sort();
+  return { quarantine, protected: await orphanedMarkers(repo.root, new Set(await repo.listBackupIds())) };
+}
+
+/**
+ * Marks every page and chunk of `records`; refuses when one is neither indexed nor known damaged. The
+ * known damaged (quarantined, no indexed copy) go into `damagedReferenced`.
+ */
+async function mark(repo: Repository, records: readonly BackupRecord[], live: IdPrefixSet, damagedReferenced: Set<string>): Promise<void> {
   const quarantined = new Set([...(await listQuarantine(repo.root)).values()].map((q) => q.blob).filter((b): b is string => b !== null));
   let refusal: EngineError | undefined;
   await walkReferences(repo, records, {
     page: (id) => live.add(id),
     chunk: ({ backup, disk, offset, id, location }) => {
       if (location) live.add(id);
-      else if (!quarantined.has(id.toString('hex'))) refusal ??= new MissingBlobError(id.toString('hex'), `gc refuses to run: chunk of backup ${backup}, disk ${disk}, offset ${offset},`);
+      else if (quarantined.has(id.toString('hex'))) damagedReferenced.add(id.toString('hex'));
+      else refusal ??= new MissingBlobError(id.toString('hex'), `gc refuses to run: chunk of backup ${backup}, disk ${disk}, offset ${offset},`);
     },
     mapDamaged: (backup, disk, error) => {
       refusal ??= new CorruptMetadataError(`the map of backup ${backup}, disk ${disk}`, `${error.message}; gc cannot tell which chunks it needs and deletes nothing (run engine repair)`);

@@ -12,12 +12,13 @@
  * 4. The new index replaces the old one (Repository.installIndex), and every backup is checked: the
  *    backups that still reference damaged or missing data are reported per disk and offset.
  */
-import { readFile } from 'node:fs/promises';
+import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Repository } from '../repo-format/repository.js';
 import { IndexStore } from '../repo-format/index-store.js';
-import { packPath, walkPackBytes } from '../repo-format/pack-file.js';
+import { packPath, scanPack, walkPackBytes, type PackDamage, type ScannedFrame } from '../repo-format/pack-file.js';
+import { NoSpaceError } from '../repo-format/errors.js';
 import { openBlob } from '../repo-format/blob-codec.js';
 import { addToQuarantine, listQuarantine, quarantineKey, type QuarantinedFrame } from '../repo-format/quarantine.js';
 import { crashPoint } from '../repo-format/crash-points.js';
@@ -25,11 +26,14 @@ import { LAYOUT } from '../repo-format/constants.js';
 import type { IndexEntry } from '../repo-format/index-entry.js';
 import { IdPrefixSet } from './id-set.js';
 import { walkReferences } from './references.js';
+import { BlockPool } from './pipeline/block-pool.js';
 
 export interface RepairOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
   passphrase?: string | undefined;
+  /** Worker threads that check frames (default: one per core). */
+  workers?: number | undefined;
   onProgress?: ((progress: { phase: string; done: number; total: number }) => void) | undefined;
 }
 
@@ -71,62 +75,58 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
     ok: true,
   };
   const building = join(repo.root, LAYOUT.tmp, `index-repair.${randomBytes(4).toString('hex')}`);
+  let installed = false;
+  let pool: BlockPool | undefined;
   try {
     report.tempFilesRemoved = await repo.removeTempFiles();
     const already = await listQuarantine(repo.root);
     const built = await IndexStore.open(building, { create: true });
     const good = new IdPrefixSet();
-    const goodPlaces = new Set<string>();
+    const goodPlaces = new GoodPlaces();
     const found: QuarantinedFrame[] = [];
     const since = new Date().toISOString();
+    pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, slotCount: 1, keys: repo.keys });
     try {
       await built.putMeta('repository-id', repo.config.id);
       const packIds = await repo.listPackIds();
-      for (const [n, packId] of packIds.entries()) {
-        options.onProgress?.({ phase: 'reading packs', done: n, total: packIds.length });
-        let bytes: Buffer;
-        try {
-          bytes = await readFile(packPath(repo.root, packId));
-        } catch (error) {
-          found.push({ pack: packId, offset: 0, blob: null, why: `pack cannot be read (${(error as NodeJS.ErrnoException).code ?? String(error)})`, since });
+      // Packs are checked in the workers, a few ahead of the one whose result is entered, in pack order.
+      const ahead: Promise<PackCheck>[] = [];
+      for (let next = 0, done = 0; done < packIds.length; done += 1) {
+        while (next < packIds.length && ahead.length <= pool.workers) ahead.push(checkPack(repo, pool, packIds[next++]!));
+        options.onProgress?.({ phase: 'reading packs', done, total: packIds.length });
+        const check = await ahead.shift()!;
+        const packId = packIds[done]!;
+        if ('unreadable' in check) {
+          found.push({ pack: packId, offset: 0, blob: null, why: check.unreadable, since });
           continue;
         }
         report.index.packs += 1;
-        report.bytesChecked += bytes.length;
-        const walk = walkPackBytes(
-          bytes,
-          packId,
-          (frame, header) => {
-            const opened = openBlob(frame, header.id, repo.keys);
-            return typeof opened === 'string' ? opened : undefined;
-          },
-          repo.encrypted,
-        );
+        report.bytesChecked += check.size;
         const entries: IndexEntry[] = [];
-        for (const frame of walk.good) {
+        for (const frame of check.good) {
           if (already.has(quarantineKey(packId, frame.offset))) continue;
           entries.push({ id: frame.header.id, packId, offset: frame.offset, length: frame.length, rawLength: frame.header.rawLength, kind: frame.header.kind, flags: frame.header.flags });
           good.add(frame.header.id);
-          goodPlaces.add(quarantineKey(packId, frame.offset));
         }
+        goodPlaces.addPack(packId, entries.map((e) => e.offset));
         await built.addEntries(entries);
         report.index.blobs += entries.length;
-        report.framesChecked += walk.good.length + walk.damage.filter((d) => d.frame).length;
-        for (const damage of walk.damage) {
+        report.framesChecked += check.good.length + check.damage.filter((d) => d.frame).length;
+        for (const damage of check.damage) {
           found.push({ pack: packId, offset: damage.offset, blob: damage.frame?.header.id.toString('hex') ?? null, why: damage.why, since });
         }
       }
     } finally {
       await built.close();
+      await pool.close().catch(() => undefined);
+      pool = undefined;
     }
 
     // The old index knows which blob each damaged place held, and which blobs sat where nothing good is left.
-    const named = await oldIndexEntries(join(repo.root, LAYOUT.index));
-    report.previousIndex = named.state;
     const byPlace = new Map(found.map((f) => [quarantineKey(f.pack, f.offset), f]));
-    for (const entry of named.entries) {
+    report.previousIndex = await forEachOldEntry(join(repo.root, LAYOUT.index), (entry) => {
       const place = quarantineKey(entry.packId, entry.offset);
-      if (goodPlaces.has(place) || already.has(place)) continue;
+      if (goodPlaces.has(entry.packId, entry.offset) || already.has(place)) return;
       const damage = byPlace.get(place);
       if (damage) {
         damage.blob = entry.id.toString('hex'); // the header of a damaged frame may itself be what is damaged
@@ -135,12 +135,13 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
         found.push(lost);
         byPlace.set(place, lost);
       }
-    }
+    });
     report.quarantined = found.filter((f) => !already.has(quarantineKey(f.pack, f.offset)));
     // Quarantine first: an index rebuilt after a crash from here on leaves these frames out too.
     await addToQuarantine(repo.root, report.quarantined);
     crashPoint('repair-quarantined');
     await repo.installIndex(building);
+    installed = true;
 
     // What still cannot be restored.
     const quarantinedBlobs = new Map<string, QuarantinedFrame>();
@@ -165,25 +166,96 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
     });
     return report;
   } finally {
+    await pool?.close().catch(() => undefined);
+    // A repair that failed (a full disk, an I/O error) leaves no half-built index behind.
+    if (!installed) await rm(building, { recursive: true, force: true }).catch(() => undefined);
     await repo.close();
   }
 }
 
-/** Reads what it can of the old index: its entries, or nothing when it is missing or unreadable. */
-async function oldIndexEntries(path: string): Promise<{ state: RepairReport['previousIndex']; entries: IndexEntry[] }> {
+type PackCheck = { unreadable: string } | { size: number; good: ScannedFrame[]; damage: PackDamage[] };
+
+/**
+ * Checks every frame of one pack. The common case, a pack whose frame chain parses to its end, is
+ * checked in full by a worker (verify --read-data's task) while the main thread goes on; only a pack with
+ * damage is read whole into memory and walked here, past the damage (walkPackBytes), so that each good
+ * frame behind a bad one is found and each bad one located.
+ */
+async function checkPack(repo: Repository, pool: BlockPool, packId: string): Promise<PackCheck> {
+  const path = packPath(repo.root, packId);
+  try {
+    const scan = await scanPack(repo.root, packId, repo.encrypted);
+    if (!scan.damage) {
+      const checked = await pool.verifyPack({ packPath: path, frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) }).catch(() => undefined);
+      if (checked && checked.bad.length === 0) return { size: scan.size, good: scan.frames, damage: [] };
+    }
+  } catch {
+    // Unreadable through a scan: the whole-file read below says why, or walks what it can.
+  }
+  let bytes: Buffer;
+  try {
+    bytes = await readFile(path);
+  } catch (error) {
+    return { unreadable: `pack cannot be read (${(error as NodeJS.ErrnoException).code ?? String(error)})` };
+  }
+  const walk = walkPackBytes(
+    bytes,
+    packId,
+    (frame, header) => {
+      const opened = openBlob(frame, header.id, repo.keys);
+      return typeof opened === 'string' ? opened : undefined;
+    },
+    repo.encrypted,
+  );
+  return { size: bytes.length, ...walk };
+}
+
+/**
+ * The offsets of the good frames of every pack, 8 bytes per frame (a Float64Array per pack, in the
+ * increasing order the walk finds them): repair asks, for each entry of the old index, whether a good
+ * frame sits where it points.
+ */
+class GoodPlaces {
+  private readonly byPack = new Map<string, Float64Array>();
+
+  addPack(packId: string, offsets: readonly number[]): void {
+    this.byPack.set(packId, Float64Array.from(offsets));
+  }
+
+  has(packId: string, offset: number): boolean {
+    const offsets = this.byPack.get(packId);
+    if (!offsets) return false;
+    let low = 0;
+    let high = offsets.length - 1;
+    while (low <= high) {
+      const mid = Math.floor((low + high) / 2);
+      const value = offsets[mid]!;
+      if (value === offset) return true;
+      if (value < offset) low = mid + 1;
+      else high = mid - 1;
+    }
+    return false;
+  }
+}
+
+/**
+ * Streams the old index's entries to `visit` (never all in memory at once), as far as they can be read:
+ * a missing or unreadable index has none, one that fails half-way those before the failure.
+ */
+async function forEachOldEntry(path: string, visit: (entry: IndexEntry) => void): Promise<RepairReport['previousIndex']> {
   let index: IndexStore;
   try {
     index = await IndexStore.open(path, { create: false });
   } catch (error) {
+    if (error instanceof NoSpaceError) throw error; // not damage: say so rather than repair without the old entries
     const missing = String((error as { cause?: unknown }).cause ?? error).includes('does not exist');
-    return { state: missing ? 'missing' : 'unreadable', entries: [] };
+    return missing ? 'missing' : 'unreadable';
   }
-  const entries: IndexEntry[] = [];
   try {
-    for await (const entry of index.blobs()) entries.push(entry);
-    return { state: 'readable', entries };
+    for await (const entry of index.blobs()) visit(entry);
+    return 'readable';
   } catch {
-    return { state: 'unreadable', entries };
+    return 'unreadable';
   } finally {
     await index.close().catch(() => undefined);
   }

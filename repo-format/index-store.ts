@@ -7,7 +7,7 @@
 import { ClassicLevel } from 'classic-level';
 import { KEY_PREFIX_BACKUP, KEY_PREFIX_BLOB, KEY_PREFIX_META } from './constants.js';
 import { blobKey, decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from './index-entry.js';
-import { CorruptMetadataError, classifyWriteError } from './errors.js';
+import { CorruptMetadataError, classifyWriteError, NoSpaceError } from './errors.js';
 
 type Db = ClassicLevel<Buffer, Buffer>;
 
@@ -35,7 +35,14 @@ export class IndexStore {
       createIfMissing: options.create,
       errorIfExists: false,
     });
-    await db.open();
+    try {
+      await db.open();
+    } catch (error) {
+      // A full disk while creating or opening (a new MANIFEST and log are written) says so; the rest is the caller's.
+      const full = classifyWriteError(error, path);
+      if (full instanceof NoSpaceError) throw full;
+      throw error;
+    }
     return new IndexStore(db, path);
   }
 
@@ -104,11 +111,15 @@ export class IndexStore {
   }
 
   async putBackup(id: string, record: Buffer): Promise<void> {
-    await this.db.put(prefixed(KEY_PREFIX_BACKUP, id), record, { sync: true });
+    await this.db.put(prefixed(KEY_PREFIX_BACKUP, id), record, { sync: true }).catch((error: unknown) => {
+      throw classifyWriteError(error, this.path);
+    });
   }
 
   async deleteBackup(id: string): Promise<void> {
-    await this.db.del(prefixed(KEY_PREFIX_BACKUP, id), { sync: true });
+    await this.db.del(prefixed(KEY_PREFIX_BACKUP, id), { sync: true }).catch((error: unknown) => {
+      throw classifyWriteError(error, this.path);
+    });
   }
 
   async backupIds(): Promise<string[]> {

@@ -51,14 +51,15 @@ async function createLockFile(root: string, holder: LockHolder & { token: string
   const temp = join(root, LAYOUT.tmp, `lock.${holder.token}`);
   const handle = await open(temp, 'wx', 0o644);
   try {
-    await handle.writeFile(JSON.stringify(holder));
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-  try {
+    try {
+      await handle.writeFile(JSON.stringify(holder));
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
     await link(temp, join(root, LAYOUT.lock));
   } finally {
+    // Also when writing failed (a full disk): nobody else removes another process's lock.* files.
     await unlink(temp).catch(() => undefined);
   }
 }

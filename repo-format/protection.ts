@@ -1,7 +1,7 @@
 /**
  * Protection of backups against prune. Records are immutable, so protection lives outside them: an empty
  * file `protected/<backup id>` (created durably, removed by unprotect). Prune never removes a backup that
- * has one. A marker whose backup is gone means nothing and is removed with the backup.
+ * has one. A marker whose backup is gone (a record deleted by hand) means nothing; gc removes it.
  */
 import { mkdir, readdir, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -41,4 +41,19 @@ export async function unprotectBackup(root: string, backupId: string): Promise<b
   }
   await fsyncDirectory(join(root, LAYOUT.protected));
   return true;
+}
+
+/** Removes the markers of backups whose record file no longer exists; returns their ids. */
+export async function removeOrphanedMarkers(root: string, existingBackups: ReadonlySet<string>): Promise<string[]> {
+  const removed: string[] = [];
+  for (const id of await orphanedMarkers(root, existingBackups)) {
+    await unlink(markerPath(root, id)).catch(() => undefined);
+    removed.push(id);
+  }
+  if (removed.length > 0) await fsyncDirectory(join(root, LAYOUT.protected));
+  return removed;
+}
+
+export async function orphanedMarkers(root: string, existingBackups: ReadonlySet<string>): Promise<string[]> {
+  return [...(await listProtected(root))].filter((id) => !existingBackups.has(id)).sort();
 }

@@ -8,7 +8,8 @@
  *
  * `blob` is null for damage that is not one frame (a pack header, or a frame chain cut where no header
  * parses). An index rebuilt from the packs never enters a quarantined frame; verify reports a
- * quarantined frame as known damage, not as a new problem; gc removes the files of the packs it deletes.
+ * quarantined frame as known damage, not as a new problem; gc removes the records of packs that no longer
+ * exist, except those of blobs a backup still references with no good copy (the only trace of that damage).
  */
 import { mkdir, readdir, readFile, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -68,15 +69,17 @@ export async function addToQuarantine(root: string, frames: QuarantinedFrame[]):
   }
 }
 
-/** Forgets the frames of deleted packs. */
-export async function removeFromQuarantine(root: string, packIds: ReadonlySet<string>): Promise<number> {
+/** Removes the records of the given frames (quarantineKey(pack, offset) each); returns the keys removed. */
+export async function removeFromQuarantine(root: string, keys: readonly string[]): Promise<string[]> {
   const dir = join(root, LAYOUT.quarantine);
-  let removed = 0;
-  for (const frame of (await listQuarantine(root)).values()) {
-    if (!packIds.has(frame.pack)) continue;
-    await unlink(join(dir, `${quarantineKey(frame.pack, frame.offset)}.json`)).catch(() => undefined);
-    removed += 1;
+  const removed: string[] = [];
+  for (const key of keys) {
+    const gone = await unlink(join(dir, `${key}.json`)).then(
+      () => true,
+      () => false,
+    );
+    if (gone) removed.push(key);
   }
-  if (removed > 0) await fsyncDirectory(dir);
+  if (removed.length > 0) await fsyncDirectory(dir);
   return removed;
 }

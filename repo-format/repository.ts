@@ -19,6 +19,7 @@ import {
   MissingBlobError,
   NotARepositoryError,
   NotEncryptedError,
+  NoSpaceError,
   PassphraseRequiredError,
   RepositoryExistsError,
   RepositoryLockedError,
@@ -171,6 +172,8 @@ export class Repository {
     this.indexStore = await IndexStore.open(indexPath, { create: false }).catch(async (error: unknown) => {
       const cause = (error as { cause?: { code?: string } }).cause;
       if (cause?.code === 'LEVEL_LOCKED') throw new RepositoryLockedError(this.root, await readLockHolder(this.root));
+      // Opening writes (a new MANIFEST and log, the old log as a table): on a full disk that is not damage.
+      if (error instanceof NoSpaceError) throw error;
       throw new CorruptMetadataError('index (LevelDB)', `${String(cause ?? error)}; \`engine repair\` rebuilds it from the packs`);
     });
     await this.reconcileCatalogue();

@@ -4,11 +4,10 @@
  * a second gc refused, deletions deferred while a reader is registered, and a refusal to guess.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, open, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { registerReader } from '../dist/engine/index.js';
-import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
-import type { ChildProcess } from 'node:child_process';
+import { KIND_DATA, registerReader, scanPack } from '../dist/engine/index.js';
+import { filesIdentical, parseJson, resumedJson, runEngine, spawnEngine, sparseFile, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const FRAME_OVERHEAD = 56;
@@ -29,6 +28,7 @@ interface GcJson {
   chunks: { live: number; removed: number; moved: number };
   bytes: { before: number; deleted: number; written: number; reclaimed: number };
   readers: number;
+  markers: { quarantine: string[]; protected: string[] };
 }
 
 interface VerifyJson {
@@ -84,25 +84,6 @@ async function packCount(repo: string): Promise<number> {
   return n;
 }
 
-/** Waits until the child has stopped itself (SIGSTOP at ENGINE_STOP_AT): state T in /proc. */
-async function stopped(child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 600; i += 1) {
-    const stat = await readFile(`/proc/${child.pid}/stat`, 'utf8').catch(() => '');
-    if (stat.split(') ')[1]?.startsWith('T')) return;
-    if (child.exitCode !== null) throw new Error(`gc exited (${child.exitCode}) before stopping`);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  throw new Error('gc never stopped');
-}
-
-async function resumed(child: ChildProcess): Promise<{ code: number | null; json: GcJson }> {
-  let stdout = '';
-  child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
-  child.kill('SIGCONT');
-  const { code } = await exitOf(child);
-  return { code, json: parseJson<GcJson>(stdout) };
-}
-
 describe('engine gc', () => {
   test('deletes what only pruned backups referenced, rewrites a sparse pack, and every kept backup restores', async () => {
     const repo = await freshRepo('repo-reclaim');
@@ -154,14 +135,14 @@ describe('engine gc', () => {
 
     // Round 1: an unrelated backup commits while gc copies; gc's temp packs survive that backup's cleanup of tmp/.
     let child = spawnEngine(['gc', '--repo', repo, '--json'], { ENGINE_STOP_AT: 'gc-copied' });
-    await stopped(child);
+    await stoppedItself(child);
     const z = await image('z.img', [[3, 'z']]);
     const bz = await backupOf(repo, z, 'other');
     const second = await runEngine(['gc', '--repo', repo]);
     expect(second.code).toBe(3);
     expect(second.stderr).toContain(`is locked by pid ${child.pid} on host`);
     expect(second.stderr).toContain('(gc)');
-    let { code, json } = await resumed(child);
+    let { code, json } = await resumedJson<GcJson>(child);
     expect(code).toBe(0);
     expect(json.backupsCommittedDuringGc).toEqual([bz.id]);
     expect(json.packs.rewritten.length).toBe(1); // bx's data pack: 4 of 10 chunks live
@@ -181,10 +162,10 @@ describe('engine gc', () => {
     expect(parseJson<{ removed: number }>((await runEngine(['prune', '--repo', repo, '--keep-last', '1', '--json'])).stdout).removed).toBe(1);
     const beforePacks = await packCount(repo);
     child = spawnEngine(['gc', '--repo', repo, '--json'], { ENGINE_STOP_AT: 'gc-marked' });
-    await stopped(child);
+    await stoppedItself(child);
     const revived = await backupOf(repo, k, 'k');
     expect(revived.disks[0]!.blocksNew).toBe(0); // every chunk deduplicated against what gc found dead
-    ({ code, json } = await resumed(child));
+    ({ code, json } = await resumedJson<GcJson>(child));
     expect(code).toBe(0);
     expect(json.backupsCommittedDuringGc).toEqual([revived.id]);
     expect(json.packs.deleted).toEqual([]);
@@ -238,5 +219,64 @@ describe('engine gc', () => {
     expect(result.stderr).toContain(`backup record ${one.id} is damaged`);
     expect(result.stderr).toContain('deletes nothing');
     expect(await packCount(repo)).toBe(4);
+  });
+
+  test('removes markers that name nothing, keeps the quarantine record of damage a backup still references', async () => {
+    const repo = await freshRepo('repo-markers');
+    const a = await image('markers-a.img', [[3, 'ma']]);
+    const damagedBackup = await backupOf(repo, a);
+    const b = await image('markers-b.img', [[2, 'mb']]);
+    const gone = await backupOf(repo, b, 'other');
+    for (const id of [damagedBackup.id, gone.id]) expect((await runEngine(['protect', '--repo', repo, id])).code).toBe(0);
+    await rm(join(repo, 'backups', gone.id)); // a record deleted by hand: its marker now names nothing
+    const strayPack = 'ab'.repeat(16);
+    await mkdir(join(repo, 'quarantine'), { recursive: true });
+    await writeFile(join(repo, 'quarantine', `${strayPack}-32.json`), JSON.stringify({ pack: strayPack, offset: 32, blob: null, why: 'test', since: new Date().toISOString() }));
+
+    // Block 0 of the first backup damaged and set aside by repair; no good copy exists.
+    let damaged: { pack: string; offset: number } | undefined;
+    for (const sub of await readdir(join(repo, 'packs'))) {
+      for (const packId of await readdir(join(repo, 'packs', sub))) {
+        const frames = (await scanPack(repo, packId)).frames;
+        if (frames.length !== 3 || frames[0]!.header.kind !== KIND_DATA) continue;
+        const handle = await open(join(repo, 'packs', sub, packId), 'r+');
+        await handle.write(Buffer.from([0xff, 0x00, 0xff]), 0, 3, frames[0]!.offset + 48 + 500);
+        await handle.close();
+        damaged = { pack: packId, offset: frames[0]!.offset };
+      }
+    }
+    expect(damaged).toBeDefined();
+    expect((await runEngine(['repair', '--repo', repo])).code).toBe(4);
+    const damagedKey = `${damaged!.pack}-${damaged!.offset}`;
+    const quarantineFiles = async (): Promise<string[]> => (await readdir(join(repo, 'quarantine'))).sort();
+    expect(await quarantineFiles()).toEqual([`${damagedKey}.json`, `${strayPack}-32.json`].sort());
+
+    const dry = parseJson<GcJson>((await runEngine(['gc', '--repo', repo, '--dry-run', '--json'])).stdout);
+    expect(dry.markers).toEqual({ quarantine: [`${strayPack}-32`], protected: [gone.id] });
+    expect((await quarantineFiles()).length).toBe(2);
+    expect((await readdir(join(repo, 'protected'))).length).toBe(2);
+
+    // The damaged pack's two good chunks are copied and the pack deleted; its record stays, since the
+    // first backup still needs that chunk and has no other copy.
+    const result = await runEngine(['gc', '--repo', repo, '--rewrite-below', '100%', '--json']);
+    expect(result.code).toBe(0);
+    const report = parseJson<GcJson>(result.stdout);
+    expect(report.packs.deleted).toContain(damaged!.pack);
+    expect(report.markers).toEqual({ quarantine: [`${strayPack}-32`], protected: [gone.id] });
+    expect(await quarantineFiles()).toEqual([`${damagedKey}.json`]);
+    expect(await readdir(join(repo, 'protected'))).toEqual([damagedBackup.id]);
+    // gc can still mark past the damaged chunk (it would refuse if the record were gone).
+    const again = await runEngine(['gc', '--repo', repo, '--json']);
+    expect(again.stderr).toBe('');
+    expect(again.code).toBe(0);
+    expect(parseJson<GcJson>(again.stdout).markers).toEqual({ quarantine: [], protected: [] });
+
+    // The next backup of the source stores a good copy: the record names nothing any more, and goes.
+    await backupOf(repo, a);
+    const healed = parseJson<GcJson>((await runEngine(['gc', '--repo', repo, '--json'])).stdout);
+    expect(healed.markers).toEqual({ quarantine: [damagedKey], protected: [] });
+    expect(await quarantineFiles()).toEqual([]);
+    expect((await verified(repo)).garbage.unreferencedBlobs).toBe(0);
+    await expectRestores(repo, damagedBackup.id, a);
   });
 });

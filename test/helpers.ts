@@ -5,7 +5,7 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { mkdtemp, open, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readFile, rm, statfs } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -122,4 +122,63 @@ export interface BackupJson {
   name: string;
   blockSize: number;
   disks: { name: string; size: number; bytesRead: number; bytesNew: number; bytesStored: number; blocksNew: number; blocksZero: number; blocksDeduplicated: number; blocksUnchanged: number; blocksTotal: number; mode?: string; modeReason?: string; parent?: string | null; checkpoint?: string }[];
+}
+
+/** Waits until a child stopped itself (SIGSTOP at ENGINE_STOP_AT): state T in /proc. */
+export async function stoppedItself(child: ChildProcess): Promise<void> {
+  for (let i = 0; i < 600; i += 1) {
+    const stat = await readFile(`/proc/${child.pid}/stat`, 'utf8').catch(() => '');
+    if (stat.split(') ')[1]?.startsWith('T')) return;
+    if (child.exitCode !== null) throw new Error(`the child exited (${child.exitCode}) before stopping`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  throw new Error('the child never stopped');
+}
+
+/** Resumes a child stopped by ENGINE_STOP_AT and returns its exit code and the JSON it printed. */
+export async function resumedJson<T>(child: ChildProcess): Promise<{ code: number | null; json: T }> {
+  let stdout = '';
+  child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+  child.kill('SIGCONT');
+  const { code } = await exitOf(child);
+  return { code, json: parseJson<T>(stdout) };
+}
+
+/**
+ * A small tmpfs (a real filesystem that really fills up) and a filler file that takes all of its free
+ * space but `leave` bytes; tmpfs allocates whole pages, deterministically, and keeps nothing in reserve.
+ */
+export class Tmpfs {
+  private constructor(readonly path: string) {}
+
+  static async mount(path: string, megabytes: number): Promise<Tmpfs> {
+    await mkdir(path, { recursive: true });
+    await sh('mount', ['-t', 'tmpfs', '-o', `size=${megabytes}m`, 'tmpfs', path]);
+    return new Tmpfs(path);
+  }
+
+  get filler(): string {
+    return join(this.path, 'filler');
+  }
+
+  async freeBytes(): Promise<number> {
+    const stats = await statfs(this.path);
+    return stats.bavail * stats.bsize;
+  }
+
+  /** Fills the filesystem until `leave` bytes are free (0: completely). */
+  async fill(leave = 0): Promise<void> {
+    await this.unfill();
+    const size = (await this.freeBytes()) - leave;
+    if (size > 0) await sh('fallocate', ['-l', String(size), this.filler]);
+  }
+
+  async unfill(): Promise<void> {
+    await rm(this.filler, { force: true });
+  }
+
+  async unmount(): Promise<void> {
+    await sh('umount', [this.path]).catch(() => undefined);
+    await rm(this.path, { recursive: true, force: true }).catch(() => undefined);
+  }
 }
