@@ -18,7 +18,10 @@ export function reportMarkdown(title: string, intro: string[], body: string, tar
   ].join('\n');
 }
 
-/** Prints the markdown and writes <prefix>-<time>.md, .json and any extra files into `outDir`. */
+/**
+ * Prints the markdown and writes <prefix>-<time>.md, .json and any extra files into `outDir`, and the same
+ * again as <prefix>-latest.* (what the README and SPEC link to; committed, the dated ones are not).
+ */
 export async function writeReport(outDir: string, prefix: string, markdown: string, data: unknown, extra: Record<string, string> = {}): Promise<void> {
   process.stdout.write(markdown);
   await mkdir(outDir, { recursive: true });
@@ -26,4 +29,7 @@ export async function writeReport(outDir: string, prefix: string, markdown: stri
   await writeFile(join(outDir, `${prefix}-${stamp}.json`), JSON.stringify(data, null, 2));
   await writeFile(join(outDir, `${prefix}-${stamp}.md`), markdown);
   for (const [extension, content] of Object.entries(extra)) await writeFile(join(outDir, `${prefix}-${stamp}.${extension}`), content);
+  await writeFile(join(outDir, `${prefix}-latest.json`), JSON.stringify(data, null, 2));
+  await writeFile(join(outDir, `${prefix}-latest.md`), markdown);
+  for (const [extension, content] of Object.entries(extra)) await writeFile(join(outDir, `${prefix}-latest.${extension}`), content);
 }

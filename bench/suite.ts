@@ -12,7 +12,7 @@
  *
  * Scenarios: full backup; incremental after 1% and after 10%; second VM; restore to a raw file; restore to
  * qcow2 through NBD; verify --read-data; a running VM under libvirt against virtnbdbackup; peak RSS by image
- * size. Every tool runs as its own process under /usr/bin/time (wall, CPU, peak RSS). Restores are checked
+ * size. Every tool runs as its own process under /usr/bin/time (wall, CPU, peak RSS), after a `sync`. Restores are checked
  * with cmp / qemu-img compare: a fast wrong answer does not count.
  *
  * Targets (reported, never enforced): full ≥ 5× restic, ≥ 2× borg, ≥ 10× virtnbdbackup, ≥ 70% of the read
@@ -25,9 +25,18 @@ import { reportMarkdown, writeReport } from './report.js';
 import { svgBarChart, type ChartBar } from './chart.js';
 import { applyChangeSet, withQemuNbd } from './change-set.js';
 import { libvirtScenario } from './libvirt-scenario.js';
-import { arg, duBytes, ENGINE, ensure, logger, machineLine, MB, run, sh, timed, type Measured } from './tools.js';
+import { arg, duBytes, ENGINE, ensure, logger, machineLine, MB, run, sh, timed as timedNow, type Measured } from './tools.js';
 
 const log = logger('bench');
+
+/**
+ * Every timed step starts after `sync`: write-back left by the step before (a restore's file, a repository's
+ * packs) must not be charged to the next tool.
+ */
+async function timed(command: string, args: string[], env: Record<string, string> = {}): Promise<Measured> {
+  await run('sync', []);
+  return timedNow(command, args, env);
+}
 
 interface Row extends ChartBar {
   bytesRead: number | null;
@@ -360,7 +369,7 @@ async function report(suite: Suite, rssRows: { size: number; backup: Measured; r
     'Benchmark suite',
     [
       `Machine: ${machine}. Disk: ${formatBytes(size)} VM-like image (seeded; OS-like mix). MB = 10^6 B; MB/s = disk size / wall time.`,
-      'Every tool ran as its own process (whole CLI runs: process start included) under /usr/bin/time, images warm in the page cache.',
+      'Every tool ran as its own process (whole CLI runs: process start included) under /usr/bin/time after a `sync`, images warm in the page cache.',
       '"this ÷ engine": this tool\'s wall time over the engine\'s first row of the scenario (above 1: the engine is faster).',
       ...suite.notes,
     ],
