@@ -114,27 +114,41 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     for (const record of records) marked.add(record.id);
     report.backups = records.length;
 
-    const byPack = new Map<string, PackPlan>();
+    // Two passes over the index, so that memory follows what gc changes, not the repository's size: the
+    // first counts per pack (a few numbers per pack), the second keeps the entries of the packs that go.
+    const tally = new Map<string, { live: number; liveBytes: number }>();
     for await (const entry of repo.index.blobs()) {
-      let plan = byPack.get(entry.packId);
-      if (!plan) byPack.set(entry.packId, (plan = { packId: entry.packId, size: 0, live: [], dead: [] }));
-      (live.has(entry.id) ? plan.live : plan.dead).push(entry);
+      let counts = tally.get(entry.packId);
+      if (!counts) tally.set(entry.packId, (counts = { live: 0, liveBytes: 0 }));
+      if (live.has(entry.id)) {
+        counts.live += 1;
+        counts.liveBytes += entry.length;
+      }
     }
     const packIds = await repo.listPackIds();
     report.packs.before = packIds.length;
+    const going = new Map<string, PackPlan>();
     for (const packId of packIds) {
       const size = (await stat(packPath(repo.root, packId))).size;
       report.bytes.before += size;
-      const plan = byPack.get(packId);
-      if (!plan) {
+      const counts = tally.get(packId);
+      if (!counts) {
         unindexed.push({ packId, size, live: [], dead: [] }); // garbage of a crash or an earlier gc, deleted in phase 3
         continue;
       }
-      plan.size = size;
-      report.chunks.live += plan.live.length;
-      const liveBytes = plan.live.reduce((sum, e) => sum + e.length, 0);
-      if (plan.live.length === 0) dead.push(plan);
-      else if (liveBytes < rewriteBelow * (size - PACK_HEADER_SIZE)) rewrite.push(plan);
+      report.chunks.live += counts.live;
+      const plan: PackPlan = { packId, size, live: [], dead: [] };
+      if (counts.live === 0) dead.push(plan);
+      else if (counts.liveBytes < rewriteBelow * (size - PACK_HEADER_SIZE)) rewrite.push(plan);
+      else continue;
+      going.set(packId, plan);
+    }
+    tally.clear();
+    if (going.size > 0) {
+      for await (const entry of repo.index.blobs()) {
+        const plan = going.get(entry.packId);
+        if (plan) (live.has(entry.id) ? plan.live : plan.dead).push(entry);
+      }
     }
     // Entries naming packs that do not exist are verify's and repair's business, not gc's.
     if (report.dryRun) {
