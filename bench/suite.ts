@@ -25,7 +25,7 @@ import { reportMarkdown, writeReport } from './report.js';
 import { svgBarChart, type ChartBar } from './chart.js';
 import { applyChangeSet, withQemuNbd } from './change-set.js';
 import { libvirtScenario } from './libvirt-scenario.js';
-import { arg, duBytes, ENGINE, ensure, logger, machineLine, MB, run, sh, timed as timedNow, type Measured } from './tools.js';
+import { arg, duBytes, ENGINE, ensure, logger, machineLine, MB, run, timed as timedNow, type Measured } from './tools.js';
 
 const log = logger('bench');
 
@@ -104,11 +104,6 @@ const sum = (json: EngineJson, field: 'bytesRead' | 'bytesStored'): number => js
 
 async function identical(a: string, b: string): Promise<boolean> {
   return run('cmp', ['-s', a, b]).then(() => true, () => false);
-}
-
-async function engineSupports(command: string, option: string): Promise<boolean> {
-  const help = await sh(process.execPath, [ENGINE, command, '--help']).catch(() => '');
-  return help.includes(option);
 }
 
 interface Peer {
@@ -291,13 +286,12 @@ async function mainSuite(): Promise<void> {
     // Restore into qcow2 through NBD.
     const QCOW2 = 'restore to qcow2 through NBD';
     const qcow2Out = join(work, 'restored.qcow2');
-    if (await engineSupports('restore', '--to-qcow2')) {
-      log('engine: restore to qcow2');
-      const r = await engine(['restore', '--repo', repo, latestA, '--to-qcow2', qcow2Out]);
-      const same = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', vmA, qcow2Out]).then(() => true, () => false);
-      suite.add(QCOW2, 'engine --to-qcow2', 'engine', r.measured, { note: same ? 'qemu-img compare: identical' : 'qemu-img compare: DIFFERENT' });
-      await rm(qcow2Out, { force: true });
-    } else suite.skipped.push('engine restore --to-qcow2: this build has no such option');
+    log('engine: restore to qcow2');
+    const toQcow2 = await engine(['restore', '--repo', repo, latestA, '--to-qcow2', qcow2Out]);
+    const sameQcow2 = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', vmA, qcow2Out]).then(() => true, () => false);
+    suite.add(QCOW2, 'engine --to-qcow2', 'engine', toQcow2.measured, { note: sameQcow2 ? 'qemu-img compare: identical' : 'qemu-img compare: DIFFERENT' });
+    if (!sameQcow2) suite.notes.push('The engine restore into qcow2 differed from the source: a bug, the figures above do not count.');
+    await rm(qcow2Out, { force: true });
     suite.add(QCOW2, 'write ceiling: qemu-img convert raw → qcow2', 'ceiling', await timed('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', vmA, qcow2Out]));
     await rm(qcow2Out, { force: true });
 

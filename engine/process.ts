@@ -1,6 +1,6 @@
 /** Stopping a helper process the engine started (qemu-nbd, nbdfuse, a mount's server). */
 import { readFileSync } from 'node:fs';
-import { isProcessAlive } from '../repo-format/process-alive.js';
+import { isProcessAlive, procStatFields } from '../repo-format/process-alive.js';
 
 /**
  * Who runs under `pid` now: the boot id and the process's start time (field 22 of /proc/<pid>/stat, in
@@ -9,13 +9,10 @@ import { isProcessAlive } from '../repo-format/process-alive.js';
  * process, which must never be signalled. Undefined when the process is gone or /proc cannot tell.
  */
 export function processIdentity(pid: number): string | undefined {
+  const startTime = procStatFields(pid)?.[19];
+  if (startTime === undefined) return undefined;
   try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // "pid (comm) state ppid …": comm may hold spaces and parentheses, so count fields after the last ")".
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    const startTime = fields[19];
-    const bootId = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
-    return startTime === undefined ? undefined : `${bootId}:${startTime}`;
+    return `${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()}:${startTime}`;
   } catch {
     return undefined;
   }

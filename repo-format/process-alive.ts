@@ -6,6 +6,19 @@
 import { readFileSync } from 'node:fs';
 import { isErrnoException } from './errors.js';
 
+/**
+ * The fields of /proc/<pid>/stat after "pid (comm)": [state, ppid, …]. comm may contain spaces and
+ * parentheses, so the split is at the last ")". Undefined when the process is gone or there is no /proc.
+ */
+export function procStatFields(pid: number): string[] | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  } catch {
+    return undefined;
+  }
+}
+
 export function isProcessAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
@@ -13,11 +26,6 @@ export function isProcessAlive(pid: number): boolean {
     // EPERM: it exists, owned by someone else.
     return !(isErrnoException(error) && error.code === 'ESRCH');
   }
-  try {
-    // /proc/<pid>/stat: "pid (comm) state ..."; comm may contain spaces and parentheses, so split at the last ")".
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
-  } catch {
-    return true; // no /proc: trust kill()
-  }
+  const fields = procStatFields(pid);
+  return fields === undefined || fields[0] !== 'Z'; // no /proc: trust kill()
 }

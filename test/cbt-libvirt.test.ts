@@ -4,9 +4,9 @@
  * raw file with the same writes, and every backup point must restore to exactly that.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { copyFile, open, rm } from 'node:fs/promises';
+import { copyFile, open } from 'node:fs/promises';
 import { join } from 'node:path';
-import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir } from './helpers.js';
+import { parseJson, runEngine, sh, sparseFile, tempDir, expectRestoreIdentical } from './helpers.js';
 import { qcow2, qemuIo } from './qemu.js';
 import { destroyDomain, ensureLibvirtd, guestWrite, startDomain } from './libvirt.js';
 
@@ -71,14 +71,6 @@ async function backup(repo: string, domain: string, mode: string[] = [], env: Re
 
 async function checkpoints(domain: string): Promise<string[]> {
   return (await sh('virsh', ['-q', 'checkpoint-list', domain, '--name'])).split('\n').map((l) => l.trim()).filter(Boolean).sort();
-}
-
-async function expectRestores(repo: string, id: string, diskName: string, expectedSnapshot: string): Promise<void> {
-  const target = join(dir, `restore-${id}-${diskName}.raw`);
-  const result = await runEngine(['restore', '--repo', repo, id, '--disk', diskName, '--to', target]);
-  expect(result.code).toBe(0);
-  expect(await filesIdentical(target, expectedSnapshot)).toBe(true);
-  await rm(target);
 }
 
 async function snapshot(expected: string, tag: string): Promise<string> {
@@ -150,8 +142,8 @@ describe('a running libvirt domain', () => {
     expect(await checkpoints(domain)).toEqual([full.disks[0]!.checkpoint, latest.disks[0]!.checkpoint].sort());
 
     for (const [backupRecord, snaps] of [[full, snap0], [inc, snap1], [diff, snap2], [latest, snap3]] as const) {
-      await expectRestores(repo, backupRecord.id, 'vda', snaps[0]!);
-      await expectRestores(repo, backupRecord.id, 'vdb', snaps[1]!);
+      await expectRestoreIdentical(repo, backupRecord.id, snaps[0]!, { dir, disk: 'vda' });
+      await expectRestoreIdentical(repo, backupRecord.id, snaps[1]!, { dir, disk: 'vdb' });
     }
   });
 
@@ -169,7 +161,7 @@ describe('a running libvirt domain', () => {
       ['incremental', latest.id, 2 * MiB],
       ['incremental', latest.id, 0],
     ]);
-    await expectRestores(repo, next.id, 'vda', await snapshot(vda.expected, 'b'));
+    await expectRestoreIdentical(repo, next.id, await snapshot(vda.expected, 'b'), { dir, disk: 'vda' });
     latest = next;
   });
 
@@ -178,7 +170,7 @@ describe('a running libvirt domain', () => {
     const after = await backup(repo, domain, ['--incremental']);
     expect(after.type).toBe('full');
     expect(after.disks[0]).toMatchObject({ mode: 'full', modeReason: `checkpoint ${latest.disks[0]!.checkpoint} no longer exists in libvirt`, bytesRead: 9 * MiB }); // blocks 0–3, 50, 80, 100, 200, 201
-    await expectRestores(repo, after.id, 'vda', await snapshot(vda.expected, 'c'));
+    await expectRestoreIdentical(repo, after.id, await snapshot(vda.expected, 'c'), { dir, disk: 'vda' });
     latest = after;
   });
 
@@ -197,8 +189,8 @@ describe('a running libvirt domain', () => {
       ['vdc', 'full', MiB],
     ]);
     expect(withNewDisk.disks[2]!.modeReason).toBe('no earlier backup of this disk with changed-block tracking (a disk added since the last backup)');
-    await expectRestores(repo, withNewDisk.id, 'vda', await snapshot(vda.expected, 'd'));
-    await expectRestores(repo, withNewDisk.id, 'vdc', await snapshot(vdc.expected, 'd'));
+    await expectRestoreIdentical(repo, withNewDisk.id, await snapshot(vda.expected, 'd'), { dir, disk: 'vda' });
+    await expectRestoreIdentical(repo, withNewDisk.id, await snapshot(vdc.expected, 'd'), { dir, disk: 'vdc' });
   });
 
   test('a domain that is not running is refused clearly', async () => {

@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { access, copyFile, mkdir, open, readdir, readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
-import { exitOf, filesIdentical, parseJson, resumedJson, runEngine, sh, spawnEngine, sparseFile, stoppedItself, tempDir, Tmpfs, writeRegion, type BackupJson, type RunResult } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, resumedJson, runEngine, sh, spawnEngine, sparseFile, stoppedItself, tempDir, Tmpfs, writeRegion, type BackupJson, type RunResult, expectRestoreIdentical } from './helpers.js';
 import { generateImage, KIND_DATA, listQuarantine, scanPack, SeededRandom } from '../dist/engine/index.js';
 import { checksum64, initChecksum } from '../dist/repo-format/checksum.js';
 
@@ -44,15 +44,6 @@ async function backupIds(repo: string): Promise<string[]> {
   const result = await runEngine(['list', '--repo', repo, '--json']);
   expect(result.code).toBe(0);
   return parseJson<{ backups: { id: string }[] }>(result.stdout).backups.map((b) => b.id);
-}
-
-async function expectRestores(repo: string, id: string, image: string): Promise<void> {
-  const target = join(dir, `restore-${id}-${Date.now()}`);
-  const result = await runEngine(['restore', '--repo', repo, id, '--to', target]);
-  expect(result.stderr).toBe('');
-  expect(result.code).toBe(0);
-  expect(await filesIdentical(image, target)).toBe(true);
-  await sh('rm', ['-f', target]);
 }
 
 interface Garbage {
@@ -104,14 +95,14 @@ describe('kill -9 during a backup', () => {
     // Only a crash after the record is durable leaves a (complete) backup behind.
     if (point === 'record-written') {
       expect(after.length).toBe(before.length + 1);
-      await expectRestores(repo, after.find((id) => !before.includes(id))!, big);
+      await expectRestoreIdentical(repo, after.find((id) => !before.includes(id))!, big, { dir });
     } else {
       expect(after).toEqual(before);
     }
-    await expectRestores(repo, earlierId, earlier);
+    await expectRestoreIdentical(repo, earlierId, earlier, { dir });
     const next = await runEngine(['backup', '--repo', repo, '--source', big, '--json']);
     expect(next.code).toBe(0);
-    await expectRestores(repo, parseJson<BackupJson>(next.stdout).id, big);
+    await expectRestoreIdentical(repo, parseJson<BackupJson>(next.stdout).id, big, { dir });
   });
 
   test('at random moments', async () => {
@@ -128,12 +119,12 @@ describe('kill -9 during a backup', () => {
       await expectVerifies(repo);
       const after = await backupIds(repo);
       expect(after.length - before.length).toBeLessThanOrEqual(1);
-      for (const id of after.filter((x) => !before.includes(x))) await expectRestores(repo, id, image);
+      for (const id of after.filter((x) => !before.includes(x))) await expectRestoreIdentical(repo, id, image, { dir });
     }
-    await expectRestores(repo, earlierId, earlier);
+    await expectRestoreIdentical(repo, earlierId, earlier, { dir });
     const next = await runEngine(['backup', '--repo', repo, '--source', image, '--json']);
     expect(next.code).toBe(0);
-    await expectRestores(repo, parseJson<BackupJson>(next.stdout).id, image);
+    await expectRestoreIdentical(repo, parseJson<BackupJson>(next.stdout).id, image, { dir });
   });
 });
 
@@ -157,7 +148,7 @@ describe('two writers at once', () => {
     expect(second.code).toBe(3);
     expect(second.stderr).toContain(`is locked by pid ${first.pid} on host`);
     expect((await firstExit).code).toBe(0);
-    await expectRestores(repo, parseJson<BackupJson>(stdout).id, image);
+    await expectRestoreIdentical(repo, parseJson<BackupJson>(stdout).id, image, { dir });
   });
 });
 
@@ -192,12 +183,12 @@ describe('a full disk', () => {
     expect(await backupIds(repo)).toEqual([firstId]);
     expect(await readdir(join(repo, 'tmp'))).toEqual([]); // the unfinished pack was removed
     await expectVerifies(repo);
-    await expectRestores(repo, firstId, small);
+    await expectRestoreIdentical(repo, firstId, small, { dir });
     await writeRegion(small, MiB, MiB, 'random', 'small-changed');
     const next = await runEngine(['backup', '--repo', repo, '--source', small, '--json']);
     expect(next.stderr).toBe('');
     expect(next.code).toBe(0);
-    await expectRestores(repo, parseJson<BackupJson>(next.stdout).id, small);
+    await expectRestoreIdentical(repo, parseJson<BackupJson>(next.stdout).id, small, { dir });
   });
 });
 

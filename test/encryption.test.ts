@@ -99,6 +99,23 @@ async function blobIdsOf(repo: string): Promise<Set<string>> {
   return ids;
 }
 
+/**
+ * Flips bits of one byte of a frame's payload in its pack. `recomputeChecksum`: as an attacker would (the
+ * xxh64 trailer made to match again, so only the GCM tag can tell); otherwise as bad media would.
+ */
+async function damageFrame(repo: string, packId: string, frame: { offset: number; length: number }, at: number, mask: number, recomputeChecksum: boolean): Promise<void> {
+  const handle = await open(join(repo, 'packs', packId.slice(0, 2), packId), 'r+');
+  try {
+    const data = Buffer.alloc(frame.length);
+    await handle.read(data, 0, frame.length, frame.offset);
+    data[FRAME_HEADER_SIZE + at] = data[FRAME_HEADER_SIZE + at]! ^ mask;
+    if (recomputeChecksum) data.writeBigUInt64LE(checksum64(data.subarray(0, frame.length - 8)), frame.length - 8);
+    await handle.write(data, 0, frame.length, frame.offset);
+  } finally {
+    await handle.close();
+  }
+}
+
 describe('key file', () => {
   const repositoryId = '0123456789abcdef0123456789abcdef';
 
@@ -373,16 +390,8 @@ describe('tampering', () => {
       if (frames.length >= 2) [packId, dataFrames] = [id, frames];
     }
     const [forged, rotten] = dataFrames;
-    const path = join(repo, 'packs', packId.slice(0, 2), packId);
-    const handle = await open(path, 'r+');
-    for (const [frame, recompute] of [[forged!, true], [rotten!, false]] as const) {
-      const data = Buffer.alloc(frame.length);
-      await handle.read(data, 0, frame.length, frame.offset);
-      data[FRAME_HEADER_SIZE + 500] = data[FRAME_HEADER_SIZE + 500]! ^ 0x01;
-      if (recompute) data.writeBigUInt64LE(checksum64(data.subarray(0, frame.length - 8)), frame.length - 8);
-      await handle.write(data, 0, frame.length, frame.offset);
-    }
-    await handle.close();
+    await damageFrame(repo, packId, forged!, 500, 0x01, true);
+    await damageFrame(repo, packId, rotten!, 500, 0x01, false);
     const forgedId = forged!.header.id.toString('hex');
     const rottenId = rotten!.header.id.toString('hex');
     expect(offsetOf(forgedId)).toBeGreaterThanOrEqual(0);
@@ -442,14 +451,7 @@ describe('lifecycle of an encrypted repository', () => {
       if (frame && packId === undefined) packId = id;
     }
     if (!frame || !packId) throw new Error('no data frame in any pack');
-    const path = join(repo, 'packs', packId.slice(0, 2), packId);
-    const handle = await open(path, 'r+');
-    const data = Buffer.alloc(frame.length);
-    await handle.read(data, 0, frame.length, frame.offset);
-    data[FRAME_HEADER_SIZE + 100] = data[FRAME_HEADER_SIZE + 100]! ^ 0x40;
-    data.writeBigUInt64LE(checksum64(data.subarray(0, frame.length - 8)), frame.length - 8);
-    await handle.write(data, 0, frame.length, frame.offset);
-    await handle.close();
+    await damageFrame(repo, packId, frame, 100, 0x40, true);
 
     const repair = await runEngine(['repair', '--repo', repo, '--json'], withPass());
     expect(repair.code).toBe(4);
@@ -492,13 +494,7 @@ describe('large offsets', () => {
     for (const packId of await packIds(repo)) {
       const frame = (await scanPack(repo, packId, true)).frames.find((f) => f.header.id.toString('hex') === id);
       if (!frame) continue;
-      const handle = await open(join(repo, 'packs', packId.slice(0, 2), packId), 'r+');
-      const data = Buffer.alloc(frame.length);
-      await handle.read(data, 0, frame.length, frame.offset);
-      data[FRAME_HEADER_SIZE + 100] = data[FRAME_HEADER_SIZE + 100]! ^ 0x80;
-      data.writeBigUInt64LE(checksum64(data.subarray(0, frame.length - 8)), frame.length - 8);
-      await handle.write(data, 0, frame.length, frame.offset);
-      await handle.close();
+      await damageFrame(repo, packId, frame, 100, 0x80, true);
       forged = true;
     }
     expect(forged).toBe(true);

@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { mkdir, open, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { KIND_DATA, registerReader, scanPack } from '../dist/engine/index.js';
-import { filesIdentical, parseJson, resumedJson, runEngine, spawnEngine, sparseFile, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { parseJson, resumedJson, runEngine, spawnEngine, sparseFile, stoppedItself, tempDir, writeRegion, type BackupJson, expectRestoreIdentical } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const FRAME_OVERHEAD = 56;
@@ -63,13 +63,6 @@ async function backupOf(repo: string, source: string, name = 'vm'): Promise<Back
   return parseJson<BackupJson>(result.stdout);
 }
 
-async function expectRestores(repo: string, id: string, source: string): Promise<void> {
-  const target = join(dir, `restored-${id}`);
-  const result = await runEngine(['restore', '--repo', repo, id, '--to', target]);
-  expect(result.stderr).toBe('');
-  expect(await filesIdentical(source, target)).toBe(true);
-}
-
 async function verified(repo: string): Promise<VerifyJson> {
   const result = await runEngine(['verify', '--repo', repo, '--read-data', '--json']);
   const report = parseJson<VerifyJson>(result.stdout);
@@ -113,7 +106,7 @@ describe('engine gc', () => {
     expect(await packCount(repo)).toBe(3);
     const after = await verified(repo);
     expect(after.garbage).toMatchObject({ tempFiles: [], unindexedPacks: [], unreferencedBlobs: 0 });
-    await expectRestores(repo, kept.id, second);
+    await expectRestoreIdentical(repo, kept.id, second, { dir });
     expect((await runEngine(['restore', '--repo', repo, old.id, '--to', join(dir, 'gone')])).code).toBe(1); // pruned
 
     const again = parseJson<GcJson>((await runEngine(['gc', '--repo', repo, '--json'])).stdout);
@@ -122,7 +115,7 @@ describe('engine gc', () => {
     // The next backup of the pruned content stores it again and restores.
     const back = await backupOf(repo, first);
     expect(back.disks[0]!.blocksNew).toBe(12);
-    await expectRestores(repo, back.id, first);
+    await expectRestoreIdentical(repo, back.id, first, { dir });
   });
 
   test('a backup that commits between the phases keeps what it references; a second gc is refused meanwhile', async () => {
@@ -150,8 +143,8 @@ describe('engine gc', () => {
     expect(json.packs.kept).toEqual([]);
     expect(json.chunks.moved).toBe(4);
     await verified(repo);
-    await expectRestores(repo, by.id, y);
-    await expectRestores(repo, bz.id, z);
+    await expectRestoreIdentical(repo, by.id, y, { dir });
+    await expectRestoreIdentical(repo, bz.id, z, { dir });
 
     // Round 2: pruned content comes back while gc runs. gc marked it dead; the backup deduplicated against
     // it (still indexed, still in its packs); phase 3 sees the new record and deletes nothing it needs.
@@ -175,9 +168,9 @@ describe('engine gc', () => {
     for (const kept of json.packs.kept) expect(kept.why).toMatch(/is referenced by a backup committed during gc$/);
     expect(await packCount(repo)).toBe(beforePacks);
     expect((await verified(repo)).garbage.tempFiles).toEqual([]);
-    await expectRestores(repo, revived.id, k);
-    await expectRestores(repo, by.id, y);
-    await expectRestores(repo, bz.id, z);
+    await expectRestoreIdentical(repo, revived.id, k, { dir });
+    await expectRestoreIdentical(repo, by.id, y, { dir });
+    await expectRestoreIdentical(repo, bz.id, z, { dir });
   });
 
   test('with a reader registered, deletions are deferred; a later gc finishes them', async () => {
@@ -204,7 +197,7 @@ describe('engine gc', () => {
     expect(later.packs.deleted.sort()).toEqual(report.packs.deferred.sort());
     expect(await packCount(repo)).toBe(2);
     await verified(repo);
-    await expectRestores(repo, kept.id, b);
+    await expectRestoreIdentical(repo, kept.id, b, { dir });
   });
 
   test('a damaged record stops gc before it changes anything', async () => {
@@ -277,6 +270,6 @@ describe('engine gc', () => {
     expect(healed.markers).toEqual({ quarantine: [damagedKey], protected: [] });
     expect(await quarantineFiles()).toEqual([]);
     expect((await verified(repo)).garbage.unreferencedBlobs).toBe(0);
-    await expectRestores(repo, damagedBackup.id, a);
+    await expectRestoreIdentical(repo, damagedBackup.id, a, { dir });
   });
 });

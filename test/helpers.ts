@@ -2,8 +2,9 @@
  * Shared test helpers: temporary directories, the real CLI as a child process, deterministic data,
  * byte comparison with the real `cmp`.
  */
+import { expect } from 'vitest';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir, mkdtemp, open, readFile, rm, statfs } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -181,4 +182,17 @@ export class Tmpfs {
     await sh('umount', [this.path]).catch(() => undefined);
     await rm(this.path, { recursive: true, force: true }).catch(() => undefined);
   }
+}
+
+/**
+ * Restores a backup (one disk with `disk`) through the CLI into a scratch file under `dir`, asserts a clean
+ * exit and content byte-identical to `expected` (cmp), and removes the file.
+ */
+export async function expectRestoreIdentical(repo: string, id: string, expected: string, options: { dir: string; disk?: string; env?: Record<string, string> }): Promise<void> {
+  const target = join(options.dir, `restore-${id.slice(0, 8)}-${options.disk ?? 'disk'}-${randomBytes(3).toString('hex')}.raw`);
+  const result = await runEngine(['restore', '--repo', repo, id, ...(options.disk === undefined ? [] : ['--disk', options.disk]), '--to', target], { env: options.env });
+  expect(result.stderr).toBe('');
+  expect(result.code).toBe(0);
+  expect(await filesIdentical(target, expected)).toBe(true);
+  await rm(target, { force: true });
 }

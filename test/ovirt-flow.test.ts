@@ -4,9 +4,9 @@
  * (snapshots, attachments, devices, journal) after success, injected faults or a kill -9.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { readdir, rm } from 'node:fs/promises';
+import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { filesIdentical, parseJson, runEngine, sh, tempDir } from './helpers.js';
+import { filesIdentical, parseJson, runEngine, sh, tempDir, expectRestoreIdentical } from './helpers.js';
 import { qemuIo } from './qemu.js';
 import { startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
 
@@ -54,6 +54,11 @@ async function expectedRaw(tag: string): Promise<string[]> {
   return out;
 }
 
+/** Every disk of backup `id` restores byte for byte to the image it was taken from. */
+async function expectRestores(id: string, expected: string[]): Promise<void> {
+  for (const [i, disk] of ['vm1_Disk1', 'vm1_Disk2'].entries()) await expectRestoreIdentical(repo, id, expected[i]!, { dir, disk });
+}
+
 async function expectNoLeftovers(): Promise<void> {
   // Wait for the simulator's asynchronous snapshot removal to finish.
   for (let i = 0; i < 100 && vm.snapshots.size > 0; i += 1) await new Promise((r) => setTimeout(r, 50));
@@ -62,16 +67,6 @@ async function expectNoLeftovers(): Promise<void> {
   expect([...appliance.attachments.keys()]).toEqual([]);
   expect(await readdir(sim.deviceRoot)).toEqual([]);
   expect(await readdir(join(repo, 'journal')).catch(() => [])).toEqual([]);
-}
-
-async function expectRestores(id: string, expected: string[]): Promise<void> {
-  for (const [i, alias] of ['vm1_Disk1', 'vm1_Disk2'].entries()) {
-    const target = join(dir, `restored-${id}-${alias}.raw`);
-    const result = await runEngine(['restore', '--repo', repo, id, '--disk', alias, '--to', target]);
-    expect(result.code).toBe(0);
-    expect(await filesIdentical(target, expected[i]!)).toBe(true);
-    await rm(target);
-  }
 }
 
 describe('oVirt disk-attachment backup', () => {

@@ -13,8 +13,7 @@ import { Journal, type JournalEntry } from '../../repo-format/journal.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { backup, openBackupRepository, type BackupResult } from '../backup.js';
 import { OvirtFaultError } from '../errors.js';
-import { OvirtClient } from './client.js';
-import { cleanupJournals, undo } from './cleanup.js';
+import { connectAndCleanUp, undo } from './cleanup.js';
 import { findDevice, isNotFound, vmIdByName, waitOf, type OvirtBackupRunOptions, type OvirtDisk } from './common.js';
 import { attribute, child, children, text } from './xml.js';
 
@@ -28,9 +27,7 @@ export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions)
   const notice = options.onNotice ?? (() => undefined);
   const wait = waitOf(options);
   await openBackupRepository(options.repo, options.passphrase, 'read'); // a clear error before anything is created
-  const client = new OvirtClient(options.ovirt);
-  await client.login();
-  await cleanupJournals(options.repo, client, wait, notice);
+  const { client } = await connectAndCleanUp(options.repo, options.ovirt, wait, notice);
   const vmId = await vmIdByName(client, options.vm);
   const applianceId = await vmIdByName(client, options.appliance);
   if (vmId === applianceId) throw new InvalidArgumentError('the VM to back up cannot be the backup appliance itself');

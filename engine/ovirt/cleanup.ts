@@ -92,8 +92,16 @@ export async function cleanupJournals(repo: string, client: OvirtClient, wait: W
   return removed;
 }
 
-export async function ovirtCleanup(options: { repo: string; ovirt: OvirtClientOptions; onNotice?: (m: string) => void }): Promise<number> {
-  const client = new OvirtClient(options.ovirt);
+/**
+ * How every oVirt flow starts: log in, then undo what an interrupted run left behind, so that a flow never
+ * works beside a previous run's snapshot, attachment or disk. Returns the logged-in client.
+ */
+export async function connectAndCleanUp(repo: string, clientOptions: OvirtClientOptions, wait: Wait, notice: (m: string) => void): Promise<{ client: OvirtClient; removed: number }> {
+  const client = new OvirtClient(clientOptions);
   await client.login();
-  return cleanupJournals(options.repo, client, { timeoutMs: 600_000, intervalMs: 1000 }, options.onNotice ?? (() => undefined));
+  return { client, removed: await cleanupJournals(repo, client, wait, notice) };
+}
+
+export async function ovirtCleanup(options: { repo: string; ovirt: OvirtClientOptions; onNotice?: (m: string) => void }): Promise<number> {
+  return (await connectAndCleanUp(options.repo, options.ovirt, { timeoutMs: 600_000, intervalMs: 1000 }, options.onNotice ?? (() => undefined))).removed;
 }

@@ -15,10 +15,10 @@ import type { DiskCbt } from '../../repo-format/backup-record.js';
 import { backup, openBackupRepository, type BackupResult } from '../backup.js';
 import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type Chain, type ChainArgs, type RequestedMode } from '../cbt/chain.js';
 import { OvirtFaultError } from '../errors.js';
-import { OvirtClient } from './client.js';
+import type { OvirtClient } from './client.js';
 import { ImageioSource } from './imageio-source.js';
 import { finalizeTransfer, startTransfer } from './transfers.js';
-import { cleanupJournals, undo } from './cleanup.js';
+import { connectAndCleanUp, undo } from './cleanup.js';
 import { vmIdByName, waitOf, type OvirtBackupRunOptions, type Wait } from './common.js';
 import { attribute, child, children, text } from './xml.js';
 
@@ -48,9 +48,7 @@ export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOpti
   const notice = options.onNotice ?? (() => undefined);
   const wait = waitOf(options);
   await openBackupRepository(options.repo, options.passphrase, 'read'); // a clear error before anything is created
-  const client = new OvirtClient(options.ovirt);
-  await client.login();
-  await cleanupJournals(options.repo, client, wait, notice);
+  const { client } = await connectAndCleanUp(options.repo, options.ovirt, wait, notice);
   const vmId = await vmIdByName(client, options.vm);
   const disks = await vmDisks(client, vmId);
   const ovf = text(child(child(child((await client.get(`vms/${vmId}`, { all_content: 'true' })).xml, 'vm'), 'initialization'), 'configuration'), 'data');

@@ -20,7 +20,7 @@ import { attribute, child, children, text } from './xml.js';
 import { ImageioTarget } from './imageio-target.js';
 import { finalizeTransfer, startTransfer } from './transfers.js';
 import { OvirtFaultError } from '../errors.js';
-import { cleanupJournals, undo } from './cleanup.js';
+import { connectAndCleanUp, undo } from './cleanup.js';
 import { findDevice, isNotFound, vmIdByName, type OvirtDisk, type Wait } from './common.js';
 
 export interface OvirtRestoreOptions {
@@ -79,9 +79,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
     .map((disk, i) => ({ disk, meta: backedUp.find((m) => m.alias === disk.name || m.id === disk.name) ?? backedUp[i]! }));
   if (selected.length === 0) throw new InvalidArgumentError(`backup ${record.id} has no disk "${options.disk}"`);
 
-  const client = new OvirtClient(options.ovirt);
-  await client.login();
-  await cleanupJournals(options.repo, client, wait, notice);
+  const { client } = await connectAndCleanUp(options.repo, options.ovirt, wait, notice);
   const via = options.via ?? 'appliance';
   if (via === 'appliance' && !options.appliance) throw new InvalidArgumentError('restore through the appliance needs --appliance NAME (or --via transfer)');
   const applianceId = via === 'appliance' ? await vmIdByName(client, options.appliance!) : '';
