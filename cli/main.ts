@@ -415,7 +415,7 @@ function buildProgram(): Command {
       });
       progress.done();
       if (jsonMode) printJson(report);
-      else printVerify(report);
+      else printVerify(report, requireRepo(opts.repo));
       if (!report.ok) process.exitCode = EXIT.integrity;
     });
 

@@ -118,7 +118,12 @@ export function printRestore(result: RestoreResult): void {
   }
 }
 
-export function printVerify(report: VerifyReport): void {
+/** A path as one shell word, for a command the user may paste. */
+function shellWord(text: string): string {
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, `'\\''`)}'`;
+}
+
+export function printVerify(report: VerifyReport, repoPath: string): void {
   const lines = [
     `checked ${report.backups} backups, ${report.packs} packs, ${report.blobs} blobs${report.readData ? `, read ${formatBytes(report.bytesChecked)}` : ' (structure only; --read-data re-reads every chunk)'}`,
   ];
@@ -129,6 +134,11 @@ export function printVerify(report: VerifyReport): void {
   if (g.unreferencedBlobs > 0) lines.push(`garbage: ${g.unreferencedBlobs} unreferenced blobs (${formatBytes(g.unreferencedBytes)}), reclaimable by a later gc`);
   if (g.unindexedPacks.length > 0) lines.push(`garbage: ${g.unindexedPacks.length} packs no index entry names (${formatBytes(g.unindexedBytes)}), left by an interrupted writer`);
   if (g.tempFiles.length > 0) lines.push(`garbage: ${g.tempFiles.length} temporary files in tmp/ left by an interrupted writer (${g.tempFiles.slice(0, 3).join(', ')})`);
+  const perms = report.permissions;
+  if (perms.loose > 0) {
+    const examples = perms.examples.slice(0, 3).map((e) => `${e.path} ${e.mode}`).join(', ');
+    lines.push(`warning: ${perms.loose} files and directories of the repository are open to other users (${examples}${perms.loose > 3 ? ', …' : ''}); make it private with: chmod -R go= ${shellWord(repoPath)}`);
+  }
   lines.push(report.ok ? 'no problems found' : `${report.problems.length} problems found`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }

@@ -5,10 +5,11 @@
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { chmod, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { EngineError } from '../repo-format/errors.js';
+import { ensurePrivateDirectory, PRIVATE_DIRECTORY_MODE } from '../repo-format/file-modes.js';
 import { backup } from './backup.js';
 import { initRepository } from './init.js';
 import { restore } from './restore/restore.js';
@@ -38,7 +39,8 @@ async function fileSha256(path: string): Promise<string> {
 export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const step = options.onStep ?? (() => undefined);
   const dir = options.dir ?? (await mkdtemp(join(tmpdir(), 'engine-demo-')));
-  await mkdir(dir, { recursive: true });
+  if (options.dir === undefined) await chmod(dir, PRIVATE_DIRECTORY_MODE);
+  else await ensurePrivateDirectory(dir);
   const image = join(dir, 'vm-disk.img');
   const repo = join(dir, 'repo');
   // Not a multiple of the block size on purpose: the last block is short.

@@ -18,6 +18,7 @@ import { listQuarantine, quarantineKey, type QuarantinedFrame } from '../repo-fo
 import { walkReferences } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { IdPrefixSet } from './id-set.js';
+import { findLooseModes, formatMode } from '../repo-format/file-modes.js';
 
 export interface VerifyProblem {
   code: string;
@@ -43,6 +44,11 @@ export interface VerifyReport {
   /** Frames repair found damaged and set aside: known damage, not problems in themselves. */
   quarantined: QuarantinedFrame[];
   garbage: { tempFiles: string[]; unindexedPacks: string[]; unindexedBytes: number; unreferencedBlobs: number; unreferencedBytes: number };
+  /**
+   * Files and directories other users may read, write or enter (SPEC.md, 2.1): a warning, not a problem
+   * (repositories made before modes were set are like this); `chmod -R go= <repo>` makes them private.
+   */
+  permissions: { loose: number; examples: { path: string; mode: string }[] };
 }
 
 export interface VerifyOptions {
@@ -73,6 +79,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     subset: null,
     quarantined: [],
     garbage: { tempFiles: [], unindexedPacks: [], unindexedBytes: 0, unreferencedBlobs: 0, unreferencedBytes: 0 },
+    permissions: { loose: 0, examples: [] },
   };
   const problem = (p: VerifyProblem): void => {
     if (report.problems.length < PROBLEM_LIMIT) report.problems.push(p);
@@ -80,6 +87,8 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
   let pool: BlockPool | undefined;
   try {
     report.garbage.tempFiles = await repo.listTempFiles();
+    const loose = await findLooseModes(repo.root);
+    report.permissions = { loose: loose.count, examples: loose.examples.map((e) => ({ path: e.path, mode: formatMode(e.mode) })) };
     if (report.readData) pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, slotCount: 1, keys: repo.keys });
 
     const quarantine = await listQuarantine(repo.root);

@@ -8,11 +8,12 @@
  * Each change rewrites the file durably (temp, fsync, rename, fsync dir); a journal with no entries left is
  * deleted.
  */
-import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { writeFileDurably } from './durable-file.js';
 import { CorruptMetadataError } from './errors.js';
+import { ensurePrivateDirectory, MUTABLE_FILE_MODE } from './file-modes.js';
 
 export type JournalEntry = Record<string, string> & { kind: string };
 
@@ -44,7 +45,7 @@ export class Journal {
   }
 
   static async create(root: string, context: Record<string, string>): Promise<Journal> {
-    await mkdir(join(root, DIR), { recursive: true });
+    await ensurePrivateDirectory(join(root, DIR));
     const id = randomBytes(8).toString('hex');
     const journal = new Journal(join(root, DIR, `${id}.json`), { id, created: new Date().toISOString(), context, entries: [] });
     await journal.save();
@@ -80,6 +81,6 @@ export class Journal {
   }
 
   private async save(): Promise<void> {
-    await writeFileDurably(this.path, Buffer.from(`${JSON.stringify(this.file, null, 2)}\n`));
+    await writeFileDurably(this.path, Buffer.from(`${JSON.stringify(this.file, null, 2)}\n`), { mode: MUTABLE_FILE_MODE });
   }
 }

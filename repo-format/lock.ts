@@ -7,12 +7,13 @@
  * dead process on this host is stale and is broken; a lock from another host is never broken
  * automatically (its pid means nothing here).
  */
-import { link, open, readFile, rename, unlink } from 'node:fs/promises';
+import { link, readFile, rename, unlink } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { LAYOUT } from './constants.js';
 import { isProcessAlive } from './process-alive.js';
+import { IMMUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
 import { classifyWriteError, isErrnoException, RepositoryLockedError, type LockHolder } from './errors.js';
 
 export interface RepositoryLock {
@@ -49,7 +50,7 @@ export function isStale(holder: LockHolder): boolean {
 /** Creates `lock` with its content in one step (link of a complete temp file): never an empty lock file. */
 async function createLockFile(root: string, holder: LockHolder & { token: string }): Promise<void> {
   const temp = join(root, LAYOUT.tmp, `lock.${holder.token}`);
-  const handle = await open(temp, 'wx', 0o644);
+  const handle = await openNewFile(temp, 'wx', IMMUTABLE_FILE_MODE);
   try {
     try {
       await handle.writeFile(JSON.stringify(holder));

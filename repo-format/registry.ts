@@ -4,13 +4,14 @@
  * process is done. A registration whose holder is a dead process on this host is stale and may be removed
  * by anyone; one from another host is never stale (its pid means nothing here), the rule of the lock.
  */
-import { mkdir, readdir, readFile, unlink } from 'node:fs/promises';
+import { readdir, readFile, unlink } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { LAYOUT } from './constants.js';
 import { writeFileDurably } from './durable-file.js';
 import { isStale } from './lock.js';
+import { ensurePrivateDirectory } from './file-modes.js';
 
 export interface Registration {
   pid: number;
@@ -41,7 +42,7 @@ export async function register(root: string, dir: RegistryDir, command: string, 
     backupIds: [...backupIds],
   };
   // Repositories made before a registry existed do not have its directory yet.
-  await mkdir(join(root, dir), { recursive: true });
+  await ensurePrivateDirectory(join(root, dir));
   const path = join(root, dir, `${registration.token}.json`);
   await writeFileDurably(path, Buffer.from(JSON.stringify(registration)), { exclusive: true, tempDir: join(root, LAYOUT.tmp) });
   let released = false;

@@ -4,8 +4,8 @@
  * Opening for reading (`list`, `show`) needs no lock: backup records are immutable files. Anything that
  * uses the index (backup, restore, verify) opens it exclusively: LevelDB admits one process at a time.
  */
-import { mkdir, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
-import { join } from 'node:path';
+import { chmod, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { CIPHER_ID, LAYOUT } from './constants.js';
 import { decodeConfig, encodeConfig, newConfig, newestReadableVersion, type RepositoryConfig } from './config.js';
@@ -15,6 +15,7 @@ import {
   CorruptFrameError,
   CorruptMetadataError,
   FormatTooNewError,
+  InvalidArgumentError,
   isErrnoException,
   MissingBlobError,
   NotARepositoryError,
@@ -25,6 +26,7 @@ import {
   RepositoryLockedError,
 } from './errors.js';
 import { fsyncDirectory, writeFileDurably } from './durable-file.js';
+import { createPrivateDirectory, PRIVATE_DIRECTORY_MODE } from './file-modes.js';
 import { IndexStore } from './index-store.js';
 import { acquireLock, readLockHolder, type RepositoryLock } from './lock.js';
 import { decodeBackupRecord, encodeBackupRecord, type BackupRecord } from './backup-record.js';
@@ -66,6 +68,35 @@ export interface OpenReport {
   rebuiltIndex?: { packs: number; blobs: number };
 }
 
+/** The directories `init` creates in the new repository, besides `index/` (LevelDB) and, encrypted, `keys/` (SPEC.md, section 3). */
+export const INIT_DIRECTORIES: readonly string[] = [LAYOUT.packs, LAYOUT.backups, LAYOUT.tmp, LAYOUT.readers];
+/** packs/00 … packs/ff. */
+export const PACK_DIRECTORIES: readonly string[] = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'));
+
+/**
+ * The directory a new repository goes into: created (0700) when missing, provided its parent exists (a
+ * mistyped path is not silently created, parents and all); an existing one must be an empty directory,
+ * and becomes private. Anything else is a usage error, said plainly.
+ */
+async function prepareRepositoryRoot(root: string): Promise<void> {
+  const existing = await stat(root).catch((error: unknown) => {
+    if (isErrnoException(error) && error.code === 'ENOENT') return undefined;
+    if (isErrnoException(error) && error.code === 'ENOTDIR') throw new InvalidArgumentError(`cannot create a repository at ${root}: a part of that path is a file, not a directory`);
+    throw error;
+  });
+  if (existing === undefined) {
+    const parent = dirname(resolve(root));
+    const parentStats = await stat(parent).catch(() => undefined);
+    if (!parentStats) throw new InvalidArgumentError(`cannot create a repository at ${root}: its parent directory ${parent} does not exist (create it first)`);
+    if (!parentStats.isDirectory()) throw new InvalidArgumentError(`cannot create a repository at ${root}: ${parent} is not a directory`);
+    await createPrivateDirectory(root);
+    return;
+  }
+  if (!existing.isDirectory()) throw new InvalidArgumentError(`cannot create a repository at ${root}: it is a file, not a directory (give a new or empty directory)`);
+  if ((await readdir(root)).length > 0) throw new RepositoryExistsError(root);
+  await chmod(root, PRIVATE_DIRECTORY_MODE);
+}
+
 export class Repository {
   private indexStore: IndexStore | undefined;
   private lock: RepositoryLock | undefined;
@@ -92,22 +123,16 @@ export class Repository {
     const keyId = randomBytes(8).toString('hex');
     const encryption = options.passphrase === undefined ? undefined : { cipher: CIPHER_ID, keyFile: `${LAYOUT.keys}/${keyFileName(keyId)}` };
     const config = newConfig(repositoryId, options.blockSize, new Date(), encryption);
-    try {
-      const entries = await readdir(root);
-      if (entries.length > 0) throw new RepositoryExistsError(root);
-    } catch (error) {
-      if (!isErrnoException(error) || error.code !== 'ENOENT') throw error;
-    }
-    await mkdir(root, { recursive: true });
-    for (const dir of [LAYOUT.packs, LAYOUT.backups, LAYOUT.tmp, LAYOUT.readers]) await mkdir(join(root, dir), { recursive: true });
+    await prepareRepositoryRoot(root);
+    for (const dir of INIT_DIRECTORIES) await createPrivateDirectory(join(root, dir));
     if (encryption && options.passphrase !== undefined) {
-      await mkdir(join(root, LAYOUT.keys));
+      await createPrivateDirectory(join(root, LAYOUT.keys));
       const keyFile = await createKeyFile(newRepositoryKeys(), options.passphrase, repositoryId, keyId);
-      // Owner-only: whoever reads the key file can guess passphrases offline (SPEC.md, section 17).
-      await writeFileDurably(join(root, encryption.keyFile), encodeKeyFile(keyFile), { exclusive: true, mode: 0o600 });
+      // Owner-only and written once (0400): whoever reads the key file can guess passphrases offline (SPEC.md, section 17).
+      await writeFileDurably(join(root, encryption.keyFile), encodeKeyFile(keyFile), { exclusive: true });
     }
     const packs = join(root, LAYOUT.packs);
-    await Promise.all(Array.from({ length: 256 }, (_, i) => mkdir(join(packs, i.toString(16).padStart(2, '0')))));
+    await Promise.all(PACK_DIRECTORIES.map((dir) => createPrivateDirectory(join(packs, dir))));
     await fsyncDirectory(packs);
     const index = await IndexStore.open(join(root, LAYOUT.index), { create: true });
     await index.putMeta('repository-id', config.id);

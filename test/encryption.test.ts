@@ -256,8 +256,8 @@ describe('an encrypted repository through the CLI', () => {
     const keyFile = (config.encryption as { keyFile: string }).keyFile;
     expect(keyFile).toMatch(/^keys\/[0-9a-f]{16}\.json$/);
     expect((await stat(join(repo, keyFile))).isFile()).toBe(true);
-    // Readable by its owner only: anyone who reads it can try passphrases offline.
-    expect((await stat(join(repo, keyFile))).mode % 0o1000).toBe(0o600);
+    // Readable by its owner only (anyone who reads it can try passphrases offline), and written once (SPEC.md, 2.1).
+    expect((await stat(join(repo, keyFile))).mode % 0o1000).toBe(0o400);
 
     image = await markedImage('marked.img');
     first = await backupOk(repo, ['--source', image]);

@@ -14,6 +14,7 @@ import { chown, mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { MUTABLE_FILE_MODE } from '../../repo-format/file-modes.js';
 import { NbdSource } from '../sources/nbd-source.js';
 import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type ChainArgs } from './chain.js';
 import { bitmapName, bitmapPrefix } from './qcow2-bitmaps.js';
@@ -65,6 +66,8 @@ async function runDirectory(): Promise<string> {
     () => undefined,
   );
   if (ids) await chown(dir, ids.uid, ids.gid);
+  // The one directory the engine creates that is not 0700: qemu, running as libvirt-qemu, creates the
+  // socket and scratch files in it. Its group is libvirt-qemu's; other users stay out.
   await chmod(dir, 0o770);
   return dir;
 }
@@ -91,10 +94,11 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
     .join('');
   const backupXml = join(dir, 'backup.xml');
   const checkpointXml = join(dir, 'checkpoint.xml');
-  await writeFile(backupXml, `<domainbackup mode='pull'><server transport='unix' socket='${xmlEscape(socket)}'/><disks>${diskXml}</disks></domainbackup>`);
+  await writeFile(backupXml, `<domainbackup mode='pull'><server transport='unix' socket='${xmlEscape(socket)}'/><disks>${diskXml}</disks></domainbackup>`, { mode: MUTABLE_FILE_MODE });
   await writeFile(
     checkpointXml,
     `<domaincheckpoint><name>${xmlEscape(checkpoint)}</name><disks>${disks.map((d) => `<disk name='${xmlEscape(d.target)}' checkpoint='bitmap'/>`).join('')}</disks></domaincheckpoint>`,
+    { mode: MUTABLE_FILE_MODE },
   );
 
   let jobStarted = false;

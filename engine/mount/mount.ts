@@ -15,11 +15,12 @@
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, openSync } from 'node:fs';
-import { mkdir, open, readdir, readFile, realpath, rename, rm, rmdir, stat, unlink, writeFile } from 'node:fs/promises';
+import { chmod, open, readdir, readFile, realpath, rename, rm, rmdir, stat, unlink, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
 import { isProcessAlive } from '../../repo-format/process-alive.js';
+import { createPrivateDirectory, ensurePrivateDirectory, MUTABLE_FILE_MODE, PRIVATE_DIRECTORY_MODE } from '../../repo-format/file-modes.js';
 import { processIdentity, stopProcess } from '../process.js';
 import { runTool } from '../cbt/run-tool.js';
 import type { ServedExport, ServeOptions } from '../serve/serve.js';
@@ -90,7 +91,7 @@ function stateDirFor(runDir: string, dir: string): string {
 
 async function saveState(stateDir: string, state: MountState): Promise<void> {
   const path = join(stateDir, 'state.json');
-  await writeFile(`${path}.tmp`, JSON.stringify(state, null, 2));
+  await writeFile(`${path}.tmp`, JSON.stringify(state, null, 2), { mode: MUTABLE_FILE_MODE });
   await rename(`${path}.tmp`, path);
 }
 
@@ -124,7 +125,7 @@ async function loopIsOurs(loop: string, stateDir: string): Promise<boolean> {
 /** Starts the background server; resolves with its pid once it listens. */
 function startServer(options: ServeOptions, logPath: string): Promise<{ pid: number; readerToken: string; backupId: string; exports: ServedExport[] }> {
   const script = fileURLToPath(new URL('./serve-daemon.js', import.meta.url));
-  const log = openSync(logPath, 'a');
+  const log = openSync(logPath, 'a', MUTABLE_FILE_MODE);
   const { passphrase, ...visible } = options;
   // argv is readable by every user of the host (ps); the environment of a process is not.
   const env = passphrase === undefined ? process.env : { ...process.env, ENGINE_PASSWORD: passphrase };
@@ -152,7 +153,7 @@ function startServer(options: ServeOptions, logPath: string): Promise<{ pid: num
 
 /** Starts nbdfuse for one export; resolves once the file is there. */
 async function startFuse(uriSocket: string, exportName: string, mountpoint: string): Promise<number> {
-  await mkdir(mountpoint, { recursive: true });
+  await ensurePrivateDirectory(mountpoint);
   const pidFile = `${mountpoint}.pid`;
   const uri = `nbd+unix:///${encodeURIComponent(exportName)}?socket=${uriSocket}`;
   const child = spawn('nbdfuse', ['-r', '-P', pidFile, join(mountpoint, 'disk'), uri], { detached: true, stdio: 'ignore' });
@@ -196,12 +197,15 @@ function fileReader(path: string, size: number): { readAt: ReadAt; close: () => 
 }
 
 export async function mount(options: MountOptions): Promise<MountResult> {
-  await mkdir(options.dir, { recursive: true });
+  await ensurePrivateDirectory(options.dir);
   const dir = await canonical(options.dir);
   if ((await readdir(dir)).length > 0) throw new InvalidArgumentError(`mount point ${dir} is not empty`);
+  // The guest's files keep the guest's owners and modes, and its uids and gids mean other users here: only
+  // the owner of the mount point may enter it (SPEC.md, 16.2).
+  await chmod(dir, PRIVATE_DIRECTORY_MODE);
   const stateDir = stateDirFor(runDirOf(options), dir);
   if (await stat(join(stateDir, 'state.json')).then(() => true, () => false)) throw new InvalidArgumentError(`${dir} is already an engine mount: engine umount ${dir} first`);
-  await mkdir(stateDir, { recursive: true, mode: 0o700 });
+  await ensurePrivateDirectory(stateDir);
   const state: MountState = { version: 1, dir, repo: resolve(options.repo), created: new Date().toISOString(), fuse: [], loops: [], mounts: [], dirs: [] };
   await saveState(stateDir, state);
   try {
@@ -237,7 +241,7 @@ export async function mount(options: MountOptions): Promise<MountResult> {
           const target = area.number === null ? join(dir, exp.name) : join(dir, exp.name, `p${area.number}`);
           for (const created of [join(dir, exp.name), target]) {
             if (!(await stat(created).then(() => true, () => false))) {
-              await mkdir(created);
+              await createPrivateDirectory(created);
               state.dirs.push(created);
             }
           }

@@ -14,7 +14,8 @@
  * writes past the end; EPERM for writes to a read-only export) and the connection carries on.
  */
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
-import { unlink } from 'node:fs/promises';
+import { chmod, unlink } from 'node:fs/promises';
+import { MUTABLE_FILE_MODE } from '../../repo-format/file-modes.js';
 import * as P from './protocol.js';
 import { SocketReader } from './socket-reader.js';
 import { ExportError, type NbdExport, type ReadPiece } from './export.js';
@@ -90,12 +91,21 @@ export class NbdServer {
   async listen(address: ListenAddress): Promise<{ socket?: string; port?: number; host?: string }> {
     await new Promise<void>((resolve, reject) => {
       this.server.once('error', reject);
-      if ('socket' in address) this.server.listen(address.socket, () => resolve());
-      else this.server.listen(address.port, address.host ?? '127.0.0.1', () => resolve());
+      if ('socket' in address) {
+        // Owner-only from the first instant: the socket file is created inside listen() under the umask.
+        const umask = process.umask(0o177);
+        try {
+          this.server.listen(address.socket, () => resolve());
+        } finally {
+          process.umask(umask);
+        }
+      } else this.server.listen(address.port, address.host ?? '127.0.0.1', () => resolve());
     });
     this.server.on('error', (error) => this.log(`server error: ${error.message}`));
     if ('socket' in address) {
       this.socketPath = address.socket;
+      // Connecting to a Unix socket needs write permission on it: 0600 keeps other users out (SPEC.md, 2.1).
+      await chmod(address.socket, MUTABLE_FILE_MODE);
       return { socket: address.socket };
     }
     const info = this.server.address() as AddressInfo;

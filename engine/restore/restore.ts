@@ -5,7 +5,7 @@
  * Chunks are read from packs by the workers (several in flight), each checked (xxh64 of the frame, the
  * AES-256-GCM tag in an encrypted repository, then the plaintext's id) before a byte of it reaches the target.
  */
-import { mkdir, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Repository } from '../../repo-format/repository.js';
 import { readMap } from '../../repo-format/block-map.js';
@@ -13,6 +13,7 @@ import { mapRootOf, type BackupRecord, type DiskRecord } from '../../repo-format
 import { packPath } from '../../repo-format/pack-file.js';
 import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
 import { InvalidArgumentError, MissingBlobError } from '../../repo-format/errors.js';
+import { ensurePrivateDirectory } from '../../repo-format/file-modes.js';
 import { BlockPool } from '../pipeline/block-pool.js';
 import { CorruptChunkError, DiskNotFoundError, InterruptedError } from '../errors.js';
 import { FileTarget, type RestoreTarget } from './file-target.js';
@@ -87,7 +88,7 @@ async function planTargets(record: BackupRecord, disk: string | undefined, to: s
   if (record.disks.length > 1 && !(await isDirectory(to)) && (await stat(to).then(() => true, () => false))) {
     throw new InvalidArgumentError(`backup ${record.id} has ${record.disks.length} disks: name one with --disk, or restore them all into a directory`);
   }
-  await mkdir(to, { recursive: true });
+  await ensurePrivateDirectory(to);
   return record.disks.map((d) => ({ disk: d, path: join(to, d.name) }));
 }
 
