@@ -4,10 +4,10 @@
  */
 import { Command, CommanderError, Option } from 'commander';
 import { EngineError, InvalidArgumentError } from '../repo-format/errors.js';
+import { onNotice } from '../repo-format/notices.js';
 import { ENGINE_VERSION } from '../engine/version.js';
 import { parseSize } from '../engine/units.js';
 import { KEEP_RULES, type RetentionPolicy } from '../engine/retention.js';
-import { readFile } from 'node:fs/promises';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createProgress } from './progress.js';
 import { backupJson, printBackup, printGc, printInit, printJson, printList, printMount, printProtect, printPrune, printRepair, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
@@ -111,7 +111,10 @@ function ovirtCredentialsOption(): Option {
 
 async function loadCredentials(file: string | undefined): Promise<{ username: string; password: string }> {
   if (file) {
-    const [username, password] = (await readFile(file, 'utf8')).split('\n');
+    const { readSecretFile } = await import('../engine/secret-file.js');
+    const secret = await readSecretFile(file, `--ovirt-credentials ${file}`);
+    for (const warning of secret.warnings) printNotice(warning);
+    const [username, password] = secret.bytes.toString('utf8').split('\n');
     if (!username || password === undefined) throw new InvalidArgumentError(`${file}: expected the user on the first line and the password on the second`);
     return { username: username.trim(), password: password.replace(/\r$/, '') };
   }
@@ -123,19 +126,20 @@ async function loadCredentials(file: string | undefined): Promise<{ username: st
 
 /** The passphrase of an encrypted repository: never an argument (argv is visible to every user), a file or the environment. */
 function passwordFileOption(): Option {
-  return new Option('--password-file <file>', 'file holding the passphrase of an encrypted repository (default: $ENGINE_PASSWORD)');
+  return new Option('--password-file <file>', 'file holding the passphrase of an encrypted repository (default: $ENGINE_PASSWORD_FILE, else $ENGINE_PASSWORD)');
 }
 
-/**
- * The file's content less one trailing newline, else $ENGINE_PASSWORD, else undefined (a plain repository
- * needs none). An empty variable counts as unset: no encrypted repository has an empty passphrase.
- */
-async function loadPassphrase(file: string | undefined): Promise<string | undefined> {
-  if (file === undefined) return process.env.ENGINE_PASSWORD || undefined;
-  const text = await readFile(file, 'utf8').catch((error: unknown) => {
-    throw new InvalidArgumentError(`--password-file ${file}: cannot be read (${(error as NodeJS.ErrnoException).code ?? String(error)})`);
-  });
-  return text.replace(/\r?\n$/, '');
+/** The passphrase's bytes (engine/passphrase-source.ts: --password-file, $ENGINE_PASSWORD_FILE, $ENGINE_PASSWORD), or undefined. */
+async function loadPassphrase(file: string | undefined): Promise<Buffer | undefined> {
+  const { resolvePassphrase } = await import('../engine/passphrase-source.js');
+  const resolved = await resolvePassphrase({ file });
+  for (const warning of resolved.warnings) printNotice(warning);
+  return resolved.passphrase;
+}
+
+/** A notice on stderr, one line, escaped; none with --json (stdout carries the one document, stderr nothing). */
+function printNotice(message: string): void {
+  if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
 }
 
 function collect(value: string, previous: string[] = []): string[] {
@@ -198,14 +202,14 @@ function buildProgram(): Command {
     .description('create a repository')
     .argument('<repo>', 'directory to create (must be new or empty)')
     .option('--block-size <size>', 'fixed block size, a power of two from 64K to 16M (default 1M)')
-    .option('--encrypt', 'encrypt the repository (AES-256-GCM, keyed chunk ids) under a passphrase from --password-file or $ENGINE_PASSWORD')
+    .option('--encrypt', 'encrypt the repository (AES-256-GCM, keyed chunk ids) under a passphrase of 8 characters or more from --password-file, $ENGINE_PASSWORD_FILE or $ENGINE_PASSWORD')
     .addOption(passwordFileOption())
     .option('--json', 'print the repository config as JSON')
     .action(async (repo: string, opts: { blockSize?: string; encrypt?: boolean; passwordFile?: string; json?: boolean }) => {
       jsonMode = opts.json === true;
       if (!opts.encrypt && opts.passwordFile !== undefined) throw new InvalidArgumentError('--password-file is for an encrypted repository: add --encrypt');
       const passphrase = opts.encrypt ? await loadPassphrase(opts.passwordFile) : undefined;
-      if (opts.encrypt && passphrase === undefined) throw new InvalidArgumentError('--encrypt needs a passphrase: set ENGINE_PASSWORD or give --password-file FILE');
+      if (opts.encrypt && passphrase === undefined) throw new InvalidArgumentError('--encrypt needs a passphrase: give --password-file FILE, or set ENGINE_PASSWORD_FILE or ENGINE_PASSWORD');
       const config = await engine.initRepository(repo, { blockSize: opts.blockSize === undefined ? undefined : parseSize(opts.blockSize), passphrase });
       if (jsonMode) printJson(config);
       else printInit(repo, config);
@@ -652,6 +656,7 @@ function reportError(error: unknown, debug: boolean): number {
 export async function main(argv: string[]): Promise<number> {
   // Known before parsing, so that even a usage error is reported as JSON.
   jsonMode = argv.includes('--json');
+  onNotice(printNotice);
   const program = buildProgram();
   try {
     await program.parseAsync(argv);

@@ -17,13 +17,14 @@ import type { CbtDiskJob, CbtSession, ChainArgs, RequestedMode } from './cbt/cha
 import { openLibvirtBackup } from './cbt/libvirt-domain.js';
 import { InterruptedError } from './errors.js';
 import { ENGINE_VERSION } from './version.js';
+import type { Passphrase } from '../repo-format/passphrase.js';
 
 export type { CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
 
 export interface BackupOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   /** Raw images, block devices or NBD URIs (nbd://host/export, nbd+unix:///export?socket=PATH): read whole. */
   sources?: string[] | undefined;
   /** qcow2 images of a stopped VM: the engine manages their dirty bitmaps (incremental, differential). */
@@ -54,7 +55,7 @@ export interface BackupOptions {
  * (ENGINE_NOT_ENCRYPTED) rather than ignored: the caller expects encryption, and the config that says
  * otherwise may have been rewritten (SPEC.md, section 18.5).
  */
-export function openBackupRepository(repo: string, passphrase: string | undefined, access: 'read' | 'exclusive'): Promise<Repository> {
+export function openBackupRepository(repo: string, passphrase: Passphrase | undefined, access: 'read' | 'exclusive'): Promise<Repository> {
   return Repository.open(repo, { access, command: 'backup', passphrase, requireEncryption: passphrase !== undefined });
 }
 

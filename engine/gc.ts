@@ -33,11 +33,12 @@ import type { BackupRecord } from '../repo-format/backup-record.js';
 import { GC_DEFAULT_REWRITE_BELOW, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../repo-format/constants.js';
 import { IdPrefixSet } from './id-set.js';
 import { walkReferences } from './references.js';
+import type { Passphrase } from '../repo-format/passphrase.js';
 
 export interface GcOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   /** Rewrite packs whose live share of bytes is under this fraction (0 … 1); default 0.5. */
   rewriteBelow?: number | undefined;
   /** Plan only: report what would be deleted and rewritten, change nothing. */
@@ -360,7 +361,7 @@ async function mark(repo: Repository, records: readonly BackupRecord[], live: Id
 }
 
 /** Phase 3 waits for the lock (a backup may hold it for hours): gc has work in flight and holds nothing. */
-async function openWhenFree(path: string, passphrase: string | undefined, notice: (message: string) => void): Promise<Repository> {
+async function openWhenFree(path: string, passphrase: Passphrase | undefined, notice: (message: string) => void): Promise<Repository> {
   let told = false;
   for (;;) {
     try {

@@ -9,11 +9,12 @@ import { InvalidArgumentError } from '../repo-format/errors.js';
 import { listProtected } from '../repo-format/protection.js';
 import { crashPoint } from '../repo-format/crash-points.js';
 import { applyRetention, KEEP_RULES, policyIsEmpty, type RetentionPolicy } from './retention.js';
+import type { Passphrase } from '../repo-format/passphrase.js';
 
 export interface PruneOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   policy: RetentionPolicy;
   dryRun?: boolean | undefined;
 }

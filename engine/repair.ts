@@ -27,11 +27,12 @@ import type { IndexEntry } from '../repo-format/index-entry.js';
 import { IdPrefixSet } from './id-set.js';
 import { walkReferences } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
+import type { Passphrase } from '../repo-format/passphrase.js';
 
 export interface RepairOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   /** Worker threads that check frames (default: one per core). */
   workers?: number | undefined;
   onProgress?: ((progress: { phase: string; done: number; total: number }) => void) | undefined;

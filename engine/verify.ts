@@ -19,6 +19,7 @@ import { walkReferences } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { IdPrefixSet } from './id-set.js';
 import { findLooseModes, formatMode } from '../repo-format/file-modes.js';
+import type { Passphrase } from '../repo-format/passphrase.js';
 
 export interface VerifyProblem {
   code: string;
@@ -54,7 +55,7 @@ export interface VerifyReport {
 export interface VerifyOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   readData?: boolean | undefined;
   /** With readData: read only this fraction (0 < f ≤ 1) of the packs, chosen by `seed`. */
   subset?: number | undefined;

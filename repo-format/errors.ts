@@ -145,7 +145,7 @@ export class WrongPassphraseError extends EngineError {
 /** An encrypted repository was opened without a passphrase. */
 export class PassphraseRequiredError extends EngineError {
   constructor(path: string) {
-    super('ENGINE_PASSPHRASE_REQUIRED', `repository ${path} is encrypted: give its passphrase in ENGINE_PASSWORD or with --password-file FILE`, { path });
+    super('ENGINE_PASSPHRASE_REQUIRED', `repository ${path} is encrypted: give its passphrase with --password-file FILE, in a file named by ENGINE_PASSWORD_FILE, or in ENGINE_PASSWORD`, { path });
   }
 }
 

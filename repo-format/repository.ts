@@ -24,9 +24,12 @@ import {
   PassphraseRequiredError,
   RepositoryExistsError,
   RepositoryLockedError,
+  WrongPassphraseError,
 } from './errors.js';
 import { fsyncDirectory, writeFileDurably } from './durable-file.js';
-import { createPrivateDirectory, PRIVATE_DIRECTORY_MODE } from './file-modes.js';
+import { createPrivateDirectory, formatMode, GROUP_OTHER_BITS, PRIVATE_DIRECTORY_MODE } from './file-modes.js';
+import { legacyPassphraseBytes, passphraseBytes, type Passphrase } from './passphrase.js';
+import { notice } from './notices.js';
 import { IndexStore } from './index-store.js';
 import { acquireLock, readLockHolder, type RepositoryLock } from './lock.js';
 import { decodeBackupRecord, encodeBackupRecord, type BackupRecord } from './backup-record.js';
@@ -51,8 +54,8 @@ export interface OpenOptions {
   index?: 'open' | 'skip';
   /** What the lock file says the holder is doing (e.g. "backup"). */
   command?: string;
-  /** Unlocks an encrypted repository; ignored by a plain one unless `requireEncryption`. */
-  passphrase?: string | undefined;
+  /** Unlocks an encrypted repository (bytes as given; a string stands for its UTF-8); ignored by a plain one unless `requireEncryption`. */
+  passphrase?: Passphrase | undefined;
   /**
    * Refuse a plain repository (NotEncryptedError) before anything else: the caller expects an encrypted
    * one and is about to write. A config is not authenticated, so this is what stops an encrypted
@@ -117,7 +120,7 @@ export class Repository {
   readonly blobId = (data: Uint8Array): Buffer => blobId(data, this.keys);
 
   /** `passphrase` makes an encrypted repository (format version 2). */
-  static async init(root: string, options: { blockSize: number; passphrase?: string | undefined }): Promise<RepositoryConfig> {
+  static async init(root: string, options: { blockSize: number; passphrase?: Passphrase | undefined }): Promise<RepositoryConfig> {
     if (options.passphrase !== undefined) checkPassphrase(options.passphrase);
     const repositoryId = randomBytes(16).toString('hex');
     const keyId = randomBytes(8).toString('hex');
@@ -163,16 +166,35 @@ export class Repository {
     return repo;
   }
 
-  private static async unlock(root: string, config: RepositoryConfig, passphrase: string | undefined): Promise<RepositoryKeys> {
+  private static async unlock(root: string, config: RepositoryConfig, passphrase: Passphrase | undefined): Promise<RepositoryKeys> {
     if (passphrase === undefined) throw new PassphraseRequiredError(root);
     const keyFile = config.encryption!.keyFile;
     const where = `key file ${keyFile}`;
-    const bytes = await readFile(join(root, keyFile)).catch((error: unknown) => {
+    const path = join(root, keyFile);
+    const bytes = await readFile(path).catch((error: unknown) => {
       throw new CorruptMetadataError(where, `cannot be read (${isErrnoException(error) ? error.code : String(error)})`);
     });
     const file = decodeKeyFile(bytes, where);
     if (`${LAYOUT.keys}/${keyFileName(file.id)}` !== keyFile) throw new CorruptMetadataError(where, `it names itself ${file.id}`);
-    return unlockKeyFile(file, passphrase, config.id, root);
+    const mode = (await stat(path).catch(() => undefined))?.mode ?? 0;
+    if ((mode & GROUP_OTHER_BITS) !== 0) {
+      notice(`the key file ${keyFile} of repository ${root} is open to other users (mode ${formatMode(mode)}), who can try passphrases against it offline: chmod 400 ${path}`);
+    }
+    const given = passphraseBytes(passphrase);
+    try {
+      return await unlockKeyFile(file, given, config.id, root);
+    } catch (error) {
+      // Engines before passphrases were bytes keyed the repository with the passphrase decoded as UTF-8,
+      // invalid sequences replaced by U+FFFD (SPEC.md, 18.2): such a key file carries no `passphrase`.
+      const legacy = file.passphrase === undefined ? legacyPassphraseBytes(given) : undefined;
+      if (!(error instanceof WrongPassphraseError) || legacy === undefined) throw error;
+      const keys = await unlockKeyFile(file, legacy, config.id, root);
+      notice(
+        `repository ${root} was created with a passphrase that is not valid UTF-8, by an engine that replaced its invalid bytes with U+FFFD before deriving the key: ` +
+          'any passphrase that differs from it only in those bytes opens it. Back up into a new repository created with this passphrase, which now counts every byte',
+      );
+      return keys;
+    }
   }
 
   get encrypted(): boolean {

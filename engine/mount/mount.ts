@@ -26,6 +26,8 @@ import { runTool } from '../cbt/run-tool.js';
 import type { ServedExport, ServeOptions } from '../serve/serve.js';
 import { probeFilesystem } from './filesystem-probe.js';
 import { readPartitionTable, type ReadAt } from './partition-table.js';
+import { passphraseBytes, type Passphrase } from '../../repo-format/passphrase.js';
+import { MOUNT_PASSPHRASE_VARIABLE } from './serve-daemon-env.js';
 
 export interface MountOptions {
   repo: string;
@@ -35,7 +37,7 @@ export interface MountOptions {
   runDir?: string | undefined;
   cacheBytes?: number | undefined;
   /** The passphrase of an encrypted repository; handed to the background server in its environment, never in argv. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
 }
 
 export interface MountedFilesystem {
@@ -127,8 +129,9 @@ function startServer(options: ServeOptions, logPath: string): Promise<{ pid: num
   const script = fileURLToPath(new URL('./serve-daemon.js', import.meta.url));
   const log = openSync(logPath, 'a', MUTABLE_FILE_MODE);
   const { passphrase, ...visible } = options;
-  // argv is readable by every user of the host (ps); the environment of a process is not.
-  const env = passphrase === undefined ? process.env : { ...process.env, ENGINE_PASSWORD: passphrase };
+  // argv is readable by every user of the host (ps); the environment of a process is not. The passphrase
+  // goes as base64 of its bytes (an environment value is text, a passphrase is bytes: SPEC.md, 18.2).
+  const env = { ...process.env, [MOUNT_PASSPHRASE_VARIABLE]: passphrase === undefined ? '' : passphraseBytes(passphrase).toString('base64') };
   const child = spawn(process.execPath, [script, JSON.stringify(visible)], { detached: true, stdio: ['ignore', log, log, 'ipc'], env });
   closeSync(log);
   return new Promise((resolvePromise, reject) => {

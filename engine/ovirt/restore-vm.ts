@@ -22,11 +22,12 @@ import { finalizeTransfer, startTransfer } from './transfers.js';
 import { OvirtFaultError } from '../errors.js';
 import { connectAndCleanUp, undo } from './cleanup.js';
 import { findDevice, isNotFound, vmIdByName, type OvirtDisk, type Wait } from './common.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
 
 export interface OvirtRestoreOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   ovirt: OvirtClientOptions;
   backupId: string;
   /** Write the disks through this backup appliance (attach, write the device, detach)… */

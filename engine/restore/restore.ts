@@ -23,6 +23,7 @@ import { planRollback } from './rollback-plan.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { STATE_DIRTY } from '../nbd/protocol.js';
 import type { BlobLocation } from '../../repo-format/index-entry.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
 
 export interface RestoreProgress {
   disk: string;
@@ -33,7 +34,7 @@ export interface RestoreProgress {
 export interface RestoreOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   backupId: string;
   /** Disk name; may be omitted when the backup has one disk, or when `to` is a directory for all disks. */
   disk?: string | undefined;

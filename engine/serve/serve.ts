@@ -23,6 +23,7 @@ import { BackupExport } from './backup-export.js';
 import { PackIds, resolveBlockTable, type BlockTable } from './block-table.js';
 import { ChunkCache, ChunkLoader } from './chunk-cache.js';
 import { Overlay } from './overlay.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
 
 export const DEFAULT_CACHE_BYTES = 64 * 1024 * 1024;
 const DEFAULT_READ_AHEAD_BYTES = 8 * 1024 * 1024;
@@ -43,7 +44,7 @@ export interface ServeOptions {
   readAheadBytes?: number | undefined;
   workers?: number | undefined;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   onLog?: ((message: string) => void) | undefined;
 }
 
