@@ -5,6 +5,7 @@
 import { Command, CommanderError, Option } from 'commander';
 import { EngineError, InvalidArgumentError } from '../repo-format/errors.js';
 import { onNotice } from '../repo-format/notices.js';
+import { checkLocalPath } from '../repo-format/local-path.js';
 import { ENGINE_VERSION } from '../engine/version.js';
 import { parseSize } from '../engine/units.js';
 import { KEEP_RULES, type RetentionPolicy } from '../engine/retention.js';
@@ -142,6 +143,14 @@ function printNotice(message: string): void {
   if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
 }
 
+/** A path option's parser: a URL is refused at parse time (exit 2), never taken for a relative path. */
+function localPath(flag: string): (value: string) => string {
+  return (value) => {
+    checkLocalPath(value, flag);
+    return value;
+  };
+}
+
 function collect(value: string, previous: string[] = []): string[] {
   return [...previous, value];
 }
@@ -225,9 +234,9 @@ function buildProgram(): Command {
     .option('--ovirt <url>', 'an oVirt engine (https://engine.example.org): back up --vm through its incremental backup API, or with --appliance through this backup appliance')
     .option('--vm <name>', 'with --ovirt: the VM to back up')
     .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM (the disk-attachment flow: full backups)')
-    .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id'))
+    .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id').argParser(localPath('--device-root')))
     .addOption(ovirtCredentialsOption())
-    .addOption(new Option('--ca-file <pem>', "with --ovirt: the engine's CA certificate"))
+    .addOption(new Option('--ca-file <pem>', "with --ovirt: the engine's CA certificate").argParser(localPath('--ca-file')))
     .option('--disk-name <name>', 'name of each disk in the backup, for every --source then every --image (default: the file name)', collect)
     .option('--name <name>', 'name of the backup; a chain continues from the newest backup of the same name (default: the file name)')
     .addOption(new Option('--full', 'read every disk whole and start a new chain').conflicts(['incremental', 'differential', 'auto']))
@@ -340,10 +349,10 @@ function buildProgram(): Command {
     .option('--storage-domain <name>', 'with --ovirt: where the new disks go (default: the first data domain)')
     .option('--keep-disk-ids', 'with --new-vm: give the new disks their original ids (the OVF import then attaches them itself)')
     .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM')
-    .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id'))
+    .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id').argParser(localPath('--device-root')))
     .addOption(new Option('--via <how>', 'with --ovirt: write through the appliance, or upload through an imageio transfer').choices(['appliance', 'transfer']).default('appliance'))
     .addOption(ovirtCredentialsOption())
-    .option('--ca-file <pem>', "with --ovirt: the engine's CA certificate")
+    .option('--ca-file <pem>', "with --ovirt: the engine's CA certificate", localPath('--ca-file'))
     .option('--json', 'print only the result, as JSON')
     .addOption(workersOption())
     .addOption(passwordFileOption())
@@ -583,7 +592,7 @@ function buildProgram(): Command {
     .addOption(repoOption())
     .requiredOption('--ovirt <url>', 'the oVirt engine')
     .addOption(ovirtCredentialsOption())
-    .option('--ca-file <pem>', "the engine's CA certificate")
+    .option('--ca-file <pem>', "the engine's CA certificate", localPath('--ca-file'))
     .option('--json', 'print JSON')
     .action(async (opts: { repo?: string; ovirt: string; ovirtCredentials?: string; caFile?: string; json?: boolean }) => {
       jsonMode = opts.json === true;

@@ -8,6 +8,8 @@ import { randomBytes } from 'node:crypto';
 import { basename } from 'node:path';
 import { Repository } from '../repo-format/repository.js';
 import { InvalidArgumentError } from '../repo-format/errors.js';
+import { checkLocalPath } from '../repo-format/local-path.js';
+import { isNbdUri } from './nbd/uri.js';
 import { diskNameProblem, type BackupRecord, type BackupType, type DiskCbt, type DiskRecord, type RecordAttachment } from '../repo-format/backup-record.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { backupDisk, type DiskProgress } from './pipeline/backup-disk.js';
@@ -96,6 +98,9 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   if (options.diskNames && options.diskNames.length > 0 && options.diskNames.length !== diskCount) {
     throw new InvalidArgumentError(`${options.diskNames.length} disk names for ${diskCount} disks: give one --disk-name per --source and --image, in that order`);
   }
+  // Before anything is opened or locked: a URL is never taken for a relative path.
+  for (const spec of plainSpecs) if (!isNbdUri(spec)) checkLocalPath(spec, '--source', 'nbd:// and nbd+unix:// URIs');
+  for (const path of imagePaths) checkLocalPath(path, '--image');
   const requested = options.mode ?? 'auto';
   const startTime = new Date();
   const id = randomBytes(16).toString('hex');

@@ -9,6 +9,7 @@ import { chmod, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { EngineError } from '../repo-format/errors.js';
+import { checkLocalPath } from '../repo-format/local-path.js';
 import { ensurePrivateDirectory, PRIVATE_DIRECTORY_MODE } from '../repo-format/file-modes.js';
 import { backup } from './backup.js';
 import { initRepository } from './init.js';
@@ -38,6 +39,7 @@ async function fileSha256(path: string): Promise<string> {
 
 export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const step = options.onStep ?? (() => undefined);
+  if (options.dir !== undefined) checkLocalPath(options.dir, '--dir');
   const dir = options.dir ?? (await mkdtemp(join(tmpdir(), 'engine-demo-')));
   if (options.dir === undefined) await chmod(dir, PRIVATE_DIRECTORY_MODE);
   else await ensurePrivateDirectory(dir);

@@ -30,6 +30,7 @@ import { fsyncDirectory, writeFileDurably } from './durable-file.js';
 import { createPrivateDirectory, formatMode, GROUP_OTHER_BITS, PRIVATE_DIRECTORY_MODE } from './file-modes.js';
 import { legacyPassphraseBytes, passphraseBytes, type Passphrase } from './passphrase.js';
 import { notice } from './notices.js';
+import { checkLocalPath } from './local-path.js';
 import { IndexStore } from './index-store.js';
 import { acquireLock, readLockHolder, type RepositoryLock } from './lock.js';
 import { decodeBackupRecord, encodeBackupRecord, type BackupRecord } from './backup-record.js';
@@ -121,6 +122,7 @@ export class Repository {
 
   /** `passphrase` makes an encrypted repository (format version 2). */
   static async init(root: string, options: { blockSize: number; passphrase?: Passphrase | undefined }): Promise<RepositoryConfig> {
+    checkLocalPath(root, 'repository');
     if (options.passphrase !== undefined) checkPassphrase(options.passphrase);
     const repositoryId = randomBytes(16).toString('hex');
     const keyId = randomBytes(8).toString('hex');
@@ -147,6 +149,7 @@ export class Repository {
   }
 
   static async open(root: string, options: OpenOptions): Promise<Repository> {
+    checkLocalPath(root, 'repository');
     let bytes: Buffer;
     try {
       bytes = await readFile(join(root, LAYOUT.config));

@@ -20,6 +20,7 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
 import { isProcessAlive } from '../../repo-format/process-alive.js';
+import { checkLocalPath } from '../../repo-format/local-path.js';
 import { createPrivateDirectory, ensurePrivateDirectory, MUTABLE_FILE_MODE, PRIVATE_DIRECTORY_MODE } from '../../repo-format/file-modes.js';
 import { processIdentity, stopProcess } from '../process.js';
 import { runTool } from '../cbt/run-tool.js';
@@ -200,6 +201,7 @@ function fileReader(path: string, size: number): { readAt: ReadAt; close: () => 
 }
 
 export async function mount(options: MountOptions): Promise<MountResult> {
+  checkLocalPath(options.dir, 'mount directory');
   await ensurePrivateDirectory(options.dir);
   const dir = await canonical(options.dir);
   if ((await readdir(dir)).length > 0) throw new InvalidArgumentError(`mount point ${dir} is not empty`);
@@ -276,6 +278,7 @@ export interface UmountResult {
 }
 
 export async function umount(options: { dir: string; runDir?: string | undefined }): Promise<UmountResult> {
+  checkLocalPath(options.dir, 'mount directory');
   const dir = await canonical(options.dir);
   const stateDir = stateDirFor(runDirOf(options), dir);
   const text = await readFile(join(stateDir, 'state.json'), 'utf8').catch(() => undefined);

@@ -14,6 +14,7 @@ import { packPath } from '../../repo-format/pack-file.js';
 import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
 import { InvalidArgumentError, MissingBlobError } from '../../repo-format/errors.js';
 import { ensurePrivateDirectory } from '../../repo-format/file-modes.js';
+import { checkLocalPath } from '../../repo-format/local-path.js';
 import { BlockPool } from '../pipeline/block-pool.js';
 import { CorruptChunkError, DiskNotFoundError, InterruptedError } from '../errors.js';
 import { FileTarget, type RestoreTarget } from './file-target.js';
@@ -113,6 +114,9 @@ function checkRollbackOptions(options: RestoreOptions): void {
 
 export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   checkRollbackOptions(options);
+  // Before the repository is opened: a URL is never taken for a relative path.
+  if (options.toQcow2 !== undefined) checkLocalPath(options.toQcow2, '--to-qcow2');
+  else if (options.openTarget === undefined && !isNbdUri(options.to)) checkLocalPath(options.to, '--to', 'nbd:// and nbd+unix:// URIs');
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'restore', passphrase: options.passphrase });
   let pool: BlockPool | undefined;
   try {

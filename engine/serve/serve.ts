@@ -24,6 +24,7 @@ import { PackIds, resolveBlockTable, type BlockTable } from './block-table.js';
 import { ChunkCache, ChunkLoader } from './chunk-cache.js';
 import { Overlay } from './overlay.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
+import { checkLocalPath } from '../../repo-format/local-path.js';
 
 export const DEFAULT_CACHE_BYTES = 64 * 1024 * 1024;
 const DEFAULT_READ_AHEAD_BYTES = 8 * 1024 * 1024;
@@ -100,6 +101,8 @@ async function resolveUnderLock(options: ServeOptions): Promise<{ record: Backup
 
 export async function serve(options: ServeOptions): Promise<ServeHandle> {
   if ((options.socket === undefined) === (options.port === undefined)) throw new InvalidArgumentError('serve needs exactly one of a Unix socket path or a TCP port');
+  if (options.socket !== undefined) checkLocalPath(options.socket, '--socket');
+  if (options.overlayDir !== undefined) checkLocalPath(options.overlayDir, '--overlay-dir');
   const { record, tables, reader, root, blockSize, keys } = await resolveUnderLock(options);
   const overlays: Overlay[] = [];
   let pool: BlockPool | undefined;
