@@ -5,6 +5,8 @@
 import { Command, CommanderError, Option } from 'commander';
 import { EngineError, InvalidArgumentError } from '../repo-format/errors.js';
 import { onNotice } from '../repo-format/notices.js';
+import { displayText } from '../repo-format/display-text.js';
+import { forTerminal, terminalLine } from './terminal.js';
 import { checkLocalPath } from '../repo-format/local-path.js';
 import { ENGINE_VERSION } from '../engine/version.js';
 import { parseSize } from '../engine/units.js';
@@ -140,7 +142,7 @@ async function loadPassphrase(file: string | undefined): Promise<Buffer | undefi
 
 /** A notice on stderr, one line, escaped; none with --json (stdout carries the one document, stderr nothing). */
 function printNotice(message: string): void {
-  if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
+  if (!jsonMode) process.stderr.write(`engine: ${terminalLine(message)}\n`);
 }
 
 /** A path option's parser: a URL is refused at parse time (exit 2), never taken for a relative path. */
@@ -264,9 +266,7 @@ function buildProgram(): Command {
           signal: interruptSignal(),
           onProgress: (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }) =>
             progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal),
-          onNotice: (message: string) => {
-            if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
-          },
+          onNotice: printNotice,
         };
         if (opts.appliance !== undefined && (opts.incremental || opts.differential)) {
           throw new InvalidArgumentError('the disk-attachment flow (--appliance) makes full backups; leave out --appliance for incremental ones');
@@ -277,7 +277,7 @@ function buildProgram(): Command {
             : await engine.ovirtIncrementalBackup({ ...common, mode: opts.full ? 'full' : opts.incremental ? 'incremental' : opts.differential ? 'differential' : 'auto' });
         progress.done();
         if (jsonMode) printJson(backupJson(record));
-        else printBackup(record);
+        else printBackup(forTerminal(record));
         return;
       }
       if ((opts.source ?? []).length + (opts.image ?? []).length === 0 && opts.libvirt === undefined) {
@@ -296,13 +296,11 @@ function buildProgram(): Command {
         workers: opts.workers,
         signal: interruptSignal(),
         onProgress: (p) => progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal),
-        onNotice: (message) => {
-          if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
-        },
+        onNotice: printNotice,
       });
       progress.done();
       if (jsonMode) printJson(backupJson(record));
-      else printBackup(record);
+      else printBackup(forTerminal(record));
     });
 
   program
@@ -315,7 +313,7 @@ function buildProgram(): Command {
       jsonMode = opts.json === true;
       const { backups, damaged } = await engine.listBackups(requireRepo(opts.repo), { passphrase: await loadPassphrase(opts.passwordFile) });
       if (jsonMode) printJson({ backups: backups.map(backupJson), damaged });
-      else printList(backups, damaged);
+      else printList(forTerminal(backups), forTerminal(damaged));
     });
 
   program
@@ -329,7 +327,7 @@ function buildProgram(): Command {
       jsonMode = opts.json === true;
       const record = await engine.showBackup(requireRepo(opts.repo), id, { passphrase: await loadPassphrase(opts.passwordFile) });
       if (jsonMode) printJson(backupJson(record));
-      else printShow(record);
+      else printShow(forTerminal(record));
     });
 
   program
@@ -375,12 +373,13 @@ function buildProgram(): Command {
           storageDomain: opts.storageDomain,
           keepDiskIds: opts.keepDiskIds,
           deviceRoot: opts.deviceRoot,
-          onNotice: (message) => {
-            if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
-          },
+          onNotice: printNotice,
         });
         if (jsonMode) printJson(result);
-        else process.stdout.write(`restored backup ${result.backup} into VM ${result.vm.name} (${result.vm.id}): ${result.disks.map((d) => `${d.name} → disk ${d.id}`).join(', ')}\n`);
+        else {
+          const shown = forTerminal(result);
+          process.stdout.write(`restored backup ${shown.backup} into VM ${shown.vm.name} (${shown.vm.id}): ${shown.disks.map((d) => `${d.name} → disk ${d.id}`).join(', ')}\n`);
+        }
         return;
       }
       if ((opts.to === undefined) === (opts.toQcow2 === undefined)) throw new InvalidArgumentError('give exactly one target: --to PATH|URI or --to-qcow2 FILE');
@@ -400,7 +399,7 @@ function buildProgram(): Command {
       });
       progress.done();
       if (jsonMode) printJson(restoreJson(result));
-      else printRestore(result);
+      else printRestore(forTerminal(result));
     });
 
   program
@@ -428,7 +427,7 @@ function buildProgram(): Command {
       });
       progress.done();
       if (jsonMode) printJson(report);
-      else printVerify(report, requireRepo(opts.repo));
+      else printVerify(forTerminal(report), displayText(requireRepo(opts.repo)));
       if (!report.ok) process.exitCode = EXIT.integrity;
     });
 
@@ -467,10 +466,10 @@ function buildProgram(): Command {
         workers: opts.workers,
         passphrase: await loadPassphrase(opts.passwordFile),
         // A server's log is its only voice: stderr, with or without --json.
-        onLog: (message) => process.stderr.write(`engine serve: ${message}\n`),
+        onLog: (message) => process.stderr.write(`engine serve: ${terminalLine(message)}\n`),
       });
       if (jsonMode) printJson(serveJson(handle));
-      else printServe(handle);
+      else printServe(forTerminal(handle));
       await new Promise<void>((resolve) => {
         process.once('SIGINT', resolve);
         process.once('SIGTERM', resolve);
@@ -493,7 +492,7 @@ function buildProgram(): Command {
       const passphrase = await loadPassphrase(opts.passwordFile);
       const result = await engine.mount({ repo: requireRepo(opts.repo), backupId: id, dir, disk: opts.disk, cacheBytes: opts.cache === undefined ? undefined : parseSize(opts.cache), passphrase });
       if (jsonMode) printJson(result);
-      else printMount(result);
+      else printMount(forTerminal(result));
     });
 
   program
@@ -505,7 +504,7 @@ function buildProgram(): Command {
       jsonMode = opts.json === true;
       const result = await engine.umount({ dir });
       if (jsonMode) printJson(result);
-      else process.stdout.write(`unmounted ${result.dir}: ${result.unmounted} filesystems, ${result.loopDevicesDetached} loop devices, ${result.fuseStopped} disk files, server ${result.serverStopped ? 'stopped' : 'not running'}\n`);
+      else process.stdout.write(`unmounted ${terminalLine(result.dir)}: ${result.unmounted} filesystems, ${result.loopDevicesDetached} loop devices, ${result.fuseStopped} disk files, server ${result.serverStopped ? 'stopped' : 'not running'}\n`);
     });
 
   const prunes = program
@@ -526,7 +525,7 @@ function buildProgram(): Command {
       }
       const report = await engine.prune({ repo: requireRepo(opts.repo), policy, dryRun: opts.dryRun, passphrase: await loadPassphrase(opts.passwordFile) });
       if (jsonMode) printJson(report);
-      else printPrune(report);
+      else printPrune(forTerminal(report));
     });
 
   for (const wanted of [true, false]) {
@@ -541,7 +540,7 @@ function buildProgram(): Command {
         jsonMode = opts.json === true;
         const result = await engine.setProtection(requireRepo(opts.repo), id, wanted, { passphrase: await loadPassphrase(opts.passwordFile) });
         if (jsonMode) printJson(result);
-        else printProtect(result);
+        else printProtect(forTerminal(result));
       });
   }
 
@@ -560,12 +559,10 @@ function buildProgram(): Command {
         passphrase: await loadPassphrase(opts.passwordFile),
         rewriteBelow: opts.rewriteBelow,
         dryRun: opts.dryRun,
-        onNotice: (message) => {
-          if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
-        },
+        onNotice: printNotice,
       });
       if (jsonMode) printJson(report);
-      else printGc(report);
+      else printGc(forTerminal(report));
     });
 
   program
@@ -581,7 +578,7 @@ function buildProgram(): Command {
       const report = await engine.repair({ repo: requireRepo(opts.repo), passphrase: await loadPassphrase(opts.passwordFile), workers: opts.workers, onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
       progress.done();
       if (jsonMode) printJson(report);
-      else printRepair(report);
+      else printRepair(forTerminal(report));
       if (!report.ok) process.exitCode = EXIT.integrity;
     });
 
@@ -603,7 +600,7 @@ function buildProgram(): Command {
         onNotice: (m) => messages.push(m),
       });
       if (jsonMode) printJson({ removed, messages });
-      else process.stdout.write(`${[...messages, `removed ${removed} leftover resources`].join('\n')}\n`);
+      else process.stdout.write(`${[...messages.map(terminalLine), `removed ${removed} leftover resources`].join('\n')}\n`);
     });
 
   program
@@ -626,7 +623,7 @@ function buildProgram(): Command {
       const result = await engine.runDemo({
         dir: opts.dir,
         size: opts.size === undefined ? undefined : parseSize(opts.size),
-        onStep: (message) => process.stdout.write(`demo: ${message}\n`),
+        onStep: (message) => process.stdout.write(`demo: ${terminalLine(message)}\n`),
       });
       process.stdout.write(`demo: done; ${result.backups.length} backups restored byte for byte, repository verified\n`);
     });
@@ -656,7 +653,7 @@ function reportError(error: unknown, debug: boolean): number {
   if (jsonMode) {
     printJson({ error: { code: code ?? 'ENGINE_INTERNAL', message, details: engineError?.details ?? {} } });
   } else {
-    process.stderr.write(`engine: ${message}\n`);
+    process.stderr.write(`engine: ${terminalLine(message)}\n`);
     if (debug && error instanceof Error && error.stack) process.stderr.write(`${error.stack}\n`);
   }
   return exitCodeFor(code);

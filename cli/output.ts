@@ -10,6 +10,7 @@ import type { GcReport } from '../engine/gc.js';
 import type { RepairReport } from '../engine/repair.js';
 import type { ProtectResult } from '../engine/protect.js';
 import { formatBytes } from '../engine/units.js';
+import { jsonForTerminal } from './terminal.js';
 
 export function diskJson(disk: DiskRecord): Record<string, unknown> {
   return {
@@ -41,7 +42,7 @@ export function backupJson(record: BackupRecord): Record<string, unknown> {
 }
 
 export function printJson(value: unknown): void {
-  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+  process.stdout.write(`${jsonForTerminal(JSON.stringify(value, null, 2))}\n`);
 }
 
 function seconds(ms: number): string {

@@ -31,6 +31,7 @@ import { createPrivateDirectory, formatMode, GROUP_OTHER_BITS, PRIVATE_DIRECTORY
 import { legacyPassphraseBytes, passphraseBytes, type Passphrase } from './passphrase.js';
 import { notice } from './notices.js';
 import { checkLocalPath } from './local-path.js';
+import { displayText } from './display-text.js';
 import { IndexStore } from './index-store.js';
 import { acquireLock, readLockHolder, type RepositoryLock } from './lock.js';
 import { decodeBackupRecord, encodeBackupRecord, type BackupRecord } from './backup-record.js';
@@ -400,7 +401,10 @@ export class Repository {
   /** Resolves a full id or a unique prefix (at least 4 hex characters). */
   async findBackup(idOrPrefix: string): Promise<BackupRecord> {
     const wanted = idOrPrefix.toLowerCase();
-    if (!/^[0-9a-f]{4,32}$/.test(wanted)) throw new BackupNotFoundError(idOrPrefix);
+    if (!/^[0-9a-f]+$/.test(wanted) || wanted.length > 32) {
+      throw new InvalidArgumentError(`"${displayText(idOrPrefix, 64)}" is not a backup id: ids are 32 hexadecimal characters, and any unique prefix of 4 or more names one`);
+    }
+    if (wanted.length < 4) throw new InvalidArgumentError(`backup id prefix "${wanted}" is too short: give at least 4 characters (a prefix of 4 or more names one backup if it is unique)`);
     const matches = (await this.listBackupIds()).filter((id) => id.startsWith(wanted));
     if (matches.length === 0) throw new BackupNotFoundError(idOrPrefix);
     if (matches.length > 1) throw new AmbiguousIdError(idOrPrefix, matches);

@@ -24,6 +24,8 @@ export interface ChainArgs {
   blockSize: number;
   /** The repository's block id (SHA-256, or HMAC-SHA256 when encrypted): the audit compares ids. */
   blockId: (data: Uint8Array) => Buffer;
+  /** Says what the user should know (e.g. a disk name from outside that was mapped to a safe one). */
+  onNotice?: ((message: string) => void) | undefined;
 }
 
 /** The changed-block-tracking bookkeeping around some disks (one qcow2 image, one libvirt or oVirt job). */

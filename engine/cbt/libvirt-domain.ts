@@ -15,6 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { MUTABLE_FILE_MODE } from '../../repo-format/file-modes.js';
+import { adoptName } from '../../repo-format/names.js';
 import { NbdSource } from '../sources/nbd-source.js';
 import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type ChainArgs } from './chain.js';
 import { bitmapName, bitmapPrefix } from './qcow2-bitmaps.js';
@@ -81,7 +82,9 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
   const disks = await domainDisks(domain);
   const existing = new Set(await checkpoints(domain));
   const checkpointProblem = (base: string): string | null => (existing.has(base) ? null : `checkpoint ${base} no longer exists in libvirt`);
-  const chains = disks.map((disk) => chooseChain(disk.target, args.requested, { size: disk.size, baseProblem: checkpointProblem, addedDisk: true }, args.history));
+  // The record's disk name (and the chain's key): the target, or its safe form (names.ts); libvirt keeps the target.
+  const names = disks.map((disk) => adoptName(disk.target, 'disk', `disk target of domain ${domain}`, args.onNotice ?? (() => undefined)));
+  const chains = disks.map((disk, i) => chooseChain(names[i]!, args.requested, { size: disk.size, baseProblem: checkpointProblem, addedDisk: true }, args.history));
   const checkpoint = bitmapName(args.repositoryId, backupId);
   const dir = await runDirectory();
   const socket = join(dir, 'backup.sock');
@@ -144,7 +147,7 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
         blockSize: args.blockSize,
         blockId: args.blockId,
       });
-      jobs.push({ name: disk.target, source, plan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt });
+      jobs.push({ name: names[i]!, source, plan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt });
     }
     return {
       disks: jobs,

@@ -21,6 +21,7 @@ import { fileURLToPath } from 'node:url';
 import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
 import { isProcessAlive } from '../../repo-format/process-alive.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
+import { diskFileName } from '../../repo-format/names.js';
 import { createPrivateDirectory, ensurePrivateDirectory, MUTABLE_FILE_MODE, PRIVATE_DIRECTORY_MODE } from '../../repo-format/file-modes.js';
 import { processIdentity, stopProcess } from '../process.js';
 import { runTool } from '../cbt/run-tool.js';
@@ -243,8 +244,9 @@ export async function mount(options: MountOptions): Promise<MountResult> {
           state.loops.push(loop);
           await saveState(stateDir, state);
           entry.loop = loop;
-          const target = area.number === null ? join(dir, exp.name) : join(dir, exp.name, `p${area.number}`);
-          for (const created of [join(dir, exp.name), target]) {
+          const diskDir = join(dir, diskFileName(exp.name));
+          const target = area.number === null ? diskDir : join(diskDir, `p${area.number}`);
+          for (const created of [diskDir, target]) {
             if (!(await stat(created).then(() => true, () => false))) {
               await createPrivateDirectory(created);
               state.dirs.push(created);

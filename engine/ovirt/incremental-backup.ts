@@ -21,6 +21,7 @@ import { finalizeTransfer, startTransfer } from './transfers.js';
 import { connectAndCleanUp, undo } from './cleanup.js';
 import { vmIdByName, waitOf, type OvirtBackupRunOptions, type Wait } from './common.js';
 import { attribute, child, children, text } from './xml.js';
+import { adoptName } from '../../repo-format/names.js';
 
 export interface OvirtIncrementalBackupOptions extends OvirtBackupRunOptions {
   mode?: RequestedMode | undefined;
@@ -32,12 +33,13 @@ interface VmDisk {
   size: number;
 }
 
-async function vmDisks(client: OvirtClient, vmId: string): Promise<VmDisk[]> {
+async function vmDisks(client: OvirtClient, vmId: string, notice: (message: string) => void): Promise<VmDisk[]> {
   const ids = children(child((await client.get(`vms/${vmId}/diskattachments`)).xml, 'disk_attachments'), 'disk_attachment').map((a) => attribute(child(a, 'disk'), 'id') ?? attribute(a, 'id')!);
   const disks: VmDisk[] = [];
   for (const id of ids) {
     const disk = child((await client.get(`disks/${id}`)).xml, 'disk');
-    disks.push({ id, name: text(disk, 'alias') ?? text(disk, 'name') ?? id, size: Number(text(disk, 'provisioned_size')) });
+    // Names from oVirt keep the name rule, or are recorded in a safe form (names.ts).
+    disks.push({ id, name: adoptName(text(disk, 'alias') ?? text(disk, 'name') ?? id, 'disk', `disk alias of disk ${id}`, notice), size: Number(text(disk, 'provisioned_size')) });
   }
   // Disk names must be unique in a backup: aliases when they are, ids otherwise.
   if (new Set(disks.map((d) => d.name)).size !== disks.length) for (const d of disks) d.name = d.id;
@@ -50,12 +52,12 @@ export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOpti
   await openBackupRepository(options.repo, options.passphrase, 'read'); // a clear error before anything is created
   const { client } = await connectAndCleanUp(options.repo, options.ovirt, wait, notice);
   const vmId = await vmIdByName(client, options.vm);
-  const disks = await vmDisks(client, vmId);
+  const disks = await vmDisks(client, vmId, notice);
   const ovf = text(child(child(child((await client.get(`vms/${vmId}`, { all_content: 'true' })).xml, 'vm'), 'initialization'), 'configuration'), 'data');
   return backup({
     repo: options.repo,
     passphrase: options.passphrase,
-    name: options.vm,
+    name: adoptName(options.vm, 'backup', 'the VM name', notice),
     mode: options.mode ?? 'auto',
     workers: options.workers,
     signal: options.signal,

@@ -23,6 +23,7 @@ import { OvirtFaultError } from '../errors.js';
 import { connectAndCleanUp, undo } from './cleanup.js';
 import { findDevice, isNotFound, vmIdByName, type OvirtDisk, type Wait } from './common.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
+import { nameMatches } from '../../repo-format/names.js';
 
 export interface OvirtRestoreOptions {
   repo: string;
@@ -76,7 +77,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
   const record = await showBackup(options.repo, options.backupId, { passphrase: options.passphrase });
   const { ovf, disks: backedUp } = ovirtMetadata(record);
   const selected: { disk: DiskRecord; meta: OvirtDisk }[] = record.disks
-    .filter((d) => options.disk === undefined || d.name === options.disk)
+    .filter((d) => options.disk === undefined || nameMatches(d.name, options.disk))
     .map((disk, i) => ({ disk, meta: backedUp.find((m) => m.alias === disk.name || m.id === disk.name) ?? backedUp[i]! }));
   if (selected.length === 0) throw new InvalidArgumentError(`backup ${record.id} has no disk "${options.disk}"`);
 

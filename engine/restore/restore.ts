@@ -15,6 +15,7 @@ import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
 import { InvalidArgumentError, MissingBlobError } from '../../repo-format/errors.js';
 import { ensurePrivateDirectory } from '../../repo-format/file-modes.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
+import { diskFileName, nameMatches } from '../../repo-format/names.js';
 import { BlockPool } from '../pipeline/block-pool.js';
 import { CorruptChunkError, DiskNotFoundError, InterruptedError } from '../errors.js';
 import { FileTarget, type RestoreTarget } from './file-target.js';
@@ -82,22 +83,25 @@ async function isDirectory(path: string): Promise<boolean> {
 /** Which disks go where: one disk to a path, or all disks to files in a directory. */
 async function planTargets(record: BackupRecord, disk: string | undefined, to: string): Promise<{ disk: DiskRecord; path: string }[]> {
   if (disk !== undefined) {
-    const found = record.disks.find((d) => d.name === disk);
+    const found = record.disks.find((d) => nameMatches(d.name, disk));
     if (!found) throw new DiskNotFoundError(record.id, disk, record.disks.map((d) => d.name));
-    return [{ disk: found, path: (await isDirectory(to)) ? join(to, found.name) : to }];
+    return [{ disk: found, path: (await isDirectory(to)) ? join(to, diskFileName(found.name)) : to }];
   }
   if (record.disks.length === 1 && !(await isDirectory(to))) return [{ disk: record.disks[0]!, path: to }];
   if (record.disks.length > 1 && !(await isDirectory(to)) && (await stat(to).then(() => true, () => false))) {
     throw new InvalidArgumentError(`backup ${record.id} has ${record.disks.length} disks: name one with --disk, or restore them all into a directory`);
   }
+  // One file per disk, named after it (a name older engines allowed, its safe form: names.ts).
+  const files = record.disks.map((d) => diskFileName(d.name));
+  if (new Set(files).size !== files.length) throw new InvalidArgumentError(`backup ${record.id}: two disks would be restored to the same file name; restore them one by one with --disk NAME --to FILE`);
   await ensurePrivateDirectory(to);
-  return record.disks.map((d) => ({ disk: d, path: join(to, d.name) }));
+  return record.disks.map((d, i) => ({ disk: d, path: join(to, files[i]!) }));
 }
 
 /** One target per disk for a single-target kind (NBD export, new qcow2): the backup must name one disk. */
 function singleDisk(record: BackupRecord, disk: string | undefined, what: string): DiskRecord[] {
   if (disk !== undefined) {
-    const found = record.disks.find((d) => d.name === disk);
+    const found = record.disks.find((d) => nameMatches(d.name, disk));
     if (!found) throw new DiskNotFoundError(record.id, disk, record.disks.map((d) => d.name));
     return [found];
   }
@@ -123,7 +127,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
     const record = await repo.findBackup(options.backupId);
     const nbd = options.openTarget === undefined && options.toQcow2 === undefined && isNbdUri(options.to);
     const plan = options.openTarget
-      ? record.disks.filter((d) => options.disk === undefined || d.name === options.disk).map((disk) => ({ disk, path: '' }))
+      ? record.disks.filter((d) => options.disk === undefined || nameMatches(d.name, options.disk)).map((disk) => ({ disk, path: '' }))
       : options.toQcow2 !== undefined || nbd
         ? singleDisk(record, options.disk, options.toQcow2 ?? options.to).map((disk) => ({ disk, path: options.toQcow2 ?? options.to }))
         : await planTargets(record, options.disk, options.to);

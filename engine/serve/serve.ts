@@ -25,6 +25,7 @@ import { ChunkCache, ChunkLoader } from './chunk-cache.js';
 import { Overlay } from './overlay.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
+import { nameMatches } from '../../repo-format/names.js';
 
 export const DEFAULT_CACHE_BYTES = 64 * 1024 * 1024;
 const DEFAULT_READ_AHEAD_BYTES = 8 * 1024 * 1024;
@@ -82,7 +83,7 @@ async function resolveUnderLock(options: ServeOptions): Promise<{ record: Backup
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'serve', passphrase: options.passphrase });
   try {
     const record = await repo.findBackup(options.backupId);
-    const disks = options.disk === undefined ? record.disks : record.disks.filter((d) => d.name === options.disk);
+    const disks = options.disk === undefined ? record.disks : record.disks.filter((d) => nameMatches(d.name, options.disk!));
     if (disks.length === 0) throw new DiskNotFoundError(record.id, options.disk ?? '', record.disks.map((d) => d.name));
     const packIds = new PackIds();
     const tables: { name: string; table: BlockTable; missing: number }[] = [];
