@@ -14,6 +14,8 @@ export interface ChunkReference {
   disk: string;
   /** Byte offset of the block in the disk. */
   offset: number;
+  /** The block's length: the chunk must hold exactly this many bytes (SPEC.md, section 8). */
+  length: number;
   id: Buffer;
   location: BlobLocation | undefined;
 }
@@ -42,7 +44,10 @@ export async function walkReferences(repo: Repository, records: readonly BackupR
             blocks.push(run.firstBlock + i);
           }
           const locations = await repo.lookup(ids);
-          ids.forEach((id, i) => visitor.chunk({ backup: record.id, disk: disk.name, offset: blocks[i]! * record.blockSize, id, location: locations[i] }));
+          ids.forEach((id, i) => {
+            const offset = blocks[i]! * record.blockSize;
+            visitor.chunk({ backup: record.id, disk: disk.name, offset, length: Math.min(record.blockSize, disk.size - offset), id, location: locations[i] });
+          });
         }
       } catch (error) {
         visitor.mapDamaged(record.id, disk.name, error as Error);

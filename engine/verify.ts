@@ -202,12 +202,14 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       backups,
       {
         page: (id) => referenced.add(id),
-        chunk: ({ backup, disk, offset, id, location }) => {
+        chunk: ({ backup, disk, offset, length, id, location }) => {
           const hex = id.toString('hex');
           const where = { backup, disk, offset, blob: hex };
           const prefix = `backup ${backup}, disk ${disk}, offset ${offset}: chunk ${hex.slice(0, 16)}…`;
           if (location) {
             referenced.add(id);
+            // Whatever kind of frame holds it (ids name content, not roles: SPEC.md 8), a chunk is the block's length.
+            if (location.rawLength !== length) problem({ code: 'CHUNK_DAMAGED', message: `${prefix} holds ${location.rawLength} bytes, the block needs ${length}`, ...where, pack: location.packId, packOffset: location.offset });
           } else {
             const known = quarantinedBlobs.get(hex);
             if (known) problem({ code: 'CHUNK_DAMAGED', message: `${prefix} is damaged (quarantined by repair: pack ${known.pack} offset ${known.offset}: ${known.why}); the next backup of a source that still holds this block stores a good copy`, ...where, pack: known.pack, packOffset: known.offset });
