@@ -9,11 +9,11 @@ import { displayText } from '../repo-format/display-text.js';
 import { forTerminal, terminalLine } from './terminal.js';
 import { checkLocalPath } from '../repo-format/local-path.js';
 import { ENGINE_VERSION } from '../engine/version.js';
-import { parseSize } from '../engine/units.js';
+import { formatBytes, parseSize } from '../engine/units.js';
 import { KEEP_RULES, type RetentionPolicy } from '../engine/retention.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createProgress } from './progress.js';
-import { backupJson, printBackup, printGc, printInit, printJson, printList, printMount, printProtect, printPrune, printRepair, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
+import { backupJson, count, printBackup, printGc, printInit, printJson, printList, printMount, printProtect, printPrune, printRepair, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
 
 /**
  * Each command loads only the engine modules it runs: the whole engine (oVirt XML, NBD server, mount, gc …)
@@ -157,29 +157,54 @@ function collect(value: string, previous: string[] = []): string[] {
   return [...previous, value];
 }
 
-function workersOption(): Option {
-  return new Option('--workers <n>', 'hashing/compression worker threads (default: one per core)').argParser((v) => {
-    const n = Number(v);
-    if (!Number.isInteger(n) || n < 1 || n > 64) throw new InvalidArgumentError(`--workers ${v}: give a whole number from 1 to 64`);
+/**
+ * A whole number in decimal digits only, within bounds: "1e3", "0x10", "5.0", " 5", "+5" are refused
+ * (Number() would take them all), and so is anything past `max`.
+ */
+function integerParser(flag: string, min: number, max: number): (value: string) => number {
+  return (value) => {
+    const n = /^[0-9]{1,16}$/.test(value) ? Number(value) : Number.NaN;
+    if (!Number.isSafeInteger(n) || n < min || n > max) throw new InvalidArgumentError(`${flag} ${displayText(value, 32)}: give a whole number from ${min} to ${max}, in digits`);
     return n;
-  });
+  };
 }
 
-/** "10%" or "10" → 0.1; bounds (0, 100] or [0, 100]. */
+/** A size (1048576, 256K, 4GiB: parseSize) within bounds, in bytes. */
+function sizeArgument(flag: string, value: string, min: number, max: number): number {
+  let bytes: number;
+  try {
+    bytes = parseSize(value);
+  } catch (error) {
+    throw new InvalidArgumentError(`${flag} ${(error as Error).message}`);
+  }
+  if (bytes < min || bytes > max) throw new InvalidArgumentError(`${flag} ${displayText(value, 32)}: give a size from ${formatBytes(min)} to ${formatBytes(max)}`);
+  return bytes;
+}
+
+/** Worker threads; what they do depends on the command. */
+function workersOption(work: string, byDefault = 'one per core'): Option {
+  return new Option('--workers <n>', `worker threads that ${work} (default: ${byDefault})`).argParser(integerParser('--workers', 1, 64));
+}
+
+/** "10%", "10" or "12.5%" → 0.1 …; digits and one decimal point only; bounds (0, 100] or [0, 100]. */
 function percentOption(flags: string, description: string, allowZero: boolean): Option {
+  const flag = flags.split(' ')[0]!;
   return new Option(flags, description).argParser((v) => {
-    const n = Number(v.endsWith('%') ? v.slice(0, -1) : v);
-    if (!Number.isFinite(n) || n > 100 || n < 0 || (!allowZero && n === 0)) throw new InvalidArgumentError(`${flags.split(' ')[0]} ${v}: give a percentage ${allowZero ? 'from 0' : 'above 0'} up to 100%`);
+    const digits = v.endsWith('%') ? v.slice(0, -1) : v;
+    const n = /^[0-9]{1,3}(\.[0-9]{1,6})?$/.test(digits) ? Number(digits) : Number.NaN;
+    if (!Number.isFinite(n) || n > 100 || n < 0 || (!allowZero && n === 0)) throw new InvalidArgumentError(`${flag} ${displayText(v, 32)}: give a percentage ${allowZero ? 'from 0' : 'above 0'} up to 100%, in digits (e.g. 10% or 12.5%)`);
     return n / 100;
   });
 }
 
+/** The chunk cache of serve and mount: up to 64 GiB (0: none). */
+const MAX_CACHE_BYTES = 64 * 1024 ** 3;
+
+/** A retention count: bounded far above any real policy, so that a typo is caught rather than kept. */
+const MAX_KEEP = 1_000_000;
+
 function countOption(rule: string): Option {
-  return new Option(`--keep-${rule} <n>`, `keep ${rule === 'last' ? 'the n newest backups' : `the newest backup of each of the n newest ${rule === 'daily' ? 'days' : rule.replace(/ly$/, 's')} that have one (UTC)`}`).argParser((v) => {
-    const n = Number(v);
-    if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`--keep-${rule} ${v}: give a whole number of 0 or more`);
-    return n;
-  });
+  return new Option(`--keep-${rule} <n>`, `keep ${rule === 'last' ? 'the n newest backups' : `the newest backup of each of the n newest ${rule === 'daily' ? 'days' : rule.replace(/ly$/, 's')} that have one (UTC)`}`).argParser(integerParser(`--keep-${rule}`, 0, MAX_KEEP));
 }
 
 /** SIGINT/SIGTERM abort the running operation cleanly (nothing half-committed); a second one exits at once. */
@@ -221,7 +246,7 @@ function buildProgram(): Command {
       if (!opts.encrypt && opts.passwordFile !== undefined) throw new InvalidArgumentError('--password-file is for an encrypted repository: add --encrypt');
       const passphrase = opts.encrypt ? await loadPassphrase(opts.passwordFile) : undefined;
       if (opts.encrypt && passphrase === undefined) throw new InvalidArgumentError('--encrypt needs a passphrase: give --password-file FILE, or set ENGINE_PASSWORD_FILE or ENGINE_PASSWORD');
-      const config = await engine.initRepository(repo, { blockSize: opts.blockSize === undefined ? undefined : parseSize(opts.blockSize), passphrase });
+      const config = await engine.initRepository(repo, { blockSize: opts.blockSize === undefined ? undefined : sizeArgument('--block-size', opts.blockSize, 0, Number.MAX_SAFE_INTEGER), passphrase });
       if (jsonMode) printJson(config);
       else printInit(repo, config);
     });
@@ -246,7 +271,7 @@ function buildProgram(): Command {
     .addOption(new Option('--differential', 'read the blocks changed since the last full backup').conflicts(['auto']))
     .option('--auto', 'incremental where a valid chain exists, full otherwise (the default)')
     .option('--json', 'print only the result, as JSON')
-    .addOption(workersOption())
+    .addOption(workersOption('hash and compress the blocks read'))
     .addOption(passwordFileOption())
     .action(async (opts: BackupCliOptions) => {
       jsonMode = opts.json === true;
@@ -352,7 +377,7 @@ function buildProgram(): Command {
     .addOption(ovirtCredentialsOption())
     .option('--ca-file <pem>', "with --ovirt: the engine's CA certificate", localPath('--ca-file'))
     .option('--json', 'print only the result, as JSON')
-    .addOption(workersOption())
+    .addOption(workersOption('read and check the chunks (decrypt, decompress, hash) before they are written'))
     .addOption(passwordFileOption())
     .action(async (id: string, opts: RestoreCliOptions) => {
       jsonMode = opts.json === true;
@@ -410,7 +435,7 @@ function buildProgram(): Command {
     .addOption(percentOption('--subset <percent>', 'with --read-data: read only this share of the packs (e.g. 10%), chosen by --seed', false))
     .option('--seed <text>', 'with --subset: what chooses the packs (default: random, printed)')
     .option('--json', 'print JSON')
-    .addOption(workersOption())
+    .addOption(workersOption('re-read and check the chunks with --read-data'))
     .addOption(passwordFileOption())
     .action(async (opts: { repo?: string; readData?: boolean; subset?: number; seed?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
@@ -438,17 +463,13 @@ function buildProgram(): Command {
     .argument('<backup-id>', 'backup id or a unique prefix of it')
     .option('--disk <name>', 'serve only this disk')
     .option('--socket <path>', 'listen on this Unix socket')
-    .option('--port <n>', 'listen on this TCP port (0: any free port)', (v) => {
-      const n = Number(v);
-      if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError(`--port ${v}: give a port number from 0 to 65535`);
-      return n;
-    })
+    .option('--port <n>', 'listen on this TCP port (0: any free port)', integerParser('--port', 0, 65535))
     .option('--host <address>', 'with --port: the address to listen on (default 127.0.0.1)')
     .option('--writable', 'accept writes into a temporary copy-on-write overlay (instant recovery); the backup is never changed')
     .option('--overlay-dir <dir>', 'with --writable: where the overlay file lives (default: the system temporary directory)')
     .option('--cache <size>', 'chunk cache size (default 64M)')
     .option('--json', 'print the exports as JSON once listening')
-    .addOption(workersOption())
+    .addOption(workersOption('read and check the chunks before they are served', '2'))
     .addOption(passwordFileOption())
     .action(async (id: string, opts: { repo?: string; disk?: string; socket?: string; port?: number; host?: string; writable?: boolean; overlayDir?: string; cache?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
@@ -462,7 +483,7 @@ function buildProgram(): Command {
         host: opts.host,
         writable: opts.writable,
         overlayDir: opts.overlayDir,
-        cacheBytes: opts.cache === undefined ? undefined : parseSize(opts.cache),
+        cacheBytes: opts.cache === undefined ? undefined : sizeArgument('--cache', opts.cache, 0, MAX_CACHE_BYTES),
         workers: opts.workers,
         passphrase: await loadPassphrase(opts.passwordFile),
         // A server's log is its only voice: stderr, with or without --json.
@@ -490,7 +511,7 @@ function buildProgram(): Command {
     .action(async (id: string, dir: string, opts: { repo?: string; disk?: string; cache?: string; json?: boolean; passwordFile?: string }) => {
       jsonMode = opts.json === true;
       const passphrase = await loadPassphrase(opts.passwordFile);
-      const result = await engine.mount({ repo: requireRepo(opts.repo), backupId: id, dir, disk: opts.disk, cacheBytes: opts.cache === undefined ? undefined : parseSize(opts.cache), passphrase });
+      const result = await engine.mount({ repo: requireRepo(opts.repo), backupId: id, dir, disk: opts.disk, cacheBytes: opts.cache === undefined ? undefined : sizeArgument('--cache', opts.cache, 0, MAX_CACHE_BYTES), passphrase });
       if (jsonMode) printJson(result);
       else printMount(forTerminal(result));
     });
@@ -504,7 +525,7 @@ function buildProgram(): Command {
       jsonMode = opts.json === true;
       const result = await engine.umount({ dir });
       if (jsonMode) printJson(result);
-      else process.stdout.write(`unmounted ${terminalLine(result.dir)}: ${result.unmounted} filesystems, ${result.loopDevicesDetached} loop devices, ${result.fuseStopped} disk files, server ${result.serverStopped ? 'stopped' : 'not running'}\n`);
+      else process.stdout.write(`unmounted ${terminalLine(result.dir)}: ${count(result.unmounted, 'filesystem')}, ${count(result.loopDevicesDetached, 'loop device')}, ${count(result.fuseStopped, 'disk file')}, server ${result.serverStopped ? 'stopped' : 'not running'}\n`);
     });
 
   const prunes = program
@@ -571,7 +592,7 @@ function buildProgram(): Command {
     .addOption(repoOption())
     .addOption(passwordFileOption())
     .option('--json', 'print JSON')
-    .addOption(workersOption())
+    .addOption(workersOption('re-read and check every frame'))
     .action(async (opts: { repo?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
       const progress = createProgress({ json: jsonMode });
@@ -600,7 +621,7 @@ function buildProgram(): Command {
         onNotice: (m) => messages.push(m),
       });
       if (jsonMode) printJson({ removed, messages });
-      else process.stdout.write(`${[...messages.map(terminalLine), `removed ${removed} leftover resources`].join('\n')}\n`);
+      else process.stdout.write(`${[...messages.map(terminalLine), `removed ${count(removed, 'leftover resource')}`].join('\n')}\n`);
     });
 
   program
@@ -622,10 +643,10 @@ function buildProgram(): Command {
     .action(async (opts: { dir?: string; size?: string }) => {
       const result = await engine.runDemo({
         dir: opts.dir,
-        size: opts.size === undefined ? undefined : parseSize(opts.size),
+        size: opts.size === undefined ? undefined : sizeArgument('--size', opts.size, 1, 1024 ** 4),
         onStep: (message) => process.stdout.write(`demo: ${terminalLine(message)}\n`),
       });
-      process.stdout.write(`demo: done; ${result.backups.length} backups restored byte for byte, repository verified\n`);
+      process.stdout.write(`demo: done; ${count(result.backups.length, 'backup')} restored byte for byte, repository verified\n`);
     });
 
   program

@@ -47,6 +47,9 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const repo = join(dir, 'repo');
   // Not a multiple of the block size on purpose: the last block is short.
   const size = options.size ?? 512 * 1024 * 1024 + 4097;
+  const keep = options.keep ?? options.dir !== undefined;
+  // Say first whether the files named below outlive the demo: a temporary directory does not.
+  step(keep ? `working in ${dir} (kept afterwards)` : `working in ${dir}, a temporary directory removed when the demo ends (--dir DIR keeps the image and the repository)`);
   try {
     step(`generating a ${size}-byte VM-like disk image at ${image}`);
     await generateImage(image, size, 'engine-demo');
@@ -56,7 +59,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
     const first = (await backup({ repo, sources: [image], name: 'demo-monday' })).record;
     step(`backup ${first.id.slice(0, 8)}: read ${first.disks[0]!.stats.bytesRead} bytes, stored ${first.disks[0]!.stats.bytesStored} new bytes`);
     const writes = await mutateImage(image, 0.02, 'engine-demo/tuesday');
-    step(`the guest wrote ${writes.length} times (2% of the disk)`);
+    step(`the guest wrote ${writes.length === 1 ? 'once' : `${writes.length} times`} (2% of the disk)`);
     const secondHash = await fileSha256(image);
     const second = (await backup({ repo, sources: [image], name: 'demo-tuesday' })).record;
     step(`backup ${second.id.slice(0, 8)}: read ${second.disks[0]!.stats.bytesRead} bytes, stored ${second.disks[0]!.stats.bytesStored} new bytes (the rest deduplicated)`);
@@ -65,14 +68,17 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
       await restore({ repo, backupId: record.id, to: target });
       const actual = await fileSha256(target);
       if (actual !== expected) throw new EngineError('ENGINE_INTERNAL', `restore of ${record.id} differs from the image it backed up`);
-      step(`restored ${record.id.slice(0, 8)} to ${target}: identical to the image it backed up (sha256 ${actual.slice(0, 16)}…)`);
       await rm(target);
+      step(`restored ${record.id.slice(0, 8)} to ${target}: identical to the image it backed up (sha256 ${actual.slice(0, 16)}…); the copy is deleted again`);
     }
     const report = await verify({ repo, readData: true });
     step(`verify --read-data: ${report.ok ? 'no problems' : `${report.problems.length} problems`} in ${report.packs} packs, ${report.blobs} blobs`);
     if (!report.ok) throw new EngineError('ENGINE_INTERNAL', `verify found problems: ${report.problems[0]!.message}`);
     return { dir, backups: [first, second], verify: report };
   } finally {
-    if (!(options.keep ?? options.dir !== undefined)) await rm(dir, { recursive: true, force: true });
+    if (!keep) {
+      await rm(dir, { recursive: true, force: true });
+      step(`removed the temporary directory ${dir}`);
+    }
   }
 }

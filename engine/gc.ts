@@ -289,7 +289,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
       report.readers = readers.length;
       if (readers.length > 0) {
         report.packs.deferred = unnamed;
-        notice(`${readers.length} reader(s) registered (engine serve/mount): deleting ${unnamed.length} packs is deferred to a later gc`);
+        notice(`${readers.length} ${readers.length === 1 ? 'reader is' : 'readers are'} registered (engine serve/mount): deleting ${unnamed.length === 1 ? '1 pack' : `${unnamed.length} packs`} is deferred to a later gc`);
       } else {
         for (const [n, packId] of unnamed.entries()) {
           report.bytes.deleted += (await stat(packPath(repo.root, packId)).catch(() => ({ size: 0 }))).size;
