@@ -155,6 +155,9 @@ export class Repository {
   }
 
   private async openExclusive(command: string, index: 'open' | 'skip'): Promise<void> {
+    // A copy made by a tool that keeps no empty directory (git, some sync tools) may lack tmp/, where the lock and
+    // every durable write begin, and backups/; packs/xx/ and the registries are created when first written.
+    for (const dir of [LAYOUT.tmp, LAYOUT.backups]) await mkdir(join(this.root, dir), { recursive: true }).catch(() => undefined);
     this.lock = await acquireLock(this.root, command);
     if (this.lock.brokeStale) this.openReport.brokeStaleLock = this.lock.brokeStale;
     try {
@@ -267,7 +270,7 @@ export class Repository {
   async listPackIds(): Promise<string[]> {
     const ids: string[] = [];
     const packs = join(this.root, LAYOUT.packs);
-    for (const dir of (await readdir(packs)).sort()) {
+    for (const dir of (await readdirIfPresent(packs)).sort()) {
       for (const name of (await readdir(join(packs, dir))).sort()) {
         if (/^[0-9a-f]{32}$/.test(name) && name.startsWith(dir)) ids.push(name);
       }
@@ -283,7 +286,7 @@ export class Repository {
   /** Files in tmp/ that no live registered writer (a gc between its phases) owns. */
   async listTempFiles(): Promise<string[]> {
     const live = await liveWriterTokens(this.root);
-    return (await readdir(join(this.root, LAYOUT.tmp))).filter((name) => !live.some((token) => name.startsWith(token))).sort();
+    return (await readdirIfPresent(join(this.root, LAYOUT.tmp))).filter((name) => !live.some((token) => name.startsWith(token))).sort();
   }
 
   /**
@@ -311,7 +314,7 @@ export class Repository {
   }
 
   async listBackupIds(): Promise<string[]> {
-    return (await readdir(join(this.root, LAYOUT.backups))).filter((name) => /^[0-9a-f]{32}$/.test(name));
+    return (await readdirIfPresent(join(this.root, LAYOUT.backups))).filter((name) => /^[0-9a-f]{32}$/.test(name));
   }
 
   async readBackup(id: string): Promise<BackupRecord> {
@@ -410,4 +413,15 @@ export class Repository {
     }
     return [];
   }
+}
+
+/**
+ * The names in one of the repository's directories, none when it is absent: a repository copied by a tool that
+ * keeps no empty directory (git, some sync tools) lacks the empty ones, which hold nothing by definition.
+ */
+async function readdirIfPresent(path: string): Promise<string[]> {
+  return readdir(path).catch((error: unknown) => {
+    if (isErrnoException(error) && error.code === 'ENOENT') return [];
+    throw error;
+  });
 }
