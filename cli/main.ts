@@ -421,26 +421,28 @@ function buildProgram(): Command {
 
   program
     .command('serve')
-    .description('serve a backup\'s disks over NBD (one export per disk, named after it) until SIGINT/SIGTERM')
+    .description('serve a backup\'s disks over NBD (one export per disk, named after it) until SIGINT/SIGTERM; a private Unix socket by default, TCP only with TLS')
     .addOption(repoOption())
     .argument('<backup-id>', 'backup id or a unique prefix of it')
     .option('--disk <name>', 'serve only this disk')
-    .option('--socket <path>', 'listen on this Unix socket')
-    .option('--port <n>', 'listen on this TCP port (0: any free port)', (v) => {
+    .option('--socket <path>', 'listen on this Unix socket, created 0600 (default: $ENGINE_RUN_DIR/serve-<id>.sock, ENGINE_RUN_DIR defaulting to /run/engine)')
+    .option('--port <n>', 'listen on this TCP port (0: any free port); needs --tls-certificates or --tls-psk-file, or --insecure', (v) => {
       const n = Number(v);
-      if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError(`--port ${v}: give a port number from 0 to 65535`);
+      if (!/^\d+$/.test(v) || n > 65535) throw new InvalidArgumentError(`--port ${v}: give a port number from 0 to 65535`);
       return n;
     })
     .option('--host <address>', 'with --port: the address to listen on (default 127.0.0.1)')
+    .option('--tls-certificates <dir>', 'TLS with client certificates: DIR holds ca-cert.pem, server-cert.pem and server-key.pem (the layout of qemu and nbdkit); clients need a certificate signed by ca-cert.pem')
+    .option('--tls-psk-file <file>', 'TLS with pre-shared keys: FILE holds username:hexkey lines (psktool\'s format, as qemu and nbdkit read it)')
+    .option('--insecure', 'with --port: serve without TLS; anyone who can connect reads (and with --writable writes) the disks')
     .option('--writable', 'accept writes into a temporary copy-on-write overlay (instant recovery); the backup is never changed')
     .option('--overlay-dir <dir>', 'with --writable: where the overlay file lives (default: the system temporary directory)')
     .option('--cache <size>', 'chunk cache size (default 64M)')
     .option('--json', 'print the exports as JSON once listening')
     .addOption(workersOption())
     .addOption(passwordFileOption())
-    .action(async (id: string, opts: { repo?: string; disk?: string; socket?: string; port?: number; host?: string; writable?: boolean; overlayDir?: string; cache?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
+    .action(async (id: string, opts: { repo?: string; disk?: string; socket?: string; port?: number; host?: string; tlsCertificates?: string; tlsPskFile?: string; insecure?: boolean; writable?: boolean; overlayDir?: string; cache?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
-      if ((opts.socket === undefined) === (opts.port === undefined)) throw new InvalidArgumentError('give exactly one of --socket PATH or --port N');
       const handle = await engine.serve({
         repo: requireRepo(opts.repo),
         backupId: id,
@@ -448,6 +450,8 @@ function buildProgram(): Command {
         socket: opts.socket,
         port: opts.port,
         host: opts.host,
+        tls: { certificates: opts.tlsCertificates, pskFile: opts.tlsPskFile },
+        insecure: opts.insecure,
         writable: opts.writable,
         overlayDir: opts.overlayDir,
         cacheBytes: opts.cache === undefined ? undefined : parseSize(opts.cache),
