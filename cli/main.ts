@@ -496,7 +496,7 @@ function buildProgram(): Command {
       jsonMode = opts.json === true;
       const result = await engine.umount({ dir });
       if (jsonMode) printJson(result);
-      else process.stdout.write(`unmounted ${result.dir}: ${result.unmounted} filesystems, ${result.loopDevicesDetached} loop devices, ${result.fuseStopped} disk files, server ${result.serverStopped ? 'stopped' : 'not running'}\n`);
+      else process.stdout.write(`unmounted ${result.dir}: ${result.unmounted} filesystems, ${result.loopDevicesDetached} loop devices, ${result.fuseStopped} disk files, server ${result.serverStopped ? 'stopped' : 'was not running'}\n`);
     });
 
   const prunes = program
