@@ -67,6 +67,7 @@ interface RestoreCliOptions {
   via?: string;
   ovirtCredentials?: string;
   caFile?: string;
+  insecureHttp?: boolean;
   json?: boolean;
   workers?: number;
 }
@@ -83,6 +84,7 @@ interface BackupCliOptions {
   deviceRoot?: string;
   ovirtCredentials?: string;
   caFile?: string;
+  insecureHttp?: boolean;
   diskName?: string[];
   name?: string;
   full?: boolean;
@@ -119,6 +121,18 @@ async function loadCredentials(file: string | undefined): Promise<{ username: st
   const password = process.env.ENGINE_OVIRT_PASSWORD;
   if (!username || password === undefined) throw new InvalidArgumentError('oVirt credentials: give --ovirt-credentials FILE or set ENGINE_OVIRT_USER and ENGINE_OVIRT_PASSWORD');
   return { username, password };
+}
+
+/** Plain http to oVirt only when the user says so: the flag, or ENGINE_OVIRT_INSECURE_HTTP=1 for a service configured by its environment. */
+function insecureHttpOption(): Option {
+  return new Option('--insecure-http', 'with --ovirt: allow an http:// engine (the oVirt password and token cross the network in clear text)');
+}
+
+/** How to reach oVirt: the URL checked first (a bad one is said before credentials are asked for), then the credentials. */
+async function ovirtConnection(opts: { ovirt: string; ovirtCredentials?: string; caFile?: string; insecureHttp?: boolean }): Promise<{ url: string; credentials: { username: string; password: string }; caFile: string | undefined; insecureHttp: boolean }> {
+  const insecureHttp = opts.insecureHttp === true || process.env.ENGINE_OVIRT_INSECURE_HTTP === '1';
+  (await import('../engine/ovirt/url-policy.js')).checkEngineUrl(opts.ovirt, insecureHttp);
+  return { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile, insecureHttp };
 }
 
 /** The passphrase of an encrypted repository: never an argument (argv is visible to every user), a file or the environment. */
@@ -224,6 +238,7 @@ function buildProgram(): Command {
     .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id'))
     .addOption(ovirtCredentialsOption())
     .addOption(new Option('--ca-file <pem>', "with --ovirt: the engine's CA certificate"))
+    .addOption(insecureHttpOption())
     .option('--disk-name <name>', 'name of each disk in the backup, for every --source then every --image (default: the file name)', collect)
     .option('--name <name>', 'name of the backup; a chain continues from the newest backup of the same name (default: the file name)')
     .addOption(new Option('--full', 'read every disk whole and start a new chain').conflicts(['incremental', 'differential', 'auto']))
@@ -245,7 +260,7 @@ function buildProgram(): Command {
         const common = {
           repo: requireRepo(opts.repo),
           passphrase,
-          ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
+          ovirt: await ovirtConnection({ ...opts, ovirt: opts.ovirt }),
           vm: opts.vm,
           workers: opts.workers,
           signal: interruptSignal(),
@@ -340,6 +355,7 @@ function buildProgram(): Command {
     .addOption(new Option('--via <how>', 'with --ovirt: write through the appliance, or upload through an imageio transfer').choices(['appliance', 'transfer']).default('appliance'))
     .addOption(ovirtCredentialsOption())
     .option('--ca-file <pem>', "with --ovirt: the engine's CA certificate")
+    .addOption(insecureHttpOption())
     .option('--json', 'print only the result, as JSON')
     .addOption(workersOption())
     .addOption(passwordFileOption())
@@ -351,7 +367,7 @@ function buildProgram(): Command {
         const result = await engine.ovirtRestoreVm({
           repo: requireRepo(opts.repo),
           passphrase,
-          ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
+          ovirt: await ovirtConnection({ ...opts, ovirt: opts.ovirt }),
           backupId: id,
           appliance: opts.appliance,
           via: opts.via === 'transfer' ? 'transfer' : 'appliance',
@@ -584,13 +600,14 @@ function buildProgram(): Command {
     .requiredOption('--ovirt <url>', 'the oVirt engine')
     .addOption(ovirtCredentialsOption())
     .option('--ca-file <pem>', "the engine's CA certificate")
+    .addOption(insecureHttpOption())
     .option('--json', 'print JSON')
-    .action(async (opts: { repo?: string; ovirt: string; ovirtCredentials?: string; caFile?: string; json?: boolean }) => {
+    .action(async (opts: { repo?: string; ovirt: string; ovirtCredentials?: string; caFile?: string; insecureHttp?: boolean; json?: boolean }) => {
       jsonMode = opts.json === true;
       const messages: string[] = [];
       const removed = await engine.ovirtCleanup({
         repo: requireRepo(opts.repo),
-        ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
+        ovirt: await ovirtConnection(opts),
         onNotice: (m) => messages.push(m),
       });
       if (jsonMode) printJson({ removed, messages });
@@ -643,7 +660,8 @@ function reportError(error: unknown, debug: boolean): number {
   }
   const engineError = error instanceof EngineError ? error : undefined;
   const code = engineError?.code;
-  const message = error instanceof Error ? error.message : String(error);
+  // One line whatever the source (a tool's stderr, a library's multi-line text): the contract of SPEC 14.
+  const message = (error instanceof Error ? error.message : String(error)).replace(/\s*\n\s*/g, ' ').trim();
   if (jsonMode) {
     printJson({ error: { code: code ?? 'ENGINE_INTERNAL', message, details: engineError?.details ?? {} } });
   } else {
