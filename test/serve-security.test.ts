@@ -295,6 +295,10 @@ describe('TLS with client certificates (--tls-certificates)', () => {
     expect(strangerEngine.stderr).toBe(`engine: NBD ${tcpUri}?tls-certificates=${pki.strangerDir}: the server ended the connection right after the TLS handshake: it does not accept our credentials (${pki.strangerDir})\n`);
     await logged(stderr, /dropped a client: TLS handshake failed: the peer certificate is not signed by a trusted CA/);
     expect(stderr()).not.toMatch(/opened by certificate CN=stranger/);
+    // Without tls-certificates the engine checks the server against the system's CAs, which do not know this one.
+    const systemCas = await runEngine(['backup', '--repo', repo, '--source', tcpUri, '--disk-name', 'x']);
+    expect(systemCas.code).toBe(1);
+    expect(systemCas.stderr).toMatch(new RegExp(`^engine: NBD ${tcpUri.replace(/[.]/g, '\\.')}: TLS handshake failed: the peer certificate (chains to a CA that is not trusted|is not signed by a trusted CA) \\(.*\\)\n$`));
     // The engine's client says what happened in one line naming the URI, and exits 1.
     const engine = await runEngine(['backup', '--repo', repo, '--source', `nbd://127.0.0.1:${ready.port}/os`, '--disk-name', 'x']);
     expect(engine.code).toBe(1);

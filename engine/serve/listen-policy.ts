@@ -19,11 +19,16 @@ import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { ListenAddress } from '../nbd/server.js';
 
 export interface ListenRequest {
+  /** A Unix socket path (default: <run dir>/serve-<id>.sock, see defaultSocketPath). */
   socket?: string | undefined;
+  /** A TCP port (0: any free port) on `host` (default 127.0.0.1); needs `tls` unless `insecure`. */
   port?: number | undefined;
   host?: string | undefined;
+  /** TLS with client authentication: a certificates directory (ca-cert.pem, server-cert.pem, server-key.pem) or a PSK keys file. */
   tls?: { certificates?: string | undefined; pskFile?: string | undefined } | undefined;
+  /** TCP without TLS: anyone who can connect reads (and with `writable` writes) the disks. */
   insecure?: boolean | undefined;
+  /** Guest writes go to a temporary copy-on-write overlay, discarded when the server stops. */
   writable?: boolean | undefined;
 }
 

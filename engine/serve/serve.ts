@@ -23,7 +23,7 @@ import { NbdServer, type ListenAddress } from '../nbd/server.js';
 import { loadTlsCredentials, type NbdTlsCredentials } from '../nbd/tls.js';
 import { prepareSocketPath } from '../nbd/unix-socket.js';
 import { DiskNotFoundError } from '../errors.js';
-import { defaultSocketPath, exposureWarnings, planListen } from './listen-policy.js';
+import { defaultSocketPath, exposureWarnings, planListen, type ListenRequest } from './listen-policy.js';
 import { BackupExport } from './backup-export.js';
 import { PackIds, resolveBlockTable, type BlockTable } from './block-table.js';
 import { ChunkCache, ChunkLoader } from './chunk-cache.js';
@@ -32,24 +32,12 @@ import { Overlay } from './overlay.js';
 export const DEFAULT_CACHE_BYTES = 64 * 1024 * 1024;
 const DEFAULT_READ_AHEAD_BYTES = 8 * 1024 * 1024;
 
-export interface ServeOptions {
+/** Where and how to listen (socket, port, host, tls, insecure, writable) are the ListenRequest's. */
+export interface ServeOptions extends ListenRequest {
   repo: string;
   backupId: string;
   /** Serve only this disk (default: every disk of the backup). */
   disk?: string | undefined;
-  /**
-   * Where to listen: a Unix socket path (default: <run dir>/serve-<id>.sock, listen-policy.ts), or a TCP port
-   * (0: any free port) on `host` (default 127.0.0.1), which needs `tls` unless `insecure`.
-   */
-  socket?: string | undefined;
-  port?: number | undefined;
-  host?: string | undefined;
-  /** TLS with client authentication: a certificates directory (ca-cert.pem, server-cert.pem, server-key.pem) or a PSK keys file. */
-  tls?: { certificates?: string | undefined; pskFile?: string | undefined } | undefined;
-  /** TCP without TLS: anyone who can connect reads (and with `writable` writes) the disks. */
-  insecure?: boolean | undefined;
-  /** Guest writes go to a temporary copy-on-write overlay, discarded when the server stops. */
-  writable?: boolean | undefined;
   overlayDir?: string | undefined;
   cacheBytes?: number | undefined;
   readAheadBytes?: number | undefined;
