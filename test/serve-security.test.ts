@@ -374,6 +374,13 @@ describe('TLS with pre-shared keys (--tls-psk-file)', () => {
     const result = await runEngine(['serve', '--repo', repo, backupId, '--port', '0', '--tls-psk-file', bad]);
     expect(result.code).toBe(2);
     expect(result.stderr).toBe(`engine: ${bad} line 2: the key of bob is not an even number of hex digits\n`);
+    // A keys file other users can read is used, and said.
+    const loose = join(dir, 'tls', 'loose.psk');
+    await makePskFile(loose, ['alice']);
+    await chmod(loose, 0o644);
+    const server = await startServe(['--socket', join(dir, 'loose.sock'), '--tls-psk-file', loose]);
+    expect(server.stderr()).toBe(`engine serve: ${loose} can be read by other users (mode 644): chmod 600 it\n`);
+    await stopServe(server.child);
   });
 });
 
