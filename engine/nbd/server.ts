@@ -86,6 +86,13 @@ function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
+/** Waits for `until`, at most `ms`; the timer goes with it (a stopped server must not linger for it). */
+async function within(until: Promise<unknown>, ms: number): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([until, new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)))]);
+  clearTimeout(timer);
+}
+
 /** A listen failure as one line a user can act on (the port is taken, the address is not this host's …). */
 function listenError(error: NodeJS.ErrnoException, where: string): InvalidArgumentError {
   const why: Record<string, string> = {
@@ -260,7 +267,7 @@ class ServerConnection {
     const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
     this.reader.discard();
     socket.end();
-    await Promise.race([closed, sleep(SHUTDOWN_LIMIT_MS)]);
+    await within(closed, SHUTDOWN_LIMIT_MS);
     socket.destroy();
   }
 
@@ -282,7 +289,7 @@ class ServerConnection {
         (this.handshake?.reader ?? this.reader).fail(new HangUp('server shutting down'));
         await this.ended;
       })();
-      await Promise.race([done, sleep(Math.max(0, limit - Date.now()))]);
+      await within(done, Math.max(0, limit - Date.now()));
       if (!this.closed) {
         this.server.log('a client did not close within the shutdown limit: its connection was cut');
         this.socket.destroy();
