@@ -12,6 +12,7 @@
  * (the server is stopping) makes the connection disconnect softly once its other requests are answered.
  */
 import { connect as netConnect, type Socket } from 'node:net';
+import { EngineError } from '../../repo-format/errors.js';
 import { NbdCommandError, NbdConnectError, NbdProtocolError, TimeoutError } from '../errors.js';
 import * as P from './protocol.js';
 import { SocketReader } from './socket-reader.js';
@@ -85,8 +86,8 @@ export class NbdConnection {
   static async connect(uri: NbdUri, options: ConnectOptions = {}): Promise<NbdConnection> {
     const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     if (uri.tls && !options.tls) throw new NbdConnectError(uri.text, 'TLS credentials were not loaded for this nbds:// URI');
-    const link: Link = { socket: await openSocket(uri, timeoutMs), reader: undefined as unknown as SocketReader };
-    link.reader = readerFor(uri, link.socket);
+    const socket = await openSocket(uri, timeoutMs);
+    const link: Link = { socket, reader: readerFor(uri, socket) };
     const timer = setTimeout(() => link.reader.fail(new TimeoutError(`NBD handshake with ${uri.text}`, timeoutMs)), timeoutMs);
     try {
       const info = await handshake(uri, link, options.metaContexts ?? [], options.tls);
@@ -397,7 +398,7 @@ async function upgrade(uri: NbdUri, link: Link, tls: NbdClientTls): Promise<void
     throw new NbdProtocolError(uri.text, (error as Error).message);
   }
   const secure = await startTls(link.socket, tls).catch((error: unknown) => {
-    if (error instanceof NbdConnectError || (error as { code?: string }).code === 'ENGINE_INVALID_ARGUMENT') throw error;
+    if (error instanceof EngineError) throw error; // a credentials problem, already named
     throw new NbdConnectError(uri.text, (error as Error).message);
   });
   secure.setNoDelay(true);

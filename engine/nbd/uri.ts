@@ -6,7 +6,7 @@
  *                                            a server that refuses it is refused
  * TLS parameters, as libnbd names them: `tls-certificates=DIR` (ca-cert.pem, client-cert.pem,
  * client-key.pem), or `tls-psk-file=FILE` (username:hexkey lines) with the username from `tls-username=`
- * or the URI's user (nbds://alice@host/); `tls-hostname=` names the host the server certificate must be
+ * or the URI's user (nbds://alice@host/), else the file's first; `tls-hostname=` names the host the server certificate must be
  * for (default: the URI's host; none on a Unix socket). Without either file the server is checked
  * against the system's CAs and no client certificate is offered.
  */
