@@ -70,6 +70,7 @@ interface RestoreCliOptions {
   via?: string;
   ovirtCredentials?: string;
   caFile?: string;
+  insecureHttp?: boolean;
   json?: boolean;
   workers?: number;
 }
@@ -86,6 +87,7 @@ interface BackupCliOptions {
   deviceRoot?: string;
   ovirtCredentials?: string;
   caFile?: string;
+  insecureHttp?: boolean;
   diskName?: string[];
   name?: string;
   full?: boolean;
@@ -125,6 +127,18 @@ async function loadCredentials(file: string | undefined): Promise<{ username: st
   const password = process.env.ENGINE_OVIRT_PASSWORD;
   if (!username || password === undefined) throw new InvalidArgumentError('oVirt credentials: give --ovirt-credentials FILE or set ENGINE_OVIRT_USER and ENGINE_OVIRT_PASSWORD');
   return { username, password };
+}
+
+/** Plain http to oVirt only when the user says so: the flag, or ENGINE_OVIRT_INSECURE_HTTP=1 for a service configured by its environment. */
+function insecureHttpOption(): Option {
+  return new Option('--insecure-http', 'with --ovirt: allow an http:// engine (the oVirt password and token cross the network in clear text)');
+}
+
+/** How to reach oVirt: the URL checked first (a bad one is said before credentials are asked for), then the credentials. */
+async function ovirtConnection(opts: { ovirt: string; ovirtCredentials?: string; caFile?: string; insecureHttp?: boolean }): Promise<{ url: string; credentials: { username: string; password: string }; caFile: string | undefined; insecureHttp: boolean }> {
+  const insecureHttp = opts.insecureHttp === true || process.env.ENGINE_OVIRT_INSECURE_HTTP === '1';
+  (await import('../engine/ovirt/url-policy.js')).checkEngineUrl(opts.ovirt, insecureHttp);
+  return { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile, insecureHttp };
 }
 
 /** The passphrase of an encrypted repository: never an argument (argv is visible to every user), a file or the environment. */
@@ -264,6 +278,7 @@ function buildProgram(): Command {
     .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id').argParser(localPath('--device-root')))
     .addOption(ovirtCredentialsOption())
     .addOption(new Option('--ca-file <pem>', "with --ovirt: the engine's CA certificate").argParser(localPath('--ca-file')))
+    .addOption(insecureHttpOption())
     .option('--disk-name <name>', 'name of each disk in the backup, for every --source then every --image (default: the file name)', collect)
     .option('--name <name>', 'name of the backup; a chain continues from the newest backup of the same name (default: the file name)')
     .addOption(new Option('--full', 'read every disk whole and start a new chain').conflicts(['incremental', 'differential', 'auto']))
@@ -285,7 +300,7 @@ function buildProgram(): Command {
         const common = {
           repo: requireRepo(opts.repo),
           passphrase,
-          ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
+          ovirt: await ovirtConnection({ ...opts, ovirt: opts.ovirt }),
           vm: opts.vm,
           workers: opts.workers,
           signal: interruptSignal(),
@@ -376,6 +391,7 @@ function buildProgram(): Command {
     .addOption(new Option('--via <how>', 'with --ovirt: write through the appliance, or upload through an imageio transfer').choices(['appliance', 'transfer']).default('appliance'))
     .addOption(ovirtCredentialsOption())
     .option('--ca-file <pem>', "with --ovirt: the engine's CA certificate", localPath('--ca-file'))
+    .addOption(insecureHttpOption())
     .option('--json', 'print only the result, as JSON')
     .addOption(workersOption('read and check the chunks (decrypt, decompress, hash) before they are written'))
     .addOption(passwordFileOption())
@@ -387,7 +403,7 @@ function buildProgram(): Command {
         const result = await engine.ovirtRestoreVm({
           repo: requireRepo(opts.repo),
           passphrase,
-          ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
+          ovirt: await ovirtConnection({ ...opts, ovirt: opts.ovirt }),
           backupId: id,
           appliance: opts.appliance,
           via: opts.via === 'transfer' ? 'transfer' : 'appliance',
@@ -458,22 +474,24 @@ function buildProgram(): Command {
 
   program
     .command('serve')
-    .description('serve a backup\'s disks over NBD (one export per disk, named after it) until SIGINT/SIGTERM')
+    .description('serve a backup\'s disks over NBD (one export per disk, named after it) until SIGINT/SIGTERM; a private Unix socket by default, TCP only with TLS')
     .addOption(repoOption())
     .argument('<backup-id>', 'backup id or a unique prefix of it')
     .option('--disk <name>', 'serve only this disk')
-    .option('--socket <path>', 'listen on this Unix socket')
-    .option('--port <n>', 'listen on this TCP port (0: any free port)', integerParser('--port', 0, 65535))
+    .option('--socket <path>', 'listen on this Unix socket, created 0600 (default: $ENGINE_RUN_DIR/serve-<id>.sock, ENGINE_RUN_DIR defaulting to /run/engine)')
+    .option('--port <n>', 'listen on this TCP port (0: any free port); needs --tls-certificates or --tls-psk-file, or --insecure', integerParser('--port', 0, 65535))
     .option('--host <address>', 'with --port: the address to listen on (default 127.0.0.1)')
+    .option('--tls-certificates <dir>', 'TLS with client certificates: DIR holds ca-cert.pem, server-cert.pem and server-key.pem (the layout of qemu and nbdkit); clients need a certificate signed by ca-cert.pem')
+    .option('--tls-psk-file <file>', 'TLS with pre-shared keys: FILE holds username:hexkey lines (psktool\'s format, as qemu and nbdkit read it)')
+    .option('--insecure', 'with --port: serve without TLS; anyone who can connect reads (and with --writable writes) the disks')
     .option('--writable', 'accept writes into a temporary copy-on-write overlay (instant recovery); the backup is never changed')
     .option('--overlay-dir <dir>', 'with --writable: where the overlay file lives (default: the system temporary directory)')
     .option('--cache <size>', 'chunk cache size (default 64M)')
     .option('--json', 'print the exports as JSON once listening')
     .addOption(workersOption('read and check the chunks before they are served', '2'))
     .addOption(passwordFileOption())
-    .action(async (id: string, opts: { repo?: string; disk?: string; socket?: string; port?: number; host?: string; writable?: boolean; overlayDir?: string; cache?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
+    .action(async (id: string, opts: { repo?: string; disk?: string; socket?: string; port?: number; host?: string; tlsCertificates?: string; tlsPskFile?: string; insecure?: boolean; writable?: boolean; overlayDir?: string; cache?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
-      if ((opts.socket === undefined) === (opts.port === undefined)) throw new InvalidArgumentError('give exactly one of --socket PATH or --port N');
       const handle = await engine.serve({
         repo: requireRepo(opts.repo),
         backupId: id,
@@ -481,6 +499,8 @@ function buildProgram(): Command {
         socket: opts.socket,
         port: opts.port,
         host: opts.host,
+        tls: { certificates: opts.tlsCertificates, pskFile: opts.tlsPskFile },
+        insecure: opts.insecure,
         writable: opts.writable,
         overlayDir: opts.overlayDir,
         cacheBytes: opts.cache === undefined ? undefined : sizeArgument('--cache', opts.cache, 0, MAX_CACHE_BYTES),
@@ -525,7 +545,7 @@ function buildProgram(): Command {
       jsonMode = opts.json === true;
       const result = await engine.umount({ dir });
       if (jsonMode) printJson(result);
-      else process.stdout.write(`unmounted ${terminalLine(result.dir)}: ${count(result.unmounted, 'filesystem')}, ${count(result.loopDevicesDetached, 'loop device')}, ${count(result.fuseStopped, 'disk file')}, server ${result.serverStopped ? 'stopped' : 'not running'}\n`);
+      else process.stdout.write(`unmounted ${terminalLine(result.dir)}: ${count(result.unmounted, 'filesystem')}, ${count(result.loopDevicesDetached, 'loop device')}, ${count(result.fuseStopped, 'disk file')}, server ${result.serverStopped ? 'stopped' : 'was not running'}\n`);
     });
 
   const prunes = program
@@ -611,13 +631,14 @@ function buildProgram(): Command {
     .requiredOption('--ovirt <url>', 'the oVirt engine')
     .addOption(ovirtCredentialsOption())
     .option('--ca-file <pem>', "the engine's CA certificate", localPath('--ca-file'))
+    .addOption(insecureHttpOption())
     .option('--json', 'print JSON')
-    .action(async (opts: { repo?: string; ovirt: string; ovirtCredentials?: string; caFile?: string; json?: boolean }) => {
+    .action(async (opts: { repo?: string; ovirt: string; ovirtCredentials?: string; caFile?: string; insecureHttp?: boolean; json?: boolean }) => {
       jsonMode = opts.json === true;
       const messages: string[] = [];
       const removed = await engine.ovirtCleanup({
         repo: requireRepo(opts.repo),
-        ovirt: { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile },
+        ovirt: await ovirtConnection(opts),
         onNotice: (m) => messages.push(m),
       });
       if (jsonMode) printJson({ removed, messages });
@@ -670,7 +691,8 @@ function reportError(error: unknown, debug: boolean): number {
   }
   const engineError = error instanceof EngineError ? error : undefined;
   const code = engineError?.code;
-  const message = error instanceof Error ? error.message : String(error);
+  // One line whatever the source (a tool's stderr, a library's multi-line text): the contract of SPEC 14.
+  const message = (error instanceof Error ? error.message : String(error)).replace(/\s*\n\s*/g, ' ').trim();
   if (jsonMode) {
     printJson({ error: { code: code ?? 'ENGINE_INTERNAL', message, details: engineError?.details ?? {} } });
   } else {

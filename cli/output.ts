@@ -164,6 +164,8 @@ export function serveJson(handle: ServeHandle): Record<string, unknown> {
     socket: handle.address.socket ?? null,
     host: handle.address.host ?? null,
     port: handle.address.port ?? null,
+    tls: handle.tls,
+    warnings: handle.warnings,
     writable: handle.writable,
     readerToken: handle.readerToken,
     tableBytes: handle.tableBytes,
@@ -173,7 +175,8 @@ export function serveJson(handle: ServeHandle): Record<string, unknown> {
 }
 
 export function printServe(handle: ServeHandle): void {
-  const lines = [`serving backup ${handle.backup.id}${handle.writable ? ' (writable overlay)' : ' (read-only)'}; stop with Ctrl-C or SIGTERM`];
+  const access = handle.tls ? `, TLS with ${handle.tls === 'psk' ? 'pre-shared keys' : 'client certificates'}` : '';
+  const lines = [`serving backup ${handle.backup.id}${handle.writable ? ' (writable overlay' : ' (read-only'}${access}); stop with Ctrl-C or SIGTERM`];
   for (const e of handle.exports) lines.push(`  ${e.name}: ${formatBytes(e.size)} at ${e.uri}${e.missingChunks > 0 ? ` (${count(e.missingChunks, 'chunk')} missing: EIO)` : ''}`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }

@@ -37,21 +37,23 @@ async function waitGone(pid: number, identity: string | undefined, timeoutMs: nu
  * SIGTERM, then wait until the process no longer runs; after `timeoutMs` SIGKILL and wait again. Throws
  * when even SIGKILL did not end it (a process stuck in the kernel), rather than pretend it is gone. With
  * `identity` (from processIdentity when the process was started), a pid now held by another process counts
- * as gone and is left alone.
+ * as gone and is left alone. Resolves true when it stopped a running process, false when there was none
+ * (already gone, or a zombie waiting for its parent): callers report which.
  */
-export async function stopProcess(pid: number, timeoutMs = 5000, identity?: string): Promise<void> {
-  if (!stillThere(pid, identity)) return;
+export async function stopProcess(pid: number, timeoutMs = 5000, identity?: string): Promise<boolean> {
+  if (!stillThere(pid, identity)) return false;
   try {
     process.kill(pid, 'SIGTERM');
   } catch {
-    return;
+    return false;
   }
-  if (await waitGone(pid, identity, timeoutMs)) return;
-  if (!stillThere(pid, identity)) return;
+  if (await waitGone(pid, identity, timeoutMs)) return true;
+  if (!stillThere(pid, identity)) return true;
   try {
     process.kill(pid, 'SIGKILL');
   } catch {
-    return;
+    return true;
   }
   if (!(await waitGone(pid, identity, 5000))) throw new Error(`process ${pid} did not exit after SIGTERM and SIGKILL`);
+  return true;
 }

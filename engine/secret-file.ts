@@ -25,8 +25,11 @@ export interface SecretFile {
   warnings: string[];
 }
 
-/** `what` names the source in messages: "--password-file /etc/engine/pass", "$ENGINE_PASSWORD_FILE /run/…". */
-export async function readSecretFile(path: string, what: string, options: { maxBytes?: number; timeoutMs?: number } = {}): Promise<SecretFile> {
+/**
+ * `what` names the source in messages: "--password-file /etc/engine/pass", "$ENGINE_PASSWORD_FILE /run/…".
+ * `secret: false` (a CA certificate: public) reads the same way, without the warning on loose modes.
+ */
+export async function readSecretFile(path: string, what: string, options: { maxBytes?: number; timeoutMs?: number; secret?: boolean } = {}): Promise<SecretFile> {
   const maxBytes = options.maxBytes ?? MAX_SECRET_FILE_BYTES;
   checkLocalPath(path, what.split(' ')[0]!);
   const stats = await stat(path).catch((error: unknown) => {
@@ -38,7 +41,7 @@ export async function readSecretFile(path: string, what: string, options: { maxB
   }
   if (stats.isSocket()) throw new InvalidArgumentError(`${what}: is a socket, not a file`);
   const warnings: string[] = [];
-  if ((stats.mode & GROUP_OTHER_BITS) !== 0) {
+  if (options.secret !== false && (stats.mode & GROUP_OTHER_BITS) !== 0) {
     warnings.push(`${what} is open to other users (mode ${formatMode(stats.mode)}): make it private, chmod 600 ${path}`);
   }
   if (stats.isFile()) {

@@ -41,8 +41,9 @@ export async function register(root: string, dir: RegistryDir, command: string, 
     token: randomBytes(8).toString('hex'),
     backupIds: [...backupIds],
   };
-  // Repositories made before a registry existed do not have its directory yet.
-  await ensurePrivateDirectory(join(root, dir));
+  // Repositories made before a registry existed do not have its directory yet, and copies made by tools that
+  // keep no empty directory (git, some sync tools) lack tmp/ too.
+  for (const needed of [dir, LAYOUT.tmp]) await ensurePrivateDirectory(join(root, needed));
   const path = join(root, dir, `${registration.token}.json`);
   await writeFileDurably(path, Buffer.from(JSON.stringify(registration)), { exclusive: true, tempDir: join(root, LAYOUT.tmp) });
   let released = false;

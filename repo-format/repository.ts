@@ -27,7 +27,7 @@ import {
   WrongPassphraseError,
 } from './errors.js';
 import { fsyncDirectory, writeFileDurably } from './durable-file.js';
-import { createPrivateDirectory, formatMode, GROUP_OTHER_BITS, PRIVATE_DIRECTORY_MODE } from './file-modes.js';
+import { createPrivateDirectory, ensurePrivateDirectory, formatMode, GROUP_OTHER_BITS, PRIVATE_DIRECTORY_MODE } from './file-modes.js';
 import { legacyPassphraseBytes, passphraseBytes, type Passphrase } from './passphrase.js';
 import { notice } from './notices.js';
 import { checkLocalPath } from './local-path.js';
@@ -206,6 +206,9 @@ export class Repository {
   }
 
   private async openExclusive(command: string, index: 'open' | 'skip'): Promise<void> {
+    // A copy made by a tool that keeps no empty directory (git, some sync tools) may lack tmp/, where the lock and
+    // every durable write begin, and backups/; packs/xx/ and the registries are created when first written.
+    for (const dir of [LAYOUT.tmp, LAYOUT.backups]) await ensurePrivateDirectory(join(this.root, dir)).catch(() => undefined);
     this.lock = await acquireLock(this.root, command);
     if (this.lock.brokeStale) this.openReport.brokeStaleLock = this.lock.brokeStale;
     try {
@@ -318,7 +321,7 @@ export class Repository {
   async listPackIds(): Promise<string[]> {
     const ids: string[] = [];
     const packs = join(this.root, LAYOUT.packs);
-    for (const dir of (await readdir(packs)).sort()) {
+    for (const dir of (await readdirIfPresent(packs)).sort()) {
       for (const name of (await readdir(join(packs, dir))).sort()) {
         if (/^[0-9a-f]{32}$/.test(name) && name.startsWith(dir)) ids.push(name);
       }
@@ -334,7 +337,7 @@ export class Repository {
   /** Files in tmp/ that no live registered writer (a gc between its phases) owns. */
   async listTempFiles(): Promise<string[]> {
     const live = await liveWriterTokens(this.root);
-    return (await readdir(join(this.root, LAYOUT.tmp))).filter((name) => !live.some((token) => name.startsWith(token))).sort();
+    return (await readdirIfPresent(join(this.root, LAYOUT.tmp))).filter((name) => !live.some((token) => name.startsWith(token))).sort();
   }
 
   /**
@@ -362,7 +365,7 @@ export class Repository {
   }
 
   async listBackupIds(): Promise<string[]> {
-    return (await readdir(join(this.root, LAYOUT.backups))).filter((name) => /^[0-9a-f]{32}$/.test(name));
+    return (await readdirIfPresent(join(this.root, LAYOUT.backups))).filter((name) => /^[0-9a-f]{32}$/.test(name));
   }
 
   async readBackup(id: string): Promise<BackupRecord> {
@@ -464,4 +467,15 @@ export class Repository {
     }
     return [];
   }
+}
+
+/**
+ * The names in one of the repository's directories, none when it is absent: a repository copied by a tool that
+ * keeps no empty directory (git, some sync tools) lacks the empty ones, which hold nothing by definition.
+ */
+async function readdirIfPresent(path: string): Promise<string[]> {
+  return readdir(path).catch((error: unknown) => {
+    if (isErrnoException(error) && error.code === 'ENOENT') return [];
+    throw error;
+  });
 }

@@ -33,7 +33,7 @@ interface BackupOut {
 beforeAll(async () => {
   ({ path: dir, cleanup } = await tempDir('engine-libvirt-'));
   await sh('chmod', ['755', dir]); // qemu runs as libvirt-qemu and must reach the images
-  await ensureLibvirtd(dir);
+  await ensureLibvirtd();
 });
 afterAll(async () => {
   for (const d of domains) await destroyDomain(d);

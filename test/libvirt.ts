@@ -1,18 +1,45 @@
 /** A real libvirtd with TCG domains for the tests (no KVM, no systemd here: the daemons are started by hand). */
-import { writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sh } from './helpers.js';
 
-export async function ensureLibvirtd(runDir: string): Promise<void> {
-  const running = await sh('virsh', ['-c', 'qemu:///system', 'version']).then(() => true, () => false);
-  if (running) return;
-  await sh('virtlogd', ['-d', '-p', join(runDir, 'virtlogd.pid')]).catch(() => undefined);
-  await sh('libvirtd', ['-d', '-p', join(runDir, 'libvirtd.pid')]);
+/**
+ * Where the daemons the tests start keep their pid files: one place for the whole run, so that the global
+ * teardown (test/global-setup.ts) stops exactly what the tests started, and nothing the machine ran before.
+ */
+export const STARTED_DAEMONS_DIR = join(tmpdir(), 'engine-test-daemons');
+const DAEMONS = ['libvirtd', 'virtlogd'] as const;
+
+export function libvirtdRunning(): Promise<boolean> {
+  return sh('virsh', ['-c', 'qemu:///system', 'version']).then(() => true, () => false);
+}
+
+export async function ensureLibvirtd(): Promise<void> {
+  if (await libvirtdRunning()) return;
+  await mkdir(STARTED_DAEMONS_DIR, { recursive: true });
+  await sh('virtlogd', ['-d', '-p', join(STARTED_DAEMONS_DIR, 'virtlogd.pid')]).catch(() => undefined);
+  await sh('libvirtd', ['-d', '-p', join(STARTED_DAEMONS_DIR, 'libvirtd.pid')]);
   for (let i = 0; i < 100; i += 1) {
     if (await sh('virsh', ['-c', 'qemu:///system', 'version']).then(() => true, () => false)) return;
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
   throw new Error('libvirtd did not come up');
+}
+
+/** Stops the daemons ensureLibvirtd started (their pid files say which), waiting until they are gone. */
+export async function stopStartedDaemons(): Promise<void> {
+  for (const daemon of DAEMONS) {
+    const pidFile = join(STARTED_DAEMONS_DIR, `${daemon}.pid`);
+    const pid = Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());
+    if (Number.isInteger(pid) && pid > 1 && (await readFile(`/proc/${pid}/comm`, 'utf8').catch(() => '')).trim() === daemon) {
+      process.kill(pid, 'SIGTERM');
+      for (let i = 0; i < 100 && (await readFile(`/proc/${pid}/comm`, 'utf8').then(() => true, () => false)); i += 1) {
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    }
+    await rm(pidFile, { force: true });
+  }
 }
 
 /** Defines and starts a TCG domain that sits in SeaBIOS: enough for block jobs, checkpoints, backups. */

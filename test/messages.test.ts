@@ -13,7 +13,7 @@ let dir: string;
 let cleanup: () => Promise<void>;
 let repo: string;
 let image: string;
-let first: BackupJson;
+let first: BackupJson & { startTime: string };
 
 beforeAll(async () => {
   ({ path: dir, cleanup } = await tempDir('engine-messages-'));
@@ -21,7 +21,7 @@ beforeAll(async () => {
   expect((await runEngine(['init', repo, '--block-size', '64K'])).code).toBe(0);
   image = join(dir, 'disk.img');
   await writeRegion(image, 0, 64 * 1024, 'random', 'messages-1'); // exactly one block
-  first = parseJson<BackupJson>((await runEngine(['backup', '--repo', repo, '--source', image, '--name', 'vm', '--json'])).stdout);
+  first = parseJson<BackupJson & { startTime: string }>((await runEngine(['backup', '--repo', repo, '--source', image, '--name', 'vm', '--json'])).stdout);
 });
 afterAll(async () => {
   await cleanup();

@@ -174,6 +174,25 @@ describe('engine mount', () => {
   });
 });
 
+describe('engine umount after the background server died', () => {
+  test('says the server was not running (not "stopped"), removes its registration, and leaves nothing behind', async () => {
+    const image = join(dir, 'ext4-killed.raw');
+    await sh('mke2fs', ['-q', '-t', 'ext4', '-d', content, image, '32M']);
+    const id = await backupOf(image, 'killed');
+    const mountDir = join(dir, 'mnt-killed');
+    const mounted = await runEngine(['mount', '--repo', repo, id, mountDir, '--json'], { env: env() });
+    expect(mounted.code).toBe(0);
+    const { serverPid, readerToken } = parseJson<MountJson>(mounted.stdout);
+    process.kill(serverPid, 'SIGKILL');
+    for (let i = 0; i < 200 && (await processesMentioning('serve-daemon')).includes(serverPid); i += 1) await new Promise((r) => setTimeout(r, 25));
+    expect(await readdir(join(repo, 'readers'))).toEqual([`${readerToken}.json`]);
+    const unmounted = await runEngine(['umount', mountDir], { env: env() });
+    expect(unmounted.code).toBe(0);
+    expect(unmounted.stdout).toBe(`unmounted ${mountDir}: 1 filesystems, 1 loop devices, 1 disk files, server was not running\n`);
+    await assertNothingLeft(mountDir);
+  });
+});
+
 describe('engine umount of a stale state', () => {
   test('pids, a loop device and a mount now belonging to others (kill -9, a reboot, reuse) are left alone; the state goes', async () => {
     const mountDir = join(dir, 'stale');

@@ -3,10 +3,10 @@
  * in a clear error, never a hang and never a silently wrong read.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { createServer, type Server, type Socket } from 'node:net';
+import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { NbdClient } from '../dist/engine/nbd/client.js';
-import { tempDir } from './helpers.js';
+import { runEngine, tempDir } from './helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -64,7 +64,7 @@ interface Request {
  * A server that negotiates correctly (structured replies refused, so simple replies) and then answers
  * each request with `reply`, which may misbehave.
  */
-async function fakeServer(name: string, options: { greeting?: Buffer; structured?: boolean; reply?: (socket: Socket, request: Request) => void }): Promise<string> {
+async function fakeServer(name: string, options: { greeting?: Buffer; structured?: boolean; tcp?: boolean; reply?: (socket: Socket, request: Request) => void }): Promise<string> {
   const path = join(dir, `${name}.sock`);
   const server = createServer((socket) => {
     void (async () => {
@@ -101,6 +101,10 @@ async function fakeServer(name: string, options: { greeting?: Buffer; structured
     })().catch(() => socket.destroy());
   });
   servers.push(server);
+  if (options.tcp) {
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    return `nbd://127.0.0.1:${(server.address() as AddressInfo).port}/`;
+  }
   await new Promise<void>((resolve) => server.listen(path, resolve));
   return `nbd+unix:///?socket=${path}`;
 }
@@ -174,6 +178,18 @@ describe('a misbehaving NBD server', () => {
     const client = await NbdClient.connect(uri, { timeoutMs: 2000 });
     await expect(client.read(Buffer.alloc(4096), 0)).rejects.toMatchObject({ code: 'ENGINE_NBD_PROTOCOL', message: expect.stringContaining('closed the connection') });
     await client.close();
+  });
+
+  test('a connection reset mid-request: one error naming the URI (library and CLI), never a bare "read ECONNRESET"', async () => {
+    const uri = await fakeServer('reset', { tcp: true, reply: (s) => s.resetAndDestroy() });
+    const client = await NbdClient.connect(uri, { timeoutMs: 2000 });
+    await expect(client.read(Buffer.alloc(4096), 0)).rejects.toMatchObject({ code: 'ENGINE_NBD_PROTOCOL', message: `NBD ${uri}: protocol error: the connection was lost (ECONNRESET)` });
+    await client.close();
+    const repo = join(dir, 'reset-repo');
+    expect((await runEngine(['init', repo])).code).toBe(0);
+    const backup = await runEngine(['backup', '--repo', repo, '--source', uri, '--disk-name', 'd']);
+    expect(backup.code).toBe(1);
+    expect(backup.stderr).toMatch(new RegExp(`^engine: .*NBD ${uri.replace(/[.]/g, '\\.')}: protocol error: the connection was lost \\(ECONNRESET\\)\n$`));
   });
 
   test('a reply for a request that was never sent', async () => {

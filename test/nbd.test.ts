@@ -35,13 +35,20 @@ describe('NBD URIs', () => {
     ['nbd://[::1]:10810/', { address: { kind: 'tcp', host: '::1', port: 10810 }, exportName: '' }],
     ['nbd+unix:///vda?socket=/run/bk.sock', { address: { kind: 'unix', path: '/run/bk.sock' }, exportName: 'vda' }],
     ['nbd+unix:///my%20disk?socket=/tmp/a%20b.sock', { address: { kind: 'unix', path: '/tmp/a b.sock' }, exportName: 'my disk' }],
+    ['nbds://alice@example.org/d?tls-psk-file=/k.psk', { address: { kind: 'tcp', host: 'example.org', port: 10809 }, tls: { pskFile: '/k.psk', username: 'alice', hostname: 'example.org' } }],
+    ['nbds://10.0.0.1:10810/d?tls-certificates=/pki&tls-hostname=nbd.example.org', { tls: { certificates: '/pki', hostname: 'nbd.example.org' } }],
+    ['nbds+unix:///d?socket=/run/s.sock&tls-certificates=/pki', { address: { kind: 'unix', path: '/run/s.sock' }, tls: { certificates: '/pki', hostname: undefined } }],
+    // A password (NBD has none) is not repeated in messages.
+    ['nbds://alice:secret@example.org/d', { text: 'nbds://alice@example.org/d', tls: { username: 'alice' } }],
   ])('%s', (text, expected) => {
     expect(parseNbdUri(text)).toMatchObject(expected);
   });
 
   test.each([
     ['nbd+unix:///vda', 'needs ?socket=PATH'],
-    ['nbds://host/x', 'TLS is not supported yet'],
+    ['nbd://host/x?tls-certificates=/pki', 'need an nbds:// or nbds+unix:// URI'],
+    ['nbds://host/x?tls-certificates=/pki&tls-psk-file=/k', 'not both'],
+    ['nbds://host/x?tls-verify-peer=false', 'the server is always verified'],
     ['http://host/x', 'is not an NBD URI'],
     ['nbd:///x', 'needs a host'],
   ])('%s is refused', (text, message) => {

@@ -18,7 +18,8 @@ let sim: OvirtSim;
 let vm: SimVm;
 let repo: string;
 // Conflicts are retried quickly here: the simulator's 409s do not clear up with time.
-const env = { ENGINE_OVIRT_USER: 'admin@internal', ENGINE_OVIRT_PASSWORD: 'secret', ENGINE_OVIRT_CONFLICT_DELAY_MS: '20' };
+// The simulator serves plain http: said explicitly, as a user must (--insecure-http, here through the environment).
+const env = { ENGINE_OVIRT_USER: 'admin@internal', ENGINE_OVIRT_PASSWORD: 'secret', ENGINE_OVIRT_CONFLICT_DELAY_MS: '20', ENGINE_OVIRT_INSECURE_HTTP: '1' };
 
 interface DiskOut {
   name: string;

@@ -18,7 +18,8 @@ let vm: SimVm;
 let repo: string;
 /** The first backup and what its disks held. */
 let first: { id: string; expected: string[] };
-const env = { ENGINE_OVIRT_USER: 'admin@internal', ENGINE_OVIRT_PASSWORD: 'secret' };
+// The simulator serves plain http: said explicitly, as a user must (--insecure-http, here through the environment).
+const env = { ENGINE_OVIRT_USER: 'admin@internal', ENGINE_OVIRT_PASSWORD: 'secret', ENGINE_OVIRT_INSECURE_HTTP: '1' };
 
 beforeAll(async () => {
   ({ path: dir, cleanup } = await tempDir('engine-ovirt-flow-'));
@@ -139,7 +140,7 @@ describe('oVirt disk-attachment backup', () => {
   });
 
   test('credentials never come from the command line; missing ones are a usage error', async () => {
-    const result = await runEngine(backupArgs(), { env: { ENGINE_OVIRT_USER: '', ENGINE_OVIRT_PASSWORD: '' } });
+    const result = await runEngine(backupArgs(), { env: { ...env, ENGINE_OVIRT_USER: '', ENGINE_OVIRT_PASSWORD: '' } });
     expect(result.code).toBe(2);
     expect(parseJson<{ error: { message: string } }>(result.stdout).error.message).toContain('give --ovirt-credentials FILE or set ENGINE_OVIRT_USER and ENGINE_OVIRT_PASSWORD');
   });

@@ -36,7 +36,9 @@ export async function qemuNbd(image: string, dir: string, options: { readOnly?: 
   return {
     uri: `nbd+unix:///${encodeURIComponent(name)}?socket=${socket}`,
     socket,
-    stop: () => stopProcess(pid),
+    stop: async () => {
+      await stopProcess(pid);
+    },
   };
 }
 

@@ -222,12 +222,12 @@ describe('section 8: the zero-block map', () => {
       await opened.close();
     }
     const record = await recordOf(repo, made.id);
-    const storedPage = { ...record, id: 'a'.repeat(32) };
+    const storedPage: Record<string, unknown> = { ...record, id: 'a'.repeat(32) };
     (storedPage.disks as { map: { root: string } }[])[0]!.map.root = pageId.toString('hex');
     await writeRecord(repo, storedPage);
     expect(await restoredIdentical(repo, storedPage.id as string, image)).toBe(true);
 
-    const emptyDisk = { ...record, id: 'b'.repeat(32) };
+    const emptyDisk: Record<string, unknown> = { ...record, id: 'b'.repeat(32) };
     const disk = (emptyDisk.disks as Record<string, unknown>[])[0]!;
     disk.size = 0;
     disk.map = { root: pageId.toString('hex'), depth: 0, blocks: 0 };
@@ -280,7 +280,7 @@ describe('section 8: ids name content, not roles', () => {
 
     // What matters is the length: a map entry naming that 96-byte blob where a whole block is due is damage.
     const record = await recordOf(repo, madeB.id);
-    const wrongLength = { ...record, id: 'c'.repeat(32) };
+    const wrongLength: Record<string, unknown> = { ...record, id: 'c'.repeat(32) };
     (wrongLength.disks as { size: number }[])[0]!.size = 2 * BLOCK;
     await writeRecord(repo, wrongLength);
     const restore = await runEngine(['restore', '--repo', repo, wrongLength.id as string, '--to', join(dir, 'wrong-length.img')]);

@@ -276,6 +276,7 @@ export interface UmountResult {
   unmounted: number;
   loopDevicesDetached: number;
   fuseStopped: number;
+  /** True when the background server was running and was stopped; false when it had already gone (killed, crashed). */
   serverStopped: boolean;
 }
 
@@ -322,10 +323,9 @@ async function teardown(stateDir: string, state: MountState): Promise<UmountResu
     await saveState(stateDir, state);
   }
   if (state.server) {
-    await stopProcess(state.server.pid, 10_000, state.server.identity);
-    // A server that had to be killed could not release its registration: do it for it.
+    result.serverStopped = await stopProcess(state.server.pid, 10_000, state.server.identity);
+    // A server that had to be killed (or died) could not release its registration: do it for it.
     if (state.server.readerToken) await unlink(join(state.repo, 'readers', `${state.server.readerToken}.json`)).catch(() => undefined);
-    result.serverStopped = true;
     delete state.server;
     await saveState(stateDir, state);
   }

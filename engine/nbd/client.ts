@@ -6,6 +6,7 @@
 import { NbdConnectError } from '../errors.js';
 import { NbdConnection, type BlockStatusExtent, type ExportInfo } from './connection.js';
 import * as P from './protocol.js';
+import { loadTlsCredentials, type NbdClientTls } from './tls.js';
 import { parseNbdUri, type NbdUri } from './uri.js';
 
 export interface NbdClientOptions {
@@ -15,6 +16,17 @@ export interface NbdClientOptions {
   connections?: number;
   requestSize?: number;
   timeoutMs?: number;
+}
+
+/**
+ * The credentials of an nbds:// URI, loaded once for every connection: from its files, or (neither given)
+ * the system's CAs and no client certificate.
+ */
+async function clientTls(uri: NbdUri): Promise<NbdClientTls | undefined> {
+  if (!uri.tls) return undefined;
+  const { certificates, pskFile, username, hostname } = uri.tls;
+  if (certificates === undefined && pskFile === undefined) return { credentials: { kind: 'system', source: 'the system CAs' }, hostname };
+  return { credentials: await loadTlsCredentials({ certificates, pskFile }, 'client'), username, hostname };
 }
 
 /** Largest BLOCK_STATUS request: servers answer big ranges in one go, but lengths are u32. */
@@ -29,7 +41,8 @@ export class NbdClient {
 
   static async connect(uri: string | NbdUri, options: NbdClientOptions = {}): Promise<NbdClient> {
     const parsed = typeof uri === 'string' ? parseNbdUri(uri) : uri;
-    const connect = (): Promise<NbdConnection> => NbdConnection.connect(parsed, { metaContexts: options.metaContexts ?? [], timeoutMs: options.timeoutMs });
+    const tls = await clientTls(parsed);
+    const connect = (): Promise<NbdConnection> => NbdConnection.connect(parsed, { metaContexts: options.metaContexts ?? [], timeoutMs: options.timeoutMs, tls });
     const first = await connect();
     const connections = [first];
     try {

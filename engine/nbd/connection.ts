@@ -5,12 +5,18 @@
  * Anything the server sends that the protocol does not allow (bad magic, unknown cookie, a chunk outside
  * the request, a read reply that does not cover the request, a close mid-reply) fails the connection and
  * every request on it with NbdProtocolError: never a hang, never a silently wrong read. Each request also
- * has a timeout.
+ * has a timeout. Every error names the URI (a connection reset included), never a bare errno.
+ *
+ * For an nbds:// URI, NBD_OPT_STARTTLS is the first option (the protocol's advice against downgrades) and
+ * a server that does not acknowledge it is refused: nothing is sent in clear. A reply of NBD_ESHUTDOWN
+ * (the server is stopping) makes the connection disconnect softly once its other requests are answered.
  */
 import { connect as netConnect, type Socket } from 'node:net';
+import { EngineError } from '../../repo-format/errors.js';
 import { NbdCommandError, NbdConnectError, NbdProtocolError, TimeoutError } from '../errors.js';
 import * as P from './protocol.js';
 import { SocketReader } from './socket-reader.js';
+import { startTls, type NbdClientTls } from './tls.js';
 import type { NbdUri } from './uri.js';
 import { encodeLengthPrefixed as lengthPrefixed, encodeOptionHeader, encodeRequest } from './wire.js';
 
@@ -33,7 +39,9 @@ export interface BlockStatusExtent {
 
 export interface ConnectOptions {
   metaContexts?: string[];
-  timeoutMs?: number;
+  timeoutMs?: number | undefined;
+  /** TLS credentials: required for an nbds:// URI (NbdClient loads them once for all its connections). */
+  tls?: NbdClientTls | undefined;
 }
 
 interface Pending {
@@ -77,14 +85,15 @@ export class NbdConnection {
 
   static async connect(uri: NbdUri, options: ConnectOptions = {}): Promise<NbdConnection> {
     const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    if (uri.tls && !options.tls) throw new NbdConnectError(uri.text, 'TLS credentials were not loaded for this nbds:// URI');
     const socket = await openSocket(uri, timeoutMs);
-    const reader = new SocketReader(socket, () => new NbdProtocolError(uri.text, 'the server closed the connection'));
-    const timer = setTimeout(() => reader.fail(new TimeoutError(`NBD handshake with ${uri.text}`, timeoutMs)), timeoutMs);
+    const link: Link = { socket, reader: readerFor(uri, socket) };
+    const timer = setTimeout(() => link.reader.fail(new TimeoutError(`NBD handshake with ${uri.text}`, timeoutMs)), timeoutMs);
     try {
-      const info = await handshake(uri, socket, reader, options.metaContexts ?? []);
-      return new NbdConnection(uri, socket, reader, info, timeoutMs);
+      const info = await handshake(uri, link, options.metaContexts ?? [], options.tls);
+      return new NbdConnection(uri, link.socket, link.reader, info, timeoutMs);
     } catch (error) {
-      socket.destroy();
+      link.socket.destroy();
       if (error instanceof RangeError) throw new NbdProtocolError(uri.text, error.message);
       throw error;
     } finally {
@@ -228,6 +237,7 @@ export class NbdConnection {
     const entry = this.take(cookie);
     if (errno !== 0) {
       this.settle(cookie, entry, new NbdCommandError(this.uri.text, entry.command, entry.offset, entry.length, P.ERRNO_NAMES[errno] ?? `error ${errno}`));
+      if (errno === P.NBD_ESHUTDOWN) void this.close();
       return;
     }
     if (entry.extents) throw this.protocol('simple reply to BLOCK_STATUS');
@@ -296,6 +306,8 @@ export class NbdConnection {
     if ((flags & P.REPLY_FLAG_DONE) === 0) return;
     if (entry.error) {
       this.settle(cookie, entry, new NbdCommandError(this.uri.text, entry.command, entry.offset, entry.length, entry.error.errno, entry.error.message));
+      // The protocol: a client that receives NBD_ESHUTDOWN MUST initiate a soft disconnect.
+      if (entry.error.errno === P.ERRNO_NAMES[P.NBD_ESHUTDOWN]) void this.close();
     } else if (entry.target && entry.covered !== entry.length) {
       throw this.protocol(`read reply covered ${entry.covered} of ${entry.length} bytes`);
     } else if (entry.extents && entry.extents.length === 0) {
@@ -310,6 +322,19 @@ export class NbdConnection {
       throw this.protocol(`chunk ${at}+${length} lies outside the request ${entry.offset}+${entry.length}`);
     }
   }
+}
+
+/** The socket and its reader; both replaced when the connection switches to TLS. */
+interface Link {
+  socket: Socket;
+  reader: SocketReader;
+}
+
+function readerFor(uri: NbdUri, socket: Socket): SocketReader {
+  return new SocketReader(socket, (cause) => {
+    if (!cause) return new NbdProtocolError(uri.text, 'the server closed the connection');
+    return new NbdProtocolError(uri.text, `the connection was lost (${(cause as NodeJS.ErrnoException).code ?? cause.message})`);
+  });
 }
 
 async function openSocket(uri: NbdUri, timeoutMs: number): Promise<Socket> {
@@ -357,19 +382,51 @@ function replyError(type: number, data: Buffer): string {
   return data.length > 0 ? `${name}: ${data.toString('utf8')}` : name;
 }
 
-async function handshake(uri: NbdUri, socket: Socket, reader: SocketReader, metaContexts: string[]): Promise<ExportInfo> {
-  const greeting = Buffer.from(await reader.read(18));
+/**
+ * NBD_OPT_STARTTLS, then the TLS handshake over the same socket: the server must acknowledge, or the
+ * connection ends (an nbds:// URI means TLS or nothing: the protocol's "downgrade attacks").
+ */
+async function upgrade(uri: NbdUri, link: Link, tls: NbdClientTls): Promise<void> {
+  link.socket.write(optionHeader(P.OPT_STARTTLS, 0));
+  const reply = await optionReply(uri, link.reader, P.OPT_STARTTLS);
+  if (reply.type !== P.REP_ACK) {
+    throw new NbdConnectError(uri.text, `the server does not offer TLS (${replyError(reply.type, reply.data)}); an nbds:// URI never falls back to plain text`);
+  }
+  try {
+    link.reader.detach();
+  } catch (error) {
+    throw new NbdProtocolError(uri.text, (error as Error).message);
+  }
+  const secure = await startTls(link.socket, tls).catch((error: unknown) => {
+    if (error instanceof EngineError) throw error; // a credentials problem, already named
+    throw new NbdConnectError(uri.text, (error as Error).message);
+  });
+  secure.setNoDelay(true);
+  secure.on('error', () => undefined); // the reader reports it
+  link.socket = secure;
+  link.reader = readerFor(uri, secure);
+}
+
+async function handshake(uri: NbdUri, link: Link, metaContexts: string[], tls: NbdClientTls | undefined): Promise<ExportInfo> {
+  const greeting = Buffer.from(await link.reader.read(18));
   if (greeting.readBigUInt64BE(0) !== P.NBDMAGIC) throw new NbdConnectError(uri.text, 'not an NBD server (bad greeting magic)');
   if (greeting.readBigUInt64BE(8) !== P.IHAVEOPT) throw new NbdConnectError(uri.text, 'the server speaks oldstyle NBD, which is not supported');
   const serverFlags = greeting.readUInt16BE(16);
   if ((serverFlags & P.FLAG_FIXED_NEWSTYLE) === 0) throw new NbdConnectError(uri.text, 'the server does not support fixed newstyle negotiation');
   const clientFlags = Buffer.allocUnsafe(4);
   clientFlags.writeUInt32BE(P.FLAG_FIXED_NEWSTYLE | (serverFlags & P.FLAG_NO_ZEROES), 0);
-  socket.write(clientFlags);
+  link.socket.write(clientFlags);
+  if (tls) await upgrade(uri, link, tls);
+  const { socket, reader } = link;
 
   // Structured replies: needed for block status and for holes in reads.
   socket.write(optionHeader(P.OPT_STRUCTURED_REPLY, 0));
-  const structured = await optionReply(uri, reader, P.OPT_STRUCTURED_REPLY);
+  const structured = await optionReply(uri, reader, P.OPT_STRUCTURED_REPLY).catch((error: unknown) => {
+    // With TLS 1.3 a server checks our certificate after we think the handshake is done: its refusal is a close.
+    if (tls && error instanceof NbdProtocolError) throw new NbdConnectError(uri.text, `the server ended the connection right after the TLS handshake: it does not accept our credentials (${tls.credentials.source})`);
+    throw error;
+  });
+  if (structured.type === P.REP_ERR_TLS_REQD) throw new NbdConnectError(uri.text, 'the server requires TLS: connect with an nbds:// URI and its credentials (tls-certificates=DIR or tls-psk-file=FILE)');
   const structuredReplies = structured.type === P.REP_ACK;
   if (!structuredReplies && (structured.type & P.REP_ERROR_BIT) === 0) throw new NbdProtocolError(uri.text, `unexpected reply ${structured.type} to STRUCTURED_REPLY`);
 

@@ -33,6 +33,7 @@ export const REP_ERROR_BIT = 2 ** 31;
 export const REP_ERR_UNSUP = REP_ERROR_BIT + 1;
 export const REP_ERR_POLICY = REP_ERROR_BIT + 2;
 export const REP_ERR_INVALID = REP_ERROR_BIT + 3;
+export const REP_ERR_TLS_REQD = REP_ERROR_BIT + 5;
 export const REP_ERR_UNKNOWN = REP_ERROR_BIT + 6;
 export const REP_ERR_SHUTDOWN = REP_ERROR_BIT + 7;
 export const REP_ERR_TOO_BIG = REP_ERROR_BIT + 9;

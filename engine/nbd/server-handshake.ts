@@ -2,6 +2,12 @@
  * The server side of fixed newstyle negotiation (NBD protocol, "Handshake"): greeting, client flags, then
  * options until the client enters transmission (NBD_OPT_GO or NBD_OPT_EXPORT_NAME) or leaves.
  *
+ * With TLS credentials the server is FORCEDTLS (the protocol's "TLS support"): before the upgrade every
+ * option but NBD_OPT_STARTTLS and NBD_OPT_ABORT is answered NBD_REP_ERR_TLS_REQD, NBD_OPT_GO included,
+ * and NBD_OPT_EXPORT_NAME (which cannot be answered with an error) ends the connection; after it, the rest of
+ * the negotiation and the transmission run over TLS, and a second STARTTLS is NBD_REP_ERR_INVALID.
+ * Without credentials the server is NOTLS: STARTTLS is NBD_REP_ERR_UNSUP.
+ *
  * Every option is answered, unknown ones with NBD_REP_ERR_UNSUP, malformed ones with NBD_REP_ERR_INVALID;
  * lengths inside an option are checked against the option's own length before anything is read. The
  * connection is dropped (a hard disconnect, which the protocol allows on a violation of a MUST) on a bad
@@ -12,6 +18,7 @@ import type { Socket } from 'node:net';
 import * as P from './protocol.js';
 import type { SocketReader } from './socket-reader.js';
 import type { NbdExport } from './export.js';
+import { acceptTls, type NbdTlsCredentials } from './tls.js';
 import { decodeOptionHeader, encodeLengthPrefixed, encodeOptionReply, OPTION_HEADER_SIZE } from './wire.js';
 
 export const MAX_OPTION_DATA = 64 * 1024;
@@ -21,6 +28,10 @@ export const BASE_ALLOCATION_ID = 1;
 
 export interface Negotiated {
   export: NbdExport;
+  /** Whether the connection runs over TLS from here on. */
+  tls: boolean;
+  /** Who the client authenticated as over TLS (for the log). */
+  peer?: string | undefined;
   structuredReplies: boolean;
   /** Clients that sent NBD_FLAG_C_NO_ZEROES. */
   noZeroes: boolean;
@@ -28,8 +39,13 @@ export interface Negotiated {
 }
 
 export interface HandshakeContext {
+  /** The connection; replaced by its TLS socket (and a reader over it) when the client starts TLS. */
   socket: Socket;
   reader: SocketReader;
+  /** Credentials: the server is then TLS-only (FORCEDTLS). */
+  tls?: NbdTlsCredentials | undefined;
+  /** A reader over the TLS socket, made like the first one. */
+  readerFor: (socket: Socket) => SocketReader;
   /** The export a name selects; the empty name selects the default export. */
   find: (name: string) => NbdExport | undefined;
   exports: readonly NbdExport[];
@@ -82,41 +98,59 @@ function exportInfo(context: HandshakeContext, exp: NbdExport): Buffer {
   return info;
 }
 
+/** NBD_OPT_STARTTLS was acknowledged: hand the socket to TLS; the client must authenticate or is dropped. */
+async function startTls(context: HandshakeContext, credentials: NbdTlsCredentials): Promise<string> {
+  try {
+    context.reader.detach();
+  } catch (error) {
+    throw new HangUp((error as Error).message);
+  }
+  const accepted = await acceptTls(context.socket, credentials).catch((error: unknown) => {
+    throw new HangUp((error as Error).message);
+  });
+  context.socket = accepted.socket;
+  context.reader = context.readerFor(accepted.socket);
+  return accepted.peer;
+}
+
 /** Runs the negotiation; resolves when the client enters transmission, throws HangUp when it leaves. */
 export async function negotiate(context: HandshakeContext): Promise<Negotiated> {
-  const { socket, reader } = context;
   const greeting = Buffer.allocUnsafe(18);
   greeting.writeBigUInt64BE(P.NBDMAGIC, 0);
   greeting.writeBigUInt64BE(P.IHAVEOPT, 8);
   greeting.writeUInt16BE(P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES, 16);
-  socket.write(greeting);
-  const clientFlags = (await reader.read(4)).readUInt32BE(0);
+  context.socket.write(greeting);
+  const clientFlags = (await context.reader.read(4)).readUInt32BE(0);
   if ((clientFlags & ~(P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)) !== 0) throw new HangUp(`unknown client flags 0x${clientFlags.toString(16)}`);
   const noZeroes = (clientFlags & P.FLAG_NO_ZEROES) !== 0;
   let structuredReplies = false;
   /** SET_META_CONTEXT's choice holds for the export it named only. */
   let contextFor: string | undefined;
+  let tls = false;
+  let peer: string | undefined;
 
   for (let count = 0; ; count += 1) {
     if (count >= MAX_OPTIONS) throw new HangUp(`more than ${MAX_OPTIONS} options`);
-    const header = decodeOptionHeader(Buffer.from(await reader.read(OPTION_HEADER_SIZE)));
+    const header = decodeOptionHeader(Buffer.from(await context.reader.read(OPTION_HEADER_SIZE)));
     if (typeof header === 'string') throw new HangUp(header);
     const { option, length } = header;
     if (length > MAX_OPTION_DATA) {
       sendError(context, option, P.REP_ERR_TOO_BIG, `option data of ${length} bytes is more than this server accepts`);
       throw new HangUp(`option ${option} with ${length} bytes of data`);
     }
-    const raw = Buffer.from(await reader.read(length));
+    const raw = Buffer.from(await context.reader.read(length));
     const data = new OptionData(raw);
+    const tlsRequired = context.tls !== undefined && !tls;
 
     if (option === P.OPT_EXPORT_NAME) {
+      if (tlsRequired) throw new HangUp('NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a server that requires TLS');
       const exp = context.find(raw.toString('utf8'));
       if (!exp || context.shuttingDown()) throw new HangUp(`NBD_OPT_EXPORT_NAME for unknown export "${raw.toString('utf8')}"`);
       const reply = Buffer.alloc(noZeroes ? 10 : 134);
       reply.writeBigUInt64BE(BigInt(exp.size), 0);
       reply.writeUInt16BE(context.transmissionFlags(exp), 8);
-      socket.write(reply);
-      return { export: exp, structuredReplies, noZeroes, baseAllocation: structuredReplies && contextFor === exp.name };
+      context.socket.write(reply);
+      return { export: exp, tls, peer, structuredReplies, noZeroes, baseAllocation: structuredReplies && contextFor === exp.name };
     }
     if (option === P.OPT_ABORT) {
       send(context, option, P.REP_ACK);
@@ -124,6 +158,21 @@ export async function negotiate(context: HandshakeContext): Promise<Negotiated> 
     }
     if (context.shuttingDown()) {
       sendError(context, option, P.REP_ERR_SHUTDOWN, 'the server is shutting down');
+      continue;
+    }
+    if (option === P.OPT_STARTTLS) {
+      if (!context.tls) sendError(context, option, P.REP_ERR_UNSUP, 'this server does not offer TLS');
+      else if (tls) sendError(context, option, P.REP_ERR_INVALID, 'TLS is already on');
+      else if (length !== 0) sendError(context, option, P.REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+      else {
+        send(context, option, P.REP_ACK);
+        peer = await startTls(context, context.tls);
+        tls = true;
+      }
+      continue;
+    }
+    if (tlsRequired) {
+      sendError(context, option, P.REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
       continue;
     }
     switch (option) {
@@ -220,13 +269,10 @@ export async function negotiate(context: HandshakeContext): Promise<Negotiated> 
         }
         send(context, option, P.REP_ACK);
         if (option === P.OPT_GO) {
-          return { export: exp, structuredReplies, noZeroes, baseAllocation: structuredReplies && contextFor === exp.name };
+          return { export: exp, tls, peer, structuredReplies, noZeroes, baseAllocation: structuredReplies && contextFor === exp.name };
         }
         break;
       }
-      case P.OPT_STARTTLS:
-        sendError(context, option, P.REP_ERR_UNSUP, 'this server does not offer TLS');
-        break;
       default:
         sendError(context, option, P.REP_ERR_UNSUP, `option ${option} is not supported`);
     }

@@ -12,14 +12,27 @@
  * hard disconnect (the stream cannot be resynchronised cheaply), other bad requests get an error reply
  * (EINVAL for unknown commands and flags, out-of-range reads and trims and oversized reads; ENOSPC for
  * writes past the end; EPERM for writes to a read-only export) and the connection carries on.
+ *
+ * With TLS credentials every connection must upgrade (NBD_OPT_STARTTLS) and authenticate before anything
+ * else (server-handshake.ts). A Unix socket is created 0600 in a directory other users cannot change
+ * (unix-socket.ts).
+ *
+ * Shutdown (the protocol's "Terminating the transmission phase": a server SHOULD service requests in
+ * flight, erroring the rest with NBD_ESHUTDOWN): the listener closes at once; each connection keeps reading,
+ * answers every request it had accepted, answers NBD_ESHUTDOWN to every request that arrives meanwhile, and
+ * once nothing is in flight and the client has been quiet for QUIET_MS, sends its last replies, closes its
+ * side and waits for the client to close (reading and dropping what still comes: closing with unread bytes
+ * would reset the connection and could destroy replies the client has not read yet). A connection that
+ * has not closed after SHUTDOWN_LIMIT_MS is destroyed.
  */
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
-import { chmod, unlink } from 'node:fs/promises';
-import { MUTABLE_FILE_MODE } from '../../repo-format/file-modes.js';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
 import * as P from './protocol.js';
 import { SocketReader } from './socket-reader.js';
 import { ExportError, type NbdExport, type ReadPiece } from './export.js';
-import { BASE_ALLOCATION_ID, HangUp, negotiate, type Negotiated } from './server-handshake.js';
+import { BASE_ALLOCATION_ID, HangUp, negotiate, type HandshakeContext, type Negotiated } from './server-handshake.js';
+import type { NbdTlsCredentials } from './tls.js';
+import { listenOnUnixSocket, type ListeningSocket } from './unix-socket.js';
 import { decodeRequest, encodeChunkHeader, encodeSimpleReply, REQUEST_SIZE, type RequestHeader } from './wire.js';
 
 export const MAX_REQUEST_BYTES = 32 * 1024 * 1024;
@@ -34,11 +47,17 @@ const RECEIVE_HIGH_WATER = 4 * 1024 * 1024;
 /** At most this many block-status extents per reply; the client asks again for the rest. */
 const MAX_EXTENTS = 64 * 1024;
 const HANDSHAKE_TIMEOUT_MS = 30_000;
+/** Shutdown: how long a client must have sent nothing (and have nothing in flight) before its connection is closed. */
+const QUIET_MS = 100;
+/** Shutdown: the longest the server waits for in-flight requests and for each client to close. */
+const SHUTDOWN_LIMIT_MS = 5_000;
 
 export interface NbdServerOptions {
   exports: NbdExport[];
   /** Preferred I/O size advertised with NBD_INFO_BLOCK_SIZE. */
   preferredBlockSize?: number;
+  /** TLS credentials: every client must then start TLS and authenticate (FORCEDTLS). */
+  tls?: NbdTlsCredentials | undefined;
   onLog?: (message: string) => void;
 }
 
@@ -63,11 +82,33 @@ class RequestError extends Error {
   }
 }
 
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Waits for `until`, at most `ms`; the timer goes with it (a stopped server must not linger for it). */
+async function within(until: Promise<unknown>, ms: number): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([until, new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)))]);
+  clearTimeout(timer);
+}
+
+/** A listen failure as one line a user can act on (the port is taken, the address is not this host's …). */
+function listenError(error: NodeJS.ErrnoException, where: string): InvalidArgumentError {
+  const why: Record<string, string> = {
+    EADDRINUSE: 'the address is in use by another program',
+    EADDRNOTAVAIL: 'the address is not one of this host\'s',
+    EACCES: 'permission denied (ports below 1024 need root)',
+  };
+  return new InvalidArgumentError(`cannot listen on ${where}: ${why[error.code ?? ''] ?? error.code ?? error.message}`);
+}
+
 export class NbdServer {
   private readonly server: Server;
   private readonly connections = new Set<ServerConnection>();
   private closing = false;
-  private socketPath: string | undefined;
+  private unixSocket: ListeningSocket | undefined;
+  private closed: Promise<void> | undefined;
 
   constructor(private readonly options: NbdServerOptions) {
     if (options.exports.length === 0) throw new Error('an NBD server needs at least one export');
@@ -88,38 +129,44 @@ export class NbdServer {
     return this.options.exports.find((e) => e.name === name);
   }
 
+  get tls(): NbdTlsCredentials | undefined {
+    return this.options.tls;
+  }
+
+  /** Listens on a new Unix socket (0600, see unix-socket.ts) or a TCP port (127.0.0.1 unless `host`). */
   async listen(address: ListenAddress): Promise<{ socket?: string; port?: number; host?: string }> {
-    await new Promise<void>((resolve, reject) => {
-      this.server.once('error', reject);
-      if ('socket' in address) {
-        // Owner-only from the first instant: the socket file is created inside listen() under the umask.
-        const umask = process.umask(0o177);
-        try {
-          this.server.listen(address.socket, () => resolve());
-        } finally {
-          process.umask(umask);
-        }
-      } else this.server.listen(address.port, address.host ?? '127.0.0.1', () => resolve());
-    });
-    this.server.on('error', (error) => this.log(`server error: ${error.message}`));
     if ('socket' in address) {
-      this.socketPath = address.socket;
-      // Connecting to a Unix socket needs write permission on it: 0600 keeps other users out (SPEC.md, 2.1).
-      await chmod(address.socket, MUTABLE_FILE_MODE);
-      return { socket: address.socket };
+      this.unixSocket = await listenOnUnixSocket(this.server, address.socket, (m) => this.log(m));
+    } else {
+      const host = address.host ?? '127.0.0.1';
+      await new Promise<void>((resolve, reject) => {
+        const onError = (error: NodeJS.ErrnoException): void => reject(listenError(error, `${host} port ${address.port}`));
+        this.server.once('error', onError);
+        this.server.listen(address.port, host, () => {
+          this.server.removeListener('error', onError);
+          resolve();
+        });
+      });
     }
+    this.server.on('error', (error) => this.log(`server error: ${error.message}`));
+    if (this.unixSocket) return { socket: this.unixSocket.path };
     const info = this.server.address() as AddressInfo;
     return { port: info.port, host: info.address };
   }
 
-  /** Stops accepting, lets requests in flight finish (new ones get ESHUTDOWN), then closes every connection. */
-  async close(): Promise<void> {
-    if (this.closing) return;
-    this.closing = true;
-    const stopped = new Promise<void>((resolve) => this.server.close(() => resolve()));
-    await Promise.all([...this.connections].map((c) => c.shutdown()));
-    await stopped;
-    if (this.socketPath) await unlink(this.socketPath).catch(() => undefined);
+  /**
+   * Stops accepting at once; every connection answers the requests it had accepted and NBD_ESHUTDOWN to the
+   * ones that arrive meanwhile, then closes (see the top of this file). Idempotent.
+   */
+  close(): Promise<void> {
+    this.closed ??= (async () => {
+      this.closing = true;
+      const stopped = new Promise<void>((resolve) => this.server.close(() => resolve()));
+      await this.unixSocket?.remove();
+      await Promise.all([...this.connections].map((c) => c.shutdown()));
+      await stopped;
+    })();
+    return this.closed;
   }
 
   log(message: string): void {
@@ -139,57 +186,117 @@ export class NbdServer {
 }
 
 class ServerConnection {
-  private readonly reader: SocketReader;
+  private socket: Socket;
+  private reader: SocketReader;
+  /** The negotiation under way (its socket and reader change when the client starts TLS). */
+  private handshake: HandshakeContext | undefined;
   private readonly inFlight = new Set<Promise<void>>();
   private inFlightBytes = 0;
   private closed = false;
   private negotiated: Negotiated | undefined;
+  /** When the last request arrived (shutdown waits for a quiet client). */
+  private lastRequestAt = 0;
+  private stopping: Promise<void> | undefined;
+  private readonly ended: Promise<void>;
+  private endedNow: () => void = () => undefined;
 
   constructor(
     private readonly server: NbdServer,
-    private readonly socket: Socket,
+    socket: Socket,
     private readonly preferredBlockSize: number,
     private readonly shuttingDown: () => boolean,
   ) {
-    this.reader = new SocketReader(socket, () => new HangUp('the client closed the connection'), RECEIVE_HIGH_WATER);
+    this.socket = socket;
+    this.reader = this.readerFor(socket);
+    this.ended = new Promise((resolve) => {
+      this.endedNow = resolve;
+    });
+  }
+
+  private readerFor(socket: Socket): SocketReader {
     socket.on('error', () => undefined); // the reader sees it as a close
     socket.on('close', () => {
       this.closed = true;
     });
+    return new SocketReader(socket, (cause) => new HangUp(cause ? `the connection failed (${(cause as NodeJS.ErrnoException).code ?? cause.message})` : 'the client closed the connection'), RECEIVE_HIGH_WATER);
   }
 
   async run(): Promise<void> {
     try {
-      const timer = setTimeout(() => this.reader.fail(new HangUp('handshake timed out')), HANDSHAKE_TIMEOUT_MS);
+      const context: HandshakeContext = {
+        socket: this.socket,
+        reader: this.reader,
+        tls: this.server.tls,
+        readerFor: (socket) => this.readerFor(socket),
+        find: (name) => this.server.find(name),
+        exports: this.server.exports,
+        blockSizes: { minimum: 1, preferred: this.preferredBlockSize, maximum: MAX_REQUEST_BYTES },
+        transmissionFlags: (exp) => this.transmissionFlags(exp),
+        shuttingDown: this.shuttingDown,
+      };
+      this.handshake = context;
+      const timer = setTimeout(() => context.reader.fail(new HangUp('handshake timed out')), HANDSHAKE_TIMEOUT_MS);
       try {
-        this.negotiated = await negotiate({
-          socket: this.socket,
-          reader: this.reader,
-          find: (name) => this.server.find(name),
-          exports: this.server.exports,
-          blockSizes: { minimum: 1, preferred: this.preferredBlockSize, maximum: MAX_REQUEST_BYTES },
-          transmissionFlags: (exp) => this.transmissionFlags(exp),
-          shuttingDown: this.shuttingDown,
-        });
+        this.negotiated = await negotiate(context);
       } finally {
         clearTimeout(timer);
+        this.socket = context.socket;
+        this.reader = context.reader;
+        this.handshake = undefined;
       }
+      // Who reads the disks over the network is worth a line: one per connection, only with TLS.
+      if (this.negotiated.peer) this.server.log(`export ${this.negotiated.export.name} opened by ${this.negotiated.peer}`);
       await this.transmission(this.negotiated);
     } catch (error) {
       if (!(error instanceof HangUp)) this.server.log(`connection error: ${(error as Error).message}`);
-      else if (!/closed the connection|aborted/.test(error.message)) this.server.log(`dropped a client: ${error.message}`);
+      else if (!/closed the connection|aborted|shutting down/.test(error.message)) this.server.log(`dropped a client: ${error.message}`);
     } finally {
       await Promise.allSettled(this.inFlight);
-      this.socket.end();
-      this.socket.destroySoon();
+      await this.hangUp();
+      this.endedNow();
     }
   }
 
-  /** Server shutdown: stop reading, let requests in flight answer, then close. */
-  async shutdown(): Promise<void> {
-    this.reader.fail(new HangUp('server shutting down'));
-    await Promise.allSettled(this.inFlight);
-    this.socket.destroy();
+  /**
+   * Closes our side once the replies written so far are sent, reading and dropping whatever the client
+   * still sends until it closes too (or SHUTDOWN_LIMIT_MS pass).
+   */
+  private async hangUp(): Promise<void> {
+    const socket = this.socket;
+    if (this.closed) return;
+    const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    this.reader.discard();
+    socket.end();
+    await within(closed, SHUTDOWN_LIMIT_MS);
+    socket.destroy();
+  }
+
+  /**
+   * Server shutdown: keep reading (requests in flight are serviced, new ones answered NBD_ESHUTDOWN by
+   * handle()); when nothing is in flight and the client has been quiet for QUIET_MS, stop reading, which
+   * ends run(): it hangs up. Resolves when the connection is closed, at the latest after SHUTDOWN_LIMIT_MS.
+   */
+  shutdown(): Promise<void> {
+    this.stopping ??= (async () => {
+      const limit = Date.now() + SHUTDOWN_LIMIT_MS;
+      const done = (async () => {
+        for (;;) {
+          if (this.inFlight.size > 0) await Promise.allSettled(this.inFlight);
+          const quiet = Date.now() - this.lastRequestAt;
+          if (this.inFlight.size === 0 && (quiet >= QUIET_MS || this.negotiated === undefined)) break;
+          await sleep(Math.max(1, QUIET_MS - quiet));
+        }
+        (this.handshake?.reader ?? this.reader).fail(new HangUp('server shutting down'));
+        await this.ended;
+      })();
+      await within(done, Math.max(0, limit - Date.now()));
+      if (!this.closed) {
+        this.server.log('a client did not close within the shutdown limit: its connection was cut');
+        this.socket.destroy();
+        (this.handshake?.socket ?? this.socket).destroy();
+      }
+    })();
+    return this.stopping;
   }
 
   private transmissionFlags(exp: NbdExport): number {
@@ -199,11 +306,25 @@ class ServerConnection {
     return flags;
   }
 
+  /** Resolves when the send queue drained, or the connection closed (nothing will drain it then). */
+  private drained(): Promise<void> {
+    return new Promise((resolve) => {
+      const done = (): void => {
+        this.socket.removeListener('drain', done);
+        this.socket.removeListener('close', done);
+        resolve();
+      };
+      this.socket.once('drain', done);
+      this.socket.once('close', done);
+    });
+  }
+
   private async transmission(negotiated: Negotiated): Promise<void> {
     for (;;) {
       while (this.inFlight.size >= MAX_IN_FLIGHT) await Promise.race(this.inFlight);
-      if (this.socket.writableLength > SEND_HIGH_WATER) await new Promise((resolve) => this.socket.once('drain', resolve));
+      if (this.socket.writableLength > SEND_HIGH_WATER && !this.closed) await this.drained();
       const request = decodeRequest(Buffer.from(await this.reader.read(REQUEST_SIZE)));
+      this.lastRequestAt = Date.now();
       if (typeof request === 'string') throw new HangUp(request);
       if (request.type === P.CMD_DISC) return;
       if (request.type === P.CMD_WRITE && request.length > MAX_REQUEST_BYTES) throw new HangUp(`WRITE of ${request.length} bytes, more than the ${MAX_REQUEST_BYTES} advertised`);

@@ -5,6 +5,9 @@
  *
  * With `highWaterMark`, the socket is paused while that many bytes wait unread (a server must not buffer
  * whatever a client pipelines), and resumed when they are consumed or a read needs more.
+ *
+ * `closedError` makes the error a read fails with when the peer goes (`cause` is the socket's error, e.g.
+ * ECONNRESET): the owner's error, naming what the connection was to, never a bare errno.
  */
 import type { Socket } from 'node:net';
 
@@ -15,28 +18,71 @@ export class SocketReader {
   private ended: Error | undefined;
 
   private paused = false;
+  private discarding = false;
+  private readonly onData = (chunk: Buffer): void => this.take(chunk);
+  private readonly onEnd: () => void;
+  private readonly onError: (error: Error) => void;
 
   constructor(
     private readonly socket: Socket,
-    private readonly closedError: () => Error,
+    private readonly closedError: (cause?: Error) => Error,
     private readonly highWaterMark = Infinity,
   ) {
-    socket.on('data', (chunk: Buffer) => {
-      this.chunks.push(chunk);
-      this.buffered += chunk.length;
-      this.wake();
-      if (this.buffered >= this.highWaterMark && !this.paused && !(this.waiter && this.waiter.bytes > this.buffered)) {
-        this.paused = true;
-        this.socket.pause();
-      }
-    });
     const end = (error?: Error): void => {
-      this.ended ??= error ?? this.closedError();
+      this.ended ??= this.closedError(error);
       this.wake();
     };
-    socket.on('end', () => end());
-    socket.on('close', () => end());
-    socket.on('error', (error) => end(error));
+    this.onEnd = () => end();
+    this.onError = (error) => end(error);
+    socket.on('data', this.onData);
+    socket.on('end', this.onEnd);
+    socket.on('close', this.onEnd);
+    socket.on('error', this.onError);
+  }
+
+  /** Bytes received and not read yet. */
+  get bufferedBytes(): number {
+    return this.buffered;
+  }
+
+  /**
+   * Stops listening to the socket (it is about to be handed to TLS, which reads it from now on). Refused
+   * while bytes wait unread: they would belong to neither side.
+   */
+  detach(): void {
+    if (this.buffered > 0) throw new Error(`${this.buffered} bytes arrived before the TLS handshake`);
+    // Nothing buffered means not paused either (consume resumes below the high-water mark).
+    this.socket.removeListener('data', this.onData);
+    this.socket.removeListener('end', this.onEnd);
+    this.socket.removeListener('close', this.onEnd);
+    this.socket.removeListener('error', this.onError);
+  }
+
+  /**
+   * From now on drops what arrives, unread (and what waits): a server that hangs up keeps reading until the
+   * client closes, since closing a socket with unread bytes sends a reset, which can destroy replies the
+   * client has not read yet.
+   */
+  discard(): void {
+    this.discarding = true;
+    this.chunks.length = 0;
+    this.buffered = 0;
+    this.fail(new Error('the reader was discarded'));
+    if (this.paused) {
+      this.paused = false;
+      this.socket.resume();
+    }
+  }
+
+  private take(chunk: Buffer): void {
+    if (this.discarding) return;
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    this.wake();
+    if (this.buffered >= this.highWaterMark && !this.paused && !(this.waiter && this.waiter.bytes > this.buffered)) {
+      this.paused = true;
+      this.socket.pause();
+    }
   }
 
   /** Fails the reader (and the read waiting on it) with `error`. */

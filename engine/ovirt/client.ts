@@ -10,7 +10,9 @@ import { request as httpsRequest } from 'node:https';
 import { readFile } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { OvirtAuthError, OvirtFaultError, TimeoutError } from '../errors.js';
-import { EngineError } from '../../repo-format/errors.js';
+import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
+import { describeTlsError } from '../tls-errors.js';
+import { checkEngineUrl, followableUrl } from './url-policy.js';
 import { buildXml, parseXml, text, child, type XmlElement, type XmlInput } from './xml.js';
 
 export interface OvirtCredentials {
@@ -24,6 +26,8 @@ export interface OvirtClientOptions {
   credentials: OvirtCredentials;
   /** PEM file of the engine's CA. */
   caFile?: string | undefined;
+  /** Allow an http:// engine URL: the password and token then cross the network in clear text (url-policy.ts). */
+  insecureHttp?: boolean | undefined;
   /** Retries of a 409 Conflict before giving up, and the first delay (doubling). */
   conflictRetries?: number;
   conflictDelayMs?: number;
@@ -51,7 +55,25 @@ export class OvirtClient {
   private readonly base: URL;
 
   constructor(private readonly options: OvirtClientOptions) {
-    this.base = new URL(options.url);
+    this.base = checkEngineUrl(options.url, options.insecureHttp);
+  }
+
+  /**
+   * Of the URLs the engine handed back for `what` (preferred first), the one to follow: never a downgrade
+   * from the engine's own https (url-policy.ts). Undefined when the engine gave none.
+   */
+  followable(what: string, candidates: (string | undefined)[]): string | undefined {
+    return followableUrl(this.base, what, candidates);
+  }
+
+  /** The engine's CA, read once; a file that cannot be read is a usage error naming it. */
+  private async caCertificate(): Promise<Buffer | undefined> {
+    if (!this.options.caFile || this.ca) return this.ca;
+    const file = this.options.caFile;
+    this.ca = await readFile(file).catch((error: NodeJS.ErrnoException) => {
+      throw new InvalidArgumentError(`--ca-file ${file}: cannot be read (${error.code ?? error.message})`);
+    });
+    return this.ca;
   }
 
   /** 409 handling, from the options or the environment (ENGINE_OVIRT_CONFLICT_RETRIES, ENGINE_OVIRT_CONFLICT_DELAY_MS). */
@@ -67,7 +89,7 @@ export class OvirtClient {
   }
 
   private async send(method: string, path: string, headers: Record<string, string>, body?: string): Promise<HttpResponse> {
-    if (this.options.caFile && !this.ca) this.ca = await readFile(this.options.caFile);
+    await this.caCertificate();
     const url = new URL(path, this.base);
     const requester = url.protocol === 'https:' ? httpsRequest : httpRequest;
     const timeout = this.options.requestTimeoutMs ?? 120_000;
@@ -75,14 +97,21 @@ export class OvirtClient {
       const req = requester(url, { method, headers: { ...headers, ...(body !== undefined ? { 'Content-Length': String(Buffer.byteLength(body)) } : {}) }, ca: this.ca, timeout }, (res) => {
         const chunks: Buffer[] = [];
         res.on('data', (chunk: Buffer) => chunks.push(chunk));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }));
+        res.on('end', () => {
+          const status = res.statusCode ?? 0;
+          // A redirect is never followed: it could lead anywhere, http included, with the password or token.
+          if (status >= 300 && status < 400) {
+            reject(new EngineError('ENGINE_OVIRT_CONNECT', `oVirt ${this.base.origin}: ${method} ${url.pathname} answered HTTP ${status}, a redirect to ${String(res.headers.location ?? 'nowhere')}, which is not followed: give the engine's own https:// address as --ovirt`, { url: this.base.origin, status }));
+            return;
+          }
+          resolve({ status, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') });
+        });
         res.on('error', reject);
       });
       req.on('timeout', () => req.destroy(new TimeoutError(`oVirt ${method} ${url.pathname}`, timeout)));
-      req.on('error', (error) => {
+      req.on('error', (error: NodeJS.ErrnoException) => {
         if (error instanceof EngineError) return reject(error);
-        // TLS (unknown CA, wrong name) and network failures: one clear line naming the engine.
-        reject(new EngineError('ENGINE_OVIRT_CONNECT', `oVirt ${this.base.origin}: cannot connect: ${error.message}`, { url: this.base.origin }));
+        reject(new EngineError('ENGINE_OVIRT_CONNECT', `oVirt ${this.base.origin}: cannot connect: ${connectFailure(error)}`, { url: this.base.origin, code: error.code }));
       });
       if (body !== undefined) req.write(body);
       req.end();
@@ -186,6 +215,16 @@ export class OvirtClient {
       delay = Math.min(delay * 2, options.intervalMs ?? 1000);
     }
   }
+}
+
+/** TLS and network failures in one line; an untrusted certificate says where the engine's CA is. */
+function connectFailure(error: NodeJS.ErrnoException): string {
+  const tls = describeTlsError(error);
+  const untrusted = ['DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'UNABLE_TO_GET_ISSUER_CERT'];
+  if (error.code !== undefined && untrusted.includes(error.code)) {
+    return `${tls}; give --ca-file with the engine's CA (https://ENGINE/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA)`;
+  }
+  return tls;
 }
 
 function httpReason(status: number): string {

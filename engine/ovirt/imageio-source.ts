@@ -9,6 +9,7 @@ import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { EngineError } from '../../repo-format/errors.js';
 import { SourceChangedError, SourceUnreadableError } from '../errors.js';
 import type { BlockSource, Extent, SourceDescription } from '../sources/source.js';
+import { describeTlsError } from '../tls-errors.js';
 
 const REQUEST_SIZE = 4 * 1024 * 1024;
 
@@ -58,7 +59,7 @@ export class ImageioSource implements BlockSource {
       } catch (error) {
         const code = (error as NodeJS.ErrnoException).code;
         const stale = code === 'ECONNRESET' || code === 'EPIPE' || (error as Error).message === 'socket hang up';
-        if (!stale || attempt >= 3) throw new SourceUnreadableError(this.url.href, (error as Error).message);
+        if (!stale || attempt >= 3) throw new SourceUnreadableError(this.url.href, describeTlsError(error as Error));
       }
     }
   }

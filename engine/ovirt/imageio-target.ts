@@ -7,6 +7,7 @@ import { Agent as HttpAgent, request as httpRequest } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { TargetUnwritableError } from '../errors.js';
 import type { RestoreTarget } from '../restore/file-target.js';
+import { describeTlsError } from '../tls-errors.js';
 
 export class ImageioTarget implements RestoreTarget {
   readonly zeroed = true;
@@ -35,7 +36,7 @@ export class ImageioTarget implements RestoreTarget {
         },
       );
       req.on('timeout', () => req.destroy(new Error(`imageio ${method} timed out`)));
-      req.on('error', (error) => reject(new TargetUnwritableError(this.url.href, error.message)));
+      req.on('error', (error) => reject(new TargetUnwritableError(this.url.href, describeTlsError(error))));
       req.end(body);
     });
   }

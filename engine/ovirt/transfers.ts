@@ -35,7 +35,8 @@ export async function startTransfer(
     }
     return undefined;
   }, wait);
-  const url = text(ready, 'transfer_url') ?? text(ready, 'proxy_url');
+  // transfer_url (the host's daemon) first, proxy_url (through the engine host) next: whichever keeps https.
+  const url = client.followable(`image transfer ${id}`, [text(ready, 'transfer_url'), text(ready, 'proxy_url')]);
   if (!url) throw new OvirtFaultError(`image transfer ${id}`, 200, 'the transfer has no transfer_url', '');
   return { id, url };
 }

@@ -9,16 +9,21 @@
  *
  * Memory: the block tables (44 B per block), the chunk cache (`cacheBytes`, 64 MiB by default), the
  * worker slots (32 MiB), and per connection a bounded number of requests of at most 32 MiB.
+ *
+ * Access: a private Unix socket by default; TCP only with TLS and client authentication unless the caller
+ * says `insecure` (listen-policy.ts), checked before the repository is opened.
  */
 import { unlinkSync } from 'node:fs';
 import { registerReader, type RegisteredReader } from '../../repo-format/readers.js';
 import { Repository } from '../../repo-format/repository.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
-import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { BlockPool } from '../pipeline/block-pool.js';
 import { NbdServer, type ListenAddress } from '../nbd/server.js';
+import { loadTlsCredentials, type NbdTlsCredentials } from '../nbd/tls.js';
+import { prepareSocketPath } from '../nbd/unix-socket.js';
 import { DiskNotFoundError } from '../errors.js';
+import { defaultSocketPath, exposureWarnings, planListen, type ListenRequest } from './listen-policy.js';
 import { BackupExport } from './backup-export.js';
 import { PackIds, resolveBlockTable, type BlockTable } from './block-table.js';
 import { ChunkCache, ChunkLoader } from './chunk-cache.js';
@@ -30,17 +35,12 @@ import { nameMatches } from '../../repo-format/names.js';
 export const DEFAULT_CACHE_BYTES = 64 * 1024 * 1024;
 const DEFAULT_READ_AHEAD_BYTES = 8 * 1024 * 1024;
 
-export interface ServeOptions {
+/** Where and how to listen (socket, port, host, tls, insecure, writable) are the ListenRequest's. */
+export interface ServeOptions extends ListenRequest {
   repo: string;
   backupId: string;
   /** Serve only this disk (default: every disk of the backup). */
   disk?: string | undefined;
-  /** Where to listen: a Unix socket path, or a TCP port (0: any free port) on `host` (default 127.0.0.1). */
-  socket?: string | undefined;
-  port?: number | undefined;
-  host?: string | undefined;
-  /** Guest writes go to a temporary copy-on-write overlay, discarded when the server stops. */
-  writable?: boolean | undefined;
   overlayDir?: string | undefined;
   cacheBytes?: number | undefined;
   readAheadBytes?: number | undefined;
@@ -62,6 +62,10 @@ export interface ServeHandle {
   backup: BackupRecord;
   exports: ServedExport[];
   address: { socket?: string; port?: number; host?: string };
+  /** How clients authenticate: 'x509' (a client certificate), 'psk' (a pre-shared key), or null (no TLS). */
+  tls: 'x509' | 'psk' | null;
+  /** What the caller must know about the exposure (serving without TLS on TCP). */
+  warnings: string[];
   /** The reader registration (readers/<token>.json) held while serving. */
   readerToken: string;
   writable: boolean;
@@ -71,11 +75,12 @@ export interface ServeHandle {
   close(): Promise<void>;
 }
 
-function uriFor(address: { socket?: string; port?: number; host?: string }, name: string): string {
+function uriFor(address: { socket?: string; port?: number; host?: string }, name: string, tls: boolean): string {
   const exportName = encodeURIComponent(name);
-  if (address.socket) return `nbd+unix:///${exportName}?socket=${address.socket}`;
+  const scheme = tls ? 'nbds' : 'nbd';
+  if (address.socket) return `${scheme}+unix:///${exportName}?socket=${address.socket}`;
   const host = address.host && address.host.includes(':') ? `[${address.host}]` : address.host;
-  return `nbd://${host}:${address.port}/${exportName}`;
+  return `${scheme}://${host}:${address.port}/${exportName}`;
 }
 
 /** Resolves every served disk's block table under the lock, registers as a reader, releases the lock. */
@@ -101,9 +106,15 @@ async function resolveUnderLock(options: ServeOptions): Promise<{ record: Backup
 }
 
 export async function serve(options: ServeOptions): Promise<ServeHandle> {
-  if ((options.socket === undefined) === (options.port === undefined)) throw new InvalidArgumentError('serve needs exactly one of a Unix socket path or a TCP port');
-  if (options.socket !== undefined) checkLocalPath(options.socket, '--socket');
-  if (options.overlayDir !== undefined) checkLocalPath(options.overlayDir, '--overlay-dir');
+  // Path arguments that look like URLs are refused first (local-path.ts).
+  for (const [path, what] of [[options.socket, '--socket'], [options.overlayDir, '--overlay-dir'], [options.tls?.certificates, '--tls-certificates'], [options.tls?.pskFile, '--tls-psk-file']] as const) {
+    if (path !== undefined) checkLocalPath(path, what);
+  }
+  const plan = planListen(options);
+  const warn = (message: string): void => options.onLog?.(message);
+  const tlsCredentials: NbdTlsCredentials | undefined = plan.tls ? await loadTlsCredentials(options.tls ?? {}, 'server', warn) : undefined;
+  // A path that cannot be used is said before the repository is opened.
+  if ('socket' in plan.address) await prepareSocketPath(plan.address.socket, warn);
   const { record, tables, reader, root, blockSize, keys } = await resolveUnderLock(options);
   const overlays: Overlay[] = [];
   let pool: BlockPool | undefined;
@@ -121,9 +132,11 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     for (const { name, missing } of tables) {
       if (missing > 0) options.onLog?.(`disk ${name}: ${missing} chunks are missing from the index; reading them answers EIO`);
     }
-    server = new NbdServer({ exports, preferredBlockSize: 4096, onLog: options.onLog });
-    const listenOn: ListenAddress = options.socket !== undefined ? { socket: options.socket } : { port: options.port!, host: options.host };
+    server = new NbdServer({ exports, preferredBlockSize: 4096, tls: tlsCredentials, onLog: options.onLog });
+    const listenOn: ListenAddress = 'defaultSocket' in plan.address ? { socket: await defaultSocketPath(record.id) } : plan.address;
     const address = await server.listen(listenOn);
+    const warnings = address.port !== undefined ? exposureWarnings(plan, address.host ?? '', address.port) : [];
+    for (const warning of warnings) warn(warning);
     const running = { server, pool };
     let closed: Promise<void> | undefined;
     // However the process ends (an uncaught error included), the registration goes with it.
@@ -137,8 +150,10 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     process.once('exit', removeAtExit);
     return {
       backup: record,
-      exports: tables.map(({ name, table, missing }) => ({ name, size: table.diskSize, uri: uriFor(address, name), missingChunks: missing })),
+      exports: tables.map(({ name, table, missing }) => ({ name, size: table.diskSize, uri: uriFor(address, name, tlsCredentials !== undefined), missingChunks: missing })),
       address,
+      tls: tlsCredentials?.kind ?? null,
+      warnings,
       readerToken: reader.registration.token,
       writable: options.writable === true,
       tableBytes: tables.reduce((sum, t) => sum + t.table.memoryBytes, 0),
