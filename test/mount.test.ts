@@ -188,7 +188,7 @@ describe('engine umount after the background server died', () => {
     expect(await readdir(join(repo, 'readers'))).toEqual([`${readerToken}.json`]);
     const unmounted = await runEngine(['umount', mountDir], { env: env() });
     expect(unmounted.code).toBe(0);
-    expect(unmounted.stdout).toBe(`unmounted ${mountDir}: 1 filesystems, 1 loop devices, 1 disk files, server was not running\n`);
+    expect(unmounted.stdout).toBe(`unmounted ${mountDir}: 1 filesystem, 1 loop device, 1 disk file, server was not running\n`);
     await assertNothingLeft(mountDir);
   });
 });
