@@ -17,16 +17,17 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Repository } from '../repo-format/repository.js';
 import { IndexStore } from '../repo-format/index-store.js';
-import { packPath, scanPack, walkPackBytes, type PackDamage, type ScannedFrame } from '../repo-format/pack-file.js';
+import { packPath, scanPack, walkPackBytes, type PackDamage, type PackScan, type ScannedFrame } from '../repo-format/pack-file.js';
 import { NoSpaceError } from '../repo-format/errors.js';
 import { openBlob } from '../repo-format/blob-codec.js';
 import { addToQuarantine, listQuarantine, quarantineKey, type QuarantinedFrame } from '../repo-format/quarantine.js';
 import { crashPoint } from '../repo-format/crash-points.js';
-import { LAYOUT } from '../repo-format/constants.js';
+import { LAYOUT, MAX_FRAME_LENGTH, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../repo-format/constants.js';
 import type { IndexEntry } from '../repo-format/index-entry.js';
 import { IdPrefixSet } from './id-set.js';
 import { walkReferences } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
+import { restoreRecordsFromCatalogue, type RestoredRecord } from './record-recovery.js';
 
 export interface RepairOptions {
   repo: string;
@@ -55,12 +56,20 @@ export interface RepairReport {
   /** Frames set aside by this run (earlier ones stay in quarantine/ and are not repeated). */
   quarantined: QuarantinedFrame[];
   tempFilesRemoved: number;
+  /** Damaged record files put back from the index catalogue's good copies (record-recovery.ts). */
+  recordsRestored: RestoredRecord[];
   /** What still cannot be restored, per backup, disk and offset: nothing when `ok`. */
   damaged: DamagedReference[];
   ok: boolean;
 }
 
 const DAMAGE_LIMIT = 1000;
+/**
+ * A damaged pack is read whole to be walked past its damage; no pack this engine writes is larger (it is
+ * sealed once it reaches PACK_TARGET_SIZE, after at most one more frame). A larger file is walked only as
+ * far as its frame chain parses, never read whole.
+ */
+const MAX_WALKED_PACK = PACK_HEADER_SIZE + PACK_TARGET_SIZE + MAX_FRAME_LENGTH;
 
 export async function repair(options: RepairOptions): Promise<RepairReport> {
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'repair', index: 'skip', passphrase: options.passphrase });
@@ -71,6 +80,7 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
     bytesChecked: 0,
     quarantined: [],
     tempFilesRemoved: 0,
+    recordsRestored: [],
     damaged: [],
     ok: true,
   };
@@ -79,6 +89,8 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
   let pool: BlockPool | undefined;
   try {
     report.tempFilesRemoved = await repo.removeTempFiles();
+    // Damaged records whose catalogue copy in the (old) index is good get their bytes back first.
+    report.recordsRestored = await restoreFromOldCatalogue(repo, join(repo.root, LAYOUT.index));
     const already = await listQuarantine(repo.root);
     const built = await IndexStore.open(building, { create: true });
     const good = new IdPrefixSet();
@@ -151,7 +163,7 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
       report.ok = false;
     };
     const { backups, damaged: badRecords } = await repo.listBackups();
-    for (const { id, error } of badRecords) damaged({ code: 'RECORD_DAMAGED', message: error.message, backup: id });
+    for (const { id, error } of badRecords) damaged({ code: 'RECORD_DAMAGED', message: `${error.message}; no good copy of it is left: \`engine forget ${id}\` removes the backup`, backup: id });
     await walkReferences(repo, backups, {
       page: () => undefined,
       chunk: ({ backup, disk, offset, id, location }) => {
@@ -183,14 +195,24 @@ type PackCheck = { unreadable: string } | { size: number; good: ScannedFrame[]; 
  */
 async function checkPack(repo: Repository, pool: BlockPool, packId: string): Promise<PackCheck> {
   const path = packPath(repo.root, packId);
+  let scan: PackScan | undefined;
+  let bad: { offset: number; why: string }[] | undefined;
   try {
-    const scan = await scanPack(repo.root, packId, repo.encrypted);
-    if (!scan.damage) {
-      const checked = await pool.verifyPack({ packPath: path, frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) }).catch(() => undefined);
-      if (checked && checked.bad.length === 0) return { size: scan.size, good: scan.frames, damage: [] };
-    }
+    scan = await scanPack(repo.root, packId, repo.encrypted);
+    if (!scan.damage || scan.size > MAX_WALKED_PACK) bad = (await pool.verifyPack({ packPath: path, frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) }).catch(() => undefined))?.bad;
+    if (!scan.damage && bad && bad.length === 0) return { size: scan.size, good: scan.frames, damage: [] };
   } catch {
     // Unreadable through a scan: the whole-file read below says why, or walks what it can.
+  }
+  if (scan && bad && scan.size > MAX_WALKED_PACK) {
+    // Larger than any pack this engine writes: never read whole. What the scan reached is all there is.
+    const failed = new Map(bad.map((b) => [b.offset, b.why]));
+    const damage: PackDamage[] = scan.frames.filter((f) => failed.has(f.offset)).map((f) => ({ offset: f.offset, why: failed.get(f.offset)!, frame: { header: f.header, length: f.length } }));
+    if (scan.damage) damage.push({ offset: scan.damage.offset, why: `${scan.damage.why} (the file is larger than any pack, ${scan.size} bytes: not searched past the damage)` });
+    return { size: scan.size, good: scan.frames.filter((f) => !failed.has(f.offset)), damage };
+  }
+  if (scan && scan.size > MAX_WALKED_PACK) {
+    return { unreadable: `a file of ${scan.size} bytes, larger than any pack, whose frames cannot be checked` };
   }
   let bytes: Buffer;
   try {
@@ -235,6 +257,22 @@ class GoodPlaces {
       else high = mid - 1;
     }
     return false;
+  }
+}
+
+/** Restores damaged records from the old index's catalogue, when that index can be opened at all. */
+async function restoreFromOldCatalogue(repo: Repository, path: string): Promise<RestoredRecord[]> {
+  let index: IndexStore;
+  try {
+    index = await IndexStore.open(path, { create: false });
+  } catch (error) {
+    if (error instanceof NoSpaceError) throw error;
+    return [];
+  }
+  try {
+    return await restoreRecordsFromCatalogue(repo, index);
+  } finally {
+    await index.close().catch(() => undefined);
   }
 }
 

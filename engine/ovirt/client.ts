@@ -8,6 +8,7 @@
 import { request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { readFile } from 'node:fs/promises';
+import { BodyTooLargeError, collectBody, HTTP_BODY_LIMIT } from '../http-body.js';
 import { randomBytes } from 'node:crypto';
 import { OvirtAuthError, OvirtFaultError, TimeoutError } from '../errors.js';
 import { EngineError } from '../../repo-format/errors.js';
@@ -73,10 +74,9 @@ export class OvirtClient {
     const timeout = this.options.requestTimeoutMs ?? 120_000;
     return new Promise((resolve, reject) => {
       const req = requester(url, { method, headers: { ...headers, ...(body !== undefined ? { 'Content-Length': String(Buffer.byteLength(body)) } : {}) }, ca: this.ca, timeout }, (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (chunk: Buffer) => chunks.push(chunk));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') }));
-        res.on('error', reject);
+        collectBody(res, HTTP_BODY_LIMIT, (bytes) => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: bytes.toString('utf8') }), (error) =>
+          reject(error instanceof BodyTooLargeError ? new EngineError('ENGINE_OVIRT_FAULT', `oVirt ${method} ${url.pathname}: ${error.message}`, { status: res.statusCode ?? 0 }) : error),
+        );
       });
       req.on('timeout', () => req.destroy(new TimeoutError(`oVirt ${method} ${url.pathname}`, timeout)));
       req.on('error', (error) => {

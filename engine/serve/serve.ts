@@ -7,7 +7,7 @@
  * they are served; a damaged chunk fails the request that needs it (EIO) and is logged, and the server
  * keeps serving everything else.
  *
- * Memory: the block tables (44 B per block), the chunk cache (`cacheBytes`, 64 MiB by default), the
+ * Memory: the block tables (44 B per block of distinct map pages; zero and repeated pages cost nothing), the chunk cache (`cacheBytes`, 64 MiB by default), the
  * worker slots (32 MiB), and per connection a bounded number of requests of at most 32 MiB.
  */
 import { unlinkSync } from 'node:fs';
@@ -20,7 +20,7 @@ import { BlockPool } from '../pipeline/block-pool.js';
 import { NbdServer, type ListenAddress } from '../nbd/server.js';
 import { DiskNotFoundError } from '../errors.js';
 import { BackupExport } from './backup-export.js';
-import { PackIds, resolveBlockTable, type BlockTable } from './block-table.js';
+import { BlockTableResolver, type BlockTable } from './block-table.js';
 import { ChunkCache, ChunkLoader } from './chunk-cache.js';
 import { Overlay } from './overlay.js';
 
@@ -59,8 +59,8 @@ export interface ServeHandle {
   backup: BackupRecord;
   exports: ServedExport[];
   address: { socket?: string; port?: number; host?: string };
-  /** The reader registration (readers/<token>.json) held while serving. */
-  readerToken: string;
+  /** The reader registration (readers/<token>.json) held while serving; null for a repository read without its lock (SPEC 12.6). */
+  readerToken: string | null;
   writable: boolean;
   tableBytes: number;
   stats(): { cacheHits: number; cacheMisses: number; badChunks: number; overlayBytesWritten: number };
@@ -76,22 +76,25 @@ function uriFor(address: { socket?: string; port?: number; host?: string }, name
 }
 
 /** Resolves every served disk's block table under the lock, registers as a reader, releases the lock. */
-async function resolveUnderLock(options: ServeOptions): Promise<{ record: BackupRecord; tables: { name: string; table: BlockTable; missing: number }[]; reader: RegisteredReader; root: string; blockSize: number; keys: RepositoryKeys | undefined }> {
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'serve', passphrase: options.passphrase });
+async function resolveUnderLock(options: ServeOptions): Promise<{ record: BackupRecord; tables: { name: string; table: BlockTable; missing: number }[]; tableBytes: number; reader: RegisteredReader | undefined; root: string; blockSize: number; keys: RepositoryKeys | undefined }> {
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'serve', passphrase: options.passphrase, readWithoutLock: true });
   try {
     const record = await repo.findBackup(options.backupId);
     const disks = options.disk === undefined ? record.disks : record.disks.filter((d) => d.name === options.disk);
     if (disks.length === 0) throw new DiskNotFoundError(record.id, options.disk ?? '', record.disks.map((d) => d.name));
-    const packIds = new PackIds();
+    // One resolver for every disk: pages they share are resolved once (block-table.ts).
+    const resolver = new BlockTableResolver(repo);
     const tables: { name: string; table: BlockTable; missing: number }[] = [];
     for (const disk of disks) {
-      const { table, missing } = await resolveBlockTable(repo, disk, packIds);
-      tables.push({ name: disk.name, table, missing });
+      const table = await resolver.resolve(disk);
+      tables.push({ name: disk.name, table, missing: table.missing });
     }
-    // Registered before the lock goes: no moment where a gc could see neither the lock nor the reader.
-    const reader = await registerReader(repo.root, 'serve', [record.id]);
+    const tableBytes = resolver.memoryBytes;
+    // Registered before the lock goes: no moment where a gc could see neither the lock nor the reader. A
+    // repository read without its lock (read-only, or full) cannot be registered in (SPEC 12.6).
+    const reader = repo.withoutLock ? undefined : await registerReader(repo.root, 'serve', [record.id]);
     // The keys outlive the repository handle: the workers open (decrypt and check) chunks while serving.
-    return { record, tables, reader, root: repo.root, blockSize: repo.blockSize, keys: repo.keys };
+    return { record, tables, tableBytes, reader, root: repo.root, blockSize: repo.blockSize, keys: repo.keys };
   } finally {
     await repo.close();
   }
@@ -99,7 +102,7 @@ async function resolveUnderLock(options: ServeOptions): Promise<{ record: Backup
 
 export async function serve(options: ServeOptions): Promise<ServeHandle> {
   if ((options.socket === undefined) === (options.port === undefined)) throw new InvalidArgumentError('serve needs exactly one of a Unix socket path or a TCP port');
-  const { record, tables, reader, root, blockSize, keys } = await resolveUnderLock(options);
+  const { record, tables, tableBytes, reader, root, blockSize, keys } = await resolveUnderLock(options);
   const overlays: Overlay[] = [];
   let pool: BlockPool | undefined;
   let server: NbdServer | undefined;
@@ -124,7 +127,7 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     // However the process ends (an uncaught error included), the registration goes with it.
     const removeAtExit = (): void => {
       try {
-        unlinkSync(reader.path);
+        if (reader) unlinkSync(reader.path);
       } catch {
         // already released
       }
@@ -134,9 +137,9 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
       backup: record,
       exports: tables.map(({ name, table, missing }) => ({ name, size: table.diskSize, uri: uriFor(address, name), missingChunks: missing })),
       address,
-      readerToken: reader.registration.token,
+      readerToken: reader?.registration.token ?? null,
       writable: options.writable === true,
-      tableBytes: tables.reduce((sum, t) => sum + t.table.memoryBytes, 0),
+      tableBytes,
       stats: () => ({
         cacheHits: loader.cache.hits,
         cacheMisses: loader.cache.misses,
@@ -148,7 +151,7 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
           await running.server.close().catch(() => undefined);
           for (const overlay of overlays) await overlay.close().catch(() => undefined);
           await running.pool.close().catch(() => undefined);
-          await reader.release();
+          await reader?.release();
           process.removeListener('exit', removeAtExit);
         })();
         return closed;
@@ -158,7 +161,7 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     await server?.close().catch(() => undefined);
     for (const overlay of overlays) await overlay.close().catch(() => undefined);
     await pool?.close().catch(() => undefined);
-    await reader.release();
+    await reader?.release();
     throw error;
   }
 }
