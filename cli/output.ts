@@ -196,7 +196,13 @@ export function printGc(report: GcReport): void {
 }
 
 export function printRepair(report: RepairReport): void {
+  const c = report.configRebuilt;
   const lines = [
+    ...(c
+      ? [
+          `rebuilt the config (it was ${c.why === 'missing' ? 'missing' : `damaged: ${c.why}`}${c.keptAs ? `; kept as ${c.keptAs}` : ''}): repository id ${c.id} (${c.sources.id === 'index' ? 'from the index' : 'new: the index was lost too; the next backup of each qcow2 or libvirt chain is full'}), block size ${formatBytes(c.blockSize)} (from the ${c.sources.blockSize}), format ${c.version}${c.encrypted ? ', encrypted' : ''}`,
+        ]
+      : []),
     `index rebuilt from ${report.index.packs} packs, ${report.index.blobs} blobs (the old index was ${report.previousIndex}); read ${report.framesChecked} frames, ${formatBytes(report.bytesChecked)}`,
   ];
   for (const q of report.quarantined) lines.push(`quarantined: pack ${q.pack} offset ${q.offset}${q.blob ? ` (blob ${q.blob.slice(0, 16)}…)` : ''}: ${q.why}`);

@@ -12,7 +12,7 @@
  * 4. The new index replaces the old one (Repository.installIndex), and every backup is checked: the
  *    backups that still reference damaged or missing data are reported per disk and offset.
  */
-import { readFile, rm } from 'node:fs/promises';
+import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Repository } from '../repo-format/repository.js';
@@ -28,6 +28,8 @@ import { IdPrefixSet } from './id-set.js';
 import { walkReferences } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { restoreRecordsFromCatalogue, type RestoredRecord } from './record-recovery.js';
+import { configDamage, hasRepositoryLayout, rebuildConfig, type RecoveredConfig } from '../repo-format/config-recovery.js';
+import { acquireLock } from '../repo-format/lock.js';
 
 export interface RepairOptions {
   repo: string;
@@ -56,6 +58,8 @@ export interface RepairReport {
   /** Frames set aside by this run (earlier ones stay in quarantine/ and are not repeated). */
   quarantined: QuarantinedFrame[];
   tempFilesRemoved: number;
+  /** The config, when it was lost or damaged and rebuilt from the rest (config-recovery.ts); null otherwise. */
+  configRebuilt: RebuiltConfig | null;
   /** Damaged record files put back from the index catalogue's good copies (record-recovery.ts). */
   recordsRestored: RestoredRecord[];
   /** What still cannot be restored, per backup, disk and offset: nothing when `ok`. */
@@ -72,6 +76,7 @@ const DAMAGE_LIMIT = 1000;
 const MAX_WALKED_PACK = PACK_HEADER_SIZE + PACK_TARGET_SIZE + MAX_FRAME_LENGTH;
 
 export async function repair(options: RepairOptions): Promise<RepairReport> {
+  const configRebuilt = await rebuildLostConfig(options.repo, options.passphrase);
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'repair', index: 'skip', passphrase: options.passphrase });
   const report: RepairReport = {
     previousIndex: 'missing',
@@ -80,6 +85,7 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
     bytesChecked: 0,
     quarantined: [],
     tempFilesRemoved: 0,
+    configRebuilt,
     recordsRestored: [],
     damaged: [],
     ok: true,
@@ -257,6 +263,43 @@ class GoodPlaces {
       else high = mid - 1;
     }
     return false;
+  }
+}
+
+export interface RebuiltConfig {
+  /** Why the old config could not be used: missing, or what is wrong with it. */
+  why: string;
+  id: string;
+  blockSize: number;
+  version: number;
+  encrypted: boolean;
+  /** Where each value came from (SPEC.md, section 3.2). */
+  sources: RecoveredConfig['sources'];
+  /** The damaged config, kept beside the new one, or null when there was none. */
+  keptAs: string | null;
+}
+
+/**
+ * A config that is missing or damaged in what is otherwise a repository (packs/ and backups/) is rebuilt
+ * first, under the lock; anything else (a newer format, a directory that is no repository) stays the error it is.
+ */
+async function rebuildLostConfig(root: string, passphrase: string | undefined): Promise<RebuiltConfig | null> {
+  let why: string | undefined;
+  try {
+    await Repository.readConfig(root);
+    return null;
+  } catch (error) {
+    why = configDamage(error);
+    if (why === undefined || !(await hasRepositoryLayout(root))) throw error;
+  }
+  await mkdir(join(root, LAYOUT.tmp), { recursive: true });
+  const lock = await acquireLock(root, 'repair');
+  try {
+    const rebuilt = await rebuildConfig(root, why, passphrase);
+    const c = rebuilt.config;
+    return { why, id: c.id, blockSize: c.blockSize, version: c.version, encrypted: c.encryption !== undefined, sources: rebuilt.sources, keptAs: rebuilt.keptAs };
+  } finally {
+    await lock.release();
   }
 }
 

@@ -60,8 +60,9 @@ export class InvalidArgumentError extends EngineError {
 }
 
 export class NotARepositoryError extends EngineError {
-  constructor(path: string, why: string) {
-    super('ENGINE_NOT_A_REPOSITORY', `${path} is not an engine repository: ${why}`, { path });
+  /** `hint`: what to do (e.g. repair rebuilds a lost config), appended after a semicolon. */
+  constructor(path: string, why: string, hint?: string) {
+    super('ENGINE_NOT_A_REPOSITORY', `${path} is not an engine repository: ${why}${hint ? `; ${hint}` : ''}`, { path, why });
   }
 }
 

@@ -66,7 +66,7 @@ export function lockedHint(root: string, holder: LockHolder | undefined, what = 
     case 'alive':
       return 'that process is running: wait for it to finish';
     case 'unverified':
-      return `pid ${holder.pid} is alive, but the lock does not say whether it is still the holder: if it is not an engine process, \`${unlock} --force\` removes ${what}`;
+      return `pid ${holder.pid} is alive, but its file does not say whether it is still the holder: if it is not an engine process, \`${unlock} --force\` removes ${what}`;
     case 'other-host':
       return `this host cannot tell whether it still runs: once it has finished (or host ${holder.hostname} is down), \`${unlock} --force\` removes ${what}`;
     default:
@@ -76,11 +76,14 @@ export function lockedHint(root: string, holder: LockHolder | undefined, what = 
 
 /**
  * Throws RepositoryLockedError when a lock is present and its holder not provably gone: a command that
- * could not write its own lock (a full or read-only disk) must still respect another's.
+ * could not write its own lock (a full or read-only disk) must still respect another's. `otherHosts:
+ * false`: a lock of another host does not count (a reader of a read-only copy).
  */
-export async function refuseIfLocked(root: string): Promise<void> {
+export async function refuseIfLocked(root: string, options: { otherHosts?: boolean } = {}): Promise<void> {
   const current = await readLockFile(join(root, LAYOUT.lock));
-  if (current && !isStale(current)) throw lockedError(root, publicHolder(current));
+  if (!current || isStale(current)) return;
+  if (options.otherHosts === false && lockLiveness(current) === 'other-host') return;
+  throw lockedError(root, publicHolder(current));
 }
 
 function lockedError(root: string, holder: LockHolder | undefined): RepositoryLockedError {

@@ -45,6 +45,7 @@ import { liveWriterTokens } from './writers.js';
 import { removeStaleRegistrations } from './registry.js';
 import { listQuarantine, quarantineKey } from './quarantine.js';
 import { scanPackFiles, scanRecordFiles } from './layout-scan.js';
+import { hasRepositoryLayout } from './config-recovery.js';
 import { noticeSink, type NoticeSink } from './notices.js';
 import { createReserve, freeBytes, hasReserve, releaseReserve } from './space-reserve.js';
 import { copyIndexForReading, privateIndexDir, removeIndexCopy, unwritableReason, withoutLockNotice, type Unwritable } from './unwritable.js';
@@ -83,6 +84,11 @@ export interface OpenReport {
   rebuiltIndex?: { packs: number; blobs: number };
   /** Set when the repository is read without the lock (readWithoutLock): why it could not be written. */
   withoutLock?: Unwritable;
+}
+
+/** For a lost or damaged config in what is otherwise a repository: the way out. */
+async function rebuildHint(root: string): Promise<string | undefined> {
+  return (await hasRepositoryLayout(root)) ? `it has a repository's packs/ and backups/: \`engine repair --repo ${root}\` rebuilds the config from them` : undefined;
 }
 
 export class Repository {
@@ -154,10 +160,11 @@ export class Repository {
     } catch (error) {
       if (error instanceof FileTooLargeToReadError) throw new NotARepositoryError(root, `its config is ${error.size} bytes, far more than a config holds`);
       const code = isErrnoException(error) ? error.code : undefined;
-      throw new NotARepositoryError(root, code === 'ENOENT' ? 'it has no config file' : `its config cannot be read (${code ?? String(error)})`);
+      if (code === 'ENOENT') throw new NotARepositoryError(root, 'it has no config file', await rebuildHint(root));
+      throw new NotARepositoryError(root, `its config cannot be read (${code ?? String(error)})`);
     }
     const config = decodeConfig(bytes);
-    if (typeof config === 'string') throw new NotARepositoryError(root, config);
+    if (typeof config === 'string') throw new NotARepositoryError(root, config, await rebuildHint(root));
     if (config.version > newestReadableVersion(config)) throw new FormatTooNewError(root, config.version, newestReadableVersion(config));
     return config;
   }
@@ -198,7 +205,7 @@ export class Repository {
       const why = unwritableReason(error);
       if (!why || !options.readWithoutLock || error instanceof RepositoryLockedError) throw error;
       this.openReport.withoutLock = why;
-      this.notice(withoutLockNotice(this.root, command, why));
+      this.notice(withoutLockNotice(this.root, command, why, await readLockHolder(this.root)));
     }
     if (this.lock?.brokeStale) {
       const stale = this.lock.brokeStale;
@@ -226,8 +233,13 @@ export class Repository {
     } catch (error) {
       const why = unwritableReason(error);
       if (!why) throw error;
+      if (why.kind === 'read-only') {
+        // A reader of a read-only copy (a snapshot, an off-site copy made while a backup ran) is not stopped
+        // by a lock it cannot check; only by a holder that provably runs here, writing through another path.
+        if (options.readWithoutLock) await refuseIfLocked(this.root, { otherHosts: false });
+        throw Object.assign(new ReadOnlyRepositoryError(this.root, command, why.errno), { cause: error });
+      }
       await refuseIfLocked(this.root);
-      if (why.kind === 'read-only') throw Object.assign(new ReadOnlyRepositoryError(this.root, command, why.errno), { cause: error });
       if (this.mayUseReserve && (await this.releaseReserve(command))) {
         try {
           return await acquireLock(this.root, command);

@@ -7,7 +7,7 @@
 import { cp, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { isErrnoException, NoSpaceError, ReadOnlyRepositoryError } from './errors.js';
+import { isErrnoException, NoSpaceError, ReadOnlyRepositoryError, type LockHolder } from './errors.js';
 
 export interface Unwritable {
   /** `full`: ENOSPC or EDQUOT; `read-only`: EROFS, EACCES or EPERM. */
@@ -63,7 +63,8 @@ export async function removeIndexCopy(copy: string): Promise<void> {
 }
 
 /** What a reader without the lock says once, and what it costs (SPEC.md, section 12.6). */
-export function withoutLockNotice(root: string, command: string, why: Unwritable): string {
+export function withoutLockNotice(root: string, command: string, why: Unwritable, lock?: LockHolder): string {
   const what = why.kind === 'read-only' ? `repository ${root} cannot be written (${why.errno})` : `the filesystem holding ${root} is full (${why.errno}) and no space is set aside to take the lock with`;
-  return `${what}: ${command} reads it without taking the lock or registering, from a private copy of its index; a prune or gc run meanwhile through a writable path could remove data it reads (it would then fail, never return wrong data)`;
+  const held = lock ? `; it holds a lock of pid ${lock.pid} on ${lock.hostname} (${lock.command}, since ${lock.since}), which this process cannot check` : '';
+  return `${what}: ${command} reads it without taking the lock or registering, from a private copy of its index${held}; a prune or gc run meanwhile through a writable path could remove data it reads (it would then fail, never return wrong data)`;
 }
