@@ -47,7 +47,7 @@ import { listQuarantine, quarantineKey } from './quarantine.js';
 import { scanPackFiles, scanRecordFiles } from './layout-scan.js';
 import { hasRepositoryLayout } from './config-recovery.js';
 import { noticeSink, type NoticeSink } from './notices.js';
-import { createReserve, freeBytes, hasReserve, releaseReserve } from './space-reserve.js';
+import { createReserve, freeBytes, releaseReserve, reserveSize } from './space-reserve.js';
 import { copyIndexForReading, privateIndexDir, removeIndexCopy, unwritableReason, withoutLockNotice, type Unwritable } from './unwritable.js';
 
 export interface OpenOptions {
@@ -359,16 +359,22 @@ export class Repository {
    * repository has none (made before it existed) and there is ample room.
    */
   private async setReserveAside(): Promise<void> {
-    if (await hasReserve(this.root)) return;
-    if (!this.reserveReleased) {
-      const free = await freeBytes(this.root);
-      if (free === undefined || free < 4 * RESERVE_SIZE) return;
+    const current = await reserveSize(this.root);
+    if (current >= RESERVE_SIZE) return;
+    if (this.reserveReleased) {
+      // Used to take the lock on a full disk: as much of it as fits now.
+      const reserved = await createReserve(this.root);
+      if (reserved < RESERVE_SIZE) {
+        this.notice(`only ${reserved} of the ${RESERVE_SIZE} bytes of the space reserve could be set aside again: the disk is still full; \`engine gc\` frees space`);
+      }
+      this.reserveReleased = false;
+      return;
     }
-    const reserved = await createReserve(this.root);
-    if (this.reserveReleased && reserved < RESERVE_SIZE) {
-      this.notice(`only ${reserved} of the ${RESERVE_SIZE} bytes of the space reserve could be set aside again: the disk is still full; \`engine gc\` frees space`);
-    }
-    this.reserveReleased = false;
+    // None (a repository made before it existed) or a part of one (set aside on a full disk): completed
+    // only with ample room, and never replaced by a smaller one.
+    const free = await freeBytes(this.root);
+    if (free === undefined || free < 4 * RESERVE_SIZE) return;
+    await createReserve(this.root, RESERVE_SIZE);
   }
 
   /** Whether this process reads the repository without its lock (SPEC.md, section 12.6): it may not write, nor register. */

@@ -7,7 +7,7 @@
  *
  * Random bytes, not zeros: a filesystem that compresses (btrfs, ZFS) stores zeros in no space at all.
  */
-import { open, rename, statfs, unlink } from 'node:fs/promises';
+import { open, rename, stat, statfs, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes, randomFillSync } from 'node:crypto';
 import { LAYOUT, RESERVE_SIZE } from './constants.js';
@@ -32,13 +32,11 @@ export async function releaseReserve(root: string): Promise<boolean> {
   return true;
 }
 
-export async function hasReserve(root: string): Promise<boolean> {
-  return open(reservePath(root), 'r').then(
-    async (handle) => {
-      await handle.close();
-      return true;
-    },
-    () => false,
+/** Bytes the reserve holds (0: there is none). */
+export async function reserveSize(root: string): Promise<number> {
+  return stat(reservePath(root)).then(
+    (s) => s.size,
+    () => 0,
   );
 }
 
@@ -52,10 +50,11 @@ export async function freeBytes(root: string): Promise<number | undefined> {
 
 /**
  * Sets the reserve aside: up to RESERVE_SIZE bytes, as many as fit (a full disk leaves less), written
- * under tmp/ and renamed to `reserve` only once durable. Returns the bytes reserved (0: none, the
- * filesystem is full). Only a lock holder calls it (tmp/ is its to write), and only when there is none.
+ * under tmp/ and renamed to `reserve` (over a smaller one) only once durable, and only if at least
+ * `minimum` bytes fit (else whatever reserve there was stays). Returns the bytes reserved (0: none). Only
+ * a lock holder calls it (tmp/ is its to write).
  */
-export async function createReserve(root: string, size = RESERVE_SIZE): Promise<number> {
+export async function createReserve(root: string, minimum = 1, size = RESERVE_SIZE): Promise<number> {
   const temp = join(root, LAYOUT.tmp, `reserve.${randomBytes(6).toString('hex')}`);
   let written = 0;
   try {
@@ -79,7 +78,7 @@ export async function createReserve(root: string, size = RESERVE_SIZE): Promise<
     } finally {
       await handle.close();
     }
-    if (written === 0) {
+    if (written === 0 || written < minimum) {
       await unlink(temp).catch(() => undefined);
       return 0;
     }

@@ -7,7 +7,7 @@
 import { cp, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { isErrnoException, NoSpaceError, ReadOnlyRepositoryError, type LockHolder } from './errors.js';
+import { EngineError, isErrnoException, NoSpaceError, ReadOnlyRepositoryError, type LockHolder } from './errors.js';
 
 export interface Unwritable {
   /** `full`: ENOSPC or EDQUOT; `read-only`: EROFS, EACCES or EPERM. */
@@ -18,16 +18,21 @@ export interface Unwritable {
 /** What a failed write says about the repository, or undefined for any other failure. */
 export function unwritableReason(error: unknown): Unwritable | undefined {
   if (error instanceof ReadOnlyRepositoryError) return { kind: 'read-only', errno: String(error.details.errno) };
-  const cause = error instanceof NoSpaceError ? (error as Error).cause : error;
-  if (!isErrnoException(cause)) return error instanceof NoSpaceError ? { kind: 'full', errno: 'ENOSPC' } : undefined;
-  switch (cause.code) {
+  if (error instanceof NoSpaceError) {
+    // The errno under however many layers of NoSpaceError (a cause wrapped with a hint).
+    let cause: unknown = error;
+    while (cause instanceof NoSpaceError) cause = (cause as Error).cause;
+    return { kind: 'full', errno: isErrnoException(cause) && (cause.code === 'EDQUOT' || cause.code === 'ENOSPC') ? cause.code : 'ENOSPC' };
+  }
+  if (!isErrnoException(error) || error instanceof EngineError) return undefined;
+  switch (error.code) {
     case 'ENOSPC':
     case 'EDQUOT':
-      return { kind: 'full', errno: cause.code };
+      return { kind: 'full', errno: error.code };
     case 'EROFS':
     case 'EACCES':
     case 'EPERM':
-      return { kind: 'read-only', errno: cause.code };
+      return { kind: 'read-only', errno: error.code };
     default:
       return undefined;
   }
