@@ -253,7 +253,7 @@ export class Repository {
         options.useReserve === false
           ? `${command} cannot add data to a full repository: \`engine prune\` and \`engine gc\` free space (they can run on a full disk), or free space on the filesystem`
           : `no space is set aside to take the lock with (${LAYOUT.reserve} is used up or missing): free some space on that filesystem, then run \`engine gc\``;
-      throw new NoSpaceError(this.root, error, hint);
+      throw new NoSpaceError(join(this.root, LAYOUT.lock), error, hint);
     }
   }
 

@@ -19,6 +19,7 @@ import { mkdir, open, readdir, readFile, realpath, rename, rm, rmdir, stat, unli
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
+import { noticeSink } from '../../repo-format/notices.js';
 import { isProcessAlive } from '../../repo-format/process-alive.js';
 import { processIdentity, stopProcess } from '../process.js';
 import { runTool } from '../cbt/run-tool.js';
@@ -138,7 +139,7 @@ function startServer(options: ServeOptions, logPath: string): Promise<{ pid: num
     };
     child.once('error', fail);
     child.once('exit', (code) => fail(new EngineError('ENGINE_INTERNAL', `the mount's server exited (${code}) before it was ready; see ${logPath}`)));
-    child.once('message', (message: { ready?: boolean; readerToken?: string | null; backupId?: string; exports?: ServedExport[]; error?: { message: string; code?: string } }) => {
+    child.once('message', (message: { ready?: boolean; readerToken?: string | null; backupId?: string; exports?: ServedExport[]; notices?: string[]; error?: { message: string; code?: string } }) => {
       child.removeAllListeners('exit');
       if (message.error) {
         reject(new EngineError((message.error.code as never) ?? 'ENGINE_INTERNAL', message.error.message));
@@ -146,6 +147,8 @@ function startServer(options: ServeOptions, logPath: string): Promise<{ pid: num
       }
       child.disconnect();
       child.unref();
+      const notice = noticeSink();
+      for (const text of message.notices ?? []) notice(text);
       resolvePromise({ pid: child.pid!, readerToken: message.readerToken ?? null, backupId: message.backupId!, exports: message.exports! });
     });
   });
