@@ -6,7 +6,7 @@
  * bounded by what the repository holds: records that claim petabytes, a map deduplicated to three pages.
  */
 import { afterAll, afterEach, beforeAll, describe, expect, test } from 'vitest';
-import { type ChildProcess } from 'node:child_process';
+import { execFile, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -137,6 +137,30 @@ describe('a read-only repository', () => {
       expect(await readFile(join(mountDir, 'ro-ext4.raw', 'etc', 'motd'), 'utf8')).toBe('from a read-only repository\n');
     } finally {
       expect((await runEngine(['umount', mountDir], { env: { ENGINE_RUN_DIR: runDir } })).code).toBe(0);
+    }
+  });
+
+  test('files this user may not write (another user, with read permission only): restore reads without the lock; gc says ENGINE_READ_ONLY', async () => {
+    await sh('chmod', ['a+rx', dir]);
+    await sh('chmod', ['-R', 'a+rX,go-w', repo]);
+    const target = join('/tmp', `engine-nobody-${process.pid}.raw`);
+    const asNobody = (args: string[]): Promise<{ code: number; stdout: string; stderr: string }> =>
+      new Promise((resolve) => {
+        execFile('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, ENGINE_BIN, ...args], { env: { ...process.env, HOME: '/tmp' } }, (error, stdout, stderr) => {
+          resolve({ code: error ? (typeof error.code === 'number' ? error.code : 1) : 0, stdout, stderr });
+        });
+      });
+    try {
+      const restored = await asNobody(['restore', '--repo', repo, id, '--to', target]);
+      expect(restored.stderr).toContain(`engine: repository ${repo} cannot be written (EACCES): restore reads it without taking the lock`);
+      expect(restored.code).toBe(0);
+      expect(await filesIdentical(target, source)).toBe(true);
+      const gc = await asNobody(['gc', '--repo', repo, '--json']);
+      expect(gc.code).toBe(1);
+      expect(parseJson<ErrorJson>(gc.stdout).error.code).toBe('ENGINE_READ_ONLY');
+      expect(parseJson<ErrorJson>(gc.stdout).error.message).toContain('(no write permission: EACCES), and gc must write to it');
+    } finally {
+      await rm(target, { force: true });
     }
   });
 
