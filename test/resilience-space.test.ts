@@ -12,6 +12,9 @@ import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path';
 import { NbdClient, Repository, KIND_DATA, KIND_MAP_LEAF, KIND_MAP_NODE } from '../dist/engine/index.js';
 import { sealBlobToBuffer } from '../dist/repo-format/blob-codec.js';
+import { BodyTooLargeError, collectBody, HTTP_BODY_LIMIT } from '../dist/engine/http-body.js';
+import { createServer, get } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { ENGINE_BIN, exitOf, filesIdentical, parseJson, runEngine, sh, sparseFile, spawnEngine, tempDir, Tmpfs, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -329,6 +332,28 @@ describe('allocations bounded by what the repository holds', () => {
     await rm(join(repo, 'backups', deep));
   });
 
+  test('verify reports, per backup, chain references a record cannot have: itself as parent, a parent that started later', async () => {
+    const self = await editRecord(() => undefined);
+    const selfRecord = parseJson<Record<string, unknown> & { disks: Record<string, unknown>[] }>(await readFile(join(repo, 'backups', self), 'utf8'));
+    Object.assign(selfRecord, { type: 'incremental', parent: self });
+    Object.assign(selfRecord.disks[0]!, { mode: 'incremental', parent: self });
+    await writeFile(join(repo, 'backups', self), JSON.stringify(selfRecord));
+    const later = await editRecord(() => undefined);
+    const laterRecord = parseJson<Record<string, unknown> & { disks: Record<string, unknown>[] }>(await readFile(join(repo, 'backups', later), 'utf8'));
+    Object.assign(laterRecord, { type: 'incremental', parent: self, startTime: '2000-01-01T00:00:00.000Z' });
+    Object.assign(laterRecord.disks[0]!, { mode: 'incremental', parent: self });
+    await writeFile(join(repo, 'backups', later), JSON.stringify(laterRecord));
+    const verify = await runEngine(['verify', '--repo', repo, '--json']);
+    expect(verify.code).toBe(4);
+    const problems = parseJson<{ problems: { code: string; backup: string; disk?: string; message: string }[] }>(verify.stdout).problems;
+    expect(problems.map((p) => [p.code, p.backup, p.disk, p.message]).sort()).toEqual(
+      [
+        ['RECORD_INCONSISTENT', self, 'bounds.img', `backup ${self}, disk bounds.img: its parent is the backup itself`],
+        ['RECORD_INCONSISTENT', later, 'bounds.img', `backup ${later}, disk bounds.img: its parent ${self} started after it (${selfRecord.startTime as string} > 2000-01-01T00:00:00.000Z)`],
+      ].sort(),
+    );
+  });
+
   test('a record file larger than a record can be is damaged and never read whole', async () => {
     const record = await readFile(join(repo, 'backups', id), 'utf8');
     const big = randomBytes(16).toString('hex');
@@ -417,6 +442,41 @@ describe('allocations bounded by what the repository holds', () => {
     const shown = await runEngine(['show', '--repo', repo, dense, '--json']);
     expect(shown.code).toBe(0);
     await rm(join(repo, 'backups', dense));
+  });
+});
+
+describe('answers from the wire bounded by what they can hold', () => {
+  test('an HTTP answer (oVirt, imageio) larger than its limit is refused as it arrives, declared or not', async () => {
+    const server = createServer((req, res) => {
+      if (req.url === '/declared') {
+        res.writeHead(200, { 'Content-Length': String(HTTP_BODY_LIMIT + 1) });
+        res.write('x');
+        return; // never sends the rest: the client must not wait for it
+      }
+      res.writeHead(200); // chunked, no length: 1 MiB more than the limit, streamed
+      const piece = Buffer.alloc(MiB, 0x61);
+      let sent = 0;
+      const more = (): void => {
+        while (sent <= HTTP_BODY_LIMIT && res.write(piece)) sent += MiB;
+        if (sent <= HTTP_BODY_LIMIT) res.once('drain', more);
+        else res.end();
+      };
+      res.on('error', () => undefined);
+      more();
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const port = (server.address() as AddressInfo).port;
+    const fetchBody = (path: string): Promise<Buffer> =>
+      new Promise((resolve, reject) => {
+        get({ host: '127.0.0.1', port, path }, (res) => collectBody(res, HTTP_BODY_LIMIT, resolve, reject)).on('error', reject);
+      });
+    try {
+      await expect(fetchBody('/declared')).rejects.toThrow(`the answer is larger than the ${HTTP_BODY_LIMIT} bytes such an answer can hold`);
+      await expect(fetchBody('/streamed')).rejects.toBeInstanceOf(BodyTooLargeError);
+    } finally {
+      server.closeAllConnections();
+      server.close();
+    }
   });
 });
 
