@@ -4,6 +4,7 @@
  */
 import { Command, CommanderError, Option } from 'commander';
 import { EngineError, InvalidArgumentError } from '../repo-format/errors.js';
+import { setNoticeSink } from '../repo-format/notices.js';
 import { ENGINE_VERSION } from '../engine/version.js';
 import { parseSize } from '../engine/units.js';
 import { KEEP_RULES, type RetentionPolicy } from '../engine/retention.js';
@@ -39,6 +40,8 @@ const engine = {
   setProtection: lazy(() => import('../engine/protect.js'), 'setProtection'),
   gc: lazy(() => import('../engine/gc.js'), 'gc'),
   repair: lazy(() => import('../engine/repair.js'), 'repair'),
+  unlock: lazy(() => import('../engine/unlock.js'), 'unlock'),
+  forget: lazy(() => import('../engine/forget.js'), 'forget'),
   ovirtCleanup: lazy(() => import('../engine/ovirt/cleanup.js'), 'ovirtCleanup'),
   primitivesReport: lazy(() => import('../engine/primitives-bench.js'), 'primitivesReport'),
   runDemo: lazy(() => import('../engine/demo.js'), 'runDemo'),
@@ -592,6 +595,35 @@ function buildProgram(): Command {
       if (!report.ok) process.exitCode = EXIT.integrity;
     });
 
+  program
+    .command('unlock')
+    .description('say what holds the repository and remove stale locks and registrations; --force also those that cannot be proven stale (another host\'s, an older engine\'s)')
+    .addOption(repoOption())
+    .option('--force', 'also remove a lock whose holder cannot be proven gone (another host, an older engine, even a running process): only when you know it no longer works on the repository')
+    .option('--json', 'print JSON')
+    .action(async (opts: { repo?: string; force?: boolean; json?: boolean }) => {
+      jsonMode = opts.json === true;
+      const report = await engine.unlock({ repo: requireRepo(opts.repo), force: opts.force });
+      if (jsonMode) printJson(report);
+      else (await import('./output-resilience.js')).printUnlock(report);
+      if (report.locked) process.exitCode = EXIT.locked;
+    });
+
+  program
+    .command('forget')
+    .description('remove one backup by id, also one whose record is damaged (prune removes by policy); gc then reclaims its space')
+    .addOption(repoOption())
+    .argument('<backup-id>', 'backup id or a unique prefix of it')
+    .option('--force', 'forget a damaged record even when the index holds a good copy that engine repair would restore')
+    .addOption(passwordFileOption())
+    .option('--json', 'print JSON')
+    .action(async (id: string, opts: { repo?: string; force?: boolean; json?: boolean; passwordFile?: string }) => {
+      jsonMode = opts.json === true;
+      const result = await engine.forget({ repo: requireRepo(opts.repo), backupId: id, force: opts.force, passphrase: await loadPassphrase(opts.passwordFile) });
+      if (jsonMode) printJson(result);
+      else (await import('./output-resilience.js')).printForget(result);
+    });
+
   const ovirt = program.command('ovirt').description('oVirt housekeeping');
   ovirt
     .command('cleanup')
@@ -674,6 +706,11 @@ function reportError(error: unknown, debug: boolean): number {
 export async function main(argv: string[]): Promise<number> {
   // Known before parsing, so that even a usage error is reported as JSON.
   jsonMode = argv.includes('--json');
+  // What the repository does on its own (a stale lock broken, a read-only repository read without the
+  // lock, the space reserve used) is said by every command, on stderr; with --json, stderr stays empty.
+  setNoticeSink((message) => {
+    if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
+  });
   const program = buildProgram();
   try {
     await program.parseAsync(argv);

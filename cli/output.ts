@@ -125,6 +125,7 @@ export function printVerify(report: VerifyReport): void {
   if (report.subset) lines.push(`read the data of ${report.subset.packs} of ${report.packs} packs (${report.subset.percent}%, seed ${report.subset.seed})`);
   if (report.quarantined.length > 0) lines.push(`quarantined: ${report.quarantined.length} damaged frames set aside by repair`);
   for (const p of report.problems) lines.push(`ERROR ${p.code}: ${p.message}`);
+  for (const w of report.warnings) lines.push(`WARNING ${w.code}: ${w.message}`);
   const g = report.garbage;
   if (g.unreferencedBlobs > 0) lines.push(`garbage: ${g.unreferencedBlobs} unreferenced blobs (${formatBytes(g.unreferencedBytes)}), reclaimable by a later gc`);
   if (g.unindexedPacks.length > 0) lines.push(`garbage: ${g.unindexedPacks.length} packs no index entry names (${formatBytes(g.unindexedBytes)}), left by an interrupted writer`);
@@ -198,11 +199,18 @@ export function printGc(report: GcReport): void {
 }
 
 export function printRepair(report: RepairReport): void {
+  const c = report.configRebuilt;
   const lines = [
+    ...(c
+      ? [
+          `rebuilt the config (it was ${c.why === 'missing' ? 'missing' : `damaged: ${c.why}`}${c.keptAs ? `; kept as ${c.keptAs}` : ''}): repository id ${c.id} (${c.sources.id === 'index' ? 'from the index' : 'new: the index was lost too; the next backup of each qcow2 or libvirt chain is full'}), block size ${formatBytes(c.blockSize)} (from the ${c.sources.blockSize}), format ${c.version}${c.encrypted ? ', encrypted' : ''}`,
+        ]
+      : []),
     `index rebuilt from ${report.index.packs} packs, ${report.index.blobs} blobs (the old index was ${report.previousIndex}); read ${report.framesChecked} frames, ${formatBytes(report.bytesChecked)}`,
   ];
   for (const q of report.quarantined) lines.push(`quarantined: pack ${q.pack} offset ${q.offset}${q.blob ? ` (blob ${q.blob.slice(0, 16)}…)` : ''}: ${q.why}`);
   if (report.tempFilesRemoved > 0) lines.push(`removed ${report.tempFilesRemoved} temporary files`);
+  for (const r of report.recordsRestored) lines.push(`restored backup record ${r.backup} from its copy in the index (the file was damaged: ${r.was})`);
   for (const d of report.damaged) lines.push(`DAMAGED ${d.code}: ${d.message}`);
   lines.push(report.ok ? 'every backup restores' : `${report.damaged.length} damaged references remain`);
   process.stdout.write(`${lines.join('\n')}\n`);

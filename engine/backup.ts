@@ -15,7 +15,8 @@ import { openSource } from './sources/open-source.js';
 import { openImageDisk } from './cbt/image-disk.js';
 import type { CbtDiskJob, CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
 import { openLibvirtBackup } from './cbt/libvirt-domain.js';
-import { InterruptedError } from './errors.js';
+import { InterruptedError, SourceUnreadableError } from './errors.js';
+import { MAX_DISK_SIZE } from '../repo-format/constants.js';
 import { ENGINE_VERSION } from './version.js';
 
 export type { CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
@@ -54,8 +55,9 @@ export interface BackupOptions {
  * (ENGINE_NOT_ENCRYPTED) rather than ignored: the caller expects encryption, and the config that says
  * otherwise may have been rewritten (SPEC.md, section 18.5).
  */
-export function openBackupRepository(repo: string, passphrase: string | undefined, access: 'read' | 'exclusive'): Promise<Repository> {
-  return Repository.open(repo, { access, command: 'backup', passphrase, requireEncryption: passphrase !== undefined });
+export function openBackupRepository(repo: string, passphrase: string | undefined, access: 'read' | 'exclusive', onNotice?: (message: string) => void): Promise<Repository> {
+  // useReserve: false: a backup adds data, and would only fill the space set aside for prune and gc.
+  return Repository.open(repo, { access, command: 'backup', passphrase, requireEncryption: passphrase !== undefined, useReserve: false, onNotice });
 }
 
 export interface BackupResult {
@@ -103,13 +105,9 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   let pool: BlockPool | undefined;
   let committed = false;
   try {
-    repo = await openBackupRepository(options.repo, options.passphrase, 'exclusive');
+    // A stale lock broken or an index rebuilt is said by the repository itself (notices.ts).
+    repo = await openBackupRepository(options.repo, options.passphrase, 'exclusive', options.onNotice);
     const notice = options.onNotice ?? (() => undefined);
-    if (repo.openReport.brokeStaleLock) {
-      const stale = repo.openReport.brokeStaleLock;
-      notice(`removed a stale lock of pid ${stale.pid} on ${stale.hostname} (since ${stale.since})`);
-    }
-    if (repo.openReport.rebuiltIndex) notice(`the index was missing; rebuilt it from ${repo.openReport.rebuiltIndex.packs} packs`);
     const leftovers = await repo.removeTempFiles();
     if (leftovers > 0) notice(`removed ${leftovers} temporary files left by an interrupted writer`);
 
@@ -134,6 +132,10 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     if (provider) {
       const session = await provider(chainArgs);
       for (const disk of session.disks) jobs.push({ ...disk, session });
+    }
+    // A size no record may hold (SPEC 9) is refused before anything is read: readers would call the backup damaged.
+    for (const job of jobs) {
+      if (job.source.size > MAX_DISK_SIZE) throw new SourceUnreadableError(job.source.description.path, `it reports ${job.source.size} bytes, more than the ${MAX_DISK_SIZE} (1 PiB) a backed-up disk may have`);
     }
     for (const job of jobs) if (job.cbt && job.modeReason && requested !== 'full') notice(`disk ${job.name}: full read: ${job.modeReason}`);
 

@@ -12,21 +12,24 @@
  * 4. The new index replaces the old one (Repository.installIndex), and every backup is checked: the
  *    backups that still reference damaged or missing data are reported per disk and offset.
  */
-import { readFile, rm } from 'node:fs/promises';
+import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Repository } from '../repo-format/repository.js';
 import { IndexStore } from '../repo-format/index-store.js';
-import { packPath, scanPack, walkPackBytes, type PackDamage, type ScannedFrame } from '../repo-format/pack-file.js';
+import { packPath, scanPack, walkPackBytes, type PackDamage, type PackScan, type ScannedFrame } from '../repo-format/pack-file.js';
 import { NoSpaceError } from '../repo-format/errors.js';
 import { openBlob } from '../repo-format/blob-codec.js';
 import { addToQuarantine, listQuarantine, quarantineKey, type QuarantinedFrame } from '../repo-format/quarantine.js';
 import { crashPoint } from '../repo-format/crash-points.js';
-import { LAYOUT } from '../repo-format/constants.js';
+import { LAYOUT, MAX_FRAME_LENGTH, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../repo-format/constants.js';
 import type { IndexEntry } from '../repo-format/index-entry.js';
 import { IdPrefixSet } from './id-set.js';
 import { walkReferences } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
+import { restoreRecordsFromCatalogue, type RestoredRecord } from './record-recovery.js';
+import { configDamage, hasRepositoryLayout, rebuildConfig, type RecoveredConfig } from '../repo-format/config-recovery.js';
+import { acquireLock } from '../repo-format/lock.js';
 
 export interface RepairOptions {
   repo: string;
@@ -55,14 +58,25 @@ export interface RepairReport {
   /** Frames set aside by this run (earlier ones stay in quarantine/ and are not repeated). */
   quarantined: QuarantinedFrame[];
   tempFilesRemoved: number;
+  /** The config, when it was lost or damaged and rebuilt from the rest (config-recovery.ts); null otherwise. */
+  configRebuilt: RebuiltConfig | null;
+  /** Damaged record files put back from the index catalogue's good copies (record-recovery.ts). */
+  recordsRestored: RestoredRecord[];
   /** What still cannot be restored, per backup, disk and offset: nothing when `ok`. */
   damaged: DamagedReference[];
   ok: boolean;
 }
 
 const DAMAGE_LIMIT = 1000;
+/**
+ * A damaged pack is read whole to be walked past its damage; no pack this engine writes is larger (it is
+ * sealed once it reaches PACK_TARGET_SIZE, after at most one more frame). A larger file is walked only as
+ * far as its frame chain parses, never read whole.
+ */
+const MAX_WALKED_PACK = PACK_HEADER_SIZE + PACK_TARGET_SIZE + MAX_FRAME_LENGTH;
 
 export async function repair(options: RepairOptions): Promise<RepairReport> {
+  const configRebuilt = await rebuildLostConfig(options.repo, options.passphrase);
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'repair', index: 'skip', passphrase: options.passphrase });
   const report: RepairReport = {
     previousIndex: 'missing',
@@ -71,6 +85,8 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
     bytesChecked: 0,
     quarantined: [],
     tempFilesRemoved: 0,
+    configRebuilt,
+    recordsRestored: [],
     damaged: [],
     ok: true,
   };
@@ -79,6 +95,8 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
   let pool: BlockPool | undefined;
   try {
     report.tempFilesRemoved = await repo.removeTempFiles();
+    // Damaged records whose catalogue copy in the (old) index is good get their bytes back first.
+    report.recordsRestored = await restoreFromOldCatalogue(repo, join(repo.root, LAYOUT.index));
     const already = await listQuarantine(repo.root);
     const built = await IndexStore.open(building, { create: true });
     const good = new IdPrefixSet();
@@ -151,7 +169,7 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
       report.ok = false;
     };
     const { backups, damaged: badRecords } = await repo.listBackups();
-    for (const { id, error } of badRecords) damaged({ code: 'RECORD_DAMAGED', message: error.message, backup: id });
+    for (const { id, error } of badRecords) damaged({ code: 'RECORD_DAMAGED', message: `${error.message}; no good copy of it is left: \`engine forget ${id}\` removes the backup`, backup: id });
     await walkReferences(repo, backups, {
       page: () => undefined,
       chunk: ({ backup, disk, offset, id, location }) => {
@@ -183,14 +201,24 @@ type PackCheck = { unreadable: string } | { size: number; good: ScannedFrame[]; 
  */
 async function checkPack(repo: Repository, pool: BlockPool, packId: string): Promise<PackCheck> {
   const path = packPath(repo.root, packId);
+  let scan: PackScan | undefined;
+  let bad: { offset: number; why: string }[] | undefined;
   try {
-    const scan = await scanPack(repo.root, packId, repo.encrypted);
-    if (!scan.damage) {
-      const checked = await pool.verifyPack({ packPath: path, frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) }).catch(() => undefined);
-      if (checked && checked.bad.length === 0) return { size: scan.size, good: scan.frames, damage: [] };
-    }
+    scan = await scanPack(repo.root, packId, repo.encrypted);
+    if (!scan.damage || scan.size > MAX_WALKED_PACK) bad = (await pool.verifyPack({ packPath: path, frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) }).catch(() => undefined))?.bad;
+    if (!scan.damage && bad && bad.length === 0) return { size: scan.size, good: scan.frames, damage: [] };
   } catch {
     // Unreadable through a scan: the whole-file read below says why, or walks what it can.
+  }
+  if (scan && bad && scan.size > MAX_WALKED_PACK) {
+    // Larger than any pack this engine writes: never read whole. What the scan reached is all there is.
+    const failed = new Map(bad.map((b) => [b.offset, b.why]));
+    const damage: PackDamage[] = scan.frames.filter((f) => failed.has(f.offset)).map((f) => ({ offset: f.offset, why: failed.get(f.offset)!, frame: { header: f.header, length: f.length } }));
+    if (scan.damage) damage.push({ offset: scan.damage.offset, why: `${scan.damage.why} (the file is larger than any pack, ${scan.size} bytes: not searched past the damage)` });
+    return { size: scan.size, good: scan.frames.filter((f) => !failed.has(f.offset)), damage };
+  }
+  if (scan && scan.size > MAX_WALKED_PACK) {
+    return { unreadable: `a file of ${scan.size} bytes, larger than any pack, whose frames cannot be checked` };
   }
   let bytes: Buffer;
   try {
@@ -235,6 +263,59 @@ class GoodPlaces {
       else high = mid - 1;
     }
     return false;
+  }
+}
+
+export interface RebuiltConfig {
+  /** Why the old config could not be used: missing, or what is wrong with it. */
+  why: string;
+  id: string;
+  blockSize: number;
+  version: number;
+  encrypted: boolean;
+  /** Where each value came from (SPEC.md, section 3.2). */
+  sources: RecoveredConfig['sources'];
+  /** The damaged config, kept beside the new one, or null when there was none. */
+  keptAs: string | null;
+}
+
+/**
+ * A config that is missing or damaged in what is otherwise a repository (packs/ and backups/) is rebuilt
+ * first, under the lock; anything else (a newer format, a directory that is no repository) stays the error it is.
+ */
+async function rebuildLostConfig(root: string, passphrase: string | undefined): Promise<RebuiltConfig | null> {
+  let why: string | undefined;
+  try {
+    await Repository.readConfig(root);
+    return null;
+  } catch (error) {
+    why = configDamage(error);
+    if (why === undefined || !(await hasRepositoryLayout(root))) throw error;
+  }
+  await mkdir(join(root, LAYOUT.tmp), { recursive: true });
+  const lock = await acquireLock(root, 'repair');
+  try {
+    const rebuilt = await rebuildConfig(root, why, passphrase);
+    const c = rebuilt.config;
+    return { why, id: c.id, blockSize: c.blockSize, version: c.version, encrypted: c.encryption !== undefined, sources: rebuilt.sources, keptAs: rebuilt.keptAs };
+  } finally {
+    await lock.release();
+  }
+}
+
+/** Restores damaged records from the old index's catalogue, when that index can be opened at all. */
+async function restoreFromOldCatalogue(repo: Repository, path: string): Promise<RestoredRecord[]> {
+  let index: IndexStore;
+  try {
+    index = await IndexStore.open(path, { create: false });
+  } catch (error) {
+    if (error instanceof NoSpaceError) throw error;
+    return [];
+  }
+  try {
+    return await restoreRecordsFromCatalogue(repo, index);
+  } finally {
+    await index.close().catch(() => undefined);
   }
 }
 

@@ -9,15 +9,17 @@
  */
 import { open } from 'node:fs/promises';
 import { Repository } from '../repo-format/repository.js';
-import { packPath, scanPack } from '../repo-format/pack-file.js';
+import { packPath, scanPack, type PackScan } from '../repo-format/pack-file.js';
 import { decodeFrameHeader, frameLength } from '../repo-format/frame.js';
 import { openBlob } from '../repo-format/blob-codec.js';
 import { createHash, randomBytes } from 'node:crypto';
-import { FRAME_HEADER_SIZE } from '../repo-format/constants.js';
+import { FRAME_HEADER_SIZE, FRAME_OVERHEAD, MAX_FRAME_LENGTH } from '../repo-format/constants.js';
 import { listQuarantine, quarantineKey, type QuarantinedFrame } from '../repo-format/quarantine.js';
 import { walkReferences } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { IdPrefixSet } from './id-set.js';
+import { foreignPackWarning, strayWarnings } from './verify-layout.js';
+import { damagedRecordProblem, recordConsistencyProblems } from './verify-records.js';
 
 export interface VerifyProblem {
   code: string;
@@ -43,6 +45,15 @@ export interface VerifyReport {
   /** Frames repair found damaged and set aside: known damage, not problems in themselves. */
   quarantined: QuarantinedFrame[];
   garbage: { tempFiles: string[]; unindexedPacks: string[]; unindexedBytes: number; unreferencedBlobs: number; unreferencedBytes: number };
+  /** What is not a problem for any backup but deserves a look: files that are not the repository's (SPEC 14.2). */
+  warnings: VerifyWarning[];
+}
+
+export interface VerifyWarning {
+  code: string;
+  message: string;
+  /** The file concerned, relative to the repository root. */
+  path?: string;
 }
 
 export interface VerifyOptions {
@@ -61,7 +72,7 @@ export interface VerifyOptions {
 const PROBLEM_LIMIT = 1000;
 
 export async function verify(options: VerifyOptions): Promise<VerifyReport> {
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify', passphrase: options.passphrase });
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify', passphrase: options.passphrase, readWithoutLock: true });
   const report: VerifyReport = {
     ok: true,
     readData: options.readData === true,
@@ -73,6 +84,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     subset: null,
     quarantined: [],
     garbage: { tempFiles: [], unindexedPacks: [], unindexedBytes: 0, unreferencedBlobs: 0, unreferencedBytes: 0 },
+    warnings: [],
   };
   const problem = (p: VerifyProblem): void => {
     if (report.problems.length < PROBLEM_LIMIT) report.problems.push(p);
@@ -80,6 +92,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
   let pool: BlockPool | undefined;
   try {
     report.garbage.tempFiles = await repo.listTempFiles();
+    report.warnings.push(...(await strayWarnings(repo.root)));
     if (report.readData) pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, slotCount: 1, keys: repo.keys });
 
     const quarantine = await listQuarantine(repo.root);
@@ -96,6 +109,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     }
     const packSizes = new Map<string, number>();
     const damagedPacks = new Set<string>();
+    const badHeaders = new Map<string, PackScan>();
     const packChecks = new Set<Promise<void>>();
     let confirmedEntries = 0;
     for (const [n, packId] of packIds.entries()) {
@@ -103,10 +117,6 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       const scan = await scanPack(repo.root, packId, repo.encrypted);
       packSizes.set(packId, scan.size);
       report.packs += 1;
-      if (scan.damage) {
-        damagedPacks.add(packId);
-        if (!quarantine.has(quarantineKey(packId, scan.damage.offset))) problem({ code: 'PACK_DAMAGED', message: `pack ${packId} is damaged at offset ${scan.damage.offset}: ${scan.damage.why}`, pack: packId, packOffset: scan.damage.offset });
-      }
       const locations = await repo.lookup(scan.frames.map((f) => f.header.id));
       let named = 0;
       scan.frames.forEach((frame, i) => {
@@ -133,6 +143,12 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
         problem(found);
       });
       confirmedEntries += named;
+      if (scan.damage) {
+        damagedPacks.add(packId);
+        // A bad header: a damaged pack if the index names it, else a file that is not a pack (decided below).
+        if (scan.damage.offset === 0) badHeaders.set(packId, scan);
+        else if (!quarantine.has(quarantineKey(packId, scan.damage.offset))) problem({ code: 'PACK_DAMAGED', message: `pack ${packId} is damaged at offset ${scan.damage.offset}: ${scan.damage.why}`, pack: packId, packOffset: scan.damage.offset });
+      }
       // A pack sealed by a writer that died before its index batch: nothing can reach its blobs.
       if (named === 0 && !scan.damage) {
         report.garbage.unindexedPacks.push(packId);
@@ -172,8 +188,17 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
 
     // 2. Index: every entry must point at its frame. Counted cheaply above; located only if the count is off.
     let indexEntries = 0;
-    for await (const _ of repo.index.blobs()) indexEntries += 1;
+    const namedBadHeaders = new Set<string>();
+    for await (const entry of repo.index.blobs()) {
+      indexEntries += 1;
+      if (badHeaders.has(entry.packId)) namedBadHeaders.add(entry.packId);
+    }
     report.blobs = indexEntries;
+    for (const [packId, scan] of badHeaders) {
+      const notAPack = namedBadHeaders.has(packId) ? undefined : foreignPackWarning(packId, scan);
+      if (notAPack) report.warnings.push(notAPack);
+      else if (!quarantine.has(quarantineKey(packId, 0))) problem({ code: 'PACK_DAMAGED', message: `pack ${packId} is damaged at offset 0: ${scan.damage!.why}`, pack: packId, packOffset: 0 });
+    }
     if (confirmedEntries !== indexEntries || damagedPacks.size > 0) {
       await checkIndexEntries(repo, packSizes, damagedPacks, (found) => {
         // Any entry that cannot deliver its blob makes the chunk damaged for every backup that uses it.
@@ -185,7 +210,8 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     // 3. Backups: records, map pages, chunk references.
     const referenced = new IdPrefixSet();
     const { backups, damaged } = await repo.listBackups();
-    for (const { id, error } of damaged) problem({ code: 'RECORD_DAMAGED', message: error.message, backup: id });
+    for (const { id, error } of damaged) problem(await damagedRecordProblem(repo, id, error));
+    for (const found of recordConsistencyProblems(backups)) problem(found);
     report.backups = backups.length;
     await walkReferences(
       repo,
@@ -243,6 +269,11 @@ async function checkIndexEntries(
     const base = { code: 'INDEX_ENTRY_BAD', pack: entry.packId, packOffset: entry.offset, blob };
     if (size === undefined) {
       problem({ ...base, message: `index entry for blob ${blob.slice(0, 16)}… points at pack ${entry.packId}, which does not exist` });
+      continue;
+    }
+    // The length sizes the read below: an index entry never names a frame larger than any frame can be.
+    if (entry.length < FRAME_OVERHEAD || entry.length > MAX_FRAME_LENGTH) {
+      problem({ ...base, message: `index entry for blob ${blob.slice(0, 16)}… gives an impossible frame length ${entry.length}` });
       continue;
     }
     if (entry.offset + entry.length > size) {

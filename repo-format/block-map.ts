@@ -133,19 +133,26 @@ async function* walk(id: Buffer, level: number, firstBlock: number, totalBlocks:
   }
 }
 
-/** Every page id a map references (for verify and, later, garbage collection). */
+/**
+ * Every distinct page id a map references (for verify and garbage collection), each once: a page that
+ * occurs at several places (maps deduplicate their pages) is not walked again, so the walk follows the
+ * pages the repository holds, not the blocks the map covers.
+ */
 export async function* mapPageIds(map: MapRoot, loadPage: LoadPage): AsyncGenerator<{ id: Buffer; kind: number }> {
   if (map.blocks === 0) return;
-  yield* walkPages(map.root, map.depth, loadPage);
+  yield* walkPages(map.root, map.depth, loadPage, new Set<string>());
 }
 
-async function* walkPages(id: Buffer, level: number, loadPage: LoadPage): AsyncGenerator<{ id: Buffer; kind: number }> {
+async function* walkPages(id: Buffer, level: number, loadPage: LoadPage, seen: Set<string>): AsyncGenerator<{ id: Buffer; kind: number }> {
   if (id.equals(ZERO_ID)) return;
+  const key = `${level}:${id.toString('hex')}`;
+  if (seen.has(key)) return;
+  seen.add(key);
   const kind = level === 0 ? KIND_MAP_LEAF : KIND_MAP_NODE;
   yield { id, kind };
   if (level === 0) return;
   const page = await loadPage(id, kind);
   for (let at = 0; at < page.length; at += ID_SIZE) {
-    yield* walkPages(Buffer.from(page.subarray(at, at + ID_SIZE)), level - 1, loadPage);
+    yield* walkPages(Buffer.from(page.subarray(at, at + ID_SIZE)), level - 1, loadPage, seen);
   }
 }

@@ -8,6 +8,7 @@
 import { request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { readFile } from 'node:fs/promises';
+import { BodyTooLargeError, collectBody, HTTP_BODY_LIMIT } from '../http-body.js';
 import { randomBytes } from 'node:crypto';
 import { OvirtAuthError, OvirtFaultError, TimeoutError } from '../errors.js';
 import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
@@ -95,18 +96,16 @@ export class OvirtClient {
     const timeout = this.options.requestTimeoutMs ?? 120_000;
     return new Promise((resolve, reject) => {
       const req = requester(url, { method, headers: { ...headers, ...(body !== undefined ? { 'Content-Length': String(Buffer.byteLength(body)) } : {}) }, ca: this.ca, timeout }, (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (chunk: Buffer) => chunks.push(chunk));
-        res.on('end', () => {
-          const status = res.statusCode ?? 0;
-          // A redirect is never followed: it could lead anywhere, http included, with the password or token.
-          if (status >= 300 && status < 400) {
-            reject(new EngineError('ENGINE_OVIRT_CONNECT', `oVirt ${this.base.origin}: ${method} ${url.pathname} answered HTTP ${status}, a redirect to ${String(res.headers.location ?? 'nowhere')}, which is not followed: give the engine's own https:// address as --ovirt`, { url: this.base.origin, status }));
-            return;
-          }
-          resolve({ status, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') });
-        });
-        res.on('error', reject);
+        const status = res.statusCode ?? 0;
+        // A redirect is never followed: it could lead anywhere, http included, with the password or token.
+        if (status >= 300 && status < 400) {
+          res.resume();
+          reject(new EngineError('ENGINE_OVIRT_CONNECT', `oVirt ${this.base.origin}: ${method} ${url.pathname} answered HTTP ${status}, a redirect to ${String(res.headers.location ?? 'nowhere')}, which is not followed: give the engine's own https:// address as --ovirt`, { url: this.base.origin, status }));
+          return;
+        }
+        collectBody(res, HTTP_BODY_LIMIT, (bytes) => resolve({ status, headers: res.headers, body: bytes.toString('utf8') }), (error) =>
+          reject(error instanceof BodyTooLargeError ? new EngineError('ENGINE_OVIRT_FAULT', `oVirt ${method} ${url.pathname}: ${error.message}`, { status }) : error),
+        );
       });
       req.on('timeout', () => req.destroy(new TimeoutError(`oVirt ${method} ${url.pathname}`, timeout)));
       req.on('error', (error: NodeJS.ErrnoException) => {

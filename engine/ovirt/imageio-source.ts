@@ -10,6 +10,7 @@ import { EngineError } from '../../repo-format/errors.js';
 import { SourceChangedError, SourceUnreadableError } from '../errors.js';
 import type { BlockSource, Extent, SourceDescription } from '../sources/source.js';
 import { describeTlsError } from '../tls-errors.js';
+import { collectBody, HTTP_BODY_LIMIT } from '../http-body.js';
 
 const REQUEST_SIZE = 4 * 1024 * 1024;
 
@@ -52,10 +53,10 @@ export class ImageioSource implements BlockSource {
    * One request. Every request here is idempotent (OPTIONS, GET), so a connection the server closed while
    * it sat idle in the keep-alive pool ("socket hang up", ECONNRESET) is retried on a fresh one.
    */
-  private async send(method: string, path: string, headers: Record<string, string>): Promise<{ status: number; body: Buffer }> {
+  private async send(method: string, path: string, headers: Record<string, string>, limit?: number): Promise<{ status: number; body: Buffer }> {
     for (let attempt = 1; ; attempt += 1) {
       try {
-        return await this.sendOnce(method, path, headers);
+        return await this.sendOnce(method, path, headers, limit);
       } catch (error) {
         const code = (error as NodeJS.ErrnoException).code;
         const stale = code === 'ECONNRESET' || code === 'EPIPE' || (error as Error).message === 'socket hang up';
@@ -64,14 +65,12 @@ export class ImageioSource implements BlockSource {
     }
   }
 
-  private sendOnce(method: string, path: string, headers: Record<string, string>): Promise<{ status: number; body: Buffer }> {
+  /** `limit`: the most bytes the answer may hold (a range read: the range; an extent list: HTTP_BODY_LIMIT). */
+  private sendOnce(method: string, path: string, headers: Record<string, string>, limit = HTTP_BODY_LIMIT): Promise<{ status: number; body: Buffer }> {
     const requester = this.url.protocol === 'https:' ? httpsRequest : httpRequest;
     return new Promise((resolve, reject) => {
       const req = requester({ protocol: this.url.protocol, host: this.url.hostname, port: this.url.port, path, method, headers, agent: this.agent, ca: this.ca, timeout: 120_000 }, (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks) }));
-        res.on('error', reject);
+        collectBody(res, limit, (body) => resolve({ status: res.statusCode ?? 0, body }), reject);
       });
       req.on('timeout', () => req.destroy(new Error(`imageio ${method} ${path} timed out`)));
       req.on('error', reject);
@@ -86,7 +85,8 @@ export class ImageioSource implements BlockSource {
       reads.push(
         (async () => {
           const start = offset + at;
-          const answer = await this.send('GET', this.url.pathname, { Range: `bytes=${start}-${start + length - 1}` });
+          // An answer longer than the range (plus room for an error page) is not one to buffer.
+          const answer = await this.send('GET', this.url.pathname, { Range: `bytes=${start}-${start + length - 1}` }, length + 64 * 1024);
           if (answer.status === 416) throw new SourceChangedError(this.url.href, `range ${start}+${length} lies past the end of the image`);
           if (answer.status !== 206 && answer.status !== 200) {
             throw new EngineError('ENGINE_SOURCE_UNREADABLE', `imageio GET ${this.url.pathname} bytes ${start}-${start + length - 1}: HTTP ${answer.status} ${answer.body.toString('utf8').slice(0, 200)}`, { status: answer.status });

@@ -19,6 +19,7 @@ import { FileTarget, type RestoreTarget } from './file-target.js';
 import { NbdTarget } from './nbd-target.js';
 import { Qcow2Target } from './qcow2-target.js';
 import { planRollback } from './rollback-plan.js';
+import type { BlockSet } from '../block-set.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { STATE_DIRTY } from '../nbd/protocol.js';
 import type { BlobLocation } from '../../repo-format/index-entry.js';
@@ -111,7 +112,8 @@ function checkRollbackOptions(options: RestoreOptions): void {
 
 export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   checkRollbackOptions(options);
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'restore', passphrase: options.passphrase });
+  // A read-only (or full, reserve-less) repository is restored from without the lock (SPEC.md, 12.6).
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'restore', passphrase: options.passphrase, readWithoutLock: true });
   let pool: BlockPool | undefined;
   try {
     const record = await repo.findBackup(options.backupId);
@@ -137,7 +139,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
             ? await NbdTarget.open(options.to, disk.size, { metaContexts: bitmapContext ? [bitmapContext] : [] })
             : await FileTarget.open(path, disk.size, { assumeZeroed: options.targetIsZeroed });
       try {
-        let only: Uint8Array | undefined;
+        let only: BlockSet | undefined;
         let rollback: RestoredDisk['rollback'];
         if (options.onlyChanged && !target.read) throw new InvalidArgumentError(`--only-changed: target ${target.path} cannot be read back`);
         if (bitmapContext && target instanceof NbdTarget) {
@@ -167,8 +169,8 @@ export interface RestoreDiskOptions {
   onProgress?: ((progress: RestoreProgress) => void) | undefined;
   /** Read every block back from the target (workers hash it) and write only those that differ. */
   compare?: boolean | undefined;
-  /** Write only the blocks marked 1; the others are left as they are. */
-  only?: Uint8Array | undefined;
+  /** Write only these blocks; the others are left as they are. */
+  only?: BlockSet | undefined;
 }
 
 /**
@@ -251,13 +253,19 @@ export async function restoreDisk(repo: Repository, pool: BlockPool, record: Bac
   /** Zero blocks of the restore point, as runs, honouring `only`. */
   const restoreZeros = async (first: number, count: number): Promise<void> => {
     result.blocksZero += count;
+    if (only === undefined) {
+      // One run, whatever its length: a zero subtree of a 1 PiB map is one step, not 2^30.
+      if (!target.zeroed) await zeroBlocks(first, count);
+      bytesDone += Math.min(count * blockSize, disk.size - first * blockSize);
+      return;
+    }
     let runStart = -1;
     const flushRun = async (end: number): Promise<void> => {
       if (runStart >= 0 && !target.zeroed) await zeroBlocks(runStart, end - runStart);
       runStart = -1;
     };
     for (let block = first; block < first + count; block += 1) {
-      const wanted = only === undefined || only[block] === 1;
+      const wanted = only === undefined || only.has(block);
       if (wanted && runStart < 0) runStart = block;
       if (!wanted) await flushRun(block);
       bytesDone += lengthOf(block);
@@ -305,7 +313,7 @@ export async function restoreDisk(repo: Repository, pool: BlockPool, record: Bac
           await queue(block, zero ? null : Buffer.from(entry));
         } else if (zero) {
           await restoreZeros(block, 1);
-        } else if (only !== undefined && only[block] !== 1) {
+        } else if (only !== undefined && !only.has(block)) {
           bytesDone += lengthOf(block);
         } else {
           await queue(block, Buffer.from(entry));

@@ -41,8 +41,10 @@ export class Overlay {
     const work = await mkdtemp(join(dir, 'engine-overlay-'));
     try {
       const path = join(work, 'overlay');
+      // Not truncated to the disk's size: the file grows with what the guest writes, so a 64 TiB thin
+      // disk is served writable from a filesystem whose files stop at 16 TiB (ext4) as long as the guest
+      // writes below that.
       const handle = await open(path, 'w+', 0o600);
-      await handle.truncate(size);
       return new Overlay(handle, size, blockSize);
     } finally {
       // Unlinked while open: the data lives as long as the descriptor, and no crash leaves it behind.
