@@ -13,12 +13,12 @@ import { BlockPool } from './pipeline/block-pool.js';
 import { backupDisk, type DiskProgress } from './pipeline/backup-disk.js';
 import { openSource } from './sources/open-source.js';
 import { openImageDisk } from './cbt/image-disk.js';
-import type { CbtDiskJob, CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
+import type { CbtDiskJob, CbtProvision, CbtSession, ChainArgs, DeferredCbtDiskJob, RequestedMode } from './cbt/chain.js';
 import { openLibvirtBackup } from './cbt/libvirt-domain.js';
 import { InterruptedError } from './errors.js';
 import { ENGINE_VERSION } from './version.js';
 
-export type { CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
+export type { CbtProvision, CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
 
 export interface BackupOptions {
   repo: string;
@@ -33,9 +33,9 @@ export interface BackupOptions {
   /**
    * Disks prepared by a flow of its own (e.g. oVirt's backup API), given what it needs to decide each
    * disk's chain. Its session is released after its last disk, finished after the commit, rolled back on
-   * failure.
+   * failure. A deferred disk is prepared (its source opened, its chain settled) right before it is read.
    */
-  provider?: ((args: ChainArgs) => Promise<CbtSession & { disks: CbtDiskJob[] }>) | undefined;
+  provider?: ((args: ChainArgs) => Promise<CbtProvision>) | undefined;
   /** Disk names, one per source then one per image; default: each file name (or NBD export name). */
   diskNames?: string[] | undefined;
   name?: string | undefined;
@@ -74,6 +74,12 @@ function checkNames(names: string[]): void {
 
 /** One disk to back up: a CBT job, or a plain source read whole (no CBT state), with its session if any. */
 type DiskJob = Omit<CbtDiskJob, 'cbt'> & { cbt: DiskCbt | null; session?: CbtSession };
+/** A disk of a provider that opens it only when its turn comes. */
+type PendingDiskJob = DeferredCbtDiskJob & { session: CbtSession };
+
+function isPending(job: DiskJob | PendingDiskJob): job is PendingDiskJob {
+  return 'prepare' in job;
+}
 
 function backupType(disks: DiskRecord[]): BackupType {
   if (disks.some((d) => d.mode === 'differential')) return 'differential';
@@ -98,7 +104,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   const requested = options.mode ?? 'auto';
   const startTime = new Date();
   const id = randomBytes(16).toString('hex');
-  const jobs: DiskJob[] = [];
+  const jobs: (DiskJob | PendingDiskJob)[] = [];
   let repo: Repository | undefined;
   let pool: BlockPool | undefined;
   let committed = false;
@@ -135,14 +141,25 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       const session = await provider(chainArgs);
       for (const disk of session.disks) jobs.push({ ...disk, session });
     }
-    for (const job of jobs) if (job.cbt && job.modeReason && requested !== 'full') notice(`disk ${job.name}: full read: ${job.modeReason}`);
+    const noticeFullRead = (job: DiskJob): void => {
+      if (job.cbt && job.modeReason && requested !== 'full') notice(`disk ${job.name}: full read: ${job.modeReason}`);
+    };
+    for (const job of jobs) if (!isPending(job)) noticeFullRead(job);
 
     pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, keys: repo.keys });
     const dataWriter = repo.createBlobWriter();
     const metaWriter = repo.createBlobWriter();
     const disks: DiskRecord[] = [];
     try {
-      for (const [i, job] of jobs.entries()) {
+      for (const [i, entry] of jobs.entries()) {
+        let job: DiskJob;
+        if (isPending(entry)) {
+          job = { ...(await entry.prepare()), session: entry.session };
+          jobs[i] = job;
+          noticeFullRead(job);
+        } else {
+          job = entry;
+        }
         const disk = await backupDisk(
           job.source,
           job.name,
@@ -190,7 +207,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     }
     return { record };
   } finally {
-    for (const job of jobs) await job.source.dispose();
+    for (const job of jobs) if (!isPending(job)) await job.source.dispose();
     for (const session of new Set(jobs.map((j) => j.session))) {
       await session?.release().catch(() => undefined);
       if (!committed) await session?.rollback();
