@@ -861,7 +861,14 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
         return;
       }
       if (direction === 'upload') {
-        transfer.upload = await startExport(`up-${transfer.id.slice(0, 8)}`, imageSpec(disk), imageFormatArgs(disk), []);
+        try {
+          transfer.upload = await startExport(`up-${transfer.id.slice(0, 8)}`, imageSpec(disk), imageFormatArgs(disk), []);
+        } catch (error) {
+          // The host could not serve the image: TRANSFER_IMAGE_STOPPED_BY_SYSTEM_FAILED_TO_CREATE_TICKET, paused.
+          event(1034, `Transfer of disk ${diskId} stopped by the system: ${(error as Error).message}`);
+          transfer.phase = 'paused_system';
+          return;
+        }
         exportSocket = transfer.upload.socket;
       }
       const backup = backups.get(transfer.backupId);
@@ -922,7 +929,9 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     if (disks.has(diskId)) return send(req, res, 409, faultXml('Operation Failed', `[Cannot add Virtual Disk. Disk ${diskId} already exists.]`));
     const image = join(imagesDir, `${diskId}.${format === 'cow' ? 'qcow2' : 'raw'}`);
     // A sparse qcow2 volume on block storage starts as initial_size × 1.1, or one extension chunk.
-    const lvSize = !block ? undefined : format === 'cow' && sparse ? (initialSize !== undefined ? Math.ceil(initialSize * 1.1) : Math.min(blockChunk, size)) : size;
+    // (Logical volumes come in whole extents; here whole MiB.)
+    const lvBytes = !block ? undefined : format === 'cow' && sparse ? (initialSize !== undefined ? Math.ceil(initialSize * 1.1) : Math.min(blockChunk, size)) : size;
+    const lvSize = lvBytes === undefined ? undefined : Math.ceil(lvBytes / MiB) * MiB;
     const disk: SimDisk = { id: diskId, imageId: value(body, 'image_id') ?? randomUUID(), alias: name ?? `disk-${diskId.slice(0, 8)}`, size, format, image, status: 'locked', storageDomain: domain.id, lvSize, backupMode: undefined };
     disks.set(diskId, disk);
     later(lockMs, async () => {
