@@ -7,7 +7,7 @@
  * the proxy_url fallback, uploads to block storage (initial_size), and engines before 4.4.7.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { filesIdentical, parseJson, runEngine, sh, tempDir } from './helpers.js';
 import { qemuIo } from './qemu.js';
@@ -186,6 +186,36 @@ describe('oVirt engine behaviours, from its sources', () => {
     expect([...sim.backups.values()].at(-1)!.phase).toMatch(/^(succeeded|failed)$/);
   });
 
+  test('kill -9 in the middle of a disk: cleanup cancels its transfer, waits until it has ended, finalizes the backup, deletes the orphan checkpoint', async () => {
+    const { sim } = ctx;
+    const vm = await sim.addVm('crash', [
+      { alias: 'crash_a', size: '64M' },
+      { alias: 'crash_b', size: '16M' },
+    ]);
+    // 40 MiB that do not compress: a pack (32 MiB) is written while the first disk is read.
+    const random = join(ctx.dir, 'random.raw');
+    await sh('bash', ['-c', `head -c 40M /dev/urandom > ${random} && truncate -s 64M ${random}`]);
+    await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', random, diskImage(sim, vm, 0)]);
+    const crashed = await runEngine(['backup', '--repo', ctx.repo, '--ovirt', sim.url, '--vm', 'crash'], { env: { ...env, ENGINE_CRASH_AT: 'pack-written' } });
+    expect(crashed.code).toBe(137);
+    const journals = await readdir(join(ctx.repo, 'journal'));
+    expect(journals).toHaveLength(1);
+    const journal = JSON.parse(await readFile(join(ctx.repo, 'journal', journals[0]!), 'utf8')) as { entries: { kind: string }[] };
+    expect(journal.entries.map((e) => e.kind).sort()).toEqual(['backup', 'checkpoint', 'transfer']);
+    expect(vm.checkpoints).toHaveLength(1);
+    const before = sim.requests.length;
+    const cleaned = await runEngine(['ovirt', 'cleanup', '--repo', ctx.repo, '--ovirt', sim.url, '--json'], { env });
+    expect(cleaned.code).toBe(0);
+    expect(parseJson<{ removed: number }>(cleaned.stdout).removed).toBe(3);
+    const after = sim.requests.slice(before);
+    // The transfer had ended (finished_*) before the backup was finalized: oVirt never had to refuse it.
+    expect(after.filter((r) => r.status === 409)).toEqual([]);
+    expect([...sim.transfers.values()].filter((t) => t.diskId === vm.disks[0]).map((t) => t.phase)).toEqual(['finished_failure']);
+    expect([...sim.backups.values()].at(-1)!.phase).toMatch(/^(succeeded|failed)$/);
+    expect(vm.checkpoints).toEqual([]);
+    expect(await readdir(join(ctx.repo, 'journal'))).toEqual([]);
+  });
+
   test('below cluster level 4.5 oVirt cannot mix full and incremental disks: every disk is read in full, said', async () => {
     const { sim } = ctx;
     sim.addCluster('Old', [4, 4]);
@@ -274,6 +304,23 @@ describe('oVirt engine behaviours, from its sources', () => {
     expect(answer.status).toBe(409);
     expect(await answer.text()).toContain(`VM ID already exists in the system. Please remove the VM (${vm.name}) from the system first`);
   });
+
+  test('an upload the system pauses as it starts is cancelled at once; oVirt removes its disk, nothing is left', async () => {
+    const { sim } = ctx;
+    const disksBefore = [...sim.disks.keys()].sort();
+    sim.faults.stopNextTransfer();
+    const started = Date.now();
+    const result = await restore((await lastBackupOf(ctx.repo, 'scsi')).id, ['--new-vm', 'scsi-paused', '--via', 'transfer']);
+    expect(result.code).toBe(1);
+    expect(parseJson<{ error: { message: string } }>(result.stdout).error.message).toMatch(/the transfer went to phase paused_system instead of transferring \(cancelled\)/);
+    expect(Date.now() - started).toBeLessThan(60_000);
+    await settled(sim);
+    const paused = [...sim.transfers.values()].at(-1)!;
+    expect(paused.phase).toBe('finished_failure');
+    expect(sim.requests.some((r) => r.method === 'POST' && r.path === `/ovirt-engine/api/imagetransfers/${paused.id}/cancel`)).toBe(true);
+    expect([...sim.disks.keys()].sort()).toEqual(disksBefore);
+    expect([...sim.vms.values()].some((v) => v.name === 'scsi-paused')).toBe(false);
+  }, 90_000);
 
   test('the appliance must be running: a Down appliance is a clear error at once, not a wait for a device', async () => {
     const { sim } = ctx;

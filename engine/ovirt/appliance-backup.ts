@@ -13,7 +13,7 @@ import { Journal, type JournalEntry } from '../../repo-format/journal.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { backup, openBackupRepository, type BackupResult } from '../backup.js';
 import { OvirtFaultError } from '../errors.js';
-import { undo, withOvirt } from './cleanup.js';
+import { undoCreated, withOvirt } from './cleanup.js';
 import { findDevice, isNotFound, requireRunning, vmIdByName, waitOf, type OvirtBackupRunOptions, type OvirtDisk } from './common.js';
 import { SnapshotStatus } from './vocabulary.js';
 import { attribute, child, children, text } from './xml.js';
@@ -102,16 +102,8 @@ export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions)
       });
       return result;
     } finally {
-      // Detach, then remove the snapshot, whatever happened; each undone resource leaves the journal.
-      for (const entry of [...created].reverse()) {
-        try {
-          await undo(client, entry, wait, notice);
-          await journal.remove((e) => e === entry);
-        } catch (error) {
-          notice(`could not remove ${entry.kind} (${(error as Error).message}); \`engine ovirt cleanup\` or the next run will`);
-        }
-      }
-      if (journal.entries.length === 0) await journal.remove(() => true);
+      // Detach, then remove the snapshot, whatever happened.
+      await undoCreated(client, journal, created, wait, notice);
     }
   });
 }

@@ -130,6 +130,22 @@ export async function undo(client: OvirtClient, entry: JournalEntry, wait: Wait,
   }
 }
 
+/**
+ * Undoes what a run created, newest first. Each undone resource leaves the journal; one that cannot be undone
+ * stays in it, said, for `engine ovirt cleanup` or the next run.
+ */
+export async function undoCreated(client: OvirtClient, journal: Journal, created: readonly JournalEntry[], wait: Wait, notice: (m: string) => void): Promise<void> {
+  for (const entry of [...created].reverse()) {
+    try {
+      await undo(client, entry, wait, notice);
+      await journal.remove((e) => e === entry);
+    } catch (error) {
+      notice(`could not remove ${entry.kind} (${(error as Error).message}); \`engine ovirt cleanup\` or the next run will`);
+    }
+  }
+  if (journal.entries.length === 0) await journal.remove(() => true);
+}
+
 /** Undoes every entry of every journal in the repository: attachments first, then snapshots. */
 export async function cleanupJournals(repo: string, client: OvirtClient, wait: Wait, notice: (m: string) => void): Promise<number> {
   let removed = 0;

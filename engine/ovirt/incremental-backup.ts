@@ -158,16 +158,11 @@ async function openOvirtBackup(run: {
   }
 
   const journal = await Journal.create(run.repo, { flow: 'ovirt-backup-api', vm: vmId });
-  const entries: JournalEntry[] = [];
   const track = async (entry: JournalEntry): Promise<JournalEntry> => {
     await journal.add(entry);
-    entries.push(entry);
     return entry;
   };
-  const forget = async (entry: JournalEntry): Promise<void> => {
-    await journal.remove((e) => e === entry);
-    entries.splice(entries.indexOf(entry), 1);
-  };
+  const forget = (entry: JournalEntry): Promise<void> => journal.remove((e) => e === entry);
 
   let backupEntry: JournalEntry | undefined;
   /** Starts a backup and waits for `ready` (or failed, or gone); reads to_checkpoint_id once ready. */

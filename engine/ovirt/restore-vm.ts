@@ -24,7 +24,7 @@ import { attribute, child, children, text } from './xml.js';
 import { ImageioTarget } from './imageio-target.js';
 import { cancelTransfer, finalizeTransfer, startTransfer } from './transfers.js';
 import { OvirtFaultError } from '../errors.js';
-import { undo, withOvirt } from './cleanup.js';
+import { undo, undoCreated, withOvirt } from './cleanup.js';
 import { clusterByName, clusterOfVm, findDevice, isNotFound, requireRunning, vmIdByName, type OvirtCluster, type OvirtDisk, type Wait } from './common.js';
 import { ovfDiskPlacements } from './ovf.js';
 import { ConfigurationType, DiskFormat, DiskInterface, DiskStatus, StorageDomainStatus, StorageDomainType, StorageType } from './vocabulary.js';
@@ -253,15 +253,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
         await journal.remove(() => true);
       } else {
         // Undo in reverse: the new VM, then attachments, then disks.
-        for (const entry of [...created].reverse()) {
-          try {
-            await undo(client, entry, wait, notice);
-            await journal.remove((e) => e === entry);
-          } catch (error) {
-            notice(`could not remove ${entry.kind} (${(error as Error).message}); \`engine ovirt cleanup\` or the next run will`);
-          }
-        }
-        if (journal.entries.length === 0) await journal.remove(() => true);
+        await undoCreated(client, journal, created, wait, notice);
       }
     }
   });

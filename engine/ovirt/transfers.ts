@@ -13,7 +13,7 @@ import { OvirtFaultError } from '../errors.js';
 import type { OvirtClient } from './client.js';
 import { isNotFound, type Wait } from './common.js';
 import type { ImageioUrls } from './imageio-connection.js';
-import { DiskFormat, DiskStatus, ImageTransferPhase, ImageTransferTimeoutPolicy } from './vocabulary.js';
+import { DiskFormat, DiskStatus, ImageTransferDirection, ImageTransferPhase, ImageTransferTimeoutPolicy, type ImageTransferDirectionValue } from './vocabulary.js';
 import { attribute, child, text } from './xml.js';
 
 /**
@@ -51,7 +51,7 @@ async function requestCancel(client: OvirtClient, id: string): Promise<void> {
  */
 export async function startTransfer(
   client: OvirtClient,
-  body: { disk: string; backup?: string; direction: 'download' | 'upload' },
+  body: { disk: string; backup?: string; direction: ImageTransferDirectionValue },
   onCreated: (id: string) => Promise<void>,
   wait: Wait,
 ): Promise<{ id: string } & ImageioUrls> {
@@ -90,7 +90,7 @@ export async function startTransfer(
  * finalize it; the disk is illegal), fails. A transfer that vanished (engines before 4.4.7) is judged by its
  * disk: `ok` is success, a missing or other disk a failure; for a download there is nothing to judge.
  */
-export async function finalizeTransfer(client: OvirtClient, transfer: { id: string; disk: string; direction: 'download' | 'upload' }, wait: Wait): Promise<void> {
+export async function finalizeTransfer(client: OvirtClient, transfer: { id: string; disk: string; direction: ImageTransferDirectionValue }, wait: Wait): Promise<void> {
   const { id } = transfer;
   await client.post(`imagetransfers/${id}/finalize`, 'action', {}).catch((error: unknown) => {
     if (!isNotFound(error)) throw error;
@@ -100,11 +100,11 @@ export async function finalizeTransfer(client: OvirtClient, transfer: { id: stri
     if (current === 'gone') return 'gone';
     const phase = text(current, 'phase');
     if (phase === ImageTransferPhase.finishedSuccess) return 'done';
-    if (phase === ImageTransferPhase.finishedFailure) throw new OvirtFaultError(`image transfer ${id}`, 200, 'the transfer ended in phase finished_failure', transfer.direction === 'upload' ? 'oVirt removes the disk of a failed upload' : '');
+    if (phase === ImageTransferPhase.finishedFailure) throw new OvirtFaultError(`image transfer ${id}`, 200, 'the transfer ended in phase finished_failure', transfer.direction === ImageTransferDirection.upload ? 'oVirt removes the disk of a failed upload' : '');
     if (phase === ImageTransferPhase.pausedSystem) throw new OvirtFaultError(`image transfer ${id}`, 200, 'oVirt could not finalize the transfer (phase paused_system)', 'the disk is left illegal');
     return undefined;
   }, wait);
-  if (outcome === 'done' || transfer.direction === 'download') return;
+  if (outcome === 'done' || transfer.direction === ImageTransferDirection.download) return;
   let status: string | undefined;
   try {
     status = text(child((await client.get(`disks/${transfer.disk}`)).xml, 'disk'), 'status');

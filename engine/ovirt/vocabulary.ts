@@ -6,8 +6,6 @@
  */
 
 export const BackupPhase = {
-  initializing: 'initializing',
-  starting: 'starting',
   ready: 'ready',
   finalizing: 'finalizing',
   succeeded: 'succeeded',
@@ -18,20 +16,19 @@ export const ImageTransferPhase = {
   initializing: 'initializing',
   transferring: 'transferring',
   pausedSystem: 'paused_system',
-  finalizingSuccess: 'finalizing_success',
   finishedSuccess: 'finished_success',
   finishedFailure: 'finished_failure',
-  finishedCleanup: 'finished_cleanup',
 } as const;
 
 export const ImageTransferDirection = { download: 'download', upload: 'upload' } as const;
+export type ImageTransferDirectionValue = (typeof ImageTransferDirection)[keyof typeof ImageTransferDirection];
 
 /** The SDK's backup example cancels an idle download (examples/backup_vm.py, `--timeout-policy` default). */
 export const ImageTransferTimeoutPolicy = { cancel: 'cancel' } as const;
 
 export const DiskFormat = { cow: 'cow', raw: 'raw' } as const;
 
-export const DiskStatus = { ok: 'ok', locked: 'locked', illegal: 'illegal' } as const;
+export const DiskStatus = { ok: 'ok', illegal: 'illegal' } as const;
 
 export const DiskBackupMode = { full: 'full', incremental: 'incremental' } as const;
 
@@ -48,7 +45,7 @@ export const SnapshotStatus = { ok: 'ok', locked: 'locked' } as const;
 
 export const CheckpointState = { created: 'created', invalid: 'invalid' } as const;
 
-export const VmStatus = { up: 'up', down: 'down' } as const;
+export const VmStatus = { up: 'up' } as const;
 
 export const StorageDomainStatus = { active: 'active' } as const;
 

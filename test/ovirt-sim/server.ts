@@ -1193,8 +1193,9 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
         if (attachedElsewhere(snapshot)) {
           return send(req, res, 409, faultXml('Operation Failed', `[Cannot remove Snapshot: The following disks snapshots are attached to other VMs. Please detach them from those VMs and try again.]`));
         }
-        if ([...backups.values()].some((b) => b.snapshotId === snapshot.id && b.phase !== 'succeeded' && b.phase !== 'failed')) {
-          return send(req, res, 409, faultXml('Operation Failed', '[Cannot remove Snapshot. The snapshot is in use by a VM backup.]'));
+        // RemoveSnapshotCommand: refused while the VM is during a backup (but for the hybrid backup's own removal).
+        if ([...backups.values()].some((b) => b.vmId === vm.id && b.phase !== 'succeeded' && b.phase !== 'failed')) {
+          return send(req, res, 409, faultXml('Operation Failed', '[Cannot remove Snapshot. The VM is during a backup operation.]'));
         }
         if (snapshot.status === 'locked') return send(req, res, 409, faultXml('Operation Failed', '[Cannot remove Snapshot. Snapshot is currently being created or removed.]'));
         removeSnapshot(vm, snapshot);
