@@ -351,7 +351,7 @@ function buildProgram(): Command {
     .option('--new-vm <name>', 'with --ovirt: create this VM from the backup\'s OVF, with new disks holding the restore point')
     .option('--to-vm <name>', 'with --ovirt and --disk: restore one disk into a new disk of this existing VM')
     .option('--cluster <name>', 'with --new-vm: the cluster (default: Default)')
-    .option('--storage-domain <name>', 'with --ovirt: where the new disks go (default: the first data domain)')
+    .option('--storage-domain <name>', 'with --ovirt: where the new disks go (default: the active data domain with the most room in the data centre of the cluster)')
     .option('--keep-disk-ids', 'with --new-vm: give the new disks their original ids (the OVF import then attaches them itself)')
     .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM')
     .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id'))

@@ -13,13 +13,13 @@ import { BlockPool } from './pipeline/block-pool.js';
 import { backupDisk, type DiskProgress } from './pipeline/backup-disk.js';
 import { openSource } from './sources/open-source.js';
 import { openImageDisk } from './cbt/image-disk.js';
-import type { CbtDiskJob, CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
+import type { CbtDiskJob, CbtProvision, CbtSession, ChainArgs, DeferredCbtDiskJob, RequestedMode } from './cbt/chain.js';
 import { openLibvirtBackup } from './cbt/libvirt-domain.js';
 import { InterruptedError, SourceUnreadableError } from './errors.js';
 import { MAX_DISK_SIZE } from '../repo-format/constants.js';
 import { ENGINE_VERSION } from './version.js';
 
-export type { CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
+export type { CbtProvision, CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
 
 export interface BackupOptions {
   repo: string;
@@ -34,9 +34,9 @@ export interface BackupOptions {
   /**
    * Disks prepared by a flow of its own (e.g. oVirt's backup API), given what it needs to decide each
    * disk's chain. Its session is released after its last disk, finished after the commit, rolled back on
-   * failure.
+   * failure. A deferred disk is prepared (its source opened, its chain settled) right before it is read.
    */
-  provider?: ((args: ChainArgs) => Promise<CbtSession & { disks: CbtDiskJob[] }>) | undefined;
+  provider?: ((args: ChainArgs) => Promise<CbtProvision>) | undefined;
   /** Disk names, one per source then one per image; default: each file name (or NBD export name). */
   diskNames?: string[] | undefined;
   name?: string | undefined;
@@ -76,6 +76,12 @@ function checkNames(names: string[]): void {
 
 /** One disk to back up: a CBT job, or a plain source read whole (no CBT state), with its session if any. */
 type DiskJob = Omit<CbtDiskJob, 'cbt'> & { cbt: DiskCbt | null; session?: CbtSession };
+/** A disk of a provider that opens it only when its turn comes. */
+type PendingDiskJob = DeferredCbtDiskJob & { session: CbtSession };
+
+function isPending(job: DiskJob | PendingDiskJob): job is PendingDiskJob {
+  return 'prepare' in job;
+}
 
 function backupType(disks: DiskRecord[]): BackupType {
   if (disks.some((d) => d.mode === 'differential')) return 'differential';
@@ -100,7 +106,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   const requested = options.mode ?? 'auto';
   const startTime = new Date();
   const id = randomBytes(16).toString('hex');
-  const jobs: DiskJob[] = [];
+  const jobs: (DiskJob | PendingDiskJob)[] = [];
   let repo: Repository | undefined;
   let pool: BlockPool | undefined;
   let committed = false;
@@ -134,17 +140,31 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       for (const disk of session.disks) jobs.push({ ...disk, session });
     }
     // A size no record may hold (SPEC 9) is refused before anything is read: readers would call the backup damaged.
-    for (const job of jobs) {
+    // A disk opened only when its turn comes (oVirt transfers) is checked then.
+    const refuseImpossibleSize = (job: DiskJob): void => {
       if (job.source.size > MAX_DISK_SIZE) throw new SourceUnreadableError(job.source.description.path, `it reports ${job.source.size} bytes, more than the ${MAX_DISK_SIZE} (1 PiB) a backed-up disk may have`);
-    }
-    for (const job of jobs) if (job.cbt && job.modeReason && requested !== 'full') notice(`disk ${job.name}: full read: ${job.modeReason}`);
+    };
+    for (const job of jobs) if (!isPending(job)) refuseImpossibleSize(job);
+    const noticeFullRead = (job: DiskJob): void => {
+      if (job.cbt && job.modeReason && requested !== 'full') notice(`disk ${job.name}: full read: ${job.modeReason}`);
+    };
+    for (const job of jobs) if (!isPending(job)) noticeFullRead(job);
 
     pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, keys: repo.keys });
     const dataWriter = repo.createBlobWriter();
     const metaWriter = repo.createBlobWriter();
     const disks: DiskRecord[] = [];
     try {
-      for (const [i, job] of jobs.entries()) {
+      for (const [i, entry] of jobs.entries()) {
+        let job: DiskJob;
+        if (isPending(entry)) {
+          job = { ...(await entry.prepare()), session: entry.session };
+          jobs[i] = job;
+          refuseImpossibleSize(job);
+          noticeFullRead(job);
+        } else {
+          job = entry;
+        }
         const disk = await backupDisk(
           job.source,
           job.name,
@@ -192,7 +212,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     }
     return { record };
   } finally {
-    for (const job of jobs) await job.source.dispose();
+    for (const job of jobs) if (!isPending(job)) await job.source.dispose();
     for (const session of new Set(jobs.map((j) => j.session))) {
       await session?.release().catch(() => undefined);
       if (!committed) await session?.rollback();

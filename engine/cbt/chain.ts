@@ -41,8 +41,22 @@ export interface CbtDiskJob {
   mode: BackupType;
   modeReason: string | null;
   parent: string | null;
-  cbt: DiskCbt;
+  /** Null when the source keeps no changed-block tracking state for this disk. */
+  cbt: DiskCbt | null;
 }
+
+/**
+ * A disk whose source is opened only when its turn comes: its chain is settled (and its source opened)
+ * right before it is read, not when the backup starts. An oVirt image transfer is such a source: oVirt
+ * cancels one that sits idle longer than its inactivity timeout while other disks are read.
+ */
+export interface DeferredCbtDiskJob {
+  name: string;
+  prepare(): Promise<CbtDiskJob>;
+}
+
+/** What a changed-block-tracking provider hands the backup: its session and its disks, in order. */
+export type CbtProvision = CbtSession & { disks: (CbtDiskJob | DeferredCbtDiskJob)[] };
 
 export interface Chain {
   mode: BackupType;

@@ -146,7 +146,7 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
       disks: jobs,
       release,
       finish: async () => {
-        const keep = new Set([checkpoint, ...jobs.map((j) => j.cbt.chainCheckpoint)]);
+        const keep = new Set([checkpoint, ...jobs.flatMap((j) => (j.cbt ? [j.cbt.chainCheckpoint] : []))]);
         // Newest first: deleting a checkpoint merges its bitmap into its parent checkpoint's.
         for (const name of (await checkpoints(domain)).reverse()) {
           if (name.startsWith(bitmapPrefix(args.repositoryId)) && !keep.has(name)) await virsh(['checkpoint-delete', domain, name]);
