@@ -12,6 +12,8 @@ import { diskNameProblem, type BackupRecord, type BackupType, type DiskCbt, type
 import { BlockPool } from './pipeline/block-pool.js';
 import { backupDisk, type DiskProgress } from './pipeline/backup-disk.js';
 import { openSource } from './sources/open-source.js';
+import { FileSource } from './sources/file-source.js';
+import { isNbdUri } from './nbd/uri.js';
 import { openImageDisk } from './cbt/image-disk.js';
 import type { CbtDiskJob, CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
 import { openLibvirtBackup } from './cbt/libvirt-domain.js';
@@ -103,6 +105,8 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   let pool: BlockPool | undefined;
   let committed = false;
   try {
+    // Before the lock: a FIFO or a socket would hang open() (and hold the lock meanwhile); refuse it now.
+    for (const path of [...plainSpecs.filter((spec) => !isNbdUri(spec)), ...imagePaths]) await FileSource.check(path);
     repo = await openBackupRepository(options.repo, options.passphrase, 'exclusive');
     const notice = options.onNotice ?? (() => undefined);
     if (repo.openReport.brokeStaleLock) {

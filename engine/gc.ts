@@ -33,6 +33,7 @@ import type { BackupRecord } from '../repo-format/backup-record.js';
 import { GC_DEFAULT_REWRITE_BELOW, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../repo-format/constants.js';
 import { IdPrefixSet } from './id-set.js';
 import { walkReferences } from './references.js';
+import { Interruption } from './interrupt.js';
 
 export interface GcOptions {
   repo: string;
@@ -42,6 +43,12 @@ export interface GcOptions {
   rewriteBelow?: number | undefined;
   /** Plan only: report what would be deleted and rewritten, change nothing. */
   dryRun?: boolean | undefined;
+  /**
+   * SIGINT/SIGTERM: gc stops within a second (ENGINE_INTERRUPTED) while it marks, copies or waits for the
+   * lock, having changed nothing visible (its copies under tmp/ are removed, its registration released).
+   * Once its index batch is written it finishes deleting what the batch unnamed (fast) before it stops.
+   */
+  signal?: AbortSignal | undefined;
   onNotice?: ((message: string) => void) | undefined;
 }
 
@@ -97,6 +104,8 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     markers: { quarantine: [], protected: [] },
   };
 
+  const interruption = new Interruption(options.signal, 'gc', () => 'nothing visible changed: the packs it had copied under tmp/ were removed');
+  interruption.check();
   // Phase 1: mark and plan, under the lock.
   let repo = await Repository.open(options.repo, { access: 'exclusive', command: 'gc', passphrase: options.passphrase });
   const live = new IdPrefixSet();
@@ -110,7 +119,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
   try {
     await repo.removeTempFiles();
     const records = await recordsOrRefuse(repo);
-    await mark(repo, records, live, damagedReferenced);
+    await mark(repo, records, live, damagedReferenced, interruption);
     for (const record of records) marked.add(record.id);
     report.backups = records.length;
 
@@ -118,6 +127,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     // first counts per pack (a few numbers per pack), the second keeps the entries of the packs that go.
     const tally = new Map<string, { live: number; liveBytes: number }>();
     for await (const entry of repo.index.blobs()) {
+      await interruption.tick();
       let counts = tally.get(entry.packId);
       if (!counts) tally.set(entry.packId, (counts = { live: 0, liveBytes: 0 }));
       if (live.has(entry.id)) {
@@ -129,6 +139,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     report.packs.before = packIds.length;
     const going = new Map<string, PackPlan>();
     for (const packId of packIds) {
+      await interruption.tick();
       const size = (await stat(packPath(repo.root, packId))).size;
       report.bytes.before += size;
       const counts = tally.get(packId);
@@ -146,6 +157,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     tally.clear();
     if (going.size > 0) {
       for await (const entry of repo.index.blobs()) {
+        await interruption.tick();
         const plan = going.get(entry.packId);
         if (plan) (live.has(entry.id) ? plan.live : plan.dead).push(entry);
       }
@@ -182,6 +194,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
       const frames: { entry: IndexEntry; bytes: Buffer }[] = [];
       plan.live.sort((a, b) => a.offset - b.offset); // phase 3 pairs plan.live[i] with moved[i]
       for (const entry of plan.live) {
+        await interruption.tick();
         try {
           const bytes = await readFrameBytes(options.repo, entry.packId, entry.offset, entry.length);
           const opened = openBlob(bytes, entry.id, repo.keys);
@@ -198,6 +211,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
         continue;
       }
       for (const { entry, bytes } of frames) {
+        await interruption.tick();
         if (!current) {
           current = new PackWriter(options.repo, { tempPrefix: `${writer!.registration.token}.` });
           created.push(current);
@@ -216,7 +230,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     crashPoint('gc-copied');
 
     // Phase 3: commit, under the lock again (waiting for a running backup to finish).
-    repo = await openWhenFree(options.repo, options.passphrase, notice);
+    repo = await openWhenFree(options.repo, options.passphrase, notice, interruption);
     try {
       await repo.removeTempFiles();
       const all = await recordsOrRefuse(repo);
@@ -224,7 +238,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
       report.backupsCommittedDuringGc = newer.map((r) => r.id);
       report.backups = all.length;
       const liveNow = new IdPrefixSet();
-      await mark(repo, newer, liveNow, damagedReferenced);
+      await mark(repo, newer, liveNow, damagedReferenced, interruption);
 
       const put: IndexEntry[] = [];
       const del: Buffer[] = [];
@@ -266,6 +280,8 @@ export async function gc(options: GcOptions): Promise<GcReport> {
         plan.dead.forEach((e, i) => deadNamed[i] && del.push(e.id));
         report.packs.rewritten.push(plan.packId);
       }
+      // The last point to stop with nothing visible changed; from here gc finishes (renames, one batch, deletions).
+      interruption.check();
       // Write order: new packs durable under their names, then the index batch, then deletions.
       for (const pack of created) {
         if (!publish.has(pack)) continue;
@@ -342,7 +358,7 @@ async function staleMarkers(repo: Repository, damagedReferenced: ReadonlySet<str
  * Marks every page and chunk of `records`; refuses when one is neither indexed nor known damaged. The
  * known damaged (quarantined, no indexed copy) go into `damagedReferenced`.
  */
-async function mark(repo: Repository, records: readonly BackupRecord[], live: IdPrefixSet, damagedReferenced: Set<string>): Promise<void> {
+async function mark(repo: Repository, records: readonly BackupRecord[], live: IdPrefixSet, damagedReferenced: Set<string>, interruption: Interruption): Promise<void> {
   const quarantined = new Set([...(await listQuarantine(repo.root)).values()].map((q) => q.blob).filter((b): b is string => b !== null));
   let refusal: EngineError | undefined;
   await walkReferences(repo, records, {
@@ -355,14 +371,15 @@ async function mark(repo: Repository, records: readonly BackupRecord[], live: Id
     mapDamaged: (backup, disk, error) => {
       refusal ??= new CorruptMetadataError(`the map of backup ${backup}, disk ${disk}`, `${error.message}; gc cannot tell which chunks it needs and deletes nothing (run engine repair)`);
     },
-  });
+  }, undefined, interruption);
   if (refusal) throw refusal;
 }
 
 /** Phase 3 waits for the lock (a backup may hold it for hours): gc has work in flight and holds nothing. */
-async function openWhenFree(path: string, passphrase: string | undefined, notice: (message: string) => void): Promise<Repository> {
+async function openWhenFree(path: string, passphrase: string | undefined, notice: (message: string) => void, interruption: Interruption): Promise<Repository> {
   let told = false;
   for (;;) {
+    interruption.check();
     try {
       return await Repository.open(path, { access: 'exclusive', command: 'gc', passphrase });
     } catch (error) {

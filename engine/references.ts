@@ -8,6 +8,8 @@ import { mapRootOf } from '../repo-format/backup-record.js';
 import { mapPageIds, readMap } from '../repo-format/block-map.js';
 import type { BlobLocation } from '../repo-format/index-entry.js';
 import { ID_SIZE, ZERO_ID } from '../repo-format/constants.js';
+import { InterruptedError } from './errors.js';
+import type { Interruption } from './interrupt.js';
 
 export interface ChunkReference {
   backup: string;
@@ -25,13 +27,21 @@ export interface ReferenceVisitor {
   mapDamaged(backup: string, disk: string, error: Error): void;
 }
 
-export async function walkReferences(repo: Repository, records: readonly BackupRecord[], visitor: ReferenceVisitor, onRecord?: (n: number) => void): Promise<void> {
+/**
+ * `interruption`: checked per page and per run of the map (an InterruptedError is not taken for a damaged
+ * map, it ends the walk).
+ */
+export async function walkReferences(repo: Repository, records: readonly BackupRecord[], visitor: ReferenceVisitor, onRecord?: (n: number) => void, interruption?: Interruption): Promise<void> {
   for (const [n, record] of records.entries()) {
     onRecord?.(n);
     for (const disk of record.disks) {
       try {
-        for await (const { id } of mapPageIds(mapRootOf(disk), repo.loadPage)) visitor.page(id);
+        for await (const { id } of mapPageIds(mapRootOf(disk), repo.loadPage)) {
+          await interruption?.tick();
+          visitor.page(id);
+        }
         for await (const run of readMap(mapRootOf(disk), repo.loadPage)) {
+          await interruption?.tick();
           if (run.entries === null) continue;
           const ids: Buffer[] = [];
           const blocks: number[] = [];
@@ -45,6 +55,7 @@ export async function walkReferences(repo: Repository, records: readonly BackupR
           ids.forEach((id, i) => visitor.chunk({ backup: record.id, disk: disk.name, offset: blocks[i]! * record.blockSize, id, location: locations[i] }));
         }
       } catch (error) {
+        if (error instanceof InterruptedError) throw error;
         visitor.mapDamaged(record.id, disk.name, error as Error);
       }
     }

@@ -18,6 +18,7 @@ import { listQuarantine, quarantineKey, type QuarantinedFrame } from '../repo-fo
 import { walkReferences } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { IdPrefixSet } from './id-set.js';
+import { Interruption } from './interrupt.js';
 
 export interface VerifyProblem {
   code: string;
@@ -55,12 +56,16 @@ export interface VerifyOptions {
   /** Seeds the subset's choice (default: random, reported so that a run can be repeated). */
   seed?: string | undefined;
   workers?: number | undefined;
+  /** SIGINT/SIGTERM: verify stops within a second (ENGINE_INTERRUPTED); it only reads, so nothing is left half-done. */
+  signal?: AbortSignal | undefined;
   onProgress?: ((progress: { phase: string; done: number; total: number }) => void) | undefined;
 }
 
 const PROBLEM_LIMIT = 1000;
 
 export async function verify(options: VerifyOptions): Promise<VerifyReport> {
+  const interruption = new Interruption(options.signal, 'verify', () => 'no result: it only reads, and changed nothing');
+  interruption.check();
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify', passphrase: options.passphrase });
   const report: VerifyReport = {
     ok: true,
@@ -99,6 +104,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     const packChecks = new Set<Promise<void>>();
     let confirmedEntries = 0;
     for (const [n, packId] of packIds.entries()) {
+      await interruption.tick();
       options.onProgress?.({ phase: report.readData ? 'reading packs' : 'scanning packs', done: n, total: packIds.length });
       const scan = await scanPack(repo.root, packId, repo.encrypted);
       packSizes.set(packId, scan.size);
@@ -140,7 +146,10 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       }
       if (readPacks.has(packId) && pool && scan.frames.length > 0) {
         // One pack per worker at a time: the main thread scans the next pack while the workers hash.
-        while (packChecks.size >= pool.workers) await Promise.race(packChecks);
+        while (packChecks.size >= pool.workers) {
+          await Promise.race(packChecks);
+          interruption.check();
+        }
         const check = pool
           .verifyPack({ packPath: packPath(repo.root, packId), frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) })
           .then(
@@ -168,14 +177,20 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
         );
       }
     }
-    await Promise.all(packChecks);
+    while (packChecks.size > 0) {
+      await Promise.race(packChecks);
+      interruption.check();
+    }
 
     // 2. Index: every entry must point at its frame. Counted cheaply above; located only if the count is off.
     let indexEntries = 0;
-    for await (const _ of repo.index.blobs()) indexEntries += 1;
+    for await (const _ of repo.index.blobs()) {
+      await interruption.tick();
+      indexEntries += 1;
+    }
     report.blobs = indexEntries;
     if (confirmedEntries !== indexEntries || damagedPacks.size > 0) {
-      await checkIndexEntries(repo, packSizes, damagedPacks, (found) => {
+      await checkIndexEntries(repo, packSizes, damagedPacks, interruption, (found) => {
         // Any entry that cannot deliver its blob makes the chunk damaged for every backup that uses it.
         if (found.blob) damagedBlobs.set(found.blob, found);
         problem(found);
@@ -209,10 +224,12 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
         mapDamaged: (backup, disk, error) => problem({ code: 'MAP_DAMAGED', message: `backup ${backup}, disk ${disk}: ${error.message}`, backup, disk }),
       },
       (n) => options.onProgress?.({ phase: 'checking backups', done: n, total: backups.length }),
+      interruption,
     );
     report.garbage.unreferencedBlobs = 0;
     report.garbage.unreferencedBytes = 0;
     for await (const entry of repo.index.blobs()) {
+      await interruption.tick();
       if (!referenced.has(entry.id)) {
         report.garbage.unreferencedBlobs += 1;
         report.garbage.unreferencedBytes += entry.length;
@@ -235,9 +252,11 @@ async function checkIndexEntries(
   repo: Repository,
   packSizes: Map<string, number>,
   damagedPacks: Set<string>,
+  interruption: Interruption,
   problem: (p: VerifyProblem) => void,
 ): Promise<void> {
   for await (const entry of repo.index.blobs()) {
+    await interruption.tick();
     const blob = entry.id.toString('hex');
     const size = packSizes.get(entry.packId);
     const base = { code: 'INDEX_ENTRY_BAD', pack: entry.packId, packOffset: entry.offset, blob };

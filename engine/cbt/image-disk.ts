@@ -10,6 +10,7 @@
  * Before trusting a chain the engine checks it; anything wrong means a full read of the disk, said in
  * `modeReason` and never silently an incomplete incremental.
  */
+import { realpath } from 'node:fs/promises';
 import type { DiskCbt } from '../../repo-format/backup-record.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { NbdSource } from '../sources/nbd-source.js';
@@ -49,7 +50,7 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
     exported = await serveImage(image, 'qcow2', { bitmap: chosen.base ?? undefined });
     const source = await NbdSource.open(exported.uri, {
       dirtyContext: chosen.base ? `qemu:dirty-bitmap:${chosen.base}` : undefined,
-      description: { kind: 'qcow2-image', path: image },
+      description: { kind: 'qcow2-image', path: image, realPath: await realpath(image) },
     });
     opened = source;
     const { chain, cbt, plan } = await settleChain({

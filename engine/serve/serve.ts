@@ -10,6 +10,7 @@
  * Memory: the block tables (44 B per block), the chunk cache (`cacheBytes`, 64 MiB by default), the
  * worker slots (32 MiB), and per connection a bounded number of requests of at most 32 MiB.
  */
+import { refuseInsideRepository } from '../write-guard.js';
 import { unlinkSync } from 'node:fs';
 import { registerReader, type RegisteredReader } from '../../repo-format/readers.js';
 import { Repository } from '../../repo-format/repository.js';
@@ -99,6 +100,7 @@ async function resolveUnderLock(options: ServeOptions): Promise<{ record: Backup
 
 export async function serve(options: ServeOptions): Promise<ServeHandle> {
   if ((options.socket === undefined) === (options.port === undefined)) throw new InvalidArgumentError('serve needs exactly one of a Unix socket path or a TCP port');
+  await refuseServeFilesInRepository(options);
   const { record, tables, reader, root, blockSize, keys } = await resolveUnderLock(options);
   const overlays: Overlay[] = [];
   let pool: BlockPool | undefined;
@@ -161,4 +163,10 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     await reader.release();
     throw error;
   }
+}
+
+/** The socket and the overlay are files serve creates where it is told: never inside a repository (write-guard.ts). */
+async function refuseServeFilesInRepository(options: ServeOptions): Promise<void> {
+  if (options.socket !== undefined) await refuseInsideRepository(options.socket, 'serve socket', options.repo);
+  if (options.overlayDir !== undefined) await refuseInsideRepository(options.overlayDir, 'overlay directory', options.repo);
 }
