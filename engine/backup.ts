@@ -129,7 +129,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     const name = options.name ?? options.libvirt ?? (diskCount === 1 ? basename(plainSpecs[0] ?? imagePaths[0]!) : names.join('+'));
     // The chain of a disk continues from the newest backup of the same name that has it.
     const history = imagePaths.length > 0 || options.libvirt !== undefined || options.provider !== undefined ? (await repo.listBackups()).backups.filter((r) => r.name === name).reverse() : [];
-    const chainArgs: ChainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize, blockId: repo.blobId };
+    const chainArgs: ChainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize, blockId: repo.blobId, available: (ids) => repo!.available(ids) };
     for (const [i, image] of imagePaths.entries()) {
       const session = await openImageDisk({ image, name: names[plainSpecs.length + i]!, ...chainArgs });
       jobs.push({ name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, session });
@@ -189,6 +189,12 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     };
     for (const warning of await repo.commitBackup(record)) notice(warning);
     committed = true;
+    const lost = [...repo.packPresence.unavailable];
+    if (lost.length > 0) {
+      notice(
+        `${lost.length === 1 ? 'pack' : 'packs'} ${lost.map(([pack, why]) => `${pack} (${why})`).join(', ')}: this backup did not trust the index entries naming ${lost.length === 1 ? 'it' : 'them'}, and stored again what it found there; engine verify names the older backups that lost data, engine repair drops the dead entries`,
+      );
+    }
     for (const session of new Set(jobs.map((j) => j.session))) {
       await session?.finish().catch((error: unknown) => notice(`could not remove old checkpoints: ${(error as Error).message}`));
     }

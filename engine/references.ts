@@ -21,7 +21,7 @@ export interface ChunkReference {
 }
 
 export interface ReferenceVisitor {
-  page(id: Buffer): void;
+  page(id: Buffer, where: { backup: string; disk: string }): void;
   chunk(reference: ChunkReference): void;
   /** A map that cannot be read to its end (its pages missing or damaged). */
   mapDamaged(backup: string, disk: string, error: Error): void;
@@ -38,7 +38,7 @@ export async function walkReferences(repo: Repository, records: readonly BackupR
       try {
         for await (const { id } of mapPageIds(mapRootOf(disk), repo.loadPage)) {
           await interruption?.tick();
-          visitor.page(id);
+          visitor.page(id, { backup: record.id, disk: disk.name });
         }
         for await (const run of readMap(mapRootOf(disk), repo.loadPage)) {
           await interruption?.tick();

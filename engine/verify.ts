@@ -19,6 +19,7 @@ import { walkReferences } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { IdPrefixSet } from './id-set.js';
 import { Interruption } from './interrupt.js';
+import { MissingPacks } from './missing-packs.js';
 
 export interface VerifyProblem {
   code: string;
@@ -30,6 +31,8 @@ export interface VerifyProblem {
   packOffset?: number;
   blob?: string;
 }
+
+export type { MissingPackProblem } from './missing-packs.js';
 
 export interface VerifyReport {
   ok: boolean;
@@ -182,7 +185,9 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       interruption.check();
     }
 
-    // 2. Index: every entry must point at its frame. Counted cheaply above; located only if the count is off.
+    // 2. Index: every entry must point at its frame. Counted cheaply above; located only if the count is
+    // off. Entries naming a pack that is gone are summed up per pack.
+    const missingPacks = new MissingPacks();
     let indexEntries = 0;
     for await (const _ of repo.index.blobs()) {
       await interruption.tick();
@@ -190,7 +195,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     }
     report.blobs = indexEntries;
     if (confirmedEntries !== indexEntries || damagedPacks.size > 0) {
-      await checkIndexEntries(repo, packSizes, damagedPacks, interruption, (found) => {
+      await checkIndexEntries(repo, packSizes, damagedPacks, interruption, missingPacks, (found) => {
         // Any entry that cannot deliver its blob makes the chunk damaged for every backup that uses it.
         if (found.blob) damagedBlobs.set(found.blob, found);
         problem(found);
@@ -206,9 +211,19 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       repo,
       backups,
       {
-        page: (id) => referenced.add(id),
+        page: (id, { backup, disk }) => {
+          referenced.add(id);
+          missingPacks.noteReference(id.toString('hex'), backup, disk, null);
+        },
         chunk: ({ backup, disk, offset, id, location }) => {
           const hex = id.toString('hex');
+          const lostWith = missingPacks.packOf(hex);
+          if (lostWith !== undefined) {
+            missingPacks.noteReference(hex, backup, disk, offset);
+            referenced.add(id);
+            problem({ code: 'CHUNK_DAMAGED', message: `backup ${backup}, disk ${disk}, offset ${offset}: chunk ${hex.slice(0, 16)}… is lost: its pack ${lostWith} is missing`, backup, disk, offset, blob: hex, pack: lostWith });
+            return;
+          }
           const where = { backup, disk, offset, blob: hex };
           const prefix = `backup ${backup}, disk ${disk}, offset ${offset}: chunk ${hex.slice(0, 16)}…`;
           if (location) {
@@ -226,6 +241,8 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       (n) => options.onProgress?.({ phase: 'checking backups', done: n, total: backups.length }),
       interruption,
     );
+    // One problem per missing pack, naming every backup that lost data with it: never cut by the limit.
+    report.problems.unshift(...missingPacks.problems());
     report.garbage.unreferencedBlobs = 0;
     report.garbage.unreferencedBytes = 0;
     for await (const entry of repo.index.blobs()) {
@@ -253,6 +270,7 @@ async function checkIndexEntries(
   packSizes: Map<string, number>,
   damagedPacks: Set<string>,
   interruption: Interruption,
+  missingPacks: MissingPacks,
   problem: (p: VerifyProblem) => void,
 ): Promise<void> {
   for await (const entry of repo.index.blobs()) {
@@ -261,7 +279,7 @@ async function checkIndexEntries(
     const size = packSizes.get(entry.packId);
     const base = { code: 'INDEX_ENTRY_BAD', pack: entry.packId, packOffset: entry.offset, blob };
     if (size === undefined) {
-      problem({ ...base, message: `index entry for blob ${blob.slice(0, 16)}… points at pack ${entry.packId}, which does not exist` });
+      missingPacks.noteEntry(entry.packId, blob);
       continue;
     }
     if (entry.offset + entry.length > size) {

@@ -41,6 +41,7 @@ import { crashPoint } from './crash-points.js';
 import { liveWriterTokens } from './writers.js';
 import { removeStaleRegistrations } from './registry.js';
 import { listQuarantine, quarantineKey } from './quarantine.js';
+import { PackPresence } from './pack-presence.js';
 
 export interface OpenOptions {
   /** 'read': records only, no lock. 'exclusive': lock + index. */
@@ -70,13 +71,17 @@ export class Repository {
   private indexStore: IndexStore | undefined;
   private lock: RepositoryLock | undefined;
   readonly openReport: OpenReport = {};
+  /** Pack presence, checked once per pack for this open (a run): what dedupe and incrementals trust. */
+  readonly packPresence: PackPresence;
 
   private constructor(
     readonly root: string,
     readonly config: RepositoryConfig,
     /** The master keys of an encrypted repository; undefined for a plain one. */
     readonly keys: RepositoryKeys | undefined,
-  ) {}
+  ) {
+    this.packPresence = new PackPresence(root);
+  }
 
   get blockSize(): number {
     return this.config.blockSize;
@@ -361,6 +366,14 @@ export class Repository {
     return this.index.lookup(ids);
   }
 
+  /**
+   * Whether each blob can be read without trusting more than the index and a stat: indexed, and its pack
+   * there and long enough (PackPresence). For readers that build on a blob without reading it.
+   */
+  async available(ids: readonly Buffer[]): Promise<boolean[]> {
+    return (await this.packPresence.filter(await this.index.lookup(ids))).map((location) => location !== undefined);
+  }
+
   /** Reads, checks and opens one blob (used for map pages; data chunks go through the workers). */
   async readBlob(id: Buffer, what: string): Promise<Buffer> {
     const [location] = await this.index.lookup([id]);
@@ -374,7 +387,7 @@ export class Repository {
   readonly loadPage: LoadPage = (id) => this.readBlob(id, 'map page');
 
   createBlobWriter(packTargetSize?: number): BlobWriter {
-    return new BlobWriter(this.root, this.index, packTargetSize);
+    return new BlobWriter(this.root, this.index, packTargetSize, this.packPresence);
   }
 
   /** A StorePage that writes map pages through `writer`, skipping pages the repository already has. */

@@ -10,6 +10,9 @@ import type { BlockSource } from '../sources/source.js';
 import type { IncrementalPlan } from '../pipeline/backup-disk.js';
 import type { Range } from '../pipeline/map-cursors.js';
 import { auditCleanBlocks } from './audit.js';
+import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
+import { readMap, type MapRoot } from '../../repo-format/block-map.js';
+import { mergeRanges } from '../pipeline/map-cursors.js';
 
 export type RequestedMode = 'full' | 'incremental' | 'differential' | 'auto';
 
@@ -24,6 +27,8 @@ export interface ChainArgs {
   blockSize: number;
   /** The repository's block id (SHA-256, or HMAC-SHA256 when encrypted): the audit compares ids. */
   blockId: (data: Uint8Array) => Buffer;
+  /** Whether each chunk can be trusted without reading it: indexed, its pack there (Repository.available). */
+  available: (ids: readonly Buffer[]) => Promise<boolean[]>;
 }
 
 /** The changed-block-tracking bookkeeping around some disks (one qcow2 image, one libvirt or oVirt job). */
@@ -106,9 +111,21 @@ export async function settleChain(args: {
   loadPage: LoadPage;
   blockSize: number;
   blockId: (data: Uint8Array) => Buffer;
+  available: ChainArgs['available'];
 }): Promise<SettledChain> {
   let chain = args.chain;
   let audited = 0;
+  let unavailable: Range[] = [];
+  if (chain.parent) {
+    // The clean blocks take the parent's entries unread: only entries whose chunk is still there. A chunk
+    // in a lost or cut pack is read again from the source (and stored again); a map that cannot be read
+    // at all makes the disk a full read.
+    try {
+      unavailable = await unavailableRanges(mapRootOf(chain.parent.disk), args.loadPage, args.available, args.blockSize);
+    } catch (error) {
+      chain = { ...chain, mode: 'full', reason: `the map of parent backup ${chain.parent.record.id} cannot be read (${(error as Error).message})`, base: null, parent: null };
+    }
+  }
   if (chain.parent && chain.base) {
     const audit = await auditCleanBlocks({ source: args.source, parent: mapRootOf(chain.parent.disk), loadPage: args.loadPage, dirty: args.dirty(), blockSize: args.blockSize, blockId: args.blockId });
     audited = audit.audited;
@@ -129,6 +146,35 @@ export async function settleChain(args: {
       granularity: args.granularity,
       audited,
     },
-    plan: chain.parent ? { parent: mapRootOf(chain.parent.disk), dirty: args.dirty() } : undefined,
+    plan: chain.parent ? { parent: mapRootOf(chain.parent.disk), dirty: mergeRanges(args.dirty(), unavailable) } : undefined,
   };
+}
+
+/**
+ * The blocks of a map whose chunk is not available (not indexed, or its pack missing or cut short), as
+ * byte ranges in block order, consecutive blocks merged. One batched lookup per leaf; the ranges are few
+ * (a lost pack holds a few dozen chunks), so they are collected before the backup reads anything.
+ */
+export async function unavailableRanges(map: MapRoot, loadPage: LoadPage, available: ChainArgs['available'], blockSize: number): Promise<Range[]> {
+  const ranges: Range[] = [];
+  for await (const run of readMap(map, loadPage)) {
+    if (run.entries === null) continue;
+    const ids: Buffer[] = [];
+    const blocks: number[] = [];
+    for (let i = 0; i < run.count; i += 1) {
+      const id = run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
+      if (ZERO_ID.equals(id)) continue;
+      ids.push(Buffer.from(id));
+      blocks.push(run.firstBlock + i);
+    }
+    const answers = await available(ids);
+    answers.forEach((ok, i) => {
+      if (ok) return;
+      const offset = blocks[i]! * blockSize;
+      const last = ranges[ranges.length - 1];
+      if (last && last.offset + last.length === offset) last.length += blockSize;
+      else ranges.push({ offset, length: blockSize });
+    });
+  }
+  return ranges;
 }

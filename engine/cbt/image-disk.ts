@@ -64,6 +64,7 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
       loadPage: args.loadPage,
       blockSize: args.blockSize,
       blockId: args.blockId,
+      available: args.available,
     });
     const running = exported;
     return {

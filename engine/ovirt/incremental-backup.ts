@@ -161,6 +161,7 @@ async function openOvirtBackup(client: OvirtClient, vmId: string, disks: VmDisk[
         loadPage: args.loadPage,
         blockSize: args.blockSize,
         blockId: args.blockId,
+        available: args.available,
       });
       const cbt: DiskCbt = settled.cbt;
       jobs.push({ name: disk.name, source, plan: settled.plan, mode: settled.chain.mode, modeReason: settled.chain.reason, parent: settled.chain.parent?.record.id ?? null, cbt });
