@@ -28,7 +28,7 @@ export function interruptSignal(options: { json: () => boolean }): AbortSignal {
       aborting.abort(signal);
       setTimeout(() => say(`${signal}: stopping; releasing the lock and removing what this run created`), SLOW_STOP_MS).unref();
     } else if (received === 2) {
-      say(`${signal} again: still cleaning up (the lock, temporary files, a partly written target); a third signal exits at once and leaves them`);
+      say(`second signal (${signal}): still cleaning up (the lock, temporary files, a partly written target); a third signal exits at once and leaves them`);
     } else {
       if (options.json()) {
         process.stdout.write(`${JSON.stringify({ error: { code: 'ENGINE_INTERRUPTED', message: `interrupted (${signal}) without clean-up`, details: { signal, cleanedUp: false } } }, null, 2)}\n`);

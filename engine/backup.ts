@@ -15,7 +15,7 @@ import { openSource } from './sources/open-source.js';
 import { FileSource } from './sources/file-source.js';
 import { isNbdUri } from './nbd/uri.js';
 import { openImageDisk } from './cbt/image-disk.js';
-import type { CbtDiskJob, CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
+import { NO_EARLIER_BACKUP, type CbtDiskJob, type CbtSession, type ChainArgs, type RequestedMode } from './cbt/chain.js';
 import { openLibvirtBackup } from './cbt/libvirt-domain.js';
 import { InterruptedError } from './errors.js';
 import { ENGINE_VERSION } from './version.js';
@@ -127,11 +127,13 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     checkNames(names);
     jobs.forEach((job, i) => (job.name = names[i]!));
     const name = options.name ?? options.libvirt ?? (diskCount === 1 ? basename(plainSpecs[0] ?? imagePaths[0]!) : names.join('+'));
-    // The chain of a disk continues from the newest backup of the same name that has it.
-    const history = imagePaths.length > 0 || options.libvirt !== undefined || options.provider !== undefined ? (await repo.listBackups()).backups.filter((r) => r.name === name).reverse() : [];
+    // The chain of a disk continues from the newest backup of the same name that has it; an image's from
+    // the newest backup whose checkpoint bitmap the image holds, whatever its name (image-disk.ts).
+    const everything = imagePaths.length > 0 || options.libvirt !== undefined || options.provider !== undefined ? (await repo.listBackups()).backups.reverse() : [];
+    const history = everything.filter((r) => r.name === name);
     const chainArgs: ChainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize, blockId: repo.blobId, available: (ids) => repo!.available(ids) };
     for (const [i, image] of imagePaths.entries()) {
-      const session = await openImageDisk({ image, name: names[plainSpecs.length + i]!, ...chainArgs });
+      const session = await openImageDisk({ ...chainArgs, history: everything, image, name: names[plainSpecs.length + i]!, backupName: name });
       jobs.push({ name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, session });
     }
     const provider = options.libvirt !== undefined ? (args: ChainArgs) => openLibvirtBackup({ domain: options.libvirt!, ...args }) : options.provider;
@@ -139,7 +141,9 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       const session = await provider(chainArgs);
       for (const disk of session.disks) jobs.push({ ...disk, session });
     }
-    for (const job of jobs) if (job.cbt && job.modeReason && requested !== 'full') notice(`disk ${job.name}: full read: ${job.modeReason}`);
+    // A chain that cannot continue is said at once (the run will take longer than usual); a first backup is
+    // a full read as expected, and the result says why once.
+    for (const job of jobs) if (job.cbt && job.modeReason && requested !== 'full' && !job.modeReason.startsWith(NO_EARLIER_BACKUP)) notice(`disk ${job.name}: full read: ${job.modeReason}`);
 
     pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, keys: repo.keys });
     const dataWriter = repo.createBlobWriter();

@@ -131,6 +131,7 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
         }
         goodPlaces.addPack(packId, entries.map((e) => e.offset));
         await built.addEntries(entries);
+        if (done === 0) crashPoint('repair-pack-read');
         report.index.blobs += entries.length;
         report.framesChecked += check.good.length + check.damage.filter((d) => d.frame).length;
         for (const damage of check.damage) {

@@ -20,6 +20,7 @@ import { BlockPool } from './pipeline/block-pool.js';
 import { IdPrefixSet } from './id-set.js';
 import { Interruption } from './interrupt.js';
 import { MissingPacks } from './missing-packs.js';
+import { crashPoint } from '../repo-format/crash-points.js';
 
 export interface VerifyProblem {
   code: string;
@@ -110,6 +111,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       await interruption.tick();
       options.onProgress?.({ phase: report.readData ? 'reading packs' : 'scanning packs', done: n, total: packIds.length });
       const scan = await scanPack(repo.root, packId, repo.encrypted);
+      if (n === 0) crashPoint('verify-pack-scanned');
       packSizes.set(packId, scan.size);
       report.packs += 1;
       if (scan.damage) {

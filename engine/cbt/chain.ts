@@ -66,16 +66,29 @@ export interface ChainFacts {
   baseProblem(base: string, previous: DiskCbt): string | null;
   /** Said after "no earlier backup of this disk…" when the VM has older backups (a disk added since). */
   addedDisk?: boolean;
+  /**
+   * Which disks of earlier backups are this disk (default: a disk of the same name). An offline image
+   * knows better: the disks whose checkpoint bitmap it holds (image-disk.ts).
+   */
+  isThisDisk?: (disk: DiskRecord) => boolean;
+  /** Why no earlier disk is this one, when the caller can say more than that there is none (the full read's reason). */
+  whyNoPrevious?: () => string | undefined;
 }
+
+/** The reason of a disk's first backup: expected, so not announced as a surprise (backup.ts). */
+export const NO_EARLIER_BACKUP = 'no earlier backup of this disk with changed-block tracking';
 
 /** Decides what can be done for disk `name`. `history` holds the backups of this VM, newest first. */
 export function chooseChain(name: string, requested: RequestedMode, facts: ChainFacts, history: BackupRecord[]): Chain {
   const full = (reason: string | null): Chain => ({ mode: 'full', reason, base: null, parent: null, previous: null });
   if (requested === 'full') return full(null);
-  const previousRecord = history.find((r) => r.disks.some((d) => d.name === name && d.cbt !== null));
-  const previous = previousRecord?.disks.find((d) => d.name === name) ?? null;
+  const isThisDisk = facts.isThisDisk ?? ((d: DiskRecord) => d.name === name);
+  const previousRecord = history.find((r) => r.disks.some((d) => isThisDisk(d) && d.cbt !== null));
+  const previous = previousRecord?.disks.find((d) => isThisDisk(d) && d.cbt !== null) ?? null;
   if (!previousRecord || !previous?.cbt) {
-    return full(`no earlier backup of this disk with changed-block tracking${facts.addedDisk && history.length > 0 ? ' (a disk added since the last backup)' : ''}`);
+    const why = facts.whyNoPrevious?.();
+    if (why) return full(why);
+    return full(`${NO_EARLIER_BACKUP}${facts.addedDisk && history.length > 0 ? ' (a disk added since the last backup)' : ''}`);
   }
   const wanted: BackupType = requested === 'differential' ? 'differential' : 'incremental';
   const base = wanted === 'differential' ? previous.cbt.chainCheckpoint : previous.cbt.checkpoint;
@@ -84,7 +97,7 @@ export function chooseChain(name: string, requested: RequestedMode, facts: Chain
   const problem = facts.baseProblem(base, previous.cbt);
   if (problem) return full(problem);
   const parentRecord = history.find((r) => r.id === parentId);
-  const parentDisk = parentRecord?.disks.find((d) => d.name === name);
+  const parentDisk = parentRecord?.disks.find(isThisDisk);
   if (!parentRecord || !parentDisk) return full(`parent backup ${parentId} of this disk is no longer in the repository`);
   if (parentDisk.size !== facts.size) return full(`the disk size changed since parent backup ${parentId}`);
   return { mode: wanted, reason: null, base, parent: { record: parentRecord, disk: parentDisk }, previous };

@@ -21,6 +21,7 @@ import { guardPath, planLocalTargets, removeCreatedDirectory, singleDisk, type T
 import { NbdTarget } from './nbd-target.js';
 import { Qcow2Target } from './qcow2-target.js';
 import { planRollback } from './rollback-plan.js';
+import { crashPoint } from '../../repo-format/crash-points.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { STATE_DIRTY } from '../nbd/protocol.js';
 import type { BlobLocation } from '../../repo-format/index-entry.js';
@@ -239,6 +240,7 @@ export async function restoreDisk(repo: Repository, pool: BlockPool, record: Bac
     await target.write(pool.input(slot, opened.rawLength), block * blockSize);
     result.bytesWritten += opened.rawLength;
     result.blocksWritten += 1;
+    if (result.blocksWritten === 1) crashPoint('restore-block-written');
   };
 
   /**
