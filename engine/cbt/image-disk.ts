@@ -50,8 +50,8 @@ function imageIdentity(info: ImageInfo, repositoryId: string, image: string, bac
       const sameName = history.find((r) => r.name === backupName && r.disks.some((d) => d.name === diskName && d.cbt !== null));
       const disk = sameName?.disks.find((d) => d.name === diskName);
       if (!sameName || !disk?.cbt) return undefined;
-      const elsewhere = disk.source.realPath !== undefined && disk.source.realPath !== image ? ` (it read ${disk.source.realPath})` : '';
-      return `bitmap ${disk.cbt.checkpoint} of the last backup named ${backupName}, ${sameName.id}${elsewhere}, is missing from the image, which holds no checkpoint of this repository: another image of the same name, or its bitmaps were removed`;
+      const elsewhere = disk.source.realPath !== undefined && disk.source.realPath !== image ? `, which read ${disk.source.realPath}` : '';
+      return `bitmap ${disk.cbt.checkpoint} is missing from the image (the checkpoint of the last backup named ${backupName}, ${sameName.id}${elsewhere}; the image holds none of this repository's: another image of the same name, or its bitmaps were removed)`;
     },
   };
 }
