@@ -189,7 +189,7 @@ describe('sources that would hang', () => {
     const outcome = await Promise.race([exited, bound]);
     if (outcome === 'hung') child.kill('SIGKILL');
     expect(outcome).toEqual({ code: 1, signal: null });
-    expect(out.stderr()).toBe(`engine: cannot read source ${fifo}: it is a FIFO: give a regular file, a block device or an NBD URI\n`);
+    expect(out.stderr()).toBe(`engine: cannot read source ${fifo}: it is a FIFO, not a regular file or a block device (give one, or an NBD URI)\n`);
     await expectReleased();
   });
 

@@ -122,7 +122,9 @@ function checkRollbackOptions(options: RestoreOptions): void {
 
 /** Plans where each disk goes; local paths are checked (write-guard.ts) before anything is written. */
 async function planRestore(repo: Repository, record: BackupRecord, options: RestoreOptions, nbd: boolean): Promise<TargetPlan> {
-  const guard = { repo: repo.root, force: options.force === true, rollback: options.onlyChanged === true };
+  // A target the caller just created (targetIsZeroed: oVirt's new disks) is not the source it may share a
+  // path with (a new disk with the original's id appears under the same /dev/disk/by-id name).
+  const guard = { repo: repo.root, force: options.force === true || options.targetIsZeroed === true, rollback: options.onlyChanged === true };
   if (options.openTarget) {
     return { targets: record.disks.filter((d) => options.disk === undefined || d.name === options.disk).map((disk) => ({ disk, path: '' })), createdDirectory: null };
   }

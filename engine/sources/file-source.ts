@@ -24,15 +24,11 @@ export class FileSource implements BlockSource {
    * waits for a writer, in a thread no signal interrupts. Called before the repository is locked.
    */
   static async check(path: string): Promise<void> {
-    let stats: Stats;
-    try {
-      stats = await stat(path);
-    } catch (error) {
-      throw new SourceUnreadableError(path, error instanceof Error ? error.message : String(error));
-    }
-    if (stats.isFile() || stats.isBlockDevice()) return;
-    const kind = stats.isFIFO() ? 'a FIFO' : stats.isSocket() ? 'a socket' : stats.isCharacterDevice() ? 'a character device' : stats.isDirectory() ? 'a directory' : 'not a regular file';
-    throw new SourceUnreadableError(path, `it is ${kind}: give a regular file, a block device or an NBD URI`);
+    // A path that cannot be stat()ed is reported by open(), which says why in the usual words.
+    const stats: Stats | undefined = await stat(path).catch(() => undefined);
+    if (!stats || stats.isFile() || stats.isBlockDevice()) return;
+    const kind = stats.isFIFO() ? 'a FIFO' : stats.isSocket() ? 'a socket' : stats.isCharacterDevice() ? 'a character device' : stats.isDirectory() ? 'a directory' : 'something else';
+    throw new SourceUnreadableError(path, `it is ${kind}, not a regular file or a block device (give one, or an NBD URI)`);
   }
 
   static async open(path: string): Promise<FileSource> {
