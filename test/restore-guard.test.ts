@@ -172,7 +172,24 @@ describe('block devices: exclusive, and never one that holds a filesystem withou
     await sh('umount', [mountpoint]);
   });
 
-  test('an unmounted device that holds ext4 needs --force (rollback too); with it, it receives the disk', async () => {
+  test('rolling a device back to a backup of itself needs no --force: the restore point holds the same filesystem', async () => {
+    const backup = await runEngine(['backup', '--repo', repo, '--source', device, '--name', 'loop', '--json']);
+    expect(backup.code, backup.stderr).toBe(0);
+    const id = parseJson<BackupJson>(backup.stdout).id;
+    await sh('mount', [device, mountpoint]);
+    await writeFile(join(mountpoint, 'precious'), 'overwritten by mistake\n');
+    await sh('umount', [mountpoint]);
+    const rolled = await runEngine(['restore', '--repo', repo, id, '--to', device, '--only-changed', '--json']);
+    expect(rolled.stderr).toBe('');
+    expect(rolled.code).toBe(0);
+    expect(parseJson<{ disks: { blocksWritten: number }[] }>(rolled.stdout).disks[0]!.blocksWritten).toBeGreaterThan(0);
+    await sh('mount', ['-o', 'ro', device, mountpoint]);
+    expect(await readFile(join(mountpoint, 'precious'), 'utf8')).toBe('data someone needs\n');
+    await sh('umount', [mountpoint]);
+  });
+
+  test('a device holding another filesystem needs --force (rollback too); with it, it receives the disk', async () => {
+    await sh('mkfs.ext4', ['-q', '-F', device]); // another filesystem: another UUID
     const before = await sha256File(device);
     for (const extra of [[], ['--only-changed']]) {
       const error = await restoreError(['--to', device, ...extra]);

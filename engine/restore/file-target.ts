@@ -10,7 +10,7 @@ import { classifyWriteError, isErrnoException } from '../../repo-format/errors.j
 import { fsyncDirectory } from '../../repo-format/durable-file.js';
 import { TargetInUseError, TargetTooSmallError, TargetUnwritableError } from '../errors.js';
 import { blockDeviceSize } from '../sources/device-size.js';
-import { openDeviceExclusively, refuseDeviceWithData, whoUsesFile } from './target-in-use.js';
+import { openDeviceExclusively, whoUsesFile } from './target-in-use.js';
 
 export interface RestoreTarget {
   readonly path: string;
@@ -52,10 +52,10 @@ export class FileTarget implements RestoreTarget {
 
   /**
    * `assumeZeroed`: an existing target known to read as zeros (a freshly created disk), so zero blocks
-   * need not be written. `refuseData`: refuse a block device that holds a filesystem, partition table or
-   * volume signature (restore without --force).
+   * need not be written. `checkDevice`: run on a block device once it is held exclusively (restore's
+   * refusal of a device that holds data).
    */
-  static async open(path: string, diskSize: number, options: { assumeZeroed?: boolean; refuseData?: boolean } = {}): Promise<FileTarget> {
+  static async open(path: string, diskSize: number, options: { assumeZeroed?: boolean; checkDevice?: (path: string) => Promise<void> } = {}): Promise<FileTarget> {
     const existing = await stat(path, { bigint: true }).catch((error: unknown) => {
       if (isErrnoException(error) && error.code === 'ENOENT') return undefined;
       throw new TargetUnwritableError(path, String(error));
@@ -85,7 +85,7 @@ export class FileTarget implements RestoreTarget {
       // Held from here until close: nothing can mount or claim it while the restore writes.
       const handle = await openDeviceExclusively(path, existing.rdev);
       try {
-        if (options.refuseData) await refuseDeviceWithData(path);
+        await options.checkDevice?.(path);
       } catch (error) {
         await handle.close();
         throw error;

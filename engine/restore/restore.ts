@@ -17,6 +17,8 @@ import { CorruptChunkError, DiskNotFoundError, InterruptedError } from '../error
 import { Interruption } from '../interrupt.js';
 import { refuseInsideRepository } from '../write-guard.js';
 import { FileTarget, type RestoreTarget } from './file-target.js';
+import { refuseDeviceWithData } from './target-in-use.js';
+import { restorePointSignature } from './restore-point-signature.js';
 import { guardPath, planLocalTargets, removeCreatedDirectory, singleDisk, type TargetPlan } from './target-plan.js';
 import { NbdTarget } from './nbd-target.js';
 import { Qcow2Target } from './qcow2-target.js';
@@ -120,6 +122,17 @@ function checkRollbackOptions(options: RestoreOptions): void {
   if (options.sinceBitmap !== undefined && !isNbdUri(options.to)) throw new InvalidArgumentError('--since-bitmap needs an NBD target (--to nbd+unix:///…?socket=… exporting the bitmap, e.g. qemu-nbd -B NAME)');
 }
 
+/**
+ * What a block device target must pass once held exclusively: no filesystem, partition table or volume
+ * signature unless --force, or, for a rollback, the same disk as the restore point (same filesystem or
+ * partition-table UUID: an older state of this disk, which is what a rollback is for). A device the caller
+ * just created (targetIsZeroed) is exempt.
+ */
+function deviceCheck(repo: Repository, disk: DiskRecord, options: RestoreOptions): ((path: string) => Promise<void>) | undefined {
+  if (options.force === true || options.targetIsZeroed === true) return undefined;
+  return (path) => refuseDeviceWithData(path, options.onlyChanged ? () => restorePointSignature(repo, disk) : undefined);
+}
+
 /** Plans where each disk goes; local paths are checked (write-guard.ts) before anything is written. */
 async function planRestore(repo: Repository, record: BackupRecord, options: RestoreOptions, nbd: boolean): Promise<TargetPlan> {
   // A target the caller just created (targetIsZeroed: oVirt's new disks) is not the source it may share a
@@ -165,7 +178,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
           ? await Qcow2Target.create(options.toQcow2, disk.size)
           : nbd
             ? await NbdTarget.open(options.to, disk.size, { metaContexts: bitmapContext ? [bitmapContext] : [] })
-            : await FileTarget.open(path, disk.size, { assumeZeroed: options.targetIsZeroed, refuseData: options.force !== true && options.targetIsZeroed !== true });
+            : await FileTarget.open(path, disk.size, { assumeZeroed: options.targetIsZeroed, checkDevice: deviceCheck(repo, disk, options) });
       const written = new WrittenSpan();
       try {
         let only: Uint8Array | undefined;

@@ -106,36 +106,57 @@ export async function whoUsesFile(file: BigIntStats): Promise<string | undefined
   return uses.length > 0 ? uses.join('; ') : undefined;
 }
 
-/**
- * What signature a device holds ("an ext4 filesystem (UUID …)", "a dos partition table"), or undefined
- * when blkid finds none. A probe that cannot run is a refusal too: the engine cannot tell that the
- * device holds nothing.
- */
-export async function deviceSignature(path: string): Promise<string | undefined> {
+/** What `blkid -p` says of a device or image: its values (TYPE, UUID, PTTYPE, PTUUID, LABEL …), none, or why it could not say. */
+export type Signature = { values: Map<string, string> } | { none: true } | { unknown: string };
+
+export async function probeSignature(path: string): Promise<Signature> {
   const { code, stdout, stderr } = await new Promise<{ code: number | string; stdout: string; stderr: string }>((resolve) => {
     execFile('blkid', ['-p', '-o', 'export', '--', path], { timeout: 30_000 }, (error, out, err) => {
       const failure = error as (NodeJS.ErrnoException & { code?: number | string }) | null;
       resolve({ code: failure ? (failure.code ?? 1) : 0, stdout: out, stderr: err });
     });
   });
-  if (code === 2) return undefined;
-  if (code === 'ENOENT') return 'data the engine cannot rule out (blkid, from util-linux, is not installed to check for a filesystem)';
-  if (code === 8) return 'several conflicting signatures (blkid -p reports an ambivalent probe)';
-  if (code !== 0) return `data the engine cannot rule out (blkid -p failed: ${(stderr || String(code)).trim()})`;
-  const values = new Map(stdout.split('\n').filter((l) => l.includes('=')).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)] as const));
+  if (code === 2) return { none: true };
+  if (code === 'ENOENT') return { unknown: 'data the engine cannot rule out (blkid, from util-linux, is not installed to check for a filesystem)' };
+  if (code === 8) return { unknown: 'several conflicting signatures (blkid -p reports an ambivalent probe)' };
+  if (code !== 0) return { unknown: `data the engine cannot rule out (blkid -p failed: ${(stderr || String(code)).trim()})` };
+  return { values: new Map(stdout.split('\n').filter((l) => l.includes('=')).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)] as const)) };
+}
+
+/** "an ext4 filesystem (UUID …)", "a dos partition table (…)": for messages. */
+export function describeSignature(signature: Signature): string | undefined {
+  if ('none' in signature) return undefined;
+  if ('unknown' in signature) return signature.unknown;
+  const values = signature.values;
   const label = values.get('LABEL');
-  const uuid = values.get('UUID');
+  const uuid = values.get('UUID') ?? values.get('PTUUID');
   const extra = [uuid ? `UUID ${uuid}` : '', label ? `label ${label}` : ''].filter(Boolean).join(', ');
-  const type = values.get('TYPE');
   const article = (word: string): string => (/^[aeiox]/i.test(word) ? 'an' : 'a');
-  if (type) return `${/_member$|^swap$|^crypto_/.test(type) ? `${article(type)} ${type} signature` : `${article(type)} ${type} filesystem`}${extra ? ` (${extra})` : ''}`;
+  const type = values.get('TYPE');
+  const suffix = extra ? ` (${extra})` : '';
+  if (type) return `${article(type)} ${type} ${/_member$|^swap$|^crypto_/.test(type) ? 'signature' : 'filesystem'}${suffix}`;
   const table = values.get('PTTYPE');
-  if (table) return `a ${table} partition table`;
+  if (table) return `a ${table} partition table${suffix}`;
   return `a signature blkid reports (${[...values.keys()].join(', ')})`;
 }
 
-/** Refuses a block device that holds a signature, unless the caller forces the overwrite. */
-export async function refuseDeviceWithData(path: string): Promise<void> {
-  const found = await deviceSignature(path);
-  if (found !== undefined) throw new TargetHoldsDataError(path, found);
+/**
+ * Whether two probes show the same disk, at another point in its life: the same filesystem UUID or the
+ * same partition-table UUID. What a rollback onto its own disk finds.
+ */
+export function sameDisk(a: Signature, b: Signature): boolean {
+  if (!('values' in a) || !('values' in b)) return false;
+  return ['UUID', 'PTUUID'].some((key) => a.values.get(key) !== undefined && a.values.get(key) === b.values.get(key));
+}
+
+/**
+ * Refuses a block device that holds a signature (TargetHoldsDataError), unless `expected` (what the restore
+ * point itself holds there) shows it is the same disk.
+ */
+export async function refuseDeviceWithData(path: string, expected?: () => Promise<Signature>): Promise<void> {
+  const found = await probeSignature(path);
+  const what = describeSignature(found);
+  if (what === undefined) return;
+  if (expected && sameDisk(found, await expected())) return;
+  throw new TargetHoldsDataError(path, what);
 }
