@@ -5,9 +5,8 @@
 import type { Repository } from '../repo-format/repository.js';
 import type { BackupRecord } from '../repo-format/backup-record.js';
 import { mapRootOf } from '../repo-format/backup-record.js';
-import { mapPageIds, readMap } from '../repo-format/block-map.js';
+import { mapPageIds, readMap, runChunks } from '../repo-format/block-map.js';
 import type { BlobLocation } from '../repo-format/index-entry.js';
-import { ID_SIZE, ZERO_ID } from '../repo-format/constants.js';
 import { InterruptedError } from './errors.js';
 import type { Interruption } from './interrupt.js';
 
@@ -43,14 +42,7 @@ export async function walkReferences(repo: Repository, records: readonly BackupR
         for await (const run of readMap(mapRootOf(disk), repo.loadPage)) {
           await interruption?.tick();
           if (run.entries === null) continue;
-          const ids: Buffer[] = [];
-          const blocks: number[] = [];
-          for (let i = 0; i < run.count; i += 1) {
-            const id = run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
-            if (ZERO_ID.equals(id)) continue;
-            ids.push(Buffer.from(id));
-            blocks.push(run.firstBlock + i);
-          }
+          const { ids, blocks } = runChunks(run);
           const locations = await repo.lookup(ids);
           ids.forEach((id, i) => visitor.chunk({ backup: record.id, disk: disk.name, offset: blocks[i]! * record.blockSize, id, location: locations[i] }));
         }

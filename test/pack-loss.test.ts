@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { copyFile, readdir, rm, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
-import { expectRestoreIdentical, parseJson, runEngine, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { exitOf, expectRestoreIdentical, parseJson, runEngine, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
 import { qcow2, qemuImgCompare, qemuIo } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -71,6 +71,20 @@ describe('a pack lost from the repository', () => {
     expect(missing[0]).toMatchObject({ pack: lost.id, affected: [{ backup: first.id, disk: 'disk.raw', chunks: 8, mapPages: 0, firstOffset: 0, lastOffset: 7 * MiB }] });
     expect(missing[0]!.message).toContain(`pack ${lost.id} is missing (8 index entries name it); backup that lost data with it: ${first.id} (disk disk.raw: 8 chunks at disk offsets 0 to ${7 * MiB})`);
     expect(report.problems.filter((p) => p.code === 'CHUNK_DAMAGED')).toHaveLength(8);
+  });
+
+  test('serve counts the chunks of the lost pack as missing from the start (and says so)', async () => {
+    const socket = join(dir, 'lost.sock');
+    const server = spawnEngine(['serve', '--repo', repo, first.id, '--socket', socket, '--json']);
+    let stdout = '';
+    let stderr = '';
+    server.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+    server.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    for (let i = 0; i < 300 && !stdout.trimEnd().endsWith('}'); i += 1) await new Promise((r) => setTimeout(r, 50));
+    server.kill('SIGTERM');
+    expect((await exitOf(server)).code).toBe(0);
+    expect(parseJson<{ exports: { name: string; missingChunks: number }[] }>(stdout).exports).toEqual([expect.objectContaining({ name: 'disk.raw', missingChunks: 8 })]);
+    expect(stderr).toContain('disk disk.raw: 8 chunks are missing (not in the index, or their pack is gone); reading them answers EIO');
   });
 
   test('the next backup does not deduplicate against it: it stores the chunks again, says so, and heals the older backup', async () => {

@@ -10,8 +10,7 @@ import type { BlockSource } from '../sources/source.js';
 import type { IncrementalPlan } from '../pipeline/backup-disk.js';
 import type { Range } from '../pipeline/map-cursors.js';
 import { auditCleanBlocks } from './audit.js';
-import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
-import { readMap, type MapRoot } from '../../repo-format/block-map.js';
+import { readMap, runChunks, type MapRoot } from '../../repo-format/block-map.js';
 import { mergeRanges } from '../pipeline/map-cursors.js';
 
 export type RequestedMode = 'full' | 'incremental' | 'differential' | 'auto';
@@ -172,14 +171,7 @@ export async function unavailableRanges(map: MapRoot, loadPage: LoadPage, availa
   const ranges: Range[] = [];
   for await (const run of readMap(map, loadPage)) {
     if (run.entries === null) continue;
-    const ids: Buffer[] = [];
-    const blocks: number[] = [];
-    for (let i = 0; i < run.count; i += 1) {
-      const id = run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
-      if (ZERO_ID.equals(id)) continue;
-      ids.push(Buffer.from(id));
-      blocks.push(run.firstBlock + i);
-    }
+    const { ids, blocks } = runChunks(run);
     const answers = await available(ids);
     answers.forEach((ok, i) => {
       if (ok) return;

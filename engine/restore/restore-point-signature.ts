@@ -11,8 +11,7 @@ import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { mapRootOf, type DiskRecord } from '../../repo-format/backup-record.js';
-import { readMap } from '../../repo-format/block-map.js';
-import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
+import { readMap, runChunks } from '../../repo-format/block-map.js';
 import type { Repository } from '../../repo-format/repository.js';
 import { probeSignature, type Signature } from './target-in-use.js';
 
@@ -28,12 +27,10 @@ export async function restorePointSignature(repo: Repository, disk: DiskRecord):
       const wanted = Math.min(PROBED_BYTES, disk.size);
       for await (const run of readMap(mapRootOf(disk), repo.loadPage)) {
         if (run.firstBlock * repo.blockSize >= wanted) break;
-        if (run.entries === null) continue;
-        for (let i = 0; i < run.count && (run.firstBlock + i) * repo.blockSize < wanted; i += 1) {
-          const id = run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
-          if (ZERO_ID.equals(id)) continue;
-          const block = run.firstBlock + i;
-          await handle.write(await repo.readBlob(Buffer.from(id), `chunk of backup disk ${disk.name} at offset ${block * repo.blockSize}`), 0, undefined, block * repo.blockSize);
+        const { ids, blocks } = runChunks(run);
+        for (const [i, block] of blocks.entries()) {
+          if (block * repo.blockSize >= wanted) break;
+          await handle.write(await repo.readBlob(ids[i]!, `chunk of backup disk ${disk.name} at offset ${block * repo.blockSize}`), 0, undefined, block * repo.blockSize);
         }
       }
     } finally {

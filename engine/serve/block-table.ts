@@ -108,7 +108,8 @@ export async function resolveBlockTable(repo: Repository, disk: DiskRecord, pack
   let missing = 0;
   let batch: { block: number; id: Buffer }[] = [];
   const lookUp = async (): Promise<void> => {
-    const locations = await repo.lookup(batch.map((b) => b.id));
+    // A chunk whose pack is gone or cut short is missing too: announced at start, answered with EIO.
+    const locations = await repo.packPresence.filter(await repo.lookup(batch.map((b) => b.id)));
     batch.forEach(({ block, id }, i) => {
       const location = locations[i];
       if (location) table.setChunk(block, id, location);

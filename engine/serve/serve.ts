@@ -116,7 +116,7 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
       exports.push(new BackupExport({ name, backupId: record.id, exportIndex, table, loader, readAheadBlocks, overlay, onLog: options.onLog }));
     }
     for (const { name, missing } of tables) {
-      if (missing > 0) options.onLog?.(`disk ${name}: ${missing} chunks are missing from the index; reading them answers EIO`);
+      if (missing > 0) options.onLog?.(`disk ${name}: ${missing} chunks are missing (not in the index, or their pack is gone); reading them answers EIO`);
     }
     server = new NbdServer({ exports, preferredBlockSize: 4096, onLog: options.onLog });
     const listenOn: ListenAddress = options.socket !== undefined ? { socket: options.socket } : { port: options.port!, host: options.host };
