@@ -358,6 +358,7 @@ function buildProgram(): Command {
           storageDomain: opts.storageDomain,
           keepDiskIds: opts.keepDiskIds,
           deviceRoot: opts.deviceRoot,
+          signal: interruptSignal(),
           onNotice: (message) => {
             if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
           },

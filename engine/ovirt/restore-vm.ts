@@ -44,6 +44,8 @@ export interface OvirtRestoreOptions {
   deviceRoot?: string | undefined;
   timeoutMs?: number | undefined;
   pollMs?: number | undefined;
+  /** SIGINT/SIGTERM: the restore of a disk stops (ENGINE_INTERRUPTED), and what this run created in oVirt is removed. */
+  signal?: AbortSignal | undefined;
   onNotice?: ((message: string) => void) | undefined;
 }
 
@@ -122,7 +124,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
         await client.post(`vms/${applianceId}/diskattachments`, 'disk_attachment', { disk: { '@_id': diskId }, interface: 'virtio', bootable: false, active: true });
         const device = await findDevice(client, applianceId, { id: diskId, alias: disk.name, size: disk.size }, options.deviceRoot ?? '/dev/disk/by-id', wait);
         // 3. Write the restore point (a new disk reads as zeros: zero blocks are skipped), flushed by restore.
-        await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: device, targetIsZeroed: true });
+        await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: device, targetIsZeroed: true, signal: options.signal });
         // 4. Detach.
         await undo(client, attachEntry, wait);
         await forget(attachEntry);
@@ -134,7 +136,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
           await track(transferEntry);
         }, wait);
         const ca = options.ovirt.caFile ? await readFile(options.ovirt.caFile) : undefined;
-        await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: url, openTarget: async () => new ImageioTarget(new URL(url), ca) });
+        await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: url, openTarget: async () => new ImageioTarget(new URL(url), ca), signal: options.signal });
         const phase = await finalizeTransfer(client, transferId, wait);
         if (phase !== 'finished_success') throw new OvirtFaultError(`image transfer ${transferId}`, 200, `the upload ended in phase ${phase}`, '');
         await forget(transferEntry!);
