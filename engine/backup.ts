@@ -18,6 +18,7 @@ import { openImageDisk } from './cbt/image-disk.js';
 import { NO_EARLIER_BACKUP, type CbtDiskJob, type CbtSession, type ChainArgs, type RequestedMode } from './cbt/chain.js';
 import { openLibvirtBackup } from './cbt/libvirt-domain.js';
 import { InterruptedError } from './errors.js';
+import { Interruption } from './interrupt.js';
 import { ENGINE_VERSION } from './version.js';
 
 export type { CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
@@ -56,8 +57,9 @@ export interface BackupOptions {
  * (ENGINE_NOT_ENCRYPTED) rather than ignored: the caller expects encryption, and the config that says
  * otherwise may have been rewritten (SPEC.md, section 18.5).
  */
-export function openBackupRepository(repo: string, passphrase: string | undefined, access: 'read' | 'exclusive'): Promise<Repository> {
-  return Repository.open(repo, { access, command: 'backup', passphrase, requireEncryption: passphrase !== undefined });
+export function openBackupRepository(repo: string, passphrase: string | undefined, access: 'read' | 'exclusive', signal?: AbortSignal): Promise<Repository> {
+  const interruption = new Interruption(signal, 'backup');
+  return Repository.open(repo, { access, command: 'backup', passphrase, requireEncryption: passphrase !== undefined, checkInterrupted: () => interruption.check() });
 }
 
 export interface BackupResult {
@@ -107,7 +109,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   try {
     // Before the lock: a FIFO or a socket would hang open() (and hold the lock meanwhile); refuse it now.
     for (const path of [...plainSpecs.filter((spec) => !isNbdUri(spec)), ...imagePaths]) await FileSource.check(path);
-    repo = await openBackupRepository(options.repo, options.passphrase, 'exclusive');
+    repo = await openBackupRepository(options.repo, options.passphrase, 'exclusive', options.signal);
     const notice = options.onNotice ?? (() => undefined);
     if (repo.openReport.brokeStaleLock) {
       const stale = repo.openReport.brokeStaleLock;

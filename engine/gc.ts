@@ -107,7 +107,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
   const interruption = new Interruption(options.signal, 'gc', () => 'nothing visible changed: the packs it had copied under tmp/ were removed');
   interruption.check();
   // Phase 1: mark and plan, under the lock.
-  let repo = await Repository.open(options.repo, { access: 'exclusive', command: 'gc', passphrase: options.passphrase });
+  let repo = await Repository.open(options.repo, { access: 'exclusive', command: 'gc', passphrase: options.passphrase, checkInterrupted: () => interruption.check() });
   const live = new IdPrefixSet();
   /** Referenced blobs with no indexed copy, only a quarantine record (hex ids; as many as damaged chunks). */
   const damagedReferenced = new Set<string>();
@@ -381,7 +381,7 @@ async function openWhenFree(path: string, passphrase: string | undefined, notice
   for (;;) {
     interruption.check();
     try {
-      return await Repository.open(path, { access: 'exclusive', command: 'gc', passphrase });
+      return await Repository.open(path, { access: 'exclusive', command: 'gc', passphrase, checkInterrupted: () => interruption.check() });
     } catch (error) {
       if (!(error instanceof EngineError) || error.code !== 'ENGINE_REPOSITORY_LOCKED') throw error;
       if (!told) notice(`waiting to commit: ${error.message}`);

@@ -70,7 +70,7 @@ const PROBLEM_LIMIT = 1000;
 export async function verify(options: VerifyOptions): Promise<VerifyReport> {
   const interruption = new Interruption(options.signal, 'verify', () => 'no result: it only reads, and changed nothing');
   interruption.check();
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify', passphrase: options.passphrase });
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify', passphrase: options.passphrase, checkInterrupted: () => interruption.check() });
   const report: VerifyReport = {
     ok: true,
     readData: options.readData === true,

@@ -22,7 +22,8 @@ export type CrashPoint =
   | 'repair-index-swapped' // repair's rebuilt index is in place; the old one not yet deleted
   | 'repair-pack-read' // repair entered the first pack into its new index under tmp/ (ENGINE_STOP_AT: interruption tests)
   | 'verify-pack-scanned' // verify scanned its first pack
-  | 'restore-block-written'; // restore wrote its first data block to the target
+  | 'restore-block-written' // restore wrote its first data block to the target
+  | 'index-rebuild-pack'; // an index rebuild (index/ was missing) entered its first pack under tmp/
 
 const crashAt = process.env.ENGINE_CRASH_AT;
 const failAt = process.env.ENGINE_FAIL_AT;

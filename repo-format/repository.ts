@@ -58,6 +58,11 @@ export interface OpenOptions {
    * repository whose config was rewritten as a plain one from receiving plaintext.
    */
   requireEncryption?: boolean | undefined;
+  /**
+   * Called between the packs of an index rebuild (the one long step of opening): throws to stop it (the
+   * engine's interruption check). The half-built index is removed.
+   */
+  checkInterrupted?: (() => void) | undefined;
 }
 
 export interface OpenReport {
@@ -70,6 +75,7 @@ export interface OpenReport {
 export class Repository {
   private indexStore: IndexStore | undefined;
   private lock: RepositoryLock | undefined;
+  private checkInterrupted: (() => void) | undefined;
   readonly openReport: OpenReport = {};
   /** Pack presence, checked once per pack for this open (a run): what dedupe and incrementals trust. */
   readonly packPresence: PackPresence;
@@ -139,6 +145,7 @@ export class Repository {
     const keys = config.encryption ? await Repository.unlock(root, config, options.passphrase) : undefined;
     const repo = new Repository(root, config, keys);
     await initChecksum();
+    repo.checkInterrupted = options.checkInterrupted;
     if (options.access === 'exclusive') await repo.openExclusive(options.command ?? 'engine', options.index ?? 'open');
     return repo;
   }
@@ -239,15 +246,18 @@ export class Repository {
     const index = await IndexStore.open(building, { create: true });
     let packs = 0;
     let blobs = 0;
+    let complete = false;
     try {
       await index.putMeta('repository-id', this.config.id);
       // Frames repair found damaged must not come back: deduplication would trust them again.
       const quarantined = await listQuarantine(this.root);
       for (const packId of await this.listPackIds()) {
+        this.checkInterrupted?.();
         const scan = await scanPack(this.root, packId, this.encrypted);
         const frames = scan.frames.filter((frame) => !quarantined.has(quarantineKey(packId, frame.offset)));
         packs += 1;
         blobs += frames.length;
+        if (packs === 1) crashPoint('index-rebuild-pack');
         await index.addEntries(
           frames.map((frame) => ({
             id: frame.header.id,
@@ -260,8 +270,11 @@ export class Repository {
           })),
         );
       }
+      complete = true;
     } finally {
       await index.close();
+      // An interrupted or failed rebuild leaves nothing behind (the next open starts again).
+      if (!complete) await rm(building, { recursive: true, force: true }).catch(() => undefined);
     }
     await rm(indexPath, { recursive: true, force: true });
     await rename(building, indexPath);

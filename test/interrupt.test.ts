@@ -143,6 +143,16 @@ describe('verify, repair, gc, prune', () => {
     expect((await runEngine(['verify', '--repo', repo])).code).toBe(0);
   });
 
+  test('an index rebuild (index/ missing) stops too: its half-built index removed, rebuilt by the next command', async () => {
+    await rm(join(repo, 'index'), { recursive: true });
+    const result = await interruptAt('index-rebuild-pack', ['verify', '--repo', repo]);
+    expect({ code: result.code, signal: result.signal }).toEqual({ code: 130, signal: null });
+    expect(result.stderr).toBe('engine: verify was interrupted (SIGINT); no result: it only reads, and changed nothing\n');
+    await expectReleased();
+    await expect(stat(join(repo, 'index'))).rejects.toThrow();
+    expect((await runEngine(['verify', '--repo', repo])).code).toBe(0);
+  });
+
   test('gc between its phases: its registration in writers/ released, nothing visible changed', async () => {
     const scratch = join(dir, 'gc.raw');
     await sparseFile(scratch, 4 * MiB);

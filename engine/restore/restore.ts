@@ -155,7 +155,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   checkRollbackOptions(options);
   const interruption = new Interruption(options.signal, 'restore');
   interruption.check();
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'restore', passphrase: options.passphrase });
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'restore', passphrase: options.passphrase, checkInterrupted: () => interruption.check() });
   let pool: BlockPool | undefined;
   let plan: TargetPlan | undefined;
   let succeeded = false;
