@@ -7,11 +7,12 @@
  * whole job would have finished".
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { access, readdir, rm, stat } from 'node:fs/promises';
+import { access, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { exitOf, parseJson, runEngine, sh, sparseFile, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
 import { qemuNbd, type Export } from './qemu.js';
+import { stopProcess } from '../dist/engine/process.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 256 * MiB;
@@ -200,6 +201,26 @@ describe('sources that would hang', () => {
     if (outcome === 'hung') child.kill('SIGKILL');
     expect(outcome).toEqual({ code: 1, signal: null });
     expect(out.stderr()).toBe(`engine: cannot read source ${fifo}: it is a FIFO, not a regular file or a block device (give one, or an NBD URI)\n`);
+    await expectReleased();
+  });
+
+  test('one long wait is interruptible too: an export whose extents come slowly (nbdkit delay-extents), SIGINT before the first block', async () => {
+    const socket = join(dir, 'slow-extents.sock');
+    const pidFile = join(dir, 'slow-extents.pid');
+    // 256 TiB of holes, each BLOCK_STATUS answered after 50 ms: the extents of the first hole come in hours.
+    await sh('nbdkit', ['-U', socket, '-P', pidFile, '--filter=delay', 'memory', '256T', 'delay-extents=50ms']);
+    const pid = Number((await readFile(pidFile, 'utf8')).trim());
+    exportsToStop.push({ uri: '', socket, stop: () => stopProcess(pid) });
+    const child = spawnEngine(['backup', '--repo', repo, '--source', `nbd+unix:///?socket=${socket}`, '--name', 'slow']);
+    const out = collect(child);
+    for (let i = 0; i < 300 && !(await access(join(repo, 'lock')).then(() => true, () => false)); i += 1) await new Promise((r) => setTimeout(r, 20));
+    await new Promise((r) => setTimeout(r, 1000)); // the pipeline is waiting for its first extent
+    child.kill('SIGINT');
+    const bound = new Promise<'still running'>((resolve) => setTimeout(() => resolve('still running'), 20_000).unref());
+    const outcome = await Promise.race([exitOf(child), bound]);
+    if (outcome === 'still running') child.kill('SIGKILL');
+    expect(outcome).toEqual({ code: 130, signal: null });
+    expect(out.stderr()).toContain('engine: backup was interrupted (SIGINT); nothing of it was committed\n');
     await expectReleased();
   });
 
