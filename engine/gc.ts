@@ -371,7 +371,7 @@ async function mark(repo: Repository, records: readonly BackupRecord[], live: Id
     mapDamaged: (backup, disk, error) => {
       refusal ??= new CorruptMetadataError(`the map of backup ${backup}, disk ${disk}`, `${error.message}; gc cannot tell which chunks it needs and deletes nothing (run engine repair)`);
     },
-  }, undefined, interruption);
+  }, { interruption });
   if (refusal) throw refusal;
 }
 

@@ -27,12 +27,18 @@ export interface ReferenceVisitor {
 }
 
 /**
- * `interruption`: checked per page and per run of the map (an InterruptedError is not taken for a damaged
- * map, it ends the walk).
+ * `onRecord`: progress, before each record. `interruption`: checked per page and per run of the map (an
+ * InterruptedError is not taken for a damaged map: it ends the walk).
  */
-export async function walkReferences(repo: Repository, records: readonly BackupRecord[], visitor: ReferenceVisitor, onRecord?: (n: number) => void, interruption?: Interruption): Promise<void> {
+export async function walkReferences(
+  repo: Repository,
+  records: readonly BackupRecord[],
+  visitor: ReferenceVisitor,
+  options: { onRecord?: (n: number) => void; interruption?: Interruption } = {},
+): Promise<void> {
+  const interruption = options.interruption;
   for (const [n, record] of records.entries()) {
-    onRecord?.(n);
+    options.onRecord?.(n);
     for (const disk of record.disks) {
       try {
         for await (const { id } of mapPageIds(mapRootOf(disk), repo.loadPage)) {

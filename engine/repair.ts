@@ -25,7 +25,7 @@ import { crashPoint } from '../repo-format/crash-points.js';
 import { LAYOUT } from '../repo-format/constants.js';
 import type { IndexEntry } from '../repo-format/index-entry.js';
 import { IdPrefixSet } from './id-set.js';
-import { walkReferences } from './references.js';
+import { walkReferences, type ReferenceVisitor } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { InterruptedError } from './errors.js';
 import { Interruption } from './interrupt.js';
@@ -177,10 +177,7 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
     };
     const { backups, damaged: badRecords } = await repo.listBackups();
     for (const { id, error } of badRecords) damaged({ code: 'RECORD_DAMAGED', message: error.message, backup: id });
-    await walkReferences(
-      repo,
-      backups,
-      {
+    const stillDamaged: ReferenceVisitor = {
       page: () => undefined,
       chunk: ({ backup, disk, offset, id, location }) => {
         if (location) return;
@@ -191,10 +188,8 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
         else damaged({ code: 'CHUNK_MISSING', message: `${prefix} is missing`, backup, disk, offset, blob: hex });
       },
       mapDamaged: (backup, disk, error) => damaged({ code: 'MAP_DAMAGED', message: `backup ${backup}, disk ${disk}: ${error.message}`, backup, disk }),
-      },
-      undefined,
-      interruption,
-    );
+    };
+    await walkReferences(repo, backups, stillDamaged, { interruption });
     return report;
   } finally {
     await pool?.close().catch(() => undefined);

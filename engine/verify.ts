@@ -240,8 +240,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
         },
         mapDamaged: (backup, disk, error) => problem({ code: 'MAP_DAMAGED', message: `backup ${backup}, disk ${disk}: ${error.message}`, backup, disk }),
       },
-      (n) => options.onProgress?.({ phase: 'checking backups', done: n, total: backups.length }),
-      interruption,
+      { onRecord: (n) => options.onProgress?.({ phase: 'checking backups', done: n, total: backups.length }), interruption },
     );
     // One problem per missing pack, naming every backup that lost data with it: never cut by the limit.
     report.problems.unshift(...missingPacks.problems());

@@ -19,7 +19,7 @@ import { refuseInsideRepository } from '../write-guard.js';
 import { FileTarget, type RestoreTarget } from './file-target.js';
 import { refuseDeviceWithData } from './target-in-use.js';
 import { restorePointSignature } from './restore-point-signature.js';
-import { guardPath, planLocalTargets, removeCreatedDirectory, singleDisk, type TargetPlan } from './target-plan.js';
+import { planLocalTargets, removeCreatedDirectory, singleDisk, type TargetPlan } from './target-plan.js';
 import { NbdTarget } from './nbd-target.js';
 import { Qcow2Target } from './qcow2-target.js';
 import { planRollback } from './rollback-plan.js';
@@ -146,9 +146,7 @@ async function planRestore(repo: Repository, record: BackupRecord, options: Rest
     return { targets: singleDisk(record, options.disk, options.toQcow2).map((disk) => ({ disk, path: options.toQcow2! })), createdDirectory: null };
   }
   if (nbd) return { targets: singleDisk(record, options.disk, options.to).map((disk) => ({ disk, path: options.to })), createdDirectory: null };
-  const plan = await planLocalTargets(record, { ...guard, disk: options.disk, to: options.to });
-  for (const { path } of plan.targets) await guardPath(path, record, guard);
-  return plan;
+  return planLocalTargets(record, { ...guard, disk: options.disk, to: options.to });
 }
 
 export async function restore(options: RestoreOptions): Promise<RestoreResult> {
