@@ -7,12 +7,11 @@
  * whole job would have finished".
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { access, readdir, readFile, rm, stat } from 'node:fs/promises';
+import { access, readdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { exitOf, parseJson, runEngine, sh, sparseFile, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
 import { qemuNbd, type Export } from './qemu.js';
-import { stopProcess } from '../dist/engine/process.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 256 * MiB;
@@ -206,11 +205,11 @@ describe('sources that would hang', () => {
 
   test('one long wait is interruptible too: an export whose extents come slowly (nbdkit delay-extents), SIGINT before the first block', async () => {
     const socket = join(dir, 'slow-extents.sock');
-    const pidFile = join(dir, 'slow-extents.pid');
     // 256 TiB of holes, each BLOCK_STATUS answered after 50 ms: the extents of the first hole come in hours.
-    await sh('nbdkit', ['-U', socket, '-P', pidFile, '--filter=delay', 'memory', '256T', 'delay-extents=50ms']);
-    const pid = Number((await readFile(pidFile, 'utf8')).trim());
-    exportsToStop.push({ uri: '', socket, stop: () => stopProcess(pid) });
+    // In the foreground, tied to this process: it cannot outlive the test.
+    const nbdkit = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', socket, '--filter=delay', 'memory', '256T', 'delay-extents=50ms'], { stdio: 'ignore' });
+    exportsToStop.push({ uri: '', socket, stop: async () => void (nbdkit.exitCode === null && nbdkit.kill('SIGTERM')) });
+    for (let i = 0; i < 200 && !(await access(socket).then(() => true, () => false)); i += 1) await new Promise((r) => setTimeout(r, 25));
     const child = spawnEngine(['backup', '--repo', repo, '--source', `nbd+unix:///?socket=${socket}`, '--name', 'slow']);
     const out = collect(child);
     for (let i = 0; i < 300 && !(await access(join(repo, 'lock')).then(() => true, () => false)); i += 1) await new Promise((r) => setTimeout(r, 20));
