@@ -15,6 +15,9 @@ import { InterruptedError } from './errors.js';
 /** The longest stretch a loop may run without letting the event loop turn (signals, I/O, timers). */
 const TURN_MS = 50;
 
+/** What tick() returns when there is nothing to wait for: no promise is made per call in hot loops. */
+const NOTHING_TO_WAIT_FOR: Promise<void> = Promise.resolve();
+
 /** The signal's name when the CLI aborted on one ('SIGINT', 'SIGTERM'), for messages. */
 export function signalName(signal: AbortSignal | undefined): string | undefined {
   const reason: unknown = signal?.reason;
@@ -71,10 +74,13 @@ export class Interruption {
   }
 
   /** check(), and lets the event loop turn when the loop has run for TURN_MS without it. */
-  async tick(): Promise<void> {
+  tick(): Promise<void> {
     this.check();
-    const now = performance.now();
-    if (now - this.lastTurn < TURN_MS) return;
+    if (performance.now() - this.lastTurn < TURN_MS) return NOTHING_TO_WAIT_FOR;
+    return this.turn();
+  }
+
+  private async turn(): Promise<void> {
     await new Promise<void>((resolve) => setImmediate(resolve));
     this.lastTurn = performance.now();
     this.check();

@@ -147,7 +147,9 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
       const offset = block * blockSize;
       const length = Math.min(blockSize, source.size - offset);
       const item: InFlight = { block, slot, length, result: undefined, done: Promise.resolve() };
-      if (zeroExtents && (await interruption.race(zeroExtents.isZero(offset, length)))) {
+      // The extent at hand answers most blocks; asking the source for more extents may take long (the
+      // holes of a thin disk come merged over many requests), so that wait is interruptible.
+      if (zeroExtents && (zeroExtents.known(offset, length) ?? (await interruption.race(zeroExtents.isZero(offset, length))))) {
         // The source says this block reads as zeros (a hole, a zero cluster): record it without reading.
         item.result = { zero: true };
       } else {
