@@ -20,7 +20,7 @@ import { dirname, join, resolve } from 'node:path';
 import { CONFIG_FORMAT_NAME, LAYOUT } from '../repo-format/constants.js';
 import { isErrnoException } from '../repo-format/errors.js';
 import type { BackupRecord } from '../repo-format/backup-record.js';
-import { TargetProtectedError } from './errors.js';
+import { TargetProtectedError, TargetUnwritableError } from './errors.js';
 
 type Identity = string;
 
@@ -28,12 +28,13 @@ function identityOf(stats: BigIntStats): Identity {
   return `${stats.dev}:${stats.ino}`;
 }
 
+/** The path's stats, undefined when it does not exist; a path that cannot be checked is refused, said. */
 async function statOrUndefined(path: string): Promise<BigIntStats | undefined> {
   try {
     return await stat(path, { bigint: true });
   } catch (error) {
     if (isErrnoException(error) && (error.code === 'ENOENT' || error.code === 'ENOTDIR')) return undefined;
-    throw error;
+    throw new TargetUnwritableError(path, `it cannot be checked (${isErrnoException(error) ? error.code : String(error)})`);
   }
 }
 

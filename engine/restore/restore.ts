@@ -104,15 +104,21 @@ export class WrittenSpan {
   }
 }
 
-/** What an interrupted restore left of the target it was writing, and of the disks before it. */
-function interruptedState(target: RestoreTarget, size: number, written: WrittenSpan, done: RestoredDisk[], plan: TargetPlan): string {
+/**
+ * What an interrupted restore left: of the target it was writing (if any), and of the disks before it.
+ * A created directory left empty is removed with the failure (restore's finally).
+ */
+function interruptedState(done: readonly RestoredDisk[], plan: TargetPlan | undefined, writing?: { target: RestoreTarget; size: number; written: WrittenSpan }): string {
   const parts: string[] = [];
-  if (target.created) parts.push(`the new ${target instanceof Qcow2Target ? 'image' : 'file'} ${target.path} it was writing was removed`);
-  else if (written.empty) parts.push(`target ${target.path} was not written`);
-  else parts.push(`target ${target.path} was partially written: bytes ${written.low} to ${written.high - 1} (of ${size}) may differ from both its old content and the backup; the rest of it is unchanged`);
+  if (writing) {
+    const { target, size, written } = writing;
+    if (target.created) parts.push(`the new ${target instanceof Qcow2Target ? 'image' : 'file'} ${target.path} it was writing was removed`);
+    else if (written.empty) parts.push(`target ${target.path} was not written`);
+    else parts.push(`target ${target.path} was partially written: bytes ${written.low} to ${written.high - 1} (of ${size}) may differ from both its old content and the backup; the rest of it is unchanged`);
+  }
   for (const disk of done) parts.push(`disk ${disk.name} was restored completely to ${disk.path}`);
-  if (plan.createdDirectory !== null && done.length === 0) parts.push(`the directory ${plan.createdDirectory} it created was removed`);
-  return parts.join('; ');
+  if (plan?.createdDirectory && done.length === 0) parts.push(`the directory ${plan.createdDirectory} it created was removed`);
+  return parts.length > 0 ? parts.join('; ') : 'nothing was written';
 }
 
 function checkRollbackOptions(options: RestoreOptions): void {
@@ -151,11 +157,12 @@ async function planRestore(repo: Repository, record: BackupRecord, options: Rest
 
 export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   checkRollbackOptions(options);
-  const interruption = new Interruption(options.signal, 'restore');
+  const disks: RestoredDisk[] = [];
+  let plan: TargetPlan | undefined;
+  const interruption = new Interruption(options.signal, 'restore', () => interruptedState(disks, plan));
   interruption.check();
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'restore', passphrase: options.passphrase, checkInterrupted: () => interruption.check() });
   let pool: BlockPool | undefined;
-  let plan: TargetPlan | undefined;
   let succeeded = false;
   try {
     const record = await repo.findBackup(options.backupId);
@@ -163,7 +170,6 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
     plan = await planRestore(repo, record, options, nbd);
     if (plan.targets.length === 0) throw new DiskNotFoundError(record.id, options.disk ?? '', record.disks.map((d) => d.name));
     pool = new BlockPool({ blockSize: record.blockSize, workers: options.workers, keys: repo.keys });
-    const disks: RestoredDisk[] = [];
     const bitmapContext = options.sinceBitmap === undefined ? undefined : `qemu:dirty-bitmap:${options.sinceBitmap}`;
     for (const { disk, path } of plan.targets) {
       interruption.check();
@@ -195,7 +201,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
       } catch (error) {
         await target.discard();
         if (!(error instanceof InterruptedError)) throw error;
-        throw interruption.error(interruptedState(target, disk.size, written, disks, plan));
+        throw interruption.error(interruptedState(disks, plan, { target, size: disk.size, written }));
       }
     }
     succeeded = true;
