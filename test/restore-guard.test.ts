@@ -204,6 +204,27 @@ describe('block devices: exclusive, and never one that holds a filesystem withou
   });
 });
 
+describe('a device held as swap', () => {
+  test('is refused, and the message says so', async () => {
+    const backing = join(dir, 'swap-backing.img');
+    await sparseFile(backing, 32 * MiB);
+    const device = (await sh('losetup', ['-f', '--show', backing])).trim();
+    try {
+      await sh('mkswap', ['-q', device]);
+      await sh('swapon', [device]);
+      try {
+        const error = await restoreError(['--to', device, '--force']);
+        expect(error.code).toBe('ENGINE_TARGET_IN_USE');
+        expect(error.message).toContain('is in use as swap');
+      } finally {
+        await sh('swapoff', [device]);
+      }
+    } finally {
+      await sh('losetup', ['-d', device]);
+    }
+  });
+});
+
 describe('restoring every disk into a directory', () => {
   let multi: string;
   let second: string;
