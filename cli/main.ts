@@ -11,6 +11,7 @@ import { KEEP_RULES, type RetentionPolicy } from '../engine/retention.js';
 import { readFile } from 'node:fs/promises';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createProgress } from './progress.js';
+import { interruptSignal as processInterruptSignal } from './interrupt.js';
 import { backupJson, printBackup, printGc, printInit, printJson, printList, printMount, printProtect, printPrune, printRepair, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
 
 /**
@@ -59,6 +60,7 @@ interface RestoreCliOptions {
   toQcow2?: string;
   onlyChanged?: boolean;
   sinceBitmap?: string;
+  force?: boolean;
   ovirt?: string;
   newVm?: string;
   toVm?: string;
@@ -184,16 +186,9 @@ function countOption(rule: string): Option {
   });
 }
 
-/** SIGINT/SIGTERM abort the running operation cleanly (nothing half-committed); a second one exits at once. */
+/** SIGINT/SIGTERM stop the running operation cleanly (cli/interrupt.ts); exit code 130. */
 function interruptSignal(): AbortSignal {
-  const controller = new AbortController();
-  const onSignal = (): void => {
-    if (controller.signal.aborted) process.exit(EXIT.interrupted);
-    controller.abort();
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
-  return controller.signal;
+  return processInterruptSignal({ json: () => jsonMode });
 }
 
 function buildProgram(): Command {
@@ -347,6 +342,7 @@ function buildProgram(): Command {
     .option('--to-qcow2 <file>', 'restore into a new qcow2 image (created at the disk\'s size, written through qemu-nbd)')
     .option('--only-changed', 'rollback: read the existing target back and write only the blocks that differ from the backup')
     .option('--since-bitmap <name>', 'with --only-changed and an NBD target: write only the blocks this dirty bitmap (the checkpoint of a backup of this disk) and the maps say changed, without reading the target')
+    .option('--force', 'overwrite what holds data: a block device with a filesystem, partition table or volume signature, same-named files in the directory restored into, the backup\'s own source')
     .option('--ovirt <url>', 'restore into oVirt through this backup appliance (with --new-vm or --to-vm)')
     .option('--new-vm <name>', 'with --ovirt: create this VM from the backup\'s OVF, with new disks holding the restore point')
     .option('--to-vm <name>', 'with --ovirt and --disk: restore one disk into a new disk of this existing VM')
@@ -381,6 +377,7 @@ function buildProgram(): Command {
           storageDomain: opts.storageDomain,
           keepDiskIds: opts.keepDiskIds,
           deviceRoot: opts.deviceRoot,
+          signal: interruptSignal(),
           onNotice: (message) => {
             if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
           },
@@ -400,6 +397,7 @@ function buildProgram(): Command {
         toQcow2: opts.toQcow2,
         onlyChanged: opts.onlyChanged,
         sinceBitmap: opts.sinceBitmap,
+        force: opts.force,
         workers: opts.workers,
         signal: interruptSignal(),
         onProgress: (p) => progress.update(`restore ${p.disk}`, p.bytesDone, p.bytesTotal),
@@ -430,6 +428,7 @@ function buildProgram(): Command {
         subset: opts.subset,
         seed: opts.seed,
         workers: opts.workers,
+        signal: interruptSignal(),
         onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items'),
       });
       progress.done();
@@ -534,7 +533,7 @@ function buildProgram(): Command {
         const value = opts[`keep${rule[0]!.toUpperCase()}${rule.slice(1)}`];
         if (typeof value === 'number') policy[rule] = value;
       }
-      const report = await engine.prune({ repo: requireRepo(opts.repo), policy, dryRun: opts.dryRun, passphrase: await loadPassphrase(opts.passwordFile) });
+      const report = await engine.prune({ repo: requireRepo(opts.repo), policy, dryRun: opts.dryRun, passphrase: await loadPassphrase(opts.passwordFile), signal: interruptSignal() });
       if (jsonMode) printJson(report);
       else printPrune(report);
     });
@@ -570,6 +569,7 @@ function buildProgram(): Command {
         passphrase: await loadPassphrase(opts.passwordFile),
         rewriteBelow: opts.rewriteBelow,
         dryRun: opts.dryRun,
+        signal: interruptSignal(),
         onNotice: (message) => {
           if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
         },
@@ -588,7 +588,7 @@ function buildProgram(): Command {
     .action(async (opts: { repo?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
       const progress = createProgress({ json: jsonMode });
-      const report = await engine.repair({ repo: requireRepo(opts.repo), passphrase: await loadPassphrase(opts.passwordFile), workers: opts.workers, onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
+      const report = await engine.repair({ repo: requireRepo(opts.repo), passphrase: await loadPassphrase(opts.passwordFile), workers: opts.workers, signal: interruptSignal(), onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
       progress.done();
       if (jsonMode) printJson(report);
       else printRepair(report);
@@ -666,6 +666,7 @@ function buildProgram(): Command {
       const result = await engine.runDemo({
         dir: opts.dir,
         size: opts.size === undefined ? undefined : parseSize(opts.size),
+        signal: interruptSignal(),
         onStep: (message) => process.stdout.write(`demo: ${message}\n`),
       });
       process.stdout.write(`demo: done; ${result.backups.length} backups restored byte for byte, repository verified\n`);

@@ -107,10 +107,11 @@ export function printInit(path: string, config: RepositoryConfig): void {
 }
 
 export function restoreJson(result: RestoreResult): Record<string, unknown> {
-  return { backup: result.backup.id, disks: result.disks.map((d) => ({ ...d, rollback: d.rollback ?? null })) };
+  return { backup: result.backup.id, createdDirectory: result.createdDirectory, disks: result.disks.map((d) => ({ ...d, rollback: d.rollback ?? null })) };
 }
 
 export function printRestore(result: RestoreResult): void {
+  if (result.createdDirectory !== null) process.stdout.write(`created directory ${result.createdDirectory} for the ${result.disks.length} disks of backup ${result.backup.id}\n`);
   for (const d of result.disks) {
     const compared = d.blocksCompared > 0 ? `; ${d.blocksCompared} blocks compared` : '';
     const rollback = d.rollback ? `; bitmap ${d.rollback.bitmap} (checkpoint of ${d.rollback.baseBackup}): ${d.rollback.blocksDirty} dirty blocks, ${d.rollback.blocksChangedSinceBase} changed between the backups` : '';

@@ -12,10 +12,13 @@ import { diskNameProblem, type BackupRecord, type BackupType, type DiskCbt, type
 import { BlockPool } from './pipeline/block-pool.js';
 import { backupDisk, type DiskProgress } from './pipeline/backup-disk.js';
 import { openSource } from './sources/open-source.js';
+import { FileSource } from './sources/file-source.js';
+import { isNbdUri } from './nbd/uri.js';
 import { openImageDisk } from './cbt/image-disk.js';
-import type { CbtDiskJob, CbtProvision, CbtSession, ChainArgs, DeferredCbtDiskJob, RequestedMode } from './cbt/chain.js';
+import { NO_EARLIER_BACKUP, type CbtDiskJob, type CbtProvision, type CbtSession, type ChainArgs, type DeferredCbtDiskJob, type RequestedMode } from './cbt/chain.js';
 import { openLibvirtBackup } from './cbt/libvirt-domain.js';
 import { InterruptedError, SourceUnreadableError } from './errors.js';
+import { Interruption } from './interrupt.js';
 import { MAX_DISK_SIZE } from '../repo-format/constants.js';
 import { ENGINE_VERSION } from './version.js';
 
@@ -55,9 +58,23 @@ export interface BackupOptions {
  * (ENGINE_NOT_ENCRYPTED) rather than ignored: the caller expects encryption, and the config that says
  * otherwise may have been rewritten (SPEC.md, section 18.5).
  */
-export function openBackupRepository(repo: string, passphrase: string | undefined, access: 'read' | 'exclusive', onNotice?: (message: string) => void): Promise<Repository> {
+export function openBackupRepository(
+  repo: string,
+  passphrase: string | undefined,
+  access: 'read' | 'exclusive',
+  options: { onNotice?: ((message: string) => void) | undefined; signal?: AbortSignal | undefined } = {},
+): Promise<Repository> {
+  const interruption = new Interruption(options.signal, 'backup');
   // useReserve: false: a backup adds data, and would only fill the space set aside for prune and gc.
-  return Repository.open(repo, { access, command: 'backup', passphrase, requireEncryption: passphrase !== undefined, useReserve: false, onNotice });
+  return Repository.open(repo, {
+    access,
+    command: 'backup',
+    passphrase,
+    requireEncryption: passphrase !== undefined,
+    useReserve: false,
+    onNotice: options.onNotice,
+    checkInterrupted: () => interruption.check(),
+  });
 }
 
 export interface BackupResult {
@@ -111,8 +128,10 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   let pool: BlockPool | undefined;
   let committed = false;
   try {
+    // Before the lock: a FIFO or a socket would hang open() (and hold the lock meanwhile); refuse it now.
+    for (const path of [...plainSpecs.filter((spec) => !isNbdUri(spec)), ...imagePaths]) await FileSource.check(path);
     // A stale lock broken or an index rebuilt is said by the repository itself (notices.ts).
-    repo = await openBackupRepository(options.repo, options.passphrase, 'exclusive', options.onNotice);
+    repo = await openBackupRepository(options.repo, options.passphrase, 'exclusive', { onNotice: options.onNotice, signal: options.signal });
     const notice = options.onNotice ?? (() => undefined);
     const leftovers = await repo.removeTempFiles();
     if (leftovers > 0) notice(`removed ${leftovers} temporary files left by an interrupted writer`);
@@ -127,11 +146,13 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     checkNames(names);
     jobs.forEach((job, i) => (job.name = names[i]!));
     const name = options.name ?? options.libvirt ?? (diskCount === 1 ? basename(plainSpecs[0] ?? imagePaths[0]!) : names.join('+'));
-    // The chain of a disk continues from the newest backup of the same name that has it.
-    const history = imagePaths.length > 0 || options.libvirt !== undefined || options.provider !== undefined ? (await repo.listBackups()).backups.filter((r) => r.name === name).reverse() : [];
-    const chainArgs: ChainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize, blockId: repo.blobId };
+    // The chain of a disk continues from the newest backup of the same name that has it; an image's from
+    // the newest backup whose checkpoint bitmap the image holds, whatever its name (image-disk.ts).
+    const everything = imagePaths.length > 0 || options.libvirt !== undefined || options.provider !== undefined ? (await repo.listBackups()).backups.reverse() : [];
+    const history = everything.filter((r) => r.name === name);
+    const chainArgs: ChainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize, blockId: repo.blobId, available: (ids) => repo!.available(ids) };
     for (const [i, image] of imagePaths.entries()) {
-      const session = await openImageDisk({ image, name: names[plainSpecs.length + i]!, ...chainArgs });
+      const session = await openImageDisk({ ...chainArgs, history: everything, image, name: names[plainSpecs.length + i]!, backupName: name });
       jobs.push({ name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, session });
     }
     const provider = options.libvirt !== undefined ? (args: ChainArgs) => openLibvirtBackup({ domain: options.libvirt!, ...args }) : options.provider;
@@ -145,8 +166,10 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       if (job.source.size > MAX_DISK_SIZE) throw new SourceUnreadableError(job.source.description.path, `it reports ${job.source.size} bytes, more than the ${MAX_DISK_SIZE} (1 PiB) a backed-up disk may have`);
     };
     for (const job of jobs) if (!isPending(job)) refuseImpossibleSize(job);
+    // A chain that cannot continue is said at once (the run will take longer than usual); a first backup is
+    // a full read as expected, and the result says why once.
     const noticeFullRead = (job: DiskJob): void => {
-      if (job.cbt && job.modeReason && requested !== 'full') notice(`disk ${job.name}: full read: ${job.modeReason}`);
+      if (job.cbt && job.modeReason && requested !== 'full' && !job.modeReason.startsWith(NO_EARLIER_BACKUP)) notice(`disk ${job.name}: full read: ${job.modeReason}`);
     };
     for (const job of jobs) if (!isPending(job)) noticeFullRead(job);
 
@@ -207,6 +230,12 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     };
     for (const warning of await repo.commitBackup(record)) notice(warning);
     committed = true;
+    const lost = [...repo.packPresence.unavailable];
+    if (lost.length > 0) {
+      notice(
+        `${lost.length === 1 ? 'pack' : 'packs'} ${lost.map(([pack, why]) => `${pack} (${why})`).join(', ')}: this backup did not trust the index entries naming ${lost.length === 1 ? 'it' : 'them'}, and stored again what it found there; engine verify names the older backups that lost data, engine repair drops the dead entries`,
+      );
+    }
     for (const session of new Set(jobs.map((j) => j.session))) {
       await session?.finish().catch((error: unknown) => notice(`could not remove old checkpoints: ${(error as Error).message}`));
     }

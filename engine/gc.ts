@@ -35,6 +35,7 @@ import { GC_DEFAULT_REWRITE_BELOW, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '..
 import { IdPrefixSet } from './id-set.js';
 import { walkReferences } from './references.js';
 import { catalogueCopyOf } from './record-recovery.js';
+import { Interruption } from './interrupt.js';
 
 export interface GcOptions {
   repo: string;
@@ -44,6 +45,12 @@ export interface GcOptions {
   rewriteBelow?: number | undefined;
   /** Plan only: report what would be deleted and rewritten, change nothing. */
   dryRun?: boolean | undefined;
+  /**
+   * SIGINT/SIGTERM: gc stops within a second (ENGINE_INTERRUPTED) while it marks, copies or waits for the
+   * lock, having changed nothing visible (its copies under tmp/ are removed, its registration released).
+   * Once its index batch is written it finishes deleting what the batch unnamed (fast) before it stops.
+   */
+  signal?: AbortSignal | undefined;
   onNotice?: ((message: string) => void) | undefined;
 }
 
@@ -101,8 +108,10 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     markers: { quarantine: [], protected: [] },
   };
 
+  const interruption = new Interruption(options.signal, 'gc', () => 'nothing visible changed: the packs it had copied under tmp/ were removed');
+  interruption.check();
   // Phase 1: mark and plan, under the lock.
-  let repo = await Repository.open(options.repo, { access: 'exclusive', command: 'gc', passphrase: options.passphrase });
+  let repo = await Repository.open(options.repo, { access: 'exclusive', command: 'gc', passphrase: options.passphrase, checkInterrupted: () => interruption.check() });
   const live = new IdPrefixSet();
   /** Referenced blobs with no indexed copy, only a quarantine record (hex ids; as many as damaged chunks). */
   const damagedReferenced = new Set<string>();
@@ -114,7 +123,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
   try {
     await repo.removeTempFiles();
     const records = await recordsOrRefuse(repo, notice);
-    await mark(repo, records, live, damagedReferenced);
+    await mark(repo, records, live, damagedReferenced, interruption);
     for (const record of records) marked.add(record.id);
     report.backups = records.length;
 
@@ -122,6 +131,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     // first counts per pack (a few numbers per pack), the second keeps the entries of the packs that go.
     const tally = new Map<string, { live: number; liveBytes: number }>();
     for await (const entry of repo.index.blobs()) {
+      await interruption.tick();
       let counts = tally.get(entry.packId);
       if (!counts) tally.set(entry.packId, (counts = { live: 0, liveBytes: 0 }));
       if (live.has(entry.id)) {
@@ -133,6 +143,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     report.packs.before = packIds.length;
     const going = new Map<string, PackPlan>();
     for (const packId of packIds) {
+      await interruption.tick();
       const size = (await stat(packPath(repo.root, packId))).size;
       report.bytes.before += size;
       const counts = tally.get(packId);
@@ -150,6 +161,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     tally.clear();
     if (going.size > 0) {
       for await (const entry of repo.index.blobs()) {
+        await interruption.tick();
         const plan = going.get(entry.packId);
         if (plan) (live.has(entry.id) ? plan.live : plan.dead).push(entry);
       }
@@ -180,7 +192,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     // Phase 2: copy live frames of sparse packs, without the lock.
     const copied = new Map<string, IndexEntry[]>(); // old pack → the entries of its frames in new packs
     try {
-      await copyLiveFrames(options.repo, repo.keys, rewrite, writer!.registration.token, created, copied, report);
+      await copyLiveFrames(options.repo, repo.keys, rewrite, writer!.registration.token, created, copied, report, interruption);
     } catch (error) {
       if (!(error instanceof NoSpaceError)) throw error;
       // A full disk: no pack is rewritten this time, but dead packs are still deleted in phase 3, and the
@@ -197,7 +209,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     crashPoint('gc-copied');
 
     // Phase 3: commit, under the lock again (waiting for a running backup to finish).
-    repo = await openWhenFree(options.repo, options.passphrase, notice);
+    repo = await openWhenFree(options.repo, options.passphrase, notice, interruption);
     try {
       await repo.removeTempFiles();
       const all = await recordsOrRefuse(repo, () => undefined);
@@ -205,7 +217,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
       report.backupsCommittedDuringGc = newer.map((r) => r.id);
       report.backups = all.length;
       const liveNow = new IdPrefixSet();
-      await mark(repo, newer, liveNow, damagedReferenced);
+      await mark(repo, newer, liveNow, damagedReferenced, interruption);
 
       const put: IndexEntry[] = [];
       const del: Buffer[] = [];
@@ -253,6 +265,8 @@ export async function gc(options: GcOptions): Promise<GcReport> {
         plan.dead.forEach((e, i) => deadNamed[i] && del.push(e.id));
         report.packs.rewritten.push(plan.packId);
       }
+      // The last point to stop with nothing visible changed; from here gc finishes (renames, one batch, deletions).
+      interruption.check();
       // Write order: new packs durable under their names, then the index batch, then deletions.
       for (const pack of created) {
         if (!publish.has(pack)) continue;
@@ -334,6 +348,7 @@ async function copyLiveFrames(
   created: PackWriter[],
   copied: Map<string, IndexEntry[]>,
   report: GcReport,
+  interruption: Interruption,
 ): Promise<void> {
   let current: PackWriter | undefined;
   for (const plan of rewrite) {
@@ -342,6 +357,7 @@ async function copyLiveFrames(
     const frames: { entry: IndexEntry; bytes: Buffer }[] = [];
     plan.live.sort((a, b) => a.offset - b.offset); // phase 3 pairs plan.live[i] with moved[i]
     for (const entry of plan.live) {
+      await interruption.tick();
       try {
         const bytes = await readFrameBytes(root, entry.packId, entry.offset, entry.length);
         const opened = openBlob(bytes, entry.id, keys);
@@ -359,6 +375,7 @@ async function copyLiveFrames(
     }
     copied.set(plan.packId, moved);
     for (const { entry, bytes } of frames) {
+      await interruption.tick();
       if (!current) {
         current = new PackWriter(root, { tempPrefix: `${token}.` });
         created.push(current);
@@ -417,7 +434,7 @@ async function staleMarkers(repo: Repository, damagedReferenced: ReadonlySet<str
  * Marks every page and chunk of `records`; refuses when one is neither indexed nor known damaged. The
  * known damaged (quarantined, no indexed copy) go into `damagedReferenced`.
  */
-async function mark(repo: Repository, records: readonly BackupRecord[], live: IdPrefixSet, damagedReferenced: Set<string>): Promise<void> {
+async function mark(repo: Repository, records: readonly BackupRecord[], live: IdPrefixSet, damagedReferenced: Set<string>, interruption: Interruption): Promise<void> {
   const quarantined = new Set([...(await listQuarantine(repo.root)).values()].map((q) => q.blob).filter((b): b is string => b !== null));
   let refusal: EngineError | undefined;
   await walkReferences(repo, records, {
@@ -430,16 +447,17 @@ async function mark(repo: Repository, records: readonly BackupRecord[], live: Id
     mapDamaged: (backup, disk, error) => {
       refusal ??= new EngineError('ENGINE_CORRUPT_METADATA', `backup ${backup}, disk ${disk}: ${error.message}; gc cannot tell which chunks it needs and deletes nothing (run engine repair)`, { backup, disk });
     },
-  });
+  }, { interruption });
   if (refusal) throw refusal;
 }
 
 /** Phase 3 waits for the lock (a backup may hold it for hours): gc has work in flight and holds nothing. */
-async function openWhenFree(path: string, passphrase: string | undefined, notice: (message: string) => void): Promise<Repository> {
+async function openWhenFree(path: string, passphrase: string | undefined, notice: (message: string) => void, interruption: Interruption): Promise<Repository> {
   let told = false;
   for (;;) {
+    interruption.check();
     try {
-      return await Repository.open(path, { access: 'exclusive', command: 'gc', passphrase });
+      return await Repository.open(path, { access: 'exclusive', command: 'gc', passphrase, checkInterrupted: () => interruption.check() });
     } catch (error) {
       if (!(error instanceof EngineError) || error.code !== 'ENGINE_REPOSITORY_LOCKED') throw error;
       if (!told) notice(`waiting to commit: ${error.message}`);

@@ -25,11 +25,13 @@ import { crashPoint } from '../repo-format/crash-points.js';
 import { LAYOUT, MAX_FRAME_LENGTH, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../repo-format/constants.js';
 import type { IndexEntry } from '../repo-format/index-entry.js';
 import { IdPrefixSet } from './id-set.js';
-import { walkReferences } from './references.js';
+import { walkReferences, type ReferenceVisitor } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { restoreRecordsFromCatalogue, type RestoredRecord } from './record-recovery.js';
 import { configDamage, hasRepositoryLayout, rebuildConfig, type RecoveredConfig } from '../repo-format/config-recovery.js';
 import { acquireLock } from '../repo-format/lock.js';
+import { InterruptedError } from './errors.js';
+import { Interruption } from './interrupt.js';
 
 export interface RepairOptions {
   repo: string;
@@ -37,6 +39,12 @@ export interface RepairOptions {
   passphrase?: string | undefined;
   /** Worker threads that check frames (default: one per core). */
   workers?: number | undefined;
+  /**
+   * SIGINT/SIGTERM: repair stops within a second (ENGINE_INTERRUPTED) and says what it left: before its
+   * new index is installed, nothing changed (the half-built index is removed); once quarantine records are
+   * written it finishes installing the index first (seconds), then stops.
+   */
+  signal?: AbortSignal | undefined;
   onProgress?: ((progress: { phase: string; done: number; total: number }) => void) | undefined;
 }
 
@@ -76,6 +84,14 @@ const DAMAGE_LIMIT = 1000;
 const MAX_WALKED_PACK = PACK_HEADER_SIZE + PACK_TARGET_SIZE + MAX_FRAME_LENGTH;
 
 export async function repair(options: RepairOptions): Promise<RepairReport> {
+  let installed = false;
+  let quarantinedNow = 0;
+  const interruption = new Interruption(options.signal, 'repair', () =>
+    installed
+      ? `the new index is in place and ${quarantinedNow} frames were quarantined; the check of which backups still reference damaged data did not finish (engine verify does it)`
+      : 'nothing changed: the old index is as it was, and the half-built one was removed',
+  );
+  interruption.check();
   const configRebuilt = await rebuildLostConfig(options.repo, options.passphrase);
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'repair', index: 'skip', passphrase: options.passphrase });
   const report: RepairReport = {
@@ -91,7 +107,6 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
     ok: true,
   };
   const building = join(repo.root, LAYOUT.tmp, `index-repair.${randomBytes(4).toString('hex')}`);
-  let installed = false;
   let pool: BlockPool | undefined;
   try {
     report.tempFilesRemoved = await repo.removeTempFiles();
@@ -110,9 +125,15 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
       // Packs are checked in the workers, a few ahead of the one whose result is entered, in pack order.
       const ahead: Promise<PackCheck>[] = [];
       for (let next = 0, done = 0; done < packIds.length; done += 1) {
-        while (next < packIds.length && ahead.length <= pool.workers) ahead.push(checkPack(repo, pool, packIds[next++]!));
+        while (next < packIds.length && ahead.length <= pool.workers) {
+          const checking = checkPack(repo, pool, packIds[next++]!);
+          checking.catch(() => undefined); // an interrupted run leaves checks behind; their results no longer matter
+          ahead.push(checking);
+        }
         options.onProgress?.({ phase: 'reading packs', done, total: packIds.length });
+        await interruption.tick();
         const check = await ahead.shift()!;
+        interruption.check();
         const packId = packIds[done]!;
         if ('unreadable' in check) {
           found.push({ pack: packId, offset: 0, blob: null, why: check.unreadable, since });
@@ -128,6 +149,7 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
         }
         goodPlaces.addPack(packId, entries.map((e) => e.offset));
         await built.addEntries(entries);
+        if (done === 0) crashPoint('repair-pack-read');
         report.index.blobs += entries.length;
         report.framesChecked += check.good.length + check.damage.filter((d) => d.frame).length;
         for (const damage of check.damage) {
@@ -142,7 +164,7 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
 
     // The old index knows which blob each damaged place held, and which blobs sat where nothing good is left.
     const byPlace = new Map(found.map((f) => [quarantineKey(f.pack, f.offset), f]));
-    report.previousIndex = await forEachOldEntry(join(repo.root, LAYOUT.index), (entry) => {
+    report.previousIndex = await forEachOldEntry(join(repo.root, LAYOUT.index), interruption, (entry) => {
       const place = quarantineKey(entry.packId, entry.offset);
       if (goodPlaces.has(entry.packId, entry.offset) || already.has(place)) return;
       const damage = byPlace.get(place);
@@ -155,7 +177,10 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
       }
     });
     report.quarantined = found.filter((f) => !already.has(quarantineKey(f.pack, f.offset)));
-    // Quarantine first: an index rebuilt after a crash from here on leaves these frames out too.
+    interruption.check();
+    // From here to the installed index, an interruption waits: quarantine records without the new index
+    // would leave the old index naming frames set aside (verify: INDEX_ENTRY_BAD) for nothing.
+    quarantinedNow = report.quarantined.length;
     await addToQuarantine(repo.root, report.quarantined);
     crashPoint('repair-quarantined');
     await repo.installIndex(building);
@@ -170,7 +195,7 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
     };
     const { backups, damaged: badRecords } = await repo.listBackups();
     for (const { id, error } of badRecords) damaged({ code: 'RECORD_DAMAGED', message: `${error.message}; no good copy of it is left: \`engine forget ${id}\` removes the backup`, backup: id });
-    await walkReferences(repo, backups, {
+    const stillDamaged: ReferenceVisitor = {
       page: () => undefined,
       chunk: ({ backup, disk, offset, id, location }) => {
         if (location) return;
@@ -181,7 +206,8 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
         else damaged({ code: 'CHUNK_MISSING', message: `${prefix} is missing`, backup, disk, offset, blob: hex });
       },
       mapDamaged: (backup, disk, error) => damaged({ code: 'MAP_DAMAGED', message: `backup ${backup}, disk ${disk}: ${error.message}`, backup, disk }),
-    });
+    };
+    await walkReferences(repo, backups, stillDamaged, { interruption });
     return report;
   } finally {
     await pool?.close().catch(() => undefined);
@@ -323,7 +349,7 @@ async function restoreFromOldCatalogue(repo: Repository, path: string): Promise<
  * Streams the old index's entries to `visit` (never all in memory at once), as far as they can be read:
  * a missing or unreadable index has none, one that fails half-way those before the failure.
  */
-async function forEachOldEntry(path: string, visit: (entry: IndexEntry) => void): Promise<RepairReport['previousIndex']> {
+async function forEachOldEntry(path: string, interruption: Interruption, visit: (entry: IndexEntry) => void): Promise<RepairReport['previousIndex']> {
   let index: IndexStore;
   try {
     index = await IndexStore.open(path, { create: false });
@@ -333,9 +359,13 @@ async function forEachOldEntry(path: string, visit: (entry: IndexEntry) => void)
     return missing ? 'missing' : 'unreadable';
   }
   try {
-    for await (const entry of index.blobs()) visit(entry);
+    for await (const entry of index.blobs()) {
+      await interruption.tick();
+      visit(entry);
+    }
     return 'readable';
-  } catch {
+  } catch (error) {
+    if (error instanceof InterruptedError) throw error;
     return 'unreadable';
   } finally {
     await index.close().catch(() => undefined);

@@ -20,6 +20,9 @@ import { BlockPool } from './pipeline/block-pool.js';
 import { IdPrefixSet } from './id-set.js';
 import { foreignPackWarning, strayWarnings } from './verify-layout.js';
 import { damagedRecordProblem, recordConsistencyProblems } from './verify-records.js';
+import { Interruption } from './interrupt.js';
+import { MissingPacks } from './missing-packs.js';
+import { crashPoint } from '../repo-format/crash-points.js';
 
 export interface VerifyProblem {
   code: string;
@@ -31,6 +34,8 @@ export interface VerifyProblem {
   packOffset?: number;
   blob?: string;
 }
+
+export type { MissingPackProblem } from './missing-packs.js';
 
 export interface VerifyReport {
   ok: boolean;
@@ -66,13 +71,17 @@ export interface VerifyOptions {
   /** Seeds the subset's choice (default: random, reported so that a run can be repeated). */
   seed?: string | undefined;
   workers?: number | undefined;
+  /** SIGINT/SIGTERM: verify stops within a second (ENGINE_INTERRUPTED); it only reads, so nothing is left half-done. */
+  signal?: AbortSignal | undefined;
   onProgress?: ((progress: { phase: string; done: number; total: number }) => void) | undefined;
 }
 
 const PROBLEM_LIMIT = 1000;
 
 export async function verify(options: VerifyOptions): Promise<VerifyReport> {
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify', passphrase: options.passphrase, readWithoutLock: true });
+  const interruption = new Interruption(options.signal, 'verify', () => 'no result: it only reads, and changed nothing');
+  interruption.check();
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify', passphrase: options.passphrase, readWithoutLock: true, checkInterrupted: () => interruption.check() });
   const report: VerifyReport = {
     ok: true,
     readData: options.readData === true,
@@ -113,8 +122,10 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     const packChecks = new Set<Promise<void>>();
     let confirmedEntries = 0;
     for (const [n, packId] of packIds.entries()) {
+      await interruption.tick();
       options.onProgress?.({ phase: report.readData ? 'reading packs' : 'scanning packs', done: n, total: packIds.length });
       const scan = await scanPack(repo.root, packId, repo.encrypted);
+      if (n === 0) crashPoint('verify-pack-scanned');
       packSizes.set(packId, scan.size);
       report.packs += 1;
       const locations = await repo.lookup(scan.frames.map((f) => f.header.id));
@@ -156,7 +167,10 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       }
       if (readPacks.has(packId) && pool && scan.frames.length > 0) {
         // One pack per worker at a time: the main thread scans the next pack while the workers hash.
-        while (packChecks.size >= pool.workers) await Promise.race(packChecks);
+        while (packChecks.size >= pool.workers) {
+          await Promise.race(packChecks);
+          interruption.check();
+        }
         const check = pool
           .verifyPack({ packPath: packPath(repo.root, packId), frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) })
           .then(
@@ -184,12 +198,18 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
         );
       }
     }
-    await Promise.all(packChecks);
+    while (packChecks.size > 0) {
+      await Promise.race(packChecks);
+      interruption.check();
+    }
 
-    // 2. Index: every entry must point at its frame. Counted cheaply above; located only if the count is off.
+    // 2. Index: every entry must point at its frame. Counted cheaply above; located only if the count is
+    // off. Entries naming a pack that is gone are summed up per pack.
+    const missingPacks = new MissingPacks();
     let indexEntries = 0;
     const namedBadHeaders = new Set<string>();
     for await (const entry of repo.index.blobs()) {
+      await interruption.tick();
       indexEntries += 1;
       if (badHeaders.has(entry.packId)) namedBadHeaders.add(entry.packId);
     }
@@ -200,7 +220,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       else if (!quarantine.has(quarantineKey(packId, 0))) problem({ code: 'PACK_DAMAGED', message: `pack ${packId} is damaged at offset 0: ${scan.damage!.why}`, pack: packId, packOffset: 0 });
     }
     if (confirmedEntries !== indexEntries || damagedPacks.size > 0) {
-      await checkIndexEntries(repo, packSizes, damagedPacks, (found) => {
+      await checkIndexEntries(repo, packSizes, damagedPacks, interruption, missingPacks, (found) => {
         // Any entry that cannot deliver its blob makes the chunk damaged for every backup that uses it.
         if (found.blob) damagedBlobs.set(found.blob, found);
         problem(found);
@@ -217,9 +237,19 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       repo,
       backups,
       {
-        page: (id) => referenced.add(id),
+        page: (id, { backup, disk }) => {
+          referenced.add(id);
+          missingPacks.noteReference(id.toString('hex'), backup, disk, null);
+        },
         chunk: ({ backup, disk, offset, id, location }) => {
           const hex = id.toString('hex');
+          const lostWith = missingPacks.packOf(hex);
+          if (lostWith !== undefined) {
+            missingPacks.noteReference(hex, backup, disk, offset);
+            referenced.add(id);
+            problem({ code: 'CHUNK_DAMAGED', message: `backup ${backup}, disk ${disk}, offset ${offset}: chunk ${hex.slice(0, 16)}… is lost: its pack ${lostWith} is missing`, backup, disk, offset, blob: hex, pack: lostWith });
+            return;
+          }
           const where = { backup, disk, offset, blob: hex };
           const prefix = `backup ${backup}, disk ${disk}, offset ${offset}: chunk ${hex.slice(0, 16)}…`;
           if (location) {
@@ -234,11 +264,14 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
         },
         mapDamaged: (backup, disk, error) => problem({ code: 'MAP_DAMAGED', message: `backup ${backup}, disk ${disk}: ${error.message}`, backup, disk }),
       },
-      (n) => options.onProgress?.({ phase: 'checking backups', done: n, total: backups.length }),
+      { onRecord: (n) => options.onProgress?.({ phase: 'checking backups', done: n, total: backups.length }), interruption },
     );
+    // One problem per missing pack, naming every backup that lost data with it: never cut by the limit.
+    report.problems.unshift(...missingPacks.problems());
     report.garbage.unreferencedBlobs = 0;
     report.garbage.unreferencedBytes = 0;
     for await (const entry of repo.index.blobs()) {
+      await interruption.tick();
       if (!referenced.has(entry.id)) {
         report.garbage.unreferencedBlobs += 1;
         report.garbage.unreferencedBytes += entry.length;
@@ -261,14 +294,17 @@ async function checkIndexEntries(
   repo: Repository,
   packSizes: Map<string, number>,
   damagedPacks: Set<string>,
+  interruption: Interruption,
+  missingPacks: MissingPacks,
   problem: (p: VerifyProblem) => void,
 ): Promise<void> {
   for await (const entry of repo.index.blobs()) {
+    await interruption.tick();
     const blob = entry.id.toString('hex');
     const size = packSizes.get(entry.packId);
     const base = { code: 'INDEX_ENTRY_BAD', pack: entry.packId, packOffset: entry.offset, blob };
     if (size === undefined) {
-      problem({ ...base, message: `index entry for blob ${blob.slice(0, 16)}… points at pack ${entry.packId}, which does not exist` });
+      missingPacks.noteEntry(entry.packId, blob);
       continue;
     }
     // The length sizes the read below: an index entry never names a frame larger than any frame can be.

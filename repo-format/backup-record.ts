@@ -42,7 +42,8 @@ export interface DiskCbt {
 export interface DiskRecord {
   name: string;
   size: number;
-  source: { kind: string; path: string };
+  /** `realPath`: a local source's absolute path, symlinks resolved (recorded since restore compares targets with it). */
+  source: { kind: string; path: string; realPath?: string };
   /** What was done for this disk, whatever was asked. */
   mode: BackupType;
   /** Why a full read happened when an incremental or differential was asked; null otherwise. */

@@ -101,6 +101,20 @@ export interface MapRun {
   entries: Buffer | null;
 }
 
+/** The chunks of a run: the ids that are not ZERO_ID (copied out of the page) and their block numbers. */
+export function runChunks(run: MapRun): { ids: Buffer[]; blocks: number[] } {
+  const ids: Buffer[] = [];
+  const blocks: number[] = [];
+  if (run.entries === null) return { ids, blocks };
+  for (let i = 0; i < run.count; i += 1) {
+    const id = run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
+    if (ZERO_ID.equals(id)) continue;
+    ids.push(Buffer.from(id));
+    blocks.push(run.firstBlock + i);
+  }
+  return { ids, blocks };
+}
+
 /** Reads a map in block order, one leaf (or one zero subtree) at a time. */
 export async function* readMap(map: MapRoot, loadPage: LoadPage): AsyncGenerator<MapRun> {
   if (map.blocks === 0) return;

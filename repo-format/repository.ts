@@ -49,6 +49,7 @@ import { hasRepositoryLayout } from './config-recovery.js';
 import { noticeSink, type NoticeSink } from './notices.js';
 import { createReserve, freeBytes, releaseReserve, reserveSize } from './space-reserve.js';
 import { copyIndexForReading, privateIndexDir, removeIndexCopy, unwritableReason, withoutLockNotice, type Unwritable } from './unwritable.js';
+import { PackPresence } from './pack-presence.js';
 
 export interface OpenOptions {
   /** 'read': records only, no lock. 'exclusive': lock + index. */
@@ -75,6 +76,11 @@ export interface OpenOptions {
   readWithoutLock?: boolean | undefined;
   /** May a full disk be met by using the space reserve to take the lock (default true; backup: false, it would only fill it). */
   useReserve?: boolean | undefined;
+  /**
+   * Called between the packs of an index rebuild (the one long step of opening): throws to stop it (the
+   * engine's interruption check). The half-built index is removed.
+   */
+  checkInterrupted?: (() => void) | undefined;
 }
 
 export interface OpenReport {
@@ -101,14 +107,19 @@ export class Repository {
   /** May this command use the space reserve (OpenOptions.useReserve)? */
   private mayUseReserve = true;
   private notice: NoticeSink = noticeSink();
+  private checkInterrupted: (() => void) | undefined;
   readonly openReport: OpenReport = {};
+  /** Pack presence, checked once per pack for this open (a run): what dedupe and incrementals trust. */
+  readonly packPresence: PackPresence;
 
   private constructor(
     readonly root: string,
     readonly config: RepositoryConfig,
     /** The master keys of an encrypted repository; undefined for a plain one. */
     readonly keys: RepositoryKeys | undefined,
-  ) {}
+  ) {
+    this.packPresence = new PackPresence(root);
+  }
 
   get blockSize(): number {
     return this.config.blockSize;
@@ -178,6 +189,7 @@ export class Repository {
     await initChecksum();
     repo.notice = noticeSink(options.onNotice);
     repo.mayUseReserve = options.useReserve !== false;
+    repo.checkInterrupted = options.checkInterrupted;
     if (options.access === 'exclusive') await repo.openExclusive(options.command ?? 'engine', options.index ?? 'open', options);
     return repo;
   }
@@ -400,15 +412,18 @@ export class Repository {
     const index = await IndexStore.open(building, { create: true });
     let packs = 0;
     let blobs = 0;
+    let complete = false;
     try {
       await index.putMeta('repository-id', this.config.id);
       // Frames repair found damaged must not come back: deduplication would trust them again.
       const quarantined = await listQuarantine(this.root);
       for (const packId of await this.listPackIds()) {
+        this.checkInterrupted?.();
         const scan = await scanPack(this.root, packId, this.encrypted);
         const frames = scan.frames.filter((frame) => !quarantined.has(quarantineKey(packId, frame.offset)));
         packs += 1;
         blobs += frames.length;
+        if (packs === 1) crashPoint('index-rebuild-pack');
         await index.addEntries(
           frames.map((frame) => ({
             id: frame.header.id,
@@ -421,8 +436,11 @@ export class Repository {
           })),
         );
       }
+      complete = true;
     } finally {
       await index.close();
+      // An interrupted or failed rebuild leaves nothing behind (the next open starts again).
+      if (!complete) await rm(building, { recursive: true, force: true }).catch(() => undefined);
     }
     if (options.buildInPlace) return { packs, blobs };
     await rm(indexPath, { recursive: true, force: true });
@@ -538,6 +556,14 @@ export class Repository {
     return this.index.lookup(ids);
   }
 
+  /**
+   * Whether each blob can be read without trusting more than the index and a stat: indexed, and its pack
+   * there and long enough (PackPresence). For readers that build on a blob without reading it.
+   */
+  async available(ids: readonly Buffer[]): Promise<boolean[]> {
+    return (await this.packPresence.filter(await this.index.lookup(ids))).map((location) => location !== undefined);
+  }
+
   /** Reads, checks and opens one blob (used for map pages; data chunks go through the workers). */
   async readBlob(id: Buffer, what: string): Promise<Buffer> {
     const [location] = await this.index.lookup([id]);
@@ -551,7 +577,7 @@ export class Repository {
   readonly loadPage: LoadPage = (id) => this.readBlob(id, 'map page');
 
   createBlobWriter(packTargetSize?: number): BlobWriter {
-    return new BlobWriter(this.root, this.index, packTargetSize);
+    return new BlobWriter(this.root, this.index, packTargetSize, this.packPresence);
   }
 
   /** A StorePage that writes map pages through `writer`, skipping pages the repository already has. */

@@ -139,6 +139,7 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
         loadPage: args.loadPage,
         blockSize: args.blockSize,
         blockId: args.blockId,
+        available: args.available,
       });
       jobs.push({ name: disk.target, source, plan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt });
     }

@@ -12,6 +12,7 @@
  * half-way) removes exactly that, in reverse order, and nothing is left behind: no mount, loop device,
  * process or reader registration. The run dir is $ENGINE_RUN_DIR, /run/engine by default.
  */
+import { refuseInsideRepository } from '../write-guard.js';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, openSync } from 'node:fs';
@@ -202,6 +203,8 @@ function fileReader(path: string, size: number): { readAt: ReadAt; close: () => 
 export async function mount(options: MountOptions): Promise<MountResult> {
   const existing = await stat(options.dir).catch(() => undefined);
   if (existing && !existing.isDirectory()) throw new InvalidArgumentError(`mount point ${options.dir} is not a directory: give an empty (or new) directory`);
+  // The mount point and what mount creates under it never go inside a repository (write-guard.ts).
+  await refuseInsideRepository(options.dir, 'mount point', options.repo);
   await mkdir(options.dir, { recursive: true });
   const dir = await canonical(options.dir);
   if ((await readdir(dir)).length > 0) throw new InvalidArgumentError(`mount point ${dir} is not empty`);

@@ -291,6 +291,7 @@ async function openOvirtBackup(run: {
       loadPage: args.loadPage,
       blockSize: args.blockSize,
       blockId: args.blockId,
+      available: args.available,
     });
     return { name: disk.name, source, plan: settled.plan, mode: settled.chain.mode, modeReason: settled.chain.reason, parent: settled.chain.parent?.record.id ?? null, cbt: settled.cbt };
   };

@@ -50,6 +50,8 @@ export interface OvirtRestoreOptions {
   deviceRoot?: string | undefined;
   timeoutMs?: number | undefined;
   pollMs?: number | undefined;
+  /** SIGINT/SIGTERM: the restore of a disk stops (ENGINE_INTERRUPTED), and what this run created in oVirt is removed. */
+  signal?: AbortSignal | undefined;
   onNotice?: ((message: string) => void) | undefined;
 }
 
@@ -185,7 +187,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
           await client.post(`vms/${applianceId}/diskattachments`, 'disk_attachment', { disk: { '@_id': diskId }, interface: DiskInterface.virtio, bootable: false, active: true });
           const device = await findDevice(client, applianceId, { id: diskId, alias: disk.name, size: disk.size }, options.deviceRoot ?? '/dev/disk/by-id', wait);
           // 3. Write the restore point (a new disk reads as zeros: zero blocks are skipped), flushed by restore.
-          await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: device, targetIsZeroed: true });
+          await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: device, targetIsZeroed: true, signal: options.signal });
           // 4. Detach.
           await undo(client, attachEntry, wait, notice);
           await forget(attachEntry);
@@ -198,7 +200,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
           }, wait);
           try {
             const target = await ImageioTarget.open(transfer, ca);
-            await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: target.path, openTarget: async () => target });
+            await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: target.path, openTarget: async () => target, signal: options.signal });
             await finalizeTransfer(client, { id: transfer.id, disk: diskId, direction: 'upload' }, wait);
           } catch (error) {
             // A failed upload is cancelled; oVirt then removes its disk (TransferDiskImageCommand.endWithFailure).

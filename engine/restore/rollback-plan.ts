@@ -14,6 +14,7 @@ import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { Repository } from '../../repo-format/repository.js';
 import { ParentMapCursor, type Range } from '../pipeline/map-cursors.js';
 import { BlockSet } from '../block-set.js';
+import type { Interruption } from '../interrupt.js';
 
 export interface RollbackPlan {
   /** Every block to write. */
@@ -35,13 +36,18 @@ export async function backupOfCheckpoint(repo: Repository, diskName: string, bit
   );
 }
 
-export async function planRollback(repo: Repository, disk: DiskRecord, bitmap: string, dirty: AsyncIterable<Range>): Promise<RollbackPlan> {
+/** `interruption`: a long clean bitmap is walked over many NBD requests; it stops the walk within a second. */
+export async function planRollback(repo: Repository, disk: DiskRecord, bitmap: string, dirty: AsyncIterable<Range>, interruption?: Interruption): Promise<RollbackPlan> {
   const base = await backupOfCheckpoint(repo, disk.name, bitmap);
   if (base.disk.size !== disk.size) throw new InvalidArgumentError(`disk ${disk.name} was ${base.disk.size} bytes in backup ${base.record.id} and is ${disk.size} in the restore point: a rollback cannot cross a resize`);
   const blockSize = repo.blockSize;
   const blocks = Math.ceil(disk.size / blockSize);
   const write = new BlockSet();
-  for await (const range of dirty) {
+  const ranges = dirty[Symbol.asyncIterator]();
+  for (;;) {
+    const next = await (interruption ? interruption.race(ranges.next()) : ranges.next());
+    if (next.done) break;
+    const range = next.value;
     const last = Math.min(blocks - 1, Math.floor((range.offset + range.length - 1) / blockSize));
     for (let block = Math.floor(range.offset / blockSize); block <= last; block += 1) write.add(block);
   }
@@ -50,6 +56,7 @@ export async function planRollback(repo: Repository, disk: DiskRecord, bitmap: s
   const baseMap = new ParentMapCursor(mapRootOf(base.disk), repo.loadPage);
   for await (const run of readMap(mapRootOf(disk), repo.loadPage)) {
     for (let i = 0; i < run.count; i += 1) {
+      await interruption?.tick();
       const block = run.firstBlock + i;
       const entry = run.entries === null ? ZERO_ID : run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
       if (entry.equals(await baseMap.entry(block))) continue;

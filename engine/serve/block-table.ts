@@ -168,7 +168,8 @@ export class BlockTableResolver {
     this.memoryBytes += count * BYTES_PER_BLOCK;
     const wanted: number[] = [];
     for (let i = 0; i < count; i += 1) if (!ZERO_ID.equals(page.subarray(i * ID_SIZE, (i + 1) * ID_SIZE))) wanted.push(i);
-    const locations = await this.repo.lookup(wanted.map((i) => page.subarray(i * ID_SIZE, (i + 1) * ID_SIZE)));
+    // A chunk whose pack is gone or cut short is missing too: announced at start, answered with EIO.
+    const locations = await this.repo.packPresence.filter(await this.repo.lookup(wanted.map((i) => page.subarray(i * ID_SIZE, (i + 1) * ID_SIZE))));
     wanted.forEach((i, n) => {
       const location = locations[n];
       if (!location) {

@@ -13,6 +13,7 @@
  * Access: a private Unix socket by default; TCP only with TLS and client authentication unless the caller
  * says `insecure` (listen-policy.ts), checked before the repository is opened.
  */
+import { refuseInsideRepository } from '../write-guard.js';
 import { unlinkSync } from 'node:fs';
 import { registerReader, type RegisteredReader } from '../../repo-format/readers.js';
 import { Repository } from '../../repo-format/repository.js';
@@ -109,8 +110,11 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
   const plan = planListen(options);
   const warn = (message: string): void => options.onLog?.(message);
   const tlsCredentials: NbdTlsCredentials | undefined = plan.tls ? await loadTlsCredentials(options.tls ?? {}, 'server', warn) : undefined;
-  // A path that cannot be used is said before the repository is opened.
-  if ('socket' in plan.address) await prepareSocketPath(plan.address.socket, warn);
+  // A path that cannot be used is said before the repository is opened; one inside a repository is never
+  // touched (not even a stale socket there replaced).
+  const socket = 'socket' in plan.address ? plan.address.socket : undefined;
+  await refuseServeFilesInRepository(options, socket);
+  if (socket !== undefined) await prepareSocketPath(socket, warn);
   const { record, tables, tableBytes, reader, root, blockSize, keys } = await resolveUnderLock(options);
   const overlays: Overlay[] = [];
   let pool: BlockPool | undefined;
@@ -126,7 +130,7 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
       exports.push(new BackupExport({ name, backupId: record.id, exportIndex, table, loader, readAheadBlocks, overlay, onLog: options.onLog }));
     }
     for (const { name, missing } of tables) {
-      if (missing > 0) options.onLog?.(`disk ${name}: ${missing} chunks are missing from the index; reading them answers EIO`);
+      if (missing > 0) options.onLog?.(`disk ${name}: ${missing} chunks are missing (not in the index, or their pack is gone); reading them answers EIO`);
     }
     server = new NbdServer({ exports, preferredBlockSize: 4096, tls: tlsCredentials, onLog: options.onLog });
     const listenOn: ListenAddress = 'defaultSocket' in plan.address ? { socket: await defaultSocketPath(record.id) } : plan.address;
@@ -177,4 +181,10 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     await reader?.release();
     throw error;
   }
+}
+
+/** The socket and the overlay are files serve creates where it is told: never inside a repository (write-guard.ts). */
+async function refuseServeFilesInRepository(options: ServeOptions, socket: string | undefined): Promise<void> {
+  if (socket !== undefined) await refuseInsideRepository(socket, 'serve socket', options.repo);
+  if (options.overlayDir !== undefined) await refuseInsideRepository(options.overlayDir, 'overlay directory', options.repo);
 }
