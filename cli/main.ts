@@ -4,7 +4,7 @@
  */
 import { Command, CommanderError, Option } from 'commander';
 import { EngineError, InvalidArgumentError } from '../repo-format/errors.js';
-import { onNotice } from '../repo-format/notices.js';
+import { setNoticeSink } from '../repo-format/notices.js';
 import { displayText } from '../repo-format/display-text.js';
 import { forTerminal, terminalLine } from './terminal.js';
 import { checkLocalPath } from '../repo-format/local-path.js';
@@ -13,6 +13,7 @@ import { formatBytes, parseSize } from '../engine/units.js';
 import { KEEP_RULES, type RetentionPolicy } from '../engine/retention.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createProgress } from './progress.js';
+import { interruptSignal as processInterruptSignal } from './interrupt.js';
 import { backupJson, count, printBackup, printGc, printInit, printJson, printList, printMount, printProtect, printPrune, printRepair, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
 
 /**
@@ -42,6 +43,8 @@ const engine = {
   setProtection: lazy(() => import('../engine/protect.js'), 'setProtection'),
   gc: lazy(() => import('../engine/gc.js'), 'gc'),
   repair: lazy(() => import('../engine/repair.js'), 'repair'),
+  unlock: lazy(() => import('../engine/unlock.js'), 'unlock'),
+  forget: lazy(() => import('../engine/forget.js'), 'forget'),
   ovirtCleanup: lazy(() => import('../engine/ovirt/cleanup.js'), 'ovirtCleanup'),
   primitivesReport: lazy(() => import('../engine/primitives-bench.js'), 'primitivesReport'),
   runDemo: lazy(() => import('../engine/demo.js'), 'runDemo'),
@@ -59,6 +62,7 @@ interface RestoreCliOptions {
   toQcow2?: string;
   onlyChanged?: boolean;
   sinceBitmap?: string;
+  force?: boolean;
   ovirt?: string;
   newVm?: string;
   toVm?: string;
@@ -221,16 +225,9 @@ function countOption(rule: string): Option {
   return new Option(`--keep-${rule} <n>`, `keep ${rule === 'last' ? 'the n newest backups' : `the newest backup of each of the n newest ${rule === 'daily' ? 'days' : rule.replace(/ly$/, 's')} that have one (UTC)`}`).argParser(integerParser(`--keep-${rule}`, 0, MAX_KEEP));
 }
 
-/** SIGINT/SIGTERM abort the running operation cleanly (nothing half-committed); a second one exits at once. */
+/** SIGINT/SIGTERM stop the running operation cleanly (cli/interrupt.ts); exit code 130. */
 function interruptSignal(): AbortSignal {
-  const controller = new AbortController();
-  const onSignal = (): void => {
-    if (controller.signal.aborted) process.exit(EXIT.interrupted);
-    controller.abort();
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
-  return controller.signal;
+  return processInterruptSignal({ json: () => jsonMode });
 }
 
 function buildProgram(): Command {
@@ -380,11 +377,12 @@ function buildProgram(): Command {
     .option('--to-qcow2 <file>', 'restore into a new qcow2 image (created at the disk\'s size, written through qemu-nbd)')
     .option('--only-changed', 'rollback: read the existing target back and write only the blocks that differ from the backup')
     .option('--since-bitmap <name>', 'with --only-changed and an NBD target: write only the blocks this dirty bitmap (the checkpoint of a backup of this disk) and the maps say changed, without reading the target')
+    .option('--force', 'overwrite what holds data: a block device with a filesystem, partition table or volume signature, same-named files in the directory restored into, the backup\'s own source')
     .option('--ovirt <url>', 'restore into oVirt through this backup appliance (with --new-vm or --to-vm)')
     .option('--new-vm <name>', 'with --ovirt: create this VM from the backup\'s OVF, with new disks holding the restore point')
     .option('--to-vm <name>', 'with --ovirt and --disk: restore one disk into a new disk of this existing VM')
     .option('--cluster <name>', 'with --new-vm: the cluster (default: Default)')
-    .option('--storage-domain <name>', 'with --ovirt: where the new disks go (default: the first data domain)')
+    .option('--storage-domain <name>', 'with --ovirt: where the new disks go (default: the active data domain with the most room in the data centre of the cluster)')
     .option('--keep-disk-ids', 'with --new-vm: give the new disks their original ids (the OVF import then attaches them itself)')
     .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM')
     .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id').argParser(localPath('--device-root')))
@@ -414,6 +412,7 @@ function buildProgram(): Command {
           storageDomain: opts.storageDomain,
           keepDiskIds: opts.keepDiskIds,
           deviceRoot: opts.deviceRoot,
+          signal: interruptSignal(),
           onNotice: printNotice,
         });
         if (jsonMode) printJson(result);
@@ -434,6 +433,7 @@ function buildProgram(): Command {
         toQcow2: opts.toQcow2,
         onlyChanged: opts.onlyChanged,
         sinceBitmap: opts.sinceBitmap,
+        force: opts.force,
         workers: opts.workers,
         signal: interruptSignal(),
         onProgress: (p) => progress.update(`restore ${p.disk}`, p.bytesDone, p.bytesTotal),
@@ -464,11 +464,12 @@ function buildProgram(): Command {
         subset: opts.subset,
         seed: opts.seed,
         workers: opts.workers,
+        signal: interruptSignal(),
         onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items'),
       });
       progress.done();
       if (jsonMode) printJson(report);
-      else printVerify(forTerminal(report), displayText(requireRepo(opts.repo)));
+      else printVerify(forTerminal(report));
       if (!report.ok) process.exitCode = EXIT.integrity;
     });
 
@@ -564,7 +565,7 @@ function buildProgram(): Command {
         const value = opts[`keep${rule[0]!.toUpperCase()}${rule.slice(1)}`];
         if (typeof value === 'number') policy[rule] = value;
       }
-      const report = await engine.prune({ repo: requireRepo(opts.repo), policy, dryRun: opts.dryRun, passphrase: await loadPassphrase(opts.passwordFile) });
+      const report = await engine.prune({ repo: requireRepo(opts.repo), policy, dryRun: opts.dryRun, passphrase: await loadPassphrase(opts.passwordFile), signal: interruptSignal() });
       if (jsonMode) printJson(report);
       else printPrune(forTerminal(report));
     });
@@ -600,6 +601,7 @@ function buildProgram(): Command {
         passphrase: await loadPassphrase(opts.passwordFile),
         rewriteBelow: opts.rewriteBelow,
         dryRun: opts.dryRun,
+        signal: interruptSignal(),
         onNotice: printNotice,
       });
       if (jsonMode) printJson(report);
@@ -616,11 +618,40 @@ function buildProgram(): Command {
     .action(async (opts: { repo?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
       const progress = createProgress({ json: jsonMode });
-      const report = await engine.repair({ repo: requireRepo(opts.repo), passphrase: await loadPassphrase(opts.passwordFile), workers: opts.workers, onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
+      const report = await engine.repair({ repo: requireRepo(opts.repo), passphrase: await loadPassphrase(opts.passwordFile), workers: opts.workers, signal: interruptSignal(), onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
       progress.done();
       if (jsonMode) printJson(report);
       else printRepair(forTerminal(report));
       if (!report.ok) process.exitCode = EXIT.integrity;
+    });
+
+  program
+    .command('unlock')
+    .description('say what holds the repository and remove stale locks and registrations; --force also those that cannot be proven stale (another host\'s, an older engine\'s)')
+    .addOption(repoOption())
+    .option('--force', 'also remove a lock whose holder cannot be proven gone (another host, an older engine, even a running process): only when you know it no longer works on the repository')
+    .option('--json', 'print JSON')
+    .action(async (opts: { repo?: string; force?: boolean; json?: boolean }) => {
+      jsonMode = opts.json === true;
+      const report = await engine.unlock({ repo: requireRepo(opts.repo), force: opts.force });
+      if (jsonMode) printJson(report);
+      else (await import('./output-resilience.js')).printUnlock(forTerminal(report));
+      if (report.locked) process.exitCode = EXIT.locked;
+    });
+
+  program
+    .command('forget')
+    .description('remove one backup by id, also one whose record is damaged (prune removes by policy); gc then reclaims its space')
+    .addOption(repoOption())
+    .argument('<backup-id>', 'backup id or a unique prefix of it')
+    .option('--force', 'forget a damaged record even when the index holds a good copy that engine repair would restore')
+    .addOption(passwordFileOption())
+    .option('--json', 'print JSON')
+    .action(async (id: string, opts: { repo?: string; force?: boolean; json?: boolean; passwordFile?: string }) => {
+      jsonMode = opts.json === true;
+      const result = await engine.forget({ repo: requireRepo(opts.repo), backupId: id, force: opts.force, passphrase: await loadPassphrase(opts.passwordFile) });
+      if (jsonMode) printJson(result);
+      else (await import('./output-resilience.js')).printForget(forTerminal(result));
     });
 
   const ovirt = program.command('ovirt').description('oVirt housekeeping');
@@ -665,6 +696,7 @@ function buildProgram(): Command {
       const result = await engine.runDemo({
         dir: opts.dir,
         size: opts.size === undefined ? undefined : sizeArgument('--size', opts.size, 1, 1024 ** 4),
+        signal: interruptSignal(),
         onStep: (message) => process.stdout.write(`demo: ${terminalLine(message)}\n`),
       });
       process.stdout.write(`demo: done; ${count(result.backups.length, 'backup')} restored byte for byte, repository verified\n`);
@@ -705,7 +737,10 @@ function reportError(error: unknown, debug: boolean): number {
 export async function main(argv: string[]): Promise<number> {
   // Known before parsing, so that even a usage error is reported as JSON.
   jsonMode = argv.includes('--json');
-  onNotice(printNotice);
+  // What the repository does on its own (a stale lock broken, a read-only repository read without the
+  // lock, the space reserve used, a key file others can read) is said by every command, on stderr, escaped;
+  // with --json, stderr stays empty.
+  setNoticeSink(printNotice);
   const program = buildProgram();
   try {
     await program.parseAsync(argv);

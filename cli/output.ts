@@ -122,10 +122,11 @@ export function printInit(path: string, config: RepositoryConfig): void {
 }
 
 export function restoreJson(result: RestoreResult): Record<string, unknown> {
-  return { backup: result.backup.id, disks: result.disks.map((d) => ({ ...d, rollback: d.rollback ?? null })) };
+  return { backup: result.backup.id, createdDirectory: result.createdDirectory, disks: result.disks.map((d) => ({ ...d, rollback: d.rollback ?? null })) };
 }
 
 export function printRestore(result: RestoreResult): void {
+  if (result.createdDirectory !== null) process.stdout.write(`created directory ${result.createdDirectory} for the ${result.disks.length} disks of backup ${result.backup.id}\n`);
   for (const d of result.disks) {
     const compared = d.blocksCompared > 0 ? `; ${count(d.blocksCompared, 'block')} compared` : '';
     const rollback = d.rollback ? `; bitmap ${d.rollback.bitmap} (checkpoint of ${d.rollback.baseBackup}): ${count(d.rollback.blocksDirty, 'dirty block')}, ${d.rollback.blocksChangedSinceBase} changed between the backups` : '';
@@ -133,27 +134,18 @@ export function printRestore(result: RestoreResult): void {
   }
 }
 
-/** A path as one shell word, for a command the user may paste. */
-function shellWord(text: string): string {
-  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, `'\\''`)}'`;
-}
-
-export function printVerify(report: VerifyReport, repoPath: string): void {
+export function printVerify(report: VerifyReport): void {
   const lines = [
     `checked ${count(report.backups, 'backup')}, ${count(report.packs, 'pack')}, ${count(report.blobs, 'blob')}${report.readData ? `, read ${formatBytes(report.bytesChecked)}` : ' (structure only; --read-data re-reads every chunk)'}`,
   ];
   if (report.subset) lines.push(`read the data of ${report.subset.packs} of ${report.packs} packs (${report.subset.percent}%, seed ${report.subset.seed})`);
   if (report.quarantined.length > 0) lines.push(`quarantined: ${count(report.quarantined.length, 'damaged frame')} set aside by repair`);
   for (const p of report.problems) lines.push(`ERROR ${p.code}: ${p.message}`);
+  for (const w of report.warnings) lines.push(`WARNING ${w.code}: ${w.message}`);
   const g = report.garbage;
   if (g.unreferencedBlobs > 0) lines.push(`garbage: ${count(g.unreferencedBlobs, 'unreferenced blob')} (${formatBytes(g.unreferencedBytes)}), reclaimable by a later gc`);
   if (g.unindexedPacks.length > 0) lines.push(`garbage: ${count(g.unindexedPacks.length, 'pack')} no index entry names (${formatBytes(g.unindexedBytes)}), left by an interrupted writer`);
   if (g.tempFiles.length > 0) lines.push(`garbage: ${count(g.tempFiles.length, 'temporary file')} in tmp/ left by an interrupted writer (${g.tempFiles.slice(0, 3).join(', ')})`);
-  const perms = report.permissions;
-  if (perms.loose > 0) {
-    const examples = perms.examples.slice(0, 3).map((e) => `${e.path} ${e.mode}`).join(', ');
-    lines.push(`warning: ${perms.loose === 1 ? '1 file or directory' : `${perms.loose} files and directories`} of the repository ${perms.loose === 1 ? 'is' : 'are'} open to other users (${examples}${perms.loose > 3 ? ', …' : ''}); make it private with: chmod -R go= ${shellWord(repoPath)}`);
-  }
   lines.push(report.ok ? 'no problems found' : `${count(report.problems.length, 'problem')} found`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }
@@ -230,11 +222,18 @@ export function printGc(report: GcReport): void {
 }
 
 export function printRepair(report: RepairReport): void {
+  const c = report.configRebuilt;
   const lines = [
+    ...(c
+      ? [
+          `rebuilt the config (it was ${c.why === 'missing' ? 'missing' : `damaged: ${c.why}`}${c.keptAs ? `; kept as ${c.keptAs}` : ''}): repository id ${c.id} (${c.sources.id === 'index' ? 'from the index' : 'new: the index was lost too; the next backup of each qcow2 or libvirt chain is full'}), block size ${formatBytes(c.blockSize)} (from the ${c.sources.blockSize}), format ${c.version}${c.encrypted ? ', encrypted' : ''}`,
+        ]
+      : []),
     `index rebuilt from ${count(report.index.packs, 'pack')}, ${count(report.index.blobs, 'blob')} (the old index was ${report.previousIndex}); read ${count(report.framesChecked, 'frame')}, ${formatBytes(report.bytesChecked)}`,
   ];
   for (const q of report.quarantined) lines.push(`quarantined: pack ${q.pack} offset ${q.offset}${q.blob ? ` (blob ${q.blob.slice(0, 16)}…)` : ''}: ${q.why}`);
   if (report.tempFilesRemoved > 0) lines.push(`removed ${count(report.tempFilesRemoved, 'temporary file')}`);
+  for (const r of report.recordsRestored) lines.push(`restored backup record ${r.backup} from its copy in the index (the file was damaged: ${r.was})`);
   for (const d of report.damaged) lines.push(`DAMAGED ${d.code}: ${d.message}`);
   lines.push(report.ok ? 'every backup restores' : `${count(report.damaged.length, 'damaged reference')} ${report.damaged.length === 1 ? 'remains' : 'remain'}`);
   process.stdout.write(`${lines.join('\n')}\n`);

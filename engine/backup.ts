@@ -15,14 +15,17 @@ import { type BackupRecord, type BackupType, type DiskCbt, type DiskRecord, type
 import { BlockPool } from './pipeline/block-pool.js';
 import { backupDisk, type DiskProgress } from './pipeline/backup-disk.js';
 import { openSource } from './sources/open-source.js';
+import { FileSource } from './sources/file-source.js';
 import { openImageDisk } from './cbt/image-disk.js';
-import type { CbtDiskJob, CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
+import { NO_EARLIER_BACKUP, type CbtDiskJob, type CbtProvision, type CbtSession, type ChainArgs, type DeferredCbtDiskJob, type RequestedMode } from './cbt/chain.js';
 import { openLibvirtBackup } from './cbt/libvirt-domain.js';
-import { InterruptedError } from './errors.js';
+import { InterruptedError, SourceUnreadableError } from './errors.js';
+import { Interruption } from './interrupt.js';
+import { MAX_DISK_SIZE } from '../repo-format/constants.js';
 import { ENGINE_VERSION } from './version.js';
 import type { Passphrase } from '../repo-format/passphrase.js';
 
-export type { CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
+export type { CbtProvision, CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
 
 export interface BackupOptions {
   repo: string;
@@ -37,9 +40,9 @@ export interface BackupOptions {
   /**
    * Disks prepared by a flow of its own (e.g. oVirt's backup API), given what it needs to decide each
    * disk's chain. Its session is released after its last disk, finished after the commit, rolled back on
-   * failure.
+   * failure. A deferred disk is prepared (its source opened, its chain settled) right before it is read.
    */
-  provider?: ((args: ChainArgs) => Promise<CbtSession & { disks: CbtDiskJob[] }>) | undefined;
+  provider?: ((args: ChainArgs) => Promise<CbtProvision>) | undefined;
   /** Disk names, one per source then one per image; default: each file name (or NBD export name). */
   diskNames?: string[] | undefined;
   name?: string | undefined;
@@ -58,8 +61,23 @@ export interface BackupOptions {
  * (ENGINE_NOT_ENCRYPTED) rather than ignored: the caller expects encryption, and the config that says
  * otherwise may have been rewritten (SPEC.md, section 18.5).
  */
-export function openBackupRepository(repo: string, passphrase: Passphrase | undefined, access: 'read' | 'exclusive'): Promise<Repository> {
-  return Repository.open(repo, { access, command: 'backup', passphrase, requireEncryption: passphrase !== undefined });
+export function openBackupRepository(
+  repo: string,
+  passphrase: Passphrase | undefined,
+  access: 'read' | 'exclusive',
+  options: { onNotice?: ((message: string) => void) | undefined; signal?: AbortSignal | undefined } = {},
+): Promise<Repository> {
+  const interruption = new Interruption(options.signal, 'backup');
+  // useReserve: false: a backup adds data, and would only fill the space set aside for prune and gc.
+  return Repository.open(repo, {
+    access,
+    command: 'backup',
+    passphrase,
+    requireEncryption: passphrase !== undefined,
+    useReserve: false,
+    onNotice: options.onNotice,
+    checkInterrupted: () => interruption.check(),
+  });
 }
 
 export interface BackupResult {
@@ -76,6 +94,12 @@ function checkDistinct(names: string[]): void {
 
 /** One disk to back up: a CBT job, or a plain source read whole (no CBT state), with its session if any. */
 type DiskJob = Omit<CbtDiskJob, 'cbt'> & { cbt: DiskCbt | null; session?: CbtSession };
+/** A disk of a provider that opens it only when its turn comes. */
+type PendingDiskJob = DeferredCbtDiskJob & { session: CbtSession };
+
+function isPending(job: DiskJob | PendingDiskJob): job is PendingDiskJob {
+  return 'prepare' in job;
+}
 
 function backupType(disks: DiskRecord[]): BackupType {
   if (disks.some((d) => d.mode === 'differential')) return 'differential';
@@ -106,18 +130,16 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   const requested = options.mode ?? 'auto';
   const startTime = new Date();
   const id = randomBytes(16).toString('hex');
-  const jobs: DiskJob[] = [];
+  const jobs: (DiskJob | PendingDiskJob)[] = [];
   let repo: Repository | undefined;
   let pool: BlockPool | undefined;
   let committed = false;
   try {
-    repo = await openBackupRepository(options.repo, options.passphrase, 'exclusive');
+    // Before the lock: a FIFO or a socket would hang open() (and hold the lock meanwhile); refuse it now.
+    for (const path of [...plainSpecs.filter((spec) => !isNbdUri(spec)), ...imagePaths]) await FileSource.check(path);
+    // A stale lock broken or an index rebuilt is said by the repository itself (notices.ts).
+    repo = await openBackupRepository(options.repo, options.passphrase, 'exclusive', { onNotice: options.onNotice, signal: options.signal });
     const notice = options.onNotice ?? (() => undefined);
-    if (repo.openReport.brokeStaleLock) {
-      const stale = repo.openReport.brokeStaleLock;
-      notice(`removed a stale lock of pid ${stale.pid} on ${stale.hostname} (since ${stale.since})`);
-    }
-    if (repo.openReport.rebuiltIndex) notice(`the index was missing; rebuilt it from ${repo.openReport.rebuiltIndex.packs} packs`);
     const leftovers = await repo.removeTempFiles();
     if (leftovers > 0) notice(`removed ${leftovers} temporary files left by an interrupted writer`);
 
@@ -140,11 +162,13 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       (options.libvirt !== undefined
         ? adoptName(options.libvirt, 'backup', 'the domain name', notice)
         : adoptName(diskCount === 1 ? basename(plainSpecs[0] ?? imagePaths[0]!) : names.join('+'), 'backup', 'the default backup name', notice));
-    // The chain of a disk continues from the newest backup of the same name that has it.
-    const history = imagePaths.length > 0 || options.libvirt !== undefined || options.provider !== undefined ? (await repo.listBackups()).backups.filter((r) => r.name === name).reverse() : [];
-    const chainArgs: ChainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize, blockId: repo.blobId, onNotice: notice };
+    // The chain of a disk continues from the newest backup of the same name that has it; an image's from
+    // the newest backup whose checkpoint bitmap the image holds, whatever its name (image-disk.ts).
+    const everything = imagePaths.length > 0 || options.libvirt !== undefined || options.provider !== undefined ? (await repo.listBackups()).backups.reverse() : [];
+    const history = everything.filter((r) => r.name === name);
+    const chainArgs: ChainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize, blockId: repo.blobId, available: (ids) => repo!.available(ids), onNotice: notice };
     for (const [i, image] of imagePaths.entries()) {
-      const session = await openImageDisk({ image, name: names[plainSpecs.length + i]!, ...chainArgs });
+      const session = await openImageDisk({ ...chainArgs, history: everything, image, name: names[plainSpecs.length + i]!, backupName: name });
       jobs.push({ name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, session });
     }
     const provider = options.libvirt !== undefined ? (args: ChainArgs) => openLibvirtBackup({ domain: options.libvirt!, ...args }) : options.provider;
@@ -152,14 +176,34 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       const session = await provider(chainArgs);
       for (const disk of session.disks) jobs.push({ ...disk, session });
     }
-    for (const job of jobs) if (job.cbt && job.modeReason && requested !== 'full') notice(`disk ${job.name}: full read: ${job.modeReason}`);
+    // A size no record may hold (SPEC 9) is refused before anything is read: readers would call the backup damaged.
+    // A disk opened only when its turn comes (oVirt transfers) is checked then.
+    const refuseImpossibleSize = (job: DiskJob): void => {
+      if (job.source.size > MAX_DISK_SIZE) throw new SourceUnreadableError(job.source.description.path, `it reports ${job.source.size} bytes, more than the ${MAX_DISK_SIZE} (1 PiB) a backed-up disk may have`);
+    };
+    for (const job of jobs) if (!isPending(job)) refuseImpossibleSize(job);
+    // A chain that cannot continue is said at once (the run will take longer than usual); a first backup is
+    // a full read as expected, and the result says why once.
+    const noticeFullRead = (job: DiskJob): void => {
+      if (job.cbt && job.modeReason && requested !== 'full' && !job.modeReason.startsWith(NO_EARLIER_BACKUP)) notice(`disk ${job.name}: full read: ${job.modeReason}`);
+    };
+    for (const job of jobs) if (!isPending(job)) noticeFullRead(job);
 
     pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, keys: repo.keys });
     const dataWriter = repo.createBlobWriter();
     const metaWriter = repo.createBlobWriter();
     const disks: DiskRecord[] = [];
     try {
-      for (const [i, job] of jobs.entries()) {
+      for (const [i, entry] of jobs.entries()) {
+        let job: DiskJob;
+        if (isPending(entry)) {
+          job = { ...(await entry.prepare()), session: entry.session };
+          jobs[i] = job;
+          refuseImpossibleSize(job);
+          noticeFullRead(job);
+        } else {
+          job = entry;
+        }
         const disk = await backupDisk(
           job.source,
           job.name,
@@ -202,12 +246,18 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     };
     for (const warning of await repo.commitBackup(record)) notice(warning);
     committed = true;
+    const lost = [...repo.packPresence.unavailable];
+    if (lost.length > 0) {
+      notice(
+        `${lost.length === 1 ? 'pack' : 'packs'} ${lost.map(([pack, why]) => `${pack} (${why})`).join(', ')}: this backup did not trust the index entries naming ${lost.length === 1 ? 'it' : 'them'}, and stored again what it found there; engine verify names the older backups that lost data, engine repair drops the dead entries`,
+      );
+    }
     for (const session of new Set(jobs.map((j) => j.session))) {
       await session?.finish().catch((error: unknown) => notice(`could not remove old checkpoints: ${(error as Error).message}`));
     }
     return { record };
   } finally {
-    for (const job of jobs) await job.source.dispose();
+    for (const job of jobs) if (!isPending(job)) await job.source.dispose();
     for (const session of new Set(jobs.map((j) => j.session))) {
       await session?.release().catch(() => undefined);
       if (!committed) await session?.rollback();

@@ -16,12 +16,17 @@ import { initRepository } from './init.js';
 import { restore } from './restore/restore.js';
 import { generateImage, mutateImage } from './synthetic-image.js';
 import { verify, type VerifyReport } from './verify.js';
+import { Interruption } from './interrupt.js';
+import { InterruptedError } from './errors.js';
+import { refuseInsideRepository } from './write-guard.js';
 import type { BackupRecord } from '../repo-format/backup-record.js';
 
 export interface DemoOptions {
   dir?: string | undefined;
   size?: number | undefined;
   keep?: boolean | undefined;
+  /** SIGINT/SIGTERM: the demo stops (ENGINE_INTERRUPTED) and removes its temporary directory. */
+  signal?: AbortSignal | undefined;
   onStep?: ((message: string) => void) | undefined;
 }
 
@@ -40,6 +45,10 @@ async function fileSha256(path: string): Promise<string> {
 export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const step = options.onStep ?? (() => undefined);
   if (options.dir !== undefined) checkLocalPath(options.dir, '--dir');
+  const signal = options.signal;
+  const interruption = new Interruption(signal, 'demo', () => (options.dir === undefined ? 'its temporary directory was removed' : `what it made so far stays in ${options.dir}`));
+  // The demo makes a repository, an image and restores in its directory: never inside a repository.
+  if (options.dir !== undefined) await refuseInsideRepository(options.dir, 'demo directory');
   const dir = options.dir ?? (await mkdtemp(join(tmpdir(), 'engine-demo-')));
   if (options.dir === undefined) await chmod(dir, PRIVATE_DIRECTORY_MODE);
   else await ensurePrivateDirectory(dir);
@@ -52,29 +61,35 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   step(keep ? `working in ${dir} (kept afterwards)` : `working in ${dir}, a temporary directory removed when the demo ends (--dir DIR keeps the image and the repository)`);
   try {
     step(`generating a ${size}-byte VM-like disk image at ${image}`);
-    await generateImage(image, size, 'engine-demo');
+    await generateImage(image, size, 'engine-demo', undefined, signal);
+    interruption.check();
     const firstHash = await fileSha256(image);
     step(`creating a repository at ${repo}`);
     await initRepository(repo);
-    const first = (await backup({ repo, sources: [image], name: 'demo-monday' })).record;
+    const first = (await backup({ repo, sources: [image], name: 'demo-monday', signal })).record;
     step(`backup ${first.id.slice(0, 8)}: read ${first.disks[0]!.stats.bytesRead} bytes, stored ${first.disks[0]!.stats.bytesStored} new bytes`);
     const writes = await mutateImage(image, 0.02, 'engine-demo/tuesday');
+    interruption.check();
     step(`the guest wrote ${writes.length === 1 ? 'once' : `${writes.length} times`} (2% of the disk)`);
     const secondHash = await fileSha256(image);
-    const second = (await backup({ repo, sources: [image], name: 'demo-tuesday' })).record;
+    const second = (await backup({ repo, sources: [image], name: 'demo-tuesday', signal })).record;
     step(`backup ${second.id.slice(0, 8)}: read ${second.disks[0]!.stats.bytesRead} bytes, stored ${second.disks[0]!.stats.bytesStored} new bytes (the rest deduplicated)`);
     for (const [record, expected] of [[first, firstHash], [second, secondHash]] as const) {
       const target = join(dir, `restored-${record.id.slice(0, 8)}.img`);
-      await restore({ repo, backupId: record.id, to: target });
+      await restore({ repo, backupId: record.id, to: target, signal });
       const actual = await fileSha256(target);
       if (actual !== expected) throw new EngineError('ENGINE_INTERNAL', `restore of ${record.id} differs from the image it backed up`);
       await rm(target);
       step(`restored ${record.id.slice(0, 8)} to ${target}: identical to the image it backed up (sha256 ${actual.slice(0, 16)}…); the copy is deleted again`);
     }
-    const report = await verify({ repo, readData: true });
+    const report = await verify({ repo, readData: true, signal });
     step(`verify --read-data: ${report.ok ? 'no problems' : `${report.problems.length} problems`} in ${report.packs} packs, ${report.blobs} blobs`);
     if (!report.ok) throw new EngineError('ENGINE_INTERNAL', `verify found problems: ${report.problems[0]!.message}`);
     return { dir, backups: [first, second], verify: report };
+  } catch (error) {
+    // Whichever step was interrupted, the demo as a whole is what stopped.
+    if (error instanceof InterruptedError) throw interruption.error();
+    throw error;
   } finally {
     if (!keep) {
       await rm(dir, { recursive: true, force: true });

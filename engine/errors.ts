@@ -31,9 +31,13 @@ export class DiskNotFoundError extends EngineError {
   }
 }
 
+/**
+ * SIGINT/SIGTERM (or a caller's abort) stopped an operation. `state` says what it left: by default nothing
+ * of it was committed; a restore says what became of its target, prune how many backups it removed.
+ */
 export class InterruptedError extends EngineError {
-  constructor(what: string) {
-    super('ENGINE_INTERRUPTED', `${what} was interrupted; nothing of it was committed`, { what });
+  constructor(what: string, state = 'nothing of it was committed', signal?: string) {
+    super('ENGINE_INTERRUPTED', `${what} was interrupted${signal ? ` (${signal})` : ''}; ${state}`, { what, state, ...(signal ? { signal } : {}) });
   }
 }
 
@@ -95,5 +99,29 @@ export class OvirtFaultError extends EngineError {
 export class OvirtAuthError extends EngineError {
   constructor(url: string, why: string) {
     super('ENGINE_OVIRT_AUTH', `oVirt ${url}: login failed: ${why}`, { url, why });
+  }
+}
+
+/**
+ * A target the engine never writes: inside a repository (any repository: packs, records, index), or, unless
+ * forced, the very source a backup being restored was read from.
+ */
+export class TargetProtectedError extends EngineError {
+  constructor(path: string, why: string, details: Record<string, unknown> = {}) {
+    super('ENGINE_TARGET_PROTECTED', `refusing to write ${path}: ${why}`, { path, why, ...details });
+  }
+}
+
+/** A target another user holds: a mounted or claimed block device, a file behind a loop device or locked by qemu. */
+export class TargetInUseError extends EngineError {
+  constructor(path: string, why: string) {
+    super('ENGINE_TARGET_IN_USE', `refusing to write ${path}: it is in use (${why})`, { path, why });
+  }
+}
+
+/** A target that holds data the user did not say to overwrite (a filesystem signature, an existing file); --force does. */
+export class TargetHoldsDataError extends EngineError {
+  constructor(path: string, what: string) {
+    super('ENGINE_TARGET_HOLDS_DATA', `refusing to overwrite ${path}: it holds ${what}; give --force to overwrite it`, { path, what });
   }
 }

@@ -20,9 +20,10 @@
  */
 import { stat } from 'node:fs/promises';
 import { Repository } from '../repo-format/repository.js';
-import { CorruptMetadataError, EngineError, InvalidArgumentError, MissingBlobError } from '../repo-format/errors.js';
+import { CorruptMetadataError, EngineError, InvalidArgumentError, MissingBlobError, NoSpaceError } from '../repo-format/errors.js';
+import type { RepositoryKeys } from '../repo-format/crypto.js';
 import { crashPoint } from '../repo-format/crash-points.js';
-import { deletePack, packPath, PackWriter, readFrameBytes } from '../repo-format/pack-file.js';
+import { deletePack, notOwnPack, packPath, PackWriter, readFrameBytes } from '../repo-format/pack-file.js';
 import { openBlob } from '../repo-format/blob-codec.js';
 import { listQuarantine, quarantineKey, removeFromQuarantine } from '../repo-format/quarantine.js';
 import { orphanedMarkers, removeOrphanedMarkers } from '../repo-format/protection.js';
@@ -34,6 +35,8 @@ import { GC_DEFAULT_REWRITE_BELOW, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '..
 import { IdPrefixSet } from './id-set.js';
 import { walkReferences } from './references.js';
 import type { Passphrase } from '../repo-format/passphrase.js';
+import { catalogueCopyOf } from './record-recovery.js';
+import { Interruption } from './interrupt.js';
 
 export interface GcOptions {
   repo: string;
@@ -43,6 +46,12 @@ export interface GcOptions {
   rewriteBelow?: number | undefined;
   /** Plan only: report what would be deleted and rewritten, change nothing. */
   dryRun?: boolean | undefined;
+  /**
+   * SIGINT/SIGTERM: gc stops within a second (ENGINE_INTERRUPTED) while it marks, copies or waits for the
+   * lock, having changed nothing visible (its copies under tmp/ are removed, its registration released).
+   * Once its index batch is written it finishes deleting what the batch unnamed (fast) before it stops.
+   */
+  signal?: AbortSignal | undefined;
   onNotice?: ((message: string) => void) | undefined;
 }
 
@@ -81,6 +90,8 @@ interface PackPlan {
 }
 
 const LOOKUP_BATCH = 1024;
+/** Index entries removed per batch when dead packs are deleted (about 40 bytes of the index's log each). */
+const ROUND_ENTRIES = 8192;
 
 export async function gc(options: GcOptions): Promise<GcReport> {
   const rewriteBelow = options.rewriteBelow ?? GC_DEFAULT_REWRITE_BELOW;
@@ -98,8 +109,10 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     markers: { quarantine: [], protected: [] },
   };
 
+  const interruption = new Interruption(options.signal, 'gc', () => 'nothing visible changed: the packs it had copied under tmp/ were removed');
+  interruption.check();
   // Phase 1: mark and plan, under the lock.
-  let repo = await Repository.open(options.repo, { access: 'exclusive', command: 'gc', passphrase: options.passphrase });
+  let repo = await Repository.open(options.repo, { access: 'exclusive', command: 'gc', passphrase: options.passphrase, checkInterrupted: () => interruption.check() });
   const live = new IdPrefixSet();
   /** Referenced blobs with no indexed copy, only a quarantine record (hex ids; as many as damaged chunks). */
   const damagedReferenced = new Set<string>();
@@ -110,8 +123,8 @@ export async function gc(options: GcOptions): Promise<GcReport> {
   let writer: Awaited<ReturnType<typeof registerWriter>> | undefined;
   try {
     await repo.removeTempFiles();
-    const records = await recordsOrRefuse(repo);
-    await mark(repo, records, live, damagedReferenced);
+    const records = await recordsOrRefuse(repo, notice);
+    await mark(repo, records, live, damagedReferenced, interruption);
     for (const record of records) marked.add(record.id);
     report.backups = records.length;
 
@@ -119,6 +132,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     // first counts per pack (a few numbers per pack), the second keeps the entries of the packs that go.
     const tally = new Map<string, { live: number; liveBytes: number }>();
     for await (const entry of repo.index.blobs()) {
+      await interruption.tick();
       let counts = tally.get(entry.packId);
       if (!counts) tally.set(entry.packId, (counts = { live: 0, liveBytes: 0 }));
       if (live.has(entry.id)) {
@@ -130,6 +144,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     report.packs.before = packIds.length;
     const going = new Map<string, PackPlan>();
     for (const packId of packIds) {
+      await interruption.tick();
       const size = (await stat(packPath(repo.root, packId))).size;
       report.bytes.before += size;
       const counts = tally.get(packId);
@@ -147,6 +162,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
     tally.clear();
     if (going.size > 0) {
       for await (const entry of repo.index.blobs()) {
+        await interruption.tick();
         const plan = going.get(entry.packId);
         if (plan) (live.has(entry.id) ? plan.live : plan.dead).push(entry);
       }
@@ -165,7 +181,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
       return report;
     }
     // Registered before the lock is let go, so that no other gc starts and no lock holder clears our tmp files.
-    writer = await registerWriter(repo.root, 'gc');
+    writer = await repo.withSpaceReserve(() => registerWriter(repo.root, 'gc'));
   } finally {
     await repo.close();
   }
@@ -176,56 +192,33 @@ export async function gc(options: GcOptions): Promise<GcReport> {
 
     // Phase 2: copy live frames of sparse packs, without the lock.
     const copied = new Map<string, IndexEntry[]>(); // old pack → the entries of its frames in new packs
-    let current: PackWriter | undefined;
-    for (const plan of rewrite) {
-      const moved: IndexEntry[] = [];
-      let damaged: string | undefined;
-      const frames: { entry: IndexEntry; bytes: Buffer }[] = [];
-      plan.live.sort((a, b) => a.offset - b.offset); // phase 3 pairs plan.live[i] with moved[i]
-      for (const entry of plan.live) {
-        try {
-          const bytes = await readFrameBytes(options.repo, entry.packId, entry.offset, entry.length);
-          const opened = openBlob(bytes, entry.id, repo.keys);
-          if (typeof opened === 'string') damaged = `the frame of blob ${entry.id.toString('hex').slice(0, 16)}… at offset ${entry.offset} is damaged (${opened})`;
-          else frames.push({ entry, bytes });
-        } catch (error) {
-          damaged = (error as Error).message;
-        }
-        if (damaged) break;
+    try {
+      await copyLiveFrames(options.repo, repo.keys, rewrite, writer!.registration.token, created, copied, report, interruption);
+    } catch (error) {
+      if (!(error instanceof NoSpaceError)) throw error;
+      // A full disk: no pack is rewritten this time, but dead packs are still deleted in phase 3, and the
+      // next gc rewrites with the room this one frees.
+      for (const pack of created.splice(0)) await pack.abort().catch(() => undefined);
+      copied.clear();
+      for (const plan of rewrite) {
+        if (report.packs.kept.some((k) => k.pack === plan.packId)) continue;
+        const liveBytes = plan.live.reduce((sum, e) => sum + e.length, 0);
+        report.packs.kept.push({ pack: plan.packId, why: `not rewritten: no space left for its ${liveBytes} live bytes; the next gc rewrites it with the room this one frees` });
       }
-      if (damaged) {
-        // Copying would leave the damaged blob behind; verify and repair deal with it first.
-        report.packs.kept.push({ pack: plan.packId, why: `not rewritten: ${damaged}; run engine repair` });
-        continue;
-      }
-      for (const { entry, bytes } of frames) {
-        if (!current) {
-          current = new PackWriter(options.repo, { tempPrefix: `${writer!.registration.token}.` });
-          created.push(current);
-        }
-        const before = current.entries.length;
-        await current.append(bytes, { kind: entry.kind, flags: entry.flags, rawLength: entry.rawLength, id: entry.id });
-        moved.push(current.entries[before]!);
-        if (current.byteSize >= PACK_TARGET_SIZE) {
-          await current.finish();
-          current = undefined;
-        }
-      }
-      copied.set(plan.packId, moved);
+      notice(`the repository's filesystem is full: no pack is rewritten this time; dead packs are still deleted`);
     }
-    if (current) await current.finish();
     crashPoint('gc-copied');
 
     // Phase 3: commit, under the lock again (waiting for a running backup to finish).
-    repo = await openWhenFree(options.repo, options.passphrase, notice);
+    repo = await openWhenFree(options.repo, options.passphrase, notice, interruption);
     try {
       await repo.removeTempFiles();
-      const all = await recordsOrRefuse(repo);
+      const all = await recordsOrRefuse(repo, () => undefined);
       const newer = all.filter((r) => !marked.has(r.id));
       report.backupsCommittedDuringGc = newer.map((r) => r.id);
       report.backups = all.length;
       const liveNow = new IdPrefixSet();
-      await mark(repo, newer, liveNow, damagedReferenced);
+      await mark(repo, newer, liveNow, damagedReferenced, interruption);
 
       const put: IndexEntry[] = [];
       const del: Buffer[] = [];
@@ -239,6 +232,9 @@ export async function gc(options: GcOptions): Promise<GcReport> {
         return answer;
       };
       const revived = (plan: PackPlan): IndexEntry | undefined => plan.dead.find((e) => liveNow.has(e.id));
+      // Dead packs go in rounds of a bounded batch each, their packs deleted right after: on a full disk
+      // the first round needs only a little room in the index's log, and every round frees far more.
+      const rounds: { packs: string[]; del: Buffer[] }[] = [];
       for (const plan of dead) {
         const back = revived(plan);
         if (back) {
@@ -246,7 +242,10 @@ export async function gc(options: GcOptions): Promise<GcReport> {
           continue;
         }
         const named = await stillNamed(plan.dead);
-        plan.dead.forEach((e, i) => named[i] && del.push(e.id));
+        let round = rounds[rounds.length - 1];
+        if (!round || round.del.length >= ROUND_ENTRIES) rounds.push((round = { packs: [], del: [] }));
+        round.packs.push(plan.packId);
+        plan.dead.forEach((e, i) => named[i] && round.del.push(e.id));
       }
       const publish = new Set<PackWriter>();
       for (const plan of rewrite) {
@@ -267,6 +266,8 @@ export async function gc(options: GcOptions): Promise<GcReport> {
         plan.dead.forEach((e, i) => deadNamed[i] && del.push(e.id));
         report.packs.rewritten.push(plan.packId);
       }
+      // The last point to stop with nothing visible changed; from here gc finishes (renames, one batch, deletions).
+      interruption.check();
       // Write order: new packs durable under their names, then the index batch, then deletions.
       for (const pack of created) {
         if (!publish.has(pack)) continue;
@@ -275,29 +276,48 @@ export async function gc(options: GcOptions): Promise<GcReport> {
         report.bytes.written += pack.byteSize;
       }
       crashPoint('gc-published');
-      await repo.index.applyBatch({ put, del });
+      await repo.withSpaceReserve(() => repo.index.applyBatch({ put, del }));
       crashPoint('gc-indexed');
       report.chunks.moved = put.length;
       report.chunks.removed = del.length;
 
-      // Only packs no index entry names are deleted: nothing can reach them any more.
-      const named = new Set<string>();
-      for await (const entry of repo.index.blobs()) named.add(entry.packId);
-      const unnamed = (await repo.listPackIds()).filter((id) => !named.has(id));
       await removeStaleReaders(repo.root);
       const { live: readers } = await listReaders(repo.root);
       report.readers = readers.length;
-      if (readers.length > 0) {
-        report.packs.deferred = unnamed;
-        notice(`${readers.length} ${readers.length === 1 ? 'reader is' : 'readers are'} registered (engine serve/mount): deleting ${unnamed.length === 1 ? '1 pack' : `${unnamed.length} packs`} is deferred to a later gc`);
-      } else {
-        for (const [n, packId] of unnamed.entries()) {
+      let deletions = 0;
+      /** Deletes packs no index entry names: nothing can reach them any more. Never one that is not provably a pack of this repository. */
+      const deleteUnnamed = async (packIds: readonly string[]): Promise<void> => {
+        if (readers.length > 0) {
+          report.packs.deferred.push(...packIds);
+          return;
+        }
+        const gone: string[] = [];
+        for (const packId of packIds) {
+          const foreign = await notOwnPack(repo.root, packId);
+          if (foreign) {
+            report.packs.kept.push({ pack: packId, why: `not deleted: ${foreign}` });
+            continue;
+          }
           report.bytes.deleted += (await stat(packPath(repo.root, packId)).catch(() => ({ size: 0 }))).size;
           await deletePack(repo.root, packId);
           report.packs.deleted.push(packId);
-          if (n === 0) crashPoint('gc-pack-deleted');
+          gone.push(packId);
+          if (deletions++ === 0) crashPoint('gc-pack-deleted');
         }
-        await repo.syncPackDirectories(unnamed);
+        await repo.syncPackDirectories(gone);
+      };
+      for (const round of rounds) {
+        await repo.withSpaceReserve(() => repo.index.applyBatch({ put: [], del: round.del }));
+        report.chunks.removed += round.del.length;
+        await deleteUnnamed(round.packs);
+      }
+      // The rest: rewritten packs, and packs a crash or an earlier gc left unnamed.
+      const named = new Set<string>();
+      for await (const entry of repo.index.blobs()) named.add(entry.packId);
+      const handled = new Set([...report.packs.deleted, ...report.packs.deferred, ...report.packs.kept.map((k) => k.pack)]);
+      await deleteUnnamed((await repo.listPackIds()).filter((id) => !named.has(id) && !handled.has(id)));
+      if (report.packs.deferred.length > 0) {
+        notice(`${readers.length} ${readers.length === 1 ? 'reader is' : 'readers are'} registered (engine serve/mount): deleting ${report.packs.deferred.length === 1 ? '1 pack' : `${report.packs.deferred.length} packs`} is deferred to a later gc`);
       }
       // Markers naming what no longer exists: nothing can need them (the lock is held, so no protect runs).
       const stale = await staleMarkers(repo, damagedReferenced, () => true);
@@ -315,11 +335,83 @@ export async function gc(options: GcOptions): Promise<GcReport> {
   }
 }
 
-/** gc cannot tell what a damaged record references: it refuses rather than guess. */
-async function recordsOrRefuse(repo: Repository): Promise<BackupRecord[]> {
+/**
+ * gc's phase 2: the live frames of each pack to rewrite, read at their index locations, checked in full
+ * and appended byte for byte to new packs under tmp/<token>.*, made durable there (not published). A pack
+ * holding a damaged live frame is not rewritten (repair first). Fills `copied` (old pack → the entries
+ * of its frames in the new packs, in plan.live order) and `created`.
+ */
+async function copyLiveFrames(
+  root: string,
+  keys: RepositoryKeys | undefined,
+  rewrite: readonly PackPlan[],
+  token: string,
+  created: PackWriter[],
+  copied: Map<string, IndexEntry[]>,
+  report: GcReport,
+  interruption: Interruption,
+): Promise<void> {
+  let current: PackWriter | undefined;
+  for (const plan of rewrite) {
+    const moved: IndexEntry[] = [];
+    let damaged: string | undefined;
+    const frames: { entry: IndexEntry; bytes: Buffer }[] = [];
+    plan.live.sort((a, b) => a.offset - b.offset); // phase 3 pairs plan.live[i] with moved[i]
+    for (const entry of plan.live) {
+      await interruption.tick();
+      try {
+        const bytes = await readFrameBytes(root, entry.packId, entry.offset, entry.length);
+        const opened = openBlob(bytes, entry.id, keys);
+        if (typeof opened === 'string') damaged = `the frame of blob ${entry.id.toString('hex').slice(0, 16)}… at offset ${entry.offset} is damaged (${opened})`;
+        else frames.push({ entry, bytes });
+      } catch (error) {
+        damaged = (error as Error).message;
+      }
+      if (damaged) break;
+    }
+    if (damaged) {
+      // Copying would leave the damaged blob behind; verify and repair deal with it first.
+      report.packs.kept.push({ pack: plan.packId, why: `not rewritten: ${damaged}; run engine repair` });
+      continue;
+    }
+    copied.set(plan.packId, moved);
+    for (const { entry, bytes } of frames) {
+      await interruption.tick();
+      if (!current) {
+        current = new PackWriter(root, { tempPrefix: `${token}.` });
+        created.push(current);
+      }
+      const before = current.entries.length;
+      await current.append(bytes, { kind: entry.kind, flags: entry.flags, rawLength: entry.rawLength, id: entry.id });
+      moved.push(current.entries[before]!);
+      if (current.byteSize >= PACK_TARGET_SIZE) {
+        await current.finish();
+        current = undefined;
+      }
+    }
+  }
+  if (current) await current.finish();
+}
+
+/**
+ * Every record gc must mark from. A damaged record file whose catalogue copy in the index is good is
+ * marked from that copy (it holds the bytes the backup wrote; repair puts them back). A damaged record with
+ * no good copy might reference any chunk: gc refuses rather than guess, and says how to go on (forget it:
+ * a record no one can read restores nothing).
+ */
+async function recordsOrRefuse(repo: Repository, notice: (message: string) => void): Promise<BackupRecord[]> {
   const { backups, damaged } = await repo.listBackups();
-  if (damaged.length > 0) {
-    throw new CorruptMetadataError(`backup record ${damaged[0]!.id}`, `${damaged[0]!.error.message}; gc cannot tell which chunks it needs and deletes nothing (engine verify names the damage; prune or restore the record first)`);
+  for (const { id, error } of damaged) {
+    const copy = await catalogueCopyOf(repo, id);
+    if (copy) {
+      notice(`${error.message}; gc marks from its good copy in the index (\`engine repair\` restores the file)`);
+      backups.push(copy.record);
+      continue;
+    }
+    throw new CorruptMetadataError(
+      `backup record ${id}`,
+      `${String((error as EngineError).details?.why ?? error.message)}, and the index holds no good copy of it; gc cannot tell which chunks it needs and deletes nothing: \`engine forget ${id}\` removes that backup (no one can restore from it)`,
+    );
   }
   return backups;
 }
@@ -343,7 +435,7 @@ async function staleMarkers(repo: Repository, damagedReferenced: ReadonlySet<str
  * Marks every page and chunk of `records`; refuses when one is neither indexed nor known damaged. The
  * known damaged (quarantined, no indexed copy) go into `damagedReferenced`.
  */
-async function mark(repo: Repository, records: readonly BackupRecord[], live: IdPrefixSet, damagedReferenced: Set<string>): Promise<void> {
+async function mark(repo: Repository, records: readonly BackupRecord[], live: IdPrefixSet, damagedReferenced: Set<string>, interruption: Interruption): Promise<void> {
   const quarantined = new Set([...(await listQuarantine(repo.root)).values()].map((q) => q.blob).filter((b): b is string => b !== null));
   let refusal: EngineError | undefined;
   await walkReferences(repo, records, {
@@ -354,18 +446,19 @@ async function mark(repo: Repository, records: readonly BackupRecord[], live: Id
       else refusal ??= new MissingBlobError(id.toString('hex'), `gc refuses to run: chunk of backup ${backup}, disk ${disk}, offset ${offset},`);
     },
     mapDamaged: (backup, disk, error) => {
-      refusal ??= new CorruptMetadataError(`the map of backup ${backup}, disk ${disk}`, `${error.message}; gc cannot tell which chunks it needs and deletes nothing (run engine repair)`);
+      refusal ??= new EngineError('ENGINE_CORRUPT_METADATA', `backup ${backup}, disk ${disk}: ${error.message}; gc cannot tell which chunks it needs and deletes nothing (run engine repair)`, { backup, disk });
     },
-  });
+  }, { interruption });
   if (refusal) throw refusal;
 }
 
 /** Phase 3 waits for the lock (a backup may hold it for hours): gc has work in flight and holds nothing. */
-async function openWhenFree(path: string, passphrase: Passphrase | undefined, notice: (message: string) => void): Promise<Repository> {
+async function openWhenFree(path: string, passphrase: Passphrase | undefined, notice: (message: string) => void, interruption: Interruption): Promise<Repository> {
   let told = false;
   for (;;) {
+    interruption.check();
     try {
-      return await Repository.open(path, { access: 'exclusive', command: 'gc', passphrase });
+      return await Repository.open(path, { access: 'exclusive', command: 'gc', passphrase, checkInterrupted: () => interruption.check() });
     } catch (error) {
       if (!(error instanceof EngineError) || error.code !== 'ENGINE_REPOSITORY_LOCKED') throw error;
       if (!told) notice(`waiting to commit: ${error.message}`);

@@ -9,6 +9,8 @@ export { applyRetention, isoWeek, periodOf, KEEP_RULES, type RetentionPolicy, ty
 export { setProtection, type ProtectResult } from './protect.js';
 export { gc, type GcOptions, type GcReport } from './gc.js';
 export { repair, type RepairOptions, type RepairReport, type DamagedReference } from './repair.js';
+export { unlock, type UnlockOptions, type UnlockReport, type UnlockItem } from './unlock.js';
+export { forget, type ForgetOptions, type ForgetResult } from './forget.js';
 export { runDemo, type DemoOptions, type DemoResult } from './demo.js';
 export { generateImage, mutateImage, SeededRandom, VM_DISK_MIX, type ImageMix, type Mutation } from './synthetic-image.js';
 export { parseSize, formatBytes } from './units.js';

@@ -1,22 +1,7 @@
 /** Stopping a helper process the engine started (qemu-nbd, nbdfuse, a mount's server). */
-import { readFileSync } from 'node:fs';
-import { isProcessAlive, procStatFields } from '../repo-format/process-alive.js';
+import { isProcessAlive, processIdentity } from '../repo-format/process-alive.js';
 
-/**
- * Who runs under `pid` now: the boot id and the process's start time (field 22 of /proc/<pid>/stat, in
- * clock ticks since boot). A pid recorded in a file outlives its process (kill -9, a crash, a reboot with
- * a persistent state directory) and is reused by the kernel; the same pid with another identity is another
- * process, which must never be signalled. Undefined when the process is gone or /proc cannot tell.
- */
-export function processIdentity(pid: number): string | undefined {
-  const startTime = procStatFields(pid)?.[19];
-  if (startTime === undefined) return undefined;
-  try {
-    return `${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()}:${startTime}`;
-  } catch {
-    return undefined;
-  }
-}
+export { processIdentity };
 
 /** Whether `pid` still runs and, when `identity` is given, is still that process. */
 function stillThere(pid: number, identity: string | undefined): boolean {

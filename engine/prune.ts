@@ -8,6 +8,7 @@ import { Repository } from '../repo-format/repository.js';
 import { InvalidArgumentError } from '../repo-format/errors.js';
 import { listProtected } from '../repo-format/protection.js';
 import { crashPoint } from '../repo-format/crash-points.js';
+import { Interruption } from './interrupt.js';
 import { applyRetention, KEEP_RULES, policyIsEmpty, type RetentionPolicy } from './retention.js';
 import type { Passphrase } from '../repo-format/passphrase.js';
 
@@ -17,6 +18,8 @@ export interface PruneOptions {
   passphrase?: Passphrase | undefined;
   policy: RetentionPolicy;
   dryRun?: boolean | undefined;
+  /** SIGINT/SIGTERM: prune stops between two removals (ENGINE_INTERRUPTED), saying which it removed. */
+  signal?: AbortSignal | undefined;
 }
 
 export interface PrunedBackup {
@@ -45,7 +48,12 @@ export async function prune(options: PruneOptions): Promise<PruneReport> {
   if (policyIsEmpty(options.policy)) {
     throw new InvalidArgumentError('no --keep-* option given: prune would remove every unprotected backup; say what to keep');
   }
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'prune', passphrase: options.passphrase });
+  const removed: string[] = [];
+  const interruption = new Interruption(options.signal, 'prune', () =>
+    removed.length === 0 ? 'nothing was removed' : `it removed ${removed.length} backups (${removed.join(', ')}) and no other; prune again finishes`,
+  );
+  interruption.check();
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'prune', passphrase: options.passphrase, checkInterrupted: () => interruption.check() });
   try {
     const { backups, damaged } = await repo.listBackups();
     const decisions = applyRetention(backups, options.policy, await listProtected(repo.root));
@@ -61,7 +69,9 @@ export async function prune(options: PruneOptions): Promise<PruneReport> {
       // One record at a time, each removal atomic: a crash leaves some removed, the rest intact, and
       // running prune again finishes the job.
       for (const decision of decisions.filter((d) => !d.keep)) {
+        await interruption.tick();
         await repo.removeBackup(decision.backup.id);
+        removed.push(decision.backup.id);
         crashPoint('prune-record-removed');
       }
     }

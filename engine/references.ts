@@ -5,9 +5,10 @@
 import type { Repository } from '../repo-format/repository.js';
 import type { BackupRecord } from '../repo-format/backup-record.js';
 import { mapRootOf } from '../repo-format/backup-record.js';
-import { mapPageIds, readMap } from '../repo-format/block-map.js';
+import { mapPageIds, readMap, runChunks } from '../repo-format/block-map.js';
 import type { BlobLocation } from '../repo-format/index-entry.js';
-import { ID_SIZE, ZERO_ID } from '../repo-format/constants.js';
+import { InterruptedError } from './errors.js';
+import type { Interruption } from './interrupt.js';
 
 export interface ChunkReference {
   backup: string;
@@ -21,28 +22,35 @@ export interface ChunkReference {
 }
 
 export interface ReferenceVisitor {
-  page(id: Buffer): void;
+  page(id: Buffer, where: { backup: string; disk: string }): void;
   chunk(reference: ChunkReference): void;
   /** A map that cannot be read to its end (its pages missing or damaged). */
   mapDamaged(backup: string, disk: string, error: Error): void;
 }
 
-export async function walkReferences(repo: Repository, records: readonly BackupRecord[], visitor: ReferenceVisitor, onRecord?: (n: number) => void): Promise<void> {
+/**
+ * `onRecord`: progress, before each record. `interruption`: checked per page and per run of the map (an
+ * InterruptedError is not taken for a damaged map: it ends the walk).
+ */
+export async function walkReferences(
+  repo: Repository,
+  records: readonly BackupRecord[],
+  visitor: ReferenceVisitor,
+  options: { onRecord?: (n: number) => void; interruption?: Interruption } = {},
+): Promise<void> {
+  const interruption = options.interruption;
   for (const [n, record] of records.entries()) {
-    onRecord?.(n);
+    options.onRecord?.(n);
     for (const disk of record.disks) {
       try {
-        for await (const { id } of mapPageIds(mapRootOf(disk), repo.loadPage)) visitor.page(id);
+        for await (const { id } of mapPageIds(mapRootOf(disk), repo.loadPage)) {
+          await interruption?.tick();
+          visitor.page(id, { backup: record.id, disk: disk.name });
+        }
         for await (const run of readMap(mapRootOf(disk), repo.loadPage)) {
+          await interruption?.tick();
           if (run.entries === null) continue;
-          const ids: Buffer[] = [];
-          const blocks: number[] = [];
-          for (let i = 0; i < run.count; i += 1) {
-            const id = run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
-            if (ZERO_ID.equals(id)) continue;
-            ids.push(Buffer.from(id));
-            blocks.push(run.firstBlock + i);
-          }
+          const { ids, blocks } = runChunks(run);
           const locations = await repo.lookup(ids);
           ids.forEach((id, i) => {
             const offset = blocks[i]! * record.blockSize;
@@ -50,6 +58,7 @@ export async function walkReferences(repo: Repository, records: readonly BackupR
           });
         }
       } catch (error) {
+        if (error instanceof InterruptedError) throw error;
         visitor.mapDamaged(record.id, disk.name, error as Error);
       }
     }

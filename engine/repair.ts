@@ -17,17 +17,23 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Repository } from '../repo-format/repository.js';
 import { IndexStore } from '../repo-format/index-store.js';
-import { packPath, scanPack, walkPackBytes, type PackDamage, type ScannedFrame } from '../repo-format/pack-file.js';
+import { packPath, scanPack, walkPackBytes, type PackDamage, type PackScan, type ScannedFrame } from '../repo-format/pack-file.js';
 import { NoSpaceError } from '../repo-format/errors.js';
 import { openBlob } from '../repo-format/blob-codec.js';
 import { addToQuarantine, listQuarantine, quarantineKey, type QuarantinedFrame } from '../repo-format/quarantine.js';
 import { crashPoint } from '../repo-format/crash-points.js';
-import { LAYOUT } from '../repo-format/constants.js';
+import { LAYOUT, MAX_FRAME_LENGTH, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../repo-format/constants.js';
 import type { IndexEntry } from '../repo-format/index-entry.js';
 import { IdPrefixSet } from './id-set.js';
-import { walkReferences } from './references.js';
+import { walkReferences, type ReferenceVisitor } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import type { Passphrase } from '../repo-format/passphrase.js';
+import { restoreRecordsFromCatalogue, type RestoredRecord } from './record-recovery.js';
+import { configDamage, hasRepositoryLayout, rebuildConfig, type RecoveredConfig } from '../repo-format/config-recovery.js';
+import { acquireLock } from '../repo-format/lock.js';
+import { InterruptedError } from './errors.js';
+import { Interruption } from './interrupt.js';
+import { ensurePrivateDirectory } from '../repo-format/file-modes.js';
 
 export interface RepairOptions {
   repo: string;
@@ -35,6 +41,12 @@ export interface RepairOptions {
   passphrase?: Passphrase | undefined;
   /** Worker threads that check frames (default: one per core). */
   workers?: number | undefined;
+  /**
+   * SIGINT/SIGTERM: repair stops within a second (ENGINE_INTERRUPTED) and says what it left: before its
+   * new index is installed, nothing changed (the half-built index is removed); once quarantine records are
+   * written it finishes installing the index first (seconds), then stops.
+   */
+  signal?: AbortSignal | undefined;
   onProgress?: ((progress: { phase: string; done: number; total: number }) => void) | undefined;
 }
 
@@ -56,14 +68,33 @@ export interface RepairReport {
   /** Frames set aside by this run (earlier ones stay in quarantine/ and are not repeated). */
   quarantined: QuarantinedFrame[];
   tempFilesRemoved: number;
+  /** The config, when it was lost or damaged and rebuilt from the rest (config-recovery.ts); null otherwise. */
+  configRebuilt: RebuiltConfig | null;
+  /** Damaged record files put back from the index catalogue's good copies (record-recovery.ts). */
+  recordsRestored: RestoredRecord[];
   /** What still cannot be restored, per backup, disk and offset: nothing when `ok`. */
   damaged: DamagedReference[];
   ok: boolean;
 }
 
 const DAMAGE_LIMIT = 1000;
+/**
+ * A damaged pack is read whole to be walked past its damage; no pack this engine writes is larger (it is
+ * sealed once it reaches PACK_TARGET_SIZE, after at most one more frame). A larger file is walked only as
+ * far as its frame chain parses, never read whole.
+ */
+const MAX_WALKED_PACK = PACK_HEADER_SIZE + PACK_TARGET_SIZE + MAX_FRAME_LENGTH;
 
 export async function repair(options: RepairOptions): Promise<RepairReport> {
+  let installed = false;
+  let quarantinedNow = 0;
+  const interruption = new Interruption(options.signal, 'repair', () =>
+    installed
+      ? `the new index is in place and ${quarantinedNow} frames were quarantined; the check of which backups still reference damaged data did not finish (engine verify does it)`
+      : 'nothing changed: the old index is as it was, and the half-built one was removed',
+  );
+  interruption.check();
+  const configRebuilt = await rebuildLostConfig(options.repo, options.passphrase);
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'repair', index: 'skip', passphrase: options.passphrase });
   const report: RepairReport = {
     previousIndex: 'missing',
@@ -72,14 +103,17 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
     bytesChecked: 0,
     quarantined: [],
     tempFilesRemoved: 0,
+    configRebuilt,
+    recordsRestored: [],
     damaged: [],
     ok: true,
   };
   const building = join(repo.root, LAYOUT.tmp, `index-repair.${randomBytes(4).toString('hex')}`);
-  let installed = false;
   let pool: BlockPool | undefined;
   try {
     report.tempFilesRemoved = await repo.removeTempFiles();
+    // Damaged records whose catalogue copy in the (old) index is good get their bytes back first.
+    report.recordsRestored = await restoreFromOldCatalogue(repo, join(repo.root, LAYOUT.index));
     const already = await listQuarantine(repo.root);
     const built = await IndexStore.open(building, { create: true });
     const good = new IdPrefixSet();
@@ -93,9 +127,15 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
       // Packs are checked in the workers, a few ahead of the one whose result is entered, in pack order.
       const ahead: Promise<PackCheck>[] = [];
       for (let next = 0, done = 0; done < packIds.length; done += 1) {
-        while (next < packIds.length && ahead.length <= pool.workers) ahead.push(checkPack(repo, pool, packIds[next++]!));
+        while (next < packIds.length && ahead.length <= pool.workers) {
+          const checking = checkPack(repo, pool, packIds[next++]!);
+          checking.catch(() => undefined); // an interrupted run leaves checks behind; their results no longer matter
+          ahead.push(checking);
+        }
         options.onProgress?.({ phase: 'reading packs', done, total: packIds.length });
+        await interruption.tick();
         const check = await ahead.shift()!;
+        interruption.check();
         const packId = packIds[done]!;
         if ('unreadable' in check) {
           found.push({ pack: packId, offset: 0, blob: null, why: check.unreadable, since });
@@ -111,6 +151,7 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
         }
         goodPlaces.addPack(packId, entries.map((e) => e.offset));
         await built.addEntries(entries);
+        if (done === 0) crashPoint('repair-pack-read');
         report.index.blobs += entries.length;
         report.framesChecked += check.good.length + check.damage.filter((d) => d.frame).length;
         for (const damage of check.damage) {
@@ -125,7 +166,7 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
 
     // The old index knows which blob each damaged place held, and which blobs sat where nothing good is left.
     const byPlace = new Map(found.map((f) => [quarantineKey(f.pack, f.offset), f]));
-    report.previousIndex = await forEachOldEntry(join(repo.root, LAYOUT.index), (entry) => {
+    report.previousIndex = await forEachOldEntry(join(repo.root, LAYOUT.index), interruption, (entry) => {
       const place = quarantineKey(entry.packId, entry.offset);
       if (goodPlaces.has(entry.packId, entry.offset) || already.has(place)) return;
       const damage = byPlace.get(place);
@@ -138,7 +179,10 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
       }
     });
     report.quarantined = found.filter((f) => !already.has(quarantineKey(f.pack, f.offset)));
-    // Quarantine first: an index rebuilt after a crash from here on leaves these frames out too.
+    interruption.check();
+    // From here to the installed index, an interruption waits: quarantine records without the new index
+    // would leave the old index naming frames set aside (verify: INDEX_ENTRY_BAD) for nothing.
+    quarantinedNow = report.quarantined.length;
     await addToQuarantine(repo.root, report.quarantined);
     crashPoint('repair-quarantined');
     await repo.installIndex(building);
@@ -152,8 +196,8 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
       report.ok = false;
     };
     const { backups, damaged: badRecords } = await repo.listBackups();
-    for (const { id, error } of badRecords) damaged({ code: 'RECORD_DAMAGED', message: error.message, backup: id });
-    await walkReferences(repo, backups, {
+    for (const { id, error } of badRecords) damaged({ code: 'RECORD_DAMAGED', message: `${error.message}; no good copy of it is left: \`engine forget ${id}\` removes the backup`, backup: id });
+    const stillDamaged: ReferenceVisitor = {
       page: () => undefined,
       chunk: ({ backup, disk, offset, id, location }) => {
         if (location) return;
@@ -164,7 +208,8 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
         else damaged({ code: 'CHUNK_MISSING', message: `${prefix} is missing`, backup, disk, offset, blob: hex });
       },
       mapDamaged: (backup, disk, error) => damaged({ code: 'MAP_DAMAGED', message: `backup ${backup}, disk ${disk}: ${error.message}`, backup, disk }),
-    });
+    };
+    await walkReferences(repo, backups, stillDamaged, { interruption });
     return report;
   } finally {
     await pool?.close().catch(() => undefined);
@@ -184,14 +229,24 @@ type PackCheck = { unreadable: string } | { size: number; good: ScannedFrame[]; 
  */
 async function checkPack(repo: Repository, pool: BlockPool, packId: string): Promise<PackCheck> {
   const path = packPath(repo.root, packId);
+  let scan: PackScan | undefined;
+  let bad: { offset: number; why: string }[] | undefined;
   try {
-    const scan = await scanPack(repo.root, packId, repo.encrypted);
-    if (!scan.damage) {
-      const checked = await pool.verifyPack({ packPath: path, frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) }).catch(() => undefined);
-      if (checked && checked.bad.length === 0) return { size: scan.size, good: scan.frames, damage: [] };
-    }
+    scan = await scanPack(repo.root, packId, repo.encrypted);
+    if (!scan.damage || scan.size > MAX_WALKED_PACK) bad = (await pool.verifyPack({ packPath: path, frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) }).catch(() => undefined))?.bad;
+    if (!scan.damage && bad && bad.length === 0) return { size: scan.size, good: scan.frames, damage: [] };
   } catch {
     // Unreadable through a scan: the whole-file read below says why, or walks what it can.
+  }
+  if (scan && bad && scan.size > MAX_WALKED_PACK) {
+    // Larger than any pack this engine writes: never read whole. What the scan reached is all there is.
+    const failed = new Map(bad.map((b) => [b.offset, b.why]));
+    const damage: PackDamage[] = scan.frames.filter((f) => failed.has(f.offset)).map((f) => ({ offset: f.offset, why: failed.get(f.offset)!, frame: { header: f.header, length: f.length } }));
+    if (scan.damage) damage.push({ offset: scan.damage.offset, why: `${scan.damage.why} (the file is larger than any pack, ${scan.size} bytes: not searched past the damage)` });
+    return { size: scan.size, good: scan.frames.filter((f) => !failed.has(f.offset)), damage };
+  }
+  if (scan && scan.size > MAX_WALKED_PACK) {
+    return { unreadable: `a file of ${scan.size} bytes, larger than any pack, whose frames cannot be checked` };
   }
   let bytes: Buffer;
   try {
@@ -239,11 +294,64 @@ class GoodPlaces {
   }
 }
 
+export interface RebuiltConfig {
+  /** Why the old config could not be used: missing, or what is wrong with it. */
+  why: string;
+  id: string;
+  blockSize: number;
+  version: number;
+  encrypted: boolean;
+  /** Where each value came from (SPEC.md, section 3.2). */
+  sources: RecoveredConfig['sources'];
+  /** The damaged config, kept beside the new one, or null when there was none. */
+  keptAs: string | null;
+}
+
+/**
+ * A config that is missing or damaged in what is otherwise a repository (packs/ and backups/) is rebuilt
+ * first, under the lock; anything else (a newer format, a directory that is no repository) stays the error it is.
+ */
+async function rebuildLostConfig(root: string, passphrase: Passphrase | undefined): Promise<RebuiltConfig | null> {
+  let why: string | undefined;
+  try {
+    await Repository.readConfig(root);
+    return null;
+  } catch (error) {
+    why = configDamage(error);
+    if (why === undefined || !(await hasRepositoryLayout(root))) throw error;
+  }
+  await ensurePrivateDirectory(join(root, LAYOUT.tmp));
+  const lock = await acquireLock(root, 'repair');
+  try {
+    const rebuilt = await rebuildConfig(root, why, passphrase);
+    const c = rebuilt.config;
+    return { why, id: c.id, blockSize: c.blockSize, version: c.version, encrypted: c.encryption !== undefined, sources: rebuilt.sources, keptAs: rebuilt.keptAs };
+  } finally {
+    await lock.release();
+  }
+}
+
+/** Restores damaged records from the old index's catalogue, when that index can be opened at all. */
+async function restoreFromOldCatalogue(repo: Repository, path: string): Promise<RestoredRecord[]> {
+  let index: IndexStore;
+  try {
+    index = await IndexStore.open(path, { create: false });
+  } catch (error) {
+    if (error instanceof NoSpaceError) throw error;
+    return [];
+  }
+  try {
+    return await restoreRecordsFromCatalogue(repo, index);
+  } finally {
+    await index.close().catch(() => undefined);
+  }
+}
+
 /**
  * Streams the old index's entries to `visit` (never all in memory at once), as far as they can be read:
  * a missing or unreadable index has none, one that fails half-way those before the failure.
  */
-async function forEachOldEntry(path: string, visit: (entry: IndexEntry) => void): Promise<RepairReport['previousIndex']> {
+async function forEachOldEntry(path: string, interruption: Interruption, visit: (entry: IndexEntry) => void): Promise<RepairReport['previousIndex']> {
   let index: IndexStore;
   try {
     index = await IndexStore.open(path, { create: false });
@@ -253,9 +361,13 @@ async function forEachOldEntry(path: string, visit: (entry: IndexEntry) => void)
     return missing ? 'missing' : 'unreadable';
   }
   try {
-    for await (const entry of index.blobs()) visit(entry);
+    for await (const entry of index.blobs()) {
+      await interruption.tick();
+      visit(entry);
+    }
     return 'readable';
-  } catch {
+  } catch (error) {
+    if (error instanceof InterruptedError) throw error;
     return 'unreadable';
   } finally {
     await index.close().catch(() => undefined);

@@ -152,8 +152,8 @@ export interface GeneratedImage {
   dataBytes: number;
 }
 
-/** Writes a sparse image of `size` bytes (any size, not only multiples of the piece size). */
-export async function generateImage(path: string, size: number, seed: string, mix: ImageMix = VM_DISK_MIX): Promise<GeneratedImage> {
+/** Writes a sparse image of `size` bytes (any size, not only multiples of the piece size); `signal` stops it. */
+export async function generateImage(path: string, size: number, seed: string, mix: ImageMix = VM_DISK_MIX, signal?: AbortSignal): Promise<GeneratedImage> {
   const content = new ImageContent(seed, mix);
   const handle = await openNewFile(path, 'w', MUTABLE_FILE_MODE);
   let dataBytes = 0;
@@ -161,7 +161,7 @@ export async function generateImage(path: string, size: number, seed: string, mi
     await handle.truncate(size);
     // Duplicates copy earlier pieces; keep a bounded window of recent ones in memory to copy from.
     const recent = new Map<number, Buffer>();
-    for (let offset = 0; offset < size; offset += PIECE) {
+    for (let offset = 0; offset < size && signal?.aborted !== true; offset += PIECE) {
       const length = Math.min(PIECE, size - offset);
       const data = content.piece(offset, length, (from, n) => {
         const earlier = recent.get(from);

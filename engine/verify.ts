@@ -9,17 +9,22 @@
  */
 import { open } from 'node:fs/promises';
 import { Repository } from '../repo-format/repository.js';
-import { packPath, scanPack } from '../repo-format/pack-file.js';
+import { packPath, scanPack, type PackScan } from '../repo-format/pack-file.js';
 import { decodeFrameHeader, frameLength } from '../repo-format/frame.js';
 import { openBlob } from '../repo-format/blob-codec.js';
 import { createHash, randomBytes } from 'node:crypto';
-import { FRAME_HEADER_SIZE } from '../repo-format/constants.js';
+import { FRAME_HEADER_SIZE, FRAME_OVERHEAD, MAX_FRAME_LENGTH } from '../repo-format/constants.js';
 import { listQuarantine, quarantineKey, type QuarantinedFrame } from '../repo-format/quarantine.js';
 import { walkReferences } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { IdPrefixSet } from './id-set.js';
 import { findLooseModes, formatMode } from '../repo-format/file-modes.js';
 import type { Passphrase } from '../repo-format/passphrase.js';
+import { foreignPackWarning, strayWarnings } from './verify-layout.js';
+import { damagedRecordProblem, recordConsistencyProblems } from './verify-records.js';
+import { Interruption } from './interrupt.js';
+import { MissingPacks } from './missing-packs.js';
+import { crashPoint } from '../repo-format/crash-points.js';
 
 export interface VerifyProblem {
   code: string;
@@ -31,6 +36,8 @@ export interface VerifyProblem {
   packOffset?: number;
   blob?: string;
 }
+
+export type { MissingPackProblem } from './missing-packs.js';
 
 export interface VerifyReport {
   ok: boolean;
@@ -46,10 +53,35 @@ export interface VerifyReport {
   quarantined: QuarantinedFrame[];
   garbage: { tempFiles: string[]; unindexedPacks: string[]; unindexedBytes: number; unreferencedBlobs: number; unreferencedBytes: number };
   /**
-   * Files and directories other users may read, write or enter (SPEC.md, 2.1): a warning, not a problem
-   * (repositories made before modes were set are like this); `chmod -R go= <repo>` makes them private.
+   * Files and directories other users may read, write or enter (SPEC.md, 2.1), counted with examples; a
+   * warning (PERMISSIONS_LOOSE in `warnings`), not a problem: repositories made before modes were set are like this.
    */
   permissions: { loose: number; examples: { path: string; mode: string }[] };
+  /** What is not a problem for any backup but deserves a look: files that are not the repository's (SPEC 14.2). */
+  warnings: VerifyWarning[];
+}
+
+export interface VerifyWarning {
+  code: string;
+  message: string;
+  /** The file concerned, relative to the repository root. */
+  path?: string;
+}
+
+/** A path as one shell word, for a command the user may paste. */
+function shellWord(text: string): string {
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, `'\\''`)}'`;
+}
+
+/** The warning for files and directories other users may use (SPEC.md, 2.1), with the command that fixes them. */
+function loosePermissionsWarning(permissions: VerifyReport['permissions'], root: string): VerifyWarning {
+  const { loose, examples } = permissions;
+  const shown = examples.slice(0, 3).map((e) => `${e.path} ${e.mode}`).join(', ');
+  return {
+    code: 'PERMISSIONS_LOOSE',
+    message: `${loose === 1 ? '1 file or directory' : `${loose} files and directories`} of the repository ${loose === 1 ? 'is' : 'are'} open to other users (${shown}${loose > 3 ? ', …' : ''}); make it private with: chmod -R go= ${shellWord(root)}`,
+    path: examples[0]!.path,
+  };
 }
 
 export interface VerifyOptions {
@@ -62,13 +94,17 @@ export interface VerifyOptions {
   /** Seeds the subset's choice (default: random, reported so that a run can be repeated). */
   seed?: string | undefined;
   workers?: number | undefined;
+  /** SIGINT/SIGTERM: verify stops within a second (ENGINE_INTERRUPTED); it only reads, so nothing is left half-done. */
+  signal?: AbortSignal | undefined;
   onProgress?: ((progress: { phase: string; done: number; total: number }) => void) | undefined;
 }
 
 const PROBLEM_LIMIT = 1000;
 
 export async function verify(options: VerifyOptions): Promise<VerifyReport> {
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify', passphrase: options.passphrase });
+  const interruption = new Interruption(options.signal, 'verify', () => 'no result: it only reads, and changed nothing');
+  interruption.check();
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify', passphrase: options.passphrase, readWithoutLock: true, checkInterrupted: () => interruption.check() });
   const report: VerifyReport = {
     ok: true,
     readData: options.readData === true,
@@ -81,6 +117,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     quarantined: [],
     garbage: { tempFiles: [], unindexedPacks: [], unindexedBytes: 0, unreferencedBlobs: 0, unreferencedBytes: 0 },
     permissions: { loose: 0, examples: [] },
+    warnings: [],
   };
   const problem = (p: VerifyProblem): void => {
     if (report.problems.length < PROBLEM_LIMIT) report.problems.push(p);
@@ -90,6 +127,8 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     report.garbage.tempFiles = await repo.listTempFiles();
     const loose = await findLooseModes(repo.root);
     report.permissions = { loose: loose.count, examples: loose.examples.map((e) => ({ path: e.path, mode: formatMode(e.mode) })) };
+    if (loose.count > 0) report.warnings.push(loosePermissionsWarning(report.permissions, repo.root));
+    report.warnings.push(...(await strayWarnings(repo.root)));
     if (report.readData) pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, slotCount: 1, keys: repo.keys });
 
     const quarantine = await listQuarantine(repo.root);
@@ -106,17 +145,16 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     }
     const packSizes = new Map<string, number>();
     const damagedPacks = new Set<string>();
+    const badHeaders = new Map<string, PackScan>();
     const packChecks = new Set<Promise<void>>();
     let confirmedEntries = 0;
     for (const [n, packId] of packIds.entries()) {
+      await interruption.tick();
       options.onProgress?.({ phase: report.readData ? 'reading packs' : 'scanning packs', done: n, total: packIds.length });
       const scan = await scanPack(repo.root, packId, repo.encrypted);
+      if (n === 0) crashPoint('verify-pack-scanned');
       packSizes.set(packId, scan.size);
       report.packs += 1;
-      if (scan.damage) {
-        damagedPacks.add(packId);
-        if (!quarantine.has(quarantineKey(packId, scan.damage.offset))) problem({ code: 'PACK_DAMAGED', message: `pack ${packId} is damaged at offset ${scan.damage.offset}: ${scan.damage.why}`, pack: packId, packOffset: scan.damage.offset });
-      }
       const locations = await repo.lookup(scan.frames.map((f) => f.header.id));
       let named = 0;
       scan.frames.forEach((frame, i) => {
@@ -143,6 +181,12 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
         problem(found);
       });
       confirmedEntries += named;
+      if (scan.damage) {
+        damagedPacks.add(packId);
+        // A bad header: a damaged pack if the index names it, else a file that is not a pack (decided below).
+        if (scan.damage.offset === 0) badHeaders.set(packId, scan);
+        else if (!quarantine.has(quarantineKey(packId, scan.damage.offset))) problem({ code: 'PACK_DAMAGED', message: `pack ${packId} is damaged at offset ${scan.damage.offset}: ${scan.damage.why}`, pack: packId, packOffset: scan.damage.offset });
+      }
       // A pack sealed by a writer that died before its index batch: nothing can reach its blobs.
       if (named === 0 && !scan.damage) {
         report.garbage.unindexedPacks.push(packId);
@@ -150,7 +194,10 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       }
       if (readPacks.has(packId) && pool && scan.frames.length > 0) {
         // One pack per worker at a time: the main thread scans the next pack while the workers hash.
-        while (packChecks.size >= pool.workers) await Promise.race(packChecks);
+        while (packChecks.size >= pool.workers) {
+          await Promise.race(packChecks);
+          interruption.check();
+        }
         const check = pool
           .verifyPack({ packPath: packPath(repo.root, packId), frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) })
           .then(
@@ -178,14 +225,29 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
         );
       }
     }
-    await Promise.all(packChecks);
+    while (packChecks.size > 0) {
+      await Promise.race(packChecks);
+      interruption.check();
+    }
 
-    // 2. Index: every entry must point at its frame. Counted cheaply above; located only if the count is off.
+    // 2. Index: every entry must point at its frame. Counted cheaply above; located only if the count is
+    // off. Entries naming a pack that is gone are summed up per pack.
+    const missingPacks = new MissingPacks();
     let indexEntries = 0;
-    for await (const _ of repo.index.blobs()) indexEntries += 1;
+    const namedBadHeaders = new Set<string>();
+    for await (const entry of repo.index.blobs()) {
+      await interruption.tick();
+      indexEntries += 1;
+      if (badHeaders.has(entry.packId)) namedBadHeaders.add(entry.packId);
+    }
     report.blobs = indexEntries;
+    for (const [packId, scan] of badHeaders) {
+      const notAPack = namedBadHeaders.has(packId) ? undefined : foreignPackWarning(packId, scan);
+      if (notAPack) report.warnings.push(notAPack);
+      else if (!quarantine.has(quarantineKey(packId, 0))) problem({ code: 'PACK_DAMAGED', message: `pack ${packId} is damaged at offset 0: ${scan.damage!.why}`, pack: packId, packOffset: 0 });
+    }
     if (confirmedEntries !== indexEntries || damagedPacks.size > 0) {
-      await checkIndexEntries(repo, packSizes, damagedPacks, (found) => {
+      await checkIndexEntries(repo, packSizes, damagedPacks, interruption, missingPacks, (found) => {
         // Any entry that cannot deliver its blob makes the chunk damaged for every backup that uses it.
         if (found.blob) damagedBlobs.set(found.blob, found);
         problem(found);
@@ -195,15 +257,26 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     // 3. Backups: records, map pages, chunk references.
     const referenced = new IdPrefixSet();
     const { backups, damaged } = await repo.listBackups();
-    for (const { id, error } of damaged) problem({ code: 'RECORD_DAMAGED', message: error.message, backup: id });
+    for (const { id, error } of damaged) problem(await damagedRecordProblem(repo, id, error));
+    for (const found of recordConsistencyProblems(backups)) problem(found);
     report.backups = backups.length;
     await walkReferences(
       repo,
       backups,
       {
-        page: (id) => referenced.add(id),
+        page: (id, { backup, disk }) => {
+          referenced.add(id);
+          missingPacks.noteReference(id.toString('hex'), backup, disk, null);
+        },
         chunk: ({ backup, disk, offset, length, id, location }) => {
           const hex = id.toString('hex');
+          const lostWith = missingPacks.packOf(hex);
+          if (lostWith !== undefined) {
+            missingPacks.noteReference(hex, backup, disk, offset);
+            referenced.add(id);
+            problem({ code: 'CHUNK_DAMAGED', message: `backup ${backup}, disk ${disk}, offset ${offset}: chunk ${hex.slice(0, 16)}… is lost: its pack ${lostWith} is missing`, backup, disk, offset, blob: hex, pack: lostWith });
+            return;
+          }
           const where = { backup, disk, offset, blob: hex };
           const prefix = `backup ${backup}, disk ${disk}, offset ${offset}: chunk ${hex.slice(0, 16)}…`;
           if (location) {
@@ -220,11 +293,14 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
         },
         mapDamaged: (backup, disk, error) => problem({ code: 'MAP_DAMAGED', message: `backup ${backup}, disk ${disk}: ${error.message}`, backup, disk }),
       },
-      (n) => options.onProgress?.({ phase: 'checking backups', done: n, total: backups.length }),
+      { onRecord: (n) => options.onProgress?.({ phase: 'checking backups', done: n, total: backups.length }), interruption },
     );
+    // One problem per missing pack, naming every backup that lost data with it: never cut by the limit.
+    report.problems.unshift(...missingPacks.problems());
     report.garbage.unreferencedBlobs = 0;
     report.garbage.unreferencedBytes = 0;
     for await (const entry of repo.index.blobs()) {
+      await interruption.tick();
       if (!referenced.has(entry.id)) {
         report.garbage.unreferencedBlobs += 1;
         report.garbage.unreferencedBytes += entry.length;
@@ -247,14 +323,22 @@ async function checkIndexEntries(
   repo: Repository,
   packSizes: Map<string, number>,
   damagedPacks: Set<string>,
+  interruption: Interruption,
+  missingPacks: MissingPacks,
   problem: (p: VerifyProblem) => void,
 ): Promise<void> {
   for await (const entry of repo.index.blobs()) {
+    await interruption.tick();
     const blob = entry.id.toString('hex');
     const size = packSizes.get(entry.packId);
     const base = { code: 'INDEX_ENTRY_BAD', pack: entry.packId, packOffset: entry.offset, blob };
     if (size === undefined) {
-      problem({ ...base, message: `index entry for blob ${blob.slice(0, 16)}… points at pack ${entry.packId}, which does not exist` });
+      missingPacks.noteEntry(entry.packId, blob);
+      continue;
+    }
+    // The length sizes the read below: an index entry never names a frame larger than any frame can be.
+    if (entry.length < FRAME_OVERHEAD || entry.length > MAX_FRAME_LENGTH) {
+      problem({ ...base, message: `index entry for blob ${blob.slice(0, 16)}… gives an impossible frame length ${entry.length}` });
       continue;
     }
     if (entry.offset + entry.length > size) {

@@ -2,10 +2,10 @@
  * Backup records: one JSON file per backup in backups/<id>, written once (durable-file.ts, exclusive)
  * as the last step of a backup. Its presence is what makes a backup exist. See SPEC.md, "Backup record".
  */
-import { ID_SIZE } from './constants.js';
+import { ID_SIZE, MAX_DISK_SIZE } from './constants.js';
 import { CorruptMetadataError } from './errors.js';
 import { displayText, storedDiskNameProblem } from './names.js';
-import type { MapRoot } from './block-map.js';
+import { mapDepth, type MapRoot } from './block-map.js';
 
 export type BackupType = 'full' | 'incremental' | 'differential';
 
@@ -43,7 +43,8 @@ export interface DiskCbt {
 export interface DiskRecord {
   name: string;
   size: number;
-  source: { kind: string; path: string };
+  /** `realPath`: a local source's absolute path, symlinks resolved (recorded since restore compares targets with it). */
+  source: { kind: string; path: string; realPath?: string };
   /** What was done for this disk, whatever was asked. */
   mode: BackupType;
   /** Why a full read happened when an incremental or differential was asked; null otherwise. */
@@ -104,7 +105,11 @@ function checkDisk(disk: unknown, blockSize: number): string | undefined {
   const map = d.map as Record<string, unknown> | undefined;
   if (!map || !isText(map.root) || map.root.length !== ID_SIZE * 2 || !/^[0-9a-f]+$/.test(map.root)) return `disk ${d.name} has no valid map root`;
   if (!isCount(map.depth) || !isCount(map.blocks)) return `disk ${d.name} has no valid map shape`;
+  // Bounds before anything is planned from the size: no reader sizes work or memory past what a disk can be.
+  if (d.size > MAX_DISK_SIZE) return `disk ${d.name} has ${d.size} bytes, more than the ${MAX_DISK_SIZE} (1 PiB) a disk may have`;
   if (map.blocks !== Math.ceil(d.size / blockSize)) return `disk ${d.name}: ${map.blocks} map blocks do not cover ${d.size} bytes`;
+  if (map.depth !== mapDepth(map.blocks)) return `disk ${d.name}: a map of ${map.blocks} blocks has depth ${mapDepth(map.blocks)}, not ${map.depth}`;
+  if (map.blocks === 0 && !/^0+$/.test(map.root)) return `disk ${d.name}: an empty disk's map root must be the zero id`;
   if (d.mode !== 'full' && d.mode !== 'incremental' && d.mode !== 'differential') return `disk ${d.name} has no valid mode`;
   if (d.modeReason !== null && !isText(d.modeReason)) return `disk ${d.name} has an invalid mode reason`;
   if (d.parent !== null && !(isText(d.parent) && /^[0-9a-f]{32}$/.test(d.parent))) return `disk ${d.name} has an invalid parent`;

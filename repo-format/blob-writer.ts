@@ -11,6 +11,7 @@ import type { FrameHeader } from './frame.js';
 import type { IndexStore } from './index-store.js';
 import { PackWriter } from './pack-file.js';
 import { crashPoint } from './crash-points.js';
+import type { PackPresence } from './pack-presence.js';
 
 export class BlobWriter {
   private current: PackWriter | undefined;
@@ -24,16 +25,22 @@ export class BlobWriter {
     private readonly root: string,
     private readonly index: IndexStore,
     private readonly packTargetSize = PACK_TARGET_SIZE,
+    /** Entries whose pack is missing or cut short are not trusted: the blob is stored again. */
+    private readonly presence?: PackPresence,
   ) {}
 
-  /** For each id: is it already stored (indexed, or written earlier in this session)? One index batch. */
+  /**
+   * For each id: is it already stored (indexed in a pack that is there, or written earlier in this
+   * session)? One index batch; one stat per pack per run.
+   */
   async known(ids: readonly Buffer[]): Promise<boolean[]> {
     const answer = ids.map((id) => this.pending.has(id.toString('hex')));
     const ask: number[] = [];
     answer.forEach((isPending, i) => {
       if (!isPending) ask.push(i);
     });
-    const locations = await this.index.lookup(ask.map((i) => ids[i]!));
+    const indexed = await this.index.lookup(ask.map((i) => ids[i]!));
+    const locations = this.presence ? await this.presence.filter(indexed) : indexed;
     locations.forEach((location, j) => {
       if (location) answer[ask[j]!] = true;
     });

@@ -101,6 +101,20 @@ export interface MapRun {
   entries: Buffer | null;
 }
 
+/** The chunks of a run: the ids that are not ZERO_ID (copied out of the page) and their block numbers. */
+export function runChunks(run: MapRun): { ids: Buffer[]; blocks: number[] } {
+  const ids: Buffer[] = [];
+  const blocks: number[] = [];
+  if (run.entries === null) return { ids, blocks };
+  for (let i = 0; i < run.count; i += 1) {
+    const id = run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
+    if (ZERO_ID.equals(id)) continue;
+    ids.push(Buffer.from(id));
+    blocks.push(run.firstBlock + i);
+  }
+  return { ids, blocks };
+}
+
 /** Reads a map in block order, one leaf (or one zero subtree) at a time. */
 export async function* readMap(map: MapRoot, loadPage: LoadPage): AsyncGenerator<MapRun> {
   checkMapShape(map);
@@ -142,20 +156,27 @@ async function* walk(id: Buffer, level: number, firstBlock: number, totalBlocks:
   }
 }
 
-/** Every page id a map references (for verify and, later, garbage collection). */
+/**
+ * Every distinct page id a map references (for verify and garbage collection), each once: a page that
+ * occurs at several places (maps deduplicate their pages) is not walked again, so the walk follows the
+ * pages the repository holds, not the blocks the map covers.
+ */
 export async function* mapPageIds(map: MapRoot, loadPage: LoadPage): AsyncGenerator<{ id: Buffer; kind: number }> {
   checkMapShape(map);
   if (map.blocks === 0) return;
-  yield* walkPages(map.root, map.depth, loadPage);
+  yield* walkPages(map.root, map.depth, loadPage, new Set<string>());
 }
 
-async function* walkPages(id: Buffer, level: number, loadPage: LoadPage): AsyncGenerator<{ id: Buffer; kind: number }> {
+async function* walkPages(id: Buffer, level: number, loadPage: LoadPage, seen: Set<string>): AsyncGenerator<{ id: Buffer; kind: number }> {
   if (id.equals(ZERO_ID)) return;
+  const key = `${level}:${id.toString('hex')}`;
+  if (seen.has(key)) return;
+  seen.add(key);
   const kind = level === 0 ? KIND_MAP_LEAF : KIND_MAP_NODE;
   yield { id, kind };
   if (level === 0) return;
   const page = await loadPage(id, kind);
   for (let at = 0; at < page.length; at += ID_SIZE) {
-    yield* walkPages(Buffer.from(page.subarray(at, at + ID_SIZE)), level - 1, loadPage);
+    yield* walkPages(Buffer.from(page.subarray(at, at + ID_SIZE)), level - 1, loadPage, seen);
   }
 }

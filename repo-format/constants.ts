@@ -78,6 +78,24 @@ export const PACK_TARGET_SIZE = 32 * 1024 * 1024;
 /** A pack must never exceed this size: offsets inside a pack are u32. */
 export const PACK_MAX_SIZE = 0xffff_ffff;
 
+/**
+ * The largest disk a backup record may describe: 1 PiB (2^50 bytes), 16 times the 64 TiB of the largest
+ * virtual disks in use (VHDX, VMware, thin LUNs). At the smallest block size (64 KiB) that is 2^34 blocks,
+ * a map of depth 3. Readers refuse larger records as damaged (SPEC.md, section 9), so that no size in a
+ * record can make them plan more than this.
+ */
+export const MAX_DISK_SIZE = 2 ** 50;
+
+/**
+ * Largest files of their kind this engine writes, and so the most a reader reads of one (bounded-read.ts):
+ * `config` and key files are well under 1 KiB; a backup record holds its disks and attachments (a VM's
+ * OVF, tens of KiB); locks, registrations, quarantine records and journals are small JSON.
+ */
+export const CONFIG_FILE_LIMIT = 64 * 1024;
+export const KEY_FILE_LIMIT = 64 * 1024;
+export const RECORD_FILE_LIMIT = 16 * 1024 * 1024;
+export const SMALL_FILE_LIMIT = 1024 * 1024;
+
 /** Entries per map page (leaf or node). 1024 × 32 B = 32 KiB pages. */
 export const MAP_PAGE_ENTRIES = 1024;
 
@@ -105,7 +123,15 @@ export const LAYOUT = {
   writers: 'writers',
   protected: 'protected',
   quarantine: 'quarantine',
+  reserve: 'reserve',
 } as const;
+
+/**
+ * The space reserve (space-reserve.ts): what a command that frees space needs on a full disk to take the
+ * lock and open the index (LevelDB writes a new manifest, log and at most one table of its old log, whose
+ * size is bounded by its 4 MiB write buffer), with room to spare.
+ */
+export const RESERVE_SIZE = 8 * 1024 * 1024;
 
 /** gc rewrites a pack whose live bytes are under this fraction of its frames' bytes (default). */
 export const GC_DEFAULT_REWRITE_BELOW = 0.5;

@@ -19,7 +19,11 @@ export type CrashPoint =
   | 'gc-indexed' // gc's index batch (entries moved and removed) is written; no pack deleted yet
   | 'gc-pack-deleted' // gc deleted its first pack
   | 'repair-quarantined' // repair wrote its quarantine files; the new index is not yet swapped in
-  | 'repair-index-swapped'; // repair's rebuilt index is in place; the old one not yet deleted
+  | 'repair-index-swapped' // repair's rebuilt index is in place; the old one not yet deleted
+  | 'repair-pack-read' // repair entered the first pack into its new index under tmp/ (ENGINE_STOP_AT: interruption tests)
+  | 'verify-pack-scanned' // verify scanned its first pack
+  | 'restore-block-written' // restore wrote its first data block to the target
+  | 'index-rebuild-pack'; // an index rebuild (index/ was missing) entered its first pack under tmp/
 
 const crashAt = process.env.ENGINE_CRASH_AT;
 const failAt = process.env.ENGINE_FAIL_AT;

@@ -22,6 +22,9 @@ export type ErrorCode =
   | 'ENGINE_SOURCE_CHANGED'
   | 'ENGINE_TARGET_TOO_SMALL'
   | 'ENGINE_TARGET_UNWRITABLE'
+  | 'ENGINE_TARGET_PROTECTED'
+  | 'ENGINE_TARGET_IN_USE'
+  | 'ENGINE_TARGET_HOLDS_DATA'
   | 'ENGINE_NO_SPACE'
   | 'ENGINE_INTERRUPTED'
   | 'ENGINE_NBD_CONNECT'
@@ -35,6 +38,8 @@ export type ErrorCode =
   | 'ENGINE_WRONG_PASSPHRASE'
   | 'ENGINE_PASSPHRASE_REQUIRED'
   | 'ENGINE_NOT_ENCRYPTED'
+  | 'ENGINE_READ_ONLY'
+  | 'ENGINE_FILE_TOO_LARGE'
   | 'ENGINE_INTERNAL';
 
 export class EngineError extends Error {
@@ -60,8 +65,9 @@ export class InvalidArgumentError extends EngineError {
 }
 
 export class NotARepositoryError extends EngineError {
-  constructor(path: string, why: string) {
-    super('ENGINE_NOT_A_REPOSITORY', `${path} is not an engine repository: ${why}`, { path });
+  /** `hint`: what to do (e.g. repair rebuilds a lost config), appended after a semicolon. */
+  constructor(path: string, why: string, hint?: string) {
+    super('ENGINE_NOT_A_REPOSITORY', `${path} is not an engine repository: ${why}${hint ? `; ${hint}` : ''}`, { path, why });
   }
 }
 
@@ -86,14 +92,17 @@ export interface LockHolder {
   hostname: string;
   since: string;
   command: string;
+  /** Boot id and process start time of the holder (process-alive.ts); absent in files of older engines. */
+  identity?: string;
 }
 
 export class RepositoryLockedError extends EngineError {
-  constructor(path: string, holder: LockHolder | undefined) {
+  /** `hint`: the way out (lock.ts, lockedHint), appended after a semicolon. */
+  constructor(path: string, holder: LockHolder | undefined, hint?: string) {
     const who = holder
       ? `locked by pid ${holder.pid} on host ${holder.hostname} since ${holder.since} (${holder.command})`
       : 'locked by another process (its lock file could not be read)';
-    super('ENGINE_REPOSITORY_LOCKED', `repository ${path} is ${who}`, { path, holder });
+    super('ENGINE_REPOSITORY_LOCKED', `repository ${path} is ${who}${hint ? `; ${hint}` : ''}`, { path, holder });
   }
 }
 
@@ -167,8 +176,38 @@ export class NotEncryptedError extends EngineError {
 }
 
 export class NoSpaceError extends EngineError {
+  /** `hint`: what frees space or gets around it, appended after a semicolon. */
+  constructor(path: string, cause: unknown, hint?: string) {
+    super('ENGINE_NO_SPACE', `no space left on the device holding ${path}${hint ? `; ${hint}` : ''}`, { path }, { cause });
+  }
+}
+
+/**
+ * A file would grow past the largest file its filesystem allows, or the process's file size limit
+ * (EFBIG): not a full disk. Freeing space does not help; another filesystem (or a raised limit) does.
+ */
+export class FileTooLargeError extends EngineError {
   constructor(path: string, cause: unknown) {
-    super('ENGINE_NO_SPACE', `no space left on the device holding ${path}`, { path }, { cause });
+    super(
+      'ENGINE_FILE_TOO_LARGE',
+      `${path} would be larger than its filesystem allows for one file (or than this process's file size limit, ulimit -f): EFBIG; use a filesystem with larger files (xfs, ext4 with 4 KiB blocks holds 16 TiB) or raise the limit`,
+      { path },
+      { cause },
+    );
+  }
+}
+
+/**
+ * The repository cannot be written (a read-only filesystem or mount, or files this user may not write)
+ * and the command must write. Readers (restore, verify, list, show, serve, mount) work without writing.
+ */
+export class ReadOnlyRepositoryError extends EngineError {
+  constructor(path: string, command: string, errno: string) {
+    super(
+      'ENGINE_READ_ONLY',
+      `repository ${path} cannot be written (${errno === 'EROFS' ? 'read-only filesystem' : 'no write permission'}: ${errno}), and ${command} must write to it; restore, verify, list, show, serve and mount work on a read-only repository`,
+      { path, command, errno },
+    );
   }
 }
 
@@ -176,11 +215,16 @@ export function isErrnoException(error: unknown): error is NodeJS.ErrnoException
   return error instanceof Error && typeof (error as NodeJS.ErrnoException).code === 'string';
 }
 
-/** Turns ENOSPC / EDQUOT / EFBIG into NoSpaceError so every caller reports a full disk the same way. */
+/**
+ * Turns ENOSPC / EDQUOT into NoSpaceError so every caller reports a full disk the same way, and EFBIG (a
+ * file larger than its filesystem or the process allows, which freeing space does not cure) into
+ * FileTooLargeError.
+ */
 export function classifyWriteError(error: unknown, path: string): unknown {
-  if (isErrnoException(error) && (error.code === 'ENOSPC' || error.code === 'EDQUOT' || error.code === 'EFBIG')) {
+  if (isErrnoException(error) && (error.code === 'ENOSPC' || error.code === 'EDQUOT')) {
     return new NoSpaceError(path, error);
   }
+  if (isErrnoException(error) && error.code === 'EFBIG') return new FileTooLargeError(path, error);
   // LevelDB reports a full disk as an IO error whose text carries strerror(ENOSPC).
   const text = error instanceof Error ? `${error.message} ${String((error as { cause?: unknown }).cause ?? '')}` : '';
   if (text.includes('No space left on device')) return new NoSpaceError(path, error);

@@ -8,6 +8,7 @@ export { readMap, mapDepth, MapBuilder, type MapRoot, type MapRun } from './bloc
 export { packPath, scanPack } from './pack-file.js';
 export { readLockHolder } from './lock.js';
 export { registerReader, listReaders, removeStaleReaders, type ReaderRegistration, type RegisteredReader } from './readers.js';
-export { isProcessAlive } from './process-alive.js';
+export { isProcessAlive, processIdentity, holderLiveness, type HolderLiveness } from './process-alive.js';
+export { setNoticeSink, type NoticeSink } from './notices.js';
 export { listProtected } from './protection.js';
 export { listQuarantine, type QuarantinedFrame } from './quarantine.js';

@@ -8,12 +8,14 @@
  * Each change rewrites the file durably (temp, fsync, rename, fsync dir); a journal with no entries left is
  * deleted.
  */
-import { readdir, readFile, rm } from 'node:fs/promises';
+import { readdir, rm } from 'node:fs/promises';
+import { readBoundedFile } from './bounded-read.js';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { writeFileDurably } from './durable-file.js';
 import { CorruptMetadataError } from './errors.js';
 import { ensurePrivateDirectory, MUTABLE_FILE_MODE } from './file-modes.js';
+import { SMALL_FILE_LIMIT } from './constants.js';
 
 export type JournalEntry = Record<string, string> & { kind: string };
 
@@ -59,7 +61,7 @@ export class Journal {
     for (const name of names.filter((n) => /^[0-9a-f]{16}\.json$/.test(n)).sort()) {
       const path = join(root, DIR, name);
       try {
-        journals.push(new Journal(path, JSON.parse(await readFile(path, 'utf8')) as JournalFile));
+        journals.push(new Journal(path, JSON.parse((await readBoundedFile(path, SMALL_FILE_LIMIT)).toString('utf8')) as JournalFile));
       } catch (error) {
         throw new CorruptMetadataError(`journal ${name}`, (error as Error).message);
       }

@@ -7,7 +7,7 @@ import { randomBytes, scrypt as scryptCallback, type ScryptOptions } from 'node:
 import { CIPHER_ID, ENCRYPTION_OVERHEAD, KDF_ID, KEY_SIZE, SCRYPT_DEFAULTS, SCRYPT_MAX_MEMORY, SCRYPT_MIN_N, SCRYPT_SALT_SIZE } from './constants.js';
 import { gcmOpen, gcmSeal, type RepositoryKeys } from './crypto.js';
 import { CorruptMetadataError, InvalidArgumentError, WrongPassphraseError } from './errors.js';
-import { newPassphraseProblem, passphraseBytes, type Passphrase } from './passphrase.js';
+import { legacyPassphraseBytes, newPassphraseProblem, passphraseBytes, type Passphrase } from './passphrase.js';
 
 export interface ScryptParameters {
   N: number;
@@ -86,6 +86,27 @@ export async function unlockKeyFile(file: KeyFile, passphrase: Passphrase, repos
   const master = gcmOpen(wrappingKey, Buffer.from(file.sealed, 'base64'), keyFileAad(repositoryId, file.id));
   if (!master) throw new WrongPassphraseError(repositoryPath);
   return { dataKey: master.subarray(0, KEY_SIZE), idKey: master.subarray(KEY_SIZE) };
+}
+
+/**
+ * Unwraps the master keys under the passphrase's bytes; for a key file of an engine that decoded passphrases
+ * as UTF-8 first (no `passphrase` field), once more under that decoding when the bytes are not valid UTF-8,
+ * saying so (SPEC.md, 18.2).
+ */
+export async function unlockKeyFileCompatibly(file: KeyFile, passphrase: Passphrase, repositoryId: string, repositoryPath: string, notice: (message: string) => void): Promise<RepositoryKeys> {
+  const given = passphraseBytes(passphrase);
+  try {
+    return await unlockKeyFile(file, given, repositoryId, repositoryPath);
+  } catch (error) {
+    const legacy = file.passphrase === undefined ? legacyPassphraseBytes(given) : undefined;
+    if (!(error instanceof WrongPassphraseError) || legacy === undefined) throw error;
+    const keys = await unlockKeyFile(file, legacy, repositoryId, repositoryPath);
+    notice(
+      `repository ${repositoryPath} was created with a passphrase that is not valid UTF-8, by an engine that replaced its invalid bytes with U+FFFD before deriving the key: ` +
+        'any passphrase that differs from it only in those bytes opens it. Back up into a new repository created with this passphrase, which now counts every byte',
+    );
+    return keys;
+  }
 }
 
 export function keyFileName(keyId: string): string {

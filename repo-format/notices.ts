@@ -1,18 +1,19 @@
 /**
- * Notices: what the storage layer has to tell the user without failing (a key file other users can read,
- * a repository keyed by an older engine's passphrase decoding). Whoever presents the engine (the CLI)
- * listens; a library caller may too. Without a listener a notice goes nowhere.
+ * Where the repository layer says what it did on its own that the user must hear about, whatever the
+ * command: a stale lock it broke, an index it rebuilt, a read-only or full repository it reads without
+ * the lock, the space reserve it used. The CLI sets the sink once (stderr, or nothing with --json); a
+ * library caller may set its own, or pass `onNotice` to the call that opens the repository.
  */
-type Listener = (message: string) => void;
+export type NoticeSink = (message: string) => void;
 
-const listeners = new Set<Listener>();
+let sink: NoticeSink | undefined;
 
-/** Subscribes; returns the function that unsubscribes. */
-export function onNotice(listener: Listener): () => void {
-  listeners.add(listener);
-  return () => listeners.delete(listener);
+/** Sets (or, with undefined, clears) the process-wide sink. */
+export function setNoticeSink(next: NoticeSink | undefined): void {
+  sink = next;
 }
 
-export function notice(message: string): void {
-  for (const listener of listeners) listener(message);
+/** The sink a call uses: its own, else the process-wide one, else none. */
+export function noticeSink(own?: NoticeSink): NoticeSink {
+  return own ?? ((message) => sink?.(message));
 }

@@ -252,6 +252,31 @@ export async function scanPack(root: string, packId: string, encrypted = false):
   }
 }
 
+/**
+ * Why the file at pack `packId`'s place is not provably a pack of this engine (a regular file whose header
+ * has the pack magic and names this pack id), or undefined when it is. gc deletes only what passes: a
+ * stray file that merely has a pack's name is never the engine's to delete.
+ */
+export async function notOwnPack(root: string, packId: string): Promise<string | undefined> {
+  let handle: FileHandle;
+  try {
+    handle = await open(packPath(root, packId), 'r');
+  } catch (error) {
+    return `it cannot be opened (${(error as NodeJS.ErrnoException).code ?? String(error)})`;
+  }
+  try {
+    if (!(await handle.stat()).isFile()) return 'it is not a regular file';
+    const header = Buffer.alloc(PACK_HEADER_SIZE);
+    const { bytesRead } = await handle.read(header, 0, PACK_HEADER_SIZE, 0);
+    const problem = decodePackHeader(header.subarray(0, bytesRead), packId);
+    return problem === undefined ? undefined : `it is not a pack of this engine (${problem})`;
+  } catch (error) {
+    return `it cannot be read (${(error as NodeJS.ErrnoException).code ?? String(error)})`;
+  } finally {
+    await handle.close();
+  }
+}
+
 /** Deletes a pack (gc only: the caller has made sure no index entry, record or live reader needs it). */
 export async function deletePack(root: string, packId: string): Promise<void> {
   await unlink(packPath(root, packId)).catch((error: unknown) => {

@@ -11,9 +11,10 @@
  * quarantined frame as known damage, not as a new problem; gc removes the records of packs that no longer
  * exist, except those of blobs a backup still references with no good copy (the only trace of that damage).
  */
-import { readdir, readFile, unlink } from 'node:fs/promises';
+import { readdir, unlink } from 'node:fs/promises';
+import { readBoundedFile } from './bounded-read.js';
 import { join } from 'node:path';
-import { LAYOUT } from './constants.js';
+import { LAYOUT, SMALL_FILE_LIMIT } from './constants.js';
 import { fsyncDirectory, writeFileDurably } from './durable-file.js';
 import { ensurePrivateDirectory } from './file-modes.js';
 
@@ -51,7 +52,7 @@ export async function listQuarantine(root: string): Promise<Map<string, Quaranti
   const names = await readdir(dir).catch(() => [] as string[]);
   const frames = new Map<string, QuarantinedFrame>();
   for (const name of names.filter((n) => n.endsWith('.json'))) {
-    const bytes = await readFile(join(dir, name)).catch(() => undefined);
+    const bytes = await readBoundedFile(join(dir, name), SMALL_FILE_LIMIT).catch(() => undefined);
     const frame = bytes && decodeQuarantined(bytes);
     if (frame) frames.set(quarantineKey(frame.pack, frame.offset), frame);
   }

@@ -4,10 +4,11 @@
  * Opening for reading (`list`, `show`) needs no lock: backup records are immutable files. Anything that
  * uses the index (backup, restore, verify) opens it exclusively: LevelDB admits one process at a time.
  */
-import { chmod, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
+import { chmod, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { CIPHER_ID, LAYOUT } from './constants.js';
+import { CIPHER_ID, CONFIG_FILE_LIMIT, KEY_FILE_LIMIT, LAYOUT, RECORD_FILE_LIMIT, RESERVE_SIZE } from './constants.js';
+import { FileTooLargeToReadError, readBoundedFile } from './bounded-read.js';
 import { decodeConfig, encodeConfig, newConfig, newestReadableVersion, type RepositoryConfig } from './config.js';
 import {
   AmbiguousIdError,
@@ -23,17 +24,16 @@ import {
   NoSpaceError,
   PassphraseRequiredError,
   RepositoryExistsError,
+  ReadOnlyRepositoryError,
   RepositoryLockedError,
-  WrongPassphraseError,
 } from './errors.js';
 import { fsyncDirectory, writeFileDurably } from './durable-file.js';
 import { createPrivateDirectory, ensurePrivateDirectory, formatMode, GROUP_OTHER_BITS, PRIVATE_DIRECTORY_MODE } from './file-modes.js';
-import { legacyPassphraseBytes, passphraseBytes, type Passphrase } from './passphrase.js';
-import { notice } from './notices.js';
+import type { Passphrase } from './passphrase.js';
 import { checkLocalPath } from './local-path.js';
 import { displayText } from './display-text.js';
 import { IndexStore } from './index-store.js';
-import { acquireLock, readLockHolder, type RepositoryLock } from './lock.js';
+import { acquireLock, readLockHolder, refuseIfLocked, type RepositoryLock } from './lock.js';
 import { decodeBackupRecord, encodeBackupRecord, type BackupRecord } from './backup-record.js';
 import { readFrameBytes, scanPack } from './pack-file.js';
 import { blobId, openBlob, sealBlobToBuffer } from './blob-codec.js';
@@ -42,12 +42,18 @@ import { BlobWriter } from './blob-writer.js';
 import type { BlobLocation } from './index-entry.js';
 import type { LoadPage, StorePage } from './block-map.js';
 import { newRepositoryKeys, type RepositoryKeys } from './crypto.js';
-import { checkPassphrase, createKeyFile, decodeKeyFile, encodeKeyFile, keyFileName, unlockKeyFile } from './key-file.js';
+import { checkPassphrase, createKeyFile, decodeKeyFile, encodeKeyFile, keyFileName, unlockKeyFileCompatibly } from './key-file.js';
 import { openMetadata, sealMetadata } from './sealed-metadata.js';
 import { crashPoint } from './crash-points.js';
 import { liveWriterTokens } from './writers.js';
 import { removeStaleRegistrations } from './registry.js';
 import { listQuarantine, quarantineKey } from './quarantine.js';
+import { scanPackFiles, scanRecordFiles } from './layout-scan.js';
+import { hasRepositoryLayout } from './config-recovery.js';
+import { noticeSink, type NoticeSink } from './notices.js';
+import { createReserve, freeBytes, releaseReserve, reserveSize } from './space-reserve.js';
+import { copyIndexForReading, privateIndexDir, removeIndexCopy, unwritableReason, withoutLockNotice, type Unwritable } from './unwritable.js';
+import { PackPresence } from './pack-presence.js';
 
 export interface OpenOptions {
   /** 'read': records only, no lock. 'exclusive': lock + index. */
@@ -64,6 +70,21 @@ export interface OpenOptions {
    * repository whose config was rewritten as a plain one from receiving plaintext.
    */
   requireEncryption?: boolean | undefined;
+  /** Says what opening did on its own (a stale lock broken, the index rebuilt, …); default: notices.ts's sink. */
+  onNotice?: NoticeSink | undefined;
+  /**
+   * When the lock cannot be written because the repository is read-only, or full with no space reserve
+   * to take it with: go on without the lock, reading the index from a private copy, rather than fail.
+   * Readers only (restore, verify, serve): SPEC.md, section 12.6.
+   */
+  readWithoutLock?: boolean | undefined;
+  /** May a full disk be met by using the space reserve to take the lock (default true; backup: false, it would only fill it). */
+  useReserve?: boolean | undefined;
+  /**
+   * Called between the packs of an index rebuild (the one long step of opening): throws to stop it (the
+   * engine's interruption check). The half-built index is removed.
+   */
+  checkInterrupted?: (() => void) | undefined;
 }
 
 export interface OpenReport {
@@ -71,6 +92,13 @@ export interface OpenReport {
   brokeStaleLock?: { pid: number; hostname: string; since: string };
   /** Set when the index was missing and was rebuilt from the packs. */
   rebuiltIndex?: { packs: number; blobs: number };
+  /** Set when the repository is read without the lock (readWithoutLock): why it could not be written. */
+  withoutLock?: Unwritable;
+}
+
+/** For a lost or damaged config in what is otherwise a repository: the way out. */
+async function rebuildHint(root: string): Promise<string | undefined> {
+  return (await hasRepositoryLayout(root)) ? `it has a repository's packs/ and backups/: \`engine repair --repo ${root}\` rebuilds the config from them` : undefined;
 }
 
 /** The directories `init` creates in the new repository, besides `index/` (LevelDB) and, encrypted, `keys/` (SPEC.md, section 3). */
@@ -105,14 +133,26 @@ async function prepareRepositoryRoot(root: string): Promise<void> {
 export class Repository {
   private indexStore: IndexStore | undefined;
   private lock: RepositoryLock | undefined;
+  /** The private copy of the index a reader without the lock uses (deleted on close). */
+  private indexCopy: string | undefined;
+  /** The space reserve was deleted to take the lock: it is set aside again before the lock goes. */
+  private reserveReleased = false;
+  /** May this command use the space reserve (OpenOptions.useReserve)? */
+  private mayUseReserve = true;
+  private notice: NoticeSink = noticeSink();
+  private checkInterrupted: (() => void) | undefined;
   readonly openReport: OpenReport = {};
+  /** Pack presence, checked once per pack for this open (a run): what dedupe and incrementals trust. */
+  readonly packPresence: PackPresence;
 
   private constructor(
     readonly root: string,
     readonly config: RepositoryConfig,
     /** The master keys of an encrypted repository; undefined for a plain one. */
     readonly keys: RepositoryKeys | undefined,
-  ) {}
+  ) {
+    this.packPresence = new PackPresence(root);
+  }
 
   get blockSize(): number {
     return this.config.blockSize;
@@ -143,40 +183,53 @@ export class Repository {
     const index = await IndexStore.open(join(root, LAYOUT.index), { create: true });
     await index.putMeta('repository-id', config.id);
     await index.close();
+    // Space set aside for prune and gc to take the lock with once the disk is full (SPEC.md, section 12.6).
+    await createReserve(root);
     // The config is written last: a directory without one is not a repository, so a crashed init is visible.
     await writeFileDurably(join(root, LAYOUT.config), encodeConfig(config), { exclusive: true });
     await fsyncDirectory(root);
     return config;
   }
 
-  static async open(root: string, options: OpenOptions): Promise<Repository> {
+  /** Reads and checks `config` (NotARepositoryError, FormatTooNewError), without keys, lock or index. */
+  static async readConfig(root: string): Promise<RepositoryConfig> {
     checkLocalPath(root, 'repository');
     let bytes: Buffer;
     try {
-      bytes = await readFile(join(root, LAYOUT.config));
+      bytes = await readBoundedFile(join(root, LAYOUT.config), CONFIG_FILE_LIMIT);
     } catch (error) {
+      if (error instanceof FileTooLargeToReadError) throw new NotARepositoryError(root, `its config is ${error.size} bytes, far more than a config holds`);
       const code = isErrnoException(error) ? error.code : undefined;
-      throw new NotARepositoryError(root, code === 'ENOENT' ? 'it has no config file' : `its config cannot be read (${code ?? String(error)})`);
+      if (code === 'ENOENT') throw new NotARepositoryError(root, 'it has no config file', await rebuildHint(root));
+      throw new NotARepositoryError(root, `its config cannot be read (${code ?? String(error)})`);
     }
     const config = decodeConfig(bytes);
-    if (typeof config === 'string') throw new NotARepositoryError(root, config);
+    if (typeof config === 'string') throw new NotARepositoryError(root, config, await rebuildHint(root));
     if (config.version > newestReadableVersion(config)) throw new FormatTooNewError(root, config.version, newestReadableVersion(config));
+    return config;
+  }
+
+  static async open(root: string, options: OpenOptions): Promise<Repository> {
+    const config = await Repository.readConfig(root);
     if (options.requireEncryption === true && !config.encryption) throw new NotEncryptedError(root);
     // Keys first: a wrong passphrase stops here, before the lock or anything else is written.
-    const keys = config.encryption ? await Repository.unlock(root, config, options.passphrase) : undefined;
+    const keys = config.encryption ? await Repository.unlock(root, config, options.passphrase, noticeSink(options.onNotice)) : undefined;
     const repo = new Repository(root, config, keys);
     await initChecksum();
-    if (options.access === 'exclusive') await repo.openExclusive(options.command ?? 'engine', options.index ?? 'open');
+    repo.notice = noticeSink(options.onNotice);
+    repo.mayUseReserve = options.useReserve !== false;
+    repo.checkInterrupted = options.checkInterrupted;
+    if (options.access === 'exclusive') await repo.openExclusive(options.command ?? 'engine', options.index ?? 'open', options);
     return repo;
   }
 
-  private static async unlock(root: string, config: RepositoryConfig, passphrase: Passphrase | undefined): Promise<RepositoryKeys> {
+  private static async unlock(root: string, config: RepositoryConfig, passphrase: Passphrase | undefined, notice: NoticeSink): Promise<RepositoryKeys> {
     if (passphrase === undefined) throw new PassphraseRequiredError(root);
     const keyFile = config.encryption!.keyFile;
     const where = `key file ${keyFile}`;
     const path = join(root, keyFile);
-    const bytes = await readFile(path).catch((error: unknown) => {
-      throw new CorruptMetadataError(where, `cannot be read (${isErrnoException(error) ? error.code : String(error)})`);
+    const bytes = await readBoundedFile(path, KEY_FILE_LIMIT).catch((error: unknown) => {
+      throw new CorruptMetadataError(where, error instanceof FileTooLargeToReadError ? `${error.size} bytes, more than a key file holds` : `cannot be read (${isErrnoException(error) ? error.code : String(error)})`);
     });
     const file = decodeKeyFile(bytes, where);
     if (`${LAYOUT.keys}/${keyFileName(file.id)}` !== keyFile) throw new CorruptMetadataError(where, `it names itself ${file.id}`);
@@ -184,53 +237,127 @@ export class Repository {
     if ((mode & GROUP_OTHER_BITS) !== 0) {
       notice(`the key file ${keyFile} of repository ${root} is open to other users (mode ${formatMode(mode)}), who can try passphrases against it offline: chmod 400 ${path}`);
     }
-    const given = passphraseBytes(passphrase);
-    try {
-      return await unlockKeyFile(file, given, config.id, root);
-    } catch (error) {
-      // Engines before passphrases were bytes keyed the repository with the passphrase decoded as UTF-8,
-      // invalid sequences replaced by U+FFFD (SPEC.md, 18.2): such a key file carries no `passphrase`.
-      const legacy = file.passphrase === undefined ? legacyPassphraseBytes(given) : undefined;
-      if (!(error instanceof WrongPassphraseError) || legacy === undefined) throw error;
-      const keys = await unlockKeyFile(file, legacy, config.id, root);
-      notice(
-        `repository ${root} was created with a passphrase that is not valid UTF-8, by an engine that replaced its invalid bytes with U+FFFD before deriving the key: ` +
-          'any passphrase that differs from it only in those bytes opens it. Back up into a new repository created with this passphrase, which now counts every byte',
-      );
-      return keys;
-    }
+    return unlockKeyFileCompatibly(file, passphrase, config.id, root, notice);
   }
 
   get encrypted(): boolean {
     return this.keys !== undefined;
   }
 
-  private async openExclusive(command: string, index: 'open' | 'skip'): Promise<void> {
+  private async openExclusive(command: string, index: 'open' | 'skip', options: OpenOptions): Promise<void> {
     // A copy made by a tool that keeps no empty directory (git, some sync tools) may lack tmp/, where the lock and
     // every durable write begin, and backups/; packs/xx/ and the registries are created when first written.
     for (const dir of [LAYOUT.tmp, LAYOUT.backups]) await ensurePrivateDirectory(join(this.root, dir)).catch(() => undefined);
-    this.lock = await acquireLock(this.root, command);
-    if (this.lock.brokeStale) this.openReport.brokeStaleLock = this.lock.brokeStale;
     try {
-      if (index === 'open') await this.openIndex();
+      this.lock = await this.takeLock(command, options);
+    } catch (error) {
+      const why = unwritableReason(error);
+      if (!why || !options.readWithoutLock || error instanceof RepositoryLockedError) throw error;
+      this.openReport.withoutLock = why;
+      this.notice(withoutLockNotice(this.root, command, why, await readLockHolder(this.root)));
+    }
+    if (this.lock?.brokeStale) {
+      const stale = this.lock.brokeStale;
+      this.openReport.brokeStaleLock = stale;
+      this.notice(`removed a stale lock of pid ${stale.pid} on ${stale.hostname} (since ${stale.since}): its ${stale.command} no longer runs`);
+    }
+    try {
+      // Opening LevelDB writes (a new manifest and log): a full disk that left room for the lock meets it here.
+      if (index === 'open') await (this.lock ? this.withSpaceReserve(() => this.openIndex()) : this.openIndex());
+      if (this.openReport.rebuiltIndex) this.notice(`the index was missing; rebuilt it from ${this.openReport.rebuiltIndex.packs} packs`);
     } catch (error) {
       await this.close();
       throw error;
     }
   }
 
+  /**
+   * Takes the lock; on a full disk, with the space reserve when allowed (SPEC.md, section 12.6). A lock
+   * held by a live process is the answer whatever the disk says. Failures that mean the repository cannot
+   * be written are thrown as such (unwritableReason tells them apart for readWithoutLock).
+   */
+  private async takeLock(command: string, options: OpenOptions): Promise<RepositoryLock> {
+    try {
+      return await acquireLock(this.root, command);
+    } catch (error) {
+      const why = unwritableReason(error);
+      if (!why) throw error;
+      if (why.kind === 'read-only') {
+        // A reader of a read-only copy (a snapshot, an off-site copy made while a backup ran) is not stopped
+        // by a lock it cannot check; only by a holder that provably runs here, writing through another path.
+        if (options.readWithoutLock) await refuseIfLocked(this.root, { otherHosts: false });
+        throw Object.assign(new ReadOnlyRepositoryError(this.root, command, why.errno), { cause: error });
+      }
+      await refuseIfLocked(this.root);
+      if (this.mayUseReserve && (await this.releaseReserve(command))) {
+        try {
+          return await acquireLock(this.root, command);
+        } catch (again) {
+          await createReserve(this.root).catch(() => 0);
+          this.reserveReleased = false;
+          throw again;
+        }
+      }
+      const hint =
+        options.useReserve === false
+          ? `${command} cannot add data to a full repository: \`engine prune\` and \`engine gc\` free space (they can run on a full disk), or free space on the filesystem`
+          : `no space is set aside to take the lock with (${LAYOUT.reserve} is used up or missing): free some space on that filesystem, then run \`engine gc\``;
+      throw new NoSpaceError(join(this.root, LAYOUT.lock), error, hint);
+    }
+  }
+
+  /** Deletes the space reserve to make room on a full disk; false when there is none (or it is already used). */
+  private async releaseReserve(command: string): Promise<boolean> {
+    if (this.reserveReleased || !(await releaseReserve(this.root).catch(() => false))) return false;
+    this.reserveReleased = true;
+    this.notice(`the filesystem holding ${this.root} is full: ${command} uses the space set aside for this (${LAYOUT.reserve}), and sets it aside again when it ends`);
+    return true;
+  }
+
+  /**
+   * Runs a write of a command that frees space or only reads (prune, gc, forget, restore …; never backup):
+   * on a full disk it is tried once more with the space reserve deleted (SPEC.md, section 12.6). Only
+   * while holding the lock, which is released only after the reserve is set aside again.
+   */
+  async withSpaceReserve<T>(write: () => Promise<T>): Promise<T> {
+    try {
+      return await write();
+    } catch (error) {
+      if (!(error instanceof NoSpaceError) || !this.lock || !this.mayUseReserve) throw error;
+      if (!(await this.releaseReserve(this.lock.holder.command))) throw error;
+      return write();
+    }
+  }
+
   private async openIndex(): Promise<void> {
     const indexPath = join(this.root, LAYOUT.index);
     const missing = await stat(join(indexPath, 'CURRENT')).then(() => false, () => true);
-    if (missing) this.openReport.rebuiltIndex = await this.rebuildIndexInto(indexPath);
-    this.indexStore = await IndexStore.open(indexPath, { create: false }).catch(async (error: unknown) => {
+    if (this.openReport.withoutLock) {
+      // Nothing may be written here: the index is read (or rebuilt from the packs) in a private directory.
+      if (missing) {
+        this.indexCopy = await privateIndexDir();
+        this.openReport.rebuiltIndex = await this.rebuildIndexInto(this.indexCopy, { buildInPlace: true });
+      } else {
+        this.indexCopy = await copyIndexForReading(indexPath);
+      }
+    } else if (missing) {
+      this.openReport.rebuiltIndex = await this.rebuildIndexInto(indexPath);
+    }
+    this.indexStore = await IndexStore.open(this.indexCopy ?? indexPath, { create: false }).catch(async (error: unknown) => {
       const cause = (error as { cause?: { code?: string } }).cause;
       if (cause?.code === 'LEVEL_LOCKED') throw new RepositoryLockedError(this.root, await readLockHolder(this.root));
       // Opening writes (a new MANIFEST and log, the old log as a table): on a full disk that is not damage.
       if (error instanceof NoSpaceError) throw error;
       throw new CorruptMetadataError('index (LevelDB)', `${String(cause ?? error)}; \`engine repair\` rebuilds it from the packs`);
     });
-    await this.reconcileCatalogue();
+    try {
+      await this.reconcileCatalogue();
+    } catch (error) {
+      // Closed, so that a retry (withSpaceReserve) can open it again.
+      await this.indexStore.close().catch(() => undefined);
+      this.indexStore = undefined;
+      throw error;
+    }
   }
 
   /**
@@ -263,14 +390,45 @@ export class Repository {
     if (!this.lock) throw new Error('removeBackup needs the exclusive lock');
     await unlink(join(this.root, LAYOUT.backups, id));
     await fsyncDirectory(join(this.root, LAYOUT.backups));
-    await this.index.deleteBackup(id);
+    await this.withSpaceReserve(() => this.index.deleteBackup(id));
   }
 
   async close(): Promise<void> {
     await this.indexStore?.close().catch(() => undefined);
     this.indexStore = undefined;
+    if (this.indexCopy) await removeIndexCopy(this.indexCopy).catch(() => undefined);
+    this.indexCopy = undefined;
+    if (this.lock) await this.setReserveAside().catch(() => undefined);
     await this.lock?.release();
     this.lock = undefined;
+  }
+
+  /**
+   * Before the lock goes: sets the space reserve aside again if this process used it, or if the
+   * repository has none (made before it existed) and there is ample room.
+   */
+  private async setReserveAside(): Promise<void> {
+    const current = await reserveSize(this.root);
+    if (current >= RESERVE_SIZE) return;
+    if (this.reserveReleased) {
+      // Used to take the lock on a full disk: as much of it as fits now.
+      const reserved = await createReserve(this.root);
+      if (reserved < RESERVE_SIZE) {
+        this.notice(`only ${reserved} of the ${RESERVE_SIZE} bytes of the space reserve could be set aside again: the disk is still full; \`engine gc\` frees space`);
+      }
+      this.reserveReleased = false;
+      return;
+    }
+    // None (a repository made before it existed) or a part of one (set aside on a full disk): completed
+    // only with ample room, and never replaced by a smaller one.
+    const free = await freeBytes(this.root);
+    if (free === undefined || free < 4 * RESERVE_SIZE) return;
+    await createReserve(this.root, RESERVE_SIZE);
+  }
+
+  /** Whether this process reads the repository without its lock (SPEC.md, section 12.6): it may not write, nor register. */
+  get withoutLock(): boolean {
+    return this.openReport.withoutLock !== undefined;
   }
 
   get index(): IndexStore {
@@ -283,20 +441,23 @@ export class Repository {
    * interrupted rebuild leaves no index (and is simply done again), never a partial one that would be
    * trusted. The catalogue follows from backups/ on open.
    */
-  private async rebuildIndexInto(indexPath: string): Promise<{ packs: number; blobs: number }> {
-    const building = join(this.root, LAYOUT.tmp, `index-rebuild.${randomBytes(4).toString('hex')}`);
+  private async rebuildIndexInto(indexPath: string, options: { buildInPlace?: boolean } = {}): Promise<{ packs: number; blobs: number }> {
+    const building = options.buildInPlace ? indexPath : join(this.root, LAYOUT.tmp, `index-rebuild.${randomBytes(4).toString('hex')}`);
     const index = await IndexStore.open(building, { create: true });
     let packs = 0;
     let blobs = 0;
+    let complete = false;
     try {
       await index.putMeta('repository-id', this.config.id);
       // Frames repair found damaged must not come back: deduplication would trust them again.
       const quarantined = await listQuarantine(this.root);
       for (const packId of await this.listPackIds()) {
+        this.checkInterrupted?.();
         const scan = await scanPack(this.root, packId, this.encrypted);
         const frames = scan.frames.filter((frame) => !quarantined.has(quarantineKey(packId, frame.offset)));
         packs += 1;
         blobs += frames.length;
+        if (packs === 1) crashPoint('index-rebuild-pack');
         await index.addEntries(
           frames.map((frame) => ({
             id: frame.header.id,
@@ -309,24 +470,22 @@ export class Repository {
           })),
         );
       }
+      complete = true;
     } finally {
       await index.close();
+      // An interrupted or failed rebuild leaves nothing behind (the next open starts again).
+      if (!complete) await rm(building, { recursive: true, force: true }).catch(() => undefined);
     }
+    if (options.buildInPlace) return { packs, blobs };
     await rm(indexPath, { recursive: true, force: true });
     await rename(building, indexPath);
     await fsyncDirectory(this.root);
     return { packs, blobs };
   }
 
+  /** Every pack, by id; what else lies in packs/ is skipped (layout-scan.ts: verify lists it). */
   async listPackIds(): Promise<string[]> {
-    const ids: string[] = [];
-    const packs = join(this.root, LAYOUT.packs);
-    for (const dir of (await readdirIfPresent(packs)).sort()) {
-      for (const name of (await readdir(join(packs, dir))).sort()) {
-        if (/^[0-9a-f]{32}$/.test(name) && name.startsWith(dir)) ids.push(name);
-      }
-    }
-    return ids;
+    return (await scanPackFiles(this.root)).packs;
   }
 
   /** Makes deletions in packs/ durable: one fsync per pack directory touched. */
@@ -359,20 +518,31 @@ export class Repository {
     const onDisk = new Set(await this.listBackupIds());
     const inIndex = new Set(await this.index.backupIds());
     for (const id of onDisk) {
-      if (!inIndex.has(id)) await this.index.putBackup(id, await readFile(join(this.root, LAYOUT.backups, id)));
+      if (inIndex.has(id)) continue;
+      // A record too large (or gone since the listing) is not one to mirror; readers report it as damaged.
+      const bytes = await readBoundedFile(join(this.root, LAYOUT.backups, id), RECORD_FILE_LIMIT).catch(() => undefined);
+      if (bytes) await this.index.putBackup(id, bytes);
     }
     for (const id of inIndex) if (!onDisk.has(id)) await this.index.deleteBackup(id);
   }
 
+  /** Every backup record file, by id; what else lies in backups/ is skipped (layout-scan.ts). */
   async listBackupIds(): Promise<string[]> {
-    return (await readdirIfPresent(join(this.root, LAYOUT.backups))).filter((name) => /^[0-9a-f]{32}$/.test(name));
+    return (await scanRecordFiles(this.root)).records;
   }
 
   async readBackup(id: string): Promise<BackupRecord> {
     const where = `backup record ${id}`;
-    const bytes = await readFile(join(this.root, LAYOUT.backups, id)).catch(() => {
+    const bytes = await readBoundedFile(join(this.root, LAYOUT.backups, id), RECORD_FILE_LIMIT).catch((error: unknown) => {
+      if (error instanceof FileTooLargeToReadError) throw new CorruptMetadataError(where, `${error.size} bytes, more than the ${RECORD_FILE_LIMIT} a record may hold`);
+      if (isErrnoException(error) && error.code !== 'ENOENT') throw new CorruptMetadataError(where, `cannot be read (${error.code})`);
       throw new BackupNotFoundError(id);
     });
+    return this.decodeRecord(bytes, id);
+  }
+
+  /** Opens (encrypted repositories) and checks the bytes of backup record `id`: the file's, or its catalogue copy's. */
+  decodeRecord(bytes: Buffer, id: string, where = `backup record ${id}`): BackupRecord {
     const record = decodeBackupRecord(this.openRecordBytes(bytes, id, where), where);
     if (record.id !== id) throw new CorruptMetadataError(where, `it names itself ${record.id}`);
     if (record.blockSize !== this.config.blockSize) throw new CorruptMetadataError(where, `block size ${record.blockSize} differs from the repository's ${this.config.blockSize}`);
@@ -403,6 +573,11 @@ export class Repository {
 
   /** Resolves a full id or a unique prefix (at least 4 hex characters). */
   async findBackup(idOrPrefix: string): Promise<BackupRecord> {
+    return this.readBackup(await this.findBackupId(idOrPrefix));
+  }
+
+  /** The id of the record file a full id or unique prefix names, without reading it (it may be damaged). */
+  async findBackupId(idOrPrefix: string): Promise<string> {
     const wanted = idOrPrefix.toLowerCase();
     if (!/^[0-9a-f]+$/.test(wanted) || wanted.length > 32) {
       throw new InvalidArgumentError(`"${displayText(idOrPrefix, 64)}" is not a backup id: ids are 32 hexadecimal characters, and any unique prefix of 4 or more names one`);
@@ -411,11 +586,19 @@ export class Repository {
     const matches = (await this.listBackupIds()).filter((id) => id.startsWith(wanted));
     if (matches.length === 0) throw new BackupNotFoundError(idOrPrefix);
     if (matches.length > 1) throw new AmbiguousIdError(idOrPrefix, matches);
-    return this.readBackup(matches[0]!);
+    return matches[0]!;
   }
 
   async lookup(ids: readonly Buffer[]): Promise<(BlobLocation | undefined)[]> {
     return this.index.lookup(ids);
+  }
+
+  /**
+   * Whether each blob can be read without trusting more than the index and a stat: indexed, and its pack
+   * there and long enough (PackPresence). For readers that build on a blob without reading it.
+   */
+  async available(ids: readonly Buffer[]): Promise<boolean[]> {
+    return (await this.packPresence.filter(await this.index.lookup(ids))).map((location) => location !== undefined);
   }
 
   /** Reads, checks and opens one blob (used for map pages; data chunks go through the workers). */
@@ -431,7 +614,7 @@ export class Repository {
   readonly loadPage: LoadPage = (id) => this.readBlob(id, 'map page');
 
   createBlobWriter(packTargetSize?: number): BlobWriter {
-    return new BlobWriter(this.root, this.index, packTargetSize);
+    return new BlobWriter(this.root, this.index, packTargetSize, this.packPresence);
   }
 
   /** A StorePage that writes map pages through `writer`, skipping pages the repository already has. */
@@ -456,6 +639,8 @@ export class Repository {
   async commitBackup(record: BackupRecord): Promise<string[]> {
     const plaintext = encodeBackupRecord(record);
     const bytes = this.keys ? sealMetadata(this.keys.dataKey, plaintext, `${LAYOUT.backups}/${record.id}`) : plaintext;
+    // Readers refuse larger records (RECORD_FILE_LIMIT): never write one they would call damaged.
+    if (bytes.length > RECORD_FILE_LIMIT) throw new InvalidArgumentError(`backup record ${record.id} would be ${bytes.length} bytes, more than the ${RECORD_FILE_LIMIT} a record may hold (its attachments are too large)`, { bytes: bytes.length });
     crashPoint('before-record');
     await writeFileDurably(join(this.root, LAYOUT.backups, record.id), bytes, { exclusive: true, tempDir: join(this.root, LAYOUT.tmp) });
     crashPoint('record-written');

@@ -6,6 +6,7 @@
  */
 import { LAYOUT } from './constants.js';
 import { RepositoryLockedError } from './errors.js';
+import { lockedHint } from './lock.js';
 import { listRegistrations, register, removeStaleRegistrations, type Registered, type Registration } from './registry.js';
 
 export type WriterRegistration = Registration;
@@ -14,7 +15,10 @@ export async function registerWriter(root: string, command: string): Promise<Reg
   await removeStaleRegistrations(root, LAYOUT.writers);
   const { live } = await listRegistrations(root, LAYOUT.writers);
   const other = live.find((w) => !('unreadable' in w) && w.command === command) as Registration | undefined;
-  if (other) throw new RepositoryLockedError(root, { pid: other.pid, hostname: other.hostname, since: other.since, command: other.command });
+  if (other) {
+    const holder = { pid: other.pid, hostname: other.hostname, since: other.since, command: other.command, ...(other.identity === undefined ? {} : { identity: other.identity }) };
+    throw new RepositoryLockedError(root, holder, lockedHint(root, holder, `its registration ${LAYOUT.writers}/${other.token}.json`));
+  }
   return register(root, LAYOUT.writers, command, []);
 }
 

@@ -39,7 +39,7 @@ if [ ! -x "$runtime" ]; then
 fi
 
 # Rebuild when any TypeScript source is newer than the last build.
-if [ ! -f dist/.built ] || [ -n "$(find repo-format engine cli bench test/ovirt-sim tsconfig.json package.json -newer dist/.built -print -quit 2>/dev/null)" ]; then
+if [ ! -f dist/.built ] || [ -n "$(find repo-format engine cli bench test/ovirt-sim test/ovirt-contract tsconfig.json package.json -newer dist/.built -print -quit 2>/dev/null)" ]; then
   echo "setup: building (tsc)" >&2
 
   "$runtime" node_modules/typescript/bin/tsc -p tsconfig.json

@@ -9,6 +9,7 @@ import { mkdir, readFile, readdir, rm, stat, truncate, writeFile, open } from 'n
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { backup, EngineError, KIND_DATA, scanPack, initRepository } from '../dist/engine/index.js';
+import { processIdentity } from '../dist/repo-format/process-alive.js';
 import { exitOf, filesIdentical, parseJson, runEngine, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -257,10 +258,10 @@ describe('locks', () => {
     const holder = spawn('sleep', ['30']);
     try {
       const since = new Date().toISOString();
-      await writeFile(join(repo, 'lock'), JSON.stringify({ pid: holder.pid, hostname: hostname(), since, command: 'backup' }));
+      await writeFile(join(repo, 'lock'), JSON.stringify({ pid: holder.pid, hostname: hostname(), since, command: 'backup', identity: processIdentity(holder.pid!) }));
       const result = await runEngine(['backup', '--repo', repo, '--source', image]);
       expect(result.code).toBe(3);
-      expect(result.stderr.trim()).toBe(`engine: repository ${repo} is locked by pid ${holder.pid} on host ${hostname()} since ${since} (backup)`);
+      expect(result.stderr.trim()).toBe(`engine: repository ${repo} is locked by pid ${holder.pid} on host ${hostname()} since ${since} (backup); that process is running: wait for it to finish`);
       // Reading the catalogue needs no lock.
       expect((await runEngine(['list', '--repo', repo])).code).toBe(0);
     } finally {

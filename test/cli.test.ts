@@ -143,7 +143,7 @@ describe('interruption', () => {
     child.kill('SIGINT');
     const { code } = await exitOf(child);
     expect(code).toBe(130);
-    expect(stderr).toContain('engine: backup was interrupted; nothing of it was committed');
+    expect(stderr).toContain('engine: backup was interrupted (SIGINT); nothing of it was committed');
     expect(parseJson<{ backups: unknown[] }>((await runEngine(['list', '--repo', repo, '--json'])).stdout).backups.length).toBe(before);
     expect(await readdir(join(repo, 'tmp'))).toEqual([]);
     await expect(access(join(repo, 'lock'))).rejects.toThrow();

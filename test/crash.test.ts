@@ -9,7 +9,7 @@
  * lost, and prints the counts in one line.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { access, copyFile, mkdir, open, readdir, readFile, stat, truncate, writeFile } from 'node:fs/promises';
+import { access, copyFile, mkdir, open, readdir, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { exitOf, filesIdentical, parseJson, resumedJson, runEngine, sh, spawnEngine, sparseFile, stoppedItself, tempDir, Tmpfs, writeRegion, type BackupJson, type RunResult, expectRestoreIdentical } from './helpers.js';
@@ -544,59 +544,82 @@ describe('a full disk during gc, prune and repair', () => {
     await c.forgetRemoved();
   }
 
-  test('gc: the disk fills while it copies, then when it comes back for the lock; nothing is lost and the next gc finishes', async () => {
+  test('gc: the disk fills while it copies (it deletes the dead, rewrites nothing), then when it comes back for the lock (the reserve takes it); nothing is lost', async () => {
     await garbage('g1');
     await garbage('g2');
     const packs = (await c.packFiles()).length;
 
-    // Full in phase 2: the copy of the live chunks (4 MiB) meets 2.5 MiB of free space.
+    // Full in phase 2: the copy of the live chunks (4 MiB) meets 2.5 MiB of free space. The pack to
+    // rewrite stays (kept, saying why); the dead map pack still goes.
     let child = c.spawn(['gc', '--json'], { ENGINE_STOP_AT: 'gc-marked' });
     await stoppedItself(child);
     await fs.fill(2.5 * MiB);
-    let resumed = await resumedJson<unknown>(child);
+    let resumed = await resumedJson<GcJson & { packs: { kept: { pack: string; why: string }[] } }>(child);
     c.count('fullDisk');
-    expectNoSpace(resumed.code, JSON.stringify(resumed.json));
-    expect((await c.packFiles()).length).toBe(packs);
+    expect(resumed.code).toBe(0);
+    expect(resumed.json.packs.rewritten).toEqual([]);
+    expect(resumed.json.packs.kept.map((k) => k.why)).toEqual([expect.stringMatching(/^not rewritten: no space left for its \d+ live bytes; the next gc rewrites it with the room this one frees$/)]);
+    expect(resumed.json.packs.deleted.length).toBe(1);
+    expect((await c.packFiles()).length).toBe(packs - 1);
     await afterFullDisk();
 
-    // Full when phase 3 needs the lock again: the copies are durable under tmp/ and must go.
+    // Full when phase 3 needs the lock again: it takes it in the space reserve and commits the rewrite.
     child = c.spawn(['gc', '--json'], { ENGINE_STOP_AT: 'gc-copied' });
     await stoppedItself(child);
     expect((await readdir(join(c.repo, 'tmp'))).length).toBe(1);
     await fs.fill(0);
-    resumed = await resumedJson<unknown>(child);
+    resumed = await resumedJson(child);
     c.count('fullDisk');
-    expectNoSpace(resumed.code, JSON.stringify(resumed.json));
-    expect((await c.packFiles()).length).toBe(packs);
+    expect(resumed.code).toBe(0);
+    expect(resumed.json.packs.rewritten.length).toBe(1);
+    expect(resumed.json.packs.deleted.length).toBe(1);
+    expect(resumed.json.chunks.moved).toBe(4);
+    expect((await stat(join(c.repo, 'reserve'))).size).toBeGreaterThan(0);
     await afterFullDisk();
 
     const finished = await c.run(['gc', '--json']);
     expect(finished.code).toBe(0);
     const report = parseJson<GcJson>(finished.stdout);
-    expect(report.packs.rewritten.length).toBe(1);
-    expect(report.packs.deleted.length).toBe(2);
-    expect(report.chunks.moved).toBe(4);
+    expect(report.packs.rewritten).toEqual([]);
+    expect(report.packs.deleted).toEqual([]);
     expect((await c.verifies()).unreferencedBlobs).toBe(0);
     await c.restoresAll();
   });
 
-  test('prune: on a full disk it refuses before removing anything; a disk that fills mid-way does not stop it (it only frees)', async () => {
+  test('prune: on a full disk it removes through the space reserve; without one it refuses before removing anything; a disk that fills mid-way does not stop it', async () => {
     const image = join(dir, 'full-prune.img');
     await sparseFile(image, MiB);
-    for (let i = 0; i < 3; i += 1) {
-      await writeRegion(image, 0, MiB, 'random', `full-prune-${i}`);
-      const copy = join(dir, `full-prune-${i}.img`);
-      await copyFile(image, copy);
-      await c.backupOf(copy, 'prune');
-    }
+    const three = async (round: string): Promise<void> => {
+      for (let i = 0; i < 3; i += 1) {
+        await writeRegion(image, 0, MiB, 'random', `full-prune-${round}-${i}`);
+        const copy = join(dir, `full-prune-${round}-${i}.img`);
+        await copyFile(image, copy);
+        await c.backupOf(copy, `prune-${round}`);
+      }
+    };
+    // With the reserve: a disk full to the last byte does not stop it.
+    await three('reserve');
+    await fs.fill(0);
+    const pruned = await c.run(['prune', '--keep-last', '1', '--json']);
+    c.count('fullDisk');
+    expect(pruned.code).toBe(0);
+    expect(parseJson<{ removed: number }>(pruned.stdout).removed).toBe(2);
+    await c.forgetRemoved();
+    await afterFullDisk();
+
+    // Without a reserve (used up, or an older repository): no room for the lock, then room for the lock
+    // but not for the index's new MANIFEST; it refuses before removing anything, naming what to do.
+    await three('none');
     const before = await c.ids();
-    // No room for the lock, then room for the lock but not for the index's new MANIFEST.
     for (const leave of [0, 4096]) {
+      await rm(join(c.repo, 'reserve'), { force: true });
       await fs.fill(leave);
       const refused = await c.run(['prune', '--keep-last', '1', '--json']);
       c.count('fullDisk');
       expectNoSpace(refused.code, refused.stdout);
-      expect(parseJson<{ error: { message: string } }>(refused.stdout).error.message).toContain(leave === 0 ? `${c.repo}/lock` : `${c.repo}/index`);
+      const message = parseJson<{ error: { message: string } }>(refused.stdout).error.message;
+      expect(message).toContain(leave === 0 ? `${c.repo}` : `${c.repo}/index`);
+      if (leave === 0) expect(message).toContain('no space is set aside to take the lock with');
       expect(await c.ids()).toEqual(before);
       await afterFullDisk();
     }
@@ -631,6 +654,8 @@ describe('a full disk during gc, prune and repair', () => {
     const failedAt = new Set<string>();
     let repaired: RunResult | undefined;
     for (const leave of [0, 4096, 16384, 24576, 32768, 65536, 262144]) {
+      // Without the space reserve (12.6), which would let it finish at once: where does it fail?
+      await rm(join(c.repo, 'reserve'), { force: true });
       await fs.fill(leave);
       const result = await c.run(['repair', '--json']);
       c.count('fullDisk');

@@ -168,13 +168,14 @@ describe('a repository made before modes were set', () => {
     await ok(runWithUmask('022', ['restore', '--repo', repo, firstId!, '--to', restored, '--json']));
 
     const json = await ok(runWithUmask('022', ['verify', '--repo', repo, '--json']));
-    const report = parseJson<{ ok: boolean; problems: unknown[]; permissions: { loose: number; examples: { path: string; mode: string }[] } }>(json.stdout);
+    const report = parseJson<{ ok: boolean; problems: unknown[]; warnings: { code: string; path: string }[]; permissions: { loose: number; examples: { path: string; mode: string }[] } }>(json.stdout);
     expect(report.ok).toBe(true);
     expect(report.problems).toEqual([]);
     expect(report.permissions.loose).toBeGreaterThan(260);
     expect(report.permissions.examples[0]).toEqual({ path: '.', mode: '0755' });
     const human = await ok(runWithUmask('022', ['verify', '--repo', repo]));
-    expect(human.stdout).toMatch(new RegExp(`warning: \\d+ files and directories of the repository are open to other users \\(\\. 0755, .*\\); make it private with: chmod -R go= ${repo}\\n`));
+    expect(human.stdout).toMatch(new RegExp(`WARNING PERMISSIONS_LOOSE: \\d+ files and directories of the repository are open to other users \\(\\. 0755, .*\\); make it private with: chmod -R go= ${repo}\\n`));
+    expect(report.warnings).toEqual([expect.objectContaining({ code: 'PERMISSIONS_LOOSE', path: '.' })]);
     expect(human.stdout).toMatch(/no problems found\n$/);
 
     await new Promise((resolve, reject) => execFile('chmod', ['-R', 'go=', repo], (error) => (error ? reject(error) : resolve(undefined))));

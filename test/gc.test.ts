@@ -200,17 +200,21 @@ describe('engine gc', () => {
     await expectRestoreIdentical(repo, kept.id, b, { dir });
   });
 
-  test('a damaged record stops gc before it changes anything', async () => {
+  test('a damaged record with no good copy stops gc before it changes anything, naming the way on', async () => {
     const repo = await freshRepo('repo-refuse');
     const a = await image('refuse-a.img', [[2, 'fa']]);
     const one = await backupOf(repo, a);
     const b = await image('refuse-b.img', [[2, 'fb']]);
     await backupOf(repo, b, 'other');
     await writeFile(join(repo, 'backups', one.id), '{"version": 1,');
+    // The index catalogue's copy goes too: the index is rebuilt from the packs and the (damaged) file.
+    await rm(join(repo, 'index'), { recursive: true });
     const result = await runEngine(['gc', '--repo', repo]);
     expect(result.code).toBe(4);
-    expect(result.stderr).toContain(`backup record ${one.id} is damaged`);
+    expect(result.stderr).toContain(`backup record ${one.id} is damaged: not valid JSON, and the index holds no good copy of it`);
+    expect(result.stderr).not.toMatch(/is damaged: .* is damaged/);
     expect(result.stderr).toContain('deletes nothing');
+    expect(result.stderr).toContain(`engine forget ${one.id}`);
     expect(await packCount(repo)).toBe(4);
   });
 

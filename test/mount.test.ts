@@ -162,6 +162,46 @@ describe('engine mount', () => {
     await assertNothingLeft(mountDir);
   });
 
+  test('two backups of one xfs disk, and of one ext4 disk, mounted at once (same filesystem UUIDs)', async () => {
+    const xfs = join(dir, 'twins-xfs.raw');
+    await sparseFile(xfs, 300 * MiB);
+    await sh('mkfs.xfs', ['-q', xfs]);
+    const setup = join(dir, 'twins-setup');
+    await mkdir(setup);
+    const put = async (text: string): Promise<void> => {
+      await sh('mount', ['-o', 'loop', xfs, setup]);
+      await writeFile(join(setup, 'day.txt'), text);
+      await sh('umount', [setup]);
+    };
+    await put('monday\n');
+    const monday = await backupOf(xfs, 'data');
+    await put('tuesday\n');
+    const tuesday = await backupOf(xfs, 'data');
+    const ext4 = join(dir, 'twins-ext4.raw');
+    await sh('mke2fs', ['-q', '-t', 'ext4', '-d', content, ext4, '32M']);
+    const ext4First = await backupOf(ext4, 'root');
+    const ext4Second = await backupOf(ext4, 'root');
+
+    const mounts: string[] = [];
+    try {
+      for (const [id, name] of [[monday, 'monday'], [tuesday, 'tuesday'], [ext4First, 'ext4-a'], [ext4Second, 'ext4-b']] as const) {
+        const mountDir = join(dir, `mnt-twins-${name}`);
+        const mounted = await runEngine(['mount', '--repo', repo, id, mountDir, '--json'], { env: env() });
+        expect(mounted.stderr, name).toBe('');
+        expect(mounted.code, name).toBe(0);
+        mounts.push(mountDir);
+        const [fs] = parseJson<MountJson>(mounted.stdout).filesystems;
+        expect(fs!.path, name).not.toBeNull();
+      }
+      expect(await readFile(join(mounts[0]!, 'data', 'day.txt'), 'utf8')).toBe('monday\n');
+      expect(await readFile(join(mounts[1]!, 'data', 'day.txt'), 'utf8')).toBe('tuesday\n');
+      for (const m of mounts.slice(2)) expect(await readFile(join(m, 'root', 'etc', 'tuesday.txt'), 'utf8')).toBe('the file we want back\n');
+    } finally {
+      for (const m of mounts) expect((await runEngine(['umount', m], { env: env() })).code).toBe(0);
+    }
+    for (const m of mounts) await assertNothingLeft(m);
+  });
+
   test('a non-empty directory is refused and nothing is started', async () => {
     const busy = join(dir, 'busy');
     await mkdir(busy);

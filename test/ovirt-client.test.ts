@@ -6,6 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { OvirtClient } from '../dist/engine/ovirt/client.js';
 import { attribute, child, children, parseXml, text, buildXml } from '../dist/engine/ovirt/xml.js';
+import { contractProblems } from './ovirt-contract/contract.js';
 import { startOvirtSim, type OvirtSim } from '../dist/test/ovirt-sim/server.js';
 import { sh, tempDir } from './helpers.js';
 import { readFile } from 'node:fs/promises';
@@ -22,6 +23,8 @@ beforeAll(async () => {
   await sim.addVm('backup-appliance', []);
 });
 afterAll(async () => {
+  // Every request the engine made here follows oVirt's API model.
+  expect(contractProblems(sim.requests)).toEqual([]);
   await sim.stop();
   await cleanup();
 });
@@ -52,11 +55,22 @@ describe('oVirt client', () => {
     expect(text(child(vm.xml, 'vm'), 'status')).toBe('up');
   });
 
-  test('a fault becomes an OvirtFaultError with status, reason and detail', async () => {
+  test('a 404 (oVirt answers it with no body) becomes an OvirtFaultError with its status', async () => {
     await expect(client().get('vms/00000000-0000-0000-0000-000000000000')).rejects.toMatchObject({
       code: 'ENGINE_OVIRT_FAULT',
       status: 404,
-      message: 'oVirt GET /ovirt-engine/api/vms/00000000-0000-0000-0000-000000000000: HTTP 404: Operation Failed (Entity not found: 00000000-0000-0000-0000-000000000000)',
+      message: 'oVirt GET /ovirt-engine/api/vms/00000000-0000-0000-0000-000000000000: HTTP 404: Not Found',
+    });
+  });
+
+  test('a fault becomes an OvirtFaultError with status, reason and detail', async () => {
+    const c = client();
+    const body = '<backup><disks><disk id="00000000-0000-0000-0000-000000000000"/></disks></backup>';
+    const vm = attribute(children(child((await c.get('vms', { search: 'name=vm1' })).xml, 'vms'), 'vm')[0], 'id')!;
+    await expect(c.call('POST', `vms/${vm}/backups`, { body })).rejects.toMatchObject({
+      code: 'ENGINE_OVIRT_FAULT',
+      status: 400,
+      message: `oVirt POST /ovirt-engine/api/vms/${vm}/backups: HTTP 400: Operation Failed ([Cannot backup VM. The following disks do not exist: 00000000-0000-0000-0000-000000000000.])`,
     });
   });
 

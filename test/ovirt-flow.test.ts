@@ -8,6 +8,7 @@ import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { filesIdentical, parseJson, runEngine, sh, tempDir, expectRestoreIdentical } from './helpers.js';
 import { qemuIo } from './qemu.js';
+import { contractProblems } from './ovirt-contract/contract.js';
 import { startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
 
 const MiB = 1024 * 1024;
@@ -36,6 +37,8 @@ beforeAll(async () => {
   await runEngine(['init', repo]);
 });
 afterAll(async () => {
+  // Every request the engine made here follows oVirt's API model.
+  expect(contractProblems(sim.requests)).toEqual([]);
   await sim.stop();
   await cleanup();
 });
@@ -85,7 +88,7 @@ describe('oVirt disk-attachment backup', () => {
     expect(backup.disks[0]!.source.path).toBe(join(sim.deviceRoot, `virtio-${vm.disks[0]!.slice(0, 20)}`));
     expect(backup.attachments.map((a) => a.name)).toEqual(['ovf', 'ovirt-vm']);
     const record = JSON.parse(await (await import('node:fs/promises')).readFile(join(repo, 'backups', backup.id), 'utf8')) as { attachments: { name: string; data: string }[] };
-    expect(record.attachments[0]!.data).toContain(`<VmId>${vm.id}</VmId>`);
+    expect(record.attachments[0]!.data).toContain(`<Section ovf:id="${vm.id}" ovf:required="false" xsi:type="ovf:OperatingSystemSection_Type">`);
     // The snapshot went through the documented request shapes.
     const snapshotPost = sim.requests.find((r) => r.method === 'POST' && r.path.endsWith('/snapshots'));
     expect(snapshotPost?.status).toBe(202);
@@ -178,12 +181,21 @@ describe('oVirt disk-attachment backup', () => {
 
   test('a restore that fails removes the disks it created', async () => {
     const disksBefore = [...sim.disks.keys()].sort();
-    const result = await runEngine(['restore', '--repo', repo, first.id, '--ovirt', sim.url, '--new-vm', 'vm1-bad', '--cluster', 'Nope', '--appliance', 'appliance', '--device-root', sim.deviceRoot], { env });
+    sim.faults.conflict('POST', /^\/vms$/, 1);
+    const result = await runEngine(['restore', '--repo', repo, first.id, '--ovirt', sim.url, '--new-vm', 'vm1-bad', '--appliance', 'appliance', '--device-root', sim.deviceRoot], { env: { ...env, ENGINE_OVIRT_CONFLICT_RETRIES: '0' } });
     expect(result.code).toBe(1);
-    expect(result.stderr).toContain("Cluster Nope doesn't exist");
+    expect(result.stderr).toContain('HTTP 409');
     expect([...sim.disks.keys()].sort()).toEqual(disksBefore);
     expect([...sim.vms.values()].some((v) => v.name === 'vm1-bad')).toBe(false);
     await expectNoLeftovers();
+  });
+
+  test('a cluster that does not exist is a usage error before anything is created', async () => {
+    const disksBefore = [...sim.disks.keys()].sort();
+    const result = await runEngine(['restore', '--repo', repo, first.id, '--ovirt', sim.url, '--new-vm', 'vm1-bad', '--cluster', 'Nope', '--appliance', 'appliance', '--device-root', sim.deviceRoot], { env });
+    expect(result.code).toBe(2);
+    expect(result.stderr).toContain('oVirt has no cluster named "Nope"');
+    expect([...sim.disks.keys()].sort()).toEqual(disksBefore);
   });
 
   test('disaster recovery with the original disk ids: the OVF import attaches the disks itself', async () => {

@@ -99,7 +99,9 @@ describe('section 3: init creates exactly the directories the spec lists', () =>
       if (encrypted) expected.add('keys');
       expect([...directories].sort()).toEqual([...expected].sort());
       const outsideIndex = files.filter((f) => !f.startsWith('index/')).sort();
-      expect(outsideIndex).toEqual(encrypted ? ['config', expect.stringMatching(/^keys\/[0-9a-f]{16}\.json$/)] : ['config']);
+      // Files: config, the space reserve (12.6), and the key file of an encrypted one.
+      expect(outsideIndex).toEqual(encrypted ? ['config', expect.stringMatching(/^keys\/[0-9a-f]{16}\.json$/), 'reserve'] : ['config', 'reserve']);
+      expect(spec).toContain('It writes the space reserve, the file `reserve` (section 12.6).');
       // The index holds the metadata entry repository-id = the config's id.
       const opened = await Repository.open(repo, { access: 'exclusive', passphrase: encrypted ? 'a long enough passphrase' : undefined });
       try {
@@ -233,9 +235,16 @@ describe('section 8: the zero-block map', () => {
     disk.map = { root: pageId.toString('hex'), depth: 0, blocks: 0 };
     await writeRecord(repo, emptyDisk);
     const restore = await runEngine(['restore', '--repo', repo, emptyDisk.id as string, '--to', join(dir, 'never.img')]);
-    expect([restore.code, restore.stderr]).toEqual([4, 'engine: block map is damaged: a map of 0 blocks must have the zero root\n']);
+    const damage = `backup record ${emptyDisk.id} is damaged: disk zero-pages.img: an empty disk's map root must be the zero id`;
+    expect([restore.code, restore.stderr]).toEqual([4, `engine: ${damage}\n`]);
     const verified = await verifyReadData(repo);
-    expect(verified.problems).toEqual([{ code: 'MAP_DAMAGED', message: `backup ${emptyDisk.id}, disk zero-pages.img: block map is damaged: a map of 0 blocks must have the zero root`, backup: emptyDisk.id, disk: 'zero-pages.img' }]);
+    expect(verified.problems).toEqual([expect.objectContaining({ code: 'RECORD_DAMAGED', backup: emptyDisk.id, message: expect.stringContaining(damage) })]);
+    // The map reader refuses such a map too, wherever it comes from.
+    const { readMap } = await import('../dist/repo-format/block-map.js');
+    const walk = async (): Promise<void> => {
+      for await (const _ of readMap({ root: pageId, depth: 0, blocks: 0 }, async () => Buffer.alloc(0))) void _;
+    };
+    await expect(walk()).rejects.toMatchObject({ code: 'ENGINE_CORRUPT_METADATA', message: 'block map is damaged: a map of 0 blocks must have the zero root' });
   });
 });
 

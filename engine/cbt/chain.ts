@@ -10,6 +10,8 @@ import type { BlockSource } from '../sources/source.js';
 import type { IncrementalPlan } from '../pipeline/backup-disk.js';
 import type { Range } from '../pipeline/map-cursors.js';
 import { auditCleanBlocks } from './audit.js';
+import { readMap, runChunks, type MapRoot } from '../../repo-format/block-map.js';
+import { mergeRanges } from '../pipeline/map-cursors.js';
 
 export type RequestedMode = 'full' | 'incremental' | 'differential' | 'auto';
 
@@ -24,6 +26,8 @@ export interface ChainArgs {
   blockSize: number;
   /** The repository's block id (SHA-256, or HMAC-SHA256 when encrypted): the audit compares ids. */
   blockId: (data: Uint8Array) => Buffer;
+  /** Whether each chunk can be trusted without reading it: indexed, its pack there (Repository.available). */
+  available: (ids: readonly Buffer[]) => Promise<boolean[]>;
   /** Says what the user should know (e.g. a disk name from outside that was mapped to a safe one). */
   onNotice?: ((message: string) => void) | undefined;
 }
@@ -43,8 +47,22 @@ export interface CbtDiskJob {
   mode: BackupType;
   modeReason: string | null;
   parent: string | null;
-  cbt: DiskCbt;
+  /** Null when the source keeps no changed-block tracking state for this disk. */
+  cbt: DiskCbt | null;
 }
+
+/**
+ * A disk whose source is opened only when its turn comes: its chain is settled (and its source opened)
+ * right before it is read, not when the backup starts. An oVirt image transfer is such a source: oVirt
+ * cancels one that sits idle longer than its inactivity timeout while other disks are read.
+ */
+export interface DeferredCbtDiskJob {
+  name: string;
+  prepare(): Promise<CbtDiskJob>;
+}
+
+/** What a changed-block-tracking provider hands the backup: its session and its disks, in order. */
+export type CbtProvision = CbtSession & { disks: (CbtDiskJob | DeferredCbtDiskJob)[] };
 
 export interface Chain {
   mode: BackupType;
@@ -63,16 +81,29 @@ export interface ChainFacts {
   baseProblem(base: string, previous: DiskCbt): string | null;
   /** Said after "no earlier backup of this disk…" when the VM has older backups (a disk added since). */
   addedDisk?: boolean;
+  /**
+   * Which disks of earlier backups are this disk (default: a disk of the same name). An offline image
+   * knows better: the disks whose checkpoint bitmap it holds (image-disk.ts).
+   */
+  isThisDisk?: (disk: DiskRecord) => boolean;
+  /** Why no earlier disk is this one, when the caller can say more than that there is none (the full read's reason). */
+  whyNoPrevious?: () => string | undefined;
 }
+
+/** The reason of a disk's first backup: expected, so not announced as a surprise (backup.ts). */
+export const NO_EARLIER_BACKUP = 'no earlier backup of this disk with changed-block tracking';
 
 /** Decides what can be done for disk `name`. `history` holds the backups of this VM, newest first. */
 export function chooseChain(name: string, requested: RequestedMode, facts: ChainFacts, history: BackupRecord[]): Chain {
   const full = (reason: string | null): Chain => ({ mode: 'full', reason, base: null, parent: null, previous: null });
   if (requested === 'full') return full(null);
-  const previousRecord = history.find((r) => r.disks.some((d) => d.name === name && d.cbt !== null));
-  const previous = previousRecord?.disks.find((d) => d.name === name) ?? null;
+  const isThisDisk = facts.isThisDisk ?? ((d: DiskRecord) => d.name === name);
+  const previousRecord = history.find((r) => r.disks.some((d) => isThisDisk(d) && d.cbt !== null));
+  const previous = previousRecord?.disks.find((d) => isThisDisk(d) && d.cbt !== null) ?? null;
   if (!previousRecord || !previous?.cbt) {
-    return full(`no earlier backup of this disk with changed-block tracking${facts.addedDisk && history.length > 0 ? ' (a disk added since the last backup)' : ''}`);
+    const why = facts.whyNoPrevious?.();
+    if (why) return full(why);
+    return full(`${NO_EARLIER_BACKUP}${facts.addedDisk && history.length > 0 ? ' (a disk added since the last backup)' : ''}`);
   }
   const wanted: BackupType = requested === 'differential' ? 'differential' : 'incremental';
   const base = wanted === 'differential' ? previous.cbt.chainCheckpoint : previous.cbt.checkpoint;
@@ -81,7 +112,7 @@ export function chooseChain(name: string, requested: RequestedMode, facts: Chain
   const problem = facts.baseProblem(base, previous.cbt);
   if (problem) return full(problem);
   const parentRecord = history.find((r) => r.id === parentId);
-  const parentDisk = parentRecord?.disks.find((d) => d.name === name);
+  const parentDisk = parentRecord?.disks.find(isThisDisk);
   if (!parentRecord || !parentDisk) return full(`parent backup ${parentId} of this disk is no longer in the repository`);
   if (parentDisk.size !== facts.size) return full(`the disk size changed since parent backup ${parentId}`);
   return { mode: wanted, reason: null, base, parent: { record: parentRecord, disk: parentDisk }, previous };
@@ -108,9 +139,21 @@ export async function settleChain(args: {
   loadPage: LoadPage;
   blockSize: number;
   blockId: (data: Uint8Array) => Buffer;
+  available: ChainArgs['available'];
 }): Promise<SettledChain> {
   let chain = args.chain;
   let audited = 0;
+  let unavailable: Range[] = [];
+  if (chain.parent) {
+    // The clean blocks take the parent's entries unread: only entries whose chunk is still there. A chunk
+    // in a lost or cut pack is read again from the source (and stored again); a map that cannot be read
+    // at all makes the disk a full read.
+    try {
+      unavailable = await unavailableRanges(mapRootOf(chain.parent.disk), args.loadPage, args.available, args.blockSize);
+    } catch (error) {
+      chain = { ...chain, mode: 'full', reason: `the map of parent backup ${chain.parent.record.id} cannot be read (${(error as Error).message})`, base: null, parent: null };
+    }
+  }
   if (chain.parent && chain.base) {
     const audit = await auditCleanBlocks({ source: args.source, parent: mapRootOf(chain.parent.disk), loadPage: args.loadPage, dirty: args.dirty(), blockSize: args.blockSize, blockId: args.blockId });
     audited = audit.audited;
@@ -131,6 +174,28 @@ export async function settleChain(args: {
       granularity: args.granularity,
       audited,
     },
-    plan: chain.parent ? { parent: mapRootOf(chain.parent.disk), dirty: args.dirty() } : undefined,
+    plan: chain.parent ? { parent: mapRootOf(chain.parent.disk), dirty: mergeRanges(args.dirty(), unavailable) } : undefined,
   };
+}
+
+/**
+ * The blocks of a map whose chunk is not available (not indexed, or its pack missing or cut short), as
+ * byte ranges in block order, consecutive blocks merged. One batched lookup per leaf; the ranges are few
+ * (a lost pack holds a few dozen chunks), so they are collected before the backup reads anything.
+ */
+export async function unavailableRanges(map: MapRoot, loadPage: LoadPage, available: ChainArgs['available'], blockSize: number): Promise<Range[]> {
+  const ranges: Range[] = [];
+  for await (const run of readMap(map, loadPage)) {
+    if (run.entries === null) continue;
+    const { ids, blocks } = runChunks(run);
+    const answers = await available(ids);
+    answers.forEach((ok, i) => {
+      if (ok) return;
+      const offset = blocks[i]! * blockSize;
+      const last = ranges[ranges.length - 1];
+      if (last && last.offset + last.length === offset) last.length += blockSize;
+      else ranges.push({ offset, length: blockSize });
+    });
+  }
+  return ranges;
 }

@@ -10,12 +10,14 @@
  * Before trusting a chain the engine checks it; anything wrong means a full read of the disk, said in
  * `modeReason` and never silently an incomplete incremental.
  */
+import { realpath } from 'node:fs/promises';
 import type { DiskCbt } from '../../repo-format/backup-record.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { NbdSource } from '../sources/nbd-source.js';
 import { addBitmap, bitmapName, bitmapPrefix, imageInfo, removeBitmap, type ImageInfo } from './qcow2-bitmaps.js';
 import { serveImage, type RunningExport } from './qemu-nbd-server.js';
-import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type ChainArgs } from './chain.js';
+import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type ChainArgs, type ChainFacts } from './chain.js';
+import type { BackupRecord } from '../../repo-format/backup-record.js';
 
 /** One image's disk and its bitmap bookkeeping (release stops the export before the bitmaps change). */
 export type ImageDiskSession = CbtDiskJob & CbtSession;
@@ -32,13 +34,36 @@ function bitmapProblem(info: ImageInfo): (base: string, previous: DiskCbt) => st
   };
 }
 
-export async function openImageDisk(args: ChainArgs & { image: string; name: string }): Promise<ImageDiskSession> {
+/**
+ * Which earlier backups read this image: those whose checkpoint bitmap it holds. The bitmap names carry
+ * the repository and the backup id (qcow2-bitmaps.ts), so an image's own bitmaps are its identity in this
+ * repository, whatever its file name, and wherever it was moved: two VMs whose images share a base name
+ * never share a chain. Chains made before this rule continue as they were: their records name the same
+ * bitmaps.
+ */
+function imageIdentity(info: ImageInfo, repositoryId: string, image: string, backupName: string, diskName: string, history: BackupRecord[]): Pick<ChainFacts, 'isThisDisk' | 'whyNoPrevious'> {
+  const held = new Set(info.bitmaps.map((b) => b.name).filter((n) => n.startsWith(bitmapPrefix(repositoryId))));
+  return {
+    isThisDisk: (disk) => disk.cbt !== null && held.has(disk.cbt.checkpoint),
+    whyNoPrevious: () => {
+      // The old key (backup name and disk name) finds what a user may expect to continue: say why it does not.
+      const sameName = history.find((r) => r.name === backupName && r.disks.some((d) => d.name === diskName && d.cbt !== null));
+      const disk = sameName?.disks.find((d) => d.name === diskName);
+      if (!sameName || !disk?.cbt) return undefined;
+      const elsewhere = disk.source.realPath !== undefined && disk.source.realPath !== image ? `, which read ${disk.source.realPath}` : '';
+      return `bitmap ${disk.cbt.checkpoint} is missing from the image (the checkpoint of the last backup named ${backupName}, ${sameName.id}${elsewhere}; the image holds none of this repository's: another image of the same name, or its bitmaps were removed)`;
+    },
+  };
+}
+
+export async function openImageDisk(args: ChainArgs & { image: string; name: string; backupName: string }): Promise<ImageDiskSession> {
   const { image, name, backupId } = args;
   const before = await imageInfo(image);
   if (before.format !== 'qcow2') {
     throw new InvalidArgumentError(`${image} is a ${before.format} image: --image needs qcow2 (persistent dirty bitmaps); back up raw images with --source`);
   }
-  const chosen = chooseChain(name, args.requested, { size: before.virtualSize, baseProblem: bitmapProblem(before) }, args.history);
+  const identity = imageIdentity(before, args.repositoryId, await realpath(image), args.backupName, name, args.history);
+  const chosen = chooseChain(name, args.requested, { size: before.virtualSize, baseProblem: bitmapProblem(before), ...identity }, args.history);
   const checkpoint = bitmapName(args.repositoryId, backupId);
   await addBitmap(image, checkpoint);
   let exported: RunningExport | undefined;
@@ -49,7 +74,7 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
     exported = await serveImage(image, 'qcow2', { bitmap: chosen.base ?? undefined });
     const source = await NbdSource.open(exported.uri, {
       dirtyContext: chosen.base ? `qemu:dirty-bitmap:${chosen.base}` : undefined,
-      description: { kind: 'qcow2-image', path: image },
+      description: { kind: 'qcow2-image', path: image, realPath: await realpath(image) },
     });
     opened = source;
     const { chain, cbt, plan } = await settleChain({
@@ -63,6 +88,7 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
       loadPage: args.loadPage,
       blockSize: args.blockSize,
       blockId: args.blockId,
+      available: args.available,
     });
     const running = exported;
     return {

@@ -146,6 +146,7 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
         loadPage: args.loadPage,
         blockSize: args.blockSize,
         blockId: args.blockId,
+        available: args.available,
       });
       jobs.push({ name: names[i]!, source, plan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt });
     }
@@ -153,7 +154,7 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
       disks: jobs,
       release,
       finish: async () => {
-        const keep = new Set([checkpoint, ...jobs.map((j) => j.cbt.chainCheckpoint)]);
+        const keep = new Set([checkpoint, ...jobs.flatMap((j) => (j.cbt ? [j.cbt.chainCheckpoint] : []))]);
         // Newest first: deleting a checkpoint merges its bitmap into its parent checkpoint's.
         for (const name of (await checkpoints(domain)).reverse()) {
           if (name.startsWith(bitmapPrefix(args.repositoryId)) && !keep.has(name)) await virsh(['checkpoint-delete', domain, name]);

@@ -12,6 +12,7 @@
  * half-way) removes exactly that, in reverse order, and nothing is left behind: no mount, loop device,
  * process or reader registration. The run dir is $ENGINE_RUN_DIR, /run/engine by default.
  */
+import { refuseInsideRepository } from '../write-guard.js';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, openSync } from 'node:fs';
@@ -19,6 +20,7 @@ import { chmod, open, readdir, readFile, realpath, rename, rm, rmdir, stat, unli
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
+import { noticeSink } from '../../repo-format/notices.js';
 import { isProcessAlive } from '../../repo-format/process-alive.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
 import { diskFileName } from '../../repo-format/names.js';
@@ -62,7 +64,8 @@ export interface MountResult {
   disks: { name: string; size: number; image: string; partitionTable: string }[];
   filesystems: MountedFilesystem[];
   serverPid: number;
-  readerToken: string;
+  /** null when the repository is read without its lock (read-only or full: SPEC 12.6). */
+  readerToken: string | null;
 }
 
 interface MountState {
@@ -71,7 +74,7 @@ interface MountState {
   repo: string;
   created: string;
   /** `identity` (boot id and start time, process.ts): a pid held by another process later is never signalled. */
-  server?: { pid: number; identity?: string | undefined; readerToken?: string };
+  server?: { pid: number; identity?: string | undefined; readerToken?: string | null };
   fuse: { pid: number; identity?: string | undefined; mountpoint: string }[];
   loops: string[];
   mounts: string[];
@@ -127,7 +130,7 @@ async function loopIsOurs(loop: string, stateDir: string): Promise<boolean> {
 }
 
 /** Starts the background server; resolves with its pid once it listens. */
-function startServer(options: ServeOptions, logPath: string): Promise<{ pid: number; readerToken: string; backupId: string; exports: ServedExport[] }> {
+function startServer(options: ServeOptions, logPath: string): Promise<{ pid: number; readerToken: string | null; backupId: string; exports: ServedExport[] }> {
   const script = fileURLToPath(new URL('./serve-daemon.js', import.meta.url));
   const log = openSync(logPath, 'a', MUTABLE_FILE_MODE);
   const { passphrase, ...visible } = options;
@@ -143,7 +146,7 @@ function startServer(options: ServeOptions, logPath: string): Promise<{ pid: num
     };
     child.once('error', fail);
     child.once('exit', (code) => fail(new EngineError('ENGINE_INTERNAL', `the mount's server exited (${code}) before it was ready; see ${logPath}`)));
-    child.once('message', (message: { ready?: boolean; readerToken?: string; backupId?: string; exports?: ServedExport[]; error?: { message: string; code?: string } }) => {
+    child.once('message', (message: { ready?: boolean; readerToken?: string | null; backupId?: string; exports?: ServedExport[]; notices?: string[]; error?: { message: string; code?: string } }) => {
       child.removeAllListeners('exit');
       if (message.error) {
         reject(new EngineError((message.error.code as never) ?? 'ENGINE_INTERNAL', message.error.message));
@@ -151,7 +154,9 @@ function startServer(options: ServeOptions, logPath: string): Promise<{ pid: num
       }
       child.disconnect();
       child.unref();
-      resolvePromise({ pid: child.pid!, readerToken: message.readerToken!, backupId: message.backupId!, exports: message.exports! });
+      const notice = noticeSink();
+      for (const text of message.notices ?? []) notice(text);
+      resolvePromise({ pid: child.pid!, readerToken: message.readerToken ?? null, backupId: message.backupId!, exports: message.exports! });
     });
   });
 }
@@ -203,6 +208,10 @@ function fileReader(path: string, size: number): { readAt: ReadAt; close: () => 
 
 export async function mount(options: MountOptions): Promise<MountResult> {
   checkLocalPath(options.dir, 'mount directory');
+  const existing = await stat(options.dir).catch(() => undefined);
+  if (existing && !existing.isDirectory()) throw new InvalidArgumentError(`mount point ${options.dir} is not a directory: give an empty (or new) directory`);
+  // The mount point and what mount creates under it never go inside a repository (write-guard.ts).
+  await refuseInsideRepository(options.dir, 'mount point', options.repo);
   await ensurePrivateDirectory(options.dir);
   const dir = await canonical(options.dir);
   if ((await readdir(dir)).length > 0) throw new InvalidArgumentError(`mount point ${dir} is not empty`);
@@ -325,7 +334,7 @@ async function teardown(stateDir: string, state: MountState): Promise<UmountResu
   if (state.server) {
     result.serverStopped = await stopProcess(state.server.pid, 10_000, state.server.identity);
     // A server that had to be killed (or died) could not release its registration: do it for it.
-    if (state.server.readerToken) await unlink(join(state.repo, 'readers', `${state.server.readerToken}.json`)).catch(() => undefined);
+    if (state.server.readerToken && /^[0-9a-f]{16}$/.test(state.server.readerToken)) await unlink(join(state.repo, 'readers', `${state.server.readerToken}.json`)).catch(() => undefined);
     delete state.server;
     await saveState(stateDir, state);
   }

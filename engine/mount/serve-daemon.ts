@@ -5,6 +5,7 @@
  */
 import { serve, type ServeOptions } from '../serve/serve.js';
 import { MOUNT_PASSPHRASE_VARIABLE } from './serve-daemon-env.js';
+import { setNoticeSink } from '../../repo-format/notices.js';
 
 const options = JSON.parse(process.argv[2] ?? '{}') as ServeOptions;
 // The passphrase of an encrypted repository comes in the environment (mount.ts), never in argv: base64 of its bytes.
@@ -14,6 +15,14 @@ const report = (message: unknown): void => {
   if (process.send) process.send(message);
 };
 
+// What the repository says on its own (a stale lock broken, a read-only repository read without the
+// lock) goes back to the mount, which says it to its user, and to the log.
+const notices: string[] = [];
+setNoticeSink((message) => {
+  notices.push(message);
+  process.stderr.write(`${new Date().toISOString()} ${message}\n`);
+});
+
 try {
   const handle = await serve({ ...options, passphrase, onLog: (message) => process.stderr.write(`${new Date().toISOString()} ${message}\n`) });
   const stop = (): void => {
@@ -21,7 +30,7 @@ try {
   };
   process.once('SIGTERM', stop);
   process.once('SIGINT', stop);
-  report({ ready: true, readerToken: handle.readerToken, backupId: handle.backup.id, exports: handle.exports });
+  report({ ready: true, readerToken: handle.readerToken, backupId: handle.backup.id, exports: handle.exports, notices });
   process.disconnect?.();
 } catch (error) {
   report({ error: { message: (error as Error).message, code: (error as { code?: string }).code } });

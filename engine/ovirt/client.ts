@@ -8,6 +8,7 @@
 import { request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { readFile } from 'node:fs/promises';
+import { BodyTooLargeError, collectBody, HTTP_BODY_LIMIT } from '../http-body.js';
 import { randomBytes } from 'node:crypto';
 import { OvirtAuthError, OvirtFaultError, TimeoutError } from '../errors.js';
 import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
@@ -69,10 +70,7 @@ export class OvirtClient {
   /** The engine's CA, read once; a file that cannot be read is a usage error naming it. */
   private async caCertificate(): Promise<Buffer | undefined> {
     if (!this.options.caFile || this.ca) return this.ca;
-    const file = this.options.caFile;
-    this.ca = await readFile(file).catch((error: NodeJS.ErrnoException) => {
-      throw new InvalidArgumentError(`--ca-file ${file}: cannot be read (${error.code ?? error.message})`);
-    });
+    this.ca = await readCaFile(this.options.caFile);
     return this.ca;
   }
 
@@ -95,18 +93,16 @@ export class OvirtClient {
     const timeout = this.options.requestTimeoutMs ?? 120_000;
     return new Promise((resolve, reject) => {
       const req = requester(url, { method, headers: { ...headers, ...(body !== undefined ? { 'Content-Length': String(Buffer.byteLength(body)) } : {}) }, ca: this.ca, timeout }, (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (chunk: Buffer) => chunks.push(chunk));
-        res.on('end', () => {
-          const status = res.statusCode ?? 0;
-          // A redirect is never followed: it could lead anywhere, http included, with the password or token.
-          if (status >= 300 && status < 400) {
-            reject(new EngineError('ENGINE_OVIRT_CONNECT', `oVirt ${this.base.origin}: ${method} ${url.pathname} answered HTTP ${status}, a redirect to ${String(res.headers.location ?? 'nowhere')}, which is not followed: give the engine's own https:// address as --ovirt`, { url: this.base.origin, status }));
-            return;
-          }
-          resolve({ status, headers: res.headers, body: Buffer.concat(chunks).toString('utf8') });
-        });
-        res.on('error', reject);
+        const status = res.statusCode ?? 0;
+        // A redirect is never followed: it could lead anywhere, http included, with the password or token.
+        if (status >= 300 && status < 400) {
+          res.resume();
+          reject(new EngineError('ENGINE_OVIRT_CONNECT', `oVirt ${this.base.origin}: ${method} ${url.pathname} answered HTTP ${status}, a redirect to ${String(res.headers.location ?? 'nowhere')}, which is not followed: give the engine's own https:// address as --ovirt`, { url: this.base.origin, status }));
+          return;
+        }
+        collectBody(res, HTTP_BODY_LIMIT, (bytes) => resolve({ status, headers: res.headers, body: bytes.toString('utf8') }), (error) =>
+          reject(error instanceof BodyTooLargeError ? new EngineError('ENGINE_OVIRT_FAULT', `oVirt ${method} ${url.pathname}: ${error.message}`, { status }) : error),
+        );
       });
       req.on('timeout', () => req.destroy(new TimeoutError(`oVirt ${method} ${url.pathname}`, timeout)));
       req.on('error', (error: NodeJS.ErrnoException) => {
@@ -137,6 +133,25 @@ export class OvirtClient {
       throw new OvirtAuthError(this.options.url, parsed.error_description ?? parsed.error ?? `HTTP ${response.status}`);
     }
     this.token = parsed.access_token;
+  }
+
+  /**
+   * Revokes the SSO token (`POST /ovirt-engine/services/sso-logout` with scope and token, as the SDK's
+   * Connection.close does), so that it does not stay valid until it expires. Does nothing when not logged in.
+   */
+  async logout(): Promise<void> {
+    const token = this.token;
+    if (!token) return;
+    this.token = undefined;
+    const form = new URLSearchParams({ scope: 'ovirt-app-api', token }).toString();
+    const response = await this.send('POST', '/ovirt-engine/services/sso-logout', { 'Content-Type': 'application/x-www-form-urlencoded', Accept: 'application/json' }, form);
+    let parsed: { error?: string; error_description?: string } = {};
+    try {
+      parsed = JSON.parse(response.body) as typeof parsed;
+    } catch {
+      // An answer that is not JSON says nothing about the revocation: only the status counts then.
+    }
+    if (response.status !== 200 || parsed.error) throw new OvirtAuthError(this.options.url, `logout refused: ${parsed.error_description ?? parsed.error ?? `HTTP ${response.status}`}`);
   }
 
   /**
@@ -229,4 +244,11 @@ function connectFailure(error: NodeJS.ErrnoException): string {
 
 function httpReason(status: number): string {
   return { 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 409: 'Conflict', 500: 'Internal Server Error' }[status] ?? 'error';
+}
+
+/** The engine's CA file (PEM), for the API and imageio alike; one that cannot be read is a usage error naming it. */
+export async function readCaFile(file: string): Promise<Buffer> {
+  return readFile(file).catch((error: NodeJS.ErrnoException) => {
+    throw new InvalidArgumentError(`--ca-file ${file}: cannot be read (${error.code ?? error.message})`);
+  });
 }

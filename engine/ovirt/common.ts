@@ -6,6 +6,7 @@ import type { BackupOptions } from '../backup.js';
 import { OvirtFaultError } from '../errors.js';
 import { blockDeviceSize } from '../sources/device-size.js';
 import type { OvirtClient, OvirtClientOptions } from './client.js';
+import { VmStatus } from './vocabulary.js';
 import { attribute, child, children, text } from './xml.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
 
@@ -42,6 +43,48 @@ export async function vmIdByName(client: OvirtClient, name: string): Promise<str
   const found = children(child((await client.get('vms', { search: `name=${name}` })).xml, 'vms'), 'vm').filter((vm) => text(vm, 'name') === name);
   if (found.length !== 1) throw new InvalidArgumentError(found.length === 0 ? `oVirt has no VM named "${name}"` : `oVirt has ${found.length} VMs named "${name}"`);
   return attribute(found[0], 'id')!;
+}
+
+/** A cluster: its compatibility level (features depend on it) and its data centre (where its storage is). */
+export interface OvirtCluster {
+  id: string;
+  name: string;
+  version: [number, number];
+  dataCenter: string;
+}
+
+function clusterFrom(element: ReturnType<typeof child>, what: string): OvirtCluster {
+  const version = child(element, 'version');
+  const dataCenter = attribute(child(element, 'data_center'), 'id');
+  const id = attribute(element, 'id');
+  if (!id || !dataCenter) throw new InvalidArgumentError(`oVirt's answer for ${what} names no cluster id or data centre`);
+  return { id, name: text(element, 'name') ?? id, version: [Number(text(version, 'major') ?? 0), Number(text(version, 'minor') ?? 0)], dataCenter };
+}
+
+/** The cluster a VM runs in. */
+export async function clusterOfVm(client: OvirtClient, vmId: string): Promise<OvirtCluster> {
+  const clusterId = attribute(child(child((await client.get(`vms/${vmId}`)).xml, 'vm'), 'cluster'), 'id');
+  if (!clusterId) throw new InvalidArgumentError(`oVirt names no cluster for VM ${vmId}`);
+  return clusterFrom(child((await client.get(`clusters/${clusterId}`)).xml, 'cluster'), `cluster ${clusterId}`);
+}
+
+export async function clusterByName(client: OvirtClient, name: string): Promise<OvirtCluster> {
+  const found = children(child((await client.get('clusters', { search: `name=${name}` })).xml, 'clusters'), 'cluster').filter((c) => text(c, 'name') === name);
+  if (found.length !== 1) throw new InvalidArgumentError(found.length === 0 ? `oVirt has no cluster named "${name}"` : `oVirt has ${found.length} clusters named "${name}"`);
+  return clusterFrom(found[0], `cluster ${name}`);
+}
+
+export function atLeast(version: [number, number], major: number, minor: number): boolean {
+  return version[0] > major || (version[0] === major && version[1] >= minor);
+}
+
+/**
+ * A VM that must be running (the backup appliance: disks are hot-plugged into it). A Down VM would take
+ * the attachment without ever showing a device; say so at once instead of waiting for one.
+ */
+export async function requireRunning(client: OvirtClient, vmId: string, name: string): Promise<void> {
+  const status = text(child((await client.get(`vms/${vmId}`)).xml, 'vm'), 'status');
+  if (status !== VmStatus.up) throw new InvalidArgumentError(`the appliance VM "${name}" is ${status ?? 'in no known state'}, not up: disks can only be hot-plugged into a running appliance`);
 }
 
 export function isNotFound(error: unknown): boolean {

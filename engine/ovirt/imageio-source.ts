@@ -4,12 +4,11 @@
  * reads; /extents?context=zero gives the zero extents (read nothing there), ?context=dirty the blocks an
  * incremental must read. Dirty extents that are also zero are recorded as zero without being read.
  */
-import { Agent as HttpAgent, request as httpRequest } from 'node:http';
-import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { EngineError } from '../../repo-format/errors.js';
 import { SourceChangedError, SourceUnreadableError } from '../errors.js';
 import type { BlockSource, Extent, SourceDescription } from '../sources/source.js';
 import { describeTlsError } from '../tls-errors.js';
+import { downloadFailure, imageioAgent, imageioRequest, openImageio, type ImageioAgent, type ImageioUrls } from './imageio-connection.js';
 
 const REQUEST_SIZE = 4 * 1024 * 1024;
 
@@ -26,36 +25,30 @@ export class ImageioSource implements BlockSource {
     readonly size: number,
     readonly description: SourceDescription,
     readonly defaultName: string,
-    private readonly agent: HttpAgent | HttpsAgent,
-    private readonly ca: Buffer | undefined,
+    private readonly agent: ImageioAgent,
+    /** True when the host's transfer_url could not be reached and the engine's proxy_url serves the disk. */
+    readonly viaProxy: boolean,
   ) {}
 
-  static async open(transferUrl: string, size: number, options: { name: string; description: SourceDescription; ca?: Buffer | undefined }): Promise<ImageioSource> {
-    const url = new URL(transferUrl);
-    const probe = url.protocol === 'https:' ? new HttpsAgent({ keepAlive: true, ca: options.ca }) : new HttpAgent({ keepAlive: true });
-    const source = new ImageioSource(url, size, options.description, options.name, probe, options.ca);
-    const answer = await source.send('OPTIONS', url.pathname, {});
-    let maxReaders = 1;
-    if (answer.status === 200) {
-      const features = JSON.parse(answer.body.toString('utf8')) as { max_readers?: number; features?: string[] };
-      maxReaders = Math.max(1, Math.min(8, features.max_readers ?? 1));
-      if (!features.features?.includes('extents')) throw new SourceUnreadableError(transferUrl, 'imageio has no extents support (needed to skip zeros and read dirty blocks)');
-    } else if (answer.status !== 405 && answer.status !== 204) {
-      throw new SourceUnreadableError(transferUrl, `imageio OPTIONS answered HTTP ${answer.status}`);
-    }
-    probe.destroy();
-    const agent = url.protocol === 'https:' ? new HttpsAgent({ keepAlive: true, maxSockets: maxReaders, ca: options.ca }) : new HttpAgent({ keepAlive: true, maxSockets: maxReaders });
-    return new ImageioSource(url, size, options.description, options.name, agent, options.ca);
+  /**
+   * Opens a download: transfer_url, or proxy_url when the host cannot be reached (imageio-connection.ts);
+   * OPTIONS gives max_readers (that many keep-alive connections) and must list the extents feature.
+   */
+  static async open(urls: ImageioUrls, size: number, options: { name: string; description: SourceDescription; ca?: Buffer | undefined }): Promise<ImageioSource> {
+    const endpoint = await openImageio(urls, options.ca, downloadFailure);
+    if (endpoint.allow.length > 0 && !endpoint.allow.includes('GET')) throw new SourceUnreadableError(endpoint.url.href, `the imageio ticket does not allow reading (Allow: ${endpoint.allow.join(',')})`);
+    if (endpoint.allow.length > 0 && !endpoint.features.includes('extents')) throw new SourceUnreadableError(endpoint.url.href, 'imageio has no extents support (needed to skip zeros and read dirty blocks)');
+    return new ImageioSource(endpoint.url, size, options.description, options.name, imageioAgent(endpoint.url, endpoint.maxReaders, options.ca), endpoint.viaProxy);
   }
 
   /**
-   * One request. Every request here is idempotent (OPTIONS, GET), so a connection the server closed while
-   * it sat idle in the keep-alive pool ("socket hang up", ECONNRESET) is retried on a fresh one.
+   * One request. Every request here is idempotent (GET), so a connection the server closed while it sat
+   * idle in the keep-alive pool ("socket hang up", ECONNRESET) is retried on a fresh one.
    */
-  private async send(method: string, path: string, headers: Record<string, string>): Promise<{ status: number; body: Buffer }> {
+  private async send(method: string, path: string, headers: Record<string, string>, limit?: number): Promise<{ status: number; body: Buffer }> {
     for (let attempt = 1; ; attempt += 1) {
       try {
-        return await this.sendOnce(method, path, headers);
+        return await imageioRequest(this.url, this.agent, { method, path, headers, ...(limit === undefined ? {} : { limit }) });
       } catch (error) {
         const code = (error as NodeJS.ErrnoException).code;
         const stale = code === 'ECONNRESET' || code === 'EPIPE' || (error as Error).message === 'socket hang up';
@@ -64,20 +57,6 @@ export class ImageioSource implements BlockSource {
     }
   }
 
-  private sendOnce(method: string, path: string, headers: Record<string, string>): Promise<{ status: number; body: Buffer }> {
-    const requester = this.url.protocol === 'https:' ? httpsRequest : httpRequest;
-    return new Promise((resolve, reject) => {
-      const req = requester({ protocol: this.url.protocol, host: this.url.hostname, port: this.url.port, path, method, headers, agent: this.agent, ca: this.ca, timeout: 120_000 }, (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks) }));
-        res.on('error', reject);
-      });
-      req.on('timeout', () => req.destroy(new Error(`imageio ${method} ${path} timed out`)));
-      req.on('error', reject);
-      req.end();
-    });
-  }
 
   async read(target: Buffer, offset: number): Promise<void> {
     const reads: Promise<void>[] = [];
@@ -86,10 +65,13 @@ export class ImageioSource implements BlockSource {
       reads.push(
         (async () => {
           const start = offset + at;
-          const answer = await this.send('GET', this.url.pathname, { Range: `bytes=${start}-${start + length - 1}` });
+          // An answer longer than the range (plus room for an error page) is not one to buffer.
+          const answer = await this.send('GET', this.url.pathname, { Range: `bytes=${start}-${start + length - 1}` }, length + 64 * 1024);
           if (answer.status === 416) throw new SourceChangedError(this.url.href, `range ${start}+${length} lies past the end of the image`);
           if (answer.status !== 206 && answer.status !== 200) {
-            throw new EngineError('ENGINE_SOURCE_UNREADABLE', `imageio GET ${this.url.pathname} bytes ${start}-${start + length - 1}: HTTP ${answer.status} ${answer.body.toString('utf8').slice(0, 200)}`, { status: answer.status });
+            // 403: the ticket is gone — the transfer was cancelled, by oVirt too when it sat idle longer than its inactivity timeout.
+            const why = answer.status === 403 ? ' (the transfer\'s ticket is gone: cancelled, or idle past its inactivity timeout)' : '';
+            throw new EngineError('ENGINE_SOURCE_UNREADABLE', `imageio GET ${this.url.pathname} bytes ${start}-${start + length - 1}: HTTP ${answer.status} ${answer.body.toString('utf8').slice(0, 200)}${why}`, { status: answer.status });
           }
           if (answer.body.length !== length) throw new SourceChangedError(this.url.href, `asked ${length} bytes at ${start}, got ${answer.body.length}`);
           answer.body.copy(target, at);
@@ -131,6 +113,7 @@ export class ImageioSource implements BlockSource {
   async close(): Promise<void> {
     this.agent.destroy();
   }
+
 
   async dispose(): Promise<void> {
     this.agent.destroy();

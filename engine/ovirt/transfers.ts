@@ -1,58 +1,138 @@
-/** Image transfers (download for backups, upload for restores): start, wait, finalize. */
+/**
+ * Image transfers (a download of a backup disk, an upload for a restore): start, finalize, cancel, with the
+ * phases oVirt really goes through (ovirt-engine TransferDiskImageCommand's state handlers):
+ *   initializing → transferring → (finalize) finalizing_success → finished_success
+ *   cancelled_system → finalizing_failure → finished_failure          (stopped by oVirt, e.g. idle too long)
+ *   cancelled_user → finalizing_cleanup → finished_cleanup → finished_failure     (cancelled by a client)
+ * Only finished_success and finished_failure are final; a failed upload deletes its disk. Engines before
+ * 4.4.7 delete the transfer as soon as it ends, so a 404 after finalize means "look at the disk" (the SDK's
+ * helpers/imagetransfer.py `finalize_transfer`). Anything but initializing or transferring while starting
+ * is cancelled at once (the SDK's `create_transfer`), not waited on.
+ */
 import { OvirtFaultError } from '../errors.js';
 import type { OvirtClient } from './client.js';
-import type { Wait } from './common.js';
+import { isNotFound, type Wait } from './common.js';
+import type { ImageioUrls } from './imageio-connection.js';
+import { DiskFormat, DiskStatus, ImageTransferDirection, ImageTransferPhase, ImageTransferTimeoutPolicy, type ImageTransferDirectionValue } from './vocabulary.js';
 import { attribute, child, text } from './xml.js';
 
-function phaseOf(client: OvirtClient, id: string): Promise<string | undefined> {
-  return client.get(`imagetransfers/${id}`).then((r) => text(child(r.xml, 'image_transfer'), 'phase'));
+/**
+ * Seconds a transfer may sit without a request before oVirt stops it (types/ImageTransfer.java
+ * `inactivity_timeout`; oVirt's own default is TransferImageClientInactivityTimeoutInSeconds = 60). A
+ * transfer is opened right before its disk is read, but the reading may stall behind a slow repository:
+ * 300 s by default, ENGINE_OVIRT_INACTIVITY_TIMEOUT (seconds) overrides.
+ */
+export function transferInactivityTimeout(): number {
+  const value = process.env.ENGINE_OVIRT_INACTIVITY_TIMEOUT;
+  return value !== undefined && /^[1-9]\d*$/.test(value) ? Number(value) : 300;
 }
 
-/** Creates a transfer; `onCreated` runs as soon as its id is known (to journal it). Returns its data URL. */
+const final = (phase: string | undefined): boolean => phase === ImageTransferPhase.finishedSuccess || phase === ImageTransferPhase.finishedFailure;
+
+async function transferOf(client: OvirtClient, id: string): Promise<ReturnType<typeof child> | 'gone'> {
+  try {
+    return child((await client.get(`imagetransfers/${id}`)).xml, 'image_transfer');
+  } catch (error) {
+    if (isNotFound(error)) return 'gone';
+    throw error;
+  }
+}
+
+/** Asks oVirt to cancel a transfer (a missing one is fine: TransferImageStatus answers for it anyway). */
+async function requestCancel(client: OvirtClient, id: string): Promise<void> {
+  await client.post(`imagetransfers/${id}/cancel`, 'action', {}).catch((error: unknown) => {
+    if (!isNotFound(error)) throw error;
+  });
+}
+
+/**
+ * Creates a transfer; `onCreated` runs as soon as its id is known (to journal it). Waits for
+ * `transferring`; any other phase, or the transfer vanishing, cancels it and fails.
+ */
 export async function startTransfer(
   client: OvirtClient,
-  body: { disk: string; backup?: string; direction: 'download' | 'upload' },
+  body: { disk: string; backup?: string; direction: ImageTransferDirectionValue },
   onCreated: (id: string) => Promise<void>,
   wait: Wait,
-): Promise<{ id: string; url: string }> {
+): Promise<{ id: string } & ImageioUrls> {
   const answer = child(
     (await client.post('imagetransfers', 'image_transfer', {
       disk: { '@_id': body.disk },
       ...(body.backup ? { backup: { '@_id': body.backup } } : {}),
       direction: body.direction,
-      format: 'raw',
+      // format=raw: the NBD backend, raw guest data whatever the disk's format (the SDK's create_transfer).
+      format: DiskFormat.raw,
+      inactivity_timeout: transferInactivityTimeout(),
+      timeout_policy: ImageTransferTimeoutPolicy.cancel,
     })).xml,
     'image_transfer',
   );
-  const id = attribute(answer, 'id')!;
+  const id = attribute(answer, 'id');
+  if (!id) throw new OvirtFaultError('POST imagetransfers', 200, 'the answer names no transfer id', '');
   await onCreated(id);
   const ready = await client.waitFor(`image transfer ${id} to start`, async () => {
-    const transfer = child((await client.get(`imagetransfers/${id}`)).xml, 'image_transfer');
+    const transfer = await transferOf(client, id);
+    if (transfer === 'gone') throw new OvirtFaultError(`image transfer ${id}`, 404, 'the transfer was removed while it started', 'see the engine events');
     const phase = text(transfer, 'phase');
-    if (phase === 'transferring') return transfer;
-    if (phase === 'paused_system' || phase?.startsWith('finished') || phase?.startsWith('cancelled')) {
-      throw new OvirtFaultError(`image transfer ${id}`, 200, `the transfer went to phase ${phase}`, 'the engine or the host stopped it');
-    }
-    return undefined;
+    if (phase === ImageTransferPhase.transferring) return transfer;
+    if (phase === ImageTransferPhase.initializing) return undefined;
+    if (!final(phase)) await requestCancel(client, id);
+    throw new OvirtFaultError(`image transfer ${id}`, 200, `the transfer went to phase ${phase ?? '(none)'} instead of transferring`, final(phase) ? 'the engine or the host stopped it' : 'cancelled');
   }, wait);
-  // transfer_url (the host's daemon) first, proxy_url (through the engine host) next: whichever keeps https.
-  const url = client.followable(`image transfer ${id}`, [text(ready, 'transfer_url'), text(ready, 'proxy_url')]);
-  if (!url) throw new OvirtFaultError(`image transfer ${id}`, 200, 'the transfer has no transfer_url', '');
-  return { id, url };
+  const offered = [text(ready, 'transfer_url'), text(ready, 'proxy_url')] as const;
+  if (!offered[0] && !offered[1]) throw new OvirtFaultError(`image transfer ${id}`, 200, 'the transfer has neither transfer_url nor proxy_url', '');
+  // Only a URL that keeps the engine's security is followed (https from an https engine, url-policy.ts): a
+  // downgraded one is dropped here, and when both are, followable() refuses the transfer (it is journaled,
+  // so the run's clean-up cancels it).
+  const keep = (url: string | undefined): string | undefined => {
+    if (!url) return undefined;
+    try {
+      return client.followable(`image transfer ${id}`, [url]);
+    } catch {
+      return undefined;
+    }
+  };
+  const transferUrl = keep(offered[0]);
+  const proxyUrl = keep(offered[1]);
+  if (!transferUrl && !proxyUrl) client.followable(`image transfer ${id}`, [...offered]);
+  return { id, transferUrl, proxyUrl };
 }
 
-/** Finalizes a transfer and waits for its end phase ('gone' when the engine already forgot it). */
-export async function finalizeTransfer(client: OvirtClient, id: string, wait: Wait): Promise<string> {
+/**
+ * Finalizes a transfer and waits for finished_success. finished_failure, or paused_system (oVirt could not
+ * finalize it; the disk is illegal), fails. A transfer that vanished (engines before 4.4.7) is judged by its
+ * disk: `ok` is success, a missing or other disk a failure; for a download there is nothing to judge.
+ */
+export async function finalizeTransfer(client: OvirtClient, transfer: { id: string; disk: string; direction: ImageTransferDirectionValue }, wait: Wait): Promise<void> {
+  const { id } = transfer;
   await client.post(`imagetransfers/${id}/finalize`, 'action', {}).catch((error: unknown) => {
-    if (!(error instanceof OvirtFaultError && error.status === 404)) throw error;
+    if (!isNotFound(error)) throw error;
   });
-  return client.waitFor(`image transfer ${id} to finish`, async () => {
-    try {
-      const phase = await phaseOf(client, id);
-      return phase?.startsWith('finished') || phase?.startsWith('cancelled') ? phase : undefined;
-    } catch (error) {
-      if (error instanceof OvirtFaultError && error.status === 404) return 'gone';
-      throw error;
-    }
+  const outcome = await client.waitFor(`image transfer ${id} to finish`, async () => {
+    const current = await transferOf(client, id);
+    if (current === 'gone') return 'gone';
+    const phase = text(current, 'phase');
+    if (phase === ImageTransferPhase.finishedSuccess) return 'done';
+    if (phase === ImageTransferPhase.finishedFailure) throw new OvirtFaultError(`image transfer ${id}`, 200, 'the transfer ended in phase finished_failure', transfer.direction === ImageTransferDirection.upload ? 'oVirt removes the disk of a failed upload' : '');
+    if (phase === ImageTransferPhase.pausedSystem) throw new OvirtFaultError(`image transfer ${id}`, 200, 'oVirt could not finalize the transfer (phase paused_system)', 'the disk is left illegal');
+    return undefined;
+  }, wait);
+  if (outcome === 'done' || transfer.direction === ImageTransferDirection.download) return;
+  let status: string | undefined;
+  try {
+    status = text(child((await client.get(`disks/${transfer.disk}`)).xml, 'disk'), 'status');
+  } catch (error) {
+    if (isNotFound(error)) throw new OvirtFaultError(`image transfer ${id}`, 404, `the transfer failed: oVirt removed disk ${transfer.disk}`, '');
+    throw error;
+  }
+  if (status !== DiskStatus.ok) throw new OvirtFaultError(`image transfer ${id}`, 200, `the transfer failed: disk ${transfer.disk} is ${status ?? 'in no status'}`, '');
+}
+
+/** Cancels a transfer and waits until it has really ended (finished_*, or gone). */
+export async function cancelTransfer(client: OvirtClient, id: string, wait: Wait): Promise<void> {
+  await requestCancel(client, id);
+  await client.waitFor(`image transfer ${id} to end`, async () => {
+    const current = await transferOf(client, id);
+    return current === 'gone' || final(text(current, 'phase')) ? true : undefined;
   }, wait);
 }

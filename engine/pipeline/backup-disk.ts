@@ -20,7 +20,7 @@ import type { Repository } from '../../repo-format/repository.js';
 import type { BlockSource } from '../sources/source.js';
 import type { BlockPool } from './block-pool.js';
 import type { HashResult } from './tasks.js';
-import { InterruptedError } from '../errors.js';
+import { Interruption } from '../interrupt.js';
 import { ZeroExtentCursor } from './zero-extents.js';
 import { DirtyCursor, ParentMapCursor, type Range } from './map-cursors.js';
 import type { MapRoot } from '../../repo-format/block-map.js';
@@ -96,7 +96,9 @@ function idOf(result: { id: Uint8Array }): Buffer {
 }
 
 export async function backupDisk(source: BlockSource, name: string, context: BackupDiskContext, plan?: IncrementalPlan): Promise<DiskRecord> {
-  const { repo, pool, dataWriter, signal } = context;
+  const { repo, pool, dataWriter } = context;
+  // Checked per block: the holes of a thin NBD export, or a long clean run, are walked without any I/O.
+  const interruption = new Interruption(context.signal, 'backup');
   const blockSize = repo.blockSize;
   const blockCount = Math.ceil(source.size / blockSize);
   const started = Date.now();
@@ -132,9 +134,9 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
   // Reads are issued as soon as a slot is free, several at once; the queue keeps block order.
   const read = async (): Promise<void> => {
     for (let block = 0; block < blockCount && failure === undefined; block += 1) {
-      if (signal?.aborted) throw new InterruptedError('backup');
+      await interruption.tick();
       if (dirty) {
-        const nextDirty = await dirty.nextDirtyBlock(block, blockSize, blockCount);
+        const nextDirty = await interruption.race(dirty.nextDirtyBlock(block, blockSize, blockCount));
         if (nextDirty > block) {
           queue.push({ block, slot: -1, length: 0, result: undefined, done: Promise.resolve(), unchanged: nextDirty - block });
           block = nextDirty - 1;
@@ -145,7 +147,9 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
       const offset = block * blockSize;
       const length = Math.min(blockSize, source.size - offset);
       const item: InFlight = { block, slot, length, result: undefined, done: Promise.resolve() };
-      if (zeroExtents && (await zeroExtents.isZero(offset, length))) {
+      // The extent at hand answers most blocks; asking the source for more extents may take long (the
+      // holes of a thin disk come merged over many requests), so that wait is interruptible.
+      if (zeroExtents && (zeroExtents.known(offset, length) ?? (await interruption.race(zeroExtents.isZero(offset, length))))) {
         // The source says this block reads as zeros (a hole, a zero cluster): record it without reading.
         item.result = { zero: true };
       } else {
@@ -218,6 +222,7 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
   /** Clean blocks: the parent's entries, unread. */
   const takeUnchanged = async (item: InFlight): Promise<void> => {
     for (let block = item.block; block < item.block + item.unchanged!; block += 1) {
+      await interruption.tick();
       await map.push(await parent!.entry(block));
       bytesDone += Math.min(blockSize, source.size - block * blockSize);
     }

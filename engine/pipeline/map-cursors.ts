@@ -53,3 +53,13 @@ export class DirtyCursor {
     return Math.min(blockCount, Math.max(fromBlock, Math.floor(this.current.offset / blockSize)));
   }
 }
+
+/** The ranges of `stream` and of `extra` (sorted by offset), in order of offset: what DirtyCursor walks. */
+export async function* mergeRanges(stream: AsyncIterable<Range>, extra: readonly Range[]): AsyncGenerator<Range> {
+  let next = 0;
+  for await (const range of stream) {
+    while (next < extra.length && extra[next]!.offset < range.offset) yield extra[next++]!;
+    yield range;
+  }
+  while (next < extra.length) yield extra[next++]!;
+}

@@ -13,6 +13,17 @@ export class ZeroExtentCursor {
     this.iterator = extents[Symbol.asyncIterator]();
   }
 
+  /**
+   * The answer of isZero when the extent at hand gives it without asking the source for more, else
+   * undefined: the common case of a long extent, answered without a promise per block.
+   */
+  known(offset: number, length: number): boolean | undefined {
+    const extent = this.current;
+    if (!extent || extent.offset > offset || extent.offset + extent.length <= offset) return undefined;
+    if (!extent.zero) return false;
+    return extent.offset + extent.length >= offset + length ? true : undefined;
+  }
+
   /** True when [offset, offset + length) lies entirely in zero extents. Offsets must not go backwards. */
   async isZero(offset: number, length: number): Promise<boolean> {
     let at = offset;

@@ -1,20 +1,24 @@
 /**
  * Restore targets on the local host: a new raw file (created sparse, zero blocks left as holes, exact
  * final size), an existing file, or a block device (both must be large enough; zero blocks are written
- * as zeros there, since their old content is not zero).
+ * as zeros there, since their old content is not zero). A block device is held exclusively while it is
+ * written, and neither a device nor a file in use by someone else is written at all (target-in-use.ts).
  */
 import { open, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { classifyWriteError, isErrnoException } from '../../repo-format/errors.js';
 import { fsyncDirectory } from '../../repo-format/durable-file.js';
 import { MUTABLE_FILE_MODE, openNewFile } from '../../repo-format/file-modes.js';
-import { TargetTooSmallError, TargetUnwritableError } from '../errors.js';
+import { TargetInUseError, TargetTooSmallError, TargetUnwritableError } from '../errors.js';
 import { blockDeviceSize } from '../sources/device-size.js';
+import { openDeviceExclusively, whoUsesFile } from './target-in-use.js';
 
 export interface RestoreTarget {
   readonly path: string;
   /** True when unwritten ranges already read as zeros (a new sparse file). */
   readonly zeroed: boolean;
+  /** True when this restore created the target: discard() removes it. */
+  readonly created?: boolean;
   write(data: Buffer, offset: number): Promise<void>;
   /** Zeroes a range without sending zeros where the target can (NBD WRITE_ZEROES); absent: zeros are written. */
   writeZeroes?(offset: number, length: number): Promise<void>;
@@ -44,15 +48,16 @@ export class FileTarget implements RestoreTarget {
     readonly path: string,
     private readonly handle: FileHandle,
     readonly zeroed: boolean,
-    private readonly created: boolean,
+    readonly created: boolean,
   ) {}
 
   /**
    * `assumeZeroed`: an existing target known to read as zeros (a freshly created disk), so zero blocks
-   * need not be written.
+   * need not be written. `checkDevice`: run on a block device once it is held exclusively (restore's
+   * refusal of a device that holds data).
    */
-  static async open(path: string, diskSize: number, options: { assumeZeroed?: boolean } = {}): Promise<FileTarget> {
-    const existing = await stat(path).catch((error: unknown) => {
+  static async open(path: string, diskSize: number, options: { assumeZeroed?: boolean; checkDevice?: (path: string) => Promise<void> } = {}): Promise<FileTarget> {
+    const existing = await stat(path, { bigint: true }).catch((error: unknown) => {
       if (isErrnoException(error) && error.code === 'ENOENT') return undefined;
       throw new TargetUnwritableError(path, String(error));
     });
@@ -74,9 +79,22 @@ export class FileTarget implements RestoreTarget {
     }
     let size: number;
     if (existing.isBlockDevice()) size = await blockDeviceSize(existing.rdev);
-    else if (existing.isFile()) size = existing.size;
+    else if (existing.isFile()) size = Number(existing.size);
     else throw new TargetUnwritableError(path, 'it exists and is neither a regular file nor a block device');
     if (size < diskSize) throw new TargetTooSmallError(path, size, diskSize);
+    if (existing.isBlockDevice()) {
+      // Held from here until close: nothing can mount or claim it while the restore writes.
+      const handle = await openDeviceExclusively(path, existing.rdev);
+      try {
+        await options.checkDevice?.(path);
+      } catch (error) {
+        await handle.close();
+        throw error;
+      }
+      return new FileTarget(path, handle, options.assumeZeroed === true, false);
+    }
+    const inUse = await whoUsesFile(existing);
+    if (inUse !== undefined) throw new TargetInUseError(path, inUse);
     try {
       return new FileTarget(path, await open(path, 'r+'), options.assumeZeroed === true, false);
     } catch (error) {

@@ -17,6 +17,7 @@ import { NbdTarget } from './nbd-target.js';
 
 export class Qcow2Target implements RestoreTarget {
   readonly zeroed = true;
+  readonly created = true;
 
   private constructor(
     readonly path: string,

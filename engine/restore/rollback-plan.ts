@@ -13,10 +13,12 @@ import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { Repository } from '../../repo-format/repository.js';
 import { ParentMapCursor, type Range } from '../pipeline/map-cursors.js';
+import { BlockSet } from '../block-set.js';
+import type { Interruption } from '../interrupt.js';
 
 export interface RollbackPlan {
-  /** 1 for every block to write. */
-  write: Uint8Array;
+  /** Every block to write. */
+  write: BlockSet;
   base: BackupRecord;
   blocksDirty: number;
   blocksChangedSinceBase: number;
@@ -34,29 +36,32 @@ export async function backupOfCheckpoint(repo: Repository, diskName: string, bit
   );
 }
 
-export async function planRollback(repo: Repository, disk: DiskRecord, bitmap: string, dirty: AsyncIterable<Range>): Promise<RollbackPlan> {
+/** `interruption`: a long clean bitmap is walked over many NBD requests; it stops the walk within a second. */
+export async function planRollback(repo: Repository, disk: DiskRecord, bitmap: string, dirty: AsyncIterable<Range>, interruption?: Interruption): Promise<RollbackPlan> {
   const base = await backupOfCheckpoint(repo, disk.name, bitmap);
   if (base.disk.size !== disk.size) throw new InvalidArgumentError(`disk ${disk.name} was ${base.disk.size} bytes in backup ${base.record.id} and is ${disk.size} in the restore point: a rollback cannot cross a resize`);
   const blockSize = repo.blockSize;
   const blocks = Math.ceil(disk.size / blockSize);
-  const write = new Uint8Array(blocks);
-  let blocksDirty = 0;
-  for await (const range of dirty) {
+  const write = new BlockSet();
+  const ranges = dirty[Symbol.asyncIterator]();
+  for (;;) {
+    const next = await (interruption ? interruption.race(ranges.next()) : ranges.next());
+    if (next.done) break;
+    const range = next.value;
     const last = Math.min(blocks - 1, Math.floor((range.offset + range.length - 1) / blockSize));
-    for (let block = Math.floor(range.offset / blockSize); block <= last; block += 1) {
-      if (write[block] === 0) blocksDirty += 1;
-      write[block] = 1;
-    }
+    for (let block = Math.floor(range.offset / blockSize); block <= last; block += 1) write.add(block);
   }
+  const blocksDirty = write.size;
   let blocksChangedSinceBase = 0;
   const baseMap = new ParentMapCursor(mapRootOf(base.disk), repo.loadPage);
   for await (const run of readMap(mapRootOf(disk), repo.loadPage)) {
     for (let i = 0; i < run.count; i += 1) {
+      await interruption?.tick();
       const block = run.firstBlock + i;
       const entry = run.entries === null ? ZERO_ID : run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
       if (entry.equals(await baseMap.entry(block))) continue;
       blocksChangedSinceBase += 1;
-      write[block] = 1;
+      write.add(block);
     }
   }
   return { write, base: base.record, blocksDirty, blocksChangedSinceBase };

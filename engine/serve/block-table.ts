@@ -2,23 +2,27 @@
  * Where every block of a served disk lives, resolved once while holding the repository lock, so that the
  * server can then read packs for hours without the lock and without the index (SPEC 12.2).
  *
- * Compact typed arrays, one slot per block:
+ * The table has the shape of the disk's block map (SPEC 8) and is built from it page by page: a resolved
+ * leaf holds, for its up to 1024 blocks, the chunk ids (the page itself) and each chunk's place
  *   pack      u32  index into the pack id list; ZERO (all-zero block) or MISSING (not in the index)
  *   offset    u32  frame offset in the pack
  *   length    u32  frame length
- *   id        32 B chunk id, checked against the chunk's SHA-256 before it is served
- * = 44 bytes per block: 44 MiB per TiB of disk at 1 MiB blocks. This is the only part of `serve` that
- * grows with the disk; pack ids are shared by all disks of the server.
+ * = 44 bytes per block; a resolved node holds its children. A zero page (ZERO_ID) costs nothing, and a
+ * page that occurs at several places (the same content: a map deduplicates its pages like any blob) is
+ * resolved once and shared, also between the disks of one server. Memory therefore follows the distinct
+ * pages the repository holds, never the disk size a record states: a thin 64 TiB disk costs what its
+ * data does, and a crafted record cannot make it more than the pages it can name (44 MiB per TiB of
+ * distinct data at 1 MiB blocks). Lookups walk at most four levels.
  */
-import { readMap } from '../../repo-format/block-map.js';
-import { mapRootOf, type DiskRecord } from '../../repo-format/backup-record.js';
-import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
+import { mapDepth } from '../../repo-format/block-map.js';
+import { type DiskRecord } from '../../repo-format/backup-record.js';
+import { ID_SIZE, KIND_MAP_LEAF, KIND_MAP_NODE, MAP_PAGE_ENTRIES, ZERO_ID } from '../../repo-format/constants.js';
+import { CorruptMetadataError } from '../../repo-format/errors.js';
 import type { Repository } from '../../repo-format/repository.js';
 
 export const ZERO_BLOCK = 0xffffffff;
 export const MISSING_BLOCK = 0xfffffffe;
 export const BYTES_PER_BLOCK = 4 + 4 + 4 + ID_SIZE;
-const LOOKUP_BATCH = 4096;
 
 /** Pack ids, each stored once and named by a small number in the tables. */
 export class PackIds {
@@ -43,23 +47,40 @@ export interface ChunkLocation {
   id: Buffer;
 }
 
+interface ResolvedLeaf {
+  kind: 'leaf';
+  /** The leaf page: count × 32-byte chunk ids. */
+  ids: Buffer;
+  pack: Uint32Array;
+  offset: Uint32Array;
+  length: Uint32Array;
+  /** Blocks under this page whose chunk the index does not know. */
+  missing: number;
+}
+
+interface ResolvedNode {
+  kind: 'node';
+  /** null: an all-zero child. */
+  children: (ResolvedPage | null)[];
+  missing: number;
+}
+
+type ResolvedPage = ResolvedLeaf | ResolvedNode;
+
+/** Blocks covered by one page at `level`. */
+const coverage = (level: number): number => MAP_PAGE_ENTRIES ** (level + 1);
+
 export class BlockTable {
   readonly blocks: number;
-  private readonly pack: Uint32Array;
-  private readonly offset: Uint32Array;
-  private readonly length: Uint32Array;
-  private readonly ids: Uint8Array;
 
   constructor(
     readonly diskSize: number,
     readonly blockSize: number,
+    private readonly depth: number,
+    private readonly root: ResolvedPage | null,
     private readonly packIds: PackIds,
   ) {
     this.blocks = Math.ceil(diskSize / blockSize);
-    this.pack = new Uint32Array(this.blocks).fill(ZERO_BLOCK);
-    this.offset = new Uint32Array(this.blocks);
-    this.length = new Uint32Array(this.blocks);
-    this.ids = new Uint8Array(this.blocks * ID_SIZE);
   }
 
   /** Bytes of block `block` (the last block may be short). */
@@ -67,67 +88,113 @@ export class BlockTable {
     return Math.min(this.blockSize, this.diskSize - block * this.blockSize);
   }
 
+  /** The leaf holding `block` and the block's entry in it, or undefined for a zero page. */
+  private leafOf(block: number): { leaf: ResolvedLeaf; at: number } | undefined {
+    let page = this.root;
+    for (let level = this.depth; page !== null && page.kind === 'node'; level -= 1) {
+      page = page.children[Math.floor(block / MAP_PAGE_ENTRIES ** level) % MAP_PAGE_ENTRIES] ?? null;
+    }
+    return page === null ? undefined : { leaf: page, at: block % MAP_PAGE_ENTRIES };
+  }
+
   isZero(block: number): boolean {
-    return this.pack[block] === ZERO_BLOCK;
+    const found = this.leafOf(block);
+    return found === undefined || found.leaf.pack[found.at] === ZERO_BLOCK;
   }
 
   isMissing(block: number): boolean {
-    return this.pack[block] === MISSING_BLOCK;
+    const found = this.leafOf(block);
+    return found !== undefined && found.leaf.pack[found.at] === MISSING_BLOCK;
   }
 
   id(block: number): Buffer {
-    return Buffer.from(this.ids.buffer, this.ids.byteOffset + block * ID_SIZE, ID_SIZE);
+    const found = this.leafOf(block);
+    if (!found) return ZERO_ID;
+    return found.leaf.ids.subarray(found.at * ID_SIZE, (found.at + 1) * ID_SIZE);
   }
 
   location(block: number): ChunkLocation | undefined {
-    const pack = this.pack[block]!;
+    const found = this.leafOf(block);
+    if (!found) return undefined;
+    const { leaf, at } = found;
+    const pack = leaf.pack[at]!;
     if (pack === ZERO_BLOCK || pack === MISSING_BLOCK) return undefined;
-    return { packId: this.packIds.ids[pack]!, offset: this.offset[block]!, length: this.length[block]!, id: this.id(block) };
+    return { packId: this.packIds.ids[pack]!, offset: leaf.offset[at]!, length: leaf.length[at]!, id: leaf.ids.subarray(at * ID_SIZE, (at + 1) * ID_SIZE) };
   }
 
-  setMissing(block: number, id: Uint8Array): void {
-    this.pack[block] = MISSING_BLOCK;
-    this.ids.set(id, block * ID_SIZE);
-  }
-
-  setChunk(block: number, id: Uint8Array, location: { packId: string; offset: number; length: number }): void {
-    this.pack[block] = this.packIds.number(location.packId);
-    this.offset[block] = location.offset;
-    this.length[block] = location.length;
-    this.ids.set(id, block * ID_SIZE);
-  }
-
-  get memoryBytes(): number {
-    return this.blocks * BYTES_PER_BLOCK;
+  /** Blocks whose chunk the index does not know: reading them answers EIO. */
+  get missing(): number {
+    return this.root?.missing ?? 0;
   }
 }
 
-/** Walks a disk's map and looks every chunk up in the index (batched). Needs the repository's index. */
-export async function resolveBlockTable(repo: Repository, disk: DiskRecord, packIds: PackIds): Promise<{ table: BlockTable; missing: number }> {
-  const table = new BlockTable(disk.size, repo.blockSize, packIds);
-  let missing = 0;
-  let batch: { block: number; id: Buffer }[] = [];
-  const lookUp = async (): Promise<void> => {
-    const locations = await repo.lookup(batch.map((b) => b.id));
-    batch.forEach(({ block, id }, i) => {
-      const location = locations[i];
-      if (location) table.setChunk(block, id, location);
-      else {
-        table.setMissing(block, id);
-        missing += 1;
-      }
-    });
-    batch = [];
-  };
-  for await (const run of readMap(mapRootOf(disk), repo.loadPage)) {
-    if (run.entries === null) continue;
-    for (let i = 0; i < run.count; i += 1) {
-      const id = run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
-      if (ZERO_ID.equals(id)) continue;
-      batch.push({ block: run.firstBlock + i, id: Buffer.from(id) });
-      if (batch.length >= LOOKUP_BATCH) await lookUp();
-    }
+/**
+ * Resolves maps into block tables (needs the repository's index, so: under the lock). One resolver per
+ * server: a page resolved for one disk serves every other place it occurs. `memoryBytes` is what the
+ * resolved pages hold.
+ */
+export class BlockTableResolver {
+  private readonly pages = new Map<string, ResolvedPage>();
+  memoryBytes = 0;
+
+  constructor(
+    private readonly repo: Repository,
+    readonly packIds: PackIds = new PackIds(),
+  ) {}
+
+  async resolve(disk: DiskRecord): Promise<BlockTable> {
+    const { blocks, depth } = disk.map;
+    // Checked when the record was read; checked again here because the walk below relies on it.
+    if (depth !== mapDepth(blocks)) throw new CorruptMetadataError('block map', `depth ${depth} does not fit ${blocks} blocks`);
+    const root = blocks === 0 ? null : await this.page(Buffer.from(disk.map.root, 'hex'), depth, blocks);
+    return new BlockTable(disk.size, this.repo.blockSize, depth, root, this.packIds);
   }
-  if (batch.length > 0) await lookUp();
-  return { table, missing };
+
+  /** The resolved page `id` at `level` covering `count` blocks (a page holds exactly what its place implies). */
+  private async page(id: Buffer, level: number, count: number): Promise<ResolvedPage | null> {
+    if (id.equals(ZERO_ID)) return null;
+    const key = `${level}:${count}:${id.toString('hex')}`;
+    const known = this.pages.get(key);
+    if (known) return known;
+    const page = await this.repo.loadPage(id, level === 0 ? KIND_MAP_LEAF : KIND_MAP_NODE);
+    const resolved = level === 0 ? await this.leaf(id, page, count) : await this.node(id, page, level, count);
+    this.pages.set(key, resolved);
+    return resolved;
+  }
+
+  private async leaf(id: Buffer, page: Buffer, count: number): Promise<ResolvedLeaf> {
+    if (page.length !== count * ID_SIZE) throw new CorruptMetadataError(`map page ${id.toString('hex')}`, `holds ${page.length / ID_SIZE} entries, expected ${count}`);
+    const leaf: ResolvedLeaf = { kind: 'leaf', ids: page, pack: new Uint32Array(count).fill(ZERO_BLOCK), offset: new Uint32Array(count), length: new Uint32Array(count), missing: 0 };
+    this.memoryBytes += count * BYTES_PER_BLOCK;
+    const wanted: number[] = [];
+    for (let i = 0; i < count; i += 1) if (!ZERO_ID.equals(page.subarray(i * ID_SIZE, (i + 1) * ID_SIZE))) wanted.push(i);
+    // A chunk whose pack is gone or cut short is missing too: announced at start, answered with EIO.
+    const locations = await this.repo.packPresence.filter(await this.repo.lookup(wanted.map((i) => page.subarray(i * ID_SIZE, (i + 1) * ID_SIZE))));
+    wanted.forEach((i, n) => {
+      const location = locations[n];
+      if (!location) {
+        leaf.pack[i] = MISSING_BLOCK;
+        leaf.missing += 1;
+        return;
+      }
+      leaf.pack[i] = this.packIds.number(location.packId);
+      leaf.offset[i] = location.offset;
+      leaf.length[i] = location.length;
+    });
+    return leaf;
+  }
+
+  private async node(id: Buffer, page: Buffer, level: number, count: number): Promise<ResolvedNode> {
+    const childCoverage = coverage(level - 1);
+    const childCount = Math.ceil(count / childCoverage);
+    if (page.length !== childCount * ID_SIZE) throw new CorruptMetadataError(`map page ${id.toString('hex')}`, `holds ${page.length / ID_SIZE} children, expected ${childCount}`);
+    const node: ResolvedNode = { kind: 'node', children: [], missing: 0 };
+    this.memoryBytes += childCount * 8;
+    for (let i = 0; i < childCount; i += 1) {
+      const child = await this.page(Buffer.from(page.subarray(i * ID_SIZE, (i + 1) * ID_SIZE)), level - 1, Math.min(childCoverage, count - i * childCoverage));
+      node.children.push(child);
+      node.missing += child?.missing ?? 0;
+    }
+    return node;
+  }
 }

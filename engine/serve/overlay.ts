@@ -43,8 +43,10 @@ export class Overlay {
     try {
       await chmod(work, PRIVATE_DIRECTORY_MODE);
       const path = join(work, 'overlay');
+      // Not truncated to the disk's size: the file grows with what the guest writes, so a 64 TiB thin
+      // disk is served writable from a filesystem whose files stop at 16 TiB (ext4) as long as the guest
+      // writes below that.
       const handle = await openNewFile(path, 'wx+', MUTABLE_FILE_MODE);
-      await handle.truncate(size);
       return new Overlay(handle, size, blockSize);
     } finally {
       // Unlinked while open: the data lives as long as the descriptor, and no crash leaves it behind.

@@ -7,12 +7,13 @@
  * they are served; a damaged chunk fails the request that needs it (EIO) and is logged, and the server
  * keeps serving everything else.
  *
- * Memory: the block tables (44 B per block), the chunk cache (`cacheBytes`, 64 MiB by default), the
+ * Memory: the block tables (44 B per block of distinct map pages; zero and repeated pages cost nothing), the chunk cache (`cacheBytes`, 64 MiB by default), the
  * worker slots (32 MiB), and per connection a bounded number of requests of at most 32 MiB.
  *
  * Access: a private Unix socket by default; TCP only with TLS and client authentication unless the caller
  * says `insecure` (listen-policy.ts), checked before the repository is opened.
  */
+import { refuseInsideRepository } from '../write-guard.js';
 import { unlinkSync } from 'node:fs';
 import { registerReader, type RegisteredReader } from '../../repo-format/readers.js';
 import { Repository } from '../../repo-format/repository.js';
@@ -25,7 +26,7 @@ import { prepareSocketPath } from '../nbd/unix-socket.js';
 import { DiskNotFoundError } from '../errors.js';
 import { defaultSocketPath, exposureWarnings, planListen, type ListenRequest } from './listen-policy.js';
 import { BackupExport } from './backup-export.js';
-import { PackIds, resolveBlockTable, type BlockTable } from './block-table.js';
+import { BlockTableResolver, type BlockTable } from './block-table.js';
 import { ChunkCache, ChunkLoader } from './chunk-cache.js';
 import { Overlay } from './overlay.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
@@ -66,8 +67,8 @@ export interface ServeHandle {
   tls: 'x509' | 'psk' | null;
   /** What the caller must know about the exposure (serving without TLS on TCP). */
   warnings: string[];
-  /** The reader registration (readers/<token>.json) held while serving. */
-  readerToken: string;
+  /** The reader registration (readers/<token>.json) held while serving; null for a repository read without its lock (SPEC 12.6). */
+  readerToken: string | null;
   writable: boolean;
   tableBytes: number;
   stats(): { cacheHits: number; cacheMisses: number; badChunks: number; overlayBytesWritten: number };
@@ -84,22 +85,25 @@ function uriFor(address: { socket?: string; port?: number; host?: string }, name
 }
 
 /** Resolves every served disk's block table under the lock, registers as a reader, releases the lock. */
-async function resolveUnderLock(options: ServeOptions): Promise<{ record: BackupRecord; tables: { name: string; table: BlockTable; missing: number }[]; reader: RegisteredReader; root: string; blockSize: number; keys: RepositoryKeys | undefined }> {
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'serve', passphrase: options.passphrase });
+async function resolveUnderLock(options: ServeOptions): Promise<{ record: BackupRecord; tables: { name: string; table: BlockTable; missing: number }[]; tableBytes: number; reader: RegisteredReader | undefined; root: string; blockSize: number; keys: RepositoryKeys | undefined }> {
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'serve', passphrase: options.passphrase, readWithoutLock: true });
   try {
     const record = await repo.findBackup(options.backupId);
     const disks = options.disk === undefined ? record.disks : record.disks.filter((d) => nameMatches(d.name, options.disk!));
     if (disks.length === 0) throw new DiskNotFoundError(record.id, options.disk ?? '', record.disks.map((d) => d.name));
-    const packIds = new PackIds();
+    // One resolver for every disk: pages they share are resolved once (block-table.ts).
+    const resolver = new BlockTableResolver(repo);
     const tables: { name: string; table: BlockTable; missing: number }[] = [];
     for (const disk of disks) {
-      const { table, missing } = await resolveBlockTable(repo, disk, packIds);
-      tables.push({ name: disk.name, table, missing });
+      const table = await resolver.resolve(disk);
+      tables.push({ name: disk.name, table, missing: table.missing });
     }
-    // Registered before the lock goes: no moment where a gc could see neither the lock nor the reader.
-    const reader = await registerReader(repo.root, 'serve', [record.id]);
+    const tableBytes = resolver.memoryBytes;
+    // Registered before the lock goes: no moment where a gc could see neither the lock nor the reader. A
+    // repository read without its lock (read-only, or full) cannot be registered in (SPEC 12.6).
+    const reader = repo.withoutLock ? undefined : await registerReader(repo.root, 'serve', [record.id]);
     // The keys outlive the repository handle: the workers open (decrypt and check) chunks while serving.
-    return { record, tables, reader, root: repo.root, blockSize: repo.blockSize, keys: repo.keys };
+    return { record, tables, tableBytes, reader, root: repo.root, blockSize: repo.blockSize, keys: repo.keys };
   } finally {
     await repo.close();
   }
@@ -113,9 +117,12 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
   const plan = planListen(options);
   const warn = (message: string): void => options.onLog?.(message);
   const tlsCredentials: NbdTlsCredentials | undefined = plan.tls ? await loadTlsCredentials(options.tls ?? {}, 'server', warn) : undefined;
-  // A path that cannot be used is said before the repository is opened.
-  if ('socket' in plan.address) await prepareSocketPath(plan.address.socket, warn);
-  const { record, tables, reader, root, blockSize, keys } = await resolveUnderLock(options);
+  // A path that cannot be used is said before the repository is opened; one inside a repository is never
+  // touched (not even a stale socket there replaced).
+  const socket = 'socket' in plan.address ? plan.address.socket : undefined;
+  await refuseServeFilesInRepository(options, socket);
+  if (socket !== undefined) await prepareSocketPath(socket, warn);
+  const { record, tables, tableBytes, reader, root, blockSize, keys } = await resolveUnderLock(options);
   const overlays: Overlay[] = [];
   let pool: BlockPool | undefined;
   let server: NbdServer | undefined;
@@ -130,7 +137,7 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
       exports.push(new BackupExport({ name, backupId: record.id, exportIndex, table, loader, readAheadBlocks, overlay, onLog: options.onLog }));
     }
     for (const { name, missing } of tables) {
-      if (missing > 0) options.onLog?.(`disk ${name}: ${missing} chunks are missing from the index; reading them answers EIO`);
+      if (missing > 0) options.onLog?.(`disk ${name}: ${missing} chunks are missing (not in the index, or their pack is gone); reading them answers EIO`);
     }
     server = new NbdServer({ exports, preferredBlockSize: 4096, tls: tlsCredentials, onLog: options.onLog });
     const listenOn: ListenAddress = 'defaultSocket' in plan.address ? { socket: await defaultSocketPath(record.id) } : plan.address;
@@ -142,7 +149,7 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     // However the process ends (an uncaught error included), the registration goes with it.
     const removeAtExit = (): void => {
       try {
-        unlinkSync(reader.path);
+        if (reader) unlinkSync(reader.path);
       } catch {
         // already released
       }
@@ -154,9 +161,9 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
       address,
       tls: tlsCredentials?.kind ?? null,
       warnings,
-      readerToken: reader.registration.token,
+      readerToken: reader?.registration.token ?? null,
       writable: options.writable === true,
-      tableBytes: tables.reduce((sum, t) => sum + t.table.memoryBytes, 0),
+      tableBytes,
       stats: () => ({
         cacheHits: loader.cache.hits,
         cacheMisses: loader.cache.misses,
@@ -168,7 +175,7 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
           await running.server.close().catch(() => undefined);
           for (const overlay of overlays) await overlay.close().catch(() => undefined);
           await running.pool.close().catch(() => undefined);
-          await reader.release();
+          await reader?.release();
           process.removeListener('exit', removeAtExit);
         })();
         return closed;
@@ -178,7 +185,13 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     await server?.close().catch(() => undefined);
     for (const overlay of overlays) await overlay.close().catch(() => undefined);
     await pool?.close().catch(() => undefined);
-    await reader.release();
+    await reader?.release();
     throw error;
   }
+}
+
+/** The socket and the overlay are files serve creates where it is told: never inside a repository (write-guard.ts). */
+async function refuseServeFilesInRepository(options: ServeOptions, socket: string | undefined): Promise<void> {
+  if (socket !== undefined) await refuseInsideRepository(socket, 'serve socket', options.repo);
+  if (options.overlayDir !== undefined) await refuseInsideRepository(options.overlayDir, 'overlay directory', options.repo);
 }

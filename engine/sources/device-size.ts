@@ -1,16 +1,22 @@
 import { readFile } from 'node:fs/promises';
 
 /**
+ * Major and minor of a Linux dev_t: major = bits 8..19 and 32..43, minor = bits 0..7 and 20..31
+ * (arithmetic, not bit operators: dev_t can exceed 32 bits).
+ */
+export function deviceNumbers(dev: number | bigint): { major: number; minor: number } {
+  const value = Number(dev);
+  const low = value % 2 ** 32;
+  const high = Math.floor(value / 2 ** 32);
+  return { major: (Math.floor(low / 256) % 4096) + Math.floor(high / 4096) * 4096, minor: (low % 256) + Math.floor(low / 2 ** 20) * 256 };
+}
+
+/**
  * Size in bytes of a block device, from sysfs (/sys/dev/block/MAJOR:MINOR/size counts 512-byte sectors).
  * Node has no BLKGETSIZE64 ioctl, and stat() reports 0 for devices.
  */
-export async function blockDeviceSize(rdev: number): Promise<number> {
-  // Linux dev_t: major = bits 8..19 and 32..43, minor = bits 0..7 and 20..31 (arithmetic, not bit
-  // operators: dev_t can exceed 32 bits).
-  const low = rdev % 2 ** 32;
-  const high = Math.floor(rdev / 2 ** 32);
-  const major = (Math.floor(low / 256) % 4096) + (Math.floor(high / 4096) * 4096);
-  const minor = (low % 256) + (Math.floor(low / 2 ** 20) * 256);
+export async function blockDeviceSize(rdev: number | bigint): Promise<number> {
+  const { major, minor } = deviceNumbers(rdev);
   const sectors = Number((await readFile(`/sys/dev/block/${major}:${minor}/size`, 'utf8')).trim());
   if (!Number.isSafeInteger(sectors)) throw new Error(`sysfs reports no size for block device ${major}:${minor}`);
   return sectors * 512;

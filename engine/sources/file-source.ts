@@ -1,4 +1,5 @@
-import { open, type FileHandle } from 'node:fs/promises';
+import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
+import { constants, type Stats } from 'node:fs';
 import { basename } from 'node:path';
 import { isErrnoException } from '../../repo-format/errors.js';
 import { SourceChangedError, SourceUnreadableError } from '../errors.js';
@@ -18,10 +19,25 @@ export class FileSource implements BlockSource {
     return basename(this.description.path);
   }
 
+  /**
+   * Refuses what is neither a regular file nor a block device, without opening it: open() of a FIFO
+   * waits for a writer, in a thread no signal interrupts. Called before the repository is locked.
+   */
+  static async check(path: string): Promise<void> {
+    // A path that cannot be stat()ed is reported by open(), which says why in the usual words.
+    const stats: Stats | undefined = await stat(path).catch(() => undefined);
+    if (!stats || stats.isFile() || stats.isBlockDevice()) return;
+    const kind = stats.isFIFO() ? 'a FIFO' : stats.isSocket() ? 'a socket' : stats.isCharacterDevice() ? 'a character device' : stats.isDirectory() ? 'a directory' : 'something else';
+    throw new SourceUnreadableError(path, `it is ${kind}, not a regular file or a block device (give one, or an NBD URI)`);
+  }
+
   static async open(path: string): Promise<FileSource> {
+    await FileSource.check(path);
     let handle: FileHandle;
     try {
-      handle = await open(path, 'r');
+      // O_NONBLOCK: should the path have become a FIFO since the check, open() returns rather than wait
+      // for a writer (it changes nothing for files and block devices); fstat below refuses it.
+      handle = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
     } catch (error) {
       throw new SourceUnreadableError(path, error instanceof Error ? error.message : String(error));
     }
@@ -29,11 +45,11 @@ export class FileSource implements BlockSource {
       const stats = await handle.stat();
       if (stats.isBlockDevice()) {
         const size = () => blockDeviceSize(stats.rdev);
-        return new FileSource(handle, await size(), { kind: 'block-device', path }, size);
+        return new FileSource(handle, await size(), { kind: 'block-device', path, realPath: await realpath(path) }, size);
       }
       if (!stats.isFile()) throw new SourceUnreadableError(path, 'not a regular file or a block device');
       const size = async () => (await handle.stat()).size;
-      return new FileSource(handle, stats.size, { kind: 'file', path }, size);
+      return new FileSource(handle, stats.size, { kind: 'file', path, realPath: await realpath(path) }, size);
     } catch (error) {
       await handle.close();
       throw error;

@@ -5,6 +5,8 @@
 export interface SourceDescription {
   kind: string;
   path: string;
+  /** A local source's absolute path, symlinks resolved: what restore compares a target with (write-guard.ts). */
+  realPath?: string;
 }
 
 /** A region of the source; `zero` means it reads as zeros and need not be read (holes, zero clusters). */

@@ -1,0 +1,49 @@
+/**
+ * Which packs exist, and how long they are: asked once per pack per run (one stat, cached), before an
+ * index entry is trusted by a reader that would otherwise build on it without reading the frame
+ * (deduplication, an incremental reusing its parent's map entries). The index is a cache of the packs
+ * (SPEC.md, section 6); a pack lost from the disk, or cut short, leaves entries that name nothing. Such an
+ * entry is treated like a quarantined frame: the blob counts as absent, so the next backup that meets the
+ * block stores it again, and its new entry replaces the dead one.
+ *
+ * A stat does not see damage inside a pack that is still whole in length; verify --read-data and repair do.
+ */
+import { stat } from 'node:fs/promises';
+import type { BlobLocation } from './index-entry.js';
+import { packPath } from './pack-file.js';
+
+export class PackPresence {
+  /** Pack id → its size in bytes, or null when it cannot be found (or read by stat). */
+  private readonly sizes = new Map<string, Promise<number | null>>();
+  /** Packs found missing or shorter than an index entry needs, this run: what a backup says in a notice. */
+  readonly unavailable = new Map<string, string>();
+
+  constructor(private readonly root: string) {}
+
+  /** Whether the pack behind `location` exists and reaches past the frame's end. */
+  async holds(location: BlobLocation): Promise<boolean> {
+    let size = this.sizes.get(location.packId);
+    if (size === undefined) {
+      size = stat(packPath(this.root, location.packId)).then(
+        (s) => (s.isFile() ? s.size : null),
+        () => null,
+      );
+      this.sizes.set(location.packId, size);
+    }
+    const bytes = await size;
+    if (bytes === null) {
+      this.unavailable.set(location.packId, 'missing');
+      return false;
+    }
+    if (location.offset + location.length > bytes) {
+      this.unavailable.set(location.packId, `cut short (${bytes} bytes; the index names a frame ending at ${location.offset + location.length})`);
+      return false;
+    }
+    return true;
+  }
+
+  /** The locations whose pack holds them; the others become undefined. */
+  async filter(locations: readonly (BlobLocation | undefined)[]): Promise<(BlobLocation | undefined)[]> {
+    return Promise.all(locations.map(async (location) => (location && (await this.holds(location)) ? location : undefined)));
+  }
+}

@@ -1,0 +1,245 @@
+/**
+ * SIGINT/SIGTERM sent to the real CLI process: every long operation stops, says in one line what it left,
+ * exits 130, releases the lock and its registrations, and leaves nothing behind (temporary files, a new
+ * restore target). Where a test needs the signal to land at a known point, the process stops itself there
+ * (ENGINE_STOP_AT) and the signal is sent while it is stopped: it is delivered when it resumes, with the
+ * rest of the work still ahead. The only timings are generous bounds on "it stopped at all before the
+ * whole job would have finished".
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { access, readdir, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { exitOf, parseJson, runEngine, sh, sparseFile, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { qemuNbd, type Export } from './qemu.js';
+
+const MiB = 1024 * 1024;
+const SIZE = 256 * MiB;
+let dir: string;
+let cleanup: () => Promise<void>;
+let repo: string;
+let image: string;
+let backupId: string;
+const exportsToStop: Export[] = [];
+
+beforeAll(async () => {
+  ({ path: dir, cleanup } = await tempDir('engine-interrupt-'));
+  repo = join(dir, 'repo');
+  image = join(dir, 'disk.raw');
+  await sparseFile(image, SIZE);
+  await writeRegion(image, 0, SIZE, 'random', 'interrupt');
+  expect((await runEngine(['init', repo])).code).toBe(0);
+  const backup = await runEngine(['backup', '--repo', repo, '--source', image, '--json']);
+  expect(backup.code).toBe(0);
+  backupId = parseJson<BackupJson>(backup.stdout).id;
+});
+afterAll(async () => {
+  for (const e of exportsToStop) await e.stop();
+  await cleanup();
+});
+
+function collect(child: ChildProcess): { stderr: () => string; stdout: () => string } {
+  let stderr = '';
+  let stdout = '';
+  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+  return { stderr: () => stderr, stdout: () => stdout };
+}
+
+/** Starts `engine ARGS`, waits until it stops itself at `point`, sends `signals` while it is stopped, resumes it. */
+async function interruptAt(point: string, args: string[], signals: NodeJS.Signals[] = ['SIGINT']): Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string; stdout: string }> {
+  const child = spawnEngine(args, { ENGINE_STOP_AT: point });
+  const out = collect(child);
+  await stoppedItself(child);
+  for (const signal of signals) child.kill(signal);
+  child.kill('SIGCONT');
+  // A point reached once per item (prune's per removal) may be reached again before the signal is seen.
+  const exited = exitOf(child);
+  for (;;) {
+    const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
+    if (settled === 'exited') break;
+    child.kill('SIGCONT');
+  }
+  const exit = await exited;
+  return { ...exit, stderr: out.stderr(), stdout: out.stdout() };
+}
+
+async function expectReleased(): Promise<void> {
+  await expect(access(join(repo, 'lock'))).rejects.toThrow();
+  expect(await readdir(join(repo, 'tmp'))).toEqual([]);
+  expect(await readdir(join(repo, 'readers'))).toEqual([]);
+  expect(await readdir(join(repo, 'writers')).catch(() => [])).toEqual([]);
+}
+
+describe('restore', () => {
+  test('SIGINT after the first block: stops (not at the end of a map page), removes the new file, exit 130, lock released', async () => {
+    const target = join(dir, 'new-target.raw');
+    const result = await interruptAt('restore-block-written', ['restore', '--repo', repo, backupId, '--to', target]);
+    expect(result.code).toBe(130);
+    expect(result.stderr).toBe(`engine: restore was interrupted (SIGINT); the new file ${target} it was writing was removed\n`);
+    await expect(stat(target)).rejects.toThrow();
+    await expectReleased();
+  });
+
+  test('an existing target: says which bytes may differ from both its old content and the backup', async () => {
+    const target = join(dir, 'existing-target.raw');
+    await sparseFile(target, SIZE);
+    const result = await interruptAt('restore-block-written', ['restore', '--repo', repo, backupId, '--to', target]);
+    expect(result.code).toBe(130);
+    const match = /^engine: restore was interrupted \(SIGINT\); target (\S+) was partially written: bytes 0 to (\d+) \(of (\d+)\) may differ from both its old content and the backup; the rest of it is unchanged\n$/.exec(result.stderr);
+    expect(match, result.stderr).not.toBeNull();
+    expect(match![1]).toBe(target);
+    expect(Number(match![3])).toBe(SIZE);
+    // Stopped well before the end: the first block and the few in flight, not the whole disk.
+    const last = Number(match![2]);
+    expect(last).toBeLessThan(SIZE - 1);
+    // Beyond what it says it wrote, the target is as it was (a hole reads as zeros).
+    const tail = await sh('cmp', ['-n', String(SIZE - last - 1), '-i', String(last + 1), target, '/dev/zero']).then(
+      () => 'zeros',
+      (error: Error) => error.message,
+    );
+    expect(tail).toBe('zeros');
+    expect((await stat(target)).size).toBe(SIZE);
+    await expectReleased();
+    await rm(target);
+  });
+
+  test('JSON: one document on stdout, nothing on stderr', async () => {
+    const target = join(dir, 'json-target.raw');
+    const result = await interruptAt('restore-block-written', ['restore', '--repo', repo, backupId, '--to', target, '--json']);
+    expect(result.code).toBe(130);
+    expect(result.stderr).toBe('');
+    expect(parseJson<{ error: { code: string; details: { signal: string } } }>(result.stdout).error).toMatchObject({ code: 'ENGINE_INTERRUPTED', details: { signal: 'SIGINT' } });
+    await expect(stat(target)).rejects.toThrow();
+  });
+
+  test('a second signal does not skip the clean-up: it says so, and the new target is still removed', async () => {
+    const target = join(dir, 'twice.raw');
+    const result = await interruptAt('restore-block-written', ['restore', '--repo', repo, backupId, '--to', target], ['SIGINT', 'SIGTERM']);
+    expect(result.code).toBe(130);
+    // Both signals are pending when the process resumes; the kernel picks their order.
+    const second = /engine: second signal \((SIGINT|SIGTERM)\): still cleaning up \(the lock, temporary files, a partly written target\); a third signal exits at once and leaves them\n/.exec(result.stderr);
+    expect(second, result.stderr).not.toBeNull();
+    const first = second![1] === 'SIGINT' ? 'SIGTERM' : 'SIGINT';
+    expect(result.stderr).toContain(`engine: restore was interrupted (${first}); the new file ${target} it was writing was removed\n`);
+    await expect(stat(target)).rejects.toThrow();
+    await expectReleased();
+  });
+});
+
+describe('verify, repair, gc, prune', () => {
+  test('verify: exit 130, a message, the lock released', async () => {
+    const result = await interruptAt('verify-pack-scanned', ['verify', '--repo', repo, '--read-data']);
+    expect({ code: result.code, signal: result.signal }).toEqual({ code: 130, signal: null });
+    expect(result.stderr).toBe('engine: verify was interrupted (SIGINT); no result: it only reads, and changed nothing\n');
+    await expectReleased();
+  });
+
+  test('repair: its half-built index under tmp/ removed, the old index kept, the lock released', async () => {
+    const result = await interruptAt('repair-pack-read', ['repair', '--repo', repo], ['SIGTERM']);
+    expect({ code: result.code, signal: result.signal }).toEqual({ code: 130, signal: null });
+    expect(result.stderr).toBe('engine: repair was interrupted (SIGTERM); nothing changed: the old index is as it was, and the half-built one was removed\n');
+    await expectReleased();
+    expect((await runEngine(['verify', '--repo', repo])).code).toBe(0);
+  });
+
+  test('an index rebuild (index/ missing) stops too: its half-built index removed, rebuilt by the next command', async () => {
+    await rm(join(repo, 'index'), { recursive: true });
+    const result = await interruptAt('index-rebuild-pack', ['verify', '--repo', repo]);
+    expect({ code: result.code, signal: result.signal }).toEqual({ code: 130, signal: null });
+    expect(result.stderr).toBe('engine: verify was interrupted (SIGINT); no result: it only reads, and changed nothing\n');
+    await expectReleased();
+    await expect(stat(join(repo, 'index'))).rejects.toThrow();
+    expect((await runEngine(['verify', '--repo', repo])).code).toBe(0);
+  });
+
+  test('gc between its phases: its registration in writers/ released, nothing visible changed', async () => {
+    const scratch = join(dir, 'gc.raw');
+    await sparseFile(scratch, 4 * MiB);
+    await writeRegion(scratch, 0, 4 * MiB, 'random', 'gc-scratch');
+    expect((await runEngine(['backup', '--repo', repo, '--source', scratch, '--name', 'scratch'])).code).toBe(0);
+    expect((await runEngine(['prune', '--repo', repo, '--keep-last', '1'])).code).toBe(0);
+    const packsBefore = (await runEngine(['verify', '--repo', repo, '--json'])).stdout;
+    const result = await interruptAt('gc-marked', ['gc', '--repo', repo]);
+    expect({ code: result.code, signal: result.signal }).toEqual({ code: 130, signal: null });
+    expect(result.stderr).toBe('engine: gc was interrupted (SIGINT); nothing visible changed: the packs it had copied under tmp/ were removed\n');
+    await expectReleased();
+    expect(parseJson<{ packs: number }>((await runEngine(['verify', '--repo', repo, '--json'])).stdout).packs).toBe(parseJson<{ packs: number }>(packsBefore).packs);
+  });
+
+  test('prune: stops between two removals and names the backups it removed', async () => {
+    const ids: string[] = [];
+    for (let n = 0; n < 5; n += 1) {
+      const out = await runEngine(['backup', '--repo', repo, '--source', image, '--name', 'pruned', '--json']);
+      expect(out.code).toBe(0);
+      ids.push(parseJson<BackupJson>(out.stdout).id);
+    }
+    const result = await interruptAt('prune-record-removed', ['prune', '--repo', repo, '--keep-last', '1']);
+    expect({ code: result.code, signal: result.signal }).toEqual({ code: 130, signal: null });
+    // The signal lands after the first removal; one more may finish before it is seen, not all four.
+    const said = /^engine: prune was interrupted \(SIGINT\); it removed (\d) backups \(([0-9a-f, ]+)\) and no other; prune again finishes\n$/.exec(result.stderr);
+    expect(said, result.stderr).not.toBeNull();
+    const removed = said![2]!.split(', ');
+    expect(removed.length).toBe(Number(said![1]));
+    expect(removed.length).toBeLessThan(4);
+    await expectReleased();
+    const left = parseJson<{ backups: { id: string; name: string }[] }>((await runEngine(['list', '--repo', repo, '--json'])).stdout).backups.filter((b) => b.name === 'pruned');
+    expect(left.map((b) => b.id).sort()).toEqual(ids.filter((id) => !removed.includes(id)).sort());
+  });
+});
+
+describe('sources that would hang', () => {
+  test('a FIFO as --source is refused before the lock is taken, without waiting for a writer', async () => {
+    const fifo = join(dir, 'fifo');
+    await sh('mkfifo', [fifo]);
+    const child = spawnEngine(['backup', '--repo', repo, '--source', fifo]);
+    const out = collect(child);
+    const exited = exitOf(child);
+    const bound = new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 30_000).unref());
+    const outcome = await Promise.race([exited, bound]);
+    if (outcome === 'hung') child.kill('SIGKILL');
+    expect(outcome).toEqual({ code: 1, signal: null });
+    expect(out.stderr()).toBe(`engine: cannot read source ${fifo}: it is a FIFO, not a regular file or a block device (give one, or an NBD URI)\n`);
+    await expectReleased();
+  });
+
+  test('one long wait is interruptible too: an export whose extents come slowly (nbdkit delay-extents), SIGINT before the first block', async () => {
+    const socket = join(dir, 'slow-extents.sock');
+    // 256 TiB of holes, each BLOCK_STATUS answered after 50 ms: the extents of the first hole come in hours.
+    // In the foreground, tied to this process: it cannot outlive the test.
+    const nbdkit = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', socket, '--filter=delay', 'memory', '256T', 'delay-extents=50ms'], { stdio: 'ignore' });
+    exportsToStop.push({ uri: '', socket, stop: async () => void (nbdkit.exitCode === null && nbdkit.kill('SIGTERM')) });
+    for (let i = 0; i < 200 && !(await access(socket).then(() => true, () => false)); i += 1) await new Promise((r) => setTimeout(r, 25));
+    const child = spawnEngine(['backup', '--repo', repo, '--source', `nbd+unix:///?socket=${socket}`, '--name', 'slow']);
+    const out = collect(child);
+    for (let i = 0; i < 300 && !(await access(join(repo, 'lock')).then(() => true, () => false)); i += 1) await new Promise((r) => setTimeout(r, 20));
+    await new Promise((r) => setTimeout(r, 1000)); // the pipeline is waiting for its first extent
+    child.kill('SIGINT');
+    const bound = new Promise<'still running'>((resolve) => setTimeout(() => resolve('still running'), 20_000).unref());
+    const outcome = await Promise.race([exitOf(child), bound]);
+    if (outcome === 'still running') child.kill('SIGKILL');
+    expect(outcome).toEqual({ code: 130, signal: null });
+    expect(out.stderr()).toContain('engine: backup was interrupted (SIGINT); nothing of it was committed\n');
+    await expectReleased();
+  });
+
+  test('a backup of an NBD export made of holes (a 256 TiB thin qcow2) stops within seconds of SIGINT', async () => {
+    const thin = join(dir, 'thin.qcow2');
+    await sh('qemu-img', ['create', '-q', '-f', 'qcow2', thin, '256T']);
+    const exported = await qemuNbd(thin, dir);
+    exportsToStop.push(exported);
+    const child = spawnEngine(['backup', '--repo', repo, '--source', exported.uri, '--name', 'thin']);
+    const out = collect(child);
+    // Well into the walk of the holes: the first progress line (every 5 s when stderr is not a terminal).
+    for (let i = 0; i < 600 && !out.stderr().includes('backup '); i += 1) await new Promise((r) => setTimeout(r, 100));
+    expect(out.stderr()).toMatch(/backup \S+ \(1\/1\) [\d.]+ \w+\/256 TiB/);
+    child.kill('SIGINT');
+    const bound = new Promise<'still running'>((resolve) => setTimeout(() => resolve('still running'), 20_000).unref());
+    const outcome = await Promise.race([exitOf(child), bound]);
+    if (outcome === 'still running') child.kill('SIGKILL');
+    // The whole walk would take minutes; it stopped long before.
+    expect(outcome).toEqual({ code: 130, signal: null });
+    expect(out.stderr()).toContain('engine: backup was interrupted (SIGINT); nothing of it was committed\n');
+    await expectReleased();
+  });
+});
