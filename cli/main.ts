@@ -5,14 +5,16 @@
 import { Command, CommanderError, Option } from 'commander';
 import { EngineError, InvalidArgumentError } from '../repo-format/errors.js';
 import { setNoticeSink } from '../repo-format/notices.js';
+import { displayText } from '../repo-format/display-text.js';
+import { forTerminal, terminalLine } from './terminal.js';
+import { checkLocalPath } from '../repo-format/local-path.js';
 import { ENGINE_VERSION } from '../engine/version.js';
-import { parseSize } from '../engine/units.js';
+import { formatBytes, parseSize } from '../engine/units.js';
 import { KEEP_RULES, type RetentionPolicy } from '../engine/retention.js';
-import { readFile } from 'node:fs/promises';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createProgress } from './progress.js';
 import { interruptSignal as processInterruptSignal } from './interrupt.js';
-import { backupJson, printBackup, printGc, printInit, printJson, printList, printMount, printProtect, printPrune, printRepair, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
+import { backupJson, count, printBackup, printGc, printInit, printJson, printList, printMount, printProtect, printPrune, printRepair, printRestore, printServe, printShow, printVerify, restoreJson, serveJson } from './output.js';
 
 /**
  * Each command loads only the engine modules it runs: the whole engine (oVirt XML, NBD server, mount, gc …)
@@ -118,7 +120,10 @@ function ovirtCredentialsOption(): Option {
 
 async function loadCredentials(file: string | undefined): Promise<{ username: string; password: string }> {
   if (file) {
-    const [username, password] = (await readFile(file, 'utf8')).split('\n');
+    const { readSecretFile } = await import('../engine/secret-file.js');
+    const secret = await readSecretFile(file, `--ovirt-credentials ${file}`);
+    for (const warning of secret.warnings) printNotice(warning);
+    const [username, password] = secret.bytes.toString('utf8').split('\n');
     if (!username || password === undefined) throw new InvalidArgumentError(`${file}: expected the user on the first line and the password on the second`);
     return { username: username.trim(), password: password.replace(/\r$/, '') };
   }
@@ -142,48 +147,82 @@ async function ovirtConnection(opts: { ovirt: string; ovirtCredentials?: string;
 
 /** The passphrase of an encrypted repository: never an argument (argv is visible to every user), a file or the environment. */
 function passwordFileOption(): Option {
-  return new Option('--password-file <file>', 'file holding the passphrase of an encrypted repository (default: $ENGINE_PASSWORD)');
+  return new Option('--password-file <file>', 'file holding the passphrase of an encrypted repository (default: $ENGINE_PASSWORD_FILE, else $ENGINE_PASSWORD)');
 }
 
-/**
- * The file's content less one trailing newline, else $ENGINE_PASSWORD, else undefined (a plain repository
- * needs none). An empty variable counts as unset: no encrypted repository has an empty passphrase.
- */
-async function loadPassphrase(file: string | undefined): Promise<string | undefined> {
-  if (file === undefined) return process.env.ENGINE_PASSWORD || undefined;
-  const text = await readFile(file, 'utf8').catch((error: unknown) => {
-    throw new InvalidArgumentError(`--password-file ${file}: cannot be read (${(error as NodeJS.ErrnoException).code ?? String(error)})`);
-  });
-  return text.replace(/\r?\n$/, '');
+/** The passphrase's bytes (engine/passphrase-source.ts: --password-file, $ENGINE_PASSWORD_FILE, $ENGINE_PASSWORD), or undefined. */
+async function loadPassphrase(file: string | undefined): Promise<Buffer | undefined> {
+  const { resolvePassphrase } = await import('../engine/passphrase-source.js');
+  const resolved = await resolvePassphrase({ file });
+  for (const warning of resolved.warnings) printNotice(warning);
+  return resolved.passphrase;
+}
+
+/** A notice on stderr, one line, escaped; none with --json (stdout carries the one document, stderr nothing). */
+function printNotice(message: string): void {
+  if (!jsonMode) process.stderr.write(`engine: ${terminalLine(message)}\n`);
+}
+
+/** A path option's parser: a URL is refused at parse time (exit 2), never taken for a relative path. */
+function localPath(flag: string): (value: string) => string {
+  return (value) => {
+    checkLocalPath(value, flag);
+    return value;
+  };
 }
 
 function collect(value: string, previous: string[] = []): string[] {
   return [...previous, value];
 }
 
-function workersOption(): Option {
-  return new Option('--workers <n>', 'hashing/compression worker threads (default: one per core)').argParser((v) => {
-    const n = Number(v);
-    if (!Number.isInteger(n) || n < 1 || n > 64) throw new InvalidArgumentError(`--workers ${v}: give a whole number from 1 to 64`);
+/**
+ * A whole number in decimal digits only, within bounds: "1e3", "0x10", "5.0", " 5", "+5" are refused
+ * (Number() would take them all), and so is anything past `max`.
+ */
+function integerParser(flag: string, min: number, max: number): (value: string) => number {
+  return (value) => {
+    const n = /^[0-9]{1,16}$/.test(value) ? Number(value) : Number.NaN;
+    if (!Number.isSafeInteger(n) || n < min || n > max) throw new InvalidArgumentError(`${flag} ${displayText(value, 32)}: give a whole number from ${min} to ${max}, in digits`);
     return n;
-  });
+  };
 }
 
-/** "10%" or "10" → 0.1; bounds (0, 100] or [0, 100]. */
+/** A size (1048576, 256K, 4GiB: parseSize) within bounds, in bytes. */
+function sizeArgument(flag: string, value: string, min: number, max: number): number {
+  let bytes: number;
+  try {
+    bytes = parseSize(value);
+  } catch (error) {
+    throw new InvalidArgumentError(`${flag} ${(error as Error).message}`);
+  }
+  if (bytes < min || bytes > max) throw new InvalidArgumentError(`${flag} ${displayText(value, 32)}: give a size from ${formatBytes(min)} to ${formatBytes(max)}`);
+  return bytes;
+}
+
+/** Worker threads; what they do depends on the command. */
+function workersOption(work: string, byDefault = 'one per core'): Option {
+  return new Option('--workers <n>', `worker threads that ${work} (default: ${byDefault})`).argParser(integerParser('--workers', 1, 64));
+}
+
+/** "10%", "10" or "12.5%" → 0.1 …; digits and one decimal point only; bounds (0, 100] or [0, 100]. */
 function percentOption(flags: string, description: string, allowZero: boolean): Option {
+  const flag = flags.split(' ')[0]!;
   return new Option(flags, description).argParser((v) => {
-    const n = Number(v.endsWith('%') ? v.slice(0, -1) : v);
-    if (!Number.isFinite(n) || n > 100 || n < 0 || (!allowZero && n === 0)) throw new InvalidArgumentError(`${flags.split(' ')[0]} ${v}: give a percentage ${allowZero ? 'from 0' : 'above 0'} up to 100%`);
+    const digits = v.endsWith('%') ? v.slice(0, -1) : v;
+    const n = /^[0-9]{1,3}(\.[0-9]{1,6})?$/.test(digits) ? Number(digits) : Number.NaN;
+    if (!Number.isFinite(n) || n > 100 || n < 0 || (!allowZero && n === 0)) throw new InvalidArgumentError(`${flag} ${displayText(v, 32)}: give a percentage ${allowZero ? 'from 0' : 'above 0'} up to 100%, in digits (e.g. 10% or 12.5%)`);
     return n / 100;
   });
 }
 
+/** The chunk cache of serve and mount: up to 64 GiB (0: none). */
+const MAX_CACHE_BYTES = 64 * 1024 ** 3;
+
+/** A retention count: bounded far above any real policy, so that a typo is caught rather than kept. */
+const MAX_KEEP = 1_000_000;
+
 function countOption(rule: string): Option {
-  return new Option(`--keep-${rule} <n>`, `keep ${rule === 'last' ? 'the n newest backups' : `the newest backup of each of the n newest ${rule === 'daily' ? 'days' : rule.replace(/ly$/, 's')} that have one (UTC)`}`).argParser((v) => {
-    const n = Number(v);
-    if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`--keep-${rule} ${v}: give a whole number of 0 or more`);
-    return n;
-  });
+  return new Option(`--keep-${rule} <n>`, `keep ${rule === 'last' ? 'the n newest backups' : `the newest backup of each of the n newest ${rule === 'daily' ? 'days' : rule.replace(/ly$/, 's')} that have one (UTC)`}`).argParser(integerParser(`--keep-${rule}`, 0, MAX_KEEP));
 }
 
 /** SIGINT/SIGTERM stop the running operation cleanly (cli/interrupt.ts); exit code 130. */
@@ -210,15 +249,15 @@ function buildProgram(): Command {
     .description('create a repository')
     .argument('<repo>', 'directory to create (must be new or empty)')
     .option('--block-size <size>', 'fixed block size, a power of two from 64K to 16M (default 1M)')
-    .option('--encrypt', 'encrypt the repository (AES-256-GCM, keyed chunk ids) under a passphrase from --password-file or $ENGINE_PASSWORD')
+    .option('--encrypt', 'encrypt the repository (AES-256-GCM, keyed chunk ids) under a passphrase of 8 characters or more from --password-file, $ENGINE_PASSWORD_FILE or $ENGINE_PASSWORD')
     .addOption(passwordFileOption())
     .option('--json', 'print the repository config as JSON')
     .action(async (repo: string, opts: { blockSize?: string; encrypt?: boolean; passwordFile?: string; json?: boolean }) => {
       jsonMode = opts.json === true;
       if (!opts.encrypt && opts.passwordFile !== undefined) throw new InvalidArgumentError('--password-file is for an encrypted repository: add --encrypt');
       const passphrase = opts.encrypt ? await loadPassphrase(opts.passwordFile) : undefined;
-      if (opts.encrypt && passphrase === undefined) throw new InvalidArgumentError('--encrypt needs a passphrase: set ENGINE_PASSWORD or give --password-file FILE');
-      const config = await engine.initRepository(repo, { blockSize: opts.blockSize === undefined ? undefined : parseSize(opts.blockSize), passphrase });
+      if (opts.encrypt && passphrase === undefined) throw new InvalidArgumentError('--encrypt needs a passphrase: give --password-file FILE, or set ENGINE_PASSWORD_FILE or ENGINE_PASSWORD');
+      const config = await engine.initRepository(repo, { blockSize: opts.blockSize === undefined ? undefined : sizeArgument('--block-size', opts.blockSize, 0, Number.MAX_SAFE_INTEGER), passphrase });
       if (jsonMode) printJson(config);
       else printInit(repo, config);
     });
@@ -233,9 +272,9 @@ function buildProgram(): Command {
     .option('--ovirt <url>', 'an oVirt engine (https://engine.example.org): back up --vm through its incremental backup API, or with --appliance through this backup appliance')
     .option('--vm <name>', 'with --ovirt: the VM to back up')
     .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM (the disk-attachment flow: full backups)')
-    .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id'))
+    .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id').argParser(localPath('--device-root')))
     .addOption(ovirtCredentialsOption())
-    .addOption(new Option('--ca-file <pem>', "with --ovirt: the engine's CA certificate"))
+    .addOption(new Option('--ca-file <pem>', "with --ovirt: the engine's CA certificate").argParser(localPath('--ca-file')))
     .addOption(insecureHttpOption())
     .option('--disk-name <name>', 'name of each disk in the backup, for every --source then every --image (default: the file name)', collect)
     .option('--name <name>', 'name of the backup; a chain continues from the newest backup of the same name (default: the file name)')
@@ -244,7 +283,7 @@ function buildProgram(): Command {
     .addOption(new Option('--differential', 'read the blocks changed since the last full backup').conflicts(['auto']))
     .option('--auto', 'incremental where a valid chain exists, full otherwise (the default)')
     .option('--json', 'print only the result, as JSON')
-    .addOption(workersOption())
+    .addOption(workersOption('hash and compress the blocks read'))
     .addOption(passwordFileOption())
     .action(async (opts: BackupCliOptions) => {
       jsonMode = opts.json === true;
@@ -264,9 +303,7 @@ function buildProgram(): Command {
           signal: interruptSignal(),
           onProgress: (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }) =>
             progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal),
-          onNotice: (message: string) => {
-            if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
-          },
+          onNotice: printNotice,
         };
         if (opts.appliance !== undefined && (opts.incremental || opts.differential)) {
           throw new InvalidArgumentError('the disk-attachment flow (--appliance) makes full backups; leave out --appliance for incremental ones');
@@ -277,7 +314,7 @@ function buildProgram(): Command {
             : await engine.ovirtIncrementalBackup({ ...common, mode: opts.full ? 'full' : opts.incremental ? 'incremental' : opts.differential ? 'differential' : 'auto' });
         progress.done();
         if (jsonMode) printJson(backupJson(record));
-        else printBackup(record);
+        else printBackup(forTerminal(record));
         return;
       }
       if ((opts.source ?? []).length + (opts.image ?? []).length === 0 && opts.libvirt === undefined) {
@@ -296,13 +333,11 @@ function buildProgram(): Command {
         workers: opts.workers,
         signal: interruptSignal(),
         onProgress: (p) => progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal),
-        onNotice: (message) => {
-          if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
-        },
+        onNotice: printNotice,
       });
       progress.done();
       if (jsonMode) printJson(backupJson(record));
-      else printBackup(record);
+      else printBackup(forTerminal(record));
     });
 
   program
@@ -315,7 +350,7 @@ function buildProgram(): Command {
       jsonMode = opts.json === true;
       const { backups, damaged } = await engine.listBackups(requireRepo(opts.repo), { passphrase: await loadPassphrase(opts.passwordFile) });
       if (jsonMode) printJson({ backups: backups.map(backupJson), damaged });
-      else printList(backups, damaged);
+      else printList(forTerminal(backups), forTerminal(damaged));
     });
 
   program
@@ -329,7 +364,7 @@ function buildProgram(): Command {
       jsonMode = opts.json === true;
       const record = await engine.showBackup(requireRepo(opts.repo), id, { passphrase: await loadPassphrase(opts.passwordFile) });
       if (jsonMode) printJson(backupJson(record));
-      else printShow(record);
+      else printShow(forTerminal(record));
     });
 
   program
@@ -350,13 +385,13 @@ function buildProgram(): Command {
     .option('--storage-domain <name>', 'with --ovirt: where the new disks go (default: the active data domain with the most room in the data centre of the cluster)')
     .option('--keep-disk-ids', 'with --new-vm: give the new disks their original ids (the OVF import then attaches them itself)')
     .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM')
-    .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id'))
+    .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id').argParser(localPath('--device-root')))
     .addOption(new Option('--via <how>', 'with --ovirt: write through the appliance, or upload through an imageio transfer').choices(['appliance', 'transfer']).default('appliance'))
     .addOption(ovirtCredentialsOption())
-    .option('--ca-file <pem>', "with --ovirt: the engine's CA certificate")
+    .option('--ca-file <pem>', "with --ovirt: the engine's CA certificate", localPath('--ca-file'))
     .addOption(insecureHttpOption())
     .option('--json', 'print only the result, as JSON')
-    .addOption(workersOption())
+    .addOption(workersOption('read and check the chunks (decrypt, decompress, hash) before they are written'))
     .addOption(passwordFileOption())
     .action(async (id: string, opts: RestoreCliOptions) => {
       jsonMode = opts.json === true;
@@ -378,12 +413,13 @@ function buildProgram(): Command {
           keepDiskIds: opts.keepDiskIds,
           deviceRoot: opts.deviceRoot,
           signal: interruptSignal(),
-          onNotice: (message) => {
-            if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
-          },
+          onNotice: printNotice,
         });
         if (jsonMode) printJson(result);
-        else process.stdout.write(`restored backup ${result.backup} into VM ${result.vm.name} (${result.vm.id}): ${result.disks.map((d) => `${d.name} → disk ${d.id}`).join(', ')}\n`);
+        else {
+          const shown = forTerminal(result);
+          process.stdout.write(`restored backup ${shown.backup} into VM ${shown.vm.name} (${shown.vm.id}): ${shown.disks.map((d) => `${d.name} → disk ${d.id}`).join(', ')}\n`);
+        }
         return;
       }
       if ((opts.to === undefined) === (opts.toQcow2 === undefined)) throw new InvalidArgumentError('give exactly one target: --to PATH|URI or --to-qcow2 FILE');
@@ -404,7 +440,7 @@ function buildProgram(): Command {
       });
       progress.done();
       if (jsonMode) printJson(restoreJson(result));
-      else printRestore(result);
+      else printRestore(forTerminal(result));
     });
 
   program
@@ -415,7 +451,7 @@ function buildProgram(): Command {
     .addOption(percentOption('--subset <percent>', 'with --read-data: read only this share of the packs (e.g. 10%), chosen by --seed', false))
     .option('--seed <text>', 'with --subset: what chooses the packs (default: random, printed)')
     .option('--json', 'print JSON')
-    .addOption(workersOption())
+    .addOption(workersOption('re-read and check the chunks with --read-data'))
     .addOption(passwordFileOption())
     .action(async (opts: { repo?: string; readData?: boolean; subset?: number; seed?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
@@ -433,7 +469,7 @@ function buildProgram(): Command {
       });
       progress.done();
       if (jsonMode) printJson(report);
-      else printVerify(report);
+      else printVerify(forTerminal(report));
       if (!report.ok) process.exitCode = EXIT.integrity;
     });
 
@@ -444,11 +480,7 @@ function buildProgram(): Command {
     .argument('<backup-id>', 'backup id or a unique prefix of it')
     .option('--disk <name>', 'serve only this disk')
     .option('--socket <path>', 'listen on this Unix socket, created 0600 (default: $ENGINE_RUN_DIR/serve-<id>.sock, ENGINE_RUN_DIR defaulting to /run/engine)')
-    .option('--port <n>', 'listen on this TCP port (0: any free port); needs --tls-certificates or --tls-psk-file, or --insecure', (v) => {
-      const n = Number(v);
-      if (!/^\d+$/.test(v) || n > 65535) throw new InvalidArgumentError(`--port ${v}: give a port number from 0 to 65535`);
-      return n;
-    })
+    .option('--port <n>', 'listen on this TCP port (0: any free port); needs --tls-certificates or --tls-psk-file, or --insecure', integerParser('--port', 0, 65535))
     .option('--host <address>', 'with --port: the address to listen on (default 127.0.0.1)')
     .option('--tls-certificates <dir>', 'TLS with client certificates: DIR holds ca-cert.pem, server-cert.pem and server-key.pem (the layout of qemu and nbdkit); clients need a certificate signed by ca-cert.pem')
     .option('--tls-psk-file <file>', 'TLS with pre-shared keys: FILE holds username:hexkey lines (psktool\'s format, as qemu and nbdkit read it)')
@@ -457,7 +489,7 @@ function buildProgram(): Command {
     .option('--overlay-dir <dir>', 'with --writable: where the overlay file lives (default: the system temporary directory)')
     .option('--cache <size>', 'chunk cache size (default 64M)')
     .option('--json', 'print the exports as JSON once listening')
-    .addOption(workersOption())
+    .addOption(workersOption('read and check the chunks before they are served', '2'))
     .addOption(passwordFileOption())
     .action(async (id: string, opts: { repo?: string; disk?: string; socket?: string; port?: number; host?: string; tlsCertificates?: string; tlsPskFile?: string; insecure?: boolean; writable?: boolean; overlayDir?: string; cache?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
@@ -472,14 +504,14 @@ function buildProgram(): Command {
         insecure: opts.insecure,
         writable: opts.writable,
         overlayDir: opts.overlayDir,
-        cacheBytes: opts.cache === undefined ? undefined : parseSize(opts.cache),
+        cacheBytes: opts.cache === undefined ? undefined : sizeArgument('--cache', opts.cache, 0, MAX_CACHE_BYTES),
         workers: opts.workers,
         passphrase: await loadPassphrase(opts.passwordFile),
         // A server's log is its only voice: stderr, with or without --json.
-        onLog: (message) => process.stderr.write(`engine serve: ${message}\n`),
+        onLog: (message) => process.stderr.write(`engine serve: ${terminalLine(message)}\n`),
       });
       if (jsonMode) printJson(serveJson(handle));
-      else printServe(handle);
+      else printServe(forTerminal(handle));
       await new Promise<void>((resolve) => {
         process.once('SIGINT', resolve);
         process.once('SIGTERM', resolve);
@@ -500,9 +532,9 @@ function buildProgram(): Command {
     .action(async (id: string, dir: string, opts: { repo?: string; disk?: string; cache?: string; json?: boolean; passwordFile?: string }) => {
       jsonMode = opts.json === true;
       const passphrase = await loadPassphrase(opts.passwordFile);
-      const result = await engine.mount({ repo: requireRepo(opts.repo), backupId: id, dir, disk: opts.disk, cacheBytes: opts.cache === undefined ? undefined : parseSize(opts.cache), passphrase });
+      const result = await engine.mount({ repo: requireRepo(opts.repo), backupId: id, dir, disk: opts.disk, cacheBytes: opts.cache === undefined ? undefined : sizeArgument('--cache', opts.cache, 0, MAX_CACHE_BYTES), passphrase });
       if (jsonMode) printJson(result);
-      else printMount(result);
+      else printMount(forTerminal(result));
     });
 
   program
@@ -514,7 +546,7 @@ function buildProgram(): Command {
       jsonMode = opts.json === true;
       const result = await engine.umount({ dir });
       if (jsonMode) printJson(result);
-      else process.stdout.write(`unmounted ${result.dir}: ${result.unmounted} filesystems, ${result.loopDevicesDetached} loop devices, ${result.fuseStopped} disk files, server ${result.serverStopped ? 'stopped' : 'was not running'}\n`);
+      else process.stdout.write(`unmounted ${terminalLine(result.dir)}: ${count(result.unmounted, 'filesystem')}, ${count(result.loopDevicesDetached, 'loop device')}, ${count(result.fuseStopped, 'disk file')}, server ${result.serverStopped ? 'stopped' : 'was not running'}\n`);
     });
 
   const prunes = program
@@ -535,7 +567,7 @@ function buildProgram(): Command {
       }
       const report = await engine.prune({ repo: requireRepo(opts.repo), policy, dryRun: opts.dryRun, passphrase: await loadPassphrase(opts.passwordFile), signal: interruptSignal() });
       if (jsonMode) printJson(report);
-      else printPrune(report);
+      else printPrune(forTerminal(report));
     });
 
   for (const wanted of [true, false]) {
@@ -550,7 +582,7 @@ function buildProgram(): Command {
         jsonMode = opts.json === true;
         const result = await engine.setProtection(requireRepo(opts.repo), id, wanted, { passphrase: await loadPassphrase(opts.passwordFile) });
         if (jsonMode) printJson(result);
-        else printProtect(result);
+        else printProtect(forTerminal(result));
       });
   }
 
@@ -570,12 +602,10 @@ function buildProgram(): Command {
         rewriteBelow: opts.rewriteBelow,
         dryRun: opts.dryRun,
         signal: interruptSignal(),
-        onNotice: (message) => {
-          if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
-        },
+        onNotice: printNotice,
       });
       if (jsonMode) printJson(report);
-      else printGc(report);
+      else printGc(forTerminal(report));
     });
 
   program
@@ -584,14 +614,14 @@ function buildProgram(): Command {
     .addOption(repoOption())
     .addOption(passwordFileOption())
     .option('--json', 'print JSON')
-    .addOption(workersOption())
+    .addOption(workersOption('re-read and check every frame'))
     .action(async (opts: { repo?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       jsonMode = opts.json === true;
       const progress = createProgress({ json: jsonMode });
       const report = await engine.repair({ repo: requireRepo(opts.repo), passphrase: await loadPassphrase(opts.passwordFile), workers: opts.workers, signal: interruptSignal(), onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
       progress.done();
       if (jsonMode) printJson(report);
-      else printRepair(report);
+      else printRepair(forTerminal(report));
       if (!report.ok) process.exitCode = EXIT.integrity;
     });
 
@@ -605,7 +635,7 @@ function buildProgram(): Command {
       jsonMode = opts.json === true;
       const report = await engine.unlock({ repo: requireRepo(opts.repo), force: opts.force });
       if (jsonMode) printJson(report);
-      else (await import('./output-resilience.js')).printUnlock(report);
+      else (await import('./output-resilience.js')).printUnlock(forTerminal(report));
       if (report.locked) process.exitCode = EXIT.locked;
     });
 
@@ -621,7 +651,7 @@ function buildProgram(): Command {
       jsonMode = opts.json === true;
       const result = await engine.forget({ repo: requireRepo(opts.repo), backupId: id, force: opts.force, passphrase: await loadPassphrase(opts.passwordFile) });
       if (jsonMode) printJson(result);
-      else (await import('./output-resilience.js')).printForget(result);
+      else (await import('./output-resilience.js')).printForget(forTerminal(result));
     });
 
   const ovirt = program.command('ovirt').description('oVirt housekeeping');
@@ -631,7 +661,7 @@ function buildProgram(): Command {
     .addOption(repoOption())
     .requiredOption('--ovirt <url>', 'the oVirt engine')
     .addOption(ovirtCredentialsOption())
-    .option('--ca-file <pem>', "the engine's CA certificate")
+    .option('--ca-file <pem>', "the engine's CA certificate", localPath('--ca-file'))
     .addOption(insecureHttpOption())
     .option('--json', 'print JSON')
     .action(async (opts: { repo?: string; ovirt: string; ovirtCredentials?: string; caFile?: string; insecureHttp?: boolean; json?: boolean }) => {
@@ -643,7 +673,7 @@ function buildProgram(): Command {
         onNotice: (m) => messages.push(m),
       });
       if (jsonMode) printJson({ removed, messages });
-      else process.stdout.write(`${[...messages, `removed ${removed} leftover resources`].join('\n')}\n`);
+      else process.stdout.write(`${[...messages.map(terminalLine), `removed ${count(removed, 'leftover resource')}`].join('\n')}\n`);
     });
 
   program
@@ -665,11 +695,11 @@ function buildProgram(): Command {
     .action(async (opts: { dir?: string; size?: string }) => {
       const result = await engine.runDemo({
         dir: opts.dir,
-        size: opts.size === undefined ? undefined : parseSize(opts.size),
+        size: opts.size === undefined ? undefined : sizeArgument('--size', opts.size, 1, 1024 ** 4),
         signal: interruptSignal(),
-        onStep: (message) => process.stdout.write(`demo: ${message}\n`),
+        onStep: (message) => process.stdout.write(`demo: ${terminalLine(message)}\n`),
       });
-      process.stdout.write(`demo: done; ${result.backups.length} backups restored byte for byte, repository verified\n`);
+      process.stdout.write(`demo: done; ${count(result.backups.length, 'backup')} restored byte for byte, repository verified\n`);
     });
 
   program
@@ -698,7 +728,7 @@ function reportError(error: unknown, debug: boolean): number {
   if (jsonMode) {
     printJson({ error: { code: code ?? 'ENGINE_INTERNAL', message, details: engineError?.details ?? {} } });
   } else {
-    process.stderr.write(`engine: ${message}\n`);
+    process.stderr.write(`engine: ${terminalLine(message)}\n`);
     if (debug && error instanceof Error && error.stack) process.stderr.write(`${error.stack}\n`);
   }
   return exitCodeFor(code);
@@ -708,10 +738,9 @@ export async function main(argv: string[]): Promise<number> {
   // Known before parsing, so that even a usage error is reported as JSON.
   jsonMode = argv.includes('--json');
   // What the repository does on its own (a stale lock broken, a read-only repository read without the
-  // lock, the space reserve used) is said by every command, on stderr; with --json, stderr stays empty.
-  setNoticeSink((message) => {
-    if (!jsonMode) process.stderr.write(`engine: ${message}\n`);
-  });
+  // lock, the space reserve used, a key file others can read) is said by every command, on stderr, escaped;
+  // with --json, stderr stays empty.
+  setNoticeSink(printNotice);
   const program = buildProgram();
   try {
     await program.parseAsync(argv);

@@ -10,6 +10,7 @@ import type { GcReport } from '../engine/gc.js';
 import type { RepairReport } from '../engine/repair.js';
 import type { ProtectResult } from '../engine/protect.js';
 import { formatBytes } from '../engine/units.js';
+import { jsonForTerminal } from './terminal.js';
 
 export function diskJson(disk: DiskRecord): Record<string, unknown> {
   return {
@@ -41,7 +42,23 @@ export function backupJson(record: BackupRecord): Record<string, unknown> {
 }
 
 export function printJson(value: unknown): void {
-  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+  process.stdout.write(`${jsonForTerminal(JSON.stringify(value, null, 2))}\n`);
+}
+
+/** "1 block", "2 blocks": a count with its noun, singular when it is one. */
+export function count(n: number, noun: string, plural = `${noun}s`): string {
+  return `${n} ${n === 1 ? noun : plural}`;
+}
+
+/** A record's time for a person: RFC 3339 in UTC, to the second, with its zone ("2026-12-06T09:31:02Z"). */
+export function formatTime(iso: string): string {
+  return /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$/.test(iso) ? `${iso.slice(0, 19)}Z` : iso;
+}
+
+/** Rows as aligned columns, two spaces apart, without trailing blanks. */
+function table(rows: string[][]): string {
+  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
+  return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
 }
 
 function seconds(ms: number): string {
@@ -55,7 +72,7 @@ export function printBackup(record: BackupRecord): void {
     const rate = s.durationMs > 0 ? `${formatBytes((s.bytesRead / s.durationMs) * 1000)}/s` : '-';
     lines.push(
       `  ${disk.name}: ${disk.mode}${disk.modeReason ? ` (${disk.modeReason})` : ''}, ${formatBytes(disk.size)}, read ${formatBytes(s.bytesRead)} in ${seconds(s.durationMs)} (${rate}); ` +
-        `${s.blocksNew} new blocks (${formatBytes(s.bytesNew)} → ${formatBytes(s.bytesStored)} stored), ` +
+        `${count(s.blocksNew, 'new block')} (${formatBytes(s.bytesNew)} → ${formatBytes(s.bytesStored)} stored), ` +
         `${s.blocksDeduplicated} deduplicated, ${s.blocksZero} zero, ${s.blocksUnchanged} unchanged`,
     );
   }
@@ -70,11 +87,9 @@ export function printList(backups: BackupRecord[], damaged: { id: string; messag
     const added = b.disks.reduce((sum, d) => sum + d.stats.bytesStored, 0);
     const checkpoints = [...new Set(b.disks.map((d) => d.cbt?.checkpoint).filter((c) => c !== undefined))];
     const checkpoint = checkpoints.length === 0 ? '-' : checkpoints.length === 1 ? checkpoints[0]!.slice(0, 28) : `${checkpoints.length} checkpoints`;
-    rows.push([b.id.slice(0, 12), b.startTime.replace('T', ' ').slice(0, 19), b.type, b.parent?.slice(0, 12) ?? '-', checkpoint, b.name, String(b.disks.length), formatBytes(size), formatBytes(read), formatBytes(added)]);
+    rows.push([b.id.slice(0, 12), formatTime(b.startTime), b.type, b.parent?.slice(0, 12) ?? '-', checkpoint, b.name, String(b.disks.length), formatBytes(size), formatBytes(read), formatBytes(added)]);
   }
-  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
-  const text = rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
-  process.stdout.write(`${text}\n`);
+  process.stdout.write(`${table(rows)}\n`);
   for (const d of damaged) process.stdout.write(`DAMAGED ${d.id}: ${d.message}\n`);
 }
 
@@ -84,8 +99,8 @@ export function printShow(record: BackupRecord): void {
     `name:      ${record.name}`,
     `type:      ${record.type}`,
     `parent:    ${record.parent ?? '-'}`,
-    `started:   ${record.startTime}`,
-    `finished:  ${record.endTime}`,
+    `started:   ${formatTime(record.startTime)}`,
+    `finished:  ${formatTime(record.endTime)}`,
     `host:      ${record.hostname} (engine ${record.engineVersion})`,
     `blocksize: ${formatBytes(record.blockSize)}`,
   ];
@@ -113,25 +128,25 @@ export function restoreJson(result: RestoreResult): Record<string, unknown> {
 export function printRestore(result: RestoreResult): void {
   if (result.createdDirectory !== null) process.stdout.write(`created directory ${result.createdDirectory} for the ${result.disks.length} disks of backup ${result.backup.id}\n`);
   for (const d of result.disks) {
-    const compared = d.blocksCompared > 0 ? `; ${d.blocksCompared} blocks compared` : '';
-    const rollback = d.rollback ? `; bitmap ${d.rollback.bitmap} (checkpoint of ${d.rollback.baseBackup}): ${d.rollback.blocksDirty} dirty blocks, ${d.rollback.blocksChangedSinceBase} changed between the backups` : '';
-    process.stdout.write(`restored disk ${d.name} of backup ${result.backup.id} to ${d.path} (${formatBytes(d.size)}, ${d.blocksWritten} blocks / ${formatBytes(d.bytesWritten)} written${compared}${rollback})\n`);
+    const compared = d.blocksCompared > 0 ? `; ${count(d.blocksCompared, 'block')} compared` : '';
+    const rollback = d.rollback ? `; bitmap ${d.rollback.bitmap} (checkpoint of ${d.rollback.baseBackup}): ${count(d.rollback.blocksDirty, 'dirty block')}, ${d.rollback.blocksChangedSinceBase} changed between the backups` : '';
+    process.stdout.write(`restored disk ${d.name} of backup ${result.backup.id} to ${d.path} (${formatBytes(d.size)}, ${count(d.blocksWritten, 'block')} / ${formatBytes(d.bytesWritten)} written${compared}${rollback})\n`);
   }
 }
 
 export function printVerify(report: VerifyReport): void {
   const lines = [
-    `checked ${report.backups} backups, ${report.packs} packs, ${report.blobs} blobs${report.readData ? `, read ${formatBytes(report.bytesChecked)}` : ' (structure only; --read-data re-reads every chunk)'}`,
+    `checked ${count(report.backups, 'backup')}, ${count(report.packs, 'pack')}, ${count(report.blobs, 'blob')}${report.readData ? `, read ${formatBytes(report.bytesChecked)}` : ' (structure only; --read-data re-reads every chunk)'}`,
   ];
   if (report.subset) lines.push(`read the data of ${report.subset.packs} of ${report.packs} packs (${report.subset.percent}%, seed ${report.subset.seed})`);
-  if (report.quarantined.length > 0) lines.push(`quarantined: ${report.quarantined.length} damaged frames set aside by repair`);
+  if (report.quarantined.length > 0) lines.push(`quarantined: ${count(report.quarantined.length, 'damaged frame')} set aside by repair`);
   for (const p of report.problems) lines.push(`ERROR ${p.code}: ${p.message}`);
   for (const w of report.warnings) lines.push(`WARNING ${w.code}: ${w.message}`);
   const g = report.garbage;
-  if (g.unreferencedBlobs > 0) lines.push(`garbage: ${g.unreferencedBlobs} unreferenced blobs (${formatBytes(g.unreferencedBytes)}), reclaimable by a later gc`);
-  if (g.unindexedPacks.length > 0) lines.push(`garbage: ${g.unindexedPacks.length} packs no index entry names (${formatBytes(g.unindexedBytes)}), left by an interrupted writer`);
-  if (g.tempFiles.length > 0) lines.push(`garbage: ${g.tempFiles.length} temporary files in tmp/ left by an interrupted writer (${g.tempFiles.slice(0, 3).join(', ')})`);
-  lines.push(report.ok ? 'no problems found' : `${report.problems.length} problems found`);
+  if (g.unreferencedBlobs > 0) lines.push(`garbage: ${count(g.unreferencedBlobs, 'unreferenced blob')} (${formatBytes(g.unreferencedBytes)}), reclaimable by a later gc`);
+  if (g.unindexedPacks.length > 0) lines.push(`garbage: ${count(g.unindexedPacks.length, 'pack')} no index entry names (${formatBytes(g.unindexedBytes)}), left by an interrupted writer`);
+  if (g.tempFiles.length > 0) lines.push(`garbage: ${count(g.tempFiles.length, 'temporary file')} in tmp/ left by an interrupted writer (${g.tempFiles.slice(0, 3).join(', ')})`);
+  lines.push(report.ok ? 'no problems found' : `${count(report.problems.length, 'problem')} found`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }
 
@@ -154,7 +169,7 @@ export function serveJson(handle: ServeHandle): Record<string, unknown> {
 export function printServe(handle: ServeHandle): void {
   const access = handle.tls ? `, TLS with ${handle.tls === 'psk' ? 'pre-shared keys' : 'client certificates'}` : '';
   const lines = [`serving backup ${handle.backup.id}${handle.writable ? ' (writable overlay' : ' (read-only'}${access}); stop with Ctrl-C or SIGTERM`];
-  for (const e of handle.exports) lines.push(`  ${e.name}: ${formatBytes(e.size)} at ${e.uri}${e.missingChunks > 0 ? ` (${e.missingChunks} chunks missing: EIO)` : ''}`);
+  for (const e of handle.exports) lines.push(`  ${e.name}: ${formatBytes(e.size)} at ${e.uri}${e.missingChunks > 0 ? ` (${count(e.missingChunks, 'chunk')} missing: EIO)` : ''}`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }
 
@@ -170,11 +185,12 @@ export function printMount(result: MountResult): void {
 
 export function printPrune(report: PruneReport): void {
   const lines: string[] = [];
-  for (const b of report.backups) {
-    lines.push(`${b.keep ? 'keep  ' : report.dryRun ? 'would remove' : 'remove'} ${b.id.slice(0, 12)}  ${b.startTime.replace('T', ' ').slice(0, 19)}  ${b.name}${b.keep ? `  (${b.reasons.join(', ')})` : ''}`);
+  if (report.backups.length > 0) {
+    const rows = report.backups.map((b) => [b.keep ? 'keep' : report.dryRun ? 'would remove' : 'remove', b.id.slice(0, 12), formatTime(b.startTime), b.name, b.keep ? `(${b.reasons.join(', ')})` : '']);
+    lines.push(table(rows));
   }
   for (const d of report.damaged) lines.push(`DAMAGED ${d.id}: ${d.message} (left alone)`);
-  lines.push(`${report.kept} kept, ${report.removed} ${report.dryRun ? 'would be removed (dry run)' : 'removed'}${report.removed > 0 && !report.dryRun ? '; engine gc reclaims their space' : ''}`);
+  lines.push(`${report.kept} kept, ${report.removed} ${report.dryRun ? 'would be removed (dry run)' : 'removed'}${report.removed > 0 && !report.dryRun ? `; engine gc reclaims ${report.removed === 1 ? 'its' : 'their'} space` : ''}`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }
 
@@ -185,16 +201,22 @@ export function printProtect(result: ProtectResult): void {
 
 export function printGc(report: GcReport): void {
   const p = report.packs;
+  const b = report.bytes;
+  // Rewriting can write more than it deletes (old packs kept for a reader or a backup that ran meanwhile): say so, not "reclaimed -184 B".
+  const balance =
+    b.reclaimed >= 0
+      ? `${report.dryRun ? 'would reclaim' : 'reclaimed'} ${formatBytes(b.reclaimed)}`
+      : `${report.dryRun ? 'would reclaim nothing' : 'reclaimed nothing'}: ${formatBytes(-b.reclaimed)} more written than deleted`;
   const lines = [
-    `${report.dryRun ? 'would delete' : 'deleted'} ${p.deleted.length} of ${p.before} packs (${p.rewritten.length} rewritten into ${report.dryRun ? 'new packs' : `${p.created.length} new`}), ${report.chunks.removed} unreferenced blobs removed, ${report.chunks.moved} moved`,
-    `${report.dryRun ? 'would reclaim' : 'reclaimed'} ${formatBytes(report.bytes.reclaimed)} (${formatBytes(report.bytes.deleted)} deleted, ${formatBytes(report.bytes.written)} written)`,
+    `${report.dryRun ? 'would delete' : 'deleted'} ${p.deleted.length} of ${count(p.before, 'pack')} (${p.rewritten.length} rewritten into ${report.dryRun ? 'new packs' : `${p.created.length} new`}), ${count(report.chunks.removed, 'unreferenced blob')} removed, ${report.chunks.moved} moved`,
+    `${balance} (${formatBytes(b.deleted)} deleted, ${formatBytes(b.written)} written)`,
   ];
-  if (report.backupsCommittedDuringGc.length > 0) lines.push(`${report.backupsCommittedDuringGc.length} backups committed during gc were marked too`);
+  if (report.backupsCommittedDuringGc.length > 0) lines.push(`${count(report.backupsCommittedDuringGc.length, 'backup')} committed during gc ${report.backupsCommittedDuringGc.length === 1 ? 'was' : 'were'} marked too`);
   for (const k of p.kept) lines.push(`kept pack ${k.pack}: ${k.why}`);
-  if (p.deferred.length > 0) lines.push(`deferred: ${p.deferred.length} packs stay until no reader is registered (${report.readers} now); a later gc deletes them`);
+  if (p.deferred.length > 0) lines.push(`deferred: ${count(p.deferred.length, 'pack')} ${p.deferred.length === 1 ? 'stays' : 'stay'} until no reader is registered (${report.readers} now); a later gc deletes ${p.deferred.length === 1 ? 'it' : 'them'}`);
   const m = report.markers;
   if (m.quarantine.length + m.protected.length > 0) {
-    lines.push(`${report.dryRun ? 'would remove' : 'removed'} ${m.quarantine.length} quarantine records of packs that are gone, ${m.protected.length} protection markers of backups that are gone`);
+    lines.push(`${report.dryRun ? 'would remove' : 'removed'} ${count(m.quarantine.length, 'quarantine record')} of packs that are gone, ${count(m.protected.length, 'protection marker')} of backups that are gone`);
   }
   process.stdout.write(`${lines.join('\n')}\n`);
 }
@@ -207,12 +229,12 @@ export function printRepair(report: RepairReport): void {
           `rebuilt the config (it was ${c.why === 'missing' ? 'missing' : `damaged: ${c.why}`}${c.keptAs ? `; kept as ${c.keptAs}` : ''}): repository id ${c.id} (${c.sources.id === 'index' ? 'from the index' : 'new: the index was lost too; the next backup of each qcow2 or libvirt chain is full'}), block size ${formatBytes(c.blockSize)} (from the ${c.sources.blockSize}), format ${c.version}${c.encrypted ? ', encrypted' : ''}`,
         ]
       : []),
-    `index rebuilt from ${report.index.packs} packs, ${report.index.blobs} blobs (the old index was ${report.previousIndex}); read ${report.framesChecked} frames, ${formatBytes(report.bytesChecked)}`,
+    `index rebuilt from ${count(report.index.packs, 'pack')}, ${count(report.index.blobs, 'blob')} (the old index was ${report.previousIndex}); read ${count(report.framesChecked, 'frame')}, ${formatBytes(report.bytesChecked)}`,
   ];
   for (const q of report.quarantined) lines.push(`quarantined: pack ${q.pack} offset ${q.offset}${q.blob ? ` (blob ${q.blob.slice(0, 16)}…)` : ''}: ${q.why}`);
-  if (report.tempFilesRemoved > 0) lines.push(`removed ${report.tempFilesRemoved} temporary files`);
+  if (report.tempFilesRemoved > 0) lines.push(`removed ${count(report.tempFilesRemoved, 'temporary file')}`);
   for (const r of report.recordsRestored) lines.push(`restored backup record ${r.backup} from its copy in the index (the file was damaged: ${r.was})`);
   for (const d of report.damaged) lines.push(`DAMAGED ${d.code}: ${d.message}`);
-  lines.push(report.ok ? 'every backup restores' : `${report.damaged.length} damaged references remain`);
+  lines.push(report.ok ? 'every backup restores' : `${count(report.damaged.length, 'damaged reference')} ${report.damaged.length === 1 ? 'remains' : 'remain'}`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }

@@ -8,12 +8,14 @@ import { randomBytes } from 'node:crypto';
 import { basename } from 'node:path';
 import { Repository } from '../repo-format/repository.js';
 import { InvalidArgumentError } from '../repo-format/errors.js';
-import { diskNameProblem, type BackupRecord, type BackupType, type DiskCbt, type DiskRecord, type RecordAttachment } from '../repo-format/backup-record.js';
+import { checkLocalPath } from '../repo-format/local-path.js';
+import { adoptName, checkName, displayText } from '../repo-format/names.js';
+import { isNbdUri } from './nbd/uri.js';
+import { type BackupRecord, type BackupType, type DiskCbt, type DiskRecord, type RecordAttachment } from '../repo-format/backup-record.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { backupDisk, type DiskProgress } from './pipeline/backup-disk.js';
 import { openSource } from './sources/open-source.js';
 import { FileSource } from './sources/file-source.js';
-import { isNbdUri } from './nbd/uri.js';
 import { openImageDisk } from './cbt/image-disk.js';
 import { NO_EARLIER_BACKUP, type CbtDiskJob, type CbtProvision, type CbtSession, type ChainArgs, type DeferredCbtDiskJob, type RequestedMode } from './cbt/chain.js';
 import { openLibvirtBackup } from './cbt/libvirt-domain.js';
@@ -21,13 +23,14 @@ import { InterruptedError, SourceUnreadableError } from './errors.js';
 import { Interruption } from './interrupt.js';
 import { MAX_DISK_SIZE } from '../repo-format/constants.js';
 import { ENGINE_VERSION } from './version.js';
+import type { Passphrase } from '../repo-format/passphrase.js';
 
 export type { CbtProvision, CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
 
 export interface BackupOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   /** Raw images, block devices or NBD URIs (nbd://host/export, nbd+unix:///export?socket=PATH): read whole. */
   sources?: string[] | undefined;
   /** qcow2 images of a stopped VM: the engine manages their dirty bitmaps (incremental, differential). */
@@ -60,7 +63,7 @@ export interface BackupOptions {
  */
 export function openBackupRepository(
   repo: string,
-  passphrase: string | undefined,
+  passphrase: Passphrase | undefined,
   access: 'read' | 'exclusive',
   options: { onNotice?: ((message: string) => void) | undefined; signal?: AbortSignal | undefined } = {},
 ): Promise<Repository> {
@@ -81,12 +84,10 @@ export interface BackupResult {
   record: BackupRecord;
 }
 
-function checkNames(names: string[]): void {
+function checkDistinct(names: string[]): void {
   const seen = new Set<string>();
   for (const name of names) {
-    const problem = diskNameProblem(name);
-    if (problem) throw new InvalidArgumentError(`disk name ${JSON.stringify(name)} is not allowed: ${problem}`);
-    if (seen.has(name)) throw new InvalidArgumentError(`two disks are named "${name}": give distinct --disk-name values`);
+    if (seen.has(name)) throw new InvalidArgumentError(`two disks are named "${displayText(name, 64)}": give distinct --disk-name values`);
     seen.add(name);
   }
 }
@@ -116,10 +117,16 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     throw new InvalidArgumentError('--libvirt names each disk after its target (vda, sdb…): --disk-name does not apply');
   }
   const diskCount = plainSpecs.length + imagePaths.length;
+  // Names the user gives must keep the name rule (names.ts): refused before anything is opened.
+  for (const name of options.diskNames ?? []) checkName(name, 'disk', '--disk-name');
+  if (options.name !== undefined) checkName(options.name, 'backup', '--name');
   if (diskCount === 0 && options.libvirt === undefined && options.provider === undefined) throw new InvalidArgumentError('no disk given: name at least one --source or --image, or --libvirt DOMAIN');
   if (options.diskNames && options.diskNames.length > 0 && options.diskNames.length !== diskCount) {
     throw new InvalidArgumentError(`${options.diskNames.length} disk names for ${diskCount} disks: give one --disk-name per --source and --image, in that order`);
   }
+  // Before anything is opened or locked: a URL is never taken for a relative path.
+  for (const spec of plainSpecs) if (!isNbdUri(spec)) checkLocalPath(spec, '--source', 'nbd:// and nbd+unix:// URIs');
+  for (const path of imagePaths) checkLocalPath(path, '--image');
   const requested = options.mode ?? 'auto';
   const startTime = new Date();
   const id = randomBytes(16).toString('hex');
@@ -142,15 +149,24 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
       const source = await openSource(spec);
       jobs.push({ name: source.defaultName, source, plan: undefined, mode: 'full', modeReason: noCbt, parent: null, cbt: null });
     }
-    const names = options.diskNames && options.diskNames.length > 0 ? options.diskNames : [...jobs.map((j) => j.name), ...imagePaths.map((p) => basename(p))];
-    checkNames(names);
+    // Names from outside (file names, NBD export names, a domain name) are mapped to safe ones when they
+    // break the rule, with a notice, before any chain is looked up by them.
+    const names =
+      options.diskNames && options.diskNames.length > 0
+        ? options.diskNames
+        : [...jobs.map((j, i) => adoptName(j.name, 'disk', `the name of --source ${plainSpecs[i]!}`, notice)), ...imagePaths.map((p) => adoptName(basename(p), 'disk', `the file name of --image ${p}`, notice))];
+    checkDistinct(names);
     jobs.forEach((job, i) => (job.name = names[i]!));
-    const name = options.name ?? options.libvirt ?? (diskCount === 1 ? basename(plainSpecs[0] ?? imagePaths[0]!) : names.join('+'));
+    const name =
+      options.name ??
+      (options.libvirt !== undefined
+        ? adoptName(options.libvirt, 'backup', 'the domain name', notice)
+        : adoptName(diskCount === 1 ? basename(plainSpecs[0] ?? imagePaths[0]!) : names.join('+'), 'backup', 'the default backup name', notice));
     // The chain of a disk continues from the newest backup of the same name that has it; an image's from
     // the newest backup whose checkpoint bitmap the image holds, whatever its name (image-disk.ts).
     const everything = imagePaths.length > 0 || options.libvirt !== undefined || options.provider !== undefined ? (await repo.listBackups()).backups.reverse() : [];
     const history = everything.filter((r) => r.name === name);
-    const chainArgs: ChainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize, blockId: repo.blobId, available: (ids) => repo!.available(ids) };
+    const chainArgs: ChainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize, blockId: repo.blobId, available: (ids) => repo!.available(ids), onNotice: notice };
     for (const [i, image] of imagePaths.entries()) {
       const session = await openImageDisk({ ...chainArgs, history: everything, image, name: names[plainSpecs.length + i]!, backupName: name });
       jobs.push({ name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, session });

@@ -5,10 +5,12 @@
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { chmod, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { EngineError } from '../repo-format/errors.js';
+import { checkLocalPath } from '../repo-format/local-path.js';
+import { ensurePrivateDirectory, PRIVATE_DIRECTORY_MODE } from '../repo-format/file-modes.js';
 import { backup } from './backup.js';
 import { initRepository } from './init.js';
 import { restore } from './restore/restore.js';
@@ -42,16 +44,21 @@ async function fileSha256(path: string): Promise<string> {
 
 export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const step = options.onStep ?? (() => undefined);
+  if (options.dir !== undefined) checkLocalPath(options.dir, '--dir');
   const signal = options.signal;
   const interruption = new Interruption(signal, 'demo', () => (options.dir === undefined ? 'its temporary directory was removed' : `what it made so far stays in ${options.dir}`));
   // The demo makes a repository, an image and restores in its directory: never inside a repository.
   if (options.dir !== undefined) await refuseInsideRepository(options.dir, 'demo directory');
   const dir = options.dir ?? (await mkdtemp(join(tmpdir(), 'engine-demo-')));
-  await mkdir(dir, { recursive: true });
+  if (options.dir === undefined) await chmod(dir, PRIVATE_DIRECTORY_MODE);
+  else await ensurePrivateDirectory(dir);
   const image = join(dir, 'vm-disk.img');
   const repo = join(dir, 'repo');
   // Not a multiple of the block size on purpose: the last block is short.
   const size = options.size ?? 512 * 1024 * 1024 + 4097;
+  const keep = options.keep ?? options.dir !== undefined;
+  // Say first whether the files named below outlive the demo: a temporary directory does not.
+  step(keep ? `working in ${dir} (kept afterwards)` : `working in ${dir}, a temporary directory removed when the demo ends (--dir DIR keeps the image and the repository)`);
   try {
     step(`generating a ${size}-byte VM-like disk image at ${image}`);
     await generateImage(image, size, 'engine-demo', undefined, signal);
@@ -63,7 +70,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
     step(`backup ${first.id.slice(0, 8)}: read ${first.disks[0]!.stats.bytesRead} bytes, stored ${first.disks[0]!.stats.bytesStored} new bytes`);
     const writes = await mutateImage(image, 0.02, 'engine-demo/tuesday');
     interruption.check();
-    step(`the guest wrote ${writes.length} times (2% of the disk)`);
+    step(`the guest wrote ${writes.length === 1 ? 'once' : `${writes.length} times`} (2% of the disk)`);
     const secondHash = await fileSha256(image);
     const second = (await backup({ repo, sources: [image], name: 'demo-tuesday', signal })).record;
     step(`backup ${second.id.slice(0, 8)}: read ${second.disks[0]!.stats.bytesRead} bytes, stored ${second.disks[0]!.stats.bytesStored} new bytes (the rest deduplicated)`);
@@ -72,8 +79,8 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
       await restore({ repo, backupId: record.id, to: target, signal });
       const actual = await fileSha256(target);
       if (actual !== expected) throw new EngineError('ENGINE_INTERNAL', `restore of ${record.id} differs from the image it backed up`);
-      step(`restored ${record.id.slice(0, 8)} to ${target}: identical to the image it backed up (sha256 ${actual.slice(0, 16)}…)`);
       await rm(target);
+      step(`restored ${record.id.slice(0, 8)} to ${target}: identical to the image it backed up (sha256 ${actual.slice(0, 16)}…); the copy is deleted again`);
     }
     const report = await verify({ repo, readData: true, signal });
     step(`verify --read-data: ${report.ok ? 'no problems' : `${report.problems.length} problems`} in ${report.packs} packs, ${report.blobs} blobs`);
@@ -84,6 +91,9 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
     if (error instanceof InterruptedError) throw interruption.error();
     throw error;
   } finally {
-    if (!(options.keep ?? options.dir !== undefined)) await rm(dir, { recursive: true, force: true });
+    if (!keep) {
+      await rm(dir, { recursive: true, force: true });
+      step(`removed the temporary directory ${dir}`);
+    }
   }
 }

@@ -1,4 +1,5 @@
 import { EngineError } from '../repo-format/errors.js';
+import { displayText } from '../repo-format/display-text.js';
 
 export class SourceUnreadableError extends EngineError {
   constructor(path: string, why: string) {
@@ -26,7 +27,7 @@ export class TargetUnwritableError extends EngineError {
 
 export class DiskNotFoundError extends EngineError {
   constructor(backupId: string, disk: string, available: string[]) {
-    super('ENGINE_DISK_NOT_FOUND', `backup ${backupId} has no disk "${disk}" (it has: ${available.join(', ')})`, { backupId, disk, available });
+    super('ENGINE_DISK_NOT_FOUND', `backup ${backupId} has no disk "${displayText(disk, 64)}" (it has: ${available.map((name) => displayText(name, 64)).join(', ')})`, { backupId, disk, available });
   }
 }
 

@@ -11,13 +11,14 @@ import { Repository } from '../repo-format/repository.js';
 import { EngineError, InvalidArgumentError } from '../repo-format/errors.js';
 import { listProtected } from '../repo-format/protection.js';
 import { catalogueCopyOf } from './record-recovery.js';
+import type { Passphrase } from '../repo-format/passphrase.js';
 
 export interface ForgetOptions {
   repo: string;
   /** The backup id, or a unique prefix of at least 4 characters of it. */
   backupId: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   /** Forget a damaged record even when the index holds a good copy that repair would restore. */
   force?: boolean | undefined;
 }

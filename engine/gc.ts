@@ -34,13 +34,14 @@ import type { BackupRecord } from '../repo-format/backup-record.js';
 import { GC_DEFAULT_REWRITE_BELOW, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../repo-format/constants.js';
 import { IdPrefixSet } from './id-set.js';
 import { walkReferences } from './references.js';
+import type { Passphrase } from '../repo-format/passphrase.js';
 import { catalogueCopyOf } from './record-recovery.js';
 import { Interruption } from './interrupt.js';
 
 export interface GcOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   /** Rewrite packs whose live share of bytes is under this fraction (0 … 1); default 0.5. */
   rewriteBelow?: number | undefined;
   /** Plan only: report what would be deleted and rewritten, change nothing. */
@@ -316,7 +317,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
       const handled = new Set([...report.packs.deleted, ...report.packs.deferred, ...report.packs.kept.map((k) => k.pack)]);
       await deleteUnnamed((await repo.listPackIds()).filter((id) => !named.has(id) && !handled.has(id)));
       if (report.packs.deferred.length > 0) {
-        notice(`${readers.length} reader(s) registered (engine serve/mount): deleting ${report.packs.deferred.length} packs is deferred to a later gc`);
+        notice(`${readers.length} ${readers.length === 1 ? 'reader is' : 'readers are'} registered (engine serve/mount): deleting ${report.packs.deferred.length === 1 ? '1 pack' : `${report.packs.deferred.length} packs`} is deferred to a later gc`);
       }
       // Markers naming what no longer exists: nothing can need them (the lock is held, so no protect runs).
       const stale = await staleMarkers(repo, damagedReferenced, () => true);
@@ -452,7 +453,7 @@ async function mark(repo: Repository, records: readonly BackupRecord[], live: Id
 }
 
 /** Phase 3 waits for the lock (a backup may hold it for hours): gc has work in flight and holds nothing. */
-async function openWhenFree(path: string, passphrase: string | undefined, notice: (message: string) => void, interruption: Interruption): Promise<Repository> {
+async function openWhenFree(path: string, passphrase: Passphrase | undefined, notice: (message: string) => void, interruption: Interruption): Promise<Repository> {
   let told = false;
   for (;;) {
     interruption.check();

@@ -1,6 +1,7 @@
 /** `engine protect` / `unprotect`: prune never removes a protected backup (repo-format/protection.ts). */
 import { Repository } from '../repo-format/repository.js';
 import { protectBackup, unprotectBackup } from '../repo-format/protection.js';
+import type { Passphrase } from '../repo-format/passphrase.js';
 
 export interface ProtectResult {
   backup: string;
@@ -10,7 +11,7 @@ export interface ProtectResult {
 }
 
 /** Takes the lock, so that a prune running at the same time either sees the marker or has finished. */
-export async function setProtection(repoPath: string, idOrPrefix: string, wanted: boolean, options: { passphrase?: string | undefined } = {}): Promise<ProtectResult> {
+export async function setProtection(repoPath: string, idOrPrefix: string, wanted: boolean, options: { passphrase?: Passphrase | undefined } = {}): Promise<ProtectResult> {
   const repo = await Repository.open(repoPath, { access: 'exclusive', command: wanted ? 'protect' : 'unprotect', index: 'skip', passphrase: options.passphrase });
   try {
     const record = await repo.findBackup(idOrPrefix);

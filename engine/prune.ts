@@ -10,11 +10,12 @@ import { listProtected } from '../repo-format/protection.js';
 import { crashPoint } from '../repo-format/crash-points.js';
 import { Interruption } from './interrupt.js';
 import { applyRetention, KEEP_RULES, policyIsEmpty, type RetentionPolicy } from './retention.js';
+import type { Passphrase } from '../repo-format/passphrase.js';
 
 export interface PruneOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   policy: RetentionPolicy;
   dryRun?: boolean | undefined;
   /** SIGINT/SIGTERM: prune stops between two removals (ENGINE_INTERRUPTED), saying which it removed. */

@@ -15,6 +15,8 @@ export interface ChunkReference {
   disk: string;
   /** Byte offset of the block in the disk. */
   offset: number;
+  /** The block's length: the chunk must hold exactly this many bytes (SPEC.md, section 8). */
+  length: number;
   id: Buffer;
   location: BlobLocation | undefined;
 }
@@ -50,7 +52,10 @@ export async function walkReferences(
           if (run.entries === null) continue;
           const { ids, blocks } = runChunks(run);
           const locations = await repo.lookup(ids);
-          ids.forEach((id, i) => visitor.chunk({ backup: record.id, disk: disk.name, offset: blocks[i]! * record.blockSize, id, location: locations[i] }));
+          ids.forEach((id, i) => {
+            const offset = blocks[i]! * record.blockSize;
+            visitor.chunk({ backup: record.id, disk: disk.name, offset, length: Math.min(record.blockSize, disk.size - offset), id, location: locations[i] });
+          });
         }
       } catch (error) {
         if (error instanceof InterruptedError) throw error;

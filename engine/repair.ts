@@ -12,7 +12,7 @@
  * 4. The new index replaces the old one (Repository.installIndex), and every backup is checked: the
  *    backups that still reference damaged or missing data are reported per disk and offset.
  */
-import { mkdir, readFile, rm } from 'node:fs/promises';
+import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Repository } from '../repo-format/repository.js';
@@ -27,16 +27,18 @@ import type { IndexEntry } from '../repo-format/index-entry.js';
 import { IdPrefixSet } from './id-set.js';
 import { walkReferences, type ReferenceVisitor } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
+import type { Passphrase } from '../repo-format/passphrase.js';
 import { restoreRecordsFromCatalogue, type RestoredRecord } from './record-recovery.js';
 import { configDamage, hasRepositoryLayout, rebuildConfig, type RecoveredConfig } from '../repo-format/config-recovery.js';
 import { acquireLock } from '../repo-format/lock.js';
 import { InterruptedError } from './errors.js';
 import { Interruption } from './interrupt.js';
+import { ensurePrivateDirectory } from '../repo-format/file-modes.js';
 
 export interface RepairOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   /** Worker threads that check frames (default: one per core). */
   workers?: number | undefined;
   /**
@@ -309,7 +311,7 @@ export interface RebuiltConfig {
  * A config that is missing or damaged in what is otherwise a repository (packs/ and backups/) is rebuilt
  * first, under the lock; anything else (a newer format, a directory that is no repository) stays the error it is.
  */
-async function rebuildLostConfig(root: string, passphrase: string | undefined): Promise<RebuiltConfig | null> {
+async function rebuildLostConfig(root: string, passphrase: Passphrase | undefined): Promise<RebuiltConfig | null> {
   let why: string | undefined;
   try {
     await Repository.readConfig(root);
@@ -318,7 +320,7 @@ async function rebuildLostConfig(root: string, passphrase: string | undefined): 
     why = configDamage(error);
     if (why === undefined || !(await hasRepositoryLayout(root))) throw error;
   }
-  await mkdir(join(root, LAYOUT.tmp), { recursive: true });
+  await ensurePrivateDirectory(join(root, LAYOUT.tmp));
   const lock = await acquireLock(root, 'repair');
   try {
     const rebuilt = await rebuildConfig(root, why, passphrase);

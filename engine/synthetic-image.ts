@@ -6,6 +6,7 @@
  */
 import { createCipheriv, createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
+import { MUTABLE_FILE_MODE, openNewFile } from '../repo-format/file-modes.js';
 
 const PIECE = 256 * 1024;
 const RUN = 1024 * 1024;
@@ -154,7 +155,7 @@ export interface GeneratedImage {
 /** Writes a sparse image of `size` bytes (any size, not only multiples of the piece size); `signal` stops it. */
 export async function generateImage(path: string, size: number, seed: string, mix: ImageMix = VM_DISK_MIX, signal?: AbortSignal): Promise<GeneratedImage> {
   const content = new ImageContent(seed, mix);
-  const handle = await open(path, 'w');
+  const handle = await openNewFile(path, 'w', MUTABLE_FILE_MODE);
   let dataBytes = 0;
   try {
     await handle.truncate(size);

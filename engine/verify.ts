@@ -18,6 +18,8 @@ import { listQuarantine, quarantineKey, type QuarantinedFrame } from '../repo-fo
 import { walkReferences } from './references.js';
 import { BlockPool } from './pipeline/block-pool.js';
 import { IdPrefixSet } from './id-set.js';
+import { findLooseModes, formatMode } from '../repo-format/file-modes.js';
+import type { Passphrase } from '../repo-format/passphrase.js';
 import { foreignPackWarning, strayWarnings } from './verify-layout.js';
 import { damagedRecordProblem, recordConsistencyProblems } from './verify-records.js';
 import { Interruption } from './interrupt.js';
@@ -50,6 +52,11 @@ export interface VerifyReport {
   /** Frames repair found damaged and set aside: known damage, not problems in themselves. */
   quarantined: QuarantinedFrame[];
   garbage: { tempFiles: string[]; unindexedPacks: string[]; unindexedBytes: number; unreferencedBlobs: number; unreferencedBytes: number };
+  /**
+   * Files and directories other users may read, write or enter (SPEC.md, 2.1), counted with examples; a
+   * warning (PERMISSIONS_LOOSE in `warnings`), not a problem: repositories made before modes were set are like this.
+   */
+  permissions: { loose: number; examples: { path: string; mode: string }[] };
   /** What is not a problem for any backup but deserves a look: files that are not the repository's (SPEC 14.2). */
   warnings: VerifyWarning[];
 }
@@ -61,10 +68,26 @@ export interface VerifyWarning {
   path?: string;
 }
 
+/** A path as one shell word, for a command the user may paste. */
+function shellWord(text: string): string {
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, `'\\''`)}'`;
+}
+
+/** The warning for files and directories other users may use (SPEC.md, 2.1), with the command that fixes them. */
+function loosePermissionsWarning(permissions: VerifyReport['permissions'], root: string): VerifyWarning {
+  const { loose, examples } = permissions;
+  const shown = examples.slice(0, 3).map((e) => `${e.path} ${e.mode}`).join(', ');
+  return {
+    code: 'PERMISSIONS_LOOSE',
+    message: `${loose === 1 ? '1 file or directory' : `${loose} files and directories`} of the repository ${loose === 1 ? 'is' : 'are'} open to other users (${shown}${loose > 3 ? ', …' : ''}); make it private with: chmod -R go= ${shellWord(root)}`,
+    path: examples[0]!.path,
+  };
+}
+
 export interface VerifyOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   readData?: boolean | undefined;
   /** With readData: read only this fraction (0 < f ≤ 1) of the packs, chosen by `seed`. */
   subset?: number | undefined;
@@ -93,6 +116,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     subset: null,
     quarantined: [],
     garbage: { tempFiles: [], unindexedPacks: [], unindexedBytes: 0, unreferencedBlobs: 0, unreferencedBytes: 0 },
+    permissions: { loose: 0, examples: [] },
     warnings: [],
   };
   const problem = (p: VerifyProblem): void => {
@@ -101,6 +125,9 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
   let pool: BlockPool | undefined;
   try {
     report.garbage.tempFiles = await repo.listTempFiles();
+    const loose = await findLooseModes(repo.root);
+    report.permissions = { loose: loose.count, examples: loose.examples.map((e) => ({ path: e.path, mode: formatMode(e.mode) })) };
+    if (loose.count > 0) report.warnings.push(loosePermissionsWarning(report.permissions, repo.root));
     report.warnings.push(...(await strayWarnings(repo.root)));
     if (report.readData) pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, slotCount: 1, keys: repo.keys });
 
@@ -241,7 +268,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
           referenced.add(id);
           missingPacks.noteReference(id.toString('hex'), backup, disk, null);
         },
-        chunk: ({ backup, disk, offset, id, location }) => {
+        chunk: ({ backup, disk, offset, length, id, location }) => {
           const hex = id.toString('hex');
           const lostWith = missingPacks.packOf(hex);
           if (lostWith !== undefined) {
@@ -254,6 +281,8 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
           const prefix = `backup ${backup}, disk ${disk}, offset ${offset}: chunk ${hex.slice(0, 16)}…`;
           if (location) {
             referenced.add(id);
+            // Whatever kind of frame holds it (ids name content, not roles: SPEC.md 8), a chunk is the block's length.
+            if (location.rawLength !== length) problem({ code: 'CHUNK_DAMAGED', message: `${prefix} holds ${location.rawLength} bytes, the block needs ${length}`, ...where, pack: location.packId, packOffset: location.offset });
           } else {
             const known = quarantinedBlobs.get(hex);
             if (known) problem({ code: 'CHUNK_DAMAGED', message: `${prefix} is damaged (quarantined by repair: pack ${known.pack} offset ${known.offset}: ${known.why}); the next backup of a source that still holds this block stores a good copy`, ...where, pack: known.pack, packOffset: known.offset });

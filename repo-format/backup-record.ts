@@ -4,6 +4,7 @@
  */
 import { ID_SIZE, MAX_DISK_SIZE } from './constants.js';
 import { CorruptMetadataError } from './errors.js';
+import { displayText, storedDiskNameProblem } from './names.js';
 import { mapDepth, type MapRoot } from './block-map.js';
 
 export type BackupType = 'full' | 'incremental' | 'differential';
@@ -85,25 +86,19 @@ export function encodeBackupRecord(record: BackupRecord): Buffer {
   return Buffer.from(`${JSON.stringify(record, null, 2)}\n`, 'utf8');
 }
 
-/**
- * Why a disk name is unusable, or undefined. Names become file names when a backup is restored into a
- * directory, so they must be one path component.
- */
-export function diskNameProblem(name: string): string | undefined {
-  if (name.length === 0 || name.length > 255) return 'it must have 1 to 255 characters';
-  if (name === '.' || name === '..' || /[\u0000-\u001f/\\]/.test(name)) return 'it must not be "." or "..", nor contain "/", "\\" or control characters';
-  return undefined;
-}
 
 const isCount = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
 const isText = (v: unknown): v is string => typeof v === 'string';
+/** `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, a real instant: what toISOString writes (SPEC.md, section 9). */
+const isUtcTime = (v: string): boolean => /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$/.test(v) && !Number.isNaN(Date.parse(v));
 
 function checkDisk(disk: unknown, blockSize: number): string | undefined {
   if (typeof disk !== 'object' || disk === null) return 'a disk entry is not an object';
   const d = disk as Record<string, unknown>;
   if (!isText(d.name)) return 'a disk has no name';
-  const nameProblem = diskNameProblem(d.name);
-  if (nameProblem) return `disk name ${JSON.stringify(d.name)} is not allowed: ${nameProblem}`;
+  // The reader's rule (names.ts): what older engines wrote is read, whatever the writer's rule says now.
+  const nameProblem = storedDiskNameProblem(d.name);
+  if (nameProblem) return `disk name "${displayText(d.name, 64)}" is not allowed: ${nameProblem}`;
   if (!isCount(d.size)) return `disk ${d.name} has no valid size`;
   const source = d.source as Record<string, unknown> | undefined;
   if (!source || !isText(source.kind) || !isText(source.path)) return `disk ${d.name} has no source`;
@@ -149,10 +144,11 @@ export function decodeBackupRecord(bytes: Buffer, where: string): BackupRecord {
   if (!isText(r.id) || !/^[0-9a-f]{32}$/.test(r.id)) fail('no valid id');
   if (!isText(r.name)) fail('no name');
   if (r.type !== 'full' && r.type !== 'incremental' && r.type !== 'differential') fail(`unknown type ${String(r.type)}`);
-  if (r.parent !== null && !isText(r.parent)) fail('parent is neither null nor an id');
+  if (r.parent !== null && !(isText(r.parent) && /^[0-9a-f]{32}$/.test(r.parent))) fail('parent is neither null nor an id');
   for (const key of ['startTime', 'endTime', 'hostname', 'engineVersion']) if (!isText(r[key])) fail(`no ${key}`);
+  for (const key of ['startTime', 'endTime']) if (!isUtcTime(r[key] as string)) fail(`${key} is not an ISO 8601 UTC time`);
   if (!isCount(r.blockSize) || r.blockSize === 0) fail('no block size');
-  if (!Array.isArray(r.disks)) fail('no disk list');
+  if (!Array.isArray(r.disks) || r.disks.length === 0) fail('no disk list');
   if (!Array.isArray(r.attachments)) fail('no attachment list');
   for (const a of r.attachments as unknown[]) {
     const x = a as Record<string, unknown> | null;

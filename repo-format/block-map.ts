@@ -117,9 +117,18 @@ export function runChunks(run: MapRun): { ids: Buffer[]; blocks: number[] } {
 
 /** Reads a map in block order, one leaf (or one zero subtree) at a time. */
 export async function* readMap(map: MapRoot, loadPage: LoadPage): AsyncGenerator<MapRun> {
+  checkMapShape(map);
   if (map.blocks === 0) return;
-  if (map.depth !== mapDepth(map.blocks)) throw new CorruptMetadataError('block map', `depth ${map.depth} does not fit ${map.blocks} blocks`);
   yield* walk(map.root, map.depth, 0, map.blocks, loadPage);
+}
+
+/**
+ * The shape a map must have before a page of it is read (SPEC.md, section 8): `depth` fits `blocks`, and the
+ * map of 0 blocks (an empty disk) is depth 0 with root ZERO_ID, nothing else.
+ */
+function checkMapShape(map: MapRoot): void {
+  if (map.depth !== mapDepth(map.blocks)) throw new CorruptMetadataError('block map', `depth ${map.depth} does not fit ${map.blocks} blocks`);
+  if (map.blocks === 0 && !map.root.equals(ZERO_ID)) throw new CorruptMetadataError('block map', 'a map of 0 blocks must have the zero root');
 }
 
 async function* walk(id: Buffer, level: number, firstBlock: number, totalBlocks: number, loadPage: LoadPage): AsyncGenerator<MapRun> {
@@ -153,6 +162,7 @@ async function* walk(id: Buffer, level: number, firstBlock: number, totalBlocks:
  * pages the repository holds, not the blocks the map covers.
  */
 export async function* mapPageIds(map: MapRoot, loadPage: LoadPage): AsyncGenerator<{ id: Buffer; kind: number }> {
+  checkMapShape(map);
   if (map.blocks === 0) return;
   yield* walkPages(map.root, map.depth, loadPage, new Set<string>());
 }

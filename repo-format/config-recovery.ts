@@ -26,7 +26,9 @@ import { CIPHER_ID, DEFAULT_BLOCK_SIZE, FLAG_ENCRYPTED, KEY_FILE_LIMIT, KIND_DAT
 import { encodeConfig, newConfig, validateBlockSize, type RepositoryConfig } from './config.js';
 import { CorruptMetadataError, EngineError, NotARepositoryError, PassphraseRequiredError } from './errors.js';
 import { readBoundedFile } from './bounded-read.js';
-import { decodeKeyFile, unlockKeyFile } from './key-file.js';
+import { decodeKeyFile, unlockKeyFileCompatibly } from './key-file.js';
+import { noticeSink } from './notices.js';
+import type { Passphrase } from './passphrase.js';
 import { openMetadata } from './sealed-metadata.js';
 import { decodeBackupRecord } from './backup-record.js';
 import { IndexStore } from './index-store.js';
@@ -127,7 +129,7 @@ function powerOfTwoAtLeast(bytes: number): number {
  * Rebuilds `config` from the rest of the repository; the caller holds the lock and has established that
  * the config is missing or damaged (`why`) and that `root` has the layout of a repository.
  */
-export async function rebuildConfig(root: string, why: string, passphrase: string | undefined): Promise<RecoveredConfig> {
+export async function rebuildConfig(root: string, why: string, passphrase: Passphrase | undefined): Promise<RecoveredConfig> {
   const keyFile = await keyFileOf(root);
   const frames = await frameFacts(root);
   if (frames.encrypted === true && keyFile === undefined) {
@@ -142,7 +144,7 @@ export async function rebuildConfig(root: string, why: string, passphrase: strin
     }
     if (passphrase === undefined) throw new PassphraseRequiredError(root);
     const file = decodeKeyFile(await readBoundedFile(join(root, keyFile), KEY_FILE_LIMIT), `key file ${keyFile}`);
-    keys = await unlockKeyFile(file, passphrase, indexId, root);
+    keys = await unlockKeyFileCompatibly(file, passphrase, indexId, root, noticeSink());
   }
   const records = await recordFacts(root, keys);
   const blockSize = records.blockSize ?? (frames.largestData > 0 ? powerOfTwoAtLeast(frames.largestData) : DEFAULT_BLOCK_SIZE);

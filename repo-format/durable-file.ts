@@ -2,6 +2,7 @@ import { link, open, rename, unlink } from 'node:fs/promises';
 import { dirname, basename, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { classifyWriteError } from './errors.js';
+import { IMMUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
 
 /** fsync a directory so that a rename or unlink inside it survives a power loss. */
 export async function fsyncDirectory(path: string): Promise<void> {
@@ -17,12 +18,13 @@ export async function fsyncDirectory(path: string): Promise<void> {
  * The one durable-write path of the repository: temp file (in the same directory, or a given temp
  * directory on the same filesystem) → write → fsync → close → rename (or link, when the name must not
  * exist yet) → fsync(directory). A reader sees either no file or the whole file, never a part.
+ * `mode` (default 0400: written once, never changed in place) is set exactly, whatever the umask.
  */
 export async function writeFileDurably(path: string, data: Uint8Array, options: { exclusive?: boolean; tempDir?: string; mode?: number } = {}): Promise<void> {
   const dir = dirname(path);
   const temp = join(options.tempDir ?? dir, `.${basename(path)}.${randomBytes(6).toString('hex')}.tmp`);
   try {
-    const handle = await open(temp, 'wx', options.mode ?? 0o644);
+    const handle = await openNewFile(temp, 'wx', options.mode ?? IMMUTABLE_FILE_MODE);
     try {
       let written = 0;
       while (written < data.length) {

@@ -3,6 +3,8 @@
  * Callers (the CLI, backup vendors' scripts) match on `code`, never on the message.
  * The list of codes and the exit code each maps to is documented in SPEC.md, "Errors".
  */
+import { displayText } from './display-text.js';
+
 export type ErrorCode =
   | 'ENGINE_INVALID_ARGUMENT'
   | 'ENGINE_NOT_A_REPOSITORY'
@@ -131,13 +133,13 @@ export class MissingBlobError extends EngineError {
 
 export class BackupNotFoundError extends EngineError {
   constructor(id: string) {
-    super('ENGINE_BACKUP_NOT_FOUND', `no backup matches "${id}"`, { id });
+    super('ENGINE_BACKUP_NOT_FOUND', `no backup matches "${displayText(id, 64)}"`, { id });
   }
 }
 
 export class AmbiguousIdError extends EngineError {
   constructor(prefix: string, matches: string[]) {
-    super('ENGINE_AMBIGUOUS_ID', `"${prefix}" matches ${matches.length} backups (${matches.slice(0, 4).join(', ')}…): give more characters`, {
+    super('ENGINE_AMBIGUOUS_ID', `"${displayText(prefix, 64)}" matches ${matches.length} backups (${matches.slice(0, 4).join(', ')}…): give more characters`, {
       prefix,
       matches,
     });
@@ -154,7 +156,7 @@ export class WrongPassphraseError extends EngineError {
 /** An encrypted repository was opened without a passphrase. */
 export class PassphraseRequiredError extends EngineError {
   constructor(path: string) {
-    super('ENGINE_PASSPHRASE_REQUIRED', `repository ${path} is encrypted: give its passphrase in ENGINE_PASSWORD or with --password-file FILE`, { path });
+    super('ENGINE_PASSPHRASE_REQUIRED', `repository ${path} is encrypted: give its passphrase with --password-file FILE, in a file named by ENGINE_PASSWORD_FILE, or in ENGINE_PASSWORD`, { path });
   }
 }
 

@@ -8,6 +8,7 @@ import { ClassicLevel } from 'classic-level';
 import { KEY_PREFIX_BACKUP, KEY_PREFIX_BLOB, KEY_PREFIX_META } from './constants.js';
 import { blobKey, decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from './index-entry.js';
 import { CorruptMetadataError, classifyWriteError, NoSpaceError } from './errors.js';
+import { makeTreePrivate } from './file-modes.js';
 
 type Db = ClassicLevel<Buffer, Buffer>;
 
@@ -43,11 +44,16 @@ export class IndexStore {
       if (full instanceof NoSpaceError) throw full;
       throw error;
     }
+    // LevelDB creates its directory and files under the umask: make them private (SPEC.md, section 2.1),
+    // now and again on close for the tables and logs written meanwhile (inside a 0700 directory). Best
+    // effort: a repository that cannot be changed (read-only) is still read; verify reports loose modes.
+    await makeTreePrivate(path).catch(() => undefined);
     return new IndexStore(db, path);
   }
 
   async close(): Promise<void> {
     await this.db.close();
+    await makeTreePrivate(this.path).catch(() => undefined);
   }
 
   /** One batched read for many ids: the dedupe path never issues one get per block. */

@@ -8,12 +8,13 @@
  * Each change rewrites the file durably (temp, fsync, rename, fsync dir); a journal with no entries left is
  * deleted.
  */
-import { mkdir, readdir, rm } from 'node:fs/promises';
+import { readdir, rm } from 'node:fs/promises';
 import { readBoundedFile } from './bounded-read.js';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { writeFileDurably } from './durable-file.js';
 import { CorruptMetadataError } from './errors.js';
+import { ensurePrivateDirectory, MUTABLE_FILE_MODE } from './file-modes.js';
 import { SMALL_FILE_LIMIT } from './constants.js';
 
 export type JournalEntry = Record<string, string> & { kind: string };
@@ -46,7 +47,7 @@ export class Journal {
   }
 
   static async create(root: string, context: Record<string, string>): Promise<Journal> {
-    await mkdir(join(root, DIR), { recursive: true });
+    await ensurePrivateDirectory(join(root, DIR));
     const id = randomBytes(8).toString('hex');
     const journal = new Journal(join(root, DIR, `${id}.json`), { id, created: new Date().toISOString(), context, entries: [] });
     await journal.save();
@@ -82,6 +83,6 @@ export class Journal {
   }
 
   private async save(): Promise<void> {
-    await writeFileDurably(this.path, Buffer.from(`${JSON.stringify(this.file, null, 2)}\n`));
+    await writeFileDurably(this.path, Buffer.from(`${JSON.stringify(this.file, null, 2)}\n`), { mode: MUTABLE_FILE_MODE });
   }
 }

@@ -7,6 +7,7 @@ import { randomBytes, scrypt as scryptCallback, type ScryptOptions } from 'node:
 import { CIPHER_ID, ENCRYPTION_OVERHEAD, KDF_ID, KEY_SIZE, SCRYPT_DEFAULTS, SCRYPT_MAX_MEMORY, SCRYPT_MIN_N, SCRYPT_SALT_SIZE } from './constants.js';
 import { gcmOpen, gcmSeal, type RepositoryKeys } from './crypto.js';
 import { CorruptMetadataError, InvalidArgumentError, WrongPassphraseError } from './errors.js';
+import { legacyPassphraseBytes, newPassphraseProblem, passphraseBytes, type Passphrase } from './passphrase.js';
 
 export interface ScryptParameters {
   N: number;
@@ -22,6 +23,11 @@ export interface KeyFile {
   cipher: typeof CIPHER_ID;
   /** base64 of nonce || AES-256-GCM(data key || id key) || tag. */
   sealed: string;
+  /**
+   * "bytes": the wrapping key was derived from the passphrase's bytes as given. Absent in key files of
+   * engines that decoded the passphrase as UTF-8 first (SPEC.md, 18.2): those may need the old form.
+   */
+  passphrase?: 'bytes';
 }
 
 const MASTER_LENGTH = 2 * KEY_SIZE;
@@ -41,25 +47,27 @@ export function scryptProblem(params: ScryptParameters): string | undefined {
   return undefined;
 }
 
-export function deriveKey(passphrase: string, salt: Buffer, params: ScryptParameters): Promise<Buffer> {
+export function deriveKey(passphrase: Uint8Array, salt: Buffer, params: ScryptParameters): Promise<Buffer> {
   // Node refuses scrypt above `maxmem` (32 MiB by default): allow what the parameters need, 128·N·r, plus slack.
   const options: ScryptOptions = { N: params.N, r: params.r, p: params.p, maxmem: 128 * params.N * params.r * 2 + 1024 * 1024 };
   return new Promise((resolve, reject) => {
-    scryptCallback(Buffer.from(passphrase, 'utf8'), salt, KEY_SIZE, options, (error, key) => (error ? reject(error) : resolve(key)));
+    scryptCallback(passphrase, salt, KEY_SIZE, options, (error, key) => (error ? reject(error) : resolve(key)));
   });
 }
 
-export function checkPassphrase(passphrase: string): void {
-  if (passphrase.length === 0) throw new InvalidArgumentError('the passphrase is empty: an encrypted repository needs a non-empty passphrase');
+/** Refuses a passphrase too weak for a new repository (SPEC.md, 18.2). */
+export function checkPassphrase(passphrase: Passphrase): void {
+  const problem = newPassphraseProblem(passphrase);
+  if (problem) throw new InvalidArgumentError(problem);
 }
 
 /** Seals `keys` under `passphrase` into a new key file. */
-export async function createKeyFile(keys: RepositoryKeys, passphrase: string, repositoryId: string, id: string, params: ScryptParameters = SCRYPT_DEFAULTS): Promise<KeyFile> {
+export async function createKeyFile(keys: RepositoryKeys, passphrase: Passphrase, repositoryId: string, id: string, params: ScryptParameters = SCRYPT_DEFAULTS): Promise<KeyFile> {
   checkPassphrase(passphrase);
   const problem = scryptProblem(params);
   if (problem) throw new InvalidArgumentError(problem);
   const salt = randomBytes(SCRYPT_SALT_SIZE);
-  const wrappingKey = await deriveKey(passphrase, salt, params);
+  const wrappingKey = await deriveKey(passphraseBytes(passphrase), salt, params);
   const sealed = gcmSeal(wrappingKey, Buffer.concat([keys.dataKey, keys.idKey]), keyFileAad(repositoryId, id));
   return {
     version: 1,
@@ -68,15 +76,37 @@ export async function createKeyFile(keys: RepositoryKeys, passphrase: string, re
     kdf: { name: KDF_ID, N: params.N, r: params.r, p: params.p, salt: salt.toString('base64') },
     cipher: CIPHER_ID,
     sealed: sealed.toString('base64'),
+    passphrase: 'bytes',
   };
 }
 
 /** Unwraps the master keys; a wrong passphrase (or an altered key file) fails the GCM tag. */
-export async function unlockKeyFile(file: KeyFile, passphrase: string, repositoryId: string, repositoryPath: string): Promise<RepositoryKeys> {
-  const wrappingKey = await deriveKey(passphrase, Buffer.from(file.kdf.salt, 'base64'), file.kdf);
+export async function unlockKeyFile(file: KeyFile, passphrase: Passphrase, repositoryId: string, repositoryPath: string): Promise<RepositoryKeys> {
+  const wrappingKey = await deriveKey(passphraseBytes(passphrase), Buffer.from(file.kdf.salt, 'base64'), file.kdf);
   const master = gcmOpen(wrappingKey, Buffer.from(file.sealed, 'base64'), keyFileAad(repositoryId, file.id));
   if (!master) throw new WrongPassphraseError(repositoryPath);
   return { dataKey: master.subarray(0, KEY_SIZE), idKey: master.subarray(KEY_SIZE) };
+}
+
+/**
+ * Unwraps the master keys under the passphrase's bytes; for a key file of an engine that decoded passphrases
+ * as UTF-8 first (no `passphrase` field), once more under that decoding when the bytes are not valid UTF-8,
+ * saying so (SPEC.md, 18.2).
+ */
+export async function unlockKeyFileCompatibly(file: KeyFile, passphrase: Passphrase, repositoryId: string, repositoryPath: string, notice: (message: string) => void): Promise<RepositoryKeys> {
+  const given = passphraseBytes(passphrase);
+  try {
+    return await unlockKeyFile(file, given, repositoryId, repositoryPath);
+  } catch (error) {
+    const legacy = file.passphrase === undefined ? legacyPassphraseBytes(given) : undefined;
+    if (!(error instanceof WrongPassphraseError) || legacy === undefined) throw error;
+    const keys = await unlockKeyFile(file, legacy, repositoryId, repositoryPath);
+    notice(
+      `repository ${repositoryPath} was created with a passphrase that is not valid UTF-8, by an engine that replaced its invalid bytes with U+FFFD before deriving the key: ` +
+        'any passphrase that differs from it only in those bytes opens it. Back up into a new repository created with this passphrase, which now counts every byte',
+    );
+    return keys;
+  }
 }
 
 export function keyFileName(keyId: string): string {
@@ -111,5 +141,6 @@ export function decodeKeyFile(bytes: Buffer, where: string): KeyFile {
   if (typeof f.sealed !== 'string' || Buffer.from(f.sealed, 'base64').length !== MASTER_LENGTH + ENCRYPTION_OVERHEAD) {
     fail(`the sealed keys are not ${MASTER_LENGTH + ENCRYPTION_OVERHEAD} bytes of base64`);
   }
+  if (f.passphrase !== undefined && f.passphrase !== 'bytes') fail(`unknown passphrase encoding ${String(f.passphrase)}`);
   return value as KeyFile;
 }

@@ -10,13 +10,14 @@
  * another host is never broken automatically (its pid means nothing here): `engine unlock` (unlock.ts)
  * is the way out, and every refusal says so.
  */
-import { link, open, rename, unlink } from 'node:fs/promises';
+import { link, rename, unlink } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { LAYOUT, SMALL_FILE_LIMIT } from './constants.js';
 import { readBoundedFile } from './bounded-read.js';
 import { holderLiveness, processIdentity, type HolderLiveness } from './process-alive.js';
+import { IMMUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
 import { classifyWriteError, isErrnoException, RepositoryLockedError, type LockHolder } from './errors.js';
 
 export interface RepositoryLock {
@@ -93,7 +94,7 @@ function lockedError(root: string, holder: LockHolder | undefined): RepositoryLo
 /** Creates `lock` with its content in one step (link of a complete temp file): never an empty lock file. */
 async function createLockFile(root: string, holder: LockHolder & { token: string }): Promise<void> {
   const temp = join(root, LAYOUT.tmp, `lock.${holder.token}`);
-  const handle = await open(temp, 'wx', 0o644);
+  const handle = await openNewFile(temp, 'wx', IMMUTABLE_FILE_MODE);
   try {
     try {
       await handle.writeFile(JSON.stringify(holder));

@@ -7,7 +7,7 @@
  * (frame.ts), so scanning a pack from offset 32 to its end yields every blob it holds: that is how the
  * index is rebuilt. See SPEC.md, "Pack".
  */
-import { mkdir, open, rename, unlink, stat, type FileHandle } from 'node:fs/promises';
+import { open, rename, unlink, stat, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import {
@@ -24,6 +24,7 @@ import {
 } from './constants.js';
 import { classifyWriteError, CorruptFrameError, CorruptPackError } from './errors.js';
 import { fsyncDirectory } from './durable-file.js';
+import { ensurePrivateDirectory, IMMUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
 import { decodeFrameHeader, frameLength, type FrameHeader } from './frame.js';
 import type { IndexEntry } from './index-entry.js';
 
@@ -73,7 +74,7 @@ export class PackWriter {
   ) {
     this.packId = randomBytes(PACK_ID_SIZE).toString('hex');
     this.tempPath = join(root, LAYOUT.tmp, `${options.tempPrefix ?? ''}${this.packId}.pack`);
-    this.opened = open(this.tempPath, 'wx', 0o444).catch((error: unknown) => {
+    this.opened = openNewFile(this.tempPath, 'wx', IMMUTABLE_FILE_MODE).catch((error: unknown) => {
       throw classifyWriteError(error, this.tempPath);
     });
     // Reported by whichever append, seal or abort awaits it first.
@@ -132,7 +133,7 @@ export class PackWriter {
   async publish(): Promise<IndexEntry[]> {
     const finalPath = packPath(this.root, this.packId);
     try {
-      await mkdir(join(this.root, LAYOUT.packs, this.packId.slice(0, 2)), { recursive: true });
+      await ensurePrivateDirectory(join(this.root, LAYOUT.packs, this.packId.slice(0, 2)));
       await rename(this.tempPath, finalPath);
       await fsyncDirectory(join(this.root, LAYOUT.packs, this.packId.slice(0, 2)));
     } catch (error) {

@@ -3,11 +3,12 @@
  * file `protected/<backup id>` (created durably, removed by unprotect). Prune never removes a backup that
  * has one. A marker whose backup is gone (a record deleted by hand) means nothing; gc removes it.
  */
-import { mkdir, readdir, unlink } from 'node:fs/promises';
+import { readdir, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { LAYOUT } from './constants.js';
 import { fsyncDirectory, writeFileDurably } from './durable-file.js';
 import { isErrnoException } from './errors.js';
+import { ensurePrivateDirectory } from './file-modes.js';
 
 function markerPath(root: string, backupId: string): string {
   return join(root, LAYOUT.protected, backupId);
@@ -21,7 +22,7 @@ export async function listProtected(root: string): Promise<Set<string>> {
 /** Returns false when the backup was already protected. */
 export async function protectBackup(root: string, backupId: string): Promise<boolean> {
   // Repositories made before protection existed have no protected/ yet.
-  await mkdir(join(root, LAYOUT.protected), { recursive: true });
+  await ensurePrivateDirectory(join(root, LAYOUT.protected));
   try {
     await writeFileDurably(markerPath(root, backupId), new Uint8Array(0), { exclusive: true, tempDir: join(root, LAYOUT.tmp) });
     return true;

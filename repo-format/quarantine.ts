@@ -11,11 +11,12 @@
  * quarantined frame as known damage, not as a new problem; gc removes the records of packs that no longer
  * exist, except those of blobs a backup still references with no good copy (the only trace of that damage).
  */
-import { mkdir, readdir, unlink } from 'node:fs/promises';
+import { readdir, unlink } from 'node:fs/promises';
 import { readBoundedFile } from './bounded-read.js';
 import { join } from 'node:path';
 import { LAYOUT, SMALL_FILE_LIMIT } from './constants.js';
 import { fsyncDirectory, writeFileDurably } from './durable-file.js';
+import { ensurePrivateDirectory } from './file-modes.js';
 
 export interface QuarantinedFrame {
   pack: string;
@@ -62,7 +63,7 @@ export async function listQuarantine(root: string): Promise<Map<string, Quaranti
 export async function addToQuarantine(root: string, frames: QuarantinedFrame[]): Promise<void> {
   if (frames.length === 0) return;
   const dir = join(root, LAYOUT.quarantine);
-  await mkdir(dir, { recursive: true });
+  await ensurePrivateDirectory(dir);
   const known = await listQuarantine(root);
   for (const frame of frames) {
     if (known.has(quarantineKey(frame.pack, frame.offset))) continue;

@@ -5,7 +5,7 @@
  * earlier boot) is stale and may be removed by anyone; one from another host is never stale (its pid
  * means nothing here), the rule of the lock.
  */
-import { mkdir, readdir, unlink } from 'node:fs/promises';
+import { readdir, unlink } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -14,6 +14,7 @@ import { readBoundedFile } from './bounded-read.js';
 import { isErrnoException } from './errors.js';
 import { writeFileDurably } from './durable-file.js';
 import { isStale } from './lock.js';
+import { ensurePrivateDirectory } from './file-modes.js';
 import { processIdentity } from './process-alive.js';
 
 export interface Registration {
@@ -50,7 +51,7 @@ export async function register(root: string, dir: RegistryDir, command: string, 
   if (identity !== undefined) registration.identity = identity;
   // Repositories made before a registry existed do not have its directory yet, and copies made by tools that
   // keep no empty directory (git, some sync tools) lack tmp/ too.
-  for (const needed of [dir, LAYOUT.tmp]) await mkdir(join(root, needed), { recursive: true });
+  for (const needed of [dir, LAYOUT.tmp]) await ensurePrivateDirectory(join(root, needed));
   const path = join(root, dir, `${registration.token}.json`);
   await writeFileDurably(path, Buffer.from(JSON.stringify(registration)), { exclusive: true, tempDir: join(root, LAYOUT.tmp) });
   let released = false;

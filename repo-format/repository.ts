@@ -4,8 +4,8 @@
  * Opening for reading (`list`, `show`) needs no lock: backup records are immutable files. Anything that
  * uses the index (backup, restore, verify) opens it exclusively: LevelDB admits one process at a time.
  */
-import { mkdir, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
-import { join } from 'node:path';
+import { chmod, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { CIPHER_ID, CONFIG_FILE_LIMIT, KEY_FILE_LIMIT, LAYOUT, RECORD_FILE_LIMIT, RESERVE_SIZE } from './constants.js';
 import { FileTooLargeToReadError, readBoundedFile } from './bounded-read.js';
@@ -28,6 +28,10 @@ import {
   RepositoryLockedError,
 } from './errors.js';
 import { fsyncDirectory, writeFileDurably } from './durable-file.js';
+import { createPrivateDirectory, ensurePrivateDirectory, formatMode, GROUP_OTHER_BITS, PRIVATE_DIRECTORY_MODE } from './file-modes.js';
+import type { Passphrase } from './passphrase.js';
+import { checkLocalPath } from './local-path.js';
+import { displayText } from './display-text.js';
 import { IndexStore } from './index-store.js';
 import { acquireLock, readLockHolder, refuseIfLocked, type RepositoryLock } from './lock.js';
 import { decodeBackupRecord, encodeBackupRecord, type BackupRecord } from './backup-record.js';
@@ -38,7 +42,7 @@ import { BlobWriter } from './blob-writer.js';
 import type { BlobLocation } from './index-entry.js';
 import type { LoadPage, StorePage } from './block-map.js';
 import { newRepositoryKeys, type RepositoryKeys } from './crypto.js';
-import { checkPassphrase, createKeyFile, decodeKeyFile, encodeKeyFile, keyFileName, unlockKeyFile } from './key-file.js';
+import { checkPassphrase, createKeyFile, decodeKeyFile, encodeKeyFile, keyFileName, unlockKeyFileCompatibly } from './key-file.js';
 import { openMetadata, sealMetadata } from './sealed-metadata.js';
 import { crashPoint } from './crash-points.js';
 import { liveWriterTokens } from './writers.js';
@@ -58,8 +62,8 @@ export interface OpenOptions {
   index?: 'open' | 'skip';
   /** What the lock file says the holder is doing (e.g. "backup"). */
   command?: string;
-  /** Unlocks an encrypted repository; ignored by a plain one unless `requireEncryption`. */
-  passphrase?: string | undefined;
+  /** Unlocks an encrypted repository (bytes as given; a string stands for its UTF-8); ignored by a plain one unless `requireEncryption`. */
+  passphrase?: Passphrase | undefined;
   /**
    * Refuse a plain repository (NotEncryptedError) before anything else: the caller expects an encrypted
    * one and is about to write. A config is not authenticated, so this is what stops an encrypted
@@ -97,6 +101,35 @@ async function rebuildHint(root: string): Promise<string | undefined> {
   return (await hasRepositoryLayout(root)) ? `it has a repository's packs/ and backups/: \`engine repair --repo ${root}\` rebuilds the config from them` : undefined;
 }
 
+/** The directories `init` creates in the new repository, besides `index/` (LevelDB) and, encrypted, `keys/` (SPEC.md, section 3). */
+export const INIT_DIRECTORIES: readonly string[] = [LAYOUT.packs, LAYOUT.backups, LAYOUT.tmp, LAYOUT.readers];
+/** packs/00 … packs/ff. */
+export const PACK_DIRECTORIES: readonly string[] = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'));
+
+/**
+ * The directory a new repository goes into: created (0700) when missing, provided its parent exists (a
+ * mistyped path is not silently created, parents and all); an existing one must be an empty directory,
+ * and becomes private. Anything else is a usage error, said plainly.
+ */
+async function prepareRepositoryRoot(root: string): Promise<void> {
+  const existing = await stat(root).catch((error: unknown) => {
+    if (isErrnoException(error) && error.code === 'ENOENT') return undefined;
+    if (isErrnoException(error) && error.code === 'ENOTDIR') throw new InvalidArgumentError(`cannot create a repository at ${root}: a part of that path is a file, not a directory`);
+    throw error;
+  });
+  if (existing === undefined) {
+    const parent = dirname(resolve(root));
+    const parentStats = await stat(parent).catch(() => undefined);
+    if (!parentStats) throw new InvalidArgumentError(`cannot create a repository at ${root}: its parent directory ${parent} does not exist (create it first)`);
+    if (!parentStats.isDirectory()) throw new InvalidArgumentError(`cannot create a repository at ${root}: ${parent} is not a directory`);
+    await createPrivateDirectory(root);
+    return;
+  }
+  if (!existing.isDirectory()) throw new InvalidArgumentError(`cannot create a repository at ${root}: it is a file, not a directory (give a new or empty directory)`);
+  if ((await readdir(root)).length > 0) throw new RepositoryExistsError(root);
+  await chmod(root, PRIVATE_DIRECTORY_MODE);
+}
+
 export class Repository {
   private indexStore: IndexStore | undefined;
   private lock: RepositoryLock | undefined;
@@ -129,28 +162,23 @@ export class Repository {
   readonly blobId = (data: Uint8Array): Buffer => blobId(data, this.keys);
 
   /** `passphrase` makes an encrypted repository (format version 2). */
-  static async init(root: string, options: { blockSize: number; passphrase?: string | undefined }): Promise<RepositoryConfig> {
+  static async init(root: string, options: { blockSize: number; passphrase?: Passphrase | undefined }): Promise<RepositoryConfig> {
+    checkLocalPath(root, 'repository');
     if (options.passphrase !== undefined) checkPassphrase(options.passphrase);
     const repositoryId = randomBytes(16).toString('hex');
     const keyId = randomBytes(8).toString('hex');
     const encryption = options.passphrase === undefined ? undefined : { cipher: CIPHER_ID, keyFile: `${LAYOUT.keys}/${keyFileName(keyId)}` };
     const config = newConfig(repositoryId, options.blockSize, new Date(), encryption);
-    try {
-      const entries = await readdir(root);
-      if (entries.length > 0) throw new RepositoryExistsError(root);
-    } catch (error) {
-      if (!isErrnoException(error) || error.code !== 'ENOENT') throw error;
-    }
-    await mkdir(root, { recursive: true });
-    for (const dir of [LAYOUT.packs, LAYOUT.backups, LAYOUT.tmp, LAYOUT.readers]) await mkdir(join(root, dir), { recursive: true });
+    await prepareRepositoryRoot(root);
+    for (const dir of INIT_DIRECTORIES) await createPrivateDirectory(join(root, dir));
     if (encryption && options.passphrase !== undefined) {
-      await mkdir(join(root, LAYOUT.keys));
+      await createPrivateDirectory(join(root, LAYOUT.keys));
       const keyFile = await createKeyFile(newRepositoryKeys(), options.passphrase, repositoryId, keyId);
-      // Owner-only: whoever reads the key file can guess passphrases offline (SPEC.md, section 17).
-      await writeFileDurably(join(root, encryption.keyFile), encodeKeyFile(keyFile), { exclusive: true, mode: 0o600 });
+      // Owner-only and written once (0400): whoever reads the key file can guess passphrases offline (SPEC.md, section 17).
+      await writeFileDurably(join(root, encryption.keyFile), encodeKeyFile(keyFile), { exclusive: true });
     }
     const packs = join(root, LAYOUT.packs);
-    await Promise.all(Array.from({ length: 256 }, (_, i) => mkdir(join(packs, i.toString(16).padStart(2, '0')))));
+    await Promise.all(PACK_DIRECTORIES.map((dir) => createPrivateDirectory(join(packs, dir))));
     await fsyncDirectory(packs);
     const index = await IndexStore.open(join(root, LAYOUT.index), { create: true });
     await index.putMeta('repository-id', config.id);
@@ -165,6 +193,7 @@ export class Repository {
 
   /** Reads and checks `config` (NotARepositoryError, FormatTooNewError), without keys, lock or index. */
   static async readConfig(root: string): Promise<RepositoryConfig> {
+    checkLocalPath(root, 'repository');
     let bytes: Buffer;
     try {
       bytes = await readBoundedFile(join(root, LAYOUT.config), CONFIG_FILE_LIMIT);
@@ -184,7 +213,7 @@ export class Repository {
     const config = await Repository.readConfig(root);
     if (options.requireEncryption === true && !config.encryption) throw new NotEncryptedError(root);
     // Keys first: a wrong passphrase stops here, before the lock or anything else is written.
-    const keys = config.encryption ? await Repository.unlock(root, config, options.passphrase) : undefined;
+    const keys = config.encryption ? await Repository.unlock(root, config, options.passphrase, noticeSink(options.onNotice)) : undefined;
     const repo = new Repository(root, config, keys);
     await initChecksum();
     repo.notice = noticeSink(options.onNotice);
@@ -194,16 +223,21 @@ export class Repository {
     return repo;
   }
 
-  private static async unlock(root: string, config: RepositoryConfig, passphrase: string | undefined): Promise<RepositoryKeys> {
+  private static async unlock(root: string, config: RepositoryConfig, passphrase: Passphrase | undefined, notice: NoticeSink): Promise<RepositoryKeys> {
     if (passphrase === undefined) throw new PassphraseRequiredError(root);
     const keyFile = config.encryption!.keyFile;
     const where = `key file ${keyFile}`;
-    const bytes = await readBoundedFile(join(root, keyFile), KEY_FILE_LIMIT).catch((error: unknown) => {
+    const path = join(root, keyFile);
+    const bytes = await readBoundedFile(path, KEY_FILE_LIMIT).catch((error: unknown) => {
       throw new CorruptMetadataError(where, error instanceof FileTooLargeToReadError ? `${error.size} bytes, more than a key file holds` : `cannot be read (${isErrnoException(error) ? error.code : String(error)})`);
     });
     const file = decodeKeyFile(bytes, where);
     if (`${LAYOUT.keys}/${keyFileName(file.id)}` !== keyFile) throw new CorruptMetadataError(where, `it names itself ${file.id}`);
-    return unlockKeyFile(file, passphrase, config.id, root);
+    const mode = (await stat(path).catch(() => undefined))?.mode ?? 0;
+    if ((mode & GROUP_OTHER_BITS) !== 0) {
+      notice(`the key file ${keyFile} of repository ${root} is open to other users (mode ${formatMode(mode)}), who can try passphrases against it offline: chmod 400 ${path}`);
+    }
+    return unlockKeyFileCompatibly(file, passphrase, config.id, root, notice);
   }
 
   get encrypted(): boolean {
@@ -213,7 +247,7 @@ export class Repository {
   private async openExclusive(command: string, index: 'open' | 'skip', options: OpenOptions): Promise<void> {
     // A copy made by a tool that keeps no empty directory (git, some sync tools) may lack tmp/, where the lock and
     // every durable write begin, and backups/; packs/xx/ and the registries are created when first written.
-    for (const dir of [LAYOUT.tmp, LAYOUT.backups]) await mkdir(join(this.root, dir), { recursive: true }).catch(() => undefined);
+    for (const dir of [LAYOUT.tmp, LAYOUT.backups]) await ensurePrivateDirectory(join(this.root, dir)).catch(() => undefined);
     try {
       this.lock = await this.takeLock(command, options);
     } catch (error) {
@@ -545,7 +579,10 @@ export class Repository {
   /** The id of the record file a full id or unique prefix names, without reading it (it may be damaged). */
   async findBackupId(idOrPrefix: string): Promise<string> {
     const wanted = idOrPrefix.toLowerCase();
-    if (!/^[0-9a-f]{4,32}$/.test(wanted)) throw new BackupNotFoundError(idOrPrefix);
+    if (!/^[0-9a-f]+$/.test(wanted) || wanted.length > 32) {
+      throw new InvalidArgumentError(`"${displayText(idOrPrefix, 64)}" is not a backup id: ids are 32 hexadecimal characters, and any unique prefix of 4 or more names one`);
+    }
+    if (wanted.length < 4) throw new InvalidArgumentError(`backup id prefix "${wanted}" is too short: give at least 4 characters (a prefix of 4 or more names one backup if it is unique)`);
     const matches = (await this.listBackupIds()).filter((id) => id.startsWith(wanted));
     if (matches.length === 0) throw new BackupNotFoundError(idOrPrefix);
     if (matches.length > 1) throw new AmbiguousIdError(idOrPrefix, matches);

@@ -7,12 +7,13 @@
  *
  * Random bytes, not zeros: a filesystem that compresses (btrfs, ZFS) stores zeros in no space at all.
  */
-import { open, rename, stat, statfs, unlink } from 'node:fs/promises';
+import { rename, stat, statfs, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes, randomFillSync } from 'node:crypto';
 import { LAYOUT, RESERVE_SIZE } from './constants.js';
 import { fsyncDirectory } from './durable-file.js';
 import { isErrnoException } from './errors.js';
+import { IMMUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
 
 const PIECE = 256 * 1024;
 
@@ -58,7 +59,8 @@ export async function createReserve(root: string, minimum = 1, size = RESERVE_SI
   const temp = join(root, LAYOUT.tmp, `reserve.${randomBytes(6).toString('hex')}`);
   let written = 0;
   try {
-    const handle = await open(temp, 'wx', 0o600);
+    // Written once, then only deleted: 0400 like every such file (SPEC.md, 2.1).
+    const handle = await openNewFile(temp, 'wx', IMMUTABLE_FILE_MODE);
     try {
       const piece = Buffer.allocUnsafe(PIECE);
       while (written < size) {

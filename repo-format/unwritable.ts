@@ -4,9 +4,10 @@
  * failure to write means, and the private copy of the index that a reader then uses: LevelDB cannot open
  * a database without writing to it (its LOCK file, a new manifest and log).
  */
-import { cp, mkdtemp, rm } from 'node:fs/promises';
+import { chmod, cp, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { PRIVATE_DIRECTORY_MODE } from './file-modes.js';
 import { EngineError, isErrnoException, NoSpaceError, ReadOnlyRepositoryError, type LockHolder } from './errors.js';
 
 export interface Unwritable {
@@ -45,6 +46,8 @@ export function unwritableReason(error: unknown): Unwritable | undefined {
  */
 export async function copyIndexForReading(indexPath: string): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), 'engine-index-'));
+  // The copy holds the catalogue (every backup record) and blob ids: its directory is the owner's alone.
+  await chmod(dir, PRIVATE_DIRECTORY_MODE);
   const copy = join(dir, 'index');
   try {
     await cp(indexPath, copy, { recursive: true, filter: (source) => !source.endsWith('/LOCK') });
@@ -60,7 +63,9 @@ export async function copyIndexForReading(indexPath: string): Promise<string> {
 
 /** A private directory for an index rebuilt from the packs of a repository this reader may not write. */
 export async function privateIndexDir(): Promise<string> {
-  return join(await mkdtemp(join(tmpdir(), 'engine-index-')), 'index');
+  const dir = await mkdtemp(join(tmpdir(), 'engine-index-'));
+  await chmod(dir, PRIVATE_DIRECTORY_MODE);
+  return join(dir, 'index');
 }
 
 export async function removeIndexCopy(copy: string): Promise<void> {

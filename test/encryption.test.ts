@@ -256,8 +256,8 @@ describe('an encrypted repository through the CLI', () => {
     const keyFile = (config.encryption as { keyFile: string }).keyFile;
     expect(keyFile).toMatch(/^keys\/[0-9a-f]{16}\.json$/);
     expect((await stat(join(repo, keyFile))).isFile()).toBe(true);
-    // Readable by its owner only: anyone who reads it can try passphrases offline.
-    expect((await stat(join(repo, keyFile))).mode % 0o1000).toBe(0o600);
+    // Readable by its owner only (anyone who reads it can try passphrases offline), and written once (SPEC.md, 2.1).
+    expect((await stat(join(repo, keyFile))).mode % 0o1000).toBe(0o400);
 
     image = await markedImage('marked.img');
     first = await backupOk(repo, ['--source', image]);
@@ -320,7 +320,7 @@ describe('an encrypted repository through the CLI', () => {
     }
     const none = await runEngine(['list', '--repo', repo]);
     expect(none.code).toBe(6);
-    expect(none.stderr.trim()).toBe(`engine: repository ${repo} is encrypted: give its passphrase in ENGINE_PASSWORD or with --password-file FILE`);
+    expect(none.stderr.trim()).toBe(`engine: repository ${repo} is encrypted: give its passphrase with --password-file FILE, in a file named by ENGINE_PASSWORD_FILE, or in ENGINE_PASSWORD`);
     await expect(stat(join(dir, 'never.raw'))).rejects.toThrow();
     expect(await snapshot(repo)).toEqual(before);
     // --password-file: the passphrase from a file, one trailing newline ignored.

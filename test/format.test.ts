@@ -927,8 +927,10 @@ describe('backup record', () => {
 
   test('other disk rejections', () => {
     expect(rejection((r) => (r.disks = [null]))).toBe('a disk entry is not an object');
-    expect(rejection((r) => (firstDisk(r).name = ''))).toBe('disk name "" is not allowed: it must have 1 to 255 characters');
-    expect(rejection((r) => (firstDisk(r).name = 'a/b'))).toBe('disk name "a/b" is not allowed: it must not be "." or "..", nor contain "/", "\\" or control characters');
+    expect(rejection((r) => (firstDisk(r).name = ''))).toBe('disk name "" is not allowed: it is empty');
+    expect(rejection((r) => (firstDisk(r).name = 'a/b'))).toBe('disk name "a/b" is not allowed: it must not be "." or "..", nor contain "/" or "\\"');
+    expect(rejection((r) => (firstDisk(r).name = 'a\nb'))).toBe('disk name "a\\x0ab" is not allowed: it contains a C0 control character');
+    expect(rejection((r) => (firstDisk(r).name = 'é'.repeat(383)))).toMatch(/^disk name ".*…\(766 bytes\)" is not allowed: it has more than 765 bytes$/);
     expect(rejection((r) => (firstDisk(r).name = '..'))).toContain('disk name ".." is not allowed');
     expect(rejection((r) => (firstDisk(r).size = -1))).toBe('disk sda has no valid size');
     expect(rejection((r) => delete firstDisk(r).source)).toBe('disk sda has no source');

@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdir, open, readdir, readFile, realpath, writeFile } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, realpath, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { readPartitionTable } from '../dist/engine/index.js';
 import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
@@ -93,6 +93,13 @@ describe('engine mount', () => {
     // Read-only: the guest's filesystem cannot be changed through the mount.
     await expect(writeFile(join(mountDir, 'root', 'new.txt'), 'x')).rejects.toThrow(/EROFS|read-only/);
     expect(await readdir(join(repo, 'readers'))).toEqual([`${result.readerToken}.json`]);
+    // The guest's uids and gids mean other users on this host: only the owner may enter the mount point,
+    // and the server's socket, state and log are private too (SPEC.md, 2.1).
+    expect((await stat(mountDir)).mode & 0o777).toBe(0o700);
+    const stateDir = join(runDir, 'mounts', createHash('sha256').update(await realpath(mountDir)).digest('hex').slice(0, 16));
+    for (const [name, mode] of [['state.json', 0o600], ['serve.log', 0o600], ['nbd.sock', 0o600], ['.', 0o700]] as const) {
+      expect([name, (await stat(join(stateDir, name))).mode & 0o777]).toEqual([name, mode]);
+    }
     // Mounting again on the same directory is refused.
     const twice = await runEngine(['mount', '--repo', repo, id, mountDir, '--json'], { env: env() });
     expect(twice.code).toBe(2);
@@ -221,7 +228,7 @@ describe('engine umount after the background server died', () => {
     expect(await readdir(join(repo, 'readers'))).toEqual([`${readerToken}.json`]);
     const unmounted = await runEngine(['umount', mountDir], { env: env() });
     expect(unmounted.code).toBe(0);
-    expect(unmounted.stdout).toBe(`unmounted ${mountDir}: 1 filesystems, 1 loop devices, 1 disk files, server was not running\n`);
+    expect(unmounted.stdout).toBe(`unmounted ${mountDir}: 1 filesystem, 1 loop device, 1 disk file, server was not running\n`);
     await assertNothingLeft(mountDir);
   });
 });

@@ -170,7 +170,7 @@ describe('TCP without TLS', () => {
       [['--socket', join(dir, 'x.sock'), '--insecure'], /--insecure is for a TCP server/],
       [['--host', '127.0.0.1'], /--host is the address of a TCP server/],
       [['--port', '0', '--tls-psk-file', pskFile, '--tls-certificates', pki.serverDir], /not both/],
-      [['--port', '1e3', '--insecure'], /--port 1e3: give a port number/],
+      [['--port', '1e3', '--insecure'], /--port 1e3: give a whole number from 0 to 65535, in digits/],
     ];
     for (const [args, message] of cases) {
       const result = await runEngine(['serve', '--repo', repo, backupId, ...args]);
@@ -379,7 +379,7 @@ describe('TLS with pre-shared keys (--tls-psk-file)', () => {
     await makePskFile(loose, ['alice']);
     await chmod(loose, 0o644);
     const server = await startServe(['--socket', join(dir, 'loose.sock'), '--tls-psk-file', loose]);
-    expect(server.stderr()).toBe(`engine serve: ${loose} can be read by other users (mode 644): chmod 600 it\n`);
+    expect(server.stderr()).toBe(`engine serve: TLS PSK keys file: ${loose} is open to other users (mode 0644): make it private, chmod 600 ${loose}\n`);
     await stopServe(server.child);
   });
 });

@@ -28,6 +28,8 @@ export interface ChainArgs {
   blockId: (data: Uint8Array) => Buffer;
   /** Whether each chunk can be trusted without reading it: indexed, its pack there (Repository.available). */
   available: (ids: readonly Buffer[]) => Promise<boolean[]>;
+  /** Says what the user should know (e.g. a disk name from outside that was mapped to a safe one). */
+  onNotice?: ((message: string) => void) | undefined;
 }
 
 /** The changed-block-tracking bookkeeping around some disks (one qcow2 image, one libvirt or oVirt job). */

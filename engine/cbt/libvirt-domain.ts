@@ -14,6 +14,8 @@ import { chown, mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { MUTABLE_FILE_MODE } from '../../repo-format/file-modes.js';
+import { adoptName } from '../../repo-format/names.js';
 import { NbdSource } from '../sources/nbd-source.js';
 import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type ChainArgs } from './chain.js';
 import { bitmapName, bitmapPrefix } from './qcow2-bitmaps.js';
@@ -65,6 +67,8 @@ async function runDirectory(): Promise<string> {
     () => undefined,
   );
   if (ids) await chown(dir, ids.uid, ids.gid);
+  // The one directory the engine creates that is not 0700: qemu, running as libvirt-qemu, creates the
+  // socket and scratch files in it. Its group is libvirt-qemu's; other users stay out.
   await chmod(dir, 0o770);
   return dir;
 }
@@ -78,7 +82,9 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
   const disks = await domainDisks(domain);
   const existing = new Set(await checkpoints(domain));
   const checkpointProblem = (base: string): string | null => (existing.has(base) ? null : `checkpoint ${base} no longer exists in libvirt`);
-  const chains = disks.map((disk) => chooseChain(disk.target, args.requested, { size: disk.size, baseProblem: checkpointProblem, addedDisk: true }, args.history));
+  // The record's disk name (and the chain's key): the target, or its safe form (names.ts); libvirt keeps the target.
+  const names = disks.map((disk) => adoptName(disk.target, 'disk', `disk target of domain ${domain}`, args.onNotice ?? (() => undefined)));
+  const chains = disks.map((disk, i) => chooseChain(names[i]!, args.requested, { size: disk.size, baseProblem: checkpointProblem, addedDisk: true }, args.history));
   const checkpoint = bitmapName(args.repositoryId, backupId);
   const dir = await runDirectory();
   const socket = join(dir, 'backup.sock');
@@ -91,10 +97,11 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
     .join('');
   const backupXml = join(dir, 'backup.xml');
   const checkpointXml = join(dir, 'checkpoint.xml');
-  await writeFile(backupXml, `<domainbackup mode='pull'><server transport='unix' socket='${xmlEscape(socket)}'/><disks>${diskXml}</disks></domainbackup>`);
+  await writeFile(backupXml, `<domainbackup mode='pull'><server transport='unix' socket='${xmlEscape(socket)}'/><disks>${diskXml}</disks></domainbackup>`, { mode: MUTABLE_FILE_MODE });
   await writeFile(
     checkpointXml,
     `<domaincheckpoint><name>${xmlEscape(checkpoint)}</name><disks>${disks.map((d) => `<disk name='${xmlEscape(d.target)}' checkpoint='bitmap'/>`).join('')}</disks></domaincheckpoint>`,
+    { mode: MUTABLE_FILE_MODE },
   );
 
   let jobStarted = false;
@@ -141,7 +148,7 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
         blockId: args.blockId,
         available: args.available,
       });
-      jobs.push({ name: disk.target, source, plan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt });
+      jobs.push({ name: names[i]!, source, plan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt });
     }
     return {
       disks: jobs,

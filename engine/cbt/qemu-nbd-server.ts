@@ -4,7 +4,8 @@
  * (short: socket paths are limited to 108 bytes), optionally exposing one dirty bitmap as
  * qemu:dirty-bitmap:NAME.
  */
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { chmod, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { PRIVATE_DIRECTORY_MODE } from '../../repo-format/file-modes.js';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { runTool } from './run-tool.js';
@@ -17,6 +18,7 @@ export interface RunningExport {
 
 export async function serveImage(image: string, format: string, options: { bitmap?: string | undefined; writable?: boolean } = {}): Promise<RunningExport> {
   const dir = await mkdtemp(join(tmpdir(), 'engine-nbd-'));
+  await chmod(dir, PRIVATE_DIRECTORY_MODE);
   const socket = join(dir, 'nbd.sock');
   const pidFile = join(dir, 'qemu-nbd.pid');
   const args = ['-f', format, '--socket', socket, '--persistent', '--shared', '8', '--fork', '--pid-file', pidFile];

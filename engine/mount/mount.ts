@@ -16,17 +16,22 @@ import { refuseInsideRepository } from '../write-guard.js';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, openSync } from 'node:fs';
-import { mkdir, open, readdir, readFile, realpath, rename, rm, rmdir, stat, unlink, writeFile } from 'node:fs/promises';
+import { chmod, open, readdir, readFile, realpath, rename, rm, rmdir, stat, unlink, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
 import { noticeSink } from '../../repo-format/notices.js';
 import { isProcessAlive } from '../../repo-format/process-alive.js';
+import { checkLocalPath } from '../../repo-format/local-path.js';
+import { diskFileName } from '../../repo-format/names.js';
+import { createPrivateDirectory, ensurePrivateDirectory, MUTABLE_FILE_MODE, PRIVATE_DIRECTORY_MODE } from '../../repo-format/file-modes.js';
 import { processIdentity, stopProcess } from '../process.js';
 import { runTool } from '../cbt/run-tool.js';
 import type { ServedExport, ServeOptions } from '../serve/serve.js';
 import { probeFilesystem } from './filesystem-probe.js';
 import { readPartitionTable, type ReadAt } from './partition-table.js';
+import { passphraseBytes, type Passphrase } from '../../repo-format/passphrase.js';
+import { MOUNT_PASSPHRASE_VARIABLE } from './serve-daemon-env.js';
 
 export interface MountOptions {
   repo: string;
@@ -36,7 +41,7 @@ export interface MountOptions {
   runDir?: string | undefined;
   cacheBytes?: number | undefined;
   /** The passphrase of an encrypted repository; handed to the background server in its environment, never in argv. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
 }
 
 export interface MountedFilesystem {
@@ -93,7 +98,7 @@ function stateDirFor(runDir: string, dir: string): string {
 
 async function saveState(stateDir: string, state: MountState): Promise<void> {
   const path = join(stateDir, 'state.json');
-  await writeFile(`${path}.tmp`, JSON.stringify(state, null, 2));
+  await writeFile(`${path}.tmp`, JSON.stringify(state, null, 2), { mode: MUTABLE_FILE_MODE });
   await rename(`${path}.tmp`, path);
 }
 
@@ -127,10 +132,11 @@ async function loopIsOurs(loop: string, stateDir: string): Promise<boolean> {
 /** Starts the background server; resolves with its pid once it listens. */
 function startServer(options: ServeOptions, logPath: string): Promise<{ pid: number; readerToken: string | null; backupId: string; exports: ServedExport[] }> {
   const script = fileURLToPath(new URL('./serve-daemon.js', import.meta.url));
-  const log = openSync(logPath, 'a');
+  const log = openSync(logPath, 'a', MUTABLE_FILE_MODE);
   const { passphrase, ...visible } = options;
-  // argv is readable by every user of the host (ps); the environment of a process is not.
-  const env = passphrase === undefined ? process.env : { ...process.env, ENGINE_PASSWORD: passphrase };
+  // argv is readable by every user of the host (ps); the environment of a process is not. The passphrase
+  // goes as base64 of its bytes (an environment value is text, a passphrase is bytes: SPEC.md, 18.2).
+  const env = { ...process.env, [MOUNT_PASSPHRASE_VARIABLE]: passphrase === undefined ? '' : passphraseBytes(passphrase).toString('base64') };
   const child = spawn(process.execPath, [script, JSON.stringify(visible)], { detached: true, stdio: ['ignore', log, log, 'ipc'], env });
   closeSync(log);
   return new Promise((resolvePromise, reject) => {
@@ -157,7 +163,7 @@ function startServer(options: ServeOptions, logPath: string): Promise<{ pid: num
 
 /** Starts nbdfuse for one export; resolves once the file is there. */
 async function startFuse(uriSocket: string, exportName: string, mountpoint: string): Promise<number> {
-  await mkdir(mountpoint, { recursive: true });
+  await ensurePrivateDirectory(mountpoint);
   const pidFile = `${mountpoint}.pid`;
   const uri = `nbd+unix:///${encodeURIComponent(exportName)}?socket=${uriSocket}`;
   const child = spawn('nbdfuse', ['-r', '-P', pidFile, join(mountpoint, 'disk'), uri], { detached: true, stdio: 'ignore' });
@@ -201,16 +207,20 @@ function fileReader(path: string, size: number): { readAt: ReadAt; close: () => 
 }
 
 export async function mount(options: MountOptions): Promise<MountResult> {
+  checkLocalPath(options.dir, 'mount directory');
   const existing = await stat(options.dir).catch(() => undefined);
   if (existing && !existing.isDirectory()) throw new InvalidArgumentError(`mount point ${options.dir} is not a directory: give an empty (or new) directory`);
   // The mount point and what mount creates under it never go inside a repository (write-guard.ts).
   await refuseInsideRepository(options.dir, 'mount point', options.repo);
-  await mkdir(options.dir, { recursive: true });
+  await ensurePrivateDirectory(options.dir);
   const dir = await canonical(options.dir);
   if ((await readdir(dir)).length > 0) throw new InvalidArgumentError(`mount point ${dir} is not empty`);
+  // The guest's files keep the guest's owners and modes, and its uids and gids mean other users here: only
+  // the owner of the mount point may enter it (SPEC.md, 16.2).
+  await chmod(dir, PRIVATE_DIRECTORY_MODE);
   const stateDir = stateDirFor(runDirOf(options), dir);
   if (await stat(join(stateDir, 'state.json')).then(() => true, () => false)) throw new InvalidArgumentError(`${dir} is already an engine mount: engine umount ${dir} first`);
-  await mkdir(stateDir, { recursive: true, mode: 0o700 });
+  await ensurePrivateDirectory(stateDir);
   const state: MountState = { version: 1, dir, repo: resolve(options.repo), created: new Date().toISOString(), fuse: [], loops: [], mounts: [], dirs: [] };
   await saveState(stateDir, state);
   try {
@@ -243,10 +253,11 @@ export async function mount(options: MountOptions): Promise<MountResult> {
           state.loops.push(loop);
           await saveState(stateDir, state);
           entry.loop = loop;
-          const target = area.number === null ? join(dir, exp.name) : join(dir, exp.name, `p${area.number}`);
-          for (const created of [join(dir, exp.name), target]) {
+          const diskDir = join(dir, diskFileName(exp.name));
+          const target = area.number === null ? diskDir : join(diskDir, `p${area.number}`);
+          for (const created of [diskDir, target]) {
             if (!(await stat(created).then(() => true, () => false))) {
-              await mkdir(created);
+              await createPrivateDirectory(created);
               state.dirs.push(created);
             }
           }
@@ -279,6 +290,7 @@ export interface UmountResult {
 }
 
 export async function umount(options: { dir: string; runDir?: string | undefined }): Promise<UmountResult> {
+  checkLocalPath(options.dir, 'mount directory');
   const dir = await canonical(options.dir);
   const stateDir = stateDirFor(runDirOf(options), dir);
   const text = await readFile(join(stateDir, 'state.json'), 'utf8').catch(() => undefined);

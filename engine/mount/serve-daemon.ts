@@ -4,11 +4,13 @@
  * SIGTERM/SIGINT, when it closes the server and releases its reader registration.
  */
 import { serve, type ServeOptions } from '../serve/serve.js';
+import { MOUNT_PASSPHRASE_VARIABLE } from './serve-daemon-env.js';
 import { setNoticeSink } from '../../repo-format/notices.js';
 
 const options = JSON.parse(process.argv[2] ?? '{}') as ServeOptions;
-// The passphrase of an encrypted repository comes in the environment (mount.ts), never in argv.
-const passphrase = process.env.ENGINE_PASSWORD || undefined;
+// The passphrase of an encrypted repository comes in the environment (mount.ts), never in argv: base64 of its bytes.
+const passphrase = process.env[MOUNT_PASSPHRASE_VARIABLE] ? Buffer.from(process.env[MOUNT_PASSPHRASE_VARIABLE], 'base64') : undefined;
+delete process.env[MOUNT_PASSPHRASE_VARIABLE];
 const report = (message: unknown): void => {
   if (process.send) process.send(message);
 };

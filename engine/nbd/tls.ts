@@ -11,12 +11,13 @@
  * Either way TLS here is authentication as well as encryption: there is no anonymous mode. TLS 1.2 is the
  * minimum (the protocol's "TLS versions"); TLS 1.3 is used when both ends have it.
  */
-import { readFile, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { isIP, type Socket } from 'node:net';
 import { connect as tlsConnect, createServer as createTlsServer, DEFAULT_CIPHERS, type TLSSocket } from 'node:tls';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { describeTlsError } from '../tls-errors.js';
+import { readSecretFile } from '../secret-file.js';
 
 /**
  * Credentials of a TLS endpoint: X.509 files from a directory (a client's own certificate is optional), or
@@ -42,16 +43,11 @@ const PSK_CIPHERS = ['ECDHE-PSK-CHACHA20-POLY1305', 'DHE-PSK-AES256-GCM-SHA384',
 const HANDSHAKE_TIMEOUT_MS = 30_000;
 
 async function readCredentialFile(path: string, what: string, onWarning?: (message: string) => void, secret = false): Promise<Buffer> {
-  const info = await stat(path).catch((error: NodeJS.ErrnoException) => {
-    throw new InvalidArgumentError(`${what}: ${path} cannot be read (${error.code ?? error.message})`);
-  });
-  if (!info.isFile()) throw new InvalidArgumentError(`${what}: ${path} is not a regular file`);
-  if (info.size > MAX_CREDENTIAL_FILE) throw new InvalidArgumentError(`${what}: ${path} holds ${info.size} bytes, more than a credentials file can (${MAX_CREDENTIAL_FILE})`);
-  // A secret others can read is a secret others have: said, not refused (qemu and nbdkit accept it too).
-  if (secret && (info.mode & 0o077) !== 0) onWarning?.(`${path} can be read by other users (mode ${(info.mode & 0o777).toString(8)}): chmod 600 it`);
-  return readFile(path).catch((error: NodeJS.ErrnoException) => {
-    throw new InvalidArgumentError(`${what}: ${path} cannot be read (${error.code ?? error.message})`);
-  });
+  // One bounded reader for every secret file (secret-file.ts): size, devices and loose modes alike. A secret
+  // others can read is a secret others have: said, not refused (qemu and nbdkit accept it too).
+  const { bytes, warnings } = await readSecretFile(path, `${what}: ${path}`, { maxBytes: MAX_CREDENTIAL_FILE, secret });
+  for (const warning of warnings) onWarning?.(warning);
+  return bytes;
 }
 
 /** Parses a PSK keys file: `username:hexkey` per line; blank lines ignored; at least one key. */

@@ -17,6 +17,7 @@ import { undoCreated, withOvirt } from './cleanup.js';
 import { findDevice, isNotFound, requireRunning, vmIdByName, waitOf, type OvirtBackupRunOptions, type OvirtDisk } from './common.js';
 import { SnapshotStatus } from './vocabulary.js';
 import { attribute, child, children, text } from './xml.js';
+import { adoptName } from '../../repo-format/names.js';
 
 export interface OvirtApplianceBackupOptions extends OvirtBackupRunOptions {
   appliance: string;
@@ -82,14 +83,15 @@ export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions)
         devices.push(await findDevice(client, applianceId, disk, options.deviceRoot ?? '/dev/disk/by-id', wait));
       }
 
-      const aliases = disks.map((d) => d.alias);
+      // Names from oVirt keep the name rule, or are recorded in a safe form (names.ts).
+      const aliases = disks.map((d) => adoptName(d.alias, 'disk', `disk alias of VM ${options.vm}`, notice));
       const names = new Set(aliases).size === aliases.length ? aliases : disks.map((d) => d.id);
       const result = await backup({
         repo: options.repo,
         passphrase: options.passphrase,
         sources: devices,
         diskNames: names,
-        name: options.vm,
+        name: adoptName(options.vm, 'backup', 'the VM name', notice),
         mode: 'full',
         workers: options.workers,
         signal: options.signal,

@@ -8,12 +8,13 @@ import { blockDeviceSize } from '../sources/device-size.js';
 import type { OvirtClient, OvirtClientOptions } from './client.js';
 import { VmStatus } from './vocabulary.js';
 import { attribute, child, children, text } from './xml.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
 
 /** Options of every oVirt backup run. */
 export interface OvirtBackupRunOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   ovirt: OvirtClientOptions;
   vm: string;
   /** Bounds on the waits (snapshots, hot-plug, backup and transfer phases). */

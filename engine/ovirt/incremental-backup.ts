@@ -25,6 +25,7 @@ import { deleteCheckpoint, endBackup, removeSnapshot, undo, withOvirt } from './
 import { atLeast, clusterOfVm, isNotFound, vmIdByName, waitOf, type OvirtBackupRunOptions, type OvirtCluster, type Wait } from './common.js';
 import { BACKUP_SNAPSHOT_DESCRIPTION, BackupPhase, CheckpointState, DiskBackupMode, SnapshotStatus } from './vocabulary.js';
 import { attribute, child, children, text } from './xml.js';
+import { adoptName } from '../../repo-format/names.js';
 
 export interface OvirtIncrementalBackupOptions extends OvirtBackupRunOptions {
   mode?: RequestedMode | undefined;
@@ -51,7 +52,8 @@ async function vmDisks(client: OvirtClient, vmId: string, vmName: string, notice
       notice(`disk ${name} (${id}) is not active on VM ${vmName}: oVirt backs up active disks only, it is left out`);
       continue;
     }
-    disks.push({ id, name, size: Number(text(disk, 'provisioned_size')) });
+    // Names from oVirt keep the name rule, or are recorded in a safe form (names.ts).
+    disks.push({ id, name: adoptName(name, 'disk', `disk alias of disk ${id}`, notice), size: Number(text(disk, 'provisioned_size')) });
   }
   // Disk names must be unique in a backup: aliases when they are, ids otherwise.
   if (new Set(disks.map((d) => d.name)).size !== disks.length) for (const d of disks) d.name = d.id;
@@ -88,7 +90,7 @@ export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOpti
     return backup({
       repo: options.repo,
       passphrase: options.passphrase,
-      name: options.vm,
+      name: adoptName(options.vm, 'backup', 'the VM name', notice),
       mode: options.mode ?? 'auto',
       workers: options.workers,
       signal: options.signal,

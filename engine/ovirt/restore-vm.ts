@@ -27,11 +27,13 @@ import { undo, undoCreated, withOvirt } from './cleanup.js';
 import { clusterByName, clusterOfVm, findDevice, isNotFound, requireRunning, vmIdByName, type OvirtCluster, type OvirtDisk, type Wait } from './common.js';
 import { ovfDiskPlacements } from './ovf.js';
 import { ConfigurationType, DiskFormat, DiskInterface, DiskStatus, StorageDomainStatus, StorageDomainType, StorageType } from './vocabulary.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
+import { nameMatches } from '../../repo-format/names.js';
 
 export interface OvirtRestoreOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   ovirt: OvirtClientOptions;
   backupId: string;
   /** Write the disks through this backup appliance (attach, write the device, detach)… */
@@ -123,7 +125,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
   const record = await showBackup(options.repo, options.backupId, { passphrase: options.passphrase });
   const { ovf, disks: backedUp } = ovirtMetadata(record);
   const selected: { disk: DiskRecord; meta: OvirtDisk }[] = record.disks
-    .filter((d) => options.disk === undefined || d.name === options.disk)
+    .filter((d) => options.disk === undefined || nameMatches(d.name, options.disk))
     .map((disk, i) => ({ disk, meta: backedUp.find((m) => m.alias === disk.name || m.id === disk.name) ?? backedUp[i]! }));
   if (selected.length === 0) throw new InvalidArgumentError(`backup ${record.id} has no disk "${options.disk}"`);
   const initialSizes = await Promise.all(selected.map(({ disk }) => qcow2InitialSize(disk, record.blockSize)));

@@ -8,6 +8,7 @@ import { open, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { classifyWriteError, isErrnoException } from '../../repo-format/errors.js';
 import { fsyncDirectory } from '../../repo-format/durable-file.js';
+import { MUTABLE_FILE_MODE, openNewFile } from '../../repo-format/file-modes.js';
 import { TargetInUseError, TargetTooSmallError, TargetUnwritableError } from '../errors.js';
 import { blockDeviceSize } from '../sources/device-size.js';
 import { openDeviceExclusively, whoUsesFile } from './target-in-use.js';
@@ -63,7 +64,7 @@ export class FileTarget implements RestoreTarget {
     if (!existing) {
       let handle: FileHandle | undefined;
       try {
-        handle = await open(path, 'wx', 0o600);
+        handle = await openNewFile(path, 'wx', MUTABLE_FILE_MODE);
         await handle.truncate(diskSize);
       } catch (error) {
         if (handle) {

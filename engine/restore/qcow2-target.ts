@@ -4,9 +4,11 @@
  * reads as zeros, so zero blocks are skipped and stay unallocated), FLUSH, qemu-nbd stopped. A restore that
  * fails removes the image it created; an existing FILE is refused, never overwritten.
  */
-import { rm, stat } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { fsyncDirectory } from '../../repo-format/durable-file.js';
+import { isErrnoException } from '../../repo-format/errors.js';
+import { MUTABLE_FILE_MODE, openNewFile } from '../../repo-format/file-modes.js';
 import { runTool } from '../cbt/run-tool.js';
 import { serveImage, type RunningExport } from '../cbt/qemu-nbd-server.js';
 import { TargetUnwritableError } from '../errors.js';
@@ -25,10 +27,17 @@ export class Qcow2Target implements RestoreTarget {
 
   static async create(path: string, diskSize: number): Promise<Qcow2Target> {
     const file = resolve(path);
-    if (await stat(file).then(() => true, () => false)) throw new TargetUnwritableError(file, 'it already exists (--to-qcow2 creates a new image)');
-    await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(diskSize)]);
+    // The engine creates the file itself, exclusively (an existing FILE is refused, never overwritten) and
+    // owner-only (SPEC.md, 2.1); qemu-img then formats it in place and keeps its mode, where a file of its
+    // own would be 0644 under the usual umask.
+    const handle = await openNewFile(file, 'wx', MUTABLE_FILE_MODE).catch((error: unknown) => {
+      if (isErrnoException(error) && error.code === 'EEXIST') throw new TargetUnwritableError(file, 'it already exists (--to-qcow2 creates a new image)');
+      throw new TargetUnwritableError(file, isErrnoException(error) ? error.message : String(error));
+    });
+    await handle.close();
     let exported: RunningExport | undefined;
     try {
+      await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(diskSize)]);
       exported = await serveImage(file, 'qcow2', { writable: true });
       return new Qcow2Target(file, exported, await NbdTarget.open(exported.uri, diskSize, { zeroed: true }));
     } catch (error) {

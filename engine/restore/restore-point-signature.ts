@@ -7,7 +7,8 @@
  * disk's size in a private temporary directory (every signature blkid knows lies there: MBR, GPT, LVM,
  * md, ext*, xfs, btrfs at 64 KiB, swap), probed, and removed.
  */
-import { mkdtemp, open, rm } from 'node:fs/promises';
+import { chmod, mkdtemp, rm } from 'node:fs/promises';
+import { MUTABLE_FILE_MODE, openNewFile, PRIVATE_DIRECTORY_MODE } from '../../repo-format/file-modes.js';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { mapRootOf, type DiskRecord } from '../../repo-format/backup-record.js';
@@ -20,8 +21,10 @@ const PROBED_BYTES = 1024 * 1024;
 export async function restorePointSignature(repo: Repository, disk: DiskRecord): Promise<Signature> {
   const scratch = await mkdtemp(join(tmpdir(), 'engine-probe-'));
   try {
+    // The head of a backed-up disk: private, as every file the engine makes (SPEC.md, 2.1).
+    await chmod(scratch, PRIVATE_DIRECTORY_MODE);
     const image = join(scratch, 'head.img');
-    const handle = await open(image, 'wx', 0o600);
+    const handle = await openNewFile(image, 'wx', MUTABLE_FILE_MODE);
     try {
       await handle.truncate(disk.size);
       const wanted = Math.min(PROBED_BYTES, disk.size);

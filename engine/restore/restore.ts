@@ -12,6 +12,8 @@ import { mapRootOf, type BackupRecord, type DiskRecord } from '../../repo-format
 import { packPath } from '../../repo-format/pack-file.js';
 import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
 import { InvalidArgumentError, MissingBlobError } from '../../repo-format/errors.js';
+import { checkLocalPath } from '../../repo-format/local-path.js';
+import { nameMatches } from '../../repo-format/names.js';
 import { BlockPool } from '../pipeline/block-pool.js';
 import { CorruptChunkError, DiskNotFoundError, InterruptedError } from '../errors.js';
 import { Interruption } from '../interrupt.js';
@@ -28,6 +30,7 @@ import { crashPoint } from '../../repo-format/crash-points.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { STATE_DIRTY } from '../nbd/protocol.js';
 import type { BlobLocation } from '../../repo-format/index-entry.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
 
 export interface RestoreProgress {
   disk: string;
@@ -38,7 +41,7 @@ export interface RestoreProgress {
 export interface RestoreOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   backupId: string;
   /** Disk name; may be omitted when the backup has one disk, or when `to` is a directory for all disks. */
   disk?: string | undefined;
@@ -146,7 +149,7 @@ async function planRestore(repo: Repository, record: BackupRecord, options: Rest
   // path with (a new disk with the original's id appears under the same /dev/disk/by-id name).
   const guard = { repo: repo.root, force: options.force === true || options.targetIsZeroed === true, rollback: options.onlyChanged === true };
   if (options.openTarget) {
-    return { targets: record.disks.filter((d) => options.disk === undefined || d.name === options.disk).map((disk) => ({ disk, path: '' })), createdDirectory: null };
+    return { targets: record.disks.filter((d) => options.disk === undefined || nameMatches(d.name, options.disk)).map((disk) => ({ disk, path: '' })), createdDirectory: null };
   }
   if (options.toQcow2 !== undefined) {
     await refuseInsideRepository(options.toQcow2, 'restore target', repo.root);
@@ -158,6 +161,9 @@ async function planRestore(repo: Repository, record: BackupRecord, options: Rest
 
 export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   checkRollbackOptions(options);
+  // Before the repository is opened: a URL is never taken for a relative path.
+  if (options.toQcow2 !== undefined) checkLocalPath(options.toQcow2, '--to-qcow2');
+  else if (options.openTarget === undefined && !isNbdUri(options.to)) checkLocalPath(options.to, '--to', 'nbd:// and nbd+unix:// URIs');
   const disks: RestoredDisk[] = [];
   let plan: TargetPlan | undefined;
   const interruption = new Interruption(options.signal, 'restore', () => interruptedState(disks, plan));

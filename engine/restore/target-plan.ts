@@ -5,9 +5,11 @@
  * existing file of a directory restore is overwritten only with --force (a same-named file there is
  * somebody's data, not a target the user named).
  */
-import { mkdir, rmdir, stat } from 'node:fs/promises';
+import { rmdir, stat } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { ensurePrivateDirectory } from '../../repo-format/file-modes.js';
+import { diskFileName, nameMatches } from '../../repo-format/names.js';
 import type { BackupRecord, DiskRecord } from '../../repo-format/backup-record.js';
 import { DiskNotFoundError, TargetHoldsDataError } from '../errors.js';
 import { refuseBackupSource, refuseInsideRepository } from '../write-guard.js';
@@ -41,7 +43,7 @@ async function kindOf(path: string): Promise<'directory' | 'other' | 'missing'> 
 }
 
 function findDisk(record: BackupRecord, name: string): DiskRecord {
-  const found = record.disks.find((d) => d.name === name);
+  const found = record.disks.find((d) => nameMatches(d.name, name));
   if (!found) throw new DiskNotFoundError(record.id, name, record.disks.map((d) => d.name));
   return found;
 }
@@ -68,7 +70,7 @@ export async function planLocalTargets(record: BackupRecord, options: PlanOption
   if (options.disk !== undefined) {
     const disk = findDisk(record, options.disk);
     intoDirectory = toKind === 'directory';
-    targets = [{ disk, path: intoDirectory ? join(to, disk.name) : to }];
+    targets = [{ disk, path: intoDirectory ? join(to, diskFileName(disk.name)) : to }];
   } else if (record.disks.length === 1 && toKind !== 'directory') {
     intoDirectory = false;
     targets = [{ disk: record.disks[0]!, path: to }];
@@ -77,7 +79,10 @@ export async function planLocalTargets(record: BackupRecord, options: PlanOption
       throw new InvalidArgumentError(`backup ${record.id} has ${record.disks.length} disks: name one with --disk, or restore them all into a directory`);
     }
     intoDirectory = true;
-    targets = record.disks.map((d) => ({ disk: d, path: join(to, d.name) }));
+    // One file per disk, named after it (for a name older engines allowed, its safe form: names.ts).
+    const files = record.disks.map((d) => diskFileName(d.name));
+    if (new Set(files).size !== files.length) throw new InvalidArgumentError(`backup ${record.id}: two disks would be restored to the same file name; restore them one by one with --disk NAME --to FILE`);
+    targets = record.disks.map((d, i) => ({ disk: d, path: join(to, files[i]!) }));
   }
   await refuseInsideRepository(to, 'restore target', options.repo);
   for (const { path } of targets) {
@@ -90,7 +95,7 @@ export async function planLocalTargets(record: BackupRecord, options: PlanOption
   }
   if (intoDirectory && toKind === 'missing') {
     if (options.rollback) throw new InvalidArgumentError(`--only-changed rolls back existing targets; directory ${to} does not exist`);
-    const createdFrom = await mkdir(to, { recursive: true });
+    const createdFrom = await ensurePrivateDirectory(to);
     return { targets, createdDirectory: resolve(to), createdFrom };
   }
   return { targets, createdDirectory: null };

@@ -13,7 +13,7 @@
  * Decided before the repository is opened: a refused address costs no lock and no registration.
  */
 import { isIP } from 'node:net';
-import { mkdir } from 'node:fs/promises';
+import { ensurePrivateDirectory } from '../../repo-format/file-modes.js';
 import { join } from 'node:path';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { ListenAddress } from '../nbd/server.js';
@@ -97,7 +97,7 @@ export function runDirectory(): string {
  */
 export async function defaultSocketPath(backupId: string): Promise<string> {
   const dir = runDirectory();
-  await mkdir(dir, { recursive: true, mode: 0o700 }).catch((error: NodeJS.ErrnoException) => {
+  await ensurePrivateDirectory(dir).catch((error: NodeJS.ErrnoException) => {
     throw new InvalidArgumentError(`cannot create ${dir} for the server's socket (${error.code ?? error.message}): set ENGINE_RUN_DIR or give --socket PATH`);
   });
   return join(dir, `serve-${backupId.slice(0, 16)}.sock`);

@@ -10,9 +10,10 @@
  * wrote, not with the disk. A write (or zeroing) that covers part of a granule is completed with the
  * granule's current content first (read-modify-write), so a DATA granule in the file is always whole.
  */
-import { mkdtemp, open, rm, type FileHandle } from 'node:fs/promises';
+import { chmod, mkdtemp, rm, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { MUTABLE_FILE_MODE, openNewFile, PRIVATE_DIRECTORY_MODE } from '../../repo-format/file-modes.js';
 
 export const GRANULE = 4096;
 const DATA = 1;
@@ -40,11 +41,12 @@ export class Overlay {
   static async create(size: number, blockSize: number, dir = tmpdir()): Promise<Overlay> {
     const work = await mkdtemp(join(dir, 'engine-overlay-'));
     try {
+      await chmod(work, PRIVATE_DIRECTORY_MODE);
       const path = join(work, 'overlay');
       // Not truncated to the disk's size: the file grows with what the guest writes, so a 64 TiB thin
       // disk is served writable from a filesystem whose files stop at 16 TiB (ext4) as long as the guest
       // writes below that.
-      const handle = await open(path, 'w+', 0o600);
+      const handle = await openNewFile(path, 'wx+', MUTABLE_FILE_MODE);
       return new Overlay(handle, size, blockSize);
     } finally {
       // Unlinked while open: the data lives as long as the descriptor, and no crash leaves it behind.

@@ -29,6 +29,9 @@ import { BackupExport } from './backup-export.js';
 import { BlockTableResolver, type BlockTable } from './block-table.js';
 import { ChunkCache, ChunkLoader } from './chunk-cache.js';
 import { Overlay } from './overlay.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
+import { checkLocalPath } from '../../repo-format/local-path.js';
+import { nameMatches } from '../../repo-format/names.js';
 
 export const DEFAULT_CACHE_BYTES = 64 * 1024 * 1024;
 const DEFAULT_READ_AHEAD_BYTES = 8 * 1024 * 1024;
@@ -44,7 +47,7 @@ export interface ServeOptions extends ListenRequest {
   readAheadBytes?: number | undefined;
   workers?: number | undefined;
   /** The passphrase of an encrypted repository. */
-  passphrase?: string | undefined;
+  passphrase?: Passphrase | undefined;
   onLog?: ((message: string) => void) | undefined;
 }
 
@@ -86,7 +89,7 @@ async function resolveUnderLock(options: ServeOptions): Promise<{ record: Backup
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'serve', passphrase: options.passphrase, readWithoutLock: true });
   try {
     const record = await repo.findBackup(options.backupId);
-    const disks = options.disk === undefined ? record.disks : record.disks.filter((d) => d.name === options.disk);
+    const disks = options.disk === undefined ? record.disks : record.disks.filter((d) => nameMatches(d.name, options.disk!));
     if (disks.length === 0) throw new DiskNotFoundError(record.id, options.disk ?? '', record.disks.map((d) => d.name));
     // One resolver for every disk: pages they share are resolved once (block-table.ts).
     const resolver = new BlockTableResolver(repo);
@@ -107,6 +110,10 @@ async function resolveUnderLock(options: ServeOptions): Promise<{ record: Backup
 }
 
 export async function serve(options: ServeOptions): Promise<ServeHandle> {
+  // Path arguments that look like URLs are refused first (local-path.ts).
+  for (const [path, what] of [[options.socket, '--socket'], [options.overlayDir, '--overlay-dir'], [options.tls?.certificates, '--tls-certificates'], [options.tls?.pskFile, '--tls-psk-file']] as const) {
+    if (path !== undefined) checkLocalPath(path, what);
+  }
   const plan = planListen(options);
   const warn = (message: string): void => options.onLog?.(message);
   const tlsCredentials: NbdTlsCredentials | undefined = plan.tls ? await loadTlsCredentials(options.tls ?? {}, 'server', warn) : undefined;
