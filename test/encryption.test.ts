@@ -16,7 +16,7 @@ import { AUTHENTICATION_FAILED, blobId, openBlob, sealBlobToBuffer } from '../di
 import { openMetadata, sealMetadata } from '../dist/repo-format/sealed-metadata.js';
 import { checksum64, initChecksum } from '../dist/repo-format/checksum.js';
 import { decodeConfig, encodeConfig, newConfig } from '../dist/repo-format/config.js';
-import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
 import { qcow2, qemuImgCompare, qemuIo } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -39,14 +39,14 @@ const withPass = (passphrase = PASSPHRASE): { env: Record<string, string> } => (
 async function encryptedRepo(name: string): Promise<string> {
   const repo = join(dir, name);
   const result = await runEngine(['init', repo, '--encrypt', '--json'], withPass());
-  expect(result.stderr).toBe('');
+  expect(withoutProgress(result.stderr)).toBe('');
   expect(result.code).toBe(0);
   return repo;
 }
 
 async function backupOk(repo: string, args: string[]): Promise<BackupJson & { disks: { mode: string; modeReason: string | null }[] }> {
   const result = await runEngine(['backup', '--repo', repo, '--json', ...args], withPass());
-  expect(result.stderr).toBe('');
+  expect(withoutProgress(result.stderr)).toBe('');
   expect(result.code).toBe(0);
   return parseJson(result.stdout);
 }
@@ -264,7 +264,7 @@ describe('an encrypted repository through the CLI', () => {
     expect(first.disks[0]).toMatchObject({ blocksTotal: 18, blocksZero: 2 });
     const restored = join(dir, 'marked.restored');
     const result = await runEngine(['restore', '--repo', repo, first.id, '--to', restored], withPass());
-    expect(result.stderr).toBe('');
+    expect(withoutProgress(result.stderr)).toBe('');
     expect(result.code).toBe(0);
     expect(await filesIdentical(image, restored)).toBe(true);
     const list = await runEngine(['list', '--repo', repo, '--json'], withPass());

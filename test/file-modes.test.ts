@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { execFile } from 'node:child_process';
 import { chmod, lstat, mkdir, readdir, stat } from 'node:fs/promises';
 import { join, relative } from 'node:path';
-import { ENGINE_BIN, parseJson, tempDir, writeRegion, type BackupJson, type RunResult } from './helpers.js';
+import { ENGINE_BIN, parseJson, tempDir, writeRegion, type BackupJson, type RunResult, withoutProgress } from './helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -30,7 +30,7 @@ function runWithUmask(umask: string, args: string[], env: Record<string, string>
 
 async function ok(run: Promise<RunResult>): Promise<RunResult> {
   const result = await run;
-  expect(result.stderr).toBe('');
+  expect(withoutProgress(result.stderr)).toBe('');
   expect(result.code).toBe(0);
   return result;
 }

@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { mkdir, open, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { KIND_DATA, registerReader, scanPack } from '../dist/engine/index.js';
-import { parseJson, resumedJson, runEngine, spawnEngine, sparseFile, stoppedItself, tempDir, writeRegion, type BackupJson, expectRestoreIdentical } from './helpers.js';
+import { parseJson, resumedJson, runEngine, spawnEngine, sparseFile, stoppedItself, tempDir, writeRegion, type BackupJson, expectRestoreIdentical, withoutProgress } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const FRAME_OVERHEAD = 56;
@@ -58,7 +58,7 @@ async function freshRepo(name: string): Promise<string> {
 
 async function backupOf(repo: string, source: string, name = 'vm'): Promise<BackupJson> {
   const result = await runEngine(['backup', '--repo', repo, '--source', source, '--name', name, '--json']);
-  expect(result.stderr).toBe('');
+  expect(withoutProgress(result.stderr)).toBe('');
   expect(result.code).toBe(0);
   return parseJson<BackupJson>(result.stdout);
 }
@@ -264,7 +264,7 @@ describe('engine gc', () => {
     expect(await readdir(join(repo, 'protected'))).toEqual([damagedBackup.id]);
     // gc can still mark past the damaged chunk (it would refuse if the record were gone).
     const again = await runEngine(['gc', '--repo', repo, '--json']);
-    expect(again.stderr).toBe('');
+    expect(withoutProgress(again.stderr)).toBe('');
     expect(again.code).toBe(0);
     expect(parseJson<GcJson>(again.stdout).markers).toEqual({ quarantine: [], protected: [] });
 

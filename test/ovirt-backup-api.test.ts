@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { filesIdentical, parseJson, runEngine, sh, tempDir, expectRestoreIdentical } from './helpers.js';
+import { filesIdentical, parseJson, runEngine, sh, tempDir, expectRestoreIdentical, withoutProgress } from './helpers.js';
 import { qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
@@ -198,7 +198,7 @@ describe('oVirt incremental backup API', () => {
   test('restore through imageio upload transfers (--via transfer), without the appliance', async () => {
     const point = points.at(-1)!;
     const result = await runEngine(['restore', '--repo', repo, point.id, '--ovirt', sim.url, '--new-vm', 'db1-uploaded', '--via', 'transfer', '--json'], { env });
-    expect(result.stderr).toBe('');
+    expect(withoutProgress(result.stderr)).toBe('');
     expect(result.code).toBe(0);
     const out = parseJson<{ vm: { id: string }; disks: { id: string }[] }>(result.stdout);
     for (const [i, disk] of out.disks.entries()) {

@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { filesIdentical, parseJson, runEngine, sh, tempDir, expectRestoreIdentical } from './helpers.js';
+import { filesIdentical, parseJson, runEngine, sh, tempDir, expectRestoreIdentical, withoutProgress } from './helpers.js';
 import { qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
@@ -77,7 +77,7 @@ describe('oVirt disk-attachment backup', () => {
   test('snapshot, OVF, attach by serial, back up, detach, remove: restores byte for byte, nothing left', async () => {
     const expected = await expectedRaw('1');
     const result = await runEngine(backupArgs(), { env });
-    expect(result.stderr).toBe('');
+    expect(withoutProgress(result.stderr)).toBe('');
     expect(result.code).toBe(0);
     const backup = parseJson<{ id: string; name: string; disks: { name: string; size: number; bytesRead: number; source: { path: string } }[]; attachments: { name: string }[] }>(result.stdout);
     expect(backup.name).toBe('vm1');
@@ -150,7 +150,7 @@ describe('oVirt disk-attachment backup', () => {
 
   test('restore to a new VM: new disks written through the appliance, the VM created from the same OVF', async () => {
     const result = await runEngine(['restore', '--repo', repo, first.id, '--ovirt', sim.url, '--new-vm', 'vm1-restored', '--appliance', 'appliance', '--device-root', sim.deviceRoot, '--json'], { env });
-    expect(result.stderr).toBe('');
+    expect(withoutProgress(result.stderr)).toBe('');
     expect(result.code).toBe(0);
     const out = parseJson<{ vm: { id: string; name: string }; disks: { name: string; id: string }[] }>(result.stdout);
     const created = sim.vms.get(out.vm.id)!;

@@ -10,7 +10,7 @@ import { hostname } from 'node:os';
 import { mkdir, readdir, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { bootId, processIdentity } from '../dist/repo-format/process-alive.js';
-import { exitOf, filesIdentical, parseJson, runEngine, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, runEngine, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -45,7 +45,7 @@ async function image(name: string, megabytes: number, seed = name): Promise<stri
 
 async function backupOf(repo: string, source: string, name?: string, env: Record<string, string> = {}): Promise<BackupJson> {
   const made = await runEngine(['backup', '--repo', repo, '--source', source, ...(name ? ['--name', name] : []), '--json'], { env });
-  expect(made.stderr).toBe('');
+  expect(withoutProgress(made.stderr)).toBe('');
   expect(made.code).toBe(0);
   return parseJson<BackupJson>(made.stdout);
 }
@@ -53,7 +53,7 @@ async function backupOf(repo: string, source: string, name?: string, env: Record
 async function restoresIdentical(repo: string, id: string, expected: string, env: Record<string, string> = {}): Promise<void> {
   const target = join(dir, `restored-${++counter}.raw`);
   const restored = await runEngine(['restore', '--repo', repo, id, '--to', target], { env });
-  expect(restored.stderr).toBe('');
+  expect(withoutProgress(restored.stderr)).toBe('');
   expect(restored.code).toBe(0);
   expect(await filesIdentical(target, expected)).toBe(true);
   await rm(target);
@@ -246,7 +246,7 @@ describe('damaged backup records: forget, and the catalogue\'s copy', () => {
     expect(repair.stdout).toContain(`no good copy of it is left: \`engine forget ${lost.id}\` removes the backup`);
 
     const forgot = await runEngine(['forget', '--repo', repo, lost.id.slice(0, 6), '--json']);
-    expect(forgot.stderr).toBe('');
+    expect(withoutProgress(forgot.stderr)).toBe('');
     expect(forgot.code).toBe(0);
     expect(parseJson<{ backup: string; name: string | null; damaged: string | null }>(forgot.stdout)).toMatchObject({ backup: lost.id, name: null, damaged: 'not valid JSON' });
     const list = parseJson<{ backups: { id: string }[]; damaged: unknown[] }>((await runEngine(['list', '--repo', repo, '--json'])).stdout);
@@ -292,7 +292,7 @@ describe('files that are not the repository\'s', () => {
     await mkdir(strays.recordDir);
 
     const verify = await runEngine(['verify', '--repo', repo, '--read-data', '--json']);
-    expect(verify.stderr).toBe('');
+    expect(withoutProgress(verify.stderr)).toBe('');
     expect(verify.code).toBe(0);
     const report = parseJson<{ ok: boolean; problems: unknown[]; warnings: { code: string; path: string; message: string }[] }>(verify.stdout);
     expect(report.problems).toEqual([]);

@@ -18,6 +18,7 @@ import {
   writeRegion,
   type BackupJson,
   type Fill,
+  withoutProgress,
 } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -29,14 +30,14 @@ let cleanup: () => Promise<void>;
 
 async function backupJson(args: string[]): Promise<BackupJson> {
   const result = await runEngine(['backup', '--repo', repo, '--json', ...args]);
-  expect(result.stderr).toBe('');
+  expect(withoutProgress(result.stderr)).toBe('');
   expect(result.code).toBe(0);
   return parseJson<BackupJson>(result.stdout);
 }
 
 async function restoreTo(id: string, to: string, extra: string[] = []): Promise<void> {
   const result = await runEngine(['restore', '--repo', repo, id, '--to', to, ...extra]);
-  expect(result.stderr).toBe('');
+  expect(withoutProgress(result.stderr)).toBe('');
   expect(result.code).toBe(0);
 }
 
