@@ -208,6 +208,8 @@ describe('the passphrase is its bytes, as given', () => {
     await cp(join(FIXTURE, 'repo'), repo, { recursive: true });
     // git keeps no empty directories: add what the engine of that time created.
     for (const sub of ['tmp', 'readers', ...Array.from({ length: 256 }, (_, i) => `packs/${i.toString(16).padStart(2, '0')}`)]) await mkdir(join(repo, sub), { recursive: true });
+    // Private, as the engine of that time left it (git checks files out 0644, which the engine would warn about).
+    await sh('chmod', ['-R', 'go=', repo]);
     const expected = parseJson<{ backup: string; sha256: string }>(await readFile(join(FIXTURE, 'expected.json'), 'utf8'));
     // Owner-only, as the user keeps it (git checks files out 0644).
     const passphrase = await secretFile('legacy.pass', await readFile(join(FIXTURE, 'passphrase')));
