@@ -1,6 +1,6 @@
 /**
  * SIGINT and SIGTERM for every long command: one AbortSignal per process, which the engine checks inside
- * its loops (engine/interrupt.ts) and answers by cleaning up (lock, registrations, temporary files, a new
+ * its loops (engine/host/interrupt.ts) and answers by cleaning up (lock, registrations, temporary files, a new
  * restore target) and failing with ENGINE_INTERRUPTED: one line, exit code 130.
  *
  * A second signal does not skip that clean-up: it says that clean-up is under way and what a third signal

@@ -1,6 +1,6 @@
 /** Printing of `unlock` and `forget` (the JSON shapes are in SPEC.md, section 14.2). */
-import type { UnlockReport } from '../engine/unlock.js';
-import type { ForgetResult } from '../engine/forget.js';
+import type { UnlockReport } from '../engine/catalogue/unlock.js';
+import type { ForgetResult } from '../engine/catalogue/forget.js';
 
 export function printUnlock(report: UnlockReport): void {
   const lines: string[] = [];

@@ -2,14 +2,14 @@
 import type { BackupRecord, DiskRecord } from '../repo-format/backup-record.js';
 import type { RepositoryConfig } from '../repo-format/config.js';
 import type { RestoreResult } from '../engine/restore/restore.js';
-import type { VerifyReport } from '../engine/verify.js';
+import type { VerifyReport } from '../engine/verify/verify.js';
 import type { ServeHandle } from '../engine/serve/serve.js';
 import type { MountResult } from '../engine/mount/mount.js';
-import type { PruneReport } from '../engine/prune.js';
-import type { GcReport } from '../engine/gc.js';
-import type { RepairReport } from '../engine/repair.js';
-import type { ProtectResult } from '../engine/protect.js';
-import { formatBytes } from '../engine/units.js';
+import type { PruneReport } from '../engine/retention/prune.js';
+import type { GcReport } from '../engine/gc/gc.js';
+import type { RepairReport } from '../engine/repair/repair.js';
+import type { ProtectResult } from '../engine/catalogue/protect.js';
+import { formatBytes } from '../engine/common/units.js';
 import { jsonForTerminal } from './terminal.js';
 
 export function diskJson(disk: DiskRecord): Record<string, unknown> {

@@ -2,7 +2,7 @@
  * Progress on stderr: a redrawn bar with rate and ETA on a terminal, a plain line every few seconds
  * otherwise (logs), nothing at all with --json.
  */
-import { formatBytes } from '../engine/units.js';
+import { formatBytes } from '../engine/common/units.js';
 
 export interface ProgressSink {
   update(label: string, done: number, total: number, unit?: 'bytes' | 'items'): void;

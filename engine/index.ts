@@ -1,21 +1,21 @@
 /** The engine's public API: what the CLI, bench/ and test/ (and backup vendors) call. */
-export { initRepository } from './init.js';
-export { backup, type BackupOptions, type BackupResult } from './backup.js';
+export { initRepository } from './catalogue/init.js';
+export { backup, type BackupOptions, type BackupResult } from './backup/backup.js';
 export { restore, type RestoreOptions, type RestoreResult, type RestoredDisk, type RestoreProgress } from './restore/restore.js';
-export { verify, type VerifyOptions, type VerifyReport, type VerifyProblem } from './verify.js';
-export { listBackups, showBackup } from './catalogue.js';
-export { prune, type PruneOptions, type PruneReport, type PrunedBackup } from './prune.js';
-export { applyRetention, isoWeek, periodOf, KEEP_RULES, type RetentionPolicy, type KeepRule, type RetentionDecision } from './retention.js';
-export { setProtection, type ProtectResult } from './protect.js';
-export { gc, type GcOptions, type GcReport } from './gc.js';
-export { repair, type RepairOptions, type RepairReport, type DamagedReference } from './repair.js';
-export { unlock, type UnlockOptions, type UnlockReport, type UnlockItem } from './unlock.js';
-export { forget, type ForgetOptions, type ForgetResult } from './forget.js';
-export { runDemo, type DemoOptions, type DemoResult } from './demo.js';
-export { generateImage, mutateImage, SeededRandom, VM_DISK_MIX, type ImageMix, type Mutation } from './synthetic-image.js';
-export { parseSize, formatBytes } from './units.js';
+export { verify, type VerifyOptions, type VerifyReport, type VerifyProblem } from './verify/verify.js';
+export { listBackups, showBackup } from './catalogue/catalogue.js';
+export { prune, type PruneOptions, type PruneReport, type PrunedBackup } from './retention/prune.js';
+export { applyRetention, isoWeek, periodOf, KEEP_RULES, type RetentionPolicy, type KeepRule, type RetentionDecision } from './retention/policy.js';
+export { setProtection, type ProtectResult } from './catalogue/protect.js';
+export { gc, type GcOptions, type GcReport } from './gc/gc.js';
+export { repair, type RepairOptions, type RepairReport, type DamagedReference } from './repair/repair.js';
+export { unlock, type UnlockOptions, type UnlockReport, type UnlockItem } from './catalogue/unlock.js';
+export { forget, type ForgetOptions, type ForgetResult } from './catalogue/forget.js';
+export { runDemo, type DemoOptions, type DemoResult } from './demo/demo.js';
+export { generateImage, mutateImage, SeededRandom, VM_DISK_MIX, type ImageMix, type Mutation } from './demo/synthetic-image.js';
+export { parseSize, formatBytes } from './common/units.js';
 export { ENGINE_VERSION } from './version.js';
-export { primitivesReport, runPrimitives, type Row as PrimitiveRow } from './primitives-bench.js';
+export { primitivesReport, runPrimitives, type Row as PrimitiveRow } from './demo/primitives-bench.js';
 export type { DiskProgress } from './pipeline/backup-disk.js';
 export {
   SourceUnreadableError,
@@ -26,7 +26,7 @@ export {
   InterruptedError,
   CorruptChunkError,
 } from './errors.js';
-export { stopProcess } from './process.js';
+export { stopProcess } from './host/process.js';
 export { NbdClient, type NbdClientOptions } from './nbd/client.js';
 export { NbdServer, MAX_REQUEST_BYTES, type NbdServerOptions, type ListenAddress } from './nbd/server.js';
 export { ExportError, type NbdExport, type ReadPiece, type AllocationExtent } from './nbd/export.js';

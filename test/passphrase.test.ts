@@ -99,7 +99,7 @@ describe('reading a passphrase file is bounded', () => {
   test('a FIFO nobody writes: given up after the timeout, with a message, not a hang', async () => {
     const fifo = join(dir, 'silent.fifo');
     await sh('mkfifo', [fifo]);
-    const { resolvePassphrase } = await import('../dist/engine/passphrase-source.js');
+    const { resolvePassphrase } = await import('../dist/engine/host/passphrase-source.js');
     await expect(resolvePassphrase({ file: fifo, env: {}, timeoutMs: 300 })).rejects.toMatchObject({
       code: 'ENGINE_INVALID_ARGUMENT',
       message: `--password-file ${fifo}: is a pipe that delivered no complete secret within 0.3 s (nothing wrote it, or the writer did not close it)`,

@@ -2,7 +2,7 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { sh } from './helpers.js';
-import { stopProcess } from '../dist/engine/process.js';
+import { stopProcess } from '../dist/engine/host/process.js';
 
 export async function qcow2(path: string, size: string): Promise<void> {
   await sh('qemu-img', ['create', '-q', '-f', 'qcow2', path, size]);

@@ -12,7 +12,7 @@ import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path';
 import { NbdClient, Repository, KIND_DATA, KIND_MAP_LEAF, KIND_MAP_NODE } from '../dist/engine/index.js';
 import { sealBlobToBuffer } from '../dist/repo-format/blob-codec.js';
-import { BodyTooLargeError, collectBody, HTTP_BODY_LIMIT } from '../dist/engine/http-body.js';
+import { BodyTooLargeError, collectBody, HTTP_BODY_LIMIT } from '../dist/engine/host/http-body.js';
 import { createServer, get } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { ENGINE_BIN, exitOf, filesIdentical, parseJson, runEngine, sh, sparseFile, spawnEngine, tempDir, Tmpfs, writeRegion, type BackupJson, withoutProgress } from './helpers.js';

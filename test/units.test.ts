@@ -3,8 +3,8 @@
  */
 import { describe, expect, test } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { formatBytes, parseSize } from '../dist/engine/units.js';
-import { IdPrefixSet } from '../dist/engine/id-set.js';
+import { formatBytes, parseSize } from '../dist/engine/common/units.js';
+import { IdPrefixSet } from '../dist/engine/common/id-set.js';
 import { InvalidArgumentError } from '../dist/repo-format/errors.js';
 
 const KiB = 1024;

@@ -9,7 +9,7 @@ import { PRIVATE_DIRECTORY_MODE } from '../../repo-format/file-modes.js';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { runTool } from './run-tool.js';
-import { stopProcess } from '../process.js';
+import { stopProcess } from '../host/process.js';
 
 export interface RunningExport {
   uri: string;

@@ -12,7 +12,7 @@
  * half-way) removes exactly that, in reverse order, and nothing is left behind: no mount, loop device,
  * process or reader registration. The run dir is $ENGINE_RUN_DIR, /run/engine by default.
  */
-import { refuseInsideRepository } from '../write-guard.js';
+import { refuseInsideRepository } from '../host/write-guard.js';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, openSync } from 'node:fs';
@@ -25,7 +25,7 @@ import { isProcessAlive } from '../../repo-format/process-alive.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
 import { diskFileName } from '../../repo-format/names.js';
 import { createPrivateDirectory, ensurePrivateDirectory, MUTABLE_FILE_MODE, PRIVATE_DIRECTORY_MODE } from '../../repo-format/file-modes.js';
-import { processIdentity, stopProcess } from '../process.js';
+import { processIdentity, stopProcess } from '../host/process.js';
 import { runTool } from '../cbt/run-tool.js';
 import type { ServedExport, ServeOptions } from '../serve/serve.js';
 import { probeFilesystem } from './filesystem-probe.js';

@@ -16,8 +16,8 @@ import { join } from 'node:path';
 import { isIP, type Socket } from 'node:net';
 import { connect as tlsConnect, createServer as createTlsServer, DEFAULT_CIPHERS, type TLSSocket } from 'node:tls';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
-import { describeTlsError } from '../tls-errors.js';
-import { readSecretFile } from '../secret-file.js';
+import { describeTlsError } from '../host/tls-errors.js';
+import { readSecretFile } from '../host/secret-file.js';
 
 /**
  * Credentials of a TLS endpoint: X.509 files from a directory (a client's own certificate is optional), or

@@ -11,7 +11,7 @@
  */
 import { Journal, type JournalEntry } from '../../repo-format/journal.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
-import { backup, openBackupRepository, type BackupResult } from '../backup.js';
+import { backup, openBackupRepository, type BackupResult } from '../backup/backup.js';
 import { OvirtFaultError } from '../errors.js';
 import { undoCreated, withOvirt } from './cleanup.js';
 import { findDevice, isNotFound, requireRunning, vmIdByName, waitOf, type OvirtBackupRunOptions, type OvirtDisk } from './common.js';

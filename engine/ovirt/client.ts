@@ -8,11 +8,11 @@
 import { request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { readFile } from 'node:fs/promises';
-import { BodyTooLargeError, collectBody, HTTP_BODY_LIMIT } from '../http-body.js';
+import { BodyTooLargeError, collectBody, HTTP_BODY_LIMIT } from '../host/http-body.js';
 import { randomBytes } from 'node:crypto';
 import { OvirtAuthError, OvirtFaultError, TimeoutError } from '../errors.js';
 import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
-import { describeTlsError } from '../tls-errors.js';
+import { describeTlsError } from '../host/tls-errors.js';
 import { checkEngineUrl, followableUrl } from './url-policy.js';
 import { buildXml, parseXml, text, child, type XmlElement, type XmlInput } from './xml.js';
 

@@ -2,7 +2,7 @@
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
-import type { BackupOptions } from '../backup.js';
+import type { BackupOptions } from '../backup/backup.js';
 import { OvirtFaultError } from '../errors.js';
 import { blockDeviceSize } from '../sources/device-size.js';
 import type { OvirtClient, OvirtClientOptions } from './client.js';

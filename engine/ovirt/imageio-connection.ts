@@ -13,7 +13,7 @@
 import { Agent as HttpAgent, request as httpRequest } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { SourceUnreadableError, TargetUnwritableError } from '../errors.js';
-import { collectBody, HTTP_BODY_LIMIT } from '../http-body.js';
+import { collectBody, HTTP_BODY_LIMIT } from '../host/http-body.js';
 
 export interface ImageioUrls {
   transferUrl: string | undefined;

@@ -7,7 +7,7 @@
 import { EngineError } from '../../repo-format/errors.js';
 import { SourceChangedError, SourceUnreadableError } from '../errors.js';
 import type { BlockSource, Extent, SourceDescription } from '../sources/source.js';
-import { describeTlsError } from '../tls-errors.js';
+import { describeTlsError } from '../host/tls-errors.js';
 import { downloadFailure, imageioAgent, imageioRequest, openImageio, type ImageioAgent, type ImageioUrls } from './imageio-connection.js';
 
 const REQUEST_SIZE = 4 * 1024 * 1024;

@@ -6,7 +6,7 @@
  */
 import { TargetUnwritableError } from '../errors.js';
 import type { RestoreTarget } from '../restore/file-target.js';
-import { describeTlsError } from '../tls-errors.js';
+import { describeTlsError } from '../host/tls-errors.js';
 import { imageioAgent, imageioRequest, openImageio, uploadFailure, type ImageioAgent, type ImageioUrls } from './imageio-connection.js';
 
 export class ImageioTarget implements RestoreTarget {

@@ -14,7 +14,7 @@
 import { Journal, type JournalEntry } from '../../repo-format/journal.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
-import { backup, openBackupRepository, type BackupResult } from '../backup.js';
+import { backup, openBackupRepository, type BackupResult } from '../backup/backup.js';
 import { chooseChain, settleChain, type CbtDiskJob, type CbtProvision, type Chain, type ChainArgs, type RequestedMode } from '../cbt/chain.js';
 import { OvirtFaultError } from '../errors.js';
 import type { BlockSource } from '../sources/source.js';

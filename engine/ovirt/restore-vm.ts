@@ -15,7 +15,7 @@
 import { Journal, type JournalEntry } from '../../repo-format/journal.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { BackupRecord, DiskRecord } from '../../repo-format/backup-record.js';
-import { showBackup } from '../catalogue.js';
+import { showBackup } from '../catalogue/catalogue.js';
 import { restore } from '../restore/restore.js';
 import { runTool } from '../cbt/run-tool.js';
 import { readCaFile, type OvirtClient, type OvirtClientOptions } from './client.js';

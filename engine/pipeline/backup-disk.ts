@@ -20,7 +20,7 @@ import type { Repository } from '../../repo-format/repository.js';
 import type { BlockSource } from '../sources/source.js';
 import type { BlockPool } from './block-pool.js';
 import type { HashResult } from './tasks.js';
-import { Interruption } from '../interrupt.js';
+import { Interruption } from '../host/interrupt.js';
 import { ZeroExtentCursor } from './zero-extents.js';
 import { DirtyCursor, ParentMapCursor, type Range } from './map-cursors.js';
 import type { MapRoot } from '../../repo-format/block-map.js';

@@ -13,8 +13,8 @@ import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { Repository } from '../../repo-format/repository.js';
 import { ParentMapCursor, type Range } from '../pipeline/map-cursors.js';
-import { BlockSet } from '../block-set.js';
-import type { Interruption } from '../interrupt.js';
+import { BlockSet } from '../common/block-set.js';
+import type { Interruption } from '../host/interrupt.js';
 
 export interface RollbackPlan {
   /** Every block to write. */

@@ -12,7 +12,7 @@ import { ensurePrivateDirectory } from '../../repo-format/file-modes.js';
 import { diskFileName, nameMatches } from '../../repo-format/names.js';
 import type { BackupRecord, DiskRecord } from '../../repo-format/backup-record.js';
 import { DiskNotFoundError, TargetHoldsDataError } from '../errors.js';
-import { refuseBackupSource, refuseInsideRepository } from '../write-guard.js';
+import { refuseBackupSource, refuseInsideRepository } from '../host/write-guard.js';
 
 export interface PlannedTarget {
   disk: DiskRecord;

@@ -13,7 +13,7 @@
  * Access: a private Unix socket by default; TCP only with TLS and client authentication unless the caller
  * says `insecure` (listen-policy.ts), checked before the repository is opened.
  */
-import { refuseInsideRepository } from '../write-guard.js';
+import { refuseInsideRepository } from '../host/write-guard.js';
 import { unlinkSync } from 'node:fs';
 import { registerReader, type RegisteredReader } from '../../repo-format/readers.js';
 import { Repository } from '../../repo-format/repository.js';

@@ -24,7 +24,7 @@ import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { AddressInfo } from 'node:net';
 import { XMLParser } from 'fast-xml-parser';
-import { stopProcess } from '../../engine/process.js';
+import { stopProcess } from '../../engine/host/process.js';
 import { startImageio, type ImageioService } from './imageio.js';
 import { readOvf, writeOvf } from './ovf.js';
 

@@ -17,10 +17,10 @@
 import { readdir, readFile, realpath, stat } from 'node:fs/promises';
 import type { BigIntStats } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import { CONFIG_FORMAT_NAME, LAYOUT } from '../repo-format/constants.js';
-import { isErrnoException } from '../repo-format/errors.js';
-import type { BackupRecord } from '../repo-format/backup-record.js';
-import { TargetProtectedError, TargetUnwritableError } from './errors.js';
+import { CONFIG_FORMAT_NAME, LAYOUT } from '../../repo-format/constants.js';
+import { isErrnoException } from '../../repo-format/errors.js';
+import type { BackupRecord } from '../../repo-format/backup-record.js';
+import { TargetProtectedError, TargetUnwritableError } from '../errors.js';
 
 type Identity = string;
 

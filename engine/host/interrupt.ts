@@ -10,7 +10,7 @@
  * 64 TiB thin disk: minutes). Throwing unwinds through the operation's `finally` blocks, which release the
  * lock and registrations and remove temporary files: interruption is one more failure, cleaned up like any.
  */
-import { InterruptedError } from './errors.js';
+import { InterruptedError } from '../errors.js';
 
 /** The longest stretch a loop may run without letting the event loop turn (signals, I/O, timers). */
 const TURN_MS = 50;

@@ -1,4 +1,4 @@
-import { InvalidArgumentError } from '../repo-format/errors.js';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
 
 const UNITS: Record<string, number> = { '': 1, b: 1, k: 1024, kib: 1024, m: 1024 ** 2, mib: 1024 ** 2, g: 1024 ** 3, gib: 1024 ** 3, t: 1024 ** 4, tib: 1024 ** 4 };
 

@@ -6,11 +6,11 @@
  * verify and forget say so.
  */
 import { join } from 'node:path';
-import type { Repository } from '../repo-format/repository.js';
-import type { IndexStore } from '../repo-format/index-store.js';
-import type { BackupRecord } from '../repo-format/backup-record.js';
-import { LAYOUT } from '../repo-format/constants.js';
-import { writeFileDurably } from '../repo-format/durable-file.js';
+import type { Repository } from '../../repo-format/repository.js';
+import type { IndexStore } from '../../repo-format/index-store.js';
+import type { BackupRecord } from '../../repo-format/backup-record.js';
+import { LAYOUT } from '../../repo-format/constants.js';
+import { writeFileDurably } from '../../repo-format/durable-file.js';
 
 /** The good catalogue copy of record `id` in `index` (default: the repository's open index), or undefined. */
 export async function catalogueCopyOf(repo: Repository, id: string, index: IndexStore = repo.index): Promise<{ record: BackupRecord; bytes: Buffer } | undefined> {

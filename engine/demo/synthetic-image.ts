@@ -6,7 +6,7 @@
  */
 import { createCipheriv, createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
-import { MUTABLE_FILE_MODE, openNewFile } from '../repo-format/file-modes.js';
+import { MUTABLE_FILE_MODE, openNewFile } from '../../repo-format/file-modes.js';
 
 const PIECE = 256 * 1024;
 const RUN = 1024 * 1024;

@@ -2,13 +2,13 @@
  * Walks what backups reference: every map page and every chunk of every disk, in block order, with the
  * chunk's index location (one batched lookup per leaf). Verify reports from it; gc marks from it.
  */
-import type { Repository } from '../repo-format/repository.js';
-import type { BackupRecord } from '../repo-format/backup-record.js';
-import { mapRootOf } from '../repo-format/backup-record.js';
-import { mapPageIds, readMap, runChunks } from '../repo-format/block-map.js';
-import type { BlobLocation } from '../repo-format/index-entry.js';
-import { InterruptedError } from './errors.js';
-import type { Interruption } from './interrupt.js';
+import type { Repository } from '../../repo-format/repository.js';
+import type { BackupRecord } from '../../repo-format/backup-record.js';
+import { mapRootOf } from '../../repo-format/backup-record.js';
+import { mapPageIds, readMap, runChunks } from '../../repo-format/block-map.js';
+import type { BlobLocation } from '../../repo-format/index-entry.js';
+import { InterruptedError } from '../errors.js';
+import type { Interruption } from '../host/interrupt.js';
 
 export interface ChunkReference {
   backup: string;

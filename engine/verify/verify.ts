@@ -8,23 +8,23 @@
  * encrypted, lz4, the blob id) in the workers; a damaged chunk is reported with the backups, disks and offsets that reference it.
  */
 import { open } from 'node:fs/promises';
-import { Repository } from '../repo-format/repository.js';
-import { packPath, scanPack, type PackScan } from '../repo-format/pack-file.js';
-import { decodeFrameHeader, frameLength } from '../repo-format/frame.js';
-import { openBlob } from '../repo-format/blob-codec.js';
+import { Repository } from '../../repo-format/repository.js';
+import { packPath, scanPack, type PackScan } from '../../repo-format/pack-file.js';
+import { decodeFrameHeader, frameLength } from '../../repo-format/frame.js';
+import { openBlob } from '../../repo-format/blob-codec.js';
 import { createHash, randomBytes } from 'node:crypto';
-import { FRAME_HEADER_SIZE, FRAME_OVERHEAD, MAX_FRAME_LENGTH } from '../repo-format/constants.js';
-import { listQuarantine, quarantineKey, type QuarantinedFrame } from '../repo-format/quarantine.js';
-import { walkReferences } from './references.js';
-import { BlockPool } from './pipeline/block-pool.js';
-import { IdPrefixSet } from './id-set.js';
-import { findLooseModes, formatMode } from '../repo-format/file-modes.js';
-import type { Passphrase } from '../repo-format/passphrase.js';
-import { foreignPackWarning, strayWarnings } from './verify-layout.js';
-import { damagedRecordProblem, recordConsistencyProblems } from './verify-records.js';
-import { Interruption } from './interrupt.js';
+import { FRAME_HEADER_SIZE, FRAME_OVERHEAD, MAX_FRAME_LENGTH } from '../../repo-format/constants.js';
+import { listQuarantine, quarantineKey, type QuarantinedFrame } from '../../repo-format/quarantine.js';
+import { walkReferences } from '../catalogue/references.js';
+import { BlockPool } from '../pipeline/block-pool.js';
+import { IdPrefixSet } from '../common/id-set.js';
+import { findLooseModes, formatMode } from '../../repo-format/file-modes.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
+import { foreignPackWarning, strayWarnings } from './layout.js';
+import { damagedRecordProblem, recordConsistencyProblems } from './records.js';
+import { Interruption } from '../host/interrupt.js';
 import { MissingPacks } from './missing-packs.js';
-import { crashPoint } from '../repo-format/crash-points.js';
+import { crashPoint } from '../../repo-format/crash-points.js';
 
 export interface VerifyProblem {
   code: string;

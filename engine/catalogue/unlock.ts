@@ -15,12 +15,12 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { rename, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Repository } from '../repo-format/repository.js';
-import { LAYOUT } from '../repo-format/constants.js';
-import { isErrnoException, ReadOnlyRepositoryError } from '../repo-format/errors.js';
-import { lockedHint, lockLiveness, readLockFile } from '../repo-format/lock.js';
-import { listRegistrations, removeRegistration, type RegistryDir } from '../repo-format/registry.js';
-import type { HolderLiveness } from '../repo-format/process-alive.js';
+import { Repository } from '../../repo-format/repository.js';
+import { LAYOUT } from '../../repo-format/constants.js';
+import { isErrnoException, ReadOnlyRepositoryError } from '../../repo-format/errors.js';
+import { lockedHint, lockLiveness, readLockFile } from '../../repo-format/lock.js';
+import { listRegistrations, removeRegistration, type RegistryDir } from '../../repo-format/registry.js';
+import type { HolderLiveness } from '../../repo-format/process-alive.js';
 
 export interface UnlockOptions {
   repo: string;

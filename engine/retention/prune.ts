@@ -4,13 +4,13 @@
  * breaks another's restore; the chunks no backup references any more are reclaimed by `engine gc`.
  * Damaged records are never removed (their group cannot be known) and are reported.
  */
-import { Repository } from '../repo-format/repository.js';
-import { InvalidArgumentError } from '../repo-format/errors.js';
-import { listProtected } from '../repo-format/protection.js';
-import { crashPoint } from '../repo-format/crash-points.js';
-import { Interruption } from './interrupt.js';
-import { applyRetention, KEEP_RULES, policyIsEmpty, type RetentionPolicy } from './retention.js';
-import type { Passphrase } from '../repo-format/passphrase.js';
+import { Repository } from '../../repo-format/repository.js';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { listProtected } from '../../repo-format/protection.js';
+import { crashPoint } from '../../repo-format/crash-points.js';
+import { Interruption } from '../host/interrupt.js';
+import { applyRetention, KEEP_RULES, policyIsEmpty, type RetentionPolicy } from './policy.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
 
 export interface PruneOptions {
   repo: string;

@@ -12,10 +12,10 @@ import { createHash } from 'node:crypto';
 import os from 'node:os';
 import { compressSync, uncompressSync } from 'lz4-napi';
 import { SeededRandom } from './synthetic-image.js';
-import { checksum64, initChecksum } from '../repo-format/checksum.js';
-import { KIND_DATA } from '../repo-format/constants.js';
-import { BlockPool } from './pipeline/block-pool.js';
-import { gcmOpen, gcmSeal, keyedId, newRepositoryKeys } from '../repo-format/crypto.js';
+import { checksum64, initChecksum } from '../../repo-format/checksum.js';
+import { KIND_DATA } from '../../repo-format/constants.js';
+import { BlockPool } from '../pipeline/block-pool.js';
+import { gcmOpen, gcmSeal, keyedId, newRepositoryKeys } from '../../repo-format/crypto.js';
 
 export type DataKind = 'random' | 'text' | 'zero';
 

@@ -6,26 +6,26 @@
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { basename } from 'node:path';
-import { Repository } from '../repo-format/repository.js';
-import { InvalidArgumentError } from '../repo-format/errors.js';
-import { checkLocalPath } from '../repo-format/local-path.js';
-import { adoptName, checkName, displayText } from '../repo-format/names.js';
-import { isNbdUri } from './nbd/uri.js';
-import { type BackupRecord, type BackupType, type DiskCbt, type DiskRecord, type RecordAttachment } from '../repo-format/backup-record.js';
-import { BlockPool } from './pipeline/block-pool.js';
-import { backupDisk, type DiskProgress } from './pipeline/backup-disk.js';
-import { openSource } from './sources/open-source.js';
-import { FileSource } from './sources/file-source.js';
-import { openImageDisk } from './cbt/image-disk.js';
-import { NO_EARLIER_BACKUP, type CbtDiskJob, type CbtProvision, type CbtSession, type ChainArgs, type DeferredCbtDiskJob, type RequestedMode } from './cbt/chain.js';
-import { openLibvirtBackup } from './cbt/libvirt-domain.js';
-import { InterruptedError, SourceUnreadableError } from './errors.js';
-import { Interruption } from './interrupt.js';
-import { MAX_DISK_SIZE } from '../repo-format/constants.js';
-import { ENGINE_VERSION } from './version.js';
-import type { Passphrase } from '../repo-format/passphrase.js';
+import { Repository } from '../../repo-format/repository.js';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { checkLocalPath } from '../../repo-format/local-path.js';
+import { adoptName, checkName, displayText } from '../../repo-format/names.js';
+import { isNbdUri } from '../nbd/uri.js';
+import { type BackupRecord, type BackupType, type DiskCbt, type DiskRecord, type RecordAttachment } from '../../repo-format/backup-record.js';
+import { BlockPool } from '../pipeline/block-pool.js';
+import { backupDisk, type DiskProgress } from '../pipeline/backup-disk.js';
+import { openSource } from '../sources/open-source.js';
+import { FileSource } from '../sources/file-source.js';
+import { openImageDisk } from '../cbt/image-disk.js';
+import { NO_EARLIER_BACKUP, type CbtDiskJob, type CbtProvision, type CbtSession, type ChainArgs, type DeferredCbtDiskJob, type RequestedMode } from '../cbt/chain.js';
+import { openLibvirtBackup } from '../cbt/libvirt-domain.js';
+import { InterruptedError, SourceUnreadableError } from '../errors.js';
+import { Interruption } from '../host/interrupt.js';
+import { MAX_DISK_SIZE } from '../../repo-format/constants.js';
+import { ENGINE_VERSION } from '../version.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
 
-export type { CbtProvision, CbtSession, ChainArgs, RequestedMode } from './cbt/chain.js';
+export type { CbtProvision, CbtSession, ChainArgs, RequestedMode } from '../cbt/chain.js';
 
 export interface BackupOptions {
   repo: string;

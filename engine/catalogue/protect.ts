@@ -1,7 +1,7 @@
 /** `engine protect` / `unprotect`: prune never removes a protected backup (repo-format/protection.ts). */
-import { Repository } from '../repo-format/repository.js';
-import { protectBackup, unprotectBackup } from '../repo-format/protection.js';
-import type { Passphrase } from '../repo-format/passphrase.js';
+import { Repository } from '../../repo-format/repository.js';
+import { protectBackup, unprotectBackup } from '../../repo-format/protection.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
 
 export interface ProtectResult {
   backup: string;

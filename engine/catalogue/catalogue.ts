@@ -1,6 +1,6 @@
-import { Repository } from '../repo-format/repository.js';
-import type { BackupRecord } from '../repo-format/backup-record.js';
-import type { Passphrase } from '../repo-format/passphrase.js';
+import { Repository } from '../../repo-format/repository.js';
+import type { BackupRecord } from '../../repo-format/backup-record.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
 
 /** Lists backups without taking the lock: records are immutable files, readable during a backup. */
 /** `passphrase`: of an encrypted repository, whose records are encrypted. */

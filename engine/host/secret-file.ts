@@ -10,9 +10,9 @@ import { close, constants, open as openDescriptor } from 'node:fs';
 import { open, stat } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import { Socket } from 'node:net';
-import { InvalidArgumentError, isErrnoException } from '../repo-format/errors.js';
-import { checkLocalPath } from '../repo-format/local-path.js';
-import { formatMode, GROUP_OTHER_BITS } from '../repo-format/file-modes.js';
+import { InvalidArgumentError, isErrnoException } from '../../repo-format/errors.js';
+import { checkLocalPath } from '../../repo-format/local-path.js';
+import { formatMode, GROUP_OTHER_BITS } from '../../repo-format/file-modes.js';
 
 /** A passphrase file holds at most this many bytes (SPEC.md, section 14). */
 export const MAX_SECRET_FILE_BYTES = 4096;

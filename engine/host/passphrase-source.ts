@@ -10,8 +10,8 @@
  * of its own, not a wrong passphrase.
  */
 import { readFileSync } from 'node:fs';
-import { InvalidArgumentError } from '../repo-format/errors.js';
-import { MAX_PASSPHRASE_BYTES } from '../repo-format/passphrase.js';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { MAX_PASSPHRASE_BYTES } from '../../repo-format/passphrase.js';
 import { readSecretFile } from './secret-file.js';
 
 export interface ResolvedPassphrase {

@@ -1,5 +1,5 @@
 /** Stopping a helper process the engine started (qemu-nbd, nbdfuse, a mount's server). */
-import { isProcessAlive, processIdentity } from '../repo-format/process-alive.js';
+import { isProcessAlive, processIdentity } from '../../repo-format/process-alive.js';
 
 export { processIdentity };
 

@@ -1,7 +1,7 @@
-import { Repository } from '../repo-format/repository.js';
-import { DEFAULT_BLOCK_SIZE } from '../repo-format/constants.js';
-import type { RepositoryConfig } from '../repo-format/config.js';
-import type { Passphrase } from '../repo-format/passphrase.js';
+import { Repository } from '../../repo-format/repository.js';
+import { DEFAULT_BLOCK_SIZE } from '../../repo-format/constants.js';
+import type { RepositoryConfig } from '../../repo-format/config.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
 
 /** `passphrase` makes an encrypted repository (SPEC.md, section 18). */
 export async function initRepository(path: string, options: { blockSize?: number | undefined; passphrase?: Passphrase | undefined } = {}): Promise<RepositoryConfig> {

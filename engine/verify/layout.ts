@@ -4,9 +4,9 @@
  * no index entry names it. None of them is a problem for any backup: each is named, skipped, and never
  * deleted by gc.
  */
-import { scanPackFiles, scanRecordFiles } from '../repo-format/layout-scan.js';
-import { LAYOUT } from '../repo-format/constants.js';
-import type { PackScan } from '../repo-format/pack-file.js';
+import { scanPackFiles, scanRecordFiles } from '../../repo-format/layout-scan.js';
+import { LAYOUT } from '../../repo-format/constants.js';
+import type { PackScan } from '../../repo-format/pack-file.js';
 import type { VerifyWarning } from './verify.js';
 
 export async function strayWarnings(root: string): Promise<VerifyWarning[]> {

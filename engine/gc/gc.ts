@@ -19,24 +19,24 @@
  *    blobs a backup still references with no good copy) and protection markers of backups that are gone.
  */
 import { stat } from 'node:fs/promises';
-import { Repository } from '../repo-format/repository.js';
-import { CorruptMetadataError, EngineError, InvalidArgumentError, MissingBlobError, NoSpaceError } from '../repo-format/errors.js';
-import type { RepositoryKeys } from '../repo-format/crypto.js';
-import { crashPoint } from '../repo-format/crash-points.js';
-import { deletePack, notOwnPack, packPath, PackWriter, readFrameBytes } from '../repo-format/pack-file.js';
-import { openBlob } from '../repo-format/blob-codec.js';
-import { listQuarantine, quarantineKey, removeFromQuarantine } from '../repo-format/quarantine.js';
-import { orphanedMarkers, removeOrphanedMarkers } from '../repo-format/protection.js';
-import { registerWriter } from '../repo-format/writers.js';
-import { listReaders, removeStaleReaders } from '../repo-format/readers.js';
-import type { IndexEntry } from '../repo-format/index-entry.js';
-import type { BackupRecord } from '../repo-format/backup-record.js';
-import { GC_DEFAULT_REWRITE_BELOW, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../repo-format/constants.js';
-import { IdPrefixSet } from './id-set.js';
-import { walkReferences } from './references.js';
-import type { Passphrase } from '../repo-format/passphrase.js';
-import { catalogueCopyOf } from './record-recovery.js';
-import { Interruption } from './interrupt.js';
+import { Repository } from '../../repo-format/repository.js';
+import { CorruptMetadataError, EngineError, InvalidArgumentError, MissingBlobError, NoSpaceError } from '../../repo-format/errors.js';
+import type { RepositoryKeys } from '../../repo-format/crypto.js';
+import { crashPoint } from '../../repo-format/crash-points.js';
+import { deletePack, notOwnPack, packPath, PackWriter, readFrameBytes } from '../../repo-format/pack-file.js';
+import { openBlob } from '../../repo-format/blob-codec.js';
+import { listQuarantine, quarantineKey, removeFromQuarantine } from '../../repo-format/quarantine.js';
+import { orphanedMarkers, removeOrphanedMarkers } from '../../repo-format/protection.js';
+import { registerWriter } from '../../repo-format/writers.js';
+import { listReaders, removeStaleReaders } from '../../repo-format/readers.js';
+import type { IndexEntry } from '../../repo-format/index-entry.js';
+import type { BackupRecord } from '../../repo-format/backup-record.js';
+import { GC_DEFAULT_REWRITE_BELOW, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../../repo-format/constants.js';
+import { IdPrefixSet } from '../common/id-set.js';
+import { walkReferences } from '../catalogue/references.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
+import { catalogueCopyOf } from '../catalogue/record-recovery.js';
+import { Interruption } from '../host/interrupt.js';
 
 export interface GcOptions {
   repo: string;

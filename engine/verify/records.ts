@@ -7,9 +7,9 @@
  * `RECORD_INCONSISTENT`. And for a damaged record, what can be done: its catalogue copy is good (repair
  * restores it), or it is gone (forget removes the backup).
  */
-import type { BackupRecord } from '../repo-format/backup-record.js';
-import type { Repository } from '../repo-format/repository.js';
-import { catalogueCopyOf } from './record-recovery.js';
+import type { BackupRecord } from '../../repo-format/backup-record.js';
+import type { Repository } from '../../repo-format/repository.js';
+import { catalogueCopyOf } from '../catalogue/record-recovery.js';
 import type { VerifyProblem } from './verify.js';
 
 const BACKUP_ID = /^[0-9a-f]{32}$/;

@@ -7,11 +7,11 @@
  * A damaged record whose catalogue copy in the index is good is better repaired than forgotten:
  * `engine repair` puts the copy back (record-recovery.ts), and forget says so before it removes anything.
  */
-import { Repository } from '../repo-format/repository.js';
-import { EngineError, InvalidArgumentError } from '../repo-format/errors.js';
-import { listProtected } from '../repo-format/protection.js';
+import { Repository } from '../../repo-format/repository.js';
+import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
+import { listProtected } from '../../repo-format/protection.js';
 import { catalogueCopyOf } from './record-recovery.js';
-import type { Passphrase } from '../repo-format/passphrase.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
 
 export interface ForgetOptions {
   repo: string;

@@ -1,0 +1,112 @@
+/** engine backup: disks, images, libvirt domains and oVirt VMs; the flags become one engine call. */
+import { Command, Option } from 'commander';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { forTerminal } from '../terminal.js';
+import { createProgress } from '../progress.js';
+import { backupJson, printBackup, printJson } from '../output.js';
+import { engine } from '../engine-calls.js';
+import { output, printNotice, interruptSignal } from '../context.js';
+import * as opt from '../options.js';
+
+interface BackupCliOptions {
+  repo?: string;
+  passwordFile?: string;
+  source?: string[];
+  image?: string[];
+  libvirt?: string;
+  ovirt?: string;
+  vm?: string;
+  appliance?: string;
+  deviceRoot?: string;
+  ovirtCredentials?: string;
+  caFile?: string;
+  insecureHttp?: boolean;
+  diskName?: string[];
+  name?: string;
+  full?: boolean;
+  incremental?: boolean;
+  differential?: boolean;
+  auto?: boolean;
+  json?: boolean;
+  workers?: number;
+}
+
+export function registerBackupCommand(program: Command): void {
+  program
+    .command('backup')
+    .description('back up one or more disks of a VM as one backup')
+    .addOption(opt.repoOption())
+    .option('--source <path|uri>', 'raw image, block device or NBD URI, read whole; repeat for each disk', opt.collect)
+    .option('--image <qcow2>', "qcow2 image of a stopped VM: incremental and differential backups from its dirty bitmaps; repeat for each disk", opt.collect)
+    .option('--libvirt <domain>', 'a running libvirt domain: all its disks, through checkpoints and a pull-mode backup')
+    .option('--ovirt <url>', 'an oVirt engine (https://engine.example.org): back up --vm through its incremental backup API, or with --appliance through this backup appliance')
+    .option('--vm <name>', 'with --ovirt: the VM to back up')
+    .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM (the disk-attachment flow: full backups)')
+    .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id').argParser(opt.localPath('--device-root')))
+    .addOption(opt.ovirtCredentialsOption())
+    .addOption(new Option('--ca-file <pem>', "with --ovirt: the engine's CA certificate").argParser(opt.localPath('--ca-file')))
+    .addOption(opt.insecureHttpOption())
+    .option('--disk-name <name>', 'name of each disk in the backup, for every --source then every --image (default: the file name)', opt.collect)
+    .option('--name <name>', 'name of the backup; a chain continues from the newest backup of the same name (default: the file name)')
+    .addOption(new Option('--full', 'read every disk whole and start a new chain').conflicts(['incremental', 'differential', 'auto']))
+    .addOption(new Option('--incremental', 'read the blocks changed since the previous backup').conflicts(['differential', 'auto']))
+    .addOption(new Option('--differential', 'read the blocks changed since the last full backup').conflicts(['auto']))
+    .option('--auto', 'incremental where a valid chain exists, full otherwise (the default)')
+    .option('--json', 'print only the result, as JSON')
+    .addOption(opt.workersOption('hash and compress the blocks read'))
+    .addOption(opt.passwordFileOption())
+    .action(async (opts: BackupCliOptions) => {
+      output.json = opts.json === true;
+      const passphrase = await opt.loadPassphrase(opts.passwordFile);
+      if (opts.ovirt !== undefined) {
+        if ((opts.source ?? []).length + (opts.image ?? []).length > 0 || opts.libvirt !== undefined) {
+          throw new InvalidArgumentError('--ovirt backs up a VM through its snapshot: do not combine it with --source, --image or --libvirt');
+        }
+        if (!opts.vm) throw new InvalidArgumentError('--ovirt needs --vm NAME (the VM to back up)');
+        const progress = createProgress({ json: output.json });
+        const common = {
+          repo: opt.requireRepo(opts.repo),
+          passphrase,
+          ovirt: await opt.ovirtConnection({ ...opts, ovirt: opts.ovirt }),
+          vm: opts.vm,
+          workers: opts.workers,
+          signal: interruptSignal(),
+          onProgress: (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }) =>
+            progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal),
+          onNotice: printNotice,
+        };
+        if (opts.appliance !== undefined && (opts.incremental || opts.differential)) {
+          throw new InvalidArgumentError('the disk-attachment flow (--appliance) makes full backups; leave out --appliance for incremental ones');
+        }
+        const { record } =
+          opts.appliance !== undefined
+            ? await engine.ovirtApplianceBackup({ ...common, appliance: opts.appliance, deviceRoot: opts.deviceRoot })
+            : await engine.ovirtIncrementalBackup({ ...common, mode: opts.full ? 'full' : opts.incremental ? 'incremental' : opts.differential ? 'differential' : 'auto' });
+        progress.done();
+        if (output.json) printJson(backupJson(record));
+        else printBackup(forTerminal(record));
+        return;
+      }
+      if ((opts.source ?? []).length + (opts.image ?? []).length === 0 && opts.libvirt === undefined) {
+        throw new InvalidArgumentError('name at least one disk: --source PATH|URI, --image QCOW2 or --libvirt DOMAIN');
+      }
+      const progress = createProgress({ json: output.json });
+      const { record } = await engine.backup({
+        repo: opt.requireRepo(opts.repo),
+        passphrase,
+        sources: opts.source,
+        images: opts.image,
+        libvirt: opts.libvirt,
+        mode: opts.full ? 'full' : opts.incremental ? 'incremental' : opts.differential ? 'differential' : 'auto',
+        diskNames: opts.diskName,
+        name: opts.name,
+        workers: opts.workers,
+        signal: interruptSignal(),
+        onProgress: (p) => progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal),
+        onNotice: printNotice,
+      });
+      progress.done();
+      if (output.json) printJson(backupJson(record));
+      else printBackup(forTerminal(record));
+    });
+}

@@ -1,0 +1,103 @@
+/** Keeping a repository healthy: verify, prune, gc, repair. */
+import { Command } from 'commander';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { forTerminal } from '../terminal.js';
+import { KEEP_RULES, type RetentionPolicy } from '../../engine/retention/policy.js';
+import { createProgress } from '../progress.js';
+import { printGc, printJson, printPrune, printRepair, printVerify } from '../output.js';
+import { engine } from '../engine-calls.js';
+import { output, printNotice, interruptSignal } from '../context.js';
+import * as opt from '../options.js';
+import { EXIT } from '../exit-codes.js';
+
+export function registerMaintenanceCommands(program: Command): void {
+  program
+    .command('verify')
+    .description('check the repository; exits 4 and names every problem it finds')
+    .addOption(opt.repoOption())
+    .option('--read-data', 're-read and re-hash every chunk of every pack')
+    .addOption(opt.percentOption('--subset <percent>', 'with --read-data: read only this share of the packs (e.g. 10%), chosen by --seed', false))
+    .option('--seed <text>', 'with --subset: what chooses the packs (default: random, printed)')
+    .option('--json', 'print JSON')
+    .addOption(opt.workersOption('re-read and check the chunks with --read-data'))
+    .addOption(opt.passwordFileOption())
+    .action(async (opts: { repo?: string; readData?: boolean; subset?: number; seed?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
+      output.json = opts.json === true;
+      if ((opts.subset !== undefined || opts.seed !== undefined) && !opts.readData) throw new InvalidArgumentError('--subset and --seed choose which packs --read-data reads: give --read-data too');
+      const progress = createProgress({ json: output.json });
+      const report = await engine.verify({
+        repo: opt.requireRepo(opts.repo),
+        passphrase: await opt.loadPassphrase(opts.passwordFile),
+        readData: opts.readData,
+        subset: opts.subset,
+        seed: opts.seed,
+        workers: opts.workers,
+        signal: interruptSignal(),
+        onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items'),
+      });
+      progress.done();
+      if (output.json) printJson(report);
+      else printVerify(forTerminal(report));
+      if (!report.ok) process.exitCode = EXIT.integrity;
+    });
+
+  const prunes = program
+    .command('prune')
+    .description('remove the backups a retention policy does not keep (per backup name); gc then reclaims their space')
+    .addOption(opt.repoOption());
+  for (const rule of KEEP_RULES) prunes.addOption(opt.countOption(rule));
+  prunes
+    .option('--dry-run', 'say what would be removed, remove nothing')
+    .addOption(opt.passwordFileOption())
+    .option('--json', 'print JSON')
+    .action(async (opts: { repo?: string; dryRun?: boolean; json?: boolean; passwordFile?: string } & Record<string, unknown>) => {
+      output.json = opts.json === true;
+      const policy: RetentionPolicy = {};
+      for (const rule of KEEP_RULES) {
+        const value = opts[`keep${rule[0]!.toUpperCase()}${rule.slice(1)}`];
+        if (typeof value === 'number') policy[rule] = value;
+      }
+      const report = await engine.prune({ repo: opt.requireRepo(opts.repo), policy, dryRun: opts.dryRun, passphrase: await opt.loadPassphrase(opts.passwordFile), signal: interruptSignal() });
+      if (output.json) printJson(report);
+      else printPrune(forTerminal(report));
+    });
+
+  program
+    .command('gc')
+    .description('delete chunks no backup references and rewrite sparse packs; safe while a backup runs')
+    .addOption(opt.repoOption())
+    .addOption(opt.percentOption('--rewrite-below <percent>', 'rewrite packs whose live share is under this (default 50%)', true))
+    .option('--dry-run', 'say what would be deleted and rewritten, change nothing')
+    .addOption(opt.passwordFileOption())
+    .option('--json', 'print JSON')
+    .action(async (opts: { repo?: string; rewriteBelow?: number; dryRun?: boolean; json?: boolean; passwordFile?: string }) => {
+      output.json = opts.json === true;
+      const report = await engine.gc({
+        repo: opt.requireRepo(opts.repo),
+        passphrase: await opt.loadPassphrase(opts.passwordFile),
+        rewriteBelow: opts.rewriteBelow,
+        dryRun: opts.dryRun,
+        signal: interruptSignal(),
+        onNotice: printNotice,
+      });
+      if (output.json) printJson(report);
+      else printGc(forTerminal(report));
+    });
+
+  program
+    .command('repair')
+    .description('re-read every frame, rebuild the index from the good ones, set damaged chunks aside; exits 4 if a backup still references damaged data')
+    .addOption(opt.repoOption())
+    .addOption(opt.passwordFileOption())
+    .option('--json', 'print JSON')
+    .addOption(opt.workersOption('re-read and check every frame'))
+    .action(async (opts: { repo?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
+      output.json = opts.json === true;
+      const progress = createProgress({ json: output.json });
+      const report = await engine.repair({ repo: opt.requireRepo(opts.repo), passphrase: await opt.loadPassphrase(opts.passwordFile), workers: opts.workers, signal: interruptSignal(), onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
+      progress.done();
+      if (output.json) printJson(report);
+      else printRepair(forTerminal(report));
+      if (!report.ok) process.exitCode = EXIT.integrity;
+    });
+}

@@ -1,0 +1,101 @@
+/** Repository and catalogue commands: init, list, show, protect, unprotect, unlock, forget. */
+import { Command } from 'commander';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { forTerminal } from '../terminal.js';
+import { backupJson, printInit, printJson, printList, printProtect, printShow } from '../output.js';
+import { engine } from '../engine-calls.js';
+import { output } from '../context.js';
+import * as opt from '../options.js';
+import { EXIT } from '../exit-codes.js';
+
+export function registerRepositoryCommands(program: Command): void {
+  program
+    .command('init')
+    .description('create a repository')
+    .argument('<repo>', 'directory to create (must be new or empty)')
+    .option('--block-size <size>', 'fixed block size, a power of two from 64K to 16M (default 1M)')
+    .option('--encrypt', 'encrypt the repository (AES-256-GCM, keyed chunk ids) under a passphrase of 8 characters or more from --password-file, $ENGINE_PASSWORD_FILE or $ENGINE_PASSWORD')
+    .addOption(opt.passwordFileOption())
+    .option('--json', 'print the repository config as JSON')
+    .action(async (repo: string, opts: { blockSize?: string; encrypt?: boolean; passwordFile?: string; json?: boolean }) => {
+      output.json = opts.json === true;
+      if (!opts.encrypt && opts.passwordFile !== undefined) throw new InvalidArgumentError('--password-file is for an encrypted repository: add --encrypt');
+      const passphrase = opts.encrypt ? await opt.loadPassphrase(opts.passwordFile) : undefined;
+      if (opts.encrypt && passphrase === undefined) throw new InvalidArgumentError('--encrypt needs a passphrase: give --password-file FILE, or set ENGINE_PASSWORD_FILE or ENGINE_PASSWORD');
+      const config = await engine.initRepository(repo, { blockSize: opts.blockSize === undefined ? undefined : opt.sizeArgument('--block-size', opts.blockSize, 0, Number.MAX_SAFE_INTEGER), passphrase });
+      if (output.json) printJson(config);
+      else printInit(repo, config);
+    });
+
+  program
+    .command('list')
+    .description('list the backups in a repository, oldest first')
+    .addOption(opt.repoOption())
+    .addOption(opt.passwordFileOption())
+    .option('--json', 'print JSON')
+    .action(async (opts: { repo?: string; passwordFile?: string; json?: boolean }) => {
+      output.json = opts.json === true;
+      const { backups, damaged } = await engine.listBackups(opt.requireRepo(opts.repo), { passphrase: await opt.loadPassphrase(opts.passwordFile) });
+      if (output.json) printJson({ backups: backups.map(backupJson), damaged });
+      else printList(forTerminal(backups), forTerminal(damaged));
+    });
+
+  program
+    .command('show')
+    .description('show one backup')
+    .addOption(opt.repoOption())
+    .argument('<backup-id>', 'backup id or a unique prefix of it')
+    .addOption(opt.passwordFileOption())
+    .option('--json', 'print JSON')
+    .action(async (id: string, opts: { repo?: string; passwordFile?: string; json?: boolean }) => {
+      output.json = opts.json === true;
+      const record = await engine.showBackup(opt.requireRepo(opts.repo), id, { passphrase: await opt.loadPassphrase(opts.passwordFile) });
+      if (output.json) printJson(backupJson(record));
+      else printShow(forTerminal(record));
+    });
+
+  for (const wanted of [true, false]) {
+    program
+      .command(wanted ? 'protect' : 'unprotect')
+      .description(wanted ? 'protect a backup: prune never removes it' : 'let prune remove a backup again')
+      .addOption(opt.repoOption())
+      .argument('<backup-id>', 'backup id or a unique prefix of it')
+      .addOption(opt.passwordFileOption())
+      .option('--json', 'print JSON')
+      .action(async (id: string, opts: { repo?: string; json?: boolean; passwordFile?: string }) => {
+        output.json = opts.json === true;
+        const result = await engine.setProtection(opt.requireRepo(opts.repo), id, wanted, { passphrase: await opt.loadPassphrase(opts.passwordFile) });
+        if (output.json) printJson(result);
+        else printProtect(forTerminal(result));
+      });
+  }
+
+  program
+    .command('unlock')
+    .description('say what holds the repository and remove stale locks and registrations; --force also those that cannot be proven stale (another host\'s, an older engine\'s)')
+    .addOption(opt.repoOption())
+    .option('--force', 'also remove a lock whose holder cannot be proven gone (another host, an older engine, even a running process): only when you know it no longer works on the repository')
+    .option('--json', 'print JSON')
+    .action(async (opts: { repo?: string; force?: boolean; json?: boolean }) => {
+      output.json = opts.json === true;
+      const report = await engine.unlock({ repo: opt.requireRepo(opts.repo), force: opts.force });
+      if (output.json) printJson(report);
+      else (await import('../output-resilience.js')).printUnlock(forTerminal(report));
+      if (report.locked) process.exitCode = EXIT.locked;
+    });
+
+  program
+    .command('forget')
+    .description('remove one backup by id, also one whose record is damaged (prune removes by policy); gc then reclaims its space')
+    .addOption(opt.repoOption())
+    .argument('<backup-id>', 'backup id or a unique prefix of it')
+    .option('--force', 'forget a damaged record even when the index holds a good copy that engine repair would restore')
+    .addOption(opt.passwordFileOption())
+    .option('--json', 'print JSON')
+    .action(async (id: string, opts: { repo?: string; force?: boolean; json?: boolean; passwordFile?: string }) => {
+      output.json = opts.json === true;
+      const result = await engine.forget({ repo: opt.requireRepo(opts.repo), backupId: id, force: opts.force, passphrase: await opt.loadPassphrase(opts.passwordFile) });
+      if (output.json) printJson(result);
+      else (await import('../output-resilience.js')).printForget(forTerminal(result));
+    });
+}

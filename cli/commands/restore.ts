@@ -1,0 +1,112 @@
+/** engine restore: to files, devices, directories, NBD exports, qcow2 images and oVirt. */
+import { Command, Option } from 'commander';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { forTerminal } from '../terminal.js';
+import { createProgress } from '../progress.js';
+import { printJson, printRestore, restoreJson } from '../output.js';
+import { engine } from '../engine-calls.js';
+import { output, printNotice, interruptSignal } from '../context.js';
+import * as opt from '../options.js';
+
+interface RestoreCliOptions {
+  repo?: string;
+  passwordFile?: string;
+  disk?: string;
+  to?: string;
+  toQcow2?: string;
+  onlyChanged?: boolean;
+  sinceBitmap?: string;
+  force?: boolean;
+  ovirt?: string;
+  newVm?: string;
+  toVm?: string;
+  cluster?: string;
+  storageDomain?: string;
+  keepDiskIds?: boolean;
+  appliance?: string;
+  deviceRoot?: string;
+  via?: string;
+  ovirtCredentials?: string;
+  caFile?: string;
+  insecureHttp?: boolean;
+  json?: boolean;
+  workers?: number;
+}
+
+export function registerRestoreCommand(program: Command): void {
+  program
+    .command('restore')
+    .description('restore a backup to a new raw file, an existing file or a block device')
+    .addOption(opt.repoOption())
+    .argument('<backup-id>', 'backup id or a unique prefix of it')
+    .option('--disk <name>', 'the disk to restore (needed when the backup has several, unless --to is a directory)')
+    .option('--to <path|uri>', 'target: a new file (created sparse), an existing file or block device at least as large, a directory, or an NBD URI (nbd://host[:port]/export, nbd+unix:///export?socket=PATH) of an existing export')
+    .option('--to-qcow2 <file>', 'restore into a new qcow2 image (created at the disk\'s size, written through qemu-nbd)')
+    .option('--only-changed', 'rollback: read the existing target back and write only the blocks that differ from the backup')
+    .option('--since-bitmap <name>', 'with --only-changed and an NBD target: write only the blocks this dirty bitmap (the checkpoint of a backup of this disk) and the maps say changed, without reading the target')
+    .option('--force', 'overwrite what holds data: a block device with a filesystem, partition table or volume signature, same-named files in the directory restored into, the backup\'s own source')
+    .option('--ovirt <url>', 'restore into oVirt through this backup appliance (with --new-vm or --to-vm)')
+    .option('--new-vm <name>', 'with --ovirt: create this VM from the backup\'s OVF, with new disks holding the restore point')
+    .option('--to-vm <name>', 'with --ovirt and --disk: restore one disk into a new disk of this existing VM')
+    .option('--cluster <name>', 'with --new-vm: the cluster (default: Default)')
+    .option('--storage-domain <name>', 'with --ovirt: where the new disks go (default: the active data domain with the most room in the data centre of the cluster)')
+    .option('--keep-disk-ids', 'with --new-vm: give the new disks their original ids (the OVF import then attaches them itself)')
+    .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM')
+    .addOption(new Option('--device-root <dir>', 'with --ovirt: where attached disks appear by serial').default('/dev/disk/by-id').argParser(opt.localPath('--device-root')))
+    .addOption(new Option('--via <how>', 'with --ovirt: write through the appliance, or upload through an imageio transfer').choices(['appliance', 'transfer']).default('appliance'))
+    .addOption(opt.ovirtCredentialsOption())
+    .option('--ca-file <pem>', "with --ovirt: the engine's CA certificate", opt.localPath('--ca-file'))
+    .addOption(opt.insecureHttpOption())
+    .option('--json', 'print only the result, as JSON')
+    .addOption(opt.workersOption('read and check the chunks (decrypt, decompress, hash) before they are written'))
+    .addOption(opt.passwordFileOption())
+    .action(async (id: string, opts: RestoreCliOptions) => {
+      output.json = opts.json === true;
+      const passphrase = await opt.loadPassphrase(opts.passwordFile);
+      if (opts.ovirt !== undefined) {
+        if (opts.via !== 'transfer' && !opts.appliance) throw new InvalidArgumentError('--ovirt needs --appliance NAME (this backup appliance), or --via transfer');
+        const result = await engine.ovirtRestoreVm({
+          repo: opt.requireRepo(opts.repo),
+          passphrase,
+          ovirt: await opt.ovirtConnection({ ...opts, ovirt: opts.ovirt }),
+          backupId: id,
+          appliance: opts.appliance,
+          via: opts.via === 'transfer' ? 'transfer' : 'appliance',
+          newVm: opts.newVm,
+          toVm: opts.toVm,
+          disk: opts.disk,
+          cluster: opts.cluster,
+          storageDomain: opts.storageDomain,
+          keepDiskIds: opts.keepDiskIds,
+          deviceRoot: opts.deviceRoot,
+          signal: interruptSignal(),
+          onNotice: printNotice,
+        });
+        if (output.json) printJson(result);
+        else {
+          const shown = forTerminal(result);
+          process.stdout.write(`restored backup ${shown.backup} into VM ${shown.vm.name} (${shown.vm.id}): ${shown.disks.map((d) => `${d.name} → disk ${d.id}`).join(', ')}\n`);
+        }
+        return;
+      }
+      if ((opts.to === undefined) === (opts.toQcow2 === undefined)) throw new InvalidArgumentError('give exactly one target: --to PATH|URI or --to-qcow2 FILE');
+      const progress = createProgress({ json: output.json });
+      const result = await engine.restore({
+        repo: opt.requireRepo(opts.repo),
+        passphrase,
+        backupId: id,
+        disk: opts.disk,
+        to: opts.to ?? '',
+        toQcow2: opts.toQcow2,
+        onlyChanged: opts.onlyChanged,
+        sinceBitmap: opts.sinceBitmap,
+        force: opts.force,
+        workers: opts.workers,
+        signal: interruptSignal(),
+        onProgress: (p) => progress.update(`restore ${p.disk}`, p.bytesDone, p.bytesTotal),
+      });
+      progress.done();
+      if (output.json) printJson(restoreJson(result));
+      else printRestore(forTerminal(result));
+    });
+}

@@ -1,0 +1,130 @@
+/** The options and argument parsers the commands share, and the input they load (passphrases, oVirt credentials). */
+import { Option } from 'commander';
+import { InvalidArgumentError } from '../repo-format/errors.js';
+import { displayText } from '../repo-format/display-text.js';
+import { checkLocalPath } from '../repo-format/local-path.js';
+import { formatBytes, parseSize } from '../engine/common/units.js';
+import { printNotice } from './context.js';
+
+export interface GlobalOptions {
+  debug?: boolean;
+}
+
+
+export function repoOption(): Option {
+  return new Option('--repo <path>', 'repository path (default: $ENGINE_REPO)').env('ENGINE_REPO');
+}
+
+export function requireRepo(repo: string | undefined): string {
+  if (!repo) throw new InvalidArgumentError('no repository: give --repo PATH or set ENGINE_REPO');
+  return repo;
+}
+
+/** Credentials never come from the command line itself: a file, or the environment. */
+export function ovirtCredentialsOption(): Option {
+  return new Option('--ovirt-credentials <file>', 'file with the oVirt user on its first line and the password on its second (default: $ENGINE_OVIRT_USER and $ENGINE_OVIRT_PASSWORD)');
+}
+
+export async function loadCredentials(file: string | undefined): Promise<{ username: string; password: string }> {
+  if (file) {
+    const { readSecretFile } = await import('../engine/host/secret-file.js');
+    const secret = await readSecretFile(file, `--ovirt-credentials ${file}`);
+    for (const warning of secret.warnings) printNotice(warning);
+    const [username, password] = secret.bytes.toString('utf8').split('\n');
+    if (!username || password === undefined) throw new InvalidArgumentError(`${file}: expected the user on the first line and the password on the second`);
+    return { username: username.trim(), password: password.replace(/\r$/, '') };
+  }
+  const username = process.env.ENGINE_OVIRT_USER;
+  const password = process.env.ENGINE_OVIRT_PASSWORD;
+  if (!username || password === undefined) throw new InvalidArgumentError('oVirt credentials: give --ovirt-credentials FILE or set ENGINE_OVIRT_USER and ENGINE_OVIRT_PASSWORD');
+  return { username, password };
+}
+
+/** Plain http to oVirt only when the user says so: the flag, or ENGINE_OVIRT_INSECURE_HTTP=1 for a service configured by its environment. */
+export function insecureHttpOption(): Option {
+  return new Option('--insecure-http', 'with --ovirt: allow an http:// engine (the oVirt password and token cross the network in clear text)');
+}
+
+/** How to reach oVirt: the URL checked first (a bad one is said before credentials are asked for), then the credentials. */
+export async function ovirtConnection(opts: { ovirt: string; ovirtCredentials?: string; caFile?: string; insecureHttp?: boolean }): Promise<{ url: string; credentials: { username: string; password: string }; caFile: string | undefined; insecureHttp: boolean }> {
+  const insecureHttp = opts.insecureHttp === true || process.env.ENGINE_OVIRT_INSECURE_HTTP === '1';
+  (await import('../engine/ovirt/url-policy.js')).checkEngineUrl(opts.ovirt, insecureHttp);
+  return { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile, insecureHttp };
+}
+
+/** The passphrase of an encrypted repository: never an argument (argv is visible to every user), a file or the environment. */
+export function passwordFileOption(): Option {
+  return new Option('--password-file <file>', 'file holding the passphrase of an encrypted repository (default: $ENGINE_PASSWORD_FILE, else $ENGINE_PASSWORD)');
+}
+
+/** The passphrase's bytes (engine/host/passphrase-source.ts: --password-file, $ENGINE_PASSWORD_FILE, $ENGINE_PASSWORD), or undefined. */
+export async function loadPassphrase(file: string | undefined): Promise<Buffer | undefined> {
+  const { resolvePassphrase } = await import('../engine/host/passphrase-source.js');
+  const resolved = await resolvePassphrase({ file });
+  for (const warning of resolved.warnings) printNotice(warning);
+  return resolved.passphrase;
+}
+
+/** A path option's parser: a URL is refused at parse time (exit 2), never taken for a relative path. */
+export function localPath(flag: string): (value: string) => string {
+  return (value) => {
+    checkLocalPath(value, flag);
+    return value;
+  };
+}
+
+export function collect(value: string, previous: string[] = []): string[] {
+  return [...previous, value];
+}
+
+/**
+ * A whole number in decimal digits only, within bounds: "1e3", "0x10", "5.0", " 5", "+5" are refused
+ * (Number() would take them all), and so is anything past `max`.
+ */
+export function integerParser(flag: string, min: number, max: number): (value: string) => number {
+  return (value) => {
+    const n = /^[0-9]{1,16}$/.test(value) ? Number(value) : Number.NaN;
+    if (!Number.isSafeInteger(n) || n < min || n > max) throw new InvalidArgumentError(`${flag} ${displayText(value, 32)}: give a whole number from ${min} to ${max}, in digits`);
+    return n;
+  };
+}
+
+/** A size (1048576, 256K, 4GiB: parseSize) within bounds, in bytes. */
+export function sizeArgument(flag: string, value: string, min: number, max: number): number {
+  let bytes: number;
+  try {
+    bytes = parseSize(value);
+  } catch (error) {
+    throw new InvalidArgumentError(`${flag} ${(error as Error).message}`);
+  }
+  if (bytes < min || bytes > max) throw new InvalidArgumentError(`${flag} ${displayText(value, 32)}: give a size from ${formatBytes(min)} to ${formatBytes(max)}`);
+  return bytes;
+}
+
+/** Worker threads; what they do depends on the command. */
+export function workersOption(work: string, byDefault = 'one per core'): Option {
+  return new Option('--workers <n>', `worker threads that ${work} (default: ${byDefault})`).argParser(integerParser('--workers', 1, 64));
+}
+
+/** "10%", "10" or "12.5%" → 0.1 …; digits and one decimal point only; bounds (0, 100] or [0, 100]. */
+export function percentOption(flags: string, description: string, allowZero: boolean): Option {
+  const flag = flags.split(' ')[0]!;
+  return new Option(flags, description).argParser((v) => {
+    const digits = v.endsWith('%') ? v.slice(0, -1) : v;
+    const n = /^[0-9]{1,3}(\.[0-9]{1,6})?$/.test(digits) ? Number(digits) : Number.NaN;
+    if (!Number.isFinite(n) || n > 100 || n < 0 || (!allowZero && n === 0)) throw new InvalidArgumentError(`${flag} ${displayText(v, 32)}: give a percentage ${allowZero ? 'from 0' : 'above 0'} up to 100%, in digits (e.g. 10% or 12.5%)`);
+    return n / 100;
+  });
+}
+
+/** The chunk cache of serve and mount: up to 64 GiB (0: none). */
+export const MAX_CACHE_BYTES = 64 * 1024 ** 3;
+
+/** A retention count: bounded far above any real policy, so that a typo is caught rather than kept. */
+export const MAX_KEEP = 1_000_000;
+
+export function countOption(rule: string): Option {
+  return new Option(`--keep-${rule} <n>`, `keep ${rule === 'last' ? 'the n newest backups' : `the newest backup of each of the n newest ${rule === 'daily' ? 'days' : rule.replace(/ly$/, 's')} that have one (UTC)`}`).argParser(integerParser(`--keep-${rule}`, 0, MAX_KEEP));
+}
+
+
