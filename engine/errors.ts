@@ -1,5 +1,30 @@
-import { EngineError } from '../repo-format/errors.js';
+import { EngineError, type CodesOf } from '../repo-format/errors.js';
 import { displayText } from '../repo-format/display-text.js';
+
+/** The engine layer's codes, added to the registry of repo-format/errors.ts (SPEC.md 14.3). */
+declare module '../repo-format/errors.js' {
+  interface ErrorCodes {
+    ENGINE_DISK_NOT_FOUND: 'engine';
+    ENGINE_SOURCE_UNREADABLE: 'engine';
+    ENGINE_SOURCE_CHANGED: 'engine';
+    ENGINE_TARGET_TOO_SMALL: 'engine';
+    ENGINE_TARGET_UNWRITABLE: 'engine';
+    ENGINE_TARGET_PROTECTED: 'engine';
+    ENGINE_TARGET_IN_USE: 'engine';
+    ENGINE_TARGET_HOLDS_DATA: 'engine';
+    ENGINE_INTERRUPTED: 'engine';
+    ENGINE_NBD_CONNECT: 'engine';
+    ENGINE_NBD_PROTOCOL: 'engine';
+    ENGINE_NBD_COMMAND: 'engine';
+    ENGINE_TIMEOUT: 'engine';
+    ENGINE_TOOL_FAILED: 'engine';
+    ENGINE_OVIRT_FAULT: 'engine';
+    ENGINE_OVIRT_AUTH: 'engine';
+    ENGINE_OVIRT_CONNECT: 'engine';
+  }
+}
+
+export type EngineErrorCode = CodesOf<'engine'>;
 
 export class SourceUnreadableError extends EngineError {
   constructor(path: string, why: string) {

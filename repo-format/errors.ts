@@ -5,42 +5,40 @@
  */
 import { displayText } from './display-text.js';
 
-export type ErrorCode =
-  | 'ENGINE_INVALID_ARGUMENT'
-  | 'ENGINE_NOT_A_REPOSITORY'
-  | 'ENGINE_REPOSITORY_EXISTS'
-  | 'ENGINE_FORMAT_TOO_NEW'
-  | 'ENGINE_REPOSITORY_LOCKED'
-  | 'ENGINE_CORRUPT_FRAME'
-  | 'ENGINE_CORRUPT_PACK'
-  | 'ENGINE_CORRUPT_METADATA'
-  | 'ENGINE_MISSING_BLOB'
-  | 'ENGINE_BACKUP_NOT_FOUND'
-  | 'ENGINE_AMBIGUOUS_ID'
-  | 'ENGINE_DISK_NOT_FOUND'
-  | 'ENGINE_SOURCE_UNREADABLE'
-  | 'ENGINE_SOURCE_CHANGED'
-  | 'ENGINE_TARGET_TOO_SMALL'
-  | 'ENGINE_TARGET_UNWRITABLE'
-  | 'ENGINE_TARGET_PROTECTED'
-  | 'ENGINE_TARGET_IN_USE'
-  | 'ENGINE_TARGET_HOLDS_DATA'
-  | 'ENGINE_NO_SPACE'
-  | 'ENGINE_INTERRUPTED'
-  | 'ENGINE_NBD_CONNECT'
-  | 'ENGINE_NBD_PROTOCOL'
-  | 'ENGINE_NBD_COMMAND'
-  | 'ENGINE_TIMEOUT'
-  | 'ENGINE_TOOL_FAILED'
-  | 'ENGINE_OVIRT_FAULT'
-  | 'ENGINE_OVIRT_AUTH'
-  | 'ENGINE_OVIRT_CONNECT'
-  | 'ENGINE_WRONG_PASSPHRASE'
-  | 'ENGINE_PASSPHRASE_REQUIRED'
-  | 'ENGINE_NOT_ENCRYPTED'
-  | 'ENGINE_READ_ONLY'
-  | 'ENGINE_FILE_TOO_LARGE'
-  | 'ENGINE_INTERNAL';
+/**
+ * The registry of codes, by the layer that owns each: this file lists the storage layer's (the repository,
+ * its format and files, arguments, and ENGINE_INTERNAL for what no layer expected); engine/errors.ts adds
+ * the engine's (sources, targets, NBD, tools, oVirt, interruption) to the same interface, so that a code is
+ * declared where it is raised and the storage layer names none of the layers above it.
+ */
+export interface ErrorCodes {
+  ENGINE_INVALID_ARGUMENT: 'storage';
+  ENGINE_NOT_A_REPOSITORY: 'storage';
+  ENGINE_REPOSITORY_EXISTS: 'storage';
+  ENGINE_FORMAT_TOO_NEW: 'storage';
+  ENGINE_REPOSITORY_LOCKED: 'storage';
+  ENGINE_CORRUPT_FRAME: 'storage';
+  ENGINE_CORRUPT_PACK: 'storage';
+  ENGINE_CORRUPT_METADATA: 'storage';
+  ENGINE_MISSING_BLOB: 'storage';
+  ENGINE_BACKUP_NOT_FOUND: 'storage';
+  ENGINE_AMBIGUOUS_ID: 'storage';
+  ENGINE_NO_SPACE: 'storage';
+  ENGINE_WRONG_PASSPHRASE: 'storage';
+  ENGINE_PASSPHRASE_REQUIRED: 'storage';
+  ENGINE_NOT_ENCRYPTED: 'storage';
+  ENGINE_READ_ONLY: 'storage';
+  ENGINE_FILE_TOO_LARGE: 'storage';
+  ENGINE_INTERNAL: 'storage';
+}
+
+/** Every code, of every layer the program includes (SPEC.md 14.3 lists them all). */
+export type ErrorCode = keyof ErrorCodes;
+
+/** The codes a layer owns. */
+export type CodesOf<Layer extends string> = { [Code in ErrorCode]: ErrorCodes[Code] extends Layer ? Code : never }[ErrorCode];
+
+export type StorageErrorCode = CodesOf<'storage'>;
 
 export class EngineError extends Error {
   readonly code: ErrorCode;

@@ -112,7 +112,7 @@ export class NbdServer {
   private closed: Promise<void> | undefined;
 
   constructor(private readonly options: NbdServerOptions) {
-    if (options.exports.length === 0) throw new Error('an NBD server needs at least one export');
+    if (options.exports.length === 0) throw new InvalidArgumentError('an NBD server needs at least one export');
     this.server = createServer((socket) => this.accept(socket));
   }
 

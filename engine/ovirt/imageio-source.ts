@@ -9,15 +9,10 @@ import { SourceChangedError, SourceUnreadableError } from '../errors.js';
 import type { BlockSource, Extent, SourceDescription } from '../sources/source.js';
 import { describeTlsError } from '../host/tls-errors.js';
 import { downloadFailure, imageioAgent, imageioRequest, openImageio, type ImageioAgent, type ImageioUrls } from './imageio-connection.js';
+import { decodeExtents, type ImageioExtent } from './imageio-json.js';
 
 const REQUEST_SIZE = 4 * 1024 * 1024;
 
-interface ImageioExtent {
-  start: number;
-  length: number;
-  zero?: boolean;
-  dirty?: boolean;
-}
 
 export class ImageioSource implements BlockSource {
   private constructor(
@@ -84,13 +79,8 @@ export class ImageioSource implements BlockSource {
   private async extentList(context: 'zero' | 'dirty'): Promise<ImageioExtent[]> {
     const answer = await this.send('GET', `${this.url.pathname}/extents?context=${context}`, {});
     if (answer.status !== 200) throw new SourceUnreadableError(this.url.href, `imageio extents?context=${context} answered HTTP ${answer.status}: ${answer.body.toString('utf8').slice(0, 200)}`);
-    const list = JSON.parse(answer.body.toString('utf8')) as ImageioExtent[];
-    let at = 0;
-    for (const e of list) {
-      if (e.start !== at || !(e.length > 0)) throw new SourceUnreadableError(this.url.href, `imageio ${context} extents are not contiguous at ${at}`);
-      at += e.length;
-    }
-    if (at !== this.size) throw new SourceUnreadableError(this.url.href, `imageio ${context} extents cover ${at} of ${this.size} bytes`);
+    const list = decodeExtents(answer.body, this.size);
+    if (typeof list === 'string') throw new SourceUnreadableError(this.url.href, `imageio ${context} extents: ${list}`);
     return list;
   }
 
