@@ -5,6 +5,7 @@
  */
 import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
 import { readMap, type LoadPage, type MapRoot, type MapRun } from '../../repo-format/block-map.js';
+import { blockAt, blockOffset } from '../../repo-format/disk-geometry.js';
 
 export class ParentMapCursor {
   private readonly runs: AsyncGenerator<MapRun>;
@@ -43,14 +44,14 @@ export class DirtyCursor {
 
   /** The first block at or after `fromBlock` that any dirty byte touches, or `blockCount` if none. */
   async nextDirtyBlock(fromBlock: number, blockSize: number, blockCount: number): Promise<number> {
-    const from = fromBlock * blockSize;
+    const from = blockOffset(fromBlock, blockSize);
     while (!this.done && (!this.current || this.current.offset + this.current.length <= from)) {
       const next = await this.iterator.next();
       if (next.done) this.done = true;
       else this.current = next.value;
     }
     if (!this.current || this.current.offset + this.current.length <= from) return blockCount;
-    return Math.min(blockCount, Math.max(fromBlock, Math.floor(this.current.offset / blockSize)));
+    return Math.min(blockCount, Math.max(fromBlock, blockAt(this.current.offset, blockSize)));
   }
 }
 
