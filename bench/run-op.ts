@@ -117,7 +117,7 @@ async function runOp(request: OpRequest): Promise<OpResults[OpName]> {
       return { backupId: record.id, blockSize: record.blockSize, size: disk.size, mapDepth: disk.map.depth, mapBlocks: disk.map.blocks, stats: disk.stats };
     }
     case 'restore': {
-      const restored = await restore({ repo: request.repo, backupId: request.backupId, to: request.to });
+      const restored = await restore({ repo: request.repo, backupId: request.backupId, target: { kind: 'path', path: request.to } });
       const disk = restored.disks[0]!;
       return { size: disk.size, bytesWritten: disk.bytesWritten, blocksZero: disk.blocksZero };
     }

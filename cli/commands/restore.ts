@@ -1,12 +1,12 @@
 /** engine restore: to files, devices, directories, NBD exports, qcow2 images and oVirt. */
 import { Command, Option } from 'commander';
-import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { forTerminal } from '../terminal.js';
 import { createProgress } from '../progress.js';
 import { printJson, printRestore, restoreJson } from '../output.js';
 import { engine } from '../engine-calls.js';
 import { output, printNotice, interruptSignal } from '../context.js';
 import * as opt from '../options.js';
+import { checkOvirtRestoreFlags, restoreRequest } from './restore-request.js';
 
 interface RestoreCliOptions {
   repo?: string;
@@ -64,7 +64,7 @@ export function registerRestoreCommand(program: Command): void {
       output.json = opts.json === true;
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
       if (opts.ovirt !== undefined) {
-        if (opts.via !== 'transfer' && !opts.appliance) throw new InvalidArgumentError('--ovirt needs --appliance NAME (this backup appliance), or --via transfer');
+        checkOvirtRestoreFlags(opts);
         const result = await engine.ovirtRestoreVm({
           repo: opt.requireRepo(opts.repo),
           passphrase,
@@ -89,18 +89,14 @@ export function registerRestoreCommand(program: Command): void {
         }
         return;
       }
-      if ((opts.to === undefined) === (opts.toQcow2 === undefined)) throw new InvalidArgumentError('give exactly one target: --to PATH|URI or --to-qcow2 FILE');
+      const request = restoreRequest(opts);
       const progress = createProgress({ json: output.json });
       const result = await engine.restore({
         repo: opt.requireRepo(opts.repo),
         passphrase,
         backupId: id,
         disk: opts.disk,
-        to: opts.to ?? '',
-        toQcow2: opts.toQcow2,
-        onlyChanged: opts.onlyChanged,
-        sinceBitmap: opts.sinceBitmap,
-        force: opts.force,
+        ...request,
         workers: opts.workers,
         signal: interruptSignal(),
         onProgress: (p) => progress.update(`restore ${p.disk}`, p.bytesDone, p.bytesTotal),

@@ -13,6 +13,7 @@
 import { realpath } from 'node:fs/promises';
 import type { DiskCbt } from '../../repo-format/backup-record.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { withRemedies } from '../errors.js';
 import { NbdSource } from '../sources/nbd-source.js';
 import { addBitmap, bitmapName, bitmapPrefix, imageInfo, removeBitmap, type ImageInfo } from './qcow2-bitmaps.js';
 import { serveImage, type RunningExport } from './qemu-nbd-server.js';
@@ -60,7 +61,7 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
   const { image, name, backupId } = args;
   const before = await imageInfo(image);
   if (before.format !== 'qcow2') {
-    throw new InvalidArgumentError(`${image} is a ${before.format} image: --image needs qcow2 (persistent dirty bitmaps); back up raw images with --source`);
+    throw new InvalidArgumentError(`${image} is a ${before.format} image: an image disk must be qcow2 (persistent dirty bitmaps)`, withRemedies({ path: image }, { kind: 'disk-kind', use: 'raw' }));
   }
   const identity = imageIdentity(before, args.repositoryId, await realpath(image), args.backupName, name, args.history);
   const chosen = chooseChain(name, args.requested, { size: before.virtualSize, baseProblem: bitmapProblem(before), ...identity }, args.history);
