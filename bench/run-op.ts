@@ -112,7 +112,7 @@ async function runOp(request: OpRequest): Promise<OpResults[OpName]> {
       return { writes: writes.length, bytes: writes.reduce((sum, w) => sum + w.length, 0) };
     }
     case 'backup': {
-      const { record } = await backup({ repo: request.repo, sources: [request.source], diskNames: [request.diskName], name: request.name });
+      const { record } = await backup({ repo: request.repo, from: { kind: 'disks', disks: [{ kind: 'raw', path: request.source, name: request.diskName }] }, name: request.name });
       const disk = record.disks[0]!;
       return { backupId: record.id, blockSize: record.blockSize, size: disk.size, mapDepth: disk.map.depth, mapBlocks: disk.map.blocks, stats: disk.stats };
     }

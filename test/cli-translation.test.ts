@@ -1,10 +1,11 @@
 /**
- * The CLI's translation between its flags and the engine's typed API, both ways: the restore flags into a
- * typed request (cli/commands/restore-request.ts), and the engine's ways out
+ * The CLI's translation between its flags and the engine's typed API, both ways: the backup and restore
+ * flags into typed requests (cli/commands/backup-request.ts, restore-request.ts), and the engine's ways out
  * of an error (`details.remedies`, in the API's terms) into flag wording (cli/error-wording.ts). Pure: no
  * repository, no root, no qemu.
  */
 import { describe, expect, test } from 'vitest';
+import { backupRequest, chainPolicy } from '../dist/cli/commands/backup-request.js';
 import { checkOvirtRestoreFlags, restoreRequest } from '../dist/cli/commands/restore-request.js';
 import { cliMessage, remedyText, unlockWording } from '../dist/cli/error-wording.js';
 import { EngineError, InvalidArgumentError, NotARepositoryError, PassphraseRequiredError, RepositoryLockedError } from '../dist/repo-format/errors.js';
@@ -54,63 +55,65 @@ describe('restore flags → RestoreTarget, RollbackPolicy, WritePolicy', () => {
   });
 });
 
+describe('backup flags → BackupFrom, ChainPolicy', () => {
+  test('--source (a path or an NBD URI) then --image, each with its --disk-name, in that order', () => {
+    expect(backupRequest({ source: ['/dev/vdb', 'nbd://h/e'], image: ['/vm/c.qcow2'], diskName: ['b', 'e', 'c'], name: 'vm' })).toEqual({
+      from: { kind: 'disks', disks: [{ kind: 'raw', path: '/dev/vdb', name: 'b' }, { kind: 'nbd', uri: 'nbd://h/e', name: 'e' }, { kind: 'image', path: '/vm/c.qcow2', name: 'c' }] },
+      chain: { mode: 'auto' },
+      name: 'vm',
+    });
+    expect(backupRequest({ source: ['/dev/vdb'] }).from).toEqual({ kind: 'disks', disks: [{ kind: 'raw', path: '/dev/vdb' }] });
+    expect(backupRequest({ libvirt: 'vm42', differential: true })).toEqual({ from: { kind: 'libvirt', domain: 'vm42' }, chain: { mode: 'differential' }, name: undefined });
+  });
+
+  test('--full, --incremental, --differential, --auto', () => {
+    expect([chainPolicy({ full: true }), chainPolicy({ incremental: true }), chainPolicy({ differential: true }), chainPolicy({ auto: true }), chainPolicy({})].map((p) => p.mode)).toEqual(['full', 'incremental', 'differential', 'auto', 'auto']);
+  });
+
+  test('combinations that make no sense are refused in the flags\' words', () => {
+    expect(refused(() => backupRequest({}))).toBe('name at least one disk: --source PATH|URI, --image QCOW2 or --libvirt DOMAIN');
+    expect(refused(() => backupRequest({ libvirt: 'vm', source: ['/x'] }))).toBe('--libvirt backs up all disks of the domain: do not combine it with --source or --image');
+    expect(refused(() => backupRequest({ libvirt: 'vm', diskName: ['a'] }))).toBe('--libvirt names each disk after its target (vda, sdb…): --disk-name does not apply');
+    expect(refused(() => backupRequest({ source: ['/a', '/b'], diskName: ['a'] }))).toBe('1 disk names for 2 disks: give one --disk-name per --source and --image, in that order');
+    expect(refused(() => backupRequest({ source: ['/a'], diskName: ['x/y'] }))).toMatch(/^--disk-name "x\/y" is not allowed/);
+    expect(refused(() => backupRequest({ source: ['/a'], name: 'a\u0007b' }))).toMatch(/^--name "a\\x07b" is not allowed/);
+    expect(refused(() => backupRequest({ source: ['s3://b/d.img'] }))).toMatch(/^--source s3:\/\/b\/d.img: looks like a URL/);
+    expect(refused(() => backupRequest({ image: ['https://h/vm.qcow2'] }))).toMatch(/^--image https:\/\/h\/vm.qcow2: looks like a URL/);
+  });
+});
+
 describe("the engine's remedies in the CLI's words", () => {
-  const every: Remedy[] = [
-    { kind: 'passphrase' },
-    { kind: 'unlock', repo: '/r', force: true, removes: 'the lock', when: 'if it is not an engine process' },
-    { kind: 'unlock', repo: '/r', force: false, removes: 'the lock' },
-    { kind: 'repair', repo: '/r', does: 'rebuilds the config from them' },
-    { kind: 'repair', does: 'restores the backup' },
-    { kind: 'override', option: 'force', to: 'overwrite it' },
-    { kind: 'rollback' },
-    { kind: 'rollback-through-nbd' },
-    { kind: 'compare-every-block' },
-    { kind: 'new-image' },
-    { kind: 'choose-disk', into: 'nbd://h/e' },
-    { kind: 'choose-disk', otherwise: 'into-directory' },
-    { kind: 'choose-disk', otherwise: 'one-by-one' },
-    { kind: 'name-disks' },
-    { kind: 'disk-kind', use: 'raw' },
-    { kind: 'disk-kind', use: 'image' },
-    { kind: 'unprotect', backup: 'abc' },
-    { kind: 'ovirt-ca' },
-    { kind: 'ovirt-address' },
-    { kind: 'ovirt-credentials' },
-    { kind: 'ovirt-https' },
-    { kind: 'serve-securely' },
-    { kind: 'socket-path', because: 'not-a-socket' },
-    { kind: 'socket-path', because: 'in-use' },
-    { kind: 'socket-path', because: 'run-dir' },
+  /** Each remedy beside its wording. */
+  const every: [Remedy, string][] = [
+    [{ kind: 'passphrase' }, 'give its passphrase with --password-file FILE, in a file named by ENGINE_PASSWORD_FILE, or in ENGINE_PASSWORD'],
+    [{ kind: 'unlock', repo: '/r', force: true, removes: 'the lock', when: 'if it is not an engine process' }, 'if it is not an engine process, `engine unlock --repo /r --force` removes the lock'],
+    [{ kind: 'unlock', repo: '/r', force: false, removes: 'the lock' }, '`engine unlock --repo /r` removes the lock'],
+    [{ kind: 'repair', repo: '/r', does: 'rebuilds the config from them' }, '`engine repair --repo /r` rebuilds the config from them'],
+    [{ kind: 'repair', does: 'restores the backup' }, '`engine repair` restores the backup'],
+    [{ kind: 'override', option: 'force', to: 'overwrite it' }, 'give --force to overwrite it'],
+    [{ kind: 'rollback' }, '--only-changed rolls it back writing only what differs'],
+    [{ kind: 'rollback-through-nbd' }, 'roll it back through an NBD export of it (--to nbd+unix://… --only-changed)'],
+    [{ kind: 'compare-every-block' }, 'use --only-changed without --since-bitmap to compare every block'],
+    [{ kind: 'new-image' }, 'restore with --to-qcow2 NEW'],
+    [{ kind: 'choose-disk', into: 'nbd://h/e' }, 'name the one to restore into nbd://h/e with --disk'],
+    [{ kind: 'choose-disk', otherwise: 'into-directory' }, 'name one with --disk, or restore them all into a directory'],
+    [{ kind: 'choose-disk', otherwise: 'one-by-one' }, 'restore them one by one with --disk NAME --to FILE'],
+    [{ kind: 'name-disks' }, 'give distinct --disk-name values'],
+    [{ kind: 'disk-kind', use: 'raw' }, 'back up raw images with --source'],
+    [{ kind: 'disk-kind', use: 'image' }, "back up a stopped VM's qcow2 images with --image"],
+    [{ kind: 'unprotect', backup: 'abc' }, '`engine unprotect abc` first, if it really is to go'],
+    [{ kind: 'ovirt-ca' }, "give --ca-file with the engine's CA (https://ENGINE/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA)"],
+    [{ kind: 'ovirt-address' }, "give the engine's own https:// address as --ovirt"],
+    [{ kind: 'ovirt-credentials' }, 'give them with --ovirt-credentials FILE (or ENGINE_OVIRT_USER and ENGINE_OVIRT_PASSWORD), never in the URL'],
+    [{ kind: 'ovirt-https' }, "use https:// (with --ca-file for the engine's CA), or add --insecure-http if this network is trusted"],
+    [{ kind: 'serve-securely' }, 'give --tls-certificates DIR (ca-cert.pem, server-cert.pem, server-key.pem) or --tls-psk-file FILE, use --socket PATH, or add --insecure to serve in clear to anyone who can connect'],
+    [{ kind: 'socket-path', because: 'not-a-socket' }, 'choose another --socket path'],
+    [{ kind: 'socket-path', because: 'in-use' }, 'stop it or choose another --socket path'],
+    [{ kind: 'socket-path', because: 'run-dir' }, 'set ENGINE_RUN_DIR or give --socket PATH'],
   ];
 
   test('every kind has its wording', () => {
-    expect(every.map(remedyText)).toEqual([
-      'give its passphrase with --password-file FILE, in a file named by ENGINE_PASSWORD_FILE, or in ENGINE_PASSWORD',
-      'if it is not an engine process, `engine unlock --repo /r --force` removes the lock',
-      '`engine unlock --repo /r` removes the lock',
-      '`engine repair --repo /r` rebuilds the config from them',
-      '`engine repair` restores the backup',
-      'give --force to overwrite it',
-      '--only-changed rolls it back writing only what differs',
-      'roll it back through an NBD export of it (--to nbd+unix://… --only-changed)',
-      'use --only-changed without --since-bitmap to compare every block',
-      'restore with --to-qcow2 NEW',
-      'name the one to restore into nbd://h/e with --disk',
-      'name one with --disk, or restore them all into a directory',
-      'restore them one by one with --disk NAME --to FILE',
-      'give distinct --disk-name values',
-      'back up raw images with --source',
-      "back up a stopped VM's qcow2 images with --image",
-      '`engine unprotect abc` first, if it really is to go',
-      "give --ca-file with the engine's CA (https://ENGINE/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA)",
-      "give the engine's own https:// address as --ovirt",
-      'give them with --ovirt-credentials FILE (or ENGINE_OVIRT_USER and ENGINE_OVIRT_PASSWORD), never in the URL',
-      "use https:// (with --ca-file for the engine's CA), or add --insecure-http if this network is trusted",
-      'give --tls-certificates DIR (ca-cert.pem, server-cert.pem, server-key.pem) or --tls-psk-file FILE, use --socket PATH, or add --insecure to serve in clear to anyone who can connect',
-      'choose another --socket path',
-      'stop it or choose another --socket path',
-      'set ENGINE_RUN_DIR or give --socket PATH',
-    ]);
+    for (const [remedy, wording] of every) expect(remedyText(remedy)).toBe(wording);
   });
 
   test("errors: the engine's message states the condition, the CLI's adds the way out", () => {

@@ -7,6 +7,7 @@ import { backupJson, printBackup, printJson } from '../output.js';
 import { engine } from '../engine-calls.js';
 import { output, printNotice, interruptSignal } from '../context.js';
 import * as opt from '../options.js';
+import { backupRequest, chainPolicy } from './backup-request.js';
 
 interface BackupCliOptions {
   repo?: string;
@@ -81,25 +82,18 @@ export function registerBackupCommand(program: Command): void {
         const { record } =
           opts.appliance !== undefined
             ? await engine.ovirtApplianceBackup({ ...common, appliance: opts.appliance, deviceRoot: opts.deviceRoot })
-            : await engine.ovirtIncrementalBackup({ ...common, mode: opts.full ? 'full' : opts.incremental ? 'incremental' : opts.differential ? 'differential' : 'auto' });
+            : await engine.ovirtIncrementalBackup({ ...common, mode: chainPolicy(opts).mode });
         progress.done();
         if (output.json) printJson(backupJson(record));
         else printBackup(forTerminal(record));
         return;
       }
-      if ((opts.source ?? []).length + (opts.image ?? []).length === 0 && opts.libvirt === undefined) {
-        throw new InvalidArgumentError('name at least one disk: --source PATH|URI, --image QCOW2 or --libvirt DOMAIN');
-      }
+      const request = backupRequest(opts);
       const progress = createProgress({ json: output.json });
       const { record } = await engine.backup({
         repo: opt.requireRepo(opts.repo),
         passphrase,
-        sources: opts.source,
-        images: opts.image,
-        libvirt: opts.libvirt,
-        mode: opts.full ? 'full' : opts.incremental ? 'incremental' : opts.differential ? 'differential' : 'auto',
-        diskNames: opts.diskName,
-        name: opts.name,
+        ...request,
         workers: opts.workers,
         signal: interruptSignal(),
         onProgress: (p) => progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal),

@@ -66,13 +66,13 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
     const firstHash = await fileSha256(image);
     step(`creating a repository at ${repo}`);
     await initRepository(repo);
-    const first = (await backup({ repo, sources: [image], name: 'demo-monday', signal })).record;
+    const first = (await backup({ repo, from: { kind: 'disks', disks: [{ kind: 'raw', path: image }] }, name: 'demo-monday', signal })).record;
     step(`backup ${first.id.slice(0, 8)}: read ${first.disks[0]!.stats.bytesRead} bytes, stored ${first.disks[0]!.stats.bytesStored} new bytes`);
     const writes = await mutateImage(image, 0.02, 'engine-demo/tuesday');
     interruption.check();
     step(`the guest wrote ${writes.length === 1 ? 'once' : `${writes.length} times`} (2% of the disk)`);
     const secondHash = await fileSha256(image);
-    const second = (await backup({ repo, sources: [image], name: 'demo-tuesday', signal })).record;
+    const second = (await backup({ repo, from: { kind: 'disks', disks: [{ kind: 'raw', path: image }] }, name: 'demo-tuesday', signal })).record;
     step(`backup ${second.id.slice(0, 8)}: read ${second.disks[0]!.stats.bytesRead} bytes, stored ${second.disks[0]!.stats.bytesStored} new bytes (the rest deduplicated)`);
     for (const [record, expected] of [[first, firstHash], [second, secondHash]] as const) {
       const target = join(dir, `restored-${record.id.slice(0, 8)}.img`);
