@@ -207,8 +207,14 @@ class UnnamedPackDeletion {
         report.packs.kept.push({ pack: packId, why: `not deleted: ${foreign}` });
         continue;
       }
-      report.bytes.deleted += (await stat(packPath(repo.root, packId)).catch(() => ({ size: 0 }))).size;
-      await deletePack(repo.root, packId);
+      const size = (await stat(packPath(repo.root, packId)).catch(() => ({ size: 0 }))).size;
+      const failed = await deletePack(repo.root, packId);
+      if (failed) {
+        // Unnamed now: any later gc deletes it once it can be.
+        report.packs.kept.push({ pack: packId, why: `not deleted: ${failed}; a later gc deletes it` });
+        continue;
+      }
+      report.bytes.deleted += size;
       report.packs.deleted.push(packId);
       gone.push(packId);
       if (this.deletions++ === 0) crashPoint('gc-pack-deleted');
