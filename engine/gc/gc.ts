@@ -31,7 +31,7 @@ import type { Passphrase } from '../../repo-format/passphrase.js';
 import { Interruption } from '../host/interrupt.js';
 import { markAndPlan } from './mark.js';
 import { planTotals, type GcPlan } from './plan.js';
-import { copyLiveFrames } from './copy.js';
+import { copyLiveFrames, type GcCopies } from './copy.js';
 import { commitChanges, staleMarkers } from './commit.js';
 import { emptyGcReport, type GcReport } from './report.js';
 
@@ -62,14 +62,17 @@ export async function gc(options: GcOptions): Promise<GcReport> {
   const interruption = new Interruption(options.signal, 'gc', () => 'nothing visible changed: the packs it had copied under tmp/ were removed');
   interruption.check();
 
+  // Phase 1, mark: what is live, and the plan (under the lock).
   const marked = await markPhase(options, rewriteBelow, report, notice, interruption);
   if (!marked.writer) return report; // a dry run: the plan is the report
   const { plan, writer, keys } = marked;
-  let copies: Awaited<ReturnType<typeof copyLiveFrames>> | undefined;
+  let copies: GcCopies | undefined;
   try {
     crashPoint('gc-marked');
+    // Phase 2, copy: the live frames of the packs to rewrite, into new packs under tmp/ (no lock).
     copies = await copyLiveFrames(plan.rewrite, { root: options.repo, keys, token: writer.registration.token, notice, interruption }, report);
     crashPoint('gc-copied');
+    // Phase 3, commit: publish, one index batch, deletions, stale markers (under the lock again).
     await commitChanges(plan, copies, { repo: options.repo, passphrase: options.passphrase, notice, interruption }, report);
     return report;
   } finally {
