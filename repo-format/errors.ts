@@ -137,8 +137,9 @@ export class CorruptFrameError extends EngineError {
 }
 
 export class CorruptPackError extends EngineError {
-  constructor(packId: string, why: string) {
-    super('ENGINE_CORRUPT_PACK', `pack ${packId} is damaged: ${why}`, { packId, why });
+  /** `extra`: more details, e.g. `errno` when the pack cannot be opened or read. */
+  constructor(packId: string, why: string, extra: Record<string, unknown> = {}) {
+    super('ENGINE_CORRUPT_PACK', `pack ${packId} is damaged: ${why}`, { packId, why, ...extra });
   }
 }
 

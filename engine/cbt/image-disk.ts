@@ -23,8 +23,8 @@ import type { BackupRecord } from '../../repo-format/backup-record.js';
 /** One image's disk and its bitmap bookkeeping (release stops the export before the bitmaps change). */
 export type ImageDiskSession = CbtDiskJob & CbtSession;
 
-/** The checks of a qcow2 bitmap before it is trusted as an incremental's base. */
-function bitmapProblem(info: ImageInfo): (base: string, previous: DiskCbt) => string | null {
+/** The checks of a qcow2 bitmap before it is trusted as an incremental's base (pure: exported for its unit test). */
+export function bitmapProblem(info: ImageInfo): (base: string, previous: DiskCbt) => string | null {
   return (base, previous) => {
     const bitmap = info.bitmaps.find((b) => b.name === base);
     if (!bitmap) return `bitmap ${base} is missing from the image`;
@@ -42,7 +42,7 @@ function bitmapProblem(info: ImageInfo): (base: string, previous: DiskCbt) => st
  * never share a chain. Chains made before this rule continue as they were: their records name the same
  * bitmaps.
  */
-function imageIdentity(info: ImageInfo, repositoryId: string, image: string, backupName: string, diskName: string, history: BackupRecord[]): Pick<ChainFacts, 'isThisDisk' | 'whyNoPrevious'> {
+export function imageIdentity(info: ImageInfo, repositoryId: string, image: string, backupName: string, diskName: string, history: BackupRecord[]): Pick<ChainFacts, 'isThisDisk' | 'whyNoPrevious'> {
   const held = new Set(info.bitmaps.map((b) => b.name).filter((n) => n.startsWith(bitmapPrefix(repositoryId))));
   return {
     isThisDisk: (disk) => disk.cbt !== null && held.has(disk.cbt.checkpoint),
