@@ -154,10 +154,10 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
 
 /** The options that must go together; the way the disks are written ('appliance' by default). */
 function checkRestoreOptions(options: OvirtRestoreOptions): 'appliance' | 'transfer' {
-  if ((options.newVm === undefined) === (options.toVm === undefined)) throw new InvalidArgumentError('restore to oVirt needs either --new-vm NAME or --to-vm NAME');
-  if (options.toVm !== undefined && options.disk === undefined) throw new InvalidArgumentError('--to-vm restores one disk: name it with --disk');
+  if ((options.newVm === undefined) === (options.toVm === undefined)) throw new InvalidArgumentError('restore to oVirt needs either newVm or toVm');
+  if (options.toVm !== undefined && options.disk === undefined) throw new InvalidArgumentError('a restore into an existing VM (toVm) restores one disk: name it (disk)');
   const via = options.via ?? 'appliance';
-  if (via === 'appliance' && !options.appliance) throw new InvalidArgumentError('restore through the appliance needs --appliance NAME (or --via transfer)');
+  if (via === 'appliance' && !options.appliance) throw new InvalidArgumentError("restore through the appliance needs the appliance's name (or via: 'transfer')");
   return via;
 }
 
@@ -257,7 +257,7 @@ async function writeThroughAppliance(client: OvirtClient, journal: RunJournal, r
   await client.post(`vms/${applianceId}/diskattachments`, 'disk_attachment', { disk: { '@_id': diskId }, interface: DiskInterface.virtio, bootable: false, active: true });
   const device = await findDevice(client, applianceId, { id: diskId, alias: disk.name, size: disk.size }, options.deviceRoot ?? '/dev/disk/by-id', wait);
   // A new disk reads as zeros: zero blocks are skipped; restore flushes what it wrote.
-  await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: device, targetIsZeroed: true, signal: options.signal });
+  await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, target: { kind: 'device', path: device, blank: true }, signal: options.signal });
   await undo(client, attachEntry, wait, notice);
   await journal.forget(attachEntry);
 }
@@ -271,7 +271,7 @@ async function writeThroughImageio(client: OvirtClient, journal: RunJournal, run
   }, wait);
   try {
     const target = await ImageioTarget.open(transfer, ca);
-    await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: target.path, openTarget: async () => target, signal: options.signal });
+    await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, target: { kind: 'custom', describe: target.path, open: async () => target }, signal: options.signal });
     await finalizeTransfer(client, { id: transfer.id, disk: diskId, direction: 'upload' }, wait);
   } catch (error) {
     // A failed upload is cancelled; oVirt then removes its disk (TransferDiskImageCommand.endWithFailure).
