@@ -17,6 +17,7 @@ import { buildXml, decodeXml, parseXml, type XmlElement, type XmlInput } from '.
 import * as answers from '../dist/engine/ovirt/answers.js';
 import { decodeExtents, decodeOptions } from '../dist/engine/ovirt/imageio-json.js';
 import { OvirtClient } from '../dist/engine/ovirt/client.js';
+import { ImageioSource } from '../dist/engine/ovirt/imageio-source.js';
 
 const RUNS = { numRuns: 300 };
 const WHAT = 'GET test';
@@ -134,6 +135,9 @@ describe('oVirt XML answers', () => {
     expect(() => answers.createdId(parseXml(buildXml('disk', { name: 'x' })), 'disk', 'POST disks', 'disk')).toThrow(/POST disks.*names no disk id/);
     expect(() => answers.createdId(parseXml(buildXml('disk', { '@_id': '' })), 'disk', 'POST disks', 'disk')).toThrow(/names no disk id/);
     expect(() => answers.vmList(parseXml(buildXml('vms', { vm: [{ '@_id': 'v1', name: 'a' }, { name: 'b' }] })), WHAT)).toThrow(/names no VM id/);
+    // An attachment naming its disk with an empty id (found by the property below): refused, not ''.
+    expect(() => answers.diskAttachmentOf(parseXml(buildXml('disk_attachment', { disk: { '@_id': '' } })), WHAT)).toThrow(/names no disk attachment id/);
+    expect(answers.diskAttachmentOf(parseXml(buildXml('disk_attachment', { '@_id': 'd2', disk: { '@_id': '' } })), WHAT).diskId).toBe('d2');
   });
 
   test('valid answers built from typed values decode back to them', () => {
@@ -269,5 +273,61 @@ describe('the oVirt client against a server that answers anything', () => {
       { numRuns: 150 },
     );
     token = { status: 200, body: '{"access_token":"t"}' };
+  });
+});
+
+describe('imageio over real HTTP, answering anything', () => {
+  let server: Server;
+  let url: string;
+  /** What the server answers to OPTIONS, to GET …/extents and to a ranged GET. */
+  let answers: Record<'options' | 'extents' | 'read', { status: number; body: Buffer }>;
+
+  beforeAll(async () => {
+    server = createServer((req, res) => {
+      req.resume();
+      const answer = req.method === 'OPTIONS' ? answers.options : req.url?.includes('/extents') ? answers.extents : answers.read;
+      res.writeHead(answer.status, { 'Content-Type': 'application/json' });
+      res.end(answer.body);
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/images/ticket`;
+  });
+  afterAll(async () => {
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+  });
+
+  test("a download: the disk's extents and bytes, or one ENGINE_SOURCE_ line with imageio's words escaped", async () => {
+    const size = 65536;
+    const body = fc.oneof(
+      fc.json().map((t) => Buffer.from(t)),
+      fc.uint8Array({ maxLength: 300 }).map((b) => Buffer.from(b)),
+      fc.constant(Buffer.from(JSON.stringify([{ start: 0, length: size, zero: false, dirty: true }]))),
+      fc.constant(Buffer.from('{"features":["extents"],"max_readers":2}')),
+      fc.constant(Buffer.from('error\x1b[31m\nforged line\r')),
+    );
+    const answer = fc.record({ status: fc.constantFrom(200, 200, 204, 206, 400, 403, 416, 500), body });
+    await fc.assert(
+      fc.asyncProperty(answer, answer, answer, async (options, extents, read) => {
+        answers = { options, extents, read };
+        let source: ImageioSource | undefined;
+        try {
+          source = await ImageioSource.open({ transferUrl: url, proxyUrl: undefined }, size, { name: 'd', description: { kind: 'ovirt-imageio', path: 'vm/d' } });
+          let covered = 0;
+          for await (const extent of source.extents()) covered += extent.length;
+          expect(covered).toBe(size);
+          const block = Buffer.alloc(4096);
+          await source.read(block, 0);
+          expect(read.body.subarray(0, 4096).equals(block)).toBe(true);
+        } catch (error) {
+          expect(error).toBeInstanceOf(EngineError);
+          expect((error as EngineError).code).toMatch(/^ENGINE_SOURCE_(UNREADABLE|CHANGED)$/);
+          expect((error as EngineError).message).not.toMatch(/[\u0000-\u001f\u007f]/);
+        } finally {
+          await source?.close().catch(() => undefined);
+          source?.dispose?.();
+        }
+      }),
+      { numRuns: 120 },
+    );
   });
 });

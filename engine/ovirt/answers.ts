@@ -93,7 +93,8 @@ export interface DiskAttachment {
 }
 
 function attachmentOf(attachment: XmlElement | undefined, what: string): DiskAttachment {
-  const diskId = attribute(child(attachment, 'disk'), 'id') ?? idOf(attachment, what, 'disk attachment');
+  const named = attribute(child(attachment, 'disk'), 'id');
+  const diskId = named !== undefined && named !== '' ? named : idOf(attachment, what, 'disk attachment');
   return { diskId, active: text(attachment, 'active') === 'true', logicalName: text(attachment, 'logical_name') };
 }
 
