@@ -22,7 +22,8 @@ import { readCaFile, type OvirtClient, type OvirtClientOptions } from './client.
 import { attribute, child, children, text } from './xml.js';
 import { ImageioTarget } from './imageio-target.js';
 import { cancelTransfer, finalizeTransfer, startTransfer } from './transfers.js';
-import { OvirtFaultError } from '../errors.js';
+import { InterruptedError, OvirtFaultError } from '../errors.js';
+import { Interruption } from '../host/interrupt.js';
 import { undo, undoCreated, withOvirt } from './cleanup.js';
 import { clusterByName, clusterOfVm, findDevice, isNotFound, requireRunning, vmIdByName, type OvirtCluster, type OvirtDisk, type Wait } from './common.js';
 import { ovfDiskPlacements } from './ovf.js';
@@ -149,9 +150,13 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
       created.splice(created.indexOf(entry), 1);
     };
     let succeeded = false;
+    // SIGINT/SIGTERM: checked before each disk and before the VM is made (a disk's own restore stops within
+    // it); whatever the run created is then undone below, like after any failure, and said so.
+    const interruption = new Interruption(options.signal, 'restore', () => 'what it created in oVirt was removed');
     try {
       const restored: (OvirtRestoreResult['disks'][number] & { original: string })[] = [];
       for (const [i, { disk, meta }] of selected.entries()) {
+        interruption.check();
         // 1. A new disk, same size, sparse qcow2, allocated for what the restore point holds; with the
         //    original id if asked (the OVF import then finds it).
         const keepId = options.keepDiskIds === true && options.newVm !== undefined;
@@ -213,6 +218,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
         }
         restored.push({ name: disk.name, id: diskId, size: disk.size, original: meta.id });
       }
+      interruption.check();
 
       // 5. The VM: from the OVF (with overrides and new ids), or the existing one.
       let vm: { id: string; name: string };
@@ -250,6 +256,9 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
       }
       succeeded = true;
       return { backup: record.id, vm, disks: restored.map(({ name, id, size }) => ({ name, id, size })) };
+    } catch (error) {
+      // The restore of one disk says what it left of its target; here the whole run is undone instead.
+      throw error instanceof InterruptedError ? interruption.error() : error;
     } finally {
       if (succeeded) {
         // The disks and the VM are the result: nothing to undo.
