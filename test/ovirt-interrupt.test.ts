@@ -166,6 +166,67 @@ describe('restore --ovirt', () => {
   });
 });
 
+describe('the disk-attachment flow (--appliance)', () => {
+  /** SIGINT while stopped at `point`, resumed until it exits (a point may be reached again before the signal is seen). */
+  async function interruptAt(point: string, args: string[]): Promise<{ code: number | null; stderr: string }> {
+    const child = spawnEngine(args, { ...env, ENGINE_STOP_AT: point });
+    const out = collect(child);
+    await stoppedItself(child);
+    child.kill('SIGINT');
+    child.kill('SIGCONT');
+    const exited = exitOf(child);
+    for (;;) {
+      const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
+      if (settled === 'exited') break;
+      child.kill('SIGCONT');
+    }
+    return { code: (await exited).code, stderr: withoutProgress(out.stderr()) };
+  }
+
+  async function expectNothingAttached(): Promise<void> {
+    await settle();
+    const appliance = [...sim.vms.values()].find((v) => v.name === 'appliance')!;
+    expect([...appliance.attachments.keys()]).toEqual([]);
+    expect(await readdir(sim.deviceRoot)).toEqual([]);
+  }
+
+  test('backup: SIGINT while a pack is written, exit 130, one line; the snapshot removed, its disks detached; restore: SIGINT after the first block, its disk removed, no VM', async () => {
+    const app = await sim.addVm('appliance', []);
+    const big = await sim.addVm('big', [{ alias: 'big_os', size: '64M' }]);
+    // 40 MiB that do not compress: a pack (32 MiB) is written while the disk is read through the appliance.
+    const random = join(dir, 'big-random.raw');
+    await sh('bash', ['-c', `head -c 40M /dev/urandom > ${random} && truncate -s 64M ${random}`]);
+    await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', random, sim.disks.get(big.disks[0]!)!.image]);
+    const backupsBefore = await readdir(join(repo, 'backups'));
+    const args = ['backup', '--repo', repo, '--ovirt', sim.url, '--vm', 'big', '--appliance', 'appliance', '--device-root', sim.deviceRoot];
+    const interrupted = await interruptAt('pack-written', args);
+    expect(interrupted.code).toBe(130);
+    expect(interrupted.stderr).toBe('engine: backup was interrupted (SIGINT); nothing of it was committed\n');
+    await expectReleased(repo);
+    expect(await readdir(join(repo, 'backups'))).toEqual(backupsBefore);
+    await expectNothingAttached();
+    await until('the backup snapshot is removed', () => big.snapshots.size === 0);
+    // The next backup works and restores byte for byte.
+    const done = await runEngine([...args, '--json'], { env });
+    expect(done.code).toBe(0);
+    const id = parseJson<{ id: string }>(done.stdout).id;
+    const restoredFile = join(dir, 'big-restored.raw');
+    expect((await runEngine(['restore', '--repo', repo, id, '--to', restoredFile])).code).toBe(0);
+    expect(await filesIdentical(restoredFile, random)).toBe(true);
+
+    const disksBefore = new Set(sim.disks.keys());
+    const vmsBefore = new Set(sim.vms.keys());
+    const restore = await interruptAt('restore-block-written', ['restore', '--repo', repo, id, '--ovirt', sim.url, '--new-vm', 'big-restored', '--appliance', 'appliance', '--device-root', sim.deviceRoot]);
+    expect(restore.code).toBe(130);
+    expect(restore.stderr).toBe('engine: restore was interrupted (SIGINT); what it created in oVirt was removed\n');
+    await expectReleased(repo);
+    await expectNothingAttached();
+    expect([...sim.disks.keys()].filter((d) => !disksBefore.has(d))).toEqual([]);
+    expect([...sim.vms.keys()].filter((v) => !vmsBefore.has(v))).toEqual([]);
+    expect(app.status).toBe('up');
+  });
+});
+
 describe('engine demo', () => {
   test('SIGINT in its restore step: exit 130, one line, its temporary directory removed', async () => {
     const child = spawnEngine(['demo', '--size', '8M'], { ENGINE_STOP_AT: 'restore-block-written' });
