@@ -9,7 +9,8 @@
  * → release → finish (checkpoint retention), or rollback.
  *
  * A checkpoint the engine refuses, or any error of an incremental start (event 10791 surfaces so), or a
- * backup that fails before `ready`, is retried as a full backup, said in `modeReason`. From cluster level
+ * backup that fails before `ready` (the host could not start it), is retried as a full backup, said in
+ * `modeReason`. From cluster level
  * 4.5 oVirt mixes full and incremental disks in one backup (per-disk `backup_mode`); below it, one disk
  * without a valid chain makes every disk a full read.
  */
@@ -223,8 +224,11 @@ class BackupSession {
         started = await this.start(null);
       }
       if (started.phase !== BackupPhase.ready && base && started.from !== null) {
+        // oVirt accepted it, then the host could not start it (StartVmBackupCommand in STARTING: e.g. libvirt
+        // finds the checkpoint's bitmap missing or inconsistent; event 10792); event 10791 fails the POST instead.
+        const how = started.phase === 'gone' ? 'it vanished' : `phase ${started.phase}`;
         await this.abandon();
-        chains = allFull(chains, () => 'oVirt failed the incremental backup (event 10791: a full backup is needed)');
+        chains = allFull(chains, () => `oVirt failed the incremental backup from checkpoint ${base} before it was ready (${how}; oVirt's events say why): a full backup instead`);
         started = await this.start(null);
       }
       if (started.phase !== BackupPhase.ready) {
@@ -377,7 +381,11 @@ class BackupSession {
     const keep = new Set([ready.checkpoint, ...this.prepared.flatMap((j) => (j.cbt ? [j.cbt.chainCheckpoint] : []))]);
     const ours = recordedCheckpoints(args.history);
     const now = (await client.read(`vms/${vmId}/checkpoints`, checkpointList)).map((c) => c.id);
-    for (const id of now) if (ours.has(id) && !keep.has(id)) await deleteCheckpoint(client, vmId, id, wait);
+    // One that oVirt cannot delete (a bitmap lost from a disk of a running VM) does not keep the others.
+    for (const id of now) {
+      if (!ours.has(id) || keep.has(id)) continue;
+      await deleteCheckpoint(client, vmId, id, wait).catch((error: unknown) => this.run.notice(`could not delete old checkpoint ${id}: ${(error as Error).message}; the next run tries again`));
+    }
   }
 
   /** The backup failed: release what it holds, and delete its checkpoint (nothing records it). */

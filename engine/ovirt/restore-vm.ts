@@ -24,7 +24,8 @@ import { readCaFile, type OvirtClient, type OvirtClientOptions } from './client.
 import { createdId, diskAttachmentList, diskStatus, storageDomainList, type StorageDomainSummary } from './answers.js';
 import { ImageioTarget } from './imageio-target.js';
 import { cancelTransfer, finalizeTransfer, startTransfer } from './transfers.js';
-import { OvirtFaultError } from '../errors.js';
+import { InterruptedError, OvirtFaultError } from '../errors.js';
+import { Interruption } from '../host/interrupt.js';
 import { RunJournal, undo, withOvirt } from './cleanup.js';
 import { clusterByName, clusterOfVm, findDevice, isNotFound, requireRunning, vmIdByName, type OvirtCluster, type OvirtDisk, type Wait } from './common.js';
 import { ovfDiskPlacements, type OvfDiskPlacement } from './ovf.js';
@@ -131,18 +132,26 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
     const place = await placeRestore(client, options, via, plan);
     const journal = await RunJournal.create(options.repo, { flow: 'ovirt-restore', backup: plan.record.id });
     let succeeded = false;
+    // SIGINT/SIGTERM: checked before each disk and before the VM is made (a disk's own restore stops within
+    // it); whatever the run created is then undone below, like after any failure, and said so.
+    const interruption = new Interruption(options.signal, 'restore', () => 'what it created in oVirt was removed');
     try {
       const restored: RestoredDisk[] = [];
       for (const item of plan.disks) {
+        interruption.check();
         const diskId = await createDisk(client, journal, { options, item, domain: place.domain }, wait);
         if (via === 'appliance') await writeThroughAppliance(client, journal, { options, plan, item, diskId, applianceId: place.applianceId }, wait, notice);
         else await writeThroughImageio(client, journal, { options, plan, item, diskId }, wait);
         restored.push({ name: item.disk.name, id: diskId, size: item.disk.size, original: item.meta.id });
       }
+      interruption.check();
       const vm = await createVm(client, journal, options, plan.ovf, place);
       await attachRestoredDisks(client, vm, restored, plan.placements, options.newVm !== undefined, notice);
       succeeded = true;
       return { backup: plan.record.id, vm, disks: restored.map(({ name, id, size }) => ({ name, id, size })) };
+    } catch (error) {
+      // The restore of one disk says what it left of its target; here the whole run is undone instead.
+      throw error instanceof InterruptedError ? interruption.error() : error;
     } finally {
       // The disks and the VM are the result: nothing to undo. Otherwise, in reverse: the new VM, then
       // attachments, then disks.
