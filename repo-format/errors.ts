@@ -40,6 +40,7 @@ export type ErrorCode =
   | 'ENGINE_NOT_ENCRYPTED'
   | 'ENGINE_READ_ONLY'
   | 'ENGINE_FILE_TOO_LARGE'
+  | 'ENGINE_STORAGE'
   | 'ENGINE_INTERNAL';
 
 export class EngineError extends Error {
