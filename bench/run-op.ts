@@ -112,12 +112,12 @@ async function runOp(request: OpRequest): Promise<OpResults[OpName]> {
       return { writes: writes.length, bytes: writes.reduce((sum, w) => sum + w.length, 0) };
     }
     case 'backup': {
-      const { record } = await backup({ repo: request.repo, sources: [request.source], diskNames: [request.diskName], name: request.name });
+      const { record } = await backup({ repo: request.repo, from: { kind: 'disks', disks: [{ kind: 'raw', path: request.source, name: request.diskName }] }, name: request.name });
       const disk = record.disks[0]!;
       return { backupId: record.id, blockSize: record.blockSize, size: disk.size, mapDepth: disk.map.depth, mapBlocks: disk.map.blocks, stats: disk.stats };
     }
     case 'restore': {
-      const restored = await restore({ repo: request.repo, backupId: request.backupId, to: request.to });
+      const restored = await restore({ repo: request.repo, backupId: request.backupId, target: { kind: 'path', path: request.to } });
       const disk = restored.disks[0]!;
       return { size: disk.size, bytesWritten: disk.bytesWritten, blocksZero: disk.blocksZero };
     }

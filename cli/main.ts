@@ -18,6 +18,7 @@ import { registerToolCommands } from './commands/tools.js';
 import { output, printNotice } from './context.js';
 import type { GlobalOptions } from './options.js';
 import { printJson } from './output.js';
+import { cliMessage } from './error-wording.js';
 
 function buildProgram(): Command {
   const program = new Command('engine')
@@ -52,7 +53,8 @@ function reportError(error: unknown, debug: boolean): number {
   const engineError = error instanceof EngineError ? error : undefined;
   const code = engineError?.code;
   // One line whatever the source (a tool's stderr, a library's multi-line text): the contract of SPEC 14.
-  const message = (error instanceof Error ? error.message : String(error)).replace(/\s*\n\s*/g, ' ').trim();
+  // The engine's ways out (details.remedies) are worded as this CLI's flags (error-wording.ts).
+  const message = cliMessage(error).replace(/\s*\n\s*/g, ' ').trim();
   if (output.json) {
     printJson({ error: { code: code ?? 'ENGINE_INTERNAL', message, details: engineError?.details ?? {} } });
   } else {

@@ -48,8 +48,11 @@ export function insecureHttpOption(): Option {
 /** How to reach oVirt: the URL checked first (a bad one is said before credentials are asked for), then the credentials. */
 export async function ovirtConnection(opts: { ovirt: string; ovirtCredentials?: string; caFile?: string; insecureHttp?: boolean }): Promise<{ url: string; credentials: { username: string; password: string }; caFile: string | undefined; insecureHttp: boolean }> {
   const insecureHttp = opts.insecureHttp === true || process.env.ENGINE_OVIRT_INSECURE_HTTP === '1';
-  (await import('../engine/ovirt/url-policy.js')).checkEngineUrl(opts.ovirt, insecureHttp);
-  return { url: opts.ovirt, credentials: await loadCredentials(opts.ovirtCredentials), caFile: opts.caFile, insecureHttp };
+  (await import('../engine/ovirt/url-policy.js')).checkEngineUrl(opts.ovirt, insecureHttp, '--ovirt');
+  const credentials = await loadCredentials(opts.ovirtCredentials);
+  // Read now under its option's name: an unreadable CA file is a usage error before anything runs.
+  if (opts.caFile !== undefined) await (await import('../engine/ovirt/client.js')).readCaFile(opts.caFile, '--ca-file');
+  return { url: opts.ovirt, credentials, caFile: opts.caFile, insecureHttp };
 }
 
 /** The passphrase of an encrypted repository: never an argument (argv is visible to every user), a file or the environment. */
@@ -60,7 +63,7 @@ export function passwordFileOption(): Option {
 /** The passphrase's bytes (engine/host/passphrase-source.ts: --password-file, $ENGINE_PASSWORD_FILE, $ENGINE_PASSWORD), or undefined. */
 export async function loadPassphrase(file: string | undefined): Promise<Buffer | undefined> {
   const { resolvePassphrase } = await import('../engine/host/passphrase-source.js');
-  const resolved = await resolvePassphrase({ file });
+  const resolved = await resolvePassphrase({ file, fileLabel: '--password-file' });
   for (const warning of resolved.warnings) printNotice(warning);
   return resolved.passphrase;
 }

@@ -1,5 +1,48 @@
-import { EngineError } from '../repo-format/errors.js';
+import { EngineError, type StorageRemedy } from '../repo-format/errors.js';
 import { displayText } from '../repo-format/display-text.js';
+
+/**
+ * A way out of an engine error, in the API's terms (`details.remedies`; the message states the condition):
+ * the storage layer's (repo-format/errors.ts) and the engine's. The CLI words each as its flags
+ * (cli/error-wording.ts); SPEC.md, 14.3, lists them.
+ */
+export type Remedy =
+  | StorageRemedy
+  /** The same call with `option` set lifts the refusal; `to`: what it then does ("overwrite it"). */
+  | { kind: 'override'; option: 'force'; to: string }
+  /** Roll the target back instead (restore's rollback policy `compare`): only what differs is written. */
+  | { kind: 'rollback' }
+  /** Roll a qcow2 image back through an NBD export of it (an `nbd` target, with a rollback policy). */
+  | { kind: 'rollback-through-nbd' }
+  /** Compare every block instead of trusting a bitmap (rollback policy `compare`). */
+  | { kind: 'compare-every-block' }
+  /** Restore into a new qcow2 image (a `qcow2` target). */
+  | { kind: 'new-image' }
+  /** Name the disk to restore (the `disk` option); `into`: the target it goes to; `otherwise`: the other way. */
+  | { kind: 'choose-disk'; into?: string; otherwise?: 'into-directory' | 'one-by-one' }
+  /** Give the disks of a backup distinct names. */
+  | { kind: 'name-disks' }
+  /** Back the disk up as another kind: `raw` (read whole) or `image` (a qcow2 image, its dirty bitmaps). */
+  | { kind: 'disk-kind'; use: 'raw' | 'image' }
+  /** Unprotect the backup first. */
+  | { kind: 'unprotect'; backup: string }
+  /** oVirt: give the engine's CA certificate (`caFile`). */
+  | { kind: 'ovirt-ca' }
+  /** oVirt: give the engine's own https:// address. */
+  | { kind: 'ovirt-address' }
+  /** oVirt: give the credentials apart from the URL. */
+  | { kind: 'ovirt-credentials' }
+  /** oVirt: reach the engine over https (with its CA), or allow plain http (`insecureHttp`) on a trusted network. */
+  | { kind: 'ovirt-https' }
+  /** serve: TLS with client authentication (certificates or pre-shared keys), a Unix socket, or `insecure`. */
+  | { kind: 'serve-securely' }
+  /** serve: another socket path, because the one given is not a socket, is in use, or the run directory cannot be made. */
+  | { kind: 'socket-path'; because: 'not-a-socket' | 'in-use' | 'run-dir' };
+
+/** `details` carrying remedies, typed. */
+export function withRemedies(details: Record<string, unknown>, ...remedies: Remedy[]): Record<string, unknown> {
+  return { ...details, remedies };
+}
 
 export class SourceUnreadableError extends EngineError {
   constructor(path: string, why: string) {
@@ -119,9 +162,9 @@ export class TargetInUseError extends EngineError {
   }
 }
 
-/** A target that holds data the user did not say to overwrite (a filesystem signature, an existing file); --force does. */
+/** A target that holds data the caller did not say to overwrite (a filesystem signature, an existing file); `force` does. */
 export class TargetHoldsDataError extends EngineError {
   constructor(path: string, what: string) {
-    super('ENGINE_TARGET_HOLDS_DATA', `refusing to overwrite ${path}: it holds ${what}; give --force to overwrite it`, { path, what });
+    super('ENGINE_TARGET_HOLDS_DATA', `refusing to overwrite ${path}: it holds ${what}`, withRemedies({ path, what }, { kind: 'override', option: 'force', to: 'overwrite it' }));
   }
 }

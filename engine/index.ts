@@ -1,7 +1,11 @@
 /** The engine's public API: what the CLI, bench/ and test/ (and backup vendors) call. */
 export { initRepository } from './catalogue/init.js';
 export { backup, type BackupOptions, type BackupResult } from './backup/backup.js';
+export type { BackupDisk, BackupFrom, ChainPolicy } from './backup/request.js';
+export type { RequestedMode, ChainArgs, CbtProvision, CbtSession } from './cbt/chain.js';
 export { restore, type RestoreOptions, type RestoreResult, type RestoredDisk, type RestoreProgress } from './restore/restore.js';
+export type { RestoreTarget, RollbackPolicy, WritePolicy } from './restore/request.js';
+export type { TargetWriter } from './restore/target-writer.js';
 export { verify, type VerifyOptions, type VerifyReport, type VerifyProblem } from './verify/verify.js';
 export { listBackups, showBackup } from './catalogue/catalogue.js';
 export { prune, type PruneOptions, type PruneReport, type PrunedBackup } from './retention/prune.js';
@@ -18,6 +22,7 @@ export { ENGINE_VERSION } from './version.js';
 export { primitivesReport, runPrimitives, type Row as PrimitiveRow } from './demo/primitives-bench.js';
 export type { DiskProgress } from './pipeline/backup-disk.js';
 export {
+  type Remedy,
   SourceUnreadableError,
   SourceChangedError,
   TargetTooSmallError,

@@ -6,6 +6,7 @@ import { ID_SIZE, MAX_DISK_SIZE } from './constants.js';
 import { CorruptMetadataError } from './errors.js';
 import { displayText, storedDiskNameProblem } from './names.js';
 import { mapDepth, type MapRoot } from './block-map.js';
+import { blockCount } from './disk-geometry.js';
 
 export type BackupType = 'full' | 'incremental' | 'differential';
 
@@ -107,7 +108,7 @@ function checkDisk(disk: unknown, blockSize: number): string | undefined {
   if (!isCount(map.depth) || !isCount(map.blocks)) return `disk ${d.name} has no valid map shape`;
   // Bounds before anything is planned from the size: no reader sizes work or memory past what a disk can be.
   if (d.size > MAX_DISK_SIZE) return `disk ${d.name} has ${d.size} bytes, more than the ${MAX_DISK_SIZE} (1 PiB) a disk may have`;
-  if (map.blocks !== Math.ceil(d.size / blockSize)) return `disk ${d.name}: ${map.blocks} map blocks do not cover ${d.size} bytes`;
+  if (map.blocks !== blockCount(d.size, blockSize)) return `disk ${d.name}: ${map.blocks} map blocks do not cover ${d.size} bytes`;
   if (map.depth !== mapDepth(map.blocks)) return `disk ${d.name}: a map of ${map.blocks} blocks has depth ${mapDepth(map.blocks)}, not ${map.depth}`;
   if (map.blocks === 0 && !/^0+$/.test(map.root)) return `disk ${d.name}: an empty disk's map root must be the zero id`;
   if (d.mode !== 'full' && d.mode !== 'incremental' && d.mode !== 'differential') return `disk ${d.name} has no valid mode`;

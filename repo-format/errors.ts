@@ -43,6 +43,23 @@ export type ErrorCode =
   | 'ENGINE_STORAGE'
   | 'ENGINE_INTERNAL';
 
+/**
+ * A way out of an error, in the API's terms: carried in `details.remedies`, while the message states only
+ * the condition. Each front end words a remedy as its own (the CLI as its flags and commands:
+ * cli/error-wording.ts); a message never tells a library caller to pass a command-line flag. These are the
+ * storage layer's; the engine adds its own (engine/errors.ts, `Remedy`).
+ */
+export type StorageRemedy =
+  /** Give the repository's passphrase. */
+  | { kind: 'passphrase' }
+  /**
+   * unlock() (with `force` when the holder cannot be proven gone) removes `removes` (the lock, a
+   * registration); `when`: the condition under which it is safe, if any.
+   */
+  | { kind: 'unlock'; repo: string; force: boolean; removes: string; when?: string }
+  /** repair() (of the repository at `repo`, when it is worth naming) does what `does` says. */
+  | { kind: 'repair'; repo?: string; does: string };
+
 export class EngineError extends Error {
   readonly code: ErrorCode;
   readonly details: Readonly<Record<string, unknown>>;
@@ -66,9 +83,9 @@ export class InvalidArgumentError extends EngineError {
 }
 
 export class NotARepositoryError extends EngineError {
-  /** `hint`: what to do (e.g. repair rebuilds a lost config), appended after a semicolon. */
-  constructor(path: string, why: string, hint?: string) {
-    super('ENGINE_NOT_A_REPOSITORY', `${path} is not an engine repository: ${why}${hint ? `; ${hint}` : ''}`, { path, why });
+  /** `hint`: what more is known (e.g. the packs are there), appended after a semicolon; `remedy`: what to do about it. */
+  constructor(path: string, why: string, hint?: { condition: string; remedy: StorageRemedy }) {
+    super('ENGINE_NOT_A_REPOSITORY', `${path} is not an engine repository: ${why}${hint ? `; ${hint.condition}` : ''}`, { path, why, ...(hint ? { remedies: [hint.remedy] } : {}) });
   }
 }
 
@@ -97,13 +114,19 @@ export interface LockHolder {
   identity?: string;
 }
 
+/** What is known of a lock's holder, and the way out (lock.ts, lockedHint). */
+export interface LockedHint {
+  condition?: string | undefined;
+  remedy?: StorageRemedy | undefined;
+}
+
 export class RepositoryLockedError extends EngineError {
-  /** `hint`: the way out (lock.ts, lockedHint), appended after a semicolon. */
-  constructor(path: string, holder: LockHolder | undefined, hint?: string) {
+  /** `hint`: what is known of the holder (lock.ts, lockedHint), appended after a semicolon, and the way out. */
+  constructor(path: string, holder: LockHolder | undefined, hint?: LockedHint) {
     const who = holder
       ? `locked by pid ${holder.pid} on host ${holder.hostname} since ${holder.since} (${holder.command})`
       : 'locked by another process (its lock file could not be read)';
-    super('ENGINE_REPOSITORY_LOCKED', `repository ${path} is ${who}${hint ? `; ${hint}` : ''}`, { path, holder });
+    super('ENGINE_REPOSITORY_LOCKED', `repository ${path} is ${who}${hint?.condition ? `; ${hint.condition}` : ''}`, { path, holder, ...(hint?.remedy ? { remedies: [hint.remedy] } : {}) });
   }
 }
 
@@ -115,8 +138,9 @@ export class CorruptFrameError extends EngineError {
 }
 
 export class CorruptPackError extends EngineError {
-  constructor(packId: string, why: string) {
-    super('ENGINE_CORRUPT_PACK', `pack ${packId} is damaged: ${why}`, { packId, why });
+  /** `extra`: more details, e.g. `errno` when the pack cannot be opened or read. */
+  constructor(packId: string, why: string, extra: Record<string, unknown> = {}) {
+    super('ENGINE_CORRUPT_PACK', `pack ${packId} is damaged: ${why}`, { packId, why, ...extra });
   }
 }
 
@@ -157,7 +181,7 @@ export class WrongPassphraseError extends EngineError {
 /** An encrypted repository was opened without a passphrase. */
 export class PassphraseRequiredError extends EngineError {
   constructor(path: string) {
-    super('ENGINE_PASSPHRASE_REQUIRED', `repository ${path} is encrypted: give its passphrase with --password-file FILE, in a file named by ENGINE_PASSWORD_FILE, or in ENGINE_PASSWORD`, { path });
+    super('ENGINE_PASSPHRASE_REQUIRED', `repository ${path} is encrypted, and no passphrase was given`, { path, remedies: [{ kind: 'passphrase' } satisfies StorageRemedy] });
   }
 }
 

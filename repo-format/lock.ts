@@ -18,7 +18,7 @@ import { LAYOUT, SMALL_FILE_LIMIT } from './constants.js';
 import { readBoundedFile } from './bounded-read.js';
 import { holderLiveness, processIdentity, type HolderLiveness } from './process-alive.js';
 import { IMMUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
-import { classifyWriteError, isErrnoException, RepositoryLockedError, type LockHolder } from './errors.js';
+import { classifyWriteError, isErrnoException, RepositoryLockedError, type LockedHint, type LockHolder, type StorageRemedy } from './errors.js';
 
 export interface RepositoryLock {
   holder: LockHolder;
@@ -59,19 +59,19 @@ export function isStale(holder: { pid: number; hostname: string; identity?: stri
   return lockLiveness(holder) === 'dead';
 }
 
-/** The way out a refusal names, by what is known of the holder. */
-export function lockedHint(root: string, holder: LockHolder | undefined, what = 'the lock'): string {
-  const unlock = `engine unlock --repo ${root}`;
-  if (!holder) return `if no engine process uses the repository, \`${unlock} --force\` removes ${what}`;
+/** What a refusal says of the holder, and the way out (an unlock, forced where the holder cannot be proven gone). */
+export function lockedHint(root: string, holder: LockHolder | undefined, what = 'the lock'): LockedHint {
+  const unlock = (force: boolean, when?: string): StorageRemedy => ({ kind: 'unlock', repo: root, force, removes: what, ...(when ? { when } : {}) });
+  if (!holder) return { remedy: unlock(true, 'if no engine process uses the repository') };
   switch (lockLiveness(holder)) {
     case 'alive':
-      return 'that process is running: wait for it to finish';
+      return { condition: 'that process is running: wait for it to finish' };
     case 'unverified':
-      return `pid ${holder.pid} is alive, but its file does not say whether it is still the holder: if it is not an engine process, \`${unlock} --force\` removes ${what}`;
+      return { condition: `pid ${holder.pid} is alive, but its file does not say whether it is still the holder`, remedy: unlock(true, 'if it is not an engine process') };
     case 'other-host':
-      return `this host cannot tell whether it still runs: once it has finished (or host ${holder.hostname} is down), \`${unlock} --force\` removes ${what}`;
+      return { condition: 'this host cannot tell whether it still runs', remedy: unlock(true, `once it has finished (or host ${holder.hostname} is down)`) };
     default:
-      return `that process is gone: \`${unlock}\` removes ${what}`;
+      return { condition: 'that process is gone', remedy: unlock(false) };
   }
 }
 

@@ -22,7 +22,7 @@ import {
   PACK_MAX_SIZE,
   PACK_VERSION,
 } from './constants.js';
-import { classifyWriteError, CorruptFrameError, CorruptPackError } from './errors.js';
+import { classifyWriteError, CorruptFrameError, CorruptPackError, InvalidArgumentError } from './errors.js';
 import { fsyncDirectory } from './durable-file.js';
 import { ensurePrivateDirectory, IMMUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
 import { decodeFrameHeader, frameLength, type FrameHeader } from './frame.js';
@@ -95,7 +95,10 @@ export class PackWriter {
    * unchanged until then.
    */
   append(frame: Uint8Array, header: Omit<FrameHeader, 'storedLength'>): Promise<void> {
-    if (this.size + frame.length > PACK_MAX_SIZE) return Promise.reject(new Error('pack would exceed its maximum size'));
+    if (this.size + frame.length > PACK_MAX_SIZE) {
+      // Offsets in the index are 32-bit (SPEC.md 7): a caller must seal the pack before it grows this far.
+      return Promise.reject(new InvalidArgumentError(`pack ${this.packId} would grow to ${this.size + frame.length} bytes, past the largest a pack may be (${PACK_MAX_SIZE}): seal it first`, { packId: this.packId, size: this.size, frameLength: frame.length }));
+    }
     const offset = this.size;
     this.size += frame.length;
     this.entries.push({
@@ -182,19 +185,30 @@ export async function readFrameBytes(root: string, packId: string, offset: numbe
   if (length < FRAME_OVERHEAD || length > MAX_FRAME_LENGTH) {
     throw new CorruptFrameError(packId, offset, `the index gives an impossible frame length ${length}`);
   }
-  let handle: FileHandle;
-  try {
-    handle = await open(packPath(root, packId), 'r');
-  } catch (error) {
-    throw new CorruptPackError(packId, `cannot open pack (${(error as NodeJS.ErrnoException).code ?? String(error)})`);
-  }
+  const handle = await openPack(root, packId);
   try {
     const buffer = Buffer.allocUnsafe(length);
-    const { bytesRead } = await handle.read(buffer, 0, length, offset);
+    const { bytesRead } = await handle.read(buffer, 0, length, offset).catch((error: unknown) => {
+      throw unreadablePack(packId, 'cannot read pack', error);
+    });
     if (bytesRead !== length) throw new CorruptFrameError(packId, offset, `pack is truncated: read ${bytesRead} of ${length} bytes`);
     return buffer;
   } finally {
     await handle.close();
+  }
+}
+
+/** A pack that cannot be opened or read (gone, EIO, not a file): damaged, with the errno in `details.errno`. */
+function unreadablePack(packId: string, what: string, error: unknown): CorruptPackError {
+  const errno = (error as NodeJS.ErrnoException).code;
+  return new CorruptPackError(packId, `${what} (${errno ?? String(error)})`, errno === undefined ? {} : { errno });
+}
+
+async function openPack(root: string, packId: string): Promise<FileHandle> {
+  try {
+    return await open(packPath(root, packId), 'r');
+  } catch (error) {
+    throw unreadablePack(packId, 'cannot open pack', error);
   }
 }
 
@@ -215,41 +229,47 @@ export interface PackScan {
 /**
  * Walks a pack's frame headers (without reading payloads) to list its blobs. Used to rebuild the index
  * and by verify. Stops at the first header that does not parse: nothing after it can be located.
- * `encrypted`: the repository is encrypted (frame.ts, decodeFrameHeader).
+ * `encrypted`: the repository is encrypted (frame.ts, decodeFrameHeader). A pack that cannot be opened or
+ * read at all is CorruptPackError (ENGINE_CORRUPT_PACK, the errno in `details.errno`).
  */
 export async function scanPack(root: string, packId: string, encrypted = false): Promise<PackScan> {
-  const path = packPath(root, packId);
-  const handle = await open(path, 'r');
+  const handle = await openPack(root, packId);
   try {
-    const { size } = await handle.stat();
-    const scan: PackScan = { packId, size, frames: [] };
-    const header = Buffer.alloc(Math.max(PACK_HEADER_SIZE, FRAME_HEADER_SIZE));
-    const { bytesRead } = await handle.read(header, 0, PACK_HEADER_SIZE, 0);
-    const packProblem = decodePackHeader(header.subarray(0, bytesRead), packId);
-    if (packProblem) {
-      scan.damage = { offset: 0, why: packProblem };
-      return scan;
-    }
-    let offset = PACK_HEADER_SIZE;
-    while (offset < size) {
-      const { bytesRead: got } = await handle.read(header, 0, FRAME_HEADER_SIZE, offset);
-      const decoded = decodeFrameHeader(header.subarray(0, got), 0, encrypted);
-      if (typeof decoded === 'string') {
-        scan.damage = { offset, why: decoded };
-        break;
-      }
-      const length = frameLength(decoded.storedLength);
-      if (offset + length > size) {
-        scan.damage = { offset, why: `frame of ${length} bytes runs past the end of the pack (${size} bytes): truncated` };
-        break;
-      }
-      scan.frames.push({ offset, header: decoded, length });
-      offset += length;
-    }
-    return scan;
+    return await scanFrames(handle, packId, encrypted);
+  } catch (error) {
+    throw unreadablePack(packId, 'cannot read pack', error);
   } finally {
     await handle.close();
   }
+}
+
+async function scanFrames(handle: FileHandle, packId: string, encrypted: boolean): Promise<PackScan> {
+  const { size } = await handle.stat();
+  const scan: PackScan = { packId, size, frames: [] };
+  const header = Buffer.alloc(Math.max(PACK_HEADER_SIZE, FRAME_HEADER_SIZE));
+  const { bytesRead } = await handle.read(header, 0, PACK_HEADER_SIZE, 0);
+  const packProblem = decodePackHeader(header.subarray(0, bytesRead), packId);
+  if (packProblem) {
+    scan.damage = { offset: 0, why: packProblem };
+    return scan;
+  }
+  let offset = PACK_HEADER_SIZE;
+  while (offset < size) {
+    const { bytesRead: got } = await handle.read(header, 0, FRAME_HEADER_SIZE, offset);
+    const decoded = decodeFrameHeader(header.subarray(0, got), 0, encrypted);
+    if (typeof decoded === 'string') {
+      scan.damage = { offset, why: decoded };
+      break;
+    }
+    const length = frameLength(decoded.storedLength);
+    if (offset + length > size) {
+      scan.damage = { offset, why: `frame of ${length} bytes runs past the end of the pack (${size} bytes): truncated` };
+      break;
+    }
+    scan.frames.push({ offset, header: decoded, length });
+    offset += length;
+  }
+  return scan;
 }
 
 /**
@@ -277,11 +297,18 @@ export async function notOwnPack(root: string, packId: string): Promise<string |
   }
 }
 
-/** Deletes a pack (gc only: the caller has made sure no index entry, record or live reader needs it). */
-export async function deletePack(root: string, packId: string): Promise<void> {
-  await unlink(packPath(root, packId)).catch((error: unknown) => {
-    if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
-  });
+/**
+ * Deletes a pack (gc only: the caller has made sure no index entry, record or live reader needs it).
+ * Returns why it could not (EPERM on an immutable file, EIO…), or undefined once it is gone.
+ */
+export async function deletePack(root: string, packId: string): Promise<string | undefined> {
+  try {
+    await unlink(packPath(root, packId));
+    return undefined;
+  } catch (error) {
+    const errno = (error as NodeJS.ErrnoException).code;
+    return errno === 'ENOENT' ? undefined : `it cannot be deleted (${errno ?? String(error)})`;
+  }
 }
 
 export interface PackDamage {

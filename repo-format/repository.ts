@@ -26,6 +26,7 @@ import {
   RepositoryExistsError,
   ReadOnlyRepositoryError,
   RepositoryLockedError,
+  type StorageRemedy,
 } from './errors.js';
 import { fsyncDirectory, writeFileDurably } from './durable-file.js';
 import { createPrivateDirectory, ensurePrivateDirectory, formatMode, GROUP_OTHER_BITS, PRIVATE_DIRECTORY_MODE } from './file-modes.js';
@@ -97,8 +98,8 @@ export interface OpenReport {
 }
 
 /** For a lost or damaged config in what is otherwise a repository: the way out. */
-async function rebuildHint(root: string): Promise<string | undefined> {
-  return (await hasRepositoryLayout(root)) ? `it has a repository's packs/ and backups/: \`engine repair --repo ${root}\` rebuilds the config from them` : undefined;
+async function rebuildHint(root: string): Promise<{ condition: string; remedy: StorageRemedy } | undefined> {
+  return (await hasRepositoryLayout(root)) ? { condition: "it has a repository's packs/ and backups/", remedy: { kind: 'repair', repo: root, does: 'rebuilds the config from them' } } : undefined;
 }
 
 /** The directories `init` creates in the new repository, besides `index/` (LevelDB) and, encrypted, `keys/` (SPEC.md, section 3). */

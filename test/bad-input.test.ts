@@ -73,7 +73,7 @@ describe('sources', () => {
     let truncated = false;
     const error = await backup({
       repo,
-      sources: [image],
+      from: { kind: 'disks', disks: [{ kind: 'raw', path: image }] },
       onProgress: (p) => {
         if (!truncated && p.bytesDone >= 8 * MiB) {
           truncated = true;

@@ -209,7 +209,7 @@ describe('a chain the engine cannot trust is read in full, and says so', () => {
     const result = await runEngine(['backup', '--repo', repo, '--source', raw, '--incremental', '--json']);
     expect(parseJson<{ disks: { mode: string; modeReason: string }[] }>(result.stdout).disks[0]).toMatchObject({
       mode: 'full',
-      modeReason: 'this source has no changed-block tracking (use --image for qcow2)',
+      modeReason: 'this source has no changed-block tracking (a qcow2 image has, backed up as an image disk)',
     });
   });
 

@@ -151,7 +151,7 @@ describe('demo', () => {
     const demo = await runEngine(['demo', '--size', '1M']);
     expect(demo.code).toBe(0);
     const lines = demo.stdout.trim().split('\n');
-    const work = /^demo: working in (\S+), a temporary directory removed when the demo ends \(--dir DIR keeps the image and the repository\)$/.exec(lines[0]!);
+    const work = /^demo: working in (\S+), a temporary directory removed when the demo ends \(give the demo a directory to keep the image and the repository\)$/.exec(lines[0]!);
     expect(work).not.toBeNull();
     expect(lines.at(-2)).toBe(`demo: removed the temporary directory ${work![1]}`);
     expect(lines.at(-1)).toBe('demo: done; 2 backups restored byte for byte, repository verified');

@@ -91,7 +91,7 @@ describe('names from outside', () => {
     expect(full.disks[0]!.name).toBe('vm_[2J_night.qcow2');
     const human = await runEngine(['backup', '--repo', repo, '--image', weird]);
     expect(human.code).toBe(0);
-    expect(human.stderr).toContain(`engine: the file name of --image ${dir}/vm\\x1b[2J\\x0anight.qcow2 "vm\\x1b[2J\\x0anight.qcow2" cannot be a disk name (it contains a control character (U+001B)): recorded as "vm_[2J_night.qcow2"\n`);
+    expect(human.stderr).toContain(`engine: the file name of image ${dir}/vm\\x1b[2J\\x0anight.qcow2 "vm\\x1b[2J\\x0anight.qcow2" cannot be a disk name (it contains a control character (U+001B)): recorded as "vm_[2J_night.qcow2"\n`);
     expect(human.stderr).not.toMatch(TERMINAL_CONTROLS);
     expect(human.stdout).not.toMatch(TERMINAL_CONTROLS);
     await sh('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x22 512k 64k', weird]);

@@ -166,7 +166,12 @@ describe('TLS with the engine\'s CA', () => {
         const trusted = new OvirtClient({ url: secure.url, credentials: { username: 'admin@internal', password: 'secret' }, caFile: cert });
         expect((await trusted.get('')).status).toBe(200);
         const untrusted = new OvirtClient({ url: secure.url, credentials: { username: 'admin@internal', password: 'secret' } });
-        await expect(untrusted.get('')).rejects.toMatchObject({ code: 'ENGINE_OVIRT_CONNECT', message: expect.stringMatching(/^[^\n]*cannot connect: the peer certificate is self-signed and not the trusted CA \(self[- ]signed certificate, DEPTH_ZERO_SELF_SIGNED_CERT\); give --ca-file with the engine's CA[^\n]*$/) });
+        // A library caller is told the condition, and what to do in details (the CLI words it as --ca-file).
+        await expect(untrusted.get('')).rejects.toMatchObject({
+          code: 'ENGINE_OVIRT_CONNECT',
+          message: expect.stringMatching(/^[^\n]*cannot connect: the peer certificate is self-signed and not the trusted CA \(self[- ]signed certificate, DEPTH_ZERO_SELF_SIGNED_CERT\)$/),
+          details: expect.objectContaining({ remedies: [{ kind: 'ovirt-ca' }] }),
+        });
       } finally {
         await secure.stop();
       }

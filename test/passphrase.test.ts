@@ -102,7 +102,7 @@ describe('reading a passphrase file is bounded', () => {
     const { resolvePassphrase } = await import('../dist/engine/host/passphrase-source.js');
     await expect(resolvePassphrase({ file: fifo, env: {}, timeoutMs: 300 })).rejects.toMatchObject({
       code: 'ENGINE_INVALID_ARGUMENT',
-      message: `--password-file ${fifo}: is a pipe that delivered no complete secret within 0.3 s (nothing wrote it, or the writer did not close it)`,
+      message: `passphrase file ${fifo}: is a pipe that delivered no complete secret within 0.3 s (nothing wrote it, or the writer did not close it)`,
     });
   });
 

@@ -159,7 +159,7 @@ describe('TCP without TLS', () => {
   test('--host 0.0.0.0 --writable --insecure: a loud warning', async () => {
     const { child, ready, stderr } = await startServe(['--port', '0', '--host', '0.0.0.0', '--writable', '--insecure']);
     expect(ready.warnings).toHaveLength(1);
-    expect(ready.warnings[0]).toMatch(/^WARNING: serving WITHOUT TLS OR AUTHENTICATION on 0\.0\.0\.0 port \d+: ANYONE WHO CAN REACH THIS HOST CAN READ AND WRITE THE BACKUP'S DISKS \(--writable\)/);
+    expect(ready.warnings[0]).toMatch(/^WARNING: serving WITHOUT TLS OR AUTHENTICATION on 0\.0\.0\.0 port \d+: ANYONE WHO CAN REACH THIS HOST CAN READ AND WRITE THE BACKUP'S DISKS, in clear text on the network; serve with TLS and client authentication \(certificates or pre-shared keys\) instead/);
     expect(stderr()).toContain(ready.warnings[0]);
     await stopServe(child);
   });

@@ -7,6 +7,8 @@ import { backupJson, printBackup, printJson } from '../output.js';
 import { engine } from '../engine-calls.js';
 import { output, printNotice, interruptSignal } from '../context.js';
 import * as opt from '../options.js';
+import type { BackupRecord } from '../../repo-format/backup-record.js';
+import { backupRequest, chainPolicy } from './backup-request.js';
 
 interface BackupCliOptions {
   repo?: string;
@@ -58,55 +60,42 @@ export function registerBackupCommand(program: Command): void {
     .action(async (opts: BackupCliOptions) => {
       output.json = opts.json === true;
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
-      if (opts.ovirt !== undefined) {
-        if ((opts.source ?? []).length + (opts.image ?? []).length > 0 || opts.libvirt !== undefined) {
-          throw new InvalidArgumentError('--ovirt backs up a VM through its snapshot: do not combine it with --source, --image or --libvirt');
-        }
-        if (!opts.vm) throw new InvalidArgumentError('--ovirt needs --vm NAME (the VM to back up)');
-        const progress = createProgress({ json: output.json });
-        const common = {
-          repo: opt.requireRepo(opts.repo),
-          passphrase,
-          ovirt: await opt.ovirtConnection({ ...opts, ovirt: opts.ovirt }),
-          vm: opts.vm,
-          workers: opts.workers,
-          signal: interruptSignal(),
-          onProgress: (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }) =>
-            progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal),
-          onNotice: printNotice,
-        };
-        if (opts.appliance !== undefined && (opts.incremental || opts.differential)) {
-          throw new InvalidArgumentError('the disk-attachment flow (--appliance) makes full backups; leave out --appliance for incremental ones');
-        }
-        const { record } =
-          opts.appliance !== undefined
-            ? await engine.ovirtApplianceBackup({ ...common, appliance: opts.appliance, deviceRoot: opts.deviceRoot })
-            : await engine.ovirtIncrementalBackup({ ...common, mode: opts.full ? 'full' : opts.incremental ? 'incremental' : opts.differential ? 'differential' : 'auto' });
-        progress.done();
-        if (output.json) printJson(backupJson(record));
-        else printBackup(forTerminal(record));
-        return;
-      }
-      if ((opts.source ?? []).length + (opts.image ?? []).length === 0 && opts.libvirt === undefined) {
-        throw new InvalidArgumentError('name at least one disk: --source PATH|URI, --image QCOW2 or --libvirt DOMAIN');
-      }
-      const progress = createProgress({ json: output.json });
-      const { record } = await engine.backup({
-        repo: opt.requireRepo(opts.repo),
-        passphrase,
-        sources: opts.source,
-        images: opts.image,
-        libvirt: opts.libvirt,
-        mode: opts.full ? 'full' : opts.incremental ? 'incremental' : opts.differential ? 'differential' : 'auto',
-        diskNames: opts.diskName,
-        name: opts.name,
-        workers: opts.workers,
-        signal: interruptSignal(),
-        onProgress: (p) => progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal),
-        onNotice: printNotice,
-      });
-      progress.done();
+      const record = opts.ovirt !== undefined ? await ovirtBackup({ ...opts, ovirt: opts.ovirt }, passphrase) : await plainBackup(opts, passphrase);
       if (output.json) printJson(backupJson(record));
       else printBackup(forTerminal(record));
     });
+}
+
+/** The progress of a backup, disk by disk; `done` once the record is committed. */
+function diskProgress(): { onProgress: (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }) => void; done: () => void } {
+  const progress = createProgress({ json: output.json });
+  return { onProgress: (p) => progress.update(`backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, p.bytesDone, p.bytesTotal), done: () => progress.done() };
+}
+
+/** --source, --image or --libvirt: one engine call with the typed request. */
+async function plainBackup(opts: BackupCliOptions, passphrase: Buffer | undefined): Promise<BackupRecord> {
+  const request = backupRequest(opts);
+  const progress = diskProgress();
+  const { record } = await engine.backup({ repo: opt.requireRepo(opts.repo), passphrase, ...request, workers: opts.workers, signal: interruptSignal(), onProgress: progress.onProgress, onNotice: printNotice });
+  progress.done();
+  return record;
+}
+
+/** --ovirt: the incremental backup API, or with --appliance the disk-attachment flow. */
+async function ovirtBackup(opts: BackupCliOptions & { ovirt: string }, passphrase: Buffer | undefined): Promise<BackupRecord> {
+  if ((opts.source ?? []).length + (opts.image ?? []).length > 0 || opts.libvirt !== undefined) {
+    throw new InvalidArgumentError('--ovirt backs up a VM through its snapshot: do not combine it with --source, --image or --libvirt');
+  }
+  if (!opts.vm) throw new InvalidArgumentError('--ovirt needs --vm NAME (the VM to back up)');
+  const progress = diskProgress();
+  const common = { repo: opt.requireRepo(opts.repo), passphrase, ovirt: await opt.ovirtConnection(opts), vm: opts.vm, workers: opts.workers, signal: interruptSignal(), onProgress: progress.onProgress, onNotice: printNotice };
+  if (opts.appliance !== undefined && (opts.incremental || opts.differential)) {
+    throw new InvalidArgumentError('the disk-attachment flow (--appliance) makes full backups; leave out --appliance for incremental ones');
+  }
+  const { record } =
+    opts.appliance !== undefined
+      ? await engine.ovirtApplianceBackup({ ...common, appliance: opts.appliance, deviceRoot: opts.deviceRoot })
+      : await engine.ovirtIncrementalBackup({ ...common, mode: chainPolicy(opts).mode });
+  progress.done();
+  return record;
 }

@@ -2,7 +2,7 @@
 import { Command } from 'commander';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { forTerminal } from '../terminal.js';
-import { KEEP_RULES, type RetentionPolicy } from '../../engine/retention/policy.js';
+import { KEEP_RULES, policyIsEmpty, type RetentionPolicy } from '../../engine/retention/policy.js';
 import { createProgress } from '../progress.js';
 import { printGc, printJson, printPrune, printRepair, printVerify } from '../output.js';
 import { engine } from '../engine-calls.js';
@@ -57,6 +57,7 @@ export function registerMaintenanceCommands(program: Command): void {
         const value = opts[`keep${rule[0]!.toUpperCase()}${rule.slice(1)}`];
         if (typeof value === 'number') policy[rule] = value;
       }
+      if (policyIsEmpty(policy)) throw new InvalidArgumentError('no --keep-* option given: prune would remove every unprotected backup; say what to keep');
       const report = await engine.prune({ repo: opt.requireRepo(opts.repo), policy, dryRun: opts.dryRun, passphrase: await opt.loadPassphrase(opts.passwordFile), signal: interruptSignal() });
       if (output.json) printJson(report);
       else printPrune(forTerminal(report));

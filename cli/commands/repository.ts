@@ -7,6 +7,7 @@ import { engine } from '../engine-calls.js';
 import { output } from '../context.js';
 import * as opt from '../options.js';
 import { EXIT } from '../exit-codes.js';
+import { unlockWording } from '../error-wording.js';
 
 export function registerRepositoryCommands(program: Command): void {
   program
@@ -78,7 +79,7 @@ export function registerRepositoryCommands(program: Command): void {
     .option('--json', 'print JSON')
     .action(async (opts: { repo?: string; force?: boolean; json?: boolean }) => {
       output.json = opts.json === true;
-      const report = await engine.unlock({ repo: opt.requireRepo(opts.repo), force: opts.force });
+      const report = unlockWording(await engine.unlock({ repo: opt.requireRepo(opts.repo), force: opts.force }));
       if (output.json) printJson(report);
       else (await import('../output-resilience.js')).printUnlock(forTerminal(report));
       if (report.locked) process.exitCode = EXIT.locked;

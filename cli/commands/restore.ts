@@ -1,12 +1,12 @@
 /** engine restore: to files, devices, directories, NBD exports, qcow2 images and oVirt. */
 import { Command, Option } from 'commander';
-import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { forTerminal } from '../terminal.js';
 import { createProgress } from '../progress.js';
 import { printJson, printRestore, restoreJson } from '../output.js';
 import { engine } from '../engine-calls.js';
 import { output, printNotice, interruptSignal } from '../context.js';
 import * as opt from '../options.js';
+import { checkOvirtRestoreFlags, restoreRequest } from './restore-request.js';
 
 interface RestoreCliOptions {
   repo?: string;
@@ -63,50 +63,53 @@ export function registerRestoreCommand(program: Command): void {
     .action(async (id: string, opts: RestoreCliOptions) => {
       output.json = opts.json === true;
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
-      if (opts.ovirt !== undefined) {
-        if (opts.via !== 'transfer' && !opts.appliance) throw new InvalidArgumentError('--ovirt needs --appliance NAME (this backup appliance), or --via transfer');
-        const result = await engine.ovirtRestoreVm({
-          repo: opt.requireRepo(opts.repo),
-          passphrase,
-          ovirt: await opt.ovirtConnection({ ...opts, ovirt: opts.ovirt }),
-          backupId: id,
-          appliance: opts.appliance,
-          via: opts.via === 'transfer' ? 'transfer' : 'appliance',
-          newVm: opts.newVm,
-          toVm: opts.toVm,
-          disk: opts.disk,
-          cluster: opts.cluster,
-          storageDomain: opts.storageDomain,
-          keepDiskIds: opts.keepDiskIds,
-          deviceRoot: opts.deviceRoot,
-          signal: interruptSignal(),
-          onNotice: printNotice,
-        });
-        if (output.json) printJson(result);
-        else {
-          const shown = forTerminal(result);
-          process.stdout.write(`restored backup ${shown.backup} into VM ${shown.vm.name} (${shown.vm.id}): ${shown.disks.map((d) => `${d.name} → disk ${d.id}`).join(', ')}\n`);
-        }
-        return;
-      }
-      if ((opts.to === undefined) === (opts.toQcow2 === undefined)) throw new InvalidArgumentError('give exactly one target: --to PATH|URI or --to-qcow2 FILE');
-      const progress = createProgress({ json: output.json });
-      const result = await engine.restore({
-        repo: opt.requireRepo(opts.repo),
-        passphrase,
-        backupId: id,
-        disk: opts.disk,
-        to: opts.to ?? '',
-        toQcow2: opts.toQcow2,
-        onlyChanged: opts.onlyChanged,
-        sinceBitmap: opts.sinceBitmap,
-        force: opts.force,
-        workers: opts.workers,
-        signal: interruptSignal(),
-        onProgress: (p) => progress.update(`restore ${p.disk}`, p.bytesDone, p.bytesTotal),
-      });
-      progress.done();
-      if (output.json) printJson(restoreJson(result));
-      else printRestore(forTerminal(result));
+      if (opts.ovirt !== undefined) await ovirtRestore(id, { ...opts, ovirt: opts.ovirt }, passphrase);
+      else await plainRestore(id, opts, passphrase);
     });
+}
+
+/** --to or --to-qcow2: one engine call with the typed request. */
+async function plainRestore(id: string, opts: RestoreCliOptions, passphrase: Buffer | undefined): Promise<void> {
+  const request = restoreRequest(opts);
+  const progress = createProgress({ json: output.json });
+  const result = await engine.restore({
+    repo: opt.requireRepo(opts.repo),
+    passphrase,
+    backupId: id,
+    disk: opts.disk,
+    ...request,
+    workers: opts.workers,
+    signal: interruptSignal(),
+    onProgress: (p) => progress.update(`restore ${p.disk}`, p.bytesDone, p.bytesTotal),
+  });
+  progress.done();
+  if (output.json) printJson(restoreJson(result));
+  else printRestore(forTerminal(result));
+}
+
+/** --ovirt: a new VM from the backup's OVF, or one disk into an existing VM. */
+async function ovirtRestore(id: string, opts: RestoreCliOptions & { ovirt: string }, passphrase: Buffer | undefined): Promise<void> {
+  checkOvirtRestoreFlags(opts);
+  const result = await engine.ovirtRestoreVm({
+    repo: opt.requireRepo(opts.repo),
+    passphrase,
+    ovirt: await opt.ovirtConnection(opts),
+    backupId: id,
+    appliance: opts.appliance,
+    via: opts.via === 'transfer' ? 'transfer' : 'appliance',
+    newVm: opts.newVm,
+    toVm: opts.toVm,
+    disk: opts.disk,
+    cluster: opts.cluster,
+    storageDomain: opts.storageDomain,
+    keepDiskIds: opts.keepDiskIds,
+    deviceRoot: opts.deviceRoot,
+    signal: interruptSignal(),
+    onNotice: printNotice,
+  });
+  if (output.json) printJson(result);
+  else {
+    const shown = forTerminal(result);
+    process.stdout.write(`restored backup ${shown.backup} into VM ${shown.vm.name} (${shown.vm.id}): ${shown.disks.map((d) => `${d.name} → disk ${d.id}`).join(', ')}\n`);
+  }
 }

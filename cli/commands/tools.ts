@@ -22,7 +22,7 @@ export function registerToolCommands(program: Command): void {
   program
     .command('demo')
     .description('the quick start: generate a VM-like disk, back it up twice, restore, compare, verify')
-    .option('--dir <path>', 'work directory to keep (default: a temporary one, removed afterwards)')
+    .option('--dir <path>', 'work directory to keep (default: a temporary one, removed afterwards)', opt.localPath('--dir'))
     .option('--size <size>', 'image size (default 512M + 4097 bytes)')
     .action(async (opts: { dir?: string; size?: string }) => {
       const result = await engine.runDemo({

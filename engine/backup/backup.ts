@@ -10,51 +10,23 @@ import { Repository } from '../../repo-format/repository.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
 import { adoptName, checkName, displayText } from '../../repo-format/names.js';
-import { isNbdUri } from '../nbd/uri.js';
 import { type BackupRecord, type BackupType, type DiskCbt, type DiskRecord, type RecordAttachment } from '../../repo-format/backup-record.js';
 import { BlockPool } from '../pipeline/block-pool.js';
-import { backupDisk, type DiskProgress } from '../pipeline/backup-disk.js';
-import { openSource } from '../sources/open-source.js';
+import { backupDisk, type BackupDiskContext, type DiskProgress } from '../pipeline/backup-disk.js';
 import { FileSource } from '../sources/file-source.js';
+import { NbdSource } from '../sources/nbd-source.js';
 import { openImageDisk } from '../cbt/image-disk.js';
-import { NO_EARLIER_BACKUP, type CbtDiskJob, type CbtProvision, type CbtSession, type ChainArgs, type DeferredCbtDiskJob, type RequestedMode } from '../cbt/chain.js';
+import { NO_EARLIER_BACKUP, type CbtDiskJob, type CbtSession, type ChainArgs, type DeferredCbtDiskJob, type RequestedMode } from '../cbt/chain.js';
 import { openLibvirtBackup } from '../cbt/libvirt-domain.js';
-import { InterruptedError, SourceUnreadableError } from '../errors.js';
+import { InterruptedError, SourceUnreadableError, withRemedies } from '../errors.js';
 import { Interruption } from '../host/interrupt.js';
 import { MAX_DISK_SIZE } from '../../repo-format/constants.js';
 import { ENGINE_VERSION } from '../version.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
+import { diskSpec, type BackupDisk, type BackupFrom, type ChainPolicy } from './request.js';
 
 export type { CbtProvision, CbtSession, ChainArgs, RequestedMode } from '../cbt/chain.js';
-
-export interface BackupOptions {
-  repo: string;
-  /** The passphrase of an encrypted repository. */
-  passphrase?: Passphrase | undefined;
-  /** Raw images, block devices or NBD URIs (nbd://host/export, nbd+unix:///export?socket=PATH): read whole. */
-  sources?: string[] | undefined;
-  /** qcow2 images of a stopped VM: the engine manages their dirty bitmaps (incremental, differential). */
-  images?: string[] | undefined;
-  /** A running libvirt domain: all its disks, through checkpoints and a pull-mode backup. */
-  libvirt?: string | undefined;
-  /**
-   * Disks prepared by a flow of its own (e.g. oVirt's backup API), given what it needs to decide each
-   * disk's chain. Its session is released after its last disk, finished after the commit, rolled back on
-   * failure. A deferred disk is prepared (its source opened, its chain settled) right before it is read.
-   */
-  provider?: ((args: ChainArgs) => Promise<CbtProvision>) | undefined;
-  /** Disk names, one per source then one per image; default: each file name (or NBD export name). */
-  diskNames?: string[] | undefined;
-  name?: string | undefined;
-  /** Documents kept with the backup (e.g. the VM's OVF). */
-  attachments?: RecordAttachment[] | undefined;
-  /** Default 'auto': incremental where a valid chain exists, full otherwise. */
-  mode?: RequestedMode | undefined;
-  workers?: number | undefined;
-  signal?: AbortSignal | undefined;
-  onProgress?: ((progress: DiskProgress & { diskIndex: number; diskCount: number }) => void) | undefined;
-  onNotice?: ((message: string) => void) | undefined;
-}
+export type { BackupDisk, BackupFrom, ChainPolicy } from './request.js';
 
 /**
  * Opens the repository a backup writes to. A passphrase given for a plain repository is refused
@@ -80,25 +52,220 @@ export function openBackupRepository(
   });
 }
 
-export interface BackupResult {
-  record: BackupRecord;
+export interface BackupOptions {
+  repo: string;
+  /** The passphrase of an encrypted repository. */
+  passphrase?: Passphrase | undefined;
+  /** The disks to read. */
+  from: BackupFrom;
+  /** The backup's name; a chain continues from the newest backup of the same name. Default: the disk's file name (or the names joined by "+"), the domain's name. */
+  name?: string | undefined;
+  /** Documents kept with the backup (e.g. the VM's OVF). */
+  attachments?: RecordAttachment[] | undefined;
+  /** How the chains continue; default `auto`: incremental where a valid chain exists, full otherwise. */
+  chain?: ChainPolicy | undefined;
+  workers?: number | undefined;
+  signal?: AbortSignal | undefined;
+  onProgress?: ((progress: DiskProgress & { diskIndex: number; diskCount: number }) => void) | undefined;
+  onNotice?: ((message: string) => void) | undefined;
 }
 
-function checkDistinct(names: string[]): void {
-  const seen = new Set<string>();
-  for (const name of names) {
-    if (seen.has(name)) throw new InvalidArgumentError(`two disks are named "${displayText(name, 64)}": give distinct --disk-name values`);
-    seen.add(name);
-  }
+export interface BackupResult {
+  record: BackupRecord;
 }
 
 /** One disk to back up: a CBT job, or a plain source read whole (no CBT state), with its session if any. */
 type DiskJob = Omit<CbtDiskJob, 'cbt'> & { cbt: DiskCbt | null; session?: CbtSession };
 /** A disk of a provider that opens it only when its turn comes. */
 type PendingDiskJob = DeferredCbtDiskJob & { session: CbtSession };
+type Job = DiskJob | PendingDiskJob;
 
-function isPending(job: DiskJob | PendingDiskJob): job is PendingDiskJob {
+function isPending(job: Job): job is PendingDiskJob {
   return 'prepare' in job;
+}
+
+/** What the phases of one backup share. */
+interface BackupRun {
+  id: string;
+  startTime: Date;
+  requested: RequestedMode;
+  options: BackupOptions;
+  notice: (message: string) => void;
+  /** Every disk opened so far, in the order they are read: released whatever happens. */
+  jobs: Job[];
+}
+
+/**
+ * A backup in phases: check the request (nothing opened) → refuse special files (before the lock) → open
+ * the repository → open every disk and settle its chain (a plan of jobs) → read the disks through the
+ * pipeline (data and map pages durable) → commit the record → finish the chains' bookkeeping.
+ */
+export async function backup(options: BackupOptions): Promise<BackupResult> {
+  checkRequest(options);
+  const run: BackupRun = { id: randomBytes(16).toString('hex'), startTime: new Date(), requested: options.chain?.mode ?? 'auto', options, notice: options.onNotice ?? (() => undefined), jobs: [] };
+  let repo: Repository | undefined;
+  let pool: BlockPool | undefined;
+  let committed = false;
+  try {
+    await refuseSpecialFiles(options.from);
+    // A stale lock broken or an index rebuilt is said by the repository itself (notices.ts).
+    repo = await openBackupRepository(options.repo, options.passphrase, 'exclusive', { onNotice: options.onNotice, signal: options.signal });
+    const leftovers = await repo.removeTempFiles();
+    if (leftovers > 0) run.notice(`removed ${leftovers} temporary files left by an interrupted writer`);
+    const name = await openDisks(run, repo);
+    pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, keys: repo.keys });
+    const disks = await readDisks(run, repo, pool);
+    const record = recordOf(run, name, repo.blockSize, disks);
+    await commit(run, repo, record);
+    committed = true;
+    await finishSessions(run);
+    return { record };
+  } finally {
+    await release(run, committed);
+    await pool?.close().catch(() => undefined);
+    await repo?.close();
+  }
+}
+
+/** Before anything is opened or locked: names keep the name rule (names.ts), and a URL is never taken for a relative path. */
+function checkRequest(options: BackupOptions): void {
+  if (options.name !== undefined) checkName(options.name, 'backup', 'backup name');
+  const from = options.from;
+  if (from.kind !== 'disks') return;
+  if (from.disks.length === 0) throw new InvalidArgumentError('no disk given: the list of disks to back up is empty');
+  for (const disk of from.disks) {
+    if (disk.name !== undefined) checkName(disk.name, 'disk', 'disk name');
+    if (disk.kind !== 'nbd') checkLocalPath(disk.path, `${disk.kind} disk`);
+  }
+}
+
+/** Before the lock: a FIFO or a socket would hang open() (and hold the lock meanwhile); refuse it now. */
+async function refuseSpecialFiles(from: BackupFrom): Promise<void> {
+  if (from.kind !== 'disks') return;
+  for (const disk of from.disks) if (disk.kind !== 'nbd') await FileSource.check(disk.path);
+}
+
+/**
+ * Opens every disk before anything is written (a missing disk fails the run with nothing written): the
+ * sources read whole, then, once every disk has its name, the images and the provider's disks with their
+ * chains. Returns the backup's name.
+ */
+async function openDisks(run: BackupRun, repo: Repository): Promise<string> {
+  const from = run.options.from;
+  const disks = from.kind === 'disks' ? from.disks : [];
+  const jobs: DiskJob[] = [];
+  for (const [i, disk] of disks.entries()) if (disk.kind !== 'image') jobs[i] = await openWholeDisk(run, disk);
+  const names = diskNames(disks, jobs, run.notice);
+  jobs.forEach((job, i) => (job.name = names[i]!));
+  const name = backupName(run, names);
+  // The chain of a disk continues from the newest backup of the same name that has it; an image's from
+  // the newest backup whose checkpoint bitmap the image holds, whatever its name (image-disk.ts).
+  const everything = disks.some((d) => d.kind === 'image') || from.kind !== 'disks' ? (await repo.listBackups()).backups.reverse() : [];
+  const args: ChainArgs = { backupId: run.id, requested: run.requested, history: everything.filter((r) => r.name === name), repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize, blockId: repo.blobId, available: (ids) => repo.available(ids), onNotice: run.notice };
+  for (const [i, disk] of disks.entries()) {
+    if (disk.kind !== 'image') continue;
+    const session = await openImageDisk({ ...args, history: everything, image: disk.path, name: names[i]!, backupName: name });
+    jobs[i] = { name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, session };
+    run.jobs.push(jobs[i]);
+  }
+  run.jobs.splice(0, run.jobs.length, ...jobs);
+  const provide = from.kind === 'libvirt' ? (chain: ChainArgs) => openLibvirtBackup({ domain: from.domain, ...chain }) : from.kind === 'provider' ? from.provide : undefined;
+  if (provide) {
+    const session = await provide(args);
+    for (const disk of session.disks) run.jobs.push({ ...disk, session });
+  }
+  const ready = run.jobs.filter((job): job is DiskJob => !isPending(job));
+  for (const job of ready) refuseImpossibleSize(job);
+  for (const job of ready) noticeFullRead(run, job);
+  return name;
+}
+
+/** A source read whole: no changed-block tracking, so an incremental asked for is a full read, said. */
+async function openWholeDisk(run: BackupRun, disk: Extract<BackupDisk, { kind: 'raw' | 'nbd' }>): Promise<DiskJob> {
+  const source = disk.kind === 'nbd' ? await NbdSource.open(disk.uri) : await FileSource.open(disk.path);
+  const noCbt = run.requested === 'incremental' || run.requested === 'differential' ? 'this source has no changed-block tracking (a qcow2 image has, backed up as an image disk)' : null;
+  const job: DiskJob = { name: source.defaultName, source, plan: undefined, mode: 'full', modeReason: noCbt, parent: null, cbt: null };
+  run.jobs.push(job);
+  return job;
+}
+
+/**
+ * Each disk's name: the one given, else its source's (a file name, an NBD export name), mapped to a safe one
+ * with a notice when it breaks the rule (before any chain is looked up by it); two disks may not share one.
+ */
+function diskNames(disks: readonly BackupDisk[], opened: readonly DiskJob[], notice: (message: string) => void): string[] {
+  const names = disks.map((disk, i) => {
+    if (disk.name !== undefined) return disk.name;
+    if (disk.kind === 'image') return adoptName(basename(disk.path), 'disk', `the file name of image ${disk.path}`, notice);
+    return adoptName(opened[i]!.name, 'disk', `the name of source ${diskSpec(disk)}`, notice);
+  });
+  const seen = new Set<string>();
+  for (const name of names) {
+    if (seen.has(name)) throw new InvalidArgumentError(`two disks are named "${displayText(name, 64)}"`, withRemedies({ disk: name }, { kind: 'name-disks' }));
+    seen.add(name);
+  }
+  return names;
+}
+
+function backupName(run: BackupRun, names: string[]): string {
+  const { options, notice } = run;
+  if (options.name !== undefined) return options.name;
+  const from = options.from;
+  if (from.kind === 'libvirt') return adoptName(from.domain, 'backup', 'the domain name', notice);
+  const disks = from.kind === 'disks' ? from.disks : [];
+  return adoptName(disks.length === 1 ? basename(diskSpec(disks[0]!)) : names.join('+'), 'backup', 'the default backup name', notice);
+}
+
+/** A size no record may hold (SPEC 9) is refused before anything is read: readers would call the backup damaged. */
+function refuseImpossibleSize(job: DiskJob): void {
+  if (job.source.size > MAX_DISK_SIZE) throw new SourceUnreadableError(job.source.description.path, `it reports ${job.source.size} bytes, more than the ${MAX_DISK_SIZE} (1 PiB) a backed-up disk may have`);
+}
+
+/**
+ * A chain that cannot continue is said at once (the run will take longer than usual); a first backup is a
+ * full read as expected, and the result says why once.
+ */
+function noticeFullRead(run: BackupRun, job: DiskJob): void {
+  if (job.cbt && job.modeReason && run.requested !== 'full' && !job.modeReason.startsWith(NO_EARLIER_BACKUP)) run.notice(`disk ${job.name}: full read: ${job.modeReason}`);
+}
+
+/** Reads every disk in turn through the pipeline; the data and map pages are durable when it returns. */
+async function readDisks(run: BackupRun, repo: Repository, pool: BlockPool): Promise<DiskRecord[]> {
+  const dataWriter = repo.createBlobWriter();
+  const metaWriter = repo.createBlobWriter();
+  const disks: DiskRecord[] = [];
+  try {
+    for (let i = 0; i < run.jobs.length; i += 1) disks.push(await readDisk(run, i, { repo, pool, dataWriter, metaWriter }));
+    if (run.options.signal?.aborted) throw new InterruptedError('backup');
+    await dataWriter.flush();
+    await metaWriter.flush();
+  } catch (error) {
+    await dataWriter.abort();
+    await metaWriter.abort();
+    throw error;
+  }
+  return disks;
+}
+
+/** Disk `i`: prepared if its provider opens it only now, read, closed; its session released after its last disk. */
+async function readDisk(run: BackupRun, i: number, writers: Omit<BackupDiskContext, 'signal' | 'onProgress'>): Promise<DiskRecord> {
+  const entry = run.jobs[i]!;
+  let job: DiskJob;
+  if (isPending(entry)) {
+    job = { ...(await entry.prepare()), session: entry.session };
+    run.jobs[i] = job;
+    refuseImpossibleSize(job);
+    noticeFullRead(run, job);
+  } else {
+    job = entry;
+  }
+  const { signal, onProgress } = run.options;
+  const diskCount = run.jobs.length;
+  const disk = await backupDisk(job.source, job.name, { ...writers, signal, onProgress: onProgress && ((p) => onProgress({ ...p, diskIndex: i, diskCount })) }, job.plan);
+  await job.source.close();
+  // A session (a libvirt job) may serve several disks: end it after its last one.
+  if (job.session && !run.jobs.slice(i + 1).some((later) => later.session === job.session)) await job.session.release();
+  return { ...disk, mode: job.mode, modeReason: job.modeReason, parent: job.parent, cbt: job.cbt };
 }
 
 function backupType(disks: DiskRecord[]): BackupType {
@@ -107,162 +274,50 @@ function backupType(disks: DiskRecord[]): BackupType {
   return 'full';
 }
 
-export async function backup(options: BackupOptions): Promise<BackupResult> {
-  const plainSpecs = options.sources ?? [];
-  const imagePaths = options.images ?? [];
-  if (options.libvirt !== undefined && plainSpecs.length + imagePaths.length > 0) {
-    throw new InvalidArgumentError('--libvirt backs up all disks of the domain: do not combine it with --source or --image');
-  }
-  if (options.libvirt !== undefined && options.diskNames && options.diskNames.length > 0) {
-    throw new InvalidArgumentError('--libvirt names each disk after its target (vda, sdb…): --disk-name does not apply');
-  }
-  const diskCount = plainSpecs.length + imagePaths.length;
-  // Names the user gives must keep the name rule (names.ts): refused before anything is opened.
-  for (const name of options.diskNames ?? []) checkName(name, 'disk', '--disk-name');
-  if (options.name !== undefined) checkName(options.name, 'backup', '--name');
-  if (diskCount === 0 && options.libvirt === undefined && options.provider === undefined) throw new InvalidArgumentError('no disk given: name at least one --source or --image, or --libvirt DOMAIN');
-  if (options.diskNames && options.diskNames.length > 0 && options.diskNames.length !== diskCount) {
-    throw new InvalidArgumentError(`${options.diskNames.length} disk names for ${diskCount} disks: give one --disk-name per --source and --image, in that order`);
-  }
-  // Before anything is opened or locked: a URL is never taken for a relative path.
-  for (const spec of plainSpecs) if (!isNbdUri(spec)) checkLocalPath(spec, '--source', 'nbd:// and nbd+unix:// URIs');
-  for (const path of imagePaths) checkLocalPath(path, '--image');
-  const requested = options.mode ?? 'auto';
-  const startTime = new Date();
-  const id = randomBytes(16).toString('hex');
-  const jobs: (DiskJob | PendingDiskJob)[] = [];
-  let repo: Repository | undefined;
-  let pool: BlockPool | undefined;
-  let committed = false;
-  try {
-    // Before the lock: a FIFO or a socket would hang open() (and hold the lock meanwhile); refuse it now.
-    for (const path of [...plainSpecs.filter((spec) => !isNbdUri(spec)), ...imagePaths]) await FileSource.check(path);
-    // A stale lock broken or an index rebuilt is said by the repository itself (notices.ts).
-    repo = await openBackupRepository(options.repo, options.passphrase, 'exclusive', { onNotice: options.onNotice, signal: options.signal });
-    const notice = options.onNotice ?? (() => undefined);
-    const leftovers = await repo.removeTempFiles();
-    if (leftovers > 0) notice(`removed ${leftovers} temporary files left by an interrupted writer`);
+function recordOf(run: BackupRun, name: string, blockSize: number, disks: DiskRecord[]): BackupRecord {
+  return {
+    version: 1,
+    id: run.id,
+    name,
+    type: backupType(disks),
+    parent: disks.find((d) => d.parent !== null)?.parent ?? null,
+    startTime: run.startTime.toISOString(),
+    endTime: new Date().toISOString(),
+    hostname: hostname(),
+    engineVersion: ENGINE_VERSION,
+    blockSize,
+    disks,
+    attachments: run.options.attachments ?? [],
+  };
+}
 
-    // Open every disk before writing anything: a missing disk fails the run with nothing written.
-    const noCbt = requested === 'incremental' || requested === 'differential' ? 'this source has no changed-block tracking (use --image for qcow2)' : null;
-    for (const spec of plainSpecs) {
-      const source = await openSource(spec);
-      jobs.push({ name: source.defaultName, source, plan: undefined, mode: 'full', modeReason: noCbt, parent: null, cbt: null });
-    }
-    // Names from outside (file names, NBD export names, a domain name) are mapped to safe ones when they
-    // break the rule, with a notice, before any chain is looked up by them.
-    const names =
-      options.diskNames && options.diskNames.length > 0
-        ? options.diskNames
-        : [...jobs.map((j, i) => adoptName(j.name, 'disk', `the name of --source ${plainSpecs[i]!}`, notice)), ...imagePaths.map((p) => adoptName(basename(p), 'disk', `the file name of --image ${p}`, notice))];
-    checkDistinct(names);
-    jobs.forEach((job, i) => (job.name = names[i]!));
-    const name =
-      options.name ??
-      (options.libvirt !== undefined
-        ? adoptName(options.libvirt, 'backup', 'the domain name', notice)
-        : adoptName(diskCount === 1 ? basename(plainSpecs[0] ?? imagePaths[0]!) : names.join('+'), 'backup', 'the default backup name', notice));
-    // The chain of a disk continues from the newest backup of the same name that has it; an image's from
-    // the newest backup whose checkpoint bitmap the image holds, whatever its name (image-disk.ts).
-    const everything = imagePaths.length > 0 || options.libvirt !== undefined || options.provider !== undefined ? (await repo.listBackups()).backups.reverse() : [];
-    const history = everything.filter((r) => r.name === name);
-    const chainArgs: ChainArgs = { backupId: id, requested, history, repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize, blockId: repo.blobId, available: (ids) => repo!.available(ids), onNotice: notice };
-    for (const [i, image] of imagePaths.entries()) {
-      const session = await openImageDisk({ ...chainArgs, history: everything, image, name: names[plainSpecs.length + i]!, backupName: name });
-      jobs.push({ name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, session });
-    }
-    const provider = options.libvirt !== undefined ? (args: ChainArgs) => openLibvirtBackup({ domain: options.libvirt!, ...args }) : options.provider;
-    if (provider) {
-      const session = await provider(chainArgs);
-      for (const disk of session.disks) jobs.push({ ...disk, session });
-    }
-    // A size no record may hold (SPEC 9) is refused before anything is read: readers would call the backup damaged.
-    // A disk opened only when its turn comes (oVirt transfers) is checked then.
-    const refuseImpossibleSize = (job: DiskJob): void => {
-      if (job.source.size > MAX_DISK_SIZE) throw new SourceUnreadableError(job.source.description.path, `it reports ${job.source.size} bytes, more than the ${MAX_DISK_SIZE} (1 PiB) a backed-up disk may have`);
-    };
-    for (const job of jobs) if (!isPending(job)) refuseImpossibleSize(job);
-    // A chain that cannot continue is said at once (the run will take longer than usual); a first backup is
-    // a full read as expected, and the result says why once.
-    const noticeFullRead = (job: DiskJob): void => {
-      if (job.cbt && job.modeReason && requested !== 'full' && !job.modeReason.startsWith(NO_EARLIER_BACKUP)) notice(`disk ${job.name}: full read: ${job.modeReason}`);
-    };
-    for (const job of jobs) if (!isPending(job)) noticeFullRead(job);
+/** The commit point; then what the run found of lost packs is said. */
+async function commit(run: BackupRun, repo: Repository, record: BackupRecord): Promise<void> {
+  for (const warning of await repo.commitBackup(record)) run.notice(warning);
+  const lost = [...repo.packPresence.unavailable];
+  if (lost.length > 0) {
+    run.notice(
+      `${lost.length === 1 ? 'pack' : 'packs'} ${lost.map(([pack, why]) => `${pack} (${why})`).join(', ')}: this backup did not trust the index entries naming ${lost.length === 1 ? 'it' : 'them'}, and stored again what it found there; engine verify names the older backups that lost data, engine repair drops the dead entries`,
+    );
+  }
+}
 
-    pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, keys: repo.keys });
-    const dataWriter = repo.createBlobWriter();
-    const metaWriter = repo.createBlobWriter();
-    const disks: DiskRecord[] = [];
-    try {
-      for (const [i, entry] of jobs.entries()) {
-        let job: DiskJob;
-        if (isPending(entry)) {
-          job = { ...(await entry.prepare()), session: entry.session };
-          jobs[i] = job;
-          refuseImpossibleSize(job);
-          noticeFullRead(job);
-        } else {
-          job = entry;
-        }
-        const disk = await backupDisk(
-          job.source,
-          job.name,
-          {
-            repo,
-            pool,
-            dataWriter,
-            metaWriter,
-            signal: options.signal,
-            onProgress: options.onProgress && ((p) => options.onProgress!({ ...p, diskIndex: i, diskCount: jobs.length })),
-          },
-          job.plan,
-        );
-        await job.source.close();
-        // A session (a libvirt job) may serve several disks: end it after its last one.
-        if (job.session && !jobs.slice(i + 1).some((later) => later.session === job.session)) await job.session.release();
-        disks.push({ ...disk, mode: job.mode, modeReason: job.modeReason, parent: job.parent, cbt: job.cbt });
-      }
-      if (options.signal?.aborted) throw new InterruptedError('backup');
-      await dataWriter.flush();
-      await metaWriter.flush();
-    } catch (error) {
-      await dataWriter.abort();
-      await metaWriter.abort();
-      throw error;
-    }
-    const record: BackupRecord = {
-      version: 1,
-      id,
-      name,
-      type: backupType(disks),
-      parent: disks.find((d) => d.parent !== null)?.parent ?? null,
-      startTime: startTime.toISOString(),
-      endTime: new Date().toISOString(),
-      hostname: hostname(),
-      engineVersion: ENGINE_VERSION,
-      blockSize: repo.blockSize,
-      disks,
-      attachments: options.attachments ?? [],
-    };
-    for (const warning of await repo.commitBackup(record)) notice(warning);
-    committed = true;
-    const lost = [...repo.packPresence.unavailable];
-    if (lost.length > 0) {
-      notice(
-        `${lost.length === 1 ? 'pack' : 'packs'} ${lost.map(([pack, why]) => `${pack} (${why})`).join(', ')}: this backup did not trust the index entries naming ${lost.length === 1 ? 'it' : 'them'}, and stored again what it found there; engine verify names the older backups that lost data, engine repair drops the dead entries`,
-      );
-    }
-    for (const session of new Set(jobs.map((j) => j.session))) {
-      await session?.finish().catch((error: unknown) => notice(`could not remove old checkpoints: ${(error as Error).message}`));
-    }
-    return { record };
-  } finally {
-    for (const job of jobs) if (!isPending(job)) await job.source.dispose();
-    for (const session of new Set(jobs.map((j) => j.session))) {
-      await session?.release().catch(() => undefined);
-      if (!committed) await session?.rollback();
-    }
-    await pool?.close().catch(() => undefined);
-    await repo?.close();
+function sessionsOf(run: BackupRun): Set<CbtSession | undefined> {
+  return new Set(run.jobs.map((j) => j.session));
+}
+
+/** Only after the commit: the chains' bookkeeping (old bitmaps and checkpoints removed). */
+async function finishSessions(run: BackupRun): Promise<void> {
+  for (const session of sessionsOf(run)) {
+    await session?.finish().catch((error: unknown) => run.notice(`could not remove old checkpoints: ${(error as Error).message}`));
+  }
+}
+
+/** Whatever happened: sources disposed, sessions released, and rolled back unless the backup was committed. */
+async function release(run: BackupRun, committed: boolean): Promise<void> {
+  for (const job of run.jobs) if (!isPending(job)) await job.source.dispose();
+  for (const session of sessionsOf(run)) {
+    await session?.release().catch(() => undefined);
+    if (!committed) await session?.rollback();
   }
 }

@@ -9,6 +9,7 @@
  */
 import { Repository } from '../../repo-format/repository.js';
 import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
+import { withRemedies } from '../errors.js';
 import { listProtected } from '../../repo-format/protection.js';
 import { catalogueCopyOf } from './record-recovery.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
@@ -36,7 +37,7 @@ export async function forget(options: ForgetOptions): Promise<ForgetResult> {
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'forget', passphrase: options.passphrase });
   try {
     const id = await repo.findBackupId(options.backupId);
-    if ((await listProtected(repo.root)).has(id)) throw new InvalidArgumentError(`backup ${id} is protected: \`engine unprotect ${id}\` first, if it really is to go`, { backup: id });
+    if ((await listProtected(repo.root)).has(id)) throw new InvalidArgumentError(`backup ${id} is protected`, withRemedies({ backup: id }, { kind: 'unprotect', backup: id }));
     let result: ForgetResult;
     try {
       const record = await repo.readBackup(id);
@@ -44,7 +45,10 @@ export async function forget(options: ForgetOptions): Promise<ForgetResult> {
     } catch (error) {
       if (!(error instanceof EngineError) || error.code !== 'ENGINE_CORRUPT_METADATA') throw error;
       if (!options.force && (await catalogueCopyOf(repo, id))) {
-        throw new InvalidArgumentError(`backup record ${id} is damaged (${String(error.details.why)}), but the index holds a good copy of it: \`engine repair\` restores the backup; \`engine forget --force ${id}\` removes it all the same`, { backup: id });
+        throw new InvalidArgumentError(
+          `backup record ${id} is damaged (${String(error.details.why)}), but the index holds a good copy of it`,
+          withRemedies({ backup: id }, { kind: 'repair', does: 'restores the backup' }, { kind: 'override', option: 'force', to: 'remove it all the same' }),
+        );
       }
       result = { backup: id, name: null, startTime: null, damaged: String(error.details.why ?? error.message) };
     }

@@ -6,6 +6,7 @@ import type { Repository } from '../../repo-format/repository.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
 import { mapRootOf } from '../../repo-format/backup-record.js';
 import { mapPageIds, readMap, runChunks } from '../../repo-format/block-map.js';
+import { DiskGeometry } from '../../repo-format/disk-geometry.js';
 import type { BlobLocation } from '../../repo-format/index-entry.js';
 import { InterruptedError } from '../errors.js';
 import type { Interruption } from '../host/interrupt.js';
@@ -42,6 +43,7 @@ export async function walkReferences(
   for (const [n, record] of records.entries()) {
     options.onRecord?.(n);
     for (const disk of record.disks) {
+      const geometry = new DiskGeometry(disk.size, record.blockSize);
       try {
         for await (const { id } of mapPageIds(mapRootOf(disk), repo.loadPage)) {
           await interruption?.tick();
@@ -53,8 +55,7 @@ export async function walkReferences(
           const { ids, blocks } = runChunks(run);
           const locations = await repo.lookup(ids);
           ids.forEach((id, i) => {
-            const offset = blocks[i]! * record.blockSize;
-            visitor.chunk({ backup: record.id, disk: disk.name, offset, length: Math.min(record.blockSize, disk.size - offset), id, location: locations[i] });
+            visitor.chunk({ backup: record.id, disk: disk.name, offset: geometry.offsetOf(blocks[i]!), length: geometry.lengthOf(blocks[i]!), id, location: locations[i] });
           });
         }
       } catch (error) {

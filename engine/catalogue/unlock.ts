@@ -17,7 +17,7 @@ import { rename, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Repository } from '../../repo-format/repository.js';
 import { LAYOUT } from '../../repo-format/constants.js';
-import { isErrnoException, ReadOnlyRepositoryError } from '../../repo-format/errors.js';
+import { isErrnoException, ReadOnlyRepositoryError, type StorageRemedy } from '../../repo-format/errors.js';
 import { lockedHint, lockLiveness, readLockFile } from '../../repo-format/lock.js';
 import { listRegistrations, removeRegistration, type RegistryDir } from '../../repo-format/registry.js';
 import type { HolderLiveness } from '../../repo-format/process-alive.js';
@@ -35,8 +35,10 @@ export interface UnlockItem {
   /** What is known of the holder: dead, alive, unverified (an older engine's file, pid alive), other-host, unreadable. */
   state: HolderLiveness | 'unreadable';
   removed: boolean;
-  /** What was done and why, or what to do. */
+  /** What was done and why, or what stands in the way. */
   message: string;
+  /** What the caller can do about an item left in place (an unlock with `force`), worded by the front end. */
+  remedies?: StorageRemedy[];
 }
 
 export interface UnlockReport {
@@ -106,14 +108,21 @@ async function unlockLock(root: string, force: boolean): Promise<UnlockItem | nu
   const state: UnlockItem['state'] = current ? lockLiveness(current) : 'unreadable';
   const item: UnlockItem = { file: LAYOUT.lock, holder, state, removed: false, message: '' };
   if (state !== 'dead' && !force) {
-    item.message = `kept the lock of ${describe(holder)}: ${stateText(state, holder)}; ${state === 'alive' ? 'wait for it to finish, or stop it' : lockedHint(root, holder ?? undefined)}`;
+    const hint = state === 'alive' ? { condition: 'wait for it to finish, or stop it', remedy: undefined } : lockedHint(root, holder ?? undefined);
+    item.message = `kept the lock of ${describe(holder)}: ${stateText(state, holder)}${hint.condition ? `; ${hint.condition}` : ''}`;
+    if (hint.remedy) item.remedies = [hint.remedy];
     return item;
   }
   item.removed = await removeJudged(root, LAYOUT.lock, async (moved) => (await readLockFile(moved))?.token === current?.token);
   if (!item.removed) item.message = 'kept the lock: another process took it meanwhile';
   else if (state === 'dead') item.message = `removed the stale lock of ${describe(holder)}: ${stateText(state, holder)}`;
-  else item.message = `WARNING: removed the lock of ${describe(holder)} although ${stateText(state, holder)} (--force): if that process still works on the repository, two processes may now change it at once`;
+  else item.message = `WARNING: removed the lock of ${describe(holder)} although ${stateText(state, holder)} (forced): if that process still works on the repository, two processes may now change it at once`;
   return item;
+}
+
+/** An unlock with force removes what this one kept. */
+function forcedUnlock(root: string): StorageRemedy {
+  return { kind: 'unlock', repo: root, force: true, removes: 'it' };
 }
 
 async function unlockRegistrations(root: string, dir: RegistryDir, force: boolean): Promise<UnlockItem[]> {
@@ -128,19 +137,20 @@ async function unlockRegistrations(root: string, dir: RegistryDir, force: boolea
     if ('unreadable' in r) {
       const file = `${dir}/${r.unreadable}`;
       const removed = force && (await removeJudged(root, file, async () => true));
-      items.push({ file, holder: null, state: 'unreadable', removed, message: removed ? `WARNING: removed ${file}, which cannot be read (--force)` : `kept ${file}: it cannot be read; \`engine unlock --force\` removes it` });
+      items.push(removed ? { file, holder: null, state: 'unreadable', removed, message: `WARNING: removed ${file}, which cannot be read (forced)` } : { file, holder: null, state: 'unreadable', removed, message: `kept ${file}: it cannot be read`, remedies: [forcedUnlock(root)] });
       continue;
     }
     const holder = { pid: r.pid, hostname: r.hostname, since: r.since, command: r.command };
     const state = lockLiveness(r);
     const file = `${dir}/${r.token}.json`;
     if (state === 'alive' || !force) {
-      const todo = state === 'alive' ? (dir === LAYOUT.readers ? 'stop it (engine umount, or SIGTERM to an engine serve) to remove it' : 'wait for it to finish, or stop it') : '`engine unlock --force` removes it';
-      items.push({ file, holder, state, removed: false, message: `kept ${file} of ${describe(holder)}: ${stateText(state, holder)}; ${todo}` });
+      const kept = `kept ${file} of ${describe(holder)}: ${stateText(state, holder)}`;
+      if (state !== 'alive') items.push({ file, holder, state, removed: false, message: kept, remedies: [forcedUnlock(root)] });
+      else items.push({ file, holder, state, removed: false, message: `${kept}; ${dir === LAYOUT.readers ? 'stop it (engine umount, or SIGTERM to an engine serve) to remove it' : 'wait for it to finish, or stop it'}` });
       continue;
     }
     await removeRegistration(root, dir, r.token);
-    items.push({ file, holder, state, removed: true, message: `WARNING: removed ${file} of ${describe(holder)} although ${stateText(state, holder)} (--force): if it still ${dir === LAYOUT.readers ? 'reads, gc may delete packs it reads' : 'writes, its work is lost'}` });
+    items.push({ file, holder, state, removed: true, message: `WARNING: removed ${file} of ${describe(holder)} although ${stateText(state, holder)} (forced): if it still ${dir === LAYOUT.readers ? 'reads, gc may delete packs it reads' : 'writes, its work is lost'}` });
   }
   return items;
 }

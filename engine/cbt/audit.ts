@@ -6,6 +6,7 @@
  */
 import { randomInt } from 'node:crypto';
 import { ZERO_ID } from '../../repo-format/constants.js';
+import { DiskGeometry } from '../../repo-format/disk-geometry.js';
 import type { LoadPage, MapRoot } from '../../repo-format/block-map.js';
 import { DirtyCursor, ParentMapCursor, type Range } from '../pipeline/map-cursors.js';
 import type { BlockSource } from '../sources/source.js';
@@ -31,7 +32,8 @@ export async function auditCleanBlocks(args: {
   blockId: (data: Uint8Array) => Buffer;
 }): Promise<AuditResult> {
   const { source, blockSize } = args;
-  const blockCount = Math.ceil(source.size / blockSize);
+  const geometry = new DiskGeometry(source.size, blockSize);
+  const blockCount = geometry.blocks;
   const candidates = [...new Set(Array.from({ length: auditSampleSize(blockCount) }, () => randomInt(blockCount)))].sort((a, b) => a - b);
   const dirty = new DirtyCursor(args.dirty);
   const parent = new ParentMapCursor(args.parent, args.loadPage);
@@ -40,12 +42,12 @@ export async function auditCleanBlocks(args: {
   let audited = 0;
   for (const block of candidates) {
     if ((await dirty.nextDirtyBlock(block, blockSize, blockCount)) === block) continue; // dirty: not a sample
-    const length = Math.min(blockSize, source.size - block * blockSize);
+    const length = geometry.lengthOf(block);
     const data = buffer.subarray(0, length);
-    await source.read(data, block * blockSize);
+    await source.read(data, geometry.offsetOf(block));
     const id = data.equals(zeros.subarray(0, length)) ? ZERO_ID : args.blockId(data);
     audited += 1;
-    if (!id.equals(await parent.entry(block))) return { audited, mismatch: { offset: block * blockSize } };
+    if (!id.equals(await parent.entry(block))) return { audited, mismatch: { offset: geometry.offsetOf(block) } };
   }
   return { audited };
 }

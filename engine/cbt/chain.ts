@@ -12,6 +12,7 @@ import type { Range } from '../pipeline/map-cursors.js';
 import { auditCleanBlocks } from './audit.js';
 import { readMap, runChunks, type MapRoot } from '../../repo-format/block-map.js';
 import { mergeRanges } from '../pipeline/map-cursors.js';
+import { blockOffset } from '../../repo-format/disk-geometry.js';
 
 export type RequestedMode = 'full' | 'incremental' | 'differential' | 'auto';
 
@@ -191,7 +192,7 @@ export async function unavailableRanges(map: MapRoot, loadPage: LoadPage, availa
     const answers = await available(ids);
     answers.forEach((ok, i) => {
       if (ok) return;
-      const offset = blocks[i]! * blockSize;
+      const offset = blockOffset(blocks[i]!, blockSize);
       const last = ranges[ranges.length - 1];
       if (last && last.offset + last.length === offset) last.length += blockSize;
       else ranges.push({ offset, length: blockSize });

@@ -13,6 +13,7 @@
 import { realpath } from 'node:fs/promises';
 import type { DiskCbt } from '../../repo-format/backup-record.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { withRemedies } from '../errors.js';
 import { NbdSource } from '../sources/nbd-source.js';
 import { addBitmap, bitmapName, bitmapPrefix, imageInfo, removeBitmap, type ImageInfo } from './qcow2-bitmaps.js';
 import { serveImage, type RunningExport } from './qemu-nbd-server.js';
@@ -22,8 +23,8 @@ import type { BackupRecord } from '../../repo-format/backup-record.js';
 /** One image's disk and its bitmap bookkeeping (release stops the export before the bitmaps change). */
 export type ImageDiskSession = CbtDiskJob & CbtSession;
 
-/** The checks of a qcow2 bitmap before it is trusted as an incremental's base. */
-function bitmapProblem(info: ImageInfo): (base: string, previous: DiskCbt) => string | null {
+/** The checks of a qcow2 bitmap before it is trusted as an incremental's base (pure: exported for its unit test). */
+export function bitmapProblem(info: ImageInfo): (base: string, previous: DiskCbt) => string | null {
   return (base, previous) => {
     const bitmap = info.bitmaps.find((b) => b.name === base);
     if (!bitmap) return `bitmap ${base} is missing from the image`;
@@ -41,7 +42,7 @@ function bitmapProblem(info: ImageInfo): (base: string, previous: DiskCbt) => st
  * never share a chain. Chains made before this rule continue as they were: their records name the same
  * bitmaps.
  */
-function imageIdentity(info: ImageInfo, repositoryId: string, image: string, backupName: string, diskName: string, history: BackupRecord[]): Pick<ChainFacts, 'isThisDisk' | 'whyNoPrevious'> {
+export function imageIdentity(info: ImageInfo, repositoryId: string, image: string, backupName: string, diskName: string, history: BackupRecord[]): Pick<ChainFacts, 'isThisDisk' | 'whyNoPrevious'> {
   const held = new Set(info.bitmaps.map((b) => b.name).filter((n) => n.startsWith(bitmapPrefix(repositoryId))));
   return {
     isThisDisk: (disk) => disk.cbt !== null && held.has(disk.cbt.checkpoint),
@@ -60,7 +61,7 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
   const { image, name, backupId } = args;
   const before = await imageInfo(image);
   if (before.format !== 'qcow2') {
-    throw new InvalidArgumentError(`${image} is a ${before.format} image: --image needs qcow2 (persistent dirty bitmaps); back up raw images with --source`);
+    throw new InvalidArgumentError(`${image} is a ${before.format} image: an image disk must be qcow2 (persistent dirty bitmaps)`, withRemedies({ path: image }, { kind: 'disk-kind', use: 'raw' }));
   }
   const identity = imageIdentity(before, args.repositoryId, await realpath(image), args.backupName, name, args.history);
   const chosen = chooseChain(name, args.requested, { size: before.virtualSize, baseProblem: bitmapProblem(before), ...identity }, args.history);

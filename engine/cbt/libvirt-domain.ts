@@ -14,6 +14,7 @@ import { chown, mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { withRemedies } from '../errors.js';
 import { MUTABLE_FILE_MODE } from '../../repo-format/file-modes.js';
 import { adoptName } from '../../repo-format/names.js';
 import { NbdSource } from '../sources/nbd-source.js';
@@ -77,7 +78,7 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
   const { domain, backupId } = args;
   const state = (await virsh(['domstate', domain])).trim();
   if (state !== 'running' && state !== 'paused') {
-    throw new InvalidArgumentError(`domain ${domain} is ${state}: a libvirt backup needs a running VM (back up a stopped VM's qcow2 images with --image)`);
+    throw new InvalidArgumentError(`domain ${domain} is ${state}: a libvirt backup needs a running VM`, withRemedies({ domain }, { kind: 'disk-kind', use: 'image' }));
   }
   const disks = await domainDisks(domain);
   const existing = new Set(await checkpoints(domain));

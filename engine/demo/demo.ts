@@ -44,7 +44,7 @@ async function fileSha256(path: string): Promise<string> {
 
 export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const step = options.onStep ?? (() => undefined);
-  if (options.dir !== undefined) checkLocalPath(options.dir, '--dir');
+  if (options.dir !== undefined) checkLocalPath(options.dir, 'demo directory');
   const signal = options.signal;
   const interruption = new Interruption(signal, 'demo', () => (options.dir === undefined ? 'its temporary directory was removed' : `what it made so far stays in ${options.dir}`));
   // The demo makes a repository, an image and restores in its directory: never inside a repository.
@@ -58,7 +58,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   const size = options.size ?? 512 * 1024 * 1024 + 4097;
   const keep = options.keep ?? options.dir !== undefined;
   // Say first whether the files named below outlive the demo: a temporary directory does not.
-  step(keep ? `working in ${dir} (kept afterwards)` : `working in ${dir}, a temporary directory removed when the demo ends (--dir DIR keeps the image and the repository)`);
+  step(keep ? `working in ${dir} (kept afterwards)` : `working in ${dir}, a temporary directory removed when the demo ends (give the demo a directory to keep the image and the repository)`);
   try {
     step(`generating a ${size}-byte VM-like disk image at ${image}`);
     await generateImage(image, size, 'engine-demo', undefined, signal);
@@ -66,24 +66,24 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
     const firstHash = await fileSha256(image);
     step(`creating a repository at ${repo}`);
     await initRepository(repo);
-    const first = (await backup({ repo, sources: [image], name: 'demo-monday', signal })).record;
+    const first = (await backup({ repo, from: { kind: 'disks', disks: [{ kind: 'raw', path: image }] }, name: 'demo-monday', signal })).record;
     step(`backup ${first.id.slice(0, 8)}: read ${first.disks[0]!.stats.bytesRead} bytes, stored ${first.disks[0]!.stats.bytesStored} new bytes`);
     const writes = await mutateImage(image, 0.02, 'engine-demo/tuesday');
     interruption.check();
     step(`the guest wrote ${writes.length === 1 ? 'once' : `${writes.length} times`} (2% of the disk)`);
     const secondHash = await fileSha256(image);
-    const second = (await backup({ repo, sources: [image], name: 'demo-tuesday', signal })).record;
+    const second = (await backup({ repo, from: { kind: 'disks', disks: [{ kind: 'raw', path: image }] }, name: 'demo-tuesday', signal })).record;
     step(`backup ${second.id.slice(0, 8)}: read ${second.disks[0]!.stats.bytesRead} bytes, stored ${second.disks[0]!.stats.bytesStored} new bytes (the rest deduplicated)`);
     for (const [record, expected] of [[first, firstHash], [second, secondHash]] as const) {
       const target = join(dir, `restored-${record.id.slice(0, 8)}.img`);
-      await restore({ repo, backupId: record.id, to: target, signal });
+      await restore({ repo, backupId: record.id, target: { kind: 'file', path: target }, signal });
       const actual = await fileSha256(target);
       if (actual !== expected) throw new EngineError('ENGINE_INTERNAL', `restore of ${record.id} differs from the image it backed up`);
       await rm(target);
       step(`restored ${record.id.slice(0, 8)} to ${target}: identical to the image it backed up (sha256 ${actual.slice(0, 16)}…); the copy is deleted again`);
     }
     const report = await verify({ repo, readData: true, signal });
-    step(`verify --read-data: ${report.ok ? 'no problems' : `${report.problems.length} problems`} in ${report.packs} packs, ${report.blobs} blobs`);
+    step(`verify, reading every chunk: ${report.ok ? 'no problems' : `${report.problems.length} problems`} in ${report.packs} packs, ${report.blobs} blobs`);
     if (!report.ok) throw new EngineError('ENGINE_INTERNAL', `verify found problems: ${report.problems[0]!.message}`);
     return { dir, backups: [first, second], verify: report };
   } catch (error) {

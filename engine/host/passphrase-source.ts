@@ -1,7 +1,7 @@
 /**
  * Where the passphrase of an encrypted repository comes from (SPEC.md, section 14), first found wins:
  *
- *   --password-file FILE      the file's bytes, less one trailing newline (\n or \r\n)
+ *   a file the caller names    the file's bytes, less one trailing newline (\n or \r\n) (the CLI: --password-file)
  *   $ENGINE_PASSWORD_FILE     the same, for a file named by the environment (systemd: %d/NAME with LoadCredential=)
  *   $ENGINE_PASSWORD          the variable's bytes
  *
@@ -17,17 +17,18 @@ import { readSecretFile } from './secret-file.js';
 export interface ResolvedPassphrase {
   /** Undefined: none given (a plain repository needs none). */
   passphrase: Buffer | undefined;
-  /** Where it came from, for messages: "--password-file F", "$ENGINE_PASSWORD_FILE F", "$ENGINE_PASSWORD". */
+  /** Where it came from, for messages: "<fileLabel> F", "$ENGINE_PASSWORD_FILE F", "$ENGINE_PASSWORD". */
   source: string | undefined;
   warnings: string[];
 }
 
-export async function resolvePassphrase(options: { file?: string | undefined; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<ResolvedPassphrase> {
+/** `fileLabel`: what messages call the caller's `file` (the CLI: its option, --password-file). */
+export async function resolvePassphrase(options: { file?: string | undefined; fileLabel?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<ResolvedPassphrase> {
   const env = options.env ?? process.env;
   const fromEnv = env.ENGINE_PASSWORD_FILE || undefined;
   const file = options.file ?? fromEnv;
   if (file !== undefined) {
-    const source = options.file !== undefined ? `--password-file ${file}` : `$ENGINE_PASSWORD_FILE ${file}`;
+    const source = options.file !== undefined ? `${options.fileLabel ?? 'passphrase file'} ${file}` : `$ENGINE_PASSWORD_FILE ${file}`;
     const { bytes, warnings } = await readSecretFile(file, source, { maxBytes: MAX_PASSPHRASE_BYTES, timeoutMs: options.timeoutMs });
     const passphrase = withoutTrailingNewline(bytes);
     if (passphrase.length === 0) throw new InvalidArgumentError(`${source} is empty${bytes.length > 0 ? ' (a newline only)' : ''}: it must hold the passphrase`);

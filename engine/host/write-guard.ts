@@ -9,7 +9,7 @@
  *   elsewhere is recognised; an existing file with other hard links is compared with the repository's files;
  * - not onto the source a backup was read from (restore only): a plain restore over its own source is
  *   refused unless forced (a failure half-way would leave neither the old disk nor the backup's), and a qcow2
- *   image is never overwritten with raw bytes unless forced. Rolling a source back (--only-changed) is
+ *   image is never overwritten with raw bytes unless forced. Rolling a source back (a rollback restore) is
  *   what rollback is for and is allowed.
  *
  * Paths can lie (symlinks, bind mounts, hard links, `..`); device and inode numbers cannot.
@@ -20,7 +20,7 @@ import { dirname, join, resolve } from 'node:path';
 import { CONFIG_FORMAT_NAME, LAYOUT } from '../../repo-format/constants.js';
 import { isErrnoException } from '../../repo-format/errors.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
-import { TargetProtectedError, TargetUnwritableError } from '../errors.js';
+import { TargetProtectedError, TargetUnwritableError, withRemedies } from '../errors.js';
 
 type Identity = string;
 
@@ -171,8 +171,10 @@ export async function refuseBackupSource(path: string, record: BackupRecord, opt
     const qcow2 = disk.source.kind === 'qcow2-image' || (disk.source.kind === 'libvirt-disk' && !target.isBlockDevice());
     if (options.rollback && !qcow2) continue;
     const why = qcow2
-      ? `it is the image that disk ${disk.name} of backup ${record.id} was read from (${sourcePath}), and raw bytes would destroy it; restore with --to-qcow2 NEW, or roll it back through an NBD export of it (--to nbd+unix://… --only-changed); --force overwrites it all the same`
-      : `it is the source that disk ${disk.name} of backup ${record.id} was read from (${sourcePath}), and a restore that fails half-way would leave neither the old disk nor the backup's; --only-changed rolls it back writing only what differs, --force overwrites it`;
-    throw new TargetProtectedError(path, why, { backup: record.id, disk: disk.name, source: sourcePath });
+      ? `it is the image that disk ${disk.name} of backup ${record.id} was read from (${sourcePath}), and raw bytes would destroy it`
+      : `it is the source that disk ${disk.name} of backup ${record.id} was read from (${sourcePath}), and a restore that fails half-way would leave neither the old disk nor the backup's`;
+    const override = { kind: 'override', option: 'force', to: 'overwrite it all the same' } as const;
+    const details = { backup: record.id, disk: disk.name, source: sourcePath };
+    throw new TargetProtectedError(path, why, qcow2 ? withRemedies(details, { kind: 'new-image' }, { kind: 'rollback-through-nbd' }, override) : withRemedies(details, { kind: 'rollback' }, override));
   }
 }

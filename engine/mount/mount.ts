@@ -146,10 +146,10 @@ function startServer(options: ServeOptions, logPath: string): Promise<{ pid: num
     };
     child.once('error', fail);
     child.once('exit', (code) => fail(new EngineError('ENGINE_INTERNAL', `the mount's server exited (${code}) before it was ready; see ${logPath}`)));
-    child.once('message', (message: { ready?: boolean; readerToken?: string | null; backupId?: string; exports?: ServedExport[]; notices?: string[]; error?: { message: string; code?: string } }) => {
+    child.once('message', (message: { ready?: boolean; readerToken?: string | null; backupId?: string; exports?: ServedExport[]; notices?: string[]; error?: { message: string; code?: string; details?: Record<string, unknown> } }) => {
       child.removeAllListeners('exit');
       if (message.error) {
-        reject(new EngineError((message.error.code as never) ?? 'ENGINE_INTERNAL', message.error.message));
+        reject(new EngineError((message.error.code as never) ?? 'ENGINE_INTERNAL', message.error.message, message.error.details ?? {}));
         return;
       }
       child.disconnect();

@@ -33,6 +33,7 @@ try {
   report({ ready: true, readerToken: handle.readerToken, backupId: handle.backup.id, exports: handle.exports, notices });
   process.disconnect?.();
 } catch (error) {
-  report({ error: { message: (error as Error).message, code: (error as { code?: string }).code } });
+  // The details go along: they carry what the caller can do about it (details.remedies).
+  report({ error: { message: (error as Error).message, code: (error as { code?: string }).code, details: (error as { details?: unknown }).details } });
   process.exitCode = 1;
 }

@@ -17,6 +17,7 @@ import { connect, type Server } from 'node:net';
 import { chmod, link, lstat, mkdtemp, rmdir, unlink } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { withRemedies } from '../errors.js';
 
 export interface ListeningSocket {
   path: string;
@@ -62,8 +63,8 @@ async function clearPath(path: string, onLog?: (message: string) => void): Promi
     throw new InvalidArgumentError(`${path}: ${error.code ?? error.message}`);
   });
   if (!existing) return;
-  if (!existing.isSocket()) throw new InvalidArgumentError(`${path} exists and is not a socket; it is left alone: choose another --socket path`);
-  if (await socketIsLive(path)) throw new InvalidArgumentError(`${path} is the socket of a running server: stop it or choose another --socket path`);
+  if (!existing.isSocket()) throw new InvalidArgumentError(`${path} exists and is not a socket; it is left alone`, withRemedies({ path }, { kind: 'socket-path', because: 'not-a-socket' }));
+  if (await socketIsLive(path)) throw new InvalidArgumentError(`${path} is the socket of a running server`, withRemedies({ path }, { kind: 'socket-path', because: 'in-use' }));
   onLog?.(`${path}: replacing a stale socket (no server listens on it)`);
   await unlink(path).catch((error: NodeJS.ErrnoException) => {
     if (error.code !== 'ENOENT') throw new InvalidArgumentError(`${path}: the stale socket cannot be removed (${error.code ?? error.message})`);

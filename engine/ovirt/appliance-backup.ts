@@ -89,10 +89,9 @@ export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions)
       const result = await backup({
         repo: options.repo,
         passphrase: options.passphrase,
-        sources: devices,
-        diskNames: names,
+        from: { kind: 'disks', disks: devices.map((path, i) => ({ kind: 'raw', path, name: names[i]! })) },
         name: adoptName(options.vm, 'backup', 'the VM name', notice),
-        mode: 'full',
+        chain: { mode: 'full' },
         workers: options.workers,
         signal: options.signal,
         onProgress: options.onProgress,

@@ -10,7 +10,7 @@ import { request as httpsRequest } from 'node:https';
 import { readFile } from 'node:fs/promises';
 import { BodyTooLargeError, collectBody, HTTP_BODY_LIMIT } from '../host/http-body.js';
 import { randomBytes } from 'node:crypto';
-import { OvirtAuthError, OvirtFaultError, TimeoutError } from '../errors.js';
+import { OvirtAuthError, OvirtFaultError, TimeoutError, withRemedies, type Remedy } from '../errors.js';
 import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
 import { describeTlsError } from '../host/tls-errors.js';
 import { checkEngineUrl, followableUrl } from './url-policy.js';
@@ -97,7 +97,7 @@ export class OvirtClient {
         // A redirect is never followed: it could lead anywhere, http included, with the password or token.
         if (status >= 300 && status < 400) {
           res.resume();
-          reject(new EngineError('ENGINE_OVIRT_CONNECT', `oVirt ${this.base.origin}: ${method} ${url.pathname} answered HTTP ${status}, a redirect to ${String(res.headers.location ?? 'nowhere')}, which is not followed: give the engine's own https:// address as --ovirt`, { url: this.base.origin, status }));
+          reject(new EngineError('ENGINE_OVIRT_CONNECT', `oVirt ${this.base.origin}: ${method} ${url.pathname} answered HTTP ${status}, a redirect to ${String(res.headers.location ?? 'nowhere')}, which is not followed`, withRemedies({ url: this.base.origin, status }, { kind: 'ovirt-address' })));
           return;
         }
         collectBody(res, HTTP_BODY_LIMIT, (bytes) => resolve({ status, headers: res.headers, body: bytes.toString('utf8') }), (error) =>
@@ -107,7 +107,8 @@ export class OvirtClient {
       req.on('timeout', () => req.destroy(new TimeoutError(`oVirt ${method} ${url.pathname}`, timeout)));
       req.on('error', (error: NodeJS.ErrnoException) => {
         if (error instanceof EngineError) return reject(error);
-        reject(new EngineError('ENGINE_OVIRT_CONNECT', `oVirt ${this.base.origin}: cannot connect: ${connectFailure(error)}`, { url: this.base.origin, code: error.code }));
+        const failure = connectFailure(error);
+        reject(new EngineError('ENGINE_OVIRT_CONNECT', `oVirt ${this.base.origin}: cannot connect: ${failure.why}`, withRemedies({ url: this.base.origin, code: error.code }, ...failure.remedies)));
       });
       if (body !== undefined) req.write(body);
       req.end();
@@ -232,23 +233,22 @@ export class OvirtClient {
   }
 }
 
-/** TLS and network failures in one line; an untrusted certificate says where the engine's CA is. */
-function connectFailure(error: NodeJS.ErrnoException): string {
-  const tls = describeTlsError(error);
+/** TLS and network failures in one line; an untrusted certificate calls for the engine's CA. */
+function connectFailure(error: NodeJS.ErrnoException): { why: string; remedies: Remedy[] } {
   const untrusted = ['DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'UNABLE_TO_GET_ISSUER_CERT'];
-  if (error.code !== undefined && untrusted.includes(error.code)) {
-    return `${tls}; give --ca-file with the engine's CA (https://ENGINE/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA)`;
-  }
-  return tls;
+  return { why: describeTlsError(error), remedies: error.code !== undefined && untrusted.includes(error.code) ? [{ kind: 'ovirt-ca' }] : [] };
 }
 
 function httpReason(status: number): string {
   return { 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found', 409: 'Conflict', 500: 'Internal Server Error' }[status] ?? 'error';
 }
 
-/** The engine's CA file (PEM), for the API and imageio alike; one that cannot be read is a usage error naming it. */
-export async function readCaFile(file: string): Promise<Buffer> {
+/**
+ * The engine's CA file (PEM), for the API and imageio alike; one that cannot be read is a usage error naming
+ * it as `label` (the CLI checks its option with its own name before anything runs).
+ */
+export async function readCaFile(file: string, label = "the oVirt engine's CA file"): Promise<Buffer> {
   return readFile(file).catch((error: NodeJS.ErrnoException) => {
-    throw new InvalidArgumentError(`--ca-file ${file}: cannot be read (${error.code ?? error.message})`);
+    throw new InvalidArgumentError(`${label} ${file}: cannot be read (${error.code ?? error.message})`, { path: file });
   });
 }

@@ -5,11 +5,11 @@
  * (imageio-connection.ts); the ticket must allow PUT and offer flush.
  */
 import { TargetUnwritableError } from '../errors.js';
-import type { RestoreTarget } from '../restore/file-target.js';
+import type { TargetWriter } from '../restore/target-writer.js';
 import { describeTlsError } from '../host/tls-errors.js';
 import { imageioAgent, imageioRequest, openImageio, uploadFailure, type ImageioAgent, type ImageioUrls } from './imageio-connection.js';
 
-export class ImageioTarget implements RestoreTarget {
+export class ImageioTarget implements TargetWriter {
   readonly zeroed = true;
 
   private constructor(

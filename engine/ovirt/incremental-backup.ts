@@ -91,7 +91,7 @@ export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOpti
       repo: options.repo,
       passphrase: options.passphrase,
       name: adoptName(options.vm, 'backup', 'the VM name', notice),
-      mode: options.mode ?? 'auto',
+      chain: { mode: options.mode ?? 'auto' },
       workers: options.workers,
       signal: options.signal,
       onProgress: options.onProgress,
@@ -100,7 +100,7 @@ export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOpti
         ...(ovf ? [{ name: 'ovf', mediaType: 'application/ovf+xml', data: ovf }] : []),
         { name: 'ovirt-vm', mediaType: 'application/json', data: JSON.stringify({ vmId, vmName: options.vm, disks: disks.map((d) => ({ id: d.id, alias: d.name, size: d.size })) }) },
       ],
-      provider: (args) => openOvirtBackup({ client, vmId, cluster, disks, args, wait, repo: options.repo, ca, notice }),
+      from: { kind: 'provider', provide: (args) => openOvirtBackup({ client, vmId, cluster, disks, args, wait, repo: options.repo, ca, notice }) },
     });
   });
 }

@@ -116,10 +116,10 @@ async function chooseStorageDomain(client: OvirtClient, cluster: OvirtCluster, n
 }
 
 export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<OvirtRestoreResult> {
-  if ((options.newVm === undefined) === (options.toVm === undefined)) throw new InvalidArgumentError('restore to oVirt needs either --new-vm NAME or --to-vm NAME');
-  if (options.toVm !== undefined && options.disk === undefined) throw new InvalidArgumentError('--to-vm restores one disk: name it with --disk');
+  if ((options.newVm === undefined) === (options.toVm === undefined)) throw new InvalidArgumentError('restore to oVirt needs either newVm or toVm');
+  if (options.toVm !== undefined && options.disk === undefined) throw new InvalidArgumentError('a restore into an existing VM (toVm) restores one disk: name it (disk)');
   const via = options.via ?? 'appliance';
-  if (via === 'appliance' && !options.appliance) throw new InvalidArgumentError('restore through the appliance needs --appliance NAME (or --via transfer)');
+  if (via === 'appliance' && !options.appliance) throw new InvalidArgumentError("restore through the appliance needs the appliance's name (or via: 'transfer')");
   const notice = options.onNotice ?? (() => undefined);
   const wait: Wait = { timeoutMs: options.timeoutMs ?? 600_000, intervalMs: options.pollMs ?? 1000 };
   const record = await showBackup(options.repo, options.backupId, { passphrase: options.passphrase });
@@ -189,7 +189,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
           await client.post(`vms/${applianceId}/diskattachments`, 'disk_attachment', { disk: { '@_id': diskId }, interface: DiskInterface.virtio, bootable: false, active: true });
           const device = await findDevice(client, applianceId, { id: diskId, alias: disk.name, size: disk.size }, options.deviceRoot ?? '/dev/disk/by-id', wait);
           // 3. Write the restore point (a new disk reads as zeros: zero blocks are skipped), flushed by restore.
-          await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: device, targetIsZeroed: true, signal: options.signal });
+          await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, target: { kind: 'device', path: device, blank: true }, signal: options.signal });
           // 4. Detach.
           await undo(client, attachEntry, wait, notice);
           await forget(attachEntry);
@@ -202,7 +202,7 @@ export async function ovirtRestoreVm(options: OvirtRestoreOptions): Promise<Ovir
           }, wait);
           try {
             const target = await ImageioTarget.open(transfer, ca);
-            await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, to: target.path, openTarget: async () => target, signal: options.signal });
+            await restore({ repo: options.repo, passphrase: options.passphrase, backupId: record.id, disk: disk.name, target: { kind: 'custom', describe: target.path, open: async () => target }, signal: options.signal });
             await finalizeTransfer(client, { id: transfer.id, disk: diskId, direction: 'upload' }, wait);
           } catch (error) {
             // A failed upload is cancelled; oVirt then removes its disk (TransferDiskImageCommand.endWithFailure).

@@ -2,8 +2,8 @@
  * Which URLs the oVirt client talks to (SPEC 11.3–11.5, "Security"). The SSO login sends the admin password,
  * every API call carries the bearer token, and the imageio transfer URLs carry the disks themselves; so:
  *
- * - The engine's URL must be https:// (http:// only when the user says so: `--insecure-http`), with a host,
- *   and without credentials in it (they belong in --ovirt-credentials, not in argv or logs).
+ * - The engine's URL must be https:// (http:// only when the user says so: `insecureHttp`), with a host,
+ *   and without credentials in it (they belong in the credentials, not in argv or logs).
  * - Every URL the engine hands back to be followed (an image transfer's transfer_url or proxy_url) keeps
  *   the security the user chose: from an https engine only https is followed, never a downgrade to http;
  *   of transfer_url and proxy_url, the first that keeps it is used.
@@ -11,25 +11,29 @@
  */
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { EngineError } from '../../repo-format/errors.js';
+import { withRemedies } from '../errors.js';
 
-/** The engine's URL, checked: https (or http with `insecureHttp`), a host, no user or password in it. */
-export function checkEngineUrl(text: string, insecureHttp: boolean | undefined): URL {
+/**
+ * The engine's URL, checked: https (or http with `insecureHttp`), a host, no user or password in it.
+ * `label` names it in messages (the CLI: its option).
+ */
+export function checkEngineUrl(text: string, insecureHttp: boolean | undefined, label = 'oVirt engine URL'): URL {
   let url: URL;
   try {
     url = new URL(text);
   } catch {
-    throw new InvalidArgumentError(`--ovirt ${JSON.stringify(text)} is not a URL: give the engine's address, e.g. https://engine.example.org`);
+    throw new InvalidArgumentError(`${label} ${JSON.stringify(text)} is not a URL: give the engine's address, e.g. https://engine.example.org`);
   }
   const shown = `${url.protocol}//${url.host}`;
   if (url.protocol !== 'https:' && url.protocol !== 'http:') {
-    throw new InvalidArgumentError(`--ovirt ${shown}: ${url.protocol.replace(/:$/, '')}:// is not how the oVirt API is reached; give https://ENGINE`);
+    throw new InvalidArgumentError(`${label} ${shown}: ${url.protocol.replace(/:$/, '')}:// is not how the oVirt API is reached; give https://ENGINE`);
   }
-  if (!url.hostname) throw new InvalidArgumentError(`--ovirt ${text}: the URL names no host`);
+  if (!url.hostname) throw new InvalidArgumentError(`${label} ${text}: the URL names no host`);
   if (url.username || url.password) {
-    throw new InvalidArgumentError(`--ovirt ${shown}: the URL carries a user or password; give them with --ovirt-credentials FILE (or ENGINE_OVIRT_USER and ENGINE_OVIRT_PASSWORD), never in the URL`);
+    throw new InvalidArgumentError(`${label} ${shown}: the URL carries a user or password`, withRemedies({}, { kind: 'ovirt-credentials' }));
   }
   if (url.protocol === 'http:' && !insecureHttp) {
-    throw new InvalidArgumentError(`--ovirt ${shown}: plain http would send the oVirt password and token in clear text; use https:// (with --ca-file for the engine's CA), or add --insecure-http if this network is trusted`);
+    throw new InvalidArgumentError(`${label} ${shown}: plain http would send the oVirt password and token in clear text`, withRemedies({}, { kind: 'ovirt-https' }));
   }
   return url;
 }

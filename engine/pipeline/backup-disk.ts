@@ -13,6 +13,8 @@
  * read; every run of clean blocks takes its entries from the parent's map, so the new map is complete.
  */
 import { KIND_DATA, ZERO_ID } from '../../repo-format/constants.js';
+import { DiskGeometry } from '../../repo-format/disk-geometry.js';
+import { EngineError } from '../../repo-format/errors.js';
 import { MapBuilder } from '../../repo-format/block-map.js';
 import type { BlobWriter } from '../../repo-format/blob-writer.js';
 import type { DiskRecord, DiskStats } from '../../repo-format/backup-record.js';
@@ -95,93 +97,176 @@ function idOf(result: { id: Uint8Array }): Buffer {
   return Buffer.from(result.id.buffer, result.id.byteOffset, result.id.byteLength);
 }
 
+/** What sealing a new block gave: its frame's length and flags, in the slot's output. */
+type Sealed = Promise<{ frameLength: number; flags: number }>;
+
 export async function backupDisk(source: BlockSource, name: string, context: BackupDiskContext, plan?: IncrementalPlan): Promise<DiskRecord> {
-  const { repo, pool, dataWriter } = context;
-  // Checked per block: the holes of a thin NBD export, or a long clean run, are walked without any I/O.
-  const interruption = new Interruption(context.signal, 'backup');
-  const blockSize = repo.blockSize;
-  const blockCount = Math.ceil(source.size / blockSize);
-  const started = Date.now();
-  const stats: DiskStats = {
-    bytesRead: 0,
-    bytesNew: 0,
-    bytesStored: 0,
-    blocksTotal: blockCount,
-    blocksZero: 0,
-    blocksNew: 0,
-    blocksDeduplicated: 0,
-    blocksUnchanged: 0,
-    durationMs: 0,
-  };
-  if (plan && plan.parent.blocks !== blockCount) throw new Error(`parent map has ${plan.parent.blocks} blocks, the disk ${blockCount}`);
-  const parent = plan ? new ParentMapCursor(plan.parent, repo.loadPage) : undefined;
-  const dirty = plan ? new DirtyCursor(plan.dirty) : undefined;
-  const map = new MapBuilder(blockCount, repo.pageStore(context.metaWriter));
-  const queue = new BlockQueue();
-  const batchLimit = Math.max(1, Math.floor(pool.slots.count / 2));
-  let failure: unknown;
-  let bytesDone = 0;
+  return new DiskBackup(source, name, context, plan).run();
+}
 
-  const writes = new Set<Promise<void>>();
-  const zeroExtents = source.extents ? new ZeroExtentCursor(source.extents()) : undefined;
+/**
+ * One disk's pipeline, in three named stages that run at once: `read` (reader: issues reads and hashes in
+ * block order, one slot each), `assemble` (assembler: takes the blocks in order, a batch at a time, and
+ * `storeBatch` seals and writes the new ones and maps every one), and the frame writes in the background
+ * (`writeFrame`), which free their slot once the frame is on its way to disk. The first failure stops all.
+ */
+class DiskBackup {
+  private readonly geometry: DiskGeometry;
+  private readonly interruption: Interruption;
+  private readonly stats: DiskStats;
+  private readonly parent: ParentMapCursor | undefined;
+  private readonly dirty: DirtyCursor | undefined;
+  private readonly zeroExtents: ZeroExtentCursor | undefined;
+  private readonly map: MapBuilder;
+  private readonly queue = new BlockQueue();
+  private readonly writes = new Set<Promise<void>>();
+  /** Blocks looked up in the index at once: half the slots, so that the reader always has the other half. */
+  private readonly batchLimit: number;
+  private readonly started = Date.now();
+  private failure: unknown;
+  private bytesDone = 0;
 
-  const fail = (error: unknown): void => {
-    failure ??= error;
-    pool.slots.fail(error);
-    queue.end();
-  };
+  constructor(
+    private readonly source: BlockSource,
+    private readonly name: string,
+    private readonly context: BackupDiskContext,
+    plan: IncrementalPlan | undefined,
+  ) {
+    const { repo, pool } = context;
+    this.geometry = new DiskGeometry(source.size, repo.blockSize);
+    // Checked per block: the holes of a thin NBD export, or a long clean run, are walked without any I/O.
+    this.interruption = new Interruption(context.signal, 'backup');
+    const blocks = this.geometry.blocks;
+    this.stats = { bytesRead: 0, bytesNew: 0, bytesStored: 0, blocksTotal: blocks, blocksZero: 0, blocksNew: 0, blocksDeduplicated: 0, blocksUnchanged: 0, durationMs: 0 };
+    if (plan && plan.parent.blocks !== blocks) throw new EngineError('ENGINE_INTERNAL', `parent map has ${plan.parent.blocks} blocks, the disk ${blocks}`);
+    this.parent = plan ? new ParentMapCursor(plan.parent, repo.loadPage) : undefined;
+    this.dirty = plan ? new DirtyCursor(plan.dirty) : undefined;
+    this.zeroExtents = source.extents ? new ZeroExtentCursor(source.extents()) : undefined;
+    this.map = new MapBuilder(blocks, repo.pageStore(context.metaWriter));
+    this.batchLimit = Math.max(1, Math.floor(pool.slots.count / 2));
+  }
 
-  // Reads are issued as soon as a slot is free, several at once; the queue keeps block order.
-  const read = async (): Promise<void> => {
-    for (let block = 0; block < blockCount && failure === undefined; block += 1) {
-      await interruption.tick();
-      if (dirty) {
-        const nextDirty = await interruption.race(dirty.nextDirtyBlock(block, blockSize, blockCount));
-        if (nextDirty > block) {
-          queue.push({ block, slot: -1, length: 0, result: undefined, done: Promise.resolve(), unchanged: nextDirty - block });
-          block = nextDirty - 1;
-          continue;
-        }
+  async run(): Promise<DiskRecord> {
+    const reader = this.read().catch((error: unknown) => this.fail(error));
+    const assembler = this.assemble().catch((error: unknown) => this.fail(error));
+    await Promise.all([reader, assembler]);
+    await Promise.all(this.writes);
+    if (this.failure !== undefined) throw this.failure;
+    const root = await this.map.finish();
+    this.stats.durationMs = Date.now() - this.started;
+    const { source, name, stats } = this;
+    return { name, size: source.size, source: { ...source.description }, mode: 'full', modeReason: null, parent: null, cbt: null, map: { root: root.root.toString('hex'), depth: root.depth, blocks: root.blocks }, stats };
+  }
+
+  private fail(error: unknown): void {
+    this.failure ??= error;
+    this.context.pool.slots.fail(error);
+    this.queue.end();
+  }
+
+  /** The reader: reads are issued as soon as a slot is free, several at once; the queue keeps block order. */
+  private async read(): Promise<void> {
+    const blocks = this.geometry.blocks;
+    for (let block = 0; block < blocks && this.failure === undefined; block += 1) {
+      await this.interruption.tick();
+      const clean = await this.cleanRun(block);
+      if (clean > 0) {
+        this.queue.push({ block, slot: -1, length: 0, result: undefined, done: Promise.resolve(), unchanged: clean });
+        block += clean - 1;
+        continue;
       }
-      const slot = await pool.slots.acquire();
-      const offset = block * blockSize;
-      const length = Math.min(blockSize, source.size - offset);
-      const item: InFlight = { block, slot, length, result: undefined, done: Promise.resolve() };
-      // The extent at hand answers most blocks; asking the source for more extents may take long (the
-      // holes of a thin disk come merged over many requests), so that wait is interruptible.
-      if (zeroExtents && (zeroExtents.known(offset, length) ?? (await interruption.race(zeroExtents.isZero(offset, length))))) {
-        // The source says this block reads as zeros (a hole, a zero cluster): record it without reading.
-        item.result = { zero: true };
-      } else {
-        item.done = (async () => {
-          await source.read(pool.input(slot, length), offset);
-          stats.bytesRead += length;
-          item.result = await pool.hash(slot, length);
-        })();
-      }
-      // A failed read or hash is surfaced by the assembler when it reaches this block.
-      item.done.catch(() => undefined);
-      queue.push(item);
+      this.queue.push(await this.readBlock(block));
     }
-    queue.end();
-  };
+    this.queue.end();
+  }
 
-  /** Frames are written in the background; a slot is free again once its frame is on its way to disk. */
-  const writeFrame = (item: InFlight, id: Buffer, frameLength: number, flags: number): void => {
-    const written = dataWriter.add(pool.output(item.slot, frameLength), { kind: KIND_DATA, flags, rawLength: item.length, id });
-    const tracked = written.then(
-      () => pool.slots.release(item.slot),
-      (error: unknown) => fail(error),
-    );
-    writes.add(tracked);
-    void tracked.finally(() => writes.delete(tracked));
-  };
+  /** Incremental: how many blocks from `block` on no dirty byte touches (taken from the parent's map, unread). */
+  private async cleanRun(block: number): Promise<number> {
+    if (!this.dirty) return 0;
+    const nextDirty = await this.interruption.race(this.dirty.nextDirtyBlock(block, this.geometry.blockSize, this.geometry.blocks));
+    return nextDirty - block;
+  }
 
-  const storeBatch = async (batch: InFlight[]): Promise<void> => {
+  /** One block into a free slot: known zeros recorded without reading, else read and hashed by a worker. */
+  private async readBlock(block: number): Promise<InFlight> {
+    const { source } = this;
+    const pool = this.context.pool;
+    const slot = await pool.slots.acquire();
+    const offset = this.geometry.offsetOf(block);
+    const length = this.geometry.lengthOf(block);
+    const item: InFlight = { block, slot, length, result: undefined, done: Promise.resolve() };
+    // The extent at hand answers most blocks; asking the source for more extents may take long (the
+    // holes of a thin disk come merged over many requests), so that wait is interruptible.
+    const zeroExtents = this.zeroExtents;
+    if (zeroExtents && (zeroExtents.known(offset, length) ?? (await this.interruption.race(zeroExtents.isZero(offset, length))))) {
+      // The source says this block reads as zeros (a hole, a zero cluster): record it without reading.
+      item.result = { zero: true };
+    } else {
+      item.done = (async () => {
+        await source.read(pool.input(slot, length), offset);
+        this.stats.bytesRead += length;
+        item.result = await pool.hash(slot, length);
+      })();
+    }
+    // A failed read or hash is surfaced by the assembler when it reaches this block.
+    item.done.catch(() => undefined);
+    return item;
+  }
+
+  /** The assembler: blocks in order, a batch at a time (one index lookup for all of it). */
+  private async assemble(): Promise<void> {
+    let batch: InFlight[] = [];
+    for (;;) {
+      const item = await this.queue.shift();
+      if (!item || this.failure !== undefined) break;
+      if (item.unchanged !== undefined) {
+        if (batch.length > 0) await this.storeBatch(batch);
+        batch = [];
+        await this.takeUnchanged(item);
+        continue;
+      }
+      await item.done;
+      batch.push(item);
+      // Fill a batch while more blocks are in flight; when nothing more is in flight, go now.
+      if (batch.length >= this.batchLimit || this.queue.isEmpty) {
+        await this.storeBatch(batch);
+        batch = [];
+      }
+    }
+    if (this.failure === undefined && batch.length > 0) await this.storeBatch(batch);
+  }
+
+  /** Clean blocks: the parent's entries, unread. */
+  private async takeUnchanged(item: InFlight): Promise<void> {
+    for (let block = item.block; block < item.block + item.unchanged!; block += 1) {
+      await this.interruption.tick();
+      await this.map.push(await this.parent!.entry(block));
+      this.bytesDone += this.geometry.lengthOf(block);
+    }
+    this.stats.blocksUnchanged += item.unchanged!;
+  }
+
+  /** A batch in block order: the new blocks sealed, then every block mapped (and the new ones written). */
+  private async storeBatch(batch: InFlight[]): Promise<void> {
+    const sealing = await this.sealNew(batch);
+    for (const item of batch) {
+      await this.storeBlock(item, sealing.get(item));
+      this.bytesDone += item.length;
+    }
+    const stats = this.stats;
+    this.context.onProgress?.({ disk: this.name, bytesDone: this.bytesDone, bytesTotal: this.source.size, bytesRead: stats.bytesRead, bytesNew: stats.bytesNew });
+  }
+
+  /**
+   * One index lookup for the batch's data blocks; each id neither in the repository nor claimed earlier in
+   * the batch is claimed (BlobWriter: no other writer stores it meanwhile) and sealed by a worker (lz4, frame).
+   */
+  private async sealNew(batch: InFlight[]): Promise<Map<InFlight, Sealed>> {
+    const { dataWriter, pool } = this.context;
     const candidates = batch.filter((item) => item.result && !item.result.zero);
     const ids = candidates.map((item) => idOf(item.result as { id: Uint8Array }));
     const known = await dataWriter.known(ids);
-    const sealing = new Map<InFlight, Promise<{ frameLength: number; flags: number }>>();
+    const sealing = new Map<InFlight, Sealed>();
     const claimedHere = new Set<string>();
     candidates.forEach((item, i) => {
       const hex = ids[i]!.toString('hex');
@@ -192,82 +277,44 @@ export async function backupDisk(source: BlockSource, name: string, context: Bac
       sealed.catch(() => undefined);
       sealing.set(item, sealed);
     });
-    for (const item of batch) {
-      const result = item.result!;
-      if (result.zero) {
-        stats.blocksZero += 1;
-        await map.push(ZERO_ID);
-        pool.slots.release(item.slot);
-      } else {
-        const id = idOf(result);
-        const sealed = sealing.get(item);
-        if (sealed) {
-          const { frameLength, flags } = await sealed;
-          if (failure !== undefined) throw failure;
-          writeFrame(item, id, frameLength, flags);
-          stats.blocksNew += 1;
-          stats.bytesNew += item.length;
-          stats.bytesStored += frameLength;
-        } else {
-          stats.blocksDeduplicated += 1;
-          pool.slots.release(item.slot);
-        }
-        await map.push(id);
-      }
-      bytesDone += item.length;
-    }
-    context.onProgress?.({ disk: name, bytesDone, bytesTotal: source.size, bytesRead: stats.bytesRead, bytesNew: stats.bytesNew });
-  };
+    return sealing;
+  }
 
-  /** Clean blocks: the parent's entries, unread. */
-  const takeUnchanged = async (item: InFlight): Promise<void> => {
-    for (let block = item.block; block < item.block + item.unchanged!; block += 1) {
-      await interruption.tick();
-      await map.push(await parent!.entry(block));
-      bytesDone += Math.min(blockSize, source.size - block * blockSize);
+  /** One block into the map: zero, new (its frame written), or deduplicated; its slot freed unless a write holds it. */
+  private async storeBlock(item: InFlight, sealed: Sealed | undefined): Promise<void> {
+    const { pool } = this.context;
+    const stats = this.stats;
+    const result = item.result!;
+    if (result.zero) {
+      stats.blocksZero += 1;
+      await this.map.push(ZERO_ID);
+      pool.slots.release(item.slot);
+      return;
     }
-    stats.blocksUnchanged += item.unchanged!;
-  };
-
-  const assemble = async (): Promise<void> => {
-    let batch: InFlight[] = [];
-    for (;;) {
-      const item = await queue.shift();
-      if (!item || failure !== undefined) break;
-      if (item.unchanged !== undefined) {
-        if (batch.length > 0) await storeBatch(batch);
-        batch = [];
-        await takeUnchanged(item);
-        continue;
-      }
-      await item.done;
-      batch.push(item);
-      // Fill a batch (one index lookup for all of it) while more blocks are in flight; half the slots at
-      // most, so the reader always has the other half. When nothing more is in flight, go now.
-      if (batch.length >= batchLimit || queue.isEmpty) {
-        await storeBatch(batch);
-        batch = [];
-      }
+    const id = idOf(result);
+    if (sealed) {
+      const { frameLength, flags } = await sealed;
+      if (this.failure !== undefined) throw this.failure;
+      this.writeFrame(item, id, frameLength, flags);
+      stats.blocksNew += 1;
+      stats.bytesNew += item.length;
+      stats.bytesStored += frameLength;
+    } else {
+      stats.blocksDeduplicated += 1;
+      pool.slots.release(item.slot);
     }
-    if (failure === undefined && batch.length > 0) await storeBatch(batch);
-  };
+    await this.map.push(id);
+  }
 
-  const reader = read().catch(fail);
-  const assembler = assemble().catch(fail);
-  await Promise.all([reader, assembler]);
-  await Promise.all(writes);
-  if (failure !== undefined) throw failure;
-  const root = await map.finish();
-  stats.durationMs = Date.now() - started;
-  return {
-    name,
-    size: source.size,
-    source: { ...source.description },
-    mode: 'full',
-    modeReason: null,
-    parent: null,
-    cbt: null,
-    map: { root: root.root.toString('hex'), depth: root.depth, blocks: root.blocks },
-    stats,
-  };
+  /** Frames are written in the background; a slot is free again once its frame is on its way to disk. */
+  private writeFrame(item: InFlight, id: Buffer, frameLength: number, flags: number): void {
+    const { dataWriter, pool } = this.context;
+    const written = dataWriter.add(pool.output(item.slot, frameLength), { kind: KIND_DATA, flags, rawLength: item.length, id });
+    const tracked = written.then(
+      () => pool.slots.release(item.slot),
+      (error: unknown) => this.fail(error),
+    );
+    this.writes.add(tracked);
+    void tracked.finally(() => this.writes.delete(tracked));
+  }
 }

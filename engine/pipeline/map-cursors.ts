@@ -5,20 +5,28 @@
  */
 import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
 import { readMap, type LoadPage, type MapRoot, type MapRun } from '../../repo-format/block-map.js';
+import { blockAt, blockOffset } from '../../repo-format/disk-geometry.js';
+import { CorruptMetadataError } from '../../repo-format/errors.js';
 
 export class ParentMapCursor {
   private readonly runs: AsyncGenerator<MapRun>;
   private run: MapRun | undefined;
 
-  constructor(map: MapRoot, loadPage: LoadPage) {
+  constructor(
+    private readonly map: MapRoot,
+    loadPage: LoadPage,
+  ) {
     this.runs = readMap(map, loadPage);
   }
 
-  /** The parent's entry for `block`. Blocks must not go backwards. */
+  /**
+   * The parent's entry for `block`. Blocks must not go backwards. A map that ends before `block` covers
+   * fewer blocks than its record's disk: the record or the map is damaged (ENGINE_CORRUPT_METADATA).
+   */
   async entry(block: number): Promise<Buffer> {
     while (!this.run || this.run.firstBlock + this.run.count <= block) {
       const next = await this.runs.next();
-      if (next.done) throw new Error(`parent map ends before block ${block}`);
+      if (next.done) throw new CorruptMetadataError(`block map ${this.map.root.toString('hex').slice(0, 16)}…`, `it covers ${this.map.blocks} blocks, and block ${block} of the disk it is read for was asked`);
       this.run = next.value;
     }
     if (this.run.entries === null) return ZERO_ID;
@@ -43,14 +51,14 @@ export class DirtyCursor {
 
   /** The first block at or after `fromBlock` that any dirty byte touches, or `blockCount` if none. */
   async nextDirtyBlock(fromBlock: number, blockSize: number, blockCount: number): Promise<number> {
-    const from = fromBlock * blockSize;
+    const from = blockOffset(fromBlock, blockSize);
     while (!this.done && (!this.current || this.current.offset + this.current.length <= from)) {
       const next = await this.iterator.next();
       if (next.done) this.done = true;
       else this.current = next.value;
     }
     if (!this.current || this.current.offset + this.current.length <= from) return blockCount;
-    return Math.min(blockCount, Math.max(fromBlock, Math.floor(this.current.offset / blockSize)));
+    return Math.min(blockCount, Math.max(fromBlock, blockAt(this.current.offset, blockSize)));
   }
 }
 

@@ -12,23 +12,7 @@ import { MUTABLE_FILE_MODE, openNewFile } from '../../repo-format/file-modes.js'
 import { TargetInUseError, TargetTooSmallError, TargetUnwritableError } from '../errors.js';
 import { blockDeviceSize } from '../sources/device-size.js';
 import { openDeviceExclusively, whoUsesFile } from './target-in-use.js';
-
-export interface RestoreTarget {
-  readonly path: string;
-  /** True when unwritten ranges already read as zeros (a new sparse file). */
-  readonly zeroed: boolean;
-  /** True when this restore created the target: discard() removes it. */
-  readonly created?: boolean;
-  write(data: Buffer, offset: number): Promise<void>;
-  /** Zeroes a range without sending zeros where the target can (NBD WRITE_ZEROES); absent: zeros are written. */
-  writeZeroes?(offset: number, length: number): Promise<void>;
-  /** Reads the target's present content (restore --only-changed compares it with the restore point). */
-  read?(target: Buffer, offset: number): Promise<void>;
-  /** Flushes to stable storage; a restore is not reported done before this resolves. */
-  finish(): Promise<void>;
-  /** Closes after a failure; removes the file if this restore created it. */
-  discard(): Promise<void>;
-}
+import type { TargetWriter } from './target-writer.js';
 
 /**
  * Bytes written between background flushes. Without them the kernel keeps a whole restore dirty in the page
@@ -37,7 +21,7 @@ export interface RestoreTarget {
  */
 const WRITE_BEHIND_BYTES = 256 * 1024 * 1024;
 
-export class FileTarget implements RestoreTarget {
+export class FileTarget implements TargetWriter {
   /** The write in progress: writes go one at a time (see write()). */
   private writing: Promise<void> = Promise.resolve();
   private unflushed = 0;

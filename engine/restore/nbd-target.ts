@@ -1,5 +1,5 @@
 /**
- * An NBD export as a restore target (`restore --to nbd://…|nbd+unix://…`): data through WRITE, zero
+ * An NBD export as a restore target (an `nbd` target; the CLI's `restore --to nbd://…|nbd+unix://…`): data through WRITE, zero
  * blocks through WRITE_ZEROES without NBD_CMD_FLAG_NO_HOLE (the server may punch or mark them zero
  * rather than allocate; zero buffers are written when the export has no WRITE_ZEROES), FLUSH on every
  * connection before the restore is reported done. The export must be writable and at least as large as
@@ -8,13 +8,13 @@
 import { NbdClient } from '../nbd/client.js';
 import * as P from '../nbd/protocol.js';
 import { TargetTooSmallError, TargetUnwritableError } from '../errors.js';
-import type { RestoreTarget } from './file-target.js';
+import type { TargetWriter } from './target-writer.js';
 import type { Range } from '../pipeline/map-cursors.js';
 
 /** WRITE_ZEROES lengths are u32; servers answer big ones quickly, but stay well inside the field. */
 const ZEROES_SPAN = 256 * 1024 * 1024;
 
-export class NbdTarget implements RestoreTarget {
+export class NbdTarget implements TargetWriter {
   private constructor(
     readonly path: string,
     private readonly client: NbdClient,
@@ -23,7 +23,7 @@ export class NbdTarget implements RestoreTarget {
 
   /**
    * `zeroed`: the export is known to read as zeros (a qcow2 the engine just created), so zero blocks are
-   * skipped. `metaContexts`: contexts to negotiate (a dirty bitmap for restore --since-bitmap).
+   * skipped. `metaContexts`: contexts to negotiate (a dirty bitmap for a rollback through it).
    */
   static async open(uri: string, diskSize: number, options: { zeroed?: boolean; metaContexts?: string[] } = {}): Promise<NbdTarget> {
     const client = await NbdClient.connect(uri, { metaContexts: options.metaContexts ?? [] });

@@ -1,5 +1,5 @@
 /**
- * A new qcow2 image as a restore target (`restore --to-qcow2 FILE`): `qemu-img create` at the disk's
+ * A new qcow2 image as a restore target (a `qcow2` target; the CLI's `restore --to-qcow2 FILE`): `qemu-img create` at the disk's
  * size, the engine's own writable qemu-nbd on it, the restore written through the NBD client (a new image
  * reads as zeros, so zero blocks are skipped and stay unallocated), FLUSH, qemu-nbd stopped. A restore that
  * fails removes the image it created; an existing FILE is refused, never overwritten.
@@ -12,10 +12,10 @@ import { MUTABLE_FILE_MODE, openNewFile } from '../../repo-format/file-modes.js'
 import { runTool } from '../cbt/run-tool.js';
 import { serveImage, type RunningExport } from '../cbt/qemu-nbd-server.js';
 import { TargetUnwritableError } from '../errors.js';
-import type { RestoreTarget } from './file-target.js';
+import type { TargetWriter } from './target-writer.js';
 import { NbdTarget } from './nbd-target.js';
 
-export class Qcow2Target implements RestoreTarget {
+export class Qcow2Target implements TargetWriter {
   readonly zeroed = true;
   readonly created = true;
 
@@ -31,7 +31,7 @@ export class Qcow2Target implements RestoreTarget {
     // owner-only (SPEC.md, 2.1); qemu-img then formats it in place and keeps its mode, where a file of its
     // own would be 0644 under the usual umask.
     const handle = await openNewFile(file, 'wx', MUTABLE_FILE_MODE).catch((error: unknown) => {
-      if (isErrnoException(error) && error.code === 'EEXIST') throw new TargetUnwritableError(file, 'it already exists (--to-qcow2 creates a new image)');
+      if (isErrnoException(error) && error.code === 'EEXIST') throw new TargetUnwritableError(file, 'it already exists (a qcow2 target is created new, never overwritten)');
       throw new TargetUnwritableError(file, isErrnoException(error) ? error.message : String(error));
     });
     await handle.close();

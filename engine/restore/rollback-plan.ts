@@ -1,5 +1,6 @@
 /**
- * Which blocks a rollback through a dirty bitmap must write (`restore --only-changed --since-bitmap NAME`).
+ * Which blocks a rollback through a dirty bitmap must write (rollback policy `bitmap`; the CLI's
+ * `restore --only-changed --since-bitmap NAME`).
  *
  * The bitmap NAME is the checkpoint of a backup B of this disk (the engine created it when it took B,
  * before reading: SPEC 11.1). A block the bitmap calls clean has not been written since B read it, so the
@@ -10,7 +11,9 @@
 import { readMap } from '../../repo-format/block-map.js';
 import { mapRootOf, type BackupRecord, type DiskRecord } from '../../repo-format/backup-record.js';
 import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
+import { DiskGeometry } from '../../repo-format/disk-geometry.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { withRemedies } from '../errors.js';
 import type { Repository } from '../../repo-format/repository.js';
 import { ParentMapCursor, type Range } from '../pipeline/map-cursors.js';
 import { BlockSet } from '../common/block-set.js';
@@ -32,7 +35,8 @@ export async function backupOfCheckpoint(repo: Repository, diskName: string, bit
     if (disk) return { record, disk };
   }
   throw new InvalidArgumentError(
-    `no backup in this repository has checkpoint ${bitmap} for disk ${diskName}: the engine cannot know what the target held when the bitmap started; use --only-changed without --since-bitmap to compare every block`,
+    `no backup in this repository has checkpoint ${bitmap} for disk ${diskName}: the engine cannot know what the target held when the bitmap started`,
+    withRemedies({ bitmap, disk: diskName }, { kind: 'compare-every-block' }),
   );
 }
 
@@ -40,16 +44,14 @@ export async function backupOfCheckpoint(repo: Repository, diskName: string, bit
 export async function planRollback(repo: Repository, disk: DiskRecord, bitmap: string, dirty: AsyncIterable<Range>, interruption?: Interruption): Promise<RollbackPlan> {
   const base = await backupOfCheckpoint(repo, disk.name, bitmap);
   if (base.disk.size !== disk.size) throw new InvalidArgumentError(`disk ${disk.name} was ${base.disk.size} bytes in backup ${base.record.id} and is ${disk.size} in the restore point: a rollback cannot cross a resize`);
-  const blockSize = repo.blockSize;
-  const blocks = Math.ceil(disk.size / blockSize);
+  const geometry = new DiskGeometry(disk.size, repo.blockSize);
   const write = new BlockSet();
   const ranges = dirty[Symbol.asyncIterator]();
   for (;;) {
     const next = await (interruption ? interruption.race(ranges.next()) : ranges.next());
     if (next.done) break;
-    const range = next.value;
-    const last = Math.min(blocks - 1, Math.floor((range.offset + range.length - 1) / blockSize));
-    for (let block = Math.floor(range.offset / blockSize); block <= last; block += 1) write.add(block);
+    const { first, end } = geometry.blocksTouched(next.value.offset, next.value.length);
+    for (let block = first; block < end; block += 1) write.add(block);
   }
   const blocksDirty = write.size;
   let blocksChangedSinceBase = 0;

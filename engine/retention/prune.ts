@@ -43,10 +43,10 @@ export interface PruneReport {
 export async function prune(options: PruneOptions): Promise<PruneReport> {
   for (const rule of KEEP_RULES) {
     const n = options.policy[rule];
-    if (n !== undefined && (!Number.isInteger(n) || n < 0)) throw new InvalidArgumentError(`--keep-${rule} ${n}: give a whole number of 0 or more`);
+    if (n !== undefined && (!Number.isInteger(n) || n < 0)) throw new InvalidArgumentError(`retention rule ${rule} ${n}: give a whole number of 0 or more`, { rule });
   }
   if (policyIsEmpty(options.policy)) {
-    throw new InvalidArgumentError('no --keep-* option given: prune would remove every unprotected backup; say what to keep');
+    throw new InvalidArgumentError('the retention policy has no rule: prune would remove every unprotected backup; say what to keep');
   }
   const removed: string[] = [];
   const interruption = new Interruption(options.signal, 'prune', () =>

@@ -45,23 +45,22 @@ export class BackupExport implements NbdExport {
   }
 
   async read(offset: number, length: number): Promise<ReadPiece[]> {
-    const blockSize = this.table.blockSize;
-    const first = Math.floor(offset / blockSize);
-    const last = Math.floor((offset + length - 1) / blockSize);
+    const geometry = this.table.geometry;
+    const { first, end: endBlock } = geometry.blocksTouched(offset, length);
     const parts: Promise<ReadPiece>[] = [];
-    for (let block = first; block <= last; block += 1) {
-      const start = Math.max(offset, block * blockSize);
-      const end = Math.min(offset + length, block * blockSize + this.table.lengthOf(block));
+    for (let block = first; block < endBlock; block += 1) {
+      const start = Math.max(offset, geometry.offsetOf(block));
+      const end = Math.min(offset + length, geometry.offsetOf(block) + geometry.lengthOf(block));
       parts.push(this.readInBlock(block, start, end - start));
     }
     const pieces = await Promise.all(parts);
-    this.readAhead(first, last);
+    this.readAhead(first, endBlock - 1);
     return mergeHoles(pieces);
   }
 
   private async readInBlock(block: number, offset: number, length: number): Promise<ReadPiece> {
     const overlay = this.options.overlay;
-    const inBlock = offset - block * this.table.blockSize;
+    const inBlock = offset - this.table.geometry.offsetOf(block);
     if (overlay?.touches(block)) {
       const target = Buffer.alloc(length);
       // A range the overlay answers alone needs no backup read: an overwritten damaged chunk reads fine.
@@ -75,7 +74,7 @@ export class BackupExport implements NbdExport {
   }
 
   private async chunk(block: number): Promise<Buffer> {
-    const where = `backup ${this.options.backupId}, disk ${this.name}, offset ${block * this.table.blockSize}`;
+    const where = `backup ${this.options.backupId}, disk ${this.name}, offset ${this.table.geometry.offsetOf(block)}`;
     const location = this.table.location(block);
     if (!location) {
       this.badChunks += 1;
@@ -110,15 +109,16 @@ export class BackupExport implements NbdExport {
   }
 
   async allocation(offset: number, length: number): Promise<AllocationExtent[]> {
-    const blockSize = this.table.blockSize;
+    const geometry = this.table.geometry;
+    const blockSize = geometry.blockSize;
     const extents: AllocationExtent[] = [];
     const end = offset + length;
-    let block = Math.floor(offset / blockSize);
+    let block = geometry.blockAt(offset);
     let at = offset;
     while (at < end && block < this.table.blocks) {
       const zero = this.table.isZero(block) && !this.options.overlay?.touches(block);
       const flags = zero ? P.STATE_HOLE | P.STATE_ZERO : 0;
-      const blockEnd = Math.min(end, block * blockSize + this.table.lengthOf(block));
+      const blockEnd = Math.min(end, geometry.offsetOf(block) + geometry.lengthOf(block));
       const previous = extents[extents.length - 1];
       // Extent lengths are u32: start a new extent rather than overflow one.
       if (previous && previous.flags === flags && previous.length + (blockEnd - at) <= 0xffffffff - blockSize) previous.length += blockEnd - at;

@@ -18,6 +18,7 @@ import { mapDepth } from '../../repo-format/block-map.js';
 import { type DiskRecord } from '../../repo-format/backup-record.js';
 import { ID_SIZE, KIND_MAP_LEAF, KIND_MAP_NODE, MAP_PAGE_ENTRIES, ZERO_ID } from '../../repo-format/constants.js';
 import { CorruptMetadataError } from '../../repo-format/errors.js';
+import { DiskGeometry } from '../../repo-format/disk-geometry.js';
 import type { Repository } from '../../repo-format/repository.js';
 
 export const ZERO_BLOCK = 0xffffffff;
@@ -71,6 +72,7 @@ type ResolvedPage = ResolvedLeaf | ResolvedNode;
 const coverage = (level: number): number => MAP_PAGE_ENTRIES ** (level + 1);
 
 export class BlockTable {
+  readonly geometry: DiskGeometry;
   readonly blocks: number;
 
   constructor(
@@ -80,12 +82,13 @@ export class BlockTable {
     private readonly root: ResolvedPage | null,
     private readonly packIds: PackIds,
   ) {
-    this.blocks = Math.ceil(diskSize / blockSize);
+    this.geometry = new DiskGeometry(diskSize, blockSize);
+    this.blocks = this.geometry.blocks;
   }
 
   /** Bytes of block `block` (the last block may be short). */
   lengthOf(block: number): number {
-    return Math.min(this.blockSize, this.diskSize - block * this.blockSize);
+    return this.geometry.lengthOf(block);
   }
 
   /** The leaf holding `block` and the block's entry in it, or undefined for a zero page. */

@@ -1,14 +1,16 @@
 /**
  * Where `engine serve` may listen, and with what protection (SPEC 16.1, "Security"). The served disks are
  * the backup's plaintext, decrypted for an encrypted repository: whoever connects reads them, and with
- * `--writable` writes them. So:
+ * `writable` writes them. So:
  *
- * - By default: a Unix socket (0600, unix-socket.ts), at `--socket PATH` or, without one, at
+ * - By default: a Unix socket (0600, unix-socket.ts), at `socket` or, without one, at
  *   <run dir>/serve-<backup id>.sock (the run dir: $ENGINE_RUN_DIR, else /run/engine, created 0700).
- * - TCP (`--port`) needs TLS with client authentication (`--tls-certificates DIR` or `--tls-psk-file
- *   FILE`), on any address. `--insecure` serves TCP without TLS anyway: a warning on loopback (every
- *   local user can connect), a loud one on any other address (anyone who reaches it can), louder with
- *   `--writable`.
+ * - TCP (`port`) needs TLS with client authentication (`tls.certificates` DIR or `tls.pskFile` FILE), on
+ *   any address. `insecure` serves TCP without TLS anyway: a warning on loopback (every local user can
+ *   connect), a loud one on any other address (anyone who reaches it can), louder when writable.
+ *
+ * Messages name the request's fields; a refused combination carries `details.conflict` (ListenConflict),
+ * which the CLI words as its options.
  *
  * Decided before the repository is opened: a refused address costs no lock and no registration.
  */
@@ -16,7 +18,11 @@ import { isIP } from 'node:net';
 import { ensurePrivateDirectory } from '../../repo-format/file-modes.js';
 import { join } from 'node:path';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { withRemedies } from '../errors.js';
 import type { ListenAddress } from '../nbd/server.js';
+
+/** Fields of a ListenRequest that do not go together. */
+export type ListenConflict = 'tls-both' | 'socket-and-port' | 'host-without-port' | 'insecure-without-port' | 'insecure-with-tls';
 
 export interface ListenRequest {
   /** A Unix socket path (default: <run dir>/serve-<id>.sock, see defaultSocketPath). */
@@ -55,11 +61,12 @@ function tlsGiven(request: ListenRequest): boolean {
 export function planListen(request: ListenRequest): ListenPlan {
   const tls = tlsGiven(request);
   const writable = request.writable === true;
-  if (request.tls?.certificates !== undefined && request.tls.pskFile !== undefined) throw new InvalidArgumentError('give one of --tls-certificates DIR or --tls-psk-file FILE, not both');
-  if (request.socket !== undefined && request.port !== undefined) throw new InvalidArgumentError('give one of --socket PATH or --port N, not both');
-  if (request.host !== undefined && request.port === undefined) throw new InvalidArgumentError('--host is the address of a TCP server: give --port N too');
-  if (request.insecure && request.port === undefined) throw new InvalidArgumentError('--insecure is for a TCP server (--port); a Unix socket is private (0600) already');
-  if (request.insecure && tls) throw new InvalidArgumentError('--insecure serves without TLS: leave it out with --tls-certificates or --tls-psk-file');
+  const conflict = (kind: ListenConflict, message: string): InvalidArgumentError => new InvalidArgumentError(message, { conflict: kind });
+  if (request.tls?.certificates !== undefined && request.tls.pskFile !== undefined) throw conflict('tls-both', 'give one of tls.certificates or tls.pskFile, not both');
+  if (request.socket !== undefined && request.port !== undefined) throw conflict('socket-and-port', 'give one of socket or port, not both');
+  if (request.host !== undefined && request.port === undefined) throw conflict('host-without-port', 'host is the address of a TCP server: give port too');
+  if (request.insecure && request.port === undefined) throw conflict('insecure-without-port', 'insecure is for a TCP server (port); a Unix socket is private (0600) already');
+  if (request.insecure && tls) throw conflict('insecure-with-tls', 'insecure serves without TLS: leave it out with tls');
   if (request.port === undefined) {
     return { address: request.socket !== undefined ? { socket: request.socket } : { defaultSocket: true }, tls, exposure: 'private', writable };
   }
@@ -67,9 +74,7 @@ export function planListen(request: ListenRequest): ListenPlan {
   const address = { port: request.port, host };
   if (tls) return { address, tls, exposure: 'private', writable };
   if (!request.insecure) {
-    throw new InvalidArgumentError(
-      `serving over TCP (${host} port ${request.port}) needs TLS with client authentication: give --tls-certificates DIR (ca-cert.pem, server-cert.pem, server-key.pem) or --tls-psk-file FILE, use --socket PATH, or add --insecure to serve in clear to anyone who can connect`,
-    );
+    throw new InvalidArgumentError(`serving over TCP (${host} port ${request.port}) needs TLS with client authentication`, withRemedies({}, { kind: 'serve-securely' }));
   }
   return { address, tls, exposure: isLoopback(host) ? 'host' : 'network', writable };
 }
@@ -80,7 +85,7 @@ export function exposureWarnings(plan: ListenPlan, host: string, port: number): 
   if (plan.exposure === 'host') return [`WARNING: serving without TLS or authentication on ${host} port ${port}: every user of this host can ${access} the backup's disks`];
   if (plan.exposure === 'network') {
     return [
-      `WARNING: serving WITHOUT TLS OR AUTHENTICATION on ${host} port ${port}: ANYONE WHO CAN REACH THIS HOST CAN ${access.toUpperCase()} THE BACKUP'S DISKS${plan.writable ? ' (--writable)' : ''}, in clear text on the network; use --tls-certificates DIR or --tls-psk-file FILE`,
+      `WARNING: serving WITHOUT TLS OR AUTHENTICATION on ${host} port ${port}: ANYONE WHO CAN REACH THIS HOST CAN ${access.toUpperCase()} THE BACKUP'S DISKS, in clear text on the network; serve with TLS and client authentication (certificates or pre-shared keys) instead`,
     ];
   }
   return [];
@@ -98,7 +103,7 @@ export function runDirectory(): string {
 export async function defaultSocketPath(backupId: string): Promise<string> {
   const dir = runDirectory();
   await ensurePrivateDirectory(dir).catch((error: NodeJS.ErrnoException) => {
-    throw new InvalidArgumentError(`cannot create ${dir} for the server's socket (${error.code ?? error.message}): set ENGINE_RUN_DIR or give --socket PATH`);
+    throw new InvalidArgumentError(`cannot create ${dir} for the server's socket (${error.code ?? error.message})`, withRemedies({ path: dir }, { kind: 'socket-path', because: 'run-dir' }));
   });
   return join(dir, `serve-${backupId.slice(0, 16)}.sock`);
 }

@@ -14,6 +14,7 @@ import { chmod, mkdtemp, rm, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MUTABLE_FILE_MODE, openNewFile, PRIVATE_DIRECTORY_MODE } from '../../repo-format/file-modes.js';
+import { DiskGeometry } from '../../repo-format/disk-geometry.js';
 
 export const GRANULE = 4096;
 const DATA = 1;
@@ -26,6 +27,7 @@ export class Overlay {
   /** block → one byte per granule of the block: 0 (not in the overlay), DATA or ZERO. */
   private readonly written = new Map<number, Uint8Array>();
   private readonly granulesPerBlock: number;
+  private readonly geometry: DiskGeometry;
   private queue: Promise<void> = Promise.resolve();
   /** Bytes the guest wrote or zeroed. */
   bytesWritten = 0;
@@ -36,6 +38,7 @@ export class Overlay {
     readonly blockSize: number,
   ) {
     this.granulesPerBlock = Math.ceil(blockSize / GRANULE);
+    this.geometry = new DiskGeometry(size, blockSize);
   }
 
   static async create(size: number, blockSize: number, dir = tmpdir()): Promise<Overlay> {
@@ -83,7 +86,7 @@ export class Overlay {
   async readInto(block: number, blockOffset: number, target: Buffer): Promise<void> {
     const map = this.written.get(block);
     if (!map) return;
-    const base = block * this.blockSize;
+    const base = this.geometry.offsetOf(block);
     let g = Math.floor(blockOffset / GRANULE);
     const lastGranule = Math.floor((blockOffset + target.length - 1) / GRANULE);
     while (g <= lastGranule) {
@@ -156,8 +159,8 @@ export class Overlay {
   /** Sets granules [start, end) (start granule-aligned; end aligned or the disk's end) to `state`, block by block. */
   private mark(start: number, end: number, state: number): void {
     for (let at = start; at < end; ) {
-      const block = Math.floor(at / this.blockSize);
-      const blockStart = block * this.blockSize;
+      const block = this.geometry.blockAt(at);
+      const blockStart = this.geometry.offsetOf(block);
       const upTo = Math.min(end, blockStart + this.blockSize);
       let map = this.written.get(block);
       if (!map) {

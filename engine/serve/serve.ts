@@ -111,7 +111,7 @@ async function resolveUnderLock(options: ServeOptions): Promise<{ record: Backup
 
 export async function serve(options: ServeOptions): Promise<ServeHandle> {
   // Path arguments that look like URLs are refused first (local-path.ts).
-  for (const [path, what] of [[options.socket, '--socket'], [options.overlayDir, '--overlay-dir'], [options.tls?.certificates, '--tls-certificates'], [options.tls?.pskFile, '--tls-psk-file']] as const) {
+  for (const [path, what] of [[options.socket, 'socket'], [options.overlayDir, 'overlayDir'], [options.tls?.certificates, 'tls.certificates'], [options.tls?.pskFile, 'tls.pskFile']] as const) {
     if (path !== undefined) checkLocalPath(path, what);
   }
   const plan = planListen(options);

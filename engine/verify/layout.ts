@@ -2,12 +2,12 @@
  * verify's warnings about files that are not the repository's (SPEC.md, sections 2 and 14.2): strays in
  * packs/ and backups/ (layout-scan.ts), and a file with a pack's name whose header is not a pack's while
  * no index entry names it. None of them is a problem for any backup: each is named, skipped, and never
- * deleted by gc.
+ * deleted by gc. And the warning about files and directories other users may use (SPEC.md, 2.1).
  */
 import { scanPackFiles, scanRecordFiles } from '../../repo-format/layout-scan.js';
 import { LAYOUT } from '../../repo-format/constants.js';
 import type { PackScan } from '../../repo-format/pack-file.js';
-import type { VerifyWarning } from './verify.js';
+import type { VerifyReport, VerifyWarning } from './report.js';
 
 export async function strayWarnings(root: string): Promise<VerifyWarning[]> {
   const [packs, records] = await Promise.all([scanPackFiles(root), scanRecordFiles(root)]);
@@ -22,4 +22,20 @@ export function foreignPackWarning(packId: string, scan: PackScan): VerifyWarnin
   if (!scan.damage || scan.damage.offset !== 0) return undefined;
   const path = `${LAYOUT.packs}/${packId.slice(0, 2)}/${packId}`;
   return { code: 'NOT_A_PACK', message: `${path} has a pack's name but is not a pack (${scan.damage.why}, ${scan.size} bytes); no index entry names it: skipped, and never deleted by gc`, path };
+}
+
+/** A path as one shell word, for a command the user may paste. */
+function shellWord(text: string): string {
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, `'\\''`)}'`;
+}
+
+/** The warning for files and directories other users may use (SPEC.md, 2.1), with the command that fixes them. */
+export function loosePermissionsWarning(permissions: VerifyReport['permissions'], root: string): VerifyWarning {
+  const { loose, examples } = permissions;
+  const shown = examples.slice(0, 3).map((e) => `${e.path} ${e.mode}`).join(', ');
+  return {
+    code: 'PERMISSIONS_LOOSE',
+    message: `${loose === 1 ? '1 file or directory' : `${loose} files and directories`} of the repository ${loose === 1 ? 'is' : 'are'} open to other users (${shown}${loose > 3 ? ', …' : ''}); make it private with: chmod -R go= ${shellWord(root)}`,
+    path: examples[0]!.path,
+  };
 }

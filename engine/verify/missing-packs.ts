@@ -4,7 +4,7 @@
  * many chunks, between which disk offsets; map pages too), however many chunks that is. The per-chunk
  * problems stay too, but they stop at verify's problem limit; this summary never does.
  */
-import type { VerifyProblem } from './verify.js';
+import type { VerifyProblem } from './report.js';
 
 interface Affected {
   backup: string;

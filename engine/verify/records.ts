@@ -10,7 +10,7 @@
 import type { BackupRecord } from '../../repo-format/backup-record.js';
 import type { Repository } from '../../repo-format/repository.js';
 import { catalogueCopyOf } from '../catalogue/record-recovery.js';
-import type { VerifyProblem } from './verify.js';
+import type { VerifyProblem } from './report.js';
 
 const BACKUP_ID = /^[0-9a-f]{32}$/;
 

@@ -1,0 +1,199 @@
+/**
+ * The pipeline's pure pieces, without a disk or root: the slot pool that bounds memory, the cursors that
+ * walk a parent map and the dirty extents in block order, and the block set restores use.
+ */
+import { describe, expect, test } from 'vitest';
+import { SlotPool } from '../dist/engine/pipeline/slot-pool.js';
+import { DirtyCursor, mergeRanges, ParentMapCursor, type Range } from '../dist/engine/pipeline/map-cursors.js';
+import { BlockSet } from '../dist/engine/common/block-set.js';
+import { MapBuilder, type MapRoot } from '../dist/repo-format/block-map.js';
+import { EngineError } from '../dist/repo-format/errors.js';
+import { ID_SIZE, MAP_PAGE_ENTRIES, ZERO_ID } from '../dist/repo-format/constants.js';
+
+/** Whether a promise has settled by the time the microtask queue drains. */
+async function settled(promise: Promise<unknown>): Promise<boolean> {
+  let done = false;
+  promise.then(
+    () => (done = true),
+    () => (done = true),
+  );
+  await new Promise((resolve) => setImmediate(resolve));
+  return done;
+}
+
+describe('SlotPool', () => {
+  test('hands out each slot once, lowest first, then makes acquirers wait', async () => {
+    const pool = new SlotPool(3);
+    expect(pool.available).toBe(3);
+    expect([await pool.acquire(), await pool.acquire(), await pool.acquire()]).toEqual([0, 1, 2]);
+    expect(pool.available).toBe(0);
+    const waiting = pool.acquire();
+    expect(await settled(waiting)).toBe(false);
+    pool.release(1);
+    expect(await waiting).toBe(1);
+    expect(pool.available).toBe(0);
+  });
+
+  test('waiters are served in order, each with the slot released', async () => {
+    const pool = new SlotPool(2);
+    await pool.acquire();
+    await pool.acquire();
+    const served: [string, number][] = [];
+    const first = pool.acquire().then((slot) => served.push(['first', slot]));
+    const second = pool.acquire().then((slot) => served.push(['second', slot]));
+    pool.release(1);
+    pool.release(0);
+    await Promise.all([first, second]);
+    expect(served).toEqual([
+      ['first', 1],
+      ['second', 0],
+    ]);
+  });
+
+  test('a release with no waiter returns the slot to the pool', async () => {
+    const pool = new SlotPool(1);
+    const slot = await pool.acquire();
+    pool.release(slot);
+    expect(pool.available).toBe(1);
+    expect(await pool.acquire()).toBe(slot);
+  });
+
+  test('fail rejects every waiter and every later acquire with the error', async () => {
+    const pool = new SlotPool(1);
+    await pool.acquire();
+    const waiters = [pool.acquire(), pool.acquire()];
+    const error = new Error('pipeline stopped');
+    pool.fail(error);
+    for (const waiter of waiters) await expect(waiter).rejects.toBe(error);
+    await expect(pool.acquire()).rejects.toBe(error);
+  });
+});
+
+/** An id for block `b` (never the zero id), and a map of `blocks` blocks whose zero blocks are `zero(b)`, its pages in memory. */
+const entryOf = (b: number): Buffer => {
+  const id = Buffer.alloc(ID_SIZE, 0xaa);
+  id.writeUInt32LE(b, 0);
+  return id;
+};
+
+async function memoryMap(blocks: number, zero: (b: number) => boolean): Promise<{ root: MapRoot; loadPage: (id: Buffer) => Promise<Buffer>; loads: () => number }> {
+  const pages = new Map<string, Buffer>();
+  let next = 0;
+  const builder = new MapBuilder(blocks, async (_kind, page) => {
+    const id = Buffer.alloc(ID_SIZE, 0x55);
+    id.writeUInt32LE((next += 1), 0);
+    pages.set(id.toString('hex'), Buffer.from(page));
+    return id;
+  });
+  for (let b = 0; b < blocks; b += 1) await builder.push(zero(b) ? ZERO_ID : entryOf(b));
+  let loads = 0;
+  return {
+    root: await builder.finish(),
+    loadPage: async (id) => {
+      loads += 1;
+      return pages.get(id.toString('hex'))!;
+    },
+    loads: () => loads,
+  };
+}
+
+describe('ParentMapCursor', () => {
+  test('gives each block its entry across pages, zero runs as the zero id', async () => {
+    const blocks = 2 * MAP_PAGE_ENTRIES + 10;
+    const zero = (b: number): boolean => b >= MAP_PAGE_ENTRIES && b < 2 * MAP_PAGE_ENTRIES; // a whole zero page
+    const map = await memoryMap(blocks, zero);
+    const cursor = new ParentMapCursor(map.root, map.loadPage);
+    for (let b = 0; b < blocks; b += 1) expect((await cursor.entry(b)).equals(zero(b) ? ZERO_ID : entryOf(b))).toBe(true);
+  });
+
+  test('skipping forward loads only the pages it passes through (lazily), and repeating a block is allowed', async () => {
+    const blocks = 3 * MAP_PAGE_ENTRIES;
+    const map = await memoryMap(blocks, () => false);
+    const cursor = new ParentMapCursor(map.root, map.loadPage);
+    expect(map.loads()).toBe(0);
+    expect((await cursor.entry(5)).equals(entryOf(5))).toBe(true);
+    expect((await cursor.entry(5)).equals(entryOf(5))).toBe(true);
+    const afterFirst = map.loads();
+    expect((await cursor.entry(3 * MAP_PAGE_ENTRIES - 1)).equals(entryOf(3 * MAP_PAGE_ENTRIES - 1))).toBe(true);
+    expect(map.loads()).toBe(afterFirst + 2); // the second and third leaves; the root was loaded once
+  });
+
+  test('a map shorter than the disk it is read for: ENGINE_CORRUPT_METADATA naming the map, not a bare error', async () => {
+    const map = await memoryMap(4, () => false);
+    const cursor = new ParentMapCursor(map.root, map.loadPage);
+    expect((await cursor.entry(3)).equals(entryOf(3))).toBe(true);
+    const error = await cursor.entry(4).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(EngineError);
+    expect((error as EngineError).code).toBe('ENGINE_CORRUPT_METADATA');
+    expect((error as EngineError).message).toBe(`block map ${map.root.root.toString('hex').slice(0, 16)}… is damaged: it covers 4 blocks, and block 4 of the disk it is read for was asked`);
+  });
+});
+
+async function* ranges(list: Range[]): AsyncGenerator<Range> {
+  yield* list;
+}
+
+describe('DirtyCursor', () => {
+  const BS = 4096;
+
+  test('the first block at or after a block that a dirty byte touches, ranges not aligned to blocks', async () => {
+    const cursor = new DirtyCursor(ranges([
+      { offset: 100, length: 10 }, // block 0
+      { offset: 3 * BS - 1, length: 2 }, // the last byte of block 2 and the first of block 3
+      { offset: 10 * BS, length: 5 * BS }, // blocks 10 to 14
+    ]));
+    expect(await cursor.nextDirtyBlock(0, BS, 100)).toBe(0);
+    expect(await cursor.nextDirtyBlock(1, BS, 100)).toBe(2);
+    expect(await cursor.nextDirtyBlock(3, BS, 100)).toBe(3);
+    expect(await cursor.nextDirtyBlock(4, BS, 100)).toBe(10);
+    expect(await cursor.nextDirtyBlock(12, BS, 100)).toBe(12); // inside a range: the block itself
+    expect(await cursor.nextDirtyBlock(15, BS, 100)).toBe(100); // none left: the block count
+    expect(await cursor.nextDirtyBlock(50, BS, 100)).toBe(100);
+  });
+
+  test('a dirty range past the end of the disk does not reach past the block count; no ranges at all', async () => {
+    expect(await new DirtyCursor(ranges([{ offset: 200 * BS, length: BS }])).nextDirtyBlock(0, BS, 100)).toBe(100);
+    expect(await new DirtyCursor(ranges([])).nextDirtyBlock(0, BS, 100)).toBe(100);
+  });
+
+  test('offsets past 2^32 (a large disk): block arithmetic without bitwise operators', async () => {
+    const big = 2 ** 40;
+    const cursor = new DirtyCursor(ranges([{ offset: big + 5, length: 1 }]));
+    expect(await cursor.nextDirtyBlock(0, BS, big / BS + 10)).toBe(big / BS);
+  });
+});
+
+describe('mergeRanges', () => {
+  test('the ranges of a stream and of a sorted list, in order of offset', async () => {
+    const merged: Range[] = [];
+    for await (const range of mergeRanges(ranges([{ offset: 10, length: 1 }, { offset: 30, length: 1 }]), [{ offset: 0, length: 1 }, { offset: 20, length: 1 }, { offset: 40, length: 1 }])) merged.push(range);
+    expect(merged.map((r) => r.offset)).toEqual([0, 10, 20, 30, 40]);
+    const onlyExtra: Range[] = [];
+    for await (const range of mergeRanges(ranges([]), [{ offset: 5, length: 1 }])) onlyExtra.push(range);
+    expect(onlyExtra).toEqual([{ offset: 5, length: 1 }]);
+  });
+});
+
+describe('BlockSet', () => {
+  test('adds and finds blocks, counts each once', () => {
+    const set = new BlockSet();
+    for (const b of [0, 7, 8, 32767, 32768, 7]) set.add(b);
+    expect(set.size).toBe(5);
+    for (const b of [0, 7, 8, 32767, 32768]) expect(set.has(b)).toBe(true);
+    for (const b of [1, 6, 9, 32766, 32769, 65536]) expect(set.has(b)).toBe(false);
+  });
+
+  test('memory follows the regions touched, not the highest block: block numbers past 2^32', () => {
+    const set = new BlockSet();
+    const far = 2 ** 40 + 3; // a 64 PiB disk at 1 KiB blocks
+    set.add(far);
+    set.add(far + 1);
+    set.add(1);
+    expect(set.has(far)).toBe(true);
+    expect(set.has(far + 1)).toBe(true);
+    expect(set.has(far + 2)).toBe(false);
+    expect(set.has(far - 2 ** 32)).toBe(false); // a bitwise 32-bit wrap would alias these
+    expect(set.size).toBe(3);
+    expect(set.memoryBytes).toBe(2 * 4096);
+  });
+});
