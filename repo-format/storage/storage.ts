@@ -27,6 +27,9 @@
  * - Failures are StorageError (storage-error.ts) with a reason; `transient` ones may be retried.
  * - An aborted signal ends the call promptly with EngineError ENGINE_INTERRUPTED; what it was doing is
  *   either done whole or not at all, as for any failure.
+ * - `time`, where a backend has it, reads the store's own clock (S3: the Date header of an answer), for
+ *   protocols that must bound the skew between hosts (leases). A backend without it (the local folder,
+ *   memory) shares this host's clock: there is no skew to measure.
  */
 import { EngineError, InvalidArgumentError } from '../errors.js';
 
@@ -82,8 +85,23 @@ export interface StorageProperties {
   maxObjectSize: number;
 }
 
+/** The store's clock against this host's, read from one answer. */
+export interface StoreTime {
+  /** The store's time (ms since the epoch) when it answered; S3's Date header has a resolution of 1 s. */
+  storeMs: number;
+  /** This host's time (ms since the epoch) halfway through the request. */
+  localMs: number;
+  /**
+   * How far the true difference may be from `localMs - storeMs`: half the round trip plus the store's
+   * resolution. A skew check passes only when |localMs - storeMs| + uncertaintyMs is within its bound.
+   */
+  uncertaintyMs: number;
+}
+
 export interface Storage {
   readonly properties: StorageProperties;
+  /** The store's clock; absent when the store shares this host's clock (see the contract above). */
+  time?(options?: CallOptions): Promise<StoreTime>;
   put(key: string, source: PutSource, options?: PutOptions): Promise<void>;
   get(key: string, options?: GetOptions): Promise<Buffer>;
   stat(key: string, options?: CallOptions): Promise<ObjectInfo>;
