@@ -101,5 +101,13 @@ export class MemoryStorage implements Storage {
     this.objects.delete(key);
   }
 
+  /**
+   * Stores bytes under any key, the rule unchecked: an object another program wrote, or one changed behind
+   * the engine's back (tests of what meets such objects).
+   */
+  putForeign(key: string, bytes: Uint8Array): void {
+    this.objects.set(key, Buffer.from(bytes));
+  }
+
   async close(): Promise<void> {}
 }

@@ -36,6 +36,8 @@ export interface S3ClientOptions {
   idleTimeoutMs: number;
   /** For messages: s3://bucket/prefix. */
   location: string;
+  /** This host's clock, ms since the epoch (default Date.now): tests move it to provoke RequestTimeTooSkewed. */
+  now?: (() => number) | undefined;
 }
 
 export type RequestBody = { bytes: Uint8Array } | { file: string; offset: number; length: number };
@@ -110,7 +112,7 @@ export class S3Client {
     const target = this.target(call.bucket, call.objectKey);
     const query = call.query ?? [];
     const length = bodyLength(call.body);
-    const now = new Date();
+    const now = new Date((this.options.now ?? Date.now)());
     const signed: Record<string, string> = {
       host: target.host,
       'x-amz-date': amzDate(now),

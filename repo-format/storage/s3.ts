@@ -27,6 +27,8 @@ import { s3Failure, type S3Context } from './s3-errors.js';
 import { formatS3Url, parseS3Url, type S3Location } from './s3-url.js';
 import { completeMultipartBody, MalformedXmlError, parseErrorDocument, parseListPage, parseUploadId, rootElement } from './s3-xml.js';
 import { EMPTY_SHA256, UNSIGNED_PAYLOAD, type Credentials } from './sigv4.js';
+import { withRetriesAndLimit, type StackOptions } from './stack.js';
+import type { RetryingStorage } from './retry.js';
 import { StorageError } from './storage-error.js';
 import {
   checkKey,
@@ -42,6 +44,7 @@ import {
   type PutSource,
   type Storage,
   type StorageProperties,
+  type StoreTime,
 } from './storage.js';
 
 export interface S3StorageOptions {
@@ -73,6 +76,8 @@ export interface S3StorageOptions {
   check?: boolean | undefined;
   /** Told what the user should hear but is not fatal (a credentials file open to others). */
   onWarning?: ((message: string) => void) | undefined;
+  /** This host's clock as the requests are signed with it (default Date.now): for tests of clock skew. */
+  now?: (() => number) | undefined;
 }
 
 export const S3_DEFAULTS = {
@@ -161,6 +166,7 @@ export async function openS3Storage(options: S3StorageOptions): Promise<S3Storag
     idleTimeoutMs: options.idleTimeoutMs ?? S3_DEFAULTS.idleTimeoutMs,
     multipartThreshold: options.multipartThreshold ?? S3_DEFAULTS.multipartThreshold,
     partSize,
+    now: options.now,
   });
   if (options.check !== false) {
     try {
@@ -173,6 +179,25 @@ export async function openS3Storage(options: S3StorageOptions): Promise<S3Storag
   return storage;
 }
 
+/**
+ * The S3 backend as the engine uses it: retries (transient failures only) around a concurrency limit
+ * (`connections`) around the store, the opening check retried like any call. `backend` is the store itself,
+ * for its traffic counters.
+ */
+export async function openS3Stack(options: S3StorageOptions & StackOptions): Promise<{ storage: RetryingStorage; backend: S3Storage }> {
+  const backend = await openS3Storage({ ...options, check: false });
+  const storage = withRetriesAndLimit(backend, options);
+  if (options.check !== false) {
+    try {
+      await storage.retry('check', '', undefined, () => backend.check());
+    } catch (error) {
+      await storage.close();
+      throw error;
+    }
+  }
+  return { storage, backend };
+}
+
 interface S3StorageSettings {
   endpoint: URL;
   pathStyle: boolean;
@@ -183,6 +208,7 @@ interface S3StorageSettings {
   idleTimeoutMs: number;
   multipartThreshold: number;
   partSize: number;
+  now?: (() => number) | undefined;
 }
 
 export class S3Storage implements Storage {
@@ -217,6 +243,7 @@ export class S3Storage implements Storage {
       connections: settings.connections,
       idleTimeoutMs: settings.idleTimeoutMs,
       location: shown,
+      now: settings.now,
     });
   }
 
@@ -241,6 +268,26 @@ export class S3Storage implements Storage {
       context: this.context('check'),
       signal: options.signal,
     });
+  }
+
+  /** The store's clock from the Date header of a one-key listing of the repository's prefix. */
+  async time(options: CallOptions = {}): Promise<StoreTime> {
+    const now = this.settings.now ?? Date.now;
+    const sent = now();
+    const answer = await this.client.request({
+      method: 'GET',
+      bucket: this.bucket,
+      query: [['list-type', '2'], ['max-keys', '1'], ['prefix', this.root]],
+      payloadHash: EMPTY_SHA256,
+      response: { kind: 'text', maxSize: MAX_XML_BODY },
+      context: this.context('time'),
+      signal: options.signal,
+    });
+    const received = now();
+    const storeMs = typeof answer.headers.date === 'string' ? Date.parse(answer.headers.date) : NaN;
+    if (!Number.isFinite(storeMs)) throw new StorageError('protocol', `${this.properties.location}: time: the answer's Date header is ${JSON.stringify(answer.headers.date ?? null)}`, { ...this.context('time'), status: answer.status });
+    // The Date header is truncated to the second: the store's true time lies in [storeMs, storeMs + 1000).
+    return { storeMs: storeMs + 500, localMs: (sent + received) / 2, uncertaintyMs: (received - sent) / 2 + 500 };
   }
 
   async put(key: string, source: PutSource, options: PutOptions = {}): Promise<void> {
