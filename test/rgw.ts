@@ -53,6 +53,8 @@ export interface RgwTimings {
 export interface RgwCluster {
   /** http://127.0.0.1:PORT: path-style, region us-east-1. */
   readonly endpoint: string;
+  /** https://127.0.0.1:PORT when started with `tls`. */
+  readonly tlsEndpoint: string | undefined;
   readonly region: string;
   /** A user with generated keys, owner of whatever buckets the test creates with it. */
   readonly user: RgwUser;
@@ -76,6 +78,8 @@ export interface RgwOptions {
   memstoreBytes?: number;
   /** Extra `[client.rgw.gw]` settings (name = value). */
   gatewaySettings?: Record<string, string>;
+  /** The gateway also answers https on another port, with this certificate (PEM files). */
+  tls?: { certificate: string; privateKey: string };
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
@@ -232,8 +236,9 @@ export async function createRunRoot(): Promise<string> {
   return mkdtemp(join(tmpdir(), `${RUN_ROOT_PREFIX}${process.pid}-`));
 }
 
-function cephConf(dir: string, fsid: string, monPorts: [number, number], rgwPort: number, options: RgwOptions): string {
+function cephConf(dir: string, fsid: string, monPorts: [number, number], rgwPort: number, tlsPort: number | undefined, options: RgwOptions): string {
   const gateway = Object.entries(options.gatewaySettings ?? {}).map(([key, value]) => `${key} = ${value}`);
+  const tls = options.tls && tlsPort ? ` ssl_endpoint=127.0.0.1:${tlsPort} ssl_certificate=${options.tls.certificate} ssl_private_key=${options.tls.privateKey}` : '';
   return [
     '[global]',
     `fsid = ${fsid}`,
@@ -273,7 +278,7 @@ function cephConf(dir: string, fsid: string, monPorts: [number, number], rgwPort
     `keyring = ${dir}/keys/$cluster.$name.keyring`,
     `log file = ${dir}/log/$cluster-$name.log`,
     '[client.rgw.gw]',
-    `rgw frontends = beast endpoint=127.0.0.1:${rgwPort}`,
+    `rgw frontends = beast endpoint=127.0.0.1:${rgwPort}${tls}`,
     `rgw data = ${dir}/data/rgw/$cluster-$id`,
     ...gateway,
     '',
@@ -333,8 +338,9 @@ export async function startRgwCluster(options: RgwOptions = {}): Promise<RgwClus
   try {
     for (const sub of ['keys', 'run', 'log', 'crash', 'data/mon', 'data/rgw', 'data/osd/ceph-0']) await mkdir(join(dir, sub), { recursive: true, mode: 0o700 });
     const [monV2, monV1, rgwPort] = [await freePort(), await freePort(), await freePort()];
+    const tlsPort = options.tls ? await freePort() : undefined;
     const fsid = randomUUID();
-    await writeFile(conf, cephConf(dir, fsid, [monV2, monV1], rgwPort, options), { mode: 0o600 });
+    await writeFile(conf, cephConf(dir, fsid, [monV2, monV1], rgwPort, tlsPort, options), { mode: 0o600 });
     const monKeyring = join(keys, 'mon.keyring');
     const keyrings: [string, string, string[]][] = [
       [join(keys, 'ceph.client.admin.keyring'), 'client.admin', ['mon', 'allow *', 'osd', 'allow *', 'mds', 'allow *', 'mgr', 'allow *']],
@@ -380,6 +386,7 @@ export async function startRgwCluster(options: RgwOptions = {}): Promise<RgwClus
     step('user');
     return {
       endpoint,
+      tlsEndpoint: tlsPort ? `https://127.0.0.1:${tlsPort}` : undefined,
       region: 'us-east-1',
       user,
       dir,

@@ -12,6 +12,7 @@ import { Agent as HttpAgent, request as httpRequest, type IncomingHttpHeaders, t
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { createReadStream } from 'node:fs';
 import { once } from 'node:events';
+import { isIP } from 'node:net';
 import { isErrnoException } from '../errors.js';
 import { networkFailure, s3Failure, type S3Context } from './s3-errors.js';
 import { parseErrorDocument } from './s3-xml.js';
@@ -147,7 +148,8 @@ export class S3Client {
         protocol: this.options.endpoint.protocol,
         hostname: target.hostname,
         port: this.options.endpoint.port || undefined,
-        servername: this.tls ? target.hostname : undefined,
+        // SNI names a host, never an address (RFC 6066); the certificate is checked against either.
+        servername: this.tls && isIP(target.hostname.replace(/^\[|\]$/g, '')) === 0 ? target.hostname : undefined,
         method: call.method,
         path: `${target.path}${search}`,
         headers,
