@@ -23,6 +23,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile, appendFile } from 'node:fs/promises';
+import { rmSync } from 'node:fs';
 import { connect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -330,7 +331,15 @@ export async function startRgwCluster(options: RgwOptions = {}): Promise<RgwClus
     return child;
   };
 
+  // A process that ends without stop() (an uncaught error in a script) takes its daemons with it: they run
+  // in the foreground as its children, and 'exit' handlers may only do synchronous work, which kill is.
+  const killOnExit = (): void => {
+    for (const child of children.values()) child.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+  };
+  process.once('exit', killOnExit);
   const stop = async (): Promise<void> => {
+    process.removeListener('exit', killOnExit);
     await destroyClusterDir(dir);
     children.clear();
   };

@@ -166,6 +166,7 @@ export async function openS3Storage(options: S3StorageOptions): Promise<S3Storag
     idleTimeoutMs: options.idleTimeoutMs ?? S3_DEFAULTS.idleTimeoutMs,
     multipartThreshold: options.multipartThreshold ?? S3_DEFAULTS.multipartThreshold,
     partSize,
+    signPayload: endpoint.protocol === 'http:' && !isLoopback(endpoint.hostname),
     now: options.now,
   });
   if (options.check !== false) {
@@ -208,6 +209,8 @@ interface S3StorageSettings {
   idleTimeoutMs: number;
   multipartThreshold: number;
   partSize: number;
+  /** Sign the body's SHA-256 (plain http to another host), else UNSIGNED-PAYLOAD. */
+  signPayload: boolean;
   now?: (() => number) | undefined;
 }
 
@@ -315,9 +318,14 @@ export class S3Storage implements Storage {
     });
   }
 
-  /** Content-MD5 always; the payload's SHA-256 signed too when the connection is not TLS. */
+  /**
+   * Content-MD5 always (the store refuses a body that changed on the way). The payload's SHA-256 is signed
+   * too only on plain http to another host (allowInsecureHttp), where someone on the path could change the
+   * body and its MD5 together; over TLS, or on this machine, it would only cost a second hash here and a
+   * third in the store (measured: README.md).
+   */
   private async digests(body: RequestBody): Promise<{ md5: string; payloadHash: string }> {
-    const signPayload = !this.client.secure;
+    const signPayload = this.settings.signPayload;
     if ('bytes' in body) {
       return { md5: md5Base64(body.bytes), payloadHash: signPayload ? createHash('sha256').update(body.bytes).digest('hex') : UNSIGNED_PAYLOAD };
     }
