@@ -3,6 +3,9 @@
  * sits in two SharedArrayBuffers of `slotCount` slots each, created once per pool:
  *   input  slot i: blockSize bytes (plaintext: read from the source, or restored from a pack)
  *   output slot i: the largest frame of a block (a sealed frame, or frame bytes read from a pack)
+ *
+ * Workers never touch the repository: the main thread reads frames and packs through the repository's
+ * store (whatever backend it is) and hands the bytes over; the workers do the CPU's part.
  */
 export interface SharedSlots {
   input: SharedArrayBuffer;
@@ -38,21 +41,19 @@ export interface SealResult {
   flags: number;
 }
 
-/** Read a frame from a pack into output slot `slot`, check it, and place its plaintext in input slot `slot`. */
+/** Check the frame of `length` bytes in output slot `slot` (read from its pack by the main thread), and place its plaintext in input slot `slot`. */
 export interface OpenTask {
   op: 'open';
   slot: number;
-  packPath: string;
-  offset: number;
   length: number;
   id: Uint8Array;
 }
 export type OpenResult = { ok: true; rawLength: number } | { ok: false; why: string };
 
-/** Check every frame of a whole pack (verify --read-data). */
+/** Check every frame of a whole pack (verify --read-data), its bytes moved to the worker (not copied). */
 export interface VerifyPackTask {
   op: 'verify-pack';
-  packPath: string;
+  pack: Uint8Array;
   frames: { offset: number; length: number }[];
 }
 export interface VerifyPackResult {
