@@ -22,7 +22,10 @@
  *   offset + length (an object cut behind the engine's back is never read as a short success).
  * - `list(prefix)` yields every object whose key starts with `prefix`, each exactly once, in ascending order
  *   of the keys' UTF-8 bytes, page by page: memory does not grow with the number of objects. `startAfter`
- *   resumes after a key (exclusive). Keys of objects the engine did not write are yielded as they are.
+ *   resumes after a key (exclusive). Objects the engine did not write are yielded with their keys as
+ *   they are, even keys outside the rule (a bucket is shared with other programs: the engine must be able
+ *   to see that a prefix is not empty); the local folder is the exception, it yields only files whose
+ *   names are keys (never its temporary files), as a folder's other files are found by its own checks.
  * - `delete` of an absent object succeeds (it is the outcome the caller wants).
  * - Failures are StorageError (storage-error.ts) with a reason; `transient` ones may be retried.
  * - An aborted signal ends the call promptly with EngineError ENGINE_INTERRUPTED; what it was doing is
