@@ -84,6 +84,14 @@ async function main(): Promise<void> {
   try {
     const memstore = Math.ceil(((objects * size * levels.length * clients) * 1.3) / 2 ** 30) * 2 ** 30;
     cluster = await startRgwCluster({ memstoreBytes: memstore });
+    // Ctrl-C stops the cluster and removes the scratch files before the bench exits.
+    const started = cluster;
+    for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+      process.once(signal, () => {
+        log(`${signal}: stopping the cluster`);
+        void started.stop().finally(() => rm(scratch, { recursive: true, force: true }).finally(() => process.exit(130)));
+      });
+    }
     log(`RGW up in ${cluster.timings.startMs} ms at ${cluster.endpoint} (memstore ${memstore / 2 ** 30} GiB)`);
     await createBucket(cluster, BUCKET);
     const files = await Promise.all(

@@ -11,7 +11,6 @@
 import { Agent as HttpAgent, request as httpRequest, type IncomingHttpHeaders, type IncomingMessage } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { createReadStream } from 'node:fs';
-import { once } from 'node:events';
 import { isIP } from 'node:net';
 import { isErrnoException } from '../errors.js';
 import { networkFailure, s3Failure, type S3Context } from './s3-errors.js';
@@ -258,6 +257,19 @@ function readBody(res: IncomingMessage, limit: number, declared: number | undefi
   });
 }
 
+/** Waits for 'drain' or 'close', whichever comes first, and leaves no listener behind (one wait per MiB sent). */
+function drainedOrClosed(req: import('node:http').ClientRequest): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      req.off('drain', done);
+      req.off('close', done);
+      resolve();
+    };
+    req.on('drain', done);
+    req.on('close', done);
+  });
+}
+
 /** Writes the body, respecting back-pressure; a file is read as it is sent and must still hold its bytes. */
 async function sendBody(req: import('node:http').ClientRequest, body: RequestBody | undefined): Promise<number> {
   if (!body) {
@@ -278,7 +290,7 @@ async function sendBody(req: import('node:http').ClientRequest, body: RequestBod
     for await (const chunk of stream) {
       if (req.destroyed) return sent;
       sent += (chunk as Buffer).length;
-      if (!req.write(chunk)) await Promise.race([once(req, 'drain'), once(req, 'close')]);
+      if (!req.write(chunk)) await drainedOrClosed(req);
     }
   } finally {
     stream.destroy();
