@@ -20,7 +20,7 @@ import { MemoryStorage } from '../dist/repo-format/storage/memory.js';
 import { withRetriesAndLimit } from '../dist/repo-format/storage/stack.js';
 import type { S3Storage } from '../dist/repo-format/storage/s3.js';
 import { isStorageError, type StorageFailure } from '../dist/repo-format/storage/storage-error.js';
-import type { Storage } from '../dist/repo-format/storage/storage.js';
+import type { ObjectInfo, Storage } from '../dist/repo-format/storage/storage.js';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { startFaultProxy, type FaultProxy } from './s3-fault-proxy.js';
 import { createBucket, openRgwBackend, openRgwStorage, rawPut } from './s3-helpers.js';
@@ -39,6 +39,8 @@ interface Backend {
   requests?(storage: Storage): number;
   /** Whether names outside the key rule are listed (storage.ts: S3 and memory yes, the local folder no). */
   listsForeignNames: boolean;
+  /** Whether stat and list give `modified` (the local folder's comes with the v3 branch). */
+  setsModified: boolean;
 }
 
 const QUICK_RETRIES = { attempts: 12, baseDelayMs: 5, maxDelayMs: 200, maxElapsedMs: 60_000 };
@@ -80,6 +82,7 @@ const backends: Backend[] = [
     open: async (root) => memoryRoot(root),
     putForeign: async (_storage, root, key, bytes) => memoryRoot(root).putForeign(key, bytes),
     listsForeignNames: true,
+    setsModified: true,
   },
   {
     name: 'memory with injected faults behind retries',
@@ -99,6 +102,7 @@ const backends: Backend[] = [
     },
     putForeign: async (_storage, root, key, bytes) => memoryRoot(`faulty-${root}`).putForeign(key, bytes),
     listsForeignNames: true,
+    setsModified: true,
   },
   {
     name: 'S3 on RGW',
@@ -107,6 +111,7 @@ const backends: Backend[] = [
     putForeign: (_storage, root, key, bytes) => rawPut(cluster!, BUCKET, `plain/${root}/${key}`, bytes),
     requests: (storage) => s3Of(storage).client.traffic.requests,
     listsForeignNames: true,
+    setsModified: true,
   },
   {
     name: 'S3 through the fault proxy, with retries',
@@ -115,6 +120,7 @@ const backends: Backend[] = [
     putForeign: (_storage, root, key, bytes) => rawPut(cluster!, BUCKET, `proxied/${root}/${key}`, bytes),
     requests: (storage) => s3Of(storage).client.traffic.requests,
     listsForeignNames: true,
+    setsModified: true,
   },
 ];
 
@@ -134,6 +140,7 @@ backends.push({
     await writeFile(join(dirname(path), key.split('/').pop()!), bytes);
   },
   listsForeignNames: false,
+  setsModified: false,
 });
 
 beforeAll(async () => {
@@ -169,9 +176,10 @@ async function failure(call: Promise<unknown>): Promise<StorageFailure> {
   throw new Error('the call succeeded; a failure was expected');
 }
 
-async function collect(iterable: AsyncIterable<{ key: string; size: number }>): Promise<{ key: string; size: number }[]> {
+/** Keys and sizes of a listing (`modified` has its own test). */
+async function collect(iterable: AsyncIterable<ObjectInfo>): Promise<{ key: string; size: number }[]> {
   const items: { key: string; size: number }[] = [];
-  for await (const item of iterable) items.push(item);
+  for await (const item of iterable) items.push({ key: item.key, size: item.size });
   return items;
 }
 
@@ -210,7 +218,7 @@ describe.each(backends)('$name', (backend) => {
     }
     await storage.put('empty', new Uint8Array(0));
     expect((await storage.get('empty')).length).toBe(0);
-    expect(await storage.stat('empty')).toEqual({ key: 'empty', size: 0 });
+    expect(await storage.stat('empty')).toMatchObject({ key: 'empty', size: 0 });
   });
 
   test('put replaces an object whole', async () => {
@@ -396,6 +404,28 @@ describe.each(backends)('$name', (backend) => {
     await expect(collect(storage.list('', { signal }))).rejects.toMatchObject({ code: 'ENGINE_INTERRUPTED' });
     expect(await failure(storage.stat('backups/x'))).toBe('not-found');
     expect((await storage.get('config')).toString()).toBe('cfg');
+  });
+
+  test('stat and list say when an object was written, by the store\'s clock', async () => {
+    const { storage } = await fresh();
+    const before = Date.now();
+    await storage.put('leases/m.json', Buffer.from('{}'));
+    const after = Date.now();
+    const stat = await storage.stat('leases/m.json');
+    const [listed] = await (async () => {
+      const all: ObjectInfo[] = [];
+      for await (const info of storage.list('leases/')) all.push(info);
+      return all;
+    })();
+    if (!backend.setsModified) {
+      expect(stat.modified).toBeUndefined();
+      return;
+    }
+    // S3 gives whole seconds (HEAD) or milliseconds (a listing); RGW runs on this host's clock.
+    for (const modified of [stat.modified, listed!.modified]) {
+      expect(modified).toBeGreaterThanOrEqual(before - 1_000);
+      expect(modified).toBeLessThanOrEqual(after + 1_000);
+    }
   });
 
   test('the store\'s clock, where the backend has one, is read with a bounded uncertainty', async () => {

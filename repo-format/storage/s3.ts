@@ -11,6 +11,7 @@
  * - get: a ranged GET answers exactly the bytes asked or fails (out-of-range when the object is shorter:
  *   Content-Range tells its size); a whole-object GET of an object stored by one PUT is checked against
  *   its ETag, the MD5 of its bytes (not for SSE-KMS/SSE-C objects, whose ETag is something else).
+ * - stat and list give `modified` from Last-Modified / LastModified (the store's clock, whole seconds).
  * - stat: HEAD; a 404 without a body is told apart (missing object, missing bucket) by a HEAD of the bucket.
  * - list: ListObjectsV2, 1000 keys a page, one page in memory at a time, keys URL-encoded on the wire.
  * - delete: DELETE; S3 answers 204 for an absent key too.
@@ -455,7 +456,8 @@ export class S3Storage implements Storage {
       const answer = await this.client.request({ method: 'HEAD', bucket: this.bucket, objectKey: this.objectKey(key), payloadHash: EMPTY_SHA256, response: { kind: 'discard' }, context, signal: options.signal });
       const size = Number(answer.headers['content-length']);
       if (!Number.isSafeInteger(size) || size < 0) throw new StorageError('protocol', `${context.location}: stat ${key}: the answer's Content-Length is ${JSON.stringify(answer.headers['content-length'])}`, { ...context });
-      return { key, size };
+      const lastModified = typeof answer.headers['last-modified'] === 'string' ? Date.parse(answer.headers['last-modified']) : NaN;
+      return { key, size, modified: Number.isFinite(lastModified) ? lastModified : undefined };
     } catch (error) {
       // A HEAD answer has no body, so a 404 does not say whether the object or the bucket is missing.
       if (error instanceof StorageError && error.reason === 'not-found' && error.storage.backendCode === undefined) await this.bucketExists(context, options.signal);
@@ -492,7 +494,7 @@ export class S3Storage implements Storage {
       const page = this.xml(() => parseListPage(answer.body.toString('utf8')), context);
       for (const object of page.objects) {
         if (!object.key.startsWith(this.root)) throw new StorageError('protocol', `${context.location}: list: the store listed ${object.key.slice(0, 200)}, outside the prefix asked`, { ...context });
-        yield { key: object.key.slice(this.root.length), size: object.size };
+        yield { key: object.key.slice(this.root.length), size: object.size, modified: object.modified };
       }
       if (!page.truncated) return;
       token = page.nextToken;
