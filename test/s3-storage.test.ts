@@ -249,6 +249,34 @@ test('an aborted call ends within a second even while the store is silent, and t
   expect((await storage.get('packs/ff/p')).length).toBe(4096);
 });
 
+test('a put aborted while its body is on the way stores nothing or the whole object, never a part', async () => {
+  const storage = await track(openRgwStorage(cluster, url(), { retry: QUICK }));
+  const bytes = randomBytes(24 * 1024 * 1024);
+  const file = join(scratch.path, 'aborted-upload');
+  await writeFile(file, bytes);
+  const outcomes: string[] = [];
+  for (const afterMs of [5, 40, 150]) {
+    const key = `packs/ab/aborted-${afterMs}`;
+    const controller = new AbortController();
+    setTimeout(() => controller.abort(), afterMs);
+    const outcome = await storage.put(key, { file }, { signal: controller.signal }).then(
+      () => 'stored',
+      (error: unknown) => (error as { code?: string }).code,
+    );
+    expect(['stored', 'ENGINE_INTERRUPTED']).toContain(outcome);
+    outcomes.push(String(outcome));
+    const stat = await storage.stat(key).catch((error: unknown) => error as StorageError);
+    if (stat instanceof StorageError) {
+      expect(stat.reason).toBe('not-found');
+    } else {
+      expect(stat.size).toBe(bytes.length);
+      expect((await storage.get(key)).equals(bytes)).toBe(true);
+    }
+  }
+  // 5 ms is less than hashing 24 MiB takes: that one at least was cut off.
+  expect(outcomes[0]).toBe('ENGINE_INTERRUPTED');
+});
+
 test('multipart: a large file goes up in parts with their checksums; a failed part is retried; no upload is left behind', async () => {
   const storage = await track(openRgwStorage(cluster, url(), { endpoint: proxy.endpoint, retry: QUICK, multipartThreshold: 6 * 1024 * 1024, partSize: 5 * 1024 * 1024 }));
   const bytes = randomBytes(12 * 1024 * 1024 + 5);

@@ -390,6 +390,7 @@ describe.each(backends)('$name', (backend) => {
       await expect(storage.put(key, Buffer.from('x')), key).rejects.toMatchObject({ code: 'ENGINE_INVALID_ARGUMENT' });
       await expect(storage.get(key), key).rejects.toMatchObject({ code: 'ENGINE_INVALID_ARGUMENT' });
     }
+    await expect(collect(storage.list('../'))).rejects.toMatchObject({ code: 'ENGINE_INVALID_ARGUMENT' });
     expect(await collect(storage.list(''))).toEqual([]);
   });
 
