@@ -261,32 +261,29 @@ export class S3Storage implements Storage {
     return { location: this.properties.location, operation, key };
   }
 
-  /** The bucket exists and these credentials may list the repository's prefix. */
-  async check(options: CallOptions = {}): Promise<void> {
-    await this.client.request({
+  /** A one-key listing of the repository's prefix: the cheapest request that proves bucket and credentials. */
+  private probe(operation: string, signal: AbortSignal | undefined): Promise<S3Answer> {
+    return this.client.request({
       method: 'GET',
       bucket: this.bucket,
       query: [['list-type', '2'], ['max-keys', '1'], ['prefix', this.root]],
       payloadHash: EMPTY_SHA256,
       response: { kind: 'text', maxSize: MAX_XML_BODY },
-      context: this.context('check'),
-      signal: options.signal,
+      context: this.context(operation),
+      signal,
     });
   }
 
-  /** The store's clock from the Date header of a one-key listing of the repository's prefix. */
+  /** The bucket exists and these credentials may list the repository's prefix. */
+  async check(options: CallOptions = {}): Promise<void> {
+    await this.probe('check', options.signal);
+  }
+
+  /** The store's clock from the Date header of a probe. */
   async time(options: CallOptions = {}): Promise<StoreTime> {
     const now = this.settings.now ?? Date.now;
     const sent = now();
-    const answer = await this.client.request({
-      method: 'GET',
-      bucket: this.bucket,
-      query: [['list-type', '2'], ['max-keys', '1'], ['prefix', this.root]],
-      payloadHash: EMPTY_SHA256,
-      response: { kind: 'text', maxSize: MAX_XML_BODY },
-      context: this.context('time'),
-      signal: options.signal,
-    });
+    const answer = await this.probe('time', options.signal);
     const received = now();
     const storeMs = typeof answer.headers.date === 'string' ? Date.parse(answer.headers.date) : NaN;
     if (!Number.isFinite(storeMs)) throw new StorageError('protocol', `${this.properties.location}: time: the answer's Date header is ${JSON.stringify(answer.headers.date ?? null)}`, { ...this.context('time'), status: answer.status });
