@@ -10,6 +10,7 @@
  */
 import { Agent as HttpAgent, request as httpRequest, type IncomingHttpHeaders, type IncomingMessage } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
+import { createHash, type Hash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { isIP } from 'node:net';
 import { isErrnoException } from '../errors.js';
@@ -42,7 +43,8 @@ export interface S3ClientOptions {
 
 export type RequestBody = { bytes: Uint8Array } | { file: string; offset: number; length: number };
 
-export type ResponseMode = { kind: 'discard' } | { kind: 'text'; maxSize: number } | { kind: 'bytes'; maxSize: number };
+/** `md5`: the body's MD5 is computed as it arrives (S3Answer.md5), not in one pass over 32 MiB at the end. */
+export type ResponseMode = { kind: 'discard' } | { kind: 'text'; maxSize: number } | { kind: 'bytes'; maxSize: number; md5?: boolean };
 
 export interface S3Request {
   method: 'GET' | 'PUT' | 'HEAD' | 'DELETE' | 'POST';
@@ -64,6 +66,8 @@ export interface S3Answer {
   status: number;
   headers: IncomingHttpHeaders;
   body: Buffer;
+  /** Hex MD5 of the body, when the response mode asked for it. */
+  md5?: string | undefined;
 }
 
 function bodyLength(body: RequestBody | undefined): number {
@@ -164,7 +168,7 @@ export class S3Client {
         const status = res.statusCode ?? 0;
         res.on('error', fail);
         if (status >= 300) {
-          readBody(res, MAX_ERROR_BODY, undefined, (error, body) => {
+          readBody(res, MAX_ERROR_BODY, undefined, undefined, (error, body) => {
             if (error && !(error instanceof TooLarge)) return fail(error);
             const document = body ? parseErrorDocument(body.toString('utf8')) : undefined;
             finish(s3Failure(context, status, document, retryAfter(res.headers)));
@@ -172,7 +176,7 @@ export class S3Client {
           return;
         }
         if (call.method === 'HEAD' || call.response.kind === 'discard') {
-          readBody(res, MAX_ERROR_BODY, undefined, (error) => (error && !(error instanceof TooLarge) ? fail(error) : finish(undefined, { status, headers: res.headers, body: Buffer.alloc(0) })));
+          readBody(res, MAX_ERROR_BODY, undefined, undefined, (error) => (error && !(error instanceof TooLarge) ? fail(error) : finish(undefined, { status, headers: res.headers, body: Buffer.alloc(0) })));
           return;
         }
         const maxSize = call.response.maxSize;
@@ -183,12 +187,13 @@ export class S3Client {
         if (declared !== undefined && declared > maxSize) {
           return finish(new StorageError('too-large', `${context.location}: ${context.operation} ${context.key ?? ''}: the answer holds ${declared} bytes, more than the ${maxSize} expected`, { ...context, status }));
         }
-        readBody(res, maxSize, declared, (error, body) => {
+        const md5 = call.response.kind === 'bytes' && call.response.md5 ? createHash('md5') : undefined;
+        readBody(res, maxSize, declared, md5, (error, body) => {
           if (error instanceof TooLarge) return finish(new StorageError('too-large', `${context.location}: ${context.operation} ${context.key ?? ''}: the answer holds more than the ${maxSize} bytes expected`, { ...context, status }));
           if (error instanceof Overlong) return finish(new StorageError('protocol', `${context.location}: ${context.operation} ${context.key ?? ''}: the answer holds more bytes than its Content-Length (${declared})`, { ...context, status }));
           if (error) return fail(error);
           this.traffic.received += body!.length;
-          finish(undefined, { status, headers: res.headers, body: body! });
+          finish(undefined, { status, headers: res.headers, body: body!, md5: md5?.digest('hex') });
         });
       });
       void sendBody(req, call.body).then(
@@ -220,7 +225,7 @@ class SourceChanged extends Error {}
  * Reads a body into one buffer: exactly `declared` bytes when the answer announced its length (fewer, when
  * the connection ends, is an S3_BODY_CUT network failure), else up to `limit`.
  */
-function readBody(res: IncomingMessage, limit: number, declared: number | undefined, done: (error: Error | undefined, body?: Buffer) => void): void {
+function readBody(res: IncomingMessage, limit: number, declared: number | undefined, hash: Hash | undefined, done: (error: Error | undefined, body?: Buffer) => void): void {
   let buffer = declared !== undefined ? Buffer.allocUnsafe(declared) : undefined;
   const chunks: Buffer[] = [];
   let length = 0;
@@ -242,6 +247,7 @@ function readBody(res: IncomingMessage, limit: number, declared: number | undefi
       }
       chunks.push(chunk);
     }
+    hash?.update(chunk);
     length += chunk.length;
   });
   res.on('end', () => {

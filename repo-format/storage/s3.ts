@@ -417,7 +417,7 @@ export class S3Storage implements Storage {
       objectKey,
       headers: range ? { range: `bytes=${range.offset}-${range.offset + range.length - 1}` } : {},
       payloadHash: EMPTY_SHA256,
-      response: { kind: 'bytes', maxSize: range ? range.length : (options.maxSize ?? DEFAULT_MAX_GET_SIZE) },
+      response: { kind: 'bytes', maxSize: range ? range.length : (options.maxSize ?? DEFAULT_MAX_GET_SIZE), md5: !range },
       context,
       signal: options.signal,
     });
@@ -525,7 +525,7 @@ function checkEtag(answer: S3Answer, context: S3Context): void {
   if (!/^[0-9a-f]{32}$/.test(etag)) return;
   const sse = answer.headers['x-amz-server-side-encryption'];
   if ((typeof sse === 'string' && sse.startsWith('aws:kms')) || answer.headers['x-amz-server-side-encryption-customer-algorithm'] !== undefined) return;
-  const md5 = createHash('md5').update(answer.body).digest('hex');
+  const md5 = answer.md5 ?? createHash('md5').update(answer.body).digest('hex');
   if (md5 !== etag) {
     throw new StorageError('integrity', `${context.location}: get ${context.key}: the bytes read have MD5 ${md5}, the store's ETag says ${etag}`, { ...context, status: answer.status }, { transient: true });
   }
