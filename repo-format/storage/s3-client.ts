@@ -290,7 +290,7 @@ async function sendBody(req: import('node:http').ClientRequest, body: RequestBod
     req.end();
     return 0;
   }
-  const stream = createReadStream(body.file, { start: body.offset, end: body.offset + body.length - 1, highWaterMark: 1024 * 1024 });
+  const stream = createReadStream(body.file, { start: body.offset, end: body.offset + body.length - 1, highWaterMark: 4 * 1024 * 1024 });
   let sent = 0;
   try {
     for await (const chunk of stream) {

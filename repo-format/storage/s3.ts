@@ -103,7 +103,7 @@ async function fileDigests(file: string, offset: number, length: number, sha256:
   const md5 = createHash('md5');
   const sha = sha256 ? createHash('sha256') : undefined;
   if (length > 0) {
-    for await (const chunk of createReadStream(file, { start: offset, end: offset + length - 1, highWaterMark: 1024 * 1024 })) {
+    for await (const chunk of createReadStream(file, { start: offset, end: offset + length - 1, highWaterMark: 4 * 1024 * 1024 })) {
       md5.update(chunk as Buffer);
       sha?.update(chunk as Buffer);
     }
