@@ -29,7 +29,7 @@ import type { IndexEntry } from './index-entry.js';
 import { LocalStorage } from './storage/local.js';
 import { StorageError } from './storage/storage-error.js';
 import type { Storage } from './storage/storage.js';
-import { packKey } from './store.js';
+import { openStore, packKey, storeAt } from './store.js';
 
 /**
  * Where packs go: the store, and a local folder on the same file system (the repository's tmp/) where a
@@ -42,13 +42,10 @@ export interface PackTarget {
 
 /** The store of a repository folder given by its path: the pack functions' older form (tools, tests). */
 function localTarget(root: string): PackTarget {
-  const tempDir = join(root, LAYOUT.tmp);
-  return { store: new LocalStorage(root, { tempDir }), tempDir };
+  return { store: openStore(root), tempDir: join(root, LAYOUT.tmp) };
 }
 
-function storeOf(where: Storage | string): Storage {
-  return typeof where === 'string' ? localTarget(where).store : where;
-}
+const storeOf = storeAt;
 
 /**
  * Publishes a finished local file as `key`: moved in by the local backend (no copy of 32 MiB), uploaded
