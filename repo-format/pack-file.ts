@@ -30,6 +30,7 @@ import { LocalStorage } from './storage/local.js';
 import { StorageError } from './storage/storage-error.js';
 import type { Storage } from './storage/storage.js';
 import { openStore, packKey, storeAt } from './store.js';
+import { localFrameLocator, type FrameLocator } from './frame-locator.js';
 
 /**
  * Where packs go: the store, and a local folder on the same file system (the repository's tmp/) where a
@@ -46,6 +47,11 @@ function localTarget(root: string): PackTarget {
 }
 
 const storeOf = storeAt;
+
+/** A worker's way to a frame of a store whose objects are local files; undefined for any other store. */
+export function frameLocatorIn(store: Storage, location: { packId: string; offset: number; length: number }): FrameLocator | undefined {
+  return store instanceof LocalStorage ? localFrameLocator(store.pathOf(packKey(location.packId)), location.offset, location.length) : undefined;
+}
 
 /**
  * Publishes a finished local file as `key`: moved in by the local backend (no copy of 32 MiB), uploaded
@@ -254,6 +260,8 @@ export async function readFrameBytes(store: Storage | string, packId: string, of
  */
 export interface StoreHandle {
   readFrame(location: { packId: string; offset: number; length: number }): Promise<Buffer>;
+  /** Where a worker reads the frame itself, when the store's objects are local files (frame-locator.ts). */
+  locateFrame(location: { packId: string; offset: number; length: number }): FrameLocator | undefined;
   readonly packTarget: PackTarget;
   close(): Promise<void>;
 }
