@@ -29,7 +29,8 @@ import type { IndexEntry } from './index-entry.js';
 import { LocalStorage } from './storage/local.js';
 import { StorageError } from './storage/storage-error.js';
 import type { Storage } from './storage/storage.js';
-import { packKey } from './store.js';
+import { openStore, packKey, storeAt } from './store.js';
+import { localFrameLocator, type FrameLocator } from './frame-locator.js';
 
 /**
  * Where packs go: the store, and a local folder on the same file system (the repository's tmp/) where a
@@ -42,12 +43,14 @@ export interface PackTarget {
 
 /** The store of a repository folder given by its path: the pack functions' older form (tools, tests). */
 function localTarget(root: string): PackTarget {
-  const tempDir = join(root, LAYOUT.tmp);
-  return { store: new LocalStorage(root, { tempDir }), tempDir };
+  return { store: openStore(root), tempDir: join(root, LAYOUT.tmp) };
 }
 
-function storeOf(where: Storage | string): Storage {
-  return typeof where === 'string' ? localTarget(where).store : where;
+const storeOf = storeAt;
+
+/** A worker's way to a frame of a store whose objects are local files; undefined for any other store. */
+export function frameLocatorIn(store: Storage, location: { packId: string; offset: number; length: number }): FrameLocator | undefined {
+  return store instanceof LocalStorage ? localFrameLocator(store.pathOf(packKey(location.packId)), location.offset, location.length) : undefined;
 }
 
 /**
@@ -257,6 +260,8 @@ export async function readFrameBytes(store: Storage | string, packId: string, of
  */
 export interface StoreHandle {
   readFrame(location: { packId: string; offset: number; length: number }): Promise<Buffer>;
+  /** Where a worker reads the frame itself, when the store's objects are local files (frame-locator.ts). */
+  locateFrame(location: { packId: string; offset: number; length: number }): FrameLocator | undefined;
   readonly packTarget: PackTarget;
   close(): Promise<void>;
 }

@@ -5,7 +5,7 @@
  */
 import type { Storage } from './storage/storage.js';
 import { isStorageError } from './storage/storage-error.js';
-import { PROTECTED_PREFIX } from './store.js';
+import { PROTECTED_PREFIX, storeAt } from './store.js';
 
 const MARKER = /^protected\/([0-9a-f]{32})$/;
 
@@ -13,7 +13,8 @@ function markerKey(backupId: string): string {
   return `${PROTECTED_PREFIX}${backupId}`;
 }
 
-export async function listProtected(store: Storage): Promise<Set<string>> {
+export async function listProtected(where: Storage | string): Promise<Set<string>> {
+  const store = storeAt(where);
   const ids = new Set<string>();
   for await (const { key } of store.list(PROTECTED_PREFIX)) {
     const id = MARKER.exec(key)?.[1];
@@ -23,7 +24,8 @@ export async function listProtected(store: Storage): Promise<Set<string>> {
 }
 
 /** Returns false when the backup was already protected. */
-export async function protectBackup(store: Storage, backupId: string): Promise<boolean> {
+export async function protectBackup(where: Storage | string, backupId: string): Promise<boolean> {
+  const store = storeAt(where);
   try {
     await store.put(markerKey(backupId), new Uint8Array(0), { ifAbsent: true });
     return true;
@@ -34,7 +36,8 @@ export async function protectBackup(store: Storage, backupId: string): Promise<b
 }
 
 /** Returns false when the backup was not protected. */
-export async function unprotectBackup(store: Storage, backupId: string): Promise<boolean> {
+export async function unprotectBackup(where: Storage | string, backupId: string): Promise<boolean> {
+  const store = storeAt(where);
   const present = await store.stat(markerKey(backupId)).then(
     () => true,
     (error: unknown) => {
@@ -48,7 +51,8 @@ export async function unprotectBackup(store: Storage, backupId: string): Promise
 }
 
 /** Removes the markers of backups whose record no longer exists; returns their ids. */
-export async function removeOrphanedMarkers(store: Storage, existingBackups: ReadonlySet<string>): Promise<string[]> {
+export async function removeOrphanedMarkers(where: Storage | string, existingBackups: ReadonlySet<string>): Promise<string[]> {
+  const store = storeAt(where);
   const removed: string[] = [];
   for (const id of await orphanedMarkers(store, existingBackups)) {
     await store.delete(markerKey(id)).catch(() => undefined);
@@ -57,6 +61,7 @@ export async function removeOrphanedMarkers(store: Storage, existingBackups: Rea
   return removed;
 }
 
-export async function orphanedMarkers(store: Storage, existingBackups: ReadonlySet<string>): Promise<string[]> {
+export async function orphanedMarkers(where: Storage | string, existingBackups: ReadonlySet<string>): Promise<string[]> {
+  const store = storeAt(where);
   return [...(await listProtected(store))].filter((id) => !existingBackups.has(id)).sort();
 }

@@ -13,7 +13,7 @@
  */
 import { SMALL_FILE_LIMIT } from './constants.js';
 import type { Storage } from './storage/storage.js';
-import { QUARANTINE_PREFIX } from './store.js';
+import { QUARANTINE_PREFIX, storeAt } from './store.js';
 
 export interface QuarantinedFrame {
   pack: string;
@@ -48,7 +48,8 @@ function markerKey(key: string): string {
 }
 
 /** Every quarantined frame, keyed by quarantineKey(pack, offset). Unreadable records are skipped. */
-export async function listQuarantine(store: Storage): Promise<Map<string, QuarantinedFrame>> {
+export async function listQuarantine(where: Storage | string): Promise<Map<string, QuarantinedFrame>> {
+  const store = storeAt(where);
   const frames = new Map<string, QuarantinedFrame>();
   for await (const { key } of store.list(QUARANTINE_PREFIX)) {
     if (!key.endsWith('.json') || key.slice(QUARANTINE_PREFIX.length).includes('/')) continue;
@@ -60,7 +61,8 @@ export async function listQuarantine(store: Storage): Promise<Map<string, Quaran
 }
 
 /** Records frames durably; one already recorded keeps its first record. */
-export async function addToQuarantine(store: Storage, frames: QuarantinedFrame[]): Promise<void> {
+export async function addToQuarantine(where: Storage | string, frames: QuarantinedFrame[]): Promise<void> {
+  const store = storeAt(where);
   if (frames.length === 0) return;
   const known = await listQuarantine(store);
   for (const frame of frames) {
@@ -70,7 +72,8 @@ export async function addToQuarantine(store: Storage, frames: QuarantinedFrame[]
 }
 
 /** Removes the records of the given frames (quarantineKey(pack, offset) each); returns the keys removed. */
-export async function removeFromQuarantine(store: Storage, keys: readonly string[]): Promise<string[]> {
+export async function removeFromQuarantine(where: Storage | string, keys: readonly string[]): Promise<string[]> {
+  const store = storeAt(where);
   const removed: string[] = [];
   for (const key of keys) {
     const present = await store.stat(markerKey(key)).then(

@@ -32,6 +32,14 @@ export function useStoreOpener(replacement: StoreOpener | undefined): void {
   opener = replacement ?? localStore;
 }
 
+/**
+ * The store itself, or that of the repository folder at a path: the public functions that took a
+ * repository's path (listQuarantine, listProtected, scanPack …) still do, for tools and scripts.
+ */
+export function storeAt(where: Storage | string): Storage {
+  return typeof where === 'string' ? openStore(where) : where;
+}
+
 export const CONFIG_KEY = LAYOUT.config;
 
 export function packKey(packId: string): string {

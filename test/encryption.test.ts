@@ -320,7 +320,7 @@ describe('an encrypted repository through the CLI', () => {
     }
     const none = await runEngine(['list', '--repo', repo]);
     expect(none.code).toBe(6);
-    expect(none.stderr.trim()).toBe(`engine: repository ${repo} is encrypted: give its passphrase with --password-file FILE, in a file named by ENGINE_PASSWORD_FILE, or in ENGINE_PASSWORD`);
+    expect(none.stderr.trim()).toBe(`engine: repository ${repo} is encrypted, and no passphrase was given: give its passphrase with --password-file FILE, in a file named by ENGINE_PASSWORD_FILE, or in ENGINE_PASSWORD`);
     await expect(stat(join(dir, 'never.raw'))).rejects.toThrow();
     expect(await snapshot(repo)).toEqual(before);
     // --password-file: the passphrase from a file, one trailing newline ignored.

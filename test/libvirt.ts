@@ -1,5 +1,5 @@
 /** A real libvirtd with TCG domains for the tests (no KVM, no systemd here: the daemons are started by hand). */
-import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sh } from './helpers.js';
@@ -25,6 +25,34 @@ export async function ensureLibvirtd(): Promise<void> {
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
   throw new Error('libvirtd did not come up');
+}
+
+/**
+ * Test runs alive on this machine (a file per run, named by its pid): several runs may share the daemons
+ * (two worktrees tested at once), and the daemons are stopped by the last run to end, never under another.
+ */
+const RUNS_DIR = join(STARTED_DAEMONS_DIR, 'runs');
+
+async function processAlive(pid: number): Promise<boolean> {
+  return readFile(`/proc/${pid}/stat`, 'utf8').then((stat) => !/^\d+ \(.*\) Z /s.test(stat), () => false);
+}
+
+/** Registers this test run; the teardown's `leaveRun` says whether it was the last one alive. */
+export async function enterRun(): Promise<void> {
+  await mkdir(RUNS_DIR, { recursive: true });
+  await writeFile(join(RUNS_DIR, String(process.pid)), '');
+}
+
+/** Unregisters this test run; true when no other run is alive (stale entries of dead runs are removed). */
+export async function leaveRun(): Promise<boolean> {
+  await rm(join(RUNS_DIR, String(process.pid)), { force: true });
+  let others = 0;
+  for (const name of await readdir(RUNS_DIR).catch(() => [] as string[])) {
+    const pid = Number(name);
+    if (Number.isInteger(pid) && pid > 1 && (await processAlive(pid))) others += 1;
+    else await rm(join(RUNS_DIR, name), { force: true });
+  }
+  return others === 0;
 }
 
 /** Stops the daemons ensureLibvirtd started (their pid files say which), waiting until they are gone. */

@@ -152,7 +152,7 @@ describe('where the passphrase comes from', () => {
     const missing = await runEngine(['list', '--repo', repo], { env: { ENGINE_PASSWORD_FILE: join(dir, 'nowhere'), ENGINE_PASSWORD: '' } });
     expect([missing.code, missing.stderr]).toEqual([2, `engine: $ENGINE_PASSWORD_FILE ${join(dir, 'nowhere')}: cannot be read (no such file)\n`]);
     const none = await runEngine(['list', '--repo', repo], { env: noEnv });
-    expect([none.code, none.stderr]).toEqual([6, `engine: repository ${repo} is encrypted: give its passphrase with --password-file FILE, in a file named by ENGINE_PASSWORD_FILE, or in ENGINE_PASSWORD\n`]);
+    expect([none.code, none.stderr]).toEqual([6, `engine: repository ${repo} is encrypted, and no passphrase was given: give its passphrase with --password-file FILE, in a file named by ENGINE_PASSWORD_FILE, or in ENGINE_PASSWORD\n`]);
   });
 
   test('examples/engine-serve@.service passes the passphrase as a systemd credential that ENGINE_PASSWORD_FILE names; systemd-analyze accepts it', async () => {

@@ -116,7 +116,7 @@ describe('liveness by boot id and process start time; engine unlock', () => {
     expect(forced.code).toBe(0);
     const report = parseJson<{ lock: { state: string; removed: boolean; message: string }; locked: boolean }>(forced.stdout);
     expect(report.lock).toMatchObject({ state: 'unverified', removed: true });
-    expect(report.lock.message).toMatch(/^WARNING: removed the lock of pid \d+ on .* although pid \d+ is alive .* \(--force\): if that process still works on the repository, two processes may now change it at once$/);
+    expect(report.lock.message).toMatch(/^WARNING: removed the lock of pid \d+ on .* although pid \d+ is alive .* \(forced\): if that process still works on the repository, two processes may now change it at once$/);
     expect(report.locked).toBe(false);
     expect(await exists(join(repo, 'lock'))).toBe(false);
     await backupOf(repo, source);
@@ -131,7 +131,7 @@ describe('liveness by boot id and process start time; engine unlock', () => {
     await writeFile(join(repo, 'lock'), lockOf({ pid: 1, hostname: 'elsewhere.invalid', identity: `${bootId()}:1` }));
     const remote = await runEngine(['unlock', '--repo', repo]);
     expect(remote.code).toBe(3);
-    expect(remote.stdout).toContain('this host cannot tell whether it still runs: once it has finished (or host elsewhere.invalid is down)');
+    expect(remote.stdout).toContain('this host cannot tell whether it still runs; once it has finished (or host elsewhere.invalid is down)');
     expect((await runEngine(['unlock', '--repo', repo, '--force'])).code).toBe(0);
     expect(await exists(join(repo, 'lock'))).toBe(false);
 

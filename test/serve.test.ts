@@ -194,7 +194,7 @@ describe('an encrypted repository', () => {
 
     const refused = await runEngine(['serve', '--repo', encrypted, id, '--socket', join(dir, 'enc-refused.sock')], { env: { ENGINE_PASSWORD: '' } });
     expect(refused.code).toBe(6);
-    expect(refused.stderr).toContain('is encrypted: give its passphrase');
+    expect(refused.stderr).toContain('is encrypted, and no passphrase was given: give its passphrase');
 
     const socket = join(dir, 'enc.sock');
     const child = spawnEngine(['serve', '--repo', encrypted, id, '--socket', socket, '--password-file', passwordFile]);

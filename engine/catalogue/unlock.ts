@@ -109,7 +109,9 @@ async function unlockLock(root: string, force: boolean): Promise<UnlockItem | nu
   const item: UnlockItem = { file: LAYOUT.lock, holder, state, removed: false, message: '' };
   if (state !== 'dead' && !force) {
     const hint = state === 'alive' ? { condition: 'wait for it to finish, or stop it', remedy: undefined } : lockedHint(root, holder ?? undefined);
-    item.message = `kept the lock of ${describe(holder)}: ${stateText(state, holder)}${hint.condition ? `; ${hint.condition}` : ''}`;
+    const said = stateText(state, holder);
+    // lockedHint's condition repeats the state for a holder this host cannot check: say it once.
+    item.message = `kept the lock of ${describe(holder)}: ${said}${hint.condition && hint.condition !== said ? `; ${hint.condition}` : ''}`;
     if (hint.remedy) item.remedies = [hint.remedy];
     return item;
   }

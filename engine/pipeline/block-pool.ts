@@ -10,10 +10,17 @@ import { Piscina } from 'piscina';
 import { maxFrameLength } from '../../repo-format/blob-codec.js';
 import { CorruptFrameError, CorruptPackError } from '../../repo-format/errors.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
+import type { FrameLocator } from '../../repo-format/frame-locator.js';
 import { SlotPool } from './slot-pool.js';
 import type { BlockTask, HashResult, OpenResult, SealResult, SharedSlots, VerifyPackResult, OpenTask, VerifyPackTask, WorkerSetup } from './tasks.js';
 
 const SLOT_BUDGET_BYTES = 32 * 1024 * 1024;
+
+/** A frame to open: where a worker reads it itself (Repository.locateFrame), else how the main thread reads it. */
+export interface FrameSource {
+  locator?: FrameLocator | undefined;
+  read: () => Promise<Buffer>;
+}
 
 export interface BlockPoolOptions {
   blockSize: number;
@@ -78,7 +85,12 @@ export class BlockPool {
    * is a reason (`ok: false`) like one that fails its checks; any other failure (an interruption, a store
    * that is down) is thrown.
    */
-  async open(slot: number, read: () => Promise<Buffer>, id: Buffer): Promise<OpenResult> {
+  async open(slot: number, source: FrameSource, id: Buffer): Promise<OpenResult> {
+    if (source.locator) {
+      if (source.locator.length > this.shared.outputSlotSize) return { ok: false, why: `index says the frame is ${source.locator.length} bytes, more than a block can need` };
+      return this.run({ op: 'open', slot, length: source.locator.length, id: new Uint8Array(id), locator: source.locator } satisfies OpenTask);
+    }
+    const read = source.read;
     let frame: Buffer;
     try {
       frame = await read();
@@ -89,6 +101,11 @@ export class BlockPool {
     if (frame.length > this.shared.outputSlotSize) return { ok: false, why: `index says the frame is ${frame.length} bytes, more than a block can need` };
     this.output(slot, frame.length).set(frame);
     return this.run({ op: 'open', slot, length: frame.length, id: new Uint8Array(id) } satisfies OpenTask);
+  }
+
+  /** Checks frames of a pack that a worker reads itself (a store of local files: Repository.locateFrame). */
+  verifyLocatedPack(locator: FrameLocator, frames: VerifyPackTask['frames']): Promise<VerifyPackResult> {
+    return this.run({ op: 'verify-pack', locator, frames } satisfies VerifyPackTask);
   }
 
   /** Checks every frame of a pack held in memory; its bytes move to the worker (the buffer is unusable afterwards). */

@@ -8,6 +8,7 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { initChecksum } from '../../repo-format/checksum.js';
 import { blobId, openBlob, sealBlob } from '../../repo-format/blob-codec.js';
+import { locatorAt, readLocatedFrame } from '../../repo-format/frame-locator.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
 import type { BlockTask, HashResult, OpenResult, SealResult, VerifyPackResult, WorkerSetup } from './tasks.js';
 
@@ -33,6 +34,8 @@ function allocated(bytes: number): void {
   }
 }
 const zeros = Buffer.alloc(slots.inputSlotSize);
+/** Frame buffer for verify: one per worker, reused for every frame that fits a block. */
+const scratch = Buffer.allocUnsafe(slots.outputSlotSize);
 await initChecksum();
 
 function inputSlot(slot: number, length: number): Buffer {
@@ -58,6 +61,10 @@ function seal(slot: number, length: number, kind: number, id: Uint8Array): SealR
 function openFrame(task: Extract<BlockTask, { op: 'open' }>): OpenResult {
   if (task.length > slots.outputSlotSize) return { ok: false, why: `index says the frame is ${task.length} bytes, more than a block can need` };
   const frame = outputSlot(task.slot, task.length);
+  if (task.locator) {
+    const unreadable = readLocatedFrame(task.locator, frame);
+    if (unreadable) return { ok: false, why: unreadable };
+  }
   const opened = openBlob(frame, Buffer.from(task.id), keys);
   if (typeof opened === 'string') return { ok: false, why: opened };
   if (opened.plaintext.length > slots.inputSlotSize) return { ok: false, why: 'blob is larger than a block' };
@@ -67,6 +74,15 @@ function openFrame(task: Extract<BlockTask, { op: 'open' }>): OpenResult {
 
 function verifyPack(task: Extract<BlockTask, { op: 'verify-pack' }>): VerifyPackResult {
   const bad: VerifyPackResult['bad'] = [];
+  if ('locator' in task) {
+    for (const { offset, length } of task.frames) {
+      const frame = scratch.length >= length ? scratch.subarray(0, length) : Buffer.allocUnsafe(length);
+      const unreadable = readLocatedFrame(locatorAt(task.locator, offset, length), frame);
+      const opened = unreadable ?? openBlob(frame, undefined, keys);
+      if (typeof opened === 'string') bad.push({ offset, why: opened });
+    }
+    return { bad };
+  }
   const pack = Buffer.from(task.pack.buffer, task.pack.byteOffset, task.pack.byteLength);
   for (const { offset, length } of task.frames) {
     if (offset + length > pack.length) {

@@ -1,14 +1,17 @@
 /**
- * Every frame of a pack checked in full by the workers (verify --read-data, repair): the pack is read
- * through the repository in spans of at most SPAN_BYTES (a pack as this engine writes it is one span; a
- * larger file named like a pack is never read whole), each span's bytes moved to a worker.
+ * Every frame of a pack checked in full by the workers (verify --read-data, repair). A store of local files
+ * gives a locator, and a worker reads the frames itself (pread, one frame at a time); any other store is
+ * read through the repository in spans of at most SPAN_BYTES, each span's bytes moved to a worker. Memory:
+ * a frame per worker, or a span per worker; never a whole pack (measured: whole 40 MiB spans per worker
+ * raised verify --read-data's peak RSS of a 1 GiB repository from 239 to 353 MiB).
  */
 import { StorageError } from '../../repo-format/storage/storage-error.js';
+import type { FrameLocator } from '../../repo-format/frame-locator.js';
 import type { BlockPool } from './block-pool.js';
 import type { VerifyPackResult } from './tasks.js';
 
-/** A pack of the default target size and its last frame fit one span. */
-const SPAN_BYTES = 40 * 1024 * 1024;
+/** Bytes read at once from a store that is not local files (S3: one ranged GET). */
+const SPAN_BYTES = 8 * 1024 * 1024;
 
 type Frame = { offset: number; length: number };
 
@@ -41,7 +44,9 @@ function spans(frames: readonly Frame[]): Frame[][] {
  * Checks `frames` of a pack; `readRange(offset, length)` reads exactly those bytes of it (the repository's
  * readPackRange). Spans are checked one after another: at most one span per call is in memory.
  */
-export async function checkPackFrames(pool: BlockPool, readRange: (offset: number, length: number) => Promise<Buffer>, frames: readonly Frame[]): Promise<VerifyPackResult> {
+export async function checkPackFrames(pool: BlockPool, pack: { locator: FrameLocator | undefined; readRange: (offset: number, length: number) => Promise<Buffer> }, frames: readonly Frame[]): Promise<VerifyPackResult> {
+  if (pack.locator) return pool.verifyLocatedPack(pack.locator, frames.map(({ offset, length }) => ({ offset, length })));
+  const readRange = pack.readRange;
   const bad: VerifyPackResult['bad'] = [];
   for (const group of spans(frames)) {
     const start = group[0]!.offset;

@@ -121,7 +121,7 @@ async function checkPack(repo: Repository, pool: BlockPool, packId: string): Pro
   try {
     scan = await repo.scanPack(packId);
     const frames = scan.frames;
-    if (!scan.damage || scan.size > MAX_WALKED_PACK) bad = (await checkPackFrames(pool, (offset, length) => repo.readPackRange(packId, offset, length), frames).catch(() => undefined))?.bad;
+    if (!scan.damage || scan.size > MAX_WALKED_PACK) bad = (await checkPackFrames(pool, { locator: repo.locateFrame({ packId, offset: 0, length: scan.size }), readRange: (offset, length) => repo.readPackRange(packId, offset, length) }, frames).catch(() => undefined))?.bad;
     if (!scan.damage && bad && bad.length === 0) return { size: scan.size, good: scan.frames, damage: [] };
   } catch {
     // Unreadable through a scan: the whole-file read below says why, or walks what it can.

@@ -236,7 +236,7 @@ class DiskRestore {
     const offset = this.geometry.offsetOf(block);
     const length = this.geometry.lengthOf(block);
     const where = () => ({ backupId: this.record.id, disk: this.disk.name, diskOffset: offset, packId: location.packId, packOffset: location.offset, chunk: id.toString('hex') });
-    const opened = await this.pool.open(slot, () => this.repo.readFrame(location), id);
+    const opened = await this.pool.open(slot, { locator: this.repo.locateFrame(location), read: () => this.repo.readFrame(location) }, id);
     if (!opened.ok) throw new CorruptChunkError(where(), opened.why);
     if (opened.rawLength !== length) throw new CorruptChunkError(where(), `chunk holds ${opened.rawLength} bytes, the block needs ${length}`);
     this.written.note(offset, opened.rawLength);

@@ -87,7 +87,7 @@ export class ChunkLoader {
   private async read(location: ChunkLocation, expectedLength: number): Promise<Buffer> {
     const slot = await this.pool.slots.acquire();
     try {
-      const opened = await this.pool.open(slot, () => this.frames.readFrame(location), location.id);
+      const opened = await this.pool.open(slot, { locator: this.frames.locateFrame(location), read: () => this.frames.readFrame(location) }, location.id);
       if (!opened.ok) throw new ChunkUnreadable(`chunk ${location.id.toString('hex').slice(0, 16)}… in pack ${location.packId} at offset ${location.offset} is damaged: ${opened.why}`);
       if (opened.rawLength !== expectedLength) throw new ChunkUnreadable(`chunk ${location.id.toString('hex').slice(0, 16)}… holds ${opened.rawLength} bytes, the block needs ${expectedLength}`);
       return Buffer.from(this.pool.input(slot, opened.rawLength));

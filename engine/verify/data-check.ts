@@ -49,7 +49,8 @@ export class DataCheck {
       this.run.interruption.check();
     }
     const repo = this.run.repo;
-    const check = checkPackFrames(this.pool, (offset, length) => repo.readPackRange(scan.packId, offset, length), scan.frames).then(
+    const pack = { locator: repo.locateFrame({ packId: scan.packId, offset: 0, length: scan.size }), readRange: (offset: number, length: number) => repo.readPackRange(scan.packId, offset, length) };
+    const check = checkPackFrames(this.pool, pack, scan.frames).then(
         ({ bad }) => this.checked(scan, bad),
         (error: unknown) => this.failed(scan.packId, error),
       );
