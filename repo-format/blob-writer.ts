@@ -9,7 +9,7 @@
 import { PACK_TARGET_SIZE } from './constants.js';
 import type { FrameHeader } from './frame.js';
 import type { IndexStore } from './index-store.js';
-import { PackWriter } from './pack-file.js';
+import { PackWriter, type PackTarget } from './pack-file.js';
 import { crashPoint } from './crash-points.js';
 import type { PackPresence } from './pack-presence.js';
 
@@ -22,7 +22,8 @@ export class BlobWriter {
   bytesWritten = 0;
 
   constructor(
-    private readonly root: string,
+    /** Where new packs go (Repository.packTarget). */
+    private readonly target: PackTarget,
     private readonly index: IndexStore,
     private readonly packTargetSize = PACK_TARGET_SIZE,
     /** Entries whose pack is missing or cut short are not trusted: the blob is stored again. */
@@ -60,7 +61,7 @@ export class BlobWriter {
     if (this.failure) return Promise.reject(this.failure);
     this.pending.add(header.id.toString('hex'));
     if (!this.current) {
-      this.current = new PackWriter(this.root);
+      this.current = new PackWriter(this.target);
       this.openPacks.add(this.current);
     }
     const written = this.current.append(frame, header);

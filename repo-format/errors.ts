@@ -29,6 +29,14 @@ export interface ErrorCodes {
   ENGINE_NOT_ENCRYPTED: 'storage';
   ENGINE_READ_ONLY: 'storage';
   ENGINE_FILE_TOO_LARGE: 'storage';
+  ENGINE_STORAGE: 'storage';
+  ENGINE_STORAGE_NOT_FOUND: 'storage';
+  ENGINE_STORAGE_NO_BUCKET: 'storage';
+  ENGINE_STORAGE_AUTH: 'storage';
+  ENGINE_STORAGE_DENIED: 'storage';
+  ENGINE_STORAGE_UNAVAILABLE: 'storage';
+  ENGINE_STORAGE_UNREACHABLE: 'storage';
+  ENGINE_CLOCK_SKEW: 'storage';
   ENGINE_INTERNAL: 'storage';
 }
 

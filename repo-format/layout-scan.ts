@@ -4,10 +4,10 @@
  * under a pack's or a record's name is a *stray*: listed (verify warns about each), never opened as a
  * pack or record, never deleted. SPEC.md, section 2.
  */
-import { readdir } from 'node:fs/promises';
+import { readdir, readFile, stat } from 'node:fs/promises';
 import type { Dirent } from 'node:fs';
 import { join } from 'node:path';
-import { LAYOUT } from './constants.js';
+import { CONFIG_FORMAT_NAME, LAYOUT } from './constants.js';
 import { EngineError } from './errors.js';
 
 export interface StrayFile {
@@ -84,4 +84,27 @@ export async function scanRecordFiles(root: string): Promise<{ records: string[]
     else records.push(entry.name);
   }
   return { records, strays };
+}
+
+/**
+ * The folders of the repository folder at `root` that hold its data, for checks by device and inode
+ * (host/write-guard.ts: nothing a user names is written inside a repository): the root, its top-level
+ * folders (the store's and the host's), packs/<xx>.
+ */
+export async function repositoryFolderPaths(root: string): Promise<string[]> {
+  const top = [LAYOUT.packs, LAYOUT.backups, LAYOUT.index, LAYOUT.tmp, LAYOUT.readers, LAYOUT.writers, LAYOUT.keys, LAYOUT.protected, LAYOUT.quarantine, 'journal'];
+  const packs = await readdir(join(root, LAYOUT.packs)).catch(() => [] as string[]);
+  return [root, ...top.map((dir) => join(root, dir)), ...packs.map((dir) => join(root, LAYOUT.packs, dir))];
+}
+
+/** Whether `dir` is the root of a repository folder: its config file says it is an engine repository's. */
+export async function isRepositoryFolder(dir: string): Promise<boolean> {
+  const config = join(dir, LAYOUT.config);
+  const stats = await stat(config).catch(() => undefined);
+  if (!stats?.isFile() || stats.size > 64 * 1024) return false;
+  try {
+    return (JSON.parse(await readFile(config, 'utf8')) as { format?: unknown }).format === CONFIG_FORMAT_NAME;
+  } catch {
+    return false;
+  }
 }

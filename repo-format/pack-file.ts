@@ -7,7 +7,7 @@
  * (frame.ts), so scanning a pack from offset 32 to its end yields every blob it holds: that is how the
  * index is rebuilt. See SPEC.md, "Pack".
  */
-import { open, rename, unlink, stat, type FileHandle } from 'node:fs/promises';
+import { unlink, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import {
@@ -23,13 +23,52 @@ import {
   PACK_VERSION,
 } from './constants.js';
 import { classifyWriteError, CorruptFrameError, CorruptPackError, InvalidArgumentError } from './errors.js';
-import { fsyncDirectory } from './durable-file.js';
-import { ensurePrivateDirectory, IMMUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
+import { IMMUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
 import { decodeFrameHeader, frameLength, type FrameHeader } from './frame.js';
 import type { IndexEntry } from './index-entry.js';
+import { LocalStorage } from './storage/local.js';
+import { StorageError } from './storage/storage-error.js';
+import type { Storage } from './storage/storage.js';
+import { openStore, packKey, storeAt } from './store.js';
+import { localFrameLocator, type FrameLocator } from './frame-locator.js';
 
+/**
+ * Where packs go: the store, and a local folder on the same file system (the repository's tmp/) where a
+ * pack is built before it is published whole under its key.
+ */
+export interface PackTarget {
+  store: Storage;
+  tempDir: string;
+}
+
+/** The store of a repository folder given by its path: the pack functions' older form (tools, tests). */
+function localTarget(root: string): PackTarget {
+  return { store: openStore(root), tempDir: join(root, LAYOUT.tmp) };
+}
+
+const storeOf = storeAt;
+
+/** A worker's way to a frame of a store whose objects are local files; undefined for any other store. */
+export function frameLocatorIn(store: Storage, location: { packId: string; offset: number; length: number }): FrameLocator | undefined {
+  return store instanceof LocalStorage ? localFrameLocator(store.pathOf(packKey(location.packId)), location.offset, location.length) : undefined;
+}
+
+/**
+ * Publishes a finished local file as `key`: moved in by the local backend (no copy of 32 MiB), uploaded
+ * by any other, whose temporary file is then removed.
+ */
+export async function publishFile(store: Storage, key: string, file: string): Promise<void> {
+  if (store instanceof LocalStorage) {
+    await store.adopt(key, file);
+    return;
+  }
+  await store.put(key, { file });
+  await unlink(file).catch(() => undefined);
+}
+
+/** The file of a pack in a repository folder (tools and tests; the engine asks the repository for packs, never for their place). */
 export function packPath(root: string, packId: string): string {
-  return join(root, LAYOUT.packs, packId.slice(0, 2), packId);
+  return join(root, ...packKey(packId).split('/'));
 }
 
 export function encodePackHeader(packId: string): Buffer {
@@ -62,18 +101,20 @@ export class PackWriter {
   readonly entries: IndexEntry[] = [];
   private size = PACK_HEADER_SIZE;
   private readonly tempPath: string;
+  private readonly target: PackTarget;
   private readonly opened: Promise<FileHandle>;
   private readonly writes = new Set<Promise<void>>();
   /** The first write that failed: a pack with a hole must never be sealed and indexed. */
   private writeFailure: unknown;
 
-  /** `tempPrefix` names the temp file `tmp/<prefix><pack id>.pack` (a registered writer's token, for gc). */
-  constructor(
-    private readonly root: string,
-    options: { tempPrefix?: string } = {},
-  ) {
+  /**
+   * `target`: the repository's PackTarget (or a repository folder's path). `tempPrefix` names the temp file
+   * `tmp/<prefix><pack id>.pack` (a registered writer's token, for gc).
+   */
+  constructor(target: PackTarget | string, options: { tempPrefix?: string } = {}) {
+    this.target = typeof target === 'string' ? localTarget(target) : target;
     this.packId = randomBytes(PACK_ID_SIZE).toString('hex');
-    this.tempPath = join(root, LAYOUT.tmp, `${options.tempPrefix ?? ''}${this.packId}.pack`);
+    this.tempPath = join(this.target.tempDir, `${options.tempPrefix ?? ''}${this.packId}.pack`);
     this.opened = openNewFile(this.tempPath, 'wx', IMMUTABLE_FILE_MODE).catch((error: unknown) => {
       throw classifyWriteError(error, this.tempPath);
     });
@@ -132,16 +173,9 @@ export class PackWriter {
     }
   }
 
-  /** Renames a finished pack into packs/ and makes the rename durable. */
+  /** Publishes a finished pack in the store under its key (local: renamed into packs/, the rename made durable). */
   async publish(): Promise<IndexEntry[]> {
-    const finalPath = packPath(this.root, this.packId);
-    try {
-      await ensurePrivateDirectory(join(this.root, LAYOUT.packs, this.packId.slice(0, 2)));
-      await rename(this.tempPath, finalPath);
-      await fsyncDirectory(join(this.root, LAYOUT.packs, this.packId.slice(0, 2)));
-    } catch (error) {
-      throw classifyWriteError(error, finalPath);
-    }
+    await publishFile(this.target.store, packKey(this.packId), this.tempPath);
     return this.entries;
   }
 
@@ -179,36 +213,65 @@ export class PackWriter {
   }
 }
 
-/** Reads one frame's bytes; a pack that is missing or too short is reported as damaged, naming pack and offset. */
-export async function readFrameBytes(root: string, packId: string, offset: number, length: number): Promise<Buffer> {
-  // The length comes from the index: bound it before it sizes an allocation.
-  if (length < FRAME_OVERHEAD || length > MAX_FRAME_LENGTH) {
-    throw new CorruptFrameError(packId, offset, `the index gives an impossible frame length ${length}`);
-  }
-  const handle = await openPack(root, packId);
-  try {
-    const buffer = Buffer.allocUnsafe(length);
-    const { bytesRead } = await handle.read(buffer, 0, length, offset).catch((error: unknown) => {
-      throw unreadablePack(packId, 'cannot read pack', error);
-    });
-    if (bytesRead !== length) throw new CorruptFrameError(packId, offset, `pack is truncated: read ${bytesRead} of ${length} bytes`);
-    return buffer;
-  } finally {
-    await handle.close();
-  }
+/** The errno (local) or the store's reason, for messages about a pack that cannot be read. */
+function failureCode(error: unknown): string {
+  if (error instanceof StorageError) return error.storage.backendCode ?? (error.reason === 'not-found' ? 'ENOENT' : error.reason);
+  return (error as NodeJS.ErrnoException).code ?? String(error);
 }
 
 /** A pack that cannot be opened or read (gone, EIO, not a file): damaged, with the errno in `details.errno`. */
 function unreadablePack(packId: string, what: string, error: unknown): CorruptPackError {
-  const errno = (error as NodeJS.ErrnoException).code;
-  return new CorruptPackError(packId, `${what} (${errno ?? String(error)})`, errno === undefined ? {} : { errno });
+  const code = failureCode(error);
+  return new CorruptPackError(packId, `${what} (${code})`, { errno: code });
 }
 
-async function openPack(root: string, packId: string): Promise<FileHandle> {
+/** Absent (what opening a missing file says), told apart from a pack that is there but cannot be read (a folder in its place: EISDIR). */
+function isMissing(error: unknown): boolean {
+  if (!(error instanceof StorageError)) return false;
+  const code = error.storage.backendCode;
+  return error.reason === 'no-bucket' || (error.reason === 'not-found' && (code === undefined || code === 'ENOENT' || code === 'ENOTDIR'));
+}
+
+/**
+ * Reads one frame's bytes from the store (or a repository folder given by path); a pack that is missing or
+ * too short is reported as damaged, naming pack and offset.
+ */
+export async function readFrameBytes(store: Storage | string, packId: string, offset: number, length: number): Promise<Buffer> {
+  // The length comes from the index: bound it before it sizes an allocation.
+  if (length < FRAME_OVERHEAD || length > MAX_FRAME_LENGTH) {
+    throw new CorruptFrameError(packId, offset, `the index gives an impossible frame length ${length}`);
+  }
+  const from = storeOf(store);
   try {
-    return await open(packPath(root, packId), 'r');
+    return await from.get(packKey(packId), { range: { offset, length } });
   } catch (error) {
-    throw unreadablePack(packId, 'cannot open pack', error);
+    if (error instanceof StorageError && error.reason === 'out-of-range') {
+      const size = (await from.stat(packKey(packId)).catch(() => undefined))?.size ?? 0;
+      throw new CorruptFrameError(packId, offset, `pack is truncated: read ${Math.max(0, Math.min(length, size - offset))} of ${length} bytes`);
+    }
+    throw unreadablePack(packId, isMissing(error) ? 'cannot open pack' : 'cannot read pack', error);
+  }
+}
+
+/**
+ * A repository's store through a handle of its own, for work done between two holds of the lock (gc's
+ * copy phase) or after it (serve): frames read as the index locates them, new packs written. Closed by
+ * its user.
+ */
+export interface StoreHandle {
+  readFrame(location: { packId: string; offset: number; length: number }): Promise<Buffer>;
+  /** Where a worker reads the frame itself, when the store's objects are local files (frame-locator.ts). */
+  locateFrame(location: { packId: string; offset: number; length: number }): FrameLocator | undefined;
+  readonly packTarget: PackTarget;
+  close(): Promise<void>;
+}
+
+/** The whole of a pack, for the few that walk one in memory (repair): at most `maxSize` bytes. */
+export async function readPackBytes(store: Storage, packId: string, maxSize: number): Promise<Buffer> {
+  try {
+    return await store.get(packKey(packId), { maxSize });
+  } catch (error) {
+    throw unreadablePack(packId, isMissing(error) ? 'cannot open pack' : 'cannot read pack', error);
   }
 }
 
@@ -232,31 +295,38 @@ export interface PackScan {
  * `encrypted`: the repository is encrypted (frame.ts, decodeFrameHeader). A pack that cannot be opened or
  * read at all is CorruptPackError (ENGINE_CORRUPT_PACK, the errno in `details.errno`).
  */
-export async function scanPack(root: string, packId: string, encrypted = false): Promise<PackScan> {
-  const handle = await openPack(root, packId);
+export async function scanPack(store: Storage | string, packId: string, encrypted = false): Promise<PackScan> {
+  const from = storeOf(store);
+  const key = packKey(packId);
+  let size: number;
   try {
-    return await scanFrames(handle, packId, encrypted);
+    size = (await from.stat(key)).size;
+  } catch (error) {
+    throw unreadablePack(packId, isMissing(error) ? 'cannot open pack' : 'cannot read pack', error);
+  }
+  // Up to `length` bytes at `offset`, fewer at the end of the pack (whose size was read once, above).
+  const readAt = async (offset: number, length: number): Promise<Buffer> => {
+    const available = Math.min(length, size - offset);
+    if (available <= 0) return Buffer.alloc(0);
+    return from.get(key, { range: { offset, length: available } });
+  };
+  try {
+    return await scanFrames(readAt, size, packId, encrypted);
   } catch (error) {
     throw unreadablePack(packId, 'cannot read pack', error);
-  } finally {
-    await handle.close();
   }
 }
 
-async function scanFrames(handle: FileHandle, packId: string, encrypted: boolean): Promise<PackScan> {
-  const { size } = await handle.stat();
+async function scanFrames(readAt: (offset: number, length: number) => Promise<Buffer>, size: number, packId: string, encrypted: boolean): Promise<PackScan> {
   const scan: PackScan = { packId, size, frames: [] };
-  const header = Buffer.alloc(Math.max(PACK_HEADER_SIZE, FRAME_HEADER_SIZE));
-  const { bytesRead } = await handle.read(header, 0, PACK_HEADER_SIZE, 0);
-  const packProblem = decodePackHeader(header.subarray(0, bytesRead), packId);
+  const packProblem = decodePackHeader(await readAt(0, PACK_HEADER_SIZE), packId);
   if (packProblem) {
     scan.damage = { offset: 0, why: packProblem };
     return scan;
   }
   let offset = PACK_HEADER_SIZE;
   while (offset < size) {
-    const { bytesRead: got } = await handle.read(header, 0, FRAME_HEADER_SIZE, offset);
-    const decoded = decodeFrameHeader(header.subarray(0, got), 0, encrypted);
+    const decoded = decodeFrameHeader(await readAt(offset, FRAME_HEADER_SIZE), 0, encrypted);
     if (typeof decoded === 'string') {
       scan.damage = { offset, why: decoded };
       break;
@@ -273,27 +343,25 @@ async function scanFrames(handle: FileHandle, packId: string, encrypted: boolean
 }
 
 /**
- * Why the file at pack `packId`'s place is not provably a pack of this engine (a regular file whose header
+ * Why the object at pack `packId`'s key is not provably a pack of this engine (an object whose header
  * has the pack magic and names this pack id), or undefined when it is. gc deletes only what passes: a
  * stray file that merely has a pack's name is never the engine's to delete.
  */
-export async function notOwnPack(root: string, packId: string): Promise<string | undefined> {
-  let handle: FileHandle;
+export async function notOwnPack(store: Storage | string, packId: string): Promise<string | undefined> {
+  const from = storeOf(store);
+  let size: number;
   try {
-    handle = await open(packPath(root, packId), 'r');
+    size = (await from.stat(packKey(packId))).size;
   } catch (error) {
-    return `it cannot be opened (${(error as NodeJS.ErrnoException).code ?? String(error)})`;
+    const code = failureCode(error);
+    return code === 'EISDIR' ? 'it is not a regular file' : `it cannot be opened (${code})`;
   }
   try {
-    if (!(await handle.stat()).isFile()) return 'it is not a regular file';
-    const header = Buffer.alloc(PACK_HEADER_SIZE);
-    const { bytesRead } = await handle.read(header, 0, PACK_HEADER_SIZE, 0);
-    const problem = decodePackHeader(header.subarray(0, bytesRead), packId);
+    const header = size === 0 ? Buffer.alloc(0) : await from.get(packKey(packId), { range: { offset: 0, length: Math.min(size, PACK_HEADER_SIZE) } });
+    const problem = decodePackHeader(header, packId);
     return problem === undefined ? undefined : `it is not a pack of this engine (${problem})`;
   } catch (error) {
-    return `it cannot be read (${(error as NodeJS.ErrnoException).code ?? String(error)})`;
-  } finally {
-    await handle.close();
+    return `it cannot be read (${failureCode(error)})`;
   }
 }
 
@@ -301,13 +369,12 @@ export async function notOwnPack(root: string, packId: string): Promise<string |
  * Deletes a pack (gc only: the caller has made sure no index entry, record or live reader needs it).
  * Returns why it could not (EPERM on an immutable file, EIO…), or undefined once it is gone.
  */
-export async function deletePack(root: string, packId: string): Promise<string | undefined> {
+export async function deletePack(store: Storage | string, packId: string): Promise<string | undefined> {
   try {
-    await unlink(packPath(root, packId));
+    await storeOf(store).delete(packKey(packId));
     return undefined;
   } catch (error) {
-    const errno = (error as NodeJS.ErrnoException).code;
-    return errno === 'ENOENT' ? undefined : `it cannot be deleted (${errno ?? String(error)})`;
+    return `it cannot be deleted (${failureCode(error)})`;
   }
 }
 
@@ -370,9 +437,10 @@ export function walkPackBytes(
   return { good, damage };
 }
 
-export async function packSize(root: string, packId: string): Promise<number | undefined> {
+/** The size of a pack, or undefined when it is not there (or not a regular file). */
+export async function packSize(store: Storage | string, packId: string): Promise<number | undefined> {
   try {
-    return (await stat(packPath(root, packId))).size;
+    return (await storeOf(store).stat(packKey(packId))).size;
   } catch {
     return undefined;
   }

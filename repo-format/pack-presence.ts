@@ -1,5 +1,5 @@
 /**
- * Which packs exist, and how long they are: asked once per pack per run (one stat, cached), before an
+ * Which packs exist, and how long they are: asked once per pack per run (one stat of the store, cached), before an
  * index entry is trusted by a reader that would otherwise build on it without reading the frame
  * (deduplication, an incremental reusing its parent's map entries). The index is a cache of the packs
  * (SPEC.md, section 6); a pack lost from the disk, or cut short, leaves entries that name nothing. Such an
@@ -8,9 +8,9 @@
  *
  * A stat does not see damage inside a pack that is still whole in length; verify --read-data and repair do.
  */
-import { stat } from 'node:fs/promises';
 import type { BlobLocation } from './index-entry.js';
-import { packPath } from './pack-file.js';
+import type { Storage } from './storage/storage.js';
+import { packKey } from './store.js';
 
 export class PackPresence {
   /** Pack id → its size in bytes, or null when it cannot be found (or read by stat). */
@@ -18,14 +18,14 @@ export class PackPresence {
   /** Packs found missing or shorter than an index entry needs, this run: what a backup says in a notice. */
   readonly unavailable = new Map<string, string>();
 
-  constructor(private readonly root: string) {}
+  constructor(private readonly store: Storage) {}
 
   /** Whether the pack behind `location` exists and reaches past the frame's end. */
   async holds(location: BlobLocation): Promise<boolean> {
     let size = this.sizes.get(location.packId);
     if (size === undefined) {
-      size = stat(packPath(this.root, location.packId)).then(
-        (s) => (s.isFile() ? s.size : null),
+      size = this.store.stat(packKey(location.packId)).then(
+        (s) => s.size,
         () => null,
       );
       this.sizes.set(location.packId, size);

@@ -11,12 +11,9 @@
  * quarantined frame as known damage, not as a new problem; gc removes the records of packs that no longer
  * exist, except those of blobs a backup still references with no good copy (the only trace of that damage).
  */
-import { readdir, unlink } from 'node:fs/promises';
-import { readBoundedFile } from './bounded-read.js';
-import { join } from 'node:path';
-import { LAYOUT, SMALL_FILE_LIMIT } from './constants.js';
-import { fsyncDirectory, writeFileDurably } from './durable-file.js';
-import { ensurePrivateDirectory } from './file-modes.js';
+import { SMALL_FILE_LIMIT } from './constants.js';
+import type { Storage } from './storage/storage.js';
+import { QUARANTINE_PREFIX, storeAt } from './store.js';
 
 export interface QuarantinedFrame {
   pack: string;
@@ -46,13 +43,17 @@ export function decodeQuarantined(bytes: Buffer): QuarantinedFrame | undefined {
   }
 }
 
-/** Every quarantined frame, keyed by quarantineKey(pack, offset). Unreadable files are skipped. */
-export async function listQuarantine(root: string): Promise<Map<string, QuarantinedFrame>> {
-  const dir = join(root, LAYOUT.quarantine);
-  const names = await readdir(dir).catch(() => [] as string[]);
+function markerKey(key: string): string {
+  return `${QUARANTINE_PREFIX}${key}.json`;
+}
+
+/** Every quarantined frame, keyed by quarantineKey(pack, offset). Unreadable records are skipped. */
+export async function listQuarantine(where: Storage | string): Promise<Map<string, QuarantinedFrame>> {
+  const store = storeAt(where);
   const frames = new Map<string, QuarantinedFrame>();
-  for (const name of names.filter((n) => n.endsWith('.json'))) {
-    const bytes = await readBoundedFile(join(dir, name), SMALL_FILE_LIMIT).catch(() => undefined);
+  for await (const { key } of store.list(QUARANTINE_PREFIX)) {
+    if (!key.endsWith('.json') || key.slice(QUARANTINE_PREFIX.length).includes('/')) continue;
+    const bytes = await store.get(key, { maxSize: SMALL_FILE_LIMIT }).catch(() => undefined);
     const frame = bytes && decodeQuarantined(bytes);
     if (frame) frames.set(quarantineKey(frame.pack, frame.offset), frame);
   }
@@ -60,28 +61,31 @@ export async function listQuarantine(root: string): Promise<Map<string, Quaranti
 }
 
 /** Records frames durably; one already recorded keeps its first record. */
-export async function addToQuarantine(root: string, frames: QuarantinedFrame[]): Promise<void> {
+export async function addToQuarantine(where: Storage | string, frames: QuarantinedFrame[]): Promise<void> {
+  const store = storeAt(where);
   if (frames.length === 0) return;
-  const dir = join(root, LAYOUT.quarantine);
-  await ensurePrivateDirectory(dir);
-  const known = await listQuarantine(root);
+  const known = await listQuarantine(store);
   for (const frame of frames) {
     if (known.has(quarantineKey(frame.pack, frame.offset))) continue;
-    await writeFileDurably(join(dir, `${quarantineKey(frame.pack, frame.offset)}.json`), encodeQuarantined(frame), { tempDir: join(root, LAYOUT.tmp) });
+    await store.put(markerKey(quarantineKey(frame.pack, frame.offset)), encodeQuarantined(frame));
   }
 }
 
 /** Removes the records of the given frames (quarantineKey(pack, offset) each); returns the keys removed. */
-export async function removeFromQuarantine(root: string, keys: readonly string[]): Promise<string[]> {
-  const dir = join(root, LAYOUT.quarantine);
+export async function removeFromQuarantine(where: Storage | string, keys: readonly string[]): Promise<string[]> {
+  const store = storeAt(where);
   const removed: string[] = [];
   for (const key of keys) {
-    const gone = await unlink(join(dir, `${key}.json`)).then(
+    const present = await store.stat(markerKey(key)).then(
+      () => true,
+      () => false,
+    );
+    if (!present) continue;
+    const gone = await store.delete(markerKey(key)).then(
       () => true,
       () => false,
     );
     if (gone) removed.push(key);
   }
-  if (removed.length > 0) await fsyncDirectory(dir);
   return removed;
 }

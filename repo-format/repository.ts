@@ -4,11 +4,10 @@
  * Opening for reading (`list`, `show`) needs no lock: backup records are immutable files. Anything that
  * uses the index (backup, restore, verify) opens it exclusively: LevelDB admits one process at a time.
  */
-import { chmod, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
+import { chmod, readdir, rename, rm, stat } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { CIPHER_ID, CONFIG_FILE_LIMIT, KEY_FILE_LIMIT, LAYOUT, RECORD_FILE_LIMIT, RESERVE_SIZE } from './constants.js';
-import { FileTooLargeToReadError, readBoundedFile } from './bounded-read.js';
 import { decodeConfig, encodeConfig, newConfig, newestReadableVersion, type RepositoryConfig } from './config.js';
 import {
   AmbiguousIdError,
@@ -28,7 +27,7 @@ import {
   RepositoryLockedError,
   type StorageRemedy,
 } from './errors.js';
-import { fsyncDirectory, writeFileDurably } from './durable-file.js';
+import { fsyncDirectory } from './durable-file.js';
 import { createPrivateDirectory, ensurePrivateDirectory, formatMode, GROUP_OTHER_BITS, PRIVATE_DIRECTORY_MODE } from './file-modes.js';
 import type { Passphrase } from './passphrase.js';
 import { checkLocalPath } from './local-path.js';
@@ -36,7 +35,8 @@ import { displayText } from './display-text.js';
 import { IndexStore } from './index-store.js';
 import { acquireLock, readLockHolder, refuseIfLocked, type RepositoryLock } from './lock.js';
 import { decodeBackupRecord, encodeBackupRecord, type BackupRecord } from './backup-record.js';
-import { readFrameBytes, scanPack } from './pack-file.js';
+import type { FrameLocator } from './frame-locator.js';
+import { deletePack, frameLocatorIn, notOwnPack, packSize, readFrameBytes, readPackBytes, scanPack, type StoreHandle, type PackScan, type PackTarget } from './pack-file.js';
 import { blobId, openBlob, sealBlobToBuffer } from './blob-codec.js';
 import { initChecksum } from './checksum.js';
 import { BlobWriter } from './blob-writer.js';
@@ -49,7 +49,11 @@ import { crashPoint } from './crash-points.js';
 import { liveWriterTokens } from './writers.js';
 import { removeStaleRegistrations } from './registry.js';
 import { listQuarantine, quarantineKey } from './quarantine.js';
-import { scanPackFiles, scanRecordFiles } from './layout-scan.js';
+import { scanPackFiles, scanRecordFiles, type StrayFile } from './layout-scan.js';
+import { CONFIG_KEY, openStore, packIdOfKey, packKey, PACKS_PREFIX, recordIdOfKey, recordKey, RECORDS_PREFIX } from './store.js';
+import type { Storage } from './storage/storage.js';
+import { isStorageError, StorageError } from './storage/storage-error.js';
+import { LocalStorage } from './storage/local.js';
 import { hasRepositoryLayout } from './config-recovery.js';
 import { noticeSink, type NoticeSink } from './notices.js';
 import { createReserve, freeBytes, releaseReserve, reserveSize } from './space-reserve.js';
@@ -146,13 +150,24 @@ export class Repository {
   /** Pack presence, checked once per pack for this open (a run): what dedupe and incrementals trust. */
   readonly packPresence: PackPresence;
 
+  /**
+   * Where the repository's objects are read and written (store.ts): config, key file, packs, records,
+   * markers. The lock, the index, the registrations, tmp/ and the space reserve are the host's, beside it.
+   */
+  readonly store: Storage;
+  /** Where new packs go: the store, built in tmp/ first. */
+  readonly packTarget: PackTarget;
+
   private constructor(
     readonly root: string,
     readonly config: RepositoryConfig,
     /** The master keys of an encrypted repository; undefined for a plain one. */
     readonly keys: RepositoryKeys | undefined,
+    store: Storage,
   ) {
-    this.packPresence = new PackPresence(root);
+    this.store = store;
+    this.packTarget = { store, tempDir: join(root, LAYOUT.tmp) };
+    this.packPresence = new PackPresence(store);
   }
 
   get blockSize(): number {
@@ -172,11 +187,12 @@ export class Repository {
     const config = newConfig(repositoryId, options.blockSize, new Date(), encryption);
     await prepareRepositoryRoot(root);
     for (const dir of INIT_DIRECTORIES) await createPrivateDirectory(join(root, dir));
+    const store = openStore(root);
     if (encryption && options.passphrase !== undefined) {
       await createPrivateDirectory(join(root, LAYOUT.keys));
       const keyFile = await createKeyFile(newRepositoryKeys(), options.passphrase, repositoryId, keyId);
       // Owner-only and written once (0400): whoever reads the key file can guess passphrases offline (SPEC.md, section 17).
-      await writeFileDurably(join(root, encryption.keyFile), encodeKeyFile(keyFile), { exclusive: true });
+      await store.put(encryption.keyFile, encodeKeyFile(keyFile), { ifAbsent: true });
     }
     const packs = join(root, LAYOUT.packs);
     await Promise.all(PACK_DIRECTORIES.map((dir) => createPrivateDirectory(join(packs, dir))));
@@ -187,22 +203,29 @@ export class Repository {
     // Space set aside for prune and gc to take the lock with once the disk is full (SPEC.md, section 12.6).
     await createReserve(root);
     // The config is written last: a directory without one is not a repository, so a crashed init is visible.
-    await writeFileDurably(join(root, LAYOUT.config), encodeConfig(config), { exclusive: true });
+    await store.put(CONFIG_KEY, encodeConfig(config), { ifAbsent: true });
+    await store.close();
     await fsyncDirectory(root);
     return config;
   }
 
   /** Reads and checks `config` (NotARepositoryError, FormatTooNewError), without keys, lock or index. */
-  static async readConfig(root: string): Promise<RepositoryConfig> {
+  static async readConfig(root: string, store?: Storage): Promise<RepositoryConfig> {
     checkLocalPath(root, 'repository');
+    const from = store ?? openStore(root);
     let bytes: Buffer;
     try {
-      bytes = await readBoundedFile(join(root, LAYOUT.config), CONFIG_FILE_LIMIT);
+      bytes = await from.get(CONFIG_KEY, { maxSize: CONFIG_FILE_LIMIT });
     } catch (error) {
-      if (error instanceof FileTooLargeToReadError) throw new NotARepositoryError(root, `its config is ${error.size} bytes, far more than a config holds`);
-      const code = isErrnoException(error) ? error.code : undefined;
+      if (isStorageError(error, 'too-large')) {
+        const size = (await from.stat(CONFIG_KEY).catch(() => undefined))?.size ?? CONFIG_FILE_LIMIT + 1;
+        throw new NotARepositoryError(root, `its config is ${size} bytes, far more than a config holds`);
+      }
+      const code = storageCode(error);
       if (code === 'ENOENT') throw new NotARepositoryError(root, 'it has no config file', await rebuildHint(root));
-      throw new NotARepositoryError(root, `its config cannot be read (${code ?? String(error)})`);
+      throw new NotARepositoryError(root, `its config cannot be read (${code})`);
+    } finally {
+      if (!store) await from.close();
     }
     const config = decodeConfig(bytes);
     if (typeof config === 'string') throw new NotARepositoryError(root, config, await rebuildHint(root));
@@ -211,11 +234,18 @@ export class Repository {
   }
 
   static async open(root: string, options: OpenOptions): Promise<Repository> {
-    const config = await Repository.readConfig(root);
-    if (options.requireEncryption === true && !config.encryption) throw new NotEncryptedError(root);
-    // Keys first: a wrong passphrase stops here, before the lock or anything else is written.
-    const keys = config.encryption ? await Repository.unlock(root, config, options.passphrase, noticeSink(options.onNotice)) : undefined;
-    const repo = new Repository(root, config, keys);
+    const store = openStore(root);
+    let repo: Repository;
+    try {
+      const config = await Repository.readConfig(root, store);
+      if (options.requireEncryption === true && !config.encryption) throw new NotEncryptedError(root);
+      // Keys first: a wrong passphrase stops here, before the lock or anything else is written.
+      const keys = config.encryption ? await Repository.unlock(root, store, config, options.passphrase, noticeSink(options.onNotice)) : undefined;
+      repo = new Repository(root, config, keys, store);
+    } catch (error) {
+      await store.close();
+      throw error;
+    }
     await initChecksum();
     repo.notice = noticeSink(options.onNotice);
     repo.mayUseReserve = options.useReserve !== false;
@@ -224,18 +254,23 @@ export class Repository {
     return repo;
   }
 
-  private static async unlock(root: string, config: RepositoryConfig, passphrase: Passphrase | undefined, notice: NoticeSink): Promise<RepositoryKeys> {
+  private static async unlock(root: string, store: Storage, config: RepositoryConfig, passphrase: Passphrase | undefined, notice: NoticeSink): Promise<RepositoryKeys> {
     if (passphrase === undefined) throw new PassphraseRequiredError(root);
     const keyFile = config.encryption!.keyFile;
     const where = `key file ${keyFile}`;
-    const path = join(root, keyFile);
-    const bytes = await readBoundedFile(path, KEY_FILE_LIMIT).catch((error: unknown) => {
-      throw new CorruptMetadataError(where, error instanceof FileTooLargeToReadError ? `${error.size} bytes, more than a key file holds` : `cannot be read (${isErrnoException(error) ? error.code : String(error)})`);
+    const bytes = await store.get(keyFile, { maxSize: KEY_FILE_LIMIT }).catch(async (error: unknown) => {
+      if (isStorageError(error, 'too-large')) {
+        const size = (await store.stat(keyFile).catch(() => undefined))?.size ?? KEY_FILE_LIMIT + 1;
+        throw new CorruptMetadataError(where, `${size} bytes, more than a key file holds`);
+      }
+      throw new CorruptMetadataError(where, `cannot be read (${storageCode(error)})`);
     });
     const file = decodeKeyFile(bytes, where);
     if (`${LAYOUT.keys}/${keyFileName(file.id)}` !== keyFile) throw new CorruptMetadataError(where, `it names itself ${file.id}`);
-    const mode = (await stat(path).catch(() => undefined))?.mode ?? 0;
-    if ((mode & GROUP_OTHER_BITS) !== 0) {
+    // A key file in a folder can be open to other users (a copy, a restore from elsewhere): said, with the fix.
+    const path = store instanceof LocalStorage ? store.pathOf(keyFile) : undefined;
+    const mode = path === undefined ? 0 : ((await stat(path).catch(() => undefined))?.mode ?? 0);
+    if (path !== undefined && (mode & GROUP_OTHER_BITS) !== 0) {
       notice(`the key file ${keyFile} of repository ${root} is open to other users (mode ${formatMode(mode)}), who can try passphrases against it offline: chmod 400 ${path}`);
     }
     return unlockKeyFileCompatibly(file, passphrase, config.id, root, notice);
@@ -389,8 +424,7 @@ export class Repository {
    */
   async removeBackup(id: string): Promise<void> {
     if (!this.lock) throw new Error('removeBackup needs the exclusive lock');
-    await unlink(join(this.root, LAYOUT.backups, id));
-    await fsyncDirectory(join(this.root, LAYOUT.backups));
+    await this.store.delete(recordKey(id));
     await this.withSpaceReserve(() => this.index.deleteBackup(id));
   }
 
@@ -402,6 +436,7 @@ export class Repository {
     if (this.lock) await this.setReserveAside().catch(() => undefined);
     await this.lock?.release();
     this.lock = undefined;
+    await this.store.close().catch(() => undefined);
   }
 
   /**
@@ -451,10 +486,10 @@ export class Repository {
     try {
       await index.putMeta('repository-id', this.config.id);
       // Frames repair found damaged must not come back: deduplication would trust them again.
-      const quarantined = await listQuarantine(this.root);
+      const quarantined = await listQuarantine(this.store);
       for (const packId of await this.listPackIds()) {
         this.checkInterrupted?.();
-        const scan = await scanPack(this.root, packId, this.encrypted);
+        const scan = await this.scanPack(packId);
         const frames = scan.frames.filter((frame) => !quarantined.has(quarantineKey(packId, frame.offset)));
         packs += 1;
         blobs += frames.length;
@@ -484,14 +519,101 @@ export class Repository {
     return { packs, blobs };
   }
 
-  /** Every pack, by id; what else lies in packs/ is skipped (layout-scan.ts: verify lists it). */
+  /** Every pack, by id, sorted; what else lies in packs/ is skipped (strays() lists it). */
   async listPackIds(): Promise<string[]> {
-    return (await scanPackFiles(this.root)).packs;
+    return (await this.listPacks()).map((pack) => pack.packId);
   }
 
-  /** Makes deletions in packs/ durable: one fsync per pack directory touched. */
-  async syncPackDirectories(packIds: readonly string[]): Promise<void> {
-    for (const dir of new Set(packIds.map((id) => id.slice(0, 2)))) await fsyncDirectory(join(this.root, LAYOUT.packs, dir));
+  /** Every pack with its size, sorted by id: one listing of the store. */
+  async listPacks(): Promise<{ packId: string; size: number }[]> {
+    const packs: { packId: string; size: number }[] = [];
+    for await (const { key, size } of this.store.list(PACKS_PREFIX)) {
+      const packId = packIdOfKey(key);
+      if (packId) packs.push({ packId, size });
+    }
+    return packs;
+  }
+
+  /**
+   * What lies in packs/ and backups/ without being a pack or a record (a README, an editor's backup, a
+   * directory named like a pack): verify warns about each. Only a folder can hold such things.
+   */
+  async strays(): Promise<StrayFile[]> {
+    if (!(this.store instanceof LocalStorage)) return [];
+    const [packs, records] = await Promise.all([scanPackFiles(this.root), scanRecordFiles(this.root)]);
+    return [...packs.strays, ...records.strays];
+  }
+
+  /** Where a pack is, relative to the repository (its key: packs/ab/ab…), for messages. */
+  packDisplayPath(packId: string): string {
+    return packKey(packId);
+  }
+
+  /** One frame's bytes, as the index locates it (CorruptPackError / CorruptFrameError when it cannot be read whole). */
+  readFrame(location: { packId: string; offset: number; length: number }): Promise<Buffer> {
+    return readFrameBytes(this.store, location.packId, location.offset, location.length);
+  }
+
+  /**
+   * The store through a handle of its own that outlives this repository handle (serve reads after the lock
+   * is released; gc copies between its two holds of it). Its close() releases it.
+   */
+  detachedStore(): StoreHandle {
+    const store = openStore(this.root);
+    return {
+      readFrame: (location) => readFrameBytes(store, location.packId, location.offset, location.length),
+      locateFrame: (location) => frameLocatorIn(store, location),
+      packTarget: { store, tempDir: this.packTarget.tempDir },
+      close: () => store.close(),
+    };
+  }
+
+  /**
+   * Where a block worker reads a frame itself (a store of local files: pread in the worker, no copy through
+   * this thread), or undefined: the frame is then read with readFrame. Measured: frame-locator.ts.
+   */
+  locateFrame(location: { packId: string; offset: number; length: number }): FrameLocator | undefined {
+    return frameLocatorIn(this.store, location);
+  }
+
+  /** `length` bytes of a pack at `offset` (a frame's header, for verify): exactly those, or ENGINE_STORAGE 'out-of-range'. */
+  readPackRange(packId: string, offset: number, length: number): Promise<Buffer> {
+    return this.store.get(packKey(packId), { range: { offset, length } });
+  }
+
+  /** The frames of a pack, from their headers (pack-file.ts, scanPack). */
+  scanPack(packId: string): Promise<PackScan> {
+    return scanPack(this.store, packId, this.encrypted);
+  }
+
+  /** A whole pack in memory (repair walks it): at most `maxSize` bytes. */
+  readPack(packId: string, maxSize: number): Promise<Buffer> {
+    return readPackBytes(this.store, packId, maxSize);
+  }
+
+  /** A pack's size, or undefined when it is not there. */
+  packSize(packId: string): Promise<number | undefined> {
+    return packSize(this.store, packId);
+  }
+
+  /** Why the object at a pack's key is not provably this engine's pack (gc deletes only its own). */
+  notOwnPack(packId: string): Promise<string | undefined> {
+    return notOwnPack(this.store, packId);
+  }
+
+  /** Deletes a pack (gc, under the lock, once nothing needs it), durably; why it could not, or undefined. */
+  deletePack(packId: string): Promise<string | undefined> {
+    if (!this.lock) throw new Error('deletePack needs the exclusive lock');
+    return deletePack(this.store, packId);
+  }
+
+  /**
+   * Writes a record's bytes back in place (the catalogue's copy of a lost or damaged record): replaced
+   * whole, durably. Only under the lock.
+   */
+  async rewriteRecord(id: string, bytes: Buffer): Promise<void> {
+    if (!this.lock) throw new Error('rewriteRecord needs the exclusive lock');
+    await this.store.put(recordKey(id), bytes);
   }
 
   /** Files in tmp/ that no live registered writer (a gc between its phases) owns. */
@@ -521,22 +643,31 @@ export class Repository {
     for (const id of onDisk) {
       if (inIndex.has(id)) continue;
       // A record too large (or gone since the listing) is not one to mirror; readers report it as damaged.
-      const bytes = await readBoundedFile(join(this.root, LAYOUT.backups, id), RECORD_FILE_LIMIT).catch(() => undefined);
+      const bytes = await this.store.get(recordKey(id), { maxSize: RECORD_FILE_LIMIT }).catch(() => undefined);
       if (bytes) await this.index.putBackup(id, bytes);
     }
     for (const id of inIndex) if (!onDisk.has(id)) await this.index.deleteBackup(id);
   }
 
-  /** Every backup record file, by id; what else lies in backups/ is skipped (layout-scan.ts). */
+  /** Every backup record, by id, sorted; what else lies in backups/ is skipped (strays() lists it). */
   async listBackupIds(): Promise<string[]> {
-    return (await scanRecordFiles(this.root)).records;
+    const ids: string[] = [];
+    for await (const { key } of this.store.list(RECORDS_PREFIX)) {
+      const id = recordIdOfKey(key);
+      if (id) ids.push(id);
+    }
+    return ids;
   }
 
   async readBackup(id: string): Promise<BackupRecord> {
     const where = `backup record ${id}`;
-    const bytes = await readBoundedFile(join(this.root, LAYOUT.backups, id), RECORD_FILE_LIMIT).catch((error: unknown) => {
-      if (error instanceof FileTooLargeToReadError) throw new CorruptMetadataError(where, `${error.size} bytes, more than the ${RECORD_FILE_LIMIT} a record may hold`);
-      if (isErrnoException(error) && error.code !== 'ENOENT') throw new CorruptMetadataError(where, `cannot be read (${error.code})`);
+    const bytes = await this.store.get(recordKey(id), { maxSize: RECORD_FILE_LIMIT }).catch(async (error: unknown) => {
+      if (isStorageError(error, 'too-large')) {
+        const size = (await this.store.stat(recordKey(id)).catch(() => undefined))?.size ?? RECORD_FILE_LIMIT + 1;
+        throw new CorruptMetadataError(where, `${size} bytes, more than the ${RECORD_FILE_LIMIT} a record may hold`);
+      }
+      const code = storageCode(error);
+      if (code !== 'ENOENT') throw new CorruptMetadataError(where, `cannot be read (${code})`);
       throw new BackupNotFoundError(id);
     });
     return this.decodeRecord(bytes, id);
@@ -606,7 +737,7 @@ export class Repository {
   async readBlob(id: Buffer, what: string): Promise<Buffer> {
     const [location] = await this.index.lookup([id]);
     if (!location) throw new MissingBlobError(id.toString('hex'), what);
-    const frame = await readFrameBytes(this.root, location.packId, location.offset, location.length);
+    const frame = await this.readFrame(location);
     const opened = openBlob(frame, id, this.keys);
     if (typeof opened === 'string') throw new CorruptFrameError(location.packId, location.offset, opened, { blob: id.toString('hex'), what });
     return opened.plaintext;
@@ -615,7 +746,7 @@ export class Repository {
   readonly loadPage: LoadPage = (id) => this.readBlob(id, 'map page');
 
   createBlobWriter(packTargetSize?: number): BlobWriter {
-    return new BlobWriter(this.root, this.index, packTargetSize, this.packPresence);
+    return new BlobWriter(this.packTarget, this.index, packTargetSize, this.packPresence);
   }
 
   /** A StorePage that writes map pages through `writer`, skipping pages the repository already has. */
@@ -643,7 +774,7 @@ export class Repository {
     // Readers refuse larger records (RECORD_FILE_LIMIT): never write one they would call damaged.
     if (bytes.length > RECORD_FILE_LIMIT) throw new InvalidArgumentError(`backup record ${record.id} would be ${bytes.length} bytes, more than the ${RECORD_FILE_LIMIT} a record may hold (its attachments are too large)`, { bytes: bytes.length });
     crashPoint('before-record');
-    await writeFileDurably(join(this.root, LAYOUT.backups, record.id), bytes, { exclusive: true, tempDir: join(this.root, LAYOUT.tmp) });
+    await this.store.put(recordKey(record.id), bytes, { ifAbsent: true });
     crashPoint('record-written');
     // The backup exists from here on. A catalogue that fails to follow is repaired on the next open.
     try {
@@ -664,4 +795,18 @@ async function readdirIfPresent(path: string): Promise<string[]> {
     if (isErrnoException(error) && error.code === 'ENOENT') return [];
     throw error;
   });
+}
+
+/**
+ * What stopped a read of the store, as the repository's messages say it: the errno of a folder (ENOENT for
+ * an object that is not there), or the store's reason.
+ */
+function storageCode(error: unknown): string {
+  if (error instanceof StorageError) {
+    if (error.reason === 'not-found' && (error.storage.backendCode === undefined || error.storage.backendCode === 'ENOENT')) return 'ENOENT';
+    if (error.reason === 'no-bucket') return 'ENOENT';
+    return error.storage.backendCode ?? error.reason;
+  }
+  if (isErrnoException(error)) return error.code ?? String(error);
+  return String(error);
 }

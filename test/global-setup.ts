@@ -1,13 +1,20 @@
 /**
  * Once per test run: the run leaves the machine as it found it. Daemons a test had to start (libvirtd and
  * virtlogd, when none was running) are stopped at the end of the last run alive; a daemon that was already
- * running is left alone.
+ * running is left alone. Ceph test clusters (test/rgw.ts) are each run's own and are stopped at its end.
  */
 import { enterRun, leaveRun, stopStartedDaemons } from './libvirt.js';
+import { createRunRoot, destroyRunRoot, RGW_RUN_ROOT_ENV } from './rgw.js';
 
 export default async function setup(): Promise<() => Promise<void>> {
   await enterRun();
+  // Ceph test clusters live under one folder per run: the teardown stops what a file that crashed left
+  // running, and the next run clears the folders of a run that was killed. The test files' processes are
+  // forked after this and inherit the variable.
+  const rgwRoot = await createRunRoot();
+  process.env[RGW_RUN_ROOT_ENV] = rgwRoot;
   return async () => {
+    await destroyRunRoot(rgwRoot);
     // Only what a test run started is stopped (its pid files say which), and only by the last run alive:
     // another run (another worktree's tests) may be using the daemons this one or that one started.
     if (await leaveRun()) await stopStartedDaemons();

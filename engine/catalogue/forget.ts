@@ -37,7 +37,7 @@ export async function forget(options: ForgetOptions): Promise<ForgetResult> {
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'forget', passphrase: options.passphrase });
   try {
     const id = await repo.findBackupId(options.backupId);
-    if ((await listProtected(repo.root)).has(id)) throw new InvalidArgumentError(`backup ${id} is protected`, withRemedies({ backup: id }, { kind: 'unprotect', backup: id }));
+    if ((await listProtected(repo.store)).has(id)) throw new InvalidArgumentError(`backup ${id} is protected`, withRemedies({ backup: id }, { kind: 'unprotect', backup: id }));
     let result: ForgetResult;
     try {
       const record = await repo.readBackup(id);

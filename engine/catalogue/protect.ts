@@ -15,7 +15,7 @@ export async function setProtection(repoPath: string, idOrPrefix: string, wanted
   const repo = await Repository.open(repoPath, { access: 'exclusive', command: wanted ? 'protect' : 'unprotect', index: 'skip', passphrase: options.passphrase });
   try {
     const record = await repo.findBackup(idOrPrefix);
-    const changed = wanted ? await protectBackup(repo.root, record.id) : await unprotectBackup(repo.root, record.id);
+    const changed = wanted ? await protectBackup(repo.store, record.id) : await unprotectBackup(repo.store, record.id);
     return { backup: record.id, protected: wanted, changed };
   } finally {
     await repo.close();

@@ -5,12 +5,9 @@
  * catalogue usually still holds the bytes the backup wrote. `repair` puts them back; gc marks from them;
  * verify and forget say so.
  */
-import { join } from 'node:path';
 import type { Repository } from '../../repo-format/repository.js';
 import type { IndexStore } from '../../repo-format/index-store.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
-import { LAYOUT } from '../../repo-format/constants.js';
-import { writeFileDurably } from '../../repo-format/durable-file.js';
 
 /** The good catalogue copy of record `id` in `index` (default: the repository's open index), or undefined. */
 export async function catalogueCopyOf(repo: Repository, id: string, index: IndexStore = repo.index): Promise<{ record: BackupRecord; bytes: Buffer } | undefined> {
@@ -40,7 +37,7 @@ export async function restoreRecordsFromCatalogue(repo: Repository, index: Index
   for (const { id, error } of damaged) {
     const copy = await catalogueCopyOf(repo, id, index);
     if (!copy) continue;
-    await writeFileDurably(join(repo.root, LAYOUT.backups, id), copy.bytes, { tempDir: join(repo.root, LAYOUT.tmp) });
+    await repo.rewriteRecord(id, copy.bytes);
     const why = (error as { details?: { why?: unknown } }).details?.why;
     restored.push({ backup: id, was: typeof why === 'string' ? why : error.message });
   }

@@ -13,11 +13,10 @@
  *    nothing is deleted while a reader is registered (deferred to a later gc).
  * 5. Markers naming what no longer exists are removed.
  */
-import { stat } from 'node:fs/promises';
 import { Repository } from '../../repo-format/repository.js';
 import { EngineError } from '../../repo-format/errors.js';
 import { crashPoint } from '../../repo-format/crash-points.js';
-import { deletePack, notOwnPack, packPath, type PackWriter } from '../../repo-format/pack-file.js';
+import type { PackWriter } from '../../repo-format/pack-file.js';
 import { listQuarantine, quarantineKey, removeFromQuarantine } from '../../repo-format/quarantine.js';
 import { orphanedMarkers, removeOrphanedMarkers } from '../../repo-format/protection.js';
 import { listReaders, removeStaleReaders } from '../../repo-format/readers.js';
@@ -68,8 +67,8 @@ export async function commitChanges(plan: GcPlan, copies: GcCopies, args: Commit
     await deleteUnnamedPacks(repo, changes.rounds, report, args.notice);
     // Markers naming what no longer exists: nothing can need them (the lock is held, so no protect runs).
     const stale = await staleMarkers(repo, plan.damagedReferenced, () => true);
-    report.markers.quarantine = await removeFromQuarantine(repo.root, stale.quarantine);
-    report.markers.protected = await removeOrphanedMarkers(repo.root, new Set(await repo.listBackupIds()));
+    report.markers.quarantine = await removeFromQuarantine(repo.store, stale.quarantine);
+    report.markers.protected = await removeOrphanedMarkers(repo.store, new Set(await repo.listBackupIds()));
     report.packs.rewritten = report.packs.rewritten.filter((id) => report.packs.deleted.includes(id) || report.packs.deferred.includes(id));
     report.bytes.reclaimed = report.bytes.deleted - report.bytes.written;
   } finally {
@@ -200,15 +199,14 @@ class UnnamedPackDeletion {
       report.packs.deferred.push(...packIds);
       return;
     }
-    const gone: string[] = [];
     for (const packId of packIds) {
-      const foreign = await notOwnPack(repo.root, packId);
+      const foreign = await repo.notOwnPack(packId);
       if (foreign) {
         report.packs.kept.push({ pack: packId, why: `not deleted: ${foreign}` });
         continue;
       }
-      const size = (await stat(packPath(repo.root, packId)).catch(() => ({ size: 0 }))).size;
-      const failed = await deletePack(repo.root, packId);
+      const size = (await repo.packSize(packId)) ?? 0;
+      const failed = await repo.deletePack(packId);
       if (failed) {
         // Unnamed now: any later gc deletes it once it can be.
         report.packs.kept.push({ pack: packId, why: `not deleted: ${failed}; a later gc deletes it` });
@@ -216,10 +214,8 @@ class UnnamedPackDeletion {
       }
       report.bytes.deleted += size;
       report.packs.deleted.push(packId);
-      gone.push(packId);
       if (this.deletions++ === 0) crashPoint('gc-pack-deleted');
     }
-    await repo.syncPackDirectories(gone);
   }
 }
 
@@ -231,9 +227,9 @@ class UnnamedPackDeletion {
  */
 export async function staleMarkers(repo: Repository, damagedReferenced: ReadonlySet<string>, stays: (packId: string) => boolean): Promise<GcReport['markers']> {
   const packs = new Set((await repo.listPackIds()).filter(stays));
-  const quarantine = [...(await listQuarantine(repo.root)).values()]
+  const quarantine = [...(await listQuarantine(repo.store)).values()]
     .filter((q) => !packs.has(q.pack) && !(q.blob !== null && damagedReferenced.has(q.blob)))
     .map((q) => quarantineKey(q.pack, q.offset))
     .sort();
-  return { quarantine, protected: await orphanedMarkers(repo.root, new Set(await repo.listBackupIds())) };
+  return { quarantine, protected: await orphanedMarkers(repo.store, new Set(await repo.listBackupIds())) };
 }

@@ -7,7 +7,7 @@
  */
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
 import { NoSpaceError } from '../../repo-format/errors.js';
-import { PackWriter, readFrameBytes } from '../../repo-format/pack-file.js';
+import { PackWriter, type PackTarget, type StoreHandle } from '../../repo-format/pack-file.js';
 import { openBlob } from '../../repo-format/blob-codec.js';
 import type { IndexEntry } from '../../repo-format/index-entry.js';
 import { PACK_TARGET_SIZE } from '../../repo-format/constants.js';
@@ -24,7 +24,8 @@ export interface GcCopies {
 }
 
 export interface CopyArgs {
-  root: string;
+  /** The repository's store, held between the two holds of the lock. */
+  store: StoreHandle;
   keys: RepositoryKeys | undefined;
   /** The registered writer's token: the new packs are tmp/<token>.<pack id>.pack, which no lock holder removes. */
   token: string;
@@ -34,7 +35,7 @@ export interface CopyArgs {
 
 /** Copies the live frames of `rewrite`; a pack left as it is goes into `report.packs.kept`, with why. */
 export async function copyLiveFrames(rewrite: readonly PackPlan[], args: CopyArgs, report: GcReport): Promise<GcCopies> {
-  const target = new NewPacks(args.root, args.token);
+  const target = new NewPacks(args.store.packTarget, args.token);
   const moved = new Map<string, IndexEntry[]>();
   try {
     for (const plan of rewrite) {
@@ -77,7 +78,7 @@ async function readLiveFrames(plan: PackPlan, args: CopyArgs): Promise<{ entry: 
   for (const entry of plan.live) {
     await args.interruption.tick();
     try {
-      const bytes = await readFrameBytes(args.root, entry.packId, entry.offset, entry.length);
+      const bytes = await args.store.readFrame(entry);
       const opened = openBlob(bytes, entry.id, args.keys);
       if (typeof opened === 'string') return `the frame of blob ${entry.id.toString('hex').slice(0, 16)}… at offset ${entry.offset} is damaged (${opened})`;
       frames.push({ entry, bytes });
@@ -94,14 +95,14 @@ class NewPacks {
   private current: PackWriter | undefined;
 
   constructor(
-    private readonly root: string,
+    private readonly target: PackTarget,
     private readonly token: string,
   ) {}
 
   /** Appends a frame, byte for byte; returns its entry in the new pack. */
   async append(bytes: Buffer, entry: IndexEntry): Promise<IndexEntry> {
     if (!this.current) {
-      this.current = new PackWriter(this.root, { tempPrefix: `${this.token}.` });
+      this.current = new PackWriter(this.target, { tempPrefix: `${this.token}.` });
       this.packs.push(this.current);
     }
     const pack = this.current;

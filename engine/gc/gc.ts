@@ -23,6 +23,7 @@
 import { Repository } from '../../repo-format/repository.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
+import type { StoreHandle } from '../../repo-format/pack-file.js';
 import { crashPoint } from '../../repo-format/crash-points.js';
 import { registerWriter } from '../../repo-format/writers.js';
 import type { Registered } from '../../repo-format/registry.js';
@@ -64,13 +65,14 @@ export async function gc(options: GcOptions): Promise<GcReport> {
 
   // Phase 1, mark: what is live, and the plan (under the lock).
   const marked = await markPhase(options, rewriteBelow, report, notice, interruption);
-  if (!marked.writer) return report; // a dry run: the plan is the report
+  if (!marked.writer || !marked.store) return report; // a dry run: the plan is the report
   const { plan, writer, keys } = marked;
+  const store = marked.store;
   let copies: GcCopies | undefined;
   try {
     crashPoint('gc-marked');
     // Phase 2, copy: the live frames of the packs to rewrite, into new packs under tmp/ (no lock).
-    copies = await copyLiveFrames(plan.rewrite, { root: options.repo, keys, token: writer.registration.token, notice, interruption }, report);
+    copies = await copyLiveFrames(plan.rewrite, { store, keys, token: writer.registration.token, notice, interruption }, report);
     crashPoint('gc-copied');
     // Phase 3, commit: publish, one index batch, deletions, stale markers (under the lock again).
     await commitChanges(plan, copies, { repo: options.repo, passphrase: options.passphrase, notice, interruption }, report);
@@ -78,6 +80,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
   } finally {
     // New packs phase 3 did not publish (all of them if it failed) are dropped.
     for (const pack of copies?.packs ?? []) await pack.abort().catch(() => undefined);
+    await store.close().catch(() => undefined);
     await writer.release();
   }
 }
@@ -93,17 +96,18 @@ async function markPhase(
   report: GcReport,
   notice: (message: string) => void,
   interruption: Interruption,
-): Promise<{ plan: GcPlan; writer: Registered | undefined; keys: RepositoryKeys | undefined }> {
+): Promise<{ plan: GcPlan; writer: Registered | undefined; keys: RepositoryKeys | undefined; store: StoreHandle | undefined }> {
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'gc', passphrase: options.passphrase, checkInterrupted: () => interruption.check() });
   try {
     await repo.removeTempFiles();
     const plan = await markAndPlan(repo, rewriteBelow, report, notice, interruption);
     if (report.dryRun) {
       await reportPlan(repo, plan, report);
-      return { plan, writer: undefined, keys: repo.keys };
+      return { plan, writer: undefined, keys: repo.keys, store: undefined };
     }
     const writer = await repo.withSpaceReserve(() => registerWriter(repo.root, 'gc'));
-    return { plan, writer, keys: repo.keys };
+    // The store goes on being read and written between the two holds of the lock (phase 2).
+    return { plan, writer, keys: repo.keys, store: repo.detachedStore() };
   } finally {
     await repo.close();
   }

@@ -4,10 +4,8 @@
  * record with no good copy, an unreadable map, a referenced chunk neither indexed nor quarantined
  * (invariant 8). Phase 3 marks the backups committed since with the same `mark`.
  */
-import { stat } from 'node:fs/promises';
 import type { Repository } from '../../repo-format/repository.js';
 import { CorruptMetadataError, EngineError, MissingBlobError } from '../../repo-format/errors.js';
-import { packPath } from '../../repo-format/pack-file.js';
 import { listQuarantine } from '../../repo-format/quarantine.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
 import { IdPrefixSet } from '../common/id-set.js';
@@ -41,12 +39,8 @@ export async function markAndPlan(repo: Repository, rewriteBelow: number, report
 }
 
 async function packSizes(repo: Repository, interruption: Interruption): Promise<{ packId: string; size: number }[]> {
-  const packs: { packId: string; size: number }[] = [];
-  for (const packId of await repo.listPackIds()) {
-    await interruption.tick();
-    packs.push({ packId, size: (await stat(packPath(repo.root, packId))).size });
-  }
-  return packs;
+  await interruption.tick();
+  return repo.listPacks();
 }
 
 /**
@@ -77,7 +71,7 @@ export async function recordsOrRefuse(repo: Repository, notice: (message: string
  * known damaged (quarantined, no indexed copy) go into `damagedReferenced`.
  */
 export async function mark(repo: Repository, records: readonly BackupRecord[], live: IdPrefixSet, damagedReferenced: Set<string>, interruption: Interruption): Promise<void> {
-  const quarantined = new Set([...(await listQuarantine(repo.root)).values()].map((q) => q.blob).filter((b): b is string => b !== null));
+  const quarantined = new Set([...(await listQuarantine(repo.store)).values()].map((q) => q.blob).filter((b): b is string => b !== null));
   let refusal: EngineError | undefined;
   await walkReferences(repo, records, {
     page: (id) => live.add(id),

@@ -14,10 +14,10 @@
  *
  * Paths can lie (symlinks, bind mounts, hard links, `..`); device and inode numbers cannot.
  */
-import { readdir, readFile, realpath, stat } from 'node:fs/promises';
+import { readdir, realpath, stat } from 'node:fs/promises';
 import type { BigIntStats } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import { CONFIG_FORMAT_NAME, LAYOUT } from '../../repo-format/constants.js';
+import { isRepositoryFolder, repositoryFolderPaths } from '../../repo-format/layout-scan.js';
 import { isErrnoException } from '../../repo-format/errors.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
 import { TargetProtectedError, TargetUnwritableError, withRemedies } from '../errors.js';
@@ -38,9 +38,6 @@ async function statOrUndefined(path: string): Promise<BigIntStats | undefined> {
   }
 }
 
-/** The directories of a repository that hold its data: the root, its top-level directories, packs/<xx>. */
-const REPOSITORY_DIRECTORIES = [LAYOUT.packs, LAYOUT.backups, LAYOUT.index, LAYOUT.tmp, LAYOUT.readers, LAYOUT.writers, LAYOUT.keys, LAYOUT.protected, LAYOUT.quarantine, 'journal'];
-
 /** Device and inode of every directory of the repository at `root` (about 270 stats), each with its path. */
 async function repositoryDirectories(root: string): Promise<Map<Identity, string>> {
   const found = new Map<Identity, string>();
@@ -48,24 +45,12 @@ async function repositoryDirectories(root: string): Promise<Map<Identity, string
     const stats = await statOrUndefined(path);
     if (stats?.isDirectory()) found.set(identityOf(stats), path);
   };
-  await add(root);
-  for (const dir of REPOSITORY_DIRECTORIES) await add(join(root, dir));
-  const packs = await readdir(join(root, LAYOUT.packs)).catch(() => [] as string[]);
-  for (const dir of packs) await add(join(root, LAYOUT.packs, dir));
+  for (const path of await repositoryFolderPaths(root)) await add(path);
   return found;
 }
 
-/** Whether `dir` is the root of an engine repository (its config says so). */
-async function isRepositoryRoot(dir: string): Promise<boolean> {
-  const config = join(dir, LAYOUT.config);
-  const stats = await statOrUndefined(config).catch(() => undefined);
-  if (!stats?.isFile() || stats.size > 64n * 1024n) return false;
-  try {
-    return (JSON.parse(await readFile(config, 'utf8')) as { format?: unknown }).format === CONFIG_FORMAT_NAME;
-  } catch {
-    return false;
-  }
-}
+/** Whether `dir` is the root of an engine repository folder (its config says so). */
+const isRepositoryRoot = isRepositoryFolder;
 
 /**
  * The real path of `path` as far as it exists, and the directories from there up to `/` (the path itself

@@ -8,11 +8,19 @@
 import { availableParallelism } from 'node:os';
 import { Piscina } from 'piscina';
 import { maxFrameLength } from '../../repo-format/blob-codec.js';
+import { CorruptFrameError, CorruptPackError } from '../../repo-format/errors.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
+import type { FrameLocator } from '../../repo-format/frame-locator.js';
 import { SlotPool } from './slot-pool.js';
 import type { BlockTask, HashResult, OpenResult, SealResult, SharedSlots, VerifyPackResult, OpenTask, VerifyPackTask, WorkerSetup } from './tasks.js';
 
 const SLOT_BUDGET_BYTES = 32 * 1024 * 1024;
+
+/** A frame to open: where a worker reads it itself (Repository.locateFrame), else how the main thread reads it. */
+export interface FrameSource {
+  locator?: FrameLocator | undefined;
+  read: () => Promise<Buffer>;
+}
 
 export interface BlockPoolOptions {
   blockSize: number;
@@ -71,12 +79,40 @@ export class BlockPool {
     return this.run({ op: 'seal', slot, length, kind, id: new Uint8Array(id) });
   }
 
-  open(task: Omit<OpenTask, 'op'>): Promise<OpenResult> {
-    return this.run({ op: 'open', ...task, id: new Uint8Array(task.id) });
+  /**
+   * Reads a frame (`read`: through the repository's store), places it in output slot `slot`, and has a
+   * worker check and open it into input slot `slot`. A frame whose pack is missing, cut short or unreadable
+   * is a reason (`ok: false`) like one that fails its checks; any other failure (an interruption, a store
+   * that is down) is thrown.
+   */
+  async open(slot: number, source: FrameSource, id: Buffer): Promise<OpenResult> {
+    if (source.locator) {
+      if (source.locator.length > this.shared.outputSlotSize) return { ok: false, why: `index says the frame is ${source.locator.length} bytes, more than a block can need` };
+      return this.run({ op: 'open', slot, length: source.locator.length, id: new Uint8Array(id), locator: source.locator } satisfies OpenTask);
+    }
+    const read = source.read;
+    let frame: Buffer;
+    try {
+      frame = await read();
+    } catch (error) {
+      if (error instanceof CorruptPackError || error instanceof CorruptFrameError) return { ok: false, why: String(error.details.why ?? error.message) };
+      throw error;
+    }
+    if (frame.length > this.shared.outputSlotSize) return { ok: false, why: `index says the frame is ${frame.length} bytes, more than a block can need` };
+    this.output(slot, frame.length).set(frame);
+    return this.run({ op: 'open', slot, length: frame.length, id: new Uint8Array(id) } satisfies OpenTask);
   }
 
-  verifyPack(task: Omit<VerifyPackTask, 'op'>): Promise<VerifyPackResult> {
-    return this.run({ op: 'verify-pack', ...task });
+  /** Checks frames of a pack that a worker reads itself (a store of local files: Repository.locateFrame). */
+  verifyLocatedPack(locator: FrameLocator, frames: VerifyPackTask['frames']): Promise<VerifyPackResult> {
+    return this.run({ op: 'verify-pack', locator, frames } satisfies VerifyPackTask);
+  }
+
+  /** Checks every frame of a pack held in memory; its bytes move to the worker (the buffer is unusable afterwards). */
+  verifyPack(pack: Buffer, frames: VerifyPackTask['frames']): Promise<VerifyPackResult> {
+    // A buffer that shares its memory (Node's small-buffer pool) is copied: only what it owns may move.
+    const bytes = pack.byteOffset === 0 && pack.byteLength === pack.buffer.byteLength && pack.buffer instanceof ArrayBuffer ? new Uint8Array(pack.buffer, 0, pack.byteLength) : new Uint8Array(pack);
+    return this.piscina.run({ op: 'verify-pack', pack: bytes, frames } satisfies VerifyPackTask, { transferList: [bytes.buffer as ArrayBuffer] }) as Promise<VerifyPackResult>;
   }
 
   async close(): Promise<void> {

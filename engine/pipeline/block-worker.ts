@@ -6,9 +6,9 @@
 import { workerData } from 'node:worker_threads';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { openSync, readSync, closeSync } from 'node:fs';
 import { initChecksum } from '../../repo-format/checksum.js';
 import { blobId, openBlob, sealBlob } from '../../repo-format/blob-codec.js';
+import { locatorAt, readLocatedFrame } from '../../repo-format/frame-locator.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
 import type { BlockTask, HashResult, OpenResult, SealResult, VerifyPackResult, WorkerSetup } from './tasks.js';
 
@@ -46,25 +46,6 @@ function outputSlot(slot: number, length = slots.outputSlotSize): Buffer {
   return Buffer.from(slots.output, slot * slots.outputSlotSize, length);
 }
 
-/** Reads up to target.length bytes; an I/O error (EIO on bad media) is returned as a reason, not thrown. */
-function readExactly(fd: number, target: Buffer, position: number): number | string {
-  try {
-    return readFully(fd, target, position);
-  } catch (error) {
-    return `read error (${(error as NodeJS.ErrnoException).code ?? String(error)})`;
-  }
-}
-
-function readFully(fd: number, target: Buffer, position: number): number {
-  let filled = 0;
-  while (filled < target.length) {
-    const got = readSync(fd, target, filled, target.length - filled, position + filled);
-    if (got === 0) break;
-    filled += got;
-  }
-  return filled;
-}
-
 function hash(slot: number, length: number): HashResult {
   const block = inputSlot(slot, length);
   if (block.equals(zeros.subarray(0, length))) return { zero: true };
@@ -80,18 +61,9 @@ function seal(slot: number, length: number, kind: number, id: Uint8Array): SealR
 function openFrame(task: Extract<BlockTask, { op: 'open' }>): OpenResult {
   if (task.length > slots.outputSlotSize) return { ok: false, why: `index says the frame is ${task.length} bytes, more than a block can need` };
   const frame = outputSlot(task.slot, task.length);
-  let fd: number;
-  try {
-    fd = openSync(task.packPath, 'r');
-  } catch (error) {
-    return { ok: false, why: `cannot open pack (${(error as NodeJS.ErrnoException).code ?? String(error)})` };
-  }
-  try {
-    const got = readExactly(fd, frame, task.offset);
-    if (typeof got === 'string') return { ok: false, why: got };
-    if (got !== task.length) return { ok: false, why: `pack is truncated: read ${got} of ${task.length} bytes` };
-  } finally {
-    closeSync(fd);
+  if (task.locator) {
+    const unreadable = readLocatedFrame(task.locator, frame);
+    if (unreadable) return { ok: false, why: unreadable };
   }
   const opened = openBlob(frame, Buffer.from(task.id), keys);
   if (typeof opened === 'string') return { ok: false, why: opened };
@@ -102,29 +74,23 @@ function openFrame(task: Extract<BlockTask, { op: 'open' }>): OpenResult {
 
 function verifyPack(task: Extract<BlockTask, { op: 'verify-pack' }>): VerifyPackResult {
   const bad: VerifyPackResult['bad'] = [];
-  let fd: number;
-  try {
-    fd = openSync(task.packPath, 'r');
-  } catch (error) {
-    return { bad: task.frames.map(({ offset }) => ({ offset, why: `cannot open pack (${(error as NodeJS.ErrnoException).code ?? String(error)})` })) };
-  }
-  try {
+  if ('locator' in task) {
     for (const { offset, length } of task.frames) {
       const frame = scratch.length >= length ? scratch.subarray(0, length) : Buffer.allocUnsafe(length);
-      const got = readExactly(fd, frame, offset);
-      if (typeof got === 'string') {
-        bad.push({ offset, why: got });
-        continue;
-      }
-      if (got !== length) {
-        bad.push({ offset, why: `pack is truncated: read ${got} of ${length} bytes` });
-        continue;
-      }
-      const opened = openBlob(frame, undefined, keys);
+      const unreadable = readLocatedFrame(locatorAt(task.locator, offset, length), frame);
+      const opened = unreadable ?? openBlob(frame, undefined, keys);
       if (typeof opened === 'string') bad.push({ offset, why: opened });
     }
-  } finally {
-    closeSync(fd);
+    return { bad };
+  }
+  const pack = Buffer.from(task.pack.buffer, task.pack.byteOffset, task.pack.byteLength);
+  for (const { offset, length } of task.frames) {
+    if (offset + length > pack.length) {
+      bad.push({ offset, why: `pack is truncated: read ${Math.max(0, pack.length - offset)} of ${length} bytes` });
+      continue;
+    }
+    const opened = openBlob(pack.subarray(offset, offset + length), undefined, keys);
+    if (typeof opened === 'string') bad.push({ offset, why: opened });
   }
   return { bad };
 }

@@ -3,6 +3,9 @@
  * sits in two SharedArrayBuffers of `slotCount` slots each, created once per pool:
  *   input  slot i: blockSize bytes (plaintext: read from the source, or restored from a pack)
  *   output slot i: the largest frame of a block (a sealed frame, or frame bytes read from a pack)
+ *
+ * Workers never name a repository file: they get a frame's bytes, read by the main thread through the
+ * repository's store, or an opaque locator the repository made, which repo-format reads for them.
  */
 export interface SharedSlots {
   input: SharedArrayBuffer;
@@ -11,6 +14,8 @@ export interface SharedSlots {
   inputSlotSize: number;
   outputSlotSize: number;
 }
+
+import type { FrameLocator } from '../../repo-format/frame-locator.js';
 
 /** What each worker gets once, at pool creation: the slots, and the keys of an encrypted repository. */
 export interface WorkerSetup extends SharedSlots {
@@ -38,23 +43,28 @@ export interface SealResult {
   flags: number;
 }
 
-/** Read a frame from a pack into output slot `slot`, check it, and place its plaintext in input slot `slot`. */
+/**
+ * Check a frame of `length` bytes and place its plaintext in input slot `slot`. The frame is in output slot
+ * `slot` (read by the main thread through the store), or the worker reads it there from `locator` (a store
+ * of local files: the repository's opaque FrameLocator).
+ */
 export interface OpenTask {
   op: 'open';
   slot: number;
-  packPath: string;
-  offset: number;
   length: number;
   id: Uint8Array;
+  locator?: FrameLocator | undefined;
 }
 export type OpenResult = { ok: true; rawLength: number } | { ok: false; why: string };
 
-/** Check every frame of a whole pack (verify --read-data). */
-export interface VerifyPackTask {
-  op: 'verify-pack';
-  packPath: string;
-  frames: { offset: number; length: number }[];
-}
+/**
+ * Check frames of a pack (verify --read-data, repair): a span of its bytes moved to the worker (not
+ * copied), `frames` relative to the span; or, for a store of local files, a locator of the pack from which
+ * the worker reads each frame itself.
+ */
+export type VerifyPackTask =
+  | { op: 'verify-pack'; pack: Uint8Array; frames: { offset: number; length: number }[] }
+  | { op: 'verify-pack'; locator: FrameLocator; frames: { offset: number; length: number }[] };
 export interface VerifyPackResult {
   bad: { offset: number; why: string }[];
 }

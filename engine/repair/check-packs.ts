@@ -5,10 +5,10 @@
  * pack (never all in memory); the damaged ones, and packs that cannot be read at all, are collected for
  * the quarantine.
  */
-import { readFile } from 'node:fs/promises';
 import type { Repository } from '../../repo-format/repository.js';
+import type { EngineError } from '../../repo-format/errors.js';
 import { IndexStore } from '../../repo-format/index-store.js';
-import { packPath, scanPack, walkPackBytes, type PackDamage, type PackScan, type ScannedFrame } from '../../repo-format/pack-file.js';
+import { walkPackBytes, type PackDamage, type PackScan, type ScannedFrame } from '../../repo-format/pack-file.js';
 import { openBlob } from '../../repo-format/blob-codec.js';
 import { quarantineKey, type QuarantinedFrame } from '../../repo-format/quarantine.js';
 import { crashPoint } from '../../repo-format/crash-points.js';
@@ -16,6 +16,7 @@ import { MAX_FRAME_LENGTH, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../../repo
 import type { IndexEntry } from '../../repo-format/index-entry.js';
 import { IdPrefixSet } from '../common/id-set.js';
 import { BlockPool } from '../pipeline/block-pool.js';
+import { checkPackFrames } from '../pipeline/pack-check.js';
 import type { Interruption } from '../host/interrupt.js';
 import { GoodPlaces } from './good-places.js';
 import type { RepairReport } from './report.js';
@@ -118,8 +119,9 @@ async function checkPack(repo: Repository, pool: BlockPool, packId: string): Pro
   let scan: PackScan | undefined;
   let bad: { offset: number; why: string }[] | undefined;
   try {
-    scan = await scanPack(repo.root, packId, repo.encrypted);
-    if (!scan.damage || scan.size > MAX_WALKED_PACK) bad = (await pool.verifyPack({ packPath: packPath(repo.root, packId), frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) }).catch(() => undefined))?.bad;
+    scan = await repo.scanPack(packId);
+    const frames = scan.frames;
+    if (!scan.damage || scan.size > MAX_WALKED_PACK) bad = (await checkPackFrames(pool, { locator: repo.locateFrame({ packId, offset: 0, length: scan.size }), readRange: (offset, length) => repo.readPackRange(packId, offset, length) }, frames).catch(() => undefined))?.bad;
     if (!scan.damage && bad && bad.length === 0) return { size: scan.size, good: scan.frames, damage: [] };
   } catch {
     // Unreadable through a scan: the whole-file read below says why, or walks what it can.
@@ -141,9 +143,9 @@ function oversizedPack(scan: PackScan, bad: { offset: number; why: string }[] | 
 async function walkWholePack(repo: Repository, packId: string): Promise<PackCheck> {
   let bytes: Buffer;
   try {
-    bytes = await readFile(packPath(repo.root, packId));
+    bytes = await repo.readPack(packId, MAX_WALKED_PACK);
   } catch (error) {
-    return { unreadable: `pack cannot be read (${(error as NodeJS.ErrnoException).code ?? String(error)})` };
+    return { unreadable: `pack cannot be read (${String((error as EngineError).details?.errno ?? (error as Error).message)})` };
   }
   const walk = walkPackBytes(
     bytes,

@@ -64,7 +64,7 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
   try {
     report.tempFilesRemoved = await repo.removeTempFiles();
     report.recordsRestored = await restoreFromOldCatalogue(repo, oldIndex);
-    const already = await listQuarantine(repo.root);
+    const already = await listQuarantine(repo.store);
     const checked = await checkPacksIntoIndex(building, { repo, already, workers: options.workers, interruption, onProgress: options.onProgress }, report);
     report.previousIndex = await placeDamage(oldIndex, checked, already, interruption);
     report.quarantined = checked.found.filter((f) => !already.has(quarantineKey(f.pack, f.offset)));
@@ -72,7 +72,7 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
     // From here to the installed index, an interruption waits: quarantine records without the new index
     // would leave the old index naming frames set aside (verify: INDEX_ENTRY_BAD) for nothing.
     done.quarantined = report.quarantined.length;
-    await addToQuarantine(repo.root, report.quarantined);
+    await addToQuarantine(repo.store, report.quarantined);
     crashPoint('repair-quarantined');
     await repo.installIndex(building);
     done.installed = true;

@@ -13,7 +13,7 @@ const DAMAGE_LIMIT = 1000;
 
 export async function reportStillDamaged(repo: Repository, report: RepairReport, interruption: Interruption): Promise<void> {
   const quarantinedBlobs = new Map<string, QuarantinedFrame>();
-  for (const frame of (await listQuarantine(repo.root)).values()) if (frame.blob) quarantinedBlobs.set(frame.blob, frame);
+  for (const frame of (await listQuarantine(repo.store)).values()) if (frame.blob) quarantinedBlobs.set(frame.blob, frame);
   const damaged = (d: DamagedReference): void => {
     if (report.damaged.length < DAMAGE_LIMIT) report.damaged.push(d);
     report.ok = false;

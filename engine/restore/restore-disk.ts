@@ -15,7 +15,6 @@
 import type { Repository } from '../../repo-format/repository.js';
 import { readMap, type MapRun } from '../../repo-format/block-map.js';
 import { mapRootOf, type BackupRecord, type DiskRecord } from '../../repo-format/backup-record.js';
-import { packPath } from '../../repo-format/pack-file.js';
 import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
 import { DiskGeometry } from '../../repo-format/disk-geometry.js';
 import { MissingBlobError } from '../../repo-format/errors.js';
@@ -237,7 +236,7 @@ class DiskRestore {
     const offset = this.geometry.offsetOf(block);
     const length = this.geometry.lengthOf(block);
     const where = () => ({ backupId: this.record.id, disk: this.disk.name, diskOffset: offset, packId: location.packId, packOffset: location.offset, chunk: id.toString('hex') });
-    const opened = await this.pool.open({ slot, packPath: packPath(this.repo.root, location.packId), offset: location.offset, length: location.length, id });
+    const opened = await this.pool.open(slot, { locator: this.repo.locateFrame(location), read: () => this.repo.readFrame(location) }, id);
     if (!opened.ok) throw new CorruptChunkError(where(), opened.why);
     if (opened.rawLength !== length) throw new CorruptChunkError(where(), `chunk holds ${opened.rawLength} bytes, the block needs ${length}`);
     this.written.note(offset, opened.rawLength);

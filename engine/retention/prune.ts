@@ -56,7 +56,7 @@ export async function prune(options: PruneOptions): Promise<PruneReport> {
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'prune', passphrase: options.passphrase, checkInterrupted: () => interruption.check() });
   try {
     const { backups, damaged } = await repo.listBackups();
-    const decisions = applyRetention(backups, options.policy, await listProtected(repo.root));
+    const decisions = applyRetention(backups, options.policy, await listProtected(repo.store));
     const report: PruneReport = {
       dryRun: options.dryRun === true,
       policy: options.policy,

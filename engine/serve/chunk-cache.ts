@@ -3,7 +3,7 @@
  * pack through the block workers (frame checksum, lz4, SHA-256 against the chunk's id: a chunk is checked
  * every time it is read from disk, never trusted) and merges concurrent loads of the same chunk.
  */
-import { packPath } from '../../repo-format/pack-file.js';
+import type { StoreHandle } from '../../repo-format/pack-file.js';
 import type { BlockPool } from '../pipeline/block-pool.js';
 import type { ChunkLocation } from './block-table.js';
 
@@ -61,7 +61,8 @@ export class ChunkLoader {
 
   constructor(
     private readonly pool: BlockPool,
-    private readonly repoRoot: string,
+    /** Reads frames from the repository's store (it outlives the repository handle: serve runs on after the lock goes). */
+    private readonly frames: StoreHandle,
     readonly cache: ChunkCache,
   ) {}
 
@@ -86,7 +87,7 @@ export class ChunkLoader {
   private async read(location: ChunkLocation, expectedLength: number): Promise<Buffer> {
     const slot = await this.pool.slots.acquire();
     try {
-      const opened = await this.pool.open({ slot, packPath: packPath(this.repoRoot, location.packId), offset: location.offset, length: location.length, id: location.id });
+      const opened = await this.pool.open(slot, { locator: this.frames.locateFrame(location), read: () => this.frames.readFrame(location) }, location.id);
       if (!opened.ok) throw new ChunkUnreadable(`chunk ${location.id.toString('hex').slice(0, 16)}… in pack ${location.packId} at offset ${location.offset} is damaged: ${opened.why}`);
       if (opened.rawLength !== expectedLength) throw new ChunkUnreadable(`chunk ${location.id.toString('hex').slice(0, 16)}… holds ${opened.rawLength} bytes, the block needs ${expectedLength}`);
       return Buffer.from(this.pool.input(slot, opened.rawLength));

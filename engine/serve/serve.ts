@@ -19,6 +19,7 @@ import { registerReader, type RegisteredReader } from '../../repo-format/readers
 import { Repository } from '../../repo-format/repository.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
+import type { StoreHandle } from '../../repo-format/pack-file.js';
 import { BlockPool } from '../pipeline/block-pool.js';
 import { NbdServer, type ListenAddress } from '../nbd/server.js';
 import { loadTlsCredentials, type NbdTlsCredentials } from '../nbd/tls.js';
@@ -85,7 +86,7 @@ function uriFor(address: { socket?: string; port?: number; host?: string }, name
 }
 
 /** Resolves every served disk's block table under the lock, registers as a reader, releases the lock. */
-async function resolveUnderLock(options: ServeOptions): Promise<{ record: BackupRecord; tables: { name: string; table: BlockTable; missing: number }[]; tableBytes: number; reader: RegisteredReader | undefined; root: string; blockSize: number; keys: RepositoryKeys | undefined }> {
+async function resolveUnderLock(options: ServeOptions): Promise<{ record: BackupRecord; tables: { name: string; table: BlockTable; missing: number }[]; tableBytes: number; reader: RegisteredReader | undefined; frames: StoreHandle; blockSize: number; keys: RepositoryKeys | undefined }> {
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'serve', passphrase: options.passphrase, readWithoutLock: true });
   try {
     const record = await repo.findBackup(options.backupId);
@@ -103,7 +104,8 @@ async function resolveUnderLock(options: ServeOptions): Promise<{ record: Backup
     // repository read without its lock (read-only, or full) cannot be registered in (SPEC 12.6).
     const reader = repo.withoutLock ? undefined : await registerReader(repo.root, 'serve', [record.id]);
     // The keys outlive the repository handle: the workers open (decrypt and check) chunks while serving.
-    return { record, tables, tableBytes, reader, root: repo.root, blockSize: repo.blockSize, keys: repo.keys };
+    // So do the frames: read from the store through a handle of their own, after the lock is released.
+    return { record, tables, tableBytes, reader, frames: repo.detachedStore(), blockSize: repo.blockSize, keys: repo.keys };
   } finally {
     await repo.close();
   }
@@ -122,13 +124,13 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
   const socket = 'socket' in plan.address ? plan.address.socket : undefined;
   await refuseServeFilesInRepository(options, socket);
   if (socket !== undefined) await prepareSocketPath(socket, warn);
-  const { record, tables, tableBytes, reader, root, blockSize, keys } = await resolveUnderLock(options);
+  const { record, tables, tableBytes, reader, frames, blockSize, keys } = await resolveUnderLock(options);
   const overlays: Overlay[] = [];
   let pool: BlockPool | undefined;
   let server: NbdServer | undefined;
   try {
     pool = new BlockPool({ blockSize, workers: options.workers ?? 2, keys });
-    const loader = new ChunkLoader(pool, root, new ChunkCache(options.cacheBytes ?? DEFAULT_CACHE_BYTES));
+    const loader = new ChunkLoader(pool, frames, new ChunkCache(options.cacheBytes ?? DEFAULT_CACHE_BYTES));
     const readAheadBlocks = Math.max(1, Math.floor((options.readAheadBytes ?? DEFAULT_READ_AHEAD_BYTES) / blockSize));
     const exports: BackupExport[] = [];
     for (const [exportIndex, { name, table }] of tables.entries()) {
@@ -175,6 +177,7 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
           await running.server.close().catch(() => undefined);
           for (const overlay of overlays) await overlay.close().catch(() => undefined);
           await running.pool.close().catch(() => undefined);
+          await frames.close().catch(() => undefined);
           await reader?.release();
           process.removeListener('exit', removeAtExit);
         })();
@@ -185,6 +188,7 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     await server?.close().catch(() => undefined);
     for (const overlay of overlays) await overlay.close().catch(() => undefined);
     await pool?.close().catch(() => undefined);
+    await frames.close().catch(() => undefined);
     await reader?.release();
     throw error;
   }

@@ -6,9 +6,10 @@
  * the backups that use a damaged frame.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { packPath, type PackScan } from '../../repo-format/pack-file.js';
+import type { PackScan } from '../../repo-format/pack-file.js';
 import { quarantineKey } from '../../repo-format/quarantine.js';
 import { BlockPool } from '../pipeline/block-pool.js';
+import { checkPackFrames } from '../pipeline/pack-check.js';
 import type { VerifyRun } from './run.js';
 
 /** The packs whose data a --subset run reads: the first ceil(f × n) in the order of SHA-256(seed || pack id). */
@@ -47,9 +48,9 @@ export class DataCheck {
       await Promise.race(this.inFlight);
       this.run.interruption.check();
     }
-    const check = this.pool
-      .verifyPack({ packPath: packPath(this.run.repo.root, scan.packId), frames: scan.frames.map((f) => ({ offset: f.offset, length: f.length })) })
-      .then(
+    const repo = this.run.repo;
+    const pack = { locator: repo.locateFrame({ packId: scan.packId, offset: 0, length: scan.size }), readRange: (offset: number, length: number) => repo.readPackRange(scan.packId, offset, length) };
+    const check = checkPackFrames(this.pool, pack, scan.frames).then(
         ({ bad }) => this.checked(scan, bad),
         (error: unknown) => this.failed(scan.packId, error),
       );

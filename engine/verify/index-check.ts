@@ -3,8 +3,7 @@
  * do; each entry is located only when that count is off or a pack's frame chain is broken. Entries naming
  * a pack that is gone are summed up per pack (missing-packs.ts).
  */
-import { open } from 'node:fs/promises';
-import { packPath, type PackScan } from '../../repo-format/pack-file.js';
+import type { PackScan } from '../../repo-format/pack-file.js';
 import { decodeFrameHeader, frameLength, type FrameHeader } from '../../repo-format/frame.js';
 import { openBlob } from '../../repo-format/blob-codec.js';
 import type { IndexEntry } from '../../repo-format/index-entry.js';
@@ -49,7 +48,7 @@ export async function checkIndex(run: VerifyRun, packs: PackFindings): Promise<M
 
 /** A pack whose header is not a pack's: damaged if the index names it, else a file that is not the repository's (a warning). */
 function sortBadHeader(run: VerifyRun, packId: string, scan: PackScan, named: boolean): void {
-  const notAPack = named ? undefined : foreignPackWarning(packId, scan);
+  const notAPack = named ? undefined : foreignPackWarning(run.repo, packId, scan);
   if (notAPack) run.report.warnings.push(notAPack);
   else if (!run.quarantine.has(quarantineKey(packId, 0))) run.problem({ code: 'PACK_DAMAGED', message: `pack ${packId} is damaged at offset 0: ${scan.damage!.why}`, pack: packId, packOffset: 0 });
 }
@@ -70,7 +69,7 @@ async function checkEntry(repo: Repository, entry: IndexEntry, packs: PackFindin
   const placement = placementProblem(entry, size);
   if (placement) return bad(placement);
   const whole = packs.damaged.has(entry.packId);
-  const bytes = await readAt(packPath(repo.root, entry.packId), entry.offset, whole ? entry.length : FRAME_HEADER_SIZE);
+  const bytes = await repo.readPackRange(entry.packId, entry.offset, whole ? entry.length : FRAME_HEADER_SIZE);
   const mismatch = headerProblem(entry, decodeFrameHeader(bytes, 0, repo.encrypted));
   if (mismatch) return bad(mismatch);
   if (!whole) return undefined;
@@ -95,13 +94,4 @@ export function headerProblem(entry: IndexEntry, header: FrameHeader | string): 
   return undefined;
 }
 
-async function readAt(path: string, offset: number, length: number): Promise<Buffer> {
-  const bytes = Buffer.alloc(length);
-  const handle = await open(path, 'r');
-  try {
-    await handle.read(bytes, 0, length, offset);
-  } finally {
-    await handle.close();
-  }
-  return bytes;
-}
+

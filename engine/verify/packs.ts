@@ -4,7 +4,7 @@
  * only when the count is off). A pack no entry names is garbage a crash left; a pack whose header is not a
  * pack's is sorted out by the index check (damaged if named, else not the repository's).
  */
-import { scanPack, type PackScan, type ScannedFrame } from '../../repo-format/pack-file.js';
+import type { PackScan, ScannedFrame } from '../../repo-format/pack-file.js';
 import { EngineError } from '../../repo-format/errors.js';
 import type { BlobLocation } from '../../repo-format/index-entry.js';
 import { quarantineKey } from '../../repo-format/quarantine.js';
@@ -52,7 +52,7 @@ export async function checkPacks(run: VerifyRun, packIds: readonly string[], dat
  */
 async function scanOrSay(run: VerifyRun, packId: string, findings: PackFindings): Promise<PackScan | undefined> {
   try {
-    return await scanPack(run.repo.root, packId, run.repo.encrypted);
+    return await run.repo.scanPack(packId);
   } catch (error) {
     if (!(error instanceof EngineError) || error.code !== 'ENGINE_CORRUPT_PACK') throw error;
     if (error.details.errno === 'ENOENT') return undefined;

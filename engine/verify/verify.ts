@@ -50,7 +50,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify', passphrase: options.passphrase, readWithoutLock: true, checkInterrupted: () => interruption.check() });
   let data: DataCheck | undefined;
   try {
-    const run = new VerifyRun(repo, interruption, await listQuarantine(repo.root), options.readData === true, options.onProgress);
+    const run = new VerifyRun(repo, interruption, await listQuarantine(repo.store), options.readData === true, options.onProgress);
     await checkLayout(run);
     const packIds = await repo.listPackIds();
     if (options.readData) data = DataCheck.start(run, packIds, options);
@@ -75,5 +75,5 @@ async function checkLayout(run: VerifyRun): Promise<void> {
   const loose = await findLooseModes(repo.root);
   report.permissions = { loose: loose.count, examples: loose.examples.map((e) => ({ path: e.path, mode: formatMode(e.mode) })) };
   if (loose.count > 0) report.warnings.push(loosePermissionsWarning(report.permissions, repo.root));
-  report.warnings.push(...(await strayWarnings(repo.root)));
+  report.warnings.push(...(await strayWarnings(repo)));
 }

@@ -1,0 +1,128 @@
+/**
+ * The few XML documents S3 answers with, read without a general XML parser: an Error, a ListObjectsV2
+ * page, the answers of a multipart upload. Their shape is fixed by the S3 API (flat elements, text content,
+ * no attributes that matter), so a reader of exactly that shape is short, allocates in proportion to the
+ * document (itself bounded by the HTTP layer) and loads nothing at start-up. Anything else (no root element
+ * where one must be, a size that is not a number) is reported as malformed: the caller turns it into a
+ * 'protocol' StorageError.
+ */
+
+export class MalformedXmlError extends Error {
+  constructor(what: string) {
+    super(`malformed S3 answer: ${what}`);
+    this.name = 'MalformedXmlError';
+  }
+}
+
+const ENTITIES: Record<string, string> = { amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" };
+
+/** XML character data: the five named entities and numeric references decoded; CDATA taken as it is. */
+export function decodeXmlText(text: string): string {
+  return text
+    .replace(/<!\[CDATA\[([\s\S]*?)\]\]>/g, (_all, data: string) => data.replace(/&/g, '&amp;'))
+    .replace(/&(#x[0-9a-fA-F]+|#[0-9]+|[a-z]+);/g, (all, entity: string) => {
+      if (entity.startsWith('#x')) return safeCodePoint(parseInt(entity.slice(2), 16)) ?? all;
+      if (entity.startsWith('#')) return safeCodePoint(parseInt(entity.slice(1), 10)) ?? all;
+      return ENTITIES[entity] ?? all;
+    });
+}
+
+function safeCodePoint(code: number): string | undefined {
+  return Number.isInteger(code) && code >= 0 && code <= 0x10ffff ? String.fromCodePoint(code) : undefined;
+}
+
+/** The raw content of each <name>…</name> (or nothing for <name/>) directly in `xml`, in order. */
+export function elements(xml: string, name: string): string[] {
+  const found: string[] = [];
+  const pattern = new RegExp(`<${name}(?:\\s[^>]*)?(?:/>|>([\\s\\S]*?)</${name}\\s*>)`, 'g');
+  for (let match = pattern.exec(xml); match; match = pattern.exec(xml)) found.push(match[1] ?? '');
+  return found;
+}
+
+/** The decoded text of the first <name>, or undefined. */
+export function elementText(xml: string, name: string): string | undefined {
+  const [first] = elements(xml, name);
+  return first === undefined ? undefined : decodeXmlText(first);
+}
+
+/** The name of the document's root element (after the declaration and comments). */
+export function rootElement(xml: string): string | undefined {
+  const body = xml.replace(/^\uFEFF?\s*(<\?[\s\S]*?\?>\s*)?(<!--[\s\S]*?-->\s*)*/, '');
+  return /^<([A-Za-z][\w.-]*)/.exec(body)?.[1];
+}
+
+export interface S3ErrorDocument {
+  code: string | undefined;
+  message: string | undefined;
+  /** AuthorizationHeaderMalformed and PermanentRedirect name the bucket's region or endpoint. */
+  region: string | undefined;
+  endpoint: string | undefined;
+  serverTime: string | undefined;
+}
+
+/** An <Error> document, or undefined when the text is not one (an empty body, HTML from a proxy). */
+export function parseErrorDocument(xml: string): S3ErrorDocument | undefined {
+  if (rootElement(xml) !== 'Error') return undefined;
+  return {
+    code: elementText(xml, 'Code'),
+    message: elementText(xml, 'Message'),
+    region: elementText(xml, 'Region'),
+    endpoint: elementText(xml, 'Endpoint'),
+    serverTime: elementText(xml, 'ServerTime'),
+  };
+}
+
+export interface ListPage {
+  /** `modified`: LastModified in ms since the epoch, undefined when absent or not a date. */
+  objects: { key: string; size: number; modified: number | undefined }[];
+  truncated: boolean;
+  nextToken: string | undefined;
+}
+
+/** A ListObjectsV2 answer; keys percent-decoded when the answer says EncodingType url. */
+export function parseListPage(xml: string): ListPage {
+  if (rootElement(xml) !== 'ListBucketResult') throw new MalformedXmlError(`a listing was expected, the root element is ${rootElement(xml) ?? 'missing'}`);
+  const urlEncoded = elementText(xml, 'EncodingType')?.toLowerCase() === 'url';
+  const objects = elements(xml, 'Contents').map((contents) => {
+    const rawKey = elementText(contents, 'Key');
+    const sizeText = elementText(contents, 'Size');
+    if (rawKey === undefined) throw new MalformedXmlError('a listed object has no Key');
+    const size = sizeText === undefined || !/^\d+$/.test(sizeText.trim()) ? NaN : Number(sizeText.trim());
+    if (!Number.isSafeInteger(size)) throw new MalformedXmlError(`object ${rawKey.slice(0, 100)} has the size ${JSON.stringify(sizeText?.slice(0, 40))}`);
+    const lastModified = elementText(contents, 'LastModified');
+    const parsedTime = lastModified === undefined ? NaN : Date.parse(lastModified.trim());
+    const modified = Number.isFinite(parsedTime) ? parsedTime : undefined;
+    let key = rawKey;
+    if (urlEncoded) {
+      try {
+        key = decodeURIComponent(rawKey.replace(/\+/g, ' '));
+      } catch {
+        throw new MalformedXmlError(`key ${rawKey.slice(0, 100)} is not valid URL encoding`);
+      }
+    }
+    return { key, size, modified };
+  });
+  const truncatedText = elementText(xml, 'IsTruncated')?.trim().toLowerCase();
+  if (truncatedText !== 'true' && truncatedText !== 'false') throw new MalformedXmlError('a listing without IsTruncated');
+  const truncated = truncatedText === 'true';
+  const nextToken = elementText(xml, 'NextContinuationToken');
+  if (truncated && !nextToken) throw new MalformedXmlError('a truncated listing without NextContinuationToken');
+  return { objects, truncated, nextToken };
+}
+
+/** InitiateMultipartUploadResult's UploadId. */
+export function parseUploadId(xml: string): string {
+  const id = rootElement(xml) === 'InitiateMultipartUploadResult' ? elementText(xml, 'UploadId') : undefined;
+  if (!id) throw new MalformedXmlError('a multipart upload was started but no UploadId came back');
+  return id;
+}
+
+function escapeXml(text: string): string {
+  return text.replace(/[&<>"']/g, (c) => `&${{ '&': 'amp', '<': 'lt', '>': 'gt', '"': 'quot', "'": 'apos' }[c]};`);
+}
+
+/** The body of CompleteMultipartUpload. */
+export function completeMultipartBody(parts: { number: number; etag: string }[]): string {
+  const items = parts.map((part) => `<Part><PartNumber>${part.number}</PartNumber><ETag>${escapeXml(part.etag)}</ETag></Part>`).join('');
+  return `<?xml version="1.0" encoding="UTF-8"?><CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">${items}</CompleteMultipartUpload>`;
+}
