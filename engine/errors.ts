@@ -12,7 +12,6 @@ declare module '../repo-format/errors.js' {
     ENGINE_TARGET_PROTECTED: 'engine';
     ENGINE_TARGET_IN_USE: 'engine';
     ENGINE_TARGET_HOLDS_DATA: 'engine';
-    ENGINE_INTERRUPTED: 'engine';
     ENGINE_NBD_CONNECT: 'engine';
     ENGINE_NBD_PROTOCOL: 'engine';
     ENGINE_NBD_COMMAND: 'engine';
@@ -99,15 +98,8 @@ export class DiskNotFoundError extends EngineError {
   }
 }
 
-/**
- * SIGINT/SIGTERM (or a caller's abort) stopped an operation. `state` says what it left: by default nothing
- * of it was committed; a restore says what became of its target, prune how many backups it removed.
- */
-export class InterruptedError extends EngineError {
-  constructor(what: string, state = 'nothing of it was committed', signal?: string) {
-    super('ENGINE_INTERRUPTED', `${what} was interrupted${signal ? ` (${signal})` : ''}; ${state}`, { what, state, ...(signal ? { signal } : {}) });
-  }
-}
+/** Raised by the storage layer too (an aborted storage call): owned there, named here for the engine's callers. */
+export { InterruptedError } from '../repo-format/errors.js';
 
 /** A chunk that fails its checks during restore, named by backup, disk and offset as well as pack and offset. */
 export class CorruptChunkError extends EngineError {

@@ -29,6 +29,7 @@ export interface ErrorCodes {
   ENGINE_NOT_ENCRYPTED: 'storage';
   ENGINE_READ_ONLY: 'storage';
   ENGINE_FILE_TOO_LARGE: 'storage';
+  ENGINE_INTERRUPTED: 'storage';
   ENGINE_STORAGE: 'storage';
   ENGINE_STORAGE_NOT_FOUND: 'storage';
   ENGINE_STORAGE_NO_BUCKET: 'storage';
@@ -259,4 +260,14 @@ export function classifyWriteError(error: unknown, path: string): unknown {
   const text = error instanceof Error ? `${error.message} ${String((error as { cause?: unknown }).cause ?? '')}` : '';
   if (text.includes('No space left on device')) return new NoSpaceError(path, error);
   return error;
+}
+
+/**
+ * SIGINT/SIGTERM (or a caller's abort) stopped an operation. `state` says what it left: by default nothing
+ * of it was committed; a restore says what became of its target, prune how many backups it removed.
+ */
+export class InterruptedError extends EngineError {
+  constructor(what: string, state = 'nothing of it was committed', signal?: string) {
+    super('ENGINE_INTERRUPTED', `${what} was interrupted${signal ? ` (${signal})` : ''}; ${state}`, { what, state, ...(signal ? { signal } : {}) });
+  }
 }
