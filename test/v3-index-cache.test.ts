@@ -1,0 +1,176 @@
+/**
+ * The per-host index cache (SPEC.md 20.4) on real LevelDB: slots for concurrent processes (LevelDB's own lock,
+ * in this process and from another one), incremental catch-up by segment names, the resolution rule whatever
+ * the order segments arrive in, rebuilds when an ingested segment is gone or superseded, and when the cache
+ * is damaged, of another repository, or lost.
+ */
+import { afterEach, describe, expect, test } from 'vitest';
+import { spawn } from 'node:child_process';
+import { mkdtemp, rm, writeFile, readdir } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { initChecksum } from '../dist/repo-format/checksum.js';
+import { MemoryStorage } from '../dist/repo-format/storage/memory.js';
+import { encodeSegment, segmentKey, type Segment, type SegmentEntry, type SegmentName } from '../dist/repo-format/v3/segment.js';
+import { IndexCache } from '../dist/repo-format/v3/index-cache.js';
+
+await initChecksum();
+const REPO = '0123456789abcdef0123456789abcdef';
+const dirs: string[] = [];
+afterEach(async () => {
+  for (const dir of dirs.splice(0)) await rm(dir, { recursive: true, force: true });
+});
+
+async function cacheRoot(): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), 'v3-cache-'));
+  dirs.push(dir);
+  return dir;
+}
+
+function name(writer: string, seq = 0): SegmentName {
+  return { writer: writer.repeat(32 / writer.length), seq };
+}
+
+function entry(idByte: number, pack: string, offset = 32): SegmentEntry {
+  return { id: Buffer.alloc(32, idByte), packId: pack.repeat(32 / pack.length), offset, length: 100, rawLength: 44, kind: 1, flags: 0 };
+}
+
+async function store(storage: MemoryStorage, segment: Segment, dataKey?: Buffer): Promise<void> {
+  await storage.put(segmentKey(segment.name), encodeSegment(segment, { dataKey }), { ifAbsent: true });
+}
+
+describe('slots', () => {
+  test('two caches open at once in one process take two slots; a closed slot is reused', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    const first = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    const second = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect([first.cache.slot, second.cache.slot]).toEqual([0, 1]);
+    await first.cache.close();
+    const third = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(third.cache.slot).toBe(0);
+    await second.cache.close();
+    await third.cache.close();
+    expect((await readdir(join(root, REPO))).sort()).toEqual(['slot-0', 'slot-1']);
+  });
+
+  test('a slot held by another process is skipped, and free again once that process is killed', async () => {
+    const root = await cacheRoot();
+    const module = resolve('dist/repo-format/v3/index-cache.js');
+    const memory = resolve('dist/repo-format/storage/memory.js');
+    const script = `const { IndexCache } = await import(${JSON.stringify(module)}); const { MemoryStorage } = await import(${JSON.stringify(memory)});
+      const { cache } = await IndexCache.open({ cacheRoot: ${JSON.stringify(root)}, repositoryId: ${JSON.stringify(REPO)}, storage: new MemoryStorage() });
+      console.log('slot', cache.slot); setInterval(() => {}, 1000);`;
+    const child = spawn(resolve('node_modules/.bin/node'), ['--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const line = await new Promise<string>((done) => child.stdout.once('data', (chunk: Buffer) => done(chunk.toString().trim())));
+    expect(line).toBe('slot 0');
+    const storage = new MemoryStorage();
+    const mine = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(mine.cache.slot).toBe(1);
+    await mine.cache.close();
+    child.kill('SIGKILL');
+    await new Promise((done) => child.once('exit', done));
+    const after = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(after.cache.slot).toBe(0); // the kernel released the dead process's lock
+    await after.cache.close();
+  });
+});
+
+describe('catch-up', () => {
+  test('incremental: only new segments are fetched; lookups answer from them', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1'), entry(2, 'a1', 132)] });
+    await store(storage, { name: name('b'), supersedes: [], entries: [entry(3, 'b1')] });
+    const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(catchUp).toEqual({ ingested: 2, entries: 3, rebuilt: undefined });
+    await store(storage, { name: name('c'), supersedes: [], entries: [entry(4, 'c1')] });
+    expect(await cache.catchUp()).toEqual({ ingested: 1, entries: 1, rebuilt: undefined });
+    expect(await cache.catchUp()).toEqual({ ingested: 0, entries: 0, rebuilt: undefined });
+    const found = await cache.lookup([Buffer.alloc(32, 1), Buffer.alloc(32, 4), Buffer.alloc(32, 9)]);
+    expect(found.map((l) => l?.packId)).toEqual(['a1'.repeat(16), 'c1'.repeat(16), undefined]);
+    await cache.close();
+    // Reopened: nothing to fetch.
+    const again = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(again.catchUp).toEqual({ ingested: 0, entries: 0, rebuilt: undefined });
+    expect(await again.cache.counts()).toEqual({ segments: 3, blobs: 4 });
+    await again.cache.close();
+  });
+
+  test('one blob in two segments: the first segment by key wins, whichever the cache met first', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('b'), supersedes: [], entries: [entry(1, 'bb')] });
+    const { cache } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect((await cache.lookup([Buffer.alloc(32, 1)]))[0]?.packId).toBe('bb'.repeat(16));
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'aa')] });
+    await store(storage, { name: name('c'), supersedes: [], entries: [entry(1, 'cc')] });
+    await cache.catchUp();
+    expect((await cache.lookup([Buffer.alloc(32, 1)]))[0]?.packId).toBe('aa'.repeat(16));
+    expect(await cache.segmentOf(Buffer.alloc(32, 1))).toBe(segmentKey(name('a')));
+    await cache.close();
+  });
+
+  test('an ingested segment gone from the store, or superseded, makes the cache start again from the segments', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1'), entry(2, 'a1', 132)] });
+    await store(storage, { name: name('b'), supersedes: [], entries: [entry(3, 'b1')] });
+    const rebuilt: string[] = [];
+    const { cache } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage, onRebuild: (why) => rebuilt.push(why) });
+    // gc: blob 1 moved to pack e1, blob 2 dead; segment a superseded (not yet deleted).
+    await store(storage, { name: name('e'), supersedes: [name('a')], entries: [entry(1, 'e1')] });
+    const result = await cache.catchUp();
+    expect(result.rebuilt).toMatch(/superseded/);
+    expect((await cache.lookup([Buffer.alloc(32, 1), Buffer.alloc(32, 2), Buffer.alloc(32, 3)])).map((l) => l?.packId)).toEqual(['e1'.repeat(16), undefined, 'b1'.repeat(16)]);
+    // gc then deletes segment a: nothing the cache ingested is gone (a was met as superseded), so no rebuild.
+    await storage.delete(segmentKey(name('a')));
+    expect((await cache.catchUp()).rebuilt).toBeUndefined();
+    // A segment deleted behind the engine's back: rebuilt without it.
+    await storage.delete(segmentKey(name('b')));
+    expect((await cache.catchUp()).rebuilt).toMatch(/gone/);
+    expect((await cache.lookup([Buffer.alloc(32, 3)]))[0]).toBeUndefined();
+    expect(await cache.counts()).toEqual({ segments: 1, blobs: 1 });
+    expect(rebuilt.length).toBe(2);
+    await cache.close();
+  });
+
+  test('encrypted repositories: sealed segments are read with the data key', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    const dataKey = Buffer.alloc(32, 5);
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1')] }, dataKey);
+    const { cache } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage, dataKey });
+    expect((await cache.lookup([Buffer.alloc(32, 1)]))[0]?.packId).toBe('a1'.repeat(16));
+    await cache.close();
+    // Without the key the segment is damaged to the reader, and said so with its name.
+    await expect(IndexCache.open({ cacheRoot: await cacheRoot(), repositoryId: REPO, storage })).rejects.toMatchObject({ code: 'ENGINE_CORRUPT_METADATA', message: expect.stringContaining(segmentKey(name('a'))) });
+  });
+});
+
+describe('a damaged or lost cache is rebuilt from the store', () => {
+  test('damaged LevelDB files', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1')] });
+    const first = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    await first.cache.close();
+    await writeFile(join(root, REPO, 'slot-0', 'CURRENT'), 'MANIFEST-999999\n');
+    const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(catchUp.rebuilt).toMatch(/could not be opened/);
+    expect(catchUp.ingested).toBe(1);
+    expect((await cache.lookup([Buffer.alloc(32, 1)]))[0]?.packId).toBe('a1'.repeat(16));
+    await cache.close();
+  });
+
+  test('lost: the cache directory deleted', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1')] });
+    await (await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage })).cache.close();
+    await rm(join(root, REPO), { recursive: true });
+    const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(catchUp.ingested).toBe(1);
+    await cache.close();
+  });
+});
