@@ -174,3 +174,32 @@ describe('a damaged or lost cache is rebuilt from the store', () => {
     await cache.close();
   });
 });
+
+describe('a rebuild cut short', () => {
+  test('is started again at the next open, never taken for a cache that is merely behind', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1')] });
+    await store(storage, { name: name('b'), supersedes: [], entries: [entry(2, 'b1')] });
+    const { cache } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    await cache.close();
+    // What a kill -9 in the middle of a rebuild leaves: the mark, and part of the old content.
+    const { ClassicLevel } = await import('classic-level');
+    const db = new ClassicLevel<Buffer, Buffer>(join(root, REPO, 'slot-0'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+    await db.put(Buffer.concat([Buffer.from([0]), Buffer.from('rebuilding')]), Buffer.from('test'));
+    // The clear had removed segment a's record but not yet its blob 1 entry (keys go in order).
+    await db.del(Buffer.concat([Buffer.from([3]), Buffer.from(segmentKey(name('a')))]));
+    await db.close();
+    // gc meanwhile replaced segment a (blob 1 moved) and the old one is gone.
+    await store(storage, { name: name('e'), supersedes: [name('a')], entries: [] });
+    await storage.delete(segmentKey(name('a')));
+    const again = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(again.catchUp.rebuilt).toMatch(/cut short/);
+    // Blob 1 is dead now: the stale entry (at a pack gc may delete) is gone with the rebuild.
+    expect((await again.cache.lookup([Buffer.alloc(32, 1), Buffer.alloc(32, 2)])).map((l) => l?.packId)).toEqual([undefined, 'b1'.repeat(16)]);
+    await again.cache.close();
+    const third = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(third.catchUp).toEqual({ ingested: 0, entries: 0, rebuilt: undefined });
+    await third.cache.close();
+  });
+});

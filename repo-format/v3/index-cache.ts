@@ -8,12 +8,15 @@
  *   database it can open. LevelDB's own LOCK file (an fcntl lock, released by the kernel when the process
  *   ends, however it ends) is the slot's lock: no pid files, nothing stale after a kill -9.
  * - Catch-up: the cache records every segment it ingested; when opened it lists `index/`, fetches the
- *   segments it has not seen and ingests them, each in one synchronous batch with its record (a crash leaves
- *   a segment ingested whole or not at all).
+ *   segments it has not seen and ingests them, each in one batch with its record. LevelDB applies a batch
+ *   whole or not at all and replays its log in order, so a crash or power loss forgets whole segments from
+ *   the end, never part of one: the batches need no fsync (what is forgotten is fetched again).
  * - Rebuild: when a segment it ingested is gone, or a new segment supersedes one it ingested (gc
  *   consolidated), its entries may name packs that gc deletes: it starts again from the effective segments.
  *   A database that LevelDB cannot open as healthy (damaged files), or of another format or repository, is
- *   removed and rebuilt.
+ *   removed and rebuilt. A rebuild marks the database first (`rebuilding`, synchronously) and clears the mark
+ *   only when it has ingested everything: a rebuild cut short is started again at the next open, never
+ *   taken for a cache that is merely behind.
  *
  * Keys: 0x00 name → metadata; 0x01 blob id → location (30 bytes, index-entry.ts) || u32 segment ordinal;
  * 0x03 segment key → u32 ordinal || u8 state (1 ingested, 2 superseded when met, so never fetched again).
@@ -104,6 +107,7 @@ export class IndexCache {
       if (opened === 'locked') continue;
       const cache = new IndexCache(opened.db, path, slot, options);
       try {
+        if (opened.reset) await cache.reset(opened.reset);
         await cache.loadSegments();
         const catchUp = await cache.catchUp(opened.reset);
         return { cache, catchUp };
@@ -166,7 +170,10 @@ export class IndexCache {
       ingested++;
       entries += segment.entries.length;
     }
-    if (rebuilt) this.options.onRebuild?.(rebuilt);
+    if (rebuilt) {
+      await this.db.del(metaKey('rebuilding'), { sync: true });
+      this.options.onRebuild?.(rebuilt);
+    }
     return { ingested, entries, rebuilt };
   }
 
@@ -179,7 +186,8 @@ export class IndexCache {
 
   /** Empties the cache (a rebuild follows); returns why, for the result. */
   private async reset(why: string): Promise<string> {
-    await this.db.clear();
+    await this.db.put(metaKey('rebuilding'), Buffer.from(why), { sync: true });
+    await this.db.clear({ gt: metaKey('rebuilding') });
     await this.db.put(metaKey('format'), Buffer.from(FORMAT), { sync: true });
     await this.db.put(metaKey('repository'), Buffer.from(this.options.repositoryId), { sync: true });
     this.ordinals.length = 0;
@@ -194,7 +202,7 @@ export class IndexCache {
     value[4] = state;
     operations.push({ type: 'put', key: segmentRecordKey(key), value });
     try {
-      await this.db.batch(operations, { sync: true });
+      await this.db.batch(operations, { sync: false });
     } catch (error) {
       throw classifyWriteError(error, this.path);
     }
@@ -292,7 +300,11 @@ async function openSlot(path: string, options: IndexCacheOptions): Promise<{ db:
     await makeTreePrivate(path).catch(() => undefined);
     const format = await db.get(metaKey('format'));
     const repository = await db.get(metaKey('repository'));
-    if (format?.toString() === FORMAT && repository?.toString() === options.repositoryId) return { db, reset };
+    const interrupted = await db.get(metaKey('rebuilding'));
+    if (format?.toString() === FORMAT && repository?.toString() === options.repositoryId) {
+      // Catch-up rebuilds: the interrupted rebuild's mark stays until that rebuild completes.
+      return { db, reset: reset ?? (interrupted === undefined ? undefined : `an earlier rebuild was cut short (${interrupted.toString()})`) };
+    }
     const empty = format === undefined && repository === undefined;
     if (!empty) reset ??= `the cache held ${format?.toString() ?? 'no format'} of repository ${repository?.toString() ?? 'unknown'}`;
     await db.clear();
