@@ -54,7 +54,7 @@ const scenarioArb: fc.Arbitrary<Scenario> = fc
       .filter((segment) => segment.entries.length > 0);
     const packIds = new Set<string>();
     for (const segment of segments) for (const entry of segment.entries) packIds.add(entry.packId);
-    const packs = [...packIds].map((id) => ({ packId: id, modified: NOW - 10 * AGE }));
+    const packs: Scenario['packs'] = [...packIds].map((id) => ({ packId: id, modified: NOW - 10 * AGE }));
     if (moved.size > 0) packs.push({ packId: packId(0xf00), modified: NOW - 1000 });
     unnamed.forEach((age, i) => packs.push({ packId: packId(0xa00 + i), modified: age === undefined ? undefined : NOW - age }));
     return { segments, packs, live, moved };
