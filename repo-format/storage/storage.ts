@@ -38,7 +38,7 @@ export interface ObjectInfo {
    * When the object was last written, in milliseconds since the epoch by the store's own clock (S3:
    * Last-Modified in a HEAD, LastModified in a listing, whole seconds; a folder: the file's mtime, set by the
    * host or file server that stores it). The many-writers protocol reads the store's clock from it to check
-   * the local clock's skew (SPEC.md 20.6) and the age of objects gc may delete; backends set it in `stat`
+   * the local clock's skew (SPEC.md 19.6) and the age of objects gc may delete; backends set it in `stat`
    * and `list` when they can, and it is undefined when they cannot.
    */
   modified?: number | undefined;
