@@ -1,6 +1,6 @@
 /**
  * `node dist/bench/v3-index-cache.js [segments] [entries per segment]`: what the v3 per-host index cache costs
- * (SPEC.md 20.4). Segments live in the memory backend (what is measured is decoding and LevelDB, not the
+ * (SPEC.md 19.4). Segments live in the memory backend (what is measured is decoding and LevelDB, not the
  * network; add the store's GET time per segment for S3), the cache on the local disk under $TMPDIR:
  *
  * - first open: every segment fetched, decoded and ingested (the time a new host or a lost cache costs);

@@ -133,7 +133,7 @@ export class RepositoryLockedError extends EngineError {
 }
 
 /**
- * This host's clock differs from the store's by more than the bound the lease protocol relies on (SPEC.md 20.6),
+ * This host's clock differs from the store's by more than the bound the lease protocol relies on (SPEC.md 19.6),
  * or the store tells no time to check it against. Nothing was written under a lease that could not be trusted.
  */
 export class ClockSkewError extends EngineError {
@@ -143,7 +143,7 @@ export class ClockSkewError extends EngineError {
 }
 
 /**
- * A lease this process held is no longer proven (SPEC.md 20.5): it could not be refreshed before it expired,
+ * A lease this process held is no longer proven (SPEC.md 19.5): it could not be refreshed before it expired,
  * or it was removed or replaced behind the holder's back. The work it protected stops before its next write.
  */
 export class LeaseLostError extends EngineError {

@@ -1,5 +1,5 @@
 /**
- * gc's v3 commit plan (SPEC.md 20.8): for random repositories (blobs in one or two writers' segments, some
+ * gc's v3 commit plan (SPEC.md 19.8): for random repositories (blobs in one or two writers' segments, some
  * live, some copied by gc, unnamed packs old and young), the plan is cut short after every step in turn and
  * the store checked as a reader would find it: every live blob resolves to an entry in a pack that exists.
  * At the end: the old segments gone, only packs the new index names left (and the young unnamed ones). A

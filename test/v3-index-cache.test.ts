@@ -1,5 +1,5 @@
 /**
- * The per-host index cache (SPEC.md 20.4) on real LevelDB: slots for concurrent processes (LevelDB's own lock,
+ * The per-host index cache (SPEC.md 19.4) on real LevelDB: slots for concurrent processes (LevelDB's own lock,
  * in this process and from another one), incremental catch-up by segment names, the resolution rule whatever
  * the order segments arrive in, rebuilds when an ingested segment is gone or superseded, and when the cache
  * is damaged, of another repository, or lost.

@@ -1,5 +1,5 @@
 /**
- * Leases (SPEC.md 20.5, 20.6) in one process, over the memory backend with a fake clock: exclusivity under
+ * Leases (SPEC.md 19.5, 20.6) in one process, over the memory backend with a fake clock: exclusivity under
  * every interleaving a fast-check scheduler provokes among many acquirers; dead same-host holders broken at
  * once; other hosts' leases only after expiry plus twice the clock bound; the skew check against the store's
  * clock; a holder that is not refreshed in time, or whose lease is removed, stops with ENGINE_LEASE_LOST.
@@ -220,7 +220,7 @@ describe('holding', () => {
   });
 });
 
-describe('clock skew against the store (SPEC.md 20.6)', () => {
+describe('clock skew against the store (SPEC.md 19.6)', () => {
   test('within the bound works; beyond it, ENGINE_CLOCK_SKEW and no lease is left', async () => {
     for (const [offset, expected] of [[B - 2000, 'ok'], [-(B - 2000), 'ok'], [B + 2000, 'ENGINE_CLOCK_SKEW'], [-(B + 2000), 'ENGINE_CLOCK_SKEW']] as const) {
       const { clock, storage, processes } = setup(offset);

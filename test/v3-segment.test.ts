@@ -1,5 +1,5 @@
 /**
- * Index segments (SPEC.md 20.3): the encoding byte by byte (golden bytes), round trips plain and sealed, the
+ * Index segments (SPEC.md 19.3): the encoding byte by byte (golden bytes), round trips plain and sealed, the
  * decoder's refusals (every damaged, cut, extended or renamed segment gives a reason, never a throw or an
  * allocation sized by the input), and the resolution rules: superseded segments count for nothing, and of
  * several segments naming one blob the first by key wins.

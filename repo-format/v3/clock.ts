@@ -3,7 +3,7 @@
  * only ever injected; production code takes systemClock):
  *
  * - `wall()`: milliseconds since the epoch, the clock written into leases and compared across hosts
- *   (checked against the store's clock, SPEC.md 20.6);
+ *   (checked against the store's clock, SPEC.md 19.6);
  * - `monotonic()`: milliseconds that never go back nor jump with the wall clock: how long this process has
  *   held a lease without refreshing it (a wall clock stepped by NTP or an operator cannot extend that);
  * - `sleep()`: waits, ending early (ENGINE_INTERRUPTED) when the signal fires.

@@ -1,5 +1,5 @@
 /**
- * gc's commit in format version 3 (SPEC.md 20.8), as a typed plan decided before any change, and the one
+ * gc's commit in format version 3 (SPEC.md 19.8), as a typed plan decided before any change, and the one
  * function that carries out a step. The engine wiring (mark and copy under a shared lease, this commit
  * under the exclusive one) comes with the engine's v3 repository.
  *
@@ -106,7 +106,7 @@ export function planGcCommit(input: GcCommitInput): GcCommitPlan {
   return { refused: false, steps, kept };
 }
 
-/** Where a pack lives in the store (SPEC.md 20.2): packs/<first two hex digits>/<id>. */
+/** Where a pack lives in the store (SPEC.md 19.2): packs/<first two hex digits>/<id>. */
 export function packKey(packId: string): string {
   return `packs/${packId.slice(0, 2)}/${packId}`;
 }

@@ -1,5 +1,5 @@
 /**
- * The per-host index cache (SPEC.md 20.4): a LevelDB copy of the store's segments, so that deduplication asks
+ * The per-host index cache (SPEC.md 19.4): a LevelDB copy of the store's segments, so that deduplication asks
  * a local database and not the store. It is only a cache: the segments are the truth, and whatever happens to
  * the cache (lost, damaged, behind) is mended from them.
  *
@@ -41,7 +41,7 @@ const SEGMENT = 0x03;
 const FORMAT = 'v3-index-cache 1';
 const INGESTED = 1;
 const SUPERSEDED = 2;
-/** Slots per repository and host: more processes than this at once wait for one (SPEC.md 20.4). */
+/** Slots per repository and host: more processes than this at once wait for one (SPEC.md 19.4). */
 export const MAX_SLOTS = 64;
 /** Entries per LevelDB batch while ingesting one segment (one batch per segment when it is smaller). */
 const BATCH = 65536;
@@ -131,7 +131,7 @@ export class IndexCache {
     }
   }
 
-  /** Brings the cache up to the store's segments (SPEC.md 20.4): incremental, or a rebuild when it must. */
+  /** Brings the cache up to the store's segments (SPEC.md 19.4): incremental, or a rebuild when it must. */
   async catchUp(alreadyRebuilt?: string): Promise<CatchUpResult> {
     const { storage, signal } = this.options;
     const present: string[] = [];

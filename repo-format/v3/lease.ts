@@ -1,8 +1,8 @@
 /**
- * A lease (SPEC.md 20.5): the v3 lock. An object `leases/<id>.json` that says who holds the repository, how
+ * A lease (SPEC.md 19.5): the v3 lock. An object `leases/<id>.json` that says who holds the repository, how
  * (shared, exclusive-pending, exclusive) and until when. Unlike v1/v2's `lock` file it needs no shared file
  * system and no pid to be checked: a holder keeps it alive by rewriting it before it expires, and a holder
- * on another host is judged by its expiry alone, with the clock bound (20.6) as the margin. On the holder's
+ * on another host is judged by its expiry alone, with the clock bound (19.6) as the margin. On the holder's
  * own host (same host id and boot), a dead process is seen at once (boot id and process start time, as the
  * v1/v2 lock), so its lease is broken without waiting.
  *
@@ -109,7 +109,7 @@ export interface Observer {
   boot: string;
   /** The observer's wall clock now (ms since the epoch). */
   now: number;
-  /** The clock bound B (SPEC.md 20.6): each host's clock is within B of the store's. */
+  /** The clock bound B (SPEC.md 19.6): each host's clock is within B of the store's. */
   skewBoundMs: number;
 }
 

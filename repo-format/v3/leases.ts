@@ -1,5 +1,5 @@
 /**
- * The lease protocol (SPEC.md 20.5): shared and exclusive holds on a repository through objects in the store,
+ * The lease protocol (SPEC.md 19.5): shared and exclusive holds on a repository through objects in the store,
  * safe without compare-and-swap. What it needs of the store: create-if-absent, whole-object replace, and a
  * listing that reflects every put and delete completed before it started (Storage.properties
  * consistentListing; S3 and RGW give it, a local folder does).

@@ -1,5 +1,5 @@
 /**
- * Which segments count, and which entry a blob resolves to when several segments name it (SPEC.md 20.3).
+ * Which segments count, and which entry a blob resolves to when several segments name it (SPEC.md 19.3).
  *
  * - A segment is *superseded* when another segment present in the store lists it in its `supersedes`
  *   (gc's consolidation): from the moment the superseding segment is durable, the superseded one counts for

@@ -1,5 +1,5 @@
 /**
- * Index segments (format version 3, SPEC.md 20.3): the store's own index. Each writer lists the blobs of the
+ * Index segments (format version 3, SPEC.md 19.3): the store's own index. Each writer lists the blobs of the
  * packs it made in a segment, `index/<writer id>-<seq>`, written once (create-if-absent) after those packs are
  * durable and before any record that references them. The union of the segments is the index; the per-host
  * LevelDB (cache.ts) is only a copy of it.

@@ -16,7 +16,7 @@ import type { CallOptions, GetOptions, ListOptions, ObjectInfo, PutOptions, PutS
 
 /**
  * The local backend with `modified` from each file's mtime (what the lease protocol checks the clock against;
- * SPEC.md 20.6), until local.ts reports it itself.
+ * SPEC.md 19.6), until local.ts reports it itself.
  */
 class MtimeStorage implements Storage {
   readonly inner: LocalStorage;
