@@ -13,9 +13,9 @@ import { join, resolve } from 'node:path';
 const NODE = resolve('node_modules/.bin/node');
 const CHILD = resolve('test/v3-support/lease-child.ts');
 
-function runChild(args: string[]): Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }> {
+function runChild(args: string[], env: Record<string, string> = {}): Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }> {
   return new Promise((done) => {
-    const child = spawn(NODE, ['--no-warnings', CHILD, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn(NODE, ['--no-warnings', CHILD, ...args], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...env } });
     let stderr = '';
     child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
     child.on('exit', (code, signal) => done({ code, signal, stderr }));
@@ -81,6 +81,24 @@ describe('leases between processes', () => {
       expect(lines[1]).toMatch(/^broken exclusive \d+ dead by \d+$/);
       expect(lines.slice(2)).toEqual([expect.stringMatching(/^enter shared/), expect.stringMatching(/^exit shared/)]);
       expect(await readdir(join(root, 'leases'))).toEqual([]);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a holder on another host (another host id) killed with SIGKILL is broken only once its lease expired', async () => {
+    const { dir, root, log, cache } = await scratch();
+    try {
+      // Short leases, so that expiry comes within the test: T = 4 s, B = 0.5 s.
+      const short = { LEASE_MS: '4000', SKEW_MS: '500' };
+      const dying = await runChild([root, log, join(dir, 'other-host-cache'), 'exclusive', '1', 'die-holding'], short);
+      expect(dying.signal).toBe('SIGKILL');
+      const next = await runChild([root, log, cache, 'shared', '1'], short);
+      expect(next, next.stderr).toMatchObject({ code: 0 });
+      const lines = (await readFile(log, 'utf8')).trim().split('\n');
+      // Its pid is dead here too, but a pid of another host means nothing: it was judged by its expiry.
+      expect(lines[1]).toMatch(/^broken exclusive \d+ expired by \d+$/);
+      expect(lines.slice(2)).toEqual([expect.stringMatching(/^enter shared/), expect.stringMatching(/^exit shared/)]);
     } finally {
       await rm(dir, { recursive: true, force: true });
     }

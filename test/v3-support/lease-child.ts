@@ -2,6 +2,7 @@
  * One OS process of the lease tests (v3-leases-processes.test.ts), run by Node as it is (type stripping, so
  * erasable syntax only):
  *   lease-child.ts ROOT LOG CACHE KIND ROUNDS [die-holding]
+ * CACHE is the host's cache directory: its host-id makes the process's host (two directories, two hosts).
  * Takes a KIND (shared | exclusive) lease on the folder repository ROOT ROUNDS times; while holding, appends
  * "enter"/"exit" lines to LOG (O_APPEND: one total order of events across processes). With die-holding it
  * takes the lease once, says so, and kills itself with SIGKILL while holding it.
@@ -70,8 +71,9 @@ const leases = new Leases({
   clock: systemClock,
   holder: thisProcess(await hostIdOf(cache)),
   probe: processProbe,
-  // Leases far longer than the test: only release, or a dead process seen on this host, frees one.
-  timing: { leaseMs: 600_000, skewBoundMs: 60_000, pollMs: 20 },
+  // By default leases far longer than the test: only release, or a dead process seen on this host, frees
+  // one. LEASE_MS and SKEW_MS shorten them for the tests of expiry across hosts.
+  timing: { leaseMs: Number(process.env.LEASE_MS ?? 600_000), skewBoundMs: Number(process.env.SKEW_MS ?? 60_000), pollMs: 20 },
   onBroken: (lease, state) => appendFileSync(log, `broken ${lease.kind} ${lease.pid} ${state} by ${process.pid}\n`),
 });
 const rounds = Number(roundsText ?? '1');
