@@ -173,6 +173,49 @@ describe('acquiring', () => {
   });
 });
 
+describe('refusals', () => {
+  test('one gc at a time: a second shared lease with the same command and `alone` is refused at once, a backup is not', async () => {
+    const { clock, storage, processes } = setup();
+    const gc = await new Leases(context(storage, clock, holder(1), processes)).acquireShared({ command: 'gc', alone: true });
+    const backup = await new Leases(context(storage, clock, holder(2), processes)).acquireShared({ command: 'backup', alone: false });
+    const second = new Leases(context(storage, clock, holder(3), processes)).acquireShared({ command: 'gc', alone: true, waitMs: 60_000 });
+    await expect(second).rejects.toMatchObject({ code: 'ENGINE_REPOSITORY_LOCKED', details: { holder: { pid: holder(1).pid } } });
+    expect((await keysOf(storage)).sort()).toEqual([gc.key, backup.key].sort());
+    await gc.release();
+    await backup.release();
+  });
+
+  test('waiting in vain names the holder and the way out (unlock --force, once its holder has stopped)', async () => {
+    const { clock, storage, processes } = setup();
+    const held = await new Leases(context(storage, clock, holder(1, 'b'.repeat(32), 'boot-b'), processes)).acquireExclusive({ command: 'gc' });
+    const refusal = new Leases(context(storage, clock, holder(2), processes)).acquireShared({ command: 'backup' });
+    await expect(refusal).rejects.toMatchObject({ code: 'ENGINE_REPOSITORY_LOCKED', details: { remedies: [{ kind: 'unlock', force: true, removes: `the lease ${held.key}` }] } });
+    // An unreadable lease counts as held, of any kind, and says so.
+    await storage.put('leases/' + 'e'.repeat(32) + '.json', Buffer.from('not json'));
+    await held.release();
+    await expect(new Leases(context(storage, clock, holder(2), processes)).acquireShared({ command: 'backup' })).rejects.toThrow(/cannot be read \(not JSON\)/);
+  });
+
+  test('a store whose listings may miss completed writes is refused: write-then-look would not be safe on it', () => {
+    const { clock, processes } = setup();
+    const memory = new MemoryStorage();
+    Object.assign(memory.properties, { consistentListing: false });
+    const storage = new ClockedStorage(memory, () => clock.wall());
+    expect(() => new Leases(context(storage, clock, holder(1), processes))).toThrow(expect.objectContaining({ code: 'ENGINE_STORAGE', message: expect.stringMatching(/leases cannot be trusted/) }));
+  });
+
+  test('a lease written whose check then fails (the stat lost) is deleted again', async () => {
+    const { clock, processes } = setup();
+    let failStat = true;
+    const storage = new ClockedStorage(new MemoryStorage(), () => clock.wall(), async (what) => {
+      if (failStat && what.startsWith('stat')) throw new Error('connection reset');
+    });
+    await expect(new Leases(context(storage, clock, holder(1), processes)).acquireExclusive({ command: 'gc' })).rejects.toThrow('connection reset');
+    failStat = false;
+    expect(await keysOf(storage)).toEqual([]);
+  });
+});
+
 describe('holding', () => {
   test('keepAlive refreshes every T/3; a holder not refreshed within T − B stops', async () => {
     const { clock, storage, processes } = setup();

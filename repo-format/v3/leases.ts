@@ -29,7 +29,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { ClockSkewError, EngineError, LeaseLostError, RepositoryLockedError } from '../errors.js';
-import { isStorageError } from '../storage/storage-error.js';
+import { isStorageError, StorageError } from '../storage/storage-error.js';
 import type { Storage } from '../storage/storage.js';
 import type { Clock } from './clock.js';
 import {
@@ -79,6 +79,8 @@ export interface LeaseContext {
 export interface AcquireOptions {
   /** What the lease is for: backup, restore, gc … (shown to whoever waits). */
   command: string;
+  /** Shared leases: refuse (ENGINE_REPOSITORY_LOCKED, without waiting) when another live lease has the same command (one gc at a time). */
+  alone?: boolean | undefined;
   /** How long to wait for conflicting holders before ENGINE_REPOSITORY_LOCKED; 0: do not wait. */
   waitMs?: number | undefined;
   signal?: AbortSignal | undefined;
@@ -102,8 +104,16 @@ function asLockHolder(lease: Lease): { pid: number; hostname: string; since: str
 
 function lockedError(storage: Storage, blocker: Seen | undefined, waitedMs: number): RepositoryLockedError {
   const where = storage.properties.location;
-  if (blocker?.lease) return new RepositoryLockedError(where, asLockHolder(blocker.lease), { condition: `waited ${Math.round(waitedMs / 1000)} s for it` });
-  return new RepositoryLockedError(where, undefined, { condition: `the lease ${blocker?.key ?? '?'} cannot be read (${blocker && !blocker.lease ? blocker.why : 'unknown'}); it counts as held until removed` });
+  if (blocker?.lease) {
+    return new RepositoryLockedError(where, asLockHolder(blocker.lease), {
+      condition: `waited ${Math.round(waitedMs / 1000)} s for it`,
+      remedy: { kind: 'unlock', repo: where, force: true, removes: `the lease ${blocker.key}`, when: 'its holder has stopped (it is removed by itself once it expires)' },
+    });
+  }
+  return new RepositoryLockedError(where, undefined, {
+    condition: `the lease ${blocker?.key ?? '?'} cannot be read (${blocker && !blocker.lease ? blocker.why : 'unknown'}); it counts as held until removed`,
+    remedy: { kind: 'unlock', repo: where, force: true, removes: `the lease ${blocker?.key ?? '?'}` },
+  });
 }
 
 /**
@@ -279,6 +289,13 @@ export class Leases {
 
   constructor(private readonly context: LeaseContext) {
     this.timing = timingOf(context);
+    // Write-then-look is safe only if a listing shows every lease written before it started.
+    if (!context.storage.properties.consistentListing) {
+      throw new StorageError('refused', `${context.storage.properties.location}: the store does not promise listings that show every completed write; leases cannot be trusted on it`, {
+        location: context.storage.properties.location,
+        operation: 'lease',
+      });
+    }
   }
 
   private newLease(kind: LeaseKind, command: string): HeldLease {
@@ -331,6 +348,16 @@ export class Leases {
     return seen;
   }
 
+  /** Creates the lease; if anything fails after the put (the stat, the skew check), it is deleted again. */
+  private async create(held: HeldLease, kind: LeaseKind, signal: AbortSignal | undefined): Promise<void> {
+    try {
+      await held.write(kind, true, signal);
+    } catch (error) {
+      await this.context.storage.delete(held.key).catch(() => undefined);
+      throw error;
+    }
+  }
+
   private async pause(signal: AbortSignal | undefined): Promise<void> {
     const { pollMs } = this.timing;
     await this.context.clock.sleep(pollMs / 2 + Math.random() * pollMs, signal);
@@ -346,12 +373,20 @@ export class Leases {
       let blocker = (await this.survey(undefined, options.signal)).find(blocks);
       if (!blocker) {
         const held = this.newLease('shared', options.command);
-        await held.write('shared', true, options.signal);
+        await this.create(held, 'shared', options.signal);
+        let others: Seen[];
         try {
-          blocker = (await this.survey(held.key, options.signal)).find(blocks);
+          others = await this.survey(held.key, options.signal);
         } catch (error) {
           await this.context.storage.delete(held.key).catch(() => undefined);
           throw error;
+        }
+        blocker = others.find(blocks);
+        // One at a time (gc), by the same write-then-look: of two at once, at least one sees the other.
+        const twin = options.alone ? others.find((seen) => seen.lease?.command === options.command) : undefined;
+        if (!blocker && twin) {
+          await this.context.storage.delete(held.key);
+          throw lockedError(this.context.storage, twin, 0);
         }
         if (!blocker) return held;
         await this.context.storage.delete(held.key);
@@ -368,7 +403,7 @@ export class Leases {
     const outOfTime = (): boolean => clock.monotonic() - started >= (options.waitMs ?? 0);
     for (;;) {
       const held = this.newLease('exclusive-pending', options.command);
-      await held.write('exclusive-pending', true, options.signal);
+      await this.create(held, 'exclusive-pending', options.signal);
       let lastBlocker: Seen | undefined;
       try {
         for (;;) {
