@@ -216,6 +216,35 @@ describe('refusals', () => {
   });
 });
 
+describe('unlock', () => {
+  test('removes dead and expired leases; keeps live and unreadable ones unless forced', async () => {
+    const { clock, storage, processes } = setup();
+    const live = await new Leases(context(storage, clock, holder(3), processes)).acquireShared({ command: 'restore' });
+    live.keepAlive();
+    const dead = await new Leases(context(storage, clock, holder(1), processes)).acquireShared({ command: 'backup' });
+    processes.dead.add(holder(1).pid);
+    const remote = await new Leases(context(storage, clock, holder(2, 'b'.repeat(32), 'boot-b'), processes)).acquireShared({ command: 'backup' });
+    await clock.advance(T + 2 * B + 1000);
+    const unreadable = 'leases/' + 'e'.repeat(32) + '.json';
+    await storage.put(unreadable, Buffer.from('{"version": 1'));
+    const unlocker = new Leases(context(storage, clock, holder(4), processes));
+    const first = await unlocker.unlock({ force: false });
+    expect(first.map((u) => [u.key, u.state, u.removed])).toEqual([
+      [dead.key, 'dead', true],
+      [remote.key, 'expired', true],
+      [live.key, 'live', false],
+      [unreadable, 'unreadable', false],
+    ].sort((a, b) => ((a[0] as string) < (b[0] as string) ? -1 : 1)));
+    const forced = await unlocker.unlock({ force: true });
+    expect(forced.map((u) => u.removed)).toEqual([true, true]);
+    expect(await keysOf(storage)).toEqual([]);
+    // The holder of the forced lease finds out at its next refresh.
+    await clock.advance(T / 3 + 1);
+    expect(live.lost.aborted).toBe(true);
+    expect(() => live.assertHeld()).toThrow(/removed by another process/);
+  });
+});
+
 describe('holding', () => {
   test('keepAlive refreshes every T/3; a holder not refreshed within T − B stops', async () => {
     const { clock, storage, processes } = setup();

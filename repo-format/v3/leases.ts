@@ -86,6 +86,14 @@ export interface AcquireOptions {
   signal?: AbortSignal | undefined;
 }
 
+/** What `unlock` found of one lease, and whether it removed it. */
+export interface UnlockedLease {
+  key: string;
+  lease: Lease | undefined;
+  state: LeaseState | 'unreadable';
+  removed: boolean;
+}
+
 /** Another lease seen by an acquirer: decoded, or unreadable (damaged: counted as live and of any kind). */
 type Seen = { key: string; lease: Lease } | { key: string; lease: undefined; why: string };
 
@@ -346,6 +354,36 @@ export class Leases {
       this.context.onBroken?.(lease, state);
     }
     return seen;
+  }
+
+  /**
+   * `engine unlock` in version 3 (SPEC.md 19.5): removes dead and expired leases, and with `force` every
+   * lease, live or unreadable (whose holder, if it still works, then loses it at its next refresh).
+   */
+  async unlock(options: { force: boolean; signal?: AbortSignal | undefined }): Promise<UnlockedLease[]> {
+    const { storage, clock, probe, holder } = this.context;
+    const result: UnlockedLease[] = [];
+    for await (const info of storage.list(LEASE_PREFIX, { signal: options.signal })) {
+      if (leaseIdOfKey(info.key) === undefined) continue;
+      let state: UnlockedLease['state'];
+      let lease: Lease | undefined;
+      try {
+        const decoded = decodeLease(await storage.get(info.key, { maxSize: LEASE_MAX_SIZE, signal: options.signal }), info.key);
+        if (typeof decoded === 'string') state = 'unreadable';
+        else {
+          lease = decoded;
+          state = judgeLease(decoded, { host: holder.host, boot: holder.boot, now: clock.wall(), skewBoundMs: this.timing.skewBoundMs }, probe);
+        }
+      } catch (error) {
+        if (isStorageError(error, 'not-found')) continue;
+        if (!isStorageError(error, 'too-large')) throw error;
+        state = 'unreadable';
+      }
+      const removed = state === 'dead' || state === 'expired' || options.force;
+      if (removed) await storage.delete(info.key, { signal: options.signal });
+      result.push({ key: info.key, lease, state, removed });
+    }
+    return result;
   }
 
   /** Creates the lease; if anything fails after the put (the stat, the skew check), it is deleted again. */
