@@ -83,16 +83,16 @@ describe('catch-up', () => {
     await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1'), entry(2, 'a1', 132)] });
     await store(storage, { name: name('b'), supersedes: [], entries: [entry(3, 'b1')] });
     const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
-    expect(catchUp).toEqual({ ingested: 2, entries: 3, rebuilt: undefined });
+    expect(catchUp).toEqual({ ingested: 2, entries: 3, rebuilt: undefined, damaged: [] });
     await store(storage, { name: name('c'), supersedes: [], entries: [entry(4, 'c1')] });
-    expect(await cache.catchUp()).toEqual({ ingested: 1, entries: 1, rebuilt: undefined });
-    expect(await cache.catchUp()).toEqual({ ingested: 0, entries: 0, rebuilt: undefined });
+    expect(await cache.catchUp()).toEqual({ ingested: 1, entries: 1, rebuilt: undefined, damaged: [] });
+    expect(await cache.catchUp()).toEqual({ ingested: 0, entries: 0, rebuilt: undefined, damaged: [] });
     const found = await cache.lookup([Buffer.alloc(32, 1), Buffer.alloc(32, 4), Buffer.alloc(32, 9)]);
     expect(found.map((l) => l?.packId)).toEqual(['a1'.repeat(16), 'c1'.repeat(16), undefined]);
     await cache.close();
     // Reopened: nothing to fetch.
     const again = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
-    expect(again.catchUp).toEqual({ ingested: 0, entries: 0, rebuilt: undefined });
+    expect(again.catchUp).toEqual({ ingested: 0, entries: 0, rebuilt: undefined, damaged: [] });
     expect(await again.cache.counts()).toEqual({ segments: 3, blobs: 4 });
     await again.cache.close();
   });
@@ -143,8 +143,26 @@ describe('catch-up', () => {
     const { cache } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage, dataKey });
     expect((await cache.lookup([Buffer.alloc(32, 1)]))[0]?.packId).toBe('a1'.repeat(16));
     await cache.close();
-    // Without the key the segment is damaged to the reader, and said so with its name.
-    await expect(IndexCache.open({ cacheRoot: await cacheRoot(), repositoryId: REPO, storage })).rejects.toMatchObject({ code: 'ENGINE_CORRUPT_METADATA', message: expect.stringContaining(segmentKey(name('a'))) });
+    // Without the key the segment cannot be read: reported by name, not ingested.
+    const keyless = await IndexCache.open({ cacheRoot: await cacheRoot(), repositoryId: REPO, storage });
+    expect(keyless.catchUp.damaged).toEqual([{ key: segmentKey(name('a')), why: expect.stringMatching(/not a segment/) }]);
+    await keyless.cache.close();
+  });
+
+  test('a segment cut short or altered behind the engine: reported, skipped, tried again; the others ingested', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1'), entry(2, 'a1', 132)] });
+    await store(storage, { name: name('b'), supersedes: [], entries: [entry(3, 'b1')] });
+    const whole = await storage.get(segmentKey(name('a')));
+    await storage.put(segmentKey(name('a')), whole.subarray(0, whole.length - 70));
+    const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(catchUp).toEqual({ ingested: 1, entries: 1, rebuilt: undefined, damaged: [{ key: segmentKey(name('a')), why: expect.stringMatching(/counts need/) }] });
+    expect((await cache.lookup([Buffer.alloc(32, 1), Buffer.alloc(32, 3)])).map((l) => l?.packId)).toEqual([undefined, 'b1'.repeat(16)]);
+    // Restored (from a copy): the next catch-up ingests it.
+    await storage.put(segmentKey(name('a')), whole);
+    expect(await cache.catchUp()).toEqual({ ingested: 1, entries: 2, rebuilt: undefined, damaged: [] });
+    await cache.close();
   });
 });
 
@@ -199,7 +217,7 @@ describe('a rebuild cut short', () => {
     expect((await again.cache.lookup([Buffer.alloc(32, 1), Buffer.alloc(32, 2)])).map((l) => l?.packId)).toEqual([undefined, 'b1'.repeat(16)]);
     await again.cache.close();
     const third = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
-    expect(third.catchUp).toEqual({ ingested: 0, entries: 0, rebuilt: undefined });
+    expect(third.catchUp).toEqual({ ingested: 0, entries: 0, rebuilt: undefined, damaged: [] });
     await third.cache.close();
   });
 });

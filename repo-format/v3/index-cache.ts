@@ -29,8 +29,21 @@ import { CorruptMetadataError, classifyWriteError, NoSpaceError } from '../error
 import { ensurePrivateDirectory, makeTreePrivate } from '../file-modes.js';
 import { decodeLocation, encodeLocation, type BlobLocation } from '../index-entry.js';
 import { INDEX_ENTRY_SIZE } from '../constants.js';
-import { compareKeys, type Storage } from '../storage/storage.js';
-import { decodeSegment, parseSegmentKey, segmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGMENT_PREFIX, type Segment } from './segment.js';
+import type { Storage } from '../storage/storage.js';
+import {
+  decodeSegment,
+  decodeSegmentHeader,
+  decodeSupersededNames,
+  parseSegmentKey,
+  segmentKey,
+  SEGMENT_HEADER_SIZE,
+  SEGMENT_MAX_OBJECT_SIZE,
+  SEGMENT_NAME_SIZE,
+  SEGMENT_PREFIX,
+  type Segment,
+  type SegmentName,
+} from './segment.js';
+import { isStorageError } from '../storage/storage-error.js';
 import { segmentWins } from './segment-set.js';
 
 type Db = ClassicLevel<Buffer, Buffer>;
@@ -83,6 +96,8 @@ export interface CatchUpResult {
   entries: number;
   /** Why the cache started again from the store's segments, if it did. */
   rebuilt: string | undefined;
+  /** Segments that could not be read (not ingested: their blobs count as absent until they can be). */
+  damaged: { key: string; why: string }[];
 }
 
 export class IndexCache {
@@ -131,7 +146,11 @@ export class IndexCache {
     }
   }
 
-  /** Brings the cache up to the store's segments (SPEC.md 19.4): incremental, or a rebuild when it must. */
+  /**
+   * Brings the cache up to the store's segments (SPEC.md 19.4): incremental, or a rebuild when it must.
+   * Memory holds one segment at a time and the superseded names of the new ones: a first pass reads what
+   * each new segment supersedes (its header and names only, in a plain repository), the second ingests.
+   */
   async catchUp(alreadyRebuilt?: string): Promise<CatchUpResult> {
     const { storage, signal } = this.options;
     const present: string[] = [];
@@ -142,28 +161,35 @@ export class IndexCache {
     let rebuilt: string | undefined = alreadyRebuilt;
     const gone = [...this.known.entries()].find(([key, { state }]) => state === INGESTED && !presentSet.has(key));
     if (gone) rebuilt = await this.reset(`segment ${gone[0]} it ingested is gone from the store`);
-    // Fetch what is new, in key order; a segment superseding one ingested earlier forces a rebuild.
-    const fresh: Segment[] = [];
-    for (const key of present) {
-      if (this.known.has(key)) continue;
-      fresh.push(await this.fetch(key));
-    }
+    const damaged: { key: string; why: string }[] = [];
+    const met = new Set<string>();
     const supersededNow = new Set<string>();
-    for (const segment of fresh) for (const old of segment.supersedes) if (presentSet.has(segmentKey(old))) supersededNow.add(segmentKey(old));
+    const meet = async (key: string): Promise<void> => {
+      const supersedes = await this.supersedesOf(key);
+      if (typeof supersedes === 'string') {
+        damaged.push({ key, why: supersedes });
+        return;
+      }
+      met.add(key);
+      for (const old of supersedes) if (presentSet.has(segmentKey(old))) supersededNow.add(segmentKey(old));
+    };
+    for (const key of present) if (!this.known.has(key)) await meet(key);
     const hit = [...supersededNow].find((key) => this.known.get(key)?.state === INGESTED);
     if (hit) {
       rebuilt = await this.reset(`segment ${hit} it ingested was superseded`);
-      // Everything present is new again: fetch what this pass has not fetched.
-      const have = new Set(fresh.map((segment) => segmentKey(segment.name)));
-      for (const key of present) if (!have.has(key)) fresh.push(await this.fetch(key));
-      fresh.sort((a, b) => compareKeys(segmentKey(a.name), segmentKey(b.name)));
+      for (const key of present) if (!met.has(key) && !damaged.some((d) => d.key === key)) await meet(key);
     }
     let ingested = 0;
     let entries = 0;
-    for (const segment of fresh) {
-      const key = segmentKey(segment.name);
+    for (const key of present) {
+      if (this.known.has(key) || !met.has(key)) continue;
       if (supersededNow.has(key)) {
         await this.record(key, SUPERSEDED, []);
+        continue;
+      }
+      const segment = await this.fetch(key);
+      if (typeof segment === 'string') {
+        damaged.push({ key, why: segment });
         continue;
       }
       await this.ingest(segment);
@@ -174,14 +200,39 @@ export class IndexCache {
       await this.db.del(metaKey('rebuilding'), { sync: true });
       this.options.onRebuild?.(rebuilt);
     }
-    return { ingested, entries, rebuilt };
+    // A damaged segment is not recorded: it is tried again at the next catch-up (and verify reports it).
+    return { ingested, entries, rebuilt, damaged };
   }
 
-  private async fetch(key: string): Promise<Segment> {
-    const bytes = await this.options.storage.get(key, { maxSize: SEGMENT_MAX_OBJECT_SIZE, signal: this.options.signal });
-    const segment = decodeSegment(bytes, key, { dataKey: this.options.dataKey });
-    if (typeof segment === 'string') throw new CorruptMetadataError(`index segment ${key}`, segment);
-    return segment;
+  /** The segment under `key`, or why it is damaged. */
+  private async fetch(key: string): Promise<Segment | string> {
+    let bytes: Buffer;
+    try {
+      bytes = await this.options.storage.get(key, { maxSize: SEGMENT_MAX_OBJECT_SIZE, signal: this.options.signal });
+    } catch (error) {
+      if (isStorageError(error, 'too-large')) return 'larger than any segment';
+      throw error;
+    }
+    return decodeSegment(bytes, key, { dataKey: this.options.dataKey });
+  }
+
+  /** What the segment under `key` supersedes: from its header and names alone when plain, else whole. */
+  private async supersedesOf(key: string): Promise<SegmentName[] | string> {
+    if (this.options.dataKey) {
+      const segment = await this.fetch(key);
+      return typeof segment === 'string' ? segment : segment.supersedes;
+    }
+    const { storage, signal } = this.options;
+    try {
+      const header = decodeSegmentHeader(await storage.get(key, { range: { offset: 0, length: SEGMENT_HEADER_SIZE }, signal }));
+      if (typeof header === 'string') return header;
+      if (header.superseded === 0) return [];
+      const names = await storage.get(key, { range: { offset: SEGMENT_HEADER_SIZE, length: header.superseded * SEGMENT_NAME_SIZE }, signal });
+      return decodeSupersededNames(names, 0, header.superseded, header.name);
+    } catch (error) {
+      if (isStorageError(error, 'out-of-range')) return 'shorter than its header says';
+      throw error;
+    }
   }
 
   /** Empties the cache (a rebuild follows); returns why, for the result. */

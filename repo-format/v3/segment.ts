@@ -149,9 +149,19 @@ export function encodeSegment(segment: Segment, options: SegmentCodecOptions = {
   return options.dataKey ? sealMetadata(options.dataKey, plain, segmentKey(segment.name)) : plain;
 }
 
-/** A decoded segment, or why the bytes are not one (the caller names the object). */
-export function decodeSegmentPlain(bytes: Buffer, expected?: SegmentName): Segment | string {
-  if (bytes.length < SEGMENT_HEADER_SIZE + SEGMENT_TRAILER_SIZE) return `too short for a segment (${bytes.length} bytes)`;
+export interface SegmentHeader {
+  name: SegmentName;
+  /** Entries. */
+  count: number;
+  /** Superseded names, which follow the header. */
+  superseded: number;
+  /** The whole segment's length, as the counts give it. */
+  size: number;
+}
+
+/** The header (the first SEGMENT_HEADER_SIZE bytes of a plain segment), or why it is not a segment's. */
+export function decodeSegmentHeader(bytes: Buffer): SegmentHeader | string {
+  if (bytes.length < SEGMENT_HEADER_SIZE) return `too short for a segment (${bytes.length} bytes)`;
   if (!bytes.subarray(0, 4).equals(SEGMENT_MAGIC)) return 'not a segment (no ESEG magic)';
   const version = bytes.readUInt16LE(4);
   if (version !== SEGMENT_VERSION) return `unknown segment version ${version}`;
@@ -161,20 +171,34 @@ export function decodeSegmentPlain(bytes: Buffer, expected?: SegmentName): Segme
   if (count > SEGMENT_MAX_ENTRIES) return `${count} entries, more than the ${SEGMENT_MAX_ENTRIES} a segment may hold`;
   if (superseded > SEGMENT_MAX_SUPERSEDED) return `${superseded} superseded segments, more than ${SEGMENT_MAX_SUPERSEDED}`;
   const size = SEGMENT_HEADER_SIZE + superseded * SEGMENT_NAME_SIZE + count * SEGMENT_ENTRY_SIZE + SEGMENT_TRAILER_SIZE;
+  return { name: { writer: bytes.toString('hex', 8, 24), seq: bytes.readUInt32LE(24) }, count, superseded, size };
+}
+
+/** The superseded names in `bytes` (20 bytes each, from `at`), or why they are not in order. */
+export function decodeSupersededNames(bytes: Buffer, at: number, count: number, own: SegmentName): SegmentName[] | string {
+  const supersedes: SegmentName[] = [];
+  for (let i = 0; i < count; i++, at += SEGMENT_NAME_SIZE) {
+    const old: SegmentName = { writer: bytes.toString('hex', at, at + PACK_ID_SIZE), seq: bytes.readUInt32LE(at + PACK_ID_SIZE) };
+    if (i > 0 && compareNames(supersedes[i - 1]!, old) >= 0) return 'superseded segments are not strictly ascending';
+    if (compareNames(old, own) === 0) return 'the segment supersedes itself';
+    supersedes.push(old);
+  }
+  return supersedes;
+}
+
+/** A decoded segment, or why the bytes are not one (the caller names the object). */
+export function decodeSegmentPlain(bytes: Buffer, expected?: SegmentName): Segment | string {
+  if (bytes.length < SEGMENT_HEADER_SIZE + SEGMENT_TRAILER_SIZE) return `too short for a segment (${bytes.length} bytes)`;
+  const header = decodeSegmentHeader(bytes);
+  if (typeof header === 'string') return header;
+  const { name, count, superseded, size } = header;
   if (bytes.length !== size) return `${bytes.length} bytes, where its counts need ${size}`;
   const body = size - SEGMENT_TRAILER_SIZE;
   if (bytes.readBigUInt64LE(body) !== checksum64(bytes.subarray(0, body))) return 'checksum mismatch';
-  const name: SegmentName = { writer: bytes.toString('hex', 8, 24), seq: bytes.readUInt32LE(24) };
   if (expected && compareNames(name, expected) !== 0) return `it names itself ${segmentKey(name)}, not ${segmentKey(expected)}`;
-  const supersedes: SegmentName[] = [];
-  let at = SEGMENT_HEADER_SIZE;
-  for (let i = 0; i < superseded; i++) {
-    const old: SegmentName = { writer: bytes.toString('hex', at, at + PACK_ID_SIZE), seq: bytes.readUInt32LE(at + PACK_ID_SIZE) };
-    if (i > 0 && compareNames(supersedes[i - 1]!, old) >= 0) return 'superseded segments are not strictly ascending';
-    if (compareNames(old, name) === 0) return 'the segment supersedes itself';
-    supersedes.push(old);
-    at += SEGMENT_NAME_SIZE;
-  }
+  const supersedes = decodeSupersededNames(bytes, SEGMENT_HEADER_SIZE, superseded, name);
+  if (typeof supersedes === 'string') return supersedes;
+  let at = SEGMENT_HEADER_SIZE + superseded * SEGMENT_NAME_SIZE;
   const entries: SegmentEntry[] = new Array<SegmentEntry>(count);
   for (let i = 0; i < count; i++) {
     const id = Buffer.from(bytes.subarray(at, at + ID_SIZE));
