@@ -366,4 +366,61 @@ describe('exclusivity under provoked interleavings', () => {
       { numRuns: 150 },
     );
   });
+
+  test('with short leases that expire: no holder acts while its lease could be judged expired by another', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.scheduler(),
+        fc.array(fc.record({ kind: fc.constantFrom('shared', 'exclusive'), steps: fc.integer({ min: 1, max: 12 }), remote: fc.boolean(), refreshes: fc.boolean(), skew: fc.constantFrom(-0.9, 0, 0.9) }), { minLength: 2, maxLength: 5 }),
+        async (s, plans) => {
+          // Time moves whenever anyone sleeps, in steps of a few seconds. The store keeps true time; each
+          // other host's wall clock is off by up to 0.9 B, ahead or behind (within the bound, so allowed).
+          const clock = new FakeClock(async () => { await s.schedule(Promise.resolve(), 'sleep'); });
+          const storage = new ClockedStorage(new MemoryStorage(), () => clock.wall(), async (what) => { await s.schedule(Promise.resolve(), what); });
+          const processes = new FakeProcesses();
+          const timing = { leaseMs: 6_000, skewBoundMs: 1_400, pollMs: 500 };
+          // Events in the order they happen (one thread): a holder's interval runs from its acquisition to its last act.
+          let tick = 0;
+          const intervals: { n: number; kind: string; from: number; to: number; at: number[] }[] = [];
+          const run = async (plan: (typeof plans)[number], n: number): Promise<void> => {
+            const who = holder(n, plan.remote ? String(n + 1).repeat(32) : 'a'.repeat(32), plan.remote ? `boot-${n}` : 'boot-a');
+            const offset = plan.remote ? plan.skew * timing.skewBoundMs : 0;
+            const hostClock = { wall: () => clock.wall() + offset, monotonic: () => clock.monotonic(), sleep: (ms: number, signal?: AbortSignal) => clock.sleep(ms, signal) };
+            const leases = new Leases({ storage, clock: hostClock, holder: who, probe: processes.probe, timing });
+            let held: HeldLease;
+            try {
+              held = plan.kind === 'exclusive' ? await leases.acquireExclusive({ command: 'gc', waitMs: 60_000 }) : await leases.acquireShared({ command: 'backup', waitMs: 60_000 });
+            } catch (error) {
+              if (error instanceof EngineError && error.code === 'ENGINE_REPOSITORY_LOCKED') return;
+              throw error;
+            }
+            const interval = { n, kind: plan.kind, from: tick++, to: tick, at: [clock.monotonic()] };
+            intervals.push(interval);
+            for (let step = 0; step < plan.steps; step++) {
+              // Work between acts takes time (1 s: an unrefreshed lease runs out after a few acts).
+              await clock.sleep(1_000);
+              if (plan.refreshes) await held.refresh().catch(() => undefined);
+              try {
+                held.assertHeld();
+              } catch {
+                return; // it stops, leaving its lease behind like a dead process
+              }
+              interval.to = tick++;
+              interval.at.push(clock.monotonic());
+            }
+            await held.release();
+          };
+          await s.waitFor(Promise.all(plans.map((plan, n) => run(plan, n))));
+          for (const a of intervals) {
+            for (const b of intervals) {
+              if (a.n >= b.n || (a.kind === 'shared' && b.kind === 'shared')) continue;
+              const overlap = a.from < b.to && b.from < a.to;
+              expect(overlap, `${a.kind} ${a.n} [${a.from}, ${a.to}] at ${a.at} and ${b.kind} ${b.n} [${b.from}, ${b.to}] at ${b.at}`).toBe(false);
+            }
+          }
+        },
+      ),
+      { numRuns: 300 },
+    );
+  });
 });

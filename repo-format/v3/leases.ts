@@ -30,7 +30,7 @@
 import { randomBytes } from 'node:crypto';
 import { ClockSkewError, EngineError, LeaseLostError, RepositoryLockedError } from '../errors.js';
 import { isStorageError, StorageError } from '../storage/storage-error.js';
-import type { Storage } from '../storage/storage.js';
+import type { ObjectInfo, Storage } from '../storage/storage.js';
 import type { Clock } from './clock.js';
 import {
   decodeLease,
@@ -193,7 +193,15 @@ export class HeldLease {
     const next: Lease = { ...this.lease, kind, expires: new Date(wallBefore + this.timing.leaseMs).toISOString() };
     await storage.put(this.key, encodeLease(next), { ifAbsent: create, signal });
     const wallAfter = clock.wall();
-    const info = await storage.stat(this.key, { signal });
+    let info: ObjectInfo;
+    try {
+      info = await storage.stat(this.key, { signal });
+    } catch (error) {
+      if (!isStorageError(error, 'not-found')) throw error;
+      // Broken between the put and the stat: judged expired (a stalled process) by another.
+      this.markLost('it was removed by another process');
+      throw new LeaseLostError(storage.properties.location, this.key, 'it was removed by another process');
+    }
     this.lease = next;
     const skewProblem = checkSkew(wallBefore, wallAfter, info.modified, this.timing.skewBoundMs);
     if (skewProblem) {
@@ -386,12 +394,17 @@ export class Leases {
     return result;
   }
 
-  /** Creates the lease; if anything fails after the put (the stat, the skew check), it is deleted again. */
-  private async create(held: HeldLease, kind: LeaseKind, signal: AbortSignal | undefined): Promise<void> {
+  /**
+   * Creates the lease; if anything fails after the put (the stat, the skew check), it is deleted again.
+   * False when it was broken by another before it could be checked (a stalled process): try again.
+   */
+  private async create(held: HeldLease, kind: LeaseKind, signal: AbortSignal | undefined): Promise<boolean> {
     try {
       await held.write(kind, true, signal);
+      return true;
     } catch (error) {
       await this.context.storage.delete(held.key).catch(() => undefined);
+      if (error instanceof LeaseLostError) return false;
       throw error;
     }
   }
@@ -411,7 +424,10 @@ export class Leases {
       let blocker = (await this.survey(undefined, options.signal)).find(blocks);
       if (!blocker) {
         const held = this.newLease('shared', options.command);
-        await this.create(held, 'shared', options.signal);
+        if (!(await this.create(held, 'shared', options.signal))) {
+          await this.pause(options.signal);
+          continue;
+        }
         let others: Seen[];
         try {
           others = await this.survey(held.key, options.signal);
@@ -441,7 +457,10 @@ export class Leases {
     const outOfTime = (): boolean => clock.monotonic() - started >= (options.waitMs ?? 0);
     for (;;) {
       const held = this.newLease('exclusive-pending', options.command);
-      await this.create(held, 'exclusive-pending', options.signal);
+      if (!(await this.create(held, 'exclusive-pending', options.signal))) {
+        await this.pause(options.signal);
+        continue;
+      }
       let lastBlocker: Seen | undefined;
       try {
         for (;;) {
@@ -452,12 +471,26 @@ export class Leases {
             break; // back off: delete mine, wait, try again with a new id
           }
           if (others.length === 0) {
-            await held.write('exclusive', false, options.signal);
-            return held;
+            try {
+              await held.write('exclusive', false, options.signal);
+              return held;
+            } catch (error) {
+              // The pending lease lapsed before this write: others may have broken it and gone ahead.
+              if (!(error instanceof LeaseLostError)) throw error;
+              break;
+            }
           }
           lastBlocker = others[0];
           if (outOfTime()) break;
-          if (clock.monotonic() >= held.validUntil - this.timing.leaseMs / 2) await held.refresh(options.signal);
+          if (clock.monotonic() >= held.validUntil - this.timing.leaseMs / 2) {
+            try {
+              await held.refresh(options.signal);
+            } catch (error) {
+              // A pending lease that lapsed while waiting (a stalled process) protected nothing yet: start over.
+              if (!(error instanceof LeaseLostError)) throw error;
+              break;
+            }
+          }
           await this.pause(options.signal);
         }
       } catch (error) {
