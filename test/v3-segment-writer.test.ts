@@ -93,4 +93,21 @@ describe('segment writer', () => {
       }
     }
   });
+
+  test('a segment put that lands after the lease lapsed is taken back', async () => {
+    const memory = new MemoryStorage();
+    let held = true;
+    // The lease lapses while the put is in flight (a process paused between its check and its request).
+    const storage = new FaultInjectingStorage(memory);
+    const original = memory.put.bind(memory);
+    memory.put = async (key, source, options) => {
+      await original(key, source, options);
+      if (key.startsWith('index/')) held = false;
+    };
+    const writer = new SegmentWriter({ storage, assertHeld: () => { if (!held) throw new LeaseLostError('memory', 'leases/x.json', 'test'); } });
+    await writer.addPack([entry(1, 1)]);
+    await expect(writer.flush()).rejects.toMatchObject({ code: 'ENGINE_LEASE_LOST' });
+    expect(await namedBlobs(memory)).toEqual(new Set());
+    expect(writer.segments).toEqual([]);
+  });
 });

@@ -62,6 +62,14 @@ export class SegmentWriter {
     this.options.assertHeld();
     const key = segmentKey(segment.name);
     await this.options.storage.put(key, encodeSegment(segment, { dataKey: this.options.dataKey }), { ifAbsent: true, signal: this.options.signal });
+    try {
+      // A put that landed after the lease lapsed (a process paused between the check and the request) may
+      // name packs a gc has deleted meanwhile: take it back rather than leave entries that shadow good ones.
+      this.options.assertHeld();
+    } catch (error) {
+      await this.options.storage.delete(key).catch(() => undefined);
+      throw error;
+    }
     this.seq++;
     this.pending = new Map();
     this.written.push(key);
