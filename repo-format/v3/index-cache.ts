@@ -25,7 +25,7 @@
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
-import { CorruptMetadataError, classifyWriteError, NoSpaceError } from '../errors.js';
+import { CorruptMetadataError, classifyWriteError, EngineError, NoSpaceError } from '../errors.js';
 import { ensurePrivateDirectory, makeTreePrivate } from '../file-modes.js';
 import { decodeLocation, encodeLocation, type BlobLocation } from '../index-entry.js';
 import { INDEX_ENTRY_SIZE } from '../constants.js';
@@ -131,7 +131,7 @@ export class IndexCache {
         throw error;
       }
     }
-    throw new CorruptMetadataError(`the index cache in ${dir}`, `all ${MAX_SLOTS} slots are in use by other processes of this host`);
+    throw new EngineError('ENGINE_REPOSITORY_LOCKED', `all ${MAX_SLOTS} slots of the index cache in ${dir} are in use by other processes of this host; run fewer at once`, { path: dir, slots: MAX_SLOTS });
   }
 
   private async loadSegments(): Promise<void> {
