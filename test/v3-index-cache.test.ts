@@ -12,7 +12,7 @@ import { join, resolve } from 'node:path';
 import { initChecksum } from '../dist/repo-format/checksum.js';
 import { MemoryStorage } from '../dist/repo-format/storage/memory.js';
 import { encodeSegment, segmentKey, type Segment, type SegmentEntry, type SegmentName } from '../dist/repo-format/v3/segment.js';
-import { IndexCache } from '../dist/repo-format/v3/index-cache.js';
+import { IndexCache, MAX_SLOTS } from '../dist/repo-format/v3/index-cache.js';
 
 await initChecksum();
 const REPO = '0123456789abcdef0123456789abcdef';
@@ -52,6 +52,15 @@ describe('slots', () => {
     await second.cache.close();
     await third.cache.close();
     expect((await readdir(join(root, REPO))).sort()).toEqual(['slot-0', 'slot-1']);
+  });
+
+  test('with every slot in use, the next process is refused with ENGINE_REPOSITORY_LOCKED naming the cache', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    const open = [];
+    for (let i = 0; i < MAX_SLOTS; i++) open.push((await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage })).cache);
+    await expect(IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage })).rejects.toMatchObject({ code: 'ENGINE_REPOSITORY_LOCKED', message: expect.stringContaining(join(root, REPO)) });
+    for (const cache of open) await cache.close();
   });
 
   test('a slot held by another process is skipped, and free again once that process is killed', async () => {
