@@ -43,6 +43,7 @@ export const STORAGE_EXITS: Readonly<Record<StorageErrorCode, ExitCode>> = {
   ENGINE_STORAGE_UNAVAILABLE: EXIT.failed,
   ENGINE_STORAGE_UNREACHABLE: EXIT.failed,
   ENGINE_CLOCK_SKEW: EXIT.failed,
+  ENGINE_LEASE_LOST: EXIT.failed,
   ENGINE_INTERNAL: EXIT.failed,
 };
 

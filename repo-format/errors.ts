@@ -38,6 +38,7 @@ export interface ErrorCodes {
   ENGINE_STORAGE_UNAVAILABLE: 'storage';
   ENGINE_STORAGE_UNREACHABLE: 'storage';
   ENGINE_CLOCK_SKEW: 'storage';
+  ENGINE_LEASE_LOST: 'storage';
   ENGINE_INTERNAL: 'storage';
 }
 
@@ -133,6 +134,26 @@ export class RepositoryLockedError extends EngineError {
       ? `locked by pid ${holder.pid} on host ${holder.hostname} since ${holder.since} (${holder.command})`
       : 'locked by another process (its lock file could not be read)';
     super('ENGINE_REPOSITORY_LOCKED', `repository ${path} is ${who}${hint?.condition ? `; ${hint.condition}` : ''}`, { path, holder, ...(hint?.remedy ? { remedies: [hint.remedy] } : {}) });
+  }
+}
+
+/**
+ * This host's clock differs from the store's by more than the bound the lease protocol relies on (SPEC.md 19.6),
+ * or the store tells no time to check it against. Nothing was written under a lease that could not be trusted.
+ */
+export class ClockSkewError extends EngineError {
+  constructor(location: string, why: string, details: { skewMs?: number | undefined; boundMs: number }) {
+    super('ENGINE_CLOCK_SKEW', `the clock of this host cannot be trusted against the store ${location}: ${why}; set the clock right (NTP) and run again`, { location, ...details });
+  }
+}
+
+/**
+ * A lease this process held is no longer proven (SPEC.md 19.5): it could not be refreshed before it expired,
+ * or it was removed or replaced behind the holder's back. The work it protected stops before its next write.
+ */
+export class LeaseLostError extends EngineError {
+  constructor(location: string, lease: string, why: string) {
+    super('ENGINE_LEASE_LOST', `the lease ${lease} on ${location} was lost: ${why}; what this run had not committed is left as garbage for gc`, { location, lease, why });
   }
 }
 
