@@ -21,6 +21,7 @@ export const STORAGE_EXITS: Readonly<Record<StorageErrorCode, ExitCode>> = {
   ENGINE_NOT_A_REPOSITORY: EXIT.notARepository,
   ENGINE_REPOSITORY_EXISTS: EXIT.failed,
   ENGINE_FORMAT_TOO_NEW: EXIT.notARepository,
+  ENGINE_FORMAT_UNSUPPORTED: EXIT.notARepository,
   ENGINE_REPOSITORY_LOCKED: EXIT.locked,
   ENGINE_CORRUPT_FRAME: EXIT.integrity,
   ENGINE_CORRUPT_PACK: EXIT.integrity,

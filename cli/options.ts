@@ -5,6 +5,7 @@ import { displayText } from '../repo-format/display-text.js';
 import { checkLocalPath } from '../repo-format/local-path.js';
 import { formatBytes, parseSize } from '../engine/common/units.js';
 import { printNotice } from './context.js';
+import type { S3Settings } from '../repo-format/v3/location.js';
 
 export interface GlobalOptions {
   debug?: boolean;
@@ -12,12 +13,36 @@ export interface GlobalOptions {
 
 
 export function repoOption(): Option {
-  return new Option('--repo <path>', 'repository path (default: $ENGINE_REPO)').env('ENGINE_REPO');
+  return new Option('--repo <path>', 'repository: a folder, or s3://BUCKET/PREFIX (default: $ENGINE_REPO)').env('ENGINE_REPO');
 }
 
 export function requireRepo(repo: string | undefined): string {
   if (!repo) throw new InvalidArgumentError('no repository: give --repo PATH or set ENGINE_REPO');
   return repo;
+}
+
+/** Where an s3:// repository's store is, beside the URL (SPEC.md 20.2). Credentials never come from here. */
+export interface S3Flags {
+  endpoint?: string;
+  region?: string;
+  caFile?: string;
+}
+
+export function endpointOption(): Option {
+  return new Option('--endpoint <url>', "S3: the store's URL, https://HOST[:PORT] (RGW, MinIO, Wasabi; path-style requests); default $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS");
+}
+
+export function regionOption(): Option {
+  return new Option('--region <name>', "S3: the region (default $AWS_REGION, $AWS_DEFAULT_REGION, the profile's, us-east-1)");
+}
+
+export function caFileOption(): Option {
+  return new Option('--ca-file <file>', "S3: PEM file of the CA that signed the store's certificate (a private CA), trusted instead of the system's").argParser(localPath('--ca-file'));
+}
+
+/** The S3 settings of the flags; credentials come from AWS_* variables or the shared credentials file only. */
+export function s3Settings(flags: S3Flags): S3Settings {
+  return { endpoint: flags.endpoint, region: flags.region, caFile: flags.caFile, onWarning: printNotice };
 }
 
 /** Credentials never come from the command line itself: a file, or the environment. */

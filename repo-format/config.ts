@@ -11,6 +11,9 @@ import {
   HASH_ID,
   KEYED_HASH_ID,
   LAYOUT,
+  LEASE_SKEW_BOUND_MS,
+  LEASE_TIME_MS,
+  MANY_WRITERS_FORMAT_VERSION,
   MAP_PAGE_ENTRIES,
   MAX_BLOCK_SIZE,
   MIN_BLOCK_SIZE,
@@ -27,8 +30,22 @@ export interface RepositoryConfig {
   checksum: string;
   compression: string;
   mapPageEntries: number;
-  /** Present exactly in encrypted repositories (format version 2). */
+  /** Present exactly in encrypted repositories (format version 2, and encrypted ones of version 3). */
   encryption?: EncryptionConfig;
+  /** Format version 3 only: the repository's lease timing (SPEC.md 19.1, 19.5, 19.6). */
+  leases?: LeaseConfig;
+}
+
+export interface LeaseConfig {
+  /** T: a lease is valid this long after its latest write. */
+  timeMs: number;
+  /** B: the largest clock difference tolerated between a host and the store (4B < T). */
+  skewBoundMs: number;
+}
+
+/** Is this a version-3 (many writers) config? */
+export function isManyWriters(config: { version: number }): boolean {
+  return config.version === MANY_WRITERS_FORMAT_VERSION;
 }
 
 export interface EncryptionConfig {
@@ -38,7 +55,8 @@ export interface EncryptionConfig {
 }
 
 /** The newest version this engine reads for a config of this kind (plain or encrypted). */
-export function newestReadableVersion(config: { encryption?: unknown }): number {
+export function newestReadableVersion(config: { encryption?: unknown; version?: unknown }): number {
+  if (config.version === MANY_WRITERS_FORMAT_VERSION) return MANY_WRITERS_FORMAT_VERSION;
   return config.encryption === undefined ? FORMAT_VERSION : ENCRYPTED_FORMAT_VERSION;
 }
 
@@ -52,11 +70,12 @@ export function validateBlockSize(blockSize: number): void {
   }
 }
 
-export function newConfig(id: string, blockSize: number, created: Date, encryption?: EncryptionConfig): RepositoryConfig {
+/** `manyWriters`: format version 3 (SPEC.md 19), plain or encrypted, with init's lease timing. */
+export function newConfig(id: string, blockSize: number, created: Date, encryption?: EncryptionConfig, manyWriters = false): RepositoryConfig {
   validateBlockSize(blockSize);
   return {
     format: CONFIG_FORMAT_NAME,
-    version: encryption ? ENCRYPTED_FORMAT_VERSION : FORMAT_VERSION,
+    version: manyWriters ? MANY_WRITERS_FORMAT_VERSION : encryption ? ENCRYPTED_FORMAT_VERSION : FORMAT_VERSION,
     id,
     created: created.toISOString(),
     blockSize,
@@ -65,6 +84,7 @@ export function newConfig(id: string, blockSize: number, created: Date, encrypti
     compression: COMPRESSION_ID,
     mapPageEntries: MAP_PAGE_ENTRIES,
     ...(encryption ? { encryption } : {}),
+    ...(manyWriters ? { leases: { timeMs: LEASE_TIME_MS, skewBoundMs: LEASE_SKEW_BOUND_MS } } : {}),
   };
 }
 
@@ -72,11 +92,22 @@ const KEY_FILE_PATTERN = new RegExp(`^${LAYOUT.keys}/[0-9a-f]{16}\\.json$`);
 
 function encryptionProblem(c: Record<string, unknown>): string | undefined {
   if (c.encryption === undefined) return c.hash === HASH_ID ? undefined : 'config names a hash, checksum or compression this engine does not know';
-  if (c.version !== ENCRYPTED_FORMAT_VERSION) return `config has encryption parameters but version ${String(c.version)}`;
+  if (c.version !== ENCRYPTED_FORMAT_VERSION && c.version !== MANY_WRITERS_FORMAT_VERSION) return `config has encryption parameters but version ${String(c.version)}`;
   const e = c.encryption as Record<string, unknown> | null;
   if (typeof e !== 'object' || e === null || e.cipher !== CIPHER_ID) return 'config names a cipher this engine does not know';
   if (typeof e.keyFile !== 'string' || !KEY_FILE_PATTERN.test(e.keyFile)) return 'config names no valid key file';
   if (c.hash !== KEYED_HASH_ID) return 'config names a hash, checksum or compression this engine does not know';
+  return undefined;
+}
+
+/** Version 3 needs `leases` with 1000 ≤ B and 4B < T (SPEC.md 19.1); the others must not have it. */
+function leasesProblem(c: Record<string, unknown>): string | undefined {
+  if (c.version !== MANY_WRITERS_FORMAT_VERSION) return c.leases === undefined ? undefined : `config of version ${String(c.version)} names leases`;
+  const l = c.leases as Record<string, unknown> | null | undefined;
+  if (typeof l !== 'object' || l === null) return 'config of version 3 names no lease timing';
+  const { timeMs, skewBoundMs } = l;
+  if (!Number.isSafeInteger(timeMs) || !Number.isSafeInteger(skewBoundMs)) return 'config has no valid lease timing';
+  if ((skewBoundMs as number) < 1000 || (skewBoundMs as number) * 4 >= (timeMs as number)) return `config's lease timing is unsafe (skew bound ${String(skewBoundMs)} ms, lease ${String(timeMs)} ms: it needs 1000 ≤ B and 4B < T)`;
   return undefined;
 }
 
@@ -106,6 +137,8 @@ export function decodeConfig(bytes: Buffer): RepositoryConfig | string {
   if (encryption) return encryption;
   if (c.checksum !== CHECKSUM_ID || c.compression !== COMPRESSION_ID) return 'config names a hash, checksum or compression this engine does not know';
   if (c.mapPageEntries !== MAP_PAGE_ENTRIES) return 'config names an unsupported map page size';
+  const leases = leasesProblem(c);
+  if (leases) return leases;
   try {
     validateBlockSize(c.blockSize);
   } catch {

@@ -7,6 +7,11 @@
 export const FORMAT_VERSION = 1;
 /** The format of encrypted repositories (keyed blob ids, AES-256-GCM frames and records): SPEC.md, section 18. */
 export const ENCRYPTED_FORMAT_VERSION = 2;
+/** Many writers, on a folder or on S3, plain or encrypted (SPEC.md, section 19). */
+export const MANY_WRITERS_FORMAT_VERSION = 3;
+/** `init`'s lease timing of a version-3 repository (SPEC.md 19.1): T and B, in milliseconds. */
+export const LEASE_TIME_MS = 300_000;
+export const LEASE_SKEW_BOUND_MS = 60_000;
 
 /** `config` file `format` field: tells a repository apart from any other JSON file. */
 export const CONFIG_FORMAT_NAME = 'vm-backup-engine repository';

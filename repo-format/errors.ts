@@ -16,6 +16,7 @@ export interface ErrorCodes {
   ENGINE_NOT_A_REPOSITORY: 'storage';
   ENGINE_REPOSITORY_EXISTS: 'storage';
   ENGINE_FORMAT_TOO_NEW: 'storage';
+  ENGINE_FORMAT_UNSUPPORTED: 'storage';
   ENGINE_REPOSITORY_LOCKED: 'storage';
   ENGINE_CORRUPT_FRAME: 'storage';
   ENGINE_CORRUPT_PACK: 'storage';
@@ -97,8 +98,27 @@ export class NotARepositoryError extends EngineError {
 }
 
 export class RepositoryExistsError extends EngineError {
-  constructor(path: string) {
-    super('ENGINE_REPOSITORY_EXISTS', `${path} already holds a repository or other files; choose an empty or new directory`, { path });
+  /** `found`: an object already in the place (an S3 prefix), named in the message. */
+  constructor(path: string, found?: string) {
+    super(
+      'ENGINE_REPOSITORY_EXISTS',
+      found === undefined ? `${path} already holds a repository or other files; choose an empty or new directory` : `${path} already holds a repository or other objects (${displayText(found.slice(0, 200))}); choose an empty prefix`,
+      { path, ...(found === undefined ? {} : { found: found.slice(0, 200) }) },
+    );
+  }
+}
+
+/**
+ * A version-3 repository (many writers; every S3 repository) given to a command that does not work on that
+ * format yet: refused before anything is read or written beyond the config.
+ */
+export class FormatUnsupportedError extends EngineError {
+  constructor(path: string, command?: string) {
+    super(
+      'ENGINE_FORMAT_UNSUPPORTED',
+      `repository ${path} has format version 3 (many writers), on which ${command === undefined ? 'this command' : `\`engine ${command}\``} does not work yet`,
+      { path, version: 3, ...(command === undefined ? {} : { command }) },
+    );
   }
 }
 

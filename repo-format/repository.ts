@@ -8,13 +8,15 @@ import { chmod, readdir, rename, rm, stat } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { CIPHER_ID, CONFIG_FILE_LIMIT, KEY_FILE_LIMIT, LAYOUT, RECORD_FILE_LIMIT, RESERVE_SIZE } from './constants.js';
-import { decodeConfig, encodeConfig, newConfig, newestReadableVersion, type RepositoryConfig } from './config.js';
+import { decodeConfig, encodeConfig, isManyWriters, newConfig, newestReadableVersion, type RepositoryConfig } from './config.js';
+import { isS3Url } from './storage/s3-url.js';
 import {
   AmbiguousIdError,
   BackupNotFoundError,
   CorruptFrameError,
   CorruptMetadataError,
   FormatTooNewError,
+  FormatUnsupportedError,
   InvalidArgumentError,
   isErrnoException,
   MissingBlobError,
@@ -116,7 +118,7 @@ export const PACK_DIRECTORIES: readonly string[] = Array.from({ length: 256 }, (
  * mistyped path is not silently created, parents and all); an existing one must be an empty directory,
  * and becomes private. Anything else is a usage error, said plainly.
  */
-async function prepareRepositoryRoot(root: string): Promise<void> {
+export async function prepareRepositoryRoot(root: string): Promise<void> {
   const existing = await stat(root).catch((error: unknown) => {
     if (isErrnoException(error) && error.code === 'ENOENT') return undefined;
     if (isErrnoException(error) && error.code === 'ENOTDIR') throw new InvalidArgumentError(`cannot create a repository at ${root}: a part of that path is a file, not a directory`);
@@ -210,7 +212,9 @@ export class Repository {
   }
 
   /** Reads and checks `config` (NotARepositoryError, FormatTooNewError), without keys, lock or index. */
-  static async readConfig(root: string, store?: Storage): Promise<RepositoryConfig> {
+  static async readConfig(root: string, store?: Storage, command?: string): Promise<RepositoryConfig> {
+    // An S3 repository is always version 3, which this class does not open (yet): said as such, not as a URL.
+    if (isS3Url(root)) throw new FormatUnsupportedError(root, command);
     checkLocalPath(root, 'repository');
     const from = store ?? openStore(root);
     let bytes: Buffer;
@@ -230,6 +234,7 @@ export class Repository {
     const config = decodeConfig(bytes);
     if (typeof config === 'string') throw new NotARepositoryError(root, config, await rebuildHint(root));
     if (config.version > newestReadableVersion(config)) throw new FormatTooNewError(root, config.version, newestReadableVersion(config));
+    if (isManyWriters(config)) throw new FormatUnsupportedError(root, command);
     return config;
   }
 
@@ -237,7 +242,7 @@ export class Repository {
     const store = openStore(root);
     let repo: Repository;
     try {
-      const config = await Repository.readConfig(root, store);
+      const config = await Repository.readConfig(root, store, options.command);
       if (options.requireEncryption === true && !config.encryption) throw new NotEncryptedError(root);
       // Keys first: a wrong passphrase stops here, before the lock or anything else is written.
       const keys = config.encryption ? await Repository.unlock(root, store, config, options.passphrase, noticeSink(options.onNotice)) : undefined;

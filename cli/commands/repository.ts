@@ -1,5 +1,5 @@
 /** Repository and catalogue commands: init, list, show, protect, unprotect, unlock, forget. */
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { forTerminal } from '../terminal.js';
 import { backupJson, printInit, printJson, printList, printProtect, printShow } from '../output.js';
@@ -22,17 +22,26 @@ function registerInit(program: Command): void {
   program
     .command('init')
     .description('create a repository')
-    .argument('<repo>', 'directory to create (must be new or empty)')
+    .argument('<repo>', 'directory to create (must be new or empty), or s3://BUCKET/PREFIX (an empty prefix of an existing bucket)')
     .option('--block-size <size>', 'fixed block size, a power of two from 64K to 16M (default 1M)')
+    .addOption(new Option('--format <version>', 'format version: 3 for many writers at once (always on S3); default 1, or 2 when encrypted').argParser(opt.integerParser('--format', 1, 3)))
+    .addOption(opt.endpointOption())
+    .addOption(opt.regionOption())
+    .addOption(opt.caFileOption())
     .option('--encrypt', 'encrypt the repository (AES-256-GCM, keyed chunk ids) under a passphrase of 8 characters or more from --password-file, $ENGINE_PASSWORD_FILE or $ENGINE_PASSWORD')
     .addOption(opt.passwordFileOption())
     .option('--json', 'print the repository config as JSON')
-    .action(async (repo: string, opts: { blockSize?: string; encrypt?: boolean; passwordFile?: string; json?: boolean }) => {
+    .action(async (repo: string, opts: { blockSize?: string; format?: number; encrypt?: boolean; passwordFile?: string; json?: boolean } & opt.S3Flags) => {
       output.json = opts.json === true;
       if (!opts.encrypt && opts.passwordFile !== undefined) throw new InvalidArgumentError('--password-file is for an encrypted repository: add --encrypt');
       const passphrase = opts.encrypt ? await opt.loadPassphrase(opts.passwordFile) : undefined;
       if (opts.encrypt && passphrase === undefined) throw new InvalidArgumentError('--encrypt needs a passphrase: give --password-file FILE, or set ENGINE_PASSWORD_FILE or ENGINE_PASSWORD');
-      const config = await engine.initRepository(repo, { blockSize: opts.blockSize === undefined ? undefined : opt.sizeArgument('--block-size', opts.blockSize, 0, Number.MAX_SAFE_INTEGER), passphrase });
+      const config = await engine.initRepository(repo, {
+        blockSize: opts.blockSize === undefined ? undefined : opt.sizeArgument('--block-size', opts.blockSize, 0, Number.MAX_SAFE_INTEGER),
+        passphrase,
+        format: opts.format,
+        s3: opt.s3Settings(opts),
+      });
       if (output.json) printJson(config);
       else printInit(repo, config);
     });

@@ -1,14 +1,52 @@
-import { Repository } from '../../repo-format/repository.js';
-import { DEFAULT_BLOCK_SIZE } from '../../repo-format/constants.js';
-import type { RepositoryConfig } from '../../repo-format/config.js';
+import { Repository, prepareRepositoryRoot } from '../../repo-format/repository.js';
+import { DEFAULT_BLOCK_SIZE, FORMAT_VERSION, ENCRYPTED_FORMAT_VERSION, MANY_WRITERS_FORMAT_VERSION } from '../../repo-format/constants.js';
+import { validateBlockSize, type RepositoryConfig } from '../../repo-format/config.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
+import { initV3 } from '../../repo-format/v3/init.js';
+import { locationKind, openLocation, type S3Settings } from '../../repo-format/v3/location.js';
 import { refuseRepositoryInsideRepository } from '../host/write-guard.js';
 
-/** `passphrase` makes an encrypted repository (SPEC.md, section 18). */
-export async function initRepository(path: string, options: { blockSize?: number | undefined; passphrase?: Passphrase | undefined } = {}): Promise<RepositoryConfig> {
-  // A URL is refused as one before the path is looked at; a new repository never goes inside another.
-  checkLocalPath(path, 'repository');
-  await refuseRepositoryInsideRepository(path);
-  return Repository.init(path, { blockSize: options.blockSize ?? DEFAULT_BLOCK_SIZE, passphrase: options.passphrase });
+export interface InitOptions {
+  blockSize?: number | undefined;
+  /** `passphrase` makes an encrypted repository (SPEC.md, section 18). */
+  passphrase?: Passphrase | undefined;
+  /**
+   * The format version: 3 (many writers, SPEC.md 19) on request and always on S3; else 1 (plain) or 2
+   * (encrypted), which `--format 1` or `2` also name.
+   */
+  format?: number | undefined;
+  /** Where an s3:// repository's store is, beside what the URL says. */
+  s3?: S3Settings | undefined;
+}
+
+export async function initRepository(path: string, options: InitOptions = {}): Promise<RepositoryConfig> {
+  const kind = locationKind(path);
+  const blockSize = options.blockSize ?? DEFAULT_BLOCK_SIZE;
+  const format = options.format ?? (kind === 's3' ? MANY_WRITERS_FORMAT_VERSION : undefined);
+  if (format !== undefined && format !== FORMAT_VERSION && format !== ENCRYPTED_FORMAT_VERSION && format !== MANY_WRITERS_FORMAT_VERSION) {
+    throw new InvalidArgumentError(`format version ${format} does not exist: 1 (plain), 2 (encrypted) or 3 (many writers, on a folder or S3)`, { format });
+  }
+  if (kind === 's3' && format !== MANY_WRITERS_FORMAT_VERSION) throw new InvalidArgumentError(`an S3 repository is always format version 3 (many writers): ${path} cannot be version ${format}`, { format });
+  if (format === FORMAT_VERSION && options.passphrase !== undefined) throw new InvalidArgumentError('format version 1 is plain: an encrypted repository is version 2 or 3', { format });
+  if (format === ENCRYPTED_FORMAT_VERSION && options.passphrase === undefined) throw new InvalidArgumentError('format version 2 is encrypted: give a passphrase (version 1 is plain)', { format });
+  if (format !== MANY_WRITERS_FORMAT_VERSION) {
+    // A URL is refused as one before the path is looked at; a new repository never goes inside another.
+    checkLocalPath(path, 'repository');
+    await refuseRepositoryInsideRepository(path);
+    return Repository.init(path, { blockSize, passphrase: options.passphrase });
+  }
+  validateBlockSize(blockSize);
+  if (kind === 'folder') {
+    checkLocalPath(path, 'repository');
+    await refuseRepositoryInsideRepository(path);
+    await prepareRepositoryRoot(path);
+  }
+  const storage = await openLocation(path, options.s3);
+  try {
+    return await initV3(storage, { blockSize, passphrase: options.passphrase });
+  } finally {
+    await storage.close();
+  }
 }

@@ -158,7 +158,7 @@ async function unlockRegistrations(root: string, dir: RegistryDir, force: boolea
 }
 
 export async function unlock(options: UnlockOptions): Promise<UnlockReport> {
-  await Repository.readConfig(options.repo); // a clear error for a path that is not a repository
+  await Repository.readConfig(options.repo, undefined, 'unlock'); // a clear error for a path that is not a repository
   const force = options.force === true;
   const lock = await unlockLock(options.repo, force);
   const registrations = [...(await unlockRegistrations(options.repo, LAYOUT.writers, force)), ...(await unlockRegistrations(options.repo, LAYOUT.readers, force))];

@@ -15,7 +15,7 @@ import type { RebuiltConfig } from './report.js';
 export async function rebuildLostConfig(root: string, passphrase: Passphrase | undefined): Promise<RebuiltConfig | null> {
   let why: string | undefined;
   try {
-    await Repository.readConfig(root);
+    await Repository.readConfig(root, undefined, 'repair');
     return null;
   } catch (error) {
     why = configDamage(error);

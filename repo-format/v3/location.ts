@@ -1,0 +1,49 @@
+/**
+ * Where a repository is: a folder, or `s3://bucket/prefix` (SPEC.md 20.2). Opens its Storage: the folder
+ * backend (temporary files beside their targets: a version-3 folder has no tmp/), or the S3 backend with its
+ * retries and concurrency limit (openS3Stack). The S3 settings that are not in the URL (endpoint, region,
+ * CA file) come from their options or the standard AWS environment; credentials only from the environment
+ * or the shared credentials file, never from here.
+ */
+import { resolve } from 'node:path';
+import { LocalStorage } from '../storage/local.js';
+import { isS3Url } from '../storage/s3-url.js';
+import { openS3Stack } from '../storage/s3.js';
+import type { Storage } from '../storage/storage.js';
+import type { Environment } from '../storage/s3-credentials.js';
+
+export interface S3Settings {
+  /** https://HOST[:PORT] of a non-AWS store (RGW, MinIO); default AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, AWS's regional endpoint. */
+  endpoint?: string | undefined;
+  region?: string | undefined;
+  /** PEM file of the CA to trust instead of the system's. */
+  caFile?: string | undefined;
+  /** Default process.env. */
+  env?: Environment | undefined;
+  /** Warnings that are not fatal (a credentials file others can read). */
+  onWarning?: ((message: string) => void) | undefined;
+}
+
+export type LocationKind = 'folder' | 's3';
+
+export function locationKind(where: string): LocationKind {
+  return isS3Url(where) ? 's3' : 'folder';
+}
+
+/** The Storage of the repository at `where`. On S3 the bucket and credentials are checked at once. */
+export async function openLocation(where: string, s3: S3Settings = {}): Promise<Storage> {
+  if (locationKind(where) === 'folder') return new LocalStorage(resolve(where));
+  const { storage } = await openS3Stack({ url: where, endpoint: s3.endpoint, region: s3.region, caFile: s3.caFile, env: s3.env, onWarning: s3.onWarning });
+  return storage;
+}
+
+let processSettings: S3Settings = {};
+
+/** The S3 settings the commands of this process use (the CLI's --endpoint, --region, --ca-file). */
+export function setS3Settings(settings: S3Settings): void {
+  processSettings = { ...settings };
+}
+
+export function s3Settings(): S3Settings {
+  return processSettings;
+}
