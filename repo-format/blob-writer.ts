@@ -8,7 +8,7 @@
  */
 import { PACK_TARGET_SIZE } from './constants.js';
 import type { FrameHeader } from './frame.js';
-import type { IndexStore } from './index-store.js';
+import type { BlobIndex } from './v3/session.js';
 import { PackWriter, type PackTarget } from './pack-file.js';
 import { crashPoint } from './crash-points.js';
 import type { PackPresence } from './pack-presence.js';
@@ -24,7 +24,7 @@ export class BlobWriter {
   constructor(
     /** Where new packs go (Repository.packTarget). */
     private readonly target: PackTarget,
-    private readonly index: IndexStore,
+    private readonly index: BlobIndex,
     private readonly packTargetSize = PACK_TARGET_SIZE,
     /** Entries whose pack is missing or cut short are not trusted: the blob is stored again. */
     private readonly presence?: PackPresence,

@@ -61,6 +61,8 @@ import { noticeSink, type NoticeSink } from './notices.js';
 import { createReserve, freeBytes, releaseReserve, reserveSize } from './space-reserve.js';
 import { copyIndexForReading, privateIndexDir, removeIndexCopy, unwritableReason, withoutLockNotice, type Unwritable } from './unwritable.js';
 import { PackPresence } from './pack-presence.js';
+import { V3Session, type BlobIndex } from './v3/session.js';
+import { openLocation, s3Settings } from './v3/location.js';
 
 export interface OpenOptions {
   /** 'read': records only, no lock. 'exclusive': lock + index. */
@@ -92,6 +94,14 @@ export interface OpenOptions {
    * engine's interruption check). The half-built index is removed.
    */
   checkInterrupted?: (() => void) | undefined;
+  /**
+   * The caller works on format version 3 (many writers, SPEC.md 19; every s3:// repository): it is opened
+   * with a shared lease and the host's index cache instead of the lock and the repository's LevelDB. Without
+   * it a version-3 repository is refused (ENGINE_FORMAT_UNSUPPORTED).
+   */
+  manyWriters?: boolean | undefined;
+  /** Stops a wait for a lease and the cache's catch-up (version 3). */
+  signal?: AbortSignal | undefined;
 }
 
 export interface OpenReport {
@@ -157,8 +167,10 @@ export class Repository {
    * markers. The lock, the index, the registrations, tmp/ and the space reserve are the host's, beside it.
    */
   readonly store: Storage;
-  /** Where new packs go: the store, built in tmp/ first. */
+  /** Where new packs go: the store, built in tmp/ first (version 3: in the host's cache slot). */
   readonly packTarget: PackTarget;
+  /** Version 3, opened with its lease (access 'exclusive'): the lease, the index cache, the segment writer. */
+  private v3: V3Session | undefined;
 
   private constructor(
     readonly root: string,
@@ -170,6 +182,11 @@ export class Repository {
     this.store = store;
     this.packTarget = { store, tempDir: join(root, LAYOUT.tmp) };
     this.packPresence = new PackPresence(store);
+  }
+
+  /** Format version 3: many writers, leases, segments (SPEC.md 19). */
+  get manyWriters(): boolean {
+    return isManyWriters(this.config);
   }
 
   get blockSize(): number {
@@ -213,9 +230,16 @@ export class Repository {
 
   /** Reads and checks `config` (NotARepositoryError, FormatTooNewError), without keys, lock or index. */
   static async readConfig(root: string, store?: Storage, command?: string): Promise<RepositoryConfig> {
-    // An S3 repository is always version 3, which this class does not open (yet): said as such, not as a URL.
+    // An S3 repository is always version 3, which the callers of this do not open: said as such, not as a URL.
     if (isS3Url(root)) throw new FormatUnsupportedError(root, command);
-    checkLocalPath(root, 'repository');
+    const config = await Repository.loadConfig(root, store);
+    if (isManyWriters(config)) throw new FormatUnsupportedError(root, command);
+    return config;
+  }
+
+  /** The config of any version this engine reads (3 included), from the store given or the folder's. */
+  private static async loadConfig(root: string, store?: Storage): Promise<RepositoryConfig> {
+    if (!isS3Url(root)) checkLocalPath(root, 'repository');
     const from = store ?? openStore(root);
     let bytes: Buffer;
     try {
@@ -234,15 +258,25 @@ export class Repository {
     const config = decodeConfig(bytes);
     if (typeof config === 'string') throw new NotARepositoryError(root, config, await rebuildHint(root));
     if (config.version > newestReadableVersion(config)) throw new FormatTooNewError(root, config.version, newestReadableVersion(config));
-    if (isManyWriters(config)) throw new FormatUnsupportedError(root, command);
     return config;
   }
 
   static async open(root: string, options: OpenOptions): Promise<Repository> {
-    const store = openStore(root);
+    if (isS3Url(root) && options.manyWriters !== true) throw new FormatUnsupportedError(root, options.command);
+    // A folder's store as v1/v2 use it (temporary files in tmp/), an S3 one through its retries and limit.
+    let store = isS3Url(root) ? await openLocation(root, s3Settings()) : openStore(root);
     let repo: Repository;
     try {
-      const config = await Repository.readConfig(root, store, options.command);
+      let config = await Repository.loadConfig(root, store);
+      if (isManyWriters(config)) {
+        if (options.manyWriters !== true) throw new FormatUnsupportedError(root, options.command);
+        if (!isS3Url(root)) {
+          // A version-3 folder has no tmp/: its temporary files lie beside their objects (storage/local.ts).
+          await store.close();
+          store = await openLocation(root);
+          config = await Repository.loadConfig(root, store);
+        }
+      }
       if (options.requireEncryption === true && !config.encryption) throw new NotEncryptedError(root);
       // Keys first: a wrong passphrase stops here, before the lock or anything else is written.
       const keys = config.encryption ? await Repository.unlock(root, store, config, options.passphrase, noticeSink(options.onNotice)) : undefined;
@@ -255,7 +289,10 @@ export class Repository {
     repo.notice = noticeSink(options.onNotice);
     repo.mayUseReserve = options.useReserve !== false;
     repo.checkInterrupted = options.checkInterrupted;
-    if (options.access === 'exclusive') await repo.openExclusive(options.command ?? 'engine', options.index ?? 'open', options);
+    if (options.access === 'exclusive') {
+      if (repo.manyWriters) await repo.openWithLease(options.command ?? 'engine', options);
+      else await repo.openExclusive(options.command ?? 'engine', options.index ?? 'open', options);
+    }
     return repo;
   }
 
@@ -283,6 +320,25 @@ export class Repository {
 
   get encrypted(): boolean {
     return this.keys !== undefined;
+  }
+
+  /**
+   * Version 3: the shared lease, then the host's index cache caught up (SPEC.md 19.4, 19.5); packs are built
+   * in the cache slot's own folder. A backup also gets a segment writer.
+   */
+  private async openWithLease(command: string, options: OpenOptions): Promise<void> {
+    try {
+      this.v3 = await V3Session.open({ storage: this.store, config: this.config, dataKey: this.keys?.dataKey, command, writer: command === 'backup', signal: options.signal, notice: this.notice });
+    } catch (error) {
+      await this.close();
+      throw error;
+    }
+    (this.packTarget as { tempDir: string }).tempDir = this.v3.tempDir;
+  }
+
+  /** The index blob writers and readers ask: the repository's LevelDB, or in version 3 the session's. */
+  private get blobIndex(): BlobIndex {
+    return this.v3 ?? this.index;
   }
 
   private async openExclusive(command: string, index: 'open' | 'skip', options: OpenOptions): Promise<void> {
@@ -434,6 +490,8 @@ export class Repository {
   }
 
   async close(): Promise<void> {
+    await this.v3?.close();
+    this.v3 = undefined;
     await this.indexStore?.close().catch(() => undefined);
     this.indexStore = undefined;
     if (this.indexCopy) await removeIndexCopy(this.indexCopy).catch(() => undefined);
@@ -473,6 +531,7 @@ export class Repository {
   }
 
   get index(): IndexStore {
+    if (this.manyWriters) throw new Error('a version-3 repository has no LevelDB index: its callers must not be wired to version 3');
     if (!this.indexStore) throw new Error('repository was opened without its index (access: read)');
     return this.indexStore;
   }
@@ -634,6 +693,8 @@ export class Repository {
    * created right now and are left alone too.
    */
   async removeTempFiles(): Promise<number> {
+    // Version 3: the cache slot's folder of temporary files was cleared when the slot was taken.
+    if (this.v3) return 0;
     if (!this.lock) throw new Error('removeTempFiles needs the exclusive lock');
     await removeStaleRegistrations(this.root, LAYOUT.writers);
     const names = (await this.listTempFiles()).filter((name) => !name.startsWith('lock.'));
@@ -727,7 +788,7 @@ export class Repository {
   }
 
   async lookup(ids: readonly Buffer[]): Promise<(BlobLocation | undefined)[]> {
-    return this.index.lookup(ids);
+    return this.blobIndex.lookup(ids);
   }
 
   /**
@@ -735,12 +796,12 @@ export class Repository {
    * there and long enough (PackPresence). For readers that build on a blob without reading it.
    */
   async available(ids: readonly Buffer[]): Promise<boolean[]> {
-    return (await this.packPresence.filter(await this.index.lookup(ids))).map((location) => location !== undefined);
+    return (await this.packPresence.filter(await this.blobIndex.lookup(ids))).map((location) => location !== undefined);
   }
 
   /** Reads, checks and opens one blob (used for map pages; data chunks go through the workers). */
   async readBlob(id: Buffer, what: string): Promise<Buffer> {
-    const [location] = await this.index.lookup([id]);
+    const [location] = await this.blobIndex.lookup([id]);
     if (!location) throw new MissingBlobError(id.toString('hex'), what);
     const frame = await this.readFrame(location);
     const opened = openBlob(frame, id, this.keys);
@@ -751,7 +812,7 @@ export class Repository {
   readonly loadPage: LoadPage = (id) => this.readBlob(id, 'map page');
 
   createBlobWriter(packTargetSize?: number): BlobWriter {
-    return new BlobWriter(this.packTarget, this.index, packTargetSize, this.packPresence);
+    return new BlobWriter(this.packTarget, this.blobIndex, packTargetSize, this.packPresence);
   }
 
   /** A StorePage that writes map pages through `writer`, skipping pages the repository already has. */
@@ -779,6 +840,13 @@ export class Repository {
     // Readers refuse larger records (RECORD_FILE_LIMIT): never write one they would call damaged.
     if (bytes.length > RECORD_FILE_LIMIT) throw new InvalidArgumentError(`backup record ${record.id} would be ${bytes.length} bytes, more than the ${RECORD_FILE_LIMIT} a record may hold (its attachments are too large)`, { bytes: bytes.length });
     crashPoint('before-record');
+    if (this.manyWriters) {
+      // Version 3: the writer's pending segment first, its lease checked, then the record (SPEC.md 19.7); no catalogue.
+      if (!this.v3) throw new Error('commitBackup on a version-3 repository opened without its lease');
+      await this.v3.commitRecord(recordKey(record.id), bytes);
+      crashPoint('record-written');
+      return [];
+    }
     await this.store.put(recordKey(record.id), bytes, { ifAbsent: true });
     crashPoint('record-written');
     // The backup exists from here on. A catalogue that fails to follow is repaired on the next open.

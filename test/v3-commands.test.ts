@@ -6,7 +6,7 @@
  * still refused for every other path argument.
  */
 import { afterAll, beforeAll, expect, test } from 'vitest';
-import { mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, stat} from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, openRgwStorage } from './s3-helpers.js';
@@ -157,19 +157,13 @@ test('every command not wired on version 3 refuses a version-3 folder and an s3:
   expect((await runEngine(['init', '--format', '3', repo])).code).toBe(0);
   const url = `s3://${BUCKET}/refusals`;
   expect((await runEngine(['init', url, ...s3Flags()], { env: awsEnv() })).code).toBe(0);
-  const image = join(scratch.path, 'refusal.img');
-  await writeFile(image, Buffer.alloc(1024 * 1024, 7));
   const mountDir = join(scratch.path, 'refusal-mount');
   await mkdir(mountDir);
   const commands: string[][] = [
-    ['list'],
-    ['show', 'abc'],
     ['protect', 'abc'],
     ['unprotect', 'abc'],
     ['unlock'],
     ['forget', 'abc'],
-    ['backup', '--image', image],
-    ['restore', 'abc', '--to', join(scratch.path, 'refusal-out')],
     ['serve', 'abc'],
     ['mount', 'abc', mountDir],
     ['verify', '--read-data'],
@@ -186,7 +180,6 @@ test('every command not wired on version 3 refuses a version-3 folder and an s3:
     }
   }
   expect(await readdir(repo)).toEqual(['config']);
-  await expect(stat(join(scratch.path, 'refusal-out'))).rejects.toThrow(/ENOENT/);
   const storage = await openRgwStorage(cluster, url);
   try {
     const keys: string[] = [];

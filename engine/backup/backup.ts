@@ -49,6 +49,8 @@ export function openBackupRepository(
     useReserve: false,
     onNotice: options.onNotice,
     checkInterrupted: () => interruption.check(),
+    manyWriters: true,
+    signal: options.signal,
   });
 }
 

@@ -79,7 +79,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const interruption = new Interruption(options.signal, 'restore', () => interruptedState(state.done, state.created));
   interruption.check();
   // A read-only (or full, reserve-less) repository is restored from without the lock (SPEC.md, 12.6).
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'restore', passphrase: options.passphrase, readWithoutLock: true, checkInterrupted: () => interruption.check() });
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'restore', passphrase: options.passphrase, readWithoutLock: true, checkInterrupted: () => interruption.check(), manyWriters: true, signal: options.signal });
   let pool: BlockPool | undefined;
   let succeeded = false;
   try {

@@ -247,7 +247,8 @@ export class LocalStorage implements Storage {
       throw this.fail(error, 'stat', key);
     });
     if (!stats.isFile()) throw this.fail(Object.assign(new Error('not a regular file'), { code: 'EISDIR' }), 'stat', key);
-    return { key, size: stats.size };
+    // The file's mtime, set by this host or the file server that stores it: the store's clock (SPEC.md 19.6).
+    return { key, size: stats.size, modified: Math.floor(stats.mtimeMs) };
   }
 
   /**
@@ -292,7 +293,7 @@ export class LocalStorage implements Storage {
       const stats = await lstat(join(this.root, ...key.split('/'))).catch(() => undefined);
       // Deleted since the folder was read: not there any more.
       if (!stats?.isFile()) continue;
-      yield { key, size: stats.size };
+      yield { key, size: stats.size, modified: Math.floor(stats.mtimeMs) };
     }
   }
 

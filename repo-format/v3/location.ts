@@ -16,7 +16,7 @@ export interface S3Settings {
   /** https://HOST[:PORT] of a non-AWS store (RGW, MinIO); default AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, AWS's regional endpoint. */
   endpoint?: string | undefined;
   region?: string | undefined;
-  /** PEM file of the CA to trust instead of the system's. */
+  /** PEM file of the CA to trust instead of the system's; default $AWS_CA_BUNDLE. */
   caFile?: string | undefined;
   /** Default process.env. */
   env?: Environment | undefined;
@@ -33,7 +33,10 @@ export function locationKind(where: string): LocationKind {
 /** The Storage of the repository at `where`. On S3 the bucket and credentials are checked at once. */
 export async function openLocation(where: string, s3: S3Settings = {}): Promise<Storage> {
   if (locationKind(where) === 'folder') return new LocalStorage(resolve(where));
-  const { storage } = await openS3Stack({ url: where, endpoint: s3.endpoint, region: s3.region, caFile: s3.caFile, env: s3.env, onWarning: s3.onWarning });
+  const env = s3.env ?? process.env;
+  // AWS_CA_BUNDLE: the AWS tools' own variable for a private CA, for the commands that have no --ca-file of theirs.
+  const caFile = s3.caFile ?? (env.AWS_CA_BUNDLE || undefined);
+  const { storage } = await openS3Stack({ url: where, endpoint: s3.endpoint, region: s3.region, caFile, env, onWarning: s3.onWarning });
   return storage;
 }
 

@@ -54,6 +54,11 @@ export class SegmentWriter {
     if (this.pending.size >= (this.options.flushEntries ?? FLUSH_ENTRIES)) await this.flush();
   }
 
+  /** Where a blob this writer named but has not yet written in a segment is (deduplication sees its own pending blobs). */
+  pendingEntry(id: Uint8Array): SegmentEntry | undefined {
+    return this.pending.get(Buffer.from(id.buffer, id.byteOffset, id.byteLength).toString('hex'));
+  }
+
   /** Writes what is pending as one segment (none when nothing is). */
   async flush(): Promise<void> {
     if (this.pending.size === 0) return;

@@ -1,0 +1,121 @@
+/**
+ * What a command holds while it works on a version-3 repository (SPEC.md 19.4, 19.5, 19.7): the host's
+ * cache directory and id, its shared lease (kept alive until released), a slot of the per-host index
+ * cache caught up with the store after the lease was taken, the slot's folder of temporary files, and for
+ * a writer its segment writer. The index the repository's blob writers and readers ask is the cache and,
+ * first, this writer's own entries not yet in a segment.
+ */
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { rm } from 'node:fs/promises';
+import type { RepositoryConfig } from '../config.js';
+import { LEASE_SKEW_BOUND_MS, LEASE_TIME_MS } from '../constants.js';
+import { createPrivateDirectory } from '../file-modes.js';
+import type { BlobLocation, IndexEntry } from '../index-entry.js';
+import type { Storage } from '../storage/storage.js';
+import { systemClock } from './clock.js';
+import { hostIdOf, processProbe, thisProcess } from './host.js';
+import { IndexCache, type CatchUpResult } from './index-cache.js';
+import { Leases, type HeldLease } from './leases.js';
+import { SegmentWriter } from './segment-writer.js';
+
+/** The host's cache directory (SPEC.md 19.4): $ENGINE_CACHE_DIR, else /var/cache/engine for root, else $XDG_CACHE_HOME/engine or ~/.cache/engine. */
+export function defaultCacheRoot(env: Readonly<Record<string, string | undefined>> = process.env): string {
+  if (env.ENGINE_CACHE_DIR) return env.ENGINE_CACHE_DIR;
+  if (process.getuid?.() === 0) return '/var/cache/engine';
+  if (env.XDG_CACHE_HOME) return join(env.XDG_CACHE_HOME, 'engine');
+  return join(homedir(), '.cache', 'engine');
+}
+
+/** The index as blob writers and readers use it: where blobs are, and a writer's new packs' entries. */
+export interface BlobIndex {
+  lookup(ids: readonly Buffer[]): Promise<(BlobLocation | undefined)[]>;
+  addEntries(entries: readonly IndexEntry[]): Promise<void>;
+}
+
+export interface V3SessionOptions {
+  storage: Storage;
+  config: RepositoryConfig;
+  dataKey?: Uint8Array | undefined;
+  /** What the lease says holds it (backup, restore, verify …). */
+  command: string;
+  /** A writer gets a segment writer (backup); readers do not. */
+  writer: boolean;
+  signal?: AbortSignal | undefined;
+  notice: (message: string) => void;
+  cacheRoot?: string | undefined;
+}
+
+export class V3Session implements BlobIndex {
+  private constructor(
+    readonly lease: HeldLease,
+    readonly cache: IndexCache,
+    /** The slot's own folder of temporary files (packs being built): only this process uses it. */
+    readonly tempDir: string,
+    readonly catchUp: CatchUpResult,
+    readonly segments: SegmentWriter | undefined,
+  ) {}
+
+  static async open(options: V3SessionOptions): Promise<V3Session> {
+    const { storage, config, signal, notice } = options;
+    const cacheRoot = options.cacheRoot ?? defaultCacheRoot();
+    const hostId = await hostIdOf(cacheRoot);
+    const timing = { leaseMs: config.leases?.timeMs ?? LEASE_TIME_MS, skewBoundMs: config.leases?.skewBoundMs ?? LEASE_SKEW_BOUND_MS };
+    const leases = new Leases({
+      storage,
+      clock: systemClock,
+      holder: thisProcess(hostId),
+      probe: processProbe,
+      timing,
+      onBroken: (lease, state) => notice(`removed the ${state} ${lease.kind} lease ${lease.id} of ${lease.command} (pid ${lease.pid} on ${lease.hostname}, since ${lease.since})`),
+    });
+    const lease = await leases.acquireShared({ command: options.command, waitMs: timing.leaseMs, signal });
+    lease.keepAlive();
+    let cache: IndexCache | undefined;
+    try {
+      // After the lease, never before: a gc that completed in between could have deleted packs the cache names.
+      const opened = await IndexCache.open({ cacheRoot, repositoryId: config.id, storage, dataKey: options.dataKey, signal, onRebuild: (why) => notice(`rebuilt this host's index cache of the repository: ${why}`) });
+      cache = opened.cache;
+      for (const damaged of opened.catchUp.damaged) notice(`index segment ${damaged.key} cannot be read (${damaged.why}): the blobs it names count as absent`);
+      // The slot is this process's alone (LevelDB's lock): whatever lies in its temporary folder is a dead holder's.
+      const tempDir = `${cache.path}.tmp`;
+      await rm(tempDir, { recursive: true, force: true });
+      await createPrivateDirectory(tempDir);
+      const segments = options.writer
+        ? new SegmentWriter({ storage, dataKey: options.dataKey, assertHeld: () => lease.assertHeld(), onSegment: (segment) => cache!.ingest(segment), signal })
+        : undefined;
+      return new V3Session(lease, cache, tempDir, opened.catchUp, segments);
+    } catch (error) {
+      await cache?.close().catch(() => undefined);
+      await lease.release().catch(() => undefined);
+      throw error;
+    }
+  }
+
+  async lookup(ids: readonly Buffer[]): Promise<(BlobLocation | undefined)[]> {
+    const answer: (BlobLocation | undefined)[] = ids.map((id) => this.segments?.pendingEntry(id));
+    const ask = ids.filter((_, i) => answer[i] === undefined);
+    if (ask.length === 0) return answer;
+    const cached = await this.cache.lookup(ask);
+    let j = 0;
+    return answer.map((found) => found ?? cached[j++]);
+  }
+
+  /** A writer's new pack, durable in the store: its entries go into the writer's next segment. */
+  async addEntries(entries: readonly IndexEntry[]): Promise<void> {
+    if (!this.segments) throw new Error('addEntries on a version-3 session opened for reading');
+    await this.segments.addPack(entries);
+  }
+
+  /** Writes pending entries as a segment, then the record (create-if-absent): the commit point (SPEC.md 19.7). */
+  async commitRecord(key: string, bytes: Uint8Array): Promise<void> {
+    if (!this.segments) throw new Error('commitRecord on a version-3 session opened for reading');
+    await this.segments.commitRecord(key, bytes);
+  }
+
+  async close(): Promise<void> {
+    await this.cache.close().catch(() => undefined);
+    await rm(this.tempDir, { recursive: true, force: true }).catch(() => undefined);
+    await this.lease.release().catch(() => undefined);
+  }
+}

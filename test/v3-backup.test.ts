@@ -1,0 +1,143 @@
+/**
+ * Format version 3 end to end through the CLI (SPEC.md 19.7, 19.9), on a folder and on S3 (the tests' own
+ * Ceph RADOS Gateway, test/rgw.ts): backup → list/show → restore byte for byte (cmp); two backup processes
+ * at once into one repository, of distinct images sharing chunks, both committed and restorable; what lies
+ * in the store afterwards (packs, segments, records; no lease left); the host cache as SPEC 19.4 places it.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { readdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { startRgwCluster, type RgwCluster } from './rgw.js';
+import { createBucket, openRgwStorage } from './s3-helpers.js';
+import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
+
+const MiB = 1024 * 1024;
+const BUCKET = 'engine-v3-backup';
+let cluster: RgwCluster;
+let scratch: { path: string; cleanup: () => Promise<void> };
+let imageA: string;
+let imageB: string;
+
+function env(cache: string): Record<string, string> {
+  return {
+    AWS_ACCESS_KEY_ID: cluster.user.accessKeyId,
+    AWS_SECRET_ACCESS_KEY: cluster.user.secretAccessKey,
+    AWS_SHARED_CREDENTIALS_FILE: join(scratch.path, 'no-credentials'),
+    AWS_CONFIG_FILE: join(scratch.path, 'no-config'),
+    AWS_ENDPOINT_URL_S3: cluster.endpoint,
+    AWS_REGION: cluster.region,
+    ENGINE_CACHE_DIR: join(scratch.path, cache),
+  };
+}
+
+beforeAll(async () => {
+  scratch = await tempDir();
+  cluster = await startRgwCluster({ memstoreBytes: 768 * MiB });
+  await createBucket(cluster, BUCKET);
+  // Two disks that share their first 12 MiB and differ after it (and past 2^32 in B: a sparse image).
+  imageA = join(scratch.path, 'a.img');
+  imageB = join(scratch.path, 'b.img');
+  await writeRegion(imageA, 0, 12 * MiB, 'random', 'shared');
+  await writeRegion(imageA, 12 * MiB, 8 * MiB, 'random', 'only-a');
+  await writeRegion(imageB, 0, 12 * MiB, 'random', 'shared');
+  await writeRegion(imageB, 12 * MiB, 6 * MiB, 'random', 'only-b');
+  await writeRegion(imageB, 4 * 1024 * MiB + 3 * MiB, 2 * MiB, 'random', 'past-4g');
+});
+
+afterAll(async () => {
+  await cluster?.stop();
+  await scratch?.cleanup();
+});
+
+async function keysOf(where: string): Promise<string[]> {
+  if (!where.startsWith('s3://')) {
+    const keys: string[] = [];
+    const walk = async (dir: string, prefix: string): Promise<void> => {
+      for (const entry of await readdir(dir, { withFileTypes: true })) {
+        if (entry.isDirectory()) await walk(join(dir, entry.name), `${prefix}${entry.name}/`);
+        else keys.push(`${prefix}${entry.name}`);
+      }
+    };
+    await walk(where, '');
+    return keys.sort();
+  }
+  const storage = await openRgwStorage(cluster, where);
+  try {
+    const keys: string[] = [];
+    for await (const info of storage.list('')) keys.push(info.key);
+    return keys;
+  } finally {
+    await storage.close();
+  }
+}
+
+for (const kind of ['folder', 's3'] as const) {
+  describe(`version 3 on ${kind === 'folder' ? 'a folder' : 'S3 (RGW)'}`, () => {
+    let repo: string;
+    const cache = `cache-${kind}`;
+    const ids: Record<string, string> = {};
+
+    test('init, then backup of a disk: packs, one segment, the record; no lease left; the cache slot in $ENGINE_CACHE_DIR', async () => {
+      repo = kind === 'folder' ? join(scratch.path, 'repo-folder') : `s3://${BUCKET}/repo`;
+      const init = await runEngine(['init', '--format', '3', '--json', repo], { env: env(cache) });
+      expect(init.code, init.stderr).toBe(0);
+      const repositoryId = parseJson<{ id: string }>(init.stdout).id;
+      const r = await runEngine(['backup', '--repo', repo, '--source', imageA, '--json'], { env: env(cache) });
+      expect(r.code, r.stderr).toBe(0);
+      ids.a = parseJson<BackupJson>(r.stdout).id;
+      const keys = await keysOf(repo);
+      expect(keys.filter((k) => k.startsWith('backups/'))).toEqual([`backups/${ids.a}`]);
+      expect(keys.filter((k) => k.startsWith('index/'))).toHaveLength(1);
+      expect(keys.filter((k) => k.startsWith('packs/')).length).toBeGreaterThanOrEqual(2);
+      expect(keys.filter((k) => k.startsWith('leases/'))).toEqual([]);
+      expect(keys.filter((k) => !/^(config|backups\/|index\/|packs\/)/.test(k))).toEqual([]);
+      const cacheDir = join(scratch.path, cache);
+      expect((await readdir(cacheDir)).sort()).toEqual(['host-id', repositoryId].sort());
+      // The slot's temporary folder goes with the process; the slot (the LevelDB) stays for the next one.
+      expect(await readdir(join(cacheDir, repositoryId))).toEqual(['slot-0']);
+      expect((await stat(cacheDir)).mode & 0o777).toBe(0o700);
+    });
+
+    test('two backup processes at once, of images sharing chunks: both committed, list and show see them, each restores byte for byte', async () => {
+      const first = spawnEngine(['backup', '--repo', repo, '--source', imageB, '--name', 'b', '--json'], env(cache));
+      const second = spawnEngine(['backup', '--repo', repo, '--source', imageA, '--name', 'a-again', '--json'], env(cache));
+      const out = { first: '', second: '', errFirst: '', errSecond: '' };
+      first.stdout!.on('data', (d: Buffer) => (out.first += d.toString()));
+      second.stdout!.on('data', (d: Buffer) => (out.second += d.toString()));
+      first.stderr!.on('data', (d: Buffer) => (out.errFirst += d.toString()));
+      second.stderr!.on('data', (d: Buffer) => (out.errSecond += d.toString()));
+      const [a, b] = await Promise.all([exitOf(first), exitOf(second)]);
+      expect([a.code, out.errFirst]).toEqual([0, '']);
+      expect([b.code, out.errSecond]).toEqual([0, '']);
+      ids.b = parseJson<BackupJson>(out.first).id;
+      ids.again = parseJson<BackupJson>(out.second).id;
+      const again = parseJson<BackupJson>(out.second);
+      // A's blocks are all in the repository from the first backup: none is stored again.
+      expect(again.disks[0]!.blocksNew).toBe(0);
+      expect(again.disks[0]!.blocksDeduplicated).toBe(20);
+      const list = await runEngine(['list', '--repo', repo, '--json'], { env: env(cache) });
+      expect(list.code, list.stderr).toBe(0);
+      expect(parseJson<{ backups: { id: string }[] }>(list.stdout).backups.map((x) => x.id).sort()).toEqual([ids.a, ids.b, ids.again].sort());
+      const show = await runEngine(['show', '--repo', repo, ids.b!.slice(0, 8), '--json'], { env: env(cache) });
+      expect(show.code, show.stderr).toBe(0);
+      expect(parseJson<{ id: string; name: string }>(show.stdout)).toMatchObject({ id: ids.b, name: 'b' });
+      expect((await keysOf(repo)).filter((k) => k.startsWith('index/')).length).toBeGreaterThanOrEqual(2);
+      for (const [id, image] of [[ids.a, imageA], [ids.b, imageB], [ids.again, imageA]] as const) {
+        const target = join(scratch.path, `${kind}-${id}.raw`);
+        const r = await runEngine(['restore', '--repo', repo, id!, '--to', target, '--json'], { env: env(cache) });
+        expect(r.code, r.stderr).toBe(0);
+        expect(await filesIdentical(target, image)).toBe(true);
+      }
+      expect((await keysOf(repo)).filter((k) => k.startsWith('leases/'))).toEqual([]);
+    });
+
+    test('another host (its own cache directory and host id) catches up from the store and restores what this one wrote', async () => {
+      const target = join(scratch.path, `${kind}-other-host.raw`);
+      const r = await runEngine(['restore', '--repo', repo, ids.b!, '--to', target], { env: env(`${cache}-other-host`) });
+      expect(r.code, r.stderr).toBe(0);
+      expect(await filesIdentical(target, imageB)).toBe(true);
+      const hosts = await Promise.all([cache, `${cache}-other-host`].map(async (dir) => (await import('node:fs/promises')).readFile(join(scratch.path, dir, 'host-id'), 'utf8')));
+      expect(hosts[0]).not.toBe(hosts[1]);
+    });
+  });
+}
