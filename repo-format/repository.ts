@@ -42,7 +42,7 @@ import { deletePack, frameLocatorIn, notOwnPack, packSize, readFrameBytes, readP
 import { blobId, openBlob, sealBlobToBuffer } from './blob-codec.js';
 import { initChecksum } from './checksum.js';
 import { BlobWriter } from './blob-writer.js';
-import type { BlobLocation } from './index-entry.js';
+import type { BlobLocation, IndexEntry } from './index-entry.js';
 import type { LoadPage, StorePage } from './block-map.js';
 import { newRepositoryKeys, type RepositoryKeys } from './crypto.js';
 import { checkPassphrase, createKeyFile, decodeKeyFile, encodeKeyFile, keyFileName, unlockKeyFileCompatibly } from './key-file.js';
@@ -182,6 +182,11 @@ export class Repository {
     this.store = store;
     this.packTarget = { store, tempDir: join(root, LAYOUT.tmp) };
     this.packPresence = new PackPresence(store);
+  }
+
+  /** An s3:// repository (always version 3): no folder, no file modes. */
+  get onS3(): boolean {
+    return isS3Url(this.root);
   }
 
   /** Format version 3: many writers, leases, segments (SPEC.md 19). */
@@ -682,6 +687,8 @@ export class Repository {
 
   /** Files in tmp/ that no live registered writer (a gc between its phases) owns. */
   async listTempFiles(): Promise<string[]> {
+    // Version 3 keeps no temporary file in the repository (SPEC.md 19.1): they are in the host's cache slots.
+    if (this.manyWriters) return [];
     const live = await liveWriterTokens(this.root);
     return (await readdirIfPresent(join(this.root, LAYOUT.tmp))).filter((name) => !live.some((token) => name.startsWith(token))).sort();
   }
@@ -789,6 +796,11 @@ export class Repository {
 
   async lookup(ids: readonly Buffer[]): Promise<(BlobLocation | undefined)[]> {
     return this.blobIndex.lookup(ids);
+  }
+
+  /** Every blob the index names, one at a time (verify): the LevelDB index, or in version 3 the host's cache of the segments. */
+  blobs(): AsyncGenerator<IndexEntry> {
+    return this.v3 ? this.v3.cache.blobs() : this.index.blobs();
   }
 
   /**

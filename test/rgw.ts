@@ -115,6 +115,8 @@ function run(command: string, args: string[], options: { timeoutMs?: number; inp
       if (code === 0) resolve(stdout);
       else reject(new Error(`${command} ${args.join(' ')} failed (${signal ?? `exit ${code}`}): ${stderr.trim().split('\n').slice(-3).join(' | ')}`));
     });
+    // A tool that exits without reading its input (or before it is written) is judged by its exit, not by an EPIPE.
+    child.stdin.on('error', () => undefined);
     child.stdin.end(options.input ?? '');
   });
 }

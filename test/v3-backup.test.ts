@@ -5,7 +5,7 @@
  * in the store afterwards (packs, segments, records; no lease left); the host cache as SPEC 19.4 places it.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { readdir, stat } from 'node:fs/promises';
+import { readdir, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, openRgwStorage } from './s3-helpers.js';
@@ -138,6 +138,30 @@ for (const kind of ['folder', 's3'] as const) {
       expect(await filesIdentical(target, imageB)).toBe(true);
       const hosts = await Promise.all([cache, `${cache}-other-host`].map(async (dir) => (await import('node:fs/promises')).readFile(join(scratch.path, dir, 'host-id'), 'utf8')));
       expect(hosts[0]).not.toBe(hosts[1]);
+    });
+
+    test('verify --read-data reads every frame and finds nothing wrong; a pack cut short behind the engine is named (exit 4)', async () => {
+      const clean = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env: env(cache) });
+      expect(clean.code, clean.stderr).toBe(0);
+      const report = parseJson<{ ok: boolean; backups: number; problems: unknown[]; bytesRead?: number }>(clean.stdout);
+      expect(report.ok).toBe(true);
+      expect(report.problems).toEqual([]);
+      expect(report.backups).toBe(3);
+      const pack = (await keysOf(repo)).filter((k) => k.startsWith('packs/'))[0]!;
+      if (kind === 'folder') {
+        await truncate(join(repo, pack), 100);
+      } else {
+        const storage = await openRgwStorage(cluster, repo);
+        try {
+          await storage.put(pack, (await storage.get(pack)).subarray(0, 100));
+        } finally {
+          await storage.close();
+        }
+      }
+      const damaged = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env: env(cache) });
+      expect(damaged.code).toBe(4);
+      expect(damaged.stdout).toContain(pack.split('/')[2]!);
+      expect(parseJson<{ ok: boolean }>(damaged.stdout).ok).toBe(false);
     });
   });
 }

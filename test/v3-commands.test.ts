@@ -166,7 +166,6 @@ test('every command not wired on version 3 refuses a version-3 folder and an s3:
     ['forget', 'abc'],
     ['serve', 'abc'],
     ['mount', 'abc', mountDir],
-    ['verify', '--read-data'],
     ['prune', '--keep-last', '1'],
     ['gc'],
     ['repair'],

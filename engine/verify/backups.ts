@@ -82,7 +82,7 @@ export async function countUnreferenced(run: VerifyRun, referenced: IdPrefixSet)
   const garbage = run.report.garbage;
   garbage.unreferencedBlobs = 0;
   garbage.unreferencedBytes = 0;
-  for await (const entry of run.repo.index.blobs()) {
+  for await (const entry of run.repo.blobs()) {
     await run.interruption.tick();
     if (!referenced.has(entry.id)) {
       garbage.unreferencedBlobs += 1;

@@ -21,7 +21,7 @@ export async function checkIndex(run: VerifyRun, packs: PackFindings): Promise<M
   const missingPacks = new MissingPacks();
   let entries = 0;
   const namedBadHeaders = new Set<string>();
-  for await (const entry of run.repo.index.blobs()) {
+  for await (const entry of run.repo.blobs()) {
     await run.interruption.tick();
     entries += 1;
     if (packs.badHeaders.has(entry.packId)) namedBadHeaders.add(entry.packId);
@@ -29,7 +29,7 @@ export async function checkIndex(run: VerifyRun, packs: PackFindings): Promise<M
   run.report.blobs = entries;
   for (const [packId, scan] of packs.badHeaders) sortBadHeader(run, packId, scan, namedBadHeaders.has(packId));
   if (packs.confirmedEntries !== entries || packs.damaged.size > 0) {
-    for await (const entry of run.repo.index.blobs()) {
+    for await (const entry of run.repo.blobs()) {
       await run.interruption.tick();
       // A pack that cannot be read was said once; every blob it holds is damaged.
       const unreadable = packs.unreadable.get(entry.packId);

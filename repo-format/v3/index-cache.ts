@@ -27,7 +27,7 @@ import { join } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { CorruptMetadataError, classifyWriteError, EngineError, NoSpaceError } from '../errors.js';
 import { ensurePrivateDirectory, makeTreePrivate } from '../file-modes.js';
-import { decodeLocation, encodeLocation, type BlobLocation } from '../index-entry.js';
+import { decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from '../index-entry.js';
 import { INDEX_ENTRY_SIZE } from '../constants.js';
 import type { Storage } from '../storage/storage.js';
 import {
@@ -308,6 +308,15 @@ export class IndexCache {
       if (!location) throw new CorruptMetadataError('the index cache', `the entry of blob ${ids[i]!.toString('hex')} has a bad length; it is rebuilt at the next open`);
       return location;
     });
+  }
+
+  /** Every blob's entry, by id (verify walks the index): one entry in memory at a time. */
+  async *blobs(): AsyncGenerator<IndexEntry> {
+    for await (const [key, value] of this.db.iterator({ gte: Buffer.from([BLOB]), lt: Buffer.from([BLOB + 1]) })) {
+      const location = value.length === INDEX_ENTRY_SIZE + 4 ? decodeLocation(value.subarray(0, INDEX_ENTRY_SIZE)) : undefined;
+      if (!location) throw new CorruptMetadataError('the index cache', `the entry of blob ${key.subarray(1).toString('hex')} has a bad length; it is rebuilt at the next open`);
+      yield { id: Buffer.from(key.subarray(1)), ...location };
+    }
   }
 
   /** The segment a blob's entry came from (tests, verify). */
