@@ -489,6 +489,13 @@ export class Repository {
    * Its chunks stay until gc finds no other backup referencing them.
    */
   async removeBackup(id: string): Promise<void> {
+    if (this.manyWriters) {
+      // Version 3: under the command's shared lease (SPEC.md 19.5, 19.8); there is no catalogue to follow.
+      if (!this.v3) throw new Error('removeBackup on a version-3 repository opened without its lease');
+      this.v3.lease.assertHeld();
+      await this.store.delete(recordKey(id));
+      return;
+    }
     if (!this.lock) throw new Error('removeBackup needs the exclusive lock');
     await this.store.delete(recordKey(id));
     await this.withSpaceReserve(() => this.index.deleteBackup(id));

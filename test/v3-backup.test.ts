@@ -140,13 +140,36 @@ for (const kind of ['folder', 's3'] as const) {
       expect(hosts[0]).not.toBe(hosts[1]);
     });
 
+    test('protect, prune (which keeps a protected backup), unprotect, prune again, forget: records removed under the shared lease', async () => {
+      const later = await runEngine(['backup', '--repo', repo, '--source', imageA, '--name', 'b', '--json'], { env: env(cache) });
+      expect(later.code, later.stderr).toBe(0);
+      ids.b2 = parseJson<BackupJson>(later.stdout).id;
+      expect((await runEngine(['protect', '--repo', repo, ids.b!], { env: env(cache) })).code).toBe(0);
+      const kept = await runEngine(['prune', '--repo', repo, '--keep-last', '1', '--json'], { env: env(cache) });
+      expect(kept.code, kept.stderr).toBe(0);
+      expect(parseJson<{ removed: number }>(kept.stdout).removed).toBe(0);
+      expect((await runEngine(['unprotect', '--repo', repo, ids.b!], { env: env(cache) })).code).toBe(0);
+      const pruned = await runEngine(['prune', '--repo', repo, '--keep-last', '1', '--json'], { env: env(cache) });
+      expect(pruned.code, pruned.stderr).toBe(0);
+      expect(parseJson<{ removed: number; backups: { id: string; keep: boolean }[] }>(pruned.stdout).backups.filter((x) => !x.keep).map((x) => x.id)).toEqual([ids.b]);
+      const forgot = await runEngine(['forget', '--repo', repo, ids.again!], { env: env(cache) });
+      expect(forgot.code, forgot.stderr).toBe(0);
+      const keys = await keysOf(repo);
+      expect(keys.filter((k) => k.startsWith('backups/')).sort()).toEqual([`backups/${ids.a}`, `backups/${ids.b2}`].sort());
+      expect(keys.filter((k) => k.startsWith('leases/') || k.startsWith('protected/'))).toEqual([]);
+      const target = join(scratch.path, `${kind}-b2.raw`);
+      const r = await runEngine(['restore', '--repo', repo, ids.b2!, '--to', target], { env: env(cache) });
+      expect(r.code, r.stderr).toBe(0);
+      expect(await filesIdentical(target, imageA)).toBe(true);
+    });
+
     test('verify --read-data reads every frame and finds nothing wrong; a pack cut short behind the engine is named (exit 4)', async () => {
       const clean = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env: env(cache) });
       expect(clean.code, clean.stderr).toBe(0);
       const report = parseJson<{ ok: boolean; backups: number; problems: unknown[]; bytesRead?: number }>(clean.stdout);
       expect(report.ok).toBe(true);
       expect(report.problems).toEqual([]);
-      expect(report.backups).toBe(3);
+      expect(report.backups).toBe(2);
       const pack = (await keysOf(repo)).filter((k) => k.startsWith('packs/'))[0]!;
       if (kind === 'folder') {
         await truncate(join(repo, pack), 100);

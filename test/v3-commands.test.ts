@@ -160,13 +160,9 @@ test('every command not wired on version 3 refuses a version-3 folder and an s3:
   const mountDir = join(scratch.path, 'refusal-mount');
   await mkdir(mountDir);
   const commands: string[][] = [
-    ['protect', 'abc'],
-    ['unprotect', 'abc'],
     ['unlock'],
-    ['forget', 'abc'],
     ['serve', 'abc'],
     ['mount', 'abc', mountDir],
-    ['prune', '--keep-last', '1'],
     ['gc'],
     ['repair'],
   ];

@@ -34,7 +34,7 @@ export interface ForgetResult {
 }
 
 export async function forget(options: ForgetOptions): Promise<ForgetResult> {
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'forget', passphrase: options.passphrase });
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'forget', passphrase: options.passphrase, manyWriters: true });
   try {
     const id = await repo.findBackupId(options.backupId);
     if ((await listProtected(repo.store)).has(id)) throw new InvalidArgumentError(`backup ${id} is protected`, withRemedies({ backup: id }, { kind: 'unprotect', backup: id }));
@@ -44,7 +44,8 @@ export async function forget(options: ForgetOptions): Promise<ForgetResult> {
       result = { backup: id, name: record.name, startTime: record.startTime, damaged: null };
     } catch (error) {
       if (!(error instanceof EngineError) || error.code !== 'ENGINE_CORRUPT_METADATA') throw error;
-      if (!options.force && (await catalogueCopyOf(repo, id))) {
+      // Version 3 keeps no catalogue copy of records: a damaged one has nothing to be restored from.
+      if (!options.force && !repo.manyWriters && (await catalogueCopyOf(repo, id))) {
         throw new InvalidArgumentError(
           `backup record ${id} is damaged (${String(error.details.why)}), but the index holds a good copy of it`,
           withRemedies({ backup: id }, { kind: 'repair', does: 'restores the backup' }, { kind: 'override', option: 'force', to: 'remove it all the same' }),

@@ -12,7 +12,7 @@ export interface ProtectResult {
 
 /** Takes the lock, so that a prune running at the same time either sees the marker or has finished. */
 export async function setProtection(repoPath: string, idOrPrefix: string, wanted: boolean, options: { passphrase?: Passphrase | undefined } = {}): Promise<ProtectResult> {
-  const repo = await Repository.open(repoPath, { access: 'exclusive', command: wanted ? 'protect' : 'unprotect', index: 'skip', passphrase: options.passphrase });
+  const repo = await Repository.open(repoPath, { access: 'exclusive', command: wanted ? 'protect' : 'unprotect', index: 'skip', passphrase: options.passphrase, manyWriters: true });
   try {
     const record = await repo.findBackup(idOrPrefix);
     const changed = wanted ? await protectBackup(repo.store, record.id) : await unprotectBackup(repo.store, record.id);

@@ -53,7 +53,7 @@ export async function prune(options: PruneOptions): Promise<PruneReport> {
     removed.length === 0 ? 'nothing was removed' : `it removed ${removed.length} backups (${removed.join(', ')}) and no other; prune again finishes`,
   );
   interruption.check();
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'prune', passphrase: options.passphrase, checkInterrupted: () => interruption.check() });
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'prune', passphrase: options.passphrase, checkInterrupted: () => interruption.check(), manyWriters: true, signal: options.signal });
   try {
     const { backups, damaged } = await repo.listBackups();
     const decisions = applyRetention(backups, options.policy, await listProtected(repo.store));
