@@ -140,7 +140,8 @@ backends.push({
     await writeFile(join(dirname(path), key.split('/').pop()!), bytes);
   },
   listsForeignNames: false,
-  setsModified: false,
+  // The file's mtime, which the host or file server storing it sets: what a version-3 lease checks this host's clock against (SPEC.md 19.6).
+  setsModified: true,
 });
 
 beforeAll(async () => {

@@ -9,6 +9,7 @@ import { readdir, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, openRgwStorage } from './s3-helpers.js';
+import { qcow2, qemuImgCompare, qemuIo, qemuNbd } from './qemu.js';
 import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -140,6 +141,24 @@ for (const kind of ['folder', 's3'] as const) {
       expect(hosts[0]).not.toBe(hosts[1]);
     });
 
+    test('backup of an NBD export (qemu-nbd serving a qcow2 image), restored and compared with qemu-img compare', async () => {
+      const image = join(scratch.path, `${kind}-nbd.qcow2`);
+      await qcow2(image, '64M');
+      await qemuIo(image, ['write -P 0x5a 1M 3M', 'write -P 0x33 40M 1M']);
+      const served = await qemuNbd(image, scratch.path, { exportName: 'vda' });
+      try {
+        const r = await runEngine(['backup', '--repo', repo, '--source', served.uri, '--name', 'nbd-disk', '--json'], { env: env(cache) });
+        expect(r.code, r.stderr).toBe(0);
+        ids.nbd = parseJson<BackupJson>(r.stdout).id;
+      } finally {
+        await served.stop();
+      }
+      const target = join(scratch.path, `${kind}-nbd.raw`);
+      const restored = await runEngine(['restore', '--repo', repo, ids.nbd!, '--to', target], { env: env(cache) });
+      expect(restored.code, restored.stderr).toBe(0);
+      expect(await qemuImgCompare(target, 'raw', image, 'qcow2')).toBe(true);
+    });
+
     test('protect, prune (which keeps a protected backup), unprotect, prune again, forget: records removed under the shared lease', async () => {
       const later = await runEngine(['backup', '--repo', repo, '--source', imageA, '--name', 'b', '--json'], { env: env(cache) });
       expect(later.code, later.stderr).toBe(0);
@@ -155,7 +174,7 @@ for (const kind of ['folder', 's3'] as const) {
       const forgot = await runEngine(['forget', '--repo', repo, ids.again!], { env: env(cache) });
       expect(forgot.code, forgot.stderr).toBe(0);
       const keys = await keysOf(repo);
-      expect(keys.filter((k) => k.startsWith('backups/')).sort()).toEqual([`backups/${ids.a}`, `backups/${ids.b2}`].sort());
+      expect(keys.filter((k) => k.startsWith('backups/')).sort()).toEqual([`backups/${ids.a}`, `backups/${ids.b2}`, `backups/${ids.nbd}`].sort());
       expect(keys.filter((k) => k.startsWith('leases/') || k.startsWith('protected/'))).toEqual([]);
       const target = join(scratch.path, `${kind}-b2.raw`);
       const r = await runEngine(['restore', '--repo', repo, ids.b2!, '--to', target], { env: env(cache) });
@@ -169,7 +188,7 @@ for (const kind of ['folder', 's3'] as const) {
       const report = parseJson<{ ok: boolean; backups: number; problems: unknown[]; bytesRead?: number }>(clean.stdout);
       expect(report.ok).toBe(true);
       expect(report.problems).toEqual([]);
-      expect(report.backups).toBe(2);
+      expect(report.backups).toBe(3);
       const pack = (await keysOf(repo)).filter((k) => k.startsWith('packs/'))[0]!;
       if (kind === 'folder') {
         await truncate(join(repo, pack), 100);
