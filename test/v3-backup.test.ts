@@ -182,6 +182,33 @@ for (const kind of ['folder', 's3'] as const) {
       expect(await filesIdentical(target, imageA)).toBe(true);
     });
 
+    test('an encrypted version-3 repository: segments sealed, backup restores byte for byte, verify --read-data clean; a wrong passphrase is refused', async () => {
+      const secret = kind === 'folder' ? join(scratch.path, 'repo-folder-encrypted') : `s3://${BUCKET}/encrypted`;
+      const withPassword = { ...env(cache), ENGINE_PASSWORD: 'correct horse battery staple' };
+      expect((await runEngine(['init', '--format', '3', '--encrypt', secret], { env: withPassword })).code).toBe(0);
+      const r = await runEngine(['backup', '--repo', secret, '--source', imageA, '--json'], { env: withPassword });
+      expect(r.code, r.stderr).toBe(0);
+      const id = parseJson<BackupJson>(r.stdout).id;
+      const target = join(scratch.path, `${kind}-encrypted.raw`);
+      const restored = await runEngine(['restore', '--repo', secret, id, '--to', target], { env: withPassword });
+      expect(restored.code, restored.stderr).toBe(0);
+      expect(await filesIdentical(target, imageA)).toBe(true);
+      const verified = await runEngine(['verify', '--repo', secret, '--read-data', '--json'], { env: withPassword });
+      expect(verified.code, verified.stderr).toBe(0);
+      expect(parseJson<{ ok: boolean }>(verified.stdout).ok).toBe(true);
+      // The segment is sealed: the blob ids of the plain image do not appear in it.
+      const segmentKey = (await keysOf(secret)).find((k) => k.startsWith('index/'))!;
+      const storage = kind === 'folder' ? undefined : await openRgwStorage(cluster, secret);
+      try {
+        const bytes = storage ? await storage.get(segmentKey) : await (await import('node:fs/promises')).readFile(join(secret, segmentKey));
+        expect(bytes.subarray(0, 4).toString('latin1')).toBe('EENC');
+      } finally {
+        await storage?.close();
+      }
+      const wrong = await runEngine(['list', '--repo', secret], { env: { ...env(cache), ENGINE_PASSWORD: 'not the passphrase at all' } });
+      expect(wrong.code).toBe(6);
+    });
+
     test('verify --read-data reads every frame and finds nothing wrong; a pack cut short behind the engine is named (exit 4)', async () => {
       const clean = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env: env(cache) });
       expect(clean.code, clean.stderr).toBe(0);
