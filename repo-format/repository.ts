@@ -243,7 +243,7 @@ export class Repository {
   }
 
   /** The config of any version this engine reads (3 included), from the store given or the folder's. */
-  private static async loadConfig(root: string, store?: Storage): Promise<RepositoryConfig> {
+  static async loadConfig(root: string, store?: Storage): Promise<RepositoryConfig> {
     if (!isS3Url(root)) checkLocalPath(root, 'repository');
     const from = store ?? openStore(root);
     let bytes: Buffer;

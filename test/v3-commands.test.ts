@@ -6,7 +6,7 @@
  * still refused for every other path argument.
  */
 import { afterAll, beforeAll, expect, test } from 'vitest';
-import { mkdir, readdir, readFile, stat} from 'node:fs/promises';
+import { mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, openRgwStorage } from './s3-helpers.js';
@@ -160,7 +160,6 @@ test('every command not wired on version 3 refuses a version-3 folder and an s3:
   const mountDir = join(scratch.path, 'refusal-mount');
   await mkdir(mountDir);
   const commands: string[][] = [
-    ['unlock'],
     ['serve', 'abc'],
     ['mount', 'abc', mountDir],
     ['gc'],
@@ -183,4 +182,33 @@ test('every command not wired on version 3 refuses a version-3 folder and an s3:
   } finally {
     await storage.close();
   }
+});
+
+test('unlock on version 3: an expired lease is removed, a live shared one kept (not locked), a live exclusive one locks (exit 3) until --force', async () => {
+  const repo = join(scratch.path, 'v3-unlock');
+  expect((await runEngine(['init', '--format', '3', repo])).code).toBe(0);
+  await mkdir(join(repo, 'leases'), { mode: 0o700 });
+  const lease = (id: string, kind: string, expiresInMs: number): string =>
+    JSON.stringify({ version: 1, id, kind, host: 'f'.repeat(32), hostname: 'other-appliance', boot: '', pid: 4242, start: '', command: 'backup', since: new Date(Date.now() - 3_600_000).toISOString(), expires: new Date(Date.now() + expiresInMs).toISOString() });
+  const expired = 'a'.repeat(32);
+  const shared = 'b'.repeat(32);
+  const exclusive = 'c'.repeat(32);
+  await writeFile(join(repo, 'leases', `${expired}.json`), lease(expired, 'shared', -3_600_000));
+  await writeFile(join(repo, 'leases', `${shared}.json`), lease(shared, 'shared', 200_000));
+  const first = await runEngine(['unlock', '--repo', repo, '--json'], { env: awsEnv() });
+  expect(first.code, first.stderr).toBe(0);
+  const report = parseJson<{ locked: boolean; registrations: { file: string; removed: boolean; state: string }[] }>(first.stdout);
+  expect(report.locked).toBe(false);
+  expect(report.registrations.map((r) => [r.file, r.removed, r.state])).toEqual([
+    [`leases/${expired}.json`, true, 'dead'],
+    [`leases/${shared}.json`, false, 'other-host'],
+  ]);
+  await writeFile(join(repo, 'leases', `${exclusive}.json`), lease(exclusive, 'exclusive', 200_000));
+  const held = await runEngine(['unlock', '--repo', repo], { env: awsEnv() });
+  expect(held.code).toBe(3);
+  expect(held.stdout).toContain(`kept leases/${exclusive}.json`);
+  const forced = await runEngine(['unlock', '--repo', repo, '--force'], { env: awsEnv() });
+  expect(forced.code, forced.stderr).toBe(0);
+  expect(forced.stdout).toMatch(/WARNING: removed leases\/c+\.json/);
+  expect(await readdir(join(repo, 'leases'))).toEqual([]);
 });

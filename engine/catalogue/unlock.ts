@@ -17,7 +17,13 @@ import { rename, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Repository } from '../../repo-format/repository.js';
 import { LAYOUT } from '../../repo-format/constants.js';
-import { isErrnoException, ReadOnlyRepositoryError, type StorageRemedy } from '../../repo-format/errors.js';
+import { FormatUnsupportedError, isErrnoException, ReadOnlyRepositoryError, type StorageRemedy } from '../../repo-format/errors.js';
+import { openLocation, s3Settings } from '../../repo-format/v3/location.js';
+import { defaultCacheRoot } from '../../repo-format/v3/session.js';
+import { hostIdOf, processProbe, thisProcess } from '../../repo-format/v3/host.js';
+import { Leases } from '../../repo-format/v3/leases.js';
+import { systemClock } from '../../repo-format/v3/clock.js';
+import { LEASE_SKEW_BOUND_MS, LEASE_TIME_MS } from '../../repo-format/constants.js';
 import { lockedHint, lockLiveness, readLockFile } from '../../repo-format/lock.js';
 import { listRegistrations, removeRegistration, type RegistryDir } from '../../repo-format/registry.js';
 import type { HolderLiveness } from '../../repo-format/process-alive.js';
@@ -158,9 +164,53 @@ async function unlockRegistrations(root: string, dir: RegistryDir, force: boolea
 }
 
 export async function unlock(options: UnlockOptions): Promise<UnlockReport> {
-  await Repository.readConfig(options.repo, undefined, 'unlock'); // a clear error for a path that is not a repository
+  try {
+    await Repository.readConfig(options.repo, undefined, 'unlock'); // a clear error for a path that is not a repository
+  } catch (error) {
+    if (error instanceof FormatUnsupportedError) return unlockLeases(options);
+    throw error;
+  }
   const force = options.force === true;
   const lock = await unlockLock(options.repo, force);
   const registrations = [...(await unlockRegistrations(options.repo, LAYOUT.writers, force)), ...(await unlockRegistrations(options.repo, LAYOUT.readers, force))];
   return { repo: options.repo, force, lock, registrations, locked: lock !== null && !lock.removed };
+}
+
+/**
+ * Version 3 (SPEC.md 19.5): the leases take the place of the lock and the registrations. Dead and expired
+ * ones are removed; with `force` every one, live or unreadable (a holder that still works then loses its
+ * lease at its next refresh and stops). The repository counts as locked while a live or unreadable
+ * exclusive or pending lease remains: that is what keeps backups out.
+ */
+async function unlockLeases(options: UnlockOptions): Promise<UnlockReport> {
+  const force = options.force === true;
+  const storage = await openLocation(options.repo, s3Settings());
+  try {
+    const config = await Repository.loadConfig(options.repo, storage);
+    const hostId = await hostIdOf(defaultCacheRoot());
+    const leases = new Leases({
+      storage,
+      clock: systemClock,
+      holder: thisProcess(hostId),
+      probe: processProbe,
+      timing: { leaseMs: config.leases?.timeMs ?? LEASE_TIME_MS, skewBoundMs: config.leases?.skewBoundMs ?? LEASE_SKEW_BOUND_MS },
+    });
+    const items: UnlockItem[] = [];
+    let locked = false;
+    for (const found of await leases.unlock({ force })) {
+      const lease = found.lease;
+      const holder = lease ? { pid: lease.pid, hostname: lease.hostname, since: lease.since, command: `${lease.command}, ${lease.kind} lease until ${lease.expires}` } : null;
+      const state: UnlockItem['state'] = found.state === 'unreadable' ? 'unreadable' : found.state !== 'live' ? 'dead' : lease!.host === hostId ? 'alive' : 'other-host';
+      const why = found.state === 'live' ? 'it is live' : found.state === 'unreadable' ? 'it cannot be read' : `it is ${found.state}`;
+      if (!found.removed) {
+        if (lease === undefined || lease.kind !== 'shared') locked = true;
+        items.push({ file: found.key, holder, state, removed: false, message: `kept ${found.key} of ${describe(holder)}: ${why}`, remedies: [forcedUnlock(options.repo)] });
+      } else {
+        items.push({ file: found.key, holder, state, removed: true, message: found.state === 'live' || found.state === 'unreadable' ? `WARNING: removed ${found.key} of ${describe(holder)} although ${why} (forced): if its holder still works, it stops at its next refresh` : `removed ${found.key} of ${describe(holder)}: ${why}` });
+      }
+    }
+    return { repo: options.repo, force, lock: null, registrations: items, locked };
+  } finally {
+    await storage.close();
+  }
 }
