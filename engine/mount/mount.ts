@@ -19,7 +19,8 @@ import { closeSync, openSync } from 'node:fs';
 import { chmod, open, readdir, readFile, realpath, rename, rm, rmdir, stat, unlink, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { CorruptMetadataError, EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
+import { CorruptMetadataError, EngineError, FormatUnsupportedError, InvalidArgumentError } from '../../repo-format/errors.js';
+import { Repository } from '../../repo-format/repository.js';
 import { noticeSink } from '../../repo-format/notices.js';
 import { isProcessAlive } from '../../repo-format/process-alive.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
@@ -206,8 +207,22 @@ function fileReader(path: string, size: number): { readAt: ReadAt; close: () => 
   };
 }
 
+/**
+ * Mount does not work on format version 3 yet: said as mount's own refusal before anything is created (the
+ * background server would otherwise say it as its own). Every other problem of the repository is the
+ * server's to report, as for any repository.
+ */
+async function refuseManyWriters(repo: string): Promise<void> {
+  try {
+    await Repository.readConfig(repo, undefined, 'mount');
+  } catch (error) {
+    if (error instanceof FormatUnsupportedError) throw error;
+  }
+}
+
 export async function mount(options: MountOptions): Promise<MountResult> {
   checkLocalPath(options.dir, 'mount directory');
+  await refuseManyWriters(options.repo);
   const existing = await stat(options.dir).catch(() => undefined);
   if (existing && !existing.isDirectory()) throw new InvalidArgumentError(`mount point ${options.dir} is not a directory: give an empty (or new) directory`);
   // The mount point and what mount creates under it never go inside a repository (write-guard.ts).
