@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, openRgwStorage } from './s3-helpers.js';
 import { qcow2, qemuImgCompare, qemuIo, qemuNbd } from './qemu.js';
-import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const BUCKET = 'engine-v3-backup';
@@ -141,6 +141,39 @@ for (const kind of ['folder', 's3'] as const) {
       expect(hosts[0]).not.toBe(hosts[1]);
     });
 
+    test('SIGINT after a pack was stored: exit 130 within the run, no record, no segment, no lease left; the next backup commits and restores', async () => {
+      const big = join(scratch.path, `${kind}-big.img`);
+      await writeRegion(big, 0, 48 * MiB, 'random', `big-${kind}`);
+      const before = await keysOf(repo);
+      const child = spawnEngine(['backup', '--repo', repo, '--source', big, '--name', 'big'], { ...env(cache), ENGINE_STOP_AT: 'pack-sealed' });
+      let stderr = '';
+      child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+      await stoppedItself(child);
+      child.kill('SIGINT');
+      child.kill('SIGCONT');
+      // The point is reached once per pack: a later one may stop it again before the signal is acted on.
+      const exited = exitOf(child);
+      for (;;) {
+        const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
+        if (settled === 'exited') break;
+        child.kill('SIGCONT');
+      }
+      const exit = await exited;
+      expect([exit.code, stderr]).toEqual([130, expect.stringContaining('interrupted')]);
+      const after = await keysOf(repo);
+      const added = after.filter((k) => !before.includes(k));
+      // Only the packs it stored: garbage for gc (SPEC 19.8), named by no segment and no record.
+      expect(added.length).toBeGreaterThan(0);
+      expect(added.filter((k) => !k.startsWith('packs/'))).toEqual([]);
+      const again = await runEngine(['backup', '--repo', repo, '--source', big, '--name', 'big', '--json'], { env: env(cache) });
+      expect(again.code, again.stderr).toBe(0);
+      const target = join(scratch.path, `${kind}-big.raw`);
+      const r = await runEngine(['restore', '--repo', repo, parseJson<BackupJson>(again.stdout).id, '--to', target], { env: env(cache) });
+      expect(r.code, r.stderr).toBe(0);
+      expect(await filesIdentical(target, big)).toBe(true);
+      ids.big = parseJson<BackupJson>(again.stdout).id;
+    });
+
     test('backup of an NBD export (qemu-nbd serving a qcow2 image), restored and compared with qemu-img compare', async () => {
       const image = join(scratch.path, `${kind}-nbd.qcow2`);
       await qcow2(image, '64M');
@@ -174,7 +207,7 @@ for (const kind of ['folder', 's3'] as const) {
       const forgot = await runEngine(['forget', '--repo', repo, ids.again!], { env: env(cache) });
       expect(forgot.code, forgot.stderr).toBe(0);
       const keys = await keysOf(repo);
-      expect(keys.filter((k) => k.startsWith('backups/')).sort()).toEqual([`backups/${ids.a}`, `backups/${ids.b2}`, `backups/${ids.nbd}`].sort());
+      expect(keys.filter((k) => k.startsWith('backups/')).sort()).toEqual([`backups/${ids.a}`, `backups/${ids.b2}`, `backups/${ids.nbd}`, `backups/${ids.big}`].sort());
       expect(keys.filter((k) => k.startsWith('leases/') || k.startsWith('protected/'))).toEqual([]);
       const target = join(scratch.path, `${kind}-b2.raw`);
       const r = await runEngine(['restore', '--repo', repo, ids.b2!, '--to', target], { env: env(cache) });
@@ -215,7 +248,7 @@ for (const kind of ['folder', 's3'] as const) {
       const report = parseJson<{ ok: boolean; backups: number; problems: unknown[]; bytesRead?: number }>(clean.stdout);
       expect(report.ok).toBe(true);
       expect(report.problems).toEqual([]);
-      expect(report.backups).toBe(3);
+      expect(report.backups).toBe(4);
       const pack = (await keysOf(repo)).filter((k) => k.startsWith('packs/'))[0]!;
       if (kind === 'folder') {
         await truncate(join(repo, pack), 100);
