@@ -193,8 +193,10 @@ describe('config of an encrypted repository', () => {
     expect(decodeConfig(edited((c) => (c.hash = 'sha256')))).toBe('config names a hash, checksum or compression this engine does not know');
     expect(decodeConfig(edited((c) => ((c.encryption as Record<string, unknown>).cipher = 'aes-128-cbc')))).toBe('config names a cipher this engine does not know');
     expect(decodeConfig(edited((c) => ((c.encryption as Record<string, unknown>).keyFile = '../key.json')))).toBe('config names no valid key file');
-    const newer = decodeConfig(edited((c) => (c.version = 3)));
-    expect(typeof newer === 'string' ? newer : newer.version).toBe(3);
+    // Version 3 (many writers) is read, and needs its lease timing (SPEC.md 19.1); 4 is a future format.
+    expect(decodeConfig(edited((c) => (c.version = 3)))).toBe('config of version 3 names no lease timing');
+    const newer = decodeConfig(edited((c) => (c.version = 4)));
+    expect(typeof newer === 'string' ? newer : newer.version).toBe(4);
     // Without encryption, version 2 is a plain repository of a future format.
     const plain2 = decodeConfig(edited((c) => {
       delete c.encryption;

@@ -212,3 +212,19 @@ test('unlock on version 3: an expired lease is removed, a live shared one kept (
   expect(forced.stdout).toMatch(/WARNING: removed leases\/c+\.json/);
   expect(await readdir(join(repo, 'leases'))).toEqual([]);
 });
+
+test('a version-3 config needs a safe lease timing (1000 ≤ B, 4B < T), and only version 3 may name one', async () => {
+  const { decodeConfig, encodeConfig, newConfig } = await import('../dist/repo-format/config.js');
+  const v3 = newConfig('0'.repeat(32), 1024 * 1024, new Date(0), undefined, true);
+  const edited = (change: (c: Record<string, unknown>) => void): Buffer => {
+    const c = JSON.parse(encodeConfig(v3).toString('utf8')) as Record<string, unknown>;
+    change(c);
+    return Buffer.from(JSON.stringify(c));
+  };
+  expect(decodeConfig(encodeConfig(v3))).toMatchObject({ version: 3, leases: { timeMs: 300000, skewBoundMs: 60000 } });
+  expect(decodeConfig(edited((c) => (c.leases = { timeMs: 300000, skewBoundMs: 999 })))).toMatch(/lease timing is unsafe/);
+  expect(decodeConfig(edited((c) => (c.leases = { timeMs: 240000, skewBoundMs: 60000 })))).toMatch(/lease timing is unsafe/);
+  expect(decodeConfig(edited((c) => (c.leases = { timeMs: '300000', skewBoundMs: 60000 })))).toBe('config has no valid lease timing');
+  expect(decodeConfig(edited((c) => delete c.leases))).toBe('config of version 3 names no lease timing');
+  expect(decodeConfig(edited((c) => (c.version = 1)))).toBe('config of version 1 names leases');
+});
