@@ -8,7 +8,7 @@
  */
 import { PACK_TARGET_SIZE } from './constants.js';
 import type { FrameHeader } from './frame.js';
-import type { BlobIndex } from './v3/session.js';
+import type { BlobIndex } from './index-entry.js';
 import { PackWriter, type PackTarget } from './pack-file.js';
 import { crashPoint } from './crash-points.js';
 import type { PackPresence } from './pack-presence.js';

@@ -47,3 +47,13 @@ export function decodeLocation(value: Uint8Array): BlobLocation | undefined {
     flags: buf.readUInt8(29),
   };
 }
+
+/**
+ * The index as blob writers and readers use it: where blobs are, and a writer's new packs' entries. The
+ * repository's LevelDB (index-store.ts) in versions 1 and 2; in version 3 a session's cache of the segments
+ * and its own pending entries (v3/session.ts).
+ */
+export interface BlobIndex {
+  lookup(ids: readonly Buffer[]): Promise<(BlobLocation | undefined)[]>;
+  addEntries(entries: readonly IndexEntry[]): Promise<void>;
+}

@@ -42,7 +42,7 @@ import { deletePack, frameLocatorIn, notOwnPack, packSize, readFrameBytes, readP
 import { blobId, openBlob, sealBlobToBuffer } from './blob-codec.js';
 import { initChecksum } from './checksum.js';
 import { BlobWriter } from './blob-writer.js';
-import type { BlobLocation, IndexEntry } from './index-entry.js';
+import type { BlobIndex, BlobLocation, IndexEntry } from './index-entry.js';
 import type { LoadPage, StorePage } from './block-map.js';
 import { newRepositoryKeys, type RepositoryKeys } from './crypto.js';
 import { checkPassphrase, createKeyFile, decodeKeyFile, encodeKeyFile, keyFileName, unlockKeyFileCompatibly } from './key-file.js';
@@ -61,7 +61,7 @@ import { noticeSink, type NoticeSink } from './notices.js';
 import { createReserve, freeBytes, releaseReserve, reserveSize } from './space-reserve.js';
 import { copyIndexForReading, privateIndexDir, removeIndexCopy, unwritableReason, withoutLockNotice, type Unwritable } from './unwritable.js';
 import { PackPresence } from './pack-presence.js';
-import { V3Session, type BlobIndex } from './v3/session.js';
+import { V3Session } from './v3/session.js';
 import { openLocation, s3Settings } from './v3/location.js';
 
 export interface OpenOptions {

@@ -11,7 +11,7 @@ import { rm } from 'node:fs/promises';
 import type { RepositoryConfig } from '../config.js';
 import { LEASE_SKEW_BOUND_MS, LEASE_TIME_MS } from '../constants.js';
 import { createPrivateDirectory } from '../file-modes.js';
-import type { BlobLocation, IndexEntry } from '../index-entry.js';
+import type { BlobIndex, BlobLocation, IndexEntry } from '../index-entry.js';
 import type { Storage } from '../storage/storage.js';
 import { systemClock } from './clock.js';
 import { hostIdOf, processProbe, thisProcess } from './host.js';
@@ -25,12 +25,6 @@ export function defaultCacheRoot(env: Readonly<Record<string, string | undefined
   if (process.getuid?.() === 0) return '/var/cache/engine';
   if (env.XDG_CACHE_HOME) return join(env.XDG_CACHE_HOME, 'engine');
   return join(homedir(), '.cache', 'engine');
-}
-
-/** The index as blob writers and readers use it: where blobs are, and a writer's new packs' entries. */
-export interface BlobIndex {
-  lookup(ids: readonly Buffer[]): Promise<(BlobLocation | undefined)[]>;
-  addEntries(entries: readonly IndexEntry[]): Promise<void>;
 }
 
 export interface V3SessionOptions {
