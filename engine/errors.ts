@@ -1,5 +1,29 @@
-import { EngineError, type StorageRemedy } from '../repo-format/errors.js';
+import { EngineError, type CodesOf, type StorageRemedy } from '../repo-format/errors.js';
 import { displayText } from '../repo-format/display-text.js';
+
+/** The engine layer's codes, added to the registry of repo-format/errors.ts (SPEC.md 14.3). */
+declare module '../repo-format/errors.js' {
+  interface ErrorCodes {
+    ENGINE_DISK_NOT_FOUND: 'engine';
+    ENGINE_SOURCE_UNREADABLE: 'engine';
+    ENGINE_SOURCE_CHANGED: 'engine';
+    ENGINE_TARGET_TOO_SMALL: 'engine';
+    ENGINE_TARGET_UNWRITABLE: 'engine';
+    ENGINE_TARGET_PROTECTED: 'engine';
+    ENGINE_TARGET_IN_USE: 'engine';
+    ENGINE_TARGET_HOLDS_DATA: 'engine';
+    ENGINE_NBD_CONNECT: 'engine';
+    ENGINE_NBD_PROTOCOL: 'engine';
+    ENGINE_NBD_COMMAND: 'engine';
+    ENGINE_TIMEOUT: 'engine';
+    ENGINE_TOOL_FAILED: 'engine';
+    ENGINE_OVIRT_FAULT: 'engine';
+    ENGINE_OVIRT_AUTH: 'engine';
+    ENGINE_OVIRT_CONNECT: 'engine';
+  }
+}
+
+export type EngineErrorCode = CodesOf<'engine'>;
 
 /**
  * A way out of an engine error, in the API's terms (`details.remedies`; the message states the condition):
@@ -74,15 +98,8 @@ export class DiskNotFoundError extends EngineError {
   }
 }
 
-/**
- * SIGINT/SIGTERM (or a caller's abort) stopped an operation. `state` says what it left: by default nothing
- * of it was committed; a restore says what became of its target, prune how many backups it removed.
- */
-export class InterruptedError extends EngineError {
-  constructor(what: string, state = 'nothing of it was committed', signal?: string) {
-    super('ENGINE_INTERRUPTED', `${what} was interrupted${signal ? ` (${signal})` : ''}; ${state}`, { what, state, ...(signal ? { signal } : {}) });
-  }
-}
+/** Raised by the storage layer too (an aborted storage call): owned there, named here for the engine's callers. */
+export { InterruptedError } from '../repo-format/errors.js';
 
 /** A chunk that fails its checks during restore, named by backup, disk and offset as well as pack and offset. */
 export class CorruptChunkError extends EngineError {

@@ -5,43 +5,50 @@
  */
 import { displayText } from './display-text.js';
 
-export type ErrorCode =
-  | 'ENGINE_INVALID_ARGUMENT'
-  | 'ENGINE_NOT_A_REPOSITORY'
-  | 'ENGINE_REPOSITORY_EXISTS'
-  | 'ENGINE_FORMAT_TOO_NEW'
-  | 'ENGINE_REPOSITORY_LOCKED'
-  | 'ENGINE_CORRUPT_FRAME'
-  | 'ENGINE_CORRUPT_PACK'
-  | 'ENGINE_CORRUPT_METADATA'
-  | 'ENGINE_MISSING_BLOB'
-  | 'ENGINE_BACKUP_NOT_FOUND'
-  | 'ENGINE_AMBIGUOUS_ID'
-  | 'ENGINE_DISK_NOT_FOUND'
-  | 'ENGINE_SOURCE_UNREADABLE'
-  | 'ENGINE_SOURCE_CHANGED'
-  | 'ENGINE_TARGET_TOO_SMALL'
-  | 'ENGINE_TARGET_UNWRITABLE'
-  | 'ENGINE_TARGET_PROTECTED'
-  | 'ENGINE_TARGET_IN_USE'
-  | 'ENGINE_TARGET_HOLDS_DATA'
-  | 'ENGINE_NO_SPACE'
-  | 'ENGINE_INTERRUPTED'
-  | 'ENGINE_NBD_CONNECT'
-  | 'ENGINE_NBD_PROTOCOL'
-  | 'ENGINE_NBD_COMMAND'
-  | 'ENGINE_TIMEOUT'
-  | 'ENGINE_TOOL_FAILED'
-  | 'ENGINE_OVIRT_FAULT'
-  | 'ENGINE_OVIRT_AUTH'
-  | 'ENGINE_OVIRT_CONNECT'
-  | 'ENGINE_WRONG_PASSPHRASE'
-  | 'ENGINE_PASSPHRASE_REQUIRED'
-  | 'ENGINE_NOT_ENCRYPTED'
-  | 'ENGINE_READ_ONLY'
-  | 'ENGINE_FILE_TOO_LARGE'
-  | 'ENGINE_STORAGE'
-  | 'ENGINE_INTERNAL';
+/**
+ * The registry of codes, by the layer that owns each: this file lists the storage layer's (the repository,
+ * its format and files, arguments, and ENGINE_INTERNAL for what no layer expected); engine/errors.ts adds
+ * the engine's (sources, targets, NBD, tools, oVirt, interruption) to the same interface, so that a code is
+ * declared where it is raised and the storage layer names none of the layers above it.
+ */
+export interface ErrorCodes {
+  ENGINE_INVALID_ARGUMENT: 'storage';
+  ENGINE_NOT_A_REPOSITORY: 'storage';
+  ENGINE_REPOSITORY_EXISTS: 'storage';
+  ENGINE_FORMAT_TOO_NEW: 'storage';
+  ENGINE_REPOSITORY_LOCKED: 'storage';
+  ENGINE_CORRUPT_FRAME: 'storage';
+  ENGINE_CORRUPT_PACK: 'storage';
+  ENGINE_CORRUPT_METADATA: 'storage';
+  ENGINE_MISSING_BLOB: 'storage';
+  ENGINE_BACKUP_NOT_FOUND: 'storage';
+  ENGINE_AMBIGUOUS_ID: 'storage';
+  ENGINE_NO_SPACE: 'storage';
+  ENGINE_WRONG_PASSPHRASE: 'storage';
+  ENGINE_PASSPHRASE_REQUIRED: 'storage';
+  ENGINE_NOT_ENCRYPTED: 'storage';
+  ENGINE_READ_ONLY: 'storage';
+  ENGINE_FILE_TOO_LARGE: 'storage';
+  ENGINE_INTERRUPTED: 'storage';
+  ENGINE_STORAGE: 'storage';
+  ENGINE_STORAGE_NOT_FOUND: 'storage';
+  ENGINE_STORAGE_NO_BUCKET: 'storage';
+  ENGINE_STORAGE_AUTH: 'storage';
+  ENGINE_STORAGE_DENIED: 'storage';
+  ENGINE_STORAGE_UNAVAILABLE: 'storage';
+  ENGINE_STORAGE_UNREACHABLE: 'storage';
+  ENGINE_CLOCK_SKEW: 'storage';
+  ENGINE_LEASE_LOST: 'storage';
+  ENGINE_INTERNAL: 'storage';
+}
+
+/** Every code, of every layer the program includes (SPEC.md 14.3 lists them all). */
+export type ErrorCode = keyof ErrorCodes;
+
+/** The codes a layer owns. */
+export type CodesOf<Layer extends string> = { [Code in ErrorCode]: ErrorCodes[Code] extends Layer ? Code : never }[ErrorCode];
+
+export type StorageErrorCode = CodesOf<'storage'>;
 
 /**
  * A way out of an error, in the API's terms: carried in `details.remedies`, while the message states only
@@ -127,6 +134,26 @@ export class RepositoryLockedError extends EngineError {
       ? `locked by pid ${holder.pid} on host ${holder.hostname} since ${holder.since} (${holder.command})`
       : 'locked by another process (its lock file could not be read)';
     super('ENGINE_REPOSITORY_LOCKED', `repository ${path} is ${who}${hint?.condition ? `; ${hint.condition}` : ''}`, { path, holder, ...(hint?.remedy ? { remedies: [hint.remedy] } : {}) });
+  }
+}
+
+/**
+ * This host's clock differs from the store's by more than the bound the lease protocol relies on (SPEC.md 19.6),
+ * or the store tells no time to check it against. Nothing was written under a lease that could not be trusted.
+ */
+export class ClockSkewError extends EngineError {
+  constructor(location: string, why: string, details: { skewMs?: number | undefined; boundMs: number }) {
+    super('ENGINE_CLOCK_SKEW', `the clock of this host cannot be trusted against the store ${location}: ${why}; set the clock right (NTP) and run again`, { location, ...details });
+  }
+}
+
+/**
+ * A lease this process held is no longer proven (SPEC.md 19.5): it could not be refreshed before it expired,
+ * or it was removed or replaced behind the holder's back. The work it protected stops before its next write.
+ */
+export class LeaseLostError extends EngineError {
+  constructor(location: string, lease: string, why: string) {
+    super('ENGINE_LEASE_LOST', `the lease ${lease} on ${location} was lost: ${why}; what this run had not committed is left as garbage for gc`, { location, lease, why });
   }
 }
 
@@ -254,4 +281,14 @@ export function classifyWriteError(error: unknown, path: string): unknown {
   const text = error instanceof Error ? `${error.message} ${String((error as { cause?: unknown }).cause ?? '')}` : '';
   if (text.includes('No space left on device')) return new NoSpaceError(path, error);
   return error;
+}
+
+/**
+ * SIGINT/SIGTERM (or a caller's abort) stopped an operation. `state` says what it left: by default nothing
+ * of it was committed; a restore says what became of its target, prune how many backups it removed.
+ */
+export class InterruptedError extends EngineError {
+  constructor(what: string, state = 'nothing of it was committed', signal?: string) {
+    super('ENGINE_INTERRUPTED', `${what} was interrupted${signal ? ` (${signal})` : ''}; ${state}`, { what, state, ...(signal ? { signal } : {}) });
+  }
 }

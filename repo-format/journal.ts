@@ -60,11 +60,18 @@ export class Journal {
     const journals: Journal[] = [];
     for (const name of names.filter((n) => /^[0-9a-f]{16}\.json$/.test(n)).sort()) {
       const path = join(root, DIR, name);
+      let file: Partial<JournalFile> | null;
       try {
-        journals.push(new Journal(path, JSON.parse((await readBoundedFile(path, SMALL_FILE_LIMIT)).toString('utf8')) as JournalFile));
+        file = JSON.parse((await readBoundedFile(path, SMALL_FILE_LIMIT)).toString('utf8')) as Partial<JournalFile> | null;
       } catch (error) {
         throw new CorruptMetadataError(`journal ${name}`, (error as Error).message);
       }
+      // What clean-up walks must be there: a journal that parses but lacks it is as damaged as one that does not parse.
+      const entries = file?.entries;
+      if (typeof file?.created !== 'string' || !Array.isArray(entries) || !entries.every((e: Partial<JournalEntry> | null) => typeof e?.kind === 'string')) {
+        throw new CorruptMetadataError(`journal ${name}`, 'it lacks its creation time or a list of entries with a kind');
+      }
+      journals.push(new Journal(path, file as JournalFile));
     }
     return journals.sort((a, b) => a.file.created.localeCompare(b.file.created));
   }

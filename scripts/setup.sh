@@ -9,7 +9,13 @@ need_apt=()
 for tool in qemu-img:qemu-utils nbdinfo:libnbd-bin nbdfuse:libnbd-bin nbdkit:nbdkit mkfs.xfs:xfsprogs mke2fs:e2fsprogs sfdisk:fdisk libvirtd:libvirt-daemon-system virsh:libvirt-clients qemu-system-x86_64:qemu-system-x86; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
+# Ceph for the S3 tests and benches (test/rgw.ts): a monitor, a memstore OSD and the RADOS Gateway run as plain
+# processes, no systemd; ceph-mgr is not needed for S3.
+for tool in ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw radosgw-admin:ceph-common ceph-authtool:ceph-common monmaptool:ceph-base osdmaptool:ceph-base; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
+done
 if [ ${#need_apt[@]} -gt 0 ]; then
+  mapfile -t need_apt < <(printf '%s\n' "${need_apt[@]}" | sort -u)
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing ${need_apt[*]}" >&2
     apt-get update -qq >/dev/null

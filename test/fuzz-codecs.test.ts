@@ -22,6 +22,8 @@ import { MapBuilder, mapDepth, readMap } from '../dist/repo-format/block-map.js'
 import { EngineError } from '../dist/repo-format/errors.js';
 import { FRAME_HEADER_SIZE, ID_SIZE, KIND_DATA, KIND_MAP_LEAF, KIND_MAP_NODE, MAP_PAGE_ENTRIES, PACK_HEADER_SIZE, ZERO_ID } from '../dist/repo-format/constants.js';
 import * as wire from '../dist/engine/nbd/wire.js';
+import * as wireOptions from '../dist/engine/nbd/wire-options.js';
+import * as wireChunks from '../dist/engine/nbd/wire-chunks.js';
 
 await initChecksum();
 const RUNS = { numRuns: 300 };
@@ -348,13 +350,55 @@ describe('NBD wire messages', () => {
     );
   });
 
+  test('handshake and chunk payload pairs round-trip', () => {
+    const text = (max: number): fc.Arbitrary<string> => fc.string({ unit: 'grapheme', maxLength: max }).filter((t) => Buffer.byteLength(t) <= 4096);
+    const offset = fc.nat(Number.MAX_SAFE_INTEGER);
+    fc.assert(
+      fc.property(u16, u32, text(64), fc.array(text(32), { maxLength: 8 }), fc.array(u16, { maxLength: 8 }), offset, (flags, id, name, queries, requests, at) => {
+        expect(wire.decodeGreeting(wire.encodeGreeting({ flags }))).toEqual({ flags });
+        expect(wire.decodeClientFlags(wire.encodeClientFlags(id))).toBe(id);
+        expect(wireOptions.decodeMetaContextOption(wireOptions.encodeMetaContextOption({ exportName: name, queries }))).toEqual({ exportName: name, queries });
+        expect(wireOptions.decodeInfoOption(wireOptions.encodeInfoOption({ exportName: name, requests }))).toEqual({ exportName: name, requests });
+        expect(wireOptions.decodeServerReply(wireOptions.encodeServerReply({ name, description: queries.join(',') }))).toEqual({ name, description: queries.join(',') });
+        if (name !== '') expect(wireOptions.decodeMetaContextReply(wireOptions.encodeMetaContextReply({ id, name }))).toEqual({ id, name });
+        expect(wireOptions.decodeInfoReply(wireOptions.encodeInfoReply({ kind: 'export', size: at, flags }))).toEqual({ kind: 'export', size: at, flags });
+        expect(wireOptions.decodeInfoReply(wireOptions.encodeInfoReply({ kind: 'block-size', minimum: id, preferred: flags, maximum: id }))).toEqual({ kind: 'block-size', minimum: id, preferred: flags, maximum: id });
+        expect(wireOptions.decodeExportNameReply(wireOptions.encodeExportNameReply({ size: at, flags }, true))).toEqual({ size: at, flags });
+        expect(wireChunks.decodeOffsetDataHead(wireChunks.encodeOffsetDataHead(at))).toEqual({ offset: at });
+        expect(wireChunks.decodeOffsetHole(wireChunks.encodeOffsetHole({ offset: at, length: id }))).toEqual({ offset: at, length: id });
+        const descriptors = requests.map((r, i) => ({ length: r + 1, flags: i }));
+        if (descriptors.length > 0) expect(wireChunks.decodeBlockStatus(wireChunks.encodeBlockStatus({ contextId: id, descriptors }))).toEqual({ contextId: id, descriptors });
+        expect(wireChunks.decodeErrorChunk(wireChunks.encodeErrorChunk({ errno: id, message: name }))).toEqual({ errno: id, message: name });
+      }),
+      RUNS,
+    );
+  });
+
   test('any bytes: a reason string or a message, never an exception', () => {
-    const decoders = [wire.decodeOptionHeader, wire.decodeOptionReplyHeader, wire.decodeRequest, wire.decodeSimpleReply, wire.decodeChunkHeader];
+    const decoders: ((bytes: Buffer) => unknown)[] = [
+      wire.decodeGreeting,
+      wire.decodeClientFlags,
+      wire.decodeOptionHeader,
+      wire.decodeOptionReplyHeader,
+      wire.decodeRequest,
+      wire.decodeSimpleReply,
+      wire.decodeChunkHeader,
+      wireOptions.decodeMetaContextOption,
+      wireOptions.decodeInfoOption,
+      wireOptions.decodeServerReply,
+      wireOptions.decodeMetaContextReply,
+      wireOptions.decodeInfoReply,
+      wireOptions.decodeExportNameReply,
+      wireChunks.decodeOffsetDataHead,
+      wireChunks.decodeOffsetHole,
+      wireChunks.decodeBlockStatus,
+      wireChunks.decodeErrorChunk,
+    ];
     fc.assert(
       fc.property(bytes(40), (input) => {
         for (const decode of decoders) {
           const decoded = decode(input);
-          expect(typeof decoded === 'string' || typeof decoded === 'object').toBe(true);
+          expect(['string', 'object', 'number']).toContain(typeof decoded);
         }
         const request = wire.decodeRequest(input);
         if (typeof request !== 'string') expect(Number.isSafeInteger(request.offset) || request.offset === Number.POSITIVE_INFINITY).toBe(true);

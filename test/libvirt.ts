@@ -1,5 +1,5 @@
 /** A real libvirtd with TCG domains for the tests (no KVM, no systemd here: the daemons are started by hand). */
-import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sh } from './helpers.js';
@@ -10,15 +10,19 @@ import { sh } from './helpers.js';
  */
 export const STARTED_DAEMONS_DIR = join(tmpdir(), 'engine-test-daemons');
 const DAEMONS = ['libvirtd', 'virtlogd'] as const;
+const VIRTLOGD_SOCKET = '/run/libvirt/virtlogd-sock';
 
 export function libvirtdRunning(): Promise<boolean> {
   return sh('virsh', ['-c', 'qemu:///system', 'version']).then(() => true, () => false);
 }
 
 export async function ensureLibvirtd(): Promise<void> {
-  if (await libvirtdRunning()) return;
   await mkdir(STARTED_DAEMONS_DIR, { recursive: true });
-  await sh('virtlogd', ['-d', '-p', join(STARTED_DAEMONS_DIR, 'virtlogd.pid')]).catch(() => undefined);
+  // virtlogd on its own: domains do not start without it, and a libvirtd may be running without it.
+  if (!(await stat(VIRTLOGD_SOCKET).then((s) => s.isSocket(), () => false))) {
+    await sh('virtlogd', ['-d', '-p', join(STARTED_DAEMONS_DIR, 'virtlogd.pid')]).catch(() => undefined);
+  }
+  if (await libvirtdRunning()) return;
   await sh('libvirtd', ['-d', '-p', join(STARTED_DAEMONS_DIR, 'libvirtd.pid')]);
   for (let i = 0; i < 100; i += 1) {
     if (await sh('virsh', ['-c', 'qemu:///system', 'version']).then(() => true, () => false)) return;

@@ -1,7 +1,8 @@
 /**
  * The oVirt flows against behaviours of the real oVirt engine that the simulator reproduces from oVirt's
  * sources (test/ovirt-sim/BEHAVIOUR.md): idle transfers cancelled, inactive disks refused, checkpoint
- * redefinition failing at the POST (event 10791), transfers that end through finalizing_* phases, hybrid
+ * redefinition failing at the POST (event 10791), an incremental failing after it (phase failed), checkpoints
+ * deleted from the middle of the chain of a running VM, transfers that end through finalizing_* phases, hybrid
  * backups and their snapshots, per-disk backup modes by cluster level, disk interfaces in the OVF, storage
  * domains by status and data centre, the Down appliance, SSO logout; then imageio over HTTPS with a CA and
  * the proxy_url fallback, uploads to block storage (initial_size), and engines before 4.4.7.
@@ -13,25 +14,12 @@ import { filesIdentical, parseJson, runEngine, sh, tempDir, withoutProgress } fr
 import { qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { BACKUP_SNAPSHOT_DESCRIPTION, CLUSTER_ID, DATA_CENTER_ID, STORAGE_DOMAIN_ID, startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
+import { SIM_ENV, type OvirtBackupJson, type OvirtDiskJson } from './ovirt-cli.js';
 
 const MiB = 1024 * 1024;
-// The simulator serves plain http unless a test starts it with TLS: said explicitly, as a user must (--insecure-http, here through the environment).
-const env = { ENGINE_OVIRT_USER: 'admin@internal', ENGINE_OVIRT_PASSWORD: 'secret', ENGINE_OVIRT_CONFLICT_DELAY_MS: '20', ENGINE_OVIRT_INSECURE_HTTP: '1' };
+const env = SIM_ENV;
 
-interface DiskOut {
-  name: string;
-  mode: string;
-  modeReason: string | null;
-  parent: string | null;
-  checkpoint: string | null;
-  bytesRead: number;
-}
-interface BackupOut {
-  id: string;
-  type: string;
-  disks: DiskOut[];
-}
-type Run = { code: number; out?: BackupOut; error?: string; stderr: string };
+type Run = { code: number; out?: OvirtBackupJson; error?: string; stderr: string };
 
 type SimOptions = Omit<Parameters<typeof startOvirtSim>[0], 'dir'>;
 
@@ -66,7 +54,7 @@ function setup(name: string, options: SimOptions | ((dir: string) => Promise<Sim
     ctx,
     backup: async (vm, extra = [], extraEnv = {}) => {
       const result = await runEngine(['backup', '--repo', ctx.repo, ...ovirtArgs(), '--vm', vm, '--json', ...extra], { env: { ...env, ...extraEnv } });
-      if (result.code === 0) return { code: 0, out: parseJson<BackupOut>(result.stdout), stderr: result.stderr };
+      if (result.code === 0) return { code: 0, out: parseJson<OvirtBackupJson>(result.stdout), stderr: result.stderr };
       return { code: result.code, error: parseJson<{ error: { message: string } }>(result.stdout).error.message, stderr: result.stderr };
     },
     backupText: async (vm, extra = []) => {
@@ -171,6 +159,63 @@ describe('oVirt engine behaviours, from its sources', () => {
     expect(result.out!.disks[0]!.mode).toBe('incremental');
     expect(vm.checkpoints.map((c) => c.id)).toContain(foreign.id);
     expect(vm.checkpoints.map((c) => c.id).at(-1)).toBe(result.out!.disks[0]!.checkpoint);
+  });
+
+  test('an incremental oVirt accepts and then fails (phase failed: the host finds its checkpoint bitmap gone) is redone in full, said; the chain goes on', async () => {
+    const { sim } = ctx;
+    const vm = await sim.addVm('lost', [{ alias: 'lost_os', size: '16M' }]);
+    await qemuIo(diskImage(sim, vm, 0), ['write -P 0x91 0 2M']);
+    const full = await backup('lost');
+    expect(full.out!.type).toBe('full');
+    const c0 = full.out!.disks[0]!.checkpoint!;
+    await sim.faults.loseCheckpointBitmap(vm, c0);
+    await qemuIo(diskImage(sim, vm, 0), ['write -P 0x92 8M 1M']);
+    const eventsBefore = sim.events.length;
+    const backupsBefore = sim.backups.size;
+    const text = await backupText('lost', ['--incremental']);
+    expect(text.code).toBe(0);
+    // oVirt answered the POST (201), then failed the backup as it started: not event 10791, which comes with a failed POST.
+    const [failed] = [...sim.backups.values()].slice(backupsBefore);
+    expect(failed!.phase).toBe('failed');
+    expect(failed!.from).toBe(c0);
+    expect(sim.events.slice(eventsBefore).map((e) => e.code)).toContain(10792);
+    expect(sim.events.slice(eventsBefore).map((e) => e.code)).not.toContain(10791);
+    const out = (await runEngine(['show', '--repo', ctx.repo, text.id!, '--json'])).stdout;
+    const disk = parseJson<{ disks: OvirtDiskJson[] }>(out).disks[0]!;
+    expect([disk.mode, disk.bytesRead]).toEqual(['full', 3 * MiB]);
+    expect(disk.modeReason).toBe(`oVirt failed the incremental backup from checkpoint ${c0} before it was ready (phase failed; oVirt's events say why): a full backup instead`);
+    // The failed backup's checkpoint row is gone (endWithFailure); c0 cannot be deleted on the running VM (its bitmap is lost): said, kept.
+    expect(vm.checkpoints.map((c) => c.id)).toEqual([c0, disk.checkpoint]);
+    expect(withoutProgress(text.stderr)).toContain(`could not delete old checkpoint ${c0}: `);
+    expect(sim.events.slice(eventsBefore).map((e) => e.code)).toContain(10798);
+    // The next incremental reads from the new full's checkpoint: exactly what changed.
+    await qemuIo(diskImage(sim, vm, 0), ['write -P 0x93 12M 1M']);
+    const next = await backup('lost', ['--incremental']);
+    expect(next.out!.disks.map((d) => [d.mode, d.parent, d.bytesRead])).toEqual([['incremental', text.id, MiB]]);
+    const expected = await raw(diskImage(sim, vm, 0), 'lost-2');
+    const restored = join(ctx.dir, 'lost-restored.raw');
+    expect((await runEngine(['restore', '--repo', ctx.repo, next.out!.id, '--to', restored])).code).toBe(0);
+    expect(await filesIdentical(restored, expected)).toBe(true);
+  });
+
+  test('on a running VM a checkpoint in the middle of the chain is deleted (oVirt and libvirt allow it): its bitmap leaves the image, its child is re-parented; one oVirt cannot delete does not keep the others', async () => {
+    const { sim } = ctx;
+    const vm = [...sim.vms.values()].find((v) => v.name === 'lost')!;
+    expect(vm.status).toBe('up');
+    const [c0, c1, c2] = vm.checkpoints.map((c) => c.id);
+    await qemuIo(diskImage(sim, vm, 0), ['write -P 0x94 4M 1M']);
+    const eventsBefore = sim.events.length;
+    const text = await backupText('lost', ['--incremental']);
+    expect(text.code).toBe(0);
+    const c3 = vm.checkpoints.at(-1)!.id;
+    // Kept: c1 (the chain's full) and c3 (the newest). c2, between them, is deleted although c0 (oldest, bitmap lost) could not be.
+    expect(vm.checkpoints.map((c) => c.id)).toEqual([c0, c1, c3]);
+    expect(vm.checkpoints.find((c) => c.id === c3)!.parentId).toBe(c1);
+    expect(sim.events.slice(eventsBefore).map((e) => e.code).filter((code) => code === 10797 || code === 10798)).toEqual([10798, 10797]);
+    expect(withoutProgress(text.stderr)).toContain(`could not delete old checkpoint ${c0}: `);
+    const info = JSON.parse(await sh('qemu-img', ['info', '-U', '--output=json', diskImage(sim, vm, 0)])) as { 'format-specific': { data: { bitmaps?: { name: string }[] } } };
+    expect(info['format-specific'].data.bitmaps!.map((b) => b.name).sort()).toEqual([`sim-${c1}`, `sim-${c3}`].sort());
+    expect(c2).toBeDefined();
   });
 
   test('a transfer oVirt stops ends through finalizing_* in finished_*; the backup is finalized after it, without a 409', async () => {

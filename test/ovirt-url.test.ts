@@ -12,6 +12,7 @@ import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { followableUrl } from '../dist/engine/ovirt/url-policy.js';
 import { startOvirtSim, type OvirtSim } from '../dist/test/ovirt-sim/server.js';
+import { contractProblems } from './ovirt-contract/contract.js';
 import { parseJson, runEngine, sh, tempDir } from './helpers.js';
 
 let dir: string;
@@ -130,6 +131,10 @@ describe('an https engine', () => {
   afterAll(async () => {
     elsewhere.close();
     await sim.stop();
+    // Every request the engine sent the simulator (SSO, the backup, the transfer it then closed) is one
+    // oVirt's API model knows: element names, enum values, paths, methods and parameters.
+    expect(sim.requests.some((r) => r.path.includes('/imagetransfers'))).toBe(true);
+    expect(contractProblems(sim.requests)).toEqual([]);
   });
 
   test('TLS failures are one line with the reason and ENGINE_OVIRT_CONNECT (exit 1): an unknown CA says where to get the right one', async () => {

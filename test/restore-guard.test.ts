@@ -98,6 +98,35 @@ describe('never inside a repository', () => {
     await expect(stat(join(other, 'demo'))).rejects.toThrow();
     await expect(stat(join(repo, 'nbd.sock'))).rejects.toThrow();
   });
+  test('init never makes a new repository inside one: under packs/ or backups/, through a symlink, or in an empty packs/ directory', async () => {
+    let emptyPackDir: string | undefined;
+    for (const sub of await readdir(join(repo, 'packs'))) {
+      if ((await readdir(join(repo, 'packs', sub))).length === 0) emptyPackDir = join(repo, 'packs', sub);
+    }
+    if (emptyPackDir === undefined) throw new Error('every packs/ directory holds a pack');
+    const viaLink = join(dir, 'innocent-dir');
+    await symlink(join(repo, 'backups'), viaLink);
+    try {
+      for (const target of [join(repo, 'packs', 'ab', 'x'), join(repo, 'backups', 'nested'), join(viaLink, 'nested'), emptyPackDir]) {
+        const result = await runEngine(['init', target, '--json']);
+        expect(result.code, target).toBe(1);
+        const error = parseJson<ErrorJson>(result.stdout).error;
+        expect(error.code, target).toBe('ENGINE_TARGET_PROTECTED');
+        expect(error.message).toContain(`is inside the engine repository ${repo}; the engine never writes there`);
+      }
+    } finally {
+      await rm(viaLink);
+    }
+    await expect(stat(join(repo, 'packs', 'ab', 'x'))).rejects.toThrow();
+    await expect(stat(join(repo, 'backups', 'nested'))).rejects.toThrow();
+    expect(await readdir(emptyPackDir)).toEqual([]);
+    expect((await stat(emptyPackDir)).mode & 0o777).toBe(0o700);
+    expect(await readdir(join(repo, 'backups'))).toEqual([backupId]);
+    // The repository itself: init's own refusal, which says it already holds a repository.
+    const again = await runEngine(['init', repo, '--json']);
+    expect(parseJson<ErrorJson>(again.stdout).error.code).toBe('ENGINE_REPOSITORY_EXISTS');
+    expect((await runEngine(['verify', '--repo', repo])).code).toBe(0);
+  });
 });
 
 describe("never over a backup's own source unless forced", () => {

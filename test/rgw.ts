@@ -23,6 +23,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile, appendFile } from 'node:fs/promises';
+import { rmSync } from 'node:fs';
 import { connect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -53,6 +54,8 @@ export interface RgwTimings {
 export interface RgwCluster {
   /** http://127.0.0.1:PORT: path-style, region us-east-1. */
   readonly endpoint: string;
+  /** https://127.0.0.1:PORT when started with `tls`. */
+  readonly tlsEndpoint: string | undefined;
   readonly region: string;
   /** A user with generated keys, owner of whatever buckets the test creates with it. */
   readonly user: RgwUser;
@@ -76,6 +79,8 @@ export interface RgwOptions {
   memstoreBytes?: number;
   /** Extra `[client.rgw.gw]` settings (name = value). */
   gatewaySettings?: Record<string, string>;
+  /** The gateway also answers https on another port, with this certificate (PEM files). */
+  tls?: { certificate: string; privateKey: string };
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
@@ -232,8 +237,9 @@ export async function createRunRoot(): Promise<string> {
   return mkdtemp(join(tmpdir(), `${RUN_ROOT_PREFIX}${process.pid}-`));
 }
 
-function cephConf(dir: string, fsid: string, monPorts: [number, number], rgwPort: number, options: RgwOptions): string {
+function cephConf(dir: string, fsid: string, monPorts: [number, number], rgwPort: number, tlsPort: number | undefined, options: RgwOptions): string {
   const gateway = Object.entries(options.gatewaySettings ?? {}).map(([key, value]) => `${key} = ${value}`);
+  const tls = options.tls && tlsPort ? ` ssl_endpoint=127.0.0.1:${tlsPort} ssl_certificate=${options.tls.certificate} ssl_private_key=${options.tls.privateKey}` : '';
   return [
     '[global]',
     `fsid = ${fsid}`,
@@ -273,7 +279,7 @@ function cephConf(dir: string, fsid: string, monPorts: [number, number], rgwPort
     `keyring = ${dir}/keys/$cluster.$name.keyring`,
     `log file = ${dir}/log/$cluster-$name.log`,
     '[client.rgw.gw]',
-    `rgw frontends = beast endpoint=127.0.0.1:${rgwPort}`,
+    `rgw frontends = beast endpoint=127.0.0.1:${rgwPort}${tls}`,
     `rgw data = ${dir}/data/rgw/$cluster-$id`,
     ...gateway,
     '',
@@ -325,7 +331,15 @@ export async function startRgwCluster(options: RgwOptions = {}): Promise<RgwClus
     return child;
   };
 
+  // A process that ends without stop() (an uncaught error in a script) takes its daemons with it: they run
+  // in the foreground as its children, and 'exit' handlers may only do synchronous work, which kill is.
+  const killOnExit = (): void => {
+    for (const child of children.values()) child.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+  };
+  process.once('exit', killOnExit);
   const stop = async (): Promise<void> => {
+    process.removeListener('exit', killOnExit);
     await destroyClusterDir(dir);
     children.clear();
   };
@@ -333,8 +347,9 @@ export async function startRgwCluster(options: RgwOptions = {}): Promise<RgwClus
   try {
     for (const sub of ['keys', 'run', 'log', 'crash', 'data/mon', 'data/rgw', 'data/osd/ceph-0']) await mkdir(join(dir, sub), { recursive: true, mode: 0o700 });
     const [monV2, monV1, rgwPort] = [await freePort(), await freePort(), await freePort()];
+    const tlsPort = options.tls ? await freePort() : undefined;
     const fsid = randomUUID();
-    await writeFile(conf, cephConf(dir, fsid, [monV2, monV1], rgwPort, options), { mode: 0o600 });
+    await writeFile(conf, cephConf(dir, fsid, [monV2, monV1], rgwPort, tlsPort, options), { mode: 0o600 });
     const monKeyring = join(keys, 'mon.keyring');
     const keyrings: [string, string, string[]][] = [
       [join(keys, 'ceph.client.admin.keyring'), 'client.admin', ['mon', 'allow *', 'osd', 'allow *', 'mds', 'allow *', 'mgr', 'allow *']],
@@ -380,6 +395,7 @@ export async function startRgwCluster(options: RgwOptions = {}): Promise<RgwClus
     step('user');
     return {
       endpoint,
+      tlsEndpoint: tlsPort ? `https://127.0.0.1:${tlsPort}` : undefined,
       region: 'us-east-1',
       user,
       dir,

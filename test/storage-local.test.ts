@@ -71,7 +71,7 @@ test('what a folder holds besides objects is not listed: temporary files, links,
 
 test('a missing root is no-bucket (not an empty store); a folder where an object is asked is not-found', async () => {
   const storage = new LocalStorage(join(dir.path, 'does-not-exist'));
-  await expect(storage.get('config')).rejects.toMatchObject({ code: 'ENGINE_STORAGE', reason: 'no-bucket' });
+  await expect(storage.get('config')).rejects.toMatchObject({ code: 'ENGINE_STORAGE_NO_BUCKET', reason: 'no-bucket' });
   await expect(storage.put('config', Buffer.from('x'))).rejects.toMatchObject({ reason: 'no-bucket' });
   const listing = async (): Promise<void> => {
     for await (const _ of storage.list('')) void _;

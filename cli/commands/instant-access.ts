@@ -3,10 +3,16 @@ import { Command } from 'commander';
 import { forTerminal, terminalLine } from '../terminal.js';
 import { count, printJson, printMount, printServe, serveJson } from '../output.js';
 import { engine } from '../engine-calls.js';
-import { output } from '../context.js';
+import { output, printResult } from '../context.js';
 import * as opt from '../options.js';
 
 export function registerInstantAccessCommands(program: Command): void {
+  registerServe(program);
+  registerMount(program);
+  registerUmount(program);
+}
+
+function registerServe(program: Command): void {
   program
     .command('serve')
     .description('serve a backup\'s disks over NBD (one export per disk, named after it) until SIGINT/SIGTERM; a private Unix socket by default, TCP only with TLS')
@@ -52,7 +58,9 @@ export function registerInstantAccessCommands(program: Command): void {
       });
       await handle.close();
     });
+}
 
+function registerMount(program: Command): void {
   program
     .command('mount')
     .description('mount a backup\'s filesystems read-only under a directory (file-level restore); undo with engine umount')
@@ -67,10 +75,11 @@ export function registerInstantAccessCommands(program: Command): void {
       output.json = opts.json === true;
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
       const result = await engine.mount({ repo: opt.requireRepo(opts.repo), backupId: id, dir, disk: opts.disk, cacheBytes: opts.cache === undefined ? undefined : opt.sizeArgument('--cache', opts.cache, 0, opt.MAX_CACHE_BYTES), passphrase });
-      if (output.json) printJson(result);
-      else printMount(forTerminal(result));
+      await printResult(result, printMount);
     });
+}
 
+function registerUmount(program: Command): void {
   program
     .command('umount')
     .description('undo engine mount: filesystems, loop devices, nbdfuse, the background server and its registration')

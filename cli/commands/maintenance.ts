@@ -1,16 +1,22 @@
 /** Keeping a repository healthy: verify, prune, gc, repair. */
 import { Command } from 'commander';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
-import { forTerminal } from '../terminal.js';
 import { KEEP_RULES, policyIsEmpty, type RetentionPolicy } from '../../engine/retention/policy.js';
 import { createProgress } from '../progress.js';
-import { printGc, printJson, printPrune, printRepair, printVerify } from '../output.js';
+import { printGc, printPrune, printRepair, printVerify } from '../output.js';
 import { engine } from '../engine-calls.js';
-import { output, printNotice, interruptSignal } from '../context.js';
+import { output, printNotice, interruptSignal, printResult } from '../context.js';
 import * as opt from '../options.js';
 import { EXIT } from '../exit-codes.js';
 
 export function registerMaintenanceCommands(program: Command): void {
+  registerVerify(program);
+  registerPrune(program);
+  registerGc(program);
+  registerRepair(program);
+}
+
+function registerVerify(program: Command): void {
   program
     .command('verify')
     .description('check the repository; exits 4 and names every problem it finds')
@@ -36,11 +42,12 @@ export function registerMaintenanceCommands(program: Command): void {
         onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items'),
       });
       progress.done();
-      if (output.json) printJson(report);
-      else printVerify(forTerminal(report));
+      await printResult(report, printVerify);
       if (!report.ok) process.exitCode = EXIT.integrity;
     });
+}
 
+function registerPrune(program: Command): void {
   const prunes = program
     .command('prune')
     .description('remove the backups a retention policy does not keep (per backup name); gc then reclaims their space')
@@ -59,10 +66,11 @@ export function registerMaintenanceCommands(program: Command): void {
       }
       if (policyIsEmpty(policy)) throw new InvalidArgumentError('no --keep-* option given: prune would remove every unprotected backup; say what to keep');
       const report = await engine.prune({ repo: opt.requireRepo(opts.repo), policy, dryRun: opts.dryRun, passphrase: await opt.loadPassphrase(opts.passwordFile), signal: interruptSignal() });
-      if (output.json) printJson(report);
-      else printPrune(forTerminal(report));
+      await printResult(report, printPrune);
     });
+}
 
+function registerGc(program: Command): void {
   program
     .command('gc')
     .description('delete chunks no backup references and rewrite sparse packs; safe while a backup runs')
@@ -81,10 +89,11 @@ export function registerMaintenanceCommands(program: Command): void {
         signal: interruptSignal(),
         onNotice: printNotice,
       });
-      if (output.json) printJson(report);
-      else printGc(forTerminal(report));
+      await printResult(report, printGc);
     });
+}
 
+function registerRepair(program: Command): void {
   program
     .command('repair')
     .description('re-read every frame, rebuild the index from the good ones, set damaged chunks aside; exits 4 if a backup still references damaged data')
@@ -97,8 +106,7 @@ export function registerMaintenanceCommands(program: Command): void {
       const progress = createProgress({ json: output.json });
       const report = await engine.repair({ repo: opt.requireRepo(opts.repo), passphrase: await opt.loadPassphrase(opts.passwordFile), workers: opts.workers, signal: interruptSignal(), onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
       progress.done();
-      if (output.json) printJson(report);
-      else printRepair(forTerminal(report));
+      await printResult(report, printRepair);
       if (!report.ok) process.exitCode = EXIT.integrity;
     });
 }

@@ -4,12 +4,21 @@ import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { forTerminal } from '../terminal.js';
 import { backupJson, printInit, printJson, printList, printProtect, printShow } from '../output.js';
 import { engine } from '../engine-calls.js';
-import { output } from '../context.js';
+import { output, printResult } from '../context.js';
 import * as opt from '../options.js';
 import { EXIT } from '../exit-codes.js';
 import { unlockWording } from '../error-wording.js';
 
 export function registerRepositoryCommands(program: Command): void {
+  registerInit(program);
+  registerList(program);
+  registerShow(program);
+  registerProtection(program);
+  registerUnlock(program);
+  registerForget(program);
+}
+
+function registerInit(program: Command): void {
   program
     .command('init')
     .description('create a repository')
@@ -27,7 +36,9 @@ export function registerRepositoryCommands(program: Command): void {
       if (output.json) printJson(config);
       else printInit(repo, config);
     });
+}
 
+function registerList(program: Command): void {
   program
     .command('list')
     .description('list the backups in a repository, oldest first')
@@ -40,7 +51,9 @@ export function registerRepositoryCommands(program: Command): void {
       if (output.json) printJson({ backups: backups.map(backupJson), damaged });
       else printList(forTerminal(backups), forTerminal(damaged));
     });
+}
 
+function registerShow(program: Command): void {
   program
     .command('show')
     .description('show one backup')
@@ -54,7 +67,9 @@ export function registerRepositoryCommands(program: Command): void {
       if (output.json) printJson(backupJson(record));
       else printShow(forTerminal(record));
     });
+}
 
+function registerProtection(program: Command): void {
   for (const wanted of [true, false]) {
     program
       .command(wanted ? 'protect' : 'unprotect')
@@ -66,11 +81,12 @@ export function registerRepositoryCommands(program: Command): void {
       .action(async (id: string, opts: { repo?: string; json?: boolean; passwordFile?: string }) => {
         output.json = opts.json === true;
         const result = await engine.setProtection(opt.requireRepo(opts.repo), id, wanted, { passphrase: await opt.loadPassphrase(opts.passwordFile) });
-        if (output.json) printJson(result);
-        else printProtect(forTerminal(result));
+        await printResult(result, printProtect);
       });
   }
+}
 
+function registerUnlock(program: Command): void {
   program
     .command('unlock')
     .description('say what holds the repository and remove stale locks and registrations; --force also those that cannot be proven stale (another host\'s, an older engine\'s)')
@@ -80,11 +96,12 @@ export function registerRepositoryCommands(program: Command): void {
     .action(async (opts: { repo?: string; force?: boolean; json?: boolean }) => {
       output.json = opts.json === true;
       const report = unlockWording(await engine.unlock({ repo: opt.requireRepo(opts.repo), force: opts.force }));
-      if (output.json) printJson(report);
-      else (await import('../output-resilience.js')).printUnlock(forTerminal(report));
+      await printResult(report, async (safe) => (await import('../output-resilience.js')).printUnlock(safe));
       if (report.locked) process.exitCode = EXIT.locked;
     });
+}
 
+function registerForget(program: Command): void {
   program
     .command('forget')
     .description('remove one backup by id, also one whose record is damaged (prune removes by policy); gc then reclaims its space')
@@ -96,7 +113,6 @@ export function registerRepositoryCommands(program: Command): void {
     .action(async (id: string, opts: { repo?: string; force?: boolean; json?: boolean; passwordFile?: string }) => {
       output.json = opts.json === true;
       const result = await engine.forget({ repo: opt.requireRepo(opts.repo), backupId: id, force: opts.force, passphrase: await opt.loadPassphrase(opts.passwordFile) });
-      if (output.json) printJson(result);
-      else (await import('../output-resilience.js')).printForget(forTerminal(result));
+      await printResult(result, async (safe) => (await import('../output-resilience.js')).printForget(safe));
     });
 }

@@ -252,7 +252,15 @@ async function readDisk(run: BackupRun, i: number, writers: Omit<BackupDiskConte
   const entry = run.jobs[i]!;
   let job: DiskJob;
   if (isPending(entry)) {
-    job = { ...(await entry.prepare()), session: entry.session };
+    // Preparing a disk waits on its source (extents lists, the CBT audit's reads), which may stall: that wait
+    // is interruptible, and a disk that gets prepared after the signal is disposed, not left open.
+    const preparing = entry.prepare();
+    try {
+      job = { ...(await new Interruption(run.options.signal, 'backup').race(preparing)), session: entry.session };
+    } catch (error) {
+      void preparing.then((late) => late.source.dispose(), () => undefined);
+      throw error;
+    }
     run.jobs[i] = job;
     refuseImpossibleSize(job);
     noticeFullRead(run, job);

@@ -17,6 +17,7 @@ import { withRemedies } from '../errors.js';
 import { NbdSource } from '../sources/nbd-source.js';
 import { addBitmap, bitmapName, bitmapPrefix, imageInfo, removeBitmap, type ImageInfo } from './qcow2-bitmaps.js';
 import { serveImage, type RunningExport } from './qemu-nbd-server.js';
+import { ToolError } from './run-tool.js';
 import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type ChainArgs, type ChainFacts } from './chain.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
 
@@ -71,7 +72,7 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
   let opened: NbdSource | undefined;
   try {
     const granularity = (await imageInfo(image)).bitmaps.find((b) => b.name === checkpoint)?.granularity;
-    if (granularity === undefined) throw new Error(`bitmap ${checkpoint} did not appear in ${image}`);
+    if (granularity === undefined) throw new ToolError('qemu-img', ['bitmap', '--add', '--enable', image, checkpoint], `it reported success, but the image has no bitmap ${checkpoint} afterwards`);
     exported = await serveImage(image, 'qcow2', { bitmap: chosen.base ?? undefined });
     const source = await NbdSource.open(exported.uri, {
       dirtyContext: chosen.base ? `qemu:dirty-bitmap:${chosen.base}` : undefined,

@@ -74,8 +74,51 @@ async function runDirectory(): Promise<string> {
   return dir;
 }
 
+/** What one libvirt backup will do, decided before anything changes in libvirt. */
+interface DomainBackupPlan {
+  domain: string;
+  disks: DomainDisk[];
+  /** The record's disk names (the chains' keys), one per disk. */
+  names: string[];
+  chains: ReturnType<typeof chooseChain>[];
+  /** The checkpoint this backup creates: engine-<repository>-<backup id>. */
+  checkpoint: string;
+}
+
+/** The pull-mode job's files, in a directory qemu can use; `socket` is where libvirt serves the disks. */
+interface JobFiles {
+  dir: string;
+  socket: string;
+  backupXml: string;
+  checkpointXml: string;
+}
+
 export async function openLibvirtBackup(args: ChainArgs & { domain: string }): Promise<LibvirtSession> {
-  const { domain, backupId } = args;
+  const plan = await planDomainBackup(args);
+  const files = await writeJobFiles(plan);
+  const job = pullJob(plan.domain, files.dir);
+  const deleteCheckpoint = async (): Promise<void> => {
+    await virsh(['checkpoint-delete', plan.domain, plan.checkpoint]).catch(() => undefined);
+  };
+  try {
+    await job.begin(files);
+    const jobs = await openDiskJobs(plan, files.socket, job.sources, args);
+    return {
+      disks: jobs,
+      release: job.release,
+      finish: () => deleteUnneededCheckpoints(plan, jobs, args.repositoryId),
+      rollback: deleteCheckpoint,
+    };
+  } catch (error) {
+    await job.release();
+    await deleteCheckpoint();
+    throw error;
+  }
+}
+
+/** Phase 1: the domain's state, disks and checkpoints, and each disk's chain. Changes nothing. */
+async function planDomainBackup(args: ChainArgs & { domain: string }): Promise<DomainBackupPlan> {
+  const { domain } = args;
   const state = (await virsh(['domstate', domain])).trim();
   if (state !== 'running' && state !== 'paused') {
     throw new InvalidArgumentError(`domain ${domain} is ${state}: a libvirt backup needs a running VM`, withRemedies({ domain }, { kind: 'disk-kind', use: 'image' }));
@@ -86,12 +129,16 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
   // The record's disk name (and the chain's key): the target, or its safe form (names.ts); libvirt keeps the target.
   const names = disks.map((disk) => adoptName(disk.target, 'disk', `disk target of domain ${domain}`, args.onNotice ?? (() => undefined)));
   const chains = disks.map((disk, i) => chooseChain(names[i]!, args.requested, { size: disk.size, baseProblem: checkpointProblem, addedDisk: true }, args.history));
-  const checkpoint = bitmapName(args.repositoryId, backupId);
+  return { domain, disks, names, chains, checkpoint: bitmapName(args.repositoryId, args.backupId) };
+}
+
+/** Phase 2: the backup and checkpoint definitions libvirt's backup-begin takes. */
+async function writeJobFiles(plan: DomainBackupPlan): Promise<JobFiles> {
   const dir = await runDirectory();
   const socket = join(dir, 'backup.sock');
-  const diskXml = disks
+  const diskXml = plan.disks
     .map((disk, i) => {
-      const chain = chains[i]!;
+      const chain = plan.chains[i]!;
       const mode = chain.base ? `backupmode='incremental' incremental='${xmlEscape(chain.base)}'` : `backupmode='full'`;
       return `<disk name='${xmlEscape(disk.target)}' backup='yes' type='file' ${mode}><scratch file='${xmlEscape(join(dir, `scratch-${disk.target}.qcow2`))}'/></disk>`;
     })
@@ -101,71 +148,72 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
   await writeFile(backupXml, `<domainbackup mode='pull'><server transport='unix' socket='${xmlEscape(socket)}'/><disks>${diskXml}</disks></domainbackup>`, { mode: MUTABLE_FILE_MODE });
   await writeFile(
     checkpointXml,
-    `<domaincheckpoint><name>${xmlEscape(checkpoint)}</name><disks>${disks.map((d) => `<disk name='${xmlEscape(d.target)}' checkpoint='bitmap'/>`).join('')}</disks></domaincheckpoint>`,
+    `<domaincheckpoint><name>${xmlEscape(plan.checkpoint)}</name><disks>${plan.disks.map((d) => `<disk name='${xmlEscape(d.target)}' checkpoint='bitmap'/>`).join('')}</disks></domaincheckpoint>`,
     { mode: MUTABLE_FILE_MODE },
   );
+  return { dir, socket, backupXml, checkpointXml };
+}
 
-  let jobStarted = false;
+/** Phase 3: the pull-mode job, and its release: the NBD sources closed, the job aborted, its files removed. */
+function pullJob(domain: string, dir: string): { sources: NbdSource[]; begin: (files: JobFiles) => Promise<void>; release: () => Promise<void> } {
+  let started = false;
   const sources: NbdSource[] = [];
-  const release = async (): Promise<void> => {
-    for (const source of sources) await source.dispose();
-    if (jobStarted) {
-      jobStarted = false;
-      await virsh(['domjobabort', domain]).catch(() => undefined);
-      // libvirt tears the job down after domjobabort returns; its scratch files must outlive that.
-      for (let i = 0; i < 100; i += 1) {
-        const info = await virsh(['domjobinfo', domain]).catch(() => '');
-        if (!/Job type:\s+(Unbounded|Bounded)/.test(info)) break;
-        await new Promise((resolve) => setTimeout(resolve, 100));
-      }
-    }
-    await rm(dir, { recursive: true, force: true });
-  };
-  const deleteCheckpoint = async (): Promise<void> => {
-    await virsh(['checkpoint-delete', domain, checkpoint]).catch(() => undefined);
-  };
-
-  try {
-    await virsh(['backup-begin', domain, backupXml, checkpointXml]);
-    jobStarted = true;
-    const jobs: CbtDiskJob[] = [];
-    for (const [i, disk] of disks.entries()) {
-      const chosen = chains[i]!;
-      const source = await NbdSource.open(`nbd+unix:///${encodeURIComponent(disk.target)}?socket=${socket}`, {
-        dirtyContext: chosen.base ? `qemu:dirty-bitmap:backup-${disk.target}` : undefined,
-        description: { kind: 'libvirt-disk', path: `${domain}:${disk.target} (${disk.source})` },
-      });
-      sources.push(source);
-      const { chain, cbt, plan } = await settleChain({
-        chain: chosen,
-        source,
-        dirty: () => source.dirtyExtents(),
-        what: 'checkpoint',
-        checkpoint,
-        backupId,
-        granularity: LIBVIRT_GRANULARITY,
-        loadPage: args.loadPage,
-        blockSize: args.blockSize,
-        blockId: args.blockId,
-        available: args.available,
-      });
-      jobs.push({ name: names[i]!, source, plan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt });
-    }
-    return {
-      disks: jobs,
-      release,
-      finish: async () => {
-        const keep = new Set([checkpoint, ...jobs.flatMap((j) => (j.cbt ? [j.cbt.chainCheckpoint] : []))]);
-        // Newest first: deleting a checkpoint merges its bitmap into its parent checkpoint's.
-        for (const name of (await checkpoints(domain)).reverse()) {
-          if (name.startsWith(bitmapPrefix(args.repositoryId)) && !keep.has(name)) await virsh(['checkpoint-delete', domain, name]);
+  return {
+    sources,
+    begin: async (files) => {
+      await virsh(['backup-begin', domain, files.backupXml, files.checkpointXml]);
+      started = true;
+    },
+    release: async () => {
+      for (const source of sources) await source.dispose();
+      if (started) {
+        started = false;
+        await virsh(['domjobabort', domain]).catch(() => undefined);
+        // libvirt tears the job down after domjobabort returns; its scratch files must outlive that.
+        for (let i = 0; i < 100; i += 1) {
+          const info = await virsh(['domjobinfo', domain]).catch(() => '');
+          if (!/Job type:\s+(Unbounded|Bounded)/.test(info)) break;
+          await new Promise((resolve) => setTimeout(resolve, 100));
         }
-      },
-      rollback: deleteCheckpoint,
-    };
-  } catch (error) {
-    await release();
-    await deleteCheckpoint();
-    throw error;
+      }
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Phase 4: each disk's export opened and its chain settled against what the export says. */
+async function openDiskJobs(plan: DomainBackupPlan, socket: string, sources: NbdSource[], args: ChainArgs): Promise<CbtDiskJob[]> {
+  const jobs: CbtDiskJob[] = [];
+  for (const [i, disk] of plan.disks.entries()) {
+    const chosen = plan.chains[i]!;
+    const source = await NbdSource.open(`nbd+unix:///${encodeURIComponent(disk.target)}?socket=${socket}`, {
+      dirtyContext: chosen.base ? `qemu:dirty-bitmap:backup-${disk.target}` : undefined,
+      description: { kind: 'libvirt-disk', path: `${plan.domain}:${disk.target} (${disk.source})` },
+    });
+    sources.push(source);
+    const { chain, cbt, plan: diskPlan } = await settleChain({
+      chain: chosen,
+      source,
+      dirty: () => source.dirtyExtents(),
+      what: 'checkpoint',
+      checkpoint: plan.checkpoint,
+      backupId: args.backupId,
+      granularity: LIBVIRT_GRANULARITY,
+      loadPage: args.loadPage,
+      blockSize: args.blockSize,
+      blockId: args.blockId,
+      available: args.available,
+    });
+    jobs.push({ name: plan.names[i]!, source, plan: diskPlan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt });
+  }
+  return jobs;
+}
+
+/** After the commit: the engine's checkpoints no chain needs any more are deleted, newest first. */
+async function deleteUnneededCheckpoints(plan: DomainBackupPlan, jobs: CbtDiskJob[], repositoryId: string): Promise<void> {
+  const keep = new Set([plan.checkpoint, ...jobs.flatMap((j) => (j.cbt ? [j.cbt.chainCheckpoint] : []))]);
+  // Newest first: deleting a checkpoint merges its bitmap into its parent checkpoint's.
+  for (const name of (await checkpoints(plan.domain)).reverse()) {
+    if (name.startsWith(bitmapPrefix(repositoryId)) && !keep.has(name)) await virsh(['checkpoint-delete', plan.domain, name]);
   }
 }

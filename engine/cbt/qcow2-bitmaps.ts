@@ -4,7 +4,7 @@
  * `engine-<first 8 hex of the repository id>-<backup id>`: a repository only ever prunes its own, so two
  * repositories backing up the same disk do not break each other's chains.
  */
-import { runTool } from './run-tool.js';
+import { runTool, runToolJson } from './run-tool.js';
 
 export interface BitmapInfo {
   name: string;
@@ -28,7 +28,7 @@ export function bitmapName(repositoryId: string, backupId: string): string {
 }
 
 export async function imageInfo(image: string): Promise<ImageInfo> {
-  const info = JSON.parse(await runTool('qemu-img', ['info', '--output=json', image])) as {
+  const info = (await runToolJson('qemu-img', ['info', '--output=json', image])) as {
     format: string;
     'virtual-size': number;
     'format-specific'?: { data?: { bitmaps?: { name: string; granularity: number; flags: string[] }[] } };

@@ -7,14 +7,44 @@ export class ToolError extends EngineError {
   }
 }
 
-/** Runs a system tool (qemu-img, qemu-nbd, virsh); its stderr becomes the error message. */
+/** The Debian package of each system tool the engine runs, for the one line that says how to get it. */
+const DEBIAN_PACKAGES: Readonly<Record<string, string>> = {
+  'qemu-img': 'qemu-utils',
+  'qemu-nbd': 'qemu-utils',
+  'qemu-io': 'qemu-utils',
+  losetup: 'mount',
+  mount: 'mount',
+  umount: 'mount',
+  blkid: 'util-linux',
+  virsh: 'libvirt-clients',
+  nbdfuse: 'libnbd-bin',
+  id: 'coreutils',
+};
+
+/** "X is not installed", with the Debian package that provides it when known. */
+export function notInstalled(tool: string): string {
+  const found = DEBIAN_PACKAGES[tool];
+  return found ? `${tool} is not installed (Debian: apt-get install ${found})` : `${tool} is not installed (it is not on PATH)`;
+}
+
+/** Runs a system tool (qemu-img, qemu-nbd, virsh, losetup, mount …); its stderr becomes the error message. */
 export function runTool(tool: string, args: string[], options: { timeoutMs?: number } = {}): Promise<string> {
   return new Promise((resolve, reject) => {
     execFile(tool, args, { maxBuffer: 16 * 1024 * 1024, timeout: options.timeoutMs ?? 120_000 }, (error, stdout, stderr) => {
       if (!error) return resolve(stdout);
       const code = (error as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT') return reject(new ToolError(tool, args, `${tool} is not installed (Debian: apt-get install qemu-utils)`));
+      if (code === 'ENOENT') return reject(new ToolError(tool, args, notInstalled(tool)));
       reject(new ToolError(tool, args, (stderr || error.message).trim().split('\n').slice(-3).join(' ')));
     });
   });
+}
+
+/** Runs a tool that answers JSON (qemu-img info, measure); an answer that is not JSON is the tool's failure. */
+export async function runToolJson(tool: string, args: string[], options: { timeoutMs?: number } = {}): Promise<unknown> {
+  const output = await runTool(tool, args, options);
+  try {
+    return JSON.parse(output) as unknown;
+  } catch {
+    throw new ToolError(tool, args, `its output is not JSON: ${JSON.stringify(output.slice(0, 120))}`);
+  }
 }

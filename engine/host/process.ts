@@ -1,4 +1,5 @@
 /** Stopping a helper process the engine started (qemu-nbd, nbdfuse, a mount's server). */
+import { EngineError } from '../../repo-format/errors.js';
 import { isProcessAlive, processIdentity } from '../../repo-format/process-alive.js';
 
 export { processIdentity };
@@ -39,6 +40,6 @@ export async function stopProcess(pid: number, timeoutMs = 5000, identity?: stri
   } catch {
     return true;
   }
-  if (!(await waitGone(pid, identity, 5000))) throw new Error(`process ${pid} did not exit after SIGTERM and SIGKILL`);
+  if (!(await waitGone(pid, identity, 5000))) throw new EngineError('ENGINE_TIMEOUT', `process ${pid} did not exit after SIGTERM and SIGKILL (stuck in the kernel?)`, { pid });
   return true;
 }

@@ -124,6 +124,16 @@ export async function refuseInsideRepository(path: string, what: string, reposit
   }
 }
 
+/**
+ * Refuses (ENGINE_TARGET_PROTECTED) a new repository inside an existing one (`init REPO/packs/ab`, or through
+ * a symlink into it). An existing repository at the path itself is left to init's own refusal
+ * (ENGINE_REPOSITORY_EXISTS), which says so more plainly.
+ */
+export async function refuseRepositoryInsideRepository(path: string): Promise<void> {
+  if (await isRepositoryRoot(resolve(path))) return;
+  await refuseInsideRepository(path, 'new repository');
+}
+
 /** The local path a disk was read from, where there is one (files, block devices, qcow2 images, libvirt disks). */
 function sourcePathOf(source: BackupRecord['disks'][number]['source']): string | undefined {
   const recorded = (source as { realPath?: unknown }).realPath;

@@ -19,14 +19,14 @@ import { closeSync, openSync } from 'node:fs';
 import { chmod, open, readdir, readFile, realpath, rename, rm, rmdir, stat, unlink, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
+import { CorruptMetadataError, EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
 import { noticeSink } from '../../repo-format/notices.js';
 import { isProcessAlive } from '../../repo-format/process-alive.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
 import { diskFileName } from '../../repo-format/names.js';
 import { createPrivateDirectory, ensurePrivateDirectory, MUTABLE_FILE_MODE, PRIVATE_DIRECTORY_MODE } from '../../repo-format/file-modes.js';
 import { processIdentity, stopProcess } from '../host/process.js';
-import { runTool } from '../cbt/run-tool.js';
+import { notInstalled, runTool } from '../cbt/run-tool.js';
 import type { ServedExport, ServeOptions } from '../serve/serve.js';
 import { probeFilesystem } from './filesystem-probe.js';
 import { readPartitionTable, type ReadAt } from './partition-table.js';
@@ -170,7 +170,7 @@ async function startFuse(uriSocket: string, exportName: string, mountpoint: stri
   child.unref();
   let exited: string | undefined;
   child.once('error', (error) => {
-    exited = `nbdfuse failed to start (${error.message}; Debian: apt-get install libnbd-bin)`;
+    exited = (error as NodeJS.ErrnoException).code === 'ENOENT' ? `nbdfuse failed to start: ${notInstalled('nbdfuse')}` : `nbdfuse failed to start (${error.message})`;
   });
   child.once('exit', (code) => {
     exited = `nbdfuse exited with code ${code}`;
@@ -295,7 +295,35 @@ export async function umount(options: { dir: string; runDir?: string | undefined
   const stateDir = stateDirFor(runDirOf(options), dir);
   const text = await readFile(join(stateDir, 'state.json'), 'utf8').catch(() => undefined);
   if (text === undefined) throw new InvalidArgumentError(`${dir} is not an engine mount (no state in ${stateDir})`);
-  return teardown(stateDir, JSON.parse(text) as MountState);
+  return teardown(stateDir, parseState(text, join(stateDir, 'state.json')));
+}
+
+/**
+ * A mount's state as saved, checked enough for teardown to walk it: a damaged file (edited, or written by
+ * a disk that lost it) is named, never a TypeError half-way through a teardown.
+ */
+function parseState(text: string, path: string): MountState {
+  let state: Partial<MountState> | null;
+  try {
+    state = JSON.parse(text) as Partial<MountState> | null;
+  } catch {
+    throw new CorruptMetadataError(`mount state ${path}`, 'it is not JSON; unmount and detach what it listed by hand (findmnt, losetup -l), then remove it');
+  }
+  const texts = (value: unknown): boolean => Array.isArray(value) && value.every((v) => typeof v === 'string');
+  const pids = (value: unknown): boolean => Array.isArray(value) && value.every((f: Partial<MountState['fuse'][number]> | null) => typeof f?.pid === 'number' && typeof f.mountpoint === 'string');
+  const complete =
+    typeof state === 'object' &&
+    state !== null &&
+    state.version === 1 &&
+    typeof state.dir === 'string' &&
+    typeof state.repo === 'string' &&
+    texts(state.mounts) &&
+    texts(state.loops) &&
+    texts(state.dirs) &&
+    pids(state.fuse) &&
+    (state.server === undefined || typeof state.server.pid === 'number');
+  if (!complete) throw new CorruptMetadataError(`mount state ${path}`, 'it lacks what umount needs (version 1, dir, repo, mounts, loops, dirs, fuse); unmount and detach what it listed by hand, then remove it');
+  return state as MountState;
 }
 
 /** Undoes what `state` records, newest first; the state shrinks as each piece goes, so a retry resumes. */

@@ -19,7 +19,16 @@ import * as P from './protocol.js';
 import type { SocketReader } from './socket-reader.js';
 import type { NbdExport } from './export.js';
 import { acceptTls, type NbdTlsCredentials } from './tls.js';
-import { decodeOptionHeader, encodeLengthPrefixed, encodeOptionReply, OPTION_HEADER_SIZE } from './wire.js';
+import { CLIENT_FLAGS_SIZE, decodeClientFlags, decodeOptionHeader, encodeGreeting, encodeOptionReply, OPTION_HEADER_SIZE } from './wire.js';
+import {
+  decodeInfoOption,
+  decodeMetaContextOption,
+  encodeExportNameReply,
+  encodeInfoReply,
+  encodeMetaContextReply,
+  encodeServerReply,
+  type InfoReply,
+} from './wire-options.js';
 
 export const MAX_OPTION_DATA = 64 * 1024;
 const MAX_OPTIONS = 1024;
@@ -57,29 +66,21 @@ export interface HandshakeContext {
 
 export class HangUp extends Error {}
 
-/** A cursor over an option's data that refuses to read past it. */
-class OptionData {
-  private at = 0;
-  constructor(private readonly data: Buffer) {}
-  get remaining(): number {
-    return this.data.length - this.at;
-  }
-  u16(): number | undefined {
-    if (this.remaining < 2) return undefined;
-    this.at += 2;
-    return this.data.readUInt16BE(this.at - 2);
-  }
-  u32(): number | undefined {
-    if (this.remaining < 4) return undefined;
-    this.at += 4;
-    return this.data.readUInt32BE(this.at - 4);
-  }
-  string(): string | undefined {
-    const length = this.u32();
-    if (length === undefined || length > P.MAX_STRING || length > this.remaining) return undefined;
-    this.at += length;
-    return this.data.toString('utf8', this.at - length, this.at);
-  }
+/** What the negotiation has settled so far. */
+interface NegotiationState {
+  /** The client sent NBD_FLAG_C_NO_ZEROES. */
+  noZeroes: boolean;
+  structuredReplies: boolean;
+  /** SET_META_CONTEXT's choice holds for the export it named only. */
+  contextFor: string | undefined;
+  tls: boolean;
+  peer: string | undefined;
+}
+
+/** An option as received: its header and its data (at most MAX_OPTION_DATA bytes). */
+interface ReceivedOption {
+  option: number;
+  data: Buffer;
 }
 
 function send(context: HandshakeContext, option: number, type: number, data?: Buffer): void {
@@ -88,14 +89,6 @@ function send(context: HandshakeContext, option: number, type: number, data?: Bu
 
 function sendError(context: HandshakeContext, option: number, type: number, message: string): void {
   send(context, option, type, Buffer.from(message, 'utf8'));
-}
-
-function exportInfo(context: HandshakeContext, exp: NbdExport): Buffer {
-  const info = Buffer.allocUnsafe(12);
-  info.writeUInt16BE(P.INFO_EXPORT, 0);
-  info.writeBigUInt64BE(BigInt(exp.size), 2);
-  info.writeUInt16BE(context.transmissionFlags(exp), 10);
-  return info;
 }
 
 /** NBD_OPT_STARTTLS was acknowledged: hand the socket to TLS; the client must authenticate or is dropped. */
@@ -113,168 +106,155 @@ async function startTls(context: HandshakeContext, credentials: NbdTlsCredential
   return accepted.peer;
 }
 
+/** The client enters transmission with `exp`: what was negotiated for it. */
+function entered(state: NegotiationState, exp: NbdExport): Negotiated {
+  const { tls, peer, structuredReplies, noZeroes } = state;
+  return { export: exp, tls, peer, structuredReplies, noZeroes, baseAllocation: structuredReplies && state.contextFor === exp.name };
+}
+
 /** Runs the negotiation; resolves when the client enters transmission, throws HangUp when it leaves. */
 export async function negotiate(context: HandshakeContext): Promise<Negotiated> {
-  const greeting = Buffer.allocUnsafe(18);
-  greeting.writeBigUInt64BE(P.NBDMAGIC, 0);
-  greeting.writeBigUInt64BE(P.IHAVEOPT, 8);
-  greeting.writeUInt16BE(P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES, 16);
-  context.socket.write(greeting);
-  const clientFlags = (await context.reader.read(4)).readUInt32BE(0);
-  if ((clientFlags & ~(P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)) !== 0) throw new HangUp(`unknown client flags 0x${clientFlags.toString(16)}`);
-  const noZeroes = (clientFlags & P.FLAG_NO_ZEROES) !== 0;
-  let structuredReplies = false;
-  /** SET_META_CONTEXT's choice holds for the export it named only. */
-  let contextFor: string | undefined;
-  let tls = false;
-  let peer: string | undefined;
-
+  const state = await greet(context);
   for (let count = 0; ; count += 1) {
     if (count >= MAX_OPTIONS) throw new HangUp(`more than ${MAX_OPTIONS} options`);
-    const header = decodeOptionHeader(Buffer.from(await context.reader.read(OPTION_HEADER_SIZE)));
-    if (typeof header === 'string') throw new HangUp(header);
-    const { option, length } = header;
-    if (length > MAX_OPTION_DATA) {
-      sendError(context, option, P.REP_ERR_TOO_BIG, `option data of ${length} bytes is more than this server accepts`);
-      throw new HangUp(`option ${option} with ${length} bytes of data`);
-    }
-    const raw = Buffer.from(await context.reader.read(length));
-    const data = new OptionData(raw);
-    const tlsRequired = context.tls !== undefined && !tls;
-
-    if (option === P.OPT_EXPORT_NAME) {
-      if (tlsRequired) throw new HangUp('NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a server that requires TLS');
-      const exp = context.find(raw.toString('utf8'));
-      if (!exp || context.shuttingDown()) throw new HangUp(`NBD_OPT_EXPORT_NAME for unknown export "${raw.toString('utf8')}"`);
-      const reply = Buffer.alloc(noZeroes ? 10 : 134);
-      reply.writeBigUInt64BE(BigInt(exp.size), 0);
-      reply.writeUInt16BE(context.transmissionFlags(exp), 8);
-      context.socket.write(reply);
-      return { export: exp, tls, peer, structuredReplies, noZeroes, baseAllocation: structuredReplies && contextFor === exp.name };
-    }
-    if (option === P.OPT_ABORT) {
-      send(context, option, P.REP_ACK);
-      throw new HangUp('client aborted the negotiation');
-    }
-    if (context.shuttingDown()) {
-      sendError(context, option, P.REP_ERR_SHUTDOWN, 'the server is shutting down');
-      continue;
-    }
-    if (option === P.OPT_STARTTLS) {
-      if (!context.tls) sendError(context, option, P.REP_ERR_UNSUP, 'this server does not offer TLS');
-      else if (tls) sendError(context, option, P.REP_ERR_INVALID, 'TLS is already on');
-      else if (length !== 0) sendError(context, option, P.REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
-      else {
-        send(context, option, P.REP_ACK);
-        peer = await startTls(context, context.tls);
-        tls = true;
-      }
-      continue;
-    }
-    if (tlsRequired) {
-      sendError(context, option, P.REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
-      continue;
-    }
-    switch (option) {
-      case P.OPT_LIST: {
-        if (length !== 0) {
-          sendError(context, option, P.REP_ERR_INVALID, 'NBD_OPT_LIST takes no data');
-          break;
-        }
-        for (const exp of context.exports) {
-          send(context, option, P.REP_SERVER, Buffer.concat([encodeLengthPrefixed(exp.name), Buffer.from(exp.description, 'utf8')]));
-        }
-        send(context, option, P.REP_ACK);
-        break;
-      }
-      case P.OPT_STRUCTURED_REPLY: {
-        if (length !== 0) sendError(context, option, P.REP_ERR_INVALID, 'NBD_OPT_STRUCTURED_REPLY takes no data');
-        else {
-          structuredReplies = true;
-          send(context, option, P.REP_ACK);
-        }
-        break;
-      }
-      case P.OPT_LIST_META_CONTEXT:
-      case P.OPT_SET_META_CONTEXT: {
-        // SET_META_CONTEXT replaces the selection even when it fails (NBD protocol): nothing stays selected.
-        if (option === P.OPT_SET_META_CONTEXT) contextFor = undefined;
-        const name = data.string();
-        const queryCount = data.u32();
-        const queries: string[] = [];
-        for (let i = 0; queryCount !== undefined && i < queryCount; i += 1) {
-          const query = data.string();
-          if (query === undefined) break;
-          queries.push(query);
-        }
-        if (name === undefined || queryCount === undefined || queries.length !== queryCount || data.remaining !== 0) {
-          sendError(context, option, P.REP_ERR_INVALID, 'malformed metadata context option');
-          break;
-        }
-        if (!structuredReplies) {
-          sendError(context, option, P.REP_ERR_INVALID, 'negotiate NBD_OPT_STRUCTURED_REPLY first');
-          break;
-        }
-        const exp = context.find(name);
-        if (!exp) {
-          sendError(context, option, P.REP_ERR_UNKNOWN, `no export "${name}"`);
-          break;
-        }
-        const listing = option === P.OPT_LIST_META_CONTEXT;
-        const matches = listing
-          ? queryCount === 0 || queries.some((q) => q === 'base:' || q === P.CONTEXT_BASE_ALLOCATION)
-          : queries.includes(P.CONTEXT_BASE_ALLOCATION);
-        if (matches) {
-          const reply = Buffer.concat([Buffer.alloc(4), Buffer.from(P.CONTEXT_BASE_ALLOCATION, 'utf8')]);
-          reply.writeUInt32BE(listing ? 0 : BASE_ALLOCATION_ID, 0);
-          send(context, option, P.REP_META_CONTEXT, reply);
-        }
-        if (!listing) contextFor = matches ? exp.name : undefined;
-        send(context, option, P.REP_ACK);
-        break;
-      }
-      case P.OPT_INFO:
-      case P.OPT_GO: {
-        const name = data.string();
-        const requestCount = data.u16();
-        const requests: number[] = [];
-        for (let i = 0; requestCount !== undefined && i < requestCount; i += 1) {
-          const request = data.u16();
-          if (request === undefined) break;
-          requests.push(request);
-        }
-        if (name === undefined || requestCount === undefined || requests.length !== requestCount || data.remaining !== 0) {
-          sendError(context, option, P.REP_ERR_INVALID, 'malformed NBD_OPT_INFO/NBD_OPT_GO');
-          break;
-        }
-        const exp = context.find(name);
-        if (!exp) {
-          sendError(context, option, P.REP_ERR_UNKNOWN, `no export "${name}" (exports: ${context.exports.map((e) => e.name).join(', ')})`);
-          break;
-        }
-        send(context, option, P.REP_INFO, exportInfo(context, exp));
-        if (requests.includes(P.INFO_NAME)) {
-          send(context, option, P.REP_INFO, Buffer.concat([Buffer.from([0, P.INFO_NAME]), Buffer.from(exp.name, 'utf8')]));
-        }
-        if (requests.includes(P.INFO_DESCRIPTION)) {
-          send(context, option, P.REP_INFO, Buffer.concat([Buffer.from([0, P.INFO_DESCRIPTION]), Buffer.from(exp.description, 'utf8')]));
-        }
-        if (requests.includes(P.INFO_BLOCK_SIZE)) {
-          const sizes = Buffer.allocUnsafe(14);
-          sizes.writeUInt16BE(P.INFO_BLOCK_SIZE, 0);
-          sizes.writeUInt32BE(context.blockSizes.minimum, 2);
-          sizes.writeUInt32BE(context.blockSizes.preferred, 6);
-          sizes.writeUInt32BE(context.blockSizes.maximum, 10);
-          send(context, option, P.REP_INFO, sizes);
-        }
-        send(context, option, P.REP_ACK);
-        if (option === P.OPT_GO) {
-          return { export: exp, tls, peer, structuredReplies, noZeroes, baseAllocation: structuredReplies && contextFor === exp.name };
-        }
-        break;
-      }
-      default:
-        sendError(context, option, P.REP_ERR_UNSUP, `option ${option} is not supported`);
-    }
+    const received = await receiveOption(context);
+    const negotiated = await answerOption(context, state, received);
+    if (negotiated) return negotiated;
   }
+}
+
+/** The greeting, and the client's flags in return. */
+async function greet(context: HandshakeContext): Promise<NegotiationState> {
+  context.socket.write(encodeGreeting({ flags: P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES }));
+  const clientFlags = decodeClientFlags(await context.reader.read(CLIENT_FLAGS_SIZE));
+  if (typeof clientFlags === 'string') throw new HangUp(clientFlags);
+  if ((clientFlags & ~(P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)) !== 0) throw new HangUp(`unknown client flags 0x${clientFlags.toString(16)}`);
+  return { noZeroes: (clientFlags & P.FLAG_NO_ZEROES) !== 0, structuredReplies: false, contextFor: undefined, tls: false, peer: undefined };
+}
+
+/** The next option's header and data; data longer than MAX_OPTION_DATA is refused unread (a hang-up). */
+async function receiveOption(context: HandshakeContext): Promise<ReceivedOption> {
+  const header = decodeOptionHeader(Buffer.from(await context.reader.read(OPTION_HEADER_SIZE)));
+  if (typeof header === 'string') throw new HangUp(header);
+  const { option, length } = header;
+  if (length > MAX_OPTION_DATA) {
+    sendError(context, option, P.REP_ERR_TOO_BIG, `option data of ${length} bytes is more than this server accepts`);
+    throw new HangUp(`option ${option} with ${length} bytes of data`);
+  }
+  return { option, data: Buffer.from(await context.reader.read(length)) };
+}
+
+/**
+ * Answers one option. Resolves with what was negotiated when the client enters transmission (NBD_OPT_GO,
+ * NBD_OPT_EXPORT_NAME), undefined when the negotiation goes on.
+ */
+async function answerOption(context: HandshakeContext, state: NegotiationState, received: ReceivedOption): Promise<Negotiated | undefined> {
+  const { option } = received;
+  if (option === P.OPT_EXPORT_NAME) return enterByExportName(context, state, received.data);
+  if (option === P.OPT_ABORT) {
+    send(context, option, P.REP_ACK);
+    throw new HangUp('client aborted the negotiation');
+  }
+  if (context.shuttingDown()) {
+    sendError(context, option, P.REP_ERR_SHUTDOWN, 'the server is shutting down');
+  } else if (option === P.OPT_STARTTLS) {
+    await answerStartTls(context, state, received);
+  } else if (context.tls !== undefined && !state.tls) {
+    sendError(context, option, P.REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
+  } else if (option === P.OPT_LIST) {
+    answerList(context, received);
+  } else if (option === P.OPT_STRUCTURED_REPLY) {
+    answerStructuredReply(context, state, received);
+  } else if (option === P.OPT_LIST_META_CONTEXT || option === P.OPT_SET_META_CONTEXT) {
+    answerMetaContext(context, state, received);
+  } else if (option === P.OPT_INFO || option === P.OPT_GO) {
+    return answerInfo(context, state, received);
+  } else {
+    sendError(context, option, P.REP_ERR_UNSUP, `option ${option} is not supported`);
+  }
+  return undefined;
+}
+
+/** NBD_OPT_EXPORT_NAME: enters transmission at once; it has no error reply, so an unknown name is a hang-up. */
+function enterByExportName(context: HandshakeContext, state: NegotiationState, data: Buffer): Negotiated {
+  if (context.tls !== undefined && !state.tls) throw new HangUp('NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a server that requires TLS');
+  const name = data.toString('utf8');
+  const exp = context.find(name);
+  if (!exp || context.shuttingDown()) throw new HangUp(`NBD_OPT_EXPORT_NAME for unknown export "${name}"`);
+  context.socket.write(encodeExportNameReply({ size: exp.size, flags: context.transmissionFlags(exp) }, state.noZeroes));
+  return entered(state, exp);
+}
+
+/** NBD_OPT_STARTTLS: acknowledged only on a TLS server, once, without data; then the TLS handshake. */
+async function answerStartTls(context: HandshakeContext, state: NegotiationState, { option, data }: ReceivedOption): Promise<void> {
+  if (!context.tls) sendError(context, option, P.REP_ERR_UNSUP, 'this server does not offer TLS');
+  else if (state.tls) sendError(context, option, P.REP_ERR_INVALID, 'TLS is already on');
+  else if (data.length !== 0) sendError(context, option, P.REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+  else {
+    send(context, option, P.REP_ACK);
+    state.peer = await startTls(context, context.tls);
+    state.tls = true;
+  }
+}
+
+function answerList(context: HandshakeContext, { option, data }: ReceivedOption): void {
+  if (data.length !== 0) {
+    sendError(context, option, P.REP_ERR_INVALID, 'NBD_OPT_LIST takes no data');
+    return;
+  }
+  for (const exp of context.exports) send(context, option, P.REP_SERVER, encodeServerReply({ name: exp.name, description: exp.description }));
+  send(context, option, P.REP_ACK);
+}
+
+function answerStructuredReply(context: HandshakeContext, state: NegotiationState, { option, data }: ReceivedOption): void {
+  if (data.length !== 0) {
+    sendError(context, option, P.REP_ERR_INVALID, 'NBD_OPT_STRUCTURED_REPLY takes no data');
+    return;
+  }
+  state.structuredReplies = true;
+  send(context, option, P.REP_ACK);
+}
+
+/**
+ * NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT: base:allocation is the one context offered.
+ * SET_META_CONTEXT replaces the selection even when it fails (NBD protocol): nothing stays selected.
+ */
+function answerMetaContext(context: HandshakeContext, state: NegotiationState, { option, data }: ReceivedOption): void {
+  const listing = option === P.OPT_LIST_META_CONTEXT;
+  if (!listing) state.contextFor = undefined;
+  const request = decodeMetaContextOption(data);
+  if (typeof request === 'string') return sendError(context, option, P.REP_ERR_INVALID, request);
+  if (!state.structuredReplies) return sendError(context, option, P.REP_ERR_INVALID, 'negotiate NBD_OPT_STRUCTURED_REPLY first');
+  const exp = context.find(request.exportName);
+  if (!exp) return sendError(context, option, P.REP_ERR_UNKNOWN, `no export "${request.exportName}"`);
+  const { queries } = request;
+  const matches = listing ? queries.length === 0 || queries.some((q) => q === 'base:' || q === P.CONTEXT_BASE_ALLOCATION) : queries.includes(P.CONTEXT_BASE_ALLOCATION);
+  if (matches) send(context, option, P.REP_META_CONTEXT, encodeMetaContextReply({ id: listing ? 0 : BASE_ALLOCATION_ID, name: P.CONTEXT_BASE_ALLOCATION }));
+  if (!listing) state.contextFor = matches ? exp.name : undefined;
+  send(context, option, P.REP_ACK);
+}
+
+/** NBD_OPT_INFO and NBD_OPT_GO: the export's size and flags, and what else the client asked for; GO enters transmission. */
+function answerInfo(context: HandshakeContext, state: NegotiationState, { option, data }: ReceivedOption): Negotiated | undefined {
+  const request = decodeInfoOption(data);
+  if (typeof request === 'string') {
+    sendError(context, option, P.REP_ERR_INVALID, request);
+    return undefined;
+  }
+  const exp = context.find(request.exportName);
+  if (!exp) {
+    sendError(context, option, P.REP_ERR_UNKNOWN, `no export "${request.exportName}" (exports: ${context.exports.map((e) => e.name).join(', ')})`);
+    return undefined;
+  }
+  const { requests } = request;
+  const { minimum, preferred, maximum } = context.blockSizes;
+  const replies: InfoReply[] = [
+    { kind: 'export', size: exp.size, flags: context.transmissionFlags(exp) },
+    ...(requests.includes(P.INFO_NAME) ? [{ kind: 'name', name: exp.name } as const] : []),
+    ...(requests.includes(P.INFO_DESCRIPTION) ? [{ kind: 'description', description: exp.description } as const] : []),
+    ...(requests.includes(P.INFO_BLOCK_SIZE) ? [{ kind: 'block-size', minimum, preferred, maximum } as const] : []),
+  ];
+  for (const reply of replies) send(context, option, P.REP_INFO, encodeInfoReply(reply));
+  send(context, option, P.REP_ACK);
+  return option === P.OPT_GO ? entered(state, exp) : undefined;
 }

@@ -34,6 +34,7 @@ import { BASE_ALLOCATION_ID, HangUp, negotiate, type HandshakeContext, type Nego
 import type { NbdTlsCredentials } from './tls.js';
 import { listenOnUnixSocket, type ListeningSocket } from './unix-socket.js';
 import { decodeRequest, encodeChunkHeader, encodeSimpleReply, REQUEST_SIZE, type RequestHeader } from './wire.js';
+import { encodeBlockStatus, encodeErrorChunk, encodeOffsetDataHead, encodeOffsetHole, type BlockStatusDescriptor } from './wire-chunks.js';
 
 export const MAX_REQUEST_BYTES = 32 * 1024 * 1024;
 const MAX_IN_FLIGHT = 16;
@@ -111,7 +112,7 @@ export class NbdServer {
   private closed: Promise<void> | undefined;
 
   constructor(private readonly options: NbdServerOptions) {
-    if (options.exports.length === 0) throw new Error('an NBD server needs at least one export');
+    if (options.exports.length === 0) throw new InvalidArgumentError('an NBD server needs at least one export');
     this.server = createServer((socket) => this.accept(socket));
   }
 
@@ -407,11 +408,7 @@ class ServerConnection {
       this.write(encodeSimpleReply(errno, request.cookie));
       return;
     }
-    const text = Buffer.from(message.slice(0, 1024), 'utf8').subarray(0, P.MAX_STRING);
-    const body = Buffer.allocUnsafe(6 + text.length);
-    body.writeUInt32BE(errno, 0);
-    body.writeUInt16BE(text.length, 4);
-    text.copy(body, 6);
+    const body = encodeErrorChunk({ errno, message: message.slice(0, 1024) });
     this.write(encodeChunkHeader({ flags: P.REPLY_FLAG_DONE, type: P.REPLY_TYPE_ERROR, cookie: request.cookie, length: body.length }), body);
   }
 
@@ -425,22 +422,19 @@ class ServerConnection {
     const parts: Buffer[] = [];
     pieces.forEach((piece, i) => {
       const flags = i === pieces.length - 1 ? P.REPLY_FLAG_DONE : 0;
-      const at = Buffer.allocUnsafe(8);
-      at.writeBigUInt64BE(BigInt(piece.offset), 0);
       if ('data' in piece) {
-        parts.push(encodeChunkHeader({ flags, type: P.REPLY_TYPE_OFFSET_DATA, cookie: request.cookie, length: 8 + piece.data.length }), at, piece.data);
+        const head = encodeOffsetDataHead(piece.offset);
+        parts.push(encodeChunkHeader({ flags, type: P.REPLY_TYPE_OFFSET_DATA, cookie: request.cookie, length: head.length + piece.data.length }), head, piece.data);
       } else {
-        const hole = Buffer.allocUnsafe(12);
-        at.copy(hole, 0);
-        hole.writeUInt32BE(piece.length, 8);
-        parts.push(encodeChunkHeader({ flags, type: P.REPLY_TYPE_OFFSET_HOLE, cookie: request.cookie, length: 12 }), hole);
+        const hole = encodeOffsetHole({ offset: piece.offset, length: piece.length });
+        parts.push(encodeChunkHeader({ flags, type: P.REPLY_TYPE_OFFSET_HOLE, cookie: request.cookie, length: hole.length }), hole);
       }
     });
     this.write(...parts);
   }
 
   private sendBlockStatus(request: RequestHeader, extents: { length: number; flags: number }[], onlyOne: boolean): void {
-    const kept: { length: number; flags: number }[] = [];
+    const kept: BlockStatusDescriptor[] = [];
     let covered = 0;
     for (const extent of extents) {
       if (covered >= request.length || kept.length >= (onlyOne ? 1 : MAX_EXTENTS)) break;
@@ -450,12 +444,7 @@ class ServerConnection {
       covered += length;
     }
     if (kept.length === 0) kept.push({ length: request.length, flags: 0 });
-    const body = Buffer.allocUnsafe(4 + 8 * kept.length);
-    body.writeUInt32BE(BASE_ALLOCATION_ID, 0);
-    kept.forEach((extent, i) => {
-      body.writeUInt32BE(extent.length, 4 + 8 * i);
-      body.writeUInt32BE(extent.flags, 8 + 8 * i);
-    });
+    const body = encodeBlockStatus({ contextId: BASE_ALLOCATION_ID, descriptors: kept });
     this.write(encodeChunkHeader({ flags: P.REPLY_FLAG_DONE, type: P.REPLY_TYPE_BLOCK_STATUS, cookie: request.cookie, length: body.length }), body);
   }
 }

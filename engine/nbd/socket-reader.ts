@@ -105,6 +105,23 @@ export class SocketReader {
     return out;
   }
 
+  /** The next `bytes` bytes, left unread: the next read returns them too. */
+  async peek(bytes: number): Promise<Buffer> {
+    if (bytes === 0) return Buffer.alloc(0);
+    await this.await(bytes);
+    const first = this.chunks[0]!;
+    if (first.length >= bytes) return first.subarray(0, bytes);
+    const out = Buffer.allocUnsafe(bytes);
+    let done = 0;
+    for (const chunk of this.chunks) {
+      if (done === bytes) break;
+      const n = Math.min(chunk.length, bytes - done);
+      chunk.copy(out, done, 0, n);
+      done += n;
+    }
+    return out;
+  }
+
   async readInto(target: Buffer, at: number, bytes: number): Promise<void> {
     await this.await(bytes);
     this.copyOut(target, at, bytes);

@@ -8,15 +8,17 @@
  *
  * Every resource is written to a journal in the repository before it is created and removed from it once
  * gone, so that `engine ovirt cleanup` — and the next run, automatically — removes what a crash left.
+ * In the code, the phases in order: takeSnapshot → readSnapshot → attachDisks → backup → undoAll.
  */
-import { Journal, type JournalEntry } from '../../repo-format/journal.js';
+import type { JournalEntry } from '../../repo-format/journal.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { backup, openBackupRepository, type BackupResult } from '../backup/backup.js';
 import { OvirtFaultError } from '../errors.js';
-import { undoCreated, withOvirt } from './cleanup.js';
-import { findDevice, isNotFound, requireRunning, vmIdByName, waitOf, type OvirtBackupRunOptions, type OvirtDisk } from './common.js';
+import type { OvirtClient } from './client.js';
+import { RunJournal, withOvirt } from './cleanup.js';
+import { findDevice, isNotFound, requireRunning, vmIdByName, waitOf, type OvirtBackupRunOptions, type OvirtDisk, type Wait } from './common.js';
 import { SnapshotStatus } from './vocabulary.js';
-import { attribute, child, children, text } from './xml.js';
+import { createdId, diskList, snapshotOf } from './answers.js';
 import { adoptName } from '../../repo-format/names.js';
 
 export interface OvirtApplianceBackupOptions extends OvirtBackupRunOptions {
@@ -34,58 +36,15 @@ export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions)
     const applianceId = await vmIdByName(client, options.appliance);
     if (vmId === applianceId) throw new InvalidArgumentError('the VM to back up cannot be the backup appliance itself');
     await requireRunning(client, applianceId, options.appliance);
-    const journal = await Journal.create(options.repo, { flow: 'ovirt-disk-attachment', vm: vmId, correlation: client.correlation });
-    const created: JournalEntry[] = [];
+    const journal = await RunJournal.create(options.repo, { flow: 'ovirt-disk-attachment', vm: vmId, correlation: client.correlation });
     try {
-      // Journaled before it exists (by its unique description), then by id: no crash leaves it unlisted.
-      const description = `engine backup ${client.correlation} ${new Date().toISOString()}`;
-      const pending: JournalEntry = { kind: 'snapshot', vm: vmId, snapshot: '', description };
-      await journal.add(pending);
-      created.push(pending);
-      const snapshot = child((await client.post(`vms/${vmId}/snapshots`, 'snapshot', { description, persist_memorystate: false })).xml, 'snapshot');
-      const snapshotId = attribute(snapshot, 'id');
-      if (!snapshotId) throw new OvirtFaultError(`POST vms/${vmId}/snapshots`, 200, 'no snapshot id in the answer', '');
-      const snapshotEntry: JournalEntry = { kind: 'snapshot', vm: vmId, snapshot: snapshotId, description };
-      await journal.add(snapshotEntry);
-      await journal.remove((e) => e === pending);
-      created.splice(created.indexOf(pending), 1, snapshotEntry);
-      const snapshotPath = `vms/${vmId}/snapshots/${snapshotId}`;
-      await client.waitFor(`snapshot ${snapshotId} of ${options.vm} to be created`, async () => {
-        try {
-          return text(child((await client.get(snapshotPath)).xml, 'snapshot'), 'snapshot_status') === SnapshotStatus.ok ? true : undefined;
-        } catch (error) {
-          if (isNotFound(error)) throw new OvirtFaultError(`snapshot of ${options.vm}`, 404, 'snapshot creation failed', 'the engine dropped the snapshot (see its events, USER_CREATE_SNAPSHOT_FINISHED_FAILURE)');
-          throw error;
-        }
-      }, wait);
-
-      const full = child((await client.get(snapshotPath, undefined, { 'All-Content': 'true' })).xml, 'snapshot');
-      const ovf = text(child(child(full, 'initialization'), 'configuration'), 'data');
-      if (!ovf) throw new OvirtFaultError(`GET ${snapshotPath}`, 200, 'the snapshot has no OVF configuration', '');
-      const disks: OvirtDisk[] = children(child((await client.get(`${snapshotPath}/disks`)).xml, 'disks'), 'disk').map((d) => ({
-        id: attribute(d, 'id')!,
-        alias: text(d, 'alias') ?? attribute(d, 'id')!,
-        size: Number(text(d, 'provisioned_size')),
-      }));
-      if (disks.length === 0) throw new InvalidArgumentError(`VM ${options.vm} has no disks in its snapshot`);
-
-      const devices: string[] = [];
-      for (const disk of disks) {
-        const entry: JournalEntry = { kind: 'attachment', vm: applianceId, disk: disk.id };
-        await journal.add(entry);
-        created.push(entry);
-        await client.post(`vms/${applianceId}/diskattachments`, 'disk_attachment', {
-          disk: { '@_id': disk.id, snapshot: { '@_id': snapshotId } },
-          interface: 'virtio',
-          bootable: false,
-          active: true,
-        });
-        devices.push(await findDevice(client, applianceId, disk, options.deviceRoot ?? '/dev/disk/by-id', wait));
-      }
-
+      const snapshot = await takeSnapshot(client, journal, vmId, options.vm, wait);
+      const { ovf, disks } = await readSnapshot(client, snapshot, options.vm);
+      const devices = await attachDisks(client, journal, { applianceId, snapshotId: snapshot.id, disks, deviceRoot: options.deviceRoot ?? '/dev/disk/by-id' }, wait);
       // Names from oVirt keep the name rule, or are recorded in a safe form (names.ts).
       const aliases = disks.map((d) => adoptName(d.alias, 'disk', `disk alias of VM ${options.vm}`, notice));
       const names = new Set(aliases).size === aliases.length ? aliases : disks.map((d) => d.id);
+      const snapshotId = snapshot.id;
       const result = await backup({
         repo: options.repo,
         passphrase: options.passphrase,
@@ -104,7 +63,66 @@ export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions)
       return result;
     } finally {
       // Detach, then remove the snapshot, whatever happened.
-      await undoCreated(client, journal, created, wait, notice);
+      await journal.undoAll(client, wait, notice);
     }
   });
+}
+
+interface TakenSnapshot {
+  id: string;
+  /** Its API path, vms/{vm}/snapshots/{id}. */
+  path: string;
+}
+
+/**
+ * Phase 1: the snapshot, journaled before it exists (by its unique description), then by id, so that no
+ * crash leaves it unlisted; waited for until oVirt has made it.
+ */
+async function takeSnapshot(client: OvirtClient, journal: RunJournal, vmId: string, vmName: string, wait: Wait): Promise<TakenSnapshot> {
+  const description = `engine backup ${client.correlation} ${new Date().toISOString()}`;
+  const pending = await journal.track({ kind: 'snapshot', vm: vmId, snapshot: '', description });
+  const what = `POST vms/${vmId}/snapshots`;
+  const id = createdId((await client.post(`vms/${vmId}/snapshots`, 'snapshot', { description, persist_memorystate: false })).xml, 'snapshot', what, 'snapshot');
+  await journal.replace(pending, { kind: 'snapshot', vm: vmId, snapshot: id, description });
+  const path = `vms/${vmId}/snapshots/${id}`;
+  await client.waitFor(`snapshot ${id} of ${vmName} to be created`, async () => {
+    try {
+      return (await client.read(path, snapshotOf)).status === SnapshotStatus.ok ? true : undefined;
+    } catch (error) {
+      if (isNotFound(error)) throw new OvirtFaultError(`snapshot of ${vmName}`, 404, 'snapshot creation failed', 'the engine dropped the snapshot (see its events, USER_CREATE_SNAPSHOT_FINISHED_FAILURE)');
+      throw error;
+    }
+  }, wait);
+  return { id, path };
+}
+
+/** Phase 2: what the snapshot holds: the VM's OVF (All-Content) and its disks. */
+async function readSnapshot(client: OvirtClient, snapshot: TakenSnapshot, vmName: string): Promise<{ ovf: string; disks: OvirtDisk[] }> {
+  const { ovf } = await client.read(snapshot.path, snapshotOf, undefined, { 'All-Content': 'true' });
+  if (!ovf) throw new OvirtFaultError(`GET ${snapshot.path}`, 200, 'the snapshot has no OVF configuration', '');
+  const disks: OvirtDisk[] = (await client.read(`${snapshot.path}/disks`, diskList)).map(({ id, alias, size }) => ({ id, alias, size }));
+  if (disks.length === 0) throw new InvalidArgumentError(`VM ${vmName} has no disks in its snapshot`);
+  return { ovf, disks };
+}
+
+/** Phase 3: each disk snapshot attached to the appliance (journaled first), and its device found there. */
+async function attachDisks(
+  client: OvirtClient,
+  journal: RunJournal,
+  to: { applianceId: string; snapshotId: string; disks: OvirtDisk[]; deviceRoot: string },
+  wait: Wait,
+): Promise<string[]> {
+  const devices: string[] = [];
+  for (const disk of to.disks) {
+    const entry: JournalEntry = { kind: 'attachment', vm: to.applianceId, disk: disk.id };
+    await journal.track(entry);
+    await client.post(`vms/${to.applianceId}/diskattachments`, 'disk_attachment', {
+      disk: { '@_id': disk.id, snapshot: { '@_id': to.snapshotId } },
+      interface: 'virtio',
+      bootable: false,
+      active: true,
+    });
+    devices.push(await findDevice(client, to.applianceId, disk, to.deviceRoot, wait));
+  }
+  return devices;
 }

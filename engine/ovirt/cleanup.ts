@@ -8,7 +8,7 @@ import { OvirtClient, type OvirtClientOptions } from './client.js';
 import { isNotFound, type Wait } from './common.js';
 import { cancelTransfer } from './transfers.js';
 import { BACKUP_SNAPSHOT_DESCRIPTION, BackupPhase, SnapshotStatus } from './vocabulary.js';
-import { attribute, child, children, text } from './xml.js';
+import { backupPhase, snapshotList, snapshotOf } from './answers.js';
 
 async function deleteIfPresent(client: OvirtClient, path: string): Promise<void> {
   await client.delete(path).catch((error: unknown) => {
@@ -30,9 +30,9 @@ const UNDO_ORDER = ['attachment', 'transfer', 'backup', 'checkpoint', 'vm', 'sna
 const backupDone = (phase: string | undefined): boolean => phase === BackupPhase.succeeded || phase === BackupPhase.failed;
 
 /** The backup's phase, or undefined once oVirt has purged it (404). */
-async function backupPhase(client: OvirtClient, vm: string, backup: string): Promise<string | undefined | 'gone'> {
+async function currentPhase(client: OvirtClient, vm: string, backup: string): Promise<string | undefined | 'gone'> {
   try {
-    return text(child((await client.get(`vms/${vm}/backups/${backup}`)).xml, 'backup'), 'phase');
+    return await client.read(`vms/${vm}/backups/${backup}`, backupPhase);
   } catch (error) {
     if (isNotFound(error)) return 'gone';
     throw error;
@@ -51,11 +51,11 @@ export async function finalizeBackup(client: OvirtClient, vm: string, backup: st
   } catch (error) {
     if (isNotFound(error)) return;
     if (!(error instanceof OvirtFaultError && error.status === 400)) throw error;
-    const phase = await backupPhase(client, vm, backup);
+    const phase = await currentPhase(client, vm, backup);
     if (phase !== 'gone' && phase !== BackupPhase.finalizing && !backupDone(phase)) throw error;
   }
   await client.waitFor(`backup ${backup} to finish`, async () => {
-    const phase = await backupPhase(client, vm, backup);
+    const phase = await currentPhase(client, vm, backup);
     return phase === 'gone' || backupDone(phase) ? true : undefined;
   }, wait);
 }
@@ -65,7 +65,7 @@ export async function removeSnapshot(client: OvirtClient, vm: string, snapshot: 
   const path = `vms/${vm}/snapshots/${snapshot}`;
   const settled = await client.waitFor(`snapshot ${snapshot} to settle`, async () => {
     try {
-      const status = text(child((await client.get(path)).xml, 'snapshot'), 'snapshot_status');
+      const { status } = await client.read(path, snapshotOf);
       return status === SnapshotStatus.locked ? undefined : 'present';
     } catch (error) {
       if (isNotFound(error)) return 'gone';
@@ -121,9 +121,9 @@ export async function undo(client: OvirtClient, entry: JournalEntry, wait: Wait,
     await deleteCheckpoint(client, entry.vm!, entry.checkpoint!, wait);
   } else if (entry.kind === 'snapshot' && !entry.snapshot) {
     // The run died between asking for the snapshot and learning its id: find it by its description.
-    const list = children(child((await client.get(`vms/${entry.vm}/snapshots`)).xml, 'snapshots'), 'snapshot');
-    for (const found of list.filter((s) => text(s, 'description') === entry.description)) {
-      await undo(client, { ...entry, snapshot: attribute(found, 'id')! }, wait, notice);
+    const list = await client.read(`vms/${entry.vm}/snapshots`, snapshotList);
+    for (const found of list.filter((s) => s.description === entry.description)) {
+      await undo(client, { ...entry, snapshot: found.id }, wait, notice);
     }
   } else if (entry.kind === 'snapshot') {
     await removeSnapshot(client, entry.vm!, entry.snapshot, wait);
@@ -144,6 +144,56 @@ export async function undoCreated(client: OvirtClient, journal: Journal, created
     }
   }
   if (journal.entries.length === 0) await journal.remove(() => true);
+}
+
+/**
+ * The journal of one run and what the run created, in order: `track` records a resource before (or as)
+ * it is created, `forget` once it is gone, `replace` when it learns more about one (a snapshot's id),
+ * `undoAll` removes what is left, newest first, `clear` ends a run that leaves its resources in place.
+ */
+export class RunJournal {
+  private readonly created: JournalEntry[] = [];
+
+  private constructor(private readonly journal: Journal) {}
+
+  static async create(repo: string, context: Record<string, string>): Promise<RunJournal> {
+    return new RunJournal(await Journal.create(repo, context));
+  }
+
+  get entries(): readonly JournalEntry[] {
+    return this.journal.entries;
+  }
+
+  async track(entry: JournalEntry): Promise<JournalEntry> {
+    await this.journal.add(entry);
+    this.created.push(entry);
+    return entry;
+  }
+
+  async forget(entry: JournalEntry): Promise<void> {
+    await this.journal.remove((e) => e === entry);
+    const at = this.created.indexOf(entry);
+    if (at >= 0) this.created.splice(at, 1);
+  }
+
+  /** `updated` takes `entry`'s place: recorded before the old entry goes, so a crash between leaves both. */
+  async replace(entry: JournalEntry, updated: JournalEntry): Promise<JournalEntry> {
+    await this.journal.add(updated);
+    await this.journal.remove((e) => e === entry);
+    const at = this.created.indexOf(entry);
+    if (at >= 0) this.created.splice(at, 1, updated);
+    else this.created.push(updated);
+    return updated;
+  }
+
+  async clear(): Promise<void> {
+    await this.journal.remove(() => true);
+    this.created.length = 0;
+  }
+
+  async undoAll(client: OvirtClient, wait: Wait, notice: (m: string) => void): Promise<void> {
+    await undoCreated(client, this.journal, this.created, wait, notice);
+  }
 }
 
 /** Undoes every entry of every journal in the repository: attachments first, then snapshots. */

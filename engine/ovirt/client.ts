@@ -12,9 +12,10 @@ import { BodyTooLargeError, collectBody, HTTP_BODY_LIMIT } from '../host/http-bo
 import { randomBytes } from 'node:crypto';
 import { OvirtAuthError, OvirtFaultError, TimeoutError, withRemedies, type Remedy } from '../errors.js';
 import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
+import { displayText } from '../../repo-format/display-text.js';
 import { describeTlsError } from '../host/tls-errors.js';
 import { checkEngineUrl, followableUrl } from './url-policy.js';
-import { buildXml, parseXml, text, child, type XmlElement, type XmlInput } from './xml.js';
+import { buildXml, decodeXml, text, child, type XmlElement, type XmlInput } from './xml.js';
 
 export interface OvirtCredentials {
   username: string;
@@ -124,13 +125,9 @@ export class OvirtClient {
       password: this.options.credentials.password,
     }).toString();
     const response = await this.send('POST', '/ovirt-engine/sso/oauth/token', { 'Content-Type': 'application/x-www-form-urlencoded', Accept: 'application/json' }, form);
-    let parsed: { access_token?: string; error?: string; error_description?: string } = {};
-    try {
-      parsed = JSON.parse(response.body) as typeof parsed;
-    } catch {
-      throw new OvirtAuthError(this.options.url, `HTTP ${response.status}, not a JSON token response`);
-    }
-    if (response.status !== 200 || !parsed.access_token) {
+    const parsed = ssoAnswer(response.body);
+    if (!parsed) throw new OvirtAuthError(this.options.url, `HTTP ${response.status}, not a JSON token response`);
+    if (response.status !== 200 || parsed.access_token === undefined) {
       throw new OvirtAuthError(this.options.url, parsed.error_description ?? parsed.error ?? `HTTP ${response.status}`);
     }
     this.token = parsed.access_token;
@@ -146,13 +143,9 @@ export class OvirtClient {
     this.token = undefined;
     const form = new URLSearchParams({ scope: 'ovirt-app-api', token }).toString();
     const response = await this.send('POST', '/ovirt-engine/services/sso-logout', { 'Content-Type': 'application/x-www-form-urlencoded', Accept: 'application/json' }, form);
-    let parsed: { error?: string; error_description?: string } = {};
-    try {
-      parsed = JSON.parse(response.body) as typeof parsed;
-    } catch {
-      // An answer that is not JSON says nothing about the revocation: only the status counts then.
-    }
-    if (response.status !== 200 || parsed.error) throw new OvirtAuthError(this.options.url, `logout refused: ${parsed.error_description ?? parsed.error ?? `HTTP ${response.status}`}`);
+    // An answer that is not JSON says nothing about the revocation: only the status counts then.
+    const parsed = ssoAnswer(response.body) ?? {};
+    if (response.status !== 200 || parsed.error !== undefined) throw new OvirtAuthError(this.options.url, `logout refused: ${parsed.error_description ?? parsed.error ?? `HTTP ${response.status}`}`);
   }
 
   /**
@@ -189,17 +182,24 @@ export class OvirtClient {
         delay *= 2;
         continue;
       }
-      const xml = response.body.trim().startsWith('<') ? parseXml(response.body) : undefined;
+      const xml = response.body.trim().startsWith('<') ? decodeXml(response.body) : undefined;
       if (response.status >= 400) {
-        const fault = child(xml, 'fault');
-        throw new OvirtFaultError(what, response.status, text(fault, 'reason') ?? httpReason(response.status), text(fault, 'detail') ?? '');
+        // An error status is the error, whatever its body: a fault if one can be read, else the status.
+        const fault = typeof xml === 'string' ? undefined : child(xml, 'fault');
+        throw new OvirtFaultError(what, response.status, said(text(fault, 'reason')) ?? httpReason(response.status), said(text(fault, 'detail')) ?? '');
       }
+      if (typeof xml === 'string') throw new OvirtFaultError(what, response.status, `the answer is ${xml}`, '');
       return { status: response.status, xml };
     }
   }
 
   get(path: string, query?: Record<string, string>, headers?: Record<string, string>): Promise<OvirtResponse> {
     return this.call('GET', path, { ...(query ? { query } : {}), ...(headers ? { headers } : {}) });
+  }
+
+  /** GET `path`, decoded by one of answers.ts's decoders (told the request, to name it if the answer lacks something). */
+  async read<T>(path: string, decode: (xml: XmlElement | undefined, what: string) => T, query?: Record<string, string>, headers?: Record<string, string>): Promise<T> {
+    return decode((await this.get(path, query, headers)).xml, `GET ${path}`);
   }
 
   post(path: string, root: string, value: XmlInput, query?: Record<string, string>): Promise<OvirtResponse> {
@@ -237,6 +237,34 @@ export class OvirtClient {
 function connectFailure(error: NodeJS.ErrnoException): { why: string; remedies: Remedy[] } {
   const untrusted = ['DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'UNABLE_TO_GET_ISSUER_CERT'];
   return { why: describeTlsError(error), remedies: error.code !== undefined && untrusted.includes(error.code) ? [{ kind: 'ovirt-ca' }] : [] };
+}
+
+/**
+ * The fields of an SSO answer (token or logout) that are strings, the error texts escaped for messages;
+ * undefined when it is no JSON object.
+ */
+function ssoAnswer(body: string): { access_token?: string; error?: string; error_description?: string } | undefined {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(body) as unknown;
+  } catch {
+    return undefined;
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) return undefined;
+  const field = (name: string): string | undefined => {
+    const value = (parsed as Record<string, unknown>)[name];
+    return typeof value === 'string' && value !== '' ? value : undefined;
+  };
+  const said = (name: string): string | undefined => {
+    const value = field(name);
+    return value === undefined ? undefined : displayText(value, 256);
+  };
+  return { access_token: field('access_token'), error: said('error'), error_description: said('error_description') };
+}
+
+/** The engine's own text in a fault, escaped for a message (it is the server's, not ours). */
+function said(value: string | undefined): string | undefined {
+  return value === undefined ? undefined : displayText(value, 1024);
 }
 
 function httpReason(status: number): string {

@@ -7,7 +7,7 @@ import { OvirtFaultError } from '../errors.js';
 import { blockDeviceSize } from '../sources/device-size.js';
 import type { OvirtClient, OvirtClientOptions } from './client.js';
 import { VmStatus } from './vocabulary.js';
-import { attribute, child, children, text } from './xml.js';
+import { clusterList, clusterOf, diskAttachmentOf, vmList, vmOf, type ClusterSummary } from './answers.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
 
 /** Options of every oVirt backup run. */
@@ -40,9 +40,9 @@ export function waitOf(options: { timeoutMs?: number | undefined; pollMs?: numbe
 export type Wait = { timeoutMs: number; intervalMs: number };
 
 export async function vmIdByName(client: OvirtClient, name: string): Promise<string> {
-  const found = children(child((await client.get('vms', { search: `name=${name}` })).xml, 'vms'), 'vm').filter((vm) => text(vm, 'name') === name);
+  const found = (await client.read('vms', vmList, { search: `name=${name}` })).filter((vm) => vm.name === name);
   if (found.length !== 1) throw new InvalidArgumentError(found.length === 0 ? `oVirt has no VM named "${name}"` : `oVirt has ${found.length} VMs named "${name}"`);
-  return attribute(found[0], 'id')!;
+  return found[0]!.id;
 }
 
 /** A cluster: its compatibility level (features depend on it) and its data centre (where its storage is). */
@@ -53,23 +53,21 @@ export interface OvirtCluster {
   dataCenter: string;
 }
 
-function clusterFrom(element: ReturnType<typeof child>, what: string): OvirtCluster {
-  const version = child(element, 'version');
-  const dataCenter = attribute(child(element, 'data_center'), 'id');
-  const id = attribute(element, 'id');
-  if (!id || !dataCenter) throw new InvalidArgumentError(`oVirt's answer for ${what} names no cluster id or data centre`);
-  return { id, name: text(element, 'name') ?? id, version: [Number(text(version, 'major') ?? 0), Number(text(version, 'minor') ?? 0)], dataCenter };
+function clusterFrom(cluster: ClusterSummary | undefined, what: string): OvirtCluster {
+  const { id, dataCenter } = cluster ?? {};
+  if (!cluster || !id || !dataCenter) throw new InvalidArgumentError(`oVirt's answer for ${what} names no cluster id or data centre`);
+  return { id, name: cluster.name ?? id, version: cluster.version, dataCenter };
 }
 
 /** The cluster a VM runs in. */
 export async function clusterOfVm(client: OvirtClient, vmId: string): Promise<OvirtCluster> {
-  const clusterId = attribute(child(child((await client.get(`vms/${vmId}`)).xml, 'vm'), 'cluster'), 'id');
+  const { clusterId } = await client.read(`vms/${vmId}`, vmOf);
   if (!clusterId) throw new InvalidArgumentError(`oVirt names no cluster for VM ${vmId}`);
-  return clusterFrom(child((await client.get(`clusters/${clusterId}`)).xml, 'cluster'), `cluster ${clusterId}`);
+  return clusterFrom(await client.read(`clusters/${clusterId}`, clusterOf), `cluster ${clusterId}`);
 }
 
 export async function clusterByName(client: OvirtClient, name: string): Promise<OvirtCluster> {
-  const found = children(child((await client.get('clusters', { search: `name=${name}` })).xml, 'clusters'), 'cluster').filter((c) => text(c, 'name') === name);
+  const found = (await client.read('clusters', clusterList, { search: `name=${name}` })).filter((c) => c.name === name);
   if (found.length !== 1) throw new InvalidArgumentError(found.length === 0 ? `oVirt has no cluster named "${name}"` : `oVirt has ${found.length} clusters named "${name}"`);
   return clusterFrom(found[0], `cluster ${name}`);
 }
@@ -83,7 +81,7 @@ export function atLeast(version: [number, number], major: number, minor: number)
  * the attachment without ever showing a device; say so at once instead of waiting for one.
  */
 export async function requireRunning(client: OvirtClient, vmId: string, name: string): Promise<void> {
-  const status = text(child((await client.get(`vms/${vmId}`)).xml, 'vm'), 'status');
+  const { status } = await client.read(`vms/${vmId}`, vmOf);
   if (status !== VmStatus.up) throw new InvalidArgumentError(`the appliance VM "${name}" is ${status ?? 'in no known state'}, not up: disks can only be hot-plugged into a running appliance`);
 }
 
@@ -95,7 +93,7 @@ export function isNotFound(error: unknown): boolean {
 async function deviceSize(path: string): Promise<number> {
   const info = await stat(path).catch(() => undefined);
   if (!info) return -1;
-  if (info.isBlockDevice()) return blockDeviceSize(info.rdev).catch(() => -1);
+  if (info.isBlockDevice()) return blockDeviceSize(info.rdev, (why) => new InvalidArgumentError(`${path}: ${why}`)).catch(() => -1);
   return info.isFile() ? info.size : -1;
 }
 
@@ -109,8 +107,7 @@ export async function findDevice(client: OvirtClient, applianceId: string, disk:
   return client.waitFor(`disk ${disk.id} to appear in the appliance`, async () => {
     const size = await deviceSize(byId);
     if (size === disk.size) return byId;
-    const attachment = child((await client.get(`vms/${applianceId}/diskattachments/${disk.id}`)).xml, 'disk_attachment');
-    const logical = text(attachment, 'logical_name');
+    const logical = (await client.read(`vms/${applianceId}/diskattachments/${disk.id}`, diskAttachmentOf)).logicalName;
     if (logical && (await deviceSize(logical)) === disk.size) return logical;
     if (size > 0) throw new InvalidArgumentError(`${byId} holds ${size} bytes, disk ${disk.id} has ${disk.size}: not the disk that was attached`);
     return undefined;

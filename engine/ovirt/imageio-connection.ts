@@ -14,6 +14,8 @@ import { Agent as HttpAgent, request as httpRequest } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { SourceUnreadableError, TargetUnwritableError } from '../errors.js';
 import { collectBody, HTTP_BODY_LIMIT } from '../host/http-body.js';
+import { decodeOptions } from './imageio-json.js';
+import { displayText } from '../../repo-format/display-text.js';
 
 export interface ImageioUrls {
   transferUrl: string | undefined;
@@ -75,6 +77,11 @@ export function imageioRequest(
   });
 }
 
+/** The start of an error answer's body, as imageio's own words in a message: escaped, at most 200 characters. */
+export function answerText(body: Buffer): string {
+  return displayText(body.subarray(0, 4096).toString('utf8'), 200);
+}
+
 /** Errors that mean "this address cannot be reached or trusted", where the other URL may work. */
 function unreachable(error: unknown): boolean {
   const code = (error as NodeJS.ErrnoException).code ?? '';
@@ -96,23 +103,11 @@ async function probe(url: URL, ca: Buffer | undefined, viaProxy: boolean, fail: 
   try {
     const answer = await imageioRequest(url, agent, { method: 'OPTIONS', path: url.pathname, timeoutMs: 30_000 });
     if (answer.status === 405 || answer.status === 204) return { url, allow: [], features: [], maxReaders: 1, maxWriters: 1, viaProxy };
-    if (answer.status !== 200) throw fail(url.href, `imageio OPTIONS answered HTTP ${answer.status}: ${answer.body.toString('utf8').slice(0, 200)}`);
-    let options: { features?: unknown; max_readers?: unknown; max_writers?: unknown };
-    try {
-      options = JSON.parse(answer.body.toString('utf8')) as typeof options;
-    } catch {
-      throw fail(url.href, 'imageio OPTIONS answered something other than JSON');
-    }
-    const count = (value: unknown): number => (typeof value === 'number' && Number.isSafeInteger(value) && value > 0 ? Math.min(value, 8) : 1);
+    if (answer.status !== 200) throw fail(url.href, `imageio OPTIONS answered HTTP ${answer.status}: ${answerText(answer.body)}`);
+    const options = decodeOptions(answer.body);
+    if (typeof options === 'string') throw fail(url.href, options);
     const allow = typeof answer.headers.allow === 'string' ? answer.headers.allow.split(',').map((m) => m.trim().toUpperCase()) : [];
-    return {
-      url,
-      allow,
-      features: Array.isArray(options.features) ? options.features.filter((f): f is string => typeof f === 'string') : [],
-      maxReaders: count(options.max_readers),
-      maxWriters: count(options.max_writers),
-      viaProxy,
-    };
+    return { url, allow, ...options, viaProxy };
   } finally {
     agent.destroy();
   }

@@ -8,16 +8,11 @@ import { EngineError } from '../../repo-format/errors.js';
 import { SourceChangedError, SourceUnreadableError } from '../errors.js';
 import type { BlockSource, Extent, SourceDescription } from '../sources/source.js';
 import { describeTlsError } from '../host/tls-errors.js';
-import { downloadFailure, imageioAgent, imageioRequest, openImageio, type ImageioAgent, type ImageioUrls } from './imageio-connection.js';
+import { answerText, downloadFailure, imageioAgent, imageioRequest, openImageio, type ImageioAgent, type ImageioUrls } from './imageio-connection.js';
+import { decodeExtents, type ImageioExtent } from './imageio-json.js';
 
 const REQUEST_SIZE = 4 * 1024 * 1024;
 
-interface ImageioExtent {
-  start: number;
-  length: number;
-  zero?: boolean;
-  dirty?: boolean;
-}
 
 export class ImageioSource implements BlockSource {
   private constructor(
@@ -71,7 +66,7 @@ export class ImageioSource implements BlockSource {
           if (answer.status !== 206 && answer.status !== 200) {
             // 403: the ticket is gone — the transfer was cancelled, by oVirt too when it sat idle longer than its inactivity timeout.
             const why = answer.status === 403 ? ' (the transfer\'s ticket is gone: cancelled, or idle past its inactivity timeout)' : '';
-            throw new EngineError('ENGINE_SOURCE_UNREADABLE', `imageio GET ${this.url.pathname} bytes ${start}-${start + length - 1}: HTTP ${answer.status} ${answer.body.toString('utf8').slice(0, 200)}${why}`, { status: answer.status });
+            throw new EngineError('ENGINE_SOURCE_UNREADABLE', `imageio GET ${this.url.pathname} bytes ${start}-${start + length - 1}: HTTP ${answer.status} ${answerText(answer.body)}${why}`, { status: answer.status });
           }
           if (answer.body.length !== length) throw new SourceChangedError(this.url.href, `asked ${length} bytes at ${start}, got ${answer.body.length}`);
           answer.body.copy(target, at);
@@ -83,14 +78,9 @@ export class ImageioSource implements BlockSource {
 
   private async extentList(context: 'zero' | 'dirty'): Promise<ImageioExtent[]> {
     const answer = await this.send('GET', `${this.url.pathname}/extents?context=${context}`, {});
-    if (answer.status !== 200) throw new SourceUnreadableError(this.url.href, `imageio extents?context=${context} answered HTTP ${answer.status}: ${answer.body.toString('utf8').slice(0, 200)}`);
-    const list = JSON.parse(answer.body.toString('utf8')) as ImageioExtent[];
-    let at = 0;
-    for (const e of list) {
-      if (e.start !== at || !(e.length > 0)) throw new SourceUnreadableError(this.url.href, `imageio ${context} extents are not contiguous at ${at}`);
-      at += e.length;
-    }
-    if (at !== this.size) throw new SourceUnreadableError(this.url.href, `imageio ${context} extents cover ${at} of ${this.size} bytes`);
+    if (answer.status !== 200) throw new SourceUnreadableError(this.url.href, `imageio extents?context=${context} answered HTTP ${answer.status}: ${answerText(answer.body)}`);
+    const list = decodeExtents(answer.body, this.size);
+    if (typeof list === 'string') throw new SourceUnreadableError(this.url.href, `imageio ${context} extents: ${list}`);
     return list;
   }
 

@@ -7,7 +7,7 @@
 import { TargetUnwritableError } from '../errors.js';
 import type { TargetWriter } from '../restore/target-writer.js';
 import { describeTlsError } from '../host/tls-errors.js';
-import { imageioAgent, imageioRequest, openImageio, uploadFailure, type ImageioAgent, type ImageioUrls } from './imageio-connection.js';
+import { answerText, imageioAgent, imageioRequest, openImageio, uploadFailure, type ImageioAgent, type ImageioUrls } from './imageio-connection.js';
 
 export class ImageioTarget implements TargetWriter {
   readonly zeroed = true;
@@ -35,7 +35,7 @@ export class ImageioTarget implements TargetWriter {
     } catch (error) {
       throw new TargetUnwritableError(this.url.href, describeTlsError(error as Error));
     }
-    if (answer.status !== 200 && answer.status !== 204) throw new TargetUnwritableError(this.url.href, `imageio ${what} answered HTTP ${answer.status}: ${answer.body.toString('utf8').slice(0, 200)}`);
+    if (answer.status !== 200 && answer.status !== 204) throw new TargetUnwritableError(this.url.href, `imageio ${what} answered HTTP ${answer.status}: ${answerText(answer.body)}`);
   }
 
   async write(data: Buffer, offset: number): Promise<void> {

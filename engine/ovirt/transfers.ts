@@ -14,7 +14,7 @@ import type { OvirtClient } from './client.js';
 import { isNotFound, type Wait } from './common.js';
 import type { ImageioUrls } from './imageio-connection.js';
 import { DiskFormat, DiskStatus, ImageTransferDirection, ImageTransferPhase, ImageTransferTimeoutPolicy, type ImageTransferDirectionValue } from './vocabulary.js';
-import { attribute, child, text } from './xml.js';
+import { createdId, diskStatus, transferOf, type TransferSummary } from './answers.js';
 
 /**
  * Seconds a transfer may sit without a request before oVirt stops it (types/ImageTransfer.java
@@ -29,9 +29,9 @@ export function transferInactivityTimeout(): number {
 
 const final = (phase: string | undefined): boolean => phase === ImageTransferPhase.finishedSuccess || phase === ImageTransferPhase.finishedFailure;
 
-async function transferOf(client: OvirtClient, id: string): Promise<ReturnType<typeof child> | 'gone'> {
+async function currentTransfer(client: OvirtClient, id: string): Promise<TransferSummary | 'gone'> {
   try {
-    return child((await client.get(`imagetransfers/${id}`)).xml, 'image_transfer');
+    return await client.read(`imagetransfers/${id}`, transferOf);
   } catch (error) {
     if (isNotFound(error)) return 'gone';
     throw error;
@@ -55,8 +55,8 @@ export async function startTransfer(
   onCreated: (id: string) => Promise<void>,
   wait: Wait,
 ): Promise<{ id: string } & ImageioUrls> {
-  const answer = child(
-    (await client.post('imagetransfers', 'image_transfer', {
+  const answer = (
+    await client.post('imagetransfers', 'image_transfer', {
       disk: { '@_id': body.disk },
       ...(body.backup ? { backup: { '@_id': body.backup } } : {}),
       direction: body.direction,
@@ -64,22 +64,20 @@ export async function startTransfer(
       format: DiskFormat.raw,
       inactivity_timeout: transferInactivityTimeout(),
       timeout_policy: ImageTransferTimeoutPolicy.cancel,
-    })).xml,
-    'image_transfer',
-  );
-  const id = attribute(answer, 'id');
-  if (!id) throw new OvirtFaultError('POST imagetransfers', 200, 'the answer names no transfer id', '');
+    })
+  ).xml;
+  const id = createdId(answer, 'image_transfer', 'POST imagetransfers', 'transfer');
   await onCreated(id);
   const ready = await client.waitFor(`image transfer ${id} to start`, async () => {
-    const transfer = await transferOf(client, id);
+    const transfer = await currentTransfer(client, id);
     if (transfer === 'gone') throw new OvirtFaultError(`image transfer ${id}`, 404, 'the transfer was removed while it started', 'see the engine events');
-    const phase = text(transfer, 'phase');
+    const { phase } = transfer;
     if (phase === ImageTransferPhase.transferring) return transfer;
     if (phase === ImageTransferPhase.initializing) return undefined;
     if (!final(phase)) await requestCancel(client, id);
     throw new OvirtFaultError(`image transfer ${id}`, 200, `the transfer went to phase ${phase ?? '(none)'} instead of transferring`, final(phase) ? 'the engine or the host stopped it' : 'cancelled');
   }, wait);
-  const offered = [text(ready, 'transfer_url'), text(ready, 'proxy_url')] as const;
+  const offered = [ready.transferUrl, ready.proxyUrl] as const;
   if (!offered[0] && !offered[1]) throw new OvirtFaultError(`image transfer ${id}`, 200, 'the transfer has neither transfer_url nor proxy_url', '');
   // Only a URL that keeps the engine's security is followed (https from an https engine, url-policy.ts): a
   // downgraded one is dropped here, and when both are, followable() refuses the transfer (it is journaled,
@@ -109,9 +107,9 @@ export async function finalizeTransfer(client: OvirtClient, transfer: { id: stri
     if (!isNotFound(error)) throw error;
   });
   const outcome = await client.waitFor(`image transfer ${id} to finish`, async () => {
-    const current = await transferOf(client, id);
+    const current = await currentTransfer(client, id);
     if (current === 'gone') return 'gone';
-    const phase = text(current, 'phase');
+    const { phase } = current;
     if (phase === ImageTransferPhase.finishedSuccess) return 'done';
     if (phase === ImageTransferPhase.finishedFailure) throw new OvirtFaultError(`image transfer ${id}`, 200, 'the transfer ended in phase finished_failure', transfer.direction === ImageTransferDirection.upload ? 'oVirt removes the disk of a failed upload' : '');
     if (phase === ImageTransferPhase.pausedSystem) throw new OvirtFaultError(`image transfer ${id}`, 200, 'oVirt could not finalize the transfer (phase paused_system)', 'the disk is left illegal');
@@ -120,7 +118,7 @@ export async function finalizeTransfer(client: OvirtClient, transfer: { id: stri
   if (outcome === 'done' || transfer.direction === ImageTransferDirection.download) return;
   let status: string | undefined;
   try {
-    status = text(child((await client.get(`disks/${transfer.disk}`)).xml, 'disk'), 'status');
+    status = await client.read(`disks/${transfer.disk}`, diskStatus);
   } catch (error) {
     if (isNotFound(error)) throw new OvirtFaultError(`image transfer ${id}`, 404, `the transfer failed: oVirt removed disk ${transfer.disk}`, '');
     throw error;
@@ -132,7 +130,7 @@ export async function finalizeTransfer(client: OvirtClient, transfer: { id: stri
 export async function cancelTransfer(client: OvirtClient, id: string, wait: Wait): Promise<void> {
   await requestCancel(client, id);
   await client.waitFor(`image transfer ${id} to end`, async () => {
-    const current = await transferOf(client, id);
-    return current === 'gone' || final(text(current, 'phase')) ? true : undefined;
+    const current = await currentTransfer(client, id);
+    return current === 'gone' || final(current.phase) ? true : undefined;
   }, wait);
 }

@@ -4,6 +4,8 @@
  * the caller converts what it needs, so nothing is silently coerced (ids that look like numbers, "false").
  */
 import { XMLBuilder, XMLParser } from 'fast-xml-parser';
+import { displayText } from '../../repo-format/display-text.js';
+import { OvirtFaultError } from '../errors.js';
 
 export interface XmlElement {
   [name: string]: XmlValue;
@@ -21,10 +23,26 @@ const parser = new XMLParser({
 
 const builder = new XMLBuilder({ ignoreAttributes: false, attributeNamePrefix: '@_', suppressEmptyNode: true, format: false });
 
-export function parseXml(text: string): XmlElement {
-  const value = parser.parse(text) as unknown;
-  if (typeof value !== 'object' || value === null) throw new Error('not an XML document');
+/**
+ * The parsed document, or what is wrong with it: the parser's own refusal (not XML, an unclosed CDATA, more
+ * than its 100 nested elements, a reserved name such as __proto__) as one line, never an exception.
+ */
+export function decodeXml(text: string): XmlElement | string {
+  let value: unknown;
+  try {
+    value = parser.parse(text) as unknown;
+  } catch (error) {
+    return `not XML the API sends (${displayText(String((error as Error).message ?? error).split('\n')[0]!, 160)})`;
+  }
+  if (typeof value !== 'object' || value === null) return 'not an XML document';
   return value as XmlElement;
+}
+
+/** The parsed document; one that cannot be read is an OvirtFaultError (ENGINE_OVIRT_FAULT) naming `what`. */
+export function parseXml(text: string, what = 'an oVirt answer'): XmlElement {
+  const decoded = decodeXml(text);
+  if (typeof decoded === 'string') throw new OvirtFaultError(what, 200, decoded, '');
+  return decoded;
 }
 
 /** Input for buildXml: nested objects; attributes as "@_id"; booleans and numbers are written as text. */

@@ -191,7 +191,7 @@ class DiskBackup {
   private async readBlock(block: number): Promise<InFlight> {
     const { source } = this;
     const pool = this.context.pool;
-    const slot = await pool.slots.acquire();
+    const slot = await this.interruption.race(pool.slots.acquire());
     const offset = this.geometry.offsetOf(block);
     const length = this.geometry.lengthOf(block);
     const item: InFlight = { block, slot, length, result: undefined, done: Promise.resolve() };
@@ -225,7 +225,8 @@ class DiskBackup {
         await this.takeUnchanged(item);
         continue;
       }
-      await item.done;
+      // A read may never come back (an imageio or NBD server that stalls): waiting for it is interruptible.
+      await this.interruption.race(item.done);
       batch.push(item);
       // Fill a batch while more blocks are in flight; when nothing more is in flight, go now.
       if (batch.length >= this.batchLimit || this.queue.isEmpty) {

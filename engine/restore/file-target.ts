@@ -62,7 +62,7 @@ export class FileTarget implements TargetWriter {
       return new FileTarget(path, handle, true, true);
     }
     let size: number;
-    if (existing.isBlockDevice()) size = await blockDeviceSize(existing.rdev);
+    if (existing.isBlockDevice()) size = await blockDeviceSize(existing.rdev, (why) => new TargetUnwritableError(path, why));
     else if (existing.isFile()) size = Number(existing.size);
     else throw new TargetUnwritableError(path, 'it exists and is neither a regular file nor a block device');
     if (size < diskSize) throw new TargetTooSmallError(path, size, diskSize);

@@ -44,7 +44,7 @@ export class FileSource implements BlockSource {
     try {
       const stats = await handle.stat();
       if (stats.isBlockDevice()) {
-        const size = () => blockDeviceSize(stats.rdev);
+        const size = () => blockDeviceSize(stats.rdev, (why) => new SourceUnreadableError(path, why));
         return new FileSource(handle, await size(), { kind: 'block-device', path, realPath: await realpath(path) }, size);
       }
       if (!stats.isFile()) throw new SourceUnreadableError(path, 'not a regular file or a block device');

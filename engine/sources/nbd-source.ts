@@ -4,6 +4,7 @@
  */
 import { NbdClient } from '../nbd/client.js';
 import * as P from '../nbd/protocol.js';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { BlockSource, Extent, SourceDescription } from './source.js';
 
 export class NbdSource implements BlockSource {
@@ -25,7 +26,7 @@ export class NbdSource implements BlockSource {
 
   /** The dirty extents of the negotiated dirty-bitmap context, in order. */
   async *dirtyExtents(): AsyncGenerator<{ offset: number; length: number }> {
-    if (!this.dirtyContext) throw new Error('no dirty bitmap context was negotiated');
+    if (!this.dirtyContext) throw new InvalidArgumentError(`dirty extents of ${this.description.path} were asked for, but it was opened without a dirty-bitmap context (dirtyContext)`);
     for await (const extent of this.client.blockStatus(this.dirtyContext)) {
       if ((extent.flags & P.STATE_DIRTY) !== 0) yield { offset: extent.offset, length: extent.length };
     }

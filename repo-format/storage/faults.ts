@@ -5,7 +5,7 @@
  * folder, memory, or S3 (where test/s3-fault-proxy.ts breaks the wire itself).
  */
 import { StorageError, type StorageFailure } from './storage-error.js';
-import type { CallOptions, GetOptions, ListOptions, ObjectInfo, PutOptions, PutSource, Storage } from './storage.js';
+import type { CallOptions, GetOptions, ListOptions, ObjectInfo, PutOptions, PutSource, Storage, StoreTime } from './storage.js';
 
 export type StorageOperation = 'put' | 'get' | 'stat' | 'list' | 'delete';
 
@@ -23,6 +23,8 @@ export interface FaultRule {
   skip?: number;
   /** Matching calls that fail, after which the rule is spent (default: every one). */
   times?: number;
+  /** Chance that a matching call (past `skip`) fails, drawn from the storage's `random` (default 1). */
+  probability?: number;
   /** 'before' (default): the backend never sees the call; 'after': it does the work, then the call fails. */
   when?: 'before' | 'after';
   /** A listing fails after yielding this many objects (default 0). */
@@ -45,12 +47,17 @@ export class FaultInjectingStorage implements Storage {
   private rules: ActiveRule[] = [];
   /** Every fault injected so far, in order. */
   readonly injected: (FaultCall & { when: 'before' | 'after' })[] = [];
+  readonly time?: (options?: CallOptions) => Promise<StoreTime>;
 
   constructor(
     readonly inner: Storage,
     rules: FaultRule[] = [],
+    /** For `probability`: a seeded generator makes a run repeatable. */
+    private readonly random: () => number = Math.random,
   ) {
     for (const rule of rules) this.addRule(rule);
+    const time = inner.time?.bind(inner);
+    if (time) this.time = time;
   }
 
   get properties(): Storage['properties'] {
@@ -74,6 +81,7 @@ export class FaultInjectingStorage implements Storage {
       if (rule.key !== undefined && !(typeof rule.key === 'string' ? call.key.startsWith(rule.key) : rule.key.test(call.key))) continue;
       rule.seen += 1;
       if (chosen || rule.seen <= (rule.skip ?? 0) || rule.failed >= (rule.times ?? Infinity)) continue;
+      if (rule.probability !== undefined && this.random() >= rule.probability) continue;
       rule.failed += 1;
       chosen = rule;
     }

@@ -4,7 +4,7 @@
  * never queue behind a minute of pack uploads, or the lease expires) bypass the limit. A listing holds a
  * slot only while it fetches, never while its consumer works on what it yielded.
  */
-import { interruptedError, type CallOptions, type GetOptions, type ListOptions, type ObjectInfo, type PutOptions, type PutSource, type Storage } from './storage.js';
+import { interruptedError, type CallOptions, type GetOptions, type ListOptions, type ObjectInfo, type PutOptions, type PutSource, type Storage, type StoreTime } from './storage.js';
 
 export class Semaphore {
   private running = 0;
@@ -61,6 +61,8 @@ export interface LimitOptions {
 export class LimitedStorage implements Storage {
   readonly semaphore: Semaphore;
   private readonly exempt: (key: string) => boolean;
+  /** Reading the store's clock never queues (a lease check measures it; a wait would distort it). */
+  readonly time?: (options?: CallOptions) => Promise<StoreTime>;
 
   constructor(
     readonly inner: Storage,
@@ -68,6 +70,8 @@ export class LimitedStorage implements Storage {
   ) {
     this.semaphore = new Semaphore(options.limit ?? inner.properties.connections);
     this.exempt = options.exempt ?? (() => false);
+    const time = inner.time?.bind(inner);
+    if (time) this.time = time;
   }
 
   get properties(): Storage['properties'] {

@@ -28,6 +28,8 @@ const PAGE = 1000;
 export class MemoryStorage implements Storage {
   readonly properties: StorageProperties;
   private readonly objects = new Map<string, Buffer>();
+  /** When each object was last written (this process's clock: memory shares the host's). */
+  private readonly modified = new Map<string, number>();
 
   constructor(name = 'memory') {
     this.properties = {
@@ -51,6 +53,7 @@ export class MemoryStorage implements Storage {
     throwIfAborted(options.signal, this.properties.location, 'put', key);
     if (options.ifAbsent && this.objects.has(key)) throw this.fail('exists', 'put', key, 'the key already holds an object');
     this.objects.set(key, bytes);
+    this.modified.set(key, Date.now());
   }
 
   async get(key: string, options: GetOptions = {}): Promise<Buffer> {
@@ -74,7 +77,7 @@ export class MemoryStorage implements Storage {
     throwIfAborted(options.signal, this.properties.location, 'stat', key);
     const object = this.objects.get(key);
     if (!object) throw this.fail('not-found', 'stat', key, 'no such object');
-    return { key, size: object.length };
+    return { key, size: object.length, modified: this.modified.get(key) };
   }
 
   async *list(prefix: string, options: ListOptions = {}): AsyncIterable<ObjectInfo> {
@@ -88,7 +91,7 @@ export class MemoryStorage implements Storage {
         .slice(0, PAGE);
       for (const key of page) {
         const object = this.objects.get(key);
-        if (object) yield { key, size: object.length };
+        if (object) yield { key, size: object.length, modified: this.modified.get(key) };
       }
       if (page.length < PAGE) return;
       after = page[page.length - 1];
@@ -99,6 +102,16 @@ export class MemoryStorage implements Storage {
     checkKey(key);
     throwIfAborted(options.signal, this.properties.location, 'delete', key);
     this.objects.delete(key);
+    this.modified.delete(key);
+  }
+
+  /**
+   * Stores bytes under any key, the rule unchecked: an object another program wrote, or one changed behind
+   * the engine's back (tests of what meets such objects).
+   */
+  putForeign(key: string, bytes: Uint8Array): void {
+    this.objects.set(key, Buffer.from(bytes));
+    this.modified.set(key, Date.now());
   }
 
   async close(): Promise<void> {}

@@ -9,14 +9,15 @@
  * - A create-if-absent whose earlier attempt failed transiently may have succeeded all the same (the store
  *   applied the PUT, the answer was lost). If a later attempt then finds the key taken, the object is read
  *   back: the same bytes mean the earlier attempt created it, and the create succeeded; other bytes mean
- *   another writer won, and the caller gets 'exists'.
+ *   another writer won, and the caller gets 'exists'. Creators that race for one key must therefore write
+ *   distinct bytes (a lease names its holder, a record its id): two identical bodies cannot be told apart.
  * - A listing that breaks midway resumes after the last key it yielded, so every key is still yielded
  *   exactly once.
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { isStorageError, isTransient, StorageError } from './storage-error.js';
-import { interruptedError, type CallOptions, type GetOptions, type ListOptions, type ObjectInfo, type PutOptions, type PutSource, type Storage } from './storage.js';
+import { interruptedError, type CallOptions, type GetOptions, type ListOptions, type ObjectInfo, type PutOptions, type PutSource, type Storage, type StoreTime } from './storage.js';
 
 export interface RetryPolicy {
   /** Attempts in all, the first included. */
@@ -68,18 +69,23 @@ async function sameBytes(source: PutSource, stored: Buffer): Promise<boolean> {
 }
 
 export class RetryingStorage implements Storage {
+  readonly time?: (options?: CallOptions) => Promise<StoreTime>;
+
   constructor(
     readonly inner: Storage,
     private readonly policy: RetryPolicy = DEFAULT_RETRY_POLICY,
     private readonly events: RetryEvents = {},
-  ) {}
+  ) {
+    const time = inner.time?.bind(inner);
+    if (time) this.time = (options: CallOptions = {}) => this.retry('time', '', options.signal, () => time(options));
+  }
 
   get properties(): Storage['properties'] {
     return this.inner.properties;
   }
 
-  /** Runs `attempt` until it succeeds, fails for good, or the policy is spent. */
-  private async retry<T>(operation: string, key: string, signal: AbortSignal | undefined, attempt: (n: number, lastError: StorageError | undefined) => Promise<T>): Promise<T> {
+  /** Runs `attempt` until it succeeds, fails for good, or the policy is spent (also for a backend's own calls, as S3's opening check). */
+  async retry<T>(operation: string, key: string, signal: AbortSignal | undefined, attempt: (n: number, lastError: StorageError | undefined) => Promise<T>): Promise<T> {
     const started = performance.now();
     let lastError: StorageError | undefined;
     for (let n = 1; ; n += 1) {
@@ -109,7 +115,13 @@ export class RetryingStorage implements Storage {
       } catch (error) {
         // An earlier attempt may have created the object before its answer was lost.
         if (options.ifAbsent && lastError !== undefined && isStorageError(error, 'exists')) {
-          const stored = await this.inner.get(key, { signal: options.signal }).catch(() => undefined);
+          let stored: Buffer | undefined;
+          try {
+            stored = await this.inner.get(key, { signal: options.signal });
+          } catch (readError) {
+            // Not knowing is not losing: a transient failure of the read-back is retried like the create.
+            if (isTransient(readError)) throw readError;
+          }
           if (stored && (await sameBytes(source, stored))) return;
         }
         throw error;

@@ -10,8 +10,9 @@
  */
 import { Agent as HttpAgent, request as httpRequest, type IncomingHttpHeaders, type IncomingMessage } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
+import { createHash, type Hash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { once } from 'node:events';
+import { isIP } from 'node:net';
 import { isErrnoException } from '../errors.js';
 import { networkFailure, s3Failure, type S3Context } from './s3-errors.js';
 import { parseErrorDocument } from './s3-xml.js';
@@ -36,11 +37,14 @@ export interface S3ClientOptions {
   idleTimeoutMs: number;
   /** For messages: s3://bucket/prefix. */
   location: string;
+  /** This host's clock, ms since the epoch (default Date.now): tests move it to provoke RequestTimeTooSkewed. */
+  now?: (() => number) | undefined;
 }
 
 export type RequestBody = { bytes: Uint8Array } | { file: string; offset: number; length: number };
 
-export type ResponseMode = { kind: 'discard' } | { kind: 'text'; maxSize: number } | { kind: 'bytes'; maxSize: number };
+/** `md5`: the body's MD5 is computed as it arrives (S3Answer.md5), not in one pass over 32 MiB at the end. */
+export type ResponseMode = { kind: 'discard' } | { kind: 'text'; maxSize: number } | { kind: 'bytes'; maxSize: number; md5?: boolean };
 
 export interface S3Request {
   method: 'GET' | 'PUT' | 'HEAD' | 'DELETE' | 'POST';
@@ -62,6 +66,8 @@ export interface S3Answer {
   status: number;
   headers: IncomingHttpHeaders;
   body: Buffer;
+  /** Hex MD5 of the body, when the response mode asked for it. */
+  md5?: string | undefined;
 }
 
 function bodyLength(body: RequestBody | undefined): number {
@@ -110,7 +116,7 @@ export class S3Client {
     const target = this.target(call.bucket, call.objectKey);
     const query = call.query ?? [];
     const length = bodyLength(call.body);
-    const now = new Date();
+    const now = new Date((this.options.now ?? Date.now)());
     const signed: Record<string, string> = {
       host: target.host,
       'x-amz-date': amzDate(now),
@@ -145,7 +151,8 @@ export class S3Client {
         protocol: this.options.endpoint.protocol,
         hostname: target.hostname,
         port: this.options.endpoint.port || undefined,
-        servername: this.tls ? target.hostname : undefined,
+        // SNI names a host, never an address (RFC 6066); the certificate is checked against either.
+        servername: this.tls && isIP(target.hostname.replace(/^\[|\]$/g, '')) === 0 ? target.hostname : undefined,
         method: call.method,
         path: `${target.path}${search}`,
         headers,
@@ -161,7 +168,7 @@ export class S3Client {
         const status = res.statusCode ?? 0;
         res.on('error', fail);
         if (status >= 300) {
-          readBody(res, MAX_ERROR_BODY, undefined, (error, body) => {
+          readBody(res, MAX_ERROR_BODY, undefined, undefined, (error, body) => {
             if (error && !(error instanceof TooLarge)) return fail(error);
             const document = body ? parseErrorDocument(body.toString('utf8')) : undefined;
             finish(s3Failure(context, status, document, retryAfter(res.headers)));
@@ -169,7 +176,7 @@ export class S3Client {
           return;
         }
         if (call.method === 'HEAD' || call.response.kind === 'discard') {
-          readBody(res, MAX_ERROR_BODY, undefined, (error) => (error && !(error instanceof TooLarge) ? fail(error) : finish(undefined, { status, headers: res.headers, body: Buffer.alloc(0) })));
+          readBody(res, MAX_ERROR_BODY, undefined, undefined, (error) => (error && !(error instanceof TooLarge) ? fail(error) : finish(undefined, { status, headers: res.headers, body: Buffer.alloc(0) })));
           return;
         }
         const maxSize = call.response.maxSize;
@@ -180,12 +187,13 @@ export class S3Client {
         if (declared !== undefined && declared > maxSize) {
           return finish(new StorageError('too-large', `${context.location}: ${context.operation} ${context.key ?? ''}: the answer holds ${declared} bytes, more than the ${maxSize} expected`, { ...context, status }));
         }
-        readBody(res, maxSize, declared, (error, body) => {
+        const md5 = call.response.kind === 'bytes' && call.response.md5 ? createHash('md5') : undefined;
+        readBody(res, maxSize, declared, md5, (error, body) => {
           if (error instanceof TooLarge) return finish(new StorageError('too-large', `${context.location}: ${context.operation} ${context.key ?? ''}: the answer holds more than the ${maxSize} bytes expected`, { ...context, status }));
           if (error instanceof Overlong) return finish(new StorageError('protocol', `${context.location}: ${context.operation} ${context.key ?? ''}: the answer holds more bytes than its Content-Length (${declared})`, { ...context, status }));
           if (error) return fail(error);
           this.traffic.received += body!.length;
-          finish(undefined, { status, headers: res.headers, body: body! });
+          finish(undefined, { status, headers: res.headers, body: body!, md5: md5?.digest('hex') });
         });
       });
       void sendBody(req, call.body).then(
@@ -217,7 +225,7 @@ class SourceChanged extends Error {}
  * Reads a body into one buffer: exactly `declared` bytes when the answer announced its length (fewer, when
  * the connection ends, is an S3_BODY_CUT network failure), else up to `limit`.
  */
-function readBody(res: IncomingMessage, limit: number, declared: number | undefined, done: (error: Error | undefined, body?: Buffer) => void): void {
+function readBody(res: IncomingMessage, limit: number, declared: number | undefined, hash: Hash | undefined, done: (error: Error | undefined, body?: Buffer) => void): void {
   let buffer = declared !== undefined ? Buffer.allocUnsafe(declared) : undefined;
   const chunks: Buffer[] = [];
   let length = 0;
@@ -239,6 +247,7 @@ function readBody(res: IncomingMessage, limit: number, declared: number | undefi
       }
       chunks.push(chunk);
     }
+    hash?.update(chunk);
     length += chunk.length;
   });
   res.on('end', () => {
@@ -251,6 +260,19 @@ function readBody(res: IncomingMessage, limit: number, declared: number | undefi
   });
   res.on('aborted', () => {
     if (!over) done(Object.assign(new Error(`the connection closed after ${length}${buffer ? ` of ${buffer.length}` : ''} bytes`), { code: 'S3_BODY_CUT' }));
+  });
+}
+
+/** Waits for 'drain' or 'close', whichever comes first, and leaves no listener behind (one wait per MiB sent). */
+function drainedOrClosed(req: import('node:http').ClientRequest): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      req.off('drain', done);
+      req.off('close', done);
+      resolve();
+    };
+    req.on('drain', done);
+    req.on('close', done);
   });
 }
 
@@ -268,13 +290,13 @@ async function sendBody(req: import('node:http').ClientRequest, body: RequestBod
     req.end();
     return 0;
   }
-  const stream = createReadStream(body.file, { start: body.offset, end: body.offset + body.length - 1, highWaterMark: 1024 * 1024 });
+  const stream = createReadStream(body.file, { start: body.offset, end: body.offset + body.length - 1, highWaterMark: 4 * 1024 * 1024 });
   let sent = 0;
   try {
     for await (const chunk of stream) {
       if (req.destroyed) return sent;
       sent += (chunk as Buffer).length;
-      if (!req.write(chunk)) await Promise.race([once(req, 'drain'), once(req, 'close')]);
+      if (!req.write(chunk)) await drainedOrClosed(req);
     }
   } finally {
     stream.destroy();

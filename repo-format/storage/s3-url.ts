@@ -26,9 +26,11 @@ export function parseS3Url(text: string): S3Location {
   const authority = match[1]!;
   if (authority.includes('@') || authority.includes(':')) throw bad('credentials and ports do not go in the URL; credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials, the endpoint from its own option');
   if (!BUCKET.test(authority) || authority.includes('..')) throw bad(`bucket name ${JSON.stringify(authority)} is not valid (3-63 letters, digits, ".", "_" and "-")`);
-  const prefix = (match[2] ?? '').replace(/^\/+|\/+$/g, '');
+  // One "/" separates the bucket from the prefix, one may end it; any other empty segment is refused, not
+  // squeezed out: s3://b//x names the key prefix "/x", another place than s3://b/x.
+  const prefix = (match[2] ?? '').replace(/^\//, '').replace(/\/$/, '');
   if (prefix !== '') {
-    if (prefix.includes('//')) throw bad('the prefix has an empty segment');
+    if (prefix.startsWith('/') || prefix.endsWith('/') || prefix.includes('//')) throw bad('the prefix has an empty segment');
     const problem = keyProblem(prefix);
     if (problem) throw bad(`the prefix: ${problem}`);
   }

@@ -73,7 +73,8 @@ export function parseErrorDocument(xml: string): S3ErrorDocument | undefined {
 }
 
 export interface ListPage {
-  objects: { key: string; size: number }[];
+  /** `modified`: LastModified in ms since the epoch, undefined when absent or not a date. */
+  objects: { key: string; size: number; modified: number | undefined }[];
   truncated: boolean;
   nextToken: string | undefined;
 }
@@ -88,6 +89,9 @@ export function parseListPage(xml: string): ListPage {
     if (rawKey === undefined) throw new MalformedXmlError('a listed object has no Key');
     const size = sizeText === undefined || !/^\d+$/.test(sizeText.trim()) ? NaN : Number(sizeText.trim());
     if (!Number.isSafeInteger(size)) throw new MalformedXmlError(`object ${rawKey.slice(0, 100)} has the size ${JSON.stringify(sizeText?.slice(0, 40))}`);
+    const lastModified = elementText(contents, 'LastModified');
+    const parsedTime = lastModified === undefined ? NaN : Date.parse(lastModified.trim());
+    const modified = Number.isFinite(parsedTime) ? parsedTime : undefined;
     let key = rawKey;
     if (urlEncoded) {
       try {
@@ -96,7 +100,7 @@ export function parseListPage(xml: string): ListPage {
         throw new MalformedXmlError(`key ${rawKey.slice(0, 100)} is not valid URL encoding`);
       }
     }
-    return { key, size };
+    return { key, size, modified };
   });
   const truncatedText = elementText(xml, 'IsTruncated')?.trim().toLowerCase();
   if (truncatedText !== 'true' && truncatedText !== 'false') throw new MalformedXmlError('a listing without IsTruncated');

@@ -11,6 +11,7 @@
  * - get: a ranged GET answers exactly the bytes asked or fails (out-of-range when the object is shorter:
  *   Content-Range tells its size); a whole-object GET of an object stored by one PUT is checked against
  *   its ETag, the MD5 of its bytes (not for SSE-KMS/SSE-C objects, whose ETag is something else).
+ * - stat and list give `modified` from Last-Modified / LastModified (the store's clock, whole seconds).
  * - stat: HEAD; a 404 without a body is told apart (missing object, missing bucket) by a HEAD of the bucket.
  * - list: ListObjectsV2, 1000 keys a page, one page in memory at a time, keys URL-encoded on the wire.
  * - delete: DELETE; S3 answers 204 for an absent key too.
@@ -27,6 +28,8 @@ import { s3Failure, type S3Context } from './s3-errors.js';
 import { formatS3Url, parseS3Url, type S3Location } from './s3-url.js';
 import { completeMultipartBody, MalformedXmlError, parseErrorDocument, parseListPage, parseUploadId, rootElement } from './s3-xml.js';
 import { EMPTY_SHA256, UNSIGNED_PAYLOAD, type Credentials } from './sigv4.js';
+import { withRetriesAndLimit, type StackOptions } from './stack.js';
+import type { RetryingStorage } from './retry.js';
 import { StorageError } from './storage-error.js';
 import {
   checkKey,
@@ -42,6 +45,7 @@ import {
   type PutSource,
   type Storage,
   type StorageProperties,
+  type StoreTime,
 } from './storage.js';
 
 export interface S3StorageOptions {
@@ -73,6 +77,8 @@ export interface S3StorageOptions {
   check?: boolean | undefined;
   /** Told what the user should hear but is not fatal (a credentials file open to others). */
   onWarning?: ((message: string) => void) | undefined;
+  /** This host's clock as the requests are signed with it (default Date.now): for tests of clock skew. */
+  now?: (() => number) | undefined;
 }
 
 export const S3_DEFAULTS = {
@@ -97,7 +103,7 @@ async function fileDigests(file: string, offset: number, length: number, sha256:
   const md5 = createHash('md5');
   const sha = sha256 ? createHash('sha256') : undefined;
   if (length > 0) {
-    for await (const chunk of createReadStream(file, { start: offset, end: offset + length - 1, highWaterMark: 1024 * 1024 })) {
+    for await (const chunk of createReadStream(file, { start: offset, end: offset + length - 1, highWaterMark: 4 * 1024 * 1024 })) {
       md5.update(chunk as Buffer);
       sha?.update(chunk as Buffer);
     }
@@ -161,6 +167,8 @@ export async function openS3Storage(options: S3StorageOptions): Promise<S3Storag
     idleTimeoutMs: options.idleTimeoutMs ?? S3_DEFAULTS.idleTimeoutMs,
     multipartThreshold: options.multipartThreshold ?? S3_DEFAULTS.multipartThreshold,
     partSize,
+    signPayload: endpoint.protocol === 'http:' && !isLoopback(endpoint.hostname),
+    now: options.now,
   });
   if (options.check !== false) {
     try {
@@ -173,6 +181,25 @@ export async function openS3Storage(options: S3StorageOptions): Promise<S3Storag
   return storage;
 }
 
+/**
+ * The S3 backend as the engine uses it: retries (transient failures only) around a concurrency limit
+ * (`connections`) around the store, the opening check retried like any call. `backend` is the store itself,
+ * for its traffic counters.
+ */
+export async function openS3Stack(options: S3StorageOptions & StackOptions): Promise<{ storage: RetryingStorage; backend: S3Storage }> {
+  const backend = await openS3Storage({ ...options, check: false });
+  const storage = withRetriesAndLimit(backend, options);
+  if (options.check !== false) {
+    try {
+      await storage.retry('check', '', undefined, () => backend.check());
+    } catch (error) {
+      await storage.close();
+      throw error;
+    }
+  }
+  return { storage, backend };
+}
+
 interface S3StorageSettings {
   endpoint: URL;
   pathStyle: boolean;
@@ -183,6 +210,9 @@ interface S3StorageSettings {
   idleTimeoutMs: number;
   multipartThreshold: number;
   partSize: number;
+  /** Sign the body's SHA-256 (plain http to another host), else UNSIGNED-PAYLOAD. */
+  signPayload: boolean;
+  now?: (() => number) | undefined;
 }
 
 export class S3Storage implements Storage {
@@ -217,6 +247,7 @@ export class S3Storage implements Storage {
       connections: settings.connections,
       idleTimeoutMs: settings.idleTimeoutMs,
       location: shown,
+      now: settings.now,
     });
   }
 
@@ -230,17 +261,34 @@ export class S3Storage implements Storage {
     return { location: this.properties.location, operation, key };
   }
 
-  /** The bucket exists and these credentials may list the repository's prefix. */
-  async check(options: CallOptions = {}): Promise<void> {
-    await this.client.request({
+  /** A one-key listing of the repository's prefix: the cheapest request that proves bucket and credentials. */
+  private probe(operation: string, signal: AbortSignal | undefined): Promise<S3Answer> {
+    return this.client.request({
       method: 'GET',
       bucket: this.bucket,
       query: [['list-type', '2'], ['max-keys', '1'], ['prefix', this.root]],
       payloadHash: EMPTY_SHA256,
       response: { kind: 'text', maxSize: MAX_XML_BODY },
-      context: this.context('check'),
-      signal: options.signal,
+      context: this.context(operation),
+      signal,
     });
+  }
+
+  /** The bucket exists and these credentials may list the repository's prefix. */
+  async check(options: CallOptions = {}): Promise<void> {
+    await this.probe('check', options.signal);
+  }
+
+  /** The store's clock from the Date header of a probe. */
+  async time(options: CallOptions = {}): Promise<StoreTime> {
+    const now = this.settings.now ?? Date.now;
+    const sent = now();
+    const answer = await this.probe('time', options.signal);
+    const received = now();
+    const storeMs = typeof answer.headers.date === 'string' ? Date.parse(answer.headers.date) : NaN;
+    if (!Number.isFinite(storeMs)) throw new StorageError('protocol', `${this.properties.location}: time: the answer's Date header is ${JSON.stringify(answer.headers.date ?? null)}`, { ...this.context('time'), status: answer.status });
+    // The Date header is truncated to the second: the store's true time lies in [storeMs, storeMs + 1000).
+    return { storeMs: storeMs + 500, localMs: (sent + received) / 2, uncertaintyMs: (received - sent) / 2 + 500 };
   }
 
   async put(key: string, source: PutSource, options: PutOptions = {}): Promise<void> {
@@ -268,9 +316,14 @@ export class S3Storage implements Storage {
     });
   }
 
-  /** Content-MD5 always; the payload's SHA-256 signed too when the connection is not TLS. */
+  /**
+   * Content-MD5 always (the store refuses a body that changed on the way). The payload's SHA-256 is signed
+   * too only on plain http to another host (allowInsecureHttp), where someone on the path could change the
+   * body and its MD5 together; over TLS, or on this machine, it would only cost a second hash here and a
+   * third in the store (measured: README.md).
+   */
   private async digests(body: RequestBody): Promise<{ md5: string; payloadHash: string }> {
-    const signPayload = !this.client.secure;
+    const signPayload = this.settings.signPayload;
     if ('bytes' in body) {
       return { md5: md5Base64(body.bytes), payloadHash: signPayload ? createHash('sha256').update(body.bytes).digest('hex') : UNSIGNED_PAYLOAD };
     }
@@ -364,7 +417,7 @@ export class S3Storage implements Storage {
       objectKey,
       headers: range ? { range: `bytes=${range.offset}-${range.offset + range.length - 1}` } : {},
       payloadHash: EMPTY_SHA256,
-      response: { kind: 'bytes', maxSize: range ? range.length : (options.maxSize ?? DEFAULT_MAX_GET_SIZE) },
+      response: { kind: 'bytes', maxSize: range ? range.length : (options.maxSize ?? DEFAULT_MAX_GET_SIZE), md5: !range },
       context,
       signal: options.signal,
     });
@@ -400,7 +453,8 @@ export class S3Storage implements Storage {
       const answer = await this.client.request({ method: 'HEAD', bucket: this.bucket, objectKey: this.objectKey(key), payloadHash: EMPTY_SHA256, response: { kind: 'discard' }, context, signal: options.signal });
       const size = Number(answer.headers['content-length']);
       if (!Number.isSafeInteger(size) || size < 0) throw new StorageError('protocol', `${context.location}: stat ${key}: the answer's Content-Length is ${JSON.stringify(answer.headers['content-length'])}`, { ...context });
-      return { key, size };
+      const lastModified = typeof answer.headers['last-modified'] === 'string' ? Date.parse(answer.headers['last-modified']) : NaN;
+      return { key, size, modified: Number.isFinite(lastModified) ? lastModified : undefined };
     } catch (error) {
       // A HEAD answer has no body, so a 404 does not say whether the object or the bucket is missing.
       if (error instanceof StorageError && error.reason === 'not-found' && error.storage.backendCode === undefined) await this.bucketExists(context, options.signal);
@@ -437,7 +491,7 @@ export class S3Storage implements Storage {
       const page = this.xml(() => parseListPage(answer.body.toString('utf8')), context);
       for (const object of page.objects) {
         if (!object.key.startsWith(this.root)) throw new StorageError('protocol', `${context.location}: list: the store listed ${object.key.slice(0, 200)}, outside the prefix asked`, { ...context });
-        yield { key: object.key.slice(this.root.length), size: object.size };
+        yield { key: object.key.slice(this.root.length), size: object.size, modified: object.modified };
       }
       if (!page.truncated) return;
       token = page.nextToken;
@@ -471,7 +525,7 @@ function checkEtag(answer: S3Answer, context: S3Context): void {
   if (!/^[0-9a-f]{32}$/.test(etag)) return;
   const sse = answer.headers['x-amz-server-side-encryption'];
   if ((typeof sse === 'string' && sse.startsWith('aws:kms')) || answer.headers['x-amz-server-side-encryption-customer-algorithm'] !== undefined) return;
-  const md5 = createHash('md5').update(answer.body).digest('hex');
+  const md5 = answer.md5 ?? createHash('md5').update(answer.body).digest('hex');
   if (md5 !== etag) {
     throw new StorageError('integrity', `${context.location}: get ${context.key}: the bytes read have MD5 ${md5}, the store's ETag says ${etag}`, { ...context, status: answer.status }, { transient: true });
   }

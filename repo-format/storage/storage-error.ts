@@ -1,13 +1,22 @@
 /**
- * Every failure of a storage backend is a StorageError: code ENGINE_STORAGE, and a `reason` from a closed
- * list that callers match on (SPEC.md 14.3). The reason says what happened in terms any backend shares
- * (an object that is not there, a denied request, a store that is down); the message says it in the
- * backend's own words (the S3 error code, the HTTP status, the errno) on one line.
+ * Every failure of a storage backend is a StorageError with a `reason` from a closed list that code above
+ * the storage matches on, and a stable error code (SPEC.md 14.3) that users and scripts match on. The reason
+ * says what happened in terms any backend shares (an object that is not there, a denied request, a store
+ * that is down); the message says it in the backend's own words (the S3 error code, the HTTP status, the
+ * errno) on one line.
+ *
+ * The codes follow what the user does about it: fix the credentials (ENGINE_STORAGE_AUTH), the
+ * permissions (ENGINE_STORAGE_DENIED), the bucket or endpoint (ENGINE_STORAGE_NO_BUCKET), the clock
+ * (ENGINE_CLOCK_SKEW, shared with the lease protocol's own skew check), the network or TLS trust
+ * (ENGINE_STORAGE_UNREACHABLE); wait for the store (ENGINE_STORAGE_UNAVAILABLE: what the retries could not
+ * ride out); an object missing (ENGINE_STORAGE_NOT_FOUND: the repository layer turns the ones it expects
+ * into its own codes, a missing pack into a damaged backup). The rest, which say the store or the data is
+ * not what it should be, share ENGINE_STORAGE with `details.reason`.
  *
  * `transient` says whether the same call may succeed if repeated: the retry decorator (retry.ts) repeats
  * exactly those, and nothing else. A 4xx that means the request itself is wrong is never transient.
  */
-import { EngineError } from '../errors.js';
+import { EngineError, type ErrorCode } from '../errors.js';
 
 export type StorageFailure =
   /** The object does not exist. */
@@ -53,6 +62,23 @@ export interface StorageErrorDetails {
   retryAfterMs?: number | undefined;
 }
 
+/** The error code each reason is reported with. */
+export const STORAGE_ERROR_CODES: Readonly<Record<StorageFailure, ErrorCode>> = {
+  'not-found': 'ENGINE_STORAGE_NOT_FOUND',
+  exists: 'ENGINE_STORAGE',
+  denied: 'ENGINE_STORAGE_DENIED',
+  auth: 'ENGINE_STORAGE_AUTH',
+  'clock-skew': 'ENGINE_CLOCK_SKEW',
+  'no-bucket': 'ENGINE_STORAGE_NO_BUCKET',
+  unavailable: 'ENGINE_STORAGE_UNAVAILABLE',
+  unreachable: 'ENGINE_STORAGE_UNREACHABLE',
+  integrity: 'ENGINE_STORAGE',
+  'out-of-range': 'ENGINE_STORAGE',
+  'too-large': 'ENGINE_STORAGE',
+  refused: 'ENGINE_STORAGE',
+  protocol: 'ENGINE_STORAGE',
+};
+
 /** Reasons that are transient whatever the backend says (the others are when the backend says so). */
 const ALWAYS_TRANSIENT: ReadonlySet<StorageFailure> = new Set(['unavailable']);
 
@@ -64,7 +90,7 @@ export class StorageError extends EngineError {
   constructor(reason: StorageFailure, message: string, details: StorageErrorDetails, options: { transient?: boolean; cause?: unknown } = {}) {
     const { retryAfterMs: _retryAfter, ...shown } = details;
     const defined = Object.fromEntries(Object.entries(shown).filter(([, value]) => value !== undefined));
-    super('ENGINE_STORAGE', message, { reason, ...defined }, options.cause === undefined ? undefined : { cause: options.cause });
+    super(STORAGE_ERROR_CODES[reason], message, { reason, ...defined }, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'StorageError';
     this.reason = reason;
     this.transient = options.transient ?? ALWAYS_TRANSIENT.has(reason);

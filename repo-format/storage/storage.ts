@@ -22,11 +22,17 @@
  *   offset + length (an object cut behind the engine's back is never read as a short success).
  * - `list(prefix)` yields every object whose key starts with `prefix`, each exactly once, in ascending order
  *   of the keys' UTF-8 bytes, page by page: memory does not grow with the number of objects. `startAfter`
- *   resumes after a key (exclusive). Keys of objects the engine did not write are yielded as they are.
+ *   resumes after a key (exclusive). Objects the engine did not write are yielded with their keys as
+ *   they are, even keys outside the rule (a bucket is shared with other programs: the engine must be able
+ *   to see that a prefix is not empty); the local folder is the exception, it yields only files whose
+ *   names are keys (never its temporary files), as a folder's other files are found by its own checks.
  * - `delete` of an absent object succeeds (it is the outcome the caller wants).
  * - Failures are StorageError (storage-error.ts) with a reason; `transient` ones may be retried.
  * - An aborted signal ends the call promptly with EngineError ENGINE_INTERRUPTED; what it was doing is
  *   either done whole or not at all, as for any failure.
+ * - `time`, where a backend has it, reads the store's own clock (S3: the Date header of an answer), for
+ *   protocols that must bound the skew between hosts (leases). A backend without it (the local folder,
+ *   memory) shares this host's clock: there is no skew to measure.
  */
 import { EngineError, InvalidArgumentError } from '../errors.js';
 
@@ -34,6 +40,14 @@ export interface ObjectInfo {
   /** Relative to the storage's root. */
   key: string;
   size: number;
+  /**
+   * When the object was last written, in milliseconds since the epoch by the store's own clock (S3:
+   * Last-Modified in a HEAD, LastModified in a listing, whole seconds; a folder: the file's mtime, set by the
+   * host or file server that stores it). The many-writers protocol reads the store's clock from it to check
+   * the local clock's skew (SPEC.md 19.6) and the age of objects gc may delete; backends set it in `stat`
+   * and `list` when they can, and it is undefined when they cannot.
+   */
+  modified?: number | undefined;
 }
 
 export interface ByteRange {
@@ -82,8 +96,23 @@ export interface StorageProperties {
   maxObjectSize: number;
 }
 
+/** The store's clock against this host's, read from one answer. */
+export interface StoreTime {
+  /** The store's time (ms since the epoch) when it answered; S3's Date header has a resolution of 1 s. */
+  storeMs: number;
+  /** This host's time (ms since the epoch) halfway through the request. */
+  localMs: number;
+  /**
+   * How far the true difference may be from `localMs - storeMs`: half the round trip plus the store's
+   * resolution. A skew check passes only when |localMs - storeMs| + uncertaintyMs is within its bound.
+   */
+  uncertaintyMs: number;
+}
+
 export interface Storage {
   readonly properties: StorageProperties;
+  /** The store's clock; absent when the store shares this host's clock (see the contract above). */
+  time?(options?: CallOptions): Promise<StoreTime>;
   put(key: string, source: PutSource, options?: PutOptions): Promise<void>;
   get(key: string, options?: GetOptions): Promise<Buffer>;
   stat(key: string, options?: CallOptions): Promise<ObjectInfo>;

@@ -104,7 +104,13 @@ export async function startImageio(options: { tls?: { key: string; cert: string 
     }
     ticket.ongoing += 1;
     try {
-      if (req.method === 'GET' && ticket.readDelayMs > 0 && !match[2]) await new Promise((resolve) => setTimeout(resolve, ticket.readDelayMs));
+      if (req.method === 'GET' && ticket.readDelayMs > 0 && !match[2]) {
+        // A slow disk; a ticket removed meanwhile (the transfer cancelled) ends the wait, as imageio's
+        // operations stop when their ticket is cancelled (auth.py Ticket.cancel).
+        const until = Date.now() + ticket.readDelayMs;
+        while (Date.now() < until && tickets.get(ticket.id) === ticket) await new Promise((resolve) => setTimeout(resolve, Math.min(50, until - Date.now())));
+        if (tickets.get(ticket.id) !== ticket) return text(res, 403, `No such ticket: ${ticket.id}`);
+      }
       const client = await nbdFor(ticket);
       if (req.method === 'PUT') {
         if (req.headers['content-length'] === undefined) return text(res, 400, 'Content-Length header is required');

@@ -234,6 +234,13 @@ export interface OvirtSim {
     failNextCheckpointRedefinition(): void;
     /** The next hybrid backup's snapshot cannot be removed at finalize (event 10813: a leftover). */
     failNextBackupSnapshotRemoval(): void;
+    /**
+     * A checkpoint's bitmap disappears from its disks' images while oVirt still lists the checkpoint and the
+     * running VM's libvirt still has it defined (below cluster level 4.6 oVirt does not redefine, so does not
+     * validate, a checkpoint libvirt already has): an incremental from it fails when the host starts the
+     * backup (phase failed), and deleting it on the running VM fails (event 10798). Real: the bitmap is removed.
+     */
+    loseCheckpointBitmap(vm: SimVm, checkpointId: string): Promise<void>;
     /** Each GET of the data of this disk's download waits `ms` first (a slow disk). */
     slowReads(diskId: string, ms: number): void;
     /** The engine restarts: tokens are gone, running backups fail (and stop being monitored). */
@@ -471,10 +478,13 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     await tool('qemu-nbd', [...format, '--socket', socket, '--persistent', '--shared', '8', '--fork', '--pid-file', pidFile, ...extra, image]);
     return { socket, pid: Number((await readFile(pidFile, 'utf8')).trim()) };
   };
-  const bitmapsOf = async (image: string): Promise<string[]> => {
-    const info = JSON.parse(await tool('qemu-img', ['info', '-U', '--output=json', image])) as { 'format-specific'?: { data?: { bitmaps?: { name: string }[] } } };
-    return (info['format-specific']?.data?.bitmaps ?? []).map((b) => b.name);
+  const bitmapsWithFlags = async (image: string): Promise<{ name: string; flags: string[] }[]> => {
+    const info = JSON.parse(await tool('qemu-img', ['info', '-U', '--output=json', image])) as { 'format-specific'?: { data?: { bitmaps?: { name: string; flags?: string[] }[] } } };
+    return (info['format-specific']?.data?.bitmaps ?? []).map((b) => ({ name: b.name, flags: b.flags ?? [] }));
   };
+  const bitmapsOf = async (image: string): Promise<string[]> => (await bitmapsWithFlags(image)).map((b) => b.name);
+  /** The bitmaps libvirt would use: present, persistent and not inconsistent (`in-use` in a closed image). */
+  const usableBitmapsOf = async (image: string): Promise<string[]> => (await bitmapsWithFlags(image)).filter((b) => !b.flags.includes('in-use')).map((b) => b.name);
 
   /** An engine restart: sessions are gone; backups it was running fail (event 10814), their transfers end. */
   const restart = async (): Promise<void> => {
@@ -563,6 +573,12 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       const disk = disks.get(id)!;
       if (disk.format !== 'cow') continue;
       if (!(await bitmapsOf(disk.image)).includes(`sim-${backup.checkpointId}`)) await tool('qemu-img', ['bitmap', '--add', '--enable', disk.image, `sim-${backup.checkpointId}`]);
+    }
+  };
+  const removeCheckpointBitmaps = async (backup: SimBackup): Promise<void> => {
+    for (const id of backup.disks) {
+      const disk = disks.get(id)!;
+      if (disk.format === 'cow') await tool('qemu-img', ['bitmap', '--remove', disk.image, `sim-${backup.checkpointId}`]).catch(() => undefined);
     }
   };
   const createCheckpoint = (vm: SimVm, backup: SimBackup): void => {
@@ -663,7 +679,16 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       return send(req, res, 201, backupXml(vm, backup));
     }
 
-    if (kind === 'live' && from && failNextRedefinition) {
+    // From cluster level 4.6 the from-checkpoint is redefined with REDEFINE_VALIDATE (RedefineVmCheckpointCommand
+    // .redefineFromCheckpoint; vdsm redefine_checkpoints): libvirt refuses a bitmap that is missing or
+    // inconsistent (qemuBlockBitmapChainIsValid). Below 4.6 a checkpoint libvirt already has is not redefined.
+    const validated = kind === 'live' && from !== undefined && versionAtLeast(cluster.version, 4, 6);
+    let invalid = false;
+    for (const d of validated ? (vm.checkpoints.find((c) => c.id === from)?.disks ?? []) : []) {
+      const disk = disks.get(d);
+      if (disk && !(await usableBitmapsOf(disk.image)).includes(`sim-${from}`)) invalid = true;
+    }
+    if (kind === 'live' && from && (failNextRedefinition || invalid)) {
       failNextRedefinition = false;
       // RedefineVmCheckpointCommand fails: the chain is removed, event 10791, the command fails in execute.
       for (const c of vm.checkpoints) for (const d of c.disks) await tool('qemu-img', ['bitmap', '--remove', disks.get(d)!.image, `sim-${c.id}`]).catch(() => undefined);
@@ -698,7 +723,18 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
           later(lockMs, async () => {
             if (backup.phase !== 'starting') return;
             await addCheckpointBitmaps(backup);
-            await startBackupExports(backup, new Map());
+            try {
+              await startBackupExports(backup, new Map());
+            } catch {
+              // runLiveVmBackup fails: VDSM start_backup → libvirt backupBegin refuses an incremental whose
+              // from-checkpoint bitmap is missing or inconsistent in a disk (VIR_ERR_CHECKPOINT_INCONSISTENT,
+              // vdsm InconsistentCheckpointError); here qemu-nbd refuses the export for the same reason. The
+              // backup goes FINALIZING_FAILURE → failed (event 10792), its new checkpoint row removed, and the
+              // new bitmap never existed on the host.
+              await removeCheckpointBitmaps(backup);
+              await failBackup(vm, backup);
+              return;
+            }
             backup.to = backup.checkpointId; // runLiveVmBackup → updateVmBackupCheckpoint
             backup.phase = 'ready';
           });
@@ -1219,11 +1255,36 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       if (!checkpoint) return notFound(req, res);
       if (method === 'GET') return send(req, res, 200, checkpointXml(vm, checkpoint));
       if (method === 'DELETE') {
-        // DeleteVmCheckpointCommand: refused during a backup; removes the bitmaps, then re-parents the child.
+        // DeleteVmCheckpointCommand: refused during a backup; removes the bitmaps, then re-parents the child;
+        // live (VM up) and cold (VM down) take different paths.
         if ([...backups.values()].some((b) => b.vmId === vm.id && b.phase !== 'succeeded' && b.phase !== 'failed')) {
           return send(req, res, 409, faultXml('Operation Failed', '[Cannot remove VM checkpoint. The VM is during a backup operation.]'));
         }
-        if (vm.status !== 'up') checkpoint.state = 'invalid'; // a cold delete invalidates first
+        if (vm.status === 'up') {
+          // liveDeleteVmCheckpoint, within the request: VDSM delete_checkpoints → libvirt deletes the
+          // checkpoint, whichever of the chain it is (not only the oldest), removing its own bitmap from each
+          // disk (qemuCheckpointDiscardBitmaps), and oVirt re-parents its child. A bitmap missing from a disk
+          // fails it ("bitmap … not found in backing chain"): event 10798, the checkpoint stays, and the
+          // command fails without a message (500, as BaseBackendResource.handleError answers that).
+          const lost: string[] = [];
+          for (const d of checkpoint.disks) {
+            const disk = disks.get(d);
+            if (disk && !(await bitmapsOf(disk.image)).includes(`sim-${checkpoint.id}`)) lost.push(disk.alias);
+          }
+          if (lost.length > 0) {
+            event(10798, `Failed to delete checkpoint ${checkpoint.id} for VM ${vm.name}: bitmap not found in ${lost.join(', ')}`);
+            return send(req, res, 500, faultXml('Operation Failed', ''));
+          }
+          for (const d of checkpoint.disks) {
+            const disk = disks.get(d);
+            if (disk) await tool('qemu-img', ['bitmap', '--remove', disk.image, `sim-${checkpoint.id}`]);
+          }
+          for (const child of vm.checkpoints) if (child.parentId === checkpoint.id) child.parentId = checkpoint.parentId;
+          vm.checkpoints = vm.checkpoints.filter((c) => c !== checkpoint);
+          event(10797, `Checkpoint ${checkpoint.id} for VM ${vm.name} deleted`);
+          return send(req, res, 200, '<action><status>complete</status></action>');
+        }
+        checkpoint.state = 'invalid'; // a cold delete invalidates first
         later(lockMs, async () => {
           for (const d of checkpoint.disks) {
             const disk = disks.get(d);
@@ -1358,6 +1419,11 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       },
       failNextBackupSnapshotRemoval: () => {
         failNextBackupSnapshotRemoval = true;
+      },
+      loseCheckpointBitmap: async (vm, checkpointId) => {
+        const checkpoint = vm.checkpoints.find((c) => c.id === checkpointId);
+        if (!checkpoint) throw new Error(`VM ${vm.name} has no checkpoint ${checkpointId}`);
+        for (const d of checkpoint.disks) await tool('qemu-img', ['bitmap', '--remove', disks.get(d)!.image, `sim-${checkpointId}`]);
       },
       slowReads: (diskId, ms) => {
         slowDisks.set(diskId, ms);

@@ -1,0 +1,139 @@
+/**
+ * gc's commit in format version 3 (SPEC.md 19.8), as a typed plan decided before any change, and the one
+ * function that carries out a step. The engine wiring (mark and copy under a shared lease, this commit
+ * under the exclusive one) comes with the engine's v3 repository.
+ *
+ * Order, and why each step may be cut short by a crash:
+ * 1. *entry segments*: the consolidated index, one entry per live blob (at its copy when gc moved it,
+ *    else where the effective segments put it), superseding nothing. Until step 2 they only duplicate what
+ *    the effective segments already say, at places that exist (copies are durable before the plan).
+ * 2. *switch segments*: supersede the old segments (at most SEGMENT_MAX_SUPERSEDED each). When a switch is
+ *    durable, the old segments it names count for nothing (segment-set.ts): the change of index is that
+ *    one put. Each switch is independent, since step 1 already holds every live entry.
+ * 3. old segments deleted: they count for nothing already.
+ * 4. packs deleted: only those no entry of the new index names — dead packs, rewritten ones, packs holding
+ *    only duplicates, and packs no segment ever named (a crashed writer's) once they are older, by the
+ *    store's clock, than `minUnnamedAgeMs` (T + 2B: a writer that paused past its lease and woke up cannot
+ *    name them later, since it stops first).
+ * The executor checks the exclusive lease before every step (HeldLease.assertHeld).
+ *
+ * Refusal (invariant 8, as in v1/v2): a live blob that no segment names and gc did not copy stops the plan
+ * before any step.
+ */
+import type { Storage } from '../storage/storage.js';
+import { compareKeys } from '../storage/storage.js';
+import { encodeSegment, segmentKey, SEGMENT_MAX_ENTRIES, SEGMENT_MAX_SUPERSEDED, type Segment, type SegmentEntry, type SegmentName } from './segment.js';
+import { resolveIndex } from './segment-set.js';
+
+export type PackDeletion = 'no-live-blob' | 'unnamed';
+
+export type GcStep =
+  | { kind: 'write-entries'; segment: Segment }
+  | { kind: 'write-switch'; segment: Segment }
+  | { kind: 'delete-segment'; key: string }
+  | { kind: 'delete-pack'; packId: string; why: PackDeletion };
+
+export interface GcCommitInput {
+  /** Every segment present in the store, superseded ones included, decoded. */
+  segments: readonly Segment[];
+  /** Live blobs (hex ids), marked from every record present under the exclusive lease. */
+  live: ReadonlySet<string>;
+  /** Blobs gc copied (hex id → the copy's location in a new, durable pack). */
+  moved: ReadonlyMap<string, SegmentEntry>;
+  /** Every pack in the store, with its modification time by the store's clock when known. */
+  packs: readonly { packId: string; modified?: number | undefined }[];
+  /** gc's writer id (32 hex) for its segments, and the first sequence number to use. */
+  writer: string;
+  firstSeq: number;
+  /** The store's clock now, and the age under which a pack no segment names is left alone. */
+  storeNow: number;
+  minUnnamedAgeMs: number;
+  /** Entries and superseded names per segment: the format's limits unless smaller (tests of the split). */
+  limits?: { entries: number; superseded: number } | undefined;
+}
+
+export type GcCommitPlan =
+  | { refused: false; steps: GcStep[]; kept: { packId: string; why: 'too-young' | 'age-unknown' }[] }
+  | { refused: true; unnamedLive: string[] };
+
+function chunks<T>(items: readonly T[], size: number): T[][] {
+  const out: T[][] = [];
+  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
+  return out;
+}
+
+export function planGcCommit(input: GcCommitInput): GcCommitPlan {
+  const resolved = resolveIndex(input.segments);
+  const unnamedLive: string[] = [];
+  const entries: SegmentEntry[] = [];
+  for (const id of input.live) {
+    const entry = input.moved.get(id) ?? resolved.get(id)?.entry;
+    if (!entry) unnamedLive.push(id);
+    else entries.push({ ...entry, id: Buffer.from(id, 'hex') });
+  }
+  if (unnamedLive.length > 0) return { refused: true, unnamedLive: unnamedLive.sort() };
+  entries.sort((a, b) => Buffer.compare(a.id, b.id));
+
+  let seq = input.firstSeq;
+  const next = (): SegmentName => ({ writer: input.writer, seq: seq++ });
+  const old = input.segments.map((segment) => segment.name).sort((a, b) => compareKeys(segmentKey(a), segmentKey(b)));
+  const steps: GcStep[] = [];
+  const entryParts = chunks(entries, Math.min(input.limits?.entries ?? SEGMENT_MAX_ENTRIES, SEGMENT_MAX_ENTRIES));
+  const switchParts = chunks(old, Math.min(input.limits?.superseded ?? SEGMENT_MAX_SUPERSEDED, SEGMENT_MAX_SUPERSEDED));
+  if (entryParts.length <= 1 && switchParts.length <= 1) {
+    // The usual case: one segment both holds the new index and supersedes the old ones.
+    steps.push({ kind: 'write-switch', segment: { name: next(), supersedes: switchParts[0] ?? [], entries: entryParts[0] ?? [] } });
+  } else {
+    for (const part of entryParts) steps.push({ kind: 'write-entries', segment: { name: next(), supersedes: [], entries: part } });
+    for (const part of switchParts) steps.push({ kind: 'write-switch', segment: { name: next(), supersedes: part, entries: [] } });
+  }
+  for (const name of old) steps.push({ kind: 'delete-segment', key: segmentKey(name) });
+
+  const namedNow = new Set(entries.map((entry) => entry.packId));
+  const namedBefore = new Set<string>();
+  for (const segment of input.segments) for (const entry of segment.entries) namedBefore.add(entry.packId);
+  const kept: { packId: string; why: 'too-young' | 'age-unknown' }[] = [];
+  for (const pack of [...input.packs].sort((a, b) => compareKeys(a.packId, b.packId))) {
+    if (namedNow.has(pack.packId)) continue;
+    if (namedBefore.has(pack.packId)) {
+      steps.push({ kind: 'delete-pack', packId: pack.packId, why: 'no-live-blob' });
+      continue;
+    }
+    if (pack.modified === undefined) kept.push({ packId: pack.packId, why: 'age-unknown' });
+    else if (input.storeNow - pack.modified < input.minUnnamedAgeMs) kept.push({ packId: pack.packId, why: 'too-young' });
+    else steps.push({ kind: 'delete-pack', packId: pack.packId, why: 'unnamed' });
+  }
+  return { refused: false, steps, kept };
+}
+
+/** Where a pack lives in the store (SPEC.md 19.2): packs/<first two hex digits>/<id>. */
+export function packKey(packId: string): string {
+  return `packs/${packId.slice(0, 2)}/${packId}`;
+}
+
+export interface StepContext {
+  storage: Storage;
+  /** Encrypted repositories seal segments. */
+  dataKey?: Uint8Array | undefined;
+  /** Throws unless the exclusive lease is still held (HeldLease.assertHeld). */
+  assertHeld: () => void;
+  signal?: AbortSignal | undefined;
+}
+
+/** Carries out one step, after checking the lease. Segments are created only if absent. */
+export async function applyGcStep(step: GcStep, context: StepContext): Promise<void> {
+  context.assertHeld();
+  const { storage, signal } = context;
+  switch (step.kind) {
+    case 'write-entries':
+    case 'write-switch':
+      await storage.put(segmentKey(step.segment.name), encodeSegment(step.segment, { dataKey: context.dataKey }), { ifAbsent: true, signal });
+      return;
+    case 'delete-segment':
+      await storage.delete(step.key, { signal });
+      return;
+    case 'delete-pack':
+      await storage.delete(packKey(step.packId), { signal });
+      return;
+  }
+}

@@ -1,0 +1,367 @@
+/**
+ * The per-host index cache (SPEC.md 19.4): a LevelDB copy of the store's segments, so that deduplication asks
+ * a local database and not the store. It is only a cache: the segments are the truth, and whatever happens to
+ * the cache (lost, damaged, behind) is mended from them.
+ *
+ * - Where: `<cache root>/<repository id>/slot-<n>/`. LevelDB admits one process per database, and several
+ *   processes of one host back up into one repository at once, so each takes a *slot*: the first one whose
+ *   database it can open. LevelDB's own LOCK file (an fcntl lock, released by the kernel when the process
+ *   ends, however it ends) is the slot's lock: no pid files, nothing stale after a kill -9.
+ * - Catch-up: the cache records every segment it ingested; when opened it lists `index/`, fetches the
+ *   segments it has not seen and ingests them, each in one batch with its record. LevelDB applies a batch
+ *   whole or not at all and replays its log in order, so a crash or power loss forgets whole segments from
+ *   the end, never part of one: the batches need no fsync (what is forgotten is fetched again).
+ * - Rebuild: when a segment it ingested is gone, or a new segment supersedes one it ingested (gc
+ *   consolidated), its entries may name packs that gc deletes: it starts again from the effective segments.
+ *   A database that LevelDB cannot open as healthy (damaged files), or of another format or repository, is
+ *   removed and rebuilt. A rebuild marks the database first (`rebuilding`, synchronously) and clears the mark
+ *   only when it has ingested everything: a rebuild cut short is started again at the next open, never
+ *   taken for a cache that is merely behind.
+ *
+ * Keys: 0x00 name → metadata; 0x01 blob id → location (30 bytes, index-entry.ts) || u32 segment ordinal;
+ * 0x03 segment key → u32 ordinal || u8 state (1 ingested, 2 superseded when met, so never fetched again).
+ * Ordinals map to segment keys in memory: the resolution rule (first segment by key wins) compares keys.
+ */
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ClassicLevel } from 'classic-level';
+import { CorruptMetadataError, classifyWriteError, EngineError, NoSpaceError } from '../errors.js';
+import { ensurePrivateDirectory, makeTreePrivate } from '../file-modes.js';
+import { decodeLocation, encodeLocation, type BlobLocation } from '../index-entry.js';
+import { INDEX_ENTRY_SIZE } from '../constants.js';
+import type { Storage } from '../storage/storage.js';
+import {
+  decodeSegment,
+  decodeSegmentHeader,
+  decodeSupersededNames,
+  parseSegmentKey,
+  segmentKey,
+  SEGMENT_HEADER_SIZE,
+  SEGMENT_MAX_OBJECT_SIZE,
+  SEGMENT_NAME_SIZE,
+  SEGMENT_PREFIX,
+  type Segment,
+  type SegmentName,
+} from './segment.js';
+import { isStorageError } from '../storage/storage-error.js';
+import { segmentWins } from './segment-set.js';
+
+type Db = ClassicLevel<Buffer, Buffer>;
+
+const META = 0x00;
+const BLOB = 0x01;
+const SEGMENT = 0x03;
+const FORMAT = 'v3-index-cache 1';
+const INGESTED = 1;
+const SUPERSEDED = 2;
+/** Slots per repository and host: more processes than this at once wait for one (SPEC.md 19.4). */
+export const MAX_SLOTS = 64;
+/** Entries per LevelDB batch while ingesting one segment (one batch per segment when it is smaller). */
+const BATCH = 65536;
+
+function metaKey(name: string): Buffer {
+  return Buffer.concat([Buffer.from([META]), Buffer.from(name, 'utf8')]);
+}
+
+function blobKey(id: Uint8Array): Buffer {
+  return Buffer.concat([Buffer.from([BLOB]), id]);
+}
+
+function segmentRecordKey(key: string): Buffer {
+  return Buffer.concat([Buffer.from([SEGMENT]), Buffer.from(key, 'utf8')]);
+}
+
+function isLocked(error: unknown): boolean {
+  const cause = (error as { cause?: { code?: string } }).cause;
+  return cause?.code === 'LEVEL_LOCKED';
+}
+
+export interface IndexCacheOptions {
+  /** The host's cache directory (default: $ENGINE_CACHE_DIR, ~/.cache/engine, /var/cache/engine as root). */
+  cacheRoot: string;
+  /** The repository's id (its config): caches of different repositories never mix. */
+  repositoryId: string;
+  storage: Storage;
+  /** Encrypted repositories: segments are sealed. */
+  dataKey?: Uint8Array | undefined;
+  signal?: AbortSignal | undefined;
+  /** Told why the cache was rebuilt (for a notice and for tests). */
+  onRebuild?: ((why: string) => void) | undefined;
+}
+
+export interface CatchUpResult {
+  /** Segments fetched and ingested by this catch-up. */
+  ingested: number;
+  /** Entries they held. */
+  entries: number;
+  /** Why the cache started again from the store's segments, if it did. */
+  rebuilt: string | undefined;
+  /** Segments that could not be read (not ingested: their blobs count as absent until they can be). */
+  damaged: { key: string; why: string }[];
+}
+
+export class IndexCache {
+  /** Ordinal → segment key, for every segment ingested. */
+  private readonly ordinals: string[] = [];
+  private readonly known = new Map<string, { ordinal: number; state: number }>();
+
+  private constructor(
+    private db: Db,
+    readonly path: string,
+    readonly slot: number,
+    private readonly options: IndexCacheOptions,
+  ) {}
+
+  /** Opens a free slot of this host's cache of the repository and catches it up with the store. */
+  static async open(options: IndexCacheOptions): Promise<{ cache: IndexCache; catchUp: CatchUpResult }> {
+    const dir = join(options.cacheRoot, options.repositoryId);
+    await ensurePrivateDirectory(dir);
+    for (let slot = 0; slot < MAX_SLOTS; slot++) {
+      const path = join(dir, `slot-${slot}`);
+      const opened = await openSlot(path, options);
+      if (opened === 'locked') continue;
+      const cache = new IndexCache(opened.db, path, slot, options);
+      try {
+        if (opened.reset) await cache.reset(opened.reset);
+        await cache.loadSegments();
+        const catchUp = await cache.catchUp(opened.reset);
+        return { cache, catchUp };
+      } catch (error) {
+        await cache.close().catch(() => undefined);
+        throw error;
+      }
+    }
+    throw new EngineError('ENGINE_REPOSITORY_LOCKED', `all ${MAX_SLOTS} slots of the index cache in ${dir} are in use by other processes of this host; run fewer at once`, { path: dir, slots: MAX_SLOTS });
+  }
+
+  private async loadSegments(): Promise<void> {
+    this.ordinals.length = 0;
+    this.known.clear();
+    for await (const [key, value] of this.db.iterator({ gte: Buffer.from([SEGMENT]), lt: Buffer.from([SEGMENT + 1]) })) {
+      if (value.length !== 5) throw new CorruptMetadataError('the index cache', 'a segment record has a bad length');
+      const name = key.subarray(1).toString('utf8');
+      const ordinal = value.readUInt32LE(0);
+      this.known.set(name, { ordinal, state: value[4]! });
+      this.ordinals[ordinal] = name;
+    }
+  }
+
+  /**
+   * Brings the cache up to the store's segments (SPEC.md 19.4): incremental, or a rebuild when it must.
+   * Memory holds one segment at a time and the superseded names of the new ones: a first pass reads what
+   * each new segment supersedes (its header and names only, in a plain repository), the second ingests.
+   */
+  async catchUp(alreadyRebuilt?: string): Promise<CatchUpResult> {
+    const { storage, signal } = this.options;
+    const present: string[] = [];
+    for await (const info of storage.list(SEGMENT_PREFIX, { signal })) {
+      if (parseSegmentKey(info.key)) present.push(info.key);
+    }
+    const presentSet = new Set(present);
+    let rebuilt: string | undefined = alreadyRebuilt;
+    const gone = [...this.known.entries()].find(([key, { state }]) => state === INGESTED && !presentSet.has(key));
+    if (gone) rebuilt = await this.reset(`segment ${gone[0]} it ingested is gone from the store`);
+    const damaged: { key: string; why: string }[] = [];
+    const met = new Set<string>();
+    const supersededNow = new Set<string>();
+    const meet = async (key: string): Promise<void> => {
+      const supersedes = await this.supersedesOf(key);
+      if (typeof supersedes === 'string') {
+        damaged.push({ key, why: supersedes });
+        return;
+      }
+      met.add(key);
+      for (const old of supersedes) if (presentSet.has(segmentKey(old))) supersededNow.add(segmentKey(old));
+    };
+    for (const key of present) if (!this.known.has(key)) await meet(key);
+    const hit = [...supersededNow].find((key) => this.known.get(key)?.state === INGESTED);
+    if (hit) {
+      rebuilt = await this.reset(`segment ${hit} it ingested was superseded`);
+      for (const key of present) if (!met.has(key) && !damaged.some((d) => d.key === key)) await meet(key);
+    }
+    let ingested = 0;
+    let entries = 0;
+    for (const key of present) {
+      if (this.known.has(key) || !met.has(key)) continue;
+      if (supersededNow.has(key)) {
+        await this.record(key, SUPERSEDED, []);
+        continue;
+      }
+      const segment = await this.fetch(key);
+      if (typeof segment === 'string') {
+        damaged.push({ key, why: segment });
+        continue;
+      }
+      await this.ingest(segment);
+      ingested++;
+      entries += segment.entries.length;
+    }
+    if (rebuilt) {
+      await this.db.del(metaKey('rebuilding'), { sync: true });
+      this.options.onRebuild?.(rebuilt);
+    }
+    // A damaged segment is not recorded: it is tried again at the next catch-up (and verify reports it).
+    return { ingested, entries, rebuilt, damaged };
+  }
+
+  /** The segment under `key`, or why it is damaged. */
+  private async fetch(key: string): Promise<Segment | string> {
+    let bytes: Buffer;
+    try {
+      bytes = await this.options.storage.get(key, { maxSize: SEGMENT_MAX_OBJECT_SIZE, signal: this.options.signal });
+    } catch (error) {
+      if (isStorageError(error, 'too-large')) return 'larger than any segment';
+      throw error;
+    }
+    return decodeSegment(bytes, key, { dataKey: this.options.dataKey });
+  }
+
+  /** What the segment under `key` supersedes: from its header and names alone when plain, else whole. */
+  private async supersedesOf(key: string): Promise<SegmentName[] | string> {
+    if (this.options.dataKey) {
+      const segment = await this.fetch(key);
+      return typeof segment === 'string' ? segment : segment.supersedes;
+    }
+    const { storage, signal } = this.options;
+    try {
+      const header = decodeSegmentHeader(await storage.get(key, { range: { offset: 0, length: SEGMENT_HEADER_SIZE }, signal }));
+      if (typeof header === 'string') return header;
+      if (header.superseded === 0) return [];
+      const names = await storage.get(key, { range: { offset: SEGMENT_HEADER_SIZE, length: header.superseded * SEGMENT_NAME_SIZE }, signal });
+      return decodeSupersededNames(names, 0, header.superseded, header.name);
+    } catch (error) {
+      if (isStorageError(error, 'out-of-range')) return 'shorter than its header says';
+      throw error;
+    }
+  }
+
+  /** Empties the cache (a rebuild follows); returns why, for the result. */
+  private async reset(why: string): Promise<string> {
+    await this.db.put(metaKey('rebuilding'), Buffer.from(why), { sync: true });
+    await this.db.clear({ gt: metaKey('rebuilding') });
+    await this.db.put(metaKey('format'), Buffer.from(FORMAT), { sync: true });
+    await this.db.put(metaKey('repository'), Buffer.from(this.options.repositoryId), { sync: true });
+    this.ordinals.length = 0;
+    this.known.clear();
+    return why;
+  }
+
+  private async record(key: string, state: number, operations: { type: 'put'; key: Buffer; value: Buffer }[]): Promise<number> {
+    const ordinal = this.ordinals.length;
+    const value = Buffer.alloc(5);
+    value.writeUInt32LE(ordinal, 0);
+    value[4] = state;
+    operations.push({ type: 'put', key: segmentRecordKey(key), value });
+    try {
+      await this.db.batch(operations, { sync: false });
+    } catch (error) {
+      throw classifyWriteError(error, this.path);
+    }
+    this.ordinals[ordinal] = key;
+    this.known.set(key, { ordinal, state });
+    return ordinal;
+  }
+
+  /**
+   * Ingests one segment: each entry is kept unless the cache already holds the blob from a segment that
+   * wins over this one. A writer ingests its own segments this way, once they are durable in the store.
+   */
+  async ingest(segment: Segment): Promise<void> {
+    const key = segmentKey(segment.name);
+    if (this.known.has(key)) return;
+    const ordinal = this.ordinals.length;
+    const operations: { type: 'put'; key: Buffer; value: Buffer }[] = [];
+    for (let start = 0; start < segment.entries.length; start += BATCH) {
+      const slice = segment.entries.slice(start, start + BATCH);
+      const current = await this.db.getMany(slice.map((entry) => blobKey(entry.id)));
+      for (let i = 0; i < slice.length; i++) {
+        const existing = current[i];
+        if (existing !== undefined && existing.length === INDEX_ENTRY_SIZE + 4) {
+          const holder = this.ordinals[existing.readUInt32LE(INDEX_ENTRY_SIZE)];
+          if (holder !== undefined && !segmentWins(key, holder)) continue;
+        }
+        const value = Buffer.alloc(INDEX_ENTRY_SIZE + 4);
+        encodeLocation(slice[i]!).copy(value, 0);
+        value.writeUInt32LE(ordinal, INDEX_ENTRY_SIZE);
+        operations.push({ type: 'put', key: blobKey(slice[i]!.id), value });
+      }
+      if (start + BATCH < segment.entries.length && operations.length >= BATCH) {
+        // A large segment goes in several batches; its record comes with the last, so a crash in between
+        // leaves it un-ingested (its entries, being right, are harmless and will be written again).
+        try {
+          await this.db.batch(operations.splice(0), { sync: false });
+        } catch (error) {
+          throw classifyWriteError(error, this.path);
+        }
+      }
+    }
+    await this.record(key, INGESTED, operations);
+  }
+
+  /** Where each blob is, by the store's segments as of the last catch-up; undefined for unknown ids. */
+  async lookup(ids: readonly Buffer[]): Promise<(BlobLocation | undefined)[]> {
+    if (ids.length === 0) return [];
+    const values = await this.db.getMany(ids.map(blobKey));
+    return values.map((value, i) => {
+      if (value === undefined) return undefined;
+      const location = value.length === INDEX_ENTRY_SIZE + 4 ? decodeLocation(value.subarray(0, INDEX_ENTRY_SIZE)) : undefined;
+      if (!location) throw new CorruptMetadataError('the index cache', `the entry of blob ${ids[i]!.toString('hex')} has a bad length; it is rebuilt at the next open`);
+      return location;
+    });
+  }
+
+  /** The segment a blob's entry came from (tests, verify). */
+  async segmentOf(id: Buffer): Promise<string | undefined> {
+    const value = await this.db.get(blobKey(id));
+    return value === undefined ? undefined : this.ordinals[value.readUInt32LE(INDEX_ENTRY_SIZE)];
+  }
+
+  /** Segments ingested, and blobs held. */
+  async counts(): Promise<{ segments: number; blobs: number }> {
+    let blobs = 0;
+    for await (const _ of this.db.keys({ gte: Buffer.from([BLOB]), lt: Buffer.from([BLOB + 1]) })) blobs++;
+    return { segments: [...this.known.values()].filter((s) => s.state === INGESTED).length, blobs };
+  }
+
+  async close(): Promise<void> {
+    await this.db.close();
+    await makeTreePrivate(this.path).catch(() => undefined);
+  }
+}
+
+/**
+ * Opens the slot's database, or says it is taken. A database that cannot be opened healthy, or that is
+ * another format's or another repository's, is removed and created anew (`reset` says why).
+ */
+async function openSlot(path: string, options: IndexCacheOptions): Promise<{ db: Db; reset: string | undefined } | 'locked'> {
+  let reset: string | undefined;
+  for (let attempt = 0; attempt < 2; attempt++) {
+    const db: Db = new ClassicLevel<Buffer, Buffer>(path, { keyEncoding: 'buffer', valueEncoding: 'buffer', createIfMissing: true });
+    try {
+      await db.open();
+    } catch (error) {
+      if (isLocked(error)) return 'locked';
+      const full = classifyWriteError(error, path);
+      if (full instanceof NoSpaceError) throw full;
+      if (attempt > 0) throw error;
+      reset = `the cache could not be opened (${String((error as { cause?: unknown }).cause ?? error)})`;
+      await rm(path, { recursive: true, force: true });
+      continue;
+    }
+    await makeTreePrivate(path).catch(() => undefined);
+    const format = await db.get(metaKey('format'));
+    const repository = await db.get(metaKey('repository'));
+    const interrupted = await db.get(metaKey('rebuilding'));
+    if (format?.toString() === FORMAT && repository?.toString() === options.repositoryId) {
+      // Catch-up rebuilds: the interrupted rebuild's mark stays until that rebuild completes.
+      return { db, reset: reset ?? (interrupted === undefined ? undefined : `an earlier rebuild was cut short (${interrupted.toString()})`) };
+    }
+    const empty = format === undefined && repository === undefined;
+    if (!empty) reset ??= `the cache held ${format?.toString() ?? 'no format'} of repository ${repository?.toString() ?? 'unknown'}`;
+    await db.clear();
+    await db.put(metaKey('format'), Buffer.from(FORMAT), { sync: true });
+    await db.put(metaKey('repository'), Buffer.from(options.repositoryId), { sync: true });
+    return { db, reset };
+  }
+  throw new Error('unreachable');
+}

@@ -1,0 +1,73 @@
+/**
+ * S3 storages on the tests' own RGW (test/rgw.ts): buckets made with our signed client, storages opened the
+ * way the engine opens them but with the cluster's user passed in (nothing read from the test machine's
+ * environment or ~/.aws), and raw requests for what the engine never does (objects with foreign names, an
+ * object cut behind the engine's back).
+ */
+import { createHash } from 'node:crypto';
+import { S3Client } from '../dist/repo-format/storage/s3-client.js';
+import { openS3Stack, openS3Storage, type S3Storage, type S3StorageOptions } from '../dist/repo-format/storage/s3.js';
+import type { RetryPolicy } from '../dist/repo-format/storage/retry.js';
+import type { Storage } from '../dist/repo-format/storage/storage.js';
+import { EMPTY_SHA256 } from '../dist/repo-format/storage/sigv4.js';
+import type { RgwCluster, RgwUser } from './rgw.js';
+
+export function rawClient(cluster: RgwCluster, user: RgwUser = cluster.user, endpoint = cluster.endpoint): S3Client {
+  return new S3Client({
+    endpoint: new URL(endpoint),
+    pathStyle: true,
+    region: cluster.region,
+    credentials: { accessKeyId: user.accessKeyId, secretAccessKey: user.secretAccessKey },
+    connections: 4,
+    idleTimeoutMs: 30_000,
+    location: `raw:${endpoint}`,
+  });
+}
+
+export async function createBucket(cluster: RgwCluster, bucket: string, user: RgwUser = cluster.user): Promise<void> {
+  const client = rawClient(cluster, user);
+  try {
+    await client.request({ method: 'PUT', bucket, payloadHash: EMPTY_SHA256, response: { kind: 'discard' }, context: { location: bucket, operation: 'create bucket' } });
+  } finally {
+    client.close();
+  }
+}
+
+/** PUT of any key (the engine's key rule unchecked), under the bucket. */
+export async function rawPut(cluster: RgwCluster, bucket: string, objectKey: string, bytes: Uint8Array): Promise<void> {
+  const client = rawClient(cluster);
+  try {
+    await client.request({
+      method: 'PUT',
+      bucket,
+      objectKey,
+      body: { bytes },
+      payloadHash: createHash('sha256').update(bytes).digest('hex'),
+      response: { kind: 'discard' },
+      context: { location: bucket, operation: 'raw put', key: objectKey },
+    });
+  } finally {
+    client.close();
+  }
+}
+
+function rgwOptions(cluster: RgwCluster, url: string, options: Partial<S3StorageOptions>): S3StorageOptions {
+  return {
+    url,
+    endpoint: cluster.endpoint,
+    region: cluster.region,
+    credentials: { accessKeyId: cluster.user.accessKeyId, secretAccessKey: cluster.user.secretAccessKey },
+    env: {},
+    ...options,
+  };
+}
+
+/** The S3 backend alone: every call one attempt. */
+export function openRgwBackend(cluster: RgwCluster, url: string, options: Partial<S3StorageOptions> = {}): Promise<S3Storage> {
+  return openS3Storage(rgwOptions(cluster, url, options));
+}
+
+/** The S3 backend as the engine stacks it (retries, concurrency limit); `retry` as given. */
+export async function openRgwStorage(cluster: RgwCluster, url: string, options: Partial<S3StorageOptions> & { retry?: RetryPolicy } = {}): Promise<Storage> {
+  return (await openS3Stack(rgwOptions(cluster, url, options))).storage;
+}

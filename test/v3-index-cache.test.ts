@@ -1,0 +1,232 @@
+/**
+ * The per-host index cache (SPEC.md 19.4) on real LevelDB: slots for concurrent processes (LevelDB's own lock,
+ * in this process and from another one), incremental catch-up by segment names, the resolution rule whatever
+ * the order segments arrive in, rebuilds when an ingested segment is gone or superseded, and when the cache
+ * is damaged, of another repository, or lost.
+ */
+import { afterEach, describe, expect, test } from 'vitest';
+import { spawn } from 'node:child_process';
+import { mkdtemp, rm, writeFile, readdir } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { initChecksum } from '../dist/repo-format/checksum.js';
+import { MemoryStorage } from '../dist/repo-format/storage/memory.js';
+import { encodeSegment, segmentKey, type Segment, type SegmentEntry, type SegmentName } from '../dist/repo-format/v3/segment.js';
+import { IndexCache, MAX_SLOTS } from '../dist/repo-format/v3/index-cache.js';
+
+await initChecksum();
+const REPO = '0123456789abcdef0123456789abcdef';
+const dirs: string[] = [];
+afterEach(async () => {
+  for (const dir of dirs.splice(0)) await rm(dir, { recursive: true, force: true });
+});
+
+async function cacheRoot(): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), 'v3-cache-'));
+  dirs.push(dir);
+  return dir;
+}
+
+function name(writer: string, seq = 0): SegmentName {
+  return { writer: writer.repeat(32 / writer.length), seq };
+}
+
+function entry(idByte: number, pack: string, offset = 32): SegmentEntry {
+  return { id: Buffer.alloc(32, idByte), packId: pack.repeat(32 / pack.length), offset, length: 100, rawLength: 44, kind: 1, flags: 0 };
+}
+
+async function store(storage: MemoryStorage, segment: Segment, dataKey?: Buffer): Promise<void> {
+  await storage.put(segmentKey(segment.name), encodeSegment(segment, { dataKey }), { ifAbsent: true });
+}
+
+describe('slots', () => {
+  test('two caches open at once in one process take two slots; a closed slot is reused', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    const first = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    const second = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect([first.cache.slot, second.cache.slot]).toEqual([0, 1]);
+    await first.cache.close();
+    const third = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(third.cache.slot).toBe(0);
+    await second.cache.close();
+    await third.cache.close();
+    expect((await readdir(join(root, REPO))).sort()).toEqual(['slot-0', 'slot-1']);
+  });
+
+  test('with every slot in use, the next process is refused with ENGINE_REPOSITORY_LOCKED naming the cache', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    const open = [];
+    for (let i = 0; i < MAX_SLOTS; i++) open.push((await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage })).cache);
+    await expect(IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage })).rejects.toMatchObject({ code: 'ENGINE_REPOSITORY_LOCKED', message: expect.stringContaining(join(root, REPO)) });
+    for (const cache of open) await cache.close();
+  });
+
+  test('a slot held by another process is skipped, and free again once that process is killed', async () => {
+    const root = await cacheRoot();
+    const module = resolve('dist/repo-format/v3/index-cache.js');
+    const memory = resolve('dist/repo-format/storage/memory.js');
+    const script = `const { IndexCache } = await import(${JSON.stringify(module)}); const { MemoryStorage } = await import(${JSON.stringify(memory)});
+      const { cache } = await IndexCache.open({ cacheRoot: ${JSON.stringify(root)}, repositoryId: ${JSON.stringify(REPO)}, storage: new MemoryStorage() });
+      console.log('slot', cache.slot); setInterval(() => {}, 1000);`;
+    const child = spawn(resolve('node_modules/.bin/node'), ['--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const line = await new Promise<string>((done) => child.stdout.once('data', (chunk: Buffer) => done(chunk.toString().trim())));
+    expect(line).toBe('slot 0');
+    const storage = new MemoryStorage();
+    const mine = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(mine.cache.slot).toBe(1);
+    await mine.cache.close();
+    child.kill('SIGKILL');
+    await new Promise((done) => child.once('exit', done));
+    const after = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(after.cache.slot).toBe(0); // the kernel released the dead process's lock
+    await after.cache.close();
+  });
+});
+
+describe('catch-up', () => {
+  test('incremental: only new segments are fetched; lookups answer from them', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1'), entry(2, 'a1', 132)] });
+    await store(storage, { name: name('b'), supersedes: [], entries: [entry(3, 'b1')] });
+    const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(catchUp).toEqual({ ingested: 2, entries: 3, rebuilt: undefined, damaged: [] });
+    await store(storage, { name: name('c'), supersedes: [], entries: [entry(4, 'c1')] });
+    expect(await cache.catchUp()).toEqual({ ingested: 1, entries: 1, rebuilt: undefined, damaged: [] });
+    expect(await cache.catchUp()).toEqual({ ingested: 0, entries: 0, rebuilt: undefined, damaged: [] });
+    const found = await cache.lookup([Buffer.alloc(32, 1), Buffer.alloc(32, 4), Buffer.alloc(32, 9)]);
+    expect(found.map((l) => l?.packId)).toEqual(['a1'.repeat(16), 'c1'.repeat(16), undefined]);
+    await cache.close();
+    // Reopened: nothing to fetch.
+    const again = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(again.catchUp).toEqual({ ingested: 0, entries: 0, rebuilt: undefined, damaged: [] });
+    expect(await again.cache.counts()).toEqual({ segments: 3, blobs: 4 });
+    await again.cache.close();
+  });
+
+  test('one blob in two segments: the first segment by key wins, whichever the cache met first', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('b'), supersedes: [], entries: [entry(1, 'bb')] });
+    const { cache } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect((await cache.lookup([Buffer.alloc(32, 1)]))[0]?.packId).toBe('bb'.repeat(16));
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'aa')] });
+    await store(storage, { name: name('c'), supersedes: [], entries: [entry(1, 'cc')] });
+    await cache.catchUp();
+    expect((await cache.lookup([Buffer.alloc(32, 1)]))[0]?.packId).toBe('aa'.repeat(16));
+    expect(await cache.segmentOf(Buffer.alloc(32, 1))).toBe(segmentKey(name('a')));
+    await cache.close();
+  });
+
+  test('an ingested segment gone from the store, or superseded, makes the cache start again from the segments', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1'), entry(2, 'a1', 132)] });
+    await store(storage, { name: name('b'), supersedes: [], entries: [entry(3, 'b1')] });
+    const rebuilt: string[] = [];
+    const { cache } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage, onRebuild: (why) => rebuilt.push(why) });
+    // gc: blob 1 moved to pack e1, blob 2 dead; segment a superseded (not yet deleted).
+    await store(storage, { name: name('e'), supersedes: [name('a')], entries: [entry(1, 'e1')] });
+    const result = await cache.catchUp();
+    expect(result.rebuilt).toMatch(/superseded/);
+    expect((await cache.lookup([Buffer.alloc(32, 1), Buffer.alloc(32, 2), Buffer.alloc(32, 3)])).map((l) => l?.packId)).toEqual(['e1'.repeat(16), undefined, 'b1'.repeat(16)]);
+    // gc then deletes segment a: nothing the cache ingested is gone (a was met as superseded), so no rebuild.
+    await storage.delete(segmentKey(name('a')));
+    expect((await cache.catchUp()).rebuilt).toBeUndefined();
+    // A segment deleted behind the engine's back: rebuilt without it.
+    await storage.delete(segmentKey(name('b')));
+    expect((await cache.catchUp()).rebuilt).toMatch(/gone/);
+    expect((await cache.lookup([Buffer.alloc(32, 3)]))[0]).toBeUndefined();
+    expect(await cache.counts()).toEqual({ segments: 1, blobs: 1 });
+    expect(rebuilt.length).toBe(2);
+    await cache.close();
+  });
+
+  test('encrypted repositories: sealed segments are read with the data key', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    const dataKey = Buffer.alloc(32, 5);
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1')] }, dataKey);
+    const { cache } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage, dataKey });
+    expect((await cache.lookup([Buffer.alloc(32, 1)]))[0]?.packId).toBe('a1'.repeat(16));
+    await cache.close();
+    // Without the key the segment cannot be read: reported by name, not ingested.
+    const keyless = await IndexCache.open({ cacheRoot: await cacheRoot(), repositoryId: REPO, storage });
+    expect(keyless.catchUp.damaged).toEqual([{ key: segmentKey(name('a')), why: expect.stringMatching(/not a segment/) }]);
+    await keyless.cache.close();
+  });
+
+  test('a segment cut short or altered behind the engine: reported, skipped, tried again; the others ingested', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1'), entry(2, 'a1', 132)] });
+    await store(storage, { name: name('b'), supersedes: [], entries: [entry(3, 'b1')] });
+    const whole = await storage.get(segmentKey(name('a')));
+    await storage.put(segmentKey(name('a')), whole.subarray(0, whole.length - 70));
+    const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(catchUp).toEqual({ ingested: 1, entries: 1, rebuilt: undefined, damaged: [{ key: segmentKey(name('a')), why: expect.stringMatching(/counts need/) }] });
+    expect((await cache.lookup([Buffer.alloc(32, 1), Buffer.alloc(32, 3)])).map((l) => l?.packId)).toEqual([undefined, 'b1'.repeat(16)]);
+    // Restored (from a copy): the next catch-up ingests it.
+    await storage.put(segmentKey(name('a')), whole);
+    expect(await cache.catchUp()).toEqual({ ingested: 1, entries: 2, rebuilt: undefined, damaged: [] });
+    await cache.close();
+  });
+});
+
+describe('a damaged or lost cache is rebuilt from the store', () => {
+  test('damaged LevelDB files', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1')] });
+    const first = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    await first.cache.close();
+    await writeFile(join(root, REPO, 'slot-0', 'CURRENT'), 'MANIFEST-999999\n');
+    const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(catchUp.rebuilt).toMatch(/could not be opened/);
+    expect(catchUp.ingested).toBe(1);
+    expect((await cache.lookup([Buffer.alloc(32, 1)]))[0]?.packId).toBe('a1'.repeat(16));
+    await cache.close();
+  });
+
+  test('lost: the cache directory deleted', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1')] });
+    await (await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage })).cache.close();
+    await rm(join(root, REPO), { recursive: true });
+    const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(catchUp.ingested).toBe(1);
+    await cache.close();
+  });
+});
+
+describe('a rebuild cut short', () => {
+  test('is started again at the next open, never taken for a cache that is merely behind', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1')] });
+    await store(storage, { name: name('b'), supersedes: [], entries: [entry(2, 'b1')] });
+    const { cache } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    await cache.close();
+    // What a kill -9 in the middle of a rebuild leaves: the mark, and part of the old content.
+    const { ClassicLevel } = await import('classic-level');
+    const db = new ClassicLevel<Buffer, Buffer>(join(root, REPO, 'slot-0'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+    await db.put(Buffer.concat([Buffer.from([0]), Buffer.from('rebuilding')]), Buffer.from('test'));
+    // The clear had removed segment a's record but not yet its blob 1 entry (keys go in order).
+    await db.del(Buffer.concat([Buffer.from([3]), Buffer.from(segmentKey(name('a')))]));
+    await db.close();
+    // gc meanwhile replaced segment a (blob 1 moved) and the old one is gone.
+    await store(storage, { name: name('e'), supersedes: [name('a')], entries: [] });
+    await storage.delete(segmentKey(name('a')));
+    const again = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(again.catchUp.rebuilt).toMatch(/cut short/);
+    // Blob 1 is dead now: the stale entry (at a pack gc may delete) is gone with the rebuild.
+    expect((await again.cache.lookup([Buffer.alloc(32, 1), Buffer.alloc(32, 2)])).map((l) => l?.packId)).toEqual([undefined, 'b1'.repeat(16)]);
+    await again.cache.close();
+    const third = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(third.catchUp).toEqual({ ingested: 0, entries: 0, rebuilt: undefined, damaged: [] });
+    await third.cache.close();
+  });
+});
