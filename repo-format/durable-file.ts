@@ -1,4 +1,4 @@
-import { link, open, rename, unlink } from 'node:fs/promises';
+import { link, open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname, basename, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { classifyWriteError } from './errors.js';
@@ -8,6 +8,20 @@ import { IMMUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
 export async function fsyncDirectory(path: string): Promise<void> {
   const handle = await open(path, 'r');
   try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
+
+/** Writes all of `data` from offset 0, fsyncs and closes the handle (closed whatever happens). */
+export async function writeAllSyncAndClose(handle: FileHandle, data: Uint8Array): Promise<void> {
+  try {
+    let written = 0;
+    while (written < data.length) {
+      const { bytesWritten } = await handle.write(data, written, data.length - written, written);
+      written += bytesWritten;
+    }
     await handle.sync();
   } finally {
     await handle.close();
@@ -24,17 +38,7 @@ export async function writeFileDurably(path: string, data: Uint8Array, options: 
   const dir = dirname(path);
   const temp = join(options.tempDir ?? dir, `.${basename(path)}.${randomBytes(6).toString('hex')}.tmp`);
   try {
-    const handle = await openNewFile(temp, 'wx', options.mode ?? IMMUTABLE_FILE_MODE);
-    try {
-      let written = 0;
-      while (written < data.length) {
-        const { bytesWritten } = await handle.write(data, written, data.length - written, written);
-        written += bytesWritten;
-      }
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
+    await writeAllSyncAndClose(await openNewFile(temp, 'wx', options.mode ?? IMMUTABLE_FILE_MODE), data);
     if (options.exclusive) {
       // link() fails with EEXIST where rename() would silently replace: the file is written once.
       await link(temp, path);

@@ -108,7 +108,8 @@ describe('output', () => {
 
 describe('engine bench', () => {
   test('reports every primitive on every kind of data, as JSON', async () => {
-    const result = await runEngine(['bench', '--json']);
+    // Short trials: the same rows, measured less precisely (the default, 400 ms, makes this take 40 s).
+    const result = await runEngine(['bench', '--json', '--trial-ms', '20']);
     expect(result.code).toBe(0);
     const { rows } = parseJson<{ rows: { primitive: string; data: string; blockSize: number; trialsMbPerS: number[] }[] }>(result.stdout);
     const primitives = [...new Set(rows.map((r) => r.primitive))];
@@ -127,6 +128,14 @@ describe('engine bench', () => {
     const { pipeline } = parseJson<{ pipeline: { workers: number; data: string; mbPerS: number }[] }>(result.stdout);
     expect(pipeline.map((r) => `${r.data}/${r.workers}`)).toEqual(expect.arrayContaining(['random/1', 'random/2', 'text/1', 'text/2']));
     for (const r of pipeline) expect(r.mbPerS).toBeGreaterThan(0);
+  });
+
+  test('--trial-ms outside 10..60000 is a usage error', async () => {
+    for (const value of ['9', '60001', '1e3']) {
+      const result = await runEngine(['bench', '--trial-ms', value]);
+      expect(result.code).toBe(2);
+      expect(result.stderr).toContain(`--trial-ms ${value}: give a whole number from 10 to 60000, in digits`);
+    }
   });
 });
 

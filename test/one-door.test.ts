@@ -5,7 +5,8 @@
  *
  * Two checks, each able to fail on its own:
  * - in the sources: engine/ imports none of the layout's path helpers or raw pack/record file functions,
- *   names none of the store's folders, and the block workers do not touch the file system;
+ *   names none of the store's folders, never looks inside the repository's frame locators, and the block
+ *   workers import no file system module (they get a frame's bytes, or a locator repo-format reads);
  * - in a run: every repository opened in this process keeps its objects in an in-memory store, so the
  *   repository folder holds only the host's files (lock, index, tmp/); init, two backups, restore, verify
  *   --read-data, forget, gc (deleting and rewriting packs), repair, protect and prune run against it and
@@ -70,6 +71,7 @@ export function doorBreaches(file: string, text: string): string[] {
   for (const match of text.matchAll(new RegExp(`LAYOUT\\.(${STORE_FOLDERS.join('|')})\\b`, 'g'))) say(match.index, `names the store's folder ${match[0]}`);
   for (const match of text.matchAll(/(['"`])(packs|backups|quarantine|protected)\/[^'"`]*\1?/g)) say(match.index, `builds a store path ${match[0]}`);
   for (const match of text.matchAll(/join\([^)]*['"](packs|backups|quarantine|protected|keys|config)['"]/g)) say(match.index, `joins the store's folder ${match[1]}`);
+  for (const match of text.matchAll(/\blocator\??\.(file|offset|kind)\b/g)) say(match.index, `looks inside a frame locator (${match[0]}): it is the repository's`);
   if (file.endsWith(join('pipeline', 'block-worker.ts'))) {
     for (const match of text.matchAll(/from\s+'(node:)?fs(\/promises)?'/g)) say(match.index, 'a block worker imports the file system: workers get bytes, never paths');
   }
@@ -105,8 +107,8 @@ describe('in the sources', () => {
       "names the store's folder LAYOUT.backups",
       'builds a store path `packs/${packId.slice(0, 2)}/${packId}`',
     ]);
-    const worker = doorBreaches(join(ENGINE_DIR, 'pipeline', 'block-worker.ts'), "import { openSync, readSync, closeSync } from 'node:fs';");
-    expect(worker).toHaveLength(1);
+    const worker = doorBreaches(join(ENGINE_DIR, 'pipeline', 'block-worker.ts'), "import { openSync, readSync, closeSync } from 'node:fs';\nconst fd = openSync(task.locator.file, 'r');");
+    expect(worker).toHaveLength(2);
   });
 });
 

@@ -11,6 +11,7 @@ import { filesIdentical, parseJson, runEngine, sh, tempDir, expectRestoreIdentic
 import { qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
+import { SIM_ENV, type OvirtBackupJson } from './ovirt-cli.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -18,23 +19,7 @@ let cleanup: () => Promise<void>;
 let sim: OvirtSim;
 let vm: SimVm;
 let repo: string;
-// Conflicts are retried quickly here: the simulator's 409s do not clear up with time.
-// The simulator serves plain http: said explicitly, as a user must (--insecure-http, here through the environment).
-const env = { ENGINE_OVIRT_USER: 'admin@internal', ENGINE_OVIRT_PASSWORD: 'secret', ENGINE_OVIRT_CONFLICT_DELAY_MS: '20', ENGINE_OVIRT_INSECURE_HTTP: '1' };
-
-interface DiskOut {
-  name: string;
-  mode: string;
-  modeReason: string | null;
-  parent: string | null;
-  checkpoint: string | null;
-  bytesRead: number;
-}
-interface BackupOut {
-  id: string;
-  type: string;
-  disks: DiskOut[];
-}
+const env = SIM_ENV;
 
 beforeAll(async () => {
   ({ path: dir, cleanup } = await tempDir('engine-ovirt-api-'));
@@ -61,9 +46,9 @@ function image(i: number): string {
 }
 
 /** Runs the backup; `error` is the JSON error's message when it fails. */
-async function backup(extra: string[] = [], extraEnv: Record<string, string> = {}): Promise<{ code: number; out?: BackupOut; error?: string }> {
+async function backup(extra: string[] = [], extraEnv: Record<string, string> = {}): Promise<{ code: number; out?: OvirtBackupJson; error?: string }> {
   const result = await runEngine(['backup', '--repo', repo, '--ovirt', sim.url, '--vm', 'db1', '--json', ...extra], { env: { ...env, ...extraEnv } });
-  if (result.code === 0) return { code: 0, out: parseJson<BackupOut>(result.stdout) };
+  if (result.code === 0) return { code: 0, out: parseJson<OvirtBackupJson>(result.stdout) };
   return { code: result.code, error: parseJson<{ error: { message: string } }>(result.stdout).error.message };
 }
 

@@ -14,25 +14,12 @@ import { filesIdentical, parseJson, runEngine, sh, tempDir, withoutProgress } fr
 import { qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { BACKUP_SNAPSHOT_DESCRIPTION, CLUSTER_ID, DATA_CENTER_ID, STORAGE_DOMAIN_ID, startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
+import { SIM_ENV, type OvirtBackupJson, type OvirtDiskJson } from './ovirt-cli.js';
 
 const MiB = 1024 * 1024;
-// The simulator serves plain http unless a test starts it with TLS: said explicitly, as a user must (--insecure-http, here through the environment).
-const env = { ENGINE_OVIRT_USER: 'admin@internal', ENGINE_OVIRT_PASSWORD: 'secret', ENGINE_OVIRT_CONFLICT_DELAY_MS: '20', ENGINE_OVIRT_INSECURE_HTTP: '1' };
+const env = SIM_ENV;
 
-interface DiskOut {
-  name: string;
-  mode: string;
-  modeReason: string | null;
-  parent: string | null;
-  checkpoint: string | null;
-  bytesRead: number;
-}
-interface BackupOut {
-  id: string;
-  type: string;
-  disks: DiskOut[];
-}
-type Run = { code: number; out?: BackupOut; error?: string; stderr: string };
+type Run = { code: number; out?: OvirtBackupJson; error?: string; stderr: string };
 
 type SimOptions = Omit<Parameters<typeof startOvirtSim>[0], 'dir'>;
 
@@ -67,7 +54,7 @@ function setup(name: string, options: SimOptions | ((dir: string) => Promise<Sim
     ctx,
     backup: async (vm, extra = [], extraEnv = {}) => {
       const result = await runEngine(['backup', '--repo', ctx.repo, ...ovirtArgs(), '--vm', vm, '--json', ...extra], { env: { ...env, ...extraEnv } });
-      if (result.code === 0) return { code: 0, out: parseJson<BackupOut>(result.stdout), stderr: result.stderr };
+      if (result.code === 0) return { code: 0, out: parseJson<OvirtBackupJson>(result.stdout), stderr: result.stderr };
       return { code: result.code, error: parseJson<{ error: { message: string } }>(result.stdout).error.message, stderr: result.stderr };
     },
     backupText: async (vm, extra = []) => {
@@ -194,7 +181,7 @@ describe('oVirt engine behaviours, from its sources', () => {
     expect(sim.events.slice(eventsBefore).map((e) => e.code)).toContain(10792);
     expect(sim.events.slice(eventsBefore).map((e) => e.code)).not.toContain(10791);
     const out = (await runEngine(['show', '--repo', ctx.repo, text.id!, '--json'])).stdout;
-    const disk = parseJson<{ disks: DiskOut[] }>(out).disks[0]!;
+    const disk = parseJson<{ disks: OvirtDiskJson[] }>(out).disks[0]!;
     expect([disk.mode, disk.bytesRead]).toEqual(['full', 3 * MiB]);
     expect(disk.modeReason).toBe(`oVirt failed the incremental backup from checkpoint ${c0} before it was ready (phase failed; oVirt's events say why): a full backup instead`);
     // The failed backup's checkpoint row is gone (endWithFailure); c0 cannot be deleted on the running VM (its bitmap is lost): said, kept.

@@ -15,9 +15,10 @@ import { exitOf, filesIdentical, parseJson, runEngine, sh, spawnEngine, stoppedI
 import { qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
+import { SIM_ENV } from './ovirt-cli.js';
 
 const MiB = 1024 * 1024;
-const env = { ENGINE_OVIRT_USER: 'admin@internal', ENGINE_OVIRT_PASSWORD: 'secret', ENGINE_OVIRT_CONFLICT_DELAY_MS: '20', ENGINE_OVIRT_INSECURE_HTTP: '1' };
+const env = SIM_ENV;
 let dir: string;
 let cleanup: () => Promise<void>;
 let sim: OvirtSim;

@@ -13,7 +13,7 @@ import { SocketReader } from '../dist/engine/nbd/socket-reader.js';
 import { encodeOptionHeader, encodeRequest } from '../dist/engine/nbd/wire.js';
 import { Overlay } from '../dist/engine/serve/overlay.js';
 import { NbdServer } from '../dist/engine/nbd/server.js';
-import { exitOf, filesIdentical, parseJson, prefixIdentical, runEngine, sh, sha256File, spawnEngine, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, runEngine, sh, sha256File, spawnEngine, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
 import { qemuImgCompare } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -82,7 +82,9 @@ describe('read-only serve against real clients', () => {
     await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri, out]);
     // qemu's block layer rounds a size up to whole 512-byte sectors: the tail reads as zeros.
     expect((await stat(out)).size).toBe(Math.ceil(SIZE / 512) * 512);
-    expect(await prefixIdentical(out, image, SIZE)).toBe(true);
+    // Every byte of the disk, and zeros in the padding: qemu-img compare pads the image the same way and
+    // skips the holes of both files (cmp -n would read 5 GiB of holes twice).
+    expect(await qemuImgCompare(out, 'raw', image, 'raw')).toBe(true);
     expect(await qemuImgCompare(image, 'raw', uri, 'raw')).toBe(true);
   });
 

@@ -12,9 +12,10 @@ export function registerToolCommands(program: Command): void {
     .command('bench')
     .description('micro-benchmark of the primitives on this machine (SHA-256, xxh64, lz4, zero check, HMAC-SHA256, AES-256-GCM) per thread, and of the pipeline with 1..N workers, in MB/s')
     .option('--json', 'print JSON')
-    .action(async (opts: { json?: boolean }) => {
+    .option('--trial-ms <ms>', 'length of each of the 3 trials per row, in milliseconds (default 400; shorter is quicker and noisier)', opt.integerParser('--trial-ms', 10, 60_000))
+    .action(async (opts: { json?: boolean; trialMs?: number }) => {
       output.json = opts.json === true;
-      const { rows, pipeline, markdown } = await engine.primitivesReport();
+      const { rows, pipeline, markdown } = await engine.primitivesReport(opts.trialMs);
       if (output.json) printJson({ rows, pipeline });
       else process.stdout.write(markdown);
     });

@@ -7,6 +7,7 @@
  * 16-byte tag). Data: seeded random, text-like, and all-zero blocks.
  *
  *   engine bench            (or: npm run bench:primitives)
+ *   engine bench --trial-ms 20   (the same rows from short trials: a quick check that every primitive runs)
  */
 import { createHash } from 'node:crypto';
 import os from 'node:os';
@@ -33,8 +34,8 @@ export interface Row {
 
 const BLOCK = 1024 * 1024;
 const BLOCKS_PER_KIND = 8;
-const WARMUP_MS = 100;
-const TRIAL_MS = 400;
+/** Each trial's length by default; the warm-up before a primitive's trials is a quarter of it. */
+export const DEFAULT_TRIAL_MS = 400;
 const TRIALS = 3;
 /** Turn the event loop every few calls: lz4-napi frees its output buffers from finalizers that run then. */
 const YIELD_EVERY = 4;
@@ -88,10 +89,10 @@ async function timeFor(ms: number, inputs: Buffer[], bytesPerCall: (i: number) =
   return bytes / 1e6 / (elapsed / 1000);
 }
 
-async function measure(inputs: Buffer[], bytesPerCall: (i: number) => number, fn: (input: Buffer) => void): Promise<number[]> {
-  await timeFor(WARMUP_MS, inputs, bytesPerCall, fn);
+async function measure(trialMs: number, inputs: Buffer[], bytesPerCall: (i: number) => number, fn: (input: Buffer) => void): Promise<number[]> {
+  await timeFor(trialMs / 4, inputs, bytesPerCall, fn);
   const trials: number[] = [];
-  for (let t = 0; t < TRIALS; t += 1) trials.push(await timeFor(TRIAL_MS, inputs, bytesPerCall, fn));
+  for (let t = 0; t < TRIALS; t += 1) trials.push(await timeFor(trialMs, inputs, bytesPerCall, fn));
   return trials;
 }
 
@@ -101,7 +102,7 @@ const median = (values: number[]): number => {
   return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 };
 
-export async function runPrimitives(): Promise<Row[]> {
+export async function runPrimitives(trialMs = DEFAULT_TRIAL_MS): Promise<Row[]> {
   await initChecksum();
   const zeros = Buffer.alloc(BLOCK);
   const keys = newRepositoryKeys();
@@ -115,34 +116,34 @@ export async function runPrimitives(): Promise<Row[]> {
       rows.push({ primitive, data, blockSize: BLOCK, mbPerS: median(trials), trialsMbPerS: trials, ...extra });
     };
 
-    add('SHA-256 (node:crypto)', await measure(blocks, raw, (b) => {
+    add('SHA-256 (node:crypto)', await measure(trialMs, blocks, raw, (b) => {
       sink ^= createHash('sha256').update(b).digest()[0]!;
     }));
-    add('xxh64 (xxhash-wasm h64Raw)', await measure(blocks, raw, (b) => {
+    add('xxh64 (xxhash-wasm h64Raw)', await measure(trialMs, blocks, raw, (b) => {
       sink ^= Number(checksum64(b) & 0xffn);
     }));
 
     const compressed = blocks.map((b) => compressSync(b));
     const ratio = blocks.reduce((n, b) => n + b.length, 0) / compressed.reduce((n, c) => n + c.length, 0);
-    add('lz4 compressSync (lz4-napi)', await measure(blocks, raw, (b) => {
+    add('lz4 compressSync (lz4-napi)', await measure(trialMs, blocks, raw, (b) => {
       sink ^= compressSync(b).length;
     }), { ratio });
-    add('lz4 uncompressSync (lz4-napi)', await measure(compressed, raw, (c) => {
+    add('lz4 uncompressSync (lz4-napi)', await measure(trialMs, compressed, raw, (c) => {
       sink ^= uncompressSync(c).length;
     }), { ratio, note: 'MB/s of decompressed output' });
 
-    add('zero check (Buffer.equals)', await measure(blocks, raw, (b) => {
+    add('zero check (Buffer.equals)', await measure(trialMs, blocks, raw, (b) => {
       sink ^= b.equals(zeros) ? 1 : 0;
     }), data === 'zero' ? {} : { note: 'exits at the first non-zero byte' });
 
-    add('HMAC-SHA256 (node:crypto)', await measure(blocks, raw, (b) => {
+    add('HMAC-SHA256 (node:crypto)', await measure(trialMs, blocks, raw, (b) => {
       sink ^= keyedId(keys.idKey, b)[0]!;
     }));
-    add('AES-256-GCM encrypt (node:crypto)', await measure(blocks, raw, (b) => {
+    add('AES-256-GCM encrypt (node:crypto)', await measure(trialMs, blocks, raw, (b) => {
       sink ^= gcmSeal(keys.dataKey, b, aad).length;
     }));
     const sealed = blocks.map((b) => gcmSeal(keys.dataKey, b, aad));
-    add('AES-256-GCM decrypt (node:crypto)', await measure(sealed, raw, (s) => {
+    add('AES-256-GCM decrypt (node:crypto)', await measure(trialMs, sealed, raw, (s) => {
       sink ^= gcmOpen(keys.dataKey, s, aad)?.length ?? 0;
     }), { note: 'tag checked' });
   }
@@ -179,7 +180,7 @@ export interface PipelineRow {
  * (hash task: zero check + SHA-256; seal task: lz4 + frame + xxh64), all slots kept busy, no I/O. Shows how
  * the work scales with threads on this machine.
  */
-export async function runPipeline(workerCounts: number[] = [...new Set([1, 2, os.availableParallelism()])]): Promise<PipelineRow[]> {
+export async function runPipeline(trialMs = DEFAULT_TRIAL_MS, workerCounts: number[] = [...new Set([1, 2, os.availableParallelism()])]): Promise<PipelineRow[]> {
   const rows: PipelineRow[] = [];
   for (const data of ['random', 'text'] as const) {
     const blocks = blocksOf(data);
@@ -206,9 +207,9 @@ export async function runPipeline(workerCounts: number[] = [...new Set([1, 2, os
           await Promise.all(Array.from({ length: pool.slots.count }, lane));
           return bytes / 1e6 / ((performance.now() - started) / 1000);
         };
-        await runFor(WARMUP_MS * 3);
+        await runFor((trialMs * 3) / 4); // longer than a primitive's: the worker threads warm up too
         const trials: number[] = [];
-        for (let t = 0; t < TRIALS; t += 1) trials.push(await runFor(TRIAL_MS));
+        for (let t = 0; t < TRIALS; t += 1) trials.push(await runFor(trialMs));
         rows.push({ workers, data, mbPerS: median(trials) });
       } finally {
         await pool.close();
@@ -228,15 +229,15 @@ export function renderPipeline(rows: PipelineRow[]): string {
   ].join('\n');
 }
 
-/** The whole report: machine, method, tables. */
-export async function primitivesReport(): Promise<{ rows: Row[]; pipeline: PipelineRow[]; markdown: string }> {
+/** The whole report: machine, method, tables. `trialMs`: each trial's length (shorter: quicker, noisier). */
+export async function primitivesReport(trialMs = DEFAULT_TRIAL_MS): Promise<{ rows: Row[]; pipeline: PipelineRow[]; markdown: string }> {
   const cpu = os.cpus()[0]?.model.trim() ?? 'unknown';
-  const rows = await runPrimitives();
-  const pipeline = await runPipeline();
+  const rows = await runPrimitives(trialMs);
+  const pipeline = await runPipeline(trialMs);
   const markdown =
     `# Primitives (${new Date().toISOString()})\n\n` +
     `Machine: ${cpu}, ${os.cpus().length} cores, ${(os.totalmem() / 1024 ** 3).toFixed(1)} GiB RAM, Node ${process.version}.\n` +
-    `MB = 10^6 bytes; median of ${TRIALS} trials of ${TRIAL_MS} ms after a ${WARMUP_MS} ms warm-up; ${BLOCKS_PER_KIND} distinct 1 MiB blocks per data kind; ` +
+    `MB = 10^6 bytes; median of ${TRIALS} trials of ${trialMs} ms after a ${trialMs / 4} ms warm-up; ${BLOCKS_PER_KIND} distinct 1 MiB blocks per data kind; ` +
     `decompression counts output bytes; zero check on non-zero data exits at the first non-zero byte.\n\n` +
     `${renderPrimitives(rows)}\n\n` +
     `The pipeline with N worker threads (the main thread keeps every slot busy; no disk or repository I/O):\n\n` +

@@ -22,7 +22,7 @@ import { constants as fsConstants, type Dirent } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { classifyWriteError, isErrnoException } from '../errors.js';
-import { fsyncDirectory } from '../durable-file.js';
+import { fsyncDirectory, writeAllSyncAndClose } from '../durable-file.js';
 import { ensurePrivateDirectory, IMMUTABLE_FILE_MODE, openNewFile } from '../file-modes.js';
 import { StorageError, type StorageFailure } from './storage-error.js';
 import {
@@ -150,8 +150,7 @@ export class LocalStorage implements Storage {
     const temp = this.tempPathFor(path);
     try {
       if (source instanceof Uint8Array) {
-        const handle = await openNewFile(temp, 'wx', IMMUTABLE_FILE_MODE);
-        await writeAllAndSync(handle, source);
+        await writeAllSyncAndClose(await openNewFile(temp, 'wx', IMMUTABLE_FILE_MODE), source);
       } else {
         await copyFile(source.file, temp, fsConstants.COPYFILE_EXCL);
         await chmod(temp, IMMUTABLE_FILE_MODE);
@@ -315,19 +314,6 @@ export class LocalStorage implements Storage {
   }
 
   async close(): Promise<void> {}
-}
-
-async function writeAllAndSync(handle: FileHandle, data: Uint8Array): Promise<void> {
-  try {
-    let written = 0;
-    while (written < data.length) {
-      const { bytesWritten } = await handle.write(data, written, data.length - written, written);
-      written += bytesWritten;
-    }
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
 }
 
 async function syncAndClose(handle: FileHandle): Promise<void> {
