@@ -62,7 +62,7 @@ import { createReserve, freeBytes, releaseReserve, reserveSize } from './space-r
 import { copyIndexForReading, privateIndexDir, removeIndexCopy, unwritableReason, withoutLockNotice, type Unwritable } from './unwritable.js';
 import { PackPresence } from './pack-presence.js';
 import { V3Session } from './v3/session.js';
-import { openLocation, s3Settings } from './v3/location.js';
+import { openLocation } from './v3/location.js';
 
 export interface OpenOptions {
   /** 'read': records only, no lock. 'exclusive': lock + index. */
@@ -269,7 +269,8 @@ export class Repository {
   static async open(root: string, options: OpenOptions): Promise<Repository> {
     if (isS3Url(root) && options.manyWriters !== true) throw new FormatUnsupportedError(root, options.command);
     // A folder's store as v1/v2 use it (temporary files in tmp/), an S3 one through its retries and limit.
-    let store = isS3Url(root) ? await openLocation(root, s3Settings()) : openStore(root);
+    // Commands other than init take the store's endpoint, region and CA from the AWS environment (location.ts).
+    let store = isS3Url(root) ? await openLocation(root, { onWarning: noticeSink(options.onNotice) }) : openStore(root);
     let repo: Repository;
     try {
       let config = await Repository.loadConfig(root, store);

@@ -18,7 +18,7 @@ import { join } from 'node:path';
 import { Repository } from '../../repo-format/repository.js';
 import { LAYOUT } from '../../repo-format/constants.js';
 import { FormatUnsupportedError, isErrnoException, ReadOnlyRepositoryError, type StorageRemedy } from '../../repo-format/errors.js';
-import { openLocation, s3Settings } from '../../repo-format/v3/location.js';
+import { openLocation } from '../../repo-format/v3/location.js';
 import { defaultCacheRoot } from '../../repo-format/v3/session.js';
 import { hostIdOf, processProbe, thisProcess } from '../../repo-format/v3/host.js';
 import { Leases } from '../../repo-format/v3/leases.js';
@@ -184,7 +184,7 @@ export async function unlock(options: UnlockOptions): Promise<UnlockReport> {
  */
 async function unlockLeases(options: UnlockOptions): Promise<UnlockReport> {
   const force = options.force === true;
-  const storage = await openLocation(options.repo, s3Settings());
+  const storage = await openLocation(options.repo);
   try {
     const config = await Repository.loadConfig(options.repo, storage);
     const hostId = await hostIdOf(defaultCacheRoot());

@@ -39,14 +39,3 @@ export async function openLocation(where: string, s3: S3Settings = {}): Promise<
   const { storage } = await openS3Stack({ url: where, endpoint: s3.endpoint, region: s3.region, caFile, env, onWarning: s3.onWarning });
   return storage;
 }
-
-let processSettings: S3Settings = {};
-
-/** The S3 settings the commands of this process use (the CLI's --endpoint, --region, --ca-file). */
-export function setS3Settings(settings: S3Settings): void {
-  processSettings = { ...settings };
-}
-
-export function s3Settings(): S3Settings {
-  return processSettings;
-}
