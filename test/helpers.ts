@@ -162,6 +162,23 @@ export async function stoppedItself(child: ChildProcess): Promise<void> {
   throw new Error('the child never stopped');
 }
 
+/**
+ * Sends `signals` to a child stopped by ENGINE_STOP_AT and resumes it until it exits: a point reached once
+ * per item (a pack, prune's per removal) may stop it again before the signal is acted on.
+ */
+export async function signalStopped(child: ChildProcess, signals: NodeJS.Signals[] = ['SIGINT']): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  await stoppedItself(child);
+  for (const signal of signals) child.kill(signal);
+  child.kill('SIGCONT');
+  const exited = exitOf(child);
+  for (;;) {
+    const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
+    if (settled === 'exited') break;
+    child.kill('SIGCONT');
+  }
+  return exited;
+}
+
 /** Resumes a child stopped by ENGINE_STOP_AT and returns its exit code and the JSON it printed. */
 export async function resumedJson<T>(child: ChildProcess): Promise<{ code: number | null; json: T }> {
   let stdout = '';

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { access, readdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { exitOf, parseJson, runEngine, sh, sparseFile, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
+import { exitOf, parseJson, runEngine, sh, sparseFile, spawnEngine, signalStopped, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
 import { qemuNbd, type Export } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -50,17 +50,7 @@ function collect(child: ChildProcess): { stderr: () => string; stdout: () => str
 async function interruptAt(point: string, args: string[], signals: NodeJS.Signals[] = ['SIGINT']): Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string; stdout: string }> {
   const child = spawnEngine(args, { ENGINE_STOP_AT: point });
   const out = collect(child);
-  await stoppedItself(child);
-  for (const signal of signals) child.kill(signal);
-  child.kill('SIGCONT');
-  // A point reached once per item (prune's per removal) may be reached again before the signal is seen.
-  const exited = exitOf(child);
-  for (;;) {
-    const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
-    if (settled === 'exited') break;
-    child.kill('SIGCONT');
-  }
-  const exit = await exited;
+  const exit = await signalStopped(child, signals);
   return { ...exit, stderr: out.stderr(), stdout: out.stdout() };
 }
 

@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { access, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
-import { exitOf, filesIdentical, parseJson, runEngine, sh, spawnEngine, stoppedItself, tempDir, withoutProgress } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, runEngine, sh, signalStopped, spawnEngine, stoppedItself, tempDir, withoutProgress } from './helpers.js';
 import { qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
@@ -172,16 +172,7 @@ describe('the disk-attachment flow (--appliance)', () => {
   async function interruptAt(point: string, args: string[]): Promise<{ code: number | null; stderr: string }> {
     const child = spawnEngine(args, { ...env, ENGINE_STOP_AT: point });
     const out = collect(child);
-    await stoppedItself(child);
-    child.kill('SIGINT');
-    child.kill('SIGCONT');
-    const exited = exitOf(child);
-    for (;;) {
-      const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
-      if (settled === 'exited') break;
-      child.kill('SIGCONT');
-    }
-    return { code: (await exited).code, stderr: withoutProgress(out.stderr()) };
+    return { code: (await signalStopped(child)).code, stderr: withoutProgress(out.stderr()) };
   }
 
   async function expectNothingAttached(): Promise<void> {
