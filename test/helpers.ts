@@ -151,6 +151,22 @@ export interface BackupJson {
   disks: { name: string; size: number; bytesRead: number; bytesNew: number; bytesStored: number; blocksNew: number; blocksZero: number; blocksDeduplicated: number; blocksUnchanged: number; blocksTotal: number; mode?: string; modeReason?: string; parent?: string | null; checkpoint?: string }[];
 }
 
+/**
+ * `engine backup --repo REPO ARGS --json`, which must succeed; its record. `quiet`: it must print no message
+ * either (the progress lines a long backup prints on a non-terminal aside).
+ */
+export async function backUp(repo: string, args: string[], options: { env?: Record<string, string>; quiet?: boolean } = {}): Promise<BackupJson> {
+  const result = await runEngine(['backup', '--repo', repo, ...args, '--json'], { env: options.env });
+  if (options.quiet) expect(withoutProgress(result.stderr)).toBe('');
+  expect(result.code).toBe(0);
+  return parseJson<BackupJson>(result.stdout);
+}
+
+/** `engine init REPO`, which must succeed. */
+export async function initRepository(repo: string, args: string[] = []): Promise<void> {
+  expect((await runEngine(['init', repo, ...args])).code).toBe(0);
+}
+
 /** Waits until a child stopped itself (SIGSTOP at ENGINE_STOP_AT): state T in /proc. */
 export async function stoppedItself(child: ChildProcess): Promise<void> {
   for (let i = 0; i < 600; i += 1) {

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { access, readdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { exitOf, parseJson, runEngine, sh, sparseFile, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
+import { exitOf, parseJson, runEngine, sh, sparseFile, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson, withoutProgress, backUp, initRepository } from './helpers.js';
 import { qemuNbd, type Export } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -28,10 +28,8 @@ beforeAll(async () => {
   image = join(dir, 'disk.raw');
   await sparseFile(image, SIZE);
   await writeRegion(image, 0, SIZE, 'random', 'interrupt');
-  expect((await runEngine(['init', repo])).code).toBe(0);
-  const backup = await runEngine(['backup', '--repo', repo, '--source', image, '--json']);
-  expect(backup.code).toBe(0);
-  backupId = parseJson<BackupJson>(backup.stdout).id;
+  await initRepository(repo);
+  backupId = (await backUp(repo, ['--source', image])).id;
 });
 afterAll(async () => {
   for (const e of exportsToStop) await e.stop();
