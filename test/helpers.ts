@@ -178,6 +178,31 @@ export async function stoppedItself(child: ChildProcess): Promise<void> {
   throw new Error('the child never stopped');
 }
 
+/** Collects a child's stdout and stderr as they come. */
+export function collectOutput(child: ChildProcess): { stderr: () => string; stdout: () => string } {
+  let stderr = '';
+  let stdout = '';
+  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+  return { stderr: () => stderr, stdout: () => stdout };
+}
+
+/**
+ * Sends `signals` to a child stopped at an ENGINE_STOP_AT point and lets it run until it exits: a point
+ * reached once per item (a pack, prune's removal) may be reached again before the signal is seen, and each
+ * such stop is continued.
+ */
+export async function signalUntilExit(child: ChildProcess, signals: NodeJS.Signals[] = ['SIGINT']): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  for (const signal of signals) child.kill(signal);
+  child.kill('SIGCONT');
+  const exited = exitOf(child);
+  for (;;) {
+    const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
+    if (settled === 'exited') return exited;
+    child.kill('SIGCONT');
+  }
+}
+
 /** Resumes a child stopped by ENGINE_STOP_AT and returns its exit code and the JSON it printed. */
 export async function resumedJson<T>(child: ChildProcess): Promise<{ code: number | null; json: T }> {
   let stdout = '';
