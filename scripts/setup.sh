@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh clone: system packages the tests need, npm dependencies, the build.
-# Safe to run again: each step is skipped when already done.
+# Idempotent set-up for a fresh clone: system packages the tests and benches need, npm dependencies, the build.
+# Safe to run again: each step is skipped when already done. --no-system-packages (npm start: the demo needs
+# none of them) skips the system packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+system_packages=yes
+[ "${1:-}" = --no-system-packages ] && system_packages=no
 
 need_apt=()
 # qemu tools for NBD and qcow2 bitmaps; nbdfuse, e2fsprogs, xfsprogs and sfdisk for engine mount and its tests; libvirt with a TCG-capable QEMU for the running-VM tests.
@@ -14,7 +18,7 @@ done
 for tool in ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw radosgw-admin:ceph-common ceph-authtool:ceph-common monmaptool:ceph-base osdmaptool:ceph-base; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
-if [ ${#need_apt[@]} -gt 0 ]; then
+if [ "$system_packages" = yes ] && [ ${#need_apt[@]} -gt 0 ]; then
   mapfile -t need_apt < <(printf '%s\n' "${need_apt[@]}" | sort -u)
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing ${need_apt[*]}" >&2

@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { mkdir, open, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { KIND_DATA, registerReader, scanPack } from '../dist/engine/index.js';
-import { parseJson, resumedJson, runEngine, spawnEngine, sparseFile, stoppedItself, tempDir, writeRegion, type BackupJson, expectRestoreIdentical, withoutProgress } from './helpers.js';
+import { parseJson, resumedJson, runEngine, spawnEngine, sparseFile, stoppedItself, tempDir, writeRegion, type BackupJson, expectRestoreIdentical, withoutProgress, backUp } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const FRAME_OVERHEAD = 56;
@@ -56,11 +56,8 @@ async function freshRepo(name: string): Promise<string> {
   return repo;
 }
 
-async function backupOf(repo: string, source: string, name = 'vm'): Promise<BackupJson> {
-  const result = await runEngine(['backup', '--repo', repo, '--source', source, '--name', name, '--json']);
-  expect(withoutProgress(result.stderr)).toBe('');
-  expect(result.code).toBe(0);
-  return parseJson<BackupJson>(result.stdout);
+function backupOf(repo: string, source: string, name = 'vm'): Promise<BackupJson> {
+  return backUp(repo, ['--source', source, '--name', name], { quiet: true });
 }
 
 async function verified(repo: string): Promise<VerifyJson> {

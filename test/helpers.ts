@@ -151,6 +151,22 @@ export interface BackupJson {
   disks: { name: string; size: number; bytesRead: number; bytesNew: number; bytesStored: number; blocksNew: number; blocksZero: number; blocksDeduplicated: number; blocksUnchanged: number; blocksTotal: number; mode?: string; modeReason?: string; parent?: string | null; checkpoint?: string }[];
 }
 
+/**
+ * `engine backup --repo REPO ARGS --json`, which must succeed; its record. `quiet`: it must print no message
+ * either (the progress lines a long backup prints on a non-terminal aside).
+ */
+export async function backUp(repo: string, args: string[], options: { env?: Record<string, string>; quiet?: boolean } = {}): Promise<BackupJson> {
+  const result = await runEngine(['backup', '--repo', repo, ...args, '--json'], { env: options.env });
+  if (options.quiet) expect(withoutProgress(result.stderr)).toBe('');
+  expect(result.code).toBe(0);
+  return parseJson<BackupJson>(result.stdout);
+}
+
+/** `engine init REPO`, which must succeed. */
+export async function initRepository(repo: string, args: string[] = []): Promise<void> {
+  expect((await runEngine(['init', repo, ...args])).code).toBe(0);
+}
+
 /** Waits until a child stopped itself (SIGSTOP at ENGINE_STOP_AT): state T in /proc. */
 export async function stoppedItself(child: ChildProcess): Promise<void> {
   for (let i = 0; i < 600; i += 1) {
@@ -162,21 +178,29 @@ export async function stoppedItself(child: ChildProcess): Promise<void> {
   throw new Error('the child never stopped');
 }
 
+/** Collects a child's stdout and stderr as they come. */
+export function collectOutput(child: ChildProcess): { stderr: () => string; stdout: () => string } {
+  let stderr = '';
+  let stdout = '';
+  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+  return { stderr: () => stderr, stdout: () => stdout };
+}
+
 /**
- * Sends `signals` to a child stopped by ENGINE_STOP_AT and resumes it until it exits: a point reached once
- * per item (a pack, prune's per removal) may stop it again before the signal is acted on.
+ * Sends `signals` to a child stopped at an ENGINE_STOP_AT point and lets it run until it exits: a point
+ * reached once per item (a pack, prune's removal) may be reached again before the signal is seen, and each
+ * such stop is continued.
  */
-export async function signalStopped(child: ChildProcess, signals: NodeJS.Signals[] = ['SIGINT']): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
-  await stoppedItself(child);
+export async function signalUntilExit(child: ChildProcess, signals: NodeJS.Signals[] = ['SIGINT']): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
   for (const signal of signals) child.kill(signal);
   child.kill('SIGCONT');
   const exited = exitOf(child);
   for (;;) {
     const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
-    if (settled === 'exited') break;
+    if (settled === 'exited') return exited;
     child.kill('SIGCONT');
   }
-  return exited;
 }
 
 /** Resumes a child stopped by ENGINE_STOP_AT and returns its exit code and the JSON it printed. */

@@ -9,8 +9,8 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { access, readdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { exitOf, parseJson, runEngine, sh, sparseFile, spawnEngine, signalStopped, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
+import { spawn } from 'node:child_process';
+import { exitOf, parseJson, runEngine, sh, sparseFile, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson, withoutProgress, backUp, initRepository, collectOutput, signalUntilExit } from './helpers.js';
 import { qemuNbd, type Export } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -28,29 +28,20 @@ beforeAll(async () => {
   image = join(dir, 'disk.raw');
   await sparseFile(image, SIZE);
   await writeRegion(image, 0, SIZE, 'random', 'interrupt');
-  expect((await runEngine(['init', repo])).code).toBe(0);
-  const backup = await runEngine(['backup', '--repo', repo, '--source', image, '--json']);
-  expect(backup.code).toBe(0);
-  backupId = parseJson<BackupJson>(backup.stdout).id;
+  await initRepository(repo);
+  backupId = (await backUp(repo, ['--source', image])).id;
 });
 afterAll(async () => {
   for (const e of exportsToStop) await e.stop();
   await cleanup();
 });
 
-function collect(child: ChildProcess): { stderr: () => string; stdout: () => string } {
-  let stderr = '';
-  let stdout = '';
-  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-  child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
-  return { stderr: () => stderr, stdout: () => stdout };
-}
-
 /** Starts `engine ARGS`, waits until it stops itself at `point`, sends `signals` while it is stopped, resumes it. */
 async function interruptAt(point: string, args: string[], signals: NodeJS.Signals[] = ['SIGINT']): Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string; stdout: string }> {
   const child = spawnEngine(args, { ENGINE_STOP_AT: point });
-  const out = collect(child);
-  const exit = await signalStopped(child, signals);
+  const out = collectOutput(child);
+  await stoppedItself(child);
+  const exit = await signalUntilExit(child, signals);
   return { ...exit, stderr: out.stderr(), stdout: out.stdout() };
 }
 
@@ -183,7 +174,7 @@ describe('sources that would hang', () => {
     const fifo = join(dir, 'fifo');
     await sh('mkfifo', [fifo]);
     const child = spawnEngine(['backup', '--repo', repo, '--source', fifo]);
-    const out = collect(child);
+    const out = collectOutput(child);
     const exited = exitOf(child);
     const bound = new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 30_000).unref());
     const outcome = await Promise.race([exited, bound]);
@@ -201,7 +192,7 @@ describe('sources that would hang', () => {
     exportsToStop.push({ uri: '', socket, stop: async () => void (nbdkit.exitCode === null && nbdkit.kill('SIGTERM')) });
     for (let i = 0; i < 200 && !(await access(socket).then(() => true, () => false)); i += 1) await new Promise((r) => setTimeout(r, 25));
     const child = spawnEngine(['backup', '--repo', repo, '--source', `nbd+unix:///?socket=${socket}`, '--name', 'slow']);
-    const out = collect(child);
+    const out = collectOutput(child);
     for (let i = 0; i < 300 && !(await access(join(repo, 'lock')).then(() => true, () => false)); i += 1) await new Promise((r) => setTimeout(r, 20));
     await new Promise((r) => setTimeout(r, 1000)); // the pipeline is waiting for its first extent
     child.kill('SIGINT');
@@ -219,7 +210,7 @@ describe('sources that would hang', () => {
     const exported = await qemuNbd(thin, dir);
     exportsToStop.push(exported);
     const child = spawnEngine(['backup', '--repo', repo, '--source', exported.uri, '--name', 'thin']);
-    const out = collect(child);
+    const out = collectOutput(child);
     // Well into the walk of the holes: the first progress line (every 5 s when stderr is not a terminal).
     for (let i = 0; i < 600 && !out.stderr().includes('backup '); i += 1) await new Promise((r) => setTimeout(r, 100));
     expect(out.stderr()).toMatch(/backup \S+ \(1\/1\) [\d.]+ \w+\/256 TiB/);

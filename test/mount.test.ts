@@ -9,7 +9,7 @@ import { createHash } from 'node:crypto';
 import { mkdir, open, readdir, readFile, realpath, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { readPartitionTable } from '../dist/engine/index.js';
-import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
+import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, withoutProgress, backUp } from './helpers.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -37,9 +37,7 @@ function env(): Record<string, string> {
 }
 
 async function backupOf(image: string, name: string): Promise<string> {
-  const result = await runEngine(['backup', '--repo', repo, '--source', image, '--disk-name', name, '--json']);
-  expect(result.code).toBe(0);
-  return parseJson<BackupJson>(result.stdout).id;
+  return (await backUp(repo, ['--source', image, '--disk-name', name])).id;
 }
 
 interface MountJson {

@@ -10,8 +10,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { access, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { ChildProcess } from 'node:child_process';
-import { exitOf, filesIdentical, parseJson, runEngine, sh, signalStopped, spawnEngine, stoppedItself, tempDir, withoutProgress } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, runEngine, sh, spawnEngine, stoppedItself, tempDir, withoutProgress, collectOutput, signalUntilExit } from './helpers.js';
 import { qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
@@ -41,14 +40,6 @@ afterAll(async () => {
 
 function image(): string {
   return sim.disks.get(vm.disks[0]!)!.image;
-}
-
-function collect(child: ChildProcess): { stderr: () => string; stdout: () => string } {
-  let stderr = '';
-  let stdout = '';
-  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-  child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
-  return { stderr: () => stderr, stdout: () => stdout };
 }
 
 async function until(what: string, condition: () => boolean): Promise<void> {
@@ -90,7 +81,7 @@ describe('backup --ovirt (the incremental backup API)', () => {
     sim.faults.slowReads(vm.disks[0]!, 3_600_000);
     const transfersBefore = sim.transfers.size;
     const child = spawnEngine(['backup', '--repo', repo, '--ovirt', sim.url, '--vm', 'busy', '--incremental'], env);
-    const out = collect(child);
+    const out = collectOutput(child);
     await until('a read of the disk is under way', () => [...sim.transfers.values()].slice(transfersBefore).some((t) => t.phase === 'transferring' && (sim.imageio.tickets.get(t.ticket)?.ongoing ?? 0) > 0));
     // The checkpoint this backup created exists in oVirt now; the interrupted backup must not leave it.
     expect(vm.checkpoints.length).toBe(checkpointsBefore.length + 1);
@@ -121,7 +112,7 @@ describe('backup --ovirt (the incremental backup API)', () => {
     sim.faults.slowReads(vm.disks[0]!, 3_600_000);
     const transfersBefore = sim.transfers.size;
     const child = spawnEngine(['backup', '--repo', repo, '--ovirt', sim.url, '--vm', 'busy', '--full'], env);
-    const out = collect(child);
+    const out = collectOutput(child);
     await until('a read of the disk is under way', () => [...sim.transfers.values()].slice(transfersBefore).some((t) => t.phase === 'transferring' && (sim.imageio.tickets.get(t.ticket)?.ongoing ?? 0) > 0));
     child.kill('SIGINT');
     const exit = await exitOf(child);
@@ -143,7 +134,7 @@ describe('restore --ovirt', () => {
     const vmsBefore = new Set(sim.vms.keys());
     const args = ['restore', '--repo', repo, last, '--ovirt', sim.url, '--new-vm', 'busy-restored', '--via', 'transfer'];
     const child = spawnEngine(args, { ...env, ENGINE_STOP_AT: 'restore-block-written' });
-    const out = collect(child);
+    const out = collectOutput(child);
     await stoppedItself(child);
     child.kill('SIGINT');
     child.kill('SIGCONT');
@@ -171,8 +162,9 @@ describe('the disk-attachment flow (--appliance)', () => {
   /** SIGINT while stopped at `point`, resumed until it exits (a point may be reached again before the signal is seen). */
   async function interruptAt(point: string, args: string[]): Promise<{ code: number | null; stderr: string }> {
     const child = spawnEngine(args, { ...env, ENGINE_STOP_AT: point });
-    const out = collect(child);
-    return { code: (await signalStopped(child)).code, stderr: withoutProgress(out.stderr()) };
+    const out = collectOutput(child);
+    await stoppedItself(child);
+    return { code: (await signalUntilExit(child)).code, stderr: withoutProgress(out.stderr()) };
   }
 
   async function expectNothingAttached(): Promise<void> {
@@ -222,7 +214,7 @@ describe('the disk-attachment flow (--appliance)', () => {
 describe('engine demo', () => {
   test('SIGINT in its restore step: exit 130, one line, its temporary directory removed', async () => {
     const child = spawnEngine(['demo', '--size', '8M'], { ENGINE_STOP_AT: 'restore-block-written' });
-    const out = collect(child);
+    const out = collectOutput(child);
     await stoppedItself(child);
     const working = /working in (\S+?),? /.exec(out.stdout() + out.stderr())?.[1];
     expect(working).toBeDefined();
@@ -238,18 +230,9 @@ describe('engine demo', () => {
   test('SIGINT while its first backup writes a pack (--dir): exit 130, one line, the repository unlocked and intact, usable at once', async () => {
     const kept = join(dir, 'demo-kept');
     const child = spawnEngine(['demo', '--dir', kept, '--size', '48M'], { ENGINE_STOP_AT: 'pack-written' });
-    const out = collect(child);
+    const out = collectOutput(child);
     await stoppedItself(child);
-    child.kill('SIGINT');
-    child.kill('SIGCONT');
-    // A point reached once per pack may be reached again before the signal is seen.
-    const exited = exitOf(child);
-    for (;;) {
-      const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
-      if (settled === 'exited') break;
-      child.kill('SIGCONT');
-    }
-    expect((await exited).code).toBe(130);
+    expect((await signalUntilExit(child)).code).toBe(130);
     expect(withoutProgress(out.stderr())).toBe(`engine: demo was interrupted (SIGINT); what it made so far stays in ${kept}\n`);
     const demoRepo = join(kept, 'repo');
     await expectReleased(demoRepo);

@@ -10,7 +10,7 @@ import { hostname } from 'node:os';
 import { mkdir, readdir, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { bootId, processIdentity } from '../dist/repo-format/process-alive.js';
-import { exitOf, filesIdentical, parseJson, runEngine, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, runEngine, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress, backUp } from './helpers.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -43,11 +43,8 @@ async function image(name: string, megabytes: number, seed = name): Promise<stri
   return path;
 }
 
-async function backupOf(repo: string, source: string, name?: string, env: Record<string, string> = {}): Promise<BackupJson> {
-  const made = await runEngine(['backup', '--repo', repo, '--source', source, ...(name ? ['--name', name] : []), '--json'], { env });
-  expect(withoutProgress(made.stderr)).toBe('');
-  expect(made.code).toBe(0);
-  return parseJson<BackupJson>(made.stdout);
+function backupOf(repo: string, source: string, name?: string, env: Record<string, string> = {}): Promise<BackupJson> {
+  return backUp(repo, ['--source', source, ...(name ? ['--name', name] : [])], { env, quiet: true });
 }
 
 async function restoresIdentical(repo: string, id: string, expected: string, env: Record<string, string> = {}): Promise<void> {

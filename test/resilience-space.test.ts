@@ -15,7 +15,7 @@ import { sealBlobToBuffer } from '../dist/repo-format/blob-codec.js';
 import { BodyTooLargeError, collectBody, HTTP_BODY_LIMIT } from '../dist/engine/host/http-body.js';
 import { createServer, get } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { ENGINE_BIN, exitOf, filesIdentical, parseJson, runEngine, sh, sparseFile, spawnEngine, tempDir, Tmpfs, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
+import { ENGINE_BIN, exitOf, filesIdentical, parseJson, runEngine, sh, sparseFile, spawnEngine, tempDir, Tmpfs, writeRegion, type BackupJson, withoutProgress, backUp } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const PiB = 2 ** 50;
@@ -37,10 +37,8 @@ async function image(name: string, megabytes: number, seed = name): Promise<stri
   return path;
 }
 
-async function backupOf(repo: string, source: string, name?: string): Promise<BackupJson> {
-  const made = await runEngine(['backup', '--repo', repo, '--source', source, ...(name ? ['--name', name] : []), '--json']);
-  expect(made.code).toBe(0);
-  return parseJson<BackupJson>(made.stdout);
+function backupOf(repo: string, source: string, name?: string): Promise<BackupJson> {
+  return backUp(repo, ['--source', source, ...(name ? ['--name', name] : [])]);
 }
 
 async function restoresIdentical(repo: string, id: string, expected: string, env: Record<string, string> = {}): Promise<string> {

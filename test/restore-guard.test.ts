@@ -8,7 +8,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { link, mkdir, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { filesIdentical, parseJson, prefixIdentical, runEngine, sh, sha256File, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
+import { filesIdentical, parseJson, prefixIdentical, runEngine, sh, sha256File, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress, backUp, initRepository } from './helpers.js';
 import { qcow2, qemuIo } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -44,10 +44,8 @@ beforeAll(async () => {
   await sparseFile(image, SIZE);
   await writeRegion(image, 0, 6 * MiB, 'random', 'guard');
   await writeRegion(image, 10 * MiB, 2 * MiB, 'text');
-  expect((await runEngine(['init', repo])).code).toBe(0);
-  const backup = await runEngine(['backup', '--repo', repo, '--source', image, '--json']);
-  expect(backup.code).toBe(0);
-  backupId = parseJson<BackupJson>(backup.stdout).id;
+  await initRepository(repo);
+  backupId = (await backUp(repo, ['--source', image])).id;
 });
 afterAll(async () => {
   await cleanup();

@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { chmod, open, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ENGINE_BIN, filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
+import { ENGINE_BIN, filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress, backUp, initRepository } from './helpers.js';
 import { qcow2, qemuImgCompare, qemuIo, qemuNbd, type Export } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -31,10 +31,8 @@ beforeAll(async () => {
   await writeRegion(image, 0, 3 * MiB, 'random', 'r');
   await writeRegion(image, 20 * MiB, 2 * MiB + 4096, 'text');
   await writeRegion(image, 60 * MiB, MiB, 'random', 's');
-  expect((await runEngine(['init', repo])).code).toBe(0);
-  const backup = await runEngine(['backup', '--repo', repo, '--source', image, '--json']);
-  expect(backup.code).toBe(0);
-  backupId = parseJson<BackupJson>(backup.stdout).id;
+  await initRepository(repo);
+  backupId = (await backUp(repo, ['--source', image])).id;
 });
 afterAll(async () => {
   for (const e of exportsToStop) await e.stop();

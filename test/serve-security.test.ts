@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { SocketReader } from '../dist/engine/nbd/socket-reader.js';
 import { encodeOptionHeader } from '../dist/engine/nbd/wire.js';
 import { loadTlsCredentials, startTls } from '../dist/engine/nbd/tls.js';
-import { ENGINE_BIN, exitOf, filesIdentical, parseJson, runEngine, sh, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
+import { ENGINE_BIN, exitOf, filesIdentical, parseJson, runEngine, sh, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson, withoutProgress, backUp, initRepository } from './helpers.js';
 import { makePskFile, makeTestPki, type TestPki } from './tls.js';
 
 const MiB = 1024 * 1024;
@@ -36,10 +36,8 @@ beforeAll(async () => {
   await sparseFile(image, SIZE);
   await writeRegion(image, 0, 5 * MiB, 'random', 'a');
   await writeRegion(image, 40 * MiB, 3 * MiB + 123, 'text');
-  expect((await runEngine(['init', repo])).code).toBe(0);
-  const backup = await runEngine(['backup', '--repo', repo, '--source', image, '--disk-name', 'os', '--json']);
-  expect(backup.code).toBe(0);
-  backupId = parseJson<BackupJson>(backup.stdout).id;
+  await initRepository(repo);
+  backupId = (await backUp(repo, ['--source', image, '--disk-name', 'os'])).id;
   pki = await makeTestPki(join(dir, 'tls'));
   pskFile = join(dir, 'tls', 'keys.psk');
   await makePskFile(pskFile, ['alice', 'bob']);

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, openRgwStorage } from './s3-helpers.js';
 import { qcow2, qemuImgCompare, qemuIo, qemuNbd } from './qemu.js';
-import { exitOf, filesIdentical, parseJson, runEngine, signalStopped, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, runEngine, signalUntilExit, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const BUCKET = 'engine-v3-backup';
@@ -148,7 +148,8 @@ for (const kind of ['folder', 's3'] as const) {
       const child = spawnEngine(['backup', '--repo', repo, '--source', big, '--name', 'big'], { ...env(cache), ENGINE_STOP_AT: 'pack-sealed' });
       let stderr = '';
       child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-      const exit = await signalStopped(child);
+      await stoppedItself(child);
+      const exit = await signalUntilExit(child);
       expect([exit.code, stderr]).toEqual([130, expect.stringContaining('interrupted')]);
       const after = await keysOf(repo);
       const added = after.filter((k) => !before.includes(k));
