@@ -102,6 +102,8 @@ export interface OpenOptions {
   manyWriters?: boolean | undefined;
   /** Stops a wait for a lease and the cache's catch-up (version 3). */
   signal?: AbortSignal | undefined;
+  /** Version 3: refuse while another live lease has the same command (gc: one at a time, SPEC.md 19.5). */
+  alone?: boolean | undefined;
 }
 
 export interface OpenReport {
@@ -334,12 +336,18 @@ export class Repository {
    */
   private async openWithLease(command: string, options: OpenOptions): Promise<void> {
     try {
-      this.v3 = await V3Session.open({ storage: this.store, config: this.config, dataKey: this.keys?.dataKey, command, writer: command === 'backup', signal: options.signal, notice: this.notice });
+      this.v3 = await V3Session.open({ storage: this.store, config: this.config, dataKey: this.keys?.dataKey, command, writer: command === 'backup', alone: options.alone, signal: options.signal, notice: this.notice });
     } catch (error) {
       await this.close();
       throw error;
     }
     (this.packTarget as { tempDir: string }).tempDir = this.v3.tempDir;
+  }
+
+  /** Version 3 opened with its lease: the session (lease, cache); what gc's commit works through. */
+  get session(): V3Session {
+    if (!this.v3) throw new Error('a version-1/2 repository, or one opened without its lease, has no version-3 session');
+    return this.v3;
   }
 
   /** The index blob writers and readers ask: the repository's LevelDB, or in version 3 the session's. */
