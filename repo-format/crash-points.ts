@@ -24,6 +24,11 @@ export type CrashPoint =
   | 'gc-v3-switched' // v3 gc wrote a switch segment (the old segments count for nothing)
   | 'gc-v3-segment-deleted' // v3 gc deleted its first superseded segment
   | 'gc-v3-pack-deleted' // v3 gc deleted its first pack
+  | 'migrate-segment-written' // migrate wrote its first segment under tmp/migrate-index/
+  | 'migrate-index-aside' // migrate renamed index/ to index.v2/, the segments not yet in index/
+  | 'migrate-index-swapped' // migrate's segments are index/, the config still version 1/2
+  | 'migrate-config-written' // migrate's version-3 config is durable (the commit point), leftovers remain
+  | 'migrate-leftover-removed' // migrate removed its first leftover
   | 'repair-quarantined' // repair wrote its quarantine files; the new index is not yet swapped in
   | 'repair-index-swapped' // repair's rebuilt index is in place; the old one not yet deleted
   | 'repair-pack-read' // repair entered the first pack into its new index under tmp/ (ENGINE_STOP_AT: interruption tests)

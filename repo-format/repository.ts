@@ -63,6 +63,7 @@ import { copyIndexForReading, privateIndexDir, removeIndexCopy, unwritableReason
 import { PackPresence } from './pack-presence.js';
 import { V3Session } from './v3/session.js';
 import { openLocation } from './v3/location.js';
+import { isMidMigration } from './v3/migrate.js';
 
 export interface OpenOptions {
   /** 'read': records only, no lock. 'exclusive': lock + index. */
@@ -104,6 +105,8 @@ export interface OpenOptions {
   signal?: AbortSignal | undefined;
   /** Version 3: refuse while another live lease has the same command (gc: one at a time, SPEC.md 19.5). */
   alone?: boolean | undefined;
+  /** `engine migrate`: open a repository mid-migration (SPEC.md 19.11), which every other command refuses. */
+  migrating?: boolean | undefined;
 }
 
 export interface OpenReport {
@@ -284,6 +287,9 @@ export class Repository {
           store = await openLocation(root);
           config = await Repository.loadConfig(root, store);
         }
+      }
+      if (!isManyWriters(config) && options.migrating !== true && (await isMidMigration(root))) {
+        throw new NotARepositoryError(root, `a migration to format version 3 was cut short after its index was swapped (index.v2/ beside segments in index/): \`engine migrate ${root}\` finishes it`);
       }
       if (options.requireEncryption === true && !config.encryption) throw new NotEncryptedError(root);
       // Keys first: a wrong passphrase stops here, before the lock or anything else is written.
@@ -510,14 +516,21 @@ export class Repository {
     await this.withSpaceReserve(() => this.index.deleteBackup(id));
   }
 
-  async close(): Promise<void> {
+  /** Closes the LevelDB index and keeps the lock (migrate renames the index's directory). */
+  async closeIndex(): Promise<void> {
+    await this.indexStore?.close().catch(() => undefined);
+    this.indexStore = undefined;
+  }
+
+  /** `setReserveAside` false: the repository became version 3 (migrate), which has no space reserve. */
+  async close(options: { setReserveAside?: boolean } = {}): Promise<void> {
     await this.v3?.close();
     this.v3 = undefined;
     await this.indexStore?.close().catch(() => undefined);
     this.indexStore = undefined;
     if (this.indexCopy) await removeIndexCopy(this.indexCopy).catch(() => undefined);
     this.indexCopy = undefined;
-    if (this.lock) await this.setReserveAside().catch(() => undefined);
+    if (this.lock && options.setReserveAside !== false) await this.setReserveAside().catch(() => undefined);
     await this.lock?.release();
     this.lock = undefined;
     await this.store.close().catch(() => undefined);
