@@ -247,6 +247,16 @@ export class Repository {
     return config;
   }
 
+  /** Whether the repository at `root` is of format version 3 (every s3:// one); a config that cannot be read is left to the open's own error. */
+  static async isVersion3(root: string): Promise<boolean> {
+    if (isS3Url(root)) return true;
+    try {
+      return isManyWriters(await Repository.loadConfig(root));
+    } catch {
+      return false;
+    }
+  }
+
   /** The config of any version this engine reads (3 included), from the store given or the folder's. */
   static async loadConfig(root: string, store?: Storage): Promise<RepositoryConfig> {
     if (!isS3Url(root)) checkLocalPath(root, 'repository');

@@ -162,7 +162,6 @@ test('every command not wired on version 3 refuses a version-3 folder and an s3:
   const commands: string[][] = [
     ['serve', 'abc'],
     ['mount', 'abc', mountDir],
-    ['repair'],
   ];
   for (const where of [repo, url]) {
     for (const command of commands) {

@@ -36,8 +36,6 @@ import { copyLiveFrames, type GcCopies } from './copy.js';
 import { commitChanges, staleMarkers } from './commit.js';
 import { emptyGcReport, type GcReport } from './report.js';
 import { gcVersion3 } from './v3.js';
-import { isS3Url } from '../../repo-format/storage/s3-url.js';
-import { isManyWriters } from '../../repo-format/config.js';
 
 export type { GcReport } from './report.js';
 
@@ -66,7 +64,7 @@ export async function gc(options: GcOptions): Promise<GcReport> {
   const interruption = new Interruption(options.signal, 'gc', () => 'nothing visible changed: the packs it had copied under tmp/ were removed');
   interruption.check();
   // Format version 3 (every s3:// repository): leases and segments (SPEC.md 19.8).
-  if (await isVersion3(options.repo)) {
+  if (await Repository.isVersion3(options.repo)) {
     return gcVersion3({ repo: options.repo, passphrase: options.passphrase, rewriteBelow, dryRun: options.dryRun === true, signal: options.signal, notice, interruption, report });
   }
 
@@ -134,12 +132,3 @@ async function reportPlan(repo: Repository, plan: GcPlan, report: GcReport): Pro
   report.markers = await staleMarkers(repo, plan.damagedReferenced, (packId) => !going.has(packId));
 }
 
-/** Whether the repository is of format version 3; a config that cannot be read is left to the open's own error. */
-async function isVersion3(repo: string): Promise<boolean> {
-  if (isS3Url(repo)) return true;
-  try {
-    return isManyWriters(await Repository.loadConfig(repo));
-  } catch {
-    return false;
-  }
-}
