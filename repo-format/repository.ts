@@ -626,8 +626,18 @@ export class Repository {
     return packKey(packId);
   }
 
+  /**
+   * Version 3: the shared lease this handle holds (SPEC.md 19.5, 19.9), its key and a signal that fires when
+   * it is lost; undefined for versions 1 and 2 and for a handle opened without it (access 'read').
+   */
+  get lease(): { key: string; lost: AbortSignal } | undefined {
+    return this.v3 ? { key: this.v3.lease.key, lost: this.v3.lease.lost } : undefined;
+  }
+
   /** One frame's bytes, as the index locates it (CorruptPackError / CorruptFrameError when it cannot be read whole). */
   readFrame(location: { packId: string; offset: number; length: number }): Promise<Buffer> {
+    // Version 3: a reader whose lease is lost reads no more packs (SPEC.md 19.9): gc may be deleting them.
+    this.v3?.lease.assertHeld();
     return readFrameBytes(this.store, location.packId, location.offset, location.length);
   }
 
@@ -636,6 +646,9 @@ export class Repository {
    * is released; gc copies between its two holds of it). Its close() releases it.
    */
   detachedStore(): StoreHandle {
+    // A folder's store only (versions 1 and 2): an s3:// location is no path, and a version-3 reader keeps
+    // its own handle (and lease) for as long as it reads.
+    if (this.onS3) throw new Error('detachedStore of an S3 repository: read through the repository handle that holds the lease');
     const store = openStore(this.root);
     return {
       readFrame: (location) => readFrameBytes(store, location.packId, location.offset, location.length),
@@ -650,6 +663,7 @@ export class Repository {
    * this thread), or undefined: the frame is then read with readFrame. Measured: frame-locator.ts.
    */
   locateFrame(location: { packId: string; offset: number; length: number }): FrameLocator | undefined {
+    this.v3?.lease.assertHeld();
     return frameLocatorIn(this.store, location);
   }
 
