@@ -669,16 +669,19 @@ export class Repository {
 
   /** `length` bytes of a pack at `offset` (a frame's header, for verify): exactly those, or ENGINE_STORAGE 'out-of-range'. */
   readPackRange(packId: string, offset: number, length: number): Promise<Buffer> {
+    this.v3?.lease.assertHeld();
     return this.store.get(packKey(packId), { range: { offset, length } });
   }
 
   /** The frames of a pack, from their headers (pack-file.ts, scanPack). */
   scanPack(packId: string): Promise<PackScan> {
+    this.v3?.lease.assertHeld();
     return scanPack(this.store, packId, this.encrypted);
   }
 
   /** A whole pack in memory (repair walks it): at most `maxSize` bytes. */
   readPack(packId: string, maxSize: number): Promise<Buffer> {
+    this.v3?.lease.assertHeld();
     return readPackBytes(this.store, packId, maxSize);
   }
 
