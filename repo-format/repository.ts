@@ -61,7 +61,7 @@ import { noticeSink, type NoticeSink } from './notices.js';
 import { createReserve, freeBytes, releaseReserve, reserveSize } from './space-reserve.js';
 import { copyIndexForReading, privateIndexDir, removeIndexCopy, unwritableReason, withoutLockNotice, type Unwritable } from './unwritable.js';
 import { PackPresence } from './pack-presence.js';
-import { V3Session } from './v3/session.js';
+import { defaultCacheRoot, V3Session } from './v3/session.js';
 import { openLocation } from './v3/location.js';
 
 export interface OpenOptions {
@@ -264,6 +264,25 @@ export class Repository {
     if (typeof config === 'string') throw new NotARepositoryError(root, config, await rebuildHint(root));
     if (config.version > newestReadableVersion(config)) throw new FormatTooNewError(root, config.version, newestReadableVersion(config));
     return config;
+  }
+
+  /**
+   * Where the journals of the repository at `root` are (SPEC.md 12.1, 19.1): its folder for versions 1 and
+   * 2; for version 3 (a folder or S3) this host's cache directory of it, `<cache>/<repository id>/` (19.4):
+   * a journal names what a run of this host created, and an s3:// location is no folder. A folder whose
+   * config cannot be read keeps the folder (opening the repository then says what is wrong with it).
+   */
+  static async journalRoot(root: string, cacheRoot = defaultCacheRoot()): Promise<string> {
+    if (!isS3Url(root)) {
+      const config = await Repository.loadConfig(root).catch(() => undefined);
+      return config && isManyWriters(config) ? join(cacheRoot, config.id) : root;
+    }
+    const store = await openLocation(root);
+    try {
+      return join(cacheRoot, (await Repository.loadConfig(root, store)).id);
+    } finally {
+      await store.close();
+    }
   }
 
   static async open(root: string, options: OpenOptions): Promise<Repository> {
