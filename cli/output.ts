@@ -160,6 +160,7 @@ export function serveJson(handle: ServeHandle): Record<string, unknown> {
     warnings: handle.warnings,
     writable: handle.writable,
     readerToken: handle.readerToken,
+    lease: handle.lease,
     tableBytes: handle.tableBytes,
     pid: process.pid,
     exports: handle.exports,

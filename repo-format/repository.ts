@@ -61,7 +61,7 @@ import { noticeSink, type NoticeSink } from './notices.js';
 import { createReserve, freeBytes, releaseReserve, reserveSize } from './space-reserve.js';
 import { copyIndexForReading, privateIndexDir, removeIndexCopy, unwritableReason, withoutLockNotice, type Unwritable } from './unwritable.js';
 import { PackPresence } from './pack-presence.js';
-import { V3Session } from './v3/session.js';
+import { defaultCacheRoot, V3Session } from './v3/session.js';
 import { openLocation } from './v3/location.js';
 import { isMidMigration } from './v3/migrate.js';
 
@@ -279,6 +279,25 @@ export class Repository {
     if (typeof config === 'string') throw new NotARepositoryError(root, config, await rebuildHint(root));
     if (config.version > newestReadableVersion(config)) throw new FormatTooNewError(root, config.version, newestReadableVersion(config));
     return config;
+  }
+
+  /**
+   * Where the journals of the repository at `root` are (SPEC.md 12.1, 19.1): its folder for versions 1 and
+   * 2; for version 3 (a folder or S3) this host's cache directory of it, `<cache>/<repository id>/` (19.4):
+   * a journal names what a run of this host created, and an s3:// location is no folder. A folder whose
+   * config cannot be read keeps the folder (opening the repository then says what is wrong with it).
+   */
+  static async journalRoot(root: string, cacheRoot = defaultCacheRoot()): Promise<string> {
+    if (!isS3Url(root)) {
+      const config = await Repository.loadConfig(root).catch(() => undefined);
+      return config && isManyWriters(config) ? join(cacheRoot, config.id) : root;
+    }
+    const store = await openLocation(root);
+    try {
+      return join(cacheRoot, (await Repository.loadConfig(root, store)).id);
+    } finally {
+      await store.close();
+    }
   }
 
   static async open(root: string, options: OpenOptions): Promise<Repository> {
@@ -657,8 +676,18 @@ export class Repository {
     return packKey(packId);
   }
 
+  /**
+   * Version 3: the shared lease this handle holds (SPEC.md 19.5, 19.9), its key and a signal that fires when
+   * it is lost; undefined for versions 1 and 2 and for a handle opened without it (access 'read').
+   */
+  get lease(): { key: string; lost: AbortSignal } | undefined {
+    return this.v3 ? { key: this.v3.lease.key, lost: this.v3.lease.lost } : undefined;
+  }
+
   /** One frame's bytes, as the index locates it (CorruptPackError / CorruptFrameError when it cannot be read whole). */
   readFrame(location: { packId: string; offset: number; length: number }): Promise<Buffer> {
+    // Version 3: a reader whose lease is lost reads no more packs (SPEC.md 19.9): gc may be deleting them.
+    this.v3?.lease.assertHeld();
     return readFrameBytes(this.store, location.packId, location.offset, location.length);
   }
 
@@ -667,6 +696,9 @@ export class Repository {
    * is released; gc copies between its two holds of it). Its close() releases it.
    */
   detachedStore(): StoreHandle {
+    // A folder's store only (versions 1 and 2): an s3:// location is no path, and a version-3 reader keeps
+    // its own handle (and lease) for as long as it reads.
+    if (this.onS3) throw new Error('detachedStore of an S3 repository: read through the repository handle that holds the lease');
     const store = openStore(this.root);
     return {
       readFrame: (location) => readFrameBytes(store, location.packId, location.offset, location.length),
@@ -681,21 +713,25 @@ export class Repository {
    * this thread), or undefined: the frame is then read with readFrame. Measured: frame-locator.ts.
    */
   locateFrame(location: { packId: string; offset: number; length: number }): FrameLocator | undefined {
+    this.v3?.lease.assertHeld();
     return frameLocatorIn(this.store, location);
   }
 
   /** `length` bytes of a pack at `offset` (a frame's header, for verify): exactly those, or ENGINE_STORAGE 'out-of-range'. */
   readPackRange(packId: string, offset: number, length: number): Promise<Buffer> {
+    this.v3?.lease.assertHeld();
     return this.store.get(packKey(packId), { range: { offset, length } });
   }
 
   /** The frames of a pack, from their headers (pack-file.ts, scanPack). */
   scanPack(packId: string): Promise<PackScan> {
+    this.v3?.lease.assertHeld();
     return scanPack(this.store, packId, this.encrypted);
   }
 
   /** A whole pack in memory (repair walks it): at most `maxSize` bytes. */
   readPack(packId: string, maxSize: number): Promise<Buffer> {
+    this.v3?.lease.assertHeld();
     return readPackBytes(this.store, packId, maxSize);
   }
 
