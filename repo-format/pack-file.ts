@@ -27,6 +27,7 @@ import { IMMUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
 import { decodeFrameHeader, frameLength, type FrameHeader } from './frame.js';
 import type { IndexEntry } from './index-entry.js';
 import { LocalStorage } from './storage/local.js';
+import { isS3Url } from './storage/s3-url.js';
 import { StorageError } from './storage/storage-error.js';
 import type { Storage } from './storage/storage.js';
 import { openStore, packKey, storeAt } from './store.js';
@@ -48,9 +49,16 @@ function localTarget(root: string): PackTarget {
 
 const storeOf = storeAt;
 
-/** A worker's way to a frame of a store whose objects are local files; undefined for any other store. */
+/**
+ * A worker's way to a frame (frame-locator.ts): a local file's path, or for an S3 store the location it
+ * opens its own client from; undefined for a span longer than a frame in S3 (a whole pack: read by the main
+ * thread in bounded spans) and for any other store.
+ */
 export function frameLocatorIn(store: Storage, location: { packId: string; offset: number; length: number }): FrameLocator | undefined {
-  return store instanceof LocalStorage ? localFrameLocator(store.pathOf(packKey(location.packId)), location.offset, location.length) : undefined;
+  if (store instanceof LocalStorage) return localFrameLocator(store.pathOf(packKey(location.packId)), location.offset, location.length);
+  const where = store.properties.location;
+  if (isS3Url(where) && location.length <= MAX_FRAME_LENGTH) return { kind: 'store', location: where, packId: location.packId, offset: location.offset, length: location.length };
+  return undefined;
 }
 
 /**
@@ -253,14 +261,14 @@ export async function readFrameBytes(store: Storage | string, packId: string, of
   }
 }
 
+/** What reads frames for a server: a StoreHandle, or the repository handle itself (version 3, which holds the lease). */
+export type FrameReader = Pick<StoreHandle, 'readFrame' | 'locateFrame'>;
+
 /**
  * A repository's store through a handle of its own, for work done between two holds of the lock (gc's
  * copy phase) or after it (serve): frames read as the index locates them, new packs written. Closed by
  * its user.
  */
-/** What reads frames for a server: a StoreHandle, or the repository handle itself (version 3, which holds the lease). */
-export type FrameReader = Pick<StoreHandle, 'readFrame' | 'locateFrame'>;
-
 export interface StoreHandle {
   readFrame(location: { packId: string; offset: number; length: number }): Promise<Buffer>;
   /** Where a worker reads the frame itself, when the store's objects are local files (frame-locator.ts). */

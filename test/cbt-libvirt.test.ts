@@ -11,7 +11,7 @@ import { parseJson, runEngine, sh, sparseFile, tempDir, expectRestoreIdentical }
 import { qcow2, qemuIo } from './qemu.js';
 import { destroyDomain, ensureLibvirtd, guestWrite, startDomain } from './libvirt.js';
 import { startRgwCluster } from './rgw.js';
-import { createBucket } from './s3-helpers.js';
+import { createBucket, rgwEnv } from './s3-helpers.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -200,15 +200,7 @@ describe('a running libvirt domain', () => {
     const cluster = await startRgwCluster({ memstoreBytes: 512 * MiB });
     try {
       await createBucket(cluster, 'engine-libvirt-v3');
-      const s3Env = {
-        AWS_ACCESS_KEY_ID: cluster.user.accessKeyId,
-        AWS_SECRET_ACCESS_KEY: cluster.user.secretAccessKey,
-        AWS_SHARED_CREDENTIALS_FILE: join(dir, 'no-credentials'),
-        AWS_CONFIG_FILE: join(dir, 'no-config'),
-        AWS_ENDPOINT_URL_S3: cluster.endpoint,
-        AWS_REGION: cluster.region,
-        ENGINE_PASSWORD: 'correct horse battery staple',
-      };
+      const s3Env = { ...rgwEnv(cluster, dir), ENGINE_PASSWORD: 'correct horse battery staple' };
       const vdc = { expected: join(dir, `${domain}-vdc.expected.raw`) };
       for (const [where, env] of [
         [join(dir, 'repo-v3'), { ENGINE_CACHE_DIR: join(dir, 'cache-v3') }],

@@ -5,6 +5,7 @@
  * object cut behind the engine's back).
  */
 import { createHash } from 'node:crypto';
+import { join } from 'node:path';
 import { S3Client } from '../dist/repo-format/storage/s3-client.js';
 import { openS3Stack, openS3Storage, type S3Storage, type S3StorageOptions } from '../dist/repo-format/storage/s3.js';
 import type { RetryPolicy } from '../dist/repo-format/storage/retry.js';
@@ -70,4 +71,19 @@ export function openRgwBackend(cluster: RgwCluster, url: string, options: Partia
 /** The S3 backend as the engine stacks it (retries, concurrency limit); `retry` as given. */
 export async function openRgwStorage(cluster: RgwCluster, url: string, options: Partial<S3StorageOptions> & { retry?: RetryPolicy } = {}): Promise<Storage> {
   return (await openS3Stack(rgwOptions(cluster, url, options))).storage;
+}
+
+/**
+ * The environment a user gives the CLI for the cluster: the standard AWS variables with its user, endpoint
+ * and region, and nothing from this machine's ~/.aws (files under `scratch` that do not exist).
+ */
+export function rgwEnv(cluster: RgwCluster, scratch: string): Record<string, string> {
+  return {
+    AWS_ACCESS_KEY_ID: cluster.user.accessKeyId,
+    AWS_SECRET_ACCESS_KEY: cluster.user.secretAccessKey,
+    AWS_SHARED_CREDENTIALS_FILE: join(scratch, 'no-credentials'),
+    AWS_CONFIG_FILE: join(scratch, 'no-config'),
+    AWS_ENDPOINT_URL_S3: cluster.endpoint,
+    AWS_REGION: cluster.region,
+  };
 }

@@ -9,11 +9,11 @@
  * is seen within seconds, as it would be within T/3 = 100 s with the defaults.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { chmod, mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage } from './s3-helpers.js';
+import { createBucket, openRgwStorage, rgwEnv } from './s3-helpers.js';
 import { qemuImgCompare } from './qemu.js';
 import { collectOutput, exitOf, filesIdentical, parseJson, runEngine, sh, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
@@ -26,12 +26,7 @@ let small: string;
 
 function env(kind: 'folder' | 's3'): Record<string, string> {
   return {
-    AWS_ACCESS_KEY_ID: cluster.user.accessKeyId,
-    AWS_SECRET_ACCESS_KEY: cluster.user.secretAccessKey,
-    AWS_SHARED_CREDENTIALS_FILE: join(scratch.path, 'no-credentials'),
-    AWS_CONFIG_FILE: join(scratch.path, 'no-config'),
-    AWS_ENDPOINT_URL_S3: cluster.endpoint,
-    AWS_REGION: cluster.region,
+    ...rgwEnv(cluster, scratch.path),
     ENGINE_CACHE_DIR: join(scratch.path, `cache-${kind}`),
     ENGINE_RUN_DIR: join(scratch.path, `run-${kind}`),
   };
@@ -86,6 +81,21 @@ async function leasesOf(repo: string): Promise<Lease[]> {
       if (bytes !== undefined) found.push({ key: info.key, lease: JSON.parse(bytes.toString('utf8')) });
     }
     return found;
+  });
+}
+
+async function packsOf(repo: string): Promise<{ key: string; size: number }[]> {
+  if (!repo.startsWith('s3://')) {
+    const packs: { key: string; size: number }[] = [];
+    for (const sub of await readdir(join(repo, 'packs'))) {
+      for (const name of await readdir(join(repo, 'packs', sub))) packs.push({ key: `packs/${sub}/${name}`, size: (await stat(join(repo, 'packs', sub, name))).size });
+    }
+    return packs;
+  }
+  return withStorage(repo, async (storage) => {
+    const packs: { key: string; size: number }[] = [];
+    for await (const info of storage.list('packs/')) packs.push({ key: info.key, size: info.size });
+    return packs;
   });
 }
 
@@ -249,6 +259,29 @@ for (const kind of ['folder', 's3'] as const) {
       expect(unmounted.code, unmounted.stderr).toBe(0);
       expect(parseJson<{ serverStopped: boolean }>(unmounted.stdout).serverStopped).toBe(false);
       expect(await leasesOf(repo)).toEqual([]);
+    });
+
+    test('a pack cut short behind the engine: the workers reading its frames (from S3 through their own client) name it; restore fails, exit 4', async () => {
+      // A backup of data of its own; its data pack (not the small one of map pages) cut to 4 KiB.
+      const before = new Set((await packsOf(repo)).map((p) => p.key));
+      const own = join(scratch.path, `own-${kind}.raw`);
+      await writeRegion(own, 0, 4 * MiB, 'random', `own-${kind}`);
+      const backup = await runEngine(['backup', '--repo', repo, '--source', own, '--json'], { env: env(kind) });
+      expect(backup.code, backup.stderr).toBe(0);
+      const ownId = parseJson<BackupJson>(backup.stdout).id;
+      const cut = (await packsOf(repo)).filter((p) => !before.has(p.key)).sort((a, b) => b.size - a.size)[0]!.key;
+      if (kind === 'folder') {
+        await chmod(join(repo, cut), 0o600);
+        await writeFile(join(repo, cut), (await readFile(join(repo, cut))).subarray(0, 4096));
+      } else {
+        await withStorage(repo, async (storage) => storage.put(cut, (await storage.get(cut)).subarray(0, 4096)));
+      }
+      const target = join(scratch.path, `cut-${kind}.raw`);
+      const r = await runEngine(['restore', '--repo', repo, ownId, '--to', target], { env: env(kind) });
+      expect(r.code, r.stderr).toBe(4);
+      expect(r.stderr).toContain(cut.split('/')[2]!);
+      expect(r.stderr).toMatch(/pack is truncated/);
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
     });
   });
 }

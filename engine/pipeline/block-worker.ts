@@ -8,7 +8,8 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { initChecksum } from '../../repo-format/checksum.js';
 import { blobId, openBlob, sealBlob } from '../../repo-format/blob-codec.js';
-import { locatorAt, readLocatedFrame } from '../../repo-format/frame-locator.js';
+import { locatorAt } from '../../repo-format/frame-locator.js';
+import { readLocatedFrame } from '../../repo-format/located-frame.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
 import type { BlockTask, HashResult, OpenResult, SealResult, VerifyPackResult, WorkerSetup } from './tasks.js';
 
@@ -58,11 +59,11 @@ function seal(slot: number, length: number, kind: number, id: Uint8Array): SealR
   return { frameLength, flags: target.readUInt8(5) };
 }
 
-function openFrame(task: Extract<BlockTask, { op: 'open' }>): OpenResult {
+async function openFrame(task: Extract<BlockTask, { op: 'open' }>): Promise<OpenResult> {
   if (task.length > slots.outputSlotSize) return { ok: false, why: `index says the frame is ${task.length} bytes, more than a block can need` };
   const frame = outputSlot(task.slot, task.length);
   if (task.locator) {
-    const unreadable = readLocatedFrame(task.locator, frame);
+    const unreadable = await readLocatedFrame(task.locator, frame);
     if (unreadable) return { ok: false, why: unreadable };
   }
   const opened = openBlob(frame, Buffer.from(task.id), keys);
@@ -72,12 +73,12 @@ function openFrame(task: Extract<BlockTask, { op: 'open' }>): OpenResult {
   return { ok: true, rawLength: opened.plaintext.length };
 }
 
-function verifyPack(task: Extract<BlockTask, { op: 'verify-pack' }>): VerifyPackResult {
+async function verifyPack(task: Extract<BlockTask, { op: 'verify-pack' }>): Promise<VerifyPackResult> {
   const bad: VerifyPackResult['bad'] = [];
   if ('locator' in task) {
     for (const { offset, length } of task.frames) {
       const frame = scratch.length >= length ? scratch.subarray(0, length) : Buffer.allocUnsafe(length);
-      const unreadable = readLocatedFrame(locatorAt(task.locator, offset, length), frame);
+      const unreadable = await readLocatedFrame(locatorAt(task.locator, offset, length), frame);
       const opened = unreadable ?? openBlob(frame, undefined, keys);
       if (typeof opened === 'string') bad.push({ offset, why: opened });
     }
@@ -95,7 +96,7 @@ function verifyPack(task: Extract<BlockTask, { op: 'verify-pack' }>): VerifyPack
   return { bad };
 }
 
-export default function run(task: BlockTask): HashResult | SealResult | OpenResult | VerifyPackResult {
+export default function run(task: BlockTask): HashResult | SealResult | Promise<OpenResult> | Promise<VerifyPackResult> {
   switch (task.op) {
     case 'hash':
       return hash(task.slot, task.length);

@@ -45,8 +45,8 @@ export interface SealResult {
 
 /**
  * Check a frame of `length` bytes and place its plaintext in input slot `slot`. The frame is in output slot
- * `slot` (read by the main thread through the store), or the worker reads it there from `locator` (a store
- * of local files: the repository's opaque FrameLocator).
+ * `slot` (read by the main thread through the store), or the worker reads it there from `locator` (the
+ * repository's opaque FrameLocator: a local pack file, or a pack in S3).
  */
 export interface OpenTask {
   op: 'open';

@@ -1,0 +1,39 @@
+/**
+ * Reads a located frame (frame-locator.ts) in the calling thread, a block worker: a local pack with pread, a
+ * pack in an S3 store through a client this thread opens once per location (v3/location.ts: endpoint,
+ * region, CA and credentials from the environment, which workers share with the process). The reasons are
+ * worded as the main thread's reads word them (pack-file.ts, readFrameBytes): a missing or short pack is a
+ * damaged frame, never a short read.
+ */
+import { CorruptFrameError, CorruptPackError } from './errors.js';
+import { readLocalFrame, type FrameLocator } from './frame-locator.js';
+import { readFrameBytes } from './pack-file.js';
+import type { Storage } from './storage/storage.js';
+import { openLocation } from './v3/location.js';
+
+/** This thread's stores, one per location; they live as long as the thread (a pool's workers). */
+const stores = new Map<string, Promise<Storage>>();
+
+function storeFor(location: string): Promise<Storage> {
+  let store = stores.get(location);
+  if (!store) {
+    store = openLocation(location);
+    // A store that failed to open is opened again by the next read, not remembered as failed.
+    store.catch(() => stores.delete(location));
+    stores.set(location, store);
+  }
+  return store;
+}
+
+/** Reads the frame into `target` (exactly `locator.length` bytes): undefined when it is all there, or why not. */
+export async function readLocatedFrame(locator: FrameLocator, target: Buffer): Promise<string | undefined> {
+  if (locator.kind === 'local-file') return readLocalFrame(locator, target);
+  try {
+    const bytes = await readFrameBytes(await storeFor(locator.location), locator.packId, locator.offset, locator.length);
+    bytes.copy(target);
+    return undefined;
+  } catch (error) {
+    if (error instanceof CorruptPackError || error instanceof CorruptFrameError) return String(error.details.why ?? error.message);
+    throw error;
+  }
+}
