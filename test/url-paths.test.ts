@@ -60,18 +60,24 @@ describe('URLs where a local path is expected', () => {
     for (const args of [['list'], ['show', backupId], ['verify'], ['gc'], ['repair'], ['prune', '--keep-last', '1'], ['protect', backupId], ['restore', backupId, '--to', join(dir, 'x.raw')], ['backup', '--source', join(dir, 'disk.img')], ['serve', backupId, '--socket', join(dir, 'serve.sock')]]) {
       await refused([...args, '--repo', 'sftp://host/repo'], 'repository', 'sftp://host/repo');
       await refused(args, 'repository', 'rest:https://host/repo', { ENGINE_REPO: 'rest:https://host/repo' });
-      // s3:// is a repository (format version 3): the commands that work on it go to the store (here without
-      // credentials: stopped before any request), the others refuse it by name; never a path.
+      // s3:// is a repository (format version 3): every command goes to the store (here without credentials:
+      // stopped before any request); never a path.
       const noCredentials = { AWS_ACCESS_KEY_ID: '', AWS_SECRET_ACCESS_KEY: '', AWS_PROFILE: '', AWS_SHARED_CREDENTIALS_FILE: join(dir, 'none'), AWS_CONFIG_FILE: join(dir, 'none') };
-      const refusesV3 = args[0] === 'gc' || args[0] === 'repair';
       for (const env of [{}, { ENGINE_REPO: 's3://bucket/repo' }] as Record<string, string>[]) {
         const s3 = await runEngine(Object.keys(env).length === 0 ? [...args, '--repo', 's3://bucket/repo'] : args, { cwd, env: { ...noCredentials, ...env } });
-        expect([args.join(' '), s3.code]).toEqual([args.join(' '), refusesV3 ? 5 : 1]);
+        expect([args.join(' '), s3.code]).toEqual([args.join(' '), 1]);
         expect(s3.stderr).not.toMatch(/looks like a URL/);
-        expect(s3.stderr).toMatch(refusesV3 ? /^engine: repository s3:\/\/bucket\/repo has format version 3/ : /credentials/i);
+        expect(s3.stderr).toMatch(/credentials/i);
         expect(await readdir(cwd)).toEqual([]);
       }
     }
+  });
+
+  test('migrate takes a folder only: s3:// is refused as having nothing to migrate, nothing created', async () => {
+    const s3 = await runEngine(['migrate', 's3://bucket/repo'], { cwd });
+    expect(s3.code).toBe(2);
+    expect(s3.stderr.trim()).toBe('engine: s3://bucket/repo: an S3 repository is always format version 3; there is nothing to migrate');
+    expect(await readdir(cwd)).toEqual([]);
   });
 
   test('--source, --image, --to, --to-qcow2, mount and umount directories, --socket, --overlay-dir, --password-file, --ovirt-credentials, --ca-file, --device-root, demo --dir', async () => {
