@@ -224,5 +224,25 @@ for (const kind of ['folder', 's3'] as const) {
       }
       await everythingRestores();
     });
+
+    test('the config deleted, then damaged, behind the engine: every command refuses it; repair rebuilds it (block size from the records, the damaged one kept beside it) and everything restores', async () => {
+      await store.delete('config');
+      const refused = await runEngine(['list', '--repo', repo], { env: e() });
+      expect(refused.code).toBe(5);
+      const rebuilt = await runEngine(['repair', '--repo', repo, '--json'], { env: e() });
+      expect(rebuilt.code, rebuilt.stderr).toBe(0);
+      const report = parseJson<RepairJson & { configRebuilt: { version: number; blockSize: number; keptAs: string | null; sources: { blockSize: string } } | null }>(rebuilt.stdout);
+      expect(report.configRebuilt).toMatchObject({ version: 3, blockSize: MiB, keptAs: null, sources: { blockSize: 'records' } });
+      await everythingRestores();
+
+      await store.replace('config', Buffer.from('{"not": "a config"'));
+      expect((await runEngine(['list', '--repo', repo], { env: e() })).code).toBe(5);
+      const again = await runEngine(['repair', '--repo', repo, '--json'], { env: e() });
+      expect(again.code, again.stderr).toBe(0);
+      const keptAs = parseJson<{ configRebuilt: { keptAs: string } }>(again.stdout).configRebuilt.keptAs;
+      expect(keptAs).toMatch(/^config\.damaged-\d+$/);
+      expect((await store.get(keptAs)).toString()).toBe('{"not": "a config"');
+      await everythingRestores();
+    });
   });
 }
