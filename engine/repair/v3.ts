@@ -59,7 +59,8 @@ export async function repairVersion3(args: RepairVersion3Args): Promise<RepairRe
   const repo = await Repository.open(args.repo, { access: 'exclusive', command: 'repair', manyWriters: true, passphrase: args.passphrase, signal: args.signal, onNotice: args.notice });
   const building = join(repo.session.tempDir, `repair-index.${randomBytes(4).toString('hex')}`);
   try {
-    await interruption.race(repo.session.takeExclusive({ waitMs: REPAIR_EXCLUSIVE_WAIT_MS, signal: args.signal })).catch((error: unknown) => {
+    // Not raced: the acquisition ends on the signal itself and deletes its pending lease before it throws.
+    await repo.session.takeExclusive({ waitMs: REPAIR_EXCLUSIVE_WAIT_MS, signal: args.signal }).catch((error: unknown) => {
       throw interruption.aborted ? interruption.error() : error;
     });
     const lease = repo.session.lease;
