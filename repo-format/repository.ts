@@ -253,7 +253,9 @@ export class Repository {
     try {
       return isManyWriters(await Repository.loadConfig(root));
     } catch {
-      return false;
+      // No readable config: a folder laid out as version 3 (leases/, or segments in index/) is one all the same.
+      if (await stat(join(root, 'leases')).then(() => true, () => false)) return true;
+      return (await readdir(join(root, LAYOUT.index)).catch(() => [] as string[])).some((name) => /^[0-9a-f]{32}-[0-9a-f]{8}$/.test(name));
     }
   }
 

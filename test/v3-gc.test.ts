@@ -7,7 +7,7 @@
  * backup restoring byte for byte (cmp), verify --read-data clean, and the next gc finishes.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { readdir, readFile } from 'node:fs/promises';
+import { chmod, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, openRgwStorage } from './s3-helpers.js';
@@ -73,6 +73,31 @@ async function keysOf(where: string): Promise<string[]> {
   }
 }
 
+async function getObject(where: string, key: string): Promise<Buffer> {
+  const storage = await openRgwStorage(cluster, where);
+  try {
+    return await storage.get(key);
+  } finally {
+    await storage.close();
+  }
+}
+
+/** Replaces an object behind the engine's back (a folder's file is written over). */
+async function putObject(where: string, key: string, bytes: Buffer): Promise<void> {
+  if (!where.startsWith('s3://')) {
+    await chmod(join(where, key), 0o600);
+    await writeFile(join(where, key), bytes);
+    await chmod(join(where, key), 0o400);
+    return;
+  }
+  const storage = await openRgwStorage(cluster, where);
+  try {
+    await storage.put(key, bytes);
+  } finally {
+    await storage.close();
+  }
+}
+
 const packsOf = async (repo: string): Promise<string[]> => (await keysOf(repo)).filter((k) => k.startsWith('packs/')).map((k) => k.split('/')[2]!);
 const segmentsOf = async (repo: string): Promise<string[]> => (await keysOf(repo)).filter((k) => k.startsWith('index/'));
 
@@ -114,9 +139,13 @@ for (const kind of ['folder', 's3'] as const) {
       return { code: r.code, report: r.code === 0 ? parseJson<GcJson>(r.stdout) : undefined, stderr: r.stderr };
     }
 
-    /** Every committed backup restores byte for byte, and verify --read-data finds nothing wrong. */
-    async function everythingRestores(repo: string): Promise<void> {
+    /**
+     * Every committed backup (or those of `only`) restores byte for byte, and verify --read-data finds
+     * nothing wrong (every chunk of every backup read and checked).
+     */
+    async function everythingRestores(repo: string, only?: ReadonlySet<string>): Promise<void> {
       for (const [id, source] of committed.get(repo)!) {
+        if (only && !only.has(id)) continue;
         const target = join(scratch.path, `${kind}-restore-${id}.raw`);
         const r = await runEngine(['restore', '--repo', repo, id, '--to', target, '--force'], { env: e() });
         expect(r.code, r.stderr).toBe(0);
@@ -255,6 +284,91 @@ for (const kind of ['folder', 's3'] as const) {
       await everythingRestores(repo);
     });
 
+    test('SIGINT while gc waits for the exclusive lease, and after it stored its copies: exit 130, its lease gone, its copies deleted; the backup it waited for commits', async () => {
+      const repo = repoNamed('interrupt');
+      await init(repo);
+      const shared = join(scratch.path, `${kind}-int-shared.img`);
+      await writeRegion(shared, 0, 2 * MiB, 'random', `${kind}-int-shared`);
+      await writeRegion(shared, 2 * MiB, 2 * MiB, 'random', `${kind}-int-a`);
+      const half = join(scratch.path, `${kind}-int-half.img`);
+      await writeRegion(half, 0, 2 * MiB, 'random', `${kind}-int-shared`);
+      const a = await backup(repo, shared, 'a');
+      await backup(repo, half, 'half');
+      await forget(repo, a);
+      const before = await packsOf(repo);
+
+      // Stopped once its copies are stored (a pack half live, rewritten at 90%), then SIGINT.
+      const copied = spawnEngine(['gc', '--repo', repo, '--rewrite-below', '90%'], { ...e(), ENGINE_STOP_AT: 'gc-v3-copied' });
+      const copiedOut = collectOutput(copied);
+      await stoppedItself(copied);
+      expect((await packsOf(repo)).length).toBeGreaterThan(before.length);
+      const first = await signalUntilExit(copied, ['SIGINT']);
+      expect([first.code, copiedOut.stderr()]).toEqual([130, expect.stringContaining('interrupted')]);
+      expect((await packsOf(repo)).sort()).toEqual([...before].sort());
+      expect((await keysOf(repo)).filter((k) => k.startsWith('leases/'))).toEqual([]);
+
+      // Waiting for a stopped backup's shared lease: SIGINT ends the wait and takes the pending lease away.
+      const running = await image('int-running', 6);
+      const child = spawnEngine(['backup', '--repo', repo, '--source', running, '--name', 'running', '--json'], { ...e(), ENGINE_STOP_AT: 'pack-sealed' });
+      const childOut = collectOutput(child);
+      await stoppedItself(child);
+      const waiting = spawnEngine(['gc', '--repo', repo], e());
+      const waitingOut = collectOutput(waiting);
+      let pending = false;
+      for (let i = 0; i < 300 && !pending; i++) {
+        for (const key of (await keysOf(repo)).filter((k) => k.startsWith('leases/'))) {
+          const text = (await (kind === 'folder' ? readFile(join(repo, key)).catch(() => undefined) : (async () => {
+            const storage = await openRgwStorage(cluster, repo);
+            try {
+              return await storage.get(key).catch(() => undefined);
+            } finally {
+              await storage.close();
+            }
+          })()))?.toString() ?? '';
+          if (text.includes('"kind":"exclusive-pending"')) pending = true;
+        }
+        if (!pending) await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      expect(pending, waitingOut.stderr()).toBe(true);
+      waiting.kill('SIGINT');
+      const second = await exitOf(waiting);
+      expect([second.code, waitingOut.stderr()]).toEqual([130, expect.stringContaining('interrupted')]);
+      const leases = (await keysOf(repo)).filter((k) => k.startsWith('leases/'));
+      expect(leases).toHaveLength(1); // the stopped backup's own
+      const exit = await signalUntilExit(child, []);
+      expect([exit.code, childOut.stderr()]).toEqual([0, '']);
+      committed.get(repo)!.set(parseJson<BackupJson>(childOut.stdout()).id, running);
+      const done = await gc(repo, ['--rewrite-below', '90%']);
+      expect(done.code, done.stderr).toBe(0);
+      expect(done.report!.packs.rewritten.length).toBeGreaterThanOrEqual(1);
+      await everythingRestores(repo);
+    });
+
+    test('a crashed writer\'s pack, named by no segment, is kept while younger than T + 2B by the store\'s clock and deleted after (lease timing 8 s / 1 s)', async () => {
+      const repo = repoNamed('young');
+      await init(repo);
+      const config = JSON.parse((kind === 'folder' ? await readFile(join(repo, 'config')) : await getObject(repo, 'config')).toString('utf8')) as Record<string, unknown>;
+      config.leases = { timeMs: 8000, skewBoundMs: 1000 };
+      await putObject(repo, 'config', Buffer.from(JSON.stringify(config)));
+      await backup(repo, await image('young-kept', 3), 'kept');
+      const before = await packsOf(repo);
+      const crashed = await runEngine(['backup', '--repo', repo, '--source', await image('young-crashed', 40), '--name', 'crashed'], { env: { ...e(), ENGINE_CRASH_AT: 'pack-sealed' } });
+      expect(crashed.code).toBe(137);
+      const orphans = (await packsOf(repo)).filter((p) => !before.includes(p));
+      expect(orphans).toHaveLength(1);
+      const young = await gc(repo);
+      expect(young.code, young.stderr).toBe(0);
+      expect(young.report!.packs.deleted).toEqual([]);
+      expect(young.report!.packs.kept.map((k) => k.pack)).toEqual(orphans);
+      expect(await packsOf(repo)).toContain(orphans[0]);
+      await new Promise((resolve) => setTimeout(resolve, 11_000)); // T + 2B = 10 s, and S3's 1 s resolution
+      const old = await gc(repo);
+      expect(old.code, old.stderr).toBe(0);
+      expect(old.report!.packs.deleted).toEqual(orphans);
+      expect((await packsOf(repo)).sort()).toEqual([...before].sort());
+      await everythingRestores(repo);
+    });
+
     describe('kill -9 at each crash point of gc', () => {
       let repo: string;
       let round = 0;
@@ -274,7 +388,7 @@ for (const kind of ['folder', 's3'] as const) {
         const halfB = join(scratch.path, `${kind}-half-b-${round}.img`);
         await writeRegion(halfB, 0, 2 * MiB, 'random', `${kind}-half-shared-${round}`);
         const a = await backup(repo, halfA, `half-a-${round}`);
-        await backup(repo, halfB, `half-b-${round}`);
+        const b = await backup(repo, halfB, `half-b-${round}`);
         await forget(repo, a);
 
         const crashed = await gc(repo, ['--rewrite-below', '90%'], { ENGINE_CRASH_AT: point });
@@ -282,8 +396,9 @@ for (const kind of ['folder', 's3'] as const) {
         // Every command opens it (the dead gc's lease is broken at once: same host, process gone).
         const list = await runEngine(['list', '--repo', repo, '--json'], { env: e() });
         expect(list.code, list.stderr).toBe(0);
-        expect(parseJson<{ backups: { id: string }[] }>(list.stdout).backups.map((b) => b.id).sort()).toEqual([...committed.get(repo)!.keys()].sort());
-        await everythingRestores(repo);
+        expect(parseJson<{ backups: { id: string }[] }>(list.stdout).backups.map((r) => r.id).sort()).toEqual([...committed.get(repo)!.keys()].sort());
+        // The backups whose chunks this gc moved or kept (the base, this round's) byte for byte; all by verify.
+        await everythingRestores(repo, new Set([[...committed.get(repo)!.keys()][0]!, b]));
         const next = await backup(repo, await image(`after-${round}`, 2), `after-${round}`);
         expect(next).toMatch(/^[0-9a-f]{32}$/);
         const finished = await gc(repo, ['--rewrite-below', '90%']);

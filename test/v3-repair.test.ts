@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, openRgwStorage } from './s3-helpers.js';
 import { filesIdentical, parseJson, runEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { scanPack } from '../dist/repo-format/pack-file.js';
 
 const MiB = 1024 * 1024;
 const BUCKET = 'engine-v3-repair';
@@ -191,6 +192,56 @@ for (const kind of ['folder', 's3'] as const) {
         expect(r.code, r.stderr).toBe(0);
         backups.set(parseJson<BackupJson>(r.stdout).id, backups.get(id)!);
       }
+      await everythingRestores();
+    });
+
+    test.each(['repair-quarantined', 'repair-index-swapped'])('kill -9 in repair at %s with a damaged chunk: every command opens the repository, repair run again finishes, a new backup heals', async (point) => {
+      const packs = await store.keys('packs/');
+      const sizes = await Promise.all(packs.map(async (key) => (await store.get(key)).length));
+      const pack = packs[sizes.indexOf(Math.max(...sizes))]!;
+      const storage = kind === 'folder' ? repo : await openRgwStorage(cluster, repo);
+      const frames = (await scanPack(storage, pack.split('/')[2]!, false)).frames;
+      if (typeof storage !== 'string') await storage.close();
+      const frame = frames[point === 'repair-quarantined' ? 1 : 2]!;
+      const bytes = await store.get(pack);
+      bytes[frame.offset + 48 + 100] ^= 0x40;
+      await store.replace(pack, bytes);
+
+      const crashed = await runEngine(['repair', '--repo', repo], { env: { ...e(), ENGINE_CRASH_AT: point } });
+      expect(crashed.code, crashed.stderr).toBe(137);
+      const list = await runEngine(['list', '--repo', repo, '--json'], { env: e() });
+      expect(list.code, list.stderr).toBe(0);
+      expect(parseJson<{ backups: { id: string }[] }>(list.stdout).backups.map((b) => b.id).sort()).toEqual([...backups.keys()].sort());
+      const again = await repair();
+      expect(again.code, again.stderr).toBe(4);
+      expect(again.report.damaged.map((d) => d.code)).toContain('CHUNK_DAMAGED');
+      expect(await store.keys('index/')).toHaveLength(1);
+      expect(await store.keys('leases/')).toEqual([]);
+      for (const id of new Set(again.report.damaged.map((d) => d.backup))) {
+        const r = await runEngine(['backup', '--repo', repo, '--source', backups.get(id)!, '--json'], { env: e() });
+        expect(r.code, r.stderr).toBe(0);
+        backups.set(parseJson<BackupJson>(r.stdout).id, backups.get(id)!);
+      }
+      await everythingRestores();
+    });
+
+    test('the config deleted, then damaged, behind the engine: every command refuses it; repair rebuilds it (block size from the records, the damaged one kept beside it) and everything restores', async () => {
+      await store.delete('config');
+      const refused = await runEngine(['list', '--repo', repo], { env: e() });
+      expect(refused.code).toBe(5);
+      const rebuilt = await runEngine(['repair', '--repo', repo, '--json'], { env: e() });
+      expect(rebuilt.code, rebuilt.stderr).toBe(0);
+      const report = parseJson<RepairJson & { configRebuilt: { version: number; blockSize: number; keptAs: string | null; sources: { blockSize: string } } | null }>(rebuilt.stdout);
+      expect(report.configRebuilt).toMatchObject({ version: 3, blockSize: MiB, keptAs: null, sources: { blockSize: 'records' } });
+      await everythingRestores();
+
+      await store.replace('config', Buffer.from('{"not": "a config"'));
+      expect((await runEngine(['list', '--repo', repo], { env: e() })).code).toBe(5);
+      const again = await runEngine(['repair', '--repo', repo, '--json'], { env: e() });
+      expect(again.code, again.stderr).toBe(0);
+      const keptAs = parseJson<{ configRebuilt: { keptAs: string } }>(again.stdout).configRebuilt.keptAs;
+      expect(keptAs).toMatch(/^config\.damaged-\d+$/);
+      expect((await store.get(keptAs)).toString()).toBe('{"not": "a config"');
       await everythingRestores();
     });
   });

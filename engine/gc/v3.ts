@@ -116,7 +116,8 @@ export async function gcVersion3(args: GcVersion3Args): Promise<GcReport> {
     interruption.check();
 
     // 2. Commit, under the exclusive lease.
-    const caughtUp = await interruption.race(repo.session.takeExclusive({ waitMs: GC_EXCLUSIVE_WAIT_MS, signal: args.signal })).catch((error: unknown) => {
+    // Not raced: the acquisition ends on the signal itself and deletes its pending lease before it throws.
+    const caughtUp = await repo.session.takeExclusive({ waitMs: GC_EXCLUSIVE_WAIT_MS, signal: args.signal }).catch((error: unknown) => {
       throw interruption.aborted ? interruption.error() : error;
     });
     for (const damaged of caughtUp.damaged) notice(`index segment ${damaged.key} cannot be read (${damaged.why})`);

@@ -32,7 +32,11 @@ import type { Interruption } from '../host/interrupt.js';
 import { checkPacksIntoIndex } from './check-packs.js';
 import { damagePlacer } from './old-index.js';
 import { reportStillDamaged } from './still-damaged.js';
-import type { RepairReport } from './report.js';
+import type { RebuiltConfig, RepairReport } from './report.js';
+import { NotARepositoryError } from '../../repo-format/errors.js';
+import { openLocation } from '../../repo-format/v3/location.js';
+import { hasVersion3Objects, rebuildVersion3Config } from '../../repo-format/v3/config-rebuild.js';
+import { defaultCacheRoot } from '../../repo-format/v3/session.js';
 
 /** How long repair waits for the exclusive lease (running backups, restores … to end). */
 const REPAIR_EXCLUSIVE_WAIT_MS = 10 * 60 * 1000;
@@ -51,10 +55,12 @@ export interface RepairVersion3Args {
 
 export async function repairVersion3(args: RepairVersion3Args): Promise<RepairReport> {
   const { report, interruption } = args;
+  report.configRebuilt = await rebuildLostConfig(args.repo, args.passphrase);
   const repo = await Repository.open(args.repo, { access: 'exclusive', command: 'repair', manyWriters: true, passphrase: args.passphrase, signal: args.signal, onNotice: args.notice });
   const building = join(repo.session.tempDir, `repair-index.${randomBytes(4).toString('hex')}`);
   try {
-    await interruption.race(repo.session.takeExclusive({ waitMs: REPAIR_EXCLUSIVE_WAIT_MS, signal: args.signal })).catch((error: unknown) => {
+    // Not raced: the acquisition ends on the signal itself and deletes its pending lease before it throws.
+    await repo.session.takeExclusive({ waitMs: REPAIR_EXCLUSIVE_WAIT_MS, signal: args.signal }).catch((error: unknown) => {
       throw interruption.aborted ? interruption.error() : error;
     });
     const lease = repo.session.lease;
@@ -127,5 +133,24 @@ export async function repairVersion3(args: RepairVersion3Args): Promise<RepairRe
   } finally {
     await rm(building, { recursive: true, force: true }).catch(() => undefined);
     await repo.close();
+  }
+}
+
+/** A config that is missing or damaged in what holds a version-3 repository's objects is rebuilt (19.12). */
+async function rebuildLostConfig(root: string, passphrase: Passphrase | undefined): Promise<RebuiltConfig | null> {
+  const storage = await openLocation(root);
+  try {
+    try {
+      await Repository.loadConfig(root, storage);
+      return null;
+    } catch (error) {
+      if (!(error instanceof NotARepositoryError) || !(await hasVersion3Objects(storage))) throw error;
+      const why = String(error.details.why ?? error.message);
+      const rebuilt = await rebuildVersion3Config(storage, root, why, { passphrase, cacheRoot: defaultCacheRoot() });
+      const c = rebuilt.config;
+      return { why, id: c.id, blockSize: c.blockSize, version: c.version, encrypted: c.encryption !== undefined, sources: rebuilt.sources, keptAs: rebuilt.keptAs };
+    }
+  } finally {
+    await storage.close();
   }
 }
