@@ -217,7 +217,8 @@ async function main(): Promise<void> {
   try {
     // Everything a round stores stays in memstore (RAM): engine + restic per round, the concurrency runs, the ceiling.
     const memstore = Math.ceil((size * 1.2 * rounds + concurrentSize * 10 * rounds + concurrentSize * 2 * objectCounts.length + 512 * 2 ** 20 * rounds) / 2 ** 30 + 1) * 2 ** 30;
-    cluster = await startRgwCluster({ memstoreBytes: memstore });
+    // tcp_nodelay: without it every small GET (segments, leases, records) waits ~50 ms for Nagle on the gateway (test/rgw.ts).
+    cluster = await startRgwCluster({ memstoreBytes: memstore, tcpNoDelay: true });
     const started = cluster;
     for (const signal of ['SIGINT', 'SIGTERM'] as const) {
       process.once(signal, () => {
