@@ -4,12 +4,29 @@
  */
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { S3Client as EngineS3Client } from '../repo-format/storage/s3-client.js';
 import { EMPTY_SHA256 } from '../repo-format/storage/sigv4.js';
-import type { RgwCluster } from '../test/rgw.js';
+import { startRgwCluster, type RgwCluster, type RgwOptions } from '../test/rgw.js';
 import { MB, run } from './tools.js';
+
+/**
+ * A private RGW for a bench, with `bucket` created; Ctrl-C (or SIGTERM) stops it and removes `scratch`
+ * before the bench exits.
+ */
+export async function startBenchCluster(options: RgwOptions & { memstoreBytes: number }, bucket: string, scratch: string, log: (message: string) => void): Promise<RgwCluster> {
+  const cluster = await startRgwCluster(options);
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(signal, () => {
+      log(`${signal}: stopping the cluster`);
+      void cluster.stop().finally(() => rm(scratch, { recursive: true, force: true }).finally(() => process.exit(130)));
+    });
+  }
+  log(`RGW up in ${cluster.timings.startMs} ms at ${cluster.endpoint} (memstore ${options.memstoreBytes / 2 ** 30} GiB)`);
+  await createBucket(cluster, bucket);
+  return cluster;
+}
 
 export async function createBucket(cluster: RgwCluster, bucket: string): Promise<void> {
   const client = new EngineS3Client({

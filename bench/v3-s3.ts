@@ -27,9 +27,9 @@ import { formatBytes, generateImage, parseSize } from '../engine/index.js';
 import { openS3Stack } from '../repo-format/storage/s3.js';
 import { initChecksum } from '../repo-format/checksum.js';
 import { encodeSegment, segmentKey } from '../repo-format/v3/segment.js';
-import { startRgwCluster, type RgwCluster } from '../test/rgw.js';
+import type { RgwCluster } from '../test/rgw.js';
 import { reportMarkdown, writeReport } from './report.js';
-import { createBucket, dropCaches, inFlight, loadAverage, rgwCeiling, type Ceiling } from './s3-lab.js';
+import { createBucket, dropCaches, inFlight, loadAverage, rgwCeiling, startBenchCluster, type Ceiling } from './s3-lab.js';
 import { arg, ENGINE, ensure, logger, machineLine, MB, run, timed, type Measured } from './tools.js';
 
 const log = logger('v3-s3');
@@ -232,16 +232,7 @@ async function main(): Promise<void> {
     // Everything a round stores stays in memstore (RAM): engine + restic per round, the concurrency runs, the ceiling.
     const memstore = Math.ceil((size * 1.2 * rounds + randomSize * 1.1 * rounds + concurrentSize * 10 * rounds + concurrentSize * 2 * objectCounts.length + 512 * 2 ** 20 * rounds) / 2 ** 30 + 1) * 2 ** 30;
     // tcp_nodelay: without it every small GET (segments, leases, records) waits ~50 ms for Nagle on the gateway (test/rgw.ts).
-    cluster = await startRgwCluster({ memstoreBytes: memstore, tcpNoDelay: true });
-    const started = cluster;
-    for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-      process.once(signal, () => {
-        log(`${signal}: stopping the cluster`);
-        void started.stop().finally(() => rm(work, { recursive: true, force: true }).finally(() => process.exit(130)));
-      });
-    }
-    log(`RGW up in ${cluster.timings.startMs} ms at ${cluster.endpoint} (memstore ${memstore / 2 ** 30} GiB)`);
-    await createBucket(cluster, BUCKET);
+    cluster = await startBenchCluster({ memstoreBytes: memstore, tcpNoDelay: true }, BUCKET, work, log);
     lab = new Lab(cluster, work);
     const resticReady = await ensure('restic', 'restic');
     if (resticReady !== true) skipped.push(`restic: ${resticReady}`);
