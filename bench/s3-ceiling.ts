@@ -23,12 +23,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { parseSize } from '../engine/index.js';
-import { S3Client as EngineS3Client } from '../repo-format/storage/s3-client.js';
 import { openS3Stack } from '../repo-format/storage/s3.js';
-import { EMPTY_SHA256 } from '../repo-format/storage/sigv4.js';
 import type { Storage } from '../repo-format/storage/storage.js';
-import { startRgwCluster, type RgwCluster } from '../test/rgw.js';
+import type { RgwCluster } from '../test/rgw.js';
 import { reportMarkdown, writeReport } from './report.js';
+import { startBenchCluster } from './s3-lab.js';
 import { arg, logger, machineLine, MB } from './tools.js';
 
 const log = logger('s3-ceiling');
@@ -84,17 +83,7 @@ async function main(): Promise<void> {
   const phases: Phase[] = [];
   try {
     const memstore = Math.ceil(((objects * size * levels.length * clients) * 1.3) / 2 ** 30) * 2 ** 30;
-    cluster = await startRgwCluster({ memstoreBytes: memstore });
-    // Ctrl-C stops the cluster and removes the scratch files before the bench exits.
-    const started = cluster;
-    for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-      process.once(signal, () => {
-        log(`${signal}: stopping the cluster`);
-        void started.stop().finally(() => rm(scratch, { recursive: true, force: true }).finally(() => process.exit(130)));
-      });
-    }
-    log(`RGW up in ${cluster.timings.startMs} ms at ${cluster.endpoint} (memstore ${memstore / 2 ** 30} GiB)`);
-    await createBucket(cluster, BUCKET);
+    cluster = await startBenchCluster({ memstoreBytes: memstore }, BUCKET, scratch, log);
     const files = await Promise.all(
       Array.from({ length: objects }, async (_, i) => {
         const file = join(scratch, `object-${i}`);
@@ -204,23 +193,6 @@ async function sdkRuns(sdkDir: string, cluster: RgwCluster, parallel: number, ob
     }));
   } finally {
     client.destroy();
-  }
-}
-
-async function createBucket(cluster: RgwCluster, bucket: string): Promise<void> {
-  const client = new EngineS3Client({
-    endpoint: new URL(cluster.endpoint),
-    pathStyle: true,
-    region: cluster.region,
-    credentials: { accessKeyId: cluster.user.accessKeyId, secretAccessKey: cluster.user.secretAccessKey },
-    connections: 1,
-    idleTimeoutMs: 30_000,
-    location: bucket,
-  });
-  try {
-    await client.request({ method: 'PUT', bucket, payloadHash: EMPTY_SHA256, response: { kind: 'discard' }, context: { location: bucket, operation: 'create bucket' } });
-  } finally {
-    client.close();
   }
 }
 

@@ -4,14 +4,26 @@
  *
  * Blobs written but not yet indexed are "pending": `known()` answers from them first, so a block seen
  * twice in one backup is stored once. Sealing a full pack runs in the background while the next pack
- * fills; at most one seal is in flight.
+ * fills: one seal at a time into a local folder (fsync and rename: the disk sets the pace), several into
+ * an object store, where one PUT at a time leaves most of the store's throughput unused (RGW here: 90 MB/s
+ * with one request in flight, 140-180 with four; bench/results/s3-ceiling-latest.md). Packs enter the index
+ * in the order they were filled, each once it is durable. When more packs wait than that, a frame's write
+ * resolves only once one is done, which holds the pipeline's slot: back-pressure, so the packs waiting on
+ * the local disk stay bounded whatever the store's speed.
  */
 import { PACK_TARGET_SIZE } from './constants.js';
 import type { FrameHeader } from './frame.js';
-import type { BlobIndex } from './index-entry.js';
+import type { BlobIndex, IndexEntry } from './index-entry.js';
 import { PackWriter, type PackTarget } from './pack-file.js';
 import { crashPoint } from './crash-points.js';
 import type { PackPresence } from './pack-presence.js';
+import { LocalStorage } from './storage/local.js';
+import { Semaphore } from './storage/limit.js';
+
+/** Packs uploaded at once to a store that is not a local folder (within its connection limit). */
+export const UPLOADS_IN_FLIGHT = 4;
+/** Packs that may wait beyond those being sealed before the writer pushes back. */
+const WAITING_PACKS = 2;
 
 export class BlobWriter {
   private current: PackWriter | undefined;
@@ -19,6 +31,11 @@ export class BlobWriter {
   private sealing: Promise<void> = Promise.resolve();
   private failure: unknown;
   private readonly openPacks = new Set<PackWriter>();
+  /** Seals running at once. */
+  private readonly uploads: Semaphore;
+  /** Packs rotated out and not yet indexed (or given up). */
+  private unsealed = 0;
+  private readonly roomWaiters: (() => void)[] = [];
   bytesWritten = 0;
 
   constructor(
@@ -28,7 +45,10 @@ export class BlobWriter {
     private readonly packTargetSize = PACK_TARGET_SIZE,
     /** Entries whose pack is missing or cut short are not trusted: the blob is stored again. */
     private readonly presence?: PackPresence,
-  ) {}
+  ) {
+    const store = target.store;
+    this.uploads = new Semaphore(store instanceof LocalStorage ? 1 : Math.max(1, Math.min(UPLOADS_IN_FLIGHT, store.properties.connections)));
+  }
 
   /**
    * For each id: is it already stored (indexed in a pack that is there, or written earlier in this
@@ -71,7 +91,14 @@ export class BlobWriter {
     });
     this.bytesWritten += frame.length;
     if (this.current.byteSize >= this.packTargetSize) this.rotate();
-    return written;
+    return this.unsealed > this.uploads.limit + WAITING_PACKS ? written.then(() => this.room()) : written;
+  }
+
+  /** Resolves once few enough packs wait for their seal (or the writer failed: the next add says so). */
+  private async room(): Promise<void> {
+    while (this.unsealed > this.uploads.limit + WAITING_PACKS && this.failure === undefined) {
+      await new Promise<void>((resolve) => this.roomWaiters.push(resolve));
+    }
   }
 
   /** Seals whatever is open and waits until every blob written so far is in the index. */
@@ -100,19 +127,41 @@ export class BlobWriter {
       void pack.abort();
       return;
     }
+    this.unsealed += 1;
+    // The seal starts as soon as a slot allows; its entries join the index in the order packs were filled.
+    const sealed = this.seal(pack);
+    sealed.catch(() => undefined);
     this.sealing = this.sealing.then(async () => {
-      if (this.failure) return;
       try {
-        crashPoint('pack-written');
-        const entries = await pack.seal();
-        this.openPacks.delete(pack);
-        crashPoint('pack-sealed');
+        const entries = await sealed;
+        if (this.failure || !entries) return;
         await this.index.addEntries(entries);
         crashPoint('index-written');
         for (const entry of entries) this.pending.delete(entry.id.toString('hex'));
       } catch (error) {
-        this.failure = error;
+        this.failure ??= error;
+      } finally {
+        this.unsealed -= 1;
+        for (const wake of this.roomWaiters.splice(0)) wake();
       }
     });
+  }
+
+  /** One pack made durable (undefined when the writer failed before its turn: the pack is left to abort). */
+  private async seal(pack: PackWriter): Promise<IndexEntry[] | undefined> {
+    await this.uploads.acquire();
+    try {
+      if (this.failure) return undefined;
+      crashPoint('pack-written');
+      const entries = await pack.seal();
+      this.openPacks.delete(pack);
+      crashPoint('pack-sealed');
+      return entries;
+    } catch (error) {
+      this.failure ??= error;
+      throw error;
+    } finally {
+      this.uploads.release();
+    }
   }
 }

@@ -3,10 +3,14 @@
  * offsets they were given, and seal must wait for all of them.
  */
 import { afterAll, beforeAll, expect, test } from 'vitest';
-import { randomBytes } from 'node:crypto';
-import { mkdir, readdir } from 'node:fs/promises';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdir, readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { PackWriter, readFrameBytes, scanPack } from '../dist/repo-format/pack-file.js';
+import { BlobWriter, UPLOADS_IN_FLIGHT } from '../dist/repo-format/blob-writer.js';
+import type { IndexEntry } from '../dist/repo-format/index-entry.js';
+import { MemoryStorage } from '../dist/repo-format/storage/memory.js';
+import type { PutOptions, PutSource } from '../dist/repo-format/storage/storage.js';
 import { openBlob, sealBlobToBuffer, sha256 } from '../dist/repo-format/blob-codec.js';
 import { initChecksum } from '../dist/repo-format/checksum.js';
 import { KIND_DATA } from '../dist/repo-format/constants.js';
@@ -66,4 +70,72 @@ test('a write that fails (disk full) poisons the pack: seal refuses, nothing is 
   } finally {
     await sh('umount', [mountPoint]);
   }
+});
+
+/** A store that is not a local folder (as S3), whose puts take `delayMs` and are recorded. */
+class SlowStore extends MemoryStorage {
+  puts: { key: string; md5: string | undefined; bytesMd5: string }[] = [];
+  running = 0;
+  mostAtOnce = 0;
+  constructor(private readonly delayMs: number) {
+    super('slow');
+  }
+  override async put(key: string, source: PutSource, options?: PutOptions): Promise<void> {
+    this.running += 1;
+    this.mostAtOnce = Math.max(this.mostAtOnce, this.running);
+    try {
+      const bytes = source instanceof Uint8Array ? Buffer.from(source) : await readFile(source.file);
+      this.puts.push({ key, md5: source instanceof Uint8Array ? undefined : source.md5, bytesMd5: createHash('md5').update(bytes).digest('base64') });
+      await new Promise((resolve) => setTimeout(resolve, this.delayMs));
+      await super.put(key, source, options);
+    } finally {
+      this.running -= 1;
+    }
+  }
+}
+
+function frames(count: number, size: number): { frame: Buffer; header: { kind: number; flags: number; rawLength: number; id: Buffer } }[] {
+  return Array.from({ length: count }, () => {
+    const raw = randomBytes(size);
+    const id = sha256(raw);
+    return { frame: sealBlobToBuffer(KIND_DATA, id, raw), header: { kind: KIND_DATA, flags: 0, rawLength: raw.length, id } };
+  });
+}
+
+test('a pack for an object store goes up with the MD5 of its bytes, computed as frames were appended (no second read)', async () => {
+  const tempDir = join(root, 'upload-md5');
+  await mkdir(tempDir);
+  const store = new SlowStore(0);
+  const writer = new PackWriter({ store, tempDir });
+  const writes = frames(30, 20_000).map(({ frame, header }) => writer.append(frame, header));
+  await writer.seal();
+  await Promise.all(writes);
+  expect(store.puts).toHaveLength(1);
+  expect(store.puts[0]!.md5).toBe(store.puts[0]!.bytesMd5);
+  // The temporary file is gone once uploaded.
+  expect(await readdir(tempDir)).toEqual([]);
+});
+
+test(`a blob writer into an object store uploads up to ${UPLOADS_IN_FLIGHT} packs at once, indexes them in the order they were filled, and pushes back so the packs waiting stay bounded`, async () => {
+  const tempDir = join(root, 'upload-parallel');
+  await mkdir(tempDir);
+  const store = new SlowStore(40);
+  const indexed: IndexEntry[] = [];
+  const index = { lookup: async (ids: readonly Buffer[]) => ids.map(() => undefined), addEntries: async (entries: readonly IndexEntry[]) => void indexed.push(...entries) };
+  // Packs of ~4 frames: 40 frames make ~10 packs.
+  const writer = new BlobWriter({ store, tempDir }, index, 80_000);
+  const blobs = frames(40, 20_000);
+  let mostWaiting = 0;
+  for (const { frame, header } of blobs) {
+    // A pipeline with a few slots awaits its oldest write before it takes another block.
+    await writer.add(frame, header);
+    mostWaiting = Math.max(mostWaiting, (await readdir(tempDir)).length);
+  }
+  await writer.flush();
+  expect(store.mostAtOnce).toBe(UPLOADS_IN_FLIGHT);
+  // Being sealed, waiting (2), and the one filling: never more on the local disk.
+  expect(mostWaiting).toBeLessThanOrEqual(UPLOADS_IN_FLIGHT + 2 + 1);
+  expect(indexed.map((e) => e.id.toString('hex'))).toEqual(blobs.map((b) => b.header.id.toString('hex')));
+  for (const put of store.puts) expect(put.md5).toBe(put.bytesMd5);
+  expect(await readdir(tempDir)).toEqual([]);
 });

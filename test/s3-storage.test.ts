@@ -7,7 +7,7 @@
  * The contract every backend shares is test/storage-conformance.test.ts.
  */
 import { afterAll, beforeAll, beforeEach, expect, test } from 'vitest';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { elements } from '../dist/repo-format/storage/s3-xml.js';
@@ -206,6 +206,24 @@ test('a body damaged on the way up is refused by the store (Content-MD5) and sen
   proxy.addRule({ method: 'GET', times: 1, action: { kind: 'corrupt-response', atByte: 12 } });
   expect((await storage.get('packs/cd/damaged')).equals(bytes)).toBe(true);
   proxy.clearRules();
+});
+
+test("a file put with its writer's MD5 sends that MD5 as Content-MD5: a file that changed after it was hashed is refused, never stored", async () => {
+  const where = url();
+  const backend = await track(openRgwBackend(cluster, where));
+  const file = join(scratch.path, 'hashed-as-written');
+  const bytes = randomBytes(300_000);
+  await writeFile(file, bytes);
+  const md5 = createHash('md5').update(bytes).digest('base64');
+  await backend.put('packs/ab/hashed', { file, md5 });
+  expect((await backend.get('packs/ab/hashed')).equals(bytes)).toBe(true);
+  // The file changes behind the writer's back (a bit flipped on the local disk): the store sees the difference.
+  bytes[1234] ^= 1;
+  await writeFile(file, bytes);
+  const refused = await failureOf(backend.put('packs/ab/changed', { file, md5 }));
+  expect(refused.reason).toBe('integrity');
+  expect(refused.storage.backendCode).toBe('BadDigest');
+  expect((await failureOf(backend.stat('packs/ab/changed'))).reason).toBe('not-found');
 });
 
 test('a slow answer past the idle timeout, and a stall in the middle of a body, are given up and retried', async () => {

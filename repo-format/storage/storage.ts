@@ -56,8 +56,14 @@ export interface ByteRange {
   length: number;
 }
 
-/** What `put` uploads: bytes in memory, or a local file read as it is sent (packs: up to 32 MiB). */
-export type PutSource = Uint8Array | { file: string };
+/**
+ * What `put` uploads: bytes in memory, or a local file read as it is sent (packs: up to 32 MiB). `md5`, the
+ * base64 MD5 of the file's bytes as its writer computed them while it wrote them (a pack: PackWriter), spares
+ * a backend that checksums uploads (S3's Content-MD5) a second read of the file; the store then checks the
+ * bytes it receives against what was written, the local file in between included. Backends that do not
+ * checksum uploads ignore it.
+ */
+export type PutSource = Uint8Array | { file: string; md5?: string | undefined };
 
 export interface CallOptions {
   /** Ends the call promptly (ENGINE_INTERRUPTED) when aborted. */

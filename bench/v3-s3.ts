@@ -1,0 +1,372 @@
+/**
+ * Format 3 and S3, side by side in one run (issue 14, item 6): `node dist/bench/v3-s3.js [--size 1G]
+ * [--concurrent-size 256M] [--rounds 2] [--objects 100,20000] [--dir /var/tmp] [--out bench/results]`.
+ *
+ * Starts a private Ceph RADOS Gateway (test/rgw.ts: one memstore OSD, so RGW's disk is not what is measured)
+ * and, on the suite's seeded VM-like image (bench/suite.ts's template, `--size`):
+ * 1. backup and restore with the engine's CLI into a local format-3 repository and into RGW, and with
+ *    restic 0.14 (Debian's package, installed when missing) into the same RGW (`-r s3:http://…/bucket`);
+ *    RGW's own PUT and GET ceiling (curl, 32 MiB objects, 4 in flight) measured in the same round; each round
+ *    in fresh repositories, the order of the tools reversed every other round; restores checked with cmp;
+ *    and a backup of new, incompressible data (`--random-size` of random bytes: every byte goes up as it
+ *    was read), local and S3, for the "share of RGW's PUT ceiling for new data";
+ * 2. 4 backups at once (4 processes, 4 different images of `--concurrent-size`) into one repository, local
+ *    and S3, against one backup alone of one of those images into another fresh repository: the aggregate
+ *    throughput's ratio;
+ * 3. peak RSS of a backup and a restore on S3 with few and with many objects in the repository (`--objects`:
+ *    that many index segments pre-created under its prefix, each a valid, empty segment that every process
+ *    with a fresh host cache lists and reads).
+ * Every timed run is its own process under /usr/bin/time (wall, CPU, peak RSS) after
+ * `sync; echo 3 > /proc/sys/vm/drop_caches`. RGW shares the machine's two cores with the clients: read the
+ * figures as ratios within a round.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { formatBytes, generateImage, parseSize } from '../engine/index.js';
+import { openS3Stack } from '../repo-format/storage/s3.js';
+import { initChecksum } from '../repo-format/checksum.js';
+import { encodeSegment, segmentKey } from '../repo-format/v3/segment.js';
+import type { RgwCluster } from '../test/rgw.js';
+import { reportMarkdown, writeReport } from './report.js';
+import { createBucket, dropCaches, inFlight, loadAverage, rgwCeiling, startBenchCluster, type Ceiling } from './s3-lab.js';
+import { arg, ENGINE, ensure, logger, machineLine, MB, run, timed, type Measured } from './tools.js';
+
+const log = logger('v3-s3');
+const BUCKET = 'bench';
+
+interface Row {
+  round: number;
+  scenario: string;
+  tool: string;
+  seconds: number;
+  /** Image bytes over wall time. */
+  diskMBps: number;
+  /** Bytes the run added to its repository (engine: its JSON's bytesStored), or null. */
+  storedBytes: number | null;
+  /** storedBytes over wall time: what went up to the store per second. */
+  storedMBps: number | null;
+  cpuSeconds: number;
+  peakRssMiB: number;
+  note: string;
+  load: string;
+}
+
+interface EngineJson {
+  id: string;
+  disks?: { bytesStored: number }[];
+}
+
+const median = (values: number[]): number => {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+};
+
+async function identical(a: string, b: string): Promise<boolean> {
+  return run('cmp', ['-s', a, b]).then(() => true, () => false);
+}
+
+class Lab {
+  readonly rows: Row[] = [];
+  readonly ceilings: (Ceiling & { round: number })[] = [];
+  readonly notes: string[] = [];
+  readonly engineEnv: Record<string, string>;
+  readonly resticEnv: Record<string, string>;
+  private repos = 0;
+
+  constructor(
+    readonly cluster: RgwCluster,
+    readonly work: string,
+  ) {
+    const keys = { AWS_ACCESS_KEY_ID: cluster.user.accessKeyId, AWS_SECRET_ACCESS_KEY: cluster.user.secretAccessKey };
+    this.engineEnv = { ...keys, AWS_ENDPOINT_URL_S3: cluster.endpoint, AWS_REGION: cluster.region };
+    this.resticEnv = { ...keys, RESTIC_PASSWORD: 'bench', RESTIC_CACHE_DIR: join(work, 'restic-cache') };
+  }
+
+  /** A fresh host cache for each process: what a new host pays (the catch-up reads every segment). */
+  cache(): string {
+    return join(this.work, `cache-${(this.repos += 1)}`);
+  }
+
+  async add(round: number, scenario: string, tool: string, m: Measured, bytes: number, storedBytes: number | null, note = ''): Promise<Row> {
+    const row: Row = {
+      round,
+      scenario,
+      tool,
+      seconds: m.seconds,
+      diskMBps: bytes / MB / m.seconds,
+      storedBytes,
+      storedMBps: storedBytes === null ? null : storedBytes / MB / m.seconds,
+      cpuSeconds: m.cpuSeconds,
+      peakRssMiB: m.peakRssMiB,
+      note,
+      load: await loadAverage(),
+    };
+    this.rows.push(row);
+    log(`round ${round} ${scenario} / ${tool}: ${row.seconds.toFixed(2)} s, ${row.diskMBps.toFixed(0)} MB/s of disk${row.storedMBps === null ? '' : `, ${row.storedMBps.toFixed(0)} MB/s stored`}, CPU ${row.cpuSeconds.toFixed(1)} s, RSS ${row.peakRssMiB.toFixed(0)} MiB ${note}`);
+    return row;
+  }
+
+  async engine(args: string[], cacheDir: string): Promise<{ measured: Measured; json: EngineJson }> {
+    await dropCaches();
+    const measured = await timed(process.execPath, [ENGINE, ...args, '--json'], { ...this.engineEnv, ENGINE_CACHE_DIR: cacheDir });
+    return { measured, json: JSON.parse(measured.stdout) as EngineJson };
+  }
+
+  async initEngine(repo: string): Promise<void> {
+    await run(process.execPath, [ENGINE, 'init', '--format', '3', repo], { ...this.engineEnv, ENGINE_CACHE_DIR: join(this.work, 'cache-init') });
+  }
+
+  /** Backup of `image` into `repo` (a fresh one), restore to a file, cmp. */
+  async engineRoundTrip(round: number, tool: string, repo: string, image: string, size: number): Promise<void> {
+    await this.initEngine(repo);
+    const cacheDir = this.cache();
+    const backup = await this.engine(['backup', '--repo', repo, '--source', image, '--name', 'vm'], cacheDir);
+    const stored = (backup.json.disks ?? []).reduce((sum, d) => sum + d.bytesStored, 0);
+    await this.add(round, 'full backup', tool, backup.measured, size, stored);
+    await this.restoreAndCompare(round, tool, repo, backup.json.id, image, size, cacheDir);
+  }
+
+  /** Backup of new, incompressible data into a fresh repository: what goes up is what was read. */
+  async newData(round: number, tool: string, repo: string, image: string, size: number): Promise<void> {
+    await this.initEngine(repo);
+    const backup = await this.engine(['backup', '--repo', repo, '--source', image, '--name', 'random'], this.cache());
+    await this.add(round, 'full backup, new random data', tool, backup.measured, size, (backup.json.disks ?? []).reduce((sum, d) => sum + d.bytesStored, 0));
+  }
+
+  async restoreAndCompare(round: number, tool: string, repo: string, id: string, image: string, size: number, cacheDir: string): Promise<void> {
+    const out = join(this.work, 'restored.raw');
+    const restored = await this.engine(['restore', '--repo', repo, id, '--to', out], cacheDir);
+    const same = await identical(out, image);
+    if (!same) this.notes.push(`round ${round}: ${tool}'s restore differed from the image: a bug, its figures do not count.`);
+    await this.add(round, 'restore to a raw file', tool, restored.measured, size, null, same ? 'cmp: identical' : 'cmp: DIFFERENT');
+    await rm(out, { force: true });
+  }
+
+  async resticRoundTrip(round: number, image: string, size: number): Promise<void> {
+    const bucket = `restic-${round}`;
+    await createBucket(this.cluster, bucket);
+    const env = { ...this.resticEnv, RESTIC_REPOSITORY: `s3:${this.cluster.endpoint}/${bucket}` };
+    await run('restic', ['init'], env);
+    await dropCaches();
+    const backup = await timed('restic', ['backup', '--quiet', image], env);
+    const stats = JSON.parse((await run('restic', ['stats', '--mode', 'raw-data', '--json'], env)).stdout) as { total_size?: number };
+    await this.add(round, 'full backup', 'restic 0.14 (S3)', backup, size, stats.total_size ?? null);
+    const into = join(this.work, 'restic-out');
+    await dropCaches();
+    const restored = await timed('restic', ['restore', 'latest', '--target', into], env);
+    const same = await identical(join(into, image), image);
+    if (!same) this.notes.push(`round ${round}: restic's restore differed from the image.`);
+    await this.add(round, 'restore to a raw file', 'restic 0.14 (S3)', restored, size, null, same ? 'cmp: identical' : 'cmp: DIFFERENT');
+    await rm(into, { recursive: true, force: true });
+  }
+
+  /** One backup alone against four at once (4 processes, 4 images) into one fresh repository each. */
+  async concurrency(round: number, where: string, repoOf: (name: string) => string, images: string[], size: number, aloneFirst: boolean): Promise<void> {
+    const alone = async (): Promise<void> => {
+      const repo = repoOf(`alone-${round}`);
+      await this.initEngine(repo);
+      const b = await this.engine(['backup', '--repo', repo, '--source', images[0]!, '--name', 'vm-0'], this.cache());
+      await this.add(round, `1 backup alone (${where})`, 'engine', b.measured, size, (b.json.disks ?? []).reduce((s, d) => s + d.bytesStored, 0));
+    };
+    const four = async (): Promise<void> => {
+      const repo = repoOf(`four-${round}`);
+      await this.initEngine(repo);
+      await dropCaches();
+      const started = performance.now();
+      const runs = await Promise.all(
+        images.map((image, i) => timed(process.execPath, [ENGINE, 'backup', '--repo', repo, '--source', image, '--name', `vm-${i}`, '--json'], { ...this.engineEnv, ENGINE_CACHE_DIR: this.cache() })),
+      );
+      const seconds = (performance.now() - started) / 1000;
+      const stored = runs.reduce((sum, m) => sum + ((JSON.parse(m.stdout) as EngineJson).disks ?? []).reduce((s, d) => s + d.bytesStored, 0), 0);
+      const aggregate: Measured = { seconds, cpuSeconds: runs.reduce((s, m) => s + m.cpuSeconds, 0), peakRssMiB: Math.max(...runs.map((m) => m.peakRssMiB)), stdout: '' };
+      await this.add(round, `4 backups at once (${where})`, 'engine', aggregate, size * images.length, stored, `each process: ${runs.map((m) => `${m.seconds.toFixed(1)} s / ${m.peakRssMiB.toFixed(0)} MiB`).join(', ')}`);
+    };
+    if (aloneFirst) {
+      await alone();
+      await four();
+    } else {
+      await four();
+      await alone();
+    }
+  }
+
+  /** `count` valid, empty index segments under the repository's prefix: objects every fresh host lists and reads. */
+  async fill(prefix: string, count: number): Promise<number> {
+    const { storage } = await openS3Stack({
+      url: `s3://${BUCKET}/${prefix}`,
+      endpoint: this.cluster.endpoint,
+      region: this.cluster.region,
+      credentials: { accessKeyId: this.cluster.user.accessKeyId, secretAccessKey: this.cluster.user.secretAccessKey },
+      env: {},
+      connections: 32,
+    });
+    try {
+      await initChecksum();
+      const writer = randomBytes(16).toString('hex');
+      return await inFlight(count, 32, async (seq) => {
+        const segment = { name: { writer, seq }, supersedes: [], entries: [] };
+        await storage.put(segmentKey(segment.name), encodeSegment(segment), { ifAbsent: true });
+      });
+    } finally {
+      await storage.close();
+    }
+  }
+}
+
+async function main(): Promise<void> {
+  const size = parseSize(arg('--size') ?? '1G');
+  const concurrentSize = parseSize(arg('--concurrent-size') ?? '256M');
+  const randomSize = parseSize(arg('--random-size') ?? '512M');
+  const rounds = Number(arg('--rounds') ?? 2);
+  const objectCounts = (arg('--objects') ?? '100,20000').split(',').filter(Boolean).map(Number);
+  const outDir = arg('--out') ?? 'bench/results';
+  const work = await mkdtemp(join(arg('--dir') ?? '/var/tmp', 'engine-bench-v3-s3-'));
+  const loadAtStart = await loadAverage();
+  let cluster: RgwCluster | undefined;
+  const skipped: string[] = [];
+  const rss: { objects: number; fillSeconds: number; backup: Measured; restore: Measured; identical: boolean }[] = [];
+  let lab: Lab | undefined;
+  try {
+    // Everything a round stores stays in memstore (RAM): engine + restic per round, the concurrency runs, the ceiling.
+    const memstore = Math.ceil((size * 1.2 * rounds + randomSize * 1.1 * rounds + concurrentSize * 10 * rounds + concurrentSize * 2 * objectCounts.length + 512 * 2 ** 20 * rounds) / 2 ** 30 + 1) * 2 ** 30;
+    // tcp_nodelay: without it every small GET (segments, leases, records) waits ~50 ms for Nagle on the gateway (test/rgw.ts).
+    cluster = await startBenchCluster({ memstoreBytes: memstore, tcpNoDelay: true }, BUCKET, work, log);
+    lab = new Lab(cluster, work);
+    const resticReady = await ensure('restic', 'restic');
+    if (resticReady !== true) skipped.push(`restic: ${resticReady}`);
+
+    log(`generating the suite's ${formatBytes(size)} template image and 4 images of ${formatBytes(concurrentSize)}`);
+    const image = join(work, 'vm.raw');
+    await generateImage(image, size, 'bench-template');
+    const images: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      images.push(join(work, `vm-${i}.raw`));
+      await generateImage(images[i]!, concurrentSize, `bench-concurrent-${i}`);
+    }
+    const random = join(work, 'random.raw');
+    await generateImage(random, randomSize, 'bench-random', { zero: 0, text: 0, binary: 0, random: 1, duplicate: 0 });
+    const localRoot = join(work, 'local');
+    await mkdir(localRoot);
+
+    for (let round = 0; round < rounds; round++) {
+      log(`round ${round + 1} of ${rounds}`);
+      const steps: (() => Promise<void>)[] = [
+        () => lab!.engineRoundTrip(round, 'engine (local folder, format 3)', join(localRoot, `repo-${round}`), image, size),
+        () => lab!.engineRoundTrip(round, 'engine (S3 on RGW)', `s3://${BUCKET}/repo-${round}`, image, size),
+        ...(resticReady === true ? [() => lab!.resticRoundTrip(round, image, size)] : []),
+      ];
+      if (round % 2 === 1) steps.reverse();
+      for (const step of steps) await step();
+      const fresh: (() => Promise<void>)[] = [
+        () => lab!.newData(round, 'engine (S3 on RGW)', `s3://${BUCKET}/random-${round}`, random, randomSize),
+        () => lab!.newData(round, 'engine (local folder, format 3)', join(localRoot, `random-${round}`), random, randomSize),
+      ];
+      if (round % 2 === 1) fresh.reverse();
+      for (const step of fresh) await step();
+      log('RGW ceiling (curl, 8 objects of 32 MiB, 4 in flight)');
+      await dropCaches();
+      lab.ceilings.push({ round, ...(await rgwCeiling(cluster, BUCKET, work, 8, 32 * 2 ** 20, 4, `r${round}`)) });
+      await lab.concurrency(round, 'S3', (name) => `s3://${BUCKET}/${name}`, images, concurrentSize, round % 2 === 0);
+      await lab.concurrency(round, 'local folder', (name) => join(localRoot, name), images, concurrentSize, round % 2 === 0);
+    }
+
+    for (const count of objectCounts) {
+      const prefix = `rss-${count}`;
+      const repo = `s3://${BUCKET}/${prefix}`;
+      await lab.initEngine(repo);
+      log(`peak RSS: ${count} index segments under ${repo}`);
+      const fillSeconds = await lab.fill(prefix, count);
+      const cacheDir = lab.cache();
+      const backup = await lab.engine(['backup', '--repo', repo, '--source', images[0]!, '--name', 'rss'], cacheDir);
+      const out = join(work, 'rss-out.raw');
+      const restoreRun = await lab.engine(['restore', '--repo', repo, backup.json.id, '--to', out], lab.cache());
+      rss.push({ objects: count, fillSeconds, backup: backup.measured, restore: restoreRun.measured, identical: await identical(out, images[0]!) });
+      log(`${count} objects: backup ${backup.measured.seconds.toFixed(1)} s ${backup.measured.peakRssMiB.toFixed(0)} MiB, restore ${restoreRun.measured.seconds.toFixed(1)} s ${restoreRun.measured.peakRssMiB.toFixed(0)} MiB`);
+      await rm(out, { force: true });
+    }
+  } finally {
+    await cluster?.stop();
+    await rm(work, { recursive: true, force: true });
+  }
+  await report(lab!, rss, { size, concurrentSize, randomSize, rounds, loadAtStart, loadAtEnd: await loadAverage(), skipped, outDir });
+}
+
+interface ReportOptions {
+  size: number;
+  randomSize: number;
+  concurrentSize: number;
+  rounds: number;
+  loadAtStart: string;
+  loadAtEnd: string;
+  skipped: string[];
+  outDir: string;
+}
+
+async function report(lab: Lab, rss: { objects: number; fillSeconds: number; backup: Measured; restore: Measured; identical: boolean }[], options: ReportOptions): Promise<void> {
+  const { rows, ceilings } = lab;
+  const of = (round: number, scenario: string, tool: string): Row | undefined => rows.find((r) => r.round === round && r.scenario === scenario && r.tool === tool);
+  const roundsRun = [...new Set(rows.map((r) => r.round))];
+  const perRound = (value: (round: number) => number | undefined): number[] => roundsRun.map(value).filter((v): v is number => v !== undefined && Number.isFinite(v));
+  const S3 = 'engine (S3 on RGW)';
+  const RESTIC = 'restic 0.14 (S3)';
+  const ceilingOf = (round: number): Ceiling | undefined => ceilings.find((c) => c.round === round);
+  const LOCAL = 'engine (local folder, format 3)';
+  const putShareOf = (scenario: string): number[] => perRound((round) => { const r = of(round, scenario, S3); const c = ceilingOf(round); return r && c && r.storedMBps !== null ? r.storedMBps / c.putMBps : undefined; });
+  const putShare = putShareOf('full backup, new random data');
+  const putShareImage = putShareOf('full backup');
+  const s3VsLocal = (scenario: string): number[] => perRound((round) => { const s = of(round, scenario, S3); const l = of(round, scenario, LOCAL); return s && l ? l.seconds / s.seconds : undefined; });
+  const backupVsRestic = perRound((round) => { const e = of(round, 'full backup', S3); const p = of(round, 'full backup', RESTIC); return e && p ? p.seconds / e.seconds : undefined; });
+  const restoreVsRestic = perRound((round) => { const e = of(round, 'restore to a raw file', S3); const p = of(round, 'restore to a raw file', RESTIC); return e && p ? p.seconds / e.seconds : undefined; });
+  const concurrent = (where: string): number[] => perRound((round) => { const one = of(round, `1 backup alone (${where})`, 'engine'); const four = of(round, `4 backups at once (${where})`, 'engine'); return one && four ? four.diskMBps / one.diskMBps : undefined; });
+  const worstRss = Math.max(0, ...rss.flatMap((r) => [r.backup.peakRssMiB, r.restore.peakRssMiB]), ...rows.filter((r) => r.tool.startsWith('engine')).map((r) => r.peakRssMiB));
+  const rssGrowth = rss.length >= 2 ? Math.max(rss.at(-1)!.backup.peakRssMiB - rss[0]!.backup.peakRssMiB, rss.at(-1)!.restore.peakRssMiB - rss[0]!.restore.peakRssMiB) : NaN;
+  const pct = (values: number[]): string => values.map((v) => `${(v * 100).toFixed(0)}%`).join(', ');
+  const times = (values: number[]): string => values.map((v) => `${v.toFixed(2)}×`).join(', ');
+  const verdict = (values: number[], pass: (v: number) => boolean): string => (values.length === 0 ? 'not measured' : pass(median(values)) ? 'PASS' : 'MISS');
+
+  const fmt = (n: number | null, digits = 0): string => (n === null ? '—' : n.toFixed(digits));
+  const table = [
+    '| round | scenario | tool | wall s | MB/s of disk | MB/s stored | stored | CPU s | peak RSS MiB | load (1/5/15 min) | note |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    ...rows.map((r) => `| ${r.round + 1} | ${r.scenario} | ${r.tool} | ${r.seconds.toFixed(2)} | ${r.diskMBps.toFixed(0)} | ${fmt(r.storedMBps)} | ${r.storedBytes === null ? '—' : formatBytes(r.storedBytes)} | ${r.cpuSeconds.toFixed(1)} | ${r.peakRssMiB.toFixed(0)} | ${r.load} | ${r.note} |`),
+    '',
+    '### RGW ceiling (curl, 8 objects of 32 MiB, 4 in flight, files read before the clock)',
+    '',
+    '| round | PUT MB/s | GET MB/s |',
+    '| --- | --- | --- |',
+    ...ceilings.map((c) => `| ${c.round + 1} | ${c.putMBps.toFixed(0)} | ${c.getMBps.toFixed(0)} |`),
+    '',
+    '### Peak RSS by the number of objects in the repository (S3; backup and restore of a fresh image, fresh host cache)',
+    '',
+    '| index segments in the repository | backup wall s | backup peak RSS MiB | restore wall s | restore peak RSS MiB | restore identical |',
+    '| --- | --- | --- | --- | --- | --- |',
+    ...rss.map((r) => `| ${r.objects} | ${r.backup.seconds.toFixed(1)} | ${r.backup.peakRssMiB.toFixed(0)} | ${r.restore.seconds.toFixed(1)} | ${r.restore.peakRssMiB.toFixed(0)} | ${r.identical ? 'yes (cmp)' : 'NO'} |`),
+  ].join('\n');
+  const targets = [
+    `S3 backup ≥ 80% of RGW's PUT ceiling for new data (new random data: bytes stored per second over curl's PUT rate, per round): ${pct(putShare)} → ${verdict(putShare, (v) => v >= 0.8)}; the suite's image (compressible, a third zeros: its upload rate is set by the pipeline, not the store): ${pct(putShareImage)}`,
+    `(context) S3 against the local folder, the local folder's time over S3's (1 = S3 costs no time): backup of the image ${times(s3VsLocal('full backup'))}, of new random data ${times(s3VsLocal('full backup, new random data'))}, restore ${times(s3VsLocal('restore to a raw file'))}`,
+    `S3 backup ≥ 3× restic's S3 backup (restic's time over the engine's, per round): ${times(backupVsRestic)} → ${verdict(backupVsRestic, (v) => v >= 3)}`,
+    `S3 restore ≥ 2× restic's: ${times(restoreVsRestic)} → ${verdict(restoreVsRestic, (v) => v >= 2)}`,
+    `4 concurrent backups ≥ 90% of one alone's throughput, S3 (aggregate MB/s of disk over one alone's, per round): ${pct(concurrent('S3'))} → ${verdict(concurrent('S3'), (v) => v >= 0.9)}`,
+    `the same into a local folder: ${pct(concurrent('local folder'))} → ${verdict(concurrent('local folder'), (v) => v >= 0.9)}`,
+    `peak RSS ≤ 300 MiB whatever the object count: worst ${worstRss.toFixed(0)} MiB, ${rss.map((r) => `${r.objects} objects: ${r.backup.peakRssMiB.toFixed(0)} / ${r.restore.peakRssMiB.toFixed(0)} MiB`).join('; ')} (growth ${Number.isFinite(rssGrowth) ? `${rssGrowth.toFixed(0)} MiB` : 'not measured'}) → ${worstRss <= 300 && !(rssGrowth > 20) ? 'PASS' : 'MISS'}`,
+  ];
+  const markdown = reportMarkdown(
+    'Format 3 and S3: the engine on a local folder and on RGW, restic on RGW, RGW\'s ceiling',
+    [
+      `Machine: ${machineLine()}; load average (1/5/15 min) ${options.loadAtStart} at the start, ${options.loadAtEnd} at the end (the machine is shared: other work ran meanwhile, each row carries the load when it ended).`,
+      `Image: the suite's ${formatBytes(options.size)} seeded VM-like template (bench/suite.ts); new data: ${formatBytes(options.randomSize)} of random bytes; concurrency: 4 images of ${formatBytes(options.concurrentSize)} (different seeds). ${options.rounds} rounds, each into fresh repositories, the tools' order reversed every other round. MB = 10^6 B.`,
+      'Every timed run is its own process under /usr/bin/time after `sync; echo 3 > /proc/sys/vm/drop_caches` (cold page cache: the image is read from disk). RGW runs on the same two cores (one memstore OSD: objects in RAM).',
+      '"MB/s stored": the bytes the backup added to its repository (compressed new data) over wall time, the rate it uploaded at, compared with curl\'s PUT rate; restic\'s from `restic stats --mode raw-data`.',
+      ...lab.notes,
+    ],
+    table,
+    targets,
+    options.skipped,
+  );
+  await writeReport(options.outDir, 'v3-s3', markdown, { machine: machineLine(), ...options, rows, ceilings, rss, targets });
+}
+
+await main();
