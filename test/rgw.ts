@@ -83,7 +83,8 @@ export interface RgwOptions {
   tls?: { certificate: string; privateKey: string };
   /**
    * beast's `tcp_nodelay=1` (off by default in Ceph 16.2): without it a small GET waits ~50 ms here for
-   * Nagle's algorithm on the gateway's side (measured with curl as with our client); benches set it.
+   * Nagle's algorithm on the gateway's side (measured with curl as with our client). On unless set false:
+   * the README tells users to set it, and the tests' many small GETs (leases, segments, records) pay for it.
    */
   tcpNoDelay?: boolean;
 }
@@ -247,7 +248,7 @@ export async function createRunRoot(): Promise<string> {
 function cephConf(dir: string, fsid: string, monPorts: [number, number], rgwPort: number, tlsPort: number | undefined, options: RgwOptions): string {
   const gateway = Object.entries(options.gatewaySettings ?? {}).map(([key, value]) => `${key} = ${value}`);
   const tls = options.tls && tlsPort ? ` ssl_endpoint=127.0.0.1:${tlsPort} ssl_certificate=${options.tls.certificate} ssl_private_key=${options.tls.privateKey}` : '';
-  const noDelay = options.tcpNoDelay ? ' tcp_nodelay=1' : '';
+  const noDelay = options.tcpNoDelay === false ? '' : ' tcp_nodelay=1';
   return [
     '[global]',
     `fsid = ${fsid}`,
