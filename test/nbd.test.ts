@@ -204,7 +204,8 @@ describe('backups from NBD exports', () => {
     const fromNbd = parseJson<BackupJson>((await runEngine(['backup', '--repo', repo, '--source', e.uri, '--json'])).stdout);
     expect(fromNbd.disks[0]!.blocksNew).toBe(0);
     expect(fromNbd.disks[0]!.bytesRead).toBe(19 * MiB);
-    expect(fromFile.disks[0]!.bytesRead).toBe(64 * MiB);
+    // The converted file is sparse: its holes are skipped as the export's are.
+    expect(fromFile.disks[0]!.bytesRead).toBe(19 * MiB);
     await e.stop();
   });
 });

@@ -3,7 +3,9 @@
  * walk a parent map and the dirty extents in block order, and the block set restores use.
  */
 import { describe, expect, test } from 'vitest';
+import { availableParallelism } from 'node:os';
 import { SlotPool } from '../dist/engine/pipeline/slot-pool.js';
+import { BYTES_PER_WORKER, workersFor } from '../dist/engine/pipeline/block-pool.js';
 import { DirtyCursor, mergeRanges, ParentMapCursor, type Range } from '../dist/engine/pipeline/map-cursors.js';
 import { BlockSet } from '../dist/engine/common/block-set.js';
 import { MapBuilder, type MapRoot } from '../dist/repo-format/block-map.js';
@@ -20,6 +22,21 @@ async function settled(promise: Promise<unknown>): Promise<boolean> {
   await new Promise((resolve) => setImmediate(resolve));
   return done;
 }
+
+describe('workers for a job', () => {
+  test('as asked, one per core by default, but never more than one per BYTES_PER_WORKER of work, and at least one', () => {
+    const cores = availableParallelism();
+    expect(workersFor(undefined, undefined)).toBe(cores);
+    expect(workersFor(3, undefined)).toBe(3);
+    expect(workersFor(4, 0)).toBe(1);
+    expect(workersFor(4, 10 * 1024 * 1024)).toBe(1);
+    expect(workersFor(4, BYTES_PER_WORKER)).toBe(1);
+    expect(workersFor(4, BYTES_PER_WORKER + 1)).toBe(2);
+    expect(workersFor(4, 2 ** 40)).toBe(4);
+    expect(workersFor(undefined, 2 ** 40)).toBe(cores);
+    expect(workersFor(1, 2 ** 40)).toBe(1);
+  });
+});
 
 describe('SlotPool', () => {
   test('hands out each slot once, lowest first, then makes acquirers wait', async () => {

@@ -115,7 +115,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     const leftovers = await repo.removeTempFiles();
     if (leftovers > 0) run.notice(`removed ${leftovers} temporary files left by an interrupted writer`);
     const name = await openDisks(run, repo);
-    pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, keys: repo.keys });
+    pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, keys: repo.keys, workBytes: workOf(run) });
     const disks = await readDisks(run, repo, pool);
     const record = recordOf(run, name, repo.blockSize, disks);
     await commit(run, repo, record);
@@ -127,6 +127,16 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     await pool?.close().catch(() => undefined);
     await repo?.close();
   }
+}
+
+/** At most the bytes the disks give the workers (all of each, holes and clean blocks included); unknown while a provider's disk is not yet open. */
+function workOf(run: BackupRun): number | undefined {
+  let bytes = 0;
+  for (const job of run.jobs) {
+    if (isPending(job)) return undefined;
+    bytes += job.source.size;
+  }
+  return bytes;
 }
 
 /** Before anything is opened or locked: names keep the name rule (names.ts), and a URL is never taken for a relative path. */

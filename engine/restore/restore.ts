@@ -86,7 +86,9 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
     const record = await repo.findBackup(options.backupId);
     const plan = await planRestore(repo, record, options);
     state.created = await createDirectory(plan);
-    pool = new BlockPool({ blockSize: record.blockSize, workers: options.workers, keys: repo.keys });
+    // Only blocks that are not zero go through the workers, unless a rollback compares the target's.
+    const workBytes = plan.targets.reduce((sum, { disk }) => sum + (plan.write.kind === 'all' ? (disk.stats.blocksTotal - disk.stats.blocksZero) * record.blockSize : disk.size), 0);
+    pool = new BlockPool({ blockSize: record.blockSize, workers: options.workers, keys: repo.keys, workBytes });
     const run: RestoreRun = { repo, pool, record, plan, options, interruption, done: state.done, created: state.created };
     for (const planned of plan.targets) run.done.push(await restoreTarget(run, planned));
     succeeded = true;

@@ -4,7 +4,8 @@ import { basename } from 'node:path';
 import { isErrnoException } from '../../repo-format/errors.js';
 import { SourceChangedError, SourceUnreadableError } from '../errors.js';
 import { blockDeviceSize } from './device-size.js';
-import type { BlockSource, SourceDescription } from './source.js';
+import { FileHoleMap, mayHaveHoles } from './file-holes.js';
+import type { BlockSource, Extent, SourceDescription } from './source.js';
 
 /** A raw image file or a block device (an attached disk snapshot inside the backup appliance). */
 export class FileSource implements BlockSource {
@@ -13,6 +14,8 @@ export class FileSource implements BlockSource {
     readonly size: number,
     readonly description: SourceDescription,
     private readonly currentSize: () => Promise<number>,
+    /** A sparse regular file's holes (file-holes.ts); none for a block device or a fully allocated file. */
+    private readonly holes: FileHoleMap | undefined,
   ) {}
 
   get defaultName(): string {
@@ -45,15 +48,22 @@ export class FileSource implements BlockSource {
       const stats = await handle.stat();
       if (stats.isBlockDevice()) {
         const size = () => blockDeviceSize(stats.rdev, (why) => new SourceUnreadableError(path, why));
-        return new FileSource(handle, await size(), { kind: 'block-device', path, realPath: await realpath(path) }, size);
+        return new FileSource(handle, await size(), { kind: 'block-device', path, realPath: await realpath(path) }, size, undefined);
       }
       if (!stats.isFile()) throw new SourceUnreadableError(path, 'not a regular file or a block device');
       const size = async () => (await handle.stat()).size;
-      return new FileSource(handle, stats.size, { kind: 'file', path, realPath: await realpath(path) }, size);
+      const realPath = await realpath(path);
+      return new FileSource(handle, stats.size, { kind: 'file', path, realPath }, size, mayHaveHoles(stats) ? new FileHoleMap(realPath) : undefined);
     } catch (error) {
       await handle.close();
       throw error;
     }
+  }
+
+  /** Where a sparse file's holes are: the blocks inside them are recorded as zeros, unread. */
+  get extents(): (() => AsyncIterable<Extent>) | undefined {
+    const holes = this.holes;
+    return holes ? () => holes.extents() : undefined;
   }
 
   async read(target: Buffer, offset: number): Promise<void> {
@@ -73,6 +83,7 @@ export class FileSource implements BlockSource {
   }
 
   async close(): Promise<void> {
+    this.holes?.stop();
     try {
       const now = await this.currentSize();
       if (now !== this.size) throw new SourceChangedError(this.description.path, `its size went from ${this.size} to ${now} bytes`);
@@ -83,6 +94,7 @@ export class FileSource implements BlockSource {
 
   /** Releases the source without the size check (after another failure). */
   async dispose(): Promise<void> {
+    this.holes?.stop();
     await this.handle.close().catch(() => undefined);
   }
 }

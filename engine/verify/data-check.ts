@@ -34,10 +34,12 @@ export class DataCheck {
   ) {}
 
   /** Starts the workers, and chooses the packs to read (all, or a --subset: said in the report). */
-  static start(run: VerifyRun, packIds: readonly string[], options: { subset?: number | undefined; seed?: string | undefined; workers?: number | undefined }): DataCheck {
-    const { packs, seed } = choosePacks(packIds, options.subset, options.seed);
+  static start(run: VerifyRun, listed: readonly { packId: string; size: number }[], options: { subset?: number | undefined; seed?: string | undefined; workers?: number | undefined }): DataCheck {
+    const { packs, seed } = choosePacks(listed.map((pack) => pack.packId), options.subset, options.seed);
     if (options.subset !== undefined) run.report.subset = { percent: Math.round(options.subset * 10000) / 100, seed, packs: packs.size };
-    const pool = new BlockPool({ blockSize: run.repo.blockSize, workers: options.workers, slotCount: 1, keys: run.repo.keys });
+    // No more workers than the bytes of the packs to read can use (block-pool.ts, BYTES_PER_WORKER).
+    const workBytes = listed.reduce((sum, pack) => sum + (packs.has(pack.packId) ? pack.size : 0), 0);
+    const pool = new BlockPool({ blockSize: run.repo.blockSize, workers: options.workers, slotCount: 1, keys: run.repo.keys, workBytes });
     return new DataCheck(run, pool, packs);
   }
 

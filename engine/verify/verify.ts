@@ -52,8 +52,9 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
   try {
     const run = new VerifyRun(repo, interruption, await listQuarantine(repo.store), options.readData === true, options.onProgress);
     await checkLayout(run);
-    const packIds = await repo.listPackIds();
-    if (options.readData) data = DataCheck.start(run, packIds, options);
+    const listed = await repo.listPacks();
+    const packIds = listed.map((pack) => pack.packId);
+    if (options.readData) data = DataCheck.start(run, listed, options);
     const packs = await checkPacks(run, packIds, data); // 1. structure (and 4. data, alongside)
     const missingPacks = await checkIndex(run, packs); // 2. index
     const referenced = await checkBackups(run, missingPacks); // 3. backups and their references
