@@ -737,6 +737,8 @@ export class Repository {
       const id = recordIdOfKey(key);
       if (id) ids.push(id);
     }
+    // Version 3: the cache catches up with what these records need (segments precede records, SPEC.md 19.7).
+    await this.v3?.cover(ids);
     return ids;
   }
 
@@ -751,6 +753,7 @@ export class Repository {
       if (code !== 'ENOENT') throw new CorruptMetadataError(where, `cannot be read (${code})`);
       throw new BackupNotFoundError(id);
     });
+    await this.v3?.cover([id]);
     return this.decodeRecord(bytes, id);
   }
 
