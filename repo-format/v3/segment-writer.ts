@@ -10,6 +10,7 @@
  *   written before the segments naming its new blobs, nor after its writer lost its lease (invariant 2').
  */
 import { randomBytes } from 'node:crypto';
+import { crashPoint } from '../crash-points.js';
 import type { Storage } from '../storage/storage.js';
 import { encodeSegment, segmentKey, type Segment, type SegmentEntry } from './segment.js';
 
@@ -75,6 +76,7 @@ export class SegmentWriter {
       await this.options.storage.delete(key).catch(() => undefined);
       throw error;
     }
+    crashPoint('segment-written');
     this.seq++;
     this.pending = new Map();
     this.written.push(key);

@@ -13,6 +13,7 @@ import { LEASE_SKEW_BOUND_MS, LEASE_TIME_MS } from '../constants.js';
 import { createPrivateDirectory } from '../file-modes.js';
 import type { BlobIndex, BlobLocation, IndexEntry } from '../index-entry.js';
 import type { Storage } from '../storage/storage.js';
+import { crashPoint } from '../crash-points.js';
 import { systemClock } from './clock.js';
 import { hostIdOf, processProbe, thisProcess } from './host.js';
 import { IndexCache, type CatchUpResult } from './index-cache.js';
@@ -99,6 +100,7 @@ export class V3Session implements BlobIndex {
     });
     const lease = await leases.acquireShared({ command: options.command, waitMs: timing.leaseMs, signal });
     lease.keepAlive();
+    crashPoint('lease-held');
     let cache: IndexCache | undefined;
     try {
       // After the lease, never before: a gc that completed in between could have deleted packs the cache names.
