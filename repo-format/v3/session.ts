@@ -112,7 +112,7 @@ export class V3Session implements BlobIndex {
       await rm(tempDir, { recursive: true, force: true });
       await createPrivateDirectory(tempDir);
       const segments = options.writer
-        ? new SegmentWriter({ storage, dataKey: options.dataKey, assertHeld: () => lease.assertHeld(), onSegment: (segment) => cache!.ingest(segment), signal })
+        ? new SegmentWriter({ storage, dataKey: options.dataKey, assertHeld: () => lease.assertHeld(), confirmHeld: () => lease.refresh(signal), onSegment: (segment) => cache!.ingest(segment), signal })
         : undefined;
       return new V3Session(lease, cache, tempDir, opened.catchUp, segments, notice);
     } catch (error) {
