@@ -25,6 +25,7 @@ export const engine = {
   setProtection: lazy(() => import('../engine/catalogue/protect.js'), 'setProtection'),
   gc: lazy(() => import('../engine/gc/gc.js'), 'gc'),
   repair: lazy(() => import('../engine/repair/repair.js'), 'repair'),
+  migrate: lazy(() => import('../engine/migrate/migrate.js'), 'migrate'),
   unlock: lazy(() => import('../engine/catalogue/unlock.js'), 'unlock'),
   forget: lazy(() => import('../engine/catalogue/forget.js'), 'forget'),
   ovirtCleanup: lazy(() => import('../engine/ovirt/cleanup.js'), 'ovirtCleanup'),

@@ -160,6 +160,7 @@ export function serveJson(handle: ServeHandle): Record<string, unknown> {
     warnings: handle.warnings,
     writable: handle.writable,
     readerToken: handle.readerToken,
+    lease: handle.lease,
     tableBytes: handle.tableBytes,
     pid: process.pid,
     exports: handle.exports,
@@ -211,6 +212,7 @@ export function printGc(report: GcReport): void {
     `${report.dryRun ? 'would delete' : 'deleted'} ${p.deleted.length} of ${count(p.before, 'pack')} (${p.rewritten.length} rewritten into ${report.dryRun ? 'new packs' : `${p.created.length} new`}), ${count(report.chunks.removed, 'unreferenced blob')} removed, ${report.chunks.moved} moved`,
     `${balance} (${formatBytes(b.deleted)} deleted, ${formatBytes(b.written)} written)`,
   ];
+  if (report.segments) lines.push(`index: ${count(report.segments.written, 'segment')} written, ${count(report.segments.deleted, 'superseded segment')} deleted (of ${report.segments.before})`);
   if (report.backupsCommittedDuringGc.length > 0) lines.push(`${count(report.backupsCommittedDuringGc.length, 'backup')} committed during gc ${report.backupsCommittedDuringGc.length === 1 ? 'was' : 'were'} marked too`);
   for (const k of p.kept) lines.push(`kept pack ${k.pack}: ${k.why}`);
   if (p.deferred.length > 0) lines.push(`deferred: ${count(p.deferred.length, 'pack')} ${p.deferred.length === 1 ? 'stays' : 'stay'} until no reader is registered (${report.readers} now); a later gc deletes ${p.deferred.length === 1 ? 'it' : 'them'}`);

@@ -18,6 +18,17 @@ export type CrashPoint =
   | 'gc-published' // gc holds the lock again; new packs renamed into packs/, not yet indexed
   | 'gc-indexed' // gc's index batch (entries moved and removed) is written; no pack deleted yet
   | 'gc-pack-deleted' // gc deleted its first pack
+  | 'gc-v3-copied' // v3 gc stored its copies (packs no segment names) under its shared lease
+  | 'gc-v3-exclusive' // v3 gc holds the exclusive lease; nothing changed yet
+  | 'gc-v3-entries' // v3 gc wrote its first entry segment (a plan split in several segments)
+  | 'gc-v3-switched' // v3 gc wrote a switch segment (the old segments count for nothing)
+  | 'gc-v3-segment-deleted' // v3 gc deleted its first superseded segment
+  | 'gc-v3-pack-deleted' // v3 gc deleted its first pack
+  | 'migrate-segment-written' // migrate wrote its first segment under tmp/migrate-index/
+  | 'migrate-index-aside' // migrate renamed index/ to index.v2/, the segments not yet in index/
+  | 'migrate-index-swapped' // migrate's segments are index/, the config still version 1/2
+  | 'migrate-config-written' // migrate's version-3 config is durable (the commit point), leftovers remain
+  | 'migrate-leftover-removed' // migrate removed its first leftover
   | 'repair-quarantined' // repair wrote its quarantine files; the new index is not yet swapped in
   | 'repair-index-swapped' // repair's rebuilt index is in place; the old one not yet deleted
   | 'repair-pack-read' // repair entered the first pack into its new index under tmp/ (ENGINE_STOP_AT: interruption tests)

@@ -172,8 +172,9 @@ export class ClockSkewError extends EngineError {
  * or it was removed or replaced behind the holder's back. The work it protected stops before its next write.
  */
 export class LeaseLostError extends EngineError {
-  constructor(location: string, lease: string, why: string) {
-    super('ENGINE_LEASE_LOST', `the lease ${lease} on ${location} was lost: ${why}; what this run had not committed is left as garbage for gc`, { location, lease, why });
+  /** `consequence`: what the holder did about it (a writer: its uncommitted work is garbage; a reader: it stopped). */
+  constructor(location: string, lease: string, why: string, consequence = 'what this run had not committed is left as garbage for gc') {
+    super('ENGINE_LEASE_LOST', `the lease ${lease} on ${location} was lost: ${why}; ${consequence}`, { location, lease, why });
   }
 }
 

@@ -258,6 +258,9 @@ export async function readFrameBytes(store: Storage | string, packId: string, of
  * copy phase) or after it (serve): frames read as the index locates them, new packs written. Closed by
  * its user.
  */
+/** What reads frames for a server: a StoreHandle, or the repository handle itself (version 3, which holds the lease). */
+export type FrameReader = Pick<StoreHandle, 'readFrame' | 'locateFrame'>;
+
 export interface StoreHandle {
   readFrame(location: { packId: string; offset: number; length: number }): Promise<Buffer>;
   /** Where a worker reads the frame itself, when the store's objects are local files (frame-locator.ts). */

@@ -61,9 +61,10 @@ import { noticeSink, type NoticeSink } from './notices.js';
 import { createReserve, freeBytes, releaseReserve, reserveSize } from './space-reserve.js';
 import { copyIndexForReading, privateIndexDir, removeIndexCopy, unwritableReason, withoutLockNotice, type Unwritable } from './unwritable.js';
 import { PackPresence } from './pack-presence.js';
-import { V3Session } from './v3/session.js';
+import { defaultCacheRoot, V3Session } from './v3/session.js';
 import { decodeSegment, parseSegmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGMENT_PREFIX, segmentKey } from './v3/segment.js';
 import { openLocation } from './v3/location.js';
+import { isMidMigration } from './v3/migrate.js';
 
 export interface OpenOptions {
   /** 'read': records only, no lock. 'exclusive': lock + index. */
@@ -103,6 +104,10 @@ export interface OpenOptions {
   manyWriters?: boolean | undefined;
   /** Stops a wait for a lease and the cache's catch-up (version 3). */
   signal?: AbortSignal | undefined;
+  /** Version 3: refuse while another live lease has the same command (gc: one at a time, SPEC.md 19.5). */
+  alone?: boolean | undefined;
+  /** `engine migrate`: open a repository mid-migration (SPEC.md 19.11), which every other command refuses. */
+  migrating?: boolean | undefined;
 }
 
 export interface OpenReport {
@@ -243,6 +248,16 @@ export class Repository {
     return config;
   }
 
+  /** Whether the repository at `root` is of format version 3 (every s3:// one); a config that cannot be read is left to the open's own error. */
+  static async isVersion3(root: string): Promise<boolean> {
+    if (isS3Url(root)) return true;
+    try {
+      return isManyWriters(await Repository.loadConfig(root));
+    } catch {
+      return false;
+    }
+  }
+
   /** The config of any version this engine reads (3 included), from the store given or the folder's. */
   static async loadConfig(root: string, store?: Storage): Promise<RepositoryConfig> {
     if (!isS3Url(root)) checkLocalPath(root, 'repository');
@@ -267,6 +282,25 @@ export class Repository {
     return config;
   }
 
+  /**
+   * Where the journals of the repository at `root` are (SPEC.md 12.1, 19.1): its folder for versions 1 and
+   * 2; for version 3 (a folder or S3) this host's cache directory of it, `<cache>/<repository id>/` (19.4):
+   * a journal names what a run of this host created, and an s3:// location is no folder. A folder whose
+   * config cannot be read keeps the folder (opening the repository then says what is wrong with it).
+   */
+  static async journalRoot(root: string, cacheRoot = defaultCacheRoot()): Promise<string> {
+    if (!isS3Url(root)) {
+      const config = await Repository.loadConfig(root).catch(() => undefined);
+      return config && isManyWriters(config) ? join(cacheRoot, config.id) : root;
+    }
+    const store = await openLocation(root);
+    try {
+      return join(cacheRoot, (await Repository.loadConfig(root, store)).id);
+    } finally {
+      await store.close();
+    }
+  }
+
   static async open(root: string, options: OpenOptions): Promise<Repository> {
     if (isS3Url(root) && options.manyWriters !== true) throw new FormatUnsupportedError(root, options.command);
     // A folder's store as v1/v2 use it (temporary files in tmp/), an S3 one through its retries and limit.
@@ -283,6 +317,9 @@ export class Repository {
           store = await openLocation(root);
           config = await Repository.loadConfig(root, store);
         }
+      }
+      if (!isManyWriters(config) && options.migrating !== true && (await isMidMigration(root))) {
+        throw new NotARepositoryError(root, `a migration to format version 3 was cut short after its index was swapped (index.v2/ beside segments in index/): \`engine migrate ${root}\` finishes it`);
       }
       if (options.requireEncryption === true && !config.encryption) throw new NotEncryptedError(root);
       // Keys first: a wrong passphrase stops here, before the lock or anything else is written.
@@ -335,12 +372,18 @@ export class Repository {
    */
   private async openWithLease(command: string, options: OpenOptions): Promise<void> {
     try {
-      this.v3 = await V3Session.open({ storage: this.store, config: this.config, dataKey: this.keys?.dataKey, command, writer: command === 'backup', signal: options.signal, notice: this.notice });
+      this.v3 = await V3Session.open({ storage: this.store, config: this.config, dataKey: this.keys?.dataKey, command, writer: command === 'backup', alone: options.alone, signal: options.signal, notice: this.notice });
     } catch (error) {
       await this.close();
       throw error;
     }
     (this.packTarget as { tempDir: string }).tempDir = this.v3.tempDir;
+  }
+
+  /** Version 3 opened with its lease: the session (lease, cache); what gc's commit works through. */
+  get session(): V3Session {
+    if (!this.v3) throw new Error('a version-1/2 repository, or one opened without its lease, has no version-3 session');
+    return this.v3;
   }
 
   /** The index blob writers and readers ask: the repository's LevelDB, or in version 3 the session's. */
@@ -503,14 +546,21 @@ export class Repository {
     await this.withSpaceReserve(() => this.index.deleteBackup(id));
   }
 
-  async close(): Promise<void> {
+  /** Closes the LevelDB index and keeps the lock (migrate renames the index's directory). */
+  async closeIndex(): Promise<void> {
+    await this.indexStore?.close().catch(() => undefined);
+    this.indexStore = undefined;
+  }
+
+  /** `setReserveAside` false: the repository became version 3 (migrate), which has no space reserve. */
+  async close(options: { setReserveAside?: boolean } = {}): Promise<void> {
     await this.v3?.close();
     this.v3 = undefined;
     await this.indexStore?.close().catch(() => undefined);
     this.indexStore = undefined;
     if (this.indexCopy) await removeIndexCopy(this.indexCopy).catch(() => undefined);
     this.indexCopy = undefined;
-    if (this.lock) await this.setReserveAside().catch(() => undefined);
+    if (this.lock && options.setReserveAside !== false) await this.setReserveAside().catch(() => undefined);
     await this.lock?.release();
     this.lock = undefined;
     await this.store.close().catch(() => undefined);
@@ -627,8 +677,18 @@ export class Repository {
     return packKey(packId);
   }
 
+  /**
+   * Version 3: the shared lease this handle holds (SPEC.md 19.5, 19.9), its key and a signal that fires when
+   * it is lost; undefined for versions 1 and 2 and for a handle opened without it (access 'read').
+   */
+  get lease(): { key: string; lost: AbortSignal } | undefined {
+    return this.v3 ? { key: this.v3.lease.key, lost: this.v3.lease.lost } : undefined;
+  }
+
   /** One frame's bytes, as the index locates it (CorruptPackError / CorruptFrameError when it cannot be read whole). */
   readFrame(location: { packId: string; offset: number; length: number }): Promise<Buffer> {
+    // Version 3: a reader whose lease is lost reads no more packs (SPEC.md 19.9): gc may be deleting them.
+    this.v3?.lease.assertHeld();
     return readFrameBytes(this.store, location.packId, location.offset, location.length);
   }
 
@@ -637,6 +697,9 @@ export class Repository {
    * is released; gc copies between its two holds of it). Its close() releases it.
    */
   detachedStore(): StoreHandle {
+    // A folder's store only (versions 1 and 2): an s3:// location is no path, and a version-3 reader keeps
+    // its own handle (and lease) for as long as it reads.
+    if (this.onS3) throw new Error('detachedStore of an S3 repository: read through the repository handle that holds the lease');
     const store = openStore(this.root);
     return {
       readFrame: (location) => readFrameBytes(store, location.packId, location.offset, location.length),
@@ -651,21 +714,25 @@ export class Repository {
    * this thread), or undefined: the frame is then read with readFrame. Measured: frame-locator.ts.
    */
   locateFrame(location: { packId: string; offset: number; length: number }): FrameLocator | undefined {
+    this.v3?.lease.assertHeld();
     return frameLocatorIn(this.store, location);
   }
 
   /** `length` bytes of a pack at `offset` (a frame's header, for verify): exactly those, or ENGINE_STORAGE 'out-of-range'. */
   readPackRange(packId: string, offset: number, length: number): Promise<Buffer> {
+    this.v3?.lease.assertHeld();
     return this.store.get(packKey(packId), { range: { offset, length } });
   }
 
   /** The frames of a pack, from their headers (pack-file.ts, scanPack). */
   scanPack(packId: string): Promise<PackScan> {
+    this.v3?.lease.assertHeld();
     return scanPack(this.store, packId, this.encrypted);
   }
 
   /** A whole pack in memory (repair walks it): at most `maxSize` bytes. */
   readPack(packId: string, maxSize: number): Promise<Buffer> {
+    this.v3?.lease.assertHeld();
     return readPackBytes(this.store, packId, maxSize);
   }
 

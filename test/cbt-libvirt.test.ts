@@ -1,7 +1,8 @@
 /**
  * Changed-block tracking on a running VM under a real libvirtd (TCG domain): checkpoints and pull-mode
  * backups. Guest writes go in through HMP qemu-io; the expected content of every disk is kept in a local
- * raw file with the same writes, and every backup point must restore to exactly that.
+ * raw file with the same writes, and every backup point must restore to exactly that. The same domain is
+ * backed up into format-3 repositories too, on a folder and on S3 (the tests' own Ceph RADOS Gateway).
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { copyFile, open } from 'node:fs/promises';
@@ -9,6 +10,8 @@ import { join } from 'node:path';
 import { parseJson, runEngine, sh, sparseFile, tempDir, expectRestoreIdentical } from './helpers.js';
 import { qcow2, qemuIo } from './qemu.js';
 import { destroyDomain, ensureLibvirtd, guestWrite, startDomain } from './libvirt.js';
+import { startRgwCluster } from './rgw.js';
+import { createBucket } from './s3-helpers.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -191,6 +194,50 @@ describe('a running libvirt domain', () => {
     expect(withNewDisk.disks[2]!.modeReason).toBe('no earlier backup of this disk with changed-block tracking (a disk added since the last backup)');
     await expectRestoreIdentical(repo, withNewDisk.id, await snapshot(vda.expected, 'd'), { dir, disk: 'vda' });
     await expectRestoreIdentical(repo, withNewDisk.id, await snapshot(vdc.expected, 'd'), { dir, disk: 'vdc' });
+  });
+
+  test('format 3, on a folder and on an encrypted S3 repository (RGW): full then incremental of the three disks, each point restores byte for byte', async () => {
+    const cluster = await startRgwCluster({ memstoreBytes: 512 * MiB });
+    try {
+      await createBucket(cluster, 'engine-libvirt-v3');
+      const s3Env = {
+        AWS_ACCESS_KEY_ID: cluster.user.accessKeyId,
+        AWS_SECRET_ACCESS_KEY: cluster.user.secretAccessKey,
+        AWS_SHARED_CREDENTIALS_FILE: join(dir, 'no-credentials'),
+        AWS_CONFIG_FILE: join(dir, 'no-config'),
+        AWS_ENDPOINT_URL_S3: cluster.endpoint,
+        AWS_REGION: cluster.region,
+        ENGINE_PASSWORD: 'correct horse battery staple',
+      };
+      const vdc = { expected: join(dir, `${domain}-vdc.expected.raw`) };
+      for (const [where, env] of [
+        [join(dir, 'repo-v3'), { ENGINE_CACHE_DIR: join(dir, 'cache-v3') }],
+        ['s3://engine-libvirt-v3/repo', { ...s3Env, ENGINE_CACHE_DIR: join(dir, 'cache-v3-s3') }],
+      ] as const) {
+        const init = await runEngine(['init', '--format', '3', ...(where.startsWith('s3://') ? ['--encrypt'] : []), where], { env });
+        expect(init.code, init.stderr).toBe(0);
+        const v3full = await backup(where, domain, [], env);
+        expect(v3full.disks.map((d) => [d.name, d.mode])).toEqual([
+          ['vda', 'full'],
+          ['vdb', 'full'],
+          ['vdc', 'full'],
+        ]);
+        const atFull = await snapshot(vda.expected, `v3-full-${v3full.id}`);
+        await write(domain, 'virtio-disk0', vda.expected, 0x77, 30 * MiB, MiB);
+        const v3inc = await backup(where, domain, ['--incremental'], env);
+        expect(v3inc.disks.map((d) => [d.name, d.mode, d.parent, d.bytesRead])).toEqual([
+          ['vda', 'incremental', v3full.id, MiB],
+          ['vdb', 'incremental', v3full.id, 0],
+          ['vdc', 'incremental', v3full.id, 0],
+        ]);
+        await expectRestoreIdentical(where, v3full.id, atFull, { dir, disk: 'vda', env });
+        for (const [name, expected] of [['vda', vda.expected], ['vdb', vdb.expected], ['vdc', vdc.expected]] as const) {
+          await expectRestoreIdentical(where, v3inc.id, await snapshot(expected, `v3-inc-${v3inc.id}`), { dir, disk: name, env });
+        }
+      }
+    } finally {
+      await cluster.stop();
+    }
   });
 
   test('a domain that is not running is refused clearly', async () => {

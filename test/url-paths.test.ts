@@ -57,7 +57,7 @@ describe('URLs where a local path is expected', () => {
   });
 
   test('--repo and $ENGINE_REPO of every command that opens a repository', async () => {
-    for (const args of [['list'], ['show', backupId], ['verify'], ['gc'], ['repair'], ['prune', '--keep-last', '1'], ['protect', backupId], ['restore', backupId, '--to', join(dir, 'x.raw')], ['backup', '--source', join(dir, 'disk.img')]]) {
+    for (const args of [['list'], ['show', backupId], ['verify'], ['gc'], ['repair'], ['prune', '--keep-last', '1'], ['protect', backupId], ['restore', backupId, '--to', join(dir, 'x.raw')], ['backup', '--source', join(dir, 'disk.img')], ['serve', backupId, '--socket', join(dir, 'serve.sock')]]) {
       await refused([...args, '--repo', 'sftp://host/repo'], 'repository', 'sftp://host/repo');
       await refused(args, 'repository', 'rest:https://host/repo', { ENGINE_REPO: 'rest:https://host/repo' });
       // s3:// is a repository (format version 3): the commands that work on it go to the store (here without

@@ -152,38 +152,6 @@ test('s3:// is refused as a URL for path arguments that are not a repository', a
   expect(ca.stderr).toMatch(/--ca-file s3:\/\/x\/y: looks like a URL/);
 });
 
-test('every command not wired on version 3 refuses a version-3 folder and an s3:// repository in one line (exit 5), writing nothing', async () => {
-  const repo = join(scratch.path, 'v3-refusals');
-  expect((await runEngine(['init', '--format', '3', repo])).code).toBe(0);
-  const url = `s3://${BUCKET}/refusals`;
-  expect((await runEngine(['init', url, ...s3Flags()], { env: awsEnv() })).code).toBe(0);
-  const mountDir = join(scratch.path, 'refusal-mount');
-  await mkdir(mountDir);
-  const commands: string[][] = [
-    ['serve', 'abc'],
-    ['mount', 'abc', mountDir],
-    ['gc'],
-    ['repair'],
-  ];
-  for (const where of [repo, url]) {
-    for (const command of commands) {
-      const r = await runEngine([...command, '--repo', where], { env: awsEnv() });
-      expect(r.code, `${command.join(' ')} on ${where}: ${r.stderr}`).toBe(5);
-      expect(r.stderr.trim().split('\n')).toHaveLength(1);
-      expect(r.stderr).toContain(`on which \`engine ${command[0]}\` does not work yet`);
-    }
-  }
-  expect(await readdir(repo)).toEqual(['config']);
-  const storage = await openRgwStorage(cluster, url);
-  try {
-    const keys: string[] = [];
-    for await (const info of storage.list('')) keys.push(info.key);
-    expect(keys).toEqual(['config']);
-  } finally {
-    await storage.close();
-  }
-});
-
 test('unlock on version 3: an expired lease is removed, a live shared one kept (not locked), a live exclusive one locks (exit 3) until --force', async () => {
   const repo = join(scratch.path, 'v3-unlock');
   expect((await runEngine(['init', '--format', '3', repo])).code).toBe(0);

@@ -110,4 +110,19 @@ describe('segment writer', () => {
     expect(await namedBlobs(memory)).toEqual(new Set());
     expect(writer.segments).toEqual([]);
   });
+
+  test('a record put that lands after the lease lapsed is taken back: the backup is not committed (a gc may have deleted its packs meanwhile)', async () => {
+    const memory = new MemoryStorage();
+    let held = true;
+    const storage = new FaultInjectingStorage(memory);
+    const original = memory.put.bind(memory);
+    memory.put = async (key, source, options) => {
+      await original(key, source, options);
+      if (key.startsWith('backups/')) held = false;
+    };
+    const writer = new SegmentWriter({ storage, assertHeld: () => { if (!held) throw new LeaseLostError('memory', 'leases/x.json', 'test'); } });
+    await writer.addPack([entry(1, 1)]);
+    await expect(writer.commitRecord(RECORD, Buffer.from('record'))).rejects.toMatchObject({ code: 'ENGINE_LEASE_LOST' });
+    expect(await exists(memory, RECORD)).toBe(false);
+  });
 });

@@ -3,7 +3,7 @@ import { Command } from 'commander';
 import { forTerminal, terminalLine } from '../terminal.js';
 import { count, printJson, printMount, printServe, serveJson } from '../output.js';
 import { engine } from '../engine-calls.js';
-import { output, printResult } from '../context.js';
+import { interruptSignal, output, printResult } from '../context.js';
 import * as opt from '../options.js';
 
 export function registerInstantAccessCommands(program: Command): void {
@@ -33,7 +33,10 @@ function registerServe(program: Command): void {
     .addOption(opt.passwordFileOption())
     .action(async (id: string, opts: { repo?: string; disk?: string; socket?: string; port?: number; host?: string; tlsCertificates?: string; tlsPskFile?: string; insecure?: boolean; writable?: boolean; overlayDir?: string; cache?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       output.json = opts.json === true;
+      // SIGINT/SIGTERM while the repository is opened (a wait for the lease, the cache's catch-up) stops that too.
+      const signal = interruptSignal();
       const handle = await engine.serve({
+        signal,
         repo: opt.requireRepo(opts.repo),
         backupId: id,
         disk: opts.disk,
@@ -52,11 +55,14 @@ function registerServe(program: Command): void {
       });
       if (output.json) printJson(serveJson(handle));
       else printServe(forTerminal(handle));
-      await new Promise<void>((resolve) => {
-        process.once('SIGINT', resolve);
-        process.once('SIGTERM', resolve);
+      const signalled = new Promise<undefined>((resolve) => {
+        if (signal.aborted) resolve(undefined);
+        else signal.addEventListener('abort', () => resolve(undefined), { once: true });
       });
+      // Version 3: a lost lease stops the server on its own (SPEC 19.9); the command then fails with it.
+      const lost = await Promise.race([signalled, handle.lost]);
       await handle.close();
+      if (lost) throw lost;
     });
 }
 

@@ -104,7 +104,7 @@ function registerRepair(program: Command): void {
     .action(async (opts: { repo?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       output.json = opts.json === true;
       const progress = createProgress({ json: output.json });
-      const report = await engine.repair({ repo: opt.requireRepo(opts.repo), passphrase: await opt.loadPassphrase(opts.passwordFile), workers: opts.workers, signal: interruptSignal(), onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
+      const report = await engine.repair({ repo: opt.requireRepo(opts.repo), passphrase: await opt.loadPassphrase(opts.passwordFile), workers: opts.workers, signal: interruptSignal(), onNotice: printNotice, onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items') });
       progress.done();
       await printResult(report, printRepair);
       if (!report.ok) process.exitCode = EXIT.integrity;

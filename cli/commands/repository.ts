@@ -4,7 +4,7 @@ import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { forTerminal } from '../terminal.js';
 import { backupJson, printInit, printJson, printList, printProtect, printShow } from '../output.js';
 import { engine } from '../engine-calls.js';
-import { output, printResult } from '../context.js';
+import { interruptSignal, output, printResult } from '../context.js';
 import * as opt from '../options.js';
 import { EXIT } from '../exit-codes.js';
 import { unlockWording } from '../error-wording.js';
@@ -16,6 +16,27 @@ export function registerRepositoryCommands(program: Command): void {
   registerProtection(program);
   registerUnlock(program);
   registerForget(program);
+  registerMigrate(program);
+}
+
+function registerMigrate(program: Command): void {
+  program
+    .command('migrate')
+    .description('convert a repository of format 1 or 2 on a folder into format 3 (many writers) in place, crash-safe; run again, it finishes one cut short')
+    .argument('<repo>', 'the repository (a folder)')
+    .addOption(opt.passwordFileOption())
+    .option('--json', 'print JSON')
+    .action(async (repo: string, opts: { json?: boolean; passwordFile?: string }) => {
+      output.json = opts.json === true;
+      const report = await engine.migrate({ repo, passphrase: await opt.loadPassphrase(opts.passwordFile), signal: interruptSignal() });
+      await printResult(report, (r) => {
+        const lines = [
+          r.from === 3 && !r.resumed ? `${r.repo} is format version 3 already` : `${r.repo}: format version ${r.from} migrated to 3${r.resumed ? ' (a migration cut short, finished)' : ''}: ${r.segments} index segment(s) naming ${r.blobs} blob(s)`,
+        ];
+        if (r.removed.length > 0) lines.push(`removed what format 3 has no use for: ${r.removed.join(', ')}`);
+        process.stdout.write(`${lines.join('\n')}\n`);
+      });
+    });
 }
 
 function registerInit(program: Command): void {

@@ -35,6 +35,7 @@ import { planTotals, type GcPlan } from './plan.js';
 import { copyLiveFrames, type GcCopies } from './copy.js';
 import { commitChanges, staleMarkers } from './commit.js';
 import { emptyGcReport, type GcReport } from './report.js';
+import { gcVersion3 } from './v3.js';
 
 export type { GcReport } from './report.js';
 
@@ -62,6 +63,10 @@ export async function gc(options: GcOptions): Promise<GcReport> {
   const report = emptyGcReport(options.dryRun === true, rewriteBelow);
   const interruption = new Interruption(options.signal, 'gc', () => 'nothing visible changed: the packs it had copied under tmp/ were removed');
   interruption.check();
+  // Format version 3 (every s3:// repository): leases and segments (SPEC.md 19.8).
+  if (await Repository.isVersion3(options.repo)) {
+    return gcVersion3({ repo: options.repo, passphrase: options.passphrase, rewriteBelow, dryRun: options.dryRun === true, signal: options.signal, notice, interruption, report });
+  }
 
   // Phase 1, mark: what is live, and the plan (under the lock).
   const marked = await markPhase(options, rewriteBelow, report, notice, interruption);
@@ -126,3 +131,4 @@ async function reportPlan(repo: Repository, plan: GcPlan, report: GcReport): Pro
   const going = new Set(totals.deleted);
   report.markers = await staleMarkers(repo, plan.damagedReferenced, (packId) => !going.has(packId));
 }
+

@@ -70,7 +70,7 @@ export async function recordsOrRefuse(repo: Repository, notice: (message: string
  * Marks every page and chunk of `records`; refuses when one is neither indexed nor known damaged. The
  * known damaged (quarantined, no indexed copy) go into `damagedReferenced`.
  */
-export async function mark(repo: Repository, records: readonly BackupRecord[], live: IdPrefixSet, damagedReferenced: Set<string>, interruption: Interruption): Promise<void> {
+export async function mark(repo: Repository, records: readonly BackupRecord[], live: { add(id: Buffer): void }, damagedReferenced: Set<string>, interruption: Interruption): Promise<void> {
   const quarantined = new Set([...(await listQuarantine(repo.store)).values()].map((q) => q.blob).filter((b): b is string => b !== null));
   let refusal: EngineError | undefined;
   await walkReferences(repo, records, {

@@ -25,6 +25,8 @@ export interface GcReport {
    * copy; protection markers of backups whose record is gone.
    */
   markers: { quarantine: string[]; protected: string[] };
+  /** Format version 3 only: index segments present before the commit, written by gc, deleted (superseded). */
+  segments?: { before: number; written: number; deleted: number };
 }
 
 export function emptyGcReport(dryRun: boolean, rewriteBelow: number): GcReport {

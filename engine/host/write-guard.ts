@@ -19,6 +19,7 @@ import type { BigIntStats } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { isRepositoryFolder, repositoryFolderPaths } from '../../repo-format/layout-scan.js';
 import { isErrnoException } from '../../repo-format/errors.js';
+import { isS3Url } from '../../repo-format/storage/s3-url.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
 import { TargetProtectedError, TargetUnwritableError, withRemedies } from '../errors.js';
 
@@ -101,6 +102,8 @@ async function linkedRepositoryFile(root: string, target: BigIntStats): Promise<
  */
 export async function refuseInsideRepository(path: string, what: string, repository?: string): Promise<void> {
   const { real, exists, chain } = await existingChain(path);
+  // An s3:// repository has no folder here to write into (it is no path: never resolved as one).
+  if (repository !== undefined && isS3Url(repository)) repository = undefined;
   const own = repository === undefined ? new Map<Identity, string>() : await repositoryDirectories(resolve(repository));
   for (const dir of chain) {
     const stats = await statOrUndefined(dir);

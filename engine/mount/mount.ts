@@ -19,8 +19,9 @@ import { closeSync, openSync } from 'node:fs';
 import { chmod, open, readdir, readFile, realpath, rename, rm, rmdir, stat, unlink, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { CorruptMetadataError, EngineError, FormatUnsupportedError, InvalidArgumentError } from '../../repo-format/errors.js';
-import { Repository } from '../../repo-format/repository.js';
+import { CorruptMetadataError, EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
+import { isS3Url } from '../../repo-format/storage/s3-url.js';
+import { removeDeadProcessLease } from '../../repo-format/v3/dead-lease.js';
 import { noticeSink } from '../../repo-format/notices.js';
 import { isProcessAlive } from '../../repo-format/process-alive.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
@@ -65,8 +66,10 @@ export interface MountResult {
   disks: { name: string; size: number; image: string; partitionTable: string }[];
   filesystems: MountedFilesystem[];
   serverPid: number;
-  /** null when the repository is read without its lock (read-only or full: SPEC 12.6). */
+  /** null when the repository is read without its lock (read-only or full: SPEC 12.6), and for version 3. */
   readerToken: string | null;
+  /** Version 3: the key of the server's shared lease (leases/<id>.json); null for versions 1 and 2. */
+  lease: string | null;
 }
 
 interface MountState {
@@ -75,7 +78,7 @@ interface MountState {
   repo: string;
   created: string;
   /** `identity` (boot id and start time, process.ts): a pid held by another process later is never signalled. */
-  server?: { pid: number; identity?: string | undefined; readerToken?: string | null };
+  server?: { pid: number; identity?: string | undefined; readerToken?: string | null; lease?: string | null };
   fuse: { pid: number; identity?: string | undefined; mountpoint: string }[];
   loops: string[];
   mounts: string[];
@@ -131,7 +134,7 @@ async function loopIsOurs(loop: string, stateDir: string): Promise<boolean> {
 }
 
 /** Starts the background server; resolves with its pid once it listens. */
-function startServer(options: ServeOptions, logPath: string): Promise<{ pid: number; readerToken: string | null; backupId: string; exports: ServedExport[] }> {
+function startServer(options: ServeOptions, logPath: string): Promise<{ pid: number; readerToken: string | null; lease: string | null; backupId: string; exports: ServedExport[] }> {
   const script = fileURLToPath(new URL('./serve-daemon.js', import.meta.url));
   const log = openSync(logPath, 'a', MUTABLE_FILE_MODE);
   const { passphrase, ...visible } = options;
@@ -147,7 +150,7 @@ function startServer(options: ServeOptions, logPath: string): Promise<{ pid: num
     };
     child.once('error', fail);
     child.once('exit', (code) => fail(new EngineError('ENGINE_INTERNAL', `the mount's server exited (${code}) before it was ready; see ${logPath}`)));
-    child.once('message', (message: { ready?: boolean; readerToken?: string | null; backupId?: string; exports?: ServedExport[]; notices?: string[]; error?: { message: string; code?: string; details?: Record<string, unknown> } }) => {
+    child.once('message', (message: { ready?: boolean; readerToken?: string | null; lease?: string | null; backupId?: string; exports?: ServedExport[]; notices?: string[]; error?: { message: string; code?: string; details?: Record<string, unknown> } }) => {
       child.removeAllListeners('exit');
       if (message.error) {
         reject(new EngineError((message.error.code as never) ?? 'ENGINE_INTERNAL', message.error.message, message.error.details ?? {}));
@@ -157,7 +160,7 @@ function startServer(options: ServeOptions, logPath: string): Promise<{ pid: num
       child.unref();
       const notice = noticeSink();
       for (const text of message.notices ?? []) notice(text);
-      resolvePromise({ pid: child.pid!, readerToken: message.readerToken ?? null, backupId: message.backupId!, exports: message.exports! });
+      resolvePromise({ pid: child.pid!, readerToken: message.readerToken ?? null, lease: message.lease ?? null, backupId: message.backupId!, exports: message.exports! });
     });
   });
 }
@@ -207,22 +210,8 @@ function fileReader(path: string, size: number): { readAt: ReadAt; close: () => 
   };
 }
 
-/**
- * Mount does not work on format version 3 yet: said as mount's own refusal before anything is created (the
- * background server would otherwise say it as its own). Every other problem of the repository is the
- * server's to report, as for any repository.
- */
-async function refuseManyWriters(repo: string): Promise<void> {
-  try {
-    await Repository.readConfig(repo, undefined, 'mount');
-  } catch (error) {
-    if (error instanceof FormatUnsupportedError) throw error;
-  }
-}
-
 export async function mount(options: MountOptions): Promise<MountResult> {
   checkLocalPath(options.dir, 'mount directory');
-  await refuseManyWriters(options.repo);
   const existing = await stat(options.dir).catch(() => undefined);
   if (existing && !existing.isDirectory()) throw new InvalidArgumentError(`mount point ${options.dir} is not a directory: give an empty (or new) directory`);
   // The mount point and what mount creates under it never go inside a repository (write-guard.ts).
@@ -236,15 +225,15 @@ export async function mount(options: MountOptions): Promise<MountResult> {
   const stateDir = stateDirFor(runDirOf(options), dir);
   if (await stat(join(stateDir, 'state.json')).then(() => true, () => false)) throw new InvalidArgumentError(`${dir} is already an engine mount: engine umount ${dir} first`);
   await ensurePrivateDirectory(stateDir);
-  const state: MountState = { version: 1, dir, repo: resolve(options.repo), created: new Date().toISOString(), fuse: [], loops: [], mounts: [], dirs: [] };
+  const state: MountState = { version: 1, dir, repo: isS3Url(options.repo) ? options.repo : resolve(options.repo), created: new Date().toISOString(), fuse: [], loops: [], mounts: [], dirs: [] };
   await saveState(stateDir, state);
   try {
     const socket = join(stateDir, 'nbd.sock');
     const server = await startServer({ repo: options.repo, backupId: options.backupId, disk: options.disk, socket, cacheBytes: options.cacheBytes, passphrase: options.passphrase }, join(stateDir, 'serve.log'));
-    state.server = { pid: server.pid, identity: processIdentity(server.pid), readerToken: server.readerToken };
+    state.server = { pid: server.pid, identity: processIdentity(server.pid), readerToken: server.readerToken, lease: server.lease };
     await saveState(stateDir, state);
 
-    const result: MountResult = { backup: server.backupId, dir, disks: [], filesystems: [], serverPid: server.pid, readerToken: server.readerToken };
+    const result: MountResult = { backup: server.backupId, dir, disks: [], filesystems: [], serverPid: server.pid, readerToken: server.readerToken, lease: server.lease };
     for (const [i, exp] of server.exports.entries()) {
       const mountpoint = join(stateDir, `fuse-${i}`);
       const pid = await startFuse(socket, exp.name, mountpoint);
@@ -378,6 +367,9 @@ async function teardown(stateDir: string, state: MountState): Promise<UmountResu
     result.serverStopped = await stopProcess(state.server.pid, 10_000, state.server.identity);
     // A server that had to be killed (or died) could not release its registration: do it for it.
     if (state.server.readerToken && /^[0-9a-f]{16}$/.test(state.server.readerToken)) await unlink(join(state.repo, 'readers', `${state.server.readerToken}.json`)).catch(() => undefined);
+    // Version 3: its lease too, if it is still there and its process provably gone (dead-lease.ts); on S3 with
+    // the credentials umount runs with. One it cannot remove is broken by the next command on this host.
+    if (state.server.lease && /^leases\/[0-9a-f]{32}\.json$/.test(state.server.lease)) await removeDeadProcessLease(state.repo, state.server.lease).catch(() => undefined);
     delete state.server;
     await saveState(stateDir, state);
   }

@@ -1,7 +1,8 @@
 /**
  * The background `serve` of a mount: started detached by mount.ts with its options as one JSON argument,
- * it reports over IPC once listening ({ready, readerToken}) or failing ({error}), then serves until
- * SIGTERM/SIGINT, when it closes the server and releases its reader registration.
+ * it reports over IPC once listening ({ready, readerToken, lease}) or failing ({error}), then serves until
+ * SIGTERM/SIGINT, when it closes the server and releases its reader registration or lease; or until its
+ * lease is lost (version 3), when it stops serving and exits 1.
  */
 import { serve, type ServeOptions } from '../serve/serve.js';
 import { MOUNT_PASSPHRASE_VARIABLE } from './serve-daemon-env.js';
@@ -24,13 +25,19 @@ setNoticeSink((message) => {
 });
 
 try {
-  const handle = await serve({ ...options, passphrase, onLog: (message) => process.stderr.write(`${new Date().toISOString()} ${message}\n`) });
+  const handle = await serve({ ...options, passphrase, holder: 'mount', onLog: (message) => process.stderr.write(`${new Date().toISOString()} ${message}\n`) });
   const stop = (): void => {
     void handle.close().finally(() => process.exit(0));
   };
   process.once('SIGTERM', stop);
   process.once('SIGINT', stop);
-  report({ ready: true, readerToken: handle.readerToken, backupId: handle.backup.id, exports: handle.exports, notices });
+  // Version 3: a lost lease has stopped the server (its reason is in the log): the mount's disks read EIO
+  // from then on, and `engine umount` finds the server gone (SPEC 19.9).
+  void handle.lost.then((error) => {
+    process.stderr.write(`${new Date().toISOString()} ${error.code}: ${error.message}\n`);
+    process.exit(1);
+  });
+  report({ ready: true, readerToken: handle.readerToken, lease: handle.lease, backupId: handle.backup.id, exports: handle.exports, notices });
   process.disconnect?.();
 } catch (error) {
   // The details go along: they carry what the caller can do about it (details.remedies).

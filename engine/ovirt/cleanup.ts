@@ -3,6 +3,7 @@
  * delete checkpoints, remove VMs, snapshots and disks, each idempotently (already gone is fine).
  */
 import { Journal, type JournalEntry } from '../../repo-format/journal.js';
+import { Repository } from '../../repo-format/repository.js';
 import { OvirtFaultError } from '../errors.js';
 import { OvirtClient, type OvirtClientOptions } from './client.js';
 import { isNotFound, type Wait } from './common.js';
@@ -157,7 +158,7 @@ export class RunJournal {
   private constructor(private readonly journal: Journal) {}
 
   static async create(repo: string, context: Record<string, string>): Promise<RunJournal> {
-    return new RunJournal(await Journal.create(repo, context));
+    return new RunJournal(await Journal.create(await Repository.journalRoot(repo), context));
   }
 
   get entries(): readonly JournalEntry[] {
@@ -199,7 +200,7 @@ export class RunJournal {
 /** Undoes every entry of every journal in the repository: attachments first, then snapshots. */
 export async function cleanupJournals(repo: string, client: OvirtClient, wait: Wait, notice: (m: string) => void): Promise<number> {
   let removed = 0;
-  for (const journal of await Journal.list(repo)) {
+  for (const journal of await Journal.list(await Repository.journalRoot(repo))) {
     const ordered = [...journal.entries].sort((a, b) => UNDO_ORDER.indexOf(a.kind) - UNDO_ORDER.indexOf(b.kind));
     for (const entry of ordered) {
       await undo(client, entry, wait, notice);

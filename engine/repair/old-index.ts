@@ -36,8 +36,13 @@ export async function restoreFromOldCatalogue(repo: Repository, path: string): P
  * truncated pack), when no good copy of them is anywhere. Returns what the old index was.
  */
 export async function placeDamage(path: string, checked: CheckedPacks, already: ReadonlyMap<string, QuarantinedFrame>, interruption: Interruption): Promise<RepairReport['previousIndex']> {
+  return forEachOldEntry(path, interruption, damagePlacer(checked, already));
+}
+
+/** placeDamage's rule for one entry of the old index (version 3: the entries of its effective segments). */
+export function damagePlacer(checked: CheckedPacks, already: ReadonlyMap<string, QuarantinedFrame>): (entry: IndexEntry) => void {
   const byPlace = new Map(checked.found.map((f) => [quarantineKey(f.pack, f.offset), f]));
-  return forEachOldEntry(path, interruption, (entry) => {
+  return (entry) => {
     const place = quarantineKey(entry.packId, entry.offset);
     if (checked.goodPlaces.has(entry.packId, entry.offset) || already.has(place)) return;
     const damage = byPlace.get(place);
@@ -48,7 +53,7 @@ export async function placeDamage(path: string, checked: CheckedPacks, already: 
       checked.found.push(lost);
       byPlace.set(place, lost);
     }
-  });
+  };
 }
 
 /**

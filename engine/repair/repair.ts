@@ -31,6 +31,7 @@ import { checkPacksIntoIndex } from './check-packs.js';
 import { placeDamage, restoreFromOldCatalogue } from './old-index.js';
 import { reportStillDamaged } from './still-damaged.js';
 import { emptyRepairReport, type RepairReport } from './report.js';
+import { repairVersion3 } from './v3.js';
 
 export type { DamagedReference, RebuiltConfig, RepairReport } from './report.js';
 
@@ -47,6 +48,8 @@ export interface RepairOptions {
    */
   signal?: AbortSignal | undefined;
   onProgress?: ((progress: { phase: string; done: number; total: number }) => void) | undefined;
+  /** What repair says on the way (version 3: damaged segments it replaces). */
+  onNotice?: ((message: string) => void) | undefined;
 }
 
 export async function repair(options: RepairOptions): Promise<RepairReport> {
@@ -57,6 +60,9 @@ export async function repair(options: RepairOptions): Promise<RepairReport> {
       : 'nothing changed: the old index is as it was, and the half-built one was removed',
   );
   interruption.check();
+  if (await Repository.isVersion3(options.repo)) {
+    return repairVersion3({ repo: options.repo, passphrase: options.passphrase, workers: options.workers, signal: options.signal, interruption, onProgress: options.onProgress, notice: options.onNotice ?? (() => undefined), report: emptyRepairReport(null), done });
+  }
   const report = emptyRepairReport(await rebuildLostConfig(options.repo, options.passphrase));
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'repair', index: 'skip', passphrase: options.passphrase });
   const oldIndex = join(repo.root, LAYOUT.index);

@@ -3,7 +3,7 @@
  * pack through the block workers (frame checksum, lz4, SHA-256 against the chunk's id: a chunk is checked
  * every time it is read from disk, never trusted) and merges concurrent loads of the same chunk.
  */
-import type { StoreHandle } from '../../repo-format/pack-file.js';
+import type { FrameReader } from '../../repo-format/pack-file.js';
 import type { BlockPool } from '../pipeline/block-pool.js';
 import type { ChunkLocation } from './block-table.js';
 
@@ -61,8 +61,8 @@ export class ChunkLoader {
 
   constructor(
     private readonly pool: BlockPool,
-    /** Reads frames from the repository's store (it outlives the repository handle: serve runs on after the lock goes). */
-    private readonly frames: StoreHandle,
+    /** Reads frames from the repository's store: a store of its own (versions 1 and 2, serving after the lock went), or the repository holding its lease (version 3). */
+    private readonly frames: FrameReader,
     readonly cache: ChunkCache,
   ) {}
 

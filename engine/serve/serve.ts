@@ -1,11 +1,13 @@
 /**
  * `engine serve`: a backup's disks as NBD exports, one per disk, named after the disk.
  *
- * The repository lock is held only while the chunk locations are resolved (block-table.ts): then the
- * server registers as a reader (SPEC 12.2) and releases the lock, so that backups keep running while a
- * VM boots from the export for hours. Chunks are then read straight from the packs and checked before
- * they are served; a damaged chunk fails the request that needs it (EIO) and is logged, and the server
- * keeps serving everything else.
+ * Versions 1 and 2: the repository lock is held only while the chunk locations are resolved
+ * (block-table.ts): then the server registers as a reader (SPEC 12.2) and releases the lock, so that backups
+ * keep running while a VM boots from the export for hours. Version 3 (a folder or S3): the server holds a
+ * shared lease, refreshed, for as long as it serves, so backups, restores and prunes run beside it and gc's
+ * deletions wait for it; when the lease is lost the server stops serving at once and says why (SPEC 19.9).
+ * Chunks are read from the packs and checked before they are served; a damaged chunk fails the request
+ * that needs it (EIO) and is logged, and the server keeps serving everything else.
  *
  * Memory: the block tables (44 B per block of distinct map pages; zero and repeated pages cost nothing), the chunk cache (`cacheBytes`, 64 MiB by default), the
  * worker slots (32 MiB), and per connection a bounded number of requests of at most 32 MiB.
@@ -19,7 +21,8 @@ import { registerReader, type RegisteredReader } from '../../repo-format/readers
 import { Repository } from '../../repo-format/repository.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
-import type { StoreHandle } from '../../repo-format/pack-file.js';
+import type { FrameReader } from '../../repo-format/pack-file.js';
+import { LeaseLostError } from '../../repo-format/errors.js';
 import { BlockPool } from '../pipeline/block-pool.js';
 import { NbdServer, type ListenAddress } from '../nbd/server.js';
 import { loadTlsCredentials, type NbdTlsCredentials } from '../nbd/tls.js';
@@ -50,6 +53,10 @@ export interface ServeOptions extends ListenRequest {
   /** The passphrase of an encrypted repository. */
   passphrase?: Passphrase | undefined;
   onLog?: ((message: string) => void) | undefined;
+  /** Stops the opening of the repository (a wait for the lease, the cache's catch-up); serving is stopped by close(). */
+  signal?: AbortSignal | undefined;
+  /** What the lease (or registration) says holds it: `serve` by default, `mount` for a mount's server. */
+  holder?: 'serve' | 'mount' | undefined;
 }
 
 export interface ServedExport {
@@ -68,8 +75,15 @@ export interface ServeHandle {
   tls: 'x509' | 'psk' | null;
   /** What the caller must know about the exposure (serving without TLS on TCP). */
   warnings: string[];
-  /** The reader registration (readers/<token>.json) held while serving; null for a repository read without its lock (SPEC 12.6). */
+  /** The reader registration (readers/<token>.json) held while serving; null for a repository read without its lock (SPEC 12.6), and for version 3. */
   readerToken: string | null;
+  /** Version 3: the key of the shared lease held while serving (leases/<id>.json); null for versions 1 and 2. */
+  lease: string | null;
+  /**
+   * Resolves (never rejects) once the server has stopped on its own because its lease was lost (version 3,
+   * SPEC 19.9): the caller ends with that error. Never settles otherwise.
+   */
+  lost: Promise<LeaseLostError>;
   writable: boolean;
   tableBytes: number;
   stats(): { cacheHits: number; cacheMisses: number; badChunks: number; overlayBytesWritten: number };
@@ -85,9 +99,33 @@ function uriFor(address: { socket?: string; port?: number; host?: string }, name
   return `${scheme}://${host}:${address.port}/${exportName}`;
 }
 
-/** Resolves every served disk's block table under the lock, registers as a reader, releases the lock. */
-async function resolveUnderLock(options: ServeOptions): Promise<{ record: BackupRecord; tables: { name: string; table: BlockTable; missing: number }[]; tableBytes: number; reader: RegisteredReader | undefined; frames: StoreHandle; blockSize: number; keys: RepositoryKeys | undefined }> {
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'serve', passphrase: options.passphrase, readWithoutLock: true });
+/** Every served disk's block table, and what serving then reads from and holds. */
+interface OpenedBackup {
+  record: BackupRecord;
+  tables: { name: string; table: BlockTable; missing: number }[];
+  tableBytes: number;
+  blockSize: number;
+  /** The keys outlive the resolution: the workers open (decrypt and check) chunks while serving. */
+  keys: RepositoryKeys | undefined;
+  frames: FrameReader;
+  /** Versions 1 and 2: the reader registration held while serving (none when read without the lock, SPEC 12.6). */
+  reader: RegisteredReader | undefined;
+  /** Version 3: the shared lease held while serving (SPEC 19.9). */
+  lease: { key: string; lost: AbortSignal } | undefined;
+  /** Lets go of what serving held: the registration and the detached store, or the repository and its lease. */
+  release(): Promise<void>;
+}
+
+/**
+ * Opens the repository and resolves every served disk's block table. Versions 1 and 2: under the lock, then
+ * registered as a reader, the lock released and frames read through a store of their own (a folder).
+ * Version 3: the shared lease is taken and kept (refreshed) for as long as the server runs, and frames are
+ * read through the repository handle that holds it, which checks the lease before every read (SPEC 19.9).
+ */
+async function openBackup(options: ServeOptions): Promise<OpenedBackup> {
+  const command = options.holder ?? 'serve';
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command, passphrase: options.passphrase, readWithoutLock: true, manyWriters: true, signal: options.signal });
+  let keep = false;
   try {
     const record = await repo.findBackup(options.backupId);
     const disks = options.disk === undefined ? record.disks : record.disks.filter((d) => nameMatches(d.name, options.disk!));
@@ -99,15 +137,23 @@ async function resolveUnderLock(options: ServeOptions): Promise<{ record: Backup
       const table = await resolver.resolve(disk);
       tables.push({ name: disk.name, table, missing: table.missing });
     }
-    const tableBytes = resolver.memoryBytes;
+    const resolved = { record, tables, tableBytes: resolver.memoryBytes, blockSize: repo.blockSize, keys: repo.keys };
+    const lease = repo.lease;
+    if (lease) {
+      keep = true;
+      return { ...resolved, frames: repo, reader: undefined, lease, release: () => repo.close() };
+    }
     // Registered before the lock goes: no moment where a gc could see neither the lock nor the reader. A
     // repository read without its lock (read-only, or full) cannot be registered in (SPEC 12.6).
-    const reader = repo.withoutLock ? undefined : await registerReader(repo.root, 'serve', [record.id]);
-    // The keys outlive the repository handle: the workers open (decrypt and check) chunks while serving.
-    // So do the frames: read from the store through a handle of their own, after the lock is released.
-    return { record, tables, tableBytes, reader, frames: repo.detachedStore(), blockSize: repo.blockSize, keys: repo.keys };
+    const reader = repo.withoutLock ? undefined : await registerReader(repo.root, command, [record.id]);
+    const frames = repo.detachedStore();
+    const release = async (): Promise<void> => {
+      await frames.close().catch(() => undefined);
+      await reader?.release();
+    };
+    return { ...resolved, frames, reader, lease: undefined, release };
   } finally {
-    await repo.close();
+    if (!keep) await repo.close();
   }
 }
 
@@ -124,7 +170,8 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
   const socket = 'socket' in plan.address ? plan.address.socket : undefined;
   await refuseServeFilesInRepository(options, socket);
   if (socket !== undefined) await prepareSocketPath(socket, warn);
-  const { record, tables, tableBytes, reader, frames, blockSize, keys } = await resolveUnderLock(options);
+  const opened = await openBackup(options);
+  const { record, tables, tableBytes, reader, frames, blockSize, keys, lease } = opened;
   const overlays: Overlay[] = [];
   let pool: BlockPool | undefined;
   let server: NbdServer | undefined;
@@ -148,6 +195,20 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
     for (const warning of warnings) warn(warning);
     const running = { server, pool };
     let closed: Promise<void> | undefined;
+    // Version 3: a lost lease (refreshes failed, or it was removed or replaced) ends serving at once; what
+    // the lease protected (no pack deleted while it is read) no longer holds (SPEC 19.9).
+    let onLost: (() => void) | undefined;
+    const lost = new Promise<LeaseLostError>((resolve) => {
+      if (!lease) return;
+      onLost = () => {
+        const reason = lease.lost.reason as { details?: { why?: unknown } } | undefined;
+        const why = typeof reason?.details?.why === 'string' ? reason.details.why : 'it could not be kept';
+        const error = new LeaseLostError(options.repo, lease.key, why, 'serving stopped, since a gc may now delete the packs it reads (start it again to serve on)');
+        void close().finally(() => resolve(error));
+      };
+      if (lease.lost.aborted) queueMicrotask(onLost);
+      else lease.lost.addEventListener('abort', onLost, { once: true });
+    });
     // However the process ends (an uncaught error included), the registration goes with it.
     const removeAtExit = (): void => {
       try {
@@ -164,6 +225,8 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
       tls: tlsCredentials?.kind ?? null,
       warnings,
       readerToken: reader?.registration.token ?? null,
+      lease: lease?.key ?? null,
+      lost,
       writable: options.writable === true,
       tableBytes,
       stats: () => ({
@@ -172,24 +235,24 @@ export async function serve(options: ServeOptions): Promise<ServeHandle> {
         badChunks: exports.reduce((sum, e) => sum + e.badChunks, 0),
         overlayBytesWritten: overlays.reduce((sum, o) => sum + o.bytesWritten, 0),
       }),
-      close: () => {
-        closed ??= (async () => {
-          await running.server.close().catch(() => undefined);
-          for (const overlay of overlays) await overlay.close().catch(() => undefined);
-          await running.pool.close().catch(() => undefined);
-          await frames.close().catch(() => undefined);
-          await reader?.release();
-          process.removeListener('exit', removeAtExit);
-        })();
-        return closed;
-      },
+      close,
     };
+    function close(): Promise<void> {
+      closed ??= (async () => {
+        if (onLost) lease?.lost.removeEventListener('abort', onLost);
+        await running.server.close().catch(() => undefined);
+        for (const overlay of overlays) await overlay.close().catch(() => undefined);
+        await running.pool.close().catch(() => undefined);
+        await opened.release();
+        process.removeListener('exit', removeAtExit);
+      })();
+      return closed;
+    }
   } catch (error) {
     await server?.close().catch(() => undefined);
     for (const overlay of overlays) await overlay.close().catch(() => undefined);
     await pool?.close().catch(() => undefined);
-    await frames.close().catch(() => undefined);
-    await reader?.release();
+    await opened.release();
     throw error;
   }
 }

@@ -22,7 +22,8 @@
  */
 import type { Storage } from '../storage/storage.js';
 import { compareKeys } from '../storage/storage.js';
-import { encodeSegment, segmentKey, SEGMENT_MAX_ENTRIES, SEGMENT_MAX_SUPERSEDED, type Segment, type SegmentEntry, type SegmentName } from './segment.js';
+import { isStorageError } from '../storage/storage-error.js';
+import { decodeSegment, parseSegmentKey, encodeSegment, segmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGMENT_PREFIX, SEGMENT_MAX_ENTRIES, SEGMENT_MAX_SUPERSEDED, type Segment, type SegmentEntry, type SegmentName } from './segment.js';
 import { resolveIndex } from './segment-set.js';
 
 export type PackDeletion = 'no-live-blob' | 'unnamed';
@@ -126,9 +127,20 @@ export async function applyGcStep(step: GcStep, context: StepContext): Promise<v
   const { storage, signal } = context;
   switch (step.kind) {
     case 'write-entries':
-    case 'write-switch':
-      await storage.put(segmentKey(step.segment.name), encodeSegment(step.segment, { dataKey: context.dataKey }), { ifAbsent: true, signal });
+    case 'write-switch': {
+      const key = segmentKey(step.segment.name);
+      await storage.put(key, encodeSegment(step.segment, { dataKey: context.dataKey }), { ifAbsent: true, signal });
+      try {
+        // As a backup's segment (segment-writer.ts, SPEC.md 19.6): a put that landed after the lease lapsed
+        // (this process paused between its check and the request) could name copies a later gc deleted as
+        // unnamed, or supersede segments another gc wrote: take it back.
+        context.assertHeld();
+      } catch (error) {
+        await storage.delete(key).catch(() => undefined);
+        throw error;
+      }
       return;
+    }
     case 'delete-segment':
       await storage.delete(step.key, { signal });
       return;
@@ -136,4 +148,33 @@ export async function applyGcStep(step: GcStep, context: StepContext): Promise<v
       await storage.delete(packKey(step.packId), { signal });
       return;
   }
+}
+
+/**
+ * Every segment in the store, decoded (gc's plan reads them whole: superseded ones too, since the switch
+ * must name them). A segment that cannot be read is returned by key with why: gc deletes nothing then
+ * (its blobs might be live, and superseding it would lose what it says).
+ */
+export async function readAllSegments(storage: Storage, options: { dataKey?: Uint8Array | undefined; signal?: AbortSignal | undefined } = {}): Promise<{ segments: Segment[]; damaged: { key: string; why: string }[] }> {
+  const segments: Segment[] = [];
+  const damaged: { key: string; why: string }[] = [];
+  const keys: string[] = [];
+  for await (const info of storage.list(SEGMENT_PREFIX, { signal: options.signal })) if (parseSegmentKey(info.key)) keys.push(info.key);
+  for (const key of keys) {
+    let bytes: Buffer;
+    try {
+      bytes = await storage.get(key, { maxSize: SEGMENT_MAX_OBJECT_SIZE, signal: options.signal });
+    } catch (error) {
+      if (isStorageError(error, 'not-found')) continue; // deleted since the listing (superseded)
+      if (isStorageError(error, 'too-large')) {
+        damaged.push({ key, why: 'larger than any segment' });
+        continue;
+      }
+      throw error;
+    }
+    const segment = decodeSegment(bytes, key, { dataKey: options.dataKey });
+    if (typeof segment === 'string') damaged.push({ key, why: segment });
+    else segments.push(segment);
+  }
+  return { segments, damaged };
 }

@@ -98,5 +98,13 @@ export class SegmentWriter {
     await this.options.confirmHeld?.();
     this.options.assertHeld();
     await this.options.storage.put(key, bytes, { ifAbsent: true, signal: this.options.signal });
+    try {
+      // As for a segment: a record that landed after the lease lapsed may reference packs a gc deleted as
+      // dead meanwhile (this writer's segments named them, no record did). It is taken back: not committed.
+      this.options.assertHeld();
+    } catch (error) {
+      await this.options.storage.delete(key).catch(() => undefined);
+      throw error;
+    }
   }
 }

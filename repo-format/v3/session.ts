@@ -36,6 +36,8 @@ export interface V3SessionOptions {
   command: string;
   /** A writer gets a segment writer (backup); readers do not. */
   writer: boolean;
+  /** Refuse (ENGINE_REPOSITORY_LOCKED) while another live lease has the same command: one gc at a time (SPEC.md 19.5). */
+  alone?: boolean | undefined;
   signal?: AbortSignal | undefined;
   notice: (message: string) => void;
   cacheRoot?: string | undefined;
@@ -50,7 +52,9 @@ export class V3Session implements BlobIndex {
   private readonly reportedDamaged = new Set<string>();
 
   private constructor(
-    readonly lease: HeldLease,
+    private held: HeldLease,
+    private readonly leases: Leases,
+    private readonly command: string,
     readonly cache: IndexCache,
     /** The slot's own folder of temporary files (packs being built): only this process uses it. */
     readonly tempDir: string,
@@ -98,7 +102,7 @@ export class V3Session implements BlobIndex {
       timing,
       onBroken: (lease, state) => notice(`removed the ${state} ${lease.kind} lease ${lease.id} of ${lease.command} (pid ${lease.pid} on ${lease.hostname}, since ${lease.since})`),
     });
-    const lease = await leases.acquireShared({ command: options.command, waitMs: timing.leaseMs, signal });
+    const lease = await leases.acquireShared({ command: options.command, alone: options.alone, waitMs: timing.leaseMs, signal });
     lease.keepAlive();
     crashPoint('lease-held');
     let cache: IndexCache | undefined;
@@ -114,12 +118,30 @@ export class V3Session implements BlobIndex {
       const segments = options.writer
         ? new SegmentWriter({ storage, dataKey: options.dataKey, assertHeld: () => lease.assertHeld(), confirmHeld: () => lease.refresh(signal), onSegment: (segment) => cache!.ingest(segment), signal })
         : undefined;
-      return new V3Session(lease, cache, tempDir, opened.catchUp, segments, notice);
+      return new V3Session(lease, leases, options.command, cache, tempDir, opened.catchUp, segments, notice);
     } catch (error) {
       await cache?.close().catch(() => undefined);
       await lease.release().catch(() => undefined);
       throw error;
     }
+  }
+
+  /** The lease this process holds now: shared, or exclusive after `takeExclusive`. */
+  get lease(): HeldLease {
+    return this.held;
+  }
+
+  /**
+   * gc's commit (SPEC.md 19.8, 2): lets the shared lease go, takes the exclusive one (the pending lease of
+   * 19.5 first, waiting at most `waitMs` for the shared holders), keeps it alive, and catches the cache up
+   * with the store under it (what writers committed meanwhile). The shared lease goes first: an exclusive
+   * acquirer waits for every other lease, its own holder's included.
+   */
+  async takeExclusive(options: { waitMs: number; signal?: AbortSignal | undefined }): Promise<CatchUpResult> {
+    await this.held.release();
+    this.held = await this.leases.acquireExclusive({ command: this.command, waitMs: options.waitMs, signal: options.signal });
+    this.held.keepAlive();
+    return this.cache.catchUp();
   }
 
   async lookup(ids: readonly Buffer[]): Promise<(BlobLocation | undefined)[]> {
@@ -146,6 +168,6 @@ export class V3Session implements BlobIndex {
   async close(): Promise<void> {
     await this.cache.close().catch(() => undefined);
     await rm(this.tempDir, { recursive: true, force: true }).catch(() => undefined);
-    await this.lease.release().catch(() => undefined);
+    await this.held.release().catch(() => undefined);
   }
 }

@@ -1,0 +1,387 @@
+/**
+ * `engine gc` on format version 3 (SPEC.md 19.8): the same report as versions 1 and 2, through the store and
+ * leases instead of the lock and LevelDB.
+ *
+ * 1. Mark and copy, under a shared lease with command `gc` (one gc at a time): every page and chunk of every
+ *    record is marked live; every segment is read and resolved (19.3: the first segment by key wins, the
+ *    other entries of a blob are duplicates); each pack is classified from its winning live entries: dead
+ *    (named, none live), to rewrite (live bytes under the threshold), kept, or named by no segment (a
+ *    crashed or running writer's: deleted only once older than T + 2B by the store's clock). The live
+ *    frames of the packs to rewrite are copied byte for byte into new packs, uploaded (durable) but named
+ *    by no segment: nothing visible changes, backups run meanwhile.
+ * 2. Commit, under the exclusive lease (the shared one let go first; waiting for every running backup,
+ *    restore, verify … to finish): the cache caught up, the records committed since 1 marked, segments and
+ *    packs listed again, then the plan (repo-format/v3/gc-plan.ts) decided and carried out step by step,
+ *    the lease checked before each: gc's segment naming every live blob and superseding every segment
+ *    present (the switch: the index changes in that one put), the superseded segments deleted, then every
+ *    pack no entry of the new index names. Last, markers that name nothing.
+ *
+ * A crash anywhere leaves a repository every command opens and every committed backup restores from
+ * (19.8's crash table); the next gc finishes the work. SIGINT/SIGTERM stops it between steps, releasing
+ * its lease: before the switch nothing visible changed (its copies, named by nothing, are deleted); after
+ * it the steps left are garbage for the next gc.
+ */
+import { randomBytes } from 'node:crypto';
+import { Repository } from '../../repo-format/repository.js';
+import { CorruptMetadataError, EngineError, MissingBlobError } from '../../repo-format/errors.js';
+import { crashPoint } from '../../repo-format/crash-points.js';
+import { PackWriter } from '../../repo-format/pack-file.js';
+import { openBlob } from '../../repo-format/blob-codec.js';
+import { LEASE_SKEW_BOUND_MS, LEASE_TIME_MS, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../../repo-format/constants.js';
+import { packIdOfKey, PACKS_PREFIX } from '../../repo-format/store.js';
+import { removeFromQuarantine } from '../../repo-format/quarantine.js';
+import { removeOrphanedMarkers } from '../../repo-format/protection.js';
+import type { BackupRecord } from '../../repo-format/backup-record.js';
+import type { Passphrase } from '../../repo-format/passphrase.js';
+import { applyGcStep, planGcCommit, readAllSegments, type GcStep } from '../../repo-format/v3/gc-plan.js';
+import { resolveIndex } from '../../repo-format/v3/segment-set.js';
+import type { Segment, SegmentEntry } from '../../repo-format/v3/segment.js';
+import { segmentKey } from '../../repo-format/v3/segment.js';
+import type { Interruption } from '../host/interrupt.js';
+import { mark } from './mark.js';
+import { staleMarkers } from './commit.js';
+import type { GcReport } from './report.js';
+
+/** How long gc waits for the exclusive lease (the running backups to end) before it gives up (SPEC.md 19.5). */
+export const GC_EXCLUSIVE_WAIT_MS = 10 * 60 * 1000;
+
+export interface GcVersion3Args {
+  repo: string;
+  passphrase: Passphrase | undefined;
+  rewriteBelow: number;
+  dryRun: boolean;
+  signal: AbortSignal | undefined;
+  notice: (message: string) => void;
+  interruption: Interruption;
+  report: GcReport;
+}
+
+interface StoredPack {
+  packId: string;
+  size: number;
+  modified: number | undefined;
+}
+
+/** A set of blob ids (hex) that mark() fills: the plan needs the ids themselves. */
+class LiveIds {
+  readonly ids = new Set<string>();
+  add(id: Buffer): void {
+    this.ids.add(id.toString('hex'));
+  }
+  has(id: Buffer): boolean {
+    return this.ids.has(id.toString('hex'));
+  }
+}
+
+export async function gcVersion3(args: GcVersion3Args): Promise<GcReport> {
+  const { report, interruption, notice } = args;
+  const repo = await Repository.open(args.repo, {
+    access: 'exclusive',
+    command: 'gc',
+    alone: true,
+    manyWriters: true,
+    passphrase: args.passphrase,
+    signal: args.signal,
+    onNotice: notice,
+    checkInterrupted: () => interruption.check(),
+  });
+  const copies: PackWriter[] = [];
+  let changed = false;
+  try {
+    const timing = { leaseMs: repo.config.leases?.timeMs ?? LEASE_TIME_MS, skewBoundMs: repo.config.leases?.skewBoundMs ?? LEASE_SKEW_BOUND_MS };
+    const minUnnamedAgeMs = timing.leaseMs + 2 * timing.skewBoundMs;
+
+    // 1. Mark and classify, under the shared lease.
+    const records = await recordsOrRefuse(repo);
+    const live = new LiveIds();
+    const damagedReferenced = new Set<string>();
+    await mark(repo, records, live, damagedReferenced, interruption);
+    report.backups = records.length;
+    const segments = await segmentsOrRefuse(repo, args.signal);
+    const packs = await listPacks(repo, args.signal);
+    report.packs.before = packs.length;
+    report.bytes.before = packs.reduce((total, pack) => total + pack.size, 0);
+    const storeNow = await storeTime(repo);
+    const classes = classify(segments, packs, live, args.rewriteBelow, storeNow, minUnnamedAgeMs);
+    report.chunks.live = classes.liveEntries;
+    if (args.dryRun) {
+      reportDryRun(report, classes);
+      report.markers = await staleMarkers(repo, damagedReferenced, (packId) => !classes.going.has(packId));
+      return report;
+    }
+
+    // 1, copy: the live frames of the packs to rewrite, into new packs in the store that no segment names.
+    const moved = await copyLiveFrames(repo, classes.rewrite, copies, report, interruption);
+    crashPoint('gc-v3-copied');
+    interruption.check();
+
+    // 2. Commit, under the exclusive lease.
+    const caughtUp = await interruption.race(repo.session.takeExclusive({ waitMs: GC_EXCLUSIVE_WAIT_MS, signal: args.signal })).catch((error: unknown) => {
+      throw interruption.aborted ? interruption.error() : error;
+    });
+    for (const damaged of caughtUp.damaged) notice(`index segment ${damaged.key} cannot be read (${damaged.why})`);
+    crashPoint('gc-v3-exclusive');
+    const lease = repo.session.lease;
+    const all = await recordsOrRefuse(repo);
+    const marked = new Set(records.map((record) => record.id));
+    const newer = all.filter((record) => !marked.has(record.id));
+    report.backupsCommittedDuringGc = newer.map((record) => record.id);
+    report.backups = all.length;
+    await mark(repo, newer, live, damagedReferenced, interruption);
+    const segmentsNow = await segmentsOrRefuse(repo, args.signal);
+    const packsNow = await listPacks(repo, args.signal);
+    const plan = planGcCommit({
+      segments: segmentsNow,
+      live: live.ids,
+      moved,
+      packs: packsNow,
+      writer: randomBytes(16).toString('hex'),
+      firstSeq: 0,
+      storeNow: await storeTime(repo),
+      minUnnamedAgeMs,
+    });
+    if (plan.refused) {
+      throw new MissingBlobError(plan.unnamedLive[0]!, `gc refuses to run (nothing was changed): ${plan.unnamedLive.length} live blob(s) named by no segment, the first`);
+    }
+    for (const kept of plan.kept) {
+      report.packs.kept.push({ pack: kept.packId, why: kept.why === 'too-young' ? `named by no segment and younger than ${Math.round(minUnnamedAgeMs / 1000)} s by the store's clock: a writer may still name it; a later gc deletes it` : 'named by no segment, and the store tells not its age: kept' });
+    }
+    interruption.check();
+    const sizes = new Map(packsNow.map((pack) => [pack.packId, pack.size]));
+    const effectiveBefore = countEffectiveEntries(segmentsNow);
+    report.segments = { before: segmentsNow.length, written: 0, deleted: 0 };
+    changed = true;
+    await carryOut(plan.steps, { repo, lease, sizes, report, interruption, copies, rewrite: classes.rewrite });
+    const written = plan.steps.flatMap((step) => (step.kind === 'write-entries' || step.kind === 'write-switch' ? [step.segment] : []));
+    const entriesAfter = written.reduce((total, segment) => total + segment.entries.length, 0);
+    report.chunks.removed = Math.max(0, effectiveBefore - entriesAfter);
+    const namedNow = new Set(written.flatMap((segment) => segment.entries.map((entry) => entry.packId)));
+    report.chunks.moved = [...moved.values()].filter((entry) => namedNow.has(entry.packId) && live.ids.has(entry.id.toString('hex'))).length;
+
+    // Markers naming what no longer exists: nothing can need them (the exclusive lease is held).
+    lease.assertHeld();
+    const stale = await staleMarkers(repo, damagedReferenced, () => true);
+    report.markers.quarantine = await removeFromQuarantine(repo.store, stale.quarantine);
+    report.markers.protected = await removeOrphanedMarkers(repo.store, new Set(await repo.listBackupIds()));
+    report.bytes.reclaimed = report.bytes.deleted - report.bytes.written;
+    return report;
+  } catch (error) {
+    if (!changed) await dropCopies(repo, copies);
+    throw error;
+  } finally {
+    await repo.close();
+  }
+}
+
+/** Every record gc must mark from; a damaged one might reference any chunk: gc refuses (invariant 8). Version 3 has no catalogue copy. */
+async function recordsOrRefuse(repo: Repository): Promise<BackupRecord[]> {
+  const { backups, damaged } = await repo.listBackups();
+  const first = damaged[0];
+  if (first) {
+    throw new CorruptMetadataError(
+      `backup record ${first.id}`,
+      `${String((first.error as EngineError).details?.why ?? first.error.message)}; gc cannot tell which chunks it needs and deletes nothing: \`engine forget ${first.id}\` removes that backup (no one can restore from it)`,
+    );
+  }
+  return backups;
+}
+
+/** Every segment, decoded; one that cannot be read stops gc before any change (its blobs may be live). */
+async function segmentsOrRefuse(repo: Repository, signal: AbortSignal | undefined): Promise<Segment[]> {
+  const { segments, damaged } = await readAllSegments(repo.store, { dataKey: repo.keys?.dataKey, signal });
+  const first = damaged[0];
+  if (first) throw new CorruptMetadataError(`index segment ${first.key}`, `${first.why}; gc cannot tell where the blobs it names are and deletes nothing (\`engine repair\` rebuilds the segments from the packs)`);
+  return segments;
+}
+
+async function listPacks(repo: Repository, signal: AbortSignal | undefined): Promise<StoredPack[]> {
+  const packs: StoredPack[] = [];
+  for await (const info of repo.store.list(PACKS_PREFIX, { signal })) {
+    const packId = packIdOfKey(info.key);
+    if (packId) packs.push({ packId, size: info.size, modified: info.modified });
+  }
+  return packs;
+}
+
+/** The store's clock now (a folder shares this host's). */
+async function storeTime(repo: Repository): Promise<number> {
+  return repo.store.time ? (await repo.store.time()).storeMs : Date.now();
+}
+
+interface Classes {
+  /** Packs with live blobs under the threshold: their winning live entries, by offset. */
+  rewrite: { packId: string; size: number; live: SegmentEntry[] }[];
+  dead: StoredPack[];
+  unnamedOld: StoredPack[];
+  /** Every pack that would go (dry run). */
+  going: Set<string>;
+  liveEntries: number;
+  /** Entries of the effective segments that would not be carried into the new index. */
+  removable: number;
+}
+
+/** Each pack's fate from the effective index (winning entries only: duplicates are dead bytes). */
+function classify(segments: readonly Segment[], packs: readonly StoredPack[], live: LiveIds, rewriteBelow: number, storeNow: number, minUnnamedAgeMs: number): Classes {
+  const resolved = resolveIndex(segments);
+  const liveByPack = new Map<string, SegmentEntry[]>();
+  let liveEntries = 0;
+  for (const [id, { entry }] of resolved) {
+    if (!live.ids.has(id)) continue;
+    liveEntries += 1;
+    let list = liveByPack.get(entry.packId);
+    if (!list) liveByPack.set(entry.packId, (list = []));
+    list.push(entry);
+  }
+  const named = new Set<string>();
+  for (const segment of segments) for (const entry of segment.entries) named.add(entry.packId);
+  const classes: Classes = { rewrite: [], dead: [], unnamedOld: [], going: new Set(), liveEntries, removable: countEffectiveEntries(segments) - liveEntries };
+  for (const pack of packs) {
+    const liveEntriesOfPack = liveByPack.get(pack.packId);
+    if (liveEntriesOfPack) {
+      const liveBytes = liveEntriesOfPack.reduce((total, entry) => total + entry.length, 0);
+      if (liveBytes < rewriteBelow * (pack.size - PACK_HEADER_SIZE)) {
+        classes.rewrite.push({ packId: pack.packId, size: pack.size, live: liveEntriesOfPack.sort((a, b) => a.offset - b.offset) });
+        classes.going.add(pack.packId);
+      }
+    } else if (named.has(pack.packId)) {
+      classes.dead.push(pack);
+      classes.going.add(pack.packId);
+    } else if (pack.modified !== undefined && storeNow - pack.modified >= minUnnamedAgeMs) {
+      classes.unnamedOld.push(pack);
+      classes.going.add(pack.packId);
+    }
+  }
+  return classes;
+}
+
+function countEffectiveEntries(segments: readonly Segment[]): number {
+  const keys = new Set(segments.map((segment) => segmentKey(segment.name)));
+  const superseded = new Set<string>();
+  for (const segment of segments) for (const old of segment.supersedes) if (keys.has(segmentKey(old))) superseded.add(segmentKey(old));
+  return segments.filter((segment) => !superseded.has(segmentKey(segment.name))).reduce((total, segment) => total + segment.entries.length, 0);
+}
+
+function reportDryRun(report: GcReport, classes: Classes): void {
+  const going = [...classes.dead, ...classes.rewrite, ...classes.unnamedOld];
+  report.packs.deleted = going.map((pack) => pack.packId).sort();
+  report.packs.rewritten = classes.rewrite.map((pack) => pack.packId).sort();
+  report.chunks.moved = classes.rewrite.reduce((total, pack) => total + pack.live.length, 0);
+  report.chunks.removed = classes.removable;
+  report.bytes.deleted = going.reduce((total, pack) => total + pack.size, 0);
+  report.bytes.written = classes.rewrite.reduce((total, pack) => total + pack.live.reduce((sum, entry) => sum + entry.length, 0), 0);
+  report.bytes.reclaimed = report.bytes.deleted - report.bytes.written;
+}
+
+/**
+ * Copies the live frames of each pack to rewrite, checked in full, into new packs stored whole (durable)
+ * and named by no segment. A pack with a damaged live frame is not rewritten (repair first).
+ */
+async function copyLiveFrames(repo: Repository, rewrite: Classes['rewrite'], copies: PackWriter[], report: GcReport, interruption: Interruption): Promise<Map<string, SegmentEntry>> {
+  const moved = new Map<string, SegmentEntry>();
+  let current: PackWriter | undefined;
+  const seal = async (): Promise<void> => {
+    const pack = current;
+    current = undefined;
+    if (!pack) return;
+    await pack.seal();
+    report.packs.created.push(pack.packId);
+    report.bytes.written += pack.byteSize;
+  };
+  for (const pack of rewrite) {
+    const frames: { entry: SegmentEntry; bytes: Buffer }[] = [];
+    let damage: string | undefined;
+    for (const entry of pack.live) {
+      await interruption.tick();
+      try {
+        const bytes = await repo.readFrame(entry);
+        const opened = openBlob(bytes, entry.id, repo.keys);
+        if (typeof opened === 'string') damage = `the frame of blob ${entry.id.toString('hex').slice(0, 16)}… at offset ${entry.offset} is damaged (${opened})`;
+        else frames.push({ entry, bytes });
+      } catch (error) {
+        damage = (error as Error).message;
+      }
+      if (damage) break;
+    }
+    if (damage) {
+      report.packs.kept.push({ pack: pack.packId, why: `not rewritten: ${damage}; run engine repair` });
+      continue;
+    }
+    for (const { entry, bytes } of frames) {
+      await interruption.tick();
+      if (!current) copies.push((current = new PackWriter(repo.packTarget)));
+      const at = current.entries.length;
+      await current.append(bytes, { kind: entry.kind, flags: entry.flags, rawLength: entry.rawLength, id: entry.id });
+      const copy = current.entries[at]!;
+      moved.set(entry.id.toString('hex'), { ...copy, id: entry.id });
+      if (current.byteSize >= PACK_TARGET_SIZE) await seal();
+    }
+  }
+  await seal();
+  return moved;
+}
+
+/** gc stopped before it changed anything: its copies, which no segment names and no one else knows of, go. */
+async function dropCopies(repo: Repository, copies: readonly PackWriter[]): Promise<void> {
+  for (const pack of copies) {
+    await pack.abort().catch(() => undefined);
+    await repo.store.delete(`${PACKS_PREFIX}${pack.packId.slice(0, 2)}/${pack.packId}`).catch(() => undefined);
+  }
+}
+
+interface CarryOut {
+  repo: Repository;
+  lease: { assertHeld: () => void };
+  sizes: ReadonlyMap<string, number>;
+  report: GcReport;
+  interruption: Interruption;
+  copies: readonly PackWriter[];
+  rewrite: Classes['rewrite'];
+}
+
+/**
+ * The plan's steps in order, the lease checked before each (applyGcStep). A pack is deleted only when it is
+ * provably a pack of this engine (invariant 10). An interruption stops between steps: every prefix of the
+ * plan leaves a repository every backup restores from (19.8), and the next gc finishes.
+ */
+async function carryOut(steps: readonly GcStep[], args: CarryOut): Promise<void> {
+  const { repo, report, interruption } = args;
+  const rewritten = new Set(args.rewrite.map((pack) => pack.packId));
+  const context = { storage: repo.store, dataKey: repo.keys?.dataKey, assertHeld: () => args.lease.assertHeld() };
+  let done = 0;
+  const stopIfAsked = (): void => {
+    if (interruption.aborted) throw interruption.error(`gc stopped after ${done} of its ${steps.length} steps (segments written, superseded ones and packs deleted); what is left is garbage the next gc reclaims`);
+  };
+  for (const step of steps) {
+    stopIfAsked();
+    if (step.kind === 'delete-pack') {
+      const foreign = await repo.notOwnPack(step.packId);
+      if (foreign) {
+        report.packs.kept.push({ pack: step.packId, why: `not deleted: ${foreign}` });
+        done++;
+        continue;
+      }
+    }
+    await applyGcStep(step, context);
+    done++;
+    switch (step.kind) {
+      case 'write-entries':
+        report.segments!.written++;
+        crashPoint('gc-v3-entries');
+        break;
+      case 'write-switch':
+        report.segments!.written++;
+        crashPoint('gc-v3-switched');
+        break;
+      case 'delete-segment':
+        report.segments!.deleted++;
+        if (report.segments!.deleted === 1) crashPoint('gc-v3-segment-deleted');
+        break;
+      case 'delete-pack':
+        report.packs.deleted.push(step.packId);
+        report.bytes.deleted += args.sizes.get(step.packId) ?? 0;
+        if (rewritten.has(step.packId)) report.packs.rewritten.push(step.packId);
+        if (report.packs.deleted.length === 1) crashPoint('gc-v3-pack-deleted');
+        break;
+    }
+  }
+}

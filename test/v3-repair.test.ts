@@ -1,0 +1,197 @@
+/**
+ * repair on format version 3 (SPEC.md 19.12), through the CLI, on a folder and on S3 (the tests' own Ceph
+ * RADOS Gateway), with real damage done behind the engine's back: every segment deleted (and the host's
+ * cache with them), a segment cut short, a byte of a pack's frame flipped. repair rebuilds the segments from
+ * the packs under the exclusive lease, quarantines the damaged frame and names the backup that still
+ * references it (exit 4); every backup restores byte for byte (cmp) afterwards, the damaged one once a new
+ * backup of its source stored a good copy, and verify --read-data is clean.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { readdir, readFile, rm, truncate, writeFile, chmod } from 'node:fs/promises';
+import { join } from 'node:path';
+import { startRgwCluster, type RgwCluster } from './rgw.js';
+import { createBucket, openRgwStorage } from './s3-helpers.js';
+import { filesIdentical, parseJson, runEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
+
+const MiB = 1024 * 1024;
+const BUCKET = 'engine-v3-repair';
+let cluster: RgwCluster;
+let scratch: { path: string; cleanup: () => Promise<void> };
+
+interface RepairJson {
+  previousIndex: string;
+  index: { packs: number; blobs: number };
+  quarantined: { pack: string; offset: number; blob: string | null }[];
+  damaged: { code: string; backup: string }[];
+  ok: boolean;
+}
+
+function env(kind: string): Record<string, string> {
+  return {
+    AWS_ACCESS_KEY_ID: cluster.user.accessKeyId,
+    AWS_SECRET_ACCESS_KEY: cluster.user.secretAccessKey,
+    AWS_SHARED_CREDENTIALS_FILE: join(scratch.path, 'no-credentials'),
+    AWS_CONFIG_FILE: join(scratch.path, 'no-config'),
+    AWS_ENDPOINT_URL_S3: cluster.endpoint,
+    AWS_REGION: cluster.region,
+    ENGINE_CACHE_DIR: join(scratch.path, `cache-${kind}`),
+  };
+}
+
+beforeAll(async () => {
+  scratch = await tempDir('engine-v3-repair-');
+  cluster = await startRgwCluster({ memstoreBytes: 512 * MiB });
+  await createBucket(cluster, BUCKET);
+});
+
+afterAll(async () => {
+  await cluster?.stop();
+  await scratch?.cleanup();
+});
+
+for (const kind of ['folder', 's3'] as const) {
+  describe(`repair on version 3, ${kind === 'folder' ? 'a folder' : 'S3 (RGW)'}`, () => {
+    const e = (): Record<string, string> => env(kind);
+    let repo: string;
+    const backups = new Map<string, string>();
+
+    /** The store's objects as the engine never touches them: read, replaced, deleted behind its back. */
+    const store = {
+      async keys(prefix: string): Promise<string[]> {
+        if (kind === 'folder') {
+          const dir = join(repo, prefix);
+          const out: string[] = [];
+          for (const entry of await readdir(dir, { withFileTypes: true }).catch(() => [])) {
+            if (entry.isDirectory()) for (const name of await readdir(join(dir, entry.name))) out.push(`${prefix}${entry.name}/${name}`);
+            else out.push(`${prefix}${entry.name}`);
+          }
+          return out.sort();
+        }
+        const storage = await openRgwStorage(cluster, repo);
+        try {
+          const out: string[] = [];
+          for await (const info of storage.list(prefix)) out.push(info.key);
+          return out;
+        } finally {
+          await storage.close();
+        }
+      },
+      async get(key: string): Promise<Buffer> {
+        if (kind === 'folder') return readFile(join(repo, key));
+        const storage = await openRgwStorage(cluster, repo);
+        try {
+          return await storage.get(key);
+        } finally {
+          await storage.close();
+        }
+      },
+      async replace(key: string, bytes: Buffer): Promise<void> {
+        if (kind === 'folder') {
+          await chmod(join(repo, key), 0o600);
+          await writeFile(join(repo, key), bytes);
+          return;
+        }
+        const storage = await openRgwStorage(cluster, repo);
+        try {
+          await storage.put(key, bytes);
+        } finally {
+          await storage.close();
+        }
+      },
+      async delete(key: string): Promise<void> {
+        if (kind === 'folder') return rm(join(repo, key), { force: true });
+        const storage = await openRgwStorage(cluster, repo);
+        try {
+          await storage.delete(key);
+        } finally {
+          await storage.close();
+        }
+      },
+    };
+
+    async function repair(): Promise<{ code: number; report: RepairJson; stderr: string }> {
+      const r = await runEngine(['repair', '--repo', repo, '--json'], { env: e() });
+      return { code: r.code, report: parseJson<RepairJson>(r.stdout), stderr: r.stderr };
+    }
+
+    async function restores(id: string, source: string): Promise<boolean> {
+      const target = join(scratch.path, `${kind}-restore-${id}-${Math.random().toString(16).slice(2)}.raw`);
+      const r = await runEngine(['restore', '--repo', repo, id, '--to', target], { env: e() });
+      const same = r.code === 0 && (await filesIdentical(target, source));
+      await rm(target, { force: true });
+      return same;
+    }
+
+    async function everythingRestores(): Promise<void> {
+      for (const [id, source] of backups) expect(await restores(id, source), `backup ${id}`).toBe(true);
+      const verified = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env: e() });
+      expect(verified.code, `${verified.stdout}\n${verified.stderr}`).toBe(0);
+      expect(parseJson<{ ok: boolean }>(verified.stdout).ok).toBe(true);
+    }
+
+    test('every segment deleted behind the engine, and the host cache with them: restore fails; repair rebuilds the segments from the packs; everything restores', async () => {
+      repo = kind === 'folder' ? join(scratch.path, 'repo') : `s3://${BUCKET}/repo`;
+      expect((await runEngine(['init', '--format', '3', repo], { env: e() })).code).toBe(0);
+      for (const name of ['one', 'two']) {
+        const source = join(scratch.path, `${kind}-${name}.img`);
+        await writeRegion(source, 0, 3 * MiB, 'random', `${kind}-shared`);
+        await writeRegion(source, 3 * MiB, 3 * MiB, 'random', `${kind}-${name}`);
+        const r = await runEngine(['backup', '--repo', repo, '--source', source, '--json'], { env: e() });
+        expect(r.code, r.stderr).toBe(0);
+        backups.set(parseJson<BackupJson>(r.stdout).id, source);
+      }
+      const segments = await store.keys('index/');
+      expect(segments).toHaveLength(2);
+      for (const key of segments) await store.delete(key);
+      await rm(join(scratch.path, `cache-${kind}`), { recursive: true, force: true });
+      const [first, source] = [...backups.entries()][0]!;
+      expect(await restores(first, source)).toBe(false);
+
+      const repaired = await repair();
+      expect(repaired.code, repaired.stderr).toBe(0);
+      expect(repaired.report).toMatchObject({ previousIndex: 'missing', ok: true, quarantined: [] });
+      expect(repaired.report.index.blobs).toBe(9 + 2); // 9 distinct chunks, one map page per backup
+      const rebuilt = await store.keys('index/');
+      expect(rebuilt).toHaveLength(1);
+      expect(await store.keys('leases/')).toEqual([]);
+      await everythingRestores();
+    });
+
+    test('a segment cut short behind the engine: repair replaces it (the old index was unreadable), everything restores', async () => {
+      const [key] = await store.keys('index/');
+      await store.replace(key!, (await store.get(key!)).subarray(0, 100));
+      const repaired = await repair();
+      expect(repaired.code, repaired.stderr).toBe(0);
+      expect(repaired.report.previousIndex).toBe('unreadable');
+      const now = await store.keys('index/');
+      expect(now).toHaveLength(1);
+      expect(now).not.toContain(key);
+      await everythingRestores();
+    });
+
+    test('a byte of a chunk flipped in a pack: repair quarantines the frame and names the backups that need it (exit 4); a new backup of the source heals them', async () => {
+      const packs = await store.keys('packs/');
+      const sizes = await Promise.all(packs.map(async (key) => (await store.get(key)).length));
+      const pack = packs[sizes.indexOf(Math.max(...sizes))]!;
+      const bytes = await store.get(pack);
+      bytes[32 + 48 + 1000] ^= 0x40; // the first frame's payload
+      await store.replace(pack, bytes);
+      if (kind === 'folder') await truncate(join(repo, pack), bytes.length); // unchanged size: only the byte differs
+
+      const repaired = await repair();
+      expect(repaired.code, repaired.stderr).toBe(4);
+      expect(repaired.report.quarantined).toHaveLength(1);
+      expect(repaired.report.quarantined[0]!.pack).toBe(pack.split('/')[2]);
+      expect(repaired.report.damaged.map((d) => d.code)).toContain('CHUNK_DAMAGED');
+      expect(await store.keys('quarantine/')).toHaveLength(1);
+      const damagedBackups = new Set(repaired.report.damaged.map((d) => d.backup));
+      // A new backup of each damaged backup's source stores a good copy of the chunk: the old ones heal.
+      for (const id of damagedBackups) {
+        const r = await runEngine(['backup', '--repo', repo, '--source', backups.get(id)!, '--json'], { env: e() });
+        expect(r.code, r.stderr).toBe(0);
+        backups.set(parseJson<BackupJson>(r.stdout).id, backups.get(id)!);
+      }
+      await everythingRestores();
+    });
+  });
+}
