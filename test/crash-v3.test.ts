@@ -1,16 +1,17 @@
 /**
  * The fault campaign on format version 3 (test/fault-campaign.ts; SPEC.md 19.7, 19.8), on a folder and on S3
  * (the tests' own Ceph RADOS Gateway): kill -9 of backup at each point of 19.7's crash table and at random
- * moments, and of prune and forget between their record removal and their lease's release. After each: what
+ * moments, of prune and forget between their record removal and their lease's release, and of gc at random
+ * moments (its crash points are test/v3-gc.test.ts's). After each: what
  * the crash left is what the table says (a dead process's lease; packs no segment names; a segment no record
  * references; the record), nothing else; the next command on this host breaks the dead lease at once;
  * verify --read-data is clean and counts the leftovers as garbage; the next backup commits; every committed
- * backup restores byte for byte (cmp).
- *
- * gc on version 3 is built on another branch (v3-gc): its kill points join at the place marked GC below.
+ * backup restores byte for byte (cmp). At the end, once the crashed writers' packs are older than T + 2B (the
+ * repository's lease timing is shortened to T = 20 s, B = 2 s), one gc leaves no garbage at all: what the
+ * kills left was only garbage gc can reclaim.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { readdir, rm } from 'node:fs/promises';
+import { chmod, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, openRgwStorage } from './s3-helpers.js';
@@ -19,6 +20,8 @@ import { campaign, CampaignRepo, recordCampaign } from './fault-campaign.js';
 import { SeededRandom } from '../dist/engine/index.js';
 
 const BUCKET = 'engine-crash-v3';
+const LEASE_MS = 20_000;
+const BOUND_MS = 2_000;
 let cluster: RgwCluster;
 let scratch: { path: string; cleanup: () => Promise<void> };
 
@@ -113,6 +116,22 @@ for (const kind of ['folder', 's3'] as const) {
       const init = await runEngine(['init', '--format', '3', '--json', repo], { env });
       expect(init.code, init.stderr).toBe(0);
       repositoryId = parseJson<{ id: string }>(init.stdout).id;
+      // A short lease timing (SPEC 19.1: B >= 1 s, 4B < T) so that gc may delete the packs crashed writers
+      // left (older than T + 2B by the store's clock) within the test; every kill here is on this host, where a
+      // dead holder's lease is broken at once whatever T is.
+      const store = kind === 's3' ? await openRgwStorage(cluster, repo) : undefined;
+      try {
+        const config = store ? await store.get('config') : await readFile(join(repo, 'config'));
+        const edited = Buffer.from(JSON.stringify({ ...JSON.parse(config.toString('utf8')), leases: { timeMs: LEASE_MS, skewBoundMs: BOUND_MS } }));
+        if (store) await store.put('config', edited);
+        else {
+          await chmod(join(repo, 'config'), 0o600);
+          await writeFile(join(repo, 'config'), edited);
+          await chmod(join(repo, 'config'), 0o400);
+        }
+      } finally {
+        await store?.close();
+      }
       earlier = await c.randomImage(`${kind}-earlier`, 6);
       await c.backupOf(earlier, 'earlier');
     });
@@ -185,9 +204,39 @@ for (const kind of ['folder', 's3'] as const) {
       await afterKill(true);
     });
 
-    // GC: once gc works on version 3 (branch v3-gc), its kill points (after the mark and copy, after the
-    // entry and switch segments, after the first deletion) join here, each followed by afterKill and a gc that
-    // finishes; the checks above then also hold gc to "only garbage gc can reclaim is left".
+    test('kill -9 of gc at random moments, with garbage to collect', async () => {
+      for (let round = 0; round < 2; round += 1) {
+        // A forgotten backup's packs are gc's work: it copies nothing live and deletes them.
+        const doomed = await c.backupOf(await c.randomImage(`${kind}-gc-${round}`, 4), 'gc-doomed');
+        expect((await c.run(['forget', doomed])).code).toBe(0);
+        await c.forgetRemoved();
+        const child = c.spawn(['gc']);
+        await new Promise((resolve) => setTimeout(resolve, 300 + c.random.below(1500)));
+        child.kill('SIGKILL');
+        const { signal, code } = await exitOf(child);
+        // A gc that finished before the kill is no fault.
+        if (signal !== 'SIGKILL') {
+          expect(code).toBe(0);
+          continue;
+        }
+        const leases = (await keysOf(c)).filter((k) => kindOf(k) === 'leases').length;
+        expect(leases).toBeLessThanOrEqual(1);
+        await afterKill(leases === 1);
+        const finished = await c.run(['gc']);
+        expect(finished.code, finished.stderr).toBe(0);
+      }
+    });
+
+    test('what the kills left is only garbage: past T + 2B, one gc leaves none, and everything restores', async () => {
+      await new Promise((resolve) => setTimeout(resolve, LEASE_MS + 2 * BOUND_MS + 2000));
+      const gc = await c.run(['gc', '--json']);
+      expect(gc.code, gc.stderr).toBe(0);
+      const garbage = await c.verifies();
+      expect(garbage.unindexedPacks).toEqual([]);
+      expect(garbage.unreferencedBlobs).toBe(0);
+      expect([...new Set((await keysOf(c)).map(kindOf))].sort()).toEqual(['backups', 'config', 'index', 'packs']);
+      await c.restoresAll();
+    });
 
     test('the campaign lost nothing', () => {
       expect(campaign.lost).toBe(0);

@@ -2,16 +2,15 @@
  * Many writers at once on format version 3 (issue 14, item 5; SPEC.md 19.3-19.9): four backup processes at
  * once into one repository, on a folder (one host) and on S3 (the tests' own Ceph RADOS Gateway) from two
  * simulated hosts (each its own ENGINE_CACHE_DIR, so its own host id and index cache), two rounds, the
- * second with a restore and a verify --read-data running meanwhile. The images share chunks on purpose:
+ * second with a restore, a verify --read-data, a gc (with a forgotten backup's chunks to collect) and a serve
+ * (read through by qemu-img) running meanwhile. The images share chunks on purpose:
  * some chunks are in all four, some in two, some in one, and each round brings new ones, written with
  * qemu-io from pattern files so that two writers really race to store the same new chunk.
  *
  * After each round: every committed backup restores byte for byte (cmp), verify --read-data is clean (no
  * chunk a record needs is missing or damaged), no lease is left; the concurrent restore and verify exited
- * cleanly and the restore's bytes are right.
- *
- * gc and serve on version 3 are built on other branches (v3-gc, v3-readers): the place where they join the
- * processes that run during the second round is marked below (DURING THE SECOND ROUND).
+ * cleanly, the restore's and the served export's bytes are right, and gc deleted no chunk a record needs
+ * (everything still restores and verifies after it).
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { readdir } from 'node:fs/promises';
@@ -86,6 +85,33 @@ async function roundImages(dir: string, round: number): Promise<string[]> {
 interface Committed {
   id: string;
   image: string;
+}
+
+/**
+ * `serve` of a backup started now: once it listens, qemu-img reads the whole export and it must equal `image`;
+ * then SIGTERM, and the server must exit 0. Resolves as `running` does.
+ */
+function servedAndRead(repo: string, id: string, image: string, socket: string, copy: string, env: Record<string, string>): { done: Promise<{ code: number | null; stdout: string; stderr: string }> } {
+  const child = spawnEngine(['serve', '--repo', repo, id, '--socket', socket, '--json'], env);
+  const output = collectOutput(child);
+  const done = (async () => {
+    try {
+      for (let i = 0; i < 1200 && !output.stdout().trim().endsWith('}'); i += 1) {
+        if (child.exitCode !== null) return { code: child.exitCode, stdout: output.stdout(), stderr: output.stderr() };
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      const uri = parseJson<{ exports: { uri: string }[] }>(output.stdout()).exports[0]!.uri;
+      await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri, copy]);
+      const same = await filesIdentical(copy, image);
+      await sh('rm', ['-f', copy]);
+      child.kill('SIGTERM');
+      const { code } = await exitOf(child);
+      return { code: same ? code : -1, stdout: output.stdout(), stderr: `${output.stderr()}${same ? '' : 'the served export differs from the image'}` };
+    } finally {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    }
+  })();
+  return { done };
 }
 
 /** A command started now and checked when it ends: exit 0, stderr without error lines. */
@@ -183,9 +209,14 @@ for (const kind of ['folder', 's3'] as const) {
       expect(await leasesLeft()).toEqual([]);
     });
 
-    test('round 2: new chunks in each (some new in two at once), four backups at once while a restore and a verify --read-data run; everything committed restores on both hosts', async () => {
+    test('round 2: new chunks in each (some new in two at once), four backups at once while a restore, a verify --read-data, a gc and a serve run; everything committed restores on both hosts', async () => {
+      // Garbage for the gc that runs during the round: one backup of round 1 forgotten (its own chunks die).
+      const doomed = committed.splice(1, 1)[0]!;
+      const forgot = await runEngine(['forget', '--repo', repo, doomed.id], { env: envOf(0) });
+      expect(forgot.code, forgot.stderr).toBe(0);
       const images = await roundImages(dir, 2);
       const earlier = committed[0]!;
+      const served = committed[1]!;
       const restoreTarget = join(dir, 'restored-during.raw');
       const reader = WRITERS - 1; // on S3: the other host than the first backup's
       const during = [
@@ -195,8 +226,8 @@ for (const kind of ['folder', 's3'] as const) {
           done: running(['verify', '--repo', repo, '--read-data', '--json'], envOf(reader)).done,
           check: async (stdout: string) => expect(parseJson<{ problems: unknown[] }>(stdout).problems).toEqual([]),
         },
-        // DURING THE SECOND ROUND: `gc` (branch v3-gc) and `serve` of an earlier backup with a read through it
-        // (branch v3-readers) join here once they work on version 3 — each one more entry of this list.
+        { what: 'gc during the backups', done: running(['gc', '--repo', repo, '--json'], envOf(0)).done },
+        { what: 'serve during the backups, read whole by qemu-img', done: servedAndRead(repo, served.id, served.image, join(dir, 'serve.sock'), join(dir, 'served.raw'), envOf(reader)).done },
       ];
       await backupsAtOnce(images, during);
       await expectAllRestore(WRITERS - 1);
