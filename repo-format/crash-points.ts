@@ -34,7 +34,10 @@ export type CrashPoint =
   | 'repair-pack-read' // repair entered the first pack into its new index under tmp/ (ENGINE_STOP_AT: interruption tests)
   | 'verify-pack-scanned' // verify scanned its first pack
   | 'restore-block-written' // restore wrote its first data block to the target
-  | 'index-rebuild-pack'; // an index rebuild (index/ was missing) entered its first pack under tmp/
+  | 'index-rebuild-pack' // an index rebuild (index/ was missing) entered its first pack under tmp/
+  | 'lease-held' // version 3: the command's lease is written and checked, the cache not yet caught up
+  | 'segment-written' // version 3: a writer's segment is durable in the store, its record not yet written
+  | 'forget-record-removed'; // forget removed the record, its lease not yet released
 
 const crashAt = process.env.ENGINE_CRASH_AT;
 const failAt = process.env.ENGINE_FAIL_AT;

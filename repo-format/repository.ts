@@ -62,6 +62,7 @@ import { createReserve, freeBytes, releaseReserve, reserveSize } from './space-r
 import { copyIndexForReading, privateIndexDir, removeIndexCopy, unwritableReason, withoutLockNotice, type Unwritable } from './unwritable.js';
 import { PackPresence } from './pack-presence.js';
 import { defaultCacheRoot, V3Session } from './v3/session.js';
+import { decodeSegment, parseSegmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGMENT_PREFIX, segmentKey } from './v3/segment.js';
 import { openLocation } from './v3/location.js';
 import { isMidMigration } from './v3/migrate.js';
 
@@ -799,6 +800,34 @@ export class Repository {
     for (const id of inIndex) if (!onDisk.has(id)) await this.index.deleteBackup(id);
   }
 
+  /**
+   * Version 3 (verify): every index segment in the store read whole and checked as any reader checks it
+   * (SPEC.md 19.3); those that fail and that no readable segment supersedes, with why. A host whose cache
+   * ingested a segment before it was damaged still reads its backups; another host cannot: only this finds it.
+   * One segment in memory at a time. Empty for versions 1 and 2.
+   */
+  async damagedSegments(): Promise<{ key: string; why: string }[]> {
+    if (!this.manyWriters) return [];
+    const damaged: { key: string; why: string }[] = [];
+    const superseded = new Set<string>();
+    for await (const { key } of this.store.list(SEGMENT_PREFIX)) {
+      if (!parseSegmentKey(key)) continue;
+      let bytes: Buffer;
+      try {
+        bytes = await this.store.get(key, { maxSize: SEGMENT_MAX_OBJECT_SIZE });
+      } catch (error) {
+        if (isStorageError(error, 'not-found')) continue; // superseded and deleted by gc meanwhile
+        if (!isStorageError(error, 'too-large')) throw error;
+        damaged.push({ key, why: 'larger than any segment' });
+        continue;
+      }
+      const segment = decodeSegment(bytes, key, { dataKey: this.keys?.dataKey });
+      if (typeof segment === 'string') damaged.push({ key, why: segment });
+      else for (const name of segment.supersedes) superseded.add(segmentKey(name));
+    }
+    return damaged.filter((d) => !superseded.has(d.key));
+  }
+
   /** Every backup record, by id, sorted; what else lies in backups/ is skipped (strays() lists it). */
   async listBackupIds(): Promise<string[]> {
     const ids: string[] = [];
@@ -806,6 +835,8 @@ export class Repository {
       const id = recordIdOfKey(key);
       if (id) ids.push(id);
     }
+    // Version 3: the cache catches up with what these records need (segments precede records, SPEC.md 19.7).
+    await this.v3?.cover(ids);
     return ids;
   }
 
@@ -820,6 +851,7 @@ export class Repository {
       if (code !== 'ENOENT') throw new CorruptMetadataError(where, `cannot be read (${code})`);
       throw new BackupNotFoundError(id);
     });
+    await this.v3?.cover([id]);
     return this.decodeRecord(bytes, id);
   }
 

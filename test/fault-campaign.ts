@@ -64,6 +64,10 @@ export class CampaignRepo {
     readonly scratch: string,
     readonly random: SeededRandom,
     private readonly auth: string[] = [],
+    /** The environment of every command (version 3: ENGINE_CACHE_DIR, and on S3 the AWS variables). */
+    readonly env: Record<string, string> = {},
+    /** A version-3 repository: its faults count as such. */
+    readonly v3 = false,
   ) {}
 
   get encrypted(): boolean {
@@ -71,17 +75,17 @@ export class CampaignRepo {
   }
 
   run(args: string[], options: { env?: Record<string, string> } = {}): Promise<RunResult> {
-    return runEngine([...args, '--repo', this.repo, ...this.auth], options);
+    return runEngine([...args, '--repo', this.repo, ...this.auth], { ...options, env: { ...this.env, ...options.env } });
   }
 
   spawn(args: string[], env: Record<string, string> = {}): ChildProcess {
-    return spawnEngine([...args, '--repo', this.repo, ...this.auth], env);
+    return spawnEngine([...args, '--repo', this.repo, ...this.auth], { ...this.env, ...env });
   }
 
   async backupOf(source: string, name: string): Promise<string> {
     const result = await this.run(['backup', '--source', source, '--name', name, '--json']);
     expect(withoutProgress(result.stderr)).toBe('');
-    expect(result.code).toBe(0);
+    expect(result.code, result.stdout).toBe(0);
     const id = parseJson<BackupJson>(result.stdout).id;
     this.committed.push({ id, source, name });
     return id;
@@ -163,6 +167,7 @@ export class CampaignRepo {
     campaign.injected += 1;
     campaign[kind] += 1;
     if (this.encrypted) campaign.encrypted += 1;
+    if (this.v3) campaign.v3 += 1;
   }
 
   /** Packs with no quarantined frame: damage there is new, so verify must see it. */

@@ -29,7 +29,9 @@ export type FaultAction =
   /** One byte of the answer's body flipped at this offset. */
   | { kind: 'corrupt-response'; atByte: number }
   /** Waits this long before forwarding (a slow store), or after sending this many body bytes (a stall). */
-  | { kind: 'delay'; ms: number; afterBytes?: number };
+  | { kind: 'delay'; ms: number; afterBytes?: number }
+  /** The request goes through; the answer's Date and Last-Modified are moved by this much: a store whose clock is off. */
+  | { kind: 'shift-time'; ms: number };
 
 export interface FaultRule {
   /** Which requests: method and a pattern over "/bucket/key?query" (default: all). */
@@ -162,7 +164,12 @@ export async function startFaultProxy(target: string, options: { seed?: number }
         answer.once('end', () => reset(clientSocket));
         return;
       }
-      res.writeHead(answer.statusCode ?? 502, answer.rawHeaders);
+      let headers = answer.rawHeaders;
+      if (action?.kind === 'shift-time') {
+        const shift = action.ms;
+        headers = headers.map((value, i) => (i % 2 === 1 && /^(date|last-modified)$/i.test(headers[i - 1]!) ? new Date(Date.parse(value) + shift).toUTCString() : value));
+      }
+      res.writeHead(answer.statusCode ?? 502, headers);
       let sent = 0;
       let stopped = false;
       answer.on('data', (chunk: Buffer) => {

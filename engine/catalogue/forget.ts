@@ -12,6 +12,7 @@ import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
 import { withRemedies } from '../errors.js';
 import { listProtected } from '../../repo-format/protection.js';
 import { catalogueCopyOf } from './record-recovery.js';
+import { crashPoint } from '../../repo-format/crash-points.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
 
 export interface ForgetOptions {
@@ -54,6 +55,7 @@ export async function forget(options: ForgetOptions): Promise<ForgetResult> {
       result = { backup: id, name: null, startTime: null, damaged: String(error.details.why ?? error.message) };
     }
     await repo.removeBackup(id);
+    crashPoint('forget-record-removed');
     return result;
   } finally {
     await repo.close();

@@ -10,6 +10,8 @@ export interface VerifyProblem {
   pack?: string;
   packOffset?: number;
   blob?: string;
+  /** The object concerned (an index segment's key), relative to the repository root. */
+  path?: string;
 }
 
 export interface VerifyWarning {

@@ -57,6 +57,8 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     if (options.readData) data = DataCheck.start(run, listed, options);
     const packs = await checkPacks(run, packIds, data); // 1. structure (and 4. data, alongside)
     const missingPacks = await checkIndex(run, packs); // 2. index
+    // Version 3: the index is the store's segments; one that cannot be read leaves its blobs absent for every host that has not cached it.
+    for (const { key, why } of await repo.damagedSegments()) run.problem({ code: 'SEGMENT_DAMAGED', message: `index segment ${key} cannot be read (${why}): the blobs it names are absent for any host whose cache does not hold them`, path: key });
     const referenced = await checkBackups(run, missingPacks); // 3. backups and their references
     // One problem per missing pack, naming every backup that lost data with it: never cut by the limit.
     run.report.problems.unshift(...missingPacks.problems());

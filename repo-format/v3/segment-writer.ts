@@ -6,10 +6,12 @@
  * - segments are written create-if-absent, at the latest by `commitRecord`, and every FLUSH_ENTRIES entries
  *   before that, so that memory stays bounded whatever the size of the backup (and other writers can
  *   deduplicate against a long backup's blobs while it runs);
- * - `commitRecord` writes what is pending, checks the lease, then creates the record: a record is never
+ * - `commitRecord` writes what is pending, confirms the lease in the store (read back and rewritten) and
+ *   checks it, then creates the record: a record is never
  *   written before the segments naming its new blobs, nor after its writer lost its lease (invariant 2').
  */
 import { randomBytes } from 'node:crypto';
+import { crashPoint } from '../crash-points.js';
 import type { Storage } from '../storage/storage.js';
 import { encodeSegment, segmentKey, type Segment, type SegmentEntry } from './segment.js';
 
@@ -22,6 +24,11 @@ export interface SegmentWriterOptions {
   dataKey?: Uint8Array | undefined;
   /** The writer's lease: checked before every segment and the record (HeldLease.assertHeld). */
   assertHeld: () => void;
+  /**
+   * The lease confirmed in the store just before the record (HeldLease.refresh: read back, still this
+   * process's, rewritten): a lease removed behind the writer (`unlock --force`) stops it before it commits.
+   */
+  confirmHeld?: (() => Promise<void>) | undefined;
   /** Told of each segment once durable (the cache ingests it: IndexCache.ingest). */
   onSegment?: ((segment: Segment) => Promise<void>) | undefined;
   /** 32 hex; random by default. */
@@ -75,6 +82,7 @@ export class SegmentWriter {
       await this.options.storage.delete(key).catch(() => undefined);
       throw error;
     }
+    crashPoint('segment-written');
     this.seq++;
     this.pending = new Map();
     this.written.push(key);
@@ -87,6 +95,7 @@ export class SegmentWriter {
    */
   async commitRecord(key: string, bytes: Uint8Array): Promise<void> {
     await this.flush();
+    await this.options.confirmHeld?.();
     this.options.assertHeld();
     await this.options.storage.put(key, bytes, { ifAbsent: true, signal: this.options.signal });
     try {

@@ -13,6 +13,7 @@ import { LEASE_SKEW_BOUND_MS, LEASE_TIME_MS } from '../constants.js';
 import { createPrivateDirectory } from '../file-modes.js';
 import type { BlobIndex, BlobLocation, IndexEntry } from '../index-entry.js';
 import type { Storage } from '../storage/storage.js';
+import { crashPoint } from '../crash-points.js';
 import { systemClock } from './clock.js';
 import { hostIdOf, processProbe, thisProcess } from './host.js';
 import { IndexCache, type CatchUpResult } from './index-cache.js';
@@ -43,6 +44,13 @@ export interface V3SessionOptions {
 }
 
 export class V3Session implements BlobIndex {
+  /** Records the cache is known to cover: listed or read before a catch-up started (see cover). */
+  private readonly covered = new Set<string>();
+  /** Catch-ups one at a time. */
+  private catching: Promise<void> = Promise.resolve();
+  /** Damaged segments already reported (a catch-up tries them again, the notice is given once). */
+  private readonly reportedDamaged = new Set<string>();
+
   private constructor(
     private held: HeldLease,
     private readonly leases: Leases,
@@ -52,7 +60,34 @@ export class V3Session implements BlobIndex {
     readonly tempDir: string,
     readonly catchUp: CatchUpResult,
     readonly segments: SegmentWriter | undefined,
-  ) {}
+    private readonly notice: (message: string) => void,
+  ) {
+    for (const damaged of catchUp.damaged) this.reportedDamaged.add(damaged.key);
+  }
+
+  /**
+   * Makes the cache cover the records `ids`, which the caller has just listed or read from the store: a
+   * record is created only after the segments naming its blobs are durable (SPEC.md 19.7, invariant 2'), so
+   * a catch-up that starts after the record was seen ingests them. Without it, a record committed by
+   * another writer after this process's first catch-up would look damaged (its blobs "not in the index").
+   * One listing of index/ when nothing is new; nothing at all for records already covered.
+   */
+  async cover(ids: readonly string[]): Promise<void> {
+    const uncovered = (): boolean => ids.some((id) => !this.covered.has(id));
+    if (!uncovered()) return;
+    const run = this.catching.then(async () => {
+      if (!uncovered()) return;
+      const result = await this.cache.catchUp();
+      for (const damaged of result.damaged) {
+        if (this.reportedDamaged.has(damaged.key)) continue;
+        this.reportedDamaged.add(damaged.key);
+        this.notice(`index segment ${damaged.key} cannot be read (${damaged.why}): the blobs it names count as absent`);
+      }
+      for (const id of ids) this.covered.add(id);
+    });
+    this.catching = run.catch(() => undefined);
+    await run;
+  }
 
   static async open(options: V3SessionOptions): Promise<V3Session> {
     const { storage, config, signal, notice } = options;
@@ -69,6 +104,7 @@ export class V3Session implements BlobIndex {
     });
     const lease = await leases.acquireShared({ command: options.command, alone: options.alone, waitMs: timing.leaseMs, signal });
     lease.keepAlive();
+    crashPoint('lease-held');
     let cache: IndexCache | undefined;
     try {
       // After the lease, never before: a gc that completed in between could have deleted packs the cache names.
@@ -80,9 +116,9 @@ export class V3Session implements BlobIndex {
       await rm(tempDir, { recursive: true, force: true });
       await createPrivateDirectory(tempDir);
       const segments = options.writer
-        ? new SegmentWriter({ storage, dataKey: options.dataKey, assertHeld: () => lease.assertHeld(), onSegment: (segment) => cache!.ingest(segment), signal })
+        ? new SegmentWriter({ storage, dataKey: options.dataKey, assertHeld: () => lease.assertHeld(), confirmHeld: () => lease.refresh(signal), onSegment: (segment) => cache!.ingest(segment), signal })
         : undefined;
-      return new V3Session(lease, leases, options.command, cache, tempDir, opened.catchUp, segments);
+      return new V3Session(lease, leases, options.command, cache, tempDir, opened.catchUp, segments, notice);
     } catch (error) {
       await cache?.close().catch(() => undefined);
       await lease.release().catch(() => undefined);
