@@ -132,8 +132,8 @@ describe('a read-only repository', () => {
     const mounted = await runEngine(['mount', '--repo', ro, fsId, mountDir], { env: { ENGINE_RUN_DIR: runDir } });
     expect(mounted.code).toBe(0);
     try {
-      // The background server's notice reaches the user of mount.
-      expect(mounted.stderr).toContain(`engine: repository ${ro} cannot be written (EROFS): serve reads it without taking the lock or registering`);
+      // The background server's notice reaches the user of mount, naming the command they ran.
+      expect(mounted.stderr).toContain(`engine: repository ${ro} cannot be written (EROFS): mount reads it without taking the lock or registering`);
       expect(await readdir(join(repo, 'readers'))).toEqual([]);
       expect(await readFile(join(mountDir, 'ro-ext4.raw', 'etc', 'motd'), 'utf8')).toBe('from a read-only repository\n');
     } finally {
