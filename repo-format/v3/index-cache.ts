@@ -45,6 +45,7 @@ import {
 } from './segment.js';
 import { isStorageError } from '../storage/storage-error.js';
 import { segmentWins } from './segment-set.js';
+import { consumeInOrder } from './ordered-window.js';
 
 type Db = ClassicLevel<Buffer, Buffer>;
 
@@ -56,6 +57,12 @@ const INGESTED = 1;
 const SUPERSEDED = 2;
 /** Slots per repository and host: more processes than this at once wait for one (SPEC.md 19.4). */
 export const MAX_SLOTS = 64;
+/**
+ * Segments fetched at once by a catch-up, and the stored bytes they may hold before they are ingested: a
+ * store's latency (tens of ms per GET on S3) is paid once per window and not once per segment, and memory
+ * stays bounded whatever the segment count. Calls still pass the storage's own concurrency limit.
+ */
+const CATCH_UP_WINDOW = { width: 16, budget: 32 * 1024 * 1024 };
 /** Entries per LevelDB batch while ingesting one segment (one batch per segment when it is smaller). */
 const BATCH = 65536;
 
@@ -148,14 +155,18 @@ export class IndexCache {
 
   /**
    * Brings the cache up to the store's segments (SPEC.md 19.4): incremental, or a rebuild when it must.
-   * Memory holds one segment at a time and the superseded names of the new ones: a first pass reads what
-   * each new segment supersedes (its header and names only, in a plain repository), the second ingests.
+   * A first pass reads what each new segment supersedes (its header and names only, in a plain repository),
+   * the second fetches and ingests; each keeps a bounded window of fetches in flight and takes the answers
+   * in key order. Memory holds that window and the superseded names of the new ones.
    */
   async catchUp(alreadyRebuilt?: string): Promise<CatchUpResult> {
     const { storage, signal } = this.options;
     const present: string[] = [];
+    const sizes = new Map<string, number>();
     for await (const info of storage.list(SEGMENT_PREFIX, { signal })) {
-      if (parseSegmentKey(info.key)) present.push(info.key);
+      if (!parseSegmentKey(info.key)) continue;
+      present.push(info.key);
+      sizes.set(info.key, info.size);
     }
     const presentSet = new Set(present);
     let rebuilt: string | undefined = alreadyRebuilt;
@@ -164,38 +175,45 @@ export class IndexCache {
     const damaged: { key: string; why: string }[] = [];
     const met = new Set<string>();
     const supersededNow = new Set<string>();
-    const meet = async (key: string): Promise<void> => {
-      const supersedes = await this.supersedesOf(key);
-      if (typeof supersedes === 'string') {
-        damaged.push({ key, why: supersedes });
-        return;
-      }
-      met.add(key);
-      for (const old of supersedes) if (presentSet.has(segmentKey(old))) supersededNow.add(segmentKey(old));
+    // Both passes fetch through a bounded window (CATCH_UP_WINDOW) and take the answers in key order, so the
+    // result is the one of fetching one segment at a time: same damaged list, same ordinals, same winners.
+    const meet = async (keys: string[]): Promise<void> => {
+      // A plain segment's header and names are small; a sealed one is fetched whole (weighed by its size).
+      const weigh = (key: string): number => (this.options.dataKey ? (sizes.get(key) ?? 0) : SEGMENT_HEADER_SIZE);
+      await consumeInOrder(keys, CATCH_UP_WINDOW, weigh, (key) => this.supersedesOf(key), async (key, supersedes) => {
+        if (typeof supersedes === 'string') {
+          damaged.push({ key, why: supersedes });
+          return;
+        }
+        met.add(key);
+        for (const old of supersedes) if (presentSet.has(segmentKey(old))) supersededNow.add(segmentKey(old));
+      });
     };
-    for (const key of present) if (!this.known.has(key)) await meet(key);
+    await meet(present.filter((key) => !this.known.has(key)));
     const hit = [...supersededNow].find((key) => this.known.get(key)?.state === INGESTED);
     if (hit) {
       rebuilt = await this.reset(`segment ${hit} it ingested was superseded`);
-      for (const key of present) if (!met.has(key) && !damaged.some((d) => d.key === key)) await meet(key);
+      await meet(present.filter((key) => !met.has(key) && !damaged.some((d) => d.key === key)));
     }
     let ingested = 0;
     let entries = 0;
-    for (const key of present) {
-      if (this.known.has(key) || !met.has(key)) continue;
-      if (supersededNow.has(key)) {
+    const toIngest = present.filter((key) => !this.known.has(key) && met.has(key));
+    // Superseded segments are recorded in their turn (their ordinal is their place in key order), never fetched.
+    const weigh = (key: string): number => (supersededNow.has(key) ? 0 : (sizes.get(key) ?? 0));
+    const fetchUnlessSuperseded = async (key: string): Promise<Segment | string | undefined> => (supersededNow.has(key) ? undefined : this.fetch(key));
+    await consumeInOrder(toIngest, CATCH_UP_WINDOW, weigh, fetchUnlessSuperseded, async (key, segment) => {
+      if (segment === undefined) {
         await this.record(key, SUPERSEDED, []);
-        continue;
+        return;
       }
-      const segment = await this.fetch(key);
       if (typeof segment === 'string') {
         damaged.push({ key, why: segment });
-        continue;
+        return;
       }
       await this.ingest(segment);
       ingested++;
       entries += segment.entries.length;
-    }
+    });
     if (rebuilt) {
       await this.db.del(metaKey('rebuilding'), { sync: true });
       this.options.onRebuild?.(rebuilt);
