@@ -3,7 +3,8 @@
  * segments one at a time in key order, but waiting for each GET before asking for the next makes a store's
  * latency the cost of every segment. Here up to `width` fetches run at once (and no more than `budget` bytes
  * of them, by each item's stated weight, except that one always may), while `consume` still sees the results
- * strictly in the items' order, one at a time. Memory holds at most the window, never every item's result.
+ * strictly in the items' order, one at a time. Memory holds at most the window (and the result being
+ * consumed), never every item's result.
  */
 export interface WindowLimits {
   /** Fetches in flight at most. */
@@ -22,11 +23,14 @@ export async function consumeInOrder<T, R>(
   const pending: { item: T; weight: number; result: Promise<R> }[] = [];
   let next = 0;
   let held = 0;
+  // Each item is weighed once, in order, right before its fetch may start (a caller may decide there).
+  let nextWeight: number | undefined;
   const fill = (): void => {
     while (next < items.length && pending.length < limits.width) {
       const item = items[next]!;
-      const w = weight(item);
+      const w = (nextWeight ??= weight(item));
       if (pending.length > 0 && held + w > limits.budget) return;
+      nextWeight = undefined;
       next++;
       held += w;
       const result = fetch(item);
