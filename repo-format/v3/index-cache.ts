@@ -45,6 +45,7 @@ import {
 } from './segment.js';
 import { isStorageError } from '../storage/storage-error.js';
 import { segmentWins } from './segment-set.js';
+import { consumeInOrder } from './ordered-window.js';
 
 type Db = ClassicLevel<Buffer, Buffer>;
 
@@ -56,6 +57,18 @@ const INGESTED = 1;
 const SUPERSEDED = 2;
 /** Slots per repository and host: more processes than this at once wait for one (SPEC.md 19.4). */
 export const MAX_SLOTS = 64;
+/**
+ * Segments fetched at once by a catch-up, and the stored bytes they may hold before they are ingested: a
+ * store's latency (tens of ms per GET on S3) is paid once per window and not once per segment, and memory
+ * stays bounded whatever the segment count. Calls still pass the storage's own concurrency limit.
+ */
+const CATCH_UP_WINDOW = { width: 16, budget: 32 * 1024 * 1024 };
+/**
+ * Segments the catch-up's first pass reads whole and keeps for the second (no second GET): those of at most
+ * `segment` bytes, while they sum to at most `total` (by the listing's sizes). Others are read twice: their
+ * header and names, then whole.
+ */
+const CATCH_UP_KEPT = { segment: 256 * 1024, total: 16 * 1024 * 1024 };
 /** Entries per LevelDB batch while ingesting one segment (one batch per segment when it is smaller). */
 const BATCH = 65536;
 
@@ -148,14 +161,18 @@ export class IndexCache {
 
   /**
    * Brings the cache up to the store's segments (SPEC.md 19.4): incremental, or a rebuild when it must.
-   * Memory holds one segment at a time and the superseded names of the new ones: a first pass reads what
-   * each new segment supersedes (its header and names only, in a plain repository), the second ingests.
+   * A first pass reads what each new segment supersedes (its header and names only, in a plain repository),
+   * the second fetches and ingests; each keeps a bounded window of fetches in flight and takes the answers
+   * in key order. Memory holds that window and the superseded names of the new ones.
    */
   async catchUp(alreadyRebuilt?: string): Promise<CatchUpResult> {
     const { storage, signal } = this.options;
     const present: string[] = [];
+    const sizes = new Map<string, number>();
     for await (const info of storage.list(SEGMENT_PREFIX, { signal })) {
-      if (parseSegmentKey(info.key)) present.push(info.key);
+      if (!parseSegmentKey(info.key)) continue;
+      present.push(info.key);
+      sizes.set(info.key, info.size);
     }
     const presentSet = new Set(present);
     let rebuilt: string | undefined = alreadyRebuilt;
@@ -164,38 +181,67 @@ export class IndexCache {
     const damaged: { key: string; why: string }[] = [];
     const met = new Set<string>();
     const supersededNow = new Set<string>();
-    const meet = async (key: string): Promise<void> => {
-      const supersedes = await this.supersedesOf(key);
-      if (typeof supersedes === 'string') {
-        damaged.push({ key, why: supersedes });
-        return;
-      }
-      met.add(key);
-      for (const old of supersedes) if (presentSet.has(segmentKey(old))) supersededNow.add(segmentKey(old));
+    // Both passes fetch through a bounded window (CATCH_UP_WINDOW) and take the answers in key order, so the
+    // result is the one of fetching one segment at a time: same damaged list, same ordinals, same winners.
+    // What the first pass read whole, kept (up to CATCH_UP_KEPT bytes, by the listing's sizes) so that the
+    // second ingests it without a second GET: small segments cost one request each, not two.
+    const kept = new Map<string, Buffer>();
+    let keptBytes = 0;
+    const meet = async (keys: string[]): Promise<void> => {
+      // Whether to read a segment whole is decided in key order before its fetch starts: the window asks
+      // `weigh` in order, once per key, right before `fetch`.
+      const whole = new Set<string>();
+      const weigh = (key: string): number => {
+        const size = sizes.get(key) ?? 0;
+        if (size <= CATCH_UP_KEPT.segment && keptBytes + size <= CATCH_UP_KEPT.total) {
+          keptBytes += size;
+          whole.add(key);
+        }
+        // A plain segment's header and names are small; one read whole is weighed by its size.
+        return whole.has(key) || this.options.dataKey ? size : SEGMENT_HEADER_SIZE;
+      };
+      const read = (key: string) => this.supersedesOf(key, whole.has(key));
+      await consumeInOrder(keys, CATCH_UP_WINDOW, weigh, read, async (key, { supersedes, bytes }) => {
+        if (bytes) kept.set(key, bytes);
+        else if (whole.has(key)) keptBytes -= sizes.get(key) ?? 0;
+        if (typeof supersedes === 'string') {
+          damaged.push({ key, why: supersedes });
+          return;
+        }
+        met.add(key);
+        for (const old of supersedes) if (presentSet.has(segmentKey(old))) supersededNow.add(segmentKey(old));
+      });
     };
-    for (const key of present) if (!this.known.has(key)) await meet(key);
+    await meet(present.filter((key) => !this.known.has(key)));
     const hit = [...supersededNow].find((key) => this.known.get(key)?.state === INGESTED);
     if (hit) {
       rebuilt = await this.reset(`segment ${hit} it ingested was superseded`);
-      for (const key of present) if (!met.has(key) && !damaged.some((d) => d.key === key)) await meet(key);
+      await meet(present.filter((key) => !met.has(key) && !damaged.some((d) => d.key === key)));
     }
     let ingested = 0;
     let entries = 0;
-    for (const key of present) {
-      if (this.known.has(key) || !met.has(key)) continue;
-      if (supersededNow.has(key)) {
+    const toIngest = present.filter((key) => !this.known.has(key) && met.has(key));
+    // Superseded segments are recorded in their turn (their ordinal is their place in key order), never fetched.
+    const weigh = (key: string): number => (supersededNow.has(key) || kept.has(key) ? 0 : (sizes.get(key) ?? 0));
+    const fetchUnlessSuperseded = async (key: string): Promise<Segment | string | undefined> => {
+      if (supersededNow.has(key)) return undefined;
+      const earlier = kept.get(key);
+      kept.delete(key);
+      return this.fetch(key, earlier);
+    };
+    await consumeInOrder(toIngest, CATCH_UP_WINDOW, weigh, fetchUnlessSuperseded, async (key, segment) => {
+      if (segment === undefined) {
         await this.record(key, SUPERSEDED, []);
-        continue;
+        return;
       }
-      const segment = await this.fetch(key);
       if (typeof segment === 'string') {
         damaged.push({ key, why: segment });
-        continue;
+        return;
       }
       await this.ingest(segment);
       ingested++;
       entries += segment.entries.length;
-    }
+    });
     if (rebuilt) {
       await this.db.del(metaKey('rebuilding'), { sync: true });
       this.options.onRebuild?.(rebuilt);
@@ -204,33 +250,47 @@ export class IndexCache {
     return { ingested, entries, rebuilt, damaged };
   }
 
-  /** The segment under `key`, or why it is damaged. */
-  private async fetch(key: string): Promise<Segment | string> {
-    let bytes: Buffer;
+  /** The segment under `key` (or in `read`, its bytes read already), or why it is damaged. */
+  private async fetch(key: string, read?: Buffer): Promise<Segment | string> {
+    const bytes = read ?? (await this.read(key));
+    return typeof bytes === 'string' ? bytes : decodeSegment(bytes, key, { dataKey: this.options.dataKey });
+  }
+
+  /** The bytes of the segment under `key`, or why they are not a segment's. */
+  private async read(key: string): Promise<Buffer | string> {
     try {
-      bytes = await this.options.storage.get(key, { maxSize: SEGMENT_MAX_OBJECT_SIZE, signal: this.options.signal });
+      return await this.options.storage.get(key, { maxSize: SEGMENT_MAX_OBJECT_SIZE, signal: this.options.signal });
     } catch (error) {
       if (isStorageError(error, 'too-large')) return 'larger than any segment';
       throw error;
     }
-    return decodeSegment(bytes, key, { dataKey: this.options.dataKey });
   }
 
-  /** What the segment under `key` supersedes: from its header and names alone when plain, else whole. */
-  private async supersedesOf(key: string): Promise<SegmentName[] | string> {
+  /**
+   * What the segment under `key` supersedes: from its header and names alone when plain, else whole. With
+   * `whole`, a plain segment is read whole instead (one GET, not two): its bytes come back with the answer
+   * (as `bytes`), for the catch-up to keep and ingest without fetching them again. The answer is the one the
+   * ranged gets would give, taken from the same bytes.
+   */
+  private async supersedesOf(key: string, whole = false): Promise<{ supersedes: SegmentName[] | string; bytes?: Buffer | undefined }> {
     if (this.options.dataKey) {
-      const segment = await this.fetch(key);
-      return typeof segment === 'string' ? segment : segment.supersedes;
+      const bytes = await this.read(key);
+      const segment = typeof bytes === 'string' ? bytes : decodeSegment(bytes, key, { dataKey: this.options.dataKey });
+      return { supersedes: typeof segment === 'string' ? segment : segment.supersedes, bytes: whole && typeof bytes !== 'string' ? bytes : undefined };
     }
     const { storage, signal } = this.options;
+    if (whole) {
+      const bytes = await this.read(key);
+      if (typeof bytes !== 'string') return { supersedes: supersedesIn(bytes), bytes };
+    }
     try {
       const header = decodeSegmentHeader(await storage.get(key, { range: { offset: 0, length: SEGMENT_HEADER_SIZE }, signal }));
-      if (typeof header === 'string') return header;
-      if (header.superseded === 0) return [];
+      if (typeof header === 'string') return { supersedes: header };
+      if (header.superseded === 0) return { supersedes: [] };
       const names = await storage.get(key, { range: { offset: SEGMENT_HEADER_SIZE, length: header.superseded * SEGMENT_NAME_SIZE }, signal });
-      return decodeSupersededNames(names, 0, header.superseded, header.name);
+      return { supersedes: decodeSupersededNames(names, 0, header.superseded, header.name) };
     } catch (error) {
-      if (isStorageError(error, 'out-of-range')) return 'shorter than its header says';
+      if (isStorageError(error, 'out-of-range')) return { supersedes: 'shorter than its header says' };
       throw error;
     }
   }
@@ -373,4 +433,15 @@ async function openSlot(path: string, options: IndexCacheOptions): Promise<{ db:
     return { db, reset };
   }
   throw new Error('unreachable');
+}
+
+/** What a plain segment's bytes say it supersedes: exactly what its ranged reads would (supersedesOf). */
+function supersedesIn(bytes: Buffer): SegmentName[] | string {
+  if (bytes.length < SEGMENT_HEADER_SIZE) return 'shorter than its header says';
+  const header = decodeSegmentHeader(bytes.subarray(0, SEGMENT_HEADER_SIZE));
+  if (typeof header === 'string') return header;
+  if (header.superseded === 0) return [];
+  const end = SEGMENT_HEADER_SIZE + header.superseded * SEGMENT_NAME_SIZE;
+  if (bytes.length < end) return 'shorter than its header says';
+  return decodeSupersededNames(bytes.subarray(SEGMENT_HEADER_SIZE, end), 0, header.superseded, header.name);
 }
