@@ -151,6 +151,10 @@ describe('a read-only repository', () => {
           resolve({ code: error ? (typeof error.code === 'number' ? error.code : 1) : 0, stdout, stderr });
         });
       });
+    // The user nobody must reach the engine: a checkout under a private directory (mktemp -d, /root) cannot
+    // run this test, and says so rather than failing on a missing module.
+    const reach = await asNobody(['--version']);
+    expect(reach.code, `user nobody (65534) cannot run ${ENGINE_BIN} with ${process.execPath}: run the suite from a checkout other users may read and traverse\n${reach.stderr}`).toBe(0);
     try {
       const restored = await asNobody(['restore', '--repo', repo, id, '--to', target]);
       expect(restored.stderr).toContain(`engine: repository ${repo} cannot be written (EACCES): restore reads it without taking the lock`);
