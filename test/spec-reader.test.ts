@@ -12,7 +12,7 @@
  */
 import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { cpSync, createReadStream, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, chmodSync } from 'node:fs';
+import { cpSync, createReadStream, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, chmodSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -21,6 +21,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Repository, SpecReaderError } from './spec-reader/reader.js';
 import { lz4BlockDecode } from './spec-reader/lz4.js';
 import { xxh64 } from './spec-reader/xxh64.js';
+import { copyPrefixToFolder } from './spec-reader/s3-copy.js';
+import { startRgwCluster, type RgwCluster } from './rgw.js';
+import { createBucket, rgwEnv } from './s3-helpers.js';
 
 const run = promisify(execFile);
 const here = dirname(fileURLToPath(import.meta.url));
@@ -247,6 +250,46 @@ describe('a fresh format-3 folder, two backups at once', () => {
       const segments = readdirSync(join(repo, 'index'));
       expect(new Set(segments.map((s) => s.slice(0, 32))).size).toBeGreaterThanOrEqual(2);
       const compared = await restoreAndCompare(repo, new Map([[idA!, images.a], [idB!, images.b]]), encrypted ? { passphrase } : {});
+      expect(compared).toBe(2);
+    }, 600_000);
+  }
+});
+
+describe('format 3 on S3 (a real Ceph RGW): the objects copied to a folder, keys as paths', () => {
+  let cluster: RgwCluster;
+  let images: { a: string; b: string };
+  beforeAll(async () => {
+    const dir = join(scratch, 's3-images');
+    mkdirSync(dir);
+    [cluster, images] = await Promise.all([startRgwCluster(), makeImages(dir)]);
+  }, 300_000);
+  afterAll(async () => {
+    await cluster?.stop();
+  });
+
+  for (const encrypted of [false, true]) {
+    it(encrypted ? 'encrypted' : 'plain', async () => {
+      const bucket = `spec-reader-${encrypted ? 'enc' : 'plain'}`;
+      const prefix = 'nightly/vms';
+      await createBucket(cluster, bucket);
+      const passphrase = 'spec-reader-passphrase';
+      const env: Record<string, string> = {
+        ...rgwEnv(cluster, scratch),
+        ENGINE_CACHE_DIR: join(scratch, `s3-cache-${encrypted}`),
+        ...(encrypted ? { ENGINE_PASSWORD: passphrase } : {}),
+      };
+      const url = `s3://${bucket}/${prefix}`;
+      const init = await engine(['init', url, ...(encrypted ? ['--encrypt'] : [])], env);
+      expect(init.code, init.stderr).toBe(0);
+      const [idA, idB] = await backUpConcurrently(url, images, env);
+      const folder = join(scratch, `s3-copy-${encrypted}`);
+      const access = { endpoint: cluster.endpoint, region: cluster.region, accessKeyId: cluster.user.accessKeyId, secretAccessKey: cluster.user.secretAccessKey };
+      const keys = await copyPrefixToFolder(access, bucket, prefix, folder);
+      expect(keys).toContain('config');
+      expect(keys.filter((k) => /^backups\/[0-9a-f]{32}$/.test(k)).length).toBe(2);
+      expect(keys.filter((k) => /^index\/[0-9a-f]{32}-[0-9a-f]{8}$/.test(k)).length).toBeGreaterThanOrEqual(2);
+      expect(keys.filter((k) => k.startsWith('leases/'))).toEqual([]); // both backups ended and deleted theirs
+      const compared = await restoreAndCompare(folder, new Map([[idA!, images.a], [idB!, images.b]]), encrypted ? { passphrase } : {});
       expect(compared).toBe(2);
     }, 600_000);
   }
