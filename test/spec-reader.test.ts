@@ -251,6 +251,26 @@ describe('a fresh format-3 folder, two backups at once', () => {
       expect(new Set(segments.map((s) => s.slice(0, 32))).size).toBeGreaterThanOrEqual(2);
       const compared = await restoreAndCompare(repo, new Map([[idA!, images.a], [idB!, images.b]]), encrypted ? { passphrase } : {});
       expect(compared).toBe(2);
+      if (encrypted) return;
+
+      // gc after forgetting one backup: its switch segment supersedes every segment present (SPEC 19.8).
+      // The old segments are then put back, as a gc cut after its switch leaves them (19.8's crash table):
+      // they name packs gc deleted, so a reader that did not honour supersession would fail here.
+      const saved = join(scratch, 'index-before-gc');
+      cpSync(join(repo, 'index'), saved, { recursive: true });
+      const forget = await engine(['forget', '--repo', repo, idA!, '--json'], env);
+      expect(forget.code, forget.stderr).toBe(0);
+      const gc = await engine(['gc', '--repo', repo, '--json'], env);
+      expect(gc.code, gc.stderr).toBe(0);
+      const report = JSON.parse(gc.stdout) as { packs: { deleted: string[] }; segments: { written: number; deleted: number } };
+      expect(report.packs.deleted.length).toBeGreaterThan(0);
+      expect(report.segments.deleted).toBe(segments.length);
+      cpSync(saved, join(repo, 'index'), { recursive: true });
+      const reopened = Repository.open(repo);
+      expect(reopened.report.segmentsSuperseded).toBe(segments.length);
+      expect(reopened.report.segmentsEffective).toBe(report.segments.written);
+      reopened.close();
+      expect(await restoreAndCompare(repo, new Map([[idB!, images.b]]))).toBe(1);
     }, 600_000);
   }
 });
