@@ -103,6 +103,8 @@ export interface IndexReport {
   duplicates: number;
   strays: string[];
   quarantinedSkipped: number;
+  /** Formats 1 and 2: where a pack's walk stopped at damage (SPEC 6). */
+  damage: string[];
 }
 
 interface Keys {
@@ -381,7 +383,7 @@ export class Repository {
 
   private loadSegments(): void {
     const dir = join(this.root, 'index');
-    const report: IndexReport = { source: 'segments', segmentsPresent: 0, segmentsEffective: 0, segmentsSuperseded: 0, entries: 0, duplicates: 0, strays: [], quarantinedSkipped: 0 };
+    const report: IndexReport = { source: 'segments', segmentsPresent: 0, segmentsEffective: 0, segmentsSuperseded: 0, entries: 0, duplicates: 0, strays: [], quarantinedSkipped: 0, damage: [] };
     let names: string[] = [];
     try {
       names = readdirSync(dir);
@@ -433,7 +435,7 @@ export class Repository {
   // ---- formats 1 and 2: the pack walk (SPEC 6) -----------------------------------------------------
 
   private walkPacks(): void {
-    const report: IndexReport = { source: 'pack-walk', segmentsPresent: 0, segmentsEffective: 0, segmentsSuperseded: 0, entries: 0, duplicates: 0, strays: [], quarantinedSkipped: 0 };
+    const report: IndexReport = { source: 'pack-walk', segmentsPresent: 0, segmentsEffective: 0, segmentsSuperseded: 0, entries: 0, duplicates: 0, strays: [], quarantinedSkipped: 0, damage: [] };
     const quarantined = this.readQuarantine();
     const packsDir = join(this.root, 'packs');
     const prefixes = readdirSync(packsDir).filter((p) => /^[0-9a-f]{2}$/.test(p)).sort();
@@ -467,14 +469,21 @@ export class Repository {
       while (offset < size) {
         const frameHeader = readRange(fd, offset, FRAME_HEADER);
         const where = `pack ${pack} offset ${offset}`;
+        // SPEC 6: a header that fails its checks, or a frame past the end of the file, ends this pack's walk
+        // and is damage at that offset; the frames before it stay found, and a block that needed a frame
+        // behind the damage fails at restore (no index entry) rather than the whole repository here.
         let parsed;
         try {
           parsed = this.checkFrameHeader(frameHeader, where);
         } catch (error) {
-          throw new SpecReaderError('ENGINE_CORRUPT_FRAME', `${where}: the walk stops at damage: ${(error as Error).message}`);
+          report.damage.push(`${where}: ${(error as Error).message}`);
+          return;
         }
         const frameLength = FRAME_OVERHEAD + parsed.storedLength;
-        if (offset + frameLength > size) throw corruptFrame(where, 'frame runs past the end of the pack');
+        if (offset + frameLength > size) {
+          report.damage.push(`${where}: frame runs past the end of the pack`);
+          return;
+        }
         const id = frameHeader.subarray(16, 48).toString('hex');
         if (quarantined.has(`${pack}-${offset}`)) report.quarantinedSkipped++;
         else if (this.index.has(id)) report.duplicates++;
