@@ -697,7 +697,15 @@ function validateRecord(json: unknown, id: string, blockSize: number): BackupRec
     if (d.modeReason !== null && typeof d.modeReason !== 'string') throw bad(`disk ${name}: modeReason`);
     if (d.parent !== null && !(typeof d.parent === 'string' && HEX32.test(d.parent))) throw bad(`disk ${name}: parent`);
     if ((d.mode === 'full') !== (d.parent === null)) throw bad(`disk ${name}: mode ${String(d.mode)} with parent ${String(d.parent)}`);
-    if (d.cbt !== null && !isObject(d.cbt)) throw bad(`disk ${name}: cbt`);
+    if (d.cbt !== null) {
+      const cbt = d.cbt;
+      if (!isObject(cbt) || typeof cbt.checkpoint !== 'string' || (cbt.base !== null && typeof cbt.base !== 'string') || typeof cbt.chainFull !== 'string' || typeof cbt.chainCheckpoint !== 'string' || !isWhole(cbt.granularity) || !isWhole(cbt.audited)) {
+        throw bad(`disk ${name}: cbt is not {checkpoint, base, chainFull, chainCheckpoint, granularity, audited}`);
+      }
+    }
+    const source = d.source as Record<string, unknown>;
+    if (!['file', 'block-device', 'nbd', 'qcow2-image', 'libvirt-disk', 'ovirt-imageio'].includes(source.kind as string)) throw bad(`disk ${name}: source kind ${String(source.kind)}`);
+    if (source.realPath !== undefined && typeof source.realPath !== 'string') throw bad(`disk ${name}: source.realPath`);
     if (!isObject(d.stats)) throw bad(`disk ${name}: stats`);
     for (const s of ['bytesRead', 'bytesNew', 'bytesStored', 'blocksTotal', 'blocksZero', 'blocksNew', 'blocksDeduplicated', 'blocksUnchanged', 'durationMs']) if (!isWhole(d.stats[s])) throw bad(`disk ${name}: stats.${s}`);
     const map = d.map;
