@@ -11,10 +11,10 @@
  * kills left was only garbage gc can reclaim.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { chmod, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage } from './s3-helpers.js';
+import { createBucket, repositoryKeys, setLeaseTiming, v3Env } from './s3-helpers.js';
 import { exitOf, parseJson, runEngine, tempDir } from './helpers.js';
 import { campaign, CampaignRepo, recordCampaign } from './fault-campaign.js';
 import { SeededRandom } from '../dist/engine/index.js';
@@ -37,28 +37,8 @@ afterAll(async () => {
   await scratch?.cleanup();
 });
 
-/** Every key of the repository, sorted. */
-async function keysOf(c: CampaignRepo): Promise<string[]> {
-  if (!c.repo.startsWith('s3://')) {
-    const keys: string[] = [];
-    const walk = async (dir: string, prefix: string): Promise<void> => {
-      for (const entry of await readdir(dir, { withFileTypes: true })) {
-        if (entry.isDirectory()) await walk(join(dir, entry.name), `${prefix}${entry.name}/`);
-        else keys.push(`${prefix}${entry.name}`);
-      }
-    };
-    await walk(c.repo, '');
-    return keys.sort();
-  }
-  const storage = await openRgwStorage(cluster, c.repo);
-  try {
-    const keys: string[] = [];
-    for await (const info of storage.list('')) keys.push(info.key);
-    return keys;
-  } finally {
-    await storage.close();
-  }
-}
+/** Every key of the repository. */
+const keysOf = (c: CampaignRepo): Promise<string[]> => repositoryKeys(cluster, c.repo);
 
 const kindOf = (key: string): string => key.split('/')[0]!;
 
@@ -101,17 +81,7 @@ for (const kind of ['folder', 's3'] as const) {
     beforeAll(async () => {
       cacheRoot = join(scratch.path, `cache-${kind}`);
       const repo = kind === 'folder' ? join(scratch.path, 'repo') : `s3://${BUCKET}/campaign`;
-      const env: Record<string, string> = { ENGINE_CACHE_DIR: cacheRoot };
-      if (kind === 's3') {
-        Object.assign(env, {
-          AWS_ACCESS_KEY_ID: cluster.user.accessKeyId,
-          AWS_SECRET_ACCESS_KEY: cluster.user.secretAccessKey,
-          AWS_SHARED_CREDENTIALS_FILE: join(scratch.path, 'no-credentials'),
-          AWS_CONFIG_FILE: join(scratch.path, 'no-config'),
-          AWS_ENDPOINT_URL_S3: cluster.endpoint,
-          AWS_REGION: cluster.region,
-        });
-      }
+      const env = kind === 's3' ? v3Env(cluster, scratch.path, `cache-${kind}`) : { ENGINE_CACHE_DIR: cacheRoot };
       c = new CampaignRepo(repo, scratch.path, new SeededRandom(`crash-v3-${kind}`), [], env, true);
       const init = await runEngine(['init', '--format', '3', '--json', repo], { env });
       expect(init.code, init.stderr).toBe(0);
@@ -119,19 +89,7 @@ for (const kind of ['folder', 's3'] as const) {
       // A short lease timing (SPEC 19.1: B >= 1 s, 4B < T) so that gc may delete the packs crashed writers
       // left (older than T + 2B by the store's clock) within the test; every kill here is on this host, where a
       // dead holder's lease is broken at once whatever T is.
-      const store = kind === 's3' ? await openRgwStorage(cluster, repo) : undefined;
-      try {
-        const config = store ? await store.get('config') : await readFile(join(repo, 'config'));
-        const edited = Buffer.from(JSON.stringify({ ...JSON.parse(config.toString('utf8')), leases: { timeMs: LEASE_MS, skewBoundMs: BOUND_MS } }));
-        if (store) await store.put('config', edited);
-        else {
-          await chmod(join(repo, 'config'), 0o600);
-          await writeFile(join(repo, 'config'), edited);
-          await chmod(join(repo, 'config'), 0o400);
-        }
-      } finally {
-        await store?.close();
-      }
+      await setLeaseTiming(cluster, repo, LEASE_MS, BOUND_MS);
       earlier = await c.randomImage(`${kind}-earlier`, 6);
       await c.backupOf(earlier, 'earlier');
     });
