@@ -7,7 +7,7 @@
  * references; the record), nothing else; the next command on this host breaks the dead lease at once;
  * verify --read-data is clean and counts the leftovers as garbage; the next backup commits; every committed
  * backup restores byte for byte (cmp). At the end, once the crashed writers' packs are older than T + 2B (the
- * repository's lease timing is shortened to T = 20 s, B = 2 s), one gc leaves no garbage at all: what the
+ * repository's lease timing is shortened to T = 12 s, B = 2 s), one gc leaves no garbage at all: what the
  * kills left was only garbage gc can reclaim.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
@@ -20,7 +20,7 @@ import { campaign, CampaignRepo, recordCampaign } from './fault-campaign.js';
 import { SeededRandom } from '../dist/engine/index.js';
 
 const BUCKET = 'engine-crash-v3';
-const LEASE_MS = 20_000;
+const LEASE_MS = 12_000;
 const BOUND_MS = 2_000;
 let cluster: RgwCluster;
 let scratch: { path: string; cleanup: () => Promise<void> };
@@ -96,7 +96,11 @@ for (const kind of ['folder', 's3'] as const) {
 
     // SPEC.md 19.7's crash table, in its order: during 1 (the lease); during 2-3, before the segment (a pack
     // being built, a pack stored); after the segment, before the record; after the record.
-    test.each(['lease-held', 'pack-written', 'pack-sealed', 'before-record', 'segment-written', 'record-written'])('kill -9 of backup at %s', async (point) => {
+    //
+    // On S3 only: each point lies between two store operations (the store is never mid-request when the process
+    // dies there), so what is left is the protocol's (leases, packs, index, backups above the store) and the same on
+    // either backend; a folder's own code (temporary file, then rename) is cut short by the random kills below.
+    test.each(kind === 's3' ? ['lease-held', 'pack-written', 'pack-sealed', 'before-record', 'segment-written', 'record-written'] : [])('kill -9 of backup at %s', async (point) => {
       // 12 MiB of new data: one pack, sealed at the end of the backup, which reaches every point.
       const image = await c.randomImage(`${kind}-${point}`, 12);
       const before = await keysOf(c);

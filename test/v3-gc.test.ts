@@ -311,7 +311,10 @@ for (const kind of ['folder', 's3'] as const) {
       await everythingRestores(repo);
     });
 
-    describe('kill -9 at each crash point of gc', () => {
+    // On S3 only: each point lies between two store operations, so what gc leaves (its lease, its copies, the
+    // segments and packs it had not yet deleted) is the protocol's and the same on a folder; the folder's
+    // delete and its temporary-file writes are cut short by crash-v3.test.ts's kills of gc at random moments.
+    if (kind === 's3') describe('kill -9 at each crash point of gc', () => {
       let repo: string;
       let round = 0;
 

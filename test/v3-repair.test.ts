@@ -169,7 +169,10 @@ for (const kind of ['folder', 's3'] as const) {
       await everythingRestores();
     });
 
-    test.each(['repair-quarantined', 'repair-index-swapped'])('kill -9 in repair at %s with a damaged chunk: every command opens the repository, repair run again finishes, a new backup heals', async (point) => {
+    // On S3 only: each point lies between two store operations (the quarantine written, the index swapped), so what
+    // repair leaves is the protocol's and the same on a folder; the folder's own writes are cut short elsewhere
+    // (crash-v3.test.ts's random kills).
+    test.each(kind === 's3' ? ['repair-quarantined', 'repair-index-swapped'] : [])('kill -9 in repair at %s with a damaged chunk: every command opens the repository, repair run again finishes, a new backup heals', async (point) => {
       const packs = await store.keys('packs/');
       const sizes = await Promise.all(packs.map(async (key) => (await store.get(key)).length));
       const pack = packs[sizes.indexOf(Math.max(...sizes))]!;
