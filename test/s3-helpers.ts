@@ -5,6 +5,7 @@
  * object cut behind the engine's back).
  */
 import { createHash } from 'node:crypto';
+import { chmod, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { S3Client } from '../dist/repo-format/storage/s3-client.js';
 import { openS3Stack, openS3Storage, type S3Storage, type S3StorageOptions } from '../dist/repo-format/storage/s3.js';
@@ -86,4 +87,59 @@ export function rgwEnv(cluster: RgwCluster, scratch: string): Record<string, str
     AWS_ENDPOINT_URL_S3: cluster.endpoint,
     AWS_REGION: cluster.region,
   };
+}
+
+/**
+ * rgwEnv and the host cache of a version-3 command (ENGINE_CACHE_DIR, the folder `cache` under `scratch`):
+ * two caches are two simulated hosts (their own host id and index cache, SPEC 19.4). A folder repository
+ * ignores the AWS variables.
+ */
+export function v3Env(cluster: RgwCluster, scratch: string, cache: string): Record<string, string> {
+  return { ...rgwEnv(cluster, scratch), ENGINE_CACHE_DIR: join(scratch, cache) };
+}
+
+/**
+ * Every key of a repository as the store names it: a folder's files (paths relative to it, sorted; a folder
+ * or subfolder that is not there holds none), or the objects under an S3 URL's prefix (in the store's order).
+ */
+export async function repositoryKeys(cluster: RgwCluster, where: string): Promise<string[]> {
+  if (!where.startsWith('s3://')) {
+    const keys: string[] = [];
+    const walk = async (dir: string, prefix: string): Promise<void> => {
+      for (const entry of await readdir(dir, { withFileTypes: true }).catch(() => [])) {
+        if (entry.isDirectory()) await walk(join(dir, entry.name), `${prefix}${entry.name}/`);
+        else keys.push(`${prefix}${entry.name}`);
+      }
+    };
+    await walk(where, '');
+    return keys.sort();
+  }
+  const storage = await openRgwStorage(cluster, where);
+  try {
+    const keys: string[] = [];
+    for await (const info of storage.list('')) keys.push(info.key);
+    return keys;
+  } finally {
+    await storage.close();
+  }
+}
+
+/**
+ * Sets a repository's lease timing behind the engine's back (config's `leases`, SPEC 19.1: any T > 4B with
+ * B >= 1 s), in a folder (its config kept read-only) or on S3: tests shorten it to wait out a lease.
+ */
+export async function setLeaseTiming(cluster: RgwCluster, repo: string, timeMs: number, skewBoundMs: number): Promise<void> {
+  const store = repo.startsWith('s3://') ? await openRgwStorage(cluster, repo) : undefined;
+  try {
+    const config = store ? await store.get('config') : await readFile(join(repo, 'config'));
+    const edited = Buffer.from(JSON.stringify({ ...JSON.parse(config.toString('utf8')), leases: { timeMs, skewBoundMs } }));
+    if (store) await store.put('config', edited);
+    else {
+      await chmod(join(repo, 'config'), 0o600);
+      await writeFile(join(repo, 'config'), edited);
+      await chmod(join(repo, 'config'), 0o400);
+    }
+  } finally {
+    await store?.close();
+  }
 }

@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { readdir, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage } from './s3-helpers.js';
+import { createBucket, openRgwStorage, repositoryKeys, v3Env } from './s3-helpers.js';
 import { qcow2, qemuImgCompare, qemuIo, qemuNbd } from './qemu.js';
 import { exitOf, filesIdentical, parseJson, runEngine, signalUntilExit, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
@@ -19,17 +19,8 @@ let scratch: { path: string; cleanup: () => Promise<void> };
 let imageA: string;
 let imageB: string;
 
-function env(cache: string): Record<string, string> {
-  return {
-    AWS_ACCESS_KEY_ID: cluster.user.accessKeyId,
-    AWS_SECRET_ACCESS_KEY: cluster.user.secretAccessKey,
-    AWS_SHARED_CREDENTIALS_FILE: join(scratch.path, 'no-credentials'),
-    AWS_CONFIG_FILE: join(scratch.path, 'no-config'),
-    AWS_ENDPOINT_URL_S3: cluster.endpoint,
-    AWS_REGION: cluster.region,
-    ENGINE_CACHE_DIR: join(scratch.path, cache),
-  };
-}
+const env = (cache: string): Record<string, string> => v3Env(cluster, scratch.path, cache);
+const keysOf = (where: string): Promise<string[]> => repositoryKeys(cluster, where);
 
 beforeAll(async () => {
   scratch = await tempDir();
@@ -49,28 +40,6 @@ afterAll(async () => {
   await cluster?.stop();
   await scratch?.cleanup();
 });
-
-async function keysOf(where: string): Promise<string[]> {
-  if (!where.startsWith('s3://')) {
-    const keys: string[] = [];
-    const walk = async (dir: string, prefix: string): Promise<void> => {
-      for (const entry of await readdir(dir, { withFileTypes: true })) {
-        if (entry.isDirectory()) await walk(join(dir, entry.name), `${prefix}${entry.name}/`);
-        else keys.push(`${prefix}${entry.name}`);
-      }
-    };
-    await walk(where, '');
-    return keys.sort();
-  }
-  const storage = await openRgwStorage(cluster, where);
-  try {
-    const keys: string[] = [];
-    for await (const info of storage.list('')) keys.push(info.key);
-    return keys;
-  } finally {
-    await storage.close();
-  }
-}
 
 for (const kind of ['folder', 's3'] as const) {
   describe(`version 3 on ${kind === 'folder' ? 'a folder' : 'S3 (RGW)'}`, () => {

@@ -13,10 +13,9 @@
  * (everything still restores and verifies after it).
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage } from './s3-helpers.js';
+import { createBucket, repositoryKeys, v3Env } from './s3-helpers.js';
 import { qemuIo } from './qemu.js';
 import { collectOutput, exitOf, filesIdentical, parseJson, runEngine, sh, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
@@ -27,18 +26,6 @@ const WRITERS = 4;
 const IMAGE_MIB = 16;
 let cluster: RgwCluster;
 let scratch: { path: string; cleanup: () => Promise<void> };
-
-function s3Env(cache: string): Record<string, string> {
-  return {
-    AWS_ACCESS_KEY_ID: cluster.user.accessKeyId,
-    AWS_SECRET_ACCESS_KEY: cluster.user.secretAccessKey,
-    AWS_SHARED_CREDENTIALS_FILE: join(scratch.path, 'no-credentials'),
-    AWS_CONFIG_FILE: join(scratch.path, 'no-config'),
-    AWS_ENDPOINT_URL_S3: cluster.endpoint,
-    AWS_REGION: cluster.region,
-    ENGINE_CACHE_DIR: join(scratch.path, cache),
-  };
-}
 
 /** A 1 MiB pattern file of random bytes, one per name (qemu-io's `write -s`). */
 async function pattern(name: string): Promise<string> {
@@ -141,7 +128,7 @@ for (const kind of ['folder', 's3'] as const) {
     /** Process i's environment: on S3, processes 0-1 are host A and 2-3 host B (their own cache directories and host ids). */
     const envOf = (i: number): Record<string, string> => {
       const cache = kind === 'folder' ? 'cache-folder' : `cache-s3-host-${i < WRITERS / 2 ? 'a' : 'b'}`;
-      return kind === 'folder' ? { ENGINE_CACHE_DIR: join(scratch.path, cache) } : s3Env(cache);
+      return kind === 'folder' ? { ENGINE_CACHE_DIR: join(scratch.path, cache) } : v3Env(cluster, scratch.path, cache);
     };
 
     async function backupsAtOnce(images: string[], during: { what: string; done: Promise<{ code: number | null; stdout: string; stderr: string }>; check?: (stdout: string) => Promise<void> }[]): Promise<void> {
@@ -181,17 +168,7 @@ for (const kind of ['folder', 's3'] as const) {
       expect(report).toMatchObject({ ok: true, backups: committed.length });
     }
 
-    async function leasesLeft(): Promise<string[]> {
-      if (kind === 'folder') return readdir(join(repo, 'leases')).catch(() => []);
-      const storage = await openRgwStorage(cluster, repo);
-      try {
-        const keys: string[] = [];
-        for await (const info of storage.list('leases/')) keys.push(info.key);
-        return keys;
-      } finally {
-        await storage.close();
-      }
-    }
+    const leasesLeft = async (): Promise<string[]> => (await repositoryKeys(cluster, repo)).filter((k) => k.startsWith('leases/'));
 
     beforeAll(async () => {
       dir = join(scratch.path, kind);

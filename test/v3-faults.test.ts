@@ -11,11 +11,11 @@
  * storage failure at the storage interface (test/storage-conformance.test.ts).
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { readdir, readFile, writeFile, chmod, truncate, rm } from 'node:fs/promises';
+import { chmod, truncate, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { startFaultProxy, type FaultProxy } from './s3-fault-proxy.js';
-import { createBucket, openRgwStorage, rawPut } from './s3-helpers.js';
+import { createBucket, openRgwStorage, rawPut, repositoryKeys, setLeaseTiming, v3Env } from './s3-helpers.js';
 import { collectOutput, exitOf, filesIdentical, parseJson, runEngine, spawnEngine, stoppedItself, Tmpfs, tempDir, writeRegion, type BackupJson, type RunResult } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -27,15 +27,7 @@ let imageA: string;
 
 /** The AWS environment for the cluster's user, through `endpoint` (the gateway, or the fault proxy). */
 function s3Env(endpoint = cluster.endpoint, cache = 'cache'): Record<string, string> {
-  return {
-    AWS_ACCESS_KEY_ID: cluster.user.accessKeyId,
-    AWS_SECRET_ACCESS_KEY: cluster.user.secretAccessKey,
-    AWS_SHARED_CREDENTIALS_FILE: join(scratch.path, 'no-credentials'),
-    AWS_CONFIG_FILE: join(scratch.path, 'no-config'),
-    AWS_ENDPOINT_URL_S3: endpoint,
-    AWS_REGION: cluster.region,
-    ENGINE_CACHE_DIR: join(scratch.path, cache),
-  };
+  return { ...v3Env(cluster, scratch.path, cache), AWS_ENDPOINT_URL_S3: endpoint };
 }
 
 let images = 0;
@@ -79,27 +71,7 @@ async function expectRestores(repo: string, id: string, image: string, env: Reco
   await rm(target, { force: true });
 }
 
-async function keysUnder(repo: string): Promise<string[]> {
-  if (!repo.startsWith('s3://')) {
-    const keys: string[] = [];
-    const walk = async (dir: string, prefix: string): Promise<void> => {
-      for (const entry of await readdir(dir, { withFileTypes: true })) {
-        if (entry.isDirectory()) await walk(join(dir, entry.name), `${prefix}${entry.name}/`);
-        else keys.push(`${prefix}${entry.name}`);
-      }
-    };
-    await walk(repo, '');
-    return keys.sort();
-  }
-  const storage = await openRgwStorage(cluster, repo);
-  try {
-    const keys: string[] = [];
-    for await (const info of storage.list('')) keys.push(info.key);
-    return keys;
-  } finally {
-    await storage.close();
-  }
-}
+const keysUnder = (repo: string): Promise<string[]> => repositoryKeys(cluster, repo);
 
 /** A fresh version-3 repository (folder or S3 prefix) with one committed backup of imageA. */
 async function repositoryWithBackup(kind: 'folder' | 's3', name: string): Promise<{ repo: string; env: Record<string, string>; id: string }> {
@@ -307,7 +279,9 @@ for (const kind of ['folder', 's3'] as const) {
       expect(await backupOk(repo, imageA, env)).toMatch(/^[0-9a-f]{32}$/);
     });
 
-    test('a lease removed behind a running backup (unlock --force): the backup stops before its record with ENGINE_LEASE_LOST; nothing committed is lost', async () => {
+    // On S3 only: the lease's removal and the backup's check of it before its record are the lease protocol above
+    // the store (SPEC 19.2), the same on a folder; the store's own part (a missing object) is storage-conformance's.
+    if (kind === 's3') test('a lease removed behind a running backup (unlock --force): the backup stops before its record with ENGINE_LEASE_LOST; nothing committed is lost', async () => {
       const { repo, env, id } = await repositoryWithBackup(kind, `stolen-${kind}`);
       const before = (await keysUnder(repo)).filter((k) => k.startsWith('backups/'));
       const child = spawnEngine(['backup', '--repo', repo, '--source', await newImage(3), '--json'], { ...env, ENGINE_STOP_AT: 'pack-sealed' });
@@ -325,18 +299,7 @@ for (const kind of ['folder', 's3'] as const) {
     test('a lease that expired while its backup was paused (lease time 8 s, bound 1 s): the backup stops with ENGINE_LEASE_LOST; a backup meanwhile from another host commits', async () => {
       const { repo, env, id } = await repositoryWithBackup(kind, `expired-${kind}`);
       // The repository's lease timing, shortened (SPEC 19.1 allows any T > 4B, B >= 1 s).
-      const config = kind === 's3' ? await openRgwStorage(cluster, repo) : undefined;
-      try {
-        const bytes = config ? await config.get('config') : await readFile(join(repo, 'config'));
-        const edited = Buffer.from(JSON.stringify({ ...JSON.parse(bytes.toString('utf8')), leases: { timeMs: 8000, skewBoundMs: 1000 } }));
-        if (config) await config.put('config', edited);
-        else {
-          await chmod(join(repo, 'config'), 0o600);
-          await writeFile(join(repo, 'config'), edited);
-        }
-      } finally {
-        await config?.close();
-      }
+      await setLeaseTiming(cluster, repo, 8000, 1000);
       const image = await newImage(3);
       const child = spawnEngine(['backup', '--repo', repo, '--source', image, '--json'], { ...env, ENGINE_STOP_AT: 'pack-sealed' });
       const output = collectOutput(child);
@@ -353,7 +316,9 @@ for (const kind of ['folder', 's3'] as const) {
       expect(await backupOk(repo, image, env)).toMatch(/^[0-9a-f]{32}$/);
     });
 
-    test('a full local cache disk (ENGINE_CACHE_DIR on a small tmpfs): the backup fails in one line (ENGINE_NO_SPACE), leaves no lease; with room the next backup commits', async () => {
+    // On S3 only: the cache disk is local whatever the store (the pack being built lies in the cache's slot, SPEC
+    // 19.4), so the failure is the same on a folder; the lease's release after a failure is every fault's here.
+    if (kind === 's3') test('a full local cache disk (ENGINE_CACHE_DIR on a small tmpfs): the backup fails in one line (ENGINE_NO_SPACE), leaves no lease; with room the next backup commits', async () => {
       const { repo, env, id } = await repositoryWithBackup(kind, `full-cache-${kind}`);
       const tmpfs = await Tmpfs.mount(join(scratch.path, `tmpfs-${kind}`), 8);
       try {

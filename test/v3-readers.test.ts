@@ -13,7 +13,7 @@ import { chmod, mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promis
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage, rgwEnv } from './s3-helpers.js';
+import { createBucket, openRgwStorage, v3Env } from './s3-helpers.js';
 import { qemuImgCompare } from './qemu.js';
 import { collectOutput, exitOf, filesIdentical, parseJson, runEngine, sh, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
@@ -26,8 +26,7 @@ let small: string;
 
 function env(kind: 'folder' | 's3'): Record<string, string> {
   return {
-    ...rgwEnv(cluster, scratch.path),
-    ENGINE_CACHE_DIR: join(scratch.path, `cache-${kind}`),
+    ...v3Env(cluster, scratch.path, `cache-${kind}`),
     ENGINE_RUN_DIR: join(scratch.path, `run-${kind}`),
   };
 }

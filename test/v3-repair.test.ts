@@ -7,10 +7,10 @@
  * backup of its source stored a good copy, and verify --read-data is clean.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { readdir, readFile, rm, truncate, writeFile, chmod } from 'node:fs/promises';
+import { readFile, rm, truncate, writeFile, chmod } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage } from './s3-helpers.js';
+import { createBucket, openRgwStorage, repositoryKeys, v3Env } from './s3-helpers.js';
 import { filesIdentical, parseJson, runEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
 import { scanPack } from '../dist/repo-format/pack-file.js';
 
@@ -27,17 +27,7 @@ interface RepairJson {
   ok: boolean;
 }
 
-function env(kind: string): Record<string, string> {
-  return {
-    AWS_ACCESS_KEY_ID: cluster.user.accessKeyId,
-    AWS_SECRET_ACCESS_KEY: cluster.user.secretAccessKey,
-    AWS_SHARED_CREDENTIALS_FILE: join(scratch.path, 'no-credentials'),
-    AWS_CONFIG_FILE: join(scratch.path, 'no-config'),
-    AWS_ENDPOINT_URL_S3: cluster.endpoint,
-    AWS_REGION: cluster.region,
-    ENGINE_CACHE_DIR: join(scratch.path, `cache-${kind}`),
-  };
-}
+const env = (kind: string): Record<string, string> => v3Env(cluster, scratch.path, `cache-${kind}`);
 
 beforeAll(async () => {
   scratch = await tempDir('engine-v3-repair-');
@@ -59,23 +49,7 @@ for (const kind of ['folder', 's3'] as const) {
     /** The store's objects as the engine never touches them: read, replaced, deleted behind its back. */
     const store = {
       async keys(prefix: string): Promise<string[]> {
-        if (kind === 'folder') {
-          const dir = join(repo, prefix);
-          const out: string[] = [];
-          for (const entry of await readdir(dir, { withFileTypes: true }).catch(() => [])) {
-            if (entry.isDirectory()) for (const name of await readdir(join(dir, entry.name))) out.push(`${prefix}${entry.name}/${name}`);
-            else out.push(`${prefix}${entry.name}`);
-          }
-          return out.sort();
-        }
-        const storage = await openRgwStorage(cluster, repo);
-        try {
-          const out: string[] = [];
-          for await (const info of storage.list(prefix)) out.push(info.key);
-          return out;
-        } finally {
-          await storage.close();
-        }
+        return (await repositoryKeys(cluster, repo)).filter((k) => k.startsWith(prefix));
       },
       async get(key: string): Promise<Buffer> {
         if (kind === 'folder') return readFile(join(repo, key));
@@ -195,7 +169,10 @@ for (const kind of ['folder', 's3'] as const) {
       await everythingRestores();
     });
 
-    test.each(['repair-quarantined', 'repair-index-swapped'])('kill -9 in repair at %s with a damaged chunk: every command opens the repository, repair run again finishes, a new backup heals', async (point) => {
+    // On S3 only: each point lies between two store operations (the quarantine written, the index swapped), so what
+    // repair leaves is the protocol's and the same on a folder; the folder's own writes are cut short elsewhere
+    // (crash-v3.test.ts's random kills).
+    test.each(kind === 's3' ? ['repair-quarantined', 'repair-index-swapped'] : [])('kill -9 in repair at %s with a damaged chunk: every command opens the repository, repair run again finishes, a new backup heals', async (point) => {
       const packs = await store.keys('packs/');
       const sizes = await Promise.all(packs.map(async (key) => (await store.get(key)).length));
       const pack = packs[sizes.indexOf(Math.max(...sizes))]!;

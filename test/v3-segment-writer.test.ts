@@ -94,17 +94,22 @@ describe('segment writer', () => {
     }
   });
 
-  test('a segment put that lands after the lease lapsed is taken back', async () => {
+  /** A writer whose lease lapses once a put under `prefix` has landed (a process paused between its check and its request). */
+  function lapsingAfterPut(prefix: string): { memory: MemoryStorage; writer: SegmentWriter } {
     const memory = new MemoryStorage();
     let held = true;
-    // The lease lapses while the put is in flight (a process paused between its check and its request).
     const storage = new FaultInjectingStorage(memory);
     const original = memory.put.bind(memory);
     memory.put = async (key, source, options) => {
       await original(key, source, options);
-      if (key.startsWith('index/')) held = false;
+      if (key.startsWith(prefix)) held = false;
     };
     const writer = new SegmentWriter({ storage, assertHeld: () => { if (!held) throw new LeaseLostError('memory', 'leases/x.json', 'test'); } });
+    return { memory, writer };
+  }
+
+  test('a segment put that lands after the lease lapsed is taken back', async () => {
+    const { memory, writer } = lapsingAfterPut('index/');
     await writer.addPack([entry(1, 1)]);
     await expect(writer.flush()).rejects.toMatchObject({ code: 'ENGINE_LEASE_LOST' });
     expect(await namedBlobs(memory)).toEqual(new Set());
@@ -112,15 +117,7 @@ describe('segment writer', () => {
   });
 
   test('a record put that lands after the lease lapsed is taken back: the backup is not committed (a gc may have deleted its packs meanwhile)', async () => {
-    const memory = new MemoryStorage();
-    let held = true;
-    const storage = new FaultInjectingStorage(memory);
-    const original = memory.put.bind(memory);
-    memory.put = async (key, source, options) => {
-      await original(key, source, options);
-      if (key.startsWith('backups/')) held = false;
-    };
-    const writer = new SegmentWriter({ storage, assertHeld: () => { if (!held) throw new LeaseLostError('memory', 'leases/x.json', 'test'); } });
+    const { memory, writer } = lapsingAfterPut('backups/');
     await writer.addPack([entry(1, 1)]);
     await expect(writer.commitRecord(RECORD, Buffer.from('record'))).rejects.toMatchObject({ code: 'ENGINE_LEASE_LOST' });
     expect(await exists(memory, RECORD)).toBe(false);

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { copyFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, rgwEnv } from './s3-helpers.js';
+import { createBucket, v3Env } from './s3-helpers.js';
 import { qcow2, qemuImgCompare, qemuIo, qemuNbd } from './qemu.js';
 import { expectRestoreIdentical, parseJson, runEngine, sh, tempDir, type BackupJson } from './helpers.js';
 import { SIM_ENV, type OvirtBackupJson } from './ovirt-cli.js';
@@ -25,8 +25,7 @@ let sim: OvirtSim;
 
 function env(kind: 'folder' | 's3'): Record<string, string> {
   return {
-    ...rgwEnv(cluster, scratch.path),
-    ENGINE_CACHE_DIR: join(scratch.path, `cache-${kind}`),
+    ...v3Env(cluster, scratch.path, `cache-${kind}`),
     // The S3 repository is encrypted; the folder's is plain (a backup given a passphrase would refuse it).
     ...(kind === 's3' ? { ENGINE_PASSWORD: 'correct horse battery staple' } : {}),
   };

@@ -8,7 +8,6 @@
 import { resolve } from 'node:path';
 import { LocalStorage } from '../storage/local.js';
 import { isS3Url } from '../storage/s3-url.js';
-import { openS3Stack } from '../storage/s3.js';
 import type { Storage } from '../storage/storage.js';
 import type { Environment } from '../storage/s3-credentials.js';
 
@@ -36,6 +35,8 @@ export async function openLocation(where: string, s3: S3Settings = {}): Promise<
   const env = s3.env ?? process.env;
   // AWS_CA_BUNDLE: the AWS tools' own variable for a private CA, for the commands that have no --ca-file of theirs.
   const caFile = s3.caFile ?? (env.AWS_CA_BUNDLE || undefined);
+  // Loaded here, not at the top: a folder's commands do not pay for the S3 client (HTTP, XML, SigV4) at start-up.
+  const { openS3Stack } = await import('../storage/s3.js');
   const { storage } = await openS3Stack({ url: where, endpoint: s3.endpoint, region: s3.region, caFile, env, onWarning: s3.onWarning });
   return storage;
 }
