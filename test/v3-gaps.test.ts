@@ -202,6 +202,93 @@ for (const kind of ['folder', 's3'] as const) {
       await everythingRestores(kind, repo, backups);
     });
 
+    test('kill -9 of backup at index-written (a pack\'s entries pending, no segment yet): the row "during 2-3, before the segment" (a lease and a pack, no segment, no record); verify clean, the next backup commits, everything restores', async () => {
+      const repo = repoNamed(kind, 'index-written');
+      await init(kind, repo);
+      const backups = new Map<string, string>();
+      const first = await image(`${kind}-iw-first`, 3);
+      backups.set(await backup(kind, repo, first), first);
+      const before = await keysOf(repo);
+      const crashed = await runEngine(['backup', '--repo', repo, '--source', await image(`${kind}-iw-crashed`, 40)], { env: env(kind, { ENGINE_CRASH_AT: 'index-written' }) });
+      expect(crashed.code, crashed.stderr).toBe(137);
+      const added = (await keysOf(repo)).filter((k) => !before.includes(k));
+      expect([...new Set(added.map((k) => k.split('/')[0]))].sort()).toEqual(['leases', 'packs']);
+      expect(added.filter((k) => k.startsWith('packs/')).length).toBeGreaterThanOrEqual(1);
+      const verified = await runEngine(['verify', '--repo', repo, '--json'], { env: env(kind) });
+      expect(verified.code, verified.stdout).toBe(0);
+      expect(parseJson<{ garbage: { unindexedPacks: string[] } }>(verified.stdout).garbage.unindexedPacks.length).toBeGreaterThanOrEqual(1);
+      expect(await leasesOf(repo)).toEqual([]);
+      const next = await image(`${kind}-iw-next`, 3);
+      backups.set(await backup(kind, repo, next), next);
+      await everythingRestores(kind, repo, backups);
+    });
+
+    test('gc losing its exclusive lease in 2.1 (stopped at gc-v3-entries: removed by unlock --force; expired while stopped): ENGINE_LEASE_LOST in one line, the old segments all effective, every backup restores, the next gc finishes', async () => {
+      const repo = repoNamed(kind, 'gc-lease-lost');
+      await init(kind, repo);
+      const backups = new Map<string, string>();
+      for (const name of ['a', 'b']) {
+        const source = await image(`${kind}-gcl-${name}`, 3);
+        backups.set(await backup(kind, repo, source), source);
+      }
+      await setLeaseTiming(repo, 8000, 1000);
+      const split = { ENGINE_GC_SEGMENT_ENTRIES: '2' };
+      const oldSegments = await segmentsOf(repo);
+      for (const how of ['unlock --force', 'expired'] as const) {
+        const child = spawnEngine(['gc', '--repo', repo, '--json'], env(kind, { ...split, ENGINE_STOP_AT: 'gc-v3-entries' }));
+        const out = collectOutput(child);
+        await stoppedItself(child);
+        if (how === 'unlock --force') {
+          const forced = await runEngine(['unlock', '--repo', repo, '--force'], { env: env(kind) });
+          expect(forced.code, forced.stderr).toBe(0);
+          await new Promise((resolve) => setTimeout(resolve, 3500)); // past T/3: the refresh finds it gone
+        } else {
+          await new Promise((resolve) => setTimeout(resolve, 8000)); // past T - B: lost at the next step
+        }
+        const exited = exitOf(child);
+        child.kill('SIGCONT');
+        // Each later entry segment stops it again: continue until it exits.
+        for (;;) {
+          const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
+          if (settled === 'exited') break;
+          child.kill('SIGCONT');
+        }
+        const { code } = await exited;
+        expectFailure({ code: code ?? -1, stdout: out.stdout(), stderr: out.stderr() }, 'ENGINE_LEASE_LOST');
+        // The row of 2.1: gc's entry segments (if any stayed) beside every old one, which stay effective.
+        const segments = await segmentsOf(repo);
+        for (const old of oldSegments) expect(segments).toContain(old);
+        expect(await leasesOf(repo)).toEqual([]);
+        await everythingRestores(kind, repo, backups);
+      }
+      const finished = await runEngine(['gc', '--repo', repo, '--json'], { env: env(kind) });
+      expect(finished.code, finished.stderr).toBe(0);
+      expect(await segmentsOf(repo)).toHaveLength(1);
+      await everythingRestores(kind, repo, backups);
+    });
+
+    test('repair interrupted (SIGINT) while it reads the packs: exit 130 in one line, its lease gone, nothing in the repository changed; run again it finishes', async () => {
+      const repo = repoNamed(kind, 'repair-sigint');
+      await init(kind, repo);
+      const backups = new Map<string, string>();
+      const source = await image(`${kind}-repair-sigint`, 40);
+      backups.set(await backup(kind, repo, source), source);
+      const before = await keysOf(repo);
+      const child = spawnEngine(['repair', '--repo', repo, '--json'], env(kind, { ENGINE_STOP_AT: 'repair-pack-read' }));
+      const out = collectOutput(child);
+      await stoppedItself(child);
+      const exited = exitOf(child);
+      child.kill('SIGINT');
+      child.kill('SIGCONT');
+      const { code } = await exited;
+      expectFailure({ code: code ?? -1, stdout: out.stdout(), stderr: out.stderr() }, 'ENGINE_INTERRUPTED', 130);
+      expect(await keysOf(repo)).toEqual(before);
+      const again = await runEngine(['repair', '--repo', repo, '--json'], { env: env(kind) });
+      expect(again.code, again.stderr).toBe(0);
+      expect(await leasesOf(repo)).toEqual([]);
+      await everythingRestores(kind, repo, backups);
+    });
+
     describe('restore and verify --read-data that lose their shared lease (lease timing 8 s / 1 s)', () => {
       let repo: string;
       const backups = new Map<string, string>();
