@@ -176,6 +176,12 @@ export class LeaseLostError extends EngineError {
   constructor(location: string, lease: string, why: string, consequence = 'what this run had not committed is left as garbage for gc') {
     super('ENGINE_LEASE_LOST', `the lease ${lease} on ${location} was lost: ${why}; ${consequence}`, { location, lease, why });
   }
+
+  /** The same loss, saying what a holder other than a writer (a reader: restore, verify) did about it. */
+  withConsequence(consequence: string): LeaseLostError {
+    const { location, lease, why } = this.details as { location: string; lease: string; why: string };
+    return new LeaseLostError(location, lease, why, consequence);
+  }
 }
 
 /** A frame in a pack failed its checks: bad magic, impossible lengths, checksum or hash mismatch. */

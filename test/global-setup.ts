@@ -43,6 +43,7 @@ export default async function setup(project: TestProject): Promise<() => Promise
       console.log(campaignLine(total));
     }
     await rm(countsDir, { recursive: true, force: true });
-    await rm(compileCache, { recursive: true, force: true });
+    // The forked test workers may still be flushing their compiled code into it as they exit (ENOTEMPTY): retried.
+    await rm(compileCache, { recursive: true, force: true, maxRetries: 10, retryDelay: 200 });
   };
 }

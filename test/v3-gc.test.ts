@@ -289,11 +289,15 @@ for (const kind of ['folder', 's3'] as const) {
     });
 
     test('a crashed writer\'s pack, named by no segment, is kept while younger than T + 2B by the store\'s clock and deleted after (lease timing 8 s / 1 s)', async () => {
+      // No wall-time race: while the pack is certainly young the timing is 10 min / 1 s (T + 2B far beyond
+      // any run), then 8 s / 1 s, and gc runs until the pack's age passes 10 s by the store's clock.
       const repo = repoNamed('young');
       await init(repo);
-      await setLeaseTiming(cluster, repo, 8000, 1000);
+      const timing = async (timeMs: number): Promise<void> => setLeaseTiming(cluster, repo, timeMs, 1000);
+      await timing(600_000);
       await backup(repo, await image('young-kept', 3), 'kept');
       const before = await packsOf(repo);
+      const crashStarted = Date.now();
       const crashed = await runEngine(['backup', '--repo', repo, '--source', await image('young-crashed', 40), '--name', 'crashed'], { env: { ...e(), ENGINE_CRASH_AT: 'pack-sealed' } });
       expect(crashed.code).toBe(137);
       const orphans = (await packsOf(repo)).filter((p) => !before.includes(p));
@@ -303,10 +307,22 @@ for (const kind of ['folder', 's3'] as const) {
       expect(young.report!.packs.deleted).toEqual([]);
       expect(young.report!.packs.kept.map((k) => k.pack)).toEqual(orphans);
       expect(await packsOf(repo)).toContain(orphans[0]);
-      await new Promise((resolve) => setTimeout(resolve, 11_000)); // T + 2B = 10 s, and S3's 1 s resolution
-      const old = await gc(repo);
-      expect(old.code, old.stderr).toBe(0);
-      expect(old.report!.packs.deleted).toEqual(orphans);
+      await timing(8000);
+      // Each gc either keeps it (younger than T + 2B = 10 s) or deletes it; never anything else, never earlier.
+      for (;;) {
+        const old = await gc(repo);
+        expect(old.code, old.stderr).toBe(0);
+        if (old.report!.packs.deleted.length === 0) {
+          expect(old.report!.packs.kept.map((k) => k.pack)).toEqual(orphans);
+          expect(Date.now() - crashStarted).toBeLessThan(120_000);
+          await new Promise((resolve) => setTimeout(resolve, 1000));
+          continue;
+        }
+        expect(old.report!.packs.deleted).toEqual(orphans);
+        // The pack was stored after the crashed backup started; S3 states its time in whole seconds.
+        expect(Date.now() - crashStarted).toBeGreaterThanOrEqual(9000);
+        break;
+      }
       expect((await packsOf(repo)).sort()).toEqual([...before].sort());
       await everythingRestores(repo);
     });

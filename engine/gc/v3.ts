@@ -36,7 +36,7 @@ import type { Passphrase } from '../../repo-format/passphrase.js';
 import { applyGcStep, planGcCommit, readAllSegments, type GcStep } from '../../repo-format/v3/gc-plan.js';
 import { resolveIndex } from '../../repo-format/v3/segment-set.js';
 import type { Segment, SegmentEntry } from '../../repo-format/v3/segment.js';
-import { segmentKey } from '../../repo-format/v3/segment.js';
+import { segmentKey, SEGMENT_MAX_SUPERSEDED } from '../../repo-format/v3/segment.js';
 import type { Interruption } from '../host/interrupt.js';
 import { mark } from './mark.js';
 import { staleMarkers } from './commit.js';
@@ -140,6 +140,7 @@ export async function gcVersion3(args: GcVersion3Args): Promise<GcReport> {
       firstSeq: 0,
       storeNow: await storeTime(repo),
       minUnnamedAgeMs,
+      limits: segmentLimitsForTests(),
     });
     if (plan.refused) {
       throw new MissingBlobError(plan.unnamedLive[0]!, `gc refuses to run (nothing was changed): ${plan.unnamedLive.length} live blob(s) named by no segment, the first`);
@@ -385,4 +386,14 @@ async function carryOut(steps: readonly GcStep[], args: CarryOut): Promise<void>
         break;
     }
   }
+}
+
+/**
+ * ENGINE_GC_SEGMENT_ENTRIES (tests only, like ENGINE_CRASH_AT): at most that many entries in each of gc's
+ * segments, so that the split plan of 19.8 (entry segments, then a switch) and its crash point
+ * `gc-v3-entries` are reached without a million live blobs. Unset, the format's own limits.
+ */
+function segmentLimitsForTests(): { entries: number; superseded: number } | undefined {
+  const value = Number(process.env.ENGINE_GC_SEGMENT_ENTRIES);
+  return Number.isSafeInteger(value) && value > 0 ? { entries: value, superseded: SEGMENT_MAX_SUPERSEDED } : undefined;
 }

@@ -11,7 +11,7 @@
  */
 import { Repository } from '../../repo-format/repository.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
-import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { InvalidArgumentError, LeaseLostError } from '../../repo-format/errors.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
 import { BlockPool } from '../pipeline/block-pool.js';
@@ -144,6 +144,8 @@ async function restoreTarget(run: RestoreRun, planned: PlannedTarget): Promise<R
     return restored;
   } catch (error) {
     await opened.writer.discard();
+    // A lost lease ends the restore as an interruption does (19.9), and says what it left of the target.
+    if (error instanceof LeaseLostError) throw error.withConsequence(`restore stopped, since a gc may now delete the packs it reads: ${interruptedState(run.done, run.created, { planned, writer: opened.writer, written })}`);
     if (!(error instanceof InterruptedError)) throw error;
     throw run.interruption.error(interruptedState(run.done, run.created, { planned, writer: opened.writer, written }));
   }

@@ -18,6 +18,7 @@ import { listQuarantine } from '../../repo-format/quarantine.js';
 import { findLooseModes, formatMode } from '../../repo-format/file-modes.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
 import { Interruption } from '../host/interrupt.js';
+import { LeaseLostError } from '../../repo-format/errors.js';
 import { loosePermissionsWarning, strayWarnings } from './layout.js';
 import { VerifyRun, type VerifyProgress } from './run.js';
 import { DataCheck } from './data-check.js';
@@ -65,6 +66,9 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     await countUnreferenced(run, referenced);
     run.report.ok = run.report.problems.length === 0;
     return run.report;
+  } catch (error) {
+    if (error instanceof LeaseLostError) throw error.withConsequence('verify stopped with no result, since a gc may now delete the packs it reads; it changed nothing (run it again)');
+    throw error;
   } finally {
     await data?.close();
     await repo.close();

@@ -9,7 +9,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { readdir } from 'node:fs/promises';
-import { CIPHER_ID, DEFAULT_BLOCK_SIZE, KEY_FILE_LIMIT, RECORD_FILE_LIMIT } from '../constants.js';
+import { CIPHER_ID, DEFAULT_BLOCK_SIZE, KEY_FILE_LIMIT, RECORD_FILE_LIMIT, SEALED_METADATA_MAGIC } from '../constants.js';
 import { encodeConfig, newConfig, validateBlockSize, type RepositoryConfig } from '../config.js';
 import { NotARepositoryError, PassphraseRequiredError } from '../errors.js';
 import { decodeKeyFile, unlockKeyFile } from '../key-file.js';
@@ -63,13 +63,19 @@ export async function rebuildVersion3Config(storage: Storage, where: string, why
   for (const key of await keys(storage, 'backups/')) {
     try {
       const bytes = await storage.get(key, { maxSize: RECORD_FILE_LIMIT });
+      // A sealed record with no key file: the repository is encrypted and its key file lost. A plain config
+      // written now would make every command misread it (and the key file, restored later, would not count).
+      if (!unlocked && bytes.subarray(0, SEALED_METADATA_MAGIC.length).equals(SEALED_METADATA_MAGIC)) {
+        throw new NotARepositoryError(where, `its config is lost (${why}), and its records are encrypted (${key} is sealed) while keys/ holds no key file: restore the key file (keys/<id>.json) from a copy, then run repair again`);
+      }
       const plaintext = unlocked ? openMetadata(unlocked.dataKey, bytes, key) : bytes;
       if (typeof plaintext === 'string') continue;
       const record = decodeBackupRecord(plaintext, key);
       validateBlockSize(record.blockSize);
       sizes.add(record.blockSize);
       if (oldest === undefined || record.startTime < oldest) oldest = record.startTime;
-    } catch {
+    } catch (error) {
+      if (error instanceof NotARepositoryError) throw error;
       // A damaged record says nothing; repair reports it afterwards.
     }
   }
