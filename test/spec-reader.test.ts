@@ -57,8 +57,14 @@ function codeOf(fn: () => unknown): string {
   return 'no error';
 }
 
-const scratch = mkdtempSync(join(tmpdir(), 'spec-reader-test-'));
-afterAll(() => rmSync(scratch, { recursive: true, force: true }));
+// Made when a test of the file runs (a run that skips them all leaves nothing behind).
+let scratch = '';
+beforeAll(() => {
+  scratch = mkdtempSync(join(tmpdir(), 'spec-reader-test-'));
+});
+afterAll(() => {
+  if (scratch !== '') rmSync(scratch, { recursive: true, force: true });
+});
 
 describe('the primitives, against published values', () => {
   it('xxh64 (seed 0) of the xxHash reference strings', () => {
@@ -76,32 +82,56 @@ describe('the primitives, against published values', () => {
   });
 });
 
+/** Restores every disk of every backup of `repoDir` with the reader and checks each against expected.json. */
+async function restoreGolden(repoDir: string, expected: Expected, source: 'segments' | 'pack-walk', label: string): Promise<number> {
+  const repo = Repository.open(repoDir, expected.passphrase !== undefined ? { passphrase: expected.passphrase } : {});
+  try {
+    expect(repo.report.source).toBe(source);
+    const backups = repo.listBackups();
+    expect(backups.map((b) => b.id).sort()).toEqual([...new Set(expected.restores.map((r) => r.id))].sort());
+    let restored = 0;
+    for (const backup of backups) {
+      for (const disk of backup.disks) {
+        const want = expected.restores.find((r) => r.id === backup.id && r.disk === disk.name);
+        expect(want, `${backup.id} ${disk.name} in expected.json`).toBeDefined();
+        const out = join(scratch, `${label}-${backup.id}-${disk.name}`);
+        const result = repo.restoreDisk(backup, disk.name, out);
+        expect(result.chunksRead + result.zeroBlocks).toBe(disk.map.blocks);
+        expect(await sha256File(out)).toBe(want!.sha256);
+        rmSync(out);
+        restored++;
+      }
+    }
+    return restored;
+  } finally {
+    repo.close();
+  }
+}
+
+const expectedOf = (name: string): Expected => JSON.parse(readFileSync(join(FIXTURES, name, 'expected.json'), 'utf8')) as Expected;
+
 describe('golden repositories, every disk of every backup', () => {
   for (const name of GOLDEN) {
     it(name, async () => {
-      const expected = JSON.parse(readFileSync(join(FIXTURES, name, 'expected.json'), 'utf8')) as Expected;
-      const repo = Repository.open(join(FIXTURES, name, 'repo'), expected.passphrase !== undefined ? { passphrase: expected.passphrase } : {});
-      try {
-        expect(repo.report.source).toBe(name.startsWith('v3') ? 'segments' : 'pack-walk');
-        const backups = repo.listBackups();
-        expect(backups.map((b) => b.id).sort()).toEqual([...new Set(expected.restores.map((r) => r.id))].sort());
-        let restored = 0;
-        for (const backup of backups) {
-          for (const disk of backup.disks) {
-            const want = expected.restores.find((r) => r.id === backup.id && r.disk === disk.name);
-            expect(want, `${backup.id} ${disk.name} in expected.json`).toBeDefined();
-            const out = join(scratch, `${name}-${backup.id}-${disk.name}`);
-            const result = repo.restoreDisk(backup, disk.name, out);
-            expect(result.chunksRead + result.zeroBlocks).toBe(disk.map.blocks);
-            expect(await sha256File(out)).toBe(want!.sha256);
-            rmSync(out);
-            restored++;
-          }
-        }
-        expect(restored).toBe(expected.restores.length);
-      } finally {
-        repo.close();
-      }
+      const expected = expectedOf(name);
+      const restored = await restoreGolden(join(FIXTURES, name, 'repo'), expected, name.startsWith('v3') ? 'segments' : 'pack-walk', name);
+      expect(restored).toBe(expected.restores.length);
+    });
+  }
+});
+
+describe('golden repositories of format 1 and 2 after `engine migrate` (SPEC 19.11): read through its segments', () => {
+  for (const name of GOLDEN.filter((n) => !n.startsWith('v3'))) {
+    it(name, async () => {
+      const expected = expectedOf(name);
+      const dir = join(scratch, `migrated-${name}`);
+      cpSync(join(FIXTURES, name, 'repo'), dir, { recursive: true });
+      const env: Record<string, string> = { ENGINE_CACHE_DIR: join(scratch, `migrate-cache-${name}`), ...(expected.passphrase !== undefined ? { ENGINE_PASSWORD: expected.passphrase } : {}) };
+      const migrate = await engine(['migrate', dir, '--json'], env);
+      expect(migrate.code, migrate.stderr).toBe(0);
+      expect((JSON.parse(readFileSync(join(dir, 'config'), 'utf8')) as { version: number }).version).toBe(3);
+      const restored = await restoreGolden(dir, expected, 'segments', `migrated-${name}`);
+      expect(restored).toBe(expected.restores.length);
     });
   }
 });
