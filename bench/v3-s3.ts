@@ -21,7 +21,7 @@
  * figures as ratios within a round.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { formatBytes, generateImage, parseSize } from '../engine/index.js';
 import { openS3Stack } from '../repo-format/storage/s3.js';
@@ -47,6 +47,8 @@ interface Row {
   /** storedBytes over wall time: what went up to the store per second. */
   storedMBps: number | null;
   cpuSeconds: number;
+  /** CPU seconds the store's daemons (radosgw, ceph-osd, ceph-mon) spent during the run (S3 rows), or null. */
+  storeCpuSeconds: number | null;
   peakRssMiB: number;
   note: string;
   load: string;
@@ -62,6 +64,26 @@ const median = (values: number[]): number => {
   const mid = Math.floor(sorted.length / 2);
   return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 };
+
+/** CPU seconds (user + system) spent so far by this process's children that are the store's daemons. */
+async function storeCpu(): Promise<number> {
+  let ticks = 0;
+  for (const entry of await readdir('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const stat = await readFile(`/proc/${entry}/stat`, 'utf8').catch(() => '');
+    const name = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    if (Number(fields[1]) === process.pid && ['radosgw', 'ceph-osd', 'ceph-mon'].includes(name)) ticks += Number(fields[11]) + Number(fields[12]);
+  }
+  return ticks / 100;
+}
+
+/** `run` timed, with the store's CPU seconds meanwhile. */
+async function withStoreCpu(run: () => Promise<Measured>): Promise<Measured & { storeCpuSeconds: number }> {
+  const before = await storeCpu();
+  const measured = await run();
+  return { ...measured, storeCpuSeconds: (await storeCpu()) - before };
+}
 
 async function identical(a: string, b: string): Promise<boolean> {
   return run('cmp', ['-s', a, b]).then(() => true, () => false);
@@ -89,7 +111,7 @@ class Lab {
     return join(this.work, `cache-${(this.repos += 1)}`);
   }
 
-  async add(round: number, scenario: string, tool: string, m: Measured, bytes: number, storedBytes: number | null, note = ''): Promise<Row> {
+  async add(round: number, scenario: string, tool: string, m: Measured & { storeCpuSeconds?: number }, bytes: number, storedBytes: number | null, note = ''): Promise<Row> {
     const row: Row = {
       round,
       scenario,
@@ -99,6 +121,7 @@ class Lab {
       storedBytes,
       storedMBps: storedBytes === null ? null : storedBytes / MB / m.seconds,
       cpuSeconds: m.cpuSeconds,
+      storeCpuSeconds: m.storeCpuSeconds ?? null,
       peakRssMiB: m.peakRssMiB,
       note,
       load: await loadAverage(),
@@ -110,7 +133,7 @@ class Lab {
 
   async engine(args: string[], cacheDir: string): Promise<{ measured: Measured; json: EngineJson }> {
     await dropCaches();
-    const measured = await timed(process.execPath, [ENGINE, ...args, '--json'], { ...this.engineEnv, ENGINE_CACHE_DIR: cacheDir });
+    const measured = await withStoreCpu(() => timed(process.execPath, [ENGINE, ...args, '--json'], { ...this.engineEnv, ENGINE_CACHE_DIR: cacheDir }));
     return { measured, json: JSON.parse(measured.stdout) as EngineJson };
   }
 
@@ -150,12 +173,12 @@ class Lab {
     const env = { ...this.resticEnv, RESTIC_REPOSITORY: `s3:${this.cluster.endpoint}/${bucket}` };
     await run('restic', ['init'], env);
     await dropCaches();
-    const backup = await timed('restic', ['backup', '--quiet', image], env);
+    const backup = await withStoreCpu(() => timed('restic', ['backup', '--quiet', image], env));
     const stats = JSON.parse((await run('restic', ['stats', '--mode', 'raw-data', '--json'], env)).stdout) as { total_size?: number };
     await this.add(round, 'full backup', 'restic 0.14 (S3)', backup, size, stats.total_size ?? null);
     const into = join(this.work, 'restic-out');
     await dropCaches();
-    const restored = await timed('restic', ['restore', 'latest', '--target', into], env);
+    const restored = await withStoreCpu(() => timed('restic', ['restore', 'latest', '--target', into], env));
     const same = await identical(join(into, image), image);
     if (!same) this.notes.push(`round ${round}: restic's restore differed from the image.`);
     await this.add(round, 'restore to a raw file', 'restic 0.14 (S3)', restored, size, null, same ? 'cmp: identical' : 'cmp: DIFFERENT');
@@ -328,9 +351,9 @@ async function report(lab: Lab, rss: { objects: number; fillSeconds: number; bac
 
   const fmt = (n: number | null, digits = 0): string => (n === null ? '—' : n.toFixed(digits));
   const table = [
-    '| round | scenario | tool | wall s | MB/s of disk | MB/s stored | stored | CPU s | peak RSS MiB | load (1/5/15 min) | note |',
-    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
-    ...rows.map((r) => `| ${r.round + 1} | ${r.scenario} | ${r.tool} | ${r.seconds.toFixed(2)} | ${r.diskMBps.toFixed(0)} | ${fmt(r.storedMBps)} | ${r.storedBytes === null ? '—' : formatBytes(r.storedBytes)} | ${r.cpuSeconds.toFixed(1)} | ${r.peakRssMiB.toFixed(0)} | ${r.load} | ${r.note} |`),
+    '| round | scenario | tool | wall s | MB/s of disk | MB/s stored | stored | CPU s | RGW CPU s | peak RSS MiB | load (1/5/15 min) | note |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    ...rows.map((r) => `| ${r.round + 1} | ${r.scenario} | ${r.tool} | ${r.seconds.toFixed(2)} | ${r.diskMBps.toFixed(0)} | ${fmt(r.storedMBps)} | ${r.storedBytes === null ? '—' : formatBytes(r.storedBytes)} | ${r.cpuSeconds.toFixed(1)} | ${r.tool.includes('local folder') ? '—' : fmt(r.storeCpuSeconds, 1)} | ${r.peakRssMiB.toFixed(0)} | ${r.load} | ${r.note} |`),
     '',
     '### RGW ceiling (curl, 8 objects of 32 MiB, 4 in flight, files read before the clock)',
     '',
@@ -360,6 +383,7 @@ async function report(lab: Lab, rss: { objects: number; fillSeconds: number; bac
       `Image: the suite's ${formatBytes(options.size)} seeded VM-like template (bench/suite.ts); new data: ${formatBytes(options.randomSize)} of random bytes; concurrency: 4 images of ${formatBytes(options.concurrentSize)} (different seeds). ${options.rounds} rounds, each into fresh repositories, the tools' order reversed every other round. MB = 10^6 B.`,
       'Every timed run is its own process under /usr/bin/time after `sync; echo 3 > /proc/sys/vm/drop_caches` (cold page cache: the image is read from disk). RGW runs on the same two cores (one memstore OSD: objects in RAM).',
       '"MB/s stored": the bytes the backup added to its repository (compressed new data) over wall time, the rate it uploaded at, compared with curl\'s PUT rate; restic\'s from `restic stats --mode raw-data`.',
+      '"RGW CPU s": CPU seconds of the store\'s daemons (radosgw, ceph-osd, ceph-mon) during the run, on the same two cores as the client: with "CPU s", what the run cost the machine in all.',
       ...lab.notes,
     ],
     table,

@@ -7,9 +7,9 @@
  * (frame.ts), so scanning a pack from offset 32 to its end yields every blob it holds: that is how the
  * index is rebuilt. See SPEC.md, "Pack".
  */
-import { unlink, type FileHandle } from 'node:fs/promises';
+import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
-import { createHash, randomBytes, type Hash } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import {
   FRAME_MAGIC as FRAME_MAGIC_VALUE,
   FRAME_HEADER_SIZE,
@@ -23,10 +23,11 @@ import {
   PACK_VERSION,
 } from './constants.js';
 import { classifyWriteError, CorruptFrameError, CorruptPackError, InvalidArgumentError } from './errors.js';
-import { IMMUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
+import { IMMUTABLE_FILE_MODE, MUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
 import { decodeFrameHeader, frameLength, type FrameHeader } from './frame.js';
 import type { IndexEntry } from './index-entry.js';
 import { LocalStorage } from './storage/local.js';
+import { Md5Stream } from './storage/md5-off-thread.js';
 import { isS3Url } from './storage/s3-url.js';
 import { StorageError } from './storage/storage-error.js';
 import type { Storage } from './storage/storage.js';
@@ -75,6 +76,50 @@ export async function publishFile(store: Storage, key: string, file: string, md5
   await unlink(file).catch(() => undefined);
 }
 
+/**
+ * Upload buffers kept for the next pack, per temporary folder: a pack's temporary file for an object store
+ * is a buffer on the way to the PUT, and writing 32 MiB into pages the file already has costs a tenth of
+ * writing it into a new file (measured here, 512 MiB: 0.08 CPU-s over pages already cached against 0.5-1.0
+ * for a new file on ext4 or tmpfs: the kernel's allocation of page-cache pages, their accounting and their
+ * release at unlink). So an uploaded pack's file is kept, at most SPARE_FILES a folder, and the next pack
+ * is written over it (truncated to its size before its upload). The folder is the host cache's temporary
+ * folder, this process's alone (v3 session), emptied when the session ends.
+ */
+const spareFiles = new Map<string, string[]>();
+/** Packs being filled, uploaded and waiting at once (blob-writer.ts: 1 + 4 + 2), and one more. */
+const SPARE_FILES = 8;
+
+function takeSpare(tempDir: string): string | undefined {
+  return spareFiles.get(tempDir)?.pop();
+}
+
+function keepSpare(tempDir: string, file: string): boolean {
+  let spares = spareFiles.get(tempDir);
+  if (!spares) spareFiles.set(tempDir, (spares = []));
+  if (spares.length >= SPARE_FILES) return false;
+  spares.push(file);
+  return true;
+}
+
+/** Forgets the spare upload files of a temporary folder (its owner removes the folder). */
+export function forgetSpareFiles(tempDir: string): void {
+  spareFiles.delete(tempDir);
+}
+
+/** A spare upload file renamed to `path` and opened for writing over, or (none, or it is gone) a new file. */
+async function openUploadFile(path: string, spare: string | undefined): Promise<FileHandle> {
+  if (spare !== undefined) {
+    try {
+      await rename(spare, path);
+      return await open(path, 'r+');
+    } catch {
+      // Its folder was emptied meanwhile, or it cannot be opened: a new file instead.
+      await unlink(path).catch(() => undefined);
+    }
+  }
+  return openNewFile(path, 'wx', MUTABLE_FILE_MODE);
+}
+
 /** The file of a pack in a repository folder (tools and tests; the engine asks the repository for packs, never for their place). */
 export function packPath(root: string, packId: string): string {
   return join(root, ...packKey(packId).split('/'));
@@ -107,8 +152,10 @@ export function decodePackHeader(header: Buffer, expectedPackId: string): string
  *
  * For a store that is not a local folder (S3) the temporary file is only a buffer on the way to the upload:
  * its MD5 (the upload's Content-MD5) is computed as frames are appended, in the pack's order, from the bytes
- * in memory, so the file is read once, to send it, not twice; and it is not fsynced, as the store's answer
- * to the upload is the durability point. Measured: bench/results/v3-s3-latest.md.
+ * in memory, on the MD5 thread (md5-off-thread.ts: a frame in the pipeline's shared slots is hashed where
+ * it is, and its write resolves only once it is hashed too), so the file is read once, to send it, and the
+ * main thread does not spend ~1.6 s a GB on MD5; the file is not fsynced, as the store's answer to the
+ * upload is the durability point. Measured: bench/results/v3-s3-latest.md.
  */
 export class PackWriter {
   readonly packId: string;
@@ -121,7 +168,7 @@ export class PackWriter {
   /** The first write that failed: a pack with a hole must never be sealed and indexed. */
   private writeFailure: unknown;
   /** The MD5 of the bytes appended so far, for an upload (undefined for a local folder, which moves the file in). */
-  private readonly md5: Hash | undefined;
+  private readonly md5: Md5Stream | undefined;
   private contentMd5: string | undefined;
 
   /**
@@ -132,14 +179,15 @@ export class PackWriter {
     this.target = typeof target === 'string' ? localTarget(target) : target;
     this.packId = randomBytes(PACK_ID_SIZE).toString('hex');
     this.tempPath = join(this.target.tempDir, `${options.tempPrefix ?? ''}${this.packId}.pack`);
-    this.opened = openNewFile(this.tempPath, 'wx', IMMUTABLE_FILE_MODE).catch((error: unknown) => {
+    const upload = !(this.target.store instanceof LocalStorage);
+    this.opened = (upload ? openUploadFile(this.tempPath, takeSpare(this.target.tempDir)) : openNewFile(this.tempPath, 'wx', IMMUTABLE_FILE_MODE)).catch((error: unknown) => {
       throw classifyWriteError(error, this.tempPath);
     });
     // Reported by whichever append, seal or abort awaits it first.
     this.opened.catch(() => undefined);
     const header = encodePackHeader(this.packId);
-    this.md5 = this.target.store instanceof LocalStorage ? undefined : createHash('md5').update(header);
-    this.track(this.writeAt(header, 0));
+    this.md5 = upload ? new Md5Stream() : undefined;
+    this.track(this.writeAndHash(header, 0));
   }
 
   get byteSize(): number {
@@ -161,7 +209,6 @@ export class PackWriter {
     }
     const offset = this.size;
     this.size += frame.length;
-    this.md5?.update(frame);
     this.entries.push({
       id: header.id,
       packId: this.packId,
@@ -171,7 +218,7 @@ export class PackWriter {
       kind: header.kind,
       flags: header.flags,
     });
-    return this.track(this.writeAt(frame, offset));
+    return this.track(this.writeAndHash(frame, offset));
   }
 
   /** Makes the pack durable under its final name. After this resolves, index entries may point at it. */
@@ -188,7 +235,9 @@ export class PackWriter {
     try {
       // An upload's temporary file needs no fsync: what makes it durable is the store's answer to the PUT.
       if (!this.md5) await handle.sync();
-      this.contentMd5 ??= this.md5?.digest('base64');
+      // A spare file written over may be longer than this pack: only the pack goes up.
+      else if ((await handle.stat()).size > this.size) await handle.truncate(this.size);
+      this.contentMd5 ??= await this.md5?.digest();
       await handle.close();
     } catch (error) {
       throw classifyWriteError(error, this.tempPath);
@@ -197,13 +246,26 @@ export class PackWriter {
 
   /** Publishes a finished pack in the store under its key (local: renamed into packs/, the rename made durable). */
   async publish(): Promise<IndexEntry[]> {
-    await publishFile(this.target.store, packKey(this.packId), this.tempPath, this.contentMd5);
+    const store = this.target.store;
+    if (store instanceof LocalStorage) {
+      await publishFile(store, packKey(this.packId), this.tempPath, this.contentMd5);
+      return this.entries;
+    }
+    try {
+      await store.put(packKey(this.packId), { file: this.tempPath, md5: this.contentMd5 });
+    } catch (error) {
+      await unlink(this.tempPath).catch(() => undefined);
+      throw error;
+    }
+    // Uploaded (every attempt over): the file is the next pack's buffer, or removed.
+    if (!keepSpare(this.target.tempDir, this.tempPath)) await unlink(this.tempPath).catch(() => undefined);
     return this.entries;
   }
 
   /** Drops an unfinished pack (a failed or interrupted backup). */
   async abort(): Promise<void> {
     await Promise.allSettled(this.writes);
+    if (this.contentMd5 === undefined) this.md5?.drop();
     const handle = await this.opened.catch(() => undefined);
     await handle?.close().catch(() => undefined);
     await unlink(this.tempPath).catch(() => undefined);
@@ -219,6 +281,18 @@ export class PackWriter {
       },
     );
     return write;
+  }
+
+  /** Written at `position` and, for an upload, hashed (in append order): `data` may change once both are done. */
+  private writeAndHash(data: Uint8Array, position: number): Promise<void> {
+    const written = this.writeAt(data, position);
+    if (!this.md5) return written;
+    const hashed = this.md5.update(data);
+    // Both settled before this resolves or fails: nothing may still read `data` or write the file then.
+    return Promise.allSettled([written, hashed]).then(([write, hash]) => {
+      if (write.status === 'rejected') throw write.reason;
+      if (hash.status === 'rejected') throw hash.reason;
+    });
   }
 
   private async writeAt(data: Uint8Array, position: number): Promise<void> {

@@ -4,9 +4,10 @@
  */
 import { afterAll, beforeAll, expect, test } from 'vitest';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readdir, readFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { PackWriter, readFrameBytes, scanPack } from '../dist/repo-format/pack-file.js';
+import { forgetSpareFiles, PackWriter, readFrameBytes, scanPack } from '../dist/repo-format/pack-file.js';
+import { Md5Stream } from '../dist/repo-format/storage/md5-off-thread.js';
 import { BlobWriter, UPLOADS_IN_FLIGHT } from '../dist/repo-format/blob-writer.js';
 import type { IndexEntry } from '../dist/repo-format/index-entry.js';
 import { MemoryStorage } from '../dist/repo-format/storage/memory.js';
@@ -112,8 +113,63 @@ test('a pack for an object store goes up with the MD5 of its bytes, computed as 
   await Promise.all(writes);
   expect(store.puts).toHaveLength(1);
   expect(store.puts[0]!.md5).toBe(store.puts[0]!.bytesMd5);
-  // The temporary file is gone once uploaded.
-  expect(await readdir(tempDir)).toEqual([]);
+  // The temporary file, uploaded, is kept as the next pack's buffer: one file, no other.
+  expect(await readdir(tempDir)).toHaveLength(1);
+  forgetSpareFiles(tempDir);
+});
+
+test('the MD5 thread hashes each stream in the order of its updates, bytes of a SharedArrayBuffer in place and others copied', async () => {
+  const shared = new SharedArrayBuffer(4 * 1024 * 1024);
+  const slots = Buffer.from(shared);
+  randomBytes(slots.length).copy(slots);
+  const big = randomBytes(3 * 1024 * 1024);
+  const streams = [new Md5Stream(), new Md5Stream(), new Md5Stream()];
+  const expected = streams.map(() => createHash('md5'));
+  const updates: Promise<void>[] = [];
+  for (let i = 0; i < 60; i++) {
+    const s = i % 3;
+    // Slices of a SharedArrayBuffer (as the pipeline's frames), views into a larger buffer, small copies.
+    const bytes = i % 2 === 0 ? Buffer.from(shared, (i * 65_537) % (3 * 1024 * 1024), 1 + ((i * 7919) % 900_000)) : big.subarray(i * 1000, i * 1000 + 1 + ((i * 104_729) % 500_000));
+    expected[s]!.update(bytes);
+    updates.push(streams[s]!.update(bytes));
+  }
+  await Promise.all(updates);
+  expect(await Promise.all(streams.map((stream) => stream.digest()))).toEqual(expected.map((hash) => hash.digest('base64')));
+  expect(await new Md5Stream().digest()).toBe(createHash('md5').digest('base64'));
+});
+
+test('a spare upload file written over by a shorter pack: only the new pack goes up, its MD5 right', async () => {
+  const tempDir = join(root, 'upload-spare');
+  await mkdir(tempDir);
+  const store = new SlowStore(0);
+  const sizes = [60, 10, 35];
+  const packs: PackWriter[] = [];
+  for (const count of sizes) {
+    const writer = new PackWriter({ store, tempDir });
+    const writes = frames(count, 20_000).map(({ frame, header }) => writer.append(frame, header));
+    await writer.seal();
+    await Promise.all(writes);
+    packs.push(writer);
+    // The same file each time: a spare, written over.
+    expect(await readdir(tempDir)).toHaveLength(1);
+  }
+  for (const [i, put] of store.puts.entries()) expect(put.md5, `pack ${i}`).toBe(put.bytesMd5);
+  for (const writer of packs) {
+    const scan = await scanPack(store, writer.packId);
+    expect(scan.damage).toBeUndefined();
+    expect(scan.size).toBe(writer.byteSize);
+  }
+  // Its folder emptied behind the writer's back: the spare it remembers is gone, a new file takes its place.
+  await rm(tempDir, { recursive: true });
+  await mkdir(tempDir);
+  const writer = new PackWriter({ store, tempDir });
+  const writes = frames(3, 20_000).map(({ frame, header }) => writer.append(frame, header));
+  await writer.seal();
+  await Promise.all(writes);
+  expect(store.puts).toHaveLength(sizes.length + 1);
+  expect(store.puts.at(-1)!.md5).toBe(store.puts.at(-1)!.bytesMd5);
+  expect((await scanPack(store, writer.packId)).size).toBe(writer.byteSize);
+  forgetSpareFiles(tempDir);
 });
 
 test(`a blob writer into an object store uploads up to ${UPLOADS_IN_FLIGHT} packs at once, indexes them in the order they were filled, and pushes back so the packs waiting stay bounded`, async () => {
@@ -137,5 +193,7 @@ test(`a blob writer into an object store uploads up to ${UPLOADS_IN_FLIGHT} pack
   expect(mostWaiting).toBeLessThanOrEqual(UPLOADS_IN_FLIGHT + 2 + 1);
   expect(indexed.map((e) => e.id.toString('hex'))).toEqual(blobs.map((b) => b.header.id.toString('hex')));
   for (const put of store.puts) expect(put.md5).toBe(put.bytesMd5);
-  expect(await readdir(tempDir)).toEqual([]);
+  // What stays are the spare buffers for the next packs, no more than were ever in use at once.
+  expect((await readdir(tempDir)).length).toBeLessThanOrEqual(UPLOADS_IN_FLIGHT + 2 + 1);
+  forgetSpareFiles(tempDir);
 });

@@ -167,6 +167,27 @@ describe('the store itself', () => {
     expect((proxy.injected.slowdown ?? 0) - before).toBeGreaterThan(5);
   });
 
+  test('pack uploads cut mid-body (reset), changed on the way (BadDigest from Content-MD5) and refused (503): each retried, the backup restores byte for byte', async () => {
+    const { repo, id } = await repositoryWithBackup('s3', 'pack-faults');
+    const env = s3Env(proxy.endpoint);
+    const before = { ...proxy.injected };
+    // 80 MiB of random data: three packs, the later ones written over an uploaded pack's file (pack-file.ts).
+    const packs = /^\/[^/]+\/.*packs\//;
+    proxy.addRule({ method: 'PUT', path: packs, times: 1, action: { kind: 'reset-request', afterBytes: 3 * MiB } });
+    proxy.addRule({ method: 'PUT', path: packs, skip: 1, times: 1, action: { kind: 'corrupt-request', atByte: 5 * MiB } });
+    proxy.addRule({ method: 'PUT', path: packs, skip: 2, times: 1, action: { kind: 'slowdown', status: 503 } });
+    try {
+      const image = await newImage(80);
+      const faulty = await backupOk(repo, image, env);
+      proxy.clearRules();
+      await expectRestores(repo, faulty, image, env);
+      await expectRestores(repo, id, imageA, env);
+    } finally {
+      proxy.clearRules();
+    }
+    for (const kind of ['reset-request', 'corrupt-request', 'slowdown']) expect((proxy.injected[kind] ?? 0) - (before[kind] ?? 0), kind).toBe(1);
+  });
+
   test('a storm longer than the retry budget: the backup fails in one line (ENGINE_STORAGE_UNAVAILABLE, with its attempts); the next backup commits', async () => {
     const { repo, id } = await repositoryWithBackup('s3', 'long-storm');
     const env = s3Env(proxy.endpoint);

@@ -11,6 +11,7 @@ import { rm } from 'node:fs/promises';
 import type { RepositoryConfig } from '../config.js';
 import { LEASE_SKEW_BOUND_MS, LEASE_TIME_MS } from '../constants.js';
 import { createPrivateDirectory } from '../file-modes.js';
+import { forgetSpareFiles } from '../pack-file.js';
 import type { BlobIndex, BlobLocation, IndexEntry } from '../index-entry.js';
 import type { Storage } from '../storage/storage.js';
 import { crashPoint } from '../crash-points.js';
@@ -113,6 +114,7 @@ export class V3Session implements BlobIndex {
       for (const damaged of opened.catchUp.damaged) notice(`index segment ${damaged.key} cannot be read (${damaged.why}): the blobs it names count as absent`);
       // The slot is this process's alone (LevelDB's lock): whatever lies in its temporary folder is a dead holder's.
       const tempDir = `${cache.path}.tmp`;
+      forgetSpareFiles(tempDir);
       await rm(tempDir, { recursive: true, force: true });
       await createPrivateDirectory(tempDir);
       const segments = options.writer
@@ -167,6 +169,7 @@ export class V3Session implements BlobIndex {
 
   async close(): Promise<void> {
     await this.cache.close().catch(() => undefined);
+    forgetSpareFiles(this.tempDir);
     await rm(this.tempDir, { recursive: true, force: true }).catch(() => undefined);
     await this.held.release().catch(() => undefined);
   }
