@@ -18,7 +18,7 @@ done
 for tool in ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw radosgw-admin:ceph-common ceph-authtool:ceph-common monmaptool:ceph-base osdmaptool:ceph-base; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
-# libfaketime for the clock-skew tests (test/v3-clock-skew.test.ts): the engine run with its clock moved against a true RGW.
+# libfaketime for the clock-skew tests (test/v3-gaps.test.ts): the engine run with its clock moved against a true RGW.
 command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)
 if [ "$system_packages" = yes ] && [ ${#need_apt[@]} -gt 0 ]; then
   mapfile -t need_apt < <(printf '%s\n' "${need_apt[@]}" | sort -u)

@@ -147,6 +147,26 @@ const segmentsOf = async (repo: string): Promise<string[]> => (await keysOf(repo
 const packsOf = async (repo: string): Promise<string[]> => (await keysOf(repo)).filter((k) => k.startsWith('packs/'));
 const leasesOf = async (repo: string): Promise<string[]> => (await keysOf(repo)).filter((k) => k.startsWith('leases/'));
 
+/**
+ * Runs `engine ARGS` until it stops itself at ENGINE_STOP_AT `point`, lets `meanwhile` act while it is stopped
+ * (a signal sent then is seen on resumption), resumes it (again at each later stop there) and says how it ended.
+ */
+async function stoppedThenResumed(args: string[], environment: Record<string, string>, point: string, meanwhile: (child: ReturnType<typeof spawnEngine>) => Promise<void>): Promise<RunResult> {
+  const child = spawnEngine(args, { ...environment, ENGINE_STOP_AT: point });
+  const out = collectOutput(child);
+  await stoppedItself(child);
+  await meanwhile(child);
+  const exited = exitOf(child);
+  child.kill('SIGCONT');
+  for (;;) {
+    const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
+    if (settled === 'exited') break;
+    child.kill('SIGCONT');
+  }
+  const { code } = await exited;
+  return { code: code ?? -1, stdout: out.stdout(), stderr: out.stderr() };
+}
+
 for (const kind of ['folder', 's3'] as const) {
   describe(`format 3's untested rows, ${kind === 'folder' ? 'on a folder' : 'on S3 (RGW)'}`, () => {
     test('kill -9 of gc at gc-v3-entries (its plan split: entry segments, then a switch): gc\'s entry segments lie beside the old ones, every backup restores, the next gc finishes', async () => {
@@ -235,26 +255,16 @@ for (const kind of ['folder', 's3'] as const) {
       const split = { ENGINE_GC_SEGMENT_ENTRIES: '2' };
       const oldSegments = await segmentsOf(repo);
       for (const how of ['unlock --force', 'expired'] as const) {
-        const child = spawnEngine(['gc', '--repo', repo, '--json'], env(kind, { ...split, ENGINE_STOP_AT: 'gc-v3-entries' }));
-        const out = collectOutput(child);
-        await stoppedItself(child);
-        if (how === 'unlock --force') {
-          const forced = await runEngine(['unlock', '--repo', repo, '--force'], { env: env(kind) });
-          expect(forced.code, forced.stderr).toBe(0);
-          await new Promise((resolve) => setTimeout(resolve, 3500)); // past T/3: the refresh finds it gone
-        } else {
-          await new Promise((resolve) => setTimeout(resolve, 8000)); // past T - B: lost at the next step
-        }
-        const exited = exitOf(child);
-        child.kill('SIGCONT');
-        // Each later entry segment stops it again: continue until it exits.
-        for (;;) {
-          const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
-          if (settled === 'exited') break;
-          child.kill('SIGCONT');
-        }
-        const { code } = await exited;
-        expectFailure({ code: code ?? -1, stdout: out.stdout(), stderr: out.stderr() }, 'ENGINE_LEASE_LOST');
+        const ended = await stoppedThenResumed(['gc', '--repo', repo, '--json'], env(kind, split), 'gc-v3-entries', async () => {
+          if (how === 'unlock --force') {
+            const forced = await runEngine(['unlock', '--repo', repo, '--force'], { env: env(kind) });
+            expect(forced.code, forced.stderr).toBe(0);
+            await new Promise((resolve) => setTimeout(resolve, 3500)); // past T/3: the refresh finds it gone
+          } else {
+            await new Promise((resolve) => setTimeout(resolve, 8000)); // past T - B: lost at the next step
+          }
+        });
+        expectFailure(ended, 'ENGINE_LEASE_LOST');
         // The row of 2.1: gc's entry segments (if any stayed) beside every old one, which stay effective.
         const segments = await segmentsOf(repo);
         for (const old of oldSegments) expect(segments).toContain(old);
@@ -274,14 +284,10 @@ for (const kind of ['folder', 's3'] as const) {
       const source = await image(`${kind}-repair-sigint`, 40);
       backups.set(await backup(kind, repo, source), source);
       const before = await keysOf(repo);
-      const child = spawnEngine(['repair', '--repo', repo, '--json'], env(kind, { ENGINE_STOP_AT: 'repair-pack-read' }));
-      const out = collectOutput(child);
-      await stoppedItself(child);
-      const exited = exitOf(child);
-      child.kill('SIGINT');
-      child.kill('SIGCONT');
-      const { code } = await exited;
-      expectFailure({ code: code ?? -1, stdout: out.stdout(), stderr: out.stderr() }, 'ENGINE_INTERRUPTED', 130);
+      const ended = await stoppedThenResumed(['repair', '--repo', repo, '--json'], env(kind), 'repair-pack-read', async (child) => {
+        child.kill('SIGINT');
+      });
+      expectFailure(ended, 'ENGINE_INTERRUPTED', 130);
       expect(await keysOf(repo)).toEqual(before);
       const again = await runEngine(['repair', '--repo', repo, '--json'], { env: env(kind) });
       expect(again.code, again.stderr).toBe(0);
@@ -311,16 +317,11 @@ for (const kind of ['folder', 's3'] as const) {
        */
       async function loseLease(args: string[], point: string, meanwhile: () => Promise<void>): Promise<{ message: string }> {
         const before = await keysOf(repo);
-        const child = spawnEngine([...args, '--json'], env(kind, { ENGINE_STOP_AT: point }));
-        const out = collectOutput(child);
-        await stoppedItself(child);
-        expect(await leasesOf(repo)).toHaveLength(1);
-        await meanwhile();
-        const exited = exitOf(child);
-        child.kill('SIGCONT');
-        const { code } = await exited;
-        const r = { code: code ?? -1, stdout: out.stdout(), stderr: out.stderr() };
-        const message = expectFailure(r, 'ENGINE_LEASE_LOST');
+        const ended = await stoppedThenResumed([...args, '--json'], env(kind), point, async () => {
+          expect(await leasesOf(repo)).toHaveLength(1);
+          await meanwhile();
+        });
+        const message = expectFailure(ended, 'ENGINE_LEASE_LOST');
         expect(await keysOf(repo)).toEqual(before);
         return { message };
       }
