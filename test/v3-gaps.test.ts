@@ -2,7 +2,7 @@
  * The gaps of format 3's crash and fault tables that the other v3 files leave (SPEC.md 19.6, 19.8, 19.9,
  * 19.11, 19.12), through the CLI, on a folder and on S3 (the tests' own Ceph RADOS Gateway):
  * - kill -9 of gc at `gc-v3-entries` (its plan split into entry segments and a switch,
- *   ENGINE_GC_SEGMENT_ENTRIES): the row's state, the next gc finishes, every backup restores byte for byte;
+ *   ENGINE_TEST_GC_BATCH): the row's state, the next gc finishes, every backup restores byte for byte;
  * - migrate stopped by SIGINT and SIGTERM before its swap (nothing changed) and after it (it finishes);
  * - restore and verify --read-data losing their shared lease (`unlock --force`; expired while stopped);
  * - repair rebuilding an encrypted repository's lost config, and refusing without its passphrase or key file;
@@ -188,7 +188,7 @@ for (const kind of ['folder', 's3'] as const) {
       const segmentsBefore = await segmentsOf(repo);
       const packsBefore = await packsOf(repo);
       // Two entries a segment: 6 live chunks and their map pages make several entry segments.
-      const split = { ENGINE_GC_SEGMENT_ENTRIES: '2' };
+      const split = { ENGINE_TEST_GC_BATCH: '2' };
       const crashed = await runEngine(['gc', '--repo', repo, '--rewrite-below', '90%'], { env: env(kind, { ...split, ENGINE_CRASH_AT: 'gc-v3-entries' }) });
       expect(crashed.code, crashed.stderr).toBe(137);
       // The row: gc's first entry segment beside every old one (superseding nothing), no pack deleted, its lease left.
@@ -252,7 +252,7 @@ for (const kind of ['folder', 's3'] as const) {
         backups.set(await backup(kind, repo, source), source);
       }
       await setLeaseTiming(repo, 8000, 1000);
-      const split = { ENGINE_GC_SEGMENT_ENTRIES: '2' };
+      const split = { ENGINE_TEST_GC_BATCH: '2' };
       const oldSegments = await segmentsOf(repo);
       for (const how of ['unlock --force', 'expired'] as const) {
         const ended = await stoppedThenResumed(['gc', '--repo', repo, '--json'], env(kind, split), 'gc-v3-entries', async () => {

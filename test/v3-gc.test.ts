@@ -140,6 +140,36 @@ for (const kind of ['folder', 's3'] as const) {
       expect((await packsOf(repo)).sort()).toEqual([...kept].sort());
     });
 
+    test('gc through its on-disk working index held to 3 writes in memory and 3 entries per segment (ENGINE_TEST_GC_BATCH): it reclaims exactly the forgotten backup\'s packs, the new index split over entry segments and a switch', async () => {
+      const repo = repoNamed('bounded');
+      await init(repo);
+      await backup(repo, await image('bounded-keep', 6), 'keep');
+      const kept = await packsOf(repo);
+      const gone = await backup(repo, await image('bounded-gone', 5), 'gone');
+      const goneOnly = (await packsOf(repo)).filter((p) => !kept.includes(p));
+      await forget(repo, gone);
+      const segmentsBefore = await segmentsOf(repo);
+
+      const done = await gc(repo, [], { ENGINE_TEST_GC_BATCH: '3' });
+      expect(done.code, done.stderr).toBe(0);
+      const report = done.report!;
+      expect([...report.packs.deleted].sort()).toEqual([...goneOnly].sort());
+      expect((await packsOf(repo)).sort()).toEqual([...kept].sort());
+      // One entry segment per 3 live blobs, then the switch; every old segment deleted.
+      const entrySegments = Math.ceil(report.chunks.live / 3);
+      expect(entrySegments).toBeGreaterThanOrEqual(3);
+      expect(report.segments).toEqual({ before: segmentsBefore.length, written: entrySegments + 1, deleted: segmentsBefore.length });
+      expect(await segmentsOf(repo)).toHaveLength(entrySegments + 1);
+      await everythingRestores(repo);
+
+      // The next gc (default limits) consolidates the split index into one segment and deletes nothing.
+      const again = await gc(repo);
+      expect(again.code, again.stderr).toBe(0);
+      expect(again.report!.packs.deleted).toEqual([]);
+      expect(again.report!.segments).toEqual({ before: entrySegments + 1, written: 1, deleted: entrySegments + 1 });
+      await everythingRestores(repo);
+    });
+
     test('two backups storing the same new chunks at once: both commit, gc deletes the duplicates (one run\'s packs whole), both still restore', async () => {
       const repo = repoNamed('duplicates');
       await init(repo);

@@ -33,11 +33,12 @@ import { removeFromQuarantine } from '../../repo-format/quarantine.js';
 import { removeOrphanedMarkers } from '../../repo-format/protection.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
-import { applyGcStep, planGcCommit, readAllSegments, type GcStep } from '../../repo-format/v3/gc-plan.js';
-import { resolveIndex } from '../../repo-format/v3/segment-set.js';
-import type { Segment, SegmentEntry } from '../../repo-format/v3/segment.js';
-import { segmentKey, SEGMENT_MAX_SUPERSEDED } from '../../repo-format/v3/segment.js';
-import type { Interruption } from '../host/interrupt.js';
+import { join } from 'node:path';
+import { applyGcStep, planGcCommit, type GcStep } from '../../repo-format/v3/gc-plan.js';
+import { GcIndex } from '../../repo-format/v3/gc-index.js';
+import { SEGMENT_MAX_SUPERSEDED } from '../../repo-format/v3/segment.js';
+import type { IndexEntry } from '../../repo-format/index-entry.js';
+import { Interruption } from '../host/interrupt.js';
 import { mark } from './mark.js';
 import { staleMarkers } from './commit.js';
 import type { GcReport } from './report.js';
@@ -56,20 +57,41 @@ export interface GcVersion3Args {
   report: GcReport;
 }
 
+/**
+ * For the tests only, like ENGINE_CRASH_AT: ENGINE_TEST_GC_BATCH=n makes gc hold at most n writes of its
+ * working index in memory and write at most n entries per segment, so that a small repository goes through
+ * every path a large one takes (many batches, the new index split over several entry segments).
+ */
+function testLimits(): { batch: number; entries: number } | undefined {
+  const n = Number(process.env.ENGINE_TEST_GC_BATCH);
+  return Number.isSafeInteger(n) && n > 0 ? { batch: n, entries: n } : undefined;
+}
+
 interface StoredPack {
   packId: string;
   size: number;
   modified: number | undefined;
 }
 
-/** A set of blob ids (hex) that mark() fills: the plan needs the ids themselves. */
-class LiveIds {
-  readonly ids = new Set<string>();
-  add(id: Buffer): void {
-    this.ids.add(id.toString('hex'));
+/**
+ * mark()'s interruption for a version-3 gc: its ticks (per map page and per run of a map) also wait while
+ * the live ids handed to the working index are written, so that memory holds at most about two batches.
+ */
+class SettlingInterruption extends Interruption {
+  constructor(
+    private readonly inner: Interruption,
+    private readonly index: GcIndex,
+  ) {
+    super(inner.signal, 'gc');
   }
-  has(id: Buffer): boolean {
-    return this.ids.has(id.toString('hex'));
+
+  override async tick(): Promise<void> {
+    await this.inner.tick();
+    await this.index.settle();
+  }
+
+  override error(state?: string): ReturnType<Interruption['error']> {
+    return this.inner.error(state);
   }
 }
 
@@ -87,22 +109,28 @@ export async function gcVersion3(args: GcVersion3Args): Promise<GcReport> {
   });
   const copies: PackWriter[] = [];
   let changed = false;
+  // gc's working index (live set, entries, copies) lives on disk in the slot's temporary folder: gc's memory
+  // does not grow with the repository (SPEC.md 19.8).
+  let index: GcIndex | undefined;
   try {
+    const limits = testLimits();
+    index = await GcIndex.create(join(repo.session.tempDir, `gc-index.${randomBytes(4).toString('hex')}`), { batch: limits?.batch });
+    const marking = new SettlingInterruption(interruption, index);
+    const live = { add: (id: Buffer) => index!.addLive(id) };
     const timing = { leaseMs: repo.config.leases?.timeMs ?? LEASE_TIME_MS, skewBoundMs: repo.config.leases?.skewBoundMs ?? LEASE_SKEW_BOUND_MS };
     const minUnnamedAgeMs = timing.leaseMs + 2 * timing.skewBoundMs;
 
     // 1. Mark and classify, under the shared lease.
     const records = await recordsOrRefuse(repo);
-    const live = new LiveIds();
     const damagedReferenced = new Set<string>();
-    await mark(repo, records, live, damagedReferenced, interruption);
+    await mark(repo, records, live, damagedReferenced, marking);
     report.backups = records.length;
-    const segments = await segmentsOrRefuse(repo, args.signal);
+    await segmentsOrRefuse(repo, index, interruption, args.signal);
     const packs = await listPacks(repo, args.signal);
     report.packs.before = packs.length;
     report.bytes.before = packs.reduce((total, pack) => total + pack.size, 0);
     const storeNow = await storeTime(repo);
-    const classes = classify(segments, packs, live, args.rewriteBelow, storeNow, minUnnamedAgeMs);
+    const classes = await classify(index, packs, args.rewriteBelow, storeNow, minUnnamedAgeMs, interruption);
     report.chunks.live = classes.liveEntries;
     if (args.dryRun) {
       reportDryRun(report, classes);
@@ -111,7 +139,7 @@ export async function gcVersion3(args: GcVersion3Args): Promise<GcReport> {
     }
 
     // 1, copy: the live frames of the packs to rewrite, into new packs in the store that no segment names.
-    const moved = await copyLiveFrames(repo, classes.rewrite, copies, report, interruption);
+    await copyLiveFrames(repo, index, classes.rewrite, copies, report, interruption);
     crashPoint('gc-v3-copied');
     interruption.check();
 
@@ -128,37 +156,33 @@ export async function gcVersion3(args: GcVersion3Args): Promise<GcReport> {
     const newer = all.filter((record) => !marked.has(record.id));
     report.backupsCommittedDuringGc = newer.map((record) => record.id);
     report.backups = all.length;
-    await mark(repo, newer, live, damagedReferenced, interruption);
-    const segmentsNow = await segmentsOrRefuse(repo, args.signal);
+    await mark(repo, newer, live, damagedReferenced, marking);
+    await segmentsOrRefuse(repo, index, interruption, args.signal);
     const packsNow = await listPacks(repo, args.signal);
-    const plan = planGcCommit({
-      segments: segmentsNow,
-      live: live.ids,
-      moved,
+    const plan = await planGcCommit({
+      index,
       packs: packsNow,
       writer: randomBytes(16).toString('hex'),
       firstSeq: 0,
       storeNow: await storeTime(repo),
       minUnnamedAgeMs,
-      limits: segmentLimitsForTests(),
+      limits: limits && { entries: limits.entries, superseded: SEGMENT_MAX_SUPERSEDED },
     });
     if (plan.refused) {
-      throw new MissingBlobError(plan.unnamedLive[0]!, `gc refuses to run (nothing was changed): ${plan.unnamedLive.length} live blob(s) named by no segment, the first`);
+      throw new MissingBlobError(plan.unnamedLive[0]!, `gc refuses to run (nothing was changed): ${plan.unnamedCount} live blob(s) named by no segment, the first`);
     }
     for (const kept of plan.kept) {
       report.packs.kept.push({ pack: kept.packId, why: kept.why === 'too-young' ? `named by no segment and younger than ${Math.round(minUnnamedAgeMs / 1000)} s by the store's clock: a writer may still name it; a later gc deletes it` : 'named by no segment, and the store tells not its age: kept' });
     }
     interruption.check();
     const sizes = new Map(packsNow.map((pack) => [pack.packId, pack.size]));
-    const effectiveBefore = countEffectiveEntries(segmentsNow);
-    report.segments = { before: segmentsNow.length, written: 0, deleted: 0 };
+    const effectiveBefore = index.effectiveEntries;
+    report.segments = { before: index.segmentNames().length, written: 0, deleted: 0 };
     changed = true;
-    await carryOut(plan.steps, { repo, lease, sizes, report, interruption, copies, rewrite: classes.rewrite });
-    const written = plan.steps.flatMap((step) => (step.kind === 'write-entries' || step.kind === 'write-switch' ? [step.segment] : []));
-    const entriesAfter = written.reduce((total, segment) => total + segment.entries.length, 0);
-    report.chunks.removed = Math.max(0, effectiveBefore - entriesAfter);
-    const namedNow = new Set(written.flatMap((segment) => segment.entries.map((entry) => entry.packId)));
-    report.chunks.moved = [...moved.values()].filter((entry) => namedNow.has(entry.packId) && live.ids.has(entry.id.toString('hex'))).length;
+    await carryOut(plan.steps(), plan.stepCount, { repo, lease, sizes, report, interruption, copies, rewrite: classes.rewrite });
+    report.chunks.removed = Math.max(0, effectiveBefore - plan.entries);
+    // Every copy is of a live blob (marked in 1, and the live set only grows), so the new index names each.
+    report.chunks.moved = index.movedCount;
 
     // Markers naming what no longer exists: nothing can need them (the exclusive lease is held).
     lease.assertHeld();
@@ -171,6 +195,7 @@ export async function gcVersion3(args: GcVersion3Args): Promise<GcReport> {
     if (!changed) await dropCopies(repo, copies);
     throw error;
   } finally {
+    await index?.close();
     await repo.close();
   }
 }
@@ -188,12 +213,11 @@ async function recordsOrRefuse(repo: Repository): Promise<BackupRecord[]> {
   return backups;
 }
 
-/** Every segment, decoded; one that cannot be read stops gc before any change (its blobs may be live). */
-async function segmentsOrRefuse(repo: Repository, signal: AbortSignal | undefined): Promise<Segment[]> {
-  const { segments, damaged } = await readAllSegments(repo.store, { dataKey: repo.keys?.dataKey, signal });
+/** Every segment, read into gc's index; one that cannot be read stops gc before any change (its blobs may be live). */
+async function segmentsOrRefuse(repo: Repository, index: GcIndex, interruption: Interruption, signal: AbortSignal | undefined): Promise<void> {
+  const { damaged } = await index.readSegments(repo.store, { dataKey: repo.keys?.dataKey, signal, tick: () => interruption.tick() });
   const first = damaged[0];
   if (first) throw new CorruptMetadataError(`index segment ${first.key}`, `${first.why}; gc cannot tell where the blobs it names are and deletes nothing (\`engine repair\` rebuilds the segments from the packs)`);
-  return segments;
 }
 
 async function listPacks(repo: Repository, signal: AbortSignal | undefined): Promise<StoredPack[]> {
@@ -210,9 +234,17 @@ async function storeTime(repo: Repository): Promise<number> {
   return repo.store.time ? (await repo.store.time()).storeMs : Date.now();
 }
 
+interface RewrittenPack {
+  packId: string;
+  size: number;
+  /** Its live winning entries (their entries are in gc's index, by offset) and their bytes. */
+  liveCount: number;
+  liveBytes: number;
+}
+
 interface Classes {
-  /** Packs with live blobs under the threshold: their winning live entries, by offset. */
-  rewrite: { packId: string; size: number; live: SegmentEntry[] }[];
+  /** Packs with live blobs under the threshold. */
+  rewrite: RewrittenPack[];
   dead: StoredPack[];
   unnamedOld: StoredPack[];
   /** Every pack that would go (dry run). */
@@ -222,30 +254,33 @@ interface Classes {
   removable: number;
 }
 
-/** Each pack's fate from the effective index (winning entries only: duplicates are dead bytes). */
-function classify(segments: readonly Segment[], packs: readonly StoredPack[], live: LiveIds, rewriteBelow: number, storeNow: number, minUnnamedAgeMs: number): Classes {
-  const resolved = resolveIndex(segments);
-  const liveByPack = new Map<string, SegmentEntry[]>();
+/**
+ * Each pack's fate from the effective index (winning entries only: duplicates are dead bytes). Two passes
+ * over the live blobs, so that memory holds a few numbers per pack: the first counts each pack's live
+ * bytes, the second puts the entries of the packs to rewrite into gc's index, by pack and offset.
+ */
+async function classify(index: GcIndex, packs: readonly StoredPack[], rewriteBelow: number, storeNow: number, minUnnamedAgeMs: number, interruption: Interruption): Promise<Classes> {
+  const tallies = new Map<string, { count: number; bytes: number }>();
   let liveEntries = 0;
-  for (const [id, { entry }] of resolved) {
-    if (!live.ids.has(id)) continue;
+  for await (const { winner } of index.live()) {
+    await interruption.tick();
+    if (!winner) continue;
     liveEntries += 1;
-    let list = liveByPack.get(entry.packId);
-    if (!list) liveByPack.set(entry.packId, (list = []));
-    list.push(entry);
+    const tally = tallies.get(winner.packId);
+    if (tally) {
+      tally.count += 1;
+      tally.bytes += winner.length;
+    } else tallies.set(winner.packId, { count: 1, bytes: winner.length });
   }
-  const named = new Set<string>();
-  for (const segment of segments) for (const entry of segment.entries) named.add(entry.packId);
-  const classes: Classes = { rewrite: [], dead: [], unnamedOld: [], going: new Set(), liveEntries, removable: countEffectiveEntries(segments) - liveEntries };
+  const classes: Classes = { rewrite: [], dead: [], unnamedOld: [], going: new Set(), liveEntries, removable: index.effectiveEntries - liveEntries };
   for (const pack of packs) {
-    const liveEntriesOfPack = liveByPack.get(pack.packId);
-    if (liveEntriesOfPack) {
-      const liveBytes = liveEntriesOfPack.reduce((total, entry) => total + entry.length, 0);
-      if (liveBytes < rewriteBelow * (pack.size - PACK_HEADER_SIZE)) {
-        classes.rewrite.push({ packId: pack.packId, size: pack.size, live: liveEntriesOfPack.sort((a, b) => a.offset - b.offset) });
+    const tally = tallies.get(pack.packId);
+    if (tally) {
+      if (tally.bytes < rewriteBelow * (pack.size - PACK_HEADER_SIZE)) {
+        classes.rewrite.push({ packId: pack.packId, size: pack.size, liveCount: tally.count, liveBytes: tally.bytes });
         classes.going.add(pack.packId);
       }
-    } else if (named.has(pack.packId)) {
+    } else if (index.namedPacks.has(pack.packId)) {
       classes.dead.push(pack);
       classes.going.add(pack.packId);
     } else if (pack.modified !== undefined && storeNow - pack.modified >= minUnnamedAgeMs) {
@@ -253,24 +288,28 @@ function classify(segments: readonly Segment[], packs: readonly StoredPack[], li
       classes.going.add(pack.packId);
     }
   }
+  if (classes.rewrite.length > 0) {
+    const rewritten = new Set(classes.rewrite.map((pack) => pack.packId));
+    for await (const { id, winner } of index.live()) {
+      await interruption.tick();
+      if (winner && rewritten.has(winner.packId)) {
+        index.addRewrite({ ...winner, id });
+        await index.settle();
+      }
+    }
+    await index.drain();
+  }
   return classes;
-}
-
-function countEffectiveEntries(segments: readonly Segment[]): number {
-  const keys = new Set(segments.map((segment) => segmentKey(segment.name)));
-  const superseded = new Set<string>();
-  for (const segment of segments) for (const old of segment.supersedes) if (keys.has(segmentKey(old))) superseded.add(segmentKey(old));
-  return segments.filter((segment) => !superseded.has(segmentKey(segment.name))).reduce((total, segment) => total + segment.entries.length, 0);
 }
 
 function reportDryRun(report: GcReport, classes: Classes): void {
   const going = [...classes.dead, ...classes.rewrite, ...classes.unnamedOld];
   report.packs.deleted = going.map((pack) => pack.packId).sort();
   report.packs.rewritten = classes.rewrite.map((pack) => pack.packId).sort();
-  report.chunks.moved = classes.rewrite.reduce((total, pack) => total + pack.live.length, 0);
+  report.chunks.moved = classes.rewrite.reduce((total, pack) => total + pack.liveCount, 0);
   report.chunks.removed = classes.removable;
   report.bytes.deleted = going.reduce((total, pack) => total + pack.size, 0);
-  report.bytes.written = classes.rewrite.reduce((total, pack) => total + pack.live.reduce((sum, entry) => sum + entry.length, 0), 0);
+  report.bytes.written = classes.rewrite.reduce((total, pack) => total + pack.liveBytes, 0);
   report.bytes.reclaimed = report.bytes.deleted - report.bytes.written;
 }
 
@@ -278,8 +317,7 @@ function reportDryRun(report: GcReport, classes: Classes): void {
  * Copies the live frames of each pack to rewrite, checked in full, into new packs stored whole (durable)
  * and named by no segment. A pack with a damaged live frame is not rewritten (repair first).
  */
-async function copyLiveFrames(repo: Repository, rewrite: Classes['rewrite'], copies: PackWriter[], report: GcReport, interruption: Interruption): Promise<Map<string, SegmentEntry>> {
-  const moved = new Map<string, SegmentEntry>();
+async function copyLiveFrames(repo: Repository, index: GcIndex, rewrite: Classes['rewrite'], copies: PackWriter[], report: GcReport, interruption: Interruption): Promise<void> {
   let current: PackWriter | undefined;
   const seal = async (): Promise<void> => {
     const pack = current;
@@ -290,9 +328,9 @@ async function copyLiveFrames(repo: Repository, rewrite: Classes['rewrite'], cop
     report.bytes.written += pack.byteSize;
   };
   for (const pack of rewrite) {
-    const frames: { entry: SegmentEntry; bytes: Buffer }[] = [];
+    const frames: { entry: IndexEntry; bytes: Buffer }[] = [];
     let damage: string | undefined;
-    for (const entry of pack.live) {
+    for await (const entry of index.rewriteEntries(pack.packId)) {
       await interruption.tick();
       try {
         const bytes = await repo.readFrame(entry);
@@ -313,13 +351,13 @@ async function copyLiveFrames(repo: Repository, rewrite: Classes['rewrite'], cop
       if (!current) copies.push((current = new PackWriter(repo.packTarget)));
       const at = current.entries.length;
       await current.append(bytes, { kind: entry.kind, flags: entry.flags, rawLength: entry.rawLength, id: entry.id });
-      const copy = current.entries[at]!;
-      moved.set(entry.id.toString('hex'), { ...copy, id: entry.id });
+      index.addMoved(entry.id, current.entries[at]!);
+      await index.settle();
       if (current.byteSize >= PACK_TARGET_SIZE) await seal();
     }
   }
   await seal();
-  return moved;
+  await index.drain();
 }
 
 /** gc stopped before it changed anything: its copies, which no segment names and no one else knows of, go. */
@@ -345,15 +383,15 @@ interface CarryOut {
  * provably a pack of this engine (invariant 10). An interruption stops between steps: every prefix of the
  * plan leaves a repository every backup restores from (19.8), and the next gc finishes.
  */
-async function carryOut(steps: readonly GcStep[], args: CarryOut): Promise<void> {
+async function carryOut(steps: AsyncIterable<GcStep>, stepCount: number, args: CarryOut): Promise<void> {
   const { repo, report, interruption } = args;
   const rewritten = new Set(args.rewrite.map((pack) => pack.packId));
   const context = { storage: repo.store, dataKey: repo.keys?.dataKey, assertHeld: () => args.lease.assertHeld() };
   let done = 0;
   const stopIfAsked = (): void => {
-    if (interruption.aborted) throw interruption.error(`gc stopped after ${done} of its ${steps.length} steps (segments written, superseded ones and packs deleted); what is left is garbage the next gc reclaims`);
+    if (interruption.aborted) throw interruption.error(`gc stopped after ${done} of its ${stepCount} steps (segments written, superseded ones and packs deleted); what is left is garbage the next gc reclaims`);
   };
-  for (const step of steps) {
+  for await (const step of steps) {
     stopIfAsked();
     if (step.kind === 'delete-pack') {
       const foreign = await repo.notOwnPack(step.packId);
@@ -388,12 +426,3 @@ async function carryOut(steps: readonly GcStep[], args: CarryOut): Promise<void>
   }
 }
 
-/**
- * ENGINE_GC_SEGMENT_ENTRIES (tests only, like ENGINE_CRASH_AT): at most that many entries in each of gc's
- * segments, so that the split plan of 19.8 (entry segments, then a switch) and its crash point
- * `gc-v3-entries` are reached without a million live blobs. Unset, the format's own limits.
- */
-function segmentLimitsForTests(): { entries: number; superseded: number } | undefined {
-  const value = Number(process.env.ENGINE_GC_SEGMENT_ENTRIES);
-  return Number.isSafeInteger(value) && value > 0 ? { entries: value, superseded: SEGMENT_MAX_SUPERSEDED } : undefined;
-}

@@ -24,7 +24,7 @@ import type { Storage } from '../storage/storage.js';
 import { compareKeys } from '../storage/storage.js';
 import { isStorageError } from '../storage/storage-error.js';
 import { decodeSegment, parseSegmentKey, encodeSegment, segmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGMENT_PREFIX, SEGMENT_MAX_ENTRIES, SEGMENT_MAX_SUPERSEDED, type Segment, type SegmentEntry, type SegmentName } from './segment.js';
-import { resolveIndex } from './segment-set.js';
+import type { GcIndex, LiveBlob } from './gc-index.js';
 
 export type PackDeletion = 'no-live-blob' | 'unnamed';
 
@@ -34,13 +34,21 @@ export type GcStep =
   | { kind: 'delete-segment'; key: string }
   | { kind: 'delete-pack'; packId: string; why: PackDeletion };
 
+/**
+ * Entries per segment gc writes: one segment is built in memory at a time, so this bounds gc's memory
+ * whatever the number of live blobs (the format allows up to SEGMENT_MAX_ENTRIES).
+ */
+export const GC_SEGMENT_ENTRIES = 65536;
+/** Live blobs named by no segment that a refusal lists (it counts them all). */
+const UNNAMED_LISTED = 100;
+
 export interface GcCommitInput {
-  /** Every segment present in the store, superseded ones included, decoded. */
-  segments: readonly Segment[];
-  /** Live blobs (hex ids), marked from every record present under the exclusive lease. */
-  live: ReadonlySet<string>;
-  /** Blobs gc copied (hex id → the copy's location in a new, durable pack). */
-  moved: ReadonlyMap<string, SegmentEntry>;
+  /**
+   * gc's working index: every segment present in the store read (superseded ones included), the live
+   * blobs marked from every record present under the exclusive lease, and gc's copies (hex id → the copy's
+   * location in a new, durable pack).
+   */
+  index: GcIndex;
   /** Every pack in the store, with its modification time by the store's clock when known. */
   packs: readonly { packId: string; modified?: number | undefined }[];
   /** gc's writer id (32 hex) for its segments, and the first sequence number to use. */
@@ -49,13 +57,23 @@ export interface GcCommitInput {
   /** The store's clock now, and the age under which a pack no segment names is left alone. */
   storeNow: number;
   minUnnamedAgeMs: number;
-  /** Entries and superseded names per segment: the format's limits unless smaller (tests of the split). */
+  /** Entries and superseded names per segment: GC_SEGMENT_ENTRIES and the format's limit unless smaller (tests of the split). */
   limits?: { entries: number; superseded: number } | undefined;
 }
 
 export type GcCommitPlan =
-  | { refused: false; steps: GcStep[]; kept: { packId: string; why: 'too-young' | 'age-unknown' }[] }
-  | { refused: true; unnamedLive: string[] };
+  | {
+      refused: false;
+      /** The steps in order, made as they are taken: an entry segment is read from the index when its turn comes. */
+      steps: () => AsyncGenerator<GcStep>;
+      /** How many steps there are. */
+      stepCount: number;
+      /** Entries of the new index (one per live blob), and the packs they name. */
+      entries: number;
+      namedNow: ReadonlySet<string>;
+      kept: { packId: string; why: 'too-young' | 'age-unknown' }[];
+    }
+  | { refused: true; unnamedLive: string[]; unnamedCount: number };
 
 function chunks<T>(items: readonly T[], size: number): T[][] {
   const out: T[][] = [];
@@ -63,48 +81,77 @@ function chunks<T>(items: readonly T[], size: number): T[][] {
   return out;
 }
 
-export function planGcCommit(input: GcCommitInput): GcCommitPlan {
-  const resolved = resolveIndex(input.segments);
+/** The entry of the new index for a live blob: at gc's copy when it made one, else where the effective segments put it. */
+function newEntryOf(blob: LiveBlob): SegmentEntry | undefined {
+  const location = blob.moved ?? blob.winner;
+  return location && { ...location, id: blob.id };
+}
+
+/**
+ * Decides the commit before any change (one pass over the live blobs: the refusal, how many entries the
+ * new index has and which packs it names, then the packs to delete); the entry segments themselves are
+ * read from the index in id order when `steps` reaches them, so memory holds one segment's entries.
+ */
+export async function planGcCommit(input: GcCommitInput): Promise<GcCommitPlan> {
+  const { index } = input;
   const unnamedLive: string[] = [];
-  const entries: SegmentEntry[] = [];
-  for (const id of input.live) {
-    const entry = input.moved.get(id) ?? resolved.get(id)?.entry;
-    if (!entry) unnamedLive.push(id);
-    else entries.push({ ...entry, id: Buffer.from(id, 'hex') });
+  let unnamedCount = 0;
+  let entries = 0;
+  const namedNow = new Set<string>();
+  for await (const blob of index.live()) {
+    const entry = newEntryOf(blob);
+    if (!entry) {
+      unnamedCount += 1;
+      if (unnamedLive.length < UNNAMED_LISTED) unnamedLive.push(blob.id.toString('hex'));
+      continue;
+    }
+    entries += 1;
+    namedNow.add(entry.packId);
   }
-  if (unnamedLive.length > 0) return { refused: true, unnamedLive: unnamedLive.sort() };
-  entries.sort((a, b) => Buffer.compare(a.id, b.id));
+  if (unnamedCount > 0) return { refused: true, unnamedLive, unnamedCount };
 
-  let seq = input.firstSeq;
-  const next = (): SegmentName => ({ writer: input.writer, seq: seq++ });
-  const old = input.segments.map((segment) => segment.name).sort((a, b) => compareKeys(segmentKey(a), segmentKey(b)));
-  const steps: GcStep[] = [];
-  const entryParts = chunks(entries, Math.min(input.limits?.entries ?? SEGMENT_MAX_ENTRIES, SEGMENT_MAX_ENTRIES));
+  const entryLimit = Math.min(input.limits?.entries ?? GC_SEGMENT_ENTRIES, SEGMENT_MAX_ENTRIES);
+  const old = index.segmentNames();
   const switchParts = chunks(old, Math.min(input.limits?.superseded ?? SEGMENT_MAX_SUPERSEDED, SEGMENT_MAX_SUPERSEDED));
-  if (entryParts.length <= 1 && switchParts.length <= 1) {
-    // The usual case: one segment both holds the new index and supersedes the old ones.
-    steps.push({ kind: 'write-switch', segment: { name: next(), supersedes: switchParts[0] ?? [], entries: entryParts[0] ?? [] } });
-  } else {
-    for (const part of entryParts) steps.push({ kind: 'write-entries', segment: { name: next(), supersedes: [], entries: part } });
-    for (const part of switchParts) steps.push({ kind: 'write-switch', segment: { name: next(), supersedes: part, entries: [] } });
-  }
-  for (const name of old) steps.push({ kind: 'delete-segment', key: segmentKey(name) });
+  const entryParts = Math.ceil(entries / entryLimit);
+  // The usual case: one segment both holds the new index and supersedes the old ones.
+  const single = entryParts <= 1 && switchParts.length <= 1;
 
-  const namedNow = new Set(entries.map((entry) => entry.packId));
-  const namedBefore = new Set<string>();
-  for (const segment of input.segments) for (const entry of segment.entries) namedBefore.add(entry.packId);
+  const deletions: GcStep[] = [];
   const kept: { packId: string; why: 'too-young' | 'age-unknown' }[] = [];
   for (const pack of [...input.packs].sort((a, b) => compareKeys(a.packId, b.packId))) {
     if (namedNow.has(pack.packId)) continue;
-    if (namedBefore.has(pack.packId)) {
-      steps.push({ kind: 'delete-pack', packId: pack.packId, why: 'no-live-blob' });
+    if (index.namedPacks.has(pack.packId)) {
+      deletions.push({ kind: 'delete-pack', packId: pack.packId, why: 'no-live-blob' });
       continue;
     }
     if (pack.modified === undefined) kept.push({ packId: pack.packId, why: 'age-unknown' });
     else if (input.storeNow - pack.modified < input.minUnnamedAgeMs) kept.push({ packId: pack.packId, why: 'too-young' });
-    else steps.push({ kind: 'delete-pack', packId: pack.packId, why: 'unnamed' });
+    else deletions.push({ kind: 'delete-pack', packId: pack.packId, why: 'unnamed' });
   }
-  return { refused: false, steps, kept };
+
+  async function* steps(): AsyncGenerator<GcStep> {
+    let seq = input.firstSeq;
+    const next = (): SegmentName => ({ writer: input.writer, seq: seq++ });
+    let part: SegmentEntry[] = [];
+    for await (const blob of index.live()) {
+      part.push(newEntryOf(blob)!);
+      if (part.length === entryLimit && !single) {
+        yield { kind: 'write-entries', segment: { name: next(), supersedes: [], entries: part } };
+        part = [];
+      }
+    }
+    if (single) {
+      yield { kind: 'write-switch', segment: { name: next(), supersedes: switchParts[0] ?? [], entries: part } };
+    } else {
+      if (part.length > 0) yield { kind: 'write-entries', segment: { name: next(), supersedes: [], entries: part } };
+      for (const names of switchParts) yield { kind: 'write-switch', segment: { name: next(), supersedes: names, entries: [] } };
+    }
+    for (const name of old) yield { kind: 'delete-segment', key: segmentKey(name) };
+    yield* deletions;
+  }
+  const stepCount = (single ? 1 : entryParts + switchParts.length) + old.length + deletions.length;
+  return { refused: false, steps, stepCount, entries, namedNow, kept };
 }
 
 /** Where a pack lives in the store (SPEC.md 19.2): packs/<first two hex digits>/<id>. */

@@ -1,0 +1,304 @@
+/**
+ * gc's working index on disk (SPEC.md 19.8): the live set, every entry of every segment present, gc's
+ * copies and the live entries of the packs it rewrites, in a LevelDB of its own in the slot's temporary
+ * folder, so that gc's memory does not grow with the repository (millions of index entries, thousands of
+ * segments): it holds one batch of writes (`batch` operations), one segment being read, the fetch window,
+ * and per segment and per pack a few numbers.
+ *
+ * Keys (each a 32-byte blob id after the tag, so that every range iterates in id order):
+ * - `0x01 || id` → nothing: the live set (marked blobs).
+ * - `0x02 || id || u32 BE ordinal` → location (30 bytes): an entry of the segment whose place in key order
+ *   is `ordinal`. For one id, its entries come in key order of their segments: the first one of an
+ *   effective segment is the winner (19.3), without any read while the entries are written.
+ * - `0x03 || id` → location: gc's copy of a live blob (phase 1, copy).
+ * - `0x04 || pack id (16) || u48 BE offset` → id || location: the live winning entries of a pack to rewrite,
+ *   by offset.
+ * Nothing here outlives gc: the folder is gc's alone (the slot's LevelDB lock) and removed when it ends.
+ */
+import { rm } from 'node:fs/promises';
+import { ClassicLevel } from 'classic-level';
+import { classifyWriteError } from '../errors.js';
+import { decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from '../index-entry.js';
+import { ID_SIZE, INDEX_ENTRY_SIZE, PACK_ID_SIZE } from '../constants.js';
+import type { Storage } from '../storage/storage.js';
+import { compareKeys } from '../storage/storage.js';
+import { isStorageError } from '../storage/storage-error.js';
+import { decodeSegment, parseSegmentKey, segmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGMENT_PREFIX, type SegmentName } from './segment.js';
+import { consumeInOrder } from './ordered-window.js';
+
+type Db = ClassicLevel<Buffer, Buffer>;
+type Put = { type: 'put'; key: Buffer; value: Buffer };
+
+const LIVE = 0x01;
+const ENTRY = 0x02;
+const MOVED = 0x03;
+const REWRITE = 0x04;
+const NOTHING = Buffer.alloc(0);
+/** Writes held in memory before they go to LevelDB in one batch. */
+export const GC_INDEX_BATCH = 65536;
+/** Segments read at once, and the stored bytes they may hold before they are taken in (as the cache's catch-up). */
+const READ_WINDOW = { width: 16, budget: 32 * 1024 * 1024 };
+
+function tagged(tag: number, ...parts: Uint8Array[]): Buffer {
+  return Buffer.concat([Buffer.from([tag]), ...parts]);
+}
+
+function range(tag: number, prefix: Uint8Array = NOTHING): { gte: Buffer; lt: Buffer } {
+  const gte = tagged(tag, prefix);
+  // The first key after every key that starts with gte: the prefix plus one, carried (ids and pack ids never
+  // end in a run of 0xff that reaches the tag: the tag itself is at most 0x04).
+  const lt = Buffer.from(gte);
+  let i = lt.length - 1;
+  while (lt[i] === 0xff) lt[i--] = 0;
+  lt[i]! += 1;
+  return { gte, lt };
+}
+
+function locationOf(value: Buffer, what: string): BlobLocation {
+  const location = decodeLocation(value);
+  if (!location) throw new Error(`gc's working index holds a bad ${what} (${value.length} bytes)`);
+  return location;
+}
+
+export interface GcIndexOptions {
+  /** Writes held in memory before a batch (default GC_INDEX_BATCH; tests set a small one). */
+  batch?: number | undefined;
+}
+
+/** A live blob with where the effective segments put it, and gc's copy of it, if any. */
+export interface LiveBlob {
+  id: Buffer;
+  winner: BlobLocation | undefined;
+  moved: BlobLocation | undefined;
+}
+
+export class GcIndex {
+  private pending: Put[] = [];
+  /** Operations handed to LevelDB and not yet written. */
+  private queued = 0;
+  private writing: Promise<void> = Promise.resolve();
+  private failure: unknown;
+  /** The most write operations held in memory at once (the bound the tests check). */
+  peakHeld = 0;
+  /** The segments of the last read, in key order (their ordinals), and which of them are superseded. */
+  private segments: { name: SegmentName; entries: number }[] = [];
+  private superseded = new Set<number>();
+  /** Every pack an entry of a segment of the last read names (superseded segments included). */
+  readonly namedPacks = new Set<string>();
+  /** Copies added (moved). */
+  movedCount = 0;
+
+  private constructor(
+    private readonly db: Db,
+    readonly path: string,
+    private readonly batch: number,
+  ) {}
+
+  /** A new, empty index in `path` (whatever was there is removed first: a dead gc's). */
+  static async create(path: string, options: GcIndexOptions = {}): Promise<GcIndex> {
+    await rm(path, { recursive: true, force: true });
+    const db: Db = new ClassicLevel<Buffer, Buffer>(path, { keyEncoding: 'buffer', valueEncoding: 'buffer', createIfMissing: true, errorIfExists: true });
+    try {
+      await db.open();
+    } catch (error) {
+      throw classifyWriteError((error as { cause?: unknown }).cause ?? error, path);
+    }
+    return new GcIndex(db, path, Math.max(1, options.batch ?? GC_INDEX_BATCH));
+  }
+
+  async close(): Promise<void> {
+    await this.writing.catch(() => undefined);
+    await this.db.close().catch(() => undefined);
+    await rm(this.path, { recursive: true, force: true }).catch(() => undefined);
+  }
+
+  /** Marks a blob live (mark's sink: synchronous; `settle` bounds what waits in memory). */
+  addLive(id: Buffer): void {
+    this.put(tagged(LIVE, id), NOTHING);
+  }
+
+  /** gc's copy of a live blob, durable in a new pack. */
+  addMoved(id: Buffer, location: BlobLocation): void {
+    this.put(tagged(MOVED, id), encodeLocation(location));
+    this.movedCount += 1;
+  }
+
+  /** A live winning entry of a pack gc rewrites. */
+  addRewrite(entry: IndexEntry): void {
+    const where = Buffer.alloc(PACK_ID_SIZE + 6);
+    Buffer.from(entry.packId, 'hex').copy(where, 0, 0, PACK_ID_SIZE);
+    where.writeUIntBE(entry.offset, PACK_ID_SIZE, 6);
+    this.put(tagged(REWRITE, where), Buffer.concat([entry.id, encodeLocation(entry)]));
+  }
+
+  private put(key: Buffer, value: Buffer): void {
+    if (this.failure !== undefined) throw this.failure;
+    this.pending.push({ type: 'put', key, value });
+    this.peakHeld = Math.max(this.peakHeld, this.pending.length + this.queued);
+    if (this.pending.length >= this.batch) this.handOver();
+  }
+
+  private handOver(): void {
+    const operations = this.pending;
+    if (operations.length === 0) return;
+    this.pending = [];
+    this.queued += operations.length;
+    this.writing = this.writing.then(async () => {
+      try {
+        if (this.failure === undefined) await this.db.batch(operations, { sync: false });
+      } catch (error) {
+        this.failure ??= classifyWriteError((error as { cause?: unknown }).cause ?? error, this.path);
+      } finally {
+        this.queued -= operations.length;
+      }
+    });
+  }
+
+  /** Waits while batches handed over are being written (what waits in memory stays under two batches). */
+  async settle(): Promise<void> {
+    if (this.queued > 0) await this.writing;
+    if (this.failure !== undefined) throw this.failure;
+  }
+
+  /** Writes everything added so far. */
+  async drain(): Promise<void> {
+    this.handOver();
+    await this.writing;
+    if (this.failure !== undefined) throw this.failure;
+  }
+
+  /**
+   * Reads every segment in the store (the entries of an earlier read are forgotten first), in key order
+   * through a bounded window, one segment in memory at a time once taken. A segment deleted since the
+   * listing is skipped (superseded); one that cannot be read is returned by key with why.
+   */
+  async readSegments(storage: Storage, options: { dataKey?: Uint8Array | undefined; signal?: AbortSignal | undefined; tick?: (() => Promise<void>) | undefined } = {}): Promise<{ damaged: { key: string; why: string }[] }> {
+    await this.drain();
+    await this.db.clear(range(ENTRY));
+    this.segments = [];
+    this.superseded.clear();
+    this.namedPacks.clear();
+    const listed: { key: string; size: number }[] = [];
+    for await (const info of storage.list(SEGMENT_PREFIX, { signal: options.signal })) if (parseSegmentKey(info.key)) listed.push({ key: info.key, size: info.size });
+    listed.sort((a, b) => compareKeys(a.key, b.key));
+    const damaged: { key: string; why: string }[] = [];
+    const supersededKeys = new Set<string>();
+    const presentKeys = new Set<string>();
+    const fetch = async ({ key }: { key: string }): Promise<Buffer | 'gone' | 'too-large'> => {
+      try {
+        return await storage.get(key, { maxSize: SEGMENT_MAX_OBJECT_SIZE, signal: options.signal });
+      } catch (error) {
+        if (isStorageError(error, 'not-found')) return 'gone';
+        if (isStorageError(error, 'too-large')) return 'too-large';
+        throw error;
+      }
+    };
+    await consumeInOrder(listed, READ_WINDOW, (item) => item.size, fetch, async ({ key }, bytes) => {
+      if (bytes === 'gone') return;
+      if (bytes === 'too-large') {
+        damaged.push({ key, why: 'larger than any segment' });
+        return;
+      }
+      const segment = decodeSegment(bytes, key, { dataKey: options.dataKey });
+      if (typeof segment === 'string') {
+        damaged.push({ key, why: segment });
+        return;
+      }
+      const ordinal = Buffer.alloc(4);
+      ordinal.writeUInt32BE(this.segments.length, 0);
+      this.segments.push({ name: segment.name, entries: segment.entries.length });
+      presentKeys.add(key);
+      for (const old of segment.supersedes) supersededKeys.add(segmentKey(old));
+      for (const entry of segment.entries) {
+        this.namedPacks.add(entry.packId);
+        this.put(tagged(ENTRY, entry.id, ordinal), encodeLocation(entry));
+        if (this.pending.length === 0) await this.settle();
+      }
+      await options.tick?.();
+    });
+    await this.drain();
+    this.segments.forEach((segment, ordinal) => {
+      if (supersededKeys.has(segmentKey(segment.name))) this.superseded.add(ordinal);
+    });
+    return { damaged };
+  }
+
+  /** The names of the segments of the last read, in key order (superseded ones too: the switch names them). */
+  segmentNames(): SegmentName[] {
+    return this.segments.map((segment) => segment.name);
+  }
+
+  /** Entries of the effective segments of the last read (duplicates counted). */
+  get effectiveEntries(): number {
+    return this.segments.reduce((total, segment, ordinal) => total + (this.superseded.has(ordinal) ? 0 : segment.entries), 0);
+  }
+
+  /** The winning entry of every blob the effective segments name, in id order (19.3: first segment by key). */
+  async *winners(): AsyncGenerator<IndexEntry> {
+    let last: Buffer | undefined;
+    for await (const [key, value] of this.db.iterator(range(ENTRY))) {
+      if (this.superseded.has(key.readUInt32BE(1 + ID_SIZE))) continue;
+      const id = key.subarray(1, 1 + ID_SIZE);
+      if (last?.equals(id)) continue;
+      last = Buffer.from(id);
+      yield { id: last, ...locationOf(value, 'entry') };
+    }
+  }
+
+  /** Every live blob in id order, joined with its winning entry and its copy (merge of sorted ranges). */
+  async *live(): AsyncGenerator<LiveBlob> {
+    await this.drain();
+    const winners = new Cursor(this.winners());
+    const moved = new Cursor(this.ranged(MOVED));
+    for await (const key of this.db.keys(range(LIVE))) {
+      const id = Buffer.from(key.subarray(1));
+      yield { id, winner: await winners.seek(id), moved: await moved.seek(id) };
+    }
+  }
+
+  /** The live winning entries of a pack to rewrite (addRewrite), by offset. */
+  async *rewriteEntries(packId: string): AsyncGenerator<IndexEntry> {
+    await this.drain();
+    for await (const [, value] of this.db.iterator(range(REWRITE, Buffer.from(packId, 'hex').subarray(0, PACK_ID_SIZE)))) {
+      yield { id: Buffer.from(value.subarray(0, ID_SIZE)), ...locationOf(value.subarray(ID_SIZE), 'entry to rewrite') };
+    }
+  }
+
+  private async *ranged(tag: number): AsyncGenerator<IndexEntry> {
+    for await (const [key, value] of this.db.iterator(range(tag))) {
+      if (value.length !== INDEX_ENTRY_SIZE) throw new Error(`gc's working index holds a bad value under ${key.toString('hex')}`);
+      yield { id: Buffer.from(key.subarray(1)), ...locationOf(value, 'copy') };
+    }
+  }
+}
+
+/** A position in an id-ordered stream, moved forward only: the merge join of `live()`. */
+class Cursor {
+  private head: IndexEntry | undefined;
+  private done = false;
+
+  constructor(private readonly source: AsyncIterator<IndexEntry>) {}
+
+  /** The item with this id, if the stream has one; every item before it is passed over. */
+  async seek(id: Buffer): Promise<BlobLocation | undefined> {
+    while (!this.done) {
+      if (!this.head) {
+        const next = await this.source.next();
+        if (next.done) {
+          this.done = true;
+          return undefined;
+        }
+        this.head = next.value;
+      }
+      const order = Buffer.compare(this.head.id, id);
+      if (order > 0) return undefined;
+      const head = this.head;
+      this.head = undefined;
+      if (order === 0) {
+        const { id: _, ...location } = head;
+        return location;
+      }
+    }
+    return undefined;
+  }
+}
