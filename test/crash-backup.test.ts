@@ -30,7 +30,8 @@ describe('kill -9 during a backup', () => {
 
   beforeAll(async () => {
     repo = join(dir, 'repo-kill');
-    await runEngine(['init', repo]);
+    // Format 1: the commit order of section 10 (format 3, 19.7: crash-v3).
+    await runEngine(['init', repo, '--format', '1']);
     earlier = join(dir, 'earlier.img');
     await generateImage(earlier, 24 * MiB + 17, 'crash-earlier');
     const result = await runEngine(['backup', '--repo', repo, '--source', earlier, '--json']);

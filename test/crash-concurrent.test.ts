@@ -26,7 +26,8 @@ afterAll(async () => {
 describe('two writers at once', () => {
   test('the second is refused with the first one named; the first completes', async () => {
     const repo = join(dir, 'repo-two');
-    await runEngine(['init', repo]);
+    // Format 1: one writer at a time, the second exits 3 (format 3 takes both: v3-backup, v3-concurrency).
+    await runEngine(['init', repo, '--format', '1']);
     const image = join(dir, 'two.img');
     await generateImage(image, 512 * MiB, 'two-writers');
     const first = spawnEngine(['backup', '--repo', repo, '--source', image, '--workers', '1', '--json']);
@@ -52,7 +53,8 @@ describe('two processes at once: prune, gc, repair and serve', () => {
 
   beforeAll(async () => {
     c = new CampaignRepo(join(dir, 'repo-concurrent'), dir, new SeededRandom('concurrent'));
-    expect((await runEngine(['init', c.repo])).code).toBe(0);
+    // Format 1: the lock and the readers/ and writers/ registrations (format 3: v3-readers, v3-gc).
+    expect((await runEngine(['init', c.repo, '--format', '1'])).code).toBe(0);
   });
 
   async function imageOf(name: string, regions: [number, string][]): Promise<string> {

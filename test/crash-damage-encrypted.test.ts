@@ -31,7 +31,8 @@ describe('fault campaign, encrypted repository', () => {
     const passwordFile = join(dir, 'campaign-password');
     await writeFile(passwordFile, 'campaign passphrase\n');
     c = new CampaignRepo(join(dir, 'repo-campaign-encrypted'), dir, new SeededRandom('fault-campaign-encrypted'), ['--password-file', passwordFile]);
-    expect((await runEngine(['init', c.repo, '--encrypt', '--password-file', passwordFile])).code).toBe(0);
+    // Format 2, the encrypted one-writer format (format 3 encrypted: crash-v3, v3-repair).
+    expect((await runEngine(['init', c.repo, '--format', '2', '--encrypt', '--password-file', passwordFile])).code).toBe(0);
     await c.backupOf(await c.randomImage('enc-a', 4), 'enc-a');
     await c.backupOf(await c.randomImage('enc-b', 3), 'enc-b');
   });

@@ -26,7 +26,8 @@ describe('fault campaign: damage', () => {
 
   beforeAll(async () => {
     c = new CampaignRepo(join(dir, 'repo-campaign'), dir, new SeededRandom('fault-campaign-damage'));
-    await runEngine(['init', c.repo]);
+    // Format 1: its LevelDB index files and lock are among what is damaged (format 3: v3-repair, crash-v3).
+    await runEngine(['init', c.repo, '--format', '1']);
     await c.backupOf(await c.randomImage('a', 4), 'campaign-a');
     await c.backupOf(await c.randomImage('b', 3), 'campaign-b');
     // Packs of every kind to damage: the backups' own data and map packs, and packs gc rewrote.

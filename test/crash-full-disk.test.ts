@@ -5,7 +5,7 @@
  * every committed backup restores byte for byte, the next backup succeeds.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { access, copyFile, mkdir, readdir, rm, stat } from 'node:fs/promises';
+import { access, copyFile, mkdir, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseJson, resumedJson, runEngine, sh, sparseFile, stoppedItself, tempDir, Tmpfs, writeRegion, type BackupJson, type RunResult, expectRestoreIdentical, withoutProgress } from './helpers.js';
 import { backupIds, campaign, CampaignRepo, expectVerifies, recordCampaign, type GcJson } from './fault-campaign.js';
@@ -35,7 +35,8 @@ describe('a full disk', () => {
     await mkdir(mountPoint, { recursive: true });
     await sh('mount', ['-t', 'tmpfs', '-o', 'size=48m', 'tmpfs', mountPoint]);
     const repo = join(mountPoint, 'repo');
-    expect((await runEngine(['init', repo])).code).toBe(0);
+    // Format 1: its tmp/ and the unfinished pack in it; format 3 below.
+    expect((await runEngine(['init', repo, '--format', '1'])).code).toBe(0);
     const small = join(dir, 'small.img');
     await sparseFile(small, 4 * MiB);
     await writeRegion(small, 0, 4 * MiB, 'random', 'small');
@@ -63,6 +64,48 @@ describe('a full disk', () => {
   });
 });
 
+describe('a full disk under a format-3 folder repository', () => {
+  // The repository on a tmpfs, the host cache (ENGINE_CACHE_DIR of the run) on another file system.
+  test('the backup fails in one line, leaves no lease and no partial object; committed backups restore; the next backup commits', async () => {
+    const fs = await Tmpfs.mount(join('/tmp', `engine-full-v3-${process.pid}`), 48);
+    try {
+      const repo = join(fs.path, 'repo');
+      expect((await runEngine(['init', repo, '--format', '3'])).code).toBe(0);
+      expect(JSON.parse(await readFile(join(repo, 'config'), 'utf8'))).toMatchObject({ version: 3 });
+      const small = join(dir, 'small-v3.img');
+      await sparseFile(small, 4 * MiB);
+      await writeRegion(small, 0, 4 * MiB, 'random', 'small-v3');
+      const first = await runEngine(['backup', '--repo', repo, '--source', small, '--json']);
+      expect(first.code).toBe(0);
+      const firstId = parseJson<BackupJson>(first.stdout).id;
+      const large = join(dir, 'large-v3.img');
+      await sparseFile(large, 96 * MiB);
+      await writeRegion(large, 0, 96 * MiB, 'random', 'large-v3');
+      const full = await runEngine(['backup', '--repo', repo, '--source', large]);
+      campaign.injected += 1;
+      campaign.fullDisk += 1;
+      campaign.v3 += 1;
+      expect(full.code).toBe(1);
+      expect(full.stderr).toMatch(/^engine: no space left on the device holding /);
+      campaign.noSpace += 1;
+      expect(await backupIds(repo)).toEqual([firstId]);
+      expect(await readdir(join(repo, 'leases'))).toEqual([]);
+      // The pack that met the full disk was being copied in from the host cache (another file system): no
+      // part of it is left, under its name or as a temporary file; the packs stored before it are garbage.
+      expect((await sh('find', [repo, '-name', '*.tmp'])).trim()).toBe('');
+      await expectVerifies(repo);
+      await expectRestoreIdentical(repo, firstId, small, { dir });
+      await writeRegion(small, MiB, MiB, 'random', 'small-v3-changed');
+      const next = await runEngine(['backup', '--repo', repo, '--source', small, '--json']);
+      expect(withoutProgress(next.stderr)).toBe('');
+      expect(next.code).toBe(0);
+      await expectRestoreIdentical(repo, parseJson<BackupJson>(next.stdout).id, small, { dir });
+    } finally {
+      await fs.unmount();
+    }
+  });
+});
+
 describe('a full disk during gc, prune and repair', () => {
   let fs: Tmpfs;
   let c: CampaignRepo;
@@ -70,7 +113,8 @@ describe('a full disk during gc, prune and repair', () => {
   beforeAll(async () => {
     fs = await Tmpfs.mount(join('/tmp', `engine-full-maintenance-${process.pid}`), 64);
     c = new CampaignRepo(join(fs.path, 'repo'), dir, new SeededRandom('full-disk'));
-    expect((await runEngine(['init', c.repo])).code).toBe(0);
+    // Format 1: the lock, the space reserve, tmp/ and writers/ are what these cases are about.
+    expect((await runEngine(['init', c.repo, '--format', '1'])).code).toBe(0);
   });
   afterAll(async () => {
     await fs?.unmount();

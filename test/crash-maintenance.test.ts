@@ -26,7 +26,8 @@ describe('fault campaign: kill -9 in gc, prune and repair', () => {
 
   beforeAll(async () => {
     c = new CampaignRepo(join(dir, 'repo-campaign'), dir, new SeededRandom('fault-campaign'));
-    await runEngine(['init', c.repo]);
+    // Format 1: gc's phases under the lock, the reserve, tmp/ (format 3: crash-v3).
+    await runEngine(['init', c.repo, '--format', '1']);
     await c.backupOf(await c.randomImage('a', 4), 'campaign-a');
     await c.backupOf(await c.randomImage('b', 3), 'campaign-b');
   });

@@ -4,7 +4,8 @@
  * running is left alone. Ceph test clusters (test/rgw.ts) are each run's own and are stopped at its end.
  * The fault campaign runs in several files (test/crash-*.test.ts): each adds its counts to a directory
  * provided here, and the campaign's one line is printed when the run ends. Every process of the run shares one
- * private Node compile cache.
+ * private Node compile cache, and one host cache folder of format 3 (ENGINE_CACHE_DIR), removed at the end:
+ * the caches of the format-3 repositories the tests create must not stay in /var/cache/engine.
  */
 import type { TestProject } from 'vitest/node';
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
@@ -26,6 +27,9 @@ export default async function setup(project: TestProject): Promise<() => Promise
   // run's own (mkdtemp: 0700), so no other user can plant code in it; it goes at the end.
   const compileCache = await mkdtemp(join(tmpdir(), 'engine-test-compile-cache-'));
   process.env.NODE_COMPILE_CACHE = compileCache;
+  // A test that needs its own cache folder (another simulated host) sets ENGINE_CACHE_DIR itself.
+  const hostCache = await mkdtemp(join(tmpdir(), 'engine-test-host-cache-'));
+  process.env.ENGINE_CACHE_DIR = hostCache;
   const countsDir = await mkdtemp(join(tmpdir(), 'engine-campaign-counts-'));
   project.provide('campaignCountsDir', countsDir);
   return async () => {
@@ -45,5 +49,6 @@ export default async function setup(project: TestProject): Promise<() => Promise
     await rm(countsDir, { recursive: true, force: true });
     // The forked test workers may still be flushing their compiled code into it as they exit (ENOTEMPTY): retried.
     await rm(compileCache, { recursive: true, force: true, maxRetries: 10, retryDelay: 200 });
+    await rm(hostCache, { recursive: true, force: true, maxRetries: 10, retryDelay: 200 });
   };
 }

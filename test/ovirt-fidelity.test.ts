@@ -41,7 +41,8 @@ function setup(name: string, options: SimOptions | ((dir: string) => Promise<Sim
     simOptions = typeof options === 'function' ? await options(ctx.dir) : options;
     ctx.sim = await startOvirtSim({ dir: join(ctx.dir, 'sim'), lockMs: 100, ...simOptions });
     ctx.repo = join(ctx.dir, 'repo');
-    await runEngine(['init', ctx.repo]);
+    // Format 1: the run journal is read from the repository's journal/ (format 3 keeps it in the host cache).
+    await runEngine(['init', ctx.repo, '--format', '1']);
   });
   afterAll(async () => {
     // Every request the engine made here follows oVirt's API model.

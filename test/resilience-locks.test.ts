@@ -31,7 +31,9 @@ afterAll(async () => {
 
 async function freshRepo(args: string[] = [], env: Record<string, string> = {}): Promise<string> {
   const repo = join(dir, `repo-${++counter}`);
-  const made = await runEngine(['init', repo, ...args], { env });
+  // Format 1 (2 encrypted): the lock, readers/ and writers/, the catalogue and the LevelDB index are what
+  // these cases are about (format 3's leases: v3-leases, v3-leases-processes, v3-commands).
+  const made = await runEngine(['init', repo, '--format', args.includes('--encrypt') ? '2' : '1', ...args], { env });
   expect(made.code).toBe(0);
   return repo;
 }

@@ -36,7 +36,8 @@ beforeAll(async () => {
   await sparseFile(image, SIZE);
   await writeRegion(image, 0, 5 * MiB, 'random', 'a');
   await writeRegion(image, 40 * MiB, 3 * MiB + 123, 'text');
-  await initRepository(repo);
+  // Format 1: the server's registration in readers/ is checked (format 3's lease: v3-readers).
+  await initRepository(repo, ['--format', '1']);
   backupId = (await backUp(repo, ['--source', image, '--disk-name', 'os'])).id;
   pki = await makeTestPki(join(dir, 'tls'));
   pskFile = join(dir, 'tls', 'keys.psk');

@@ -32,7 +32,8 @@ beforeAll(async () => {
   await writeRegion(image, 0, 3 * MiB, 'random', 'a');
   await writeRegion(image, 4200 * MiB, 2 * MiB, 'random', 'b'); // past 2^32
   await writeRegion(image, 5 * 1024 * MiB, 12345, 'text'); // the short last block
-  expect((await runEngine(['init', repo])).code).toBe(0);
+  // Format 1: the server's registration in readers/ and the lock are checked (format 3: v3-readers).
+  expect((await runEngine(['init', repo, '--format', '1'])).code).toBe(0);
   const backup = await runEngine(['backup', '--repo', repo, '--source', image, '--disk-name', 'os', '--json']);
   expect(backup.code).toBe(0);
   backupId = parseJson<BackupJson>(backup.stdout).id;

@@ -83,7 +83,8 @@ describe('section 3: init creates exactly the directories the spec lists', () =>
     expect(named).toEqual(['packs', 'packs/00', 'packs/ff', 'backups', 'tmp', 'readers', 'index', 'keys']);
     const expectedPlain = new Set(['.', 'packs', ...Array.from({ length: 256 }, (_, i) => `packs/${i.toString(16).padStart(2, '0')}`), 'backups', 'tmp', 'readers', 'index']);
     for (const [name, encrypted] of [['init-plain', false], ['init-encrypted', true]] as const) {
-      const repo = await init(name, encrypted ? ['--encrypt'] : [], { ENGINE_PASSWORD: 'a long enough passphrase' });
+      // Section 3's list is that of formats 1 and 2 (format 3 creates no directory at init: v3-backup).
+      const repo = await init(name, encrypted ? ['--format', '2', '--encrypt'] : ['--format', '1'], { ENGINE_PASSWORD: 'a long enough passphrase' });
       const directories = new Set<string>();
       const files: string[] = [];
       const walk = async (path: string): Promise<void> => {
@@ -209,7 +210,8 @@ describe('section 8: the zero-block map', () => {
   });
 
   test('a stored all-zero page is read as zeros; a 0-block map with another root is damaged', async () => {
-    const repo = await init('zero-pages');
+    // Format 1: the page is stored through the one-writer API (Repository.open, exclusive).
+    const repo = await init('zero-pages', ['--format', '1']);
     const image = join(dir, 'zero-pages.img');
     await sparseFile(image, 4 * BLOCK);
     const made = await backupOf(repo, ['--source', image]);
@@ -250,7 +252,9 @@ describe('section 8: the zero-block map', () => {
 
 describe('section 8: ids name content, not roles', () => {
   test('a block equal to a map page (and a page equal to a chunk) deduplicates across kinds; restore and verify accept it', async () => {
-    const repo = await init('kinds');
+    // Format 1: the kinds are then read through the one-writer API (Repository.open, exclusive); the
+    // deduplication across kinds itself behaves alike on format 3 (seen with the default flipped).
+    const repo = await init('kinds', ['--format', '1']);
     const a = join(dir, 'kinds-a.img');
     await writeRegion(a, 0, 3 * BLOCK, 'random', 'kinds-a');
     const aBytes = await readFile(a);

@@ -100,6 +100,30 @@ test('adopt moves a finished file into place (0400, durable); ifAbsent refuses a
   expect((await storage.get('packs/12/1234')).equals(bytes)).toBe(true);
 });
 
+test('adopt of a file on another file system (a format-3 pack built in the host cache, the repository on another disk): copied in, durable, 0400; the file removed; ifAbsent still refuses', async () => {
+  const mount = await Tmpfs.mount(join(dir.path, 'other-fs'), 8);
+  try {
+    const root = join(mount.path, 'repo');
+    await mkdir(root);
+    const storage = new LocalStorage(root);
+    const cache = join(dir.path, 'adopt-cache');
+    await mkdir(cache);
+    const bytes = randomBytes(1 << 20);
+    await writeFile(join(cache, 'pack-1'), bytes, { mode: 0o400 });
+    await storage.adopt('packs/34/3456', join(cache, 'pack-1'));
+    expect((await storage.get('packs/34/3456')).equals(bytes)).toBe(true);
+    expect((await stat(join(root, 'packs', '34', '3456'))).mode & 0o777).toBe(0o400);
+    expect(await readdir(cache)).toEqual([]);
+    expect(await readdir(join(root, 'packs', '34'))).toEqual(['3456']);
+    await writeFile(join(cache, 'pack-2'), 'other', { mode: 0o400 });
+    await expect(storage.adopt('packs/34/3456', join(cache, 'pack-2'), { ifAbsent: true })).rejects.toMatchObject({ reason: 'exists' });
+    expect(await readdir(join(root, 'packs', '34'))).toEqual(['3456']);
+    expect((await storage.get('packs/34/3456')).equals(bytes)).toBe(true);
+  } finally {
+    await mount.unmount();
+  }
+});
+
 test('a full disk: put fails with ENGINE_NO_SPACE and leaves no temporary file; the object is absent, the store still works', async () => {
   const mount = await Tmpfs.mount(join(dir.path, 'full'), 4);
   try {

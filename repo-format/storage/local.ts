@@ -165,19 +165,28 @@ export class LocalStorage implements Storage {
   }
 
   /**
-   * Moves `file` (complete; on the same file system as the root, e.g. in the repository's tmp/) into place
-   * as `key`: fsynced, renamed or linked (`ifAbsent`), the directory fsynced. The file is gone afterwards
-   * whatever the outcome, except when the move itself fails (it stays for the caller to remove).
+   * Moves `file` (complete) into place as `key`: fsynced, renamed or linked (`ifAbsent`), the directory
+   * fsynced. A file on another file system than the object's folder (a format-3 pack built in the host's
+   * cache directory, SPEC.md 19.2, with the repository on another disk or an NFS export) cannot be renamed
+   * there: it is copied in as by `put` and then removed. The file is gone afterwards whatever the outcome,
+   * except when the move itself fails (it stays for the caller to remove).
    */
   async adopt(key: string, file: string, options: PutOptions = {}): Promise<void> {
     const path = this.pathOf(key);
     throwIfAborted(options.signal, this.properties.location, 'put', key);
+    let sameFileSystem: boolean;
     try {
       await this.ensureParent(path);
-      const handle = await open(file, 'r');
-      await syncAndClose(handle);
+      const [fileStats, folderStats] = await Promise.all([stat(file), stat(dirname(path))]);
+      sameFileSystem = fileStats.dev === folderStats.dev;
+      if (sameFileSystem) await syncAndClose(await open(file, 'r'));
     } catch (error) {
       throw this.writeFailure(error, 'put', key, path);
+    }
+    if (!sameFileSystem) {
+      await this.put(key, { file }, options);
+      await unlink(file).catch(() => undefined);
+      return;
     }
     await this.install(file, path, key, options.ifAbsent === true, 'put');
   }
