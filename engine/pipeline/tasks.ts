@@ -63,7 +63,7 @@ export type OpenResult = { ok: true; rawLength: number } | { ok: false; why: str
  * is relative to the span. One result per frame, in order.
  */
 /** At most this many bytes in one span: what each span a worker has in flight holds in memory. */
-export const SPAN_BYTES = 4 * 1024 * 1024;
+export const SPAN_BYTES = 2 * 1024 * 1024;
 
 export interface OpenSpanTask {
   op: 'open-span';
