@@ -48,6 +48,18 @@ export function locatorAt<L extends FrameLocator>(locator: L, offset: number, le
   return { ...locator, offset, length };
 }
 
+/**
+ * `span` extended by `next` when `next` starts where `span` ends in the same pack object and the two fit in
+ * `maxBytes`: one read (one ranged GET) for adjacent frames. Only for a pack in a store of objects, where a
+ * read is a request; a local pack is read a frame at a time (pread, measured above). Else undefined.
+ */
+export function extendSpan(span: FrameLocator, next: FrameLocator, maxBytes: number): FrameLocator | undefined {
+  if (span.kind !== 'store' || next.kind !== 'store') return undefined;
+  if (next.location !== span.location || next.packId !== span.packId || next.offset !== span.offset + span.length) return undefined;
+  if (span.length + next.length > maxBytes) return undefined;
+  return { ...span, length: span.length + next.length };
+}
+
 export function localFrameLocator(file: string, offset: number, length: number): FrameLocator {
   return { kind: 'local-file', file, offset, length };
 }

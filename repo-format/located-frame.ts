@@ -7,7 +7,7 @@
  */
 import { CorruptFrameError, CorruptPackError } from './errors.js';
 import { readLocalFrame, type FrameLocator } from './frame-locator.js';
-import { readFrameBytes } from './pack-file.js';
+import { readFrameBytes, readPackSpan } from './pack-file.js';
 import type { Storage } from './storage/storage.js';
 import { openLocation } from './v3/location.js';
 
@@ -28,9 +28,23 @@ function storeFor(location: string): Promise<Storage> {
 /** Reads the frame into `target` (exactly `locator.length` bytes): undefined when it is all there, or why not. */
 export async function readLocatedFrame(locator: FrameLocator, target: Buffer): Promise<string | undefined> {
   if (locator.kind === 'local-file') return readLocalFrame(locator, target);
+  return readStored(target, async () => readFrameBytes(await storeFor(locator.location), locator.packId, locator.offset, locator.length, target));
+}
+
+/**
+ * Reads several adjacent frames of one pack at once (a restore's span: one ranged GET instead of one per
+ * frame) into `target`, exactly `locator.length` bytes, which its caller bounded. Undefined, or why not.
+ */
+export async function readLocatedSpan(locator: FrameLocator, target: Buffer): Promise<string | undefined> {
+  if (locator.kind === 'local-file') return readLocalFrame(locator, target);
+  return readStored(target, async () => readPackSpan(await storeFor(locator.location), locator.packId, locator.offset, locator.length, target));
+}
+
+/** The store places the bytes in `target` itself (GetOptions.into) when it can; otherwise they are copied there. */
+async function readStored(target: Buffer, read: () => Promise<Buffer>): Promise<string | undefined> {
   try {
-    const bytes = await readFrameBytes(await storeFor(locator.location), locator.packId, locator.offset, locator.length);
-    bytes.copy(target);
+    const bytes = await read();
+    if (bytes.buffer !== target.buffer || bytes.byteOffset !== target.byteOffset) bytes.copy(target);
     return undefined;
   } catch (error) {
     if (error instanceof CorruptPackError || error instanceof CorruptFrameError) return String(error.details.why ?? error.message);

@@ -330,16 +330,24 @@ function isMissing(error: unknown): boolean {
 
 /**
  * Reads one frame's bytes from the store (or a repository folder given by path); a pack that is missing or
- * too short is reported as damaged, naming pack and offset.
+ * too short is reported as damaged, naming pack and offset. `into`: where the store may place them (GetOptions).
  */
-export async function readFrameBytes(store: Storage | string, packId: string, offset: number, length: number): Promise<Buffer> {
+export async function readFrameBytes(store: Storage | string, packId: string, offset: number, length: number, into?: Buffer): Promise<Buffer> {
   // The length comes from the index: bound it before it sizes an allocation.
   if (length < FRAME_OVERHEAD || length > MAX_FRAME_LENGTH) {
     throw new CorruptFrameError(packId, offset, `the index gives an impossible frame length ${length}`);
   }
+  return readPackSpan(store, packId, offset, length, into);
+}
+
+/**
+ * Reads bytes [offset, offset + length) of a pack (several adjacent frames at once: a restore's span, whose
+ * length its caller bounded), reporting a missing or short pack as readFrameBytes does.
+ */
+export async function readPackSpan(store: Storage | string, packId: string, offset: number, length: number, into?: Buffer): Promise<Buffer> {
   const from = storeOf(store);
   try {
-    return await from.get(packKey(packId), { range: { offset, length } });
+    return await from.get(packKey(packId), { range: { offset, length }, into });
   } catch (error) {
     if (error instanceof StorageError && error.reason === 'out-of-range') {
       const size = (await from.stat(packKey(packId)).catch(() => undefined))?.size ?? 0;

@@ -40,6 +40,7 @@ const FORBIDDEN_IMPORTS = [
   'packPath',
   'readFrameBytes',
   'readPackBytes',
+  'readPackSpan',
   'scanPack',
   'notOwnPack',
   'deletePack',

@@ -58,6 +58,8 @@ export interface FaultProxy {
   readonly injected: Record<string, number>;
   /** Requests seen so far. */
   readonly requests: { count: number };
+  /** The longest answer body sent on so far, in bytes (a test that reads several frames in one GET shows it). */
+  readonly answers: { largest: number };
   close(): Promise<void>;
 }
 
@@ -86,6 +88,7 @@ export async function startFaultProxy(target: string, options: { seed?: number }
   let rules: ActiveRule[] = [];
   const injected: Record<string, number> = {};
   const requests = { count: 0 };
+  const answers = { largest: 0 };
   const sockets = new Set<Socket>();
 
   const choose = (req: IncomingMessage): FaultAction | undefined => {
@@ -185,6 +188,7 @@ export async function startFaultProxy(target: string, options: { seed?: number }
           });
           return;
         }
+        answers.largest = Math.max(answers.largest, end);
         if (action?.kind === 'corrupt-response' && action.atByte >= sent && action.atByte < end) {
           chunk = Buffer.from(chunk);
           chunk[action.atByte - sent] ^= 0xff;
@@ -232,6 +236,7 @@ export async function startFaultProxy(target: string, options: { seed?: number }
     },
     injected,
     requests,
+    answers,
     close: async () => {
       for (const socket of sockets) socket.destroy();
       agent.destroy();

@@ -188,6 +188,30 @@ describe('the store itself', () => {
     for (const kind of ['reset-request', 'corrupt-request', 'slowdown']) expect((proxy.injected[kind] ?? 0) - (before[kind] ?? 0), kind).toBe(1);
   });
 
+  test('a restore reads adjacent frames in one ranged GET; such GETs reset and cut short mid-body are retried and the disk restores byte for byte', async () => {
+    const { repo } = await repositoryWithBackup('s3', 'span-resets');
+    // 12 blocks of text: frames of a few hundred KiB, several of them in one GET of up to 2 MiB.
+    const image = join(scratch.path, 'span-resets.img');
+    await writeRegion(image, 0, 12 * MiB, 'text', 'span-resets');
+    const id = await backupOk(repo, image, s3Env());
+    const before = { reset: proxy.injected['reset-response'] ?? 0, cut: proxy.injected['truncate-response'] ?? 0 };
+    proxy.answers.largest = 0;
+    // Every pack GET after the first (which may be the map's page): two resets, then an answer cut short, each
+    // 1.5 MiB into the body, which only a GET of more than one frame reaches (a frame of a 1 MiB block is at
+    // most 1 MiB and 56 bytes).
+    const packs = /^\/[^/]+\/span-resets\/packs\//;
+    proxy.addRule({ method: 'GET', path: packs, skip: 1, times: 2, action: { kind: 'reset-response', afterBytes: 1536 * 1024 } });
+    proxy.addRule({ method: 'GET', path: packs, skip: 1, times: 1, action: { kind: 'truncate-response', afterBytes: 1536 * 1024 } });
+    try {
+      await expectRestores(repo, id, image, s3Env(proxy.endpoint));
+    } finally {
+      proxy.clearRules();
+    }
+    expect((proxy.injected['reset-response'] ?? 0) - before.reset).toBe(2);
+    expect((proxy.injected['truncate-response'] ?? 0) - before.cut).toBe(1);
+    expect(proxy.answers.largest).toBeGreaterThan(1536 * 1024);
+  });
+
   test('a storm longer than the retry budget: the backup fails in one line (ENGINE_STORAGE_UNAVAILABLE, with its attempts); the next backup commits', async () => {
     const { repo, id } = await repositoryWithBackup('s3', 'long-storm');
     const env = s3Env(proxy.endpoint);

@@ -11,11 +11,11 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { chmod, mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { ChildProcess } from 'node:child_process';
+import { execFile, type ChildProcess } from 'node:child_process';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, openRgwStorage, v3Env } from './s3-helpers.js';
 import { qemuImgCompare } from './qemu.js';
-import { collectOutput, exitOf, filesIdentical, parseJson, runEngine, sh, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { collectOutput, ENGINE_BIN, exitOf, filesIdentical, parseJson, runEngine, sh, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const BUCKET = 'engine-v3-readers';
@@ -284,3 +284,30 @@ for (const kind of ['folder', 's3'] as const) {
     });
   });
 }
+
+describe('restore from S3 of a large sparse disk', () => {
+  test('5 GiB with data across and past 2^32: byte for byte, its zero blocks left as holes, peak RSS within 300 MiB', async () => {
+    const big = join(scratch.path, 'big.raw');
+    const size = 5 * 1024 * MiB + 12345;
+    await sparseFile(big, size);
+    await writeRegion(big, 0, 3 * MiB, 'random', 'big-head');
+    await writeRegion(big, 2 ** 32 - 2 * MiB, 4 * MiB, 'random', 'big-across'); // blocks on both sides of 2^32
+    await writeRegion(big, 4200 * MiB, 2 * MiB, 'random', 'big-past');
+    await writeRegion(big, 5 * 1024 * MiB, 12345, 'text'); // the short last block
+    const repo = `s3://${BUCKET}/big`;
+    expect((await runEngine(['init', '--format', '3', repo], { env: env('s3') })).code).toBe(0);
+    const backup = await runEngine(['backup', '--repo', repo, '--source', big, '--json'], { env: env('s3') });
+    expect(backup.code, backup.stderr).toBe(0);
+    const id = parseJson<BackupJson>(backup.stdout).id;
+    const out = join(scratch.path, 'big-restored.raw');
+    const rss = join(scratch.path, 'big-restore.rss');
+    // GNU time's %M: the peak resident set of the restore process, in KiB.
+    await new Promise<void>((resolve, reject) => {
+      execFile('/usr/bin/time', ['-f', '%M', '-o', rss, process.execPath, ENGINE_BIN, 'restore', '--repo', repo, id, '--to', out], { env: { ...process.env, ...env('s3') } }, (error, _stdout, stderr) => (error ? reject(new Error(stderr)) : resolve()));
+    });
+    expect(await filesIdentical(out, big)).toBe(true);
+    // 9 MiB and a bit of data: a restore that wrote its zero blocks would have allocated 5 GiB.
+    expect((await stat(out)).blocks * 512).toBeLessThan(16 * MiB);
+    expect(Number((await readFile(rss, 'utf8')).trim().split('\n').pop()) / 1024).toBeLessThan(300);
+  });
+});

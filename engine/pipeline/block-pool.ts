@@ -12,7 +12,7 @@ import { CorruptFrameError, CorruptPackError } from '../../repo-format/errors.js
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
 import type { FrameLocator } from '../../repo-format/frame-locator.js';
 import { SlotPool } from './slot-pool.js';
-import type { BlockTask, HashResult, OpenResult, SealResult, SharedSlots, VerifyPackResult, OpenTask, VerifyPackTask, WorkerSetup } from './tasks.js';
+import type { BlockTask, HashResult, OpenResult, OpenSpanResult, OpenSpanTask, SealResult, SharedSlots, VerifyPackResult, OpenTask, VerifyPackTask, WorkerSetup } from './tasks.js';
 
 const SLOT_BUDGET_BYTES = 32 * 1024 * 1024;
 /**
@@ -116,6 +116,15 @@ export class BlockPool {
     if (frame.length > this.shared.outputSlotSize) return { ok: false, why: `index says the frame is ${frame.length} bytes, more than a block can need` };
     this.output(slot, frame.length).set(frame);
     return this.run({ op: 'open', slot, length: frame.length, id: new Uint8Array(id) } satisfies OpenTask);
+  }
+
+  /**
+   * Has a worker read adjacent frames of one pack in one read (`locator` spans them, at most SPAN_BYTES) and
+   * open each into its slot: one result per frame, as open() gives.
+   */
+  async openSpan(locator: FrameLocator, length: number, frames: OpenSpanTask['frames']): Promise<OpenResult[]> {
+    const result = await this.run<OpenSpanResult>({ op: 'open-span', locator, length, frames } satisfies OpenSpanTask);
+    return result.opened;
   }
 
   /** Checks frames of a pack that a worker reads itself (a store of local files: Repository.locateFrame). */

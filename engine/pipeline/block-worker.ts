@@ -9,9 +9,9 @@ import { runInNewContext } from 'node:vm';
 import { initChecksum } from '../../repo-format/checksum.js';
 import { blobId, openBlob, sealBlob } from '../../repo-format/blob-codec.js';
 import { locatorAt } from '../../repo-format/frame-locator.js';
-import { readLocatedFrame } from '../../repo-format/located-frame.js';
+import { readLocatedFrame, readLocatedSpan } from '../../repo-format/located-frame.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
-import type { BlockTask, HashResult, OpenResult, SealResult, VerifyPackResult, WorkerSetup } from './tasks.js';
+import { SPAN_BYTES, type BlockTask, type HashResult, type OpenResult, type OpenSpanResult, type SealResult, type VerifyPackResult, type WorkerSetup } from './tasks.js';
 
 const slots = workerData as WorkerSetup;
 /** Given once per worker (workerData), never per task. */
@@ -34,6 +34,8 @@ function allocated(bytes: number): void {
     collectGarbage({ type: 'minor' });
   }
 }
+/** Lets this thread's event loop turn (N-API finalizers run: lz4-napi's buffers are freed). */
+const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 const zeros = Buffer.alloc(slots.inputSlotSize);
 /** Frame buffer for verify: one per worker, reused for every frame that fits a block. */
 const scratch = Buffer.allocUnsafe(slots.outputSlotSize);
@@ -66,11 +68,43 @@ async function openFrame(task: Extract<BlockTask, { op: 'open' }>): Promise<Open
     const unreadable = await readLocatedFrame(task.locator, frame);
     if (unreadable) return { ok: false, why: unreadable };
   }
-  const opened = openBlob(frame, Buffer.from(task.id), keys);
+  return openInto(frame, task.slot, task.id);
+}
+
+/** Checks and opens a frame's bytes into input slot `slot`. */
+function openInto(frame: Buffer, slot: number, id: Uint8Array): OpenResult {
+  const opened = openBlob(frame, Buffer.from(id), keys);
   if (typeof opened === 'string') return { ok: false, why: opened };
   if (opened.plaintext.length > slots.inputSlotSize) return { ok: false, why: 'blob is larger than a block' };
-  inputSlot(task.slot, opened.plaintext.length).set(opened.plaintext);
+  inputSlot(slot, opened.plaintext.length).set(opened.plaintext);
   return { ok: true, rawLength: opened.plaintext.length };
+}
+
+/**
+ * Span buffers of SPAN_BYTES, one per span this worker has in flight (piscina's concurrentTasksPerWorker
+ * bounds them), reused: a span's bytes are received into one and never allocated again.
+ */
+const spanBuffers: Buffer[] = [];
+
+async function openSpan(task: Extract<BlockTask, { op: 'open-span' }>): Promise<OpenSpanResult> {
+  if (task.length > SPAN_BYTES) return { opened: task.frames.map(() => ({ ok: false, why: `a span of ${task.length} bytes is more than ${SPAN_BYTES}` })) };
+  const buffer = spanBuffers.pop() ?? Buffer.allocUnsafeSlow(SPAN_BYTES);
+  try {
+    const span = buffer.subarray(0, task.length);
+    const unreadable = await readLocatedSpan(task.locator, span);
+    // A damaged span (a pack cut short, say): each frame read alone says which are whole and why the others are not.
+    if (unreadable) return { opened: await Promise.all(task.frames.map((f) => openFrame({ op: 'open', slot: f.slot, length: f.length, id: f.id, locator: f.locator }))) };
+    const opened: OpenResult[] = [];
+    for (const f of task.frames) {
+      opened.push(f.offset + f.length > span.length ? { ok: false, why: 'frame lies outside its span' } : openInto(span.subarray(f.offset, f.offset + f.length), f.slot, f.id));
+      // Each frame's plaintext is a buffer of lz4-napi's, freed only by a collection and a turn of the event loop.
+      allocated(f.length);
+      await turn();
+    }
+    return { opened };
+  } finally {
+    spanBuffers.push(buffer);
+  }
 }
 
 async function verifyPack(task: Extract<BlockTask, { op: 'verify-pack' }>): Promise<VerifyPackResult> {
@@ -96,7 +130,7 @@ async function verifyPack(task: Extract<BlockTask, { op: 'verify-pack' }>): Prom
   return { bad };
 }
 
-export default function run(task: BlockTask): HashResult | SealResult | Promise<OpenResult> | Promise<VerifyPackResult> {
+export default function run(task: BlockTask): HashResult | SealResult | Promise<OpenResult> | Promise<OpenSpanResult> | Promise<VerifyPackResult> {
   switch (task.op) {
     case 'hash':
       return hash(task.slot, task.length);
@@ -106,6 +140,8 @@ export default function run(task: BlockTask): HashResult | SealResult | Promise<
     case 'open':
       allocated(task.length);
       return openFrame(task);
+    case 'open-span':
+      return openSpan(task);
     case 'verify-pack':
       allocated(COLLECT_EVERY_BYTES);
       return verifyPack(task);

@@ -23,6 +23,13 @@ export class SlotPool {
     return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
   }
 
+  /** `count` slots at once, or none (undefined) when fewer are free: a reader of several blocks never holds part of them while it waits. */
+  tryAcquire(count: number): number[] | undefined {
+    if (this.failure !== undefined) throw this.failure;
+    if (this.free.length < count) return undefined;
+    return this.free.splice(this.free.length - count, count);
+  }
+
   release(slot: number): void {
     const waiter = this.waiters.shift();
     if (waiter) waiter.resolve(slot);

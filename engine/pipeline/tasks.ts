@@ -58,6 +58,26 @@ export interface OpenTask {
 export type OpenResult = { ok: true; rawLength: number } | { ok: false; why: string };
 
 /**
+ * Adjacent frames of one pack read at once (`locator` spans them all: one ranged GET on S3) into a buffer of
+ * the worker's, each frame then checked and opened into its input slot as OpenTask does. `offset` of a frame
+ * is relative to the span. One result per frame, in order.
+ */
+/** At most this many bytes in one span: what each span a worker has in flight holds in memory. */
+export const SPAN_BYTES = 2 * 1024 * 1024;
+
+export interface OpenSpanTask {
+  op: 'open-span';
+  locator: FrameLocator;
+  /** The span's length in bytes (the locator's, which only repo-format reads). */
+  length: number;
+  /** `locator`: the frame's own, read alone when the span cannot be read whole. */
+  frames: { slot: number; offset: number; length: number; id: Uint8Array; locator: FrameLocator }[];
+}
+export interface OpenSpanResult {
+  opened: OpenResult[];
+}
+
+/**
  * Check frames of a pack (verify --read-data, repair): a span of its bytes moved to the worker (not
  * copied), `frames` relative to the span; or, for a store of local files, a locator of the pack from which
  * the worker reads each frame itself.
@@ -69,4 +89,4 @@ export interface VerifyPackResult {
   bad: { offset: number; why: string }[];
 }
 
-export type BlockTask = HashTask | SealTask | OpenTask | VerifyPackTask;
+export type BlockTask = HashTask | SealTask | OpenTask | OpenSpanTask | VerifyPackTask;

@@ -21,6 +21,8 @@ import { MissingBlobError } from '../../repo-format/errors.js';
 import { crashPoint } from '../../repo-format/crash-points.js';
 import type { BlobLocation } from '../../repo-format/index-entry.js';
 import type { BlockPool } from '../pipeline/block-pool.js';
+import { SPAN_BYTES, type OpenResult } from '../pipeline/tasks.js';
+import { extendSpan, type FrameLocator } from '../../repo-format/frame-locator.js';
 import type { BlockSet } from '../common/block-set.js';
 import { CorruptChunkError } from '../errors.js';
 import { Interruption } from '../host/interrupt.js';
@@ -79,6 +81,24 @@ export interface RestoreDiskOptions {
 
 /** Zeros go to a target with WRITE_ZEROES in spans of this size, checking for an interruption between them. */
 const ZERO_SPAN_BYTES = 1024 * 1024 * 1024;
+
+/** A block of a span: its frame lies at `offset` in the span. */
+interface SpanMember {
+  block: number;
+  id: Buffer;
+  location: BlobLocation;
+  /** Where the frame alone is (read so when the span cannot be read whole). */
+  locator: FrameLocator;
+  offset: number;
+}
+
+/** Blocks whose frames one read fetches (extendSpan). */
+interface Span {
+  locator: FrameLocator;
+  /** Bytes the span covers: the sum of its frames' lengths (the index's). */
+  length: number;
+  members: SpanMember[];
+}
 
 /** A block waiting for its batch's index lookup; `id` null: the restore point holds zeros there (a rollback compares it). */
 interface PendingBlock {
@@ -174,24 +194,78 @@ class DiskRestore {
     if (this.pending.length >= this.batchLimit) await this.flushPending();
   }
 
-  /** One index lookup for the batch, then each block launched as soon as a slot is free. */
+  /**
+   * One index lookup for the batch, then each block launched as soon as a slot is free; blocks whose frames
+   * lie one after another in a pack of a store of objects go as one span (one read, one ranged GET).
+   */
   private async flushPending(): Promise<void> {
-    const wanted = this.pending.filter((p) => p.id !== null);
+    const pending = this.pending;
+    this.pending = [];
+    const wanted = pending.filter((p) => p.id !== null);
     const found = await this.repo.lookup(wanted.map((p) => p.id!));
     const locations = new Map(wanted.map((p, i) => [p.block, found[i]]));
-    for (const { block, id } of this.pending) {
+    for (let i = 0; i < pending.length; ) {
       await this.interruption.tick();
+      const { block, id } = pending[i]!;
       const location = locations.get(block);
       if (id !== null && !location) {
         throw new MissingBlobError(id.toString('hex'), `chunk for backup ${this.record.id}, disk ${this.disk.name}, offset ${this.geometry.offsetOf(block)}:`);
+      }
+      const span = this.options.compare ? undefined : this.spanFrom(pending, i, locations);
+      if (span) {
+        // Its slots are taken together, synchronously: a span never holds some while waiting for the rest.
+        let slots: number[] | undefined;
+        while ((slots = this.failure === undefined ? this.pool.slots.tryAcquire(span.members.length) : undefined) === undefined && this.failure === undefined) await Promise.race(this.inFlight);
+        if (this.failure !== undefined) throw this.failure;
+        this.launch(this.restoreSpan(span, slots!));
+        i += span.members.length;
+        continue;
       }
       // Wait for a slot here rather than queueing unboundedly: this is the restore's backpressure.
       while (this.pool.slots.available === 0 && this.failure === undefined) await Promise.race(this.inFlight);
       if (this.failure !== undefined) throw this.failure;
       this.launch(this.options.compare ? this.compareBlock(block, id, location) : this.restoreChunk(block, id!, location!));
+      i += 1;
     }
-    this.pending = [];
     this.progress();
+  }
+
+  /**
+   * The blocks from pending[first] on whose frames follow one another in one pack of a store of objects
+   * (extendSpan), at most SPAN_BYTES and a quarter of the slots (so that several spans are in flight), when
+   * there are at least two of them.
+   */
+  private spanFrom(pending: PendingBlock[], first: number, locations: Map<number, BlobLocation | undefined>): Span | undefined {
+    const maxMembers = Math.max(1, Math.floor(this.pool.slots.count / 4));
+    const members: SpanMember[] = [];
+    let locator: FrameLocator | undefined;
+    let length = 0;
+    for (let i = first; i < pending.length && members.length < maxMembers; i += 1) {
+      const { block, id } = pending[i]!;
+      const location = id === null ? undefined : locations.get(block);
+      if (id === null || !location) break;
+      const next = this.repo.locateFrame(location);
+      if (!next) break;
+      const extended = locator === undefined ? next : extendSpan(locator, next, SPAN_BYTES);
+      if (!extended) break;
+      members.push({ block, id, location, locator: next, offset: length });
+      locator = extended;
+      length += location.length;
+    }
+    return locator !== undefined && members.length >= 2 ? { locator, length, members } : undefined;
+  }
+
+  /** A span's frames read at once and opened into `slots` by a worker, then each block written. */
+  private async restoreSpan(span: Span, slots: number[]): Promise<void> {
+    try {
+      const opened = await this.pool.openSpan(span.locator, span.length, span.members.map((m, k) => ({ slot: slots[k]!, offset: m.offset, length: m.location.length, id: new Uint8Array(m.id), locator: m.locator })));
+      for (const [k, member] of span.members.entries()) {
+        await this.writeOpened(slots[k]!, member.block, member.id, member.location, opened[k]!);
+        this.bytesDone += this.geometry.lengthOf(member.block);
+      }
+    } finally {
+      for (const slot of slots) this.pool.slots.release(slot);
+    }
   }
 
   private launch(work: Promise<void>): void {
@@ -233,10 +307,15 @@ class DiskRestore {
 
   /** Opens a chunk into `slot` (the workers check it) and writes it. */
   private async writeChunk(slot: number, block: number, id: Buffer, location: BlobLocation): Promise<void> {
+    const opened = await this.pool.open(slot, { locator: this.repo.locateFrame(location), read: () => this.repo.readFrame(location) }, id);
+    await this.writeOpened(slot, block, id, location, opened);
+  }
+
+  /** Writes a chunk a worker opened into `slot`, once its checks passed. */
+  private async writeOpened(slot: number, block: number, id: Buffer, location: BlobLocation, opened: OpenResult): Promise<void> {
     const offset = this.geometry.offsetOf(block);
     const length = this.geometry.lengthOf(block);
     const where = () => ({ backupId: this.record.id, disk: this.disk.name, diskOffset: offset, packId: location.packId, packOffset: location.offset, chunk: id.toString('hex') });
-    const opened = await this.pool.open(slot, { locator: this.repo.locateFrame(location), read: () => this.repo.readFrame(location) }, id);
     if (!opened.ok) throw new CorruptChunkError(where(), opened.why);
     if (opened.rawLength !== length) throw new CorruptChunkError(where(), `chunk holds ${opened.rawLength} bytes, the block needs ${length}`);
     this.written.note(offset, opened.rawLength);

@@ -44,7 +44,8 @@ export interface S3ClientOptions {
 export type RequestBody = { bytes: Uint8Array } | { file: string; offset: number; length: number };
 
 /** `md5`: the body's MD5 is computed as it arrives (S3Answer.md5), not in one pass over 32 MiB at the end. */
-export type ResponseMode = { kind: 'discard' } | { kind: 'text'; maxSize: number } | { kind: 'bytes'; maxSize: number; md5?: boolean };
+/** `into`: the body is placed there when it fits (S3Answer.body is then a view of it), not in a new buffer. */
+export type ResponseMode = { kind: 'discard' } | { kind: 'text'; maxSize: number } | { kind: 'bytes'; maxSize: number; md5?: boolean; into?: Buffer | undefined };
 
 export interface S3Request {
   method: 'GET' | 'PUT' | 'HEAD' | 'DELETE' | 'POST';
@@ -168,7 +169,7 @@ export class S3Client {
         const status = res.statusCode ?? 0;
         res.on('error', fail);
         if (status >= 300) {
-          readBody(res, MAX_ERROR_BODY, undefined, undefined, (error, body) => {
+          readBody(res, MAX_ERROR_BODY, undefined, undefined, undefined, (error, body) => {
             if (error && !(error instanceof TooLarge)) return fail(error);
             const document = body ? parseErrorDocument(body.toString('utf8')) : undefined;
             finish(s3Failure(context, status, document, retryAfter(res.headers)));
@@ -176,7 +177,7 @@ export class S3Client {
           return;
         }
         if (call.method === 'HEAD' || call.response.kind === 'discard') {
-          readBody(res, MAX_ERROR_BODY, undefined, undefined, (error) => (error && !(error instanceof TooLarge) ? fail(error) : finish(undefined, { status, headers: res.headers, body: Buffer.alloc(0) })));
+          readBody(res, MAX_ERROR_BODY, undefined, undefined, undefined, (error) => (error && !(error instanceof TooLarge) ? fail(error) : finish(undefined, { status, headers: res.headers, body: Buffer.alloc(0) })));
           return;
         }
         const maxSize = call.response.maxSize;
@@ -188,7 +189,8 @@ export class S3Client {
           return finish(new StorageError('too-large', `${context.location}: ${context.operation} ${context.key ?? ''}: the answer holds ${declared} bytes, more than the ${maxSize} expected`, { ...context, status }));
         }
         const md5 = call.response.kind === 'bytes' && call.response.md5 ? createHash('md5') : undefined;
-        readBody(res, maxSize, declared, md5, (error, body) => {
+        const into = call.response.kind === 'bytes' && declared !== undefined && call.response.into !== undefined && call.response.into.length >= declared ? call.response.into.subarray(0, declared) : undefined;
+        readBody(res, maxSize, declared, md5, into, (error, body) => {
           if (error instanceof TooLarge) return finish(new StorageError('too-large', `${context.location}: ${context.operation} ${context.key ?? ''}: the answer holds more than the ${maxSize} bytes expected`, { ...context, status }));
           if (error instanceof Overlong) return finish(new StorageError('protocol', `${context.location}: ${context.operation} ${context.key ?? ''}: the answer holds more bytes than its Content-Length (${declared})`, { ...context, status }));
           if (error) return fail(error);
@@ -225,8 +227,8 @@ class SourceChanged extends Error {}
  * Reads a body into one buffer: exactly `declared` bytes when the answer announced its length (fewer, when
  * the connection ends, is an S3_BODY_CUT network failure), else up to `limit`.
  */
-function readBody(res: IncomingMessage, limit: number, declared: number | undefined, hash: Hash | undefined, done: (error: Error | undefined, body?: Buffer) => void): void {
-  let buffer = declared !== undefined ? Buffer.allocUnsafe(declared) : undefined;
+function readBody(res: IncomingMessage, limit: number, declared: number | undefined, hash: Hash | undefined, into: Buffer | undefined, done: (error: Error | undefined, body?: Buffer) => void): void {
+  let buffer = into ?? (declared !== undefined ? Buffer.allocUnsafe(declared) : undefined);
   const chunks: Buffer[] = [];
   let length = 0;
   let over = false;

@@ -418,7 +418,7 @@ export class S3Storage implements Storage {
       objectKey,
       headers: range ? { range: `bytes=${range.offset}-${range.offset + range.length - 1}` } : {},
       payloadHash: EMPTY_SHA256,
-      response: { kind: 'bytes', maxSize: range ? range.length : (options.maxSize ?? DEFAULT_MAX_GET_SIZE), md5: !range },
+      response: { kind: 'bytes', maxSize: range ? range.length : (options.maxSize ?? DEFAULT_MAX_GET_SIZE), md5: !range, into: range ? options.into : undefined },
       context,
       signal: options.signal,
     });

@@ -80,6 +80,12 @@ export interface GetOptions extends CallOptions {
   range?: ByteRange | undefined;
   /** A whole-object read refuses larger objects ('too-large'); default DEFAULT_MAX_GET_SIZE. */
   maxSize?: number | undefined;
+  /**
+   * With `range`: where the bytes may be placed (at least range.length bytes), so that a reader filling the
+   * same buffer again and again allocates nothing per read. A backend may ignore it: the result is always
+   * what was read, a view of `into` or not.
+   */
+  into?: Buffer | undefined;
 }
 
 export interface ListOptions extends CallOptions {
