@@ -3,12 +3,12 @@ import { BaseSequencer, type TestSpecification } from 'vitest/node';
 
 /**
  * Files whose single tests run longest (the fault campaign's files hold tests of 1-2 minutes each; the
- * libvirt, S3 and fixture files a few minutes in all): started first, so that the run does not end with
- * one worker on a long file and the other idle. Vitest orders by the durations of the previous run when
- * it has them (node_modules/.vite); a fresh clone, as in CI, has none and would order by file size, which
- * puts these small files last.
+ * libvirt, S3 (format 3's backup, faults, gc, repair) and fixture files a few minutes in all): started first,
+ * so that the run does not end with one worker on a long file and the other idle. Vitest orders by the
+ * durations of the previous run when it has them (node_modules/.vite); a fresh clone, as in CI, has none and
+ * would order by file size, which puts these small files last.
  */
-const LONG_FILES = /\/(crash-[^/]*|cbt-libvirt|v3-backup|fixtures|cbt-image|pack-loss|roundtrip)\.test\.ts$/;
+const LONG_FILES = /\/(crash-[^/]*|cbt-libvirt|v3-(backup|faults|gc|repair)|fixtures|cbt-image|pack-loss|roundtrip)\.test\.ts$/;
 
 class LongFilesFirst extends BaseSequencer {
   override async sort(files: TestSpecification[]): Promise<TestSpecification[]> {
