@@ -8,7 +8,7 @@ import { BaseSequencer, type TestSpecification } from 'vitest/node';
  * durations of the previous run when it has them (node_modules/.vite); a fresh clone, as in CI, has none and
  * would order by file size, which puts these small files last.
  */
-const LONG_FILES = /\/(crash-[^/]*|cbt-libvirt|v3-(backup|faults|gc|repair)|fixtures|cbt-image|pack-loss|roundtrip)\.test\.ts$/;
+const LONG_FILES = /\/(crash-[^/]*|cbt-libvirt|v3-(backup|faults|gc|gaps|repair)|spec-reader|fixtures|cbt-image|pack-loss|roundtrip)\.test\.ts$/;
 
 class LongFilesFirst extends BaseSequencer {
   override async sort(files: TestSpecification[]): Promise<TestSpecification[]> {
