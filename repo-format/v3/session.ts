@@ -12,6 +12,7 @@ import type { RepositoryConfig } from '../config.js';
 import { LEASE_SKEW_BOUND_MS, LEASE_TIME_MS } from '../constants.js';
 import { createPrivateDirectory } from '../file-modes.js';
 import { forgetSpareFiles } from '../pack-file.js';
+import type { DeadEntryTest } from '../pack-presence.js';
 import type { BlobIndex, BlobLocation, IndexEntry } from '../index-entry.js';
 import type { Storage } from '../storage/storage.js';
 import { crashPoint } from '../crash-points.js';
@@ -78,16 +79,45 @@ export class V3Session implements BlobIndex {
     if (!uncovered()) return;
     const run = this.catching.then(async () => {
       if (!uncovered()) return;
-      const result = await this.cache.catchUp();
-      for (const damaged of result.damaged) {
-        if (this.reportedDamaged.has(damaged.key)) continue;
-        this.reportedDamaged.add(damaged.key);
-        this.notice(`index segment ${damaged.key} cannot be read (${damaged.why}): the blobs it names count as absent`);
-      }
+      await this.catchUpNow();
       for (const id of ids) this.covered.add(id);
     });
     this.catching = run.catch(() => undefined);
     await run;
+  }
+
+  /** One catch-up of the cache with the store, each damaged segment reported once. */
+  private async catchUpNow(): Promise<void> {
+    const result = await this.cache.catchUp();
+    for (const damaged of result.damaged) {
+      if (this.reportedDamaged.has(damaged.key)) continue;
+      this.reportedDamaged.add(damaged.key);
+      this.notice(`index segment ${damaged.key} cannot be read (${damaged.why}): the blobs it names count as absent`);
+    }
+  }
+
+  /**
+   * SPEC.md 19.7, step 3a: this run proved some index entries dead (their pack is gone or short) and stored
+   * those blobs again. Until the dead entries leave the index, an effective segment whose key sorts before
+   * this writer's would still win for those blobs (19.3) and send every reader to the lost pack. So every
+   * effective segment naming a dead entry is replaced by a copy without it, each in one put that supersedes
+   * it, before the record. A crash in between leaves some replaced and no record: nothing a committed
+   * backup needs changed (what is dropped names nothing), and the next backup that meets the loss does the rest.
+   */
+  private async dropDeadEntries(dead: DeadEntryTest): Promise<void> {
+    const segments = this.segments!;
+    // Segments committed by other writers since this run's catch-up are effective too.
+    await this.catchUpNow();
+    let replaced = 0;
+    let dropped = 0;
+    await this.cache.eachIngested(async (segment) => {
+      const kept = segment.entries.filter((entry) => !dead(entry));
+      if (kept.length === segment.entries.length) return;
+      await segments.replace(segment, kept);
+      replaced++;
+      dropped += segment.entries.length - kept.length;
+    });
+    if (replaced > 0) this.notice(`dropped ${dropped} index entries naming lost packs from ${replaced} index segment${replaced === 1 ? '' : 's'} (each replaced by a copy without them)`);
   }
 
   static async open(options: V3SessionOptions): Promise<V3Session> {
@@ -162,8 +192,9 @@ export class V3Session implements BlobIndex {
   }
 
   /** Writes pending entries as a segment, then the record (create-if-absent): the commit point (SPEC.md 19.7). */
-  async commitRecord(key: string, bytes: Uint8Array): Promise<void> {
+  async commitRecord(key: string, bytes: Uint8Array, dead?: DeadEntryTest): Promise<void> {
     if (!this.segments) throw new Error('commitRecord on a version-3 session opened for reading');
+    if (dead) await this.dropDeadEntries(dead);
     await this.segments.commitRecord(key, bytes);
   }
 
