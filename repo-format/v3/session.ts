@@ -20,6 +20,7 @@ import { systemClock } from './clock.js';
 import { hostIdOf, processProbe, thisProcess } from './host.js';
 import { IndexCache, type CatchUpResult } from './index-cache.js';
 import { Leases, type HeldLease } from './leases.js';
+import { isStorageError } from '../storage/storage-error.js';
 import { SegmentWriter } from './segment-writer.js';
 
 /** The host's cache directory (SPEC.md 19.4): $ENGINE_CACHE_DIR, else /var/cache/engine for root, else $XDG_CACHE_HOME/engine or ~/.cache/engine. */
@@ -38,11 +39,31 @@ export interface V3SessionOptions {
   command: string;
   /** A writer gets a segment writer (backup); readers do not. */
   writer: boolean;
+  /** A reader that may go on without a lease when the store does not let it write one (restore, verify, serve, mount). */
+  readWithoutLease?: boolean | undefined;
   /** Refuse (ENGINE_REPOSITORY_LOCKED) while another live lease has the same command: one gc at a time (SPEC.md 19.5). */
   alone?: boolean | undefined;
   signal?: AbortSignal | undefined;
   notice: (message: string) => void;
   cacheRoot?: string | undefined;
+}
+
+/**
+ * The shared lease; or, for a reader (`readWithoutLease`) that the store does not let write it (a read-only
+ * filesystem or mount: EROFS, EACCES, EPERM; S3 credentials that may not write: AccessDenied), a stand-in
+ * that holds nothing, said in one notice (SPEC.md 19.9, "Without a lease"). A writer, and gc, fail as before.
+ */
+async function acquireOrReadWithout(leases: Leases, options: V3SessionOptions, waitMs: number): Promise<HeldLease> {
+  try {
+    return await leases.acquireShared({ command: options.command, alone: options.alone, waitMs, signal: options.signal });
+  } catch (error) {
+    if (!options.readWithoutLease || options.writer || !isStorageError(error, 'denied')) throw error;
+    const why = error.storage.backendCode ?? 'denied';
+    options.notice(
+      `repository ${options.storage.properties.location} cannot be written (${why}): ${options.command} reads it without a lease, so a gc run meanwhile through a path that can write could delete what it reads (every frame is checked: it would then fail, never return wrong data)`,
+    );
+    return leases.unwritten(options.command);
+  }
 }
 
 export class V3Session implements BlobIndex {
@@ -133,7 +154,7 @@ export class V3Session implements BlobIndex {
       timing,
       onBroken: (lease, state) => notice(`removed the ${state} ${lease.kind} lease ${lease.id} of ${lease.command} (pid ${lease.pid} on ${lease.hostname}, since ${lease.since})`),
     });
-    const lease = await leases.acquireShared({ command: options.command, alone: options.alone, waitMs: timing.leaseMs, signal });
+    const lease = await acquireOrReadWithout(leases, options, timing.leaseMs);
     lease.keepAlive();
     crashPoint('lease-held');
     let cache: IndexCache | undefined;
