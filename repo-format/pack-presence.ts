@@ -70,6 +70,11 @@ export class PackPresence {
     };
   }
 
+  /** How many packs this run proved gone or short (grows as stats answer). */
+  get provenCount(): number {
+    return this.proven.size;
+  }
+
   /** The locations whose pack holds them; the others become undefined. */
   async filter(locations: readonly (BlobLocation | undefined)[]): Promise<(BlobLocation | undefined)[]> {
     return Promise.all(locations.map(async (location) => (location && (await this.holds(location)) ? location : undefined)));

@@ -964,7 +964,7 @@ export class Repository {
     if (this.manyWriters) {
       // Version 3: the writer's pending segment first, its lease checked, then the record (SPEC.md 19.7); no catalogue.
       if (!this.v3) throw new Error('commitBackup on a version-3 repository opened without its lease');
-      await this.v3.commitRecord(recordKey(record.id), bytes, this.packPresence.provenDead());
+      await this.v3.commitRecord(recordKey(record.id), bytes, this.packPresence);
       crashPoint('record-written');
       return [];
     }

@@ -14,7 +14,7 @@ import { rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, openRgwStorage, repositoryKeys, v3Env } from './s3-helpers.js';
-import { filesIdentical, runEngine, tempDir, withoutProgress, writeRegion } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, tempDir, withoutProgress, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const BUCKET = 'engine-v3-pack-loss';
@@ -80,10 +80,21 @@ for (const kind of ['folder', 's3'] as const) {
       return { id: id!, stderr: r.stderr };
     };
 
+    /** One of several backups started at once (spawned, so that they overlap); its id. */
+    const backupAtOnce = async (image: string): Promise<string> => {
+      const child = spawnEngine(['backup', '--repo', repo, '--source', image, '--json'], env());
+      let stdout = '';
+      let stderr = '';
+      child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+      child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+      expect((await exitOf(child)).code, stderr).toBe(0);
+      return parseJson<BackupJson>(stdout).id;
+    };
+
     const restoresIdentical = async (id: string, image: string): Promise<void> => {
       const target = join(scratch.path, `restored-${kind}-${id.slice(0, 8)}.raw`);
       const r = await runEngine(['restore', '--repo', repo, id, '--to', target], { env: env() });
-      expect([r.code, withoutProgress(r.stderr).replace(/^engine: rebuilt this host's index cache.*\n/m, '')], `restore of ${id}`).toEqual([0, '']);
+      expect([r.code, withoutProgress(r.stderr).replace(/^engine: (rebuilt this host's index cache|removed the dead shared lease) .*\n/gm, '')], `restore of ${id}`).toEqual([0, '']);
       expect(await filesIdentical(target, image), `restore of ${id} is identical to ${image}`).toBe(true);
       await rm(target);
     };
@@ -123,6 +134,57 @@ for (const kind of ['folder', 's3'] as const) {
       // Both orders happened: the old segment first (what lost data before the fix) and the new one first.
       expect(seen.oldFirst).toBeGreaterThan(0);
       expect(seen.newFirst).toBeGreaterThan(0);
+    });
+
+    test('a chunk stored twice at once (two writers, two packs), both packs lost: the next backup restores whichever segment sorts first', async () => {
+      // The backup proves the first lost pack dead through the entries that win; once they are dropped the
+      // other copy's entries win, and they name a lost pack too: it must find that out before its record.
+      // Rounds go on until the case that needs it happened: the new segment after both old ones (1/3 a round).
+      let newLast = 0;
+      for (let round = 0; round < 20 && newLast === 0; round++) {
+        const image = join(scratch.path, `${kind}-twice-${round}.raw`);
+        await writeRegion(image, 0, 4 * MiB, 'random', `${kind}-twice-${round}`);
+        const before = await objects(repo);
+        const both = await Promise.all([backupAtOnce(image), backupAtOnce(image)]);
+        const added = [...(await objects(repo))].filter(([key]) => !before.has(key));
+        const dataPacks = added.filter(([key, size]) => key.startsWith('packs/') && size > 4 * MiB);
+        const oldSegments = added.filter(([key]) => key.startsWith('index/')).map(([key]) => key);
+        // One writer saw the other's segment in time and deduplicated: no two copies this round.
+        if (dataPacks.length !== 2) continue;
+        expect(oldSegments).toHaveLength(2);
+        for (const [key] of dataPacks) await lose(repo, key);
+
+        const beforeNew = await objects(repo);
+        const fresh = await backup(image);
+        expect(fresh.stderr).toContain('dropped 8 index entries naming lost packs from 2 index segments (each replaced by a copy without them)');
+        const newSegments = [...(await objects(repo)).keys()].filter((key) => key.startsWith('index/') && !beforeNew.has(key));
+        expect(newSegments).toHaveLength(3);
+        if (oldSegments.every((key) => writerOf(key) < writerOf(newSegments[0]!))) newLast++;
+        backups.push({ id: fresh.id, image }, ...both.map((id) => ({ id, image })));
+        for (const b of backups) await restoresIdentical(b.id, b.image);
+      }
+      expect(newLast).toBeGreaterThan(0);
+    });
+
+    test('kill -9 of the backup after it replaced the old segment (segment-replaced): no record; the next backup commits and every backup restores', async () => {
+      const image = join(scratch.path, `${kind}-crash.raw`);
+      await writeRegion(image, 0, 4 * MiB, 'random', `${kind}-crash`);
+      const before = await objects(repo);
+      const old = await backup(image);
+      const [lostPack] = [...(await objects(repo))].filter(([key]) => key.startsWith('packs/') && !before.has(key)).sort((a, b) => b[1] - a[1])[0]!;
+      await lose(repo, lostPack);
+      const beforeCrash = await objects(repo);
+      const crashed = await runEngine(['backup', '--repo', repo, '--source', image], { env: { ...env(), ENGINE_CRASH_AT: 'segment-replaced' } });
+      expect(crashed.code, crashed.stderr).toBe(137);
+      const added = [...(await objects(repo)).keys()].filter((key) => !beforeCrash.has(key));
+      // The re-stored chunks' pack and the copy of the old segment, a dead process's lease; no record, no own segment yet.
+      expect([...new Set(added.map((key) => key.split('/')[0]))].sort()).toEqual(['index', 'leases', 'packs']);
+      expect(added.filter((key) => key.startsWith('index/'))).toHaveLength(1);
+      // Nothing a committed backup needs changed.
+      for (const b of backups) await restoresIdentical(b.id, b.image);
+      const fresh = await backup(image);
+      backups.push({ id: fresh.id, image }, { id: old.id, image });
+      for (const b of backups) await restoresIdentical(b.id, b.image);
     });
 
     test('verify --read-data is clean; gc keeps what is needed; every backup still restores; verify clean again', async () => {

@@ -12,7 +12,7 @@ import type { RepositoryConfig } from '../config.js';
 import { LEASE_SKEW_BOUND_MS, LEASE_TIME_MS } from '../constants.js';
 import { createPrivateDirectory } from '../file-modes.js';
 import { forgetSpareFiles } from '../pack-file.js';
-import type { DeadEntryTest } from '../pack-presence.js';
+import type { PackPresence } from '../pack-presence.js';
 import type { BlobIndex, BlobLocation, IndexEntry } from '../index-entry.js';
 import type { Storage } from '../storage/storage.js';
 import { crashPoint } from '../crash-points.js';
@@ -122,22 +122,36 @@ export class V3Session implements BlobIndex {
    * those blobs again. Until the dead entries leave the index, an effective segment whose key sorts before
    * this writer's would still win for those blobs (19.3) and send every reader to the lost pack. So every
    * effective segment naming a dead entry is replaced by a copy without it, each in one put that supersedes
-   * it, before the record. A crash in between leaves some replaced and no record: nothing a committed
-   * backup needs changed (what is dropped names nothing), and the next backup that meets the loss does the rest.
+   * it, before the record. A blob may have had entries in several lost packs (duplicates, 19.3): once the
+   * first are dropped, the entry now in effect for each blob whose entry was dropped is checked in turn
+   * (a stat per pack not yet asked), and the round is repeated while that proves more packs lost. A crash
+   * in between leaves some replaced and no record: nothing a committed backup needs changed (what is
+   * dropped names nothing), and the next backup that meets the loss does the rest.
    */
-  private async dropDeadEntries(dead: DeadEntryTest): Promise<void> {
+  private async dropDeadEntries(presence: PackPresence): Promise<void> {
     const segments = this.segments!;
-    // Segments committed by other writers since this run's catch-up are effective too.
-    await this.catchUpNow();
     let replaced = 0;
     let dropped = 0;
-    await this.cache.eachIngested(async (segment) => {
-      const kept = segment.entries.filter((entry) => !dead(entry));
-      if (kept.length === segment.entries.length) return;
-      await segments.replace(segment, kept);
-      replaced++;
-      dropped += segment.entries.length - kept.length;
-    });
+    for (let dead = presence.provenDead(); dead !== undefined; ) {
+      const test = dead;
+      // Segments committed by other writers since this run's catch-up are effective too.
+      await this.catchUpNow();
+      const droppedIds = new Map<string, Buffer>();
+      await this.cache.eachIngested(async (segment) => {
+        const kept = segment.entries.filter((entry) => !test(entry));
+        if (kept.length === segment.entries.length) return;
+        for (const entry of segment.entries) if (test(entry)) droppedIds.set(entry.id.toString('hex'), entry.id);
+        await segments.replace(segment, kept);
+        replaced++;
+        dropped += segment.entries.length - kept.length;
+      });
+      if (droppedIds.size === 0) break;
+      // The cache meets the copies (and rebuilds); what now wins for those blobs must name a pack that is there.
+      await this.catchUpNow();
+      const proven = presence.provenCount;
+      await presence.filter(await this.cache.lookup([...droppedIds.values()]));
+      dead = presence.provenCount > proven ? presence.provenDead() : undefined;
+    }
     if (replaced > 0) this.notice(`dropped ${dropped} index entries naming lost packs from ${replaced} index segment${replaced === 1 ? '' : 's'} (each replaced by a copy without them)`);
   }
 
@@ -213,9 +227,9 @@ export class V3Session implements BlobIndex {
   }
 
   /** Writes pending entries as a segment, then the record (create-if-absent): the commit point (SPEC.md 19.7). */
-  async commitRecord(key: string, bytes: Uint8Array, dead?: DeadEntryTest): Promise<void> {
+  async commitRecord(key: string, bytes: Uint8Array, presence?: PackPresence): Promise<void> {
     if (!this.segments) throw new Error('commitRecord on a version-3 session opened for reading');
-    if (dead) await this.dropDeadEntries(dead);
+    if (presence?.provenDead()) await this.dropDeadEntries(presence);
     await this.segments.commitRecord(key, bytes);
   }
 
