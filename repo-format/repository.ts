@@ -374,7 +374,7 @@ export class Repository {
    */
   private async openWithLease(command: string, options: OpenOptions): Promise<void> {
     try {
-      this.v3 = await V3Session.open({ storage: this.store, config: this.config, dataKey: this.keys?.dataKey, command, writer: command === 'backup', alone: options.alone, signal: options.signal, notice: this.notice });
+      this.v3 = await V3Session.open({ storage: this.store, config: this.config, dataKey: this.keys?.dataKey, command, writer: command === 'backup', alone: options.alone, readWithoutLease: options.readWithoutLock, signal: options.signal, notice: this.notice });
     } catch (error) {
       await this.close();
       throw error;
@@ -964,7 +964,7 @@ export class Repository {
     if (this.manyWriters) {
       // Version 3: the writer's pending segment first, its lease checked, then the record (SPEC.md 19.7); no catalogue.
       if (!this.v3) throw new Error('commitBackup on a version-3 repository opened without its lease');
-      await this.v3.commitRecord(recordKey(record.id), bytes);
+      await this.v3.commitRecord(recordKey(record.id), bytes, this.packPresence);
       crashPoint('record-written');
       return [];
     }

@@ -83,7 +83,7 @@ describe('a read-only repository', () => {
 
   beforeAll(async () => {
     repo = join(dir, 'ro-source');
-    // Format 1: readers go without the lock and say so (format 3 takes a lease in the store: not tested read-only).
+    // Format 1: readers go without the lock and say so (format 3: the describe after this one).
     expect((await runEngine(['init', repo, '--format', '1'])).code).toBe(0);
     source = await image('ro.img', 5);
     id = (await backupOf(repo, source)).id;
@@ -187,6 +187,48 @@ describe('a read-only repository', () => {
       expect(error.message, args[0]).toBe(`repository ${ro} cannot be written (read-only filesystem: EROFS), and ${args[0]} must write to it; restore, verify, list, show, serve and mount work on a read-only repository`);
     }
     expect(await readdir(join(repo, 'backups'))).toHaveLength(2);
+  });
+});
+
+describe('a read-only format-3 repository (SPEC 19.9, "Without a lease")', () => {
+  let repo: string;
+  let ro: string;
+  let source: string;
+  let id: string;
+  const env = (): Record<string, string> => ({ ENGINE_CACHE_DIR: join(dir, 'v3-ro-cache') });
+
+  beforeAll(async () => {
+    repo = join(dir, 'v3-ro-source');
+    expect((await runEngine(['init', repo, '--format', '3'], { env: env() })).code).toBe(0);
+    source = await image('v3-ro.img', 5);
+    const backup = await runEngine(['backup', '--repo', repo, '--source', source, '--json'], { env: env() });
+    expect(backup.code, backup.stderr).toBe(0);
+    id = parseJson<BackupJson>(backup.stdout).id;
+    ro = join('/tmp', `engine-v3-ro-${process.pid}`);
+    await mkdir(ro, { recursive: true });
+    await sh('mount', ['--bind', repo, ro]);
+    await sh('mount', ['-o', 'remount,ro,bind', ro]);
+  });
+  afterAll(async () => {
+    await sh('umount', [ro]).catch(() => undefined);
+    await rm(ro, { recursive: true, force: true });
+  });
+
+  test('restore and verify --read-data read it without a lease, say so in one notice, and write nothing', async () => {
+    const notice = (command: string): string =>
+      `engine: repository ${ro} cannot be written (EROFS): ${command} reads it without a lease, so a gc run meanwhile through a path that can write could delete what it reads (every frame is checked: it would then fail, never return wrong data)\n`;
+    const stderr = await restoresIdentical(ro, id, source, env());
+    expect(withoutProgress(stderr)).toBe(notice('restore'));
+    const verify = await runEngine(['verify', '--repo', ro, '--read-data'], { env: env() });
+    expect(withoutProgress(verify.stderr)).toBe(notice('verify'));
+    expect(verify.code).toBe(0);
+    expect(verify.stdout).toContain('checked 1 backup');
+    expect(verify.stdout).toContain('no problems found');
+    expect(await readdir(join(repo, 'leases'))).toEqual([]);
+    // A writer does not go on without its lease: backup fails and commits nothing.
+    const backup = await runEngine(['backup', '--repo', ro, '--source', source], { env: env() });
+    expect(backup.code).not.toBe(0);
+    expect(await readdir(join(repo, 'backups'))).toEqual([id]);
   });
 });
 

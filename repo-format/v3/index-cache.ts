@@ -358,6 +358,26 @@ export class IndexCache {
     await this.record(key, INGESTED, operations);
   }
 
+  /**
+   * Every segment this cache ingested (effective as of its last catch-up), fetched again from the store and
+   * given to `visit` one at a time in key order, at most two fetched ahead. One that cannot be read now (or is
+   * gone) is skipped: its blobs count as absent already, or it was superseded meanwhile.
+   */
+  async eachIngested(visit: (segment: Segment) => Promise<void>): Promise<void> {
+    const keys = [...this.known].filter(([, { state }]) => state === INGESTED).map(([key]) => key).sort();
+    const fetchIfThere = async (key: string): Promise<Segment | string> => {
+      try {
+        return await this.fetch(key);
+      } catch (error) {
+        if (isStorageError(error, 'not-found')) return 'gone';
+        throw error;
+      }
+    };
+    await consumeInOrder(keys, { width: 2, budget: 2 }, () => 1, fetchIfThere, async (_key, segment) => {
+      if (typeof segment !== 'string') await visit(segment);
+    });
+  }
+
   /** Where each blob is, by the store's segments as of the last catch-up; undefined for unknown ids. */
   async lookup(ids: readonly Buffer[]): Promise<(BlobLocation | undefined)[]> {
     if (ids.length === 0) return [];

@@ -288,6 +288,18 @@ export class HeldLease {
   }
 }
 
+/**
+ * What a reader holds when it cannot write a lease (SPEC.md 19.9, "Without a lease"): a repository on a
+ * read-only filesystem or mount, or credentials that may not write. Nothing is in the store: there is
+ * nothing to refresh, to lose or to delete, and every check passes. A gc elsewhere cannot see such a reader.
+ */
+class UnwrittenLease extends HeldLease {
+  override assertHeld(): void {}
+  override async refresh(): Promise<void> {}
+  override keepAlive(): void {}
+  override async release(): Promise<void> {}
+}
+
 /** Why the local clock is beyond the bound, measured around one write (`modified`: the store's time of it). */
 export function checkSkew(wallBefore: number, wallAfter: number, modified: number | undefined, boundMs: number): { why: string; skewMs?: number } | undefined {
   if (modified === undefined || !Number.isFinite(modified)) return { why: 'the store reports no modification time to check the clock against' };
@@ -314,7 +326,16 @@ export class Leases {
     }
   }
 
+  /** A reader's stand-in for a lease it could not write (UnwrittenLease). */
+  unwritten(command: string): HeldLease {
+    return new UnwrittenLease(this.context, this.timing, this.leaseOf('shared', command));
+  }
+
   private newLease(kind: LeaseKind, command: string): HeldLease {
+    return new HeldLease(this.context, this.timing, this.leaseOf(kind, command));
+  }
+
+  private leaseOf(kind: LeaseKind, command: string): Lease {
     const id = this.context.newId?.() ?? randomBytes(16).toString('hex');
     const lease: Lease = {
       version: LEASE_VERSION,
@@ -325,7 +346,7 @@ export class Leases {
       since: new Date(this.context.clock.wall()).toISOString(),
       expires: new Date(this.context.clock.wall() + this.timing.leaseMs).toISOString(),
     };
-    return new HeldLease(this.context, this.timing, lease);
+    return lease;
   }
 
   /**

@@ -71,6 +71,27 @@ export class SegmentWriter {
     if (this.pending.size === 0) return;
     const entries = [...this.pending.values()].sort((a, b) => Buffer.compare(a.id, b.id));
     const segment: Segment = { name: { writer: this.writer, seq: this.seq }, supersedes: [], entries };
+    await this.put(segment);
+    crashPoint('segment-written');
+    this.pending = new Map();
+    await this.options.onSegment?.(segment);
+  }
+
+  /**
+   * Replaces the effective segment `old` by a copy holding only `entries` (a subset of its own), in one put
+   * that supersedes it (SPEC.md 19.7, step 3a): entries that provably name nothing leave the index. The copy
+   * is not told to `onSegment`: a cache that ingested `old` must meet the supersession at its next catch-up
+   * (and rebuild), which it would not if it had ingested the copy as its own.
+   */
+  async replace(old: Segment, entries: SegmentEntry[]): Promise<string> {
+    const segment: Segment = { name: { writer: this.writer, seq: this.seq }, supersedes: [old.name], entries };
+    const key = await this.put(segment);
+    crashPoint('segment-replaced');
+    return key;
+  }
+
+  /** Puts one of this writer's segments (create-if-absent), under its lease, checked before and after. */
+  private async put(segment: Segment): Promise<string> {
     this.options.assertHeld();
     const key = segmentKey(segment.name);
     await this.options.storage.put(key, encodeSegment(segment, { dataKey: this.options.dataKey }), { ifAbsent: true, signal: this.options.signal });
@@ -82,11 +103,9 @@ export class SegmentWriter {
       await this.options.storage.delete(key).catch(() => undefined);
       throw error;
     }
-    crashPoint('segment-written');
     this.seq++;
-    this.pending = new Map();
     this.written.push(key);
-    await this.options.onSegment?.(segment);
+    return key;
   }
 
   /**

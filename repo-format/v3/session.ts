@@ -12,6 +12,7 @@ import type { RepositoryConfig } from '../config.js';
 import { LEASE_SKEW_BOUND_MS, LEASE_TIME_MS } from '../constants.js';
 import { createPrivateDirectory } from '../file-modes.js';
 import { forgetSpareFiles } from '../pack-file.js';
+import type { PackPresence } from '../pack-presence.js';
 import type { BlobIndex, BlobLocation, IndexEntry } from '../index-entry.js';
 import type { Storage } from '../storage/storage.js';
 import { crashPoint } from '../crash-points.js';
@@ -19,6 +20,7 @@ import { systemClock } from './clock.js';
 import { hostIdOf, processProbe, thisProcess } from './host.js';
 import { IndexCache, type CatchUpResult } from './index-cache.js';
 import { Leases, type HeldLease } from './leases.js';
+import { isStorageError } from '../storage/storage-error.js';
 import { SegmentWriter } from './segment-writer.js';
 
 /** The host's cache directory (SPEC.md 19.4): $ENGINE_CACHE_DIR, else /var/cache/engine for root, else $XDG_CACHE_HOME/engine or ~/.cache/engine. */
@@ -37,11 +39,31 @@ export interface V3SessionOptions {
   command: string;
   /** A writer gets a segment writer (backup); readers do not. */
   writer: boolean;
+  /** A reader that may go on without a lease when the store does not let it write one (restore, verify, serve, mount). */
+  readWithoutLease?: boolean | undefined;
   /** Refuse (ENGINE_REPOSITORY_LOCKED) while another live lease has the same command: one gc at a time (SPEC.md 19.5). */
   alone?: boolean | undefined;
   signal?: AbortSignal | undefined;
   notice: (message: string) => void;
   cacheRoot?: string | undefined;
+}
+
+/**
+ * The shared lease; or, for a reader (`readWithoutLease`) that the store does not let write it (a read-only
+ * filesystem or mount: EROFS, EACCES, EPERM; S3 credentials that may not write: AccessDenied), a stand-in
+ * that holds nothing, said in one notice (SPEC.md 19.9, "Without a lease"). A writer, and gc, fail as before.
+ */
+async function acquireOrReadWithout(leases: Leases, options: V3SessionOptions, waitMs: number): Promise<HeldLease> {
+  try {
+    return await leases.acquireShared({ command: options.command, alone: options.alone, waitMs, signal: options.signal });
+  } catch (error) {
+    if (!options.readWithoutLease || options.writer || !isStorageError(error, 'denied')) throw error;
+    const why = error.storage.backendCode ?? 'denied';
+    options.notice(
+      `repository ${options.storage.properties.location} cannot be written (${why}): ${options.command} reads it without a lease, so a gc run meanwhile through a path that can write could delete what it reads (every frame is checked: it would then fail, never return wrong data)`,
+    );
+    return leases.unwritten(options.command);
+  }
 }
 
 export class V3Session implements BlobIndex {
@@ -78,16 +100,59 @@ export class V3Session implements BlobIndex {
     if (!uncovered()) return;
     const run = this.catching.then(async () => {
       if (!uncovered()) return;
-      const result = await this.cache.catchUp();
-      for (const damaged of result.damaged) {
-        if (this.reportedDamaged.has(damaged.key)) continue;
-        this.reportedDamaged.add(damaged.key);
-        this.notice(`index segment ${damaged.key} cannot be read (${damaged.why}): the blobs it names count as absent`);
-      }
+      await this.catchUpNow();
       for (const id of ids) this.covered.add(id);
     });
     this.catching = run.catch(() => undefined);
     await run;
+  }
+
+  /** One catch-up of the cache with the store, each damaged segment reported once. */
+  private async catchUpNow(): Promise<void> {
+    const result = await this.cache.catchUp();
+    for (const damaged of result.damaged) {
+      if (this.reportedDamaged.has(damaged.key)) continue;
+      this.reportedDamaged.add(damaged.key);
+      this.notice(`index segment ${damaged.key} cannot be read (${damaged.why}): the blobs it names count as absent`);
+    }
+  }
+
+  /**
+   * SPEC.md 19.7, step 3a: this run proved some index entries dead (their pack is gone or short) and stored
+   * those blobs again. Until the dead entries leave the index, an effective segment whose key sorts before
+   * this writer's would still win for those blobs (19.3) and send every reader to the lost pack. So every
+   * effective segment naming a dead entry is replaced by a copy without it, each in one put that supersedes
+   * it, before the record. A blob may have had entries in several lost packs (duplicates, 19.3): once the
+   * first are dropped, the entry now in effect for each blob whose entry was dropped is checked in turn
+   * (a stat per pack not yet asked), and the round is repeated while that proves more packs lost. A crash
+   * in between leaves some replaced and no record: nothing a committed backup needs changed (what is
+   * dropped names nothing), and the next backup that meets the loss does the rest.
+   */
+  private async dropDeadEntries(presence: PackPresence): Promise<void> {
+    const segments = this.segments!;
+    let replaced = 0;
+    let dropped = 0;
+    for (let dead = presence.provenDead(); dead !== undefined; ) {
+      const test = dead;
+      // Segments committed by other writers since this run's catch-up are effective too.
+      await this.catchUpNow();
+      const droppedIds = new Map<string, Buffer>();
+      await this.cache.eachIngested(async (segment) => {
+        const kept = segment.entries.filter((entry) => !test(entry));
+        if (kept.length === segment.entries.length) return;
+        for (const entry of segment.entries) if (test(entry)) droppedIds.set(entry.id.toString('hex'), entry.id);
+        await segments.replace(segment, kept);
+        replaced++;
+        dropped += segment.entries.length - kept.length;
+      });
+      if (droppedIds.size === 0) break;
+      // The cache meets the copies (and rebuilds); what now wins for those blobs must name a pack that is there.
+      await this.catchUpNow();
+      const proven = presence.provenCount;
+      await presence.filter(await this.cache.lookup([...droppedIds.values()]));
+      dead = presence.provenCount > proven ? presence.provenDead() : undefined;
+    }
+    if (replaced > 0) this.notice(`dropped ${dropped} index entries naming lost packs from ${replaced} index segment${replaced === 1 ? '' : 's'} (each replaced by a copy without them)`);
   }
 
   static async open(options: V3SessionOptions): Promise<V3Session> {
@@ -103,7 +168,7 @@ export class V3Session implements BlobIndex {
       timing,
       onBroken: (lease, state) => notice(`removed the ${state} ${lease.kind} lease ${lease.id} of ${lease.command} (pid ${lease.pid} on ${lease.hostname}, since ${lease.since})`),
     });
-    const lease = await leases.acquireShared({ command: options.command, alone: options.alone, waitMs: timing.leaseMs, signal });
+    const lease = await acquireOrReadWithout(leases, options, timing.leaseMs);
     lease.keepAlive();
     crashPoint('lease-held');
     let cache: IndexCache | undefined;
@@ -162,8 +227,9 @@ export class V3Session implements BlobIndex {
   }
 
   /** Writes pending entries as a segment, then the record (create-if-absent): the commit point (SPEC.md 19.7). */
-  async commitRecord(key: string, bytes: Uint8Array): Promise<void> {
+  async commitRecord(key: string, bytes: Uint8Array, presence?: PackPresence): Promise<void> {
     if (!this.segments) throw new Error('commitRecord on a version-3 session opened for reading');
+    if (presence?.provenDead()) await this.dropDeadEntries(presence);
     await this.segments.commitRecord(key, bytes);
   }
 

@@ -1,0 +1,200 @@
+/**
+ * A pack lost from a version-3 repository (deleted behind the engine's back), on a folder and on S3 (the
+ * tests' RGW): the next backup finds it missing and stores the chunks again; its record must restore whatever
+ * the order of its segment's key and the old segment's (SPEC.md 19.3: the first key wins), which is why it
+ * drops the dead entries from the index before it commits (19.7, step 3a). Each round loses the data pack of
+ * a fresh backup and backs the same disk up again; the rounds go on until both key orders happened (the
+ * writer ids are random: each order comes with probability 1/2 per round), and the test asserts they did.
+ * After every round every backup restores byte for byte (cmp), the old one too (content addressing: its
+ * chunks are the new copies); afterwards verify --read-data is clean, gc keeps what is needed, and every
+ * backup still restores.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { startRgwCluster, type RgwCluster } from './rgw.js';
+import { createBucket, openRgwStorage, repositoryKeys, v3Env } from './s3-helpers.js';
+import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, tempDir, withoutProgress, writeRegion, type BackupJson } from './helpers.js';
+
+const MiB = 1024 * 1024;
+const BUCKET = 'engine-v3-pack-loss';
+/** Rounds at most: both orders fail to show up in 16 rounds with probability 2^-15. */
+const MAX_ROUNDS = 16;
+let cluster: RgwCluster;
+let scratch: { path: string; cleanup: () => Promise<void> };
+
+beforeAll(async () => {
+  scratch = await tempDir();
+  cluster = await startRgwCluster({ memstoreBytes: 512 * MiB });
+  await createBucket(cluster, BUCKET);
+});
+
+afterAll(async () => {
+  await cluster?.stop();
+  await scratch?.cleanup();
+});
+
+/** Every object of the repository with its size. */
+async function objects(repo: string): Promise<Map<string, number>> {
+  const sizes = new Map<string, number>();
+  if (repo.startsWith('s3://')) {
+    const storage = await openRgwStorage(cluster, repo);
+    try {
+      for await (const info of storage.list('')) sizes.set(info.key, info.size);
+    } finally {
+      await storage.close();
+    }
+    return sizes;
+  }
+  for (const key of await repositoryKeys(cluster, repo)) sizes.set(key, (await stat(join(repo, key))).size);
+  return sizes;
+}
+
+/** Deletes one object behind the engine's back. */
+async function lose(repo: string, key: string): Promise<void> {
+  if (!repo.startsWith('s3://')) return rm(join(repo, key));
+  const storage = await openRgwStorage(cluster, repo);
+  try {
+    await storage.delete(key);
+  } finally {
+    await storage.close();
+  }
+}
+
+/** The writer id of a segment key (`index/<writer>-<seq>`). */
+const writerOf = (key: string): string => key.slice('index/'.length, 'index/'.length + 32);
+
+for (const kind of ['folder', 's3'] as const) {
+  describe(`a pack lost from a version-3 repository on ${kind === 'folder' ? 'a folder' : 'S3 (RGW)'}`, () => {
+    const env = (): Record<string, string> => v3Env(cluster, scratch.path, `cache-${kind}`);
+    let repo: string;
+    /** Every backup that must restore, with the image it must restore to. */
+    const backups: { id: string; image: string }[] = [];
+
+    const backup = async (image: string): Promise<{ id: string; stderr: string }> => {
+      // Not --json: the notices are what this test reads on stderr.
+      const r = await runEngine(['backup', '--repo', repo, '--source', image], { env: env() });
+      expect(r.code, r.stderr).toBe(0);
+      const id = /^backup ([0-9a-f]{32}) /.exec(r.stdout)?.[1];
+      expect(id, r.stdout).toBeDefined();
+      return { id: id!, stderr: r.stderr };
+    };
+
+    /** One of several backups started at once (spawned, so that they overlap); its id. */
+    const backupAtOnce = async (image: string): Promise<string> => {
+      const child = spawnEngine(['backup', '--repo', repo, '--source', image, '--json'], env());
+      let stdout = '';
+      let stderr = '';
+      child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+      child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+      expect((await exitOf(child)).code, stderr).toBe(0);
+      return parseJson<BackupJson>(stdout).id;
+    };
+
+    const restoresIdentical = async (id: string, image: string): Promise<void> => {
+      const target = join(scratch.path, `restored-${kind}-${id.slice(0, 8)}.raw`);
+      const r = await runEngine(['restore', '--repo', repo, id, '--to', target], { env: env() });
+      expect([r.code, withoutProgress(r.stderr).replace(/^engine: (rebuilt this host's index cache|removed the dead shared lease) .*\n/gm, '')], `restore of ${id}`).toEqual([0, '']);
+      expect(await filesIdentical(target, image), `restore of ${id} is identical to ${image}`).toBe(true);
+      await rm(target);
+    };
+
+    test('pack lost, next backup commits: every backup restores byte for byte, in both key orders of the old and the new segment', async () => {
+      repo = kind === 'folder' ? join(scratch.path, 'repo-folder') : `s3://${BUCKET}/repo`;
+      const init = await runEngine(['init', '--format', '3', repo], { env: env() });
+      expect(init.code, init.stderr).toBe(0);
+      const seen = { oldFirst: 0, newFirst: 0 };
+      for (let round = 0; round < MAX_ROUNDS && (seen.oldFirst === 0 || seen.newFirst === 0); round++) {
+        const image = join(scratch.path, `${kind}-disk-${round}.raw`);
+        await writeRegion(image, 0, 4 * MiB, 'random', `${kind}-round-${round}`);
+        const before = await objects(repo);
+        const old = await backup(image);
+        const added = [...(await objects(repo))].filter(([key]) => !before.has(key));
+        const oldSegments = added.filter(([key]) => key.startsWith('index/'));
+        expect(oldSegments).toHaveLength(1);
+        // The largest new pack holds the disk's four chunks (the other, the map page).
+        const [lostPack] = added.filter(([key]) => key.startsWith('packs/')).sort((a, b) => b[1] - a[1])[0]!;
+        expect(added.find(([key]) => key === lostPack)![1]).toBeGreaterThan(4 * MiB);
+        await lose(repo, lostPack);
+
+        const beforeNew = await objects(repo);
+        const fresh = await backup(image);
+        expect(fresh.stderr).toContain(`(missing): this backup did not trust the index entries naming it, and stored again what it found there`);
+        expect(fresh.stderr).toContain('dropped 4 index entries naming lost packs from 1 index segment (each replaced by a copy without them)');
+        const newSegments = [...(await objects(repo)).keys()].filter((key) => key.startsWith('index/') && !beforeNew.has(key));
+        // The backup's own segment and the copy of the old one without its dead entries: one writer.
+        expect(newSegments).toHaveLength(2);
+        expect(new Set(newSegments.map(writerOf)).size).toBe(1);
+        if (writerOf(oldSegments[0]![0]) < writerOf(newSegments[0]!)) seen.oldFirst++;
+        else seen.newFirst++;
+
+        backups.push({ id: fresh.id, image }, { id: old.id, image });
+        for (const b of backups) await restoresIdentical(b.id, b.image);
+      }
+      // Both orders happened: the old segment first (what lost data before the fix) and the new one first.
+      expect(seen.oldFirst).toBeGreaterThan(0);
+      expect(seen.newFirst).toBeGreaterThan(0);
+    });
+
+    test('a chunk stored twice at once (two writers, two packs), both packs lost: the next backup restores whichever segment sorts first', async () => {
+      // The backup proves the first lost pack dead through the entries that win; once they are dropped the
+      // other copy's entries win, and they name a lost pack too: it must find that out before its record.
+      // Rounds go on until the case that needs it happened: the new segment after both old ones (1/3 a round).
+      let newLast = 0;
+      for (let round = 0; round < 20 && newLast === 0; round++) {
+        const image = join(scratch.path, `${kind}-twice-${round}.raw`);
+        await writeRegion(image, 0, 4 * MiB, 'random', `${kind}-twice-${round}`);
+        const before = await objects(repo);
+        const both = await Promise.all([backupAtOnce(image), backupAtOnce(image)]);
+        const added = [...(await objects(repo))].filter(([key]) => !before.has(key));
+        const dataPacks = added.filter(([key, size]) => key.startsWith('packs/') && size > 4 * MiB);
+        const oldSegments = added.filter(([key]) => key.startsWith('index/')).map(([key]) => key);
+        // One writer saw the other's segment in time and deduplicated: no two copies this round.
+        if (dataPacks.length !== 2) continue;
+        expect(oldSegments).toHaveLength(2);
+        for (const [key] of dataPacks) await lose(repo, key);
+
+        const beforeNew = await objects(repo);
+        const fresh = await backup(image);
+        expect(fresh.stderr).toContain('dropped 8 index entries naming lost packs from 2 index segments (each replaced by a copy without them)');
+        const newSegments = [...(await objects(repo)).keys()].filter((key) => key.startsWith('index/') && !beforeNew.has(key));
+        expect(newSegments).toHaveLength(3);
+        if (oldSegments.every((key) => writerOf(key) < writerOf(newSegments[0]!))) newLast++;
+        backups.push({ id: fresh.id, image }, ...both.map((id) => ({ id, image })));
+        for (const b of backups) await restoresIdentical(b.id, b.image);
+      }
+      expect(newLast).toBeGreaterThan(0);
+    });
+
+    test('kill -9 of the backup after it replaced the old segment (segment-replaced): no record; the next backup commits and every backup restores', async () => {
+      const image = join(scratch.path, `${kind}-crash.raw`);
+      await writeRegion(image, 0, 4 * MiB, 'random', `${kind}-crash`);
+      const before = await objects(repo);
+      const old = await backup(image);
+      const [lostPack] = [...(await objects(repo))].filter(([key]) => key.startsWith('packs/') && !before.has(key)).sort((a, b) => b[1] - a[1])[0]!;
+      await lose(repo, lostPack);
+      const beforeCrash = await objects(repo);
+      const crashed = await runEngine(['backup', '--repo', repo, '--source', image], { env: { ...env(), ENGINE_CRASH_AT: 'segment-replaced' } });
+      expect(crashed.code, crashed.stderr).toBe(137);
+      const added = [...(await objects(repo)).keys()].filter((key) => !beforeCrash.has(key));
+      // The re-stored chunks' pack and the copy of the old segment, a dead process's lease; no record, no own segment yet.
+      expect([...new Set(added.map((key) => key.split('/')[0]))].sort()).toEqual(['index', 'leases', 'packs']);
+      expect(added.filter((key) => key.startsWith('index/'))).toHaveLength(1);
+      // Nothing a committed backup needs changed.
+      for (const b of backups) await restoresIdentical(b.id, b.image);
+      const fresh = await backup(image);
+      backups.push({ id: fresh.id, image }, { id: old.id, image });
+      for (const b of backups) await restoresIdentical(b.id, b.image);
+    });
+
+    test('verify --read-data is clean; gc keeps what is needed; every backup still restores; verify clean again', async () => {
+      const verify = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env: env() });
+      expect(verify.code, verify.stdout + verify.stderr).toBe(0);
+      const gc = await runEngine(['gc', '--repo', repo, '--json'], { env: env() });
+      expect(gc.code, gc.stderr).toBe(0);
+      for (const b of backups) await restoresIdentical(b.id, b.image);
+      const again = await runEngine(['verify', '--repo', repo, '--read-data'], { env: env() });
+      expect(again.code, again.stdout + again.stderr).toBe(0);
+    });
+  });
+}
