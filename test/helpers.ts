@@ -178,6 +178,18 @@ export async function stoppedItself(child: ChildProcess): Promise<void> {
   throw new Error('the child never stopped');
 }
 
+/** Resumes a child stopped at ENGINE_STOP_AT, and again each time it stops there again (a later pack), until it exits. */
+export async function continueUntilExit(child: ChildProcess): Promise<number> {
+  const exited = exitOf(child);
+  child.kill('SIGCONT');
+  for (;;) {
+    const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
+    if (settled === 'exited') break;
+    child.kill('SIGCONT');
+  }
+  return (await exited).code ?? -1;
+}
+
 /** Collects a child's stdout and stderr as they come. */
 export function collectOutput(child: ChildProcess): { stderr: () => string; stdout: () => string } {
   let stderr = '';

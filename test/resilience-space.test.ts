@@ -73,6 +73,21 @@ interface ErrorJson {
   error: { code: string; message: string };
 }
 
+/** A read-only bind mount of `repo` under /tmp (a snapshot or a read-only export, as the engine meets it). */
+async function readOnlyView(repo: string, name: string): Promise<string> {
+  const ro = join('/tmp', `${name}-${process.pid}`);
+  await mkdir(ro, { recursive: true });
+  await sh('mount', ['--bind', repo, ro]);
+  await sh('mount', ['-o', 'remount,ro,bind', ro]);
+  return ro;
+}
+
+async function dropReadOnlyView(ro: string | undefined): Promise<void> {
+  if (ro === undefined) return;
+  await sh('umount', [ro]).catch(() => undefined);
+  await rm(ro, { recursive: true, force: true });
+}
+
 describe('a read-only repository', () => {
   let repo: string;
   let ro: string;
@@ -95,15 +110,9 @@ describe('a read-only repository', () => {
     fsId = (await backupOf(repo, fsImage, 'fs')).id;
     // A snapshot taken while another host's backup held the lock: the lock is in the copy.
     await writeFile(join(repo, 'lock'), JSON.stringify({ pid: 4242, hostname: 'elsewhere.invalid', since: '2026-01-01T00:00:00.000Z', command: 'backup', token: '0123456789abcdef' }));
-    ro = join('/tmp', `engine-ro-${process.pid}`);
-    await mkdir(ro, { recursive: true });
-    await sh('mount', ['--bind', repo, ro]);
-    await sh('mount', ['-o', 'remount,ro,bind', ro]);
+    ro = await readOnlyView(repo, 'engine-ro');
   });
-  afterAll(async () => {
-    await sh('umount', [ro]).catch(() => undefined);
-    await rm(ro, { recursive: true, force: true });
-  });
+  afterAll(async () => dropReadOnlyView(ro));
 
   test('restore, verify, list and show read it without the lock, and say so', async () => {
     const stderr = await restoresIdentical(ro, id, source);
@@ -204,15 +213,9 @@ describe('a read-only format-3 repository (SPEC 19.9, "Without a lease")', () =>
     const backup = await runEngine(['backup', '--repo', repo, '--source', source, '--json'], { env: env() });
     expect(backup.code, backup.stderr).toBe(0);
     id = parseJson<BackupJson>(backup.stdout).id;
-    ro = join('/tmp', `engine-v3-ro-${process.pid}`);
-    await mkdir(ro, { recursive: true });
-    await sh('mount', ['--bind', repo, ro]);
-    await sh('mount', ['-o', 'remount,ro,bind', ro]);
+    ro = await readOnlyView(repo, 'engine-v3-ro');
   });
-  afterAll(async () => {
-    await sh('umount', [ro]).catch(() => undefined);
-    await rm(ro, { recursive: true, force: true });
-  });
+  afterAll(async () => dropReadOnlyView(ro));
 
   test('restore and verify --read-data read it without a lease, say so in one notice, and write nothing', async () => {
     const notice = (command: string): string =>

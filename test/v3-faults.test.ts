@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { startFaultProxy, type FaultProxy } from './s3-fault-proxy.js';
 import { createBucket, openRgwStorage, rawPut, repositoryKeys, setLeaseTiming, v3Env } from './s3-helpers.js';
-import { collectOutput, exitOf, filesIdentical, parseJson, runEngine, spawnEngine, stoppedItself, Tmpfs, tempDir, writeRegion, type BackupJson, type RunResult } from './helpers.js';
+import { collectOutput, continueUntilExit, filesIdentical, parseJson, runEngine, spawnEngine, stoppedItself, Tmpfs, tempDir, writeRegion, type BackupJson, type RunResult } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const BUCKET = 'engine-v3-faults';
@@ -43,18 +43,6 @@ function expectFailure(r: RunResult, code: string, exit = 1): void {
   expect(r.code, r.stderr).toBe(exit);
   expect(r.stderr.trim().split('\n'), r.stderr).toHaveLength(1);
   expect(parseJson<{ error: { code: string } }>(r.stdout).error.code, r.stdout).toBe(code);
-}
-
-/** Resumes a child stopped at ENGINE_STOP_AT, and again each time it stops there again (a later pack), until it exits. */
-async function continueUntilExit(child: ReturnType<typeof spawnEngine>): Promise<number> {
-  const exited = exitOf(child);
-  child.kill('SIGCONT');
-  for (;;) {
-    const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
-    if (settled === 'exited') break;
-    child.kill('SIGCONT');
-  }
-  return (await exited).code ?? -1;
 }
 
 async function backupOk(repo: string, image: string, env: Record<string, string>): Promise<string> {

@@ -13,8 +13,8 @@ import { chmod, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path';
 import { execFile } from 'node:child_process';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage, rgwEnv } from './s3-helpers.js';
-import { collectOutput, exitOf, filesIdentical, parseJson, runEngine, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson, type RunResult } from './helpers.js';
+import { createBucket, openRgwStorage, repositoryKeys, rgwEnv } from './s3-helpers.js';
+import { collectOutput, continueUntilExit, exitOf, filesIdentical, parseJson, runEngine, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson, type RunResult } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const BUCKET = 'engine-v3-gaps';
@@ -43,27 +43,7 @@ function env(kind: Kind, extra: Record<string, string> = {}): Record<string, str
 const repoNamed = (kind: Kind, name: string): string => (kind === 'folder' ? join(scratch.path, `${kind}-${name}`) : `s3://${BUCKET}/${name}`);
 
 /** Every key of a repository, sorted. */
-async function keysOf(where: string): Promise<string[]> {
-  if (!where.startsWith('s3://')) {
-    const keys: string[] = [];
-    const walk = async (dir: string, prefix: string): Promise<void> => {
-      for (const entry of await readdir(dir, { withFileTypes: true }).catch(() => [])) {
-        if (entry.isDirectory()) await walk(join(dir, entry.name), `${prefix}${entry.name}/`);
-        else keys.push(`${prefix}${entry.name}`);
-      }
-    };
-    await walk(where, '');
-    return keys.sort();
-  }
-  const storage = await openRgwStorage(cluster, where);
-  try {
-    const keys: string[] = [];
-    for await (const info of storage.list('')) keys.push(info.key);
-    return keys.sort();
-  } finally {
-    await storage.close();
-  }
-}
+const keysOf = async (where: string): Promise<string[]> => (await repositoryKeys(cluster, where)).sort();
 
 async function getObject(where: string, key: string): Promise<Buffer> {
   if (!where.startsWith('s3://')) return readFile(join(where, key));
@@ -156,15 +136,8 @@ async function stoppedThenResumed(args: string[], environment: Record<string, st
   const out = collectOutput(child);
   await stoppedItself(child);
   await meanwhile(child);
-  const exited = exitOf(child);
-  child.kill('SIGCONT');
-  for (;;) {
-    const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
-    if (settled === 'exited') break;
-    child.kill('SIGCONT');
-  }
-  const { code } = await exited;
-  return { code: code ?? -1, stdout: out.stdout(), stderr: out.stderr() };
+  const code = await continueUntilExit(child);
+  return { code, stdout: out.stdout(), stderr: out.stderr() };
 }
 
 for (const kind of ['folder', 's3'] as const) {
