@@ -11,6 +11,12 @@ if (major < 22 || (major === 22 && minor < 12)) {
   );
   process.exit(1);
 }
+// bin/engine tuned this process's malloc (glibc reads GLIBC_TUNABLES once, at start): what the engine runs gets the caller's own.
+if (process.env.ENGINE_CALLER_GLIBC_TUNABLES !== undefined) {
+  if (process.env.ENGINE_CALLER_GLIBC_TUNABLES === '') delete process.env.GLIBC_TUNABLES;
+  else process.env.GLIBC_TUNABLES = process.env.ENGINE_CALLER_GLIBC_TUNABLES;
+  delete process.env.ENGINE_CALLER_GLIBC_TUNABLES;
+}
 const entry = new URL('../dist/cli/main.js', import.meta.url);
 if (!existsSync(entry)) {
   process.stderr.write('engine: not built yet; run `npm run build` (or `bash scripts/setup.sh`) in the project root\n');

