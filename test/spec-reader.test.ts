@@ -257,7 +257,10 @@ async function restoreAndCompare(repoDir: string, sources: Map<string, string>, 
       const source = sources.get(backup.id);
       expect(source).toBeDefined();
       expect(statSync(out).size).toBe(statSync(source!).size);
-      await run('cmp', [out, source!]); // rejects on any difference
+      // Rejects on any difference. Not cmp: it reads every byte of the holes of these 4.5 GiB sparse images
+      // (~15 CPU-s each); qemu-img compare finds them with SEEK_DATA and compares every other byte (the
+      // lengths are equal, just checked; a hole and written zeros are the same content, as for cmp).
+      await run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', out, source!]);
       rmSync(out);
       compared++;
     }

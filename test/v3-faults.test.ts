@@ -203,8 +203,10 @@ describe('the store itself', () => {
   test('a storm longer than the retry budget: the backup fails in one line (ENGINE_STORAGE_UNAVAILABLE, with its attempts); the next backup commits', async () => {
     const { repo, id } = await repositoryWithBackup('s3', 'long-storm');
     const env = s3Env(proxy.endpoint);
-    // The backup has its lease and has stored a pack when the store turns to 503: mid-backup.
-    const child = spawnEngine(['backup', '--repo', repo, '--source', await newImage(40), '--json'], { ...env, ENGINE_STOP_AT: 'pack-sealed' });
+    // The backup has its lease and has stored a pack when the store turns to 503: mid-backup. Its pauses start
+    // at 10 ms instead of 200 (ENGINE_TEST_RETRY_BASE_MS, tests only): the same 10 attempts, given up after
+    // ~2.5 s instead of ~50 s of sleeping; the default budget rides through the storms above.
+    const child = spawnEngine(['backup', '--repo', repo, '--source', await newImage(40), '--json'], { ...env, ENGINE_STOP_AT: 'pack-sealed', ENGINE_TEST_RETRY_BASE_MS: '10' });
     const output = collectOutput(child);
     await stoppedItself(child);
     // Every upload of a pack from now on (the lease's own requests pass: its release is not held up by another budget).

@@ -5,9 +5,9 @@
  * drops the dead entries from the index before it commits (19.7, step 3a). Each round loses the data pack of
  * a fresh backup and backs the same disk up again; the rounds go on until both key orders happened (the
  * writer ids are random: each order comes with probability 1/2 per round), and the test asserts they did.
- * After every round every backup restores byte for byte (cmp), the old one too (content addressing: its
- * chunks are the new copies); afterwards verify --read-data is clean, gc keeps what is needed, and every
- * backup still restores.
+ * After every round its backups restore byte for byte (cmp), the old one too (content addressing: its
+ * chunks are the new copies); every earlier backup is restored again after the kill -9 and after gc:
+ * verify --read-data is clean, gc keeps what is needed, and every backup still restores.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { rm, stat } from 'node:fs/promises';
@@ -128,15 +128,20 @@ for (const kind of ['folder', 's3'] as const) {
         if (writerOf(oldSegments[0]![0]) < writerOf(newSegments[0]!)) seen.oldFirst++;
         else seen.newFirst++;
 
+        // This round's backups restore now; every earlier one is restored again after the crash below and at
+        // the end (the third and fourth tests), so each round checks its own rather than all (quadratic).
         backups.push({ id: fresh.id, image }, { id: old.id, image });
-        for (const b of backups) await restoresIdentical(b.id, b.image);
+        for (const b of backups.slice(-2)) await restoresIdentical(b.id, b.image);
       }
       // Both orders happened: the old segment first (what lost data before the fix) and the new one first.
       expect(seen.oldFirst).toBeGreaterThan(0);
       expect(seen.newFirst).toBeGreaterThan(0);
     });
 
-    test('a chunk stored twice at once (two writers, two packs), both packs lost: the next backup restores whichever segment sorts first', async () => {
+    // On S3 only: what it checks (the backup proving both copies dead, segment by segment, before its record)
+    // lies between store operations, the same on a folder, whose rounds added ~30 s; the folder keeps the
+    // single lost pack, the kill -9 after segment-replaced and gc below.
+    if (kind === 's3') test('a chunk stored twice at once (two writers, two packs), both packs lost: the next backup restores whichever segment sorts first', async () => {
       // The backup proves the first lost pack dead through the entries that win; once they are dropped the
       // other copy's entries win, and they name a lost pack too: it must find that out before its record.
       // Rounds go on until the case that needs it happened: the new segment after both old ones (1/3 a round).
@@ -161,7 +166,8 @@ for (const kind of ['folder', 's3'] as const) {
         expect(newSegments).toHaveLength(3);
         if (oldSegments.every((key) => writerOf(key) < writerOf(newSegments[0]!))) newLast++;
         backups.push({ id: fresh.id, image }, ...both.map((id) => ({ id, image })));
-        for (const b of backups) await restoresIdentical(b.id, b.image);
+        // This round's backups; the earlier ones again after the crash below and at the end.
+        for (const b of backups.slice(-3)) await restoresIdentical(b.id, b.image);
       }
       expect(newLast).toBeGreaterThan(0);
     });
@@ -184,7 +190,8 @@ for (const kind of ['folder', 's3'] as const) {
       for (const b of backups) await restoresIdentical(b.id, b.image);
       const fresh = await backup(image);
       backups.push({ id: fresh.id, image }, { id: old.id, image });
-      for (const b of backups) await restoresIdentical(b.id, b.image);
+      // The two that changed; every backup is restored again after gc (the next test).
+      for (const b of backups.slice(-2)) await restoresIdentical(b.id, b.image);
     });
 
     test('verify --read-data is clean; gc keeps what is needed; every backup still restores; verify clean again', async () => {
