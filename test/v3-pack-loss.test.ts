@@ -261,6 +261,18 @@ for (const kind of ['folder', 's3'] as const) {
       // No entry names the lost pack any more: verify finds nothing missing.
       const verify = await runEngine(['verify', '--repo', repo, '--read-data'], { env: env() });
       expect(verify.code, verify.stdout + verify.stderr).toBe(0);
+
+      // Then the only copy goes too: gc keeps its entries (the blobs are lost, not named nowhere: gc does not
+      // refuse), says so, deletes nothing a backup needs, and verify names the pack and the backup.
+      const copyKey = `packs/${copyId.slice(0, 2)}/${copyId}`;
+      await lose(repo, copyKey);
+      const gcAgain = await runEngine(['gc', '--repo', repo], { env: env() });
+      expect(gcAgain.code, gcAgain.stderr).toBe(0);
+      expect(gcAgain.stderr).toContain(`the index names 1 lost pack(s) (${copyId}) holding the only copy of 4 blob(s) backups need`);
+      const damaged = await runEngine(['verify', '--repo', repo], { env: env() });
+      expect(damaged.code, damaged.stdout + damaged.stderr).toBe(4);
+      expect(damaged.stdout).toContain(`pack ${copyId} is missing (4 index entries name it); backup that lost data with it: ${original.id}`);
+      expect(damaged.stdout).toContain('engine gc drops its entries whose blobs have another copy and engine repair all of them');
     });
 
     test('verify --read-data is clean; gc keeps what is needed; every backup still restores; verify clean again', async () => {
