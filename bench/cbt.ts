@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { formatBytes, generateImage, parseSize } from '../engine/index.js';
 import { applyChangeSet, withQemuNbd } from './change-set.js';
-import { reportMarkdown, writeReport } from './report.js';
+import { reportMarkdown, verdict, writeReport } from './report.js';
 import { arg, ENGINE, logger, machineLine, MB, run } from './tools.js';
 import { libvirtScenario } from './libvirt-scenario.js';
 
@@ -96,7 +96,7 @@ async function main(): Promise<void> {
       rows.push({ scenario: `offline qcow2: incremental, ${pct} rewritten`, tool: 'engine --image', seconds: inc.seconds, bytesRead: inc.bytesRead, note: `${inc.mode}; ${formatBytes(written)} written; ${((inc.seconds / full.seconds) * 100).toFixed(1)}% of the full's time` });
       if (fraction === 0.01) {
         const ratio = inc.seconds / full.seconds;
-        targets.push(`incremental at 1% ≤ 5% of the full's wall time: ${(ratio * 100).toFixed(1)}% → ${ratio <= 0.05 ? 'PASS' : 'MISS'}`);
+        targets.push(`incremental at 1% ≤ 5% of the full's wall time: ${(ratio * 100).toFixed(1)}% → ${verdict([ratio], (r) => r <= 0.05)}`);
       }
     }
 
@@ -110,7 +110,7 @@ async function main(): Promise<void> {
       const peerFull = outcome.rows.find((r) => r.scenario === 'full' && r.tool.startsWith('virtnbdbackup'));
       if (engineFull && peerFull) {
         const ratio = peerFull.measured.seconds / engineFull.measured.seconds;
-        targets.push(`full from a libvirt pull export ≥ 10× virtnbdbackup: ${ratio.toFixed(1)}× → ${ratio >= 10 ? 'PASS' : 'MISS'}`);
+        targets.push(`full from a libvirt pull export ≥ 10× virtnbdbackup: ${ratio.toFixed(1)}× → ${verdict([ratio], (r) => r >= 10)}`);
       }
     }
 

@@ -33,3 +33,15 @@ export async function writeReport(outDir: string, prefix: string, markdown: stri
   await writeFile(join(outDir, `${prefix}-latest.md`), markdown);
   for (const [extension, content] of Object.entries(extra)) await writeFile(join(outDir, `${prefix}-latest.${extension}`), content);
 }
+
+/**
+ * The verdict of a target measured once or in several rounds: PASS only when every round meets it. A median
+ * would let one round in two miss and still print PASS; a round that missed is never averaged away.
+ * `rounds` holds the measured value of each round; `meets` says whether one value meets the target.
+ */
+export function verdict(rounds: readonly number[], meets: (value: number) => boolean): string {
+  if (rounds.length === 0) return 'not measured';
+  const met = rounds.filter((value) => meets(value)).length;
+  if (rounds.length === 1) return met === 1 ? 'PASS' : 'MISS';
+  return met === rounds.length ? `PASS (all ${rounds.length} rounds)` : `MISS (${met} of ${rounds.length} rounds)`;
+}

@@ -21,7 +21,7 @@
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { formatBytes, generateImage, mutateImage, parseSize } from '../engine/index.js';
-import { reportMarkdown, writeReport } from './report.js';
+import { reportMarkdown, verdict, writeReport } from './report.js';
 import { svgBarChart, type ChartBar } from './chart.js';
 import { applyChangeSet, withQemuNbd } from './change-set.js';
 import { libvirtScenario } from './libvirt-scenario.js';
@@ -84,14 +84,14 @@ class Suite {
   targetFaster(label: string, engine: Row | undefined, peer: Row | undefined, factor: number): void {
     if (!engine || !peer) return;
     const ratio = peer.seconds / engine.seconds;
-    this.targets.push(`${label} ≥ ${factor}× ${peer.tool}: ${ratio.toFixed(2)}× → ${ratio >= factor ? 'PASS' : 'MISS'}`);
+    this.targets.push(`${label} ≥ ${factor}× ${peer.tool}: ${ratio.toFixed(2)}× → ${verdict([ratio], (r) => r >= factor)}`);
   }
 
   /** "≥ P% of a ceiling" targets: the engine's MB/s over the ceiling's. */
   targetShare(label: string, engine: Row | undefined, ceiling: Row | undefined, share: number): void {
     if (!engine || !ceiling) return;
     const ratio = engine.mbPerS / ceiling.mbPerS;
-    this.targets.push(`${label} ≥ ${share * 100}% of ${ceiling.tool}: ${(ratio * 100).toFixed(0)}% → ${ratio >= share ? 'PASS' : 'MISS'}`);
+    this.targets.push(`${label} ≥ ${share * 100}% of ${ceiling.tool}: ${(ratio * 100).toFixed(0)}% → ${verdict([ratio], (r) => r >= share)}`);
   }
 }
 
@@ -247,7 +247,7 @@ async function mainSuite(): Promise<void> {
       await peersBackUp(suite, peers, scenario, vmA, `inc${fraction * 100}`);
       if (fraction === 0.01) {
         const share = row.seconds / engineFullCbt.seconds;
-        suite.targets.push(`incremental at 1% ≤ 5% of the full's time: ${(share * 100).toFixed(1)}% → ${share <= 0.05 ? 'PASS' : 'MISS'}`);
+        suite.targets.push(`incremental at 1% ≤ 5% of the full's time: ${(share * 100).toFixed(1)}% → ${verdict([share], (s) => s <= 0.05)}`);
       }
     }
 
@@ -332,7 +332,7 @@ async function mainSuite(): Promise<void> {
       await rm(rssRepo, { recursive: true, force: true });
     }
     const worstRss = Math.max(...rssRows.flatMap((r) => [r.backup.peakRssMiB, r.restore.peakRssMiB]), ...suite.rows.filter((r) => r.kind === 'engine').map((r) => r.peakRssMiB));
-    suite.targets.push(`peak RSS ≤ 300 MiB whatever the image size: worst ${worstRss.toFixed(0)} MiB → ${worstRss <= 300 ? 'PASS' : 'MISS'}`);
+    suite.targets.push(`peak RSS ≤ 300 MiB whatever the image size: worst ${worstRss.toFixed(0)} MiB → ${verdict([worstRss], (worst) => worst <= 300)}`);
 
     await report(suite, rssRows, size, outDir);
   } finally {

@@ -15,6 +15,7 @@ import { parseJson, runEngine, sha256File, sparseFile, tempDir, writeRegion, typ
 interface Expected {
   encrypted: boolean;
   passphrase?: string;
+  mapDepth?: number;
   restores: { id: string; disk: string; sha256: string }[];
 }
 
@@ -45,6 +46,12 @@ afterAll(async () => {
 test('there is a golden repository of every format version', () => {
   const versions = new Set(fixtures.map((name) => name.split('-')[0]));
   expect([...versions].sort()).toEqual(['v1', 'v2', 'v3']);
+});
+
+test('every format version has a golden repository whose maps have an interior level (depth >= 1)', () => {
+  // make-deep-map-fixture.sh records the depth; test/spec-reader.test.ts checks it against the records.
+  const deep = fixtures.filter((name) => ((JSON.parse(readFileSync(join(FIXTURES, name, 'expected.json'), 'utf8')) as Expected).mapDepth ?? 0) >= 1);
+  expect([...new Set(deep.map((name) => name.split('-')[0]))].sort()).toEqual(['v1', 'v2', 'v3']);
 });
 
 describe.each(fixtures)('%s', (fixture) => {

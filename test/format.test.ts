@@ -5,6 +5,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createHash, randomBytes } from 'node:crypto';
+import { compressSync } from 'lz4-napi';
 import { chmod, mkdtemp, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -400,6 +401,22 @@ describe('blob codec', () => {
     payload.writeUInt32LE(raw.length, 0);
     const frame = buildFrame(KIND_DATA, FLAG_LZ4, raw.length, id, payload);
     expect(reason(openBlob(frame, id))).toMatch(/^(lz4 payload does not decompress|decompressed to \d+ bytes, expected 8192)/);
+  });
+
+  test('an lz4 body that decodes to fewer or more bytes than its size prefix is refused, even when the id matches what it decodes to', () => {
+    // A well-formed lz4 block of 8192 bytes behind a prefix (and rawLength) of 8200: lz4 itself stops at
+    // the end of its input without complaint, and the id is the SHA-256 of the 8192 bytes it yields, so
+    // only the length check (SPEC section 5) stands between this frame and a short block.
+    const short = compressible(8192);
+    const block = compressSync(short);
+    block.writeUInt32LE(8200, 0);
+    const frame = buildFrame(KIND_DATA, FLAG_LZ4, 8200, sha256(short), block);
+    expect(reason(openBlob(frame, sha256(short)))).toBe('decompressed to 8192 bytes, expected 8200');
+    // The same block behind a prefix of 8000: it would write past the allocation the prefix sized; refused.
+    const long = compressSync(short);
+    long.writeUInt32LE(8000, 0);
+    const longFrame = buildFrame(KIND_DATA, FLAG_LZ4, 8000, sha256(short), long);
+    expect(reason(openBlob(longFrame, sha256(short)))).toMatch(/^(lz4 payload does not decompress|decompressed to 8192 bytes, expected 8000)/);
   });
 
   test('plaintext whose SHA-256 is not the id is refused (compressed and plain)', () => {

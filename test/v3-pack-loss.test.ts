@@ -10,10 +10,13 @@
  * verify --read-data is clean, gc keeps what is needed, and every backup still restores.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { rm, stat } from 'node:fs/promises';
-import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, openRgwStorage, repositoryKeys, v3Env } from './s3-helpers.js';
+import { decodeSegment, encodeSegmentPlain, segmentKey } from '../dist/repo-format/v3/segment.js';
+import { initChecksum } from '../dist/repo-format/checksum.js';
 import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, tempDir, withoutProgress, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -24,6 +27,7 @@ let cluster: RgwCluster;
 let scratch: { path: string; cleanup: () => Promise<void> };
 
 beforeAll(async () => {
+  await initChecksum();
   scratch = await tempDir();
   cluster = await startRgwCluster({ memstoreBytes: 512 * MiB });
   await createBucket(cluster, BUCKET);
@@ -56,6 +60,31 @@ async function lose(repo: string, key: string): Promise<void> {
   const storage = await openRgwStorage(cluster, repo);
   try {
     await storage.delete(key);
+  } finally {
+    await storage.close();
+  }
+}
+
+/** Reads one object of the repository. */
+async function getObject(repo: string, key: string): Promise<Buffer> {
+  if (!repo.startsWith('s3://')) return readFile(join(repo, key));
+  const storage = await openRgwStorage(cluster, repo);
+  try {
+    return await storage.get(key);
+  } finally {
+    await storage.close();
+  }
+}
+
+/** Writes one object behind the engine's back (a pack or a segment another writer could have written). */
+async function putObject(repo: string, key: string, bytes: Buffer): Promise<void> {
+  if (!repo.startsWith('s3://')) {
+    await mkdir(dirname(join(repo, key)), { recursive: true, mode: 0o700 });
+    return writeFile(join(repo, key), bytes, { mode: 0o600, flag: 'wx' });
+  }
+  const storage = await openRgwStorage(cluster, repo);
+  try {
+    await storage.put(key, bytes);
   } finally {
     await storage.close();
   }
@@ -194,10 +223,69 @@ for (const kind of ['folder', 's3'] as const) {
       for (const b of backups.slice(-2)) await restoresIdentical(b.id, b.image);
     });
 
+    test('a lost pack whose entries shadow a live duplicate (its segment sorts first): gc drops the dead entries and keeps the duplicate', async () => {
+      // Two copies of the same chunks, as two writers storing them at once leave (made here exactly: a copy of
+      // the pack under a new id, named by a segment whose key sorts after the first). The first copy is lost:
+      // its entries still win (19.3). gc counted the live copy as dead bytes (duplicates) and deleted its pack,
+      // losing the backup for good; it must pass over the dead entries instead (19.8, "Lost packs").
+      // A repository of its own: this case runs alone too (-t).
+      const repo = kind === 'folder' ? join(scratch.path, 'repo-shadow') : `s3://${BUCKET}/repo-shadow`;
+      const init = await runEngine(['init', '--format', '3', repo], { env: env() });
+      expect(init.code, init.stderr).toBe(0);
+      const image = join(scratch.path, `${kind}-shadow.raw`);
+      await writeRegion(image, 0, 4 * MiB, 'random', `${kind}-shadow`);
+      const before = await objects(repo);
+      const first = await runEngine(['backup', '--repo', repo, '--source', image, '--json'], { env: env() });
+      expect(first.code, first.stderr).toBe(0);
+      const original = parseJson<BackupJson>(first.stdout);
+      const added = [...(await objects(repo))].filter(([key]) => !before.has(key));
+      const [firstSegment] = added.filter(([key]) => key.startsWith('index/')).map(([key]) => key);
+      const [lostPack] = added.filter(([key]) => key.startsWith('packs/')).sort((a, b) => b[1] - a[1])[0]!;
+      const lostId = lostPack.slice(lostPack.lastIndexOf('/') + 1);
+      const copyId = randomBytes(16).toString('hex');
+      const pack = await getObject(repo, lostPack);
+      Buffer.from(copyId, 'hex').copy(pack, 16); // the pack header names its pack (SPEC 6)
+      await putObject(repo, `packs/${copyId.slice(0, 2)}/${copyId}`, pack);
+      const segment = decodeSegment(await getObject(repo, firstSegment!), firstSegment!);
+      if (typeof segment === 'string') throw new Error(segment);
+      const entries = segment.entries.filter((entry) => entry.packId === lostId).map((entry) => ({ ...entry, packId: copyId }));
+      expect(entries).toHaveLength(4);
+      const duplicate = { name: { writer: 'f'.repeat(32), seq: 0 }, supersedes: [], entries };
+      expect(segmentKey(duplicate.name) > firstSegment!).toBe(true);
+      await putObject(repo, segmentKey(duplicate.name), encodeSegmentPlain(duplicate));
+      await lose(repo, lostPack);
+
+      // Not --json: the notice is what this test reads on stderr.
+      const gc = await runEngine(['gc', '--repo', repo], { env: env() });
+      expect(gc.code, gc.stderr).toBe(0);
+      expect((await objects(repo)).has(`packs/${copyId.slice(0, 2)}/${copyId}`), 'the live copy is kept').toBe(true);
+      const target = join(scratch.path, `restored-${kind}-shadow.raw`);
+      const restore = await runEngine(['restore', '--repo', repo, original.id, '--to', target], { env: env() });
+      expect(restore.code, restore.stderr).toBe(0);
+      expect(await filesIdentical(target, image)).toBe(true);
+      await rm(target);
+      expect(gc.stderr).toContain(`the index named 1 lost pack(s) (${lostId}): gc drops those entries, every blob a backup needs has another copy`);
+      // No entry names the lost pack any more: verify finds nothing missing.
+      const verify = await runEngine(['verify', '--repo', repo, '--read-data'], { env: env() });
+      expect(verify.code, verify.stdout + verify.stderr).toBe(0);
+
+      // Then the only copy goes too: gc keeps its entries (the blobs are lost, not named nowhere: gc does not
+      // refuse), says so, deletes nothing a backup needs, and verify names the pack and the backup.
+      const copyKey = `packs/${copyId.slice(0, 2)}/${copyId}`;
+      await lose(repo, copyKey);
+      const gcAgain = await runEngine(['gc', '--repo', repo], { env: env() });
+      expect(gcAgain.code, gcAgain.stderr).toBe(0);
+      expect(gcAgain.stderr).toContain(`the index names 1 lost pack(s) (${copyId}) holding the only copy of 4 blob(s) backups need`);
+      const damaged = await runEngine(['verify', '--repo', repo], { env: env() });
+      expect(damaged.code, damaged.stdout + damaged.stderr).toBe(4);
+      expect(damaged.stdout).toContain(`pack ${copyId} is missing (4 index entries name it); backup that lost data with it: ${original.id}`);
+      expect(damaged.stdout).toContain('engine gc drops its entries whose blobs have another copy and engine repair all of them');
+    });
+
     test('verify --read-data is clean; gc keeps what is needed; every backup still restores; verify clean again', async () => {
       const verify = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env: env() });
       expect(verify.code, verify.stdout + verify.stderr).toBe(0);
-      const gc = await runEngine(['gc', '--repo', repo, '--json'], { env: env() });
+      const gc = await runEngine(['gc', '--repo', repo, '--json'], { env: { ...env(), DEBUG_LOST: '1' } }); console.log(gc.stderr, gc.stdout);
       expect(gc.code, gc.stderr).toBe(0);
       for (const b of backups) await restoresIdentical(b.id, b.image);
       const again = await runEngine(['verify', '--repo', repo, '--read-data'], { env: env() });

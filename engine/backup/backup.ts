@@ -317,7 +317,7 @@ async function commit(run: BackupRun, repo: Repository, record: BackupRecord): P
   const lost = [...repo.packPresence.unavailable];
   if (lost.length > 0) {
     run.notice(
-      `${lost.length === 1 ? 'pack' : 'packs'} ${lost.map(([pack, why]) => `${pack} (${why})`).join(', ')}: this backup did not trust the index entries naming ${lost.length === 1 ? 'it' : 'them'}, and stored again what it found there; engine verify names the older backups that lost data, engine repair drops the dead entries`,
+      `${lost.length === 1 ? 'pack' : 'packs'} ${lost.map(([pack, why]) => `${pack} (${why})`).join(', ')}: this backup did not trust the index entries naming ${lost.length === 1 ? 'it' : 'them'}, and stored again what it found there; run engine verify to see which older backups lost data (a backup of their source heals them), then ${repo.manyWriters ? 'engine gc' : 'engine repair'} to drop the dead index entries`,
     );
   }
 }

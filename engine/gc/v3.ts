@@ -28,7 +28,9 @@ import { crashPoint } from '../../repo-format/crash-points.js';
 import { PackWriter } from '../../repo-format/pack-file.js';
 import { openBlob } from '../../repo-format/blob-codec.js';
 import { LEASE_SKEW_BOUND_MS, LEASE_TIME_MS, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../../repo-format/constants.js';
-import { packIdOfKey, PACKS_PREFIX } from '../../repo-format/store.js';
+import { packIdOfKey, packKey, PACKS_PREFIX } from '../../repo-format/store.js';
+import { isStorageError } from '../../repo-format/storage/storage-error.js';
+import type { DeadEntryTest } from '../../repo-format/pack-presence.js';
 import { removeFromQuarantine } from '../../repo-format/quarantine.js';
 import { removeOrphanedMarkers } from '../../repo-format/protection.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
@@ -127,6 +129,7 @@ export async function gcVersion3(args: GcVersion3Args): Promise<GcReport> {
     report.backups = records.length;
     await segmentsOrRefuse(repo, index, interruption, args.signal);
     const packs = await listPacks(repo, args.signal);
+    index.deadEntry = (await lostPacks(repo, index, packs, args.signal)).dead;
     report.packs.before = packs.length;
     report.bytes.before = packs.reduce((total, pack) => total + pack.size, 0);
     const storeNow = await storeTime(repo);
@@ -159,6 +162,8 @@ export async function gcVersion3(args: GcVersion3Args): Promise<GcReport> {
     await mark(repo, newer, live, damagedReferenced, marking);
     await segmentsOrRefuse(repo, index, interruption, args.signal);
     const packsNow = await listPacks(repo, args.signal);
+    const lost = await lostPacks(repo, index, packsNow, args.signal);
+    index.deadEntry = lost.dead;
     const plan = await planGcCommit({
       index,
       packs: packsNow,
@@ -168,6 +173,8 @@ export async function gcVersion3(args: GcVersion3Args): Promise<GcReport> {
       minUnnamedAgeMs,
       limits: limits && { entries: limits.entries, superseded: SEGMENT_MAX_SUPERSEDED },
     });
+    // After the plan's pass over the live blobs: it found the short packs among them.
+    if (lost.packs().length > 0) notice(await lostNotice(index, lost));
     if (plan.refused) {
       throw new MissingBlobError(plan.unnamedLive[0]!, `gc refuses to run (nothing was changed): ${plan.unnamedCount} live blob(s) named by no segment, the first`);
     }
@@ -227,6 +234,54 @@ async function listPacks(repo: Repository, signal: AbortSignal | undefined): Pro
     if (packId) packs.push({ packId, size: info.size, modified: info.modified });
   }
   return packs;
+}
+
+interface LostPacks {
+  /** Packs segments name that the store says are not there, and the packs found shorter than a frame named in them so far. */
+  packs: () => string[];
+  /** Whether an entry is dead (a frame in a lost pack, or past its pack's end); it notes the short packs it meets. */
+  dead: DeadEntryTest;
+}
+
+/**
+ * The packs that segments name and that are lost (SPEC.md 19.8, "Lost packs"): absent from the listing and
+ * not found by a `stat` of their own (a listing that missed one proves nothing), or listed shorter than a frame an
+ * entry names. Safe to act on: a segment gc read names only packs durable before it was written (invariant
+ * 1'), so before gc's listing, and the engine deletes a pack only when no effective segment names it.
+ */
+async function lostPacks(repo: Repository, index: GcIndex, packs: readonly StoredPack[], signal: AbortSignal | undefined): Promise<LostPacks> {
+  const sizes = new Map(packs.map((pack) => [pack.packId, pack.size]));
+  const gone = new Set<string>();
+  for (const packId of index.namedPacks) {
+    if (sizes.has(packId)) continue;
+    signal?.throwIfAborted();
+    try {
+      sizes.set(packId, (await repo.store.stat(packKey(packId))).size);
+    } catch (error) {
+      if (!isStorageError(error, 'not-found')) throw error;
+      gone.add(packId);
+    }
+  }
+  const short = new Set<string>();
+  const dead: DeadEntryTest = (entry) => {
+    if (gone.has(entry.packId)) return true;
+    const size = sizes.get(entry.packId);
+    if (size === undefined || entry.offset + entry.length <= size) return false;
+    short.add(entry.packId);
+    return true;
+  };
+  return { packs: () => [...gone, ...short].sort(), dead };
+}
+
+/** One line: what gc does about lost packs, and what the user does. */
+async function lostNotice(index: GcIndex, lost: LostPacks): Promise<string> {
+  let unrecoverable = 0;
+  for await (const blob of index.live()) if (!blob.moved && blob.winner && lost.dead(blob.winner)) unrecoverable += 1;
+  const names = lost.packs();
+  const packs = `${names.length} lost pack(s) (${names.slice(0, 3).join(', ')}${names.length > 3 ? ', …' : ''})`;
+  return unrecoverable === 0
+    ? `the index named ${packs}: gc drops those entries, every blob a backup needs has another copy`
+    : `the index names ${packs} holding the only copy of ${unrecoverable} blob(s) backups need: gc drops the other entries and keeps those; \`engine verify\` names the damaged backups, and backing their disks up again stores those blobs anew`;
 }
 
 /** The store's clock now (a folder shares this host's). */

@@ -18,7 +18,7 @@ import type { VerifyRun } from './run.js';
 
 /** Counts the entries, sorts out the packs with a bad header, and locates each entry if the counts disagree. */
 export async function checkIndex(run: VerifyRun, packs: PackFindings): Promise<MissingPacks> {
-  const missingPacks = new MissingPacks();
+  const missingPacks = new MissingPacks(run.repo.manyWriters);
   let entries = 0;
   const namedBadHeaders = new Set<string>();
   for await (const entry of run.repo.blobs()) {

@@ -29,6 +29,9 @@ export class MissingPacks {
   private readonly blobs = new Map<string, string>();
   private readonly affected = new Map<string, Map<string, Affected>>();
 
+  /** `manyWriters`: format 3, where gc drops the entries of a lost pack that shadow another copy (SPEC.md 19.8). */
+  constructor(private readonly manyWriters = false) {}
+
   /** An index entry naming a pack that does not exist. */
   noteEntry(packId: string, blob: string): void {
     this.entries.set(packId, (this.entries.get(packId) ?? 0) + 1);
@@ -75,7 +78,7 @@ export class MissingPacks {
           : `${backups.size === 1 ? 'backup' : 'backups'} that lost data with it: ${affected.map((a) => `${a.backup} (disk ${a.disk}: ${what(a)})`).join(', ')}`;
       return {
         code: 'PACK_MISSING',
-        message: `pack ${pack} is missing (${entries} index ${entries === 1 ? 'entry names' : 'entries name'} it); ${lost}; engine repair drops its entries, and a backup of a source that still holds those blocks stores them again`,
+        message: `pack ${pack} is missing (${entries} index ${entries === 1 ? 'entry names' : 'entries name'} it); ${lost}; ${this.manyWriters ? 'engine gc drops its entries whose blobs have another copy and engine repair all of them' : 'engine repair drops its entries'}, and a backup of a source that still holds those blocks stores them again`,
         pack,
         entries,
         affected,

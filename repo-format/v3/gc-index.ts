@@ -19,6 +19,7 @@ import { rm } from 'node:fs/promises';
 import { ClassicLevel } from 'classic-level';
 import { classifyWriteError } from '../errors.js';
 import { decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from '../index-entry.js';
+import type { DeadEntryTest } from '../pack-presence.js';
 import { ID_SIZE, INDEX_ENTRY_SIZE, PACK_ID_SIZE } from '../constants.js';
 import type { Storage } from '../storage/storage.js';
 import { compareKeys } from '../storage/storage.js';
@@ -87,6 +88,11 @@ export class GcIndex {
   readonly namedPacks = new Set<string>();
   /** Copies added (moved). */
   movedCount = 0;
+  /**
+   * Entries proven dead (their pack gone from the store, or shorter than the frame: SPEC.md 19.3, 19.8):
+   * never a blob's winner while the effective segments name it anywhere else.
+   */
+  deadEntry: DeadEntryTest | undefined;
 
   private constructor(
     private readonly db: Db,
@@ -233,16 +239,31 @@ export class GcIndex {
     return this.segments.reduce((total, segment, ordinal) => total + (this.superseded.has(ordinal) ? 0 : segment.entries), 0);
   }
 
-  /** The winning entry of every blob the effective segments name, in id order (19.3: first segment by key). */
+  /**
+   * The winning entry of every blob the effective segments name, in id order (19.3: first segment by key),
+   * passing over entries proven dead (`deadEntry`) to the blob's first live entry: a lost pack's entry must
+   * not shadow a live duplicate, which gc would otherwise count as dead bytes and delete (19.8). A blob whose
+   * every entry is dead keeps its first: it is lost, and the index goes on saying where it was.
+   */
   async *winners(): AsyncGenerator<IndexEntry> {
-    let last: Buffer | undefined;
+    let current: Buffer | undefined;
+    let chosen: IndexEntry | undefined;
+    let firstDead: IndexEntry | undefined;
     for await (const [key, value] of this.db.iterator(range(ENTRY))) {
       if (this.superseded.has(key.readUInt32BE(1 + ID_SIZE))) continue;
       const id = key.subarray(1, 1 + ID_SIZE);
-      if (last?.equals(id)) continue;
-      last = Buffer.from(id);
-      yield { id: last, ...locationOf(value, 'entry') };
+      if (!current?.equals(id)) {
+        if (current) yield (chosen ?? firstDead)!;
+        current = Buffer.from(id);
+        chosen = undefined;
+        firstDead = undefined;
+      }
+      if (chosen) continue;
+      const entry: IndexEntry = { id: current, ...locationOf(value, 'entry') };
+      if (this.deadEntry?.(entry)) firstDead ??= entry;
+      else chosen = entry;
     }
+    if (current) yield (chosen ?? firstDead)!;
   }
 
   /** Every live blob in id order, joined with its winning entry and its copy (merge of sorted ranges). */
