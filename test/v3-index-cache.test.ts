@@ -309,27 +309,18 @@ describe('ingest in bounded parts (19.4)', () => {
     await cache.close();
   });
 
-  test('kill -9 after the first part, then that segment superseded and deleted (gc): the cache starts again and names none of its entries', async () => {
+  test.each([
+    { after: 'superseded and deleted (gc)', deleted: true, why: /segment index\/c+-00000000 it ingested is gone/ },
+    { after: 'superseded by a new segment while it is still there', deleted: false, why: /superseded/ },
+  ])('kill -9 after the first part of a segment, then that segment $after: the cache starts again and names none of its entries', async ({ deleted, why }) => {
     const root = await cacheRoot();
     const { repo, storage } = await folderStore();
     await store(storage as never, { name: name('c'), supersedes: [], entries: [entry(1, 'c1'), entry(2, 'c1', 132), entry(3, 'c1', 232)] });
     await killedAfterFirstPart(root, repo);
     await store(storage as never, { name: name('d'), supersedes: [name('c')], entries: [entry(3, 'd1')] });
-    await storage.delete(segmentKey(name('c')));
+    if (deleted) await storage.delete(segmentKey(name('c')));
     const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage, batch: 2 });
-    expect(catchUp.rebuilt).toMatch(/segment index\/c+-00000000 it ingested is gone/);
-    expect((await cache.lookup([1, 2, 3].map((b) => Buffer.alloc(32, b)))).map((l) => l?.packId.slice(0, 2))).toEqual([undefined, undefined, 'd1']);
-    await cache.close();
-  });
-
-  test('kill -9 after the first part of a segment that a new segment supersedes while it is still there: the cache starts again', async () => {
-    const root = await cacheRoot();
-    const { repo, storage } = await folderStore();
-    await store(storage as never, { name: name('c'), supersedes: [], entries: [entry(1, 'c1'), entry(2, 'c1', 132), entry(3, 'c1', 232)] });
-    await killedAfterFirstPart(root, repo);
-    await store(storage as never, { name: name('d'), supersedes: [name('c')], entries: [entry(3, 'd1')] });
-    const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage, batch: 2 });
-    expect(catchUp.rebuilt).toMatch(/superseded/);
+    expect(catchUp.rebuilt).toMatch(why);
     expect((await cache.lookup([1, 2, 3].map((b) => Buffer.alloc(32, b)))).map((l) => l?.packId.slice(0, 2))).toEqual([undefined, undefined, 'd1']);
     await cache.close();
   });
