@@ -35,7 +35,7 @@ const MOVED = 0x03;
 const REWRITE = 0x04;
 const NOTHING = Buffer.alloc(0);
 /** Writes held in memory before they go to LevelDB in one batch. */
-export const GC_INDEX_BATCH = 65536;
+export const GC_INDEX_BATCH = 16384;
 /** Segments read at once, and the stored bytes they may hold before they are taken in (as the cache's catch-up). */
 const READ_WINDOW = { width: 16, budget: 32 * 1024 * 1024 };
 
