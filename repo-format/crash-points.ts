@@ -37,6 +37,7 @@ export type CrashPoint =
   | 'index-rebuild-pack' // an index rebuild (index/ was missing) entered its first pack under tmp/
   | 'lease-held' // version 3: the command's lease is written and checked, the cache not yet caught up
   | 'segment-written' // version 3: a writer's segment is durable in the store, its record not yet written
+  | 'cache-part-written' // version 3: the host cache wrote a part of a large segment's entries (19.4), not its last
   | 'segment-replaced' // version 3: a backup replaced a segment naming a lost pack by a copy without those entries (SPEC.md 19.7, 3a)
   | 'forget-record-removed'; // forget removed the record, its lease not yet released
 

@@ -12,7 +12,8 @@ import { join, resolve } from 'node:path';
 import { initChecksum } from '../dist/repo-format/checksum.js';
 import { MemoryStorage } from '../dist/repo-format/storage/memory.js';
 import { encodeSegment, segmentKey, type Segment, type SegmentEntry, type SegmentName } from '../dist/repo-format/v3/segment.js';
-import { IndexCache, MAX_SLOTS } from '../dist/repo-format/v3/index-cache.js';
+import { CACHE_BATCH, IndexCache, MAX_SLOTS } from '../dist/repo-format/v3/index-cache.js';
+import { LocalStorage } from '../dist/repo-format/storage/local.js';
 
 await initChecksum();
 const REPO = '0123456789abcdef0123456789abcdef';
@@ -228,5 +229,99 @@ describe('a rebuild cut short', () => {
     const third = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
     expect(third.catchUp).toEqual({ ingested: 0, entries: 0, rebuilt: undefined, damaged: [] });
     await third.cache.close();
+  });
+});
+
+describe('ingest in bounded parts (19.4)', () => {
+  /** `count` entries with ids ascending (a counter, then `fill`), in pack `pack`. */
+  function many(count: number, pack: string, fill = 0x77): SegmentEntry[] {
+    return Array.from({ length: count }, (_, i) => {
+      const id = Buffer.alloc(32, fill);
+      id.writeUInt32BE(i, 0);
+      return { id, packId: pack.repeat(32 / pack.length), offset: 32 + i, length: 100, rawLength: 44, kind: 1, flags: 0 };
+    });
+  }
+
+  test('whatever a segment holds, LevelDB is handed at most one part (CACHE_BATCH entries) and the record at once; every entry is found', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    const count = CACHE_BATCH * 2 + 5;
+    const entries = many(count, 'e1');
+    await store(storage, { name: name('e'), supersedes: [], entries });
+    const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(catchUp).toEqual({ ingested: 1, entries: count, rebuilt: undefined, damaged: [] });
+    expect(cache.peakBatch).toBeGreaterThan(0);
+    expect(cache.peakBatch).toBeLessThanOrEqual(CACHE_BATCH + 1);
+    const found = await cache.lookup(entries.map((e) => e.id));
+    expect(found.every((l, i) => l?.offset === entries[i]!.offset && l.packId === entries[i]!.packId)).toBe(true);
+    expect(await cache.counts()).toEqual({ segments: 1, blobs: count });
+    // A small part size holds too (the writers' own ingest goes the same way).
+    const small = await IndexCache.open({ cacheRoot: await cacheRoot(), repositoryId: REPO, storage, batch: 7 });
+    expect(small.cache.peakBatch).toBeLessThanOrEqual(8);
+    const own = { name: name('f'), supersedes: [], entries: many(50, 'f1', 0x88) };
+    await small.cache.ingest(own);
+    expect(small.cache.peakBatch).toBeLessThanOrEqual(8);
+    expect((await small.cache.lookup([own.entries[49]!.id]))[0]?.packId).toBe('f1'.repeat(16));
+    expect(await small.cache.counts()).toEqual({ segments: 2, blobs: count + 50 });
+    await small.cache.close();
+    await cache.close();
+  });
+
+  /** A child process catches up from the folder `repo` in parts of 2 entries and is killed after its first part. */
+  async function killedAfterFirstPart(root: string, repo: string): Promise<void> {
+    const script = `const { IndexCache } = await import(${JSON.stringify(resolve('dist/repo-format/v3/index-cache.js'))});
+      const { LocalStorage } = await import(${JSON.stringify(resolve('dist/repo-format/storage/local.js'))});
+      const { initChecksum } = await import(${JSON.stringify(resolve('dist/repo-format/checksum.js'))});
+      await initChecksum();
+      await IndexCache.open({ cacheRoot: ${JSON.stringify(root)}, repositoryId: ${JSON.stringify(REPO)}, storage: new LocalStorage(${JSON.stringify(repo)}) });
+      console.log('not killed');`;
+    const child = spawn(resolve('node_modules/.bin/node'), ['--input-type=module', '-e', script], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      env: { ...process.env, ENGINE_CRASH_AT: 'cache-part-written', ENGINE_TEST_CACHE_BATCH: '2' },
+    });
+    let out = '';
+    child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    const signal = await new Promise<NodeJS.Signals | null>((done) => child.once('exit', (_code, sig) => done(sig)));
+    expect(out).toBe('');
+    expect(signal).toBe('SIGKILL');
+  }
+
+  async function folderStore(): Promise<{ repo: string; storage: LocalStorage }> {
+    const repo = await cacheRoot();
+    return { repo, storage: new LocalStorage(repo) };
+  }
+
+  test('kill -9 after the first part of a segment: the next catch-up ingests it again under its own ordinal, and a segment sorting first that arrived meanwhile still wins (19.3)', async () => {
+    const root = await cacheRoot();
+    const { repo, storage } = await folderStore();
+    // c: four blobs, ingested in parts of two; the child dies after the part holding blobs 1 and 2.
+    await store(storage as never, { name: name('c'), supersedes: [], entries: [entry(1, 'c1'), entry(2, 'c1', 132), entry(3, 'c1', 232), entry(4, 'c1', 332)] });
+    await killedAfterFirstPart(root, repo);
+    // Meanwhile: a (names blob 9) and b (names blob 1 elsewhere); both sort before c, so b's blob 1 wins.
+    await store(storage as never, { name: name('a'), supersedes: [], entries: [entry(9, 'a1')] });
+    await store(storage as never, { name: name('b'), supersedes: [], entries: [entry(1, 'b1')] });
+    const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage, batch: 2 });
+    expect(catchUp).toEqual({ ingested: 3, entries: 6, rebuilt: undefined, damaged: [] });
+    const ids = [1, 2, 3, 4, 9].map((b) => Buffer.alloc(32, b));
+    expect((await cache.lookup(ids)).map((l) => l?.packId.slice(0, 2))).toEqual(['b1', 'c1', 'c1', 'c1', 'a1']);
+    expect(await Promise.all(ids.map((id) => cache.segmentOf(id)))).toEqual([name('b'), name('c'), name('c'), name('c'), name('a')].map(segmentKey));
+    expect(await cache.counts()).toEqual({ segments: 3, blobs: 5 });
+    await cache.close();
+  });
+
+  test.each([
+    { after: 'superseded and deleted (gc)', deleted: true, why: /segment index\/c+-00000000 it ingested is gone/ },
+    { after: 'superseded by a new segment while it is still there', deleted: false, why: /superseded/ },
+  ])('kill -9 after the first part of a segment, then that segment $after: the cache starts again and names none of its entries', async ({ deleted, why }) => {
+    const root = await cacheRoot();
+    const { repo, storage } = await folderStore();
+    await store(storage as never, { name: name('c'), supersedes: [], entries: [entry(1, 'c1'), entry(2, 'c1', 132), entry(3, 'c1', 232)] });
+    await killedAfterFirstPart(root, repo);
+    await store(storage as never, { name: name('d'), supersedes: [name('c')], entries: [entry(3, 'd1')] });
+    if (deleted) await storage.delete(segmentKey(name('c')));
+    const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage, batch: 2 });
+    expect(catchUp.rebuilt).toMatch(why);
+    expect((await cache.lookup([1, 2, 3].map((b) => Buffer.alloc(32, b)))).map((l) => l?.packId.slice(0, 2))).toEqual([undefined, undefined, 'd1']);
+    await cache.close();
   });
 });

@@ -23,8 +23,8 @@ import { IndexStore } from '../../repo-format/index-store.js';
 import { addToQuarantine, listQuarantine, quarantineKey } from '../../repo-format/quarantine.js';
 import { crashPoint } from '../../repo-format/crash-points.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
-import { applyGcStep, readAllSegments, type GcStep } from '../../repo-format/v3/gc-plan.js';
-import { resolveIndex } from '../../repo-format/v3/segment-set.js';
+import { applyGcStep, type GcStep } from '../../repo-format/v3/gc-plan.js';
+import { GcIndex } from '../../repo-format/v3/gc-index.js';
 import { parseSegmentKey, segmentKey, SEGMENT_MAX_SUPERSEDED, SEGMENT_PREFIX, type SegmentEntry, type SegmentName } from '../../repo-format/v3/segment.js';
 import { FLUSH_ENTRIES } from '../../repo-format/v3/segment-writer.js';
 import { compareKeys } from '../../repo-format/storage/storage.js';
@@ -73,13 +73,20 @@ export async function repairVersion3(args: RepairVersion3Args): Promise<RepairRe
       const name = parseSegmentKey(info.key);
       if (name) present.push(name);
     }
-    const { segments, damaged } = await readAllSegments(repo.store, { dataKey: repo.keys?.dataKey, signal: args.signal });
-    for (const d of damaged) args.notice(`index segment ${d.key} cannot be read (${d.why}): repair replaces it`);
-    report.previousIndex = present.length === 0 ? 'missing' : damaged.length > 0 ? 'unreadable' : 'readable';
-    const place = damagePlacer(checked, already);
-    for (const { entry } of resolveIndex(segments).values()) {
-      await interruption.tick();
-      place(entry);
+    // Read into an index on disk (gc's working index), one segment in memory at a time: memory does not
+    // grow with the old index's entries.
+    const oldIndex = await GcIndex.create(join(repo.session.tempDir, `repair-old-index.${randomBytes(4).toString('hex')}`));
+    try {
+      const { damaged } = await oldIndex.readSegments(repo.store, { dataKey: repo.keys?.dataKey, signal: args.signal, tick: () => interruption.tick() });
+      for (const d of damaged) args.notice(`index segment ${d.key} cannot be read (${d.why}): repair replaces it`);
+      report.previousIndex = present.length === 0 ? 'missing' : damaged.length > 0 ? 'unreadable' : 'readable';
+      const place = damagePlacer(checked, already);
+      for await (const entry of oldIndex.winners()) {
+        await interruption.tick();
+        place(entry);
+      }
+    } finally {
+      await oldIndex.close();
     }
     report.quarantined = checked.found.filter((f) => !already.has(quarantineKey(f.pack, f.offset)));
     interruption.check();

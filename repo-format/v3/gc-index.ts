@@ -24,7 +24,7 @@ import { ID_SIZE, INDEX_ENTRY_SIZE, PACK_ID_SIZE } from '../constants.js';
 import type { Storage } from '../storage/storage.js';
 import { compareKeys } from '../storage/storage.js';
 import { isStorageError } from '../storage/storage-error.js';
-import { decodeSegment, parseSegmentKey, segmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGMENT_PREFIX, type SegmentName } from './segment.js';
+import { entryOffset, parseSegmentKey, segmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGMENT_PREFIX, viewSegment, type SegmentName } from './segment.js';
 import { consumeInOrder } from './ordered-window.js';
 
 type Db = ClassicLevel<Buffer, Buffer>;
@@ -36,7 +36,7 @@ const MOVED = 0x03;
 const REWRITE = 0x04;
 const NOTHING = Buffer.alloc(0);
 /** Writes held in memory before they go to LevelDB in one batch. */
-export const GC_INDEX_BATCH = 65536;
+export const GC_INDEX_BATCH = 16384;
 /** Segments read at once, and the stored bytes they may hold before they are taken in (as the cache's catch-up). */
 const READ_WINDOW = { width: 16, budget: 32 * 1024 * 1024 };
 
@@ -205,19 +205,32 @@ export class GcIndex {
         damaged.push({ key, why: 'larger than any segment' });
         return;
       }
-      const segment = decodeSegment(bytes, key, { dataKey: options.dataKey });
+      // Checked whole, its entries taken from its bytes one at a time (no object per entry).
+      const segment = viewSegment(bytes, key, { dataKey: options.dataKey });
       if (typeof segment === 'string') {
         damaged.push({ key, why: segment });
         return;
       }
-      const ordinal = Buffer.alloc(4);
-      ordinal.writeUInt32BE(this.segments.length, 0);
-      this.segments.push({ name: segment.name, entries: segment.entries.length });
+      const ordinal = this.segments.length;
+      this.segments.push({ name: segment.name, entries: segment.count });
       presentKeys.add(key);
       for (const old of segment.supersedes) supersededKeys.add(segmentKey(old));
-      for (const entry of segment.entries) {
-        this.namedPacks.add(entry.packId);
-        this.put(tagged(ENTRY, entry.id, ordinal), encodeLocation(entry));
+      const stored = segment.bytes;
+      let lastPack = -1;
+      for (let i = 0; i < segment.count; i++) {
+        const at = entryOffset(segment, i);
+        // Entries come by id, but most of a segment's share a few packs: a pack's name is made once per run.
+        if (lastPack < 0 || stored.compare(stored, at + ID_SIZE, at + ID_SIZE + PACK_ID_SIZE, lastPack, lastPack + PACK_ID_SIZE) !== 0) {
+          this.namedPacks.add(stored.toString('hex', at + ID_SIZE, at + ID_SIZE + PACK_ID_SIZE));
+          lastPack = at + ID_SIZE;
+        }
+        const entryKey = Buffer.allocUnsafe(1 + ID_SIZE + 4);
+        entryKey[0] = ENTRY;
+        stored.copy(entryKey, 1, at, at + ID_SIZE);
+        entryKey.writeUInt32BE(ordinal, 1 + ID_SIZE);
+        const location = Buffer.allocUnsafe(INDEX_ENTRY_SIZE);
+        stored.copy(location, 0, at + ID_SIZE, at + ID_SIZE + INDEX_ENTRY_SIZE);
+        this.put(entryKey, location);
         if (this.pending.length === 0) await this.settle();
       }
       await options.tick?.();

@@ -22,8 +22,7 @@
  */
 import type { Storage } from '../storage/storage.js';
 import { compareKeys } from '../storage/storage.js';
-import { isStorageError } from '../storage/storage-error.js';
-import { decodeSegment, parseSegmentKey, encodeSegment, segmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGMENT_PREFIX, SEGMENT_MAX_ENTRIES, SEGMENT_MAX_SUPERSEDED, type Segment, type SegmentEntry, type SegmentName } from './segment.js';
+import { encodeSegment, segmentKey, SEGMENT_MAX_ENTRIES, SEGMENT_MAX_SUPERSEDED, type Segment, type SegmentEntry, type SegmentName } from './segment.js';
 import type { GcIndex, LiveBlob } from './gc-index.js';
 
 export type PackDeletion = 'no-live-blob' | 'unnamed';
@@ -195,33 +194,4 @@ export async function applyGcStep(step: GcStep, context: StepContext): Promise<v
       await storage.delete(packKey(step.packId), { signal });
       return;
   }
-}
-
-/**
- * Every segment in the store, decoded (gc's plan reads them whole: superseded ones too, since the switch
- * must name them). A segment that cannot be read is returned by key with why: gc deletes nothing then
- * (its blobs might be live, and superseding it would lose what it says).
- */
-export async function readAllSegments(storage: Storage, options: { dataKey?: Uint8Array | undefined; signal?: AbortSignal | undefined } = {}): Promise<{ segments: Segment[]; damaged: { key: string; why: string }[] }> {
-  const segments: Segment[] = [];
-  const damaged: { key: string; why: string }[] = [];
-  const keys: string[] = [];
-  for await (const info of storage.list(SEGMENT_PREFIX, { signal: options.signal })) if (parseSegmentKey(info.key)) keys.push(info.key);
-  for (const key of keys) {
-    let bytes: Buffer;
-    try {
-      bytes = await storage.get(key, { maxSize: SEGMENT_MAX_OBJECT_SIZE, signal: options.signal });
-    } catch (error) {
-      if (isStorageError(error, 'not-found')) continue; // deleted since the listing (superseded)
-      if (isStorageError(error, 'too-large')) {
-        damaged.push({ key, why: 'larger than any segment' });
-        continue;
-      }
-      throw error;
-    }
-    const segment = decodeSegment(bytes, key, { dataKey: options.dataKey });
-    if (typeof segment === 'string') damaged.push({ key, why: segment });
-    else segments.push(segment);
-  }
-  return { segments, damaged };
 }

@@ -8,9 +8,13 @@
  *   database it can open. LevelDB's own LOCK file (an fcntl lock, released by the kernel when the process
  *   ends, however it ends) is the slot's lock: no pid files, nothing stale after a kill -9.
  * - Catch-up: the cache records every segment it ingested; when opened it lists `index/`, fetches the
- *   segments it has not seen and ingests them, each in one batch with its record. LevelDB applies a batch
- *   whole or not at all and replays its log in order, so a crash or power loss forgets whole segments from
- *   the end, never part of one: the batches need no fsync (what is forgotten is fetched again).
+ *   segments it has not seen and ingests them, each in one batch with its record, or a large one in parts
+ *   of at most CACHE_BATCH entries, the first of which records it *partial* under its ordinal and the last
+ *   *ingested*. LevelDB applies a batch whole or not at all and replays its log in order, so a crash or
+ *   power loss forgets whole segments from the end, or leaves one partial, which the next catch-up meets
+ *   and ingests again as if new, under the same ordinal: the batches need no fsync (what is forgotten is
+ *   fetched again). Entries are written straight from the segment's bytes (SegmentView): memory holds the
+ *   fetch window and one part's keys and values, never an object per entry.
  * - Rebuild: when a segment it ingested is gone, or a new segment supersedes one it ingested (gc
  *   consolidated), its entries may name packs that gc deletes: it starts again from the effective segments.
  *   A database that LevelDB cannot open as healthy (damaged files), or of another format or repository, is
@@ -19,7 +23,8 @@
  *   taken for a cache that is merely behind.
  *
  * Keys: 0x00 name → metadata; 0x01 blob id → location (30 bytes, index-entry.ts) || u32 segment ordinal;
- * 0x03 segment key → u32 ordinal || u8 state (1 ingested, 2 superseded when met, so never fetched again).
+ * 0x03 segment key → u32 ordinal || u8 state (1 ingested, 2 superseded when met, so never fetched again,
+ * 3 partial: some of its entries are written, under this ordinal).
  * Ordinals map to segment keys in memory: the resolution rule (first segment by key wins) compares keys.
  */
 import { rm } from 'node:fs/promises';
@@ -28,11 +33,12 @@ import { ClassicLevel } from 'classic-level';
 import { CorruptMetadataError, classifyWriteError, EngineError, NoSpaceError } from '../errors.js';
 import { ensurePrivateDirectory, makeTreePrivate } from '../file-modes.js';
 import { decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from '../index-entry.js';
-import { INDEX_ENTRY_SIZE } from '../constants.js';
+import { ID_SIZE, INDEX_ENTRY_SIZE } from '../constants.js';
+import { crashPoint } from '../crash-points.js';
 import type { Storage } from '../storage/storage.js';
 import {
-  decodeSegment,
   decodeSegmentHeader,
+  entryOffset,
   decodeSupersededNames,
   parseSegmentKey,
   segmentKey,
@@ -40,8 +46,11 @@ import {
   SEGMENT_MAX_OBJECT_SIZE,
   SEGMENT_NAME_SIZE,
   SEGMENT_PREFIX,
+  segmentOfView,
+  viewSegment,
   type Segment,
   type SegmentName,
+  type SegmentView,
 } from './segment.js';
 import { isStorageError } from '../storage/storage-error.js';
 import { segmentWins } from './segment-set.js';
@@ -55,6 +64,7 @@ const SEGMENT = 0x03;
 const FORMAT = 'v3-index-cache 1';
 const INGESTED = 1;
 const SUPERSEDED = 2;
+const PARTIAL = 3;
 /** Slots per repository and host: more processes than this at once wait for one (SPEC.md 19.4). */
 export const MAX_SLOTS = 64;
 /**
@@ -69,8 +79,15 @@ const CATCH_UP_WINDOW = { width: 16, budget: 32 * 1024 * 1024 };
  * header and names, then whole.
  */
 const CATCH_UP_KEPT = { segment: 256 * 1024, total: 16 * 1024 * 1024 };
-/** Entries per LevelDB batch while ingesting one segment (one batch per segment when it is smaller). */
-const BATCH = 65536;
+/**
+ * Entries per LevelDB batch while ingesting one segment (one batch per segment when it is smaller): what
+ * a part holds in memory (its keys and values, about 70 bytes an entry, and LevelDB's copy of them in its
+ * write batch and memtable) is bounded by it, whatever the size of the segment.
+ */
+export const CACHE_BATCH = 16384;
+const BLOB_KEY_SIZE = 1 + ID_SIZE;
+const BLOB_VALUE_SIZE = INDEX_ENTRY_SIZE + 4;
+type Put = { type: 'put' | 'del'; key: Buffer; value?: Buffer };
 
 function metaKey(name: string): Buffer {
   return Buffer.concat([Buffer.from([META]), Buffer.from(name, 'utf8')]);
@@ -100,6 +117,14 @@ export interface IndexCacheOptions {
   signal?: AbortSignal | undefined;
   /** Told why the cache was rebuilt (for a notice and for tests). */
   onRebuild?: ((why: string) => void) | undefined;
+  /** Entries per LevelDB batch (default CACHE_BATCH, or ENGINE_TEST_CACHE_BATCH; tests set a small one). */
+  batch?: number | undefined;
+}
+
+/** For the tests only, like ENGINE_CRASH_AT: ENGINE_TEST_CACHE_BATCH=n ingests segments in parts of n entries. */
+function testBatch(): number | undefined {
+  const n = Number(process.env.ENGINE_TEST_CACHE_BATCH);
+  return Number.isSafeInteger(n) && n > 0 ? n : undefined;
 }
 
 export interface CatchUpResult {
@@ -117,13 +142,24 @@ export class IndexCache {
   /** Ordinal → segment key, for every segment ingested. */
   private readonly ordinals: string[] = [];
   private readonly known = new Map<string, { ordinal: number; state: number }>();
+  private readonly batch: number;
+  /** The most operations handed to LevelDB in one batch (the bound the tests check). */
+  peakBatch = 0;
 
   private constructor(
     private db: Db,
     readonly path: string,
     readonly slot: number,
     private readonly options: IndexCacheOptions,
-  ) {}
+  ) {
+    this.batch = Math.max(1, options.batch ?? testBatch() ?? CACHE_BATCH);
+  }
+
+  /** Whether the segment under `key` is done with: ingested whole, or recorded superseded (not partial). */
+  private settled(key: string): boolean {
+    const state = this.known.get(key)?.state;
+    return state === INGESTED || state === SUPERSEDED;
+  }
 
   /** Opens a free slot of this host's cache of the repository and catches it up with the store. */
   static async open(options: IndexCacheOptions): Promise<{ cache: IndexCache; catchUp: CatchUpResult }> {
@@ -176,7 +212,8 @@ export class IndexCache {
     }
     const presentSet = new Set(present);
     let rebuilt: string | undefined = alreadyRebuilt;
-    const gone = [...this.known.entries()].find(([key, { state }]) => state === INGESTED && !presentSet.has(key));
+    // A partial segment's entries are in the cache as much as an ingested one's.
+    const gone = [...this.known.entries()].find(([key, { state }]) => state !== SUPERSEDED && !presentSet.has(key));
     if (gone) rebuilt = await this.reset(`segment ${gone[0]} it ingested is gone from the store`);
     const damaged: { key: string; why: string }[] = [];
     const met = new Set<string>();
@@ -212,18 +249,18 @@ export class IndexCache {
         for (const old of supersedes) if (presentSet.has(segmentKey(old))) supersededNow.add(segmentKey(old));
       });
     };
-    await meet(present.filter((key) => !this.known.has(key)));
-    const hit = [...supersededNow].find((key) => this.known.get(key)?.state === INGESTED);
+    await meet(present.filter((key) => !this.settled(key)));
+    const hit = [...supersededNow].find((key) => this.known.has(key) && this.known.get(key)!.state !== SUPERSEDED);
     if (hit) {
       rebuilt = await this.reset(`segment ${hit} it ingested was superseded`);
       await meet(present.filter((key) => !met.has(key) && !damaged.some((d) => d.key === key)));
     }
     let ingested = 0;
     let entries = 0;
-    const toIngest = present.filter((key) => !this.known.has(key) && met.has(key));
+    const toIngest = present.filter((key) => !this.settled(key) && met.has(key));
     // Superseded segments are recorded in their turn (their ordinal is their place in key order), never fetched.
     const weigh = (key: string): number => (supersededNow.has(key) || kept.has(key) ? 0 : (sizes.get(key) ?? 0));
-    const fetchUnlessSuperseded = async (key: string): Promise<Segment | string | undefined> => {
+    const fetchUnlessSuperseded = async (key: string): Promise<SegmentView | string | undefined> => {
       if (supersededNow.has(key)) return undefined;
       const earlier = kept.get(key);
       kept.delete(key);
@@ -231,16 +268,16 @@ export class IndexCache {
     };
     await consumeInOrder(toIngest, CATCH_UP_WINDOW, weigh, fetchUnlessSuperseded, async (key, segment) => {
       if (segment === undefined) {
-        await this.record(key, SUPERSEDED, []);
+        await this.write([this.recordOperation(key, this.ordinalFor(key), SUPERSEDED)], key, SUPERSEDED);
         return;
       }
       if (typeof segment === 'string') {
         damaged.push({ key, why: segment });
         return;
       }
-      await this.ingest(segment);
+      await this.ingestView(key, segment);
       ingested++;
-      entries += segment.entries.length;
+      entries += segment.count;
     });
     if (rebuilt) {
       await this.db.del(metaKey('rebuilding'), { sync: true });
@@ -250,10 +287,10 @@ export class IndexCache {
     return { ingested, entries, rebuilt, damaged };
   }
 
-  /** The segment under `key` (or in `read`, its bytes read already), or why it is damaged. */
-  private async fetch(key: string, read?: Buffer): Promise<Segment | string> {
+  /** The segment under `key` (or in `read`, its bytes read already), checked whole, or why it is damaged. */
+  private async fetch(key: string, read?: Buffer): Promise<SegmentView | string> {
     const bytes = read ?? (await this.read(key));
-    return typeof bytes === 'string' ? bytes : decodeSegment(bytes, key, { dataKey: this.options.dataKey });
+    return typeof bytes === 'string' ? bytes : viewSegment(bytes, key, { dataKey: this.options.dataKey });
   }
 
   /** The bytes of the segment under `key`, or why they are not a segment's. */
@@ -275,7 +312,7 @@ export class IndexCache {
   private async supersedesOf(key: string, whole = false): Promise<{ supersedes: SegmentName[] | string; bytes?: Buffer | undefined }> {
     if (this.options.dataKey) {
       const bytes = await this.read(key);
-      const segment = typeof bytes === 'string' ? bytes : decodeSegment(bytes, key, { dataKey: this.options.dataKey });
+      const segment = typeof bytes === 'string' ? bytes : viewSegment(bytes, key, { dataKey: this.options.dataKey });
       return { supersedes: typeof segment === 'string' ? segment : segment.supersedes, bytes: whole && typeof bytes !== 'string' ? bytes : undefined };
     }
     const { storage, signal } = this.options;
@@ -306,20 +343,30 @@ export class IndexCache {
     return why;
   }
 
-  private async record(key: string, state: number, operations: { type: 'put'; key: Buffer; value: Buffer }[]): Promise<number> {
-    const ordinal = this.ordinals.length;
+  /** The ordinal of the segment under `key`: the one it has (a partial one's), or the next. */
+  private ordinalFor(key: string): number {
+    return this.known.get(key)?.ordinal ?? this.ordinals.length;
+  }
+
+  private recordOperation(key: string, ordinal: number, state: number): Put {
     const value = Buffer.alloc(5);
     value.writeUInt32LE(ordinal, 0);
     value[4] = state;
-    operations.push({ type: 'put', key: segmentRecordKey(key), value });
+    return { type: 'put', key: segmentRecordKey(key), value };
+  }
+
+  /** Writes one batch; when it holds the record of the segment under `key` (in `state`), notes it. */
+  private async write(operations: Put[], key: string, state: number | undefined): Promise<void> {
+    this.peakBatch = Math.max(this.peakBatch, operations.length);
     try {
-      await this.db.batch(operations, { sync: false });
+      await this.db.batch(operations as { type: 'put'; key: Buffer; value: Buffer }[], { sync: false });
     } catch (error) {
       throw classifyWriteError(error, this.path);
     }
+    if (state === undefined) return;
+    const ordinal = this.ordinalFor(key);
     this.ordinals[ordinal] = key;
     this.known.set(key, { ordinal, state });
-    return ordinal;
   }
 
   /**
@@ -327,35 +374,72 @@ export class IndexCache {
    * wins over this one. A writer ingests its own segments this way, once they are durable in the store.
    */
   async ingest(segment: Segment): Promise<void> {
-    const key = segmentKey(segment.name);
-    if (this.known.has(key)) return;
-    const ordinal = this.ordinals.length;
-    const operations: { type: 'put'; key: Buffer; value: Buffer }[] = [];
-    for (let start = 0; start < segment.entries.length; start += BATCH) {
-      const slice = segment.entries.slice(start, start + BATCH);
-      const current = await this.db.getMany(slice.map((entry) => blobKey(entry.id)));
-      for (let i = 0; i < slice.length; i++) {
+    const { entries } = segment;
+    await this.ingestEntries(segmentKey(segment.name), entries.length, (i, keys, keyAt, values, valueAt) => {
+      entries[i]!.id.copy(keys, keyAt);
+      encodeLocation(entries[i]!).copy(values, valueAt);
+    });
+  }
+
+  /** Ingests a segment checked whole, its entries taken from its bytes (the id, then the location, as stored). */
+  private async ingestView(key: string, view: SegmentView): Promise<void> {
+    await this.ingestEntries(key, view.count, (i, keys, keyAt, values, valueAt) => {
+      const at = entryOffset(view, i);
+      view.bytes.copy(keys, keyAt, at, at + ID_SIZE);
+      view.bytes.copy(values, valueAt, at + ID_SIZE, at + ID_SIZE + INDEX_ENTRY_SIZE);
+    });
+  }
+
+  /**
+   * Ingests the `count` entries of the segment under `key` in parts of at most `batch`: `place` copies entry
+   * i's id and location where it is told. A part's keys and values are two allocations (LevelDB copies what
+   * it writes), not two per entry. Several parts: the first records the segment partial (its ordinal, so
+   * that the entries written are known to be its own), the last ingested; the next catch-up ingests a
+   * partial one again.
+   */
+  private async ingestEntries(key: string, count: number, place: (i: number, keys: Buffer, keyAt: number, values: Buffer, valueAt: number) => void): Promise<void> {
+    if (this.settled(key)) return;
+    const ordinal = this.ordinalFor(key);
+    for (let start = 0; ; start += this.batch) {
+      const n = Math.min(this.batch, count - start);
+      const last = start + n >= count;
+      const keys = Buffer.allocUnsafe(n * BLOB_KEY_SIZE);
+      const values = Buffer.allocUnsafe(n * BLOB_VALUE_SIZE);
+      const ids: Buffer[] = new Array<Buffer>(n);
+      for (let i = 0; i < n; i++) {
+        const keyAt = i * BLOB_KEY_SIZE;
+        const valueAt = i * BLOB_VALUE_SIZE;
+        keys[keyAt] = BLOB;
+        place(start + i, keys, keyAt + 1, values, valueAt);
+        values.writeUInt32LE(ordinal, valueAt + INDEX_ENTRY_SIZE);
+        ids[i] = keys.subarray(keyAt, keyAt + BLOB_KEY_SIZE);
+      }
+      const current = n === 0 ? [] : await this.db.getMany(ids);
+      const operations: Put[] = [];
+      for (let i = 0; i < n; i++) {
         const existing = current[i];
-        if (existing !== undefined && existing.length === INDEX_ENTRY_SIZE + 4) {
-          const holder = this.ordinals[existing.readUInt32LE(INDEX_ENTRY_SIZE)];
+        if (existing !== undefined && existing.length === BLOB_VALUE_SIZE) {
+          const held = existing.readUInt32LE(INDEX_ENTRY_SIZE);
+          // Its own entry (written by an earlier part of an ingest cut short) is there already.
+          if (held === ordinal) continue;
+          const holder = this.ordinals[held];
           if (holder !== undefined && !segmentWins(key, holder)) continue;
         }
-        const value = Buffer.alloc(INDEX_ENTRY_SIZE + 4);
-        encodeLocation(slice[i]!).copy(value, 0);
-        value.writeUInt32LE(ordinal, INDEX_ENTRY_SIZE);
-        operations.push({ type: 'put', key: blobKey(slice[i]!.id), value });
+        operations.push({ type: 'put', key: ids[i]!, value: values.subarray(i * BLOB_VALUE_SIZE, (i + 1) * BLOB_VALUE_SIZE) });
       }
-      if (start + BATCH < segment.entries.length && operations.length >= BATCH) {
-        // A large segment goes in several batches; its record comes with the last, so a crash in between
-        // leaves it un-ingested (its entries, being right, are harmless and will be written again).
-        try {
-          await this.db.batch(operations.splice(0), { sync: false });
-        } catch (error) {
-          throw classifyWriteError(error, this.path);
-        }
+      if (last) {
+        operations.push(this.recordOperation(key, ordinal, INGESTED));
+        await this.write(operations, key, INGESTED);
+        return;
       }
+      if (start === 0) {
+        operations.push(this.recordOperation(key, ordinal, PARTIAL));
+        await this.write(operations, key, PARTIAL);
+      } else {
+        await this.write(operations, key, undefined);
+      }
+      crashPoint('cache-part-written');
     }
-    await this.record(key, INGESTED, operations);
   }
 
   /**
@@ -367,7 +451,8 @@ export class IndexCache {
     const keys = [...this.known].filter(([, { state }]) => state === INGESTED).map(([key]) => key).sort();
     const fetchIfThere = async (key: string): Promise<Segment | string> => {
       try {
-        return await this.fetch(key);
+        const view = await this.fetch(key);
+        return typeof view === 'string' ? view : segmentOfView(view);
       } catch (error) {
         if (isStorageError(error, 'not-found')) return 'gone';
         throw error;

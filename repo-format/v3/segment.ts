@@ -92,12 +92,17 @@ function compareNames(a: SegmentName, b: SegmentName): number {
 /** Why `location` cannot be a frame's place in a pack, or undefined. */
 export function locationProblem(location: BlobLocation): string | undefined {
   if (!/^[0-9a-f]{32}$/.test(location.packId)) return 'pack id is not 32 hex';
-  if (!Number.isSafeInteger(location.offset) || location.offset < PACK_HEADER_SIZE) return `offset ${location.offset} is before the first frame`;
-  if (!Number.isSafeInteger(location.length) || location.length <= FRAME_OVERHEAD || location.length > MAX_FRAME_LENGTH) return `frame length ${location.length} is impossible`;
-  if (location.offset + location.length > PACK_MAX_SIZE) return 'the frame ends past the largest pack';
-  if (!Number.isSafeInteger(location.rawLength) || location.rawLength < 1 || location.rawLength > MAX_FRAME_RAW_LENGTH) return `raw length ${location.rawLength} is impossible`;
-  if (location.kind < KIND_DATA || location.kind > KIND_MAP_NODE) return `unknown kind ${location.kind}`;
-  if (!Number.isInteger(location.flags) || location.flags < 0 || (location.flags & ~KNOWN_ENCRYPTED_FRAME_FLAGS) !== 0) return `unknown flags ${location.flags}`;
+  return placeProblem(location.offset, location.length, location.rawLength, location.kind, location.flags);
+}
+
+/** Why these numbers cannot be a frame's place in a pack, or undefined (locationProblem without the pack id). */
+function placeProblem(offset: number, length: number, rawLength: number, kind: number, flags: number): string | undefined {
+  if (!Number.isSafeInteger(offset) || offset < PACK_HEADER_SIZE) return `offset ${offset} is before the first frame`;
+  if (!Number.isSafeInteger(length) || length <= FRAME_OVERHEAD || length > MAX_FRAME_LENGTH) return `frame length ${length} is impossible`;
+  if (offset + length > PACK_MAX_SIZE) return 'the frame ends past the largest pack';
+  if (!Number.isSafeInteger(rawLength) || rawLength < 1 || rawLength > MAX_FRAME_RAW_LENGTH) return `raw length ${rawLength} is impossible`;
+  if (kind < KIND_DATA || kind > KIND_MAP_NODE) return `unknown kind ${kind}`;
+  if (!Number.isInteger(flags) || flags < 0 || (flags & ~KNOWN_ENCRYPTED_FRAME_FLAGS) !== 0) return `unknown flags ${flags}`;
   return undefined;
 }
 
@@ -186,8 +191,44 @@ export function decodeSupersededNames(bytes: Buffer, at: number, count: number, 
   return supersedes;
 }
 
-/** A decoded segment, or why the bytes are not one (the caller names the object). */
-export function decodeSegmentPlain(bytes: Buffer, expected?: SegmentName): Segment | string {
+/**
+ * A segment checked whole (length, checksum, name, superseded names, every entry's order and place) whose
+ * entries stay in its bytes: readers that take entries one by one (the cache's catch-up, gc's working
+ * index, repair) hold the segment's bytes and a few entries, never an object per entry (SPEC.md 19.4).
+ */
+export interface SegmentView {
+  name: SegmentName;
+  supersedes: SegmentName[];
+  /** Entries. */
+  count: number;
+  /** The plaintext bytes; entry i is the SEGMENT_ENTRY_SIZE bytes at entryOffset(view, i). */
+  bytes: Buffer;
+  /** Where the first entry starts in `bytes`. */
+  entriesAt: number;
+}
+
+/** Where entry `i` of the view starts in its bytes: its blob id (32 bytes), then its location (30, as encodeLocation). */
+export function entryOffset(view: SegmentView, i: number): number {
+  return view.entriesAt + i * SEGMENT_ENTRY_SIZE;
+}
+
+/** Entry `i` of the view as an object. */
+export function entryAt(view: SegmentView, i: number): SegmentEntry {
+  const { bytes } = view;
+  const at = entryOffset(view, i);
+  return {
+    id: Buffer.from(bytes.subarray(at, at + ID_SIZE)),
+    packId: bytes.toString('hex', at + 32, at + 48),
+    offset: bytes.readUInt32LE(at + 48),
+    length: bytes.readUInt32LE(at + 52),
+    rawLength: bytes.readUInt32LE(at + 56),
+    kind: bytes.readUInt8(at + 60),
+    flags: bytes.readUInt8(at + 61),
+  };
+}
+
+/** A plain segment checked whole, its entries left in its bytes; or why the bytes are not one. */
+export function viewSegmentPlain(bytes: Buffer, expected?: SegmentName): SegmentView | string {
   if (bytes.length < SEGMENT_HEADER_SIZE + SEGMENT_TRAILER_SIZE) return `too short for a segment (${bytes.length} bytes)`;
   const header = decodeSegmentHeader(bytes);
   if (typeof header === 'string') return header;
@@ -198,30 +239,32 @@ export function decodeSegmentPlain(bytes: Buffer, expected?: SegmentName): Segme
   if (expected && compareNames(name, expected) !== 0) return `it names itself ${segmentKey(name)}, not ${segmentKey(expected)}`;
   const supersedes = decodeSupersededNames(bytes, SEGMENT_HEADER_SIZE, superseded, name);
   if (typeof supersedes === 'string') return supersedes;
-  let at = SEGMENT_HEADER_SIZE + superseded * SEGMENT_NAME_SIZE;
-  const entries: SegmentEntry[] = new Array<SegmentEntry>(count);
-  for (let i = 0; i < count; i++) {
-    const id = Buffer.from(bytes.subarray(at, at + ID_SIZE));
-    if (i > 0 && Buffer.compare(entries[i - 1]!.id, id) >= 0) return `entry ${i} is not in ascending blob id order`;
-    const entry: SegmentEntry = {
-      id,
-      packId: bytes.toString('hex', at + 32, at + 48),
-      offset: bytes.readUInt32LE(at + 48),
-      length: bytes.readUInt32LE(at + 52),
-      rawLength: bytes.readUInt32LE(at + 56),
-      kind: bytes.readUInt8(at + 60),
-      flags: bytes.readUInt8(at + 61),
-    };
-    const problem = locationProblem(entry);
+  const entriesAt = SEGMENT_HEADER_SIZE + superseded * SEGMENT_NAME_SIZE;
+  for (let i = 0, at = entriesAt; i < count; i++, at += SEGMENT_ENTRY_SIZE) {
+    // Ids compared in place (no copy): strictly ascending.
+    if (i > 0 && bytes.compare(bytes, at - SEGMENT_ENTRY_SIZE, at - SEGMENT_ENTRY_SIZE + ID_SIZE, at, at + ID_SIZE) <= 0) return `entry ${i} is not in ascending blob id order`;
+    // 16 raw bytes are always 32 hex: only the numbers can be wrong.
+    const problem = placeProblem(bytes.readUInt32LE(at + 48), bytes.readUInt32LE(at + 52), bytes.readUInt32LE(at + 56), bytes.readUInt8(at + 60), bytes.readUInt8(at + 61));
     if (problem) return `entry ${i}: ${problem}`;
-    entries[i] = entry;
-    at += SEGMENT_ENTRY_SIZE;
   }
-  return { name, supersedes, entries };
+  return { name, supersedes, count, bytes, entriesAt };
 }
 
-/** Decodes the object stored under `key` (opened first in an encrypted repository). */
-export function decodeSegment(bytes: Buffer, key: string, options: SegmentCodecOptions = {}): Segment | string {
+/** A decoded segment, or why the bytes are not one (the caller names the object). */
+export function decodeSegmentPlain(bytes: Buffer, expected?: SegmentName): Segment | string {
+  const view = viewSegmentPlain(bytes, expected);
+  return typeof view === 'string' ? view : segmentOfView(view);
+}
+
+/** Every entry of the view as an object (what small readers and tests want; large ones take entries one by one). */
+export function segmentOfView(view: SegmentView): Segment {
+  const entries: SegmentEntry[] = new Array<SegmentEntry>(view.count);
+  for (let i = 0; i < view.count; i++) entries[i] = entryAt(view, i);
+  return { name: view.name, supersedes: view.supersedes, entries };
+}
+
+/** The object stored under `key` (opened first in an encrypted repository), checked whole, entries left in its bytes. */
+export function viewSegment(bytes: Buffer, key: string, options: SegmentCodecOptions = {}): SegmentView | string {
   const name = parseSegmentKey(key);
   if (!name) return `${key} is not a segment's name`;
   if (bytes.length > SEGMENT_MAX_OBJECT_SIZE) return `${bytes.length} bytes, more than any segment`;
@@ -231,7 +274,13 @@ export function decodeSegment(bytes: Buffer, key: string, options: SegmentCodecO
     if (typeof opened === 'string') return opened;
     plain = opened;
   }
-  return decodeSegmentPlain(plain, name);
+  return viewSegmentPlain(plain, name);
+}
+
+/** Decodes the object stored under `key` (opened first in an encrypted repository). */
+export function decodeSegment(bytes: Buffer, key: string, options: SegmentCodecOptions = {}): Segment | string {
+  const view = viewSegment(bytes, key, options);
+  return typeof view === 'string' ? view : segmentOfView(view);
 }
 
 export { compareNames as compareSegmentNames };
