@@ -167,6 +167,30 @@ export async function initRepository(repo: string, args: string[] = []): Promise
   expect((await runEngine(['init', repo, ...args])).code).toBe(0);
 }
 
+/** A repository folder's config: its format version and id. */
+export async function repositoryConfig(repo: string): Promise<{ version: number; id: string }> {
+  return JSON.parse(await readFile(join(repo, 'config'), 'utf8')) as { version: number; id: string };
+}
+
+/**
+ * This host's cache folder of a version-3 repository (SPEC.md 19.4: `$ENGINE_CACHE_DIR/<repository id>`;
+ * the test run's ENGINE_CACHE_DIR unless a test gives its own), or undefined for versions 1 and 2.
+ */
+export async function hostCacheOf(repo: string, cacheDir = process.env.ENGINE_CACHE_DIR): Promise<string | undefined> {
+  const config = await repositoryConfig(repo);
+  if (config.version < 3) return undefined;
+  if (cacheDir === undefined) throw new Error(`${repo} is of version 3 and ENGINE_CACHE_DIR is not set: its host cache folder is unknown`);
+  return join(cacheDir, config.id);
+}
+
+/**
+ * Where the journals of oVirt runs into a repository folder are (SPEC.md 12.1): its `journal/` in versions 1
+ * and 2, this host's cache folder of it in version 3 (19.4).
+ */
+export async function journalDir(repo: string, cacheDir = process.env.ENGINE_CACHE_DIR): Promise<string> {
+  return join((await hostCacheOf(repo, cacheDir)) ?? repo, 'journal');
+}
+
 /** Waits until a child stopped itself (SIGSTOP at ENGINE_STOP_AT): state T in /proc. */
 export async function stoppedItself(child: ChildProcess): Promise<void> {
   for (let i = 0; i < 600; i += 1) {
