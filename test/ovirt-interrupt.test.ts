@@ -249,7 +249,8 @@ describe('engine demo', () => {
     const demoRepo = join(kept, 'repo');
     await expectReleased(demoRepo);
     // A backup that got past its last pack may have committed before the signal was seen: whatever is there verifies.
-    expect((await readdir(join(demoRepo, 'backups'))).length).toBeLessThanOrEqual(1);
+    // The demo's repository is of version 3 (the default): backups/ appears with its first record.
+    expect((await readdir(join(demoRepo, 'backups')).catch(() => [])).length).toBeLessThanOrEqual(1);
     expect((await runEngine(['verify', '--repo', demoRepo, '--read-data'])).code).toBe(0);
     const again = await runEngine(['backup', '--repo', demoRepo, '--source', join(kept, 'vm-disk.img'), '--json']);
     expect(again.code).toBe(0);
