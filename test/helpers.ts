@@ -6,7 +6,7 @@ import { expect } from 'vitest';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { mkdir, mkdtemp, open, readFile, rm, stat, statfs } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readdir, readFile, rm, stat, statfs } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -181,6 +181,17 @@ export async function hostCacheOf(repo: string, cacheDir = process.env.ENGINE_CA
   if (config.version < 3) return undefined;
   if (cacheDir === undefined) throw new Error(`${repo} is of version 3 and ENGINE_CACHE_DIR is not set: its host cache folder is unknown`);
   return join(cacheDir, config.id);
+}
+
+/**
+ * What a version-3 command left in this host's cache folder of `repo` beside the slots (LevelDB, kept for the
+ * next process): a slot's temporary folder (`<slot>.tmp/`) goes with its process (SPEC.md 19.4); `journal/`
+ * appears with an oVirt run's first journal.
+ */
+export async function hostCacheLeftovers(repo: string, cacheDir = process.env.ENGINE_CACHE_DIR): Promise<string[]> {
+  const hostCache = await hostCacheOf(repo, cacheDir);
+  if (hostCache === undefined) throw new Error(`${repo} is not of version 3: it has no host cache folder`);
+  return (await readdir(hostCache)).filter((name) => !/^slot-\d+$/.test(name));
 }
 
 /**
