@@ -312,10 +312,16 @@ export function classifyWriteError(error: unknown, path: string): unknown {
 
 /**
  * SIGINT/SIGTERM (or a caller's abort) stopped an operation. `state` says what it left: by default nothing
- * of it was committed; a restore says what became of its target, prune how many backups it removed.
+ * of it was committed; a restore says what became of its target, prune how many backups it removed; null
+ * for one call that has no state of its own to tell (a storage call: the operation around it says).
  */
 export class InterruptedError extends EngineError {
-  constructor(what: string, state = 'nothing of it was committed', signal?: string) {
-    super('ENGINE_INTERRUPTED', `${what} was interrupted${signal ? ` (${signal})` : ''}; ${state}`, { what, state, ...(signal ? { signal } : {}) });
+  constructor(what: string, state: string | null = 'nothing of it was committed', signal?: string, details: Record<string, unknown> = {}) {
+    super('ENGINE_INTERRUPTED', `${what} was interrupted${signal ? ` (${signal})` : ''}${state === null ? '' : `; ${state}`}`, {
+      what,
+      ...(state === null ? {} : { state }),
+      ...(signal ? { signal } : {}),
+      ...details,
+    });
   }
 }

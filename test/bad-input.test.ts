@@ -23,9 +23,14 @@ afterAll(async () => {
   await cleanup();
 });
 
+/**
+ * A version-1 repository: these cases look into what versions 1 and 2 keep in the folder (the lock, the
+ * LevelDB index/, the 256 packs/ folders made by init, a newer version's refusal); version 3's bad input
+ * (packs, records and segments deleted or cut short, leases, clocks) is test/v3-faults, v3-gaps, v3-pack-loss.
+ */
 async function freshRepo(name: string): Promise<string> {
   const repo = join(dir, name);
-  const result = await runEngine(['init', repo]);
+  const result = await runEngine(['init', '--format', '1', repo]);
   expect(result.code).toBe(0);
   return repo;
 }

@@ -6,7 +6,7 @@ import { execFile } from 'node:child_process';
 import { access, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { generateImage } from '../dist/engine/index.js';
-import { ENGINE_BIN, exitOf, parseJson, runEngine, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { ENGINE_BIN, exitOf, parseJson, runEngine, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson, hostCacheOf, hostCacheLeftovers } from './helpers.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -147,15 +147,23 @@ describe('interruption', () => {
     const child = spawnEngine(['backup', '--repo', repo, '--source', big, '--workers', '1']);
     let stderr = '';
     child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-    for (let i = 0; i < 200 && !(await access(join(repo, 'lock')).then(() => true, () => false)); i += 1) await new Promise((r) => setTimeout(r, 10));
+    // Running once it holds the repository: the lock (versions 1, 2) or a lease (version 3, the default).
+    const v3 = (await hostCacheOf(repo)) !== undefined;
+    const holds = async (): Promise<boolean> => (v3 ? (await readdir(join(repo, 'leases')).catch(() => [])).length > 0 : access(join(repo, 'lock')).then(() => true, () => false));
+    for (let i = 0; i < 200 && !(await holds()); i += 1) await new Promise((r) => setTimeout(r, 10));
     await new Promise((r) => setTimeout(r, 200));
     child.kill('SIGINT');
     const { code } = await exitOf(child);
     expect(code).toBe(130);
     expect(stderr).toContain('engine: backup was interrupted (SIGINT); nothing of it was committed');
     expect(parseJson<{ backups: unknown[] }>((await runEngine(['list', '--repo', repo, '--json'])).stdout).backups.length).toBe(before);
-    expect(await readdir(join(repo, 'tmp'))).toEqual([]);
-    await expect(access(join(repo, 'lock'))).rejects.toThrow();
+    if (v3) {
+      expect(await readdir(join(repo, 'leases'))).toEqual([]);
+      expect(await hostCacheLeftovers(repo)).toEqual([]);
+    } else {
+      expect(await readdir(join(repo, 'tmp'))).toEqual([]);
+      await expect(access(join(repo, 'lock'))).rejects.toThrow();
+    }
     expect((await runEngine(['verify', '--repo', repo])).code).toBe(0);
   });
 });

@@ -21,6 +21,10 @@ afterAll(async () => {
 
 /** Runs `engine ARGS` under a given umask (the shell sets it, then execs the CLI). */
 function runWithUmask(umask: string, args: string[], env: Record<string, string> = {}): Promise<RunResult> {
+  return runWithUmaskIn(umask, args, env);
+}
+
+function runWithUmaskIn(umask: string, args: string[], env: Record<string, string>): Promise<RunResult> {
   return new Promise((resolve) => {
     execFile('sh', ['-c', `umask ${umask} && exec "$0" "$@"`, process.execPath, ENGINE_BIN, ...args], { env: { ...process.env, ...env }, maxBuffer: 16 * 1024 * 1024 }, (error, stdout, stderr) => {
       resolve({ code: error ? (typeof error.code === 'number' ? error.code : 1) : 0, stdout, stderr });
@@ -54,19 +58,32 @@ function expectedRepositoryMode(path: string, directory: boolean): number {
   return 0o400;
 }
 
+/** Version 3 (SPEC.md 19.2): index/ holds segments, written once like every object (0400); no journal/ in the store. */
+function expectedV3RepositoryMode(_path: string, directory: boolean): number {
+  return directory ? 0o700 : 0o400;
+}
+
+/** A host cache folder of version 3 (SPEC.md 19.4): folders 0700, the host id and LevelDB's files 0600. */
+function expectedHostCacheMode(_path: string, directory: boolean): number {
+  return directory ? 0o700 : 0o600;
+}
+
 function mismatches(found: Map<string, { mode: number; directory: boolean }>, expected: (path: string, directory: boolean) => number): string[] {
   return [...found].filter(([path, e]) => e.mode !== expected(path, e.directory)).map(([path, e]) => `${path} ${e.mode.toString(8)} (want ${expected(path, e.directory).toString(8)})`);
 }
 
 describe('modes of what the engine creates', () => {
-  for (const umask of ['000', '0277']) {
-    test(`umask ${umask}: a repository through init, backup, protect, gc, verify and repair; every kind of restore target`, async () => {
-      const base = join(dir, `umask-${umask}`);
+  for (const [format, umask] of [['1', '000'], ['1', '0277'], ['3', '000'], ['3', '0277']] as const) {
+    test(`umask ${umask}: a version-${format} repository through init, backup, protect, gc, verify and repair; every kind of restore target`, async () => {
+      const base = join(dir, `umask-${umask}-v${format}`);
       await mkdir(base);
       const repo = join(base, 'repo');
       const image = join(base, 'disk.img');
+      // Version 3's host cache in a folder of this test's, to check its modes too.
+      const cache = join(base, 'cache');
+      const runWithUmask = (mask: string, args: string[], env: Record<string, string> = {}): Promise<RunResult> => runWithUmaskIn(mask, args, { ENGINE_CACHE_DIR: cache, ...env });
       await writeRegion(image, 0, 3 * 1024 * 1024 + 512, 'random', umask);
-      await ok(runWithUmask(umask, ['init', repo, '--block-size', '64K']));
+      await ok(runWithUmask(umask, ['init', '--format', format, repo, '--block-size', '64K']));
       const first = parseJson<BackupJson>((await ok(runWithUmask(umask, ['backup', '--repo', repo, '--source', image, '--name', 'vm', '--json']))).stdout);
       await writeRegion(image, 0, 64 * 1024, 'random', `${umask}-changed`);
       await ok(runWithUmask(umask, ['backup', '--repo', repo, '--source', image, '--source', image, '--disk-name', 'a', '--disk-name', 'b', '--name', 'vm', '--json']));
@@ -78,10 +95,19 @@ describe('modes of what the engine creates', () => {
       expect(verified.permissions.loose).toBe(0);
 
       const found = await modes(repo);
-      // The commands above created these (gc: writers/; protect: protected/; repair: quarantine/ is made only for damage).
-      for (const path of ['.', 'packs', 'packs/00', 'packs/ff', 'backups', 'tmp', 'readers', 'writers', 'protected', 'index', 'index/CURRENT', 'config']) expect(found.has(path)).toBe(true);
       expect([...found.keys()].some((p) => /^packs\/..\/[0-9a-f]{32}$/.test(p))).toBe(true);
-      expect(mismatches(found, expectedRepositoryMode)).toEqual([]);
+      if (format === '1') {
+        // The commands above created these (gc: writers/; protect: protected/; repair: quarantine/ is made only for damage).
+        for (const path of ['.', 'packs', 'packs/00', 'packs/ff', 'backups', 'tmp', 'readers', 'writers', 'protected', 'index', 'index/CURRENT', 'config']) expect(found.has(path)).toBe(true);
+        expect(mismatches(found, expectedRepositoryMode)).toEqual([]);
+      } else {
+        for (const path of ['.', 'packs', 'backups', 'protected', 'index', 'leases', 'config']) expect(found.has(path)).toBe(true);
+        expect([...found.keys()].some((p) => /^index\/[0-9a-f]{32}-[0-9a-f]{8}$/.test(p))).toBe(true);
+        expect(mismatches(found, expectedV3RepositoryMode)).toEqual([]);
+        const cached = await modes(cache);
+        expect([...cached.keys()].some((p) => /\/slot-0\/CURRENT$/.test(p))).toBe(true);
+        expect(mismatches(cached, expectedHostCacheMode)).toEqual([]);
+      }
 
       // Restore targets: a new raw file, a new directory of disks, a file inside an existing directory, a new qcow2 image.
       const latest = (await readdir(join(repo, 'backups'))).find((name) => name !== first.id)!;
@@ -95,10 +121,10 @@ describe('modes of what the engine creates', () => {
 
       // An encrypted repository: keys/ and its key file, written once.
       const encrypted = join(base, 'encrypted');
-      await ok(runWithUmask(umask, ['init', encrypted, '--encrypt'], { ENGINE_PASSWORD: 'correct horse battery' }));
+      await ok(runWithUmask(umask, ['init', '--format', format === '1' ? '2' : '3', encrypted, '--encrypt'], { ENGINE_PASSWORD: 'correct horse battery' }));
       const keys = await modes(join(encrypted, 'keys'));
       expect([...keys.values()].map((e) => e.mode).sort()).toEqual([0o400, 0o700]);
-      expect(mismatches(await modes(encrypted), expectedRepositoryMode)).toEqual([]);
+      expect(mismatches(await modes(encrypted), format === '1' ? expectedRepositoryMode : expectedV3RepositoryMode)).toEqual([]);
     });
   }
 
@@ -108,7 +134,8 @@ describe('modes of what the engine creates', () => {
     const found = await modes(demo);
     expect(found.get('.')!.mode).toBe(0o700);
     expect(found.get('vm-disk.img')!.mode).toBe(0o600);
-    expect(mismatches(await modes(join(demo, 'repo')), expectedRepositoryMode)).toEqual([]);
+    // The demo's repository is of version 3, the default.
+    expect(mismatches(await modes(join(demo, 'repo')), expectedV3RepositoryMode)).toEqual([]);
   });
 
   test('the NBD socket of engine serve is 0600 from the start', async () => {
@@ -154,7 +181,8 @@ describe('a repository made before modes were set', () => {
     const repo = join(dir, 'old');
     const image = join(dir, 'old.img');
     await writeRegion(image, 0, 2 * 1024 * 1024, 'random', 'old');
-    await ok(runWithUmask('022', ['init', repo]));
+    // Version 1: the repositories made before modes were set were of version 1.
+    await ok(runWithUmask('022', ['init', '--format', '1', repo]));
     await ok(runWithUmask('022', ['backup', '--repo', repo, '--source', image, '--json']));
     // What the engine made before: directories 0755, packs 0444, records, config and index 0644.
     for (const [path, entry] of await modes(repo)) {

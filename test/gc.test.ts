@@ -50,9 +50,10 @@ async function image(name: string, regions: [number, string][]): Promise<string>
   return path;
 }
 
+/** A version-1 repository: this file tests gc of versions 1 and 2 (SPEC.md 10.2); version 3's (19.8) is test/v3-gc. */
 async function freshRepo(name: string): Promise<string> {
   const repo = join(dir, name);
-  expect((await runEngine(['init', repo])).code).toBe(0);
+  expect((await runEngine(['init', '--format', '1', repo])).code).toBe(0);
   return repo;
 }
 

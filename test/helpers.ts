@@ -6,7 +6,7 @@ import { expect } from 'vitest';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { mkdir, mkdtemp, open, readFile, rm, stat, statfs } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readdir, readFile, rm, stat, statfs } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -165,6 +165,41 @@ export async function backUp(repo: string, args: string[], options: { env?: Reco
 /** `engine init REPO`, which must succeed. */
 export async function initRepository(repo: string, args: string[] = []): Promise<void> {
   expect((await runEngine(['init', repo, ...args])).code).toBe(0);
+}
+
+/** A repository folder's config: its format version and id. */
+export async function repositoryConfig(repo: string): Promise<{ version: number; id: string }> {
+  return JSON.parse(await readFile(join(repo, 'config'), 'utf8')) as { version: number; id: string };
+}
+
+/**
+ * This host's cache folder of a version-3 repository (SPEC.md 19.4: `$ENGINE_CACHE_DIR/<repository id>`;
+ * the test run's ENGINE_CACHE_DIR unless a test gives its own), or undefined for versions 1 and 2.
+ */
+export async function hostCacheOf(repo: string, cacheDir = process.env.ENGINE_CACHE_DIR): Promise<string | undefined> {
+  const config = await repositoryConfig(repo);
+  if (config.version < 3) return undefined;
+  if (cacheDir === undefined) throw new Error(`${repo} is of version 3 and ENGINE_CACHE_DIR is not set: its host cache folder is unknown`);
+  return join(cacheDir, config.id);
+}
+
+/**
+ * What a version-3 command left in this host's cache folder of `repo` beside the slots (LevelDB, kept for the
+ * next process): a slot's temporary folder (`<slot>.tmp/`) goes with its process (SPEC.md 19.4); `journal/`
+ * appears with an oVirt run's first journal.
+ */
+export async function hostCacheLeftovers(repo: string, cacheDir = process.env.ENGINE_CACHE_DIR): Promise<string[]> {
+  const hostCache = await hostCacheOf(repo, cacheDir);
+  if (hostCache === undefined) throw new Error(`${repo} is not of version 3: it has no host cache folder`);
+  return (await readdir(hostCache)).filter((name) => !/^slot-\d+$/.test(name));
+}
+
+/**
+ * Where the journals of oVirt runs into a repository folder are (SPEC.md 12.1): its `journal/` in versions 1
+ * and 2, this host's cache folder of it in version 3 (19.4).
+ */
+export async function journalDir(repo: string, cacheDir = process.env.ENGINE_CACHE_DIR): Promise<string> {
+  return join((await hostCacheOf(repo, cacheDir)) ?? repo, 'journal');
 }
 
 /** Waits until a child stopped itself (SIGSTOP at ENGINE_STOP_AT): state T in /proc. */

@@ -60,7 +60,9 @@ describe('the name rule', () => {
 
 describe('names the user gives', () => {
   test('--name and --disk-name that break the rule are refused (exit 2), echoed escaped and cut, nothing written', async () => {
-    const before = await readdir(join(repo, 'backups'));
+    // On version 3 (the default) backups/ appears with its first record: none yet is none.
+    const records = (): Promise<string[]> => readdir(join(repo, 'backups')).catch((error: NodeJS.ErrnoException) => (error.code === 'ENOENT' ? [] : Promise.reject(error)));
+    const before = await records();
     const escape = await runEngine(['backup', '--repo', repo, '--source', image, '--name', 'vm\u001b[31mred\u001b[0m']);
     expect([escape.code, escape.stderr]).toEqual([2, 'engine: --name "vm\\x1b[31mred\\x1b[0m" is not allowed: it contains a control character (U+001B)\n']);
     const huge = await runEngine(['backup', '--repo', repo, '--source', image, '--name', 'n'.repeat(10240)]);
@@ -73,7 +75,7 @@ describe('names the user gives', () => {
       const shown = name.replace(/\u2029/g, '\\u2029').replace(/^(é{64}).*$/, '$1…(256 bytes)');
       expect([refused.code, refused.stderr]).toEqual([2, `engine: --disk-name "${shown}" is not allowed: ${why}\n`]);
     }
-    expect(await readdir(join(repo, 'backups'))).toEqual(before);
+    expect(await records()).toEqual(before);
     const ok = await runEngine(['backup', '--repo', repo, '--source', image, '--disk-name', `${'é'.repeat(127)}a`, '--name', '日本語 vm', '--json']);
     expect(ok.code).toBe(0);
   });

@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { filesIdentical, parseJson, runEngine, sh, tempDir, expectRestoreIdentical, withoutProgress } from './helpers.js';
+import { filesIdentical, parseJson, runEngine, sh, tempDir, expectRestoreIdentical, withoutProgress, journalDir } from './helpers.js';
 import { qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
@@ -75,7 +75,7 @@ async function expectNothingOpen(): Promise<void> {
   }
   expect([...sim.backups.values()].filter((b) => b.phase !== 'succeeded' && b.phase !== 'failed').map((b) => b.phase)).toEqual([]);
   expect([...sim.transfers.values()].filter((t) => t.phase === 'transferring' || t.phase === 'initializing' || t.phase === 'paused_system')).toEqual([]);
-  expect(await readdir(join(repo, 'journal')).catch(() => [])).toEqual([]);
+  expect(await readdir(await journalDir(repo)).catch(() => [])).toEqual([]);
 }
 
 describe('oVirt incremental backup API', () => {

@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { filesIdentical, parseJson, runEngine, sh, tempDir, expectRestoreIdentical, withoutProgress } from './helpers.js';
+import { filesIdentical, parseJson, runEngine, sh, tempDir, expectRestoreIdentical, withoutProgress, journalDir } from './helpers.js';
 import { qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
@@ -70,7 +70,7 @@ async function expectNoLeftovers(): Promise<void> {
   const appliance = [...sim.vms.values()].find((v) => v.name === 'appliance')!;
   expect([...appliance.attachments.keys()]).toEqual([]);
   expect(await readdir(sim.deviceRoot)).toEqual([]);
-  expect(await readdir(join(repo, 'journal')).catch(() => [])).toEqual([]);
+  expect(await readdir(await journalDir(repo)).catch(() => [])).toEqual([]);
 }
 
 describe('oVirt disk-attachment backup', () => {
@@ -123,7 +123,7 @@ describe('oVirt disk-attachment backup', () => {
     expect(crashed.code).toBe(137);
     expect(vm.snapshots.size).toBe(1);
     expect((await readdir(sim.deviceRoot)).length).toBe(2);
-    expect((await readdir(join(repo, 'journal'))).length).toBe(1);
+    expect((await readdir(await journalDir(repo))).length).toBe(1);
     const cleaned = await runEngine(['ovirt', 'cleanup', '--repo', repo, '--ovirt', sim.url, '--json'], { env });
     expect(cleaned.code).toBe(0);
     expect(parseJson<{ removed: number }>(cleaned.stdout).removed).toBe(3); // two attachments, one snapshot

@@ -83,7 +83,7 @@ async function expectVersion3Layout(repo: string): Promise<void> {
 /** A version-1 repository: a qcow2 chain (full, incremental, incremental) and a raw file twice. */
 async function version1Repository(name: string): Promise<{ repo: string; backups: Map<string, Expected>; raw: string }> {
   const repo = join(scratch.path, name);
-  expect((await runEngine(['init', repo])).code).toBe(0);
+  expect((await runEngine(['init', '--format', '1', repo])).code).toBe(0);
   const backups = new Map<string, Expected>();
   const image = join(scratch.path, `${name}.qcow2`);
   await qcow2(image, '256M');
@@ -137,7 +137,7 @@ describe('engine migrate', () => {
   test('an encrypted version-2 repository: migrated with its passphrase (segments sealed), restores, verify clean, dedupe; a wrong passphrase changes nothing', async () => {
     const repo = join(scratch.path, 'v2');
     password = { ENGINE_PASSWORD: PASSWORD };
-    expect((await runEngine(['init', '--encrypt', repo], { env: env() })).code).toBe(0);
+    expect((await runEngine(['init', '--format', '2', '--encrypt', repo], { env: env() })).code).toBe(0);
     const backups = new Map<string, Expected>();
     const files: string[] = [];
     for (let i = 0; i < 3; i++) {
@@ -172,7 +172,7 @@ describe('engine migrate', () => {
 
   test('refuses while a reader is registered and while an oVirt journal exists, changing nothing', async () => {
     const repo = join(scratch.path, 'busy');
-    expect((await runEngine(['init', repo])).code).toBe(0);
+    expect((await runEngine(['init', '--format', '1', repo])).code).toBe(0);
     const { registerReader } = await import('../dist/repo-format/readers.js');
     const reader = await registerReader(repo, 'serve', []);
     const busy = await migrate(repo);
@@ -239,7 +239,7 @@ describe('engine migrate', () => {
 
     test.each(rows)('kill -9 at %s', async (point, checkRow) => {
       const repo = join(scratch.path, `crash-${point}`);
-      expect((await runEngine(['init', repo])).code).toBe(0);
+      expect((await runEngine(['init', '--format', '1', repo])).code).toBe(0);
       const backups = new Map<string, Expected>();
       for (let i = 0; i < 2; i++) {
         const file = join(scratch.path, `crash-${point}-${i}.raw`);

@@ -45,7 +45,7 @@ function registerInit(program: Command): void {
     .description('create a repository')
     .argument('<repo>', 'directory to create (must be new or empty), or s3://BUCKET/PREFIX (an empty prefix of an existing bucket)')
     .option('--block-size <size>', 'fixed block size, a power of two from 64K to 16M (default 1M)')
-    .addOption(new Option('--format <version>', 'format version: 3 for many writers at once (always on S3); default 1, or 2 when encrypted').argParser(opt.integerParser('--format', 1, 3)))
+    .addOption(new Option('--format <version>', 'format version: 3 (many writers at once; the default, and always on S3); 1 (plain) or 2 (encrypted) for engines older than format 3').argParser(opt.integerParser('--format', 1, 3)))
     .addOption(opt.endpointOption())
     .addOption(opt.regionOption())
     .addOption(opt.caFileOption())

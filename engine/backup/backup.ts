@@ -122,6 +122,11 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     committed = true;
     await finishSessions(run);
     return { record };
+  } catch (error) {
+    // An interruption met anywhere before the commit (a loop's check, a storage call the signal aborted) is
+    // the backup's: said as such, with the signal, whatever part of it stopped.
+    if (error instanceof InterruptedError && !committed) throw new Interruption(options.signal, 'backup').error();
+    throw error;
   } finally {
     await release(run, committed);
     await pool?.close().catch(() => undefined);

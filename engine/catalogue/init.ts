@@ -13,8 +13,8 @@ export interface InitOptions {
   /** `passphrase` makes an encrypted repository (SPEC.md, section 18). */
   passphrase?: Passphrase | undefined;
   /**
-   * The format version: 3 (many writers, SPEC.md 19) on request and always on S3; else 1 (plain) or 2
-   * (encrypted), which `--format 1` or `2` also name.
+   * The format version: 3 (many writers, SPEC.md 19) by default and always on S3; 1 (plain) or 2
+   * (encrypted) on request, for engines older than format 3.
    */
   format?: number | undefined;
   /** Where an s3:// repository's store is, beside what the URL says. */
@@ -24,8 +24,8 @@ export interface InitOptions {
 export async function initRepository(path: string, options: InitOptions = {}): Promise<RepositoryConfig> {
   const kind = locationKind(path);
   const blockSize = options.blockSize ?? DEFAULT_BLOCK_SIZE;
-  const format = options.format ?? (kind === 's3' ? MANY_WRITERS_FORMAT_VERSION : undefined);
-  if (format !== undefined && format !== FORMAT_VERSION && format !== ENCRYPTED_FORMAT_VERSION && format !== MANY_WRITERS_FORMAT_VERSION) {
+  const format = options.format ?? MANY_WRITERS_FORMAT_VERSION;
+  if (format !== FORMAT_VERSION && format !== ENCRYPTED_FORMAT_VERSION && format !== MANY_WRITERS_FORMAT_VERSION) {
     throw new InvalidArgumentError(`format version ${format} does not exist: 1 (plain), 2 (encrypted) or 3 (many writers, on a folder or S3)`, { format });
   }
   if (kind === 's3' && format !== MANY_WRITERS_FORMAT_VERSION) throw new InvalidArgumentError(`an S3 repository is always format version 3 (many writers): ${path} cannot be version ${format}`, { format });

@@ -19,6 +19,7 @@ import { verify, type VerifyReport } from '../verify/verify.js';
 import { Interruption } from '../host/interrupt.js';
 import { InterruptedError } from '../errors.js';
 import { refuseInsideRepository } from '../host/write-guard.js';
+import { defaultCacheRoot } from '../../repo-format/v3/session.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
 
 export interface DemoOptions {
@@ -57,6 +58,8 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   // Not a multiple of the block size on purpose: the last block is short.
   const size = options.size ?? 512 * 1024 * 1024 + 4097;
   const keep = options.keep ?? options.dir !== undefined;
+  // The repository is of format 3 (the default): this host's cache of it goes with it (SPEC.md 19.4).
+  let hostCache: string | undefined;
   // Say first whether the files named below outlive the demo: a temporary directory does not.
   step(keep ? `working in ${dir} (kept afterwards)` : `working in ${dir}, a temporary directory removed when the demo ends (give the demo a directory to keep the image and the repository)`);
   try {
@@ -65,7 +68,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
     interruption.check();
     const firstHash = await fileSha256(image);
     step(`creating a repository at ${repo}`);
-    await initRepository(repo);
+    hostCache = join(defaultCacheRoot(), (await initRepository(repo)).id);
     const first = (await backup({ repo, from: { kind: 'disks', disks: [{ kind: 'raw', path: image }] }, name: 'demo-monday', signal })).record;
     step(`backup ${first.id.slice(0, 8)}: read ${first.disks[0]!.stats.bytesRead} bytes, stored ${first.disks[0]!.stats.bytesStored} new bytes`);
     const writes = await mutateImage(image, 0.02, 'engine-demo/tuesday');
@@ -93,6 +96,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoResult> {
   } finally {
     if (!keep) {
       await rm(dir, { recursive: true, force: true });
+      if (hostCache !== undefined) await rm(hostCache, { recursive: true, force: true });
       step(`removed the temporary directory ${dir}`);
     }
   }

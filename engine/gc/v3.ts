@@ -24,6 +24,7 @@
 import { randomBytes } from 'node:crypto';
 import { Repository } from '../../repo-format/repository.js';
 import { CorruptMetadataError, EngineError, MissingBlobError } from '../../repo-format/errors.js';
+import { StorageError } from '../../repo-format/storage/storage-error.js';
 import { crashPoint } from '../../repo-format/crash-points.js';
 import { PackWriter } from '../../repo-format/pack-file.js';
 import { openBlob } from '../../repo-format/blob-codec.js';
@@ -455,6 +456,19 @@ async function carryOut(steps: AsyncIterable<GcStep>, stepCount: number, args: C
         done++;
         continue;
       }
+      const refused = await refusedDelete(step, context);
+      if (refused !== undefined) {
+        // Named by no segment from the switch on: garbage a later gc deletes, as in versions 1 and 2 (10.2).
+        report.packs.kept.push({ pack: step.packId, why: `not deleted: it cannot be deleted (${refused}); a later gc deletes it` });
+        done++;
+        continue;
+      }
+      done++;
+      report.packs.deleted.push(step.packId);
+      report.bytes.deleted += args.sizes.get(step.packId) ?? 0;
+      if (rewritten.has(step.packId)) report.packs.rewritten.push(step.packId);
+      if (report.packs.deleted.length === 1) crashPoint('gc-v3-pack-deleted');
+      continue;
     }
     await applyGcStep(step, context);
     done++;
@@ -471,13 +485,23 @@ async function carryOut(steps: AsyncIterable<GcStep>, stepCount: number, args: C
         report.segments!.deleted++;
         if (report.segments!.deleted === 1) crashPoint('gc-v3-segment-deleted');
         break;
-      case 'delete-pack':
-        report.packs.deleted.push(step.packId);
-        report.bytes.deleted += args.sizes.get(step.packId) ?? 0;
-        if (rewritten.has(step.packId)) report.packs.rewritten.push(step.packId);
-        if (report.packs.deleted.length === 1) crashPoint('gc-v3-pack-deleted');
-        break;
     }
+  }
+}
+
+/**
+ * Deletes a pack (one step of the plan): undefined once it is gone, or the errno (the store's reason) of a
+ * store that refuses for good (an immutable file: EPERM; a denied delete, an S3 Object Lock): the pack is
+ * kept and the rest of the plan goes on. A lost lease, an interruption and a transient failure that
+ * outlasted the retries still stop gc.
+ */
+async function refusedDelete(step: GcStep, context: Parameters<typeof applyGcStep>[1]): Promise<string | undefined> {
+  try {
+    await applyGcStep(step, context);
+    return undefined;
+  } catch (error) {
+    if (!(error instanceof StorageError) || error.transient) throw error;
+    return error.storage.backendCode ?? error.reason;
   }
 }
 

@@ -21,7 +21,7 @@ import { chmod, copyFile, link, lstat, open, readdir, rename, stat, unlink, type
 import { constants as fsConstants, type Dirent } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { classifyWriteError, isErrnoException } from '../errors.js';
+import { classifyWriteError, EngineError, isErrnoException } from '../errors.js';
 import { fsyncDirectory, writeAllSyncAndClose } from '../durable-file.js';
 import { ensurePrivateDirectory, IMMUTABLE_FILE_MODE, openNewFile } from '../file-modes.js';
 import { StorageError, type StorageFailure } from './storage-error.js';
@@ -108,10 +108,14 @@ export class LocalStorage implements Storage {
     );
   }
 
-  /** A write's failure: full disk and too large as the repository says them, the rest as StorageError. */
+  /**
+   * A write's failure: full disk and too large as the repository says them, the rest as StorageError. An
+   * engine error (the interruption of an aborted call, a StorageError) is one already and stays as it is: its
+   * code is no errno to report as the folder's.
+   */
   private writeFailure(error: unknown, operation: string, key: string, path: string): unknown {
     const classified = classifyWriteError(error, path);
-    if (classified !== error || error instanceof StorageError || !isErrnoException(error)) return classified;
+    if (classified !== error || error instanceof EngineError || !isErrnoException(error)) return classified;
     return this.fail(error, operation, key);
   }
 
@@ -240,7 +244,7 @@ export class LocalStorage implements Storage {
       throwIfAborted(options.signal, this.properties.location, 'get', key);
       return buffer;
     } catch (error) {
-      if (error instanceof StorageError || !isErrnoException(error)) throw error;
+      if (error instanceof EngineError || !isErrnoException(error)) throw error;
       throw this.fail(error, 'get', key);
     } finally {
       await handle.close().catch(() => undefined);

@@ -28,13 +28,13 @@
  *   names are keys (never its temporary files), as a folder's other files are found by its own checks.
  * - `delete` of an absent object succeeds (it is the outcome the caller wants).
  * - Failures are StorageError (storage-error.ts) with a reason; `transient` ones may be retried.
- * - An aborted signal ends the call promptly with EngineError ENGINE_INTERRUPTED; what it was doing is
+ * - An aborted signal ends the call promptly with an InterruptedError (ENGINE_INTERRUPTED); what it was doing is
  *   either done whole or not at all, as for any failure.
  * - `time`, where a backend has it, reads the store's own clock (S3: the Date header of an answer), for
  *   protocols that must bound the skew between hosts (leases). A backend without it (the local folder,
  *   memory) shares this host's clock: there is no skew to measure.
  */
-import { EngineError, InvalidArgumentError } from '../errors.js';
+import { InterruptedError, InvalidArgumentError } from '../errors.js';
 
 export interface ObjectInfo {
   /** Relative to the storage's root. */
@@ -174,9 +174,12 @@ export function checkRange(range: ByteRange): void {
   }
 }
 
-/** The error an aborted call ends with. */
-export function interruptedError(location: string, operation: string, key?: string): EngineError {
-  return new EngineError('ENGINE_INTERRUPTED', `storage ${operation}${key ? ` of ${key}` : ''} at ${location} was interrupted`, { location, operation, key });
+/**
+ * The error an aborted call ends with: an InterruptedError, so that the operation around the call knows it
+ * for an interruption (and says it as its own: "backup was interrupted (SIGINT); …"), not as a failure.
+ */
+export function interruptedError(location: string, operation: string, key?: string): InterruptedError {
+  return new InterruptedError(`storage ${operation}${key ? ` of ${key}` : ''} at ${location}`, null, undefined, { location, operation, key });
 }
 
 /** Throws the interruption at once when the signal has already fired. */
