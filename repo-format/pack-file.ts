@@ -28,6 +28,7 @@ import { decodeFrameHeader, frameLength, type FrameHeader } from './frame.js';
 import type { IndexEntry } from './index-entry.js';
 import { LocalStorage } from './storage/local.js';
 import { Md5Stream } from './storage/md5-off-thread.js';
+import { isStorageError } from './storage/storage-error.js';
 import { isS3Url } from './storage/s3-url.js';
 import { StorageError } from './storage/storage-error.js';
 import type { Storage } from './storage/storage.js';
@@ -544,11 +545,13 @@ export function walkPackBytes(
   return { good, damage };
 }
 
-/** The size of a pack, or undefined when it is not there (or not a regular file). */
+/** The size of a pack, or undefined when the store says it is not there; any other failure is thrown. */
 export async function packSize(store: Storage | string, packId: string): Promise<number | undefined> {
   try {
     return (await storeOf(store).stat(packKey(packId))).size;
-  } catch {
-    return undefined;
+  } catch (error) {
+    // Only the store's "not found" means absent: a 503 or EIO is no proof a pack is gone (gc acts on it).
+    if (isStorageError(error, 'not-found')) return undefined;
+    throw error;
   }
 }

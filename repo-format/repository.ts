@@ -743,6 +743,14 @@ export class Repository {
     return packSize(this.store, packId);
   }
 
+  /**
+   * Deletes a pack that no segment names and no one else knows of (version 3: the copies gc made before it
+   * stopped without changing anything); a failure is ignored, the pack then being garbage a later gc removes.
+   */
+  async dropUnnamedPack(packId: string): Promise<void> {
+    await this.store.delete(packKey(packId)).catch(() => undefined);
+  }
+
   /** Why the object at a pack's key is not provably this engine's pack (gc deletes only its own). */
   notOwnPack(packId: string): Promise<string | undefined> {
     return notOwnPack(this.store, packId);

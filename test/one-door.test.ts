@@ -71,6 +71,7 @@ export function doorBreaches(file: string, text: string): string[] {
   }
   for (const match of text.matchAll(new RegExp(`LAYOUT\\.(${STORE_FOLDERS.join('|')})\\b`, 'g'))) say(match.index, `names the store's folder ${match[0]}`);
   for (const match of text.matchAll(/(['"`])(packs|backups|quarantine|protected)\/[^'"`]*\1?/g)) say(match.index, `builds a store path ${match[0]}`);
+  for (const match of text.matchAll(/\$\{(PACKS|RECORDS|QUARANTINE|PROTECTED)_PREFIX\}/g)) say(match.index, `builds a store path from ${match[1]}_PREFIX`);
   for (const match of text.matchAll(/join\([^)]*['"](packs|backups|quarantine|protected|keys|config)['"]/g)) say(match.index, `joins the store's folder ${match[1]}`);
   for (const match of text.matchAll(/\blocator\??\.(file|offset|kind)\b/g)) say(match.index, `looks inside a frame locator (${match[0]}): it is the repository's`);
   if (file.endsWith(join('pipeline', 'block-worker.ts'))) {
@@ -96,6 +97,7 @@ describe('in the sources', () => {
       "await writeFileDurably(join(repo.root, LAYOUT.backups, id), copy.bytes, { tempDir: join(repo.root, LAYOUT.tmp) });",
       "const path = `packs/${packId.slice(0, 2)}/${packId}`;",
       "import { scanPackFiles, scanRecordFiles } from '../../repo-format/layout-scan.js';",
+      "await repo.store.delete(`${PACKS_PREFIX}${pack.packId.slice(0, 2)}/${pack.packId}`);",
     ].join('\n');
     const breaches = doorBreaches(join(ENGINE_DIR, 'x.ts'), before);
     expect(breaches.map((b) => b.replace(/^x\.ts:\d+: /, ''))).toEqual([
@@ -107,6 +109,7 @@ describe('in the sources', () => {
       'imports scanRecordFiles from ../../repo-format/layout-scan.js',
       "names the store's folder LAYOUT.backups",
       'builds a store path `packs/${packId.slice(0, 2)}/${packId}`',
+      'builds a store path from PACKS_PREFIX',
     ]);
     const worker = doorBreaches(join(ENGINE_DIR, 'pipeline', 'block-worker.ts'), "import { openSync, readSync, closeSync } from 'node:fs';\nconst fd = openSync(task.locator.file, 'r');");
     expect(worker).toHaveLength(2);

@@ -16,7 +16,8 @@ import { initChecksum } from '../dist/repo-format/checksum.js';
 import { MemoryStorage } from '../dist/repo-format/storage/memory.js';
 import { decodeSegment, encodeSegment, parseSegmentKey, segmentKey, type Segment, type SegmentEntry } from '../dist/repo-format/v3/segment.js';
 import { resolveIndex } from '../dist/repo-format/v3/segment-set.js';
-import { applyGcStep, packKey, planGcCommit, type GcCommitPlan, type GcStep } from '../dist/repo-format/v3/gc-plan.js';
+import { applyGcStep, planGcCommit, type GcCommitPlan, type GcStep } from '../dist/repo-format/v3/gc-plan.js';
+import { packKey } from '../dist/repo-format/store.js';
 import { GcIndex } from '../dist/repo-format/v3/gc-index.js';
 
 await initChecksum();

@@ -205,7 +205,8 @@ class UnnamedPackDeletion {
         report.packs.kept.push({ pack: packId, why: `not deleted: ${foreign}` });
         continue;
       }
-      const size = (await repo.packSize(packId)) ?? 0;
+      // Only for the report's byte count: a failed stat must not stop the deletion.
+      const size = (await repo.packSize(packId).catch(() => undefined)) ?? 0;
       const failed = await repo.deletePack(packId);
       if (failed) {
         // Unnamed now: any later gc deletes it once it can be.

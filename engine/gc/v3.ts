@@ -29,8 +29,7 @@ import { crashPoint } from '../../repo-format/crash-points.js';
 import { PackWriter } from '../../repo-format/pack-file.js';
 import { openBlob } from '../../repo-format/blob-codec.js';
 import { LEASE_SKEW_BOUND_MS, LEASE_TIME_MS, PACK_HEADER_SIZE, PACK_TARGET_SIZE } from '../../repo-format/constants.js';
-import { packIdOfKey, packKey, PACKS_PREFIX } from '../../repo-format/store.js';
-import { isStorageError } from '../../repo-format/storage/storage-error.js';
+import { packIdOfKey, PACKS_PREFIX } from '../../repo-format/store.js';
 import type { DeadEntryTest } from '../../repo-format/pack-presence.js';
 import { removeFromQuarantine } from '../../repo-format/quarantine.js';
 import { removeOrphanedMarkers } from '../../repo-format/protection.js';
@@ -256,12 +255,9 @@ async function lostPacks(repo: Repository, index: GcIndex, packs: readonly Store
   for (const packId of index.namedPacks) {
     if (sizes.has(packId)) continue;
     signal?.throwIfAborted();
-    try {
-      sizes.set(packId, (await repo.store.stat(packKey(packId))).size);
-    } catch (error) {
-      if (!isStorageError(error, 'not-found')) throw error;
-      gone.add(packId);
-    }
+    const size = await repo.packSize(packId);
+    if (size === undefined) gone.add(packId);
+    else sizes.set(packId, size);
   }
   const short = new Set<string>();
   const dead: DeadEntryTest = (entry) => {
@@ -420,7 +416,7 @@ async function copyLiveFrames(repo: Repository, index: GcIndex, rewrite: Classes
 async function dropCopies(repo: Repository, copies: readonly PackWriter[]): Promise<void> {
   for (const pack of copies) {
     await pack.abort().catch(() => undefined);
-    await repo.store.delete(`${PACKS_PREFIX}${pack.packId.slice(0, 2)}/${pack.packId}`).catch(() => undefined);
+    await repo.dropUnnamedPack(pack.packId);
   }
 }
 

@@ -21,6 +21,7 @@
  * before any step.
  */
 import type { Storage } from '../storage/storage.js';
+import { packKey } from '../store.js';
 import { compareKeys } from '../storage/storage.js';
 import { encodeSegment, segmentKey, SEGMENT_MAX_ENTRIES, SEGMENT_MAX_SUPERSEDED, type Segment, type SegmentEntry, type SegmentName } from './segment.js';
 import type { GcIndex, LiveBlob } from './gc-index.js';
@@ -153,10 +154,6 @@ export async function planGcCommit(input: GcCommitInput): Promise<GcCommitPlan> 
   return { refused: false, steps, stepCount, entries, namedNow, kept };
 }
 
-/** Where a pack lives in the store (SPEC.md 19.2): packs/<first two hex digits>/<id>. */
-export function packKey(packId: string): string {
-  return `packs/${packId.slice(0, 2)}/${packId}`;
-}
 
 export interface StepContext {
   storage: Storage;
