@@ -5,7 +5,7 @@
  * every committed backup restores byte for byte, the next backup succeeds.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { access, copyFile, mkdir, readdir, readFile, rm, stat } from 'node:fs/promises';
+import { access, copyFile, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseJson, resumedJson, runEngine, sh, sparseFile, stoppedItself, tempDir, Tmpfs, writeRegion, type BackupJson, type RunResult, expectRestoreIdentical, withoutProgress } from './helpers.js';
 import { backupIds, campaign, CampaignRepo, expectVerifies, recordCampaign, type GcJson } from './fault-campaign.js';
@@ -23,86 +23,64 @@ afterAll(async () => {
   await cleanup();
 });
 
-describe('a full disk', () => {
-  const mountPoint = join('/tmp', `engine-full-${process.pid}`);
-
-  afterAll(async () => {
-    await sh('umount', [mountPoint]).catch(() => undefined);
-    await sh('rmdir', [mountPoint]).catch(() => undefined);
-  });
-
-  test('the backup fails, the repository stays consistent, the next backup succeeds', async () => {
-    await mkdir(mountPoint, { recursive: true });
-    await sh('mount', ['-t', 'tmpfs', '-o', 'size=48m', 'tmpfs', mountPoint]);
-    const repo = join(mountPoint, 'repo');
-    // Format 1: its tmp/ and the unfinished pack in it; format 3 below.
-    expect((await runEngine(['init', repo, '--format', '1'])).code).toBe(0);
-    const small = join(dir, 'small.img');
+/**
+ * A backup that meets a full disk: the repository (of `format`) on a 48 MiB tmpfs, a first backup of 4 MiB
+ * committed, then one of 96 MiB that cannot fit. It fails in one line with ENGINE_NO_SPACE and commits
+ * nothing; `nothingLeft` checks the format's own leftovers; the committed backup verifies and restores; after
+ * a change of the small source, the next backup commits and restores. Format 3 keeps its host cache (the
+ * run's ENGINE_CACHE_DIR) on another file system, so its packs are copied in across file systems.
+ */
+async function backupMeetsFullDisk(format: 1 | 3, nothingLeft: (repo: string) => Promise<void>): Promise<void> {
+  const fs = await Tmpfs.mount(join('/tmp', `engine-full-v${format}-${process.pid}`), 48);
+  try {
+    const repo = join(fs.path, 'repo');
+    expect((await runEngine(['init', repo, '--format', String(format)])).code).toBe(0);
+    expect(JSON.parse(await readFile(join(repo, 'config'), 'utf8'))).toMatchObject({ version: format });
+    const small = join(dir, `small-v${format}.img`);
     await sparseFile(small, 4 * MiB);
-    await writeRegion(small, 0, 4 * MiB, 'random', 'small');
+    await writeRegion(small, 0, 4 * MiB, 'random', `small-v${format}`);
     const first = await runEngine(['backup', '--repo', repo, '--source', small, '--json']);
     expect(first.code).toBe(0);
     const firstId = parseJson<BackupJson>(first.stdout).id;
-    const large = join(dir, 'large.img');
+    const large = join(dir, `large-v${format}.img`);
     await sparseFile(large, 96 * MiB);
-    await writeRegion(large, 0, 96 * MiB, 'random', 'large');
+    await writeRegion(large, 0, 96 * MiB, 'random', `large-v${format}`);
     const full = await runEngine(['backup', '--repo', repo, '--source', large]);
     campaign.injected += 1;
     campaign.fullDisk += 1;
+    if (format === 3) campaign.v3 += 1;
     expect(full.code).toBe(1);
     expect(full.stderr).toMatch(/^engine: no space left on the device holding /);
     campaign.noSpace += 1;
     expect(await backupIds(repo)).toEqual([firstId]);
-    expect(await readdir(join(repo, 'tmp'))).toEqual([]); // the unfinished pack was removed
+    await nothingLeft(repo);
     await expectVerifies(repo);
     await expectRestoreIdentical(repo, firstId, small, { dir });
-    await writeRegion(small, MiB, MiB, 'random', 'small-changed');
+    await writeRegion(small, MiB, MiB, 'random', `small-v${format}-changed`);
     const next = await runEngine(['backup', '--repo', repo, '--source', small, '--json']);
     expect(withoutProgress(next.stderr)).toBe('');
     expect(next.code).toBe(0);
     await expectRestoreIdentical(repo, parseJson<BackupJson>(next.stdout).id, small, { dir });
-  });
-});
+  } finally {
+    await fs.unmount();
+  }
+}
 
-describe('a full disk under a format-3 folder repository', () => {
-  // The repository on a tmpfs, the host cache (ENGINE_CACHE_DIR of the run) on another file system.
-  test('the backup fails in one line, leaves no lease and no partial object; committed backups restore; the next backup commits', async () => {
-    const fs = await Tmpfs.mount(join('/tmp', `engine-full-v3-${process.pid}`), 48);
-    try {
-      const repo = join(fs.path, 'repo');
-      expect((await runEngine(['init', repo, '--format', '3'])).code).toBe(0);
-      expect(JSON.parse(await readFile(join(repo, 'config'), 'utf8'))).toMatchObject({ version: 3 });
-      const small = join(dir, 'small-v3.img');
-      await sparseFile(small, 4 * MiB);
-      await writeRegion(small, 0, 4 * MiB, 'random', 'small-v3');
-      const first = await runEngine(['backup', '--repo', repo, '--source', small, '--json']);
-      expect(first.code).toBe(0);
-      const firstId = parseJson<BackupJson>(first.stdout).id;
-      const large = join(dir, 'large-v3.img');
-      await sparseFile(large, 96 * MiB);
-      await writeRegion(large, 0, 96 * MiB, 'random', 'large-v3');
-      const full = await runEngine(['backup', '--repo', repo, '--source', large]);
-      campaign.injected += 1;
-      campaign.fullDisk += 1;
-      campaign.v3 += 1;
-      expect(full.code).toBe(1);
-      expect(full.stderr).toMatch(/^engine: no space left on the device holding /);
-      campaign.noSpace += 1;
-      expect(await backupIds(repo)).toEqual([firstId]);
+describe('a full disk during a backup', () => {
+  // Format 1: its tmp/ and the unfinished pack in it.
+  test('format 1: the backup fails, the repository stays consistent, the next backup succeeds', async () => {
+    await backupMeetsFullDisk(1, async (repo) => {
+      expect(await readdir(join(repo, 'tmp'))).toEqual([]); // the unfinished pack was removed
+    });
+  });
+
+  test('format 3 on a folder: the backup fails in one line, leaves no lease and no partial object; committed backups restore; the next backup commits', async () => {
+    await backupMeetsFullDisk(3, async (repo) => {
       expect(await readdir(join(repo, 'leases'))).toEqual([]);
       // The pack that met the full disk was being copied in from the host cache (another file system): no
       // part of it is left, under its name or as a temporary file; the packs stored before it are garbage.
       expect((await sh('find', [repo, '-name', '*.tmp'])).trim()).toBe('');
-      await expectVerifies(repo);
-      await expectRestoreIdentical(repo, firstId, small, { dir });
-      await writeRegion(small, MiB, MiB, 'random', 'small-v3-changed');
-      const next = await runEngine(['backup', '--repo', repo, '--source', small, '--json']);
-      expect(withoutProgress(next.stderr)).toBe('');
-      expect(next.code).toBe(0);
-      await expectRestoreIdentical(repo, parseJson<BackupJson>(next.stdout).id, small, { dir });
-    } finally {
-      await fs.unmount();
-    }
+    });
   });
 });
 

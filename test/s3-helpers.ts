@@ -74,6 +74,22 @@ export async function openRgwStorage(cluster: RgwCluster, url: string, options: 
   return (await openS3Stack(rgwOptions(cluster, url, options))).storage;
 }
 
+/** Runs `use` on the store of an S3 URL (as the engine stacks it), closed afterwards whatever happens. */
+export async function withRgwStorage<T>(cluster: RgwCluster, url: string, use: (storage: Storage) => Promise<T>): Promise<T> {
+  const storage = await openRgwStorage(cluster, url);
+  try {
+    return await use(storage);
+  } finally {
+    await storage.close();
+  }
+}
+
+/** One object of a repository, read behind the engine's back: a folder's file, or the object under an S3 URL's prefix. */
+export async function repositoryObject(cluster: RgwCluster, where: string, key: string): Promise<Buffer> {
+  if (!where.startsWith('s3://')) return readFile(join(where, key));
+  return withRgwStorage(cluster, where, (storage) => storage.get(key));
+}
+
 /**
  * The environment a user gives the CLI for the cluster: the standard AWS variables with its user, endpoint
  * and region, and nothing from this machine's ~/.aws (files under `scratch` that do not exist).
@@ -114,14 +130,11 @@ export async function repositoryKeys(cluster: RgwCluster, where: string): Promis
     await walk(where, '');
     return keys.sort();
   }
-  const storage = await openRgwStorage(cluster, where);
-  try {
+  return withRgwStorage(cluster, where, async (storage) => {
     const keys: string[] = [];
     for await (const info of storage.list('')) keys.push(info.key);
     return keys;
-  } finally {
-    await storage.close();
-  }
+  });
 }
 
 /**

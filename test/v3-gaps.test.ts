@@ -13,7 +13,7 @@ import { chmod, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path';
 import { execFile } from 'node:child_process';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage, repositoryKeys, rgwEnv } from './s3-helpers.js';
+import { createBucket, repositoryKeys, repositoryObject, rgwEnv, withRgwStorage } from './s3-helpers.js';
 import { collectOutput, continueUntilExit, exitOf, filesIdentical, parseJson, runEngine, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson, type RunResult } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -45,15 +45,7 @@ const repoNamed = (kind: Kind, name: string): string => (kind === 'folder' ? joi
 /** Every key of a repository, sorted. */
 const keysOf = async (where: string): Promise<string[]> => (await repositoryKeys(cluster, where)).sort();
 
-async function getObject(where: string, key: string): Promise<Buffer> {
-  if (!where.startsWith('s3://')) return readFile(join(where, key));
-  const storage = await openRgwStorage(cluster, where);
-  try {
-    return await storage.get(key);
-  } finally {
-    await storage.close();
-  }
-}
+const getObject = (where: string, key: string): Promise<Buffer> => repositoryObject(cluster, where, key);
 
 /** Writes (or, with undefined, deletes) an object behind the engine's back. */
 async function setObject(where: string, key: string, bytes: Buffer | undefined): Promise<void> {
@@ -68,13 +60,7 @@ async function setObject(where: string, key: string, bytes: Buffer | undefined):
     await chmod(path, 0o400);
     return;
   }
-  const storage = await openRgwStorage(cluster, where);
-  try {
-    if (bytes === undefined) await storage.delete(key);
-    else await storage.put(key, bytes);
-  } finally {
-    await storage.close();
-  }
+  await withRgwStorage(cluster, where, (storage) => (bytes === undefined ? storage.delete(key) : storage.put(key, bytes)));
 }
 
 /** The repository's lease timing, shortened (SPEC 19.1: B >= 1 s, 4B < T). */

@@ -11,10 +11,10 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage, repositoryKeys, v3Env } from './s3-helpers.js';
+import { createBucket, repositoryKeys, repositoryObject, v3Env, withRgwStorage } from './s3-helpers.js';
 import { decodeSegment, encodeSegmentPlain, segmentKey } from '../dist/repo-format/v3/segment.js';
 import { initChecksum } from '../dist/repo-format/checksum.js';
 import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, tempDir, withoutProgress, writeRegion, type BackupJson } from './helpers.js';
@@ -42,12 +42,9 @@ afterAll(async () => {
 async function objects(repo: string): Promise<Map<string, number>> {
   const sizes = new Map<string, number>();
   if (repo.startsWith('s3://')) {
-    const storage = await openRgwStorage(cluster, repo);
-    try {
+    await withRgwStorage(cluster, repo, async (storage) => {
       for await (const info of storage.list('')) sizes.set(info.key, info.size);
-    } finally {
-      await storage.close();
-    }
+    });
     return sizes;
   }
   for (const key of await repositoryKeys(cluster, repo)) sizes.set(key, (await stat(join(repo, key))).size);
@@ -57,24 +54,11 @@ async function objects(repo: string): Promise<Map<string, number>> {
 /** Deletes one object behind the engine's back. */
 async function lose(repo: string, key: string): Promise<void> {
   if (!repo.startsWith('s3://')) return rm(join(repo, key));
-  const storage = await openRgwStorage(cluster, repo);
-  try {
-    await storage.delete(key);
-  } finally {
-    await storage.close();
-  }
+  return withRgwStorage(cluster, repo, (storage) => storage.delete(key));
 }
 
 /** Reads one object of the repository. */
-async function getObject(repo: string, key: string): Promise<Buffer> {
-  if (!repo.startsWith('s3://')) return readFile(join(repo, key));
-  const storage = await openRgwStorage(cluster, repo);
-  try {
-    return await storage.get(key);
-  } finally {
-    await storage.close();
-  }
-}
+const getObject = (repo: string, key: string): Promise<Buffer> => repositoryObject(cluster, repo, key);
 
 /** Writes one object behind the engine's back (a pack or a segment another writer could have written). */
 async function putObject(repo: string, key: string, bytes: Buffer): Promise<void> {
@@ -82,12 +66,7 @@ async function putObject(repo: string, key: string, bytes: Buffer): Promise<void
     await mkdir(dirname(join(repo, key)), { recursive: true, mode: 0o700 });
     return writeFile(join(repo, key), bytes, { mode: 0o600, flag: 'wx' });
   }
-  const storage = await openRgwStorage(cluster, repo);
-  try {
-    await storage.put(key, bytes);
-  } finally {
-    await storage.close();
-  }
+  return withRgwStorage(cluster, repo, (storage) => storage.put(key, bytes));
 }
 
 /** The writer id of a segment key (`index/<writer>-<seq>`). */
