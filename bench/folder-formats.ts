@@ -18,16 +18,11 @@ import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { formatBytes, generateImage, parseSize } from '../engine/index.js';
 import { applyChangeSet } from './change-set.js';
-import { arg, ENGINE, logger, machineLine, run, timed, type Measured } from './tools.js';
+import { arg, dropCaches, ENGINE, logger, machineLine, run, timed, type Measured } from './tools.js';
 
 const log = logger('folder-formats');
 const STEPS = ['full backup', 'backup after 1% changed (read whole, deduplicated)', 'restore to a new file', 'verify --read-data'] as const;
 type Step = (typeof STEPS)[number];
-
-async function dropCaches(): Promise<void> {
-  await run('sync', []);
-  await writeFile('/proc/sys/vm/drop_caches', '3\n');
-}
 
 function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);

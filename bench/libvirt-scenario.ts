@@ -6,7 +6,7 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { formatBytes, SeededRandom } from '../engine/index.js';
-import { available, ENGINE, run, timed, type Measured } from './tools.js';
+import { available, coldTimed as timed, ENGINE, run, type Measured } from './tools.js';
 
 export interface LibvirtRow {
   scenario: 'full' | 'incremental, 1% rewritten';

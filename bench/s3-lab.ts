@@ -93,13 +93,4 @@ export async function rgwCeiling(cluster: RgwCluster, bucket: string, scratch: s
   return { parallel, putMBps: (objects * size) / MB / put, getMBps: (objects * size) / MB / get };
 }
 
-/** `sync; echo 3 > /proc/sys/vm/drop_caches`: every timed run starts with a cold page cache. */
-export async function dropCaches(): Promise<void> {
-  await run('sync', []);
-  await writeFile('/proc/sys/vm/drop_caches', '3\n');
-}
-
-/** The 1-, 5- and 15-minute load averages, as /proc/loadavg gives them. */
-export async function loadAverage(): Promise<string> {
-  return (await readFile('/proc/loadavg', 'utf8')).split(' ').slice(0, 3).join(' ');
-}
+export { dropCaches, loadAverage } from './tools.js';

@@ -3,7 +3,7 @@
  * CPU time and peak RSS), installing a peer from Debian when missing, sizing a directory, the machine line.
  */
 import { execFile } from 'node:child_process';
-import { readdir, readFile, rm, stat } from 'node:fs/promises';
+import { readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -50,6 +50,22 @@ export interface Measured {
 let timingFile = 0;
 
 /**
+ * `sync; echo 3 > /proc/sys/vm/drop_caches` (root only): a timed backup, restore or verify starts with a cold
+ * page cache, as a backup of a disk snapshot does; a page cache warm from the step before would hide its reads.
+ */
+export async function dropCaches(): Promise<void> {
+  await run('sync', []);
+  await writeFile('/proc/sys/vm/drop_caches', '3\n').catch((error: unknown) => {
+    throw new Error(`cannot drop the page cache (${(error as Error).message}): the benches time every backup, restore and verify cold, which needs root`);
+  });
+}
+
+/** The 1-, 5- and 15-minute load averages, as /proc/loadavg gives them. */
+export async function loadAverage(): Promise<string> {
+  return (await readFile('/proc/loadavg', 'utf8')).split(' ').slice(0, 3).join(' ');
+}
+
+/**
  * Runs a command under /usr/bin/time: wall seconds, user+sys CPU of it and its children, peak RSS of the
  * largest process (GNU time's %M), and its stdout.
  */
@@ -62,6 +78,12 @@ export async function timed(command: string, args: string[], env: Record<string,
   } finally {
     await rm(output, { force: true });
   }
+}
+
+/** timed(), after `sync` and with the page cache dropped (dropCaches): the step reads its disk or repository cold. */
+export async function coldTimed(command: string, args: string[], env: Record<string, string> = {}): Promise<Measured> {
+  await dropCaches();
+  return timed(command, args, env);
 }
 
 export async function available(command: string): Promise<boolean> {

@@ -75,6 +75,34 @@ describe('SlotPool', () => {
     expect(await pool.acquire()).toBe(slot);
   });
 
+  test('acquireMany waits until that many are free, holds none meanwhile, and is not overtaken by a later single acquire', async () => {
+    const pool = new SlotPool(4);
+    const taken = await pool.acquireMany(3);
+    expect(taken).toHaveLength(3);
+    const run = pool.acquireMany(3);
+    const single = pool.acquire();
+    expect(await settled(run)).toBe(false);
+    expect(pool.available).toBe(1); // the one free slot is not held by the waiting run, nor given to the later single acquire
+    expect(pool.tryAcquire(1)).toBeUndefined(); // nor taken past the waiters
+    expect(await settled(single)).toBe(false);
+    pool.release(taken[0]!);
+    expect(await settled(run)).toBe(false);
+    pool.release(taken[1]!);
+    const got = await run;
+    expect(new Set(got).size).toBe(3);
+    expect(await settled(single)).toBe(false);
+    pool.release(taken[2]!);
+    expect(got).not.toContain(await single);
+    expect(pool.available).toBe(0);
+  });
+
+  test('acquireMany refuses more slots than the pool has, rather than wait forever', async () => {
+    const pool = new SlotPool(2);
+    await expect(pool.acquireMany(3)).rejects.toThrow('3 slots asked of a pool of 2');
+    await expect(pool.acquireMany(0)).rejects.toThrow(RangeError);
+    expect(pool.available).toBe(2);
+  });
+
   test('fail rejects every waiter and every later acquire with the error', async () => {
     const pool = new SlotPool(1);
     await pool.acquire();

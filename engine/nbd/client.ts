@@ -83,10 +83,22 @@ export class NbdClient {
   }
 
   async read(target: Buffer, offset: number): Promise<void> {
+    await this.readv([target], offset);
+  }
+
+  /**
+   * Fills `targets` one after another from `offset` on: every request of the run is sent at once, in order
+   * of offset, so the server (and the storage under it) sees one reader going forward.
+   */
+  async readv(targets: readonly Buffer[], offset: number): Promise<void> {
     const requests: Promise<void>[] = [];
-    for (let at = 0; at < target.length; at += this.requestSize) {
-      const length = Math.min(this.requestSize, target.length - at);
-      requests.push(this.pick().read(target.subarray(at, at + length), offset + at));
+    let base = offset;
+    for (const target of targets) {
+      for (let at = 0; at < target.length; at += this.requestSize) {
+        const length = Math.min(this.requestSize, target.length - at);
+        requests.push(this.pick().read(target.subarray(at, at + length), base + at));
+      }
+      base += target.length;
     }
     await Promise.all(requests);
   }

@@ -5,7 +5,9 @@
  *        ▲                                                      │ new blocks: workers seal (lz4, xxh64)
  *        └────────────── slot released ◀── pack writer ◀────────┘ map builder (entries in block order)
  *
- * The reader runs ahead of the assembler by at most slotCount blocks (the SlotPool is the bound), the
+ * The reader reads adjacent blocks in runs of RUN_BYTES, one large in-order read each, RUNS_IN_FLIGHT at
+ * once (storage's readahead works for one reader going forward), then fans the blocks out to the workers.
+ * It runs ahead of the assembler by at most slotCount blocks (the SlotPool is the bound), the
  * assembler looks up a batch of ids at a time (never one LevelDB get per block), and only blocks whose
  * id is not yet in the repository are compressed and written.
  *
@@ -19,7 +21,7 @@ import { MapBuilder } from '../../repo-format/block-map.js';
 import type { BlobWriter } from '../../repo-format/blob-writer.js';
 import type { DiskRecord, DiskStats } from '../../repo-format/backup-record.js';
 import type { Repository } from '../../repo-format/repository.js';
-import type { BlockSource } from '../sources/source.js';
+import { readRun, type BlockSource } from '../sources/source.js';
 import type { BlockPool } from './block-pool.js';
 import type { HashResult } from './tasks.js';
 import { Interruption } from '../host/interrupt.js';
@@ -59,6 +61,15 @@ interface InFlight {
   /** Set for a run of clean blocks taken from the parent map (no slot, nothing read). */
   unchanged?: number;
 }
+
+/**
+ * Bytes read at once from the source: one preadv (or a burst of NBD requests in order) per run of adjacent
+ * blocks. Measured cold on a 3 GiB ext4 image of /usr (vda, 8 MiB readahead): 1 MiB reads 32 at once
+ * 222–341 MiB/s, 8 MiB reads one at a time ~415, two at a time ~585, 16 MiB two at a time ~640.
+ */
+export const RUN_BYTES = 8 * 1024 * 1024;
+/** Runs read at once: the next is asked for while one is read, and no more, so storage sees one reader going forward. */
+export const RUNS_IN_FLIGHT = 2;
 
 /** A FIFO the reader fills and the assembler drains; `shift` waits for the next block or the end. */
 class BlockQueue {
@@ -120,6 +131,10 @@ class DiskBackup {
   private readonly map: MapBuilder;
   private readonly queue = new BlockQueue();
   private readonly writes = new Set<Promise<void>>();
+  /** The runs being read now (settled, never rejected: a failure is surfaced by their blocks). */
+  private readonly reading = new Set<Promise<void>>();
+  /** Blocks read at once in one run: RUN_BYTES, but no more than a quarter of the slots, so reading, hashing and writing overlap. */
+  private readonly runBlocks: number;
   /** Blocks looked up in the index at once: half the slots, so that the reader always has the other half. */
   private readonly batchLimit: number;
   private readonly started = Date.now();
@@ -144,6 +159,7 @@ class DiskBackup {
     this.zeroExtents = source.extents ? new ZeroExtentCursor(source.extents()) : undefined;
     this.map = new MapBuilder(blocks, repo.pageStore(context.metaWriter));
     this.batchLimit = Math.max(1, Math.floor(pool.slots.count / 2));
+    this.runBlocks = Math.max(1, Math.min(Math.floor(RUN_BYTES / repo.blockSize), Math.floor(pool.slots.count / 4)));
   }
 
   async run(): Promise<DiskRecord> {
@@ -164,19 +180,39 @@ class DiskBackup {
     this.queue.end();
   }
 
-  /** The reader: reads are issued as soon as a slot is free, several at once; the queue keeps block order. */
+  /**
+   * The reader, in block order: runs of adjacent blocks to read (up to runBlocks) are read each as one large
+   * read into their slots, at most RUNS_IN_FLIGHT at once, then every block of the run goes to a worker to
+   * be hashed; blocks the source says read as zeros, and clean runs of an incremental, break a run.
+   */
   private async read(): Promise<void> {
     const blocks = this.geometry.blocks;
+    let runFirst = 0;
+    let runCount = 0;
     for (let block = 0; block < blocks && this.failure === undefined; block += 1) {
       await this.interruption.tick();
       const clean = await this.cleanRun(block);
       if (clean > 0) {
+        if (runCount > 0) await this.readRun(runFirst, runCount);
+        runCount = 0;
         this.queue.push({ block, slot: -1, length: 0, result: undefined, done: Promise.resolve(), unchanged: clean });
         block += clean - 1;
         continue;
       }
-      this.queue.push(await this.readBlock(block));
+      if (await this.readsAsZeros(block)) {
+        if (runCount > 0) await this.readRun(runFirst, runCount);
+        runCount = 0;
+        this.queue.push(await this.zeroBlock(block));
+        continue;
+      }
+      if (runCount === 0) runFirst = block;
+      runCount += 1;
+      if (runCount === this.runBlocks) {
+        await this.readRun(runFirst, runCount);
+        runCount = 0;
+      }
     }
+    if (runCount > 0 && this.failure === undefined) await this.readRun(runFirst, runCount);
     this.queue.end();
   }
 
@@ -187,30 +223,52 @@ class DiskBackup {
     return nextDirty - block;
   }
 
-  /** One block into a free slot: known zeros recorded without reading, else read and hashed by a worker. */
-  private async readBlock(block: number): Promise<InFlight> {
-    const { source } = this;
-    const pool = this.context.pool;
-    const slot = await this.interruption.race(pool.slots.acquire());
+  /** Whether the source says the block reads as zeros (a hole, a zero cluster): it is then recorded unread. */
+  private async readsAsZeros(block: number): Promise<boolean> {
+    const zeroExtents = this.zeroExtents;
+    if (!zeroExtents) return false;
     const offset = this.geometry.offsetOf(block);
     const length = this.geometry.lengthOf(block);
-    const item: InFlight = { block, slot, length, result: undefined, done: Promise.resolve() };
     // The extent at hand answers most blocks; asking the source for more extents may take long (the
     // holes of a thin disk come merged over many requests), so that wait is interruptible.
-    const zeroExtents = this.zeroExtents;
-    if (zeroExtents && (zeroExtents.known(offset, length) ?? (await this.interruption.race(zeroExtents.isZero(offset, length))))) {
-      // The source says this block reads as zeros (a hole, a zero cluster): record it without reading.
-      item.result = { zero: true };
-    } else {
-      item.done = (async () => {
-        await source.read(pool.input(slot, length), offset);
-        this.stats.bytesRead += length;
+    return zeroExtents.known(offset, length) ?? (await this.interruption.race(zeroExtents.isZero(offset, length)));
+  }
+
+  /** A block known to read as zeros: it still takes a slot, which bounds how far the reader runs ahead over holes. */
+  private async zeroBlock(block: number): Promise<InFlight> {
+    const slot = await this.interruption.race(this.context.pool.slots.acquire());
+    return { block, slot, length: this.geometry.lengthOf(block), result: { zero: true }, done: Promise.resolve() };
+  }
+
+  /**
+   * `count` adjacent blocks from `first` read as one run into their slots, once fewer than RUNS_IN_FLIGHT
+   * runs are being read; each block is hashed by a worker as soon as the run is in.
+   */
+  private async readRun(first: number, count: number): Promise<void> {
+    const { source, geometry } = this;
+    const pool = this.context.pool;
+    while (this.reading.size >= RUNS_IN_FLIGHT) await this.interruption.race(Promise.race(this.reading));
+    const slots = await this.interruption.race(pool.slots.acquireMany(count));
+    const targets = slots.map((slot, i) => pool.input(slot, geometry.lengthOf(first + i)));
+    const read = readRun(source, targets, geometry.offsetOf(first)).then(() => {
+      for (const target of targets) this.stats.bytesRead += target.length;
+    });
+    const settled = read.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.reading.add(settled);
+    void settled.then(() => this.reading.delete(settled));
+    slots.forEach((slot, i) => {
+      const length = targets[i]!.length;
+      const item: InFlight = { block: first + i, slot, length, result: undefined, done: Promise.resolve() };
+      item.done = read.then(async () => {
         item.result = await pool.hash(slot, length);
-      })();
-    }
-    // A failed read or hash is surfaced by the assembler when it reaches this block.
-    item.done.catch(() => undefined);
-    return item;
+      });
+      // A failed read or hash is surfaced by the assembler when it reaches this block.
+      item.done.catch(() => undefined);
+      this.queue.push(item);
+    });
   }
 
   /** The assembler: blocks in order, a batch at a time (one index lookup for all of it). */

@@ -5,7 +5,8 @@
  */
 export class SlotPool {
   private readonly free: number[];
-  private readonly waiters: { resolve: (slot: number) => void; reject: (error: unknown) => void }[] = [];
+  /** Waiting acquirers, served strictly in order: a reader of a run is never overtaken by later, smaller asks. */
+  private readonly waiters: { count: number; resolve: (slots: number[]) => void; reject: (error: unknown) => void }[] = [];
   private failure: unknown;
 
   constructor(readonly count: number) {
@@ -16,24 +17,32 @@ export class SlotPool {
     return this.free.length;
   }
 
-  acquire(): Promise<number> {
+  async acquire(): Promise<number> {
+    const [slot] = await this.acquireMany(1);
+    return slot!;
+  }
+
+  /** `count` slots at once (at most the pool's size), waiting until that many are free; none is held while it waits. */
+  acquireMany(count: number): Promise<number[]> {
     if (this.failure !== undefined) return Promise.reject(this.failure);
-    const slot = this.free.pop();
-    if (slot !== undefined) return Promise.resolve(slot);
-    return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
+    if (count < 1 || count > this.count) return Promise.reject(new RangeError(`${count} slots asked of a pool of ${this.count}`));
+    if (this.waiters.length === 0 && this.free.length >= count) return Promise.resolve(this.free.splice(this.free.length - count, count));
+    return new Promise((resolve, reject) => this.waiters.push({ count, resolve, reject }));
   }
 
   /** `count` slots at once, or none (undefined) when fewer are free: a reader of several blocks never holds part of them while it waits. */
   tryAcquire(count: number): number[] | undefined {
     if (this.failure !== undefined) throw this.failure;
-    if (this.free.length < count) return undefined;
+    if (this.waiters.length > 0 || this.free.length < count) return undefined;
     return this.free.splice(this.free.length - count, count);
   }
 
   release(slot: number): void {
-    const waiter = this.waiters.shift();
-    if (waiter) waiter.resolve(slot);
-    else this.free.push(slot);
+    this.free.push(slot);
+    for (let waiter = this.waiters[0]; waiter && this.free.length >= waiter.count; waiter = this.waiters[0]) {
+      this.waiters.shift();
+      waiter.resolve(this.free.splice(this.free.length - waiter.count, waiter.count));
+    }
   }
 
   /** Fails every current and future acquire (the pipeline is shutting down after an error). */

@@ -67,18 +67,25 @@ export class FileSource implements BlockSource {
   }
 
   async read(target: Buffer, offset: number): Promise<void> {
-    let filled = 0;
-    while (filled < target.length) {
+    await this.readRun([target], offset);
+  }
+
+  /** One preadv per run (more only when the kernel returns less), into the targets in order. */
+  async readRun(targets: readonly Buffer[], offset: number): Promise<void> {
+    let pending = targets.filter((target) => target.length > 0);
+    let at = offset;
+    while (pending.length > 0) {
       let bytesRead: number;
       try {
-        ({ bytesRead } = await this.handle.read(target, filled, target.length - filled, offset + filled));
+        ({ bytesRead } = await this.handle.readv(pending, at));
       } catch (error) {
-        throw new SourceUnreadableError(this.description.path, isErrnoException(error) ? `${error.code} at offset ${offset + filled}` : String(error));
+        throw new SourceUnreadableError(this.description.path, isErrnoException(error) ? `${error.code} at offset ${at}` : String(error));
       }
       if (bytesRead === 0) {
-        throw new SourceChangedError(this.description.path, `it ended at offset ${offset + filled}, but had ${this.size} bytes when the backup started`);
+        throw new SourceChangedError(this.description.path, `it ended at offset ${at}, but had ${this.size} bytes when the backup started`);
       }
-      filled += bytesRead;
+      at += bytesRead;
+      pending = remainder(pending, bytesRead);
     }
   }
 
@@ -97,4 +104,19 @@ export class FileSource implements BlockSource {
     this.holes?.stop();
     await this.handle.close().catch(() => undefined);
   }
+}
+
+/** What is left of `buffers` after their first `filled` bytes. */
+function remainder(buffers: readonly Buffer[], filled: number): Buffer[] {
+  const rest: Buffer[] = [];
+  let skip = filled;
+  for (const buffer of buffers) {
+    if (skip >= buffer.length) {
+      skip -= buffer.length;
+      continue;
+    }
+    rest.push(skip > 0 ? buffer.subarray(skip) : buffer);
+    skip = 0;
+  }
+  return rest;
 }

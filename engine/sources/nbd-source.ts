@@ -44,6 +44,11 @@ export class NbdSource implements BlockSource {
     return this.client.read(target, offset);
   }
 
+  /** The run's requests all sent at once, in order of offset, spread over the connections. */
+  readRun(targets: readonly Buffer[], offset: number): Promise<void> {
+    return this.client.readv(targets, offset);
+  }
+
   get extents(): (() => AsyncIterable<Extent>) | undefined {
     if (!this.client.hasContext(P.CONTEXT_BASE_ALLOCATION)) return undefined;
     return () => this.allocation();
