@@ -1,9 +1,10 @@
 /**
  * A full backup of a real image read cold, against the device's read ceiling (`cat`) and borg, and against
- * another build of the engine when one is given: every round runs each tool once, in turn, each after
- * `sync; echo 3 > /proc/sys/vm/drop_caches` (root), so that a paired comparison cancels most of a shared
- * machine's load. Reports medians of wall and CPU seconds, peak RSS, and the load average of each run; with
- * --strace, one more backup of each build under `strace -c -f` gives its read calls (count, mean size).
+ * another build of the engine when one is given: every round runs each tool once, in turn (every other round
+ * in the reverse order), each after `sync; echo 3 > /proc/sys/vm/drop_caches` (root), so that a paired
+ * comparison cancels most of a shared machine's load. Reports medians of wall and CPU seconds, peak RSS, and
+ * the load average of each run; with --strace, one more backup of each build under `strace -c -f` gives its
+ * read calls (their count, and the seconds spent in them).
  *
  *   npm run build && node dist/bench/cold-read.js [--image /var/tmp/engine-real-image/usr.img]
  *     [--rounds 5] [--baseline /path/to/other/checkout/bin/engine.js] [--strace] [--out DIR]
@@ -104,7 +105,8 @@ async function main(): Promise<void> {
   const samples: Sample[] = [];
   try {
     for (let round = 1; round <= rounds; round += 1) {
-      for (const tool of tools) {
+      // Every other round in the reverse order: a tool never always runs right after the same other one.
+      for (const tool of round % 2 === 1 ? tools : [...tools].reverse()) {
         const load = await loadAverage();
         const measured = await tool.backup(work, round);
         log(`round ${round} ${tool.name}: ${measured.seconds.toFixed(2)} s wall, ${measured.cpuSeconds.toFixed(2)} CPU-s, load ${load}`);
