@@ -22,7 +22,8 @@ if (process.env.ENGINE_CALLER_GLIBC_TUNABLES !== undefined) {
 }
 /**
  * Node's compile cache: V8's compiled code of dist/ kept between runs, so that each command does not parse and
- * compile its ~150 modules again (measured: a restore of a small disk 0.338 -> 0.311 CPU-s, `--version` ...).
+ * compile its ~150 modules again (measured, paired medians on the loaded 2-core machine: a restore of a 64 MiB disk
+ * 0.338 -> 0.311 and 0.374 -> 0.352 CPU-s, a backup of it 0.438 -> 0.422, `--version` 0.086 -> 0.081).
  * It holds code this process will run, so it lives where only this user can write: the host cache folder of
  * SPEC.md 19.4 ($ENGINE_CACHE_DIR, /var/cache/engine for root, else $XDG_CACHE_HOME/engine or ~/.cache/engine),
  * in node-compile-cache/, created 0700; a folder owned by someone else, open to others, or a symlink is not used,
