@@ -1,7 +1,10 @@
 #!/usr/bin/env node
 // The CLI lives in cli/main.ts, compiled to dist/ by `npm run build` (scripts/setup.sh runs it).
 // `bin/engine` picks the runtime and starts this file; it can also be run as `node bin/engine.js`.
-import { existsSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, mkdirSync } from 'node:fs';
+import { enableCompileCache } from 'node:module';
+import { homedir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
 
 const [major, minor] = process.versions.node.split('.').map(Number);
 if (major < 22 || (major === 22 && minor < 12)) {
@@ -16,6 +19,41 @@ if (process.env.ENGINE_CALLER_GLIBC_TUNABLES !== undefined) {
   if (process.env.ENGINE_CALLER_GLIBC_TUNABLES === '') delete process.env.GLIBC_TUNABLES;
   else process.env.GLIBC_TUNABLES = process.env.ENGINE_CALLER_GLIBC_TUNABLES;
   delete process.env.ENGINE_CALLER_GLIBC_TUNABLES;
+}
+/**
+ * Node's compile cache: V8's compiled code of dist/ kept between runs, so that each command does not parse and
+ * compile its ~150 modules again (measured, paired medians on the loaded 2-core machine: a restore of a 64 MiB disk
+ * 0.338 -> 0.311 and 0.374 -> 0.352 CPU-s, a backup of it 0.438 -> 0.422, `--version` 0.086 -> 0.081).
+ * It holds code this process will run, so it lives where only this user can write: the host cache folder of
+ * SPEC.md 19.4 ($ENGINE_CACHE_DIR, /var/cache/engine for root, else $XDG_CACHE_HOME/engine or ~/.cache/engine),
+ * in node-compile-cache/, created 0700; a folder owned by someone else, open to others, or a symlink is not used,
+ * nor one under a parent others may write to (not sticky). Node's own settings win: NODE_COMPILE_CACHE names
+ * another folder, NODE_DISABLE_COMPILE_CACHE=1 turns it off. Any failure only means no cache.
+ */
+function privateCompileCache() {
+  const env = process.env;
+  if (env.NODE_COMPILE_CACHE || env.NODE_DISABLE_COMPILE_CACHE) return undefined;
+  const uid = process.getuid?.();
+  if (uid === undefined) return undefined;
+  const root = env.ENGINE_CACHE_DIR || (uid === 0 ? '/var/cache/engine' : join(env.XDG_CACHE_HOME || join(homedir(), '.cache'), 'engine'));
+  const dir = resolve(root, 'node-compile-cache');
+  try {
+    const first = mkdirSync(dir, { recursive: true, mode: 0o700 });
+    if (first !== undefined) for (let d = dir; ; d = dirname(d)) { chmodSync(d, 0o700); if (d === resolve(first)) break; }
+    const own = lstatSync(dir);
+    if (!own.isDirectory() || own.uid !== uid || (own.mode & 0o077) !== 0) return undefined;
+    const parent = lstatSync(dirname(dir));
+    if (!parent.isDirectory() || (parent.uid !== uid && parent.uid !== 0) || ((parent.mode & 0o022) !== 0 && (parent.mode & 0o1000) === 0)) return undefined;
+    return dir;
+  } catch {
+    return undefined;
+  }
+}
+const compileCache = privateCompileCache();
+if (compileCache !== undefined) {
+  enableCompileCache(compileCache);
+  // The block workers (threads) read the variable when they start.
+  process.env.NODE_COMPILE_CACHE = compileCache;
 }
 const entry = new URL('../dist/cli/main.js', import.meta.url);
 if (!existsSync(entry)) {

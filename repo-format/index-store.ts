@@ -4,13 +4,13 @@
  * is missing.
  * LevelDB admits one process at a time; the repository lock (lock.ts) is taken before it is opened.
  */
-import { ClassicLevel } from 'classic-level';
+import { levelDb, type LevelDb } from './leveldb.js';
 import { KEY_PREFIX_BACKUP, KEY_PREFIX_BLOB, KEY_PREFIX_META } from './constants.js';
 import { blobKey, decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from './index-entry.js';
 import { CorruptMetadataError, classifyWriteError, NoSpaceError } from './errors.js';
 import { makeTreePrivate } from './file-modes.js';
 
-type Db = ClassicLevel<Buffer, Buffer>;
+type Db = LevelDb;
 
 /** LevelDB's own read errors (a corrupt table or log) are a damaged index: say so, and what mends it. */
 function readFailure(error: unknown): never {
@@ -30,12 +30,7 @@ export class IndexStore {
   ) {}
 
   static async open(path: string, options: { create: boolean }): Promise<IndexStore> {
-    const db: Db = new ClassicLevel<Buffer, Buffer>(path, {
-      keyEncoding: 'buffer',
-      valueEncoding: 'buffer',
-      createIfMissing: options.create,
-      errorIfExists: false,
-    });
+    const db: Db = await levelDb(path, { createIfMissing: options.create, errorIfExists: false });
     try {
       await db.open();
     } catch (error) {

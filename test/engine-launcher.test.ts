@@ -8,7 +8,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { execFile } from 'node:child_process';
-import { chmod, copyFile, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, chown, copyFile, mkdir, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ENGINE_BIN, backUp, initRepository, sh, sparseFile, tempDir, writeRegion } from './helpers.js';
@@ -96,5 +96,57 @@ describe('bin/engine', () => {
   test("leaves a caller's own malloc tunables as they are", async () => {
     const caller = 'glibc.malloc.trim_threshold=1048576';
     expect(await restoreThroughLauncher(caller, 'own')).toEqual({ engine: caller, 'engine-marker': '<unset>', child: caller, 'child-marker': '<unset>' });
+  });
+});
+
+/**
+ * `node bin/engine.js --version` with the host cache folder `cacheDir` and none of Node's own compile-cache
+ * variables (the test run sets NODE_COMPILE_CACHE for all its processes); `extra` adds to the environment.
+ */
+async function versionWithCache(cacheDir: string, extra: Record<string, string> = {}): Promise<void> {
+  const env: NodeJS.ProcessEnv = { ...process.env, ENGINE_CACHE_DIR: cacheDir, ...extra };
+  delete env.NODE_COMPILE_CACHE;
+  await new Promise<void>((resolve, reject) => {
+    execFile(process.execPath, [ENGINE_BIN, '--version'], { env }, (error, _stdout, stderr) => (error ? reject(new Error(`--version failed: ${stderr}`)) : resolve()));
+  });
+}
+
+/** Every file under `path`, recursively (a compile cache keeps its entries in a folder per Node version). */
+async function filesUnder(path: string): Promise<string[]> {
+  return (await readdir(path, { recursive: true, withFileTypes: true })).filter((entry) => entry.isFile()).map((entry) => join(entry.parentPath, entry.name));
+}
+
+describe("bin/engine.js: Node's compile cache in the host cache folder, only where no other user can write", () => {
+  test('created 0700 in node-compile-cache/ of the host cache folder, and filled', async () => {
+    const cache = join(dir, 'cc-fresh');
+    await versionWithCache(cache);
+    expect((await stat(join(cache, 'node-compile-cache'))).mode & 0o777).toBe(0o700);
+    expect((await stat(cache)).mode & 0o777).toBe(0o700);
+    expect((await filesUnder(join(cache, 'node-compile-cache'))).length).toBeGreaterThan(0);
+  });
+
+  test("not used when it is open to others, another user's, a symlink, or under a parent others may write to; used under a sticky one", async () => {
+    const cases: [string, (cache: string, folder: string) => Promise<void>, boolean][] = [
+      ['open', async (_cache, folder) => chmod(folder, 0o777), false],
+      ['foreign', async (_cache, folder) => chown(folder, 65534, 65534), false],
+      ['symlink', async (cache, folder) => { await rm(folder, { recursive: true }); await mkdir(join(cache, 'elsewhere'), { mode: 0o700 }); await symlink(join(cache, 'elsewhere'), folder); }, false],
+      ['parent-open', async (cache) => chmod(cache, 0o777), false],
+      ['parent-sticky', async (cache) => chmod(cache, 0o1777), true],
+    ];
+    for (const [name, prepare, used] of cases) {
+      const cache = join(dir, `cc-${name}`);
+      const folder = join(cache, 'node-compile-cache');
+      await mkdir(folder, { recursive: true, mode: 0o700 });
+      await prepare(cache, folder);
+      await versionWithCache(cache);
+      const written = (await filesUnder(cache)).length;
+      expect({ name, used: written > 0 }).toEqual({ name, used });
+    }
+  });
+
+  test("Node's own settings win: NODE_DISABLE_COMPILE_CACHE=1 creates nothing", async () => {
+    const cache = join(dir, 'cc-disabled');
+    await versionWithCache(cache, { NODE_DISABLE_COMPILE_CACHE: '1' });
+    await expect(stat(join(cache, 'node-compile-cache'))).rejects.toMatchObject({ code: 'ENOENT' });
   });
 });

@@ -14,10 +14,7 @@ import { type BackupRecord, type BackupType, type DiskCbt, type DiskRecord, type
 import { BlockPool } from '../pipeline/block-pool.js';
 import { backupDisk, type BackupDiskContext, type DiskProgress } from '../pipeline/backup-disk.js';
 import { FileSource } from '../sources/file-source.js';
-import { NbdSource } from '../sources/nbd-source.js';
-import { openImageDisk } from '../cbt/image-disk.js';
 import { NO_EARLIER_BACKUP, type CbtDiskJob, type CbtSession, type ChainArgs, type DeferredCbtDiskJob, type RequestedMode } from '../cbt/chain.js';
-import { openLibvirtBackup } from '../cbt/libvirt-domain.js';
 import { InterruptedError, SourceUnreadableError, withRemedies } from '../errors.js';
 import { Interruption } from '../host/interrupt.js';
 import { MAX_DISK_SIZE } from '../../repo-format/constants.js';
@@ -181,12 +178,13 @@ async function openDisks(run: BackupRun, repo: Repository): Promise<string> {
   const args: ChainArgs = { backupId: run.id, requested: run.requested, history: everything.filter((r) => r.name === name), repositoryId: repo.config.id, loadPage: repo.loadPage, blockSize: repo.blockSize, blockId: repo.blobId, available: (ids) => repo.available(ids), onNotice: run.notice };
   for (const [i, disk] of disks.entries()) {
     if (disk.kind !== 'image') continue;
+    const { openImageDisk } = await import('../cbt/image-disk.js');
     const session = await openImageDisk({ ...args, history: everything, image: disk.path, name: names[i]!, backupName: name });
     jobs[i] = { name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, session };
     run.jobs.push(jobs[i]);
   }
   run.jobs.splice(0, run.jobs.length, ...jobs);
-  const provide = from.kind === 'libvirt' ? (chain: ChainArgs) => openLibvirtBackup({ domain: from.domain, ...chain }) : from.kind === 'provider' ? from.provide : undefined;
+  const provide = from.kind === 'libvirt' ? async (chain: ChainArgs) => (await import('../cbt/libvirt-domain.js')).openLibvirtBackup({ domain: from.domain, ...chain }) : from.kind === 'provider' ? from.provide : undefined;
   if (provide) {
     const session = await provide(args);
     for (const disk of session.disks) run.jobs.push({ ...disk, session });
@@ -197,9 +195,13 @@ async function openDisks(run: BackupRun, repo: Repository): Promise<string> {
   return name;
 }
 
-/** A source read whole: no changed-block tracking, so an incremental asked for is a full read, said. */
+/**
+ * A source read whole: no changed-block tracking, so an incremental asked for is a full read, said. The NBD
+ * client (node:net, node:tls), like the qcow2 and libvirt sessions above, is loaded only when a disk needs it:
+ * a backup of a file does not pay its start-up.
+ */
 async function openWholeDisk(run: BackupRun, disk: Extract<BackupDisk, { kind: 'raw' | 'nbd' }>): Promise<DiskJob> {
-  const source = disk.kind === 'nbd' ? await NbdSource.open(disk.uri) : await FileSource.open(disk.path);
+  const source = disk.kind === 'nbd' ? await (await import('../sources/nbd-source.js')).NbdSource.open(disk.uri) : await FileSource.open(disk.path);
   const noCbt = run.requested === 'incremental' || run.requested === 'differential' ? 'this source has no changed-block tracking (a qcow2 image has, backed up as an image disk)' : null;
   const job: DiskJob = { name: source.defaultName, source, plan: undefined, mode: 'full', modeReason: noCbt, parent: null, cbt: null };
   run.jobs.push(job);

@@ -19,10 +19,7 @@ import type { BlockSet } from '../common/block-set.js';
 import type { Range } from '../pipeline/map-cursors.js';
 import { InterruptedError } from '../errors.js';
 import { Interruption } from '../host/interrupt.js';
-import { STATE_DIRTY } from '../nbd/protocol.js';
 import { FileTarget } from './file-target.js';
-import { NbdTarget } from './nbd-target.js';
-import { Qcow2Target } from './qcow2-target.js';
 import { refuseDeviceWithData } from './target-in-use.js';
 import { restorePointSignature } from './restore-point-signature.js';
 import { planRollback } from './rollback-plan.js';
@@ -151,18 +148,20 @@ async function restoreTarget(run: RestoreRun, planned: PlannedTarget): Promise<R
   }
 }
 
+/** The NBD and qcow2 targets are loaded when used: their modules (node:net, node:tls, qemu-nbd) cost ~30 ms of CPU a restore to a file need not pay. */
 async function openTarget(run: RestoreRun, planned: PlannedTarget): Promise<OpenedTarget> {
   const { opening, disk } = planned;
   switch (opening.kind) {
     case 'local':
       return { writer: await FileTarget.open(opening.path, disk.size, { assumeZeroed: opening.blank, checkDevice: deviceCheck(run, planned) }) };
     case 'qcow2':
-      return { writer: await Qcow2Target.create(opening.path, disk.size) };
+      return { writer: await (await import('./qcow2-target.js')).Qcow2Target.create(opening.path, disk.size) };
     case 'custom':
       return { writer: await opening.open(disk) };
     case 'nbd': {
       const write = run.plan.write;
       const context = write.kind === 'bitmap' ? `qemu:dirty-bitmap:${write.bitmap}` : undefined;
+      const [{ NbdTarget }, { STATE_DIRTY }] = await Promise.all([import('./nbd-target.js'), import('../nbd/protocol.js')]);
       const target = await NbdTarget.open(opening.uri, disk.size, { metaContexts: context ? [context] : [] });
       return { writer: target, bitmap: context === undefined ? undefined : { exported: target.hasContext(context), dirty: () => target.flaggedRanges(context, STATE_DIRTY, disk.size) } };
     }

@@ -16,7 +16,7 @@
  * Nothing here outlives gc: the folder is gc's alone (the slot's LevelDB lock) and removed when it ends.
  */
 import { rm } from 'node:fs/promises';
-import { ClassicLevel } from 'classic-level';
+import { levelDb, type LevelDb } from '../leveldb.js';
 import { classifyWriteError } from '../errors.js';
 import { decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from '../index-entry.js';
 import type { DeadEntryTest } from '../pack-presence.js';
@@ -27,7 +27,7 @@ import { isStorageError } from '../storage/storage-error.js';
 import { entryOffset, parseSegmentKey, segmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGMENT_PREFIX, viewSegment, type SegmentName } from './segment.js';
 import { consumeInOrder } from './ordered-window.js';
 
-type Db = ClassicLevel<Buffer, Buffer>;
+type Db = LevelDb;
 type Put = { type: 'put'; key: Buffer; value: Buffer };
 
 const LIVE = 0x01;
@@ -103,7 +103,7 @@ export class GcIndex {
   /** A new, empty index in `path` (whatever was there is removed first: a dead gc's). */
   static async create(path: string, options: GcIndexOptions = {}): Promise<GcIndex> {
     await rm(path, { recursive: true, force: true });
-    const db: Db = new ClassicLevel<Buffer, Buffer>(path, { keyEncoding: 'buffer', valueEncoding: 'buffer', createIfMissing: true, errorIfExists: true });
+    const db: Db = await levelDb(path, { createIfMissing: true, errorIfExists: true });
     try {
       await db.open();
     } catch (error) {

@@ -29,7 +29,7 @@
  */
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ClassicLevel } from 'classic-level';
+import { levelDb, type LevelDb } from '../leveldb.js';
 import { CorruptMetadataError, classifyWriteError, EngineError, NoSpaceError } from '../errors.js';
 import { ensurePrivateDirectory, makeTreePrivate } from '../file-modes.js';
 import { decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from '../index-entry.js';
@@ -56,7 +56,7 @@ import { isStorageError } from '../storage/storage-error.js';
 import { segmentWins } from './segment-set.js';
 import { consumeInOrder } from './ordered-window.js';
 
-type Db = ClassicLevel<Buffer, Buffer>;
+type Db = LevelDb;
 
 const META = 0x00;
 const BLOB = 0x01;
@@ -510,7 +510,7 @@ export class IndexCache {
 async function openSlot(path: string, options: IndexCacheOptions): Promise<{ db: Db; reset: string | undefined } | 'locked'> {
   let reset: string | undefined;
   for (let attempt = 0; attempt < 2; attempt++) {
-    const db: Db = new ClassicLevel<Buffer, Buffer>(path, { keyEncoding: 'buffer', valueEncoding: 'buffer', createIfMissing: true });
+    const db: Db = await levelDb(path, { createIfMissing: true });
     try {
       await db.open();
     } catch (error) {
