@@ -5,9 +5,10 @@
  * table files: LevelDB maps each table it holds open (up to 1000 of them) into memory, and every page a
  * lookup or a compaction touches stays resident (counted in RSS) for as long as the table stays open. With
  * the default table cache (1000 open files of 2 MiB) that is the whole database: ~127 MiB at 2M entries,
- * growing linearly. Capping the open tables and their size caps it: at most (maxOpenFiles - 10) tables of maxFileSize
- * bytes are mapped (LevelDB keeps 10 of its open files for its logs and manifest), whatever the number of
- * entries; a table evicted from the cache is unmapped, and opened again (one open, one mmap, its index
+ * growing linearly. Capping the open tables and their size caps it: at most (maxOpenFiles - 10) tables are
+ * mapped (LevelDB keeps 10 of its open files for its logs and manifest), of maxFileSize bytes as
+ * compactions write them (level-0 tables, a memtable flushed whole, hold up to writeBufferSize; there are
+ * a few of them at a time), whatever the number of entries; a table evicted from the cache is unmapped, and opened again (one open, one mmap, its index
  * and filter read) when a lookup needs it. The block cache (cacheSize) serves only tables read with pread,
  * which mapped tables are not: it stays at LevelDB's default.
  */
@@ -49,12 +50,6 @@ export function levelOptions<T extends object>(use: LevelUse, extra: T): LevelOp
     ...testOverride(),
     ...extra,
   };
-}
-
-/** The most bytes of table files a database opened for `use` keeps mapped (what SPEC.md 19.4 states). */
-export function mappedTableBound(use: LevelUse): number {
-  const options = levelOptions(use, {});
-  return (options.maxOpenFiles - NON_TABLE_FILES) * options.maxFileSize;
 }
 
 /**
