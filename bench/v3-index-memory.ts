@@ -1,7 +1,7 @@
 /**
  * Peak memory of format 3 by the number of index entries and segments (issue 14: "peak RSS per process
  * unchanged whatever the number of objects"): `node dist/bench/v3-index-memory.js
- * [--shapes 100x100,100x2500,100x20000] [--commands catchup,gc,repair] [--s3] [--image 16M] [--rounds 1]
+ * [--shapes 100x100,100x2500,100x20000] [--commands catchup,gc,repair,lookup] [--s3] [--image 16M] [--rounds 1]
  * [--builds ROOT,OTHER_ROOT] [--variants 'NAME=JSON;OTHER=JSON'] [--limit 300] [--out DIR]`.
  *
  * Each shape `SxE` is a format-3 repository (a local folder, or with `--s3` a prefix on a private Ceph RGW)
@@ -11,7 +11,10 @@
  * CPU, peak RSS) with bench/memory-sampler loaded (peaks of V8 heap, Buffers, and what is beyond V8):
  * - catchup: a fresh host cache catches up with the store (IndexCache.open; what a new host pays);
  * - gc: `engine gc` with a fresh host cache (its catch-up included), on a copy of the repository;
- * - repair: `engine repair` with a fresh host cache, on a copy (folder only: gc and repair change the store).
+ * - repair: `engine repair` with a fresh host cache, on a copy (folder only: gc and repair change the store);
+ * - lookup: a catch-up as above, then a process's first lookups once the cache is current (what a backup pays
+ *   per block): 20000 new ids and 20000 indexed ones, 16 per call, on the cache opened anew (no table open
+ *   yet), in µs per id of wall and of CPU (not a memory figure: it weighs the LevelDB options against speed).
  * Builds (`--builds`, roots of compiled trees, default this one) alternate, reversed every other round; so
  * do variants (`--variants`: a name and a JSON object of environment variables each, e.g.
  * `open74={"ENGINE_TEST_LEVEL_OPTIONS":"{\"maxOpenFiles\":74}"}`), to weigh a setting in the same minutes.
