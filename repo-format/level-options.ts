@@ -30,11 +30,12 @@ const NON_TABLE_FILES = 10;
 const MiB = 1024 * 1024;
 
 /**
- * Every use holds at most this many tables mapped: 64 × 1 MiB = 64 MiB of RSS, whatever the entry count.
+ * Every use holds at most this many tables mapped: 64 × 1 MiB (plus the few level-0 tables of up to 4 MiB)
+ * of RSS, under 100 MiB whatever the entry count.
  * 64 is the fewest LevelDB allows (it raises a smaller maxOpenFiles to 74), so the bound is set by the
  * table size: 1 MiB rather than LevelDB's 2 MiB. Measured at 2M entries (bench/v3-index-memory.ts, paired,
  * load 30-40): catch-up 423 -> 300 MiB peak (with the cache's chained batches); a fresh process's lookup
- * 21 -> 35 CPU-µs per new id, 41 -> 55 per indexed one: 0.04 CPU-s per GiB of 1 MiB blocks.
+ * 21 -> 35 CPU-µs per new id, 41 -> 55 per indexed one (one round each, loaded): ~0.015 CPU-s more per GiB of 1 MiB blocks.
  */
 const TABLE_FILES: Record<LevelUse, number> = { 'index-cache': 64, 'index-store': 64, 'gc-index': 64 };
 const TABLE_FILE_SIZE = 1 * MiB;
