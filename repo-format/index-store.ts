@@ -9,6 +9,7 @@ import { KEY_PREFIX_BACKUP, KEY_PREFIX_BLOB, KEY_PREFIX_META } from './constants
 import { blobKey, decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from './index-entry.js';
 import { CorruptMetadataError, classifyWriteError, NoSpaceError } from './errors.js';
 import { makeTreePrivate } from './file-modes.js';
+import { levelOptions } from './level-options.js';
 
 type Db = LevelDb;
 
@@ -30,7 +31,7 @@ export class IndexStore {
   ) {}
 
   static async open(path: string, options: { create: boolean }): Promise<IndexStore> {
-    const db: Db = await levelDb(path, { createIfMissing: options.create, errorIfExists: false });
+    const db: Db = await levelDb(path, levelOptions('index-store', { createIfMissing: options.create, errorIfExists: false }));
     try {
       await db.open();
     } catch (error) {

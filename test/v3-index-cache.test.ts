@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { initChecksum } from '../dist/repo-format/checksum.js';
 import { MemoryStorage } from '../dist/repo-format/storage/memory.js';
-import { encodeSegment, segmentKey, type Segment, type SegmentEntry, type SegmentName } from '../dist/repo-format/v3/segment.js';
+import { encodeSegment, entryAt, segmentKey, type Segment, type SegmentEntry, type SegmentName } from '../dist/repo-format/v3/segment.js';
 import { CACHE_BATCH, IndexCache, MAX_SLOTS } from '../dist/repo-format/v3/index-cache.js';
 import { LocalStorage } from '../dist/repo-format/storage/local.js';
 
@@ -322,6 +322,28 @@ describe('ingest in bounded parts (19.4)', () => {
     const { cache, catchUp } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage, batch: 2 });
     expect(catchUp.rebuilt).toMatch(why);
     expect((await cache.lookup([1, 2, 3].map((b) => Buffer.alloc(32, b)))).map((l) => l?.packId.slice(0, 2))).toEqual([undefined, undefined, 'd1']);
+    await cache.close();
+  });
+});
+
+describe('eachIngested (the pack-loss path, 19.7 step 3a)', () => {
+  test('gives each ingested segment in key order as a view of its bytes checked whole (no object per entry); one gone since is skipped', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    const a = { name: name('a'), supersedes: [], entries: [entry(1, 'a1'), entry(2, 'a1', 132)] };
+    const b = { name: name('b'), supersedes: [], entries: [entry(3, 'b1'), entry(4, 'b1', 132), entry(5, 'b1', 232)] };
+    const c = { name: name('c'), supersedes: [], entries: [entry(6, 'c1')] };
+    for (const segment of [c, a, b]) await store(storage, segment);
+    const { cache } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    await storage.delete(segmentKey(b.name));
+    const seen: { key: string; entries: SegmentEntry[] }[] = [];
+    await cache.eachIngested(async (view) => {
+      // A view: the segment's bytes and where its entries are, not an array of decoded entries.
+      expect(view).not.toHaveProperty('entries');
+      expect(Buffer.isBuffer(view.bytes)).toBe(true);
+      seen.push({ key: segmentKey(view.name), entries: Array.from({ length: view.count }, (_, i) => entryAt(view, i)) });
+    });
+    expect(seen).toEqual([a, c].map((segment) => ({ key: segmentKey(segment.name), entries: segment.entries })));
     await cache.close();
   });
 });

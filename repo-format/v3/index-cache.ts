@@ -30,11 +30,13 @@
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { levelDb, type LevelDb } from '../leveldb.js';
+import type { ChainedBatch } from 'classic-level';
 import { CorruptMetadataError, classifyWriteError, EngineError, NoSpaceError } from '../errors.js';
 import { ensurePrivateDirectory, makeTreePrivate } from '../file-modes.js';
 import { decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from '../index-entry.js';
 import { ID_SIZE, INDEX_ENTRY_SIZE } from '../constants.js';
 import { crashPoint } from '../crash-points.js';
+import { levelOptions } from '../level-options.js';
 import type { Storage } from '../storage/storage.js';
 import {
   decodeSegmentHeader,
@@ -46,7 +48,6 @@ import {
   SEGMENT_MAX_OBJECT_SIZE,
   SEGMENT_NAME_SIZE,
   SEGMENT_PREFIX,
-  segmentOfView,
   viewSegment,
   type Segment,
   type SegmentName,
@@ -355,11 +356,12 @@ export class IndexCache {
     return { type: 'put', key: segmentRecordKey(key), value };
   }
 
-  /** Writes one batch; when it holds the record of the segment under `key` (in `state`), notes it. */
-  private async write(operations: Put[], key: string, state: number | undefined): Promise<void> {
+  /** Writes one batch (operations, or a chained batch); when it holds the record of the segment under `key` (in `state`), notes it. */
+  private async write(operations: Put[] | ChainedBatch<Db, Buffer, Buffer>, key: string, state: number | undefined): Promise<void> {
     this.peakBatch = Math.max(this.peakBatch, operations.length);
     try {
-      await this.db.batch(operations as { type: 'put'; key: Buffer; value: Buffer }[], { sync: false });
+      if (Array.isArray(operations)) await this.db.batch(operations as { type: 'put'; key: Buffer; value: Buffer }[], { sync: false });
+      else await operations.write({ sync: false });
     } catch (error) {
       throw classifyWriteError(error, this.path);
     }
@@ -415,7 +417,9 @@ export class IndexCache {
         ids[i] = keys.subarray(keyAt, keyAt + BLOB_KEY_SIZE);
       }
       const current = n === 0 ? [] : await this.db.getMany(ids);
-      const operations: Put[] = [];
+      // A chained batch: each put is copied into LevelDB's batch at once, so that no array of operations
+      // (and no copy of it) lives until the write, only the part's two buffers.
+      const batch = this.db.batch();
       for (let i = 0; i < n; i++) {
         const existing = current[i];
         if (existing !== undefined && existing.length === BLOB_VALUE_SIZE) {
@@ -425,34 +429,30 @@ export class IndexCache {
           const holder = this.ordinals[held];
           if (holder !== undefined && !segmentWins(key, holder)) continue;
         }
-        operations.push({ type: 'put', key: ids[i]!, value: values.subarray(i * BLOB_VALUE_SIZE, (i + 1) * BLOB_VALUE_SIZE) });
+        batch.put(ids[i]!, values.subarray(i * BLOB_VALUE_SIZE, (i + 1) * BLOB_VALUE_SIZE));
       }
-      if (last) {
-        operations.push(this.recordOperation(key, ordinal, INGESTED));
-        await this.write(operations, key, INGESTED);
-        return;
+      const state = last ? INGESTED : start === 0 ? PARTIAL : undefined;
+      if (state !== undefined) {
+        const record = this.recordOperation(key, ordinal, state);
+        batch.put(record.key, record.value!);
       }
-      if (start === 0) {
-        operations.push(this.recordOperation(key, ordinal, PARTIAL));
-        await this.write(operations, key, PARTIAL);
-      } else {
-        await this.write(operations, key, undefined);
-      }
+      await this.write(batch, key, state);
+      if (last) return;
       crashPoint('cache-part-written');
     }
   }
 
   /**
    * Every segment this cache ingested (effective as of its last catch-up), fetched again from the store and
-   * given to `visit` one at a time in key order, at most two fetched ahead. One that cannot be read now (or is
-   * gone) is skipped: its blobs count as absent already, or it was superseded meanwhile.
+   * given to `visit` one at a time in key order, at most two fetched ahead, each as a view of its bytes
+   * checked whole (no object per entry: memory holds at most three segments' bytes). One that cannot be
+   * read now (or is gone) is skipped: its blobs count as absent already, or it was superseded meanwhile.
    */
-  async eachIngested(visit: (segment: Segment) => Promise<void>): Promise<void> {
+  async eachIngested(visit: (segment: SegmentView) => Promise<void>): Promise<void> {
     const keys = [...this.known].filter(([, { state }]) => state === INGESTED).map(([key]) => key).sort();
-    const fetchIfThere = async (key: string): Promise<Segment | string> => {
+    const fetchIfThere = async (key: string): Promise<SegmentView | string> => {
       try {
-        const view = await this.fetch(key);
-        return typeof view === 'string' ? view : segmentOfView(view);
+        return await this.fetch(key);
       } catch (error) {
         if (isStorageError(error, 'not-found')) return 'gone';
         throw error;
@@ -510,7 +510,7 @@ export class IndexCache {
 async function openSlot(path: string, options: IndexCacheOptions): Promise<{ db: Db; reset: string | undefined } | 'locked'> {
   let reset: string | undefined;
   for (let attempt = 0; attempt < 2; attempt++) {
-    const db: Db = await levelDb(path, { createIfMissing: true });
+    const db: Db = await levelDb(path, levelOptions('index-cache', { createIfMissing: true }));
     try {
       await db.open();
     } catch (error) {

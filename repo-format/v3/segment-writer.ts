@@ -13,7 +13,7 @@
 import { randomBytes } from 'node:crypto';
 import { crashPoint } from '../crash-points.js';
 import type { Storage } from '../storage/storage.js';
-import { encodeSegment, segmentKey, type Segment, type SegmentEntry } from './segment.js';
+import { encodeSegment, segmentKey, type Segment, type SegmentEntry, type SegmentName } from './segment.js';
 
 /** Entries held before a segment is written: 65536 entries, a 4 MiB segment, 64 GiB of new 1 MiB chunks. */
 export const FLUSH_ENTRIES = 65536;
@@ -83,8 +83,8 @@ export class SegmentWriter {
    * is not told to `onSegment`: a cache that ingested `old` must meet the supersession at its next catch-up
    * (and rebuild), which it would not if it had ingested the copy as its own.
    */
-  async replace(old: Segment, entries: SegmentEntry[]): Promise<string> {
-    const segment: Segment = { name: { writer: this.writer, seq: this.seq }, supersedes: [old.name], entries };
+  async replace(old: SegmentName, entries: SegmentEntry[]): Promise<string> {
+    const segment: Segment = { name: { writer: this.writer, seq: this.seq }, supersedes: [old], entries };
     const key = await this.put(segment);
     crashPoint('segment-replaced');
     return key;

@@ -214,10 +214,15 @@ export function entryOffset(view: SegmentView, i: number): number {
 
 /** Entry `i` of the view as an object. */
 export function entryAt(view: SegmentView, i: number): SegmentEntry {
+  const at = entryOffset(view, i);
+  return { id: Buffer.from(view.bytes.subarray(at, at + ID_SIZE)), ...locationAt(view, i) };
+}
+
+/** Where entry `i` of the view says its blob is (no copy of its id: what a scan of the entries needs). */
+export function locationAt(view: SegmentView, i: number): BlobLocation {
   const { bytes } = view;
   const at = entryOffset(view, i);
   return {
-    id: Buffer.from(bytes.subarray(at, at + ID_SIZE)),
     packId: bytes.toString('hex', at + 32, at + 48),
     offset: bytes.readUInt32LE(at + 48),
     length: bytes.readUInt32LE(at + 52),

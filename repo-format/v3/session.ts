@@ -22,6 +22,7 @@ import { IndexCache, type CatchUpResult } from './index-cache.js';
 import { Leases, type HeldLease } from './leases.js';
 import { isStorageError } from '../storage/storage-error.js';
 import { SegmentWriter } from './segment-writer.js';
+import { entryAt, locationAt, type SegmentEntry } from './segment.js';
 
 /** The host's cache directory (SPEC.md 19.4): $ENGINE_CACHE_DIR, else /var/cache/engine for root, else $XDG_CACHE_HOME/engine or ~/.cache/engine. */
 export function defaultCacheRoot(env: Readonly<Record<string, string | undefined>> = process.env): string {
@@ -137,13 +138,21 @@ export class V3Session implements BlobIndex {
       // Segments committed by other writers since this run's catch-up are effective too.
       await this.catchUpNow();
       const droppedIds = new Map<string, Buffer>();
-      await this.cache.eachIngested(async (segment) => {
-        const kept = segment.entries.filter((entry) => !test(entry));
-        if (kept.length === segment.entries.length) return;
-        for (const entry of segment.entries) if (test(entry)) droppedIds.set(entry.id.toString('hex'), entry.id);
-        await segments.replace(segment, kept);
+      await this.cache.eachIngested(async (view) => {
+        // Scanned in its bytes, one entry's place at a time: only a segment that names a dead entry is
+        // turned into entries (its copy's).
+        let first = 0;
+        while (first < view.count && !test(locationAt(view, first))) first++;
+        if (first === view.count) return;
+        const kept: SegmentEntry[] = [];
+        for (let i = 0; i < view.count; i++) {
+          const entry = entryAt(view, i);
+          if (i >= first && test(entry)) droppedIds.set(entry.id.toString('hex'), entry.id);
+          else kept.push(entry);
+        }
+        await segments.replace(view.name, kept);
         replaced++;
-        dropped += segment.entries.length - kept.length;
+        dropped += view.count - kept.length;
       });
       if (droppedIds.size === 0) break;
       // The cache meets the copies (and rebuilds); what now wins for those blobs must name a pack that is there.
