@@ -10,6 +10,7 @@ import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { backup, EngineError, KIND_DATA, scanPack, initRepository } from '../dist/engine/index.js';
 import { processIdentity } from '../dist/repo-format/process-alive.js';
+import { folderKeys } from './s3-helpers.js';
 import { exitOf, filesIdentical, parseJson, runEngine, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -63,33 +64,18 @@ async function freshRepoOf(format: 1 | 3, name: string): Promise<string> {
   return repo;
 }
 
-/** Every file under a folder (relative paths; none when it does not exist): what a run left in a repository. */
-async function filesUnder(root: string, sub = ''): Promise<string[]> {
-  const entries = await readdir(join(root, sub), { withFileTypes: true }).catch((error: NodeJS.ErrnoException) => {
-    if (error.code === 'ENOENT') return [];
-    throw error;
-  });
-  const files: string[] = [];
-  for (const entry of entries) {
-    const path = sub === '' ? entry.name : `${sub}/${entry.name}`;
-    if (entry.isDirectory()) files.push(...(await filesUnder(root, path)));
-    else files.push(path);
-  }
-  return files.sort();
-}
-
 for (const format of [1, 3] as const) {
   describe(`sources (format ${format} folder)`, () => {
     test('a missing source fails before anything is written', async () => {
       const repo = await freshRepoOf(format, 'repo-missing-source');
-      const before = await filesUnder(repo);
+      const before = await folderKeys(repo);
       const result = await runEngine(['backup', '--repo', repo, '--source', join(dir, 'no-such.img')]);
       expect(result.code).toBe(1);
       expect(result.stderr.trim()).toBe(`engine: cannot read source ${join(dir, 'no-such.img')}: ENOENT: no such file or directory, open '${join(dir, 'no-such.img')}'`);
-      expect(await filesUnder(repo, 'backups')).toEqual([]);
-      expect(await filesUnder(repo, 'packs')).toEqual([]);
+      expect(await folderKeys(join(repo, 'backups'))).toEqual([]);
+      expect(await folderKeys(join(repo, 'packs'))).toEqual([]);
       // Format 3: no segment, no lease left behind either: the store holds what init wrote, nothing more.
-      if (format === 3) expect(await filesUnder(repo)).toEqual(before);
+      if (format === 3) expect(await folderKeys(repo)).toEqual(before);
     });
 
     test('a source that is neither a file nor a block device is refused', async () => {
@@ -97,7 +83,7 @@ for (const format of [1, 3] as const) {
       const result = await runEngine(['backup', '--repo', repo, '--source', dir]);
       expect(result.code).toBe(1);
       expect(result.stderr).toContain('not a regular file or a block device');
-      expect(await filesUnder(repo, 'backups')).toEqual([]);
+      expect(await folderKeys(join(repo, 'backups'))).toEqual([]);
     });
 
     test('a source that shrinks while it is read fails the backup and commits nothing', async () => {
@@ -121,9 +107,9 @@ for (const format of [1, 3] as const) {
       expect(error).toBeInstanceOf(EngineError);
       expect((error as EngineError).code).toBe('ENGINE_SOURCE_CHANGED');
       expect((error as EngineError).message).toMatch(/changed while it was read: it ended at offset \d+, but had 67108864 bytes/);
-      expect(await filesUnder(repo, 'backups')).toEqual([]);
+      expect(await folderKeys(join(repo, 'backups'))).toEqual([]);
       // Format 3: the run's lease is gone (what it uploaded is named by no record: garbage for gc).
-      if (format === 3) expect(await filesUnder(repo, 'leases')).toEqual([]);
+      if (format === 3) expect(await folderKeys(join(repo, 'leases'))).toEqual([]);
       const verify = await runEngine(['verify', '--repo', repo, '--read-data']);
       expect(verify.code, verify.stdout + verify.stderr).toBe(0);
       const next = await runEngine(['backup', '--repo', repo, '--source', image, '--json']); // the next backup succeeds
