@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { formatBytes, generateImage, parseSize } from '../engine/index.js';
 import { applyChangeSet, withQemuNbd } from './change-set.js';
 import { reportMarkdown, verdict, writeReport } from './report.js';
-import { arg, ENGINE, logger, machineLine, MB, run } from './tools.js';
+import { arg, ENGINE, initRepository, logger, machineLine, MB, privateEngineCache, run } from './tools.js';
 import { libvirtScenario } from './libvirt-scenario.js';
 
 const log = logger('cbt-bench');
@@ -29,7 +29,7 @@ interface EngineBackup {
 }
 
 async function engineBackup(args: string[]): Promise<EngineBackup> {
-  const { stdout, seconds } = await run(process.execPath, [ENGINE, 'backup', '--json', ...args]);
+  const { stdout, seconds } = await run(ENGINE, ['backup', '--json', ...args]);
   const record = JSON.parse(stdout) as { disks: { bytesRead: number; mode: string; size: number }[] };
   return {
     seconds,
@@ -68,6 +68,7 @@ async function main(): Promise<void> {
   const outDir = arg('--out') ?? 'bench/results';
   const work = await mkdtemp(join(arg('--dir') ?? tmpdir(), 'cbt-bench-'));
   await run('chmod', ['755', work]);
+  const cache = await privateEngineCache();
   const rows: Row[] = [];
   const targets: string[] = [];
   const skipped: string[] = [];
@@ -83,7 +84,8 @@ async function main(): Promise<void> {
 
     // 1. Offline image.
     const repo = join(work, 'repo-image');
-    await run(process.execPath, [ENGINE, 'init', repo]);
+    // engine init's default format, as users get it; the report says which.
+    const format = await initRepository(repo);
     log('offline image: full backup');
     const full = await engineBackup(['--repo', repo, '--image', image, '--full']);
     rows.push({ scenario: 'offline qcow2: full', tool: 'engine --image', seconds: full.seconds, bytesRead: full.bytesRead, note: full.mode });
@@ -120,14 +122,16 @@ async function main(): Promise<void> {
       [
         `Machine: ${machine}. Disk: ${formatBytes(size)} VM-like image (generateImage seed "cbt-bench") as qcow2. MB = 10^6 B; MB/s = disk size / wall time.`,
         'Engine times are whole CLI runs (process start, chain checks, bitmap or checkpoint bookkeeping, commit).',
+        `The engine's repositories: format ${format} folders (what \`engine init\` creates by default), the host index cache of the run's own (ENGINE_CACHE_DIR), the CLI run as users run it (bin/engine).`,
       ],
       table(rows),
       targets,
       skipped,
     );
-    await writeReport(outDir, 'cbt', markdown, { machine, size, rows, targets, skipped });
+    await writeReport(outDir, 'cbt', markdown, { machine, size, repositoryFormat: format, rows, targets, skipped });
   } finally {
     await rm(work, { recursive: true, force: true });
+    await cache.remove();
   }
 }
 

@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { formatBytes, generateImage, parseSize } from '../engine/index.js';
 import { reportMarkdown, verdict, writeReport } from './report.js';
-import { arg, duBytes, ENGINE, logger, machineLine, sh, timed, type Measured } from './tools.js';
+import { arg, duBytes, ENGINE, initRepository, logger, machineLine, privateEngineCache, sh, timed, type Measured } from './tools.js';
 
 const MB = 1e6;
 const PASSWORD_ENV = { ENGINE_PASSWORD: 'bench passphrase' };
@@ -39,6 +39,9 @@ async function main(): Promise<void> {
   const runs = Number(arg('--runs') ?? '3');
   const outDir = arg('--out') ?? 'bench/results';
   const work = await mkdtemp(join(arg('--dir') ?? tmpdir(), 'encryption-bench-'));
+  const cache = await privateEngineCache();
+  // engine init's default format, as users get it; the report says which (every repository's, checked).
+  const formats = new Set<number>();
   const measured = new Map<string, Measured[]>();
   const stored = new Map<Kind, number>();
   const record = (scenario: Scenario, kind: Kind, m: Measured): void => {
@@ -56,14 +59,14 @@ async function main(): Promise<void> {
       for (const kind of ['plain', 'encrypted'] as const) {
         const repo = join(work, `${kind}-${run}`);
         const env = kind === 'encrypted' ? PASSWORD_ENV : {};
-        await sh(process.execPath, [ENGINE, 'init', repo, ...(kind === 'encrypted' ? ['--encrypt'] : [])], env);
+        formats.add(await initRepository(repo, kind === 'encrypted' ? ['--encrypt'] : [], env));
         log(`run ${run + 1}/${runs}, ${kind}: open, full backup, restore`);
-        record('open (engine list, empty repository)', kind, await timed(process.execPath, [ENGINE, 'list', '--repo', repo], env));
-        record('full backup', kind, await timed(process.execPath, [ENGINE, 'backup', '--repo', repo, '--source', image, '--name', 'bench'], env));
+        record('open (engine list, empty repository)', kind, await timed(ENGINE, ['list', '--repo', repo], env));
+        record('full backup', kind, await timed(ENGINE, ['backup', '--repo', repo, '--source', image, '--name', 'bench'], env));
         stored.set(kind, await duBytes(join(repo, 'packs')));
-        const id = (JSON.parse(await sh(process.execPath, [ENGINE, 'list', '--repo', repo, '--json'], env)) as { backups: { id: string }[] }).backups[0]!.id;
+        const id = (JSON.parse(await sh(ENGINE, ['list', '--repo', repo, '--json'], env)) as { backups: { id: string }[] }).backups[0]!.id;
         const target = join(work, `${kind}-${run}.restored`);
-        record('restore', kind, await timed(process.execPath, [ENGINE, 'restore', '--repo', repo, id, '--to', target], env));
+        record('restore', kind, await timed(ENGINE, ['restore', '--repo', repo, id, '--to', target], env));
         await rm(target, { force: true });
         await rm(repo, { recursive: true, force: true });
       }
@@ -110,15 +113,17 @@ async function main(): Promise<void> {
       [
         `Machine: ${machine}. Image: ${formatBytes(size)} VM-like raw image (generateImage seed "encryption-bench"), warm in the page cache. MB = 10^6 B.`,
         `${runs} runs, plain and encrypted alternating, each into a fresh repository; the median run is reported. The machine is shared with other work: figures are indicative.`,
+        `The repositories: format ${[...formats].join(' and ')} folders (what \`engine init\` creates by default), the host index cache of the run's own (ENGINE_CACHE_DIR), the CLI run as users run it (bin/engine).`,
         'Encrypted: HMAC-SHA256 chunk ids, AES-256-GCM per frame and per backup record; the key file is unlocked by scrypt (N=2^15, r=8, p=1) at every open.',
       ],
       table,
       targets,
       [],
     );
-    await writeReport(outDir, 'encryption', markdown, { machine, size, runs, rows, targets });
+    await writeReport(outDir, 'encryption', markdown, { machine, size, repositoryFormats: [...formats], runs, rows, targets });
   } finally {
     await rm(work, { recursive: true, force: true });
+    await cache.remove();
   }
 }
 

@@ -55,10 +55,10 @@ async function main(): Promise<void> {
         const restored = join(work, 'restored.raw');
         await mkdir(cache, { mode: 0o700 });
         const stepEnv: Record<string, string> = { ...env, ENGINE_CACHE_DIR: cache };
-        await run(process.execPath, [ENGINE, 'init', repo, '--format', String(format), ...(encrypt ? ['--encrypt'] : [])], stepEnv);
+        await run(ENGINE, ['init', repo, '--format', String(format), ...(encrypt ? ['--encrypt'] : [])], stepEnv);
         const step = async (name: Step, args: string[]): Promise<Measured> => {
           await dropCaches();
-          const measured = await timed(process.execPath, [ENGINE, ...args], stepEnv);
+          const measured = await timed(ENGINE, [...args], stepEnv);
           results.set(key(format, name), [...(results.get(key(format, name)) ?? []), measured]);
           log(`round ${round + 1}, format ${format}: ${name}: ${measured.seconds.toFixed(2)} s wall, ${measured.cpuSeconds.toFixed(2)} s CPU, ${measured.peakRssMiB.toFixed(0)} MiB`);
           return measured;

@@ -6,7 +6,7 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { formatBytes, SeededRandom } from '../engine/index.js';
-import { available, coldTimed as timed, ENGINE, run, type Measured } from './tools.js';
+import { available, coldTimed as timed, ENGINE, initRepository, run, type Measured } from './tools.js';
 
 export interface LibvirtRow {
   scenario: 'full' | 'incremental, 1% rewritten';
@@ -22,7 +22,7 @@ export interface LibvirtOutcome {
 }
 
 async function engineBackup(args: string[]): Promise<{ measured: Measured; bytesRead: number; mode: string }> {
-  const measured = await timed(process.execPath, [ENGINE, 'backup', '--json', ...args]);
+  const measured = await timed(ENGINE, ['backup', '--json', ...args]);
   const record = JSON.parse(measured.stdout) as { disks: { bytesRead: number; mode: string }[] };
   return { measured, bytesRead: record.disks.reduce((sum, d) => sum + d.bytesRead, 0), mode: record.disks.map((d) => d.mode).join('+') };
 }
@@ -46,7 +46,8 @@ export async function libvirtScenario(image: string, size: number, work: string,
   try {
     await run('virsh', ['start', domain]);
     const repo = join(work, 'repo-libvirt');
-    await run(process.execPath, [ENGINE, 'init', repo]);
+    // The caller's private cache (ENGINE_CACHE_DIR) and default format, which its report names.
+    await initRepository(repo);
     const runDir = join(work, 'virtnbdbackup-run');
     await mkdir(runDir);
     await run('chown', ['libvirt-qemu:kvm', runDir]).catch(() => undefined);

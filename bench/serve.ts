@@ -15,18 +15,18 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { formatBytes, generateImage, parseSize } from '../engine/index.js';
 import { reportMarkdown, writeReport } from './report.js';
-import { arg, ENGINE, logger, machineLine, MB, run } from './tools.js';
+import { arg, ENGINE, initRepository, logger, machineLine, MB, privateEngineCache, run } from './tools.js';
 
 const log = logger('serve-bench');
 
 async function backup(repo: string, source: string, name: string): Promise<string> {
-  const { stdout } = await run(process.execPath, [ENGINE, 'backup', '--repo', repo, '--source', source, '--disk-name', name, '--json']);
+  const { stdout } = await run(ENGINE, ['backup', '--repo', repo, '--source', source, '--disk-name', name, '--json']);
   return (JSON.parse(stdout) as { id: string }).id;
 }
 
 /** Starts `engine serve` and resolves with the export URI and a stop function once it listens. */
 async function startServe(repo: string, id: string, socket: string): Promise<{ uri: string; stop: () => Promise<void> }> {
-  const child = spawn(process.execPath, [ENGINE, 'serve', '--repo', repo, id, '--socket', socket, '--json'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const child = spawn(ENGINE, ['serve', '--repo', repo, id, '--socket', socket, '--json'], { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
   child.stdout.on('data', (chunk: Buffer) => {
     out += chunk.toString();
@@ -49,9 +49,11 @@ async function main(): Promise<void> {
   const work = arg('--dir') ?? (await mkdtemp(join(tmpdir(), 'engine-serve-bench-')));
   await mkdir(work, { recursive: true });
   const machine = machineLine();
+  const cache = await privateEngineCache();
   try {
     const repo = join(work, 'repo');
-    await run(process.execPath, [ENGINE, 'init', repo]);
+    // engine init's default format, as users get it; the report says which.
+    const format = await initRepository(repo);
     const image = join(work, 'disk.raw');
     log(`generating a ${formatBytes(size)} VM-like image`);
     const generated = await generateImage(image, size, 'serve-bench');
@@ -64,7 +66,7 @@ async function main(): Promise<void> {
     await served.stop();
     rows.push({ measure: 'sequential read through engine serve (nbdcopy to null:, cold cache)', seconds: copy.seconds, mbPerS: size / MB / copy.seconds, note: `${formatBytes(generated.dataBytes)} of data, zero blocks skipped` });
     log('restore to a new file');
-    const restored = await run(process.execPath, [ENGINE, 'restore', '--repo', repo, id, '--to', join(work, 'restored.raw')]);
+    const restored = await run(ENGINE, ['restore', '--repo', repo, id, '--to', join(work, 'restored.raw')]);
     rows.push({ measure: 'engine restore to a new file (+ fsync)', seconds: restored.seconds, mbPerS: size / MB / restored.seconds, note: 'zero blocks left as holes' });
     await rm(join(work, 'restored.raw'));
 
@@ -78,13 +80,13 @@ async function main(): Promise<void> {
     const mountDir = join(work, 'mnt');
     const env = { ENGINE_RUN_DIR: join(work, 'run') };
     const started = performance.now();
-    await run(process.execPath, [ENGINE, 'mount', '--repo', repo, fsId, mountDir], env);
+    await run(ENGINE, ['mount', '--repo', repo, fsId, mountDir], env);
     const file = await open(join(mountDir, 'root', 'wanted.txt'), 'r');
     const first = Buffer.alloc(1);
     await file.read(first, 0, 1, 0);
     await file.close();
     const toFirstByte = (performance.now() - started) / 1000;
-    const umounted = await run(process.execPath, [ENGINE, 'umount', mountDir], env);
+    const umounted = await run(ENGINE, ['umount', mountDir], env);
     rows.push({ measure: 'engine mount → first byte of a file (ext4, 256 MiB disk)', seconds: toFirstByte, mbPerS: null, note: `umount ${umounted.seconds.toFixed(2)} s` });
 
     const ratio = rows[0]!.mbPerS! / rows[1]!.mbPerS!;
@@ -97,18 +99,20 @@ async function main(): Promise<void> {
       'Instant access: engine serve and engine mount',
       [
         `Machine: ${machine}. Image: ${formatBytes(size)} VM-like (generateImage, seed "serve-bench").`,
+        `The repository: a format ${format} folder (what \`engine init\` creates by default), the host index cache of the run's own (ENGINE_CACHE_DIR), the CLI run as users run it (bin/engine).`,
         'The machine was shared with other work while this ran: the figures are indicative.',
       ],
       body,
       [`sequential read through serve vs restore to a file: ${ratio.toFixed(2)}×`, `mount to first byte: ${toFirstByte.toFixed(2)} s (a user wants one file in seconds)`],
       [],
     );
-    const data = { machine, size, rows, serveVsRestore: ratio, sharedMachine: true };
+    const data = { machine, size, repositoryFormat: format, rows, serveVsRestore: ratio, sharedMachine: true };
     await writeReport(outDir, 'serve', markdown, data);
     await writeFile(join(outDir, 'serve-latest.md'), markdown);
     await writeFile(join(outDir, 'serve-latest.json'), JSON.stringify(data, null, 2));
   } finally {
     if (!arg('--dir')) await rm(work, { recursive: true, force: true });
+    await cache.remove();
   }
 }
 

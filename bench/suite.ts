@@ -25,7 +25,7 @@ import { reportMarkdown, verdict, writeReport } from './report.js';
 import { svgBarChart, type ChartBar } from './chart.js';
 import { applyChangeSet, withQemuNbd } from './change-set.js';
 import { libvirtScenario } from './libvirt-scenario.js';
-import { arg, coldTimed, duBytes, ENGINE, ensure, logger, machineLine, MB, run, type Measured } from './tools.js';
+import { arg, coldTimed, duBytes, ENGINE, ensure, initRepository, logger, machineLine, MB, privateEngineCache, run, type Measured } from './tools.js';
 
 const log = logger('bench');
 
@@ -95,7 +95,7 @@ class Suite {
 }
 
 async function engine(args: string[]): Promise<{ measured: Measured; json: EngineJson }> {
-  const measured = await timed(process.execPath, [ENGINE, ...args, '--json']);
+  const measured = await timed(ENGINE, [...args, '--json']);
   return { measured, json: JSON.parse(measured.stdout) as EngineJson };
 }
 
@@ -185,6 +185,7 @@ async function mainSuite(): Promise<void> {
   const wanted = new Set((arg('--peers') ?? 'restic,borg,virtnbdbackup').split(',').filter(Boolean));
   const rssSizes = (arg('--rss-sizes') ?? '1G,16G').split(',').filter(Boolean).map(parseSize);
   const work = await mkdtemp(join(arg('--dir') ?? '/var/tmp', 'engine-bench-'));
+  const cache = await privateEngineCache();
   const suite = new Suite(size);
   const rssRows: { size: number; backup: Measured; restore: Measured; identical: boolean }[] = [];
   try {
@@ -204,8 +205,9 @@ async function mainSuite(): Promise<void> {
 
     const repo = join(work, 'engine-repo');
     const repoCbt = join(work, 'engine-repo-cbt');
-    await run(process.execPath, [ENGINE, 'init', repo]);
-    await run(process.execPath, [ENGINE, 'init', repoCbt]);
+    // engine init's default format, as users get it; the report says which.
+    const format = await initRepository(repo);
+    await initRepository(repoCbt);
     const peers = await setUpPeers(work, wanted, suite);
 
     // Full backup.
@@ -297,7 +299,7 @@ async function mainSuite(): Promise<void> {
     const VERIFY = 'verify, reading all data';
     log('engine: verify --read-data');
     const repoBytes = await duBytes(join(repo, 'packs'));
-    suite.add(VERIFY, 'engine verify --read-data', 'engine', await timed(process.execPath, [ENGINE, 'verify', '--repo', repo, '--read-data']), { storedBytes: repoBytes, note: `${formatBytes(repoBytes)} of packs` });
+    suite.add(VERIFY, 'engine verify --read-data', 'engine', await timed(ENGINE, ['verify', '--repo', repo, '--read-data']), { storedBytes: repoBytes, note: `${formatBytes(repoBytes)} of packs` });
     for (const peer of peers) {
       log(`${peer.name}: verify`);
       suite.add(VERIFY, `${peer.name} ${peer.name.startsWith('restic') ? 'check --read-data' : 'check --verify-data'}`, 'peer', await peer.verify(), { storedBytes: await duBytes(peer.repo) });
@@ -320,10 +322,10 @@ async function mainSuite(): Promise<void> {
       const image = join(work, `rss-${rssSize}.raw`);
       await generateImage(image, rssSize, 'bench-rss');
       const rssRepo = join(work, `rss-repo-${rssSize}`);
-      await run(process.execPath, [ENGINE, 'init', rssRepo]);
+      await initRepository(rssRepo);
       const b = await engine(['backup', '--repo', rssRepo, '--source', image, '--name', 'rss']);
       const target = join(work, `rss-out-${rssSize}.raw`);
-      const r = await timed(process.execPath, [ENGINE, 'restore', '--repo', rssRepo, b.json.id, '--to', target]);
+      const r = await timed(ENGINE, ['restore', '--repo', rssRepo, b.json.id, '--to', target]);
       rssRows.push({ size: rssSize, backup: b.measured, restore: r, identical: await identical(image, target) });
       await rm(image, { force: true });
       await rm(target, { force: true });
@@ -332,13 +334,14 @@ async function mainSuite(): Promise<void> {
     const worstRss = Math.max(...rssRows.flatMap((r) => [r.backup.peakRssMiB, r.restore.peakRssMiB]), ...suite.rows.filter((r) => r.kind === 'engine').map((r) => r.peakRssMiB));
     suite.targets.push(`peak RSS ≤ 300 MiB whatever the image size: worst ${worstRss.toFixed(0)} MiB → ${verdict([worstRss], (worst) => worst <= 300)}`);
 
-    await report(suite, rssRows, size, outDir);
+    await report(suite, rssRows, size, outDir, format);
   } finally {
     await rm(work, { recursive: true, force: true });
+    await cache.remove();
   }
 }
 
-async function report(suite: Suite, rssRows: { size: number; backup: Measured; restore: Measured; identical: boolean }[], size: number, outDir: string): Promise<void> {
+async function report(suite: Suite, rssRows: { size: number; backup: Measured; restore: Measured; identical: boolean }[], size: number, outDir: string, format: number): Promise<void> {
   const machine = machineLine();
   const engineOf = (scenario: string): Row | undefined => suite.rows.find((r) => r.scenario === scenario && r.kind === 'engine');
   const bytes = (n: number | null): string => (n === null ? '—' : formatBytes(n));
@@ -361,6 +364,7 @@ async function report(suite: Suite, rssRows: { size: number; backup: Measured; r
     'Benchmark suite',
     [
       `Machine: ${machine}. Disk: ${formatBytes(size)} VM-like image (seeded; OS-like mix). MB = 10^6 B; MB/s = disk size / wall time.`,
+      `The engine's repositories: format ${format} folders (what \`engine init\` creates by default), the host index cache of the run's own (ENGINE_CACHE_DIR), the CLI run as users run it (bin/engine).`,
       'Every tool ran as its own process (whole CLI runs: process start included) under /usr/bin/time after `sync; echo 3 > /proc/sys/vm/drop_caches` (as root): images and repositories cold, as a backup of a disk snapshot meets them.',
       '"this ÷ engine": this tool\'s wall time over the engine\'s first row of the scenario (above 1: the engine is faster).',
       ...suite.notes,
@@ -369,7 +373,7 @@ async function report(suite: Suite, rssRows: { size: number; backup: Measured; r
     suite.targets,
     suite.skipped,
   );
-  await writeReport(outDir, 'suite', markdown, { machine, size, rows: suite.rows, rss: rssRows, targets: suite.targets, skipped: suite.skipped }, {
+  await writeReport(outDir, 'suite', markdown, { machine, size, repositoryFormat: format, rows: suite.rows, rss: rssRows, targets: suite.targets, skipped: suite.skipped }, {
     svg: svgBarChart(suite.rows.filter((r) => !r.tool.includes('cat (raw')), `The engine against its peers on a ${formatBytes(size)} VM-like disk (MB/s of disk size, higher is better)`),
   });
 }

@@ -3,13 +3,34 @@
  * CPU time and peak RSS), installing a peer from Debian when missing, sizing a directory, the machine line.
  */
 import { execFile } from 'node:child_process';
-import { readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { formatBytes } from '../engine/index.js';
 
-export const ENGINE = fileURLToPath(new URL('../../bin/engine.js', import.meta.url));
+/**
+ * The `engine` command as users run it: bin/engine, which picks the project's Node and sets glibc's malloc
+ * tunables (measured there: restore CPU -7%); `node bin/engine.js` would measure an engine no user runs.
+ */
+export const ENGINE = fileURLToPath(new URL('../../bin/engine', import.meta.url));
+
+/**
+ * This run's own host index cache (format 3, SPEC.md 19.4), set as ENGINE_CACHE_DIR for every engine the
+ * bench starts and for its own API calls: as root the default, /var/cache/engine, would keep a cache of
+ * every repository the bench made and then deleted. `remove` deletes it (call it in the bench's finally).
+ */
+export async function privateEngineCache(): Promise<{ dir: string; remove: () => Promise<void> }> {
+  const dir = await mkdtemp(join(tmpdir(), 'engine-bench-cache-'));
+  process.env.ENGINE_CACHE_DIR = dir;
+  return { dir, remove: () => rm(dir, { recursive: true, force: true }) };
+}
+
+/** `engine init` of a repository (the default format unless `options` name one); the format version it created. */
+export async function initRepository(repo: string, options: string[] = [], env: Record<string, string> = {}): Promise<number> {
+  const { stdout } = await run(ENGINE, ['init', repo, ...options, '--json'], env);
+  return (JSON.parse(stdout) as { version: number }).version;
+}
 export const MB = 1e6;
 
 export function arg(name: string): string | undefined {

@@ -18,7 +18,7 @@ import { EMPTY_SHA256 } from '../repo-format/storage/sigv4.js';
 import { startRgwCluster } from '../test/rgw.js';
 import { arg } from './tools.js';
 
-const ENGINE = fileURLToPath(new URL('../../bin/engine.js', import.meta.url));
+const ENGINE = fileURLToPath(new URL('../../bin/engine', import.meta.url));
 const BUCKET = 'engine-bench-restore';
 
 function run(command: string, args: string[], env: Record<string, string>): Promise<string> {
@@ -56,12 +56,12 @@ try {
   const image = join(dir, 'image.raw');
   await randomImage(image, size);
   const repo = `s3://${BUCKET}/repo`;
-  await run(process.execPath, [ENGINE, 'init', repo], env);
-  const id = (JSON.parse(await run(process.execPath, [ENGINE, 'backup', '--repo', repo, '--source', image, '--json'], env)) as { id: string }).id;
+  await run(ENGINE, ['init', repo], env);
+  const id = (JSON.parse(await run(ENGINE, ['backup', '--repo', repo, '--source', image, '--json'], env)) as { id: string }).id;
   process.stdout.write(`| run | wall s | CPU s | peak RSS MiB |\n|---|---|---|---|\n`);
   for (let i = 0; i < runs; i += 1) {
     const target = join(dir, 'restored.raw');
-    const out = await run('/usr/bin/time', ['-f', 'TIME %e %U %S %M', process.execPath, ENGINE, 'restore', '--repo', repo, id, '--to', target], env);
+    const out = await run('/usr/bin/time', ['-f', 'TIME %e %U %S %M', ENGINE, 'restore', '--repo', repo, id, '--to', target], env);
     const [wall, user, system, rssKiB] = /TIME (\S+) (\S+) (\S+) (\S+)/.exec(out)!.slice(1).map(Number) as [number, number, number, number];
     await run('cmp', [image, target], {});
     process.stdout.write(`| ${i + 1} | ${wall.toFixed(1)} | ${(user + system).toFixed(1)} | ${Math.round(rssKiB / 1024)} |\n`);

@@ -130,12 +130,12 @@ class Lab {
 
   async engine(args: string[], cacheDir: string): Promise<{ measured: Measured; json: EngineJson }> {
     await dropCaches();
-    const measured = await withStoreCpu(() => timed(process.execPath, [ENGINE, ...args, '--json'], { ...this.engineEnv, ENGINE_CACHE_DIR: cacheDir }));
+    const measured = await withStoreCpu(() => timed(ENGINE, [...args, '--json'], { ...this.engineEnv, ENGINE_CACHE_DIR: cacheDir }));
     return { measured, json: JSON.parse(measured.stdout) as EngineJson };
   }
 
   async initEngine(repo: string): Promise<void> {
-    await run(process.execPath, [ENGINE, 'init', '--format', '3', repo], { ...this.engineEnv, ENGINE_CACHE_DIR: join(this.work, 'cache-init') });
+    await run(ENGINE, ['init', '--format', '3', repo], { ...this.engineEnv, ENGINE_CACHE_DIR: join(this.work, 'cache-init') });
   }
 
   /** Backup of `image` into `repo` (a fresh one), restore to a file, cmp. */
@@ -216,7 +216,7 @@ class Lab {
       await dropCaches();
       const started = performance.now();
       const runs = await Promise.all(
-        images.map((image, i) => timed(process.execPath, [ENGINE, 'backup', '--repo', repo, '--source', image, '--name', `vm-${i}`, '--json'], { ...this.engineEnv, ENGINE_CACHE_DIR: this.cache() })),
+        images.map((image, i) => timed(ENGINE, ['backup', '--repo', repo, '--source', image, '--name', `vm-${i}`, '--json'], { ...this.engineEnv, ENGINE_CACHE_DIR: this.cache() })),
       );
       const seconds = (performance.now() - started) / 1000;
       const stored = runs.reduce((sum, m) => sum + ((JSON.parse(m.stdout) as EngineJson).disks ?? []).reduce((s, d) => s + d.bytesStored, 0), 0);

@@ -10,6 +10,7 @@ import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { backup, EngineError, KIND_DATA, scanPack, initRepository } from '../dist/engine/index.js';
 import { processIdentity } from '../dist/repo-format/process-alive.js';
+import { folderKeys } from './s3-helpers.js';
 import { exitOf, filesIdentical, parseJson, runEngine, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -55,50 +56,72 @@ async function packIds(repo: string): Promise<string[]> {
   return ids;
 }
 
-describe('sources', () => {
-  test('a missing source fails before anything is written', async () => {
-    const repo = await freshRepo('repo-missing-source');
-    const result = await runEngine(['backup', '--repo', repo, '--source', join(dir, 'no-such.img')]);
-    expect(result.code).toBe(1);
-    expect(result.stderr.trim()).toBe(`engine: cannot read source ${join(dir, 'no-such.img')}: ENOENT: no such file or directory, open '${join(dir, 'no-such.img')}'`);
-    expect(await readdir(join(repo, 'backups'))).toEqual([]);
-    expect(await packIds(repo)).toEqual([]);
-  });
+/** A fresh folder repository of the given format (the source cases run on format 1 and on format 3). */
+async function freshRepoOf(format: 1 | 3, name: string): Promise<string> {
+  const repo = join(dir, `${name}-v${format}`);
+  const result = await runEngine(['init', '--format', String(format), repo]);
+  expect(result.code, result.stderr).toBe(0);
+  return repo;
+}
 
-  test('a source that is neither a file nor a block device is refused', async () => {
-    const repo = await freshRepo('repo-dir-source');
-    const result = await runEngine(['backup', '--repo', repo, '--source', dir]);
-    expect(result.code).toBe(1);
-    expect(result.stderr).toContain('not a regular file or a block device');
-  });
+for (const format of [1, 3] as const) {
+  describe(`sources (format ${format} folder)`, () => {
+    test('a missing source fails before anything is written', async () => {
+      const repo = await freshRepoOf(format, 'repo-missing-source');
+      const before = await folderKeys(repo);
+      const result = await runEngine(['backup', '--repo', repo, '--source', join(dir, 'no-such.img')]);
+      expect(result.code).toBe(1);
+      expect(result.stderr.trim()).toBe(`engine: cannot read source ${join(dir, 'no-such.img')}: ENOENT: no such file or directory, open '${join(dir, 'no-such.img')}'`);
+      expect(await folderKeys(join(repo, 'backups'))).toEqual([]);
+      expect(await folderKeys(join(repo, 'packs'))).toEqual([]);
+      // Format 3: no segment, no lease left behind either: the store holds what init wrote, nothing more.
+      if (format === 3) expect(await folderKeys(repo)).toEqual(before);
+    });
 
-  test('a source that shrinks while it is read fails the backup and commits nothing', async () => {
-    const repo = await freshRepo('repo-shrink');
-    const image = await randomImage('shrinking.img', 64 * MiB);
-    let truncated = false;
-    const error = await backup({
-      repo,
-      from: { kind: 'disks', disks: [{ kind: 'raw', path: image }] },
-      onProgress: (p) => {
-        if (!truncated && p.bytesDone >= 8 * MiB) {
-          truncated = true;
-          void truncate(image, 20 * MiB);
-        }
-      },
-    }).then(
-      () => undefined,
-      (e: unknown) => e,
-    );
-    expect(truncated).toBe(true);
-    expect(error).toBeInstanceOf(EngineError);
-    expect((error as EngineError).code).toBe('ENGINE_SOURCE_CHANGED');
-    expect((error as EngineError).message).toMatch(/changed while it was read: it ended at offset \d+, but had 67108864 bytes/);
-    expect(await readdir(join(repo, 'backups'))).toEqual([]);
-    const verify = await runEngine(['verify', '--repo', repo, '--read-data']);
-    expect(verify.code).toBe(0);
-    expect((await runEngine(['backup', '--repo', repo, '--source', image])).code).toBe(0); // the next backup succeeds
+    test('a source that is neither a file nor a block device is refused', async () => {
+      const repo = await freshRepoOf(format, 'repo-dir-source');
+      const result = await runEngine(['backup', '--repo', repo, '--source', dir]);
+      expect(result.code).toBe(1);
+      expect(result.stderr).toContain('not a regular file or a block device');
+      expect(await folderKeys(join(repo, 'backups'))).toEqual([]);
+    });
+
+    test('a source that shrinks while it is read fails the backup and commits nothing', async () => {
+      const repo = await freshRepoOf(format, 'repo-shrink');
+      const image = await randomImage(`shrinking-v${format}.img`, 64 * MiB);
+      let truncated = false;
+      const error = await backup({
+        repo,
+        from: { kind: 'disks', disks: [{ kind: 'raw', path: image }] },
+        onProgress: (p) => {
+          if (!truncated && p.bytesDone >= 8 * MiB) {
+            truncated = true;
+            void truncate(image, 20 * MiB);
+          }
+        },
+      }).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect(truncated).toBe(true);
+      expect(error).toBeInstanceOf(EngineError);
+      expect((error as EngineError).code).toBe('ENGINE_SOURCE_CHANGED');
+      expect((error as EngineError).message).toMatch(/changed while it was read: it ended at offset \d+, but had 67108864 bytes/);
+      expect(await folderKeys(join(repo, 'backups'))).toEqual([]);
+      // Format 3: the run's lease is gone (what it uploaded is named by no record: garbage for gc).
+      if (format === 3) expect(await folderKeys(join(repo, 'leases'))).toEqual([]);
+      const verify = await runEngine(['verify', '--repo', repo, '--read-data']);
+      expect(verify.code, verify.stdout + verify.stderr).toBe(0);
+      const next = await runEngine(['backup', '--repo', repo, '--source', image, '--json']); // the next backup succeeds
+      expect(next.code, next.stderr).toBe(0);
+      const restored = join(dir, `shrunk-v${format}.restored`);
+      const restore = await runEngine(['restore', '--repo', repo, parseJson<BackupJson>(next.stdout).id, '--to', restored]);
+      expect(restore.code, restore.stderr).toBe(0);
+      expect(await filesIdentical(restored, image)).toBe(true);
+      await rm(restored);
+    });
   });
-});
+}
 
 describe('repositories', () => {
   test('a path that is not a repository', async () => {

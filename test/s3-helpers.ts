@@ -119,22 +119,25 @@ export function v3Env(cluster: RgwCluster, scratch: string, cache: string): Reco
  * or subfolder that is not there holds none), or the objects under an S3 URL's prefix (in the store's order).
  */
 export async function repositoryKeys(cluster: RgwCluster, where: string): Promise<string[]> {
-  if (!where.startsWith('s3://')) {
-    const keys: string[] = [];
-    const walk = async (dir: string, prefix: string): Promise<void> => {
-      for (const entry of await readdir(dir, { withFileTypes: true }).catch(() => [])) {
-        if (entry.isDirectory()) await walk(join(dir, entry.name), `${prefix}${entry.name}/`);
-        else keys.push(`${prefix}${entry.name}`);
-      }
-    };
-    await walk(where, '');
-    return keys.sort();
-  }
+  if (!where.startsWith('s3://')) return folderKeys(where);
   return withRgwStorage(cluster, where, async (storage) => {
     const keys: string[] = [];
     for await (const info of storage.list('')) keys.push(info.key);
     return keys;
   });
+}
+
+/** A folder's files, paths relative to it, sorted; a folder or subfolder that is not there holds none. */
+export async function folderKeys(where: string): Promise<string[]> {
+  const keys: string[] = [];
+  const walk = async (dir: string, prefix: string): Promise<void> => {
+    for (const entry of await readdir(dir, { withFileTypes: true }).catch(() => [])) {
+      if (entry.isDirectory()) await walk(join(dir, entry.name), `${prefix}${entry.name}/`);
+      else keys.push(`${prefix}${entry.name}`);
+    }
+  };
+  await walk(where, '');
+  return keys.sort();
 }
 
 /**

@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { readdir, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage, repositoryKeys, v3Env } from './s3-helpers.js';
+import { createBucket, repositoryKeys, repositoryObject, v3Env, withRgwStorage } from './s3-helpers.js';
 import { qcow2, qemuImgCompare, qemuIo, qemuNbd } from './qemu.js';
 import { exitOf, filesIdentical, parseJson, runEngine, signalUntilExit, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
@@ -191,13 +191,8 @@ for (const kind of ['folder', 's3'] as const) {
       expect(parseJson<{ ok: boolean }>(verified.stdout).ok).toBe(true);
       // The segment is sealed: the blob ids of the plain image do not appear in it.
       const segmentKey = (await keysOf(secret)).find((k) => k.startsWith('index/'))!;
-      const storage = kind === 'folder' ? undefined : await openRgwStorage(cluster, secret);
-      try {
-        const bytes = storage ? await storage.get(segmentKey) : await (await import('node:fs/promises')).readFile(join(secret, segmentKey));
-        expect(bytes.subarray(0, 4).toString('latin1')).toBe('EENC');
-      } finally {
-        await storage?.close();
-      }
+      const bytes = await repositoryObject(cluster, secret, segmentKey);
+      expect(bytes.subarray(0, 4).toString('latin1')).toBe('EENC');
       const wrong = await runEngine(['list', '--repo', secret], { env: { ...env(cache), ENGINE_PASSWORD: 'not the passphrase at all' } });
       expect(wrong.code).toBe(6);
     });
@@ -213,12 +208,7 @@ for (const kind of ['folder', 's3'] as const) {
       if (kind === 'folder') {
         await truncate(join(repo, pack), 100);
       } else {
-        const storage = await openRgwStorage(cluster, repo);
-        try {
-          await storage.put(pack, (await storage.get(pack)).subarray(0, 100));
-        } finally {
-          await storage.close();
-        }
+        await withRgwStorage(cluster, repo, async (storage) => storage.put(pack, (await storage.get(pack)).subarray(0, 100)));
       }
       const damaged = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env: env(cache) });
       expect(damaged.code).toBe(4);

@@ -9,7 +9,7 @@ import { afterAll, beforeAll, expect, test } from 'vitest';
 import { mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage } from './s3-helpers.js';
+import { createBucket, withRgwStorage } from './s3-helpers.js';
 import { parseJson, runEngine, tempDir } from './helpers.js';
 
 const BUCKET = 'engine-v3';
@@ -101,15 +101,12 @@ test('init s3://bucket/prefix on RGW: version 3, the config in the bucket under 
   const config = parseJson<ConfigJson>(r.stdout);
   expect(config.version).toBe(3);
   expect(config.leases).toEqual({ timeMs: 300000, skewBoundMs: 60000 });
-  const storage = await openRgwStorage(cluster, url);
-  try {
+  await withRgwStorage(cluster, url, async (storage) => {
     const keys: string[] = [];
     for await (const info of storage.list('')) keys.push(info.key);
     expect(keys).toEqual(['config']);
     expect(JSON.parse((await storage.get('config')).toString('utf8'))).toEqual(config);
-  } finally {
-    await storage.close();
-  }
+  });
   const again = await runEngine(['init', url, ...s3Flags()], { env: awsEnv() });
   expect(again.code).toBe(1);
   expect(again.stderr).toMatch(/already holds a repository or other objects \(config\)/);
@@ -132,14 +129,11 @@ test('init s3:// without credentials, with wrong ones, into a missing bucket: on
   expect(missing.code).toBe(1);
   expect(missing.stderr).toMatch(/ENGINE_STORAGE_NO_BUCKET|bucket/);
   for (const r of [noCreds, wrong, missing]) expect(r.stderr.trim().split('\n')).toHaveLength(1);
-  const storage = await openRgwStorage(cluster, `s3://${BUCKET}`);
-  try {
+  await withRgwStorage(cluster, `s3://${BUCKET}`, async (storage) => {
     const keys: string[] = [];
     for await (const info of storage.list('')) keys.push(info.key);
     expect(keys.filter((k) => /^(nocreds|wrong)\//.test(k))).toEqual([]);
-  } finally {
-    await storage.close();
-  }
+  });
 });
 
 test('s3:// is refused as a URL for path arguments that are not a repository', async () => {

@@ -11,7 +11,7 @@
  * storage failure at the storage interface (test/storage-conformance.test.ts).
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { chmod, truncate, rm } from 'node:fs/promises';
+import { chmod, mkdir, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { startFaultProxy, type FaultProxy } from './s3-fault-proxy.js';
@@ -114,6 +114,24 @@ describe('the store itself', () => {
     expectFailure(await runEngine(['restore', '--repo', repo, 'abcd', '--to', join(scratch.path, 'never.raw'), '--json'], { env: s3Env() }), 'ENGINE_NOT_A_REPOSITORY', 5);
     expectFailure(await runEngine(['verify', '--repo', repo, '--json'], { env: s3Env() }), 'ENGINE_NOT_A_REPOSITORY', 5);
     expect(await keysUnder(repo)).toEqual(['notes.txt', 'photos/cat.jpg']);
+  });
+
+  test('on a folder: one that does not exist and one that holds something else: backup, restore and verify refuse it as no repository (exit 5) and create nothing, there or in the host cache', async () => {
+    const missing = join(scratch.path, 'no-such-folder');
+    const other = join(scratch.path, 'family');
+    await mkdir(join(other, 'photos'), { recursive: true });
+    await writeFile(join(other, 'photos', 'cat.jpg'), 'not a repository');
+    await writeFile(join(other, 'notes.txt'), 'nor this');
+    const cache = join(scratch.path, 'cache-not-a-repository');
+    for (const repo of [missing, other]) {
+      expectFailure(await runEngine(['backup', '--repo', repo, '--source', imageA, '--json'], { env: { ENGINE_CACHE_DIR: cache } }), 'ENGINE_NOT_A_REPOSITORY', 5);
+      expectFailure(await runEngine(['restore', '--repo', repo, 'abcd', '--to', join(scratch.path, 'never.raw'), '--json'], { env: { ENGINE_CACHE_DIR: cache } }), 'ENGINE_NOT_A_REPOSITORY', 5);
+      expectFailure(await runEngine(['verify', '--repo', repo, '--json'], { env: { ENGINE_CACHE_DIR: cache } }), 'ENGINE_NOT_A_REPOSITORY', 5);
+    }
+    await expect(stat(missing)).rejects.toMatchObject({ code: 'ENOENT' });
+    expect(await keysUnder(other)).toEqual(['notes.txt', 'photos/cat.jpg']);
+    await expect(stat(cache)).rejects.toMatchObject({ code: 'ENOENT' });
+    await expect(stat(join(scratch.path, 'never.raw'))).rejects.toMatchObject({ code: 'ENOENT' });
   });
 
   test("a clock beyond the bound (the store's Date and Last-Modified moved 10 minutes by the proxy): ENGINE_CLOCK_SKEW before anything is written, no lease left; 20 s is within the bound", async () => {
@@ -314,9 +332,7 @@ for (const kind of ['folder', 's3'] as const) {
       expect(await backupOk(repo, imageA, env)).toMatch(/^[0-9a-f]{32}$/);
     });
 
-    // On S3 only: the lease's removal and the backup's check of it before its record are the lease protocol above
-    // the store (SPEC 19.2), the same on a folder; the store's own part (a missing object) is storage-conformance's.
-    if (kind === 's3') test('a lease removed behind a running backup (unlock --force): the backup stops before its record with ENGINE_LEASE_LOST; nothing committed is lost', async () => {
+    test('a lease removed behind a running backup (unlock --force): the backup stops before its record with ENGINE_LEASE_LOST; nothing committed is lost', async () => {
       const { repo, env, id } = await repositoryWithBackup(kind, `stolen-${kind}`);
       const before = (await keysUnder(repo)).filter((k) => k.startsWith('backups/'));
       const child = spawnEngine(['backup', '--repo', repo, '--source', await newImage(3), '--json'], { ...env, ENGINE_STOP_AT: 'pack-sealed' });
@@ -351,9 +367,9 @@ for (const kind of ['folder', 's3'] as const) {
       expect(await backupOk(repo, image, env)).toMatch(/^[0-9a-f]{32}$/);
     });
 
-    // On S3 only: the cache disk is local whatever the store (the pack being built lies in the cache's slot, SPEC
-    // 19.4), so the failure is the same on a folder; the lease's release after a failure is every fault's here.
-    if (kind === 's3') test('a full local cache disk (ENGINE_CACHE_DIR on a small tmpfs): the backup fails in one line (ENGINE_NO_SPACE), leaves no lease; with room the next backup commits', async () => {
+    // On a folder too: the pack being built lies in the cache's slot (SPEC 19.4), on another file system than a
+    // folder repository here (the tmpfs), so a folder's pack goes across file systems (EXDEV), not renamed.
+    test('a full local cache disk (ENGINE_CACHE_DIR on a small tmpfs): the backup fails in one line (ENGINE_NO_SPACE), leaves no lease; with room the next backup commits', async () => {
       const { repo, env, id } = await repositoryWithBackup(kind, `full-cache-${kind}`);
       const tmpfs = await Tmpfs.mount(join(scratch.path, `tmpfs-${kind}`), 8);
       try {

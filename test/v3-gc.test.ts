@@ -7,10 +7,9 @@
  * backup restoring byte for byte (cmp), verify --read-data clean, and the next gc finishes.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage, repositoryKeys, setLeaseTiming, v3Env } from './s3-helpers.js';
+import { createBucket, repositoryKeys, repositoryObject, setLeaseTiming, v3Env } from './s3-helpers.js';
 import { collectOutput, exitOf, filesIdentical, parseJson, runEngine, signalUntilExit, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -227,14 +226,7 @@ for (const kind of ['folder', 's3'] as const) {
       let pending = false;
       for (let i = 0; i < 300 && !pending; i++) {
         for (const key of (await keysOf(repo)).filter((k) => k.startsWith('leases/'))) {
-          const bytes = kind === 'folder' ? await readFile(join(repo, key)).catch(() => undefined) : await (async () => {
-            const storage = await openRgwStorage(cluster, repo);
-            try {
-              return await storage.get(key).catch(() => undefined);
-            } finally {
-              await storage.close();
-            }
-          })();
+          const bytes = await repositoryObject(cluster, repo, key).catch(() => undefined);
           if (bytes && /"kind":"exclusive-pending"/.test(bytes.toString()) && /"command":"gc"/.test(bytes.toString())) pending = true;
         }
         if (!pending) await new Promise((resolve) => setTimeout(resolve, 100));
@@ -291,14 +283,7 @@ for (const kind of ['folder', 's3'] as const) {
       let pending = false;
       for (let i = 0; i < 300 && !pending; i++) {
         for (const key of (await keysOf(repo)).filter((k) => k.startsWith('leases/'))) {
-          const text = (await (kind === 'folder' ? readFile(join(repo, key)).catch(() => undefined) : (async () => {
-            const storage = await openRgwStorage(cluster, repo);
-            try {
-              return await storage.get(key).catch(() => undefined);
-            } finally {
-              await storage.close();
-            }
-          })()))?.toString() ?? '';
+          const text = (await repositoryObject(cluster, repo, key).catch(() => undefined))?.toString() ?? '';
           if (text.includes('"kind":"exclusive-pending"')) pending = true;
         }
         if (!pending) await new Promise((resolve) => setTimeout(resolve, 100));

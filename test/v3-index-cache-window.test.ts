@@ -20,7 +20,7 @@ import { encodeSegment, segmentKey, type Segment, type SegmentEntry, type Segmen
 import { resolveIndex } from '../dist/repo-format/v3/segment-set.js';
 import { IndexCache, type CatchUpResult } from '../dist/repo-format/v3/index-cache.js';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage } from './s3-helpers.js';
+import { createBucket, withRgwStorage } from './s3-helpers.js';
 
 await initChecksum();
 const REPO = 'fedcba9876543210fedcba9876543210';
@@ -233,9 +233,10 @@ describe('on S3 (Ceph RGW)', () => {
   });
 
   test('300 segments: the same cache, entry by entry, as fetching one at a time', async () => {
-    const storage = await openRgwStorage(cluster, `s3://engine-v3-window/${randomBytes(4).toString('hex')}`);
-    const segments = makeSegments(300, 9);
-    await populate(storage, segments);
-    await catchUpBothWays(storage, segments);
+    await withRgwStorage(cluster, `s3://engine-v3-window/${randomBytes(4).toString('hex')}`, async (storage) => {
+      const segments = makeSegments(300, 9);
+      await populate(storage, segments);
+      await catchUpBothWays(storage, segments);
+    });
   }, 120_000);
 });

@@ -11,7 +11,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, repositoryKeys, repositoryObject, v3Env, withRgwStorage } from './s3-helpers.js';
@@ -57,6 +57,16 @@ async function lose(repo: string, key: string): Promise<void> {
   return withRgwStorage(cluster, repo, (storage) => storage.delete(key));
 }
 
+/** Cuts one object short behind the engine's back (what a torn copy or a bad disk leaves). */
+async function cut(repo: string, key: string, length: number): Promise<void> {
+  if (!repo.startsWith('s3://')) return truncate(join(repo, key), length);
+  return withRgwStorage(cluster, repo, async (storage) => {
+    const short = (await storage.get(key)).subarray(0, length);
+    await storage.delete(key);
+    await storage.put(key, short);
+  });
+}
+
 /** Reads one object of the repository. */
 const getObject = (repo: string, key: string): Promise<Buffer> => repositoryObject(cluster, repo, key);
 
@@ -99,9 +109,9 @@ for (const kind of ['folder', 's3'] as const) {
       return parseJson<BackupJson>(stdout).id;
     };
 
-    const restoresIdentical = async (id: string, image: string): Promise<void> => {
+    const restoresIdentical = async (id: string, image: string, where = repo): Promise<void> => {
       const target = join(scratch.path, `restored-${kind}-${id.slice(0, 8)}.raw`);
-      const r = await runEngine(['restore', '--repo', repo, id, '--to', target], { env: env() });
+      const r = await runEngine(['restore', '--repo', where, id, '--to', target], { env: env() });
       expect([r.code, withoutProgress(r.stderr).replace(/^engine: (rebuilt this host's index cache|removed the dead shared lease) .*\n/gm, '')], `restore of ${id}`).toEqual([0, '']);
       expect(await filesIdentical(target, image), `restore of ${id} is identical to ${image}`).toBe(true);
       await rm(target);
@@ -261,10 +271,91 @@ for (const kind of ['folder', 's3'] as const) {
       expect(damaged.stdout).toContain('engine gc drops its entries whose blobs have another copy and engine repair all of them');
     });
 
+    test('a pack cut short whose entries shadow a live duplicate: gc drops the dead entries, deletes the cut pack, keeps the duplicate and says so in gc --json; then the only copy cut short: kept, said, reported', async () => {
+      // As the lost pack above, but the pack is there, shorter than the frames its entries name (19.3: such an
+      // entry is dead). A repository of its own, with a second backup that shares nothing with the first.
+      const repo = kind === 'folder' ? join(scratch.path, 'repo-short') : `s3://${BUCKET}/repo-short`;
+      const init = await runEngine(['init', '--format', '3', repo], { env: env() });
+      expect(init.code, init.stderr).toBe(0);
+      const image = join(scratch.path, `${kind}-short.raw`);
+      const other = join(scratch.path, `${kind}-short-other.raw`);
+      await writeRegion(image, 0, 4 * MiB, 'random', `${kind}-short`);
+      await writeRegion(other, 0, 2 * MiB, 'random', `${kind}-short-other`);
+      const before = await objects(repo);
+      const first = await runEngine(['backup', '--repo', repo, '--source', image, '--json'], { env: env() });
+      expect(first.code, first.stderr).toBe(0);
+      const original = parseJson<BackupJson>(first.stdout);
+      const added = [...(await objects(repo))].filter(([key]) => !before.has(key));
+      const [firstSegment] = added.filter(([key]) => key.startsWith('index/')).map(([key]) => key);
+      const [shortPack, fullSize] = added.filter(([key]) => key.startsWith('packs/')).sort((a, b) => b[1] - a[1])[0]!;
+      const shortId = shortPack.slice(shortPack.lastIndexOf('/') + 1);
+      const second = await runEngine(['backup', '--repo', repo, '--source', other, '--json'], { env: env() });
+      expect(second.code, second.stderr).toBe(0);
+      const unrelated = parseJson<BackupJson>(second.stdout);
+      const copyId = randomBytes(16).toString('hex');
+      const copyKey = `packs/${copyId.slice(0, 2)}/${copyId}`;
+      const pack = await getObject(repo, shortPack);
+      Buffer.from(copyId, 'hex').copy(pack, 16); // the pack header names its pack (SPEC 6)
+      await putObject(repo, copyKey, pack);
+      const segment = decodeSegment(await getObject(repo, firstSegment!), firstSegment!);
+      if (typeof segment === 'string') throw new Error(segment);
+      const entries = segment.entries.filter((entry) => entry.packId === shortId);
+      expect(entries).toHaveLength(4);
+      const duplicate = { name: { writer: 'f'.repeat(32), seq: 0 }, supersedes: [], entries: entries.map((entry) => ({ ...entry, packId: copyId })) };
+      expect(segmentKey(duplicate.name) > firstSegment!).toBe(true);
+      await putObject(repo, segmentKey(duplicate.name), encodeSegmentPlain(duplicate));
+      // Cut before the first frame: every entry naming the pack ends past its end.
+      const firstFrame = Math.min(...entries.map((entry) => entry.offset));
+      await cut(repo, shortPack, firstFrame);
+      expect((await objects(repo)).get(shortPack)).toBe(firstFrame);
+
+      const gc = await runEngine(['gc', '--repo', repo, '--json'], { env: env() });
+      expect(gc.code, gc.stderr).toBe(0);
+      expect(gc.stderr, 'nothing on stderr with --json').toBe('');
+      const report = parseJson<{ packs: { deleted: string[]; rewritten: string[] }; notices: string[] }>(gc.stdout);
+      expect(report.notices).toContain(`the index named 1 lost pack(s) (${shortId}): gc drops those entries, every blob a backup needs has another copy`);
+      // The cut pack holds no frame any entry can win with: dead bytes, deleted; the duplicate is live, kept.
+      expect(report.packs.deleted).toContain(shortId);
+      expect(report.packs.deleted).not.toContain(copyId);
+      expect(report.packs.rewritten).not.toContain(copyId);
+      const after = await objects(repo);
+      expect(after.has(shortPack), 'the cut pack is deleted').toBe(false);
+      expect(after.get(copyKey), 'the live copy is kept whole').toBe(fullSize);
+      await restoresIdentical(original.id, image, repo);
+      await restoresIdentical(unrelated.id, other, repo);
+      const clean = await runEngine(['verify', '--repo', repo, '--read-data'], { env: env() });
+      expect(clean.code, clean.stdout + clean.stderr).toBe(0);
+
+      // Then the only copy is cut short too, in its second frame: gc keeps the dead entries of the blobs with no
+      // other copy (lost, not named nowhere: gc does not refuse), deletes nothing a backup needs, and says so;
+      // verify names the damage and the backup, whose restore fails in one line; the other backup restores.
+      const frames = duplicate.entries.map((entry) => entry.offset).sort((a, b) => a - b);
+      await cut(repo, copyKey, frames[1]!);
+      const gcAgain = await runEngine(['gc', '--repo', repo, '--json'], { env: env() });
+      expect(gcAgain.code, gcAgain.stderr).toBe(0);
+      const again = parseJson<{ packs: { deleted: string[] }; notices: string[] }>(gcAgain.stdout);
+      expect(again.notices).toContain(`the index names 1 lost pack(s) (${copyId}) holding the only copy of 3 blob(s) backups need: gc drops the other entries and keeps those; \`engine verify\` names the damaged backups, and backing their disks up again stores those blobs anew`);
+      expect(again.packs.deleted).not.toContain(copyId);
+      expect((await objects(repo)).get(copyKey), 'the cut copy is kept: its first frame is the only copy of a blob').toBe(frames[1]);
+      const damaged = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env: env() });
+      expect(damaged.code, damaged.stdout + damaged.stderr).toBe(4);
+      const problems = parseJson<{ problems: { code: string; message: string; backup?: string; pack?: string }[] }>(damaged.stdout).problems;
+      expect(problems.length).toBeGreaterThan(0);
+      expect(problems.every((p) => p.backup === undefined || p.backup === original.id), JSON.stringify(problems)).toBe(true);
+      expect(JSON.stringify(problems)).toContain(original.id);
+      expect(JSON.stringify(problems)).toContain(copyId);
+      const target = join(scratch.path, `restored-${kind}-short.raw`);
+      const restore = await runEngine(['restore', '--repo', repo, original.id, '--to', target], { env: env() });
+      expect(restore.code, restore.stderr).toBe(4);
+      expect(withoutProgress(restore.stderr).trim().split('\n'), restore.stderr).toHaveLength(1);
+      await rm(target, { force: true });
+      await restoresIdentical(unrelated.id, other, repo);
+    });
+
     test('verify --read-data is clean; gc keeps what is needed; every backup still restores; verify clean again', async () => {
       const verify = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env: env() });
       expect(verify.code, verify.stdout + verify.stderr).toBe(0);
-      const gc = await runEngine(['gc', '--repo', repo, '--json'], { env: { ...env(), DEBUG_LOST: '1' } }); console.log(gc.stderr, gc.stdout);
+      const gc = await runEngine(['gc', '--repo', repo, '--json'], { env: env() });
       expect(gc.code, gc.stderr).toBe(0);
       for (const b of backups) await restoresIdentical(b.id, b.image);
       const again = await runEngine(['verify', '--repo', repo, '--read-data'], { env: env() });

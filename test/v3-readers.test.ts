@@ -13,7 +13,7 @@ import { chmod, mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promis
 import { join } from 'node:path';
 import { execFile, type ChildProcess } from 'node:child_process';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage, v3Env } from './s3-helpers.js';
+import { createBucket, v3Env, withRgwStorage } from './s3-helpers.js';
 import { qemuImgCompare } from './qemu.js';
 import { collectOutput, ENGINE_BIN, exitOf, filesIdentical, parseJson, runEngine, sh, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
@@ -51,15 +51,6 @@ afterAll(async () => {
   await scratch?.cleanup();
 });
 
-async function withStorage<T>(repo: string, use: (s: Awaited<ReturnType<typeof openRgwStorage>>) => Promise<T>): Promise<T> {
-  const storage = await openRgwStorage(cluster, repo);
-  try {
-    return await use(storage);
-  } finally {
-    await storage.close();
-  }
-}
-
 type Lease = { key: string; lease: { command: string; kind: string; expires: string; pid: number } };
 
 /** The lease objects of the repository, with their content. */
@@ -73,7 +64,7 @@ async function leasesOf(repo: string): Promise<Lease[]> {
     }
     return found;
   }
-  return withStorage(repo, async (storage) => {
+  return withRgwStorage(cluster, repo, async (storage) => {
     const found: Lease[] = [];
     for await (const info of storage.list('leases/')) {
       const bytes = await storage.get(info.key).catch(() => undefined);
@@ -91,7 +82,7 @@ async function packsOf(repo: string): Promise<{ key: string; size: number }[]> {
     }
     return packs;
   }
-  return withStorage(repo, async (storage) => {
+  return withRgwStorage(cluster, repo, async (storage) => {
     const packs: { key: string; size: number }[] = [];
     for await (const info of storage.list('packs/')) packs.push({ key: info.key, size: info.size });
     return packs;
@@ -111,7 +102,7 @@ async function shortenLeases(repo: string): Promise<void> {
     await chmod(join(repo, 'config'), 0o400);
     return;
   }
-  await withStorage(repo, async (storage) => storage.put('config', edit(await storage.get('config'))));
+  await withRgwStorage(cluster, repo, async (storage) => storage.put('config', edit(await storage.get('config'))));
 }
 
 interface ServeJson {
@@ -273,7 +264,7 @@ for (const kind of ['folder', 's3'] as const) {
         await chmod(join(repo, cut), 0o600);
         await writeFile(join(repo, cut), (await readFile(join(repo, cut))).subarray(0, 4096));
       } else {
-        await withStorage(repo, async (storage) => storage.put(cut, (await storage.get(cut)).subarray(0, 4096)));
+        await withRgwStorage(cluster, repo, async (storage) => storage.put(cut, (await storage.get(cut)).subarray(0, 4096)));
       }
       const target = join(scratch.path, `cut-${kind}.raw`);
       const r = await runEngine(['restore', '--repo', repo, ownId, '--to', target], { env: env(kind) });

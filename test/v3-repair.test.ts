@@ -7,10 +7,10 @@
  * backup of its source stored a good copy, and verify --read-data is clean.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { readFile, rm, truncate, writeFile, chmod } from 'node:fs/promises';
+import { rm, truncate, writeFile, chmod } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwStorage, repositoryKeys, v3Env } from './s3-helpers.js';
+import { createBucket, repositoryKeys, repositoryObject, v3Env, withRgwStorage } from './s3-helpers.js';
 import { filesIdentical, parseJson, runEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
 import { scanPack } from '../dist/repo-format/pack-file.js';
 
@@ -52,13 +52,7 @@ for (const kind of ['folder', 's3'] as const) {
         return (await repositoryKeys(cluster, repo)).filter((k) => k.startsWith(prefix));
       },
       async get(key: string): Promise<Buffer> {
-        if (kind === 'folder') return readFile(join(repo, key));
-        const storage = await openRgwStorage(cluster, repo);
-        try {
-          return await storage.get(key);
-        } finally {
-          await storage.close();
-        }
+        return repositoryObject(cluster, repo, key);
       },
       async replace(key: string, bytes: Buffer): Promise<void> {
         if (kind === 'folder') {
@@ -66,21 +60,11 @@ for (const kind of ['folder', 's3'] as const) {
           await writeFile(join(repo, key), bytes);
           return;
         }
-        const storage = await openRgwStorage(cluster, repo);
-        try {
-          await storage.put(key, bytes);
-        } finally {
-          await storage.close();
-        }
+        await withRgwStorage(cluster, repo, (storage) => storage.put(key, bytes));
       },
       async delete(key: string): Promise<void> {
         if (kind === 'folder') return rm(join(repo, key), { force: true });
-        const storage = await openRgwStorage(cluster, repo);
-        try {
-          await storage.delete(key);
-        } finally {
-          await storage.close();
-        }
+        await withRgwStorage(cluster, repo, (storage) => storage.delete(key));
       },
     };
 
@@ -176,9 +160,8 @@ for (const kind of ['folder', 's3'] as const) {
       const packs = await store.keys('packs/');
       const sizes = await Promise.all(packs.map(async (key) => (await store.get(key)).length));
       const pack = packs[sizes.indexOf(Math.max(...sizes))]!;
-      const storage = kind === 'folder' ? repo : await openRgwStorage(cluster, repo);
-      const frames = (await scanPack(storage, pack.split('/')[2]!, false)).frames;
-      if (typeof storage !== 'string') await storage.close();
+      const packId = pack.split('/')[2]!;
+      const frames = (kind === 'folder' ? await scanPack(repo, packId, false) : await withRgwStorage(cluster, repo, (storage) => scanPack(storage, packId, false))).frames;
       const frame = frames[point === 'repair-quarantined' ? 1 : 2]!;
       const bytes = await store.get(pack);
       bytes[frame.offset + 48 + 100] ^= 0x40;
