@@ -171,11 +171,11 @@ async function main(): Promise<void> {
   const lines = [
     `# format 3: peak memory by the number of index entries and segments (${started})`,
     '',
-    `Machine: ${machineLine()}. Repository: ${cluster ? 'a prefix on a private Ceph RGW (one memstore OSD, same cores)' : 'a local folder'}, one backup of ${imageSize} random bytes plus S segments of E entries each (random ids at a real frame's place). Each command its own process under /usr/bin/time with a fresh host cache; the peaks of V8 heap, Buffers (external) and what rss holds beyond V8 sampled every 20 ms. The machine is shared: each row carries the load average when it ended.`,
+    `Machine: ${machineLine()}. Repository: ${cluster ? 'a prefix on a private Ceph RGW (one memstore OSD, same cores)' : 'a local folder'}, one backup of ${imageSize} random bytes plus S segments of E entries each (random ids at a real frame's place). Each command its own process under /usr/bin/time with a fresh host cache; the peaks of V8 heap, Buffers (external) and what rss holds beyond V8 sampled every 20 ms, of anonymous and file-backed (mmapped LevelDB tables) resident memory every 100 ms. The machine is shared: each row carries the load average when it ended.`,
     '',
-    '| round | where | segments (S) | entries each (E) | index entries | command | build | wall s | CPU s | peak RSS MiB | heap used MiB | external MiB | beyond V8 MiB | load (1/5/15) |',
-    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
-    ...rows.map((r) => `| ${r.round} | ${r.where} | ${r.shape.segments} | ${r.shape.entries} | ${r.shape.segments * r.shape.entries} | ${r.command} | ${r.build} | ${r.measured.seconds.toFixed(1)} | ${r.measured.cpuSeconds.toFixed(1)} | ${r.measured.peakRssMiB.toFixed(0)} | ${r.peaks.heapUsed ?? '?'} | ${r.peaks.external ?? '?'} | ${r.peaks.nativeBeyondV8 ?? '?'} | ${r.load} |`),
+    '| round | where | segments (S) | entries each (E) | index entries | command | build | wall s | CPU s | peak RSS MiB | anon MiB | file-backed MiB | heap used MiB | external MiB | beyond V8 MiB | load (1/5/15) |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    ...rows.map((r) => `| ${r.round} | ${r.where} | ${r.shape.segments} | ${r.shape.entries} | ${r.shape.segments * r.shape.entries} | ${r.command} | ${r.build} | ${r.measured.seconds.toFixed(1)} | ${r.measured.cpuSeconds.toFixed(1)} | ${r.measured.peakRssMiB.toFixed(0)} | ${r.peaks.rssAnon ?? '?'} | ${r.peaks.rssFile ?? '?'} | ${r.peaks.heapUsed ?? '?'} | ${r.peaks.external ?? '?'} | ${r.peaks.nativeBeyondV8 ?? '?'} | ${r.load} |`),
     '',
   ];
   if (out) {

@@ -37,6 +37,21 @@ const REWRITE = 0x04;
 const NOTHING = Buffer.alloc(0);
 /** Writes held in memory before they go to LevelDB in one batch. */
 export const GC_INDEX_BATCH = 16384;
+/**
+ * The working index's LevelDB, sized for a scratch database written once and read in order, never looked up
+ * at random: a small block cache (the default is 8 MiB); no compression (keys are random ids, values
+ * locations: snappy finds nothing to take and costs CPU); at most 74 tables open (LevelDB's least: 64 table
+ * files and 10 for the rest), each of at most 1 MiB, since LevelDB reads its tables through mmap and every
+ * page of an open table that was read counts in the process's resident memory: at most 64 MiB of it whatever
+ * the size of the index (with the defaults, 1000 tables of 2 MiB: every table of a 2M-entry index, ~140 MiB).
+ */
+const GC_INDEX_LEVEL_OPTIONS = { cacheSize: 1024 * 1024, compression: false, maxOpenFiles: 74, maxFileSize: 1024 * 1024 } as const;
+/**
+ * Bits of the filter of live ids (4 MiB, whatever the number of blobs): `readSegments({ liveOnly })` writes
+ * the entries of the ids it may hold, and passes over the others (most entries of a repository with much
+ * garbage), so that gc writes to LevelDB in proportion to the live blobs, not to the index.
+ */
+const LIVE_FILTER_BITS = 2 ** 25;
 /** Segments read at once, and the stored bytes they may hold before they are taken in (as the cache's catch-up). */
 const READ_WINDOW = { width: 16, budget: 32 * 1024 * 1024 };
 
@@ -53,6 +68,34 @@ function range(tag: number, prefix: Uint8Array = NOTHING): { gte: Buffer; lt: Bu
   while (lt[i] === 0xff) lt[i--] = 0;
   lt[i]! += 1;
   return { gte, lt };
+}
+
+/**
+ * A Bloom filter of ids (fixed size: its memory does not grow with the blobs; more blobs only make more
+ * false positives, which cost a write and nothing else): `mayHold` is true for every id added. Blob ids are
+ * hashes, so four 32-bit words of the id itself serve as the four hash functions.
+ */
+class IdFilter {
+  private readonly bits = new Uint32Array(LIVE_FILTER_BITS / 32);
+
+  add(id: Uint8Array, at = 0): void {
+    for (let k = 0; k < 4; k++) {
+      const bit = readWord(id, at + 4 * k) % LIVE_FILTER_BITS;
+      this.bits[Math.floor(bit / 32)]! |= 1 << bit % 32;
+    }
+  }
+
+  mayHold(id: Uint8Array, at = 0): boolean {
+    for (let k = 0; k < 4; k++) {
+      const bit = readWord(id, at + 4 * k) % LIVE_FILTER_BITS;
+      if ((this.bits[Math.floor(bit / 32)]! & (1 << bit % 32)) === 0) return false;
+    }
+    return true;
+  }
+}
+
+function readWord(bytes: Uint8Array, at: number): number {
+  return bytes[at]! * 0x1000000 + bytes[at + 1]! * 0x10000 + bytes[at + 2]! * 0x100 + bytes[at + 3]!;
 }
 
 function locationOf(value: Buffer, what: string): BlobLocation {
@@ -84,10 +127,17 @@ export class GcIndex {
   /** The segments of the last read, in key order (their ordinals), and which of them are superseded. */
   private segments: { name: SegmentName; entries: number }[] = [];
   private superseded = new Set<number>();
+  /** Every id addLive was given (a filter: it may say yes to others). */
+  private readonly liveFilter = new IdFilter();
+  /** Whether the last read took the entries of (possibly) live ids only, and a blob was marked live since. */
+  private readLiveOnly = false;
+  private liveSinceRead = false;
   /** Every pack an entry of a segment of the last read names (superseded segments included). */
   readonly namedPacks = new Set<string>();
   /** Copies added (moved). */
   movedCount = 0;
+  /** Entries of segments the last read wrote to LevelDB (all of them, or with `liveOnly` those of live ids). */
+  entriesWritten = 0;
   /**
    * Entries proven dead (their pack gone from the store, or shorter than the frame: SPEC.md 19.3, 19.8):
    * never a blob's winner while the effective segments name it anywhere else.
@@ -103,7 +153,7 @@ export class GcIndex {
   /** A new, empty index in `path` (whatever was there is removed first: a dead gc's). */
   static async create(path: string, options: GcIndexOptions = {}): Promise<GcIndex> {
     await rm(path, { recursive: true, force: true });
-    const db: Db = new ClassicLevel<Buffer, Buffer>(path, { keyEncoding: 'buffer', valueEncoding: 'buffer', createIfMissing: true, errorIfExists: true });
+    const db: Db = new ClassicLevel<Buffer, Buffer>(path, { keyEncoding: 'buffer', valueEncoding: 'buffer', createIfMissing: true, errorIfExists: true, ...GC_INDEX_LEVEL_OPTIONS });
     try {
       await db.open();
     } catch (error) {
@@ -121,6 +171,9 @@ export class GcIndex {
   /** Marks a blob live (mark's sink: synchronous; `settle` bounds what waits in memory). */
   addLive(id: Buffer): void {
     this.put(tagged(LIVE, id), NOTHING);
+    this.liveFilter.add(id);
+    // Its entries were passed over by a read that took only the live ids: read again before `live()`.
+    if (this.readLiveOnly) this.liveSinceRead = true;
   }
 
   /** gc's copy of a live blob, durable in a new pack. */
@@ -176,10 +229,17 @@ export class GcIndex {
   /**
    * Reads every segment in the store (the entries of an earlier read are forgotten first), in key order
    * through a bounded window, one segment in memory at a time once taken. A segment deleted since the
-   * listing is skipped (superseded); one that cannot be read is returned by key with why.
+   * listing is skipped (superseded); one that cannot be read is returned by key with why. With `liveOnly`,
+   * only the entries of ids marked live so far (addLive) are kept, and false positives of the filter: what
+   * `live()` and `winners()` need for the live blobs; `namedPacks` and `effectiveEntries` still count every
+   * entry. gc marks before it reads, and reads again after it marks more.
    */
-  async readSegments(storage: Storage, options: { dataKey?: Uint8Array | undefined; signal?: AbortSignal | undefined; tick?: (() => Promise<void>) | undefined } = {}): Promise<{ damaged: { key: string; why: string }[] }> {
+  async readSegments(storage: Storage, options: { dataKey?: Uint8Array | undefined; signal?: AbortSignal | undefined; tick?: (() => Promise<void>) | undefined; liveOnly?: boolean | undefined } = {}): Promise<{ damaged: { key: string; why: string }[] }> {
     await this.drain();
+    const liveOnly = options.liveOnly === true;
+    this.readLiveOnly = liveOnly;
+    this.liveSinceRead = false;
+    this.entriesWritten = 0;
     await this.db.clear(range(ENTRY));
     this.segments = [];
     this.superseded.clear();
@@ -224,6 +284,7 @@ export class GcIndex {
           this.namedPacks.add(stored.toString('hex', at + ID_SIZE, at + ID_SIZE + PACK_ID_SIZE));
           lastPack = at + ID_SIZE;
         }
+        if (liveOnly && !this.liveFilter.mayHold(stored, at)) continue;
         const entryKey = Buffer.allocUnsafe(1 + ID_SIZE + 4);
         entryKey[0] = ENTRY;
         stored.copy(entryKey, 1, at, at + ID_SIZE);
@@ -231,6 +292,7 @@ export class GcIndex {
         const location = Buffer.allocUnsafe(INDEX_ENTRY_SIZE);
         stored.copy(location, 0, at + ID_SIZE, at + ID_SIZE + INDEX_ENTRY_SIZE);
         this.put(entryKey, location);
+        this.entriesWritten += 1;
         if (this.pending.length === 0) await this.settle();
       }
       await options.tick?.();
@@ -259,6 +321,7 @@ export class GcIndex {
    * every entry is dead keeps its first: it is lost, and the index goes on saying where it was.
    */
   async *winners(): AsyncGenerator<IndexEntry> {
+    if (this.liveSinceRead) throw new Error("gc's working index: blobs were marked live after a read of the live ids' entries only; read the segments again");
     let current: Buffer | undefined;
     let chosen: IndexEntry | undefined;
     let firstDead: IndexEntry | undefined;
