@@ -1,5 +1,6 @@
 /**
- * gc's working index on disk (SPEC.md 19.8): the live set, every entry of every segment present, gc's
+ * gc's working index on disk (SPEC.md 19.8): the live set, the entries of the segments present (gc's: only
+ * those of ids that may be live, through a fixed-size filter of the marked ids; repair's: all), gc's
  * copies and the live entries of the packs it rewrites, in a LevelDB of its own in the slot's temporary
  * folder, so that gc's memory does not grow with the repository (millions of index entries, thousands of
  * segments): it holds one batch of writes (`batch` operations), one segment being read, the fetch window,
