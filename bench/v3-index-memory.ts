@@ -261,7 +261,7 @@ async function main(): Promise<void> {
   const lines = [
     `# format 3: peak memory by the number of index entries and segments (${started})`,
     '',
-    `Machine: ${machineLine()}. Repository: ${cluster ? 'a prefix on a private Ceph RGW (one memstore OSD, same cores)' : 'a local folder'}, one backup of ${imageSize} random bytes plus S segments of E entries each (random ids at a real frame's place). Each command its own process under /usr/bin/time with a fresh host cache; the peaks of V8 heap, Buffers (external) and what rss holds beyond V8 sampled every 20 ms. The machine is shared: each row carries the load average when it ended.`,
+    `Machine: ${machineLine()}. Repository: ${cluster ? 'a prefix on a private Ceph RGW (one memstore OSD, same cores)' : 'a local folder'}, one backup of ${imageSize} random bytes plus S segments of E entries each (random ids at a real frame's place). Each command its own process under /usr/bin/time with a fresh host cache; the peaks of V8 heap, Buffers (external) and what rss holds beyond V8 sampled every 20 ms, of anonymous and file-backed (mmapped LevelDB tables) resident memory every 100 ms. The machine is shared: each row carries the load average when it ended.`,
     '',
     `Verdicts (issue 14: peak RSS per process <= ${limitMiB} MiB whatever the number of objects; PASS only if every round at every shape):`,
     '',

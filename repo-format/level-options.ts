@@ -23,6 +23,10 @@ export interface LevelOptions {
   maxFileSize: number;
   /** The memtable's size (LevelDB holds at most two: the one written and the one being flushed). */
   writeBufferSize: number;
+  /** The block cache's size (LevelDB's default 8 MiB where absent). */
+  cacheSize?: number;
+  /** Snappy on table blocks (LevelDB's default, on, where absent). */
+  compression?: boolean;
 }
 
 /** LevelDB's own reserve of open files outside its table cache (its log, manifest, lock and current). */
@@ -40,6 +44,17 @@ const MiB = 1024 * 1024;
 const TABLE_FILES: Record<LevelUse, number> = { 'index-cache': 64, 'index-store': 64, 'gc-index': 64 };
 const TABLE_FILE_SIZE = 1 * MiB;
 
+/**
+ * gc's working index is a scratch database written once and read in order, never looked up at random: a small
+ * block cache (the default is 8 MiB) and no compression (keys are random ids, values locations: snappy finds
+ * nothing to take and costs CPU).
+ */
+const PER_USE: Record<LevelUse, Pick<LevelOptions, 'cacheSize' | 'compression'>> = {
+  'index-cache': {},
+  'index-store': {},
+  'gc-index': { cacheSize: 1 * MiB, compression: false },
+};
+
 /** The options to open a database for `use` with (and `extra`: createIfMissing, errorIfExists). */
 export function levelOptions<T extends object>(use: LevelUse, extra: T): LevelOptions & T {
   return {
@@ -48,6 +63,7 @@ export function levelOptions<T extends object>(use: LevelUse, extra: T): LevelOp
     maxOpenFiles: TABLE_FILES[use] + NON_TABLE_FILES,
     maxFileSize: TABLE_FILE_SIZE,
     writeBufferSize: 4 * MiB,
+    ...PER_USE[use],
     ...testOverride(),
     ...extra,
   };

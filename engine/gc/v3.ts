@@ -222,7 +222,7 @@ async function recordsOrRefuse(repo: Repository): Promise<BackupRecord[]> {
 
 /** Every segment, read into gc's index; one that cannot be read stops gc before any change (its blobs may be live). */
 async function segmentsOrRefuse(repo: Repository, index: GcIndex, interruption: Interruption, signal: AbortSignal | undefined): Promise<void> {
-  const { damaged } = await index.readSegments(repo.store, { dataKey: repo.keys?.dataKey, signal, tick: () => interruption.tick() });
+  const { damaged } = await index.readSegments(repo.store, { dataKey: repo.keys?.dataKey, signal, tick: () => interruption.tick(), liveOnly: true });
   const first = damaged[0];
   if (first) throw new CorruptMetadataError(`index segment ${first.key}`, `${first.why}; gc cannot tell where the blobs it names are and deletes nothing (\`engine repair\` rebuilds the segments from the packs)`);
 }

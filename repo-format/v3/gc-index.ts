@@ -1,5 +1,6 @@
 /**
- * gc's working index on disk (SPEC.md 19.8): the live set, every entry of every segment present, gc's
+ * gc's working index on disk (SPEC.md 19.8): the live set, the entries of the segments present (gc's: only
+ * those of ids that may be live, through a fixed-size filter of the marked ids; repair's: all), gc's
  * copies and the live entries of the packs it rewrites, in a LevelDB of its own in the slot's temporary
  * folder, so that gc's memory does not grow with the repository (millions of index entries, thousands of
  * segments): it holds one batch of writes (`batch` operations), one segment being read, the fetch window,
@@ -17,6 +18,7 @@
  */
 import { rm } from 'node:fs/promises';
 import { levelDb, type LevelDb } from '../leveldb.js';
+import { levelOptions } from '../level-options.js';
 import { classifyWriteError } from '../errors.js';
 import { decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from '../index-entry.js';
 import type { DeadEntryTest } from '../pack-presence.js';
@@ -37,6 +39,12 @@ const REWRITE = 0x04;
 const NOTHING = Buffer.alloc(0);
 /** Writes held in memory before they go to LevelDB in one batch. */
 export const GC_INDEX_BATCH = 16384;
+/**
+ * Bits of the filter of live ids (4 MiB, whatever the number of blobs): `readSegments({ liveOnly })` writes
+ * the entries of the ids it may hold, and passes over the others (most entries of a repository with much
+ * garbage), so that gc writes to LevelDB in proportion to the live blobs, not to the index.
+ */
+const LIVE_FILTER_BITS = 2 ** 25;
 /** Segments read at once, and the stored bytes they may hold before they are taken in (as the cache's catch-up). */
 const READ_WINDOW = { width: 16, budget: 32 * 1024 * 1024 };
 
@@ -53,6 +61,34 @@ function range(tag: number, prefix: Uint8Array = NOTHING): { gte: Buffer; lt: Bu
   while (lt[i] === 0xff) lt[i--] = 0;
   lt[i]! += 1;
   return { gte, lt };
+}
+
+/**
+ * A Bloom filter of ids (fixed size: its memory does not grow with the blobs; more blobs only make more
+ * false positives, which cost a write and nothing else): `mayHold` is true for every id added. Blob ids are
+ * hashes, so four 32-bit words of the id itself serve as the four hash functions.
+ */
+class IdFilter {
+  private readonly bits = new Uint32Array(LIVE_FILTER_BITS / 32);
+
+  add(id: Uint8Array, at = 0): void {
+    for (let k = 0; k < 4; k++) {
+      const bit = readWord(id, at + 4 * k) % LIVE_FILTER_BITS;
+      this.bits[Math.floor(bit / 32)]! |= 1 << bit % 32;
+    }
+  }
+
+  mayHold(id: Uint8Array, at = 0): boolean {
+    for (let k = 0; k < 4; k++) {
+      const bit = readWord(id, at + 4 * k) % LIVE_FILTER_BITS;
+      if ((this.bits[Math.floor(bit / 32)]! & (1 << bit % 32)) === 0) return false;
+    }
+    return true;
+  }
+}
+
+function readWord(bytes: Uint8Array, at: number): number {
+  return bytes[at]! * 0x1000000 + bytes[at + 1]! * 0x10000 + bytes[at + 2]! * 0x100 + bytes[at + 3]!;
 }
 
 function locationOf(value: Buffer, what: string): BlobLocation {
@@ -84,10 +120,17 @@ export class GcIndex {
   /** The segments of the last read, in key order (their ordinals), and which of them are superseded. */
   private segments: { name: SegmentName; entries: number }[] = [];
   private superseded = new Set<number>();
+  /** Every id addLive was given (a filter: it may say yes to others). */
+  private readonly liveFilter = new IdFilter();
+  /** Whether the last read took the entries of (possibly) live ids only, and a blob was marked live since. */
+  private readLiveOnly = false;
+  private liveSinceRead = false;
   /** Every pack an entry of a segment of the last read names (superseded segments included). */
   readonly namedPacks = new Set<string>();
   /** Copies added (moved). */
   movedCount = 0;
+  /** Entries of segments the last read wrote to LevelDB (all of them, or with `liveOnly` those of live ids). */
+  entriesWritten = 0;
   /**
    * Entries proven dead (their pack gone from the store, or shorter than the frame: SPEC.md 19.3, 19.8):
    * never a blob's winner while the effective segments name it anywhere else.
@@ -103,7 +146,7 @@ export class GcIndex {
   /** A new, empty index in `path` (whatever was there is removed first: a dead gc's). */
   static async create(path: string, options: GcIndexOptions = {}): Promise<GcIndex> {
     await rm(path, { recursive: true, force: true });
-    const db: Db = await levelDb(path, { createIfMissing: true, errorIfExists: true });
+    const db: Db = await levelDb(path, levelOptions('gc-index', { createIfMissing: true, errorIfExists: true }));
     try {
       await db.open();
     } catch (error) {
@@ -121,6 +164,9 @@ export class GcIndex {
   /** Marks a blob live (mark's sink: synchronous; `settle` bounds what waits in memory). */
   addLive(id: Buffer): void {
     this.put(tagged(LIVE, id), NOTHING);
+    this.liveFilter.add(id);
+    // Its entries were passed over by a read that took only the live ids: read again before `live()`.
+    if (this.readLiveOnly) this.liveSinceRead = true;
   }
 
   /** gc's copy of a live blob, durable in a new pack. */
@@ -176,10 +222,17 @@ export class GcIndex {
   /**
    * Reads every segment in the store (the entries of an earlier read are forgotten first), in key order
    * through a bounded window, one segment in memory at a time once taken. A segment deleted since the
-   * listing is skipped (superseded); one that cannot be read is returned by key with why.
+   * listing is skipped (superseded); one that cannot be read is returned by key with why. With `liveOnly`,
+   * only the entries of ids marked live so far (addLive) are kept, and false positives of the filter: what
+   * `live()` and `winners()` need for the live blobs; `namedPacks` and `effectiveEntries` still count every
+   * entry. gc marks before it reads, and reads again after it marks more.
    */
-  async readSegments(storage: Storage, options: { dataKey?: Uint8Array | undefined; signal?: AbortSignal | undefined; tick?: (() => Promise<void>) | undefined } = {}): Promise<{ damaged: { key: string; why: string }[] }> {
+  async readSegments(storage: Storage, options: { dataKey?: Uint8Array | undefined; signal?: AbortSignal | undefined; tick?: (() => Promise<void>) | undefined; liveOnly?: boolean | undefined } = {}): Promise<{ damaged: { key: string; why: string }[] }> {
     await this.drain();
+    const liveOnly = options.liveOnly === true;
+    this.readLiveOnly = liveOnly;
+    this.liveSinceRead = false;
+    this.entriesWritten = 0;
     await this.db.clear(range(ENTRY));
     this.segments = [];
     this.superseded.clear();
@@ -224,6 +277,7 @@ export class GcIndex {
           this.namedPacks.add(stored.toString('hex', at + ID_SIZE, at + ID_SIZE + PACK_ID_SIZE));
           lastPack = at + ID_SIZE;
         }
+        if (liveOnly && !this.liveFilter.mayHold(stored, at)) continue;
         const entryKey = Buffer.allocUnsafe(1 + ID_SIZE + 4);
         entryKey[0] = ENTRY;
         stored.copy(entryKey, 1, at, at + ID_SIZE);
@@ -231,6 +285,7 @@ export class GcIndex {
         const location = Buffer.allocUnsafe(INDEX_ENTRY_SIZE);
         stored.copy(location, 0, at + ID_SIZE, at + ID_SIZE + INDEX_ENTRY_SIZE);
         this.put(entryKey, location);
+        this.entriesWritten += 1;
         if (this.pending.length === 0) await this.settle();
       }
       await options.tick?.();
@@ -259,6 +314,7 @@ export class GcIndex {
    * every entry is dead keeps its first: it is lost, and the index goes on saying where it was.
    */
   async *winners(): AsyncGenerator<IndexEntry> {
+    if (this.liveSinceRead) throw new Error("gc's working index: blobs were marked live after a read of the live ids' entries only; read the segments again");
     let current: Buffer | undefined;
     let chosen: IndexEntry | undefined;
     let firstDead: IndexEntry | undefined;
