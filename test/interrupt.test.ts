@@ -246,3 +246,73 @@ describe('a backup into a version-3 repository (the default), interrupted at eac
     await expectRestoreIdentical(v3, again.id, source, { dir });
   });
 });
+
+describe('the slow-stop notice (a clean-up that outlasts ENGINE_TEST_SLOW_STOP_MS): it names what is held, and never follows the last line', () => {
+  const DELAY_MS = 300;
+
+  /**
+   * Stops `args` at `point`, sends SIGINT and resumes it; at each later stop (`later`) it stays stopped for
+   * DELAY_MS from the moment the stop is seen: the signal's handler ran before that stop, so the notice is due
+   * when it resumes. No timing decides the outcome; the waits only make the notice due.
+   */
+  async function interruptSlowly(point: string, later: string, args: string[], delayMs = DELAY_MS): Promise<{ code: number | null; stderr: string }> {
+    const child = spawnEngine(args, { ENGINE_STOP_AT: `${point},${later}`, ENGINE_TEST_SLOW_STOP_MS: String(delayMs) });
+    const out = collectOutput(child);
+    await stoppedItself(child);
+    const exited = exitOf(child);
+    child.kill('SIGINT');
+    child.kill('SIGCONT');
+    for (;;) {
+      const settled = await Promise.race([exited.then(() => 'exited' as const), stoppedItself(child).then(() => 'stopped' as const, () => 'exited' as const)]);
+      if (settled === 'exited') break;
+      await new Promise((resolve) => setTimeout(resolve, delayMs));
+      child.kill('SIGCONT');
+    }
+    return { code: (await exited).code, stderr: out.stderr() };
+  }
+
+  test('format 1: stopped just before it releases its lock, it says "releasing the lock", then its one final line', async () => {
+    const target = join(dir, 'slow-lock.raw');
+    const result = await interruptSlowly('restore-block-written', 'guard-releasing', ['restore', '--repo', repo, backupId, '--to', target]);
+    expect([result.code, result.stderr]).toEqual([
+      130,
+      'engine: SIGINT: stopping; releasing the lock and removing what this run created\n' +
+        `engine: restore was interrupted (SIGINT); the new file ${target} it was writing was removed\n`,
+    ]);
+    await expectReleased();
+  });
+
+  test('format 3: a backup stopped just before it releases its lease says "releasing the lease" (there is no lock)', async () => {
+    const v3 = join(dir, 'repo-v3-slow');
+    await initRepository(v3);
+    const source = join(dir, 'v3-slow.raw');
+    await writeRegion(source, 0, 3 * MiB, 'random', 'v3-slow');
+    const result = await interruptSlowly('pack-written', 'guard-releasing', ['backup', '--repo', v3, '--source', source]);
+    expect([result.code, withoutProgress(result.stderr)]).toEqual([
+      130,
+      'engine: SIGINT: stopping; releasing the lease and removing what this run created\n' +
+        'engine: backup was interrupted (SIGINT); nothing of it was committed\n',
+    ]);
+    expect(await readdir(join(v3, 'leases')).catch(() => [])).toEqual([]);
+  });
+
+  test('a notice that falls due after the final line was written (the process still alive, as under heavy load) is never printed', async () => {
+    // cli/interrupt.ts in a process of its own, as main.ts uses it: the final line written and the outcome
+    // settled as soon as the signal lands, then the process kept alive past the moment the notice is due (a
+    // timer of the same length set after it fires after it). A real command exits at once after its last
+    // line unless a handle keeps it alive, which no signal-point can make deterministic.
+    const script = `
+      import { interruptSignal, settleInterrupt } from ${JSON.stringify(new URL('../dist/cli/interrupt.js', import.meta.url).href)};
+      const keep = setTimeout(() => undefined, 60_000);
+      interruptSignal({ json: () => false }).addEventListener('abort', () => {
+        process.stderr.write('engine: the final line\\n');
+        settleInterrupt();
+        clearTimeout(keep);
+        setImmediate(() => setTimeout(() => undefined, ${DELAY_MS}));
+      });
+      process.kill(process.pid, 'SIGINT');`;
+    const child = spawn(process.execPath, ['--input-type=module', '-e', script], { env: { ...process.env, ENGINE_TEST_SLOW_STOP_MS: String(DELAY_MS) }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const out = collectOutput(child);
+    expect([await exitOf(child), out.stderr()]).toEqual([{ code: 0, signal: null }, 'engine: the final line\n']);
+  });
+});
