@@ -216,12 +216,12 @@ describe('sources that would hang', () => {
     exportsToStop.push(exported);
     const child = spawnEngine(['backup', '--repo', repo, '--source', exported.uri, '--name', 'thin']);
     const out = collectOutput(child);
-    // Well into the walk of the holes: the first progress line (every 5 s when stderr is not a terminal). No
-    // budget but the test's: a loaded machine printed nothing in 60 s, and the backup, left running, then held
-    // the lock against every later test of the file.
     onTestFinished(() => void (child.exitCode === null && child.kill('SIGKILL')));
-    while (!out.stderr().includes('backup ') && child.exitCode === null) await new Promise((r) => setTimeout(r, 100));
-    expect(out.stderr()).toMatch(/backup \S+ \(1\/1\) [\d.]+ \w+\/256 TiB/);
+    // Into the walk of the holes: the first progress line, or, on a machine so loaded that the walk's first
+    // batch takes longer than that (load 45: none in 120 s), 5 s past the lock (the handlers are in place).
+    await waitFor('the backup holds the lock', () => access(join(repo, 'lock')).then(() => true, () => false), { child, output: out.stderr });
+    const locked = performance.now();
+    await waitFor('the walk is under way', () => out.stderr().includes('backup ') || performance.now() - locked > 5000, { child, output: out.stderr, everyMs: 100 });
     child.kill('SIGINT');
     // The whole walk would take minutes and end in exit 0; 130 says the signal stopped it (no clock needed).
     expect(await exitOf(child)).toEqual({ code: 130, signal: null });
