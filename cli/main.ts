@@ -16,6 +16,8 @@ import { registerMaintenanceCommands } from './commands/maintenance.js';
 import { registerOvirtCommands } from './commands/ovirt.js';
 import { registerToolCommands } from './commands/tools.js';
 import { output, printNotice } from './context.js';
+import { settleInterrupt } from './interrupt.js';
+import { crashPoint } from '../repo-format/crash-points.js';
 import type { GlobalOptions } from './options.js';
 import { printJson } from './output.js';
 import { cliMessage } from './error-wording.js';
@@ -74,9 +76,15 @@ export async function main(argv: string[]): Promise<number> {
   const program = buildProgram();
   try {
     await program.parseAsync(argv);
+    settleInterrupt();
+    crashPoint('outcome-written');
     return typeof process.exitCode === 'number' ? process.exitCode : EXIT.ok;
   } catch (error) {
-    return reportError(error, (program.opts() as GlobalOptions).debug === true);
+    // The error line is the last: a slow-stop notice due after it is cancelled (cli/interrupt.ts).
+    settleInterrupt();
+    const code = reportError(error, (program.opts() as GlobalOptions).debug === true);
+    crashPoint('outcome-written');
+    return code;
   }
 }
 

@@ -4,7 +4,7 @@
  * ENGINE_FAIL_AT names it, an ordinary error is thrown there instead (a failure the engine must clean up
  * after); when ENGINE_STOP_AT names it, the process stops itself with SIGSTOP there (a test then runs
  * another command against the repository and resumes it with SIGCONT: a real interleaving, no mock).
- * Off unless those variables are set; each call is three comparisons.
+ * Off unless those variables are set; each call is a few comparisons.
  */
 export type CrashPoint =
   | 'pack-written' // a pack's frames are written, not yet fsynced or renamed
@@ -39,14 +39,17 @@ export type CrashPoint =
   | 'segment-written' // version 3: a writer's segment is durable in the store, its record not yet written
   | 'cache-part-written' // version 3: the host cache wrote a part of a large segment's entries (19.4), not its last
   | 'segment-replaced' // version 3: a backup replaced a segment naming a lost pack by a copy without those entries (SPEC.md 19.7, 3a)
-  | 'forget-record-removed'; // forget removed the record, its lease not yet released
+  | 'forget-record-removed' // forget removed the record, its lease not yet released
+  | 'guard-releasing' // the command is about to release its lock or lease (ENGINE_STOP_AT: the slow-stop notice)
+  | 'outcome-written'; // the CLI wrote its last line (result or error); the process has not exited yet
 
 const crashAt = process.env.ENGINE_CRASH_AT;
 const failAt = process.env.ENGINE_FAIL_AT;
-const stopAt = process.env.ENGINE_STOP_AT;
+/** ENGINE_STOP_AT may name several points, comma-separated: a test that steps a process through them. */
+const stopAt = process.env.ENGINE_STOP_AT?.split(',');
 
 export function crashPoint(point: CrashPoint): void {
   if (crashAt === point) process.kill(process.pid, 'SIGKILL');
   if (failAt === point) throw new Error(`injected failure at ${point} (ENGINE_FAIL_AT)`);
-  if (stopAt === point) process.kill(process.pid, 'SIGSTOP');
+  if (stopAt?.includes(point)) process.kill(process.pid, 'SIGSTOP');
 }

@@ -18,6 +18,8 @@ import { LAYOUT, SMALL_FILE_LIMIT } from './constants.js';
 import { readBoundedFile } from './bounded-read.js';
 import { holderLiveness, processIdentity, type HolderLiveness } from './process-alive.js';
 import { IMMUTABLE_FILE_MODE, openNewFile } from './file-modes.js';
+import { holding } from './held.js';
+import { crashPoint } from './crash-points.js';
 import { classifyWriteError, isErrnoException, RepositoryLockedError, type LockedHint, type LockHolder, type StorageRemedy } from './errors.js';
 
 export interface RepositoryLock {
@@ -118,12 +120,18 @@ export async function acquireLock(root: string, command: string): Promise<Reposi
   for (let attempt = 0; attempt < 3; attempt += 1) {
     try {
       await createLockFile(root, holder);
+      const released = holding('lock');
       const lock: RepositoryLock = {
         holder: publicHolder(holder)!,
         release: async () => {
           // Remove the lock only if it is still ours (the token is unique to this acquisition).
-          const current = await readLockFile(path);
-          if (current?.token === token) await unlink(path).catch(() => undefined);
+          crashPoint('guard-releasing');
+          try {
+            const current = await readLockFile(path);
+            if (current?.token === token) await unlink(path).catch(() => undefined);
+          } finally {
+            released();
+          }
         },
       };
       if (brokeStale) lock.brokeStale = brokeStale;

@@ -4,9 +4,9 @@
  * owns the bitmaps, and every broken chain falls back to a full read that is said out loud.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { copyFile, readFile, rm, writeFile } from 'node:fs/promises';
+import { access, copyFile, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { parseJson, runEngine, sh, tempDir, type BackupJson, withoutProgress } from './helpers.js';
+import { parseJson, runEngine, sh, tempDir, type BackupJson, waitFor, withoutProgress } from './helpers.js';
 import { qcow2, qemuImgCompare, qemuIo } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -143,7 +143,8 @@ describe('a chain the engine cannot trust is read in full, and says so', () => {
     await sh('qemu-nbd', ['-f', 'qcow2', '--socket', socket, '--persistent', '--fork', '--pid-file', join(dir, 'kill.pid'), image]);
     const pid = Number((await readFile(join(dir, 'kill.pid'), 'utf8')).trim());
     process.kill(pid, 'SIGKILL');
-    await new Promise((resolve) => setTimeout(resolve, 200));
+    // Gone (and its image lock with it) before the backup opens the image: its exit, not a 200-ms guess.
+    await waitFor('the killed qemu-nbd is gone', () => access(`/proc/${pid}`).then(() => false, () => true), { everyMs: 10 });
     expect((await bitmaps(image)).find((b) => b.name === full.disks[0]!.checkpoint)!.flags).toContain('in-use');
     await expectFullFallback(repo, image, /bitmap engine-[0-9a-f]+-[0-9a-f]+ is inconsistent/);
   });
@@ -242,7 +243,7 @@ describe('a chain the engine cannot trust is read in full, and says so', () => {
       expect(result.stderr).toMatch(/qemu-img .* failed: .*(lock|Failed to get)/);
     } finally {
       process.kill(holder, 'SIGTERM');
-      await new Promise((resolve) => setTimeout(resolve, 200));
+      await waitFor('the holder is gone', () => access(`/proc/${holder}`).then(() => false, () => true), { everyMs: 10 });
     }
   });
 });

@@ -6,7 +6,7 @@ import { execFile } from 'node:child_process';
 import { access, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { generateImage } from '../dist/engine/index.js';
-import { ENGINE_BIN, exitOf, parseJson, runEngine, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson, hostCacheOf, hostCacheLeftovers } from './helpers.js';
+import { ENGINE_BIN, exitOf, parseJson, runEngine, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson, hostCacheOf, hostCacheLeftovers, waitFor } from './helpers.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -150,7 +150,8 @@ describe('interruption', () => {
     // Running once it holds the repository: the lock (versions 1, 2) or a lease (version 3, the default).
     const v3 = (await hostCacheOf(repo)) !== undefined;
     const holds = async (): Promise<boolean> => (v3 ? (await readdir(join(repo, 'leases')).catch(() => [])).length > 0 : access(join(repo, 'lock')).then(() => true, () => false));
-    for (let i = 0; i < 200 && !(await holds()); i += 1) await new Promise((r) => setTimeout(r, 10));
+    // Held only once the signal handlers are in place: a SIGINT before them would kill, not interrupt.
+    await waitFor('the backup holds the repository', holds, { child, everyMs: 10 });
     await new Promise((r) => setTimeout(r, 200));
     child.kill('SIGINT');
     const { code } = await exitOf(child);

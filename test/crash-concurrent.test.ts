@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { access, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { exitOf, filesIdentical, parseJson, resumedJson, runEngine, sh, sparseFile, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson, expectRestoreIdentical } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, resumedJson, runEngine, sh, sparseFile, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson, expectRestoreIdentical, waitFor } from './helpers.js';
 import { campaign, CampaignRepo, recordCampaign, type GcJson } from './fault-campaign.js';
 import { generateImage, SeededRandom } from '../dist/engine/index.js';
 
@@ -34,10 +34,9 @@ describe('two writers at once', () => {
     let stdout = '';
     first.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
     const firstExit = exitOf(first);
-    for (let i = 0; i < 200; i += 1) {
-      if (await access(join(repo, 'lock')).then(() => true, () => false)) break;
-      await new Promise((resolve) => setTimeout(resolve, 10));
-    }
+    // The first holds the lock before the second starts (a fixed 2-s budget let a loaded machine start the
+    // second first): its lock, however long its start takes.
+    await waitFor('the first backup holds the lock', () => access(join(repo, 'lock')).then(() => true, () => false), { child: first, everyMs: 10 });
     const second = await runEngine(['backup', '--repo', repo, '--source', image]);
     campaign.injected += 1;
     campaign.concurrent += 1;
@@ -148,7 +147,7 @@ describe('two processes at once: prune, gc, repair and serve', () => {
     let out = '';
     server.stdout!.on('data', (chunk: Buffer) => (out += chunk.toString()));
     let served: { readerToken: string; exports: { uri: string }[] } | undefined;
-    for (let i = 0; i < 400 && !served; i += 1) {
+    for (let i = 0; !served && server.exitCode === null; i += 1) {
       await new Promise((resolve) => setTimeout(resolve, 50));
       try {
         served = JSON.parse(out) as typeof served;

@@ -24,7 +24,8 @@ export async function ensureLibvirtd(): Promise<void> {
   }
   if (await libvirtdRunning()) return;
   await sh('libvirtd', ['-d', '-p', join(STARTED_DAEMONS_DIR, 'libvirtd.pid')]);
-  for (let i = 0; i < 100; i += 1) {
+  // 60 s: a daemon starting on a machine under load 20-50 (CI) takes far longer than on a quiet one.
+  for (let i = 0; i < 600; i += 1) {
     if (await sh('virsh', ['-c', 'qemu:///system', 'version']).then(() => true, () => false)) return;
     await new Promise((resolve) => setTimeout(resolve, 100));
   }

@@ -9,7 +9,7 @@ import { createHash } from 'node:crypto';
 import { mkdir, open, readdir, readFile, realpath, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { readPartitionTable } from '../dist/engine/index.js';
-import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, withoutProgress, backUp } from './helpers.js';
+import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, withoutProgress, backUp, waitFor } from './helpers.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -224,7 +224,7 @@ describe('engine umount after the background server died', () => {
     expect(mounted.code).toBe(0);
     const { serverPid, readerToken } = parseJson<MountJson>(mounted.stdout);
     process.kill(serverPid, 'SIGKILL');
-    for (let i = 0; i < 200 && (await processesMentioning('serve-daemon')).includes(serverPid); i += 1) await new Promise((r) => setTimeout(r, 25));
+    await waitFor('the killed server is gone', async () => !(await processesMentioning('serve-daemon')).includes(serverPid));
     expect(await readdir(join(repo, 'readers'))).toEqual([`${readerToken}.json`]);
     const unmounted = await runEngine(['umount', mountDir], { env: env() });
     expect(unmounted.code).toBe(0);

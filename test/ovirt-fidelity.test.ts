@@ -10,7 +10,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { filesIdentical, parseJson, runEngine, sh, tempDir, withoutProgress } from './helpers.js';
+import { filesIdentical, parseJson, runEngine, sh, tempDir, withoutProgress, waitFor } from './helpers.js';
 import { qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { BACKUP_SNAPSHOT_DESCRIPTION, CLUSTER_ID, DATA_CENTER_ID, STORAGE_DOMAIN_ID, startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
@@ -297,7 +297,7 @@ describe('oVirt engine behaviours, from its sources', () => {
     expect(inc.out.disks.map((d) => [d.mode, d.parent, d.bytesRead])).toEqual([['incremental', full.out!.id, MiB]]);
     expect(sim.events.some((e) => e.code === 10813)).toBe(true);
     expect(text.stderr).toContain(`("${BACKUP_SNAPSHOT_DESCRIPTION}") that oVirt left after the backup (event 10813)`);
-    for (let i = 0; i < 100 && vm.snapshots.size > 0; i += 1) await new Promise((r) => setTimeout(r, 50));
+    await waitFor('the snapshot is removed', () => vm.snapshots.size === 0, { everyMs: 50 });
     expect([...vm.snapshots.values()].map((s) => s.description)).toEqual([]);
     const restored = join(ctx.dir, 'hyb.raw');
     expect((await runEngine(['restore', '--repo', ctx.repo, inc.out!.id, '--to', restored])).code).toBe(0);
@@ -311,11 +311,11 @@ describe('oVirt engine behaviours, from its sources', () => {
     const token = await getToken(sim);
     const made = await fetch(`${sim.url}/ovirt-engine/api/vms/${vm.id}/snapshots`, { method: 'POST', headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/xml' }, body: `<snapshot><description>${BACKUP_SNAPSHOT_DESCRIPTION}</description></snapshot>` });
     expect(made.status).toBe(202);
-    for (let i = 0; i < 100 && [...vm.snapshots.values()].some((s) => s.status === 'locked'); i += 1) await new Promise((r) => setTimeout(r, 50));
+    await waitFor('the snapshot is unlocked', () => ![...vm.snapshots.values()].some((s) => s.status === 'locked'), { everyMs: 50 });
     const result = await backupText('hyb');
     expect(result.code).toBe(0);
     expect(result.stderr).toContain(`("${BACKUP_SNAPSHOT_DESCRIPTION}") left by an earlier backup (event 10813)`);
-    for (let i = 0; i < 100 && vm.snapshots.size > 0; i += 1) await new Promise((r) => setTimeout(r, 50));
+    await waitFor('the snapshot is removed', () => vm.snapshots.size === 0, { everyMs: 50 });
     expect(vm.snapshots.size).toBe(0);
   });
 

@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { filesIdentical, parseJson, runEngine, sh, tempDir, expectRestoreIdentical, withoutProgress, journalDir } from './helpers.js';
+import { filesIdentical, parseJson, runEngine, sh, tempDir, expectRestoreIdentical, withoutProgress, journalDir, waitFor } from './helpers.js';
 import { qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
@@ -65,7 +65,7 @@ async function expectRestores(id: string, expected: string[]): Promise<void> {
 
 async function expectNoLeftovers(): Promise<void> {
   // Wait for the simulator's asynchronous snapshot removal to finish.
-  for (let i = 0; i < 100 && vm.snapshots.size > 0; i += 1) await new Promise((r) => setTimeout(r, 50));
+  await waitFor('the snapshot is removed', () => vm.snapshots.size === 0, { everyMs: 50 });
   expect([...vm.snapshots.keys()]).toEqual([]);
   const appliance = [...sim.vms.values()].find((v) => v.name === 'appliance')!;
   expect([...appliance.attachments.keys()]).toEqual([]);

@@ -10,7 +10,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { access, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { exitOf, filesIdentical, parseJson, runEngine, sh, spawnEngine, stoppedItself, tempDir, withoutProgress, collectOutput, signalUntilExit, hostCacheOf, hostCacheLeftovers, journalDir } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, runEngine, sh, spawnEngine, stoppedItself, tempDir, withoutProgress, withoutStopNotice, collectOutput, signalUntilExit, hostCacheOf, hostCacheLeftovers, journalDir } from './helpers.js';
 import { qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { startOvirtSim, type OvirtSim, type SimVm } from '../dist/test/ovirt-sim/server.js';
@@ -102,7 +102,7 @@ describe('backup --ovirt (the incremental backup API)', () => {
     const exit = await exitOf(child);
     sim.faults.slowReads(vm.disks[0]!, 0);
     expect(exit.code).toBe(130);
-    expect(withoutProgress(out.stderr())).toBe('engine: backup was interrupted (SIGINT); nothing of it was committed\n');
+    expect(withoutStopNotice(withoutProgress(out.stderr()))).toBe('engine: backup was interrupted (SIGINT); nothing of it was committed\n');
     await expectReleased(repo);
     expect(await readdir(join(repo, 'backups'))).toEqual([fullId]);
     await settle();
@@ -131,7 +131,7 @@ describe('backup --ovirt (the incremental backup API)', () => {
     const exit = await exitOf(child);
     sim.faults.slowReads(vm.disks[0]!, 0);
     expect(exit.code).toBe(130);
-    expect(withoutProgress(out.stderr())).toBe('engine: backup was interrupted (SIGINT); nothing of it was committed\n');
+    expect(withoutStopNotice(withoutProgress(out.stderr()))).toBe('engine: backup was interrupted (SIGINT); nothing of it was committed\n');
     await expectReleased(repo);
     expect(await readdir(join(repo, 'backups'))).toEqual(backupsBefore);
     await settle();
@@ -153,7 +153,7 @@ describe('restore --ovirt', () => {
     child.kill('SIGCONT');
     const exit = await exitOf(child);
     expect(exit.code).toBe(130);
-    const lines = withoutProgress(out.stderr()).split('\n').filter(Boolean);
+    const lines = withoutStopNotice(withoutProgress(out.stderr())).split('\n').filter(Boolean);
     expect(lines).toHaveLength(1);
     expect(lines[0]).toBe('engine: restore was interrupted (SIGINT); what it created in oVirt was removed');
     await expectReleased(repo);
@@ -177,7 +177,7 @@ describe('the disk-attachment flow (--appliance)', () => {
     const child = spawnEngine(args, { ...env, ENGINE_STOP_AT: point });
     const out = collectOutput(child);
     await stoppedItself(child);
-    return { code: (await signalUntilExit(child)).code, stderr: withoutProgress(out.stderr()) };
+    return { code: (await signalUntilExit(child)).code, stderr: withoutStopNotice(withoutProgress(out.stderr())) };
   }
 
   async function expectNothingAttached(): Promise<void> {
@@ -236,7 +236,7 @@ describe('engine demo', () => {
     child.kill('SIGCONT');
     const exit = await exitOf(child);
     expect(exit.code).toBe(130);
-    expect(withoutProgress(out.stderr())).toBe('engine: demo was interrupted (SIGINT); its temporary directory was removed\n');
+    expect(withoutStopNotice(withoutProgress(out.stderr()))).toBe('engine: demo was interrupted (SIGINT); its temporary directory was removed\n');
     await expect(stat(working!)).rejects.toThrow();
   });
 
@@ -246,7 +246,7 @@ describe('engine demo', () => {
     const out = collectOutput(child);
     await stoppedItself(child);
     expect((await signalUntilExit(child)).code).toBe(130);
-    expect(withoutProgress(out.stderr())).toBe(`engine: demo was interrupted (SIGINT); what it made so far stays in ${kept}\n`);
+    expect(withoutStopNotice(withoutProgress(out.stderr()))).toBe(`engine: demo was interrupted (SIGINT); what it made so far stays in ${kept}\n`);
     const demoRepo = join(kept, 'repo');
     await expectReleased(demoRepo);
     // A backup that got past its last pack may have committed before the signal was seen: whatever is there verifies.

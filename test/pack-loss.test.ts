@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { copyFile, readdir, rm, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
-import { exitOf, expectRestoreIdentical, parseJson, runEngine, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { exitOf, expectRestoreIdentical, parseJson, runEngine, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson, waitFor } from './helpers.js';
 import { qcow2, qemuImgCompare, qemuIo } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -80,7 +80,7 @@ describe('a pack lost from the repository', () => {
     let stderr = '';
     server.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
     server.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-    for (let i = 0; i < 300 && !stdout.trimEnd().endsWith('}'); i += 1) await new Promise((r) => setTimeout(r, 50));
+    await waitFor('serve is ready', () => stdout.trimEnd().endsWith('}'), { child: server, output: () => stderr, everyMs: 50 });
     server.kill('SIGTERM');
     expect((await exitOf(server)).code).toBe(0);
     expect(parseJson<{ exports: { name: string; missingChunks: number }[] }>(stdout).exports).toEqual([expect.objectContaining({ name: 'disk.raw', missingChunks: 8 })]);

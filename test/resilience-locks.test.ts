@@ -315,7 +315,7 @@ describe('files that are not the repository\'s', () => {
 
     for (const args of [['list'], ['show', id], ['gc'], ['repair'], ['prune', '--keep-last', '3']]) {
       const result = await runEngine([...args, '--repo', repo]);
-      expect(result.code, args[0]).toBe(0);
+      expect(result.code, `${args[0]}: ${result.stderr}`).toBe(0);
       expect(result.stderr, args[0]).not.toMatch(/ENOTDIR|EISDIR|ENOENT/);
     }
     for (const path of Object.values(strays)) expect(await exists(path), path).toBe(true);

@@ -64,7 +64,7 @@ async function startServe(args: string[], env: Record<string, string> = {}): Pro
   let stderr = '';
   child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
   child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-  for (let i = 0; i < 600 && !stdout.trim().endsWith('}') && child.exitCode === null; i += 1) await new Promise((r) => setTimeout(r, 50));
+  while (!stdout.trim().endsWith('}') && child.exitCode === null) await new Promise((r) => setTimeout(r, 50));
   if (!stdout.trim().endsWith('}')) throw new Error(`serve did not start (${child.exitCode}): ${stdout} ${stderr}`);
   return { child, ready: parseJson(stdout), stderr: () => stderr };
 }

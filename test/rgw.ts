@@ -191,13 +191,14 @@ async function killRecorded(pid: number, comm: string, conf: string): Promise<bo
   } catch {
     return false;
   }
-  for (let i = 0; i < 200; i += 1) {
+  // Until it is gone (a loaded machine may take longer than any fixed budget): a gateway restarted while the
+  // killed one still holds its port would not come up.
+  for (;;) {
     const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
     // Field 3 is the state; Z: exited, not yet reaped by its parent (the test process reaps its children).
     if (stat === '' || / Z /.test(stat.slice(stat.lastIndexOf(')')))) return true;
     await sleep(10);
   }
-  return true;
 }
 
 /** The pid records of a cluster folder: "daemon pid" lines, appended as daemons start. */

@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { SocketReader } from '../dist/engine/nbd/socket-reader.js';
 import { encodeOptionHeader } from '../dist/engine/nbd/wire.js';
 import { loadTlsCredentials, startTls } from '../dist/engine/nbd/tls.js';
-import { ENGINE_BIN, exitOf, filesIdentical, parseJson, runEngine, sh, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson, withoutProgress, backUp, initRepository } from './helpers.js';
+import { ENGINE_BIN, exitOf, filesIdentical, parseJson, runEngine, sh, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson, withoutProgress, backUp, initRepository, waitFor } from './helpers.js';
 import { makePskFile, makeTestPki, type TestPki } from './tls.js';
 
 const MiB = 1024 * 1024;
@@ -70,7 +70,7 @@ async function startServe(args: string[], env: Record<string, string> = {}): Pro
   child.stderr!.on('data', (chunk: Buffer) => {
     stderr += chunk.toString();
   });
-  for (let i = 0; i < 400 && !stdout.trim().endsWith('}'); i += 1) {
+  while (!stdout.trim().endsWith('}')) {
     if (child.exitCode !== null) throw new Error(`engine serve exited ${child.exitCode}: ${stdout} ${stderr}`);
     await new Promise((r) => setTimeout(r, 25));
   }
@@ -80,7 +80,8 @@ async function startServe(args: string[], env: Record<string, string> = {}): Pro
 /** Waits (up to 5 s) until `text()` matches `pattern` `count` times: a server logs a refusal just after the client has gone. */
 async function logged(text: () => string, pattern: RegExp, count = 1): Promise<void> {
   const global = new RegExp(pattern.source, `${pattern.flags.replace('g', '')}g`);
-  for (let i = 0; i < 200 && (text().match(global)?.length ?? 0) < count; i += 1) await new Promise((r) => setTimeout(r, 25));
+  // Until the lines are there, however loaded the machine (the test's timeout bounds it); then exactly `count`.
+  while ((text().match(global)?.length ?? 0) < count) await new Promise((r) => setTimeout(r, 25));
   expect(text().match(global)?.length ?? 0).toBe(count);
 }
 
@@ -117,7 +118,7 @@ describe('the default: a private Unix socket', () => {
     running.push(child);
     let stdout = '';
     child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-    for (let i = 0; i < 400 && !stdout.trim().endsWith('}'); i += 1) await new Promise((r) => setTimeout(r, 25));
+    await waitFor('serve is ready', () => stdout.trim().endsWith('}'), { child });
     const ready = parseJson<ServeJson>(stdout);
     const socket = join(runDir, `serve-${backupId.slice(0, 16)}.sock`);
     expect(ready.socket).toBe(socket);
@@ -388,7 +389,7 @@ describe('the engine as a TLS client of other servers', () => {
     const socket = join(dir, 'nbdkit-tls.sock');
     const kit = spawn('nbdkit', ['-f', '-U', socket, '--tls=require', `--tls-certificates=${pki.serverDir}`, '--tls-verify-peer', 'memory', String(SIZE)], { stdio: 'ignore' });
     running.push(kit);
-    for (let i = 0; i < 200 && !(await stat(socket).then(() => true, () => false)); i += 1) await new Promise((r) => setTimeout(r, 25));
+    await waitFor('nbdkit listens', () => stat(socket).then(() => true, () => false), { child: kit });
     const uri = `nbds+unix:///?socket=${socket}&tls-certificates=${pki.clientDir}`;
     const restored = await runEngine(['restore', '--repo', repo, backupId, '--to', uri, '--json']);
     expect(withoutProgress(restored.stderr)).toBe('');
@@ -409,7 +410,7 @@ describe('the engine as a TLS client of other servers', () => {
     const qemu = spawn('qemu-nbd', ['-t', '-r', '-f', 'raw', '-x', 'os', '-b', '127.0.0.1', '-p', String(port), '--object', `tls-creds-x509,id=tls0,dir=${pki.serverDir},endpoint=server,verify-peer=on`, '--tls-creds', 'tls0', image], { stdio: 'ignore' });
     running.push(qemu);
     const uri = `nbds://127.0.0.1:${port}/os?tls-certificates=${pki.clientDir}`;
-    for (let i = 0; i < 200 && (await run('nbdinfo', ['--size', uri])).code !== 0; i += 1) await new Promise((r) => setTimeout(r, 50));
+    await waitFor('qemu-nbd answers', async () => (await run('nbdinfo', ['--size', uri])).code === 0, { child: qemu, everyMs: 50 });
     const backup = await runEngine(['backup', '--repo', repo, '--source', uri, '--disk-name', 'from-qemu', '--json']);
     expect(withoutProgress(backup.stderr)).toBe('');
     const out = join(dir, 'from-qemu.raw');

@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NbdClient, NbdServer, type NbdExport } from '../dist/engine/index.js';
-import { exitOf, parseJson, runEngine, spawnEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { exitOf, parseJson, runEngine, spawnEngine, tempDir, writeRegion, type BackupJson, waitFor } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const REQUESTS = 64;
@@ -64,7 +64,7 @@ describe('NbdServer.close() with requests in flight', () => {
     const buffers = Array.from({ length: REQUESTS }, () => Buffer.alloc(MiB));
     const reads = Promise.allSettled(buffers.map((buffer, i) => client.read(buffer, i * MiB)));
     // The server accepts 16 requests per connection at once; they now wait in the export.
-    for (let i = 0; i < 400 && releases.length < 16; i += 1) await new Promise((r) => setTimeout(r, 10));
+    await waitFor('16 requests wait in the export', () => releases.length >= 16, { everyMs: 10 });
     await new Promise((r) => setTimeout(r, 100));
     expect(releases).toHaveLength(16);
 
@@ -100,7 +100,7 @@ describe('engine serve on SIGTERM', () => {
     let stderr = '';
     child.stdout!.on('data', (c: Buffer) => (stdout += c.toString()));
     child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()));
-    for (let i = 0; i < 400 && !stdout.trim().endsWith('}'); i += 1) await new Promise((r) => setTimeout(r, 25));
+    await waitFor('serve is ready', () => stdout.trim().endsWith('}'), { child, output: () => stderr });
     const ready = parseJson<{ exports: { uri: string }[]; readerToken: string }>(stdout);
 
     const expected = await readFile(image);

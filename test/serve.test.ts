@@ -13,7 +13,7 @@ import { SocketReader } from '../dist/engine/nbd/socket-reader.js';
 import { encodeOptionHeader, encodeRequest } from '../dist/engine/nbd/wire.js';
 import { Overlay } from '../dist/engine/serve/overlay.js';
 import { NbdServer } from '../dist/engine/nbd/server.js';
-import { exitOf, filesIdentical, parseJson, runEngine, sh, sha256File, spawnEngine, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, runEngine, sh, sha256File, spawnEngine, sparseFile, tempDir, writeRegion, type BackupJson, waitFor } from './helpers.js';
 import { qemuImgCompare } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -202,7 +202,7 @@ describe('an encrypted repository', () => {
     const socket = join(dir, 'enc.sock');
     const child = spawnEngine(['serve', '--repo', encrypted, id, '--socket', socket, '--password-file', passwordFile]);
     try {
-      for (let i = 0; i < 400 && !(await stat(socket).then(() => true, () => false)); i += 1) await new Promise((r) => setTimeout(r, 25));
+      await waitFor('serve listens', () => stat(socket).then(() => true, () => false), { child });
       const out = join(dir, 'enc-copy.raw');
       await sparseFile(out, 64 * MiB + 4097);
       await sh('nbdcopy', [`nbd+unix:///os?socket=${socket}`, out]);
@@ -657,7 +657,7 @@ describe('engine serve (CLI)', () => {
     child.stdout!.on('data', (chunk: Buffer) => {
       stdout += chunk.toString();
     });
-    for (let i = 0; i < 200 && !stdout.trim().endsWith('}'); i += 1) await new Promise((r) => setTimeout(r, 50));
+    await waitFor('serve is ready', () => stdout.trim().endsWith('}'), { child, everyMs: 50 });
     const ready = parseJson<{ backup: string; exports: { name: string; uri: string }[]; readerToken: string; pid: number }>(stdout);
     expect(ready.backup).toBe(backupId);
     expect(ready.exports[0]!.uri).toBe(`nbd+unix:///os?socket=${socket}`);

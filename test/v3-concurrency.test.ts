@@ -83,7 +83,7 @@ function servedAndRead(repo: string, id: string, image: string, socket: string, 
   const output = collectOutput(child);
   const done = (async () => {
     try {
-      for (let i = 0; i < 1200 && !output.stdout().trim().endsWith('}'); i += 1) {
+      while (!output.stdout().trim().endsWith('}')) {
         if (child.exitCode !== null) return { code: child.exitCode, stdout: output.stdout(), stderr: output.stderr() };
         await new Promise((r) => setTimeout(r, 50));
       }

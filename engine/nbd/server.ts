@@ -107,6 +107,8 @@ function listenError(error: NodeJS.ErrnoException, where: string): InvalidArgume
 export class NbdServer {
   private readonly server: Server;
   private readonly connections = new Set<ServerConnection>();
+  /** Each connection's run, which ends after the connection has left `connections`: close() waits for them. */
+  private readonly runs = new Set<Promise<void>>();
   private closing = false;
   private unixSocket: ListeningSocket | undefined;
   private closed: Promise<void> | undefined;
@@ -165,6 +167,9 @@ export class NbdServer {
       const stopped = new Promise<void>((resolve) => this.server.close(() => resolve()));
       await this.unixSocket?.remove();
       await Promise.all([...this.connections].map((c) => c.shutdown()));
+      // A connection's shutdown ends with its socket; its run ends (and leaves `connections`) a step later:
+      // once close() resolves, no connection is left (a loaded machine showed one still counted).
+      await Promise.allSettled([...this.runs]);
       await stopped;
     })();
     return this.closed;
@@ -182,7 +187,11 @@ export class NbdServer {
     socket.setNoDelay(true);
     const connection = new ServerConnection(this, socket, this.options.preferredBlockSize ?? 4096, () => this.closing);
     this.connections.add(connection);
-    void connection.run().finally(() => this.connections.delete(connection));
+    const running: Promise<void> = connection.run().finally(() => {
+      this.connections.delete(connection);
+      this.runs.delete(running);
+    });
+    this.runs.add(running);
   }
 }
 

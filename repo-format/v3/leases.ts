@@ -28,6 +28,8 @@
  * against the store's (the written object's modification time): beyond B, ENGINE_CLOCK_SKEW.
  */
 import { randomBytes } from 'node:crypto';
+import { holding } from '../held.js';
+import { crashPoint } from '../crash-points.js';
 import { ClockSkewError, EngineError, LeaseLostError, RepositoryLockedError } from '../errors.js';
 import { isStorageError, StorageError } from '../storage/storage-error.js';
 import type { ObjectInfo, Storage } from '../storage/storage.js';
@@ -137,6 +139,8 @@ export class HeldLease {
   private keepAliveController: AbortController | undefined;
   private keepAliveDone: Promise<void> | undefined;
   private released = false;
+  /** Set once acquired: this process then holds a lease (repo-format/held.ts) until release(). */
+  private unhold: (() => void) | undefined;
 
   constructor(
     private readonly context: LeaseContext,
@@ -279,12 +283,23 @@ export class HeldLease {
     })();
   }
 
+  /** Records that the acquirer now holds this lease (what a slow stop after SIGINT says it releases). */
+  acquired(): this {
+    this.unhold ??= holding('lease');
+    return this;
+  }
+
   /** Stops refreshing and deletes the lease. */
   async release(): Promise<void> {
     this.released = true;
-    this.keepAliveController?.abort();
-    await this.keepAliveDone;
-    await this.context.storage.delete(this.key);
+    if (this.unhold) crashPoint('guard-releasing');
+    try {
+      this.keepAliveController?.abort();
+      await this.keepAliveDone;
+      await this.context.storage.delete(this.key);
+    } finally {
+      this.unhold?.();
+    }
   }
 }
 
@@ -463,7 +478,7 @@ export class Leases {
           await this.context.storage.delete(held.key);
           throw lockedError(this.context.storage, twin, 0);
         }
-        if (!blocker) return held;
+        if (!blocker) return held.acquired();
         await this.context.storage.delete(held.key);
       }
       if (clock.monotonic() - started >= (options.waitMs ?? 0)) throw lockedError(this.context.storage, blocker, clock.monotonic() - started);
@@ -494,7 +509,7 @@ export class Leases {
           if (others.length === 0) {
             try {
               await held.write('exclusive', false, options.signal);
-              return held;
+              return held.acquired();
             } catch (error) {
               // The pending lease lapsed before this write: others may have broken it and gone ahead.
               if (!(error instanceof LeaseLostError)) throw error;
