@@ -81,6 +81,11 @@ async function putObject(repo: string, key: string, bytes: Buffer): Promise<void
 
 /** The writer id of a segment key (`index/<writer>-<seq>`). */
 const writerOf = (key: string): string => key.slice('index/'.length, 'index/'.length + 32);
+/**
+ * A writer id of its own for one backup (ENGINE_TEST_SEGMENT_WRITER): eight `high` digits, then the test's own
+ * digit (no two tests of one repository share an id), then the round.
+ */
+const writerId = (high: 'f' | '0', test: 'a' | 'b', round: number): string => `${high.repeat(8)}${test}${round.toString(16).padStart(23, '0')}`;
 
 for (const kind of ['folder', 's3'] as const) {
   describe(`a pack lost from a version-3 repository on ${kind === 'folder' ? 'a folder' : 'S3 (RGW)'}`, () => {
@@ -89,9 +94,9 @@ for (const kind of ['folder', 's3'] as const) {
     /** Every backup that must restore, with the image it must restore to. */
     const backups: { id: string; image: string }[] = [];
 
-    const backup = async (image: string): Promise<{ id: string; stderr: string }> => {
+    const backup = async (image: string, writer?: string): Promise<{ id: string; stderr: string }> => {
       // Not --json: the notices are what this test reads on stderr.
-      const r = await runEngine(['backup', '--repo', repo, '--source', image], { env: env() });
+      const r = await runEngine(['backup', '--repo', repo, '--source', image], { env: { ...env(), ...(writer ? { ENGINE_TEST_SEGMENT_WRITER: writer } : {}) } });
       expect(r.code, r.stderr).toBe(0);
       const id = /^backup ([0-9a-f]{32}) /.exec(r.stdout)?.[1];
       expect(id, r.stdout).toBeDefined();
@@ -136,7 +141,9 @@ for (const kind of ['folder', 's3'] as const) {
         await lose(repo, lostPack);
 
         const beforeNew = await objects(repo);
-        const fresh = await backup(image);
+        // The new backup's segments sort after the old one's in even rounds and before it in odd ones (the old
+        // writer's id is random: 0000… and ffff… fall on either side but for a chance of 2^-32).
+        const fresh = await backup(image, writerId(round % 2 === 0 ? 'f' : '0', 'a', round));
         expect(fresh.stderr).toContain(`(missing): this backup did not trust the index entries naming it, and stored again what it found there`);
         expect(fresh.stderr).toContain('dropped 4 index entries naming lost packs from 1 index segment (each replaced by a copy without them)');
         const newSegments = [...(await objects(repo)).keys()].filter((key) => key.startsWith('index/') && !beforeNew.has(key));
@@ -162,7 +169,8 @@ for (const kind of ['folder', 's3'] as const) {
     if (kind === 's3') test('a chunk stored twice at once (two writers, two packs), both packs lost: the next backup restores whichever segment sorts first', async () => {
       // The backup proves the first lost pack dead through the entries that win; once they are dropped the
       // other copy's entries win, and they name a lost pack too: it must find that out before its record.
-      // Rounds go on until the case that needs it happened: the new segment after both old ones (1/3 a round).
+      // Rounds go on until both writers stored the chunks (neither saw the other's segment in time); the new
+      // backup's segments then sort after both old ones (its writer id is chosen).
       let newLast = 0;
       for (let round = 0; round < 20 && newLast === 0; round++) {
         const image = join(scratch.path, `${kind}-twice-${round}.raw`);
@@ -178,7 +186,8 @@ for (const kind of ['folder', 's3'] as const) {
         for (const [key] of dataPacks) await lose(repo, key);
 
         const beforeNew = await objects(repo);
-        const fresh = await backup(image);
+        // The new segment after both old ones: the case that needs the backup to prove the second copy dead too.
+        const fresh = await backup(image, writerId('f', 'b', round));
         expect(fresh.stderr).toContain('dropped 8 index entries naming lost packs from 2 index segments (each replaced by a copy without them)');
         const newSegments = [...(await objects(repo)).keys()].filter((key) => key.startsWith('index/') && !beforeNew.has(key));
         expect(newSegments).toHaveLength(3);

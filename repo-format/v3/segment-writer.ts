@@ -44,7 +44,7 @@ export class SegmentWriter {
   private readonly written: string[] = [];
 
   constructor(private readonly options: SegmentWriterOptions) {
-    this.writer = options.writer ?? randomBytes(16).toString('hex');
+    this.writer = options.writer ?? testWriter() ?? randomBytes(16).toString('hex');
   }
 
   /** Keys of the segments written so far. */
@@ -126,4 +126,14 @@ export class SegmentWriter {
       throw error;
     }
   }
+}
+
+/**
+ * Tests only: ENGINE_TEST_SEGMENT_WRITER (32 hex digits) names this process's segments, so that a test can put
+ * them before or after another writer's in key order rather than retry until chance does. A writer id is
+ * otherwise random (19.3), and no two processes may share one: a test gives each process its own.
+ */
+function testWriter(): string | undefined {
+  const value = process.env.ENGINE_TEST_SEGMENT_WRITER;
+  return value !== undefined && /^[0-9a-f]{32}$/.test(value) ? value : undefined;
 }
