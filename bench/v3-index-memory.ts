@@ -239,11 +239,12 @@ async function main(): Promise<void> {
               await cp(base, repo, { recursive: true });
             }
             const env = { ...s3Env, ...variantEnv, ...(command === 'lookup' ? { BENCH_LOOKUPS: String(LOOKUPS) } : {}), ENGINE_CACHE_DIR: cache, BENCH_REPO: repo, BENCH_MEMORY_OUT: peaksFile, NODE_OPTIONS: `--import ${join(build, 'dist/bench/memory-sampler.js')}` };
-            const args =
-              command === 'catchup' || command === 'lookup' ? [fileURLToPath(import.meta.url), '--child', build]
-              : command === 'gc' ? [join(build, 'bin/engine.js'), 'gc', '--repo', repo, '--json']
-              : [join(build, 'bin/engine.js'), 'repair', '--repo', repo, '--json'];
-            const measured = await timed(process.execPath, args, env);
+            // gc and repair run as users run them: through bin/engine, whose glibc malloc tunables shape native
+            // memory (bin/engine.js alone would not see them). The catch-up child is the bench's own script.
+            const [program, args] =
+              command === 'catchup' || command === 'lookup' ? [process.execPath, [fileURLToPath(import.meta.url), '--child', build]]
+              : [join(build, 'bin/engine'), [command, '--repo', repo, '--json']];
+            const measured = await timed(program, args, env);
             const peaks = JSON.parse(await readFile(peaksFile, 'utf8').catch(() => '{}')) as Record<string, number>;
             const said = command === 'catchup' || command === 'lookup' ? (JSON.parse(measured.stdout.trim().split('\n').pop()!) as Record<string, number>) : {};
             const load = await loadAverage();
