@@ -15,7 +15,7 @@ import { ENGINE_BIN, backUp, initRepository, sh, sparseFile, tempDir, writeRegio
 import { qemuImgCompare } from './qemu.js';
 
 const MiB = 1024 * 1024;
-const ENGINE_MALLOC = 'glibc.malloc.trim_threshold=134217728:glibc.malloc.mmap_threshold=33554432';
+const ENGINE_MALLOC = 'glibc.malloc.trim_threshold=134217728:glibc.malloc.mmap_threshold=33554432:glibc.malloc.arena_max=2';
 let dir: string;
 let cleanup: () => Promise<void>;
 let repo: string;
@@ -86,6 +86,7 @@ describe('bin/engine', () => {
     const parsed = await sh('env', [`GLIBC_TUNABLES=${ENGINE_MALLOC}`, '/lib64/ld-linux-x86-64.so.2', '--list-tunables']);
     expect(parsed).toMatch(/^glibc\.malloc\.trim_threshold: 0x8000000 /m);
     expect(parsed).toMatch(/^glibc\.malloc\.mmap_threshold: 0x2000000 /m);
+    expect(parsed).toMatch(/^glibc\.malloc\.arena_max: 0x2 /m);
   });
 
   test("adds to the caller's other tunables, and hands exactly the caller's on", async () => {
