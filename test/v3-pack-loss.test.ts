@@ -15,7 +15,7 @@ import { mkdir, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, repositoryKeys, repositoryObject, v3Env, withRgwStorage } from './s3-helpers.js';
-import { decodeSegment, encodeSegmentPlain, segmentKey } from '../dist/repo-format/v3/segment.js';
+import { decodeSegment, encodeSegmentPlain, segmentKey, type SegmentEntry } from '../dist/repo-format/v3/segment.js';
 import { initChecksum } from '../dist/repo-format/checksum.js';
 import { exitOf, filesIdentical, parseJson, runEngine, spawnEngine, tempDir, withoutProgress, writeRegion, type BackupJson } from './helpers.js';
 
@@ -112,6 +112,28 @@ for (const kind of ['folder', 's3'] as const) {
       child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
       expect((await exitOf(child)).code, stderr).toBe(0);
       return parseJson<BackupJson>(stdout).id;
+    };
+
+    /**
+     * A copy of the pack at `packKey` under a new id, named by a segment of its own that sorts after `first`
+     * (the segment naming the original's four entries): in key order the original's entries shadow the
+     * copy's. The copy's id, key and entries.
+     */
+    const duplicatePack = async (where: string, packKey: string, first: string): Promise<{ copyId: string; copyKey: string; entries: SegmentEntry[] }> => {
+      const packId = packKey.slice(packKey.lastIndexOf('/') + 1);
+      const copyId = randomBytes(16).toString('hex');
+      const copyKey = `packs/${copyId.slice(0, 2)}/${copyId}`;
+      const pack = await getObject(where, packKey);
+      Buffer.from(copyId, 'hex').copy(pack, 16); // the pack header names its pack (SPEC 6)
+      await putObject(where, copyKey, pack);
+      const segment = decodeSegment(await getObject(where, first), first);
+      if (typeof segment === 'string') throw new Error(segment);
+      const entries = segment.entries.filter((entry) => entry.packId === packId).map((entry) => ({ ...entry, packId: copyId }));
+      expect(entries).toHaveLength(4);
+      const duplicate = { name: { writer: 'f'.repeat(32), seq: 0 }, supersedes: [], entries };
+      expect(segmentKey(duplicate.name) > first).toBe(true);
+      await putObject(where, segmentKey(duplicate.name), encodeSegmentPlain(duplicate));
+      return { copyId, copyKey, entries };
     };
 
     const restoresIdentical = async (id: string, image: string, where = repo): Promise<void> => {
@@ -240,17 +262,7 @@ for (const kind of ['folder', 's3'] as const) {
       const [firstSegment] = added.filter(([key]) => key.startsWith('index/')).map(([key]) => key);
       const [lostPack] = added.filter(([key]) => key.startsWith('packs/')).sort((a, b) => b[1] - a[1])[0]!;
       const lostId = lostPack.slice(lostPack.lastIndexOf('/') + 1);
-      const copyId = randomBytes(16).toString('hex');
-      const pack = await getObject(repo, lostPack);
-      Buffer.from(copyId, 'hex').copy(pack, 16); // the pack header names its pack (SPEC 6)
-      await putObject(repo, `packs/${copyId.slice(0, 2)}/${copyId}`, pack);
-      const segment = decodeSegment(await getObject(repo, firstSegment!), firstSegment!);
-      if (typeof segment === 'string') throw new Error(segment);
-      const entries = segment.entries.filter((entry) => entry.packId === lostId).map((entry) => ({ ...entry, packId: copyId }));
-      expect(entries).toHaveLength(4);
-      const duplicate = { name: { writer: 'f'.repeat(32), seq: 0 }, supersedes: [], entries };
-      expect(segmentKey(duplicate.name) > firstSegment!).toBe(true);
-      await putObject(repo, segmentKey(duplicate.name), encodeSegmentPlain(duplicate));
+      const { copyId } = await duplicatePack(repo, lostPack, firstSegment!);
       await lose(repo, lostPack);
 
       // Not --json: the notice is what this test reads on stderr.
@@ -301,18 +313,7 @@ for (const kind of ['folder', 's3'] as const) {
       const second = await runEngine(['backup', '--repo', repo, '--source', other, '--json'], { env: env() });
       expect(second.code, second.stderr).toBe(0);
       const unrelated = parseJson<BackupJson>(second.stdout);
-      const copyId = randomBytes(16).toString('hex');
-      const copyKey = `packs/${copyId.slice(0, 2)}/${copyId}`;
-      const pack = await getObject(repo, shortPack);
-      Buffer.from(copyId, 'hex').copy(pack, 16); // the pack header names its pack (SPEC 6)
-      await putObject(repo, copyKey, pack);
-      const segment = decodeSegment(await getObject(repo, firstSegment!), firstSegment!);
-      if (typeof segment === 'string') throw new Error(segment);
-      const entries = segment.entries.filter((entry) => entry.packId === shortId);
-      expect(entries).toHaveLength(4);
-      const duplicate = { name: { writer: 'f'.repeat(32), seq: 0 }, supersedes: [], entries: entries.map((entry) => ({ ...entry, packId: copyId })) };
-      expect(segmentKey(duplicate.name) > firstSegment!).toBe(true);
-      await putObject(repo, segmentKey(duplicate.name), encodeSegmentPlain(duplicate));
+      const { copyId, copyKey, entries } = await duplicatePack(repo, shortPack, firstSegment!);
       // Cut before the first frame: every entry naming the pack ends past its end.
       const firstFrame = Math.min(...entries.map((entry) => entry.offset));
       await cut(repo, shortPack, firstFrame);
@@ -338,7 +339,7 @@ for (const kind of ['folder', 's3'] as const) {
       // Then the only copy is cut short too, in its second frame: gc keeps the dead entries of the blobs with no
       // other copy (lost, not named nowhere: gc does not refuse), deletes nothing a backup needs, and says so;
       // verify names the damage and the backup, whose restore fails in one line; the other backup restores.
-      const frames = duplicate.entries.map((entry) => entry.offset).sort((a, b) => a - b);
+      const frames = entries.map((entry) => entry.offset).sort((a, b) => a - b);
       await cut(repo, copyKey, frames[1]!);
       const gcAgain = await runEngine(['gc', '--repo', repo, '--json'], { env: env() });
       expect(gcAgain.code, gcAgain.stderr).toBe(0);
@@ -349,7 +350,6 @@ for (const kind of ['folder', 's3'] as const) {
       const damaged = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env: env() });
       expect(damaged.code, damaged.stdout + damaged.stderr).toBe(4);
       const problems = parseJson<{ problems: { code: string; message: string; backup?: string; pack?: string }[] }>(damaged.stdout).problems;
-      expect(problems.length).toBeGreaterThan(0);
       expect(problems.every((p) => p.backup === undefined || p.backup === original.id), JSON.stringify(problems)).toBe(true);
       expect(JSON.stringify(problems)).toContain(original.id);
       expect(JSON.stringify(problems)).toContain(copyId);
