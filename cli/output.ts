@@ -1,6 +1,7 @@
 /** Shapes and prints results. The JSON shapes are a contract (SPEC.md, "CLI JSON output"). */
 import type { BackupRecord, DiskRecord } from '../repo-format/backup-record.js';
-import type { RepositoryConfig } from '../repo-format/config.js';
+import { configCompression, type RepositoryConfig } from '../repo-format/config.js';
+import { compressionName } from '../repo-format/compression.js';
 import type { RestoreResult } from '../engine/restore/restore.js';
 import type { VerifyReport } from '../engine/verify/verify.js';
 import type { ServeHandle } from '../engine/serve/serve.js';
@@ -118,7 +119,7 @@ export function printShow(record: BackupRecord): void {
 }
 
 export function printInit(path: string, config: RepositoryConfig): void {
-  process.stdout.write(`created repository ${config.id} at ${path} (block size ${formatBytes(config.blockSize)}, format ${config.version}${config.encryption ? `, encrypted: ${config.encryption.cipher}, key file ${config.encryption.keyFile}` : ''})\n`);
+  process.stdout.write(`created repository ${config.id} at ${path} (block size ${formatBytes(config.blockSize)}, compression ${compressionName(configCompression(config))}, format ${config.version}${config.encryption ? `, encrypted: ${config.encryption.cipher}, key file ${config.encryption.keyFile}` : ''})\n`);
 }
 
 export function restoreJson(result: RestoreResult): Record<string, unknown> {

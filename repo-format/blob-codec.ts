@@ -1,13 +1,13 @@
 /**
  * Turns plaintext into a stored frame and back, with every check a reader owes the data:
  * frame checksum (xxh64) first, then (encrypted repositories) AES-256-GCM decryption and its tag, then lz4
- * decompression with a bounded size, then the blob id: SHA-256, or HMAC-SHA256 under the id key.
+ * or zstd decompression (compression.ts) with a bounded size, then the blob id: SHA-256, or HMAC-SHA256 under the id key.
  * Used by the hashing workers (data chunks) and by the main thread (map pages) alike. `keys` is given
  * exactly when the repository is encrypted.
  */
 import { createHash } from 'node:crypto';
-import { compressSync, uncompressSync } from 'lz4-napi';
-import { ENCRYPTION_OVERHEAD, FLAG_ENCRYPTED, FLAG_LZ4, FRAME_HEADER_SIZE, FRAME_OVERHEAD, ID_SIZE } from './constants.js';
+import { COMPRESSION_FLAGS, ENCRYPTION_OVERHEAD, FLAG_ENCRYPTED, FRAME_HEADER_SIZE, FRAME_OVERHEAD, ID_SIZE } from './constants.js';
+import { compress, compressionFlag, decompress, LZ4, worthCompressing, type Compression } from './compression.js';
 import { decodeFrame, encodeFrame, encodeFrameHeader, finishFrame, type FrameHeader } from './frame.js';
 import { gcmOpen, gcmSealInto, keyedId, type RepositoryKeys } from './crypto.js';
 
@@ -20,34 +20,33 @@ export function blobId(data: Uint8Array, keys?: RepositoryKeys): Buffer {
   return keys ? keyedId(keys.idKey, data) : sha256(data);
 }
 
-/** Size of the lz4-napi block prefix: the uncompressed length as a little-endian u32. */
-const LZ4_SIZE_PREFIX = 4;
-
 /** Bytes a frame of `rawLength` plaintext bytes may need at most (incompressible, and encrypted when `keys`). */
 export function maxFrameLength(rawLength: number, keys?: RepositoryKeys): number {
   return FRAME_OVERHEAD + rawLength + (keys ? ENCRYPTION_OVERHEAD : 0);
 }
 
 /**
- * Writes the frame for `raw` into `target` at `at` and returns the frame length. lz4 is kept only when
- * it makes the payload smaller; otherwise the plaintext is stored. With `keys`, that payload is sealed with
+ * Writes the frame for `raw` into `target` at `at` and returns the frame length. The repository's
+ * `compression` is tried when its probe says the blob may compress (worthCompressing), and kept only when it
+ * makes the payload smaller; otherwise the plaintext is stored. With `keys`, that payload is sealed with
  * AES-256-GCM, the 48-byte frame header as authenticated data. `target` needs maxFrameLength(raw.length, keys) bytes.
  */
-export function sealBlob(kind: number, id: Buffer, raw: Buffer, target: Buffer, at = 0, keys?: RepositoryKeys): number {
-  const compressed = compressSync(raw);
-  const useLz4 = compressed.length < raw.length;
-  const inner = useLz4 ? compressed : raw;
-  if (!keys) return encodeFrame({ kind, flags: useLz4 ? FLAG_LZ4 : 0, rawLength: raw.length, id }, inner, target, at);
-  const header: FrameHeader = { kind, flags: (useLz4 ? FLAG_LZ4 : 0) | FLAG_ENCRYPTED, rawLength: raw.length, storedLength: inner.length + ENCRYPTION_OVERHEAD, id };
+export function sealBlob(kind: number, id: Buffer, raw: Buffer, target: Buffer, at = 0, keys?: RepositoryKeys, compression: Compression = LZ4): number {
+  const compressed = worthCompressing(compression, raw) ? compress(compression, raw) : undefined;
+  const useCompressed = compressed !== undefined && compressed.length < raw.length;
+  const inner = useCompressed ? compressed : raw;
+  const codecFlag = useCompressed ? compressionFlag(compression) : 0;
+  if (!keys) return encodeFrame({ kind, flags: codecFlag, rawLength: raw.length, id }, inner, target, at);
+  const header: FrameHeader = { kind, flags: codecFlag | FLAG_ENCRYPTED, rawLength: raw.length, storedLength: inner.length + ENCRYPTION_OVERHEAD, id };
   encodeFrameHeader(header, target, at);
   const aad = target.subarray(at, at + FRAME_HEADER_SIZE);
   gcmSealInto(keys.dataKey, inner, aad, target, at + FRAME_HEADER_SIZE);
   return finishFrame(header, target, at);
 }
 
-export function sealBlobToBuffer(kind: number, id: Buffer, raw: Buffer, keys?: RepositoryKeys): Buffer {
+export function sealBlobToBuffer(kind: number, id: Buffer, raw: Buffer, keys?: RepositoryKeys, compression: Compression = LZ4): Buffer {
   const target = Buffer.allocUnsafe(maxFrameLength(raw.length, keys));
-  const length = sealBlob(kind, id, raw, target, 0, keys);
+  const length = sealBlob(kind, id, raw, target, 0, keys, compression);
   return target.subarray(0, length);
 }
 
@@ -75,15 +74,10 @@ export function openBlob(frame: Buffer, expectedId?: Buffer, keys?: RepositoryKe
     payload = opened;
   }
   let plaintext: Buffer;
-  if ((header.flags & FLAG_LZ4) !== 0) {
-    // The prefix is covered by the checksum, but check it anyway: it sizes lz4's output allocation.
-    if (payload.length < LZ4_SIZE_PREFIX || payload.readUInt32LE(0) !== header.rawLength) return 'lz4 size prefix disagrees with the frame header';
-    try {
-      plaintext = uncompressSync(payload);
-    } catch (error) {
-      return `lz4 payload does not decompress (${(error as Error).message})`;
-    }
-    if (plaintext.length !== header.rawLength) return `decompressed to ${plaintext.length} bytes, expected ${header.rawLength}`;
+  if ((header.flags & COMPRESSION_FLAGS) !== 0) {
+    const decompressed = decompress(header.flags, payload, header.rawLength);
+    if (typeof decompressed === 'string') return decompressed;
+    plaintext = decompressed;
   } else {
     plaintext = payload;
   }

@@ -22,7 +22,8 @@
 import { readdir, rename, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { CIPHER_ID, DEFAULT_BLOCK_SIZE, FLAG_ENCRYPTED, KEY_FILE_LIMIT, KIND_DATA, LAYOUT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, RECORD_FILE_LIMIT } from './constants.js';
+import { DEFAULT_COMPRESSION, LZ4 } from './compression.js';
+import { CIPHER_ID, DEFAULT_BLOCK_SIZE, FLAG_ENCRYPTED, FLAG_ZSTD, KEY_FILE_LIMIT, KIND_DATA, LAYOUT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, RECORD_FILE_LIMIT } from './constants.js';
 import { encodeConfig, newConfig, validateBlockSize, type RepositoryConfig } from './config.js';
 import { CorruptMetadataError, EngineError, NotARepositoryError, PassphraseRequiredError } from './errors.js';
 import { readBoundedFile } from './bounded-read.js';
@@ -76,8 +77,9 @@ async function keyFileOf(root: string): Promise<string | undefined> {
 }
 
 /** Whether the frames say the repository is encrypted (undefined: no frame found), and the largest data frame's raw length. */
-async function frameFacts(root: string): Promise<{ encrypted: boolean | undefined; largestData: number; oldestPack: number | undefined }> {
+async function frameFacts(root: string): Promise<{ encrypted: boolean | undefined; largestData: number; oldestPack: number | undefined; zstd: boolean }> {
   let encrypted: boolean | undefined;
+  let zstd = false;
   let largestData = 0;
   let oldestPack: number | undefined;
   for (const packId of (await scanPackFiles(root)).packs) {
@@ -90,10 +92,11 @@ async function frameFacts(root: string): Promise<{ encrypted: boolean | undefine
     }
     for (const frame of scan?.frames ?? []) {
       encrypted ??= (frame.header.flags & FLAG_ENCRYPTED) !== 0; // a flag bit of a header byte, not an offset
+      if ((frame.header.flags & FLAG_ZSTD) !== 0) zstd = true; // a flag bit of a header byte, not an offset
       if (frame.header.kind === KIND_DATA) largestData = Math.max(largestData, frame.header.rawLength);
     }
   }
-  return { encrypted, largestData, oldestPack };
+  return { encrypted, largestData, oldestPack, zstd };
 }
 
 /** The block size every readable record states (they must agree), and the oldest start time. */
@@ -150,7 +153,9 @@ export async function rebuildConfig(root: string, why: string, passphrase: Passp
   const blockSize = records.blockSize ?? (frames.largestData > 0 ? powerOfTwoAtLeast(frames.largestData) : DEFAULT_BLOCK_SIZE);
   const created = records.oldest !== undefined ? new Date(records.oldest) : frames.oldestPack !== undefined ? new Date(frames.oldestPack) : new Date();
   const id = indexId ?? randomBytes(16).toString('hex');
-  const config = newConfig(id, blockSize, created, keyFile === undefined ? undefined : { cipher: CIPHER_ID, keyFile });
+  // Compression: zstd (the default level) as soon as one frame holds zstd, so that no engine predating it
+  // opens the repository and takes those frames for damage; lz4 otherwise, as every repository before zstd.
+  const config = newConfig(id, blockSize, created, keyFile === undefined ? undefined : { cipher: CIPHER_ID, keyFile }, false, frames.zstd ? DEFAULT_COMPRESSION : LZ4);
 
   // Keep what was there (damaged) beside it; the new config is written whole, where none exists.
   let keptAs: string | null = null;

@@ -4,7 +4,6 @@
 import {
   CHECKSUM_ID,
   CIPHER_ID,
-  COMPRESSION_ID,
   CONFIG_FORMAT_NAME,
   ENCRYPTED_FORMAT_VERSION,
   FORMAT_VERSION,
@@ -19,6 +18,7 @@ import {
   MIN_BLOCK_SIZE,
 } from './constants.js';
 import { InvalidArgumentError } from './errors.js';
+import { compressionConfig, compressionOfConfig, LZ4, type Compression } from './compression.js';
 
 export interface RepositoryConfig {
   format: typeof CONFIG_FORMAT_NAME;
@@ -28,7 +28,10 @@ export interface RepositoryConfig {
   blockSize: number;
   hash: string;
   checksum: string;
+  /** `lz4-block` or `zstd`: what the writers compress with (frames say for themselves what they hold). */
   compression: string;
+  /** Present exactly with `compression: "zstd"`: its level, 1 to 19. */
+  compressionLevel?: number;
   mapPageEntries: number;
   /** Present exactly in encrypted repositories (format version 2, and encrypted ones of version 3). */
   encryption?: EncryptionConfig;
@@ -70,8 +73,14 @@ export function validateBlockSize(blockSize: number): void {
   }
 }
 
+/** The compression a (decoded, so valid) config names for its writers. */
+export function configCompression(config: RepositoryConfig): Compression {
+  const c = compressionOfConfig(config as unknown as Record<string, unknown>);
+  return typeof c === 'string' ? LZ4 : c;
+}
+
 /** `manyWriters`: format version 3 (SPEC.md 19), plain or encrypted, with init's lease timing. */
-export function newConfig(id: string, blockSize: number, created: Date, encryption?: EncryptionConfig, manyWriters = false): RepositoryConfig {
+export function newConfig(id: string, blockSize: number, created: Date, encryption?: EncryptionConfig, manyWriters = false, compression: Compression = LZ4): RepositoryConfig {
   validateBlockSize(blockSize);
   return {
     format: CONFIG_FORMAT_NAME,
@@ -81,7 +90,7 @@ export function newConfig(id: string, blockSize: number, created: Date, encrypti
     blockSize,
     hash: encryption ? KEYED_HASH_ID : HASH_ID,
     checksum: CHECKSUM_ID,
-    compression: COMPRESSION_ID,
+    ...compressionConfig(compression),
     mapPageEntries: MAP_PAGE_ENTRIES,
     ...(encryption ? { encryption } : {}),
     ...(manyWriters ? { leases: { timeMs: LEASE_TIME_MS, skewBoundMs: LEASE_SKEW_BOUND_MS } } : {}),
@@ -135,7 +144,9 @@ export function decodeConfig(bytes: Buffer): RepositoryConfig | string {
   if (typeof c.blockSize !== 'number') return 'config has no block size';
   const encryption = encryptionProblem(c);
   if (encryption) return encryption;
-  if (c.checksum !== CHECKSUM_ID || c.compression !== COMPRESSION_ID) return 'config names a hash, checksum or compression this engine does not know';
+  if (c.checksum !== CHECKSUM_ID) return 'config names a hash, checksum or compression this engine does not know';
+  const compression = compressionOfConfig(c);
+  if (typeof compression === 'string') return compression;
   if (c.mapPageEntries !== MAP_PAGE_ENTRIES) return 'config names an unsupported map page size';
   const leases = leasesProblem(c);
   if (leases) return leases;

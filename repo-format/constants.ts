@@ -18,7 +18,13 @@ export const CONFIG_FORMAT_NAME = 'vm-backup-engine repository';
 
 export const HASH_ID = 'sha256';
 export const CHECKSUM_ID = 'xxh64';
+/** `config.compression` of a repository whose writers compress with lz4 (every repository before zstd). */
 export const COMPRESSION_ID = 'lz4-block';
+/** `config.compression` of a repository whose writers compress with zstd at `config.compressionLevel` (SPEC.md 3, 5). */
+export const ZSTD_COMPRESSION_ID = 'zstd';
+/** zstd levels `init` accepts: 1 (fastest of the regular levels) to 19 (the slowest before the --ultra ones). */
+export const MIN_ZSTD_LEVEL = 1;
+export const MAX_ZSTD_LEVEL = 19;
 /** Blob ids of encrypted repositories: HMAC-SHA256 under the repository's id key. */
 export const KEYED_HASH_ID = 'hmac-sha256';
 export const CIPHER_ID = 'aes-256-gcm' as const;
@@ -43,13 +49,19 @@ export const KIND_DATA = 1;
 export const KIND_MAP_LEAF = 2;
 export const KIND_MAP_NODE = 3;
 
-/** Frame flags. Bit 1 is set on every frame of an encrypted repository and on none of a plain one; bits 2..7 are reserved. */
+/**
+ * Frame flags. Bit 1 is set on every frame of an encrypted repository and on none of a plain one. Bits 0 and
+ * 2 say how the payload is compressed (at most one of them); bits 3..7 are reserved.
+ */
 export const FLAG_LZ4 = 1;
 export const FLAG_ENCRYPTED = 2;
+export const FLAG_ZSTD = 4;
+/** The flags that say the payload is compressed. */
+export const COMPRESSION_FLAGS = FLAG_LZ4 | FLAG_ZSTD;
 /** Flags a frame of an unencrypted repository may carry. */
-export const KNOWN_FRAME_FLAGS = FLAG_LZ4;
+export const KNOWN_FRAME_FLAGS = FLAG_LZ4 | FLAG_ZSTD;
 /** Flags a frame of an encrypted repository may carry (FLAG_ENCRYPTED is required there). */
-export const KNOWN_ENCRYPTED_FRAME_FLAGS = FLAG_LZ4 | FLAG_ENCRYPTED;
+export const KNOWN_ENCRYPTED_FRAME_FLAGS = FLAG_LZ4 | FLAG_ZSTD | FLAG_ENCRYPTED;
 
 /** AES-256-GCM: 32-byte keys, a random 12-byte nonce before the ciphertext, a 16-byte tag after it. */
 export const KEY_SIZE = 32;

@@ -5,7 +5,7 @@
  *   header (48 B) || payload (storedLength B) || xxh64(header || payload) (8 B, little-endian)
  *
  * See SPEC.md, "Frame", for the byte table. In an encrypted repository the payload is
- * nonce || AES-256-GCM(lz4 or plain) || tag and flag bit 1 is set (SPEC.md, section 18.3).
+ * nonce || AES-256-GCM(lz4, zstd or plain) || tag and flag bit 1 is set (SPEC.md, section 18.3).
  */
 import {
   FRAME_HEADER_SIZE,
@@ -20,7 +20,9 @@ import {
   KNOWN_ENCRYPTED_FRAME_FLAGS,
   ENCRYPTION_OVERHEAD,
   FLAG_ENCRYPTED,
+  COMPRESSION_FLAGS,
   FLAG_LZ4,
+  FLAG_ZSTD,
   MAX_FRAME_RAW_LENGTH,
 } from './constants.js';
 import { checksum64 } from './checksum.js';
@@ -57,13 +59,14 @@ export function decodeFrameHeader(source: Buffer, at = 0, encrypted = false): Fr
   const flags = source.readUInt8(at + 5);
   if ((flags & ~(encrypted ? KNOWN_ENCRYPTED_FRAME_FLAGS : KNOWN_FRAME_FLAGS)) !== 0) return `unknown frame flags 0x${flags.toString(16)}`;
   if (encrypted && (flags & FLAG_ENCRYPTED) === 0) return 'frame is not encrypted, in an encrypted repository';
+  if ((flags & FLAG_LZ4) !== 0 && (flags & FLAG_ZSTD) !== 0) return 'frame flags name two compressions (lz4 and zstd)';
   if (source.readUInt16LE(at + 6) !== 0) return 'reserved header bytes are not zero';
   const rawLength = source.readUInt32LE(at + 8);
   const storedLength = source.readUInt32LE(at + 12);
   if (rawLength === 0 || rawLength > MAX_FRAME_RAW_LENGTH) return `impossible raw length ${rawLength}`;
   const innerLength = encrypted ? storedLength - ENCRYPTION_OVERHEAD : storedLength;
   if (innerLength <= 0 || innerLength > rawLength) return `impossible stored length ${storedLength} for raw length ${rawLength}`;
-  if ((flags & FLAG_LZ4) === 0 && innerLength !== rawLength) return 'uncompressed frame whose stored and raw lengths differ';
+  if ((flags & COMPRESSION_FLAGS) === 0 && innerLength !== rawLength) return 'uncompressed frame whose stored and raw lengths differ';
   const id = Buffer.from(source.subarray(at + 16, at + 16 + ID_SIZE));
   return { kind, flags, rawLength, storedLength, id };
 }

@@ -8,7 +8,8 @@ import { chmod, readdir, rename, rm, stat } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { CIPHER_ID, CONFIG_FILE_LIMIT, KEY_FILE_LIMIT, LAYOUT, RECORD_FILE_LIMIT, RESERVE_SIZE } from './constants.js';
-import { decodeConfig, encodeConfig, isManyWriters, newConfig, newestReadableVersion, type RepositoryConfig } from './config.js';
+import type { Compression } from './compression.js';
+import { configCompression, decodeConfig, encodeConfig, isManyWriters, newConfig, newestReadableVersion, type RepositoryConfig } from './config.js';
 import { isS3Url } from './storage/s3-url.js';
 import {
   AmbiguousIdError,
@@ -200,6 +201,11 @@ export class Repository {
     return isManyWriters(this.config);
   }
 
+  /** What new frames are compressed with (config `compression`); frames already stored say their own. */
+  get compression(): Compression {
+    return configCompression(this.config);
+  }
+
   get blockSize(): number {
     return this.config.blockSize;
   }
@@ -208,13 +214,13 @@ export class Repository {
   readonly blobId = (data: Uint8Array): Buffer => blobId(data, this.keys);
 
   /** `passphrase` makes an encrypted repository (format version 2). */
-  static async init(root: string, options: { blockSize: number; passphrase?: Passphrase | undefined }): Promise<RepositoryConfig> {
+  static async init(root: string, options: { blockSize: number; passphrase?: Passphrase | undefined; compression?: Compression | undefined }): Promise<RepositoryConfig> {
     checkLocalPath(root, 'repository');
     if (options.passphrase !== undefined) checkPassphrase(options.passphrase);
     const repositoryId = randomBytes(16).toString('hex');
     const keyId = randomBytes(8).toString('hex');
     const encryption = options.passphrase === undefined ? undefined : { cipher: CIPHER_ID, keyFile: `${LAYOUT.keys}/${keyFileName(keyId)}` };
-    const config = newConfig(repositoryId, options.blockSize, new Date(), encryption);
+    const config = newConfig(repositoryId, options.blockSize, new Date(), encryption, false, options.compression);
     await prepareRepositoryRoot(root);
     for (const dir of INIT_DIRECTORIES) await createPrivateDirectory(join(root, dir));
     const store = openStore(root);
@@ -951,7 +957,7 @@ export class Repository {
       const [known] = await writer.known([id]);
       if (!known) {
         writer.claim(id);
-        const frame = sealBlobToBuffer(kind, id, page, this.keys);
+        const frame = sealBlobToBuffer(kind, id, page, this.keys, this.compression);
         await writer.add(frame, { kind, flags: frame.readUInt8(5), rawLength: page.length, id });
       }
       return id;

@@ -13,6 +13,7 @@ import { checksum64, initChecksum } from '../dist/repo-format/checksum.js';
 import {
   CONFIG_FORMAT_NAME,
   FLAG_LZ4,
+  FLAG_ZSTD,
   FORMAT_VERSION,
   FRAME_HEADER_SIZE,
   FRAME_OVERHEAD,
@@ -244,10 +245,15 @@ describe('frame', () => {
     }
   });
 
-  test('unknown flag bits are refused, alone or next to the lz4 bit', () => {
-    for (const flags of [0x02, 0x04, 0x80, 0x03, 0xff]) {
+  test('unknown flag bits are refused, alone or next to the lz4 or zstd bit', () => {
+    for (const flags of [0x02, 0x08, 0x80, 0x03, 0x06, 0x0c, 0xff]) {
       expect(reason(decodeFrameHeader(headerBytes({ flags, rawLength: 32, storedLength: 16 })))).toBe(`unknown frame flags 0x${flags.toString(16)}`);
     }
+  });
+
+  test('a frame may say lz4 or zstd, never both', () => {
+    expect(ok(decodeFrameHeader(headerBytes({ flags: FLAG_ZSTD, rawLength: 32, storedLength: 16 }))).flags).toBe(FLAG_ZSTD);
+    expect(reason(decodeFrameHeader(headerBytes({ flags: FLAG_LZ4 | FLAG_ZSTD, rawLength: 32, storedLength: 16 })))).toBe('frame flags name two compressions (lz4 and zstd)');
   });
 
   test('non-zero reserved bytes are refused (either byte)', () => {
@@ -790,7 +796,14 @@ describe('config', () => {
     expect(decodeConfig(edited((c) => (c.id = 'abc')))).toBe('config has no valid repository id');
     expect(decodeConfig(edited((c) => (c.blockSize = '1M')))).toBe('config has no block size');
     expect(decodeConfig(edited((c) => (c.hash = 'blake3')))).toBe('config names a hash, checksum or compression this engine does not know');
-    expect(decodeConfig(edited((c) => (c.compression = 'zstd')))).toBe('config names a hash, checksum or compression this engine does not know');
+    expect(decodeConfig(edited((c) => (c.compression = 'brotli')))).toBe('config names a hash, checksum or compression this engine does not know');
+    expect(decodeConfig(edited((c) => (c.compression = 'zstd')))).toBe('config names zstd without a valid level (1-19)');
+    for (const level of [0, 20, 2.5, '3']) {
+      expect(decodeConfig(edited((c) => Object.assign(c, { compression: 'zstd', compressionLevel: level })))).toBe('config names zstd without a valid level (1-19)');
+    }
+    expect(decodeConfig(edited((c) => (c.compressionLevel = 3)))).toBe('config gives a compression level to lz4');
+    const zstd = decodeConfig(edited((c) => Object.assign(c, { compression: 'zstd', compressionLevel: 19 })));
+    expect(typeof zstd === 'string' ? zstd : [zstd.compression, zstd.compressionLevel]).toEqual(['zstd', 19]);
     expect(decodeConfig(edited((c) => (c.mapPageEntries = 2048)))).toBe('config names an unsupported map page size');
   });
 

@@ -1,6 +1,7 @@
 /** Repository and catalogue commands: init, list, show, protect, unprotect, unlock, forget. */
 import { Command, Option } from 'commander';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { parseCompression } from '../../repo-format/compression.js';
 import { forTerminal } from '../terminal.js';
 import { backupJson, printInit, printJson, printList, printProtect, printShow } from '../output.js';
 import { engine } from '../engine-calls.js';
@@ -46,13 +47,14 @@ function registerInit(program: Command): void {
     .argument('<repo>', 'directory to create (must be new or empty), or s3://BUCKET/PREFIX (an empty prefix of an existing bucket)')
     .option('--block-size <size>', 'fixed block size, a power of two from 64K to 16M (default 1M)')
     .addOption(new Option('--format <version>', 'format version: 3 (many writers at once; the default, and always on S3); 1 (plain) or 2 (encrypted) for engines older than format 3').argParser(opt.integerParser('--format', 1, 3)))
+    .option('--compression <codec>', 'what new data is compressed with: zstd:LEVEL (1-19), zstd (level 3) or lz4 (default: zstd:3 for format 3, lz4 for formats 1 and 2)')
     .addOption(opt.endpointOption())
     .addOption(opt.regionOption())
     .addOption(opt.caFileOption())
     .option('--encrypt', 'encrypt the repository (AES-256-GCM, keyed chunk ids) under a passphrase of 8 characters or more from --password-file, $ENGINE_PASSWORD_FILE or $ENGINE_PASSWORD')
     .addOption(opt.passwordFileOption())
     .option('--json', 'print the repository config as JSON')
-    .action(async (repo: string, opts: { blockSize?: string; format?: number; encrypt?: boolean; passwordFile?: string; json?: boolean } & opt.S3Flags) => {
+    .action(async (repo: string, opts: { blockSize?: string; compression?: string; format?: number; encrypt?: boolean; passwordFile?: string; json?: boolean } & opt.S3Flags) => {
       output.json = opts.json === true;
       if (!opts.encrypt && opts.passwordFile !== undefined) throw new InvalidArgumentError('--password-file is for an encrypted repository: add --encrypt');
       const passphrase = opts.encrypt ? await opt.loadPassphrase(opts.passwordFile) : undefined;
@@ -60,6 +62,7 @@ function registerInit(program: Command): void {
       const config = await engine.initRepository(repo, {
         blockSize: opts.blockSize === undefined ? undefined : opt.sizeArgument('--block-size', opts.blockSize, 0, Number.MAX_SAFE_INTEGER),
         passphrase,
+        compression: opts.compression === undefined ? undefined : parseCompression(opts.compression),
         format: opts.format,
         s3: opt.s3Settings(opts),
       });

@@ -112,7 +112,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     const leftovers = await repo.removeTempFiles();
     if (leftovers > 0) run.notice(`removed ${leftovers} temporary files left by an interrupted writer`);
     const name = await openDisks(run, repo);
-    pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, keys: repo.keys, workBytes: workOf(run) });
+    pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, keys: repo.keys, compression: repo.compression, workBytes: workOf(run) });
     const disks = await readDisks(run, repo, pool);
     const record = recordOf(run, name, repo.blockSize, disks);
     await commit(run, repo, record);

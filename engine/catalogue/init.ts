@@ -2,6 +2,7 @@ import { Repository, prepareRepositoryRoot } from '../../repo-format/repository.
 import { DEFAULT_BLOCK_SIZE, FORMAT_VERSION, ENCRYPTED_FORMAT_VERSION, MANY_WRITERS_FORMAT_VERSION } from '../../repo-format/constants.js';
 import { validateBlockSize, type RepositoryConfig } from '../../repo-format/config.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
+import { DEFAULT_COMPRESSION, LZ4, type Compression } from '../../repo-format/compression.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
 import { initV3 } from '../../repo-format/v3/init.js';
@@ -17,6 +18,11 @@ export interface InitOptions {
    * (encrypted) on request, for engines older than format 3.
    */
   format?: number | undefined;
+  /**
+   * What the writers compress with (SPEC.md 3, 13.1): by default zstd level 3 for format 3, and lz4 for
+   * formats 1 and 2 (which exist for engines older than format 3, none of which reads zstd).
+   */
+  compression?: Compression | undefined;
   /** Where an s3:// repository's store is, beside what the URL says. */
   s3?: S3Settings | undefined;
 }
@@ -35,7 +41,7 @@ export async function initRepository(path: string, options: InitOptions = {}): P
     // A URL is refused as one before the path is looked at; a new repository never goes inside another.
     checkLocalPath(path, 'repository');
     await refuseRepositoryInsideRepository(path);
-    return Repository.init(path, { blockSize, passphrase: options.passphrase });
+    return Repository.init(path, { blockSize, passphrase: options.passphrase, compression: options.compression ?? LZ4 });
   }
   validateBlockSize(blockSize);
   if (kind === 'folder') {
@@ -45,7 +51,7 @@ export async function initRepository(path: string, options: InitOptions = {}): P
   }
   const storage = await openLocation(path, options.s3);
   try {
-    return await initV3(storage, { blockSize, passphrase: options.passphrase });
+    return await initV3(storage, { blockSize, passphrase: options.passphrase, compression: options.compression ?? DEFAULT_COMPRESSION });
   } finally {
     await storage.close();
   }

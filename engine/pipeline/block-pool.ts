@@ -10,6 +10,7 @@ import { Piscina } from 'piscina';
 import { maxFrameLength } from '../../repo-format/blob-codec.js';
 import { CorruptFrameError, CorruptPackError } from '../../repo-format/errors.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
+import type { Compression } from '../../repo-format/compression.js';
 import type { FrameLocator } from '../../repo-format/frame-locator.js';
 import { SlotPool } from './slot-pool.js';
 import type { BlockTask, HashResult, OpenResult, OpenSpanResult, OpenSpanTask, SealResult, SharedSlots, VerifyPackResult, OpenTask, VerifyPackTask, WorkerSetup } from './tasks.js';
@@ -34,6 +35,8 @@ export interface BlockPoolOptions {
   slotCount?: number;
   /** The keys of an encrypted repository: the workers hash with HMAC-SHA256 and seal with AES-256-GCM. */
   keys?: RepositoryKeys | undefined;
+  /** What seal compresses with: the repository's (Repository.compression). Pools that never seal leave it out. */
+  compression?: Compression | undefined;
   /** At most how many bytes the job hands the workers, when known: no more workers than BYTES_PER_WORKER each. */
   workBytes?: number | undefined;
 }
@@ -71,7 +74,7 @@ export class BlockPool {
       atomics: 'disabled',
       // Several tasks queued per worker: it starts the next one without a round trip through the main thread.
       concurrentTasksPerWorker: 4,
-      workerData: { ...this.shared, keys: options.keys } satisfies WorkerSetup,
+      workerData: { ...this.shared, keys: options.keys, compression: options.compression } satisfies WorkerSetup,
       idleTimeout: 60_000,
     });
   }

@@ -11,11 +11,13 @@ import { blobId, openBlob, sealBlob } from '../../repo-format/blob-codec.js';
 import { locatorAt } from '../../repo-format/frame-locator.js';
 import { readLocatedFrame, readLocatedSpan } from '../../repo-format/located-frame.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
+import { LZ4, type Compression } from '../../repo-format/compression.js';
 import { SPAN_BYTES, type BlockTask, type HashResult, type OpenResult, type OpenSpanResult, type SealResult, type VerifyPackResult, type WorkerSetup } from './tasks.js';
 
 const slots = workerData as WorkerSetup;
 /** Given once per worker (workerData), never per task. */
 const keys: RepositoryKeys | undefined = slots.keys ? { dataKey: Buffer.from(slots.keys.dataKey), idKey: Buffer.from(slots.keys.idKey) } : undefined;
+const compression: Compression = slots.compression ?? LZ4;
 
 /*
  * lz4-napi returns a new Buffer per call, freed only when V8 collects its wrapper. V8 counts that memory
@@ -57,7 +59,7 @@ function hash(slot: number, length: number): HashResult {
 
 function seal(slot: number, length: number, kind: number, id: Uint8Array): SealResult {
   const target = outputSlot(slot);
-  const frameLength = sealBlob(kind, Buffer.from(id), inputSlot(slot, length), target, 0, keys);
+  const frameLength = sealBlob(kind, Buffer.from(id), inputSlot(slot, length), target, 0, keys, compression);
   return { frameLength, flags: target.readUInt8(5) };
 }
 

@@ -16,10 +16,13 @@ export interface SharedSlots {
 }
 
 import type { FrameLocator } from '../../repo-format/frame-locator.js';
+import type { Compression } from '../../repo-format/compression.js';
 
 /** What each worker gets once, at pool creation: the slots, and the keys of an encrypted repository. */
 export interface WorkerSetup extends SharedSlots {
   keys?: { dataKey: Uint8Array; idKey: Uint8Array } | undefined;
+  /** What seal compresses with: the repository's compression (config), lz4 when not given. */
+  compression?: Compression | undefined;
 }
 
 /** Zero check, then the block id (SHA-256, or HMAC-SHA256 in an encrypted repository) of input slot `slot`. */

@@ -11,6 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { readdir } from 'node:fs/promises';
 import { CIPHER_ID, DEFAULT_BLOCK_SIZE, KEY_FILE_LIMIT, RECORD_FILE_LIMIT, SEALED_METADATA_MAGIC } from '../constants.js';
 import { encodeConfig, newConfig, validateBlockSize, type RepositoryConfig } from '../config.js';
+import { DEFAULT_COMPRESSION } from '../compression.js';
 import { NotARepositoryError, PassphraseRequiredError } from '../errors.js';
 import { decodeKeyFile, unlockKeyFile } from '../key-file.js';
 import { decodeBackupRecord } from '../backup-record.js';
@@ -81,7 +82,9 @@ export async function rebuildVersion3Config(storage: Storage, where: string, why
   }
   if (sizes.size > 1) throw new NotARepositoryError(where, `its config is lost (${why}), and the records state ${sizes.size} different block sizes`);
   const blockSize = sizes.values().next().value ?? DEFAULT_BLOCK_SIZE;
-  const config: RepositoryConfig = newConfig(id ?? randomBytes(16).toString('hex'), blockSize, oldest ? new Date(oldest) : new Date(), keyFile ? { cipher: CIPHER_ID, keyFile } : undefined, true);
+  // Compression: the default of a new repository. Its frames read whatever they hold; naming zstd keeps
+  // engines that predate it out (they would take its zstd frames for damage), which lz4 would not.
+  const config: RepositoryConfig = newConfig(id ?? randomBytes(16).toString('hex'), blockSize, oldest ? new Date(oldest) : new Date(), keyFile ? { cipher: CIPHER_ID, keyFile } : undefined, true, DEFAULT_COMPRESSION);
 
   let keptAs: string | null = null;
   const present = await storage.get('config', { maxSize: 1024 * 1024 }).catch((error: unknown) => {

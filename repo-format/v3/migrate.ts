@@ -20,7 +20,7 @@ import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { LAYOUT } from '../constants.js';
-import { encodeConfig, isManyWriters, newConfig, type RepositoryConfig } from '../config.js';
+import { configCompression, encodeConfig, isManyWriters, newConfig, type RepositoryConfig } from '../config.js';
 import { fsyncDirectory, writeFileDurably } from '../durable-file.js';
 import { createPrivateDirectory, PRIVATE_DIRECTORY_MODE } from '../file-modes.js';
 import { crashPoint } from '../crash-points.js';
@@ -112,9 +112,9 @@ export async function swapInSegments(root: string): Promise<void> {
   crashPoint('migrate-index-swapped');
 }
 
-/** The version-3 config of a version-1/2 one: same id, block size, creation time and encryption. */
+/** The version-3 config of a version-1/2 one: same id, block size, creation time, encryption and compression. */
 export function version3Config(old: RepositoryConfig): RepositoryConfig {
-  return newConfig(old.id, old.blockSize, new Date(old.created), old.encryption, true);
+  return newConfig(old.id, old.blockSize, new Date(old.created), old.encryption, true, configCompression(old));
 }
 
 /** Step 3, the commit point: the config rewritten whole and durably (the one rewrite of a config, as 3.2's). */

@@ -1,0 +1,156 @@
+/**
+ * A repository's compression: which codec its writers use (config `compression`, and for zstd
+ * `compressionLevel`), and the codecs themselves. Readers never need the config for this: each frame's flags
+ * say how its payload is compressed (SPEC.md, section 5), so lz4 frames, zstd frames and stored-raw frames
+ * all read in any repository.
+ */
+import { constants as zlibConstants, zstdCompressSync, zstdDecompressSync } from 'node:zlib';
+import { compressSync, uncompressSync } from 'lz4-napi';
+import { COMPRESSION_ID, FLAG_LZ4, FLAG_ZSTD, MAX_ZSTD_LEVEL, MIN_ZSTD_LEVEL, ZSTD_COMPRESSION_ID } from './constants.js';
+import { InvalidArgumentError } from './errors.js';
+
+export type Compression = { codec: 'lz4' } | { codec: 'zstd'; level: number };
+
+export const LZ4: Compression = { codec: 'lz4' };
+/**
+ * What `init` gives a new version-3 repository: zstd level 3, chosen by bench/compression.ts on the real
+ * /usr image (SPEC.md, section 13.1): 31% fewer stored bytes than lz4, backups at about lz4's CPU cost.
+ */
+export const DEFAULT_ZSTD_LEVEL = 3;
+export const DEFAULT_COMPRESSION: Compression = { codec: 'zstd', level: DEFAULT_ZSTD_LEVEL };
+
+/** How `init --compression` and the reports write it: `lz4`, `zstd:3`. */
+export function compressionName(c: Compression): string {
+  return c.codec === 'lz4' ? 'lz4' : `zstd:${c.level}`;
+}
+
+/** Parses `lz4`, `zstd` (the default level) or `zstd:LEVEL`. */
+export function parseCompression(text: string): Compression {
+  if (text === 'lz4') return LZ4;
+  const match = /^zstd(?::(-?\d{1,3}))?$/.exec(text);
+  if (match) {
+    const level = match[1] === undefined ? DEFAULT_ZSTD_LEVEL : Number(match[1]);
+    if (level >= MIN_ZSTD_LEVEL && level <= MAX_ZSTD_LEVEL) return { codec: 'zstd', level };
+    throw new InvalidArgumentError(`zstd level ${level} is not allowed: ${MIN_ZSTD_LEVEL} to ${MAX_ZSTD_LEVEL}`, { compression: text });
+  }
+  throw new InvalidArgumentError(`compression '${text}' is not known: lz4, zstd or zstd:LEVEL (${MIN_ZSTD_LEVEL}-${MAX_ZSTD_LEVEL})`, { compression: text });
+}
+
+/** The config fields that name it. */
+export function compressionConfig(c: Compression): { compression: string; compressionLevel?: number } {
+  return c.codec === 'lz4' ? { compression: COMPRESSION_ID } : { compression: ZSTD_COMPRESSION_ID, compressionLevel: c.level };
+}
+
+/** The compression a config's fields name, or a reason (the config is damaged or of a newer engine). */
+export function compressionOfConfig(c: Record<string, unknown>): Compression | string {
+  if (c.compression === COMPRESSION_ID) return c.compressionLevel === undefined ? LZ4 : 'config gives a compression level to lz4';
+  if (c.compression !== ZSTD_COMPRESSION_ID) return 'config names a hash, checksum or compression this engine does not know';
+  const level = c.compressionLevel;
+  if (typeof level !== 'number' || !Number.isInteger(level) || level < MIN_ZSTD_LEVEL || level > MAX_ZSTD_LEVEL) return `config names zstd without a valid level (${MIN_ZSTD_LEVEL}-${MAX_ZSTD_LEVEL})`;
+  return { codec: 'zstd', level };
+}
+
+/** The frame flag of a codec. */
+export function compressionFlag(c: Compression): number {
+  return c.codec === 'lz4' ? FLAG_LZ4 : FLAG_ZSTD;
+}
+
+/** Size of the lz4-napi block prefix: the uncompressed length as a little-endian u32. */
+const LZ4_SIZE_PREFIX = 4;
+
+/** Compresses a whole blob into a new buffer (its length may exceed the input's: the caller keeps the shorter). */
+export function compress(c: Compression, raw: Buffer): Buffer {
+  if (c.codec === 'lz4') return compressSync(raw);
+  return zstdCompressSync(raw, { params: { [zlibConstants.ZSTD_c_compressionLevel]: c.level } });
+}
+
+/**
+ * Decompresses the payload of a frame whose flags are `flags`, into at most `rawLength` bytes; returns the
+ * plaintext, or a reason. Nothing here allocates more than `rawLength` bytes of output whatever the payload
+ * says: lz4's size prefix must equal `rawLength` before it sizes anything, and zstd stops at
+ * `maxOutputLength` (a payload that would decompress further is corruption, never an allocation).
+ */
+export function decompress(flags: number, payload: Buffer, rawLength: number): Buffer | string {
+  let plaintext: Buffer;
+  if ((flags & FLAG_LZ4) !== 0) {
+    // The prefix is covered by the checksum, but check it anyway: it sizes lz4's output allocation.
+    if (payload.length < LZ4_SIZE_PREFIX || payload.readUInt32LE(0) !== rawLength) return 'lz4 size prefix disagrees with the frame header';
+    try {
+      plaintext = uncompressSync(payload);
+    } catch (error) {
+      return `lz4 payload does not decompress (${(error as Error).message})`;
+    }
+  } else {
+    const header = zstdHeaderProblem(payload, rawLength);
+    if (header) return header;
+    try {
+      // One output buffer of rawLength + 1 bytes: a payload that decodes to more stops at the first byte past
+      // rawLength (maxOutputLength) instead of growing a second buffer.
+      plaintext = zstdDecompressSync(payload, { maxOutputLength: rawLength, chunkSize: Math.max(zlibConstants.Z_MIN_CHUNK, rawLength + 1) });
+    } catch (error) {
+      const e = error as NodeJS.ErrnoException;
+      if (e.code === 'ERR_BUFFER_TOO_LARGE') return `zstd payload decompresses to more than the frame's ${rawLength} bytes`;
+      return `zstd payload does not decompress (${e.message})`;
+    }
+  }
+  if (plaintext.length !== rawLength) return `decompressed to ${plaintext.length} bytes, expected ${rawLength}`;
+  return plaintext;
+}
+
+const ZSTD_MAGIC = 0xfd2fb528;
+
+/**
+ * Checks a zstd payload's frame header (RFC 8878, 3.1.1.1) before anything decodes it: the decoder sizes
+ * its window from the header, so a hostile one could make it allocate up to 128 MiB for a tiny frame. A
+ * frame of ours names no dictionary, states its content size, equal to the frame's rawLength, and a window
+ * no larger than rawLength rounded up to a power of two.
+ */
+function zstdHeaderProblem(payload: Buffer, rawLength: number): string | undefined {
+  if (payload.length < 6 || payload.readUInt32LE(0) !== ZSTD_MAGIC) return 'zstd payload does not start with a zstd frame';
+  const descriptor = payload.readUInt8(4);
+  const sizeFlag = Math.floor(descriptor / 64);
+  const singleSegment = Math.floor(descriptor / 32) % 2 === 1;
+  if (Math.floor(descriptor / 8) % 2 === 1) return 'zstd frame header has its reserved bit set';
+  if (descriptor % 4 !== 0) return 'zstd frame names a dictionary';
+  let at = 5;
+  let window = 0;
+  if (!singleSegment) {
+    const w = payload.readUInt8(at);
+    at += 1;
+    const base = 2 ** (10 + Math.floor(w / 8));
+    window = base + (base / 8) * (w % 8);
+  }
+  const sizeBytes = [singleSegment ? 1 : 0, 2, 4, 8][sizeFlag]!;
+  if (sizeBytes === 0) return 'zstd frame does not state its content size';
+  if (payload.length < at + sizeBytes) return 'zstd frame header is cut short';
+  const contentSize = sizeBytes === 1 ? payload.readUInt8(at) : sizeBytes === 2 ? payload.readUInt16LE(at) + 256 : sizeBytes === 4 ? payload.readUInt32LE(at) : Number(payload.readBigUInt64LE(at));
+  if (contentSize !== rawLength) return `zstd frame states ${contentSize} bytes of content, the frame header ${rawLength}`;
+  let roundedUp = 1024;
+  while (roundedUp < rawLength) roundedUp *= 2;
+  if (!singleSegment && window > roundedUp) return `zstd frame asks for a ${window}-byte window, more than its ${rawLength} bytes need`;
+  return undefined;
+}
+
+/** The probe: this many slices of PROBE_SLICE bytes, spread evenly over a blob. */
+const PROBE_SLICES = 4;
+const PROBE_SLICE = 16 * 1024;
+/** Blobs up to this size are compressed without a probe: the probe would cost a sizeable part of the work. */
+const PROBE_FROM = 8 * PROBE_SLICES * PROBE_SLICE;
+/** A probe that compresses to more than this share of its size says the blob is not worth compressing. */
+const PROBE_KEEP_BELOW = 0.97;
+const ZSTD_PROBE: Compression = { codec: 'zstd', level: 1 };
+
+/**
+ * The early, cheap test: is `raw` worth compressing? Compresses four 16 KiB slices spread over the blob
+ * (6% of a 1 MiB block) with the codec's fastest setting; when even those do not shrink by 3%, the blob
+ * is stored raw without compressing the whole of it (random, already compressed or encrypted guest data).
+ * A blob with any compressible region among the slices is compressed whole, as before.
+ */
+export function worthCompressing(c: Compression, raw: Buffer): boolean {
+  if (raw.length < PROBE_FROM) return true;
+  const sample = Buffer.allocUnsafe(PROBE_SLICES * PROBE_SLICE);
+  const stride = Math.floor((raw.length - PROBE_SLICE) / (PROBE_SLICES - 1));
+  for (let i = 0; i < PROBE_SLICES; i++) raw.copy(sample, i * PROBE_SLICE, i * stride, i * stride + PROBE_SLICE);
+  const probed = compress(c.codec === 'lz4' ? LZ4 : ZSTD_PROBE, sample);
+  return probed.length < sample.length * PROBE_KEEP_BELOW;
+}

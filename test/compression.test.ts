@@ -1,0 +1,194 @@
+/**
+ * The repository's compressions (SPEC.md 3, 5): each codec's frames round-trip; the probe stores
+ * incompressible blocks raw; hostile zstd payloads (more than the frame's raw length, cut short, garbage, a
+ * header that asks for a large window or a dictionary) are refused with a reason before anything large is
+ * allocated; `init --compression` parses what the CLI reference says.
+ */
+import { beforeAll, describe, expect, test } from 'vitest';
+import { randomBytes } from 'node:crypto';
+import { constants as zlibConstants, zstdCompressSync } from 'node:zlib';
+import { initChecksum } from '../dist/repo-format/checksum.js';
+import { FLAG_ENCRYPTED, FLAG_LZ4, FLAG_ZSTD, FRAME_HEADER_SIZE, KIND_DATA, KIND_MAP_LEAF } from '../dist/repo-format/constants.js';
+import { encodeFrame, frameLength } from '../dist/repo-format/frame.js';
+import { blobId, openBlob, sealBlobToBuffer, sha256 } from '../dist/repo-format/blob-codec.js';
+import { compress, compressionName, decompress, DEFAULT_COMPRESSION, LZ4, parseCompression, worthCompressing, type Compression } from '../dist/repo-format/compression.js';
+import { newRepositoryKeys } from '../dist/repo-format/crypto.js';
+import { InvalidArgumentError } from '../dist/repo-format/errors.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const CODECS: Compression[] = [LZ4, { codec: 'zstd', level: 1 }, { codec: 'zstd', level: 3 }, { codec: 'zstd', level: 19 }];
+
+beforeAll(async () => {
+  await initChecksum();
+});
+
+function text(length: number): Buffer {
+  return Buffer.alloc(length, 'line 0001: the quick brown fox jumps over the lazy dog\n');
+}
+
+function zstdFrame(raw: Buffer, params: Record<number, number> = {}): Buffer {
+  return zstdCompressSync(raw, { params: { [zlibConstants.ZSTD_c_compressionLevel]: 3, ...params } });
+}
+
+/** A whole frame (checksum right) whose payload is `payload` as flags say, for `rawLength` bytes of plaintext `id`. */
+function frameOf(flags: number, rawLength: number, id: Buffer, payload: Buffer): Buffer {
+  const target = Buffer.alloc(frameLength(payload.length));
+  encodeFrame({ kind: KIND_DATA, flags, rawLength, id }, payload, target);
+  return target;
+}
+
+describe('codecs round-trip', () => {
+  test.each(CODECS.map((c) => [compressionName(c), c] as const))('%s: text, random, short and page-sized blobs', (_name, codec) => {
+    const flag = codec.codec === 'lz4' ? FLAG_LZ4 : FLAG_ZSTD;
+    const blobs: [Buffer, number][] = [
+      [text(MiB), flag],
+      [text(MiB + 17), flag],
+      [text(32 * KiB), flag],
+      [Buffer.from('abc'), 0],
+      [randomBytes(MiB), 0],
+      [randomBytes(64 * KiB), 0],
+    ];
+    for (const [raw, expectedFlags] of blobs) {
+      const id = sha256(raw);
+      const frame = sealBlobToBuffer(KIND_DATA, id, raw, undefined, codec);
+      expect(frame.readUInt8(5)).toBe(expectedFlags);
+      const opened = openBlob(frame, id);
+      if (typeof opened === 'string') throw new Error(opened);
+      expect(opened.plaintext.equals(raw)).toBe(true);
+    }
+  });
+
+  test('encrypted frames carry the codec flag beside the encryption flag, and open', () => {
+    const keys = newRepositoryKeys();
+    for (const codec of CODECS) {
+      const raw = text(MiB);
+      const id = blobId(raw, keys);
+      const frame = sealBlobToBuffer(KIND_MAP_LEAF, id, raw, keys, codec);
+      expect(frame.readUInt8(5)).toBe((codec.codec === 'lz4' ? FLAG_LZ4 : FLAG_ZSTD) | FLAG_ENCRYPTED);
+      const opened = openBlob(frame, id, keys);
+      if (typeof opened === 'string') throw new Error(opened);
+      expect(opened.plaintext.equals(raw)).toBe(true);
+    }
+  });
+
+  test('a reader opens lz4, zstd and raw frames whatever compression its repository writes', () => {
+    const raw = text(256 * KiB);
+    const id = sha256(raw);
+    for (const frame of [sealBlobToBuffer(KIND_DATA, id, raw, undefined, LZ4), sealBlobToBuffer(KIND_DATA, id, raw, undefined, DEFAULT_COMPRESSION), frameOf(0, raw.length, id, raw)]) {
+      const opened = openBlob(frame, id);
+      expect(typeof opened === 'string' ? opened : opened.plaintext.equals(raw)).toBe(true);
+    }
+  });
+});
+
+describe('the probe: blocks that do not compress are stored raw, without compressing them whole', () => {
+  test('random blocks are skipped by every codec; a block with a compressible quarter is compressed', () => {
+    for (const codec of CODECS) {
+      expect(worthCompressing(codec, randomBytes(MiB))).toBe(false);
+      expect(worthCompressing(codec, text(MiB))).toBe(true);
+      const mixed = randomBytes(MiB);
+      text(256 * KiB).copy(mixed, 3 * 256 * KiB);
+      expect(worthCompressing(codec, mixed)).toBe(true);
+      const frame = sealBlobToBuffer(KIND_DATA, sha256(mixed), mixed, undefined, codec);
+      expect(frame.readUInt8(5)).not.toBe(0);
+      expect(frame.length).toBeLessThan(mixed.length);
+    }
+  });
+
+  test('a blob under 512 KiB is compressed without a probe: it pays off whenever the codec does', () => {
+    const halfRandom = Buffer.concat([randomBytes(32 * KiB), Buffer.alloc(32 * KiB, 7)]);
+    expect(worthCompressing(DEFAULT_COMPRESSION, halfRandom)).toBe(true);
+    expect(sealBlobToBuffer(KIND_DATA, sha256(halfRandom), halfRandom, undefined, DEFAULT_COMPRESSION).readUInt8(5)).toBe(FLAG_ZSTD);
+  });
+});
+
+describe('hostile zstd payloads: a reason, never a large allocation', () => {
+  const raw = text(MiB);
+  const id = sha256(raw);
+
+  function reasonFor(payload: Buffer, rawLength = raw.length, frameId = id): string {
+    const opened = openBlob(frameOf(FLAG_ZSTD, rawLength, frameId, payload));
+    return typeof opened === 'string' ? opened : 'opened';
+  }
+
+  test('a payload of more than the frame header says (a bomb)', () => {
+    // 16 MiB of zeros in a few hundred bytes, in a frame that says 4 KiB.
+    const bomb = zstdFrame(Buffer.alloc(16 * MiB));
+    expect(bomb.length).toBeLessThan(4 * KiB);
+    expect(reasonFor(bomb, 4 * KiB, sha256(Buffer.alloc(4 * KiB)))).toBe(`zstd frame states ${16 * MiB} bytes of content, the frame header ${4 * KiB}`);
+  });
+
+  test('a bomb whose zstd header lies about its size stops at the frame\'s raw length', () => {
+    // A frame that decodes 2000 bytes, its content size edited down to 1000 (2-byte field: value - 256).
+    const honest = zstdFrame(text(2000));
+    const descriptor = honest.readUInt8(4);
+    expect(descriptor >> 6).toBe(1);
+    const lying = Buffer.from(honest);
+    const at = 4 + 1 + ((descriptor & 0x20) === 0 ? 1 : 0);
+    lying.writeUInt16LE(1000 - 256, at);
+    const why = decompress(FLAG_ZSTD, lying, 1000);
+    expect(why).toMatch(/^zstd payload (decompresses to more than the frame's 1000 bytes|does not decompress \(.+\))$/);
+  });
+
+  test('cut short, garbage, empty of a frame', () => {
+    const good = zstdFrame(raw);
+    expect(reasonFor(good.subarray(0, good.length - 5))).toMatch(/^zstd payload does not decompress \(.+\)$/);
+    expect(reasonFor(good.subarray(0, 5))).toBe('zstd payload does not start with a zstd frame');
+    expect(reasonFor(randomBytes(500))).toBe('zstd payload does not start with a zstd frame');
+    const scrambled = Buffer.from(good);
+    for (let i = 20; i < scrambled.length; i += 7) scrambled[i] ^= 0x5a;
+    expect(reasonFor(scrambled)).toMatch(/^(zstd payload does not decompress \(.+\)|decompressed to \d+ bytes, expected \d+|SHA-256 of the plaintext does not match the blob id)$/);
+  });
+
+  test('a zstd payload shorter than its frame header says', () => {
+    const short = zstdFrame(text(1000));
+    expect(reasonFor(short, 2000, sha256(text(2000)))).toBe('zstd frame states 1000 bytes of content, the frame header 2000');
+  });
+
+  test('a header that asks for a large window, names a dictionary, sets the reserved bit, or states no size', () => {
+    // Not single-segment (0x80: 4-byte content size), window descriptor 0x88 = 2^27 bytes.
+    const big = Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0x80, 0x88, 0x00, 0x00, 0x10, 0x00, 0, 0, 0]);
+    expect(reasonFor(big)).toBe(`zstd frame asks for a ${2 ** 27}-byte window, more than its ${MiB} bytes need`);
+    const dictionary = Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0xa1, 0x01, 0x00, 0x00, 0x10, 0x00, 0, 0, 0]);
+    expect(reasonFor(dictionary)).toBe('zstd frame names a dictionary');
+    const reserved = Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0xa8, 0x00, 0x00, 0x10, 0x00, 0, 0, 0]);
+    expect(reasonFor(reserved)).toBe('zstd frame header has its reserved bit set');
+    const unsized = zstdFrame(raw, { [zlibConstants.ZSTD_c_contentSizeFlag]: 0 });
+    expect(reasonFor(unsized)).toBe('zstd frame does not state its content size');
+  });
+
+  test('the checks come before the id: a payload that decodes to the right bytes under a bad header is still refused', () => {
+    const unsized = zstdFrame(raw, { [zlibConstants.ZSTD_c_contentSizeFlag]: 0 });
+    const frame = frameOf(FLAG_ZSTD, raw.length, id, unsized);
+    expect(frame.readUInt8(5)).toBe(FLAG_ZSTD);
+    expect(openBlob(frame, id)).toBe('zstd frame does not state its content size');
+    expect(FRAME_HEADER_SIZE).toBe(48);
+  });
+});
+
+describe('init --compression', () => {
+  test('lz4, zstd, zstd:LEVEL', () => {
+    expect(parseCompression('lz4')).toEqual({ codec: 'lz4' });
+    expect(parseCompression('zstd')).toEqual({ codec: 'zstd', level: 3 });
+    expect(parseCompression('zstd:1')).toEqual({ codec: 'zstd', level: 1 });
+    expect(parseCompression('zstd:19')).toEqual({ codec: 'zstd', level: 19 });
+    expect(compressionName(parseCompression('zstd:7'))).toBe('zstd:7');
+  });
+
+  test('anything else is a usage error that says what is allowed', () => {
+    for (const bad of ['zstd:0', 'zstd:20', 'zstd:-1', 'gzip', 'LZ4', 'zstd:', 'zstd:3:1', '']) {
+      expect(() => parseCompression(bad)).toThrow(InvalidArgumentError);
+    }
+    expect(() => parseCompression('zstd:22')).toThrow('zstd level 22 is not allowed: 1 to 19');
+    expect(() => parseCompression('gzip')).toThrow("compression 'gzip' is not known: lz4, zstd or zstd:LEVEL (1-19)");
+  });
+
+  test('the compressed buffer of each codec is what the frame stores', () => {
+    const raw = text(MiB);
+    for (const codec of CODECS) {
+      const frame = sealBlobToBuffer(KIND_DATA, sha256(raw), raw, undefined, codec);
+      expect(frame.subarray(FRAME_HEADER_SIZE, frame.length - 8).equals(compress(codec, raw))).toBe(true);
+    }
+  });
+});
