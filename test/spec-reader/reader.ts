@@ -15,6 +15,7 @@ import { createDecipheriv, createHash, createHmac, scryptSync } from 'node:crypt
 import { closeSync, fstatSync, ftruncateSync, lstatSync, openSync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { lz4BlockDecode } from './lz4.js';
+import { zstdDecode } from './zstd.js';
 import { xxh64 } from './xxh64.js';
 
 export class SpecReaderError extends Error {
@@ -321,12 +322,13 @@ export class Repository {
 
   /**
    * SPEC 5's checks in order (plain): magic, kind, flags, reserved, rawLength, storedLength, uncompressed
-   * equality, checksum, [id asked for], lz4 prefix, decompressed length, SHA-256 = id. Encrypted (18.3): the
-   * header rules, checksum, id asked for, GCM tag, lz4 prefix and length, HMAC-SHA256 = id.
+   * equality, checksum, [id asked for], lz4 prefix (or the zstd frame header's rules), decompressed length,
+   * SHA-256 = id. Encrypted (18.3): the header rules, checksum, id asked for, GCM tag, lz4 prefix or zstd
+   * header and length, HMAC-SHA256 = id.
    */
   checkFrame(frame: Buffer, where: string, expectedId?: string): Buffer {
     const header = this.checkFrameHeader(frame, where);
-    const { storedLength, rawLength, compressed } = header;
+    const { storedLength, rawLength, codec } = header;
     if (frame.length !== FRAME_OVERHEAD + storedLength) throw corruptFrame(where, 'frame length differs from 56 + storedLength');
     const checksum = frame.readBigUInt64LE(FRAME_HEADER + storedLength);
     const computed = xxh64(frame.subarray(0, FRAME_HEADER + storedLength));
@@ -340,7 +342,13 @@ export class Repository {
       inner = opened;
     }
     let plain: Buffer;
-    if (compressed) {
+    if (codec === 'zstd') {
+      try {
+        plain = zstdDecode(inner, rawLength);
+      } catch (error) {
+        throw corruptFrame(where, (error as Error).message);
+      }
+    } else if (codec === 'lz4') {
       if (inner.length < 5) throw corruptFrame(where, 'compressed payload shorter than its size prefix');
       const prefix = inner.readUInt32LE(0);
       if (prefix !== rawLength) throw corruptFrame(where, `lz4 size prefix ${prefix} differs from rawLength ${rawLength}`);
@@ -358,25 +366,29 @@ export class Repository {
     return plain;
   }
 
-  private checkFrameHeader(frame: Buffer, where: string): { kind: number; flags: number; rawLength: number; storedLength: number; compressed: boolean } {
+  private checkFrameHeader(frame: Buffer, where: string): { kind: number; flags: number; rawLength: number; storedLength: number; codec: 'lz4' | 'zstd' | undefined } {
     if (frame.length < FRAME_HEADER) throw corruptFrame(where, 'frame header cut short');
     if (!frame.subarray(0, 4).equals(FRAME_MAGIC)) throw corruptFrame(where, 'bad frame magic');
     const kind = frame[4] as number;
     if (kind < 1 || kind > 3) throw corruptFrame(where, `unknown frame kind ${kind}`);
     const flags = frame[5] as number;
-    if (flags > 3) throw corruptFrame(where, 'unknown frame flags');
-    const encryptedFlag = flags >= 2;
+    // SPEC 5: bit 0 lz4, bit 1 encrypted, bit 2 zstd, bits 3-7 reserved; never bits 0 and 2 together.
+    if (flags > 7) throw corruptFrame(where, 'unknown frame flags');
+    const lz4 = flags % 2 === 1;
+    const encryptedFlag = Math.floor(flags / 2) % 2 === 1;
+    const zstd = flags >= 4;
+    if (lz4 && zstd) throw corruptFrame(where, 'frame flags name lz4 and zstd');
     if (this.keys === undefined && encryptedFlag) throw corruptFrame(where, 'unknown frame flags');
     if (this.keys !== undefined && !encryptedFlag) throw corruptFrame(where, 'frame is not encrypted');
     if (frame[6] !== 0 || frame[7] !== 0) throw corruptFrame(where, 'reserved bytes not zero');
     const rawLength = frame.readUInt32LE(8);
     const storedLength = frame.readUInt32LE(12);
     if (rawLength < 1 || rawLength > MAX_RAW) throw corruptFrame(where, `rawLength ${rawLength} out of range`);
-    const compressed = flags % 2 === 1;
+    const compressed = lz4 || zstd;
     const innerLength = this.keys !== undefined ? storedLength - GCM_OVERHEAD : storedLength;
     if (innerLength < 1 || innerLength > rawLength) throw corruptFrame(where, `storedLength ${storedLength} out of range`);
     if (!compressed && innerLength !== rawLength) throw corruptFrame(where, 'uncompressed frame whose stored length differs from rawLength');
-    return { kind, flags, rawLength, storedLength, compressed };
+    return { kind, flags, rawLength, storedLength, codec: lz4 ? 'lz4' : zstd ? 'zstd' : undefined };
   }
 
   // ---- format 3: index segments (SPEC 19.3) --------------------------------------------------------
@@ -570,7 +582,7 @@ export function parseSegment(bytes: Buffer, key: string, encrypted: boolean): Pa
     if (loc.offset + loc.frameLength > 2 ** 32 - 1) throw corruptMeta(key, `entry ${i}: ends past 2^32 - 1`);
     if (loc.rawLength < 1 || loc.rawLength > MAX_RAW) throw corruptMeta(key, `entry ${i}: rawLength ${loc.rawLength}`);
     if (loc.kind < 1 || loc.kind > 3) throw corruptMeta(key, `entry ${i}: kind ${loc.kind}`);
-    if (loc.flags > 3) throw corruptMeta(key, `entry ${i}: flags ${loc.flags}`);
+    if (loc.flags > 7 || loc.flags % 2 + Math.floor(loc.flags / 4) === 2) throw corruptMeta(key, `entry ${i}: flags ${loc.flags}`);
     entries.push([idBytes.toString('hex'), loc]);
   }
   return { name, superseded, entries };
@@ -606,7 +618,14 @@ function readConfig(root: string): Config {
   if (!isWhole(blockSize) || blockSize < 65536 || blockSize > 16 * MIB || !Number.isInteger(Math.log2(blockSize))) throw notRepo(`blockSize ${String(blockSize)}`);
   if (raw.hash !== (encrypted ? 'hmac-sha256' : 'sha256')) throw notRepo(`hash ${String(raw.hash)}`);
   if (raw.checksum !== 'xxh64') throw notRepo(`checksum ${String(raw.checksum)}`);
-  if (raw.compression !== 'lz4-block') throw notRepo(`compression ${String(raw.compression)}`);
+  // SPEC 3: "lz4-block", or "zstd" with a whole compressionLevel from 1 to 19; no level with lz4.
+  if (raw.compression === 'lz4-block') {
+    if (raw.compressionLevel !== undefined) throw notRepo('compressionLevel with lz4-block');
+  } else if (raw.compression === 'zstd') {
+    if (!isWhole(raw.compressionLevel) || raw.compressionLevel < 1 || raw.compressionLevel > 19) throw notRepo(`zstd compressionLevel ${String(raw.compressionLevel)}`);
+  } else {
+    throw notRepo(`compression ${String(raw.compression)}`);
+  }
   if (raw.mapPageEntries !== 1024) throw notRepo(`mapPageEntries ${String(raw.mapPageEntries)}`);
   let keyFile: string | undefined;
   if (encrypted) {
