@@ -163,20 +163,20 @@ async function main(): Promise<void> {
     const out: string[] = [];
     out.push(`Machine: ${machineLine()}. ${rounds} rounds, codecs interleaved (each round starts with the next); medians. Every step cold (page cache dropped, root). CPU-s = user + sys of the process and its children. Load averages during the runs: ${rows.map((r) => r.load.split(' ')[0]).join(', ')}.`);
     out.push('');
-    out.push('| data | codec | stored | ratio | backup s | backup CPU-s/GiB | restore s (durable) | restore CPU-s/GiB | identical |');
-    out.push('|---|---|---|---|---|---|---|---|---|');
+    out.push('| data | codec | stored | ratio | backup s | backup CPU-s/GiB | restore s (durable) | restore CPU-s/GiB | peak RSS backup / restore | identical |');
+    out.push('|---|---|---|---|---|---|---|---|---|---|');
     for (const data of sets) {
       const size = (await stat(data.path)).size;
       for (const codec of codecs) {
         const mine = rows.filter((r) => r.data === data.name && r.codec === codec);
         const stored = median(mine.map((r) => r.stored));
         out.push(
-          `| ${data.name} | ${codec} | ${formatBytes(stored)} | ${(size / stored).toFixed(2)} | ${median(mine.map((r) => r.backup.seconds)).toFixed(2)} | ${(median(mine.map((r) => r.backup.cpuSeconds)) / (size / GiB)).toFixed(2)} | ${median(mine.map((r) => r.restore.seconds)).toFixed(2)} | ${(median(mine.map((r) => r.restore.cpuSeconds)) / (size / GiB)).toFixed(2)} | ${mine.every((r) => r.identical) ? 'yes' : 'NO'} |`,
+          `| ${data.name} | ${codec} | ${formatBytes(stored)} | ${(size / stored).toFixed(2)} | ${median(mine.map((r) => r.backup.seconds)).toFixed(2)} | ${(median(mine.map((r) => r.backup.cpuSeconds)) / (size / GiB)).toFixed(2)} | ${median(mine.map((r) => r.restore.seconds)).toFixed(2)} | ${(median(mine.map((r) => r.restore.cpuSeconds)) / (size / GiB)).toFixed(2)} | ${Math.max(...mine.map((r) => r.backup.peakRssMiB)).toFixed(0)} / ${Math.max(...mine.map((r) => r.restore.peakRssMiB)).toFixed(0)} MiB | ${mine.every((r) => r.identical) ? 'yes' : 'NO'} |`,
         );
       }
       if (data.path === image && restic.length > 0) {
         const stored = median(restic.map((r) => r.stored));
-        out.push(`| ${data.name} | restic 0.14 (zstd auto) | ${formatBytes(stored)} | ${(size / stored).toFixed(2)} | ${median(restic.map((r) => r.backup.seconds)).toFixed(2)} | ${(median(restic.map((r) => r.backup.cpuSeconds)) / (size / GiB)).toFixed(2)} | - | - | - |`);
+        out.push(`| ${data.name} | restic 0.14 (zstd auto) | ${formatBytes(stored)} | ${(size / stored).toFixed(2)} | ${median(restic.map((r) => r.backup.seconds)).toFixed(2)} | ${(median(restic.map((r) => r.backup.cpuSeconds)) / (size / GiB)).toFixed(2)} | - | - | - | - |`);
       }
     }
     out.push('');

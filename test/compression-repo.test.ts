@@ -95,10 +95,10 @@ const PASSWORD = { ENGINE_PASSWORD: 'correct horse battery' };
 
 describe('zstd repositories: backup, restore, verify --read-data', () => {
   const cases: { name: string; where: 'folder' | 's3'; init: string[]; version: number; level: number | null; encrypted?: boolean }[] = [
-    { name: 'format 3 on a folder, the default compression', where: 'folder', init: [], version: 3, level: 3 },
-    { name: 'format 3 on S3, zstd:1', where: 's3', init: ['--compression', 'zstd:1'], version: 3, level: 1 },
-    { name: 'format 1, zstd:3', where: 'folder', init: ['--format', '1', '--compression', 'zstd:3'], version: 1, level: 3 },
-    { name: 'format 2 (encrypted), zstd', where: 'folder', init: ['--format', '2', '--encrypt', '--compression', 'zstd'], version: 2, level: 3, encrypted: true },
+    { name: 'format 3 on a folder, the default compression', where: 'folder', init: [], version: 3, level: 1 },
+    { name: 'format 3 on S3, zstd:3', where: 's3', init: ['--compression', 'zstd:3'], version: 3, level: 3 },
+    { name: 'format 1, zstd:19', where: 'folder', init: ['--format', '1', '--compression', 'zstd:19'], version: 1, level: 19 },
+    { name: 'format 2 (encrypted), zstd', where: 'folder', init: ['--format', '2', '--encrypt', '--compression', 'zstd'], version: 2, level: 1, encrypted: true },
     { name: 'format 3, lz4 asked for', where: 'folder', init: ['--compression', 'lz4'], version: 3, level: null },
   ];
   for (const c of cases) {
@@ -127,6 +127,16 @@ describe('zstd repositories: backup, restore, verify --read-data', () => {
   }
 });
 
+describe('the golden zstd repository (test/fixtures/v3-be66992-zstd, read by fixtures.test.ts and the spec reader)', () => {
+  test('holds zstd frames and plain ones, and names zstd level 3', async () => {
+    const repo = join(import.meta.dirname, 'fixtures', 'v3-be66992-zstd', 'repo');
+    const flags = (await framesOf(repo)).map((f) => f.flags);
+    expect(new Set(flags)).toEqual(new Set([0, FLAG_ZSTD]));
+    const config = JSON.parse(await readFile(join(repo, 'config'), 'utf8')) as { compression: string; compressionLevel: number };
+    expect([config.compression, config.compressionLevel]).toEqual(['zstd', 3]);
+  });
+});
+
 describe('a repository of lz4 frames, then zstd ones', () => {
   test('an lz4 version-3 repository whose lost config repair rebuilds writes zstd from then on; every backup restores and verifies', async () => {
     const repo = join(scratch.path, 'repo-mixed');
@@ -136,7 +146,7 @@ describe('a repository of lz4 frames, then zstd ones', () => {
     await rm(join(repo, 'config'));
     await ok(['repair', '--repo', repo]);
     const config = JSON.parse(await readFile(join(repo, 'config'), 'utf8')) as { compression: string; compressionLevel: number };
-    expect([config.compression, config.compressionLevel]).toEqual(['zstd', 3]);
+    expect([config.compression, config.compressionLevel]).toEqual(['zstd', 1]);
     const second = await backUp(repo, changed);
     expect(new Set((await framesOf(repo)).map((f) => f.flags))).toEqual(new Set([0, FLAG_LZ4, FLAG_ZSTD]));
     await restoresIdentical(repo, first, image);
@@ -158,12 +168,13 @@ describe('a repository of lz4 frames, then zstd ones', () => {
 
   test('a version-1 zstd repository whose config is lost is rebuilt as zstd, from its frames', async () => {
     const repo = join(scratch.path, 'repo-v1-zstd');
-    await ok(['init', repo, '--format', '1', '--compression', 'zstd:1']);
+    await ok(['init', repo, '--format', '1', '--compression', 'zstd:5']);
     const id = await backUp(repo, image);
     await rm(join(repo, 'config'));
     await ok(['repair', '--repo', repo]);
     const config = JSON.parse(await readFile(join(repo, 'config'), 'utf8')) as { compression: string; compressionLevel?: number };
-    expect([config.compression, config.compressionLevel]).toEqual(['zstd', 3]);
+    // The level is a writer's setting, nowhere in the frames: the default's.
+    expect([config.compression, config.compressionLevel]).toEqual(['zstd', 1]);
     await restoresIdentical(repo, id, image);
   });
 });

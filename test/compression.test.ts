@@ -170,7 +170,7 @@ describe('hostile zstd payloads: a reason, never a large allocation', () => {
 describe('init --compression', () => {
   test('lz4, zstd, zstd:LEVEL', () => {
     expect(parseCompression('lz4')).toEqual({ codec: 'lz4' });
-    expect(parseCompression('zstd')).toEqual({ codec: 'zstd', level: 3 });
+    expect(parseCompression('zstd')).toEqual({ codec: 'zstd', level: 1 });
     expect(parseCompression('zstd:1')).toEqual({ codec: 'zstd', level: 1 });
     expect(parseCompression('zstd:19')).toEqual({ codec: 'zstd', level: 19 });
     expect(compressionName(parseCompression('zstd:7'))).toBe('zstd:7');

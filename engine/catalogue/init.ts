@@ -19,7 +19,7 @@ export interface InitOptions {
    */
   format?: number | undefined;
   /**
-   * What the writers compress with (SPEC.md 3, 13.1): by default zstd level 3 for format 3, and lz4 for
+   * What the writers compress with (SPEC.md 3, 13.1): by default zstd level 1 for format 3, and lz4 for
    * formats 1 and 2 (which exist for engines older than format 3, none of which reads zstd).
    */
   compression?: Compression | undefined;
