@@ -64,6 +64,9 @@ export async function sh(command: string, args: string[], env: Record<string, st
 export interface Measured {
   seconds: number;
   cpuSeconds: number;
+  /** The two halves of cpuSeconds, user and system CPU-seconds (timed() gives them; a sum of several runs may not). */
+  userSeconds?: number;
+  systemSeconds?: number;
   peakRssMiB: number;
   stdout: string;
 }
@@ -95,7 +98,7 @@ export async function timed(command: string, args: string[], env: Record<string,
   try {
     const { stdout } = await run('/usr/bin/time', ['-f', '%e %U %S %M', '-o', output, command, ...args], env);
     const [e, u, s, m] = (await readFile(output, 'utf8')).trim().split('\n').pop()!.split(/\s+/).map(Number);
-    return { seconds: e!, cpuSeconds: u! + s!, peakRssMiB: m! / 1024, stdout };
+    return { seconds: e!, cpuSeconds: u! + s!, userSeconds: u!, systemSeconds: s!, peakRssMiB: m! / 1024, stdout };
   } finally {
     await rm(output, { force: true });
   }

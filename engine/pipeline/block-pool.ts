@@ -13,6 +13,7 @@ import type { RepositoryKeys } from '../../repo-format/crypto.js';
 import type { Compression } from '../../repo-format/compression.js';
 import type { FrameLocator } from '../../repo-format/frame-locator.js';
 import { SlotPool } from './slot-pool.js';
+import { pageAlignedSharedBuffer } from './aligned-memory.js';
 import type { BlockTask, HashResult, OpenResult, OpenSpanResult, OpenSpanTask, SealResult, SharedSlots, VerifyPackResult, OpenTask, VerifyPackTask, WorkerSetup } from './tasks.js';
 
 const SLOT_BUDGET_BYTES = 32 * 1024 * 1024;
@@ -58,7 +59,8 @@ export class BlockPool {
     const slotCount = options.slotCount ?? Math.min(32, Math.max(8, Math.floor(SLOT_BUDGET_BYTES / options.blockSize)));
     const outputSlotSize = maxFrameLength(options.blockSize, options.keys);
     this.shared = {
-      input: new SharedArrayBuffer(slotCount * options.blockSize),
+      // Page-aligned: a restore writes slots to an O_DIRECT target as they are (aligned-memory.ts).
+      input: pageAlignedSharedBuffer(slotCount * options.blockSize),
       output: new SharedArrayBuffer(slotCount * outputSlotSize),
       slotCount,
       inputSlotSize: options.blockSize,

@@ -27,6 +27,8 @@ import type { BlockSet } from '../common/block-set.js';
 import { CorruptChunkError } from '../errors.js';
 import { Interruption } from '../host/interrupt.js';
 import type { TargetWriter } from './target-writer.js';
+import { pageAlignedZeros } from '../pipeline/aligned-memory.js';
+import { RUN_BYTES } from './write-runs.js';
 
 export interface RestoreProgress {
   disk: string;
@@ -136,7 +138,8 @@ class DiskRestore {
     this.geometry = new DiskGeometry(disk.size, record.blockSize);
     this.interruption = new Interruption(options.signal, 'restore');
     this.written = options.written ?? new WrittenSpan();
-    this.zeros = Buffer.alloc(record.blockSize);
+    // Page-aligned, as the slots are: a file target writes it with O_DIRECT.
+    this.zeros = pageAlignedZeros(record.blockSize);
     this.batchLimit = Math.max(1, pool.slots.count);
     this.result = { name: disk.name, path: target.path, size: disk.size, bytesWritten: 0, blocksZero: 0, blocksWritten: 0, blocksCompared: 0, created: target.created === true };
   }
@@ -352,19 +355,33 @@ class DiskRestore {
 
   /**
    * Writes zeros over blocks [first, first + count) of a target that does not read as zeros; a long run
-   * goes in spans, checking for an interruption between them.
+   * goes in spans, checking for an interruption between them. Without WRITE_ZEROES, a run's worth of zero
+   * buffers is handed to the target at once, so that a file target writes them as one run (write-runs.ts).
    */
   private async zeroBlocks(first: number, count: number): Promise<void> {
     const offset = this.geometry.offsetOf(first);
     const end = offset + this.geometry.bytesOf(first, count);
-    for (let at = offset; at < end; ) {
-      await this.interruption.tick();
-      const span = this.target.writeZeroes ? Math.min(ZERO_SPAN_BYTES, end - at) : Math.min(this.geometry.blockSize, end - at);
-      this.written.note(at, span);
-      if (this.target.writeZeroes) await this.target.writeZeroes(at, span);
-      else await this.target.write(this.zeros.subarray(0, span), at);
-      this.result.bytesWritten += span;
-      at += span;
+    const batchLimit = Math.max(1, Math.floor(RUN_BYTES / this.geometry.blockSize));
+    let batch: Promise<void>[] = [];
+    const settle = async (): Promise<void> => {
+      const settled = await Promise.allSettled(batch);
+      batch = [];
+      const failed = settled.find((s) => s.status === 'rejected');
+      if (failed) throw failed.reason;
+    };
+    try {
+      for (let at = offset; at < end; ) {
+        await this.interruption.tick();
+        const span = this.target.writeZeroes ? Math.min(ZERO_SPAN_BYTES, end - at) : Math.min(this.geometry.blockSize, end - at);
+        this.written.note(at, span);
+        if (this.target.writeZeroes) await this.target.writeZeroes(at, span);
+        else batch.push(this.target.write(this.zeros.subarray(0, span), at));
+        if (batch.length >= batchLimit) await settle();
+        this.result.bytesWritten += span;
+        at += span;
+      }
+    } finally {
+      await settle();
     }
     this.result.blocksWritten += count;
   }
