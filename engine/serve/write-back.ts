@@ -8,9 +8,9 @@
  *   granules with one `pwritev` each (several runs at once); write-backs run one after another, so a
  *   granule's older content never lands after its newer one. A granule changed while its write is in
  *   flight is copied first (the write keeps the bytes it started with) and stays dirty.
- * - sync is group commit: a flush needs an `fdatasync` that started after its data reached the file; one
- *   runs at a time, and every flush that arrives meanwhile shares the next one. A sync with nothing
- *   written since the last is skipped. A failed `fdatasync` fails every later flush too: the kernel may
+ * - sync is group commit: a flush needs an `fdatasync` that started after its data reached the file; it
+ *   shares a running one that did, starts its own while fewer than PARALLEL_SYNCS run, and otherwise
+ *   shares the next one to start. A sync with nothing written since the last is skipped. A failed `fdatasync` fails every later flush too: the kernel may
  *   have dropped the pages it could not write (Linux marks them clean), so the overlay can no longer say
  *   its data is on stable storage.
  */
@@ -21,6 +21,13 @@ export const GRANULE = 4096;
 const RUN_GRANULES = 1024;
 /** Runs written at once (libuv's pool has 4 threads by default). */
 const PARALLEL_RUNS = 4;
+/**
+ * fdatasyncs running at once. A flush starts its own as soon as its data is in the file rather than wait
+ * for the one running to end: the block layer merges concurrent cache flushes, so a guest that flushes
+ * often waits about one sync, not two (nbd-server's threads do the same). Beyond this many, a flush joins
+ * the next one to start.
+ */
+const PARALLEL_SYNCS = 4;
 
 interface Entry {
   data: Buffer;
@@ -46,7 +53,8 @@ export class WriteBackCache {
   /** Bumped by every completed write to the file; `syncedVersion` is what the last sync covered. */
   private fileVersion = 0;
   private syncedVersion = 0;
-  private syncing: { version: number; done: Promise<void> } | undefined;
+  /** The fdatasyncs running, each with the file version it covers. */
+  private readonly syncs: { version: number; done: Promise<void> }[] = [];
   private nextSync: Promise<void> | undefined;
   private syncFailure: Error | undefined;
 
@@ -138,7 +146,7 @@ export class WriteBackCache {
   /** Waits for the write-backs and syncs under way (before closing the file). */
   async idle(): Promise<void> {
     await this.writeBack.catch(() => undefined);
-    await this.syncing?.done.catch(() => undefined);
+    await Promise.allSettled(this.syncs.map((running) => running.done));
     await this.nextSync?.catch(() => undefined);
   }
 
@@ -247,33 +255,39 @@ export class WriteBackCache {
   private sync(): Promise<void> {
     if (this.syncFailure) return Promise.reject(this.syncFailure);
     const version = this.fileVersion;
-    if (version === this.syncedVersion) return Promise.resolve();
-    if (this.syncing) {
-      // The running sync covers this flush only if it started after the flush's data reached the file.
-      if (this.syncing.version >= version) return this.syncing.done;
-      this.nextSync ??= this.syncing.done
-        .catch(() => undefined)
-        .then(() => {
-          this.nextSync = undefined;
-          return this.sync();
-        });
-      return this.nextSync;
-    }
-    const done = this.handle
-      .datasync()
-      .then(
-        () => {
-          this.syncedVersion = Math.max(this.syncedVersion, version);
-        },
-        (error: Error) => {
-          this.syncFailure = new Error(`the overlay file could not be synced (${(error as NodeJS.ErrnoException).code ?? error.message}): writes since the last flush may be lost`);
-          throw this.syncFailure;
-        },
-      )
-      .finally(() => {
-        this.syncing = undefined;
+    if (version <= this.syncedVersion) return Promise.resolve();
+    // A running sync covers this flush only if it started after the flush's data reached the file.
+    const covering = this.syncs.find((running) => running.version >= version);
+    if (covering) return covering.done;
+    if (this.syncs.length < PARALLEL_SYNCS) return this.startSync(version);
+    this.nextSync ??= Promise.race(this.syncs.map((running) => running.done))
+      .catch(() => undefined)
+      .then(() => {
+        this.nextSync = undefined;
+        return this.sync();
       });
-    this.syncing = { version, done };
-    return done;
+    return this.nextSync;
+  }
+
+  private startSync(version: number): Promise<void> {
+    const running: { version: number; done: Promise<void> } = {
+      version,
+      done: this.handle
+        .datasync()
+        .then(
+          () => {
+            this.syncedVersion = Math.max(this.syncedVersion, version);
+          },
+          (error: Error) => {
+            this.syncFailure ??= new Error(`the overlay file could not be synced (${(error as NodeJS.ErrnoException).code ?? error.message}): writes since the last flush may be lost`);
+            throw this.syncFailure;
+          },
+        )
+        .finally(() => {
+          this.syncs.splice(this.syncs.indexOf(running), 1);
+        }),
+    };
+    this.syncs.push(running);
+    return running.done;
   }
 }
