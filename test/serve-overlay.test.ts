@@ -4,7 +4,8 @@
  * (in the overlay alone with tiny cache limits, so write-back, copy-on-write and eviction run under the writes;
  * and through `engine serve --writable` on one pipelined NBD connection, past the cache's limits); a FLUSH or a
  * FUA write is answered only once its bytes are in the overlay's file (read through /proc while the server is
- * stopped, then kill -9: the overlay vanishes, as SPEC 16.1 says).
+ * stopped, then kill -9: the overlay vanishes, as SPEC 16.1 says); a full overlay file system is ENOSPC to the
+ * guest and loses nothing.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { randomBytes } from 'node:crypto';
@@ -14,7 +15,7 @@ import { serve } from '../dist/engine/index.js';
 import { NbdConnection } from '../dist/engine/nbd/connection.js';
 import { parseNbdUri } from '../dist/engine/nbd/uri.js';
 import { Overlay } from '../dist/engine/serve/overlay.js';
-import { exitOf, parseJson, runEngine, sparseFile, spawnEngine, tempDir, waitFor, writeRegion, type BackupJson } from './helpers.js';
+import { exitOf, parseJson, runEngine, sparseFile, spawnEngine, tempDir, Tmpfs, waitFor, writeRegion, type BackupJson } from './helpers.js';
 import { RawClient } from './nbd-raw-client.js';
 
 const KiB = 1024;
@@ -233,6 +234,38 @@ describe('serve --writable: pipelined small writes and flush durability', () => 
         server.kill('SIGKILL');
         await exitOf(server);
       }
+    }
+  });
+
+  test('an overlay whose file system fills: FLUSH answers ENOSPC, the written bytes still read back, and a flush after space returns succeeds', async () => {
+    const fs = await Tmpfs.mount(join('/tmp', `engine-overlay-full-${process.pid}`), 4);
+    const handle = await serve({ repo, backupId, socket: join(dir, 'full.sock'), writable: true, overlayDir: fs.path });
+    try {
+      const client = await RawClient.open(join(dir, 'full.sock'));
+      await client.go('os', false);
+      // Leaves 256 KiB: 1 MiB of small writes (held in the cache, answered at once) cannot all be written back.
+      await fs.fill(256 * KiB);
+      const data = randomBytes(MiB);
+      let cookie = 1n;
+      for (let at = 0; at < MiB; at += 4000) client.request(1, 10 * MiB + at + 1, Math.min(4000, MiB - at), data.subarray(at, at + 4000), 0, (cookie += 1n));
+      for (let at = 0; at < MiB; at += 4000) expect(await client.simpleResult()).toBe(0);
+      client.request(3, 0, 0, undefined, 0, (cookie += 1n));
+      expect(await client.simpleResult()).toBe(28); // NBD_ENOSPC
+      const connection = await NbdConnection.connect(parseNbdUri(handle.exports[0]!.uri));
+      const got = Buffer.alloc(MiB);
+      await connection.read(got, 10 * MiB + 1);
+      expect(got.equals(data)).toBe(true);
+      // Space again: the granules stayed dirty, and the next flush writes them.
+      await fs.unfill();
+      client.request(3, 0, 0, undefined, 0, (cookie += 1n));
+      expect(await client.simpleResult()).toBe(0);
+      await connection.read(got, 10 * MiB + 1);
+      expect(got.equals(data)).toBe(true);
+      await connection.close();
+      client.close();
+    } finally {
+      await handle.close();
+      await fs.unmount();
     }
   });
 });
