@@ -203,6 +203,8 @@ class ServerConnection {
   private readonly inFlight = new Set<Promise<void>>();
   private inFlightBytes = 0;
   private closed = false;
+  /** Replies are being gathered for one write (see write()). */
+  private corked = false;
   private negotiated: Negotiated | undefined;
   /** When the last request arrived (shutdown waits for a quiet client). */
   private lastRequestAt = 0;
@@ -403,8 +405,22 @@ class ServerConnection {
     }
   }
 
+  /**
+   * Replies written in one turn of the event loop leave in one `writev`: the socket is corked at the first
+   * and uncorked once the loop has run what it had (setImmediate). A pipelining client (16 small requests
+   * in flight) otherwise costs one system call per reply part, the header and the data of a READ apart.
+   */
   private write(...parts: Buffer[]): void {
     if (this.closed) return;
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      const socket = this.socket;
+      setImmediate(() => {
+        this.corked = false;
+        socket.uncork();
+      });
+    }
     for (const part of parts) this.socket.write(part);
   }
 

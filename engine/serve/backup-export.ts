@@ -130,11 +130,11 @@ export class BackupExport implements NbdExport {
   }
 
   async write(data: Buffer, offset: number): Promise<void> {
-    await this.overlayOrRefuse().write(data, offset, (o, l) => this.readBytes(o, l));
+    await overlayErrors(this.overlayOrRefuse().write(data, offset, (o, l) => this.readBytes(o, l)));
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
-    await this.overlayOrRefuse().zero(offset, length, (o, l) => this.readBytes(o, l));
+    await overlayErrors(this.overlayOrRefuse().zero(offset, length, (o, l) => this.readBytes(o, l)));
   }
 
   async trim(offset: number, length: number): Promise<void> {
@@ -143,7 +143,7 @@ export class BackupExport implements NbdExport {
   }
 
   async flush(): Promise<void> {
-    await this.options.overlay?.flush();
+    if (this.options.overlay) await overlayErrors(this.options.overlay.flush());
   }
 
   private overlayOrRefuse(): Overlay {
@@ -157,6 +157,17 @@ export class BackupExport implements NbdExport {
     const out = Buffer.alloc(length);
     for (const piece of pieces) if ('data' in piece) piece.data.copy(out, piece.offset - offset);
     return out;
+  }
+}
+
+/** The overlay's file system full (or over quota) is NBD_ENOSPC to the guest, which can act on it; anything else NBD_EIO. */
+async function overlayErrors(work: Promise<void>): Promise<void> {
+  try {
+    await work;
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === 'ENOSPC' || code === 'EDQUOT') throw new ExportError(P.NBD_ENOSPC, `the overlay's file system is full (${code})`);
+    throw error;
   }
 }
 
