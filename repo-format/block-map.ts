@@ -64,6 +64,44 @@ export class MapBuilder {
     await this.append(0, entry);
   }
 
+  /** Appends `count` all-zero blocks: whole pages of them become one ZERO_ID at the highest level they fill. */
+  async pushZeros(count: number): Promise<void> {
+    await this.pushSpan(count, ZERO_SPAN);
+  }
+
+  /**
+   * Appends the entries of the next `count` blocks as `source` has them. A page the span covers whole (and
+   * the last, short page of a level when the span reaches the disk's end) is appended as its id, one entry
+   * at the level above, never block by block: the map comes out exactly as `push` of each entry would
+   * make it (SPEC.md, section 8), in time proportional to the pages, not to the blocks.
+   */
+  async pushSpan(count: number, source: MapSpanSource): Promise<void> {
+    if (this.pushed + count > this.blockCount) throw new Error('more map entries than blocks');
+    let left = count;
+    while (left > 0) {
+      const block = this.pushed;
+      // The highest level at which an entry starts at `block` and the span covers all of its blocks.
+      let level = 0;
+      while (level < this.depth) {
+        const under = pageCoverage(level);
+        if (block % under !== 0 || left < Math.min(under, this.blockCount - block)) break;
+        level += 1;
+      }
+      if (level === 0) {
+        const n = Math.min(left, MAP_PAGE_ENTRIES - this.counts[0]!);
+        await this.appendEntries(await source.entries(block, n), n);
+        this.pushed += n;
+        left -= n;
+      } else {
+        const n = Math.min(pageCoverage(level - 1), this.blockCount - block);
+        const id = await source.pageId(level - 1, block);
+        this.pushed += n;
+        left -= n;
+        await this.append(level, id);
+      }
+    }
+  }
+
   async finish(): Promise<MapRoot> {
     if (this.pushed !== this.blockCount) throw new Error(`map has ${this.pushed} of ${this.blockCount} entries`);
     for (let level = 0; level < this.depth; level += 1) {
@@ -71,6 +109,14 @@ export class MapBuilder {
     }
     const root = await this.pageId(this.depth);
     return { root, depth: this.depth, blocks: this.blockCount };
+  }
+
+  /** `n` leaf entries at once (no more than the leaf has room for). */
+  private async appendEntries(entries: Uint8Array, n: number): Promise<void> {
+    const count = this.counts[0]!;
+    this.pages[0]!.set(entries.subarray(0, n * ID_SIZE), count * ID_SIZE);
+    this.counts[0] = count + n;
+    if (count + n === MAP_PAGE_ENTRIES && this.depth > 0) await this.flush(0);
   }
 
   private async append(level: number, entry: Uint8Array): Promise<void> {
@@ -91,6 +137,92 @@ export class MapBuilder {
     const page = this.pages[level]!.subarray(0, bytes);
     if (page.equals(ZERO_PAGE.subarray(0, bytes))) return ZERO_ID;
     return this.storePage(level === 0 ? KIND_MAP_LEAF : KIND_MAP_NODE, Buffer.from(page));
+  }
+}
+
+/** Where MapBuilder.pushSpan takes a span's entries from: whole pages by id, or the entries of single blocks. */
+export interface MapSpanSource {
+  /** The id of the page at `level` whose first block is `firstBlock` (ZERO_ID when all its blocks are zero). */
+  pageId(level: number, firstBlock: number): Promise<Buffer>;
+  /** The entries of `count` blocks from `firstBlock` on, all in one leaf: count × 32 bytes. */
+  entries(firstBlock: number, count: number): Promise<Uint8Array>;
+}
+
+/** A span of zero blocks. */
+const ZERO_SPAN: MapSpanSource = {
+  pageId: () => Promise.resolve(ZERO_ID),
+  entries: () => Promise.resolve(ZERO_PAGE),
+};
+
+/**
+ * An existing map read by position, forward, as a MapSpanSource: an incremental takes its unchanged
+ * blocks from the parent's map a whole page at a time (the page's id, unread) where it can, and reads only
+ * the pages on the edges of a span. It holds the last page read at each level, so memory is one page per
+ * level; the pages it reads are checked like readMap's.
+ */
+export class MapPageReader implements MapSpanSource {
+  /** Per level: the page held (null: a zero page) and the first block it covers. */
+  private readonly held: ({ first: number; page: Buffer | null } | undefined)[];
+
+  constructor(
+    private readonly map: MapRoot,
+    private readonly loadPage: LoadPage,
+  ) {
+    checkMapShape(map);
+    this.held = new Array<{ first: number; page: Buffer | null } | undefined>(map.depth + 1).fill(undefined);
+  }
+
+  async pageId(level: number, firstBlock: number): Promise<Buffer> {
+    this.checkBlock(firstBlock);
+    if (level === this.map.depth) return this.map.root;
+    const parent = await this.page(level + 1, firstBlock);
+    if (parent.page === null) return ZERO_ID;
+    const at = Math.floor((firstBlock - parent.first) / pageCoverage(level)) * ID_SIZE;
+    return parent.page.subarray(at, at + ID_SIZE);
+  }
+
+  async entries(firstBlock: number, count: number): Promise<Uint8Array> {
+    this.checkBlock(firstBlock + count - 1);
+    const leaf = await this.page(0, firstBlock);
+    if (leaf.page === null) return ZERO_PAGE.subarray(0, count * ID_SIZE);
+    const at = (firstBlock - leaf.first) * ID_SIZE;
+    return leaf.page.subarray(at, at + count * ID_SIZE);
+  }
+
+  /** The entry of one block (ZERO_ID when it is zero). */
+  async entry(block: number): Promise<Buffer> {
+    return Buffer.from(await this.entries(block, 1));
+  }
+
+  private checkBlock(block: number): void {
+    if (block < 0 || block >= this.map.blocks) {
+      throw new CorruptMetadataError(`block map ${this.map.root.toString('hex').slice(0, 16)}…`, `it covers ${this.map.blocks} blocks, and block ${block} of the disk it is read for was asked`);
+    }
+  }
+
+  /** The page at `level` that covers `block`, read (and checked) unless it is the one held. */
+  private async page(level: number, block: number): Promise<{ first: number; page: Buffer | null }> {
+    const coverage = pageCoverage(level);
+    const first = Math.floor(block / coverage) * coverage;
+    const held = this.held[level];
+    if (held && held.first === first) return held;
+    const id = await this.pageId(level, first);
+    let page: Buffer | null = null;
+    if (!id.equals(ZERO_ID)) {
+      page = await this.loadPage(id, level === 0 ? KIND_MAP_LEAF : KIND_MAP_NODE);
+      checkPageLength(page, id, level, Math.min(coverage, this.map.blocks - first));
+    }
+    const now = { first, page };
+    this.held[level] = now;
+    return now;
+  }
+}
+
+/** A page holds exactly the entries its position implies (SPEC.md, section 8): `count` blocks under it. */
+function checkPageLength(page: Buffer, id: Buffer, level: number, count: number): void {
+  const entries = level === 0 ? count : Math.ceil(count / pageCoverage(level - 1));
+  if (page.length !== entries * ID_SIZE) {
+    throw new CorruptMetadataError(`map page ${id.toString('hex')}`, `holds ${page.length / ID_SIZE} ${level === 0 ? 'entries' : 'children'}, expected ${entries}`);
   }
 }
 
@@ -138,18 +270,13 @@ async function* walk(id: Buffer, level: number, firstBlock: number, totalBlocks:
     return;
   }
   const page = await loadPage(id, level === 0 ? KIND_MAP_LEAF : KIND_MAP_NODE);
+  checkPageLength(page, id, level, count);
   if (level === 0) {
-    if (page.length !== count * ID_SIZE) {
-      throw new CorruptMetadataError(`map page ${id.toString('hex')}`, `holds ${page.length / ID_SIZE} entries, expected ${count}`);
-    }
     yield { firstBlock, count, entries: page };
     return;
   }
   const childCoverage = pageCoverage(level - 1);
-  const children = Math.ceil(count / childCoverage);
-  if (page.length !== children * ID_SIZE) {
-    throw new CorruptMetadataError(`map page ${id.toString('hex')}`, `holds ${page.length / ID_SIZE} children, expected ${children}`);
-  }
+  const children = page.length / ID_SIZE;
   for (let i = 0; i < children; i += 1) {
     const child = Buffer.from(page.subarray(i * ID_SIZE, (i + 1) * ID_SIZE));
     yield* walk(child, level - 1, firstBlock + i * childCoverage, totalBlocks, loadPage);

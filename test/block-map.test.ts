@@ -7,7 +7,7 @@ import { describe, expect, test } from 'vitest';
 import { createHash } from 'node:crypto';
 import { ID_SIZE, KIND_MAP_LEAF, KIND_MAP_NODE, MAP_PAGE_ENTRIES, ZERO_ID } from '../dist/repo-format/constants.js';
 import { CorruptMetadataError } from '../dist/repo-format/errors.js';
-import { MapBuilder, mapDepth, mapPageIds, readMap, type LoadPage, type MapRoot } from '../dist/repo-format/block-map.js';
+import { MapBuilder, MapPageReader, mapDepth, mapPageIds, readMap, type LoadPage, type MapRoot } from '../dist/repo-format/block-map.js';
 
 const PAGE_BYTES = MAP_PAGE_ENTRIES * ID_SIZE;
 
@@ -362,5 +362,144 @@ describe('MapBuilder + readMap + mapPageIds', () => {
     // Rebuilding the same map again adds nothing.
     await build(store, 5000, (i) => (i === changed ? entryFor(i, ' changed') : entryFor(i)));
     expect(store.pages.size).toBe(8);
+  });
+});
+
+/**
+ * Spans (pushZeros, pushSpan from a parent's map) build the very map that push() of every entry builds —
+ * same root, same pages — while whole pages go in as one id at the highest level they fill: a thin disk of
+ * many TiB costs its pages, not its blocks (SPEC.md, section 8; issue 15, item 6).
+ */
+describe('MapBuilder spans', () => {
+  /** A layout of `blocks` blocks: data runs (entryFor) and zero runs, as [first, count, 'data' | 'zero']. */
+  type Segment = [number, number, 'data' | 'zero'];
+  const L1 = MAP_PAGE_ENTRIES;
+  const L2 = MAP_PAGE_ENTRIES ** 2;
+
+  function entryOf(segments: Segment[], block: number, variant = ''): Buffer {
+    const segment = segments.find(([first, count]) => block >= first && block < first + count)!;
+    return segment[2] === 'data' ? entryFor(block, variant) : ZERO_ID;
+  }
+
+  async function buildBySpans(store: MemoryPageStore, blocks: number, segments: Segment[]): Promise<MapRoot> {
+    const builder = new MapBuilder(blocks, store.store);
+    for (const [first, count, kind] of segments) {
+      if (kind === 'zero') await builder.pushZeros(count);
+      else for (let i = first; i < first + count; i += 1) await builder.push(entryFor(i));
+    }
+    return builder.finish();
+  }
+
+  function storedPages(store: MemoryPageStore): string[] {
+    return [...store.pages.entries()].map(([id, { kind, page }]) => `${id}:${kind}:${page.toString('hex')}`).sort();
+  }
+
+  // Zero runs that start mid-leaf, cover whole leaves, whole level-1 pages, and reach the short last pages.
+  const blocks = 2 * L2 + 3 * L1 + 5;
+  const segments: Segment[] = [
+    [0, 3, 'data'],
+    [3, L1 - 3 + 2 * L1 + 7, 'zero'],
+    [3 * L1 + 7, 2, 'data'],
+    [3 * L1 + 9, L2 + L1 - (3 * L1 + 9) + 3, 'zero'], // to the middle of level-1 page 1's second leaf
+    [L2 + L1 + 3, L1, 'data'],
+    [L2 + 2 * L1 + 3, blocks - (L2 + 2 * L1 + 3), 'zero'], // all of level-1 page 2 (short) and the rest
+  ];
+
+  test('zero runs give the same root and pages as push() of each ZERO_ID, with ZERO_ID at the levels they fill', async () => {
+    const byBlock = new MemoryPageStore();
+    const expected = await build(byBlock, blocks, (i) => entryOf(segments, i));
+    const bySpan = new MemoryPageStore();
+    const got = await buildBySpans(bySpan, blocks, segments);
+    expect(got).toEqual(expected);
+    expect(got.depth).toBe(2);
+    expect(storedPages(bySpan)).toEqual(storedPages(byBlock));
+    assertNoZeroPagesStored(bySpan);
+    // The root: level-1 pages 0 and 1 hold data, page 2 (the short one, all zero) is ZERO_ID.
+    const root = await bySpan.load(got.root, KIND_MAP_NODE);
+    expect(root.length).toBe(3 * ID_SIZE);
+    expect(root.subarray(2 * ID_SIZE).equals(ZERO_ID)).toBe(true);
+    // Level-1 page 0: leaves 1 and 2 are zero, leaf 3 holds data, leaves 4.. are zero.
+    const page0 = await bySpan.load(root.subarray(0, ID_SIZE), KIND_MAP_NODE);
+    const child = (page: Buffer, i: number) => page.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
+    expect([1, 2, 4, 1023].map((i) => child(page0, i).equals(ZERO_ID))).toEqual([true, true, true, true]);
+    expect([0, 3].map((i) => child(page0, i).equals(ZERO_ID))).toEqual([false, false]);
+    expect((await readAll(got, bySpan.load)).equals(await readAll(expected, byBlock.load))).toBe(true);
+  });
+
+  test('a zero run of 2^34 blocks (16 PiB at 1 MiB) goes in as pages, not blocks', async () => {
+    const huge = 2 ** 34 + 1000;
+    const store = new MemoryPageStore();
+    const builder = new MapBuilder(huge, store.store);
+    expect(builder.depth).toBe(3);
+    const dataAt = [0, 2 ** 33 + 5, huge - 1];
+    let next = 0;
+    for (const block of dataAt) {
+      await builder.pushZeros(block - next);
+      await builder.push(entryFor(block));
+      next = block + 1;
+    }
+    const map = await builder.finish();
+    // Each data block stores its leaf and the node pages above it: 3 paths of 4 pages, and nothing else.
+    expect(store.pages.size).toBe(10); // the root is shared by all three paths
+    const found: number[] = [];
+    let zeros = 0;
+    for await (const run of readMap(map, store.load)) {
+      if (run.entries === null) {
+        zeros += run.count;
+        continue;
+      }
+      for (let i = 0; i < run.count; i += 1) {
+        const entry = run.entries.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
+        if (entry.equals(ZERO_ID)) zeros += 1;
+        else {
+          expect(entry.equals(entryFor(run.firstBlock + i))).toBe(true);
+          found.push(run.firstBlock + i);
+        }
+      }
+    }
+    expect(found).toEqual(dataAt);
+    expect(zeros).toBe(huge - dataAt.length);
+  });
+
+  test("unchanged spans from the parent's map (MapPageReader) give the map of every entry pushed, reading only the edge pages", async () => {
+    const parentStore = new MemoryPageStore();
+    const parent = await build(parentStore, blocks, (i) => entryOf(segments, i));
+    // The child changes blocks 5, L2 + L1 + 10 and the last one; every other block is the parent's.
+    const changed = [5, L2 + L1 + 10, blocks - 1];
+    const childEntry = (i: number) => (changed.includes(i) ? entryFor(i, 'changed') : entryOf(segments, i));
+    const byBlock = new MemoryPageStore();
+    for (const page of parentStore.pages.values()) await byBlock.store(page.kind, page.page);
+    const expected = await build(byBlock, blocks, childEntry);
+
+    const store = new MemoryPageStore();
+    for (const page of parentStore.pages.values()) await store.store(page.kind, page.page);
+    store.loads = 0;
+    const reader = new MapPageReader(parent, store.load);
+    const builder = new MapBuilder(blocks, store.store);
+    let next = 0;
+    for (const block of changed) {
+      await builder.pushSpan(block - next, reader);
+      await builder.push(childEntry(block));
+      next = block + 1;
+    }
+    const got = await builder.finish();
+    expect(got).toEqual(expected);
+    expect(storedPages(store)).toEqual(storedPages(byBlock));
+    // Pages read: the root, the level-1 pages on the changed paths and the leaves the spans cut (the
+    // changed leaves); never every leaf of the parent.
+    expect(store.loads).toBeLessThanOrEqual(6);
+  });
+
+  test('MapPageReader reads entries and page ids by position, and refuses a block past the map', async () => {
+    const store = new MemoryPageStore();
+    const map = await build(store, blocks, (i) => entryOf(segments, i));
+    const reader = new MapPageReader(map, store.load);
+    for (const block of [0, 2, 3, 3 * L1 + 8, L2 + L1 + 3, L2 + 2 * L1 + 2, blocks - 1]) {
+      expect((await reader.entry(block)).equals(entryOf(segments, block))).toBe(true);
+    }
+    expect((await reader.pageId(2, 0)).equals(map.root)).toBe(true);
+    expect((await reader.pageId(1, 2 * L2)).equals(ZERO_ID)).toBe(true);
+    expect((await reader.pageId(0, L1)).equals(ZERO_ID)).toBe(true);
+    await expectRejects(reader.entry(blocks));
   });
 });

@@ -113,6 +113,42 @@ describe('NBD client against qemu-nbd', () => {
     }
   });
 
+  test('base:allocation of a 12 TiB thin export, walked in many spans asked ahead: contiguous, exact, cut where asked', async () => {
+    const TiB = 1024 * 1024 * MiB;
+    const thin = join(dir, 'thin-12t.qcow2');
+    await qcow2(thin, String(12 * TiB));
+    // Data in the first span, across the 4 GiB - 1 MiB span boundary, and in the last span.
+    const boundary = 4 * 1024 * MiB - MiB;
+    await qemuIo(thin, ['write -P 0x11 0 64k', `write -P 0x22 ${boundary - 64 * 1024} 128k`, `write -P 0x33 ${7 * TiB} 64k`, `write -P 0x44 ${12 * TiB - 64 * 1024} 64k`]);
+    const e = await serve(thin);
+    const client = await NbdClient.connect(e.uri, { metaContexts: ['base:allocation'], require: ['base:allocation'] });
+    try {
+      for (const [from, to] of [
+        [0, 12 * TiB],
+        [32 * 1024 + 7, 12 * TiB - 1000],
+      ] as const) {
+        const extents = [];
+        for await (const x of client.blockStatus('base:allocation', from, to - from)) extents.push(x);
+        let at = from;
+        for (const x of extents) {
+          expect(x.offset).toBe(at);
+          at += x.length;
+        }
+        expect(at).toBe(to);
+        const data = extents.filter((x) => (x.flags & 2) === 0).map((x) => [x.offset, x.offset + x.length]);
+        expect(data).toEqual([
+          [from, 64 * 1024],
+          [boundary - 64 * 1024, boundary + 64 * 1024],
+          [7 * TiB, 7 * TiB + 64 * 1024],
+          [12 * TiB - 64 * 1024, to],
+        ]);
+      }
+    } finally {
+      await client.close();
+      await e.stop();
+    }
+  });
+
   test('dirty bitmap context: only the blocks written since the bitmap was added', async () => {
     const bitmapImage = join(dir, 'bitmap.qcow2');
     await qcow2(bitmapImage, '1G');

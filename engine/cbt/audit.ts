@@ -7,8 +7,8 @@
 import { randomInt } from 'node:crypto';
 import { ZERO_ID } from '../../repo-format/constants.js';
 import { DiskGeometry } from '../../repo-format/disk-geometry.js';
-import type { LoadPage, MapRoot } from '../../repo-format/block-map.js';
-import { DirtyCursor, ParentMapCursor, type Range } from '../pipeline/map-cursors.js';
+import { MapPageReader, type LoadPage, type MapRoot } from '../../repo-format/block-map.js';
+import { DirtyCursor, type Range } from '../pipeline/map-cursors.js';
 import type { BlockSource } from '../sources/source.js';
 
 export interface AuditResult {
@@ -36,7 +36,7 @@ export async function auditCleanBlocks(args: {
   const blockCount = geometry.blocks;
   const candidates = [...new Set(Array.from({ length: auditSampleSize(blockCount) }, () => randomInt(blockCount)))].sort((a, b) => a - b);
   const dirty = new DirtyCursor(args.dirty);
-  const parent = new ParentMapCursor(args.parent, args.loadPage);
+  const parent = new MapPageReader(args.parent, args.loadPage);
   const zeros = Buffer.alloc(blockSize);
   const buffer = Buffer.allocUnsafe(blockSize);
   let audited = 0;

@@ -3,7 +3,7 @@
  * Reads are split into requests of at most `requestSize` (256 KiB by default: measured against qemu-nbd,
  * 64–256 KiB requests with many in flight beat 1–4 MiB ones) and spread over the connections.
  */
-import { NbdConnectError } from '../errors.js';
+import { NbdConnectError, NbdProtocolError } from '../errors.js';
 import { NbdConnection, type BlockStatusExtent, type ExportInfo } from './connection.js';
 import * as P from './protocol.js';
 import { loadTlsCredentials, type NbdClientTls } from './tls.js';
@@ -29,8 +29,21 @@ async function clientTls(uri: NbdUri): Promise<NbdClientTls | undefined> {
   return { credentials: await loadTlsCredentials({ certificates, pskFile }, 'client'), username, hostname };
 }
 
-/** Largest BLOCK_STATUS request: servers answer big ranges in one go, but lengths are u32. */
-const BLOCK_STATUS_SPAN = 2 ** 30;
+/**
+ * Largest BLOCK_STATUS request: servers answer big ranges in one go, but lengths are u32. 4 GiB less 1 MiB
+ * (aligned for any server's block size). Measured walking a 16 TiB thin qcow2 through qemu-nbd (load ~30):
+ * 1 GiB spans one at a time took ~5 s per walk (16,384 round trips).
+ */
+const BLOCK_STATUS_SPAN = 2 ** 32 - 2 ** 20;
+/** BLOCK_STATUS requests in flight at once while walking a range (spread over the connections). */
+const BLOCK_STATUS_AHEAD = 8;
+
+/** A span of a block status walk, asked ahead. */
+interface AskedSpan {
+  start: number;
+  end: number;
+  reply: Promise<BlockStatusExtent[]>;
+}
 
 export class NbdClient {
   private constructor(
@@ -138,22 +151,43 @@ export class NbdClient {
    */
   async *blockStatus(context: string, offset = 0, length = this.size - offset): AsyncGenerator<BlockStatusExtent> {
     const end = offset + length;
+    const ask = (start: number, stop: number): AskedSpan => {
+      const reply = this.pick().blockStatus(context, start, stop - start);
+      // A span asked ahead and never reached (the walk stopped early) must not become an unhandled rejection.
+      reply.catch(() => undefined);
+      return { start, end: stop, reply };
+    };
+    // Spans asked ahead, in order: the walk waits for one round trip per BLOCK_STATUS_AHEAD spans, not per span.
+    const ahead: AskedSpan[] = [];
+    let next = offset;
     let at = offset;
     let held: BlockStatusExtent | undefined;
     while (at < end) {
-      const span = Math.min(BLOCK_STATUS_SPAN, end - at);
-      const extents = await this.pick().blockStatus(context, at, span);
-      for (const extent of extents) {
-        if (extent.offset >= end) break;
-        const cut = Math.min(extent.length, end - extent.offset);
-        if (held && held.flags === extent.flags && held.offset + held.length === extent.offset) {
+      while (ahead.length < BLOCK_STATUS_AHEAD && next < end) {
+        const stop = Math.min(next + BLOCK_STATUS_SPAN, end);
+        ahead.push(ask(next, stop));
+        next = stop;
+      }
+      const span = ahead.shift()!;
+      // An extent of an earlier reply ran past this span (a server may describe more than was asked).
+      if (span.end <= at) continue;
+      const from = at;
+      for (const extent of await span.reply) {
+        const extentEnd = Math.min(extent.offset + extent.length, end);
+        if (extentEnd <= at) continue;
+        const cut = extentEnd - at;
+        if (held && held.flags === extent.flags && held.offset + held.length === at) {
           held.length += cut;
         } else {
           if (held) yield held;
-          held = { offset: extent.offset, length: cut, flags: extent.flags };
+          held = { offset: at, length: cut, flags: extent.flags };
         }
-        at = extent.offset + cut;
+        at = extentEnd;
+        if (at >= end) break;
       }
+      // A server may answer only the start of a span: the rest is asked before the spans after it.
+      if (at === from) throw new NbdProtocolError(this.uri.text, `BLOCK_STATUS ${context} at offset ${at} described no bytes`);
+      if (at < span.end) ahead.unshift(ask(at, span.end));
     }
     if (held) yield held;
   }

@@ -17,7 +17,7 @@
 import { KIND_DATA, ZERO_ID } from '../../repo-format/constants.js';
 import { DiskGeometry } from '../../repo-format/disk-geometry.js';
 import { EngineError } from '../../repo-format/errors.js';
-import { MapBuilder } from '../../repo-format/block-map.js';
+import { MapBuilder, MapPageReader } from '../../repo-format/block-map.js';
 import type { BlobWriter } from '../../repo-format/blob-writer.js';
 import type { DiskRecord, DiskStats } from '../../repo-format/backup-record.js';
 import type { Repository } from '../../repo-format/repository.js';
@@ -26,7 +26,7 @@ import type { BlockPool } from './block-pool.js';
 import type { HashResult } from './tasks.js';
 import { Interruption } from '../host/interrupt.js';
 import { ZeroExtentCursor } from './zero-extents.js';
-import { DirtyCursor, ParentMapCursor, type Range } from './map-cursors.js';
+import { DirtyCursor, type Range } from './map-cursors.js';
 import type { MapRoot } from '../../repo-format/block-map.js';
 
 export interface DiskProgress {
@@ -60,6 +60,8 @@ interface InFlight {
   done: Promise<void>;
   /** Set for a run of clean blocks taken from the parent map (no slot, nothing read). */
   unchanged?: number;
+  /** Set for a run of blocks the source says read as zeros (no slot, nothing read). */
+  zeros?: number;
 }
 
 /**
@@ -125,7 +127,7 @@ class DiskBackup {
   private readonly geometry: DiskGeometry;
   private readonly interruption: Interruption;
   private readonly stats: DiskStats;
-  private readonly parent: ParentMapCursor | undefined;
+  private readonly parent: MapPageReader | undefined;
   private readonly dirty: DirtyCursor | undefined;
   private readonly zeroExtents: ZeroExtentCursor | undefined;
   private readonly map: MapBuilder;
@@ -154,7 +156,7 @@ class DiskBackup {
     const blocks = this.geometry.blocks;
     this.stats = { bytesRead: 0, bytesNew: 0, bytesStored: 0, blocksTotal: blocks, blocksZero: 0, blocksNew: 0, blocksDeduplicated: 0, blocksUnchanged: 0, durationMs: 0 };
     if (plan && plan.parent.blocks !== blocks) throw new EngineError('ENGINE_INTERNAL', `parent map has ${plan.parent.blocks} blocks, the disk ${blocks}`);
-    this.parent = plan ? new ParentMapCursor(plan.parent, repo.loadPage) : undefined;
+    this.parent = plan ? new MapPageReader(plan.parent, repo.loadPage) : undefined;
     this.dirty = plan ? new DirtyCursor(plan.dirty) : undefined;
     this.zeroExtents = source.extents ? new ZeroExtentCursor(source.extents()) : undefined;
     this.map = new MapBuilder(blocks, repo.pageStore(context.metaWriter));
@@ -183,7 +185,8 @@ class DiskBackup {
   /**
    * The reader, in block order: runs of adjacent blocks to read (up to runBlocks) are read each as one large
    * read into their slots, at most RUNS_IN_FLIGHT at once, then every block of the run goes to a worker to
-   * be hashed; blocks the source says read as zeros, and clean runs of an incremental, break a run.
+   * be hashed; blocks the source says read as zeros, and clean runs of an incremental, break a run and
+   * go on as one item each, whatever their length: a hole costs a step per extent, not per block.
    */
   private async read(): Promise<void> {
     const blocks = this.geometry.blocks;
@@ -199,10 +202,12 @@ class DiskBackup {
         block += clean - 1;
         continue;
       }
-      if (await this.readsAsZeros(block)) {
+      const zeros = await this.zeroRun(block);
+      if (zeros > 0) {
         if (runCount > 0) await this.readRun(runFirst, runCount);
         runCount = 0;
-        this.queue.push(await this.zeroBlock(block));
+        this.queue.push({ block, slot: -1, length: 0, result: undefined, done: Promise.resolve(), zeros });
+        block += zeros - 1;
         continue;
       }
       if (runCount === 0) runFirst = block;
@@ -223,21 +228,22 @@ class DiskBackup {
     return nextDirty - block;
   }
 
-  /** Whether the source says the block reads as zeros (a hole, a zero cluster): it is then recorded unread. */
-  private async readsAsZeros(block: number): Promise<boolean> {
-    const zeroExtents = this.zeroExtents;
-    if (!zeroExtents) return false;
-    const offset = this.geometry.offsetOf(block);
-    const length = this.geometry.lengthOf(block);
-    // The extent at hand answers most blocks; asking the source for more extents may take long (the
-    // holes of a thin disk come merged over many requests), so that wait is interruptible.
-    return zeroExtents.known(offset, length) ?? (await this.interruption.race(zeroExtents.isZero(offset, length)));
-  }
-
-  /** A block known to read as zeros: it still takes a slot, which bounds how far the reader runs ahead over holes. */
-  private async zeroBlock(block: number): Promise<InFlight> {
-    const slot = await this.interruption.race(this.context.pool.slots.acquire());
-    return { block, slot, length: this.geometry.lengthOf(block), result: { zero: true }, done: Promise.resolve() };
+  /**
+   * How many blocks from `block` on the source says read as zeros (a hole, a zero cluster), all in one extent
+   * (0 when `block` is not one of them): they are recorded unread. In an incremental the run ends with the
+   * dirty range, so that clean blocks still come from the parent's map.
+   */
+  private async zeroRun(block: number): Promise<number> {
+    const { zeroExtents, geometry } = this;
+    if (!zeroExtents) return 0;
+    const offset = geometry.offsetOf(block);
+    // Asking the source for more extents may take long (the holes of a thin disk come merged over many
+    // requests), so that wait is interruptible.
+    const end = await this.interruption.race(zeroExtents.zeroEnd(offset, geometry.lengthOf(block)));
+    if (end === offset) return 0;
+    let until = end >= this.source.size ? geometry.blocks : geometry.blockAt(end);
+    if (this.dirty) until = Math.min(until, this.dirty.touchedEnd(geometry.blockSize, geometry.blocks));
+    return Math.max(1, until - block);
   }
 
   /**
@@ -277,10 +283,12 @@ class DiskBackup {
     for (;;) {
       const item = await this.queue.shift();
       if (!item || this.failure !== undefined) break;
-      if (item.unchanged !== undefined) {
+      if (item.unchanged !== undefined || item.zeros !== undefined) {
         if (batch.length > 0) await this.storeBatch(batch);
         batch = [];
-        await this.takeUnchanged(item);
+        if (item.unchanged !== undefined) await this.takeUnchanged(item.block, item.unchanged);
+        else await this.takeZeros(item.block, item.zeros!);
+        this.report();
         continue;
       }
       // A read may never come back (an imageio or NBD server that stalls): waiting for it is interruptible.
@@ -295,14 +303,20 @@ class DiskBackup {
     if (this.failure === undefined && batch.length > 0) await this.storeBatch(batch);
   }
 
-  /** Clean blocks: the parent's entries, unread. */
-  private async takeUnchanged(item: InFlight): Promise<void> {
-    for (let block = item.block; block < item.block + item.unchanged!; block += 1) {
-      await this.interruption.tick();
-      await this.map.push(await this.parent!.entry(block));
-      this.bytesDone += this.geometry.lengthOf(block);
-    }
-    this.stats.blocksUnchanged += item.unchanged!;
+  /** Clean blocks: the parent's entries, unread; its whole pages by id, unread too. */
+  private async takeUnchanged(first: number, count: number): Promise<void> {
+    await this.interruption.tick();
+    await this.map.pushSpan(count, this.parent!);
+    this.bytesDone += this.geometry.bytesOf(first, count);
+    this.stats.blocksUnchanged += count;
+  }
+
+  /** Blocks the source says read as zeros: whole pages of them become one ZERO_ID at the highest level. */
+  private async takeZeros(first: number, count: number): Promise<void> {
+    await this.interruption.tick();
+    await this.map.pushZeros(count);
+    this.bytesDone += this.geometry.bytesOf(first, count);
+    this.stats.blocksZero += count;
   }
 
   /** A batch in block order: the new blocks sealed, then every block mapped (and the new ones written). */
@@ -312,6 +326,10 @@ class DiskBackup {
       await this.storeBlock(item, sealing.get(item));
       this.bytesDone += item.length;
     }
+    this.report();
+  }
+
+  private report(): void {
     const stats = this.stats;
     this.context.onProgress?.({ disk: this.name, bytesDone: this.bytesDone, bytesTotal: this.source.size, bytesRead: stats.bytesRead, bytesNew: stats.bytesNew });
   }

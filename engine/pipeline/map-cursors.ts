@@ -1,39 +1,9 @@
 /**
- * Cursors that walk, in block order, what an incremental backup needs besides the source: the parent
- * backup's map (entries of unchanged blocks) and the dirty extents (which blocks changed). Both consume
- * their input lazily, so memory stays flat whatever the disk size.
+ * A cursor that walks, in block order, what an incremental backup needs besides the source and the parent's
+ * map (block-map.ts, MapPageReader): the dirty extents (which blocks changed). It consumes them lazily, so
+ * memory stays flat whatever the disk size.
  */
-import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
-import { readMap, type LoadPage, type MapRoot, type MapRun } from '../../repo-format/block-map.js';
 import { blockAt, blockOffset } from '../../repo-format/disk-geometry.js';
-import { CorruptMetadataError } from '../../repo-format/errors.js';
-
-export class ParentMapCursor {
-  private readonly runs: AsyncGenerator<MapRun>;
-  private run: MapRun | undefined;
-
-  constructor(
-    private readonly map: MapRoot,
-    loadPage: LoadPage,
-  ) {
-    this.runs = readMap(map, loadPage);
-  }
-
-  /**
-   * The parent's entry for `block`. Blocks must not go backwards. A map that ends before `block` covers
-   * fewer blocks than its record's disk: the record or the map is damaged (ENGINE_CORRUPT_METADATA).
-   */
-  async entry(block: number): Promise<Buffer> {
-    while (!this.run || this.run.firstBlock + this.run.count <= block) {
-      const next = await this.runs.next();
-      if (next.done) throw new CorruptMetadataError(`block map ${this.map.root.toString('hex').slice(0, 16)}…`, `it covers ${this.map.blocks} blocks, and block ${block} of the disk it is read for was asked`);
-      this.run = next.value;
-    }
-    if (this.run.entries === null) return ZERO_ID;
-    const at = (block - this.run.firstBlock) * ID_SIZE;
-    return this.run.entries.subarray(at, at + ID_SIZE);
-  }
-}
 
 export interface Range {
   offset: number;
@@ -59,6 +29,12 @@ export class DirtyCursor {
     }
     if (!this.current || this.current.offset + this.current.length <= from) return blockCount;
     return Math.min(blockCount, Math.max(fromBlock, blockAt(this.current.offset, blockSize)));
+  }
+
+  /** The block after the last one the dirty range at hand touches (the one nextDirtyBlock last found). */
+  touchedEnd(blockSize: number, blockCount: number): number {
+    if (!this.current) return blockCount;
+    return Math.min(blockCount, Math.ceil((this.current.offset + this.current.length) / blockSize));
   }
 }
 

@@ -24,6 +24,17 @@ export class ZeroExtentCursor {
     return extent.offset + extent.length >= offset + length ? true : undefined;
   }
 
+  /**
+   * Where the zeros that cover [offset, offset + length) end: the end of the zero extent in which the range
+   * ends, or `offset` when some byte of it is not known to read as zeros. A caller takes every whole block up
+   * to there in one step, so a hole costs one step per extent, not one per block.
+   */
+  async zeroEnd(offset: number, length: number): Promise<number> {
+    if (!(this.known(offset, length) ?? (await this.isZero(offset, length)))) return offset;
+    const extent = this.current!;
+    return extent.offset + extent.length;
+  }
+
   /** True when [offset, offset + length) lies entirely in zero extents. Offsets must not go backwards. */
   async isZero(offset: number, length: number): Promise<boolean> {
     let at = offset;

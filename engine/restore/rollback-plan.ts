@@ -8,14 +8,14 @@
  * write (a) every block the bitmap marks dirty and (b) every block whose entry differs between R's map and
  * B's map. Both sets are exact at block granularity; the union is written, nothing is compared.
  */
-import { readMap } from '../../repo-format/block-map.js';
+import { MapPageReader, readMap } from '../../repo-format/block-map.js';
 import { mapRootOf, type BackupRecord, type DiskRecord } from '../../repo-format/backup-record.js';
 import { ID_SIZE, ZERO_ID } from '../../repo-format/constants.js';
 import { DiskGeometry } from '../../repo-format/disk-geometry.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { withRemedies } from '../errors.js';
 import type { Repository } from '../../repo-format/repository.js';
-import { ParentMapCursor, type Range } from '../pipeline/map-cursors.js';
+import type { Range } from '../pipeline/map-cursors.js';
 import { BlockSet } from '../common/block-set.js';
 import type { Interruption } from '../host/interrupt.js';
 
@@ -55,7 +55,7 @@ export async function planRollback(repo: Repository, disk: DiskRecord, bitmap: s
   }
   const blocksDirty = write.size;
   let blocksChangedSinceBase = 0;
-  const baseMap = new ParentMapCursor(mapRootOf(base.disk), repo.loadPage);
+  const baseMap = new MapPageReader(mapRootOf(base.disk), repo.loadPage);
   for await (const run of readMap(mapRootOf(disk), repo.loadPage)) {
     for (let i = 0; i < run.count; i += 1) {
       await interruption?.tick();
