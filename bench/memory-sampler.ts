@@ -4,12 +4,16 @@
  * total, external and array buffers (Buffers' bytes). What rss holds beyond heapTotal + external is native
  * memory outside V8 (LevelDB's memtables and caches, malloc arenas, code). From /proc/self/status every
  * 100 ms, the two halves of rss: anonymous memory (heaps, malloc arenas) and file-backed pages (mapped files:
- * LevelDB's tables, and code), at their own peaks. The main thread only.
+ * LevelDB's tables, and code), at their own peaks. The main thread only. With $BENCH_MEMORY_TRACE, also a
+ * line per second into that file (ms since start, then the same figures in MiB as they are then), to see
+ * which phase of a command holds the peak.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { appendFileSync, readFileSync, writeFileSync } from 'node:fs';
+import { getHeapSpaceStatistics } from 'node:v8';
 import { isMainThread } from 'node:worker_threads';
 
 const out = process.env.BENCH_MEMORY_OUT;
+const trace = process.env.BENCH_MEMORY_TRACE;
 
 /** RssAnon and RssFile of this process, in bytes (0 where /proc is not Linux's). */
 function rssParts(): { rssAnon: number; rssFile: number } {
@@ -38,6 +42,18 @@ if (out && isMainThread) {
     peak.rssAnon = Math.max(peak.rssAnon, rssAnon);
     peak.rssFile = Math.max(peak.rssFile, rssFile);
   };
+  if (trace) {
+    const started = performance.now();
+    const mib = (bytes: number): number => Math.round(bytes / 2 ** 20);
+    setInterval(() => {
+      const m = process.memoryUsage();
+      const { rssAnon, rssFile } = rssParts();
+      // V8's spaces by size (MiB): which one holds heapTotal (the young generation's reserve, or old garbage).
+      const spaces = Object.fromEntries(getHeapSpaceStatistics().filter((space) => space.space_size >= 2 ** 20).map((space) => [space.space_name, mib(space.space_size)]));
+      const line = { ms: Math.round(performance.now() - started), rss: mib(m.rss), heapUsed: mib(m.heapUsed), heapTotal: mib(m.heapTotal), external: mib(m.external), arrayBuffers: mib(m.arrayBuffers), rssAnon: mib(rssAnon), rssFile: mib(rssFile), spaces };
+      appendFileSync(trace, `${JSON.stringify(line)}\n`);
+    }, 1000).unref();
+  }
   setInterval(sample, 20).unref();
   setInterval(sampleParts, 100).unref();
   process.on('exit', () => {

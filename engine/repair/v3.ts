@@ -56,7 +56,10 @@ export interface RepairVersion3Args {
 export async function repairVersion3(args: RepairVersion3Args): Promise<RepairReport> {
   const { report, interruption } = args;
   report.configRebuilt = await rebuildLostConfig(args.repo, args.passphrase);
-  const repo = await Repository.open(args.repo, { access: 'exclusive', command: 'repair', manyWriters: true, passphrase: args.passphrase, signal: args.signal, onNotice: args.notice });
+  // The cache's slot is taken (its folder of temporary files holds the indexes built here) but not caught up:
+  // the segments are all replaced in step 3 and the cache caught up (rebuilt) in step 4, before its first
+  // lookup. A catch-up at open would hold its memory and time for nothing (SPEC.md 19.12, "Memory").
+  const repo = await Repository.open(args.repo, { access: 'exclusive', command: 'repair', manyWriters: true, catchUpLater: true, passphrase: args.passphrase, signal: args.signal, onNotice: args.notice });
   const building = join(repo.session.tempDir, `repair-index.${randomBytes(4).toString('hex')}`);
   try {
     // Not raced: the acquisition ends on the signal itself and deletes its pending lease before it throws.

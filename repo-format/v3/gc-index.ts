@@ -18,6 +18,7 @@
  */
 import { rm } from 'node:fs/promises';
 import { levelDb, type LevelDb } from '../leveldb.js';
+import type { ChainedBatch } from 'classic-level';
 import { levelOptions } from '../level-options.js';
 import { classifyWriteError } from '../errors.js';
 import { decodeLocation, encodeLocation, type BlobLocation, type IndexEntry } from '../index-entry.js';
@@ -30,14 +31,19 @@ import { entryOffset, parseSegmentKey, segmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGM
 import { consumeInOrder } from './ordered-window.js';
 
 type Db = LevelDb;
-type Put = { type: 'put'; key: Buffer; value: Buffer };
+type Batch = ChainedBatch<Db, Buffer, Buffer>;
 
 const LIVE = 0x01;
 const ENTRY = 0x02;
 const MOVED = 0x03;
 const REWRITE = 0x04;
 const NOTHING = Buffer.alloc(0);
-/** Writes held in memory before they go to LevelDB in one batch. */
+/**
+ * Writes held before they go to LevelDB in one batch. Each is copied into LevelDB's own batch (a chained
+ * batch) when it is made, so memory holds its bytes once, natively, and no object per write lives until the
+ * batch is written: with arrays of operations, the 2 x 16384 objects (and their key and value Buffers) that
+ * wait outlive V8's young generation and grow the old one (repair at 1M entries: V8 heap 175 MiB).
+ */
 export const GC_INDEX_BATCH = 16384;
 /**
  * Bits of the filter of live ids (4 MiB, whatever the number of blobs): `readSegments({ liveOnly })` writes
@@ -110,7 +116,9 @@ export interface LiveBlob {
 }
 
 export class GcIndex {
-  private pending: Put[] = [];
+  /** The batch being filled, and how many writes it holds. */
+  private pending: Batch | undefined;
+  private pendingCount = 0;
   /** Operations handed to LevelDB and not yet written. */
   private queued = 0;
   private writing: Promise<void> = Promise.resolve();
@@ -157,6 +165,10 @@ export class GcIndex {
 
   async close(): Promise<void> {
     await this.writing.catch(() => undefined);
+    const unwritten = this.pending;
+    this.pending = undefined;
+    this.pendingCount = 0;
+    await unwritten?.close().catch(() => undefined);
     await this.db.close().catch(() => undefined);
     await rm(this.path, { recursive: true, force: true }).catch(() => undefined);
   }
@@ -183,25 +195,31 @@ export class GcIndex {
     this.put(tagged(REWRITE, where), Buffer.concat([entry.id, encodeLocation(entry)]));
   }
 
-  private put(key: Buffer, value: Buffer): void {
+  /** Copies the write into the batch being filled at once: `key` and `value` may be reused when it returns. */
+  private put(key: Uint8Array, value: Uint8Array): void {
     if (this.failure !== undefined) throw this.failure;
-    this.pending.push({ type: 'put', key, value });
-    this.peakHeld = Math.max(this.peakHeld, this.pending.length + this.queued);
-    if (this.pending.length >= this.batch) this.handOver();
+    this.pending ??= this.db.batch();
+    this.pending.put(key as Buffer, value as Buffer);
+    this.pendingCount += 1;
+    this.peakHeld = Math.max(this.peakHeld, this.pendingCount + this.queued);
+    if (this.pendingCount >= this.batch) this.handOver();
   }
 
   private handOver(): void {
-    const operations = this.pending;
-    if (operations.length === 0) return;
-    this.pending = [];
-    this.queued += operations.length;
+    const batch = this.pending;
+    const count = this.pendingCount;
+    if (batch === undefined) return;
+    this.pending = undefined;
+    this.pendingCount = 0;
+    this.queued += count;
     this.writing = this.writing.then(async () => {
       try {
-        if (this.failure === undefined) await this.db.batch(operations, { sync: false });
+        if (this.failure === undefined) await batch.write({ sync: false });
+        else await batch.close();
       } catch (error) {
         this.failure ??= classifyWriteError((error as { cause?: unknown }).cause ?? error, this.path);
       } finally {
-        this.queued -= operations.length;
+        this.queued -= count;
       }
     });
   }
@@ -266,6 +284,9 @@ export class GcIndex {
       }
       const ordinal = this.segments.length;
       this.segments.push({ name: segment.name, entries: segment.count });
+      const entryKey = Buffer.alloc(1 + ID_SIZE + 4);
+      entryKey[0] = ENTRY;
+      entryKey.writeUInt32BE(ordinal, 1 + ID_SIZE);
       presentKeys.add(key);
       for (const old of segment.supersedes) supersededKeys.add(segmentKey(old));
       const stored = segment.bytes;
@@ -278,15 +299,11 @@ export class GcIndex {
           lastPack = at + ID_SIZE;
         }
         if (liveOnly && !this.liveFilter.mayHold(stored, at)) continue;
-        const entryKey = Buffer.allocUnsafe(1 + ID_SIZE + 4);
-        entryKey[0] = ENTRY;
+        // One key buffer for every entry, and the location where it lies in the segment: put copies both.
         stored.copy(entryKey, 1, at, at + ID_SIZE);
-        entryKey.writeUInt32BE(ordinal, 1 + ID_SIZE);
-        const location = Buffer.allocUnsafe(INDEX_ENTRY_SIZE);
-        stored.copy(location, 0, at + ID_SIZE, at + ID_SIZE + INDEX_ENTRY_SIZE);
-        this.put(entryKey, location);
+        this.put(entryKey, stored.subarray(at + ID_SIZE, at + ID_SIZE + INDEX_ENTRY_SIZE));
         this.entriesWritten += 1;
-        if (this.pending.length === 0) await this.settle();
+        if (this.pendingCount === 0) await this.settle();
       }
       await options.tick?.();
     });

@@ -120,6 +120,11 @@ export interface IndexCacheOptions {
   onRebuild?: ((why: string) => void) | undefined;
   /** Entries per LevelDB batch (default CACHE_BATCH, or ENGINE_TEST_CACHE_BATCH; tests set a small one). */
   batch?: number | undefined;
+  /**
+   * Open the slot without catching up (the caller calls catchUp before any lookup): repair, which replaces
+   * every segment and catches up after, so that a catch-up at open would be undone at once.
+   */
+  catchUpLater?: boolean | undefined;
 }
 
 /** For the tests only, like ENGINE_CRASH_AT: ENGINE_TEST_CACHE_BATCH=n ingests segments in parts of n entries. */
@@ -146,6 +151,17 @@ export class IndexCache {
   private readonly batch: number;
   /** The most operations handed to LevelDB in one batch (the bound the tests check). */
   peakBatch = 0;
+  /**
+   * A part's keys and values, and a view of each key, made once and used by every part that finds them
+   * free (LevelDB copies what it is given: keys when a read is asked, puts when they are added), so that a
+   * catch-up does not leave two Buffers of a MiB and 16384 views behind per part for V8 to collect, which
+   * it does only once their bytes pass its external-memory threshold (external Buffers 29 -> 113 MiB from
+   * 250k to 4M entries). An ingest that runs while another holds them (a writer's own segment during a
+   * catch-up) makes its own.
+   */
+  private scratch: PartScratch | undefined;
+  /** Why the cache was emptied at open when its catch-up was left for later: the next catch-up reports it (and ends the rebuild). */
+  private resetAtOpen: string | undefined;
 
   private constructor(
     private db: Db,
@@ -174,6 +190,10 @@ export class IndexCache {
       try {
         if (opened.reset) await cache.reset(opened.reset);
         await cache.loadSegments();
+        if (options.catchUpLater) {
+          cache.resetAtOpen = opened.reset;
+          return { cache, catchUp: { ingested: 0, entries: 0, rebuilt: undefined, damaged: [] } };
+        }
         const catchUp = await cache.catchUp(opened.reset);
         return { cache, catchUp };
       } catch (error) {
@@ -212,7 +232,7 @@ export class IndexCache {
       sizes.set(info.key, info.size);
     }
     const presentSet = new Set(present);
-    let rebuilt: string | undefined = alreadyRebuilt;
+    let rebuilt: string | undefined = alreadyRebuilt ?? this.resetAtOpen;
     // A partial segment's entries are in the cache as much as an ingested one's.
     const gone = [...this.known.entries()].find(([key, { state }]) => state !== SUPERSEDED && !presentSet.has(key));
     if (gone) rebuilt = await this.reset(`segment ${gone[0]} it ingested is gone from the store`);
@@ -284,6 +304,7 @@ export class IndexCache {
       await this.db.del(metaKey('rebuilding'), { sync: true });
       this.options.onRebuild?.(rebuilt);
     }
+    this.resetAtOpen = undefined;
     // A damaged segment is not recorded: it is tried again at the next catch-up (and verify reports it).
     return { ingested, entries, rebuilt, damaged };
   }
@@ -402,20 +423,31 @@ export class IndexCache {
   private async ingestEntries(key: string, count: number, place: (i: number, keys: Buffer, keyAt: number, values: Buffer, valueAt: number) => void): Promise<void> {
     if (this.settled(key)) return;
     const ordinal = this.ordinalFor(key);
+    const size = Math.min(this.batch, count);
+    const shared = this.scratch !== undefined && this.scratch.ids.length >= size ? this.scratch : undefined;
+    if (shared) this.scratch = undefined;
+    const scratch = shared ?? partScratch(size);
+    try {
+      await this.ingestParts(key, count, ordinal, scratch, place);
+    } finally {
+      // Kept for the next ingest when it is the largest a part may be (small segments make small ones).
+      if (scratch.ids.length === this.batch && this.scratch === undefined) this.scratch = scratch;
+    }
+  }
+
+  private async ingestParts(key: string, count: number, ordinal: number, scratch: PartScratch, place: (i: number, keys: Buffer, keyAt: number, values: Buffer, valueAt: number) => void): Promise<void> {
+    const { keys, values } = scratch;
     for (let start = 0; ; start += this.batch) {
       const n = Math.min(this.batch, count - start);
       const last = start + n >= count;
-      const keys = Buffer.allocUnsafe(n * BLOB_KEY_SIZE);
-      const values = Buffer.allocUnsafe(n * BLOB_VALUE_SIZE);
-      const ids: Buffer[] = new Array<Buffer>(n);
       for (let i = 0; i < n; i++) {
         const keyAt = i * BLOB_KEY_SIZE;
         const valueAt = i * BLOB_VALUE_SIZE;
         keys[keyAt] = BLOB;
         place(start + i, keys, keyAt + 1, values, valueAt);
         values.writeUInt32LE(ordinal, valueAt + INDEX_ENTRY_SIZE);
-        ids[i] = keys.subarray(keyAt, keyAt + BLOB_KEY_SIZE);
       }
+      const ids = n === scratch.ids.length ? scratch.ids : scratch.ids.slice(0, n);
       const current = n === 0 ? [] : await this.db.getMany(ids);
       // A chained batch: each put is copied into LevelDB's batch at once, so that no array of operations
       // (and no copy of it) lives until the write, only the part's two buffers.
@@ -501,6 +533,20 @@ export class IndexCache {
     await this.db.close();
     await makeTreePrivate(this.path).catch(() => undefined);
   }
+}
+
+/** A part's keys and values (batch entries' worth) and a view of each key (LevelDB's getMany takes an array). */
+interface PartScratch {
+  keys: Buffer;
+  values: Buffer;
+  ids: Buffer[];
+}
+
+function partScratch(entries: number): PartScratch {
+  const keys = Buffer.allocUnsafe(entries * BLOB_KEY_SIZE);
+  const values = Buffer.allocUnsafe(entries * BLOB_VALUE_SIZE);
+  const ids = Array.from({ length: entries }, (_, i) => keys.subarray(i * BLOB_KEY_SIZE, (i + 1) * BLOB_KEY_SIZE));
+  return { keys, values, ids };
 }
 
 /**

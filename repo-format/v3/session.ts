@@ -44,6 +44,8 @@ export interface V3SessionOptions {
   readWithoutLease?: boolean | undefined;
   /** Refuse (ENGINE_REPOSITORY_LOCKED) while another live lease has the same command: one gc at a time (SPEC.md 19.5). */
   alone?: boolean | undefined;
+  /** The cache's slot is taken but not caught up: the caller catches it up before any lookup (repair). */
+  catchUpLater?: boolean | undefined;
   signal?: AbortSignal | undefined;
   notice: (message: string) => void;
   cacheRoot?: string | undefined;
@@ -183,7 +185,7 @@ export class V3Session implements BlobIndex {
     let cache: IndexCache | undefined;
     try {
       // After the lease, never before: a gc that completed in between could have deleted packs the cache names.
-      const opened = await IndexCache.open({ cacheRoot, repositoryId: config.id, storage, dataKey: options.dataKey, signal, onRebuild: (why) => notice(`rebuilt this host's index cache of the repository: ${why}`) });
+      const opened = await IndexCache.open({ cacheRoot, repositoryId: config.id, storage, dataKey: options.dataKey, signal, catchUpLater: options.catchUpLater, onRebuild: (why) => notice(`rebuilt this host's index cache of the repository: ${why}`) });
       cache = opened.cache;
       for (const damaged of opened.catchUp.damaged) notice(`index segment ${damaged.key} cannot be read (${damaged.why}): the blobs it names count as absent`);
       // The slot is this process's alone (LevelDB's lock): whatever lies in its temporary folder is a dead holder's.
