@@ -12,10 +12,6 @@ import { campaign, CampaignRepo, recordCampaign } from './fault-campaign.js';
 import { KIND_DATA, scanPack, SeededRandom } from '../dist/engine/index.js';
 import { checksum64, initChecksum } from '../dist/repo-format/checksum.js';
 
-// About the pipeline: its blocks run in the worker pool whatever the disk's size (a small job otherwise runs them on
-// the main thread; inline-blocks.test.ts checks the two agree).
-process.env.ENGINE_TEST_BLOCK_WORKERS = 'pool';
-
 let dir: string;
 let cleanup: () => Promise<void>;
 

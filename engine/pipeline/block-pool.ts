@@ -69,8 +69,13 @@ export class BlockPool {
   readonly shared: SharedSlots;
   /** The threads that run blocks: the pool's workers, or 1 for the main thread (a small job, runsInline). */
   readonly workers: number;
-  /** The worker pool, or (a small job) the main thread's runner, made on first use. */
-  private readonly piscina: Piscina | undefined;
+  /**
+   * The worker pool, started by the first task: a job that hands the workers nothing (an incremental of an unchanged
+   * disk, whose size was not known when the pool was made) starts no thread. Undefined for a small job (runsInline),
+   * whose runner on the main thread is likewise made on first use.
+   */
+  private readonly startPool: (() => Piscina) | undefined;
+  private piscina: Piscina | undefined;
   private inline: Promise<BlockRunner> | undefined;
   private readonly setup: WorkerSetup;
 
@@ -88,14 +93,15 @@ export class BlockPool {
     this.setup = { ...this.shared, keys: options.keys };
     if (runsInline(options.workers, options.workBytes)) {
       this.workers = 1;
-      this.piscina = undefined;
+      this.startPool = undefined;
       return;
     }
-    this.workers = workersFor(options.workers, options.workBytes);
-    this.piscina = new Piscina({
+    const workers = workersFor(options.workers, options.workBytes);
+    this.workers = workers;
+    this.startPool = () => new Piscina({
       filename: new URL('./block-worker.js', import.meta.url).href,
-      minThreads: this.workers,
-      maxThreads: this.workers,
+      minThreads: workers,
+      maxThreads: workers,
       // 'sync' blocks the worker's event loop between tasks; lz4-napi's buffers then never get freed.
       atomics: 'disabled',
       // Several tasks queued per worker: it starts the next one without a round trip through the main thread.
@@ -166,17 +172,26 @@ export class BlockPool {
     // A buffer that shares its memory (Node's small-buffer pool) is copied: only what it owns may move.
     const bytes = pack.byteOffset === 0 && pack.byteLength === pack.buffer.byteLength && pack.buffer instanceof ArrayBuffer ? new Uint8Array(pack.buffer, 0, pack.byteLength) : new Uint8Array(pack);
     const task = { op: 'verify-pack', pack: bytes, frames } satisfies VerifyPackTask;
-    if (this.piscina === undefined) return this.runInline(task);
-    return this.piscina.run(task, { transferList: [bytes.buffer as ArrayBuffer] }) as Promise<VerifyPackResult>;
+    const pool = this.pool();
+    if (pool === undefined) return this.runInline(task);
+    return pool.run(task, { transferList: [bytes.buffer as ArrayBuffer] }) as Promise<VerifyPackResult>;
   }
 
   async close(): Promise<void> {
     await this.piscina?.destroy();
   }
 
+  /** The worker pool (started now if this is the first task), or undefined: the main thread runs the tasks. */
+  private pool(): Piscina | undefined {
+    if (this.startPool === undefined) return undefined;
+    this.piscina ??= this.startPool();
+    return this.piscina;
+  }
+
   private run<T>(task: BlockTask): Promise<T> {
-    if (this.piscina === undefined) return this.runInline(task);
-    return this.piscina.run(task) as Promise<T>;
+    const pool = this.pool();
+    if (pool === undefined) return this.runInline(task);
+    return pool.run(task) as Promise<T>;
   }
 
   /**
