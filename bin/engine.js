@@ -73,6 +73,8 @@ function entryFile() {
   return plain;
 }
 const entry = entryFile();
+// --debug prints stack traces: through the source maps they name the TypeScript sources, not the bundle's chunks.
+if (process.argv.includes('--debug')) process.setSourceMapsEnabled(true);
 if (!existsSync(entry)) {
   process.stderr.write('engine: not built yet; run `npm run build` (or `bash scripts/setup.sh`) in the project root\n');
   process.exit(1);
