@@ -129,8 +129,12 @@ export function sizeArgument(flag: string, value: string, min: number, max: numb
   return bytes;
 }
 
-/** Worker threads; what they do depends on the command. */
-export function workersOption(work: string, byDefault = 'one per core'): Option {
+/**
+ * Worker threads; what they do depends on the command. The default of backup, restore and verify: a job of at most
+ * INLINE_MAX_BYTES (block-pool.ts) runs its blocks on the main thread, starting none.
+ */
+export const SMALL_JOB_WORKERS = 'one per core; none for a job of 16 MiB or less, which the main thread runs';
+export function workersOption(work: string, byDefault = SMALL_JOB_WORKERS): Option {
   return new Option('--workers <n>', `worker threads that ${work} (default: ${byDefault})`).argParser(integerParser('--workers', 1, 64));
 }
 

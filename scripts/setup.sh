@@ -51,9 +51,10 @@ if [ ! -x "$runtime" ]; then
 fi
 
 # Rebuild when any TypeScript source is newer than the last build.
-if [ ! -f dist/.built ] || [ -n "$(find repo-format engine cli bench test/ovirt-sim test/ovirt-contract tsconfig.json package.json -newer dist/.built -print -quit 2>/dev/null)" ]; then
-  echo "setup: building (tsc)" >&2
+if [ ! -f dist/.built ] || [ -n "$(find repo-format engine cli bench test/ovirt-sim test/ovirt-contract tsconfig.json package.json scripts/bundle.mjs -newer dist/.built -print -quit 2>/dev/null)" ]; then
+  echo "setup: building (tsc, then the CLI's bundle)" >&2
 
   "$runtime" node_modules/typescript/bin/tsc -p tsconfig.json
+  "$runtime" scripts/bundle.mjs
   touch dist/.built
 fi

@@ -19,6 +19,10 @@ import { decodeConfig, encodeConfig, newConfig } from '../dist/repo-format/confi
 import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
 import { qcow2, qemuImgCompare, qemuIo } from './qemu.js';
 
+// About the pipeline: its blocks run in the worker pool whatever the disk's size (a small job otherwise runs them on
+// the main thread; inline-blocks.test.ts checks the two agree).
+process.env.ENGINE_TEST_BLOCK_WORKERS = 'pool';
+
 const MiB = 1024 * 1024;
 const PASSPHRASE = 'correct horse battery staple';
 const MARKER = 'ENGINE-PLAINTEXT-MARKER-7f3a9c';

@@ -8,7 +8,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { execFile } from 'node:child_process';
-import { chmod, chown, copyFile, mkdir, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { chmod, chown, copyFile, mkdir, readdir, readFile, rm, stat, symlink, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ENGINE_BIN, backUp, initRepository, sh, sparseFile, tempDir, writeRegion } from './helpers.js';
@@ -171,5 +171,50 @@ describe("bin/engine.js: Node's compile cache in the host cache folder, only whe
     const cache = join(dir, 'cc-disabled');
     await versionWithCache(cache, { NODE_DISABLE_COMPILE_CACHE: '1' });
     await expect(stat(join(cache, 'node-compile-cache'))).rejects.toMatchObject({ code: 'ENOENT' });
+  });
+});
+
+describe('bin/engine.js: the bundle (dist/bundle/) only while it is at least as new as tsc\'s output', () => {
+  /** A checkout of bin/engine.js beside two stand-in entries that print which one ran. */
+  async function fakeCheckout(name: string): Promise<{ root: string; run: (env?: Record<string, string>) => Promise<string> }> {
+    const root = join(dir, `layout-${name}`);
+    await mkdir(join(root, 'bin'), { recursive: true });
+    await mkdir(join(root, 'dist', 'cli'), { recursive: true });
+    await mkdir(join(root, 'dist', 'bundle'), { recursive: true });
+    await copyFile(ENGINE_BIN, join(root, 'bin', 'engine.js'));
+    await writeFile(join(root, 'dist', 'cli', 'main.js'), "process.stdout.write('tsc');\n");
+    await writeFile(join(root, 'dist', 'bundle', 'main.js'), "process.stdout.write('bundle');\n");
+    const run = (env: Record<string, string> = {}): Promise<string> =>
+      new Promise((resolve, reject) =>
+        execFile(process.execPath, [join(root, 'bin', 'engine.js')], { env: { ...process.env, NODE_DISABLE_COMPILE_CACHE: '1', ...env } }, (error, stdout) => (error ? reject(error) : resolve(stdout))),
+      );
+    return { root, run };
+  }
+
+  test('newer or as new: the bundle; older (a tsc since): tsc\'s output; ENGINE_NO_BUNDLE=1 or no bundle: tsc\'s output', async () => {
+    const { root, run } = await fakeCheckout('bundle');
+    const tscMain = join(root, 'dist', 'cli', 'main.js');
+    const bundleMain = join(root, 'dist', 'bundle', 'main.js');
+    const at = async (path: string, seconds: number): Promise<void> => utimes(path, seconds, seconds);
+    await at(tscMain, 1_000_000);
+    await at(bundleMain, 1_000_010);
+    expect(await run()).toBe('bundle');
+    await at(bundleMain, 1_000_000);
+    expect(await run()).toBe('bundle');
+    expect(await run({ ENGINE_NO_BUNDLE: '1' })).toBe('tsc');
+    await at(tscMain, 1_000_020);
+    expect(await run()).toBe('tsc');
+    await rm(join(root, 'dist', 'bundle'), { recursive: true });
+    expect(await run()).toBe('tsc');
+  });
+
+  test('--debug: stack traces name the TypeScript sources (source maps), from the bundle or not', async () => {
+    for (const env of [{}, { ENGINE_NO_BUNDLE: '1' }]) {
+      const result = await new Promise<string>((resolve) =>
+        execFile(process.execPath, [ENGINE_BIN, 'verify', '--repo', join(dir, 'no-such-repository'), '--debug'], { env: { ...process.env, ...env } }, (_error, _stdout, stderr) => resolve(stderr)),
+      );
+      expect(result).toContain('is not an engine repository');
+      expect(result).toMatch(/at .*\/repo-format\/repository\.ts:\d+:\d+/);
+    }
   });
 });

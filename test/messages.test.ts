@@ -139,8 +139,8 @@ describe('numeric options', () => {
 
   test('--workers says what the threads do, per command', async () => {
     const help = async (command: string): Promise<string> => (await runEngine([command, '--help'])).stdout.replace(/\s+/g, ' ');
-    expect(await help('backup')).toContain('--workers <n> worker threads that hash and compress the blocks read (default: one per core)');
-    expect(await help('restore')).toContain('--workers <n> worker threads that read and check the chunks (decrypt, decompress, hash) before they are written (default: one per core)');
+    expect(await help('backup')).toContain('--workers <n> worker threads that hash and compress the blocks read (default: one per core; none for a job of 16 MiB or less, which the main thread runs)');
+    expect(await help('restore')).toContain('--workers <n> worker threads that read and check the chunks (decrypt, decompress, hash) before they are written (default: one per core; none for a job of 16 MiB or less, which the main thread runs)');
     expect(await help('serve')).toContain('--workers <n> worker threads that read and check the chunks before they are served (default: 2)');
     expect(await help('verify')).toContain('--workers <n> worker threads that re-read and check the chunks with --read-data');
     expect(await help('repair')).toContain('--workers <n> worker threads that re-read and check every frame');

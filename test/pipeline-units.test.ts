@@ -5,7 +5,7 @@
 import { describe, expect, test } from 'vitest';
 import { availableParallelism } from 'node:os';
 import { SlotPool } from '../dist/engine/pipeline/slot-pool.js';
-import { BYTES_PER_WORKER, workersFor } from '../dist/engine/pipeline/block-pool.js';
+import { BYTES_PER_WORKER, INLINE_MAX_BYTES, runsInline, workersFor } from '../dist/engine/pipeline/block-pool.js';
 import { DirtyCursor, mergeRanges, type Range } from '../dist/engine/pipeline/map-cursors.js';
 import { BlockSet } from '../dist/engine/common/block-set.js';
 import { MapBuilder, MapPageReader, type MapRoot } from '../dist/repo-format/block-map.js';
@@ -35,6 +35,25 @@ describe('workers for a job', () => {
     expect(workersFor(4, 2 ** 40)).toBe(4);
     expect(workersFor(undefined, 2 ** 40)).toBe(cores);
     expect(workersFor(1, 2 ** 40)).toBe(1);
+  });
+});
+
+describe('small jobs on the main thread', () => {
+  test('a job of at most INLINE_MAX_BYTES of known work starts no worker, unless workers were asked for or the tests force the pool', () => {
+    const saved = process.env.ENGINE_TEST_BLOCK_WORKERS;
+    try {
+      delete process.env.ENGINE_TEST_BLOCK_WORKERS;
+      expect(runsInline(undefined, 0)).toBe(true);
+      expect(runsInline(undefined, INLINE_MAX_BYTES)).toBe(true);
+      expect(runsInline(undefined, INLINE_MAX_BYTES + 1)).toBe(false);
+      expect(runsInline(undefined, undefined)).toBe(false);
+      expect(runsInline(1, 0)).toBe(false);
+      process.env.ENGINE_TEST_BLOCK_WORKERS = 'pool';
+      expect(runsInline(undefined, 0)).toBe(false);
+    } finally {
+      if (saved === undefined) delete process.env.ENGINE_TEST_BLOCK_WORKERS;
+      else process.env.ENGINE_TEST_BLOCK_WORKERS = saved;
+    }
   });
 });
 

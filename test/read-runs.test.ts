@@ -18,6 +18,10 @@ import type { Range } from '../dist/engine/pipeline/map-cursors.js';
 import { filesIdentical, runEngine, sh, sparseFile, tempDir, writeRegion } from './helpers.js';
 import { qcow2, qemuIo, qemuNbd } from './qemu.js';
 
+// About the pipeline: its blocks run in the worker pool whatever the disk's size (a small job otherwise runs them on
+// the main thread; inline-blocks.test.ts checks the two agree).
+process.env.ENGINE_TEST_BLOCK_WORKERS = 'pool';
+
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
 

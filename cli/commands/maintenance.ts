@@ -105,7 +105,7 @@ function registerRepair(program: Command): void {
     .addOption(opt.repoOption())
     .addOption(opt.passwordFileOption())
     .option('--json', 'print JSON')
-    .addOption(opt.workersOption('re-read and check every frame'))
+    .addOption(opt.workersOption('re-read and check every frame', 'one per core'))
     .action(async (opts: { repo?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
       output.json = opts.json === true;
       const progress = createProgress({ json: output.json });

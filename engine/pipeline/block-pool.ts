@@ -12,6 +12,7 @@ import { CorruptFrameError, CorruptPackError } from '../../repo-format/errors.js
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
 import type { Compression } from '../../repo-format/compression.js';
 import type { FrameLocator } from '../../repo-format/frame-locator.js';
+import type { BlockRunner } from './block-runner.js';
 import { SlotPool } from './slot-pool.js';
 import { pageAlignedSharedBuffer } from './aligned-memory.js';
 import type { BlockTask, HashResult, OpenResult, OpenSpanResult, OpenSpanTask, SealResult, SharedSlots, VerifyPackResult, OpenTask, VerifyPackTask, WorkerSetup } from './tasks.js';
@@ -42,6 +43,24 @@ export interface BlockPoolOptions {
   workBytes?: number | undefined;
 }
 
+/**
+ * A job of at most this many bytes of work runs its blocks on the main thread and starts no worker. A worker costs
+ * ~60-90 ms of CPU to start (and as much wall time before its first block), more than the main thread takes to hash
+ * and compress this much (measured, bench/fixed-costs.ts); the pool pays only where a second core has work to share.
+ */
+export const INLINE_MAX_BYTES = 16 * 1024 * 1024;
+
+/**
+ * Whether a job runs its blocks on the main thread: a small job whose size is known, unless workers were asked for
+ * (`--workers`). For the tests only, like ENGINE_CRASH_AT: ENGINE_TEST_BLOCK_WORKERS=pool starts the pool for every
+ * job, so that the tests about the pipeline run its threads whatever the size of their disks.
+ */
+export function runsInline(requested: number | undefined, workBytes: number | undefined): boolean {
+  if (requested !== undefined || workBytes === undefined) return false;
+  if (process.env.ENGINE_TEST_BLOCK_WORKERS === 'pool') return false;
+  return workBytes <= INLINE_MAX_BYTES;
+}
+
 /** Workers for a job: as asked (default one per core), but no more than its work can use (BYTES_PER_WORKER). */
 export function workersFor(requested: number | undefined, workBytes: number | undefined): number {
   const asked = requested ?? Math.max(1, availableParallelism());
@@ -52,8 +71,17 @@ export function workersFor(requested: number | undefined, workBytes: number | un
 export class BlockPool {
   readonly slots: SlotPool;
   readonly shared: SharedSlots;
+  /** The threads that run blocks: the pool's workers, or 1 for the main thread (a small job, runsInline). */
   readonly workers: number;
-  private readonly piscina: Piscina;
+  /**
+   * The worker pool, started by the first task: a job that hands the workers nothing (an incremental of an unchanged
+   * disk, whose size was not known when the pool was made) starts no thread. Undefined for a small job (runsInline),
+   * whose runner on the main thread is likewise made on first use.
+   */
+  private readonly startPool: (() => Piscina) | undefined;
+  private piscina: Piscina | undefined;
+  private inline: Promise<BlockRunner> | undefined;
+  private readonly setup: WorkerSetup;
 
   constructor(options: BlockPoolOptions) {
     const slotCount = options.slotCount ?? Math.min(32, Math.max(8, Math.floor(SLOT_BUDGET_BYTES / options.blockSize)));
@@ -67,16 +95,23 @@ export class BlockPool {
       outputSlotSize,
     };
     this.slots = new SlotPool(slotCount);
-    this.workers = workersFor(options.workers, options.workBytes);
-    this.piscina = new Piscina({
+    this.setup = { ...this.shared, keys: options.keys, compression: options.compression };
+    if (runsInline(options.workers, options.workBytes)) {
+      this.workers = 1;
+      this.startPool = undefined;
+      return;
+    }
+    const workers = workersFor(options.workers, options.workBytes);
+    this.workers = workers;
+    this.startPool = () => new Piscina({
       filename: new URL('./block-worker.js', import.meta.url).href,
-      minThreads: this.workers,
-      maxThreads: this.workers,
+      minThreads: workers,
+      maxThreads: workers,
       // 'sync' blocks the worker's event loop between tasks; lz4-napi's buffers then never get freed.
       atomics: 'disabled',
       // Several tasks queued per worker: it starts the next one without a round trip through the main thread.
       concurrentTasksPerWorker: 4,
-      workerData: { ...this.shared, keys: options.keys, compression: options.compression } satisfies WorkerSetup,
+      workerData: this.setup,
       idleTimeout: 60_000,
     });
   }
@@ -141,14 +176,37 @@ export class BlockPool {
   verifyPack(pack: Buffer, frames: VerifyPackTask['frames']): Promise<VerifyPackResult> {
     // A buffer that shares its memory (Node's small-buffer pool) is copied: only what it owns may move.
     const bytes = pack.byteOffset === 0 && pack.byteLength === pack.buffer.byteLength && pack.buffer instanceof ArrayBuffer ? new Uint8Array(pack.buffer, 0, pack.byteLength) : new Uint8Array(pack);
-    return this.piscina.run({ op: 'verify-pack', pack: bytes, frames } satisfies VerifyPackTask, { transferList: [bytes.buffer as ArrayBuffer] }) as Promise<VerifyPackResult>;
+    const task = { op: 'verify-pack', pack: bytes, frames } satisfies VerifyPackTask;
+    const pool = this.pool();
+    if (pool === undefined) return this.runInline(task);
+    return pool.run(task, { transferList: [bytes.buffer as ArrayBuffer] }) as Promise<VerifyPackResult>;
   }
 
   async close(): Promise<void> {
-    await this.piscina.destroy();
+    await this.piscina?.destroy();
+  }
+
+  /** The worker pool (started now if this is the first task), or undefined: the main thread runs the tasks. */
+  private pool(): Piscina | undefined {
+    if (this.startPool === undefined) return undefined;
+    this.piscina ??= this.startPool();
+    return this.piscina;
   }
 
   private run<T>(task: BlockTask): Promise<T> {
-    return this.piscina.run(task) as Promise<T>;
+    const pool = this.pool();
+    if (pool === undefined) return this.runInline(task);
+    return pool.run(task) as Promise<T>;
+  }
+
+  /**
+   * A task on the main thread. The event loop turns before each (as a worker's does between tasks): signals, I/O
+   * and lz4-napi's finalizers are served between blocks.
+   */
+  private async runInline<T>(task: BlockTask): Promise<T> {
+    this.inline ??= import('./block-runner.js').then(({ blockRunner }) => blockRunner(this.setup, { collect: false }));
+    const run = await this.inline;
+    await new Promise((resolve) => setImmediate(resolve));
+    return (await run(task)) as T;
   }
 }

@@ -1,0 +1,103 @@
+/**
+ * A small job runs its blocks on the main thread and starts no worker (block-pool.ts, runsInline); a larger one,
+ * and every job under ENGINE_TEST_BLOCK_WORKERS=pool, in the worker pool. The two must be interchangeable: a backup
+ * made by one is deduplicated whole by the other (the same block ids), each restores what the other backed up byte
+ * for byte, and verify --read-data names the same damaged frame whichever runs it. Plain and encrypted repositories.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { open, readdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { KIND_DATA, scanPack } from '../dist/engine/index.js';
+import { INLINE_MAX_BYTES } from '../dist/engine/pipeline/block-pool.js';
+import { backUp, expectRestoreIdentical, parseJson, runEngine, sparseFile, tempDir, writeRegion } from './helpers.js';
+
+const MiB = 1024 * 1024;
+const PASSWORD = { ENGINE_PASSWORD: 'inline blocks' };
+let dir: string;
+let cleanup: () => Promise<void>;
+
+beforeAll(async () => {
+  ({ path: dir, cleanup } = await tempDir('engine-inline-'));
+});
+afterAll(async () => {
+  await cleanup();
+});
+
+/**
+ * 7 MiB + 4097 bytes of every kind of content, well under INLINE_MAX_BYTES: blocks of random data, text and a repeated
+ * pattern, a zero block, a random block and a short last block (7 blocks of data, 1 zero).
+ */
+async function image(name: string): Promise<string> {
+  const path = join(dir, name);
+  await sparseFile(path, 7 * MiB + 4097);
+  await writeRegion(path, 0, 2 * MiB, 'random', name);
+  await writeRegion(path, 2 * MiB, 2 * MiB, 'text', name);
+  await writeRegion(path, 4 * MiB, MiB, 'repeat', name);
+  await writeRegion(path, 6 * MiB, MiB + 4097, 'random', `${name}-tail`);
+  return path;
+}
+
+interface VerifyJson {
+  ok: boolean;
+  problems: { code: string; pack?: string; packOffset?: number }[];
+}
+
+for (const encrypted of [false, true]) {
+  describe(encrypted ? 'encrypted repository' : 'plain repository', () => {
+    const base = encrypted ? PASSWORD : {};
+    const pool = { ...base, ENGINE_TEST_BLOCK_WORKERS: 'pool' };
+
+    test('the main thread and the worker pool make the same blocks, read each other\'s, and find the same damage', async () => {
+      expect(8 * MiB).toBeLessThan(INLINE_MAX_BYTES);
+      const repo = join(dir, encrypted ? 'repo-encrypted' : 'repo-plain');
+      expect((await runEngine(['init', repo, ...(encrypted ? ['--encrypt'] : [])], { env: base })).code).toBe(0);
+      const first = await image(encrypted ? 'e1.img' : 'p1.img');
+      const second = await image(encrypted ? 'e2.img' : 'p2.img');
+
+      // The pool's blocks, then the same disk on the main thread: every data block is already there.
+      const byPool = await backUp(repo, ['--source', first, '--name', 'first'], { env: pool, quiet: true });
+      expect(byPool.disks[0]!.blocksNew).toBe(7);
+      const again = await backUp(repo, ['--source', first, '--name', 'first', '--full'], { env: base, quiet: true });
+      expect(again.disks[0]!).toMatchObject({ blocksNew: 0, blocksDeduplicated: 7, blocksZero: 1 });
+      // And the other way round.
+      const inline = await backUp(repo, ['--source', second, '--name', 'second'], { env: base, quiet: true });
+      // Its random blocks are new (its text and pattern blocks are the first disk's).
+      expect(inline.disks[0]!).toMatchObject({ blocksNew: 5, blocksDeduplicated: 2, blocksZero: 1 });
+      const byPoolAgain = await backUp(repo, ['--source', second, '--name', 'second', '--full'], { env: pool, quiet: true });
+      expect(byPoolAgain.disks[0]!).toMatchObject({ blocksNew: 0, blocksDeduplicated: 7, blocksZero: 1 });
+
+      // Each restores what the other sealed.
+      await expectRestoreIdentical(repo, byPool.id, first, { dir, env: base });
+      await expectRestoreIdentical(repo, inline.id, second, { dir, env: pool });
+
+      const verify = async (env: Record<string, string>): Promise<{ code: number; report: VerifyJson }> => {
+        const result = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env });
+        return { code: result.code, report: parseJson<VerifyJson>(result.stdout) };
+      };
+      expect(await verify(base)).toMatchObject({ code: 0, report: { ok: true, problems: [] } });
+      expect(await verify(pool)).toMatchObject({ code: 0, report: { ok: true, problems: [] } });
+
+      // A flipped payload byte in the first data frame found: both name that frame, and only it.
+      let damaged: { pack: string; offset: number } | undefined;
+      for (const sub of (await readdir(join(repo, 'packs'))).sort()) {
+        for (const id of (await readdir(join(repo, 'packs', sub))).sort()) {
+          const frame = (await scanPack(repo, id, encrypted)).frames.find((f) => f.header.kind === KIND_DATA);
+          if (!frame || damaged) continue;
+          const handle = await open(join(repo, 'packs', sub, id), 'r+');
+          const byte = Buffer.alloc(1);
+          await handle.read(byte, 0, 1, frame.offset + 48 + 1000);
+          byte[0] = byte[0]! ^ 0x10;
+          await handle.write(byte, 0, 1, frame.offset + 48 + 1000);
+          await handle.close();
+          damaged = { pack: id, offset: frame.offset };
+        }
+      }
+      expect(damaged).toBeDefined();
+      for (const env of [base, pool]) {
+        const { code, report } = await verify(env);
+        expect(code).toBe(4);
+        expect(report.problems.filter((p) => p.code === 'FRAME_DAMAGED')).toEqual([expect.objectContaining({ pack: damaged!.pack, packOffset: damaged!.offset })]);
+      }
+    });
+  });
+}
