@@ -54,7 +54,7 @@ export interface FaultProxy {
   readonly endpoint: string;
   addRule(rule: FaultRule): void;
   clearRules(): void;
-  /** Faults injected so far, by kind. */
+  /** Faults that took effect so far, by kind (a fault at a byte position counts once a body reached it). */
   readonly injected: Record<string, number>;
   /** Requests seen so far. */
   readonly requests: { count: number };
@@ -99,15 +99,30 @@ export async function startFaultProxy(target: string, options: { seed?: number }
       if (rule.seen <= (rule.skip ?? 0) || rule.failed >= (rule.times ?? Infinity)) continue;
       if (rule.probability !== undefined && random() >= rule.probability) continue;
       rule.failed += 1;
-      injected[rule.action.kind] = (injected[rule.action.kind] ?? 0) + 1;
+      // A fault that acts at a byte position counts only once it reached that byte (applied, below): a test
+      // whose bodies are shorter than the fault's position then sees the fault did not happen, not a pass.
+      if (!positional(rule.action)) count(rule.action);
       return rule.action;
     }
     return undefined;
   };
 
+  const count = (action: FaultAction): void => {
+    injected[action.kind] = (injected[action.kind] ?? 0) + 1;
+  };
+
   const reset = (socket: Socket): void => {
     socket.resetAndDestroy();
   };
+
+  /** Faults that act at a byte position of a body: counted in `injected` when they reach it, not when chosen. */
+  const positional = (action: FaultAction): boolean =>
+    (action.kind === 'reset-request' && action.afterBytes > 0) ||
+    action.kind === 'reset-response' ||
+    action.kind === 'truncate-response' ||
+    action.kind === 'corrupt-request' ||
+    action.kind === 'corrupt-response' ||
+    (action.kind === 'delay' && action.afterBytes !== undefined);
 
   const handle = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
     requests.count += 1;
@@ -126,11 +141,17 @@ export async function startFaultProxy(target: string, options: { seed?: number }
       // The store never sees this request: RST once the body has passed the given size (or at its end).
       if (action.afterBytes === 0) return reset(clientSocket);
       let arrived = 0;
+      let applied = false;
+      const apply = (): void => {
+        if (!applied) count(action);
+        applied = true;
+        reset(clientSocket);
+      };
       req.on('data', (chunk: Buffer) => {
         arrived += chunk.length;
-        if (arrived > action.afterBytes) reset(clientSocket);
+        if (arrived > action.afterBytes) apply();
       });
-      req.on('end', () => reset(clientSocket));
+      req.on('end', apply);
       return;
     }
     if (action?.kind === 'delay' && action.afterBytes === undefined) await sleep(action.ms);
@@ -152,6 +173,7 @@ export async function startFaultProxy(target: string, options: { seed?: number }
       if (action?.kind === 'corrupt-request' && action.atByte >= received && action.atByte < received + chunk.length) {
         chunk = Buffer.from(chunk);
         chunk[action.atByte - received] ^= 0xff;
+        count(action);
       }
       received += chunk.length;
       if (!forward.write(chunk)) {
@@ -180,6 +202,7 @@ export async function startFaultProxy(target: string, options: { seed?: number }
         const end = sent + chunk.length;
         if ((action?.kind === 'reset-response' || action?.kind === 'truncate-response') && end > action.afterBytes) {
           const keep = chunk.subarray(0, Math.max(0, action.afterBytes - sent));
+          count(action);
           stopped = true;
           answer.destroy();
           res.write(keep, () => {
@@ -192,9 +215,11 @@ export async function startFaultProxy(target: string, options: { seed?: number }
         if (action?.kind === 'corrupt-response' && action.atByte >= sent && action.atByte < end) {
           chunk = Buffer.from(chunk);
           chunk[action.atByte - sent] ^= 0xff;
+          count(action);
         }
         if (action?.kind === 'delay' && action.afterBytes !== undefined && sent <= action.afterBytes && end > action.afterBytes) {
           const split = action.afterBytes - sent;
+          count(action);
           res.write(chunk.subarray(0, split));
           answer.pause();
           setTimeout(() => {
