@@ -36,6 +36,12 @@ export interface DiskProgress {
   bytesTotal: number;
   bytesRead: number;
   bytesNew: number;
+  /**
+   * The pipeline's items taken so far: one per block read, one per run of zero or unchanged blocks however
+   * long it is. The work of a disk is proportional to it, so a thin disk of many TiB with little data takes
+   * few steps (its data blocks and its extents), not one per block.
+   */
+  steps: number;
 }
 
 /** What an incremental or differential read needs: the map to take clean blocks from, and what changed. */
@@ -111,6 +117,7 @@ class DiskBackup {
   private readonly started = Date.now();
   private failure: unknown;
   private bytesDone = 0;
+  private steps = 0;
 
   constructor(
     private readonly source: BlockSource,
@@ -255,6 +262,7 @@ class DiskBackup {
     for (;;) {
       const item = await this.queue.shift();
       if (!item || this.failure !== undefined) break;
+      this.steps += 1;
       if (item.unchanged !== undefined || item.zeros !== undefined) {
         if (batch.length > 0) await this.storeBatch(batch);
         batch = [];
@@ -303,7 +311,7 @@ class DiskBackup {
 
   private report(): void {
     const stats = this.stats;
-    this.context.onProgress?.({ disk: this.name, bytesDone: this.bytesDone, bytesTotal: this.source.size, bytesRead: stats.bytesRead, bytesNew: stats.bytesNew });
+    this.context.onProgress?.({ disk: this.name, bytesDone: this.bytesDone, bytesTotal: this.source.size, bytesRead: stats.bytesRead, bytesNew: stats.bytesNew, steps: this.steps });
   }
 
   /**
