@@ -5,7 +5,7 @@
  * older backups that reference the same content heal, and verify names the backups that lost data.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { copyFile, readdir, rm, stat, truncate } from 'node:fs/promises';
+import { copyFile, open, readdir, rm, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { exitOf, expectRestoreIdentical, parseJson, runEngine, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson, waitFor } from './helpers.js';
 import { qcow2, qemuImgCompare, qemuIo } from './qemu.js';
@@ -21,13 +21,24 @@ afterAll(async () => {
   await cleanup();
 });
 
-/** Every pack of the repository with its size, largest first (the data pack before the small map pack). */
-async function packs(repo: string): Promise<{ path: string; id: string; size: number }[]> {
-  const found: { path: string; id: string; size: number }[] = [];
+/** The frame kinds (SPEC.md, section 5): a pack of one backup holds either chunks or map pages. */
+const KIND_DATA = 1;
+const KIND_MAP_LEAF = 2;
+
+/**
+ * Every pack of the repository with its size, largest first, and the kind of its first frame (byte 4 of the
+ * frame at offset 32): which pack holds the map is read from the pack, not guessed from sizes, since
+ * compressed chunks of a patterned disk can be smaller than the map page.
+ */
+async function packs(repo: string): Promise<{ path: string; id: string; size: number; kind: number }[]> {
+  const found: { path: string; id: string; size: number; kind: number }[] = [];
   for (const sub of await readdir(join(repo, 'packs'))) {
     for (const id of await readdir(join(repo, 'packs', sub))) {
       const path = join(repo, 'packs', sub, id);
-      found.push({ path, id, size: (await stat(path)).size });
+      const file = await open(path, 'r');
+      const kind = Buffer.alloc(1);
+      await file.read(kind, 0, 1, 32 + 4).finally(() => file.close());
+      found.push({ path, id, size: (await stat(path)).size, kind: kind[0]! });
     }
   }
   return found.sort((a, b) => b.size - a.size);
@@ -130,7 +141,9 @@ describe('an incremental whose parent references a lost pack', () => {
     expect(full.type).toBe('full');
     const frozenFull = join(dir, 'frozen-full.qcow2');
     await copyFile(image, frozenFull);
-    await rm((await packs(repo))[0]!.path); // the data pack of the full: every chunk of the parent
+    const dataPacks = (await packs(repo)).filter((p) => p.kind === KIND_DATA);
+    expect(dataPacks.length).toBe(1);
+    await rm(dataPacks[0]!.path); // the data pack of the full: every chunk of the parent
     await qemuIo(image, ['write -P 0x63 1M 1M']);
     const { json } = await backup(repo, ['--image', image]);
     expect(json.disks[0]!.mode).toBe('incremental');
@@ -156,8 +169,9 @@ describe('an incremental whose parent references a lost pack', () => {
     await qcow2(vm, '16M');
     await qemuIo(vm, ['write -P 0x71 0 3M']);
     const full = (await backup(fresh, ['--image', vm])).json;
-    const all = await packs(fresh);
-    await rm(all.at(-1)!.path); // the small map pack of the full
+    const mapPacks = (await packs(fresh)).filter((p) => p.kind === KIND_MAP_LEAF);
+    expect(mapPacks.length).toBe(1);
+    await rm(mapPacks[0]!.path); // the map pack of the full (its one leaf page)
     await qemuIo(vm, ['write -P 0x72 0 1M']);
     const { json, stderr } = await backup(fresh, ['--image', vm]);
     expect(json.disks[0]!.mode).toBe('full');

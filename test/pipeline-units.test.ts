@@ -5,6 +5,7 @@
 import { describe, expect, test } from 'vitest';
 import { availableParallelism } from 'node:os';
 import { SlotPool } from '../dist/engine/pipeline/slot-pool.js';
+import { BlockQueue } from '../dist/engine/pipeline/block-queue.js';
 import { BYTES_PER_WORKER, INLINE_MAX_BYTES, runsInline, workersFor } from '../dist/engine/pipeline/block-pool.js';
 import { DirtyCursor, mergeRanges, type Range } from '../dist/engine/pipeline/map-cursors.js';
 import { BlockSet } from '../dist/engine/common/block-set.js';
@@ -160,6 +161,51 @@ async function memoryMap(blocks: number, zero: (b: number) => boolean): Promise<
     loads: () => loads,
   };
 }
+
+describe('BlockQueue (reader to assembler)', () => {
+  /** Lets every settled promise's callbacks run. */
+  const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+  test('push waits while `limit` items are queued, and goes on when one is taken', async () => {
+    const queue = new BlockQueue<number>(3);
+    let pushed = 0;
+    const producer = (async () => {
+      for (let i = 0; i < 10; i += 1) {
+        await queue.push(i);
+        pushed += 1;
+      }
+    })();
+    await settle();
+    expect(pushed).toBe(3);
+    expect(queue.length).toBe(3);
+    expect(await queue.shift()).toBe(0);
+    await settle();
+    expect(pushed).toBe(4);
+    expect(queue.length).toBe(3);
+    const rest: number[] = [];
+    for (let i = 1; i < 10; i += 1) rest.push((await queue.shift())!);
+    await producer;
+    expect(rest).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    expect(pushed).toBe(10);
+  });
+
+  test('end releases a waiting push (the item is dropped) and the consumer drains what is queued, then gets undefined', async () => {
+    const queue = new BlockQueue<string>(1);
+    await queue.push('a');
+    let released = false;
+    const waiting = queue.push('b').then(() => (released = true));
+    await settle();
+    expect(released).toBe(false);
+    queue.end();
+    await waiting;
+    expect(await queue.shift()).toBe('a');
+    expect(await queue.shift()).toBeUndefined();
+  });
+
+  test('a limit that is not a whole number ≥ 1 is refused', () => {
+    expect(() => new BlockQueue<number>(0)).toThrow(RangeError);
+  });
+});
 
 describe("MapPageReader (a parent's map read by block)", () => {
   test('gives each block its entry across pages, zero runs as the zero id', async () => {

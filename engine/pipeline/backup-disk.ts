@@ -27,6 +27,7 @@ import type { HashResult } from './tasks.js';
 import { Interruption } from '../host/interrupt.js';
 import { ZeroExtentCursor } from './zero-extents.js';
 import { DirtyCursor, type Range } from './map-cursors.js';
+import { BlockQueue } from './block-queue.js';
 import type { MapRoot } from '../../repo-format/block-map.js';
 
 export interface DiskProgress {
@@ -35,6 +36,12 @@ export interface DiskProgress {
   bytesTotal: number;
   bytesRead: number;
   bytesNew: number;
+  /**
+   * The pipeline's items taken so far: one per block read, one per run of zero or unchanged blocks however
+   * long it is. The work of a disk is proportional to it, so a thin disk of many TiB with little data takes
+   * few steps (its data blocks and its extents), not one per block.
+   */
+  steps: number;
 }
 
 /** What an incremental or differential read needs: the map to take clean blocks from, and what changed. */
@@ -73,38 +80,6 @@ export const RUN_BYTES = 8 * 1024 * 1024;
 /** Runs read at once: the next is asked for while one is read, and no more, so storage sees one reader going forward. */
 export const RUNS_IN_FLIGHT = 2;
 
-/** A FIFO the reader fills and the assembler drains; `shift` waits for the next block or the end. */
-class BlockQueue {
-  private readonly items: InFlight[] = [];
-  private waiter: (() => void) | undefined;
-  private ended = false;
-
-  push(item: InFlight): void {
-    this.items.push(item);
-    this.wake();
-  }
-
-  end(): void {
-    this.ended = true;
-    this.wake();
-  }
-
-  get isEmpty(): boolean {
-    return this.items.length === 0;
-  }
-
-  async shift(): Promise<InFlight | undefined> {
-    while (this.items.length === 0 && !this.ended) await new Promise<void>((resolve) => (this.waiter = resolve));
-    return this.items.shift();
-  }
-
-  private wake(): void {
-    const waiter = this.waiter;
-    this.waiter = undefined;
-    waiter?.();
-  }
-}
-
 /** The block's id as a Buffer view over the worker's answer (no copy). */
 function idOf(result: { id: Uint8Array }): Buffer {
   return Buffer.from(result.id.buffer, result.id.byteOffset, result.id.byteLength);
@@ -131,7 +106,7 @@ class DiskBackup {
   private readonly dirty: DirtyCursor | undefined;
   private readonly zeroExtents: ZeroExtentCursor | undefined;
   private readonly map: MapBuilder;
-  private readonly queue = new BlockQueue();
+  private readonly queue: BlockQueue<InFlight>;
   private readonly writes = new Set<Promise<void>>();
   /** The runs being read now (settled, never rejected: a failure is surfaced by their blocks). */
   private readonly reading = new Set<Promise<void>>();
@@ -142,6 +117,7 @@ class DiskBackup {
   private readonly started = Date.now();
   private failure: unknown;
   private bytesDone = 0;
+  private steps = 0;
 
   constructor(
     private readonly source: BlockSource,
@@ -161,6 +137,9 @@ class DiskBackup {
     this.zeroExtents = source.extents ? new ZeroExtentCursor(source.extents()) : undefined;
     this.map = new MapBuilder(blocks, repo.pageStore(context.metaWriter));
     this.batchLimit = Math.max(1, Math.floor(pool.slots.count / 2));
+    // As many items queued as there are slots: enough for every block in flight, and a bound on the
+    // slot-less items (zero runs, unchanged spans) too.
+    this.queue = new BlockQueue<InFlight>(Math.max(1, pool.slots.count));
     this.runBlocks = Math.max(1, Math.min(Math.floor(RUN_BYTES / repo.blockSize), Math.floor(pool.slots.count / 4)));
   }
 
@@ -198,7 +177,7 @@ class DiskBackup {
       if (clean > 0) {
         if (runCount > 0) await this.readRun(runFirst, runCount);
         runCount = 0;
-        this.queue.push({ block, slot: -1, length: 0, result: undefined, done: Promise.resolve(), unchanged: clean });
+        await this.interruption.race(this.queue.push({ block, slot: -1, length: 0, result: undefined, done: Promise.resolve(), unchanged: clean }));
         block += clean - 1;
         continue;
       }
@@ -206,7 +185,7 @@ class DiskBackup {
       if (zeros > 0) {
         if (runCount > 0) await this.readRun(runFirst, runCount);
         runCount = 0;
-        this.queue.push({ block, slot: -1, length: 0, result: undefined, done: Promise.resolve(), zeros });
+        await this.interruption.race(this.queue.push({ block, slot: -1, length: 0, result: undefined, done: Promise.resolve(), zeros }));
         block += zeros - 1;
         continue;
       }
@@ -265,7 +244,7 @@ class DiskBackup {
     );
     this.reading.add(settled);
     void settled.then(() => this.reading.delete(settled));
-    slots.forEach((slot, i) => {
+    for (const [i, slot] of slots.entries()) {
       const length = targets[i]!.length;
       const item: InFlight = { block: first + i, slot, length, result: undefined, done: Promise.resolve() };
       item.done = read.then(async () => {
@@ -273,8 +252,8 @@ class DiskBackup {
       });
       // A failed read or hash is surfaced by the assembler when it reaches this block.
       item.done.catch(() => undefined);
-      this.queue.push(item);
-    });
+      await this.interruption.race(this.queue.push(item));
+    }
   }
 
   /** The assembler: blocks in order, a batch at a time (one index lookup for all of it). */
@@ -283,6 +262,7 @@ class DiskBackup {
     for (;;) {
       const item = await this.queue.shift();
       if (!item || this.failure !== undefined) break;
+      this.steps += 1;
       if (item.unchanged !== undefined || item.zeros !== undefined) {
         if (batch.length > 0) await this.storeBatch(batch);
         batch = [];
@@ -331,7 +311,7 @@ class DiskBackup {
 
   private report(): void {
     const stats = this.stats;
-    this.context.onProgress?.({ disk: this.name, bytesDone: this.bytesDone, bytesTotal: this.source.size, bytesRead: stats.bytesRead, bytesNew: stats.bytesNew });
+    this.context.onProgress?.({ disk: this.name, bytesDone: this.bytesDone, bytesTotal: this.source.size, bytesRead: stats.bytesRead, bytesNew: stats.bytesNew, steps: this.steps });
   }
 
   /**
