@@ -106,14 +106,13 @@ describe('bin/engine', () => {
   test("runs Node with V8's young generation at 2 x 8 MiB, which Node honours", async () => {
     await restoreThroughLauncher(undefined, 'young');
     expect((await readFile(flags, 'utf8')).trim()).toBe('--max-semi-space-size=8');
-    // Short-lived garbage at a high rate (what a catch-up makes): the young generation stays at its cap with
-    // the flag, and grows past it without (Node sizes it by the machine's memory).
-    const youngAfterChurn = async (nodeFlags: string[]): Promise<number> => {
-      const churn = "const a = []; for (let i = 0; i < 3e6; i++) { a.push({ i, s: 'x' + i }); if (a.length > 2e5) a.length = 0; } console.log(require('v8').getHeapSpaceStatistics().find((s) => s.space_name === 'new_space').space_size)";
-      return Number((await sh(process.execPath, [...nodeFlags, '-e', churn])).trim());
-    };
-    expect(await youngAfterChurn(['--max-semi-space-size=8'])).toBeLessThanOrEqual(3 * 8 * MiB);
-    expect(await youngAfterChurn([])).toBeGreaterThan(3 * 8 * MiB);
+    // Short-lived garbage at a high rate (what a catch-up makes): with the flag the young generation stays at its
+    // cap. (Without it V8 sizes the young generation by the machine's memory, so how far it grows then is not the
+    // engine's to assert.)
+    const churn = "const a = []; for (let i = 0; i < 3e6; i++) { a.push({ i, s: 'x' + i }); if (a.length > 2e5) a.length = 0; } console.log(require('v8').getHeapSpaceStatistics().find((s) => s.space_name === 'new_space').space_size)";
+    const young = Number((await sh(process.execPath, ['--max-semi-space-size=8', '-e', churn])).trim());
+    expect(young).toBeGreaterThan(0);
+    expect(young).toBeLessThanOrEqual(3 * 8 * MiB);
   });
 
   test("leaves a caller's own malloc tunables as they are", async () => {
