@@ -5,11 +5,9 @@
  * for byte, and verify --read-data names the same damaged frame whichever runs it. Plain and encrypted repositories.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { open, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { KIND_DATA, scanPack } from '../dist/engine/index.js';
 import { INLINE_MAX_BYTES } from '../dist/engine/pipeline/block-pool.js';
-import { backUp, expectRestoreIdentical, parseJson, runEngine, sparseFile, tempDir, writeRegion } from './helpers.js';
+import { backUp, damageFirstDataFrame, expectRestoreIdentical, parseJson, runEngine, sparseFile, tempDir, writeRegion } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const PASSWORD = { ENGINE_PASSWORD: 'inline blocks' };
@@ -78,25 +76,11 @@ for (const encrypted of [false, true]) {
       expect(await verify(pool)).toMatchObject({ code: 0, report: { ok: true, problems: [] } });
 
       // A flipped payload byte in the first data frame found: both name that frame, and only it.
-      let damaged: { pack: string; offset: number } | undefined;
-      for (const sub of (await readdir(join(repo, 'packs'))).sort()) {
-        for (const id of (await readdir(join(repo, 'packs', sub))).sort()) {
-          const frame = (await scanPack(repo, id, encrypted)).frames.find((f) => f.header.kind === KIND_DATA);
-          if (!frame || damaged) continue;
-          const handle = await open(join(repo, 'packs', sub, id), 'r+');
-          const byte = Buffer.alloc(1);
-          await handle.read(byte, 0, 1, frame.offset + 48 + 1000);
-          byte[0] = byte[0]! ^ 0x10;
-          await handle.write(byte, 0, 1, frame.offset + 48 + 1000);
-          await handle.close();
-          damaged = { pack: id, offset: frame.offset };
-        }
-      }
-      expect(damaged).toBeDefined();
+      const damaged = await damageFirstDataFrame(repo, encrypted);
       for (const env of [base, pool]) {
         const { code, report } = await verify(env);
         expect(code).toBe(4);
-        expect(report.problems.filter((p) => p.code === 'FRAME_DAMAGED')).toEqual([expect.objectContaining({ pack: damaged!.pack, packOffset: damaged!.offset })]);
+        expect(report.problems.filter((p) => p.code === 'FRAME_DAMAGED')).toEqual([expect.objectContaining({ pack: damaged.pack, packOffset: damaged.offset })]);
       }
     });
   });
