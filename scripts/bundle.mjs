@@ -3,9 +3,12 @@
 // loads a handful of files instead of ~150 modules (measured in bench/fixed-costs.ts: CPU per call).
 // The lazy imports (import() of a command's module, of S3, NBD, qcow2, libvirt, classic-level) stay lazy: each
 // becomes a chunk of its own, loaded when the command needs it. Packages in node_modules stay outside (native
-// addons, WebAssembly). bin/engine.js runs the bundle only when it is at least as new as dist/cli/main.js, so a
-// plain `tsc` after a change never runs stale code. Run by `npm run build` and scripts/setup.sh, after tsc.
-import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+// addons, WebAssembly). The bundle's last file, inputs.json, names every module of dist/ it was made from with its
+// size and mtime as they were when it was read; bin/engine.js runs the bundle only while all of them are still so, so
+// a `tsc` (or `tsc --watch`, which rewrites only the files that changed) after it never runs stale code.
+// Run by `npm run build` and scripts/setup.sh, after tsc.
+import { existsSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { rolldown } from 'rolldown';
 
@@ -19,7 +22,10 @@ const input = {
   'md5-thread': `${root}dist/repo-format/storage/md5-thread.js`,
   'serve-daemon': `${root}dist/engine/mount/serve-daemon.js`,
 };
+const dist = `${root}dist`;
 rmSync(out, { recursive: true, force: true });
+/** Each module read from dist/, relative to it: [path, size, mtimeMs], stat'ed before it was read. */
+const inputs = new Map();
 const build = await rolldown({
   input,
   platform: 'node',
@@ -27,13 +33,18 @@ const build = await rolldown({
   external: (id) => !id.startsWith('.') && !id.startsWith('/'),
   treeshake: true,
   // Each module comes with tsc's source map, so the bundle's maps lead back to the TypeScript sources.
+  // Each module is stat'ed before it is read: a change while bundling leaves its recorded mtime behind, never ahead.
   plugins: [
     {
       name: 'tsc-source-maps',
       load(id) {
-        if (!id.endsWith('.js') || !existsSync(`${id}.map`)) return null;
-        const code = readFileSync(id, 'utf8').replace(/\n\/\/# sourceMappingURL=\S+\s*$/, '\n');
-        return { code, map: readFileSync(`${id}.map`, 'utf8') };
+        const path = relative(dist, id);
+        if (path.startsWith('..')) throw new Error(`bundle: ${id} is outside dist/`);
+        const { size, mtimeMs } = statSync(id);
+        inputs.set(path, [path, size, mtimeMs]);
+        const code = readFileSync(id, 'utf8');
+        if (!id.endsWith('.js') || !existsSync(`${id}.map`)) return code;
+        return { code: code.replace(/\n\/\/# sourceMappingURL=\S+\s*$/, '\n'), map: readFileSync(`${id}.map`, 'utf8') };
       },
     },
   ],
@@ -42,3 +53,5 @@ const build = await rolldown({
 await build.write({ dir: out, format: 'esm', sourcemap: true, entryFileNames: '[name].js', chunkFileNames: '[name]-[hash].js' });
 await build.close();
 writeFileSync(`${out}/package.json`, '{ "type": "module" }\n');
+// Last: a bundle cut short has no inputs.json, and is not run.
+writeFileSync(`${out}/inputs.json`, `${JSON.stringify({ modules: [...inputs.values()].sort((a, b) => (a[0] < b[0] ? -1 : 1)) })}\n`);

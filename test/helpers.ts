@@ -10,7 +10,8 @@ import { mkdir, mkdtemp, open, readdir, readFile, rm, stat, statfs } from 'node:
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { SeededRandom } from '../dist/engine/index.js';
+import { SeededRandom, scanPack } from '../dist/engine/index.js';
+import { FRAME_HEADER_SIZE, KIND_DATA } from '../dist/repo-format/constants.js';
 
 export const ENGINE_BIN = fileURLToPath(new URL('../bin/engine.js', import.meta.url));
 
@@ -146,6 +147,35 @@ export async function sparseFile(path: string, size: number): Promise<void> {
   const handle = await open(path, 'w');
   await handle.truncate(size);
   await handle.close();
+}
+
+/** Flips the bits `mask` of the byte at `at` of the file at `path`. */
+export async function flipByte(path: string, at: number, mask = 0x10): Promise<void> {
+  const handle = await open(path, 'r+');
+  try {
+    const byte = Buffer.alloc(1);
+    await handle.read(byte, 0, 1, at);
+    byte[0] = byte[0]! ^ mask;
+    await handle.write(byte, 0, 1, at);
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * Damages the first data frame (packs in name order) of `repo`: one payload byte flipped, 1000 bytes into the
+ * payload, so the frame's header and the pack's frame chain still parse and only its checksum disagrees.
+ */
+export async function damageFirstDataFrame(repo: string, encrypted = false): Promise<{ pack: string; offset: number }> {
+  for (const sub of (await readdir(join(repo, 'packs'))).sort()) {
+    for (const pack of (await readdir(join(repo, 'packs', sub))).sort()) {
+      const frame = (await scanPack(repo, pack, encrypted)).frames.find((f) => f.header.kind === KIND_DATA);
+      if (!frame) continue;
+      await flipByte(join(repo, 'packs', sub, pack), frame.offset + FRAME_HEADER_SIZE + 1000);
+      return { pack, offset: frame.offset };
+    }
+  }
+  throw new Error(`no data frame in ${repo}`);
 }
 
 export function parseJson<T>(text: string): T {

@@ -3,13 +3,14 @@
  * and every job under ENGINE_TEST_BLOCK_WORKERS=pool, in the worker pool. The two must be interchangeable: a backup
  * made by one is deduplicated whole by the other (the same block ids), each restores what the other backed up byte
  * for byte, and verify --read-data names the same damaged frame whichever runs it. Plain and encrypted repositories.
+ * Which one ran is seen from outside: strace notes the name Node gives each thread it starts, a Worker's "WorkerThread".
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { open, readdir } from 'node:fs/promises';
+import { execFile } from 'node:child_process';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { KIND_DATA, scanPack } from '../dist/engine/index.js';
 import { INLINE_MAX_BYTES } from '../dist/engine/pipeline/block-pool.js';
-import { backUp, expectRestoreIdentical, parseJson, runEngine, sparseFile, tempDir, writeRegion } from './helpers.js';
+import { ENGINE_BIN, backUp, damageFirstDataFrame, expectRestoreIdentical, parseJson, runEngine, sparseFile, tempDir, withoutProgress, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const PASSWORD = { ENGINE_PASSWORD: 'inline blocks' };
@@ -37,6 +38,25 @@ async function image(name: string): Promise<string> {
   return path;
 }
 
+let traces = 0;
+/**
+ * `engine backup --repo REPO ARGS --json` under `strace -f -e trace=prctl`, which must succeed: its record, and how
+ * many worker_threads Workers the process started (Node names each one's thread "WorkerThread" with prctl).
+ */
+async function backUpCountingWorkers(repo: string, args: string[], env: Record<string, string>): Promise<{ record: BackupJson; workers: number }> {
+  const trace = join(dir, `strace-${++traces}`);
+  const { stdout, stderr } = await new Promise<{ stdout: string; stderr: string }>((resolve, reject) =>
+    execFile('strace', ['-f', '-qq', '-e', 'trace=prctl', '-o', trace, process.execPath, ENGINE_BIN, 'backup', '--repo', repo, ...args, '--json'], { env: { ...process.env, ...env } }, (error, out, err) =>
+      error ? reject(new Error(`backup under strace failed: ${err}`)) : resolve({ stdout: out, stderr: err }),
+    ),
+  );
+  expect(withoutProgress(stderr)).toBe('');
+  const names = [...(await readFile(trace, 'utf8')).matchAll(/PR_SET_NAME, "([^"]*)"/g)].map((match) => match[1]);
+  // The trace saw the threads at all: the main thread's name is set first.
+  expect(names).toContain('MainThread');
+  return { record: parseJson<BackupJson>(stdout), workers: names.filter((name) => name === 'WorkerThread').length };
+}
+
 interface VerifyJson {
   ok: boolean;
   problems: { code: string; pack?: string; packOffset?: number }[];
@@ -55,12 +75,14 @@ for (const encrypted of [false, true]) {
       const second = await image(encrypted ? 'e2.img' : 'p2.img');
 
       // The pool's blocks, then the same disk on the main thread: every data block is already there.
-      const byPool = await backUp(repo, ['--source', first, '--name', 'first'], { env: pool, quiet: true });
+      const { record: byPool, workers: poolWorkers } = await backUpCountingWorkers(repo, ['--source', first, '--name', 'first'], pool);
+      expect(poolWorkers).toBeGreaterThan(0);
       expect(byPool.disks[0]!.blocksNew).toBe(7);
       const again = await backUp(repo, ['--source', first, '--name', 'first', '--full'], { env: base, quiet: true });
       expect(again.disks[0]!).toMatchObject({ blocksNew: 0, blocksDeduplicated: 7, blocksZero: 1 });
       // And the other way round.
-      const inline = await backUp(repo, ['--source', second, '--name', 'second'], { env: base, quiet: true });
+      const { record: inline, workers: inlineWorkers } = await backUpCountingWorkers(repo, ['--source', second, '--name', 'second'], base);
+      expect(inlineWorkers).toBe(0);
       // Its random blocks are new (its text and pattern blocks are the first disk's).
       expect(inline.disks[0]!).toMatchObject({ blocksNew: 5, blocksDeduplicated: 2, blocksZero: 1 });
       const byPoolAgain = await backUp(repo, ['--source', second, '--name', 'second', '--full'], { env: pool, quiet: true });
@@ -78,25 +100,11 @@ for (const encrypted of [false, true]) {
       expect(await verify(pool)).toMatchObject({ code: 0, report: { ok: true, problems: [] } });
 
       // A flipped payload byte in the first data frame found: both name that frame, and only it.
-      let damaged: { pack: string; offset: number } | undefined;
-      for (const sub of (await readdir(join(repo, 'packs'))).sort()) {
-        for (const id of (await readdir(join(repo, 'packs', sub))).sort()) {
-          const frame = (await scanPack(repo, id, encrypted)).frames.find((f) => f.header.kind === KIND_DATA);
-          if (!frame || damaged) continue;
-          const handle = await open(join(repo, 'packs', sub, id), 'r+');
-          const byte = Buffer.alloc(1);
-          await handle.read(byte, 0, 1, frame.offset + 48 + 1000);
-          byte[0] = byte[0]! ^ 0x10;
-          await handle.write(byte, 0, 1, frame.offset + 48 + 1000);
-          await handle.close();
-          damaged = { pack: id, offset: frame.offset };
-        }
-      }
-      expect(damaged).toBeDefined();
+      const damaged = await damageFirstDataFrame(repo, encrypted);
       for (const env of [base, pool]) {
         const { code, report } = await verify(env);
         expect(code).toBe(4);
-        expect(report.problems.filter((p) => p.code === 'FRAME_DAMAGED')).toEqual([expect.objectContaining({ pack: damaged!.pack, packOffset: damaged!.offset })]);
+        expect(report.problems.filter((p) => p.code === 'FRAME_DAMAGED')).toEqual([expect.objectContaining({ pack: damaged.pack, packOffset: damaged.offset })]);
       }
     });
   });

@@ -4,11 +4,11 @@
  * Also a damaged frame header (repair walks past it), a truncated pack, and a damaged index.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { open, readdir, readFile, truncate, writeFile } from 'node:fs/promises';
+import { readdir, readFile, truncate, writeFile } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { KIND_DATA, scanPack } from '../dist/engine/index.js';
-import { filesIdentical, parseJson, runEngine, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
+import { filesIdentical, flipByte, parseJson, runEngine, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress } from './helpers.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -60,15 +60,6 @@ async function dataPack(repo: string): Promise<{ packId: string; path: string; f
     }
   }
   throw new Error('no data pack');
-}
-
-async function flipByte(path: string, at: number): Promise<void> {
-  const handle = await open(path, 'r+');
-  const byte = Buffer.alloc(1);
-  await handle.read(byte, 0, 1, at);
-  byte[0] = byte[0]! ^ 0x10;
-  await handle.write(byte, 0, 1, at);
-  await handle.close();
 }
 
 /** The disk offset whose 1 MiB block hashes to `id`. */

@@ -5,11 +5,10 @@
  * a pack inside it is named per frame and per backup, disk and offset.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { open, readdir, stat } from 'node:fs/promises';
+import { readdir, stat } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
-import { KIND_DATA, scanPack } from '../dist/engine/index.js';
-import { parseJson, runEngine, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { damageFirstDataFrame, parseJson, runEngine, sparseFile, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -103,21 +102,8 @@ describe('verify --subset', () => {
 
   test('a damaged chunk is found exactly when its pack is in the subset', async () => {
     // The first data frame (block 0 of its disk) of a data pack: flip a payload byte (the frame chain still parses).
-    let damaged: { pack: string; offset: number } | undefined;
-    for (const id of [...packs.keys()].sort()) {
-      const frame = (await scanPack(repo, id)).frames.find((f) => f.header.kind === KIND_DATA);
-      if (!frame) continue;
-      const handle = await open(join(repo, 'packs', id.slice(0, 2), id), 'r+');
-      const byte = Buffer.alloc(1);
-      await handle.read(byte, 0, 1, frame.offset + 48 + 1000);
-      byte[0] = byte[0]! ^ 0x04;
-      await handle.write(byte, 0, 1, frame.offset + 48 + 1000);
-      await handle.close();
-      damaged = { pack: id, offset: frame.offset };
-      break;
-    }
-    expect(damaged).toBeDefined();
-    const { pack } = damaged!;
+    const damaged = await damageFirstDataFrame(repo);
+    const { pack } = damaged;
     // Seeds that put the damaged pack outside and inside a 20% subset (two packs of ten).
     const seeds = Array.from({ length: 200 }, (_, i) => `seed-${i}`);
     const outside = seeds.find((s) => !chosen(s, 20).includes(pack))!;
@@ -131,7 +117,7 @@ describe('verify --subset', () => {
     const found = await verifyJson(['--subset', '20%', '--seed', inside]);
     expect(found.code).toBe(4);
     const frames = found.report.problems.filter((p) => p.code === 'FRAME_DAMAGED');
-    expect(frames).toEqual([expect.objectContaining({ pack, packOffset: damaged!.offset })]);
+    expect(frames).toEqual([expect.objectContaining({ pack, packOffset: damaged.offset })]);
     const chunks = found.report.problems.filter((p) => p.code === 'CHUNK_DAMAGED');
     expect(chunks.length).toBe(1);
     expect(backups).toContain(chunks[0]!.backup);
