@@ -6,7 +6,9 @@
  * 100 ms, the two halves of rss: anonymous memory (heaps, malloc arenas) and file-backed pages (mapped files:
  * LevelDB's tables, and code), at their own peaks. The main thread only. With $BENCH_MEMORY_TRACE, also a
  * line per second into that file (ms since start, then the same figures in MiB as they are then), to see
- * which phase of a command holds the peak.
+ * which phase of a command holds the peak. With $BENCH_MEMORY_GC too (and node --expose-gc), a full GC
+ * before each line of the trace: the line's heapUsed is then what is live, not what is live plus garbage
+ * V8 has not collected yet (a diagnosis: it changes the peaks it measures).
  */
 import { appendFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { getHeapSpaceStatistics } from 'node:v8';
@@ -45,7 +47,9 @@ if (out && isMainThread) {
   if (trace) {
     const started = performance.now();
     const mib = (bytes: number): number => Math.round(bytes / 2 ** 20);
+    const collect = process.env.BENCH_MEMORY_GC ? (globalThis as { gc?: () => void }).gc : undefined;
     setInterval(() => {
+      collect?.();
       const m = process.memoryUsage();
       const { rssAnon, rssFile } = rssParts();
       // V8's spaces by size (MiB): which one holds heapTotal (the young generation's reserve, or old garbage).

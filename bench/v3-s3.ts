@@ -128,9 +128,9 @@ class Lab {
     return row;
   }
 
-  async engine(args: string[], cacheDir: string): Promise<{ measured: Measured; json: EngineJson }> {
+  async engine(args: string[], cacheDir: string, extraEnv: Record<string, string> = {}): Promise<{ measured: Measured; json: EngineJson }> {
     await dropCaches();
-    const measured = await withStoreCpu(() => timed(ENGINE, [...args, '--json'], { ...this.engineEnv, ENGINE_CACHE_DIR: cacheDir }));
+    const measured = await withStoreCpu(() => timed(ENGINE, [...args, '--json'], { ...this.engineEnv, ENGINE_CACHE_DIR: cacheDir, ...extraEnv }));
     return { measured, json: JSON.parse(measured.stdout) as EngineJson };
   }
 
@@ -255,6 +255,19 @@ class Lab {
   }
 }
 
+/**
+ * With $BENCH_RSS_TRACE_DIR, the peak-RSS runs load bench/memory-sampler into the engine: NAME.peaks.json
+ * (peaks of V8 heap, Buffers, anonymous and file-backed RSS) and NAME.trace (a line a second) in that folder,
+ * to see what grows with the object count and in which phase; $BENCH_RSS_NODE_FLAGS are added to the runs'
+ * NODE_OPTIONS (`--expose-gc` for the sampler's BENCH_MEMORY_GC).
+ */
+function memoryTraceEnv(name: string): Record<string, string> {
+  const dir = process.env.BENCH_RSS_TRACE_DIR;
+  if (!dir) return {};
+  const sampler = join(import.meta.dirname, 'memory-sampler.js');
+  return { NODE_OPTIONS: `--import ${sampler} ${process.env.BENCH_RSS_NODE_FLAGS ?? ''}`.trim(), BENCH_MEMORY_OUT: join(dir, `${name}.peaks.json`), BENCH_MEMORY_TRACE: join(dir, `${name}.trace`) };
+}
+
 async function main(): Promise<void> {
   const size = parseSize(arg('--size') ?? '1G');
   const concurrentSize = parseSize(arg('--concurrent-size') ?? '256M');
@@ -319,11 +332,11 @@ async function main(): Promise<void> {
       log(`peak RSS: ${count} index segments under ${repo}`);
       const fillSeconds = await lab.fill(prefix, count);
       const cacheDir = lab.cache();
-      const backup = await lab.engine(['backup', '--repo', repo, '--source', images[0]!, '--name', 'rss'], cacheDir);
+      const backup = await lab.engine(['backup', '--repo', repo, '--source', images[0]!, '--name', 'rss'], cacheDir, memoryTraceEnv(`backup-${count}`));
       const out = join(work, 'rss-out.raw');
-      const restoreRun = await lab.engine(['restore', '--repo', repo, backup.json.id, '--to', out], lab.cache());
+      const restoreRun = await lab.engine(['restore', '--repo', repo, backup.json.id, '--to', out], lab.cache(), memoryTraceEnv(`restore-${count}`));
       rss.push({ objects: count, fillSeconds, backup: backup.measured, restore: restoreRun.measured, identical: await identical(out, images[0]!) });
-      log(`${count} objects: backup ${backup.measured.seconds.toFixed(1)} s ${backup.measured.peakRssMiB.toFixed(0)} MiB, restore ${restoreRun.measured.seconds.toFixed(1)} s ${restoreRun.measured.peakRssMiB.toFixed(0)} MiB`);
+      log(`${count} objects: backup ${backup.measured.seconds.toFixed(1)} s (CPU ${backup.measured.cpuSeconds.toFixed(1)} s) ${backup.measured.peakRssMiB.toFixed(0)} MiB, restore ${restoreRun.measured.seconds.toFixed(1)} s (CPU ${restoreRun.measured.cpuSeconds.toFixed(1)} s) ${restoreRun.measured.peakRssMiB.toFixed(0)} MiB`);
       await rm(out, { force: true });
     }
   } finally {
@@ -380,9 +393,9 @@ async function report(lab: Lab, rss: { objects: number; fillSeconds: number; bac
     '',
     '### Peak RSS by the number of objects in the repository (S3; backup and restore of a fresh image, fresh host cache)',
     '',
-    '| index segments in the repository | backup wall s | backup peak RSS MiB | restore wall s | restore peak RSS MiB | restore identical |',
-    '| --- | --- | --- | --- | --- | --- |',
-    ...rss.map((r) => `| ${r.objects} | ${r.backup.seconds.toFixed(1)} | ${r.backup.peakRssMiB.toFixed(0)} | ${r.restore.seconds.toFixed(1)} | ${r.restore.peakRssMiB.toFixed(0)} | ${r.identical ? 'yes (cmp)' : 'NO'} |`),
+    '| index segments in the repository | backup wall s | backup CPU s | backup peak RSS MiB | restore wall s | restore CPU s | restore peak RSS MiB | restore identical |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- |',
+    ...rss.map((r) => `| ${r.objects} | ${r.backup.seconds.toFixed(1)} | ${r.backup.cpuSeconds.toFixed(1)} | ${r.backup.peakRssMiB.toFixed(0)} | ${r.restore.seconds.toFixed(1)} | ${r.restore.cpuSeconds.toFixed(1)} | ${r.restore.peakRssMiB.toFixed(0)} | ${r.identical ? 'yes (cmp)' : 'NO'} |`),
   ].join('\n');
   const targets = [
     `S3 backup ≥ 80% of RGW's PUT ceiling for new data (new random data: bytes stored per second over curl's PUT rate, per round): ${pct(putShare)} → ${verdict(putShare, (v) => v >= 0.8)}; the suite's image (compressible, a third zeros: its upload rate is set by the pipeline, not the store): ${pct(putShareImage)}`,

@@ -8,6 +8,7 @@ import { afterEach, describe, expect, test } from 'vitest';
 import { spawn } from 'node:child_process';
 import { mkdtemp, rm, writeFile, readdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
+import { constants as perf, PerformanceObserver, type PerformanceEntry } from 'node:perf_hooks';
 import { join, resolve } from 'node:path';
 import { initChecksum } from '../dist/repo-format/checksum.js';
 import { MemoryStorage } from '../dist/repo-format/storage/memory.js';
@@ -387,5 +388,32 @@ describe('eachIngested (the pack-loss path, 19.7 step 3a)', () => {
     });
     expect(seen).toEqual([a, c].map((segment) => ({ key: segmentKey(segment.name), entries: segment.entries })));
     await cache.close();
+  });
+});
+
+describe('memory after a large catch-up', () => {
+  /** Forced full collections of V8's heap while a fresh cache opens (and catches up) over `count` empty segments. */
+  async function forcedMajorCollections(count: number): Promise<number> {
+    const storage = new MemoryStorage();
+    for (let seq = 0; seq < count; seq++) await store(storage, { name: name('c', seq), supersedes: [], entries: [] });
+    const seen: PerformanceEntry[] = [];
+    const observer = new PerformanceObserver((list) => seen.push(...list.getEntries()));
+    observer.observe({ entryTypes: ['gc'] });
+    const { cache, catchUp } = await IndexCache.open({ cacheRoot: await cacheRoot(), repositoryId: REPO, storage });
+    expect(catchUp.ingested).toBe(count);
+    await cache.close();
+    // Entries are delivered after the collection, on a later turn of the event loop.
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    observer.disconnect();
+    return seen.filter((entry) => {
+      // Node's gc entries carry their kind and flags in `detail`, which its typings leave out of PerformanceEntry.
+      const { detail } = entry as PerformanceEntry & { detail: { kind: number; flags: number } };
+      return detail.kind === perf.NODE_PERFORMANCE_GC_MAJOR && (detail.flags & perf.NODE_PERFORMANCE_GC_FLAGS_FORCED) !== 0;
+    }).length;
+  }
+
+  test('a catch-up that listed a thousand segments or more ends with one full collection (its garbage does not stay under the next peak); a smaller one with none', async () => {
+    expect(await forcedMajorCollections(999)).toBe(0);
+    expect(await forcedMajorCollections(1000)).toBe(1);
   });
 });
