@@ -96,11 +96,11 @@ const PASSWORD = { ENGINE_PASSWORD: 'correct horse battery' };
 
 describe('zstd repositories: backup, restore, verify --read-data', () => {
   const cases: { name: string; where: 'folder' | 's3'; init: string[]; version: number; level: number | null; encrypted?: boolean }[] = [
-    { name: 'format 3 on a folder, the default compression', where: 'folder', init: [], version: 3, level: 1 },
+    { name: 'format 3 on a folder, zstd:1', where: 'folder', init: ['--compression', 'zstd:1'], version: 3, level: 1 },
     { name: 'format 3 on S3, zstd:3', where: 's3', init: ['--compression', 'zstd:3'], version: 3, level: 3 },
     { name: 'format 1, zstd:19', where: 'folder', init: ['--format', '1', '--compression', 'zstd:19'], version: 1, level: 19 },
     { name: 'format 2 (encrypted), zstd', where: 'folder', init: ['--format', '2', '--encrypt', '--compression', 'zstd'], version: 2, level: 1, encrypted: true },
-    { name: 'format 3, lz4 asked for', where: 'folder', init: ['--compression', 'lz4'], version: 3, level: null },
+    { name: 'format 3, the default compression: lz4', where: 'folder', init: [], version: 3, level: null },
   ];
   for (const c of cases) {
     test(c.name, async () => {
