@@ -8,9 +8,10 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const [major, minor] = process.versions.node.split('.').map(Number);
-if (major < 22 || (major === 22 && minor < 12)) {
+// node:zlib's zstd (repo-format/compression.ts imports it by name) exists from 22.15 and 23.8.
+if (major < 22 || (major === 22 && minor < 15) || (major === 23 && minor < 8)) {
   process.stderr.write(
-    `engine: needs Node.js 22.12 or later (24 LTS recommended); this is ${process.version} at ${process.execPath}. ` +
+    `engine: needs Node.js 22.15 or later (23: 23.8 or later; 24 LTS recommended); this is ${process.version} at ${process.execPath}. ` +
       'Install the project with its optional dependencies (npm install), which brings Node 24 from the npm registry.\n',
   );
   process.exit(1);

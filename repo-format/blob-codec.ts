@@ -7,7 +7,7 @@
  */
 import { createHash } from 'node:crypto';
 import { COMPRESSION_FLAGS, ENCRYPTION_OVERHEAD, FLAG_ENCRYPTED, FRAME_HEADER_SIZE, FRAME_OVERHEAD, ID_SIZE } from './constants.js';
-import { compress, compressionFlag, decompress, LZ4, worthCompressing, type Compression } from './compression.js';
+import { compress, compressionFlag, decompress, worthCompressing, type Compression } from './compression.js';
 import { decodeFrame, encodeFrame, encodeFrameHeader, finishFrame, type FrameHeader } from './frame.js';
 import { gcmOpen, gcmSealInto, keyedId, type RepositoryKeys } from './crypto.js';
 
@@ -30,8 +30,9 @@ export function maxFrameLength(rawLength: number, keys?: RepositoryKeys): number
  * `compression` is tried when its probe says the blob may compress (worthCompressing), and kept only when it
  * makes the payload smaller; otherwise the plaintext is stored. With `keys`, that payload is sealed with
  * AES-256-GCM, the 48-byte frame header as authenticated data. `target` needs maxFrameLength(raw.length, keys) bytes.
+ * `compression` has no default: every writer names its repository's, so none writes lz4 into a zstd repository unseen.
  */
-export function sealBlob(kind: number, id: Buffer, raw: Buffer, target: Buffer, at = 0, keys?: RepositoryKeys, compression: Compression = LZ4): number {
+export function sealBlob(kind: number, id: Buffer, raw: Buffer, target: Buffer, at: number, keys: RepositoryKeys | undefined, compression: Compression): number {
   const compressed = worthCompressing(compression, raw) ? compress(compression, raw) : undefined;
   const useCompressed = compressed !== undefined && compressed.length < raw.length;
   const inner = useCompressed ? compressed : raw;
@@ -44,7 +45,7 @@ export function sealBlob(kind: number, id: Buffer, raw: Buffer, target: Buffer, 
   return finishFrame(header, target, at);
 }
 
-export function sealBlobToBuffer(kind: number, id: Buffer, raw: Buffer, keys?: RepositoryKeys, compression: Compression = LZ4): Buffer {
+export function sealBlobToBuffer(kind: number, id: Buffer, raw: Buffer, keys: RepositoryKeys | undefined, compression: Compression): Buffer {
   const target = Buffer.allocUnsafe(maxFrameLength(raw.length, keys));
   const length = sealBlob(kind, id, raw, target, 0, keys, compression);
   return target.subarray(0, length);

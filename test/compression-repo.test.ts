@@ -8,6 +8,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { constants as zlibConstants, zstdCompressSync, zstdDecompressSync } from 'node:zlib';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, repositoryKeys, repositoryObject, v3Env } from './s3-helpers.js';
 import { filesIdentical, parseJson, runEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
@@ -95,11 +96,11 @@ const PASSWORD = { ENGINE_PASSWORD: 'correct horse battery' };
 
 describe('zstd repositories: backup, restore, verify --read-data', () => {
   const cases: { name: string; where: 'folder' | 's3'; init: string[]; version: number; level: number | null; encrypted?: boolean }[] = [
-    { name: 'format 3 on a folder, the default compression', where: 'folder', init: [], version: 3, level: 1 },
+    { name: 'format 3 on a folder, zstd:1', where: 'folder', init: ['--compression', 'zstd:1'], version: 3, level: 1 },
     { name: 'format 3 on S3, zstd:3', where: 's3', init: ['--compression', 'zstd:3'], version: 3, level: 3 },
     { name: 'format 1, zstd:19', where: 'folder', init: ['--format', '1', '--compression', 'zstd:19'], version: 1, level: 19 },
     { name: 'format 2 (encrypted), zstd', where: 'folder', init: ['--format', '2', '--encrypt', '--compression', 'zstd'], version: 2, level: 1, encrypted: true },
-    { name: 'format 3, lz4 asked for', where: 'folder', init: ['--compression', 'lz4'], version: 3, level: null },
+    { name: 'format 3, the default compression: lz4', where: 'folder', init: [], version: 3, level: null },
   ];
   for (const c of cases) {
     test(c.name, async () => {
@@ -179,27 +180,81 @@ describe('a repository of lz4 frames, then zstd ones', () => {
   });
 });
 
+/**
+ * `length` bytes that libzstd decodes to `plaintext`: one zstd frame of it (level 19, smaller than the level-1
+ * frame it replaces) followed by, as `after` says, a second frame (empty, no content size, a 2^27-byte window)
+ * or a skippable frame, sized to fill `length` exactly, so that the pack's layout does not change.
+ */
+function frameAndMore(plaintext: Buffer, length: number, after: 'second frame' | 'skippable frame'): { payload: Buffer; trailing: number } {
+  const level19 = (checksum: number): Buffer => zstdCompressSync(plaintext, { params: { [zlibConstants.ZSTD_c_compressionLevel]: 19, [zlibConstants.ZSTD_c_checksumFlag]: checksum } });
+  if (after === 'skippable frame') {
+    const first = level19(0);
+    const skippable = Buffer.alloc(length - first.length);
+    expect(skippable.length).toBeGreaterThanOrEqual(8);
+    skippable.writeUInt32LE(0x184d2a50, 0);
+    skippable.writeUInt32LE(skippable.length - 8, 4);
+    return { payload: Buffer.concat([first, skippable]), trailing: skippable.length };
+  }
+  // Second frame: header (magic, descriptor, window) 6 bytes, empty non-last raw blocks of 3 bytes, an empty
+  // last one, and a content checksum (4 bytes, xxh64 of nothing) when the remainder needs it; the first frame's
+  // own checksum (4 more bytes) makes up the rest.
+  let fill = length - level19(0).length - 9;
+  const checksums = [0, 2, 1][fill % 3]!;
+  fill -= 4 * checksums;
+  expect(fill).toBeGreaterThanOrEqual(0);
+  const first = level19(checksums === 2 ? 1 : 0);
+  const second = [0x28, 0xb5, 0x2f, 0xfd, checksums >= 1 ? 0x04 : 0x00, 0x88];
+  for (let i = 0; i < fill / 3; i++) second.push(0x00, 0x00, 0x00);
+  second.push(0x01, 0x00, 0x00);
+  if (checksums >= 1) second.push(0x99, 0xe9, 0xd8, 0x51);
+  const payload = Buffer.concat([first, Buffer.from(second)]);
+  expect(payload.length).toBe(length);
+  return { payload, trailing: second.length };
+}
+
 describe('a hostile zstd frame (checksum recomputed): named, and nothing else lost', () => {
-  test('a payload that asks for a 128 MiB window: verify and restore name the frame; the other backup restores', async () => {
-    const repo = join(scratch.path, 'repo-hostile');
+  // Each rewrites the payload of one zstd data frame in place, at the same length.
+  const hostile: [string, (payload: Buffer, rawLength: number) => string][] = [
+    [
+      'a payload that asks for a 128 MiB window',
+      (payload, rawLength) => {
+        // RFC 8878 frame header: not single-segment, a 2^27-byte window, a 4-byte content size equal to rawLength.
+        Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0x80, 0x88]).copy(payload, 0);
+        payload.writeUInt32LE(rawLength, 6);
+        return `zstd frame asks for a ${2 ** 27}-byte window, more than its ${rawLength} bytes need`;
+      },
+    ],
+    ...(['second frame', 'skippable frame'] as const).map((after): [string, (payload: Buffer, rawLength: number) => string] => [
+      `the frame's exact plaintext followed by a ${after}`,
+      (payload, rawLength) => {
+        const plaintext = zstdDecompressSync(payload);
+        expect(plaintext.length).toBe(rawLength);
+        const { payload: rewritten, trailing } = frameAndMore(plaintext, payload.length, after);
+        // What it names is the bytes after the first frame; libzstd alone would decode the whole to the plaintext.
+        expect(zstdDecompressSync(rewritten).equals(plaintext)).toBe(true);
+        rewritten.copy(payload, 0);
+        return `zstd payload holds ${trailing} bytes after its frame`;
+      },
+    ]),
+  ];
+
+  test.each(hostile)('%s: verify and restore name the frame; the other backup restores', async (name, rewrite) => {
+    const repo = join(scratch.path, `repo-hostile-${hostile.findIndex(([n]) => n === name)}`);
     await ok(['init', repo, '--format', '1', '--compression', 'zstd']);
     const hurt = await backUp(repo, image);
-    // A zstd data frame of that backup: a block of `image`, which `changed` does not hold.
-    const frames = (await framesOf(repo)).filter((f) => f.kind === KIND_DATA && f.flags === FLAG_ZSTD);
+    // The largest zstd data frame of that backup: a block of `image`, which `changed` does not hold.
+    const frames = (await framesOf(repo)).filter((f) => f.kind === KIND_DATA && f.flags === FLAG_ZSTD).sort((a, b) => b.storedLength - a.storedLength);
     expect(frames.length).toBeGreaterThan(0);
     const target = frames[0]!;
     const bytes = await readFile(target.pack);
     const payload = bytes.subarray(target.offset + 48, target.offset + 48 + target.storedLength);
-    // RFC 8878 frame header: not single-segment, a 2^27-byte window, a 4-byte content size equal to rawLength.
     const rawLength = bytes.readUInt32LE(target.offset + 8);
-    Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0x80, 0x88]).copy(payload, 0);
-    payload.writeUInt32LE(rawLength, 6);
+    const why = rewrite(payload, rawLength);
     const end = target.offset + 48 + target.storedLength;
     bytes.writeBigUInt64LE(checksum64(bytes.subarray(target.offset, end)), end);
     await writeFile(target.pack, bytes);
     const spared = await backUp(repo, changed);
 
-    const why = `zstd frame asks for a ${2 ** 27}-byte window, more than its ${rawLength} bytes need`;
     const verify = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env: env() });
     expect(verify.code).toBe(4);
     const problems = parseJson<{ problems: { code: string; message: string; backup?: string; packOffset?: number }[] }>(verify.stdout).problems;

@@ -133,12 +133,12 @@ describe('hostile zstd payloads: a reason, never a large allocation', () => {
 
   test('cut short, garbage, empty of a frame', () => {
     const good = zstdFrame(raw);
-    expect(reasonFor(good.subarray(0, good.length - 5))).toMatch(/^zstd payload does not decompress \(.+\)$/);
+    expect(reasonFor(good.subarray(0, good.length - 5))).toBe('zstd frame is cut short');
     expect(reasonFor(good.subarray(0, 5))).toBe('zstd payload does not start with a zstd frame');
     expect(reasonFor(randomBytes(500))).toBe('zstd payload does not start with a zstd frame');
     const scrambled = Buffer.from(good);
     for (let i = 20; i < scrambled.length; i += 7) scrambled[i] ^= 0x5a;
-    expect(reasonFor(scrambled)).toMatch(/^(zstd payload does not decompress \(.+\)|decompressed to \d+ bytes, expected \d+|SHA-256 of the plaintext does not match the blob id)$/);
+    expect(reasonFor(scrambled)).toMatch(/^(zstd frame (is cut short|has a block of the reserved type|has a \d+-byte block, more than its \d+-byte limit)|zstd payload holds \d+ bytes after its frame|zstd payload does not decompress \(.+\)|decompressed to \d+ bytes, expected \d+|SHA-256 of the plaintext does not match the blob id)$/);
   });
 
   test('a zstd payload shorter than its frame header says', () => {
@@ -156,6 +156,41 @@ describe('hostile zstd payloads: a reason, never a large allocation', () => {
     expect(reasonFor(reserved)).toBe('zstd frame header has its reserved bit set');
     const unsized = zstdFrame(raw, { [zlibConstants.ZSTD_c_contentSizeFlag]: 0 });
     expect(reasonFor(unsized)).toBe('zstd frame does not state its content size');
+  });
+
+  test('one frame and nothing after it: a second frame or a skippable frame that libzstd would decode too', () => {
+    const good = zstdFrame(raw);
+    expect(reasonFor(good)).toBe('opened');
+    // An empty second frame, not single-segment, no content size, a 2^27-byte window: one last raw block of 0 bytes.
+    const second = Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x88, 0x01, 0x00, 0x00]);
+    expect(reasonFor(Buffer.concat([good, second]))).toBe(`zstd payload holds ${second.length} bytes after its frame`);
+    // A skippable frame (RFC 8878, 3.1.2): magic 0x184D2A50, a 4-byte length, that many bytes.
+    const skippable = Buffer.alloc(8 + 20);
+    skippable.writeUInt32LE(0x184d2a50, 0);
+    skippable.writeUInt32LE(20, 4);
+    expect(reasonFor(Buffer.concat([good, skippable]))).toBe(`zstd payload holds ${skippable.length} bytes after its frame`);
+    // A frame with a content checksum ends after it: still exactly one frame, it opens.
+    expect(reasonFor(zstdFrame(raw, { [zlibConstants.ZSTD_c_checksumFlag]: 1 }))).toBe('opened');
+  });
+
+  test('a block larger than 128 KiB, or than the window, or of the reserved type', () => {
+    // Single-segment (window = content size = 16), 1-byte content size; one last raw block. Bare payloads
+    // (decompress): a frame's storedLength may not exceed its rawLength, and these are longer than 16 bytes.
+    const small = Buffer.from('sixteen bytes..!');
+    const header = [0x28, 0xb5, 0x2f, 0xfd, 0x20, 16];
+    const block = (size: number, type: number, last: boolean): number[] => {
+      const value = size * 8 + type * 2 + (last ? 1 : 0);
+      return [value % 256, Math.floor(value / 256) % 256, Math.floor(value / 65536)];
+    };
+    const ok = Buffer.concat([Buffer.from([...header, ...block(16, 0, true)]), small]);
+    expect(decompress(FLAG_ZSTD, ok, 16)).toEqual(small);
+    const overWindow = Buffer.concat([Buffer.from([...header, ...block(17, 0, true)]), small, Buffer.from('x')]);
+    expect(decompress(FLAG_ZSTD, overWindow, 16)).toBe('zstd frame has a 17-byte block, more than its 16-byte limit');
+    const reserved = Buffer.concat([Buffer.from([...header, ...block(16, 3, true)]), small]);
+    expect(decompress(FLAG_ZSTD, reserved, 16)).toBe('zstd frame has a block of the reserved type');
+    // 1 MiB of content, window 1 MiB: an RLE block may say at most 128 KiB.
+    const bigRle = Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0x80, 0x50, 0x00, 0x00, 0x10, 0x00, ...block(128 * KiB + 1, 1, true), 0x41]);
+    expect(reasonFor(bigRle)).toBe(`zstd frame has a ${128 * KiB + 1}-byte block, more than its ${128 * KiB}-byte limit`);
   });
 
   test('the checks come before the id: a payload that decodes to the right bytes under a bad header is still refused', () => {

@@ -13,6 +13,7 @@ import { Repository, scanPack, KIND_DATA, FLAG_ENCRYPTED, FRAME_HEADER_SIZE, KIN
 import { createKeyFile, decodeKeyFile, encodeKeyFile, unlockKeyFile, type KeyFile } from '../dist/repo-format/key-file.js';
 import { newRepositoryKeys } from '../dist/repo-format/crypto.js';
 import { AUTHENTICATION_FAILED, blobId, openBlob, sealBlobToBuffer } from '../dist/repo-format/blob-codec.js';
+import { LZ4 } from '../dist/repo-format/compression.js';
 import { openMetadata, sealMetadata } from '../dist/repo-format/sealed-metadata.js';
 import { checksum64, initChecksum } from '../dist/repo-format/checksum.js';
 import { decodeConfig, encodeConfig, newConfig } from '../dist/repo-format/config.js';
@@ -218,7 +219,7 @@ describe('encrypted frames and records', () => {
     for (const raw of [Buffer.alloc(64 * 1024, 'compressible text '), randomBytes(64 * 1024)]) {
       const id = blobId(raw, keys);
       expect(id.equals(createHash('sha256').update(raw).digest())).toBe(false);
-      const frame = sealBlobToBuffer(KIND_DATA, id, raw, keys);
+      const frame = sealBlobToBuffer(KIND_DATA, id, raw, keys, LZ4);
       const flags = frame.readUInt8(5);
       expect(flags & FLAG_ENCRYPTED).toBe(FLAG_ENCRYPTED);
       const opened = openBlob(frame, id, keys);
@@ -237,7 +238,7 @@ describe('encrypted frames and records', () => {
     }
     // A plaintext frame has no place in an encrypted repository.
     const raw = randomBytes(1000);
-    expect(openBlob(sealBlobToBuffer(KIND_DATA, blobId(raw, keys), raw), undefined, keys)).toBe('frame is not encrypted, in an encrypted repository');
+    expect(openBlob(sealBlobToBuffer(KIND_DATA, blobId(raw, keys), raw, undefined, LZ4), undefined, keys)).toBe('frame is not encrypted, in an encrypted repository');
   });
 
   test('sealed metadata: round trip, bound to its name', () => {

@@ -34,6 +34,7 @@ import {
   type FrameHeader,
 } from '../dist/repo-format/frame.js';
 import { openBlob, sealBlob, sealBlobToBuffer, sha256 } from '../dist/repo-format/blob-codec.js';
+import { LZ4 } from '../dist/repo-format/compression.js';
 import { decodePackHeader, encodePackHeader, packPath, PackWriter, readFrameBytes, scanPack } from '../dist/repo-format/pack-file.js';
 import { blobKey, decodeLocation, encodeLocation, type BlobLocation } from '../dist/repo-format/index-entry.js';
 import { decodeConfig, encodeConfig, newConfig, validateBlockSize, type RepositoryConfig } from '../dist/repo-format/config.js';
@@ -320,7 +321,7 @@ describe('blob codec', () => {
   test('compressible data round trips with the lz4 flag and a smaller payload', () => {
     const raw = compressible(64 * KiB);
     const id = sha256(raw);
-    const frame = sealBlobToBuffer(KIND_DATA, id, raw);
+    const frame = sealBlobToBuffer(KIND_DATA, id, raw, undefined, LZ4);
     const header = ok(decodeFrameHeader(frame));
     expect(header.flags).toBe(FLAG_LZ4);
     expect(header.rawLength).toBe(raw.length);
@@ -336,7 +337,7 @@ describe('blob codec', () => {
   test('incompressible data is stored as plaintext without the lz4 flag', () => {
     const raw = randomBytes(64 * KiB);
     const id = sha256(raw);
-    const frame = sealBlobToBuffer(KIND_DATA, id, raw);
+    const frame = sealBlobToBuffer(KIND_DATA, id, raw, undefined, LZ4);
     const header = ok(decodeFrameHeader(frame));
     expect(header.flags).toBe(0);
     expect(header.storedLength).toBe(raw.length);
@@ -349,7 +350,7 @@ describe('blob codec', () => {
   test('lz4 is used only when it saves space', () => {
     // One byte compresses to more than one byte (size prefix + token): stored plain.
     for (const raw of [Buffer.from([0x42]), Buffer.from('abcd'), randomBytes(300)]) {
-      const frame = sealBlobToBuffer(KIND_MAP_LEAF, sha256(raw), raw);
+      const frame = sealBlobToBuffer(KIND_MAP_LEAF, sha256(raw), raw, undefined, LZ4);
       const header = ok(decodeFrameHeader(frame));
       expect(header.flags).toBe(0);
       expect(header.storedLength).toBe(raw.length);
@@ -357,7 +358,7 @@ describe('blob codec', () => {
     }
     // A zero-filled map page compresses to a tiny fraction.
     const page = Buffer.alloc(32 * KiB);
-    const frame = sealBlobToBuffer(KIND_MAP_LEAF, sha256(page), page);
+    const frame = sealBlobToBuffer(KIND_MAP_LEAF, sha256(page), page, undefined, LZ4);
     const header = ok(decodeFrameHeader(frame));
     expect(header.flags).toBe(FLAG_LZ4);
     expect(header.storedLength).toBeLessThan(page.length / 10);
@@ -368,8 +369,8 @@ describe('blob codec', () => {
     const a = compressible(4096);
     const b = randomBytes(1000);
     const target = Buffer.alloc(2 * FRAME_OVERHEAD + a.length + b.length);
-    const lengthA = sealBlob(KIND_DATA, sha256(a), a, target, 0);
-    const lengthB = sealBlob(KIND_MAP_NODE, sha256(b), b, target, lengthA);
+    const lengthA = sealBlob(KIND_DATA, sha256(a), a, target, 0, undefined, LZ4);
+    const lengthB = sealBlob(KIND_MAP_NODE, sha256(b), b, target, lengthA, undefined, LZ4);
     expect(lengthB).toBe(FRAME_OVERHEAD + b.length);
     expect(Buffer.compare(ok(openBlob(target.subarray(0, lengthA))).plaintext, a)).toBe(0);
     const openedB = ok(openBlob(target.subarray(lengthA, lengthA + lengthB), sha256(b)));
@@ -379,14 +380,14 @@ describe('blob codec', () => {
 
   test('a frame holding another blob than the expected id is refused', () => {
     const raw = compressible(8192);
-    const frame = sealBlobToBuffer(KIND_DATA, sha256(raw), raw);
+    const frame = sealBlobToBuffer(KIND_DATA, sha256(raw), raw, undefined, LZ4);
     expect(reason(openBlob(frame, sha256(Buffer.from('something else'))))).toBe('frame holds a different blob than the index says');
   });
 
   test('a corrupted lz4 size prefix is refused before decompressing', () => {
     const raw = compressible(8192);
     const id = sha256(raw);
-    const good = sealBlobToBuffer(KIND_DATA, id, raw);
+    const good = sealBlobToBuffer(KIND_DATA, id, raw, undefined, LZ4);
     const header = ok(decodeFrameHeader(good));
     for (const wrongSize of [raw.length - 1, raw.length + 1, 0xffffffff]) {
       const payload = Buffer.from(good.subarray(FRAME_HEADER_SIZE, FRAME_HEADER_SIZE + header.storedLength));
@@ -428,7 +429,7 @@ describe('blob codec', () => {
   test('plaintext whose SHA-256 is not the id is refused (compressed and plain)', () => {
     for (const raw of [compressible(8192), randomBytes(8192)]) {
       const wrongId = sha256(Buffer.concat([raw, Buffer.from([0])]));
-      const frame = sealBlobToBuffer(KIND_DATA, wrongId, raw);
+      const frame = sealBlobToBuffer(KIND_DATA, wrongId, raw, undefined, LZ4);
       expect(reason(openBlob(frame))).toBe('SHA-256 of the plaintext does not match the blob id');
       expect(reason(openBlob(frame, wrongId))).toBe('SHA-256 of the plaintext does not match the blob id');
     }
@@ -436,7 +437,7 @@ describe('blob codec', () => {
 
   test('frame-level damage is reported by openBlob too', () => {
     const raw = randomBytes(512);
-    const frame = sealBlobToBuffer(KIND_DATA, sha256(raw), raw);
+    const frame = sealBlobToBuffer(KIND_DATA, sha256(raw), raw, undefined, LZ4);
     frame[FRAME_HEADER_SIZE + 10]! ^= 0x01;
     expect(reason(openBlob(frame))).toBe('checksum mismatch');
   });
@@ -519,7 +520,7 @@ describe('pack writer and scanner in a repository', () => {
     raws.forEach((raw, i) => {
       const id = sha256(raw);
       const kind = i === 4 ? KIND_MAP_LEAF : KIND_DATA;
-      blobs.push({ raw, id, frame: sealBlobToBuffer(kind, id, raw), kind });
+      blobs.push({ raw, id, frame: sealBlobToBuffer(kind, id, raw, undefined, LZ4), kind });
     });
     return blobs;
   }
@@ -574,7 +575,7 @@ describe('pack writer and scanner in a repository', () => {
     const writer = repo.createBlobWriter();
     for (const blob of blobs) {
       blob.id = sha256(blob.raw);
-      blob.frame = sealBlobToBuffer(blob.kind, blob.id, blob.raw);
+      blob.frame = sealBlobToBuffer(blob.kind, blob.id, blob.raw, undefined, LZ4);
       expect(await writer.known([blob.id])).toEqual([false]);
       writer.claim(blob.id);
       await writer.add(blob.frame, { kind: blob.kind, flags: blob.frame.readUInt8(5), rawLength: blob.raw.length, id: blob.id });
@@ -607,7 +608,7 @@ describe('pack writer and scanner in a repository', () => {
     for (let i = 0; i < count; i += 1) {
       const raw = randomBytes(1000 + i);
       const id = sha256(raw);
-      await writer.append(sealBlobToBuffer(KIND_DATA, id, raw), { kind: KIND_DATA, flags: 0, rawLength: raw.length, id });
+      await writer.append(sealBlobToBuffer(KIND_DATA, id, raw, undefined, LZ4), { kind: KIND_DATA, flags: 0, rawLength: raw.length, id });
       offsets.push(writer.entries.at(-1)!.offset);
     }
     await writer.seal();

@@ -13,6 +13,7 @@ import type { IndexEntry } from '../dist/repo-format/index-entry.js';
 import { MemoryStorage } from '../dist/repo-format/storage/memory.js';
 import type { PutOptions, PutSource } from '../dist/repo-format/storage/storage.js';
 import { openBlob, sealBlobToBuffer, sha256 } from '../dist/repo-format/blob-codec.js';
+import { LZ4 } from '../dist/repo-format/compression.js';
 import { initChecksum } from '../dist/repo-format/checksum.js';
 import { KIND_DATA } from '../dist/repo-format/constants.js';
 import { sh, tempDir } from './helpers.js';
@@ -36,7 +37,7 @@ test('200 appends in flight at once land at their offsets; seal waits for every 
     const raw = randomBytes(1 + ((i * 7919) % 70000));
     return { raw, id: sha256(raw) };
   });
-  const writes = blobs.map(({ raw, id }) => writer.append(sealBlobToBuffer(KIND_DATA, id, raw), { kind: KIND_DATA, flags: 0, rawLength: raw.length, id }));
+  const writes = blobs.map(({ raw, id }) => writer.append(sealBlobToBuffer(KIND_DATA, id, raw, undefined, LZ4), { kind: KIND_DATA, flags: 0, rawLength: raw.length, id }));
   const entries = await writer.seal();
   await Promise.all(writes);
   const scan = await scanPack(root, writer.packId);
@@ -60,7 +61,7 @@ test('a write that fails (disk full) poisons the pack: seal refuses, nothing is 
     const writes = Array.from({ length: 6 }, (_, i) => {
       const raw = randomBytes(400 * 1024 + i);
       const id = sha256(raw);
-      return writer.append(sealBlobToBuffer(KIND_DATA, id, raw), { kind: KIND_DATA, flags: 0, rawLength: raw.length, id });
+      return writer.append(sealBlobToBuffer(KIND_DATA, id, raw, undefined, LZ4), { kind: KIND_DATA, flags: 0, rawLength: raw.length, id });
     });
     const outcomes = await Promise.allSettled(writes);
     expect(outcomes.some((o) => o.status === 'rejected')).toBe(true);
@@ -99,7 +100,7 @@ function frames(count: number, size: number): { frame: Buffer; header: { kind: n
   return Array.from({ length: count }, () => {
     const raw = randomBytes(size);
     const id = sha256(raw);
-    return { frame: sealBlobToBuffer(KIND_DATA, id, raw), header: { kind: KIND_DATA, flags: 0, rawLength: raw.length, id } };
+    return { frame: sealBlobToBuffer(KIND_DATA, id, raw, undefined, LZ4), header: { kind: KIND_DATA, flags: 0, rawLength: raw.length, id } };
   });
 }
 

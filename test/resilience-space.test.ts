@@ -12,6 +12,7 @@ import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path';
 import { NbdClient, Repository, KIND_DATA, KIND_MAP_LEAF, KIND_MAP_NODE } from '../dist/engine/index.js';
 import { sealBlobToBuffer } from '../dist/repo-format/blob-codec.js';
+import { LZ4 } from '../dist/repo-format/compression.js';
 import { BodyTooLargeError, collectBody, HTTP_BODY_LIMIT } from '../dist/engine/host/http-body.js';
 import { createServer, get } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -455,7 +456,7 @@ describe('allocations bounded by what the repository holds', () => {
     try {
       const writer = opened.createBlobWriter();
       const chunkId = opened.blobId(chunk);
-      const frame = sealBlobToBuffer(KIND_DATA, chunkId, chunk, opened.keys);
+      const frame = sealBlobToBuffer(KIND_DATA, chunkId, chunk, opened.keys, LZ4);
       await writer.add(frame, { kind: KIND_DATA, flags: frame.readUInt8(5), rawLength: chunk.length, id: chunkId });
       const store = opened.pageStore(writer);
       const leaf = await store(KIND_MAP_LEAF, Buffer.concat(Array.from({ length: 1024 }, () => chunkId)));

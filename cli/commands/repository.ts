@@ -47,7 +47,7 @@ function registerInit(program: Command): void {
     .argument('<repo>', 'directory to create (must be new or empty), or s3://BUCKET/PREFIX (an empty prefix of an existing bucket)')
     .option('--block-size <size>', 'fixed block size, a power of two from 64K to 16M (default 1M)')
     .addOption(new Option('--format <version>', 'format version: 3 (many writers at once; the default, and always on S3); 1 (plain) or 2 (encrypted) for engines older than format 3').argParser(opt.integerParser('--format', 1, 3)))
-    .option('--compression <codec>', 'what new data is compressed with: zstd:LEVEL (1-19), zstd (level 1) or lz4 (default: zstd:1 for format 3, lz4 for formats 1 and 2)')
+    .option('--compression <codec>', 'what new data is compressed with: zstd:LEVEL (1-19), zstd (level 1) or lz4 (default: lz4)')
     .addOption(opt.endpointOption())
     .addOption(opt.regionOption())
     .addOption(opt.caFileOption())

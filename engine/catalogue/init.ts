@@ -2,7 +2,7 @@ import { Repository, prepareRepositoryRoot } from '../../repo-format/repository.
 import { DEFAULT_BLOCK_SIZE, FORMAT_VERSION, ENCRYPTED_FORMAT_VERSION, MANY_WRITERS_FORMAT_VERSION } from '../../repo-format/constants.js';
 import { validateBlockSize, type RepositoryConfig } from '../../repo-format/config.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
-import { DEFAULT_COMPRESSION, LZ4, type Compression } from '../../repo-format/compression.js';
+import { INIT_COMPRESSION, LZ4, type Compression } from '../../repo-format/compression.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
 import { initV3 } from '../../repo-format/v3/init.js';
@@ -51,7 +51,7 @@ export async function initRepository(path: string, options: InitOptions = {}): P
   }
   const storage = await openLocation(path, options.s3);
   try {
-    return await initV3(storage, { blockSize, passphrase: options.passphrase, compression: options.compression ?? DEFAULT_COMPRESSION });
+    return await initV3(storage, { blockSize, passphrase: options.passphrase, compression: options.compression ?? INIT_COMPRESSION });
   } finally {
     await storage.close();
   }

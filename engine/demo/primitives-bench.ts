@@ -15,6 +15,7 @@ import { compressSync, uncompressSync } from 'lz4-napi';
 import { SeededRandom } from './synthetic-image.js';
 import { checksum64, initChecksum } from '../../repo-format/checksum.js';
 import { KIND_DATA } from '../../repo-format/constants.js';
+import { LZ4 } from '../../repo-format/compression.js';
 import { BlockPool } from '../pipeline/block-pool.js';
 import { gcmOpen, gcmSeal, keyedId, newRepositoryKeys } from '../../repo-format/crypto.js';
 
@@ -185,7 +186,7 @@ export async function runPipeline(trialMs = DEFAULT_TRIAL_MS, workerCounts: numb
   for (const data of ['random', 'text'] as const) {
     const blocks = blocksOf(data);
     for (const workers of workerCounts) {
-      const pool = new BlockPool({ blockSize: BLOCK, workers });
+      const pool = new BlockPool({ blockSize: BLOCK, workers, compression: LZ4 });
       try {
         const runFor = async (ms: number): Promise<number> => {
           let bytes = 0;

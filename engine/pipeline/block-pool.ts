@@ -37,7 +37,7 @@ export interface BlockPoolOptions {
   slotCount?: number;
   /** The keys of an encrypted repository: the workers hash with HMAC-SHA256 and seal with AES-256-GCM. */
   keys?: RepositoryKeys | undefined;
-  /** What seal compresses with: the repository's (Repository.compression). Pools that never seal leave it out. */
+  /** What seal compresses with: the repository's (Repository.compression); seal fails without it. Pools that never seal leave it out. */
   compression?: Compression | undefined;
   /** At most how many bytes the job hands the workers, when known: no more workers than BYTES_PER_WORKER each. */
   workBytes?: number | undefined;

@@ -10,7 +10,8 @@ import { blobId, openBlob, sealBlob } from '../../repo-format/blob-codec.js';
 import { locatorAt } from '../../repo-format/frame-locator.js';
 import { readLocatedFrame, readLocatedSpan } from '../../repo-format/located-frame.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
-import { LZ4, type Compression } from '../../repo-format/compression.js';
+import type { Compression } from '../../repo-format/compression.js';
+import { EngineError } from '../../repo-format/errors.js';
 import { SPAN_BYTES, type BlockTask, type HashResult, type OpenResult, type OpenSpanResult, type SealResult, type VerifyPackResult, type WorkerSetup } from './tasks.js';
 
 export type BlockRunner = (task: BlockTask) => HashResult | SealResult | Promise<OpenResult> | Promise<OpenSpanResult> | Promise<VerifyPackResult>;
@@ -29,7 +30,8 @@ const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve)
 /** The task runner of one thread, for slots `slots` (and the keys of an encrypted repository, given once, never per task). */
 export async function blockRunner(slots: WorkerSetup, options: { collect: boolean }): Promise<BlockRunner> {
   const keys: RepositoryKeys | undefined = slots.keys ? { dataKey: Buffer.from(slots.keys.dataKey), idKey: Buffer.from(slots.keys.idKey) } : undefined;
-  const compression: Compression = slots.compression ?? LZ4;
+  // No default: a pool that seals names its repository's compression, so none writes lz4 into a zstd repository unseen.
+  const compression: Compression | undefined = slots.compression;
   let collectGarbage: ((options: { type: 'minor' | 'major' }) => void) | undefined;
   if (options.collect) {
     setFlagsFromString('--expose-gc');
@@ -64,6 +66,7 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
   }
 
   function seal(slot: number, length: number, kind: number, id: Uint8Array): SealResult {
+    if (compression === undefined) throw new EngineError('ENGINE_INTERNAL', 'a block pool that seals was started without the repository\'s compression');
     const target = outputSlot(slot);
     const frameLength = sealBlob(kind, Buffer.from(id), inputSlot(slot, length), target, 0, keys, compression);
     return { frameLength, flags: target.readUInt8(5) };

@@ -21,7 +21,7 @@ import type { Compression } from '../../repo-format/compression.js';
 /** What each worker gets once, at pool creation: the slots, and the keys of an encrypted repository. */
 export interface WorkerSetup extends SharedSlots {
   keys?: { dataKey: Uint8Array; idKey: Uint8Array } | undefined;
-  /** What seal compresses with: the repository's compression (config), lz4 when not given. */
+  /** What seal compresses with: the repository's compression (config); a seal task fails without it. */
   compression?: Compression | undefined;
 }
 

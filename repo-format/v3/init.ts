@@ -7,7 +7,7 @@
 import { randomBytes } from 'node:crypto';
 import { CIPHER_ID, LAYOUT } from '../constants.js';
 import { encodeConfig, newConfig, type RepositoryConfig } from '../config.js';
-import { DEFAULT_COMPRESSION, type Compression } from '../compression.js';
+import { INIT_COMPRESSION, type Compression } from '../compression.js';
 import { RepositoryExistsError } from '../errors.js';
 import { newRepositoryKeys } from '../crypto.js';
 import { checkPassphrase, createKeyFile, encodeKeyFile, keyFileName } from '../key-file.js';
@@ -19,7 +19,7 @@ import { CONFIG_KEY } from '../store.js';
 export interface InitV3Options {
   blockSize: number;
   passphrase?: Passphrase | undefined;
-  /** What the writers compress with: the default (DEFAULT_COMPRESSION) unless given. */
+  /** What the writers compress with: the default (INIT_COMPRESSION) unless given. */
   compression?: Compression | undefined;
 }
 
@@ -34,7 +34,7 @@ export async function initV3(storage: Storage, options: InitV3Options): Promise<
   const repositoryId = randomBytes(16).toString('hex');
   const keyId = randomBytes(8).toString('hex');
   const encryption = options.passphrase === undefined ? undefined : { cipher: CIPHER_ID, keyFile: `${LAYOUT.keys}/${keyFileName(keyId)}` };
-  const config = newConfig(repositoryId, options.blockSize, new Date(), encryption, true, options.compression ?? DEFAULT_COMPRESSION);
+  const config = newConfig(repositoryId, options.blockSize, new Date(), encryption, true, options.compression ?? INIT_COMPRESSION);
   try {
     if (encryption && options.passphrase !== undefined) {
       const keyFile = await createKeyFile(newRepositoryKeys(), options.passphrase, repositoryId, keyId);

@@ -1,8 +1,10 @@
 /**
  * SPEC 5's zstd payload, read from SPEC.md's words: one zstd frame (RFC 8878) whose header names no
  * dictionary, states its content size (equal to the frame's rawLength) and, unless single-segment, a window
- * of at most rawLength rounded up to a power of two (at least 1 KiB); decoded into at most rawLength bytes.
- * The header rules are checked here, byte by byte from RFC 8878 section 3.1.1.1; the entropy decoding itself
+ * of at most rawLength rounded up to a power of two (at least 1 KiB); blocks of at most min(window, 128 KiB),
+ * none of the reserved type, the frame (last block, then its checksum if flagged) ending exactly at the
+ * payload's end; decoded into at most rawLength bytes. The header and block rules are checked here, byte by
+ * byte from RFC 8878 sections 3.1.1.1 and 3.1.1.2; the entropy decoding itself
  * is libzstd's (RFC 8878's reference implementation, as Node's zlib ships it): a zstd decoder written anew
  * would be thousands of lines for no independence the frame's rules need.
  */
@@ -15,6 +17,7 @@ export function zstdDecode(payload: Buffer, rawLength: number): Buffer {
   const fhd = payload[4] as number;
   const fcsFlag = fhd >> 6; // a header byte's bits, not an offset
   const single = ((fhd >> 5) & 1) === 1;
+  const checksumFlag = ((fhd >> 2) & 1) === 1;
   if (((fhd >> 3) & 1) === 1) throw new Error('zstd frame header reserved bit set');
   if ((fhd & 3) !== 0) throw new Error('zstd frame with a dictionary id');
   let at = 5;
@@ -33,10 +36,25 @@ export function zstdDecode(payload: Buffer, rawLength: number): Buffer {
   else if (fcsBytes === 2) contentSize = payload.readUInt16LE(at) + 256;
   else if (fcsBytes === 4) contentSize = payload.readUInt32LE(at);
   else contentSize = Number(payload.readBigUInt64LE(at));
+  at += fcsBytes;
   if (contentSize !== rawLength) throw new Error(`zstd content size ${contentSize} differs from rawLength ${rawLength}`);
   let bound = 1024;
   while (bound < rawLength) bound *= 2;
   if (!single && windowSize > bound) throw new Error(`zstd window of ${windowSize} bytes for ${rawLength} bytes of content`);
+  const blockMaximum = Math.min(single ? contentSize : windowSize, 128 * 1024);
+  for (let last = false; !last; ) {
+    if (payload.length < at + 3) throw new Error('zstd frame cut short in its blocks');
+    const blockHeader = payload.readUIntLE(at, 3); // 24 bits: Last_Block, Block_Type (2), Block_Size (21)
+    at += 3;
+    last = (blockHeader & 1) === 1;
+    const blockType = (blockHeader >> 1) & 3;
+    const blockSize = blockHeader >> 3;
+    if (blockType === 3) throw new Error('zstd block of the reserved type');
+    if (blockSize > blockMaximum) throw new Error(`zstd block of ${blockSize} bytes over the ${blockMaximum}-byte maximum`);
+    at += blockType === 1 ? 1 : blockSize; // RLE: one byte; raw and compressed: Block_Size bytes
+  }
+  if (checksumFlag) at += 4;
+  if (at !== payload.length) throw new Error(`zstd frame ends at ${at} of a ${payload.length}-byte payload: not exactly one frame`);
   try {
     return zstdDecompressSync(payload, { maxOutputLength: rawLength, chunkSize: Math.max(constants.Z_MIN_CHUNK, rawLength + 1) });
   } catch (error) {
