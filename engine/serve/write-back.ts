@@ -47,6 +47,8 @@ export class WriteBackCache {
   private readonly dirty = new Set<number>();
   /** Clean entries with no write in flight, oldest first: the ones eviction may drop. */
   private readonly clean = new Map<number, Entry>();
+  /** Granules a write-back is writing now: their buffers are held until it ends, dirty or not meanwhile. */
+  private inFlightGranules = 0;
   private writeBack: Promise<void> = Promise.resolve();
   /** A write-back that is chained but has not started: it will take whatever is dirty when it does. */
   private queued: Promise<void> | undefined;
@@ -66,6 +68,15 @@ export class WriteBackCache {
 
   get dirtyBytes(): number {
     return this.dirty.size * GRANULE;
+  }
+
+  /**
+   * The bytes of guest data the cache holds: dirty granules, granules being written (a granule changed
+   * meanwhile holds both its new bytes and those being written) and clean ones. Every entry is dirty,
+   * clean or in flight, and a dirty one in flight holds two buffers, so this counts each buffer once.
+   */
+  get heldBytes(): number {
+    return (this.dirty.size + this.inFlightGranules + this.clean.size) * GRANULE;
   }
 
   has(granule: number): boolean {
@@ -126,14 +137,22 @@ export class WriteBackCache {
 
   /**
    * Called before a write: evicts clean granules beyond `cleanMax`, starts a write-back from `dirtyHigh`
-   * dirty bytes on, and waits for it from `dirtyMax` on (failing the write if it fails).
+   * unwritten bytes (dirty or in flight) on, and waits for it from `dirtyMax` on (failing the write if it
+   * fails). Granules in flight count: a write-back takes the dirty set when it starts, and not counting
+   * what it still holds would let the guest dirty another `dirtyMax` meanwhile. So the cache holds at most
+   * `dirtyMax + cleanMax` plus the one write admitted below the limit (heldBytes).
    */
   async admit(): Promise<void> {
     this.evict();
-    if (this.dirtyBytes < this.limits.dirtyHigh) return;
+    if (this.unwrittenBytes < this.limits.dirtyHigh) return;
     const writeBack = this.writeBackSoon();
-    if (this.dirtyBytes >= this.limits.dirtyMax) await writeBack;
-    else writeBack.catch(() => undefined); // a later flush or full cache reports it
+    if (this.unwrittenBytes < this.limits.dirtyMax) {
+      writeBack.catch(() => undefined); // a later flush or full cache reports it
+      return;
+    }
+    await writeBack;
+    // Checked again: a flush may have chained a write-back of its own meanwhile.
+    while (this.unwrittenBytes >= this.limits.dirtyMax) await this.writeBackSoon();
   }
 
   /** Everything dirty now is written to the file and synced when this resolves. */
@@ -161,6 +180,10 @@ export class WriteBackCache {
       }
       done += bytesRead;
     }
+  }
+
+  private get unwrittenBytes(): number {
+    return (this.dirty.size + this.inFlightGranules) * GRANULE;
   }
 
   private markDirty(granule: number, entry: Entry): void {
@@ -203,6 +226,7 @@ export class WriteBackCache {
       entry.inFlight = entry.data;
       taken.push({ granule, entry });
     }
+    this.inFlightGranules += taken.length;
     const runs: { position: number; buffers: Buffer[] }[] = [];
     for (let i = 0; i < taken.length; ) {
       const start = i;
@@ -226,6 +250,7 @@ export class WriteBackCache {
     };
     await Promise.all(Array.from({ length: Math.min(PARALLEL_RUNS, runs.length) }, worker));
     if (failure === undefined) this.fileVersion += 1;
+    this.inFlightGranules -= taken.length;
     for (const { granule, entry } of taken) {
       entry.inFlight = undefined;
       if (this.entries.get(granule) !== entry || entry.dirty) continue;
@@ -233,6 +258,8 @@ export class WriteBackCache {
       if (failure !== undefined) this.markDirty(granule, entry);
       else this.clean.set(granule, entry);
     }
+    // What was written is clean now: beyond `cleanMax` it goes at once, not at the next write.
+    this.evict();
     if (failure !== undefined) throw failure;
   }
 
