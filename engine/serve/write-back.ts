@@ -10,8 +10,8 @@
  *   flight is copied first (the write keeps the bytes it started with) and stays dirty.
  * - sync is group commit: a flush needs an `fdatasync` that started after its data reached the file; it
  *   shares a running one that did, starts its own while fewer than PARALLEL_SYNCS run, and otherwise
- *   shares the next one to start. A sync with nothing written since the last is skipped. A failed `fdatasync` fails every later flush too: the kernel may
- *   have dropped the pages it could not write (Linux marks them clean), so the overlay can no longer say
+ *   shares the next one to start. A sync with nothing written since the last is skipped. A failed
+ *   `fdatasync` fails every later flush too: the kernel may have dropped the pages it could not write (Linux marks them clean), so the overlay can no longer say
  *   its data is on stable storage.
  */
 import type { FileHandle } from 'node:fs/promises';
