@@ -336,3 +336,28 @@ describe('the write-back cache holds what SPEC 16.1 says while a write-back is s
     }
   });
 });
+
+describe('the write-back cache when the overlay file fails', () => {
+  test('a failed fdatasync is ENGINE_OVERLAY_FAILED naming the errno, for that flush and every later one', async () => {
+    const file = await open(join(dir, 'write-back-sync-fails'), 'w+');
+    // A real file whose fdatasync fails as a failing disk's does (EIO); everything else is the file's own.
+    const failing = new Proxy(file, {
+      get(target, name, receiver) {
+        if (name === 'datasync') return () => Promise.reject(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO', syscall: 'fdatasync' }));
+        const value: unknown = Reflect.get(target, name, receiver);
+        return typeof value === 'function' ? (value as (...args: unknown[]) => unknown).bind(target) : value;
+      },
+    });
+    const cache = new WriteBackCache(failing, 16 * GRANULE, { dirtyHigh: 4 * GRANULE, dirtyMax: 16 * GRANULE, cleanMax: 4 * GRANULE });
+    try {
+      cache.put(3, Buffer.alloc(GRANULE, 7));
+      const expected = { code: 'ENGINE_OVERLAY_FAILED', details: { errno: 'EIO' }, message: expect.stringContaining('could not be synced (EIO)') };
+      await expect(cache.flush()).rejects.toMatchObject(expected);
+      cache.put(4, Buffer.alloc(GRANULE, 8));
+      await expect(cache.flush()).rejects.toMatchObject(expected);
+    } finally {
+      await cache.idle();
+      await file.close();
+    }
+  });
+});

@@ -11,10 +11,11 @@
  * - sync is group commit: a flush needs an `fdatasync` that started after its data reached the file; it
  *   shares a running one that did, starts its own while fewer than PARALLEL_SYNCS run, and otherwise
  *   shares the next one to start. A sync with nothing written since the last is skipped. A failed
- *   `fdatasync` fails every later flush too: the kernel may have dropped the pages it could not write (Linux marks them clean), so the overlay can no longer say
- *   its data is on stable storage.
+ *   `fdatasync` fails every later flush too: the kernel may have dropped the pages it could not write
+ *   (Linux marks them clean), so the overlay can no longer say its data is on stable storage.
  */
 import type { FileHandle } from 'node:fs/promises';
+import { OverlayFailedError } from '../errors.js';
 
 export const GRANULE = 4096;
 /** At most this many granules per `pwritev` (IOV_MAX is 1024 on Linux). */
@@ -268,7 +269,7 @@ export class WriteBackCache {
     let at = position;
     while (left.length > 0) {
       let { bytesWritten } = await this.handle.writev(left, at);
-      if (bytesWritten === 0) throw new Error('the overlay file took no bytes');
+      if (bytesWritten === 0) throw new OverlayFailedError(`the overlay file took no bytes at offset ${at}`);
       at += bytesWritten;
       // A short write (rare: a signal, a full disk reported on the next call) goes on from where it stopped.
       while (left.length > 0 && bytesWritten >= left[0]!.length) {
@@ -306,7 +307,8 @@ export class WriteBackCache {
             this.syncedVersion = Math.max(this.syncedVersion, version);
           },
           (error: Error) => {
-            this.syncFailure ??= new Error(`the overlay file could not be synced (${(error as NodeJS.ErrnoException).code ?? error.message}): writes since the last flush may be lost`);
+            const errno = (error as NodeJS.ErrnoException).code;
+            this.syncFailure ??= new OverlayFailedError(`the overlay file could not be synced (${errno ?? error.message}): writes since the last flush may be lost`, errno, { cause: error });
             throw this.syncFailure;
           },
         )
