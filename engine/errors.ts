@@ -20,6 +20,7 @@ declare module '../repo-format/errors.js' {
     ENGINE_OVIRT_FAULT: 'engine';
     ENGINE_OVIRT_AUTH: 'engine';
     ENGINE_OVIRT_CONNECT: 'engine';
+    ENGINE_OVERLAY_FAILED: 'engine';
   }
 }
 
@@ -89,6 +90,16 @@ export class TargetTooSmallError extends EngineError {
 export class TargetUnwritableError extends EngineError {
   constructor(path: string, why: string) {
     super('ENGINE_TARGET_UNWRITABLE', `cannot write restore target ${path}: ${why}`, { path, why });
+  }
+}
+
+/**
+ * The overlay file of a writable export (`serve --writable`) could not be written or synced; `errno`: the
+ * system's code, when it gave one (the failure is its `cause`). The guest is answered EIO (ENOSPC apart).
+ */
+export class OverlayFailedError extends EngineError {
+  constructor(message: string, errno?: string, options?: { cause?: unknown }) {
+    super('ENGINE_OVERLAY_FAILED', message, errno === undefined ? {} : { errno }, options);
   }
 }
 

@@ -11,6 +11,10 @@ import { join } from 'node:path';
 import { RunWriter, RUN_BYTES } from '../dist/engine/restore/write-runs.js';
 import { FileTarget } from '../dist/engine/restore/file-target.js';
 import { pageAlignedSharedBuffer } from '../dist/engine/pipeline/aligned-memory.js';
+import { BlockPool } from '../dist/engine/pipeline/block-pool.js';
+import { restoreDisk } from '../dist/engine/restore/restore-disk.js';
+import type { TargetWriter } from '../dist/engine/restore/target-writer.js';
+import { Repository } from '../dist/repo-format/repository.js';
 import { backUp, ENGINE_BIN, filesIdentical, initRepository, sh, sparseFile, tempDir, writeRegion } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -195,8 +199,53 @@ describe('a restore to a new file, traced', () => {
     expect(writes.length).toBeLessThanOrEqual(11);
     // Every whole page-aligned block with O_DIRECT; the last block (3 MiB + 512 past 4 GiB: 512 bytes) through the page cache.
     expect(writes.filter((w) => !w.direct).map((w) => [w.offset, w.length])).toEqual([[4 * GiB + 3 * MiB, 512]]);
-    // Durable before it reports success: an fsync after the last write.
-    expect(syncs.filter((s) => s.call === 'fsync' && s.at >= lastWriteAt).length).toBeGreaterThanOrEqual(1);
+    // Durable before it reports success: exactly one fsync of the target after the last write.
+    expect(syncs.filter((s) => s.call === 'fsync' && s.at >= lastWriteAt).length).toBe(1);
     await rm(restored, { force: true });
+  });
+});
+
+describe('an interrupted restore', () => {
+  test('reports the interruption, not a write that failed after it', async () => {
+    // A disk of zeros restored onto a target that does not read as zeros: zeros are written, a batch of
+    // writes in flight at once (RUN_BYTES), with a check for an interruption between blocks.
+    const repo = join(dir, 'interrupt-repo');
+    const image = join(dir, 'interrupt.raw');
+    await sparseFile(image, 64 * MiB);
+    await initRepository(repo);
+    const backup = await backUp(repo, ['--source', image, '--disk-name', 'os']);
+    const opened = await Repository.open(repo, { access: 'exclusive', command: 'restore', readWithoutLock: true, manyWriters: true });
+    const controller = new AbortController();
+    const writes: number[] = [];
+    // The first write is still pending when the interruption comes (SIGINT: the CLI aborts the signal),
+    // and then fails, as a write to a full disk would.
+    const target: TargetWriter = {
+      path: join(dir, 'interrupt-target'),
+      zeroed: false,
+      write: async (_data, offset) => {
+        writes.push(offset);
+        if (writes.length === 1) controller.abort('SIGINT');
+        await new Promise((resolve) => setTimeout(resolve, 20));
+        throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' });
+      },
+      finish: async () => undefined,
+      discard: async () => undefined,
+    };
+    let pool: BlockPool | undefined;
+    try {
+      const record = await opened.findBackup(backup.id);
+      pool = new BlockPool({ blockSize: record.blockSize, workers: 1, keys: opened.keys, workBytes: 0 });
+      const error = await restoreDisk(opened, pool, record, record.disks[0]!, target, { signal: controller.signal }).then(
+        () => undefined,
+        (failure: unknown) => failure,
+      );
+      expect(writes.length).toBeGreaterThanOrEqual(1);
+      // ENGINE_INTERRUPTED is what the CLI reports with exit code 130 (SPEC.md 14.3).
+      expect(error).toMatchObject({ code: 'ENGINE_INTERRUPTED' });
+      expect((error as Error).message).toMatch(/^restore was interrupted/);
+    } finally {
+      await pool?.close();
+      await opened.close();
+    }
   });
 });

@@ -15,6 +15,7 @@ import { serve } from '../dist/engine/index.js';
 import { NbdConnection } from '../dist/engine/nbd/connection.js';
 import { parseNbdUri } from '../dist/engine/nbd/uri.js';
 import { Overlay } from '../dist/engine/serve/overlay.js';
+import { GRANULE, WriteBackCache } from '../dist/engine/serve/write-back.js';
 import { exitOf, parseJson, runEngine, sparseFile, spawnEngine, tempDir, Tmpfs, waitFor, writeRegion, type BackupJson } from './helpers.js';
 import { RawClient } from './nbd-raw-client.js';
 
@@ -279,3 +280,84 @@ async function overlayFile(pid: number): Promise<Awaited<ReturnType<typeof open>
   }
   throw new Error(`no overlay file among the descriptors of ${pid}`);
 }
+
+describe('the write-back cache holds what SPEC 16.1 says while a write-back is slow', () => {
+  test('held bytes never exceed dirtyMax + cleanMax + the write admitted below the limit, and the file ends up right', async () => {
+    const granules = 64;
+    const limits = { dirtyHigh: 4 * GRANULE, dirtyMax: 16 * GRANULE, cleanMax: 4 * GRANULE };
+    const bound = limits.dirtyMax + limits.cleanMax + GRANULE; // each write below is one granule
+    const file = await open(join(dir, 'write-back-bound'), 'w+');
+    let cache: WriteBackCache | undefined;
+    let peak = 0;
+    const sample = (): void => {
+      peak = Math.max(peak, cache!.heldBytes);
+    };
+    // A real file whose writes take a while (a slow or busy disk): the burst of writes runs while a
+    // write-back is in flight, which is when granules are held both dirty and in flight.
+    const slow = new Proxy(file, {
+      get(target, name, receiver) {
+        if (name === 'writev') {
+          return async (buffers: Buffer[], position: number) => {
+            sample();
+            await new Promise((resolve) => setTimeout(resolve, 5));
+            return target.writev(buffers, position);
+          };
+        }
+        const value: unknown = Reflect.get(target, name, receiver);
+        return typeof value === 'function' ? (value as (...args: unknown[]) => unknown).bind(target) : value;
+      },
+    });
+    cache = new WriteBackCache(slow, granules * GRANULE, limits);
+    const rand = random(7);
+    const model = new Map<number, number>();
+    try {
+      for (let i = 0; i < 600; i += 1) {
+        // Hot granules rewritten often (changed while in flight: copied) and cold ones spread out.
+        const granule = i % 3 === 0 ? rand(granules) : rand(6);
+        const value = 1 + (i % 250);
+        model.set(granule, value);
+        await cache.admit();
+        sample();
+        if (!cache.patch(granule, 0, Buffer.alloc(GRANULE, value))) cache.put(granule, Buffer.alloc(GRANULE, value));
+        sample();
+      }
+      await cache.flush();
+      sample();
+      expect(peak).toBeGreaterThan(limits.dirtyMax); // the burst did reach the limit
+      expect(peak).toBeLessThanOrEqual(bound);
+      for (let granule = 0; granule < granules; granule += 1) {
+        const got = Buffer.alloc(GRANULE);
+        await cache.readFile(got, granule * GRANULE);
+        expect(got.equals(Buffer.alloc(GRANULE, model.get(granule) ?? 0)), `granule ${granule}`).toBe(true);
+      }
+    } finally {
+      await cache.idle();
+      await file.close();
+    }
+  });
+});
+
+describe('the write-back cache when the overlay file fails', () => {
+  test('a failed fdatasync is ENGINE_OVERLAY_FAILED naming the errno, for that flush and every later one', async () => {
+    const file = await open(join(dir, 'write-back-sync-fails'), 'w+');
+    // A real file whose fdatasync fails as a failing disk's does (EIO); everything else is the file's own.
+    const failing = new Proxy(file, {
+      get(target, name, receiver) {
+        if (name === 'datasync') return () => Promise.reject(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO', syscall: 'fdatasync' }));
+        const value: unknown = Reflect.get(target, name, receiver);
+        return typeof value === 'function' ? (value as (...args: unknown[]) => unknown).bind(target) : value;
+      },
+    });
+    const cache = new WriteBackCache(failing, 16 * GRANULE, { dirtyHigh: 4 * GRANULE, dirtyMax: 16 * GRANULE, cleanMax: 4 * GRANULE });
+    try {
+      cache.put(3, Buffer.alloc(GRANULE, 7));
+      const expected = { code: 'ENGINE_OVERLAY_FAILED', details: { errno: 'EIO' }, message: expect.stringContaining('could not be synced (EIO)') };
+      await expect(cache.flush()).rejects.toMatchObject(expected);
+      cache.put(4, Buffer.alloc(GRANULE, 8));
+      await expect(cache.flush()).rejects.toMatchObject(expected);
+    } finally {
+      await cache.idle();
+      await file.close();
+    }
+  });
+});

@@ -380,9 +380,13 @@ class DiskRestore {
         this.result.bytesWritten += span;
         at += span;
       }
-    } finally {
-      await settle();
+    } catch (error) {
+      // The writes still end before this returns, but the first failure (an interruption, say) is the one
+      // reported, not a write that failed after it.
+      await settle().catch(() => undefined);
+      throw error;
     }
+    await settle();
     this.result.blocksWritten += count;
   }
 }

@@ -15,10 +15,12 @@
  * small writes cost no system call each (1 KiB writes to one granule are merged there; the file sees the
  * granule once). NBD's contract is that a write is on stable storage once a FLUSH (or the write's own FUA)
  * is answered, not before (proto.md, "Ordering of messages and writes"); so FLUSH writes the dirty
- * granules back, in runs of adjacent granules, then `fdatasync`s the file, and concurrent flushes share
- * one `fdatasync` (group commit: a flush waits at most for the one running and the next). Dirty granules
+ * granules back, in runs of adjacent granules, then `fdatasync`s the file (group commit: a flush shares a
+ * running `fdatasync` that started after its data reached the file, starts its own while fewer than four
+ * run, and otherwise shares the next one to start; write-back.ts). Dirty granules
  * are also written back in the background from DIRTY_HIGH bytes on, and a write waits while DIRTY_MAX
- * bytes are dirty: the cache's memory is bounded whatever the guest does.
+ * bytes are dirty or being written: the cache holds at most DIRTY_MAX + CLEAN_MAX and one request,
+ * whatever the guest does.
  */
 import { chmod, mkdtemp, rm, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -35,9 +37,9 @@ const ZERO = 2;
 export type CurrentContent = (offset: number, length: number) => Promise<Buffer>;
 
 export interface OverlayLimits {
-  /** Dirty bytes from which write-back starts in the background. */
+  /** Unwritten bytes (dirty or being written) from which write-back starts in the background. */
   dirtyHigh: number;
-  /** Dirty bytes at which writes wait for the write-back. */
+  /** Unwritten bytes (dirty or being written) at which writes wait for the write-back. */
   dirtyMax: number;
   /** Clean granules kept for read-modify-write and reads. */
   cleanMax: number;

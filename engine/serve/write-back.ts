@@ -10,11 +10,12 @@
  *   flight is copied first (the write keeps the bytes it started with) and stays dirty.
  * - sync is group commit: a flush needs an `fdatasync` that started after its data reached the file; it
  *   shares a running one that did, starts its own while fewer than PARALLEL_SYNCS run, and otherwise
- *   shares the next one to start. A sync with nothing written since the last is skipped. A failed `fdatasync` fails every later flush too: the kernel may
- *   have dropped the pages it could not write (Linux marks them clean), so the overlay can no longer say
- *   its data is on stable storage.
+ *   shares the next one to start. A sync with nothing written since the last is skipped. A failed
+ *   `fdatasync` fails every later flush too: the kernel may have dropped the pages it could not write
+ *   (Linux marks them clean), so the overlay can no longer say its data is on stable storage.
  */
 import type { FileHandle } from 'node:fs/promises';
+import { OverlayFailedError } from '../errors.js';
 
 export const GRANULE = 4096;
 /** At most this many granules per `pwritev` (IOV_MAX is 1024 on Linux). */
@@ -47,6 +48,8 @@ export class WriteBackCache {
   private readonly dirty = new Set<number>();
   /** Clean entries with no write in flight, oldest first: the ones eviction may drop. */
   private readonly clean = new Map<number, Entry>();
+  /** Granules a write-back is writing now: their buffers are held until it ends, dirty or not meanwhile. */
+  private inFlightGranules = 0;
   private writeBack: Promise<void> = Promise.resolve();
   /** A write-back that is chained but has not started: it will take whatever is dirty when it does. */
   private queued: Promise<void> | undefined;
@@ -66,6 +69,15 @@ export class WriteBackCache {
 
   get dirtyBytes(): number {
     return this.dirty.size * GRANULE;
+  }
+
+  /**
+   * The bytes of guest data the cache holds: dirty granules, granules being written (a granule changed
+   * meanwhile holds both its new bytes and those being written) and clean ones. Every entry is dirty,
+   * clean or in flight, and a dirty one in flight holds two buffers, so this counts each buffer once.
+   */
+  get heldBytes(): number {
+    return (this.dirty.size + this.inFlightGranules + this.clean.size) * GRANULE;
   }
 
   has(granule: number): boolean {
@@ -126,14 +138,22 @@ export class WriteBackCache {
 
   /**
    * Called before a write: evicts clean granules beyond `cleanMax`, starts a write-back from `dirtyHigh`
-   * dirty bytes on, and waits for it from `dirtyMax` on (failing the write if it fails).
+   * unwritten bytes (dirty or in flight) on, and waits for it from `dirtyMax` on (failing the write if it
+   * fails). Granules in flight count: a write-back takes the dirty set when it starts, and not counting
+   * what it still holds would let the guest dirty another `dirtyMax` meanwhile. So the cache holds at most
+   * `dirtyMax + cleanMax` plus the one write admitted below the limit (heldBytes).
    */
   async admit(): Promise<void> {
     this.evict();
-    if (this.dirtyBytes < this.limits.dirtyHigh) return;
+    if (this.unwrittenBytes < this.limits.dirtyHigh) return;
     const writeBack = this.writeBackSoon();
-    if (this.dirtyBytes >= this.limits.dirtyMax) await writeBack;
-    else writeBack.catch(() => undefined); // a later flush or full cache reports it
+    if (this.unwrittenBytes < this.limits.dirtyMax) {
+      writeBack.catch(() => undefined); // a later flush or full cache reports it
+      return;
+    }
+    await writeBack;
+    // Checked again: a flush may have chained a write-back of its own meanwhile.
+    while (this.unwrittenBytes >= this.limits.dirtyMax) await this.writeBackSoon();
   }
 
   /** Everything dirty now is written to the file and synced when this resolves. */
@@ -161,6 +181,10 @@ export class WriteBackCache {
       }
       done += bytesRead;
     }
+  }
+
+  private get unwrittenBytes(): number {
+    return (this.dirty.size + this.inFlightGranules) * GRANULE;
   }
 
   private markDirty(granule: number, entry: Entry): void {
@@ -203,6 +227,7 @@ export class WriteBackCache {
       entry.inFlight = entry.data;
       taken.push({ granule, entry });
     }
+    this.inFlightGranules += taken.length;
     const runs: { position: number; buffers: Buffer[] }[] = [];
     for (let i = 0; i < taken.length; ) {
       const start = i;
@@ -226,6 +251,7 @@ export class WriteBackCache {
     };
     await Promise.all(Array.from({ length: Math.min(PARALLEL_RUNS, runs.length) }, worker));
     if (failure === undefined) this.fileVersion += 1;
+    this.inFlightGranules -= taken.length;
     for (const { granule, entry } of taken) {
       entry.inFlight = undefined;
       if (this.entries.get(granule) !== entry || entry.dirty) continue;
@@ -233,6 +259,8 @@ export class WriteBackCache {
       if (failure !== undefined) this.markDirty(granule, entry);
       else this.clean.set(granule, entry);
     }
+    // What was written is clean now: beyond `cleanMax` it goes at once, not at the next write.
+    this.evict();
     if (failure !== undefined) throw failure;
   }
 
@@ -241,7 +269,7 @@ export class WriteBackCache {
     let at = position;
     while (left.length > 0) {
       let { bytesWritten } = await this.handle.writev(left, at);
-      if (bytesWritten === 0) throw new Error('the overlay file took no bytes');
+      if (bytesWritten === 0) throw new OverlayFailedError(`the overlay file took no bytes at offset ${at}`);
       at += bytesWritten;
       // A short write (rare: a signal, a full disk reported on the next call) goes on from where it stopped.
       while (left.length > 0 && bytesWritten >= left[0]!.length) {
@@ -279,7 +307,8 @@ export class WriteBackCache {
             this.syncedVersion = Math.max(this.syncedVersion, version);
           },
           (error: Error) => {
-            this.syncFailure ??= new Error(`the overlay file could not be synced (${(error as NodeJS.ErrnoException).code ?? error.message}): writes since the last flush may be lost`);
+            const errno = (error as NodeJS.ErrnoException).code;
+            this.syncFailure ??= new OverlayFailedError(`the overlay file could not be synced (${errno ?? error.message}): writes since the last flush may be lost`, errno, { cause: error });
             throw this.syncFailure;
           },
         )
