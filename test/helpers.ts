@@ -364,3 +364,17 @@ export async function expectRestoreIdentical(repo: string, id: string, expected:
   expect(await filesIdentical(target, expected)).toBe(true);
   await rm(target, { force: true });
 }
+
+/**
+ * Reads the export's bytes [offset, offset + out.length) into `out` through a copy-on-write overlay, block by block:
+ * `out` holds the backup's bytes on entry, and every byte the overlay holds replaces them.
+ */
+export async function readThroughOverlay(overlay: { readInto(block: number, at: number, target: Buffer): Promise<unknown> }, blockSize: number, offset: number, out: Buffer): Promise<Buffer> {
+  for (let at = offset; at < offset + out.length; ) {
+    const block = Math.floor(at / blockSize);
+    const upTo = Math.min(offset + out.length, (block + 1) * blockSize);
+    await overlay.readInto(block, at - block * blockSize, out.subarray(at - offset, upTo - offset));
+    at = upTo;
+  }
+  return out;
+}

@@ -16,7 +16,7 @@ import { NbdConnection } from '../dist/engine/nbd/connection.js';
 import { parseNbdUri } from '../dist/engine/nbd/uri.js';
 import { Overlay } from '../dist/engine/serve/overlay.js';
 import { GRANULE, WriteBackCache } from '../dist/engine/serve/write-back.js';
-import { exitOf, parseJson, runEngine, sparseFile, spawnEngine, tempDir, Tmpfs, waitFor, writeRegion, type BackupJson } from './helpers.js';
+import { exitOf, parseJson, readThroughOverlay, runEngine, sparseFile, spawnEngine, tempDir, Tmpfs, waitFor, writeRegion, type BackupJson } from './helpers.js';
 import { RawClient } from './nbd-raw-client.js';
 
 const KiB = 1024;
@@ -75,16 +75,7 @@ describe('the overlay under small overlapping writes (tiny cache limits)', () =>
     const base = randomBytes(size);
     // Tiny limits: write-back starts at 4 dirty granules and writes wait at 16, 4 clean granules kept.
     const overlay = await Overlay.create(size, blockSize, dir, { dirtyHigh: 4 * 4096, dirtyMax: 16 * 4096, cleanMax: 4 * 4096 });
-    const exportBytes = async (offset: number, length: number): Promise<Buffer> => {
-      const out = Buffer.from(base.subarray(offset, offset + length));
-      for (let at = offset; at < offset + length; ) {
-        const block = Math.floor(at / blockSize);
-        const upTo = Math.min(offset + length, (block + 1) * blockSize);
-        await overlay.readInto(block, at - block * blockSize, out.subarray(at - offset, upTo - offset));
-        at = upTo;
-      }
-      return out;
-    };
+    const exportBytes = (offset: number, length: number): Promise<Buffer> => readThroughOverlay(overlay, blockSize, offset, Buffer.from(base.subarray(offset, offset + length)));
     const model = Buffer.from(base);
     try {
       const ops = operations(15, 4000, size);

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { NbdClient, serve, type ServeHandle } from '../dist/engine/index.js';
 import { Overlay } from '../dist/engine/serve/overlay.js';
 import { NbdServer } from '../dist/engine/nbd/server.js';
-import { exitOf, filesIdentical, parseJson, runEngine, sh, sha256File, spawnEngine, sparseFile, tempDir, writeRegion, type BackupJson, waitFor } from './helpers.js';
+import { exitOf, filesIdentical, parseJson, readThroughOverlay, runEngine, sh, sha256File, spawnEngine, sparseFile, tempDir, writeRegion, type BackupJson, waitFor } from './helpers.js';
 import { qemuImgCompare } from './qemu.js';
 import { RawClient } from './nbd-raw-client.js';
 import { encodeOptionHeader } from '../dist/engine/nbd/wire.js';
@@ -304,16 +304,7 @@ describe('the copy-on-write overlay', () => {
     const overlay = await Overlay.create(size, MiB, dir);
     const BASE = 0xab;
     // The export's content: a backup of 0xab bytes with the overlay merged over it.
-    const current = async (offset: number, length: number): Promise<Buffer> => {
-      const out = Buffer.alloc(length, BASE);
-      for (let at = offset; at < offset + length; ) {
-        const block = Math.floor(at / MiB);
-        const upTo = Math.min(offset + length, (block + 1) * MiB);
-        await overlay.readInto(block, at - block * MiB, out.subarray(at - offset, upTo - offset));
-        at = upTo;
-      }
-      return out;
-    };
+    const current = (offset: number, length: number): Promise<Buffer> => readThroughOverlay(overlay, MiB, offset, Buffer.alloc(length, BASE));
     const expectBytes = async (offset: number, length: number, value: number): Promise<void> => {
       expect((await current(offset, length)).equals(Buffer.alloc(length, value))).toBe(true);
     };
