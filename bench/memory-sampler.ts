@@ -5,8 +5,8 @@
  * memory outside V8 (LevelDB's memtables and caches, malloc arenas, code). From /proc/self/status every
  * 100 ms, the two halves of rss: anonymous memory (heaps, malloc arenas) and file-backed pages (mapped files:
  * LevelDB's tables, and code), at their own peaks. The main thread only. With $BENCH_MEMORY_TRACE, also a
- * line per second into that file (ms since start, then the same figures in MiB as they are then), to see
- * which phase of a command holds the peak. With $BENCH_MEMORY_GC too (and node --expose-gc), a full GC
+ * line per second ($BENCH_MEMORY_TRACE_MS: every that many ms) into that file (ms since start, then the same
+ * figures in MiB as they are then), to see which phase of a command holds the peak. With $BENCH_MEMORY_GC too (and node --expose-gc), a full GC
  * before each line of the trace: the line's heapUsed is then what is live, not what is live plus garbage
  * V8 has not collected yet (a diagnosis: it changes the peaks it measures).
  */
@@ -56,7 +56,7 @@ if (out && isMainThread) {
       const spaces = Object.fromEntries(getHeapSpaceStatistics().filter((space) => space.space_size >= 2 ** 20).map((space) => [space.space_name, mib(space.space_size)]));
       const line = { ms: Math.round(performance.now() - started), rss: mib(m.rss), heapUsed: mib(m.heapUsed), heapTotal: mib(m.heapTotal), external: mib(m.external), arrayBuffers: mib(m.arrayBuffers), rssAnon: mib(rssAnon), rssFile: mib(rssFile), spaces };
       appendFileSync(trace, `${JSON.stringify(line)}\n`);
-    }, 1000).unref();
+    }, Number(process.env.BENCH_MEMORY_TRACE_MS) || 1000).unref();
   }
   setInterval(sample, 20).unref();
   setInterval(sampleParts, 100).unref();

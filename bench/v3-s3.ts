@@ -1,6 +1,7 @@
 /**
  * Format 3 and S3, side by side in one run (issue 14, item 6): `node dist/bench/v3-s3.js [--size 1G]
- * [--concurrent-size 256M] [--rounds 2] [--objects 100,20000] [--dir /var/tmp] [--out bench/results]`.
+ * [--concurrent-size 256M] [--rounds 2] [--objects 100,20000] [--rss-runs 1] [--rss-engines label=path,…]
+ * [--dir /var/tmp] [--out bench/results]`.
  *
  * Starts a private Ceph RADOS Gateway (test/rgw.ts: one memstore OSD, so RGW's disk is not what is measured)
  * and, on the suite's seeded VM-like image (bench/suite.ts's template, `--size`):
@@ -15,7 +16,11 @@
  *    throughput's ratio;
  * 3. peak RSS of a backup and a restore on S3 with few and with many objects in the repository (`--objects`:
  *    that many index segments pre-created under its prefix, each a valid, empty segment that every process
- *    with a fresh host cache lists and reads).
+ *    with a fresh host cache lists and reads), `--rss-runs` times, each run in fresh repositories, the object
+ *    counts' order reversed every other run; with `--rss-engines`, for each of several engines (a `bin/engine`
+ *    of another build, or a script that execs one with other settings), interleaved the same way: a paired
+ *    A/B of peak RSS. The report puts the object counts side by side (growth = most objects − fewest, per run).
+ *    `--rounds 0` runs this part alone.
  * Every timed run is its own process under /usr/bin/time (wall, CPU, peak RSS) after
  * `sync; echo 3 > /proc/sys/vm/drop_caches`. RGW shares the machine's two cores with the clients: read the
  * figures as ratios within a round.
@@ -128,9 +133,9 @@ class Lab {
     return row;
   }
 
-  async engine(args: string[], cacheDir: string, extraEnv: Record<string, string> = {}): Promise<{ measured: Measured; json: EngineJson }> {
+  async engine(args: string[], cacheDir: string, extraEnv: Record<string, string> = {}, engine = ENGINE): Promise<{ measured: Measured; json: EngineJson }> {
     await dropCaches();
-    const measured = await withStoreCpu(() => timed(ENGINE, [...args, '--json'], { ...this.engineEnv, ENGINE_CACHE_DIR: cacheDir, ...extraEnv }));
+    const measured = await withStoreCpu(() => timed(engine, [...args, '--json'], { ...this.engineEnv, ENGINE_CACHE_DIR: cacheDir, ...extraEnv }));
     return { measured, json: JSON.parse(measured.stdout) as EngineJson };
   }
 
@@ -268,38 +273,63 @@ function memoryTraceEnv(name: string): Record<string, string> {
   return { NODE_OPTIONS: `--import ${sampler} ${process.env.BENCH_RSS_NODE_FLAGS ?? ''}`.trim(), BENCH_MEMORY_OUT: join(dir, `${name}.peaks.json`), BENCH_MEMORY_TRACE: join(dir, `${name}.trace`) };
 }
 
+/** One peak-RSS run: a backup and a restore of one engine on a repository holding `objects` index segments. */
+interface RssRun {
+  engine: string;
+  run: number;
+  objects: number;
+  fillSeconds: number;
+  backup: Measured;
+  restore: Measured;
+  identical: boolean;
+  load: string;
+}
+
+/** `--rss-engines label=path,…`: the engines the peak-RSS runs compare; by default this tree's bin/engine. */
+function rssEngines(): { label: string; path: string }[] {
+  const specs = (arg('--rss-engines') ?? '').split(',').filter(Boolean);
+  if (specs.length === 0) return [{ label: 'engine', path: ENGINE }];
+  return specs.map((spec) => {
+    const at = spec.indexOf('=');
+    return at < 0 ? { label: spec, path: spec } : { label: spec.slice(0, at), path: spec.slice(at + 1) };
+  });
+}
+
 async function main(): Promise<void> {
   const size = parseSize(arg('--size') ?? '1G');
   const concurrentSize = parseSize(arg('--concurrent-size') ?? '256M');
   const randomSize = parseSize(arg('--random-size') ?? '512M');
   const rounds = Number(arg('--rounds') ?? 2);
   const objectCounts = (arg('--objects') ?? '100,20000').split(',').filter(Boolean).map(Number);
+  const rssRuns = Number(arg('--rss-runs') ?? 1);
+  const engines = rssEngines();
   const outDir = arg('--out') ?? 'bench/results';
   const work = await mkdtemp(join(arg('--dir') ?? '/var/tmp', 'engine-bench-v3-s3-'));
   const loadAtStart = await loadAverage();
   let cluster: RgwCluster | undefined;
   const skipped: string[] = [];
-  const rss: { objects: number; fillSeconds: number; backup: Measured; restore: Measured; identical: boolean }[] = [];
+  const rss: RssRun[] = [];
   let lab: Lab | undefined;
   try {
     // Everything a round stores stays in memstore (RAM): engine + restic per round, the concurrency runs, the ceiling.
-    const memstore = Math.ceil((size * 1.2 * rounds + randomSize * 1.1 * rounds + concurrentSize * 10 * rounds + concurrentSize * 2 * objectCounts.length + 512 * 2 ** 20 * rounds) / 2 ** 30 + 1) * 2 ** 30;
+    const memstore = Math.ceil((size * 1.2 * rounds + randomSize * 1.1 * rounds + concurrentSize * 10 * rounds + concurrentSize * 2 * objectCounts.length * rssRuns * engines.length + 512 * 2 ** 20 * rounds) / 2 ** 30 + 1) * 2 ** 30;
     // tcp_nodelay: without it every small GET (segments, leases, records) waits ~50 ms for Nagle on the gateway (test/rgw.ts).
     cluster = await startBenchCluster({ memstoreBytes: memstore, tcpNoDelay: true }, BUCKET, work, log);
     lab = new Lab(cluster, work);
     const resticReady = await ensure('restic', 'restic');
     if (resticReady !== true) skipped.push(`restic: ${resticReady}`);
 
-    log(`generating the suite's ${formatBytes(size)} template image and 4 images of ${formatBytes(concurrentSize)}`);
+    log(rounds > 0 ? `generating the suite's ${formatBytes(size)} template image and 4 images of ${formatBytes(concurrentSize)}` : `generating an image of ${formatBytes(concurrentSize)}`);
     const image = join(work, 'vm.raw');
-    await generateImage(image, size, 'bench-template');
+    // The rounds' images; the peak-RSS runs need only images[0].
+    if (rounds > 0) await generateImage(image, size, 'bench-template');
     const images: string[] = [];
-    for (let i = 0; i < 4; i++) {
+    for (let i = 0; i < (rounds > 0 ? 4 : 1); i++) {
       images.push(join(work, `vm-${i}.raw`));
       await generateImage(images[i]!, concurrentSize, `bench-concurrent-${i}`);
     }
     const random = join(work, 'random.raw');
-    await generateImage(random, randomSize, 'bench-random', { zero: 0, text: 0, binary: 0, random: 1, duplicate: 0 });
+    if (rounds > 0) await generateImage(random, randomSize, 'bench-random', { zero: 0, text: 0, binary: 0, random: 1, duplicate: 0 });
     const localRoot = join(work, 'local');
     await mkdir(localRoot);
 
@@ -325,25 +355,31 @@ async function main(): Promise<void> {
       await lab.concurrency(round, 'local folder', (name) => join(localRoot, name), images, concurrentSize, round % 2 === 0);
     }
 
-    for (const count of objectCounts) {
-      const prefix = `rss-${count}`;
-      const repo = `s3://${BUCKET}/${prefix}`;
-      await lab.initEngine(repo);
-      log(`peak RSS: ${count} index segments under ${repo}`);
-      const fillSeconds = await lab.fill(prefix, count);
-      const cacheDir = lab.cache();
-      const backup = await lab.engine(['backup', '--repo', repo, '--source', images[0]!, '--name', 'rss'], cacheDir, memoryTraceEnv(`backup-${count}`));
-      const out = join(work, 'rss-out.raw');
-      const restoreRun = await lab.engine(['restore', '--repo', repo, backup.json.id, '--to', out], lab.cache(), memoryTraceEnv(`restore-${count}`));
-      rss.push({ objects: count, fillSeconds, backup: backup.measured, restore: restoreRun.measured, identical: await identical(out, images[0]!) });
-      log(`${count} objects: backup ${backup.measured.seconds.toFixed(1)} s (CPU ${backup.measured.cpuSeconds.toFixed(1)} s) ${backup.measured.peakRssMiB.toFixed(0)} MiB, restore ${restoreRun.measured.seconds.toFixed(1)} s (CPU ${restoreRun.measured.cpuSeconds.toFixed(1)} s) ${restoreRun.measured.peakRssMiB.toFixed(0)} MiB`);
-      await rm(out, { force: true });
+    for (let run = 0; run < rssRuns; run++) {
+      const order = run % 2 === 0 ? engines : [...engines].reverse();
+      for (const [e, engine] of order.entries()) {
+        const counts = (run + e) % 2 === 0 ? objectCounts : [...objectCounts].reverse();
+        for (const count of counts) {
+          const prefix = `rss-${count}-${engine.label}-${run}`;
+          const repo = `s3://${BUCKET}/${prefix}`;
+          await lab.initEngine(repo);
+          log(`peak RSS, run ${run + 1} of ${rssRuns}, ${engine.label}: ${count} index segments under ${repo}`);
+          const fillSeconds = await lab.fill(prefix, count);
+          const name = `${engine.label}-${run}-${count}`;
+          const backup = await lab.engine(['backup', '--repo', repo, '--source', images[0]!, '--name', 'rss'], lab.cache(), memoryTraceEnv(`backup-${name}`), engine.path);
+          const out = join(work, 'rss-out.raw');
+          const restoreRun = await lab.engine(['restore', '--repo', repo, backup.json.id, '--to', out], lab.cache(), memoryTraceEnv(`restore-${name}`), engine.path);
+          rss.push({ engine: engine.label, run, objects: count, fillSeconds, backup: backup.measured, restore: restoreRun.measured, identical: await identical(out, images[0]!), load: await loadAverage() });
+          log(`${engine.label}, ${count} objects: backup ${backup.measured.seconds.toFixed(1)} s (CPU ${backup.measured.cpuSeconds.toFixed(1)} s) ${backup.measured.peakRssMiB.toFixed(0)} MiB, restore ${restoreRun.measured.seconds.toFixed(1)} s (CPU ${restoreRun.measured.cpuSeconds.toFixed(1)} s) ${restoreRun.measured.peakRssMiB.toFixed(0)} MiB`);
+          await rm(out, { force: true });
+        }
+      }
     }
   } finally {
     await cluster?.stop();
     await rm(work, { recursive: true, force: true });
   }
-  await report(lab!, rss, { size, concurrentSize, randomSize, rounds, loadAtStart, loadAtEnd: await loadAverage(), skipped, outDir });
+  await report(lab!, rss, { size, concurrentSize, randomSize, rounds, objectCounts, loadAtStart, loadAtEnd: await loadAverage(), skipped, outDir });
 }
 
 interface ReportOptions {
@@ -351,13 +387,14 @@ interface ReportOptions {
   randomSize: number;
   concurrentSize: number;
   rounds: number;
+  objectCounts: number[];
   loadAtStart: string;
   loadAtEnd: string;
   skipped: string[];
   outDir: string;
 }
 
-async function report(lab: Lab, rss: { objects: number; fillSeconds: number; backup: Measured; restore: Measured; identical: boolean }[], options: ReportOptions): Promise<void> {
+async function report(lab: Lab, rss: RssRun[], options: ReportOptions): Promise<void> {
   const { rows, ceilings } = lab;
   const of = (round: number, scenario: string, tool: string): Row | undefined => rows.find((r) => r.round === round && r.scenario === scenario && r.tool === tool);
   const roundsRun = [...new Set(rows.map((r) => r.round))];
@@ -375,7 +412,22 @@ async function report(lab: Lab, rss: { objects: number; fillSeconds: number; bac
   const restoreVsResticNotDurable = perRound((round) => { const e = of(round, 'restore to a raw file', S3); const p = of(round, RESTORE_NOT_DURABLE, RESTIC); return e && p ? p.seconds / e.seconds : undefined; });
   const concurrent = (where: string): number[] => perRound((round) => { const one = of(round, `1 backup alone (${where})`, 'engine'); const four = of(round, `4 backups at once (${where})`, 'engine'); return one && four ? four.diskMBps / one.diskMBps : undefined; });
   const worstRss = Math.max(0, ...rss.flatMap((r) => [r.backup.peakRssMiB, r.restore.peakRssMiB]), ...rows.filter((r) => r.tool.startsWith('engine')).map((r) => r.peakRssMiB));
-  const rssGrowth = rss.length >= 2 ? Math.max(rss.at(-1)!.backup.peakRssMiB - rss[0]!.backup.peakRssMiB, rss.at(-1)!.restore.peakRssMiB - rss[0]!.restore.peakRssMiB) : NaN;
+  // The object counts side by side, a line per engine and run: the growth is the most objects' peak less the fewest's.
+  const fewest = Math.min(...options.objectCounts);
+  const most = Math.max(...options.objectCounts);
+  const pairs = [...new Set(rss.map((r) => `${r.engine}\u0000${r.run}`))].map((key) => {
+    const [engine, run] = key.split('\u0000') as [string, string];
+    const byCount = new Map(rss.filter((r) => r.engine === engine && r.run === Number(run)).map((r) => [r.objects, r]));
+    const low = byCount.get(fewest);
+    const high = byCount.get(most);
+    const growth = (peak: (r: RssRun) => number): number => (low && high && most > fewest ? peak(high) - peak(low) : NaN);
+    return { engine, run: Number(run), byCount, backupGrowth: growth((r) => r.backup.peakRssMiB), restoreGrowth: growth((r) => r.restore.peakRssMiB) };
+  });
+  const growths = pairs.flatMap((p) => [p.backupGrowth, p.restoreGrowth]).filter(Number.isFinite);
+  const rssGrowth = growths.length > 0 ? Math.max(...growths) : NaN;
+  const counts = [...options.objectCounts].sort((a, b) => a - b);
+  const side = (p: (typeof pairs)[number], value: (r: RssRun) => number, digits: number): string => counts.map((c) => { const r = p.byCount.get(c); return r ? value(r).toFixed(digits) : '—'; }).join(' / ');
+  const signed = (n: number): string => (Number.isFinite(n) ? `${n >= 0 ? '+' : ''}${n.toFixed(0)}` : '—');
   const pct = (values: number[]): string => values.map((v) => `${(v * 100).toFixed(0)}%`).join(', ');
   const times = (values: number[]): string => values.map((v) => `${v.toFixed(2)}×`).join(', ');
 
@@ -393,9 +445,15 @@ async function report(lab: Lab, rss: { objects: number; fillSeconds: number; bac
     '',
     '### Peak RSS by the number of objects in the repository (S3; backup and restore of a fresh image, fresh host cache)',
     '',
-    '| index segments in the repository | backup wall s | backup CPU s | backup peak RSS MiB | restore wall s | restore CPU s | restore peak RSS MiB | restore identical |',
-    '| --- | --- | --- | --- | --- | --- | --- | --- |',
-    ...rss.map((r) => `| ${r.objects} | ${r.backup.seconds.toFixed(1)} | ${r.backup.cpuSeconds.toFixed(1)} | ${r.backup.peakRssMiB.toFixed(0)} | ${r.restore.seconds.toFixed(1)} | ${r.restore.cpuSeconds.toFixed(1)} | ${r.restore.peakRssMiB.toFixed(0)} | ${r.identical ? 'yes (cmp)' : 'NO'} |`),
+    `Side by side, ${counts.join(' / ')} index segments; growth = ${most} − ${fewest}. Each run in fresh repositories, the counts' order (and the engines') reversed every other run.`,
+    '',
+    `| engine | run | backup peak RSS MiB | growth | restore peak RSS MiB | growth | backup CPU s | restore CPU s | load at the end |`,
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    ...pairs.map((p) => `| ${p.engine} | ${p.run + 1} | ${side(p, (r) => r.backup.peakRssMiB, 0)} | ${signed(p.backupGrowth)} | ${side(p, (r) => r.restore.peakRssMiB, 0)} | ${signed(p.restoreGrowth)} | ${side(p, (r) => r.backup.cpuSeconds, 1)} | ${side(p, (r) => r.restore.cpuSeconds, 1)} | ${[...p.byCount.values()].at(-1)?.load ?? ''} |`),
+    '',
+    '| engine | run | index segments in the repository | backup wall s | backup CPU s | backup peak RSS MiB | restore wall s | restore CPU s | restore peak RSS MiB | restore identical | load |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    ...rss.map((r) => `| ${r.engine} | ${r.run + 1} | ${r.objects} | ${r.backup.seconds.toFixed(1)} | ${r.backup.cpuSeconds.toFixed(1)} | ${r.backup.peakRssMiB.toFixed(0)} | ${r.restore.seconds.toFixed(1)} | ${r.restore.cpuSeconds.toFixed(1)} | ${r.restore.peakRssMiB.toFixed(0)} | ${r.identical ? 'yes (cmp)' : 'NO'} | ${r.load} |`),
   ].join('\n');
   const targets = [
     `S3 backup ≥ 80% of RGW's PUT ceiling for new data (new random data: bytes stored per second over curl's PUT rate, per round): ${pct(putShare)} → ${verdict(putShare, (v) => v >= 0.8)}; the suite's image (compressible, a third zeros: its upload rate is set by the pipeline, not the store): ${pct(putShareImage)}`,
@@ -404,7 +462,8 @@ async function report(lab: Lab, rss: { objects: number; fillSeconds: number; bac
     `S3 restore ≥ 2× restic's (both timed until the restored file is durable; restic's time over the engine's, per round): ${times(restoreVsRestic)} → ${verdict(restoreVsRestic, (v) => v >= 2)}; against restic without its fsync (not durable): ${times(restoreVsResticNotDurable)} → ${verdict(restoreVsResticNotDurable, (v) => v >= 2)}`,
     `4 concurrent backups ≥ 90% of one alone's throughput, S3 (aggregate MB/s of disk over one alone's, per round): ${pct(concurrent('S3'))} → ${verdict(concurrent('S3'), (v) => v >= 0.9)}`,
     `the same into a local folder: ${pct(concurrent('local folder'))} → ${verdict(concurrent('local folder'), (v) => v >= 0.9)}`,
-    `peak RSS ≤ 300 MiB whatever the object count: worst ${worstRss.toFixed(0)} MiB, ${rss.map((r) => `${r.objects} objects: ${r.backup.peakRssMiB.toFixed(0)} / ${r.restore.peakRssMiB.toFixed(0)} MiB`).join('; ')} (growth ${Number.isFinite(rssGrowth) ? `${rssGrowth.toFixed(0)} MiB` : 'not measured'}) → ${verdict([worstRss], (worst) => worst <= 300 && !(rssGrowth > 20))}`,
+    `peak RSS ≤ 300 MiB whatever the object count: worst ${worstRss.toFixed(0)} MiB → ${verdict([worstRss], (worst) => worst <= 300)}`,
+    `peak RSS flat from ${fewest} to ${most} index segments (growth ≤ 5 MiB, backup and restore, per engine and run): ${pairs.map((p) => `${p.engine} run ${p.run + 1}: backup ${signed(p.backupGrowth)}, restore ${signed(p.restoreGrowth)} MiB`).join('; ') || 'not measured'} → ${Number.isFinite(rssGrowth) ? verdict(growths, (g) => g <= 5) : 'not measured'}`,
   ];
   const markdown = reportMarkdown(
     'Format 3 and S3: the engine on a local folder and on RGW, restic on RGW, RGW\'s ceiling',

@@ -4,17 +4,29 @@
  * passes a limit it sets by its own size, so what such work promoted there and let go (its per-segment
  * Maps and Sets, the listing's pages of XML, the answers of many small GETs) otherwise stays resident
  * while the next phase (a backup's or a restore's data) adds its own peak on top.
+ *
+ * The "last-resort" flavour (V8's CollectAllAvailableGarbage, what a low-memory notification runs): full
+ * collections that reduce memory, repeated while they free more, after which V8 shrinks the young generation
+ * to its smallest and hands the pages it freed back to the system. A plain major collection frees the objects
+ * but keeps their pages: the young generation stays at the 2 x 8 MiB a 20,000-segment catch-up grew it to
+ * (bin/engine's --max-semi-space-size=8), the old generation at the size the catch-up reached, all resident
+ * under the next phase's peak. Measured (bench/v3-s3.ts --rss-runs 3, S3, a 256 MiB image, fresh host cache,
+ * interleaved with the build before, load 22-38): peak RSS growth from 100 to 20,000 index segments, backup
+ * +30/+23/+19 -> -1/+6/-4 MiB, restore +16/+17/+18 -> -1/+5/+15 MiB; RSS right after the collection 118-126 ->
+ * 92-94 MiB. Its cost: 46-72 ms of CPU against 24-33 for a plain major collection (after a catch-up of ~7 CPU-s).
  * `gc` is exposed as in engine/pipeline/block-runner.ts: the flag, then a context where it is defined.
  */
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 
-let collect: ((options: { type: 'major' }) => void) | undefined;
+type Collect = (options: { type: 'major'; execution: 'sync'; flavor: 'last-resort' }) => void;
+
+let collect: Collect | undefined;
 
 export function collectGarbage(): void {
   if (collect === undefined) {
     setFlagsFromString('--expose-gc');
-    collect = runInNewContext('gc') as (options: { type: 'major' }) => void;
+    collect = runInNewContext('gc') as Collect;
   }
-  collect({ type: 'major' });
+  collect({ type: 'major', execution: 'sync', flavor: 'last-resort' });
 }

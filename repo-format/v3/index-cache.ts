@@ -88,13 +88,16 @@ const CATCH_UP_KEPT = { segment: 256 * 1024, total: 16 * 1024 * 1024 };
  */
 export const CACHE_BATCH = 16384;
 /**
- * Segments listed by a catch-up from which it ends with a full collection of V8's heap (collectGarbage):
- * its per-segment state and the answers of its GETs are garbage by then, in V8's old generation, where
- * they would stay resident under the backup's or restore's own peak. Measured (bench/v3-s3.ts, S3, fresh
- * host cache, a 256 MiB image, 2 runs each, load 12-24): backup peak RSS over 20,000 segments 266/261 ->
- * 250/252 MiB (224/225 over 100); the restore's peak is set by native memory and did not move beyond the
- * noise. One listing page: a smaller catch-up leaves too little to matter and pays nothing; the collection
- * costs 20-50 ms after a 20,000-segment catch-up (~1.1 CPU-s in memory alone, ~20 s on S3).
+ * Segments listed by a catch-up from which it ends with a full collection of V8's heap that hands the freed
+ * pages back (collectGarbage, V8's last-resort flavour): its per-segment state and the answers of its GETs are
+ * garbage by then, in V8's old generation and in a young generation grown to its largest, where they would
+ * stay resident under the backup's or restore's own peak. Measured (bench/v3-s3.ts, S3, fresh host cache, a
+ * 256 MiB image, interleaved runs, load 22-38; figures in collect-garbage.ts): the peak RSS of a backup over
+ * 20,000 segments is that over 100 (growth -4..+6 MiB, was +19..+30 with a plain major collection); a
+ * restore's growth -1..+15 MiB (was +16..+18): what remains is native memory, the main malloc arena's
+ * ([heap] in smaps) 6-7 MiB resident over 100 segments and 11-18 over 20,000 when the data phase starts.
+ * One listing page: a smaller catch-up leaves too little to matter and pays nothing; the collection costs
+ * ~50-70 ms of CPU after a 20,000-segment catch-up (~7 CPU-s and ~20 s on S3).
  */
 const CATCH_UP_COLLECT_AT = 1000;
 const BLOB_KEY_SIZE = 1 + ID_SIZE;
