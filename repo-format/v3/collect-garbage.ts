@@ -10,10 +10,11 @@
  * to its smallest and hands the pages it freed back to the system. A plain major collection frees the objects
  * but keeps their pages: the young generation stays at the 2 x 8 MiB a 20,000-segment catch-up grew it to
  * (bin/engine's --max-semi-space-size=8), the old generation at the size the catch-up reached, all resident
- * under the next phase's peak. Measured (bench/v3-s3.ts --rss-runs 3, S3, a 256 MiB image, fresh host cache,
- * interleaved with the build before, load 22-38): peak RSS growth from 100 to 20,000 index segments, backup
- * +30/+23/+19 -> -1/+6/-4 MiB, restore +16/+17/+18 -> -1/+5/+15 MiB; RSS right after the collection 118-126 ->
- * 92-94 MiB. Its cost: 46-72 ms of CPU against 24-33 for a plain major collection (after a catch-up of ~7 CPU-s).
+ * under the next phase's peak. Measured (bench/v3-s3.ts --rss-runs 3, twice, S3, a 256 MiB image, fresh host
+ * cache, interleaved with the build before, load 19-39; bench/results/v3-s3-rss-ab-54c38c5-22946b4.md): peak RSS
+ * growth from 100 to 20,000 index segments, 6 runs, backup mean +23 -> +3 MiB (-4..+7), restore +19 -> +5 MiB
+ * (-4..+15); RSS right after the collection 118-126 -> 90-94 MiB. Its cost: 46-72 ms of CPU against 24-33 for a
+ * plain major collection (after a catch-up of ~7 CPU-s).
  * `gc` is exposed as in engine/pipeline/block-runner.ts: the flag, then a context where it is defined.
  */
 import { setFlagsFromString } from 'node:v8';

@@ -92,10 +92,11 @@ export const CACHE_BATCH = 16384;
  * pages back (collectGarbage, V8's last-resort flavour): its per-segment state and the answers of its GETs are
  * garbage by then, in V8's old generation and in a young generation grown to its largest, where they would
  * stay resident under the backup's or restore's own peak. Measured (bench/v3-s3.ts, S3, fresh host cache, a
- * 256 MiB image, interleaved runs, load 22-38; figures in collect-garbage.ts): the peak RSS of a backup over
- * 20,000 segments is that over 100 (growth -4..+6 MiB, was +19..+30 with a plain major collection); a
- * restore's growth -1..+15 MiB (was +16..+18): what remains is native memory, the main malloc arena's
- * ([heap] in smaps) 6-7 MiB resident over 100 segments and 11-18 over 20,000 when the data phase starts.
+ * 256 MiB image, 6 interleaved runs, load 19-39; figures in collect-garbage.ts): the peak RSS of a backup over
+ * 20,000 segments is that over 100 within the noise (growth -4..+7 MiB, was +19..+30 with a plain major
+ * collection); a restore's growth -4..+15 MiB, mean +5 (was +12..+25): what remains is native memory, the
+ * main malloc arena's ([heap] in smaps) 6-7 MiB resident over 100 segments and 11-18 over 20,000 when the data
+ * phase starts, most of it in use (malloc_trim(0) there gives back 2 MiB).
  * One listing page: a smaller catch-up leaves too little to matter and pays nothing; the collection costs
  * ~50-70 ms of CPU after a 20,000-segment catch-up (~7 CPU-s and ~20 s on S3).
  */
