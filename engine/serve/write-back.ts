@@ -188,6 +188,8 @@ export class WriteBackCache {
 
   private evict(): void {
     let over = this.clean.size * GRANULE - this.limits.cleanMax;
+    // Called before every write: under the limit it costs no iterator.
+    if (over <= 0) return;
     for (const granule of this.clean.keys()) {
       if (over <= 0) break;
       this.clean.delete(granule);
