@@ -202,6 +202,12 @@ class ServerConnection {
   private handshake: HandshakeContext | undefined;
   private readonly inFlight = new Set<Promise<void>>();
   private inFlightBytes = 0;
+  /**
+   * The request loop waiting for a request to end (a slot, or payload bytes, to come free). One waiter woken
+   * by whichever ends, not Promise.race over those in flight: that adds a reaction to every one of them at
+   * each wait, and a request that waits long (a FLUSH behind a sync) gathers one per request read meanwhile.
+   */
+  private slotFreed: (() => void) | undefined;
   private closed = false;
   /** Replies are being gathered for one write (see write()). */
   private corked = false;
@@ -333,7 +339,7 @@ class ServerConnection {
 
   private async transmission(negotiated: Negotiated): Promise<void> {
     for (;;) {
-      while (this.inFlight.size >= MAX_IN_FLIGHT) await Promise.race(this.inFlight);
+      while (this.inFlight.size >= MAX_IN_FLIGHT) await this.requestEnded();
       if (this.socket.writableLength > SEND_HIGH_WATER && !this.closed) await this.drained();
       const request = decodeRequest(Buffer.from(await this.reader.read(REQUEST_SIZE)));
       this.lastRequestAt = Date.now();
@@ -342,7 +348,7 @@ class ServerConnection {
       if (request.type === P.CMD_WRITE && request.length > MAX_REQUEST_BYTES) throw new HangUp(`WRITE of ${request.length} bytes, more than the ${MAX_REQUEST_BYTES} advertised`);
       // What the request will hold in memory (a READ over the maximum is refused without reading).
       const bytes = request.type === P.CMD_WRITE || (request.type === P.CMD_READ && request.length <= MAX_REQUEST_BYTES) ? request.length : 0;
-      while (this.inFlight.size > 0 && this.inFlightBytes + bytes > IN_FLIGHT_BYTES) await Promise.race(this.inFlight);
+      while (this.inFlight.size > 0 && this.inFlightBytes + bytes > IN_FLIGHT_BYTES) await this.requestEnded();
       const payload = request.type === P.CMD_WRITE ? Buffer.from(await this.reader.read(request.length)) : undefined;
       this.inFlightBytes += bytes;
       const work = this.handle(negotiated, request, payload)
@@ -352,9 +358,17 @@ class ServerConnection {
         .finally(() => {
           this.inFlightBytes -= bytes;
           this.inFlight.delete(work);
+          const freed = this.slotFreed;
+          this.slotFreed = undefined;
+          freed?.();
         });
       this.inFlight.add(work);
     }
+  }
+
+  /** Resolves when the next request in flight ends. */
+  private requestEnded(): Promise<void> {
+    return new Promise((resolve) => (this.slotFreed = resolve));
   }
 
   private async handle(negotiated: Negotiated, request: RequestHeader, payload: Buffer | undefined): Promise<void> {

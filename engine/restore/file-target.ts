@@ -17,6 +17,7 @@ import { constants, open, stat, unlink, type FileHandle } from 'node:fs/promises
 import { dirname } from 'node:path';
 import { classifyWriteError, isErrnoException } from '../../repo-format/errors.js';
 import { fsyncDirectory } from '../../repo-format/durable-file.js';
+import { readFully, skipBytes, writevFully } from '../../repo-format/file-io.js';
 import { MUTABLE_FILE_MODE, openNewFile } from '../../repo-format/file-modes.js';
 import { TargetInUseError, TargetTooSmallError, TargetUnwritableError } from '../errors.js';
 import { blockDeviceSize } from '../sources/device-size.js';
@@ -126,7 +127,7 @@ export class FileTarget implements TargetWriter {
         this.writes.directBytes += done;
       }
       if (done < length) {
-        await writeVector(this.path, this.handle, skipBytes(buffers, done), offset + done, () => (this.writes.calls += 1));
+        await this.writeVector(this.handle, skipBytes(buffers, done), offset + done);
         this.writes.bufferedBytes += length - done;
       }
     } catch (error) {
@@ -142,7 +143,7 @@ export class FileTarget implements TargetWriter {
   private async writeDirect(buffers: Buffer[], offset: number): Promise<number> {
     let done = 0;
     try {
-      await writeVector(this.path, this.direct!, buffers, offset, () => (this.writes.calls += 1), (bytes) => (done += bytes));
+      await this.writeVector(this.direct!, buffers, offset, (bytes) => (done += bytes));
       return done;
     } catch (error) {
       if (!isErrnoException(error) || error.code !== 'EINVAL') throw error;
@@ -151,6 +152,16 @@ export class FileTarget implements TargetWriter {
       await direct?.close().catch(() => undefined);
       return done;
     }
+  }
+
+  /** Writes every byte of `buffers` from `offset` (counting the calls); `onBytes` hears what each call wrote. */
+  private async writeVector(handle: FileHandle, buffers: Buffer[], offset: number, onBytes?: (bytes: number) => void): Promise<void> {
+    const length = buffers.reduce((sum, b) => sum + b.length, 0);
+    const written = await writevFully(handle, buffers, offset, (bytes) => {
+      this.writes.calls += 1;
+      onBytes?.(bytes);
+    });
+    if (written < length) throw new TargetUnwritableError(this.path, `the system wrote nothing at offset ${offset + written}`);
   }
 
   /** Starts a background fdatasync every WRITE_BEHIND_BYTES; its failure fails the next write or finish(). */
@@ -169,12 +180,7 @@ export class FileTarget implements TargetWriter {
   }
 
   async read(target: Buffer, offset: number): Promise<void> {
-    let done = 0;
-    while (done < target.length) {
-      const { bytesRead } = await this.handle.read(target, done, target.length - done, offset + done);
-      if (bytesRead === 0) throw new TargetUnwritableError(this.path, `cannot read back ${target.length} bytes at offset ${offset}: the target ends first`);
-      done += bytesRead;
-    }
+    if ((await readFully(this.handle, target, offset)) < target.length) throw new TargetUnwritableError(this.path, `cannot read back ${target.length} bytes at offset ${offset}: the target ends first`);
   }
 
   async finish(): Promise<void> {
@@ -207,34 +213,8 @@ async function openDirect(path: string): Promise<FileHandle | undefined> {
   return open(path, constants.O_WRONLY | constants.O_DIRECT).catch(() => undefined);
 }
 
-/** Writes every byte of `buffers` from `offset` with pwritev, again after a short write; `onCall` counts the calls, `onBytes` what each wrote. */
-async function writeVector(path: string, handle: FileHandle, buffers: Buffer[], offset: number, onCall: () => void, onBytes: (bytes: number) => void = () => undefined): Promise<void> {
-  let rest = buffers;
-  let at = offset;
-  while (rest.length > 0) {
-    onCall();
-    const { bytesWritten } = await handle.writev(rest, at);
-    if (bytesWritten === 0) throw new TargetUnwritableError(path, `the system wrote nothing at offset ${at}`);
-    onBytes(bytesWritten);
-    at += bytesWritten;
-    rest = skipBytes(rest, bytesWritten);
-  }
-}
-
 /** How many of the leading buffers are whole multiples of DIRECT_IO_ALIGNMENT long. */
 function alignedPrefix(buffers: Buffer[]): number {
   const odd = buffers.findIndex((b) => b.length % DIRECT_IO_ALIGNMENT !== 0);
   return odd < 0 ? buffers.length : odd;
-}
-
-/** `buffers` without their first `bytes` bytes. */
-function skipBytes(buffers: Buffer[], bytes: number): Buffer[] {
-  let skip = bytes;
-  let i = 0;
-  while (i < buffers.length && skip >= buffers[i]!.length) {
-    skip -= buffers[i]!.length;
-    i += 1;
-  }
-  if (i === buffers.length) return [];
-  return [buffers[i]!.subarray(skip), ...buffers.slice(i + 1)];
 }

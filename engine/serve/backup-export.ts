@@ -8,7 +8,7 @@ import * as P from '../nbd/protocol.js';
 import { ExportError, type AllocationExtent, type NbdExport, type ReadPiece } from '../nbd/export.js';
 import type { BlockTable } from './block-table.js';
 import { ChunkUnreadable, type ChunkLoader } from './chunk-cache.js';
-import type { Overlay } from './overlay.js';
+import { GRANULE, type Overlay } from './overlay.js';
 
 export interface BackupExportOptions {
   name: string;
@@ -21,6 +21,9 @@ export interface BackupExportOptions {
   overlay?: Overlay | undefined;
   onLog?: ((message: string) => void) | undefined;
 }
+
+/** Zeros for the backup's zero blocks under a read-modify-write (a granule at most). */
+const ZEROS = Buffer.alloc(GRANULE);
 
 /** Room for 2^36 blocks per export in the cache key, far beyond any disk. */
 const KEY_STRIDE = 2 ** 36;
@@ -74,32 +77,44 @@ export class BackupExport implements NbdExport {
   }
 
   private async chunk(block: number): Promise<Buffer> {
-    const where = `backup ${this.options.backupId}, disk ${this.name}, offset ${this.table.geometry.offsetOf(block)}`;
+    const key = this.key(block);
+    // A cached chunk (the usual case: small reads fall in the chunk the last one read) costs no lookup.
+    const cached = this.options.loader.cached(key);
+    if (cached) return cached;
     const location = this.table.location(block);
     if (!location) {
       this.badChunks += 1;
-      this.options.onLog?.(`${where}: chunk ${this.table.id(block).toString('hex').slice(0, 16)}… is missing from the repository; answering EIO`);
-      throw new ExportError(P.NBD_EIO, `${where}: chunk missing from the repository`);
+      this.options.onLog?.(`${this.where(block)}: chunk ${this.table.id(block).toString('hex').slice(0, 16)}… is missing from the repository; answering EIO`);
+      throw new ExportError(P.NBD_EIO, `${this.where(block)}: chunk missing from the repository`);
     }
     try {
-      return await this.options.loader.load(this.key(block), location, this.table.lengthOf(block));
+      return await this.options.loader.fetch(key, location, this.table.lengthOf(block));
     } catch (error) {
       if (!(error instanceof ChunkUnreadable)) throw error;
       this.badChunks += 1;
-      this.options.onLog?.(`${where}: ${error.message}; answering EIO`);
-      throw new ExportError(P.NBD_EIO, `${where}: ${error.message}`);
+      this.options.onLog?.(`${this.where(block)}: ${error.message}; answering EIO`);
+      throw new ExportError(P.NBD_EIO, `${this.where(block)}: ${error.message}`);
     }
+  }
+
+  private where(block: number): string {
+    return `backup ${this.options.backupId}, disk ${this.name}, offset ${this.table.geometry.offsetOf(block)}`;
   }
 
   private key(block: number): number {
     return this.options.exportIndex * KEY_STRIDE + block;
   }
 
-  /** Sequential reads (this one starts where the last ended, or in the same block) load the next chunks early. */
+  /**
+   * Sequential reads (this one starts where the last ended, or in the same block) load the next chunks early.
+   * A read that ends in the block the last one ended in asks for the same chunks again: skipped (a guest's
+   * small reads would otherwise look up every chunk of the window once per read).
+   */
   private readAhead(first: number, last: number): void {
     const sequential = first === this.nextSequentialBlock || first === this.nextSequentialBlock - 1;
+    const moved = last + 1 !== this.nextSequentialBlock;
     this.nextSequentialBlock = last + 1;
-    if (!sequential) return;
+    if (!sequential || !moved) return;
     for (let block = last + 1; block <= last + this.options.readAheadBlocks && block < this.table.blocks; block += 1) {
       const location = this.table.location(block);
       if (!location || !this.options.loader.idle(this.key(block))) continue;
@@ -130,11 +145,11 @@ export class BackupExport implements NbdExport {
   }
 
   async write(data: Buffer, offset: number): Promise<void> {
-    await overlayErrors(this.overlayOrRefuse().write(data, offset, (o, l) => this.readBytes(o, l)));
+    await overlayErrors(this.overlayOrRefuse().write(data, offset, (o, l) => this.backupBytes(o, l)));
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
-    await overlayErrors(this.overlayOrRefuse().zero(offset, length, (o, l) => this.readBytes(o, l)));
+    await overlayErrors(this.overlayOrRefuse().zero(offset, length, (o, l) => this.backupBytes(o, l)));
   }
 
   async trim(offset: number, length: number): Promise<void> {
@@ -151,12 +166,17 @@ export class BackupExport implements NbdExport {
     return this.options.overlay;
   }
 
-  /** The export's present bytes of a range, as one buffer. */
-  private async readBytes(offset: number, length: number): Promise<Buffer> {
-    const pieces = await this.read(offset, length);
-    const out = Buffer.alloc(length);
-    for (const piece of pieces) if ('data' in piece) piece.data.copy(out, piece.offset - offset);
-    return out;
+  /**
+   * The backup's bytes of a range inside one block, for the overlay's read-modify-write of a granule it does
+   * not hold: a view of the cached chunk (or of zeros), no copy. A guest writing sequentially gets the
+   * read-ahead a reader gets.
+   */
+  private async backupBytes(offset: number, length: number): Promise<Buffer> {
+    const block = this.table.geometry.blockAt(offset);
+    const inBlock = offset - this.table.geometry.offsetOf(block);
+    const bytes = this.table.isZero(block) ? ZEROS.subarray(0, length) : (await this.chunk(block)).subarray(inBlock, inBlock + length);
+    this.readAhead(block, block);
+    return bytes;
   }
 }
 

@@ -70,6 +70,19 @@ export class ChunkLoader {
   load(key: number, location: ChunkLocation, expectedLength: number): Promise<Buffer> {
     const cached = this.cache.get(key);
     if (cached) return Promise.resolve(cached);
+    return this.fetch(key, location, expectedLength);
+  }
+
+  /**
+   * The chunk if the cache holds it (counted as a hit or a miss), else undefined: then `fetch` it. A reader
+   * asks this first so that a hit costs no chunk location (the guest's small reads hit the same chunk).
+   */
+  cached(key: number): Buffer | undefined {
+    return this.cache.get(key);
+  }
+
+  /** The chunk from its pack, after `cached` missed: joins a load of it under way, or starts one. */
+  fetch(key: number, location: ChunkLocation, expectedLength: number): Promise<Buffer> {
     let pending = this.loading.get(key);
     if (!pending) {
       pending = this.read(location, expectedLength).finally(() => this.loading.delete(key));

@@ -33,7 +33,11 @@ export { GRANULE } from './write-back.js';
 const DATA = 1;
 const ZERO = 2;
 
-/** The export's present content of a range (backup merged with the overlay), for read-modify-write. */
+/**
+ * The backup's content of a range (at most one granule, inside one block) that the overlay does not hold, for
+ * read-modify-write: there the backup's bytes are the export's. The buffer is only read, never kept, so it
+ * may be a view of a cached chunk.
+ */
 export type CurrentContent = (offset: number, length: number) => Promise<Buffer>;
 
 export interface OverlayLimits {

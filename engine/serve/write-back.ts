@@ -15,6 +15,7 @@
  *   (Linux marks them clean), so the overlay can no longer say its data is on stable storage.
  */
 import type { FileHandle } from 'node:fs/promises';
+import { readFully, writevFully } from '../../repo-format/file-io.js';
 import { OverlayFailedError } from '../errors.js';
 
 export const GRANULE = 4096;
@@ -172,15 +173,7 @@ export class WriteBackCache {
 
   /** Reads `target.length` bytes of the file at `position`; past its end reads zeros. */
   async readFile(target: Buffer, position: number): Promise<void> {
-    let done = 0;
-    while (done < target.length) {
-      const { bytesRead } = await this.handle.read(target, done, target.length - done, position + done);
-      if (bytesRead === 0) {
-        target.fill(0, done);
-        return;
-      }
-      done += bytesRead;
-    }
+    target.fill(0, await readFully(this.handle, target, position));
   }
 
   private get unwrittenBytes(): number {
@@ -195,6 +188,8 @@ export class WriteBackCache {
 
   private evict(): void {
     let over = this.clean.size * GRANULE - this.limits.cleanMax;
+    // Called before every write: under the limit it costs no iterator.
+    if (over <= 0) return;
     for (const granule of this.clean.keys()) {
       if (over <= 0) break;
       this.clean.delete(granule);
@@ -265,19 +260,9 @@ export class WriteBackCache {
   }
 
   private async writeRun(buffers: Buffer[], position: number): Promise<void> {
-    let left = buffers;
-    let at = position;
-    while (left.length > 0) {
-      let { bytesWritten } = await this.handle.writev(left, at);
-      if (bytesWritten === 0) throw new OverlayFailedError(`the overlay file took no bytes at offset ${at}`);
-      at += bytesWritten;
-      // A short write (rare: a signal, a full disk reported on the next call) goes on from where it stopped.
-      while (left.length > 0 && bytesWritten >= left[0]!.length) {
-        bytesWritten -= left[0]!.length;
-        left = left.slice(1);
-      }
-      if (left.length > 0 && bytesWritten > 0) left = [left[0]!.subarray(bytesWritten), ...left.slice(1)];
-    }
+    const length = buffers.reduce((sum, b) => sum + b.length, 0);
+    const written = await writevFully(this.handle, buffers, position);
+    if (written < length) throw new OverlayFailedError(`the overlay file took no bytes at offset ${position + written}`);
   }
 
   private sync(): Promise<void> {

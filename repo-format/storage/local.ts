@@ -23,6 +23,7 @@ import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { classifyWriteError, EngineError, isErrnoException } from '../errors.js';
 import { fsyncDirectory, writeAllSyncAndClose } from '../durable-file.js';
+import { readFully } from '../file-io.js';
 import { ensurePrivateDirectory, IMMUTABLE_FILE_MODE, openNewFile } from '../file-modes.js';
 import { StorageError, type StorageFailure } from './storage-error.js';
 import {
@@ -335,15 +336,4 @@ async function syncAndClose(handle: FileHandle): Promise<void> {
   } finally {
     await handle.close();
   }
-}
-
-/** Reads until `target` is full or the file ends; returns how many bytes were read. */
-async function readFully(handle: FileHandle, target: Buffer, position: number): Promise<number> {
-  let filled = 0;
-  while (filled < target.length) {
-    const { bytesRead } = await handle.read(target, filled, target.length - filled, position + filled);
-    if (bytesRead === 0) break;
-    filled += bytesRead;
-  }
-  return filled;
 }
