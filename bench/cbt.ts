@@ -107,12 +107,17 @@ async function main(): Promise<void> {
     else {
       const outcome = await libvirtScenario(image, size, work, log, { virtnbdbackup: true });
       skipped.push(...outcome.skipped);
+      if (outcome.ceiling) rows.push({ scenario: 'running VM (libvirt pull): full', tool: 'read ceiling: nbdcopy of the pull export → null:', seconds: outcome.ceiling.nbdcopy.seconds, bytesRead: null, note: 'same domain, same run' });
       for (const r of outcome.rows) rows.push({ scenario: `running VM (libvirt pull): ${r.scenario}`, tool: r.tool, seconds: r.measured.seconds, bytesRead: r.bytesRead, note: r.note });
       const engineFull = outcome.rows.find((r) => r.scenario === 'full' && r.tool.startsWith('engine'));
       const peerFull = outcome.rows.find((r) => r.scenario === 'full' && r.tool.startsWith('virtnbdbackup'));
       if (engineFull && peerFull) {
         const ratio = peerFull.measured.seconds / engineFull.measured.seconds;
         targets.push(`full from a libvirt pull export ≥ 10× virtnbdbackup: ${ratio.toFixed(1)}× → ${verdict([ratio], (r) => r >= 10)}`);
+      }
+      if (engineFull && outcome.ceiling) {
+        const share = outcome.ceiling.nbdcopy.seconds / engineFull.measured.seconds;
+        targets.push(`full from a libvirt pull export ≥ 90% of nbdcopy from the same export: ${(share * 100).toFixed(0)}% → ${verdict([share], (r) => r >= 0.9)}`);
       }
     }
 

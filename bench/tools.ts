@@ -69,6 +69,8 @@ export interface Measured {
   systemSeconds?: number;
   peakRssMiB: number;
   stdout: string;
+  /** The 1-, 5- and 15-minute load averages just before the run (coldTimed gives them). */
+  load?: string;
 }
 
 let timingFile = 0;
@@ -107,7 +109,8 @@ export async function timed(command: string, args: string[], env: Record<string,
 /** timed(), after `sync` and with the page cache dropped (dropCaches): the step reads its disk or repository cold. */
 export async function coldTimed(command: string, args: string[], env: Record<string, string> = {}): Promise<Measured> {
   await dropCaches();
-  return timed(command, args, env);
+  const load = await loadAverage();
+  return { ...(await timed(command, args, env)), load };
 }
 
 export async function available(command: string): Promise<boolean> {
