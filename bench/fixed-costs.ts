@@ -20,7 +20,7 @@
  * that mark the phases (phaseMarks below); medians, and each tool the engine ran with its own wall time.
  * --ratio N: issue 15's target, an incremental of 1% of a 1 GiB disk against its full, cold (page cache dropped),
  * via --image (qemu-io writes offline) and --libvirt (HMP qemu-io writes into the running guest), N rounds of a
- * full then an incremental, this build only; the median of the rounds' incremental/full wall ratios.
+ * full then an incremental (of each build, in turn); the median of the rounds' incremental/full wall ratios.
  *
  *   npm run build && node dist/bench/fixed-costs.js [--rounds 10] [--baseline /other/checkout/bin/engine] [--cold]
  *     [--phases 5] [--ratio 3] [--only-libvirt]
@@ -31,7 +31,7 @@ import { chmod, copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:f
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { SeededRandom } from '../engine/index.js';
-import { arg, available, coldTimed, dropCaches, ENGINE, loadAverage, logger, machineLine, privateEngineCache, run, timed, type Measured } from './tools.js';
+import { arg, available, coldTimed, ENGINE, loadAverage, logger, machineLine, privateEngineCache, run, timed, type Measured } from './tools.js';
 
 const log = logger('fixed-costs');
 const MiB = 1024 * 1024;
@@ -135,16 +135,18 @@ function parseStrace(log: string): Traced[] {
 
 /**
  * The phases of one backup, each ending at the first system call (at or after the previous mark) that marks its end:
- * the repository's config opened (the runtime and the CLI's modules loaded), the first CBT tool started (the
- * repository open: lease, index cache, history), the first NBD connection (the tools' setup: qemu-img, qemu-nbd or
- * virsh), the record's temporary file (the read, with the audit and the source's release), the record's directory
- * synced (the commit), and the lease's removal (the bitmaps or checkpoints no chain needs). The rest is the close.
+ * the repository's config opened (the runtime and the CLI's modules loaded), the first backup record read (the
+ * repository open: lease, index cache; the history is read next), the first NBD connection (the CBT setup: qemu-img,
+ * qemu-nbd or virsh, whatever of them did not run during the open), the record's temporary file (the read, with the
+ * audit and the source's release), the record's directory synced (the commit), and the lease's removal (the bitmaps
+ * or checkpoints no chain needs). The rest is the close. The tools' own times are listed apart, with when each began:
+ * a build may run some of them while the repository opens.
  */
 function phaseMarks(repo: string): { name: string; ends: (e: Traced) => boolean }[] {
   return [
     { name: 'start: sh, Node, modules', ends: (e) => e.call === 'openat' && e.text.includes(`"${repo}/config"`) },
-    { name: 'repository open: lease, index cache, history', ends: (e) => e.call === 'execve' && /"(qemu-img|virsh)"/.test(e.text) },
-    { name: 'CBT setup: tools until the first NBD connect', ends: (e) => e.call === 'connect' && /(nbd|backup)\.sock/.test(e.text) },
+    { name: 'repository open: lease, index cache', ends: (e) => e.call === 'openat' && new RegExp(`"${repo}/backups/[0-9a-f]{32}"`).test(e.text) },
+    { name: 'history, CBT setup: until the first NBD connect', ends: (e) => e.call === 'connect' && /(nbd|backup)\.sock/.test(e.text) },
     { name: 'read: audit, map walk, packs, release of the source', ends: (e) => e.call === 'openat' && e.text.includes(`${repo}/backups/.`) },
     { name: 'commit: record durable', ends: (e) => (e.call === 'fsync' || e.call === 'fdatasync') && e.text.includes(`<${repo}/backups>`) },
     { name: 'finish: old bitmaps or checkpoints', ends: (e) => e.call === 'unlink' && e.text.includes(`${repo}/leases/`) },
@@ -154,7 +156,8 @@ function phaseMarks(repo: string): { name: string; ends: (e: Traced) => boolean 
 
 interface PhaseRun {
   phases: number[];
-  tools: { name: string; seconds: number }[];
+  /** Each tool run: its name, when it began (seconds from the start) and how long it ran. */
+  tools: { name: string; at: number; seconds: number }[];
   syncs: number;
 }
 
@@ -177,14 +180,14 @@ async function tracedRun(engine: string, args: string[], repo: string, work: str
   while (phases.length < marks.length - 1) phases.push(0);
   phases.push(events.at(-1)!.at - from);
   // Each tool: from its execve to the exit of that process (qemu-nbd --fork: its parent, once the server listens).
-  const tools: { name: string; seconds: number }[] = [];
+  const tools: PhaseRun['tools'] = [];
   for (const event of events) {
     // execve's failures are its search of PATH (ENOENT): the run is the one that succeeded.
     const tool = /^\("[^"]*\/(qemu-img|qemu-nbd|virsh)", \[("[^"]*"(?:, "[^"]*"){0,2})/.exec(event.text);
     if (event.call !== 'execve' || !tool || event.text.includes('ENOENT')) continue;
     const end = events.find((e) => e.pid === event.pid && e.at >= event.at && (e.call === 'exit_group' || e.call === '+++'));
     const words = tool[2]!.split(', ').map((w) => w.replace(/"/g, ''));
-    tools.push({ name: words.filter((w) => w !== '-q').slice(0, 2).join(' '), seconds: end ? end.at - event.at : NaN });
+    tools.push({ name: words.filter((w) => w !== '-q').slice(0, 2).join(' '), at: event.at - events[0]!.at, seconds: end ? end.at - event.at : NaN });
   }
   const toolPids = new Set(events.filter((e) => e.call === 'execve' && /(qemu-img|qemu-nbd|virsh)"/.test(e.text)).map((e) => e.pid));
   const syncs = events.filter((e) => (e.call === 'fsync' || e.call === 'fdatasync') && !toolPids.has(e.pid) && !e.text.includes('.qcow2>')).length;
@@ -218,9 +221,10 @@ async function phaseReport(builds: Build[], runs: number, work: string): Promise
     lines.push(`| **total** | ${names.map((n) => (median(results.get(n)!.map((r) => r.phases.reduce((a, b) => a + b, 0))) * 1000).toFixed(0)).join(' | ')} |`);
     lines.push(`| fsync/fdatasync calls of the engine (not the tools') | ${names.map((n) => median(results.get(n)!.map((r) => r.syncs))).join(' | ')} |`);
     for (const name of names) {
-      const first = results.get(name)![0]!;
-      const each = first.tools.map((tool, t) => `${tool.name} ${(median(results.get(name)!.map((r) => r.tools[t]?.seconds ?? NaN)) * 1000).toFixed(0)}`);
-      lines.push('', `Tools run by ${name} (${first.tools.length}, in order, median ms): ${each.join('; ')}.`);
+      // The last run: a chain's steady state (the first incremental after a full has no old bitmap to remove).
+      const last = results.get(name)!.at(-1)!;
+      const each = last.tools.map((tool) => `${tool.name.replace(/ engine-\S+/, ' DOMAIN')} at ${(tool.at * 1000).toFixed(0)} for ${(tool.seconds * 1000).toFixed(0)}`);
+      lines.push('', `Tools run by ${name} in its last run (${last.tools.length}, in order; ms from the start, ms run): ${each.join('; ')}.`);
     }
   }
   return lines;
@@ -238,43 +242,63 @@ async function onePercent(size: number, random: SeededRandom, write: (command: s
   return written;
 }
 
-/** --ratio: full then incremental of 1% of a 1 GiB disk, cold, via --image and --libvirt; this build only. */
-async function ratioReport(rounds: number, work: string, libvirt: boolean): Promise<string[]> {
+/**
+ * --ratio: full then incremental of 1% of a 1 GiB disk, cold, via --image and --libvirt. With a baseline, both builds
+ * back up the same disk, each into its own repository (bitmaps and checkpoints carry the repository's id, so the two
+ * chains do not meet): both fulls, the writes, both incrementals, in turn (order reversed every other round).
+ */
+async function ratioReport(builds: Build[], rounds: number, work: string, libvirt: boolean): Promise<string[]> {
   const size = 1024 * MiB;
   const image = join(work, 'ratio.qcow2');
   // 1 GiB of data: random (no compression or deduplication shortcut for the full).
   await run('sh', ['-c', `head -c ${size} /dev/urandom > ${work}/ratio.raw && qemu-img convert -f raw -O qcow2 ${work}/ratio.raw ${image} && rm ${work}/ratio.raw`]);
-  const repo = join(work, 'repo-ratio');
-  await run(ENGINE, ['init', repo]);
+  const repos = new Map<string, string>();
+  for (const build of builds) {
+    repos.set(build.name, join(work, `repo-ratio-${build.name}`));
+    await run(build.engine, ['init', repos.get(build.name)!]);
+  }
   const random = new SeededRandom('fixed-costs-ratio');
-  const lines = ['', `## Incremental of 1% of a 1 GiB disk against its full (cold: page cache dropped before each backup; ${rounds} rounds)`, '', '| source | full s (median) | incremental s (median) | incremental CPU-s | MiB written | incremental/full (median of rounds) | loads |', '|---|---|---|---|---|---|---|'];
-  const kinds: { name: string; target: string[] | undefined; write: ((command: string) => Promise<unknown>) | undefined }[] = [
+  const lines = [
+    '',
+    `## Incremental of 1% of a 1 GiB disk against its full (cold: page cache dropped before each backup; ${rounds} rounds)`,
+    '',
+    '| source | build | full s (median) | incremental s (median) | incremental CPU-s (median) | MiB written a round | incremental/full (median of rounds) |',
+    '|---|---|---|---|---|---|---|',
+  ];
+  const kinds: { name: string; target: string[]; write: (command: string) => Promise<unknown> }[] = [
     { name: '--image', target: ['--image', image], write: (command) => run('qemu-io', ['-f', 'qcow2', '-c', command, image]) },
   ];
   if (libvirt) {
     const domain = await startDomain(`engine-fixed-costs-ratio-${process.pid}`, image, work);
     kinds.push({ name: '--libvirt', target: ['--libvirt', domain], write: (command) => run('virsh', ['qemu-monitor-command', domain, '--hmp', `qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "${command}"`]) });
   }
+  const loads: string[] = [];
   for (const kind of kinds) {
-    const fulls: Measured[] = [];
-    const incs: Measured[] = [];
-    const loads: string[] = [];
+    const fulls = new Map<string, Measured[]>();
+    const incs = new Map<string, Measured[]>();
     let written = 0;
     for (let round = 0; round < rounds; round += 1) {
       loads.push(await loadAverage());
-      fulls.push(await coldTimed(ENGINE, ['backup', '--repo', repo, ...kind.target!, '--full', '--json']));
-      written = await onePercent(size, random, kind.write!);
-      await dropCaches();
-      const inc = await timed(ENGINE, ['backup', '--repo', repo, ...kind.target!, '--incremental', '--json']);
-      const mode = (JSON.parse(inc.stdout) as { type: string }).type;
-      if (mode !== 'incremental') throw new Error(`${kind.name}: the incremental was a ${mode}`);
-      incs.push(inc);
-      log(`ratio ${kind.name} round ${round + 1}/${rounds}: full ${fulls.at(-1)!.seconds} s, incremental ${inc.seconds} s (load ${loads.at(-1)})`);
+      const order = round % 2 === 0 ? builds : [...builds].reverse();
+      for (const build of order) fulls.set(build.name, [...(fulls.get(build.name) ?? []), await coldTimed(build.engine, ['backup', '--repo', repos.get(build.name)!, ...kind.target, '--full', '--json'])]);
+      written = await onePercent(size, random, kind.write);
+      for (const build of order) {
+        const inc = await coldTimed(build.engine, ['backup', '--repo', repos.get(build.name)!, ...kind.target, '--incremental', '--json']);
+        const mode = (JSON.parse(inc.stdout) as { type: string }).type;
+        if (mode !== 'incremental') throw new Error(`${kind.name}, ${build.name}: the incremental was a ${mode}`);
+        incs.set(build.name, [...(incs.get(build.name) ?? []), inc]);
+      }
+      log(`ratio ${kind.name} round ${round + 1}/${rounds}: ${builds.map((b) => `${b.name} full ${fulls.get(b.name)!.at(-1)!.seconds} s, incremental ${incs.get(b.name)!.at(-1)!.seconds} s`).join('; ')} (load ${loads.at(-1)})`);
     }
-    lines.push(
-      `| ${kind.name} | ${median(fulls.map((m) => m.seconds)).toFixed(2)} | ${median(incs.map((m) => m.seconds)).toFixed(2)} | ${median(incs.map((m) => m.cpuSeconds)).toFixed(2)} | ${(written / MiB).toFixed(1)} | ${(median(incs.map((m, i) => m.seconds / fulls[i]!.seconds)) * 100).toFixed(1)}% | ${loads.join('; ')} |`,
-    );
+    for (const build of builds) {
+      const f = fulls.get(build.name)!;
+      const i = incs.get(build.name)!;
+      lines.push(
+        `| ${kind.name} | ${build.name} | ${median(f.map((m) => m.seconds)).toFixed(2)} | ${median(i.map((m) => m.seconds)).toFixed(2)} | ${median(i.map((m) => m.cpuSeconds)).toFixed(2)} | ${(written / MiB).toFixed(1)} | ${(median(i.map((m, n) => m.seconds / f[n]!.seconds)) * 100).toFixed(1)}% |`,
+      );
+    }
   }
+  lines.push('', `Load averages at the rounds' starts: ${loads.join('; ')}.`);
   return lines;
 }
 
@@ -338,7 +362,7 @@ async function main(): Promise<void> {
     }
     if (!libvirt) lines.push('', 'No libvirtd answered (virsh version): the --libvirt rows are left out.');
     if (phaseRuns > 0) lines.push(...(await phaseReport(builds, phaseRuns, work)));
-    if (ratioRounds > 0) lines.push(...(await ratioReport(ratioRounds, work, libvirt)));
+    if (ratioRounds > 0) lines.push(...(await ratioReport(builds, ratioRounds, work, libvirt)));
     const report = `${lines.join('\n')}\n`;
     process.stdout.write(report);
     if (out) {

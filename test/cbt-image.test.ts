@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { access, copyFile, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { parseJson, runEngine, sh, tempDir, type BackupJson, waitFor, withoutProgress } from './helpers.js';
+import { countingWorkers, parseJson, runEngine, sh, tempDir, type BackupJson, waitFor, withoutProgress } from './helpers.js';
 import { qcow2, qemuImgCompare, qemuIo } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -142,6 +142,27 @@ describe('the tools an incremental of an image runs', () => {
     const record = parseJson<{ disks: { cbt: { granularity: number } }[] }>(await readFile(join(repo, 'backups', inc2.id), 'utf8'));
     expect(record.disks[0]!.cbt.granularity).toBe(4096);
     expect((await bitmaps(image)).map((b) => [b.name, b.granularity]).sort()).toEqual([[full.disks[0]!.checkpoint, 4096], [inc2.disks[0]!.checkpoint, 4096]].sort());
+  });
+
+  test('an incremental that touches few blocks of a large disk starts no block worker; one that touches more than 16 MiB does', async () => {
+    const repo = join(dir, 'repo-workers');
+    await runEngine(['init', repo]);
+    const image = join(dir, 'workers.qcow2');
+    await qcow2(image, '512M');
+    await qemuIo(image, ['write -P 0x76 0 40M']);
+    const full = await countingWorkers(['backup', '--repo', repo, '--image', image, '--json'], {}, dir);
+    expect(parseJson<BackupJson>(full.stdout).disks[0]!.bytesRead).toBe(40 * MiB);
+    expect(full.workers).toBeGreaterThan(0);
+    // 3 blocks touched (one write across a block boundary): 3 MiB of work, on the main thread.
+    await qemuIo(image, ['write -P 0x77 100M 64k', `write -P 0x78 ${300 * MiB - 4096} 8k`]);
+    const small = await countingWorkers(['backup', '--repo', repo, '--image', image, '--incremental', '--json'], {}, dir);
+    expect(parseJson<BackupJson & { disks: { mode: string }[] }>(small.stdout).disks[0]).toMatchObject({ mode: 'incremental', bytesRead: 3 * MiB, blocksNew: 3 });
+    expect(small.workers).toBe(0);
+    // 20 blocks: more than the main thread takes on.
+    await qemuIo(image, ['write -P 0x79 200M 20M']);
+    const large = await countingWorkers(['backup', '--repo', repo, '--image', image, '--incremental', '--json'], {}, dir);
+    expect(parseJson<BackupJson & { disks: { mode: string }[] }>(large.stdout).disks[0]).toMatchObject({ mode: 'incremental', bytesRead: 20 * MiB });
+    expect(large.workers).toBeGreaterThan(0);
   });
 
   test('clusters of 2 MiB: a bitmap of 64 KiB granularity, as qemu-img gives one unasked', async () => {

@@ -6,7 +6,7 @@
  */
 import { describe, expect, test } from 'vitest';
 import { createHash } from 'node:crypto';
-import { chooseChain, NO_EARLIER_BACKUP, settleChain, type Chain, type ChainFacts } from '../dist/engine/cbt/chain.js';
+import { chooseChain, NO_EARLIER_BACKUP, settleChain, touchedBytes, type Chain, type ChainFacts } from '../dist/engine/cbt/chain.js';
 import { bitmapProblem, imageIdentity } from '../dist/engine/cbt/image-disk.js';
 import { bitmapName, defaultGranularity } from '../dist/engine/cbt/qcow2-bitmaps.js';
 import { MapBuilder, type MapRoot } from '../dist/repo-format/block-map.js';
@@ -130,6 +130,17 @@ describe('chooseChain', () => {
     const resizedFull = record(1, [disk('sda', 8 * GiB, cbtOf(idOf(1), idOf(1)))]);
     const grown = chooseChain('sda', 'differential', { size: 10 * GiB, baseProblem: trusted }, [inc3!, inc2!, resizedFull]);
     expect(grown).toMatchObject({ mode: 'full', reason: `the disk size changed since parent backup ${idOf(1)}` });
+  });
+
+  test('the work of an incremental: the blocks its ranges touch, each once, whole', async () => {
+    const MiB = 1024 * 1024;
+    async function* ranges(list: [number, number][]): AsyncGenerator<Range> {
+      for (const [offset, length] of list) yield { offset, length };
+    }
+    expect(await touchedBytes(ranges([]), MiB)).toBe(0);
+    expect(await touchedBytes(ranges([[100 * MiB, 65536], [300 * MiB - 4096, 8192]]), MiB)).toBe(3 * MiB);
+    // Two ranges in one block, and a range that ends where the next block begins.
+    expect(await touchedBytes(ranges([[0, 1], [4096, 1], [MiB, MiB], [5 * MiB + 1, 3 * MiB]]), MiB)).toBe(6 * MiB);
   });
 
   test("a new bitmap's granularity: the cluster size within 4 KiB and 64 KiB, 64 KiB without one (what qemu gives unasked)", () => {

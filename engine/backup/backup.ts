@@ -164,12 +164,15 @@ function lookEarly(from: BackupFrom): EarlyLooks {
   return { images, domain };
 }
 
-/** At most the bytes the disks give the workers (all of each, holes and clean blocks included); unknown while a provider's disk is not yet open. */
+/**
+ * At most the bytes the disks give the workers: an incremental's touched blocks (CbtDiskJob.workBytes), else all of
+ * each disk, holes included; unknown while a provider's disk is not yet open.
+ */
 function workOf(run: BackupRun): number | undefined {
   let bytes = 0;
   for (const job of run.jobs) {
     if (isPending(job)) return undefined;
-    bytes += job.source.size;
+    bytes += job.workBytes ?? job.source.size;
   }
   return bytes;
 }
@@ -213,7 +216,7 @@ async function openDisks(run: BackupRun, repo: Repository, early: EarlyLooks): P
     if (disk.kind !== 'image') continue;
     const { openImageDisk } = await import('../cbt/image-disk.js');
     const session = await openImageDisk({ ...args, history: everything, image: disk.path, name: names[i]!, backupName: name, info: early.images.get(disk.path) });
-    jobs[i] = { name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, session };
+    jobs[i] = { name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, workBytes: session.workBytes, session };
     run.jobs.push(jobs[i]);
   }
   run.jobs.splice(0, run.jobs.length, ...jobs);

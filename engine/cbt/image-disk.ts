@@ -81,7 +81,7 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
       description: { kind: 'qcow2-image', path: image, realPath: await realpath(image) },
     });
     opened = source;
-    const { chain, cbt, plan } = await settleChain({
+    const { chain, cbt, plan, workBytes } = await settleChain({
       chain: chosen,
       source,
       dirty: () => source.dirtyExtents(),
@@ -103,6 +103,7 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
       modeReason: chain.reason,
       parent: chain.parent?.record.id ?? null,
       cbt,
+      workBytes,
       release: async () => {
         await source.dispose();
         await running.stop();

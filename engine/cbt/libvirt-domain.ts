@@ -255,7 +255,7 @@ async function openDiskJobs(plan: DomainBackupPlan, socket: string, sources: Nbd
       description: { kind: 'libvirt-disk', path: `${plan.domain}:${disk.target} (${disk.source})` },
     });
     sources.push(source);
-    const { chain, cbt, plan: diskPlan } = await settleChain({
+    const { chain, cbt, plan: diskPlan, workBytes } = await settleChain({
       chain: chosen,
       source,
       dirty: () => source.dirtyExtents(),
@@ -268,7 +268,7 @@ async function openDiskJobs(plan: DomainBackupPlan, socket: string, sources: Nbd
       blockId: args.blockId,
       available: args.available,
     });
-    jobs.push({ name: plan.names[i]!, source, plan: diskPlan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt });
+    jobs.push({ name: plan.names[i]!, source, plan: diskPlan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt, workBytes });
   }
   return jobs;
 }
