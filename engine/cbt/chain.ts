@@ -128,7 +128,7 @@ export interface SettledChain {
   chain: Chain;
   cbt: DiskCbt;
   plan: IncrementalPlan | undefined;
-  /** The bytes of the blocks the plan reads (CbtDiskJob.workBytes); undefined for a full read. */
+  /** The bytes of the blocks the plan reads (CbtDiskJob.workBytes); undefined for a full read, or not counted. */
   workBytes: number | undefined;
 }
 
@@ -148,6 +148,12 @@ export async function settleChain(args: {
   blockSize: number;
   blockId: (data: Uint8Array) => Buffer;
   available: ChainArgs['available'];
+  /**
+   * Whether to count the plan's work (SettledChain.workBytes) before the read: where the pool is sized from it
+   * (image and libvirt disks, opened before the pool starts), not where a disk is prepared later (oVirt's), for
+   * which the extra pass over its dirty extents would be one more request for nothing.
+   */
+  countWork?: boolean;
 }): Promise<SettledChain> {
   let chain = args.chain;
   let audited = 0;
@@ -174,7 +180,7 @@ export async function settleChain(args: {
   const previous = chain.mode === 'full' ? undefined : chain.previous?.cbt;
   // One more pass over the dirty extents (block status: a few requests for a few changes) so that the pool knows
   // the job's size before it starts workers: a 1% incremental of a 1 GiB disk is a small job, not a 1 GiB one.
-  const workBytes = chain.parent ? await touchedBytes(mergeRanges(args.dirty(), unavailable), args.blockSize) : undefined;
+  const workBytes = chain.parent && args.countWork ? await touchedBytes(mergeRanges(args.dirty(), unavailable), args.blockSize) : undefined;
   return {
     workBytes,
     chain,

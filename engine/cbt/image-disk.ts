@@ -93,6 +93,7 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
       blockSize: args.blockSize,
       blockId: args.blockId,
       available: args.available,
+      countWork: true,
     });
     const running = exported;
     return {

@@ -267,6 +267,7 @@ async function openDiskJobs(plan: DomainBackupPlan, socket: string, sources: Nbd
       blockSize: args.blockSize,
       blockId: args.blockId,
       available: args.available,
+      countWork: true,
     });
     jobs.push({ name: plan.names[i]!, source, plan: diskPlan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt, workBytes });
   }
