@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { parseJson, runEngine, sh, sparseFile, tempDir, expectRestoreIdentical } from './helpers.js';
 import { qcow2, qemuIo } from './qemu.js';
 import { destroyDomain, ensureLibvirtd, guestWrite, startDomain } from './libvirt.js';
+import { virshWord } from '../dist/engine/cbt/libvirt-domain.js';
 import { startRgwCluster } from './rgw.js';
 import { createBucket, rgwEnv } from './s3-helpers.js';
 
@@ -81,6 +82,13 @@ async function snapshot(expected: string, tag: string): Promise<string> {
   await copyFile(expected, copy);
   return copy;
 }
+
+test("virsh's batches: a word with spaces, quotes, ';', backslashes, tabs or non-ASCII letters comes through virsh's parser as it was", async () => {
+  const words = ['vm one', "it's", 'a;b', 'x"y', 'back\\slash', '$HOME', 'tab\there', 'ünïcødé', '😀 emoji'];
+  // virsh's echo prints its words joined by spaces (and, with -q, no newline).
+  const echoed = await sh('virsh', ['-q', `echo ${words.map(virshWord).join(' ')}`]);
+  expect(echoed.replace(/\n$/, '')).toBe(words.join(' '));
+});
 
 /*
  * One domain for the whole story: defining a domain costs libvirt ~40 s here (it re-probes QEMU's

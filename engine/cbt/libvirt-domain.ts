@@ -39,9 +39,12 @@ function virsh(args: string[]): Promise<string> {
   return runTool('virsh', ['-q', ...args]);
 }
 
-/** One word of a virsh command line: every character but the plainest escaped (virsh's own parser takes `\x` as x). */
-function virshWord(word: string): string {
-  return word.replace(/[^A-Za-z0-9_./:@-]/g, (c) => `\\${c}`);
+/**
+ * One word of a virsh command line: every character but the plainest escaped (virsh's own parser takes `\x` as x;
+ * whole code points, so that no escape falls inside a character). Exported for its test.
+ */
+export function virshWord(word: string): string {
+  return word.replace(/[^A-Za-z0-9_./:@-]/gu, (c) => `\\${c}`);
 }
 
 /**
