@@ -126,9 +126,24 @@ async function nbdWalk(name: string, uri: string): Promise<void> {
   }
 }
 
+/**
+ * Starts a server that forks into the background and waits for its pid file. qemu-nbd --fork writes the file before
+ * its parent exits; nbdkit's parent exits at once and the server writes the file only once it listens, so the file
+ * can be missing, or empty, when the command returns: read it until it holds a whole line (10 s at most).
+ */
 async function serve(command: string, args: string[], pidFile: string): Promise<() => Promise<void>> {
   await sh(command, args);
-  const pid = Number((await readFile(pidFile, 'utf8')).trim());
+  const deadline = performance.now() + 10_000;
+  let pid = 0;
+  for (;;) {
+    const text = await readFile(pidFile, 'utf8').catch(() => '');
+    if (/^[0-9]+\n/.test(text)) {
+      pid = Number(text.trim());
+      break;
+    }
+    if (performance.now() > deadline) throw new Error(`${command} wrote no pid to ${pidFile} within 10 s`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
   return async () => {
     try {
       process.kill(pid, 'SIGTERM');

@@ -2,7 +2,9 @@
 // The CLI lives in cli/main.ts, compiled to dist/ by `npm run build` (scripts/setup.sh runs it).
 // `bin/engine` picks the runtime and starts this file; it can also be run as `node bin/engine.js`.
 import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, statSync } from 'node:fs';
-import { enableCompileCache } from 'node:module';
+// The namespace, not `{ enableCompileCache }`: a named import that the runtime lacks (Node 20, 22.0) fails at link
+// time, before any line here runs, and the version check below could not say what is wrong.
+import * as nodeModule from 'node:module';
 import { homedir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -53,7 +55,7 @@ function privateCompileCache() {
 }
 const compileCache = privateCompileCache();
 if (compileCache !== undefined) {
-  enableCompileCache(compileCache);
+  nodeModule.enableCompileCache(compileCache);
   // The block workers (threads) read the variable when they start.
   process.env.NODE_COMPILE_CACHE = compileCache;
 }

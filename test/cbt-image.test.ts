@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { access, copyFile, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { parseJson, runEngine, sh, tempDir, type BackupJson, waitFor, withoutProgress } from './helpers.js';
+import { countingWorkers, parseJson, runEngine, sh, tempDir, type BackupJson, waitFor, withoutProgress } from './helpers.js';
 import { qcow2, qemuImgCompare, qemuIo } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -100,6 +100,82 @@ describe('a chain on an offline qcow2 image', () => {
     const list = await runEngine(['list', '--repo', repo]);
     expect(list.stdout).toMatch(/incremental\s+[0-9a-f]{12}\s+engine-/);
     expect(list.stdout).toMatch(/differential\s+[0-9a-f]{12}\s+engine-/);
+  });
+});
+
+describe('the tools an incremental of an image runs', () => {
+  /** A directory first on PATH whose qemu-img and qemu-nbd note their arguments in `log`, then run the real ones. */
+  async function noting(log: string): Promise<string> {
+    const bin = join(dir, 'noting-bin');
+    await sh('mkdir', ['-p', bin]);
+    for (const tool of ['qemu-img', 'qemu-nbd']) {
+      const real = (await sh('sh', ['-c', `command -v ${tool}`])).trim();
+      await writeFile(join(bin, tool), `#!/bin/sh\necho "${tool} $*" >> "${log}"\nexec "${real}" "$@"\n`, { mode: 0o755 });
+    }
+    return bin;
+  }
+
+  test('one qemu-img info, the bitmap added at the granularity qemu would give it (4 KiB clusters: 4096), qemu-nbd, the old bitmap removed: nothing else', async () => {
+    const repo = join(dir, 'repo-tools');
+    await runEngine(['init', repo]);
+    const image = join(dir, 'tools.qcow2');
+    await sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', image, '64M']);
+    await qemuIo(image, ['write -P 0x71 0 3M']);
+    const full = await backupImage(repo, image);
+    await qemuIo(image, ['write -P 0x72 1M 4k']);
+    const inc1 = await backupImage(repo, image, ['--incremental']);
+    await qemuIo(image, ['write -P 0x73 2M 4k']);
+    const log = join(dir, 'tools.log');
+    const bin = await noting(log);
+    const result = await runEngine(['backup', '--repo', repo, '--image', image, '--incremental', '--json'], { env: { PATH: `${bin}:${process.env.PATH ?? ''}` } });
+    expect(result.code).toBe(0);
+    const inc2 = parseJson<BackupJson & { disks: { mode: string; checkpoint: string; bytesRead: number }[] }>(result.stdout);
+    expect(inc2.disks[0]).toMatchObject({ mode: 'incremental', bytesRead: MiB });
+    const runs = (await readFile(log, 'utf8')).trim().split('\n').map((line) => line.replace(/ \/\S*\/nbd\.sock| \/\S*\/qemu-nbd\.pid/g, ' <tmp>'));
+    expect(runs).toEqual([
+      `qemu-img info --output=json ${image}`,
+      `qemu-img bitmap --add --enable -g 4096 ${image} ${inc2.disks[0]!.checkpoint}`,
+      `qemu-nbd -f qcow2 --socket <tmp> --persistent --shared 8 --fork --pid-file <tmp> -r -B ${inc1.disks[0]!.checkpoint} ${image}`,
+      `qemu-img bitmap --remove ${image} ${inc1.disks[0]!.checkpoint}`,
+    ]);
+    // What the record says of the bitmap is what the image holds; the chain's full bitmap and the newest are kept.
+    const record = parseJson<{ disks: { cbt: { granularity: number } }[] }>(await readFile(join(repo, 'backups', inc2.id), 'utf8'));
+    expect(record.disks[0]!.cbt.granularity).toBe(4096);
+    expect((await bitmaps(image)).map((b) => [b.name, b.granularity]).sort()).toEqual([[full.disks[0]!.checkpoint, 4096], [inc2.disks[0]!.checkpoint, 4096]].sort());
+  });
+
+  test('an incremental that touches few blocks of a large disk starts no block worker; one that touches more than 16 MiB does', async () => {
+    const repo = join(dir, 'repo-workers');
+    await runEngine(['init', repo]);
+    const image = join(dir, 'workers.qcow2');
+    await qcow2(image, '512M');
+    await qemuIo(image, ['write -P 0x76 0 40M']);
+    const full = await countingWorkers(['backup', '--repo', repo, '--image', image, '--json'], {}, dir);
+    expect(parseJson<BackupJson>(full.stdout).disks[0]!.bytesRead).toBe(40 * MiB);
+    expect(full.workers).toBeGreaterThan(0);
+    // 3 blocks touched (one write across a block boundary): 3 MiB of work, on the main thread.
+    await qemuIo(image, ['write -P 0x77 100M 64k', `write -P 0x78 ${300 * MiB - 4096} 8k`]);
+    const small = await countingWorkers(['backup', '--repo', repo, '--image', image, '--incremental', '--json'], {}, dir);
+    expect(parseJson<BackupJson & { disks: { mode: string }[] }>(small.stdout).disks[0]).toMatchObject({ mode: 'incremental', bytesRead: 3 * MiB, blocksNew: 3 });
+    expect(small.workers).toBe(0);
+    // 20 blocks: more than the main thread takes on.
+    await qemuIo(image, ['write -P 0x79 200M 20M']);
+    const large = await countingWorkers(['backup', '--repo', repo, '--image', image, '--incremental', '--json'], {}, dir);
+    expect(parseJson<BackupJson & { disks: { mode: string }[] }>(large.stdout).disks[0]).toMatchObject({ mode: 'incremental', bytesRead: 20 * MiB });
+    expect(large.workers).toBeGreaterThan(0);
+  });
+
+  test('clusters of 2 MiB: a bitmap of 64 KiB granularity, as qemu-img gives one unasked', async () => {
+    const repo = join(dir, 'repo-big-clusters');
+    await runEngine(['init', repo]);
+    const image = join(dir, 'big-clusters.qcow2');
+    await sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=2M', image, '64M']);
+    await qemuIo(image, ['write -P 0x74 0 3M']);
+    const full = await backupImage(repo, image);
+    expect((await bitmaps(image)).map((b) => [b.name, b.granularity])).toEqual([[full.disks[0]!.checkpoint, 65536]]);
+    await qemuIo(image, ['write -P 0x75 5M 4k']);
+    const inc = await backupImage(repo, image, ['--incremental']);
+    expect(inc.disks[0]).toMatchObject({ mode: 'incremental', bytesRead: MiB });
   });
 });
 

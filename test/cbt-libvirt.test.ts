@@ -5,11 +5,12 @@
  * backed up into format-3 repositories too, on a folder and on S3 (the tests' own Ceph RADOS Gateway).
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { copyFile, open } from 'node:fs/promises';
+import { copyFile, open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseJson, runEngine, sh, sparseFile, tempDir, expectRestoreIdentical } from './helpers.js';
 import { qcow2, qemuIo } from './qemu.js';
 import { destroyDomain, ensureLibvirtd, guestWrite, startDomain } from './libvirt.js';
+import { virshWord } from '../dist/engine/cbt/libvirt-domain.js';
 import { startRgwCluster } from './rgw.js';
 import { createBucket, rgwEnv } from './s3-helpers.js';
 
@@ -82,6 +83,13 @@ async function snapshot(expected: string, tag: string): Promise<string> {
   return copy;
 }
 
+test("virsh's batches: a word with spaces, quotes, ';', backslashes, tabs or non-ASCII letters comes through virsh's parser as it was", async () => {
+  const words = ['vm one', "it's", 'a;b', 'x"y', 'back\\slash', '$HOME', 'tab\there', 'ünïcødé', '😀 emoji'];
+  // virsh's echo prints its words joined by spaces (and, with -q, no newline).
+  const echoed = await sh('virsh', ['-q', `echo ${words.map(virshWord).join(' ')}`]);
+  expect(echoed.replace(/\n$/, '')).toBe(words.join(' '));
+});
+
 /*
  * One domain for the whole story: defining a domain costs libvirt ~40 s here (it re-probes QEMU's
  * capabilities under TCG), so the scenarios run one after another on the same VM and repository.
@@ -148,6 +156,36 @@ describe('a running libvirt domain', () => {
       await expectRestoreIdentical(repo, backupRecord.id, snaps[0]!, { dir, disk: 'vda' });
       await expectRestoreIdentical(repo, backupRecord.id, snaps[1]!, { dir, disk: 'vdb' });
     }
+  });
+
+  test('an incremental runs virsh four times (one each: the look at the domain, backup-begin, the abort, the deletion), and domjobinfo only while the job ends', async () => {
+    const bin = join(dir, 'noting-bin');
+    const log = join(dir, 'virsh.log');
+    await sh('mkdir', ['-p', bin]);
+    const real = (await sh('sh', ['-c', 'command -v virsh'])).trim();
+    await writeFile(join(bin, 'virsh'), `#!/bin/sh\necho "$*" >> "${log}"\nexec "${real}" "$@"\n`, { mode: 0o755 });
+    // Into block 100, which holds data already: the later tests' full reads stay as they count them.
+    await write(domain, 'virtio-disk0', vda.expected, 0x2a, 100 * MiB + 8192, 4096);
+    const next = await backup(repo, domain, ['--incremental'], { PATH: `${bin}:${process.env.PATH ?? ''}` });
+    expect(next.disks.map((d) => [d.mode, d.parent, d.bytesRead])).toEqual([
+      ['incremental', latest.id, MiB],
+      ['incremental', latest.id, 0],
+    ]);
+    const runs = (await readFile(log, 'utf8'))
+      .trim()
+      .split('\n')
+      .map((line) => line.replace(/@@engine-[0-9a-f]{12}@@/g, '@@').replace(/\/\S*\/engine-libvirt-[^/\s]+/g, '<job>'));
+    const D = domain;
+    expect(runs.filter((line) => line !== `-q domjobinfo ${D}`)).toEqual([
+      `-q domstate ${D} ; echo @@ ; domblklist ${D} --details ; echo @@ ; domblkinfo ${D} --all ; echo @@ ; checkpoint-list ${D} --name`,
+      `-q backup-begin ${D} <job>/backup.xml <job>/checkpoint.xml`,
+      `-q domjobabort ${D} ; echo @@ ; domjobinfo ${D}`,
+      `-q checkpoint-delete ${D} ${latest.disks[0]!.checkpoint}`,
+    ]);
+    expect(await checkpoints(domain)).toEqual([full.disks[0]!.checkpoint, next.disks[0]!.checkpoint].sort());
+    expect(await sh('virsh', ['domjobinfo', domain])).toMatch(/Job type:\s+None/);
+    await expectRestoreIdentical(repo, next.id, await snapshot(vda.expected, 'tools'), { dir, disk: 'vda' });
+    latest = next;
   });
 
   test('a failed backup deletes the checkpoint it created and ends the job; the next incremental misses nothing', async () => {

@@ -6,9 +6,9 @@
  */
 import { describe, expect, test } from 'vitest';
 import { createHash } from 'node:crypto';
-import { chooseChain, NO_EARLIER_BACKUP, settleChain, type Chain, type ChainFacts } from '../dist/engine/cbt/chain.js';
+import { chooseChain, NO_EARLIER_BACKUP, settleChain, touchedBytes, type Chain, type ChainFacts } from '../dist/engine/cbt/chain.js';
 import { bitmapProblem, imageIdentity } from '../dist/engine/cbt/image-disk.js';
-import { bitmapName } from '../dist/engine/cbt/qcow2-bitmaps.js';
+import { bitmapName, defaultGranularity } from '../dist/engine/cbt/qcow2-bitmaps.js';
 import { MapBuilder, type MapRoot } from '../dist/repo-format/block-map.js';
 import { ID_SIZE, ZERO_ID } from '../dist/repo-format/constants.js';
 import type { BackupRecord, DiskCbt, DiskRecord } from '../dist/repo-format/backup-record.js';
@@ -132,11 +132,27 @@ describe('chooseChain', () => {
     expect(grown).toMatchObject({ mode: 'full', reason: `the disk size changed since parent backup ${idOf(1)}` });
   });
 
+  test('the work of an incremental: the blocks its ranges touch, each once, whole', async () => {
+    const MiB = 1024 * 1024;
+    async function* ranges(list: [number, number][]): AsyncGenerator<Range> {
+      for (const [offset, length] of list) yield { offset, length };
+    }
+    expect(await touchedBytes(ranges([]), MiB)).toBe(0);
+    expect(await touchedBytes(ranges([[100 * MiB, 65536], [300 * MiB - 4096, 8192]]), MiB)).toBe(3 * MiB);
+    // Two ranges in one block, and a range that ends where the next block begins.
+    expect(await touchedBytes(ranges([[0, 1], [4096, 1], [MiB, MiB], [5 * MiB + 1, 3 * MiB]]), MiB)).toBe(6 * MiB);
+  });
+
+  test("a new bitmap's granularity: the cluster size within 4 KiB and 64 KiB, 64 KiB without one (what qemu gives unasked)", () => {
+    const info = (clusterSize: number | undefined) => ({ format: 'qcow2', virtualSize: GiB, clusterSize, bitmaps: [] });
+    expect([512, 4096, 32768, 65536, 2 * 1024 * 1024, undefined].map((c) => defaultGranularity(info(c)))).toEqual([4096, 4096, 32768, 65536, 65536, 65536]);
+  });
+
   describe('with a qcow2 image bitmap states (bitmapProblem, imageIdentity)', () => {
     const h = history();
     const checkpoint = bitmapName(REPO, idOf(3));
     const decide = (bitmaps: { name: string; granularity: number; flags: string[] }[], requested: 'incremental' | 'differential' = 'incremental'): Chain => {
-      const info = { format: 'qcow2', virtualSize: 10 * GiB, bitmaps };
+      const info = { format: 'qcow2', virtualSize: 10 * GiB, clusterSize: 65536, bitmaps };
       return chooseChain('sda', requested, { size: info.virtualSize, baseProblem: bitmapProblem(info), ...imageIdentity(info, REPO, '/images/sda.qcow2', 'vm', 'sda', h) }, h);
     };
     const recording = (name: string, granularity = 65536) => ({ name, granularity, flags: ['auto'] });

@@ -239,3 +239,20 @@ describe('bin/engine.js: the bundle (dist/bundle/) only while every module it wa
     }
   });
 });
+
+describe('bin/engine.js on a Node.js too old for the engine', () => {
+  test("the machine's Node 20 (/usr/bin/node) gets the one-line message and exit code 1, not a link error", async () => {
+    const old = '/usr/bin/node';
+    const version = (await sh(old, ['--version'])).trim();
+    // The case this test exists for: a runtime without node:module's enableCompileCache (Node 20).
+    expect(version).toMatch(/^v20\./);
+    const { code, stdout, stderr } = await new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
+      const child = execFile(old, [ENGINE_BIN, '--version'], (_error, out, err) => resolve({ code: child.exitCode, stdout: out, stderr: err }));
+    });
+    expect({ code, stdout }).toEqual({ code: 1, stdout: '' });
+    expect(stderr).toBe(
+      `engine: needs Node.js 22.15 or later (23: 23.8 or later; 24 LTS recommended); this is ${version} at ${old}. ` +
+        'Install the project with its optional dependencies (npm install), which brings Node 24 from the npm registry.\n',
+    );
+  });
+});

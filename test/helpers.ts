@@ -50,6 +50,26 @@ export function exitOf(child: ChildProcess): Promise<{ code: number | null; sign
  * stderr without the progress lines a long command prints every 5 s when stderr is not a terminal (cli/progress.ts):
  * how many appear depends on the machine's speed, so a test that wants "no messages" must not count them.
  */
+let traces = 0;
+/**
+ * The engine with `args` under `strace -f -e trace=prctl` (which must start it; the engine's own failure is the
+ * caller's to judge): its output, and how many worker_threads Workers the process started (Node names each one's
+ * thread "WorkerThread" with prctl). The trace goes in `dir`.
+ */
+export async function countingWorkers(args: string[], env: Record<string, string>, dir: string): Promise<{ stdout: string; stderr: string; workers: number }> {
+  const trace = join(dir, `strace-workers-${process.pid}-${++traces}`);
+  const { stdout, stderr } = await new Promise<{ stdout: string; stderr: string }>((resolve, reject) =>
+    execFile('strace', ['-f', '-qq', '-e', 'trace=prctl', '-o', trace, process.execPath, ENGINE_BIN, ...args], { env: { ...process.env, ...env } }, (error, out, err) =>
+      error ? reject(new Error(`engine ${args[0]} under strace failed: ${err}`)) : resolve({ stdout: out, stderr: err }),
+    ),
+  );
+  const names = [...(await readFile(trace, 'utf8')).matchAll(/PR_SET_NAME, "([^"]*)"/g)].map((match) => match[1]);
+  await rm(trace);
+  // The trace saw the threads at all: the main thread's name is set first.
+  expect(names).toContain('MainThread');
+  return { stdout, stderr, workers: names.filter((name) => name === 'WorkerThread').length };
+}
+
 export function withoutProgress(stderr: string): string {
   return stderr
     .split('\n')

@@ -6,11 +6,9 @@
  * Which one ran is seen from outside: strace notes the name Node gives each thread it starts, a Worker's "WorkerThread".
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { execFile } from 'node:child_process';
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { INLINE_MAX_BYTES } from '../dist/engine/pipeline/block-pool.js';
-import { ENGINE_BIN, backUp, damageFirstDataFrame, expectRestoreIdentical, parseJson, runEngine, sparseFile, tempDir, withoutProgress, writeRegion, type BackupJson } from './helpers.js';
+import { backUp, countingWorkers, damageFirstDataFrame, expectRestoreIdentical, parseJson, runEngine, sparseFile, tempDir, withoutProgress, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const PASSWORD = { ENGINE_PASSWORD: 'inline blocks' };
@@ -38,23 +36,11 @@ async function image(name: string): Promise<string> {
   return path;
 }
 
-let traces = 0;
-/**
- * `engine backup --repo REPO ARGS --json` under `strace -f -e trace=prctl`, which must succeed: its record, and how
- * many worker_threads Workers the process started (Node names each one's thread "WorkerThread" with prctl).
- */
+/** `engine backup --repo REPO ARGS --json`, which must succeed: its record, and how many block workers it started. */
 async function backUpCountingWorkers(repo: string, args: string[], env: Record<string, string>): Promise<{ record: BackupJson; workers: number }> {
-  const trace = join(dir, `strace-${++traces}`);
-  const { stdout, stderr } = await new Promise<{ stdout: string; stderr: string }>((resolve, reject) =>
-    execFile('strace', ['-f', '-qq', '-e', 'trace=prctl', '-o', trace, process.execPath, ENGINE_BIN, 'backup', '--repo', repo, ...args, '--json'], { env: { ...process.env, ...env } }, (error, out, err) =>
-      error ? reject(new Error(`backup under strace failed: ${err}`)) : resolve({ stdout: out, stderr: err }),
-    ),
-  );
+  const { stdout, stderr, workers } = await countingWorkers(['backup', '--repo', repo, ...args, '--json'], env, dir);
   expect(withoutProgress(stderr)).toBe('');
-  const names = [...(await readFile(trace, 'utf8')).matchAll(/PR_SET_NAME, "([^"]*)"/g)].map((match) => match[1]);
-  // The trace saw the threads at all: the main thread's name is set first.
-  expect(names).toContain('MainThread');
-  return { record: parseJson<BackupJson>(stdout), workers: names.filter((name) => name === 'WorkerThread').length };
+  return { record: parseJson<BackupJson>(stdout), workers };
 }
 
 interface VerifyJson {

@@ -21,6 +21,8 @@ import { MAX_DISK_SIZE } from '../../repo-format/constants.js';
 import { ENGINE_VERSION } from '../version.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
 import { diskSpec, type BackupDisk, type BackupFrom, type ChainPolicy } from './request.js';
+import type { ImageInfo } from '../cbt/qcow2-bitmaps.js';
+import type { DomainLook } from '../cbt/libvirt-domain.js';
 
 export type { CbtProvision, CbtSession, ChainArgs, RequestedMode } from '../cbt/chain.js';
 export type { BackupDisk, BackupFrom, ChainPolicy } from './request.js';
@@ -107,11 +109,12 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   let committed = false;
   try {
     await refuseSpecialFiles(options.from);
+    const early = lookEarly(options.from);
     // A stale lock broken or an index rebuilt is said by the repository itself (notices.ts).
     repo = await openBackupRepository(options.repo, options.passphrase, 'exclusive', { onNotice: options.onNotice, signal: options.signal });
     const leftovers = await repo.removeTempFiles();
     if (leftovers > 0) run.notice(`removed ${leftovers} temporary files left by an interrupted writer`);
-    const name = await openDisks(run, repo);
+    const name = await openDisks(run, repo, early);
     pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, keys: repo.keys, compression: repo.compression, workBytes: workOf(run) });
     const disks = await readDisks(run, repo, pool);
     const record = recordOf(run, name, repo.blockSize, disks);
@@ -131,12 +134,45 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
   }
 }
 
-/** At most the bytes the disks give the workers (all of each, holes and clean blocks included); unknown while a provider's disk is not yet open. */
+/** What is read of the CBT sources while the repository opens: it changes nothing, and waits on other processes. */
+interface EarlyLooks {
+  /** `qemu-img info` of each image disk, by path. */
+  images: Map<string, Promise<ImageInfo>>;
+  /** virsh's look at the libvirt domain. */
+  domain: Promise<DomainLook> | undefined;
+}
+
+/**
+ * Starts the CBT sources' first questions (qemu-img info, virsh's state, disks and checkpoints) before the
+ * repository is opened, so that the tools run while the lease is taken and the index cache opened (measured:
+ * bench/fixed-costs.ts --phases). Read only; what changes an image or a domain (a bitmap, a checkpoint) still
+ * comes after the repository is open. A failure is met where the answer is used, or not at all if the backup
+ * fails before (the promise's rejection is handled here, not left unhandled).
+ */
+function lookEarly(from: BackupFrom): EarlyLooks {
+  const quiet = <T>(promise: Promise<T>): Promise<T> => {
+    promise.catch(() => undefined);
+    return promise;
+  };
+  const images = new Map<string, Promise<ImageInfo>>();
+  if (from.kind === 'disks') {
+    for (const disk of from.disks) {
+      if (disk.kind === 'image' && !images.has(disk.path)) images.set(disk.path, quiet(import('../cbt/qcow2-bitmaps.js').then((m) => m.imageInfo(disk.path))));
+    }
+  }
+  const domain = from.kind === 'libvirt' ? quiet(import('../cbt/libvirt-domain.js').then((m) => m.lookAtDomain(from.domain))) : undefined;
+  return { images, domain };
+}
+
+/**
+ * At most the bytes the disks give the workers: an incremental's touched blocks (CbtDiskJob.workBytes), else all of
+ * each disk, holes included; unknown while a provider's disk is not yet open.
+ */
 function workOf(run: BackupRun): number | undefined {
   let bytes = 0;
   for (const job of run.jobs) {
     if (isPending(job)) return undefined;
-    bytes += job.source.size;
+    bytes += job.workBytes ?? job.source.size;
   }
   return bytes;
 }
@@ -164,7 +200,7 @@ async function refuseSpecialFiles(from: BackupFrom): Promise<void> {
  * sources read whole, then, once every disk has its name, the images and the provider's disks with their
  * chains. Returns the backup's name.
  */
-async function openDisks(run: BackupRun, repo: Repository): Promise<string> {
+async function openDisks(run: BackupRun, repo: Repository, early: EarlyLooks): Promise<string> {
   const from = run.options.from;
   const disks = from.kind === 'disks' ? from.disks : [];
   const jobs: DiskJob[] = [];
@@ -179,12 +215,12 @@ async function openDisks(run: BackupRun, repo: Repository): Promise<string> {
   for (const [i, disk] of disks.entries()) {
     if (disk.kind !== 'image') continue;
     const { openImageDisk } = await import('../cbt/image-disk.js');
-    const session = await openImageDisk({ ...args, history: everything, image: disk.path, name: names[i]!, backupName: name });
-    jobs[i] = { name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, session };
+    const session = await openImageDisk({ ...args, history: everything, image: disk.path, name: names[i]!, backupName: name, info: early.images.get(disk.path) });
+    jobs[i] = { name: session.name, source: session.source, plan: session.plan, mode: session.mode, modeReason: session.modeReason, parent: session.parent, cbt: session.cbt, workBytes: session.workBytes, session };
     run.jobs.push(jobs[i]);
   }
   run.jobs.splice(0, run.jobs.length, ...jobs);
-  const provide = from.kind === 'libvirt' ? async (chain: ChainArgs) => (await import('../cbt/libvirt-domain.js')).openLibvirtBackup({ domain: from.domain, ...chain }) : from.kind === 'provider' ? from.provide : undefined;
+  const provide = from.kind === 'libvirt' ? async (chain: ChainArgs) => (await import('../cbt/libvirt-domain.js')).openLibvirtBackup({ domain: from.domain, look: early.domain, ...chain }) : from.kind === 'provider' ? from.provide : undefined;
   if (provide) {
     const session = await provide(args);
     for (const disk of session.disks) run.jobs.push({ ...disk, session });

@@ -50,6 +50,11 @@ export interface CbtDiskJob {
   parent: string | null;
   /** Null when the source keeps no changed-block tracking state for this disk. */
   cbt: DiskCbt | null;
+  /**
+   * At most how many bytes the read hands the block workers: an incremental's, the blocks its dirty and unavailable
+   * ranges touch; undefined: the whole source. A small one runs on the main thread, no worker started (block-pool.ts).
+   */
+  workBytes?: number | undefined;
 }
 
 /**
@@ -123,6 +128,8 @@ export interface SettledChain {
   chain: Chain;
   cbt: DiskCbt;
   plan: IncrementalPlan | undefined;
+  /** The bytes of the blocks the plan reads (CbtDiskJob.workBytes); undefined for a full read, or not counted. */
+  workBytes: number | undefined;
 }
 
 /**
@@ -141,6 +148,12 @@ export async function settleChain(args: {
   blockSize: number;
   blockId: (data: Uint8Array) => Buffer;
   available: ChainArgs['available'];
+  /**
+   * Whether to count the plan's work (SettledChain.workBytes) before the read: where the pool is sized from it
+   * (image and libvirt disks, opened before the pool starts), not where a disk is prepared later (oVirt's), for
+   * which the extra pass over its dirty extents would be one more request for nothing.
+   */
+  countWork?: boolean;
 }): Promise<SettledChain> {
   let chain = args.chain;
   let audited = 0;
@@ -165,7 +178,11 @@ export async function settleChain(args: {
     }
   }
   const previous = chain.mode === 'full' ? undefined : chain.previous?.cbt;
+  // One more pass over the dirty extents (block status: a few requests for a few changes) so that the pool knows
+  // the job's size before it starts workers: a 1% incremental of a 1 GiB disk is a small job, not a 1 GiB one.
+  const workBytes = chain.parent && args.countWork ? await touchedBytes(mergeRanges(args.dirty(), unavailable), args.blockSize) : undefined;
   return {
+    workBytes,
     chain,
     cbt: {
       checkpoint: args.checkpoint,
@@ -177,6 +194,22 @@ export async function settleChain(args: {
     },
     plan: chain.parent ? { parent: mapRootOf(chain.parent.disk), dirty: mergeRanges(args.dirty(), unavailable) } : undefined,
   };
+}
+
+/** The bytes of the blocks that `ranges` (in order, not overlapping) touch, each block counted once, whole. */
+export async function touchedBytes(ranges: AsyncIterable<Range>, blockSize: number): Promise<number> {
+  let bytes = 0;
+  let counted = 0; // the end of the blocks counted so far
+  for await (const range of ranges) {
+    if (range.length <= 0) continue;
+    const first = Math.max(Math.floor(range.offset / blockSize) * blockSize, counted);
+    const end = Math.ceil((range.offset + range.length) / blockSize) * blockSize;
+    if (end > first) {
+      bytes += end - first;
+      counted = end;
+    }
+  }
+  return bytes;
 }
 
 /**

@@ -15,9 +15,8 @@ import type { DiskCbt } from '../../repo-format/backup-record.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { withRemedies } from '../errors.js';
 import { NbdSource } from '../sources/nbd-source.js';
-import { addBitmap, bitmapName, bitmapPrefix, imageInfo, removeBitmap, type ImageInfo } from './qcow2-bitmaps.js';
+import { addBitmap, bitmapName, bitmapPrefix, defaultGranularity, imageInfo, removeBitmap, type ImageInfo } from './qcow2-bitmaps.js';
 import { serveImage, type RunningExport } from './qemu-nbd-server.js';
-import { ToolError } from './run-tool.js';
 import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type ChainArgs, type ChainFacts } from './chain.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
 
@@ -58,28 +57,31 @@ export function imageIdentity(info: ImageInfo, repositoryId: string, image: stri
   };
 }
 
-export async function openImageDisk(args: ChainArgs & { image: string; name: string; backupName: string }): Promise<ImageDiskSession> {
+export async function openImageDisk(args: ChainArgs & { image: string; name: string; backupName: string; info?: Promise<ImageInfo> | undefined }): Promise<ImageDiskSession> {
   const { image, name, backupId } = args;
-  const before = await imageInfo(image);
+  // `info`: the image's `qemu-img info`, started while the repository opened (backup.ts).
+  const before = await (args.info ?? imageInfo(image));
   if (before.format !== 'qcow2') {
     throw new InvalidArgumentError(`${image} is a ${before.format} image: an image disk must be qcow2 (persistent dirty bitmaps)`, withRemedies({ path: image }, { kind: 'disk-kind', use: 'raw' }));
   }
   const identity = imageIdentity(before, args.repositoryId, await realpath(image), args.backupName, name, args.history);
   const chosen = chooseChain(name, args.requested, { size: before.virtualSize, baseProblem: bitmapProblem(before), ...identity }, args.history);
   const checkpoint = bitmapName(args.repositoryId, backupId);
-  await addBitmap(image, checkpoint);
+  // Asked for by name, so known without a second `qemu-img info` (each run of qemu-img costs ~10-20 ms of CPU and
+  // more of wall time on a loaded host). A bitmap qemu-img failed to add without saying so is missing at the next
+  // backup, whose chain check then reads the disk in full and says why (bitmapProblem).
+  const granularity = defaultGranularity(before);
+  await addBitmap(image, checkpoint, granularity);
   let exported: RunningExport | undefined;
   let opened: NbdSource | undefined;
   try {
-    const granularity = (await imageInfo(image)).bitmaps.find((b) => b.name === checkpoint)?.granularity;
-    if (granularity === undefined) throw new ToolError('qemu-img', ['bitmap', '--add', '--enable', image, checkpoint], `it reported success, but the image has no bitmap ${checkpoint} afterwards`);
     exported = await serveImage(image, 'qcow2', { bitmap: chosen.base ?? undefined });
     const source = await NbdSource.open(exported.uri, {
       dirtyContext: chosen.base ? `qemu:dirty-bitmap:${chosen.base}` : undefined,
       description: { kind: 'qcow2-image', path: image, realPath: await realpath(image) },
     });
     opened = source;
-    const { chain, cbt, plan } = await settleChain({
+    const { chain, cbt, plan, workBytes } = await settleChain({
       chain: chosen,
       source,
       dirty: () => source.dirtyExtents(),
@@ -91,6 +93,7 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
       blockSize: args.blockSize,
       blockId: args.blockId,
       available: args.available,
+      countWork: true,
     });
     const running = exported;
     return {
@@ -101,13 +104,16 @@ export async function openImageDisk(args: ChainArgs & { image: string; name: str
       modeReason: chain.reason,
       parent: chain.parent?.record.id ?? null,
       cbt,
+      workBytes,
       release: async () => {
         await source.dispose();
         await running.stop();
       },
       finish: async () => {
+        // The bitmaps the image had when this backup began, not a third `qemu-img info`: one that another backup
+        // added since is that backup's to keep or remove.
         const keep = new Set([cbt.checkpoint, cbt.chainCheckpoint]);
-        for (const bitmap of (await imageInfo(image)).bitmaps) {
+        for (const bitmap of before.bitmaps) {
           if (bitmap.name.startsWith(bitmapPrefix(args.repositoryId)) && !keep.has(bitmap.name)) await removeBitmap(image, bitmap.name);
         }
       },

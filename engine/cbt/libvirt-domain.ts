@@ -10,7 +10,8 @@
  * A failed backup deletes the checkpoint it created: it survives the abort, and a next incremental based on
  * it would miss the writes this backup never stored.
  */
-import { chown, mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { chown, mkdtemp, readFile, rm, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
@@ -20,7 +21,7 @@ import { adoptName } from '../../repo-format/names.js';
 import { NbdSource } from '../sources/nbd-source.js';
 import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type ChainArgs } from './chain.js';
 import { bitmapName, bitmapPrefix } from './qcow2-bitmaps.js';
-import { runTool } from './run-tool.js';
+import { runTool, runToolOutput, ToolError } from './run-tool.js';
 
 /** libvirt creates bitmaps with qemu's default granularity for qcow2. */
 const LIBVIRT_GRANULARITY = 64 * 1024;
@@ -38,35 +39,75 @@ function virsh(args: string[]): Promise<string> {
   return runTool('virsh', ['-q', ...args]);
 }
 
-export async function domainDisks(domain: string): Promise<DomainDisk[]> {
+/**
+ * One word of a virsh command line: every character but the plainest escaped (virsh's own parser takes `\x` as x;
+ * whole code points, so that no escape falls inside a character). Exported for its test.
+ */
+export function virshWord(word: string): string {
+  return word.replace(/[^A-Za-z0-9_./:@-]/gu, (c) => `\\${c}`);
+}
+
+/**
+ * Several virsh commands in one virsh process (one start of virsh and one connection to libvirtd instead of one
+ * each: ~40-250 ms of wall time apiece on a loaded host), their outputs apart. virsh runs every command of a batch
+ * and exits 0 even when some failed: a failure shows only as `error:` on stderr, which becomes the ToolError here
+ * unless `tolerate` (the caller then reads `errors`).
+ */
+async function virshBatch(commands: string[][], options: { tolerate?: boolean } = {}): Promise<{ outputs: string[]; errors: string }> {
+  const marker = `@@engine-${randomBytes(6).toString('hex')}@@`;
+  const line = commands.map((command) => command.map(virshWord).join(' ')).join(` ; echo ${marker} ; `);
+  const { stdout, stderr } = await runToolOutput('virsh', ['-q', line]);
+  // Said as the commands, without the markers.
+  const shown = ['-q', commands.map((command) => command.join(' ')).join(' ; ')];
+  const errors = stderr.split('\n').filter((l) => l.startsWith('error:')).join(' ').trim();
+  if (errors && !options.tolerate) throw new ToolError('virsh', shown, errors);
+  const outputs = stdout.split(marker);
+  if (outputs.length !== commands.length) throw new ToolError('virsh', shown, errors || `it gave ${outputs.length} outputs for ${commands.length} commands`);
+  return { outputs, errors };
+}
+
+/** The disks of `virsh domblklist --details` (files and block devices with a source; no CD-ROM) and their sizes from `domblkinfo --all`. */
+function domainDisks(domain: string, blockList: string, blockInfo: string): DomainDisk[] {
+  const capacities = new Map<string, string>();
+  for (const line of blockInfo.split('\n')) {
+    const [target, capacity] = line.trim().split(/\s+/);
+    if (target && capacity) capacities.set(target, capacity);
+  }
   const disks: DomainDisk[] = [];
-  for (const line of (await virsh(['domblklist', domain, '--details'])).split('\n')) {
+  for (const line of blockList.split('\n')) {
     const [, device, target, source] = line.trim().split(/\s+/);
     if (device !== 'disk' || !target || !source || source === '-') continue;
-    const info = await virsh(['domblkinfo', domain, target]);
-    const capacity = /Capacity:\s+(\d+)/.exec(info);
-    if (!capacity) throw new InvalidArgumentError(`cannot read the size of disk ${target} of domain ${domain}`);
-    disks.push({ target, source, size: Number(capacity[1]) });
+    const capacity = capacities.get(target);
+    if (capacity === undefined || !/^\d+$/.test(capacity)) throw new InvalidArgumentError(`cannot read the size of disk ${target} of domain ${domain}`);
+    disks.push({ target, source, size: Number(capacity) });
   }
   if (disks.length === 0) throw new InvalidArgumentError(`domain ${domain} has no disks to back up`);
   return disks;
 }
 
-async function checkpoints(domain: string): Promise<string[]> {
-  return (await virsh(['checkpoint-list', domain, '--name'])).split('\n').map((l) => l.trim()).filter(Boolean);
+function checkpointNames(list: string): string[] {
+  return list.split('\n').map((l) => l.trim()).filter(Boolean);
 }
 
 function xmlEscape(text: string): string {
   return text.replace(/&/g, '&amp;').replace(/'/g, '&apos;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 }
 
+/** libvirt-qemu's uid and gid: from /etc/passwd (no process), else `id` (a user from another name service). */
+async function qemuUser(): Promise<{ uid: number; gid: number } | undefined> {
+  const entry = (await readFile('/etc/passwd', 'utf8').catch(() => '')).split('\n').find((line) => line.startsWith('libvirt-qemu:'));
+  const [, , uid, gid] = entry?.split(':') ?? [];
+  if (uid && gid && /^\d+$/.test(uid) && /^\d+$/.test(gid)) return { uid: Number(uid), gid: Number(gid) };
+  return runTool('id', ['-u', 'libvirt-qemu']).then(
+    async (found) => ({ uid: Number(found.trim()), gid: Number((await runTool('id', ['-g', 'libvirt-qemu'])).trim()) }),
+    () => undefined,
+  );
+}
+
 /** A directory qemu (running as libvirt-qemu) can create its socket and scratch files in. */
 async function runDirectory(): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), 'engine-libvirt-'));
-  const ids = await runTool('id', ['-u', 'libvirt-qemu']).then(
-    async (uid) => ({ uid: Number(uid.trim()), gid: Number((await runTool('id', ['-g', 'libvirt-qemu'])).trim()) }),
-    () => undefined,
-  );
+  const ids = await qemuUser();
   if (ids) await chown(dir, ids.uid, ids.gid);
   // The one directory the engine creates that is not 0700: qemu, running as libvirt-qemu, creates the
   // socket and scratch files in it. Its group is libvirt-qemu's; other users stay out.
@@ -83,6 +124,8 @@ interface DomainBackupPlan {
   chains: ReturnType<typeof chooseChain>[];
   /** The checkpoint this backup creates: engine-<repository>-<backup id>. */
   checkpoint: string;
+  /** The domain's checkpoints before this backup, oldest first (checkpoint-list). */
+  existing: string[];
 }
 
 /** The pull-mode job's files, in a directory qemu can use; `socket` is where libvirt serves the disks. */
@@ -93,9 +136,30 @@ interface JobFiles {
   checkpointXml: string;
 }
 
-export async function openLibvirtBackup(args: ChainArgs & { domain: string }): Promise<LibvirtSession> {
-  const plan = await planDomainBackup(args);
-  const files = await writeJobFiles(plan);
+/** What virsh says of a domain before its backup: its state, disks, their sizes and its checkpoints (one virsh). */
+export interface DomainLook {
+  state: string;
+  blockList: string;
+  blockInfo: string;
+  checkpointList: string;
+  errors: string;
+}
+
+export async function lookAtDomain(domain: string): Promise<DomainLook> {
+  const { outputs, errors } = await virshBatch([['domstate', domain], ['domblklist', domain, '--details'], ['domblkinfo', domain, '--all'], ['checkpoint-list', domain, '--name']], { tolerate: true });
+  const [state, blockList, blockInfo, checkpointList] = outputs as [string, string, string, string];
+  return { state: state.trim(), blockList, blockInfo, checkpointList, errors };
+}
+
+/** `look`: lookAtDomain, started while the repository opened (backup.ts). */
+export async function openLibvirtBackup(args: ChainArgs & { domain: string; look?: Promise<DomainLook> | undefined }): Promise<LibvirtSession> {
+  // The job's directory is made while virsh answers.
+  const directory = runDirectory();
+  const plan = await planDomainBackup(args).catch(async (error: unknown) => {
+    await directory.then((dir) => rm(dir, { recursive: true, force: true }), () => undefined);
+    throw error;
+  });
+  const files = await writeJobFiles(plan, await directory);
   const job = pullJob(plan.domain, files.dir);
   const deleteCheckpoint = async (): Promise<void> => {
     await virsh(['checkpoint-delete', plan.domain, plan.checkpoint]).catch(() => undefined);
@@ -116,25 +180,28 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string }): P
   }
 }
 
-/** Phase 1: the domain's state, disks and checkpoints, and each disk's chain. Changes nothing. */
-async function planDomainBackup(args: ChainArgs & { domain: string }): Promise<DomainBackupPlan> {
+/** Phase 1: the domain's state, disks and checkpoints (one virsh), and each disk's chain. Changes nothing. */
+async function planDomainBackup(args: ChainArgs & { domain: string; look?: Promise<DomainLook> | undefined }): Promise<DomainBackupPlan> {
   const { domain } = args;
-  const state = (await virsh(['domstate', domain])).trim();
+  const { state, blockList, blockInfo, checkpointList, errors } = await (args.look ?? lookAtDomain(domain));
+  // No state: no such domain (or no libvirtd): virsh's own words.
+  if (!state) throw new ToolError('virsh', ['-q', 'domstate', domain], errors || 'it gave no state');
   if (state !== 'running' && state !== 'paused') {
     throw new InvalidArgumentError(`domain ${domain} is ${state}: a libvirt backup needs a running VM`, withRemedies({ domain }, { kind: 'disk-kind', use: 'image' }));
   }
-  const disks = await domainDisks(domain);
-  const existing = new Set(await checkpoints(domain));
+  if (errors) throw new ToolError('virsh', ['-q', 'domblklist', domain], errors);
+  const disks = domainDisks(domain, blockList, blockInfo);
+  const listed = checkpointNames(checkpointList);
+  const existing = new Set(listed);
   const checkpointProblem = (base: string): string | null => (existing.has(base) ? null : `checkpoint ${base} no longer exists in libvirt`);
   // The record's disk name (and the chain's key): the target, or its safe form (names.ts); libvirt keeps the target.
   const names = disks.map((disk) => adoptName(disk.target, 'disk', `disk target of domain ${domain}`, args.onNotice ?? (() => undefined)));
   const chains = disks.map((disk, i) => chooseChain(names[i]!, args.requested, { size: disk.size, baseProblem: checkpointProblem, addedDisk: true }, args.history));
-  return { domain, disks, names, chains, checkpoint: bitmapName(args.repositoryId, args.backupId) };
+  return { domain, disks, names, chains, checkpoint: bitmapName(args.repositoryId, args.backupId), existing: listed };
 }
 
-/** Phase 2: the backup and checkpoint definitions libvirt's backup-begin takes. */
-async function writeJobFiles(plan: DomainBackupPlan): Promise<JobFiles> {
-  const dir = await runDirectory();
+/** Phase 2: the backup and checkpoint definitions libvirt's backup-begin takes, in the job's directory. */
+async function writeJobFiles(plan: DomainBackupPlan, dir: string): Promise<JobFiles> {
   const socket = join(dir, 'backup.sock');
   const diskXml = plan.disks
     .map((disk, i) => {
@@ -168,12 +235,12 @@ function pullJob(domain: string, dir: string): { sources: NbdSource[]; begin: (f
       for (const source of sources) await source.dispose();
       if (started) {
         started = false;
-        await virsh(['domjobabort', domain]).catch(() => undefined);
-        // libvirt tears the job down after domjobabort returns; its scratch files must outlive that.
-        for (let i = 0; i < 100; i += 1) {
-          const info = await virsh(['domjobinfo', domain]).catch(() => '');
-          if (!/Job type:\s+(Unbounded|Bounded)/.test(info)) break;
-          await new Promise((resolve) => setTimeout(resolve, 100));
+        // libvirt tears the job down after domjobabort returns; its scratch files must outlive that. The abort and
+        // the first look at the job in one virsh; then a look every 20 ms (10 s at most), each a virsh of its own.
+        let info = await virshBatch([['domjobabort', domain], ['domjobinfo', domain]], { tolerate: true }).then(({ outputs }) => outputs[1]!, () => '');
+        for (let i = 0; i < 500 && /Job type:\s+(Unbounded|Bounded)/.test(info); i += 1) {
+          await new Promise((resolve) => setTimeout(resolve, 20));
+          info = await virsh(['domjobinfo', domain]).catch(() => '');
         }
       }
       await rm(dir, { recursive: true, force: true });
@@ -191,7 +258,7 @@ async function openDiskJobs(plan: DomainBackupPlan, socket: string, sources: Nbd
       description: { kind: 'libvirt-disk', path: `${plan.domain}:${disk.target} (${disk.source})` },
     });
     sources.push(source);
-    const { chain, cbt, plan: diskPlan } = await settleChain({
+    const { chain, cbt, plan: diskPlan, workBytes } = await settleChain({
       chain: chosen,
       source,
       dirty: () => source.dirtyExtents(),
@@ -203,17 +270,21 @@ async function openDiskJobs(plan: DomainBackupPlan, socket: string, sources: Nbd
       blockSize: args.blockSize,
       blockId: args.blockId,
       available: args.available,
+      countWork: true,
     });
-    jobs.push({ name: plan.names[i]!, source, plan: diskPlan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt });
+    jobs.push({ name: plan.names[i]!, source, plan: diskPlan, mode: chain.mode, modeReason: chain.reason, parent: chain.parent?.record.id ?? null, cbt, workBytes });
   }
   return jobs;
 }
 
-/** After the commit: the engine's checkpoints no chain needs any more are deleted, newest first. */
+/**
+ * After the commit: the engine's checkpoints no chain needs any more are deleted, newest first, in one virsh. The
+ * list is the one taken before the backup (no second checkpoint-list): a checkpoint another backup created since is
+ * that backup's to keep or delete.
+ */
 async function deleteUnneededCheckpoints(plan: DomainBackupPlan, jobs: CbtDiskJob[], repositoryId: string): Promise<void> {
   const keep = new Set([plan.checkpoint, ...jobs.flatMap((j) => (j.cbt ? [j.cbt.chainCheckpoint] : []))]);
   // Newest first: deleting a checkpoint merges its bitmap into its parent checkpoint's.
-  for (const name of (await checkpoints(plan.domain)).reverse()) {
-    if (name.startsWith(bitmapPrefix(repositoryId)) && !keep.has(name)) await virsh(['checkpoint-delete', plan.domain, name]);
-  }
+  const unneeded = [...plan.existing].reverse().filter((name) => name.startsWith(bitmapPrefix(repositoryId)) && !keep.has(name));
+  if (unneeded.length > 0) await virshBatch(unneeded.map((name) => ['checkpoint-delete', plan.domain, name]));
 }

@@ -28,10 +28,15 @@ export function notInstalled(tool: string): string {
 }
 
 /** Runs a system tool (qemu-img, qemu-nbd, virsh, losetup, mount …); its stderr becomes the error message. */
-export function runTool(tool: string, args: string[], options: { timeoutMs?: number } = {}): Promise<string> {
+export async function runTool(tool: string, args: string[], options: { timeoutMs?: number } = {}): Promise<string> {
+  return (await runToolOutput(tool, args, options)).stdout;
+}
+
+/** runTool, with what the tool wrote to stderr when it succeeded (virsh runs a batch of commands and exits 0 when some failed). */
+export function runToolOutput(tool: string, args: string[], options: { timeoutMs?: number } = {}): Promise<{ stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
     execFile(tool, args, { maxBuffer: 16 * 1024 * 1024, timeout: options.timeoutMs ?? 120_000 }, (error, stdout, stderr) => {
-      if (!error) return resolve(stdout);
+      if (!error) return resolve({ stdout, stderr });
       const code = (error as NodeJS.ErrnoException).code;
       if (code === 'ENOENT') return reject(new ToolError(tool, args, notInstalled(tool)));
       reject(new ToolError(tool, args, (stderr || error.message).trim().split('\n').slice(-3).join(' ')));
