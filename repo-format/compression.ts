@@ -113,31 +113,44 @@ function lengthProblem(plaintext: Buffer, rawLength: number): string | undefined
   return plaintext.length === rawLength ? undefined : `decompressed to ${plaintext.length} bytes, expected ${rawLength}`;
 }
 
+/** What a FrameStream fails with when a frame's output passes its limit. */
+class OutputTooLarge extends Error {}
+
 /**
- * One node:zlib zstd stream kept for many frames: each write is one whole frame (the stream's flush flag is
- * ZSTD_e_end), so the compressor sees the whole block at once and states its content size, and the
+ * One node:zlib zstd stream kept for many frames: each write is one whole frame (the compressor's flush flag
+ * is ZSTD_e_end), so the compressor sees the whole block at once and states its content size, and the
  * decompressor's context starts afresh at the next frame. Writes are queued: a stream holds one frame at a
- * time, and the output parts that arrive between a write and its callback are that frame's. A stream that
- * failed (a payload that does not decode) is destroyed and is not used again.
+ * time, and the output parts that arrive between a write and its callback are that frame's. A frame whose
+ * output passes `limit` stops the stream there (node:zlib's streams have no maxOutputLength; the stream is
+ * destroyed from its 'data' event, before it asks for another output buffer). A stream that failed is
+ * destroyed and never used again.
  */
 class FrameStream {
   private parts: Buffer[] = [];
+  private bytes = 0;
+  private limit = Infinity;
   private tail: Promise<unknown> = Promise.resolve();
   private current: { resolve: (parts: Buffer[]) => void; reject: (error: Error) => void } | undefined;
   failed: Error | undefined;
 
   constructor(private readonly stream: ZstdCompress | ZstdDecompress) {
-    stream.on('data', (part: Buffer) => this.parts.push(part));
+    stream.on('data', (part: Buffer) => {
+      this.bytes += part.length;
+      if (this.bytes > this.limit) return this.fail(new OutputTooLarge());
+      this.parts.push(part);
+    });
     stream.on('error', (error: Error) => this.fail(error));
   }
 
-  /** The output of one frame's input, in the parts it arrived in. */
-  run(input: Buffer): Promise<Buffer[]> {
+  /** The output of one frame's input, in the parts it arrived in; OutputTooLarge past `limit` bytes. */
+  run(input: Buffer, limit = Infinity): Promise<Buffer[]> {
     const result = this.tail.then(
       () =>
         new Promise<Buffer[]>((resolve, reject) => {
           if (this.failed) return reject(this.failed);
           this.current = { resolve, reject };
+          this.bytes = 0;
+          this.limit = limit;
           this.stream.write(input, (error) => {
             if (error) return this.fail(error);
             const parts = this.parts;
@@ -152,6 +165,11 @@ class FrameStream {
     return result;
   }
 
+  /** Ends the stream once the frames queued on it are done (it takes no more). */
+  retire(): void {
+    this.tail = this.tail.then(() => this.stream.destroy());
+  }
+
   private fail(error: Error): void {
     this.failed ??= error;
     this.parts = [];
@@ -162,8 +180,14 @@ class FrameStream {
   }
 }
 
-/** Output buffer of a thread's compressor: a 1 MiB block compresses to less, so a frame's output is mostly one part. */
-const COMPRESS_CHUNK = 1024 * 1024;
+/**
+ * Output buffers of a thread's compressor. A stream fills one buffer frame after frame until it is full, so a
+ * buffer lives as long as the frames it holds: a 1 MiB buffer held four blocks' output, outlived the block
+ * workers' young-generation collections (block-runner.ts), was promoted and stayed until a full collection,
+ * and a zstd:3 backup of the real image grew to 310 MiB. 64 KiB buffers die young; a block's output comes
+ * in a few of them, joined once.
+ */
+const COMPRESS_CHUNK = 64 * 1024;
 
 /**
  * A thread's own zstd contexts, one compressor per level and one decompressor, kept for every frame it
@@ -198,15 +222,17 @@ export class ZstdStreams {
     // of its own (a frame that fills the buffer leaves the next frame a new one), none copied. A stream is
     // made anew for a larger frame, so the output buffer is the largest frame's size.
     if (!this.decompressor || this.decompressor.failed || rawLength > this.decompressChunk) {
+      this.decompressor?.retire();
       this.decompressChunk = Math.max(zlibConstants.Z_MIN_CHUNK, rawLength, this.decompressChunk);
       this.decompressor = new FrameStream(new ZstdDecompress({ chunkSize: this.decompressChunk }));
     }
     let plaintext: Buffer;
     try {
-      // The header's rules bound what this decodes: one frame, its content size rawLength (libzstd refuses a
-      // frame whose blocks decode to another size), a window no larger than rawLength needs.
-      plaintext = joined(await this.decompressor.run(payload));
+      // libzstd compares what a frame's blocks decoded with its content size only at the last block, and its
+      // blocks may be many: the limit stops a frame whose blocks say more than rawLength bytes on the way.
+      plaintext = joined(await this.decompressor.run(payload, rawLength));
     } catch (error) {
+      if (error instanceof OutputTooLarge) return `zstd payload decompresses to more than the frame's ${rawLength} bytes`;
       return `zstd payload does not decompress (${(error as Error).message})`;
     }
     return lengthProblem(plaintext, rawLength) ?? plaintext;
