@@ -13,17 +13,17 @@ export type Compression = { codec: 'lz4' } | { codec: 'zstd'; level: number };
 
 export const LZ4: Compression = { codec: 'lz4' };
 /**
- * What `zstd` alone means: zstd level 1, chosen by
- * bench/compression.ts on the real /usr image (SPEC.md, section 13.1): 23% fewer stored bytes than lz4 at
- * lz4's backup CPU; level 3 stores 9% less again but costs 1.6x the backup CPU.
+ * What `zstd` alone means: zstd level 1, measured by bench/compression.ts on the real /usr image (SPEC.md,
+ * section 13.1): a quarter fewer stored bytes than lz4 for 1.3x its backup CPU; level 3 stores 9% less again
+ * (restic's size) for 1.6x.
  */
 export const DEFAULT_ZSTD_LEVEL = 1;
 /** zstd at its default level: what `zstd` alone means, and what a lost version-3 config is rebuilt with (SPEC 3.2). */
 export const DEFAULT_COMPRESSION: Compression = { codec: 'zstd', level: DEFAULT_ZSTD_LEVEL };
 /**
- * What `init` gives a new repository unless told: lz4. zstd level 1 stores a quarter fewer bytes for the same
- * backup CPU, but its backups and restores of the real image peaked at 320-340 MiB RSS against lz4's 233-235
- * (SPEC.md 13.1, Memory), over issue 15's 300 MiB bound, the cause not yet found.
+ * What `init` gives a new repository unless told: lz4, by issue 15's rule (backup CPU x stored bytes x restore
+ * CPU on the real image, SPEC.md 13.1: lz4 1.00, zstd level 1 and 2 1.20, level 3 1.37). Memory no longer
+ * decides it: with ZstdStreams zstd peaks at or below lz4's RSS.
  */
 export const INIT_COMPRESSION: Compression = LZ4;
 
