@@ -6,8 +6,8 @@
  * exactly when the repository is encrypted.
  */
 import { createHash } from 'node:crypto';
-import { COMPRESSION_FLAGS, ENCRYPTION_OVERHEAD, FLAG_ENCRYPTED, FRAME_HEADER_SIZE, FRAME_OVERHEAD, ID_SIZE } from './constants.js';
-import { compress, compressionFlag, decompress, worthCompressing, type Compression } from './compression.js';
+import { COMPRESSION_FLAGS, ENCRYPTION_OVERHEAD, FLAG_ENCRYPTED, FLAG_ZSTD, FRAME_HEADER_SIZE, FRAME_OVERHEAD, ID_SIZE } from './constants.js';
+import { compress, compressionFlag, decompress, worthCompressing, worthCompressingZstd, type Compression, type ZstdStreams } from './compression.js';
 import { decodeFrame, encodeFrame, encodeFrameHeader, finishFrame, type FrameHeader } from './frame.js';
 import { gcmOpen, gcmSealInto, keyedId, type RepositoryKeys } from './crypto.js';
 
@@ -34,6 +34,21 @@ export function maxFrameLength(rawLength: number, keys?: RepositoryKeys): number
  */
 export function sealBlob(kind: number, id: Buffer, raw: Buffer, target: Buffer, at: number, keys: RepositoryKeys | undefined, compression: Compression): number {
   const compressed = worthCompressing(compression, raw) ? compress(compression, raw) : undefined;
+  return sealCompressed(kind, id, raw, compressed, target, at, keys, compression);
+}
+
+/**
+ * sealBlob() with zstd's work done through a thread's own contexts (`streams`, compression.ts ZstdStreams): what
+ * the block workers use, frame for frame the same as sealBlob() writes. Any other compression is sealBlob().
+ */
+export async function sealBlobWith(streams: ZstdStreams, kind: number, id: Buffer, raw: Buffer, target: Buffer, at: number, keys: RepositoryKeys | undefined, compression: Compression): Promise<number> {
+  if (compression.codec !== 'zstd') return sealBlob(kind, id, raw, target, at, keys, compression);
+  const compressed = (await worthCompressingZstd(streams, raw)) ? await streams.compress(compression.level, raw) : undefined;
+  return sealCompressed(kind, id, raw, compressed, target, at, keys, compression);
+}
+
+/** The frame of `raw` whose `compression` gave `compressed` (undefined: not tried), kept only when shorter. */
+function sealCompressed(kind: number, id: Buffer, raw: Buffer, compressed: Buffer | undefined, target: Buffer, at: number, keys: RepositoryKeys | undefined, compression: Compression): number {
   const useCompressed = compressed !== undefined && compressed.length < raw.length;
   const inner = useCompressed ? compressed : raw;
   const codecFlag = useCompressed ? compressionFlag(compression) : 0;
@@ -64,24 +79,39 @@ export const AUTHENTICATION_FAILED = 'authentication failed (AES-256-GCM tag): t
  * offset and turns it into a CorruptFrameError that names them.
  */
 export function openBlob(frame: Buffer, expectedId?: Buffer, keys?: RepositoryKeys): OpenedBlob | string {
+  const payload = openPayload(frame, expectedId, keys);
+  if (typeof payload === 'string') return payload;
+  const { header } = payload;
+  const plaintext = (header.flags & COMPRESSION_FLAGS) !== 0 ? decompress(header.flags, payload.payload, header.rawLength) : payload.payload;
+  return checkedBlob(header, plaintext, keys);
+}
+
+/** openBlob() with zstd's work done through a thread's own contexts (`streams`): what the block workers use. */
+export async function openBlobWith(streams: ZstdStreams, frame: Buffer, expectedId?: Buffer, keys?: RepositoryKeys): Promise<OpenedBlob | string> {
+  const payload = openPayload(frame, expectedId, keys);
+  if (typeof payload === 'string') return payload;
+  const { header } = payload;
+  // decompress() reads a frame that names both codecs as lz4: so does this.
+  const zstd = (header.flags & COMPRESSION_FLAGS) === FLAG_ZSTD;
+  const plaintext = zstd ? await streams.decompress(payload.payload, header.rawLength) : (header.flags & COMPRESSION_FLAGS) !== 0 ? decompress(header.flags, payload.payload, header.rawLength) : payload.payload;
+  return checkedBlob(header, plaintext, keys);
+}
+
+/** A frame's checks up to its payload (decrypted in an encrypted repository), or a reason. */
+function openPayload(frame: Buffer, expectedId: Buffer | undefined, keys: RepositoryKeys | undefined): { header: FrameHeader; payload: Buffer } | string {
   const decoded = decodeFrame(frame, keys !== undefined);
   if (typeof decoded === 'string') return decoded;
   const { header } = decoded;
-  let payload = decoded.payload;
   if (expectedId && !expectedId.equals(header.id)) return 'frame holds a different blob than the index says';
-  if (keys) {
-    const opened = gcmOpen(keys.dataKey, payload, frame.subarray(0, FRAME_HEADER_SIZE));
-    if (!opened) return AUTHENTICATION_FAILED;
-    payload = opened;
-  }
-  let plaintext: Buffer;
-  if ((header.flags & COMPRESSION_FLAGS) !== 0) {
-    const decompressed = decompress(header.flags, payload, header.rawLength);
-    if (typeof decompressed === 'string') return decompressed;
-    plaintext = decompressed;
-  } else {
-    plaintext = payload;
-  }
+  if (!keys) return decoded;
+  const opened = gcmOpen(keys.dataKey, decoded.payload, frame.subarray(0, FRAME_HEADER_SIZE));
+  if (!opened) return AUTHENTICATION_FAILED;
+  return { header, payload: opened };
+}
+
+/** The blob, once its plaintext (or the reason it has none) is known: its id must match. */
+function checkedBlob(header: FrameHeader, plaintext: Buffer | string, keys: RepositoryKeys | undefined): OpenedBlob | string {
+  if (typeof plaintext === 'string') return plaintext;
   const actual = blobId(plaintext, keys);
   if (!actual.equals(header.id.subarray(0, ID_SIZE))) return keys ? 'HMAC-SHA256 of the plaintext does not match the blob id' : 'SHA-256 of the plaintext does not match the blob id';
   return { header, plaintext };

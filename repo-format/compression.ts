@@ -4,7 +4,7 @@
  * say how its payload is compressed (SPEC.md, section 5), so lz4 frames, zstd frames and stored-raw frames
  * all read in any repository.
  */
-import { constants as zlibConstants, zstdCompressSync, zstdDecompressSync } from 'node:zlib';
+import { constants as zlibConstants, ZstdCompress, ZstdDecompress, zstdCompressSync, zstdDecompressSync } from 'node:zlib';
 import { compressSync, uncompressSync } from 'lz4-napi';
 import { COMPRESSION_ID, FLAG_LZ4, FLAG_ZSTD, MAX_ZSTD_LEVEL, MIN_ZSTD_LEVEL, ZSTD_COMPRESSION_ID } from './constants.js';
 import { InvalidArgumentError } from './errors.js';
@@ -13,17 +13,17 @@ export type Compression = { codec: 'lz4' } | { codec: 'zstd'; level: number };
 
 export const LZ4: Compression = { codec: 'lz4' };
 /**
- * What `zstd` alone means: zstd level 1, chosen by
- * bench/compression.ts on the real /usr image (SPEC.md, section 13.1): 23% fewer stored bytes than lz4 at
- * lz4's backup CPU; level 3 stores 9% less again but costs 1.6x the backup CPU.
+ * What `zstd` alone means: zstd level 1, measured by bench/compression.ts on the real /usr image (SPEC.md,
+ * section 13.1): a quarter fewer stored bytes than lz4 for 1.3x its backup CPU; level 3 stores 9% less again
+ * (restic's size) for 1.6x.
  */
 export const DEFAULT_ZSTD_LEVEL = 1;
 /** zstd at its default level: what `zstd` alone means, and what a lost version-3 config is rebuilt with (SPEC 3.2). */
 export const DEFAULT_COMPRESSION: Compression = { codec: 'zstd', level: DEFAULT_ZSTD_LEVEL };
 /**
- * What `init` gives a new repository unless told: lz4. zstd level 1 stores a quarter fewer bytes for the same
- * backup CPU, but its backups and restores of the real image peaked at 320-340 MiB RSS against lz4's 233-235
- * (SPEC.md 13.1, Memory), over issue 15's 300 MiB bound, the cause not yet found.
+ * What `init` gives a new repository unless told: lz4, by issue 15's rule (backup CPU x stored bytes x restore
+ * CPU on the real image, SPEC.md 13.1: lz4 1.00, zstd level 1 and 2 1.20, level 3 1.37). Memory no longer
+ * decides it: with ZstdStreams zstd peaks at or below lz4's RSS.
  */
 export const INIT_COMPRESSION: Compression = LZ4;
 
@@ -77,32 +77,170 @@ export function compress(c: Compression, raw: Buffer): Buffer {
  * plaintext, or a reason. Nothing here allocates more than `rawLength` bytes of output whatever the payload
  * says: lz4's size prefix must equal `rawLength` before it sizes anything, and zstd stops at
  * `maxOutputLength` (a payload that would decompress further is corruption, never an allocation).
+ * For one blob now and then (the main thread's map pages, gc, repair): every call of node:zlib's zstd functions
+ * makes a context of its own, freed only when V8 collects it (see ZstdStreams); the block workers use ZstdStreams.
  */
 export function decompress(flags: number, payload: Buffer, rawLength: number): Buffer | string {
+  if ((flags & FLAG_LZ4) !== 0) return lz4Decompress(payload, rawLength);
+  const header = zstdHeaderProblem(payload, rawLength);
+  if (header) return header;
   let plaintext: Buffer;
-  if ((flags & FLAG_LZ4) !== 0) {
-    // The prefix is covered by the checksum, but check it anyway: it sizes lz4's output allocation.
-    if (payload.length < LZ4_SIZE_PREFIX || payload.readUInt32LE(0) !== rawLength) return 'lz4 size prefix disagrees with the frame header';
-    try {
-      plaintext = uncompressSync(payload);
-    } catch (error) {
-      return `lz4 payload does not decompress (${(error as Error).message})`;
+  try {
+    // One output buffer of rawLength + 1 bytes: a payload that decodes to more stops at the first byte past
+    // rawLength (maxOutputLength) instead of growing a second buffer.
+    plaintext = zstdDecompressSync(payload, { maxOutputLength: rawLength, chunkSize: Math.max(zlibConstants.Z_MIN_CHUNK, rawLength + 1) });
+  } catch (error) {
+    const e = error as NodeJS.ErrnoException;
+    if (e.code === 'ERR_BUFFER_TOO_LARGE') return `zstd payload decompresses to more than the frame's ${rawLength} bytes`;
+    return `zstd payload does not decompress (${e.message})`;
+  }
+  return lengthProblem(plaintext, rawLength) ?? plaintext;
+}
+
+function lz4Decompress(payload: Buffer, rawLength: number): Buffer | string {
+  // The prefix is covered by the checksum, but check it anyway: it sizes lz4's output allocation.
+  if (payload.length < LZ4_SIZE_PREFIX || payload.readUInt32LE(0) !== rawLength) return 'lz4 size prefix disagrees with the frame header';
+  let plaintext: Buffer;
+  try {
+    plaintext = uncompressSync(payload);
+  } catch (error) {
+    return `lz4 payload does not decompress (${(error as Error).message})`;
+  }
+  return lengthProblem(plaintext, rawLength) ?? plaintext;
+}
+
+function lengthProblem(plaintext: Buffer, rawLength: number): string | undefined {
+  return plaintext.length === rawLength ? undefined : `decompressed to ${plaintext.length} bytes, expected ${rawLength}`;
+}
+
+/** What a FrameStream fails with when a frame's output passes its limit. */
+class OutputTooLarge extends Error {}
+
+/**
+ * One node:zlib zstd stream kept for many frames: each write is one whole frame (the compressor's flush flag
+ * is ZSTD_e_end), so the compressor sees the whole block at once and states its content size, and the
+ * decompressor's context starts afresh at the next frame. Writes are queued: a stream holds one frame at a
+ * time, and the output parts that arrive between a write and its callback are that frame's. A frame whose
+ * output passes `limit` stops the stream there (node:zlib's streams have no maxOutputLength; the stream is
+ * destroyed from its 'data' event, before it asks for another output buffer). A stream that failed is
+ * destroyed and never used again.
+ */
+class FrameStream {
+  private parts: Buffer[] = [];
+  private bytes = 0;
+  private limit = Infinity;
+  private tail: Promise<unknown> = Promise.resolve();
+  private current: { resolve: (parts: Buffer[]) => void; reject: (error: Error) => void } | undefined;
+  failed: Error | undefined;
+
+  constructor(private readonly stream: ZstdCompress | ZstdDecompress) {
+    stream.on('data', (part: Buffer) => {
+      this.bytes += part.length;
+      if (this.bytes > this.limit) return this.fail(new OutputTooLarge());
+      this.parts.push(part);
+    });
+    stream.on('error', (error: Error) => this.fail(error));
+  }
+
+  /** The output of one frame's input, in the parts it arrived in; OutputTooLarge past `limit` bytes. */
+  run(input: Buffer, limit = Infinity): Promise<Buffer[]> {
+    const result = this.tail.then(
+      () =>
+        new Promise<Buffer[]>((resolve, reject) => {
+          if (this.failed) return reject(this.failed);
+          this.current = { resolve, reject };
+          this.bytes = 0;
+          this.limit = limit;
+          this.stream.write(input, (error) => {
+            if (error) return this.fail(error);
+            const parts = this.parts;
+            this.parts = [];
+            const current = this.current;
+            this.current = undefined;
+            current?.resolve(parts);
+          });
+        }),
+    );
+    this.tail = result.catch(() => undefined);
+    return result;
+  }
+
+  /** Ends the stream once the frames queued on it are done (it takes no more). */
+  retire(): void {
+    this.tail = this.tail.then(() => this.stream.destroy());
+  }
+
+  private fail(error: Error): void {
+    this.failed ??= error;
+    this.parts = [];
+    const current = this.current;
+    this.current = undefined;
+    current?.reject(error);
+    this.stream.destroy();
+  }
+}
+
+/**
+ * Output buffers of a thread's compressor. A stream fills one buffer frame after frame until it is full, so a
+ * buffer lives as long as the frames it holds: a 1 MiB buffer held four blocks' output, outlived the block
+ * workers' young-generation collections (block-runner.ts), was promoted and stayed until a full collection,
+ * and a zstd:3 backup of the real image grew to 310 MiB. 64 KiB buffers die young; a block's output comes
+ * in a few of them, joined once.
+ */
+const COMPRESS_CHUNK = 64 * 1024;
+
+/**
+ * A thread's own zstd contexts, one compressor per level and one decompressor, kept for every frame it
+ * writes or reads. node:zlib's zstdCompressSync and zstdDecompressSync make a new libzstd context per call
+ * (1.5 MiB for level 1 on a 1 MiB block: its window and buffers) with plain malloc, out of V8's sight, and
+ * free it only when V8 collects the stream object that holds it: the zstd context's close frees nothing. Those
+ * objects outlive the young-generation collections and wait for a full one, so a block worker held dozens of
+ * dead contexts at a time: backups and restores of the real image peaked 90-100 MiB above lz4's (SPEC.md 13.1,
+ * Memory). Kept contexts cost their size once per thread. The work runs on libuv's thread pool (node:zlib
+ * has no synchronous use of a kept stream), and the thread awaits it.
+ */
+export class ZstdStreams {
+  private readonly compressors = new Map<number, FrameStream>();
+  private decompressor: FrameStream | undefined;
+  private decompressChunk = 0;
+
+  /** Compresses `raw` into one zstd frame (the caller keeps it only when shorter than `raw`). */
+  async compress(level: number, raw: Buffer): Promise<Buffer> {
+    let stream = this.compressors.get(level);
+    if (!stream || stream.failed) {
+      stream = new FrameStream(new ZstdCompress({ flush: zlibConstants.ZSTD_e_end, chunkSize: COMPRESS_CHUNK, params: { [zlibConstants.ZSTD_c_compressionLevel]: level } }));
+      this.compressors.set(level, stream);
     }
-  } else {
+    return joined(await stream.run(raw));
+  }
+
+  /** decompress() for a zstd payload, with the same checks and reasons, through this thread's decompressor. */
+  async decompress(payload: Buffer, rawLength: number): Promise<Buffer | string> {
     const header = zstdHeaderProblem(payload, rawLength);
     if (header) return header;
-    try {
-      // One output buffer of rawLength + 1 bytes: a payload that decodes to more stops at the first byte past
-      // rawLength (maxOutputLength) instead of growing a second buffer.
-      plaintext = zstdDecompressSync(payload, { maxOutputLength: rawLength, chunkSize: Math.max(zlibConstants.Z_MIN_CHUNK, rawLength + 1) });
-    } catch (error) {
-      const e = error as NodeJS.ErrnoException;
-      if (e.code === 'ERR_BUFFER_TOO_LARGE') return `zstd payload decompresses to more than the frame's ${rawLength} bytes`;
-      return `zstd payload does not decompress (${e.message})`;
+    // Output buffers of exactly a frame's rawLength: a block's frame then decodes in one pass into one buffer
+    // of its own (a frame that fills the buffer leaves the next frame a new one), none copied. A stream is
+    // made anew for a larger frame, so the output buffer is the largest frame's size.
+    if (!this.decompressor || this.decompressor.failed || rawLength > this.decompressChunk) {
+      this.decompressor?.retire();
+      this.decompressChunk = Math.max(zlibConstants.Z_MIN_CHUNK, rawLength, this.decompressChunk);
+      this.decompressor = new FrameStream(new ZstdDecompress({ chunkSize: this.decompressChunk }));
     }
+    let plaintext: Buffer;
+    try {
+      // libzstd compares what a frame's blocks decoded with its content size only at the last block, and its
+      // blocks may be many: the limit stops a frame whose blocks say more than rawLength bytes on the way.
+      plaintext = joined(await this.decompressor.run(payload, rawLength));
+    } catch (error) {
+      if (error instanceof OutputTooLarge) return `zstd payload decompresses to more than the frame's ${rawLength} bytes`;
+      return `zstd payload does not decompress (${(error as Error).message})`;
+    }
+    return lengthProblem(plaintext, rawLength) ?? plaintext;
   }
-  if (plaintext.length !== rawLength) return `decompressed to ${plaintext.length} bytes, expected ${rawLength}`;
-  return plaintext;
+}
+
+function joined(parts: Buffer[]): Buffer {
+  return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
 }
 
 const ZSTD_MAGIC = 0xfd2fb528;
@@ -177,7 +315,7 @@ const PROBE_SLICE = 16 * 1024;
 const PROBE_FROM = 8 * PROBE_SLICES * PROBE_SLICE;
 /** A probe that compresses to more than this share of its size says the blob is not worth compressing. */
 const PROBE_KEEP_BELOW = 0.97;
-const ZSTD_PROBE: Compression = { codec: 'zstd', level: 1 };
+const ZSTD_PROBE = { codec: 'zstd', level: 1 } as const;
 
 /**
  * The early, cheap test: is `raw` worth compressing? Compresses four 16 KiB slices spread over the blob
@@ -186,10 +324,21 @@ const ZSTD_PROBE: Compression = { codec: 'zstd', level: 1 };
  * A blob with any compressible region among the slices is compressed whole, as before.
  */
 export function worthCompressing(c: Compression, raw: Buffer): boolean {
-  if (raw.length < PROBE_FROM) return true;
+  const sample = probeSample(raw);
+  return sample === undefined || compress(c.codec === 'lz4' ? LZ4 : ZSTD_PROBE, sample).length < sample.length * PROBE_KEEP_BELOW;
+}
+
+/** worthCompressing() for a zstd repository, through a thread's own contexts. */
+export async function worthCompressingZstd(streams: ZstdStreams, raw: Buffer): Promise<boolean> {
+  const sample = probeSample(raw);
+  return sample === undefined || (await streams.compress(ZSTD_PROBE.level, sample)).length < sample.length * PROBE_KEEP_BELOW;
+}
+
+/** The probe's slices of `raw`, or undefined for a blob compressed without a probe. */
+function probeSample(raw: Buffer): Buffer | undefined {
+  if (raw.length < PROBE_FROM) return undefined;
   const sample = Buffer.allocUnsafe(PROBE_SLICES * PROBE_SLICE);
   const stride = Math.floor((raw.length - PROBE_SLICE) / (PROBE_SLICES - 1));
   for (let i = 0; i < PROBE_SLICES; i++) raw.copy(sample, i * PROBE_SLICE, i * stride, i * stride + PROBE_SLICE);
-  const probed = compress(c.codec === 'lz4' ? LZ4 : ZSTD_PROBE, sample);
-  return probed.length < sample.length * PROBE_KEEP_BELOW;
+  return sample;
 }

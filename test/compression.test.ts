@@ -10,8 +10,8 @@ import { constants as zlibConstants, zstdCompressSync } from 'node:zlib';
 import { initChecksum } from '../dist/repo-format/checksum.js';
 import { FLAG_ENCRYPTED, FLAG_LZ4, FLAG_ZSTD, FRAME_HEADER_SIZE, KIND_DATA, KIND_MAP_LEAF } from '../dist/repo-format/constants.js';
 import { encodeFrame, frameLength } from '../dist/repo-format/frame.js';
-import { blobId, openBlob, sealBlobToBuffer, sha256 } from '../dist/repo-format/blob-codec.js';
-import { compress, compressionName, decompress, DEFAULT_COMPRESSION, LZ4, parseCompression, worthCompressing, type Compression } from '../dist/repo-format/compression.js';
+import { blobId, maxFrameLength, openBlob, openBlobWith, sealBlobToBuffer, sealBlobWith, sha256 } from '../dist/repo-format/blob-codec.js';
+import { compress, compressionName, decompress, DEFAULT_COMPRESSION, LZ4, parseCompression, worthCompressing, worthCompressingZstd, ZstdStreams, type Compression } from '../dist/repo-format/compression.js';
 import { newRepositoryKeys } from '../dist/repo-format/crypto.js';
 import { InvalidArgumentError } from '../dist/repo-format/errors.js';
 
@@ -225,5 +225,119 @@ describe('init --compression', () => {
       const frame = sealBlobToBuffer(KIND_DATA, sha256(raw), raw, undefined, codec);
       expect(frame.subarray(FRAME_HEADER_SIZE, frame.length - 8).equals(compress(codec, raw))).toBe(true);
     }
+  });
+});
+
+describe("a thread's kept zstd contexts (ZstdStreams, the block workers' path)", () => {
+  async function sealWith(streams: ZstdStreams, raw: Buffer, codec: Compression, keys?: ReturnType<typeof newRepositoryKeys>): Promise<Buffer> {
+    const target = Buffer.alloc(maxFrameLength(raw.length, keys));
+    const length = await sealBlobWith(streams, KIND_DATA, blobId(raw, keys), raw, target, 0, keys, codec);
+    return target.subarray(0, length);
+  }
+
+  function mixed(): Buffer {
+    const block = randomBytes(MiB);
+    text(256 * KiB).copy(block, 3 * 256 * KiB);
+    return block;
+  }
+
+  test.each(CODECS.map((c) => [compressionName(c), c] as const))('%s: the same frames as sealBlob, byte for byte, and they open', async (_name, codec) => {
+    const streams = new ZstdStreams();
+    for (const raw of [text(MiB), text(MiB + 17), text(32 * KiB), Buffer.from('abc'), randomBytes(MiB), randomBytes(64 * KiB), mixed(), text(MiB)]) {
+      const frame = await sealWith(streams, raw, codec);
+      expect(frame.equals(sealBlobToBuffer(KIND_DATA, sha256(raw), raw, undefined, codec))).toBe(true);
+      const opened = await openBlobWith(streams, frame, sha256(raw));
+      if (typeof opened === 'string') throw new Error(opened);
+      expect(opened.plaintext.equals(raw)).toBe(true);
+    }
+  });
+
+  test('encrypted frames, and frames of every codec read by one thread', async () => {
+    const keys = newRepositoryKeys();
+    const streams = new ZstdStreams();
+    for (const codec of CODECS) {
+      const raw = text(MiB);
+      const frame = await sealWith(streams, raw, codec, keys);
+      expect(frame.readUInt8(5)).toBe((codec.codec === 'lz4' ? FLAG_LZ4 : FLAG_ZSTD) | FLAG_ENCRYPTED);
+      const opened = await openBlobWith(streams, frame, blobId(raw, keys), keys);
+      if (typeof opened === 'string') throw new Error(opened);
+      expect(opened.plaintext.equals(raw)).toBe(true);
+    }
+  });
+
+  test('the probe through kept contexts decides as the probe does', async () => {
+    const streams = new ZstdStreams();
+    for (const raw of [randomBytes(MiB), text(MiB), mixed(), randomBytes(64 * KiB)]) {
+      expect(await worthCompressingZstd(streams, raw)).toBe(worthCompressing(DEFAULT_COMPRESSION, raw));
+    }
+  });
+
+  test('many frames at once through one thread: each gets its own output, none mixed with another', async () => {
+    const streams = new ZstdStreams();
+    const codec: Compression = { codec: 'zstd', level: 3 };
+    const blobs = Array.from({ length: 24 }, (_, i) => (i % 3 === 2 ? randomBytes(64 * KiB) : Buffer.concat([Buffer.from(`blob ${i}\n`), text(i % 2 === 0 ? MiB : 40 * KiB + i)])));
+    const frames = await Promise.all(blobs.map((raw) => sealWith(streams, raw, codec)));
+    frames.forEach((frame, i) => expect(frame.equals(sealBlobToBuffer(KIND_DATA, sha256(blobs[i]!), blobs[i]!, undefined, codec))).toBe(true));
+    const opened = await Promise.all(frames.map((frame, i) => openBlobWith(streams, frame, sha256(blobs[i]!))));
+    opened.forEach((o, i) => expect(typeof o === 'string' ? o : o.plaintext.equals(blobs[i]!)).toBe(true));
+  });
+
+  test('hostile payloads: the reasons openBlob gives, and the thread reads good frames after each', async () => {
+    const raw = text(MiB);
+    const id = sha256(raw);
+    const good = frameOf(FLAG_ZSTD, raw.length, id, zstdFrame(raw));
+    const lying = zstdFrame(text(2000));
+    lying.writeUInt16LE(1000 - 256, 4 + 1 + ((lying.readUInt8(4) & 0x20) === 0 ? 1 : 0));
+    const scrambled = zstdFrame(raw);
+    for (let i = 20; i < scrambled.length; i += 7) scrambled[i] ^= 0x5a;
+    const skippable = Buffer.alloc(8 + 20);
+    skippable.writeUInt32LE(0x184d2a50, 0);
+    skippable.writeUInt32LE(20, 4);
+    const hostile: [Buffer, number][] = [
+      [zstdFrame(Buffer.alloc(16 * MiB)), 4 * KiB],
+      [lying, 1000],
+      [zstdFrame(raw).subarray(0, 200), raw.length],
+      [randomBytes(500), raw.length],
+      [scrambled, raw.length],
+      [Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0x80, 0x88, 0x00, 0x00, 0x10, 0x00, 0, 0, 0]), raw.length],
+      [Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0xa1, 0x01, 0x00, 0x00, 0x10, 0x00, 0, 0, 0]), raw.length],
+      [zstdFrame(raw, { [zlibConstants.ZSTD_c_contentSizeFlag]: 0 }), raw.length],
+      [Buffer.concat([zstdFrame(raw), Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x88, 0x01, 0x00, 0x00])]), raw.length],
+      [Buffer.concat([zstdFrame(raw), skippable]), raw.length],
+    ];
+    const streams = new ZstdStreams();
+    const libzstd = /^zstd payload (decompresses to more than the frame's \d+ bytes|does not decompress \(.+\))$/;
+    for (const [payload, rawLength] of hostile) {
+      const frame = frameOf(FLAG_ZSTD, rawLength, sha256(Buffer.alloc(rawLength)), payload);
+      const expected = openBlob(frame);
+      const reason = await openBlobWith(streams, frame);
+      expect(typeof expected).toBe('string');
+      if (libzstd.test(expected as string)) expect(reason).toMatch(libzstd);
+      else expect(reason).toBe(expected);
+      const opened = await openBlobWith(streams, good, id);
+      expect(typeof opened === 'string' ? opened : opened.plaintext.equals(raw)).toBe(true);
+    }
+    expect(await streams.decompress(lying, 1000)).toMatch(libzstd);
+  });
+
+  test('a frame whose blocks decode past its raw length stops there, on the way (libzstd checks the size only at the last block)', async () => {
+    const streams = new ZstdStreams();
+    const raw = text(MiB);
+    // A 1 MiB frame (the decompressor's buffers are then 1 MiB), a 32 KiB frame (the next output starts 32 KiB
+    // into a buffer: libzstd then decodes block by block, not in one pass), then a frame that says 1 MiB of
+    // content in a 512 KiB window (libzstd's buffer is then a ring of 640 KiB that wraps) but holds 100 RLE
+    // blocks of 128 KiB each: 12.5 MiB.
+    expect(await streams.decompress(zstdFrame(raw), MiB)).toEqual(raw);
+    expect(await streams.decompress(zstdFrame(text(32 * KiB)), 32 * KiB)).toEqual(text(32 * KiB));
+    const rle = (last: boolean): number[] => {
+      const value = 128 * KiB * 8 + 1 * 2 + (last ? 1 : 0);
+      return [value % 256, Math.floor(value / 256) % 256, Math.floor(value / 65536), 0x41];
+    };
+    const blocks = Array.from({ length: 100 }, (_, i) => rle(i === 99)).flat();
+    // Not single-segment, window descriptor 0x48 (2^19 bytes), 4-byte content size: 1 MiB.
+    const bomb = Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0x80, 0x48, 0x00, 0x00, 0x10, 0x00, ...blocks]);
+    expect(decompress(FLAG_ZSTD, bomb, MiB)).toMatch(/^zstd payload (decompresses to more than the frame's 1048576 bytes|does not decompress \(.+\))$/);
+    expect(await streams.decompress(bomb, MiB)).toBe(`zstd payload decompresses to more than the frame's ${MiB} bytes`);
+    expect(await streams.decompress(zstdFrame(raw), MiB)).toEqual(raw);
   });
 });

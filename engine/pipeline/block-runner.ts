@@ -1,20 +1,20 @@
 /**
- * The CPU-heavy half of the pipeline (zero check, block id, lz4, AES-256-GCM, xxh64), on blocks that sit in shared
+ * The CPU-heavy half of the pipeline (zero check, block id, lz4 or zstd, AES-256-GCM, xxh64), on blocks that sit in shared
  * memory: run by each block worker (block-worker.ts, a piscina thread), or on the main thread for a small job
  * (block-pool.ts: the job then starts no thread at all).
  */
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { initChecksum } from '../../repo-format/checksum.js';
-import { blobId, openBlob, sealBlob } from '../../repo-format/blob-codec.js';
+import { blobId, openBlobWith, sealBlobWith } from '../../repo-format/blob-codec.js';
 import { locatorAt } from '../../repo-format/frame-locator.js';
 import { readLocatedFrame, readLocatedSpan } from '../../repo-format/located-frame.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
-import type { Compression } from '../../repo-format/compression.js';
+import { ZstdStreams, type Compression } from '../../repo-format/compression.js';
 import { EngineError } from '../../repo-format/errors.js';
 import { SPAN_BYTES, type BlockTask, type HashResult, type OpenResult, type OpenSpanResult, type SealResult, type VerifyPackResult, type WorkerSetup } from './tasks.js';
 
-export type BlockRunner = (task: BlockTask) => HashResult | SealResult | Promise<OpenResult> | Promise<OpenSpanResult> | Promise<VerifyPackResult>;
+export type BlockRunner = (task: BlockTask) => HashResult | Promise<SealResult> | Promise<OpenResult> | Promise<OpenSpanResult> | Promise<VerifyPackResult>;
 
 /*
  * lz4-napi returns a new Buffer per call, freed only when V8 collects its wrapper. V8 counts that memory
@@ -46,6 +46,8 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
       collectGarbage({ type: 'minor' });
     }
   }
+  /** This thread's zstd contexts, kept for every frame (compression.ts ZstdStreams: a context per call piles up). */
+  const zstd = new ZstdStreams();
   const zeros = Buffer.alloc(slots.inputSlotSize);
   /** Frame buffer for verify: one per thread, reused for every frame that fits a block. */
   const scratch = Buffer.allocUnsafe(slots.outputSlotSize);
@@ -65,10 +67,10 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
     return { zero: false, id: new Uint8Array(blobId(block, keys)) };
   }
 
-  function seal(slot: number, length: number, kind: number, id: Uint8Array): SealResult {
+  async function seal(slot: number, length: number, kind: number, id: Uint8Array): Promise<SealResult> {
     if (compression === undefined) throw new EngineError('ENGINE_INTERNAL', 'a block pool that seals was started without the repository\'s compression');
     const target = outputSlot(slot);
-    const frameLength = sealBlob(kind, Buffer.from(id), inputSlot(slot, length), target, 0, keys, compression);
+    const frameLength = await sealBlobWith(zstd, kind, Buffer.from(id), inputSlot(slot, length), target, 0, keys, compression);
     return { frameLength, flags: target.readUInt8(5) };
   }
 
@@ -83,8 +85,8 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
   }
 
   /** Checks and opens a frame's bytes into input slot `slot`. */
-  function openInto(frame: Buffer, slot: number, id: Uint8Array): OpenResult {
-    const opened = openBlob(frame, Buffer.from(id), keys);
+  async function openInto(frame: Buffer, slot: number, id: Uint8Array): Promise<OpenResult> {
+    const opened = await openBlobWith(zstd, frame, Buffer.from(id), keys);
     if (typeof opened === 'string') return { ok: false, why: opened };
     if (opened.plaintext.length > slots.inputSlotSize) return { ok: false, why: 'blob is larger than a block' };
     inputSlot(slot, opened.plaintext.length).set(opened.plaintext);
@@ -107,7 +109,7 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
       if (unreadable) return { opened: await Promise.all(task.frames.map((f) => openFrame({ op: 'open', slot: f.slot, length: f.length, id: f.id, locator: f.locator }))) };
       const opened: OpenResult[] = [];
       for (const f of task.frames) {
-        opened.push(f.offset + f.length > span.length ? { ok: false, why: 'frame lies outside its span' } : openInto(span.subarray(f.offset, f.offset + f.length), f.slot, f.id));
+        opened.push(f.offset + f.length > span.length ? { ok: false, why: 'frame lies outside its span' } : await openInto(span.subarray(f.offset, f.offset + f.length), f.slot, f.id));
         // Each frame's plaintext is a buffer of lz4-napi's, freed only by a collection and a turn of the event loop.
         allocated(f.length);
         await turn();
@@ -124,7 +126,7 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
       for (const { offset, length } of task.frames) {
         const frame = scratch.length >= length ? scratch.subarray(0, length) : Buffer.allocUnsafe(length);
         const unreadable = await readLocatedFrame(locatorAt(task.locator, offset, length), frame);
-        const opened = unreadable ?? openBlob(frame, undefined, keys);
+        const opened = unreadable ?? (await openBlobWith(zstd, frame, undefined, keys));
         if (typeof opened === 'string') bad.push({ offset, why: opened });
       }
       return { bad };
@@ -135,7 +137,7 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
         bad.push({ offset, why: `pack is truncated: read ${Math.max(0, pack.length - offset)} of ${length} bytes` });
         continue;
       }
-      const opened = openBlob(pack.subarray(offset, offset + length), undefined, keys);
+      const opened = await openBlobWith(zstd, pack.subarray(offset, offset + length), undefined, keys);
       if (typeof opened === 'string') bad.push({ offset, why: opened });
     }
     return { bad };
