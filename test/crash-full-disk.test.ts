@@ -50,7 +50,8 @@ async function backupMeetsFullDisk(format: 1 | 3, nothingLeft: (repo: string) =>
     campaign.fullDisk += 1;
     if (format === 3) campaign.v3 += 1;
     expect(full.code).toBe(1);
-    expect(full.stderr).toMatch(/^engine: no space left on the device holding /);
+    // A backup that outlasts 5 s (a loaded machine) prints a progress line first: how many depends on the speed.
+    expect(withoutProgress(full.stderr)).toMatch(/^engine: no space left on the device holding /);
     campaign.noSpace += 1;
     expect(await backupIds(repo)).toEqual([firstId]);
     await nothingLeft(repo);
