@@ -7,7 +7,7 @@
  */
 import { createHash } from 'node:crypto';
 import { COMPRESSION_FLAGS, ENCRYPTION_OVERHEAD, FLAG_ENCRYPTED, FRAME_HEADER_SIZE, FRAME_OVERHEAD, ID_SIZE } from './constants.js';
-import { compress, compressionFlag, decompress, worthCompressing, type Compression } from './compression.js';
+import { compressionFlag, compressTransient, decompress, worthCompressing, type Compression } from './compression.js';
 import { decodeFrame, encodeFrame, encodeFrameHeader, finishFrame, type FrameHeader } from './frame.js';
 import { gcmOpen, gcmSealInto, keyedId, type RepositoryKeys } from './crypto.js';
 
@@ -33,7 +33,7 @@ export function maxFrameLength(rawLength: number, keys?: RepositoryKeys): number
  * `compression` has no default: every writer names its repository's, so none writes lz4 into a zstd repository unseen.
  */
 export function sealBlob(kind: number, id: Buffer, raw: Buffer, target: Buffer, at: number, keys: RepositoryKeys | undefined, compression: Compression): number {
-  const compressed = worthCompressing(compression, raw) ? compress(compression, raw) : undefined;
+  const compressed = worthCompressing(compression, raw) ? compressTransient(compression, raw) : undefined;
   const useCompressed = compressed !== undefined && compressed.length < raw.length;
   const inner = useCompressed ? compressed : raw;
   const codecFlag = useCompressed ? compressionFlag(compression) : 0;
