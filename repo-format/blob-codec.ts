@@ -61,9 +61,10 @@ export const AUTHENTICATION_FAILED = 'authentication failed (AES-256-GCM tag): t
 
 /**
  * Checks and opens one frame. Returns a reason string on any failure: the caller knows the pack and
- * offset and turns it into a CorruptFrameError that names them.
+ * offset and turns it into a CorruptFrameError that names them. `into`: where the plaintext should go when the
+ * codec can decode there (compression.ts decompress); the caller copies it there when it is not.
  */
-export function openBlob(frame: Buffer, expectedId?: Buffer, keys?: RepositoryKeys): OpenedBlob | string {
+export function openBlob(frame: Buffer, expectedId?: Buffer, keys?: RepositoryKeys, into?: Buffer): OpenedBlob | string {
   const decoded = decodeFrame(frame, keys !== undefined);
   if (typeof decoded === 'string') return decoded;
   const { header } = decoded;
@@ -76,7 +77,7 @@ export function openBlob(frame: Buffer, expectedId?: Buffer, keys?: RepositoryKe
   }
   let plaintext: Buffer;
   if ((header.flags & COMPRESSION_FLAGS) !== 0) {
-    const decompressed = decompress(header.flags, payload, header.rawLength);
+    const decompressed = decompress(header.flags, payload, header.rawLength, into);
     if (typeof decompressed === 'string') return decompressed;
     plaintext = decompressed;
   } else {

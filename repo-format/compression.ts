@@ -104,8 +104,8 @@ export function compress(c: Compression, raw: Buffer): Buffer {
   return c.codec === 'lz4' && nativeLz4 ? Buffer.from(compressed) : compressed;
 }
 
-/** lz4's payload decoded into new bytes, at most `rawLength` of them, or a reason. */
-function lz4Decompress(payload: Buffer, rawLength: number): Buffer | string {
+/** lz4's payload decoded into at most `rawLength` bytes (of `into` when it is given and large enough), or a reason. */
+function lz4Decompress(payload: Buffer, rawLength: number, into: Buffer | undefined): Buffer | string {
   // The prefix is covered by the checksum, but check it anyway: it sizes lz4-napi's output allocation.
   if (payload.length < LZ4_SIZE_PREFIX || payload.readUInt32LE(0) !== rawLength) return 'lz4 size prefix disagrees with the frame header';
   if (!nativeLz4) {
@@ -116,7 +116,7 @@ function lz4Decompress(payload: Buffer, rawLength: number): Buffer | string {
     }
   }
   // LZ4_decompress_safe reads only the payload and writes at most rawLength bytes, whatever the block says.
-  const plaintext = Buffer.allocUnsafe(rawLength);
+  const plaintext = into !== undefined && into.length >= rawLength ? into.subarray(0, rawLength) : Buffer.allocUnsafe(rawLength);
   const written = nativeLz4.decompress(payload.subarray(LZ4_SIZE_PREFIX), plaintext);
   if (written < 0) return `lz4 payload does not decompress (liblz4: a malformed block, or one of more than the frame's ${rawLength} bytes)`;
   return plaintext.subarray(0, written);
@@ -127,12 +127,14 @@ function lz4Decompress(payload: Buffer, rawLength: number): Buffer | string {
  * plaintext, or a reason. Nothing here allocates more than `rawLength` bytes of output whatever the payload
  * says: lz4's size prefix must equal `rawLength` before it sizes anything (liblz4 decodes into exactly
  * `rawLength` bytes and stops there), and zstd stops at `maxOutputLength` (a payload that would decompress
- * further is corruption, never an allocation).
+ * further is corruption, never an allocation). `into`: where the caller wants the plaintext (a restore's block
+ * slot); lz4 through liblz4 decodes straight into it (the result is then a view of it, and `into` holds garbage
+ * after a failure), other codecs return a buffer of their own.
  */
-export function decompress(flags: number, payload: Buffer, rawLength: number): Buffer | string {
+export function decompress(flags: number, payload: Buffer, rawLength: number, into?: Buffer): Buffer | string {
   let plaintext: Buffer;
   if ((flags & FLAG_LZ4) !== 0) {
-    const decoded = lz4Decompress(payload, rawLength);
+    const decoded = lz4Decompress(payload, rawLength, into);
     if (typeof decoded === 'string') return decoded;
     plaintext = decoded;
   } else {

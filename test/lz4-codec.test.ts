@@ -103,6 +103,23 @@ describe('liblz4 is the codec, and reads and writes what lz4-napi does', () => {
     }
   });
 
+  test('decompress decodes lz4 straight into the caller\'s buffer when it is large enough, else into one of its own', () => {
+    const raw = text(MiB, 4);
+    const payload = enginePayload(raw);
+    const slot = Buffer.alloc(2 * MiB);
+    const into = slot.subarray(4096);
+    const decoded = decompress(FLAG_LZ4, payload, raw.length, into);
+    if (typeof decoded === 'string') throw new Error(decoded);
+    expect(decoded.buffer).toBe(slot.buffer);
+    expect(decoded.byteOffset).toBe(into.byteOffset);
+    expect(decoded.equals(raw)).toBe(true);
+    const small = Buffer.alloc(raw.length - 1);
+    const own = decompress(FLAG_LZ4, payload, raw.length, small);
+    if (typeof own === 'string') throw new Error(own);
+    expect(own.buffer).not.toBe(small.buffer);
+    expect(own.equals(raw)).toBe(true);
+  });
+
   test('compressTransient reuses one buffer; compress gives one of the caller\'s own', () => {
     const a = text(MiB, 2);
     const b = text(MiB, 9);
