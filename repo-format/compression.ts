@@ -7,7 +7,7 @@
 import { constants as zlibConstants, zstdCompressSync, zstdDecompressSync } from 'node:zlib';
 import { compressSync, uncompressSync } from 'lz4-napi';
 import { COMPRESSION_ID, FLAG_LZ4, FLAG_ZSTD, MAX_ZSTD_LEVEL, MIN_ZSTD_LEVEL, ZSTD_COMPRESSION_ID } from './constants.js';
-import { InvalidArgumentError } from './errors.js';
+import { EngineError, InvalidArgumentError } from './errors.js';
 import { nativeLz4 } from './lz4-native.js';
 
 export type Compression = { codec: 'lz4' } | { codec: 'zstd'; level: number };
@@ -66,7 +66,7 @@ export function compressionFlag(c: Compression): number {
 
 /**
  * Size of the lz4 payload's prefix: the uncompressed length as a little-endian u32 (lz4_flex's
- * `compress_prepend_size` layout, which lz4-napi writes and liblz4's frames copy byte for byte; SPEC.md 5).
+ * `compress_prepend_size` layout, which lz4-napi writes; with liblz4 the engine writes it itself; SPEC.md 5).
  */
 const LZ4_SIZE_PREFIX = 4;
 
@@ -84,7 +84,7 @@ function lz4Compress(raw: Buffer): Buffer {
   lz4Scratch.writeUInt32LE(raw.length, 0);
   // Within the bound liblz4 always fits: 0 would be a broken library, not data.
   const written = nativeLz4.compress(raw, lz4Scratch.subarray(LZ4_SIZE_PREFIX, bound));
-  if (written <= 0) throw new Error(`liblz4 failed to compress ${raw.length} bytes into its bound`);
+  if (written <= 0) throw new EngineError('ENGINE_INTERNAL', `liblz4 failed to compress ${raw.length} bytes into its bound`);
   return lz4Scratch.subarray(0, LZ4_SIZE_PREFIX + written);
 }
 
