@@ -113,6 +113,8 @@ async function main(): Promise<void> {
   const { stdout: apparent } = await run('stat', ['-c', '%s', image]);
   const size = Number(apparent.trim());
   const work = await mkdtemp(join(tmpdir(), 'bench-cold-read-'));
+  // Every backup makes a new repository: without a cache of its own the bench left one host cache per run in /var/cache/engine.
+  const cache = await privateEngineCache();
   const tools: Tool[] = [
     { name: 'read ceiling: cat', backup: async () => coldTimed('bash', ['-c', `cat '${image}' > /dev/null`]) },
     engineTool('engine (this build)', ENGINE, image),
@@ -157,6 +159,7 @@ async function main(): Promise<void> {
       await writeFile(join(out, 'cold-read.md'), report);
     }
   } finally {
+    await cache.remove();
     await rm(work, { recursive: true, force: true });
   }
 }

@@ -7,7 +7,7 @@
  */
 import { createHash } from 'node:crypto';
 import { COMPRESSION_FLAGS, ENCRYPTION_OVERHEAD, FLAG_ENCRYPTED, FLAG_ZSTD, FRAME_HEADER_SIZE, FRAME_OVERHEAD, ID_SIZE } from './constants.js';
-import { compress, compressionFlag, decompress, worthCompressing, worthCompressingZstd, type Compression, type ZstdStreams } from './compression.js';
+import { compressionFlag, compressTransient, decompress, worthCompressing, worthCompressingZstd, type Compression, type ZstdStreams } from './compression.js';
 import { decodeFrame, encodeFrame, encodeFrameHeader, finishFrame, type FrameHeader } from './frame.js';
 import { gcmOpen, gcmSealInto, keyedId, type RepositoryKeys } from './crypto.js';
 
@@ -33,7 +33,7 @@ export function maxFrameLength(rawLength: number, keys?: RepositoryKeys): number
  * `compression` has no default: every writer names its repository's, so none writes lz4 into a zstd repository unseen.
  */
 export function sealBlob(kind: number, id: Buffer, raw: Buffer, target: Buffer, at: number, keys: RepositoryKeys | undefined, compression: Compression): number {
-  const compressed = worthCompressing(compression, raw) ? compress(compression, raw) : undefined;
+  const compressed = worthCompressing(compression, raw) ? compressTransient(compression, raw) : undefined;
   return sealCompressed(kind, id, raw, compressed, target, at, keys, compression);
 }
 
@@ -76,24 +76,25 @@ export const AUTHENTICATION_FAILED = 'authentication failed (AES-256-GCM tag): t
 
 /**
  * Checks and opens one frame. Returns a reason string on any failure: the caller knows the pack and
- * offset and turns it into a CorruptFrameError that names them.
+ * offset and turns it into a CorruptFrameError that names them. `into`: where the plaintext should go when the
+ * codec can decode there (compression.ts decompress); the caller copies it there when it is not.
  */
-export function openBlob(frame: Buffer, expectedId?: Buffer, keys?: RepositoryKeys): OpenedBlob | string {
+export function openBlob(frame: Buffer, expectedId?: Buffer, keys?: RepositoryKeys, into?: Buffer): OpenedBlob | string {
   const payload = openPayload(frame, expectedId, keys);
   if (typeof payload === 'string') return payload;
   const { header } = payload;
-  const plaintext = (header.flags & COMPRESSION_FLAGS) !== 0 ? decompress(header.flags, payload.payload, header.rawLength) : payload.payload;
+  const plaintext = (header.flags & COMPRESSION_FLAGS) !== 0 ? decompress(header.flags, payload.payload, header.rawLength, into) : payload.payload;
   return checkedBlob(header, plaintext, keys);
 }
 
 /** openBlob() with zstd's work done through a thread's own contexts (`streams`): what the block workers use. */
-export async function openBlobWith(streams: ZstdStreams, frame: Buffer, expectedId?: Buffer, keys?: RepositoryKeys): Promise<OpenedBlob | string> {
+export async function openBlobWith(streams: ZstdStreams, frame: Buffer, expectedId?: Buffer, keys?: RepositoryKeys, into?: Buffer): Promise<OpenedBlob | string> {
   const payload = openPayload(frame, expectedId, keys);
   if (typeof payload === 'string') return payload;
   const { header } = payload;
   // decompress() reads a frame that names both codecs as lz4: so does this.
   const zstd = (header.flags & COMPRESSION_FLAGS) === FLAG_ZSTD;
-  const plaintext = zstd ? await streams.decompress(payload.payload, header.rawLength) : (header.flags & COMPRESSION_FLAGS) !== 0 ? decompress(header.flags, payload.payload, header.rawLength) : payload.payload;
+  const plaintext = zstd ? await streams.decompress(payload.payload, header.rawLength) : (header.flags & COMPRESSION_FLAGS) !== 0 ? decompress(header.flags, payload.payload, header.rawLength, into) : payload.payload;
   return checkedBlob(header, plaintext, keys);
 }
 

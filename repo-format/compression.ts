@@ -7,7 +7,8 @@
 import { constants as zlibConstants, ZstdCompress, ZstdDecompress, zstdCompressSync, zstdDecompressSync } from 'node:zlib';
 import { compressSync, uncompressSync } from 'lz4-napi';
 import { COMPRESSION_ID, FLAG_LZ4, FLAG_ZSTD, MAX_ZSTD_LEVEL, MIN_ZSTD_LEVEL, ZSTD_COMPRESSION_ID } from './constants.js';
-import { InvalidArgumentError } from './errors.js';
+import { EngineError, InvalidArgumentError } from './errors.js';
+import { nativeLz4 } from './lz4-native.js';
 
 export type Compression = { codec: 'lz4' } | { codec: 'zstd'; level: number };
 
@@ -63,25 +64,81 @@ export function compressionFlag(c: Compression): number {
   return c.codec === 'lz4' ? FLAG_LZ4 : FLAG_ZSTD;
 }
 
-/** Size of the lz4-napi block prefix: the uncompressed length as a little-endian u32. */
+/**
+ * Size of the lz4 payload's prefix: the uncompressed length as a little-endian u32 (lz4_flex's
+ * `compress_prepend_size` layout, which lz4-napi writes; with liblz4 the engine writes it itself; SPEC.md 5).
+ */
 const LZ4_SIZE_PREFIX = 4;
 
-/** Compresses a whole blob into a new buffer (its length may exceed the input's: the caller keeps the shorter). */
-export function compress(c: Compression, raw: Buffer): Buffer {
-  if (c.codec === 'lz4') return compressSync(raw);
+/**
+ * liblz4's output, reused by every compression on this thread (each worker has its own module instance): grown
+ * to the largest block's bound once, never allocated per block as lz4-napi's output is.
+ */
+let lz4Scratch = Buffer.alloc(0);
+
+/** An lz4 payload of `raw` in this thread's scratch buffer (liblz4), or a new buffer (lz4-napi). */
+function lz4Compress(raw: Buffer): Buffer {
+  if (!nativeLz4) return compressSync(raw);
+  const bound = LZ4_SIZE_PREFIX + nativeLz4.compressBound(raw.length);
+  if (lz4Scratch.length < bound) lz4Scratch = Buffer.allocUnsafeSlow(bound);
+  lz4Scratch.writeUInt32LE(raw.length, 0);
+  // Within the bound liblz4 always fits: 0 would be a broken library, not data.
+  const written = nativeLz4.compress(raw, lz4Scratch.subarray(LZ4_SIZE_PREFIX, bound));
+  if (written <= 0) throw new EngineError('ENGINE_INTERNAL', `liblz4 failed to compress ${raw.length} bytes into its bound`);
+  return lz4Scratch.subarray(0, LZ4_SIZE_PREFIX + written);
+}
+
+/**
+ * Compresses a whole blob (its length may exceed the input's: the caller keeps the shorter). The result may be
+ * this thread's scratch buffer (lz4 through liblz4): valid until the next compression on this thread, so the
+ * caller copies what it keeps (sealBlob copies it into the frame). compress() gives a buffer of its own.
+ */
+export function compressTransient(c: Compression, raw: Buffer): Buffer {
+  if (c.codec === 'lz4') return lz4Compress(raw);
   return zstdCompressSync(raw, { params: { [zlibConstants.ZSTD_c_compressionLevel]: c.level } });
+}
+
+/** compressTransient() into a buffer the caller owns. */
+export function compress(c: Compression, raw: Buffer): Buffer {
+  const compressed = compressTransient(c, raw);
+  return c.codec === 'lz4' && nativeLz4 ? Buffer.from(compressed) : compressed;
+}
+
+/** lz4's payload decoded into at most `rawLength` bytes (of `into` when it is given and large enough), or a reason. */
+function lz4Decompress(payload: Buffer, rawLength: number, into: Buffer | undefined): Buffer | string {
+  // The prefix is covered by the checksum, but check it anyway: it sizes lz4-napi's output allocation.
+  if (payload.length < LZ4_SIZE_PREFIX || payload.readUInt32LE(0) !== rawLength) return 'lz4 size prefix disagrees with the frame header';
+  if (!nativeLz4) {
+    try {
+      return uncompressSync(payload);
+    } catch (error) {
+      return `lz4 payload does not decompress (${(error as Error).message})`;
+    }
+  }
+  // LZ4_decompress_safe reads only the payload and writes at most rawLength bytes, whatever the block says.
+  const plaintext = into !== undefined && into.length >= rawLength ? into.subarray(0, rawLength) : Buffer.allocUnsafe(rawLength);
+  const written = nativeLz4.decompress(payload.subarray(LZ4_SIZE_PREFIX), plaintext);
+  if (written < 0) return `lz4 payload does not decompress (liblz4: a malformed block, or one of more than the frame's ${rawLength} bytes)`;
+  return plaintext.subarray(0, written);
 }
 
 /**
  * Decompresses the payload of a frame whose flags are `flags`, into at most `rawLength` bytes; returns the
  * plaintext, or a reason. Nothing here allocates more than `rawLength` bytes of output whatever the payload
- * says: lz4's size prefix must equal `rawLength` before it sizes anything, and zstd stops at
- * `maxOutputLength` (a payload that would decompress further is corruption, never an allocation).
- * For one blob now and then (the main thread's map pages, gc, repair): every call of node:zlib's zstd functions
- * makes a context of its own, freed only when V8 collects it (see ZstdStreams); the block workers use ZstdStreams.
+ * says: lz4's size prefix must equal `rawLength` before it sizes anything (liblz4 decodes into exactly
+ * `rawLength` bytes and stops there), and zstd stops at `maxOutputLength` (a payload that would decompress
+ * further is corruption, never an allocation). `into`: where the caller wants the plaintext (a restore's block
+ * slot); lz4 through liblz4 decodes straight into it (the result is then a view of it, and `into` holds garbage
+ * after a failure), other codecs return a buffer of their own.
+ * For zstd one blob now and then (the main thread's map pages, gc, repair): every call of node:zlib's zstd
+ * functions makes a context of its own, freed only when V8 collects it (see ZstdStreams); the block workers use
+ * ZstdStreams.
  */
-export function decompress(flags: number, payload: Buffer, rawLength: number): Buffer | string {
-  if ((flags & FLAG_LZ4) !== 0) return lz4Decompress(payload, rawLength);
+export function decompress(flags: number, payload: Buffer, rawLength: number, into?: Buffer): Buffer | string {
+  if ((flags & FLAG_LZ4) !== 0) {
+    const decoded = lz4Decompress(payload, rawLength, into);
+    return typeof decoded === 'string' ? decoded : (lengthProblem(decoded, rawLength) ?? decoded);
+  }
   const header = zstdHeaderProblem(payload, rawLength);
   if (header) return header;
   let plaintext: Buffer;
@@ -93,18 +150,6 @@ export function decompress(flags: number, payload: Buffer, rawLength: number): B
     const e = error as NodeJS.ErrnoException;
     if (e.code === 'ERR_BUFFER_TOO_LARGE') return `zstd payload decompresses to more than the frame's ${rawLength} bytes`;
     return `zstd payload does not decompress (${e.message})`;
-  }
-  return lengthProblem(plaintext, rawLength) ?? plaintext;
-}
-
-function lz4Decompress(payload: Buffer, rawLength: number): Buffer | string {
-  // The prefix is covered by the checksum, but check it anyway: it sizes lz4's output allocation.
-  if (payload.length < LZ4_SIZE_PREFIX || payload.readUInt32LE(0) !== rawLength) return 'lz4 size prefix disagrees with the frame header';
-  let plaintext: Buffer;
-  try {
-    plaintext = uncompressSync(payload);
-  } catch (error) {
-    return `lz4 payload does not decompress (${(error as Error).message})`;
   }
   return lengthProblem(plaintext, rawLength) ?? plaintext;
 }
@@ -325,7 +370,7 @@ const ZSTD_PROBE = { codec: 'zstd', level: 1 } as const;
  */
 export function worthCompressing(c: Compression, raw: Buffer): boolean {
   const sample = probeSample(raw);
-  return sample === undefined || compress(c.codec === 'lz4' ? LZ4 : ZSTD_PROBE, sample).length < sample.length * PROBE_KEEP_BELOW;
+  return sample === undefined || compressTransient(c.codec === 'lz4' ? LZ4 : ZSTD_PROBE, sample).length < sample.length * PROBE_KEEP_BELOW;
 }
 
 /** worthCompressing() for a zstd repository, through a thread's own contexts. */

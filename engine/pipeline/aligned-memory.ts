@@ -9,6 +9,12 @@
 /** Offsets, lengths and memory of an O_DIRECT transfer are multiples of this (the largest logical block size in use). */
 export const DIRECT_IO_ALIGNMENT = 4096;
 
+/** How many of the leading buffers are whole multiples of DIRECT_IO_ALIGNMENT long: the part of a run O_DIRECT can take. */
+export function alignedPrefix(buffers: readonly Buffer[]): number {
+  const odd = buffers.findIndex((b) => b.length % DIRECT_IO_ALIGNMENT !== 0);
+  return odd < 0 ? buffers.length : odd;
+}
+
 /** The part of the WebAssembly global used here (the project's TypeScript libraries do not declare it). */
 declare const WebAssembly: { Memory: new (descriptor: { initial: number; maximum: number; shared: boolean }) => { buffer: SharedArrayBuffer } };
 

@@ -86,10 +86,12 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
 
   /** Checks and opens a frame's bytes into input slot `slot`. */
   async function openInto(frame: Buffer, slot: number, id: Uint8Array): Promise<OpenResult> {
-    const opened = await openBlobWith(zstd, frame, Buffer.from(id), keys);
+    // liblz4 decodes straight into the slot: no plaintext buffer per block, no copy.
+    const target = inputSlot(slot, slots.inputSlotSize);
+    const opened = await openBlobWith(zstd, frame, Buffer.from(id), keys, target);
     if (typeof opened === 'string') return { ok: false, why: opened };
     if (opened.plaintext.length > slots.inputSlotSize) return { ok: false, why: 'blob is larger than a block' };
-    inputSlot(slot, opened.plaintext.length).set(opened.plaintext);
+    if (opened.plaintext.buffer !== target.buffer || opened.plaintext.byteOffset !== target.byteOffset) target.set(opened.plaintext);
     return { ok: true, rawLength: opened.plaintext.length };
   }
 

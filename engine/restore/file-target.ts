@@ -24,7 +24,7 @@ import { blockDeviceSize } from '../sources/device-size.js';
 import { openDeviceExclusively, whoUsesFile } from './target-in-use.js';
 import type { TargetWriter } from './target-writer.js';
 import { RunWriter } from './write-runs.js';
-import { DIRECT_IO_ALIGNMENT } from '../pipeline/aligned-memory.js';
+import { alignedPrefix, DIRECT_IO_ALIGNMENT } from '../pipeline/aligned-memory.js';
 
 /**
  * Bytes written through the page cache between background flushes. Without them the kernel keeps a whole restore dirty in the page
@@ -211,10 +211,4 @@ export class FileTarget implements TargetWriter {
 /** `path` opened for writing with O_DIRECT, or undefined where its file system has no O_DIRECT (tmpfs: EINVAL). */
 async function openDirect(path: string): Promise<FileHandle | undefined> {
   return open(path, constants.O_WRONLY | constants.O_DIRECT).catch(() => undefined);
-}
-
-/** How many of the leading buffers are whole multiples of DIRECT_IO_ALIGNMENT long. */
-function alignedPrefix(buffers: Buffer[]): number {
-  const odd = buffers.findIndex((b) => b.length % DIRECT_IO_ALIGNMENT !== 0);
-  return odd < 0 ? buffers.length : odd;
 }
