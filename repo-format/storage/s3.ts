@@ -26,7 +26,7 @@ import { S3Client, MAX_XML_BODY, type RequestBody, type S3Answer } from './s3-cl
 import { endpointFromEnvironment, resolveCredentials, resolveRegion, type Environment } from './s3-credentials.js';
 import { s3Failure, type S3Context } from './s3-errors.js';
 import { formatS3Url, parseS3Url, type S3Location } from './s3-url.js';
-import { completeMultipartBody, MalformedXmlError, parseErrorDocument, parseListPage, parseUploadId, rootElement } from './s3-xml.js';
+import { completeMultipartBody, MalformedXmlError, parseErrorDocument, parseListPage, parseUploadId, parseUploadsPage, rootElement } from './s3-xml.js';
 import { EMPTY_SHA256, UNSIGNED_PAYLOAD, type Credentials } from './sigv4.js';
 import { withRetriesAndLimit, type StackOptions } from './stack.js';
 import type { RetryingStorage } from './retry.js';
@@ -36,6 +36,7 @@ import {
   checkPrefix,
   checkRange,
   DEFAULT_MAX_GET_SIZE,
+  keyProblem,
   MAX_KEY_BYTES,
   type CallOptions,
   type GetOptions,
@@ -508,6 +509,46 @@ export class S3Storage implements Storage {
       // S3 answers 204 for an absent key; a store that says 404 NoSuchKey means the same outcome.
       if (error instanceof StorageError && error.reason === 'not-found' && error.storage.backendCode === 'NoSuchKey') return;
       throw error;
+    }
+  }
+
+  /**
+   * Aborts the multipart uploads under the repository's prefix (keys that are storage keys) initiated
+   * before `olderThan` by the store's clock (Initiated): a writer killed during putMultipart leaves its
+   * parts billed and in no listing of objects. Listed page by page (ListMultipartUploads, at most 1000 an
+   * answer), the abortions done after each page; an upload gone meanwhile (NoSuchUpload) was ended by its
+   * writer or another sweep. Returns how many were aborted.
+   */
+  async sweepAbandoned(olderThan: number, options: CallOptions = {}): Promise<number> {
+    const context = this.context('sweep (multipart uploads)');
+    let removed = 0;
+    let markers: { key: string; uploadId: string | undefined } | undefined;
+    for (;;) {
+      const query: [string, string][] = [
+        ['uploads', ''],
+        ['prefix', this.root],
+        ['encoding-type', 'url'],
+      ];
+      if (markers) {
+        query.push(['key-marker', markers.key]);
+        if (markers.uploadId) query.push(['upload-id-marker', markers.uploadId]);
+      }
+      const answer = await this.client.request({ method: 'GET', bucket: this.bucket, query, payloadHash: EMPTY_SHA256, response: { kind: 'text', maxSize: MAX_XML_BODY }, context, signal: options.signal });
+      const page = this.xml(() => parseUploadsPage(answer.body.toString('utf8')), context);
+      for (const upload of page.uploads) {
+        if (!upload.key.startsWith(this.root) || keyProblem(upload.key.slice(this.root.length)) !== undefined) continue;
+        if (upload.initiated === undefined || upload.initiated >= olderThan) continue;
+        const key = upload.key.slice(this.root.length);
+        try {
+          await this.client.request({ method: 'DELETE', bucket: this.bucket, objectKey: upload.key, query: [['uploadId', upload.uploadId]], payloadHash: EMPTY_SHA256, response: { kind: 'discard' }, context: { ...context, operation: 'sweep (abort multipart)', key }, signal: options.signal });
+          removed += 1;
+        } catch (error) {
+          if (error instanceof StorageError && error.storage.backendCode === 'NoSuchUpload') continue;
+          throw error;
+        }
+      }
+      if (!page.truncated) return removed;
+      markers = { key: page.nextKeyMarker!, uploadId: page.nextUploadIdMarker };
     }
   }
 
