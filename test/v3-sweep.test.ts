@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { parseUploadId, parseUploadsPage } from '../dist/repo-format/storage/s3-xml.js';
 import { EMPTY_SHA256 } from '../dist/repo-format/storage/sigv4.js';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, folderKeys, rawClient, setLeaseTiming, v3Env } from './s3-helpers.js';
+import { createBucket, folderKeys, openRgwBackend, rawClient, setLeaseTiming, v3Env } from './s3-helpers.js';
 import { parseJson, runEngine, tempDir } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -42,6 +42,43 @@ async function gc(repo: string, args: string[] = []): Promise<{ abandoned?: numb
 async function init(repo: string): Promise<void> {
   const r = await runEngine(['init', '--format', '3', repo], { env: env() });
   expect(r.code, r.stderr).toBe(0);
+}
+
+/** Multipart uploads started and listed behind the engine's back (an upload's parts: one of 4 KiB). */
+function multipart(client: ReturnType<typeof rawClient>): { start: (objectKey: string) => Promise<string>; uploads: () => Promise<string[]> } {
+  const context = { location: BUCKET, operation: 'raw multipart' };
+  const start = async (objectKey: string): Promise<string> => {
+    const answer = await client.request({ method: 'POST', bucket: BUCKET, objectKey, query: [['uploads', '']], payloadHash: EMPTY_SHA256, response: { kind: 'text', maxSize: MiB }, context });
+    const uploadId = parseUploadId(answer.body.toString('utf8'));
+    const part = Buffer.alloc(4096, 7);
+    await client.request({
+      method: 'PUT',
+      bucket: BUCKET,
+      objectKey,
+      query: [['partNumber', '1'], ['uploadId', uploadId]],
+      body: { bytes: part },
+      payloadHash: createHash('sha256').update(part).digest('hex'),
+      response: { kind: 'discard' },
+      context,
+    });
+    return uploadId;
+  };
+  /** Every upload of the bucket as "key uploadId", sorted. */
+  const uploads = async (): Promise<string[]> => {
+    const answer = await client.request({ method: 'GET', bucket: BUCKET, query: [['uploads', '']], payloadHash: EMPTY_SHA256, response: { kind: 'text', maxSize: MiB }, context });
+    const page = parseUploadsPage(answer.body.toString('utf8'));
+    expect(page.truncated).toBe(false);
+    return page.uploads.map((upload) => `${upload.key} ${upload.uploadId}`).sort();
+  };
+  return { start, uploads };
+}
+
+/** Aborts every upload of the bucket: the tests' own leftovers, whatever happened. */
+async function abortAll(client: ReturnType<typeof rawClient>): Promise<void> {
+  for (const line of await multipart(client).uploads().catch(() => [])) {
+    const [objectKey, uploadId] = line.split(' ');
+    await client.request({ method: 'DELETE', bucket: BUCKET, objectKey, query: [['uploadId', uploadId!]], payloadHash: EMPTY_SHA256, response: { kind: 'discard' }, context: { location: BUCKET, operation: 'raw abort' } }).catch(() => undefined);
+  }
 }
 
 describe('gc on version 3 removes what interrupted writers abandoned', () => {
@@ -101,29 +138,7 @@ describe('gc on version 3 removes what interrupted writers abandoned', () => {
     // T + 2B = 18 s (the least T is 4B + 1 ms, B at least 1 s): an initiation time cannot be set back, so the test waits it out.
     await setLeaseTiming(cluster, repo, 16_000, 1_000);
     const client = rawClient(cluster);
-    const context = { location: BUCKET, operation: 'raw multipart' };
-    const start = async (objectKey: string): Promise<string> => {
-      const answer = await client.request({ method: 'POST', bucket: BUCKET, objectKey, query: [['uploads', '']], payloadHash: EMPTY_SHA256, response: { kind: 'text', maxSize: MiB }, context });
-      const uploadId = parseUploadId(answer.body.toString('utf8'));
-      const part = Buffer.alloc(4096, 7);
-      await client.request({
-        method: 'PUT',
-        bucket: BUCKET,
-        objectKey,
-        query: [['partNumber', '1'], ['uploadId', uploadId]],
-        body: { bytes: part },
-        payloadHash: createHash('sha256').update(part).digest('hex'),
-        response: { kind: 'discard' },
-        context,
-      });
-      return uploadId;
-    };
-    const uploads = async (): Promise<string[]> => {
-      const answer = await client.request({ method: 'GET', bucket: BUCKET, query: [['uploads', '']], payloadHash: EMPTY_SHA256, response: { kind: 'text', maxSize: MiB }, context });
-      const page = parseUploadsPage(answer.body.toString('utf8'));
-      expect(page.truncated).toBe(false);
-      return page.uploads.map((upload) => `${upload.key} ${upload.uploadId}`).sort();
-    };
+    const { start, uploads } = multipart(client);
     try {
       const oldPack = await start('sweep/packs/ab/ab01cd');
       const oldLease = await start('sweep/leases/0f0f.json');
@@ -143,12 +158,27 @@ describe('gc on version 3 removes what interrupted writers abandoned', () => {
       expect((await gc(repo)).abandoned).toBe(2);
       expect(await uploads()).toEqual([`sweep-other/packs/ab/ab01cd ${neighbour}`, `sweep/.not-a-key ${foreign}`, `sweep/packs/cd/cd02ef ${recent}`].sort());
     } finally {
-      // The test's own leftovers, whatever happened.
-      for (const line of await uploads().catch(() => [])) {
-        const [objectKey, uploadId] = line.split(' ');
-        await client.request({ method: 'DELETE', bucket: BUCKET, objectKey, query: [['uploadId', uploadId!]], payloadHash: EMPTY_SHA256, response: { kind: 'discard' }, context }).catch(() => undefined);
-      }
+      await abortAll(client);
       client.close();
     }
   }, 180_000);
+
+  test('S3: the uploads are listed page by page (two a page), two uploads of one key included', async () => {
+    const client = rawClient(cluster);
+    const { start, uploads } = multipart(client);
+    const backend = await openRgwBackend(cluster, `s3://${BUCKET}/pages`, { listPage: 2 });
+    try {
+      const keys = ['pages/index/a-0', 'pages/index/a-0', 'pages/index/b-0', 'pages/packs/00/0a', 'pages/packs/ff/fa'];
+      for (const key of keys) await start(key);
+      const outside = await start('pagesx/packs/00/0a');
+      // Everything begun before the cut (a minute ahead) goes: five, over three pages.
+      expect(await backend.sweepAbandoned(Date.now() + 60_000)).toBe(keys.length);
+      expect(await uploads()).toEqual([`pagesx/packs/00/0a ${outside}`]);
+      expect(await backend.sweepAbandoned(Date.now() + 60_000)).toBe(0);
+    } finally {
+      await backend.close();
+      await abortAll(client);
+      client.close();
+    }
+  });
 });

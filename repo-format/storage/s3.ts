@@ -74,6 +74,8 @@ export interface S3StorageOptions {
   partSize?: number | undefined;
   /** A request whose connection moves no byte this long fails (transient); default 60 s. */
   idleTimeoutMs?: number | undefined;
+  /** Objects (a listing) or uploads (a sweep) asked for per page; default 1000, S3's most (tests: a few, to page). */
+  listPage?: number | undefined;
   /** Checks at once that the bucket exists and these credentials can list it (default true). */
   check?: boolean | undefined;
   /** Told what the user should hear but is not fatal (a credentials file open to others). */
@@ -87,6 +89,7 @@ export const S3_DEFAULTS = {
   multipartThreshold: 64 * 1024 * 1024,
   partSize: 16 * 1024 * 1024,
   idleTimeoutMs: 60_000,
+  listPage: 1000,
 } as const;
 
 const MIN_PART_SIZE = 5 * 1024 * 1024;
@@ -94,7 +97,6 @@ const MAX_PARTS = 10_000;
 /** S3's largest object. */
 const MAX_OBJECT_SIZE = 5 * 1024 ** 4;
 const MAX_CA_FILE_BYTES = 1024 * 1024;
-const LIST_PAGE = 1000;
 
 function md5Base64(bytes: Uint8Array): string {
   return createHash('md5').update(bytes).digest('base64');
@@ -158,6 +160,8 @@ export async function openS3Storage(options: S3StorageOptions): Promise<S3Storag
   }
   const partSize = options.partSize ?? S3_DEFAULTS.partSize;
   if (!Number.isSafeInteger(partSize) || partSize < MIN_PART_SIZE) throw new InvalidArgumentError(`S3 part size ${partSize}: at least ${MIN_PART_SIZE} bytes (S3's minimum)`);
+  const listPage = options.listPage ?? S3_DEFAULTS.listPage;
+  if (!Number.isSafeInteger(listPage) || listPage < 1 || listPage > S3_DEFAULTS.listPage) throw new InvalidArgumentError(`S3 listing page ${listPage}: 1 to ${S3_DEFAULTS.listPage}`);
   const storage = new S3Storage(location, {
     endpoint,
     pathStyle,
@@ -168,6 +172,7 @@ export async function openS3Storage(options: S3StorageOptions): Promise<S3Storag
     idleTimeoutMs: options.idleTimeoutMs ?? S3_DEFAULTS.idleTimeoutMs,
     multipartThreshold: options.multipartThreshold ?? S3_DEFAULTS.multipartThreshold,
     partSize,
+    listPage,
     signPayload: endpoint.protocol === 'http:' && !isLoopback(endpoint.hostname),
     now: options.now,
   });
@@ -211,6 +216,7 @@ interface S3StorageSettings {
   idleTimeoutMs: number;
   multipartThreshold: number;
   partSize: number;
+  listPage: number;
   /** Sign the body's SHA-256 (plain http to another host), else UNSIGNED-PAYLOAD. */
   signPayload: boolean;
   now?: (() => number) | undefined;
@@ -483,7 +489,7 @@ export class S3Storage implements Storage {
     for (;;) {
       const query: [string, string][] = [
         ['list-type', '2'],
-        ['max-keys', String(LIST_PAGE)],
+        ['max-keys', String(this.settings.listPage)],
         ['prefix', `${this.root}${prefix}`],
         ['encoding-type', 'url'],
       ];
@@ -526,6 +532,7 @@ export class S3Storage implements Storage {
     for (;;) {
       const query: [string, string][] = [
         ['uploads', ''],
+        ['max-uploads', String(this.settings.listPage)],
         ['prefix', this.root],
         ['encoding-type', 'url'],
       ];
