@@ -27,6 +27,11 @@ export interface GcReport {
   markers: { quarantine: string[]; protected: string[] };
   /** Format version 3 only: index segments present before the commit, written by gc, deleted (superseded). */
   segments?: { before: number; written: number; deleted: number };
+  /**
+   * Format version 3 only (not in a dry run): what writers killed mid-put left where no listing shows it,
+   * removed (a folder's temporary files, S3's incomplete multipart uploads; SPEC.md 19.8, 2.5).
+   */
+  abandoned?: number;
 }
 
 export function emptyGcReport(dryRun: boolean, rewriteBelow: number): GcReport {

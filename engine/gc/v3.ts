@@ -191,6 +191,18 @@ export async function gcVersion3(args: GcVersion3Args): Promise<GcReport> {
     // Every copy is of a live blob (marked in 1, and the live set only grows), so the new index names each.
     report.chunks.moved = index.movedCount;
 
+    // What writers killed mid-put left where no listing shows it (temporary files, multipart uploads): by the
+    // same age rule as unnamed packs, which no live writer's put can reach (SPEC.md 19.8, 2.5).
+    lease.assertHeld();
+    if (repo.store.sweepAbandoned) {
+      // A store that refuses it for good (a user without ListMultipartUploads) costs storage, not data: said, not fatal.
+      report.abandoned = await repo.store.sweepAbandoned((await storeTime(repo)) - minUnnamedAgeMs, { signal: args.signal }).catch((error: unknown) => {
+        if (!(error instanceof StorageError) || error.transient) throw error;
+        notice(`what interrupted writers left (temporary files, multipart uploads) was not removed: ${error.message}`);
+        return 0;
+      });
+    }
+
     // Markers naming what no longer exists: nothing can need them (the exclusive lease is held).
     lease.assertHeld();
     const stale = await staleMarkers(repo, damagedReferenced, () => true);

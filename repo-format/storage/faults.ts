@@ -48,6 +48,7 @@ export class FaultInjectingStorage implements Storage {
   /** Every fault injected so far, in order. */
   readonly injected: (FaultCall & { when: 'before' | 'after' })[] = [];
   readonly time?: (options?: CallOptions) => Promise<StoreTime>;
+  readonly sweepAbandoned?: (olderThan: number, options?: CallOptions) => Promise<number>;
 
   constructor(
     readonly inner: Storage,
@@ -58,6 +59,8 @@ export class FaultInjectingStorage implements Storage {
     for (const rule of rules) this.addRule(rule);
     const time = inner.time?.bind(inner);
     if (time) this.time = time;
+    const sweep = inner.sweepAbandoned?.bind(inner);
+    if (sweep) this.sweepAbandoned = sweep;
   }
 
   get properties(): Storage['properties'] {

@@ -63,6 +63,8 @@ export class LimitedStorage implements Storage {
   private readonly exempt: (key: string) => boolean;
   /** Reading the store's clock never queues (a lease check measures it; a wait would distort it). */
   readonly time?: (options?: CallOptions) => Promise<StoreTime>;
+  /** A sweep makes its requests one after another: it holds one slot throughout. */
+  readonly sweepAbandoned?: (olderThan: number, options?: CallOptions) => Promise<number>;
 
   constructor(
     readonly inner: Storage,
@@ -72,6 +74,8 @@ export class LimitedStorage implements Storage {
     this.exempt = options.exempt ?? (() => false);
     const time = inner.time?.bind(inner);
     if (time) this.time = time;
+    const sweep = inner.sweepAbandoned?.bind(inner);
+    if (sweep) this.sweepAbandoned = (olderThan: number, options: CallOptions = {}) => this.limited('sweep', '', options.signal, () => sweep(olderThan, options));
   }
 
   get properties(): Storage['properties'] {

@@ -44,6 +44,12 @@ import {
   type StorageProperties,
 } from './storage.js';
 
+/**
+ * The name of a temporary file `put` makes beside its target: "." + the target's name (a key segment) + "." +
+ * 12 hex digits + ".tmp". sweepAbandoned removes only files named exactly so.
+ */
+export const TEMP_NAME = /^\.[A-Za-z0-9][A-Za-z0-9._-]*\.[0-9a-f]{12}\.tmp$/;
+
 export interface LocalStorageOptions {
   /**
    * Where temporary files are made (the repository's tmp/, on the same filesystem, where gc finds what a
@@ -141,6 +147,55 @@ export class LocalStorage implements Storage {
 
   private tempPathFor(path: string): string {
     return join(this.tempDir ?? dirname(path), `.${basename(path)}.${randomBytes(6).toString('hex')}.tmp`);
+  }
+
+  /**
+   * Removes the temporary files that writers killed between their write and their rename left beside their
+   * targets (no listing yields them, so nothing else ever would): files anywhere under the root whose names
+   * are exactly `tempPathFor`'s (TEMP_NAME) and whose mtime is before `olderThan`. Nothing else is touched:
+   * not another program's dotfile, not a link, not a folder. Returns how many were removed. The mtime is the
+   * temporary file's last write (copyFile does not carry the source's over), so a put still running has a
+   * recent one; SPEC.md 19.8 says why the caller's `olderThan` leaves every live writer's alone.
+   */
+  async sweepAbandoned(olderThan: number, options: CallOptions = {}): Promise<number> {
+    throwIfAborted(options.signal, this.properties.location, 'sweep', '');
+    await this.checkRoot('sweep', '');
+    let removed = 0;
+    const sweep = async (dir: string): Promise<void> => {
+      let entries: Dirent[];
+      try {
+        entries = await readdir(dir, { withFileTypes: true });
+      } catch (error) {
+        if (isErrnoException(error) && (error.code === 'ENOENT' || error.code === 'ENOTDIR')) return;
+        throw this.fail(error, 'sweep', dir);
+      }
+      let here = 0;
+      for (const entry of entries) {
+        throwIfAborted(options.signal, this.properties.location, 'sweep', '');
+        const path = join(dir, entry.name);
+        if (entry.isDirectory()) {
+          await sweep(path);
+          continue;
+        }
+        if (!entry.isFile() || !TEMP_NAME.test(entry.name)) continue;
+        const stats = await lstat(path).catch(() => undefined);
+        if (!stats?.isFile() || stats.mtimeMs >= olderThan) continue;
+        try {
+          await unlink(path);
+          here += 1;
+        } catch (error) {
+          // Renamed into place or removed by another meanwhile: not ours to count.
+          if (isErrnoException(error) && error.code === 'ENOENT') continue;
+          throw this.fail(error, 'sweep', path);
+        }
+      }
+      if (here > 0) await fsyncDirectory(dir).catch((error: unknown) => {
+        throw this.fail(error, 'sweep', dir);
+      });
+      removed += here;
+    };
+    await sweep(this.root);
+    return removed;
   }
 
   async put(key: string, source: PutSource, options: PutOptions = {}): Promise<void> {

@@ -70,6 +70,7 @@ async function sameBytes(source: PutSource, stored: Buffer): Promise<boolean> {
 
 export class RetryingStorage implements Storage {
   readonly time?: (options?: CallOptions) => Promise<StoreTime>;
+  readonly sweepAbandoned?: (olderThan: number, options?: CallOptions) => Promise<number>;
 
   constructor(
     readonly inner: Storage,
@@ -78,6 +79,9 @@ export class RetryingStorage implements Storage {
   ) {
     const time = inner.time?.bind(inner);
     if (time) this.time = (options: CallOptions = {}) => this.retry('time', '', options.signal, () => time(options));
+    // A sweep is repeatable as a whole: what an earlier attempt removed is not found again (the count is the last attempt's).
+    const sweep = inner.sweepAbandoned?.bind(inner);
+    if (sweep) this.sweepAbandoned = (olderThan: number, options: CallOptions = {}) => this.retry('sweep', '', options.signal, () => sweep(olderThan, options));
   }
 
   get properties(): Storage['properties'] {

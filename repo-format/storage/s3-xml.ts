@@ -110,6 +110,43 @@ export function parseListPage(xml: string): ListPage {
   return { objects, truncated, nextToken };
 }
 
+export interface UploadsPage {
+  /** `initiated`: Initiated in ms since the epoch, undefined when absent or not a date. */
+  uploads: { key: string; uploadId: string; initiated: number | undefined }[];
+  truncated: boolean;
+  nextKeyMarker: string | undefined;
+  nextUploadIdMarker: string | undefined;
+}
+
+/** A ListMultipartUploads answer; keys (and the key marker) percent-decoded when the answer says EncodingType url. */
+export function parseUploadsPage(xml: string): UploadsPage {
+  if (rootElement(xml) !== 'ListMultipartUploadsResult') throw new MalformedXmlError(`a list of uploads was expected, the root element is ${rootElement(xml) ?? 'missing'}`);
+  const urlEncoded = elementText(xml, 'EncodingType')?.toLowerCase() === 'url';
+  const decode = (raw: string): string => {
+    if (!urlEncoded) return raw;
+    try {
+      return decodeURIComponent(raw.replace(/\+/g, ' '));
+    } catch {
+      throw new MalformedXmlError(`key ${raw.slice(0, 100)} is not valid URL encoding`);
+    }
+  };
+  const uploads = elements(xml, 'Upload').map((upload) => {
+    const key = elementText(upload, 'Key');
+    const uploadId = elementText(upload, 'UploadId');
+    if (key === undefined || !uploadId) throw new MalformedXmlError('a listed upload has no Key or no UploadId');
+    const parsed = Date.parse(elementText(upload, 'Initiated')?.trim() ?? '');
+    return { key: decode(key), uploadId, initiated: Number.isFinite(parsed) ? parsed : undefined };
+  });
+  const truncatedText = elementText(xml, 'IsTruncated')?.trim().toLowerCase();
+  if (truncatedText !== 'true' && truncatedText !== 'false') throw new MalformedXmlError('a list of uploads without IsTruncated');
+  const truncated = truncatedText === 'true';
+  const nextKey = elementText(xml, 'NextKeyMarker');
+  const nextKeyMarker = nextKey ? decode(nextKey) : undefined;
+  const nextUploadIdMarker = elementText(xml, 'NextUploadIdMarker') || undefined;
+  if (truncated && !nextKeyMarker) throw new MalformedXmlError('a truncated list of uploads without NextKeyMarker');
+  return { uploads, truncated, nextKeyMarker, nextUploadIdMarker };
+}
+
 /** InitiateMultipartUploadResult's UploadId. */
 export function parseUploadId(xml: string): string {
   const id = rootElement(xml) === 'InitiateMultipartUploadResult' ? elementText(xml, 'UploadId') : undefined;

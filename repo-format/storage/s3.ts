@@ -26,7 +26,7 @@ import { S3Client, MAX_XML_BODY, type RequestBody, type S3Answer } from './s3-cl
 import { endpointFromEnvironment, resolveCredentials, resolveRegion, type Environment } from './s3-credentials.js';
 import { s3Failure, type S3Context } from './s3-errors.js';
 import { formatS3Url, parseS3Url, type S3Location } from './s3-url.js';
-import { completeMultipartBody, MalformedXmlError, parseErrorDocument, parseListPage, parseUploadId, rootElement } from './s3-xml.js';
+import { completeMultipartBody, MalformedXmlError, parseErrorDocument, parseListPage, parseUploadId, parseUploadsPage, rootElement } from './s3-xml.js';
 import { EMPTY_SHA256, UNSIGNED_PAYLOAD, type Credentials } from './sigv4.js';
 import { withRetriesAndLimit, type StackOptions } from './stack.js';
 import type { RetryingStorage } from './retry.js';
@@ -36,6 +36,7 @@ import {
   checkPrefix,
   checkRange,
   DEFAULT_MAX_GET_SIZE,
+  keyProblem,
   MAX_KEY_BYTES,
   type CallOptions,
   type GetOptions,
@@ -73,6 +74,8 @@ export interface S3StorageOptions {
   partSize?: number | undefined;
   /** A request whose connection moves no byte this long fails (transient); default 60 s. */
   idleTimeoutMs?: number | undefined;
+  /** Objects (a listing) or uploads (a sweep) asked for per page; default 1000, S3's most (tests: a few, to page). */
+  listPage?: number | undefined;
   /** Checks at once that the bucket exists and these credentials can list it (default true). */
   check?: boolean | undefined;
   /** Told what the user should hear but is not fatal (a credentials file open to others). */
@@ -86,6 +89,7 @@ export const S3_DEFAULTS = {
   multipartThreshold: 64 * 1024 * 1024,
   partSize: 16 * 1024 * 1024,
   idleTimeoutMs: 60_000,
+  listPage: 1000,
 } as const;
 
 const MIN_PART_SIZE = 5 * 1024 * 1024;
@@ -93,7 +97,6 @@ const MAX_PARTS = 10_000;
 /** S3's largest object. */
 const MAX_OBJECT_SIZE = 5 * 1024 ** 4;
 const MAX_CA_FILE_BYTES = 1024 * 1024;
-const LIST_PAGE = 1000;
 
 function md5Base64(bytes: Uint8Array): string {
   return createHash('md5').update(bytes).digest('base64');
@@ -157,6 +160,8 @@ export async function openS3Storage(options: S3StorageOptions): Promise<S3Storag
   }
   const partSize = options.partSize ?? S3_DEFAULTS.partSize;
   if (!Number.isSafeInteger(partSize) || partSize < MIN_PART_SIZE) throw new InvalidArgumentError(`S3 part size ${partSize}: at least ${MIN_PART_SIZE} bytes (S3's minimum)`);
+  const listPage = options.listPage ?? S3_DEFAULTS.listPage;
+  if (!Number.isSafeInteger(listPage) || listPage < 1 || listPage > S3_DEFAULTS.listPage) throw new InvalidArgumentError(`S3 listing page ${listPage}: 1 to ${S3_DEFAULTS.listPage}`);
   const storage = new S3Storage(location, {
     endpoint,
     pathStyle,
@@ -167,6 +172,7 @@ export async function openS3Storage(options: S3StorageOptions): Promise<S3Storag
     idleTimeoutMs: options.idleTimeoutMs ?? S3_DEFAULTS.idleTimeoutMs,
     multipartThreshold: options.multipartThreshold ?? S3_DEFAULTS.multipartThreshold,
     partSize,
+    listPage,
     signPayload: endpoint.protocol === 'http:' && !isLoopback(endpoint.hostname),
     now: options.now,
   });
@@ -210,6 +216,7 @@ interface S3StorageSettings {
   idleTimeoutMs: number;
   multipartThreshold: number;
   partSize: number;
+  listPage: number;
   /** Sign the body's SHA-256 (plain http to another host), else UNSIGNED-PAYLOAD. */
   signPayload: boolean;
   now?: (() => number) | undefined;
@@ -482,7 +489,7 @@ export class S3Storage implements Storage {
     for (;;) {
       const query: [string, string][] = [
         ['list-type', '2'],
-        ['max-keys', String(LIST_PAGE)],
+        ['max-keys', String(this.settings.listPage)],
         ['prefix', `${this.root}${prefix}`],
         ['encoding-type', 'url'],
       ];
@@ -508,6 +515,47 @@ export class S3Storage implements Storage {
       // S3 answers 204 for an absent key; a store that says 404 NoSuchKey means the same outcome.
       if (error instanceof StorageError && error.reason === 'not-found' && error.storage.backendCode === 'NoSuchKey') return;
       throw error;
+    }
+  }
+
+  /**
+   * Aborts the multipart uploads under the repository's prefix (keys that are storage keys) initiated
+   * before `olderThan` by the store's clock (Initiated): a writer killed during putMultipart leaves its
+   * parts billed and in no listing of objects. Listed page by page (ListMultipartUploads, at most 1000 an
+   * answer), the abortions done after each page; an upload gone meanwhile (NoSuchUpload) was ended by its
+   * writer or another sweep. Returns how many were aborted.
+   */
+  async sweepAbandoned(olderThan: number, options: CallOptions = {}): Promise<number> {
+    const context = this.context('sweep (multipart uploads)');
+    let removed = 0;
+    let markers: { key: string; uploadId: string | undefined } | undefined;
+    for (;;) {
+      const query: [string, string][] = [
+        ['uploads', ''],
+        ['max-uploads', String(this.settings.listPage)],
+        ['prefix', this.root],
+        ['encoding-type', 'url'],
+      ];
+      if (markers) {
+        query.push(['key-marker', markers.key]);
+        if (markers.uploadId) query.push(['upload-id-marker', markers.uploadId]);
+      }
+      const answer = await this.client.request({ method: 'GET', bucket: this.bucket, query, payloadHash: EMPTY_SHA256, response: { kind: 'text', maxSize: MAX_XML_BODY }, context, signal: options.signal });
+      const page = this.xml(() => parseUploadsPage(answer.body.toString('utf8')), context);
+      for (const upload of page.uploads) {
+        if (!upload.key.startsWith(this.root) || keyProblem(upload.key.slice(this.root.length)) !== undefined) continue;
+        if (upload.initiated === undefined || upload.initiated >= olderThan) continue;
+        const key = upload.key.slice(this.root.length);
+        try {
+          await this.client.request({ method: 'DELETE', bucket: this.bucket, objectKey: upload.key, query: [['uploadId', upload.uploadId]], payloadHash: EMPTY_SHA256, response: { kind: 'discard' }, context: { ...context, operation: 'sweep (abort multipart)', key }, signal: options.signal });
+          removed += 1;
+        } catch (error) {
+          if (error instanceof StorageError && error.storage.backendCode === 'NoSuchUpload') continue;
+          throw error;
+        }
+      }
+      if (!page.truncated) return removed;
+      markers = { key: page.nextKeyMarker!, uploadId: page.nextUploadIdMarker };
     }
   }
 

@@ -30,6 +30,8 @@
  * - Failures are StorageError (storage-error.ts) with a reason; `transient` ones may be retried.
  * - An aborted signal ends the call promptly with an InterruptedError (ENGINE_INTERRUPTED); what it was doing is
  *   either done whole or not at all, as for any failure.
+ * - `sweepAbandoned`, where a backend has it, removes only what its own interrupted writes left, never an
+ *   object and never another program's file.
  * - `time`, where a backend has it, reads the store's own clock (S3: the Date header of an answer), for
  *   protocols that must bound the skew between hosts (leases). A backend without it (the local folder,
  *   memory) shares this host's clock: there is no skew to measure.
@@ -130,6 +132,14 @@ export interface Storage {
   stat(key: string, options?: CallOptions): Promise<ObjectInfo>;
   list(prefix: string, options?: ListOptions): AsyncIterable<ObjectInfo>;
   delete(key: string, options?: CallOptions): Promise<void>;
+  /**
+   * Removes what writes of this storage that never finished left behind where no listing shows it (a
+   * folder: temporary files beside their targets; S3: incomplete multipart uploads under the root), begun
+   * before `olderThan` (ms since the epoch, by the store's clock, as `ObjectInfo.modified`); returns how many.
+   * Absent where a backend leaves nothing of the kind (memory). The caller picks `olderThan` so that no
+   * writer still running can own what goes (SPEC.md 19.8); even one that did would only see its put fail.
+   */
+  sweepAbandoned?(olderThan: number, options?: CallOptions): Promise<number>;
   /** Releases connections and handles; the storage is not used afterwards. */
   close(): Promise<void>;
 }
