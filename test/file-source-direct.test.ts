@@ -24,7 +24,7 @@ afterAll(async () => {
 });
 
 describe('FileSource', () => {
-  test('page-aligned runs are read with O_DIRECT; an odd-sized tail and memory O_DIRECT refuses through the page cache; the bytes are right', async () => {
+  test('page-aligned runs are read with O_DIRECT; an odd-sized tail and a run whose O_DIRECT read failed (and every run after it) through the page cache; the bytes are right', async () => {
     const path = join(dir, 'source.raw');
     const content = randomBytes(16 * MiB + 512);
     await writeFile(path, content);
