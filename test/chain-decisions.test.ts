@@ -2,18 +2,21 @@
  * The chain decisions of changed-block tracking, as pure logic (no root, no qemu): chooseChain given the
  * VM's records and the base's state (a qcow2 image's bitmaps through bitmapProblem and imageIdentity, or a
  * libvirt-like checkpoint check), and settleChain given an in-memory parent map, source and chunk
- * availability. Each case asserts the mode and the reason a user reads.
+ * availability. Each case asserts the mode and the reason a user reads. One case asks real qemu-img: the
+ * granularity it gives a bitmap added with no -g, against defaultGranularity.
  */
 import { describe, expect, test } from 'vitest';
 import { createHash } from 'node:crypto';
 import { chooseChain, NO_EARLIER_BACKUP, settleChain, touchedBytes, type Chain, type ChainFacts } from '../dist/engine/cbt/chain.js';
 import { bitmapProblem, imageIdentity } from '../dist/engine/cbt/image-disk.js';
-import { bitmapName, defaultGranularity } from '../dist/engine/cbt/qcow2-bitmaps.js';
+import { join } from 'node:path';
+import { bitmapName, defaultGranularity, imageInfo } from '../dist/engine/cbt/qcow2-bitmaps.js';
 import { MapBuilder, type MapRoot } from '../dist/repo-format/block-map.js';
 import { ID_SIZE, ZERO_ID } from '../dist/repo-format/constants.js';
 import type { BackupRecord, DiskCbt, DiskRecord } from '../dist/repo-format/backup-record.js';
 import type { BlockSource } from '../dist/engine/sources/source.js';
 import type { Range } from '../dist/engine/pipeline/map-cursors.js';
+import { sh, tempDir } from './helpers.js';
 
 const GiB = 1024 ** 3;
 const REPO = 'a1b2c3d4e5f60718293a4b5c6d7e8f90';
@@ -146,6 +149,30 @@ describe('chooseChain', () => {
   test("a new bitmap's granularity: the cluster size within 4 KiB and 64 KiB, 64 KiB without one (what qemu gives unasked)", () => {
     const info = (clusterSize: number | undefined) => ({ format: 'qcow2', virtualSize: GiB, clusterSize, bitmaps: [] });
     expect([512, 4096, 32768, 65536, 2 * 1024 * 1024, undefined].map((c) => defaultGranularity(info(c)))).toEqual([4096, 4096, 32768, 65536, 65536, 65536]);
+  });
+
+  test("defaultGranularity is what qemu-img gives a bitmap added with no -g (512 B, 4 KiB, 64 KiB, 2 MiB clusters)", async () => {
+    const { path: dir, cleanup } = await tempDir('engine-granularity-');
+    try {
+      const clusters = [512, 4096, 65536, 2 * 1024 * 1024];
+      const found: { qemu: number; engine: number }[] = [];
+      for (const cluster of clusters) {
+        const image = join(dir, `c${cluster}.qcow2`);
+        await sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, image, '64M']);
+        const info = await imageInfo(image);
+        expect(info.clusterSize).toBe(cluster);
+        await sh('qemu-img', ['bitmap', '--add', image, 'unasked']);
+        const json = JSON.parse(await sh('qemu-img', ['info', '--output=json', image])) as { 'format-specific': { data: { bitmaps: { name: string; granularity: number }[] } } };
+        const bitmaps = json['format-specific'].data.bitmaps;
+        expect(bitmaps.map((b) => b.name)).toEqual(['unasked']);
+        found.push({ qemu: bitmaps[0]!.granularity, engine: defaultGranularity(info) });
+      }
+      expect(found.map((f) => f.engine)).toEqual(found.map((f) => f.qemu));
+      // Both sides of the clamp are exercised: 512 B and 2 MiB clusters are not their own granularity.
+      expect(found.map((f) => f.qemu)).toEqual([4096, 4096, 65536, 65536]);
+    } finally {
+      await cleanup();
+    }
   });
 
   describe('with a qcow2 image bitmap states (bitmapProblem, imageIdentity)', () => {

@@ -46,10 +46,6 @@ export function exitOf(child: ChildProcess): Promise<{ code: number | null; sign
   return new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
 }
 
-/**
- * stderr without the progress lines a long command prints every 5 s when stderr is not a terminal (cli/progress.ts):
- * how many appear depends on the machine's speed, so a test that wants "no messages" must not count them.
- */
 let traces = 0;
 /**
  * The engine with `args` under `strace -f -e trace=prctl` (which must start it; the engine's own failure is the
@@ -70,6 +66,10 @@ export async function countingWorkers(args: string[], env: Record<string, string
   return { stdout, stderr, workers: names.filter((name) => name === 'WorkerThread').length };
 }
 
+/**
+ * stderr without the progress lines a long command prints every 5 s when stderr is not a terminal (cli/progress.ts):
+ * how many appear depends on the machine's speed, so a test that wants "no messages" must not count them.
+ */
 export function withoutProgress(stderr: string): string {
   return stderr
     .split('\n')

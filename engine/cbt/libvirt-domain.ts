@@ -221,6 +221,9 @@ async function writeJobFiles(plan: DomainBackupPlan, dir: string): Promise<JobFi
   return { dir, socket, backupXml, checkpointXml };
 }
 
+/** How long a released job's end is waited for before its scratch files are removed anyway. */
+const JOB_END_WAIT_MS = 10_000;
+
 /** Phase 3: the pull-mode job, and its release: the NBD sources closed, the job aborted, its files removed. */
 function pullJob(domain: string, dir: string): { sources: NbdSource[]; begin: (files: JobFiles) => Promise<void>; release: () => Promise<void> } {
   let started = false;
@@ -236,9 +239,11 @@ function pullJob(domain: string, dir: string): { sources: NbdSource[]; begin: (f
       if (started) {
         started = false;
         // libvirt tears the job down after domjobabort returns; its scratch files must outlive that. The abort and
-        // the first look at the job in one virsh; then a look every 20 ms (10 s at most), each a virsh of its own.
+        // the first look at the job in one virsh; then a look 20 ms after each, each a virsh of its own, until
+        // JOB_END_WAIT_MS have passed on the monotonic clock (a count of looks would add each virsh's own time).
+        const deadline = performance.now() + JOB_END_WAIT_MS;
         let info = await virshBatch([['domjobabort', domain], ['domjobinfo', domain]], { tolerate: true }).then(({ outputs }) => outputs[1]!, () => '');
-        for (let i = 0; i < 500 && /Job type:\s+(Unbounded|Bounded)/.test(info); i += 1) {
+        while (/Job type:\s+(Unbounded|Bounded)/.test(info) && performance.now() < deadline) {
           await new Promise((resolve) => setTimeout(resolve, 20));
           info = await virsh(['domjobinfo', domain]).catch(() => '');
         }

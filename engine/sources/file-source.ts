@@ -2,6 +2,7 @@ import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
 import { constants, type Stats } from 'node:fs';
 import { basename } from 'node:path';
 import { isErrnoException } from '../../repo-format/errors.js';
+import { skipBytes } from '../../repo-format/file-io.js';
 import { alignedPrefix, DIRECT_IO_ALIGNMENT } from '../pipeline/aligned-memory.js';
 import { SourceChangedError, SourceUnreadableError } from '../errors.js';
 import { blockDeviceSize } from './device-size.js';
@@ -21,12 +22,12 @@ export class FileSource implements BlockSource {
      * The same file opened with O_DIRECT, where its file system allows it: a run read into the pipeline's
      * page-aligned slots goes from the disk straight into them, neither copied out of the page cache nor
      * filling it (a backup reads each block once). Measured, a cold full backup of the real /usr image: system
-     * CPU 3.05 -> 1.13 s (bench/results/lz4-native-backup.md). Dropped when it refuses memory (EINVAL).
+     * CPU 3.05 -> 1.13 s (bench/results/lz4-native-backup.md). Dropped at its first failed read (readDirect).
      */
     private direct: FileHandle | undefined,
   ) {}
 
-  /** Bytes read with O_DIRECT and through the page cache (an odd-sized tail, memory O_DIRECT refuses, no O_DIRECT). */
+  /** Bytes read with O_DIRECT and through the page cache (an odd-sized tail, a run after an O_DIRECT read failed, no O_DIRECT). */
   readonly reads = { directBytes: 0, bufferedBytes: 0 };
 
   get defaultName(): string {
@@ -59,12 +60,12 @@ export class FileSource implements BlockSource {
       const stats = await handle.stat();
       if (stats.isBlockDevice()) {
         const size = () => blockDeviceSize(stats.rdev, (why) => new SourceUnreadableError(path, why));
-        return new FileSource(handle, await size(), { kind: 'block-device', path, realPath: await realpath(path) }, size, undefined, await openDirect(path));
+        return new FileSource(handle, await size(), { kind: 'block-device', path, realPath: await realpath(path) }, size, undefined, await openDirect(handle));
       }
       if (!stats.isFile()) throw new SourceUnreadableError(path, 'not a regular file or a block device');
       const size = async () => (await handle.stat()).size;
       const realPath = await realpath(path);
-      return new FileSource(handle, stats.size, { kind: 'file', path, realPath }, size, mayHaveHoles(stats) ? new FileHoleMap(realPath) : undefined, await openDirect(path));
+      return new FileSource(handle, stats.size, { kind: 'file', path, realPath }, size, mayHaveHoles(stats) ? new FileHoleMap(realPath) : undefined, await openDirect(handle));
     } catch (error) {
       await handle.close();
       throw error;
@@ -104,16 +105,21 @@ export class FileSource implements BlockSource {
         throw new SourceChangedError(this.description.path, `it ended at offset ${at}, but had ${this.size} bytes when the backup started`);
       }
       at += bytesRead;
-      pending = remainder(pending, bytesRead);
+      pending = skipBytes(pending, bytesRead);
     }
   }
 
-  /** An O_DIRECT read, or undefined when the kernel refuses the memory's alignment (EINVAL): this source then reads through the page cache only. */
+  /**
+   * An O_DIRECT read, or undefined when it failed for any reason: the caller then reads the run through the
+   * page cache, and so does this source from then on. O_DIRECT refuses what buffered reads take (memory or
+   * lengths a device's alignment rules out: EINVAL; a file system that takes the open but not the read), and
+   * which errors mean that differs between kernels and file systems; an error the disk really has comes back
+   * from the buffered read, which is the one reported.
+   */
   private async readDirect(targets: Buffer[], at: number): Promise<{ bytesRead: number } | undefined> {
     try {
       return await this.direct!.readv(targets, at);
-    } catch (error) {
-      if (!isErrnoException(error) || error.code !== 'EINVAL') throw error;
+    } catch {
       const direct = this.direct;
       this.direct = undefined;
       await direct?.close().catch(() => undefined);
@@ -140,22 +146,12 @@ export class FileSource implements BlockSource {
   }
 }
 
-/** `path` opened for reading with O_DIRECT, or undefined where its file system has none (tmpfs: EINVAL). */
-async function openDirect(path: string): Promise<FileHandle | undefined> {
-  return open(path, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_DIRECT).catch(() => undefined);
-}
-
-/** What is left of `buffers` after their first `filled` bytes. */
-function remainder(buffers: readonly Buffer[], filled: number): Buffer[] {
-  const rest: Buffer[] = [];
-  let skip = filled;
-  for (const buffer of buffers) {
-    if (skip >= buffer.length) {
-      skip -= buffer.length;
-      continue;
-    }
-    rest.push(skip > 0 ? buffer.subarray(skip) : buffer);
-    skip = 0;
-  }
-  return rest;
+/**
+ * The file `handle` has open, opened again for reading with O_DIRECT, or undefined where that is refused (a
+ * file system without O_DIRECT, no /proc). Through /proc/self/fd, not the path: a path re-pointed since the
+ * first open (a symlink, a rotated image) would give another file's bytes. tmpfs takes O_DIRECT on this kernel
+ * (6.18) and serves it from its pages like a buffered read.
+ */
+async function openDirect(handle: FileHandle): Promise<FileHandle | undefined> {
+  return open(`/proc/self/fd/${handle.fd}`, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_DIRECT).catch(() => undefined);
 }

@@ -23,8 +23,15 @@ import { runInNewContext } from 'node:vm';
 type Collect = (options: { type: 'major'; execution: 'sync'; flavor: 'last-resort' }) => void;
 
 let collect: Collect | undefined;
+let asked = 0;
+
+/** How many collections this process asked for: whether a piece of work ended with one is a real outcome a test can count. */
+export function collectionsAsked(): number {
+  return asked;
+}
 
 export function collectGarbage(): void {
+  asked += 1;
   if (collect === undefined) {
     setFlagsFromString('--expose-gc');
     collect = runInNewContext('gc') as Collect;
