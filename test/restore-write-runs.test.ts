@@ -151,9 +151,17 @@ describe('a restore to a new file, traced', () => {
       const opened = /^openat\(AT_FDCWD, "([^"]*)", ([^)]*)\) = (\d+)$/.exec(text);
       if (opened) {
         const fd = Number(opened[3]);
-        if (opened[1] === restored) {
-          open.set(fd, { direct: opened[2]!.includes('O_DIRECT') });
-          if (opened[2]!.includes('O_DIRECT')) directOpens += 1;
+        // The O_DIRECT descriptor is opened through /proc/self/fd of the target's first one, never by its path
+        // again (a path re-pointed between the two opens would be written into another file).
+        const again = /^\/proc\/self\/fd\/(\d+)$/.exec(opened[1]!);
+        const direct = opened[2]!.includes('O_DIRECT');
+        if (opened[1] === restored && !direct) {
+          open.set(fd, { direct: false });
+        } else if (again && open.has(Number(again[1])) && direct) {
+          open.set(fd, { direct: true });
+          directOpens += 1;
+        } else if (opened[1] === restored) {
+          throw new Error(`the target was opened by its path with ${opened[2]}`);
         } else {
           open.delete(fd);
         }

@@ -6,6 +6,9 @@
  * boundaries (checked on this machine: O_DIRECT accepts it, and 16 bytes past its start it refuses).
  */
 
+import { constants } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
+
 /** Offsets, lengths and memory of an O_DIRECT transfer are multiples of this (the largest logical block size in use). */
 export const DIRECT_IO_ALIGNMENT = 4096;
 
@@ -41,4 +44,15 @@ export function pageAlignedSharedBuffer(bytes: number): SharedArrayBuffer {
 /** `length` zero bytes in page-aligned memory: zeros written to a target opened with O_DIRECT. */
 export function pageAlignedZeros(length: number): Buffer {
   return Buffer.from(pageAlignedSharedBuffer(length), 0, length);
+}
+
+/**
+ * The file `handle` has open, opened again with O_DIRECT for `access`, or undefined where that is refused (a
+ * file system without O_DIRECT, no /proc). Through /proc/self/fd, not the path: a path re-pointed since the
+ * first open (a symlink, a rotated image) would read another file's bytes, or write into another file. tmpfs
+ * takes O_DIRECT on this kernel (6.18) and serves it from its pages like a buffered read or write.
+ */
+export async function reopenDirect(handle: FileHandle, access: 'read' | 'write'): Promise<FileHandle | undefined> {
+  const flags = access === 'read' ? constants.O_RDONLY | constants.O_NONBLOCK : constants.O_WRONLY;
+  return open(`/proc/self/fd/${handle.fd}`, flags | constants.O_DIRECT).catch(() => undefined);
 }

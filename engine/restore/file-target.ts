@@ -13,7 +13,7 @@
  * O_DIRECT gets buffered writes only. Either way the restore ends with one fsync of the file (and of its directory when new),
  * before success is reported.
  */
-import { constants, open, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { open, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { classifyWriteError, isErrnoException } from '../../repo-format/errors.js';
 import { fsyncDirectory } from '../../repo-format/durable-file.js';
@@ -24,7 +24,7 @@ import { blockDeviceSize } from '../sources/device-size.js';
 import { openDeviceExclusively, whoUsesFile } from './target-in-use.js';
 import type { TargetWriter } from './target-writer.js';
 import { RunWriter } from './write-runs.js';
-import { alignedPrefix, DIRECT_IO_ALIGNMENT } from '../pipeline/aligned-memory.js';
+import { alignedPrefix, DIRECT_IO_ALIGNMENT, reopenDirect } from '../pipeline/aligned-memory.js';
 
 /**
  * Bytes written through the page cache between background flushes. Without them the kernel keeps a whole restore dirty in the page
@@ -82,7 +82,7 @@ export class FileTarget implements TargetWriter {
         if (classified !== error) throw classified;
         throw new TargetUnwritableError(path, isErrnoException(error) ? error.message : String(error));
       }
-      return new FileTarget(path, handle, await openDirect(path), true, true);
+      return new FileTarget(path, handle, await reopenDirect(handle, 'write'), true, true);
     }
     let size: number;
     if (existing.isBlockDevice()) size = await blockDeviceSize(existing.rdev, (why) => new TargetUnwritableError(path, why));
@@ -98,13 +98,13 @@ export class FileTarget implements TargetWriter {
         await handle.close();
         throw error;
       }
-      return new FileTarget(path, handle, await openDirect(path), options.assumeZeroed === true, false);
+      return new FileTarget(path, handle, await reopenDirect(handle, 'write'), options.assumeZeroed === true, false);
     }
     const inUse = await whoUsesFile(existing);
     if (inUse !== undefined) throw new TargetInUseError(path, inUse);
     try {
       const handle = await open(path, 'r+');
-      return new FileTarget(path, handle, await openDirect(path), options.assumeZeroed === true, false);
+      return new FileTarget(path, handle, await reopenDirect(handle, 'write'), options.assumeZeroed === true, false);
     } catch (error) {
       throw new TargetUnwritableError(path, isErrnoException(error) ? error.message : String(error));
     }
@@ -206,9 +206,4 @@ export class FileTarget implements TargetWriter {
     await this.handle.close().catch(() => undefined);
     if (this.created) await unlink(this.path).catch(() => undefined);
   }
-}
-
-/** `path` opened for writing with O_DIRECT, or undefined where its file system has no O_DIRECT (tmpfs: EINVAL). */
-async function openDirect(path: string): Promise<FileHandle | undefined> {
-  return open(path, constants.O_WRONLY | constants.O_DIRECT).catch(() => undefined);
 }

@@ -3,7 +3,7 @@ import { constants, type Stats } from 'node:fs';
 import { basename } from 'node:path';
 import { isErrnoException } from '../../repo-format/errors.js';
 import { skipBytes } from '../../repo-format/file-io.js';
-import { alignedPrefix, DIRECT_IO_ALIGNMENT } from '../pipeline/aligned-memory.js';
+import { alignedPrefix, DIRECT_IO_ALIGNMENT, reopenDirect } from '../pipeline/aligned-memory.js';
 import { SourceChangedError, SourceUnreadableError } from '../errors.js';
 import { blockDeviceSize } from './device-size.js';
 import { FileHoleMap, mayHaveHoles } from './file-holes.js';
@@ -60,12 +60,12 @@ export class FileSource implements BlockSource {
       const stats = await handle.stat();
       if (stats.isBlockDevice()) {
         const size = () => blockDeviceSize(stats.rdev, (why) => new SourceUnreadableError(path, why));
-        return new FileSource(handle, await size(), { kind: 'block-device', path, realPath: await realpath(path) }, size, undefined, await openDirect(handle));
+        return new FileSource(handle, await size(), { kind: 'block-device', path, realPath: await realpath(path) }, size, undefined, await reopenDirect(handle, 'read'));
       }
       if (!stats.isFile()) throw new SourceUnreadableError(path, 'not a regular file or a block device');
       const size = async () => (await handle.stat()).size;
       const realPath = await realpath(path);
-      return new FileSource(handle, stats.size, { kind: 'file', path, realPath }, size, mayHaveHoles(stats) ? new FileHoleMap(realPath) : undefined, await openDirect(handle));
+      return new FileSource(handle, stats.size, { kind: 'file', path, realPath }, size, mayHaveHoles(stats) ? new FileHoleMap(realPath) : undefined, await reopenDirect(handle, 'read'));
     } catch (error) {
       await handle.close();
       throw error;
@@ -144,14 +144,4 @@ export class FileSource implements BlockSource {
     await this.direct?.close().catch(() => undefined);
     await this.handle.close().catch(() => undefined);
   }
-}
-
-/**
- * The file `handle` has open, opened again for reading with O_DIRECT, or undefined where that is refused (a
- * file system without O_DIRECT, no /proc). Through /proc/self/fd, not the path: a path re-pointed since the
- * first open (a symlink, a rotated image) would give another file's bytes. tmpfs takes O_DIRECT on this kernel
- * (6.18) and serves it from its pages like a buffered read.
- */
-async function openDirect(handle: FileHandle): Promise<FileHandle | undefined> {
-  return open(`/proc/self/fd/${handle.fd}`, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_DIRECT).catch(() => undefined);
 }
