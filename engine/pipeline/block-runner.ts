@@ -49,8 +49,17 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
   /** This thread's zstd contexts, kept for every frame (compression.ts ZstdStreams: a context per call piles up). */
   const zstd = new ZstdStreams();
   const zeros = Buffer.alloc(slots.inputSlotSize);
-  /** Frame buffer for verify: one per thread, reused for every frame that fits a block. */
-  const scratch = Buffer.allocUnsafe(slots.outputSlotSize);
+  /**
+   * Buffers of a verify task: a frame's bytes and its plaintext, one pair per verify task in flight on this thread
+   * (piscina runs up to concurrentTasksPerWorker at once), reused. Never one pair for the thread: while a task
+   * awaits a read or a zstd decode, another would read its frame into the same bytes, and the first (with no id
+   * to expect on this path) would check the other's frame in place of its own (test/verify-concurrent-tasks.test.ts).
+   * And lz4 decodes into the task's plaintext buffer, not a new 1 MiB buffer per frame: those piled up until a
+   * collection, and bin/engine's malloc settings keep freed memory resident, so verify --read-data of the 3 GiB
+   * real image (34 packs, 1 GiB stored) peaked at 305-375 MiB RSS; with the kept buffers 132-134 MiB, 4 cold pairs.
+   * Memory is now bounded per task, whatever the repository's size: workers × 4 × (a frame + a block).
+   */
+  const verifyBuffers: { frame: Buffer; plaintext: Buffer }[] = [];
   await initChecksum();
 
   function inputSlot(slot: number, length: number): Buffer {
@@ -123,12 +132,21 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
   }
 
   async function verifyPack(task: Extract<BlockTask, { op: 'verify-pack' }>): Promise<VerifyPackResult> {
+    const buffers = verifyBuffers.pop() ?? { frame: Buffer.allocUnsafeSlow(slots.outputSlotSize), plaintext: Buffer.allocUnsafeSlow(slots.inputSlotSize) };
+    try {
+      return await verifyPackWith(task, buffers);
+    } finally {
+      verifyBuffers.push(buffers);
+    }
+  }
+
+  async function verifyPackWith(task: Extract<BlockTask, { op: 'verify-pack' }>, buffers: { frame: Buffer; plaintext: Buffer }): Promise<VerifyPackResult> {
     const bad: VerifyPackResult['bad'] = [];
     if ('locator' in task) {
       for (const { offset, length } of task.frames) {
-        const frame = scratch.length >= length ? scratch.subarray(0, length) : Buffer.allocUnsafe(length);
+        const frame = buffers.frame.length >= length ? buffers.frame.subarray(0, length) : Buffer.allocUnsafe(length);
         const unreadable = await readLocatedFrame(locatorAt(task.locator, offset, length), frame);
-        const opened = unreadable ?? (await openBlobWith(zstd, frame, undefined, keys));
+        const opened = unreadable ?? (await openBlobWith(zstd, frame, undefined, keys, buffers.plaintext));
         if (typeof opened === 'string') bad.push({ offset, why: opened });
       }
       return { bad };
@@ -139,7 +157,7 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
         bad.push({ offset, why: `pack is truncated: read ${Math.max(0, pack.length - offset)} of ${length} bytes` });
         continue;
       }
-      const opened = await openBlobWith(zstd, pack.subarray(offset, offset + length), undefined, keys);
+      const opened = await openBlobWith(zstd, pack.subarray(offset, offset + length), undefined, keys, buffers.plaintext);
       if (typeof opened === 'string') bad.push({ offset, why: opened });
     }
     return { bad };
