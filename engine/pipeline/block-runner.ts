@@ -140,6 +140,16 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
     }
   }
 
+  /**
+   * What a frame's check allocated counts towards the next collection: a plaintext that is not the task's buffer
+   * (zstd's decoder gives each frame a new one), and the decrypted payload of an encrypted frame (gcmOpen gives a
+   * new one). Counted once per pack, a worker held a pack's worth of them: verify --read-data of the real image
+   * peaked at 272-285 MiB RSS in a zstd repository (184-194 counted per frame), 231 MiB in an encrypted one.
+   */
+  function collectFor(frameLength: number, plaintext: Buffer, own: Buffer): void {
+    allocated((keys ? frameLength : 0) + (plaintext.buffer !== own.buffer ? plaintext.length : 0));
+  }
+
   async function verifyPackWith(task: Extract<BlockTask, { op: 'verify-pack' }>, buffers: { frame: Buffer; plaintext: Buffer }): Promise<VerifyPackResult> {
     const bad: VerifyPackResult['bad'] = [];
     if ('locator' in task) {
@@ -148,6 +158,7 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
         const unreadable = await readLocatedFrame(locatorAt(task.locator, offset, length), frame);
         const opened = unreadable ?? (await openBlobWith(zstd, frame, undefined, keys, buffers.plaintext));
         if (typeof opened === 'string') bad.push({ offset, why: opened });
+        else collectFor(length, opened.plaintext, buffers.plaintext);
       }
       return { bad };
     }
@@ -159,6 +170,7 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
       }
       const opened = await openBlobWith(zstd, pack.subarray(offset, offset + length), undefined, keys, buffers.plaintext);
       if (typeof opened === 'string') bad.push({ offset, why: opened });
+      else collectFor(length, opened.plaintext, buffers.plaintext);
     }
     return { bad };
   }
