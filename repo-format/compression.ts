@@ -303,7 +303,7 @@ const ZSTD_CHECKSUM = 4;
  * frame's blocks are walked by their headers, each at most min(window, 128 KiB), and the last block (and the
  * content checksum, when the header says there is one) must end exactly at the payload's end.
  */
-function zstdHeaderProblem(payload: Buffer, rawLength: number): string | undefined {
+export function zstdHeaderProblem(payload: Buffer, rawLength: number): string | undefined {
   if (payload.length < 6 || payload.readUInt32LE(0) !== ZSTD_MAGIC) return 'zstd payload does not start with a zstd frame';
   const descriptor = payload.readUInt8(4);
   const sizeFlag = Math.floor(descriptor / 64);

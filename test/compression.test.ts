@@ -282,6 +282,28 @@ describe("a thread's kept zstd contexts (ZstdStreams, the block workers' path)",
     opened.forEach((o, i) => expect(typeof o === 'string' ? o : o.plaintext.equals(blobs[i]!)).toBe(true));
   });
 
+  test('a cut frame from the kept streams is refused before it is sealed (ENGINE_INTERNAL), never stored', async () => {
+    // Stands in for a Node whose stream delivers part of a frame's output after the write callback.
+    class CuttingStreams extends ZstdStreams {
+      constructor(private readonly keep: (c: Buffer) => Buffer) {
+        super();
+      }
+      override async compress(level: number, raw: Buffer): Promise<Buffer> {
+        return this.keep(await super.compress(level, raw));
+      }
+    }
+    const raw = text(MiB);
+    const codec: Compression = { codec: 'zstd', level: 1 };
+    for (const keep of [(c: Buffer) => c.subarray(0, c.length - 1), (c: Buffer) => c.subarray(0, Math.floor(c.length / 2)), (c: Buffer) => c.subarray(0, 3)]) {
+      const target = Buffer.alloc(maxFrameLength(raw.length));
+      const sealing = sealBlobWith(new CuttingStreams(keep), KIND_DATA, sha256(raw), raw, target, 0, undefined, codec);
+      await expect(sealing).rejects.toMatchObject({ name: 'EngineError', code: 'ENGINE_INTERNAL' });
+      expect(target.equals(Buffer.alloc(target.length))).toBe(true);
+    }
+    // The same streams uncut seal it.
+    expect((await sealWith(new CuttingStreams((c) => c), raw, codec)).equals(sealBlobToBuffer(KIND_DATA, sha256(raw), raw, undefined, codec))).toBe(true);
+  });
+
   test('hostile payloads: the reasons openBlob gives, and the thread reads good frames after each', async () => {
     const raw = text(MiB);
     const id = sha256(raw);

@@ -49,8 +49,17 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
   /** This thread's zstd contexts, kept for every frame (compression.ts ZstdStreams: a context per call piles up). */
   const zstd = new ZstdStreams();
   const zeros = Buffer.alloc(slots.inputSlotSize);
-  /** Frame buffer for verify: one per thread, reused for every frame that fits a block. */
-  const scratch = Buffer.allocUnsafe(slots.outputSlotSize);
+  /**
+   * Buffers of a verify task: a frame's bytes and its plaintext, one pair per verify task in flight on this thread
+   * (piscina runs up to concurrentTasksPerWorker at once), reused. Never one pair for the thread: while a task
+   * awaits a read or a zstd decode, another would read its frame into the same bytes, and the first (with no id
+   * to expect on this path) would check the other's frame in place of its own (test/verify-concurrent-tasks.test.ts).
+   * And lz4 decodes into the task's plaintext buffer, not a new 1 MiB buffer per frame: those piled up until a
+   * collection, and bin/engine's malloc settings keep freed memory resident, so verify --read-data of the 3 GiB
+   * real image (34 packs, 1 GiB stored) peaked at 305-375 MiB RSS; with the kept buffers 132-134 MiB, 4 cold pairs.
+   * Memory is now bounded per task, whatever the repository's size: workers × 4 × (a frame + a block).
+   */
+  const verifyBuffers: { frame: Buffer; plaintext: Buffer }[] = [];
   await initChecksum();
 
   function inputSlot(slot: number, length: number): Buffer {
@@ -123,13 +132,33 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
   }
 
   async function verifyPack(task: Extract<BlockTask, { op: 'verify-pack' }>): Promise<VerifyPackResult> {
+    const buffers = verifyBuffers.pop() ?? { frame: Buffer.allocUnsafeSlow(slots.outputSlotSize), plaintext: Buffer.allocUnsafeSlow(slots.inputSlotSize) };
+    try {
+      return await verifyPackWith(task, buffers);
+    } finally {
+      verifyBuffers.push(buffers);
+    }
+  }
+
+  /**
+   * What a frame's check allocated counts towards the next collection: a plaintext that is not the task's buffer
+   * (zstd's decoder gives each frame a new one), and the decrypted payload of an encrypted frame (gcmOpen gives a
+   * new one). Counted once per pack, a worker held a pack's worth of them: verify --read-data of the real image
+   * peaked at 272-285 MiB RSS in a zstd repository (184-194 counted per frame), 231 MiB in an encrypted one.
+   */
+  function collectFor(frameLength: number, plaintext: Buffer, own: Buffer): void {
+    allocated((keys ? frameLength : 0) + (plaintext.buffer !== own.buffer ? plaintext.length : 0));
+  }
+
+  async function verifyPackWith(task: Extract<BlockTask, { op: 'verify-pack' }>, buffers: { frame: Buffer; plaintext: Buffer }): Promise<VerifyPackResult> {
     const bad: VerifyPackResult['bad'] = [];
     if ('locator' in task) {
       for (const { offset, length } of task.frames) {
-        const frame = scratch.length >= length ? scratch.subarray(0, length) : Buffer.allocUnsafe(length);
+        const frame = buffers.frame.length >= length ? buffers.frame.subarray(0, length) : Buffer.allocUnsafe(length);
         const unreadable = await readLocatedFrame(locatorAt(task.locator, offset, length), frame);
-        const opened = unreadable ?? (await openBlobWith(zstd, frame, undefined, keys));
+        const opened = unreadable ?? (await openBlobWith(zstd, frame, undefined, keys, buffers.plaintext));
         if (typeof opened === 'string') bad.push({ offset, why: opened });
+        else collectFor(length, opened.plaintext, buffers.plaintext);
       }
       return { bad };
     }
@@ -139,8 +168,9 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
         bad.push({ offset, why: `pack is truncated: read ${Math.max(0, pack.length - offset)} of ${length} bytes` });
         continue;
       }
-      const opened = await openBlobWith(zstd, pack.subarray(offset, offset + length), undefined, keys);
+      const opened = await openBlobWith(zstd, pack.subarray(offset, offset + length), undefined, keys, buffers.plaintext);
       if (typeof opened === 'string') bad.push({ offset, why: opened });
+      else collectFor(length, opened.plaintext, buffers.plaintext);
     }
     return { bad };
   }

@@ -2,7 +2,7 @@
  * Every frame of a pack checked in full by the workers (verify --read-data, repair). A store of local files
  * gives a locator, and a worker reads the frames itself (pread, one frame at a time); any other store is
  * read through the repository in spans of at most SPAN_BYTES, each span's bytes moved to a worker. Memory:
- * a frame per worker, or a span per worker; never a whole pack (measured: whole 40 MiB spans per worker
+ * a frame and a block per task in flight (block-runner.ts, verifyPack), or a span per worker; never a whole pack (measured: whole 40 MiB spans per worker
  * raised verify --read-data's peak RSS of a 1 GiB repository from 239 to 353 MiB).
  */
 import { StorageError } from '../../repo-format/storage/storage-error.js';
