@@ -22,6 +22,9 @@ export type BlockRunner = (task: BlockTask) => HashResult | Promise<SealResult> 
  * young-generation collection every few blocks keeps it near zero and is cheaper than the page faults of
  * the churn (measured: 3000 blocks of 1 MiB, a collection every 4: 148 → 61 MiB RSS, 3.8 → 3.5 s).
  * Only a worker thread does this (`collect`): a job small enough for the main thread allocates too little to matter.
+ * Measured with lz4-napi, the codec then. liblz4 (the engine's lz4 where its addon built) compresses into a
+ * kept buffer and decodes into the slot, so an unencrypted lz4 job now allocates little per block; whether the
+ * collections still pay there was not measured, and the fallback, zstd and encryption still allocate.
  */
 const COLLECT_EVERY_BYTES = 4 * 1024 * 1024;
 /** Lets this thread's event loop turn (N-API finalizers run: lz4-napi's buffers are freed). */
@@ -121,7 +124,9 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
       const opened: OpenResult[] = [];
       for (const f of task.frames) {
         opened.push(f.offset + f.length > span.length ? { ok: false, why: 'frame lies outside its span' } : await openInto(span.subarray(f.offset, f.offset + f.length), f.slot, f.id));
-        // Each frame's plaintext is a buffer of lz4-napi's, freed only by a collection and a turn of the event loop.
+        // A frame's plaintext may be a buffer of its own, freed only by a collection and a turn of the event loop:
+        // lz4-napi's (the fallback), zstd's decoder's, an encrypted frame's decrypted payload. liblz4 decodes into the
+        // slot and allocates nothing, so this counts more than it must there (not measured whether that costs).
         allocated(f.length);
         await turn();
       }
