@@ -20,6 +20,13 @@ for tool in ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw radosgw-admin:ce
 done
 # libfaketime for the clock-skew tests (test/v3-gaps.test.ts): the engine run with its clock moved against a true RGW.
 command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)
+# The tests' real guest (test/guest/build-tiny-guest.sh): a static busybox, the QEMU guest agent and its libraries,
+# SYSLINUX to make its disk boot by itself, cpio for its initramfs (its kernel is downloaded, never installed).
+dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
+for tool in qemu-ga:qemu-guest-agent extlinux:extlinux cpio:cpio debugfs:e2fsprogs; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
+done
+[ -f /usr/lib/syslinux/mbr/mbr.bin ] || need_apt+=(syslinux-common)
 # liblz4 and a C toolchain for the engine's lz4 addon (native/lz4, built below; node-gyp needs make, g++, python3).
 [ -f /usr/include/lz4.h ] || need_apt+=(liblz4-dev)
 for tool in make:make cc:gcc g++:g++ python3:python3; do
