@@ -1,5 +1,5 @@
 /** Shapes and prints results. The JSON shapes are a contract (SPEC.md, "CLI JSON output"). */
-import type { BackupRecord, DiskRecord } from '../repo-format/backup-record.js';
+import { NO_QUIESCE, type BackupRecord, type Consistency, type DiskRecord } from '../repo-format/backup-record.js';
 import { configCompression, type RepositoryConfig } from '../repo-format/config.js';
 import { compressionName } from '../repo-format/compression.js';
 import type { RestoreResult } from '../engine/restore/restore.js';
@@ -39,7 +39,19 @@ export function backupJson(record: BackupRecord): Record<string, unknown> {
     blockSize: record.blockSize,
     disks: record.disks.map(diskJson),
     attachments: record.attachments.map((a) => ({ name: a.name, mediaType: a.mediaType, bytes: Buffer.byteLength(a.data) })),
+    consistency: consistencyOf(record),
   };
+}
+
+/** The record's consistency; a record of an older engine has none: crash, not recorded (SPEC.md 9). */
+function consistencyOf(record: BackupRecord): Consistency {
+  return record.consistency ?? NOT_RECORDED;
+}
+
+const NOT_RECORDED: Consistency = { level: 'crash', method: 'not recorded', freezeMs: null, reason: null };
+
+function consistencyLine(c: Consistency): string {
+  return `${c.level} (${c.method}${c.freezeMs !== null ? `, frozen ${c.freezeMs} ms` : ''})${c.reason ? `: ${c.reason}` : ''}`;
 }
 
 export function printJson(value: unknown): void {
@@ -68,6 +80,7 @@ function seconds(ms: number): string {
 
 export function printBackup(record: BackupRecord): void {
   const lines = [`backup ${record.id} (${record.type}) "${record.name}" committed`];
+  if (record.consistency && record.consistency.method !== NO_QUIESCE.method) lines.push(`  consistency: ${consistencyLine(record.consistency)}`);
   for (const disk of record.disks) {
     const s = disk.stats;
     const rate = s.durationMs > 0 ? `${formatBytes((s.bytesRead / s.durationMs) * 1000)}/s` : '-';
@@ -81,14 +94,14 @@ export function printBackup(record: BackupRecord): void {
 }
 
 export function printList(backups: BackupRecord[], damaged: { id: string; message: string }[]): void {
-  const rows = [['ID', 'TIME', 'TYPE', 'PARENT', 'CHECKPOINT', 'NAME', 'DISKS', 'SIZE', 'READ', 'NEW']];
+  const rows = [['ID', 'TIME', 'TYPE', 'CONSISTENCY', 'PARENT', 'CHECKPOINT', 'NAME', 'DISKS', 'SIZE', 'READ', 'NEW']];
   for (const b of backups) {
     const size = b.disks.reduce((sum, d) => sum + d.size, 0);
     const read = b.disks.reduce((sum, d) => sum + d.stats.bytesRead, 0);
     const added = b.disks.reduce((sum, d) => sum + d.stats.bytesStored, 0);
     const checkpoints = [...new Set(b.disks.map((d) => d.cbt?.checkpoint).filter((c) => c !== undefined))];
     const checkpoint = checkpoints.length === 0 ? '-' : checkpoints.length === 1 ? checkpoints[0]!.slice(0, 28) : `${checkpoints.length} checkpoints`;
-    rows.push([b.id.slice(0, 12), formatTime(b.startTime), b.type, b.parent?.slice(0, 12) ?? '-', checkpoint, b.name, String(b.disks.length), formatBytes(size), formatBytes(read), formatBytes(added)]);
+    rows.push([b.id.slice(0, 12), formatTime(b.startTime), b.type, consistencyOf(b).level, b.parent?.slice(0, 12) ?? '-', checkpoint, b.name, String(b.disks.length), formatBytes(size), formatBytes(read), formatBytes(added)]);
   }
   process.stdout.write(`${table(rows)}\n`);
   for (const d of damaged) process.stdout.write(`DAMAGED ${d.id}: ${d.message}\n`);
@@ -104,6 +117,7 @@ export function printShow(record: BackupRecord): void {
     `finished:  ${formatTime(record.endTime)}`,
     `host:      ${record.hostname} (engine ${record.engineVersion})`,
     `blocksize: ${formatBytes(record.blockSize)}`,
+    `consistency: ${consistencyLine(consistencyOf(record))}`,
   ];
   for (const disk of record.disks) {
     const s = disk.stats;

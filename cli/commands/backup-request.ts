@@ -8,7 +8,7 @@ import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
 import { checkName } from '../../repo-format/names.js';
 import { isNbdUri } from '../../engine/nbd/uri.js';
-import type { BackupDisk, BackupFrom, ChainPolicy } from '../../engine/backup/request.js';
+import type { BackupDisk, BackupFrom, ChainPolicy, QuiesceRequest } from '../../engine/backup/request.js';
 
 export interface ChainFlags {
   full?: boolean | undefined;
@@ -23,6 +23,13 @@ export interface BackupFlags extends ChainFlags {
   libvirt?: string | undefined;
   diskName?: string[] | undefined;
   name?: string | undefined;
+  quiesce?: string | true | undefined;
+  freezeTimeout?: number | undefined;
+  hookTimeout?: number | undefined;
+  preFreeze?: string | undefined;
+  postThaw?: string | undefined;
+  preFreezeHost?: string | undefined;
+  postThawHost?: string | undefined;
 }
 
 export interface BackupRequest {
@@ -50,9 +57,38 @@ export function backupRequest(flags: BackupFlags): BackupRequest {
     throw new InvalidArgumentError(`${names.length} disk names for ${sources.length + images.length} disks: give one --disk-name per --source and --image, in that order`);
   }
   const base = { chain: chainPolicy(flags), name: flags.name };
-  if (flags.libvirt !== undefined) return { ...base, from: { kind: 'libvirt', domain: flags.libvirt } };
+  const quiesce = quiesceRequest(flags);
+  if (quiesce && flags.libvirt === undefined) throw new InvalidArgumentError('--quiesce and its hooks and timeouts apply to --libvirt DOMAIN (the guest agent of a running VM)');
+  if (flags.libvirt !== undefined) return { ...base, from: { kind: 'libvirt', domain: flags.libvirt, quiesce } };
   const disks: BackupDisk[] = [...sources.map(sourceDisk), ...images.map(imageDisk)];
   return { ...base, from: { kind: 'disks', disks: disks.map((disk, i) => (names.length > 0 ? { ...disk, name: names[i]! } : disk)) } };
+}
+
+/** --quiesce[=required|try] (bare: required) and what goes with it; a hook or timeout without --quiesce is refused. */
+function quiesceRequest(flags: BackupFlags): QuiesceRequest | undefined {
+  const extras = (
+    [
+      ['--freeze-timeout', flags.freezeTimeout],
+      ['--hook-timeout', flags.hookTimeout],
+      ['--pre-freeze', flags.preFreeze],
+      ['--post-thaw', flags.postThaw],
+      ['--pre-freeze-host', flags.preFreezeHost],
+      ['--post-thaw-host', flags.postThawHost],
+    ] as const
+  ).filter(([, value]) => value !== undefined);
+  if (flags.quiesce === undefined) {
+    if (extras.length > 0) throw new InvalidArgumentError(`${extras.map(([flag]) => flag).join(', ')} ${extras.length === 1 ? 'goes' : 'go'} with --quiesce`);
+    return undefined;
+  }
+  return {
+    mode: flags.quiesce === 'try' ? 'try' : 'required',
+    freezeTimeoutMs: flags.freezeTimeout === undefined ? undefined : flags.freezeTimeout * 1000,
+    hookTimeoutMs: flags.hookTimeout === undefined ? undefined : flags.hookTimeout * 1000,
+    preFreeze: flags.preFreeze,
+    postThaw: flags.postThaw,
+    preFreezeHost: flags.preFreezeHost,
+    postThawHost: flags.postThawHost,
+  };
 }
 
 /** --source: an NBD URI, or a raw image or block device (a URL is never taken for a relative path). */

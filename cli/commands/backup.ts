@@ -31,6 +31,13 @@ interface BackupCliOptions {
   auto?: boolean;
   json?: boolean;
   workers?: number;
+  quiesce?: string | true;
+  freezeTimeout?: number;
+  hookTimeout?: number;
+  preFreeze?: string;
+  postThaw?: string;
+  preFreezeHost?: string;
+  postThawHost?: string;
 }
 
 export function registerBackupCommand(program: Command): void {
@@ -41,6 +48,13 @@ export function registerBackupCommand(program: Command): void {
     .option('--source <path|uri>', 'raw image, block device or NBD URI, read whole; repeat for each disk', opt.collect)
     .option('--image <qcow2>', "qcow2 image of a stopped VM: incremental and differential backups from its dirty bitmaps; repeat for each disk", opt.collect)
     .option('--libvirt <domain>', 'a running libvirt domain: all its disks, through checkpoints and a pull-mode backup')
+    .addOption(new Option('--quiesce [mode]', "with --libvirt: freeze the guest's file systems through its QEMU guest agent around the checkpoint; required (the default) fails the backup if it cannot, try falls back to crash-consistent").choices(['required', 'try']))
+    .addOption(new Option('--freeze-timeout <seconds>', 'with --quiesce: the longest the guest stays frozen; a watchdog thaws it then, even if the engine died (default: 10)').argParser(opt.integerParser('--freeze-timeout', 1, 600)))
+    .addOption(new Option('--hook-timeout <seconds>', 'with --quiesce: the longest each hook may run (default: 60)').argParser(opt.integerParser('--hook-timeout', 1, 3600)))
+    .option('--pre-freeze <command>', 'with --quiesce: a shell command run in the guest by its agent before the freeze')
+    .option('--post-thaw <command>', 'with --quiesce: a shell command run in the guest by its agent after the thaw')
+    .option('--pre-freeze-host <command>', 'with --quiesce: a shell command run on this host before the freeze (ENGINE_DOMAIN set)')
+    .option('--post-thaw-host <command>', 'with --quiesce: a shell command run on this host after the thaw (ENGINE_DOMAIN set)')
     .option('--ovirt <url>', 'an oVirt engine (https://engine.example.org): back up --vm through its incremental backup API, or with --appliance through this backup appliance')
     .option('--vm <name>', 'with --ovirt: the VM to back up')
     .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM (the disk-attachment flow: full backups)')

@@ -10,7 +10,7 @@ import { Repository } from '../../repo-format/repository.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
 import { adoptName, checkName, displayText } from '../../repo-format/names.js';
-import { type BackupRecord, type BackupType, type DiskCbt, type DiskRecord, type RecordAttachment } from '../../repo-format/backup-record.js';
+import { type BackupRecord, type BackupType, type Consistency, NO_QUIESCE, type DiskCbt, type DiskRecord, type RecordAttachment } from '../../repo-format/backup-record.js';
 import { BlockPool } from '../pipeline/block-pool.js';
 import { backupDisk, type BackupDiskContext, type DiskProgress } from '../pipeline/backup-disk.js';
 import { FileSource } from '../sources/file-source.js';
@@ -220,7 +220,7 @@ async function openDisks(run: BackupRun, repo: Repository, early: EarlyLooks): P
     run.jobs.push(jobs[i]);
   }
   run.jobs.splice(0, run.jobs.length, ...jobs);
-  const provide = from.kind === 'libvirt' ? async (chain: ChainArgs) => (await import('../cbt/libvirt-domain.js')).openLibvirtBackup({ domain: from.domain, look: early.domain, ...chain }) : from.kind === 'provider' ? from.provide : undefined;
+  const provide = from.kind === 'libvirt' ? async (chain: ChainArgs) => (await import('../cbt/libvirt-domain.js')).openLibvirtBackup({ domain: from.domain, look: early.domain, quiesce: from.quiesce, ...chain }) : from.kind === 'provider' ? from.provide : undefined;
   if (provide) {
     const session = await provide(args);
     for (const disk of session.disks) run.jobs.push({ ...disk, session });
@@ -351,7 +351,22 @@ function recordOf(run: BackupRun, name: string, blockSize: number, disks: DiskRe
     blockSize,
     disks,
     attachments: run.options.attachments ?? [],
+    consistency: consistencyOf(run),
   };
+}
+
+/**
+ * What the sessions established (a libvirt job's quiesce, SPEC.md 9), else crash consistency: nothing was frozen.
+ * Several sessions (images of a stopped VM and no VM) take the weakest.
+ */
+function consistencyOf(run: BackupRun): Consistency {
+  const levels: Consistency['level'][] = ['crash', 'filesystem', 'application'];
+  let weakest: Consistency | undefined;
+  for (const session of sessionsOf(run)) {
+    const c = session?.consistency;
+    if (c && (!weakest || levels.indexOf(c.level) < levels.indexOf(weakest.level))) weakest = c;
+  }
+  return weakest ?? NO_QUIESCE;
 }
 
 /** The commit point; then what the run found of lost packs is said. */

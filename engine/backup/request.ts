@@ -4,6 +4,9 @@
  * and the oVirt flows build them.
  */
 import type { CbtProvision, ChainArgs, RequestedMode } from '../cbt/chain.js';
+import type { QuiesceRequest } from '../cbt/guest-quiesce.js';
+
+export type { QuiesceRequest } from '../cbt/guest-quiesce.js';
 
 /** One disk of a backup, as the caller names it; `name` defaults to its file name (or NBD export name). */
 export type BackupDisk =
@@ -22,7 +25,12 @@ export type BackupFrom =
   /** The disks named, in this order. */
   | { kind: 'disks'; disks: readonly BackupDisk[] }
   /** Every disk of a running libvirt domain, named after its target (vda, sdb…), through checkpoints and a pull-mode backup. */
-  | { kind: 'libvirt'; domain: string }
+  | {
+      kind: 'libvirt';
+      domain: string;
+      /** Freeze the guest's file systems through its QEMU guest agent around the checkpoint (SPEC.md 11.2); default: not (crash-consistent). */
+      quiesce?: QuiesceRequest | undefined;
+    }
   /**
    * Disks prepared by a flow of its own (e.g. oVirt's backup API), given what it needs to decide each disk's
    * chain. Its session is released after its last disk, finished after the commit, rolled back on failure. A

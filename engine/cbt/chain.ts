@@ -4,7 +4,7 @@
  * CBT state the backup records. Only the check of the base itself (a qcow2 bitmap, a libvirt checkpoint)
  * differs between sources.
  */
-import { mapRootOf, type BackupRecord, type BackupType, type DiskCbt, type DiskRecord } from '../../repo-format/backup-record.js';
+import { mapRootOf, type Consistency, type BackupRecord, type BackupType, type DiskCbt, type DiskRecord } from '../../repo-format/backup-record.js';
 import type { LoadPage } from '../../repo-format/block-map.js';
 import type { BlockSource } from '../sources/source.js';
 import type { IncrementalPlan } from '../pipeline/backup-disk.js';
@@ -35,6 +35,8 @@ export interface ChainArgs {
 
 /** The changed-block-tracking bookkeeping around some disks (one qcow2 image, one libvirt or oVirt job). */
 export interface CbtSession {
+  /** How consistent the disks are at the session's point in time (a libvirt job's quiesce); absent: the backup does not know. */
+  consistency?: Consistency | undefined;
   release(): Promise<void>;
   finish(): Promise<void>;
   rollback(): Promise<void>;

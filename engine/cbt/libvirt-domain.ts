@@ -22,6 +22,7 @@ import { NbdSource } from '../sources/nbd-source.js';
 import { chooseChain, settleChain, type CbtDiskJob, type CbtSession, type ChainArgs } from './chain.js';
 import { bitmapName, bitmapPrefix } from './qcow2-bitmaps.js';
 import { runTool, runToolOutput, ToolError } from './run-tool.js';
+import { quiesced, type QuiesceRequest } from './guest-quiesce.js';
 
 /** libvirt creates bitmaps with qemu's default granularity for qcow2. */
 const LIBVIRT_GRANULARITY = 64 * 1024;
@@ -152,7 +153,7 @@ export async function lookAtDomain(domain: string): Promise<DomainLook> {
 }
 
 /** `look`: lookAtDomain, started while the repository opened (backup.ts). */
-export async function openLibvirtBackup(args: ChainArgs & { domain: string; look?: Promise<DomainLook> | undefined }): Promise<LibvirtSession> {
+export async function openLibvirtBackup(args: ChainArgs & { domain: string; look?: Promise<DomainLook> | undefined; quiesce?: QuiesceRequest | undefined }): Promise<LibvirtSession> {
   // The job's directory is made while virsh answers.
   const directory = runDirectory();
   const plan = await planDomainBackup(args).catch(async (error: unknown) => {
@@ -165,9 +166,11 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string; look
     await virsh(['checkpoint-delete', plan.domain, plan.checkpoint]).catch(() => undefined);
   };
   try {
-    await job.begin(files);
+    // Frozen around backup-begin only: the export is frozen in time once it returns, and is read after the thaw.
+    const consistency = await quiesced(plan.domain, args.quiesce, () => job.begin(files), args.onNotice ?? (() => undefined));
     const jobs = await openDiskJobs(plan, files.socket, job.sources, args);
     return {
+      consistency,
       disks: jobs,
       release: job.release,
       finish: () => deleteUnneededCheckpoints(plan, jobs, args.repositoryId),
