@@ -78,6 +78,10 @@ describe.each(fixtures)('%s', (fixture) => {
     expect(result.code, result.stderr).toBe(0);
     const ids = parseJson<{ backups: { id: string }[] }>(result.stdout).backups.map((backup) => backup.id);
     expect(new Set(ids)).toEqual(new Set(expected.restores.map((restore) => restore.id)));
+    // Records of engines before the consistency field: shown as crash, not recorded (SPEC.md 9).
+    for (const backup of parseJson<{ backups: { consistency: unknown }[] }>(result.stdout).backups) {
+      expect(backup.consistency).toEqual({ level: 'crash', method: 'not recorded', freezeMs: null, reason: null });
+    }
   });
 
   test.each(expected.restores.map((restore) => [restore.id.slice(0, 8), restore.disk, restore] as const))(
@@ -98,6 +102,7 @@ describe.each(fixtures)('%s', (fixture) => {
     expect(first.code, first.stdout + first.stderr).toBe(0);
     const second = parseJson<BackupJson>((await runEngine(['backup', '--repo', repo, '--source', image, '--json'], { env })).stdout);
     expect(second.disks[0]?.blocksNew).toBe(0);
+    expect((second as BackupJson & { consistency: unknown }).consistency).toEqual({ level: 'crash', method: 'no quiesce asked', freezeMs: null, reason: null });
     const target = join(dir, `${fixture}-new-restored.img`);
     expect((await runEngine(['restore', '--repo', repo, second.id, '--to', target], { env })).code).toBe(0);
     expect(await sha256File(target)).toBe(await sha256File(image));

@@ -908,6 +908,20 @@ describe('backup record', () => {
     expect(root0).toEqual({ root: Buffer.from(root, 'hex'), depth: 0, blocks: 11 });
   });
 
+  test('consistency: optional (older records have none), and checked when present', () => {
+    const record = validRecord();
+    expect(decodeBackupRecord(encodeBackupRecord(record), 'x').consistency).toBeUndefined();
+    const quiesced: BackupRecord = { ...record, consistency: { level: 'filesystem', method: 'qemu-guest-agent fsfreeze', freezeMs: 312, reason: null } };
+    expect(decodeBackupRecord(encodeBackupRecord(quiesced), 'x')).toEqual(quiesced);
+    const fellBack: BackupRecord = { ...record, consistency: { level: 'crash', method: 'qemu-guest-agent fsfreeze tried', freezeMs: null, reason: 'no agent' } };
+    expect(decodeBackupRecord(encodeBackupRecord(fellBack), 'x')).toEqual(fellBack);
+    expect(rejection((r) => (r.consistency = { level: 'perfect', method: 'm', freezeMs: null, reason: null }))).toBe('unknown consistency level perfect');
+    expect(rejection((r) => (r.consistency = { level: 'crash', freezeMs: null, reason: null }))).toBe('consistency has no method');
+    expect(rejection((r) => (r.consistency = { level: 'crash', method: 'm', freezeMs: -1, reason: null }))).toBe('consistency freezeMs is neither null nor a count');
+    expect(rejection((r) => (r.consistency = { level: 'crash', method: 'm', freezeMs: null, reason: 3 }))).toBe('consistency reason is neither null nor text');
+    expect(rejection((r) => (r.consistency = null))).toBe('consistency is not an object');
+  });
+
   test('bad JSON', () => {
     expect(() => decodeBackupRecord(Buffer.from('{"version": 1,'), 'rec')).toThrow(CorruptMetadataError);
     expect(() => decodeBackupRecord(Buffer.from('{"version": 1,'), 'rec')).toThrow('rec is damaged: not valid JSON');

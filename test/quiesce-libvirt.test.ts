@@ -200,6 +200,31 @@ describe('backup --libvirt --quiesce on a real guest', () => {
     expect(await guestShell('echo after-the-kill > /data/after && cat /data/after')).toEqual({ exitcode: 0, stdout: 'after-the-kill\n' });
   }, 600_000);
 
+  test('an engine that stalls past the freeze timeout: the watchdog thaws, and the backup is not taken for quiesced', async () => {
+    const before = await checkpoints(DOMAIN);
+    for (const mode of ['required', 'try']) {
+      const child = spawnEngine(['backup', '--repo', repo, '--libvirt', DOMAIN, '--json', `--quiesce=${mode}`, '--freeze-timeout', '3'], { ENGINE_STOP_AT: 'guest-frozen' });
+      const output = collectOutput(child);
+      await stoppedItself(child);
+      await waitFor('the watchdog to thaw the guest', async () => (await freezeStatus()) === 'thawed', { everyMs: 500 });
+      child.kill('SIGCONT');
+      const { code } = await exitOf(child);
+      const out = parseJson<BackupOut & { error?: { code: string; message: string } }>(output.stdout());
+      const why = /backup-begin returned \d+ ms after the freeze, past the freeze timeout \(3000 ms\); the guest was no longer frozen when the engine thawed it: the guest may have been thawed before the checkpoint/;
+      if (mode === 'required') {
+        expect(code).toBe(1);
+        expect(out.error).toMatchObject({ code: 'ENGINE_QUIESCE_FAILED', message: expect.stringMatching(why) });
+        // The checkpoint backup-begin made is deleted with the failed backup.
+        expect(await checkpoints(DOMAIN)).toEqual(before);
+      } else {
+        expect(code, output.stderr()).toBe(0);
+        expect(out.consistency).toMatchObject({ level: 'crash', method: 'qemu-guest-agent fsfreeze tried', freezeMs: null, reason: expect.stringMatching(why) });
+      }
+      expect(await freezeStatus()).toBe('thawed');
+      expect(await watchdogs(DOMAIN)).toEqual([]);
+    }
+  }, 600_000);
+
   test('a failing pre-freeze hook: required fails with its output and leaves no checkpoint; try backs up crash-consistent and says why', async () => {
     const before = await checkpoints(DOMAIN);
     const failing = ['--pre-freeze', 'echo database-not-ready; exit 3', '--post-thaw', 'echo post > /data/post-after-failure'];
@@ -232,7 +257,9 @@ describe('backup --libvirt --quiesce on a real guest', () => {
   test('an agent that never answers: required fails, try backs up crash-consistent; the guest is not left frozen', async () => {
     const before = await checkpoints(DOMAIN);
     // The agent stopped (its channel open, nothing answering) for 60 s, by a process of its own that outlives the command.
-    expect(await guestShell('(a=$(pidof qemu-ga); kill -STOP $a; sleep 60; kill -CONT $a) >/dev/null 2>&1 </dev/null &')).toMatchObject({ exitcode: 0 });
+    // Started without waiting for its end (the agent could not say it); a second's delay lets guest-exec answer first.
+    await agent(DOMAIN, 'guest-exec', { path: '/bin/sh', arg: ['-c', '(sleep 1; a=$(pidof qemu-ga); kill -STOP $a; sleep 60; kill -CONT $a) >/dev/null 2>&1 </dev/null &'] });
+    await waitFor('the agent to stop answering', () => sh('virsh', ['-q', 'qemu-agent-command', DOMAIN, '{"execute":"guest-ping"}', '--timeout', '2']).then(() => false, () => true), { everyMs: 200 });
     const required = await backup(['--libvirt', DOMAIN, '--quiesce', '--freeze-timeout', '5']);
     expect(required.code).toBe(1);
     expect(required.error!.code).toBe('ENGINE_QUIESCE_FAILED');

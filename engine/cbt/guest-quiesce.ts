@@ -88,27 +88,30 @@ export async function quiesced(domain: string, request: QuiesceRequest | undefin
   /** When backup-begin returned, in ms after the freeze was asked for. */
   let pointTakenMs = 0;
   let freezeMs = 0;
+  /** File systems the engine's thaw thawed; undefined when it failed. */
+  let thawedCount: number | undefined;
   try {
     crashPoint('guest-frozen');
     await act();
     pointTakenMs = performance.now() - started;
     crashPoint('guest-checkpoint-taken');
   } finally {
-    const thawed = await thaw(domain, freezeTimeoutMs + VIRSH_GRACE_MS).then(
-      () => true,
-      (error: unknown) => {
-        notice(`domain ${domain}: the thaw failed (${agentWords((error as Error).message)}); the watchdog thaws the guest ${freezeTimeoutMs / 1000} s after the freeze`);
-        return false;
-      },
-    );
+    thawedCount = await thaw(domain, freezeTimeoutMs + VIRSH_GRACE_MS).catch((error: unknown) => {
+      notice(`domain ${domain}: the thaw failed (${agentWords((error as Error).message)}); the watchdog thaws the guest ${freezeTimeoutMs / 1000} s after the freeze`);
+      return undefined;
+    });
     freezeMs = Math.round(performance.now() - started);
-    if (thawed) watchdog.stop();
+    if (thawedCount !== undefined) watchdog.stop();
     await afterThaw(domain, request, hookTimeoutMs, notice);
   }
   // The watchdog's deadline counts from its start, before the freeze: a backup-begin that returned later may have
   // taken its point in time after the watchdog thawed the guest.
-  if (pointTakenMs >= freezeTimeoutMs) {
-    const why = `backup-begin returned ${Math.round(pointTakenMs)} ms after the freeze, past the freeze timeout (${freezeTimeoutMs} ms): the guest may have been thawed before the checkpoint`;
+  // A thaw that found nothing frozen: something thawed the guest first (the watchdog, another agent client), maybe
+  // before the checkpoint.
+  const late = pointTakenMs >= freezeTimeoutMs ? `backup-begin returned ${Math.round(pointTakenMs)} ms after the freeze, past the freeze timeout (${freezeTimeoutMs} ms)` : undefined;
+  const early = thawedCount === 0 ? 'the guest was no longer frozen when the engine thawed it' : undefined;
+  if (late !== undefined || early !== undefined) {
+    const why = `${[late, early].filter((w) => w !== undefined).join('; ')}: the guest may have been thawed before the checkpoint`;
     if (request.mode === 'required') throw new QuiesceFailedError(domain, why);
     notice(`domain ${domain}: the backup is crash-consistent: ${why}`);
     return { level: 'crash', method: `${FSFREEZE} tried`, freezeMs: null, reason: why };
@@ -117,8 +120,12 @@ export async function quiesced(domain: string, request: QuiesceRequest | undefin
   return { level: hooked ? 'application' : 'filesystem', method: hooked ? `${FSFREEZE} with pre-freeze hooks` : FSFREEZE, freezeMs, reason: null };
 }
 
-async function thaw(domain: string, timeoutMs: number): Promise<void> {
-  await runTool('virsh', ['-q', 'domfsthaw', domain], { timeoutMs });
+/** `virsh domfsthaw` (not quiet: its count is the only output): how many file systems it thawed. */
+async function thaw(domain: string, timeoutMs: number): Promise<number> {
+  const said = await runTool('virsh', ['domfsthaw', domain], { timeoutMs });
+  const count = /Thawed (\d+) file ?system/iu.exec(said)?.[1];
+  // A libvirt that words it otherwise: the thaw succeeded, its count unknown (taken as having thawed).
+  return count === undefined ? 1 : Number(count);
 }
 
 /** Post-thaw hooks: each runs once the guest was frozen, whatever the backup's fate; a failure is said, not thrown. */
