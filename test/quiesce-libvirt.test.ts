@@ -68,9 +68,17 @@ async function watchdogs(domain: string): Promise<number[]> {
 }
 
 async function backup(args: string[], env: Record<string, string> = {}): Promise<{ code: number; out: BackupOut | undefined; error: { code: string; message: string } | undefined; stderr: string }> {
-  const result = await runEngine(['backup', '--repo', repo, '--json', ...args], { env });
+  const result = await runEngine(['backup', '--repo', repo, '--json', ...args], { env: { ...env, ...runDirs() } });
   const parsed = result.stdout.trim() ? parseJson<BackupOut & { error?: { code: string; message: string } }>(result.stdout) : undefined;
   return { code: result.code, out: parsed?.error ? undefined : parsed, error: parsed?.error, stderr: result.stderr };
+}
+
+/**
+ * The engine's libvirt job directories in the test's own folder: an engine killed with -9 leaves its own behind
+ * (what a dead run left is not cleaned up by the next one), and the folder goes with the test.
+ */
+function runDirs(): Record<string, string> {
+  return { TMPDIR: dir.path };
 }
 
 /** The backup restored to a raw file, its root partition (from 1 MiB, test/guest/build-tiny-guest.sh) apart. */
@@ -139,7 +147,7 @@ describe('backup --libvirt --quiesce on a real guest', () => {
         '--pre-freeze-host', `echo "$ENGINE_HOOK $ENGINE_DOMAIN $(${status})" >> ${hooks}`,
         '--post-thaw-host', `echo "$ENGINE_HOOK $ENGINE_DOMAIN $(${status})" >> ${hooks}`,
       ],
-      { ENGINE_STOP_AT: 'guest-frozen,guest-checkpoint-taken' },
+      { ENGINE_STOP_AT: 'guest-frozen,guest-checkpoint-taken', ...runDirs() },
     );
     const output = collectOutput(child);
     await stoppedItself(child);
@@ -203,7 +211,7 @@ describe('backup --libvirt --quiesce on a real guest', () => {
   test('an engine that stalls past the freeze timeout: the watchdog thaws, and the backup is not taken for quiesced', async () => {
     const before = await checkpoints(DOMAIN);
     for (const mode of ['required', 'try']) {
-      const child = spawnEngine(['backup', '--repo', repo, '--libvirt', DOMAIN, '--json', `--quiesce=${mode}`, '--freeze-timeout', '3'], { ENGINE_STOP_AT: 'guest-frozen' });
+      const child = spawnEngine(['backup', '--repo', repo, '--libvirt', DOMAIN, '--json', `--quiesce=${mode}`, '--freeze-timeout', '3'], { ENGINE_STOP_AT: 'guest-frozen', ...runDirs() });
       const output = collectOutput(child);
       await stoppedItself(child);
       await waitFor('the watchdog to thaw the guest', async () => (await freezeStatus()) === 'thawed', { everyMs: 500 });

@@ -104,10 +104,9 @@ export async function quiesced(domain: string, request: QuiesceRequest | undefin
     if (thawedCount !== undefined) watchdog.stop();
     await afterThaw(domain, request, hookTimeoutMs, notice);
   }
-  // The watchdog's deadline counts from its start, before the freeze: a backup-begin that returned later may have
-  // taken its point in time after the watchdog thawed the guest.
-  // A thaw that found nothing frozen: something thawed the guest first (the watchdog, another agent client), maybe
-  // before the checkpoint.
+  // Not trusted as quiesced: a backup-begin that returned past the freeze timeout (the watchdog's deadline counts
+  // from its start, before the freeze, so it may have thawed the guest before the point in time), or a thaw that
+  // found nothing frozen (something thawed the guest first: the watchdog, another agent client).
   const late = pointTakenMs >= freezeTimeoutMs ? `backup-begin returned ${Math.round(pointTakenMs)} ms after the freeze, past the freeze timeout (${freezeTimeoutMs} ms)` : undefined;
   const early = thawedCount === 0 ? 'the guest was no longer frozen when the engine thawed it' : undefined;
   if (late !== undefined || early !== undefined) {

@@ -698,6 +698,12 @@ function validateRecord(json: unknown, id: string, blockSize: number): BackupRec
   for (const a of json.attachments as unknown[]) {
     if (!isObject(a) || typeof a.name !== 'string' || a.name === '' || typeof a.mediaType !== 'string' || typeof a.data !== 'string') throw bad('an attachment is not {name, mediaType, data}');
   }
+  // SPEC 9: `consistency` is optional; when present, a known level, a method, freezeMs null or whole, reason null or text.
+  if (json.consistency !== undefined) {
+    const c = json.consistency;
+    if (!isObject(c) || !['application', 'filesystem', 'crash'].includes(c.level as string) || typeof c.method !== 'string') throw bad('consistency is not {level, method, freezeMs, reason}');
+    if ((c.freezeMs !== null && !isWhole(c.freezeMs)) || (c.reason !== null && typeof c.reason !== 'string')) throw bad('consistency freezeMs or reason');
+  }
   if (!Array.isArray(json.disks) || json.disks.length === 0) throw bad('no disks');
   const names = new Set<string>();
   const disks: DiskRecord[] = [];
