@@ -1,7 +1,7 @@
 /** The engine's public API: what the CLI, bench/ and test/ (and backup vendors) call. */
 export { initRepository } from './catalogue/init.js';
 export { backup, type BackupOptions, type BackupResult } from './backup/backup.js';
-export type { BackupDisk, BackupFrom, ChainPolicy } from './backup/request.js';
+export type { BackupDisk, BackupFrom, ChainPolicy, QuiesceRequest } from './backup/request.js';
 export type { RequestedMode, ChainArgs, CbtProvision, CbtSession } from './cbt/chain.js';
 export { restore, type RestoreOptions, type RestoreResult, type RestoredDisk, type RestoreProgress } from './restore/restore.js';
 export type { RestoreTarget, RollbackPolicy, WritePolicy } from './restore/request.js';

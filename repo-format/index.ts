@@ -3,7 +3,7 @@ export * from './constants.js';
 export * from './errors.js';
 export { Repository, type OpenOptions, type OpenReport } from './repository.js';
 export { type RepositoryConfig, validateBlockSize } from './config.js';
-export { type BackupRecord, type DiskRecord, type DiskStats, type BackupType, mapRootOf } from './backup-record.js';
+export { type BackupRecord, type Consistency, type DiskRecord, type DiskStats, type BackupType, mapRootOf } from './backup-record.js';
 export { readMap, mapDepth, MapBuilder, type MapRoot, type MapRun } from './block-map.js';
 export { DiskGeometry, blockCount, blockAt, blockOffset } from './disk-geometry.js';
 export { packPath, scanPack } from './pack-file.js';

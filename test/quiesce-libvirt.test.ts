@@ -282,6 +282,20 @@ describe('backup --libvirt --quiesce on a real guest', () => {
     await waitFor('the watchdogs to exit', async () => (await watchdogs(DOMAIN)).length === 0, { everyMs: 500 });
   }, 600_000);
 
+  test('a guest whose agent is gone (the channel there, qemu-ga not running): required fails, try backs up crash-consistent', async () => {
+    // Last of the guest's cases: nothing in the guest can start the agent again.
+    await agent(DOMAIN, 'guest-exec', { path: '/bin/sh', arg: ['-c', '(sleep 1; kill $(pidof qemu-ga)) >/dev/null 2>&1 </dev/null &'] });
+    await waitFor('the agent to be gone', () => sh('virsh', ['-q', 'qemu-agent-command', DOMAIN, '{"execute":"guest-ping"}', '--timeout', '2']).then(() => false, () => true), { everyMs: 200 });
+    const before = await checkpoints(DOMAIN);
+    const required = await backup(['--libvirt', DOMAIN, '--quiesce', '--freeze-timeout', '5']);
+    expect(required.error).toMatchObject({ code: 'ENGINE_QUIESCE_FAILED', message: expect.stringMatching(/the guest agent's freeze failed: .*(not connected|not responding|not available)/) });
+    expect(await checkpoints(DOMAIN)).toEqual(before);
+    const tried = await backup(['--libvirt', DOMAIN, '--quiesce=try', '--freeze-timeout', '5']);
+    expect(tried.code, tried.stderr).toBe(0);
+    expect(tried.out!.consistency).toMatchObject({ level: 'crash', freezeMs: null, reason: expect.stringMatching(/freeze failed: .*(not connected|not responding|not available)/) });
+    await waitFor('the watchdogs to exit', async () => (await watchdogs(DOMAIN)).length === 0, { everyMs: 500 });
+  }, 600_000);
+
   test('a domain without a guest agent channel: required says so, try backs up crash-consistent', async () => {
     const required = await backup(['--libvirt', BARE, '--quiesce']);
     expect(required.error).toMatchObject({ code: 'ENGINE_QUIESCE_FAILED', message: expect.stringMatching(/guest agent is not configured/i) });
