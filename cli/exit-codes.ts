@@ -67,6 +67,7 @@ export const ENGINE_EXITS: Readonly<Record<EngineErrorCode, ExitCode>> = {
   ENGINE_OVIRT_AUTH: EXIT.failed,
   ENGINE_OVIRT_CONNECT: EXIT.failed,
   ENGINE_OVERLAY_FAILED: EXIT.failed,
+  ENGINE_QUIESCE_FAILED: EXIT.failed,
 };
 
 const EXITS: Readonly<Record<StorageErrorCode | EngineErrorCode, ExitCode>> = { ...STORAGE_EXITS, ...ENGINE_EXITS };

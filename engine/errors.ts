@@ -21,6 +21,7 @@ declare module '../repo-format/errors.js' {
     ENGINE_OVIRT_AUTH: 'engine';
     ENGINE_OVIRT_CONNECT: 'engine';
     ENGINE_OVERLAY_FAILED: 'engine';
+    ENGINE_QUIESCE_FAILED: 'engine';
   }
 }
 
@@ -100,6 +101,17 @@ export class TargetUnwritableError extends EngineError {
 export class OverlayFailedError extends EngineError {
   constructor(message: string, errno?: string, options?: { cause?: unknown }) {
     super('ENGINE_OVERLAY_FAILED', message, errno === undefined ? {} : { errno }, options);
+  }
+}
+
+/**
+ * `backup --quiesce=required` could not establish file-system consistency (no guest agent, an agent that does
+ * not answer, a freeze, thaw or pre-freeze hook that failed, a freeze that outlasted its timeout); the backup
+ * failed before its record, and the checkpoint it may have created is deleted. `try` falls back instead.
+ */
+export class QuiesceFailedError extends EngineError {
+  constructor(domain: string, why: string) {
+    super('ENGINE_QUIESCE_FAILED', `cannot quiesce domain ${domain}: ${why}`, { domain, why });
   }
 }
 

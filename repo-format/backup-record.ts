@@ -64,6 +64,25 @@ export interface RecordAttachment {
   data: string;
 }
 
+/**
+ * How consistent the guest's disks were at the backup's point in time (SPEC.md 9), and how that was established.
+ * `filesystem`: the guest's file systems were frozen (its agent's fsfreeze) around the point in time;
+ * `application`: also the applications, through hooks or the guest's own freeze hooks (VSS); `crash`: as after
+ * a power cut. A record without it (older engines) is `crash`, not recorded.
+ */
+export interface Consistency {
+  level: 'application' | 'filesystem' | 'crash';
+  /** How it was established, e.g. "qemu-guest-agent fsfreeze", "no quiesce asked". */
+  method: string;
+  /** How long the guest's file systems were frozen, in milliseconds; null when they were not. */
+  freezeMs: number | null;
+  /** Why a quiesce asked as `try` fell back to crash consistency; null otherwise. */
+  reason: string | null;
+}
+
+/** What a backup that froze nothing records. */
+export const NO_QUIESCE: Consistency = { level: 'crash', method: 'no quiesce asked', freezeMs: null, reason: null };
+
 export interface BackupRecord {
   version: 1;
   id: string;
@@ -77,6 +96,8 @@ export interface BackupRecord {
   blockSize: number;
   disks: DiskRecord[];
   attachments: RecordAttachment[];
+  /** Absent in records of older engines (read as crash consistency, not recorded). */
+  consistency?: Consistency;
 }
 
 export function mapRootOf(disk: DiskRecord): MapRoot {
@@ -129,6 +150,16 @@ function checkDisk(disk: unknown, blockSize: number): string | undefined {
   return undefined;
 }
 
+function consistencyProblem(value: unknown): string | undefined {
+  if (typeof value !== 'object' || value === null) return 'consistency is not an object';
+  const c = value as Record<string, unknown>;
+  if (c.level !== 'application' && c.level !== 'filesystem' && c.level !== 'crash') return `unknown consistency level ${String(c.level)}`;
+  if (!isText(c.method)) return 'consistency has no method';
+  if (c.freezeMs !== null && !isCount(c.freezeMs)) return 'consistency freezeMs is neither null nor a count';
+  if (c.reason !== null && !isText(c.reason)) return 'consistency reason is neither null nor text';
+  return undefined;
+}
+
 export function decodeBackupRecord(bytes: Buffer, where: string): BackupRecord {
   let value: unknown;
   try {
@@ -154,6 +185,10 @@ export function decodeBackupRecord(bytes: Buffer, where: string): BackupRecord {
   for (const a of r.attachments as unknown[]) {
     const x = a as Record<string, unknown> | null;
     if (!x || !isText(x.name) || x.name.length === 0 || !isText(x.mediaType) || !isText(x.data)) fail('an attachment lacks a name, media type or data');
+  }
+  if (r.consistency !== undefined) {
+    const problem = consistencyProblem(r.consistency);
+    if (problem) fail(problem);
   }
   const names = new Set<string>();
   for (const disk of r.disks as unknown[]) {

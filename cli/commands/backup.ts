@@ -31,6 +31,7 @@ interface BackupCliOptions {
   auto?: boolean;
   json?: boolean;
   workers?: number;
+  quiesce?: 'required' | 'try';
 }
 
 export function registerBackupCommand(program: Command): void {
@@ -41,6 +42,7 @@ export function registerBackupCommand(program: Command): void {
     .option('--source <path|uri>', 'raw image, block device or NBD URI, read whole; repeat for each disk', opt.collect)
     .option('--image <qcow2>', "qcow2 image of a stopped VM: incremental and differential backups from its dirty bitmaps; repeat for each disk", opt.collect)
     .option('--libvirt <domain>', 'a running libvirt domain: all its disks, through checkpoints and a pull-mode backup')
+    .addOption(new Option('--quiesce [mode]', "with --libvirt or --ovirt: freeze the guest's file systems through its agent at the backup's point in time; required (bare --quiesce): fail if it cannot; try: crash-consistent then, the reason recorded").choices(['required', 'try']).preset('required'))
     .option('--ovirt <url>', 'an oVirt engine (https://engine.example.org): back up --vm through its incremental backup API, or with --appliance through this backup appliance')
     .option('--vm <name>', 'with --ovirt: the VM to back up')
     .option('--appliance <name>', 'with --ovirt: the name of this backup appliance VM (the disk-attachment flow: full backups)')
@@ -94,8 +96,8 @@ async function ovirtBackup(opts: BackupCliOptions & { ovirt: string }, passphras
   }
   const { record } =
     opts.appliance !== undefined
-      ? await engine.ovirtApplianceBackup({ ...common, appliance: opts.appliance, deviceRoot: opts.deviceRoot })
-      : await engine.ovirtIncrementalBackup({ ...common, mode: chainPolicy(opts).mode });
+      ? await engine.ovirtApplianceBackup({ ...common, appliance: opts.appliance, deviceRoot: opts.deviceRoot, quiesce: opts.quiesce })
+      : await engine.ovirtIncrementalBackup({ ...common, mode: chainPolicy(opts).mode, quiesce: opts.quiesce });
   progress.done();
   return record;
 }

@@ -10,7 +10,7 @@ import { Repository } from '../../repo-format/repository.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
 import { adoptName, checkName, displayText } from '../../repo-format/names.js';
-import { type BackupRecord, type BackupType, type DiskCbt, type DiskRecord, type RecordAttachment } from '../../repo-format/backup-record.js';
+import { type BackupRecord, type BackupType, type Consistency, type DiskCbt, type DiskRecord, type RecordAttachment } from '../../repo-format/backup-record.js';
 import { BlockPool } from '../pipeline/block-pool.js';
 import { backupDisk, type BackupDiskContext, type DiskProgress } from '../pipeline/backup-disk.js';
 import { FileSource } from '../sources/file-source.js';
@@ -63,6 +63,11 @@ export interface BackupOptions {
   name?: string | undefined;
   /** Documents kept with the backup (e.g. the VM's OVF). */
   attachments?: RecordAttachment[] | undefined;
+  /**
+   * The guest's consistency at the backup's point in time (SPEC.md 9), recorded as given. A function when only
+   * the provider learns it (an oVirt backup started inside `provide`): asked when the record is written.
+   */
+  consistency?: Consistency | (() => Consistency | undefined) | undefined;
   /** How the chains continue; default `auto`: incremental where a valid chain exists, full otherwise. */
   chain?: ChainPolicy | undefined;
   workers?: number | undefined;
@@ -351,7 +356,13 @@ function recordOf(run: BackupRun, name: string, blockSize: number, disks: DiskRe
     blockSize,
     disks,
     attachments: run.options.attachments ?? [],
+    ...consistencyOf(run.options.consistency),
   };
+}
+
+function consistencyOf(given: BackupOptions['consistency']): { consistency?: Consistency } {
+  const consistency = typeof given === 'function' ? given() : given;
+  return consistency ? { consistency } : {};
 }
 
 /** The commit point; then what the run found of lost packs is said. */

@@ -1,0 +1,146 @@
+/**
+ * Quiesce in the oVirt flows (`backup --ovirt … --quiesce[=required|try]`): what oVirt offers in each flow,
+ * and how the engine reads back whether the guest was frozen. From oVirt's sources (ENGINE = ovirt-engine
+ * @ 0111fc63, BLL = its backend/manager/modules/bll/…/core/bll; VDSM = vdsm @ fd4b0df2; MODEL =
+ * ovirt-engine-api-model @ 4fb1a804):
+ *
+ * - A snapshot (POST vms/{id}/snapshots) has no quiesce parameter (MODEL services/SnapshotsService.java,
+ *   types/Snapshot.java). By default the engine leaves the freeze to VDSM (BLL snapshots/
+ *   CreateSnapshotForVmCommand.shouldFreezeOrThawVm: LiveSnapshotPerformFreezeInEngine is false from 4.4,
+ *   packaging/dbscripts/upgrade/pre_upgrade/0000_config.sql), and VDSM's snapshot job freezes through the
+ *   guest agent and drops the result (lib/vdsm/virt/jobs/snapshot.py: `self._vm.freeze()`; virt/vm.py
+ *   `freeze` only logs "Unable to freeze guest filesystems"): nothing in the API says whether a snapshot was
+ *   quiesced. So the engine freezes the guest itself with the VM's `freezefilesystems` action — what oVirt
+ *   says to do where the manager does not freeze (MODEL services/VmService.java FreezeFilesystems: "must be
+ *   executed manually with the API for virtual machines using OpenStack Volume (Cinder) disks"), and the
+ *   window oVirt's own freeze-in-engine mode holds (CreateSnapshotForVmCommand.freezeVm before the disks'
+ *   snapshots, CreateLiveSnapshotForVmCommand.thawVm after) — and reads the answer: success (BLL
+ *   FreezeVmCommand, event FREEZE_VM_SUCCESS 10767) or a fault (USER_FAILED_TO_FREEZE_VM 10769: no agent
+ *   "Guest agent non responsive", a guest that cannot freeze "Unable to freeze guest filesystems",
+ *   VdsmErrors.properties). VDSM's snapshot job then asks for a freeze again (refused by the frozen guest's
+ *   agent, ignored) and always thaws right after libvirt's snapshot (snapshot.py `_thaw_vm`: "Must always
+ *   thaw, even if freeze failed"); the engine's `thawfilesystems` once the snapshot is made is the backstop.
+ * - A live backup (BLL storage/backup/StartVmBackupCommand: cluster below 4.7, VM up) takes
+ *   `require_consistency` (MODEL services/VmBackupsService.java Add, since 4.4.4): VDSM freezes the guest
+ *   right before backupBegin and, with it, fails the backup when the freeze fails (lib/vdsm/virt/backup.py
+ *   start_backup: "Failed freeze VM"), thawing always. A backup that reaches `ready` with it was frozen; one
+ *   that fails says why in the engine's events (VDS_BROKER_COMMAND_FAILURE 10802 carries VDSM's message:
+ *   vdsbroker/VdsBrokerCommand.logToAudit). Without it VDSM still tries the freeze and ignores a failure.
+ * - A hybrid backup (cluster 4.7+, BLL storage/backup/HybridBackupCommand) ignores `require_consistency`
+ *   (REST resource/BackendVmBackupsResource.add builds its VmBackupParameters without it) and takes its point
+ *   in time by a snapshot (CreateSnapshotForVm): frozen around like a snapshot, until the backup is ready.
+ * - A VM that is down has no guest to freeze (FreezeVmCommand.validate wants status Up): `required` fails,
+ *   `try` records crash consistency and why.
+ */
+import type { Consistency } from '../../repo-format/backup-record.js';
+import type { JournalEntry } from '../../repo-format/journal.js';
+import { OvirtFaultError, QuiesceFailedError } from '../errors.js';
+import type { OvirtClient } from './client.js';
+import type { RunJournal } from './cleanup.js';
+import { VmStatus } from './vocabulary.js';
+import { eventList } from './answers.js';
+
+/** `required`: a backup whose guest cannot be frozen fails (ENGINE_QUIESCE_FAILED); `try`: it is taken crash-consistent, the reason recorded. */
+export type OvirtQuiesceMode = 'required' | 'try';
+
+export const NO_QUIESCE: Consistency = { level: 'crash', method: 'no quiesce asked', freezeMs: null, reason: null };
+
+/** The VM to quiesce, as the flow read it. */
+export interface QuiesceTarget {
+  id: string;
+  name: string;
+  status: string | undefined;
+}
+
+/** A quiesce that could not be had: `required` fails, `try` records why. */
+function fallBack(vm: QuiesceTarget, mode: OvirtQuiesceMode, method: string, why: string, notice: (m: string) => void): Consistency {
+  if (mode === 'required') throw new QuiesceFailedError(vm.name, why);
+  notice(`VM ${vm.name} could not be quiesced (${why}): the backup is crash-consistent`);
+  return { level: 'crash', method, freezeMs: null, reason: why };
+}
+
+/** Down (or any state but up): nothing runs to freeze; undefined when the VM is up. */
+export function notRunning(vm: QuiesceTarget, mode: OvirtQuiesceMode, notice: (m: string) => void): Consistency | undefined {
+  if (vm.status === VmStatus.up) return undefined;
+  return fallBack(vm, mode, 'no running guest to freeze', `the VM is ${vm.status ?? 'in no known state'}, not up: oVirt freezes only a running guest`, notice);
+}
+
+/** POST vms/{id}/thawfilesystems: a guest that is not frozen thaws nothing and succeeds (VDSM vm.py `thaw`). */
+export async function thawGuest(client: OvirtClient, vmId: string): Promise<void> {
+  await client.post(`vms/${vmId}/thawfilesystems`, 'action', {});
+}
+
+/**
+ * `act` (a snapshot asked for and made, a hybrid backup started until ready) with the guest's file systems
+ * frozen through the VM's freezefilesystems action, thawed after whatever happened. The freeze is journaled
+ * first, so that a run killed while the guest is frozen is thawed by `engine ovirt cleanup` or the next run
+ * (VDSM's snapshot job thaws it too, once it ran). `freezeMs` is measured from the freeze's answer to the
+ * thaw's: VDSM thaws as soon as libvirt's snapshot returns, so the guest was frozen at most that long.
+ */
+export async function frozenAround<T>(client: OvirtClient, journal: RunJournal, vm: QuiesceTarget, mode: OvirtQuiesceMode, act: () => Promise<T>, notice: (m: string) => void): Promise<{ value: T; consistency: Consistency }> {
+  const down = notRunning(vm, mode, notice);
+  if (down) return { value: await act(), consistency: down };
+  const entry: JournalEntry = await journal.track({ kind: 'freeze', vm: vm.id });
+  let frozenAt: number;
+  try {
+    await client.post(`vms/${vm.id}/freezefilesystems`, 'action', {});
+    frozenAt = performance.now();
+  } catch (error) {
+    // A freeze the agent carried out after VDSM stopped waiting would hold the guest: thaw, as VDSM does.
+    await thawGuest(client, vm.id).catch(() => undefined);
+    await journal.forget(entry);
+    if (!(error instanceof OvirtFaultError)) throw error;
+    const consistency = fallBack(vm, mode, 'oVirt freezefilesystems failed', `oVirt could not freeze the guest's file systems: ${error.message}`, notice);
+    return { value: await act(), consistency };
+  }
+  let value: T;
+  let freezeMs: number;
+  try {
+    value = await act();
+  } finally {
+    const thawed = await thawGuest(client, vm.id).then(
+      () => true,
+      (error: unknown) => (notice(`could not thaw VM ${vm.name}: ${(error as Error).message}; \`engine ovirt cleanup\` or the next run will`), false),
+    );
+    freezeMs = Math.round(performance.now() - frozenAt);
+    if (thawed) await journal.forget(entry);
+  }
+  return { value, consistency: { level: 'filesystem', method: "oVirt freezefilesystems (the guest agent's fsfreeze) around the snapshot", freezeMs, reason: null } };
+}
+
+/**
+ * The newest event's id: the failures of what is asked after it are the events with greater ids (MODEL
+ * services/EventsService.java List: "The indexes of events are strictly increasing"; `max=1` gives the newest).
+ */
+export async function newestEvent(client: OvirtClient): Promise<number> {
+  return (await client.read('events', eventList, { max: '1' }))[0]?.id ?? 0;
+}
+
+/**
+ * Why a live backup asked with `require_consistency` failed, if it was the freeze: VDSM's BackupError
+ * "Failed freeze VM: …" naming the VM, in the VDS_BROKER_COMMAND_FAILURE (10802) event the engine logs for
+ * the failed StartVmBackup command (lib/vdsm/virt/backup.py start_backup; ENGINE AuditLogType.java,
+ * AuditLogMessages.properties "VDSM ${VdsName} command ${CommandName} failed: ${message}").
+ */
+export async function freezeFailure(client: OvirtClient, vmId: string, since: number): Promise<string | undefined> {
+  const events = await client.read('events', eventList, { from: String(since) });
+  const found = events.find((e) => e.code === VDS_BROKER_COMMAND_FAILURE && e.description.includes('Failed freeze VM') && e.description.includes(vmId));
+  if (!found) return undefined;
+  const reason = /Failed freeze VM: ([^'"]*)/.exec(found.description)?.[1]?.trim();
+  return `oVirt's host could not freeze the guest's file systems (event ${found.id}: ${reason ?? found.description})`;
+}
+
+const VDS_BROKER_COMMAND_FAILURE = 10802;
+
+/** A live backup that reached `ready` with require_consistency: VDSM froze the guest around backupBegin. */
+export const LIVE_BACKUP_FROZEN: Consistency = {
+  level: 'filesystem',
+  method: "oVirt live backup with require_consistency (VDSM froze the guest through its agent around backupBegin)",
+  freezeMs: null,
+  reason: null,
+};
+
+/** A live backup retried without require_consistency after its freeze failed (`try`). */
+export function liveBackupUnfrozen(why: string): Consistency {
+  return { level: 'crash', method: 'oVirt live backup without require_consistency after the freeze failed', freezeMs: null, reason: why };
+}
