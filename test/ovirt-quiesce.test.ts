@@ -4,10 +4,12 @@
  * snapshot; the backup API asks require_consistency of a live backup and reads a failed freeze back from the
  * engine's events; a hybrid backup is frozen around like a snapshot. Each record says its consistency; a
  * required quiesce that cannot be had fails with ENGINE_QUIESCE_FAILED and leaves nothing (no snapshot, no
- * open backup or transfer, no journal) and no frozen guest.
+ * open backup or transfer, no journal, no watchdog) and no frozen guest; an engine killed while the guest is
+ * frozen is outlived by its thaw watchdog.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
 import { parseJson, runEngine, tempDir, journalDir, waitFor } from './helpers.js';
 import { qemuIo } from './qemu.js';
@@ -67,6 +69,18 @@ async function expectNothingLeft(vm: SimVm): Promise<void> {
   expect([...sim.transfers.values()].filter((t) => t.phase === 'transferring' || t.phase === 'initializing' || t.phase === 'paused_system')).toEqual([]);
   expect(await readdir(await journalDir(repo)).catch(() => [])).toEqual([]);
   expect(vm.frozen).toBe(false);
+  expect(await watchdogs()).toEqual([]);
+}
+
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+/** Thaw watchdogs (engine/ovirt/thaw-watchdog.ts) of this tree still running: the engine ends its own once it thawed. */
+async function watchdogs(): Promise<string[]> {
+  const found: string[] = [];
+  for (const pid of (await readdir('/proc')).filter((p) => /^\d+$/.test(p))) {
+    const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    if (cmdline.includes(`${ROOT}dist/`) && cmdline.includes('thaw-watchdog')) found.push(`${pid}: ${cmdline.replace(/\0/g, ' ')}`);
+  }
+  return found;
 }
 
 const posts = (vm: SimVm, tail: string): { query: string }[] =>
@@ -168,6 +182,43 @@ describe('oVirt backup API: require_consistency, read back', () => {
     expect(posts(vm, '/backups')).toEqual([]);
     const tried = await backup('cold', ['--quiesce=try']);
     expect(tried.consistency).toEqual({ level: 'crash', method: 'no running guest to freeze', freezeMs: null, reason: 'the VM is down, not up: oVirt freezes only a running guest' });
+    await expectNothingLeft(vm);
+  });
+
+});
+
+describe('the guest never stays frozen', () => {
+  test('the engine killed with -9 while the guest is frozen: its watchdog thaws the guest after the freeze timeout', async () => {
+    const vm = vms.web!;
+    const args = ['backup', '--repo', repo, '--ovirt', sim.url, '--vm', 'web', '--appliance', 'appliance', '--device-root', sim.deviceRoot, '--quiesce'];
+    const killed = await runEngine(args, { env: { ...SIM_ENV, ENGINE_CRASH_AT: 'guest-frozen', ENGINE_OVIRT_FREEZE_TIMEOUT: '2' } });
+    expect(killed.code).toBe(137);
+    expect(vm.frozen).toBe(true);
+    expect(await watchdogs()).toHaveLength(1);
+    await waitFor('the watchdog to thaw the guest', () => !vm.frozen, { everyMs: 50 });
+    await waitFor('the watchdog to exit', async () => (await watchdogs()).length === 0, { everyMs: 50 });
+    expect(sim.events.at(-1)).toMatchObject({ code: 10768, description: 'Guest filesystems on VM web have been thawed successfully.' });
+    // The run's journal names the freeze (and the snapshot it was asking for): cleanup thaws again (a thawed
+    // guest is fine) and forgets it.
+    const cleaned = await runEngine(['ovirt', 'cleanup', '--repo', repo, '--ovirt', sim.url, '--json'], { env: SIM_ENV });
+    expect(cleaned.code).toBe(0);
+    expect(parseJson<{ messages: string[] }>(cleaned.stdout).messages).toContain(`thawed leftover freeze ${vm.id} of an interrupted run`);
+    await expectNothingLeft(vm);
+  });
+
+  test('a snapshot slower than the freeze timeout is not counted as quiesced: required fails and leaves nothing, try says why', async () => {
+    const vm = vms.web!;
+    const slow = { ...SIM_ENV, ENGINE_OVIRT_FREEZE_TIMEOUT: '0.2' }; // the simulator's snapshot takes ~0.3 s
+    const args = ['backup', '--repo', repo, '--ovirt', sim.url, '--vm', 'web', '--appliance', 'appliance', '--device-root', sim.deviceRoot, '--json'];
+    const required = await runEngine([...args, '--quiesce'], { env: slow });
+    expect(required.code).toBe(1);
+    expect(parseJson<{ error: { code: string; message: string } }>(required.stdout).error).toMatchObject({ code: 'ENGINE_QUIESCE_FAILED', message: expect.stringContaining('longer than the freeze timeout') });
+    await expectNothingLeft(vm);
+    const tried = await runEngine([...args, '--quiesce=try'], { env: slow });
+    expect(tried.code).toBe(0);
+    const record = JSON.parse(await readFile(join(repo, 'backups', parseJson<{ id: string }>(tried.stdout).id), 'utf8')) as { consistency: Consistency };
+    expect(record.consistency).toMatchObject({ level: 'crash', method: 'oVirt freezefilesystems outlasted its timeout', freezeMs: null });
+    await waitFor('the watchdog to exit', async () => (await watchdogs()).length === 0, { everyMs: 50 });
     await expectNothingLeft(vm);
   });
 

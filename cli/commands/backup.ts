@@ -76,6 +76,7 @@ function diskProgress(): { onProgress: (p: { disk: string; diskIndex: number; di
 
 /** --source, --image or --libvirt: one engine call with the typed request. */
 async function plainBackup(opts: BackupCliOptions, passphrase: Buffer | undefined): Promise<BackupRecord> {
+  if (opts.quiesce !== undefined && opts.libvirt === undefined) throw new InvalidArgumentError('--quiesce freezes a running guest: it needs --libvirt or --ovirt');
   const request = backupRequest(opts);
   const progress = diskProgress();
   const { record } = await engine.backup({ repo: opt.requireRepo(opts.repo), passphrase, ...request, workers: opts.workers, signal: interruptSignal(), onProgress: progress.onProgress, onNotice: printNotice });

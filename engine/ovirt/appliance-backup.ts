@@ -45,7 +45,7 @@ export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions)
     try {
       const take = (): Promise<TakenSnapshot> => takeSnapshot(client, journal, vmId, options.vm, wait);
       const { value: snapshot, consistency } = options.quiesce
-        ? await frozenAround(client, journal, { id: vmId, name: options.vm, status: (await client.read(`vms/${vmId}`, vmOf)).status }, options.quiesce, take, notice)
+        ? await frozenAround(client, journal, { id: vmId, name: options.vm, status: (await client.read(`vms/${vmId}`, vmOf)).status }, { mode: options.quiesce, ovirt: options.ovirt }, take, notice)
         : { value: await take(), consistency: NO_QUIESCE };
       const { ovf, disks } = await readSnapshot(client, snapshot, options.vm);
       const devices = await attachDisks(client, journal, { applianceId, snapshotId: snapshot.id, disks, deviceRoot: options.deviceRoot ?? '/dev/disk/by-id' }, wait);

@@ -13,6 +13,9 @@
  * `modeReason`. From cluster level
  * 4.5 oVirt mixes full and incremental disks in one backup (per-disk `backup_mode`); below it, one disk
  * without a valid chain makes every disk a full read.
+ *
+ * With --quiesce (quiesce.ts): a live backup is asked with `require_consistency`, a hybrid one (cluster 4.7+)
+ * started with the guest frozen through freezefilesystems; the record's consistency says what happened.
  */
 import type { JournalEntry } from '../../repo-format/journal.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
@@ -21,7 +24,7 @@ import { backup, openBackupRepository, type BackupResult } from '../backup/backu
 import { chooseChain, settleChain, type CbtDiskJob, type CbtProvision, type Chain, type ChainArgs, type RequestedMode } from '../cbt/chain.js';
 import { OvirtFaultError } from '../errors.js';
 import type { BlockSource } from '../sources/source.js';
-import { readCaFile, type OvirtClient } from './client.js';
+import { readCaFile, type OvirtClient, type OvirtClientOptions } from './client.js';
 import { ImageioSource } from './imageio-source.js';
 import { cancelTransfer, finalizeTransfer, startTransfer } from './transfers.js';
 import { deleteCheckpoint, endBackup, removeSnapshot, RunJournal, undo, withOvirt } from './cleanup.js';
@@ -110,7 +113,7 @@ export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOpti
         ...(ovf ? [{ name: 'ovf', mediaType: 'application/ovf+xml', data: ovf }] : []),
         { name: 'ovirt-vm', mediaType: 'application/json', data: JSON.stringify({ vmId, vmName: options.vm, disks: disks.map((d) => ({ id: d.id, alias: d.name, size: d.size })) }) },
       ],
-      from: { kind: 'provider', provide: (args) => openOvirtBackup({ client, vmId, cluster, disks, args, wait, repo: options.repo, ca, notice, vm, quiesce: options.quiesce, outcome }) },
+      from: { kind: 'provider', provide: (args) => openOvirtBackup({ client, vmId, cluster, disks, args, wait, repo: options.repo, ca, notice, vm, quiesce: options.quiesce, ovirt: options.ovirt, outcome }) },
     });
   });
 }
@@ -128,6 +131,8 @@ interface BackupRun {
   notice: (m: string) => void;
   vm: QuiesceTarget;
   quiesce: OvirtQuiesceMode | undefined;
+  /** The connection, for the thaw watchdog of a frozen hybrid backup (quiesce.ts). */
+  ovirt: OvirtClientOptions;
   /** The consistency the backup that became ready had (set by BackupSession.start). */
   outcome: { consistency?: Consistency };
 }
@@ -278,7 +283,7 @@ class BackupSession {
     }
     // HybridBackupCommand from cluster level 4.7 (UseHybridBackup, 0000_config.sql): a snapshot, frozen around.
     if (atLeast(this.run.cluster.version, 4, 7)) {
-      const { value, consistency } = await frozenAround(client, this.journal, vm, quiesce, () => this.post(from, false), notice);
+      const { value, consistency } = await frozenAround(client, this.journal, vm, { mode: quiesce, ovirt: this.run.ovirt }, () => this.post(from, false), notice);
       outcome.consistency = consistency;
       return value;
     }

@@ -32,10 +32,13 @@
  * - A VM that is down has no guest to freeze (FreezeVmCommand.validate wants status Up): `required` fails,
  *   `try` records crash consistency and why.
  */
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import type { Consistency } from '../../repo-format/backup-record.js';
+import { crashPoint } from '../../repo-format/crash-points.js';
 import type { JournalEntry } from '../../repo-format/journal.js';
 import { OvirtFaultError, QuiesceFailedError } from '../errors.js';
-import type { OvirtClient } from './client.js';
+import type { OvirtClient, OvirtClientOptions } from './client.js';
 import type { RunJournal } from './cleanup.js';
 import { VmStatus } from './vocabulary.js';
 import { eventList } from './answers.js';
@@ -44,6 +47,25 @@ import { eventList } from './answers.js';
 export type OvirtQuiesceMode = 'required' | 'try';
 
 export const NO_QUIESCE: Consistency = { level: 'crash', method: 'no quiesce asked', freezeMs: null, reason: null };
+
+/**
+ * How long the guest may stay frozen: the thaw watchdog thaws it then, whatever became of the engine, and a
+ * snapshot not made by then is not counted as quiesced. 60 s: a snapshot's creation (a volume per disk on
+ * the SPM, then VDSM's job) takes seconds, not minutes, and applications stall their writes for as long as
+ * the freeze lasts; oVirt's own bound on a freeze in VDSM's snapshot job is 8 minutes (LiveSnapshotFreezeTimeout,
+ * 0000_config.sql), far too long for that. Not measured on a real oVirt. `$ENGINE_OVIRT_FREEZE_TIMEOUT`
+ * (seconds) overrides it.
+ */
+export function freezeTimeoutMs(): number {
+  const seconds = Number(process.env.ENGINE_OVIRT_FREEZE_TIMEOUT);
+  return Number.isFinite(seconds) && seconds > 0 ? seconds * 1000 : 60_000;
+}
+
+/** What a quiesce needs besides the client: the mode, and the connection the thaw watchdog logs in with. */
+export interface QuiesceRequest {
+  mode: OvirtQuiesceMode;
+  ovirt: OvirtClientOptions;
+}
 
 /** The VM to quiesce, as the flow read it. */
 export interface QuiesceTarget {
@@ -77,22 +99,28 @@ export async function thawGuest(client: OvirtClient, vmId: string): Promise<void
  * (VDSM's snapshot job thaws it too, once it ran). `freezeMs` is measured from the freeze's answer to the
  * thaw's: VDSM thaws as soon as libvirt's snapshot returns, so the guest was frozen at most that long.
  */
-export async function frozenAround<T>(client: OvirtClient, journal: RunJournal, vm: QuiesceTarget, mode: OvirtQuiesceMode, act: () => Promise<T>, notice: (m: string) => void): Promise<{ value: T; consistency: Consistency }> {
+export async function frozenAround<T>(client: OvirtClient, journal: RunJournal, vm: QuiesceTarget, request: QuiesceRequest, act: () => Promise<T>, notice: (m: string) => void): Promise<{ value: T; consistency: Consistency }> {
+  const { mode } = request;
   const down = notRunning(vm, mode, notice);
   if (down) return { value: await act(), consistency: down };
+  const timeoutMs = freezeTimeoutMs();
   const entry: JournalEntry = await journal.track({ kind: 'freeze', vm: vm.id });
+  const watchdog = await startWatchdog(request.ovirt, vm.id, timeoutMs);
   let frozenAt: number;
   try {
     await client.post(`vms/${vm.id}/freezefilesystems`, 'action', {});
     frozenAt = performance.now();
   } catch (error) {
-    // A freeze the agent carried out after VDSM stopped waiting would hold the guest: thaw, as VDSM does.
+    // A freeze the agent carried out after VDSM stopped waiting would hold the guest: thaw once, as VDSM does
+    // (vm.py's thaw after a failed freeze). A guest whose agent cannot be reached has nothing frozen to watch.
     await thawGuest(client, vm.id).catch(() => undefined);
+    watchdog.stop();
     await journal.forget(entry);
     if (!(error instanceof OvirtFaultError)) throw error;
     const consistency = fallBack(vm, mode, 'oVirt freezefilesystems failed', `oVirt could not freeze the guest's file systems: ${error.message}`, notice);
     return { value: await act(), consistency };
   }
+  crashPoint('guest-frozen');
   let value: T;
   let freezeMs: number;
   try {
@@ -100,12 +128,47 @@ export async function frozenAround<T>(client: OvirtClient, journal: RunJournal, 
   } finally {
     const thawed = await thawGuest(client, vm.id).then(
       () => true,
-      (error: unknown) => (notice(`could not thaw VM ${vm.name}: ${(error as Error).message}; \`engine ovirt cleanup\` or the next run will`), false),
+      (error: unknown) => (notice(`could not thaw VM ${vm.name}: ${(error as Error).message}; its watchdog, \`engine ovirt cleanup\` or the next run will`), false),
     );
     freezeMs = Math.round(performance.now() - frozenAt);
-    if (thawed) await journal.forget(entry);
+    if (thawed) {
+      watchdog.stop();
+      await journal.forget(entry);
+    }
+  }
+  // The watchdog may have thawed the guest before the snapshot was made: then nothing says it was frozen.
+  if (performance.now() - watchdog.startedAt >= timeoutMs) {
+    const why = `the snapshot took longer than the freeze timeout (${timeoutMs / 1000} s, $ENGINE_OVIRT_FREEZE_TIMEOUT): the guest may have been thawed before it`;
+    return { value, consistency: fallBack(vm, mode, 'oVirt freezefilesystems outlasted its timeout', why, notice) };
   }
   return { value, consistency: { level: 'filesystem', method: "oVirt freezefilesystems (the guest agent's fsfreeze) around the snapshot", freezeMs, reason: null } };
+}
+
+/**
+ * Starts the thaw watchdog (thaw-watchdog.ts) before the freeze: detached, in its own session, its orders on
+ * stdin. `stop` ends it (by its pid) once the engine's own thaw succeeded.
+ */
+async function startWatchdog(ovirt: OvirtClientOptions, vmId: string, afterMs: number): Promise<{ startedAt: number; stop: () => void }> {
+  const startedAt = performance.now();
+  const script = fileURLToPath(new URL('./thaw-watchdog.js', import.meta.url));
+  const child = spawn(process.execPath, [script], { detached: true, stdio: ['pipe', 'ignore', 'ignore'] });
+  await new Promise<void>((resolve, reject) => {
+    child.once('spawn', resolve);
+    child.once('error', reject);
+  });
+  child.stdin!.end(JSON.stringify({ ovirt, vm: vmId, afterMs }));
+  child.unref();
+  const pid = child.pid!;
+  return {
+    startedAt,
+    stop: () => {
+      try {
+        process.kill(pid, 'SIGTERM');
+      } catch {
+        // Already gone: it thawed (the engine was slower than its timeout) or was ended.
+      }
+    },
+  };
 }
 
 /**
