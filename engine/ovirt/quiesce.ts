@@ -94,9 +94,10 @@ export async function thawGuest(client: OvirtClient, vmId: string): Promise<void
 
 /**
  * `act` (a snapshot asked for and made, a hybrid backup started until ready) with the guest's file systems
- * frozen through the VM's freezefilesystems action, thawed after whatever happened. The freeze is journaled
- * first, so that a run killed while the guest is frozen is thawed by `engine ovirt cleanup` or the next run
- * (VDSM's snapshot job thaws it too, once it ran). `freezeMs` is measured from the freeze's answer to the
+ * frozen through the VM's freezefilesystems action, thawed after whatever happened. Before the freeze a thaw
+ * watchdog is started and the freeze journaled: a run killed while the guest is frozen is outlived by the
+ * watchdog, which thaws it after the freeze timeout, and `engine ovirt cleanup` or the next run thaws it too
+ * (and VDSM's snapshot job, once it ran). `freezeMs` is measured from the freeze's answer to the
  * thaw's: VDSM thaws as soon as libvirt's snapshot returns, so the guest was frozen at most that long.
  */
 export async function frozenAround<T>(client: OvirtClient, journal: RunJournal, vm: QuiesceTarget, request: QuiesceRequest, act: () => Promise<T>, notice: (m: string) => void): Promise<{ value: T; consistency: Consistency }> {
@@ -112,19 +113,26 @@ export async function frozenAround<T>(client: OvirtClient, journal: RunJournal, 
     frozenAt = performance.now();
   } catch (error) {
     // A freeze the agent carried out after VDSM stopped waiting would hold the guest: thaw once, as VDSM does
-    // (vm.py's thaw after a failed freeze). A guest whose agent cannot be reached has nothing frozen to watch.
-    await thawGuest(client, vm.id).catch(() => undefined);
-    watchdog.stop();
-    await journal.forget(entry);
-    if (!(error instanceof OvirtFaultError)) throw error;
+    // (backup.py: "Must always thaw, even if freeze failed"). When oVirt answered that the freeze failed, or
+    // the thaw went through, there is nothing left to watch; otherwise (the engine unreachable: the freeze
+    // may have happened) the watchdog and the journal stay.
+    const thawed = await thawGuest(client, vm.id).then(() => true, () => false);
+    const refused = error instanceof OvirtFaultError;
+    if (thawed || refused) {
+      watchdog.stop();
+      await journal.forget(entry);
+    }
+    if (!refused) throw error;
     const consistency = fallBack(vm, mode, 'oVirt freezefilesystems failed', `oVirt could not freeze the guest's file systems: ${error.message}`, notice);
     return { value: await act(), consistency };
   }
   crashPoint('guest-frozen');
   let value: T;
   let freezeMs: number;
+  let madeAt: number;
   try {
     value = await act();
+    madeAt = performance.now();
   } finally {
     const thawed = await thawGuest(client, vm.id).then(
       () => true,
@@ -137,7 +145,7 @@ export async function frozenAround<T>(client: OvirtClient, journal: RunJournal, 
     }
   }
   // The watchdog may have thawed the guest before the snapshot was made: then nothing says it was frozen.
-  if (performance.now() - watchdog.startedAt >= timeoutMs) {
+  if (madeAt - watchdog.startedAt >= timeoutMs) {
     const why = `the snapshot took longer than the freeze timeout (${timeoutMs / 1000} s, $ENGINE_OVIRT_FREEZE_TIMEOUT): the guest may have been thawed before it`;
     return { value, consistency: fallBack(vm, mode, 'oVirt freezefilesystems outlasted its timeout', why, notice) };
   }
