@@ -92,8 +92,11 @@ export interface SimVm {
   frozen: boolean;
   /** How many freezes the guest carried out (VDSM's and the API's). */
   freezes: number;
-  /** Whether each snapshot of the VM was taken with the guest frozen, in order (snapshots go; this stays). */
-  snapshotsQuiesced: boolean[];
+  /**
+   * How each snapshot of the VM was taken, in order (snapshots go; this stays): the guest already frozen when
+   * VDSM's job began (`api`: through freezefilesystems), frozen by VDSM's job itself (`vdsm`), or not frozen.
+   */
+  snapshotsQuiesced: ('api' | 'vdsm' | 'no')[];
 }
 
 export interface SimCheckpoint {
@@ -577,9 +580,10 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       // false from 4.4), so VDSM's snapshot job freezes, ignoring a failure, takes libvirt's snapshot and
       // always thaws (lib/vdsm/virt/jobs/snapshot.py `_should_freeze`, `_thaw_vm`).
       const live = vm.status === 'up';
+      const before = vm.frozen;
       if (live) vdsmFreeze(vm);
       snapshot.quiesced = vm.frozen;
-      vm.snapshotsQuiesced.push(snapshot.quiesced);
+      vm.snapshotsQuiesced.push(before ? 'api' : vm.frozen ? 'vdsm' : 'no');
       if (live) vdsmThaw(vm);
       for (const id of vm.disks) {
         const disk = disks.get(id);
