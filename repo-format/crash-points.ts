@@ -41,7 +41,7 @@ export type CrashPoint =
   | 'segment-replaced' // version 3: a backup replaced a segment naming a lost pack by a copy without those entries (SPEC.md 19.7, 3a)
   | 'forget-record-removed' // forget removed the record, its lease not yet released
   | 'guard-releasing' // the command is about to release its lock or lease (ENGINE_STOP_AT: the slow-stop notice)
-  | 'guest-frozen' // backup --libvirt --quiesce: the guest's file systems are frozen, backup-begin not yet asked
+  | 'guest-frozen' // backup --quiesce: the guest's file systems are frozen (libvirt: backup-begin not yet asked; oVirt: the snapshot or hybrid backup not yet asked)
   | 'guest-checkpoint-taken' // backup --libvirt --quiesce: backup-begin returned, the guest not yet thawed
   | 'outcome-written'; // the CLI wrote its last line (result or error); the process has not exited yet
 

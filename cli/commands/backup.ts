@@ -48,7 +48,7 @@ export function registerBackupCommand(program: Command): void {
     .option('--source <path|uri>', 'raw image, block device or NBD URI, read whole; repeat for each disk', opt.collect)
     .option('--image <qcow2>', "qcow2 image of a stopped VM: incremental and differential backups from its dirty bitmaps; repeat for each disk", opt.collect)
     .option('--libvirt <domain>', 'a running libvirt domain: all its disks, through checkpoints and a pull-mode backup')
-    .addOption(new Option('--quiesce [mode]', "with --libvirt: freeze the guest's file systems through its QEMU guest agent around the checkpoint; required (the default) fails the backup if it cannot, try falls back to crash-consistent").choices(['required', 'try']))
+    .addOption(new Option('--quiesce [mode]', "with --libvirt or --ovirt: freeze the guest's file systems through its guest agent at the backup's point in time; required (the default) fails the backup if it cannot, try falls back to crash-consistent and records why").choices(['required', 'try']))
     .addOption(new Option('--freeze-timeout <seconds>', 'with --quiesce: the longest the guest stays frozen; a watchdog thaws it then, even if the engine died (default: 10)').argParser(opt.integerParser('--freeze-timeout', 1, 600)))
     .addOption(new Option('--hook-timeout <seconds>', 'with --quiesce: the longest each hook may run (default: 60)').argParser(opt.integerParser('--hook-timeout', 1, 3600)))
     .option('--pre-freeze <command>', 'with --quiesce: a shell command run in the guest by its agent before the freeze')
@@ -101,6 +101,11 @@ async function ovirtBackup(opts: BackupCliOptions & { ovirt: string }, passphras
     throw new InvalidArgumentError('--ovirt backs up a VM through its snapshot: do not combine it with --source, --image or --libvirt');
   }
   if (!opts.vm) throw new InvalidArgumentError('--ovirt needs --vm NAME (the VM to back up)');
+  const hooks = [['--pre-freeze', opts.preFreeze], ['--post-thaw', opts.postThaw], ['--pre-freeze-host', opts.preFreezeHost], ['--post-thaw-host', opts.postThawHost], ['--hook-timeout', opts.hookTimeout]].filter(([, v]) => v !== undefined);
+  if (hooks.length > 0) throw new InvalidArgumentError(`${hooks.map(([flag]) => flag).join(', ')}: hooks run with --libvirt only (oVirt freezes the guest itself, SPEC.md 11.3)`);
+  if (opts.freezeTimeout !== undefined && opts.quiesce === undefined) throw new InvalidArgumentError('--freeze-timeout goes with --quiesce');
+  const quiesce = opts.quiesce === undefined ? undefined : opts.quiesce === 'try' ? 'try' : 'required';
+  const freezeTimeoutMs = opts.freezeTimeout === undefined ? undefined : opts.freezeTimeout * 1000;
   const progress = diskProgress();
   const common = { repo: opt.requireRepo(opts.repo), passphrase, ovirt: await opt.ovirtConnection(opts), vm: opts.vm, workers: opts.workers, signal: interruptSignal(), onProgress: progress.onProgress, onNotice: printNotice };
   if (opts.appliance !== undefined && (opts.incremental || opts.differential)) {
@@ -108,8 +113,8 @@ async function ovirtBackup(opts: BackupCliOptions & { ovirt: string }, passphras
   }
   const { record } =
     opts.appliance !== undefined
-      ? await engine.ovirtApplianceBackup({ ...common, appliance: opts.appliance, deviceRoot: opts.deviceRoot })
-      : await engine.ovirtIncrementalBackup({ ...common, mode: chainPolicy(opts).mode });
+      ? await engine.ovirtApplianceBackup({ ...common, appliance: opts.appliance, deviceRoot: opts.deviceRoot, quiesce, freezeTimeoutMs })
+      : await engine.ovirtIncrementalBackup({ ...common, mode: chainPolicy(opts).mode, quiesce, freezeTimeoutMs });
   progress.done();
   return record;
 }

@@ -63,6 +63,11 @@ export interface BackupOptions {
   name?: string | undefined;
   /** Documents kept with the backup (e.g. the VM's OVF). */
   attachments?: RecordAttachment[] | undefined;
+  /**
+   * The guest's consistency at the backup's point in time (SPEC.md 9), recorded as given. A function when only
+   * the provider learns it (an oVirt backup started inside `provide`): asked when the record is written.
+   */
+  consistency?: Consistency | (() => Consistency | undefined) | undefined;
   /** How the chains continue; default `auto`: incremental where a valid chain exists, full otherwise. */
   chain?: ChainPolicy | undefined;
   workers?: number | undefined;
@@ -356,10 +361,14 @@ function recordOf(run: BackupRun, name: string, blockSize: number, disks: DiskRe
 }
 
 /**
- * What the sessions established (a libvirt job's quiesce, SPEC.md 9), else crash consistency: nothing was frozen.
- * Several sessions (images of a stopped VM and no VM) take the weakest.
+ * The backup's consistency (SPEC.md 9): what the caller established (the oVirt flows: a value, or a function read
+ * when the record is written, since the flow learns it only once its backup is ready), else what the sessions
+ * established (a libvirt job's quiesce; several sessions take the weakest), else crash: nothing was frozen.
  */
 function consistencyOf(run: BackupRun): Consistency {
+  const given = run.options.consistency;
+  const established = typeof given === 'function' ? given() : given;
+  if (established) return established;
   const levels: Consistency['level'][] = ['crash', 'filesystem', 'application'];
   let weakest: Consistency | undefined;
   for (const session of sessionsOf(run)) {

@@ -226,3 +226,15 @@ export function transferOf(xml: XmlElement | undefined, what: string): TransferS
 export function createdId(xml: XmlElement | undefined, root: string, what: string, of: string): string {
   return idOf(child(xml, root), what, of);
 }
+
+export interface EventSummary {
+  id: number;
+  code: number;
+  description: string;
+}
+
+/** GET events: the engine's audit log, newest first (types/Event.java; unreadable ids and codes are 0). */
+export function eventList(xml: XmlElement | undefined): EventSummary[] {
+  const number = (value: string | undefined): number => (value !== undefined && /^\d{1,15}$/.test(value) ? Number(value) : 0);
+  return children(child(xml, 'events'), 'event').map((e) => ({ id: number(attribute(e, 'id')), code: number(text(e, 'code')), description: text(e, 'description') ?? '' }));
+}

@@ -4,7 +4,9 @@
  * save the OVF (All-Content) → list the snapshot's disks → attach each disk snapshot to the appliance
  * (active=true) → find its device by serial (/dev/disk/by-id/virtio-<first 20 characters of the disk id>,
  * checked against the disk's size; logical_name as fallback) → back the devices up through the pipeline →
- * detach → remove the snapshot and wait until it is gone.
+ * detach → remove the snapshot and wait until it is gone. With --quiesce the snapshot is asked for and waited
+ * for with the guest's file systems frozen through the VM's freezefilesystems action (quiesce.ts says why
+ * that, and not the snapshot, is where oVirt answers whether the guest froze).
  *
  * Every resource is written to a journal in the repository before it is created and removed from it once
  * gone, so that `engine ovirt cleanup` — and the next run, automatically — removes what a crash left.
@@ -18,13 +20,18 @@ import type { OvirtClient } from './client.js';
 import { RunJournal, withOvirt } from './cleanup.js';
 import { findDevice, isNotFound, requireRunning, vmIdByName, waitOf, type OvirtBackupRunOptions, type OvirtDisk, type Wait } from './common.js';
 import { SnapshotStatus } from './vocabulary.js';
-import { createdId, diskList, snapshotOf } from './answers.js';
+import { createdId, diskList, snapshotOf, vmOf } from './answers.js';
+import { frozenAround, NO_QUIESCE, type OvirtQuiesceMode } from './quiesce.js';
 import { adoptName } from '../../repo-format/names.js';
 
 export interface OvirtApplianceBackupOptions extends OvirtBackupRunOptions {
   appliance: string;
   /** Where the appliance's disks appear by serial; /dev/disk/by-id on a real appliance. */
   deviceRoot?: string | undefined;
+  /** Freeze the guest's file systems around the snapshot (quiesce.ts); default: not asked. */
+  quiesce?: OvirtQuiesceMode | undefined;
+  /** How long the guest may stay frozen (quiesce.ts); default freezeTimeoutMs(). */
+  freezeTimeoutMs?: number | undefined;
 }
 
 export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions): Promise<BackupResult> {
@@ -38,7 +45,10 @@ export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions)
     await requireRunning(client, applianceId, options.appliance);
     const journal = await RunJournal.create(options.repo, { flow: 'ovirt-disk-attachment', vm: vmId, correlation: client.correlation });
     try {
-      const snapshot = await takeSnapshot(client, journal, vmId, options.vm, wait);
+      const take = (): Promise<TakenSnapshot> => takeSnapshot(client, journal, vmId, options.vm, wait);
+      const { value: snapshot, consistency } = options.quiesce
+        ? await frozenAround(client, journal, { id: vmId, name: options.vm, status: (await client.read(`vms/${vmId}`, vmOf)).status }, { mode: options.quiesce, ovirt: options.ovirt, freezeTimeoutMs: options.freezeTimeoutMs }, take, notice)
+        : { value: await take(), consistency: NO_QUIESCE };
       const { ovf, disks } = await readSnapshot(client, snapshot, options.vm);
       const devices = await attachDisks(client, journal, { applianceId, snapshotId: snapshot.id, disks, deviceRoot: options.deviceRoot ?? '/dev/disk/by-id' }, wait);
       // Names from oVirt keep the name rule, or are recorded in a safe form (names.ts).
@@ -51,6 +61,7 @@ export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions)
         from: { kind: 'disks', disks: devices.map((path, i) => ({ kind: 'raw', path, name: names[i]! })) },
         name: adoptName(options.vm, 'backup', 'the VM name', notice),
         chain: { mode: 'full' },
+        consistency,
         workers: options.workers,
         signal: options.signal,
         onProgress: options.onProgress,

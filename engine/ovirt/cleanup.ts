@@ -25,8 +25,11 @@ async function waitGone(client: OvirtClient, what: string, path: string, wait: W
   }), wait);
 }
 
-/** The order cleanup undoes kinds in: what holds a resource goes before the resource. */
-const UNDO_ORDER = ['attachment', 'transfer', 'backup', 'checkpoint', 'vm', 'snapshot', 'disk'];
+/**
+ * The order cleanup undoes kinds in: a frozen guest is thawed first (its writes are held); then what holds a
+ * resource goes before the resource.
+ */
+const UNDO_ORDER = ['freeze', 'attachment', 'transfer', 'backup', 'checkpoint', 'vm', 'snapshot', 'disk'];
 
 const backupDone = (phase: string | undefined): boolean => phase === BackupPhase.succeeded || phase === BackupPhase.failed;
 
@@ -128,6 +131,11 @@ export async function undo(client: OvirtClient, entry: JournalEntry, wait: Wait,
     }
   } else if (entry.kind === 'snapshot') {
     await removeSnapshot(client, entry.vm!, entry.snapshot, wait);
+  } else if (entry.kind === 'freeze') {
+    // A run killed while the guest was frozen (quiesce.ts): thawed. A VM no longer up or gone has nothing frozen.
+    await client.post(`vms/${entry.vm}/thawfilesystems`, 'action', {}).catch((error: unknown) => {
+      if (!(error instanceof OvirtFaultError && (error.status === 404 || error.status === 409))) throw error;
+    });
   }
 }
 
@@ -205,7 +213,7 @@ export async function cleanupJournals(repo: string, client: OvirtClient, wait: W
     for (const entry of ordered) {
       await undo(client, entry, wait, notice);
       await journal.remove((e) => e === entry);
-      notice(`removed leftover ${entry.kind} ${entry.snapshot || entry.transfer || entry.backup || entry.checkpoint || entry.disk || entry.vm} of an interrupted run`);
+      notice(`${entry.kind === 'freeze' ? 'thawed' : 'removed'} leftover ${entry.kind} ${entry.snapshot || entry.transfer || entry.backup || entry.checkpoint || entry.disk || entry.vm} of an interrupted run`);
       removed += 1;
     }
     await journal.remove(() => true);

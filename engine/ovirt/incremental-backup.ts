@@ -13,6 +13,9 @@
  * `modeReason`. From cluster level
  * 4.5 oVirt mixes full and incremental disks in one backup (per-disk `backup_mode`); below it, one disk
  * without a valid chain makes every disk a full read.
+ *
+ * With --quiesce (quiesce.ts): a live backup is asked with `require_consistency`, a hybrid one (cluster 4.7+)
+ * started with the guest frozen through freezefilesystems; the record's consistency says what happened.
  */
 import type { JournalEntry } from '../../repo-format/journal.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
@@ -21,7 +24,7 @@ import { backup, openBackupRepository, type BackupResult } from '../backup/backu
 import { chooseChain, settleChain, type CbtDiskJob, type CbtProvision, type Chain, type ChainArgs, type RequestedMode } from '../cbt/chain.js';
 import { OvirtFaultError } from '../errors.js';
 import type { BlockSource } from '../sources/source.js';
-import { readCaFile, type OvirtClient } from './client.js';
+import { readCaFile, type OvirtClient, type OvirtClientOptions } from './client.js';
 import { ImageioSource } from './imageio-source.js';
 import { cancelTransfer, finalizeTransfer, startTransfer } from './transfers.js';
 import { deleteCheckpoint, endBackup, removeSnapshot, RunJournal, undo, withOvirt } from './cleanup.js';
@@ -29,9 +32,16 @@ import { atLeast, clusterOfVm, isNotFound, vmIdByName, waitOf, type OvirtBackupR
 import { BACKUP_SNAPSHOT_DESCRIPTION, BackupPhase, CheckpointState, DiskBackupMode, SnapshotStatus } from './vocabulary.js';
 import { backupDiskModes, backupList, backupOf, checkpointList, createdId, diskAttachmentList, diskOf, snapshotList, vmOf, type CheckpointSummary } from './answers.js';
 import { adoptName } from '../../repo-format/names.js';
+import type { Consistency } from '../../repo-format/backup-record.js';
+import { QuiesceFailedError } from '../errors.js';
+import { freezeFailure, frozenAround, LIVE_BACKUP_FROZEN, liveBackupUnfrozen, newestEvent, NO_QUIESCE, notRunning, type OvirtQuiesceMode, type QuiesceTarget } from './quiesce.js';
 
 export interface OvirtIncrementalBackupOptions extends OvirtBackupRunOptions {
   mode?: RequestedMode | undefined;
+  /** Quiesce the guest at the backup's point in time (quiesce.ts: require_consistency, or a freeze around a hybrid backup's snapshot). */
+  quiesce?: OvirtQuiesceMode | undefined;
+  /** How long the guest may stay frozen (quiesce.ts); default freezeTimeoutMs(). */
+  freezeTimeoutMs?: number | undefined;
 }
 
 interface VmDisk {
@@ -88,12 +98,15 @@ export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOpti
     await removeLeftoverBackupSnapshots(client, vmId, wait, notice);
     const disks = await vmDisks(client, vmId, options.vm, notice);
     if (disks.length === 0) throw new InvalidArgumentError(`VM ${options.vm} has no active disk to back up`);
-    const { ovf } = await client.read(`vms/${vmId}`, vmOf, { all_content: 'true' });
+    const { ovf, status } = await client.read(`vms/${vmId}`, vmOf, { all_content: 'true' });
+    const outcome: { consistency?: Consistency } = {};
+    const vm: QuiesceTarget = { id: vmId, name: options.vm, status };
     return backup({
       repo: options.repo,
       passphrase: options.passphrase,
       name: adoptName(options.vm, 'backup', 'the VM name', notice),
       chain: { mode: options.mode ?? 'auto' },
+      consistency: () => outcome.consistency,
       workers: options.workers,
       signal: options.signal,
       onProgress: options.onProgress,
@@ -102,7 +115,7 @@ export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOpti
         ...(ovf ? [{ name: 'ovf', mediaType: 'application/ovf+xml', data: ovf }] : []),
         { name: 'ovirt-vm', mediaType: 'application/json', data: JSON.stringify({ vmId, vmName: options.vm, disks: disks.map((d) => ({ id: d.id, alias: d.name, size: d.size })) }) },
       ],
-      from: { kind: 'provider', provide: (args) => openOvirtBackup({ client, vmId, cluster, disks, args, wait, repo: options.repo, ca, notice }) },
+      from: { kind: 'provider', provide: (args) => openOvirtBackup({ client, vmId, cluster, disks, args, wait, repo: options.repo, ca, notice, vm, quiesce: options.quiesce, freezeTimeoutMs: options.freezeTimeoutMs, ovirt: options.ovirt, outcome }) },
     });
   });
 }
@@ -118,6 +131,13 @@ interface BackupRun {
   repo: string;
   ca: Buffer | undefined;
   notice: (m: string) => void;
+  vm: QuiesceTarget;
+  quiesce: OvirtQuiesceMode | undefined;
+  freezeTimeoutMs: number | undefined;
+  /** The connection, for the thaw watchdog of a frozen hybrid backup (quiesce.ts). */
+  ovirt: OvirtClientOptions;
+  /** The consistency the backup that became ready had (set by BackupSession.start). */
+  outcome: { consistency?: Consistency };
 }
 
 /** A backup as oVirt started it: ready, failed, or gone before it was ready. */
@@ -197,6 +217,8 @@ class BackupSession {
   private readonly open = new Map<string, JournalEntry>();
   private readonly prepared: CbtDiskJob[] = [];
   private released = false;
+  /** Why the guest could not be frozen for this run's live backup (`try`): later starts do not ask again. */
+  private unfrozen: string | undefined;
 
   constructor(
     private readonly run: BackupRun,
@@ -249,11 +271,51 @@ class BackupSession {
     return { id: started.id, checkpoint: started.checkpoint, chains, modes };
   }
 
-  /** Starts a backup and waits for `ready` (or failed, or gone); reads to_checkpoint_id once ready. */
+  /**
+   * Starts a backup, quiesced as asked (quiesce.ts), and waits for `ready` (or failed, or gone); the
+   * consistency it got goes to the run's outcome. A live backup whose freeze failed under
+   * `require_consistency` (the engine's event says so) fails the run (`required`) or is started again
+   * without it (`try`); any other failure is the caller's to judge.
+   */
   private async start(from: string | null): Promise<StartedBackup> {
+    const { client, vmId, vm, quiesce, notice, outcome } = this.run;
+    const down = quiesce ? notRunning(vm, quiesce, notice) : NO_QUIESCE;
+    if (!quiesce || down) {
+      outcome.consistency = down;
+      return this.post(from, false);
+    }
+    // HybridBackupCommand from cluster level 4.7 (UseHybridBackup, 0000_config.sql): a snapshot, frozen around.
+    if (atLeast(this.run.cluster.version, 4, 7)) {
+      const { value, consistency } = await frozenAround(client, this.journal, vm, { mode: quiesce, ovirt: this.run.ovirt, freezeTimeoutMs: this.run.freezeTimeoutMs }, () => this.post(from, false), notice);
+      outcome.consistency = consistency;
+      return value;
+    }
+    if (this.unfrozen) {
+      outcome.consistency = liveBackupUnfrozen(this.unfrozen);
+      return this.post(from, false);
+    }
+    const since = await newestEvent(client);
+    const started = await this.post(from, true);
+    if (started.phase === BackupPhase.ready) {
+      outcome.consistency = LIVE_BACKUP_FROZEN;
+      return started;
+    }
+    const why = await freezeFailure(client, vmId, since);
+    if (!why) return started;
+    await this.abandon();
+    if (quiesce === 'required') throw new QuiesceFailedError(vm.name, why);
+    notice(`VM ${vm.name} could not be quiesced (${why}): backing it up crash-consistent`);
+    this.unfrozen = why;
+    outcome.consistency = liveBackupUnfrozen(why);
+    return this.post(from, false);
+  }
+
+  /** POSTs a backup (with require_consistency when asked) and waits for `ready` (or failed, or gone); reads to_checkpoint_id once ready. */
+  private async post(from: string | null, requireConsistency: boolean): Promise<StartedBackup> {
     const { client, vmId, disks, wait } = this.run;
     const what = `POST vms/${vmId}/backups`;
-    const answer = (await client.post(`vms/${vmId}/backups`, 'backup', { ...(from ? { from_checkpoint_id: from } : {}), disks: { disk: disks.map((d) => ({ '@_id': d.id })) } })).xml;
+    const body = { ...(from ? { from_checkpoint_id: from } : {}), disks: { disk: disks.map((d) => ({ '@_id': d.id })) } };
+    const answer = (await client.post(`vms/${vmId}/backups`, 'backup', body, requireConsistency ? { require_consistency: 'true' } : undefined)).xml;
     const id = createdId(answer, 'backup', what, 'backup');
     this.backupEntry = await this.journal.track({ kind: 'backup', vm: vmId, backup: id });
     let current = backupOf(answer, what);

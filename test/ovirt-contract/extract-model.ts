@@ -28,6 +28,7 @@ const SERVICE_PATHS = [
   'storagedomains/{id}',
   'clusters/{id}',
   'datacenters/{id}/storagedomains/{id}',
+  'events',
 ];
 /**
  * The types whose elements the engine sends or reads: each is extracted whole (every attribute, with the
@@ -37,6 +38,7 @@ const SERVICE_PATHS = [
 const TYPES = [
   'Api', 'ProductInfo', 'Version', 'Vm', 'Cluster', 'DataCenter', 'StorageDomain', 'HostStorage', 'Disk',
   'DiskAttachment', 'Snapshot', 'Backup', 'Checkpoint', 'ImageTransfer', 'Initialization', 'Configuration', 'Host',
+  'Event',
 ];
 
 interface TypeDecl {

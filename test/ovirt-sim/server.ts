@@ -56,6 +56,8 @@ export interface SimSnapshot {
   frozen: Map<string, string>;
   ovf: string;
   removing: boolean;
+  /** The guest's file systems were frozen when VDSM's snapshot job ran libvirt's snapshot (the API does not show it). */
+  quiesced: boolean;
 }
 
 export interface SimAttachment {
@@ -81,6 +83,20 @@ export interface SimVm {
   attachments: Map<string, SimAttachment>;
   snapshots: Map<string, SimSnapshot>;
   checkpoints: SimCheckpoint[];
+  /**
+   * The QEMU guest agent: `running` freezes and thaws; `none`: not installed or not started (libvirt: "QEMU
+   * guest agent is not connected"); `refuses`: it answers, but the freeze fails in the guest.
+   */
+  agent: 'running' | 'none' | 'refuses';
+  /** The guest's file systems are frozen now. */
+  frozen: boolean;
+  /** How many freezes the guest carried out (VDSM's and the API's). */
+  freezes: number;
+  /**
+   * How each snapshot of the VM was taken, in order (snapshots go; this stays): the guest already frozen when
+   * VDSM's job began (`api`: through freezefilesystems), frozen by VDSM's job itself (`vdsm`), or not frozen.
+   */
+  snapshotsQuiesced: ('api' | 'vdsm' | 'no')[];
 }
 
 export interface SimCheckpoint {
@@ -123,6 +139,10 @@ export interface SimBackup {
   /** The "Auto-generated for Backup VM" snapshot of a hybrid backup. */
   snapshotId: string | undefined;
   stopped: boolean;
+  /** `?require_consistency=true` was given (a live backup honours it; REST drops it for a hybrid one). */
+  requireConsistency: boolean;
+  /** The guest was frozen at the backup's point in time (backupBegin, or the hybrid backup's snapshot). */
+  quiesced: boolean;
 }
 
 /** ImageTransferPhase (types/ImageTransferPhase.java), as the REST API spells it. */
@@ -169,6 +189,8 @@ export interface SimRequest {
 }
 
 export interface SimEvent {
+  /** Strictly increasing (MODEL services/EventsService.java List `from`). */
+  id: number;
   code: number;
   description: string;
 }
@@ -265,6 +287,8 @@ export const DATA_CENTER_ID = 'dc000000-0000-4000-8000-0000000000dc';
 /** StorageConstants.BACKUP_VM_AUTO_GENERATED_SNAPSHOT_DESCRIPTION. */
 export const BACKUP_SNAPSHOT_DESCRIPTION = 'Auto-generated for Backup VM';
 const MiB = 1024 * 1024;
+/** The one host the simulated VMs run on, as events name it. */
+const HOST_NAME = 'sim-host-1';
 
 function tool(command: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -460,8 +484,31 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     `<data_center href="${API}/datacenters/${c.dataCenter}" id="${c.dataCenter}"/></cluster>`;
 
   const event = (code: number, description: string): void => {
-    events.push({ code, description });
+    events.push({ id: events.length + 1, code, description });
   };
+
+  // ---- the guest agent, as VDSM drives it (lib/vdsm/virt/vm.py `freeze`, `thaw`) ----
+  /**
+   * VDSM's freeze: libvirt's fsFreeze through the agent. No agent: VIR_ERR_AGENT_UNRESPONSIVE, VDSM's
+   * `nonresp`; a guest that cannot freeze, or one already frozen (qemu-ga then refuses every command but
+   * thaw and status): `freezeErr`. The message is libvirt's.
+   */
+  const vdsmFreeze = (vm: SimVm): { ok: true } | { ok: false; name: 'nonresp' | 'freezeErr'; message: string } => {
+    if (vm.agent === 'none') return { ok: false, name: 'nonresp', message: 'Guest agent is not responding: QEMU guest agent is not connected' };
+    if (vm.agent === 'refuses') return { ok: false, name: 'freezeErr', message: "internal error: unable to execute QEMU agent command 'guest-fsfreeze-freeze': failed to freeze /: Operation not supported" };
+    if (vm.frozen) return { ok: false, name: 'freezeErr', message: "internal error: unable to execute QEMU agent command 'guest-fsfreeze-freeze': Command guest-fsfreeze-freeze has been disabled: the agent is in frozen state" };
+    vm.frozen = true;
+    vm.freezes += 1;
+    return { ok: true };
+  };
+  /** VDSM's thaw: a guest that is not frozen thaws nothing and succeeds (qemu-ga guest-fsfreeze-thaw answers 0). */
+  const vdsmThaw = (vm: SimVm): { ok: boolean } => {
+    if (vm.agent === 'none') return { ok: false };
+    vm.frozen = false;
+    return { ok: true };
+  };
+  /** VdsmErrors.properties: what the engine says of VDSM's error names. */
+  const VDSM_ERRORS = { nonresp: 'Guest agent non responsive', freezeErr: 'Unable to freeze guest filesystems' } as const;
 
   // ---- helpers of the commands ----
   const stopExport = async (pid: number, socket: string): Promise<void> => {
@@ -518,7 +565,7 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
 
   // ---- snapshots: a real qcow2 overlay per disk; removal commits it back ----
   const createSnapshot = (vm: SimVm, description: string, onDone?: (snapshot: SimSnapshot) => Promise<void>): SimSnapshot => {
-    const snapshot: SimSnapshot = { id: randomUUID(), description, status: 'locked', frozen: new Map(), ovf: ovfFor(vm), removing: false };
+    const snapshot: SimSnapshot = { id: randomUUID(), description, status: 'locked', frozen: new Map(), ovf: ovfFor(vm), removing: false, quiesced: false };
     vm.snapshots.set(snapshot.id, snapshot);
     const fails = failNextSnapshot && description !== BACKUP_SNAPSHOT_DESCRIPTION;
     if (fails) failNextSnapshot = false;
@@ -529,6 +576,15 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
         return;
       }
       await onDone?.(snapshot);
+      // A live snapshot without memory: the engine sends frozen=false (LiveSnapshotPerformFreezeInEngine is
+      // false from 4.4), so VDSM's snapshot job freezes, ignoring a failure, takes libvirt's snapshot and
+      // always thaws (lib/vdsm/virt/jobs/snapshot.py `_should_freeze`, `_thaw_vm`).
+      const live = vm.status === 'up';
+      const before = vm.frozen;
+      if (live) vdsmFreeze(vm);
+      snapshot.quiesced = vm.frozen;
+      vm.snapshotsQuiesced.push(before ? 'api' : vm.frozen ? 'vdsm' : 'no');
+      if (live) vdsmThaw(vm);
       for (const id of vm.disks) {
         const disk = disks.get(id);
         if (!disk || disk.lvSize !== undefined) continue;
@@ -651,7 +707,9 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     if (requestedId && backups.has(requestedId)) return fault(400, `Backup ID ${requestedId} already exists.`);
     const legacy = url.searchParams.get('legacy') === 'true';
     const kind: SimBackup['kind'] = !legacy && versionAtLeast(cluster.version, 4, 7) ? 'hybrid' : vm.status === 'up' ? 'live' : 'cold';
-    const backup: SimBackup = { id: requestedId ?? randomUUID(), vmId: vm.id, kind, phase: 'initializing', from, to: undefined, checkpointId: randomUUID(), disks: wanted, modes: new Map(), exports: new Map(), snapshotId: undefined, stopped: false };
+    // BackendVmBackupsResource.add: require_consistency reaches StartVmBackup only; HybridBackup is built without it.
+    const requireConsistency = kind !== 'hybrid' && url.searchParams.get('require_consistency') === 'true';
+    const backup: SimBackup = { id: requestedId ?? randomUUID(), vmId: vm.id, kind, phase: 'initializing', from, to: undefined, checkpointId: randomUUID(), disks: wanted, modes: new Map(), exports: new Map(), snapshotId: undefined, stopped: false, requireConsistency, quiesced: false };
     backups.set(backup.id, backup);
     for (const d of wanted) disks.get(d)!.status = 'locked';
     event(10790, `Backup ${backup.id} for VM ${vm.name} started`);
@@ -668,6 +726,7 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
         if (snapshot.status === 'locked') return later(lockMs / 2, waitReady);
         if (!vm.snapshots.has(snapshot.id)) return failBackup(vm, backup);
         // STARTING: disk backup modes, the checkpoint, to_checkpoint_id, READY.
+        backup.quiesced = snapshot.quiesced;
         setModes(vm, backup);
         createCheckpoint(vm, backup);
         backup.to = backup.checkpointId;
@@ -722,6 +781,22 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
           backup.phase = 'starting';
           later(lockMs, async () => {
             if (backup.phase !== 'starting') return;
+            // VDSM start_backup (lib/vdsm/virt/backup.py): freeze; with require_consistency a failed freeze is a
+            // BackupError ("Failed freeze VM: …"), the StartVmBackup VDS command fails (event 10802 with VDSM's
+            // message, VdsBrokerCommand.logToAudit), runLiveVmBackup fails: FINALIZING_FAILURE, failed. The
+            // guest is thawed whatever happened.
+            const freeze = vdsmFreeze(vm);
+            if (!freeze.ok && backup.requireConsistency) {
+              vdsmThaw(vm);
+              // ContextException.__str__: "Backup Error: " and the context dict's repr (the reason added last).
+              const reason = `Failed freeze VM: ${freeze.message}`;
+              const repr = reason.includes("'") ? `"${reason}"` : `'${reason}'`;
+              event(10802, `VDSM ${HOST_NAME} command StartVmBackupVDS failed: Backup Error: {'vm_id': '${vm.id}', 'backup': <vdsm.virt.backup.BackupConfig object at 0x7f2c1e0b5d30>, 'reason': ${repr}}`);
+              await removeCheckpointBitmaps(backup);
+              await failBackup(vm, backup);
+              return;
+            }
+            backup.quiesced = vm.frozen;
             await addCheckpointBitmaps(backup);
             try {
               await startBackupExports(backup, new Map());
@@ -731,10 +806,12 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
               // vdsm InconsistentCheckpointError); here qemu-nbd refuses the export for the same reason. The
               // backup goes FINALIZING_FAILURE → failed (event 10792), its new checkpoint row removed, and the
               // new bitmap never existed on the host.
+              vdsmThaw(vm);
               await removeCheckpointBitmaps(backup);
               await failBackup(vm, backup);
               return;
             }
+            vdsmThaw(vm);
             backup.to = backup.checkpointId; // runLiveVmBackup → updateVmBackupCheckpoint
             backup.phase = 'ready';
           });
@@ -1013,7 +1090,7 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       return send(req, res, 409, faultXml('Operation Failed', `[Import VM failed - VM ID already exists in the system. Please remove the VM (${existing.name}) from the system first]`));
     }
     if ([...vms.values()].some((v) => v.name === vmName)) return send(req, res, 409, faultXml('Operation Failed', '[Cannot add VM. The VM name is already in use, please choose a unique name and try again.]'));
-    const created: SimVm = { id: regenerate || !ovf.vmId ? randomUUID() : ovf.vmId, name: vmName, status: 'down', cluster: cluster.id, importedOvf: data, disks: [], snapshots: new Map(), attachments: new Map(), checkpoints: [] };
+    const created: SimVm = { id: regenerate || !ovf.vmId ? randomUUID() : ovf.vmId, name: vmName, status: 'down', cluster: cluster.id, importedOvf: data, disks: [], snapshots: new Map(), attachments: new Map(), checkpoints: [], agent: 'running', frozen: false, freezes: 0, snapshotsQuiesced: [] };
     // attemptToAttachDisksToImportedVm: each OVF disk that exists is attached with the OVF's interface and
     // boot flag. Its DiskVmElement still names the OVF's VM id, so with regenerate_ids the attachment goes to
     // that (old) VM and fails: event 175, and the disks are left to the caller.
@@ -1137,6 +1214,13 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       return send(req, res, 200, `<vms>${list.map((vm) => vmXml(vm, allContent)).join('')}</vms>`);
     }
     if (path === '/vms' && method === 'POST') return postVm(req, res);
+    // EventsService.List: newest first; `from`: only the events with greater ids; `max`: at most that many.
+    if (path === '/events' && method === 'GET') {
+      const from = Number(url.searchParams.get('from') ?? '0');
+      const max = Number(url.searchParams.get('max') ?? String(events.length));
+      const listed = events.filter((e) => e.id > from).reverse().slice(0, max);
+      return send(req, res, 200, `<events>${listed.map((e) => `<event href="${API}/events/${e.id}" id="${e.id}"><code>${e.code}</code><description>${xmlEscape(e.description)}</description><origin>oVirt</origin><severity>normal</severity></event>`).join('')}</events>`);
+    }
     if (path === '/clusters' && method === 'GET') {
       return send(req, res, 200, `<clusters>${[...clusters.values()].filter((c) => search === undefined || c.name === search).map(clusterXml).join('')}</clusters>`);
     }
@@ -1210,6 +1294,30 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       return send(req, res, 200, '<action><status>complete</status></action>');
     }
 
+    // FreezeVmCommand / ThawVmCommand (REST BackendVmResource.freezeFilesystems, thawFilesystems): the VM must
+    // be up (ACTION_TYPE_FAILED_VM_STATUS_ILLEGAL, CONFLICT); VDSM's answer decides; a VDS error fails the
+    // command in execute, said with VdsmErrors' text (400). Events FREEZE_VM_SUCCESS 10767 /
+    // USER_FAILED_TO_FREEZE_VM 10769, THAW_VM_SUCCESS 10768 / USER_FAILED_TO_THAW_VM 10770.
+    if ((rest === '/freezefilesystems' || rest === '/thawfilesystems') && method === 'POST') {
+      await readBody(req);
+      const freeze = rest === '/freezefilesystems';
+      if (vm.status !== 'up') return send(req, res, 409, faultXml('Operation Failed', `[Cannot ${freeze ? 'freeze' : 'thaw'} VM because the VM is in ${vm.status === 'down' ? 'Down' : vm.status} status.]`));
+      if (freeze) {
+        const result = vdsmFreeze(vm);
+        if (!result.ok) {
+          event(10769, `Failed to freeze guest filesystems on ${vm.name} (Host: ${HOST_NAME}, User: admin@internal).`);
+          return send(req, res, 400, faultXml('Operation Failed', `[${VDSM_ERRORS[result.name]}]`));
+        }
+        event(10767, `Guest filesystems on VM ${vm.name} have been frozen successfully.`);
+      } else {
+        if (!vdsmThaw(vm).ok) {
+          event(10770, `Failed to thaw guest filesystems on ${vm.name} (Host: ${HOST_NAME}, User: admin@internal).`);
+          return send(req, res, 400, faultXml('Operation Failed', `[${VDSM_ERRORS.nonresp}]`));
+        }
+        event(10768, `Guest filesystems on VM ${vm.name} have been thawed successfully.`);
+      }
+      return send(req, res, 200, '<action><status>complete</status></action>');
+    }
     if (rest === '/snapshots' && method === 'GET') {
       return send(req, res, 200, `<snapshots>${activeSnapshotXml(vm)}${[...vm.snapshots.values()].map((s) => snapshotXml(vm, s, false)).join('')}</snapshots>`);
     }
@@ -1441,7 +1549,7 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
     async addVm(name, diskSpecs, status = 'up', vmOptions = {}) {
       const cluster = vmOptions.cluster ? [...clusters.values()].find((c) => c.name === vmOptions.cluster)?.id : CLUSTER_ID;
       if (!cluster) throw new Error(`no cluster ${vmOptions.cluster}`);
-      const vm: SimVm = { id: randomUUID(), name, status, cluster, importedOvf: undefined, disks: [], snapshots: new Map(), attachments: new Map(), checkpoints: [] };
+      const vm: SimVm = { id: randomUUID(), name, status, cluster, importedOvf: undefined, disks: [], snapshots: new Map(), attachments: new Map(), checkpoints: [], agent: 'running', frozen: false, freezes: 0, snapshotsQuiesced: [] };
       for (const [i, spec] of diskSpecs.entries()) attachOwn(vm, await newDisk(spec), spec, i === 0);
       vms.set(vm.id, vm);
       return vm;
