@@ -75,8 +75,8 @@ interface InFlight {
 }
 
 /**
- * Bytes read at once from the source: one preadv (or a burst of NBD requests in order) per run of adjacent
- * blocks. Measured cold on a 3 GiB ext4 image of /usr (vda, 8 MiB readahead): 1 MiB reads 32 at once
+ * Bytes read at once from the source: one preadv per run of adjacent blocks (an NBD export is read at a
+ * constant depth instead: BlockSource.depth). Measured cold on a 3 GiB ext4 image of /usr (vda, 8 MiB readahead): 1 MiB reads 32 at once
  * 222–341 MiB/s, 8 MiB reads one at a time ~415, two at a time ~585, 16 MiB two at a time ~640.
  */
 export const RUN_BYTES = 8 * 1024 * 1024;

@@ -52,11 +52,6 @@ export class NbdSource implements BlockSource {
     return this.client.read(target, offset);
   }
 
-  /** The run's requests all sent at once, in order of offset, spread over the connections. */
-  readRun(targets: readonly Buffer[], offset: number): Promise<void> {
-    return this.client.readv(targets, offset);
-  }
-
   get depth(): ReadDepth {
     return { requestSize: this.client.requestSize, bytes: NBD_DEPTH_BYTES };
   }

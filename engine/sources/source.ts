@@ -33,7 +33,7 @@ export interface BlockSource {
   read(target: Buffer, offset: number): Promise<void>;
   /**
    * Optional: fills `targets` one after another with the bytes from `offset` on, as one large read in order
-   * (one preadv; NBD requests sent in order at once). Storage reads ahead for one reader going forward in
+   * (one preadv). Storage reads ahead for one reader going forward in
    * large steps; many small reads at once at scattered offsets defeat its readahead (issue 15: 1 MiB reads
    * from 32 slots at once ran at 222–341 MiB/s cold where 8 MiB reads two at a time ran at 582).
    */
