@@ -1,7 +1,8 @@
 /**
  * How a backup reads its source (issue 15): adjacent blocks in runs of RUN_BYTES, one large read each, in
  * order of offset, at most RUNS_IN_FLIGHT at once; holes and clean blocks of an incremental break a run and
- * are never read. Every source here is real (a sparse file, a loop device, a qemu-nbd export), wrapped only to
+ * are never read. An NBD export is read at a constant depth instead (BlockSource.depth): single requests of at
+ * most its request size, never more bytes in flight than its depth (test/nbd-depth.test.ts: the refill). Every source here is real (a sparse file, a loop device, a qemu-nbd export), wrapped only to
  * record the reads the pipeline asks of it; every backup is restored and compared byte for byte.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
@@ -9,8 +10,8 @@ import { open, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { backup, listBackups, restore } from '../dist/engine/index.js';
 import { FileSource } from '../dist/engine/sources/file-source.js';
-import { NbdSource } from '../dist/engine/sources/nbd-source.js';
-import { readRun, type BlockSource, type Extent } from '../dist/engine/sources/source.js';
+import { NBD_DEPTH_BYTES, NbdSource } from '../dist/engine/sources/nbd-source.js';
+import { readRun, type BlockSource, type Extent, type ReadDepth } from '../dist/engine/sources/source.js';
 import { RUN_BYTES, RUNS_IN_FLIGHT } from '../dist/engine/pipeline/backup-disk.js';
 import type { IncrementalPlan } from '../dist/engine/pipeline/backup-disk.js';
 import type { BackupRecord } from '../dist/repo-format/backup-record.js';
@@ -35,18 +36,28 @@ afterAll(async () => {
   await cleanup();
 });
 
-/** A real source, every read the pipeline asks of it recorded: runs in the order asked, single reads counted, the most at once. */
+/**
+ * A real source, every read the pipeline asks of it recorded: runs in the order asked, single reads (and
+ * their ranges), the most runs and the most bytes of single reads in flight at once.
+ */
 class RecordingSource implements BlockSource {
   readonly runs: Range[] = [];
+  readonly reads: Range[] = [];
   singleReads = 0;
   maxInFlight = 0;
+  maxBytesInFlight = 0;
   private inFlight = 0;
+  private bytesInFlight = 0;
 
   constructor(
     private readonly inner: BlockSource,
-    /** Called once each run is in (its index): lets a test change the source mid-backup. */
+    /** Called once each run (or, for a source read at a depth, each single read) is in, with its index: lets a test change the source mid-backup. */
     private readonly afterRun: (index: number) => Promise<void> = async () => undefined,
   ) {}
+
+  get depth(): ReadDepth | undefined {
+    return this.inner.depth;
+  }
 
   get size(): number {
     return this.inner.size;
@@ -61,9 +72,18 @@ class RecordingSource implements BlockSource {
     return this.inner.extents;
   }
 
-  read(target: Buffer, offset: number): Promise<void> {
+  async read(target: Buffer, offset: number): Promise<void> {
+    const index = this.singleReads;
     this.singleReads += 1;
-    return this.inner.read(target, offset);
+    this.reads.push({ offset, length: target.length });
+    this.bytesInFlight += target.length;
+    this.maxBytesInFlight = Math.max(this.maxBytesInFlight, this.bytesInFlight);
+    try {
+      await this.inner.read(target, offset);
+    } finally {
+      this.bytesInFlight -= target.length;
+    }
+    if (this.inner.depth) await this.afterRun(index);
   }
 
   async readRun(targets: readonly Buffer[], offset: number): Promise<void> {
@@ -230,7 +250,7 @@ describe('a backup reads its source in large runs, in order', () => {
     }
   });
 
-  test('a qemu-nbd export: allocated clusters read in runs, zero clusters unread, restored identical', async () => {
+  test('a qemu-nbd export: allocated clusters read at a constant depth (requests of 256 KiB, at most 16 MiB in flight), zero clusters unread, restored identical', async () => {
     const repo = await freshRepo('repo-nbd');
     const image = join(dir, 'nbd.qcow2');
     await qcow2(image, '48M');
@@ -241,11 +261,16 @@ describe('a backup reads its source in large runs, in order', () => {
     try {
       const source = new RecordingSource(await NbdSource.open(server.uri));
       const record = await backupOf(repo, source);
-      expectReadAsRuns(source, [
-        { offset: 0, length: 10 * MiB },
-        { offset: 16 * MiB, length: 9 * MiB },
-        { offset: 40 * MiB, length: 8 * MiB },
-      ]);
+      expect(source.runs).toEqual([]);
+      // Every allocated byte once, in requests of 256 KiB (qemu-nbd's maximum is 32 MiB), in order of offset as sent.
+      const expected: Range[] = [];
+      for (const { offset, length } of [{ offset: 0, length: 10 * MiB }, { offset: 16 * MiB, length: 9 * MiB }, { offset: 40 * MiB, length: 8 * MiB }]) {
+        for (let at = 0; at < length; at += 256 * 1024) expected.push({ offset: offset + at, length: 256 * 1024 });
+      }
+      expect(source.reads).toEqual(expected);
+      // A block's four requests are all sent before any reply can land; never more than the depth.
+      expect(source.maxBytesInFlight).toBeGreaterThanOrEqual(MiB);
+      expect(source.maxBytesInFlight).toBeLessThanOrEqual(NBD_DEPTH_BYTES);
       expect(record.disks[0]!.stats.bytesRead).toBe(27 * MiB);
       expect(await restoredIdentical(repo, record, raw, 'nbd.restored')).toBe(true);
     } finally {
@@ -254,7 +279,7 @@ describe('a backup reads its source in large runs, in order', () => {
   });
 });
 
-describe('a source that fails while it is read in runs', () => {
+describe('a source that fails while it is read', () => {
   test('a file that shrinks after its first run: ENGINE_SOURCE_CHANGED, nothing committed', async () => {
     const repo = await freshRepo('repo-shrink');
     const image = join(dir, 'shrink.img');

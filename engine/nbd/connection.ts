@@ -17,7 +17,7 @@ import { EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
 import { NbdCommandError, NbdConnectError, NbdProtocolError, TimeoutError } from '../errors.js';
 import { handshake, MESSAGE_CHARACTERS, readerFor, type ExportInfo, type Link } from './client-handshake.js';
 import * as P from './protocol.js';
-import type { SocketReader } from './socket-reader.js';
+import { lentReads, type SocketReader } from './socket-reader.js';
 import type { NbdClientTls } from './tls.js';
 import type { NbdUri } from './uri.js';
 import { CHUNK_HEADER_SIZE, decodeChunkHeader, decodeSimpleReply, encodeRequest, SIMPLE_REPLY_SIZE, type ChunkHeader } from './wire.js';
@@ -341,7 +341,11 @@ export class NbdConnection {
 
 async function openSocket(uri: NbdUri, timeoutMs: number): Promise<Socket> {
   return new Promise((resolve, reject) => {
-    const socket = uri.address.kind === 'unix' ? netConnect(uri.address.path) : netConnect(uri.address.port, uri.address.host);
+    // Plain connections read into one kept buffer (socket-reader.ts lentReads); TLS reads the socket itself.
+    const lent = uri.tls ? undefined : lentReads();
+    const onread = lent ? { onread: lent.onread } : {};
+    const socket = uri.address.kind === 'unix' ? netConnect({ path: uri.address.path, ...onread }) : netConnect({ port: uri.address.port, host: uri.address.host, ...onread });
+    lent?.lend(socket);
     socket.setNoDelay(true);
     const timer = setTimeout(() => {
       socket.destroy();
