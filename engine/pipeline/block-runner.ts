@@ -12,9 +12,10 @@ import { readLocatedFrame, readLocatedSpan } from '../../repo-format/located-fra
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
 import { ZstdStreams, type Compression } from '../../repo-format/compression.js';
 import { EngineError } from '../../repo-format/errors.js';
-import { SPAN_BYTES, type BlockTask, type HashResult, type OpenResult, type OpenSpanResult, type SealResult, type VerifyPackResult, type WorkerSetup } from './tasks.js';
+import { ID_SIZE } from '../../repo-format/constants.js';
+import { SPAN_BYTES, type BlockTask, type HashTask, type SealTask, type HashManyResult, type OpenResult, type OpenSpanResult, type SealManyResult, type VerifyPackResult, type WorkerSetup } from './tasks.js';
 
-export type BlockRunner = (task: BlockTask) => HashResult | Promise<SealResult> | Promise<OpenResult> | Promise<OpenSpanResult> | Promise<VerifyPackResult>;
+export type BlockRunner = (task: BlockTask) => HashManyResult | Promise<SealManyResult> | Promise<OpenResult> | Promise<OpenSpanResult> | Promise<VerifyPackResult>;
 
 /*
  * lz4-napi returns a new Buffer per call, freed only when V8 collects its wrapper. V8 counts that memory
@@ -73,17 +74,31 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
     return Buffer.from(slots.output, slot * slots.outputSlotSize, length);
   }
 
-  function hash(slot: number, length: number): HashResult {
-    const block = inputSlot(slot, length);
-    if (block.equals(zeros.subarray(0, length))) return { zero: true };
-    return { zero: false, id: new Uint8Array(blobId(block, keys)) };
+  function hash(task: HashTask): HashManyResult {
+    const count = task.slots.length;
+    const result = { zero: new Uint8Array(count), ids: new Uint8Array(count * ID_SIZE) };
+    for (let i = 0; i < count; i++) {
+      const length = task.lengths[i]!;
+      const block = inputSlot(task.slots[i]!, length);
+      if (block.equals(zeros.subarray(0, length))) result.zero[i] = 1;
+      else result.ids.set(blobId(block, keys), i * ID_SIZE);
+    }
+    return result;
   }
 
-  async function seal(slot: number, length: number, kind: number, id: Uint8Array): Promise<SealResult> {
+  async function seal(task: SealTask): Promise<SealManyResult> {
     if (compression === undefined) throw new EngineError('ENGINE_INTERNAL', 'a block pool that seals was started without the repository\'s compression');
-    const target = outputSlot(slot);
-    const frameLength = await sealBlobWith(zstd, kind, Buffer.from(id), inputSlot(slot, length), target, 0, keys, compression);
-    return { frameLength, flags: target.readUInt8(5) };
+    const result: SealManyResult = { frameLengths: [], flags: [] };
+    const ids = Buffer.from(task.ids.buffer, task.ids.byteOffset, task.ids.byteLength);
+    for (let i = 0; i < task.slots.length; i++) {
+      const slot = task.slots[i]!;
+      const length = task.lengths[i]!;
+      allocated(length);
+      const target = outputSlot(slot);
+      result.frameLengths.push(await sealBlobWith(zstd, task.kinds[i]!, ids.subarray(i * ID_SIZE, (i + 1) * ID_SIZE), inputSlot(slot, length), target, 0, keys, compression));
+      result.flags.push(target.readUInt8(5));
+    }
+    return result;
   }
 
   async function openFrame(task: Extract<BlockTask, { op: 'open' }>): Promise<OpenResult> {
@@ -183,10 +198,9 @@ export async function blockRunner(slots: WorkerSetup, options: { collect: boolea
   return function run(task: BlockTask): ReturnType<BlockRunner> {
     switch (task.op) {
       case 'hash':
-        return hash(task.slot, task.length);
+        return hash(task);
       case 'seal':
-        allocated(task.length);
-        return seal(task.slot, task.length, task.kind, task.id);
+        return seal(task);
       case 'open':
         allocated(task.length);
         return openFrame(task);
