@@ -35,17 +35,16 @@ export function maxFrameLength(rawLength: number, keys?: RepositoryKeys): number
  * `compression` has no default: every writer names its repository's, so none writes lz4 into a zstd repository unseen.
  */
 export function sealBlob(kind: number, id: Buffer, raw: Buffer, target: Buffer, at: number, keys: RepositoryKeys | undefined, compression: Compression): number {
-  const worth = worthCompressing(compression, raw);
   if (!keys && compression.codec === 'lz4') {
-    // liblz4 compresses straight into the frame's payload (the same bytes as below, without their copy).
+    // liblz4 compresses straight into the frame's payload (the bytes below would give, without their copy).
     const payload = target.subarray(at + FRAME_HEADER_SIZE, at + FRAME_HEADER_SIZE + raw.length);
-    const stored = worth ? lz4CompressInto(raw, payload) : 0;
+    const stored = worthCompressing(compression, raw) ? lz4CompressInto(raw, payload) : 0;
     if (stored !== undefined) {
       if (stored === 0) payload.set(raw);
       return finishFrame({ kind, flags: stored === 0 ? 0 : compressionFlag(compression), rawLength: raw.length, storedLength: stored === 0 ? raw.length : stored, id }, target, at);
     }
   }
-  const compressed = worth ? compressTransient(compression, raw) : undefined;
+  const compressed = worthCompressing(compression, raw) ? compressTransient(compression, raw) : undefined;
   return sealCompressed(kind, id, raw, compressed, target, at, keys, compression);
 }
 
