@@ -5,15 +5,16 @@
  * Used by the hashing workers (data chunks) and by the main thread (map pages) alike. `keys` is given
  * exactly when the repository is encrypted.
  */
-import { createHash } from 'node:crypto';
+import { hash } from 'node:crypto';
 import { COMPRESSION_FLAGS, ENCRYPTION_OVERHEAD, FLAG_ENCRYPTED, FLAG_ZSTD, FRAME_HEADER_SIZE, FRAME_OVERHEAD, ID_SIZE } from './constants.js';
-import { compressionFlag, compressTransient, decompress, worthCompressing, worthCompressingZstd, zstdHeaderProblem, type Compression, type ZstdStreams } from './compression.js';
+import { compressionFlag, compressTransient, decompress, lz4CompressInto, worthCompressing, worthCompressingZstd, zstdHeaderProblem, type Compression, type ZstdStreams } from './compression.js';
 import { EngineError } from './errors.js';
 import { decodeFrame, encodeFrame, encodeFrameHeader, finishFrame, type FrameHeader } from './frame.js';
 import { gcmOpen, gcmSealInto, keyedId, type RepositoryKeys } from './crypto.js';
 
+/** One-shot (crypto.hash): no Hash object per block (~3% of SHA-256's CPU on 1 MiB blocks, measured). */
 export function sha256(data: Uint8Array): Buffer {
-  return createHash('sha256').update(data).digest();
+  return hash('sha256', data, 'buffer');
 }
 
 /** The id of a blob: SHA-256 of its plaintext, or in an encrypted repository HMAC-SHA256 under the id key. */
@@ -34,6 +35,15 @@ export function maxFrameLength(rawLength: number, keys?: RepositoryKeys): number
  * `compression` has no default: every writer names its repository's, so none writes lz4 into a zstd repository unseen.
  */
 export function sealBlob(kind: number, id: Buffer, raw: Buffer, target: Buffer, at: number, keys: RepositoryKeys | undefined, compression: Compression): number {
+  if (!keys && compression.codec === 'lz4') {
+    // liblz4 compresses straight into the frame's payload (the bytes below would give, without their copy).
+    const payload = target.subarray(at + FRAME_HEADER_SIZE, at + FRAME_HEADER_SIZE + raw.length);
+    const stored = worthCompressing(compression, raw) ? lz4CompressInto(raw, payload) : 0;
+    if (stored !== undefined) {
+      if (stored === 0) payload.set(raw);
+      return finishFrame({ kind, flags: stored === 0 ? 0 : compressionFlag(compression), rawLength: raw.length, storedLength: stored === 0 ? raw.length : stored, id }, target, at);
+    }
+  }
   const compressed = worthCompressing(compression, raw) ? compressTransient(compression, raw) : undefined;
   return sealCompressed(kind, id, raw, compressed, target, at, keys, compression);
 }

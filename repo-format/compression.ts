@@ -89,6 +89,23 @@ function lz4Compress(raw: Buffer): Buffer {
 }
 
 /**
+ * The lz4 payload of `raw` (size prefix and block) written straight into `target` when it is shorter than `raw`,
+ * its length then; 0 when it is not (the caller stores `raw`); undefined without liblz4 (lz4-napi allocates its
+ * own output: the caller takes compressTransient's). liblz4 with a bound of `raw.length` - 5 block bytes writes the
+ * same bytes as with a full bound whenever they fit, and fails (0) otherwise: the same frames as compressing into
+ * the scratch buffer and keeping the shorter, without the copy of every compressed block (~1 GiB for a backup of
+ * the 3 GiB real image, ~0.1 CPU-s).
+ */
+export function lz4CompressInto(raw: Buffer, target: Buffer): number | undefined {
+  if (!nativeLz4) return undefined;
+  if (raw.length <= LZ4_SIZE_PREFIX + 1 || target.length < raw.length) return 0;
+  const written = nativeLz4.compress(raw, target.subarray(LZ4_SIZE_PREFIX, raw.length - 1));
+  if (written <= 0) return 0;
+  target.writeUInt32LE(raw.length, 0);
+  return LZ4_SIZE_PREFIX + written;
+}
+
+/**
  * Compresses a whole blob (its length may exceed the input's: the caller keeps the shorter). The result may be
  * this thread's scratch buffer (lz4 through liblz4): valid until the next compression on this thread, so the
  * caller copies what it keeps (sealBlob copies it into the frame). compress() gives a buffer of its own.
@@ -363,26 +380,36 @@ const PROBE_KEEP_BELOW = 0.97;
 const ZSTD_PROBE = { codec: 'zstd', level: 1 } as const;
 
 /**
- * The early, cheap test: is `raw` worth compressing? Compresses four 16 KiB slices spread over the blob
+ * The early, cheap test: is `raw` worth compressing? For zstd and lz4-napi: compresses four 16 KiB slices spread over the blob
  * (6% of a 1 MiB block) with the codec's fastest setting; when even those do not shrink by 3%, the blob
  * is stored raw without compressing the whole of it (random, already compressed or encrypted guest data).
  * A blob with any compressible region among the slices is compressed whole, as before.
  */
 export function worthCompressing(c: Compression, raw: Buffer): boolean {
-  const sample = probeSample(raw);
+  // liblz4 gives up on incompressible data by itself: 0.09 CPU-s per GiB of random 1 MiB blocks, where the probe
+  // costs 0.11 per GiB of the real image's blocks (0.26 CPU-s a backup) to save at most that (SPEC.md 13.1).
+  if (c.codec === 'lz4' && nativeLz4) return true;
+  const sample = probeSample(raw, probeScratch);
   return sample === undefined || compressTransient(c.codec === 'lz4' ? LZ4 : ZSTD_PROBE, sample).length < sample.length * PROBE_KEEP_BELOW;
 }
 
 /** worthCompressing() for a zstd repository, through a thread's own contexts. */
 export async function worthCompressingZstd(streams: ZstdStreams, raw: Buffer): Promise<boolean> {
-  const sample = probeSample(raw);
+  const sample = probeSample(raw, Buffer.allocUnsafe(PROBE_SLICES * PROBE_SLICE));
   return sample === undefined || (await streams.compress(ZSTD_PROBE.level, sample)).length < sample.length * PROBE_KEEP_BELOW;
 }
 
-/** The probe's slices of `raw`, or undefined for a blob compressed without a probe. */
-function probeSample(raw: Buffer): Buffer | undefined {
+/**
+ * The synchronous probe's slices, kept per thread and reused: a new 64 KiB buffer per block is memory outside V8's
+ * heap that only a collection frees (the block workers no longer force one every few blocks where nothing else
+ * allocates). Safe because worthCompressing is done with it before it returns; zstd's probe through a thread's
+ * streams awaits, so two seals of one worker could overlap there: it gets a buffer of its own.
+ */
+const probeScratch = Buffer.allocUnsafeSlow(PROBE_SLICES * PROBE_SLICE);
+
+/** The probe's slices of `raw` copied into `sample`, or undefined for a blob compressed without a probe. */
+function probeSample(raw: Buffer, sample: Buffer): Buffer | undefined {
   if (raw.length < PROBE_FROM) return undefined;
-  const sample = Buffer.allocUnsafe(PROBE_SLICES * PROBE_SLICE);
   const stride = Math.floor((raw.length - PROBE_SLICE) / (PROBE_SLICES - 1));
   for (let i = 0; i < PROBE_SLICES; i++) raw.copy(sample, i * PROBE_SLICE, i * stride, i * stride + PROBE_SLICE);
   return sample;

@@ -103,6 +103,30 @@ describe('liblz4 is the codec, and reads and writes what lz4-napi does', () => {
     }
   });
 
+  test('sealing compresses straight into the frame: compressed exactly when the payload is shorter than the block, the same bytes either way', () => {
+    // Random bytes then a run of zeros: as the run grows by a byte the payload shrinks by about a byte, so the sweep
+    // passes through payloads one byte shorter than the block, as long, and longer (the bound the frame gives liblz4).
+    const random = randomBytes(4 * KiB);
+    const seen = new Set<number>();
+    for (let zeros = 0; zeros <= 96; zeros++) {
+      const raw = Buffer.concat([random.subarray(0, random.length - zeros), Buffer.alloc(zeros)]);
+      const payload = enginePayload(raw);
+      const sealed = sealBlobToBuffer(KIND_DATA, sha256(raw), raw, undefined, LZ4);
+      seen.add(Math.sign(payload.length - raw.length));
+      if (payload.length < raw.length) {
+        expect(sealed.readUInt8(5)).toBe(FLAG_LZ4);
+        expect(sealed.subarray(FRAME_HEADER_SIZE, sealed.length - 8).equals(payload)).toBe(true);
+      } else {
+        expect(sealed.readUInt8(5)).toBe(0);
+        expect(sealed.subarray(FRAME_HEADER_SIZE, sealed.length - 8).equals(raw)).toBe(true);
+      }
+      const opened = openBlob(sealed, sha256(raw));
+      if (typeof opened === 'string') throw new Error(opened);
+      expect(opened.plaintext.equals(raw)).toBe(true);
+    }
+    expect([...seen].sort()).toEqual([-1, 0, 1]);
+  });
+
   test('decompress decodes lz4 straight into the caller\'s buffer when it is large enough, else into one of its own', () => {
     const raw = text(MiB, 4);
     const payload = enginePayload(raw);

@@ -25,22 +25,39 @@ export interface WorkerSetup extends SharedSlots {
   compression?: Compression | undefined;
 }
 
-/** Zero check, then the block id (SHA-256, or HMAC-SHA256 in an encrypted repository) of input slot `slot`. */
+/**
+ * Zero check, then the block id (SHA-256, or HMAC-SHA256 in an encrypted repository) of input slots `slots` (each
+ * `lengths[i]` bytes): several blocks a message (BlockPool gathers the blocks asked for at once), since a message
+ * each way costs CPU on both threads. The answer: `zero[i]` 1 for a block of zeros, else its id at `ids[32 i]`.
+ */
 export interface HashTask {
   op: 'hash';
-  slot: number;
-  length: number;
+  slots: number[];
+  lengths: number[];
 }
+export interface HashManyResult {
+  zero: Uint8Array;
+  ids: Uint8Array;
+}
+/** What BlockPool.hash gives for one block. */
 export type HashResult = { zero: true } | { zero: false; id: Uint8Array };
 
-/** lz4 (when it helps), encryption (encrypted repositories) and frame assembly from input slot `slot` into output slot `slot`. */
+/**
+ * lz4 (when it helps), encryption (encrypted repositories) and frame assembly from input slot `slots[i]` into output
+ * slot `slots[i]`, of a block of `lengths[i]` bytes whose id is at `ids[32 i]`: several blocks a message, as HashTask.
+ */
 export interface SealTask {
   op: 'seal';
-  slot: number;
-  length: number;
-  kind: number;
-  id: Uint8Array;
+  slots: number[];
+  lengths: number[];
+  kinds: number[];
+  ids: Uint8Array;
 }
+export interface SealManyResult {
+  frameLengths: number[];
+  flags: number[];
+}
+/** What BlockPool.seal gives for one block. */
 export interface SealResult {
   frameLength: number;
   flags: number;
