@@ -165,7 +165,10 @@ export async function verifyBoot(options: BootVerifyOptions): Promise<BootVerify
         settle(outcome);
       };
       const checks: BootChecks = { expect: expect.kind, agentPing: expect.kind === 'agent' ? false : null, filesystems: null, console: regex ? { regex: expect.kind === 'console' ? expect.regex : '', line: null } : null };
+      const lastLines: string[] = [];
       follower = new ConsoleFollower(consoleFile, (line) => {
+        lastLines.push(line);
+        if (lastLines.length > 5) lastLines.shift();
         if (regex && checks.console && checks.console.line === null && regex.test(line)) {
           checks.console.line = line;
           decide({ passed: true, line });
@@ -178,7 +181,11 @@ export async function verifyBoot(options: BootVerifyOptions): Promise<BootVerify
       follower.start();
       const accelerator = await vm.accelerator();
       options.onLog?.(`booting backup ${backup.id} (${backup.disks.map((d) => d.name).join(', ')}) on ${target.machine} (${target.machineFrom}), ${target.firmware} (${target.firmwareFrom}), ${accelerator.toUpperCase()}`);
-      void vm.exited.then((e) => decide({ passed: false, code: 'BOOT_VM_STOPPED', message: `the VM stopped before proof of life (${e.signal ? `QEMU ended by ${e.signal}` : `the guest powered off or reset; QEMU exit code ${e.code}`})` }));
+      void vm.exited.then(async (e) => {
+        await follower!.flush().catch(() => undefined);
+        const last = lastLines.filter((l) => l.trim() !== '').slice(-2).join(' | ');
+        decide({ passed: false, code: 'BOOT_VM_STOPPED', message: `the VM stopped before proof of life (${e.signal ? `QEMU ended by ${e.signal}` : `the guest powered off or reset; QEMU exit code ${e.code}`})${last ? `; the console's last lines: "${last.slice(0, 300)}"` : ''}` });
+      });
       const timer = setTimeout(() => {
         if (checks.agentPing === true) decide({ passed: false, code: 'BOOT_NO_FILESYSTEM', message: `the guest agent answered, but listed no mounted file system within ${timeoutMs / 1000} s` });
         else decide({ passed: false, code: 'BOOT_TIMEOUT', message: expect.kind === 'agent' ? `the guest agent did not answer within ${timeoutMs / 1000} s` : `no console line matched ${JSON.stringify(regex!.source)} within ${timeoutMs / 1000} s` });
@@ -201,9 +208,9 @@ export async function verifyBoot(options: BootVerifyOptions): Promise<BootVerify
       if (options.signal?.aborted) onAbort();
       if (expect.kind === 'agent') {
         void (async () => {
-          agent = await GuestAgentClient.connect(join(journal.dir, 'qga.sock'));
           while (outcome === undefined) {
             try {
+              agent ??= await GuestAgentClient.connect(join(journal.dir, 'qga.sock'));
               await agent.sync(2000);
               await agent.execute('guest-ping', undefined, 5000);
               checks.agentPing = true;
@@ -217,8 +224,11 @@ export async function verifyBoot(options: BootVerifyOptions): Promise<BootVerify
                 await new Promise((r) => setTimeout(r, 1000));
               }
             } catch {
-              // Not up yet (or not at all): try again while the test lasts.
-              if (!vm!.running) return;
+              // Not up yet (or not at all): try again while the test lasts. The pause is a timer, not a
+              // microtask: a connection QEMU closed fails at once, and a loop of those would starve the
+              // event loop (QEMU's exit, signals, the timeout would never be seen).
+              if (!vm!.running || agent?.closed) return;
+              await new Promise((r) => setTimeout(r, 250));
             }
           }
         })().catch(() => undefined);

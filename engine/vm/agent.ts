@@ -63,6 +63,11 @@ export class GuestAgentClient {
     this.socket.write(`${JSON.stringify({ execute: 'guest-shutdown', arguments: { mode: 'powerdown' } })}\n`);
   }
 
+  /** Whether the connection is gone (QEMU closed it: the VM ended). */
+  get closed(): boolean {
+    return this.socket.closed;
+  }
+
   close(): void {
     this.socket.close();
   }

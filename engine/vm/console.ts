@@ -28,6 +28,12 @@ export class ConsoleFollower {
     }, POLL_MS);
   }
 
+  /** Reads what the file holds now (a VM that just stopped: its last words). */
+  async flush(): Promise<void> {
+    await this.reading;
+    await this.readMore();
+  }
+
   /** Reads what is left (the last line, even without its newline) and stops following. */
   async stop(): Promise<void> {
     clearInterval(this.timer);

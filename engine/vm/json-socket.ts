@@ -57,6 +57,10 @@ export class JsonLineSocket {
     });
   }
 
+  get closed(): boolean {
+    return this.ended !== undefined;
+  }
+
   write(text: string | Buffer): void {
     this.socket.write(text);
   }
