@@ -28,7 +28,8 @@ export function diskJson(disk: DiskRecord): Record<string, unknown> {
   };
 }
 
-export function backupJson(record: BackupRecord): Record<string, unknown> {
+/** A backup as `backup`, `list` and `show` print it in JSON; `boot`: its latest boot test (SPEC.md 9.2), null for none. */
+export function backupJson(record: BackupRecord, boot: BootSummary | null = null): Record<string, unknown> {
   return {
     id: record.id,
     name: record.name,
@@ -41,6 +42,7 @@ export function backupJson(record: BackupRecord): Record<string, unknown> {
     blockSize: record.blockSize,
     disks: record.disks.map(diskJson),
     attachments: record.attachments.map((a) => ({ name: a.name, mediaType: a.mediaType, bytes: Buffer.byteLength(a.data) })),
+    boot,
   };
 }
 
@@ -167,7 +169,7 @@ export function printRestore(result: RestoreResult): void {
 
 export function printVerify(report: VerifyReport): void {
   const lines = [
-    `checked ${count(report.backups, 'backup')}, ${count(report.packs, 'pack')}, ${count(report.blobs, 'blob')}${report.readData ? `, read ${formatBytes(report.bytesChecked)}` : ' (structure only; --read-data re-reads every chunk)'}`,
+    `checked ${count(report.backups, 'backup')}${report.verifications > 0 ? ` (${count(report.verifications, 'boot test record')})` : ''}, ${count(report.packs, 'pack')}, ${count(report.blobs, 'blob')}${report.readData ? `, read ${formatBytes(report.bytesChecked)}` : ' (structure only; --read-data re-reads every chunk)'}`,
   ];
   if (report.subset) lines.push(`read the data of ${report.subset.packs} of ${report.packs} packs (${report.subset.percent}%, seed ${report.subset.seed})`);
   if (report.quarantined.length > 0) lines.push(`quarantined: ${count(report.quarantined.length, 'damaged frame')} set aside by repair`);

@@ -214,7 +214,8 @@ describe('verify --boot', () => {
   }, 120_000);
 
   it('kill -9 leaves the VM behind, and the next run stops it and removes its folder; SIGTERM stops a run and all it started', async () => {
-    const child = spawnEngine(['verify', '--repo', repo, '--boot', ids.silent, '--timeout', '600'], env);
+    // --accel tcg: with `auto` on a host whose KVM fails, the first VM journaled would be the KVM attempt's, which the run stops itself.
+    const child = spawnEngine(['verify', '--repo', repo, '--boot', ids.silent, '--timeout', '600', '--accel', 'tcg'], env);
     const output = collectOutput(child);
     let vmPid = 0;
     await waitFor(
@@ -238,7 +239,7 @@ describe('verify --boot', () => {
     expect(next.stderr).toMatch(/cleaned up after run \d{8}T\d{6}-[0-9a-f]{8} \(verify --boot\), which was killed: stopped its VM/);
     await expectUnchangedAndClean();
 
-    const stopped = spawnEngine(['verify', '--repo', repo, '--boot', ids.silent, '--timeout', '600'], env);
+    const stopped = spawnEngine(['verify', '--repo', repo, '--boot', ids.silent, '--timeout', '600', '--accel', 'tcg'], env);
     const stoppedOutput = collectOutput(stopped);
     await waitFor('the VM to start', async () => (await qemuProcessesUnder(runDir)).length === 1, { child: stopped, output: stoppedOutput.stderr, everyMs: 100 });
     stopped.kill('SIGTERM');

@@ -83,7 +83,7 @@ function registerList(program: Command): void {
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
       const { backups, damaged } = await engine.listBackups(opt.requireRepo(opts.repo), { passphrase });
       const boots = await engine.latestBootResults(opt.requireRepo(opts.repo), { passphrase });
-      if (output.json) printJson({ backups: backups.map((b) => ({ ...backupJson(b), boot: boots[b.id] ?? null })), damaged });
+      if (output.json) printJson({ backups: backups.map((b) => backupJson(b, boots[b.id] ?? null)), damaged });
       else printList(forTerminal(backups), forTerminal(damaged), forTerminal(boots));
     });
 }
@@ -101,7 +101,7 @@ function registerShow(program: Command): void {
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
       const record = await engine.showBackup(opt.requireRepo(opts.repo), id, { passphrase });
       const boot = (await engine.latestBootResults(opt.requireRepo(opts.repo), { passphrase, backupId: record.id }))[record.id] ?? null;
-      if (output.json) printJson({ ...backupJson(record), boot });
+      if (output.json) printJson(backupJson(record, boot));
       else printShow(forTerminal(record), boot === null ? null : forTerminal(boot));
     });
 }

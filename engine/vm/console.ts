@@ -75,7 +75,7 @@ export class ConsoleFollower {
 export function cleanLine(raw: string): string {
   return raw
     .replace(/\x1b\[[0-9;?]*[ -/]*[@-~]/g, '')
-    .replace(/\x1b[@-_]/g, '')
+    .replace(/\x1b[ -/]*[0-~]/g, '') // the other escapes: ESC c (reset, what SeaBIOS starts with), ESC 7, ESC ( B …
     .replace(/[\x00-\x08\x0b-\x1f\x7f]/g, '')
     .trimEnd();
 }
