@@ -243,8 +243,9 @@ export async function verifyBoot(options: BootVerifyOptions): Promise<BootVerify
 
       // Power off: the agent's guest-shutdown when it answers, then quit; the writes go with the overlay.
       if (agent && checks.agentPing === true && vm.running) agent.shutdown();
-      await vm.stop(agent && checks.agentPing === true ? SHUTDOWN_GRACE_MS : 0);
+      await vm.stop(agent && checks.agentPing === true ? SHUTDOWN_GRACE_MS : 0, options.signal);
       await follower.stop();
+      interruption.check();
       const ended = new Date();
       const failed = result.passed ? undefined : result;
       let consoleLogPath: string | null = null;
