@@ -204,10 +204,14 @@ describe('verify --boot', () => {
 
   it('says clearly when QEMU is missing, and records nothing', async () => {
     const before = await show(ids.zeros);
-    for (const extra of [{ ENGINE_QEMU: '/nonexistent/qemu-system-x86_64' }, { PATH: '/nonexistent' }]) {
+    const cases: [Record<string, string>, RegExp][] = [
+      [{ ENGINE_QEMU: '/nonexistent/qemu-system-x86_64' }, /ENGINE_QEMU=\/nonexistent\/qemu-system-x86_64 names no executable file/],
+      [{ PATH: '/nonexistent' }, /qemu-system-x86_64 is not installed \(it is not on PATH; Debian: apt-get install qemu-system-x86\)/],
+    ];
+    for (const [extra, says] of cases) {
       const run = await runEngine(['verify', '--repo', repo, '--boot', ids.zeros], { env: { ...env, ...extra } });
       expect(run.code).toBe(1);
-      expect(run.stderr).toMatch(extra.PATH ? /qemu-system-x86_64 is not installed \(it is not on PATH; Debian: apt-get install qemu-system-x86\)/ : /ENGINE_QEMU=\/nonexistent\/qemu-system-x86_64 names no executable file/);
+      expect(run.stderr).toMatch(says);
     }
     expect((await show(ids.zeros)).boot).toEqual(before.boot);
     await expectUnchangedAndClean();
