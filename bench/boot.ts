@@ -40,6 +40,7 @@ async function bootPlainFile(image: string, dir: string): Promise<{ ms: number; 
     serialPorts: [{ name: 'org.qemu.guest_agent.0', socket: join(dir, 'qga.sock') }],
     consoleFile: join(dir, 'console.log'),
     qmpSocket: join(dir, 'qmp.sock'),
+    logFile: join(dir, 'qemu.log'),
   };
   const start = performance.now();
   const vm = await VirtualMachine.start(await findQemu(), spec, async () => undefined);

@@ -91,6 +91,7 @@ describe('the machine a backup boots on', () => {
       serialPorts: [{ name: 'org.qemu.guest_agent.0', socket: '/run/engine/vms/r/qga.sock' }],
       consoleFile: '/run/engine/vms/r/console.log',
       qmpSocket: '/run/engine/vms/r/qmp.sock',
+      logFile: '/run/engine/vms/r/qemu.log',
     });
     const joined = args.join(' ');
     for (const expected of ['-nodefaults', '-nic none', '-display none', '-no-reboot', '-machine q35,graphics=off', '-accel kvm -accel tcg', '-m 512M', '-serial chardev:console0', '-qmp unix:/run/engine/vms/r/qmp.sock,server=on,wait=off']) expect(joined).toContain(expected);

@@ -155,6 +155,7 @@ export async function verifyBoot(options: BootVerifyOptions): Promise<BootVerify
         serialPorts: [{ name: AGENT_PORT, socket: join(journal.dir, 'qga.sock') }],
         consoleFile,
         qmpSocket: join(journal.dir, 'qmp.sock'),
+        logFile: join(journal.dir, 'qemu.log'),
       };
 
       // Everything that settles the test goes through `settle`; the first word counts.

@@ -27,6 +27,8 @@ export interface VmSpec {
   serialPorts: { name: string; socket: string }[];
   consoleFile: string;
   qmpSocket: string;
+  /** QEMU's own messages (its stdout and stderr), appended. */
+  logFile: string;
 }
 
 export function qemuArgs(spec: VmSpec): string[] {

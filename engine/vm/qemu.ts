@@ -5,7 +5,9 @@
  * anything else happens, QMP, and a stop that always ends with the process gone.
  */
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { closeSync, openSync, readFileSync } from 'node:fs';
 import { access, constants, open } from 'node:fs/promises';
+import { MUTABLE_FILE_MODE } from '../../repo-format/file-modes.js';
 import { delimiter, join } from 'node:path';
 import { EngineError } from '../../repo-format/errors.js';
 import { ToolError } from '../cbt/run-tool.js';
@@ -52,7 +54,6 @@ export interface StartedProcess {
 export class VirtualMachine {
   /** Resolves when QEMU has exited: its code, or the signal that ended it, and the last lines of its stderr. */
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }>;
-  private stderrTail = '';
   private exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
 
   private constructor(
@@ -62,7 +63,7 @@ export class VirtualMachine {
     readonly process: StartedProcess,
     readonly qmp: QmpClient,
   ) {
-    this.exited = exitOf(child, () => this.stderrTail).then((e) => {
+    this.exited = exitOf(child, () => logTail(spec.logFile)).then((e) => {
       this.exit = e;
       return e;
     });
@@ -80,32 +81,32 @@ export class VirtualMachine {
    */
   static async start(binary: string, spec: VmSpec, started: (process: StartedProcess) => Promise<void>): Promise<VirtualMachine> {
     const args = qemuArgs(spec);
-    const child = spawn(binary, args, { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
-    let stderr = '';
-    child.stderr!.setEncoding('utf8');
-    child.stderr!.on('data', (text: string) => {
-      stderr = (stderr + text).slice(-4096);
-    });
+    // QEMU's own messages go to a file, never to a pipe of ours: a run killed with -9 must not take its VM
+    // along by SIGPIPE (the next run stops it, from the journal), nor leave it blocked on a full pipe.
+    const log = openSync(spec.logFile, 'a', MUTABLE_FILE_MODE);
+    let child: ChildProcess;
+    try {
+      child = spawn(binary, args, { stdio: ['ignore', log, log], detached: true });
+    } finally {
+      closeSync(log);
+    }
+    const stderr = (): string => logTail(spec.logFile);
     const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
     const pid = await Promise.race([new Promise<number>((resolve) => child.once('spawn', () => resolve(child.pid!))), spawnError.then((e) => Promise.reject(e))]).catch((error: NodeJS.ErrnoException) => {
       throw new ToolError(binary, [], error.code === 'ENOENT' ? `${binary} is not installed` : error.message);
     });
     const processInfo = { pid, identity: processIdentity(pid) };
-    const early = exitOf(child, () => stderr);
+    const early = exitOf(child, stderr);
     try {
       await started(processInfo);
       const qmp = await connectQmp(spec.qmpSocket, early);
-      const vm = new VirtualMachine(child, spec, binary, processInfo, qmp);
-      child.stderr!.on('data', (text: string) => {
-        vm.stderrTail = (vm.stderrTail + text).slice(-4096);
-      });
-      vm.stderrTail = stderr;
-      return vm;
+      return new VirtualMachine(child, spec, binary, processInfo, qmp);
     } catch (error) {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
       const ended = await early;
       if (error instanceof EngineError) throw error;
-      throw new ToolError(binary, args, `${(error as Error).message}${ended.stderr ? `: ${ended.stderr.trim()}` : ''}`);
+      const message = (error as Error).message;
+      throw new ToolError(binary, args, ended.stderr && !message.includes(ended.stderr.trim()) ? `${message}: ${ended.stderr.trim()}` : message);
     }
   }
 
@@ -140,6 +141,15 @@ export class VirtualMachine {
         // already gone
       }
     }
+  }
+}
+
+/** The last lines QEMU wrote about itself (its log file), for an error message. */
+function logTail(path: string): string {
+  try {
+    return readFileSync(path, 'utf8').slice(-4096);
+  } catch {
+    return '';
   }
 }
 
