@@ -222,12 +222,14 @@ describe('verify --boot', () => {
     const child = spawnEngine(['verify', '--repo', repo, '--boot', ids.silent, '--timeout', '600', '--accel', 'tcg'], env);
     const output = collectOutput(child);
     let vmPid = 0;
+    // Killed once the guest runs (a QEMU killed while it still opens its disks exits by itself: its NBD server is gone).
     await waitFor(
-      'the run to journal its VM',
+      'the run to journal its VM, and the guest to run',
       async () => {
         for (const run of await readdir(join(runDir, 'vms')).catch(() => [])) {
           const state = JSON.parse(await readFile(join(runDir, 'vms', run, 'state.json'), 'utf8').catch(() => '{}')) as { vm?: { pid: number } | null };
-          if (state.vm) vmPid = state.vm.pid;
+          const console = await readFile(join(runDir, 'vms', run, 'console.log'), 'utf8').catch(() => '');
+          if (state.vm && console.includes('SILENT-GUEST: no agent')) vmPid = state.vm.pid;
         }
         return vmPid !== 0;
       },
