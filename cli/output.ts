@@ -4,6 +4,8 @@ import { configCompression, type RepositoryConfig } from '../repo-format/config.
 import { compressionName } from '../repo-format/compression.js';
 import type { RestoreResult } from '../engine/restore/restore.js';
 import type { VerifyReport } from '../engine/verify/verify.js';
+import type { BootSummary } from '../engine/catalogue/catalogue.js';
+import type { BootVerification } from '../repo-format/verification-record.js';
 import type { ServeHandle } from '../engine/serve/serve.js';
 import type { MountResult } from '../engine/mount/mount.js';
 import type { PruneReport } from '../engine/retention/prune.js';
@@ -26,7 +28,8 @@ export function diskJson(disk: DiskRecord): Record<string, unknown> {
   };
 }
 
-export function backupJson(record: BackupRecord): Record<string, unknown> {
+/** A backup as `backup`, `list` and `show` print it in JSON; `boot`: its latest boot test (SPEC.md 9.2), null for none. */
+export function backupJson(record: BackupRecord, boot: BootSummary | null = null): Record<string, unknown> {
   return {
     id: record.id,
     name: record.name,
@@ -40,6 +43,7 @@ export function backupJson(record: BackupRecord): Record<string, unknown> {
     disks: record.disks.map(diskJson),
     attachments: record.attachments.map((a) => ({ name: a.name, mediaType: a.mediaType, bytes: Buffer.byteLength(a.data) })),
     consistency: consistencyOf(record),
+    boot,
   };
 }
 
@@ -93,21 +97,27 @@ export function printBackup(record: BackupRecord): void {
   process.stdout.write(`${lines.join('\n')}\n`);
 }
 
-export function printList(backups: BackupRecord[], damaged: { id: string; message: string }[]): void {
-  const rows = [['ID', 'TIME', 'TYPE', 'CONSISTENCY', 'PARENT', 'CHECKPOINT', 'NAME', 'DISKS', 'SIZE', 'READ', 'NEW']];
+/** A backup's latest boot test in a few words: `passed 5.1 s`, `failed BOOT_TIMEOUT`, or `-` (never tested). */
+function bootCell(boot: BootSummary | undefined): string {
+  if (!boot) return '-';
+  return boot.result === 'passed' ? `passed ${seconds(boot.proofOfLifeMs ?? 0)}` : `failed ${boot.reason?.code ?? ''}`;
+}
+
+export function printList(backups: BackupRecord[], damaged: { id: string; message: string }[], boots: Record<string, BootSummary> = {}): void {
+  const rows = [['ID', 'TIME', 'TYPE', 'CONSISTENCY', 'PARENT', 'CHECKPOINT', 'NAME', 'DISKS', 'SIZE', 'READ', 'NEW', 'BOOT']];
   for (const b of backups) {
     const size = b.disks.reduce((sum, d) => sum + d.size, 0);
     const read = b.disks.reduce((sum, d) => sum + d.stats.bytesRead, 0);
     const added = b.disks.reduce((sum, d) => sum + d.stats.bytesStored, 0);
     const checkpoints = [...new Set(b.disks.map((d) => d.cbt?.checkpoint).filter((c) => c !== undefined))];
     const checkpoint = checkpoints.length === 0 ? '-' : checkpoints.length === 1 ? checkpoints[0]!.slice(0, 28) : `${checkpoints.length} checkpoints`;
-    rows.push([b.id.slice(0, 12), formatTime(b.startTime), b.type, consistencyOf(b).level, b.parent?.slice(0, 12) ?? '-', checkpoint, b.name, String(b.disks.length), formatBytes(size), formatBytes(read), formatBytes(added)]);
+    rows.push([b.id.slice(0, 12), formatTime(b.startTime), b.type, consistencyOf(b).level, b.parent?.slice(0, 12) ?? '-', checkpoint, b.name, String(b.disks.length), formatBytes(size), formatBytes(read), formatBytes(added), bootCell(boots[b.id])]);
   }
   process.stdout.write(`${table(rows)}\n`);
   for (const d of damaged) process.stdout.write(`DAMAGED ${d.id}: ${d.message}\n`);
 }
 
-export function printShow(record: BackupRecord): void {
+export function printShow(record: BackupRecord, boot: BootSummary | null = null): void {
   const lines = [
     `id:        ${record.id}`,
     `name:      ${record.name}`,
@@ -129,6 +139,28 @@ export function printShow(record: BackupRecord): void {
       `  bytes: ${s.bytesRead} read, ${s.bytesNew} new, ${s.bytesStored} stored; ${seconds(s.durationMs)}`,
     );
   }
+  if (boot) {
+    lines.push(
+      boot.result === 'passed'
+        ? `boot test: passed ${formatTime(boot.started)} (proof of life after ${seconds(boot.proofOfLifeMs ?? 0)}, ${boot.accelerator.toUpperCase()})`
+        : `boot test: FAILED ${formatTime(boot.started)}: ${boot.reason?.code ?? ''}: ${boot.reason?.message ?? ''}${boot.consoleLogPath ? `; console log: ${boot.consoleLogPath}` : ''}`,
+    );
+  } else lines.push('boot test: never (engine verify --boot)');
+  process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+/** One boot test's result (`verify --boot`). */
+export function printBootVerification(result: BootVerification & { key: string }): void {
+  const how = `${result.machine}, ${result.firmware}, ${result.accelerator.toUpperCase()}, ${formatBytes(result.memoryBytes)}, QEMU ${result.qemuVersion}`;
+  const what =
+    result.checks.expect === 'agent'
+      ? `the guest agent answered guest-ping${result.checks.filesystems && result.checks.filesystems.length > 0 ? ` and listed ${result.checks.filesystems.map((f) => `${f.mountpoint} (${f.type} on ${f.device})`).join(', ')}` : ''}`
+      : `console line ${JSON.stringify(result.checks.console?.line ?? '')} matched ${JSON.stringify(result.checks.console?.regex ?? '')}`;
+  const lines =
+    result.result === 'passed'
+      ? [`backup ${result.backup} boots: ${what} ${seconds(result.proofOfLifeMs ?? 0)} after the VM started (${how})`]
+      : [`backup ${result.backup} did NOT boot: ${result.reason?.code ?? ''}: ${result.reason?.message ?? ''} (${how})`, ...(result.consoleLogPath ? [`console log: ${result.consoleLogPath}`] : [])];
+  lines.push(`recorded as ${result.key}; every write of the VM was discarded`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }
 
@@ -151,7 +183,7 @@ export function printRestore(result: RestoreResult): void {
 
 export function printVerify(report: VerifyReport): void {
   const lines = [
-    `checked ${count(report.backups, 'backup')}, ${count(report.packs, 'pack')}, ${count(report.blobs, 'blob')}${report.readData ? `, read ${formatBytes(report.bytesChecked)}` : ' (structure only; --read-data re-reads every chunk)'}`,
+    `checked ${count(report.backups, 'backup')}${report.verifications > 0 ? ` (${count(report.verifications, 'boot test record')})` : ''}, ${count(report.packs, 'pack')}, ${count(report.blobs, 'blob')}${report.readData ? `, read ${formatBytes(report.bytesChecked)}` : ' (structure only; --read-data re-reads every chunk)'}`,
   ];
   if (report.subset) lines.push(`read the data of ${report.subset.packs} of ${report.packs} packs (${report.subset.percent}%, seed ${report.subset.seed})`);
   if (report.quarantined.length > 0) lines.push(`quarantined: ${count(report.quarantined.length, 'damaged frame')} set aside by repair`);

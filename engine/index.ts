@@ -7,6 +7,8 @@ export { restore, type RestoreOptions, type RestoreResult, type RestoredDisk, ty
 export type { RestoreTarget, RollbackPolicy, WritePolicy } from './restore/request.js';
 export type { TargetWriter } from './restore/target-writer.js';
 export { verify, type VerifyOptions, type VerifyReport, type VerifyProblem } from './verify/verify.js';
+export { verifyBoot, type BootVerifyOptions, type BootVerifyResult } from './verify/boot.js';
+export { latestBootResults, type BootSummary } from './catalogue/catalogue.js';
 export { listBackups, showBackup } from './catalogue/catalogue.js';
 export { prune, type PruneOptions, type PruneReport, type PrunedBackup } from './retention/prune.js';
 export { applyRetention, isoWeek, periodOf, KEEP_RULES, type RetentionPolicy, type KeepRule, type RetentionDecision } from './retention/policy.js';
@@ -37,6 +39,12 @@ export { NbdServer, MAX_REQUEST_BYTES, type NbdServerOptions, type ListenAddress
 export { ExportError, type NbdExport, type ReadPiece, type AllocationExtent } from './nbd/export.js';
 export { mount, umount, type MountOptions, type MountResult, type MountedFilesystem, type UmountResult } from './mount/mount.js';
 export { readPartitionTable, type Partition, type PartitionTable } from './mount/partition-table.js';
+export { findQemu, qemuVersion, kvmUsable, VirtualMachine, type StartedProcess } from './vm/qemu.js';
+export { qemuArgs, type VmSpec, type VmDisk } from './vm/qemu-args.js';
+export { GuestAgentClient, type GuestFilesystem } from './vm/agent.js';
+export { QmpClient } from './vm/qmp.js';
+export { ConsoleFollower } from './vm/console.js';
+export { VmRunJournal, type CleanedRun } from './vm/journal.js';
 export { serve, DEFAULT_CACHE_BYTES, type ServeOptions, type ServeHandle, type ServedExport } from './serve/serve.js';
 export { OvirtClient, type OvirtClientOptions, type OvirtCredentials } from './ovirt/client.js';
 export { ovirtApplianceBackup, type OvirtApplianceBackupOptions } from './ovirt/appliance-backup.js';

@@ -13,3 +13,4 @@ export { isProcessAlive, processIdentity, holderLiveness, type HolderLiveness } 
 export { setNoticeSink, type NoticeSink } from './notices.js';
 export { listProtected } from './protection.js';
 export { listQuarantine, type QuarantinedFrame } from './quarantine.js';
+export * from './verification-record.js';

@@ -48,6 +48,7 @@ import type { LoadPage, StorePage } from './block-map.js';
 import { newRepositoryKeys, type RepositoryKeys } from './crypto.js';
 import { checkPassphrase, createKeyFile, decodeKeyFile, encodeKeyFile, keyFileName, unlockKeyFileCompatibly } from './key-file.js';
 import { openMetadata, sealMetadata } from './sealed-metadata.js';
+import { decodeVerification, encodeVerification, verificationKey, verificationName, verificationOfKey, VERIFICATION_FILE_LIMIT, VERIFICATIONS_PREFIX, type BootVerification } from './verification-record.js';
 import { crashPoint } from './crash-points.js';
 import { liveWriterTokens } from './writers.js';
 import { removeStaleRegistrations } from './registry.js';
@@ -552,12 +553,27 @@ export class Repository {
       // Version 3: under the command's shared lease (SPEC.md 19.5, 19.8); there is no catalogue to follow.
       if (!this.v3) throw new Error('removeBackup on a version-3 repository opened without its lease');
       this.v3.lease.assertHeld();
+      await this.removeVerifications(id);
       await this.store.delete(recordKey(id));
+      await this.removeVerifications(id);
       return;
     }
     if (!this.lock) throw new Error('removeBackup needs the exclusive lock');
+    await this.removeVerifications(id);
     await this.store.delete(recordKey(id));
     await this.withSpaceReserve(() => this.index.deleteBackup(id));
+    await this.removeVerifications(id);
+  }
+
+  /**
+   * Removes the verification records of a backup that is being removed (SPEC.md 9.2): before its record and
+   * again after it, so that a boot test committing beside a version-3 prune leaves none behind (it checks
+   * for the backup after its own put, and removes its record when the backup is gone).
+   */
+  private async removeVerifications(backupId: string): Promise<void> {
+    const keys: string[] = [];
+    for await (const { key } of this.store.list(`${VERIFICATIONS_PREFIX}${backupId}/`)) if (verificationOfKey(key)?.backup === backupId) keys.push(key);
+    for (const key of keys) await this.store.delete(key);
   }
 
   /** Closes the LevelDB index and keeps the lock (migrate renames the index's directory). */
@@ -997,6 +1013,66 @@ export class Repository {
       return [`backup ${record.id} is committed, but its catalogue entry was not written (${(error as Error).message}); the next command adds it`];
     }
     return [];
+  }
+
+  /**
+   * Stores a boot test's record next to its backup (SPEC.md 9.2): written once (create-if-absent), sealed
+   * in an encrypted repository. Versions 1 and 2: under the lock, after checking that the backup is still
+   * there. Version 3: under the command's lease; the backup is checked after the put too, and the record
+   * removed again when a prune took the backup meanwhile (prune removes the records before and after the
+   * backup's, so one of the two sees it).
+   */
+  async commitVerification(record: BootVerification): Promise<string> {
+    const key = verificationKey(record.backup, verificationName(new Date(record.started)));
+    const plaintext = encodeVerification(record);
+    const bytes = this.keys ? sealMetadata(this.keys.dataKey, plaintext, key) : plaintext;
+    if (bytes.length > VERIFICATION_FILE_LIMIT) throw new InvalidArgumentError(`verification record ${key} would be ${bytes.length} bytes, more than the ${VERIFICATION_FILE_LIMIT} a verification record may hold`);
+    if (this.manyWriters) {
+      if (!this.v3) throw new Error('commitVerification on a version-3 repository opened without its lease');
+      this.v3.lease.assertHeld();
+    } else if (!this.lock) throw new Error('commitVerification needs the exclusive lock');
+    const exists = async (): Promise<boolean> => this.store.stat(recordKey(record.backup)).then(() => true, () => false);
+    if (!(await exists())) throw new BackupNotFoundError(record.backup);
+    await this.store.put(key, bytes, { ifAbsent: true });
+    if (this.manyWriters && !(await exists())) {
+      await this.store.delete(key).catch(() => undefined);
+      throw new BackupNotFoundError(record.backup);
+    }
+    return key;
+  }
+
+  /**
+   * The verification records of one backup (or of all), oldest first by name; damaged ones reported. Keys
+   * under verifications/ that are not a record's name are skipped (strays).
+   */
+  async listVerifications(backupId?: string): Promise<{ records: { key: string; record: BootVerification }[]; damaged: { key: string; backup: string; error: Error }[] }> {
+    const records: { key: string; record: BootVerification }[] = [];
+    const damaged: { key: string; backup: string; error: Error }[] = [];
+    const keys: { key: string; backup: string; name: string }[] = [];
+    for await (const { key } of this.store.list(backupId === undefined ? VERIFICATIONS_PREFIX : `${VERIFICATIONS_PREFIX}${backupId}/`)) {
+      const named = verificationOfKey(key);
+      if (named && (backupId === undefined || named.backup === backupId)) keys.push({ key, ...named });
+    }
+    keys.sort((a, b) => a.backup.localeCompare(b.backup) || a.name.localeCompare(b.name));
+    for (const { key, backup } of keys) {
+      try {
+        const bytes = await this.store.get(key, { maxSize: VERIFICATION_FILE_LIMIT }).catch((error: unknown) => {
+          if (isStorageError(error, 'too-large')) throw new CorruptMetadataError(`verification record ${key}`, `more than the ${VERIFICATION_FILE_LIMIT} bytes a verification record may hold`);
+          throw error;
+        });
+        let plaintext = bytes;
+        if (this.keys) {
+          const opened = openMetadata(this.keys.dataKey, bytes, key);
+          if (typeof opened === 'string') throw new CorruptMetadataError(`verification record ${key}`, opened);
+          plaintext = opened;
+        }
+        records.push({ key, record: decodeVerification(plaintext, key) });
+      } catch (error) {
+        if (isStorageError(error, 'not-found')) continue; // removed with its backup meanwhile
+        damaged.push({ key, backup, error: error as Error });
+      }
+    }
+    return { records, damaged };
   }
 }
 

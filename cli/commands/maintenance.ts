@@ -1,9 +1,9 @@
 /** Keeping a repository healthy: verify, prune, gc, repair. */
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { KEEP_RULES, policyIsEmpty, type RetentionPolicy } from '../../engine/retention/policy.js';
 import { createProgress } from '../progress.js';
-import { printGc, printPrune, printRepair, printVerify } from '../output.js';
+import { printBootVerification, printGc, printPrune, printRepair, printVerify } from '../output.js';
 import { engine } from '../engine-calls.js';
 import { output, printNotice, interruptSignal, printResult } from '../context.js';
 import * as opt from '../options.js';
@@ -27,8 +27,21 @@ function registerVerify(program: Command): void {
     .option('--json', 'print JSON')
     .addOption(opt.workersOption('re-read and check the chunks with --read-data'))
     .addOption(opt.passwordFileOption())
-    .action(async (opts: { repo?: string; readData?: boolean; subset?: number; seed?: string; json?: boolean; workers?: number; passwordFile?: string }) => {
+    .option('--boot [backup-id]', 'boot the backup in a throw-away QEMU VM and record whether it comes up (SPEC 9.2); with --latest, the newest backup')
+    .option('--latest', 'with --boot: the newest backup (of --name, when given)')
+    .option('--name <name>', 'with --boot --latest: the newest backup of this name')
+    .addOption(new Option('--timeout <seconds>', 'with --boot: how long the guest has to show proof of life (default: 300)').argParser(opt.integerParser('--timeout', 1, 86_400)))
+    .option('--memory <size>', "with --boot: the VM's memory (default: 1G)")
+    .option('--expect-agent', 'with --boot: proof of life is the guest agent answering guest-ping and listing a mounted file system (the default)')
+    .option('--expect-console <regex>', 'with --boot: proof of life is a console line matching REGEX')
+    .option('--machine <type>', "with --boot: QEMU machine type (default: the backup's, else q35)")
+    .addOption(new Option('--firmware <kind>', "with --boot: bios or uefi (default: the backup's, else bios)").choices(['bios', 'uefi']))
+    .addOption(new Option('--accel <kind>', 'with --boot: auto (KVM when usable, TCG when KVM fails), kvm or tcg (default: auto)').choices(['auto', 'kvm', 'tcg']))
+    .action(async (opts: VerifyFlags) => {
       output.json = opts.json === true;
+      if (opts.boot !== undefined) return verifyBoot(opts);
+      const bootOnly = (['latest', 'name', 'timeout', 'memory', 'expectAgent', 'expectConsole', 'machine', 'firmware', 'accel'] as const).filter((k) => opts[k] !== undefined);
+      if (bootOnly.length > 0) throw new InvalidArgumentError(`--${bootOnly[0]!.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} goes with --boot`);
       if ((opts.subset !== undefined || opts.seed !== undefined) && !opts.readData) throw new InvalidArgumentError('--subset and --seed choose which packs --read-data reads: give --read-data too');
       const progress = createProgress({ json: output.json });
       const report = await engine.verify({
@@ -45,6 +58,52 @@ function registerVerify(program: Command): void {
       await printResult(report, printVerify);
       if (!report.ok) process.exitCode = EXIT.integrity;
     });
+}
+
+interface VerifyFlags {
+  repo?: string;
+  readData?: boolean;
+  subset?: number;
+  seed?: string;
+  json?: boolean;
+  workers?: number;
+  passwordFile?: string;
+  boot?: string | true;
+  latest?: boolean;
+  name?: string;
+  timeout?: number;
+  memory?: string;
+  expectAgent?: boolean;
+  expectConsole?: string;
+  machine?: string;
+  firmware?: 'bios' | 'uefi';
+  accel?: 'auto' | 'kvm' | 'tcg';
+}
+
+/** `verify --boot`: exits 0 when the backup booted, 4 when it did not (the record says why). */
+async function verifyBoot(opts: VerifyFlags): Promise<void> {
+  if (opts.readData || opts.subset !== undefined || opts.seed !== undefined) throw new InvalidArgumentError('--boot boots one backup; --read-data, --subset and --seed check the repository: run them apart');
+  if (opts.expectAgent && opts.expectConsole !== undefined) throw new InvalidArgumentError('give --expect-agent or --expect-console, not both');
+  const latest = opts.latest === true;
+  if (latest === (typeof opts.boot === 'string')) throw new InvalidArgumentError(latest ? '--boot --latest boots the newest backup: give no backup id with it' : '--boot needs a backup id, or --latest');
+  if (opts.name !== undefined && !latest) throw new InvalidArgumentError('--name goes with --boot --latest');
+  const result = await engine.verifyBoot({
+    repo: opt.requireRepo(opts.repo),
+    backupId: typeof opts.boot === 'string' ? opts.boot : undefined,
+    latest,
+    name: opts.name,
+    timeoutSeconds: opts.timeout,
+    memoryBytes: opts.memory === undefined ? undefined : opt.sizeArgument('--memory', opts.memory, 16 * 1024 * 1024, 1024 ** 4),
+    expect: opts.expectConsole !== undefined ? { kind: 'console', regex: opts.expectConsole } : { kind: 'agent' },
+    machine: opts.machine,
+    firmware: opts.firmware,
+    accelerator: opts.accel,
+    passphrase: await opt.loadPassphrase(opts.passwordFile),
+    signal: interruptSignal(),
+    onLog: printNotice,
+  });
+  await printResult({ ...result.record, key: result.key }, printBootVerification);
+  if (result.record.result !== 'passed') process.exitCode = EXIT.integrity;
 }
 
 function registerPrune(program: Command): void {

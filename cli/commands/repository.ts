@@ -80,9 +80,11 @@ function registerList(program: Command): void {
     .option('--json', 'print JSON')
     .action(async (opts: { repo?: string; passwordFile?: string; json?: boolean }) => {
       output.json = opts.json === true;
-      const { backups, damaged } = await engine.listBackups(opt.requireRepo(opts.repo), { passphrase: await opt.loadPassphrase(opts.passwordFile) });
-      if (output.json) printJson({ backups: backups.map(backupJson), damaged });
-      else printList(forTerminal(backups), forTerminal(damaged));
+      const passphrase = await opt.loadPassphrase(opts.passwordFile);
+      const { backups, damaged } = await engine.listBackups(opt.requireRepo(opts.repo), { passphrase });
+      const boots = await engine.latestBootResults(opt.requireRepo(opts.repo), { passphrase });
+      if (output.json) printJson({ backups: backups.map((b) => backupJson(b, boots[b.id] ?? null)), damaged });
+      else printList(forTerminal(backups), forTerminal(damaged), forTerminal(boots));
     });
 }
 
@@ -96,9 +98,11 @@ function registerShow(program: Command): void {
     .option('--json', 'print JSON')
     .action(async (id: string, opts: { repo?: string; passwordFile?: string; json?: boolean }) => {
       output.json = opts.json === true;
-      const record = await engine.showBackup(opt.requireRepo(opts.repo), id, { passphrase: await opt.loadPassphrase(opts.passwordFile) });
-      if (output.json) printJson(backupJson(record));
-      else printShow(forTerminal(record));
+      const passphrase = await opt.loadPassphrase(opts.passwordFile);
+      const record = await engine.showBackup(opt.requireRepo(opts.repo), id, { passphrase });
+      const boot = (await engine.latestBootResults(opt.requireRepo(opts.repo), { passphrase, backupId: record.id }))[record.id] ?? null;
+      if (output.json) printJson(backupJson(record, boot));
+      else printShow(forTerminal(record), boot === null ? null : forTerminal(boot));
     });
 }
 

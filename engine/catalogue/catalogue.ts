@@ -14,3 +14,32 @@ export async function showBackup(repoPath: string, idOrPrefix: string, options: 
   const repo = await Repository.open(repoPath, { access: 'read', passphrase: options.passphrase, manyWriters: true });
   return repo.findBackup(idOrPrefix);
 }
+
+/** What `list` and `show` say of a backup's latest boot test (SPEC.md 9.2, 14.2). */
+export interface BootSummary {
+  result: 'passed' | 'failed';
+  started: string;
+  ended: string;
+  reason: { code: string; message: string } | null;
+  proofOfLifeMs: number | null;
+  accelerator: string;
+  consoleLogPath: string | null;
+  /** The verification record's key. */
+  record: string;
+}
+
+/**
+ * The latest boot test of each backup (of `backupId` alone, when given), by backup id; backups never
+ * boot-tested are absent. Damaged verification records are skipped here (verify reports them).
+ */
+export async function latestBootResults(repoPath: string, options: { passphrase?: Passphrase | undefined; backupId?: string | undefined } = {}): Promise<Record<string, BootSummary>> {
+  const repo = await Repository.open(repoPath, { access: 'read', passphrase: options.passphrase, manyWriters: true });
+  const id = options.backupId === undefined ? undefined : await repo.findBackupId(options.backupId);
+  const { records } = await repo.listVerifications(id);
+  const latest: Record<string, BootSummary> = {};
+  // Names sort by start time within a backup (verification-record.ts): the last one listed is the latest.
+  for (const { key, record } of records) {
+    latest[record.backup] = { result: record.result, started: record.started, ended: record.ended, reason: record.reason, proofOfLifeMs: record.proofOfLifeMs, accelerator: record.accelerator, consoleLogPath: record.consoleLogPath, record: key };
+  }
+  return latest;
+}

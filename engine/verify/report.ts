@@ -25,6 +25,8 @@ export interface VerifyReport {
   ok: boolean;
   readData: boolean;
   backups: number;
+  /** Verification records (boot tests, SPEC.md 9.2) read and checked. */
+  verifications: number;
   packs: number;
   blobs: number;
   bytesChecked: number;
@@ -48,6 +50,7 @@ export function emptyVerifyReport(readData: boolean): VerifyReport {
     ok: true,
     readData,
     backups: 0,
+    verifications: 0,
     packs: 0,
     blobs: 0,
     bytesChecked: 0,

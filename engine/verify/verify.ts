@@ -25,6 +25,7 @@ import { DataCheck } from './data-check.js';
 import { checkPacks } from './packs.js';
 import { checkIndex } from './index-check.js';
 import { checkBackups, countUnreferenced } from './backups.js';
+import { checkVerifications } from './verifications.js';
 import type { VerifyReport } from './report.js';
 
 export type { VerifyProblem, VerifyReport, VerifyWarning } from './report.js';
@@ -64,6 +65,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     // One problem per missing pack, naming every backup that lost data with it: never cut by the limit.
     run.report.problems.unshift(...missingPacks.problems());
     await countUnreferenced(run, referenced);
+    await checkVerifications(run, new Set(await repo.listBackupIds()));
     run.report.ok = run.report.problems.length === 0;
     return run.report;
   } catch (error) {
