@@ -36,6 +36,7 @@ export { NbdClient, type NbdClientOptions } from './nbd/client.js';
 export { NbdServer, MAX_REQUEST_BYTES, type NbdServerOptions, type ListenAddress } from './nbd/server.js';
 export { ExportError, type NbdExport, type ReadPiece, type AllocationExtent } from './nbd/export.js';
 export { mount, umount, type MountOptions, type MountResult, type MountedFilesystem, type UmountResult } from './mount/mount.js';
+export { filesList, filesExtract, withFileRestore, FileRestoreSession, type FilesOptions, type FileEntry, type Volume, type FilesListResult, type FilesExtractResult } from './file-restore/files.js';
 export { readPartitionTable, type Partition, type PartitionTable } from './mount/partition-table.js';
 export { serve, DEFAULT_CACHE_BYTES, type ServeOptions, type ServeHandle, type ServedExport } from './serve/serve.js';
 export { OvirtClient, type OvirtClientOptions, type OvirtCredentials } from './ovirt/client.js';
