@@ -11,7 +11,6 @@
  * (subvolid 5), so every subvolume is a directory of its volume (`vda/p2/@home/…`).
  */
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Writable } from 'node:stream';
 import { EngineError, InterruptedError, InvalidArgumentError } from '../../repo-format/errors.js';
@@ -192,15 +191,19 @@ async function collect(source: AsyncIterable<Buffer>): Promise<Buffer[]> {
   return parts;
 }
 
-/** The private run folder of one command; a folder left by a dead run (kill -9) is removed by the next. */
+/**
+ * The private run folder of one command ($ENGINE_RUN_DIR/files/<random>, ENGINE_RUN_DIR defaulting to
+ * /run/engine, as for mounts): the server's and the agent's sockets, the console log. A folder left by a dead
+ * run (kill -9: its VM died with it, pdeathsig) is removed by the next run.
+ */
 async function runFolder(): Promise<string> {
-  const base = tmpdir();
+  const base = join(process.env.ENGINE_RUN_DIR ?? '/run/engine', 'files');
+  await mkdir(base, { recursive: true, mode: 0o700 });
   for (const name of await readdir(base).catch(() => [] as string[])) {
-    if (!name.startsWith('engine-files-')) continue;
     const pid = Number(await readFile(join(base, name, 'pid'), 'utf8').catch(() => 'NaN'));
     if (Number.isSafeInteger(pid) && !isProcessAlive(pid)) await rm(join(base, name), { recursive: true, force: true });
   }
-  const dir = await mkdtemp(join(base, 'engine-files-'));
+  const dir = await mkdtemp(join(base, 'run-'));
   await writeFile(join(dir, 'pid'), String(process.pid));
   return dir;
 }

@@ -128,13 +128,14 @@ while read -r dev name; do
     ext2|ext3|ext4) mkdir -p "\$dir"; mount -t ext4 -o ro,noload "\$dev" "\$dir" 2>/run/err || state=failed ;;
     xfs) mkdir -p "\$dir"; mount -t xfs -o ro,norecovery "\$dev" "\$dir" 2>/run/err || state=failed ;;
     btrfs) mkdir -p "\$dir"; mount -t btrfs -o ro,nologreplay,subvolid=5 "\$dev" "\$dir" 2>/run/err || state=failed ;;
-    vfat) mkdir -p "\$dir"; mount -t vfat -o ro,utf8,shortname=mixed "\$dev" "\$dir" 2>/run/err || state=failed ;;
+    vfat) mkdir -p "\$dir"; mount -t vfat -o ro,iocharset=utf8,shortname=mixed "\$dev" "\$dir" 2>/run/err || state=failed ;;
     ntfs) mkdir -p "\$dir"; ntfs-3g -o ro "\$dev" "\$dir" 2>/run/err || state=failed ;;
     LVM2_member) state=lvm; detail="physical volume" ;;
     "") state=unknown; detail="no filesystem recognised" ;;
     *) state=unsupported; detail="filesystem type \$type" ;;
   esac
-  [ \$state = failed ] && detail=\$(tr '\n\t' '  ' < /run/err)
+  # The kernel's own words say more than mount's "Invalid argument".
+  [ \$state = failed ] && detail="\$(tr '\n\t' '  ' < /run/err) \$(dmesg | tail -n 2 | tr '\n\t' '  ')"
   printf '%s\t%s\t%s\t%s\t%s\n' "\$name" "\${type:-none}" "\$state" "\${size:-0}" "\$detail" >> /run/volumes
 done < \$candidates
 echo "ENGINE-APPLIANCE-READY"
