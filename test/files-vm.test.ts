@@ -185,7 +185,7 @@ describe('engine files: the appliance VM', () => {
     expect(ls.code).toBe(0);
     const json = parseJson<{ entries: { name: string; type: string; size: number; mode: number; mtime: string; uid: number }[] }>(ls.stdout);
     expect(json.entries.map((e) => [e.name, e.type, e.size, e.mode.toString(8), e.mtime, e.uid])).toEqual([
-      ['deeper', 'directory', 4096, '755', '1709210096.123456789', 0],
+      ['deeper', 'directory', 1024, '755', '1709210096.123456789', 0],
       ['name with spaces.txt', 'file', 31, '644', '1709210096.123456789', 1234],
       ['ünïcødé 日本.txt', 'file', 46, '644', '1709210096.123456789', 0],
     ]);
