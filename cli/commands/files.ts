@@ -50,7 +50,7 @@ export function registerFilesCommands(program: Command): void {
     .argument('<backup-id>', 'backup id or a unique prefix of it')
     .argument('<path...>', 'paths naming disk and volume first, e.g. vda/p1/etc/hostname')
     .option('--to <dir>', 'extract into this directory (made if missing; nothing in it is overwritten, nothing outside it written)', opt.localPath('--to'))
-    .option('--tar <file>', 'write one tar archive (POSIX pax) to FILE, or to stdout with -')
+    .option('--tar <file>', 'write one tar archive (POSIX pax) to FILE, or to stdout with -', (value: string) => (value === '-' ? value : opt.localPath('--tar')(value)))
     .option('--disk <name>', 'attach only this disk to the appliance')
     .addOption(opt.passwordFileOption())
     .option('--json', 'print JSON')

@@ -34,21 +34,31 @@ root="$work/root"
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,run,mnt,tmp,etc,modules,lib64}
 
 # Modules in dependency order (the .deb has no modules.dep; each .ko names its own in its modinfo "depends=").
+# Grouped: init loads a group only when a volume needs it (under TCG, loading btrfs.ko or xfs.ko costs ~1 s each).
+# modules/<group>.list names a group's modules, dependencies first; a module already loaded is skipped.
 order=()
-added=" "
 add_module() {
   local m=$1 ko dep
-  case "$added" in *" $m "*) return ;; esac
+  for dep in "${order[@]}"; do [ "$dep" = "$m" ] && return; done
   ko=$(find "$moddir" -name "$m.ko" | head -1)
   [ -n "$ko" ] || { echo "build-appliance: module $m not found in $kpkg" >&2; exit 1; }
   for dep in $(tr '\0' '\n' < "$ko" | sed -n 's/^depends=//p' | tr ',' ' '); do add_module "$dep"; done
   cp "$ko" "$root/modules/$m.ko"
   order+=("$m")
-  added="$added$m "
 }
-for m in virtio_pci virtio_blk virtio_console dm-mod xfs btrfs xxhash_generic blake2b_generic vfat nls_cp437 nls_utf8 nls_iso8859-1 fuse; do
-  add_module "$m"
-done
+group() {
+  local name=$1 m
+  shift
+  order=()
+  for m in "$@"; do add_module "$m"; done
+  printf '%s\n' "${order[@]}" > "$root/modules/$name.list"
+}
+group base virtio_pci virtio_blk virtio_console
+group lvm dm-mod
+group xfs xfs
+group btrfs btrfs xxhash_generic blake2b_generic
+group vfat vfat nls_cp437 nls_utf8 nls_iso8859-1
+group ntfs fuse
 
 copy_with_libraries() {
   local binary=$1 target=$2 lib
@@ -82,7 +92,8 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs run /run
-for m in ${order[*]}; do insmod /modules/\$m.ko 2>/dev/null; done
+load() { for m in \$(cat /modules/\$1.list); do [ -e /sys/module/\$(echo \$m | tr - _) ] || insmod /modules/\$m.ko 2>/dev/null; done; }
+load base
 mkdir -p /dev/virtio-ports /run/lock/lvm
 for p in /sys/class/virtio-ports/*; do
   [ -e "\$p/name" ] && ln -sf "/dev/\$(basename "\$p")" "/dev/virtio-ports/\$(cat "\$p/name")"
@@ -107,7 +118,10 @@ done
 # LVM: every VG found, activated read-only (read_only_volume_list names them all), device nodes made by lvm
 # itself (no udev here).
 lvmconf='global { locking_dir = "/run/lock/lvm" } activation { udev_sync = 0 udev_rules = 0 verify_udev_operations = 1 monitoring = 0 } devices { obtain_device_list_from_udev = 0 write_cache_state = 0 }'
-vgs=\$(lvm vgs --noheadings -o vg_name --config "\$lvmconf" 2>/dev/null | tr -d ' ')
+vgs=""
+while read -r dev name; do
+  [ "\$(/sbin/blkid -p -o value -s TYPE "\$dev" 2>/dev/null)" = LVM2_member ] && { load lvm; vgs=\$(lvm vgs --noheadings -o vg_name --config "\$lvmconf" 2>/dev/null | tr -d ' '); break; }
+done < \$candidates
 if [ -n "\$vgs" ]; then
   list=\$(for v in \$vgs; do printf '"%s",' "\$v"; done)
   lvm vgchange -ay --config "\$lvmconf activation { read_only_volume_list = [ \${list%,} ] }" >/dev/null 2>/run/lvm.log
@@ -125,9 +139,13 @@ while read -r dev name; do
   state=mounted
   detail=""
   case "\$type" in
+    xfs|btrfs|vfat) load \$type ;;
+    ntfs) load ntfs ;;
+  esac
+  case "\$type" in
     ext2|ext3|ext4) mkdir -p "\$dir"; mount -t ext4 -o ro,noload "\$dev" "\$dir" 2>/run/err || state=failed ;;
     xfs) mkdir -p "\$dir"; mount -t xfs -o ro,norecovery "\$dev" "\$dir" 2>/run/err || state=failed ;;
-    btrfs) mkdir -p "\$dir"; mount -t btrfs -o ro,nologreplay,subvolid=5 "\$dev" "\$dir" 2>/run/err || state=failed ;;
+    btrfs) mkdir -p "\$dir"; mount -t btrfs -o ro,rescue=nologreplay,subvolid=5 "\$dev" "\$dir" 2>/run/err || state=failed ;;
     vfat) mkdir -p "\$dir"; mount -t vfat -o ro,iocharset=utf8,shortname=mixed "\$dev" "\$dir" 2>/run/err || state=failed ;;
     ntfs) mkdir -p "\$dir"; ntfs-3g -o ro "\$dev" "\$dir" 2>/run/err || state=failed ;;
     LVM2_member) state=lvm; detail="physical volume" ;;
