@@ -192,7 +192,12 @@ export class ApplianceVm {
       void exited.then((error) => reader.fail(error));
       // A VM that dies closes the port first: its exit (with QEMU's own words) is the better error.
       const ready = await Promise.race([reader.next().catch(async (error: unknown) => {
-        const exit = await Promise.race([exited, new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), 1000))]);
+        let grace: NodeJS.Timeout | undefined;
+        const exit = await Promise.race([exited, new Promise<undefined>((resolve) => {
+          grace = setTimeout(() => resolve(undefined), 1000);
+        })]);
+        // Cleared, or the pending timer alone keeps an interrupted command alive for its second.
+        clearTimeout(grace);
         throw exit ?? error;
       }), exited, timedOut, aborted]);
       if (ready instanceof Error) throw ready;
