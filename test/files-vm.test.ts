@@ -43,7 +43,6 @@ afterAll(async () => {
 
 /** The name a guest's file gets on the host: control characters as %XX (engine/file-restore/tar.ts). */
 function hostName(name: string): string {
-  // eslint-disable-next-line no-control-regex
   return name.replace(/[\u0000-\u001f\u007f]/g, (c) => `%${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 

@@ -35,7 +35,6 @@ export function sanitizePath(name: string): string | null {
   for (const part of name.split('/')) {
     if (part === '' || part === '.') continue;
     if (part === '..') return null;
-    // eslint-disable-next-line no-control-regex
     parts.push(part.replace(/[\u0000-\u001f\u007f]/g, (c) => `%${c.charCodeAt(0).toString(16).padStart(2, '0')}`));
   }
   return parts.length === 0 ? null : parts.join('/');
