@@ -137,7 +137,7 @@ describe('engine files: the appliance VM', () => {
 
   test('extract --to DIR gives the original bytes, modes, owners, times and symlinks of every filesystem; hostile names stay inside DIR', async () => {
     const out = join(dir, 'extracted');
-    const result = await runEngine(['files', 'extract', '--repo', repo, backupId, 'vda/lvm/guestvg/root', 'vdb/p1', 'vdc/@home', 'vda/p1/docs', 'vdb/p2/', '--to', out, '--json']);
+    const result = await runEngine(['files', 'extract', '--repo', repo, backupId, 'vda/lvm/guestvg/root', 'vdb/p1', 'vdc', 'vda/p1/docs', 'vdb/p2/', '--to', out, '--json']);
     expect(result.stderr).toBe('');
     expect(result.code).toBe(0);
     const summary = parseJson<{ files: number; symlinks: number; skipped: unknown[] }>(result.stdout);
@@ -145,7 +145,9 @@ describe('engine files: the appliance VM', () => {
     // unix trees: 8 files each (3 volumes), vfat docs: 4, NTFS: 5.
     expect({ files: summary.files, symlinks: summary.symlinks }).toEqual({ files: 3 * 8 + 4 + 5, symlinks: 3 * 2 });
     const unix = await tree(join(guest, 'src', 'unix'), hostName);
-    for (const name of ['root', 'p1', '@home']) {
+    // The whole btrfs volume: its subvolume @home came along (a subvolume is another st_dev: tar must cross it).
+    expect(await readdir(join(out, 'vdc'))).toEqual(['@home']);
+    for (const name of ['root', 'p1', 'vdc/@home']) {
       const got = await tree(join(out, name));
       // ext4's own lost+found came along with the volume's root.
       if (name === 'p1') got.delete('lost+found');

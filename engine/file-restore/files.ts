@@ -277,7 +277,8 @@ export async function filesExtract(options: FilesOptions & { paths: string[]; to
         }
       })();
       try {
-        await readTar(timed, sink);
+        // Members are named from the path's last component, as the user wrote it (a volume's root included).
+        await readTar(timed, sink, normalize(path).split('/').pop());
       } catch (error) {
         if (error instanceof AgentError) throw new EngineError('ENGINE_TOOL_FAILED', `extracting ${path}: ${error.agentMessage || error.message}`, { path, exitCode: error.exitCode });
         throw error;

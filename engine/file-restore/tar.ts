@@ -85,8 +85,13 @@ export interface MemberSink {
   skipped(name: string, why: string): void;
 }
 
-/** Parses a tar stream, handing each member to `sink` with its name sanitized (and `prefix` joined in front). */
-export async function readTar(source: AsyncIterable<Buffer>, sink: MemberSink, prefix = ''): Promise<void> {
+/**
+ * Parses a tar stream, handing each member to `sink` with its name sanitized. With `top`, each name's first
+ * component is replaced by it (the appliance names a volume's root after its own mount point, `d0`, which the
+ * host knows as the disk's name).
+ */
+export async function readTar(source: AsyncIterable<Buffer>, sink: MemberSink, top?: string): Promise<void> {
+  const rename = (name: string): string => (top === undefined ? name : name.replace(/^\/*[^/]*/, top));
   const iterator = source[Symbol.asyncIterator]();
   let pending: Buffer = Buffer.alloc(0);
   let done = false;
@@ -157,7 +162,7 @@ export async function readTar(source: AsyncIterable<Buffer>, sink: MemberSink, p
     longName = undefined;
     longLink = undefined;
     const type = TYPES[typeflag];
-    const path = sanitizePath(`${prefix}/${rawName}`);
+    const path = sanitizePath(rename(rawName));
     const data = type === 'file' ? body(size) : undefined;
     if (type === undefined || path === null) {
       sink.skipped(rawName, type === undefined ? `tar member type ${JSON.stringify(typeflag)}` : 'a ".." in its name');
@@ -166,7 +171,7 @@ export async function readTar(source: AsyncIterable<Buffer>, sink: MemberSink, p
     }
     let linkname = rawLink;
     if (type === 'hardlink') {
-      const target = sanitizePath(`${prefix}/${rawLink}`);
+      const target = sanitizePath(rename(rawLink));
       if (target === null) {
         sink.skipped(rawName, 'a hard link to a name with ".."');
         continue;

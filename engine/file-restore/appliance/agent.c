@@ -207,7 +207,7 @@ static void archive(const char *path) {
     dup2(errors[1], 2);
     close(data[0]); close(errors[0]); close(data[1]); close(errors[1]);
     execl("/bin/tar", "tar", "--create", "--file=-", "--format=posix", "--numeric-owner", "--blocking-factor=1",
-          "--one-file-system", "--directory", parent, "--", name, (char *)NULL);
+          "--directory", parent, "--", name, (char *)NULL);
     _exit(127);
   }
   close(data[1]);
