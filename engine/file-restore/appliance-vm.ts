@@ -86,12 +86,32 @@ class FrameReader {
     waiting?.();
   }
 
+  /** The first n bytes, copying only them (not everything buffered, up to 4 MiB, for a 5-byte header). */
   private take(n: number): Buffer {
-    const all = this.buffered.length === 1 ? this.buffered[0]! : Buffer.concat(this.buffered);
-    const taken = all.subarray(0, n);
-    const rest = all.subarray(n);
-    this.buffered = rest.length > 0 ? [rest] : [];
-    this.length = rest.length;
+    const first = this.buffered[0];
+    let taken: Buffer;
+    if (first !== undefined && first.length >= n) {
+      taken = first.subarray(0, n);
+      if (first.length === n) this.buffered.shift();
+      else this.buffered[0] = first.subarray(n);
+    } else {
+      const pieces: Buffer[] = [];
+      let left = n;
+      while (left > 0) {
+        const head = this.buffered[0]!;
+        if (head.length <= left) {
+          pieces.push(head);
+          this.buffered.shift();
+          left -= head.length;
+        } else {
+          pieces.push(head.subarray(0, left));
+          this.buffered[0] = head.subarray(left);
+          left = 0;
+        }
+      }
+      taken = Buffer.concat(pieces, n);
+    }
+    this.length -= n;
     if (this.length <= 1024 * 1024 && this.socket.isPaused()) this.socket.resume();
     return taken;
   }
@@ -148,7 +168,9 @@ export class ApplianceVm {
       '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
       '-machine', `q35,accel=${accel}`,
       ...(accel === 'kvm' ? ['-cpu', 'host'] : []),
-      '-m', String(options.memoryMiB ?? 512),
+      // Enough for the kernel, the unpacked initramfs (~25 MB) and the page cache of what is read. QEMU's own
+      // peak RSS was 403 MB with 256 (674 MB with 512) extracting 782 MB under TCG (measured; not bounded further).
+      '-m', String(options.memoryMiB ?? 256),
       '-kernel', options.appliance.kernel,
       '-initrd', options.appliance.initrd,
       '-append', 'console=ttyS0 quiet panic=-1',
