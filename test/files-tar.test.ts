@@ -92,7 +92,7 @@ test('a hostile archive extracted into DIR writes nothing outside DIR', async ()
   expect(failures).toEqual([
     expect.stringMatching(/refusing to extract through .*link: it is not a directory/),
     expect.stringMatching(/refusing to extract through .*link: it is not a directory/),
-    expect.stringMatching(/EEXIST/),
+    expect.stringMatching(/link exists: a file restore never overwrites/),
   ]);
 });
 

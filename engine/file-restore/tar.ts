@@ -248,7 +248,10 @@ export class DirectorySink implements MemberSink {
         return;
       }
       case 'file': {
-        const handle = await open(target, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+        const handle = await open(target, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600).catch((error: NodeJS.ErrnoException) => {
+          if (error.code === 'EEXIST') throw new EngineError('ENGINE_TARGET_HOLDS_DATA', `${target} exists: a file restore never overwrites (or follows) what is there; extract into a new or empty directory`, { path: target });
+          throw error;
+        });
         try {
           for await (const chunk of data) {
             await handle.write(chunk);
