@@ -92,6 +92,18 @@ function expectSameTree(got: Map<string, Node>, want: Map<string, Node>, exact: 
   }
 }
 
+/** QEMU processes whose parent is `pid` (setpriv execs QEMU, so the command is its parent). */
+async function qemuChildrenOf(pid: number): Promise<number[]> {
+  const found: number[] = [];
+  for (const name of await readdir('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    const status = await readFile(`/proc/${name}/status`, 'utf8').catch(() => '');
+    const cmdline = await readFile(`/proc/${name}/cmdline`, 'utf8').catch(() => '');
+    if (cmdline.startsWith('qemu-system-x86_64') && Number(/PPid:\s+(\d+)/.exec(status)?.[1]) === pid) found.push(Number(name));
+  }
+  return found;
+}
+
 describe('engine files: the appliance VM', () => {
   test('every volume is found and mounted: vfat ESP and xfs on LVM (GPT), ext4 and NTFS (MBR), btrfs (whole disk); listings name files as the guest does', async () => {
     await withFileRestore({ repo, backupId }, async (session) => {
@@ -198,18 +210,8 @@ describe('engine files: the appliance VM', () => {
     child.stderr!.on('data', (chunk: Buffer) => {
       stderr += chunk.toString('utf8');
     });
-    // Wait until its VM runs (a qemu whose parent chain leads to the child), then stop the command.
-    const qemuOf = async (): Promise<number[]> => {
-      const found: number[] = [];
-      for (const name of await readdir('/proc')) {
-        if (!/^\d+$/.test(name)) continue;
-        const status = await readFile(`/proc/${name}/status`, 'utf8').catch(() => '');
-        const cmdline = await readFile(`/proc/${name}/cmdline`, 'utf8').catch(() => '');
-        const parent = /PPid:\s+(\d+)/.exec(status)?.[1];
-        if (cmdline.startsWith('qemu-system-x86_64') && Number(parent) === child.pid) found.push(Number(name));
-      }
-      return found;
-    };
+    // Wait until its VM runs (a qemu whose parent is the command), then stop the command.
+    const qemuOf = (): Promise<number[]> => qemuChildrenOf(child.pid!);
     let vms: number[] = [];
     while (vms.length === 0 && child.exitCode === null) {
       await new Promise((resolve) => setTimeout(resolve, 100));
@@ -223,5 +225,31 @@ describe('engine files: the appliance VM', () => {
     expect(await readdir(join(runDir, 'files'))).toEqual([]);
     expect(await readdir(join(repo, 'readers')).catch(() => [])).toEqual([]);
     expect(await readdir(join(repo, 'leases')).catch(() => [])).toEqual([]);
+  }, VM_TIMEOUT);
+
+  test('kill -9 of the command: its VM dies with it (pdeathsig), and the next run removes the run folder it left', async () => {
+    const child = spawnEngine(['files', 'ls', '--repo', repo, backupId, 'vdb/p1']);
+    let vm: number | undefined;
+    while (vm === undefined && child.exitCode === null) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      vm = (await qemuChildrenOf(child.pid!))[0];
+    }
+    expect(vm).toBeDefined();
+    child.kill('SIGKILL');
+    await exitOf(child);
+    // Gone, or a zombie until its new parent reaps it: either way no longer running.
+    const running = async (): Promise<boolean> => {
+      const stat = await readFile(`/proc/${vm}/stat`, 'utf8').catch(() => '');
+      return stat !== '' && !/^\d+ \(.*\) Z/.test(stat);
+    };
+    while (await running()) await new Promise((resolve) => setTimeout(resolve, 100));
+    expect(await readdir(join(runDir, 'files'))).toHaveLength(1);
+    const next = await runEngine(['files', 'ls', '--repo', repo, backupId, 'vdb/p1/etc']);
+    expect(next.code).toBe(0);
+    expect(next.stdout).toMatch(/ hostname\n/);
+    expect(await readdir(join(runDir, 'files'))).toEqual([]);
+    // The dead run's shared lease (format 3) or reader registration is gone too.
+    expect(await readdir(join(repo, 'leases')).catch(() => [])).toEqual([]);
+    expect(await readdir(join(repo, 'readers')).catch(() => [])).toEqual([]);
   }, VM_TIMEOUT);
 });
