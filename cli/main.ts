@@ -15,6 +15,7 @@ import { registerInstantAccessCommands } from './commands/instant-access.js';
 import { registerMaintenanceCommands } from './commands/maintenance.js';
 import { registerOvirtCommands } from './commands/ovirt.js';
 import { registerToolCommands } from './commands/tools.js';
+import { registerFilesCommands } from './commands/files.js';
 import { output, printNotice } from './context.js';
 import { settleInterrupt } from './interrupt.js';
 import { crashPoint } from '../repo-format/crash-points.js';
@@ -42,6 +43,7 @@ function buildProgram(): Command {
   registerInstantAccessCommands(program);
   registerMaintenanceCommands(program);
   registerOvirtCommands(program);
+  registerFilesCommands(program);
   registerToolCommands(program);
   return program;
 }

@@ -38,6 +38,7 @@ export { NbdClient, type NbdClientOptions } from './nbd/client.js';
 export { NbdServer, MAX_REQUEST_BYTES, type NbdServerOptions, type ListenAddress } from './nbd/server.js';
 export { ExportError, type NbdExport, type ReadPiece, type AllocationExtent } from './nbd/export.js';
 export { mount, umount, type MountOptions, type MountResult, type MountedFilesystem, type UmountResult } from './mount/mount.js';
+export { filesList, filesExtract, withFileRestore, FileRestoreSession, type FilesOptions, type FileEntry, type Volume, type FilesListResult, type FilesExtractResult } from './file-restore/files.js';
 export { readPartitionTable, type Partition, type PartitionTable } from './mount/partition-table.js';
 export { findQemu, qemuVersion, kvmUsable, VirtualMachine, type StartedProcess } from './vm/qemu.js';
 export { qemuArgs, type VmSpec, type VmDisk } from './vm/qemu-args.js';

@@ -27,6 +27,12 @@ for tool in qemu-ga:qemu-guest-agent extlinux:extlinux cpio:cpio debugfs:e2fspro
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
 [ -f /usr/lib/syslinux/mbr/mbr.bin ] || need_apt+=(syslinux-common)
+# engine files (the file-restore appliance, engine/file-restore/appliance/build-appliance.sh: lvm, ntfs-3g, GNU tar,
+# util-linux's blkid and gcc for its agent are copied from this host) and its tests' guest disks
+# (test/guest/build-files-disks.sh: LVM, vfat via mtools, NTFS, btrfs).
+for tool in lvm:lvm2 ntfs-3g:ntfs-3g mkntfs:ntfs-3g mkfs.vfat:dosfstools mcopy:mtools mkfs.btrfs:btrfs-progs setpriv:util-linux; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
+done
 # liblz4 and a C toolchain for the engine's lz4 addon (native/lz4, built below; node-gyp needs make, g++, python3).
 [ -f /usr/include/lz4.h ] || need_apt+=(liblz4-dev)
 for tool in make:make cc:gcc g++:g++ python3:python3; do

@@ -141,7 +141,10 @@ describe('section 9: every field of the record tables is required, with its type
   test('record fields, disk fields, and the fields of source, map, cbt and stats, as SPEC.md names them', () => {
     const recordFields = fieldsOf(between('## 9. Backup record', 'Disk object:'));
     const diskFields = fieldsOf(between('Disk object:', 'Integers are JSON numbers'));
-    expect(recordFields).toEqual(['version', 'id', 'name', 'type', 'parent', 'startTime', 'endTime', 'hostname', 'engineVersion', 'blockSize', 'disks', 'attachments']);
+    expect(recordFields).toEqual(['version', 'id', 'name', 'type', 'parent', 'startTime', 'endTime', 'hostname', 'engineVersion', 'blockSize', 'disks', 'attachments', 'consistency']);
+    // The one field marked optional: a record without it is read (older engines), one with it of another type is not.
+    expect(between('| `consistency` |', '\n')).toMatch(/^ object, \*\*optional\*\* \|/);
+    const required = recordFields.filter((f) => f !== 'consistency');
     expect(diskFields).toEqual(['name', 'size', 'source', 'mode', 'modeReason', 'parent', 'cbt', 'map', 'stats']);
     const statsRow = between('| `stats` | object |', '\n');
     const statsFields = [...statsRow.matchAll(/`([A-Za-z]+)`/g)].map((m) => m[1]!).filter((f) => f !== 'stats');
@@ -150,14 +153,19 @@ describe('section 9: every field of the record tables is required, with its type
     expect(cbtFields).toEqual(['checkpoint', 'base', 'chainFull', 'chainCheckpoint', 'granularity', 'audited']);
 
     expect(decode(valid)).toBeUndefined();
+    const withoutConsistency = { ...valid };
+    delete withoutConsistency.consistency;
+    expect(decode(withoutConsistency)).toBeUndefined();
     expect(decode({ ...valid, unknownField: { anything: 1 } })).toBeUndefined();
     const disk = (r: Record<string, unknown>): Record<string, unknown> => (r.disks as Record<string, unknown>[])[0]!;
     const copy = (): Record<string, unknown> => JSON.parse(JSON.stringify(valid)) as Record<string, unknown>;
     const cases: [string, (r: Record<string, unknown>) => void][] = [];
-    for (const field of recordFields) {
+    for (const field of required) {
       cases.push([`record ${field} missing`, (r) => delete r[field]]);
       cases.push([`record ${field} of another type`, (r) => (r[field] = { wrong: true })]);
     }
+    cases.push(['record consistency of another type', (r) => (r.consistency = 'crash')]);
+    cases.push(['record consistency with an unknown level', (r) => ((r.consistency as Record<string, unknown>).level = 'perfect')]);
     for (const field of diskFields) {
       cases.push([`disk ${field} missing`, (r) => delete disk(r)[field]]);
       cases.push([`disk ${field} of another type`, (r) => (disk(r)[field] = [1])]);
