@@ -5,7 +5,7 @@
  * backed up into format-3 repositories too, on a folder and on S3 (the tests' own Ceph RADOS Gateway).
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { copyFile, open, readFile, writeFile } from 'node:fs/promises';
+import { copyFile, open, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseJson, runEngine, sh, sparseFile, tempDir, expectRestoreIdentical } from './helpers.js';
 import { qcow2, qemuIo } from './qemu.js';
@@ -15,6 +15,8 @@ import { startRgwCluster } from './rgw.js';
 import { createBucket, rgwEnv } from './s3-helpers.js';
 
 const MiB = 1024 * 1024;
+/** The domain's VNC password (libvirt allows 8 characters), to be found nowhere in the repositories. */
+const VNC_PASSWORD = 'xq7Zk2pW';
 let dir: string;
 let cleanup: () => Promise<void>;
 const domains: string[] = [];
@@ -106,7 +108,8 @@ describe('a running libvirt domain', () => {
     domains.push(domain);
     vda = await disk(`${domain}-vda`, 256 * MiB, [[0xab, 0, 4 * MiB]]);
     vdb = await disk(`${domain}-vdb`, 64 * MiB, [[0x5b, 10 * MiB, 2 * MiB]]);
-    await startDomain(domain, [{ image: vda.image, target: 'vda' }, { image: vdb.image, target: 'vdb' }], dir);
+    // A VNC display with a password (on a Unix socket libvirt makes: no port), which the record must not keep.
+    await startDomain(domain, [{ image: vda.image, target: 'vda' }, { image: vdb.image, target: 'vdb' }], dir, `<graphics type='vnc' passwd='${VNC_PASSWORD}'><listen type='socket'/></graphics>`);
     repo = join(dir, 'repo');
     await runEngine(['init', repo]);
   }, 300_000);
@@ -156,6 +159,29 @@ describe('a running libvirt domain', () => {
       await expectRestoreIdentical(repo, backupRecord.id, snaps[0]!, { dir, disk: 'vda' });
       await expectRestoreIdentical(repo, backupRecord.id, snaps[1]!, { dir, disk: 'vdb' });
     }
+  });
+
+  test("each record keeps the domain's definition (libvirt-domain): the domain's machine type, its VNC password nowhere in the repository", async () => {
+    const machineOf = (xml: string): string | undefined => /<type\b[^>]*\bmachine=['"]([^'"]+)['"]/.exec(xml)?.[1];
+    const running = machineOf(await sh('virsh', ['dumpxml', domain]));
+    // Defined as `pc`: libvirt keeps the versioned type it expanded that to.
+    expect(running).toMatch(/^pc-i440fx-/);
+    // libvirt holds the password (asked for it); the engine never asks, and strips what it would be given.
+    expect(await sh('virsh', ['dumpxml', domain, '--inactive', '--security-info'])).toContain(`passwd='${VNC_PASSWORD}'`);
+    for (const point of [full, latest]) {
+      const record = JSON.parse(await readFile(join(repo, 'backups', point.id), 'utf8')) as { attachments: { name: string; mediaType: string; data: string }[] };
+      expect(record.attachments.map((a) => [a.name, a.mediaType])).toEqual([['libvirt-domain', 'application/xml']]);
+      const kept = record.attachments[0]!.data;
+      expect(kept).toMatch(/^<domain type='qemu'>/);
+      expect(machineOf(kept)).toBe(running);
+      expect(kept).toContain(`<name>${domain}</name>`);
+      expect(kept).toContain("<graphics type='vnc'");
+      expect(kept).not.toContain('passwd');
+    }
+    // Not in a record, nor anywhere else in the repository (index, packs, config).
+    const files = (await readdir(repo, { recursive: true, withFileTypes: true })).filter((entry) => entry.isFile());
+    expect(files.length).toBeGreaterThan(5);
+    for (const file of files) expect((await readFile(join(file.parentPath, file.name))).includes(VNC_PASSWORD)).toBe(false);
   });
 
   test('an incremental runs virsh four times (one each: the look at the domain, backup-begin, the abort, the deletion), and domjobinfo only while the job ends', async () => {

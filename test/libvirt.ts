@@ -79,14 +79,17 @@ export async function stopStartedDaemons(): Promise<void> {
   }
 }
 
-/** Defines and starts a TCG domain that sits in SeaBIOS: enough for block jobs, checkpoints, backups. */
-export async function startDomain(name: string, disks: { image: string; target: string }[], dir: string): Promise<void> {
+/**
+ * Defines and starts a TCG domain that sits in SeaBIOS: enough for block jobs, checkpoints, backups. `devices`: more
+ * of them, as XML (cbt-libvirt's VNC display with a password).
+ */
+export async function startDomain(name: string, disks: { image: string; target: string }[], dir: string, devices = ''): Promise<void> {
   const diskXml = disks
     .map((d) => `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${d.image}'/><target dev='${d.target}' bus='virtio'/></disk>`)
     .join('');
   const xml = `<domain type='qemu'><name>${name}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>
 <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>${diskXml}<video><model type='none'/></video><memballoon model='none'/></devices></domain>`;
+<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>${diskXml}${devices}<video><model type='none'/></video><memballoon model='none'/></devices></domain>`;
   const path = join(dir, `${name}.xml`);
   await writeFile(path, xml);
   await sh('virsh', ['define', path]);

@@ -355,7 +355,7 @@ function recordOf(run: BackupRun, name: string, blockSize: number, disks: DiskRe
     engineVersion: ENGINE_VERSION,
     blockSize,
     disks,
-    attachments: run.options.attachments ?? [],
+    attachments: [...(run.options.attachments ?? []), ...[...sessionsOf(run)].flatMap((session) => session?.attachments ?? [])],
     consistency: consistencyOf(run),
   };
 }

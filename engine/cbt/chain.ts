@@ -4,7 +4,7 @@
  * CBT state the backup records. Only the check of the base itself (a qcow2 bitmap, a libvirt checkpoint)
  * differs between sources.
  */
-import { mapRootOf, type Consistency, type BackupRecord, type BackupType, type DiskCbt, type DiskRecord } from '../../repo-format/backup-record.js';
+import { mapRootOf, type Consistency, type BackupRecord, type RecordAttachment, type BackupType, type DiskCbt, type DiskRecord } from '../../repo-format/backup-record.js';
 import type { LoadPage } from '../../repo-format/block-map.js';
 import type { BlockSource } from '../sources/source.js';
 import type { IncrementalPlan } from '../pipeline/backup-disk.js';
@@ -37,6 +37,8 @@ export interface ChainArgs {
 export interface CbtSession {
   /** How consistent the disks are at the session's point in time (a libvirt job's quiesce); absent: the backup does not know. */
   consistency?: Consistency | undefined;
+  /** Documents the session keeps with the backup (a libvirt domain's definition), after the caller's. */
+  attachments?: RecordAttachment[] | undefined;
   release(): Promise<void>;
   finish(): Promise<void>;
   rollback(): Promise<void>;

@@ -9,11 +9,15 @@
  * `virsh domjobabort`, and after the record is committed deletes the engine checkpoints no chain needs.
  * A failed backup deletes the checkpoint it created: it survives the abort, and a next incremental based on
  * it would miss the writes this backup never stored.
+ *
+ * The record keeps the domain's definition (`libvirt-domain`, its secrets removed): what a boot test or a restore
+ * recreates the VM from (its machine type, firmware, boot order).
  */
 import { randomBytes } from 'node:crypto';
 import { chown, mkdtemp, readFile, rm, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import type { RecordAttachment } from '../../repo-format/backup-record.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { withRemedies } from '../errors.js';
 import { MUTABLE_FILE_MODE } from '../../repo-format/file-modes.js';
@@ -127,6 +131,8 @@ interface DomainBackupPlan {
   checkpoint: string;
   /** The domain's checkpoints before this backup, oldest first (checkpoint-list). */
   existing: string[];
+  /** Its definition (dumpxml --inactive), as virsh gave it. */
+  definition: string;
 }
 
 /** The pull-mode job's files, in a directory qemu can use; `socket` is where libvirt serves the disks. */
@@ -137,19 +143,48 @@ interface JobFiles {
   checkpointXml: string;
 }
 
-/** What virsh says of a domain before its backup: its state, disks, their sizes and its checkpoints (one virsh). */
+/** What virsh says of a domain before its backup: its state, disks, their sizes, its checkpoints and its definition (one virsh). */
 export interface DomainLook {
   state: string;
   blockList: string;
   blockInfo: string;
   checkpointList: string;
+  /** `dumpxml --inactive`, as virsh gave it (secrets still to be removed: withoutSecrets). */
+  definition: string;
   errors: string;
 }
 
 export async function lookAtDomain(domain: string): Promise<DomainLook> {
-  const { outputs, errors } = await virshBatch([['domstate', domain], ['domblklist', domain, '--details'], ['domblkinfo', domain, '--all'], ['checkpoint-list', domain, '--name']], { tolerate: true });
-  const [state, blockList, blockInfo, checkpointList] = outputs as [string, string, string, string];
-  return { state: state.trim(), blockList, blockInfo, checkpointList, errors };
+  // The definition the domain starts from next (--inactive), not the live one: that is what a restored VM is
+  // defined from. The live XML adds what this run of QEMU was given (aliases, an autoport's port, seclabels,
+  // hot-plugged devices not made persistent), none of which a new VM should take; the machine type (expanded
+  // at define: `pc` → `pc-i440fx-7.2`), firmware and boot order do not change while the domain runs. A transient
+  // domain has no other definition: libvirt gives its live one. No --security-info:
+  // libvirt leaves out graphics passwords and cookies itself; withoutSecrets removes them again.
+  const { outputs, errors } = await virshBatch(
+    [['domstate', domain], ['domblklist', domain, '--details'], ['domblkinfo', domain, '--all'], ['checkpoint-list', domain, '--name'], ['dumpxml', domain, '--inactive']],
+    { tolerate: true },
+  );
+  const [state, blockList, blockInfo, checkpointList, definition] = outputs as [string, string, string, string, string];
+  return { state: state.trim(), blockList, blockInfo, checkpointList, definition, errors };
+}
+
+/**
+ * A domain XML without its secrets, to be kept in the repository: every `passwd` attribute (VNC, SPICE and RDP
+ * passwords, and `passwdValidTo` with them) and `<cookies>` (an HTTP disk's session cookies) removed. What stays
+ * names secrets without holding them: `<secret usage=… uuid=…>` of iSCSI, RBD and LUKS auth, `<auth username=…>`.
+ * virsh already leaves these out without --security-info; this holds when it does not (another libvirt, a
+ * definition given some other way). Exported for its test.
+ */
+export function withoutSecrets(xml: string): string {
+  return xml
+    .replace(/\s+passwd(?:ValidTo)?\s*=\s*(?:'[^']*'|"[^"]*")/gu, '')
+    .replace(/[ \t]*<cookies\b[^>]*\/>\n?|[ \t]*<cookies\b[^>]*>[\s\S]*?<\/cookies\s*>\n?/gu, '');
+}
+
+/** The record's attachment for a domain's definition (SPEC.md 9): `libvirt-domain`, `application/xml`, secrets removed. */
+export function domainAttachment(definition: string): RecordAttachment {
+  return { name: 'libvirt-domain', mediaType: 'application/xml', data: withoutSecrets(definition) };
 }
 
 /** `look`: lookAtDomain, started while the repository opened (backup.ts). */
@@ -171,6 +206,7 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string; look
     const jobs = await openDiskJobs(plan, files.socket, job.sources, args);
     return {
       consistency,
+      attachments: [domainAttachment(plan.definition)],
       disks: jobs,
       release: job.release,
       finish: () => deleteUnneededCheckpoints(plan, jobs, args.repositoryId),
@@ -183,10 +219,10 @@ export async function openLibvirtBackup(args: ChainArgs & { domain: string; look
   }
 }
 
-/** Phase 1: the domain's state, disks and checkpoints (one virsh), and each disk's chain. Changes nothing. */
+/** Phase 1: the domain's state, disks, checkpoints and definition (one virsh), and each disk's chain. Changes nothing. */
 async function planDomainBackup(args: ChainArgs & { domain: string; look?: Promise<DomainLook> | undefined }): Promise<DomainBackupPlan> {
   const { domain } = args;
-  const { state, blockList, blockInfo, checkpointList, errors } = await (args.look ?? lookAtDomain(domain));
+  const { state, blockList, blockInfo, checkpointList, definition, errors } = await (args.look ?? lookAtDomain(domain));
   // No state: no such domain (or no libvirtd): virsh's own words.
   if (!state) throw new ToolError('virsh', ['-q', 'domstate', domain], errors || 'it gave no state');
   if (state !== 'running' && state !== 'paused') {
@@ -200,7 +236,8 @@ async function planDomainBackup(args: ChainArgs & { domain: string; look?: Promi
   // The record's disk name (and the chain's key): the target, or its safe form (names.ts); libvirt keeps the target.
   const names = disks.map((disk) => adoptName(disk.target, 'disk', `disk target of domain ${domain}`, args.onNotice ?? (() => undefined)));
   const chains = disks.map((disk, i) => chooseChain(names[i]!, args.requested, { size: disk.size, baseProblem: checkpointProblem, addedDisk: true }, args.history));
-  return { domain, disks, names, chains, checkpoint: bitmapName(args.repositoryId, args.backupId), existing: listed };
+  if (!/<domain\b/u.test(definition)) throw new ToolError('virsh', ['-q', 'dumpxml', domain, '--inactive'], 'it gave no domain XML');
+  return { domain, disks, names, chains, checkpoint: bitmapName(args.repositoryId, args.backupId), existing: listed, definition: definition.trim() + '\n' };
 }
 
 /** Phase 2: the backup and checkpoint definitions libvirt's backup-begin takes, in the job's directory. */
