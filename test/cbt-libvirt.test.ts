@@ -184,7 +184,7 @@ describe('a running libvirt domain', () => {
     for (const file of files) expect((await readFile(join(file.parentPath, file.name))).includes(VNC_PASSWORD)).toBe(false);
   });
 
-  test('an incremental runs virsh four times (one each: the look at the domain, backup-begin, the abort, the deletion), and domjobinfo only while the job ends', async () => {
+  test('an incremental runs virsh four times (one each: the look at the domain and its definition, backup-begin, the abort, the deletion), and domjobinfo only while the job ends', async () => {
     const bin = join(dir, 'noting-bin');
     const log = join(dir, 'virsh.log');
     await sh('mkdir', ['-p', bin]);
@@ -203,7 +203,7 @@ describe('a running libvirt domain', () => {
       .map((line) => line.replace(/@@engine-[0-9a-f]{12}@@/g, '@@').replace(/\/\S*\/engine-libvirt-[^/\s]+/g, '<job>'));
     const D = domain;
     expect(runs.filter((line) => line !== `-q domjobinfo ${D}`)).toEqual([
-      `-q domstate ${D} ; echo @@ ; domblklist ${D} --details ; echo @@ ; domblkinfo ${D} --all ; echo @@ ; checkpoint-list ${D} --name`,
+      `-q domstate ${D} ; echo @@ ; domblklist ${D} --details ; echo @@ ; domblkinfo ${D} --all ; echo @@ ; checkpoint-list ${D} --name ; echo @@ ; dumpxml ${D} --inactive`,
       `-q backup-begin ${D} <job>/backup.xml <job>/checkpoint.xml`,
       `-q domjobabort ${D} ; echo @@ ; domjobinfo ${D}`,
       `-q checkpoint-delete ${D} ${latest.disks[0]!.checkpoint}`,
