@@ -35,7 +35,7 @@ async function bootPlainFile(image: string, dir: string): Promise<{ ms: number; 
     firmware: 'bios',
     memoryBytes: 1024 ** 3,
     cpus: 1,
-    accelerators: ['tcg'],
+    accelerator: 'tcg',
     disks: [{ kind: 'file', path: disk, format: 'raw', readOnly: false }],
     serialPorts: [{ name: 'org.qemu.guest_agent.0', socket: join(dir, 'qga.sock') }],
     consoleFile: join(dir, 'console.log'),

@@ -1,6 +1,6 @@
 /**
  * Issue 16, item 5: the time to the first file of a file-level restore through the appliance VM (engine files,
- * SPEC 16.3), cold: every run boots a new appliance (TCG unless ENGINE_FILES_ACCEL=kvm), serves the backup,
+ * SPEC 16.3), cold: every run boots a new appliance (the VMs' accelerator rule, vm/accelerator.ts: auto, or $ENGINE_ACCEL; the row says which ran), serves the backup,
  * mounts every volume and extracts one small file. The guest disks are the tests' (test/guest/
  * build-files-disks.sh: vfat + xfs on LVM on GPT, ext4 + NTFS on MBR, btrfs), backed up once, untimed; the
  * appliance is built (cached) before the first timed run. Per run: wall time of the CLI call, and the engine's own

@@ -40,7 +40,8 @@ export { ExportError, type NbdExport, type ReadPiece, type AllocationExtent } fr
 export { mount, umount, type MountOptions, type MountResult, type MountedFilesystem, type UmountResult } from './mount/mount.js';
 export { filesList, filesExtract, withFileRestore, FileRestoreSession, type FilesOptions, type FileEntry, type Volume, type FilesListResult, type FilesExtractResult } from './file-restore/files.js';
 export { readPartitionTable, type Partition, type PartitionTable } from './mount/partition-table.js';
-export { findQemu, qemuVersion, kvmUsable, VirtualMachine, type StartedProcess } from './vm/qemu.js';
+export { findQemu, qemuVersion, VirtualMachine, type StartedProcess } from './vm/qemu.js';
+export { acceleratorChoice, kvmUsable, withAccelerator, KvmFailedError, type AcceleratorChoice } from './vm/accelerator.js';
 export { qemuArgs, type VmSpec, type VmDisk } from './vm/qemu-args.js';
 export { GuestAgentClient, type GuestFilesystem } from './vm/agent.js';
 export { QmpClient } from './vm/qmp.js';

@@ -77,24 +77,22 @@ describe('the machine a backup boots on', () => {
     expect(bootTarget(record([]), {})).toEqual({ machine: 'q35', firmware: 'bios', machineFrom: 'default', firmwareFrom: 'default' });
   });
 
+  /** What the command lines below share: a BIOS q35 with one CPU, its files in one run folder. */
+  const BASE_SPEC = { machine: 'q35', firmware: 'bios', cpus: 1, consoleFile: '/run/engine/vms/r/console.log', qmpSocket: '/run/engine/vms/r/qmp.sock', logFile: '/run/engine/vms/r/qemu.log' } as const;
+
   test('the QEMU command line: no network, no defaults, no reboot, NBD disks in order, the agent port', () => {
     const args = qemuArgs({
-      machine: 'q35',
-      firmware: 'bios',
+      ...BASE_SPEC,
       memoryBytes: 512 * 1024 * 1024,
-      cpus: 1,
-      accelerators: ['kvm', 'tcg'],
+      accelerator: 'kvm',
       disks: [
         { kind: 'nbd', socket: '/run/engine/vms/r/nbd.sock', exportName: 'os disk', readOnly: false },
         { kind: 'file', path: '/var/tmp/data.qcow2', format: 'qcow2', readOnly: true },
       ],
       serialPorts: [{ name: 'org.qemu.guest_agent.0', socket: '/run/engine/vms/r/qga.sock' }],
-      consoleFile: '/run/engine/vms/r/console.log',
-      qmpSocket: '/run/engine/vms/r/qmp.sock',
-      logFile: '/run/engine/vms/r/qemu.log',
     });
     const joined = args.join(' ');
-    for (const expected of ['-nodefaults', '-nic none', '-display none', '-no-reboot', '-machine q35,graphics=off', '-accel kvm -accel tcg', '-m 512M', '-serial chardev:console0', '-qmp unix:/run/engine/vms/r/qmp.sock,server=on,wait=off']) expect(joined).toContain(expected);
+    for (const expected of ['-nodefaults', '-nic none', '-display none', '-no-reboot', '-machine q35,graphics=off', '-accel kvm -cpu host', '-m 512M', '-serial chardev:console0', '-qmp unix:/run/engine/vms/r/qmp.sock,server=on,wait=off']) expect(joined).toContain(expected);
     const blockdevs = args.flatMap((a, i) => (args[i - 1] === '-blockdev' ? [JSON.parse(a) as unknown] : []));
     expect(blockdevs).toEqual([
       { driver: 'raw', 'node-name': 'disk0', 'read-only': false, file: { driver: 'nbd', server: { type: 'unix', path: '/run/engine/vms/r/nbd.sock' }, export: 'os disk' } },
@@ -102,5 +100,23 @@ describe('the machine a backup boots on', () => {
     ]);
     expect(joined).toContain('-device virtio-blk-pci,drive=disk0,bootindex=1 ');
     expect(joined).toContain('-device virtserialport,bus=vser0.0,chardev=port0,name=org.qemu.guest_agent.0');
+    expect(joined).toContain('-chardev socket,id=port0,path=/run/engine/vms/r/qga.sock,server=on,wait=off ');
+  });
+
+  test("the appliance's command line: TCG, a kernel (no boot order on the disks), serial numbers, a port the engine listens on", () => {
+    const args = qemuArgs({
+      ...BASE_SPEC,
+      memoryBytes: 256 * 1024 * 1024,
+      accelerator: 'tcg',
+      disks: [{ kind: 'nbd', socket: '/run/engine/vms/r/nbd.sock', exportName: 'vda', readOnly: true, serial: 'd0' }],
+      kernel: { path: '/a/vmlinuz', initrd: '/a/initrd', append: 'console=ttyS0' },
+      serialPorts: [{ name: 'org.engine.files.0', socket: '/run/engine/vms/r/agent.sock', qemuConnects: true }],
+    });
+    const joined = `${args.join(' ')} `;
+    expect(joined).toContain('-accel tcg -m 256M ');
+    expect(joined).not.toContain('-cpu');
+    expect(joined).toContain('-device virtio-blk-pci,drive=disk0,serial=d0 ');
+    expect(joined).toContain('-chardev socket,id=port0,path=/run/engine/vms/r/agent.sock -device');
+    expect(joined).toContain('-kernel /a/vmlinuz -initrd /a/initrd -append console=ttyS0 ');
   });
 });

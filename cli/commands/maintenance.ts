@@ -36,7 +36,7 @@ function registerVerify(program: Command): void {
     .option('--expect-console <regex>', 'with --boot: proof of life is a console line matching REGEX')
     .option('--machine <type>', "with --boot: QEMU machine type (default: the backup's, else q35)")
     .addOption(new Option('--firmware <kind>', "with --boot: bios or uefi (default: the backup's, else bios)").choices(['bios', 'uefi']))
-    .addOption(new Option('--accel <kind>', 'with --boot: auto (KVM when usable, TCG when KVM fails), kvm or tcg (default: auto)').choices(['auto', 'kvm', 'tcg']))
+    .addOption(new Option('--accel <kind>', 'with --boot: auto (KVM when usable, TCG when KVM fails), kvm or tcg (default: $ENGINE_ACCEL, else auto)').choices(['auto', 'kvm', 'tcg']))
     .action(async (opts: VerifyFlags) => {
       output.json = opts.json === true;
       if (opts.boot !== undefined) return verifyBoot(opts);

@@ -1,19 +1,18 @@
 /**
- * The throw-away QEMU VM of a file restore, and its agent's port (SPEC 16.3). Kept minimal on purpose: the
- * lead moves the QEMU invocation onto engine/vm/ (the boot test's launcher) at the merge; nothing else here
- * should grow into a second general launcher.
+ * The throw-away QEMU VM of a file restore, and its agent's port (SPEC 16.3), on engine/vm/ (the machinery
+ * `verify --boot` runs its VMs with: the command line, the launch under pdeathsig, QMP, KVM's failure).
  *
  * The VM: the appliance's kernel and initramfs, the backup's disks as read-only virtio disks over NBD (the
  * caller's in-process server on a private Unix socket), serial numbers d0, d1, … in the backup's disk order,
  * one virtio-serial port (org.engine.files.0) whose host end is a Unix socket this process listens on, so the
- * connection exists before the guest runs. No network, no display, no disk of its own. QEMU runs under
- * `setpriv --pdeathsig SIGKILL`: if this process dies (kill -9 included) the kernel kills the VM too.
+ * connection exists before the guest runs. No network, no display, no disk of its own.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { readFile } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { EngineError } from '../../repo-format/errors.js';
+import { KvmFailedError } from '../vm/accelerator.js';
+import { findQemu, VirtualMachine, type StartedProcess } from '../vm/qemu.js';
 import type { Appliance } from './appliance.js';
 
 export const AGENT_PORT = 'org.engine.files.0';
@@ -27,21 +26,15 @@ export interface ApplianceVmOptions {
   appliance: Appliance;
   nbdSocket: string;
   disks: ApplianceDisk[];
-  /** A private directory for the agent's socket and the console log. */
+  /** The run's private folder (vm/journal.ts): the agent's socket, QMP's, the console and QEMU's log. */
   dir: string;
   memoryMiB?: number | undefined;
-  /**
-   * 'tcg' unless ENGINE_FILES_ACCEL=kvm. Not KVM by default although /dev/kvm exists on the machines this was
-   * built on: there (nested virtualization) QEMU aborts with `-cpu host` ("failed to set MSR 0x10a") and the
-   * default CPU boots nothing; a KVM that works is the lead's engine/vm/ decision at the merge.
-   */
-  accel?: 'kvm' | 'tcg' | undefined;
+  /** What vm/accelerator.ts chose for this attempt. */
+  accel: 'kvm' | 'tcg';
+  /** Told the QEMU process as soon as it exists (the run's journal). */
+  started: (process: StartedProcess) => Promise<void>;
   readyTimeoutMs?: number | undefined;
   signal?: AbortSignal | undefined;
-}
-
-function defaultAccel(): 'kvm' | 'tcg' {
-  return process.env.ENGINE_FILES_ACCEL === 'kvm' ? 'kvm' : 'tcg';
 }
 
 /** One reply frame of the agent: type and payload. */
@@ -143,17 +136,22 @@ export class ApplianceVm {
   private busy: Promise<void> = Promise.resolve();
 
   private constructor(
-    private readonly child: ChildProcess,
+    private readonly vm: VirtualMachine,
     private readonly socket: Socket,
     private readonly server: Server,
     private readonly reader: FrameReader,
     readonly consoleLog: string,
     readonly accel: 'kvm' | 'tcg',
+    private readonly signal: AbortSignal | undefined,
+    private readonly onAbort: () => void,
   ) {}
 
-  /** Starts the VM and resolves once its agent said it is ready (all volumes mounted). */
+  /**
+   * Starts the VM and resolves once its agent said it is ready (all volumes mounted). A KVM that cannot run
+   * the appliance is KvmFailedError, the VM gone (vm/accelerator.ts starts it again under TCG).
+   */
   static async start(options: ApplianceVmOptions): Promise<ApplianceVm> {
-    const accel = options.accel ?? defaultAccel();
+    const accel = options.accel;
     const agentSocket = join(options.dir, 'agent.sock');
     const consoleLog = join(options.dir, 'console.log');
     const server = createServer();
@@ -162,74 +160,66 @@ export class ApplianceVm {
       server.listen(agentSocket, () => resolve());
     });
     const connected = new Promise<Socket>((resolve) => server.once('connection', resolve));
-    const args = [
-      '--pdeathsig', 'SIGKILL', '--',
-      'qemu-system-x86_64',
-      '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
-      '-machine', `q35,accel=${accel}`,
-      ...(accel === 'kvm' ? ['-cpu', 'host'] : []),
-      // Enough for the kernel, the unpacked initramfs (~25 MB) and the page cache of what is read. QEMU's own
-      // peak RSS was 403 MB with 256 (674 MB with 512) extracting 782 MB under TCG (measured; not bounded further).
-      '-m', String(options.memoryMiB ?? 256),
-      '-kernel', options.appliance.kernel,
-      '-initrd', options.appliance.initrd,
-      '-append', 'console=ttyS0 quiet panic=-1',
-      '-serial', `file:${consoleLog}`,
-      '-chardev', `socket,id=agent,path=${agentSocket}`,
-      '-device', 'virtio-serial-pci',
-      '-device', `virtserialport,chardev=agent,name=${AGENT_PORT}`,
-    ];
-    for (const [index, disk] of options.disks.entries()) {
-      // JSON syntax: an export name is the backup's disk name, and may hold commas.
-      args.push('-blockdev', JSON.stringify({ driver: 'nbd', 'node-name': `n${index}`, 'read-only': true, server: { type: 'unix', path: options.nbdSocket }, export: disk.exportName }));
-      args.push('-device', `virtio-blk-pci,drive=n${index},serial=d${index}`);
-    }
-    const child = spawn('setpriv', args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    child.stderr?.on('data', (chunk: Buffer) => {
-      if (stderr.length < 8192) stderr += chunk.toString('utf8');
-    });
-    const exited = new Promise<Error>((resolve) => {
-      child.once('error', (error) => resolve(new EngineError('ENGINE_TOOL_FAILED', `qemu-system-x86_64 failed to start: ${error.message}`, { tool: 'qemu-system-x86_64' })));
-      child.once('exit', (code, signal) => resolve(new EngineError('ENGINE_TOOL_FAILED', `the file-restore appliance (qemu-system-x86_64) exited (${signal ?? code}): ${stderr.trim() || 'see its console'}`, { tool: 'qemu-system-x86_64', consoleLog })));
-    });
-    const stop = (): void => {
-      child.kill('SIGKILL');
-    };
-    options.signal?.addEventListener('abort', stop, { once: true });
-    const timeoutMs = options.readyTimeoutMs ?? (accel === 'kvm' ? 60_000 : 180_000);
+    let vm: VirtualMachine | undefined;
     let timer: NodeJS.Timeout | undefined;
-    const timedOut = new Promise<Error>((resolve) => {
-      timer = setTimeout(() => resolve(new EngineError('ENGINE_TIMEOUT', `the file-restore appliance was not ready within ${timeoutMs / 1000} s`, { what: 'appliance ready', consoleLog })), timeoutMs);
-    });
-    const aborted = new Promise<Error>((resolve) => {
-      if (options.signal?.aborted) resolve(new EngineError('ENGINE_INTERRUPTED', 'the file restore was interrupted'));
-      options.signal?.addEventListener('abort', () => resolve(new EngineError('ENGINE_INTERRUPTED', 'the file restore was interrupted')), { once: true });
-    });
     try {
-      const first = await Promise.race([connected, exited, timedOut, aborted]);
+      vm = await VirtualMachine.start(
+        await findQemu(),
+        {
+          machine: 'q35',
+          firmware: 'bios',
+          // Enough for the kernel, the unpacked initramfs (~25 MB) and the page cache of what is read. QEMU's own
+          // peak RSS was 403 MB with 256 (674 MB with 512) extracting 782 MB under TCG (measured; not bounded further).
+          memoryBytes: (options.memoryMiB ?? 256) * 1024 * 1024,
+          cpus: 1,
+          accelerator: accel,
+          // An export name is the backup's disk name, and may hold commas: qemu-args.ts writes JSON -blockdev.
+          disks: options.disks.map((disk, index) => ({ kind: 'nbd', socket: options.nbdSocket, exportName: disk.exportName, readOnly: true, serial: `d${index}` })),
+          kernel: { path: options.appliance.kernel, initrd: options.appliance.initrd, append: 'console=ttyS0 quiet panic=-1' },
+          serialPorts: [{ name: AGENT_PORT, socket: agentSocket, qemuConnects: true }],
+          consoleFile: consoleLog,
+          qmpSocket: join(options.dir, 'qmp.sock'),
+          logFile: join(options.dir, 'qemu.log'),
+        },
+        options.started,
+      );
+      const running = vm;
+      // An interruption kills the VM at once, whatever is under way (nothing in it needs a clean shutdown).
+      const onAbort = (): void => running.kill();
+      options.signal?.addEventListener('abort', onAbort, { once: true });
+      const exited = running.exited.then((e) => new EngineError('ENGINE_TOOL_FAILED', `the file-restore appliance (QEMU) exited (${e.signal ?? e.code}): ${e.stderr.trim().slice(-600) || 'see its console'}`, { tool: 'qemu-system-x86_64', consoleLog }));
+      const timeoutMs = options.readyTimeoutMs ?? (accel === 'kvm' ? 60_000 : 180_000);
+      const timedOut = new Promise<Error>((resolve) => {
+        timer = setTimeout(() => resolve(new EngineError('ENGINE_TIMEOUT', `the file-restore appliance was not ready within ${timeoutMs / 1000} s`, { what: 'appliance ready', consoleLog })), timeoutMs);
+      });
+      const aborted = new Promise<Error>((resolve) => {
+        if (options.signal?.aborted) resolve(new EngineError('ENGINE_INTERRUPTED', 'the file restore was interrupted'));
+        options.signal?.addEventListener('abort', () => resolve(new EngineError('ENGINE_INTERRUPTED', 'the file restore was interrupted')), { once: true });
+      });
+      // KVM's failure is the better error than the exit it causes: it is raced first.
+      const failed = Promise.race([running.kvmFailure, exited]);
+      const first = await Promise.race([running.kvmFailure, connected, failed, timedOut, aborted]);
       if (first instanceof Error) throw first;
       const socket = first;
       const reader = new FrameReader(socket);
-      void exited.then((error) => reader.fail(error));
+      void failed.then((error) => reader.fail(error));
       // A VM that dies closes the port first: its exit (with QEMU's own words) is the better error.
       const ready = await Promise.race([reader.next().catch(async (error: unknown) => {
         let grace: NodeJS.Timeout | undefined;
-        const exit = await Promise.race([exited, new Promise<undefined>((resolve) => {
+        const exit = await Promise.race([failed, new Promise<undefined>((resolve) => {
           grace = setTimeout(() => resolve(undefined), 1000);
         })]);
         // Cleared, or the pending timer alone keeps an interrupted command alive for its second.
         clearTimeout(grace);
         throw exit ?? error;
-      }), exited, timedOut, aborted]);
+      }), running.kvmFailure, failed, timedOut, aborted]);
       if (ready instanceof Error) throw ready;
       if (ready.type !== 'R') throw new EngineError('ENGINE_TOOL_FAILED', `the file-restore appliance's agent began with frame ${JSON.stringify(ready.type)}, not R`);
-      return new ApplianceVm(child, socket, server, reader, consoleLog, accel);
+      return new ApplianceVm(running, socket, server, reader, consoleLog, accel, options.signal, onAbort);
     } catch (error) {
-      child.kill('SIGKILL');
-      await new Promise<void>((resolve) => (child.exitCode !== null || child.signalCode !== null ? resolve() : child.once('exit', () => resolve())));
+      await vm?.destroy();
       server.close();
-      if (error instanceof EngineError && error.code === 'ENGINE_TOOL_FAILED') {
+      if (error instanceof EngineError && error.code === 'ENGINE_TOOL_FAILED' && !(error instanceof KvmFailedError)) {
         const tail = await readFile(consoleLog, 'utf8').catch(() => '');
         if (tail) error.message += `; console: ${tail.slice(-600).replace(/\s+/g, ' ').trim()}`;
       }
@@ -273,11 +263,8 @@ export class ApplianceVm {
 
   /** Kills the VM (nothing in it is worth a clean shutdown: every disk is read-only) and closes the port. */
   async close(): Promise<void> {
-    if (this.child.exitCode === null && this.child.signalCode === null) {
-      const gone = new Promise<void>((resolve) => this.child.once('exit', () => resolve()));
-      this.child.kill('SIGKILL');
-      await gone;
-    }
+    this.signal?.removeEventListener('abort', this.onAbort);
+    await this.vm.destroy();
     this.socket.destroy();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }

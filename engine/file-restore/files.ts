@@ -10,15 +10,16 @@
  * a logical volume (under the disk holding its VG's first physical volume). btrfs is mounted at its top level
  * (subvolid 5), so every subvolume is a directory of its volume (`vda/p2/@home/…`).
  */
-import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Writable } from 'node:stream';
 import { EngineError, InterruptedError, InvalidArgumentError } from '../../repo-format/errors.js';
-import { isProcessAlive } from '../../repo-format/process-alive.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
 import { serve } from '../serve/serve.js';
 import { ensureAppliance } from './appliance.js';
 import { AgentError, ApplianceVm } from './appliance-vm.js';
+import { acceleratorChoice, withAccelerator } from '../vm/accelerator.js';
+import { cleanedNotice, VmRunJournal } from '../vm/journal.js';
 import { DirectorySink, readTar, TarWriterSink, type ExtractCounts } from './tar.js';
 
 export interface FilesOptions {
@@ -29,7 +30,9 @@ export interface FilesOptions {
   passphrase?: Passphrase | undefined;
   cacheBytes?: number | undefined;
   signal?: AbortSignal | undefined;
-  /** What the run says on its own (the appliance being built). */
+  /** What the run is, for its journal (`ls`, `extract`). */
+  purpose?: 'ls' | 'extract' | undefined;
+  /** What the run says on its own (the appliance being built, a dead run cleaned up after). */
   onNotice?: ((message: string) => void) | undefined;
 }
 
@@ -81,21 +84,29 @@ export class FileRestoreSession {
     readonly applianceReadyMs: number,
   ) {}
 
-  static async open(options: FilesOptions, run: { dir: string; started: number }): Promise<{ session: FileRestoreSession; close: () => Promise<void> }> {
-    const cleanups: (() => Promise<void>)[] = [];
+  /**
+   * One attempt under `accel`, in a run folder of its own ($ENGINE_RUN_DIR/vms/<run>/, vm/journal.ts: the
+   * server's, the agent's and QMP's sockets, the console; a dead run's leftovers are cleaned up first).
+   * `close` removes everything, the folder last; so does a failed attempt.
+   */
+  static async open(options: FilesOptions, accel: 'kvm' | 'tcg', started: number): Promise<{ session: FileRestoreSession; close: () => Promise<void> }> {
+    const { journal, cleaned } = await VmRunJournal.begin(options.purpose ? `files ${options.purpose}` : 'files', { repo: options.repo });
+    for (const run of cleaned) options.onNotice?.(cleanedNotice(run));
+    const cleanups: (() => Promise<void>)[] = [() => journal.end()];
     const close = async (): Promise<void> => {
       for (const cleanup of cleanups.reverse()) await cleanup().catch(() => undefined);
       cleanups.length = 0;
     };
     try {
       const appliance = await ensureAppliance(options.onNotice);
-      const socket = join(run.dir, 'nbd.sock');
+      const socket = join(journal.dir, 'nbd.sock');
       const handle = await serve({ repo: options.repo, backupId: options.backupId, disk: options.disk, socket, passphrase: options.passphrase, cacheBytes: options.cacheBytes, signal: options.signal, holder: 'mount' });
       cleanups.push(() => handle.close());
+      await journal.update({ readerToken: handle.readerToken, lease: handle.lease });
       const disks = handle.exports.map((e) => e.name);
-      const vm = await ApplianceVm.start({ appliance, nbdSocket: socket, disks: disks.map((exportName) => ({ exportName })), dir: run.dir, signal: options.signal });
+      const vm = await ApplianceVm.start({ appliance, nbdSocket: socket, disks: disks.map((exportName) => ({ exportName })), dir: journal.dir, accel, started: (process) => journal.update({ vm: process }), signal: options.signal });
       cleanups.push(() => vm.close());
-      const applianceReadyMs = Date.now() - run.started;
+      const applianceReadyMs = Date.now() - started;
       const table = Buffer.concat(await collect(vm.request('VOLUMES'))).toString('utf8');
       const volumes: Volume[] = [];
       for (const line of table.split('\n')) {
@@ -106,7 +117,7 @@ export class FileRestoreSession {
         if (disk === undefined) continue;
         volumes.push({ name: `${disk}${match![2] ?? ''}`, type, state, size: Number(size), detail });
       }
-      return { session: new FileRestoreSession(vm, disks, volumes, handle.backup.id, run.started, applianceReadyMs), close };
+      return { session: new FileRestoreSession(vm, disks, volumes, handle.backup.id, started, applianceReadyMs), close };
     } catch (error) {
       await close();
       throw error;
@@ -192,28 +203,16 @@ async function collect(source: AsyncIterable<Buffer>): Promise<Buffer[]> {
 }
 
 /**
- * The private run folder of one command ($ENGINE_RUN_DIR/files/<random>, ENGINE_RUN_DIR defaulting to
- * /run/engine, as for mounts): the server's and the agent's sockets, the console log. A folder left by a dead
- * run (kill -9: its VM died with it, pdeathsig) is removed by the next run.
+ * Runs `work` with an open session, and removes everything afterwards however it ends (VM, server, run
+ * folder). The accelerator is vm/accelerator.ts's rule: a KVM that cannot run the appliance gets it started
+ * again under TCG (only while it starts: once its agent answered, KVM runs it).
  */
-async function runFolder(): Promise<string> {
-  const base = join(process.env.ENGINE_RUN_DIR ?? '/run/engine', 'files');
-  await mkdir(base, { recursive: true, mode: 0o700 });
-  for (const name of await readdir(base).catch(() => [] as string[])) {
-    const pid = Number(await readFile(join(base, name, 'pid'), 'utf8').catch(() => 'NaN'));
-    if (Number.isSafeInteger(pid) && !isProcessAlive(pid)) await rm(join(base, name), { recursive: true, force: true });
-  }
-  const dir = await mkdtemp(join(base, 'run-'));
-  await writeFile(join(dir, 'pid'), String(process.pid));
-  return dir;
-}
-
-/** Runs `work` with an open session, and removes everything afterwards however it ends (VM, server, folder). */
 export async function withFileRestore<T>(options: FilesOptions, work: (session: FileRestoreSession) => Promise<T>): Promise<T> {
   const started = Date.now();
-  const dir = await runFolder();
   try {
-    const { session, close } = await FileRestoreSession.open(options, { dir, started });
+    const choice = acceleratorChoice();
+    // No notice of a retry: on a host whose KVM fails it would be every command's; `--json` timings say which ran.
+    const { session, close } = await withAccelerator(choice, (accel) => FileRestoreSession.open(options, accel, started));
     try {
       return await work(session);
     } finally {
@@ -222,8 +221,6 @@ export async function withFileRestore<T>(options: FilesOptions, work: (session: 
   } catch (error) {
     if (options.signal?.aborted) throw new InterruptedError('the file restore', 'nothing was left behind', signalName(options.signal));
     throw error;
-  } finally {
-    await rm(dir, { recursive: true, force: true });
   }
 }
 
@@ -241,7 +238,7 @@ export interface FilesListResult {
 }
 
 export async function filesList(options: FilesOptions & { path: string }): Promise<FilesListResult> {
-  return withFileRestore(options, async (session) => {
+  return withFileRestore({ ...options, purpose: 'ls' }, async (session) => {
     const entries = await session.list(options.path);
     return { backup: session.backupId, path: normalize(options.path), entries, volumes: session.volumes, timings: { applianceReadyMs: session.applianceReadyMs, firstByteMs: session.elapsed(), accel: session.vm.accel } };
   });
@@ -265,7 +262,7 @@ export async function filesExtract(options: FilesOptions & { paths: string[]; to
   if (options.to !== undefined) {
     await mkdir(options.to, { recursive: true, mode: 0o700 });
   }
-  return withFileRestore(options, async (session) => {
+  return withFileRestore({ ...options, purpose: 'extract' }, async (session) => {
     const sink = options.to !== undefined ? new DirectorySink(options.to) : new TarWriterSink(options.tar!);
     let firstByteMs: number | null = null;
     for (const path of options.paths) {

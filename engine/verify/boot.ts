@@ -13,8 +13,8 @@
  * or resets: -no-reboot). Everything else waits for the timeout.
  *
  * Interruption (SIGINT/SIGTERM): the VM is killed, the server and overlay closed, the run's folder
- * removed, within a second; nothing is recorded. A run killed with -9 leaves its VM and folder: the next
- * run cleans them up (vm/journal.ts).
+ * removed, within a second; nothing is recorded. A run killed with -9 takes its VM along (pdeathsig,
+ * vm/qemu.ts) and leaves its folder, registration or lease: the next run cleans them up (vm/journal.ts).
  */
 import { copyFile, mkdir } from 'node:fs/promises';
 import { hostname } from 'node:os';
@@ -32,8 +32,9 @@ import { serve, type ServeHandle } from '../serve/serve.js';
 import { GuestAgentClient } from '../vm/agent.js';
 import { cleanLine, ConsoleFollower, fileTail } from '../vm/console.js';
 import { uefiFirmware } from '../vm/firmware.js';
-import { VmRunJournal, type CleanedRun } from '../vm/journal.js';
-import { findQemu, kvmUsable, qemuVersion, VirtualMachine } from '../vm/qemu.js';
+import { cleanedNotice, VmRunJournal, type CleanedRun } from '../vm/journal.js';
+import { acceleratorChoice, withAccelerator, type AcceleratorChoice } from '../vm/accelerator.js';
+import { findQemu, qemuVersion, VirtualMachine } from '../vm/qemu.js';
 import type { VmSpec } from '../vm/qemu-args.js';
 import { bootTarget } from './boot-target.js';
 
@@ -62,8 +63,8 @@ export interface BootVerifyOptions {
   expect?: { kind: 'agent' } | { kind: 'console'; regex: string } | undefined;
   machine?: string | undefined;
   firmware?: 'bios' | 'uefi' | undefined;
-  /** `auto` (default): KVM when /dev/kvm can be used, and TCG again when KVM fails inside the guest. */
-  accelerator?: 'auto' | 'kvm' | 'tcg' | undefined;
+  /** `auto`: KVM when /dev/kvm can be used, and TCG again when KVM fails (vm/accelerator.ts); default $ENGINE_ACCEL, else auto. */
+  accelerator?: AcceleratorChoice | undefined;
   passphrase?: Passphrase | undefined;
   /** Where runs keep their journals, sockets and console ($ENGINE_RUN_DIR, /run/engine). */
   runDir?: string | undefined;
@@ -79,13 +80,6 @@ export interface BootVerifyResult {
   key: string;
   /** What the run cleaned up after earlier runs that were killed. */
   cleaned: CleanedRun[];
-}
-
-/** KVM stopped the guest with an internal error: the host's KVM, not the backup, failed. */
-class KvmFailedError extends EngineError {
-  constructor() {
-    super('ENGINE_TOOL_FAILED', 'KVM stopped the VM with an internal error (a nested or limited KVM cannot run this guest)', { tool: 'qemu' });
-  }
 }
 
 type Outcome = { passed: true; line?: string } | { passed: false; code: BootFailureCode; message: string };
@@ -112,25 +106,15 @@ export async function verifyBoot(options: BootVerifyOptions): Promise<BootVerify
   interruption.check();
   const backupId = options.latest ? await latestBackup(options) : options.backupId!;
 
-  const wanted = options.accelerator ?? 'auto';
-  let accelerators: ('kvm' | 'tcg')[] = wanted === 'auto' ? ((await kvmUsable()) ? ['kvm', 'tcg'] : ['tcg']) : [wanted];
   const cleanedBefore: CleanedRun[] = [];
-  for (;;) {
-    try {
-      return await bootOnce(accelerators);
-    } catch (error) {
-      // A host whose KVM cannot run the guest (nested KVM stopping with "KVM internal error", seen here)
-      // says nothing about the backup: the test starts over under TCG, from the untouched backup.
-      if (!(error instanceof KvmFailedError) || wanted !== 'auto') throw error;
-      options.onLog?.(`${error.message}; booting again under TCG`);
-      accelerators = ['tcg'];
-    }
-  }
+  // A host whose KVM cannot run the guest says nothing about the backup: the test starts over under TCG,
+  // from the untouched backup.
+  return withAccelerator(acceleratorChoice(options.accelerator), bootOnce, (error) => options.onLog?.(`${error.message}; booting again under TCG`));
 
-  async function bootOnce(accelerators: ('kvm' | 'tcg')[]): Promise<BootVerifyResult> {
+  async function bootOnce(accelerator: 'kvm' | 'tcg'): Promise<BootVerifyResult> {
     const { journal, cleaned } = await VmRunJournal.begin('verify --boot', { runDir: options.runDir, repo: options.repo });
     cleanedBefore.push(...cleaned);
-    for (const run of cleaned) options.onLog?.(`cleaned up after run ${run.runId} (${run.purpose}), which was killed${run.stoppedVm ? ': stopped its VM' : ''}`);
+    for (const run of cleaned) options.onLog?.(cleanedNotice(run));
     const consoleFile = join(journal.dir, 'console.log');
     let handle: ServeHandle | undefined;
     let vm: VirtualMachine | undefined;
@@ -150,7 +134,7 @@ export async function verifyBoot(options: BootVerifyOptions): Promise<BootVerify
         uefi: target.firmware === 'uefi' ? await uefiFirmware(journal.dir) : undefined,
         memoryBytes,
         cpus: 1,
-        accelerators,
+        accelerator,
         disks: handle.exports.map((e) => ({ kind: 'nbd', socket: handle!.address.socket!, exportName: e.name, readOnly: false })),
         serialPorts: [{ name: AGENT_PORT, socket: join(journal.dir, 'qga.sock') }],
         consoleFile,
@@ -180,7 +164,6 @@ export async function verifyBoot(options: BootVerifyOptions): Promise<BootVerify
       const startedAt = performance.now();
       vm = await VirtualMachine.start(qemu, spec, (process) => journal.update({ vm: process }));
       follower.start();
-      const accelerator = await vm.accelerator();
       options.onLog?.(`booting backup ${backup.id} (${backup.disks.map((d) => d.name).join(', ')}) on ${target.machine} (${target.machineFrom}), ${target.firmware} (${target.firmwareFrom}), ${accelerator.toUpperCase()}`);
       void vm.exited.then(async (e) => {
         await follower!.flush().catch(() => undefined);
@@ -191,19 +174,13 @@ export async function verifyBoot(options: BootVerifyOptions): Promise<BootVerify
         if (checks.agentPing === true) decide({ passed: false, code: 'BOOT_NO_FILESYSTEM', message: `the guest agent answered, but listed no mounted file system within ${timeoutMs / 1000} s` });
         else decide({ passed: false, code: 'BOOT_TIMEOUT', message: expect.kind === 'agent' ? `the guest agent did not answer within ${timeoutMs / 1000} s` : `no console line matched ${JSON.stringify(regex!.source)} within ${timeoutMs / 1000} s` });
       }, timeoutMs);
-      // A VM that KVM stopped ("KVM internal error") is paused, not ended: asked every half second.
-      let kvmFailed = false;
-      const statusPoll = setInterval(() => {
-        void vm!.qmp.execute<{ status: string }>('query-status', undefined, 2000).then(
-          (status) => {
-            if (status.status === 'internal-error' && outcome === undefined) {
-              kvmFailed = true;
-              decide({ passed: false, code: 'BOOT_VM_STOPPED', message: 'KVM internal error' });
-            }
-          },
-          () => undefined,
-        );
-      }, 500);
+      // A VM that KVM could not run (stopped with an internal error, or QEMU ended saying so) failed the host.
+      let kvmFailed: EngineError | undefined;
+      void vm.kvmFailure.then((error) => {
+        if (outcome !== undefined) return;
+        kvmFailed = error;
+        decide({ passed: false, code: 'BOOT_VM_STOPPED', message: error.message });
+      });
       const onAbort = (): void => decide({ passed: false, code: 'BOOT_TIMEOUT', message: 'interrupted' });
       options.signal?.addEventListener('abort', onAbort, { once: true });
       if (options.signal?.aborted) onAbort();
@@ -237,10 +214,9 @@ export async function verifyBoot(options: BootVerifyOptions): Promise<BootVerify
       const result = await settled;
       const proofOfLifeMs = result.passed ? Math.round(performance.now() - startedAt) : null;
       clearTimeout(timer);
-      clearInterval(statusPoll);
       options.signal?.removeEventListener('abort', onAbort);
       interruption.check();
-      if (kvmFailed) throw new KvmFailedError();
+      if (kvmFailed) throw kvmFailed;
 
       // Power off: the agent's guest-shutdown when it answers, then quit; the writes go with the overlay.
       if (agent && checks.agentPing === true && vm.running) agent.shutdown();

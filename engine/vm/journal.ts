@@ -4,9 +4,11 @@
  * default), holding its sockets, the console file and `state.json`: who runs it (pid and process identity,
  * process.ts) and, as soon as each exists, the QEMU process it started and what it holds in a repository
  * (a reader registration, a version-3 lease). The overlays need no entry: they are unlinked while open
- * (serve/overlay.ts) and go with the process. Every new run first cleans up after the dead ones: stops
- * their QEMU (only while the pid is still that process), lets go of their registration or lease, and
- * removes their folder. A live run's folder is never touched.
+ * (serve/overlay.ts) and go with the process. Every new run (`verify --boot`, `files`: one folder for all)
+ * first cleans up after the dead ones: stops their QEMU if it still runs (it dies with the engine,
+ * pdeathsig in qemu.ts, but the kernel cannot arm that before QEMU's own setpriv runs: an engine killed in
+ * that instant leaves it; stopped only while the pid is still that process), lets go of their registration
+ * or lease, and removes their folder. A live run's folder is never touched.
  */
 import { randomBytes } from 'node:crypto';
 import { readdir, readFile, rename, rm, unlink, writeFile } from 'node:fs/promises';
@@ -19,7 +21,7 @@ import { stopProcess } from '../host/process.js';
 export interface VmRunState {
   version: 1;
   runId: string;
-  /** What the run is (`verify --boot`), for a person reading the folder. */
+  /** What the run is (`verify --boot`, `files ls`), for a person reading the folder. */
   purpose: string;
   created: string;
   owner: { pid: number; identity: string | undefined };
@@ -35,6 +37,11 @@ export interface CleanedRun {
   purpose: string;
   /** Whether a VM of the dead run was still running (and was stopped). */
   stoppedVm: boolean;
+}
+
+/** What a run says of a dead run it cleaned up after (on stderr: `verify --boot`'s log, `files`' notices). */
+export function cleanedNotice(run: CleanedRun): string {
+  return `cleaned up after run ${run.runId} (${run.purpose}), which was killed${run.stoppedVm ? ': stopped its VM' : ''}`;
 }
 
 export function runDirOf(runDir?: string): string {

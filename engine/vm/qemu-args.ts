@@ -8,8 +8,8 @@
 
 export type VmDisk =
   /** An NBD export on a Unix socket (engine serve's machinery). */
-  | { kind: 'nbd'; socket: string; exportName: string; readOnly: boolean }
-  | { kind: 'file'; path: string; format: 'raw' | 'qcow2'; readOnly: boolean };
+  | { kind: 'nbd'; socket: string; exportName: string; readOnly: boolean; serial?: string | undefined }
+  | { kind: 'file'; path: string; format: 'raw' | 'qcow2'; readOnly: boolean; serial?: string | undefined };
 
 export interface VmSpec {
   /** `q35`, `pc`, or a versioned type (`pc-q35-7.2`): what the guest was made on, when known. */
@@ -19,12 +19,20 @@ export interface VmSpec {
   uefi?: { code: string; vars: string } | undefined;
   memoryBytes: number;
   cpus: number;
-  /** `kvm` only when /dev/kvm can be opened; QEMU falls back to TCG when KVM cannot start (QMP `query-kvm` says which ran). */
-  accelerators: ('kvm' | 'tcg')[];
+  /**
+   * `kvm` runs with `-cpu host` (the host's CPU, as KVM is meant to be used) and nothing to fall back to inside
+   * QEMU: a KVM that cannot run the guest makes QEMU exit or stop the guest, which qemu.ts reports as
+   * KvmFailedError, and the caller starts again under `tcg` (accelerator.ts).
+   */
+  accelerator: 'kvm' | 'tcg';
   disks: VmDisk[];
   kernel?: { path: string; initrd?: string | undefined; append?: string | undefined } | undefined;
-  /** virtio-serial ports, each a Unix socket QEMU listens on (the guest agent's is `org.qemu.guest_agent.0`). */
-  serialPorts: { name: string; socket: string }[];
+  /**
+   * virtio-serial ports, each on a Unix socket: QEMU listens on it (the guest agent's, `org.qemu.guest_agent.0`),
+   * or, with `qemuConnects`, the engine listens and QEMU connects at its start (the file-restore appliance's:
+   * the connection exists before the guest runs).
+   */
+  serialPorts: { name: string; socket: string; qemuConnects?: boolean | undefined }[];
   consoleFile: string;
   qmpSocket: string;
   /** QEMU's own messages (its stdout and stderr), appended. */
@@ -34,12 +42,13 @@ export interface VmSpec {
 export function qemuArgs(spec: VmSpec): string[] {
   const args = ['-nodefaults', '-no-user-config', '-nic', 'none', '-display', 'none', '-no-reboot'];
   args.push('-machine', `${spec.machine},graphics=off`);
-  for (const accel of spec.accelerators) args.push('-accel', accel);
+  args.push('-accel', spec.accelerator);
+  if (spec.accelerator === 'kvm') args.push('-cpu', 'host');
   args.push('-m', `${Math.max(1, Math.floor(spec.memoryBytes / (1024 * 1024)))}M`, '-smp', String(spec.cpus));
   if (spec.firmware === 'uefi') {
     if (!spec.uefi) throw new Error('qemuArgs: UEFI without firmware files');
-    args.push('-drive', `if=pflash,format=raw,unit=0,readonly=on,file=${drivePath(spec.uefi.code)}`);
-    args.push('-drive', `if=pflash,format=raw,unit=1,file=${drivePath(spec.uefi.vars)}`);
+    args.push('-drive', `if=pflash,format=raw,unit=0,readonly=on,file=${optionValue(spec.uefi.code)}`);
+    args.push('-drive', `if=pflash,format=raw,unit=1,file=${optionValue(spec.uefi.vars)}`);
   }
   args.push('-chardev', `file,id=console0,path=${chardevPath(spec.consoleFile)}`, '-serial', 'chardev:console0');
   args.push('-qmp', `unix:${chardevPath(spec.qmpSocket)},server=on,wait=off`);
@@ -51,12 +60,15 @@ export function qemuArgs(spec: VmSpec): string[] {
         : { driver: 'file', filename: disk.path };
     const format = disk.kind === 'nbd' ? 'raw' : disk.format;
     args.push('-blockdev', JSON.stringify({ driver: format, 'node-name': `disk${i}`, 'read-only': disk.readOnly, file }));
-    args.push('-device', `virtio-blk-pci,drive=disk${i},bootindex=${i + 1}`);
+    // The disks' order is the boot order, unless a kernel is given (QEMU boots it first anyway; no guest disk
+    // is then meant to boot). A serial number names the disk to the guest (/dev/disk/by-id/virtio-<serial>).
+    const serial = disk.serial === undefined ? '' : `,serial=${optionValue(disk.serial)}`;
+    args.push('-device', `virtio-blk-pci,drive=disk${i}${spec.kernel ? '' : `,bootindex=${i + 1}`}${serial}`);
   }
   if (spec.serialPorts.length > 0) {
     args.push('-device', 'virtio-serial-pci,id=vser0');
     for (const [i, port] of spec.serialPorts.entries()) {
-      args.push('-chardev', `socket,id=port${i},path=${chardevPath(port.socket)},server=on,wait=off`);
+      args.push('-chardev', `socket,id=port${i},path=${chardevPath(port.socket)}${port.qemuConnects ? '' : ',server=on,wait=off'}`);
       args.push('-device', `virtserialport,bus=vser0.0,chardev=port${i},name=${port.name}`);
     }
   }
@@ -74,6 +86,7 @@ function chardevPath(path: string): string {
   return path;
 }
 
-function drivePath(path: string): string {
-  return path.replace(/,/g, ',,');
+/** A value (a path, a serial number) in QEMU's option syntax: commas doubled. */
+function optionValue(value: string): string {
+  return value.replace(/,/g, ',,');
 }

@@ -1,12 +1,13 @@
 /**
  * Running one throw-away QEMU VM: the binary found ($ENGINE_QEMU, else qemu-system-x86_64 on PATH), its
- * version, the process started in a process group of its own (a terminal's Ctrl-C reaches the engine,
- * which then stops the VM itself, in order), its pid and identity given to the caller's journal before
- * anything else happens, QMP, and a stop that always ends with the process gone.
+ * version, the process started under `setpriv --pdeathsig SIGKILL` (it dies with the engine, kill -9
+ * included) in a process group of its own (a terminal's Ctrl-C reaches the engine, which then stops the VM
+ * itself, in order), its pid and identity given to the caller's journal before anything else happens, QMP,
+ * a watch for a KVM that cannot run the guest, and a stop that always ends with the process gone.
  */
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync, readFileSync } from 'node:fs';
-import { access, constants, open } from 'node:fs/promises';
+import { access, constants } from 'node:fs/promises';
 import { MUTABLE_FILE_MODE } from '../../repo-format/file-modes.js';
 import { delimiter, join } from 'node:path';
 import { EngineError } from '../../repo-format/errors.js';
@@ -14,6 +15,7 @@ import { ToolError } from '../cbt/run-tool.js';
 import { processIdentity } from '../host/process.js';
 import { qemuArgs, type VmSpec } from './qemu-args.js';
 import { QmpClient } from './qmp.js';
+import { KvmFailedError } from './accelerator.js';
 
 export const DEFAULT_QEMU = 'qemu-system-x86_64';
 
@@ -25,7 +27,7 @@ export async function findQemu(env: NodeJS.ProcessEnv = process.env): Promise<st
     if (await access(path, constants.X_OK).then(() => true, () => false)) return path;
   }
   const how = env.ENGINE_QEMU ? `ENGINE_QEMU=${env.ENGINE_QEMU} names no executable file` : `${DEFAULT_QEMU} is not installed (it is not on PATH; Debian: apt-get install qemu-system-x86)`;
-  throw new ToolError(wanted, [], `${how}; a boot test runs the backup in a QEMU VM`);
+  throw new ToolError(wanted, [], `${how}; boot tests and file restores run in a QEMU VM`);
 }
 
 /** `qemu --version`'s version ("7.2.22"), or the first line when it does not parse. */
@@ -39,11 +41,24 @@ export function qemuVersion(binary: string): Promise<string> {
   });
 }
 
-/** Whether KVM can be used by this process: /dev/kvm opens read-write (exists is not enough: a container may see it without the right to use it). */
-export async function kvmUsable(): Promise<boolean> {
-  const handle = await open('/dev/kvm', 'r+').catch(() => undefined);
-  await handle?.close();
-  return handle !== undefined;
+/**
+ * util-linux's setpriv, which QEMU is started under: it sets PR_SET_PDEATHSIG and execs QEMU (same pid), so
+ * the kernel kills the VM when the engine's process dies, however it dies.
+ */
+async function findSetpriv(env: NodeJS.ProcessEnv): Promise<string> {
+  for (const dir of (env.PATH ?? '').split(delimiter).filter((d) => d !== '').concat(['/usr/bin', '/bin'])) {
+    const path = join(dir, 'setpriv');
+    if (await access(path, constants.X_OK).then(() => true, () => false)) return path;
+  }
+  throw new ToolError('setpriv', [], 'setpriv is not installed (Debian: apt-get install util-linux); QEMU runs under it so that it dies with the engine');
+}
+
+/** QEMU's words when KVM could not run the guest (`-cpu host` on a nested KVM: "failed to set MSR", a failed kvm_* assertion, "failed to initialize kvm"). */
+const KVM_FAILED = /\bkvm|\bMSR\b/i;
+
+/** Whether QEMU's end says KVM failed: it ended by itself (not by our SIGKILL or SIGTERM), not cleanly, with such words. */
+function kvmFailedExit(e: { code: number | null; signal: NodeJS.Signals | null; stderr: string }): boolean {
+  return e.code !== 0 && e.signal !== 'SIGKILL' && e.signal !== 'SIGTERM' && KVM_FAILED.test(e.stderr);
 }
 
 export interface StartedProcess {
@@ -56,6 +71,12 @@ export class VirtualMachine {
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }>;
   private exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
 
+  /**
+   * Resolves when KVM turns out unable to run the guest: QEMU stopped it with an internal error (QMP
+   * `query-status`, asked every half second) or exited with words about KVM. Never under TCG.
+   */
+  readonly kvmFailure: Promise<KvmFailedError>;
+
   private constructor(
     child: ChildProcess,
     readonly spec: VmSpec,
@@ -66,6 +87,24 @@ export class VirtualMachine {
     this.exited = exitOf(child, () => logTail(spec.logFile)).then((e) => {
       this.exit = e;
       return e;
+    });
+    this.kvmFailure = spec.accelerator === 'kvm' ? this.watchKvm() : new Promise(() => undefined);
+  }
+
+  private watchKvm(): Promise<KvmFailedError> {
+    return new Promise((resolve) => {
+      const poll = setInterval(() => {
+        void this.qmp.execute<{ status: string }>('query-status', undefined, 2000).then(
+          (status) => {
+            if (status.status === 'internal-error') resolve(new KvmFailedError('KVM internal error'));
+          },
+          () => undefined,
+        );
+      }, 500);
+      void this.exited.then((e) => {
+        clearInterval(poll);
+        if (kvmFailedExit(e)) resolve(new KvmFailedError(lastLine(e.stderr)));
+      });
     });
   }
 
@@ -81,12 +120,13 @@ export class VirtualMachine {
    */
   static async start(binary: string, spec: VmSpec, started: (process: StartedProcess) => Promise<void>): Promise<VirtualMachine> {
     const args = qemuArgs(spec);
-    // QEMU's own messages go to a file, never to a pipe of ours: a run killed with -9 must not take its VM
-    // along by SIGPIPE (the next run stops it, from the journal), nor leave it blocked on a full pipe.
+    const setpriv = await findSetpriv(process.env);
+    // QEMU's own messages go to a file, never to a pipe of ours: nothing of its output is lost or blocks
+    // on a full pipe, and its end is the kernel's pdeathsig, not a SIGPIPE at some later write.
     const log = openSync(spec.logFile, 'a', MUTABLE_FILE_MODE);
     let child: ChildProcess;
     try {
-      child = spawn(binary, args, { stdio: ['ignore', log, log], detached: true });
+      child = spawn(setpriv, ['--pdeathsig', 'SIGKILL', '--', binary, ...args], { stdio: ['ignore', log, log], detached: true });
     } finally {
       closeSync(log);
     }
@@ -104,6 +144,7 @@ export class VirtualMachine {
     } catch (error) {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
       const ended = await early;
+      if (spec.accelerator === 'kvm' && kvmFailedExit(ended)) throw new KvmFailedError(lastLine(ended.stderr));
       if (error instanceof EngineError) throw error;
       const message = (error as Error).message;
       throw new ToolError(binary, args, ended.stderr && !message.includes(ended.stderr.trim()) ? `${message}: ${ended.stderr.trim()}` : message);
@@ -132,6 +173,13 @@ export class VirtualMachine {
     this.qmp.close();
   }
 
+  /** SIGKILL, and the process gone (a VM with nothing worth a clean shutdown: its disks are read-only or thrown away). */
+  async destroy(): Promise<void> {
+    this.kill();
+    await this.exited;
+    this.qmp.close();
+  }
+
   /** SIGKILL now (interruption: within a second, the VM's writes are thrown away anyway). */
   kill(): void {
     if (this.running) {
@@ -142,6 +190,10 @@ export class VirtualMachine {
       }
     }
   }
+}
+
+function lastLine(text: string): string {
+  return text.trim().split('\n').pop()?.trim().slice(0, 200) ?? '';
 }
 
 /** The last lines QEMU wrote about itself (its log file), for an error message. */

@@ -6,6 +6,9 @@ import { EngineError } from '../../repo-format/errors.js';
 import { JsonLineSocket } from './json-socket.js';
 
 export class QmpClient {
+  /** One command at a time: answers carry no id, so a second command sent before the first's answer could take it. */
+  private queue: Promise<unknown> = Promise.resolve();
+
   private constructor(private readonly socket: JsonLineSocket) {}
 
   static async connect(path: string, timeoutMs = 10_000): Promise<QmpClient> {
@@ -21,7 +24,13 @@ export class QmpClient {
     }
   }
 
-  async execute<T>(command: string, args?: Record<string, unknown>, timeoutMs = 10_000): Promise<T> {
+  execute<T>(command: string, args?: Record<string, unknown>, timeoutMs = 10_000): Promise<T> {
+    const run = this.queue.then(() => this.send<T>(command, args, timeoutMs));
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  private async send<T>(command: string, args: Record<string, unknown> | undefined, timeoutMs: number): Promise<T> {
     this.socket.write(`${JSON.stringify(args ? { execute: command, arguments: args } : { execute: command })}\n`);
     const reply = await this.socket.next((v) => 'return' in v || 'error' in v, timeoutMs);
     if ('error' in reply) {
