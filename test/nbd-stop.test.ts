@@ -4,11 +4,13 @@
  * connection and exits 130 at once, having committed nothing and left no lease behind.
  *
  * No clock decides the outcome. nbdkit's log filter (outside the delay filter) records each request as it
- * arrives and its return as it leaves; a delayed request whose client goes away has its sleep cut short and
- * returns ESHUTDOWN ("aborting sleep because of connection close"). An engine that waited for the replies
- * would see every one answered (return=0) before it exited: one ESHUTDOWN return proves the engine closed
- * the connection while that request was still outstanding. DELAY_S is below the engine's request timeout
- * (60 s), which would also close the connection, and long enough for the engine to stop first on any machine.
+ * arrives and its return before the reply is sent; the log is read as soon as the engine has exited. An
+ * engine that waited for the replies would find every request answered (return=0) by then: a request
+ * without a successful return at the engine's exit proves it did not wait. (One whose sleep nbdkit cut short
+ * on seeing the connection close shows as ESHUTDOWN.) DELAY_S is below the engine's request timeout (60 s),
+ * which would also close the connection, and long enough for the engine to stop first on any machine.
+ * nbdkit is not asked to outlive the disconnect: 1.32 sometimes aborts then (raw_send_socket: Assertion
+ * `sock >= 0' failed), its own bug.
  */
 import { afterAll, beforeAll, describe, expect, onTestFinished, test } from 'vitest';
 import { access, readdir, readFile } from 'node:fs/promises';
@@ -33,7 +35,7 @@ async function slowExport(name: string, plugin: string[], delay: string): Promis
   const socket = join(dir, `${name}.sock`);
   const log = join(dir, `${name}.log`);
   // -t 256: every request the engine sends reaches the delay at once (16 threads per connection would queue the rest unlogged).
-  const nbdkit = spawn('nbdkit', ['-f', '--exit-with-parent', '-t', '256', '-U', socket, '--filter=log', '--filter=delay', ...plugin, `${delay}=${DELAY_S}`, `logfile=${log}`], { stdio: 'ignore' });
+  const nbdkit = spawn('nbdkit', ['-f', '--exit-with-parent', '-t', '256', '-U', socket, '--filter=log', '--filter=delay', ...plugin, `${delay}=${DELAY_S}`, `logfile=${log}`], { stdio: 'ignore', cwd: dir });
   onTestFinished(async () => {
     if (nbdkit.exitCode === null && nbdkit.signalCode === null) {
       nbdkit.kill('SIGTERM');
@@ -56,8 +58,11 @@ async function requests(log: string, command: string): Promise<Map<string, strin
   return seen;
 }
 
-/** Starts `args`, sends SIGINT once nbdkit has `command` requests of it in its delay, and returns how it exited. */
-async function interruptWhileDelayed(args: string[], log: string, command: string): Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string; stdout: string }> {
+/**
+ * Starts `args`, sends SIGINT once nbdkit has `command` requests of it in its delay, and returns how it exited
+ * and the returns nbdkit had logged for those requests at that moment.
+ */
+async function interruptWhileDelayed(args: string[], log: string, command: string): Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string; atExit: (string | undefined)[] }> {
   const child: ChildProcess = spawnEngine(args);
   const out = collectOutput(child);
   onTestFinished(() => void (child.exitCode === null && child.kill('SIGKILL')));
@@ -65,23 +70,15 @@ async function interruptWhileDelayed(args: string[], log: string, command: strin
   await waitFor(`nbdkit has a ${command} of the engine`, async () => (await requests(log, command)).size > 0, { child, output: out.stderr });
   child.kill('SIGINT');
   const exit = await exitOf(child);
+  const atExit = [...(await requests(log, command)).values()];
   // The final line is what is checked: a loaded machine may say first that it is stopping (the slow-stop notice).
-  return { ...exit, stderr: withoutStopNotice(withoutProgress(out.stderr())), stdout: out.stdout() };
+  return { ...exit, stderr: withoutStopNotice(withoutProgress(out.stderr())), atExit };
 }
 
-/**
- * What nbdkit did with the requests that were in its delay: every one ended when the engine closed the
- * connection (ESHUTDOWN: the sleep cut short), none answered, and every connection the engine made ended.
- */
-async function expectAbandoned(log: string, command: string): Promise<void> {
-  // nbdkit logs the cut-short returns as it notices the closed socket: once, for every connection, its Disconnect.
-  const connects = async (): Promise<number> => ((await readFile(log, 'utf8')).match(/ Connect /g) ?? []).length;
-  const disconnects = async (): Promise<number> => ((await readFile(log, 'utf8')).match(/ Disconnect /g) ?? []).length;
-  await waitFor('nbdkit saw every connection end', async () => (await disconnects()) === (await connects()));
-  const returns = [...(await requests(log, command)).values()];
-  expect(returns.length).toBeGreaterThan(0);
-  expect(returns.filter((r) => r === 'return=0')).toEqual([]);
-  expect(returns.filter((r) => r === 'return=-1 error=ESHUTDOWN').length).toBeGreaterThan(0);
+/** At the engine's exit, nbdkit had its requests, and none was answered: the engine left them in flight. */
+function expectAbandoned(atExit: (string | undefined)[]): void {
+  expect(atExit.length).toBeGreaterThan(0);
+  expect(atExit.filter((r) => r !== undefined && r !== 'return=-1 error=ESHUTDOWN')).toEqual([]);
 }
 
 describe('SIGINT with an NBD server that holds the requests in flight', () => {
@@ -93,7 +90,7 @@ describe('SIGINT with an NBD server that holds the requests in flight', () => {
     expect([result.code, result.signal, result.stderr]).toEqual([130, null, 'engine: backup was interrupted (SIGINT); nothing of it was committed\n']);
     for (const folder of ['backups', 'index', 'leases']) expect([folder, await readdir(join(repo, folder)).catch(() => [])]).toEqual([folder, []]);
     expect(await hostCacheLeftovers(repo)).toEqual([]);
-    await expectAbandoned(exported.log, 'Read');
+    expectAbandoned(result.atExit);
   });
 
   test(`restore to nbdkit delay-write=${DELAY_S}: exit 130, said as partially written (never as restored), no lease left; the writes in flight were abandoned`, async () => {
@@ -109,6 +106,6 @@ describe('SIGINT with an NBD server that holds the requests in flight', () => {
     expect(result.stderr).toMatch(new RegExp(`^engine: restore was interrupted \\(SIGINT\\); target ${target} was partially written: bytes 0 to \\d+ \\(of ${32 * MiB}\\) may differ from both its old content and the backup; the rest of it is unchanged\\n$`));
     expect(await readdir(join(repo, 'leases')).catch(() => [])).toEqual([]);
     expect(await hostCacheLeftovers(repo)).toEqual([]);
-    await expectAbandoned(exported.log, 'Write');
+    expectAbandoned(result.atExit);
   });
 });
