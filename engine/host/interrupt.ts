@@ -57,10 +57,12 @@ export class Interruption {
    * NBD requests before the first one is answered). What `work` does goes on; its outcome is ignored.
    */
   async race<T>(work: Promise<T>): Promise<T> {
+    // Before the check: work abandoned by an interruption may still fail (an NBD request failed when its
+    // connection is disposed), and must not become an unhandled rejection.
+    work.catch(() => undefined);
     this.check();
     const signal = this.signal;
     if (!signal) return work;
-    work.catch(() => undefined);
     let onAbort: (() => void) | undefined;
     const aborted = new Promise<never>((_, reject) => {
       onAbort = () => reject(this.error());

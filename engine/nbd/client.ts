@@ -192,7 +192,13 @@ export class NbdClient {
     if (held) yield held;
   }
 
+  /** Clean disconnect of every connection, after the requests in flight. */
   async close(): Promise<void> {
     await Promise.allSettled(this.connections.map((c) => c.close()));
+  }
+
+  /** Every connection released at once: requests in flight fail rather than being waited for (NbdConnection.dispose). */
+  async dispose(): Promise<void> {
+    await Promise.allSettled(this.connections.map((c) => c.dispose()));
   }
 }

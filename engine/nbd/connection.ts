@@ -137,6 +137,20 @@ export class NbdConnection {
     return extents ?? [];
   }
 
+  /**
+   * Releases the connection without waiting on the server, as after a failure or an interruption: with
+   * nothing in flight, the clean disconnect (close()); else the requests in flight fail at once and the
+   * socket is destroyed, with no NBD_CMD_DISC (the protocol allows it only with nothing in flight). Waiting
+   * for their replies instead held a SIGINT'd backup until a stalled server answered (nbdkit delay-read=20:
+   * 15 s), or until each request's timeout.
+   */
+  async dispose(): Promise<void> {
+    // The same code as a request sent after close() (the connection is this client's to end, not broken by
+    // the server): the requests' waiters have already been given up on, so their error only settles them.
+    if (this.pending.size > 0) this.fail(this.protocol(`connection closed by this client with ${this.pending.size} requests unanswered`));
+    await this.close();
+  }
+
   /** Clean disconnect: NBD_CMD_DISC after the requests in flight, then close. */
   async close(): Promise<void> {
     if (this.closing) return;

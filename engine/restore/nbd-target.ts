@@ -74,6 +74,10 @@ export class NbdTarget implements TargetWriter {
   }
 
   async discard(): Promise<void> {
-    await this.client.close();
+    await this.client.dispose();
+  }
+
+  async abandon(): Promise<void> {
+    await this.client.dispose();
   }
 }

@@ -153,11 +153,24 @@ class DiskRestore {
         else await this.takeRun(run);
       }
       if (this.pending.length > 0) await this.flushPending();
+      // The last writes may wait on a server that stalls: a signal then stops the restore (they are abandoned).
+      await this.interruption.race(Promise.all(this.inFlight));
+    } catch (error) {
+      await this.abandonWrites();
+      throw error;
     } finally {
       await Promise.all(this.inFlight);
     }
     if (this.failure !== undefined) throw this.failure;
     this.progress();
+  }
+
+  /**
+   * After a failure or an interruption: the target's requests in flight fail at once (TargetWriter.abandon),
+   * so that waiting for the work in flight to end, which releases its slots, does not wait on a server.
+   */
+  private async abandonWrites(): Promise<void> {
+    await this.target.abandon?.();
   }
 
   private async checkpoint(): Promise<void> {
@@ -218,14 +231,15 @@ class DiskRestore {
       if (span) {
         // Its slots are taken together, synchronously: a span never holds some while waiting for the rest.
         let slots: number[] | undefined;
-        while ((slots = this.failure === undefined ? this.pool.slots.tryAcquire(span.members.length) : undefined) === undefined && this.failure === undefined) await Promise.race(this.inFlight);
+        while ((slots = this.failure === undefined ? this.pool.slots.tryAcquire(span.members.length) : undefined) === undefined && this.failure === undefined) await this.interruption.race(Promise.race(this.inFlight));
         if (this.failure !== undefined) throw this.failure;
         this.launch(this.restoreSpan(span, slots!));
         i += span.members.length;
         continue;
       }
-      // Wait for a slot here rather than queueing unboundedly: this is the restore's backpressure.
-      while (this.pool.slots.available === 0 && this.failure === undefined) await Promise.race(this.inFlight);
+      // Wait for a slot here rather than queueing unboundedly: this is the restore's backpressure. The writes
+      // holding the slots may wait on a server that stalls: that wait is interruptible.
+      while (this.pool.slots.available === 0 && this.failure === undefined) await this.interruption.race(Promise.race(this.inFlight));
       if (this.failure !== undefined) throw this.failure;
       this.launch(this.options.compare ? this.compareBlock(block, id, location) : this.restoreChunk(block, id!, location!));
       i += 1;
@@ -374,15 +388,16 @@ class DiskRestore {
         await this.interruption.tick();
         const span = this.target.writeZeroes ? Math.min(ZERO_SPAN_BYTES, end - at) : Math.min(this.geometry.blockSize, end - at);
         this.written.note(at, span);
-        if (this.target.writeZeroes) await this.target.writeZeroes(at, span);
+        if (this.target.writeZeroes) await this.interruption.race(this.target.writeZeroes(at, span));
         else batch.push(this.target.write(this.zeros.subarray(0, span), at));
         if (batch.length >= batchLimit) await settle();
         this.result.bytesWritten += span;
         at += span;
       }
     } catch (error) {
-      // The writes still end before this returns, but the first failure (an interruption, say) is the one
-      // reported, not a write that failed after it.
+      // The writes still end before this returns (failed at once where the target can), but the first
+      // failure (an interruption, say) is the one reported, not a write that failed after it.
+      await this.abandonWrites();
       await settle().catch(() => undefined);
       throw error;
     }

@@ -137,7 +137,10 @@ async function restoreTarget(run: RestoreRun, planned: PlannedTarget): Promise<R
     const { signal, onProgress } = run.options;
     const restored = await restoreDisk(run.repo, run.pool, run.record, planned.disk, opened.writer, { signal, onProgress, compare: blocks.compare, only: blocks.only, written });
     if (blocks.rollback) restored.rollback = blocks.rollback;
-    await opened.writer.finish();
+    // A target that can abandon its requests waits on a server for its flush too (NBD): a signal stops that
+    // wait, and the target is said to be partially written (its writes are not known to be stable). A local
+    // target's finish is left to end: discard() must not run beside it.
+    await (opened.writer.abandon ? run.interruption.race(opened.writer.finish()) : opened.writer.finish());
     return restored;
   } catch (error) {
     await opened.writer.discard();

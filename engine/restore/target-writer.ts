@@ -18,4 +18,10 @@ export interface TargetWriter {
   finish(): Promise<void>;
   /** Closes after a failure; removes the file if this restore created it. */
   discard(): Promise<void>;
+  /**
+   * Optional, for a target whose writes are requests to a server (NBD): after a failure or an interruption,
+   * the writes and reads in flight fail at once instead of being waited for (a stalled server would hold the
+   * restore until it answers). discard() follows.
+   */
+  abandon?(): Promise<void>;
 }

@@ -71,7 +71,8 @@ export class NbdSource implements BlockSource {
     await this.client.close();
   }
 
+  /** After a failure or an interruption: reads still in flight fail, not waited for (a stalled server). */
   async dispose(): Promise<void> {
-    await this.client.close();
+    await this.client.dispose();
   }
 }
