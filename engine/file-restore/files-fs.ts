@@ -1,7 +1,7 @@
 /**
  * A backup's files as a FUSE file system (fuse.ts), named as `engine files ls` names them (SPEC 16.3):
  * `<disk>/p<N>/…`, `<disk>/lvm/<VG>/<LV>/…`, `<disk>/…`. Directories are the appliance's LS, file bytes its
- * READ; both are cached here within a fixed budget (listings 16 MiB, file blocks 32 MiB), so a process
+ * READ; both are cached here within a fixed budget (listings 8 MiB, file blocks 16 MiB), so a process
  * serving a mount stays far under the 300 MiB a process may use however large the guest's trees and files.
  *
  * Inode numbers (st_ino) are a hash of the path: stable for as long as the mount lives, with no table of
@@ -17,12 +17,19 @@ const DT: Record<FileEntry['type'], number> = { file: 8, directory: 4, volume: 4
 
 /** One READ of the appliance: a block of a file, and the unit of the cache and of read-ahead. */
 export const BLOCK = 1024 * 1024;
-const BLOCK_BUDGET = 32 * BLOCK;
-const LISTING_BUDGET = 16 * 1024 * 1024;
+const BLOCK_BUDGET = 16 * BLOCK;
+const LISTING_BUDGET = 8 * 1024 * 1024;
 
+/**
+ * A node the kernel holds (until it forgets it): as small as it can be, since the kernel may hold one for
+ * every file a `find` passed (its inode cache), and the listing it came from may be long gone.
+ */
 interface Node {
   path: string;
-  entry: FileEntry;
+  attributes: Attributes;
+  /** `type` of the entry: what open and readlink check. */
+  type: FileEntry['type'];
+  target: string | null;
   lookups: number;
 }
 
@@ -99,7 +106,7 @@ class Lru<V> {
 }
 
 export class FilesFileSystem implements FuseFileSystem {
-  private readonly nodes = new Map<number, Node>([[1, { path: '', entry: ROOT, lookups: 1 }]]);
+  private readonly nodes = new Map<number, Node>([[1, { path: '', attributes: attributesOf('', ROOT), type: 'volume', target: null, lookups: 1 }]]);
   private readonly byPath = new Map<string, number>([['', 1]]);
   private nextNode = 2;
   private readonly listings = new Lru<Listing>(LISTING_BUDGET);
@@ -154,7 +161,8 @@ export class FilesFileSystem implements FuseFileSystem {
     let bytes = 0;
     for (const entry of entries) {
       children.set(entry.name, entry);
-      bytes += 160 + 2 * (entry.name.length + (entry.target?.length ?? 0));
+      // An entry object with its strings, as V8 holds it (measured ~400 bytes for a short name).
+      bytes += 400 + 2 * (entry.name.length + (entry.target?.length ?? 0));
     }
     const listing = { self, children, bytes };
     this.listings.set(path, listing, bytes);
@@ -171,17 +179,15 @@ export class FilesFileSystem implements FuseFileSystem {
       const root = await this.listing(path).then((listing) => listing.self, () => undefined);
       if (root) entry = { ...root, name };
     }
+    const attributes = attributesOf(path, entry);
     let id = this.byPath.get(path);
     if (id === undefined) {
       id = this.nextNode;
       this.nextNode += 1;
       this.byPath.set(path, id);
-      this.nodes.set(id, { path, entry, lookups: 0 });
-    }
-    const node = this.nodes.get(id)!;
-    node.lookups += 1;
-    node.entry = entry;
-    return { node: id, attributes: attributesOf(path, entry) };
+      this.nodes.set(id, { path, attributes, type: entry.type, target: entry.target, lookups: 1 });
+    } else this.nodes.get(id)!.lookups += 1;
+    return { node: id, attributes };
   }
 
   forget(id: number, lookups: number): void {
@@ -195,22 +201,21 @@ export class FilesFileSystem implements FuseFileSystem {
   }
 
   getattr(id: number): Promise<Attributes> {
-    const node = this.node(id);
-    return Promise.resolve(attributesOf(node.path, node.entry));
+    return Promise.resolve(this.node(id).attributes);
   }
 
   readlink(id: number): Promise<string> {
     const node = this.node(id);
-    if (node.entry.type !== 'symlink' || node.entry.target === null) throw new FuseError(ERRNO.EINVAL);
-    return Promise.resolve(node.entry.target);
+    if (node.type !== 'symlink' || node.target === null) throw new FuseError(ERRNO.EINVAL);
+    return Promise.resolve(node.target);
   }
 
   open(id: number): Promise<number> {
     const node = this.node(id);
-    if (node.entry.type !== 'file') throw new FuseError(node.entry.type === 'directory' || node.entry.type === 'volume' ? ERRNO.EISDIR : ERRNO.EACCES);
+    if (node.type !== 'file') throw new FuseError(node.type === 'directory' || node.type === 'volume' ? ERRNO.EISDIR : ERRNO.EACCES);
     const handle = this.nextHandle;
     this.nextHandle += 1;
-    this.files.set(handle, { path: node.path, size: node.entry.size, next: 0 });
+    this.files.set(handle, { path: node.path, size: node.attributes.size, next: 0 });
     return Promise.resolve(handle);
   }
 

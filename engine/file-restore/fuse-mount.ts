@@ -11,6 +11,13 @@ import { fileURLToPath } from 'node:url';
 import { processIdentity } from '../host/process.js';
 import { prepareMount, saveState, startDaemon, teardown, type MountOptions, type VmMountResult } from '../mount/mount.js';
 
+/**
+ * The server's chunk cache when --cache is not given: half of `mount`'s. The appliance's page cache is in front
+ * of it, and the mount's process holds its own caches too (files-fs.ts: 8 MiB of listings, 16 MiB of file
+ * blocks); a sequential reader only needs the chunk being read in small pieces by the guest's kernel.
+ */
+export const VM_MOUNT_CACHE_BYTES = 32 * 1024 * 1024;
+
 export async function mountVm(options: MountOptions): Promise<VmMountResult> {
   const { dir, stateDir, state } = await prepareMount(options);
   // Unique to this mount: teardown unmounts only a FUSE mount of this name at the directory.
@@ -21,8 +28,12 @@ export async function mountVm(options: MountOptions): Promise<VmMountResult> {
   try {
     const daemon = await startDaemon(
       fileURLToPath(new URL('./fuse-daemon.js', import.meta.url)),
-      { repo: options.repo, backupId: options.backupId, disk: options.disk, cacheBytes: options.cacheBytes, passphrase: options.passphrase, mountpoint: dir, stateDir, source: state.fuseSource },
+      { repo: options.repo, backupId: options.backupId, disk: options.disk, cacheBytes: options.cacheBytes ?? VM_MOUNT_CACHE_BYTES, passphrase: options.passphrase, mountpoint: dir, stateDir, source: state.fuseSource },
       join(stateDir, 'mount.log'),
+      // V8's young generation (up to 3 × 32 MiB by default) is most of what a short-lived buffer per FUSE
+      // request costs in RSS: with 4 MiB semi-spaces a find of 74,000 files and 260 MiB of reads peaked at
+      // 254 MiB instead of 300 MiB (measured; README).
+      ['--max-semi-space-size=4'],
     );
     state.server = { pid: daemon.pid, identity: processIdentity(daemon.pid), readerToken: daemon.readerToken, lease: daemon.lease };
     const result: VmMountResult = { backup: daemon.backupId, dir, mode: 'vm', volumes: daemon.volumes ?? [], serverPid: daemon.pid, readerToken: daemon.readerToken, lease: daemon.lease };

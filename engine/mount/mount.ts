@@ -161,13 +161,13 @@ export interface DaemonReady {
  * Starts a mount's background process (`script`: serve-daemon.js, or the VM mount's fuse-daemon.js) with its
  * options as one JSON argument; resolves with its pid and report once it serves.
  */
-export function startDaemon<O extends { passphrase?: Passphrase | undefined }>(script: string, options: O, logPath: string): Promise<DaemonReady & { pid: number; readerToken: string | null; lease: string | null; backupId: string }> {
+export function startDaemon<O extends { passphrase?: Passphrase | undefined }>(script: string, options: O, logPath: string, nodeArguments: string[] = []): Promise<DaemonReady & { pid: number; readerToken: string | null; lease: string | null; backupId: string }> {
   const log = openSync(logPath, 'a', MUTABLE_FILE_MODE);
   const { passphrase, ...visible } = options;
   // argv is readable by every user of the host (ps); the environment of a process is not. The passphrase
   // goes as base64 of its bytes (an environment value is text, a passphrase is bytes: SPEC.md, 18.2).
   const env = { ...process.env, [MOUNT_PASSPHRASE_VARIABLE]: passphrase === undefined ? '' : passphraseBytes(passphrase).toString('base64') };
-  const child = spawn(process.execPath, [script, JSON.stringify(visible)], { detached: true, stdio: ['ignore', log, log, 'ipc'], env });
+  const child = spawn(process.execPath, [...nodeArguments, script, JSON.stringify(visible)], { detached: true, stdio: ['ignore', log, log, 'ipc'], env });
   closeSync(log);
   return new Promise((resolvePromise, reject) => {
     const fail = (error: Error): void => {
