@@ -23,6 +23,7 @@ export const engine = {
   serve: lazy(() => import('../engine/serve/serve.js'), 'serve'),
   mount: lazy(() => import('../engine/mount/mount.js'), 'mount'),
   umount: lazy(() => import('../engine/mount/mount.js'), 'umount'),
+  mountVm: lazy(() => import('../engine/file-restore/fuse-mount.js'), 'mountVm'),
   filesList: lazy(() => import('../engine/file-restore/files.js'), 'filesList'),
   filesExtract: lazy(() => import('../engine/file-restore/files.js'), 'filesExtract'),
   prune: lazy(() => import('../engine/retention/prune.js'), 'prune'),

@@ -7,13 +7,13 @@ import type { VerifyReport } from '../engine/verify/verify.js';
 import type { BootSummary } from '../engine/catalogue/catalogue.js';
 import type { BootVerification } from '../repo-format/verification-record.js';
 import type { ServeHandle } from '../engine/serve/serve.js';
-import type { MountResult } from '../engine/mount/mount.js';
+import type { MountResult, VmMountResult } from '../engine/mount/mount.js';
 import type { PruneReport } from '../engine/retention/prune.js';
 import type { GcReport } from '../engine/gc/gc.js';
 import type { RepairReport } from '../engine/repair/repair.js';
 import type { ProtectResult } from '../engine/catalogue/protect.js';
 import { formatBytes } from '../engine/common/units.js';
-import { jsonForTerminal } from './terminal.js';
+import { jsonForTerminal, terminalLine } from './terminal.js';
 
 export function diskJson(disk: DiskRecord): Record<string, unknown> {
   return {
@@ -229,6 +229,13 @@ export function printMount(result: MountResult): void {
     lines.push(f.path ? `  ${what}: ${f.type} at ${f.path}` : `  ${what}: not mounted (${f.reason})`);
   }
   process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+export function printVmMount(result: VmMountResult): void {
+  const lines = [`mounted backup ${result.backup} under ${result.dir} (read-only, through the file-restore appliance VM); engine umount ${result.dir} undoes it`];
+  for (const v of result.volumes) lines.push(`  ${v.name}: ${v.type}, ${v.state}${v.detail ? ` (${v.detail})` : ''}`);
+  // LVM names and details come from the guest's disks.
+  process.stdout.write(`${lines.map((line) => terminalLine(line)).join('\n')}\n`);
 }
 
 export function printPrune(report: PruneReport): void {

@@ -1,7 +1,7 @@
 /** Instant access: serve a backup over NBD, mount its filesystems, umount. */
 import { Command } from 'commander';
 import { forTerminal, terminalLine } from '../terminal.js';
-import { count, printJson, printMount, printServe, serveJson } from '../output.js';
+import { count, printJson, printMount, printServe, printVmMount, serveJson } from '../output.js';
 import { engine } from '../engine-calls.js';
 import { interruptSignal, output, printResult } from '../context.js';
 import * as opt from '../options.js';
@@ -73,22 +73,24 @@ function registerMount(program: Command): void {
     .addOption(opt.repoOption())
     .argument('<backup-id>', 'backup id or a unique prefix of it')
     .argument('<dir>', 'an empty (or new) directory: <dir>/<disk>/ or <dir>/<disk>/p<N>/ per filesystem')
+    .option('--vm', 'through the file-restore appliance VM and FUSE (every filesystem engine files reads, LVM included; names as engine files ls)')
     .option('--disk <name>', 'mount only this disk')
     .option('--cache <size>', 'chunk cache of the background server (default 64M)')
     .addOption(opt.passwordFileOption())
     .option('--json', 'print JSON')
-    .action(async (id: string, dir: string, opts: { repo?: string; disk?: string; cache?: string; json?: boolean; passwordFile?: string }) => {
+    .action(async (id: string, dir: string, opts: { repo?: string; vm?: boolean; disk?: string; cache?: string; json?: boolean; passwordFile?: string }) => {
       output.json = opts.json === true;
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
-      const result = await engine.mount({ repo: opt.requireRepo(opts.repo), backupId: id, dir, disk: opts.disk, cacheBytes: opts.cache === undefined ? undefined : opt.sizeArgument('--cache', opts.cache, 0, opt.MAX_CACHE_BYTES), passphrase });
-      await printResult(result, printMount);
+      const options = { repo: opt.requireRepo(opts.repo), backupId: id, dir, disk: opts.disk, cacheBytes: opts.cache === undefined ? undefined : opt.sizeArgument('--cache', opts.cache, 0, opt.MAX_CACHE_BYTES), passphrase };
+      if (opts.vm === true) await printResult(await engine.mountVm(options), printVmMount);
+      else await printResult(await engine.mount(options), printMount);
     });
 }
 
 function registerUmount(program: Command): void {
   program
     .command('umount')
-    .description('undo engine mount: filesystems, loop devices, nbdfuse, the background server and its registration')
+    .description('undo engine mount: filesystems, loop devices, nbdfuse, the background server (with --vm: the FUSE mount, its process and VM) and its registration')
     .argument('<dir>', 'the directory given to engine mount')
     .option('--json', 'print JSON')
     .action(async (dir: string, opts: { json?: boolean }) => {

@@ -82,6 +82,9 @@ export class FileRestoreSession {
     readonly backupId: string,
     private readonly started: number,
     readonly applianceReadyMs: number,
+    /** The server's reader registration (versions 1, 2) and lease (version 3), for a mount's state (umount releases them after a kill -9). */
+    readonly readerToken: string | null = null,
+    readonly lease: string | null = null,
   ) {}
 
   /**
@@ -117,7 +120,7 @@ export class FileRestoreSession {
         if (disk === undefined) continue;
         volumes.push({ name: `${disk}${match![2] ?? ''}`, type, state, size: Number(size), detail });
       }
-      return { session: new FileRestoreSession(vm, disks, volumes, handle.backup.id, started, applianceReadyMs), close };
+      return { session: new FileRestoreSession(vm, disks, volumes, handle.backup.id, started, applianceReadyMs, handle.readerToken, handle.lease), close };
     } catch (error) {
       await close();
       throw error;
@@ -148,7 +151,16 @@ export class FileRestoreSession {
   async list(path: string): Promise<FileEntry[]> {
     const clean = normalize(path);
     if (this.volumeOf(clean) === undefined) return this.listVolumes(clean);
-    const translated = this.toAppliance(clean)!;
+    const { self, children } = await this.entries(clean);
+    return self.type === 'directory' ? children.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0)) : [self];
+  }
+
+  /**
+   * The entry at `path` (inside a mounted volume) and, for a directory, its children in the file system's
+   * order. Throws AgentError (the appliance's strerror text as agentMessage) for a path that is not there.
+   */
+  async entries(path: string): Promise<{ self: FileEntry; children: FileEntry[] }> {
+    const translated = this.toAppliance(normalize(path))!;
     const raw = Buffer.concat(await collect(this.vm.request('LS', translated)));
     const fields = raw.toString('utf8').split('\0');
     const entries: FileEntry[] = [];
@@ -159,10 +171,18 @@ export class FileRestoreSession {
     // The first entry is the path itself: a directory lists its children, anything else itself.
     const [self, ...children] = entries;
     if (!self) throw new InvalidArgumentError(`no such path in backup ${this.backupId}: ${path}`, { path });
-    return self.type === 'directory' ? children.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0)) : [self];
+    return { self, children };
   }
 
-  private listVolumes(path: string): FileEntry[] {
+  /** Up to `length` (at most 4 MiB) bytes of the regular file at `path` from `offset`; fewer only at its end. */
+  async read(path: string, offset: number, length: number): Promise<Buffer> {
+    const clean = normalize(path);
+    if (this.volumeOf(clean) === undefined) throw new InvalidArgumentError(`${path} is not inside a mounted volume of backup ${this.backupId}`, { path });
+    return Buffer.concat(await collect(this.vm.request('READ', this.toAppliance(clean)!, String(offset), String(length))));
+  }
+
+  /** The disks and volumes above the volumes' contents (``, `vda`, `vda/lvm`, …), as entries of type `volume`. */
+  listVolumes(path: string): FileEntry[] {
     const prefix = path === '' ? '' : `${path}/`;
     const seen = new Map<string, FileEntry>();
     for (const volume of this.volumes) {
@@ -203,16 +223,23 @@ async function collect(source: AsyncIterable<Buffer>): Promise<Buffer[]> {
 }
 
 /**
+ * An open session under vm/accelerator.ts's rule (a KVM that cannot run the appliance gets it started again under
+ * TCG, only while it starts); `close` removes everything. For a caller that outlives one command (the FUSE mount).
+ */
+export function openFileRestore(options: FilesOptions): Promise<{ session: FileRestoreSession; close: () => Promise<void> }> {
+  const started = Date.now();
+  // No notice of a retry: on a host whose KVM fails it would be every command's; `--json` timings say which ran.
+  return withAccelerator(acceleratorChoice(), (accel) => FileRestoreSession.open(options, accel, started));
+}
+
+/**
  * Runs `work` with an open session, and removes everything afterwards however it ends (VM, server, run
  * folder). The accelerator is vm/accelerator.ts's rule: a KVM that cannot run the appliance gets it started
  * again under TCG (only while it starts: once its agent answered, KVM runs it).
  */
 export async function withFileRestore<T>(options: FilesOptions, work: (session: FileRestoreSession) => Promise<T>): Promise<T> {
-  const started = Date.now();
   try {
-    const choice = acceleratorChoice();
-    // No notice of a retry: on a host whose KVM fails it would be every command's; `--json` timings say which ran.
-    const { session, close } = await withAccelerator(choice, (accel) => FileRestoreSession.open(options, accel, started));
+    const { session, close } = await openFileRestore(options);
     try {
       return await work(session);
     } finally {

@@ -29,11 +29,12 @@ import { diskFileName } from '../../repo-format/names.js';
 import { createPrivateDirectory, ensurePrivateDirectory, MUTABLE_FILE_MODE, PRIVATE_DIRECTORY_MODE } from '../../repo-format/file-modes.js';
 import { processIdentity, stopProcess } from '../host/process.js';
 import { notInstalled, runTool } from '../cbt/run-tool.js';
-import type { ServedExport, ServeOptions } from '../serve/serve.js';
+import type { ServedExport } from '../serve/serve.js';
 import { probeFilesystem } from './filesystem-probe.js';
 import { readPartitionTable, type ReadAt } from './partition-table.js';
 import { passphraseBytes, type Passphrase } from '../../repo-format/passphrase.js';
 import { MOUNT_PASSPHRASE_VARIABLE } from './serve-daemon-env.js';
+import type { Volume } from '../file-restore/files.js';
 
 export interface MountOptions {
   repo: string;
@@ -72,7 +73,7 @@ export interface MountResult {
   lease: string | null;
 }
 
-interface MountState {
+export interface MountState {
   version: 1;
   dir: string;
   repo: string;
@@ -83,7 +84,20 @@ interface MountState {
   loops: string[];
   mounts: string[];
   dirs: string[];
-  result?: MountResult;
+  /** `engine mount --vm`: the FUSE mount's source name (/proc/mounts); a mount at `mounts` with it is this one's. */
+  fuseSource?: string | undefined;
+  result?: MountResult | VmMountResult;
+}
+
+/** `engine mount --vm` (SPEC 16.3): one FUSE mount of the appliance's view; its process serves the backup too. */
+export interface VmMountResult {
+  backup: string;
+  dir: string;
+  mode: 'vm';
+  volumes: Volume[];
+  serverPid: number;
+  readerToken: string | null;
+  lease: string | null;
 }
 
 const WAIT_MS = 20_000;
@@ -96,11 +110,11 @@ async function canonical(dir: string): Promise<string> {
   return realpath(dir).catch(() => resolve(dir));
 }
 
-function stateDirFor(runDir: string, dir: string): string {
+export function stateDirFor(runDir: string, dir: string): string {
   return join(runDir, 'mounts', createHash('sha256').update(dir).digest('hex').slice(0, 16));
 }
 
-async function saveState(stateDir: string, state: MountState): Promise<void> {
+export async function saveState(stateDir: string, state: MountState): Promise<void> {
   const path = join(stateDir, 'state.json');
   await writeFile(`${path}.tmp`, JSON.stringify(state, null, 2), { mode: MUTABLE_FILE_MODE });
   await rename(`${path}.tmp`, path);
@@ -133,15 +147,27 @@ async function loopIsOurs(loop: string, stateDir: string): Promise<boolean> {
   return backing.trim().replace(/ \(deleted\)$/, '').startsWith(`${stateDir}/`);
 }
 
-/** Starts the background server; resolves with its pid once it listens. */
-function startServer(options: ServeOptions, logPath: string): Promise<{ pid: number; readerToken: string | null; lease: string | null; backupId: string; exports: ServedExport[] }> {
-  const script = fileURLToPath(new URL('./serve-daemon.js', import.meta.url));
+/** What a background process of a mount reports over IPC once it serves. */
+export interface DaemonReady {
+  readerToken?: string | null;
+  lease?: string | null;
+  backupId?: string;
+  exports?: ServedExport[];
+  volumes?: Volume[];
+  notices?: string[];
+}
+
+/**
+ * Starts a mount's background process (`script`: serve-daemon.js, or the VM mount's fuse-daemon.js) with its
+ * options as one JSON argument; resolves with its pid and report once it serves.
+ */
+export function startDaemon<O extends { passphrase?: Passphrase | undefined }>(script: string, options: O, logPath: string, nodeArguments: string[] = []): Promise<DaemonReady & { pid: number; readerToken: string | null; lease: string | null; backupId: string }> {
   const log = openSync(logPath, 'a', MUTABLE_FILE_MODE);
   const { passphrase, ...visible } = options;
   // argv is readable by every user of the host (ps); the environment of a process is not. The passphrase
   // goes as base64 of its bytes (an environment value is text, a passphrase is bytes: SPEC.md, 18.2).
   const env = { ...process.env, [MOUNT_PASSPHRASE_VARIABLE]: passphrase === undefined ? '' : passphraseBytes(passphrase).toString('base64') };
-  const child = spawn(process.execPath, [script, JSON.stringify(visible)], { detached: true, stdio: ['ignore', log, log, 'ipc'], env });
+  const child = spawn(process.execPath, [...nodeArguments, script, JSON.stringify(visible)], { detached: true, stdio: ['ignore', log, log, 'ipc'], env });
   closeSync(log);
   return new Promise((resolvePromise, reject) => {
     const fail = (error: Error): void => {
@@ -150,7 +176,7 @@ function startServer(options: ServeOptions, logPath: string): Promise<{ pid: num
     };
     child.once('error', fail);
     child.once('exit', (code) => fail(new EngineError('ENGINE_INTERNAL', `the mount's server exited (${code}) before it was ready; see ${logPath}`)));
-    child.once('message', (message: { ready?: boolean; readerToken?: string | null; lease?: string | null; backupId?: string; exports?: ServedExport[]; notices?: string[]; error?: { message: string; code?: string; details?: Record<string, unknown> } }) => {
+    child.once('message', (message: DaemonReady & { ready?: boolean; error?: { message: string; code?: string; details?: Record<string, unknown> } }) => {
       child.removeAllListeners('exit');
       if (message.error) {
         reject(new EngineError((message.error.code as never) ?? 'ENGINE_INTERNAL', message.error.message, message.error.details ?? {}));
@@ -160,7 +186,7 @@ function startServer(options: ServeOptions, logPath: string): Promise<{ pid: num
       child.unref();
       const notice = noticeSink();
       for (const text of message.notices ?? []) notice(text);
-      resolvePromise({ pid: child.pid!, readerToken: message.readerToken ?? null, lease: message.lease ?? null, backupId: message.backupId!, exports: message.exports! });
+      resolvePromise({ ...message, pid: child.pid!, readerToken: message.readerToken ?? null, lease: message.lease ?? null, backupId: message.backupId! });
     });
   });
 }
@@ -210,7 +236,11 @@ function fileReader(path: string, size: number): { readAt: ReadAt; close: () => 
   };
 }
 
-export async function mount(options: MountOptions): Promise<MountResult> {
+/**
+ * Checks and claims the mount point of a mount (either kind): an empty (or new) directory outside any
+ * repository, made private, not already an engine mount; its state directory made and the state saved.
+ */
+export async function prepareMount(options: MountOptions): Promise<{ dir: string; stateDir: string; state: MountState }> {
   checkLocalPath(options.dir, 'mount directory');
   const existing = await stat(options.dir).catch(() => undefined);
   if (existing && !existing.isDirectory()) throw new InvalidArgumentError(`mount point ${options.dir} is not a directory: give an empty (or new) directory`);
@@ -227,14 +257,19 @@ export async function mount(options: MountOptions): Promise<MountResult> {
   await ensurePrivateDirectory(stateDir);
   const state: MountState = { version: 1, dir, repo: isS3Url(options.repo) ? options.repo : resolve(options.repo), created: new Date().toISOString(), fuse: [], loops: [], mounts: [], dirs: [] };
   await saveState(stateDir, state);
+  return { dir, stateDir, state };
+}
+
+export async function mount(options: MountOptions): Promise<MountResult> {
+  const { dir, stateDir, state } = await prepareMount(options);
   try {
     const socket = join(stateDir, 'nbd.sock');
-    const server = await startServer({ repo: options.repo, backupId: options.backupId, disk: options.disk, socket, cacheBytes: options.cacheBytes, passphrase: options.passphrase }, join(stateDir, 'serve.log'));
+    const server = await startDaemon(fileURLToPath(new URL('./serve-daemon.js', import.meta.url)), { repo: options.repo, backupId: options.backupId, disk: options.disk, socket, cacheBytes: options.cacheBytes, passphrase: options.passphrase }, join(stateDir, 'serve.log'));
     state.server = { pid: server.pid, identity: processIdentity(server.pid), readerToken: server.readerToken, lease: server.lease };
     await saveState(stateDir, state);
 
     const result: MountResult = { backup: server.backupId, dir, disks: [], filesystems: [], serverPid: server.pid, readerToken: server.readerToken, lease: server.lease };
-    for (const [i, exp] of server.exports.entries()) {
+    for (const [i, exp] of (server.exports ?? []).entries()) {
       const mountpoint = join(stateDir, `fuse-${i}`);
       const pid = await startFuse(socket, exp.name, mountpoint);
       state.fuse.push({ pid, identity: processIdentity(pid), mountpoint });
@@ -331,13 +366,15 @@ function parseState(text: string, path: string): MountState {
 }
 
 /** Undoes what `state` records, newest first; the state shrinks as each piece goes, so a retry resumes. */
-async function teardown(stateDir: string, state: MountState): Promise<UmountResult> {
+export async function teardown(stateDir: string, state: MountState): Promise<UmountResult> {
   const result: UmountResult = { dir: state.dir, unmounted: 0, loopDevicesDetached: 0, fuseStopped: 0, serverStopped: false };
   while (state.mounts.length > 0) {
     const target = state.mounts[state.mounts.length - 1]!;
     // Only a filesystem on one of this mount's loop devices: whatever else is mounted there is not ours.
     const device = await mountedAt(target);
-    if (device !== undefined && state.loops.includes(device)) await runTool('umount', [target]);
+    // (--vm: the FUSE mount whose source names this mount; after a kill -9 of its process a dead one, which
+    // umount(2) still removes.)
+    if (device !== undefined && (state.loops.includes(device) || (state.fuseSource !== undefined && device === state.fuseSource))) await runTool('umount', [target]);
     state.mounts.pop();
     result.unmounted += 1;
     await saveState(stateDir, state);

@@ -13,6 +13,10 @@
 # e2fsprogs, fdisk.
 set -euo pipefail
 out=${1:?usage: build-files-disks.sh OUT}
+# One build at a time on a host: the VG name is the host's (LVM's own metadata and locks), and test files run
+# in parallel (files-vm and files-fuse both build these disks).
+exec 9>/run/lock/engine-build-files-disks.lock
+flock 9
 mkdir -p "$out"
 work=$(mktemp -d /tmp/engine-files-disks.XXXXXX)
 loop=""

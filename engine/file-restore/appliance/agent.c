@@ -13,6 +13,10 @@
  *                 name, link target
  *   TAR path      GNU tar (POSIX pax format, numeric owners, 512-byte records) of path, names starting
  *                 with path's last component; the data frames are the archive
+ *   READ path offset length
+ *                 at most `length` (decimal, 1 to 4 MiB) bytes of the regular file at path from `offset`
+ *                 (decimal); fewer only at its end. Anything but a regular file is refused: a guest's FIFO
+ *                 would block the agent, a device node would read the appliance's own devices.
  *
  * A path is "<volume>/<rest>"; <rest> is resolved inside the volume with openat2(RESOLVE_IN_ROOT), so a
  * guest's symlink (absolute or full of ..) never leads out of its volume into the appliance. Nothing is
@@ -231,6 +235,54 @@ static void archive(const char *path) {
   end(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), error_text);
 }
 
+#define READ_MAX (4u * 1024 * 1024)
+
+static int decimal(const char *text, unsigned long long *value) {
+  char *rest;
+  if (!*text || *text < '0' || *text > '9') return -1;
+  errno = 0;
+  *value = strtoull(text, &rest, 10);
+  return errno != 0 || *rest ? -1 : 0;
+}
+
+static void read_range(const char *path, const char *offset_text, const char *length_text) {
+  unsigned long long offset, length;
+  if (decimal(offset_text, &offset) != 0 || decimal(length_text, &length) != 0 || length == 0 || length > READ_MAX || offset > (unsigned long long)INT64_MAX) {
+    end(1, "bad offset or length");
+    return;
+  }
+  char real[4096];
+  const char *message = "";
+  int at = resolve(path, real, sizeof real, &message);
+  if (at < 0) { end(2, message); return; }
+  struct stat st;
+  if (fstat(at, &st) != 0 || !S_ISREG(st.st_mode)) { close(at); end(2, "not a regular file"); return; }
+  /* The O_PATH descriptor reopened for reading: the very file resolve() found, no second lookup by name. */
+  char link[64];
+  snprintf(link, sizeof link, "/proc/self/fd/%d", at);
+  int fd = open(link, O_RDONLY | O_NOCTTY);
+  close(at);
+  if (fd < 0) { end(2, strerror(errno)); return; }
+  static char buffer[65536];
+  while (length > 0) {
+    ssize_t n = pread(fd, buffer, length < sizeof buffer ? length : sizeof buffer, (off_t)offset);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      close(fd);
+      flush_out();
+      end(2, strerror(errno));
+      return;
+    }
+    if (n == 0) break;
+    put(buffer, (size_t)n);
+    offset += (unsigned long long)n;
+    length -= (unsigned long long)n;
+  }
+  close(fd);
+  flush_out();
+  end(0, "");
+}
+
 int main(int argc, char **argv) {
   const char *device = argc > 1 ? argv[1] : "/dev/virtio-ports/org.engine.files.0";
   port = open(device, O_RDWR);
@@ -255,7 +307,10 @@ int main(int argc, char **argv) {
     length = 0;
     char *verb = strtok(line, " ");
     char *arg = strtok(NULL, " ");
+    char *second = strtok(NULL, " ");
+    char *third = strtok(NULL, " ");
     static char path[65536];
+    char offset_text[32], length_text[32];
     if (!verb) continue;
     if (strcmp(verb, "VOLUMES") == 0) {
       FILE *volumes = fopen("/run/volumes", "r");
@@ -267,6 +322,9 @@ int main(int argc, char **argv) {
       end(volumes ? 0 : 2, volumes ? "" : "no volume table");
     } else if ((strcmp(verb, "LS") == 0 || strcmp(verb, "TAR") == 0) && arg && unhex(arg, strlen(arg), path, sizeof path) == 0) {
       if (verb[0] == 'L') list(path); else archive(path);
+    } else if (strcmp(verb, "READ") == 0 && arg && second && third && unhex(arg, strlen(arg), path, sizeof path) == 0 &&
+               unhex(second, strlen(second), offset_text, sizeof offset_text) == 0 && unhex(third, strlen(third), length_text, sizeof length_text) == 0) {
+      read_range(path, offset_text, length_text);
     } else {
       end(1, "bad request");
     }
