@@ -9,7 +9,7 @@ export type { TargetWriter } from './restore/target-writer.js';
 export { verify, type VerifyOptions, type VerifyReport, type VerifyProblem } from './verify/verify.js';
 export { verifyBoot, type BootVerifyOptions, type BootVerifyResult } from './verify/boot.js';
 export { latestBootResults, type BootSummary } from './catalogue/catalogue.js';
-export { listBackups, showBackup } from './catalogue/catalogue.js';
+export { describeBackup, listBackups, showBackup } from './catalogue/catalogue.js';
 export { prune, type PruneOptions, type PruneReport, type PrunedBackup } from './retention/prune.js';
 export { applyRetention, isoWeek, periodOf, KEEP_RULES, type RetentionPolicy, type KeepRule, type RetentionDecision } from './retention/policy.js';
 export { setProtection, type ProtectResult } from './catalogue/protect.js';

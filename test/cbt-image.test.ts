@@ -98,8 +98,8 @@ describe('a chain on an offline qcow2 image', () => {
     for (const [i, backup] of [full, inc1, inc2, diff, inc3].entries()) await expectRestoreEquals(repo, backup.id, frozen[i]!);
 
     const list = await runEngine(['list', '--repo', repo]);
-    expect(list.stdout).toMatch(/incremental\s+[0-9a-f]{12}\s+engine-/);
-    expect(list.stdout).toMatch(/differential\s+[0-9a-f]{12}\s+engine-/);
+    expect(list.stdout).toMatch(/incremental\s+crash\s+[0-9a-f]{12}\s+engine-/);
+    expect(list.stdout).toMatch(/differential\s+crash\s+[0-9a-f]{12}\s+engine-/);
   });
 });
 

@@ -81,8 +81,7 @@ function registerList(program: Command): void {
     .action(async (opts: { repo?: string; passwordFile?: string; json?: boolean }) => {
       output.json = opts.json === true;
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
-      const { backups, damaged } = await engine.listBackups(opt.requireRepo(opts.repo), { passphrase });
-      const boots = await engine.latestBootResults(opt.requireRepo(opts.repo), { passphrase });
+      const { backups, damaged, boots } = await engine.listBackups(opt.requireRepo(opts.repo), { passphrase });
       if (output.json) printJson({ backups: backups.map((b) => backupJson(b, boots[b.id] ?? null)), damaged });
       else printList(forTerminal(backups), forTerminal(damaged), forTerminal(boots));
     });
@@ -99,8 +98,7 @@ function registerShow(program: Command): void {
     .action(async (id: string, opts: { repo?: string; passwordFile?: string; json?: boolean }) => {
       output.json = opts.json === true;
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
-      const record = await engine.showBackup(opt.requireRepo(opts.repo), id, { passphrase });
-      const boot = (await engine.latestBootResults(opt.requireRepo(opts.repo), { passphrase, backupId: record.id }))[record.id] ?? null;
+      const { record, boot } = await engine.describeBackup(opt.requireRepo(opts.repo), id, { passphrase });
       if (output.json) printJson(backupJson(record, boot));
       else printShow(forTerminal(record), boot === null ? null : forTerminal(boot));
     });

@@ -4,15 +4,22 @@ import type { Passphrase } from '../../repo-format/passphrase.js';
 
 /** Lists backups without taking the lock: records are immutable files, readable during a backup. */
 /** `passphrase`: of an encrypted repository, whose records are encrypted. */
-export async function listBackups(repoPath: string, options: { passphrase?: Passphrase | undefined } = {}): Promise<{ backups: BackupRecord[]; damaged: { id: string; message: string }[] }> {
+/** `boots`: the latest boot test of each backup that has one (latestBootResults), read from the same opening. */
+export async function listBackups(repoPath: string, options: { passphrase?: Passphrase | undefined } = {}): Promise<{ backups: BackupRecord[]; damaged: { id: string; message: string }[]; boots: Record<string, BootSummary> }> {
   const repo = await Repository.open(repoPath, { access: 'read', passphrase: options.passphrase, manyWriters: true });
   const { backups, damaged } = await repo.listBackups();
-  return { backups, damaged: damaged.map(({ id, error }) => ({ id, message: error.message })) };
+  return { backups, damaged: damaged.map(({ id, error }) => ({ id, message: error.message })), boots: await latestBoots(repo) };
 }
 
 export async function showBackup(repoPath: string, idOrPrefix: string, options: { passphrase?: Passphrase | undefined } = {}): Promise<BackupRecord> {
+  return (await describeBackup(repoPath, idOrPrefix, options)).record;
+}
+
+/** A backup's record and its latest boot test (`null`: never boot-tested), from one opening of the repository. */
+export async function describeBackup(repoPath: string, idOrPrefix: string, options: { passphrase?: Passphrase | undefined } = {}): Promise<{ record: BackupRecord; boot: BootSummary | null }> {
   const repo = await Repository.open(repoPath, { access: 'read', passphrase: options.passphrase, manyWriters: true });
-  return repo.findBackup(idOrPrefix);
+  const record = await repo.findBackup(idOrPrefix);
+  return { record, boot: (await latestBoots(repo, record.id))[record.id] ?? null };
 }
 
 /** What `list` and `show` say of a backup's latest boot test (SPEC.md 9.2, 14.2). */
@@ -34,7 +41,10 @@ export interface BootSummary {
  */
 export async function latestBootResults(repoPath: string, options: { passphrase?: Passphrase | undefined; backupId?: string | undefined } = {}): Promise<Record<string, BootSummary>> {
   const repo = await Repository.open(repoPath, { access: 'read', passphrase: options.passphrase, manyWriters: true });
-  const id = options.backupId === undefined ? undefined : await repo.findBackupId(options.backupId);
+  return latestBoots(repo, options.backupId === undefined ? undefined : await repo.findBackupId(options.backupId));
+}
+
+async function latestBoots(repo: Repository, id?: string): Promise<Record<string, BootSummary>> {
   const { records } = await repo.listVerifications(id);
   const latest: Record<string, BootSummary> = {};
   // Names sort by start time within a backup (verification-record.ts): the last one listed is the latest.

@@ -31,7 +31,7 @@ export interface FilesOptions {
   cacheBytes?: number | undefined;
   signal?: AbortSignal | undefined;
   /** What the run is, for its journal (`ls`, `extract`). */
-  purpose?: 'ls' | 'extract' | undefined;
+  purpose?: 'ls' | 'extract' | 'mount' | undefined;
   /** What the run says on its own (the appliance being built, a dead run cleaned up after). */
   onNotice?: ((message: string) => void) | undefined;
 }
