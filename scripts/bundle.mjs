@@ -21,7 +21,7 @@ const input = {
   'block-worker': `${root}dist/engine/pipeline/block-worker.js`,
   'md5-thread': `${root}dist/repo-format/storage/md5-thread.js`,
   'serve-daemon': `${root}dist/engine/mount/serve-daemon.js`,
-  'thaw-watchdog': `${root}dist/engine/ovirt/thaw-watchdog.js`,
+  'thaw-watchdog': `${root}dist/engine/thaw-watchdog.js`,
 };
 const dist = `${root}dist`;
 rmSync(out, { recursive: true, force: true });
