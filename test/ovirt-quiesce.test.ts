@@ -128,7 +128,7 @@ describe('oVirt disk-attachment flow: freezefilesystems around the snapshot', ()
     const result = await backup('late', ['--quiesce=try', '--freeze-timeout', '3'], true);
     expect(result.error).toBeUndefined();
     expect(result.consistency).toMatchObject({ level: 'crash', method: 'oVirt freezefilesystems failed', reason: expect.stringContaining('Message timeout') });
-    await waitFor('the late freeze to land', () => vm.freezes === 1, { everyMs: 50 });
+    await waitFor('the late freeze to land', () => vm.lateFreezeLanded === true, { everyMs: 50 });
     await waitFor('the watchdog to exit', async () => (await watchdogs()).length === 0, { everyMs: 50 });
     expect(vm.frozen).toBe(false);
     // Thawed by the watchdog (or the run's own journal, when the run outlasted the late freeze), after it landed.

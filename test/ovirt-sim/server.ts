@@ -90,6 +90,8 @@ export interface SimVm {
    * fsFreeze has no cancel: the command sits in the agent's channel); `stuck`: every thaw fails (VDSM's `nonresp`).
    */
   agent: 'running' | 'none' | 'refuses' | 'late' | 'stuck';
+  /** A `late` agent's freeze landed (after its call had failed). */
+  lateFreezeLanded?: boolean;
   /** The guest's file systems are frozen now. */
   frozen: boolean;
   /** How many freezes the guest carried out (VDSM's and the API's). */
@@ -1315,6 +1317,7 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
         setTimeout(() => {
           vm.frozen = true;
           vm.freezes += 1;
+          vm.lateFreezeLanded = true;
         }, LATE_FREEZE_MS);
         event(10769, `Failed to freeze guest filesystems on ${vm.name} (Host: ${HOST_NAME}, User: admin@internal).`);
         return send(req, res, 400, faultXml('Operation Failed', '[Message timeout which can be caused by communication issues]'));
