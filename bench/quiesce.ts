@@ -14,6 +14,7 @@ import { mkdtemp, readdir, rm, stat, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { reportMarkdown, writeReport } from './report.js';
+import { agentGuestXml } from '../test/guest/libvirt-guest.js';
 import { arg, coldTimed, ENGINE, initRepository, loadAverage, logger, machineLine, privateEngineCache, sh } from './tools.js';
 
 const log = logger('quiesce-bench');
@@ -64,15 +65,7 @@ async function main(): Promise<void> {
     await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', await guestImage(), image]);
     await sh('chown', ['libvirt-qemu:kvm', image]).catch(() => undefined);
     const xml = join(dir, 'domain.xml');
-    await writeFile(
-      xml,
-      `<domain type='qemu'><name>${domain}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
-<os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
-<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${image}'/><target dev='vda' bus='virtio'/></disk>
-<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-<video><model type='none'/></video><memballoon model='none'/></devices></domain>`,
-    );
+    await writeFile(xml, agentGuestXml({ name: domain, image }));
     log('defining and starting the guest domain');
     await sh('virsh', ['define', xml]);
     await sh('virsh', ['start', domain]);

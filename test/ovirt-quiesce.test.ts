@@ -34,10 +34,11 @@ beforeAll(async () => {
   ({ path: dir, cleanup } = await tempDir('engine-ovirt-quiesce-'));
   sim = await startOvirtSim({ dir: join(dir, 'sim'), lockMs: 150 });
   sim.addCluster('c47', [4, 7]);
-  for (const name of ['web', 'noagent', 'refuser', 'cold']) vms[name] = await sim.addVm(name, [{ alias: `${name}_os`, size: '16M' }]);
+  for (const name of ['web', 'noagent', 'refuser', 'cold', 'late']) vms[name] = await sim.addVm(name, [{ alias: `${name}_os`, size: '16M' }]);
   vms.hyb = await sim.addVm('hyb', [{ alias: 'hyb_os', size: '16M' }], 'up', { cluster: 'c47' });
   vms.noagent!.agent = 'none';
   vms.refuser!.agent = 'refuses';
+  vms.late!.agent = 'late';
   vms.cold!.status = 'down';
   for (const vm of Object.values(vms)) await qemuIo(sim.disks.get(vm.disks[0]!)!.image, ['write -P 0x5a 0 2M']);
   await sim.addVm('appliance', []);
@@ -113,10 +114,27 @@ describe('oVirt disk-attachment flow: freezefilesystems around the snapshot', ()
 
   test('a freeze that fails, --quiesce=try: crash-consistent, the reason recorded', async () => {
     const vm = vms.refuser!;
-    const result = await backup('refuser', ['--quiesce=try'], true);
+    const result = await backup('refuser', ['--quiesce=try', '--freeze-timeout', '1'], true);
     expect(result.error).toBeUndefined();
     expect(result.consistency).toEqual({ level: 'crash', method: 'oVirt freezefilesystems failed', freezeMs: null, reason: expect.stringContaining('Unable to freeze guest filesystems') });
     expect(vm.snapshotsQuiesced).toEqual(['no']);
+    // Not a fault that says the freeze never reached the guest: its watchdog stays, until it thawed.
+    await waitFor('the watchdog to exit', async () => (await watchdogs()).length === 0, { everyMs: 50 });
+    await expectNothingLeft(vm);
+  });
+
+  test('a freeze whose call times out but lands later: thawed once at once, and the watchdog thaws until a thaw succeeds', async () => {
+    const vm = vms.late!;
+    const result = await backup('late', ['--quiesce=try', '--freeze-timeout', '3'], true);
+    expect(result.error).toBeUndefined();
+    expect(result.consistency).toMatchObject({ level: 'crash', method: 'oVirt freezefilesystems failed', reason: expect.stringContaining('Message timeout') });
+    await waitFor('the late freeze to land', () => vm.lateFreezeLanded === true, { everyMs: 50 });
+    await waitFor('the watchdog to exit', async () => (await watchdogs()).length === 0, { everyMs: 50 });
+    expect(vm.frozen).toBe(false);
+    // Thawed by the watchdog (or the run's own journal, when the run outlasted the late freeze), after it landed.
+    expect(sim.events.filter((e) => e.code === 10768 && e.description.includes(' late ')).length).toBeGreaterThanOrEqual(2);
+    const cleaned = await runEngine(['ovirt', 'cleanup', '--repo', repo, '--ovirt', sim.url], { env: SIM_ENV });
+    expect(cleaned.code).toBe(0);
     await expectNothingLeft(vm);
   });
 
@@ -190,6 +208,32 @@ describe('oVirt backup API: require_consistency, read back', () => {
 
 });
 
+describe('an oVirt older than 4.4.4 (its VDSM ignores require_consistency)', () => {
+  test('a live backup is not claimed frozen: required fails before it starts, try records crash with the reason', async () => {
+    const { path: oldDir, cleanup: oldCleanup } = await tempDir('engine-ovirt-quiesce-old-');
+    const old = await startOvirtSim({ dir: join(oldDir, 'sim'), lockMs: 150, version: '4.4.3' });
+    try {
+      const vm = await old.addVm('old', [{ alias: 'old_os', size: '16M' }]);
+      vm.agent = 'none'; // a freeze that fails, and that this VDSM would not report
+      const oldRepo = join(oldDir, 'repo');
+      await runEngine(['init', oldRepo]);
+      const args = ['backup', '--repo', oldRepo, '--ovirt', old.url, '--vm', 'old', '--json'];
+      const required = await runEngine([...args, '--quiesce'], { env: SIM_ENV });
+      expect(required.code).toBe(1);
+      expect(parseJson<{ error: { code: string; message: string } }>(required.stdout).error).toMatchObject({ code: 'ENGINE_QUIESCE_FAILED', message: expect.stringContaining('oVirt 4.4.3 is older than 4.4.4') });
+      expect([...old.backups.values()]).toEqual([]);
+      const tried = await runEngine([...args, '--quiesce=try'], { env: SIM_ENV });
+      expect(tried.code, tried.stderr).toBe(0);
+      const record = JSON.parse(await readFile(join(oldRepo, 'backups', parseJson<{ id: string }>(tried.stdout).id), 'utf8')) as { consistency: Consistency };
+      expect(record.consistency).toEqual({ level: 'crash', method: 'oVirt live backup, its freeze not proven', freezeMs: null, reason: expect.stringContaining('oVirt 4.4.3 is older than 4.4.4') });
+      expect(contractProblems(old.requests)).toEqual([]);
+    } finally {
+      await old.stop();
+      await oldCleanup();
+    }
+  });
+});
+
 describe('the guest never stays frozen', () => {
   test('the engine killed with -9 while the guest is frozen: its watchdog thaws the guest after the freeze timeout', async () => {
     const vm = vms.web!;
@@ -208,6 +252,27 @@ describe('the guest never stays frozen', () => {
     expect(parseJson<{ messages: string[] }>(cleaned.stdout).messages).toContain(`thawed leftover freeze ${vm.id} of an interrupted run`);
     await expectNothingLeft(vm);
   });
+
+  test('a thaw that keeps failing (agent not answering, engine gone): the watchdog keeps trying past 5 tries, until a thaw succeeds', async () => {
+    const vm = vms.web!;
+    const args = ['backup', '--repo', repo, '--ovirt', sim.url, '--vm', 'web', '--appliance', 'appliance', '--device-root', sim.deviceRoot, '--quiesce'];
+    const killed = await runEngine(args, { env: { ...SIM_ENV, ENGINE_CRASH_AT: 'guest-frozen', ENGINE_OVIRT_FREEZE_TIMEOUT: '2' } });
+    expect(killed.code).toBe(137);
+    vm.agent = 'stuck';
+    const thaws = (): number => posts(vm, '/thawfilesystems').length;
+    const before = thaws();
+    // 5 failed tries (1, 2, 4, 8 s apart): a watchdog with a fixed count of 5 would have given up; this one waits 16 s.
+    await waitFor('5 failed thaws', () => thaws() >= before + 5, { everyMs: 100 });
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    expect(vm.frozen).toBe(true);
+    expect(await watchdogs()).toHaveLength(1);
+    vm.agent = 'running';
+    await waitFor('the watchdog to thaw the guest', () => !vm.frozen, { everyMs: 50 });
+    await waitFor('the watchdog to exit', async () => (await watchdogs()).length === 0, { everyMs: 50 });
+    const cleaned = await runEngine(['ovirt', 'cleanup', '--repo', repo, '--ovirt', sim.url], { env: SIM_ENV });
+    expect(cleaned.code).toBe(0);
+    await expectNothingLeft(vm);
+  }, 120_000);
 
   test('a snapshot slower than the freeze timeout is not counted as quiesced: required fails and leaves nothing, try says why', async () => {
     const vm = vms.web!;

@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { collectOutput, exitOf, initRepository, parseJson, runEngine, sh, spawnEngine, stoppedItself, tempDir, waitFor } from './helpers.js';
 import { destroyDomain, ensureLibvirtd, startDomain } from './libvirt.js';
 import { tinyGuest } from './guest/tiny-guest.js';
+import { agentGuestXml } from './guest/libvirt-guest.js';
 import { qcow2 } from './qemu.js';
 
 interface Consistency {
@@ -105,16 +106,7 @@ beforeAll(async () => {
   await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', guest.image, image]);
   await sh('chown', ['libvirt-qemu:kvm', image]).catch(() => undefined);
   const xml = join(dir.path, `${DOMAIN}.xml`);
-  await writeFile(
-    xml,
-    `<domain type='qemu'><name>${DOMAIN}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
-<os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
-<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${image}'/><target dev='vda' bus='virtio'/></disk>
-<channel type='unix'><target type='virtio' name='${guest.agentPort}'/></channel>
-<serial type='file'><source path='${join(dir.path, 'console.log')}'/><target port='0'/></serial>
-<video><model type='none'/></video><memballoon model='none'/></devices></domain>`,
-  );
+  await writeFile(xml, agentGuestXml({ name: DOMAIN, image, agentPort: guest.agentPort, consoleLog: join(dir.path, 'console.log') }));
   await sh('virsh', ['define', xml]);
   await sh('virsh', ['start', DOMAIN]);
   await waitFor('the guest agent to answer', () => agent(DOMAIN, 'guest-ping').then(() => true, () => false), { everyMs: 500 });
@@ -230,6 +222,27 @@ describe('backup --libvirt --quiesce on a real guest', () => {
       }
       expect(await freezeStatus()).toBe('thawed');
       expect(await watchdogs(DOMAIN)).toEqual([]);
+    }
+  }, 600_000);
+
+  test('a freeze that lands after the engine gave up on it: the watchdog thaws until the agent says thawed, then exits', async () => {
+    // The freeze made slow: the guest's writes throttled on the host (512 KiB/s) behind 16 MiB of dirty pages,
+    // which FIFREEZE writes out first (~32 s); libvirt stops waiting for the agent after 2 s. The freeze so lands
+    // long after the engine's freeze failed, its thaw-once failed (the agent busy) and the backup went on.
+    await sh('virsh', ['guest-agent-timeout', DOMAIN, '--timeout', '2']);
+    await sh('virsh', ['blkdeviotune', DOMAIN, 'vda', '--live', '--total-bytes-sec', String(512 * 1024)]);
+    try {
+      expect(await guestShell('dd if=/dev/zero of=/data/dirty bs=1M count=16 >/dev/null 2>&1; echo done')).toEqual({ exitcode: 0, stdout: 'done\n' });
+      const tried = await backup(['--libvirt', DOMAIN, '--quiesce=try', '--freeze-timeout', '1']);
+      expect(tried.code, tried.stderr).toBe(0);
+      expect(tried.out!.consistency).toMatchObject({ level: 'crash', method: 'qemu-guest-agent fsfreeze tried', freezeMs: null, reason: expect.stringMatching(/^the guest agent's freeze (failed|did not end)/) });
+      expect(await watchdogs(DOMAIN)).toHaveLength(1);
+      await waitFor('the watchdog to exit', async () => (await watchdogs(DOMAIN)).length === 0, { everyMs: 500 });
+      expect(await freezeStatus()).toBe('thawed');
+      expect(await guestShell('rm /data/dirty && echo writable > /data/after-late && cat /data/after-late')).toEqual({ exitcode: 0, stdout: 'writable\n' });
+    } finally {
+      await sh('virsh', ['blkdeviotune', DOMAIN, 'vda', '--live', '--total-bytes-sec', '0']);
+      await sh('virsh', ['guest-agent-timeout', DOMAIN, '--timeout', '-1']);
     }
   }, 600_000);
 

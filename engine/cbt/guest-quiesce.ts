@@ -6,35 +6,39 @@
  * fsfreeze calls (`virsh domfsfreeze`/`domfsthaw`) around backup-begin.
  *
  * The order: pre-freeze hook on the appliance → pre-freeze hook in the guest (guest-exec) → watchdog started →
- * freeze → backup-begin → thaw → watchdog stopped → post-thaw hook in the guest → post-thaw hook on the appliance.
+ * freeze → backup-begin → thaw → watchdog stopped → post-thaw hook in the guest → post-thaw hook on the appliance
+ * (each post-thaw hook whose pre-freeze hook succeeded, whatever happened after).
  * No hook runs while the guest is frozen (the agent refuses guest-exec then, and a hook must not lengthen the
  * freeze).
  *
- * The guest never stays frozen: before the freeze, a detached watchdog process (a shell, in its own session, so
- * that it outlives the engine killed with -9 or its process group) sleeps until the freeze timeout and then thaws
- * the guest, retrying a few times; the engine stops it once its own thaw succeeded. A freeze that libvirt gave up
- * on but the agent carried out later is thawed by it too (it is stopped only after a thaw the engine saw succeed).
+ * The guest does not stay frozen: before the freeze, the thaw watchdog (../thaw-watchdog.ts, shared with oVirt: a
+ * detached process in its own session, so that it outlives the engine killed with -9 or its process group) sleeps
+ * until the freeze timeout and then thaws the guest, again and again, until the agent says `thawed` or the domain
+ * is gone; the engine stops it once its own thaw, after a freeze that returned, succeeded. A freeze that failed or
+ * timed out is thawed by the engine once at once and the watchdog left running: libvirt's fsfreeze goes on waiting
+ * for the agent after virsh is gone, so the freeze may land later.
  */
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { NO_QUIESCE, type Consistency } from '../../repo-format/backup-record.js';
 import { crashPoint } from '../../repo-format/crash-points.js';
 import { QuiesceFailedError } from '../errors.js';
-import { runTool, runToolOutput } from './run-tool.js';
+import { startThawWatchdog } from '../thaw-watchdog-control.js';
+import { runTool, runToolOutput, ToolError } from './run-tool.js';
 
 export interface QuiesceRequest {
   /** `required`: a backup that cannot be quiesced fails (ENGINE_QUIESCE_FAILED); `try`: it is taken crash-consistent, the reason recorded. */
   mode: 'required' | 'try';
-  /** The longest the guest stays frozen: the watchdog thaws it then, whatever happened to the engine. Default 10 s. */
+  /** From the watchdog's start (right before the freeze): the watchdog thaws the guest then, whatever happened to the engine. Default 10 s. */
   freezeTimeoutMs?: number | undefined;
   /** The longest a hook may run (each); default 60 s. */
   hookTimeoutMs?: number | undefined;
   /** Run in the guest by its agent (`/bin/sh -c`) before the freeze; a failure is a failed quiesce. */
   preFreeze?: string | undefined;
-  /** Run in the guest by its agent (`/bin/sh -c`) after the thaw, whenever the guest was frozen. */
+  /** Run in the guest by its agent (`/bin/sh -c`) after the thaw, when `preFreeze` succeeded (or, without it, once the freeze was asked for). */
   postThaw?: string | undefined;
   /** Run on this host (`/bin/sh -c`, ENGINE_DOMAIN set) before the freeze; a failure is a failed quiesce. */
   preFreezeHost?: string | undefined;
-  /** Run on this host (`/bin/sh -c`, ENGINE_DOMAIN set) after the thaw, whenever the guest was frozen. */
+  /** Run on this host (`/bin/sh -c`, ENGINE_DOMAIN set) after the thaw, when `preFreezeHost` succeeded (or, without it, once the freeze was asked for). */
   postThawHost?: string | undefined;
 }
 
@@ -48,6 +52,10 @@ export const DEFAULT_HOOK_TIMEOUT_MS = 60_000;
 const AGENT_ANSWER_S = 10;
 /** How much longer than its own timeout a virsh call that talks to the agent may take before it is killed. */
 const VIRSH_GRACE_MS = 30_000;
+/** How much longer than the freeze timeout the freeze is waited for: libvirt's own errors (its agent's 5 s sync) come first. */
+const FREEZE_GRACE_MS = 5_000;
+/** libvirt's refusals that come before anything is sent to the agent (qemuDomainAgentAvailable): no freeze can follow. */
+const NEVER_SENT = /guest agent is not configured|agent is not connected|domain is not running/iu;
 /** What of a hook's output goes into an error message. */
 const HOOK_OUTPUT_CHARS = 600;
 
@@ -70,20 +78,40 @@ export async function quiesced(domain: string, request: QuiesceRequest | undefin
     await act();
     return { level: 'crash', method: `${FSFREEZE} tried`, freezeMs: null, reason: why };
   };
+  // The post-thaw hooks owed: each one whose pre-freeze hook succeeded (or that has none, once the freeze was
+  // asked for), run whatever happened after, as qemu-ga runs its own thaw hook (qga/commands-posix.c).
+  const owed = { guest: false, host: false };
+  const postThaw = (): Promise<void> => afterThaw(domain, request, owed, hookTimeoutMs, notice);
   try {
     if (request.preFreezeHost !== undefined) await hostHook(domain, 'pre-freeze', request.preFreezeHost, hookTimeoutMs);
+    owed.host = request.preFreezeHost !== undefined;
     if (request.preFreeze !== undefined) await guestHook(domain, 'pre-freeze', request.preFreeze, hookTimeoutMs);
+    owed.guest = request.preFreeze !== undefined;
   } catch (error) {
+    await postThaw();
     return fallBack((error as Error).message);
   }
-  const watchdog = startWatchdog(domain, freezeTimeoutMs);
+  owed.host = owed.guest = true;
+  const watchdog = await startThawWatchdog({ afterMs: freezeTimeoutMs, libvirt: domain });
   const started = performance.now();
   try {
-    // libvirt's own agent timeouts end a freeze that gets no answer; this bound is only for a virsh that hangs.
-    await runTool('virsh', ['-q', 'domfsfreeze', domain], { timeoutMs: freezeTimeoutMs + VIRSH_GRACE_MS });
+    // Waited for up to the freeze timeout (and a little more, for libvirt's own errors to come first): past it
+    // the watchdog thaws the guest, so a freeze that has not returned by then cannot make a quiesced backup.
+    await runTool('virsh', ['-q', 'domfsfreeze', domain], { timeoutMs: freezeTimeoutMs + FREEZE_GRACE_MS });
   } catch (error) {
-    // The watchdog stays: a freeze libvirt gave up on may still be carried out by the agent; it thaws it then.
-    return fallBack(`the guest agent's freeze failed: ${agentWords((error as Error).message)}`);
+    const message = (error as Error).message;
+    const why = error instanceof ToolError && error.timedOut ? `the guest agent's freeze did not end within ${(freezeTimeoutMs + FREEZE_GRACE_MS) / 1000} s (the freeze timeout and ${FREEZE_GRACE_MS / 1000} s)` : `the guest agent's freeze failed: ${agentWords(message)}`;
+    if (NEVER_SENT.test(message)) {
+      // libvirt refused before anything reached the agent: nothing can be frozen.
+      watchdog.stop();
+    } else {
+      // libvirt's fsfreeze goes on waiting for the agent after virsh is gone, and a freeze it gave up on may still
+      // be carried out: thawed once now (as VDSM does: "Must always thaw, even if freeze failed"), and the
+      // watchdog stays, to thaw until the agent says thawed.
+      await thaw(domain, AGENT_ANSWER_S * 1000).catch(() => undefined);
+    }
+    await postThaw();
+    return fallBack(why);
   }
   /** When backup-begin returned, in ms after the freeze was asked for. */
   let pointTakenMs = 0;
@@ -97,12 +125,13 @@ export async function quiesced(domain: string, request: QuiesceRequest | undefin
     crashPoint('guest-checkpoint-taken');
   } finally {
     thawedCount = await thaw(domain, freezeTimeoutMs + VIRSH_GRACE_MS).catch((error: unknown) => {
-      notice(`domain ${domain}: the thaw failed (${agentWords((error as Error).message)}); the watchdog thaws the guest ${freezeTimeoutMs / 1000} s after the freeze`);
+      notice(`domain ${domain}: the thaw failed (${agentWords((error as Error).message)}); the watchdog thaws the guest ${freezeTimeoutMs / 1000} s after the freeze, and until the agent says thawed`);
       return undefined;
     });
     freezeMs = Math.round(performance.now() - started);
+    // The freeze had returned: a thaw that succeeded leaves nothing frozen.
     if (thawedCount !== undefined) watchdog.stop();
-    await afterThaw(domain, request, hookTimeoutMs, notice);
+    await postThaw();
   }
   // Not trusted as quiesced: a backup-begin that returned past the freeze timeout (the watchdog's deadline counts
   // from its start, before the freeze, so it may have thawed the guest before the point in time), or a thaw that
@@ -127,37 +156,15 @@ async function thaw(domain: string, timeoutMs: number): Promise<number> {
   return count === undefined ? 1 : Number(count);
 }
 
-/** Post-thaw hooks: each runs once the guest was frozen, whatever the backup's fate; a failure is said, not thrown. */
-async function afterThaw(domain: string, request: QuiesceRequest, hookTimeoutMs: number, notice: (message: string) => void): Promise<void> {
-  if (request.postThaw !== undefined) await guestHook(domain, 'post-thaw', request.postThaw, hookTimeoutMs).catch((error: unknown) => notice((error as Error).message));
-  if (request.postThawHost !== undefined) await hostHook(domain, 'post-thaw', request.postThawHost, hookTimeoutMs).catch((error: unknown) => notice((error as Error).message));
+/** The post-thaw hooks `owed`: each runs whatever the backup's fate; a failure is said, not thrown. */
+async function afterThaw(domain: string, request: QuiesceRequest, owed: { guest: boolean; host: boolean }, hookTimeoutMs: number, notice: (message: string) => void): Promise<void> {
+  if (owed.guest && request.postThaw !== undefined) await guestHook(domain, 'post-thaw', request.postThaw, hookTimeoutMs).catch((error: unknown) => notice((error as Error).message));
+  if (owed.host && request.postThawHost !== undefined) await hostHook(domain, 'post-thaw', request.postThawHost, hookTimeoutMs).catch((error: unknown) => notice((error as Error).message));
 }
 
 /** virsh's own words without its prefixes ("virsh -q domfsfreeze d failed: error: …"). */
 function agentWords(message: string): string {
   return message.replace(/^virsh .*? failed: /u, '').replace(/\berror: /gu, '').trim();
-}
-
-/**
- * The watchdog: a shell in its own session (it outlives the engine and its process group) that sleeps until the
- * freeze timeout, then thaws the guest (up to 5 tries a second apart: an agent busy finishing the freeze answers
- * late). `stop`: the engine's thaw succeeded; the shell kills its sleep and exits.
- */
-function startWatchdog(domain: string, timeoutMs: number): { stop: () => void } {
-  const script = [
-    'trap \'kill "$s" 2>/dev/null; exit 0\' TERM',
-    'sleep "$1" & s=$!',
-    'wait "$s"',
-    'for i in 1 2 3 4 5; do virsh -q domfsthaw "$2" >/dev/null 2>&1 && exit 0; sleep 1; done',
-    'exit 1',
-  ].join('\n');
-  const child = spawn('/bin/sh', ['-c', script, 'engine-thaw-watchdog', (timeoutMs / 1000).toFixed(3), domain], { detached: true, stdio: 'ignore' });
-  child.unref();
-  return {
-    stop: () => {
-      if (child.pid !== undefined && child.exitCode === null) child.kill('SIGTERM');
-    },
-  };
 }
 
 /** A hook on this host: `/bin/sh -c CMD`, ENGINE_DOMAIN and ENGINE_HOOK set; its status checked, its output in the error. */

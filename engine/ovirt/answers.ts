@@ -58,6 +58,13 @@ function ovfOf(element: XmlElement | undefined): string | undefined {
   return text(child(child(element, 'initialization'), 'configuration'), 'data');
 }
 
+/** The engine's version (GET the API root: api/product_info/version): [major, minor, revision], 0 when absent. */
+export function productVersion(xml: XmlElement | undefined): [number, number, number] {
+  const version = child(child(child(xml, 'api'), 'product_info'), 'version');
+  const number = (value: string | undefined): number => (value !== undefined && /^\d{1,4}$/.test(value) ? Number(value) : 0);
+  return [number(text(version, 'major')), number(text(version, 'minor')), number(text(version, 'revision'))];
+}
+
 export interface ClusterSummary {
   id: string | undefined;
   name: string | undefined;

@@ -29,12 +29,12 @@ import { ImageioSource } from './imageio-source.js';
 import { cancelTransfer, finalizeTransfer, startTransfer } from './transfers.js';
 import { deleteCheckpoint, endBackup, removeSnapshot, RunJournal, undo, withOvirt } from './cleanup.js';
 import { atLeast, clusterOfVm, isNotFound, vmIdByName, waitOf, type OvirtBackupRunOptions, type OvirtCluster, type Wait } from './common.js';
-import { BACKUP_SNAPSHOT_DESCRIPTION, BackupPhase, CheckpointState, DiskBackupMode, SnapshotStatus } from './vocabulary.js';
+import { BACKUP_SNAPSHOT_DESCRIPTION, BackupPhase, CheckpointState, DiskBackupMode, SnapshotStatus, VmStatus } from './vocabulary.js';
 import { backupDiskModes, backupList, backupOf, checkpointList, createdId, diskAttachmentList, diskOf, snapshotList, vmOf, type CheckpointSummary } from './answers.js';
 import { adoptName } from '../../repo-format/names.js';
 import type { Consistency } from '../../repo-format/backup-record.js';
 import { QuiesceFailedError } from '../errors.js';
-import { freezeFailure, frozenAround, LIVE_BACKUP_FROZEN, liveBackupUnfrozen, newestEvent, NO_QUIESCE, notRunning, type OvirtQuiesceMode, type QuiesceTarget } from './quiesce.js';
+import { consistencyIgnored, freezeFailure, frozenAround, LIVE_BACKUP_FROZEN, liveBackupUnfrozen, liveBackupUnproven, newestEvent, NO_QUIESCE, notRunning, type OvirtQuiesceMode, type QuiesceTarget } from './quiesce.js';
 
 export interface OvirtIncrementalBackupOptions extends OvirtBackupRunOptions {
   mode?: RequestedMode | undefined;
@@ -294,10 +294,29 @@ class BackupSession {
       outcome.consistency = liveBackupUnfrozen(this.unfrozen);
       return this.post(from, false);
     }
+    const ignored = await consistencyIgnored(client);
+    if (ignored) {
+      if (quiesce === 'required') throw new QuiesceFailedError(vm.name, ignored);
+      notice(`VM ${vm.name} could not be quiesced (${ignored}): backing it up crash-consistent`);
+      outcome.consistency = liveBackupUnproven(ignored);
+      return this.post(from, false);
+    }
     const since = await newestEvent(client);
     const started = await this.post(from, true);
     if (started.phase === BackupPhase.ready) {
-      outcome.consistency = LIVE_BACKUP_FROZEN;
+      // VDSM freezes only a running guest: a VM that went down (or paused) meanwhile proves nothing.
+      const { status } = await client.read(`vms/${vmId}`, vmOf);
+      if (status === VmStatus.up) {
+        outcome.consistency = LIVE_BACKUP_FROZEN;
+        return started;
+      }
+      const why = `the VM was ${status ?? 'in no known state'}, not up, when its backup became ready: nothing says its guest was frozen`;
+      if (quiesce === 'required') {
+        await this.abandon();
+        throw new QuiesceFailedError(vm.name, why);
+      }
+      notice(`VM ${vm.name}: ${why}; the backup is crash-consistent`);
+      outcome.consistency = liveBackupUnproven(why);
       return started;
     }
     const why = await freezeFailure(client, vmId, since);

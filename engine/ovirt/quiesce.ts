@@ -32,8 +32,6 @@
  * - A VM that is down has no guest to freeze (FreezeVmCommand.validate wants status Up): `required` fails,
  *   `try` records crash consistency and why.
  */
-import { spawn } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { NO_QUIESCE, type Consistency } from '../../repo-format/backup-record.js';
 import { crashPoint } from '../../repo-format/crash-points.js';
 import type { JournalEntry } from '../../repo-format/journal.js';
@@ -41,7 +39,8 @@ import { OvirtFaultError, QuiesceFailedError } from '../errors.js';
 import type { OvirtClient, OvirtClientOptions } from './client.js';
 import type { RunJournal } from './cleanup.js';
 import { VmStatus } from './vocabulary.js';
-import { eventList } from './answers.js';
+import { eventList, productVersion } from './answers.js';
+import { startThawWatchdog } from '../thaw-watchdog-control.js';
 
 /** `required`: a backup whose guest cannot be frozen fails (ENGINE_QUIESCE_FAILED); `try`: it is taken crash-consistent, the reason recorded. */
 export type OvirtQuiesceMode = 'required' | 'try';
@@ -108,23 +107,24 @@ export async function frozenAround<T>(client: OvirtClient, journal: RunJournal, 
   if (down) return { value: await act(), consistency: down };
   const timeoutMs = request.freezeTimeoutMs ?? freezeTimeoutMs();
   const entry: JournalEntry = await journal.track({ kind: 'freeze', vm: vm.id });
-  const watchdog = await startWatchdog(request.ovirt, vm.id, timeoutMs);
+  const watchdog = await startThawWatchdog({ afterMs: timeoutMs, ovirt: request.ovirt, vm: vm.id });
   let frozenAt: number;
   try {
     await client.post(`vms/${vm.id}/freezefilesystems`, 'action', {});
     frozenAt = performance.now();
   } catch (error) {
-    // A freeze the agent carried out after VDSM stopped waiting would hold the guest: thaw once, as VDSM does
-    // (backup.py: "Must always thaw, even if freeze failed"). When oVirt answered that the freeze failed, or
-    // the thaw went through, there is nothing left to watch; otherwise (the engine unreachable: the freeze
-    // may have happened) the watchdog and the journal stay.
-    const thawed = await thawGuest(client, vm.id).then(() => true, () => false);
-    const refused = error instanceof OvirtFaultError;
-    if (thawed || refused) {
+    // Only two faults say the freeze never reached the guest: the VM not up (409, FreezeVmCommand.validate) and
+    // no agent (400 "Guest agent non responsive", VDSM's `nonresp`: libvirt refused before sending). Any other
+    // (a VDSM timeout reaches the caller as a fault too, the engine unreachable) may hide a freeze the agent
+    // carries out later: thawed once now, as VDSM does (backup.py: "Must always thaw, even if freeze failed"),
+    // and the watchdog and the journal entry stay (the watchdog thaws until a thaw succeeds).
+    if (neverSent(error)) {
       watchdog.stop();
       await journal.forget(entry);
+    } else {
+      await thawGuest(client, vm.id).catch(() => undefined);
     }
-    if (!refused) throw error;
+    if (!(error instanceof OvirtFaultError)) throw error;
     const consistency = fallBack(vm, mode, 'oVirt freezefilesystems failed', `oVirt could not freeze the guest's file systems: ${error.message}`, notice);
     return { value: await act(), consistency };
   }
@@ -154,31 +154,9 @@ export async function frozenAround<T>(client: OvirtClient, journal: RunJournal, 
   return { value, consistency: { level: 'filesystem', method: "oVirt freezefilesystems (the guest agent's fsfreeze) around the snapshot", freezeMs, reason: null } };
 }
 
-/**
- * Starts the thaw watchdog (thaw-watchdog.ts) before the freeze: detached, in its own session, its orders on
- * stdin. `stop` ends it (by its pid) once the engine's own thaw succeeded.
- */
-async function startWatchdog(ovirt: OvirtClientOptions, vmId: string, afterMs: number): Promise<{ startedAt: number; stop: () => void }> {
-  const startedAt = performance.now();
-  const script = fileURLToPath(new URL('./thaw-watchdog.js', import.meta.url));
-  const child = spawn(process.execPath, [script], { detached: true, stdio: ['pipe', 'ignore', 'ignore'] });
-  await new Promise<void>((resolve, reject) => {
-    child.once('spawn', resolve);
-    child.once('error', reject);
-  });
-  child.stdin!.end(JSON.stringify({ ovirt, vm: vmId, afterMs }));
-  child.unref();
-  const pid = child.pid!;
-  return {
-    startedAt,
-    stop: () => {
-      try {
-        process.kill(pid, 'SIGTERM');
-      } catch {
-        // Already gone: it thawed (the engine was slower than its timeout) or was ended.
-      }
-    },
-  };
+/** A freezefilesystems fault that says nothing reached the guest: the VM not up, or no agent. */
+function neverSent(error: unknown): boolean {
+  return error instanceof OvirtFaultError && (error.status === 409 || (error.status === 400 && error.message.includes('Guest agent non responsive')));
 }
 
 /**
@@ -216,4 +194,23 @@ export const LIVE_BACKUP_FROZEN: Consistency = {
 /** A live backup retried without require_consistency after its freeze failed (`try`). */
 export function liveBackupUnfrozen(why: string): Consistency {
   return { level: 'crash', method: 'oVirt live backup without require_consistency after the freeze failed', freezeMs: null, reason: why };
+}
+
+/**
+ * Why a live backup's `ready` does not say the guest was frozen on this oVirt, if it does not: VDSM honours
+ * `require_consistency` from 4.4.4 (vdsm commit 677d4c31b, 2020-11-12, "backup: add require_consistency"); an
+ * older one ignores it and a failed freeze does not fail the backup. The hosts' VDSM version is not in the
+ * backup API: the engine's (GET the API root, product_info/version) stands for it (a 4.4.4 engine ships with
+ * 4.4.4 hosts; an older host under a newer engine is not detected).
+ */
+export async function consistencyIgnored(client: OvirtClient): Promise<string | undefined> {
+  const version = await client.read('', productVersion);
+  const [major, minor, revision] = version;
+  if (major > 4 || (major === 4 && (minor > 4 || (minor === 4 && revision >= 4)))) return undefined;
+  return `oVirt ${version.join('.')} is older than 4.4.4: its VDSM ignores require_consistency, so a live backup does not say whether the guest was frozen`;
+}
+
+/** A live backup whose `ready` does not say the guest was frozen (an oVirt before 4.4.4, a VM no longer up). */
+export function liveBackupUnproven(why: string): Consistency {
+  return { level: 'crash', method: 'oVirt live backup, its freeze not proven', freezeMs: null, reason: why };
 }

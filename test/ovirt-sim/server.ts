@@ -85,9 +85,13 @@ export interface SimVm {
   checkpoints: SimCheckpoint[];
   /**
    * The QEMU guest agent: `running` freezes and thaws; `none`: not installed or not started (libvirt: "QEMU
-   * guest agent is not connected"); `refuses`: it answers, but the freeze fails in the guest.
+   * guest agent is not connected"); `refuses`: it answers, but the freeze fails in the guest; `late`: the call
+   * to VDSM times out (the engine's fault), and the agent's freeze lands `lateFreezeMs` later all the same (libvirt's
+   * fsFreeze has no cancel: the command sits in the agent's channel); `stuck`: every thaw fails (VDSM's `nonresp`).
    */
-  agent: 'running' | 'none' | 'refuses';
+  agent: 'running' | 'none' | 'refuses' | 'late' | 'stuck';
+  /** A `late` agent's freeze landed (after its call had failed). */
+  lateFreezeLanded?: boolean;
   /** The guest's file systems are frozen now. */
   frozen: boolean;
   /** How many freezes the guest carried out (VDSM's and the API's). */
@@ -364,6 +368,8 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
   const password = options.password ?? 'secret';
   const lockMs = options.lockMs ?? 300;
   const version = (options.version ?? '4.5.5').split('.').map(Number);
+  /** VDSM before 4.4.4 ignores require_consistency (the engine's version stands for its hosts' here). */
+  const honoursRequireConsistency = version[0]! > 4 || (version[0] === 4 && (version[1]! > 4 || (version[1] === 4 && (version[2] ?? 0) >= 4)));
   /** Engines before 4.4.7 delete a transfer's entity as soon as it ends (SDK helpers/imagetransfer.py). */
   const deletesFinishedTransfers = version[0]! < 4 || (version[0] === 4 && (version[1]! < 4 || (version[1] === 4 && (version[2] ?? 0) < 7)));
   const inactivityDefaultMs = options.inactivityTimeoutMs ?? 60_000;
@@ -494,7 +500,7 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
    * thaw and status): `freezeErr`. The message is libvirt's.
    */
   const vdsmFreeze = (vm: SimVm): { ok: true } | { ok: false; name: 'nonresp' | 'freezeErr'; message: string } => {
-    if (vm.agent === 'none') return { ok: false, name: 'nonresp', message: 'Guest agent is not responding: QEMU guest agent is not connected' };
+    if (vm.agent === 'none' || vm.agent === 'stuck') return { ok: false, name: 'nonresp', message: 'Guest agent is not responding: QEMU guest agent is not connected' };
     if (vm.agent === 'refuses') return { ok: false, name: 'freezeErr', message: "internal error: unable to execute QEMU agent command 'guest-fsfreeze-freeze': failed to freeze /: Operation not supported" };
     if (vm.frozen) return { ok: false, name: 'freezeErr', message: "internal error: unable to execute QEMU agent command 'guest-fsfreeze-freeze': Command guest-fsfreeze-freeze has been disabled: the agent is in frozen state" };
     vm.frozen = true;
@@ -503,10 +509,12 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
   };
   /** VDSM's thaw: a guest that is not frozen thaws nothing and succeeds (qemu-ga guest-fsfreeze-thaw answers 0). */
   const vdsmThaw = (vm: SimVm): { ok: boolean } => {
-    if (vm.agent === 'none') return { ok: false };
+    if (vm.agent === 'none' || vm.agent === 'stuck') return { ok: false };
     vm.frozen = false;
     return { ok: true };
   };
+  /** How long after its timed-out call a `late` agent's freeze lands. */
+  const LATE_FREEZE_MS = 1500;
   /** VdsmErrors.properties: what the engine says of VDSM's error names. */
   const VDSM_ERRORS = { nonresp: 'Guest agent non responsive', freezeErr: 'Unable to freeze guest filesystems' } as const;
 
@@ -786,7 +794,9 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
             // message, VdsBrokerCommand.logToAudit), runLiveVmBackup fails: FINALIZING_FAILURE, failed. The
             // guest is thawed whatever happened.
             const freeze = vdsmFreeze(vm);
-            if (!freeze.ok && backup.requireConsistency) {
+            // require_consistency is VDSM's from 4.4.4 (vdsm commit 677d4c31b, 2020-11-12, "backup: add
+            // require_consistency"): an older one ignores it, and a failed freeze does not fail the backup.
+            if (!freeze.ok && backup.requireConsistency && honoursRequireConsistency) {
               vdsmThaw(vm);
               // ContextException.__str__: "Backup Error: " and the context dict's repr (the reason added last).
               const reason = `Failed freeze VM: ${freeze.message}`;
@@ -1302,6 +1312,16 @@ export async function startOvirtSim(options: SimOptions): Promise<OvirtSim> {
       await readBody(req);
       const freeze = rest === '/freezefilesystems';
       if (vm.status !== 'up') return send(req, res, 409, faultXml('Operation Failed', `[Cannot ${freeze ? 'freeze' : 'thaw'} VM because the VM is in ${vm.status === 'down' ? 'Down' : vm.status} status.]`));
+      if (freeze && vm.agent === 'late') {
+        // The engine's call to VDSM timed out (VdsmErrors/AppErrors VDS_NETWORK_ERROR); the freeze lands later.
+        setTimeout(() => {
+          vm.frozen = true;
+          vm.freezes += 1;
+          vm.lateFreezeLanded = true;
+        }, LATE_FREEZE_MS);
+        event(10769, `Failed to freeze guest filesystems on ${vm.name} (Host: ${HOST_NAME}, User: admin@internal).`);
+        return send(req, res, 400, faultXml('Operation Failed', '[Message timeout which can be caused by communication issues]'));
+      }
       if (freeze) {
         const result = vdsmFreeze(vm);
         if (!result.ok) {
