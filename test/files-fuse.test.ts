@@ -11,7 +11,7 @@ import { chmod, lstat, mkdir, readdir, readFile, readlink, rename, unlink, write
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { backUp, parseJson, runEngine, sh, tempDir } from './helpers.js';
-import { expectSameTree, tree } from './files-tree.js';
+import { expectSameTree, qemuChildrenOf, tree } from './files-tree.js';
 
 const BUILD = fileURLToPath(new URL('./guest/build-files-disks.sh', import.meta.url));
 const VM_TIMEOUT = 400_000;
@@ -64,27 +64,24 @@ async function running(pid: number): Promise<boolean> {
   return text !== '' && !/^\d+ \(.*\) Z/.test(text);
 }
 
-/** The QEMU processes of a mount: their command line names its state folder (the agent's socket). */
-async function vmsOf(stateFolder: string): Promise<number[]> {
-  const found: number[] = [];
-  for (const name of await readdir('/proc')) {
-    if (!/^\d+$/.test(name)) continue;
-    const cmdline = await readFile(`/proc/${name}/cmdline`, 'utf8').catch(() => '');
-    if (cmdline.startsWith('qemu-system-x86_64') && cmdline.includes(stateFolder) && (await running(Number(name)))) found.push(Number(name));
-  }
-  return found;
+/** The QEMU process of a mount: the one child of its process (setpriv execs QEMU, so the mount's process is its parent). */
+async function vmOf(serverPid: number): Promise<number> {
+  const vms = await qemuChildrenOf(serverPid);
+  expect(vms).toHaveLength(1);
+  return vms[0]!;
 }
 
 async function fuseMounts(): Promise<string[]> {
   return (await readFile('/proc/mounts', 'utf8')).split('\n').filter((line) => line.split(' ')[2] === 'fuse.engine' && line.split(' ')[1]!.startsWith(dir));
 }
 
-/** After umount: no mount, no process of it (server, VM), no state folder, no lease or reader registration. */
-async function expectNothingLeft(pid: number, stateFolder: string): Promise<void> {
+/** After umount: no mount, no process of it (server, VM), no state or VM run folder, no lease or reader registration. */
+async function expectNothingLeft(pid: number, vm: number): Promise<void> {
   expect(await fuseMounts()).toEqual([]);
   expect(await running(pid)).toBe(false);
-  expect(await vmsOf(stateFolder)).toEqual([]);
+  expect(await running(vm)).toBe(false);
   expect(await readdir(join(runDir, 'mounts'))).toEqual([]);
+  expect(await readdir(join(runDir, 'vms')).catch(() => [])).toEqual([]);
   expect(await readdir(join(repo, 'leases')).catch(() => [])).toEqual([]);
   expect(await readdir(join(repo, 'readers')).catch(() => [])).toEqual([]);
 }
@@ -101,8 +98,7 @@ describe('engine mount --vm: a FUSE view of the appliance', () => {
       'vdb/p2': 'ntfs mounted',
       vdc: 'btrfs mounted',
     });
-    const stateFolder = mounted.stateFolder;
-    expect((await vmsOf(stateFolder)).length).toBe(1);
+    const vm = await vmOf(mounted.serverPid);
     expect(await fuseMounts()).toEqual([expect.stringMatching(/ fuse\.engine ro,nosuid,nodev,noexec,/)]);
 
     expect((await readdir(view)).sort()).toEqual(['vda', 'vdb', 'vdc']);
@@ -159,7 +155,7 @@ describe('engine mount --vm: a FUSE view of the appliance', () => {
     const umount = await runEngine(['umount', view, '--json']);
     expect(umount.code).toBe(0);
     expect(parseJson(umount.stdout)).toMatchObject({ unmounted: 1, serverStopped: true });
-    await expectNothingLeft(mounted.serverPid, stateFolder);
+    await expectNothingLeft(mounted.serverPid, vm);
     // The mount point stays, empty, as it was given.
     expect(await readdir(view)).toEqual([]);
   }, VM_TIMEOUT);
@@ -167,10 +163,10 @@ describe('engine mount --vm: a FUSE view of the appliance', () => {
   test('kill -9 of the mount\'s process: its VM dies with it, and engine umount removes the dead mount and everything else', async () => {
     const view = join(dir, 'killed');
     const mounted = await mountVm(view);
-    const stateFolder = mounted.stateFolder;
+    const vm = await vmOf(mounted.serverPid);
     expect(await readFile(join(view, 'vdb', 'p1', 'etc', 'hostname'), 'utf8')).toBe('guest-host\n');
     process.kill(mounted.serverPid, 'SIGKILL');
-    while ((await running(mounted.serverPid)) || (await vmsOf(stateFolder)).length > 0) await new Promise((resolve) => setTimeout(resolve, 100));
+    while ((await running(mounted.serverPid)) || (await running(vm))) await new Promise((resolve) => setTimeout(resolve, 100));
     // The dead mount is still there, and says so (for what the kernel has not cached: vdc was never listed).
     // (ENOTCONN for a request made after the connection ended, ECONNABORTED for one the end cut short.)
     await expect(readdir(join(view, 'vdc'))).rejects.toThrow(/ENOTCONN|ECONNABORTED/);
@@ -178,7 +174,7 @@ describe('engine mount --vm: a FUSE view of the appliance', () => {
     const umount = await runEngine(['umount', view, '--json']);
     expect(umount.code).toBe(0);
     expect(parseJson(umount.stdout)).toMatchObject({ unmounted: 1, serverStopped: false });
-    await expectNothingLeft(mounted.serverPid, stateFolder);
+    await expectNothingLeft(mounted.serverPid, vm);
     expect(await readdir(view)).toEqual([]);
   }, VM_TIMEOUT);
 });

@@ -28,6 +28,7 @@ import { checkLocalPath } from '../../repo-format/local-path.js';
 import { diskFileName } from '../../repo-format/names.js';
 import { createPrivateDirectory, ensurePrivateDirectory, MUTABLE_FILE_MODE, PRIVATE_DIRECTORY_MODE } from '../../repo-format/file-modes.js';
 import { processIdentity, stopProcess } from '../host/process.js';
+import { cleanUpDeadVmRuns } from '../vm/journal.js';
 import { notInstalled, runTool } from '../cbt/run-tool.js';
 import type { ServedExport } from '../serve/serve.js';
 import { probeFilesystem } from './filesystem-probe.js';
@@ -410,6 +411,9 @@ export async function teardown(stateDir: string, state: MountState): Promise<Umo
     delete state.server;
     await saveState(stateDir, state);
   }
+  // A `mount --vm` process killed with -9 leaves its VM's run folder (vm/journal.ts; its QEMU died with it):
+  // removed here rather than by the next VM run.
+  if (state.fuseSource !== undefined) await cleanUpDeadVmRuns();
   await rm(stateDir, { recursive: true, force: true });
   return result;
 }

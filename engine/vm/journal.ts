@@ -98,6 +98,14 @@ function ownerDead(state: VmRunState): boolean {
   return state.owner.identity !== undefined && now !== undefined && now !== state.owner.identity;
 }
 
+/**
+ * The dead runs' leftovers cleaned up now, not at the next run's start: for a command that ends what another
+ * process ran (`engine umount` of a `mount --vm` whose process was killed).
+ */
+export function cleanUpDeadVmRuns(options: { runDir?: string | undefined } = {}): Promise<CleanedRun[]> {
+  return cleanDeadRuns(join(runDirOf(options.runDir), 'vms'));
+}
+
 async function cleanDeadRuns(root: string): Promise<CleanedRun[]> {
   const cleaned: CleanedRun[] = [];
   for (const name of await readdir(root).catch(() => [] as string[])) {
