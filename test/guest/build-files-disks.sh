@@ -15,7 +15,9 @@ set -euo pipefail
 out=${1:?usage: build-files-disks.sh OUT}
 # One build at a time on a host: the VG name is the host's (LVM's own metadata and locks), and test files run
 # in parallel (files-vm and files-fuse both build these disks).
-exec 9>/run/lock/engine-build-files-disks.lock
+# The same lock serializes every test's loop devices (test/restore-guard.test.ts holds it too): a loop device
+# this build had just released was found "in use by the system" by another test's mkfs.
+exec 9>/run/lock/engine-test-loop-devices.lock
 flock 9
 mkdir -p "$out"
 work=$(mktemp -d /tmp/engine-files-disks.XXXXXX)
