@@ -272,8 +272,8 @@ export function printGc(report: GcReport): void {
   for (const k of p.kept) lines.push(`kept pack ${k.pack}: ${k.why}`);
   if (p.deferred.length > 0) lines.push(`deferred: ${count(p.deferred.length, 'pack')} ${p.deferred.length === 1 ? 'stays' : 'stay'} until no reader is registered (${report.readers} now); a later gc deletes ${p.deferred.length === 1 ? 'it' : 'them'}`);
   const m = report.markers;
-  if (m.quarantine.length + m.protected.length > 0) {
-    lines.push(`${report.dryRun ? 'would remove' : 'removed'} ${count(m.quarantine.length, 'quarantine record')} of packs that are gone, ${count(m.protected.length, 'protection marker')} of backups that are gone`);
+  if (m.quarantine.length + m.protected.length + m.verifications.length > 0) {
+    lines.push(`${report.dryRun ? 'would remove' : 'removed'} ${count(m.quarantine.length, 'quarantine record')} of packs that are gone, ${count(m.protected.length, 'protection marker')} and ${count(m.verifications.length, 'boot-test record')} of backups that are gone`);
   }
   process.stdout.write(`${lines.join('\n')}\n`);
 }

@@ -12,6 +12,8 @@ export type CrashPoint =
   | 'index-written' // a pack's index batch is written
   | 'before-record' // every blob is indexed, the backup record not yet written
   | 'record-written' // the backup record is durable, the catalogue entry not yet written
+  | 'backup-verifications-swept' // prune or forget removed a backup's verification records, not yet its record
+  | 'backup-record-deleted' // prune or forget deleted a backup's record, not yet its verification records' second sweep
   | 'prune-record-removed' // prune removed one backup record, others (and catalogue entries) may remain
   | 'gc-marked' // gc marked under the lock and released it; nothing written yet
   | 'gc-copied' // gc copied live frames into new packs under tmp/ (durable there), lock not held

@@ -4,7 +4,7 @@
  * Opening for reading (`list`, `show`) needs no lock: backup records are immutable files. Anything that
  * uses the index (backup, restore, verify) opens it exclusively: LevelDB admits one process at a time.
  */
-import { chmod, readdir, rename, rm, stat } from 'node:fs/promises';
+import { chmod, readdir, rename, rm, rmdir, stat } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { CIPHER_ID, CONFIG_FILE_LIMIT, KEY_FILE_LIMIT, LAYOUT, RECORD_FILE_LIMIT, RESERVE_SIZE } from './constants.js';
@@ -65,7 +65,7 @@ import { copyIndexForReading, privateIndexDir, removeIndexCopy, unwritableReason
 import { PackPresence } from './pack-presence.js';
 import { defaultCacheRoot, V3Session } from './v3/session.js';
 import { decodeSegment, parseSegmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGMENT_PREFIX, segmentKey } from './v3/segment.js';
-import { openLocation } from './v3/location.js';
+import { locationKind, openLocation } from './v3/location.js';
 import { isMidMigration } from './v3/migrate.js';
 
 export interface OpenOptions {
@@ -554,14 +554,18 @@ export class Repository {
       if (!this.v3) throw new Error('removeBackup on a version-3 repository opened without its lease');
       this.v3.lease.assertHeld();
       await this.removeVerifications(id);
+      crashPoint('backup-verifications-swept');
       await this.store.delete(recordKey(id));
+      crashPoint('backup-record-deleted');
       await this.removeVerifications(id);
       return;
     }
     if (!this.lock) throw new Error('removeBackup needs the exclusive lock');
     await this.removeVerifications(id);
+    crashPoint('backup-verifications-swept');
     await this.store.delete(recordKey(id));
     await this.withSpaceReserve(() => this.index.deleteBackup(id));
+    crashPoint('backup-record-deleted');
     await this.removeVerifications(id);
   }
 
@@ -574,6 +578,50 @@ export class Repository {
     const keys: string[] = [];
     for await (const { key } of this.store.list(`${VERIFICATIONS_PREFIX}${backupId}/`)) if (verificationOfKey(key)?.backup === backupId) keys.push(key);
     for (const key of keys) await this.store.delete(key);
+    // Under the lock (versions 1 and 2) no boot test can be between creating the folder and writing into it;
+    // a version-3 prune holds only a shared lease, so its folders are left to gc (exclusive).
+    if (!this.manyWriters) await this.removeEmptyVerificationFolders(new Set([backupId]));
+  }
+
+  /**
+   * gc (SPEC.md 9.2, 10.2 step 5): the verification records whose backup is gone — orphans a prune or forget
+   * killed between the backup's record and its second sweep left — removed, with the empty folders of gone
+   * backups on a folder repository. Only under the lock or the exclusive lease: a boot test commits under the
+   * lock or a shared lease, so none is between its check and its put. `dryRun`: named, not removed.
+   */
+  async removeOrphanedVerifications(existingBackups: ReadonlySet<string>, options: { dryRun?: boolean } = {}): Promise<string[]> {
+    if (!options.dryRun) {
+      if (this.manyWriters) this.v3?.lease.assertHeld();
+      else if (!this.lock) throw new Error('removeOrphanedVerifications needs the exclusive lock');
+    }
+    const orphans: string[] = [];
+    for await (const { key } of this.store.list(VERIFICATIONS_PREFIX)) {
+      const named = verificationOfKey(key);
+      if (named && !existingBackups.has(named.backup)) orphans.push(key);
+    }
+    orphans.sort();
+    if (options.dryRun) return orphans;
+    for (const key of orphans) await this.store.delete(key);
+    await this.removeEmptyVerificationFolders(undefined, existingBackups);
+    return orphans;
+  }
+
+  /**
+   * A folder store keeps the directory a key's path needs after its last key is deleted: `verifications/<id>/`
+   * of the given backups, or of every backup not in `existing`, is removed when empty (rmdir refuses one that
+   * is not, so a record written meanwhile stays whole).
+   */
+  private async removeEmptyVerificationFolders(backups: ReadonlySet<string> | undefined, existing?: ReadonlySet<string>): Promise<void> {
+    if (locationKind(this.root) !== 'folder') return;
+    const folder = join(this.root, VERIFICATIONS_PREFIX);
+    const names = backups ? [...backups] : (await readdirIfPresent(folder)).filter((name) => !existing?.has(name));
+    for (const name of names) {
+      if (!/^[0-9a-f]{32}$/.test(name)) continue;
+      await rmdir(join(folder, name)).catch((error: unknown) => {
+        if (isErrnoException(error) && (error.code === 'ENOENT' || error.code === 'ENOTEMPTY' || error.code === 'EEXIST')) return;
+        throw error;
+      });
+    }
   }
 
   /** Closes the LevelDB index and keeps the lock (migrate renames the index's directory). */

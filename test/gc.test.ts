@@ -28,7 +28,7 @@ interface GcJson {
   chunks: { live: number; removed: number; moved: number };
   bytes: { before: number; deleted: number; written: number; reclaimed: number };
   readers: number;
-  markers: { quarantine: string[]; protected: string[] };
+  markers: { quarantine: string[]; protected: string[]; verifications: string[] };
 }
 
 interface VerifyJson {
@@ -247,7 +247,7 @@ describe('engine gc', () => {
     expect(await quarantineFiles()).toEqual([`${damagedKey}.json`, `${strayPack}-32.json`].sort());
 
     const dry = parseJson<GcJson>((await runEngine(['gc', '--repo', repo, '--dry-run', '--json'])).stdout);
-    expect(dry.markers).toEqual({ quarantine: [`${strayPack}-32`], protected: [gone.id] });
+    expect(dry.markers).toEqual({ quarantine: [`${strayPack}-32`], protected: [gone.id], verifications: [] });
     expect((await quarantineFiles()).length).toBe(2);
     expect((await readdir(join(repo, 'protected'))).length).toBe(2);
 
@@ -257,19 +257,19 @@ describe('engine gc', () => {
     expect(result.code).toBe(0);
     const report = parseJson<GcJson>(result.stdout);
     expect(report.packs.deleted).toContain(damaged!.pack);
-    expect(report.markers).toEqual({ quarantine: [`${strayPack}-32`], protected: [gone.id] });
+    expect(report.markers).toEqual({ quarantine: [`${strayPack}-32`], protected: [gone.id], verifications: [] });
     expect(await quarantineFiles()).toEqual([`${damagedKey}.json`]);
     expect(await readdir(join(repo, 'protected'))).toEqual([damagedBackup.id]);
     // gc can still mark past the damaged chunk (it would refuse if the record were gone).
     const again = await runEngine(['gc', '--repo', repo, '--json']);
     expect(withoutProgress(again.stderr)).toBe('');
     expect(again.code).toBe(0);
-    expect(parseJson<GcJson>(again.stdout).markers).toEqual({ quarantine: [], protected: [] });
+    expect(parseJson<GcJson>(again.stdout).markers).toEqual({ quarantine: [], protected: [], verifications: [] });
 
     // The next backup of the source stores a good copy: the record names nothing any more, and goes.
     await backupOf(repo, a);
     const healed = parseJson<GcJson>((await runEngine(['gc', '--repo', repo, '--json'])).stdout);
-    expect(healed.markers).toEqual({ quarantine: [damagedKey], protected: [] });
+    expect(healed.markers).toEqual({ quarantine: [damagedKey], protected: [], verifications: [] });
     expect(await quarantineFiles()).toEqual([]);
     expect((await verified(repo)).garbage.unreferencedBlobs).toBe(0);
     await expectRestoreIdentical(repo, damagedBackup.id, a, { dir });

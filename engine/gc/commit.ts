@@ -68,7 +68,9 @@ export async function commitChanges(plan: GcPlan, copies: GcCopies, args: Commit
     // Markers naming what no longer exists: nothing can need them (the lock is held, so no protect runs).
     const stale = await staleMarkers(repo, plan.damagedReferenced, () => true);
     report.markers.quarantine = await removeFromQuarantine(repo.store, stale.quarantine);
-    report.markers.protected = await removeOrphanedMarkers(repo.store, new Set(await repo.listBackupIds()));
+    const existing = new Set(await repo.listBackupIds());
+    report.markers.protected = await removeOrphanedMarkers(repo.store, existing);
+    report.markers.verifications = await repo.removeOrphanedVerifications(existing);
     report.packs.rewritten = report.packs.rewritten.filter((id) => report.packs.deleted.includes(id) || report.packs.deferred.includes(id));
     report.bytes.reclaimed = report.bytes.deleted - report.bytes.written;
   } finally {
@@ -224,7 +226,7 @@ class UnnamedPackDeletion {
  * The markers gc removes: quarantine records of packs that do not exist (or, for a dry run, will not:
  * `stays` says which existing packs stay), unless the blob is one a backup still references with no
  * indexed copy (the record is then the only trace of that damage, and what lets gc mark past it); and
- * protection markers of backups whose record file is gone.
+ * protection markers and verification records of backups whose record file is gone.
  */
 export async function staleMarkers(repo: Repository, damagedReferenced: ReadonlySet<string>, stays: (packId: string) => boolean): Promise<GcReport['markers']> {
   const packs = new Set((await repo.listPackIds()).filter(stays));
@@ -232,5 +234,6 @@ export async function staleMarkers(repo: Repository, damagedReferenced: Readonly
     .filter((q) => !packs.has(q.pack) && !(q.blob !== null && damagedReferenced.has(q.blob)))
     .map((q) => quarantineKey(q.pack, q.offset))
     .sort();
-  return { quarantine, protected: await orphanedMarkers(repo.store, new Set(await repo.listBackupIds())) };
+  const existing = new Set(await repo.listBackupIds());
+  return { quarantine, protected: await orphanedMarkers(repo.store, existing), verifications: await repo.removeOrphanedVerifications(existing, { dryRun: true }) };
 }

@@ -18,7 +18,8 @@
  *    are packs that no index entry names deleted, unless a reader is registered: their deletion is then
  *    deferred to a later gc (they stay as unindexed packs, which any later gc deletes). Last, markers that
  *    name what no longer exists are removed: quarantine records of packs that are gone (except those of
- *    blobs a backup still references with no good copy) and protection markers of backups that are gone.
+ *    blobs a backup still references with no good copy), protection markers and boot-test records of backups
+ *    that are gone.
  */
 import { Repository } from '../../repo-format/repository.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';

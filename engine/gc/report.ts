@@ -22,9 +22,10 @@ export interface GcReport {
   /**
    * Markers that name nothing any more, removed (dry run: that would be): quarantine records
    * (`<pack>-<offset>`) of packs that no longer exist, but for blobs a backup still references with no good
-   * copy; protection markers of backups whose record is gone.
+   * copy; protection markers of backups whose record is gone; verification records (boot tests) of backups
+   * that are gone, by key.
    */
-  markers: { quarantine: string[]; protected: string[] };
+  markers: { quarantine: string[]; protected: string[]; verifications: string[] };
   /** Format version 3 only: index segments present before the commit, written by gc, deleted (superseded). */
   segments?: { before: number; written: number; deleted: number };
   /**
@@ -44,7 +45,7 @@ export function emptyGcReport(dryRun: boolean, rewriteBelow: number): GcReport {
     chunks: { live: 0, removed: 0, moved: 0 },
     bytes: { before: 0, deleted: 0, written: 0, reclaimed: 0 },
     readers: 0,
-    markers: { quarantine: [], protected: [] },
+    markers: { quarantine: [], protected: [], verifications: [] },
   };
 }
 

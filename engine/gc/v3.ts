@@ -207,7 +207,9 @@ export async function gcVersion3(args: GcVersion3Args): Promise<GcReport> {
     lease.assertHeld();
     const stale = await staleMarkers(repo, damagedReferenced, () => true);
     report.markers.quarantine = await removeFromQuarantine(repo.store, stale.quarantine);
-    report.markers.protected = await removeOrphanedMarkers(repo.store, new Set(await repo.listBackupIds()));
+    const existing = new Set(await repo.listBackupIds());
+    report.markers.protected = await removeOrphanedMarkers(repo.store, existing);
+    report.markers.verifications = await repo.removeOrphanedVerifications(existing);
     report.bytes.reclaimed = report.bytes.deleted - report.bytes.written;
     return report;
   } catch (error) {

@@ -11,7 +11,7 @@ export async function checkVerifications(run: VerifyRun, backupIds: ReadonlySet<
   for (const { key, backup, error } of damaged) run.problem({ code: 'VERIFICATION_DAMAGED', message: error.message, backup, path: key });
   for (const { key, record } of records) {
     await run.interruption.tick();
-    if (!backupIds.has(record.backup)) run.report.warnings.push({ code: 'VERIFICATION_ORPHANED', message: `${key} records a boot test of backup ${record.backup}, which is gone (a prune stopped half-way): harmless, and removable by hand`, path: key });
+    if (!backupIds.has(record.backup)) run.report.warnings.push({ code: 'VERIFICATION_ORPHANED', message: `${key} records a boot test of backup ${record.backup}, which is gone (a prune stopped half-way): harmless; the next gc removes it`, path: key });
   }
   run.report.verifications = records.length;
 }
