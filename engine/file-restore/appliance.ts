@@ -7,7 +7,7 @@
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, rm, stat, utimes } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { EngineError } from '../../repo-format/errors.js';
@@ -59,7 +59,10 @@ async function buildOnce(onNotice?: (message: string) => void): Promise<Applianc
   const root = applianceCacheRoot();
   const dir = join(root, `appliance-${version}`);
   const appliance = { kernel: join(dir, 'vmlinuz'), initrd: join(dir, 'initrd'), dir };
-  if (await stat(join(dir, 'kernel-release')).then(() => true, () => false)) return { ...appliance, built: false };
+  if (await stat(join(dir, 'kernel-release')).then(() => true, () => false)) {
+    await markUsed(dir);
+    return { ...appliance, built: false };
+  }
   onNotice?.(`building the file-restore appliance into ${dir} (once per version, from Debian's packages)`);
   await mkdir(root, { recursive: true, mode: 0o755 });
   // Built aside and renamed into place: runs at once never see a half-built appliance; the loser of a race
@@ -77,11 +80,29 @@ async function buildOnce(onNotice?: (message: string) => void): Promise<Applianc
     await rm(aside, { recursive: true, force: true });
     if (error.code !== 'ENOTEMPTY' && error.code !== 'EEXIST') throw error;
   });
-  // Appliances of older versions are of no further use (~40 MB each).
-  for (const name of await readdir(root)) {
-    if (name.startsWith('appliance-') && name !== `appliance-${version}` && !name.endsWith('.tmp')) {
-      await rm(join(root, name), { recursive: true, force: true });
-    }
-  }
+  await markUsed(dir);
+  await removeUnusedVersions(root, version);
   return { ...appliance, built: true };
+}
+
+/** How long an appliance of another version is kept after its last use. */
+const UNUSED_VERSION_KEPT_MS = 7 * 24 * 3600 * 1000;
+
+/**
+ * The folder's modification time says when a run last used it: another checkout or installation of another
+ * engine version on this host (a CI clone beside a working tree) keeps its own appliance, which a build of
+ * this version must not delete under it (it could be starting a VM from it) nor make it rebuild each time.
+ */
+async function markUsed(dir: string): Promise<void> {
+  const now = new Date();
+  await utimes(dir, now, now).catch(() => undefined);
+}
+
+/** Appliances of other versions unused for a week are of no further use (~40 MB each). */
+async function removeUnusedVersions(root: string, version: string): Promise<void> {
+  for (const name of await readdir(root)) {
+    if (!name.startsWith('appliance-') || name === `appliance-${version}` || name.endsWith('.tmp')) continue;
+    const used = await stat(join(root, name)).then((s) => s.mtimeMs, () => undefined);
+    if (used !== undefined && Date.now() - used > UNUSED_VERSION_KEPT_MS) await rm(join(root, name), { recursive: true, force: true });
+  }
 }
