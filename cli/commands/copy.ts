@@ -33,8 +33,8 @@ export function registerCopyCommand(program: Command): void {
     .option('--name <name>', 'the backups of this name (with --latest: its newest N)')
     .addOption(new Option('--latest <n>', 'the newest N backups (of --name, when given)').argParser(opt.integerParser('--latest', 1, 1_000_000)))
     .option('--limit-upload <rate>', 'send at most RATE bytes per second to the target (e.g. 50M: 50 MiB/s)')
-    .addOption(new Option('--from-password-file <file>', 'file holding the passphrase of an encrypted source (default: $ENGINE_PASSWORD_FILE, else $ENGINE_PASSWORD)'))
-    .addOption(new Option('--to-password-file <file>', 'file holding the passphrase of an encrypted target (default: $ENGINE_TO_PASSWORD_FILE, else $ENGINE_TO_PASSWORD)'))
+    .addOption(new Option('--from-password-file <file>', 'file holding the passphrase of an encrypted source (default: $ENGINE_PASSWORD_FILE, else $ENGINE_PASSWORD)').argParser(opt.localPath('--from-password-file')))
+    .addOption(new Option('--to-password-file <file>', 'file holding the passphrase of an encrypted target (default: $ENGINE_TO_PASSWORD_FILE, else $ENGINE_TO_PASSWORD)').argParser(opt.localPath('--to-password-file')))
     .option('--json', 'print only the result, as JSON')
     .action(async (ids: string[], opts: CopyCliOptions) => {
       output.json = opts.json === true;
