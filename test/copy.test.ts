@@ -186,7 +186,7 @@ describe('copy between folders', () => {
     expect([same.code, parseJson<{ error: { code: string } }>(same.stdout).error.code]).toEqual([2, 'ENGINE_INVALID_ARGUMENT']);
   });
 
-  test('usage: one way of choosing; a missing --to', async () => {
+  test('usage: one way of choosing; a missing --to; --limit-upload 0; a passphrase for a plain target', async () => {
     const target = join(scratch.path, 'usage');
     for (const args of [[], ['--all', '--name', 'vm'], ['--all', chain[0]!]]) {
       const r = await copyRun(source, target, args);
@@ -194,5 +194,13 @@ describe('copy between folders', () => {
     }
     const r = await runEngine(['copy', '--from', source, '--all']);
     expect([r.code, r.stderr]).toEqual([2, expect.stringContaining('--to')]);
+    const slow = await copyRun(source, target, ['--all', '--limit-upload', '0']);
+    expect([slow.code, parseJson<{ error: { message: string } }>(slow.stdout).error.message]).toEqual([2, expect.stringContaining('--limit-upload 0')]);
+    // A target passphrase for a plain target: refused before anything is written (the caller expected encryption).
+    const plain = join(scratch.path, 'plain-target');
+    await init(plain);
+    const refused = await copyRun(source, plain, ['--all', '--to-password-file', join(scratch.path, 'a.pass')]);
+    expect([refused.code, parseJson<{ error: { code: string } }>(refused.stdout).error.code]).toEqual([6, 'ENGINE_NOT_ENCRYPTED']);
+    expect((await recordsOf(plain)).records.size).toBe(0);
   });
 });
