@@ -87,7 +87,8 @@ async function loadTargetPassphrase(file: string | undefined): Promise<Buffer | 
 function printCopy(report: CopyReport): void {
   const lines: string[] = [];
   for (const b of report.backups) lines.push(`${b.status === 'copied' ? 'copied ' : 'skipped'} ${b.source} -> ${b.target} ${b.name}${b.status === 'skipped' ? ' (already in the target)' : ''}`);
-  if (report.backupsCopied === 0) lines.push(`nothing to copy: the target holds all ${report.backupsSkipped} selected backup(s)`);
+  if (report.backups.length === 0) lines.push('nothing to copy: the source holds no backup');
+  else if (report.backupsCopied === 0) lines.push(`nothing to copy: the target holds all ${report.backupsSkipped} selected backup(s)`);
   else lines.push(`${report.backupsCopied} backup(s) copied, ${report.backupsSkipped} already there; ${report.chunksSent} chunk(s) sent, ${report.chunksSkipped} the target had; ${formatBytes(report.bytesRead)} read, ${formatBytes(report.bytesSent)} sent in ${(report.durationMs / 1000).toFixed(1)} s`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }
