@@ -5,7 +5,8 @@
  * 2. a copy of one backup of new random data (incompressible: what goes up is what was read) from a format-3
  *    folder repository into a fresh plain S3 repository on the same RGW, and into a fresh folder repository,
  *    each after `sync; echo 3 > /proc/sys/vm/drop_caches`: bytes sent per second over the ceiling's PUT rate;
- * 3. restore of the backup from the source (folder), from the folder copy and from the S3 copy, each cold,
+ * 3. the S3 copy copied back into a fresh folder (bytes per second over the ceiling's GET rate);
+ * 4. restore of the backup from the source (folder), from the folder copy and from the S3 copy, each cold,
  *    each compared with the image (cmp).
  *
  *   node dist/bench/copy.js [--size 512M] [--out bench/results] [--dir /var/tmp]
@@ -100,6 +101,12 @@ async function main(): Promise<void> {
       target.id = json.backups[0]!.target;
       await add(`copy folder → ${target.name}`, m, json.bytesSent, `${json.chunksSent} chunks, ${(json.bytesSent / MB).toFixed(0)} MB sent`);
     }
+    // The other way: the S3 copy into a fresh folder (reads from RGW, one ranged GET per chunk).
+    const back = join(work, 'copy-back');
+    await run(ENGINE, ['init', back], env);
+    const backM = await cold(['copy', '--from', s3, '--to', back, '--all']);
+    const backJson = JSON.parse(backM.stdout) as CopyJson;
+    await add('copy S3 (RGW) → folder', backM, backJson.bytesSent, `${backJson.chunksSent} chunks, ${(backJson.bytesRead / MB).toFixed(0)} MB read`);
     const restoreInto = join(work, 'restored.raw');
     for (const [what, repo, id] of [['restore from the source (folder)', source, backup.id], ['restore from the folder copy', folder, targets[1]!.id!], ['restore from the S3 copy', s3, targets[0]!.id!]] as const) {
       const m = await cold(['restore', '--repo', repo, id, '--to', restoreInto]);
@@ -131,6 +138,7 @@ async function main(): Promise<void> {
     ...rows.map((r) => `| ${r.what} | ${r.seconds.toFixed(2)} | ${r.diskMBps.toFixed(0)} | ${r.sentMBps === null ? '-' : r.sentMBps.toFixed(0)} | ${r.cpuSeconds.toFixed(1)} | ${r.peakRssMiB.toFixed(0)} | ${r.load} | ${r.note} |`),
     '',
     `- copy folder → S3: ${share === undefined ? 'not measured' : `${(share * 100).toFixed(0)}% of RGW's PUT ceiling`} (bytes sent per second over curl's PUT rate).`,
+    `- copy S3 → folder: ${row('copy S3 (RGW) → folder') && ceiling ? `${((size / MB / row('copy S3 (RGW) → folder')!.seconds / ceiling.getMBps) * 100).toFixed(0)}% of RGW's GET ceiling` : 'not measured'} (disk bytes per second over curl's GET rate).`,
     `- restore from the folder copy / from the source: ${fromSource && fromFolderCopy ? (fromFolderCopy.seconds / fromSource.seconds).toFixed(2) : '-'} (time ratio; the copy's packs were written by one sequential writer, the source's by the backup pipeline).`,
     `- restore from the S3 copy / from the source (folder): ${fromSource && fromS3Copy ? (fromS3Copy.seconds / fromSource.seconds).toFixed(2) : '-'} (another store: RGW's GET path, not the copy, sets it).`,
     ...notes.map((n) => `- ${n}`),
