@@ -16,6 +16,7 @@ export const engine = {
   listBackups: lazy(() => import('../engine/catalogue/catalogue.js'), 'listBackups'),
   describeBackup: lazy(() => import('../engine/catalogue/catalogue.js'), 'describeBackup'),
   ovirtRestoreVm: lazy(() => import('../engine/ovirt/restore-vm.js'), 'ovirtRestoreVm'),
+  copyBackups: lazy(() => import('../engine/copy/copy.js'), 'copyBackups'),
   restore: lazy(() => import('../engine/restore/restore.js'), 'restore'),
   verify: lazy(() => import('../engine/verify/verify.js'), 'verify'),
   verifyBoot: lazy(() => import('../engine/verify/boot.js'), 'verifyBoot'),

@@ -68,6 +68,7 @@ export const ENGINE_EXITS: Readonly<Record<EngineErrorCode, ExitCode>> = {
   ENGINE_OVIRT_CONNECT: EXIT.failed,
   ENGINE_OVERLAY_FAILED: EXIT.failed,
   ENGINE_QUIESCE_FAILED: EXIT.failed,
+  ENGINE_BLOCK_SIZE_MISMATCH: EXIT.usage,
 };
 
 const EXITS: Readonly<Record<StorageErrorCode | EngineErrorCode, ExitCode>> = { ...STORAGE_EXITS, ...ENGINE_EXITS };

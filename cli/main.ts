@@ -11,6 +11,7 @@ import { EXIT, exitCodeFor } from './exit-codes.js';
 import { registerRepositoryCommands } from './commands/repository.js';
 import { registerBackupCommand } from './commands/backup.js';
 import { registerRestoreCommand } from './commands/restore.js';
+import { registerCopyCommand } from './commands/copy.js';
 import { registerInstantAccessCommands } from './commands/instant-access.js';
 import { registerMaintenanceCommands } from './commands/maintenance.js';
 import { registerOvirtCommands } from './commands/ovirt.js';
@@ -40,6 +41,7 @@ function buildProgram(): Command {
   registerRepositoryCommands(program);
   registerBackupCommand(program);
   registerRestoreCommand(program);
+  registerCopyCommand(program);
   registerInstantAccessCommands(program);
   registerMaintenanceCommands(program);
   registerOvirtCommands(program);

@@ -43,6 +43,7 @@ export function backupJson(record: BackupRecord, boot: BootSummary | null = null
     disks: record.disks.map(diskJson),
     attachments: record.attachments.map((a) => ({ name: a.name, mediaType: a.mediaType, bytes: Buffer.byteLength(a.data) })),
     consistency: consistencyOf(record),
+    copiedFrom: record.copiedFrom ?? null,
     boot,
   };
 }
@@ -128,6 +129,7 @@ export function printShow(record: BackupRecord, boot: BootSummary | null = null)
     `host:      ${record.hostname} (engine ${record.engineVersion})`,
     `blocksize: ${formatBytes(record.blockSize)}`,
     `consistency: ${consistencyLine(consistencyOf(record))}`,
+    ...(record.copiedFrom ? [`copied from: backup ${record.copiedFrom.backup} of repository ${record.copiedFrom.repository}`] : []),
   ];
   for (const disk of record.disks) {
     const s = disk.stats;

@@ -22,6 +22,7 @@ declare module '../repo-format/errors.js' {
     ENGINE_OVIRT_CONNECT: 'engine';
     ENGINE_OVERLAY_FAILED: 'engine';
     ENGINE_QUIESCE_FAILED: 'engine';
+    ENGINE_BLOCK_SIZE_MISMATCH: 'engine';
   }
 }
 
@@ -68,6 +69,13 @@ export type Remedy =
 /** `details` carrying remedies, typed. */
 export function withRemedies(details: Record<string, unknown>, ...remedies: Remedy[]): Record<string, unknown> {
   return { ...details, remedies };
+}
+
+/** `copy` between repositories of different block sizes (SPEC.md 22): refused before anything is written. */
+export class BlockSizeMismatchError extends EngineError {
+  constructor(from: string, fromBlockSize: number, to: string, toBlockSize: number) {
+    super('ENGINE_BLOCK_SIZE_MISMATCH', `cannot copy from ${from} (block size ${fromBlockSize}) to ${to} (block size ${toBlockSize}): a copy keeps each block map as it is, so both repositories need the same block size (back up a restore of the backup instead)`, { from, fromBlockSize, to, toBlockSize });
+  }
 }
 
 export class SourceUnreadableError extends EngineError {

@@ -98,6 +98,25 @@ export interface BackupRecord {
   attachments: RecordAttachment[];
   /** Absent in records of older engines (read as crash consistency, not recorded). */
   consistency?: Consistency;
+  /** Set by `engine copy` (SPEC.md 9, 22): the backup this record is a copy of; absent in every other record. */
+  copiedFrom?: CopiedFrom;
+}
+
+/**
+ * Where a copied backup came from: the repository id (config `id`) and backup id of the backup as first
+ * made. A copy of a copy keeps the original's, so that the identity is one whatever path the copies took.
+ */
+export interface CopiedFrom {
+  repository: string;
+  backup: string;
+}
+
+function copiedFromProblem(value: unknown): string | undefined {
+  if (typeof value !== 'object' || value === null) return 'copiedFrom is not an object';
+  const c = value as Record<string, unknown>;
+  if (!isText(c.repository) || !/^[0-9a-f]{32}$/.test(c.repository)) return 'copiedFrom has no valid repository id';
+  if (!isText(c.backup) || !/^[0-9a-f]{32}$/.test(c.backup)) return 'copiedFrom has no valid backup id';
+  return undefined;
 }
 
 export function mapRootOf(disk: DiskRecord): MapRoot {
@@ -188,6 +207,10 @@ export function decodeBackupRecord(bytes: Buffer, where: string): BackupRecord {
   }
   if (r.consistency !== undefined) {
     const problem = consistencyProblem(r.consistency);
+    if (problem) fail(problem);
+  }
+  if (r.copiedFrom !== undefined) {
+    const problem = copiedFromProblem(r.copiedFrom);
     if (problem) fail(problem);
   }
   const names = new Set<string>();

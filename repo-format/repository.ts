@@ -387,7 +387,7 @@ export class Repository {
    */
   private async openWithLease(command: string, options: OpenOptions): Promise<void> {
     try {
-      this.v3 = await V3Session.open({ storage: this.store, config: this.config, dataKey: this.keys?.dataKey, command, writer: command === 'backup', alone: options.alone, catchUpLater: options.catchUpLater, readWithoutLease: options.readWithoutLock, signal: options.signal, notice: this.notice });
+      this.v3 = await V3Session.open({ storage: this.store, config: this.config, dataKey: this.keys?.dataKey, command, writer: command === 'backup' || command === 'copy', alone: options.alone, catchUpLater: options.catchUpLater, readWithoutLease: options.readWithoutLock, signal: options.signal, notice: this.notice });
     } catch (error) {
       await this.close();
       throw error;

@@ -16,6 +16,8 @@ interface Expected {
   encrypted: boolean;
   passphrase?: string;
   mapDepth?: number;
+  /** Records made by engine copy (make-copy-fixture.sh): the first restore is the chain's full, the second its incremental. */
+  copies?: boolean;
   restores: { id: string; disk: string; sha256: string }[];
 }
 
@@ -78,9 +80,17 @@ describe.each(fixtures)('%s', (fixture) => {
     expect(result.code, result.stderr).toBe(0);
     const ids = parseJson<{ backups: { id: string }[] }>(result.stdout).backups.map((backup) => backup.id);
     expect(new Set(ids)).toEqual(new Set(expected.restores.map((restore) => restore.id)));
+    const backups = parseJson<{ backups: { id: string; parent: string | null; consistency: unknown; copiedFrom: unknown }[] }>(result.stdout).backups;
+    if (expected.copies) {
+      // Records made by engine copy (SPEC.md 9, 22): each names its original; the chain points at the copies.
+      for (const backup of backups) expect(backup.copiedFrom).toEqual({ repository: expect.stringMatching(/^[0-9a-f]{32}$/), backup: expect.stringMatching(/^[0-9a-f]{32}$/) });
+      expect(backups.find((b) => b.id === expected.restores[1]!.id)!.parent).toBe(expected.restores[0]!.id);
+      return;
+    }
     // Records of engines before the consistency field: shown as crash, not recorded (SPEC.md 9).
-    for (const backup of parseJson<{ backups: { consistency: unknown }[] }>(result.stdout).backups) {
+    for (const backup of backups) {
       expect(backup.consistency).toEqual({ level: 'crash', method: 'not recorded', freezeMs: null, reason: null });
+      expect(backup.copiedFrom).toBeNull();
     }
   });
 

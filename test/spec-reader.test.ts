@@ -41,6 +41,8 @@ interface Expected {
   passphrase?: string;
   /** The depth of every map of the fixture, where its script made it for that (make-deep-map-fixture.sh). */
   mapDepth?: number;
+  /** Records made by engine copy (make-copy-fixture.sh): two backups, one data and one map pack each. */
+  copies?: boolean;
   restores: Array<{ id: string; disk: string; sha256: string }>;
 }
 
@@ -169,8 +171,8 @@ describe('damage the reader refuses', () => {
       const options = expected.passphrase !== undefined ? { passphrase: expected.passphrase } : {};
       const dir = copyOf(name);
       const packs = readdirSync(join(dir, 'packs'), { recursive: true, withFileTypes: true }).filter((e) => e.isFile());
-      // 8 packs in make-fixture.sh's repositories, 4 in make-deep-map-fixture.sh's: never none.
-      expect(packs.length).toBe(expected.mapDepth !== undefined ? 4 : 8);
+      // 8 packs in make-fixture.sh's repositories, 4 in make-deep-map-fixture.sh's and make-copy-fixture.sh's: never none.
+      expect(packs.length).toBe(expected.mapDepth !== undefined || expected.copies === true ? 4 : 8);
       for (const pack of packs) {
         const path = join(pack.parentPath, pack.name);
         flip(path, statSync(path).size - 20); // inside the last frame's payload (or its checksum)

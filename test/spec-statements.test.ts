@@ -141,10 +141,11 @@ describe('section 9: every field of the record tables is required, with its type
   test('record fields, disk fields, and the fields of source, map, cbt and stats, as SPEC.md names them', () => {
     const recordFields = fieldsOf(between('## 9. Backup record', 'Disk object:'));
     const diskFields = fieldsOf(between('Disk object:', 'Integers are JSON numbers'));
-    expect(recordFields).toEqual(['version', 'id', 'name', 'type', 'parent', 'startTime', 'endTime', 'hostname', 'engineVersion', 'blockSize', 'disks', 'attachments', 'consistency']);
-    // The one field marked optional: a record without it is read (older engines), one with it of another type is not.
+    expect(recordFields).toEqual(['version', 'id', 'name', 'type', 'parent', 'startTime', 'endTime', 'hostname', 'engineVersion', 'blockSize', 'disks', 'attachments', 'consistency', 'copiedFrom']);
+    // The fields marked optional: a record without them is read (older engines), one with them of another type is not.
     expect(between('| `consistency` |', '\n')).toMatch(/^\| `consistency` \| object, \*\*optional\*\* \|/); // between() keeps its start marker
-    const required = recordFields.filter((f) => f !== 'consistency');
+    expect(between('| `copiedFrom` |', '\n')).toMatch(/^\| `copiedFrom` \| object, \*\*optional\*\* \|/);
+    const required = recordFields.filter((f) => f !== 'consistency' && f !== 'copiedFrom');
     expect(diskFields).toEqual(['name', 'size', 'source', 'mode', 'modeReason', 'parent', 'cbt', 'map', 'stats']);
     const statsRow = between('| `stats` | object |', '\n');
     const statsFields = [...statsRow.matchAll(/`([A-Za-z]+)`/g)].map((m) => m[1]!).filter((f) => f !== 'stats');
@@ -157,6 +158,7 @@ describe('section 9: every field of the record tables is required, with its type
     delete withoutConsistency.consistency;
     expect(decode(withoutConsistency)).toBeUndefined();
     expect(decode({ ...valid, unknownField: { anything: 1 } })).toBeUndefined();
+    expect(decode({ ...valid, copiedFrom: { repository: 'a'.repeat(32), backup: 'b'.repeat(32) } })).toBeUndefined();
     const disk = (r: Record<string, unknown>): Record<string, unknown> => (r.disks as Record<string, unknown>[])[0]!;
     const copy = (): Record<string, unknown> => JSON.parse(JSON.stringify(valid)) as Record<string, unknown>;
     const cases: [string, (r: Record<string, unknown>) => void][] = [];
@@ -166,6 +168,9 @@ describe('section 9: every field of the record tables is required, with its type
     }
     cases.push(['record consistency of another type', (r) => (r.consistency = 'crash')]);
     cases.push(['record consistency with an unknown level', (r) => ((r.consistency as Record<string, unknown>).level = 'perfect')]);
+    cases.push(['record copiedFrom of another type', (r) => (r.copiedFrom = 'elsewhere')]);
+    cases.push(['record copiedFrom whose backup is not an id', (r) => (r.copiedFrom = { repository: 'a'.repeat(32), backup: 'b' })]);
+    cases.push(['record copiedFrom without its repository', (r) => (r.copiedFrom = { backup: 'b'.repeat(32) })]);
     for (const field of diskFields) {
       cases.push([`disk ${field} missing`, (r) => delete disk(r)[field]]);
       cases.push([`disk ${field} of another type`, (r) => (disk(r)[field] = [1])]);
