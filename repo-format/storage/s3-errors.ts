@@ -24,6 +24,10 @@ const BY_CODE: Record<string, Sorted> = {
   NoSuchKey: { reason: 'not-found', transient: false },
   NoSuchUpload: { reason: 'not-found', transient: true },
   NoSuchBucket: { reason: 'no-bucket', transient: false },
+  NoSuchVersion: { reason: 'not-found', transient: false },
+  // An object (or a bucket) that carries no Object Lock retention (configuration): nothing to read.
+  NoSuchObjectLockConfiguration: { reason: 'not-found', transient: false },
+  ObjectLockConfigurationNotFoundError: { reason: 'not-found', transient: false },
   PreconditionFailed: { reason: 'exists', transient: false },
   // AWS: another conditional write to the key is in flight; the retry then gets its definite answer.
   ConditionalRequestConflict: { reason: 'unavailable', transient: true },
