@@ -96,6 +96,13 @@ export interface S3StorageOptions {
   onWarning?: ((message: string) => void) | undefined;
   /** This host's clock as the requests are signed with it (default Date.now): for tests of clock skew. */
   now?: (() => number) | undefined;
+  /**
+   * A canned ACL every put carries (x-amz-acl): `bucket-owner-full-control` for a writer that is not the
+   * bucket's owner (append-only credentials, SPEC.md 20.5), whose objects the owner's gc and prune must
+   * then read and delete; stores without object ownership controls (Ceph RGW) give each object to its
+   * writer otherwise. Default none.
+   */
+  cannedAcl?: 'bucket-owner-full-control' | undefined;
 }
 
 export const S3_DEFAULTS = {
@@ -189,6 +196,7 @@ export async function openS3Storage(options: S3StorageOptions): Promise<S3Storag
     listPage,
     signPayload: endpoint.protocol === 'http:' && !isLoopback(endpoint.hostname),
     now: options.now,
+    cannedAcl: options.cannedAcl,
   });
   if (options.check !== false) {
     try {
@@ -234,6 +242,7 @@ interface S3StorageSettings {
   /** Sign the body's SHA-256 (plain http to another host), else UNSIGNED-PAYLOAD. */
   signPayload: boolean;
   now?: (() => number) | undefined;
+  cannedAcl?: string | undefined;
 }
 
 /** How the engine locks what it writes (SPEC.md 20.5): the mode and how long from each write. */
@@ -306,10 +315,11 @@ export class S3Storage implements Storage {
   }
 
   private lockHeaders(key: string): Record<string, string> {
+    const acl: Record<string, string> = this.settings.cannedAcl ? { 'x-amz-acl': this.settings.cannedAcl } : {};
     const lock = this.lock;
-    if (!lock || lock.exempt?.(key)) return {};
+    if (!lock || lock.exempt?.(key)) return acl;
     const until = (this.settings.now ?? Date.now)() + lock.retentionMs;
-    return { 'x-amz-object-lock-mode': lock.mode, 'x-amz-object-lock-retain-until-date': new Date(until).toISOString() };
+    return { ...acl, 'x-amz-object-lock-mode': lock.mode, 'x-amz-object-lock-retain-until-date': new Date(until).toISOString() };
   }
 
   private versionQuery(options: CallOptions): [string, string][] | undefined {

@@ -6,6 +6,7 @@
  * or the shared credentials file, never from here.
  */
 import { resolve } from 'node:path';
+import { InvalidArgumentError } from '../errors.js';
 import { LocalStorage } from '../storage/local.js';
 import { isS3Url } from '../storage/s3-url.js';
 import type { Storage } from '../storage/storage.js';
@@ -48,7 +49,10 @@ export async function openLocation(where: string, s3: S3Settings = {}): Promise<
   const caFile = s3.caFile ?? (env.AWS_CA_BUNDLE || undefined);
   // Loaded here, not at the top: a folder's commands do not pay for the S3 client (HTTP, XML, SigV4) at start-up.
   const { openS3Stack } = await import('../storage/s3.js');
-  const { storage, backend } = await openS3Stack({ url: where, endpoint: s3.endpoint, region: s3.region, caFile, env, onWarning: s3.onWarning, check: s3.check });
+  // ENGINE_S3_ACL: a writer that is not the bucket's owner (append-only credentials) gives the owner its objects.
+  const acl = env.ENGINE_S3_ACL || undefined;
+  if (acl !== undefined && acl !== 'bucket-owner-full-control') throw new InvalidArgumentError(`ENGINE_S3_ACL=${acl.slice(0, 40)}: the one canned ACL the engine sends is bucket-owner-full-control`);
+  const { storage, backend } = await openS3Stack({ url: where, endpoint: s3.endpoint, region: s3.region, caFile, env, onWarning: s3.onWarning, check: s3.check, cannedAcl: acl });
   s3Backends.set(storage, backend);
   return storage;
 }
