@@ -245,6 +245,7 @@ export function printPrune(report: PruneReport): void {
     lines.push(table(rows));
   }
   for (const d of report.damaged) lines.push(`DAMAGED ${d.id}: ${d.message} (left alone)`);
+  for (const l of report.locked ?? []) lines.push(`kept: the record of ${l.id.slice(0, 12)} stays a version of the bucket, locked until ${l.until ?? '(no lock)'} (--as-of reads it); gc removes it after`);
   lines.push(`${report.kept} kept, ${report.removed} ${report.dryRun ? 'would be removed (dry run)' : 'removed'}${report.removed > 0 && !report.dryRun ? `; engine gc reclaims ${report.removed === 1 ? 'its' : 'their'} space` : ''}`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }

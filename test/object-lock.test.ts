@@ -224,12 +224,16 @@ describe('S3 Object Lock (RGW)', () => {
     expect(init.code, init.stderr).toBe(0);
     const a = await image('gc-a', 3);
     const b = await image('gc-b', 3);
-    const idA = await backup(repo, a, 'a');
+    const idA = await backup(repo, a, 'vm');
     const packsAfterA = (await versionsOf(repo)).filter((v) => v.key.startsWith('packs/')).map((v) => v.key);
-    const idB = await backup(repo, b, 'b');
+    const idB = await backup(repo, b, 'vm');
     const packB = (await versionsOf(repo)).find((v) => v.key.startsWith('packs/') && !packsAfterA.includes(v.key))!.key;
-    const forgot = await runEngine(['forget', '--repo', repo, idA], { env: env() });
-    expect(forgot.code, forgot.stderr).toBe(0);
+    // prune hides A's record (a delete marker) and says until when its locked version stays.
+    const pruned = await runEngine(['prune', '--repo', repo, '--keep-last', '1', '--json'], { env: env() });
+    expect(pruned.code, pruned.stderr).toBe(0);
+    const prunedLock = parseJson<{ locked: { id: string; until: string }[] }>(pruned.stdout).locked;
+    expect(prunedLock.map((l) => l.id)).toEqual([idA]);
+    expect(Date.parse(prunedLock[0]!.until)).toBeGreaterThan(await storeSecond(bucket));
 
     // 1. A's record and packs were deleted in the engine's view (delete markers) while their versions are locked: kept.
     const aKeys = [`backups/${idA}`, ...packsAfterA];

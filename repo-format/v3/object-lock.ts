@@ -140,6 +140,18 @@ async function currentLocks(storage: Storage, backend: S3Storage, lock: ObjectLo
   return { extended, expired };
 }
 
+/** The end of the lock of `key`'s current version (ms), or undefined when it has none or is gone; S3 only. */
+export async function lockedUntil(storage: Storage, key: string, signal?: AbortSignal): Promise<number | undefined> {
+  const backend = s3BackendOf(storage);
+  if (!backend) return undefined;
+  try {
+    return (await backend.retention(key, { signal }))?.until;
+  } catch (error) {
+    if (isStorageError(error, 'not-found')) return undefined;
+    throw error;
+  }
+}
+
 /** verify (SPEC.md 20.5): the kept objects whose lock ran out, OBJECT_LOCK_EXPIRED each; nothing is written. */
 export async function expiredLocks(storage: Storage, config: RepositoryConfig, signal?: AbortSignal): Promise<ExpiredLock[]> {
   const backend = s3BackendOf(storage);
