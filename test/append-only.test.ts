@@ -1,7 +1,7 @@
 /**
  * Append-only credentials (SPEC.md 20.5), on the tests' own Ceph RADOS Gateway: a second user to whom a
  * bucket policy of the owner grants reading, listing and writing but denies s3:DeleteObject and
- * s3:DeleteObjectVersion. Backups with it exit 0 and restore byte for byte (cmp): the leases it cannot delete
+ * s3:DeleteObjectVersion, on a repository with Object Lock (every object the appender writes locked too). Backups with it exit 0 and restore byte for byte (cmp): the leases it cannot delete
  * are retired in place (`expires` 4B in the past) and counted for nothing by everyone, the next backup with
  * the same user included; prune with it fails cleanly, naming the refused delete; gc with the owner's
  * credentials removes the retired leases.
@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster, type RgwUser } from './rgw.js';
-import { createBucket, openRgwStorage, rawClient, v3Env, withRgwStorage } from './s3-helpers.js';
+import { openRgwBackend, openRgwStorage, rawClient, v3Env, withRgwStorage } from './s3-helpers.js';
 import { filesIdentical, parseJson, runEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -29,7 +29,7 @@ function appendOnlyPolicy(uid: string): string {
       {
         Effect: 'Allow',
         Principal: principal,
-        Action: ['s3:ListBucket', 's3:ListBucketVersions', 's3:ListBucketMultipartUploads', 's3:GetObject', 's3:GetObjectVersion', 's3:PutObject', 's3:PutObjectAcl', 's3:AbortMultipartUpload'],
+        Action: ['s3:ListBucket', 's3:ListBucketVersions', 's3:ListBucketMultipartUploads', 's3:GetObject', 's3:GetObjectVersion', 's3:PutObject', 's3:PutObjectAcl', 's3:PutObjectRetention', 's3:AbortMultipartUpload'],
         Resource: [`arn:aws:s3:::${BUCKET}`, `arn:aws:s3:::${BUCKET}/*`],
       },
       { Effect: 'Deny', Principal: principal, Action: ['s3:DeleteObject', 's3:DeleteObjectVersion'], Resource: [`arn:aws:s3:::${BUCKET}/*`] },
@@ -49,7 +49,9 @@ const appenderEnv = (): Record<string, string> => ({
 beforeAll(async () => {
   scratch = await tempDir('engine-append-only-');
   cluster = await startRgwCluster({ memstoreBytes: 512 * MiB });
-  await createBucket(cluster, BUCKET);
+  // A bucket with Object Lock: append-only credentials and WORM together, as an operator would run them.
+  const owner = await openRgwBackend(cluster, `s3://${BUCKET}`, { check: false });
+  await owner.createBucket({ objectLock: true }).finally(() => owner.close());
   appender = await cluster.createUser('appender');
   const body = Buffer.from(appendOnlyPolicy(appender.uid), 'utf8');
   const client = rawClient(cluster);
@@ -84,7 +86,7 @@ async function leases(): Promise<{ key: string; expires: number }[]> {
 
 describe('append-only credentials (RGW bucket policy denying s3:DeleteObject*)', () => {
   test('backups with a user that cannot delete exit 0 and restore byte for byte; prune with it fails cleanly; gc with the owner removes what it left', async () => {
-    const init = await runEngine(['init', REPO], { env: ownerEnv() });
+    const init = await runEngine(['init', '--object-lock', '1h', REPO], { env: ownerEnv() });
     expect(init.code, init.stderr).toBe(0);
     // The policy is in force: the appender may write but not delete.
     const asAppender = await openRgwStorage(cluster, REPO, { credentials: { accessKeyId: appender.accessKeyId, secretAccessKey: appender.secretAccessKey }, cannedAcl: 'bucket-owner-full-control' });
