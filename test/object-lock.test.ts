@@ -102,19 +102,34 @@ async function gc(repo: string): Promise<{ report: GcLockJson; notices: string }
   return { report, notices: report.notices.join('\n') };
 }
 
+interface AttackResult {
+  refused: number;
+  deleted: number;
+  overwritten: number;
+  hidden: number;
+  codes: string[];
+  shortened: number;
+  shortenRefused: number;
+}
+
 /**
  * The attacker: another process with the engine's own credentials. It deletes every version it can (by
- * version id, the only delete that removes data), overwrites every object it sees, then deletes every key
+ * version id, the only delete that removes data; after trying to shorten each lock), overwrites every object it sees, then deletes every key
  * (a delete marker each). Prints what the store let it do.
  */
-function attack(url: string): Promise<{ refused: number; deleted: number; overwritten: number; hidden: number; codes: string[] }> {
+function attack(url: string): Promise<AttackResult> {
   const module = resolve('dist/repo-format/storage/s3.js');
   const script = `
     import { openS3Storage } from ${JSON.stringify(module)};
     const s = await openS3Storage({ url: process.env.ATTACK_URL, env: process.env, check: false });
-    const out = { refused: 0, deleted: 0, overwritten: 0, hidden: 0, codes: [] };
+    const out = { refused: 0, deleted: 0, overwritten: 0, hidden: 0, codes: [], shortened: 0, shortenRefused: 0 };
     const versions = [];
     for await (const v of s.listVersions('')) if (!v.deleteMarker) versions.push(v);
+    for (const v of versions) {
+      if (v.key.startsWith('leases/')) continue;
+      try { await s.setRetention(v.key, 'COMPLIANCE', Date.now() + 1000, { versionId: v.versionId }); out.shortened++; }
+      catch (e) { out.shortenRefused++; }
+    }
     for (const v of versions) {
       try { await s.delete(v.key, { versionId: v.versionId }); out.deleted++; }
       catch (e) { out.refused++; if (!out.codes.includes(e.storage?.backendCode)) out.codes.push(e.storage?.backendCode); }
@@ -132,7 +147,7 @@ function attack(url: string): Promise<{ refused: number; deleted: number; overwr
     let stderr = '';
     child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
     child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-    child.on('close', (code) => (code === 0 ? done(JSON.parse(stdout) as { refused: number; deleted: number; overwritten: number; hidden: number; codes: string[] }) : fail(new Error(`attacker exited ${code}: ${stderr}`))));
+    child.on('close', (code) => (code === 0 ? done(JSON.parse(stdout) as AttackResult) : fail(new Error(`attacker exited ${code}: ${stderr}`))));
   });
 }
 
@@ -185,6 +200,7 @@ describe('S3 Object Lock (RGW)', () => {
     const locked = before.filter((v) => !v.key.startsWith('leases/'));
     const current = before.filter((v) => v.latest);
     const attacked = await attack(repo);
+    expect([attacked.shortened, attacked.shortenRefused]).toEqual([0, locked.length]);
     expect(attacked.refused).toBe(locked.length);
     expect(attacked.deleted).toBe(before.length - locked.length);
     expect(attacked.codes).toEqual(['AccessDenied']);
