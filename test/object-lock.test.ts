@@ -13,7 +13,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { spawn } from 'node:child_process';
 import { join, resolve } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, openRgwBackend, v3Env } from './s3-helpers.js';
+import { createBucket, openRgwBackend, rawPut, v3Env } from './s3-helpers.js';
 import { filesIdentical, parseJson, runEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
 import type { S3Storage } from '../dist/repo-format/storage/s3.js';
 
@@ -258,6 +258,8 @@ describe('S3 Object Lock (RGW)', () => {
       for (const v of (await versionsOf(repo)).filter((x) => aKeys.includes(x.key) && !x.deleteMarker)) untils.push((await backend.retention(v.key, { versionId: v.versionId }))!.until);
       return Math.max(...untils);
     });
+    // Another program's object under the prefix, with a name that is no storage key: never touched.
+    await rawPut(cluster, bucket, 'repo/_notes of the operator', Buffer.from('not the engine\'s'));
     const first = await gc(repo);
     // The case means something only if A's locks outlasted this gc (R = 15 s against a few seconds of work).
     expect(lockedUntil, 'A\'s locks ended before gc did: the machine is too slow for R = 15 s').toBeGreaterThan((await storeSecond(bucket)) + 1000);
@@ -294,8 +296,12 @@ describe('S3 Object Lock (RGW)', () => {
     for (const key of aKeys) expect(afterThird.filter((v) => v.key === key), key).toEqual([]);
     const relocked = await withBackend(repo, async (backend) => (await backend.retention(packB))!.until);
     expect(relocked).toBeGreaterThan(await storeSecond(bucket));
+    const text = await runEngine(['gc', '--repo', repo], { env: env() });
+    expect(text.code, text.stderr).toBe(0);
+    expect(text.stdout).toMatch(/^object lock: \d+ locks? extended, 0 objects found unlocked \(OBJECT_LOCK_EXPIRED, locked again\), \d+ hidden versions? or delete markers? removed for good/m);
     const clean = await runEngine(['verify', '--repo', repo, '--json'], { env: env() });
     expect(parseJson<{ warnings: { code: string }[] }>(clean.stdout).warnings.filter((w) => w.code === 'OBJECT_LOCK_EXPIRED')).toEqual([]);
     await restoresAs(repo, idB, b);
+    expect((await versionsOf(repo)).filter((v) => v.key === '_notes of the operator')).toHaveLength(1);
   });
 });

@@ -10,7 +10,7 @@ import { InvalidArgumentError } from '../errors.js';
 import type { S3Storage } from '../storage/s3.js';
 import type { ObjectVersion } from '../storage/s3-xml.js';
 import { isStorageError, StorageError } from '../storage/storage-error.js';
-import type { Storage } from '../storage/storage.js';
+import { keyProblem, type Storage } from '../storage/storage.js';
 import { s3BackendOf } from './location.js';
 
 /** Leases are rewritten every T/3 and protect nothing: they are written without a lock (and so can go). */
@@ -26,6 +26,8 @@ export const EXTEND_BELOW_FRACTION = 0.5;
 const IN_FLIGHT = 8;
 
 const isUnlocked = (key: string): boolean => key.startsWith(UNLOCKED_PREFIX);
+/** Objects under the prefix whose names are not storage keys are another program's (a stray README): never touched. */
+const isStray = (key: string): boolean => keyProblem(key) !== undefined;
 
 /** The S3 retention mode of a config's lock. */
 export function s3Mode(lock: ObjectLockConfig): 'COMPLIANCE' | 'GOVERNANCE' {
@@ -118,7 +120,7 @@ async function currentLocks(storage: Storage, backend: S3Storage, lock: ObjectLo
   let extended = 0;
   const mode = s3Mode(lock);
   await eachLimited(storage.list('', { signal: options.signal }), async (object) => {
-    if (isUnlocked(object.key)) return;
+    if (isUnlocked(object.key) || isStray(object.key)) return;
     const lowerBound = object.modified === undefined ? Number.NEGATIVE_INFINITY : object.modified + lock.retentionMs - options.skewMs;
     const needed = options.extend ? options.now + margin : options.now;
     if (lowerBound > needed) return;
@@ -229,6 +231,7 @@ export async function maintainLocks(storage: Storage, config: RepositoryConfig, 
     }
   };
   for await (const version of backend.listVersions('', { signal: options.signal })) {
+    if (isStray(version.key)) continue;
     if (group.length > 0 && group[0]!.key !== version.key) {
       await purgeGroup(group);
       group = [];
