@@ -29,7 +29,7 @@ function appendOnlyPolicy(uid: string): string {
       {
         Effect: 'Allow',
         Principal: principal,
-        Action: ['s3:ListBucket', 's3:ListBucketVersions', 's3:ListBucketMultipartUploads', 's3:GetObject', 's3:GetObjectVersion', 's3:PutObject', 's3:PutObjectAcl', 's3:PutObjectRetention', 's3:AbortMultipartUpload'],
+        Action: ['s3:ListBucket', 's3:ListBucketVersions', 's3:ListBucketMultipartUploads', 's3:GetObject', 's3:GetObjectVersion', 's3:PutObject', 's3:PutObjectAcl', 's3:PutObjectRetention', 's3:GetObjectRetention', 's3:AbortMultipartUpload'],
         Resource: [`arn:aws:s3:::${BUCKET}`, `arn:aws:s3:::${BUCKET}/*`],
       },
       { Effect: 'Deny', Principal: principal, Action: ['s3:DeleteObject', 's3:DeleteObjectVersion'], Resource: [`arn:aws:s3:::${BUCKET}/*`] },
@@ -121,6 +121,10 @@ describe('append-only credentials (RGW bucket policy denying s3:DeleteObject*)',
       expect(r.code, r.stderr).toBe(0);
       expect(await filesIdentical(sources[i]!, target)).toBe(true);
     }
+
+    const verified = await runEngine(['verify', '--repo', REPO, '--json'], { env: appenderEnv() });
+    expect(verified.code, verified.stderr).toBe(0);
+    expect(parseJson<{ ok: boolean; backups: number; warnings: { code: string }[] }>(verified.stdout)).toMatchObject({ ok: true, backups: 2, warnings: [] });
 
     const prune = await runEngine(['prune', '--repo', REPO, '--keep-last', '1'], { env: appenderEnv() });
     expect(prune.code, prune.stderr).toBe(1);

@@ -18,6 +18,8 @@ export const UNLOCKED_PREFIX = 'leases/';
 
 /** The stable code of a kept object whose lock ran out without gc extending it. */
 export const OBJECT_LOCK_EXPIRED = 'OBJECT_LOCK_EXPIRED';
+/** verify's warning when its credentials may not read the locks (s3:GetObjectRetention denied). */
+export const OBJECT_LOCK_UNCHECKED = 'OBJECT_LOCK_UNCHECKED';
 
 /** gc extends a kept object's lock to now + R when less than this share of R is left. */
 export const EXTEND_BELOW_FRACTION = 0.5;
