@@ -1,4 +1,5 @@
 /** The options and argument parsers the commands share, and the input they load (passphrases, oVirt credentials). */
+import { parseAsOf } from '../repo-format/v3/as-of.js';
 import { Option } from 'commander';
 import { InvalidArgumentError } from '../repo-format/errors.js';
 import { displayText } from '../repo-format/display-text.js';
@@ -81,6 +82,11 @@ export async function ovirtConnection(opts: { ovirt: string; ovirtCredentials?: 
 }
 
 /** The passphrase of an encrypted repository: never an argument (argv is visible to every user), a file or the environment. */
+/** `--as-of TIME` (SPEC.md 20.5): read an S3 repository in a versioned bucket as it was then; parsed to ms since the epoch. */
+export function asOfOption(): Option {
+  return new Option('--as-of <time>', 'read the S3 repository as it was at this time (ISO 8601, e.g. 2026-12-07T12:00:00Z, or @SECONDS): each object at its newest version then, as a versioned bucket keeps them (Object Lock); read-only').argParser((value: string) => parseAsOf(value));
+}
+
 export function passwordFileOption(): Option {
   return new Option('--password-file <file>', 'file holding the passphrase of an encrypted repository (default: $ENGINE_PASSWORD_FILE, else $ENGINE_PASSWORD)');
 }

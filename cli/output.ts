@@ -247,6 +247,7 @@ export function printPrune(report: PruneReport): void {
     lines.push(table(rows));
   }
   for (const d of report.damaged) lines.push(`DAMAGED ${d.id}: ${d.message} (left alone)`);
+  for (const l of report.locked ?? []) lines.push(`kept: the record of ${l.id.slice(0, 12)} stays a version of the bucket, locked until ${l.until ?? '(no lock)'} (--as-of reads it); gc removes it after`);
   lines.push(`${report.kept} kept, ${report.removed} ${report.dryRun ? 'would be removed (dry run)' : 'removed'}${report.removed > 0 && !report.dryRun ? `; engine gc reclaims ${report.removed === 1 ? 'its' : 'their'} space` : ''}`);
   process.stdout.write(`${lines.join('\n')}\n`);
 }
@@ -270,6 +271,10 @@ export function printGc(report: GcReport): void {
   ];
   if (report.segments) lines.push(`index: ${count(report.segments.written, 'segment')} written, ${count(report.segments.deleted, 'superseded segment')} deleted (of ${report.segments.before})`);
   if (report.abandoned) lines.push(`removed ${report.abandoned} abandoned temporary file(s) or upload(s) of interrupted writers`);
+  const o = report.objectLock;
+  if (o) {
+    lines.push(`object lock: ${count(o.extended, 'lock')} extended, ${count(o.expired.length, 'object')} found unlocked (OBJECT_LOCK_EXPIRED, locked again), ${count(o.purged, 'hidden version or delete marker')} removed for good${o.locked.versions > 0 ? `, ${count(o.locked.versions, 'hidden version')} kept: locked until ${o.locked.until ?? '?'}` : ''}`);
+  }
   if (report.backupsCommittedDuringGc.length > 0) lines.push(`${count(report.backupsCommittedDuringGc.length, 'backup')} committed during gc ${report.backupsCommittedDuringGc.length === 1 ? 'was' : 'were'} marked too`);
   for (const k of p.kept) lines.push(`kept pack ${k.pack}: ${k.why}`);
   if (p.deferred.length > 0) lines.push(`deferred: ${count(p.deferred.length, 'pack')} ${p.deferred.length === 1 ? 'stays' : 'stay'} until no reader is registered (${report.readers} now); a later gc deletes ${p.deferred.length === 1 ? 'it' : 'them'}`);

@@ -37,6 +37,28 @@ export interface RepositoryConfig {
   encryption?: EncryptionConfig;
   /** Format version 3 only: the repository's lease timing (SPEC.md 19.1, 19.5, 19.6). */
   leases?: LeaseConfig;
+  /** S3 repositories made with `init --object-lock` only: how every object but the leases is locked (SPEC.md 20.5). */
+  objectLock?: ObjectLockConfig;
+}
+
+export interface ObjectLockConfig {
+  /** S3's retention mode. */
+  mode: 'compliance' | 'governance';
+  /** R: each object is locked until its write plus this; gc extends the objects it keeps (SPEC.md 20.5). */
+  retentionMs: number;
+}
+
+/** The shortest and longest retention `init --object-lock` takes: a second (tests) to 100 years. */
+export const OBJECT_LOCK_MIN_MS = 1000;
+export const OBJECT_LOCK_MAX_MS = 100 * 365 * 24 * 3600 * 1000;
+
+function objectLockProblem(c: Record<string, unknown>): string | undefined {
+  if (c.objectLock === undefined) return undefined;
+  if (c.version !== MANY_WRITERS_FORMAT_VERSION) return `config of version ${String(c.version)} names an object lock`;
+  const l = c.objectLock as Record<string, unknown> | null;
+  if (typeof l !== 'object' || l === null || (l.mode !== 'compliance' && l.mode !== 'governance')) return 'config names an object lock mode this engine does not know';
+  if (!Number.isSafeInteger(l.retentionMs) || (l.retentionMs as number) < OBJECT_LOCK_MIN_MS || (l.retentionMs as number) > OBJECT_LOCK_MAX_MS) return 'config has no valid object lock retention';
+  return undefined;
 }
 
 export interface LeaseConfig {
@@ -150,6 +172,8 @@ export function decodeConfig(bytes: Buffer): RepositoryConfig | string {
   if (c.mapPageEntries !== MAP_PAGE_ENTRIES) return 'config names an unsupported map page size';
   const leases = leasesProblem(c);
   if (leases) return leases;
+  const objectLock = objectLockProblem(c);
+  if (objectLock) return objectLock;
   try {
     validateBlockSize(c.blockSize);
   } catch {

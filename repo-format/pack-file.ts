@@ -59,6 +59,9 @@ const storeOf = storeAt;
 export function frameLocatorIn(store: Storage, location: { packId: string; offset: number; length: number }): FrameLocator | undefined {
   if (store instanceof LocalStorage) return localFrameLocator(store.pathOf(packKey(location.packId)), location.offset, location.length);
   const where = store.properties.location;
+  // A point-in-time view (v3/as-of.ts) reads pinned versions, which a worker's own client would not: the
+  // main thread reads those frames.
+  if ('asOf' in store) return undefined;
   if (isS3Url(where) && location.length <= MAX_FRAME_LENGTH) return { kind: 'store', location: where, packId: location.packId, offset: location.offset, length: location.length };
   return undefined;
 }

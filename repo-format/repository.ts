@@ -67,6 +67,8 @@ import { defaultCacheRoot, V3Session } from './v3/session.js';
 import { decodeSegment, parseSegmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGMENT_PREFIX, segmentKey } from './v3/segment.js';
 import { locationKind, openLocation } from './v3/location.js';
 import { isMidMigration } from './v3/migrate.js';
+import { AsOfStorage } from './v3/as-of.js';
+import { applyObjectLock } from './v3/object-lock.js';
 
 export interface OpenOptions {
   /** 'read': records only, no lock. 'exclusive': lock + index. */
@@ -116,6 +118,12 @@ export interface OpenOptions {
   catchUpLater?: boolean | undefined;
   /** `engine migrate`: open a repository mid-migration (SPEC.md 19.11), which every other command refuses. */
   migrating?: boolean | undefined;
+  /**
+   * `--as-of`: read an S3 repository in a versioned bucket as it was at this time (ms since the epoch; SPEC.md
+   * 20.5): every object at its newest version then. Read-only: no lease is written, the host's index cache
+   * is a private one removed at close, and any write is refused.
+   */
+  asOf?: number | undefined;
 }
 
 export interface OpenReport {
@@ -323,6 +331,10 @@ export class Repository {
     let store = isS3Url(root) ? await openLocation(root, { onWarning: noticeSink(options.onNotice) }) : openStore(root);
     let repo: Repository;
     try {
+      if (options.asOf !== undefined) {
+        if (!isS3Url(root)) throw new InvalidArgumentError(`--as-of reads the object versions of an S3 bucket: ${root} is a folder`);
+        store = await AsOfStorage.open(store, options.asOf, options.signal);
+      }
       let config = await Repository.loadConfig(root, store);
       if (isManyWriters(config)) {
         if (options.manyWriters !== true) throw new FormatUnsupportedError(root, options.command);
@@ -333,6 +345,8 @@ export class Repository {
           config = await Repository.loadConfig(root, store);
         }
       }
+      // Every later write carries the config's lock (Object Lock, SPEC.md 20.5); a folder cannot have one.
+      if (isManyWriters(config) && options.asOf === undefined) applyObjectLock(store, config);
       if (!isManyWriters(config) && options.migrating !== true && (await isMidMigration(root))) {
         throw new NotARepositoryError(root, `a migration to format version 3 was cut short after its index was swapped (index.v2/ beside segments in index/): \`engine migrate ${root}\` finishes it`);
       }
@@ -387,7 +401,22 @@ export class Repository {
    */
   private async openWithLease(command: string, options: OpenOptions): Promise<void> {
     try {
-      this.v3 = await V3Session.open({ storage: this.store, config: this.config, dataKey: this.keys?.dataKey, command, writer: command === 'backup' || command === 'copy', alone: options.alone, catchUpLater: options.catchUpLater, readWithoutLease: options.readWithoutLock, signal: options.signal, notice: this.notice });
+      const asOf = options.asOf !== undefined;
+      if (asOf && command !== 'restore' && command !== 'verify' && command !== 'serve' && command !== 'mount') throw new InvalidArgumentError(`--as-of is for commands that only read (restore, verify, list, show): not ${command}`);
+      this.v3 = await V3Session.open({
+        storage: this.store,
+        config: this.config,
+        dataKey: this.keys?.dataKey,
+        command,
+        writer: command === 'backup' || command === 'copy',
+        alone: options.alone,
+        catchUpLater: options.catchUpLater,
+        readWithoutLease: options.readWithoutLock,
+        noLease: asOf,
+        privateCache: asOf,
+        signal: options.signal,
+        notice: this.notice,
+      });
     } catch (error) {
       await this.close();
       throw error;

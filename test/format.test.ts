@@ -792,6 +792,22 @@ describe('config', () => {
     expect(decoded.version).toBeGreaterThan(FORMAT_VERSION);
   });
 
+  test('objectLock (SPEC.md 20.5): version 3 only, a known mode, a retention from 1 s to 100 years', () => {
+    const v3 = (change: (c: Record<string, unknown>) => void): Buffer => {
+      const c = JSON.parse(encodeConfig(newConfig('0123456789abcdef0123456789abcdef', MiB, new Date(0), undefined, true)).toString('utf8')) as Record<string, unknown>;
+      change(c);
+      return Buffer.from(JSON.stringify(c));
+    };
+    const locked = ok(decodeConfig(v3((c) => (c.objectLock = { mode: 'compliance', retentionMs: 30 * 86_400_000 }))));
+    expect(locked.objectLock).toEqual({ mode: 'compliance', retentionMs: 30 * 86_400_000 });
+    expect(ok(decodeConfig(v3((c) => (c.objectLock = { mode: 'governance', retentionMs: 1000 })))).objectLock?.mode).toBe('governance');
+    expect(decodeConfig(v3((c) => (c.objectLock = { mode: 'legal-hold', retentionMs: 1000 })))).toBe('config names an object lock mode this engine does not know');
+    for (const retentionMs of [999, 1.5, '1000', 100 * 365 * 24 * 3600 * 1000 + 1]) {
+      expect(decodeConfig(v3((c) => (c.objectLock = { mode: 'compliance', retentionMs })))).toBe('config has no valid object lock retention');
+    }
+    expect(decodeConfig(edited((c) => (c.objectLock = { mode: 'compliance', retentionMs: 1000 })))).toBe(`config of version ${FORMAT_VERSION} names an object lock`);
+  });
+
   test('other field rejections', () => {
     expect(decodeConfig(edited((c) => (c.id = 'ABCDEF0123456789abcdef0123456789')))).toBe('config has no valid repository id');
     expect(decodeConfig(edited((c) => (c.id = 'abc')))).toBe('config has no valid repository id');

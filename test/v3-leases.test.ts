@@ -11,6 +11,8 @@ import { MemoryStorage } from '../dist/repo-format/storage/memory.js';
 import { DEFAULT_LEASE_TIMING, HeldLease, Leases, checkSkew, type LeaseContext } from '../dist/repo-format/v3/leases.js';
 import { decodeLease, encodeLease, judgeLease, leaseKey, type Lease, type LeaseHolder } from '../dist/repo-format/v3/lease.js';
 import { EngineError } from '../dist/repo-format/errors.js';
+import { StorageError } from '../dist/repo-format/storage/storage-error.js';
+import type { CallOptions, GetOptions, ListOptions, ObjectInfo, PutOptions, PutSource, Storage } from '../dist/repo-format/storage/storage.js';
 import { FakeClock } from './v3-support/fake-clock.js';
 import { ClockedStorage } from './v3-support/clocked-storage.js';
 
@@ -170,6 +172,58 @@ describe('acquiring', () => {
     for (let i = 0; i < 20 && results.length === 1; i++) await clock.advance(5_000);
     expect(results.length).toBe(2);
     await (results[1] === 'first' ? await first : await second).release();
+  });
+});
+
+/** Append-only credentials (SPEC.md 20.5): everything passes but delete, which the store denies. */
+class NoDelete implements Storage {
+  constructor(private readonly inner: Storage) {}
+  get properties() {
+    return this.inner.properties;
+  }
+  put(key: string, source: PutSource, options?: PutOptions): Promise<void> {
+    return this.inner.put(key, source, options);
+  }
+  get(key: string, options?: GetOptions): Promise<Buffer> {
+    return this.inner.get(key, options);
+  }
+  stat(key: string, options?: CallOptions): Promise<ObjectInfo> {
+    return this.inner.stat(key, options);
+  }
+  list(prefix: string, options?: ListOptions): AsyncIterable<ObjectInfo> {
+    return this.inner.list(prefix, options);
+  }
+  async delete(key: string): Promise<void> {
+    throw new StorageError('denied', `delete ${key}: HTTP 403 AccessDenied`, { location: 'memory', operation: 'delete', key, backendCode: 'AccessDenied' });
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+
+describe('append-only credentials', () => {
+  test('a lease that cannot be deleted is retired in place: expired for every observer at once, never blocking; one with delete rights breaks it', async () => {
+    const { clock, storage, processes } = setup();
+    const appendOnly = new NoDelete(storage) as unknown as ClockedStorage;
+    const elsewhere = holder(1, 'b'.repeat(32), 'boot-b');
+    const first = await new Leases(context(appendOnly, clock, elsewhere, processes)).acquireShared({ command: 'backup' });
+    await first.release();
+    const [left] = await keysOf(storage);
+    expect(left).toBe(first.key);
+    const retired = decodeLease(await storage.get(left!), left!) as Lease;
+    expect(Date.parse(retired.expires)).toBe(clock.wall() - 4 * B - 1000);
+    // Judged expired at once even by a host whose clock is 2B behind this one's.
+    expect(judgeLease(retired, { host: 'c'.repeat(32), boot: 'boot-c', now: clock.wall() - 2 * B, skewBoundMs: B }, processes.probe)).toBe('expired');
+    // Another append-only backup goes on past it (it cannot remove it either), and retires its own.
+    const second = await new Leases(context(appendOnly, clock, holder(2, 'b'.repeat(32), 'boot-b'), processes)).acquireShared({ command: 'backup' });
+    await second.release();
+    expect(await keysOf(storage)).toEqual([first.key, second.key].sort());
+    // gc with the owner's credentials holds alone at once (no wait), breaking both as expired.
+    const broken: string[] = [];
+    const gc = await new Leases(context(storage, clock, holder(3), processes, { onBroken: (l, state) => broken.push(`${l.id}:${state}`) })).acquireExclusive({ command: 'gc' });
+    expect(broken.sort()).toEqual([`${first.id}:expired`, `${second.id}:expired`].sort());
+    await gc.release();
+    expect(await keysOf(storage)).toEqual([]);
   });
 });
 

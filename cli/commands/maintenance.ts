@@ -27,6 +27,7 @@ function registerVerify(program: Command): void {
     .option('--json', 'print JSON')
     .addOption(opt.workersOption('re-read and check the chunks with --read-data'))
     .addOption(opt.passwordFileOption())
+    .addOption(opt.asOfOption())
     .option('--boot [backup-id]', 'boot the backup in a throw-away QEMU VM and record whether it comes up (SPEC 9.2); with --latest, the newest backup')
     .option('--latest', 'with --boot: the newest backup (of --name, when given)')
     .option('--name <name>', 'with --boot --latest: the newest backup of this name')
@@ -39,6 +40,7 @@ function registerVerify(program: Command): void {
     .addOption(new Option('--accel <kind>', 'with --boot: auto (KVM when usable, TCG when KVM fails), kvm or tcg (default: $ENGINE_ACCEL, else auto)').choices(['auto', 'kvm', 'tcg']))
     .action(async (opts: VerifyFlags) => {
       output.json = opts.json === true;
+      if (opts.boot !== undefined && opts.asOf !== undefined) throw new InvalidArgumentError('--as-of verifies the repository as it was; --boot records a boot test, a write: not together');
       if (opts.boot !== undefined) return verifyBoot(opts);
       const bootOnly = (['latest', 'name', 'timeout', 'memory', 'expectAgent', 'expectConsole', 'machine', 'firmware', 'accel'] as const).filter((k) => opts[k] !== undefined);
       if (bootOnly.length > 0) throw new InvalidArgumentError(`--${bootOnly[0]!.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} goes with --boot`);
@@ -51,6 +53,7 @@ function registerVerify(program: Command): void {
         subset: opts.subset,
         seed: opts.seed,
         workers: opts.workers,
+        asOf: opts.asOf,
         signal: interruptSignal(),
         onProgress: (p) => progress.update(p.phase, p.done, p.total, 'items'),
       });
@@ -62,6 +65,7 @@ function registerVerify(program: Command): void {
 
 interface VerifyFlags {
   repo?: string;
+  asOf?: number;
   readData?: boolean;
   subset?: number;
   seed?: string;

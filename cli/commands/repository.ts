@@ -2,6 +2,7 @@
 import { Command, Option } from 'commander';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { parseCompression } from '../../repo-format/compression.js';
+import { OBJECT_LOCK_MAX_MS, OBJECT_LOCK_MIN_MS } from '../../repo-format/config.js';
 import { forTerminal } from '../terminal.js';
 import { backupJson, printInit, printJson, printList, printProtect, printShow } from '../output.js';
 import { engine } from '../engine-calls.js';
@@ -53,8 +54,11 @@ function registerInit(program: Command): void {
     .addOption(opt.caFileOption())
     .option('--encrypt', 'encrypt the repository (AES-256-GCM, keyed chunk ids) under a passphrase of 8 characters or more from --password-file, $ENGINE_PASSWORD_FILE or $ENGINE_PASSWORD')
     .addOption(opt.passwordFileOption())
+    .option('--object-lock <retention>', 'S3 only: lock every object for this long after it is written (S3 Object Lock; 30d, 12h, 90m, 45s): nobody, these credentials included, can delete or overwrite a backup younger than that; the bucket is created with Object Lock, or must have it (SPEC 20.5)')
+    .addOption(new Option('--object-lock-mode <mode>', 'with --object-lock: compliance (no one can shorten it, root included) or governance (users with s3:BypassGovernanceRetention can)').choices(['compliance', 'governance']))
     .option('--json', 'print the repository config as JSON')
-    .action(async (repo: string, opts: { blockSize?: string; compression?: string; format?: number; encrypt?: boolean; passwordFile?: string; json?: boolean } & opt.S3Flags) => {
+    .action(async (repo: string, opts: { blockSize?: string; compression?: string; format?: number; encrypt?: boolean; passwordFile?: string; json?: boolean; objectLock?: string; objectLockMode?: 'compliance' | 'governance' } & opt.S3Flags) => {
+      if (opts.objectLockMode !== undefined && opts.objectLock === undefined) throw new InvalidArgumentError('--object-lock-mode goes with --object-lock RETENTION');
       output.json = opts.json === true;
       if (!opts.encrypt && opts.passwordFile !== undefined) throw new InvalidArgumentError('--password-file is for an encrypted repository: add --encrypt');
       const passphrase = opts.encrypt ? await opt.loadPassphrase(opts.passwordFile) : undefined;
@@ -65,10 +69,22 @@ function registerInit(program: Command): void {
         compression: opts.compression === undefined ? undefined : parseCompression(opts.compression),
         format: opts.format,
         s3: opt.s3Settings(opts),
+        objectLock: opts.objectLock === undefined ? undefined : { mode: opts.objectLockMode ?? 'compliance', retentionMs: parseRetention(opts.objectLock) },
       });
       if (output.json) printJson(config);
       else printInit(repo, config);
     });
+}
+
+/** `--object-lock 30d`: a whole number and a unit (d, h, m, s), within the config's bounds. */
+export function parseRetention(text: string): number {
+  const match = /^(\d{1,9})([dhms])$/.exec(text.trim());
+  const unit = { d: 86_400_000, h: 3_600_000, m: 60_000, s: 1000 };
+  const ms = match ? Number(match[1]) * unit[match[2] as keyof typeof unit] : NaN;
+  if (!Number.isSafeInteger(ms) || ms < OBJECT_LOCK_MIN_MS || ms > OBJECT_LOCK_MAX_MS) {
+    throw new InvalidArgumentError(`--object-lock ${JSON.stringify(text.slice(0, 40))}: a retention is a whole number and a unit, d, h, m or s (30d, 12h), from 1s to 100 years`);
+  }
+  return ms;
 }
 
 function registerList(program: Command): void {
@@ -77,11 +93,12 @@ function registerList(program: Command): void {
     .description('list the backups in a repository, oldest first')
     .addOption(opt.repoOption())
     .addOption(opt.passwordFileOption())
+    .addOption(opt.asOfOption())
     .option('--json', 'print JSON')
-    .action(async (opts: { repo?: string; passwordFile?: string; json?: boolean }) => {
+    .action(async (opts: { repo?: string; passwordFile?: string; json?: boolean; asOf?: number }) => {
       output.json = opts.json === true;
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
-      const { backups, damaged, boots } = await engine.listBackups(opt.requireRepo(opts.repo), { passphrase });
+      const { backups, damaged, boots } = await engine.listBackups(opt.requireRepo(opts.repo), { passphrase, asOf: opts.asOf });
       if (output.json) printJson({ backups: backups.map((b) => backupJson(b, boots[b.id] ?? null)), damaged });
       else printList(forTerminal(backups), forTerminal(damaged), forTerminal(boots));
     });
@@ -94,11 +111,12 @@ function registerShow(program: Command): void {
     .addOption(opt.repoOption())
     .argument('<backup-id>', 'backup id or a unique prefix of it')
     .addOption(opt.passwordFileOption())
+    .addOption(opt.asOfOption())
     .option('--json', 'print JSON')
-    .action(async (id: string, opts: { repo?: string; passwordFile?: string; json?: boolean }) => {
+    .action(async (id: string, opts: { repo?: string; passwordFile?: string; json?: boolean; asOf?: number }) => {
       output.json = opts.json === true;
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
-      const { record, boot } = await engine.describeBackup(opt.requireRepo(opts.repo), id, { passphrase });
+      const { record, boot } = await engine.describeBackup(opt.requireRepo(opts.repo), id, { passphrase, asOf: opts.asOf });
       if (output.json) printJson(backupJson(record, boot));
       else printShow(forTerminal(record), boot === null ? null : forTerminal(boot));
     });

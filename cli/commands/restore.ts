@@ -1,4 +1,5 @@
 /** engine restore: to files, devices, directories, NBD exports, qcow2 images and oVirt. */
+import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { Command, Option } from 'commander';
 import { forTerminal } from '../terminal.js';
 import { createProgress } from '../progress.js';
@@ -31,6 +32,7 @@ interface RestoreCliOptions {
   insecureHttp?: boolean;
   json?: boolean;
   workers?: number;
+  asOf?: number;
 }
 
 export function registerRestoreCommand(program: Command): void {
@@ -60,9 +62,11 @@ export function registerRestoreCommand(program: Command): void {
     .option('--json', 'print only the result, as JSON')
     .addOption(opt.workersOption('read and check the chunks (decrypt, decompress, hash) before they are written'))
     .addOption(opt.passwordFileOption())
+    .addOption(opt.asOfOption())
     .action(async (id: string, opts: RestoreCliOptions) => {
       output.json = opts.json === true;
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
+      if (opts.asOf !== undefined && opts.ovirt !== undefined) throw new InvalidArgumentError('--as-of restores with --to or --to-qcow2, not into oVirt');
       if (opts.ovirt !== undefined) await ovirtRestore(id, { ...opts, ovirt: opts.ovirt }, passphrase);
       else await plainRestore(id, opts, passphrase);
     });
@@ -77,6 +81,7 @@ async function plainRestore(id: string, opts: RestoreCliOptions, passphrase: Buf
     passphrase,
     backupId: id,
     disk: opts.disk,
+    asOf: opts.asOf,
     ...request,
     workers: opts.workers,
     signal: interruptSignal(),

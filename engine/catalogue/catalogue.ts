@@ -5,19 +5,19 @@ import type { Passphrase } from '../../repo-format/passphrase.js';
 /** Lists backups without taking the lock: records are immutable files, readable during a backup. */
 /** `passphrase`: of an encrypted repository, whose records are encrypted. */
 /** `boots`: the latest boot test of each backup that has one (latestBootResults), read from the same opening. */
-export async function listBackups(repoPath: string, options: { passphrase?: Passphrase | undefined } = {}): Promise<{ backups: BackupRecord[]; damaged: { id: string; message: string }[]; boots: Record<string, BootSummary> }> {
-  const repo = await Repository.open(repoPath, { access: 'read', passphrase: options.passphrase, manyWriters: true });
+export async function listBackups(repoPath: string, options: { passphrase?: Passphrase | undefined; asOf?: number | undefined } = {}): Promise<{ backups: BackupRecord[]; damaged: { id: string; message: string }[]; boots: Record<string, BootSummary> }> {
+  const repo = await Repository.open(repoPath, { access: 'read', passphrase: options.passphrase, manyWriters: true, asOf: options.asOf });
   const { backups, damaged } = await repo.listBackups();
   return { backups, damaged: damaged.map(({ id, error }) => ({ id, message: error.message })), boots: await latestBoots(repo) };
 }
 
-export async function showBackup(repoPath: string, idOrPrefix: string, options: { passphrase?: Passphrase | undefined } = {}): Promise<BackupRecord> {
+export async function showBackup(repoPath: string, idOrPrefix: string, options: { passphrase?: Passphrase | undefined; asOf?: number | undefined } = {}): Promise<BackupRecord> {
   return (await describeBackup(repoPath, idOrPrefix, options)).record;
 }
 
 /** A backup's record and its latest boot test (`null`: never boot-tested), from one opening of the repository. */
-export async function describeBackup(repoPath: string, idOrPrefix: string, options: { passphrase?: Passphrase | undefined } = {}): Promise<{ record: BackupRecord; boot: BootSummary | null }> {
-  const repo = await Repository.open(repoPath, { access: 'read', passphrase: options.passphrase, manyWriters: true });
+export async function describeBackup(repoPath: string, idOrPrefix: string, options: { passphrase?: Passphrase | undefined; asOf?: number | undefined } = {}): Promise<{ record: BackupRecord; boot: BootSummary | null }> {
+  const repo = await Repository.open(repoPath, { access: 'read', passphrase: options.passphrase, manyWriters: true, asOf: options.asOf });
   const record = await repo.findBackup(idOrPrefix);
   return { record, boot: (await latestBoots(repo, record.id))[record.id] ?? null };
 }

@@ -1,12 +1,13 @@
 import { Repository, prepareRepositoryRoot } from '../../repo-format/repository.js';
 import { DEFAULT_BLOCK_SIZE, FORMAT_VERSION, ENCRYPTED_FORMAT_VERSION, MANY_WRITERS_FORMAT_VERSION } from '../../repo-format/constants.js';
-import { validateBlockSize, type RepositoryConfig } from '../../repo-format/config.js';
+import { validateBlockSize, type ObjectLockConfig, type RepositoryConfig } from '../../repo-format/config.js';
+import { prepareLockedBucket, s3Mode, UNLOCKED_PREFIX } from '../../repo-format/v3/object-lock.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
 import { INIT_COMPRESSION, LZ4, type Compression } from '../../repo-format/compression.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
 import { initV3 } from '../../repo-format/v3/init.js';
-import { locationKind, openLocation, type S3Settings } from '../../repo-format/v3/location.js';
+import { locationKind, openLocation, s3BackendOf, type S3Settings } from '../../repo-format/v3/location.js';
 import { refuseRepositoryInsideRepository } from '../host/write-guard.js';
 
 export interface InitOptions {
@@ -25,6 +26,11 @@ export interface InitOptions {
   compression?: Compression | undefined;
   /** Where an s3:// repository's store is, beside what the URL says. */
   s3?: S3Settings | undefined;
+  /**
+   * S3 only: lock every object the engine writes (but leases) for this long from its write, in this mode
+   * (SPEC.md 20.5); the bucket is created with Object Lock, or must have it and versioning enabled.
+   */
+  objectLock?: ObjectLockConfig | undefined;
 }
 
 export async function initRepository(path: string, options: InitOptions = {}): Promise<RepositoryConfig> {
@@ -44,14 +50,22 @@ export async function initRepository(path: string, options: InitOptions = {}): P
     return Repository.init(path, { blockSize, passphrase: options.passphrase, compression: options.compression ?? LZ4 });
   }
   validateBlockSize(blockSize);
+  if (options.objectLock && kind !== 's3') throw new InvalidArgumentError(`--object-lock is S3 Object Lock: ${path} is a folder (make its files immutable with the file system's own means)`);
   if (kind === 'folder') {
     checkLocalPath(path, 'repository');
     await refuseRepositoryInsideRepository(path);
     await prepareRepositoryRoot(path);
   }
-  const storage = await openLocation(path, options.s3);
+  // With --object-lock the bucket may not exist yet: it is created (with the lock) before the usual check.
+  const storage = await openLocation(path, { ...options.s3, check: options.objectLock ? false : options.s3?.check });
   try {
-    return await initV3(storage, { blockSize, passphrase: options.passphrase, compression: options.compression ?? INIT_COMPRESSION });
+    if (options.objectLock) {
+      const backend = s3BackendOf(storage)!;
+      await prepareLockedBucket(backend);
+      await backend.check();
+      backend.setObjectLock({ mode: s3Mode(options.objectLock), retentionMs: options.objectLock.retentionMs, exempt: (key) => key.startsWith(UNLOCKED_PREFIX) });
+    }
+    return await initV3(storage, { blockSize, passphrase: options.passphrase, compression: options.compression ?? INIT_COMPRESSION, objectLock: options.objectLock });
   } finally {
     await storage.close();
   }

@@ -33,6 +33,17 @@ export interface GcReport {
    * removed (a folder's temporary files, S3's incomplete multipart uploads; SPEC.md 19.8, 2.5).
    */
   abandoned?: number;
+  /**
+   * S3 repositories with Object Lock only (not in a dry run; SPEC.md 20.5): locks of kept objects extended,
+   * kept objects whose lock had run out (OBJECT_LOCK_EXPIRED, locked again), noncurrent versions and delete
+   * markers removed for good, and noncurrent versions still locked (kept, with the latest date).
+   */
+  objectLock?: {
+    extended: number;
+    expired: { code: string; key: string; until: string | null }[];
+    purged: number;
+    locked: { versions: number; until: string | null };
+  };
 }
 
 export function emptyGcReport(dryRun: boolean, rewriteBelow: number): GcReport {

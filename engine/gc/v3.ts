@@ -44,6 +44,7 @@ import { Interruption } from '../host/interrupt.js';
 import { mark } from './mark.js';
 import { staleMarkers } from './commit.js';
 import type { GcReport } from './report.js';
+import { maintainLocks, OBJECT_LOCK_EXPIRED } from '../../repo-format/v3/object-lock.js';
 
 /** How long gc waits for the exclusive lease (the running backups to end) before it gives up (SPEC.md 19.5). */
 export const GC_EXCLUSIVE_WAIT_MS = 10 * 60 * 1000;
@@ -211,6 +212,17 @@ export async function gcVersion3(args: GcVersion3Args): Promise<GcReport> {
     report.markers.protected = await removeOrphanedMarkers(repo.store, existing);
     report.markers.verifications = await repo.removeOrphanedVerifications(existing);
     report.bytes.reclaimed = report.bytes.deleted - report.bytes.written;
+
+    // Object Lock (SPEC.md 20.5): what gc kept is locked again before its lock runs out; what deletes only
+    // hid (delete markers) goes for good once its lock has expired, and what is still locked is kept.
+    const locks = await maintainLocks(repo.store, repo.config, { signal: args.signal, assertHeld: () => lease.assertHeld() });
+    if (locks) {
+      report.objectLock = { ...locks, expired: locks.expired.map((expired) => ({ code: OBJECT_LOCK_EXPIRED, ...expired })) };
+      for (const expired of locks.expired) {
+        notice(`warning ${OBJECT_LOCK_EXPIRED}: ${expired.key}: its Object Lock ${expired.until ? `ran out at ${expired.until}` : 'was missing'} before gc extended it (it could have been deleted or overwritten meanwhile); locked again`);
+      }
+      if (locks.locked.versions > 0) notice(`kept: ${locks.locked.versions} deleted or replaced object version(s) locked until ${locks.locked.until}: a later gc removes them once their lock has expired`);
+    }
     return report;
   } catch (error) {
     if (!changed) await dropCopies(repo, copies);

@@ -36,6 +36,8 @@ export interface RestoreOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
   passphrase?: Passphrase | undefined;
+  /** Read the S3 repository as it was at this time (ms since the epoch; SPEC.md 20.5): read-only, no lease. */
+  asOf?: number | undefined;
   backupId: string;
   /** The disk to restore; omitted: the backup's only disk, or every disk into a directory target. */
   disk?: string | undefined;
@@ -76,7 +78,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
   const interruption = new Interruption(options.signal, 'restore', () => interruptedState(state.done, state.created));
   interruption.check();
   // A read-only (or full, reserve-less) repository is restored from without the lock (SPEC.md, 12.6).
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'restore', passphrase: options.passphrase, readWithoutLock: true, checkInterrupted: () => interruption.check(), manyWriters: true, signal: options.signal });
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'restore', passphrase: options.passphrase, readWithoutLock: true, checkInterrupted: () => interruption.check(), manyWriters: true, signal: options.signal, asOf: options.asOf });
   let pool: BlockPool | undefined;
   let succeeded = false;
   try {

@@ -4,6 +4,8 @@
  * breaks another's restore; the chunks no backup references any more are reclaimed by `engine gc`.
  * Damaged records are never removed (their group cannot be known) and are reported.
  */
+import { lockedUntil } from '../../repo-format/v3/object-lock.js';
+import { recordKey } from '../../repo-format/store.js';
 import { Repository } from '../../repo-format/repository.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { listProtected } from '../../repo-format/protection.js';
@@ -38,6 +40,12 @@ export interface PruneReport {
   kept: number;
   removed: number;
   damaged: { id: string; message: string }[];
+  /**
+   * S3 Object Lock only (SPEC.md 20.5): the removed backups' records are hidden (a delete marker), never
+   * deleted while locked; each stays a version of the bucket, readable with --as-of, until this date, and
+   * gc removes it after.
+   */
+  locked?: { id: string; until: string | null }[];
 }
 
 export async function prune(options: PruneOptions): Promise<PruneReport> {
@@ -70,6 +78,10 @@ export async function prune(options: PruneOptions): Promise<PruneReport> {
       // running prune again finishes the job.
       for (const decision of decisions.filter((d) => !d.keep)) {
         await interruption.tick();
+        if (repo.config.objectLock) {
+          const until = await lockedUntil(repo.store, recordKey(decision.backup.id), options.signal);
+          (report.locked ??= []).push({ id: decision.backup.id, until: until === undefined ? null : new Date(until).toISOString() });
+        }
         await repo.removeBackup(decision.backup.id);
         removed.push(decision.backup.id);
         crashPoint('prune-record-removed');

@@ -13,6 +13,8 @@
  *    (the workers hash one pack while the next is scanned) and is done before phase 3, which names the
  *    backups, disks and offsets that reference each damaged chunk.
  */
+import { expiredLocks, OBJECT_LOCK_EXPIRED, OBJECT_LOCK_UNCHECKED } from '../../repo-format/v3/object-lock.js';
+import { isStorageError } from '../../repo-format/storage/storage-error.js';
 import { Repository } from '../../repo-format/repository.js';
 import { listQuarantine } from '../../repo-format/quarantine.js';
 import { findLooseModes, formatMode } from '../../repo-format/file-modes.js';
@@ -35,6 +37,8 @@ export interface VerifyOptions {
   repo: string;
   /** The passphrase of an encrypted repository. */
   passphrase?: Passphrase | undefined;
+  /** Read the S3 repository as it was at this time (ms since the epoch; SPEC.md 20.5): read-only, no lease. */
+  asOf?: number | undefined;
   readData?: boolean | undefined;
   /** With readData: read only this fraction (0 < f ≤ 1) of the packs, chosen by `seed`. */
   subset?: number | undefined;
@@ -49,7 +53,7 @@ export interface VerifyOptions {
 export async function verify(options: VerifyOptions): Promise<VerifyReport> {
   const interruption = new Interruption(options.signal, 'verify', () => 'no result: it only reads, and changed nothing');
   interruption.check();
-  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify', passphrase: options.passphrase, readWithoutLock: true, checkInterrupted: () => interruption.check(), manyWriters: true, signal: options.signal });
+  const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'verify', passphrase: options.passphrase, readWithoutLock: true, checkInterrupted: () => interruption.check(), manyWriters: true, signal: options.signal, asOf: options.asOf });
   let data: DataCheck | undefined;
   try {
     const run = new VerifyRun(repo, interruption, await listQuarantine(repo.store), options.readData === true, options.onProgress);
@@ -66,6 +70,18 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     run.report.problems.unshift(...missingPacks.problems());
     await countUnreferenced(run, referenced);
     await checkVerifications(run, new Set(await repo.listBackupIds()));
+    // Object Lock (SPEC.md 20.5): a kept object whose lock ran out, gc not having extended it, is unprotected.
+    if (options.asOf === undefined) {
+      // Credentials that may not read retentions (s3:GetObjectRetention) leave the locks unchecked: said, not fatal.
+      const expiredList = await expiredLocks(repo.store, repo.config, options.signal).catch((error: unknown) => {
+        if (!isStorageError(error, 'denied')) throw error;
+        run.report.warnings.push({ code: OBJECT_LOCK_UNCHECKED, message: `the Object Lock of the objects could not be read with these credentials (${error.message}): their locks were not checked; give them s3:GetObjectRetention, or verify with the owner's` });
+        return [];
+      });
+      for (const expired of expiredList) {
+        run.report.warnings.push({ code: OBJECT_LOCK_EXPIRED, message: `${expired.key}: its Object Lock ${expired.until ? `ran out at ${expired.until}` : 'is missing'} and gc did not extend it: it can be deleted or overwritten now; run engine gc (it locks what it keeps again)`, path: expired.key });
+      }
+    }
     run.report.ok = run.report.problems.length === 0;
     return run.report;
   } catch (error) {

@@ -24,6 +24,10 @@ const BY_CODE: Record<string, Sorted> = {
   NoSuchKey: { reason: 'not-found', transient: false },
   NoSuchUpload: { reason: 'not-found', transient: true },
   NoSuchBucket: { reason: 'no-bucket', transient: false },
+  NoSuchVersion: { reason: 'not-found', transient: false },
+  // An object (or a bucket) that carries no Object Lock retention (configuration): nothing to read.
+  NoSuchObjectLockConfiguration: { reason: 'not-found', transient: false },
+  ObjectLockConfigurationNotFoundError: { reason: 'not-found', transient: false },
   PreconditionFailed: { reason: 'exists', transient: false },
   // AWS: another conditional write to the key is in flight; the retry then gets its definite answer.
   ConditionalRequestConflict: { reason: 'unavailable', transient: true },
@@ -63,8 +67,11 @@ function byStatus(status: number): Sorted {
 }
 
 /** What the user can do about it, after the store's own words. */
-function hint(code: string | undefined, region: string | undefined, endpoint: string | undefined): string {
+function hint(code: string | undefined, region: string | undefined, endpoint: string | undefined, operation: string): string {
   switch (code) {
+    case 'AccessDenied':
+      // Append-only credentials (SPEC.md 20.5) may add but not delete; a locked version refuses its delete too.
+      return operation === 'delete' ? '; these credentials may not delete here (append-only credentials, or an object still under Object Lock): run prune and gc with credentials that may delete' : '';
     case 'InvalidAccessKeyId':
       return '; the access key is not known to this store: check AWS_ACCESS_KEY_ID (or the credentials file) and the endpoint';
     case 'SignatureDoesNotMatch':
@@ -94,7 +101,7 @@ export function s3Failure(
   const what = `${context.location}: ${context.operation}${context.key ? ` ${context.key}` : ''}`;
   return new StorageError(
     sorted.reason,
-    `${what}: ${words.replace(/\s+/g, ' ').slice(0, 300)}${hint(code, document?.region, document?.endpoint)}`,
+    `${what}: ${words.replace(/\s+/g, ' ').slice(0, 300)}${hint(code, document?.region, document?.endpoint, context.operation)}`,
     { location: context.location, key: context.key, operation: context.operation, status, backendCode: code, retryAfterMs },
     { transient: sorted.transient },
   );

@@ -163,3 +163,91 @@ export function completeMultipartBody(parts: { number: number; etag: string }[])
   const items = parts.map((part) => `<Part><PartNumber>${part.number}</PartNumber><ETag>${escapeXml(part.etag)}</ETag></Part>`).join('');
   return `<?xml version="1.0" encoding="UTF-8"?><CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">${items}</CompleteMultipartUpload>`;
 }
+
+export interface ObjectVersion {
+  key: string;
+  versionId: string;
+  /** The key's current version (or delete marker). */
+  latest: boolean;
+  /** A delete marker: the key reads as absent while it is the latest. */
+  deleteMarker: boolean;
+  /** LastModified, ms since the epoch (whole seconds); undefined when absent. */
+  modified: number | undefined;
+  size: number;
+}
+
+export interface VersionsPage {
+  /** Versions and delete markers in the answer's order: by key, newest first within a key. */
+  versions: ObjectVersion[];
+  truncated: boolean;
+  nextKeyMarker: string | undefined;
+  nextVersionIdMarker: string | undefined;
+}
+
+/** A ListObjectVersions answer (ListVersionsResult): Version and DeleteMarker elements in document order. */
+export function parseVersionsPage(xml: string): VersionsPage {
+  if (rootElement(xml) !== 'ListVersionsResult') throw new MalformedXmlError(`a list of versions was expected, the root element is ${rootElement(xml) ?? 'missing'}`);
+  const urlEncoded = elementText(xml, 'EncodingType')?.toLowerCase() === 'url';
+  const decode = (raw: string): string => {
+    if (!urlEncoded) return raw;
+    try {
+      return decodeURIComponent(raw.replace(/\+/g, ' '));
+    } catch {
+      throw new MalformedXmlError(`key ${raw.slice(0, 100)} is not valid URL encoding`);
+    }
+  };
+  const versions: ObjectVersion[] = [];
+  const pattern = /<(Version|DeleteMarker)(?:\s[^>]*)?>([\s\S]*?)<\/\1\s*>/g;
+  for (let match = pattern.exec(xml); match; match = pattern.exec(xml)) {
+    const body = match[2]!;
+    const key = elementText(body, 'Key');
+    const versionId = elementText(body, 'VersionId');
+    if (key === undefined || versionId === undefined) throw new MalformedXmlError('a listed version has no Key or no VersionId');
+    const sizeText = elementText(body, 'Size')?.trim();
+    const size = sizeText === undefined ? 0 : Number(sizeText);
+    if (!Number.isSafeInteger(size) || size < 0) throw new MalformedXmlError(`version ${key.slice(0, 100)} has the size ${JSON.stringify(sizeText?.slice(0, 40))}`);
+    const parsed = Date.parse(elementText(body, 'LastModified')?.trim() ?? '');
+    versions.push({
+      key: decode(key),
+      versionId,
+      latest: elementText(body, 'IsLatest')?.trim().toLowerCase() === 'true',
+      deleteMarker: match[1] === 'DeleteMarker',
+      modified: Number.isFinite(parsed) ? parsed : undefined,
+      size,
+    });
+  }
+  const truncatedText = elementText(xml, 'IsTruncated')?.trim().toLowerCase();
+  if (truncatedText !== 'true' && truncatedText !== 'false') throw new MalformedXmlError('a list of versions without IsTruncated');
+  const truncated = truncatedText === 'true';
+  const nextKey = elementText(xml, 'NextKeyMarker');
+  const nextKeyMarker = nextKey ? decode(nextKey) : undefined;
+  const nextVersionIdMarker = elementText(xml, 'NextVersionIdMarker') || undefined;
+  if (truncated && !nextKeyMarker) throw new MalformedXmlError('a truncated list of versions without NextKeyMarker');
+  return { versions, truncated, nextKeyMarker, nextVersionIdMarker };
+}
+
+/** A GetObjectRetention answer: the mode and the date, or undefined when the object carries none. */
+export function parseRetention(xml: string): { mode: string; until: number } | undefined {
+  if (rootElement(xml) !== 'Retention') throw new MalformedXmlError(`a retention was expected, the root element is ${rootElement(xml) ?? 'missing'}`);
+  const mode = elementText(xml, 'Mode')?.trim();
+  const until = Date.parse(elementText(xml, 'RetainUntilDate')?.trim() ?? '');
+  if (!mode || !Number.isFinite(until)) return undefined;
+  return { mode, until };
+}
+
+/** The body of PutObjectRetention. */
+export function retentionBody(mode: string, until: number): string {
+  return `<?xml version="1.0" encoding="UTF-8"?><Retention xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Mode>${escapeXml(mode)}</Mode><RetainUntilDate>${new Date(until).toISOString()}</RetainUntilDate></Retention>`;
+}
+
+/** GetObjectLockConfiguration: whether Object Lock is enabled on the bucket. */
+export function parseObjectLockEnabled(xml: string): boolean {
+  if (rootElement(xml) !== 'ObjectLockConfiguration') throw new MalformedXmlError(`an object lock configuration was expected, the root element is ${rootElement(xml) ?? 'missing'}`);
+  return elementText(xml, 'ObjectLockEnabled')?.trim() === 'Enabled';
+}
+
+/** GetBucketVersioning: Enabled, Suspended, or undefined (never enabled). */
+export function parseVersioningStatus(xml: string): string | undefined {
+  if (rootElement(xml) !== 'VersioningConfiguration') throw new MalformedXmlError(`a versioning configuration was expected, the root element is ${rootElement(xml) ?? 'missing'}`);
+  return elementText(xml, 'Status')?.trim() || undefined;
+}

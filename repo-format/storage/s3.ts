@@ -26,7 +26,21 @@ import { S3Client, MAX_XML_BODY, type RequestBody, type S3Answer } from './s3-cl
 import { endpointFromEnvironment, resolveCredentials, resolveRegion, type Environment } from './s3-credentials.js';
 import { s3Failure, type S3Context } from './s3-errors.js';
 import { formatS3Url, parseS3Url, type S3Location } from './s3-url.js';
-import { completeMultipartBody, MalformedXmlError, parseErrorDocument, parseListPage, parseUploadId, parseUploadsPage, rootElement } from './s3-xml.js';
+import {
+  completeMultipartBody,
+  MalformedXmlError,
+  parseErrorDocument,
+  parseListPage,
+  parseObjectLockEnabled,
+  parseRetention,
+  parseUploadId,
+  parseUploadsPage,
+  parseVersioningStatus,
+  parseVersionsPage,
+  retentionBody,
+  rootElement,
+  type ObjectVersion,
+} from './s3-xml.js';
 import { EMPTY_SHA256, UNSIGNED_PAYLOAD, type Credentials } from './sigv4.js';
 import { withRetriesAndLimit, type StackOptions } from './stack.js';
 import type { RetryingStorage } from './retry.js';
@@ -82,6 +96,13 @@ export interface S3StorageOptions {
   onWarning?: ((message: string) => void) | undefined;
   /** This host's clock as the requests are signed with it (default Date.now): for tests of clock skew. */
   now?: (() => number) | undefined;
+  /**
+   * A canned ACL every put carries (x-amz-acl): `bucket-owner-full-control` for a writer that is not the
+   * bucket's owner (append-only credentials, SPEC.md 20.5), whose objects the owner's gc and prune must
+   * then read and delete; stores without object ownership controls (Ceph RGW) give each object to its
+   * writer otherwise. Default none.
+   */
+  cannedAcl?: 'bucket-owner-full-control' | undefined;
 }
 
 export const S3_DEFAULTS = {
@@ -175,6 +196,7 @@ export async function openS3Storage(options: S3StorageOptions): Promise<S3Storag
     listPage,
     signPayload: endpoint.protocol === 'http:' && !isLoopback(endpoint.hostname),
     now: options.now,
+    cannedAcl: options.cannedAcl,
   });
   if (options.check !== false) {
     try {
@@ -220,6 +242,15 @@ interface S3StorageSettings {
   /** Sign the body's SHA-256 (plain http to another host), else UNSIGNED-PAYLOAD. */
   signPayload: boolean;
   now?: (() => number) | undefined;
+  cannedAcl?: string | undefined;
+}
+
+/** How the engine locks what it writes (SPEC.md 20.5): the mode and how long from each write. */
+export interface ObjectLockWrite {
+  mode: 'COMPLIANCE' | 'GOVERNANCE';
+  retentionMs: number;
+  /** Keys written without a lock (leases: rewritten every T/3, they protect nothing). */
+  exempt?: ((key: string) => boolean) | undefined;
 }
 
 export class S3Storage implements Storage {
@@ -227,6 +258,8 @@ export class S3Storage implements Storage {
   readonly client: S3Client;
   readonly bucket: string;
   private readonly root: string;
+  /** Set once the repository's config says so (setObjectLock): every put then carries the lock headers. */
+  private lock: ObjectLockWrite | undefined;
 
   constructor(
     location: S3Location,
@@ -241,7 +274,7 @@ export class S3Storage implements Storage {
       atomicCreate: true,
       // AWS S3 is strongly consistent for lists since 2020-12; RGW updates its bucket index with the write.
       consistentListing: true,
-      objectLock: false,
+      objectLock: true,
       connections: settings.connections,
       maxObjectSize: MAX_OBJECT_SIZE,
     };
@@ -266,6 +299,124 @@ export class S3Storage implements Storage {
 
   private context(operation: string, key?: string): S3Context {
     return { location: this.properties.location, operation, key };
+  }
+
+  /**
+   * From now on every put (but of the exempt keys) carries x-amz-object-lock-mode and
+   * x-amz-object-lock-retain-until-date = this host's clock + the retention (SPEC.md 20.5); undefined stops it.
+   * Locked PUTs need Content-MD5 (or an x-amz-checksum-*): every put here sends it anyway.
+   */
+  setObjectLock(lock: ObjectLockWrite | undefined): void {
+    this.lock = lock;
+  }
+
+  get objectLockWrite(): ObjectLockWrite | undefined {
+    return this.lock;
+  }
+
+  private lockHeaders(key: string): Record<string, string> {
+    const acl: Record<string, string> = this.settings.cannedAcl ? { 'x-amz-acl': this.settings.cannedAcl } : {};
+    const lock = this.lock;
+    if (!lock || lock.exempt?.(key)) return acl;
+    const until = (this.settings.now ?? Date.now)() + lock.retentionMs;
+    return { ...acl, 'x-amz-object-lock-mode': lock.mode, 'x-amz-object-lock-retain-until-date': new Date(until).toISOString() };
+  }
+
+  private versionQuery(options: CallOptions): [string, string][] | undefined {
+    return options.versionId === undefined ? undefined : [['versionId', options.versionId]];
+  }
+
+  /**
+   * Every version and delete marker under `prefix` (ListObjectVersions, a page at a time), by key and
+   * newest first within a key; keys relative to the root. Keys outside the rule are yielded as they are.
+   */
+  async *listVersions(prefix: string, options: CallOptions = {}): AsyncIterable<ObjectVersion> {
+    checkPrefix(prefix);
+    const context = this.context('list versions', prefix || '(all)');
+    let markers: { key: string; versionId: string | undefined } | undefined;
+    for (;;) {
+      const query: [string, string][] = [
+        ['versions', ''],
+        ['max-keys', String(this.settings.listPage)],
+        ['prefix', `${this.root}${prefix}`],
+        ['encoding-type', 'url'],
+      ];
+      if (markers) {
+        query.push(['key-marker', markers.key]);
+        if (markers.versionId) query.push(['version-id-marker', markers.versionId]);
+      }
+      const answer = await this.client.request({ method: 'GET', bucket: this.bucket, query, payloadHash: EMPTY_SHA256, response: { kind: 'text', maxSize: MAX_XML_BODY }, context, signal: options.signal });
+      const page = this.xml(() => parseVersionsPage(answer.body.toString('utf8')), context);
+      for (const version of page.versions) {
+        if (!version.key.startsWith(this.root)) throw new StorageError('protocol', `${context.location}: list versions: the store listed ${version.key.slice(0, 200)}, outside the prefix asked`, { ...context });
+        yield { ...version, key: version.key.slice(this.root.length) };
+      }
+      if (!page.truncated) return;
+      markers = { key: page.nextKeyMarker!, versionId: page.nextVersionIdMarker };
+    }
+  }
+
+  /** A version's Object Lock retention (GetObjectRetention), or undefined when it carries none. */
+  async retention(key: string, options: CallOptions = {}): Promise<{ mode: string; until: number } | undefined> {
+    checkKey(key);
+    const context = this.context('get retention', key);
+    try {
+      const answer = await this.client.request({ method: 'GET', bucket: this.bucket, objectKey: this.objectKey(key), query: [['retention', ''], ...(this.versionQuery(options) ?? [])], payloadHash: EMPTY_SHA256, response: { kind: 'text', maxSize: MAX_XML_BODY }, context, signal: options.signal });
+      return this.xml(() => parseRetention(answer.body.toString('utf8')), context);
+    } catch (error) {
+      if (error instanceof StorageError && error.reason === 'not-found' && error.storage.backendCode !== 'NoSuchKey' && error.storage.backendCode !== 'NoSuchVersion') return undefined;
+      throw error;
+    }
+  }
+
+  /** Sets a version's retention (PutObjectRetention, with its Content-MD5): S3 lets a locked date only grow. */
+  async setRetention(key: string, mode: string, until: number, options: CallOptions = {}): Promise<void> {
+    checkKey(key);
+    const context = this.context('put retention', key);
+    const xml = Buffer.from(retentionBody(mode, until), 'utf8');
+    await this.client.request({
+      method: 'PUT',
+      bucket: this.bucket,
+      objectKey: this.objectKey(key),
+      query: [['retention', ''], ...(this.versionQuery(options) ?? [])],
+      headers: { 'content-md5': md5Base64(xml), 'content-type': 'application/xml' },
+      body: { bytes: xml },
+      payloadHash: createHash('sha256').update(xml).digest('hex'),
+      response: { kind: 'discard' },
+      context,
+      signal: options.signal,
+    });
+  }
+
+  /** Whether the bucket has Object Lock enabled and its versioning status (Enabled, Suspended, or undefined). */
+  async bucketProtection(options: CallOptions = {}): Promise<{ objectLock: boolean; versioning: string | undefined }> {
+    const context = this.context('bucket settings');
+    let objectLock = false;
+    try {
+      const answer = await this.client.request({ method: 'GET', bucket: this.bucket, query: [['object-lock', '']], payloadHash: EMPTY_SHA256, response: { kind: 'text', maxSize: MAX_XML_BODY }, context, signal: options.signal });
+      objectLock = this.xml(() => parseObjectLockEnabled(answer.body.toString('utf8')), context);
+    } catch (error) {
+      if (!(error instanceof StorageError && error.reason === 'not-found' && error.storage.backendCode !== 'NoSuchBucket')) throw error;
+    }
+    const answer = await this.client.request({ method: 'GET', bucket: this.bucket, query: [['versioning', '']], payloadHash: EMPTY_SHA256, response: { kind: 'text', maxSize: MAX_XML_BODY }, context, signal: options.signal });
+    return { objectLock, versioning: this.xml(() => parseVersioningStatus(answer.body.toString('utf8')), context) };
+  }
+
+  /** Creates the bucket (CreateBucket), with Object Lock enabled (and so versioning) when asked. */
+  async createBucket(options: CallOptions & { objectLock?: boolean } = {}): Promise<void> {
+    const context = this.context('create bucket');
+    const region = this.settings.region;
+    const xml = region === 'us-east-1' ? undefined : Buffer.from(`<CreateBucketConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><LocationConstraint>${region}</LocationConstraint></CreateBucketConfiguration>`, 'utf8');
+    await this.client.request({
+      method: 'PUT',
+      bucket: this.bucket,
+      headers: { ...(options.objectLock ? { 'x-amz-bucket-object-lock-enabled': 'true' } : {}), ...(xml ? { 'content-type': 'application/xml' } : {}) },
+      body: xml ? { bytes: xml } : undefined,
+      payloadHash: xml ? createHash('sha256').update(xml).digest('hex') : EMPTY_SHA256,
+      response: { kind: 'discard' },
+      context,
+      signal: options.signal,
+    });
   }
 
   /** A one-key listing of the repository's prefix: the cheapest request that proves bucket and credentials. */
@@ -306,7 +457,7 @@ export class S3Storage implements Storage {
     if (size > this.properties.maxObjectSize) throw new InvalidArgumentError(`${this.properties.location}: ${key} would hold ${size} bytes, more than S3 stores in one object`);
     if (size > this.settings.multipartThreshold) {
       if (options.ifAbsent) throw new InvalidArgumentError(`${this.properties.location}: create-if-absent is for objects up to ${this.settings.multipartThreshold} bytes; ${key} holds ${size}`);
-      return this.putMultipart(objectKey, source, size, context, options.signal);
+      return this.putMultipart(objectKey, source, size, context, options.signal, this.lockHeaders(key));
     }
     const body: RequestBody = source instanceof Uint8Array ? { bytes: source } : { file: source.file, offset: 0, length: size };
     // The writer's MD5 of the file spares reading it twice (once to hash, once to send): measured in README.md.
@@ -315,7 +466,7 @@ export class S3Storage implements Storage {
       method: 'PUT',
       bucket: this.bucket,
       objectKey,
-      headers: { 'content-md5': digests.md5, 'content-type': 'application/octet-stream', ...(options.ifAbsent ? { 'if-none-match': '*' } : {}) },
+      headers: { 'content-md5': digests.md5, 'content-type': 'application/octet-stream', ...(options.ifAbsent ? { 'if-none-match': '*' } : {}), ...this.lockHeaders(key) },
       body,
       payloadHash: digests.payloadHash,
       response: { kind: 'discard' },
@@ -339,14 +490,14 @@ export class S3Storage implements Storage {
     return { md5: digests.md5, payloadHash: digests.sha256 ?? UNSIGNED_PAYLOAD };
   }
 
-  private async putMultipart(objectKey: string, source: PutSource, size: number, context: S3Context, signal: AbortSignal | undefined): Promise<void> {
+  private async putMultipart(objectKey: string, source: PutSource, size: number, context: S3Context, signal: AbortSignal | undefined, lockHeaders: Record<string, string>): Promise<void> {
     const partSize = Math.max(this.settings.partSize, Math.ceil(size / MAX_PARTS));
     const started = await this.client.request({
       method: 'POST',
       bucket: this.bucket,
       objectKey,
       query: [['uploads', '']],
-      headers: { 'content-type': 'application/octet-stream' },
+      headers: { 'content-type': 'application/octet-stream', ...lockHeaders },
       payloadHash: EMPTY_SHA256,
       response: { kind: 'text', maxSize: MAX_XML_BODY },
       context: { ...context, operation: 'put (start multipart)' },
@@ -423,6 +574,7 @@ export class S3Storage implements Storage {
       method: 'GET',
       bucket: this.bucket,
       objectKey,
+      query: this.versionQuery(options),
       headers: range ? { range: `bytes=${range.offset}-${range.offset + range.length - 1}` } : {},
       payloadHash: EMPTY_SHA256,
       response: { kind: 'bytes', maxSize: range ? range.length : (options.maxSize ?? DEFAULT_MAX_GET_SIZE), md5: !range, into: range ? options.into : undefined },
@@ -458,7 +610,7 @@ export class S3Storage implements Storage {
     checkKey(key);
     const context = this.context('stat', key);
     try {
-      const answer = await this.client.request({ method: 'HEAD', bucket: this.bucket, objectKey: this.objectKey(key), payloadHash: EMPTY_SHA256, response: { kind: 'discard' }, context, signal: options.signal });
+      const answer = await this.client.request({ method: 'HEAD', bucket: this.bucket, objectKey: this.objectKey(key), query: this.versionQuery(options), payloadHash: EMPTY_SHA256, response: { kind: 'discard' }, context, signal: options.signal });
       const size = Number(answer.headers['content-length']);
       if (!Number.isSafeInteger(size) || size < 0) throw new StorageError('protocol', `${context.location}: stat ${key}: the answer's Content-Length is ${JSON.stringify(answer.headers['content-length'])}`, { ...context });
       const lastModified = typeof answer.headers['last-modified'] === 'string' ? Date.parse(answer.headers['last-modified']) : NaN;
@@ -510,7 +662,7 @@ export class S3Storage implements Storage {
     checkKey(key);
     const context = this.context('delete', key);
     try {
-      await this.client.request({ method: 'DELETE', bucket: this.bucket, objectKey: this.objectKey(key), payloadHash: EMPTY_SHA256, response: { kind: 'discard' }, context, signal: options.signal });
+      await this.client.request({ method: 'DELETE', bucket: this.bucket, objectKey: this.objectKey(key), query: this.versionQuery(options), payloadHash: EMPTY_SHA256, response: { kind: 'discard' }, context, signal: options.signal });
     } catch (error) {
       // S3 answers 204 for an absent key; a store that says 404 NoSuchKey means the same outcome.
       if (error instanceof StorageError && error.reason === 'not-found' && error.storage.backendCode === 'NoSuchKey') return;

@@ -70,6 +70,12 @@ export type PutSource = Uint8Array | { file: string; md5?: string | undefined };
 export interface CallOptions {
   /** Ends the call promptly (ENGINE_INTERRUPTED) when aborted. */
   signal?: AbortSignal | undefined;
+  /**
+   * S3 with versioning only (SPEC.md 20.5): get, stat or delete this version of the key rather than its
+   * current one (a delete then removes that version for good, where S3's plain DELETE only adds a delete
+   * marker). The engine passes it to S3 storages only: the folder and memory backends have no versions.
+   */
+  versionId?: string | undefined;
 }
 
 export interface PutOptions extends CallOptions {
@@ -102,7 +108,7 @@ export interface StorageProperties {
   atomicCreate: boolean;
   /** A listing started after a put or delete completed reflects it (read-after-write for lists). */
   consistentListing: boolean;
-  /** Objects can be made immutable until a date (S3 Object Lock): not used yet. */
+  /** Objects can be made immutable until a date (S3 Object Lock, SPEC.md 20.5): the backend can write them so. */
   objectLock: boolean;
   /** How many operations this backend serves well at once (the concurrency limit's default). */
   connections: number;

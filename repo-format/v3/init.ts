@@ -6,7 +6,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { CIPHER_ID, LAYOUT } from '../constants.js';
-import { encodeConfig, newConfig, type RepositoryConfig } from '../config.js';
+import { encodeConfig, newConfig, type ObjectLockConfig, type RepositoryConfig } from '../config.js';
 import { INIT_COMPRESSION, type Compression } from '../compression.js';
 import { RepositoryExistsError } from '../errors.js';
 import { newRepositoryKeys } from '../crypto.js';
@@ -21,6 +21,8 @@ export interface InitV3Options {
   passphrase?: Passphrase | undefined;
   /** What the writers compress with: the default (INIT_COMPRESSION) unless given. */
   compression?: Compression | undefined;
+  /** S3 only, the bucket checked by the caller: every object but the leases locked (SPEC.md 20.5). */
+  objectLock?: ObjectLockConfig | undefined;
 }
 
 /**
@@ -34,7 +36,7 @@ export async function initV3(storage: Storage, options: InitV3Options): Promise<
   const repositoryId = randomBytes(16).toString('hex');
   const keyId = randomBytes(8).toString('hex');
   const encryption = options.passphrase === undefined ? undefined : { cipher: CIPHER_ID, keyFile: `${LAYOUT.keys}/${keyFileName(keyId)}` };
-  const config = newConfig(repositoryId, options.blockSize, new Date(), encryption, true, options.compression ?? INIT_COMPRESSION);
+  const config: RepositoryConfig = { ...newConfig(repositoryId, options.blockSize, new Date(), encryption, true, options.compression ?? INIT_COMPRESSION), ...(options.objectLock ? { objectLock: options.objectLock } : {}) };
   try {
     if (encryption && options.passphrase !== undefined) {
       const keyFile = await createKeyFile(newRepositoryKeys(), options.passphrase, repositoryId, keyId);

@@ -289,16 +289,35 @@ export class HeldLease {
     return this;
   }
 
-  /** Stops refreshing and deletes the lease. */
+  /** Stops refreshing and deletes the lease (or, with credentials that may not delete, retires it). */
   async release(): Promise<void> {
     this.released = true;
     if (this.unhold) crashPoint('guard-releasing');
     try {
       this.keepAliveController?.abort();
       await this.keepAliveDone;
-      await this.context.storage.delete(this.key);
+      await this.discard();
     } finally {
       this.unhold?.();
+    }
+  }
+
+  /**
+   * Deletes the lease. Append-only credentials (SPEC.md 20.5: a backup whose user may put but not delete)
+   * are refused the delete (`denied`): the lease is then rewritten in place with `expires` 4B before now, so
+   * that every observer, whose clock is within 2B of this one's, judges it expired at once (live only while
+   * now ≤ expires + 2B) — the holder has stopped relying on it — and the next process with delete rights that
+   * looks (gc, prune, another backup with full credentials) breaks it as any expired lease.
+   */
+  async discard(): Promise<void> {
+    const { storage, clock } = this.context;
+    try {
+      await storage.delete(this.key);
+    } catch (error) {
+      if (!isStorageError(error, 'denied')) throw error;
+      const retired: Lease = { ...this.lease, expires: new Date(clock.wall() - 4 * this.timing.skewBoundMs - STORE_TIME_RESOLUTION_MS).toISOString() };
+      await storage.put(this.key, encodeLease(retired));
+      this.lease = retired;
     }
   }
 }
@@ -394,7 +413,14 @@ export class Leases {
         seen.push({ key: info.key, lease });
         continue;
       }
-      await storage.delete(info.key, { signal });
+      try {
+        await storage.delete(info.key, { signal });
+      } catch (error) {
+        // Append-only credentials: an expired or dead lease counts for nothing whether or not it can be
+        // removed; one with delete rights (gc) removes it later.
+        if (isStorageError(error, 'denied')) continue;
+        throw error;
+      }
       this.context.onBroken?.(lease, state);
     }
     return seen;
@@ -475,11 +501,11 @@ export class Leases {
         // One at a time (gc), by the same write-then-look: of two at once, at least one sees the other.
         const twin = options.alone ? others.find((seen) => seen.lease?.command === options.command) : undefined;
         if (!blocker && twin) {
-          await this.context.storage.delete(held.key);
+          await held.discard();
           throw lockedError(this.context.storage, twin, 0);
         }
         if (!blocker) return held.acquired();
-        await this.context.storage.delete(held.key);
+        await held.discard();
       }
       if (clock.monotonic() - started >= (options.waitMs ?? 0)) throw lockedError(this.context.storage, blocker, clock.monotonic() - started);
       await this.pause(options.signal);

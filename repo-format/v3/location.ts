@@ -6,10 +6,20 @@
  * or the shared credentials file, never from here.
  */
 import { resolve } from 'node:path';
+import { InvalidArgumentError } from '../errors.js';
 import { LocalStorage } from '../storage/local.js';
 import { isS3Url } from '../storage/s3-url.js';
 import type { Storage } from '../storage/storage.js';
 import type { Environment } from '../storage/s3-credentials.js';
+import type { S3Storage } from '../storage/s3.js';
+
+/** The S3 backend under each stack openLocation made: Object Lock and versions are S3's alone (SPEC.md 20.5). */
+const s3Backends = new WeakMap<Storage, S3Storage>();
+
+/** The S3 backend of a storage openLocation opened, else undefined (a folder). */
+export function s3BackendOf(storage: Storage): S3Storage | undefined {
+  return s3Backends.get(storage);
+}
 
 export interface S3Settings {
   /** https://HOST[:PORT] of a non-AWS store (RGW, MinIO); default AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, AWS's regional endpoint. */
@@ -21,6 +31,8 @@ export interface S3Settings {
   env?: Environment | undefined;
   /** Warnings that are not fatal (a credentials file others can read). */
   onWarning?: ((message: string) => void) | undefined;
+  /** Try the bucket and credentials at once (default true; init with --object-lock may create the bucket first). */
+  check?: boolean | undefined;
 }
 
 export type LocationKind = 'folder' | 's3';
@@ -37,6 +49,10 @@ export async function openLocation(where: string, s3: S3Settings = {}): Promise<
   const caFile = s3.caFile ?? (env.AWS_CA_BUNDLE || undefined);
   // Loaded here, not at the top: a folder's commands do not pay for the S3 client (HTTP, XML, SigV4) at start-up.
   const { openS3Stack } = await import('../storage/s3.js');
-  const { storage } = await openS3Stack({ url: where, endpoint: s3.endpoint, region: s3.region, caFile, env, onWarning: s3.onWarning });
+  // ENGINE_S3_ACL: a writer that is not the bucket's owner (append-only credentials) gives the owner its objects.
+  const acl = env.ENGINE_S3_ACL || undefined;
+  if (acl !== undefined && acl !== 'bucket-owner-full-control') throw new InvalidArgumentError(`ENGINE_S3_ACL=${acl.slice(0, 40)}: the one canned ACL the engine sends is bucket-owner-full-control`);
+  const { storage, backend } = await openS3Stack({ url: where, endpoint: s3.endpoint, region: s3.region, caFile, env, onWarning: s3.onWarning, check: s3.check, cannedAcl: acl });
+  s3Backends.set(storage, backend);
   return storage;
 }

@@ -7,7 +7,8 @@
  */
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import { rm } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
 import type { RepositoryConfig } from '../config.js';
 import { LEASE_SKEW_BOUND_MS, LEASE_TIME_MS } from '../constants.js';
 import { createPrivateDirectory } from '../file-modes.js';
@@ -49,6 +50,13 @@ export interface V3SessionOptions {
   signal?: AbortSignal | undefined;
   notice: (message: string) => void;
   cacheRoot?: string | undefined;
+  /** Write no lease at all (a point-in-time view, `--as-of`: read-only, and the store it shows is the past). */
+  noLease?: boolean | undefined;
+  /**
+   * A cache of this process's own, in a fresh folder under the cache directory, removed at close: what a
+   * point-in-time view shows is not the repository's present, which the host's cache follows.
+   */
+  privateCache?: boolean | undefined;
 }
 
 /**
@@ -76,6 +84,8 @@ export class V3Session implements BlobIndex {
   private catching: Promise<void> = Promise.resolve();
   /** Damaged segments already reported (a catch-up tries them again, the notice is given once). */
   private readonly reportedDamaged = new Set<string>();
+  /** A private cache directory (privateCache), removed at close. */
+  private privateRoot: string | undefined;
 
   private constructor(
     private held: HeldLease,
@@ -168,7 +178,10 @@ export class V3Session implements BlobIndex {
 
   static async open(options: V3SessionOptions): Promise<V3Session> {
     const { storage, config, signal, notice } = options;
-    const cacheRoot = options.cacheRoot ?? defaultCacheRoot();
+    const hostCacheRoot = options.cacheRoot ?? defaultCacheRoot();
+    const privateRoot = options.privateCache ? join(hostCacheRoot, 'as-of', `${process.pid}-${randomBytes(4).toString('hex')}`) : undefined;
+    if (privateRoot) await mkdir(privateRoot, { recursive: true, mode: 0o700 });
+    const cacheRoot = privateRoot ?? hostCacheRoot;
     const hostId = await hostIdOf(cacheRoot);
     const timing = { leaseMs: config.leases?.timeMs ?? LEASE_TIME_MS, skewBoundMs: config.leases?.skewBoundMs ?? LEASE_SKEW_BOUND_MS };
     const leases = new Leases({
@@ -179,7 +192,7 @@ export class V3Session implements BlobIndex {
       timing,
       onBroken: (lease, state) => notice(`removed the ${state} ${lease.kind} lease ${lease.id} of ${lease.command} (pid ${lease.pid} on ${lease.hostname}, since ${lease.since})`),
     });
-    const lease = await acquireOrReadWithout(leases, options, timing.leaseMs);
+    const lease = options.noLease ? leases.unwritten(options.command) : await acquireOrReadWithout(leases, options, timing.leaseMs);
     lease.keepAlive();
     crashPoint('lease-held');
     let cache: IndexCache | undefined;
@@ -196,10 +209,13 @@ export class V3Session implements BlobIndex {
       const segments = options.writer
         ? new SegmentWriter({ storage, dataKey: options.dataKey, assertHeld: () => lease.assertHeld(), confirmHeld: () => lease.refresh(signal), onSegment: (segment) => cache!.ingest(segment), signal })
         : undefined;
-      return new V3Session(lease, leases, options.command, cache, tempDir, opened.catchUp, segments, notice);
+      const session = new V3Session(lease, leases, options.command, cache, tempDir, opened.catchUp, segments, notice);
+      session.privateRoot = privateRoot;
+      return session;
     } catch (error) {
       await cache?.close().catch(() => undefined);
       await lease.release().catch(() => undefined);
+      if (privateRoot) await rm(privateRoot, { recursive: true, force: true }).catch(() => undefined);
       throw error;
     }
   }
@@ -249,5 +265,6 @@ export class V3Session implements BlobIndex {
     forgetSpareFiles(this.tempDir);
     await rm(this.tempDir, { recursive: true, force: true }).catch(() => undefined);
     await this.held.release().catch(() => undefined);
+    if (this.privateRoot) await rm(this.privateRoot, { recursive: true, force: true }).catch(() => undefined);
   }
 }
