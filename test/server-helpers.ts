@@ -66,9 +66,9 @@ export interface ClientOptions {
 }
 
 /** One request; the body as JSON (or as given when a string or Buffer). */
-export function call(server: { url: string; socket: string | null }, method: string, path: string, body?: unknown, options: ClientOptions & { headers?: Record<string, string> } = {}): Promise<Answer> {
+export function call(server: { url: string; socket: string | null }, method: string, path: string, body?: unknown, options: ClientOptions & { headers?: Record<string, string>; chunked?: boolean } = {}): Promise<Answer> {
   const payload = body === undefined ? undefined : typeof body === 'string' || Buffer.isBuffer(body) ? Buffer.from(body) : Buffer.from(JSON.stringify(body));
-  const headers: Record<string, string> = { ...(payload ? { 'content-type': 'application/json', 'content-length': String(payload.length) } : {}), ...(options.token ? { authorization: `Bearer ${options.token}` } : {}), ...options.headers };
+  const headers: Record<string, string> = { ...(payload ? { 'content-type': 'application/json', ...(options.chunked ? {} : { 'content-length': String(payload.length) }) } : {}), ...(options.token ? { authorization: `Bearer ${options.token}` } : {}), ...options.headers };
   return new Promise((resolve, reject) => {
     const onResponse = (res: IncomingMessage): void => {
       const chunks: Buffer[] = [];
@@ -91,7 +91,11 @@ export function call(server: { url: string; socket: string | null }, method: str
           ? httpsRequest({ ...common, host: url!.hostname, port: url!.port, ca: options.ca, servername: 'localhost' }, onResponse)
           : httpRequest({ ...common, host: url!.hostname, port: url!.port }, onResponse);
     req.on('error', reject);
-    req.end(payload);
+    if (payload && options.chunked) {
+      // Transfer-Encoding: chunked, no Content-Length: the server learns the size only as it reads.
+      req.write(payload.subarray(0, 1024));
+      req.end(payload.subarray(1024));
+    } else req.end(payload);
   });
 }
 
@@ -215,7 +219,9 @@ export function answerSchema(doc: Schema, method: string, path: string, status: 
     const operation = item[method.toLowerCase()] as Schema | undefined;
     const responses = operation?.responses as Record<string, Schema> | undefined;
     const response = responses?.[String(status)];
-    return ((response?.content as Record<string, Schema> | undefined)?.['application/json'] as Schema | undefined)?.schema as Schema | undefined;
+    const schema = ((response?.content as Record<string, Schema> | undefined)?.['application/json'] as Schema | undefined)?.schema as Schema | undefined;
+    if (schema || status < 400) return schema;
   }
-  return undefined;
+  // An error on a path or method the API does not have (404, 405) is an error body all the same.
+  return status >= 400 ? { $ref: '#/components/schemas/ErrorBody' } : undefined;
 }

@@ -51,7 +51,8 @@ export function registerServerCommand(program: Command): void {
     .option('--label <text>', 'who or what the token is for, shown as a job\'s startedBy', 'token')
     .option('--json', 'print JSON')
     .action(async (opts: { role: 'read' | 'operator'; file: string; label: string; json?: boolean }) => {
-      output.json = opts.json === true;
+      // `server`'s own --json may have taken the flag (commander gives a parent's options precedence): main.ts set output.json from argv.
+      if (opts.json) output.json = true;
       const { addToken } = await import('../../engine/server/auth.js');
       const { token } = await addToken(opts.file, opts.role, opts.label);
       if (output.json) printJson({ token, role: opts.role, label: opts.label, file: opts.file });

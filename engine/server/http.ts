@@ -67,7 +67,9 @@ export function sendError(res: ServerResponse, error: unknown, headers: Record<s
     res.destroy();
     return;
   }
-  sendJson(res, error instanceof MethodNotAllowedError ? 405 : statusOf(json.code), { error: json }, headers);
+  // A body over the limit: the rest is never read, so the connection cannot carry another request.
+  const close: Record<string, string> = json.code === 'ENGINE_BODY_TOO_LARGE' ? { connection: 'close' } : {};
+  sendJson(res, error instanceof MethodNotAllowedError ? 405 : statusOf(json.code), { error: json }, { ...headers, ...close });
 }
 
 /**

@@ -88,9 +88,7 @@ function oneOf<T extends string>(value: unknown, where: string, choices: readonl
 const COMMON = ['kind', 'repository'];
 
 export function parseJobRequest(body: unknown): JobRequest {
-  const top = fields(body, 'the request', [...COMMON, 'name', 'mode', 'workers', 'disks', 'libvirt', 'ovirt', 'backup', 'disk', 'target', 'force', 'readData', 'subset', 'seed', 'keep', 'dryRun', 'rewriteBelow'], COMMON);
-  const kind = oneOf(top.kind, 'kind', JOB_KINDS)!;
-  const repository = text(top.repository, 'repository', 64);
+  const kind = oneOf(fields(body, 'the request', Object.keys((body ?? {}) as object), COMMON).kind, 'kind', JOB_KINDS)!;
   const allowed: Record<JobKind, readonly string[]> = {
     backup: ['name', 'mode', 'workers', 'disks', 'libvirt', 'ovirt'],
     restore: ['backup', 'disk', 'target', 'force', 'workers'],
@@ -98,7 +96,8 @@ export function parseJobRequest(body: unknown): JobRequest {
     prune: ['keep', 'dryRun'],
     gc: ['rewriteBelow', 'dryRun'],
   };
-  fields(body, `a ${kind} job`, [...COMMON, ...allowed[kind]]);
+  const top = fields(body, `a ${kind} job`, [...COMMON, ...allowed[kind]]);
+  const repository = text(top.repository, 'repository', 64);
   const workers = integer(top.workers, 'workers', 0, 256);
   switch (kind) {
     case 'backup':
