@@ -10,7 +10,7 @@
  * each read answered after 300 ms, so a backup of it runs for many seconds without using the CPU.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { access, readdir } from 'node:fs/promises';
+import { access, readdir, readFile } from 'node:fs/promises';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { filesIdentical, initRepository, tempDir, waitFor, writeRegion } from './helpers.js';
@@ -32,6 +32,8 @@ beforeAll(async () => {
   await initRepository(repo);
   await writeRegion(join(dir, 'a.img'), 0, 16 * 1024 * 1024, 'random', 'a');
   await writeRegion(join(dir, 'b.img'), 0, 12 * 1024 * 1024, 'random', 'b');
+  // Over 16 MiB: backed up through the worker pool (a job of 16 MiB or less runs on the main thread).
+  await writeRegion(join(dir, 'c.img'), 0, 20 * 1024 * 1024, 'random', 'c');
   const socket = join(dir, 'slow.sock');
   nbdkit = spawn('nbdkit', ['-f', '--exit-with-parent', '-t', '1', '-U', socket, '--filter=delay', 'pattern', '64M', 'rdelay=300ms'], { stdio: 'ignore' });
   await waitFor('nbdkit listens', () => access(socket).then(() => true, () => false), { child: nbdkit });
@@ -203,6 +205,17 @@ describe('engine server: jobs', () => {
     const verify = (await jobEnd(server, (await post({ kind: 'verify', repository: 'main' })).id)) as Job;
     expect(verify.result).toMatchObject({ ok: true, backups: 3, problems: [] });
     expect(await leases()).toEqual([]);
+  });
+
+  test('memory: twelve backups one after the other leave the server under 300 MiB (each pool\'s 32 MiB is given back)', async () => {
+    for (let i = 0; i < 12; i++) {
+      const job = (await jobEnd(server, (await post({ kind: 'backup', repository: 'main', disks: [{ kind: 'raw', path: join(dir, 'c.img') }] })).id)) as Job;
+      expect(job.state).toBe('succeeded');
+    }
+    const status = await readFile(`/proc/${server.child.pid}/status`, 'utf8');
+    const rss = Number(/^VmRSS:\s+(\d+) kB/m.exec(status)![1]) * 1024;
+    // Without the collection after each job (engine/server/memory.ts) measured 353 MiB here, with it 149 MiB.
+    expect(rss).toBeLessThan(300 * 1024 * 1024);
   });
 
   test('the OpenAPI document is served as checked in, and every JSON answer above matches it', async () => {

@@ -19,6 +19,7 @@ import { errorJson } from './http.js';
 import { FINAL_STATES, type JobError, type JobJournal, type JobProgress, type JobRecord, type JobState } from './journal.js';
 import type { JobRequest } from './job-requests.js';
 import { runJob } from './runners.js';
+import { releaseJobMemory } from './memory.js';
 
 export interface JobEvent {
   id: number;
@@ -197,6 +198,7 @@ export class JobManager {
     } finally {
       this.running.delete(job);
       this.schedule();
+      releaseJobMemory();
     }
   }
 
