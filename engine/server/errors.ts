@@ -54,6 +54,6 @@ export class QueueFullError extends EngineError {
 /** A job the server was running (or had queued) when it stopped without finishing it: a kill -9, a crash, a power cut. */
 export class ServerRestartedError extends EngineError {
   constructor(jobId: string, state: string) {
-    super('ENGINE_SERVER_RESTARTED', `the server stopped while job ${jobId} was ${state}; the repository's recovery cleaned up after it, nothing of it was committed unless its result says so`, { job: jobId, state });
+    super('ENGINE_SERVER_RESTARTED', `the server stopped while job ${jobId} was ${state}, before it could record the outcome; the repository's recovery cleaned up after it (a backup's record is all or nothing: the catalogue shows whether it committed)`, { job: jobId, state });
   }
 }
