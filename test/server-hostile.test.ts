@@ -79,6 +79,8 @@ describe('engine server: tokens, roles and TLS', () => {
     expect(none.headers['www-authenticate']).toBe('Bearer realm="engine"');
     expectError(await call(server, 'GET', '/api/v1/jobs', undefined, { ca, token: `${operator}x` }), 401, 'ENGINE_UNAUTHORIZED');
     expectError(await call(server, 'GET', '/api/v1/jobs', undefined, { ca, headers: { authorization: `Basic ${operator}` } }), 401, 'ENGINE_UNAUTHORIZED');
+    // Without a token nothing is told, not even which paths exist.
+    expectError(await call(server, 'GET', '/api/v1/nothing-here', undefined, { ca }), 401, 'ENGINE_UNAUTHORIZED');
     expect((await call(server, 'GET', '/api/v1/jobs', undefined, { ca, token: reader })).status).toBe(200);
     expect((await call(server, 'GET', '/api/v1/repositories', undefined, { ca, token: reader })).status).toBe(200);
     const refused = expectError(await call(server, 'POST', '/api/v1/jobs', { kind: 'gc', repository: 'main', dryRun: true }, { ca, token: reader }), 403, 'ENGINE_FORBIDDEN');

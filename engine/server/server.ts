@@ -76,11 +76,12 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
       sendJson(res, 200, await openApiDocument());
       return;
     }
-    const { route, params } = matchRoute(routes, req.method ?? 'GET', url.pathname);
+    // Who asks, before what is asked is looked at: without a token even a path that does not exist is 401.
     const principal = await tokens.authenticate(req.headers.authorization).catch((error: unknown) => {
       res.setHeader('www-authenticate', 'Bearer realm="engine"');
       throw error;
     });
+    const { route, params } = matchRoute(routes, req.method ?? 'GET', url.pathname);
     requireRole(principal, route.role, `${route.method} ${url.pathname}`);
     await route.handle({ req, res, params, query: url.searchParams, principal });
   };
