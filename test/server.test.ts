@@ -14,7 +14,7 @@ import { access, readdir, readFile } from 'node:fs/promises';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { exitOf, filesIdentical, initRepository, runEngine, sh, tempDir, waitFor, writeRegion } from './helpers.js';
-import { qemuImgCompare } from './qemu.js';
+import { qcow2, qemuImgCompare, qemuNbd } from './qemu.js';
 import { answerSchema, call, jobEnd, openApiDocument, readEvents, recorded, startServer, validate, writeConfig, type RunningServer } from './server-helpers.js';
 
 let dir: string;
@@ -126,7 +126,7 @@ describe('engine server: jobs', () => {
     expect(await filesIdentical(target, join(dir, 'a.img'))).toBe(true);
   });
 
-  test('a qcow2 image backed up through its bitmaps, restored into a new qcow2 image: the same guest bytes', async () => {
+  test('a qcow2 image backed up through its bitmaps, restored into a new qcow2 image and into an NBD export: the same guest bytes', async () => {
     const image = join(dir, 'c.qcow2');
     await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', join(dir, 'c.img'), image]);
     const backedUp = (await jobEnd(server, (await post({ kind: 'backup', repository: 'main', name: 'qcow2', disks: [{ kind: 'image', path: image }] })).id)) as Job;
@@ -136,6 +136,18 @@ describe('engine server: jobs', () => {
     const restored = (await jobEnd(server, (await post({ kind: 'restore', repository: 'main', backup: String(backedUp.result!.id), target: { kind: 'qcow2', path: target } })).id)) as Job;
     expect(restored.error).toBeNull();
     expect(await qemuImgCompare(target, 'qcow2', join(dir, 'c.img'), 'raw')).toBe(true);
+    // And into an NBD export (qemu-nbd serving an empty image of the disk's size).
+    const exported = join(dir, 'exported.qcow2');
+    await qcow2(exported, '20M');
+    const served = await qemuNbd(exported, dir, { readOnly: false });
+    try {
+      const viaNbd = (await jobEnd(server, (await post({ kind: 'restore', repository: 'main', backup: String(backedUp.result!.id), target: { kind: 'nbd', uri: served.uri } })).id)) as Job;
+      expect(viaNbd.error).toBeNull();
+      expect(viaNbd.result).toMatchObject({ disks: [{ name: 'c.qcow2', size: 20 * 1024 * 1024, created: false }] });
+    } finally {
+      await served.stop();
+    }
+    expect(await qemuImgCompare(exported, 'qcow2', join(dir, 'c.img'), 'raw')).toBe(true);
     // Forgotten again: the catalogue test below counts the backups of raw files.
     expect((await runEngine(['forget', '--repo', repo, String(backedUp.result!.id)])).code).toBe(0);
   });
@@ -176,7 +188,7 @@ describe('engine server: jobs', () => {
     const gc = (await jobEnd(server, (await post({ kind: 'gc', repository: 'main', dryRun: true })).id)) as Job;
     expect(gc.result).toMatchObject({ dryRun: true, backups: 2, notices: [] });
     const listed = (await call(server, 'GET', '/api/v1/jobs?state=succeeded&repository=main')).json as { jobs: Job[] };
-    expect(listed.jobs.map((j) => j.kind)).toEqual(['backup', 'restore', 'backup', 'restore', 'backup', 'verify', 'prune', 'gc']);
+    expect(listed.jobs.map((j) => j.kind)).toEqual(['backup', 'restore', 'backup', 'restore', 'restore', 'backup', 'verify', 'prune', 'gc']);
   });
 
   test('a client that leaves an event stream mid-way: the job runs on, the server answers', async () => {
