@@ -48,18 +48,36 @@ export interface JobRecord {
 /** Job ids: 32 hex digits, random; what the API's paths accept and nothing else (no traversal). */
 export const JOB_ID = /^[0-9a-f]{32}$/;
 
-export class JobJournal {
-  private constructor(private readonly dir: string) {}
+/** Finished jobs the journal keeps: a file each (~1-3 KiB); older ones are removed when the server starts. */
+export const KEEP_FINISHED_JOBS = 10_000;
 
-  static async open(stateDir: string): Promise<JobJournal> {
+export class JobJournal {
+  private constructor(
+    private readonly dir: string,
+    private readonly keep: number,
+  ) {}
+
+  static async open(stateDir: string, options: { keep?: number } = {}): Promise<JobJournal> {
     await ensurePrivateDirectory(stateDir);
     const dir = join(stateDir, 'jobs');
     await mkdir(dir, { recursive: true, mode: 0o700 });
-    return new JobJournal(dir);
+    return new JobJournal(dir, options.keep ?? KEEP_FINISHED_JOBS);
   }
 
-  /** Every job the journal holds, oldest first; a file that does not parse (cut by a crash before its rename cannot be) is skipped. */
+  /**
+   * Every job the journal holds, oldest first, after removing the files of finished jobs beyond the newest
+   * `keep` (a server that runs for years must not fill its disk nor read millions of files at start); a job
+   * not finished is never removed. A file that does not parse (a crash cannot cut one: it is renamed whole) is skipped.
+   */
   async load(): Promise<JobRecord[]> {
+    const jobs = await this.readAll();
+    const finished = jobs.filter((job) => FINAL_STATES.includes(job.state));
+    const old = new Set(finished.slice(0, Math.max(0, finished.length - this.keep)));
+    for (const job of old) await rm(join(this.dir, `${job.id}.json`), { force: true });
+    return jobs.filter((job) => !old.has(job));
+  }
+
+  private async readAll(): Promise<JobRecord[]> {
     const jobs: JobRecord[] = [];
     for (const name of await readdir(this.dir)) {
       const id = name.replace(/\.json$/, '');
