@@ -6,7 +6,7 @@
  * stable code in a JSON body; every JSON answer is checked against the OpenAPI document at the end.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { access, readFile, stat } from 'node:fs/promises';
+import { access, readFile, stat, writeFile } from 'node:fs/promises';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { connect } from 'node:net';
 import { join } from 'node:path';
@@ -23,6 +23,8 @@ let ca: Buffer;
 let server: RunningServer;
 let nbdkit: ChildProcess;
 let slowUri: string;
+
+const PASSPHRASE = 'correct horse battery staple';
 
 type ErrorAnswer = { error: { code: string; message: string; details: Record<string, unknown> } };
 
@@ -44,7 +46,11 @@ beforeAll(async () => {
   nbdkit = spawn('nbdkit', ['-f', '--exit-with-parent', '-t', '1', '-U', socket, '--filter=delay', 'pattern', '64M', 'rdelay=300ms'], { stdio: 'ignore' });
   await waitFor('nbdkit listens', () => access(socket).then(() => true, () => false), { child: nbdkit });
   slowUri = `nbd+unix:///?socket=${socket}`;
-  const config = await writeConfig(dir, { stateDir: join(dir, 'state'), tokensFile, limits: { jobs: 1, queue: 1 }, repositories: { main: { location: repo } } });
+  // An encrypted repository: its passphrase in a file the config names, never in a request or an answer.
+  await writeFile(join(dir, 'passphrase'), `${PASSPHRASE}\n`, { mode: 0o600 });
+  const init = await runEngine(['init', join(dir, 'secret'), '--encrypt', '--password-file', join(dir, 'passphrase')]);
+  expect(init.code, init.stderr).toBe(0);
+  const config = await writeConfig(dir, { stateDir: join(dir, 'state'), tokensFile, limits: { jobs: 1, queue: 1 }, repositories: { main: { location: repo }, secret: { location: join(dir, 'secret'), passwordFile: join(dir, 'passphrase') } } });
   server = await startServer(['--config', config, '--listen', '127.0.0.1:0', '--tls-cert', join(dir, 'cert.pem'), '--tls-key', join(dir, 'key.pem')]);
 });
 
@@ -159,6 +165,24 @@ describe('engine server: hostile requests', () => {
     // Room again: the next job runs.
     const next = (await post({ kind: 'backup', repository: 'main', disks: [{ kind: 'raw', path: join(dir, 'a.img') }] })).json as { id: string };
     expect((await jobEnd(server, next.id, { ca, token: operator })).state).toBe('succeeded');
+  });
+});
+
+describe('engine server: an encrypted repository', () => {
+  test('its passphrase comes from the file the config names: a backup and the catalogue work, no answer carries it', async () => {
+    const posted = await call(server, 'POST', '/api/v1/jobs', { kind: 'backup', repository: 'secret', disks: [{ kind: 'raw', path: join(dir, 'a.img') }] }, { ca, token: operator });
+    expect(posted.status, posted.text).toBe(202);
+    const job = (await jobEnd(server, (posted.json as { id: string }).id, { ca, token: operator })) as { state: string; result: { id: string } };
+    expect(job.state).toBe('succeeded');
+    const listed = (await call(server, 'GET', '/api/v1/repositories/secret/backups', undefined, { ca, token: reader })).json as { backups: { id: string }[] };
+    expect(listed.backups.map((b) => b.id)).toEqual([job.result.id]);
+    const repositories = (await call(server, 'GET', '/api/v1/repositories', undefined, { ca, token: reader })).json as { repositories: { name: string; encrypted: boolean }[] };
+    expect(repositories.repositories.map((r) => [r.name, r.encrypted])).toEqual([
+      ['main', false],
+      ['secret', true],
+    ]);
+    expect(JSON.stringify(recorded)).not.toContain(PASSPHRASE);
+    expect(await readFile(join(dir, 'state', 'jobs', `${(posted.json as { id: string }).id}.json`), 'utf8')).not.toContain(PASSPHRASE);
   });
 });
 

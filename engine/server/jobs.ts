@@ -66,7 +66,10 @@ export class JobManager {
   static async start(config: ServerConfig, journal: JobJournal, onLog: (message: string) => void): Promise<JobManager> {
     const manager = new JobManager(config, journal, onLog);
     for (const repo of config.repositories.values()) {
-      manager.passphrases.set(repo.name, (await resolvePassphrase({ file: repo.passwordFile, fileLabel: `repositories.${repo.name}.passwordFile`, env: {} })).passphrase);
+      // Only the file the config names: the server's own $ENGINE_PASSWORD is no repository's passphrase.
+      const resolved = await resolvePassphrase({ file: repo.passwordFile, fileLabel: `repositories.${repo.name}.passwordFile`, env: {} });
+      for (const warning of resolved.warnings) onLog(warning);
+      manager.passphrases.set(repo.name, resolved.passphrase);
     }
     const records = await journal.load();
     const interrupted = records.filter((r) => !FINAL_STATES.includes(r.state));
