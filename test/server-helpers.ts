@@ -109,12 +109,12 @@ export interface SseEvent {
  * The events of a job until the stream ends, or until `stopAfter` says so (then the client goes away
  * mid-stream: the connection is destroyed).
  */
-export function readEvents(server: { url: string; socket: string | null }, jobId: string, options: ClientOptions & { stopAfter?: (event: SseEvent) => boolean } = {}): Promise<SseEvent[]> {
+export function readEvents(server: { url: string; socket: string | null }, jobId: string, options: ClientOptions & { stopAfter?: (event: SseEvent) => boolean; headers?: Record<string, string> } = {}): Promise<SseEvent[]> {
   return new Promise((resolve, reject) => {
     const events: SseEvent[] = [];
     const path = `/api/v1/jobs/${jobId}/events`;
     const url = server.socket === null ? new URL(path, server.url) : undefined;
-    const headers = options.token ? { authorization: `Bearer ${options.token}` } : {};
+    const headers = { ...(options.token ? { authorization: `Bearer ${options.token}` } : {}), ...options.headers };
     const req = (server.socket !== null ? httpRequest({ path, socketPath: server.socket, headers }) : httpRequest({ host: url!.hostname, port: url!.port, path, headers })).on('error', reject);
     req.on('response', (res) => {
       if (res.statusCode !== 200) return reject(new Error(`events: status ${res.statusCode}`));

@@ -14,7 +14,7 @@ import { access, readdir, readFile } from 'node:fs/promises';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { exitOf, filesIdentical, initRepository, runEngine, sh, tempDir, waitFor, writeRegion } from './helpers.js';
-import { qcow2, qemuImgCompare, qemuNbd } from './qemu.js';
+import { qcow2, qemuImgCompare, qemuIo, qemuNbd } from './qemu.js';
 import { answerSchema, call, jobEnd, openApiDocument, readEvents, recorded, startServer, validate, writeConfig, type RunningServer } from './server-helpers.js';
 
 let dir: string;
@@ -148,8 +148,18 @@ describe('engine server: jobs', () => {
       await served.stop();
     }
     expect(await qemuImgCompare(exported, 'qcow2', join(dir, 'c.img'), 'raw')).toBe(true);
+    // A second backup of the image is incremental (its bitmap): the chain has two links.
+    await qemuIo(image, ['write -P 0x5a 1M 64k'], 'qcow2');
+    const next = (await jobEnd(server, (await post({ kind: 'backup', repository: 'main', name: 'qcow2', disks: [{ kind: 'image', path: image }] })).id)) as Job;
+    expect(next.result).toMatchObject({ type: 'incremental', parent: backedUp.result!.id });
+    const shown = (await call(server, 'GET', `/api/v1/repositories/main/backups/${String(next.result!.id)}`)).json as { chain: unknown };
+    expect(shown.chain).toEqual({ full: backedUp.result!.id, length: 2, ids: [backedUp.result!.id, next.result!.id] });
+    // Resuming the event stream after event 2 (Last-Event-ID) gives the events from 3 on.
+    const resumed = await readEvents(server, next.id, { headers: { 'last-event-id': '2' } });
+    expect(resumed[0]!.id).toBe(3);
+    expect(resumed.at(-1)!.type).toBe('end');
     // Forgotten again: the catalogue test below counts the backups of raw files.
-    expect((await runEngine(['forget', '--repo', repo, String(backedUp.result!.id)])).code).toBe(0);
+    for (const id of [next.result!.id, backedUp.result!.id]) expect((await runEngine(['forget', '--repo', repo, String(id)])).code).toBe(0);
   });
 
   test('the catalogue: list with filters and chains, show by prefix, statistics', async () => {
@@ -188,7 +198,7 @@ describe('engine server: jobs', () => {
     const gc = (await jobEnd(server, (await post({ kind: 'gc', repository: 'main', dryRun: true })).id)) as Job;
     expect(gc.result).toMatchObject({ dryRun: true, backups: 2, notices: [] });
     const listed = (await call(server, 'GET', '/api/v1/jobs?state=succeeded&repository=main')).json as { jobs: Job[] };
-    expect(listed.jobs.map((j) => j.kind)).toEqual(['backup', 'restore', 'backup', 'restore', 'restore', 'backup', 'verify', 'prune', 'gc']);
+    expect(listed.jobs.map((j) => j.kind)).toEqual(['backup', 'restore', 'backup', 'restore', 'restore', 'backup', 'backup', 'verify', 'prune', 'gc']);
   });
 
   test('a client that leaves an event stream mid-way: the job runs on, the server answers', async () => {
