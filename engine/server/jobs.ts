@@ -115,9 +115,10 @@ export class JobManager {
     job.emitter.emit('event', event);
   }
 
+  /** Writes the job's record now, after its earlier writes (one that failed does not stop the later ones). */
   private persist(job: LiveJob): Promise<void> {
     const snapshot = { ...job.record };
-    job.writes = job.writes.then(() => this.journal.write(snapshot));
+    job.writes = job.writes.catch(() => undefined).then(() => this.journal.write(snapshot));
     return job.writes;
   }
 
@@ -130,11 +131,15 @@ export class JobManager {
 
   private async finish(job: LiveJob, state: 'succeeded' | 'failed' | 'cancelled', result: Record<string, unknown> | null, error: JobError | null): Promise<void> {
     Object.assign(job.record, { state, result, error, endedAt: new Date().toISOString() });
-    await this.persist(job);
-    this.event(job, 'state', { state });
-    this.event(job, 'end', { job: job.record });
-    job.emitter.emit('end');
-    this.forgetOldJobs();
+    try {
+      await this.persist(job);
+    } finally {
+      // Announced even when the journal cannot be written (a full disk): followers and stop() wait for `end`.
+      this.event(job, 'state', { state });
+      this.event(job, 'end', { job: job.record });
+      job.emitter.emit('end');
+      this.forgetOldJobs();
+    }
   }
 
   /** Queues a job (429 when the queue is full) and starts what the limits allow; the job as queued. */
@@ -156,8 +161,12 @@ export class JobManager {
       error: null,
     };
     const job = this.remember(record, request);
+    // Journaled before it can run: a job the journal cannot hold is refused, not run unrecorded.
+    await this.persist(job).catch((error: unknown) => {
+      this.jobs.delete(record.id);
+      throw error;
+    });
     this.queue.push(job);
-    await this.persist(job);
     this.event(job, 'state', { state: 'queued' });
     this.schedule();
     return { ...record };
