@@ -4,10 +4,11 @@
  * are removed, files that are not a job's are left alone.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { readdir, stat, writeFile } from 'node:fs/promises';
+import { readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { JobJournal, type JobRecord } from '../dist/engine/server/journal.js';
-import { tempDir } from './helpers.js';
+import { initRepository, tempDir, Tmpfs, waitFor } from './helpers.js';
+import { createServer } from 'node:net';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -57,5 +58,49 @@ describe('engine server: the jobs journal', () => {
     const again = await journal.load();
     expect(again.map((j) => parseInt(j.id, 16))).toEqual([2, 5, 6, 7]);
     expect(again[1]).toMatchObject({ state: 'failed', error: { code: 'ENGINE_SERVER_RESTARTED' } });
+  });
+});
+
+describe('engine server: a journal on a full disk', () => {
+  test('a job the journal cannot hold (a full disk) is refused, not run; a job whose end cannot be written still ends, once, for its followers and for stop()', async () => {
+    const { JobManager } = await import('../dist/engine/server/jobs.js');
+    const { parseConfig } = await import('../dist/engine/server/config.js');
+    const { parseJobRequest } = await import('../dist/engine/server/job-requests.js');
+    const repo = join(dir, 'repo');
+    await initRepository(repo);
+    const disk = await Tmpfs.mount(join(dir, 'state-tmpfs'), 1);
+    try {
+      const config = parseConfig(join(dir, 'server.json'), JSON.stringify({ stateDir: disk.path, repositories: { main: { location: repo } } }));
+      const logged: string[] = [];
+      const manager = await JobManager.start(config, await JobJournal.open(disk.path), (m: string) => logged.push(m));
+      await disk.fill();
+      await expect(manager.submit(parseJobRequest({ kind: 'gc', repository: 'main', dryRun: true }), 'test')).rejects.toMatchObject({ code: 'ENOSPC' });
+      expect(manager.list()).toEqual([]);
+      await disk.unfill();
+      // A backup from an NBD server that accepts and never answers: the job runs until it is cancelled.
+      const silent = createServer(() => undefined);
+      const socket = join(dir, 'silent.sock');
+      await new Promise<void>((resolve) => silent.listen(socket, resolve));
+      const job = await manager.submit(parseJobRequest({ kind: 'backup', repository: 'main', disks: [{ kind: 'nbd', uri: `nbd+unix:///?socket=${socket}` }] }), 'test');
+      await waitFor('the job runs', () => manager.get(job.id).state === 'running');
+      // The journal's folder goes: the job's end cannot be written.
+      await rm(join(disk.path, 'jobs'), { recursive: true });
+      const ended = new Promise<{ type: string }[]>((resolve) => {
+        const events: { type: string }[] = [];
+        manager.subscribe(job.id, 0, (event: { type: string }) => events.push(event), () => resolve(events));
+      });
+      await manager.cancel(job.id);
+      const events = await ended;
+      silent.close();
+      // One end, last, announced although not journaled; the failure said in the log.
+      expect(events.filter((e) => e.type === 'end').length).toBe(1);
+      expect(events.at(-1)!.type).toBe('end');
+      expect(manager.get(job.id)).toMatchObject({ state: 'cancelled', error: { code: 'ENGINE_INTERRUPTED' } });
+      await waitFor('the failed write is logged', () => logged.length > 0);
+      expect(logged).toEqual([expect.stringMatching(new RegExp(`^job ${job.id}: cannot write its end to the journal: ENOENT`))]);
+      await manager.stop();
+    } finally {
+      await disk.unmount();
+    }
   });
 });

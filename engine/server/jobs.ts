@@ -49,6 +49,8 @@ export class JobManager {
   private readonly jobs = new Map<string, LiveJob>();
   private readonly queue: LiveJob[] = [];
   private readonly running = new Set<LiveJob>();
+  /** Each running job's whole run (its end journaled and announced): what stop() waits for. */
+  private readonly runs = new Set<Promise<void>>();
   private readonly passphrases = new Map<string, Buffer | undefined>();
   private stopping = false;
 
@@ -189,11 +191,13 @@ export class JobManager {
       }
       this.queue.splice(i, 1);
       this.running.add(job);
-      void this.execute(job, repo);
+      const run = this.execute(job, repo).finally(() => this.runs.delete(run));
+      this.runs.add(run);
     }
   }
 
   private async execute(job: LiveJob, repo: RepositoryConfig): Promise<void> {
+    let outcome: { state: 'succeeded' | 'failed' | 'cancelled'; result: Record<string, unknown> | null; error: JobError | null };
     try {
       await this.setState(job, 'running');
       const result = await runJob(job.request!, {
@@ -203,10 +207,14 @@ export class JobManager {
         onProgress: (progress) => this.progress(job, progress),
         onLog: (message) => this.event(job, 'log', { message }),
       });
-      await this.finish(job, 'succeeded', result, null);
+      outcome = { state: 'succeeded', result, error: null };
     } catch (error) {
       const cancelled = job.controller.signal.aborted && error instanceof EngineError && error.code === 'ENGINE_INTERRUPTED';
-      await this.finish(job, cancelled ? 'cancelled' : 'failed', null, errorJson(error)).catch((e: unknown) => this.onLog(`job ${job.record.id}: cannot write its end to the journal: ${(e as Error).message}`));
+      outcome = { state: cancelled ? 'cancelled' : 'failed', result: null, error: errorJson(error) };
+    }
+    try {
+      // One end, whatever the journal says: a write that fails is logged, the end announced all the same (finish).
+      await this.finish(job, outcome.state, outcome.result, outcome.error).catch((e: unknown) => this.onLog(`job ${job.record.id}: cannot write its end to the journal: ${(e as Error).message}`));
     } finally {
       this.running.delete(job);
       this.schedule();
@@ -281,9 +289,8 @@ export class JobManager {
   async stop(): Promise<void> {
     this.stopping = true;
     for (const job of this.queue.splice(0)) await this.finish(job, 'cancelled', null, errorJson(new InterruptedError('the job', 'the server stopped before it started: nothing was done')));
-    const ends = [...this.running].map((job) => new Promise<void>((resolve) => job.emitter.once('end', resolve)));
     for (const job of this.running) job.controller.abort();
-    await Promise.all(ends);
+    await Promise.all(this.runs);
   }
 }
 
