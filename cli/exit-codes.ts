@@ -1,5 +1,6 @@
 import type { StorageErrorCode } from '../repo-format/errors.js';
 import type { EngineErrorCode } from '../engine/errors.js';
+import type {} from '../engine/server/errors.js';
 
 /** Documented in SPEC.md, "Exit codes". Stable: scripts depend on them. */
 export const EXIT = {
@@ -69,6 +70,12 @@ export const ENGINE_EXITS: Readonly<Record<EngineErrorCode, ExitCode>> = {
   ENGINE_OVERLAY_FAILED: EXIT.failed,
   ENGINE_QUIESCE_FAILED: EXIT.failed,
   ENGINE_BLOCK_SIZE_MISMATCH: EXIT.usage,
+  ENGINE_UNAUTHORIZED: EXIT.failed,
+  ENGINE_FORBIDDEN: EXIT.failed,
+  ENGINE_NOT_FOUND: EXIT.failed,
+  ENGINE_BODY_TOO_LARGE: EXIT.failed,
+  ENGINE_QUEUE_FULL: EXIT.failed,
+  ENGINE_SERVER_RESTARTED: EXIT.failed,
 };
 
 const EXITS: Readonly<Record<StorageErrorCode | EngineErrorCode, ExitCode>> = { ...STORAGE_EXITS, ...ENGINE_EXITS };

@@ -17,6 +17,7 @@ import { registerMaintenanceCommands } from './commands/maintenance.js';
 import { registerOvirtCommands } from './commands/ovirt.js';
 import { registerToolCommands } from './commands/tools.js';
 import { registerFilesCommands } from './commands/files.js';
+import { registerServerCommand } from './commands/server.js';
 import { output, printNotice } from './context.js';
 import { settleInterrupt } from './interrupt.js';
 import { crashPoint } from '../repo-format/crash-points.js';
@@ -47,6 +48,7 @@ function buildProgram(): Command {
   registerOvirtCommands(program);
   registerFilesCommands(program);
   registerToolCommands(program);
+  registerServerCommand(program);
   return program;
 }
 

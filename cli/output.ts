@@ -1,5 +1,8 @@
 /** Shapes and prints results. The JSON shapes are a contract (SPEC.md, "CLI JSON output"). */
-import { NO_QUIESCE, type BackupRecord, type Consistency, type DiskRecord } from '../repo-format/backup-record.js';
+import { NO_QUIESCE, type BackupRecord, type Consistency } from '../repo-format/backup-record.js';
+import { consistencyOf } from '../engine/catalogue/json.js';
+
+export { backupJson, diskJson, restoreJson } from '../engine/catalogue/json.js';
 import { configCompression, type RepositoryConfig } from '../repo-format/config.js';
 import { compressionName } from '../repo-format/compression.js';
 import type { RestoreResult } from '../engine/restore/restore.js';
@@ -14,46 +17,6 @@ import type { RepairReport } from '../engine/repair/repair.js';
 import type { ProtectResult } from '../engine/catalogue/protect.js';
 import { formatBytes } from '../engine/common/units.js';
 import { jsonForTerminal, terminalLine } from './terminal.js';
-
-export function diskJson(disk: DiskRecord): Record<string, unknown> {
-  return {
-    name: disk.name,
-    size: disk.size,
-    source: disk.source,
-    mode: disk.mode,
-    modeReason: disk.modeReason,
-    parent: disk.parent,
-    checkpoint: disk.cbt?.checkpoint ?? null,
-    ...disk.stats,
-  };
-}
-
-/** A backup as `backup`, `list` and `show` print it in JSON; `boot`: its latest boot test (SPEC.md 9.2), null for none. */
-export function backupJson(record: BackupRecord, boot: BootSummary | null = null): Record<string, unknown> {
-  return {
-    id: record.id,
-    name: record.name,
-    type: record.type,
-    parent: record.parent,
-    startTime: record.startTime,
-    endTime: record.endTime,
-    hostname: record.hostname,
-    engineVersion: record.engineVersion,
-    blockSize: record.blockSize,
-    disks: record.disks.map(diskJson),
-    attachments: record.attachments.map((a) => ({ name: a.name, mediaType: a.mediaType, bytes: Buffer.byteLength(a.data) })),
-    consistency: consistencyOf(record),
-    copiedFrom: record.copiedFrom ?? null,
-    boot,
-  };
-}
-
-/** The record's consistency; a record of an older engine has none: crash, not recorded (SPEC.md 9). */
-function consistencyOf(record: BackupRecord): Consistency {
-  return record.consistency ?? NOT_RECORDED;
-}
-
-const NOT_RECORDED: Consistency = { level: 'crash', method: 'not recorded', freezeMs: null, reason: null };
 
 function consistencyLine(c: Consistency): string {
   return `${c.level} (${c.method}${c.freezeMs !== null ? `, frozen ${c.freezeMs} ms` : ''})${c.reason ? `: ${c.reason}` : ''}`;
@@ -168,10 +131,6 @@ export function printBootVerification(result: BootVerification & { key: string }
 
 export function printInit(path: string, config: RepositoryConfig): void {
   process.stdout.write(`created repository ${config.id} at ${path} (block size ${formatBytes(config.blockSize)}, compression ${compressionName(configCompression(config))}, format ${config.version}${config.encryption ? `, encrypted: ${config.encryption.cipher}, key file ${config.encryption.keyFile}` : ''})\n`);
-}
-
-export function restoreJson(result: RestoreResult): Record<string, unknown> {
-  return { backup: result.backup.id, createdDirectory: result.createdDirectory, disks: result.disks.map((d) => ({ ...d, rollback: d.rollback ?? null })) };
 }
 
 export function printRestore(result: RestoreResult): void {

@@ -1,0 +1,124 @@
+/**
+ * The catalogue as the API shows it: repositories, their backups (as `list --json` and `show --json`, SPEC.md
+ * 14.2, plus each backup's `chain`), and cheap statistics. Each call opens the repository for reading, as the
+ * CLI's list does: no lock, and a version-3 repository's reader needs no lease for records.
+ */
+import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { Repository } from '../../repo-format/repository.js';
+import type { BackupRecord } from '../../repo-format/backup-record.js';
+import { describeBackup, listBackups } from '../catalogue/catalogue.js';
+import { backupJson } from '../catalogue/json.js';
+import type { RepositoryConfig } from './config.js';
+
+export interface BackupFilter {
+  name?: string | undefined;
+  disk?: string | undefined;
+  since?: string | undefined;
+  until?: string | undefined;
+}
+
+/** `since` and `until`: RFC 3339 instants, compared with each backup's startTime; `since` inclusive, `until` exclusive. */
+export function parseFilter(query: URLSearchParams): BackupFilter {
+  const known = ['name', 'disk', 'since', 'until'];
+  for (const key of query.keys()) if (!known.includes(key)) throw new InvalidArgumentError(`unknown filter ${JSON.stringify(key.slice(0, 64))} (known: ${known.join(', ')})`, { field: key.slice(0, 64) });
+  const instant = (key: 'since' | 'until'): string | undefined => {
+    const value = query.get(key) ?? undefined;
+    if (value === undefined) return undefined;
+    if (!/^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2}))?$/.test(value) || Number.isNaN(Date.parse(value))) throw new InvalidArgumentError(`${key} must be a date or an RFC 3339 time (2026-12-07 or 2026-12-07T03:00:00Z)`, { field: key });
+    return new Date(value).toISOString();
+  };
+  return { name: query.get('name') ?? undefined, disk: query.get('disk') ?? undefined, since: instant('since'), until: instant('until') };
+}
+
+/**
+ * Where a backup's chain starts and how long it is: `full` the id of the full backup it depends on (itself
+ * for a full one; null when a backup on the way is missing: a broken chain), `length` the backups from that
+ * full backup to this one, both included, and `ids` them in that order.
+ */
+export function chainOf(record: BackupRecord, byId: Map<string, BackupRecord>): { full: string | null; length: number; ids: string[] } {
+  const ids = [record.id];
+  let at = record;
+  while (at.parent !== null && ids.length <= byId.size) {
+    const parent = byId.get(at.parent);
+    if (!parent) return { full: null, length: ids.length, ids: ids.reverse() };
+    ids.push(parent.id);
+    at = parent;
+  }
+  return { full: at.id, length: ids.length, ids: ids.reverse() };
+}
+
+function matches(record: BackupRecord, filter: BackupFilter): boolean {
+  if (filter.name !== undefined && record.name !== filter.name) return false;
+  if (filter.disk !== undefined && !record.disks.some((d) => d.name === filter.disk)) return false;
+  const start = new Date(record.startTime).toISOString();
+  if (filter.since !== undefined && start < filter.since) return false;
+  if (filter.until !== undefined && start >= filter.until) return false;
+  return true;
+}
+
+export async function backupsOf(repo: RepositoryConfig, passphrase: Buffer | undefined, filter: BackupFilter): Promise<Record<string, unknown>> {
+  const { backups, damaged, boots } = await listBackups(repo.location, { passphrase });
+  const byId = new Map(backups.map((b) => [b.id, b]));
+  return { backups: backups.filter((b) => matches(b, filter)).map((b) => ({ ...backupJson(b, boots[b.id] ?? null), chain: chainOf(b, byId) })), damaged };
+}
+
+export async function backupOf(repo: RepositoryConfig, passphrase: Buffer | undefined, id: string): Promise<Record<string, unknown>> {
+  if (!/^[0-9a-f]{1,64}$/.test(id)) throw new InvalidArgumentError('a backup id is hex digits (or a prefix of them)', { field: 'id' });
+  const { record, boot } = await describeBackup(repo.location, id, { passphrase });
+  const { backups } = await listBackups(repo.location, { passphrase });
+  return { ...backupJson(record, boot), chain: chainOf(record, new Map(backups.map((b) => [b.id, b]))) };
+}
+
+/**
+ * Statistics from the records and one listing of the packs (no pack is read):
+ * - `logicalBytes`: the disks' sizes summed over every backup (what restoring every restore point would write);
+ * - `dataBytes`: the same without the all-zero blocks (exact in blocks; a disk's last partial block counted whole);
+ * - `newBytes`, `recordedStoredBytes`: the backups' own bytesNew and bytesStored summed (exact for what each
+ *   backup added when it ran; data of backups since removed is not counted, nor is what gc later moved);
+ * - `storedBytes`, `packs`: the pack objects as listed now (exact);
+ * - `dedupeRatio` = dataBytes / newBytes and `compressionRatio` = newBytes / recordedStoredBytes: estimates,
+ *   as good as the records are current (after a prune and before its gc, newBytes undercounts what is stored).
+ */
+export async function statsOf(repo: RepositoryConfig, passphrase: Buffer | undefined): Promise<Record<string, unknown>> {
+  const { backups } = await listBackups(repo.location, { passphrase });
+  let logicalBytes = 0;
+  let dataBytes = 0;
+  let newBytes = 0;
+  let recordedStoredBytes = 0;
+  let readBytes = 0;
+  for (const b of backups) {
+    for (const d of b.disks) {
+      logicalBytes += d.size;
+      dataBytes += Math.max(0, d.size - d.stats.blocksZero * b.blockSize);
+      newBytes += d.stats.bytesNew;
+      recordedStoredBytes += d.stats.bytesStored;
+      readBytes += d.stats.bytesRead;
+    }
+  }
+  let storedBytes = 0;
+  let packs = 0;
+  const opened = await Repository.open(repo.location, { access: 'read', passphrase, manyWriters: true });
+  try {
+    for await (const object of opened.store.list('packs/')) {
+      storedBytes += object.size;
+      packs++;
+    }
+  } finally {
+    await opened.close();
+  }
+  const ratio = (a: number, b: number): number | null => (b > 0 ? Math.round((a / b) * 1000) / 1000 : null);
+  return {
+    repository: repo.name,
+    backups: backups.length,
+    logicalBytes,
+    dataBytes,
+    readBytes,
+    newBytes,
+    recordedStoredBytes,
+    storedBytes,
+    packs,
+    dedupeRatio: ratio(dataBytes, newBytes),
+    compressionRatio: ratio(newBytes, recordedStoredBytes),
+    estimated: ['dedupeRatio', 'compressionRatio', 'dataBytes'],
+  };
+}

@@ -1,0 +1,196 @@
+/**
+ * The bodies of `POST /api/v1/jobs`, checked and turned into the engine's typed requests (the same ones the
+ * CLI builds from its flags: engine/backup/request.ts, engine/restore/request.ts). Strict: an unknown field is
+ * refused (a misspelt "dryRun" must not prune for real), and so is a secret: passphrases and oVirt passwords
+ * come from the files the server's config and the request name, never from a body a proxy may log.
+ */
+import { InvalidArgumentError } from '../../repo-format/errors.js';
+import { checkLocalPath } from '../../repo-format/local-path.js';
+import { checkName } from '../../repo-format/names.js';
+import { isNbdUri } from '../nbd/uri.js';
+import { KEEP_RULES, policyIsEmpty, type RetentionPolicy } from '../retention/policy.js';
+import type { BackupDisk, BackupFrom, ChainPolicy, QuiesceRequest } from '../backup/request.js';
+import type { RestoreTarget } from '../restore/request.js';
+
+export type JobKind = 'backup' | 'restore' | 'verify' | 'prune' | 'gc';
+export const JOB_KINDS: readonly JobKind[] = ['backup', 'restore', 'verify', 'prune', 'gc'];
+
+export interface OvirtSource {
+  url: string;
+  vm: string;
+  /** File with the user on its first line and the password on its second (as `--ovirt-credentials`). */
+  credentialsFile: string;
+  caFile: string | undefined;
+  insecureHttp: boolean;
+  /** The disk-attachment flow through this appliance VM (full backups); without it the incremental backup API. */
+  appliance: string | undefined;
+  deviceRoot: string;
+  quiesce: 'required' | 'try' | undefined;
+}
+
+export type JobRequest =
+  | { kind: 'backup'; repository: string; name: string | undefined; chain: ChainPolicy; workers: number | undefined; from: BackupFrom | { kind: 'ovirt'; ovirt: OvirtSource } }
+  | { kind: 'restore'; repository: string; backup: string; disk: string | undefined; target: RestoreTarget; force: boolean; workers: number | undefined }
+  | { kind: 'verify'; repository: string; readData: boolean; subset: number | undefined; seed: string | undefined; workers: number | undefined }
+  | { kind: 'prune'; repository: string; policy: RetentionPolicy; dryRun: boolean }
+  | { kind: 'gc'; repository: string; rewriteBelow: number | undefined; dryRun: boolean };
+
+type Json = Record<string, unknown>;
+
+function fields(value: unknown, where: string, allowed: readonly string[], required: readonly string[] = []): Json {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new InvalidArgumentError(`${where} must be a JSON object`, { field: where });
+  const unknown = Object.keys(value).filter((k) => !allowed.includes(k));
+  if (unknown.length > 0) throw new InvalidArgumentError(`${where}: unknown field ${JSON.stringify(unknown[0]!.slice(0, 64))} (known: ${allowed.join(', ')})`, { field: `${where}.${unknown[0]!.slice(0, 64)}` });
+  for (const key of required) if ((value as Json)[key] === undefined) throw new InvalidArgumentError(`${where}.${key} is required`, { field: `${where}.${key}` });
+  return value as Json;
+}
+
+function text(value: unknown, where: string, max = 4096): string {
+  if (typeof value !== 'string' || value === '' || value.length > max || value.includes('\0')) throw new InvalidArgumentError(`${where} must be a non-empty string of at most ${max} characters`, { field: where });
+  return value;
+}
+
+function optionalText(value: unknown, where: string): string | undefined {
+  return value === undefined ? undefined : text(value, where);
+}
+
+function flag(value: unknown, where: string): boolean {
+  if (value === undefined) return false;
+  if (typeof value !== 'boolean') throw new InvalidArgumentError(`${where} must be true or false`, { field: where });
+  return value;
+}
+
+function integer(value: unknown, where: string, min: number, max: number): number | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) throw new InvalidArgumentError(`${where} must be an integer from ${min} to ${max}`, { field: where });
+  return value;
+}
+
+function fraction(value: unknown, where: string, allowZero: boolean): number | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'number' || !Number.isFinite(value) || value > 1 || value < 0 || (!allowZero && value === 0)) throw new InvalidArgumentError(`${where} must be a number ${allowZero ? 'from 0' : 'above 0, up'} to 1 (a fraction, 0.1 for 10%)`, { field: where });
+  return value;
+}
+
+function localPath(value: unknown, where: string, otherwise?: string): string {
+  const path = text(value, where);
+  checkLocalPath(path, where, otherwise);
+  if (!path.startsWith('/')) throw new InvalidArgumentError(`${where} must be an absolute path: the server's working directory is no business of the client's`, { field: where });
+  return path;
+}
+
+function oneOf<T extends string>(value: unknown, where: string, choices: readonly T[]): T | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'string' || !choices.includes(value as T)) throw new InvalidArgumentError(`${where} must be one of ${choices.join(', ')}`, { field: where });
+  return value as T;
+}
+
+const COMMON = ['kind', 'repository'];
+
+export function parseJobRequest(body: unknown): JobRequest {
+  const kind = oneOf(fields(body, 'the request', Object.keys((body ?? {}) as object), COMMON).kind, 'kind', JOB_KINDS)!;
+  const allowed: Record<JobKind, readonly string[]> = {
+    backup: ['name', 'mode', 'workers', 'disks', 'libvirt', 'ovirt'],
+    restore: ['backup', 'disk', 'target', 'force', 'workers'],
+    verify: ['readData', 'subset', 'seed', 'workers'],
+    prune: ['keep', 'dryRun'],
+    gc: ['rewriteBelow', 'dryRun'],
+  };
+  const top = fields(body, `a ${kind} job`, [...COMMON, ...allowed[kind]]);
+  const repository = text(top.repository, 'repository', 64);
+  const workers = integer(top.workers, 'workers', 0, 256);
+  switch (kind) {
+    case 'backup':
+      return backupRequest(top, repository, workers);
+    case 'restore': {
+      const target = fields(top.target, 'target', ['kind', 'path', 'uri'], ['kind']);
+      const targetKind = oneOf(target.kind, 'target.kind', ['path', 'file', 'qcow2', 'nbd'] as const)!;
+      const parsed: RestoreTarget =
+        targetKind === 'nbd'
+          ? { kind: 'nbd', uri: nbdUri(target.uri, 'target.uri') }
+          : { kind: targetKind, path: localPath(target.path, 'target.path', targetKind === 'path' ? 'target kind nbd with a uri' : undefined) };
+      const disk = optionalText(top.disk, 'disk');
+      if (disk !== undefined) checkName(disk, 'disk', 'disk');
+      return { kind, repository, backup: backupId(top.backup), disk, target: parsed, force: flag(top.force, 'force'), workers };
+    }
+    case 'verify': {
+      const readData = flag(top.readData, 'readData');
+      const subset = fraction(top.subset, 'subset', false);
+      const seed = optionalText(top.seed, 'seed');
+      if ((subset !== undefined || seed !== undefined) && !readData) throw new InvalidArgumentError('subset and seed choose which packs readData reads: set readData too', { field: 'readData' });
+      return { kind, repository, readData, subset, seed, workers };
+    }
+    case 'prune': {
+      const keep = fields(top.keep ?? {}, 'keep', KEEP_RULES);
+      const policy: RetentionPolicy = {};
+      for (const rule of KEEP_RULES) {
+        const n = integer(keep[rule], `keep.${rule}`, 0, 1_000_000);
+        if (n !== undefined) policy[rule] = n;
+      }
+      if (policyIsEmpty(policy)) throw new InvalidArgumentError('keep names no rule: prune would remove every unprotected backup; say what to keep', { field: 'keep' });
+      return { kind, repository, policy, dryRun: flag(top.dryRun, 'dryRun') };
+    }
+    case 'gc':
+      return { kind, repository, rewriteBelow: fraction(top.rewriteBelow, 'rewriteBelow', true), dryRun: flag(top.dryRun, 'dryRun') };
+  }
+}
+
+function backupId(value: unknown): string {
+  const id = text(value, 'backup', 64);
+  if (!/^[0-9a-f]{1,64}$/.test(id)) throw new InvalidArgumentError('backup must be a backup id or a prefix of one (hex digits)', { field: 'backup' });
+  return id;
+}
+
+function nbdUri(value: unknown, where: string): string {
+  const uri = text(value, where);
+  if (!isNbdUri(uri)) throw new InvalidArgumentError(`${where} must be an nbd://, nbds://, nbd+unix:// or nbds+unix:// URI`, { field: where });
+  return uri;
+}
+
+function backupRequest(top: Json, repository: string, workers: number | undefined): JobRequest {
+  const name = optionalText(top.name, 'name');
+  if (name !== undefined) checkName(name, 'backup', 'name');
+  const chain: ChainPolicy = { mode: oneOf(top.mode, 'mode', ['auto', 'full', 'incremental', 'differential'] as const) ?? 'auto' };
+  const given = (['disks', 'libvirt', 'ovirt'] as const).filter((k) => top[k] !== undefined);
+  if (given.length !== 1) throw new InvalidArgumentError('a backup reads one of: disks (files, devices, NBD URIs, qcow2 images), libvirt (a domain) or ovirt (a VM)', { field: 'disks' });
+  const base = { kind: 'backup' as const, repository, name, chain, workers };
+  if (top.disks !== undefined) {
+    if (!Array.isArray(top.disks) || top.disks.length === 0 || top.disks.length > 64) throw new InvalidArgumentError('disks must be a list of 1 to 64 disks', { field: 'disks' });
+    const disks = top.disks.map((value: unknown, i): BackupDisk => {
+      const where = `disks[${i}]`;
+      const disk = fields(value, where, ['kind', 'path', 'uri', 'name'], ['kind']);
+      const diskName = optionalText(disk.name, `${where}.name`);
+      if (diskName !== undefined) checkName(diskName, 'disk', `${where}.name`);
+      const named = diskName === undefined ? {} : { name: diskName };
+      const kind = oneOf(disk.kind, `${where}.kind`, ['raw', 'nbd', 'image'] as const)!;
+      if (kind === 'nbd') return { kind, uri: nbdUri(disk.uri, `${where}.uri`), ...named };
+      return { kind, path: localPath(disk.path, `${where}.path`), ...named };
+    });
+    return { ...base, from: { kind: 'disks', disks } };
+  }
+  if (top.libvirt !== undefined) {
+    const libvirt = fields(top.libvirt, 'libvirt', ['domain', 'quiesce'], ['domain']);
+    const mode = oneOf(libvirt.quiesce, 'libvirt.quiesce', ['required', 'try'] as const);
+    const quiesce: QuiesceRequest | undefined = mode === undefined ? undefined : { mode };
+    return { ...base, from: { kind: 'libvirt', domain: text(libvirt.domain, 'libvirt.domain', 256), quiesce } };
+  }
+  const ovirt = fields(top.ovirt, 'ovirt', ['url', 'vm', 'credentialsFile', 'caFile', 'insecureHttp', 'appliance', 'deviceRoot', 'quiesce'], ['url', 'vm', 'credentialsFile']);
+  const appliance = optionalText(ovirt.appliance, 'ovirt.appliance');
+  if (appliance !== undefined && (chain.mode === 'incremental' || chain.mode === 'differential')) throw new InvalidArgumentError('the disk-attachment flow (ovirt.appliance) makes full backups; leave out appliance for incremental ones', { field: 'ovirt.appliance' });
+  return {
+    ...base,
+    from: {
+      kind: 'ovirt',
+      ovirt: {
+        url: text(ovirt.url, 'ovirt.url'),
+        vm: text(ovirt.vm, 'ovirt.vm', 256),
+        credentialsFile: localPath(ovirt.credentialsFile, 'ovirt.credentialsFile'),
+        caFile: ovirt.caFile === undefined ? undefined : localPath(ovirt.caFile, 'ovirt.caFile'),
+        insecureHttp: flag(ovirt.insecureHttp, 'ovirt.insecureHttp'),
+        appliance,
+        deviceRoot: ovirt.deviceRoot === undefined ? '/dev/disk/by-id' : localPath(ovirt.deviceRoot, 'ovirt.deviceRoot'),
+        quiesce: oneOf(ovirt.quiesce, 'ovirt.quiesce', ['required', 'try'] as const),
+      },
+    },
+  };
+}

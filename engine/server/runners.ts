@@ -1,0 +1,95 @@
+/**
+ * Each job kind as one call of the engine's library API: the same function, options and result the CLI's
+ * command uses (cli/commands/*.ts), so a job's result is that command's --json object (SPEC.md 14.2) and its
+ * cancellation is what SIGINT does to the command (the call's AbortSignal: it stops within a second, and
+ * nothing is committed half).
+ */
+import { backup } from '../backup/backup.js';
+import { restore } from '../restore/restore.js';
+import { verify } from '../verify/verify.js';
+import { prune } from '../retention/prune.js';
+import { gc } from '../gc/gc.js';
+import { backupJson, restoreJson } from '../catalogue/json.js';
+import { readSecretFile } from '../host/secret-file.js';
+import { InvalidArgumentError } from '../../repo-format/errors.js';
+import type { JobRequest, OvirtSource } from './job-requests.js';
+import type { JobProgress } from './journal.js';
+
+export interface JobRun {
+  repo: string;
+  passphrase: Buffer | undefined;
+  signal: AbortSignal;
+  onProgress: (progress: JobProgress) => void;
+  onLog: (message: string) => void;
+}
+
+export async function runJob(request: JobRequest, run: JobRun): Promise<Record<string, unknown>> {
+  const { repo, passphrase, signal } = run;
+  switch (request.kind) {
+    case 'backup': {
+      const onProgress = (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }): void =>
+        run.onProgress({ phase: `backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, done: p.bytesDone, total: p.bytesTotal, unit: 'bytes' });
+      const common = { repo, passphrase, workers: request.workers, signal, onProgress, onNotice: run.onLog };
+      if (request.from.kind === 'ovirt') return backupJson(await ovirtBackup(request.from.ovirt, request.chain.mode, request.name, common));
+      const { record } = await backup({ ...common, from: request.from, chain: request.chain, name: request.name });
+      return backupJson(record);
+    }
+    case 'restore': {
+      const result = await restore({
+        repo,
+        passphrase,
+        backupId: request.backup,
+        disk: request.disk,
+        target: request.target,
+        write: { force: request.force },
+        workers: request.workers,
+        signal,
+        onProgress: (p) => run.onProgress({ phase: `restore ${p.disk}`, done: p.bytesDone, total: p.bytesTotal, unit: 'bytes' }),
+      });
+      return restoreJson(result);
+    }
+    case 'verify': {
+      const report = await verify({ repo, passphrase, readData: request.readData, subset: request.subset, seed: request.seed, workers: request.workers, signal, onProgress: (p) => run.onProgress({ phase: p.phase, done: p.done, total: p.total, unit: 'items' }) });
+      return report as unknown as Record<string, unknown>;
+    }
+    case 'prune':
+      return (await prune({ repo, passphrase, policy: request.policy, dryRun: request.dryRun, signal })) as unknown as Record<string, unknown>;
+    case 'gc': {
+      // As `gc --json`: every notice of the run, in order, in `notices`.
+      const notices: string[] = [];
+      const report = await gc({
+        repo,
+        passphrase,
+        rewriteBelow: request.rewriteBelow,
+        dryRun: request.dryRun,
+        signal,
+        onNotice: (message) => {
+          notices.push(message);
+          run.onLog(message);
+        },
+      });
+      return { ...report, notices };
+    }
+  }
+}
+
+type Common = { repo: string; passphrase: Buffer | undefined; workers: number | undefined; signal: AbortSignal; onProgress: (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }) => void; onNotice: (message: string) => void };
+
+/** As `backup --ovirt`: the incremental backup API, or with an appliance the disk-attachment flow; credentials from their file. */
+async function ovirtBackup(source: OvirtSource, mode: 'auto' | 'full' | 'incremental' | 'differential', name: string | undefined, common: Common): Promise<Parameters<typeof backupJson>[0]> {
+  if (name !== undefined) throw new InvalidArgumentError('an oVirt backup is named after its VM: leave out name', { field: 'name' });
+  const { checkEngineUrl } = await import('../ovirt/url-policy.js');
+  checkEngineUrl(source.url, source.insecureHttp, 'ovirt.url');
+  const secret = await readSecretFile(source.credentialsFile, `ovirt.credentialsFile ${source.credentialsFile}`);
+  for (const warning of secret.warnings) common.onNotice(warning);
+  const [username, password] = secret.bytes.toString('utf8').split('\n');
+  if (!username || password === undefined) throw new InvalidArgumentError(`${source.credentialsFile}: expected the user on the first line and the password on the second`, { field: 'ovirt.credentialsFile' });
+  const ovirt = { url: source.url, credentials: { username: username.trim(), password: password.replace(/\r$/, '') }, caFile: source.caFile, insecureHttp: source.insecureHttp };
+  const base = { ...common, ovirt, vm: source.vm, quiesce: source.quiesce };
+  if (source.appliance !== undefined) {
+    const { ovirtApplianceBackup } = await import('../ovirt/appliance-backup.js');
+    return (await ovirtApplianceBackup({ ...base, appliance: source.appliance, deviceRoot: source.deviceRoot })).record;
+  }
+  const { ovirtIncrementalBackup } = await import('../ovirt/incremental-backup.js');
+  return (await ovirtIncrementalBackup({ ...base, mode })).record;
+}
