@@ -7,21 +7,21 @@
  * references; the record), nothing else; the next command on this host breaks the dead lease at once;
  * verify --read-data is clean and counts the leftovers as garbage; the next backup commits; every committed
  * backup restores byte for byte (cmp). At the end, once the crashed writers' packs are older than T + 2B (the
- * repository's lease timing is shortened to T = 12 s, B = 2 s), one gc leaves no garbage at all: what the
- * kills left was only garbage gc can reclaim.
+ * repository's lease timing is shortened to T = 6 s, B = 1 s, and the test waits by the store's times of the
+ * packs, not a fixed time), one gc leaves no garbage at all: what the kills left was only garbage gc can reclaim.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
-import { createBucket, repositoryKeys, setLeaseTiming, v3Env } from './s3-helpers.js';
+import { createBucket, repositoryKeys, setLeaseTiming, untilPacksOlderThan, v3Env } from './s3-helpers.js';
 import { exitOf, parseJson, runEngine, tempDir } from './helpers.js';
 import { campaign, CampaignRepo, recordCampaign } from './fault-campaign.js';
 import { SeededRandom } from '../dist/engine/index.js';
 
 const BUCKET = 'engine-crash-v3';
-const LEASE_MS = 12_000;
-const BOUND_MS = 2_000;
+const LEASE_MS = 6_000;
+const BOUND_MS = 1_000;
 let cluster: RgwCluster;
 let scratch: { path: string; cleanup: () => Promise<void> };
 
@@ -190,7 +190,8 @@ for (const kind of ['folder', 's3'] as const) {
     });
 
     test('what the kills left is only garbage: past T + 2B, one gc leaves none, and everything restores', async () => {
-      await new Promise((resolve) => setTimeout(resolve, LEASE_MS + 2 * BOUND_MS + 2000));
+      // Every pack in the store older than T + 2B by the store's clock: those the kills left among them.
+      await untilPacksOlderThan(cluster, c.repo, LEASE_MS + 2 * BOUND_MS);
       const gc = await c.run(['gc', '--json']);
       expect(gc.code, gc.stderr).toBe(0);
       const garbage = await c.verifies();

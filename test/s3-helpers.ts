@@ -5,7 +5,7 @@
  * object cut behind the engine's back).
  */
 import { createHash } from 'node:crypto';
-import { chmod, readdir, readFile, writeFile } from 'node:fs/promises';
+import { chmod, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { S3Client } from '../dist/repo-format/storage/s3-client.js';
 import { openS3Stack, openS3Storage, type S3Storage, type S3StorageOptions } from '../dist/repo-format/storage/s3.js';
@@ -158,4 +158,47 @@ export async function setLeaseTiming(cluster: RgwCluster, repo: string, timeMs: 
   } finally {
     await store?.close();
   }
+}
+
+/** The objects under `prefix` of a repository with their store times in ms (S3's in whole seconds; a folder's file mtimes). */
+async function storeTimes(cluster: RgwCluster, repo: string, prefix: string): Promise<{ key: string; modified: number }[]> {
+  if (!repo.startsWith('s3://')) {
+    const keys = (await folderKeys(repo)).filter((key) => key.startsWith(prefix));
+    return Promise.all(keys.map(async (key) => ({ key, modified: (await stat(join(repo, key))).mtimeMs })));
+  }
+  return withRgwStorage(cluster, repo, async (storage) => {
+    const objects: { key: string; modified: number }[] = [];
+    for await (const info of storage.list(prefix)) {
+      if (info.modified === undefined) throw new Error(`the store gave no time for ${info.key}`);
+      objects.push({ key: info.key, modified: info.modified });
+    }
+    return objects;
+  });
+}
+
+const sleepUntil = async (wallMs: number): Promise<void> => {
+  const wait = wallMs - Date.now();
+  if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
+};
+
+/**
+ * Waits until every pack now in the repository is older than `ageMs` by the store's clock (the folder's and the
+ * tests' RGW's are this machine's), and no longer: gc deletes a pack no segment names once it is older than
+ * T + 2B (SPEC 19.8). S3 states times in whole seconds, cut down, both the pack's and gc's own reading of the
+ * store's time: one second more.
+ */
+export async function untilPacksOlderThan(cluster: RgwCluster, repo: string, ageMs: number): Promise<void> {
+  const newest = Math.max(0, ...(await storeTimes(cluster, repo, 'packs/')).map((pack) => pack.modified));
+  await sleepUntil(newest + ageMs + (repo.startsWith('s3://') ? 1000 : 0) + 100);
+}
+
+/**
+ * Waits until every lease now in the repository is expired to any observer on this machine (its `expires`
+ * plus 2B, SPEC 19.5), and no longer: a lease's holder must be stopped (SIGSTOP), or it would refresh it.
+ */
+export async function untilLeasesExpired(cluster: RgwCluster, repo: string, skewBoundMs: number): Promise<void> {
+  const leases = await storeTimes(cluster, repo, 'leases/');
+  if (leases.length === 0) throw new Error(`no lease in ${repo} to wait for`);
+  const expires = await Promise.all(leases.map(async ({ key }) => Date.parse((JSON.parse((await repositoryObject(cluster, repo, key)).toString('utf8')) as { expires: string }).expires)));
+  await sleepUntil(Math.max(...expires) + 2 * skewBoundMs + 100);
 }

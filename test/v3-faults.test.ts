@@ -15,7 +15,7 @@ import { chmod, mkdir, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { startFaultProxy, type FaultProxy } from './s3-fault-proxy.js';
-import { createBucket, openRgwStorage, rawPut, repositoryKeys, setLeaseTiming, v3Env } from './s3-helpers.js';
+import { createBucket, openRgwStorage, rawPut, repositoryKeys, setLeaseTiming, untilLeasesExpired, v3Env } from './s3-helpers.js';
 import { collectOutput, continueUntilExit, filesIdentical, parseJson, runEngine, spawnEngine, stoppedItself, Tmpfs, tempDir, writeRegion, type BackupJson, type RunResult } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -351,16 +351,17 @@ for (const kind of ['folder', 's3'] as const) {
       expect(await backupOk(repo, imageA, env)).toMatch(/^[0-9a-f]{32}$/);
     });
 
-    test('a lease that expired while its backup was paused (lease time 8 s, bound 1 s): the backup stops with ENGINE_LEASE_LOST; a backup meanwhile from another host commits', async () => {
+    test('a lease that expired while its backup was paused (lease time 6 s, bound 1 s): the backup stops with ENGINE_LEASE_LOST; a backup meanwhile from another host commits', async () => {
       const { repo, env, id } = await repositoryWithBackup(kind, `expired-${kind}`);
       // The repository's lease timing, shortened (SPEC 19.1 allows any T > 4B, B >= 1 s).
-      await setLeaseTiming(cluster, repo, 8000, 1000);
+      await setLeaseTiming(cluster, repo, 6000, 1000);
       const image = await newImage(3);
       const child = spawnEngine(['backup', '--repo', repo, '--source', image, '--json'], { ...env, ENGINE_STOP_AT: 'pack-sealed' });
       const output = collectOutput(child);
       await stoppedItself(child);
-      // Paused past T + 2B: another host judges the lease expired and breaks it, and backs up meanwhile.
-      await new Promise((resolve) => setTimeout(resolve, 10_500));
+      // Paused past T + 2B after its latest lease write (its `expires` + 2B): another host judges the lease
+      // expired and breaks it, and backs up meanwhile.
+      await untilLeasesExpired(cluster, repo, 1000);
       const otherHost = { ...env, ENGINE_CACHE_DIR: join(scratch.path, `cache-other-host-${kind}`) };
       const meanwhile = await backupOk(repo, await newImage(2), otherHost);
       const code = await continueUntilExit(child);

@@ -63,6 +63,18 @@ async function setObject(where: string, key: string, bytes: Buffer | undefined):
   await withRgwStorage(cluster, where, (storage) => (bytes === undefined ? storage.delete(key) : storage.put(key, bytes)));
 }
 
+/**
+ * The lease timing of the tests that lose a lease (SPEC 19.1: B >= 1 s, 4B < T): short, so that a stopped
+ * process's refresh is due (T/3) or its lease past its use (T - B) soon; long enough that a process that runs
+ * refreshes in time on a loaded machine (T - B - T/3 = 3 s of slack).
+ */
+const LEASE_MS = 6000;
+const BOUND_MS = 1000;
+/** A stopped holder, resumed after this, refreshes its lease first thing (past T/3 since its latest write). */
+const PAST_REFRESH_MS = LEASE_MS / 3 + 1000;
+/** A stopped holder, resumed after this, counts its lease lost by its monotonic clock (past T - B). */
+const PAST_USE_MS = LEASE_MS - BOUND_MS + 1000;
+
 /** The repository's lease timing, shortened (SPEC 19.1: B >= 1 s, 4B < T). */
 async function setLeaseTiming(repo: string, timeMs: number, skewBoundMs: number): Promise<void> {
   const config = JSON.parse((await getObject(repo, 'config')).toString('utf8')) as Record<string, unknown>;
@@ -210,7 +222,7 @@ for (const kind of ['folder', 's3'] as const) {
         const source = await image(`${kind}-gcl-${name}`, 3);
         backups.set(await backup(kind, repo, source), source);
       }
-      await setLeaseTiming(repo, 8000, 1000);
+      await setLeaseTiming(repo, LEASE_MS, BOUND_MS);
       const split = { ENGINE_TEST_GC_BATCH: '2' };
       const oldSegments = await segmentsOf(repo);
       // 'expired' on S3 only: gc judges its own lease lost by its monotonic clock while it is stopped, between
@@ -221,9 +233,9 @@ for (const kind of ['folder', 's3'] as const) {
           if (how === 'unlock --force') {
             const forced = await runEngine(['unlock', '--repo', repo, '--force'], { env: env(kind) });
             expect(forced.code, forced.stderr).toBe(0);
-            await new Promise((resolve) => setTimeout(resolve, 3500)); // past T/3: the refresh finds it gone
+            await new Promise((resolve) => setTimeout(resolve, PAST_REFRESH_MS)); // past T/3: the refresh finds it gone
           } else {
-            await new Promise((resolve) => setTimeout(resolve, 8000)); // past T - B: lost at the next step
+            await new Promise((resolve) => setTimeout(resolve, PAST_USE_MS)); // past T - B: lost at the next step
           }
         });
         expectFailure(ended, 'ENGINE_LEASE_LOST');
@@ -257,7 +269,7 @@ for (const kind of ['folder', 's3'] as const) {
       await everythingRestores(kind, repo, backups);
     });
 
-    describe('restore and verify --read-data that lose their shared lease (lease timing 8 s / 1 s)', () => {
+    describe('restore and verify --read-data that lose their shared lease (lease timing 6 s / 1 s)', () => {
       let repo: string;
       const backups = new Map<string, string>();
       let id: string;
@@ -270,7 +282,7 @@ for (const kind of ['folder', 's3'] as const) {
         source = await image(`${kind}-readers`, 80);
         id = await backup(kind, repo, source);
         backups.set(id, source);
-        await setLeaseTiming(repo, 8000, 1000);
+        await setLeaseTiming(repo, LEASE_MS, BOUND_MS);
       });
 
       /**
@@ -295,7 +307,7 @@ for (const kind of ['folder', 's3'] as const) {
           expect(forced.code, forced.stderr).toBe(0);
           expect(await leasesOf(repo)).toEqual([]);
           // Past T/3: the refresh is due as soon as the process runs again.
-          await new Promise((resolve) => setTimeout(resolve, 3500));
+          await new Promise((resolve) => setTimeout(resolve, PAST_REFRESH_MS));
         });
         expect(message).toMatch(/lease/);
         await expect(stat(target)).rejects.toThrow(/ENOENT/);
@@ -308,8 +320,8 @@ for (const kind of ['folder', 's3'] as const) {
         const target = join(scratch.path, `${kind}-lost-existing.raw`);
         await writeRegion(target, 0, 80 * MiB, 'random', 'the old contents');
         const { message } = await loseLease(['restore', '--repo', repo, id, '--to', target, '--force'], 'restore-block-written', async () => {
-          // Beyond T - B (7 s) on the monotonic clock: the lease counts as lost at the next read, whoever broke it.
-          await new Promise((resolve) => setTimeout(resolve, 8000));
+          // Beyond T - B (5 s) on the monotonic clock: the lease counts as lost at the next read, whoever broke it.
+          await new Promise((resolve) => setTimeout(resolve, PAST_USE_MS));
         });
         expect(message).toContain(target);
         expect(await filesIdentical(target, source)).toBe(false);
@@ -321,12 +333,12 @@ for (const kind of ['folder', 's3'] as const) {
       test('verify --read-data, its lease removed by unlock --force: ENGINE_LEASE_LOST, nothing changed; and stopped past its lease time: the same', async () => {
         await loseLease(['verify', '--repo', repo, '--read-data'], 'verify-pack-scanned', async () => {
           expect((await runEngine(['unlock', '--repo', repo, '--force'], { env: env(kind) })).code).toBe(0);
-          await new Promise((resolve) => setTimeout(resolve, 3500));
+          await new Promise((resolve) => setTimeout(resolve, PAST_REFRESH_MS));
         });
         // Stopped past its lease time on S3 only: judged by verify's own monotonic clock, as restore's above.
         if (kind === 's3') {
           await loseLease(['verify', '--repo', repo, '--read-data'], 'verify-pack-scanned', async () => {
-            await new Promise((resolve) => setTimeout(resolve, 8000));
+            await new Promise((resolve) => setTimeout(resolve, PAST_USE_MS));
           });
         }
         await everythingRestores(kind, repo, backups);
