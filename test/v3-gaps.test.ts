@@ -135,7 +135,11 @@ async function stoppedThenResumed(args: string[], environment: Record<string, st
   await stoppedItself(child);
   await meanwhile(child);
   const code = await continueUntilExit(child);
-  return { code, stdout: out.stdout(), stderr: out.stderr() };
+  // Its output read to the end ('exit' may come before the pipes are drained), and a death by a signal named:
+  // a failure then says what ended the process, not only "-1" with no output.
+  if (child.stdout && !child.stdout.readableEnded) await new Promise((resolve) => child.once('close', resolve));
+  const signal = child.signalCode ? `\n[ended by ${child.signalCode}]` : '';
+  return { code, stdout: out.stdout(), stderr: `${out.stderr()}${signal}` };
 }
 
 for (const kind of ['folder', 's3'] as const) {
