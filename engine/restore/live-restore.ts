@@ -414,7 +414,7 @@ async function streamInDomain(state: LiveState, stateDir: string, options: LiveR
         continue;
       }
       // No job and the backing link still there: the stream failed (QEMU said why in libvirt's log).
-      const why = (await domainState(domain)) === 'paused' ? `the domain paused (${await domainReason(domain)}): its target's file system may be full` : serverAlive(state) ? 'QEMU ended the stream with an error (see the domain\'s log)' : 'the NBD server is gone';
+      const why = (await domainState(domain)) === 'paused' ? `the domain paused (${await domainReason(domain)}): its target's file system may be full` : serverAlive(state) ? "QEMU ended the stream with an error (see the domain's log). If the server had died: QEMU 7.2 does not reconnect to a server started again (libvirt gives an NBD backing file no reconnect delay), so shut the domain down (its writes are in the image) and resume then: the images are hydrated without it" : 'the NBD server is gone';
       throw new EngineError('ENGINE_TOOL_FAILED', `the hydration of disk ${disk.name} of domain ${domain} stopped before its end: ${why}. Nothing is lost: the image keeps its backing link and every guest write; ${resumeHint(state)} goes on`, { domain, disk: disk.name });
     }
     await new Promise((r) => setTimeout(r, POLL_MS));
