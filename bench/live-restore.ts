@@ -111,7 +111,8 @@ async function main(): Promise<void> {
       made.push(live);
       await dropCaches();
       let started = performance.now();
-      const child = spawn(ENGINE, ['restore', '--repo', repo, id, '--live', '--libvirt', live, '--to', dir, '--bandwidth', '1K', '--json'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+      // Without --json: the notice that the domain runs comes on stderr.
+      const child = spawn(ENGINE, ['restore', '--repo', repo, id, '--live', '--libvirt', live, '--to', dir, '--bandwidth', '1K'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
       let stderr = '';
       child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
       while (!/runs on backup \S+ after/.test(stderr)) {

@@ -234,6 +234,10 @@ export async function liveRestore(options: LiveRestoreOptions): Promise<LiveRest
   const started = Date.now();
   if ((options.to === undefined) === (options.libvirt === undefined)) throw new InvalidArgumentError('a live restore needs --to PATH.qcow2 (or a directory) or --libvirt NEW-DOMAIN');
   if (options.to !== undefined) checkLocalPath(options.to, '--to');
+  if (options.imageDir !== undefined) {
+    checkLocalPath(options.imageDir, '--to');
+    if (!(await stat(options.imageDir).then((s) => s.isDirectory(), () => false))) throw new InvalidArgumentError(`--to ${options.imageDir}: with --libvirt, give the directory the new domain's images go to`);
+  }
   if (options.libvirt !== undefined && options.disk !== undefined) throw new InvalidArgumentError('a live restore into a new domain restores every disk of the backup: leave out --disk');
   const runDir = runDirOf(options);
   const key = keyOf(options);
