@@ -155,6 +155,8 @@ export interface DaemonReady {
   backupId?: string;
   exports?: ServedExport[];
   volumes?: Volume[];
+  /** The backup's `libvirt-domain` attachment, or null: for a live restore's new domain. */
+  domainXml?: string | null;
   notices?: string[];
 }
 
@@ -190,6 +192,11 @@ export function startDaemon<O extends { passphrase?: Passphrase | undefined }>(s
       resolvePromise({ ...message, pid: child.pid!, readerToken: message.readerToken ?? null, lease: message.lease ?? null, backupId: message.backupId! });
     });
   });
+}
+
+/** The background server's script: next to this module in dist/engine/mount/, and in dist/bundle/ (scripts/bundle.mjs). */
+export function serveDaemonScript(): string {
+  return fileURLToPath(new URL('./serve-daemon.js', import.meta.url));
 }
 
 /** Starts nbdfuse for one export; resolves once the file is there. */
@@ -265,7 +272,7 @@ export async function mount(options: MountOptions): Promise<MountResult> {
   const { dir, stateDir, state } = await prepareMount(options);
   try {
     const socket = join(stateDir, 'nbd.sock');
-    const server = await startDaemon(fileURLToPath(new URL('./serve-daemon.js', import.meta.url)), { repo: options.repo, backupId: options.backupId, disk: options.disk, socket, cacheBytes: options.cacheBytes, passphrase: options.passphrase }, join(stateDir, 'serve.log'));
+    const server = await startDaemon(serveDaemonScript(), { repo: options.repo, backupId: options.backupId, disk: options.disk, socket, cacheBytes: options.cacheBytes, passphrase: options.passphrase }, join(stateDir, 'serve.log'));
     state.server = { pid: server.pid, identity: processIdentity(server.pid), readerToken: server.readerToken, lease: server.lease };
     await saveState(stateDir, state);
 

@@ -1,5 +1,5 @@
 /**
- * The background `serve` of a mount: started detached by mount.ts with its options as one JSON argument,
+ * The background `serve` of a mount or a live restore: started detached by mount.ts with its options as one JSON argument,
  * it reports over IPC once listening ({ready, readerToken, lease}) or failing ({error}), then serves until
  * SIGTERM/SIGINT, when it closes the server and releases its reader registration or lease; or until its
  * lease is lost (version 3), when it stops serving and exits 1.
@@ -25,7 +25,8 @@ setNoticeSink((message) => {
 });
 
 try {
-  const handle = await serve({ ...options, passphrase, holder: 'mount', onLog: (message) => process.stderr.write(`${new Date().toISOString()} ${message}\n`) });
+  // A live restore's server (engine/restore/live-restore.ts) says `serve`; a mount's, `mount`.
+  const handle = await serve({ ...options, passphrase, holder: options.holder ?? 'mount', onLog: (message) => process.stderr.write(`${new Date().toISOString()} ${message}\n`) });
   const stop = (): void => {
     void handle.close().finally(() => process.exit(0));
   };
@@ -37,7 +38,9 @@ try {
     process.stderr.write(`${new Date().toISOString()} ${error.code}: ${error.message}\n`);
     process.exit(1);
   });
-  report({ ready: true, readerToken: handle.readerToken, lease: handle.lease, backupId: handle.backup.id, exports: handle.exports, notices });
+  // The domain definition the backup kept: what a live restore defines its new domain from.
+  const domainXml = handle.backup.attachments.find((a) => a.name === 'libvirt-domain')?.data ?? null;
+  report({ ready: true, readerToken: handle.readerToken, lease: handle.lease, backupId: handle.backup.id, exports: handle.exports, domainXml, notices });
   process.disconnect?.();
 } catch (error) {
   // The details go along: they carry what the caller can do about it (details.remedies).
