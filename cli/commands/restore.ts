@@ -8,7 +8,6 @@ import { engine } from '../engine-calls.js';
 import { output, printNotice, interruptSignal } from '../context.js';
 import * as opt from '../options.js';
 import { checkOvirtRestoreFlags, restoreRequest } from './restore-request.js';
-import { InvalidArgumentError } from '../../repo-format/errors.js';
 
 interface RestoreCliOptions {
   repo?: string;
