@@ -38,10 +38,17 @@ const BARE = `engine-quiesce-bare-${process.pid}`;
  * the agent is stopped or gone (a test then waits for its own event, not for a guess of how long the engine takes).
  */
 const RESUME_PORT = 'org.engine.test.resume';
-/** In the guest: waits until the host writes "x" on the resume port (an empty read while the host is not connected). */
+/**
+ * In the guest: waits until the host writes "x" on the resume port. The host stays connected to it (resumePort), so
+ * the read blocks on one open of the port: a port opened and closed again and again would be an event for libvirt
+ * each time, which waits for the domain's job (a backup's) and holds up the agent's own events behind it. (A read
+ * while the host is not connected is empty at once: then it is tried again.)
+ */
 const AWAIT_RESUME = `until [ "$(head -c1 /dev/virtio-ports/${RESUME_PORT} 2>/dev/null)" = x ]; do sleep 0.2; done`;
 let dir: { path: string; cleanup: () => Promise<void> };
 let repo: string;
+/** The host's end of the guest's resume port, connected for the whole file. */
+let resumePort: Socket | undefined;
 
 /** One guest agent command through libvirt, its `return`. */
 async function agent<T>(domain: string, command: string, args?: Record<string, unknown>): Promise<T> {
@@ -59,18 +66,18 @@ async function guestShell(script: string): Promise<{ exitcode: number; stdout: s
   }
 }
 
-/**
- * Writes "x" on the guest's resume port; the connection is kept (a byte the guest has not read yet is not lost with
- * it) until the caller ends it.
- */
-async function resume(): Promise<Socket> {
+/** Connects to the guest's resume port (its Unix socket, which libvirt made and names in the live XML). */
+async function connectResumePort(): Promise<Socket> {
   const path = new RegExp(`<source mode='bind' path='([^']*/${RESUME_PORT.replace(/\./g, '\\.')})'`).exec(await sh('virsh', ['dumpxml', DOMAIN]))![1]!;
-  const socket = await new Promise<Socket>((resolve, reject) => {
-    const s = createConnection(path, () => resolve(s));
-    s.once('error', reject);
+  return new Promise<Socket>((resolve, reject) => {
+    const socket = createConnection(path, () => resolve(socket));
+    socket.once('error', reject);
   });
-  socket.write('x');
-  return socket;
+}
+
+/** Wakes the guest's script that waits on the resume port (AWAIT_RESUME). */
+function resume(): void {
+  resumePort!.write('x');
 }
 
 function freezeStatus(): Promise<string> {
@@ -136,6 +143,7 @@ beforeAll(async () => {
   await sh('virsh', ['define', xml]);
   await sh('virsh', ['start', DOMAIN]);
   await waitFor('the guest agent to answer', () => agent(DOMAIN, 'guest-ping').then(() => true, () => false), { everyMs: 500 });
+  resumePort = await connectResumePort();
   const bare = join(dir.path, 'bare.qcow2');
   await qcow2(bare, '16M');
   await sh('chown', ['libvirt-qemu:kvm', bare]).catch(() => undefined);
@@ -145,6 +153,7 @@ beforeAll(async () => {
 }, 600_000);
 
 afterAll(async () => {
+  resumePort?.destroy();
   await destroyDomain(DOMAIN);
   await destroyDomain(BARE);
   for (const pid of [...(await watchdogs(DOMAIN)), ...(await watchdogs(BARE))]) process.kill(pid, 'SIGKILL');
@@ -331,12 +340,8 @@ describe('backup --libvirt --quiesce on a real guest', () => {
     expect(tried.code, tried.stderr).toBe(0);
     expect(tried.out!.consistency).toMatchObject({ level: 'crash', method: 'qemu-guest-agent fsfreeze tried', freezeMs: null, reason: expect.stringMatching(/freeze failed: .*(not responding|not available)/) });
     // Once the agent answers again, the guest is thawed (the freeze never reached it), and no watchdog is left.
-    const resumed = await resume();
-    try {
-      await waitFor('the agent to answer again', () => agent(DOMAIN, 'guest-ping').then(() => true, () => false), { everyMs: 200 });
-    } finally {
-      resumed.destroy();
-    }
+    resume();
+    await waitFor('the agent to answer again', () => agent(DOMAIN, 'guest-ping').then(() => true, () => false), { everyMs: 200 });
     expect(await freezeStatus()).toBe('thawed');
     await waitFor('the watchdogs to exit', async () => (await watchdogs(DOMAIN)).length === 0, { everyMs: 200 });
   }, 600_000);
@@ -358,12 +363,8 @@ describe('backup --libvirt --quiesce on a real guest', () => {
     expect(tried.out!.consistency).toMatchObject({ level: 'crash', freezeMs: null, reason: expect.stringMatching(/freeze failed: .*(not connected|not responding|not available)/) });
     await waitFor('the watchdogs to exit', async () => (await watchdogs(DOMAIN)).length === 0, { everyMs: 200 });
     // The agent started again, for the last case.
-    const resumed = await resume();
-    try {
-      await waitFor('the agent to answer again', () => agent(DOMAIN, 'guest-ping').then(() => true, () => false), { everyMs: 200 });
-    } finally {
-      resumed.destroy();
-    }
+    resume();
+    await waitFor('the agent to answer again', () => agent(DOMAIN, 'guest-ping').then(() => true, () => false), { everyMs: 200 });
   }, 600_000);
 
   test('a domain without a guest agent channel: required says so, try backs up crash-consistent', async () => {
