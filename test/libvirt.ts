@@ -22,9 +22,9 @@ const KVM_WAS = join(STARTED_DAEMONS_DIR, 'dev-kvm-was.json');
 
 /**
  * /dev/kvm made the kvm group's (root:kvm 0660, as Debian's udev rule makes it; this machine has no udev and left it
- * root:root 0600). libvirtd asks whether its QEMU user (libvirt-qemu, of group kvm) can open it: a capability probe
- * (as root) that found KVM while that user cannot is "KVM was enabled when probing ..., but it is not available
- * now", and libvirtd then probes QEMU again at every look at its capabilities — 13 probes of ~4 s for one
+ * root:root 0600). libvirtd asks whether its QEMU user (libvirt-qemu, of group kvm) can open it: capabilities
+ * probed with KVM found while that user cannot open it are "KVM was enabled when probing ..., but it is not
+ * available now" (its debug log), and libvirtd then probes QEMU again at every look at its capabilities — 13 probes of ~4 s for one
  * `virsh define` here, seconds to a minute for each define, start and backup of the libvirt tests. The domains
  * stay TCG (type 'qemu'). What it was is kept, and the last run puts it back (stopStartedDaemons).
  */

@@ -69,10 +69,13 @@ async function guestShell(script: string): Promise<{ exitcode: number; stdout: s
 /** Connects to the guest's resume port (its Unix socket, which libvirt made and names in the live XML). */
 async function connectResumePort(): Promise<Socket> {
   const path = new RegExp(`<source mode='bind' path='([^']*/${RESUME_PORT.replace(/\./g, '\\.')})'`).exec(await sh('virsh', ['dumpxml', DOMAIN]))![1]!;
-  return new Promise<Socket>((resolve, reject) => {
-    const socket = createConnection(path, () => resolve(socket));
-    socket.once('error', reject);
+  const socket = await new Promise<Socket>((resolve, reject) => {
+    const connecting = createConnection(path, () => resolve(connecting));
+    connecting.once('error', reject);
   });
+  // QEMU ends the connection when the guest powers off (the last case): not this file's failure.
+  socket.on('error', () => undefined);
+  return socket;
 }
 
 /** Wakes the guest's script that waits on the resume port (AWAIT_RESUME). */
