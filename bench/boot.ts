@@ -22,7 +22,7 @@ async function tinyGuestImage(): Promise<string> {
   if (given) return given;
   const cache = process.env.ENGINE_TEST_CACHE ?? '/var/cache/engine-test';
   const built = (await readdir(cache).catch(() => [] as string[])).filter((n) => n.startsWith('tiny-guest-') && !n.endsWith('.tmp'));
-  if (built.length === 0) throw new Error(`no tiny guest in ${cache}: run test/tiny-guest.test.ts once (it builds it), or give --image`);
+  if (built.length === 0) throw new Error(`no tiny guest in ${cache}: run test/verify-boot.test.ts once (it builds it), or give --image`);
   return join(cache, built[0]!, 'guest.img');
 }
 

@@ -30,7 +30,7 @@ async function guestImage(): Promise<string> {
     if (name.startsWith('tiny-guest-') && !name.endsWith('.tmp')) found.push(...(await stat(path).then((s) => [{ path, mtime: s.mtimeMs }], () => [])));
   }
   const newest = found.sort((a, b) => b.mtime - a.mtime)[0];
-  if (!newest) throw new Error(`no tiny guest under ${CACHE_ROOT}: run node_modules/.bin/vitest run test/tiny-guest.test.ts once (it builds it), or give --guest-image`);
+  if (!newest) throw new Error(`no tiny guest under ${CACHE_ROOT}: run node_modules/.bin/vitest run test/verify-boot.test.ts once (it builds it), or give --guest-image`);
   return newest.path;
 }
 

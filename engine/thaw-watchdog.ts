@@ -21,9 +21,14 @@ export type ThawOrders =
   | { afterMs: number; libvirt: string }
   | { afterMs: number; ovirt: OvirtClientOptions; vm: string };
 
-/** The first retry a second after a failed try, then twice as long each time, never more than 30 s apart. */
-const FIRST_RETRY_MS = 1000;
-const LONGEST_RETRY_MS = 30_000;
+/**
+ * The first retry a second after a failed try, then twice as long each time, never more than 30 s apart. For the
+ * tests only, like ENGINE_CRASH_AT: ENGINE_TEST_THAW_RETRY_MS=n starts the retries at n ms (the longest 30 n), so
+ * that a test of many failed tries or of a late freeze waits for the event, not for the back-off.
+ */
+const testRetryMs = Number(process.env.ENGINE_TEST_THAW_RETRY_MS);
+const FIRST_RETRY_MS = testRetryMs > 0 ? testRetryMs : 1000;
+const LONGEST_RETRY_MS = 30 * FIRST_RETRY_MS;
 /** How long one virsh call may take: libvirt waits up to 30 s for a domain's job lock, then fails. */
 const VIRSH_MS = 60_000;
 

@@ -1,11 +1,48 @@
 /**
- * The trees of the file-restore tests (files-vm.test.ts, files-fuse.test.ts): a folder's files by name with
- * their bytes' hash, modes, owners, times and symlink targets, compared with the guest's originals.
+ * The guest disks and trees of the file-restore tests (files-vm.test.ts, files-fuse.test.ts): the disks built once
+ * per machine and version of their script (filesDisks), and a folder's files by name with their bytes' hash,
+ * modes, owners, times and symlink targets, compared with the guest's originals.
  */
 import { expect } from 'vitest';
+import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { lstat, readdir, readFile, readlink } from 'node:fs/promises';
+import { lstat, readdir, readFile, readlink, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { CACHE_ROOT } from './guest/tiny-guest.js';
+
+const BUILD = fileURLToPath(new URL('./guest/build-files-disks.sh', import.meta.url));
+/** Held while the disks are built: test files that start at once build them once, the others wait and take them. */
+const LOCK = '/run/lock/engine-test-files-disks.lock';
+
+let building: Promise<string> | undefined;
+
+/**
+ * The folder of test/guest/build-files-disks.sh's output (src/, vda.img, vdb.img, vdc.img), built once per version
+ * of the script and kept in the tests' cache folder (as the tiny guest is): ~10 s of loop devices, mkfs and copies
+ * that every file-restore test file needs the same. Shared: read it, never write to it.
+ */
+export function filesDisks(): Promise<string> {
+  building ??= buildOnce();
+  return building;
+}
+
+async function buildOnce(): Promise<string> {
+  const version = createHash('sha256').update(await readFile(BUILD)).digest('hex').slice(0, 16);
+  const dir = join(CACHE_ROOT, `files-disks-${version}`);
+  // Built aside and renamed into place under the lock: a folder there is whole.
+  const script = 'set -e; mkdir -p "$(dirname "$2")"; exec 8>"$1"; flock 8; [ -d "$2" ] && exit 0; rm -rf "$3"; bash "$4" "$3"; mv -T "$3" "$2"';
+  await new Promise<void>((resolve, reject) =>
+    execFile('bash', ['-c', script, 'build-files-disks', LOCK, dir, `${dir}.${process.pid}.tmp`, BUILD], { maxBuffer: 16 * 1024 * 1024 }, (error, _stdout, stderr) =>
+      error ? reject(new Error(`building the file-restore disks failed: ${stderr.trim() || error.message}`)) : resolve(),
+    ),
+  );
+  // Disks of older versions of the script are of no further use (~200 MB each).
+  for (const name of await readdir(CACHE_ROOT)) {
+    if (name.startsWith('files-disks-') && name !== `files-disks-${version}` && !name.endsWith('.tmp')) await rm(join(CACHE_ROOT, name), { recursive: true, force: true });
+  }
+  return dir;
+}
 
 export interface Node {
   type: 'file' | 'directory' | 'symlink';

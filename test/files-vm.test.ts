@@ -6,15 +6,12 @@
  * hostile names and symlinks never lead out of the target directory or the volume.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { execFile } from 'node:child_process';
 import { lstat, readdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { withFileRestore } from '../dist/engine/index.js';
 import { backUp, exitOf, parseJson, runEngine, sh, spawnEngine, tempDir } from './helpers.js';
-import { expectSameTree, qemuChildrenOf, tree } from './files-tree.js';
+import { expectSameTree, filesDisks, qemuChildrenOf, tree } from './files-tree.js';
 
-const BUILD = fileURLToPath(new URL('./guest/build-files-disks.sh', import.meta.url));
 const VM_TIMEOUT = 400_000;
 
 let dir: string;
@@ -26,10 +23,7 @@ let runDir: string;
 
 beforeAll(async () => {
   ({ path: dir, cleanup } = await tempDir('engine-test-files-vm-'));
-  guest = join(dir, 'guest');
-  await new Promise<void>((resolve, reject) =>
-    execFile('bash', [BUILD, guest], { maxBuffer: 16 * 1024 * 1024 }, (error, _stdout, stderr) => (error ? reject(new Error(`${error.message}: ${stderr}`)) : resolve())),
-  );
+  guest = await filesDisks();
   runDir = join(dir, 'run');
   process.env.ENGINE_RUN_DIR = runDir;
   repo = join(dir, 'repo');

@@ -1,5 +1,5 @@
 /** A real libvirtd with TCG domains for the tests (no KVM, no systemd here: the daemons are started by hand). */
-import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sh } from './helpers.js';
@@ -16,8 +16,32 @@ export function libvirtdRunning(): Promise<boolean> {
   return sh('virsh', ['-c', 'qemu:///system', 'version']).then(() => true, () => false);
 }
 
+/** /dev/kvm's owner, group and mode before a run changed them (kvmForLibvirt), for the last run to put back. */
+const KVM_DEVICE = '/dev/kvm';
+const KVM_WAS = join(STARTED_DAEMONS_DIR, 'dev-kvm-was.json');
+
+/**
+ * /dev/kvm made the kvm group's (root:kvm 0660, as Debian's udev rule makes it; this machine has no udev and left it
+ * root:root 0600). libvirtd asks whether its QEMU user (libvirt-qemu, of group kvm) can open it: capabilities
+ * probed with KVM found while that user cannot open it are "KVM was enabled when probing ..., but it is not
+ * available now" (its debug log), and libvirtd then probes QEMU again at every look at its capabilities — 13 probes of ~4 s for one
+ * `virsh define` here, seconds to a minute for each define, start and backup of the libvirt tests. The domains
+ * stay TCG (type 'qemu'). What it was is kept, and the last run puts it back (stopStartedDaemons).
+ */
+async function kvmForLibvirt(): Promise<void> {
+  const device = await stat(KVM_DEVICE).catch(() => undefined);
+  if (!device?.isCharacterDevice()) return;
+  const kvmGid = Number(/^kvm:[^:]*:(\d+):/m.exec(await readFile('/etc/group', 'utf8').catch(() => ''))?.[1]);
+  if (!Number.isInteger(kvmGid) || (device.gid === kvmGid && (device.mode & 0o060) === 0o060)) return;
+  // Only the first change is kept: a later run finds the device already changed and returns above.
+  await writeFile(KVM_WAS, JSON.stringify({ uid: device.uid, gid: device.gid, mode: device.mode & 0o7777 }), { flag: 'wx' }).catch(() => undefined);
+  await chown(KVM_DEVICE, device.uid, kvmGid);
+  await chmod(KVM_DEVICE, (device.mode & 0o7777) | 0o060);
+}
+
 export async function ensureLibvirtd(): Promise<void> {
   await mkdir(STARTED_DAEMONS_DIR, { recursive: true });
+  await kvmForLibvirt();
   // virtlogd on its own: domains do not start without it, and a libvirtd may be running without it.
   if (!(await stat(VIRTLOGD_SOCKET).then((s) => s.isSocket(), () => false))) {
     await sh('virtlogd', ['-d', '-p', join(STARTED_DAEMONS_DIR, 'virtlogd.pid')]).catch(() => undefined);
@@ -64,8 +88,14 @@ export async function leaveRun(): Promise<boolean> {
   return others === 0;
 }
 
-/** Stops the daemons ensureLibvirtd started (their pid files say which), waiting until they are gone. */
+/** Stops the daemons ensureLibvirtd started (their pid files say which), waiting until they are gone; /dev/kvm as it was. */
 export async function stopStartedDaemons(): Promise<void> {
+  const kvmWas = await readFile(KVM_WAS, 'utf8').then((text) => JSON.parse(text) as { uid: number; gid: number; mode: number }, () => undefined);
+  if (kvmWas) {
+    await chown(KVM_DEVICE, kvmWas.uid, kvmWas.gid).catch(() => undefined);
+    await chmod(KVM_DEVICE, kvmWas.mode).catch(() => undefined);
+    await rm(KVM_WAS, { force: true });
+  }
   for (const daemon of DAEMONS) {
     const pidFile = join(STARTED_DAEMONS_DIR, `${daemon}.pid`);
     const pid = Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());

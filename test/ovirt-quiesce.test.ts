@@ -74,7 +74,7 @@ async function expectNothingLeft(vm: SimVm): Promise<void> {
 }
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
-/** Thaw watchdogs (engine/ovirt/thaw-watchdog.ts) of this tree still running: the engine ends its own once it thawed. */
+/** Thaw watchdogs (engine/thaw-watchdog.ts) of this tree still running: the engine ends its own once it thawed. */
 async function watchdogs(): Promise<string[]> {
   const found: string[] = [];
   for (const pid of (await readdir('/proc')).filter((p) => /^\d+$/.test(p))) {
@@ -256,12 +256,13 @@ describe('the guest never stays frozen', () => {
   test('a thaw that keeps failing (agent not answering, engine gone): the watchdog keeps trying past 5 tries, until a thaw succeeds', async () => {
     const vm = vms.web!;
     const args = ['backup', '--repo', repo, '--ovirt', sim.url, '--vm', 'web', '--appliance', 'appliance', '--device-root', sim.deviceRoot, '--quiesce'];
-    const killed = await runEngine(args, { env: { ...SIM_ENV, ENGINE_CRASH_AT: 'guest-frozen', ENGINE_OVIRT_FREEZE_TIMEOUT: '2' } });
+    // The watchdog's retries from 50 ms on (ENGINE_TEST_THAW_RETRY_MS; 1 s by default), doubling up to 1.5 s.
+    const killed = await runEngine(args, { env: { ...SIM_ENV, ENGINE_CRASH_AT: 'guest-frozen', ENGINE_OVIRT_FREEZE_TIMEOUT: '2', ENGINE_TEST_THAW_RETRY_MS: '50' } });
     expect(killed.code).toBe(137);
     vm.agent = 'stuck';
     const thaws = (): number => posts(vm, '/thawfilesystems').length;
     const before = thaws();
-    // 5 failed tries (1, 2, 4, 8 s apart): a watchdog with a fixed count of 5 would have given up; this one waits 16 s.
+    // 5 failed tries (50, 100, 200, 400 ms apart): a watchdog with a fixed count of 5 would have given up; this one waits 800 ms.
     await waitFor('5 failed thaws', () => thaws() >= before + 5, { everyMs: 100 });
     await new Promise((resolve) => setTimeout(resolve, 1000));
     expect(vm.frozen).toBe(true);

@@ -4,10 +4,13 @@
  * (the agent's own fsfreeze status, looked at with the engine stopped at its points), the restored file system
  * clean without a journal replay and holding the guest's files, the record's consistency; then the faults: the
  * engine killed with -9 while the guest is frozen (the watchdog thaws it), a failing and a hanging hook, an agent
- * that never answers, a domain without an agent channel. One guest domain serves every case, in order.
+ * that never answers, a domain without an agent channel. One guest domain serves every case, in order; the guest
+ * itself is proven first (it boots from its own disk, its agent answers, freezes and thaws) and last (it powers off
+ * by its agent, its disk clean and holding what it wrote).
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { createConnection, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { collectOutput, exitOf, initRepository, parseJson, runEngine, sh, spawnEngine, stoppedItself, tempDir, waitFor } from './helpers.js';
 import { destroyDomain, ensureLibvirtd, startDomain } from './libvirt.js';
@@ -30,8 +33,22 @@ interface BackupOut {
 const DOMAIN = `engine-quiesce-${process.pid}`;
 /** A domain with no guest agent channel at all (SeaBIOS only). */
 const BARE = `engine-quiesce-bare-${process.pid}`;
+/**
+ * A virtio-serial port of the guest's own, besides its agent's: the host's way to wake a script in the guest while
+ * the agent is stopped or gone (a test then waits for its own event, not for a guess of how long the engine takes).
+ */
+const RESUME_PORT = 'org.engine.test.resume';
+/**
+ * In the guest: waits until the host writes "x" on the resume port. The host stays connected to it (resumePort), so
+ * the read blocks on one open of the port: a port opened and closed again and again would be an event for libvirt
+ * each time, which waits for the domain's job (a backup's) and holds up the agent's own events behind it. (A read
+ * while the host is not connected is empty at once: then it is tried again.)
+ */
+const AWAIT_RESUME = `until [ "$(head -c1 /dev/virtio-ports/${RESUME_PORT} 2>/dev/null)" = x ]; do sleep 0.2; done`;
 let dir: { path: string; cleanup: () => Promise<void> };
 let repo: string;
+/** The host's end of the guest's resume port, connected for the whole file. */
+let resumePort: Socket | undefined;
 
 /** One guest agent command through libvirt, its `return`. */
 async function agent<T>(domain: string, command: string, args?: Record<string, unknown>): Promise<T> {
@@ -47,6 +64,23 @@ async function guestShell(script: string): Promise<{ exitcode: number; stdout: s
     if (status.exited) return { exitcode: status.exitcode ?? -1, stdout: Buffer.from(status['out-data'] ?? '', 'base64').toString() };
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
+}
+
+/** Connects to the guest's resume port (its Unix socket, which libvirt made and names in the live XML). */
+async function connectResumePort(): Promise<Socket> {
+  const path = new RegExp(`<source mode='bind' path='([^']*/${RESUME_PORT.replace(/\./g, '\\.')})'`).exec(await sh('virsh', ['dumpxml', DOMAIN]))![1]!;
+  const socket = await new Promise<Socket>((resolve, reject) => {
+    const connecting = createConnection(path, () => resolve(connecting));
+    connecting.once('error', reject);
+  });
+  // QEMU ends the connection when the guest powers off (the last case): not this file's failure.
+  socket.on('error', () => undefined);
+  return socket;
+}
+
+/** Wakes the guest's script that waits on the resume port (AWAIT_RESUME). */
+function resume(): void {
+  resumePort!.write('x');
 }
 
 function freezeStatus(): Promise<string> {
@@ -69,17 +103,19 @@ async function watchdogs(domain: string): Promise<number[]> {
 }
 
 async function backup(args: string[], env: Record<string, string> = {}): Promise<{ code: number; out: BackupOut | undefined; error: { code: string; message: string } | undefined; stderr: string }> {
-  const result = await runEngine(['backup', '--repo', repo, '--json', ...args], { env: { ...env, ...runDirs() } });
+  const result = await runEngine(['backup', '--repo', repo, '--json', ...args], { env: { ...env, ...engineEnv() } });
   const parsed = result.stdout.trim() ? parseJson<BackupOut & { error?: { code: string; message: string } }>(result.stdout) : undefined;
   return { code: result.code, out: parsed?.error ? undefined : parsed, error: parsed?.error, stderr: result.stderr };
 }
 
 /**
  * The engine's libvirt job directories in the test's own folder: an engine killed with -9 leaves its own behind
- * (what a dead run left is not cleaned up by the next one), and the folder goes with the test.
+ * (what a dead run left is not cleaned up by the next one), and the folder goes with the test. The thaw watchdog
+ * retries from 100 ms on (ENGINE_TEST_THAW_RETRY_MS; 1 s, doubling up to 30 s, by default): a case that waits
+ * for it to thaw a guest whose agent answers again waits for that, not for its back-off.
  */
-function runDirs(): Record<string, string> {
-  return { TMPDIR: dir.path };
+function engineEnv(): Record<string, string> {
+  return { TMPDIR: dir.path, ENGINE_TEST_THAW_RETRY_MS: '100' };
 }
 
 /** The backup restored to a raw file, its root partition (from 1 MiB, test/guest/build-tiny-guest.sh) apart. */
@@ -106,10 +142,11 @@ beforeAll(async () => {
   await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', guest.image, image]);
   await sh('chown', ['libvirt-qemu:kvm', image]).catch(() => undefined);
   const xml = join(dir.path, `${DOMAIN}.xml`);
-  await writeFile(xml, agentGuestXml({ name: DOMAIN, image, agentPort: guest.agentPort, consoleLog: join(dir.path, 'console.log') }));
+  await writeFile(xml, agentGuestXml({ name: DOMAIN, image, agentPort: guest.agentPort, consoleLog: join(dir.path, 'console.log'), ports: [RESUME_PORT] }));
   await sh('virsh', ['define', xml]);
   await sh('virsh', ['start', DOMAIN]);
   await waitFor('the guest agent to answer', () => agent(DOMAIN, 'guest-ping').then(() => true, () => false), { everyMs: 500 });
+  resumePort = await connectResumePort();
   const bare = join(dir.path, 'bare.qcow2');
   await qcow2(bare, '16M');
   await sh('chown', ['libvirt-qemu:kvm', bare]).catch(() => undefined);
@@ -119,6 +156,7 @@ beforeAll(async () => {
 }, 600_000);
 
 afterAll(async () => {
+  resumePort?.destroy();
   await destroyDomain(DOMAIN);
   await destroyDomain(BARE);
   for (const pid of [...(await watchdogs(DOMAIN)), ...(await watchdogs(BARE))]) process.kill(pid, 'SIGKILL');
@@ -126,6 +164,16 @@ afterAll(async () => {
 }, 120_000);
 
 describe('backup --libvirt --quiesce on a real guest', () => {
+  test('the guest boots from its own disk, answers through its agent, freezes and thaws its root file system', async () => {
+    expect(await agent(DOMAIN, 'guest-ping')).toEqual({});
+    const filesystems = await agent<{ mountpoint: string; type: string; name: string }[]>(DOMAIN, 'guest-get-fsinfo');
+    expect(filesystems.map((f) => [f.mountpoint, f.type, f.name])).toEqual([['/', 'ext4', 'vda1']]);
+    expect(await agent(DOMAIN, 'guest-fsfreeze-freeze')).toBe(1);
+    expect(await freezeStatus()).toBe('frozen');
+    expect(await agent(DOMAIN, 'guest-fsfreeze-thaw')).toBe(1);
+    expect(await freezeStatus()).toBe('thawed');
+  });
+
   test('the guest is frozen while backup-begin takes the checkpoint, thawed after; the restore is clean and holds its files', async () => {
     await guestShell('echo written-before-the-backup > /data/unsynced'); // no sync: the freeze flushes it
     const hooks = join(dir.path, 'hooks.log');
@@ -139,7 +187,7 @@ describe('backup --libvirt --quiesce on a real guest', () => {
         '--pre-freeze-host', `echo "$ENGINE_HOOK $ENGINE_DOMAIN $(${status})" >> ${hooks}`,
         '--post-thaw-host', `echo "$ENGINE_HOOK $ENGINE_DOMAIN $(${status})" >> ${hooks}`,
       ],
-      { ENGINE_STOP_AT: 'guest-frozen,guest-checkpoint-taken', ...runDirs() },
+      { ENGINE_STOP_AT: 'guest-frozen,guest-checkpoint-taken', ...engineEnv() },
     );
     const output = collectOutput(child);
     await stoppedItself(child);
@@ -190,7 +238,8 @@ describe('backup --libvirt --quiesce on a real guest', () => {
 
   test('the engine killed with -9 while the guest is frozen: the watchdog thaws the guest at the freeze timeout', async () => {
     const before = await checkpoints(DOMAIN);
-    const { code } = await backup(['--libvirt', DOMAIN, '--quiesce', '--freeze-timeout', '20'], { ENGINE_CRASH_AT: 'guest-frozen' });
+    // 8 s: the test sees the guest frozen after the engine died, before the watchdog's deadline.
+    const { code } = await backup(['--libvirt', DOMAIN, '--quiesce', '--freeze-timeout', '8'], { ENGINE_CRASH_AT: 'guest-frozen' });
     expect(code).toBe(137);
     expect(await freezeStatus()).toBe('frozen');
     await waitFor('the watchdog to thaw the guest', async () => (await freezeStatus()) === 'thawed', { everyMs: 500 });
@@ -203,7 +252,7 @@ describe('backup --libvirt --quiesce on a real guest', () => {
   test('an engine that stalls past the freeze timeout: the watchdog thaws, and the backup is not taken for quiesced', async () => {
     const before = await checkpoints(DOMAIN);
     for (const mode of ['required', 'try']) {
-      const child = spawnEngine(['backup', '--repo', repo, '--libvirt', DOMAIN, '--json', `--quiesce=${mode}`, '--freeze-timeout', '3'], { ENGINE_STOP_AT: 'guest-frozen', ...runDirs() });
+      const child = spawnEngine(['backup', '--repo', repo, '--libvirt', DOMAIN, '--json', `--quiesce=${mode}`, '--freeze-timeout', '3'], { ENGINE_STOP_AT: 'guest-frozen', ...engineEnv() });
       const output = collectOutput(child);
       await stoppedItself(child);
       await waitFor('the watchdog to thaw the guest', async () => (await freezeStatus()) === 'thawed', { everyMs: 500 });
@@ -226,18 +275,21 @@ describe('backup --libvirt --quiesce on a real guest', () => {
   }, 600_000);
 
   test('a freeze that lands after the engine gave up on it: the watchdog thaws until the agent says thawed, then exits', async () => {
-    // The freeze made slow: the guest's writes throttled on the host (512 KiB/s) behind 16 MiB of dirty pages,
-    // which FIFREEZE writes out first (~32 s); libvirt stops waiting for the agent after 2 s. The freeze so lands
-    // long after the engine's freeze failed, its thaw-once failed (the agent busy) and the backup went on.
+    // The freeze held back: the guest's writes throttled on the host (256 KiB/s) behind 16 MiB of dirty pages,
+    // which FIFREEZE writes out first (~64 s); libvirt stops waiting for the agent after 2 s. The freeze so lands
+    // after the engine's freeze failed, its thaw-once failed (the agent busy) and the backup went on: when the
+    // test lifts the throttle.
     await sh('virsh', ['guest-agent-timeout', DOMAIN, '--timeout', '2']);
-    await sh('virsh', ['blkdeviotune', DOMAIN, 'vda', '--live', '--total-bytes-sec', String(512 * 1024)]);
+    await sh('virsh', ['blkdeviotune', DOMAIN, 'vda', '--live', '--total-bytes-sec', String(256 * 1024)]);
     try {
       expect(await guestShell('dd if=/dev/zero of=/data/dirty bs=1M count=16 >/dev/null 2>&1; echo done')).toEqual({ exitcode: 0, stdout: 'done\n' });
       const tried = await backup(['--libvirt', DOMAIN, '--quiesce=try', '--freeze-timeout', '1']);
       expect(tried.code, tried.stderr).toBe(0);
       expect(tried.out!.consistency).toMatchObject({ level: 'crash', method: 'qemu-guest-agent fsfreeze tried', freezeMs: null, reason: expect.stringMatching(/^the guest agent's freeze (failed|did not end)/) });
       expect(await watchdogs(DOMAIN)).toHaveLength(1);
-      await waitFor('the watchdog to exit', async () => (await watchdogs(DOMAIN)).length === 0, { everyMs: 500 });
+      // The throttle lifted: the dirty pages go out, and the freeze lands now, after the backup.
+      await sh('virsh', ['blkdeviotune', DOMAIN, 'vda', '--live', '--total-bytes-sec', '0']);
+      await waitFor('the watchdog to exit', async () => (await watchdogs(DOMAIN)).length === 0, { everyMs: 200 });
       expect(await freezeStatus()).toBe('thawed');
       expect(await guestShell('rm /data/dirty && echo writable > /data/after-late && cat /data/after-late')).toEqual({ exitcode: 0, stdout: 'writable\n' });
     } finally {
@@ -277,9 +329,10 @@ describe('backup --libvirt --quiesce on a real guest', () => {
 
   test('an agent that never answers: required fails, try backs up crash-consistent; the guest is not left frozen', async () => {
     const before = await checkpoints(DOMAIN);
-    // The agent stopped (its channel open, nothing answering) for 60 s, by a process of its own that outlives the command.
-    // Started without waiting for its end (the agent could not say it); a second's delay lets guest-exec answer first.
-    await agent(DOMAIN, 'guest-exec', { path: '/bin/sh', arg: ['-c', '(sleep 1; a=$(pidof qemu-ga); kill -STOP $a; sleep 60; kill -CONT $a) >/dev/null 2>&1 </dev/null &'] });
+    // The agent stopped (its channel open, nothing answering) until the host says resume, by a process of its own that
+    // outlives the command. Started without waiting for its end (the agent could not say it); a second's delay lets
+    // guest-exec answer first.
+    await agent(DOMAIN, 'guest-exec', { path: '/bin/sh', arg: ['-c', `(sleep 1; a=$(pidof qemu-ga); kill -STOP $a; ${AWAIT_RESUME}; kill -CONT $a) >/dev/null 2>&1 </dev/null &`] });
     await waitFor('the agent to stop answering', () => sh('virsh', ['-q', 'qemu-agent-command', DOMAIN, '{"execute":"guest-ping"}', '--timeout', '2']).then(() => false, () => true), { everyMs: 200 });
     const required = await backup(['--libvirt', DOMAIN, '--quiesce', '--freeze-timeout', '5']);
     expect(required.code).toBe(1);
@@ -290,15 +343,20 @@ describe('backup --libvirt --quiesce on a real guest', () => {
     expect(tried.code, tried.stderr).toBe(0);
     expect(tried.out!.consistency).toMatchObject({ level: 'crash', method: 'qemu-guest-agent fsfreeze tried', freezeMs: null, reason: expect.stringMatching(/freeze failed: .*(not responding|not available)/) });
     // Once the agent answers again, the guest is thawed (the freeze never reached it), and no watchdog is left.
-    await waitFor('the agent to answer again', () => agent(DOMAIN, 'guest-ping').then(() => true, () => false), { everyMs: 1000 });
+    resume();
+    await waitFor('the agent to answer again', () => agent(DOMAIN, 'guest-ping').then(() => true, () => false), { everyMs: 200 });
     expect(await freezeStatus()).toBe('thawed');
-    await waitFor('the watchdogs to exit', async () => (await watchdogs(DOMAIN)).length === 0, { everyMs: 500 });
+    await waitFor('the watchdogs to exit', async () => (await watchdogs(DOMAIN)).length === 0, { everyMs: 200 });
   }, 600_000);
 
   test('a guest whose agent is gone (the channel there, qemu-ga not running): required fails, try backs up crash-consistent', async () => {
-    // Last of the guest's cases: nothing in the guest can start the agent again.
-    await agent(DOMAIN, 'guest-exec', { path: '/bin/sh', arg: ['-c', '(sleep 1; kill $(pidof qemu-ga)) >/dev/null 2>&1 </dev/null &'] });
-    await waitFor('the agent to be gone', () => sh('virsh', ['-q', 'qemu-agent-command', DOMAIN, '{"execute":"guest-ping"}', '--timeout', '2']).then(() => false, () => true), { everyMs: 200 });
+    // The agent ended; the guest starts it again only when the host says resume, after the case.
+    const start = 'qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -d -t /run';
+    await agent(DOMAIN, 'guest-exec', { path: '/bin/sh', arg: ['-c', `(sleep 1; kill $(pidof qemu-ga); ${AWAIT_RESUME}; ${start}) >/dev/null 2>&1 </dev/null &`] });
+    // Gone as libvirt sees it: "not connected" once it handled the port's closing (an event that waits while a job
+    // holds the domain). Before that, an agent that had been stopped may be "not available for now", and a freeze
+    // sent then leaves a watchdog that no thaw can end while the agent is gone.
+    await waitFor('the agent to be gone', () => sh('virsh', ['-q', 'qemu-agent-command', DOMAIN, '{"execute":"guest-ping"}', '--timeout', '2']).then(() => false, (error: Error) => /not connected/.test(error.message)), { everyMs: 200 });
     const before = await checkpoints(DOMAIN);
     const required = await backup(['--libvirt', DOMAIN, '--quiesce', '--freeze-timeout', '5']);
     expect(required.error).toMatchObject({ code: 'ENGINE_QUIESCE_FAILED', message: expect.stringMatching(/the guest agent's freeze failed: .*(not connected|not responding|not available)/) });
@@ -306,7 +364,10 @@ describe('backup --libvirt --quiesce on a real guest', () => {
     const tried = await backup(['--libvirt', DOMAIN, '--quiesce=try', '--freeze-timeout', '5']);
     expect(tried.code, tried.stderr).toBe(0);
     expect(tried.out!.consistency).toMatchObject({ level: 'crash', freezeMs: null, reason: expect.stringMatching(/freeze failed: .*(not connected|not responding|not available)/) });
-    await waitFor('the watchdogs to exit', async () => (await watchdogs(DOMAIN)).length === 0, { everyMs: 500 });
+    await waitFor('the watchdogs to exit', async () => (await watchdogs(DOMAIN)).length === 0, { everyMs: 200 });
+    // The agent started again, for the last case.
+    resume();
+    await waitFor('the agent to answer again', () => agent(DOMAIN, 'guest-ping').then(() => true, () => false), { everyMs: 200 });
   }, 600_000);
 
   test('a domain without a guest agent channel: required says so, try backs up crash-consistent', async () => {
@@ -329,4 +390,19 @@ describe('backup --libvirt --quiesce on a real guest', () => {
     const mode = await runEngine(['backup', '--repo', repo, '--libvirt', DOMAIN, '--quiesce=always']);
     expect(mode.code).toBe(2);
   });
+
+  test('the guest powers off by its agent, and keeps what it wrote: its root file system clean, holding the file', async () => {
+    expect(await guestShell('echo written-in-the-guest > /data/proof && sync && cat /data/proof')).toEqual({ exitcode: 0, stdout: 'written-in-the-guest\n' });
+    await agent(DOMAIN, 'guest-shutdown').catch(() => undefined); // the agent may go before it answers
+    // Powered off by the guest itself (QEMU ended, as libvirt says, by the guest's shutdown: not destroyed, not crashed).
+    await waitFor('the guest to power off', async () => (await sh('virsh', ['domstate', DOMAIN, '--reason'])).startsWith('shut off'), { everyMs: 200 });
+    expect((await sh('virsh', ['domstate', DOMAIN, '--reason'])).trim()).toBe('shut off (shutdown)');
+    // The root file system, read by the host's own tools: clean, and holding the guest's file.
+    const disk = join(dir.path, 'powered-off.raw');
+    await sh('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', join(dir.path, 'guest.qcow2'), disk]);
+    const root = join(dir.path, 'powered-off.root');
+    await sh('dd', [`if=${disk}`, `of=${root}`, 'bs=1M', 'skip=1', 'status=none']);
+    await sh('e2fsck', ['-n', '-f', root]);
+    expect(await sh('debugfs', ['-R', 'cat /data/proof', root])).toBe('written-in-the-guest\n');
+  }, 600_000);
 });

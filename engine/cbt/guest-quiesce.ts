@@ -103,7 +103,7 @@ export async function quiesced(domain: string, request: QuiesceRequest | undefin
     const why = error instanceof ToolError && error.timedOut ? `the guest agent's freeze did not end within ${(freezeTimeoutMs + FREEZE_GRACE_MS) / 1000} s (the freeze timeout and ${FREEZE_GRACE_MS / 1000} s)` : `the guest agent's freeze failed: ${agentWords(message)}`;
     if (NEVER_SENT.test(message)) {
       // libvirt refused before anything reached the agent: nothing can be frozen.
-      watchdog.stop();
+      await watchdog.stop();
     } else {
       // libvirt's fsfreeze goes on waiting for the agent after virsh is gone, and a freeze it gave up on may still
       // be carried out: thawed once now (as VDSM does: "Must always thaw, even if freeze failed"), and the
@@ -130,7 +130,7 @@ export async function quiesced(domain: string, request: QuiesceRequest | undefin
     });
     freezeMs = Math.round(performance.now() - started);
     // The freeze had returned: a thaw that succeeded leaves nothing frozen.
-    if (thawedCount !== undefined) watchdog.stop();
+    if (thawedCount !== undefined) await watchdog.stop();
     await postThaw();
   }
   // Not trusted as quiesced: a backup-begin that returned past the freeze timeout (the watchdog's deadline counts

@@ -119,7 +119,7 @@ export async function frozenAround<T>(client: OvirtClient, journal: RunJournal, 
     // carries out later: thawed once now, as VDSM does (backup.py: "Must always thaw, even if freeze failed"),
     // and the watchdog and the journal entry stay (the watchdog thaws until a thaw succeeds).
     if (neverSent(error)) {
-      watchdog.stop();
+      await watchdog.stop();
       await journal.forget(entry);
     } else {
       await thawGuest(client, vm.id).catch(() => undefined);
@@ -142,7 +142,7 @@ export async function frozenAround<T>(client: OvirtClient, journal: RunJournal, 
     );
     freezeMs = Math.round(performance.now() - frozenAt);
     if (thawed) {
-      watchdog.stop();
+      await watchdog.stop();
       await journal.forget(entry);
     }
   }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Guest disks in the layouts people run, for the file-restore tests (test/files-vm.test.ts). In OUT (new):
+# Guest disks in the layouts people run, for the file-restore tests (files-vm, files-fuse; built once per version
+# of this script and cached by test/files-tree.ts's filesDisks). In OUT (new):
 #   src/        the files every filesystem below holds (src/unix: with symlinks and a hostile name, for the
 #               filesystems that can hold them; src/plain: for vfat and NTFS)
 #   vda.img     GPT: p1 an EFI system partition (vfat, populated with mtools' mcopy: this host's kernel has
@@ -13,8 +14,8 @@
 # e2fsprogs, fdisk.
 set -euo pipefail
 out=${1:?usage: build-files-disks.sh OUT}
-# One build at a time on a host: the VG name is the host's (LVM's own metadata and locks), and test files run
-# in parallel (files-vm and files-fuse both build these disks).
+# One build at a time on a host: the VG name is the host's (LVM's own metadata and locks), and test runs (other
+# worktrees') may build at once.
 # The same lock serializes every test's loop devices (test/restore-guard.test.ts holds it too): a loop device
 # this build had just released was found "in use by the system" by another test's mkfs.
 exec 9>/run/lock/engine-test-loop-devices.lock

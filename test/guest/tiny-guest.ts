@@ -22,7 +22,8 @@ export interface TinyGuest {
 }
 
 const SCRIPT = fileURLToPath(new URL('./build-tiny-guest.sh', import.meta.url));
-const CACHE_ROOT = process.env.ENGINE_TEST_CACHE ?? '/var/cache/engine-test';
+/** The tests' cache folder of things built once per machine (this guest, files-tree.ts's disks). */
+export const CACHE_ROOT = process.env.ENGINE_TEST_CACHE ?? '/var/cache/engine-test';
 
 let building: Promise<TinyGuest> | undefined;
 
