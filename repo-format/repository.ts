@@ -66,6 +66,7 @@ import { PackPresence } from './pack-presence.js';
 import { defaultCacheRoot, V3Session } from './v3/session.js';
 import { decodeSegment, parseSegmentKey, SEGMENT_MAX_OBJECT_SIZE, SEGMENT_PREFIX, segmentKey } from './v3/segment.js';
 import { locationKind, openLocation } from './v3/location.js';
+import { lockedUntil } from './v3/object-lock.js';
 import { isMidMigration } from './v3/migrate.js';
 import { AsOfStorage } from './v3/as-of.js';
 import { applyObjectLock } from './v3/object-lock.js';
@@ -752,6 +753,15 @@ export class Repository {
     await rename(building, indexPath);
     await fsyncDirectory(this.root);
     return { packs, blobs };
+  }
+
+  /**
+   * Until when a backup's record is locked (S3 Object Lock, SPEC.md 20.5), in ms since the epoch; undefined where
+   * the repository has no lock or the store does not say. prune reports it for each record it removes.
+   */
+  async recordLockedUntil(backupId: string, signal?: AbortSignal): Promise<number | undefined> {
+    if (!this.config.objectLock) return undefined;
+    return lockedUntil(this.store, recordKey(backupId), signal);
   }
 
   /** Every pack, by id, sorted; what else lies in packs/ is skipped (strays() lists it). */

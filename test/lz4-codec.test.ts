@@ -8,7 +8,7 @@
  * a write past the caller's buffer.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { open, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import fc from 'fast-check';
@@ -54,6 +54,13 @@ function blobs(): Buffer[] {
 }
 
 /** The lz4 payload of a frame sealed by the engine's codec (compress: a buffer of the caller's own). */
+/** Bytes that look random and are the same in every run: SHA-256 of the seed and a counter, end to end. */
+function seededBytes(seed: string, length: number): Buffer {
+  const out = Buffer.alloc(length);
+  for (let at = 0, counter = 0; at < length; counter++) at += createHash('sha256').update(`${seed}:${counter}`).digest().copy(out, at);
+  return out;
+}
+
 function enginePayload(raw: Buffer): Buffer {
   return compress(LZ4, raw);
 }
@@ -106,7 +113,9 @@ describe('liblz4 is the codec, and reads and writes what lz4-napi does', () => {
   test('sealing compresses straight into the frame: compressed exactly when the payload is shorter than the block, the same bytes either way', () => {
     // Random bytes then a run of zeros: as the run grows by a byte the payload shrinks by about a byte, so the sweep
     // passes through payloads one byte shorter than the block, as long, and longer (the bound the frame gives liblz4).
-    const random = randomBytes(4 * KiB);
+    // Fixed bytes: with fresh random ones about 1 sweep in 200 steps from one byte longer to one byte shorter
+    // and never meets "as long" (measured: 15 of 3,000), which this test must see.
+    const random = seededBytes('lz4-sweep', 4 * KiB);
     const seen = new Set<number>();
     for (let zeros = 0; zeros <= 96; zeros++) {
       const raw = Buffer.concat([random.subarray(0, random.length - zeros), Buffer.alloc(zeros)]);

@@ -75,11 +75,16 @@ async function expectNothingLeft(vm: SimVm): Promise<void> {
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 /** Thaw watchdogs (engine/thaw-watchdog.ts) of this tree still running: the engine ends its own once it thawed. */
+const OVIRT_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
 async function watchdogs(): Promise<string[]> {
   const found: string[] = [];
   for (const pid of (await readdir('/proc')).filter((p) => /^\d+$/.test(p))) {
     const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
-    if (cmdline.includes(`${ROOT}dist/`) && cmdline.includes('thaw-watchdog')) found.push(`${pid}: ${cmdline.replace(/\0/g, ' ')}`);
+    // The watchdog's label is the VM it guards: an oVirt VM's id here. quiesce-libvirt's watchdogs (a libvirt
+    // domain's name) may run at the same time from this checkout, in another worker: they are not this file's.
+    const args = cmdline.split('\0').filter((arg) => arg !== '');
+    if (cmdline.includes(`${ROOT}dist/`) && args.at(-2) === 'engine-thaw-watchdog' && OVIRT_ID.test(args.at(-1) ?? '')) found.push(`${pid}: ${args.join(' ')}`);
   }
   return found;
 }

@@ -4,8 +4,6 @@
  * breaks another's restore; the chunks no backup references any more are reclaimed by `engine gc`.
  * Damaged records are never removed (their group cannot be known) and are reported.
  */
-import { lockedUntil } from '../../repo-format/v3/object-lock.js';
-import { recordKey } from '../../repo-format/store.js';
 import { Repository } from '../../repo-format/repository.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { listProtected } from '../../repo-format/protection.js';
@@ -79,7 +77,7 @@ export async function prune(options: PruneOptions): Promise<PruneReport> {
       for (const decision of decisions.filter((d) => !d.keep)) {
         await interruption.tick();
         if (repo.config.objectLock) {
-          const until = await lockedUntil(repo.store, recordKey(decision.backup.id), options.signal);
+          const until = await repo.recordLockedUntil(decision.backup.id, options.signal);
           (report.locked ??= []).push({ id: decision.backup.id, until: until === undefined ? null : new Date(until).toISOString() });
         }
         await repo.removeBackup(decision.backup.id);

@@ -99,8 +99,8 @@ export async function statsOf(repo: RepositoryConfig, passphrase: Buffer | undef
   let packs = 0;
   const opened = await Repository.open(repo.location, { access: 'read', passphrase, manyWriters: true });
   try {
-    for await (const object of opened.store.list('packs/')) {
-      storedBytes += object.size;
+    for (const pack of await opened.listPacks()) {
+      storedBytes += pack.size;
       packs++;
     }
   } finally {
