@@ -82,7 +82,7 @@ export interface ListPage {
 /** A ListObjectsV2 answer; keys percent-decoded when the answer says EncodingType url. */
 export function parseListPage(xml: string): ListPage {
   if (rootElement(xml) !== 'ListBucketResult') throw new MalformedXmlError(`a listing was expected, the root element is ${rootElement(xml) ?? 'missing'}`);
-  const urlEncoded = elementText(xml, 'EncodingType')?.toLowerCase() === 'url';
+  const decode = keyDecoder(xml);
   const objects = elements(xml, 'Contents').map((contents) => {
     const rawKey = elementText(contents, 'Key');
     const sizeText = elementText(contents, 'Size');
@@ -92,15 +92,7 @@ export function parseListPage(xml: string): ListPage {
     const lastModified = elementText(contents, 'LastModified');
     const parsedTime = lastModified === undefined ? NaN : Date.parse(lastModified.trim());
     const modified = Number.isFinite(parsedTime) ? parsedTime : undefined;
-    let key = rawKey;
-    if (urlEncoded) {
-      try {
-        key = decodeURIComponent(rawKey.replace(/\+/g, ' '));
-      } catch {
-        throw new MalformedXmlError(`key ${rawKey.slice(0, 100)} is not valid URL encoding`);
-      }
-    }
-    return { key, size, modified };
+    return { key: decode(rawKey), size, modified };
   });
   const truncatedText = elementText(xml, 'IsTruncated')?.trim().toLowerCase();
   if (truncatedText !== 'true' && truncatedText !== 'false') throw new MalformedXmlError('a listing without IsTruncated');
@@ -108,6 +100,22 @@ export function parseListPage(xml: string): ListPage {
   const nextToken = elementText(xml, 'NextContinuationToken');
   if (truncated && !nextToken) throw new MalformedXmlError('a truncated listing without NextContinuationToken');
   return { objects, truncated, nextToken };
+}
+
+/**
+ * Keys of a listing answer as they are: percent-decoded when the answer says EncodingType url (the engine asks
+ * for it, so that any key survives XML), else as given; a bad escape is a malformed answer.
+ */
+function keyDecoder(xml: string): (raw: string) => string {
+  const urlEncoded = elementText(xml, 'EncodingType')?.toLowerCase() === 'url';
+  return (raw) => {
+    if (!urlEncoded) return raw;
+    try {
+      return decodeURIComponent(raw.replace(/\+/g, ' '));
+    } catch {
+      throw new MalformedXmlError(`key ${raw.slice(0, 100)} is not valid URL encoding`);
+    }
+  };
 }
 
 export interface UploadsPage {
@@ -121,15 +129,7 @@ export interface UploadsPage {
 /** A ListMultipartUploads answer; keys (and the key marker) percent-decoded when the answer says EncodingType url. */
 export function parseUploadsPage(xml: string): UploadsPage {
   if (rootElement(xml) !== 'ListMultipartUploadsResult') throw new MalformedXmlError(`a list of uploads was expected, the root element is ${rootElement(xml) ?? 'missing'}`);
-  const urlEncoded = elementText(xml, 'EncodingType')?.toLowerCase() === 'url';
-  const decode = (raw: string): string => {
-    if (!urlEncoded) return raw;
-    try {
-      return decodeURIComponent(raw.replace(/\+/g, ' '));
-    } catch {
-      throw new MalformedXmlError(`key ${raw.slice(0, 100)} is not valid URL encoding`);
-    }
-  };
+  const decode = keyDecoder(xml);
   const uploads = elements(xml, 'Upload').map((upload) => {
     const key = elementText(upload, 'Key');
     const uploadId = elementText(upload, 'UploadId');
@@ -187,15 +187,7 @@ export interface VersionsPage {
 /** A ListObjectVersions answer (ListVersionsResult): Version and DeleteMarker elements in document order. */
 export function parseVersionsPage(xml: string): VersionsPage {
   if (rootElement(xml) !== 'ListVersionsResult') throw new MalformedXmlError(`a list of versions was expected, the root element is ${rootElement(xml) ?? 'missing'}`);
-  const urlEncoded = elementText(xml, 'EncodingType')?.toLowerCase() === 'url';
-  const decode = (raw: string): string => {
-    if (!urlEncoded) return raw;
-    try {
-      return decodeURIComponent(raw.replace(/\+/g, ' '));
-    } catch {
-      throw new MalformedXmlError(`key ${raw.slice(0, 100)} is not valid URL encoding`);
-    }
-  };
+  const decode = keyDecoder(xml);
   const versions: ObjectVersion[] = [];
   const pattern = /<(Version|DeleteMarker)(?:\s[^>]*)?>([\s\S]*?)<\/\1\s*>/g;
   for (let match = pattern.exec(xml); match; match = pattern.exec(xml)) {
