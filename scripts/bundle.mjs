@@ -1,5 +1,5 @@
 // Bundles tsc's output (dist/) into dist/bundle/: the CLI and the files the CLI starts by path (the block
-// worker, the MD5 thread, mount's serve daemon and the VM mount's FUSE daemon, the oVirt thaw watchdog), one file each plus the chunks they share, so that a command
+// worker, the MD5 thread, mount's serve daemon and the VM mount's FUSE daemon, the oVirt thaw watchdog, the live restore's guard), one file each plus the chunks they share, so that a command
 // loads a handful of files instead of ~150 modules (measured in bench/fixed-costs.ts: CPU per call).
 // The lazy imports (import() of a command's module, of S3, NBD, qcow2, libvirt, classic-level) stay lazy: each
 // becomes a chunk of its own, loaded when the command needs it. Packages in node_modules stay outside (native
@@ -23,6 +23,7 @@ const input = {
   'serve-daemon': `${root}dist/engine/mount/serve-daemon.js`,
   'fuse-daemon': `${root}dist/engine/file-restore/fuse-daemon.js`,
   'thaw-watchdog': `${root}dist/engine/thaw-watchdog.js`,
+  'live-guard': `${root}dist/engine/restore/live-guard.js`,
 };
 const dist = `${root}dist`;
 rmSync(out, { recursive: true, force: true });

@@ -23,6 +23,8 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import { openSync, closeSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { chmod, chown, mkdir, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { CorruptMetadataError, EngineError, InvalidArgumentError } from '../../repo-format/errors.js';
@@ -40,6 +42,7 @@ import { runTool, runToolJson, ToolError } from '../cbt/run-tool.js';
 import { serveDaemonScript, startDaemon } from '../mount/mount.js';
 import type { ServedExport } from '../serve/serve.js';
 import { domainDiskTargets, liveDomainXml } from './live-domain-xml.js';
+import type { LiveGuardOrders } from './live-guard.js';
 
 export interface LiveRestoreOptions {
   repo: string;
@@ -106,6 +109,8 @@ interface LiveState {
   domain: string | null;
   created: string;
   server: { pid: number; identity?: string | undefined; readerToken: string | null; lease: string | null } | null;
+  /** The guard (live-guard.ts) of the domain's streams while they run; absent in journals from before it. */
+  guard?: { pid: number; identity: string | undefined } | null;
   /** Images made (each recorded before qemu-img makes it). */
   disks: LiveDisk[];
   /** created → (libvirt) defined → started → streaming; hydrated once every backing link is cut. */
@@ -350,6 +355,7 @@ async function undo(state: LiveState, stateDir: string): Promise<void> {
     await virsh(['destroy', state.domain]).catch(() => undefined);
     await virsh(['undefine', state.domain, '--nvram']).catch(() => virsh(['undefine', state.domain!]).catch(() => undefined));
   }
+  await stopGuard(state, stateDir).catch(() => undefined);
   await stopServer(state, stateDir).catch(() => undefined);
   for (const disk of state.disks) await rm(disk.path, { force: true });
   await rm(stateDir, { recursive: true, force: true });
@@ -358,7 +364,8 @@ async function undo(state: LiveState, stateDir: string): Promise<void> {
 async function finish(state: LiveState, stateDir: string, times: { readyMs: number | null; hydrationMs: number; resumed: boolean; serverRestarted: boolean }): Promise<LiveRestoreResult> {
   state.phase = 'hydrated';
   await saveState(stateDir, state);
-  // Every backing link is cut: nothing reads the server any more.
+  // Every backing link is cut: nothing reads the server any more. The guard first: the server's end is no fault.
+  await stopGuard(state, stateDir);
   await stopServer(state, stateDir);
   await rm(stateDir, { recursive: true, force: true });
   return { backup: state.backupId, mode: state.mode, domain: state.domain, disks: state.disks.map((d) => ({ name: d.name, path: d.path, size: d.size })), ...times };
@@ -370,8 +377,9 @@ async function hydrate(state: LiveState, stateDir: string, options: LiveResumeOp
   if (state.mode === 'libvirt') {
     const now = await domainState(state.domain!);
     if (now === 'paused') throw new EngineError('ENGINE_TOOL_FAILED', `domain ${state.domain} is paused (${await domainReason(state.domain!)}); its disks still read from the backup. Resume it (virsh resume) after freeing space if its disk is full, then ${resumeHint(state)}`, { domain: state.domain });
-    // Shut off: no QEMU to stream; the images are hydrated the way the qcow2 form is.
+    // Shut off: no QEMU to stream; the images are hydrated the way the qcow2 form is. No stream, nothing to guard.
     options.onNotice?.(`domain ${state.domain} is ${now ?? 'gone'}: hydrating its images without it`);
+    await stopGuard(state, stateDir);
   }
   for (const disk of state.disks) {
     if (await hasBacking(disk.path)) await rebase(disk, state, stateDir, options);
@@ -387,8 +395,11 @@ async function streamInDomain(state: LiveState, stateDir: string, options: LiveR
   const domain = state.domain!;
   const pending = new Set<LiveDisk>();
   for (const disk of state.disks) {
-    if (!(await hasBacking(disk.path))) continue;
-    pending.add(disk);
+    if (await hasBacking(disk.path)) pending.add(disk);
+  }
+  // Before the first stream starts: from then on a server's death is guarded against, whether the engine runs or not.
+  await startGuard(state, stateDir, [...pending]);
+  for (const disk of pending) {
     const bandwidth = ['--bandwidth', String(options.bandwidth ?? 0), '--bytes'];
     if ((await blockJob(domain, disk.device)) === undefined) await virsh(['blockpull', domain, disk.device, ...bandwidth]);
     // A stream a killed engine started goes on at this run's speed (none given: no limit).
@@ -400,10 +411,9 @@ async function streamInDomain(state: LiveState, stateDir: string, options: LiveR
   while (pending.size > 0) {
     if (options.signal?.aborted) throw interrupted(options.signal, `the guest runs on and QEMU's stream goes on, with the server; ${resumeHint(state)} waits for it and stops the server`);
     if (!serverAlive(state)) {
-      // QEMU 7.2's stream reads the guest's requests through a copy-on-read filter that, when the backing's
-      // block status fails (the server gone), ends the read early and reports success: the guest would get
-      // zeros, not EIO. Without the job (and its filter) the guest's reads of what is not hydrated fail EIO.
-      for (const disk of pending) await virsh(['blockjob', domain, disk.device, '--abort']).catch(() => undefined);
+      // The guard (live-guard.ts) aborts the streams: one mechanism, the same with the engine running or killed.
+      // The engine waits for it to have done so (it exits then); only a guard that is gone (killed) leaves it to us.
+      await guardDone(state, domain, [...pending]);
       throw new EngineError('ENGINE_TOOL_FAILED', `the NBD server of the live restore of domain ${domain} is gone: the streams are stopped, and the guest's reads of what is not hydrated fail (EIO) until ${resumeHint(state)} starts the server again. Nothing is lost: the images keep their backing link and every guest write`, { domain });
     }
     for (const disk of [...pending]) {
@@ -423,6 +433,74 @@ async function streamInDomain(state: LiveState, stateDir: string, options: LiveR
     }
     await new Promise((r) => setTimeout(r, POLL_MS));
   }
+}
+
+function guardAlive(state: LiveState): boolean {
+  const guard = state.guard;
+  if (!guard || !isProcessAlive(guard.pid)) return false;
+  return guard.identity === undefined || processIdentity(guard.pid) === guard.identity;
+}
+
+/** How long stopGuard and guardDone wait for the guard to end (it ends within a poll and the aborts). */
+const GUARD_WAIT_MS = 30_000;
+
+async function waitGuardGone(state: LiveState): Promise<boolean> {
+  for (const deadline = Date.now() + GUARD_WAIT_MS; guardAlive(state); ) {
+    if (Date.now() > deadline) return false;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  return true;
+}
+
+/**
+ * The guard of the domain's streams (live-guard.ts): detached, its own session, its orders on stdin, its log
+ * guard.log in the journal's folder; recorded in the journal. A guard of an earlier run (of another server) goes first.
+ */
+async function startGuard(state: LiveState, stateDir: string, disks: LiveDisk[]): Promise<void> {
+  await stopGuard(state, stateDir);
+  const server = state.server;
+  if (!server || disks.length === 0) return;
+  const orders: LiveGuardOrders = { domain: state.domain!, devices: disks.map((d) => d.device), images: disks.map((d) => d.path), server: { pid: server.pid, identity: server.identity ?? processIdentity(server.pid) } };
+  const script = fileURLToPath(new URL('./live-guard.js', import.meta.url));
+  const logFd = openSync(join(stateDir, 'guard.log'), 'a', MUTABLE_FILE_MODE);
+  let child;
+  try {
+    child = spawn(process.execPath, [script, 'engine-live-guard', state.domain!], { detached: true, stdio: ['pipe', 'ignore', logFd] });
+    await new Promise<void>((done, fail) => {
+      child!.once('spawn', done);
+      child!.once('error', fail);
+    });
+  } finally {
+    closeSync(logFd);
+  }
+  // Read before its orders are written: it cannot have exited yet, so the identity is its own.
+  state.guard = { pid: child.pid!, identity: processIdentity(child.pid!) };
+  await saveState(stateDir, state);
+  child.stdin!.end(JSON.stringify(orders));
+  child.unref();
+}
+
+/** Ends the guard (SIGUSR2: "hydration ended, or no stream left to guard"), if it is still that process. */
+async function stopGuard(state: LiveState, stateDir: string): Promise<void> {
+  const guard = state.guard;
+  if (!guard) return;
+  if (guardAlive(state)) {
+    try {
+      process.kill(guard.pid, 'SIGUSR2');
+    } catch {
+      // Gone in between.
+    }
+    // It exits at once; one stuck (in a virsh call of 60 s at most) is killed: the engine says hydration ended.
+    if (!(await waitGuardGone(state))) await stopProcess(guard.pid, 1000, guard.identity);
+  }
+  state.guard = null;
+  await saveState(stateDir, state);
+}
+
+/** The server died under a watching engine: the guard aborts the streams; a guard that is gone leaves it to the engine. */
+async function guardDone(state: LiveState, domain: string, disks: LiveDisk[]): Promise<void> {
+  if (guardAlive(state) && (await waitGuardGone(state))) return;
+  await Promise.all(disks.map((disk) => virsh(['blockjob', domain, disk.device, '--abort']).catch(() => undefined)));
 }
 
 async function blockJob(domain: string, device: string): Promise<{ cur: number; end: number } | undefined> {
