@@ -20,6 +20,10 @@
  * a kill -9 of the engine leaves the guest running and the stream going (it is QEMU's); `--resume` finds the
  * journal, starts the server again if it died (QEMU's NBD client reconnects on its next request), starts the
  * stream again if it is not running, waits for it, then stops the server and removes the journal.
+ *
+ * While QEMU's streams run, a detached guard (live-guard.ts, recorded in the journal) aborts them the moment the
+ * server dies, engine running or killed: QEMU 7.2's stream would give the guest zeros instead of EIO. It is the one
+ * mechanism; the engine's wait only reports a dead server (and aborts the jobs itself only if the guard is gone).
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
