@@ -398,3 +398,21 @@ export async function readThroughOverlay(overlay: { readInto(block: number, at: 
   }
   return out;
 }
+
+/**
+ * The host's loop devices are shared by every test file that attaches one (losetup, mount -o loop, engine mount,
+ * test/guest/build-files-disks.sh): with two of them at it at once, one was seen to find "its" fresh device
+ * mounted or "in use by the system" (restore-guard beside mount, in a clean clone). Each holds this lock (flock on
+ * one file, the one the disk builder takes) while its loop devices exist; the returned function lets it go.
+ */
+export async function holdLoopDeviceLock(): Promise<() => Promise<void>> {
+  const holder = spawn('flock', ['/run/lock/engine-test-loop-devices.lock', 'sh', '-c', 'echo locked; exec cat'], { stdio: ['pipe', 'pipe', 'ignore'] });
+  await new Promise<void>((resolve, reject) => {
+    holder.stdout!.once('data', () => resolve());
+    holder.once('exit', (code) => reject(new Error(`flock exited (${code}) before it held the lock`)));
+  });
+  return async () => {
+    holder.stdin!.end();
+    await exitOf(holder);
+  };
+}

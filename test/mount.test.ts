@@ -9,7 +9,7 @@ import { createHash } from 'node:crypto';
 import { mkdir, open, readdir, readFile, realpath, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { readPartitionTable } from '../dist/engine/index.js';
-import { filesIdentical, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, withoutProgress, backUp, waitFor } from './helpers.js';
+import { filesIdentical, holdLoopDeviceLock, parseJson, runEngine, sh, sparseFile, tempDir, writeRegion, withoutProgress, backUp, waitFor } from './helpers.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -17,8 +17,11 @@ let cleanup: () => Promise<void>;
 let repo: string;
 let runDir: string;
 let content: string;
+let releaseLoopLock: (() => Promise<void>) | undefined;
 
 beforeAll(async () => {
+  // The whole file attaches loop devices (engine mount, mount -o loop, losetup): under the tests' one lock.
+  releaseLoopLock = await holdLoopDeviceLock();
   ({ path: dir, cleanup } = await tempDir('engine-mount-'));
   repo = join(dir, 'repo');
   runDir = join(dir, 'run');
@@ -32,6 +35,7 @@ beforeAll(async () => {
 });
 afterAll(async () => {
   await cleanup();
+  await releaseLoopLock?.();
 });
 
 function env(): Record<string, string> {

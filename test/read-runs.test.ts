@@ -16,7 +16,7 @@ import { RUN_BYTES, RUNS_IN_FLIGHT } from '../dist/engine/pipeline/backup-disk.j
 import type { IncrementalPlan } from '../dist/engine/pipeline/backup-disk.js';
 import type { BackupRecord } from '../dist/repo-format/backup-record.js';
 import type { Range } from '../dist/engine/pipeline/map-cursors.js';
-import { filesIdentical, runEngine, sh, sparseFile, tempDir, writeRegion } from './helpers.js';
+import { filesIdentical, holdLoopDeviceLock, runEngine, sh, sparseFile, tempDir, writeRegion } from './helpers.js';
 import { qcow2, qemuIo, qemuNbd } from './qemu.js';
 
 // About the pipeline: its blocks run in the worker pool whatever the disk's size (a small job otherwise runs them on
@@ -237,7 +237,11 @@ describe('a backup reads its source in large runs, in order', () => {
     const backing = join(dir, 'loop-backing.img');
     await sparseFile(backing, 21 * MiB);
     await writeRegion(backing, 0, 21 * MiB, 'text', 'loop');
-    const device = (await sh('losetup', ['--find', '--show', backing])).trim();
+    const release = await holdLoopDeviceLock();
+    const device = (await sh('losetup', ['--find', '--show', backing]).catch(async (error: unknown) => {
+      await release();
+      throw error;
+    })).trim();
     try {
       const source = new RecordingSource(await FileSource.open(device));
       expect(source.description.kind).toBe('block-device');
@@ -246,7 +250,7 @@ describe('a backup reads its source in large runs, in order', () => {
       expect(record.disks[0]!.stats.bytesRead).toBe(21 * MiB);
       expect(await restoredIdentical(repo, record, backing, 'loop.restored')).toBe(true);
     } finally {
-      await sh('losetup', ['-d', device]);
+      await sh('losetup', ['-d', device]).finally(release);
     }
   });
 

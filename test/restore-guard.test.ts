@@ -6,11 +6,10 @@
  * Every refusal leaves the target byte for byte as it was.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { link, mkdir, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { exitOf, filesIdentical, parseJson, prefixIdentical, runEngine, sh, sha256File, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress, backUp, initRepository, repositoryConfig } from './helpers.js';
+import { holdLoopDeviceLock, filesIdentical, parseJson, prefixIdentical, runEngine, sh, sha256File, sparseFile, tempDir, writeRegion, type BackupJson, withoutProgress, backUp, initRepository, repositoryConfig } from './helpers.js';
 import { qcow2, qemuIo } from './qemu.js';
 
 const MiB = 1024 * 1024;
@@ -177,16 +176,12 @@ describe('block devices: exclusive, and never one that holds a filesystem withou
   let backing: string;
   let mountpoint: string;
 
-  let loopLock: ChildProcess;
+  let releaseLoopLock: () => Promise<void>;
 
   beforeAll(async () => {
     // Loop devices are the host's: held under the lock the tests' disk builders take (test/guest/
     // build-files-disks.sh), or a device one of them had just released is found "in use by the system".
-    loopLock = spawn('flock', ['/run/lock/engine-test-loop-devices.lock', 'sh', '-c', 'echo locked; exec cat'], { stdio: ['pipe', 'pipe', 'ignore'] });
-    await new Promise<void>((resolve, reject) => {
-      loopLock.stdout!.once('data', () => resolve());
-      loopLock.once('exit', (code) => reject(new Error(`flock exited (${code}) before it held the lock`)));
-    });
+    releaseLoopLock = await holdLoopDeviceLock();
     backing = join(dir, 'loop-backing.img');
     await sparseFile(backing, 32 * MiB);
     device = (await sh('losetup', ['-f', '--show', backing])).trim();
@@ -199,8 +194,7 @@ describe('block devices: exclusive, and never one that holds a filesystem withou
   afterAll(async () => {
     await sh('umount', [mountpoint]).catch(() => undefined);
     await sh('losetup', ['-d', device]).catch(() => undefined);
-    loopLock.stdin!.end();
-    await exitOf(loopLock);
+    await releaseLoopLock();
   });
 
   test('a mounted device is refused, rollback included, --force or not; so is the file behind the loop device', async () => {

@@ -19,6 +19,7 @@ import {
   type BackupJson,
   type Fill,
   withoutProgress,
+  holdLoopDeviceLock,
 } from './helpers.js';
 
 // About the pipeline: its blocks run in the worker pool whatever the disk's size (a small job otherwise runs them on
@@ -186,9 +187,12 @@ describe('round trips', () => {
     await writeRegion(backing, MiB, 5 * MiB, 'random', 'loop');
     await sparseFile(targetBacking, 16 * MiB);
     await writeRegion(targetBacking, 0, 16 * MiB, 'random', 'loop-old');
-    const source = (await sh('losetup', ['--find', '--show', backing])).trim();
-    const target = (await sh('losetup', ['--find', '--show', targetBacking])).trim();
+    const release = await holdLoopDeviceLock();
+    let source = '';
+    let target = '';
     try {
+      source = (await sh('losetup', ['--find', '--show', backing])).trim();
+      target = (await sh('losetup', ['--find', '--show', targetBacking])).trim();
       const backup = await backupJson(['--source', source, '--disk-name', 'vda']);
       expect(backup.disks[0]!.size).toBe(12 * MiB);
       const show = parseJson<{ disks: { source: { kind: string } }[] }>((await runEngine(['show', '--repo', repo, backup.id, '--json'])).stdout);
@@ -196,8 +200,9 @@ describe('round trips', () => {
       await restoreTo(backup.id, target);
       expect(await prefixIdentical(backing, target, 12 * MiB)).toBe(true);
     } finally {
-      await sh('losetup', ['-d', source]);
-      await sh('losetup', ['-d', target]);
+      if (source) await sh('losetup', ['-d', source]).catch(() => undefined);
+      if (target) await sh('losetup', ['-d', target]).catch(() => undefined);
+      await release();
     }
   });
 });
