@@ -244,12 +244,30 @@ export function printGc(report: GcReport): void {
   process.stdout.write(`${lines.join('\n')}\n`);
 }
 
+function repositoryIdSource(source: NonNullable<RepairReport['configRebuilt']>['sources']['id']): string {
+  if (source === 'index') return 'from the index';
+  if (source === 'config version') return 'the whole config from its newest earlier version in the bucket';
+  return 'new: the index was lost too; the next backup of each qcow2 or libvirt chain is full';
+}
+
+/** A retention in the largest of d, h, m, s that divides it (`--object-lock`'s own units). */
+function formatRetention(ms: number): string {
+  for (const [unit, size] of [['d', 86_400_000], ['h', 3_600_000], ['m', 60_000]] as const) if (ms % size === 0) return `${ms / size}${unit}`;
+  return `${Math.round(ms / 1000)}s`;
+}
+
+function objectLockSource(c: NonNullable<RepairReport['configRebuilt']>): string {
+  if (!c.objectLock) return c.sources.objectLock === 'none' ? ', no Object Lock (none found)' : '';
+  const how = c.sources.objectLock === 'retention' ? 'read back from the objects\' retention' : 'from the earlier config';
+  return `, Object Lock ${c.objectLock.mode} for ${formatRetention(c.objectLock.retentionMs)} (${how})`;
+}
+
 export function printRepair(report: RepairReport): void {
   const c = report.configRebuilt;
   const lines = [
     ...(c
       ? [
-          `rebuilt the config (it was ${c.why === 'missing' ? 'missing' : `damaged: ${c.why}`}${c.keptAs ? `; kept as ${c.keptAs}` : ''}): repository id ${c.id} (${c.sources.id === 'index' ? 'from the index' : 'new: the index was lost too; the next backup of each qcow2 or libvirt chain is full'}), block size ${formatBytes(c.blockSize)} (from the ${c.sources.blockSize}), format ${c.version}${c.encrypted ? ', encrypted' : ''}`,
+          `rebuilt the config (it was ${c.why === 'missing' ? 'missing' : `damaged: ${c.why}`}${c.keptAs ? `; kept as ${c.keptAs}` : ''}): repository id ${c.id} (${repositoryIdSource(c.sources.id)}), block size ${formatBytes(c.blockSize)} (from the ${c.sources.blockSize}), format ${c.version}${c.encrypted ? ', encrypted' : ''}${objectLockSource(c)}`,
         ]
       : []),
     `index rebuilt from ${count(report.index.packs, 'pack')}, ${count(report.index.blobs, 'blob')} (the old index was ${report.previousIndex}); read ${count(report.framesChecked, 'frame')}, ${formatBytes(report.bytesChecked)}`,

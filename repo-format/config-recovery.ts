@@ -43,7 +43,14 @@ export interface RecoveredConfig {
   /** Why the old config could not be used. */
   why: string;
   /** Where each recovered value came from. */
-  sources: { id: 'index' | 'new'; blockSize: 'records' | 'frames' | 'default'; created: 'records' | 'packs' | 'now'; encryption: 'key file' | 'none' };
+  sources: {
+    id: 'index' | 'new' | 'config version';
+    blockSize: 'records' | 'frames' | 'default' | 'config version';
+    created: 'records' | 'packs' | 'now' | 'config version';
+    encryption: 'key file' | 'none';
+    /** Version 3 on S3 only (SPEC.md 19.12): an earlier version of the config, the objects' retention, or none. */
+    objectLock?: 'config version' | 'retention' | 'none';
+  };
   /** The damaged config, kept (relative to the root), or null when there was none. */
   keptAs: string | null;
 }

@@ -304,4 +304,55 @@ describe('S3 Object Lock (RGW)', () => {
     await restoresAs(repo, idB, b);
     expect((await versionsOf(repo)).filter((v) => v.key === '_notes of the operator')).toHaveLength(1);
   });
+
+  test('repair of a lost config restores it whole from its earlier version, lock included; with no usable version, the lock is read back from the objects\' retention', async () => {
+    interface RepairJson { ok: boolean; configRebuilt: { id: string; sources: { id: string; objectLock?: string }; objectLock: { mode: string; retentionMs: number } | null } | null }
+    const repair = async (repo: string): Promise<RepairJson> => {
+      const r = await runEngine(['repair', '--repo', repo, '--json'], { env: env() });
+      expect(r.code, r.stderr).toBe(0);
+      return parseJson<RepairJson>(r.stdout);
+    };
+    const lockedRecords = async (repo: string): Promise<Map<string, string | undefined>> => withBackend(repo, async (backend) => {
+      const modes = new Map<string, string | undefined>();
+      for await (const object of backend.list('backups/')) modes.set(object.key, (await backend.retention(object.key))?.mode);
+      return modes;
+    });
+
+    // 1. The config deleted (a delete marker over its locked version): repair brings the same config back.
+    const repo = 's3://engine-lock-repair/repo';
+    const init = await runEngine(['init', '--object-lock', '1h', '--object-lock-mode', 'governance', '--json', repo], { env: env() });
+    expect(init.code, init.stderr).toBe(0);
+    const id = parseJson<{ id: string }>(init.stdout).id;
+    const disk = await image('repair-lock', 2);
+    await backup(repo, disk, 'vm');
+    await withBackend(repo, (backend) => backend.delete('config'));
+    expect((await runEngine(['list', '--repo', repo], { env: env() })).code).toBe(5);
+    const rebuilt = await repair(repo);
+    expect(rebuilt.configRebuilt).toMatchObject({ id, sources: { id: 'config version', objectLock: 'config version' }, objectLock: { mode: 'governance', retentionMs: 3_600_000 } });
+    // Later writes are locked as before: the next backup's record carries GOVERNANCE.
+    const second = await backup(repo, disk, 'vm');
+    expect((await lockedRecords(repo)).get(`backups/${second}`)).toBe('GOVERNANCE');
+    const text = await runEngine(['repair', '--repo', repo], { env: env() });
+    expect(text.code, text.stderr).toBe(0);
+
+    // 2. R = 2 s: once every lock ended, the config's versions can be removed for good; repair then reads R and
+    // the mode back from the objects' retention (write + R), so later backups are still written locked.
+    const short = 's3://engine-lock-repair-short/repo';
+    expect((await runEngine(['init', '--object-lock', '2s', short], { env: env() })).code).toBe(0);
+    await backup(short, disk, 'vm');
+    const lastUntil = await withBackend(short, async (backend) => {
+      let until = 0;
+      for await (const object of backend.list('')) until = Math.max(until, (await backend.retention(object.key))?.until ?? 0);
+      return until;
+    });
+    await untilStore('engine-lock-repair-short', lastUntil + 1000);
+    await withBackend(short, async (backend) => {
+      for await (const v of backend.listVersions('config')) if (v.key === 'config') await backend.delete('config', { versionId: v.versionId });
+    });
+    const inferred = await repair(short);
+    expect(inferred.configRebuilt).toMatchObject({ sources: { id: 'new', objectLock: 'retention' }, objectLock: { mode: 'compliance', retentionMs: 2000 } });
+    const after = await backup(short, disk, 'vm');
+    expect((await lockedRecords(short)).get(`backups/${after}`)).toBe('COMPLIANCE');
+    await restoresAs(short, after, disk);
+  });
 });

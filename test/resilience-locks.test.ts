@@ -350,6 +350,7 @@ describe('a lost or damaged config', () => {
       version: 1,
       encrypted: false,
       sources: { id: 'index', blockSize: 'records', created: 'records', encryption: 'none' },
+      objectLock: null,
       keptAs: null,
     });
     const config = parseJson<ConfigJson & Record<string, unknown>>(await readFile(join(repo, 'config'), 'utf8'));

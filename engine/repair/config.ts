@@ -26,7 +26,7 @@ export async function rebuildLostConfig(root: string, passphrase: Passphrase | u
   try {
     const rebuilt = await rebuildConfig(root, why, passphrase);
     const c = rebuilt.config;
-    return { why, id: c.id, blockSize: c.blockSize, version: c.version, encrypted: c.encryption !== undefined, sources: rebuilt.sources, keptAs: rebuilt.keptAs };
+    return { why, id: c.id, blockSize: c.blockSize, version: c.version, encrypted: c.encryption !== undefined, sources: rebuilt.sources, objectLock: c.objectLock ?? null, keptAs: rebuilt.keptAs };
   } finally {
     await lock.release();
   }

@@ -1,6 +1,7 @@
 /** What `engine repair` reports (SPEC.md 14.2, `repair --json`); each phase fills its part. */
 import type { QuarantinedFrame } from '../../repo-format/quarantine.js';
 import type { RecoveredConfig } from '../../repo-format/config-recovery.js';
+import type { ObjectLockConfig } from '../../repo-format/config.js';
 import type { RestoredRecord } from '../catalogue/record-recovery.js';
 
 export interface DamagedReference {
@@ -21,6 +22,8 @@ export interface RebuiltConfig {
   encrypted: boolean;
   /** Where each value came from (SPEC.md, section 3.2). */
   sources: RecoveredConfig['sources'];
+  /** The Object Lock of the rebuilt config (version 3 on S3, SPEC.md 20.5), null when it has none. */
+  objectLock: ObjectLockConfig | null;
   /** The damaged config, kept beside the new one, or null when there was none. */
   keptAs: string | null;
 }

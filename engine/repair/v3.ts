@@ -158,7 +158,7 @@ async function rebuildLostConfig(root: string, passphrase: Passphrase | undefine
       const why = String(error.details.why ?? error.message);
       const rebuilt = await rebuildVersion3Config(storage, root, why, { passphrase, cacheRoot: defaultCacheRoot() });
       const c = rebuilt.config;
-      return { why, id: c.id, blockSize: c.blockSize, version: c.version, encrypted: c.encryption !== undefined, sources: rebuilt.sources, keptAs: rebuilt.keptAs };
+      return { why, id: c.id, blockSize: c.blockSize, version: c.version, encrypted: c.encryption !== undefined, sources: rebuilt.sources, objectLock: c.objectLock ?? null, keptAs: rebuilt.keptAs };
     }
   } finally {
     await storage.close();
