@@ -15,6 +15,7 @@ import { join, resolve } from 'node:path';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { createBucket, openRgwBackend, rawPut, v3Env } from './s3-helpers.js';
 import { filesIdentical, parseJson, runEngine, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { startFaultProxy } from './s3-fault-proxy.js';
 import type { S3Storage } from '../dist/repo-format/storage/s3.js';
 
 const MiB = 1024 * 1024;
@@ -288,6 +289,22 @@ describe('S3 Object Lock (RGW)', () => {
     expect(verified.code, verified.stderr).toBe(0);
     const warnings = parseJson<{ warnings: { code: string; path?: string }[] }>(verified.stdout).warnings;
     expect(warnings.filter((w) => w.code === 'OBJECT_LOCK_EXPIRED').map((w) => w.path)).toContain(packB);
+    // Credentials that may not read the locks (s3:GetObjectRetention denied): verify checks everything else and
+    // says the locks went unchecked, exit 0. RGW 16.2 does not check that action in a bucket policy (an explicit
+    // Deny is ignored too, tried), so a proxy in front of it answers retention reads as AWS would: 403 AccessDenied.
+    const proxy = await startFaultProxy(cluster.endpoint);
+    try {
+      proxy.addRule({ method: 'GET', path: /[?&]retention(=|&|$)/, action: { kind: 'slowdown', status: 403, code: 'AccessDenied' } });
+      const unchecked = await runEngine(['verify', '--repo', repo, '--json'], { env: { ...env(), AWS_ENDPOINT_URL_S3: proxy.endpoint } });
+      expect(unchecked.code, unchecked.stderr).toBe(0);
+      const report = parseJson<{ ok: boolean; warnings: { code: string; message: string }[] }>(unchecked.stdout);
+      expect(report.ok).toBe(true);
+      expect(report.warnings.map((w) => w.code)).toEqual(['OBJECT_LOCK_UNCHECKED']);
+      expect(report.warnings[0]!.message).toMatch(/could not be read with these credentials .*AccessDenied.*s3:GetObjectRetention/);
+      expect(proxy.injected['slowdown']).toBeGreaterThanOrEqual(1);
+    } finally {
+      await proxy.close();
+    }
     const third = await gc(repo);
     expect(third.report.objectLock!.expired.map((e) => [e.code, e.key])).toContainEqual(['OBJECT_LOCK_EXPIRED', packB]);
     expect(third.notices).toContain(`warning OBJECT_LOCK_EXPIRED: ${packB}`);
