@@ -22,7 +22,7 @@ const input = {
   'md5-thread': `${root}dist/repo-format/storage/md5-thread.js`,
   'serve-daemon': `${root}dist/engine/mount/serve-daemon.js`,
   'fuse-daemon': `${root}dist/engine/file-restore/fuse-daemon.js`,
-  'thaw-watchdog': `${root}dist/engine/thaw-watchdog.js`,
+  'thaw-watchdog': `${root}dist/engine/quiesce/thaw-watchdog.js`,
   'live-guard': `${root}dist/engine/restore/live-guard.js`,
 };
 const dist = `${root}dist`;

@@ -74,7 +74,7 @@ async function expectNothingLeft(vm: SimVm): Promise<void> {
 }
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
-/** Thaw watchdogs (engine/thaw-watchdog.ts) of this tree still running: the engine ends its own once it thawed. */
+/** Thaw watchdogs (engine/quiesce/thaw-watchdog.ts) of this tree still running: the engine ends its own once it thawed. */
 const OVIRT_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 async function watchdogs(): Promise<string[]> {

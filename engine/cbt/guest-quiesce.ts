@@ -11,7 +11,7 @@
  * No hook runs while the guest is frozen (the agent refuses guest-exec then, and a hook must not lengthen the
  * freeze).
  *
- * The guest does not stay frozen: before the freeze, the thaw watchdog (../thaw-watchdog.ts, shared with oVirt: a
+ * The guest does not stay frozen: before the freeze, the thaw watchdog (../quiesce/thaw-watchdog.ts, shared with oVirt: a
  * detached process in its own session, so that it outlives the engine killed with -9 or its process group) sleeps
  * until the freeze timeout and then thaws the guest, again and again, until the agent says `thawed` or the domain
  * is gone; the engine stops it once its own thaw, after a freeze that returned, succeeded. A freeze that failed or
@@ -22,7 +22,7 @@ import { execFile } from 'node:child_process';
 import { NO_QUIESCE, type Consistency } from '../../repo-format/backup-record.js';
 import { crashPoint } from '../../repo-format/crash-points.js';
 import { QuiesceFailedError } from '../errors.js';
-import { startThawWatchdog } from '../thaw-watchdog-control.js';
+import { startThawWatchdog } from '../quiesce/thaw-watchdog-control.js';
 import { runTool, runToolOutput, ToolError } from './run-tool.js';
 
 export interface QuiesceRequest {

@@ -40,7 +40,7 @@ import type { OvirtClient, OvirtClientOptions } from './client.js';
 import type { RunJournal } from './cleanup.js';
 import { VmStatus } from './vocabulary.js';
 import { eventList, productVersion } from './answers.js';
-import { startThawWatchdog } from '../thaw-watchdog-control.js';
+import { startThawWatchdog } from '../quiesce/thaw-watchdog-control.js';
 
 /** `required`: a backup whose guest cannot be frozen fails (ENGINE_QUIESCE_FAILED); `try`: it is taken crash-consistent, the reason recorded. */
 export type OvirtQuiesceMode = 'required' | 'try';

@@ -1,5 +1,5 @@
 /**
- * The guard of a live restore into a domain (SPEC 16.4), run as its own process (like ../thaw-watchdog.ts): started
+ * The guard of a live restore into a domain (SPEC 16.4), run as its own process (like ../quiesce/thaw-watchdog.ts): started
  * detached (its own session, so that it outlives the engine killed with -9 or its process group) before QEMU's
  * streams start, its orders as JSON on stdin, recorded (pid and start time) in the live restore's journal.
  *

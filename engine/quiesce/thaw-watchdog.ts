@@ -1,5 +1,5 @@
 /**
- * The thaw watchdog of a quiesce (libvirt: cbt/guest-quiesce.ts; oVirt: ovirt/quiesce.ts), run as its own
+ * The thaw watchdog of a quiesce (libvirt: ../cbt/guest-quiesce.ts; oVirt: ../ovirt/quiesce.ts), run as its own
  * process, one for both. Started detached (its own session, so that it outlives the engine killed with -9 or its
  * process group) right before the engine asks for the freeze; its orders come as JSON on stdin (the oVirt
  * connection carries credentials: stdin, unlike argv, is not visible to other users). It sleeps `afterMs`, then
@@ -13,9 +13,9 @@
  * reason to leave a guest frozen. A SIGKILL of the whole cgroup (systemd's KillMode=control-group, the default,
  * after its stop timeout) kills it all the same: SPEC.md 11.2 says so.
  */
-import { OvirtClient, type OvirtClientOptions } from './ovirt/client.js';
-import { OvirtFaultError } from './errors.js';
-import { runToolOutput } from './cbt/run-tool.js';
+import { OvirtClient, type OvirtClientOptions } from '../ovirt/client.js';
+import { OvirtFaultError } from '../errors.js';
+import { runToolOutput } from '../cbt/run-tool.js';
 
 export type ThawOrders =
   | { afterMs: number; libvirt: string }
