@@ -43,8 +43,8 @@ async function engineBackup(args: string[]): Promise<{ measured: Measured; bytes
 
 const libvirtdAnswers = (): Promise<boolean> => run('virsh', ['-c', 'qemu:///system', 'version']).then(() => true, () => false);
 
-/** Starts virtlogd and libvirtd when none answers; a function that stops what it started (or nothing). */
-async function ensureLibvirtd(work: string, log: (message: string) => void): Promise<(() => Promise<void>) | string> {
+/** Starts virtlogd and libvirtd when none answers; a function that stops what it started (or nothing), or why it cannot. */
+export async function ensureLibvirtd(work: string, log: (message: string) => void): Promise<(() => Promise<void>) | string> {
   if (await libvirtdAnswers()) return async () => undefined;
   if (!(await available('libvirtd'))) return 'libvirt scenarios: libvirtd is not installed (apt-get install libvirt-daemon-system)';
   log('libvirt: starting virtlogd and libvirtd (none was running)');

@@ -13,6 +13,7 @@
 import { chmod, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { ensureLibvirtd } from './libvirt-scenario.js';
 import { reportMarkdown, writeReport } from './report.js';
 import { agentGuestXml } from '../test/guest/libvirt-guest.js';
 import { arg, dropCaches, ENGINE, initRepository, loadAverage, logger, machineLine, privateEngineCache, sh } from './tools.js';
@@ -89,6 +90,9 @@ async function main(): Promise<void> {
   const source = `engine-bench-live-src-${process.pid}`;
   const env = { ...process.env, ENGINE_RUN_DIR: join(dir, 'run') };
   const made: string[] = [source];
+  // The daemons as the libvirt scenarios start them (none was running on a fresh machine): stopped at the end.
+  const stopDaemons = await ensureLibvirtd(dir, log);
+  if (typeof stopDaemons === 'string') throw new Error(stopDaemons);
   try {
     await chmod(dir, 0o755);
     const image = join(dir, 'guest.qcow2');
@@ -169,6 +173,7 @@ async function main(): Promise<void> {
     await writeReport(outDir, 'live-restore', markdown, { rounds: results });
   } finally {
     for (const domain of made) await destroy(domain);
+    await stopDaemons();
     await rm(dir, { recursive: true, force: true });
     await cache.remove();
   }
