@@ -10,36 +10,17 @@
  * - the guest's read latency: `dd` of 4 MiB with O_DIRECT (cache dropped in the guest) of a region not yet hydrated
  *   (the stream paced at 1 KiB/s, so that it stays unhydrated), then of the same region after hydration.
  */
-import { chmod, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ensureLibvirtd } from './libvirt-scenario.js';
 import { reportMarkdown, writeReport } from './report.js';
 import { agentGuestXml } from '../test/guest/libvirt-guest.js';
+import { agent, guestImage } from './guest.js';
 import { arg, dropCaches, ENGINE, initRepository, loadAverage, logger, machineLine, privateEngineCache, sh } from './tools.js';
 import { spawn } from 'node:child_process';
 
 const log = logger('live-restore-bench');
-const CACHE_ROOT = process.env.ENGINE_TEST_CACHE ?? '/var/cache/engine-test';
-
-async function guestImage(): Promise<string> {
-  const given = arg('--guest-image');
-  if (given) return given;
-  const found: { path: string; mtime: number }[] = [];
-  for (const name of await readdir(CACHE_ROOT).catch(() => [] as string[])) {
-    const path = join(CACHE_ROOT, name, 'guest.img');
-    if (name.startsWith('tiny-guest-') && !name.endsWith('.tmp')) found.push(...(await stat(path).then((s) => [{ path, mtime: s.mtimeMs }], () => [])));
-  }
-  const newest = found.sort((a, b) => b.mtime - a.mtime)[0];
-  if (!newest) throw new Error(`no tiny guest under ${CACHE_ROOT}: run node_modules/.bin/vitest run test/tiny-guest.test.ts once, or give --guest-image`);
-  return newest.path;
-}
-
-async function agent<T>(domain: string, command: string, args?: Record<string, unknown>): Promise<T> {
-  const json = JSON.stringify(args ? { execute: command, arguments: args } : { execute: command });
-  return (JSON.parse(await sh('virsh', ['-q', 'qemu-agent-command', domain, json, '--timeout', '30'])) as { return: T }).return;
-}
-
 async function untilAgent(domain: string): Promise<void> {
   while (!(await agent(domain, 'guest-ping').then(() => true, () => false))) await new Promise((resolve) => setTimeout(resolve, 200));
 }

@@ -10,34 +10,15 @@
  * the thaw answered) and the wall time of both backups, paired (their difference is quiesce's whole cost: hooks
  * none, watchdog, freeze, thaw).
  */
-import { mkdtemp, readdir, rm, stat, writeFile, chmod } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { reportMarkdown, writeReport } from './report.js';
 import { agentGuestXml } from '../test/guest/libvirt-guest.js';
+import { agent, guestImage } from './guest.js';
 import { arg, coldTimed, ENGINE, initRepository, loadAverage, logger, machineLine, privateEngineCache, sh } from './tools.js';
 
 const log = logger('quiesce-bench');
-const CACHE_ROOT = process.env.ENGINE_TEST_CACHE ?? '/var/cache/engine-test';
-
-/** The newest tiny guest the tests built (its folder is named after the builder script's hash). */
-async function guestImage(): Promise<string> {
-  const given = arg('--guest-image');
-  if (given) return given;
-  const found: { path: string; mtime: number }[] = [];
-  for (const name of await readdir(CACHE_ROOT).catch(() => [] as string[])) {
-    const path = join(CACHE_ROOT, name, 'guest.img');
-    if (name.startsWith('tiny-guest-') && !name.endsWith('.tmp')) found.push(...(await stat(path).then((s) => [{ path, mtime: s.mtimeMs }], () => [])));
-  }
-  const newest = found.sort((a, b) => b.mtime - a.mtime)[0];
-  if (!newest) throw new Error(`no tiny guest under ${CACHE_ROOT}: run node_modules/.bin/vitest run test/verify-boot.test.ts once (it builds it), or give --guest-image`);
-  return newest.path;
-}
-
-async function agent(domain: string, command: string, args?: Record<string, unknown>): Promise<unknown> {
-  const json = JSON.stringify(args ? { execute: command, arguments: args } : { execute: command });
-  return (JSON.parse(await sh('virsh', ['-q', 'qemu-agent-command', domain, json, '--timeout', '10'])) as { return: unknown }).return;
-}
 
 interface Round {
   plainSeconds: number;
@@ -70,7 +51,7 @@ async function main(): Promise<void> {
     await sh('virsh', ['define', xml]);
     await sh('virsh', ['start', domain]);
     for (;;) {
-      if (await agent(domain, 'guest-ping').then(() => true, () => false)) break;
+      if (await agent(domain, 'guest-ping', undefined, 10).then(() => true, () => false)) break;
       await new Promise((resolve) => setTimeout(resolve, 500));
     }
     const repo = join(dir, 'repo');
