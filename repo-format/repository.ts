@@ -1047,7 +1047,11 @@ export class Repository {
   async readBlob(id: Buffer, what: string): Promise<Buffer> {
     const [location] = await this.blobIndex.lookup([id]);
     if (!location) throw new MissingBlobError(id.toString('hex'), what);
-    const frame = await this.readFrame(location);
+    return this.openFrame(await this.readFrame(location), id, location, what);
+  }
+
+  /** The plaintext of blob `id` from its frame's bytes, read from `location` (checksum, keys, id all checked). */
+  openFrame(frame: Buffer, id: Buffer, location: BlobLocation, what: string): Buffer {
     const opened = openBlob(frame, id, this.keys);
     if (typeof opened === 'string') throw new CorruptFrameError(location.packId, location.offset, opened, { blob: id.toString('hex'), what });
     return opened.plaintext;

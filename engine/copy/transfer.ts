@@ -13,11 +13,18 @@ import { MapBuilder, readMap, runChunks, type StorePage } from '../../repo-forma
 import { mapRootOf, type DiskRecord } from '../../repo-format/backup-record.js';
 import { CorruptMetadataError } from '../../repo-format/errors.js';
 import type { Repository } from '../../repo-format/repository.js';
+import type { BlobLocation } from '../../repo-format/index-entry.js';
 import type { Interruption } from '../host/interrupt.js';
 import type { UploadLimit } from './upload-limit.js';
 
-/** Chunks read and sealed at once: enough to keep an S3 source's GETs and the target's uploads busy, 8 blocks of memory. */
+/** Chunks (or spans) read and sealed at once: enough to keep an S3 source's GETs and the target's uploads busy. */
 const CHUNKS_IN_FLIGHT = 8;
+/**
+ * Frames that follow one another in one pack of a store of objects are read with one ranged GET of at most
+ * this much, as restore reads its spans (a request per chunk left an S3 source's GETs latency-bound); with
+ * CHUNKS_IN_FLIGHT spans at once, 32 MiB in flight.
+ */
+const SPAN_BYTES = 4 * 1024 * 1024;
 /** Source-to-target ids remembered when re-keying (about 200 bytes each): an incremental's unchanged chunks are not read again. */
 const TRANSLATION_CACHE = 262_144;
 
@@ -96,52 +103,120 @@ async function translateRun(t: Transfer, backupId: string, disk: DiskRecord, blo
       if (has || t.inFlight.has(hex) || wanted.has(hex)) t.counters.chunksSkipped += 1;
       else wanted.set(hex, i);
     });
-    await eachLimited([...wanted.values()], async (i) => {
-      const plaintext = await readChunk(t, ids[i]!, lengthOf(blocks[i]!), where(blocks[i]!));
-      await send(t, ids[i]!, plaintext);
-    });
+    await readChunks(t, [...wanted.values()].map((i) => ({ i, id: ids[i]!, length: lengthOf(blocks[i]!), where: where(blocks[i]!) })), (chunk, plaintext) => send(t, chunk.id, plaintext));
     return entries;
   }
-  // Re-keying: a chunk's target id is a function of its plaintext under the target's id key.
-  await eachLimited(
-    ids.map((_, i) => i),
-    async (i) => {
-      const hex = ids[i]!.toString('hex');
-      let targetId = t.translations.get(hex);
-      let plaintext: Buffer | undefined;
-      if (!targetId) {
-        plaintext = await readChunk(t, ids[i]!, lengthOf(blocks[i]!), where(blocks[i]!));
-        targetId = t.target.blobId(plaintext);
-        if (t.translations.size >= TRANSLATION_CACHE) t.translations.clear();
-        t.translations.set(hex, targetId);
-      }
-      entries.set(targetId, (blocks[i]! - firstBlock) * ID_SIZE);
-      const targetHex = targetId.toString('hex');
-      if (t.inFlight.has(targetHex)) {
+  // Re-keying: a chunk's target id is a function of its plaintext under the target's id key. The chunks whose
+  // translation is not remembered are read first (in spans), each handled as it arrives; the rest after, when
+  // a repeated chunk of this leaf has its translation too.
+  const translate = async (i: number, read?: Buffer): Promise<void> => {
+    const hex = ids[i]!.toString('hex');
+    let targetId = t.translations.get(hex);
+    let plaintext: Buffer | undefined = read;
+    if (!targetId) {
+      plaintext ??= await readChunk(t, ids[i]!, lengthOf(blocks[i]!), where(blocks[i]!));
+      targetId = t.target.blobId(plaintext);
+      if (t.translations.size >= TRANSLATION_CACHE) t.translations.clear();
+      t.translations.set(hex, targetId);
+    }
+    entries.set(targetId, (blocks[i]! - firstBlock) * ID_SIZE);
+    const targetHex = targetId.toString('hex');
+    if (t.inFlight.has(targetHex)) {
+      t.counters.chunksSkipped += 1;
+      return;
+    }
+    t.inFlight.add(targetHex);
+    try {
+      const [has] = await t.dataWriter.known([targetId]);
+      if (has) {
         t.counters.chunksSkipped += 1;
         return;
       }
-      t.inFlight.add(targetHex);
-      try {
-        const [has] = await t.dataWriter.known([targetId]);
-        if (has) {
-          t.counters.chunksSkipped += 1;
-          return;
-        }
-        plaintext ??= await readChunk(t, ids[i]!, lengthOf(blocks[i]!), where(blocks[i]!));
-        await send(t, targetId, plaintext);
-      } finally {
-        t.inFlight.delete(targetHex);
-      }
-    },
-  );
+      plaintext ??= await readChunk(t, ids[i]!, lengthOf(blocks[i]!), where(blocks[i]!));
+      await send(t, targetId, plaintext);
+    } finally {
+      t.inFlight.delete(targetHex);
+    }
+  };
+  const unread = new Set<string>();
+  const first: number[] = [];
+  const then: number[] = [];
+  ids.forEach((id, i) => {
+    const hex = id.toString('hex');
+    if (t.translations.has(hex) || unread.has(hex)) then.push(i);
+    else {
+      unread.add(hex);
+      first.push(i);
+    }
+  });
+  await readChunks(t, first.map((i) => ({ i, id: ids[i]!, length: lengthOf(blocks[i]!), where: where(blocks[i]!) })), (chunk, plaintext) => translate(chunk.i, plaintext));
+  await eachLimited(then, (i) => translate(i));
   return entries;
+}
+
+function comparePackOrder(a: BlobLocation, b: BlobLocation): number {
+  if (a.packId !== b.packId) return a.packId < b.packId ? -1 : 1;
+  return a.offset - b.offset;
+}
+
+interface WantedChunk {
+  /** Its index in the leaf's run. */
+  i: number;
+  id: Buffer;
+  /** Its block's length: the plaintext must have exactly this many bytes. */
+  length: number;
+  where: string;
+}
+
+/**
+ * The plaintexts of `wanted`, each handed to `use` once read and checked: chunks whose frames follow one
+ * another in one pack of a store of objects (Repository.locateFrame says 'store') go as one span, one
+ * ranged GET of at most SPAN_BYTES; any other chunk, or a span whose read fails, is read one chunk at a time
+ * (readChunk, whose errors name the chunk). At most CHUNKS_IN_FLIGHT spans or chunks at once.
+ */
+async function readChunks(t: Transfer, wanted: WantedChunk[], use: (chunk: WantedChunk, plaintext: Buffer) => Promise<void>): Promise<void> {
+  const found = wanted.length === 0 ? [] : await t.source.lookup(wanted.map((w) => w.id));
+  // In pack order, not block order: the frames of a run are adjacent in a pack however the writer's lanes
+  // interleaved them (the order chunks are handed to `use` does not matter).
+  const located = wanted.map((chunk, k) => ({ chunk, k, location: found[k], stored: found[k] !== undefined && t.source.locateFrame(found[k])?.kind === 'store' }));
+  located.sort((a, b) => (a.stored !== b.stored ? (a.stored ? -1 : 1) : a.stored ? comparePackOrder(a.location!, b.location!) : a.k - b.k));
+  const spans: { chunks: WantedChunk[]; locations: BlobLocation[]; bytes: number }[] = [];
+  let open: (typeof spans)[number] | undefined;
+  located.forEach(({ chunk, location, stored }) => {
+    const last = open?.locations.at(-1);
+    if (stored && location && open && last && last.packId === location.packId && last.offset + last.length === location.offset && open.bytes + location.length <= SPAN_BYTES) {
+      open.chunks.push(chunk);
+      open.locations.push(location);
+      open.bytes += location.length;
+      return;
+    }
+    const span = { chunks: [chunk], locations: location ? [location] : [], bytes: location?.length ?? 0 };
+    spans.push(span);
+    open = stored ? span : undefined;
+  });
+  await eachLimited(spans, async (span) => {
+    t.interruption.check();
+    const start = span.locations[0];
+    const bytes = span.chunks.length > 1 && start ? await t.source.readPackRange(start.packId, start.offset, span.bytes).catch(() => undefined) : undefined;
+    let offset = 0;
+    for (const [k, chunk] of span.chunks.entries()) {
+      const location = span.locations[k];
+      const frame = bytes && location ? bytes.subarray(offset, offset + location.length) : undefined;
+      offset += location?.length ?? 0;
+      const plaintext = frame ? counted(t, chunk.id, chunk.length, chunk.where, t.source.openFrame(frame, chunk.id, location, `chunk of ${chunk.where}`)) : await readChunk(t, chunk.id, chunk.length, chunk.where);
+      await use(chunk, plaintext);
+    }
+  });
 }
 
 /** A chunk's plaintext from the source, checked (frame, id) by the read and its length against the map. */
 async function readChunk(t: Transfer, id: Buffer, length: number, where: string): Promise<Buffer> {
   t.interruption.check();
-  const plaintext = await t.source.readBlob(id, `chunk of ${where}`);
+  return counted(t, id, length, where, await t.source.readBlob(id, `chunk of ${where}`));
+}
+
+/** A chunk's plaintext, its length checked against the map's block and counted as read. */
+function counted(t: Transfer, id: Buffer, length: number, where: string, plaintext: Buffer): Buffer {
   // A map entry names a chunk of exactly its block's length (SPEC.md 8); another length is damage, never copied.
   if (plaintext.length !== length) throw new CorruptMetadataError(`chunk ${id.toString('hex')} (${where})`, `holds ${plaintext.length} bytes, the block has ${length}`);
   t.counters.bytesRead += plaintext.length;
