@@ -29,7 +29,7 @@ export function redactUrl(url: string): string {
     const u = new URL(url);
     u.username = '';
     u.password = '';
-    u.search = u.search === '' ? '' : '?…';
+    u.search = '';
     return u.toString();
   } catch {
     return '(a URL)';

@@ -2,8 +2,8 @@
  * The scheduler (SPEC.md 23.1): one loop per policy sleeps until its next slot on the injected clock, then
  * starts a run per VM of the policy; each run is a series of jobs of the server's job manager (backup at the
  * slot's level, then prune, verify, boot test, copy), so the server's limits and queue hold for them as for
- * jobs posted to the API. Runs are not awaited by the loop: a slot comes when it is due, whatever the last
- * one is doing.
+ * jobs posted to the API. The loop awaits a slot's runs being recorded, not their end: a slot comes when it
+ * is due, whatever the last one is doing.
  *
  * One job at a time per VM: a run whose VM is being read (by a run of any policy, or a backup job posted to
  * the API) is recorded `skipped` (ENGINE_VM_BUSY) rather than waiting. Waiting would start a second backup
@@ -101,10 +101,10 @@ export class Scheduler {
       if (due !== undefined) {
         const missed = countSlots(policy.schedule, floor, now, policy.timeZone, MISSED_CAP);
         this.log(`policy ${policy.name}: ${missed} slot${missed === 1 ? '' : 's'} missed while the server was down; one catch-up run for ${new Date(due).toISOString()}`);
-        this.background(this.runSlot(rt, due, 'catch-up', missed));
+        await this.startSlot(rt, due, 'catch-up', missed);
       } else if (rt.lastSlot !== null) {
         const again = interrupted.filter((r) => Date.parse(r.slot) === rt.lastSlot && r.trigger !== 'manual');
-        if (again.length > 0) this.background(this.runSlot(rt, rt.lastSlot, 'resume', 0, again));
+        if (again.length > 0) await this.startSlot(rt, rt.lastSlot, 'resume', 0, again);
       }
       let after = Math.max(now, due ?? -Infinity);
       while (!signal.aborted) {
@@ -115,12 +115,17 @@ export class Scheduler {
         // Woken late (a suspended machine, a clock set forward): the newest slot due, once, as at start.
         const latest = previousSlot(policy.schedule, this.clock.now(), policy.timeZone, next - 1) ?? next;
         const missed = latest === next ? 1 : countSlots(policy.schedule, next - 1, this.clock.now(), policy.timeZone, MISSED_CAP);
-        this.background(this.runSlot(rt, latest, missed > 1 ? 'catch-up' : 'schedule', missed > 1 ? missed : 0));
+        await this.startSlot(rt, latest, missed > 1 ? 'catch-up' : 'schedule', missed > 1 ? missed : 0);
         after = latest;
       }
     } catch (error) {
       if (!signal.aborted) this.log(`policy ${policy.name}: the scheduler stopped for it: ${(error as Error).message}`);
     }
+  }
+
+  /** A slot of the loop: a failure to record its runs (a full disk) is logged, and the loop goes on to the next slot. */
+  private async startSlot(rt: Runtime, slot: number, trigger: RunTrigger, missedSlots: number, resume: RunRecord[] = []): Promise<void> {
+    await this.runSlot(rt, slot, trigger, missedSlots, resume).catch((error: unknown) => this.log(`policy ${rt.policy.name}: cannot start the runs of slot ${new Date(slot).toISOString()}: ${(error as Error).message}`));
   }
 
   private background(run: Promise<unknown>): void {
@@ -173,7 +178,8 @@ export class Scheduler {
 
   /**
    * One slot: the VMs chosen, a run each recorded (skipped ones too), then the slot named in state.json
-   * (for a scheduled slot), then the runs, each VM on its own. `resume`: only the VMs of those runs.
+   * (for a scheduled slot); returns then, the runs going on in the background, each VM on its own (the
+   * loop sleeps to the next slot meanwhile). `resume`: only the VMs of those runs.
    */
   private async runSlot(rt: Runtime, slot: number, trigger: RunTrigger, missedSlots: number, resume: RunRecord[] = []): Promise<RunRecord[]> {
     const { policy } = rt;
@@ -234,9 +240,7 @@ export class Scheduler {
     const worker = async (): Promise<void> => {
       for (let next = queue.shift(); next !== undefined; next = queue.shift()) await this.execute(rt, next.run, next.vm);
     };
-    const execution = Promise.all(Array.from({ length: Math.min(queue.length, this.config.jobs) }, worker)).then(() => undefined);
-    if (trigger === 'manual') this.background(execution);
-    else await execution;
+    this.background(Promise.all(Array.from({ length: Math.min(queue.length, this.config.jobs) }, worker)));
     return runs;
   }
 
