@@ -4,8 +4,8 @@
  * days pass without waiting:
  *
  * - a week of nightly runs on a qcow2 image: the level rules give incremental on weekdays and a full backup
- *   on Sunday in the middle of the chain (with `auto` it would be incremental), retention keeps the newest 3,
- *   every backup is copied to a second repository;
+ *   on Sunday in the middle of the chain (with `auto` it would be incremental), retention keeps the newest 3
+ *   (and leaves a backup of another name alone), every backup is copied to a second repository;
  * - the server stopped over four nightly slots: one catch-up run at start, for the newest slot;
  * - failing runs fire both hooks (a real executable, a real HTTP receiver) without secrets; hooks that fail
  *   are logged; a read token cannot start a run;
@@ -97,6 +97,9 @@ describe('engine server: scheduled policies on qcow2 sources', () => {
   beforeAll(async () => {
     await initRepository(join(dir, 'main'));
     await initRepository(join(dir, 'offsite'));
+    // A backup of another name: the policy's retention is not its to prune.
+    await writeFile(join(dir, 'other.img'), Buffer.alloc(1024 * 1024, 7));
+    expect((await runEngine(['backup', '--repo', join(dir, 'main'), '--source', join(dir, 'other.img'), '--name', 'other'])).code).toBe(0);
     await qcow2(join(dir, 'web.qcow2'), '8M');
     await qemuIo(join(dir, 'web.qcow2'), ['write -P 0x11 0 8M']);
     receiver = createServer((req, res) => {
@@ -192,7 +195,8 @@ describe('engine server: scheduled policies on qcow2 sources', () => {
     expect(copies.every((b) => b.name === 'web')).toBe(true);
     // Retention (keep last 3) after each run: the three newest remain, the runs' own backups.
     const kept = await backupsIn(server, 'main');
-    expect(kept.map((b) => b.id).sort()).toEqual(runs.slice(-3).map((r) => r.backup).sort());
+    expect(kept.filter((b) => b.name === 'web').map((b) => b.id).sort()).toEqual(runs.slice(-3).map((r) => r.backup).sort());
+    expect(kept.filter((b) => b.name !== 'web').map((b) => b.name)).toEqual(['other']);
     const policy = (await call(server, 'GET', '/api/v1/policies/nightly', undefined, auth)).json as { lastSlot: string; nextSlot: string; lastRun: { state: string } };
     expect(policy).toMatchObject({ lastSlot: '2027-03-10T01:00:00.000Z', nextSlot: '2027-03-11T01:00:00.000Z', lastRun: { state: 'succeeded' } });
   });
@@ -207,7 +211,7 @@ describe('engine server: scheduled policies on qcow2 sources', () => {
     const policy = (await call(server, 'GET', '/api/v1/policies/nightly', undefined, auth)).json as { lastSlot: string; nextSlot: string };
     expect(policy).toMatchObject({ lastSlot: '2027-03-14T01:00:00.000Z', nextSlot: '2027-03-15T01:00:00.000Z' });
     expect((await backupsIn(server, 'offsite')).length).toBe(8);
-    expect((await backupsIn(server, 'main')).length).toBe(3);
+    expect((await backupsIn(server, 'main')).length).toBe(4);
   });
 
   test('a failing run fires both hooks with the run, and no secret; failing hooks are logged; a read token cannot run a policy', async () => {
@@ -305,7 +309,7 @@ describe('engine server: one job per VM, and the server killed -9 mid-run', () =
     env = { ENGINE_SERVER_TEST_CLOCK: clock };
     const source = { sources: [{ name: 'vm', disks: [{ kind: 'nbd', uri: `nbd+unix:///?socket=${socket}` }] }] };
     config = join(dir, 'busy.json');
-    await writeFile(config, JSON.stringify({ stateDir: join(dir, 'state-busy'), repositories: { main: { location: join(dir, 'busy-repo') } }, policies: { slow: { vms: source, repository: 'main', schedule: '0 2 * * *', timeZone: 'UTC' }, other: { vms: { sources: [{ name: 'vm-too', disks: source.sources[0]!.disks }] }, repository: 'main', schedule: '0 4 * * *', timeZone: 'UTC' } } }));
+    await writeFile(config, JSON.stringify({ stateDir: join(dir, 'state-busy'), repositories: { main: { location: join(dir, 'busy-repo') } }, policies: { slow: { vms: source, repository: 'main', schedule: '0 2 * * *', timeZone: 'UTC', verify: { readData: true, subset: 0.5 } }, other: { vms: { sources: [{ name: 'vm-too', disks: source.sources[0]!.disks }] }, repository: 'main', schedule: '0 4 * * *', timeZone: 'UTC' } } }));
     server = await startServer(['--config', config, '--listen', '127.0.0.1:0'], env);
   });
 
@@ -335,6 +339,8 @@ describe('engine server: one job per VM, and the server killed -9 mid-run', () =
     await setClock(clock, '2027-03-01T04:00:00Z');
     const [other] = await finishedRuns(server, 'other', 1);
     expect(other).toMatchObject({ vm: 'vm-too', trigger: 'schedule', state: 'skipped', error: { code: 'ENGINE_VM_BUSY' } });
+    // Its slot is named in state.json once its run is written: wait for that, or the restart would catch it up.
+    await waitFor('the slot of other is recorded', async () => ((await call(server, 'GET', '/api/v1/policies/other')).json as { lastSlot: string | null }).lastSlot === '2027-03-01T04:00:00.000Z', { everyMs: 20 });
 
     server.child.kill('SIGKILL');
     await server.stop();
@@ -347,6 +353,9 @@ describe('engine server: one job per VM, and the server killed -9 mid-run', () =
     const resumed = runs.find((r) => r.trigger === 'resume')!;
     expect(resumed.error).toBeNull();
     expect(resumed).toMatchObject({ slot: '2027-03-01T02:00:00.000Z', state: 'succeeded', resumes: first!.id, level: 'auto' });
+    expect(resumed.jobs.map((j) => `${j.step}:${j.state}`)).toEqual(['backup:succeeded', 'verify:succeeded']);
+    const verified = (await call(server, 'GET', `/api/v1/jobs/${resumed.jobs[1]!.id}`)).json as { result: { ok: boolean } };
+    expect(verified.result.ok).toBe(true);
     const backups = (await call(server, 'GET', '/api/v1/repositories/main/backups')).json as { backups: { id: string }[] };
     expect(backups.backups.map((b) => b.id)).toEqual([resumed.backup]);
     expect((await runsOf(server, 'other')).length).toBe(1);
@@ -365,7 +374,8 @@ describe('engine server: one job per VM, and the server killed -9 mid-run', () =
     ]);
     expect((await runsOf(server, 'slow')).length).toBe(3);
     expect((await runsOf(server, 'other')).length).toBe(1);
-    expect(((await call(server, 'GET', '/api/v1/jobs')).json as { jobs: unknown[] }).jobs.length).toBe(2);
+    // The jobs: the backup cut short, and the resumed run's backup and verify; none since.
+    expect(((await call(server, 'GET', '/api/v1/jobs')).json as { jobs: unknown[] }).jobs.length).toBe(3);
     // Each run is a file of the state directory, and no temporary file is left.
     expect((await readdir(join(dir, 'state-busy', 'policies', 'slow', 'runs'))).filter((f) => f.endsWith('.json')).length).toBe(3);
   });

@@ -11,7 +11,8 @@
  *   "limits": { "jobs": 2, "queue": 64 },           // jobs running at once in all (default 2); jobs waiting at most
  *   "repositories": {
  *     "main": { "location": "/srv/backup/main", "passwordFile": "/etc/engine/main.pass", "limits": { "jobs": 2 } }
- *   }
+ *   },
+ *   "policies": { "nightly": { "vms": …, "repository": "main", "schedule": "30 1 * * *", … } }   // policies/config.ts
  * }
  */
 import { readFile } from 'node:fs/promises';
