@@ -379,6 +379,30 @@ describe('engine server: one job per VM, and the server killed -9 mid-run', () =
     // Each run is a file of the state directory, and no temporary file is left.
     expect((await readdir(join(dir, 'state-busy', 'policies', 'slow', 'runs'))).filter((f) => f.endsWith('.json')).length).toBe(3);
   });
+
+  test('stopped with SIGTERM mid-run: the next start runs the slot again once, as after a kill', async () => {
+    await stopNbdkit();
+    await startNbdkit(true);
+    await setClock(clock, '2027-03-02T02:00:00Z');
+    let cut: Run | undefined;
+    await waitFor('the next slot reads', async () => {
+      [cut] = await runsOf(server, 'slow');
+      const jobId = cut?.slot === '2027-03-02T02:00:00.000Z' ? cut.jobs[0]?.id : undefined;
+      if (!jobId) return false;
+      const job = (await call(server, 'GET', `/api/v1/jobs/${jobId}`)).json as { state: string; progress: { done: number } | null };
+      return job.state === 'running' && (job.progress?.done ?? 0) > 0;
+    }, { child: server.child, output: server.stderr, everyMs: 50 });
+    await server.stop();
+    expect(server.child.exitCode).toBe(0);
+    expect(server.stderr()).toContain(`policy slow: run ${cut!.id} (vm) stopped with the server: the next start runs it again for its slot`);
+    await stopNbdkit();
+    await startNbdkit(false);
+    server = await startServer(['--config', config, '--listen', '127.0.0.1:0'], env);
+    const runs = await finishedRuns(server, 'slow', 5);
+    expect(runs.find((r) => r.id === cut!.id)).toMatchObject({ state: 'failed', error: { code: 'ENGINE_SERVER_RESTARTED' }, jobs: [{ step: 'backup', state: 'cancelled' }] });
+    expect(runs[0]).toMatchObject({ trigger: 'resume', resumes: cut!.id, slot: '2027-03-02T02:00:00.000Z', state: 'succeeded' });
+    expect(((await call(server, 'GET', '/api/v1/repositories/main/backups')).json as { backups: unknown[] }).backups.length).toBe(2);
+  });
 });
 
 describe('engine server: policies in the OpenAPI document', () => {

@@ -106,7 +106,8 @@ export class Scheduler {
         const again = interrupted.filter((r) => Date.parse(r.slot) === rt.lastSlot && r.trigger !== 'manual');
         if (again.length > 0) await this.startSlot(rt, rt.lastSlot, 'resume', 0, again);
       }
-      let after = Math.max(now, due ?? -Infinity);
+      // Never a slot again that was started already, even when the clock was set back since.
+      let after = Math.max(now, due ?? -Infinity, rt.lastSlot ?? -Infinity);
       while (!signal.aborted) {
         const next = nextSlot(policy.schedule, after, policy.timeZone);
         rt.nextSlot = next;
@@ -279,6 +280,12 @@ export class Scheduler {
       run.error = error instanceof StepFailed ? error.error : errorJson(error);
     } finally {
       this.busy.delete(vm.key);
+    }
+    if (run.state === 'failed' && this.controller.signal.aborted) {
+      // Stopped with the server (SIGTERM): its record stays `running` on disk, so the next start treats it
+      // as one a kill cut short, failed and run again for its slot, exactly as after a kill -9.
+      this.log(`policy ${policy.name}: run ${run.id} (${run.vm}) stopped with the server: the next start runs it again for its slot`);
+      return;
     }
     run.endedAt = new Date(this.clock.now()).toISOString();
     // Stopping (SIGTERM): the run's jobs were cancelled; its end is recorded all the same.
