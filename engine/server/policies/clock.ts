@@ -4,9 +4,9 @@
  * set forward or a machine waking from suspend finds its due slots within a minute (timers count monotonic
  * time, slots are wall-clock times).
  *
- * Tests drive time without waiting: `ManualClock` in-process, and `FileClock` for a server run as its own
- * process (ENGINE_SERVER_TEST_CLOCK names the file; cli/commands/server.ts): the file holds an ISO time
- * the test rewrites, looked at every 20 ms.
+ * Tests drive time without waiting: `FileClock`, for a server run as its own process (as the tests run it,
+ * so that it can be killed -9): ENGINE_SERVER_TEST_CLOCK names the file (cli/commands/server.ts), which holds
+ * an ISO time the test rewrites, looked at every 20 ms. In-process callers pass any Clock to startServer.
  */
 import { readFile } from 'node:fs/promises';
 
@@ -37,32 +37,6 @@ export const realClock: Clock = {
     while (!signal.aborted && Date.now() < at) await sleep(Math.min(REAL_STEP_MS, at - Date.now()), signal);
   },
 };
-
-/** Time that moves only when the test says so. */
-export class ManualClock implements Clock {
-  private waiters = new Set<() => void>();
-  constructor(private time: number) {}
-  now(): number {
-    return this.time;
-  }
-  set(time: number): void {
-    this.time = time;
-    for (const wake of [...this.waiters]) wake();
-  }
-  sleepUntil(at: number, signal: AbortSignal): Promise<void> {
-    return new Promise((resolve) => {
-      const check = (): void => {
-        if (this.time < at && !signal.aborted) return;
-        this.waiters.delete(check);
-        signal.removeEventListener('abort', check);
-        resolve();
-      };
-      this.waiters.add(check);
-      signal.addEventListener('abort', check, { once: true });
-      check();
-    });
-  }
-}
 
 /** The time written in a file (ISO 8601), for tests of a server process; a file that does not parse keeps the last time. */
 export class FileClock implements Clock {

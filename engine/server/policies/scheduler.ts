@@ -302,10 +302,8 @@ export class Scheduler {
   private async step(rt: Runtime, run: RunRecord, step: RunJob['step'], request: JobRequest): Promise<JobRecord> {
     if (this.controller.signal.aborted) throw new StepFailed(errorJson(stopping()));
     const job = await this.jobs.submit(request, `policy ${rt.policy.name}`);
-    const entry: RunJob = { step, id: job.id, state: job.state, error: null };
-    run.jobs.push(entry);
-    await rt.store.save(run);
-    const ended = await new Promise<JobRecord>((resolve) => {
+    // Followed at once, before anything else is awaited: a job that ends meanwhile is still in memory.
+    const ended = new Promise<JobRecord>((resolve) => {
       let last: JobRecord | undefined;
       this.jobs.subscribe(
         job.id,
@@ -316,9 +314,13 @@ export class Scheduler {
         () => resolve(last ?? this.jobs.get(job.id)),
       );
     });
-    Object.assign(entry, { state: ended.state, error: ended.error });
+    const entry: RunJob = { step, id: job.id, state: job.state, error: null };
+    run.jobs.push(entry);
     await rt.store.save(run);
-    if (ended.state !== 'succeeded') throw new StepFailed(ended.error ?? { code: 'ENGINE_INTERNAL', message: `job ${job.id} ended ${ended.state}`, details: {} });
+    const { state, error } = await ended;
+    Object.assign(entry, { state, error });
+    await rt.store.save(run);
+    if (state !== 'succeeded') throw new StepFailed(error ?? { code: 'ENGINE_INTERNAL', message: `job ${job.id} ended ${state}`, details: {} });
     return ended;
   }
 
