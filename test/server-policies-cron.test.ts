@@ -93,6 +93,17 @@ describe('cron expressions', () => {
     // A yearly schedule, two years down.
     expect(iso(previousSlot(parseCron('@yearly'), at('2029-06-01T00:00:00Z'), 'UTC', at('2027-02-01T00:00:00Z'))!)).toBe('2029-01-01T00:00:00.000Z');
     expect(countSlots(parseCron('* * * * *'), 0, at('2027-01-01T00:00:00Z'), 'UTC', 1000)).toBe(1000);
+    // Counted a day at a time, the same as slot after slot, across both changes of 2027 in Berlin and New York.
+    for (const expression of ['30 2 * * *', '30 2,3 * * *', '*/20 * * * *', '0 1 * * sun', '15 0-3 * * *']) {
+      for (const [zone, from, to] of [['Europe/Berlin', '2027-03-26T00:00:00Z', '2027-03-30T00:00:00Z'], ['Europe/Berlin', '2027-10-29T00:00:00Z', '2027-11-02T00:00:00Z'], ['America/New_York', '2027-03-12T00:00:00Z', '2027-03-16T00:00:00Z']] as const) {
+        const schedule = parseCron(expression);
+        let one = 0;
+        for (let t = nextSlot(schedule, at(from), zone); t <= at(to); t = nextSlot(schedule, t, zone)) one++;
+        expect(countSlots(schedule, at(from), at(to), zone, 100_000), `${expression} ${zone} ${from}`).toBe(one);
+      }
+    }
+    // The skipped 02:30 and the real 03:30 are one slot that day.
+    expect(countSlots(parseCron('30 2,3 * * *'), at('2027-03-27T22:00:00Z'), at('2027-03-28T21:59:00Z'), 'Europe/Berlin', 100)).toBe(1);
   });
 });
 

@@ -182,11 +182,25 @@ export function wallTime(instant: number, zone: string): WallTime {
   return { year, month, day, hour, minute, weekday: new Date(Date.UTC(year, month - 1, day)).getUTCDay() };
 }
 
+/**
+ * Offsets by zone and minute: Intl's formatToParts costs tens of microseconds, and the slot searches ask for
+ * the same few minutes (a day's first and last) again and again. Offsets change only at whole minutes.
+ */
+const offsets = new Map<string, number>();
+const MAX_CACHED_OFFSETS = 100_000;
+
 /** The zone's offset from UTC at an instant, in ms (whole minutes). */
 function offsetAt(instant: number, zone: string): number {
-  const w = wallTime(instant, zone);
-  const asUtc = Date.UTC(w.year, w.month - 1, w.day, w.hour, w.minute);
-  return asUtc - (instant - (((instant % 60_000) + 60_000) % 60_000));
+  const minute = instant - (((instant % 60_000) + 60_000) % 60_000);
+  const key = `${zone} ${minute}`;
+  let offset = offsets.get(key);
+  if (offset === undefined) {
+    const w = wallTime(minute, zone);
+    offset = Date.UTC(w.year, w.month - 1, w.day, w.hour, w.minute) - minute;
+    if (offsets.size >= MAX_CACHED_OFFSETS) offsets.clear();
+    offsets.set(key, offset);
+  }
+  return offset;
 }
 
 /**
@@ -250,9 +264,32 @@ export function previousSlot(schedule: CronSchedule, at: number, zone: string, n
   return undefined;
 }
 
-/** Slots in (after, until], counted up to `cap`. */
+/** Slots in (after, until], counted up to `cap`: a day at a time (a year of a minute's schedule in milliseconds). */
 export function countSlots(schedule: CronSchedule, after: number, until: number, zone: string, cap: number): number {
+  if (until <= after) return 0;
+  const start = wallTime(after, zone);
+  const end = wallTime(until, zone);
+  const lastDay = Date.UTC(end.year, end.month - 1, end.day) + DAY;
   let n = 0;
-  for (let slot = nextSlot(schedule, after, zone); slot <= until && n < cap; slot = nextSlot(schedule, slot, zone)) n++;
+  for (let day = Date.UTC(start.year, start.month - 1, start.day) - DAY; day <= lastDay && n < cap; day += DAY) {
+    const date = new Date(day);
+    if (!dayMatches(schedule, date.getUTCFullYear(), date.getUTCMonth() + 1, date.getUTCDate())) continue;
+    const first = instantOf(day, zone);
+    const steady = instantOf(day + DAY - 60_000, zone) - first === DAY - 60_000;
+    // A day with a change of offset may map two wall times to one instant (the skipped hour): counted once.
+    const seen = new Set<number>();
+    for (const hour of schedule.hours) {
+      for (const minute of schedule.minutes) {
+        const naive = day + hour * 3_600_000 + minute * 60_000;
+        const instant = steady ? first + (naive - day) : instantOf(naive, zone);
+        if (instant <= after || instant > until) continue;
+        if (!steady) {
+          if (seen.has(instant)) continue;
+          seen.add(instant);
+        }
+        if (++n >= cap) return n;
+      }
+    }
+  }
   return n;
 }
