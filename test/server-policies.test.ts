@@ -10,9 +10,10 @@
  * - failing runs fire both hooks (a real executable, a real HTTP receiver) without secrets; hooks that fail
  *   are logged; a read token cannot start a run;
  * - a libvirt policy's domains chosen from real `virsh list` output (libvirt's test driver: no daemon);
- * - one job at a time per VM (a manual run and another policy's slot, both skipped ENGINE_VM_BUSY), and the
- *   server killed -9 mid-run: at restart the run is failed and its slot run again once, and a further
- *   restart runs nothing.
+ * - one job at a time per VM (a manual run and another policy's slot skipped ENGINE_VM_BUSY while a run reads
+ *   the VM, a manual run while a backup job posted to the API does), and the server killed -9 or stopped
+ *   (SIGTERM) mid-run: at restart the run is failed and its slot run again once, and a further restart runs
+ *   nothing.
  *
  * Every JSON answer is checked against the OpenAPI document at the end.
  */
@@ -367,6 +368,14 @@ describe('engine server: one job per VM, and the server killed -9 mid-run', () =
   test('stopped with SIGTERM mid-run: the next start runs the slot again once, as after a kill', async () => {
     await stopNbdkit();
     await startNbdkit(true);
+    // A backup job posted to the API reads the VM: a policy's run skips it too.
+    const posted = await call(server, 'POST', '/api/v1/jobs', { kind: 'backup', repository: 'main', name: 'by-hand', disks: [{ kind: 'nbd', uri: `nbd+unix:///?socket=${socket}` }] });
+    expect(posted.status, posted.text).toBe(202);
+    const apiJob = (posted.json as { id: string }).id;
+    const manual = await call(server, 'POST', '/api/v1/policies/slow/run');
+    expect((manual.json as { runs: Run[] }).runs).toMatchObject([{ state: 'skipped', error: { code: 'ENGINE_VM_BUSY', details: { by: `job ${apiJob}` } } }]);
+    expect((await call(server, 'DELETE', `/api/v1/jobs/${apiJob}`)).status).toBe(202);
+    await waitFor('the posted job is cancelled', async () => ((await call(server, 'GET', `/api/v1/jobs/${apiJob}`)).json as { state: string }).state === 'cancelled', { everyMs: 50 });
     await setClock(clock, '2027-03-02T02:00:00Z');
     let cut: Run | undefined;
     await waitFor('the next slot reads', async () => {
@@ -382,7 +391,7 @@ describe('engine server: one job per VM, and the server killed -9 mid-run', () =
     await stopNbdkit();
     await startNbdkit(false);
     server = await startServer(['--config', config, '--listen', '127.0.0.1:0'], env);
-    const runs = await finishedRuns(server, 'slow', 5);
+    const runs = await finishedRuns(server, 'slow', 6);
     expect(runs.find((r) => r.id === cut!.id)).toMatchObject({ state: 'failed', error: { code: 'ENGINE_SERVER_RESTARTED' }, jobs: [{ step: 'backup', state: 'cancelled' }] });
     expect(runs[0]).toMatchObject({ trigger: 'resume', resumes: cut!.id, slot: '2027-03-02T02:00:00.000Z', state: 'succeeded' });
     expect(((await call(server, 'GET', '/api/v1/repositories/main/backups')).json as { backups: unknown[] }).backups.length).toBe(2);
@@ -398,10 +407,10 @@ describe('engine server: one job per VM, and the server killed -9 mid-run', () =
       ['slow', '2027-03-02T02:00:00.000Z', '2027-03-03T02:00:00.000Z'],
       ['other', '2027-03-01T04:00:00.000Z', '2027-03-02T04:00:00.000Z'],
     ]);
-    expect((await runsOf(server, 'slow')).length).toBe(5);
+    expect((await runsOf(server, 'slow')).length).toBe(6);
     expect((await runsOf(server, 'other')).length).toBe(1);
-    // The jobs: two backups cut short, two resumed runs' backup and verify each; none since.
-    expect(((await call(server, 'GET', '/api/v1/jobs')).json as { jobs: unknown[] }).jobs.length).toBe(6);
+    // The jobs: two backups cut short, two resumed runs' backup and verify each, the cancelled posted one; none since.
+    expect(((await call(server, 'GET', '/api/v1/jobs')).json as { jobs: unknown[] }).jobs.length).toBe(7);
   });
 });
 
