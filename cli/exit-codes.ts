@@ -76,6 +76,9 @@ export const ENGINE_EXITS: Readonly<Record<EngineErrorCode, ExitCode>> = {
   ENGINE_BODY_TOO_LARGE: EXIT.failed,
   ENGINE_QUEUE_FULL: EXIT.failed,
   ENGINE_SERVER_RESTARTED: EXIT.failed,
+  ENGINE_VM_BUSY: EXIT.failed,
+  ENGINE_BOOT_TEST_FAILED: EXIT.integrity,
+  ENGINE_VERIFY_FAILED: EXIT.integrity,
 };
 
 const EXITS: Readonly<Record<StorageErrorCode | EngineErrorCode, ExitCode>> = { ...STORAGE_EXITS, ...ENGINE_EXITS };

@@ -23,12 +23,16 @@ export function registerServerCommand(program: Command): void {
       if ((opts.tlsCert === undefined) !== (opts.tlsKey === undefined)) throw new InvalidArgumentError('give --tls-cert and --tls-key together');
       const signal = interruptSignal();
       const { startServer } = await import('../../engine/server/server.js');
+      // Tests drive the policies' clock through a file holding the time (engine/server/policies/clock.ts).
+      const clockFile = process.env.ENGINE_SERVER_TEST_CLOCK;
+      const clock = clockFile ? await (await import('../../engine/server/policies/clock.js')).FileClock.open(clockFile) : undefined;
       const handle = await startServer({
         config: opts.config,
         listen: opts.listen,
         socket: opts.socket,
         tls: opts.tlsCert !== undefined && opts.tlsKey !== undefined ? { cert: opts.tlsCert, key: opts.tlsKey } : undefined,
         insecure: opts.insecure,
+        clock,
         // A server's log is its only voice: stderr, with or without --json (warnings included, on every start).
         onLog: (message) => process.stderr.write(`engine server: ${terminalLine(message)}\n`),
       });

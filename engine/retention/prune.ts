@@ -18,6 +18,8 @@ export interface PruneOptions {
   passphrase?: Passphrase | undefined;
   policy: RetentionPolicy;
   dryRun?: boolean | undefined;
+  /** Only the backups of these names (a policy's VMs): the others are neither kept nor removed, nor listed. */
+  names?: readonly string[] | undefined;
   /** SIGINT/SIGTERM: prune stops between two removals (ENGINE_INTERRUPTED), saying which it removed. */
   signal?: AbortSignal | undefined;
 }
@@ -61,7 +63,10 @@ export async function prune(options: PruneOptions): Promise<PruneReport> {
   interruption.check();
   const repo = await Repository.open(options.repo, { access: 'exclusive', command: 'prune', passphrase: options.passphrase, checkInterrupted: () => interruption.check(), manyWriters: true, signal: options.signal });
   try {
-    const { backups, damaged } = await repo.listBackups();
+    const listed = await repo.listBackups();
+    const names = options.names === undefined ? undefined : new Set(options.names);
+    const backups = names === undefined ? listed.backups : listed.backups.filter((b) => names.has(b.name));
+    const { damaged } = listed;
     const decisions = applyRetention(backups, options.policy, await listProtected(repo.store));
     const report: PruneReport = {
       dryRun: options.dryRun === true,

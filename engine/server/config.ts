@@ -11,13 +11,15 @@
  *   "limits": { "jobs": 2, "queue": 64 },           // jobs running at once in all (default 2); jobs waiting at most
  *   "repositories": {
  *     "main": { "location": "/srv/backup/main", "passwordFile": "/etc/engine/main.pass", "limits": { "jobs": 2 } }
- *   }
+ *   },
+ *   "policies": { "nightly": { "vms": …, "repository": "main", "schedule": "30 1 * * *", … } }   // policies/config.ts
  * }
  */
 import { readFile } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { isS3Url } from '../../repo-format/storage/s3-url.js';
+import { parsePolicies, type Policy } from './policies/config.js';
 
 export interface RepositoryConfig {
   name: string;
@@ -36,6 +38,8 @@ export interface ServerConfig {
   /** Jobs waiting for a slot at most; one more is refused (429). */
   queue: number;
   repositories: Map<string, RepositoryConfig>;
+  /** Scheduled policies (policies/config.ts, SPEC.md 23.1); empty without a `policies` block. */
+  policies: Map<string, Policy>;
 }
 
 /** Repository names appear in URLs: letters, digits, '.', '_', '-', not starting with '.', at most 64. */
@@ -82,7 +86,7 @@ export function parseConfig(file: string, text: string): ServerConfig {
   } catch (error) {
     fail(file, `not JSON (${(error as Error).message})`);
   }
-  const top = object(file, raw, 'the top level', ['stateDir', 'tokensFile', 'limits', 'repositories']);
+  const top = object(file, raw, 'the top level', ['stateDir', 'tokensFile', 'limits', 'repositories', 'policies']);
   const limits = top.limits === undefined ? {} : object(file, top.limits, 'limits', ['jobs', 'queue']);
   const jobs = count(file, limits.jobs, 'limits.jobs', DEFAULT_JOBS, 256);
   const repositories = new Map<string, RepositoryConfig>();
@@ -111,6 +115,7 @@ export function parseConfig(file: string, text: string): ServerConfig {
     jobs,
     queue: count(file, limits.queue, 'limits.queue', DEFAULT_QUEUE, 100_000),
     repositories,
+    policies: parsePolicies(file, top.policies, new Set(repositories.keys())),
   };
 }
 

@@ -13,6 +13,9 @@ declare module '../../repo-format/errors.js' {
     ENGINE_BODY_TOO_LARGE: 'engine';
     ENGINE_QUEUE_FULL: 'engine';
     ENGINE_SERVER_RESTARTED: 'engine';
+    ENGINE_VM_BUSY: 'engine';
+    ENGINE_BOOT_TEST_FAILED: 'engine';
+    ENGINE_VERIFY_FAILED: 'engine';
   }
 }
 
@@ -55,5 +58,26 @@ export class QueueFullError extends EngineError {
 export class ServerRestartedError extends EngineError {
   constructor(jobId: string, state: string) {
     super('ENGINE_SERVER_RESTARTED', `the server stopped while job ${jobId} was ${state}, before it could record the outcome; the repository's recovery cleaned up after it (a backup's record is all or nothing: the catalogue shows whether it committed)`, { job: jobId, state });
+  }
+}
+
+/** A policy's run for a VM that a job was reading already (policies/scheduler.ts): recorded `skipped`, not queued. */
+export class VmBusyError extends EngineError {
+  constructor(vm: string, by: string) {
+    super('ENGINE_VM_BUSY', `${vm} was being read by ${by} already: this run skipped it (one job at a time per VM)`, { vm, by });
+  }
+}
+
+/** A policy's boot test whose backup did not come up: the job fails, so that the run and its hooks say so. */
+export class BootTestFailedError extends EngineError {
+  constructor(backup: string, result: string) {
+    super('ENGINE_BOOT_TEST_FAILED', `the boot test of backup ${backup} ended ${result}: see its verification record`, { backup, result });
+  }
+}
+
+/** A policy's verify that found problems (the job itself succeeded: its result lists them). */
+export class VerifyFailedError extends EngineError {
+  constructor(job: string, problems: number) {
+    super('ENGINE_VERIFY_FAILED', `the verify of job ${job} found ${problems} problems: see the job's result`, { job, problems });
   }
 }

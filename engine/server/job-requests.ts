@@ -32,8 +32,11 @@ export type JobRequest =
   | { kind: 'backup'; repository: string; name: string | undefined; chain: ChainPolicy; workers: number | undefined; from: BackupFrom | { kind: 'ovirt'; ovirt: OvirtSource } }
   | { kind: 'restore'; repository: string; backup: string; disk: string | undefined; target: RestoreTarget; force: boolean; workers: number | undefined }
   | { kind: 'verify'; repository: string; readData: boolean; subset: number | undefined; seed: string | undefined; workers: number | undefined }
-  | { kind: 'prune'; repository: string; policy: RetentionPolicy; dryRun: boolean }
-  | { kind: 'gc'; repository: string; rewriteBelow: number | undefined; dryRun: boolean };
+  | { kind: 'prune'; repository: string; policy: RetentionPolicy; dryRun: boolean; names?: string[] | undefined }
+  | { kind: 'gc'; repository: string; rewriteBelow: number | undefined; dryRun: boolean }
+  /** The policies' own steps (policies/scheduler.ts), not offered by POST /jobs: `engine copy` of backups to another repository of the config, and `verify --boot`. */
+  | { kind: 'copy'; repository: string; to: string; backups: string[] }
+  | { kind: 'boot'; repository: string; backup: string; timeoutSeconds: number | undefined; memoryBytes: number | undefined; expectConsole: string | undefined };
 
 type Json = Record<string, unknown>;
 

@@ -168,6 +168,11 @@ export class JobManager {
       this.jobs.delete(record.id);
       throw error;
     });
+    // Stopped while it was being journaled (a policy's step): cancelled, as the queue's other jobs were.
+    if (this.stopping) {
+      await this.finish(job, 'cancelled', null, errorJson(new InterruptedError('the job', 'the server stopped before it started: nothing was done')));
+      return { ...job.record };
+    }
     this.queue.push(job);
     this.event(job, 'state', { state: 'queued' });
     this.schedule();
@@ -206,6 +211,10 @@ export class JobManager {
         signal: job.controller.signal,
         onProgress: (progress) => this.progress(job, progress),
         onLog: (message) => this.event(job, 'log', { message }),
+        repository: (name) => {
+          const other = this.config.repositories.get(name);
+          return other === undefined ? undefined : { location: other.location, passphrase: this.passphrases.get(name) };
+        },
       });
       outcome = { state: 'succeeded', result, error: null };
     } catch (error) {

@@ -29,7 +29,7 @@ export interface JobProgress {
 /** A job as the API shows it (`GET /api/v1/jobs/{id}`) and as the journal keeps it. */
 export interface JobRecord {
   id: string;
-  kind: 'backup' | 'restore' | 'verify' | 'prune' | 'gc';
+  kind: 'backup' | 'restore' | 'verify' | 'prune' | 'gc' | 'copy' | 'boot';
   repository: string;
   state: JobState;
   /** The request as posted (validated; it holds no secrets: those come from files named in the config). */

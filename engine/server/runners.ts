@@ -14,6 +14,7 @@ import { readSecretFile } from '../host/secret-file.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { JobRequest, OvirtSource } from './job-requests.js';
 import type { JobProgress } from './journal.js';
+import { BootTestFailedError } from './errors.js';
 
 export interface JobRun {
   repo: string;
@@ -21,6 +22,8 @@ export interface JobRun {
   signal: AbortSignal;
   onProgress: (progress: JobProgress) => void;
   onLog: (message: string) => void;
+  /** Another repository of the config (a copy's target): its location and passphrase. */
+  repository?: ((name: string) => { location: string; passphrase: Buffer | undefined } | undefined) | undefined;
 }
 
 export async function runJob(request: JobRequest, run: JobRun): Promise<Record<string, unknown>> {
@@ -53,7 +56,38 @@ export async function runJob(request: JobRequest, run: JobRun): Promise<Record<s
       return report as unknown as Record<string, unknown>;
     }
     case 'prune':
-      return (await prune({ repo, passphrase, policy: request.policy, dryRun: request.dryRun, signal })) as unknown as Record<string, unknown>;
+      return (await prune({ repo, passphrase, policy: request.policy, dryRun: request.dryRun, names: request.names, signal })) as unknown as Record<string, unknown>;
+    case 'copy': {
+      const target = run.repository?.(request.to);
+      if (!target) throw new InvalidArgumentError(`no repository named ${JSON.stringify(request.to)} in this server's config`, { field: 'to' });
+      const { copyBackups } = await import('../copy/copy.js');
+      const report = await copyBackups({
+        from: repo,
+        to: target.location,
+        fromPassphrase: passphrase,
+        toPassphrase: target.passphrase,
+        selection: { kind: 'ids', ids: request.backups },
+        signal,
+        onProgress: (p) => run.onProgress({ phase: `copy ${p.name} ${p.disk} (${p.index + 1}/${p.count})`, done: p.bytesDone, total: p.bytesTotal, unit: 'bytes' }),
+        onNotice: run.onLog,
+      });
+      return report as unknown as Record<string, unknown>;
+    }
+    case 'boot': {
+      const { verifyBoot } = await import('../verify/boot.js');
+      const result = await verifyBoot({
+        repo,
+        passphrase,
+        backupId: request.backup,
+        timeoutSeconds: request.timeoutSeconds,
+        memoryBytes: request.memoryBytes,
+        expect: request.expectConsole !== undefined ? { kind: 'console', regex: request.expectConsole } : { kind: 'agent' },
+        signal,
+        onLog: run.onLog,
+      });
+      if (result.record.result !== 'passed') throw new BootTestFailedError(request.backup, result.record.result);
+      return { ...result.record, key: result.key } as unknown as Record<string, unknown>;
+    }
     case 'gc': {
       // As `gc --json`: every notice of the run, in order, in `notices`.
       const notices: string[] = [];
@@ -75,16 +109,21 @@ export async function runJob(request: JobRequest, run: JobRun): Promise<Record<s
 
 type Common = { repo: string; passphrase: Buffer | undefined; workers: number | undefined; signal: AbortSignal; onProgress: (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }) => void; onNotice: (message: string) => void };
 
+/** The user (first line) and password (second) of an oVirt credentials file, as `--ovirt-credentials` reads it. */
+export async function ovirtCredentials(file: string, onNotice: (message: string) => void): Promise<{ username: string; password: string }> {
+  const secret = await readSecretFile(file, `ovirt.credentialsFile ${file}`);
+  for (const warning of secret.warnings) onNotice(warning);
+  const [username, password] = secret.bytes.toString('utf8').split('\n');
+  if (!username || password === undefined) throw new InvalidArgumentError(`${file}: expected the user on the first line and the password on the second`, { field: 'ovirt.credentialsFile' });
+  return { username: username.trim(), password: password.replace(/\r$/, '') };
+}
+
 /** As `backup --ovirt`: the incremental backup API, or with an appliance the disk-attachment flow; credentials from their file. */
 async function ovirtBackup(source: OvirtSource, mode: 'auto' | 'full' | 'incremental' | 'differential', name: string | undefined, common: Common): Promise<Parameters<typeof backupJson>[0]> {
   if (name !== undefined) throw new InvalidArgumentError('an oVirt backup is named after its VM: leave out name', { field: 'name' });
   const { checkEngineUrl } = await import('../ovirt/url-policy.js');
   checkEngineUrl(source.url, source.insecureHttp, 'ovirt.url');
-  const secret = await readSecretFile(source.credentialsFile, `ovirt.credentialsFile ${source.credentialsFile}`);
-  for (const warning of secret.warnings) common.onNotice(warning);
-  const [username, password] = secret.bytes.toString('utf8').split('\n');
-  if (!username || password === undefined) throw new InvalidArgumentError(`${source.credentialsFile}: expected the user on the first line and the password on the second`, { field: 'ovirt.credentialsFile' });
-  const ovirt = { url: source.url, credentials: { username: username.trim(), password: password.replace(/\r$/, '') }, caFile: source.caFile, insecureHttp: source.insecureHttp };
+  const ovirt = { url: source.url, credentials: await ovirtCredentials(source.credentialsFile, common.onNotice), caFile: source.caFile, insecureHttp: source.insecureHttp };
   const base = { ...common, ovirt, vm: source.vm, quiesce: source.quiesce };
   if (source.appliance !== undefined) {
     const { ovirtApplianceBackup } = await import('../ovirt/appliance-backup.js');

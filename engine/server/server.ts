@@ -12,6 +12,7 @@
  *   GET    /api/v1/repositories/{r}/backups            as `list --json`, filtered, with chains
  *   GET    /api/v1/repositories/{r}/backups/{id}       as `show --json`, with its chain
  *   GET    /api/v1/repositories/{r}/stats              stored vs logical bytes, ratios
+ *   GET    /api/v1/policies[/{p}], /{p}/runs; POST /{p}/run   scheduled policies (policies/routes.ts)
  *
  * Every request but the OpenAPI document needs a bearer token when the config names a tokens file.
  */
@@ -31,6 +32,9 @@ import { JobManager, type JobEvent } from './jobs.js';
 import { parseJobRequest } from './job-requests.js';
 import { planServerListen } from './listen.js';
 import { openApiDocument } from './openapi.js';
+import { realClock, type Clock } from './policies/clock.js';
+import { policyRoutes } from './policies/routes.js';
+import { Scheduler } from './policies/scheduler.js';
 
 export interface ServerOptions {
   config: string;
@@ -40,6 +44,8 @@ export interface ServerOptions {
   insecure?: boolean | undefined;
   /** The server's log: job ends, refused TLS handshakes, recovered jobs (stderr in the CLI). */
   onLog?: ((message: string) => void) | undefined;
+  /** The policies' clock (tests drive it; policies/clock.ts): default the real one. */
+  clock?: Clock | undefined;
 }
 
 export interface ServerHandle {
@@ -64,8 +70,9 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
   const tls = options.tls === undefined ? undefined : { cert: await readPem(options.tls.cert, 'certificate'), key: await readPem(options.tls.key, 'key') };
   const journal = await JobJournal.open(config.stateDir);
   const jobs = await JobManager.start(config, journal, log);
+  const scheduler = await Scheduler.start(config, jobs, options.clock ?? realClock, log);
   const openSse = new Set<ServerResponse>();
-  const routes = buildRoutes(config, jobs, openSse);
+  const routes = [...buildRoutes(config, jobs, openSse), ...policyRoutes(scheduler)];
 
   const handler = (req: IncomingMessage, res: ServerResponse): void => {
     void answer(req, res).catch((error: unknown) => sendError(res, error));
@@ -127,7 +134,9 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
     close: () =>
       (closing ??= (async () => {
         const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+        await scheduler.stop();
         await jobs.stop();
+        await scheduler.settled();
         for (const res of openSse) res.end();
         server.closeAllConnections();
         await closed;
