@@ -1,6 +1,7 @@
 /**
- * The job queue: jobs run concurrently up to the global limit and their repository's, in the order they were
- * posted (a job whose repository is at its limit lets later jobs of other repositories pass); at most
+ * The job queue: jobs run concurrently up to the global limit, their repository's and their source hosts'
+ * (limits.perHost, source-hosts.ts), in the order they were posted (a job whose repository or host is at its
+ * limit lets later jobs of other repositories and hosts pass); at most
  * `queue` wait, one more is refused (429). Each job has an AbortController: DELETE aborts it as SIGINT does a
  * CLI command. Every change of state is written to the journal (journal.ts) before it is announced.
  *
@@ -20,6 +21,7 @@ import { FINAL_STATES, type JobError, type JobJournal, type JobProgress, type Jo
 import type { JobRequest } from './job-requests.js';
 import { runJob } from './runners.js';
 import { releaseJobMemory } from './memory.js';
+import { sourceHostsOf } from './source-hosts.js';
 
 export interface JobEvent {
   id: number;
@@ -43,6 +45,8 @@ interface LiveJob {
   lastProgressAt: number;
   /** Journal writes of this job, one after the other. */
   writes: Promise<void>;
+  /** The source hosts it works against (source-hosts.ts), for limits.perHost. */
+  hosts: string[];
 }
 
 export class JobManager {
@@ -53,6 +57,8 @@ export class JobManager {
   private readonly runs = new Set<Promise<void>>();
   private readonly passphrases = new Map<string, Buffer | undefined>();
   private stopping = false;
+  /** Told each job's end, after it is journaled (metrics.ts). */
+  private readonly endListeners: ((record: JobRecord) => void)[] = [];
 
   private constructor(
     private readonly config: ServerConfig,
@@ -99,7 +105,7 @@ export class JobManager {
   }
 
   private remember(record: JobRecord, request: JobRequest | undefined): LiveJob {
-    const live: LiveJob = { record, request, controller: new AbortController(), events: [], nextEvent: 1, emitter: new EventEmitter(), lastProgressAt: 0, writes: Promise.resolve() };
+    const live: LiveJob = { record, request, controller: new AbortController(), events: [], nextEvent: 1, emitter: new EventEmitter(), lastProgressAt: 0, writes: Promise.resolve(), hosts: request ? sourceHostsOf(request) : [] };
     live.emitter.setMaxListeners(0);
     this.jobs.set(record.id, live);
     return live;
@@ -140,6 +146,7 @@ export class JobManager {
       this.event(job, 'state', { state });
       this.event(job, 'end', { job: job.record });
       job.emitter.emit('end');
+      for (const listener of this.endListeners) listener(job.record);
       this.forgetOldJobs();
     }
   }
@@ -180,12 +187,26 @@ export class JobManager {
     return n;
   }
 
+  /** Jobs running against each source host. */
+  private runningPerHost(): Map<string, number> {
+    const counts = new Map<string, number>();
+    for (const job of this.running) for (const host of job.hosts) counts.set(host, (counts.get(host) ?? 0) + 1);
+    return counts;
+  }
+
+  /** Calls `listener` with each job's record when it ends (succeeded, failed, cancelled). */
+  onJobEnd(listener: (record: JobRecord) => void): void {
+    this.endListeners.push(listener);
+  }
+
   private schedule(): void {
     if (this.stopping) return;
     for (let i = 0; i < this.queue.length && this.running.size < this.config.jobs; ) {
       const job = this.queue[i]!;
       const repo = this.config.repositories.get(job.record.repository)!;
-      if (this.runningOn(repo.name) >= repo.jobs) {
+      const perHost = this.config.perHost;
+      const hostsBusy = perHost !== undefined && job.hosts.length > 0 && ((counts) => job.hosts.some((h) => (counts.get(h) ?? 0) >= perHost))(this.runningPerHost());
+      if (this.runningOn(repo.name) >= repo.jobs || hostsBusy) {
         i++;
         continue;
       }

@@ -12,6 +12,7 @@
  *   GET    /api/v1/repositories/{r}/backups            as `list --json`, filtered, with chains
  *   GET    /api/v1/repositories/{r}/backups/{id}       as `show --json`, with its chain
  *   GET    /api/v1/repositories/{r}/stats              stored vs logical bytes, ratios
+ *   GET    /metrics                                    Prometheus text format (metrics.ts); without a token if the config says so
  *
  * Every request but the OpenAPI document needs a bearer token when the config names a tokens file.
  */
@@ -25,12 +26,14 @@ import { TokenStore, requireRole } from './auth.js';
 import { backupOf, backupsOf, parseFilter, statsOf } from './catalogue.js';
 import { loadConfig, REPOSITORY_NAME, type RepositoryConfig, type ServerConfig } from './config.js';
 import { NotFoundError } from './errors.js';
-import { matchRoute, readJsonBody, sendError, sendJson, type RequestContext, type Route } from './http.js';
+import { errorJson, matchRoute, readJsonBody, sendError, sendJson, type RequestContext, type Route } from './http.js';
 import { JobJournal, JOB_ID } from './journal.js';
 import { JobManager, type JobEvent } from './jobs.js';
 import { parseJobRequest } from './job-requests.js';
 import { planServerListen } from './listen.js';
 import { openApiDocument } from './openapi.js';
+import { metricsRoute, sendMetrics, ServerMetrics } from './metrics.js';
+import { applyS3Settings } from './s3-settings.js';
 
 export interface ServerOptions {
   config: string;
@@ -62,18 +65,29 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
   const tokens = await TokenStore.open(config.tokensFile);
   const plan = planServerListen({ listen: options.listen, socket: options.socket, tls: options.tls, tokens: tokens.required, insecure: options.insecure });
   const tls = options.tls === undefined ? undefined : { cert: await readPem(options.tls.cert, 'certificate'), key: await readPem(options.tls.key, 'key') };
+  await applyS3Settings(config, log);
   const journal = await JobJournal.open(config.stateDir);
   const jobs = await JobManager.start(config, journal, log);
   const openSse = new Set<ServerResponse>();
-  const routes = buildRoutes(config, jobs, openSse);
+  const metrics = new ServerMetrics(config, (name) => jobs.passphrase(name), log);
+  jobs.onJobEnd((record) => metrics.jobEnded(record));
+  metrics.start();
+  const routes = [...buildRoutes(config, jobs, openSse), metricsRoute(metrics, jobs)];
 
   const handler = (req: IncomingMessage, res: ServerResponse): void => {
-    void answer(req, res).catch((error: unknown) => sendError(res, error));
+    void answer(req, res).catch((error: unknown) => {
+      metrics.apiError(errorJson(error).code);
+      sendError(res, error);
+    });
   };
   const answer = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
     const url = new URL(req.url ?? '/', 'http://server');
     if (url.pathname === '/api/openapi.json' && req.method === 'GET') {
       sendJson(res, 200, await openApiDocument());
+      return;
+    }
+    if (url.pathname === '/metrics' && config.metricsAnonymous && (req.method === 'GET' || req.method === 'HEAD') && url.search === '') {
+      sendMetrics(res, metrics.render(jobs));
       return;
     }
     // Who asks, before what is asked is looked at: without a token even a path that does not exist is 401.
@@ -128,6 +142,7 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
       (closing ??= (async () => {
         const closed = new Promise<void>((resolve) => server.close(() => resolve()));
         await jobs.stop();
+        await metrics.close();
         for (const res of openSse) res.end();
         server.closeAllConnections();
         await closed;
