@@ -26,7 +26,7 @@
 import { readFile } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
-import { isS3Url } from '../../repo-format/storage/s3-url.js';
+import { formatS3Url, isS3Url, parseS3Url } from '../../repo-format/storage/s3-url.js';
 
 export interface RepositoryConfig {
   name: string;
@@ -133,6 +133,15 @@ export function parseConfig(file: string, text: string): ServerConfig {
     });
   }
   if (repositories.size === 0) fail(file, 'no repositories: name at least one under "repositories"');
+  // S3 settings are the location's (s3-settings.ts): one location, one set of them.
+  const byLocation = new Map<string, string>();
+  for (const repo of repositories.values()) {
+    if (!isS3Url(repo.location)) continue;
+    const key = formatS3Url(parseS3Url(repo.location));
+    const other = byLocation.get(key);
+    if (other !== undefined && (repo.s3 !== undefined || repositories.get(other)!.s3 !== undefined)) fail(file, `repositories ${other} and ${repo.name} are both at ${key}: S3 settings belong to a location, give it one name`);
+    byLocation.set(key, repo.name);
+  }
   if (top.stateDir === undefined) fail(file, 'stateDir is required: where the jobs journal is kept');
   return {
     stateDir: path(file, top.stateDir, 'stateDir'),
