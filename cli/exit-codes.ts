@@ -76,6 +76,7 @@ export const ENGINE_EXITS: Readonly<Record<EngineErrorCode, ExitCode>> = {
   ENGINE_BODY_TOO_LARGE: EXIT.failed,
   ENGINE_QUEUE_FULL: EXIT.failed,
   ENGINE_SERVER_RESTARTED: EXIT.failed,
+  ENGINE_SERVER_UNREACHABLE: EXIT.failed,
 };
 
 const EXITS: Readonly<Record<StorageErrorCode | EngineErrorCode, ExitCode>> = { ...STORAGE_EXITS, ...ENGINE_EXITS };

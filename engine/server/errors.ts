@@ -13,6 +13,7 @@ declare module '../../repo-format/errors.js' {
     ENGINE_BODY_TOO_LARGE: 'engine';
     ENGINE_QUEUE_FULL: 'engine';
     ENGINE_SERVER_RESTARTED: 'engine';
+    ENGINE_SERVER_UNREACHABLE: 'engine';
   }
 }
 
@@ -55,5 +56,12 @@ export class QueueFullError extends EngineError {
 export class ServerRestartedError extends EngineError {
   constructor(jobId: string, state: string) {
     super('ENGINE_SERVER_RESTARTED', `the server stopped while job ${jobId} was ${state}, before it could record the outcome; the repository's recovery cleaned up after it (a backup's record is all or nothing: the catalogue shows whether it committed)`, { job: jobId, state });
+  }
+}
+
+/** `engine --server`: the server cannot be reached, or a job's event stream kept breaking before its end (the job may run on). */
+export class ServerUnreachableError extends EngineError {
+  constructor(server: string, reason: string) {
+    super('ENGINE_SERVER_UNREACHABLE', `cannot follow the job on the server ${server}: ${reason}`, { server, reason });
   }
 }
