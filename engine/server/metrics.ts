@@ -1,5 +1,5 @@
 /**
- * `GET /metrics`: the server's figures in the Prometheus text exposition format, version 0.0.4 (SPEC.md 23.N
+ * `GET /metrics`: the server's figures in the Prometheus text exposition format, version 0.0.4 (SPEC.md 23.x
  * "Metrics"). Names follow Prometheus's conventions: the `engine_` prefix, base units (`_seconds`, `_bytes`),
  * `_total` on counters, one HELP and one TYPE line per family.
  *

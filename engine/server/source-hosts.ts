@@ -1,5 +1,5 @@
 /**
- * The source hosts a job works against, for `limits.perHost` (SPEC.md 23.N): a hypervisor or NBD server
+ * The source hosts a job works against, for `limits.perHost` (SPEC.md 23.x): a hypervisor or NBD server
  * serves a few streams well and many badly, so the server runs at most N jobs on one host at once and
  * queues the rest, whatever repository they write to.
  *
