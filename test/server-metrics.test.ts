@@ -12,6 +12,8 @@ import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
 import { initRepository, runEngine, tempDir, waitFor } from './helpers.js';
 import { answerSchema, call, jobEnd, openApiDocument, recorded, startServer, validate, writeConfig, type RunningServer } from './server-helpers.js';
+import { parseJobRequest } from '../dist/engine/server/job-requests.js';
+import { sourceHostsOf } from '../dist/engine/server/source-hosts.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -120,6 +122,27 @@ function promtool(text: string): Promise<{ code: number | null; output: string }
 const ended: Job[] = [];
 
 describe('engine server: limits.perHost', () => {
+  test("a job's source hosts: NBD hosts, this host for files and sockets, the libvirt URI's host, the oVirt engine's; none for verify, prune, gc", () => {
+    const hosts = (body: Record<string, unknown>, env: Record<string, string> = {}): string[] => sourceHostsOf(parseJobRequest({ repository: 'main', ...body }), env);
+    const disks = [
+      { kind: 'nbd', uri: 'nbd://Hyper-1.example:10809/vda' },
+      { kind: 'nbd', uri: 'nbd://[fd00::5]/vdb' },
+      { kind: 'nbd', uri: 'nbd+unix:///x?socket=/run/x.sock' },
+      { kind: 'raw', path: '/dev/vg/disk' },
+      { kind: 'nbd', uri: 'nbd://hyper-1.example/vdc' },
+    ];
+    expect(hosts({ kind: 'backup', disks })).toEqual(['hyper-1.example', 'fd00::5', 'local']);
+    expect(hosts({ kind: 'backup', libvirt: { domain: 'web' } })).toEqual(['local']);
+    expect(hosts({ kind: 'backup', libvirt: { domain: 'web' } }, { LIBVIRT_DEFAULT_URI: 'qemu+ssh://root@kvm-2.example/system' })).toEqual(['kvm-2.example']);
+    expect(hosts({ kind: 'backup', libvirt: { domain: 'web' } }, { LIBVIRT_DEFAULT_URI: 'qemu:///system' })).toEqual(['local']);
+    expect(hosts({ kind: 'backup', ovirt: { url: 'https://engine.example/ovirt-engine', vm: 'web', credentialsFile: '/etc/c' } })).toEqual(['engine.example']);
+    expect(hosts({ kind: 'restore', backup: 'ab', target: { kind: 'nbd', uri: 'nbd://10.0.0.7/vda' } })).toEqual(['10.0.0.7']);
+    expect(hosts({ kind: 'restore', backup: 'ab', target: { kind: 'file', path: '/srv/x.img' } })).toEqual(['local']);
+    expect(hosts({ kind: 'verify' })).toEqual([]);
+    expect(hosts({ kind: 'prune', keep: { last: 1 } })).toEqual([]);
+    expect(hosts({ kind: 'gc' })).toEqual([]);
+  });
+
   test('two backups from one host run one after the other, one from another host runs beside the first; /metrics shows them running and queued', async () => {
     const a1 = await post({ kind: 'backup', repository: 'main', name: 'vm-a1', disks: [{ kind: 'nbd', uri: uriA }] });
     const a2 = await post({ kind: 'backup', repository: 'main', name: 'vm-a2', disks: [{ kind: 'nbd', uri: uriA }] });

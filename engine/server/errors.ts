@@ -62,6 +62,6 @@ export class ServerRestartedError extends EngineError {
 /** `engine --server`: the server cannot be reached, or a job's event stream kept breaking before its end (the job may run on). */
 export class ServerUnreachableError extends EngineError {
   constructor(server: string, reason: string) {
-    super('ENGINE_SERVER_UNREACHABLE', `cannot follow the job on the server ${server}: ${reason}`, { server, reason });
+    super('ENGINE_SERVER_UNREACHABLE', `the server ${server} cannot be reached, or its answers broke off: ${reason}`, { server, reason });
   }
 }
