@@ -11,7 +11,6 @@
 import { EngineError, InvalidArgumentError } from '../repo-format/errors.js';
 import type { BackupRecord } from '../repo-format/backup-record.js';
 import type { JobRecord } from '../engine/server/journal.js';
-import { readSecretFile } from '../engine/host/secret-file.js';
 import { createProgress } from './progress.js';
 import { forTerminal } from './terminal.js';
 import { output, printNotice, interruptSignal } from './context.js';
@@ -44,6 +43,7 @@ export function refuseLocalOnly(flags: Record<string, unknown>, names: readonly 
 
 async function token(): Promise<string | undefined> {
   if (remote.tokenFile !== undefined) {
+    const { readSecretFile } = await import('../engine/host/secret-file.js');
     const secret = await readSecretFile(remote.tokenFile, `--server-token-file ${remote.tokenFile}`);
     for (const warning of secret.warnings) printNotice(warning);
     const text = secret.bytes.toString('utf8').trim();

@@ -1,16 +1,16 @@
 /**
- * engine server's `GET /metrics` and `limits.perHost` (SPEC.md 23.N), over real HTTP on 127.0.0.1 with
- * bearer tokens, against a real repository. The sources are two real NBD servers on two "hosts", 127.0.0.1
- * and 127.0.0.2: nbdkit's pattern plugin behind its delay filter, so each backup runs long enough to be seen
- * running. With perHost 1, two backups from the first host run one after the other while the one from the
- * second host runs beside the first. The metrics text is checked by promtool (Debian's prometheus package,
+ * engine server's `GET /metrics` and `limits.perHost` (SPEC.md 23.x), over real HTTP on 127.0.0.1 with
+ * bearer tokens, against a real repository. The sources are two real qemu-nbd servers on two "hosts",
+ * 127.0.0.1 and 127.0.0.2, stopped (SIGSTOP) while the jobs are posted, so that the jobs that start stay
+ * running until the test lets them go, however fast or loaded the machine. With perHost 1, two backups from
+ * the first host run one after the other while the one from the second host runs beside the first. The metrics text is checked by promtool (Debian's prometheus package,
  * the Prometheus project's own parser and linter) and its figures against the jobs' own results.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
-import { initRepository, runEngine, tempDir, waitFor } from './helpers.js';
+import { initRepository, runEngine, tempDir, waitFor, writeRegion } from './helpers.js';
 import { answerSchema, call, jobEnd, openApiDocument, recorded, startServer, validate, writeConfig, type RunningServer } from './server-helpers.js';
 import { parseJobRequest } from '../dist/engine/server/job-requests.js';
 import { sourceHostsOf } from '../dist/engine/server/source-hosts.js';
@@ -20,9 +20,9 @@ let dir: string;
 let cleanup: () => Promise<void>;
 let repo: string;
 let server: RunningServer;
-const nbdkits: ChildProcess[] = [];
-let uriA: string;
-let uriB: string;
+const servers: ChildProcess[] = [];
+let hostA: { uri: string; child: ChildProcess };
+let hostB: { uri: string; child: ChildProcess };
 let readToken: string;
 let operatorToken: string;
 
@@ -39,12 +39,11 @@ function freePort(host: string): Promise<number> {
   });
 }
 
-/** nbdkit serving 8 MiB of its pattern on host:port, one thread, each read answered after 150 ms. */
-async function slowNbd(host: string): Promise<string> {
+/** qemu-nbd serving `image` read-only on host:port (its own child: the test stops and continues it). */
+async function nbdOn(host: string, image: string): Promise<{ uri: string; child: ChildProcess }> {
   const port = await freePort(host);
-  const child = spawn('nbdkit', ['-f', '--exit-with-parent', '-t', '1', '-i', host, '-p', String(port), '--filter=delay', 'pattern', '8M', 'rdelay=150ms'], { stdio: 'ignore' });
-  nbdkits.push(child);
-  const uri = `nbd://${host}:${port}/`;
+  const child = spawn('qemu-nbd', ['-f', 'raw', '-r', '--persistent', '--shared', '8', '-b', host, '-p', String(port), image], { stdio: 'ignore' });
+  servers.push(child);
   const answers = (): Promise<boolean> =>
     new Promise((resolve) => {
       const socket = connect(port, host, () => {
@@ -53,8 +52,8 @@ async function slowNbd(host: string): Promise<string> {
       });
       socket.on('error', () => resolve(false));
     });
-  await waitFor(`nbdkit on ${host}:${port}`, answers, { child });
-  return uri;
+  await waitFor(`qemu-nbd on ${host}:${port}`, answers, { child });
+  return { uri: `nbd://${host}:${port}/`, child };
 }
 
 async function token(role: 'read' | 'operator'): Promise<string> {
@@ -67,7 +66,9 @@ beforeAll(async () => {
   ({ path: dir, cleanup } = await tempDir('engine-server-metrics-'));
   repo = join(dir, 'repo');
   await initRepository(repo);
-  [uriA, uriB] = await Promise.all([slowNbd('127.0.0.1'), slowNbd('127.0.0.2')]);
+  await writeRegion(join(dir, 'a.img'), 0, 8 * MiB, 'random', 'host-a');
+  await writeRegion(join(dir, 'b.img'), 0, 8 * MiB, 'random', 'host-b');
+  [hostA, hostB] = await Promise.all([nbdOn('127.0.0.1', join(dir, 'a.img')), nbdOn('127.0.0.2', join(dir, 'b.img'))]);
   readToken = await token('read');
   operatorToken = await token('operator');
   const config = await writeConfig(dir, { stateDir: join(dir, 'state'), tokensFile: join(dir, 'tokens'), limits: { jobs: 4, perHost: 1 }, repositories: { main: { location: repo } } });
@@ -76,7 +77,11 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await server?.stop();
-  for (const child of nbdkits) if (child.exitCode === null) child.kill('SIGTERM');
+  for (const child of servers) {
+    if (child.exitCode !== null || child.signalCode !== null) continue;
+    child.kill('SIGCONT');
+    child.kill('SIGTERM');
+  }
   await cleanup?.();
 });
 
@@ -144,24 +149,21 @@ describe('engine server: limits.perHost', () => {
   });
 
   test('two backups from one host run one after the other, one from another host runs beside the first; /metrics shows them running and queued', async () => {
-    const a1 = await post({ kind: 'backup', repository: 'main', name: 'vm-a1', disks: [{ kind: 'nbd', uri: uriA }] });
-    const a2 = await post({ kind: 'backup', repository: 'main', name: 'vm-a2', disks: [{ kind: 'nbd', uri: uriA }] });
-    const b1 = await post({ kind: 'backup', repository: 'main', name: 'vm-b1', disks: [{ kind: 'nbd', uri: uriB }] });
-    // Both hosts' first jobs reading at once; the second job of host A waits, though the server has slots free.
-    await waitFor('a1 and b1 read at once', async () => {
-      const [ja, jb] = [await job(a1.id), await job(b1.id)];
-      for (const j of [ja, jb]) if (['succeeded', 'failed', 'cancelled'].includes(j.state)) throw new Error(`job ${j.id} ended: ${JSON.stringify(j.error)}`);
-      return ja.state === 'running' && jb.state === 'running' && (ja.progress?.done ?? 0) > 0 && (jb.progress?.done ?? 0) > 0;
-    }, { everyMs: 50 });
-    const a2Then = await job(a2.id);
-    const metricsThen = await scrape();
-    const a1Then = await job(a1.id);
-    expect(a2Then.state).toBe('queued');
-    // Still the same moment: a1 had not ended when the metrics were taken.
-    expect(a1Then.state).toBe('running');
-    const during = samples(metricsThen.text);
+    // Both NBD servers stopped (SIGSTOP): a job that starts stays running, whatever the machine's speed.
+    hostA.child.kill('SIGSTOP');
+    hostB.child.kill('SIGSTOP');
+    const a1 = await post({ kind: 'backup', repository: 'main', name: 'vm-a1', disks: [{ kind: 'nbd', uri: hostA.uri }] });
+    const a2 = await post({ kind: 'backup', repository: 'main', name: 'vm-a2', disks: [{ kind: 'nbd', uri: hostA.uri }] });
+    const b1 = await post({ kind: 'backup', repository: 'main', name: 'vm-b1', disks: [{ kind: 'nbd', uri: hostB.uri }] });
+    await waitFor('a1 and b1 running', async () => (await job(a1.id)).state === 'running' && (await job(b1.id)).state === 'running', { everyMs: 50 });
+    // The second job of host A waits, though the server has slots free (limits.jobs 4).
+    expect((await job(a2.id)).state).toBe('queued');
+    const during = samples((await scrape()).text);
     expect(during.get('engine_jobs_running{repository="main"}')).toBe(2);
     expect(during.get('engine_jobs_queued{repository="main"}')).toBe(1);
+    expect((await job(a2.id)).state).toBe('queued');
+    hostA.child.kill('SIGCONT');
+    hostB.child.kill('SIGCONT');
 
     for (const id of [a1.id, a2.id, b1.id]) ended.push((await jobEnd(server, id, { token: readToken })) as Job);
     const [e1, e2, eb] = ended as [Job, Job, Job];
@@ -171,6 +173,8 @@ describe('engine server: limits.perHost', () => {
     expect(e2.startedAt! >= e1.endedAt!).toBe(true);
     expect(eb.startedAt! < e1.endedAt!).toBe(true);
     for (const j of ended) expect(j.result).toMatchObject({ type: 'full', disks: [{ size: 8 * MiB, bytesRead: 8 * MiB }] });
+    // a2 read what a1 had stored: nothing new.
+    expect((e2.result!.disks as { bytesNew: number }[])[0]!.bytesNew).toBe(0);
   });
 });
 

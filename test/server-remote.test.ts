@@ -42,7 +42,7 @@ beforeAll(async () => {
   image = join(dir, 'disk.img');
   await writeRegion(image, 0, 3 * MiB, 'random', 'remote');
   const socket = join(dir, 'slow.sock');
-  nbdkit = spawn('nbdkit', ['-f', '--exit-with-parent', '-t', '1', '-U', socket, '--filter=delay', 'pattern', '16M', 'rdelay=100ms'], { stdio: 'ignore' });
+  nbdkit = spawn('nbdkit', ['-f', '--exit-with-parent', '-t', '1', '-U', socket, '--filter=delay', 'pattern', '64M', 'rdelay=300ms'], { stdio: 'ignore' });
   await waitFor('nbdkit listens', () => access(socket).then(() => true, () => false), { child: nbdkit });
   slowUri = `nbd+unix:///?socket=${socket}`;
   readToken = await token('read');

@@ -187,11 +187,11 @@ export class JobManager {
     return n;
   }
 
-  /** Jobs running against each source host. */
-  private runningPerHost(): Map<string, number> {
-    const counts = new Map<string, number>();
-    for (const job of this.running) for (const host of job.hosts) counts.set(host, (counts.get(host) ?? 0) + 1);
-    return counts;
+  /** Whether one of the job's source hosts has limits.perHost jobs running already. */
+  private hostBusy(job: LiveJob): boolean {
+    const limit = this.config.perHost;
+    if (limit === undefined) return false;
+    return job.hosts.some((host) => [...this.running].filter((other) => other.hosts.includes(host)).length >= limit);
   }
 
   /** Calls `listener` with each job's record when it ends (succeeded, failed, cancelled). */
@@ -204,9 +204,7 @@ export class JobManager {
     for (let i = 0; i < this.queue.length && this.running.size < this.config.jobs; ) {
       const job = this.queue[i]!;
       const repo = this.config.repositories.get(job.record.repository)!;
-      const perHost = this.config.perHost;
-      const hostsBusy = perHost !== undefined && job.hosts.length > 0 && ((counts) => job.hosts.some((h) => (counts.get(h) ?? 0) >= perHost))(this.runningPerHost());
-      if (this.runningOn(repo.name) >= repo.jobs || hostsBusy) {
+      if (this.runningOn(repo.name) >= repo.jobs || this.hostBusy(job)) {
         i++;
         continue;
       }
