@@ -21,6 +21,7 @@
  * most recently backed up ones; `engine_backup_names_omitted` counts the rest.
  */
 import type { ServerResponse } from 'node:http';
+import { setTimeout as delay } from 'node:timers/promises';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { RequestContext, Route } from './http.js';
 import type { RepositoryConfig, ServerConfig } from './config.js';
@@ -34,6 +35,8 @@ export const METRICS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8';
 export const REFRESH_MS = 10 * 60 * 1000;
 /** Backup names (VMs) per repository with their own `engine_backup_last_success_timestamp_seconds` series. */
 export const MAX_NAMES = 1000;
+/** How long close() waits for a refresh under way. */
+const CLOSE_WAIT_MS = 1000;
 /** Job durations: from a second to a day (a full backup of a large VM takes hours). */
 export const DURATION_BUCKETS = [1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400];
 
@@ -161,9 +164,10 @@ export class ServerMetrics {
     while (this.refreshing.size > 0) await Promise.all(this.refreshing.values());
   }
 
+  /** No refresh after this; one under way is waited for a second at most (the server stops within a second, as the CLI does). */
   async close(): Promise<void> {
     this.closed = true;
-    await this.settled();
+    await Promise.race([this.settled(), delay(CLOSE_WAIT_MS, undefined, { ref: false })]);
   }
 
   jobEnded(record: JobRecord): void {
@@ -221,7 +225,7 @@ export class ServerMetrics {
     const now = this.now();
     for (const name of this.config.repositories.keys()) {
       const taken = this.figures.get(name);
-      if (taken === undefined || now - taken.at > REFRESH_MS) this.refresh(name);
+      if (!this.refreshing.has(name) && (taken === undefined || now - taken.at > REFRESH_MS)) this.refresh(name);
     }
     const lines: string[] = [];
     const gauge = (name: string, help: string): Family => new Family(name, 'gauge', help);
