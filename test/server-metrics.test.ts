@@ -195,7 +195,9 @@ describe('engine server: GET /metrics', () => {
     let scraped = await scrape();
     await waitFor('the figures after the last backup', async () => {
       scraped = await scrape();
-      return samples(scraped.text).get('engine_repository_backups{repository="main"}') === 3 && samples(scraped.text).get('engine_repository_stored_bytes{repository="main"}') === stats.storedBytes;
+      const now = samples(scraped.text);
+      // And the last job out of the running set: it leaves it once its end is journaled, after GET shows it ended.
+      return now.get('engine_repository_backups{repository="main"}') === 3 && now.get('engine_repository_stored_bytes{repository="main"}') === stats.storedBytes && now.get('engine_jobs_running{repository="main"}') === 0;
     }, { everyMs: 100 });
     expect(scraped.status).toBe(200);
     expect(scraped.type).toBe('text/plain; version=0.0.4; charset=utf-8');

@@ -57,7 +57,7 @@ export class JobManager {
   private readonly runs = new Set<Promise<void>>();
   private readonly passphrases = new Map<string, Buffer | undefined>();
   private stopping = false;
-  /** Told each job's end, after it is journaled (metrics.ts). */
+  /** Told each job's end as it is set on the record, before it is journaled (metrics.ts). */
   private readonly endListeners: ((record: JobRecord) => void)[] = [];
 
   private constructor(
@@ -139,6 +139,14 @@ export class JobManager {
 
   private async finish(job: LiveJob, state: 'succeeded' | 'failed' | 'cancelled', result: Record<string, unknown> | null, error: JobError | null): Promise<void> {
     Object.assign(job.record, { state, result, error, endedAt: new Date().toISOString() });
+    // Told at once, with the record: whoever reads the job ended (GET /jobs/{id}) finds it counted too.
+    for (const listener of this.endListeners) {
+      try {
+        listener(job.record);
+      } catch (e) {
+        this.onLog(`job ${job.record.id}: a listener of its end failed: ${(e as Error).message}`);
+      }
+    }
     try {
       await this.persist(job);
     } finally {
@@ -146,7 +154,6 @@ export class JobManager {
       this.event(job, 'state', { state });
       this.event(job, 'end', { job: job.record });
       job.emitter.emit('end');
-      for (const listener of this.endListeners) listener(job.record);
       this.forgetOldJobs();
     }
   }
