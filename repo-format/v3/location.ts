@@ -43,7 +43,7 @@ export interface S3Settings {
 
 /**
  * S3 settings a process registered for a location (the server, for each s3:// repository of its config that
- * has its own: SPEC.md 23.N): every openLocation of that location takes them as its defaults, whichever
+ * has its own: SPEC.md 23.x): every openLocation of that location takes them as its defaults, whichever
  * command or job opens it, and reads nothing from the environment. Keyed by the location as formatS3Url
  * writes it.
  */
