@@ -1,6 +1,6 @@
 /**
  * engine server with two S3 repositories on the tests' own Ceph RGW (test/rgw.ts), each with its own `s3`
- * block in the config (SPEC.md 23.N): two users, each owning one bucket, their keys in two credentials files
+ * block in the config (SPEC.md 23.x): two users, each owning one bucket, their keys in two credentials files
  * (one under a named profile), two endpoint spellings (127.0.0.1 and localhost). The server's environment
  * holds wrong keys and a dead endpoint: a job succeeds only with what its repository's block says. A third
  * repository names user A's keys for user B's bucket: its backup is denied. Config mistakes (an `s3` block
