@@ -79,6 +79,7 @@ export const ENGINE_EXITS: Readonly<Record<EngineErrorCode, ExitCode>> = {
   ENGINE_VM_BUSY: EXIT.failed,
   ENGINE_BOOT_TEST_FAILED: EXIT.integrity,
   ENGINE_VERIFY_FAILED: EXIT.integrity,
+  ENGINE_SERVER_UNREACHABLE: EXIT.failed,
 };
 
 const EXITS: Readonly<Record<StorageErrorCode | EngineErrorCode, ExitCode>> = { ...STORAGE_EXITS, ...ENGINE_EXITS };

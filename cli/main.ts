@@ -3,7 +3,7 @@
  * `engine`: argument parsing and printing only; every action is one call into engine/.
  */
 import { Command, CommanderError } from 'commander';
-import { EngineError } from '../repo-format/errors.js';
+import { EngineError, InvalidArgumentError } from '../repo-format/errors.js';
 import { setNoticeSink } from '../repo-format/notices.js';
 import { terminalLine } from './terminal.js';
 import { ENGINE_VERSION } from '../engine/version.js';
@@ -24,12 +24,16 @@ import { crashPoint } from '../repo-format/crash-points.js';
 import type { GlobalOptions } from './options.js';
 import { printJson } from './output.js';
 import { cliMessage } from './error-wording.js';
+import { remote, REMOTE_COMMANDS } from './remote.js';
+import { localPath } from './options.js';
 
 function buildProgram(): Command {
   const program = new Command('engine')
     .description('Block-level, deduplicating backups of VM disks (oVirt, KVM/libvirt)')
     .version(ENGINE_VERSION)
     .option('--debug', 'print stack traces with errors')
+    .option('--server <url>', 'run backup, restore, verify, prune or gc as a job of this running engine server (http[s]://HOST:PORT or its socket path); --repo names one of its repositories')
+    .option('--server-token-file <file>', "with --server: the bearer token, from this file (default: $ENGINE_SERVER_TOKEN); never give the token itself as an argument", localPath('--server-token-file'))
     .exitOverride()
     // Commander's own errors follow the same rules as ours: one line "engine: …", nothing on stderr with --json.
     .configureOutput({
@@ -49,6 +53,16 @@ function buildProgram(): Command {
   registerFilesCommands(program);
   registerToolCommands(program);
   registerServerCommand(program);
+  program.hook('preAction', (_program, command) => {
+    const globals = program.opts() as { server?: string; serverTokenFile?: string };
+    if (globals.server === undefined) {
+      if (globals.serverTokenFile !== undefined) throw new InvalidArgumentError('--server-token-file goes with --server');
+      return;
+    }
+    if (command.parent !== program || !(REMOTE_COMMANDS as readonly string[]).includes(command.name())) throw new InvalidArgumentError(`--server runs ${REMOTE_COMMANDS.join(', ')}; ${command.name()} runs here only`);
+    remote.server = globals.server;
+    remote.tokenFile = globals.serverTokenFile;
+  });
   return program;
 }
 

@@ -18,6 +18,9 @@ done
 for tool in ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw radosgw-admin:ceph-common ceph-authtool:ceph-common monmaptool:ceph-base osdmaptool:ceph-base; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
+# promtool (Debian's prometheus package) checks engine server's /metrics text (test/server-metrics.test.ts). On a host
+# that runs systemd the package also enables a Prometheus service of its own: `systemctl disable --now prometheus`.
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 # libfaketime for the clock-skew tests (test/v3-gaps.test.ts): the engine run with its clock moved against a true RGW.
 command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)
 # The tests' real guest (test/guest/build-tiny-guest.sh): a static busybox, the QEMU guest agent and its libraries,

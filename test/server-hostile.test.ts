@@ -220,7 +220,7 @@ describe('engine server: where it listens', () => {
     const config = await writeConfig(join(dir), { stateDir: join(dir, 'state-bad'), repositories: { main: { location: repo, passphrase: 'secret' } } });
     const refused = await runEngine(['server', '--config', config, '--json']);
     expect(refused.code).toBe(2);
-    expect((JSON.parse(refused.stdout) as ErrorAnswer).error.message).toBe(`server config ${config}: repositories.main has unknown field "passphrase" (known: location, passwordFile, limits)`);
+    expect((JSON.parse(refused.stdout) as ErrorAnswer).error.message).toBe(`server config ${config}: repositories.main has unknown field "passphrase" (known: location, passwordFile, limits, s3)`);
   });
 
   test('every JSON answer above matches the OpenAPI document', async () => {

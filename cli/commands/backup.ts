@@ -9,6 +9,7 @@ import { output, printNotice, interruptSignal } from '../context.js';
 import * as opt from '../options.js';
 import type { BackupRecord } from '../../repo-format/backup-record.js';
 import { backupRequest, chainPolicy } from './backup-request.js';
+import { backupBody, isRemote, refuseLocalOnly, remoteRepository, runRemote } from '../remote.js';
 
 interface BackupCliOptions {
   repo?: string;
@@ -73,11 +74,24 @@ export function registerBackupCommand(program: Command): void {
     .addOption(opt.passwordFileOption())
     .action(async (opts: BackupCliOptions) => {
       output.json = opts.json === true;
+      if (isRemote()) return remoteBackup(opts);
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
       const record = opts.ovirt !== undefined ? await ovirtBackup({ ...opts, ovirt: opts.ovirt }, passphrase) : await plainBackup(opts, passphrase);
       if (output.json) printJson(backupJson(record));
       else printBackup(forTerminal(record));
     });
+}
+
+/** `engine --server URL backup …`: the same request, run by the server (cli/remote.ts). */
+async function remoteBackup(opts: BackupCliOptions): Promise<void> {
+  refuseLocalOnly({ ...opts }, ['passwordFile', 'freezeTimeout', 'hookTimeout', 'preFreeze', 'postThaw', 'preFreezeHost', 'postThawHost']);
+  const repository = remoteRepository(opts.repo);
+  if (opts.ovirt === undefined) return runRemote(backupBody(repository, backupRequest(opts), opts.workers));
+  if (!opts.vm) throw new InvalidArgumentError('--ovirt needs --vm NAME (the VM to back up)');
+  if (!opts.ovirtCredentials) throw new InvalidArgumentError("with --server, --ovirt needs --ovirt-credentials FILE: a file on the server's host");
+  const quiesce = opts.quiesce === undefined ? undefined : opts.quiesce === 'try' ? 'try' : 'required';
+  const ovirt = { url: opts.ovirt, vm: opts.vm, credentialsFile: opts.ovirtCredentials, caFile: opts.caFile, insecureHttp: opts.insecureHttp, appliance: opts.appliance, deviceRoot: opts.deviceRoot, quiesce };
+  return runRemote({ kind: 'backup', repository, mode: chainPolicy(opts).mode, ...(opts.workers !== undefined ? { workers: opts.workers } : {}), ovirt: JSON.parse(JSON.stringify(ovirt)) as Record<string, unknown> });
 }
 
 /** The progress of a backup, disk by disk; `done` once the record is committed. */

@@ -8,6 +8,7 @@ import { engine } from '../engine-calls.js';
 import { output, printNotice, interruptSignal, printResult } from '../context.js';
 import * as opt from '../options.js';
 import { EXIT } from '../exit-codes.js';
+import { isRemote, refuseLocalOnly, remoteRepository, runRemote } from '../remote.js';
 
 export function registerMaintenanceCommands(program: Command): void {
   registerVerify(program);
@@ -41,10 +42,15 @@ function registerVerify(program: Command): void {
     .action(async (opts: VerifyFlags) => {
       output.json = opts.json === true;
       if (opts.boot !== undefined && opts.asOf !== undefined) throw new InvalidArgumentError('--as-of verifies the repository as it was; --boot records a boot test, a write: not together');
+      if (opts.boot !== undefined && isRemote()) throw new InvalidArgumentError('--boot: not with --server (a local run only)');
       if (opts.boot !== undefined) return verifyBoot(opts);
       const bootOnly = (['latest', 'name', 'timeout', 'memory', 'expectAgent', 'expectConsole', 'machine', 'firmware', 'accel'] as const).filter((k) => opts[k] !== undefined);
       if (bootOnly.length > 0) throw new InvalidArgumentError(`--${bootOnly[0]!.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} goes with --boot`);
       if ((opts.subset !== undefined || opts.seed !== undefined) && !opts.readData) throw new InvalidArgumentError('--subset and --seed choose which packs --read-data reads: give --read-data too');
+      if (isRemote()) {
+        refuseLocalOnly({ ...opts }, ['passwordFile', 'asOf']);
+        return runRemote({ kind: 'verify', repository: remoteRepository(opts.repo), readData: opts.readData === true, ...JSON.parse(JSON.stringify({ subset: opts.subset, seed: opts.seed, workers: opts.workers })) });
+      }
       const progress = createProgress({ json: output.json });
       const report = await engine.verify({
         repo: opt.requireRepo(opts.repo),
@@ -128,6 +134,10 @@ function registerPrune(program: Command): void {
         if (typeof value === 'number') policy[rule] = value;
       }
       if (policyIsEmpty(policy)) throw new InvalidArgumentError('no --keep-* option given: prune would remove every unprotected backup; say what to keep');
+      if (isRemote()) {
+        refuseLocalOnly({ ...opts }, ['passwordFile']);
+        return runRemote({ kind: 'prune', repository: remoteRepository(opts.repo), keep: policy, dryRun: opts.dryRun === true });
+      }
       const report = await engine.prune({ repo: opt.requireRepo(opts.repo), policy, dryRun: opts.dryRun, passphrase: await opt.loadPassphrase(opts.passwordFile), signal: interruptSignal() });
       await printResult(report, printPrune);
     });
@@ -144,6 +154,10 @@ function registerGc(program: Command): void {
     .option('--json', 'print JSON')
     .action(async (opts: { repo?: string; rewriteBelow?: number; dryRun?: boolean; json?: boolean; passwordFile?: string }) => {
       output.json = opts.json === true;
+      if (isRemote()) {
+        refuseLocalOnly({ ...opts }, ['passwordFile']);
+        return runRemote({ kind: 'gc', repository: remoteRepository(opts.repo), dryRun: opts.dryRun === true, ...(opts.rewriteBelow !== undefined ? { rewriteBelow: opts.rewriteBelow } : {}) });
+      }
       // With --json stderr stays empty: what gc says (the lost packs of SPEC.md 19.8 among it) is in `notices`.
       const notices: string[] = [];
       const report = await engine.gc({

@@ -8,6 +8,7 @@ import { engine } from '../engine-calls.js';
 import { output, printNotice, interruptSignal } from '../context.js';
 import * as opt from '../options.js';
 import { checkOvirtRestoreFlags, restoreRequest } from './restore-request.js';
+import { isRemote, refuseLocalOnly, remoteRepository, runRemote } from '../remote.js';
 
 interface RestoreCliOptions {
   repo?: string;
@@ -73,6 +74,7 @@ export function registerRestoreCommand(program: Command): void {
     .addOption(opt.asOfOption())
     .action(async (id: string | undefined, opts: RestoreCliOptions) => {
       output.json = opts.json === true;
+      if (isRemote()) return remoteRestore(id, opts);
       const passphrase = await opt.loadPassphrase(opts.passwordFile);
       if (opts.asOf !== undefined && opts.ovirt !== undefined) throw new InvalidArgumentError('--as-of restores with --to or --to-qcow2, not into oVirt');
       if (opts.asOf !== undefined && (opts.live === true || opts.resume === true || opts.libvirt !== undefined)) throw new InvalidArgumentError('--as-of restores with --to or --to-qcow2, not live');
@@ -81,6 +83,14 @@ export function registerRestoreCommand(program: Command): void {
       if (opts.ovirt !== undefined) await ovirtRestore(id, { ...opts, ovirt: opts.ovirt }, passphrase);
       else await plainRestore(id, opts, passphrase);
     });
+}
+
+/** `engine --server URL restore ID --to …`: --to or --to-qcow2, run by the server (cli/remote.ts). */
+async function remoteRestore(id: string | undefined, opts: RestoreCliOptions): Promise<void> {
+  refuseLocalOnly({ ...opts }, ['passwordFile', 'asOf', 'onlyChanged', 'sinceBitmap', 'ovirt', 'newVm', 'toVm', 'live', 'libvirt', 'resume', 'bandwidth']);
+  if (id === undefined) throw new InvalidArgumentError('give the backup id to restore');
+  const { target, write } = restoreRequest(opts);
+  await runRemote({ kind: 'restore', repository: remoteRepository(opts.repo), backup: id, target, force: write.force, ...(opts.disk !== undefined ? { disk: opts.disk } : {}), ...(opts.workers !== undefined ? { workers: opts.workers } : {}) });
 }
 
 /** --to or --to-qcow2: one engine call with the typed request. */

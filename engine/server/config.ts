@@ -8,17 +8,26 @@
  * {
  *   "stateDir": "/var/lib/engine-server",          // the jobs' journal (journal.ts); created 0700
  *   "tokensFile": "/etc/engine/tokens",             // optional: bearer tokens (auth.ts)
- *   "limits": { "jobs": 2, "queue": 64 },           // jobs running at once in all (default 2); jobs waiting at most
+ *   "limits": { "jobs": 2, "queue": 64,             // jobs running at once in all (default 2); jobs waiting at most
+ *               "perHost": 1 },                      // jobs reading or writing one source host at once (default: no limit)
+ *   "metrics": { "anonymous": false },              // GET /metrics without a token (default false: a read token)
  *   "repositories": {
- *     "main": { "location": "/srv/backup/main", "passwordFile": "/etc/engine/main.pass", "limits": { "jobs": 2 } }
+ *     "main": { "location": "/srv/backup/main", "passwordFile": "/etc/engine/main.pass", "limits": { "jobs": 2 } },
+ *     "offsite": { "location": "s3://bucket/prefix", "s3": { "endpoint": "https://rgw.example:7480",
+ *                  "region": "us-east-1", "pathStyle": true, "acl": "bucket-owner-full-control",
+ *                  "credentialsFile": "/etc/engine/offsite.aws", "profile": "default", "caFile": "/etc/engine/ca.pem" } }
  *   },
  *   "policies": { "nightly": { "vms": …, "repository": "main", "schedule": "30 1 * * *", … } }   // policies/config.ts
  * }
+ *
+ * A repository with an `s3` block takes all its S3 settings from it (s3-settings.ts), nothing from the
+ * server's environment: two repositories can live on two stores with two users' keys. One without keeps the
+ * CLI's rules (the AWS variables and files of the server's environment).
  */
 import { readFile } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
-import { isS3Url } from '../../repo-format/storage/s3-url.js';
+import { formatS3Url, isS3Url, parseS3Url } from '../../repo-format/storage/s3-url.js';
 import { parsePolicies, type Policy } from './policies/config.js';
 
 export interface RepositoryConfig {
@@ -28,6 +37,21 @@ export interface RepositoryConfig {
   passwordFile: string | undefined;
   /** Jobs on this repository running at once. */
   jobs: number;
+  /** Its own S3 settings (an s3:// location only); undefined: the server's environment, as the CLI. */
+  s3: RepositoryS3Config | undefined;
+}
+
+/** An s3:// repository's store and keys, from the server's config (the keys from a file it names). */
+export interface RepositoryS3Config {
+  endpoint: string | undefined;
+  region: string;
+  pathStyle: boolean | undefined;
+  acl: 'bucket-owner-full-control' | undefined;
+  /** An AWS shared credentials file (INI: aws_access_key_id, aws_secret_access_key, aws_session_token?). */
+  credentialsFile: string;
+  /** Its section; default `default`. */
+  profile: string;
+  caFile: string | undefined;
 }
 
 export interface ServerConfig {
@@ -40,6 +64,10 @@ export interface ServerConfig {
   repositories: Map<string, RepositoryConfig>;
   /** Scheduled policies (policies/config.ts, SPEC.md 23.1); empty without a `policies` block. */
   policies: Map<string, Policy>;
+  /** Jobs reading or writing one source host (an NBD server, a libvirt or oVirt host) at once; undefined: no limit (source-hosts.ts). */
+  perHost: number | undefined;
+  /** GET /metrics: answered without a token (for a scraper that cannot send one); default false. */
+  metricsAnonymous: boolean;
 }
 
 /** Repository names appear in URLs: letters, digits, '.', '_', '-', not starting with '.', at most 64. */
@@ -86,8 +114,8 @@ export function parseConfig(file: string, text: string): ServerConfig {
   } catch (error) {
     fail(file, `not JSON (${(error as Error).message})`);
   }
-  const top = object(file, raw, 'the top level', ['stateDir', 'tokensFile', 'limits', 'repositories', 'policies']);
-  const limits = top.limits === undefined ? {} : object(file, top.limits, 'limits', ['jobs', 'queue']);
+  const top = object(file, raw, 'the top level', ['stateDir', 'tokensFile', 'limits', 'repositories', 'policies', 'metrics']);
+  const limits = top.limits === undefined ? {} : object(file, top.limits, 'limits', ['jobs', 'queue', 'perHost']);
   const jobs = count(file, limits.jobs, 'limits.jobs', DEFAULT_JOBS, 256);
   const repositories = new Map<string, RepositoryConfig>();
   const given = top.repositories ?? {};
@@ -96,7 +124,7 @@ export function parseConfig(file: string, text: string): ServerConfig {
   for (const [name, value] of Object.entries(repos)) {
     if (!REPOSITORY_NAME.test(name)) fail(file, `repository name ${JSON.stringify(name)}: use letters, digits, '.', '_' and '-', at most 64, not starting with '.'`);
     const where = `repositories.${name}`;
-    const repo = object(file, value, where, ['location', 'passwordFile', 'limits']);
+    const repo = object(file, value, where, ['location', 'passwordFile', 'limits', 's3']);
     if (typeof repo.location !== 'string' || repo.location === '') fail(file, `${where}.location must be a folder or s3://BUCKET/PREFIX`);
     const location = isS3Url(repo.location) ? repo.location : path(file, repo.location, `${where}.location`);
     const repoLimits = repo.limits === undefined ? {} : object(file, repo.limits, `${where}.limits`, ['jobs']);
@@ -105,9 +133,19 @@ export function parseConfig(file: string, text: string): ServerConfig {
       location,
       passwordFile: repo.passwordFile === undefined ? undefined : path(file, repo.passwordFile, `${where}.passwordFile`),
       jobs: count(file, repoLimits.jobs, `${where}.limits.jobs`, jobs, 256),
+      s3: repo.s3 === undefined ? undefined : s3Config(file, repo.s3, `${where}.s3`, location),
     });
   }
   if (repositories.size === 0) fail(file, 'no repositories: name at least one under "repositories"');
+  // S3 settings are the location's (s3-settings.ts): one location, one set of them.
+  const byLocation = new Map<string, string>();
+  for (const repo of repositories.values()) {
+    if (!isS3Url(repo.location)) continue;
+    const key = formatS3Url(parseS3Url(repo.location));
+    const other = byLocation.get(key);
+    if (other !== undefined && (repo.s3 !== undefined || repositories.get(other)!.s3 !== undefined)) fail(file, `repositories ${other} and ${repo.name} are both at ${key}: S3 settings belong to a location, give it one name`);
+    byLocation.set(key, repo.name);
+  }
   if (top.stateDir === undefined) fail(file, 'stateDir is required: where the jobs journal is kept');
   return {
     stateDir: path(file, top.stateDir, 'stateDir'),
@@ -116,6 +154,40 @@ export function parseConfig(file: string, text: string): ServerConfig {
     queue: count(file, limits.queue, 'limits.queue', DEFAULT_QUEUE, 100_000),
     repositories,
     policies: parsePolicies(file, top.policies, new Set(repositories.keys())),
+    perHost: limits.perHost === undefined ? undefined : count(file, limits.perHost, 'limits.perHost', 1, 256),
+    metricsAnonymous: metricsConfig(file, top.metrics).anonymous,
+  };
+}
+
+function metricsConfig(file: string, value: unknown): { anonymous: boolean } {
+  if (value === undefined) return { anonymous: false };
+  const metrics = object(file, value, 'metrics', ['anonymous']);
+  if (metrics.anonymous !== undefined && typeof metrics.anonymous !== 'boolean') fail(file, 'metrics.anonymous must be true or false');
+  return { anonymous: metrics.anonymous === true };
+}
+
+/** A repository's `s3` block: keys only from a file (never inline: a config is read by more eyes than a secret should be). */
+function s3Config(file: string, value: unknown, where: string, location: string): RepositoryS3Config {
+  if (!isS3Url(location)) fail(file, `${where}: only an s3:// location has S3 settings`);
+  const s3 = object(file, value, where, ['endpoint', 'region', 'pathStyle', 'acl', 'credentialsFile', 'profile', 'caFile']);
+  const optionalText = (key: string): string | undefined => {
+    const given = s3[key];
+    if (given === undefined) return undefined;
+    if (typeof given !== 'string' || given.trim() === '') fail(file, `${where}.${key} must be a non-empty string`);
+    return given.trim();
+  };
+  if (s3.credentialsFile === undefined) fail(file, `${where}.credentialsFile is required: an AWS credentials file (aws_access_key_id, aws_secret_access_key), never keys in this config`);
+  if (s3.pathStyle !== undefined && typeof s3.pathStyle !== 'boolean') fail(file, `${where}.pathStyle must be true or false`);
+  const acl = optionalText('acl');
+  if (acl !== undefined && acl !== 'bucket-owner-full-control') fail(file, `${where}.acl: the one canned ACL the engine sends is bucket-owner-full-control`);
+  return {
+    endpoint: optionalText('endpoint'),
+    region: optionalText('region') ?? 'us-east-1',
+    pathStyle: s3.pathStyle as boolean | undefined,
+    acl,
+    credentialsFile: path(file, s3.credentialsFile, `${where}.credentialsFile`),
+    profile: optionalText('profile') ?? 'default',
+    caFile: s3.caFile === undefined ? undefined : path(file, s3.caFile, `${where}.caFile`),
   };
 }
 

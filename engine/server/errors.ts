@@ -16,6 +16,7 @@ declare module '../../repo-format/errors.js' {
     ENGINE_VM_BUSY: 'engine';
     ENGINE_BOOT_TEST_FAILED: 'engine';
     ENGINE_VERIFY_FAILED: 'engine';
+    ENGINE_SERVER_UNREACHABLE: 'engine';
   }
 }
 
@@ -79,5 +80,12 @@ export class BootTestFailedError extends EngineError {
 export class VerifyFailedError extends EngineError {
   constructor(job: string, problems: number) {
     super('ENGINE_VERIFY_FAILED', `the verify of job ${job} found ${problems} problems: see the job's result`, { job, problems });
+  }
+}
+
+/** `engine --server`: the server cannot be reached, or a job's event stream kept breaking before its end (the job may run on). */
+export class ServerUnreachableError extends EngineError {
+  constructor(server: string, reason: string) {
+    super('ENGINE_SERVER_UNREACHABLE', `the server ${server} cannot be reached, or its answers broke off: ${reason}`, { server, reason });
   }
 }

@@ -1,6 +1,7 @@
 /**
- * The job queue: jobs run concurrently up to the global limit and their repository's, in the order they were
- * posted (a job whose repository is at its limit lets later jobs of other repositories pass); at most
+ * The job queue: jobs run concurrently up to the global limit, their repository's and their source hosts'
+ * (limits.perHost, source-hosts.ts), in the order they were posted (a job whose repository or host is at its
+ * limit lets later jobs of other repositories and hosts pass); at most
  * `queue` wait, one more is refused (429). Each job has an AbortController: DELETE aborts it as SIGINT does a
  * CLI command. Every change of state is written to the journal (journal.ts) before it is announced.
  *
@@ -20,6 +21,7 @@ import { FINAL_STATES, type JobError, type JobJournal, type JobProgress, type Jo
 import type { JobRequest } from './job-requests.js';
 import { runJob } from './runners.js';
 import { releaseJobMemory } from './memory.js';
+import { sourceHostsOf } from './source-hosts.js';
 
 export interface JobEvent {
   id: number;
@@ -43,6 +45,8 @@ interface LiveJob {
   lastProgressAt: number;
   /** Journal writes of this job, one after the other. */
   writes: Promise<void>;
+  /** The source hosts it works against (source-hosts.ts), for limits.perHost. */
+  hosts: string[];
 }
 
 export class JobManager {
@@ -53,6 +57,8 @@ export class JobManager {
   private readonly runs = new Set<Promise<void>>();
   private readonly passphrases = new Map<string, Buffer | undefined>();
   private stopping = false;
+  /** Told each job's end as it is set on the record, before it is journaled (metrics.ts). */
+  private readonly endListeners: ((record: JobRecord) => void)[] = [];
 
   private constructor(
     private readonly config: ServerConfig,
@@ -99,7 +105,7 @@ export class JobManager {
   }
 
   private remember(record: JobRecord, request: JobRequest | undefined): LiveJob {
-    const live: LiveJob = { record, request, controller: new AbortController(), events: [], nextEvent: 1, emitter: new EventEmitter(), lastProgressAt: 0, writes: Promise.resolve() };
+    const live: LiveJob = { record, request, controller: new AbortController(), events: [], nextEvent: 1, emitter: new EventEmitter(), lastProgressAt: 0, writes: Promise.resolve(), hosts: request ? sourceHostsOf(request) : [] };
     live.emitter.setMaxListeners(0);
     this.jobs.set(record.id, live);
     return live;
@@ -133,6 +139,14 @@ export class JobManager {
 
   private async finish(job: LiveJob, state: 'succeeded' | 'failed' | 'cancelled', result: Record<string, unknown> | null, error: JobError | null): Promise<void> {
     Object.assign(job.record, { state, result, error, endedAt: new Date().toISOString() });
+    // Told at once, with the record: whoever reads the job ended (GET /jobs/{id}) finds it counted too.
+    for (const listener of this.endListeners) {
+      try {
+        listener(job.record);
+      } catch (e) {
+        this.onLog(`job ${job.record.id}: a listener of its end failed: ${(e as Error).message}`);
+      }
+    }
     try {
       await this.persist(job);
     } finally {
@@ -185,12 +199,24 @@ export class JobManager {
     return n;
   }
 
+  /** Whether one of the job's source hosts has limits.perHost jobs running already. */
+  private hostBusy(job: LiveJob): boolean {
+    const limit = this.config.perHost;
+    if (limit === undefined) return false;
+    return job.hosts.some((host) => [...this.running].filter((other) => other.hosts.includes(host)).length >= limit);
+  }
+
+  /** Calls `listener` with each job's record when it ends (succeeded, failed, cancelled). */
+  onJobEnd(listener: (record: JobRecord) => void): void {
+    this.endListeners.push(listener);
+  }
+
   private schedule(): void {
     if (this.stopping) return;
     for (let i = 0; i < this.queue.length && this.running.size < this.config.jobs; ) {
       const job = this.queue[i]!;
       const repo = this.config.repositories.get(job.record.repository)!;
-      if (this.runningOn(repo.name) >= repo.jobs) {
+      if (this.runningOn(repo.name) >= repo.jobs || this.hostBusy(job)) {
         i++;
         continue;
       }

@@ -13,6 +13,7 @@
  *   GET    /api/v1/repositories/{r}/backups/{id}       as `show --json`, with its chain
  *   GET    /api/v1/repositories/{r}/stats              stored vs logical bytes, ratios
  *   GET    /api/v1/policies[/{p}], /{p}/runs; POST /{p}/run   scheduled policies (policies/routes.ts)
+ *   GET    /metrics                                    Prometheus text format (metrics.ts); without a token if the config says so
  *
  * Every request but the OpenAPI document needs a bearer token when the config names a tokens file.
  */
@@ -26,7 +27,7 @@ import { TokenStore, requireRole } from './auth.js';
 import { backupOf, backupsOf, parseFilter, statsOf } from './catalogue.js';
 import { loadConfig, REPOSITORY_NAME, type RepositoryConfig, type ServerConfig } from './config.js';
 import { NotFoundError } from './errors.js';
-import { matchRoute, readJsonBody, sendError, sendJson, type RequestContext, type Route } from './http.js';
+import { errorJson, matchRoute, readJsonBody, sendError, sendJson, type RequestContext, type Route } from './http.js';
 import { JobJournal, JOB_ID } from './journal.js';
 import { JobManager, type JobEvent } from './jobs.js';
 import { parseJobRequest } from './job-requests.js';
@@ -35,6 +36,8 @@ import { openApiDocument } from './openapi.js';
 import { realClock, type Clock } from './policies/clock.js';
 import { policyRoutes } from './policies/routes.js';
 import { Scheduler } from './policies/scheduler.js';
+import { metricsRoute, sendMetrics, ServerMetrics } from './metrics.js';
+import { applyS3Settings } from './s3-settings.js';
 
 export interface ServerOptions {
   config: string;
@@ -68,19 +71,30 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
   const tokens = await TokenStore.open(config.tokensFile);
   const plan = planServerListen({ listen: options.listen, socket: options.socket, tls: options.tls, tokens: tokens.required, insecure: options.insecure });
   const tls = options.tls === undefined ? undefined : { cert: await readPem(options.tls.cert, 'certificate'), key: await readPem(options.tls.key, 'key') };
+  await applyS3Settings(config, log);
   const journal = await JobJournal.open(config.stateDir);
   const jobs = await JobManager.start(config, journal, log);
   const scheduler = await Scheduler.start(config, jobs, options.clock ?? realClock, log);
   const openSse = new Set<ServerResponse>();
-  const routes = [...buildRoutes(config, jobs, openSse), ...policyRoutes(scheduler)];
+  const metrics = new ServerMetrics(config, (name) => jobs.passphrase(name), log);
+  jobs.onJobEnd((record) => metrics.jobEnded(record));
+  metrics.start();
+  const routes = [...buildRoutes(config, jobs, openSse), ...policyRoutes(scheduler), metricsRoute(metrics, jobs)];
 
   const handler = (req: IncomingMessage, res: ServerResponse): void => {
-    void answer(req, res).catch((error: unknown) => sendError(res, error));
+    void answer(req, res).catch((error: unknown) => {
+      metrics.apiError(errorJson(error).code);
+      sendError(res, error);
+    });
   };
   const answer = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
     const url = new URL(req.url ?? '/', 'http://server');
     if (url.pathname === '/api/openapi.json' && req.method === 'GET') {
       sendJson(res, 200, await openApiDocument());
+      return;
+    }
+    if (url.pathname === '/metrics' && config.metricsAnonymous && (req.method === 'GET' || req.method === 'HEAD') && url.search === '') {
+      sendMetrics(res, metrics.render(jobs));
       return;
     }
     // Who asks, before what is asked is looked at: without a token even a path that does not exist is 401.
@@ -137,6 +151,7 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
         await scheduler.stop();
         await jobs.stop();
         await scheduler.settled();
+        await metrics.close();
         for (const res of openSse) res.end();
         server.closeAllConnections();
         await closed;

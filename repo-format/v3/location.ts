@@ -8,10 +8,11 @@
 import { resolve } from 'node:path';
 import { InvalidArgumentError } from '../errors.js';
 import { LocalStorage } from '../storage/local.js';
-import { isS3Url } from '../storage/s3-url.js';
+import { formatS3Url, isS3Url, parseS3Url } from '../storage/s3-url.js';
 import type { Storage } from '../storage/storage.js';
 import type { Environment } from '../storage/s3-credentials.js';
 import type { S3Storage } from '../storage/s3.js';
+import type { Credentials } from '../storage/sigv4.js';
 
 /** The S3 backend under each stack openLocation made: Object Lock and versions are S3's alone (SPEC.md 20.5). */
 const s3Backends = new WeakMap<Storage, S3Storage>();
@@ -33,6 +34,28 @@ export interface S3Settings {
   onWarning?: ((message: string) => void) | undefined;
   /** Try the bucket and credentials at once (default true; init with --object-lock may create the bucket first). */
   check?: boolean | undefined;
+  /** Keys given by the process that owns the location (a server's config): then nothing comes from `env`. */
+  credentials?: Credentials | undefined;
+  pathStyle?: boolean | undefined;
+  /** The canned ACL of every put; default $ENGINE_S3_ACL. */
+  cannedAcl?: 'bucket-owner-full-control' | undefined;
+}
+
+/**
+ * S3 settings a process registered for a location (the server, for each s3:// repository of its config that
+ * has its own: SPEC.md 23.x): every openLocation of that location takes them as its defaults, whichever
+ * command or job opens it, and reads nothing from the environment. Keyed by the location as formatS3Url
+ * writes it.
+ */
+const registered = new Map<string, S3Settings>();
+
+export function registerS3Settings(where: string, settings: S3Settings): void {
+  registered.set(formatS3Url(parseS3Url(where)), { ...settings, env: settings.env ?? {} });
+}
+
+function registeredFor(where: string): S3Settings | undefined {
+  if (registered.size === 0) return undefined;
+  return registered.get(formatS3Url(parseS3Url(where)));
 }
 
 export type LocationKind = 'folder' | 's3';
@@ -44,15 +67,17 @@ export function locationKind(where: string): LocationKind {
 /** The Storage of the repository at `where`. On S3 the bucket and credentials are checked at once. */
 export async function openLocation(where: string, s3: S3Settings = {}): Promise<Storage> {
   if (locationKind(where) === 'folder') return new LocalStorage(resolve(where));
+  const own = registeredFor(where);
+  if (own) s3 = { ...own, ...Object.fromEntries(Object.entries(s3).filter(([, value]) => value !== undefined)) };
   const env = s3.env ?? process.env;
   // AWS_CA_BUNDLE: the AWS tools' own variable for a private CA, for the commands that have no --ca-file of theirs.
   const caFile = s3.caFile ?? (env.AWS_CA_BUNDLE || undefined);
   // Loaded here, not at the top: a folder's commands do not pay for the S3 client (HTTP, XML, SigV4) at start-up.
   const { openS3Stack } = await import('../storage/s3.js');
   // ENGINE_S3_ACL: a writer that is not the bucket's owner (append-only credentials) gives the owner its objects.
-  const acl = env.ENGINE_S3_ACL || undefined;
+  const acl = s3.cannedAcl ?? (env.ENGINE_S3_ACL || undefined);
   if (acl !== undefined && acl !== 'bucket-owner-full-control') throw new InvalidArgumentError(`ENGINE_S3_ACL=${acl.slice(0, 40)}: the one canned ACL the engine sends is bucket-owner-full-control`);
-  const { storage, backend } = await openS3Stack({ url: where, endpoint: s3.endpoint, region: s3.region, caFile, env, onWarning: s3.onWarning, check: s3.check, cannedAcl: acl });
+  const { storage, backend } = await openS3Stack({ url: where, endpoint: s3.endpoint, region: s3.region, caFile, env, onWarning: s3.onWarning, check: s3.check, cannedAcl: acl, credentials: s3.credentials, pathStyle: s3.pathStyle });
   s3Backends.set(storage, backend);
   return storage;
 }
