@@ -31,6 +31,7 @@ import { JobManager, type JobEvent } from './jobs.js';
 import { parseJobRequest } from './job-requests.js';
 import { planServerListen } from './listen.js';
 import { openApiDocument } from './openapi.js';
+import { createDashboard } from './dashboard/dashboard.js';
 
 export interface ServerOptions {
   config: string;
@@ -66,6 +67,7 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
   const jobs = await JobManager.start(config, journal, log);
   const openSse = new Set<ServerResponse>();
   const routes = buildRoutes(config, jobs, openSse);
+  const dashboard = createDashboard({ config, jobs, tokens, tls: tls !== undefined });
 
   const handler = (req: IncomingMessage, res: ServerResponse): void => {
     void answer(req, res).catch((error: unknown) => sendError(res, error));
@@ -76,11 +78,15 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
       sendJson(res, 200, await openApiDocument());
       return;
     }
+    // The web dashboard's pages, login and assets (dashboard/); its page calls the API with its session cookie.
+    if (await dashboard.serve(req, res, url)) return;
     // Who asks, before what is asked is looked at: without a token even a path that does not exist is 401.
-    const principal = await tokens.authenticate(req.headers.authorization).catch((error: unknown) => {
-      res.setHeader('www-authenticate', 'Bearer realm="engine"');
-      throw error;
-    });
+    const principal =
+      (await dashboard.principalOf(req)) ??
+      (await tokens.authenticate(req.headers.authorization).catch((error: unknown) => {
+        res.setHeader('www-authenticate', 'Bearer realm="engine"');
+        throw error;
+      }));
     const { route, params } = matchRoute(routes, req.method ?? 'GET', url.pathname);
     requireRole(principal, route.role, `${route.method} ${url.pathname}`);
     await route.handle({ req, res, params, query: url.searchParams, principal });
