@@ -1,11 +1,12 @@
 /**
- * The web dashboard of engine server (SPEC.md 23.9), in a real browser: Debian's Chromium (/usr/bin/chromium,
+ * The web dashboard of engine server (SPEC.md 23, "The dashboard"), in a real browser: Debian's Chromium (/usr/bin/chromium,
  * scripts/setup.sh installs it) driven by playwright-core, against a real server on 127.0.0.1 with a tokens file
  * and a real format-3 repository holding small qcow2 backups made by the test.
  *
  * It signs in with an operator token, sees the VMs and a chain's timeline, starts a backup from the page's form
  * and watches its progress reach the end over the job's event stream, sees a failed job listed with its code,
- * sees a hostile backup name as text, signs in with a read-only token (no start form; the server refuses its
+ * starts a restore from the page (its bytes compared with the image), sees a hostile backup name as text,
+ * signs in with a read-only token (no start form; the server refuses its
  * form and its API call all the same), checks the Content-Security-Policy (an inline script is refused) and that
  * the browser logged no error, and signs out. Screenshots go to test-output/dashboard/ (its path is printed).
  *
@@ -19,7 +20,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium, type Browser, type Page } from 'playwright-core';
 import { initRepository, runEngine, tempDir, waitFor } from './helpers.js';
-import { qcow2, qemuIo } from './qemu.js';
+import { qcow2, qemuImgCompare, qemuIo } from './qemu.js';
 import { call, jobEnd, startServer, writeConfig, type RunningServer } from './server-helpers.js';
 
 const CHROMIUM = '/usr/bin/chromium';
@@ -175,6 +176,21 @@ describe('engine server: the dashboard in Chromium', () => {
     const done = (await call(server, 'GET', `/api/v1/jobs/${id}`, undefined, { token: operator })).json as Job & { startedBy: string };
     expect(done).toMatchObject({ state: 'succeeded', startedBy: 'ops', result: { name: 'slow', type: 'full' } });
     await page.screenshot({ path: join(SCREENSHOTS, '4-done.png') });
+
+    // A restore started from the page: vm1's newest restore point to a raw file, the guest's bytes back.
+    const restored = join(dir, 'vm1-restored.raw');
+    await page.getByLabel('Restore point').selectOption(`main/${vm1[1]!}`);
+    await page.getByLabel('Target kind').selectOption('file');
+    await page.getByLabel('Target (path on the server, or URI)').fill(restored);
+    await page.getByRole('button', { name: 'Start restore' }).click();
+    await page.waitForURL(/\/\?started=[0-9a-f]{32}#jobs$/);
+    const restoreId = new URL(page.url()).searchParams.get('started')!;
+    await page.locator(`tr[data-job="${restoreId}"] td.state`, { hasText: 'succeeded' }).waitFor({ timeout: 60_000 });
+    expect(await qemuImgCompare(join(dir, 'vm1.qcow2'), 'qcow2', restored, 'raw')).toBe(true);
+    // The picture in README (docs/dashboard.png is a copy of it): the top of the page, as a person first sees it.
+    await page.setViewportSize({ width: 1100, height: 760 });
+    await page.goto(`${server.url}/`);
+    await page.screenshot({ path: join(SCREENSHOTS, 'readme.png') });
 
     // No error in the browser so far: every script, style and image came from the server, as the CSP allows.
     expect(consoleErrors).toEqual([]);

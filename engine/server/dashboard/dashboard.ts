@@ -1,5 +1,5 @@
 /**
- * The web dashboard of `engine server` (SPEC.md 23.x "The dashboard"): server-rendered pages (page.ts) at `/`,
+ * The web dashboard of `engine server` (SPEC.md 23, "The dashboard"): server-rendered pages (page.ts) at `/`,
  * a login form and browser sessions (sessions.ts), two forms that start a backup or a restore through the same
  * job queue as `POST /api/v1/jobs`, and three static files (a stylesheet, a small ES module that follows
  * running jobs' event streams, and the bench chart of the checkout). No framework and no build step: the page

@@ -1,5 +1,5 @@
 /**
- * The dashboard's pages, rendered on the server (SPEC.md 23.x): every value goes through `html` (html.ts) and
+ * The dashboard's pages, rendered on the server (SPEC.md 23, "The dashboard"): every value goes through `html` (html.ts) and
  * is escaped. The page reads only what the API answers (the catalogue, stats, jobs) and is complete without
  * script; the small module /assets/dashboard.js only follows running jobs' event streams.
  *
@@ -109,6 +109,10 @@ export function dashboardPage(input: PageInput): Markup {
 </header>
 <main id="main">
 ${input.notice === undefined ? '' : html`<p class="notice" role="status">${input.notice}</p>`}
+<section id="protection" aria-labelledby="protection-h">
+<h2 id="protection-h">Protection</h2>
+${input.repositories.map((r) => repositorySection(r, input.now, input.vmPage))}
+</section>
 <section id="jobs" aria-labelledby="jobs-h">
 <h2 id="jobs-h">Running jobs</h2>
 ${jobsTable(running, 'running-jobs', 'No job is running or queued.')}
@@ -118,10 +122,6 @@ ${operator ? startForms(input.repositories, input.csrf) : html`<p class="help">T
 <section id="failures" aria-labelledby="failures-h">
 <h2 id="failures-h">Recent failures</h2>
 ${failures.length === 0 ? html`<p>No job failed among the jobs this server keeps (the newest 200 finished).</p>` : failuresTable(failures)}
-</section>
-<section id="protection" aria-labelledby="protection-h">
-<h2 id="protection-h">Protection</h2>
-${input.repositories.map((r) => repositorySection(r, input.now, input.vmPage))}
 </section>
 <section id="usage" aria-labelledby="usage-h">
 <h2 id="usage-h">Repository usage</h2>

@@ -1,5 +1,5 @@
 /**
- * Browser sessions of the dashboard (SPEC.md 23.x "The dashboard"). A browser cannot send a bearer header when
+ * Browser sessions of the dashboard (SPEC.md 23, "The dashboard"). A browser cannot send a bearer header when
  * it navigates, so the login form takes a token once and the server answers with a cookie naming a session
  * kept here, in memory:
  *
