@@ -13,12 +13,19 @@ function progressText(p) {
   return p.unit === 'bytes' ? `${pct}% (${mib(p.done)} of ${mib(p.total)}) ${p.phase}` : `${pct}% (${p.done} of ${p.total} ${p.unit}) ${p.phase}`;
 }
 
-function follow(row) {
+function follow(row, onClose) {
   const id = row.dataset.job;
   const bar = row.querySelector('progress');
   const text = row.querySelector('.progress-text');
   const state = row.querySelector('td.state');
   const source = new EventSource(`/api/v1/jobs/${encodeURIComponent(id)}/events`);
+  let closed = false;
+  const close = () => {
+    if (closed) return;
+    closed = true;
+    source.close();
+    onClose();
+  };
   const setState = (value) => {
     row.dataset.state = value;
     state.textContent = value;
@@ -39,14 +46,29 @@ function follow(row) {
       text.textContent = progressText(job.progress);
     }
     if (job.error) text.textContent = `${job.error.code}: ${job.error.message}`;
-    source.close();
+    close();
   });
   // The server ends the stream after `end`; a stream cut otherwise is not retried forever.
   source.addEventListener('error', () => {
-    if (row.dataset.state === 'succeeded' || row.dataset.state === 'failed' || row.dataset.state === 'cancelled') source.close();
+    if (row.dataset.state === 'succeeded' || row.dataset.state === 'failed' || row.dataset.state === 'cancelled') close();
   });
 }
 
-for (const row of rows()) {
-  if (row.dataset.state === 'running' || row.dataset.state === 'queued') follow(row);
+// A browser opens at most 6 HTTP/1.1 connections to a server: an event stream per job for many queued jobs
+// would leave none for the page's own requests. So at most MAX_STREAMS at once, running jobs first, the next
+// one followed when a stream ends.
+const MAX_STREAMS = 3;
+const waiting = [...rows()].filter((row) => row.dataset.state === 'running' || row.dataset.state === 'queued');
+waiting.sort((a, b) => (a.dataset.state === 'running' ? 0 : 1) - (b.dataset.state === 'running' ? 0 : 1));
+let open = 0;
+
+function next() {
+  while (open < MAX_STREAMS && waiting.length > 0) {
+    open++;
+    follow(waiting.shift(), () => {
+      open--;
+      next();
+    });
+  }
 }
+next();
