@@ -41,6 +41,9 @@ done
 for tool in make:make cc:gcc g++:g++ python3:python3; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
+# Debian's Chromium for the dashboard's browser tests (test/server-dashboard.test.ts): playwright-core drives it by
+# path; a browser build of Playwright's own cannot be downloaded here.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ "$system_packages" = yes ] && [ ${#need_apt[@]} -gt 0 ]; then
   mapfile -t need_apt < <(printf '%s\n' "${need_apt[@]}" | sort -u)
   if [ "$(id -u)" = 0 ]; then

@@ -44,7 +44,7 @@ export async function latestBootResults(repoPath: string, options: { passphrase?
   return latestBoots(repo, options.backupId === undefined ? undefined : await repo.findBackupId(options.backupId));
 }
 
-async function latestBoots(repo: Repository, id?: string): Promise<Record<string, BootSummary>> {
+export async function latestBoots(repo: Repository, id?: string): Promise<Record<string, BootSummary>> {
   const { records } = await repo.listVerifications(id);
   const latest: Record<string, BootSummary> = {};
   // Names sort by start time within a backup (verification-record.ts): the last one listed is the latest.

@@ -78,6 +78,16 @@ export class TokenStore {
     this.seen = key;
   }
 
+  /**
+   * The principal of a token given by its hash (a dashboard session keeps the hash, never the token), as the
+   * file says now: undefined once the token is removed from it, so that removing a token ends its sessions.
+   */
+  async byHash(hash: string): Promise<Principal | undefined> {
+    if (!this.required) return { role: 'operator', label: 'local' };
+    await this.refresh();
+    return this.tokens.get(hash);
+  }
+
   /** Who sends this Authorization header; 401 without a token or with one the file does not hold. */
   async authenticate(header: string | undefined): Promise<Principal> {
     if (!this.required) return { role: 'operator', label: 'local' };

@@ -38,6 +38,7 @@ import { policyRoutes } from './policies/routes.js';
 import { Scheduler } from './policies/scheduler.js';
 import { metricsRoute, sendMetrics, ServerMetrics } from './metrics.js';
 import { applyS3Settings } from './s3-settings.js';
+import { createDashboard } from './dashboard/dashboard.js';
 
 export interface ServerOptions {
   config: string;
@@ -80,6 +81,7 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
   jobs.onJobEnd((record) => metrics.jobEnded(record));
   metrics.start();
   const routes = [...buildRoutes(config, jobs, openSse), ...policyRoutes(scheduler), metricsRoute(metrics, jobs)];
+  const dashboard = createDashboard({ config, jobs, tokens, tls: tls !== undefined });
 
   const handler = (req: IncomingMessage, res: ServerResponse): void => {
     void answer(req, res).catch((error: unknown) => {
@@ -97,11 +99,15 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
       sendMetrics(res, metrics.render(jobs));
       return;
     }
+    // The web dashboard's pages, login and assets (dashboard/); its page calls the API with its session cookie.
+    if (await dashboard.serve(req, res, url)) return;
     // Who asks, before what is asked is looked at: without a token even a path that does not exist is 401.
-    const principal = await tokens.authenticate(req.headers.authorization).catch((error: unknown) => {
-      res.setHeader('www-authenticate', 'Bearer realm="engine"');
-      throw error;
-    });
+    const principal =
+      (await dashboard.principalOf(req)) ??
+      (await tokens.authenticate(req.headers.authorization).catch((error: unknown) => {
+        res.setHeader('www-authenticate', 'Bearer realm="engine"');
+        throw error;
+      }));
     const { route, params } = matchRoute(routes, req.method ?? 'GET', url.pathname);
     requireRole(principal, route.role, `${route.method} ${url.pathname}`);
     await route.handle({ req, res, params, query: url.searchParams, principal });
