@@ -20,6 +20,7 @@ import { FINAL_STATES, type JobError, type JobJournal, type JobProgress, type Jo
 import type { JobRequest } from './job-requests.js';
 import { runJob } from './runners.js';
 import { releaseJobMemory } from './memory.js';
+import { SharedBlockPool } from '../pipeline/shared-pool.js';
 
 export interface JobEvent {
   id: number;
@@ -53,20 +54,25 @@ export class JobManager {
   private readonly runs = new Set<Promise<void>>();
   private readonly passphrases = new Map<string, Buffer | undefined>();
   private stopping = false;
+  /** One worker pool for every job (shared-pool.ts): W threads and one arena of slots, not a pool per job. */
+  readonly pool: SharedBlockPool;
 
   private constructor(
     private readonly config: ServerConfig,
     private readonly journal: JobJournal,
     private readonly onLog: (message: string) => void,
-  ) {}
+    private readonly onEvent: ((job: string, event: JobEvent) => void) | undefined,
+  ) {
+    this.pool = new SharedBlockPool({ jobs: config.jobs });
+  }
 
   /**
    * The journal read back: jobs a previous server left queued or running are failed ENGINE_SERVER_RESTARTED,
    * after the repository's own recovery ran (unlock: locks and registrations of dead processes; version 3's
    * leases of a dead writer are taken over by the next writer as for the CLI, 19.5).
    */
-  static async start(config: ServerConfig, journal: JobJournal, onLog: (message: string) => void): Promise<JobManager> {
-    const manager = new JobManager(config, journal, onLog);
+  static async start(config: ServerConfig, journal: JobJournal, onLog: (message: string) => void, onEvent?: (job: string, event: JobEvent) => void): Promise<JobManager> {
+    const manager = new JobManager(config, journal, onLog, onEvent);
     for (const repo of config.repositories.values()) {
       // Only the file the config names: the server's own $ENGINE_PASSWORD is no repository's passphrase.
       const resolved = await resolvePassphrase({ file: repo.passwordFile, fileLabel: `repositories.${repo.name}.passwordFile`, env: {} });
@@ -114,6 +120,7 @@ export class JobManager {
     const event: JobEvent = { id: job.nextEvent++, type, data };
     job.events.push(event);
     if (job.events.length > MAX_EVENTS) job.events.splice(0, job.events.length - MAX_EVENTS);
+    this.onEvent?.(job.record.id, event);
     job.emitter.emit('event', event);
   }
 
@@ -206,6 +213,7 @@ export class JobManager {
         signal: job.controller.signal,
         onProgress: (progress) => this.progress(job, progress),
         onLog: (message) => this.event(job, 'log', { message }),
+        sharedPool: this.pool,
       });
       outcome = { state: 'succeeded', result, error: null };
     } catch (error) {
@@ -291,6 +299,7 @@ export class JobManager {
     for (const job of this.queue.splice(0)) await this.finish(job, 'cancelled', null, errorJson(new InterruptedError('the job', 'the server stopped before it started: nothing was done')));
     for (const job of this.running) job.controller.abort();
     await Promise.all(this.runs);
+    await this.pool.close();
   }
 }
 

@@ -14,6 +14,7 @@ import { readSecretFile } from '../host/secret-file.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { JobRequest, OvirtSource } from './job-requests.js';
 import type { JobProgress } from './journal.js';
+import type { PoolLender } from '../pipeline/block-pool.js';
 
 export interface JobRun {
   repo: string;
@@ -21,6 +22,8 @@ export interface JobRun {
   signal: AbortSignal;
   onProgress: (progress: JobProgress) => void;
   onLog: (message: string) => void;
+  /** The server's one worker pool: every job's pipeline runs on a lease of it (shared-pool.ts). */
+  sharedPool: PoolLender;
 }
 
 export async function runJob(request: JobRequest, run: JobRun): Promise<Record<string, unknown>> {
@@ -29,7 +32,7 @@ export async function runJob(request: JobRequest, run: JobRun): Promise<Record<s
     case 'backup': {
       const onProgress = (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }): void =>
         run.onProgress({ phase: `backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, done: p.bytesDone, total: p.bytesTotal, unit: 'bytes' });
-      const common = { repo, passphrase, workers: request.workers, signal, onProgress, onNotice: run.onLog };
+      const common = { repo, passphrase, workers: request.workers, sharedPool: run.sharedPool, signal, onProgress, onNotice: run.onLog };
       if (request.from.kind === 'ovirt') return backupJson(await ovirtBackup(request.from.ovirt, request.chain.mode, request.name, common));
       const { record } = await backup({ ...common, from: request.from, chain: request.chain, name: request.name });
       return backupJson(record);
@@ -43,13 +46,14 @@ export async function runJob(request: JobRequest, run: JobRun): Promise<Record<s
         target: request.target,
         write: { force: request.force },
         workers: request.workers,
+        sharedPool: run.sharedPool,
         signal,
         onProgress: (p) => run.onProgress({ phase: `restore ${p.disk}`, done: p.bytesDone, total: p.bytesTotal, unit: 'bytes' }),
       });
       return restoreJson(result);
     }
     case 'verify': {
-      const report = await verify({ repo, passphrase, readData: request.readData, subset: request.subset, seed: request.seed, workers: request.workers, signal, onProgress: (p) => run.onProgress({ phase: p.phase, done: p.done, total: p.total, unit: 'items' }) });
+      const report = await verify({ repo, passphrase, readData: request.readData, subset: request.subset, seed: request.seed, workers: request.workers, sharedPool: run.sharedPool, signal, onProgress: (p) => run.onProgress({ phase: p.phase, done: p.done, total: p.total, unit: 'items' }) });
       return report as unknown as Record<string, unknown>;
     }
     case 'prune':
@@ -73,7 +77,7 @@ export async function runJob(request: JobRequest, run: JobRun): Promise<Record<s
   }
 }
 
-type Common = { repo: string; passphrase: Buffer | undefined; workers: number | undefined; signal: AbortSignal; onProgress: (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }) => void; onNotice: (message: string) => void };
+type Common = { repo: string; passphrase: Buffer | undefined; workers: number | undefined; sharedPool: PoolLender; signal: AbortSignal; onProgress: (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }) => void; onNotice: (message: string) => void };
 
 /** As `backup --ovirt`: the incremental backup API, or with an appliance the disk-attachment flow; credentials from their file. */
 async function ovirtBackup(source: OvirtSource, mode: 'auto' | 'full' | 'incremental' | 'differential', name: string | undefined, common: Common): Promise<Parameters<typeof backupJson>[0]> {

@@ -40,6 +40,8 @@ export interface ServerOptions {
   insecure?: boolean | undefined;
   /** The server's log: job ends, refused TLS handshakes, recovered jobs (stderr in the CLI). */
   onLog?: ((message: string) => void) | undefined;
+  /** Each job event as it is emitted, before any client has it (bench/server.ts times the SSE stream with it). */
+  onJobEvent?: ((job: string, event: JobEvent) => void) | undefined;
 }
 
 export interface ServerHandle {
@@ -63,7 +65,7 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
   const plan = planServerListen({ listen: options.listen, socket: options.socket, tls: options.tls, tokens: tokens.required, insecure: options.insecure });
   const tls = options.tls === undefined ? undefined : { cert: await readPem(options.tls.cert, 'certificate'), key: await readPem(options.tls.key, 'key') };
   const journal = await JobJournal.open(config.stateDir);
-  const jobs = await JobManager.start(config, journal, log);
+  const jobs = await JobManager.start(config, journal, log, options.onJobEvent);
   const openSse = new Set<ServerResponse>();
   const routes = buildRoutes(config, jobs, openSse);
 
