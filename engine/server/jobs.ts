@@ -19,7 +19,6 @@ import { errorJson } from './http.js';
 import { FINAL_STATES, type JobError, type JobJournal, type JobProgress, type JobRecord, type JobState } from './journal.js';
 import type { JobRequest } from './job-requests.js';
 import { runJob } from './runners.js';
-import { releaseJobMemory } from './memory.js';
 import { SharedBlockPool } from '../pipeline/shared-pool.js';
 
 export interface JobEvent {
@@ -226,7 +225,6 @@ export class JobManager {
     } finally {
       this.running.delete(job);
       this.schedule();
-      releaseJobMemory();
     }
   }
 
