@@ -165,4 +165,15 @@ describe('one worker pool for many jobs', () => {
     // One arena for every job of this block size, whatever ran before.
     expect(pool.slotCounts()).toHaveLength(1);
   });
+
+  test('idle, the pool gives its arenas back; the next jobs make one again and restore byte for byte', async () => {
+    expect(allFree()).toBe(true);
+    pool.releaseIdle();
+    expect(pool.slotCounts()).toEqual([]);
+    // The threads still hold runners of the dropped arena: the new arena's jobs must not be given them.
+    const id = await backupOf('a.img');
+    await restoreOf(id, join(dir, 'a3.out'));
+    expect(await filesIdentical(join(dir, 'a3.out'), join(dir, 'a.img'))).toBe(true);
+    expect(pool.slotCounts()).toEqual([{ blockSize: MiB, slots: ARENA_BYTES / MiB, free: ARENA_BYTES / MiB }]);
+  });
 });

@@ -12,6 +12,9 @@
  *   holds them, alone, until it ends (a pipeline's backpressure counts on slots nobody else takes; a job never waits
  *   for another's slot mid-run). A lease is the arena's share for one job of `jobs`, at most what the job's own pool
  *   would have (block-pool.ts defaultSlotCount). Slot memory is therefore bounded by the arena, whatever the jobs.
+ * - Idle: ARENA_IDLE_MS after the last lease ended with none since, the arenas are dropped and one full collection
+ *   run (V8 counts SharedArrayBuffers as no pressure on a small heap and would keep them for ever): an idle server
+ *   holds no slot memory. The next job makes its arena again.
  * - Workers know each job's keys and compression from the task (a context: blockSize, compression, keys), and keep a
  *   runner per context (shared-worker.ts): zstd contexts and buffers are per repository, not per job.
  *
@@ -21,6 +24,8 @@
  * tasks, waits for those sent, then gives its slots back: the other jobs' tasks are never touched.
  */
 import { availableParallelism } from 'node:os';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { createHash } from 'node:crypto';
 import { Piscina } from 'piscina';
 import { maxFrameLength } from '../../repo-format/blob-codec.js';
@@ -37,6 +42,8 @@ import type { BlockTask, SharedSlots, WorkerSetup } from './tasks.js';
 export const ARENA_BYTES = 64 * 1024 * 1024;
 /** The fewest slots a job's pipeline gets: what keeps both workers busy while its main thread reads and writes. */
 export const MIN_LEASE_SLOTS = 8;
+/** An arena unused this long is given back (more than piscina's idle timeout: the threads, which reference it, are gone). */
+export const ARENA_IDLE_MS = 90_000;
 /** Tasks a thread holds at once (piscina's concurrentTasksPerWorker, as a job's own pool has). */
 const IN_FLIGHT_PER_WORKER = 4;
 
@@ -145,7 +152,7 @@ class Lease implements TaskSink {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    this.pool.forget(this);
+    this.pool.ended(this);
     for (const queued of this.queue.splice(0)) queued.reject(new InterruptedError('the job', null));
     while (this.sent.size > 0) await Promise.allSettled([...this.sent]);
     this.arena.give(this.slots);
@@ -160,6 +167,10 @@ export class SharedBlockPool {
   private readonly ready: Lease[] = [];
   private inFlight = 0;
   private readonly contexts = new Map<string, number>();
+  /** Context numbers are never used twice: a thread may still hold a runner of a dropped arena's context. */
+  private nextContext = 1;
+  private leases = 0;
+  private idleTimer: NodeJS.Timeout | undefined;
   private readonly piscina: Piscina;
   private closing = false;
   /** Tasks sent to the threads, per lease: what the tests and the benches count. */
@@ -202,10 +213,15 @@ export class SharedBlockPool {
   /** A job's pool: waits until the arena has the job's share of slots free (FIFO among jobs). */
   async lease(options: LeaseOptions): Promise<BlockPool> {
     if (this.closing) throw new InterruptedError('the job', 'the server is stopping: nothing was done');
+    this.leases++;
+    clearTimeout(this.idleTimer);
     const arena = this.arenaFor(options.blockSize);
     const share = Math.max(MIN_LEASE_SLOTS, Math.floor(arena.shared.slotCount / this.jobs));
     const count = Math.min(options.slotCount ?? Math.min(share, defaultSlotCount(options.blockSize)), arena.shared.slotCount);
-    const slots = await arena.take(count, options.signal);
+    const slots = await arena.take(count, options.signal).catch((error: unknown) => {
+      this.released();
+      throw error;
+    });
     const setup: WorkerSetup = { ...arena.shared, keys: options.keys, compression: options.compression };
     const lease = new Lease(this, arena, slots, this.contextOf(options), setup);
     return new BlockPool({ slots: new SlotPool(slots.length, slots), shared: arena.shared, workers: this.workers, sink: lease });
@@ -217,7 +233,7 @@ export class SharedBlockPool {
     const key = `${options.blockSize}/${JSON.stringify(options.compression ?? null)}/${keys}`;
     let context = this.contexts.get(key);
     if (context === undefined) {
-      context = this.contexts.size + 1;
+      context = this.nextContext++;
       this.contexts.set(key, context);
     }
     return context;
@@ -238,9 +254,29 @@ export class SharedBlockPool {
   }
 
   /** @internal A closed lease is served no more. */
-  forget(lease: Lease): void {
+  ended(lease: Lease): void {
     const at = this.ready.indexOf(lease);
     if (at >= 0) this.ready.splice(at, 1);
+    this.released();
+  }
+
+  /** A lease ended (or its wait did): with none left, the arenas go after ARENA_IDLE_MS unless a job comes. */
+  private released(): void {
+    if (--this.leases > 0 || this.closing) return;
+    clearTimeout(this.idleTimer);
+    this.idleTimer = setTimeout(() => this.releaseIdle(), ARENA_IDLE_MS);
+    this.idleTimer.unref();
+  }
+
+  /**
+   * Drops the arenas when no job holds a lease (the idle timer's work; the tests call it), and runs one full
+   * collection, which frees their memory: the pool then holds no slot memory until the next job.
+   */
+  releaseIdle(): void {
+    if (this.leases > 0 || this.arenas.size === 0) return;
+    this.arenas.clear();
+    this.contexts.clear();
+    collectGarbage();
   }
 
   /** Sends tasks while the threads have room: one of each lease in turn. */
@@ -291,6 +327,18 @@ export class SharedBlockPool {
   /** Stops the threads; jobs are ended first (the server's stop()). */
   async close(): Promise<void> {
     this.closing = true;
+    clearTimeout(this.idleTimer);
     await this.piscina.destroy();
   }
+}
+
+let collect: (() => void) | undefined;
+
+/** A full collection: Node exposes gc() only with --expose-gc; the flag set at run time, gc read from a fresh context. */
+function collectGarbage(): void {
+  if (!collect) {
+    setFlagsFromString('--expose-gc');
+    collect = runInNewContext('gc') as () => void;
+  }
+  collect();
 }
