@@ -5,7 +5,7 @@
  * memory: `DIR/bin/engine server` (default: this checkout; another checkout's bin/engine for a before/after) as its own
  *   process, limits.jobs 8. VmRSS from /proc: idle after start; every 50 ms while 8 backups of 64 MiB of random data
  *   run at once (peak, and the median while all 8 run); idle after; then 20 backups one after the other, RSS after each
- *   (does each job leave memory behind?).
+ *   (does each job leave memory behind?); then idle 100 s (an unused arena is given back after 90 s).
  * fairness: see fairness() below.
  * latency: the server in this process (startServer, its onJobEvent hook stamps each event with process.hrtime, which is
  *   CLOCK_MONOTONIC, the same clock in every process), an SSE client as a process of its own (dist/bench/server-sse-client.js)
@@ -129,6 +129,10 @@ async function memory(dir: string, engineDir: string, jobs: number): Promise<Rec
       sequential.push(Math.round((await rssOf(pid)).rss));
     }
     log(`20 one after the other: ${sequential.join(' ')}`);
+    // Idle longer than the shared pool keeps an unused arena (shared-pool.ts ARENA_IDLE_MS, 90 s): its memory given back.
+    await new Promise((resolve) => setTimeout(resolve, 100_000));
+    const idleLater = await rssOf(pid);
+    log(`idle 100 s later: ${idleLater.rss.toFixed(0)} MiB`);
     return {
       engine: engineDir,
       jobs,
@@ -137,6 +141,7 @@ async function memory(dir: string, engineDir: string, jobs: number): Promise<Rec
       idleAfterEightMiB: Math.round(idleAfter.rss),
       sequentialRssMiB: sequential,
       peakAfterSequentialMiB: Math.round((await rssOf(pid)).hwm),
+      idle100sLaterMiB: Math.round(idleLater.rss),
     };
   } finally {
     await stop();
