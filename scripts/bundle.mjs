@@ -1,5 +1,5 @@
 // Bundles tsc's output (dist/) into dist/bundle/: the CLI and the files the CLI starts by path (the block
-// worker, the MD5 thread, mount's serve daemon and the VM mount's FUSE daemon, the oVirt thaw watchdog, the live restore's guard), one file each plus the chunks they share, so that a command
+// worker and the server's shared one, the MD5 thread, mount's serve daemon and the VM mount's FUSE daemon, the oVirt thaw watchdog, the live restore's guard), one file each plus the chunks they share, so that a command
 // loads a handful of files instead of ~150 modules (measured in bench/fixed-costs.ts: CPU per call).
 // The lazy imports (import() of a command's module, of S3, NBD, qcow2, libvirt, classic-level) stay lazy: each
 // becomes a chunk of its own, loaded when the command needs it. Packages in node_modules stay outside (native
@@ -19,6 +19,7 @@ const out = `${root}dist/bundle`;
 const input = {
   main: `${root}dist/cli/main.js`,
   'block-worker': `${root}dist/engine/pipeline/block-worker.js`,
+  'shared-worker': `${root}dist/engine/pipeline/shared-worker.js`,
   'md5-thread': `${root}dist/repo-format/storage/md5-thread.js`,
   'serve-daemon': `${root}dist/engine/mount/serve-daemon.js`,
   'fuse-daemon': `${root}dist/engine/file-restore/fuse-daemon.js`,

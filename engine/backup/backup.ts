@@ -11,7 +11,7 @@ import { InvalidArgumentError } from '../../repo-format/errors.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
 import { adoptName, checkName, displayText } from '../../repo-format/names.js';
 import { type BackupRecord, type BackupType, type Consistency, NO_QUIESCE, type DiskCbt, type DiskRecord, type RecordAttachment } from '../../repo-format/backup-record.js';
-import { BlockPool } from '../pipeline/block-pool.js';
+import { jobPool, type BlockPool, type PoolLender } from '../pipeline/block-pool.js';
 import { backupDisk, type BackupDiskContext, type DiskProgress } from '../pipeline/backup-disk.js';
 import { FileSource } from '../sources/file-source.js';
 import { NO_EARLIER_BACKUP, type CbtDiskJob, type CbtSession, type ChainArgs, type DeferredCbtDiskJob, type RequestedMode } from '../cbt/chain.js';
@@ -71,6 +71,8 @@ export interface BackupOptions {
   /** How the chains continue; default `auto`: incremental where a valid chain exists, full otherwise. */
   chain?: ChainPolicy | undefined;
   workers?: number | undefined;
+  /** The server's shared worker pool (shared-pool.ts): the backup's pipeline runs on a lease of it, not a pool of its own. */
+  sharedPool?: PoolLender | undefined;
   signal?: AbortSignal | undefined;
   onProgress?: ((progress: DiskProgress & { diskIndex: number; diskCount: number }) => void) | undefined;
   onNotice?: ((message: string) => void) | undefined;
@@ -120,7 +122,7 @@ export async function backup(options: BackupOptions): Promise<BackupResult> {
     const leftovers = await repo.removeTempFiles();
     if (leftovers > 0) run.notice(`removed ${leftovers} temporary files left by an interrupted writer`);
     const name = await openDisks(run, repo, early);
-    pool = new BlockPool({ blockSize: repo.blockSize, workers: options.workers, keys: repo.keys, compression: repo.compression, workBytes: workOf(run) });
+    pool = await jobPool(options.sharedPool, { blockSize: repo.blockSize, workers: options.workers, keys: repo.keys, compression: repo.compression, workBytes: workOf(run), signal: options.signal });
     const disks = await readDisks(run, repo, pool);
     const record = recordOf(run, name, repo.blockSize, disks);
     await commit(run, repo, record);

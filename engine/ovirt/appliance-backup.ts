@@ -63,6 +63,7 @@ export async function ovirtApplianceBackup(options: OvirtApplianceBackupOptions)
         chain: { mode: 'full' },
         consistency,
         workers: options.workers,
+        sharedPool: options.sharedPool,
         signal: options.signal,
         onProgress: options.onProgress,
         onNotice: options.onNotice,

@@ -21,6 +21,7 @@ export interface OvirtBackupRunOptions {
   timeoutMs?: number | undefined;
   pollMs?: number | undefined;
   workers?: number | undefined;
+  sharedPool?: BackupOptions['sharedPool'];
   signal?: AbortSignal | undefined;
   onProgress?: BackupOptions['onProgress'];
   onNotice?: ((message: string) => void) | undefined;

@@ -108,6 +108,7 @@ export async function ovirtIncrementalBackup(options: OvirtIncrementalBackupOpti
       chain: { mode: options.mode ?? 'auto' },
       consistency: () => outcome.consistency,
       workers: options.workers,
+      sharedPool: options.sharedPool,
       signal: options.signal,
       onProgress: options.onProgress,
       onNotice: options.onNotice,

@@ -111,23 +111,39 @@ class Gather<Block, Result> {
   }
 }
 
+/**
+ * Where a pool's tasks run: its own piscina threads, the main thread (a small job, runsInline), or the workers of a
+ * pool shared by the jobs of a server (shared-pool.ts). `transferList`: buffers that move to the worker with the task.
+ */
+export interface TaskSink {
+  run(task: BlockTask, transferList?: ArrayBuffer[]): Promise<unknown>;
+  close(): Promise<void>;
+}
+
+/** A job's pool made of parts a shared pool lends it (shared-pool.ts): slots of its memory, its workers' tasks. */
+export interface LeasedPool {
+  slots: SlotPool;
+  shared: SharedSlots;
+  workers: number;
+  sink: TaskSink;
+}
+
 export class BlockPool {
   readonly slots: SlotPool;
   readonly shared: SharedSlots;
   /** The threads that run blocks: the pool's workers, or 1 for the main thread (a small job, runsInline). */
   readonly workers: number;
-  /**
-   * The worker pool, started by the first task: a job that hands the workers nothing (an incremental of an unchanged
-   * disk, whose size was not known when the pool was made) starts no thread. Undefined for a small job (runsInline),
-   * whose runner on the main thread is likewise made on first use.
-   */
-  private readonly startPool: (() => Piscina) | undefined;
-  private piscina: Piscina | undefined;
-  private inline: Promise<BlockRunner> | undefined;
-  private readonly setup: WorkerSetup;
+  private readonly sink: TaskSink;
 
-  constructor(options: BlockPoolOptions) {
-    const slotCount = options.slotCount ?? Math.min(32, Math.max(8, Math.floor(SLOT_BUDGET_BYTES / options.blockSize)));
+  constructor(options: BlockPoolOptions | LeasedPool) {
+    if ('sink' in options) {
+      this.slots = options.slots;
+      this.shared = options.shared;
+      this.workers = options.workers;
+      this.sink = options.sink;
+      return;
+    }
+    const slotCount = options.slotCount ?? defaultSlotCount(options.blockSize);
     const outputSlotSize = maxFrameLength(options.blockSize, options.keys);
     this.shared = {
       // Page-aligned: a restore writes slots to an O_DIRECT target as they are (aligned-memory.ts).
@@ -138,25 +154,15 @@ export class BlockPool {
       outputSlotSize,
     };
     this.slots = new SlotPool(slotCount);
-    this.setup = { ...this.shared, keys: options.keys, compression: options.compression };
+    const setup: WorkerSetup = { ...this.shared, keys: options.keys, compression: options.compression };
     if (runsInline(options.workers, options.workBytes)) {
       this.workers = 1;
-      this.startPool = undefined;
+      this.sink = inlineSink(setup);
       return;
     }
     const workers = workersFor(options.workers, options.workBytes);
     this.workers = workers;
-    this.startPool = () => new Piscina({
-      filename: new URL('./block-worker.js', import.meta.url).href,
-      minThreads: workers,
-      maxThreads: workers,
-      // 'sync' blocks the worker's event loop between tasks; lz4-napi's buffers then never get freed.
-      atomics: 'disabled',
-      // Several tasks queued per worker: it starts the next one without a round trip through the main thread.
-      concurrentTasksPerWorker: 4,
-      workerData: this.setup,
-      idleTimeout: 60_000,
-    });
+    this.sink = piscinaSink(workers, setup);
   }
 
   /** The plaintext side of a slot, as the main thread sees it. */
@@ -235,36 +241,76 @@ export class BlockPool {
     // A buffer that shares its memory (Node's small-buffer pool) is copied: only what it owns may move.
     const bytes = pack.byteOffset === 0 && pack.byteLength === pack.buffer.byteLength && pack.buffer instanceof ArrayBuffer ? new Uint8Array(pack.buffer, 0, pack.byteLength) : new Uint8Array(pack);
     const task = { op: 'verify-pack', pack: bytes, frames } satisfies VerifyPackTask;
-    const pool = this.pool();
-    if (pool === undefined) return this.runInline(task);
-    return pool.run(task, { transferList: [bytes.buffer as ArrayBuffer] }) as Promise<VerifyPackResult>;
+    return this.sink.run(task, [bytes.buffer as ArrayBuffer]) as Promise<VerifyPackResult>;
   }
 
   async close(): Promise<void> {
-    await this.piscina?.destroy();
-  }
-
-  /** The worker pool (started now if this is the first task), or undefined: the main thread runs the tasks. */
-  private pool(): Piscina | undefined {
-    if (this.startPool === undefined) return undefined;
-    this.piscina ??= this.startPool();
-    return this.piscina;
+    await this.sink.close();
   }
 
   private run<T>(task: BlockTask): Promise<T> {
-    const pool = this.pool();
-    if (pool === undefined) return this.runInline(task);
-    return pool.run(task) as Promise<T>;
+    return this.sink.run(task) as Promise<T>;
   }
+}
 
-  /**
-   * A task on the main thread. The event loop turns before each (as a worker's does between tasks): signals, I/O
-   * and lz4-napi's finalizers are served between blocks.
-   */
-  private async runInline<T>(task: BlockTask): Promise<T> {
-    this.inline ??= import('./block-runner.js').then(({ blockRunner }) => blockRunner(this.setup, { collect: false }));
-    const run = await this.inline;
-    await new Promise((resolve) => setImmediate(resolve));
-    return (await run(task)) as T;
-  }
+/**
+ * What lends a job its pool instead of the job making one: the server's SharedBlockPool (shared-pool.ts). An option of
+ * backup, restore and verify; the CLI leaves it out and each command makes its own pool, as before.
+ */
+export interface PoolLender {
+  lease(options: { blockSize: number; keys?: RepositoryKeys | undefined; compression?: Compression | undefined; slotCount?: number | undefined; signal?: AbortSignal | undefined }): Promise<BlockPool>;
+}
+
+/** A job's pool: lent by `lender` when there is one, else its own. */
+export async function jobPool(lender: PoolLender | undefined, options: BlockPoolOptions & { signal?: AbortSignal | undefined }): Promise<BlockPool> {
+  return lender ? lender.lease(options) : new BlockPool(options);
+}
+
+/** Slots of a job's own pool: near SLOT_BUDGET_BYTES of blocks per side, at least 8 and at most 32. */
+export function defaultSlotCount(blockSize: number): number {
+  return Math.min(32, Math.max(8, Math.floor(SLOT_BUDGET_BYTES / blockSize)));
+}
+
+/**
+ * The job's own worker pool, started by the first task: a job that hands the workers nothing (an incremental of an
+ * unchanged disk, whose size was not known when the pool was made) starts no thread.
+ */
+function piscinaSink(workers: number, setup: WorkerSetup): TaskSink {
+  let piscina: Piscina | undefined;
+  return {
+    run(task, transferList) {
+      piscina ??= new Piscina({
+        filename: new URL('./block-worker.js', import.meta.url).href,
+        minThreads: workers,
+        maxThreads: workers,
+        // 'sync' blocks the worker's event loop between tasks; lz4-napi's buffers then never get freed.
+        atomics: 'disabled',
+        // Several tasks queued per worker: it starts the next one without a round trip through the main thread.
+        concurrentTasksPerWorker: 4,
+        workerData: setup,
+        idleTimeout: 60_000,
+      });
+      return piscina.run(task, transferList === undefined ? undefined : { transferList });
+    },
+    async close() {
+      await piscina?.destroy();
+    },
+  };
+}
+
+/**
+ * Tasks on the main thread, its runner made on first use. The event loop turns before each (as a worker's does
+ * between tasks): signals, I/O and lz4-napi's finalizers are served between blocks.
+ */
+function inlineSink(setup: WorkerSetup): TaskSink {
+  let inline: Promise<BlockRunner> | undefined;
+  return {
+    async run(task) {
+      inline ??= import('./block-runner.js').then(({ blockRunner }) => blockRunner(setup, { collect: false }));
+      const run = await inline;
+      await new Promise((resolve) => setImmediate(resolve));
+      return run(task);
+    },
+    async close() {},
+  };
 }

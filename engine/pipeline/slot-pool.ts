@@ -9,8 +9,9 @@ export class SlotPool {
   private readonly waiters: { count: number; resolve: (slots: number[]) => void; reject: (error: unknown) => void }[] = [];
   private failure: unknown;
 
-  constructor(readonly count: number) {
-    this.free = Array.from({ length: count }, (_, i) => count - 1 - i);
+  /** `numbers`: the slots' numbers when they are not 0 to count - 1 (a job's lease of a shared arena, shared-pool.ts). */
+  constructor(readonly count: number, numbers?: readonly number[]) {
+    this.free = numbers ? [...numbers].reverse() : Array.from({ length: count }, (_, i) => count - 1 - i);
   }
 
   get available(): number {

@@ -14,7 +14,7 @@ import type { BackupRecord } from '../../repo-format/backup-record.js';
 import { InvalidArgumentError, LeaseLostError } from '../../repo-format/errors.js';
 import { checkLocalPath } from '../../repo-format/local-path.js';
 import type { Passphrase } from '../../repo-format/passphrase.js';
-import { BlockPool } from '../pipeline/block-pool.js';
+import { jobPool, type BlockPool, type PoolLender } from '../pipeline/block-pool.js';
 import type { BlockSet } from '../common/block-set.js';
 import type { Range } from '../pipeline/map-cursors.js';
 import { InterruptedError } from '../errors.js';
@@ -48,6 +48,8 @@ export interface RestoreOptions {
   /** What may be overwritten (default: nothing that holds data). */
   write?: WritePolicy | undefined;
   workers?: number | undefined;
+  /** The server's shared worker pool (shared-pool.ts): the restore runs on a lease of it, not a pool of its own. */
+  sharedPool?: PoolLender | undefined;
   signal?: AbortSignal | undefined;
   onProgress?: ((progress: RestoreProgress) => void) | undefined;
 }
@@ -87,7 +89,7 @@ export async function restore(options: RestoreOptions): Promise<RestoreResult> {
     state.created = await createDirectory(plan);
     // Only blocks that are not zero go through the workers, unless a rollback compares the target's.
     const workBytes = plan.targets.reduce((sum, { disk }) => sum + (plan.write.kind === 'all' ? (disk.stats.blocksTotal - disk.stats.blocksZero) * record.blockSize : disk.size), 0);
-    pool = new BlockPool({ blockSize: record.blockSize, workers: options.workers, keys: repo.keys, workBytes });
+    pool = await jobPool(options.sharedPool, { blockSize: record.blockSize, workers: options.workers, keys: repo.keys, workBytes, signal: options.signal });
     const run: RestoreRun = { repo, pool, record, plan, options, interruption, done: state.done, created: state.created };
     for (const planned of plan.targets) run.done.push(await restoreTarget(run, planned));
     succeeded = true;

@@ -8,7 +8,7 @@
  * {
  *   "stateDir": "/var/lib/engine-server",          // the jobs' journal (journal.ts); created 0700
  *   "tokensFile": "/etc/engine/tokens",             // optional: bearer tokens (auth.ts)
- *   "limits": { "jobs": 2, "queue": 64,             // jobs running at once in all (default 2); jobs waiting at most
+ *   "limits": { "jobs": 4, "queue": 64,             // jobs running at once in all (default 4); jobs waiting at most
  *               "perHost": 1 },                      // jobs reading or writing one source host at once (default: no limit)
  *   "metrics": { "anonymous": false },              // GET /metrics without a token (default false: a read token)
  *   "repositories": {
@@ -74,12 +74,15 @@ export interface ServerConfig {
 export const REPOSITORY_NAME = /^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$/;
 
 /**
- * Jobs at once by default: each backup's pipeline holds ~100 MiB (its worker pool's slots, the workers' lz4
- * buffers). Measured, 8 backups of 64 MiB on 2 cores: 2 at a time peak RSS 234 MiB, 4 at a time 337 MiB,
- * 8 at a time 872 MiB (bench/results/server-7e2acb1.md); 2 keeps the server under the engine's 300 MiB and
- * finished first (7.5 s against 8.1 s and 10.8 s): the work is CPU-bound. More is the operator's choice.
+ * Jobs at once by default. With a worker pool per job each running backup held ~100 MiB and 2 was the most under
+ * the engine's 300 MiB (bench/results/server-7e2acb1.md). All jobs now share one pool and one arena of slots
+ * (engine/pipeline/shared-pool.ts: 2 × 64 MiB up to 8 jobs), so concurrency costs little memory: 8 backups of 64 MiB
+ * on 2 cores peaked at 262 MiB with 2 at a time, 265 MiB with 4, 265 MiB with 8, and took 7.6, 6.5 and 6.5-7.0 s
+ * (bench/results/server-cf9f32a.md). 4: a small job starts beside two big ones instead of queueing behind them,
+ * with room under 300 MiB for what a big job holds on the main thread (not measured at 4 big ones). More is the
+ * operator's choice; beyond 8 the arena grows by 16 MiB a job.
  */
-const DEFAULT_JOBS = 2;
+const DEFAULT_JOBS = 4;
 const DEFAULT_QUEUE = 64;
 const MAX_CONFIG_BYTES = 1024 * 1024;
 

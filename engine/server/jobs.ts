@@ -20,8 +20,8 @@ import { errorJson } from './http.js';
 import { FINAL_STATES, type JobError, type JobJournal, type JobProgress, type JobRecord, type JobState } from './journal.js';
 import type { JobRequest } from './job-requests.js';
 import { runJob } from './runners.js';
-import { releaseJobMemory } from './memory.js';
 import { sourceHostsOf } from './source-hosts.js';
+import { SharedBlockPool } from '../pipeline/shared-pool.js';
 
 export interface JobEvent {
   id: number;
@@ -59,20 +59,25 @@ export class JobManager {
   private stopping = false;
   /** Told each job's end as it is set on the record, before it is journaled (metrics.ts). */
   private readonly endListeners: ((record: JobRecord) => void)[] = [];
+  /** One worker pool for every job (shared-pool.ts): W threads and one arena of slots, not a pool per job. */
+  readonly pool: SharedBlockPool;
 
   private constructor(
     private readonly config: ServerConfig,
     private readonly journal: JobJournal,
     private readonly onLog: (message: string) => void,
-  ) {}
+    private readonly onEvent: ((job: string, event: JobEvent) => void) | undefined,
+  ) {
+    this.pool = new SharedBlockPool({ jobs: config.jobs });
+  }
 
   /**
    * The journal read back: jobs a previous server left queued or running are failed ENGINE_SERVER_RESTARTED,
    * after the repository's own recovery ran (unlock: locks and registrations of dead processes; version 3's
    * leases of a dead writer are taken over by the next writer as for the CLI, 19.5).
    */
-  static async start(config: ServerConfig, journal: JobJournal, onLog: (message: string) => void): Promise<JobManager> {
-    const manager = new JobManager(config, journal, onLog);
+  static async start(config: ServerConfig, journal: JobJournal, onLog: (message: string) => void, onEvent?: (job: string, event: JobEvent) => void): Promise<JobManager> {
+    const manager = new JobManager(config, journal, onLog, onEvent);
     for (const repo of config.repositories.values()) {
       // Only the file the config names: the server's own $ENGINE_PASSWORD is no repository's passphrase.
       const resolved = await resolvePassphrase({ file: repo.passwordFile, fileLabel: `repositories.${repo.name}.passwordFile`, env: {} });
@@ -120,6 +125,7 @@ export class JobManager {
     const event: JobEvent = { id: job.nextEvent++, type, data };
     job.events.push(event);
     if (job.events.length > MAX_EVENTS) job.events.splice(0, job.events.length - MAX_EVENTS);
+    this.onEvent?.(job.record.id, event);
     job.emitter.emit('event', event);
   }
 
@@ -241,6 +247,7 @@ export class JobManager {
           const other = this.config.repositories.get(name);
           return other === undefined ? undefined : { location: other.location, passphrase: this.passphrases.get(name) };
         },
+        sharedPool: this.pool,
       });
       outcome = { state: 'succeeded', result, error: null };
     } catch (error) {
@@ -253,7 +260,6 @@ export class JobManager {
     } finally {
       this.running.delete(job);
       this.schedule();
-      releaseJobMemory();
     }
   }
 
@@ -326,6 +332,7 @@ export class JobManager {
     for (const job of this.queue.splice(0)) await this.finish(job, 'cancelled', null, errorJson(new InterruptedError('the job', 'the server stopped before it started: nothing was done')));
     for (const job of this.running) job.controller.abort();
     await Promise.all(this.runs);
+    await this.pool.close();
   }
 }
 

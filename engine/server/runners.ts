@@ -15,6 +15,7 @@ import { InvalidArgumentError } from '../../repo-format/errors.js';
 import type { JobRequest, OvirtSource } from './job-requests.js';
 import type { JobProgress } from './journal.js';
 import { BootTestFailedError } from './errors.js';
+import type { PoolLender } from '../pipeline/block-pool.js';
 
 export interface JobRun {
   repo: string;
@@ -24,6 +25,8 @@ export interface JobRun {
   onLog: (message: string) => void;
   /** Another repository of the config (a copy's target): its location and passphrase. */
   repository?: ((name: string) => { location: string; passphrase: Buffer | undefined } | undefined) | undefined;
+  /** The server's one worker pool: every job's pipeline runs on a lease of it (shared-pool.ts). */
+  sharedPool: PoolLender;
 }
 
 export async function runJob(request: JobRequest, run: JobRun): Promise<Record<string, unknown>> {
@@ -32,7 +35,7 @@ export async function runJob(request: JobRequest, run: JobRun): Promise<Record<s
     case 'backup': {
       const onProgress = (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }): void =>
         run.onProgress({ phase: `backup ${p.disk} (${p.diskIndex + 1}/${p.diskCount})`, done: p.bytesDone, total: p.bytesTotal, unit: 'bytes' });
-      const common = { repo, passphrase, workers: request.workers, signal, onProgress, onNotice: run.onLog };
+      const common = { repo, passphrase, workers: request.workers, sharedPool: run.sharedPool, signal, onProgress, onNotice: run.onLog };
       if (request.from.kind === 'ovirt') return backupJson(await ovirtBackup(request.from.ovirt, request.chain.mode, request.name, common));
       const { record } = await backup({ ...common, from: request.from, chain: request.chain, name: request.name });
       return backupJson(record);
@@ -46,13 +49,14 @@ export async function runJob(request: JobRequest, run: JobRun): Promise<Record<s
         target: request.target,
         write: { force: request.force },
         workers: request.workers,
+        sharedPool: run.sharedPool,
         signal,
         onProgress: (p) => run.onProgress({ phase: `restore ${p.disk}`, done: p.bytesDone, total: p.bytesTotal, unit: 'bytes' }),
       });
       return restoreJson(result);
     }
     case 'verify': {
-      const report = await verify({ repo, passphrase, readData: request.readData, subset: request.subset, seed: request.seed, workers: request.workers, signal, onProgress: (p) => run.onProgress({ phase: p.phase, done: p.done, total: p.total, unit: 'items' }) });
+      const report = await verify({ repo, passphrase, readData: request.readData, subset: request.subset, seed: request.seed, workers: request.workers, sharedPool: run.sharedPool, signal, onProgress: (p) => run.onProgress({ phase: p.phase, done: p.done, total: p.total, unit: 'items' }) });
       return report as unknown as Record<string, unknown>;
     }
     case 'prune':
@@ -107,7 +111,7 @@ export async function runJob(request: JobRequest, run: JobRun): Promise<Record<s
   }
 }
 
-type Common = { repo: string; passphrase: Buffer | undefined; workers: number | undefined; signal: AbortSignal; onProgress: (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }) => void; onNotice: (message: string) => void };
+type Common = { repo: string; passphrase: Buffer | undefined; workers: number | undefined; sharedPool: PoolLender; signal: AbortSignal; onProgress: (p: { disk: string; diskIndex: number; diskCount: number; bytesDone: number; bytesTotal: number }) => void; onNotice: (message: string) => void };
 
 /** The user (first line) and password (second) of an oVirt credentials file, as `--ovirt-credentials` reads it. */
 export async function ovirtCredentials(file: string, onNotice: (message: string) => void): Promise<{ username: string; password: string }> {

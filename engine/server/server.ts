@@ -50,6 +50,8 @@ export interface ServerOptions {
   onLog?: ((message: string) => void) | undefined;
   /** The policies' clock (tests drive it; policies/clock.ts): default the real one. */
   clock?: Clock | undefined;
+  /** Each job event as it is emitted, before any client has it (bench/server.ts times the SSE stream with it). */
+  onJobEvent?: ((job: string, event: JobEvent) => void) | undefined;
 }
 
 export interface ServerHandle {
@@ -74,7 +76,7 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
   const tls = options.tls === undefined ? undefined : { cert: await readPem(options.tls.cert, 'certificate'), key: await readPem(options.tls.key, 'key') };
   await applyS3Settings(config, log);
   const journal = await JobJournal.open(config.stateDir);
-  const jobs = await JobManager.start(config, journal, log);
+  const jobs = await JobManager.start(config, journal, log, options.onJobEvent);
   const scheduler = await Scheduler.start(config, jobs, options.clock ?? realClock, log);
   const openSse = new Set<ServerResponse>();
   const metrics = new ServerMetrics(config, (name) => jobs.passphrase(name), log);

@@ -8,7 +8,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import type { PackScan } from '../../repo-format/pack-file.js';
 import { quarantineKey } from '../../repo-format/quarantine.js';
-import { BlockPool } from '../pipeline/block-pool.js';
+import { jobPool, type BlockPool, type PoolLender } from '../pipeline/block-pool.js';
 import { checkPackFrames } from '../pipeline/pack-check.js';
 import type { VerifyRun } from './run.js';
 
@@ -34,12 +34,12 @@ export class DataCheck {
   ) {}
 
   /** Starts the workers, and chooses the packs to read (all, or a --subset: said in the report). */
-  static start(run: VerifyRun, listed: readonly { packId: string; size: number }[], options: { subset?: number | undefined; seed?: string | undefined; workers?: number | undefined }): DataCheck {
+  static async start(run: VerifyRun, listed: readonly { packId: string; size: number }[], options: { subset?: number | undefined; seed?: string | undefined; workers?: number | undefined; sharedPool?: PoolLender | undefined; signal?: AbortSignal | undefined }): Promise<DataCheck> {
     const { packs, seed } = choosePacks(listed.map((pack) => pack.packId), options.subset, options.seed);
     if (options.subset !== undefined) run.report.subset = { percent: Math.round(options.subset * 10000) / 100, seed, packs: packs.size };
     // No more workers than the bytes of the packs to read can use (block-pool.ts, BYTES_PER_WORKER).
     const workBytes = listed.reduce((sum, pack) => sum + (packs.has(pack.packId) ? pack.size : 0), 0);
-    const pool = new BlockPool({ blockSize: run.repo.blockSize, workers: options.workers, slotCount: 1, keys: run.repo.keys, workBytes });
+    const pool = await jobPool(options.sharedPool, { blockSize: run.repo.blockSize, workers: options.workers, slotCount: 1, keys: run.repo.keys, workBytes, signal: options.signal });
     return new DataCheck(run, pool, packs);
   }
 

@@ -13,6 +13,7 @@
  *    (the workers hash one pack while the next is scanned) and is done before phase 3, which names the
  *    backups, disks and offsets that reference each damaged chunk.
  */
+import type { PoolLender } from '../pipeline/block-pool.js';
 import { expiredLocks, OBJECT_LOCK_EXPIRED, OBJECT_LOCK_UNCHECKED } from '../../repo-format/v3/object-lock.js';
 import { isStorageError } from '../../repo-format/storage/storage-error.js';
 import { Repository } from '../../repo-format/repository.js';
@@ -45,6 +46,8 @@ export interface VerifyOptions {
   /** Seeds the subset's choice (default: random, reported so that a run can be repeated). */
   seed?: string | undefined;
   workers?: number | undefined;
+  /** The server's shared worker pool (shared-pool.ts): --read-data runs on a lease of it, not a pool of its own. */
+  sharedPool?: PoolLender | undefined;
   /** SIGINT/SIGTERM: verify stops within a second (ENGINE_INTERRUPTED); it only reads, so nothing is left half-done. */
   signal?: AbortSignal | undefined;
   onProgress?: VerifyProgress | undefined;
@@ -60,7 +63,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     await checkLayout(run);
     const listed = await repo.listPacks();
     const packIds = listed.map((pack) => pack.packId);
-    if (options.readData) data = DataCheck.start(run, listed, options);
+    if (options.readData) data = await DataCheck.start(run, listed, options);
     const packs = await checkPacks(run, packIds, data); // 1. structure (and 4. data, alongside)
     const missingPacks = await checkIndex(run, packs); // 2. index
     // Version 3: the index is the store's segments; one that cannot be read leaves its blobs absent for every host that has not cached it.
