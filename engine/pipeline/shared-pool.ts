@@ -33,6 +33,7 @@ import { EngineError, InterruptedError, type ErrorCode } from '../../repo-format
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
 import type { Compression } from '../../repo-format/compression.js';
 import { ENCRYPTION_OVERHEAD } from '../../repo-format/constants.js';
+import { registeredS3Settings, type S3Settings } from '../../repo-format/v3/location.js';
 import { BlockPool, defaultSlotCount, type TaskSink } from './block-pool.js';
 import { SlotPool } from './slot-pool.js';
 import { pageAlignedSharedBuffer } from './aligned-memory.js';
@@ -65,6 +66,11 @@ export interface SharedBlockPoolOptions {
 }
 
 /** A task as a shared worker takes it (shared-worker.ts): the task, and what its runner needs to be made. */
+/** What every thread of the pool starts with. */
+export interface SharedWorkerData {
+  s3Settings: [string, S3Settings][];
+}
+
 export interface SharedTask {
   context: number;
   setup: WorkerSetup;
@@ -190,6 +196,9 @@ export class SharedBlockPool {
       atomics: 'disabled',
       concurrentTasksPerWorker: IN_FLIGHT_PER_WORKER,
       idleTimeout: 60_000,
+      // The threads read packs themselves (a store of objects: located-frame.ts): each s3:// repository's own
+      // settings, registered by the server before its jobs start, go with them (location.ts).
+      workerData: { s3Settings: registeredS3Settings() } satisfies SharedWorkerData,
     });
     // A thread that dies with no task running (between tasks): piscina replaces it; nothing of a job is lost.
     this.piscina.on('error', () => undefined);

@@ -7,7 +7,11 @@
  */
 import { blockRunner, type BlockRunner } from './block-runner.js';
 import { EngineError } from '../../repo-format/errors.js';
-import type { SharedAnswer, SharedTask } from './shared-pool.js';
+import type { SharedAnswer, SharedTask, SharedWorkerData } from './shared-pool.js';
+import { workerData } from 'node:worker_threads';
+import { registerS3Settings } from '../../repo-format/v3/location.js';
+
+for (const [where, settings] of (workerData as SharedWorkerData | undefined)?.s3Settings ?? []) registerS3Settings(where, settings);
 
 /** Runners kept: a server's repositories × block sizes, seldom more than a few. */
 const KEEP_RUNNERS = 8;

@@ -53,6 +53,14 @@ export function registerS3Settings(where: string, settings: S3Settings): void {
   registered.set(formatS3Url(parseS3Url(where)), { ...settings, env: settings.env ?? {} });
 }
 
+/**
+ * What this thread registered, for another thread of the process to register too (the server's shared block
+ * workers read packs themselves, and a worker has its own copy of this module): plain data only.
+ */
+export function registeredS3Settings(): [string, S3Settings][] {
+  return [...registered].map(([where, { onWarning: _onWarning, ...settings }]) => [where, settings]);
+}
+
 function registeredFor(where: string): S3Settings | undefined {
   if (registered.size === 0) return undefined;
   return registered.get(formatS3Url(parseS3Url(where)));
