@@ -168,6 +168,17 @@ describe('engine server: jobs', () => {
     const all = (await call(server, 'GET', '/api/v1/repositories/main/backups')).json as { backups: Record<string, unknown>[]; damaged: unknown[] };
     expect(all.backups.map((b) => b.id)).toEqual([first.result!.id, second.result!.id]);
     expect(all.damaged).toEqual([]);
+    expect((all as { next: unknown }).next).toBeNull();
+    // Pages: one backup each, the second from the first's `next`, the last page's `next` null; a bad cursor or limit is 400.
+    const page1 = (await call(server, 'GET', '/api/v1/repositories/main/backups?limit=1')).json as { backups: { id: string }[]; next: string | null };
+    expect(page1.backups.map((b) => b.id)).toEqual([first.result!.id]);
+    expect(page1.next).toMatch(/^[A-Za-z0-9_-]+$/);
+    const page2 = (await call(server, 'GET', `/api/v1/repositories/main/backups?limit=1&after=${page1.next}`)).json as { backups: { id: string }[]; next: string | null };
+    expect(page2).toMatchObject({ backups: [{ id: second.result!.id }], next: null });
+    for (const bad of ['limit=0', 'limit=10001', 'limit=x', 'after=not-a-cursor', 'after=../../etc']) {
+      const refused = await call(server, 'GET', `/api/v1/repositories/main/backups?${bad}`);
+      expect([bad, refused.status, (refused.json as { error: { code: string } }).error.code]).toEqual([bad, 400, 'ENGINE_INVALID_ARGUMENT']);
+    }
     expect(all.backups[0]).toMatchObject({ parent: null, consistency: { level: 'crash' }, boot: null, chain: { full: first.result!.id, length: 1, ids: [first.result!.id] } });
     const byName = (await call(server, 'GET', '/api/v1/repositories/main/backups?name=b')).json as { backups: { id: string }[] };
     expect(byName.backups.map((b) => b.id)).toEqual([second.result!.id]);

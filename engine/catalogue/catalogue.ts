@@ -7,8 +7,14 @@ import type { Passphrase } from '../../repo-format/passphrase.js';
 /** `boots`: the latest boot test of each backup that has one (latestBootResults), read from the same opening. */
 export async function listBackups(repoPath: string, options: { passphrase?: Passphrase | undefined; asOf?: number | undefined } = {}): Promise<{ backups: BackupRecord[]; damaged: { id: string; message: string }[]; boots: Record<string, BootSummary> }> {
   const repo = await Repository.open(repoPath, { access: 'read', passphrase: options.passphrase, manyWriters: true, asOf: options.asOf });
-  const { backups, damaged } = await repo.listBackups();
-  return { backups, damaged: damaged.map(({ id, error }) => ({ id, message: error.message })), boots: await latestBoots(repo) };
+  try {
+    const { backups, damaged } = await repo.listBackups();
+    return { backups, damaged: damaged.map(({ id, error }) => ({ id, message: error.message })), boots: await latestBoots(repo) };
+  } finally {
+    // A long-running caller (the server) opens repositories again and again: each opening's handles (a
+    // version-3 repository's lease and index cache) go with it, not with the process.
+    await repo.close();
+  }
 }
 
 export async function showBackup(repoPath: string, idOrPrefix: string, options: { passphrase?: Passphrase | undefined; asOf?: number | undefined } = {}): Promise<BackupRecord> {
@@ -18,8 +24,12 @@ export async function showBackup(repoPath: string, idOrPrefix: string, options: 
 /** A backup's record and its latest boot test (`null`: never boot-tested), from one opening of the repository. */
 export async function describeBackup(repoPath: string, idOrPrefix: string, options: { passphrase?: Passphrase | undefined; asOf?: number | undefined } = {}): Promise<{ record: BackupRecord; boot: BootSummary | null }> {
   const repo = await Repository.open(repoPath, { access: 'read', passphrase: options.passphrase, manyWriters: true, asOf: options.asOf });
-  const record = await repo.findBackup(idOrPrefix);
-  return { record, boot: (await latestBoots(repo, record.id))[record.id] ?? null };
+  try {
+    const record = await repo.findBackup(idOrPrefix);
+    return { record, boot: (await latestBoots(repo, record.id))[record.id] ?? null };
+  } finally {
+    await repo.close();
+  }
 }
 
 /** What `list` and `show` say of a backup's latest boot test (SPEC.md 9.2, 14.2). */
@@ -41,7 +51,11 @@ export interface BootSummary {
  */
 export async function latestBootResults(repoPath: string, options: { passphrase?: Passphrase | undefined; backupId?: string | undefined } = {}): Promise<Record<string, BootSummary>> {
   const repo = await Repository.open(repoPath, { access: 'read', passphrase: options.passphrase, manyWriters: true });
-  return latestBoots(repo, options.backupId === undefined ? undefined : await repo.findBackupId(options.backupId));
+  try {
+    return await latestBoots(repo, options.backupId === undefined ? undefined : await repo.findBackupId(options.backupId));
+  } finally {
+    await repo.close();
+  }
 }
 
 export async function latestBoots(repo: Repository, id?: string): Promise<Record<string, BootSummary>> {

@@ -15,11 +15,34 @@ export interface BackupFilter {
   disk?: string | undefined;
   since?: string | undefined;
   until?: string | undefined;
+  /** At most this many backups an answer (a page); `next` says where the following page starts. */
+  limit?: number | undefined;
+  /** A page's `next`: the answer holds the backups after the one it names, in the listing's order. */
+  after?: { startTime: string; id: string } | undefined;
+}
+
+/**
+ * Backups an answer holds by default and at most: a page of 1,000 is ~1.5 MiB of JSON; the whole of a catalogue
+ * of 10,000 backups was 15 MiB, built in memory per request (bench/results/dashboard-*.md).
+ */
+export const PAGE_DEFAULT = 1000;
+export const PAGE_MAX = 10_000;
+
+/** A page's `next`: opaque to clients (base64url of the last backup's startTime and id), stable across prunes. */
+function encodeCursor(record: BackupRecord): string {
+  return Buffer.from(`${record.startTime} ${record.id}`, 'utf8').toString('base64url');
+}
+
+function decodeCursor(text: string): { startTime: string; id: string } {
+  const decoded = /^[A-Za-z0-9_-]{1,200}$/.test(text) ? Buffer.from(text, 'base64url').toString('utf8') : '';
+  const match = /^(\S{1,64}) ([0-9a-f]{32})$/.exec(decoded);
+  if (!match) throw new InvalidArgumentError('after must be a `next` of an earlier answer', { field: 'after' });
+  return { startTime: match[1]!, id: match[2]! };
 }
 
 /** `since` and `until`: RFC 3339 instants, compared with each backup's startTime; `since` inclusive, `until` exclusive. */
 export function parseFilter(query: URLSearchParams): BackupFilter {
-  const known = ['name', 'disk', 'since', 'until'];
+  const known = ['name', 'disk', 'since', 'until', 'limit', 'after'];
   for (const key of query.keys()) if (!known.includes(key)) throw new InvalidArgumentError(`unknown filter ${JSON.stringify(key.slice(0, 64))} (known: ${known.join(', ')})`, { field: key.slice(0, 64) });
   const instant = (key: 'since' | 'until'): string | undefined => {
     const value = query.get(key) ?? undefined;
@@ -27,7 +50,17 @@ export function parseFilter(query: URLSearchParams): BackupFilter {
     if (!/^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2}))?$/.test(value) || Number.isNaN(Date.parse(value))) throw new InvalidArgumentError(`${key} must be a date or an RFC 3339 time (2026-12-07 or 2026-12-07T03:00:00Z)`, { field: key });
     return new Date(value).toISOString();
   };
-  return { name: query.get('name') ?? undefined, disk: query.get('disk') ?? undefined, since: instant('since'), until: instant('until') };
+  const limitText = query.get('limit');
+  if (limitText !== null && (!/^\d{1,6}$/.test(limitText) || Number(limitText) < 1 || Number(limitText) > PAGE_MAX)) throw new InvalidArgumentError(`limit must be a whole number from 1 to ${PAGE_MAX}`, { field: 'limit' });
+  const after = query.get('after');
+  return {
+    name: query.get('name') ?? undefined,
+    disk: query.get('disk') ?? undefined,
+    since: instant('since'),
+    until: instant('until'),
+    limit: limitText === null ? undefined : Number(limitText),
+    after: after === null ? undefined : decodeCursor(after),
+  };
 }
 
 /**
@@ -65,6 +98,12 @@ function matches(record: BackupRecord, filter: BackupFilter): boolean {
  * one per boot test). Without it a catalogue of 10,000 backups read 10,000 files per request
  * (bench/results/dashboard-*.md).
  */
+/** (startTime, id) by code points, as the pages' cursors compare them (never by locale: the order must be one). */
+function compareListing(a: BackupRecord, b: BackupRecord): number {
+  if (a.startTime !== b.startTime) return a.startTime < b.startTime ? -1 : 1;
+  return a.id < b.id ? -1 : a.id > b.id ? 1 : 0;
+}
+
 class RecordCache {
   private readonly records = new Map<string, BackupRecord>();
   private sorted: BackupRecord[] = [];
@@ -99,7 +138,7 @@ class RecordCache {
           damaged.push({ id, message: (error as Error).message });
         }
       }
-      if (changed) this.sorted = [...this.records.values()].sort((a, b) => a.startTime.localeCompare(b.startTime) || a.id.localeCompare(b.id));
+      if (changed) this.sorted = [...this.records.values()].sort((a, b) => compareListing(a, b));
       return { backups: this.sorted, damaged, boots: await latestBoots(repo) };
     } finally {
       await repo.close();
@@ -126,7 +165,25 @@ export function catalogueOf(repo: RepositoryConfig, passphrase: Buffer | undefin
 export async function backupsOf(repo: RepositoryConfig, passphrase: Buffer | undefined, filter: BackupFilter): Promise<Record<string, unknown>> {
   const { backups, damaged, boots } = await catalogueOf(repo, passphrase);
   const byId = new Map(backups.map((b) => [b.id, b]));
-  return { backups: backups.filter((b) => matches(b, filter)).map((b) => ({ ...backupJson(b, boots[b.id] ?? null), chain: chainOf(b, byId) })), damaged };
+  const limit = filter.limit ?? PAGE_DEFAULT;
+  const after = filter.after;
+  const page: BackupRecord[] = [];
+  let more = false;
+  // The listing's order is (startTime, id) ascending: a page starts after the cursor's place in it.
+  for (const b of backups) {
+    if (after !== undefined && (b.startTime < after.startTime || (b.startTime === after.startTime && b.id <= after.id))) continue;
+    if (!matches(b, filter)) continue;
+    if (page.length === limit) {
+      more = true;
+      break;
+    }
+    page.push(b);
+  }
+  return {
+    backups: page.map((b) => ({ ...backupJson(b, boots[b.id] ?? null), chain: chainOf(b, byId) })),
+    damaged,
+    next: more ? encodeCursor(page.at(-1)!) : null,
+  };
 }
 
 export async function backupOf(repo: RepositoryConfig, passphrase: Buffer | undefined, id: string): Promise<Record<string, unknown>> {

@@ -56,7 +56,8 @@ export function errorJson(error: unknown): { code: ErrorCode; message: string; d
 }
 
 export function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
-  const text = `${JSON.stringify(body, null, 2)}\n`;
+  // Compact: a page of 1,000 backups is a third smaller than indented (pipe it through jq to read it).
+  const text = `${JSON.stringify(body)}\n`;
   res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store', ...headers });
   res.end(text);
 }
