@@ -9,7 +9,7 @@
  * clock skew by LD_PRELOAD) and the commands whose output or exit code is the assertion stay processes.
  */
 import { expect } from 'vitest';
-import { restore, verify, type VerifyReport } from '../dist/engine/index.js';
+import { restore, setNoticeSink, verify, type VerifyReport } from '../dist/engine/index.js';
 import { filesIdentical } from './helpers.js';
 
 let turns: Promise<unknown> = Promise.resolve();
@@ -18,13 +18,16 @@ let turns: Promise<unknown> = Promise.resolve();
  * `call` with `env` (ENGINE_CACHE_DIR, S3's variables: the library reads them from process.env, as a process
  * does) set in process.env for its length; calls take turns, so that none sees another's.
  */
-export function inEnvironment<T>(env: Record<string, string>, call: () => Promise<T>): Promise<T> {
+export function inEnvironment<T>(env: Record<string, string>, call: () => Promise<T>, notices?: string[]): Promise<T> {
   const turn = turns.then(async () => {
     const saved = Object.keys(env).map((key) => [key, process.env[key]] as const);
     Object.assign(process.env, env);
+    // What the CLI prints on stderr of its own accord (repo-format/notices.ts: a dead lease broken, a cache rebuilt).
+    if (notices) setNoticeSink((message) => notices.push(message));
     try {
       return await call();
     } finally {
+      if (notices) setNoticeSink(undefined);
       for (const [key, value] of saved) {
         if (value === undefined) delete process.env[key];
         else process.env[key] = value;
@@ -45,9 +48,12 @@ export function expectClean(report: VerifyReport): VerifyReport {
   return report;
 }
 
-/** `restore ID --to target` (a new file) and compared with `source` (cmp); false when either fails. */
-export async function restoresIdentical(repo: string, id: string, source: string, target: string, env: Record<string, string> = {}, passphrase = passphraseOf(env)): Promise<boolean> {
-  const restored = await inEnvironment(env, () => restore({ repo, passphrase, backupId: id, target: { kind: 'path', path: target } })).then(
+/**
+ * `restore ID --to target` (a new file) and compared with `source` (cmp); false when either fails. `notices`
+ * collects what the CLI would have printed on stderr (its notices; a restore prints nothing else but progress).
+ */
+export async function restoresIdentical(repo: string, id: string, source: string, target: string, env: Record<string, string> = {}, passphrase = passphraseOf(env), notices?: string[]): Promise<boolean> {
+  const restored = await inEnvironment(env, () => restore({ repo, passphrase, backupId: id, target: { kind: 'path', path: target } }), notices).then(
     () => true,
     () => false,
   );
