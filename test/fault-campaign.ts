@@ -37,8 +37,9 @@ export interface GcJson {
   backupsCommittedDuringGc: string[];
 }
 
+/** The ids of the repository's backups (list; a library call, test/library-calls.ts). */
 export async function backupIds(repo: string): Promise<string[]> {
-  return (await listBackups(repo)).backups.map((b) => b.id);
+  return (await inEnvironment({}, () => listBackups(repo))).backups.map((b) => b.id);
 }
 
 /** verify --read-data: no problem; its garbage. */
