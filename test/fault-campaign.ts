@@ -7,11 +7,12 @@
  * when the run ends.
  */
 import { expect, inject } from 'vitest';
-import { copyFile, open, readdir, truncate, writeFile } from 'node:fs/promises';
+import { copyFile, open, readdir, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
-import { filesIdentical, parseJson, runEngine, sh, sparseFile, spawnEngine, withoutProgress, writeRegion, type BackupJson, type RunResult } from './helpers.js';
-import { listQuarantine, SeededRandom } from '../dist/engine/index.js';
+import { parseJson, runEngine, sparseFile, spawnEngine, withoutProgress, writeRegion, type BackupJson, type RunResult } from './helpers.js';
+import { listBackups, listQuarantine, prune, SeededRandom } from '../dist/engine/index.js';
+import { inEnvironment, restoresIdentical, verifiesClean } from './library-calls.js';
 import { noFaults } from './fault-campaign-counts.js';
 
 const MiB = 1024 * 1024;
@@ -36,18 +37,14 @@ export interface GcJson {
   backupsCommittedDuringGc: string[];
 }
 
+/** The ids of the repository's backups (list; a library call, test/library-calls.ts). */
 export async function backupIds(repo: string): Promise<string[]> {
-  const result = await runEngine(['list', '--repo', repo, '--json']);
-  expect(result.code).toBe(0);
-  return parseJson<{ backups: { id: string }[] }>(result.stdout).backups.map((b) => b.id);
+  return (await inEnvironment({}, () => listBackups(repo))).backups.map((b) => b.id);
 }
 
+/** verify --read-data: no problem; its garbage. */
 export async function expectVerifies(repo: string): Promise<Garbage> {
-  const result = await runEngine(['verify', '--repo', repo, '--read-data', '--json']);
-  const report = parseJson<{ ok: boolean; problems: unknown[]; garbage: Garbage }>(result.stdout);
-  expect(report.problems).toEqual([]);
-  expect(result.code).toBe(0);
-  return report.garbage;
+  return (await verifiesClean(repo)).garbage;
 }
 
 /**
@@ -72,6 +69,24 @@ export class CampaignRepo {
 
   get encrypted(): boolean {
     return this.auth.length > 0;
+  }
+
+  /** The passphrase for library calls: the bytes of --password-file less one trailing newline, as the CLI reads them. */
+  private async passphrase(): Promise<Buffer | undefined> {
+    if (!this.encrypted) return undefined;
+    const bytes = await readFile(this.auth[this.auth.indexOf('--password-file') + 1]!);
+    return bytes.subarray(0, bytes.length - (bytes.at(-1) === 0x0a ? (bytes.at(-2) === 0x0d ? 2 : 1) : 0));
+  }
+
+  /** A library call (test/library-calls.ts) in the repository's environment, with its passphrase. */
+  private async call<T>(what: (passphrase: Buffer | undefined) => Promise<T>): Promise<T> {
+    const passphrase = await this.passphrase();
+    return inEnvironment(this.env, () => what(passphrase));
+  }
+
+  /** prune --keep-last N. */
+  async prunes(keepLast: number): Promise<void> {
+    await this.call((passphrase) => prune({ repo: this.repo, passphrase, policy: { last: keepLast } }));
   }
 
   run(args: string[], options: { env?: Record<string, string> } = {}): Promise<RunResult> {
@@ -99,9 +114,7 @@ export class CampaignRepo {
   }
 
   async ids(): Promise<string[]> {
-    const result = await this.run(['list', '--json']);
-    expect(result.code).toBe(0);
-    return parseJson<{ backups: { id: string }[] }>(result.stdout).backups.map((b) => b.id);
+    return (await this.call((passphrase) => listBackups(this.repo, { passphrase }))).backups.map((b) => b.id);
   }
 
   /** Forgets the committed backups that are no longer in the repository (pruned). */
@@ -111,11 +124,7 @@ export class CampaignRepo {
   }
 
   async verifies(): Promise<Garbage> {
-    const result = await this.run(['verify', '--read-data', '--json']);
-    const report = parseJson<{ ok: boolean; problems: unknown[]; garbage: Garbage }>(result.stdout);
-    expect(report.problems).toEqual([]);
-    expect(result.code).toBe(0);
-    return report.garbage;
+    return (await verifiesClean(this.repo, this.env, await this.passphrase())).garbage;
   }
 
   /** Restores every committed backup and compares it with its source; counts and returns the losses. */
@@ -123,9 +132,8 @@ export class CampaignRepo {
     let lost = 0;
     for (const { id, source } of this.committed) {
       const target = join(this.scratch, `campaign-restore-${id}`);
-      const result = await this.run(['restore', id, '--to', target]);
-      if (result.code !== 0 || !(await filesIdentical(source, target))) lost += 1;
-      await sh('rm', ['-f', target]);
+      if (!(await restoresIdentical(this.repo, id, source, target, this.env, await this.passphrase()))) lost += 1;
+      await rm(target, { force: true });
     }
     campaign.lost += lost;
     expect(lost).toBe(0);
@@ -139,6 +147,8 @@ export class CampaignRepo {
    */
   async afterFault(kind: 'crash' | 'damage', mustDetect = false): Promise<void> {
     this.count(kind === 'crash' ? 'crashes' : 'damage');
+    // A process: its exit code says what verify found (4: a problem, whether a report's or an error's such as a
+    // damaged index's), the detection the campaign counts.
     const first = await this.run(['verify', '--read-data', '--json']);
     expect([0, 4]).toContain(first.code);
     const heal = new Set<string>();
@@ -159,7 +169,7 @@ export class CampaignRepo {
     await this.restoresAll();
     await this.verifies();
     // Keep the repository small: two backups of each name are enough to go on with.
-    expect((await this.run(['prune', '--keep-last', '2'])).code).toBe(0);
+    await this.prunes(2);
     await this.forgetRemoved();
   }
 
@@ -199,7 +209,7 @@ export class CampaignRepo {
     await copyFile(full, part);
     await truncate(part, 2 * MiB);
     await this.backupOf(part, 'gc');
-    expect((await this.run(['prune', '--keep-last', '1'])).code).toBe(0);
+    await this.prunes(1);
     await this.forgetRemoved();
   }
 }

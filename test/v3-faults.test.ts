@@ -13,6 +13,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { chmod, mkdir, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { restoresIdentical } from './library-calls.js';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
 import { startFaultProxy, type FaultProxy } from './s3-fault-proxy.js';
 import { createBucket, openRgwStorage, rawPut, repositoryKeys, setLeaseTiming, untilLeasesExpired, v3Env } from './s3-helpers.js';
@@ -51,11 +52,10 @@ async function backupOk(repo: string, image: string, env: Record<string, string>
   return parseJson<BackupJson>(r.stdout).id;
 }
 
+/** A call of the library in this process (test/library-calls.ts), through the same store (the proxy, its faults). */
 async function expectRestores(repo: string, id: string, image: string, env: Record<string, string>): Promise<void> {
   const target = join(scratch.path, `restored-${id}.raw`);
-  const r = await runEngine(['restore', '--repo', repo, id, '--to', target], { env });
-  expect(r.code, r.stderr).toBe(0);
-  expect(await filesIdentical(target, image)).toBe(true);
+  expect(await restoresIdentical(repo, id, image, target, env)).toBe(true);
   await rm(target, { force: true });
 }
 

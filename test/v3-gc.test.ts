@@ -8,9 +8,11 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { join } from 'node:path';
+import { rm } from 'node:fs/promises';
 import { startRgwCluster, type RgwCluster } from './rgw.js';
+import { restoresIdentical, verifiesClean } from './library-calls.js';
 import { createBucket, repositoryKeys, repositoryObject, setLeaseTiming, untilPacksOlderThan, v3Env } from './s3-helpers.js';
-import { collectOutput, exitOf, filesIdentical, parseJson, runEngine, signalUntilExit, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
+import { collectOutput, exitOf, parseJson, runEngine, signalUntilExit, spawnEngine, stoppedItself, tempDir, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const BUCKET = 'engine-v3-gc';
@@ -87,16 +89,14 @@ for (const kind of ['folder', 's3'] as const) {
      * nothing wrong (every chunk of every backup read and checked).
      */
     async function everythingRestores(repo: string, only?: ReadonlySet<string>): Promise<void> {
+      // Calls of the library in this process (test/library-calls.ts): gc is what is tested here, these read its result.
       for (const [id, source] of committed.get(repo)!) {
         if (only && !only.has(id)) continue;
         const target = join(scratch.path, `${kind}-restore-${id}.raw`);
-        const r = await runEngine(['restore', '--repo', repo, id, '--to', target, '--force'], { env: e() });
-        expect(r.code, r.stderr).toBe(0);
-        expect(await filesIdentical(target, source), `backup ${id} of ${source}`).toBe(true);
+        expect(await restoresIdentical(repo, id, source, target, e()), `backup ${id} of ${source}`).toBe(true);
+        await rm(target, { force: true });
       }
-      const verified = await runEngine(['verify', '--repo', repo, '--read-data', '--json'], { env: e() });
-      expect(verified.code, `${verified.stdout}\n${verified.stderr}`).toBe(0);
-      expect(parseJson<{ ok: boolean; backups: number }>(verified.stdout)).toMatchObject({ ok: true, backups: committed.get(repo)!.size });
+      expect(await verifiesClean(repo, e())).toMatchObject({ ok: true, backups: committed.get(repo)!.size });
     }
 
     test('after a backup is forgotten, gc deletes exactly the packs only it used; a dry run says so first and changes nothing', async () => {
