@@ -165,10 +165,10 @@ describe('engine server: jobs', () => {
   test('the catalogue: list with filters and chains, show by prefix, statistics', async () => {
     const second = (await jobEnd(server, (await post({ kind: 'backup', repository: 'main', name: 'b', disks: [{ kind: 'raw', path: join(dir, 'b.img'), name: 'disk0' }] })).id)) as Job;
     expect(second.state).toBe('succeeded');
-    const all = (await call(server, 'GET', '/api/v1/repositories/main/backups')).json as { backups: Record<string, unknown>[]; damaged: unknown[] };
+    const all = (await call(server, 'GET', '/api/v1/repositories/main/backups')).json as { backups: Record<string, unknown>[]; damaged: unknown[]; next: string | null };
     expect(all.backups.map((b) => b.id)).toEqual([first.result!.id, second.result!.id]);
     expect(all.damaged).toEqual([]);
-    expect((all as { next: unknown }).next).toBeNull();
+    expect(all.next).toBeNull();
     // Pages: one backup each, the second from the first's `next`, the last page's `next` null; a bad cursor or limit is 400.
     const page1 = (await call(server, 'GET', '/api/v1/repositories/main/backups?limit=1')).json as { backups: { id: string }[]; next: string | null };
     expect(page1.backups.map((b) => b.id)).toEqual([first.result!.id]);
