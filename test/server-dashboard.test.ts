@@ -82,7 +82,9 @@ beforeAll(async () => {
   nbdkit = spawn('nbdkit', ['-f', '--exit-with-parent', '-t', '1', '-U', socket, '--filter=delay', 'pattern', '24M', 'rdelay=150ms'], { stdio: 'ignore' });
   await waitFor('nbdkit listens', () => access(socket).then(() => true, () => false), { child: nbdkit });
   slowUri = `nbd+unix:///?socket=${socket}`;
-  const config = await writeConfig(dir, { stateDir: join(dir, 'state'), tokensFile: join(dir, 'tokens'), repositories: { main: { location: repo } } });
+  // A policy whose one slot a year is far from any run of this test: the page shows it, nothing runs.
+  const policies = { yearly: { vms: { sources: [{ name: 'vm1', disks: [{ kind: 'image', path: join(dir, 'vm1.qcow2'), name: 'vda' }] }] }, repository: 'main', schedule: '0 3 1 1 *', timeZone: 'UTC' } };
+  const config = await writeConfig(dir, { stateDir: join(dir, 'state'), tokensFile: join(dir, 'tokens'), repositories: { main: { location: repo } }, policies });
   server = await startServer(['--config', config, '--listen', '127.0.0.1:0']);
   // A VM of two restore points (a full backup and one on top of it), and one with a hostile name.
   const image = join(dir, 'vm1.qcow2');
@@ -136,6 +138,12 @@ describe('engine server: the dashboard in Chromium', () => {
     expect(cells[4]).toContain('crash');
     expect(cells[5]).toBe('not tested');
     expect(cells[6]).toBe('2');
+    // The policies: the yearly one, its schedule and next slot (1 January, 03:00 UTC), no run yet.
+    const policy = await page.locator('#policies-table tr[data-policy="yearly"] td').allTextContents();
+    expect(policy.slice(0, 3)).toEqual(['yearly', 'main', '0 3 1 1 * (UTC)']);
+    const year = new Date().getUTCFullYear();
+    expect(policy[3]).toBe(`${Date.now() < Date.UTC(year, 0, 1, 3) ? year : year + 1}-01-01 03:00:00 UTC`);
+    expect(policy[5]).toBe('none yet');
     // Its timeline: the full backup starts the chain, the second links to it.
     const points = page.locator(`li#b-${vm1[1]!}`);
     expect(await points.getAttribute('class')).toContain('linked');

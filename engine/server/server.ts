@@ -83,7 +83,7 @@ export async function startServer(options: ServerOptions): Promise<ServerHandle>
   jobs.onJobEnd((record) => metrics.jobEnded(record));
   metrics.start();
   const routes = [...buildRoutes(config, jobs, openSse), ...policyRoutes(scheduler), metricsRoute(metrics, jobs)];
-  const dashboard = createDashboard({ config, jobs, tokens, tls: tls !== undefined });
+  const dashboard = createDashboard({ config, jobs, tokens, tls: tls !== undefined, policies: () => scheduler.list() });
 
   const handler = (req: IncomingMessage, res: ServerResponse): void => {
     void answer(req, res).catch((error: unknown) => {

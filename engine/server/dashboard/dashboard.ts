@@ -27,7 +27,7 @@ import { errorJson } from '../http.js';
 import type { JobManager } from '../jobs.js';
 import { parseJobRequest } from '../job-requests.js';
 import type { Markup } from './html.js';
-import { dashboardPage, loginPage, messagePage, type BenchView, type RepositoryView } from './page.js';
+import { dashboardPage, loginPage, messagePage, type BenchView, type PolicyView, type RepositoryView } from './page.js';
 import { changesState, checkOrigin, csrfMatches, Sessions } from './sessions.js';
 
 export const CONTENT_SECURITY_POLICY = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
@@ -62,7 +62,7 @@ export interface Dashboard {
   principalOf(req: IncomingMessage): Promise<Principal | undefined>;
 }
 
-export function createDashboard(options: { config: ServerConfig; jobs: JobManager; tokens: TokenStore; tls: boolean; now?: () => number }): Dashboard {
+export function createDashboard(options: { config: ServerConfig; jobs: JobManager; tokens: TokenStore; tls: boolean; now?: () => number; policies?: () => PolicyView[] }): Dashboard {
   const { config, jobs, tokens, tls } = options;
   const now = options.now ?? Date.now;
   const sessions = new Sessions(tokens, tls, now);
@@ -101,6 +101,7 @@ export function createDashboard(options: { config: ServerConfig; jobs: JobManage
       now: now(),
       vmPage: Number.isSafeInteger(vmPage) && vmPage >= 0 ? vmPage : 0,
       notice: started !== null && /^[0-9a-f]{32}$/.test(started) ? `Job ${started.slice(0, 8)} started: its progress is below.` : undefined,
+      policies: options.policies?.() ?? [],
     });
   };
 

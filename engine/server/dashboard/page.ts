@@ -45,6 +45,19 @@ export interface PageInput {
   now: number;
   vmPage: number;
   notice: string | undefined;
+  /** The scheduled policies (policies/scheduler.ts, SPEC.md 23.1), as `GET /api/v1/policies` lists them. */
+  policies: PolicyView[];
+}
+
+/** What the page shows of a policy: the API's fields it needs. */
+export interface PolicyView {
+  name: string;
+  repository: string;
+  schedule: string;
+  timeZone: string;
+  nextSlot: string | null;
+  lastSlot: string | null;
+  lastRun: { id: string; vm: string; slot: string; state: string } | null;
 }
 
 /**
@@ -129,7 +142,7 @@ ${input.repositories.map((r) => usage(r))}
 </section>
 <section id="policies" aria-labelledby="policies-h">
 <h2 id="policies-h">Policies</h2>
-<p>Scheduled policies are not part of this server yet; their state will be shown here.</p>
+${input.policies.length === 0 ? html`<p>This server's config names no policy: backups run when a job is posted.</p>` : policiesTable(input.policies)}
 </section>
 <section id="bench" aria-labelledby="bench-h">
 <h2 id="bench-h">Bench</h2>
@@ -174,6 +187,15 @@ function progressText(p: JobRecord['progress']): string {
 
 function mib(bytes: number): string {
   return `${(bytes / 1048576).toFixed(1)} MiB`;
+}
+
+function policiesTable(policies: PolicyView[]): Markup {
+  return html`<table id="policies-table">
+<thead><tr><th scope="col">Policy</th><th scope="col">Repository</th><th scope="col">Schedule</th><th scope="col">Next slot</th><th scope="col">Last slot</th><th scope="col">Last run</th></tr></thead>
+<tbody>${policies.map(
+    (p) => html`<tr data-policy="${p.name}"><td>${p.name}</td><td>${p.repository}</td><td><code>${p.schedule}</code> (${p.timeZone})</td><td>${timeEl(p.nextSlot)}</td><td>${timeEl(p.lastSlot)}</td><td>${p.lastRun === null ? 'none yet' : html`${p.lastRun.vm}: <span class="state-${p.lastRun.state}">${p.lastRun.state}</span>`}</td></tr>`,
+  )}</tbody>
+</table>`;
 }
 
 function failuresTable(jobs: JobRecord[]): Markup {

@@ -55,6 +55,31 @@ export function levelOf(policy: Policy, slot: number): Level {
   return policy.levels.find((rule) => cronMatches(rule.when, wall))?.level ?? 'auto';
 }
 
+/** A policy as `GET /api/v1/policies` shows it (openapi.json's Policy). */
+function policyJson(rt: Runtime) {
+  const { policy } = rt;
+  const last = rt.store.all().at(-1);
+  return {
+    name: policy.name,
+    repository: policy.repository,
+    vms: vmsJson(policy),
+    schedule: policy.schedule.source,
+    timeZone: policy.timeZone,
+    levels: policy.levels.map((l) => ({ when: l.when.source, level: l.level })),
+    retention: policy.retention === undefined ? null : { keep: policy.retention },
+    verify: policy.verify === undefined ? null : { readData: policy.verify.readData, subset: policy.verify.subset ?? null },
+    bootTest: policy.bootTest === undefined ? null : { timeoutSeconds: policy.bootTest.timeoutSeconds ?? null, memoryMiB: policy.bootTest.memoryBytes === undefined ? null : policy.bootTest.memoryBytes / 1024 / 1024, expectConsole: policy.bootTest.expectConsole ?? null },
+    copyTo: policy.copyTo ?? null,
+    // Where hooks go, not what they carry: a URL without its user, password or query.
+    notify: policy.notify === undefined ? null : { on: [...policy.notify.on], command: policy.notify.command?.[0] ?? null, url: policy.notify.url === undefined ? null : redactUrl(policy.notify.url), timeoutSeconds: policy.notify.timeoutMs / 1000 },
+    lastSlot: rt.lastSlot === null ? null : new Date(rt.lastSlot).toISOString(),
+    nextSlot: rt.nextSlot === null ? null : new Date(rt.nextSlot).toISOString(),
+    lastRun: last === undefined ? null : { id: last.id, vm: last.vm, slot: last.slot, state: last.state },
+  };
+}
+
+export type PolicyJson = ReturnType<typeof policyJson>;
+
 export class Scheduler {
   private readonly runtimes = new Map<string, Runtime>();
   /** VM key -> what reads it (a run's description). */
@@ -332,34 +357,12 @@ export class Scheduler {
     return rt;
   }
 
-  list(): Record<string, unknown>[] {
-    return [...this.runtimes.values()].map((rt) => this.describe(rt));
+  list(): PolicyJson[] {
+    return [...this.runtimes.values()].map((rt) => policyJson(rt));
   }
 
-  get(name: string): Record<string, unknown> {
-    return this.describe(this.runtime(name));
-  }
-
-  private describe(rt: Runtime): Record<string, unknown> {
-    const { policy } = rt;
-    const last = rt.store.all().at(-1);
-    return {
-      name: policy.name,
-      repository: policy.repository,
-      vms: vmsJson(policy),
-      schedule: policy.schedule.source,
-      timeZone: policy.timeZone,
-      levels: policy.levels.map((l) => ({ when: l.when.source, level: l.level })),
-      retention: policy.retention === undefined ? null : { keep: policy.retention },
-      verify: policy.verify === undefined ? null : { readData: policy.verify.readData, subset: policy.verify.subset ?? null },
-      bootTest: policy.bootTest === undefined ? null : { timeoutSeconds: policy.bootTest.timeoutSeconds ?? null, memoryMiB: policy.bootTest.memoryBytes === undefined ? null : policy.bootTest.memoryBytes / 1024 / 1024, expectConsole: policy.bootTest.expectConsole ?? null },
-      copyTo: policy.copyTo ?? null,
-      // Where hooks go, not what they carry: a URL without its user, password or query.
-      notify: policy.notify === undefined ? null : { on: [...policy.notify.on], command: policy.notify.command?.[0] ?? null, url: policy.notify.url === undefined ? null : redactUrl(policy.notify.url), timeoutSeconds: policy.notify.timeoutMs / 1000 },
-      lastSlot: rt.lastSlot === null ? null : new Date(rt.lastSlot).toISOString(),
-      nextSlot: rt.nextSlot === null ? null : new Date(rt.nextSlot).toISOString(),
-      lastRun: last === undefined ? null : { id: last.id, vm: last.vm, slot: last.slot, state: last.state },
-    };
+  get(name: string): PolicyJson {
+    return policyJson(this.runtime(name));
   }
 
   /** The policy's runs, newest first. */
