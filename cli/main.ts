@@ -39,6 +39,8 @@ function buildProgram(): Command {
       outputError: (text, write) => write(`engine: ${text.replace(/^error: /, '')}`),
     });
 
+  // ENGINE_TEST_CPU_LOG (bin/engine.js): when the command's own work begins, after loading and parsing.
+  if (process.env.ENGINE_TEST_CPU_LOG) program.hook('preAction', () => void performance.mark('engine:action', { detail: process.cpuUsage() }));
   registerRepositoryCommands(program);
   registerBackupCommand(program);
   registerRestoreCommand(program);
