@@ -114,9 +114,10 @@ if (compileCache !== undefined) {
 }
 /**
  * The bundle (dist/bundle/, scripts/bundle.mjs: tsc's output in a few files, its lazy parts still lazy) while every
- * module of dist/ it was made from is as it was then (dist/bundle/inputs.json: size and mtime of each), else tsc's
- * output itself: a `tsc`, or a `tsc --watch` rewriting one module, after the bundle step never runs stale code, only
- * slower. The check is one small JSON file and a stat per module (~230): measured in the launcher, ~2 ms CPU against
+ * module of dist/ it was made from is as it was then (dist/bundle/inputs.json: size and mtime of each; also of the
+ * LevelDB packages it took in, as ../node_modules/...), else tsc's output itself: a `tsc`, or a `tsc --watch`
+ * rewriting one module, after the bundle step never runs stale code, only slower; nor an `npm install` that changed
+ * classic-level its old JavaScript with the new addon. The check is one small JSON file and a stat per module (~230): measured in the launcher, ~2 ms CPU against
  * ~0.4 for the two stats it replaced, next to the bundle's ~x0.8-0.9 CPU per command (bench/fixed-costs.ts, paired;
  * --version saves ~7-11 ms). ENGINE_NO_BUNDLE=1 runs tsc's output (a bench's baseline, a debugger).
  */
