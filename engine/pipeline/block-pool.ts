@@ -6,7 +6,7 @@
  * while the main thread reads, looks up and writes.
  */
 import { availableParallelism } from 'node:os';
-import { Piscina } from 'piscina';
+import type { Piscina } from 'piscina';
 import { maxFrameLength } from '../../repo-format/blob-codec.js';
 import { CorruptFrameError, CorruptPackError } from '../../repo-format/errors.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
@@ -121,8 +121,8 @@ export class BlockPool {
    * disk, whose size was not known when the pool was made) starts no thread. Undefined for a small job (runsInline),
    * whose runner on the main thread is likewise made on first use.
    */
-  private readonly startPool: (() => Piscina) | undefined;
-  private piscina: Piscina | undefined;
+  private readonly startPool: (() => Promise<Piscina>) | undefined;
+  private piscina: Promise<Piscina> | undefined;
   private inline: Promise<BlockRunner> | undefined;
   private readonly setup: WorkerSetup;
 
@@ -146,7 +146,9 @@ export class BlockPool {
     }
     const workers = workersFor(options.workers, options.workBytes);
     this.workers = workers;
-    this.startPool = () => new Piscina({
+    // piscina itself is loaded with the pool: a job on the main thread never loads it (~15 ms CPU, with the
+    // worker_threads and perf_hooks modules it brings; measured, a bare import with the compile cache).
+    this.startPool = async () => new (await import('piscina')).Piscina({
       filename: new URL('./block-worker.js', import.meta.url).href,
       minThreads: workers,
       maxThreads: workers,
@@ -237,15 +239,18 @@ export class BlockPool {
     const task = { op: 'verify-pack', pack: bytes, frames } satisfies VerifyPackTask;
     const pool = this.pool();
     if (pool === undefined) return this.runInline(task);
-    return pool.run(task, { transferList: [bytes.buffer as ArrayBuffer] }) as Promise<VerifyPackResult>;
+    return pool.then((started) => started.run(task, { transferList: [bytes.buffer as ArrayBuffer] }) as Promise<VerifyPackResult>);
   }
 
   async close(): Promise<void> {
-    await this.piscina?.destroy();
+    await (await this.piscina)?.destroy();
   }
 
-  /** The worker pool (started now if this is the first task), or undefined: the main thread runs the tasks. */
-  private pool(): Piscina | undefined {
+  /**
+   * The worker pool (started now if this is the first task), or undefined: the main thread runs the tasks. Tasks
+   * asked for while it starts are handed to it in the order they were asked for (one promise, settled once).
+   */
+  private pool(): Promise<Piscina> | undefined {
     if (this.startPool === undefined) return undefined;
     this.piscina ??= this.startPool();
     return this.piscina;
@@ -254,7 +259,7 @@ export class BlockPool {
   private run<T>(task: BlockTask): Promise<T> {
     const pool = this.pool();
     if (pool === undefined) return this.runInline(task);
-    return pool.run(task) as Promise<T>;
+    return pool.then((started) => started.run(task) as Promise<T>);
   }
 
   /**
