@@ -29,6 +29,12 @@ export default defineConfig({
     hookTimeout: 120_000,
     pool: 'forks',
     maxWorkers: 3,
+    // The engine's compiled modules (dist/, tsc's output, which 93 files import) are loaded by Node itself, as the
+    // CLI loads them, not transformed by Vite and run through its module runner in each file's fresh fork (Vite
+    // inlines every module outside node_modules). Measured (vitest run, 3 sets of 10-20 light files, load 13-21):
+    // 62.8 -> 58.8 CPU-s in all, -6%.
+    // Packages' own dist/ folders keep Vite's rules.
+    server: { deps: { external: [/^(?!.*\/node_modules\/).*\/dist\/.*\.js$/] } },
     sequence: { sequencer: LongFilesFirst },
   },
 });

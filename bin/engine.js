@@ -25,6 +25,59 @@ if (process.env.ENGINE_CALLER_GLIBC_TUNABLES !== undefined) {
   delete process.env.ENGINE_CALLER_GLIBC_TUNABLES;
 }
 /**
+ * For the tests and benches only, like ENGINE_CRASH_AT: ENGINE_TEST_CPU_LOG=FILE appends one JSON line to FILE when the
+ * process exits: the command (argv[2..3]), its own CPU (process.cpuUsage: every thread's), the CPU of the children it
+ * waited for (/proc/self/stat), peak RSS, wall ms since the process started; the wall ms and CPU ms by which this
+ * launcher started, its entry was imported and the command's action began (the mark cli/main.ts sets); and the
+ * worker threads it started.
+ * What a suite's thousands of engine processes spend, by command, is then a sum over FILE (scripts/cpu-log.mjs).
+ * A process killed by a signal (the kill -9 tests) writes no line.
+ */
+async function cpuLog(file) {
+  const { appendFileSync } = await import('node:fs');
+  const { subscribe } = await import('node:diagnostics_channel');
+  const { performance } = await import('node:perf_hooks');
+  const launcher = performance.now();
+  const launcherCpu = process.cpuUsage();
+  let workers = 0;
+  subscribe('worker_threads', () => workers++);
+  process.on('exit', (code) => {
+    const cpu = process.cpuUsage();
+    const usage = process.resourceUsage();
+    let children = null;
+    try {
+      // Fields 16 and 17 (cutime, cstime), after the command name in parentheses, in clock ticks (100 Hz).
+      const fields = readFileSync('/proc/self/stat', 'utf8').replace(/^.*\) /, '').split(' ');
+      children = (Number(fields[13]) + Number(fields[14])) / 100;
+    } catch {}
+    const mark = (name) => performance.getEntriesByName(name, 'mark')[0]?.startTime ?? null;
+    const actionCpu = performance.getEntriesByName('engine:action', 'mark')[0]?.detail;
+    const entryCpu = performance.getEntriesByName('engine:entry', 'mark')[0]?.detail;
+    const ms = (usage) => (usage ? (usage.user + usage.system) / 1000 : null);
+    const line = {
+      pid: process.pid,
+      argv: process.argv.slice(2, 4),
+      code,
+      userMs: cpu.user / 1000,
+      systemMs: cpu.system / 1000,
+      childrenS: children,
+      maxRssKiB: usage.maxRSS,
+      wallMs: performance.now(),
+      launcherMs: launcher,
+      launcherCpuMs: ms(launcherCpu),
+      entryMs: mark('engine:entry'),
+      entryCpuMs: ms(entryCpu),
+      actionMs: mark('engine:action'),
+      actionCpuMs: ms(actionCpu),
+      workers,
+    };
+    try {
+      appendFileSync(file, `${JSON.stringify(line)}\n`);
+    } catch {}
+  });
+}
+if (process.env.ENGINE_TEST_CPU_LOG) await cpuLog(process.env.ENGINE_TEST_CPU_LOG);
+/**
  * Node's compile cache: V8's compiled code of dist/ kept between runs, so that each command does not parse and
  * compile its ~150 modules again (measured, paired medians on the loaded 2-core machine: a restore of a 64 MiB disk
  * 0.338 -> 0.311 and 0.374 -> 0.352 CPU-s, a backup of it 0.438 -> 0.422, `--version` 0.086 -> 0.081).
@@ -61,9 +114,10 @@ if (compileCache !== undefined) {
 }
 /**
  * The bundle (dist/bundle/, scripts/bundle.mjs: tsc's output in a few files, its lazy parts still lazy) while every
- * module of dist/ it was made from is as it was then (dist/bundle/inputs.json: size and mtime of each), else tsc's
- * output itself: a `tsc`, or a `tsc --watch` rewriting one module, after the bundle step never runs stale code, only
- * slower. The check is one small JSON file and a stat per module (~230): measured in the launcher, ~2 ms CPU against
+ * module of dist/ it was made from is as it was then (dist/bundle/inputs.json: size and mtime of each; also of the
+ * LevelDB packages it took in, as ../node_modules/...), else tsc's output itself: a `tsc`, or a `tsc --watch`
+ * rewriting one module, after the bundle step never runs stale code, only slower; nor an `npm install` that changed
+ * classic-level its old JavaScript with the new addon. The check is one small JSON file and a stat per module (~230): measured in the launcher, ~2 ms CPU against
  * ~0.4 for the two stats it replaced, next to the bundle's ~x0.8-0.9 CPU per command (bench/fixed-costs.ts, paired;
  * --version saves ~7-11 ms). ENGINE_NO_BUNDLE=1 runs tsc's output (a bench's baseline, a debugger).
  */
@@ -92,4 +146,5 @@ if (!existsSync(entry)) {
   process.stderr.write('engine: not built yet; run `npm run build` (or `bash scripts/setup.sh`) in the project root\n');
   process.exit(1);
 }
+if (process.env.ENGINE_TEST_CPU_LOG) performance.mark('engine:entry', { detail: process.cpuUsage() });
 await import(entry.href);

@@ -5,7 +5,8 @@
  * all read in any repository.
  */
 import { constants as zlibConstants, ZstdCompress, ZstdDecompress, zstdCompressSync, zstdDecompressSync } from 'node:zlib';
-import { compressSync, uncompressSync } from 'lz4-napi';
+import { createRequire } from 'node:module';
+import type * as Lz4Napi from 'lz4-napi';
 import { COMPRESSION_ID, FLAG_LZ4, FLAG_ZSTD, MAX_ZSTD_LEVEL, MIN_ZSTD_LEVEL, ZSTD_COMPRESSION_ID } from './constants.js';
 import { EngineError, InvalidArgumentError } from './errors.js';
 import { nativeLz4 } from './lz4-native.js';
@@ -76,9 +77,20 @@ const LZ4_SIZE_PREFIX = 4;
  */
 let lz4Scratch = Buffer.alloc(0);
 
+/**
+ * lz4-napi, loaded on first use: only a process without liblz4's addon (lz4-native.ts) uses it, and loading it
+ * (its platform checks, a second addon) cost every engine process and every block worker ~3-5 ms of CPU, the
+ * suite's ~3,800 engine processes some 15 CPU-s (measured: a bare import, with the compile cache).
+ */
+let lz4NapiModule: typeof Lz4Napi | undefined;
+function lz4Napi(): typeof Lz4Napi {
+  lz4NapiModule ??= createRequire(import.meta.url)('lz4-napi') as typeof Lz4Napi;
+  return lz4NapiModule;
+}
+
 /** An lz4 payload of `raw` in this thread's scratch buffer (liblz4), or a new buffer (lz4-napi). */
 function lz4Compress(raw: Buffer): Buffer {
-  if (!nativeLz4) return compressSync(raw);
+  if (!nativeLz4) return lz4Napi().compressSync(raw);
   const bound = LZ4_SIZE_PREFIX + nativeLz4.compressBound(raw.length);
   if (lz4Scratch.length < bound) lz4Scratch = Buffer.allocUnsafeSlow(bound);
   lz4Scratch.writeUInt32LE(raw.length, 0);
@@ -127,7 +139,7 @@ function lz4Decompress(payload: Buffer, rawLength: number, into: Buffer | undefi
   if (payload.length < LZ4_SIZE_PREFIX || payload.readUInt32LE(0) !== rawLength) return 'lz4 size prefix disagrees with the frame header';
   if (!nativeLz4) {
     try {
-      return uncompressSync(payload);
+      return lz4Napi().uncompressSync(payload);
     } catch (error) {
       return `lz4 payload does not decompress (${(error as Error).message})`;
     }

@@ -7,6 +7,8 @@ import { access, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { generateImage } from '../dist/engine/index.js';
 import { LZ4_IMPLEMENTATION } from '../dist/repo-format/lz4-native.js';
+import { Command } from 'commander';
+import { COMMAND_GROUPS, groupsFor } from '../dist/cli/command-groups.js';
 import { ENGINE_BIN, exitOf, parseJson, runEngine, sparseFile, spawnEngine, tempDir, writeRegion, type BackupJson, hostCacheOf, hostCacheLeftovers, waitFor } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -33,6 +35,35 @@ describe('usage', () => {
     expect(help.code).toBe(0);
     for (const command of ['init', 'backup', 'list', 'show', 'restore', 'verify', 'demo']) expect(help.stdout).toContain(command);
     expect((await runEngine(['--version'])).stdout.trim()).toMatch(/^\d+\.\d+\.\d+$/);
+  });
+
+  test('each command group defines exactly the commands its table names; a command line defines only its own group', () => {
+    const defined = COMMAND_GROUPS.map((group) => {
+      const program = new Command('engine');
+      group.register(program);
+      return program.commands.map((command) => command.name());
+    });
+    COMMAND_GROUPS.forEach((group, i) => expect([...defined[i]!].sort()).toEqual([...group.names].sort()));
+    const all = defined.flat();
+    expect(new Set(all).size).toBe(all.length);
+    // completion prints every command: it defines them all (below).
+    for (const name of all.filter((n) => n !== 'completion')) {
+      expect(groupsFor(['node', 'engine', '--debug', name, '--repo', 'r'])).toEqual([COMMAND_GROUPS.find((g) => g.names.includes(name))]);
+    }
+    for (const argv of [[], ['--help'], ['help', 'list'], ['frobnicate'], ['completion', 'bash']]) expect(groupsFor(['node', 'engine', ...argv])).toBe(COMMAND_GROUPS);
+    // The program's options with a value as the next word: the value is no command.
+    const backupGroup = [COMMAND_GROUPS.find((g) => g.names.includes('backup'))];
+    expect(groupsFor(['node', 'engine', '--server', 'http://127.0.0.1:8400', '--server-token-file', 'verify', 'backup', '--repo', 'r'])).toEqual(backupGroup);
+    expect(groupsFor(['node', 'engine', '--server=http://127.0.0.1:8400', 'backup'])).toEqual(backupGroup);
+  });
+
+  test("a command's own help, and a misspelt command's suggestion, are as with every command defined", async () => {
+    const own = await runEngine(['prune', '--help']);
+    expect(own.code).toBe(0);
+    expect(own.stdout).toMatch(/^Usage: engine prune \[options\]/);
+    const near = await runEngine(['lsit', '--repo', 'x']);
+    expect(near.code).toBe(2);
+    expect(near.stderr).toBe("engine: unknown command 'lsit'\n(Did you mean list?)\n");
   });
 
   test.each([

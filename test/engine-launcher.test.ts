@@ -238,6 +238,25 @@ describe('bin/engine.js: the bundle (dist/bundle/) only while every module it wa
       expect(result).toMatch(/at .*\/repo-format\/repository\.ts:\d+:\d+/);
     }
   });
+
+  test("LevelDB's JavaScript is in the bundle and in its record of inputs; classic-level's addon is loaded from the package", async () => {
+    const checkout = fileURLToPath(new URL('..', import.meta.url));
+    const { modules } = JSON.parse(await readFile(join(checkout, 'dist', 'bundle', 'inputs.json'), 'utf8')) as { modules: [string, number, number][] };
+    const packaged = modules.map(([path]) => path).filter((path) => !path.startsWith('cli/') && !path.startsWith('engine/') && !path.startsWith('repo-format/'));
+    expect(packaged).toEqual(expect.arrayContaining(['../node_modules/classic-level/index.js', '../node_modules/abstract-level/abstract-level.js', '../node_modules/level-transcoder/index.js']));
+    for (const path of packaged) expect(path).toMatch(/^\.\.\/node_modules\/(classic-level|abstract-level|level-transcoder|level-supports|module-error|maybe-combine-errors|is-buffer)\/[^/].*\.js$/);
+    expect(packaged).not.toContain('../node_modules/classic-level/binding.js');
+    // A backup into a new format-3 repository opens its host cache (LevelDB): no file of abstract-level is opened,
+    // classic-level's addon is, through its binding.js.
+    const levelRepo = join(dir, 'repo-leveldb');
+    await initRepository(levelRepo);
+    const trace = join(dir, 'strace-leveldb');
+    await sh('strace', ['-f', '-qq', '-e', 'trace=openat', '-o', trace, process.execPath, ENGINE_BIN, 'backup', '--repo', levelRepo, '--source', image, '--name', 'leveldb']);
+    const opened = [...(await readFile(trace, 'utf8')).matchAll(/openat\([^"]*"([^"]+)", [^)]*\) = \d+/g)].map((match) => match[1]!);
+    expect(opened.filter((path) => path.includes('/node_modules/abstract-level/'))).toEqual([]);
+    expect(opened).toContain(join(checkout, 'node_modules', 'classic-level', 'binding.js'));
+    expect(opened.some((path) => path.startsWith(join(checkout, 'node_modules', 'classic-level', 'prebuilds')) && path.endsWith('.node'))).toBe(true);
+  });
 });
 
 describe('bin/engine.js on a Node.js too old for the engine', () => {

@@ -6,9 +6,10 @@
  * Which one ran is seen from outside: strace notes the name Node gives each thread it starts, a Worker's "WorkerThread".
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { INLINE_MAX_BYTES } from '../dist/engine/pipeline/block-pool.js';
-import { backUp, countingWorkers, damageFirstDataFrame, expectRestoreIdentical, parseJson, runEngine, sparseFile, tempDir, withoutProgress, writeRegion, type BackupJson } from './helpers.js';
+import { backUp, countingWorkers, damageFirstDataFrame, expectRestoreIdentical, parseJson, runEngine, sh, sparseFile, tempDir, withoutProgress, writeRegion, type BackupJson } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const PASSWORD = { ENGINE_PASSWORD: 'inline blocks' };
@@ -92,6 +93,27 @@ for (const encrypted of [false, true]) {
         expect(code).toBe(4);
         expect(report.problems.filter((p) => p.code === 'FRAME_DAMAGED')).toEqual([expect.objectContaining({ pack: damaged.pack, packOffset: damaged.offset })]);
       }
+
+      // repair checks the packs as verify does: on the main thread for a repository this small, in the pool under
+      // ENGINE_TEST_BLOCK_WORKERS=pool. Each, on a copy of its own (and a host cache of its own), sets aside that
+      // frame and only it, and rebuilds the same index. Its worker threads are counted by ENGINE_TEST_CPU_LOG
+      // (bin/engine.js), as repair exits non-zero here (a backup still needs the damaged block).
+      const repairs = [];
+      for (const [name, env] of [['inline', base], ['pool', pool]] as const) {
+        const copy = join(dir, `${encrypted ? 'e' : 'p'}-repair-${name}`);
+        await sh('cp', ['-a', repo, copy]);
+        const log = join(dir, `${encrypted ? 'e' : 'p'}-repair-${name}.jsonl`);
+        const result = await runEngine(['repair', '--repo', copy, '--json'], { env: { ...env, ENGINE_CACHE_DIR: join(dir, `cache-${name}`), ENGINE_TEST_CPU_LOG: log } });
+        const report = parseJson<{ index: { packs: number; blobs: number }; quarantined: { pack: string; offset: number }[] }>(result.stdout);
+        const lines = (await readFile(log, 'utf8')).trim().split('\n').map((line) => JSON.parse(line) as { argv: string[]; workers: number });
+        expect(lines).toHaveLength(1);
+        expect(lines[0]!.argv[0]).toBe('repair');
+        repairs.push({ code: result.code, workers: lines[0]!.workers, index: report.index, quarantined: report.quarantined.map((q) => [q.pack, q.offset]) });
+      }
+      expect(repairs[0]!.workers).toBe(0);
+      expect(repairs[1]!.workers).toBeGreaterThan(0);
+      expect(repairs[0]!.quarantined).toEqual([[damaged.pack, damaged.offset]]);
+      expect({ ...repairs[1]!, workers: 0 }).toEqual(repairs[0]);
     });
   });
 }

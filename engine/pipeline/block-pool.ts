@@ -6,7 +6,7 @@
  * while the main thread reads, looks up and writes.
  */
 import { availableParallelism } from 'node:os';
-import { Piscina } from 'piscina';
+import type { Piscina } from 'piscina';
 import { maxFrameLength } from '../../repo-format/blob-codec.js';
 import { CorruptFrameError, CorruptPackError } from '../../repo-format/errors.js';
 import type { RepositoryKeys } from '../../repo-format/crypto.js';
@@ -21,7 +21,7 @@ import { ID_SIZE } from '../../repo-format/constants.js';
 const SLOT_BUDGET_BYTES = 32 * 1024 * 1024;
 /**
  * A worker is started for at most every this many bytes of work: starting one costs ~60 ms of CPU here
- * (a thread, its isolate, lz4-napi and xxhash-wasm loaded), about what hashing and compressing 32 MiB on
+ * (a thread, its isolate, the lz4 codec and xxhash-wasm loaded), about what hashing and compressing 32 MiB on
  * another core saves. A backup of a 10 MiB disk runs one worker, not one per core.
  */
 export const BYTES_PER_WORKER = 32 * 1024 * 1024;
@@ -276,10 +276,13 @@ export function defaultSlotCount(blockSize: number): number {
  * unchanged disk, whose size was not known when the pool was made) starts no thread.
  */
 function piscinaSink(workers: number, setup: WorkerSetup): TaskSink {
-  let piscina: Piscina | undefined;
+  // piscina itself is loaded with the pool: a job on the main thread never loads it (~15 ms CPU, with the
+  // worker_threads and perf_hooks modules it brings; measured, a bare import with the compile cache). Tasks asked
+  // for while it loads reach it in the order they were asked for (one promise, settled once).
+  let piscina: Promise<Piscina> | undefined;
   return {
-    run(task, transferList) {
-      piscina ??= new Piscina({
+    async run(task, transferList) {
+      piscina ??= import('piscina').then(({ Piscina }) => new Piscina({
         filename: new URL('./block-worker.js', import.meta.url).href,
         minThreads: workers,
         maxThreads: workers,
@@ -289,11 +292,11 @@ function piscinaSink(workers: number, setup: WorkerSetup): TaskSink {
         concurrentTasksPerWorker: 4,
         workerData: setup,
         idleTimeout: 60_000,
-      });
-      return piscina.run(task, transferList === undefined ? undefined : { transferList });
+      }));
+      return (await piscina).run(task, transferList === undefined ? undefined : { transferList });
     },
     async close() {
-      await piscina?.destroy();
+      await (await piscina)?.destroy();
     },
   };
 }

@@ -53,11 +53,14 @@ export interface PackCheckArgs {
 export async function checkPacksIntoIndex(building: string, args: PackCheckArgs, report: RepairReport): Promise<CheckedPacks> {
   const { repo } = args;
   const checked: CheckedPacks = { found: [], good: new IdPrefixSet(), goodPlaces: new GoodPlaces(), since: new Date().toISOString() };
+  const packs = await repo.listPacks();
   const built = await IndexStore.open(building, { create: true });
-  const pool = new BlockPool({ blockSize: repo.blockSize, workers: args.workers, slotCount: 1, keys: repo.keys });
+  // No more workers than the packs' bytes can use, none for a small repository (block-pool.ts: runsInline, as verify).
+  const workBytes = packs.reduce((sum, pack) => sum + pack.size, 0);
+  const pool = new BlockPool({ blockSize: repo.blockSize, workers: args.workers, slotCount: 1, keys: repo.keys, workBytes });
   try {
     await built.putMeta('repository-id', repo.config.id);
-    for await (const { packId, n, check } of checkedInOrder(repo, pool, args)) {
+    for await (const { packId, n, check } of checkedInOrder(repo, pool, packs.map((pack) => pack.packId), args)) {
       if ('unreadable' in check) {
         checked.found.push({ pack: packId, offset: 0, blob: null, why: check.unreadable, since: checked.since });
         continue;
@@ -92,8 +95,7 @@ export function goodEntries(packId: string, frames: readonly ScannedFrame[], alr
 type PackCheck = { unreadable: string } | { size: number; good: ScannedFrame[]; damage: PackDamage[] };
 
 /** Each pack's check, in pack order; the workers check a few packs ahead of the one whose result is entered. */
-async function* checkedInOrder(repo: Repository, pool: BlockPool, args: PackCheckArgs): AsyncGenerator<{ packId: string; n: number; check: PackCheck }> {
-  const packIds = await repo.listPackIds();
+async function* checkedInOrder(repo: Repository, pool: BlockPool, packIds: readonly string[], args: PackCheckArgs): AsyncGenerator<{ packId: string; n: number; check: PackCheck }> {
   const ahead: Promise<PackCheck>[] = [];
   for (let next = 0, done = 0; done < packIds.length; done += 1) {
     while (next < packIds.length && ahead.length <= pool.workers) {
