@@ -11,9 +11,10 @@ import { isNbdUri } from '../nbd/uri.js';
 import { KEEP_RULES, policyIsEmpty, type RetentionPolicy } from '../retention/policy.js';
 import type { BackupDisk, BackupFrom, ChainPolicy, QuiesceRequest } from '../backup/request.js';
 import type { RestoreTarget } from '../restore/request.js';
+import type { Selection } from '../copy/select.js';
 
-export type JobKind = 'backup' | 'restore' | 'verify' | 'prune' | 'gc';
-export const JOB_KINDS: readonly JobKind[] = ['backup', 'restore', 'verify', 'prune', 'gc'];
+export type JobKind = 'backup' | 'restore' | 'verify' | 'prune' | 'gc' | 'copy';
+export const JOB_KINDS: readonly JobKind[] = ['backup', 'restore', 'verify', 'prune', 'gc', 'copy'];
 
 export interface OvirtSource {
   url: string;
@@ -34,8 +35,9 @@ export type JobRequest =
   | { kind: 'verify'; repository: string; readData: boolean; subset: number | undefined; seed: string | undefined; workers: number | undefined }
   | { kind: 'prune'; repository: string; policy: RetentionPolicy; dryRun: boolean; names?: string[] | undefined }
   | { kind: 'gc'; repository: string; rewriteBelow: number | undefined; dryRun: boolean }
-  /** The policies' own steps (policies/scheduler.ts), not offered by POST /jobs: `engine copy` of backups to another repository of the config, and `verify --boot`. */
-  | { kind: 'copy'; repository: string; to: string; backups: string[] }
+  /** `engine copy` of backups to another repository of the config (a policy's copy step too: policies/scheduler.ts). */
+  | { kind: 'copy'; repository: string; to: string; selection: Selection }
+  /** A policy's own step (policies/scheduler.ts), not offered by POST /jobs: `verify --boot`. */
   | { kind: 'boot'; repository: string; backup: string; timeoutSeconds: number | undefined; memoryBytes: number | undefined; expectConsole: string | undefined };
 
 type Json = Record<string, unknown>;
@@ -98,6 +100,7 @@ export function parseJobRequest(body: unknown): JobRequest {
     verify: ['readData', 'subset', 'seed', 'workers'],
     prune: ['keep', 'dryRun'],
     gc: ['rewriteBelow', 'dryRun'],
+    copy: ['to', 'backups', 'all', 'name', 'latest'],
   };
   const top = fields(body, `a ${kind} job`, [...COMMON, ...allowed[kind]]);
   const repository = text(top.repository, 'repository', 64);
@@ -135,12 +138,36 @@ export function parseJobRequest(body: unknown): JobRequest {
     }
     case 'gc':
       return { kind, repository, rewriteBelow: fraction(top.rewriteBelow, 'rewriteBelow', true), dryRun: flag(top.dryRun, 'dryRun') };
+    case 'copy': {
+      const to = text(top.to, 'to', 64);
+      if (to === repository) throw new InvalidArgumentError('to is the job\'s own repository: a copy goes to another one', { field: 'to' });
+      return { kind, repository, to, selection: copySelection(top) };
+    }
   }
 }
 
-function backupId(value: unknown): string {
-  const id = text(value, 'backup', 64);
-  if (!/^[0-9a-f]{1,64}$/.test(id)) throw new InvalidArgumentError('backup must be a backup id or a prefix of one (hex digits)', { field: 'backup' });
+/** As `engine copy`'s arguments: exactly one way of choosing, backups (ids), all, name (with or without latest), or latest. */
+function copySelection(top: Json): Selection {
+  const ways = [top.backups !== undefined, top.all !== undefined, top.name !== undefined || top.latest !== undefined].filter(Boolean).length;
+  if (ways !== 1) throw new InvalidArgumentError('say which backups to copy: backups (ids), all, name, or latest (name with latest: the newest N of that name)', { field: 'backups' });
+  if (top.backups !== undefined) {
+    if (!Array.isArray(top.backups) || top.backups.length === 0 || top.backups.length > 1000) throw new InvalidArgumentError('backups must be a list of 1 to 1000 backup ids', { field: 'backups' });
+    return { kind: 'ids', ids: top.backups.map((id: unknown, i) => backupId(id, `backups[${i}]`)) };
+  }
+  if (top.all !== undefined) {
+    if (top.all !== true) throw new InvalidArgumentError('all must be true (or left out)', { field: 'all' });
+    return { kind: 'all' };
+  }
+  const latest = integer(top.latest, 'latest', 1, 1_000_000);
+  if (top.name === undefined) return { kind: 'latest', count: latest! };
+  const name = text(top.name, 'name');
+  checkName(name, 'backup', 'name');
+  return { kind: 'name', name, latest };
+}
+
+function backupId(value: unknown, where = 'backup'): string {
+  const id = text(value, where, 64);
+  if (!/^[0-9a-f]{1,64}$/.test(id)) throw new InvalidArgumentError(`${where} must be a backup id or a prefix of one (hex digits)`, { field: where });
   return id;
 }
 

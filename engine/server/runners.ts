@@ -70,7 +70,7 @@ export async function runJob(request: JobRequest, run: JobRun): Promise<Record<s
         to: target.location,
         fromPassphrase: passphrase,
         toPassphrase: target.passphrase,
-        selection: { kind: 'ids', ids: request.backups },
+        selection: request.selection,
         signal,
         onProgress: (p) => run.onProgress({ phase: `copy ${p.name} ${p.disk} (${p.index + 1}/${p.count})`, done: p.bytesDone, total: p.bytesTotal, unit: 'bytes' }),
         onNotice: run.onLog,

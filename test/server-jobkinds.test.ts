@@ -1,0 +1,123 @@
+/**
+ * The job kinds of `POST /api/v1/jobs` beyond backup, restore to a path, verify, prune and gc (SPEC.md 23):
+ * a copy between two folder repositories of the config, the copied backup restored from the target byte
+ * for byte, and the refusals of bodies that name no or a wrong target. Every request body is checked
+ * against the OpenAPI document's JobRequest, every answer against its answer schema.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { createHash } from 'node:crypto';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { filesIdentical, initRepository, tempDir, writeRegion } from './helpers.js';
+import { answerSchema, call, jobEnd, openApiDocument, recorded, startServer, validate, writeConfig, type RunningServer } from './server-helpers.js';
+
+type Job = Record<string, unknown> & { id: string; state: string; result: Record<string, unknown> | null; error: { code: string; message: string } | null };
+
+let dir: string;
+let cleanup: () => Promise<void>;
+let server: RunningServer;
+const operator = 'engine_operator-token-for-the-jobkinds-test-0000';
+const reader = 'engine_read-token-for-the-jobkinds-test-000000000';
+const bodies: unknown[] = [];
+
+beforeAll(async () => {
+  ({ path: dir, cleanup } = await tempDir('engine-jobkinds-'));
+  const sha = (t: string): string => createHash('sha256').update(t).digest('hex');
+  await writeFile(join(dir, 'tokens'), `${sha(operator)} operator ops\n${sha(reader)} read dashboard\n`, { mode: 0o600 });
+  await Promise.all([initRepository(join(dir, 'main')), initRepository(join(dir, 'offsite'))]);
+  await writeRegion(join(dir, 'a.img'), 0, 4 * 1024 * 1024, 'random', 'a');
+  await writeRegion(join(dir, 'a.img'), 6 * 1024 * 1024, 1024 * 1024, 'random', 'a2');
+  const config = await writeConfig(dir, {
+    stateDir: join(dir, 'state'),
+    tokensFile: join(dir, 'tokens'),
+    repositories: { main: { location: join(dir, 'main') }, offsite: { location: join(dir, 'offsite') } },
+  });
+  server = await startServer(['--config', config, '--listen', '127.0.0.1:0']);
+});
+
+afterAll(async () => {
+  await server?.stop();
+  await cleanup?.();
+});
+
+async function post(body: Record<string, unknown>, token = operator): Promise<{ status: number; json: unknown }> {
+  bodies.push(body);
+  return call(server, 'POST', '/api/v1/jobs', body, { token });
+}
+
+async function run(body: Record<string, unknown>): Promise<Job> {
+  const answer = await post(body);
+  expect(answer.status, JSON.stringify(answer.json)).toBe(202);
+  const job = (await jobEnd(server, (answer.json as Job).id, { token: operator })) as Job;
+  expect(job.error).toBeNull();
+  expect(job.state).toBe('succeeded');
+  return job;
+}
+
+async function refused(body: Record<string, unknown>, status: number, field?: string): Promise<void> {
+  const answer = await post(body);
+  expect(answer.status, JSON.stringify(answer.json)).toBe(status);
+  const error = (answer.json as { error: { code: string; details?: Record<string, unknown> } }).error;
+  expect(error.code).toBe(status === 404 ? 'ENGINE_NOT_FOUND' : 'ENGINE_INVALID_ARGUMENT');
+  if (field !== undefined) expect(error.details?.field).toBe(field);
+}
+
+describe('engine server: job kinds', () => {
+  test('a copy job copies a backup into another repository of the config; restored from there, it is the source byte for byte; its result is copy --json', async () => {
+    const backedUp = await run({ kind: 'backup', repository: 'main', name: 'a', disks: [{ kind: 'raw', path: join(dir, 'a.img') }] });
+    const id = String(backedUp.result!.id);
+    const copied = await run({ kind: 'copy', repository: 'main', to: 'offsite', backups: [id.slice(0, 12)] });
+    expect(copied.repository).toBe('main');
+    expect(copied.result).toMatchObject({ from: join(dir, 'main'), to: join(dir, 'offsite'), backupsCopied: 1, backupsSkipped: 0, limit: null, damaged: [] });
+    const [entry] = (copied.result as { backups: { source: string; target: string; name: string; status: string }[] }).backups;
+    expect(entry).toMatchObject({ source: id, name: 'a', status: 'copied' });
+    const listed = (await call(server, 'GET', '/api/v1/repositories/offsite/backups', undefined, { token: reader })).json as { backups: { id: string; name: string }[] };
+    expect(listed.backups.map((b) => [b.id, b.name])).toEqual([[entry!.target, 'a']]);
+    const target = join(dir, 'restored.img');
+    await run({ kind: 'restore', repository: 'offsite', backup: entry!.target, target: { kind: 'file', path: target } });
+    expect(await filesIdentical(target, join(dir, 'a.img'))).toBe(true);
+
+    // Again by name and latest: the target has it, nothing sent.
+    const again = await run({ kind: 'copy', repository: 'main', to: 'offsite', name: 'a', latest: 1 });
+    expect(again.result).toMatchObject({ backupsCopied: 0, backupsSkipped: 1, chunksSent: 0, backups: [{ source: id, target: entry!.target, status: 'skipped' }] });
+  });
+
+  test('copy jobs refused: no selection, two, the own repository, a repository not in the config, a reader\'s token', async () => {
+    await refused({ kind: 'copy', repository: 'main', to: 'offsite' }, 400, 'backups');
+    await refused({ kind: 'copy', repository: 'main', to: 'offsite', all: true, latest: 2 }, 400, 'backups');
+    await refused({ kind: 'copy', repository: 'main', to: 'offsite', all: false }, 400, 'all');
+    await refused({ kind: 'copy', repository: 'main', to: 'offsite', backups: ['not-hex'] }, 400, 'backups[0]');
+    await refused({ kind: 'copy', repository: 'main', to: 'offsite', latest: 0 }, 400, 'latest');
+    await refused({ kind: 'copy', repository: 'main', to: 'main', all: true }, 400, 'to');
+    await refused({ kind: 'copy', repository: 'main', all: true }, 400, 'to');
+    await refused({ kind: 'copy', repository: 'main', to: 'offsite', all: true, toPassword: 'secret' }, 400, 'a copy job.toPassword');
+    await refused({ kind: 'copy', repository: 'main', to: 'elsewhere', all: true }, 404);
+    const forbidden = await post({ kind: 'copy', repository: 'main', to: 'offsite', all: true }, reader);
+    expect(forbidden.status).toBe(403);
+  });
+
+  test('every accepted body matches the OpenAPI JobRequest, every refused one does not; every answer matches its schema', async () => {
+    const doc = await openApiDocument();
+    const jobRequest = { $ref: '#/components/schemas/JobRequest' };
+    const posted = recorded.filter((a) => a.method === 'POST' && a.path === '/api/v1/jobs');
+    expect(posted.length).toBe(bodies.length);
+    // The schema is looser than the parser in one place only: it cannot say "exactly one selection" or "not the own repository".
+    const schemaOnly = (body: unknown): boolean => {
+      const b = body as Record<string, unknown>;
+      return b.kind === 'copy' && b.to !== undefined && (b.to === b.repository || b.to === 'elsewhere' || ['backups', 'all', 'name', 'latest'].filter((k) => b[k] !== undefined).length !== 1);
+    };
+    bodies.forEach((body, i) => {
+      const problems = validate(doc, jobRequest, body);
+      const accepted = posted[i]!.status === 202 || posted[i]!.status === 403;
+      if (accepted || schemaOnly(body)) expect(problems, JSON.stringify(body)).toEqual([]);
+      else expect(problems, JSON.stringify(body)).not.toEqual([]);
+    });
+    const problems: string[] = [];
+    for (const answer of recorded) {
+      const schema = answerSchema(doc, answer.method, answer.path, answer.status);
+      expect(schema, `${answer.method} ${answer.path} ${answer.status}`).toBeDefined();
+      problems.push(...validate(doc, schema!, answer.json).map((p) => `${answer.method} ${answer.path} ${answer.status}: ${p}`));
+    }
+    expect(problems).toEqual([]);
+  });
+});
