@@ -8,7 +8,9 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createHash } from 'node:crypto';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { filesIdentical, initRepository, tempDir, writeRegion } from './helpers.js';
+import { filesIdentical, initRepository, sh, tempDir, writeRegion } from './helpers.js';
+import { qemuImgCompare } from './qemu.js';
+import { destroyDomain, ensureLibvirtd, startDomain } from './libvirt.js';
 import { answerSchema, call, jobEnd, openApiDocument, recorded, startServer, validate, writeConfig, type RunningServer } from './server-helpers.js';
 
 type Job = Record<string, unknown> & { id: string; state: string; result: Record<string, unknown> | null; error: { code: string; message: string } | null };
@@ -16,12 +18,15 @@ type Job = Record<string, unknown> & { id: string; state: string; result: Record
 let dir: string;
 let cleanup: () => Promise<void>;
 let server: RunningServer;
+const SOURCE = `engine-jobkinds-${process.pid}-source`;
+const RESTORED = `engine-jobkinds-${process.pid}-restored`;
 const operator = 'engine_operator-token-for-the-jobkinds-test-0000';
 const reader = 'engine_read-token-for-the-jobkinds-test-000000000';
 const bodies: unknown[] = [];
 
 beforeAll(async () => {
   ({ path: dir, cleanup } = await tempDir('engine-jobkinds-'));
+  await sh('chmod', ['755', dir]); // QEMU runs as libvirt-qemu and must reach the images
   const sha = (t: string): string => createHash('sha256').update(t).digest('hex');
   await writeFile(join(dir, 'tokens'), `${sha(operator)} operator ops\n${sha(reader)} read dashboard\n`, { mode: 0o600 });
   await Promise.all([initRepository(join(dir, 'main')), initRepository(join(dir, 'offsite'))]);
@@ -32,11 +37,13 @@ beforeAll(async () => {
     tokensFile: join(dir, 'tokens'),
     repositories: { main: { location: join(dir, 'main') }, offsite: { location: join(dir, 'offsite') } },
   });
-  server = await startServer(['--config', config, '--listen', '127.0.0.1:0']);
+  // The live restore's NBD server and journal under the test's folder, not /run/engine.
+  server = await startServer(['--config', config, '--listen', '127.0.0.1:0'], { ENGINE_RUN_DIR: join(dir, 'run') });
 });
 
 afterAll(async () => {
   await server?.stop();
+  for (const domain of [SOURCE, RESTORED]) await destroyDomain(domain);
   await cleanup?.();
 });
 
@@ -96,14 +103,52 @@ describe('engine server: job kinds', () => {
     expect(forbidden.status).toBe(403);
   });
 
+  test('a restore job into a new libvirt domain (restore --live --libvirt): a domain from the backup\'s definition, running on new images in dir that hold the backup', async () => {
+    // A domain that sits in SeaBIOS (no OS) on a small qcow2 image: backed up through libvirt as a job, then destroyed.
+    await writeRegion(join(dir, 'vm.raw'), 0, 3 * 1024 * 1024, 'random', 'vm');
+    await writeRegion(join(dir, 'vm.raw'), 7 * 1024 * 1024, 1024 * 1024, 'random', 'vm2');
+    const image = join(dir, 'vm.qcow2');
+    await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', join(dir, 'vm.raw'), image]);
+    await sh('chown', ['libvirt-qemu:kvm', image]).catch(() => undefined);
+    await ensureLibvirtd();
+    await startDomain(SOURCE, [{ image, target: 'vda' }], dir);
+    const backedUp = await run({ kind: 'backup', repository: 'main', libvirt: { domain: SOURCE } });
+    await destroyDomain(SOURCE);
+    const images = join(dir, 'images');
+    await sh('mkdir', [images]);
+    const restored = await run({ kind: 'restore', repository: 'main', backup: String(backedUp.result!.id), target: { kind: 'libvirt', domain: RESTORED, dir: images } });
+    const path = join(images, `${RESTORED}-vda.qcow2`);
+    expect(restored.result).toMatchObject({ backup: backedUp.result!.id, mode: 'libvirt', domain: RESTORED, disks: [{ name: 'vda', path, size: 8 * 1024 * 1024 }], resumed: false });
+    expect((await sh('virsh', ['domstate', RESTORED])).trim()).toBe('running');
+    expect((await sh('virsh', ['domblklist', RESTORED])).split('\n').some((line) => line.trim().split(/\s+/).join(' ') === `vda ${path}`)).toBe(true);
+    await destroyDomain(RESTORED);
+    // Hydrated: no backing file left, and the guest's bytes are the source's.
+    expect(JSON.parse(await sh('qemu-img', ['info', '--output=json', path])) as Record<string, unknown>).not.toHaveProperty('backing-filename');
+    expect(await qemuImgCompare(path, 'qcow2', join(dir, 'vm.raw'), 'raw')).toBe(true);
+  });
+
+  test('libvirt restore targets refused: force or workers with them, no domain or dir, a relative dir, a domain name with a slash, a path field', async () => {
+    const base = { kind: 'restore', repository: 'main', backup: 'ab' };
+    await refused({ ...base, target: { kind: 'libvirt', domain: 'x', dir: '/tmp/x' }, force: true }, 400, 'force');
+    await refused({ ...base, target: { kind: 'libvirt', domain: 'x', dir: '/tmp/x' }, workers: 2 }, 400, 'workers');
+    await refused({ ...base, target: { kind: 'libvirt', dir: '/tmp/x' } }, 400, 'target.domain');
+    await refused({ ...base, target: { kind: 'libvirt', domain: 'x' } }, 400, 'target.dir');
+    await refused({ ...base, target: { kind: 'libvirt', domain: 'x', dir: 'images' } }, 400, 'target.dir');
+    await refused({ ...base, target: { kind: 'libvirt', domain: 'a/b', dir: '/tmp/x' } }, 400, 'target.domain');
+    await refused({ ...base, target: { kind: 'libvirt', domain: 'x', dir: '/tmp/x', path: '/tmp/y' } }, 400, 'target.path');
+    await refused({ ...base, target: { kind: 'file', domain: 'x', path: '/tmp/y' } }, 400, 'target.domain');
+  });
+
   test('every accepted body matches the OpenAPI JobRequest, every refused one does not; every answer matches its schema', async () => {
     const doc = await openApiDocument();
     const jobRequest = { $ref: '#/components/schemas/JobRequest' };
     const posted = recorded.filter((a) => a.method === 'POST' && a.path === '/api/v1/jobs');
     expect(posted.length).toBe(bodies.length);
-    // The schema is looser than the parser in one place only: it cannot say "exactly one selection" or "not the own repository".
+    // The schema is looser than the parser where JSON Schema cannot say it: exactly one selection, not the own repository, no force with a libvirt target.
     const schemaOnly = (body: unknown): boolean => {
       const b = body as Record<string, unknown>;
+      const target = b.target as Record<string, unknown> | undefined;
+      if (b.kind === 'restore') return target?.kind === 'libvirt' && (b.force !== undefined || b.workers !== undefined || (target.dir !== undefined && !String(target.dir).startsWith('/')));
       return b.kind === 'copy' && b.to !== undefined && (b.to === b.repository || b.to === 'elsewhere' || ['backups', 'all', 'name', 'latest'].filter((k) => b[k] !== undefined).length !== 1);
     };
     bodies.forEach((body, i) => {

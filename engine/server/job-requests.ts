@@ -31,7 +31,7 @@ export interface OvirtSource {
 
 export type JobRequest =
   | { kind: 'backup'; repository: string; name: string | undefined; chain: ChainPolicy; workers: number | undefined; from: BackupFrom | { kind: 'ovirt'; ovirt: OvirtSource } }
-  | { kind: 'restore'; repository: string; backup: string; disk: string | undefined; target: RestoreTarget; force: boolean; workers: number | undefined }
+  | { kind: 'restore'; repository: string; backup: string; disk: string | undefined; target: RestoreTarget | LibvirtRestoreTarget; force: boolean; workers: number | undefined }
   | { kind: 'verify'; repository: string; readData: boolean; subset: number | undefined; seed: string | undefined; workers: number | undefined }
   | { kind: 'prune'; repository: string; policy: RetentionPolicy; dryRun: boolean; names?: string[] | undefined }
   | { kind: 'gc'; repository: string; rewriteBelow: number | undefined; dryRun: boolean }
@@ -39,6 +39,17 @@ export type JobRequest =
   | { kind: 'copy'; repository: string; to: string; selection: Selection }
   /** A policy's own step (policies/scheduler.ts), not offered by POST /jobs: `verify --boot`. */
   | { kind: 'boot'; repository: string; backup: string; timeoutSeconds: number | undefined; memoryBytes: number | undefined; expectConsole: string | undefined };
+
+/**
+ * As `restore --live --libvirt DOMAIN --to DIR`: a new domain defined from the backup's libvirt definition and
+ * started at once on new qcow2 images in `dir`, QEMU streaming the data in under it; the job ends when every disk
+ * is hydrated. Only new images and a new domain, so nothing to force.
+ */
+export interface LibvirtRestoreTarget {
+  kind: 'libvirt';
+  domain: string;
+  dir: string;
+}
 
 type Json = Record<string, unknown>;
 
@@ -109,15 +120,21 @@ export function parseJobRequest(body: unknown): JobRequest {
     case 'backup':
       return backupRequest(top, repository, workers);
     case 'restore': {
-      const target = fields(top.target, 'target', ['kind', 'path', 'uri'], ['kind']);
-      const targetKind = oneOf(target.kind, 'target.kind', ['path', 'file', 'qcow2', 'nbd'] as const)!;
+      const targetKind = oneOf(fields(top.target, 'target', Object.keys((top.target ?? {}) as object), ['kind']).kind, 'target.kind', ['path', 'file', 'qcow2', 'nbd', 'libvirt'] as const)!;
+      const target = fields(top.target, 'target', targetKind === 'libvirt' ? ['kind', 'domain', 'dir'] : ['kind', 'path', 'uri'], ['kind']);
+      const disk = optionalText(top.disk, 'disk');
+      if (disk !== undefined) checkName(disk, 'disk', 'disk');
+      const common = { kind, repository, backup: backupId(top.backup), disk };
+      if (targetKind === 'libvirt') {
+        // The live restore makes new images only and runs in QEMU's stream, not the engine's pipeline.
+        for (const key of ['force', 'workers'] as const) if (top[key] !== undefined) throw new InvalidArgumentError(`${key} does not go with a libvirt target: it makes a new domain on new images, streamed in by QEMU`, { field: key });
+        return { ...common, target: { kind: 'libvirt', domain: domainName(target.domain, 'target.domain'), dir: localPath(target.dir, 'target.dir') }, force: false, workers: undefined };
+      }
       const parsed: RestoreTarget =
         targetKind === 'nbd'
           ? { kind: 'nbd', uri: nbdUri(target.uri, 'target.uri') }
           : { kind: targetKind, path: localPath(target.path, 'target.path', targetKind === 'path' ? 'target kind nbd with a uri' : undefined) };
-      const disk = optionalText(top.disk, 'disk');
-      if (disk !== undefined) checkName(disk, 'disk', 'disk');
-      return { kind, repository, backup: backupId(top.backup), disk, target: parsed, force: flag(top.force, 'force'), workers };
+      return { ...common, target: parsed, force: flag(top.force, 'force'), workers };
     }
     case 'verify': {
       const readData = flag(top.readData, 'readData');
@@ -169,6 +186,13 @@ function backupId(value: unknown, where = 'backup'): string {
   const id = text(value, where, 64);
   if (!/^[0-9a-f]{1,64}$/.test(id)) throw new InvalidArgumentError(`${where} must be a backup id or a prefix of one (hex digits)`, { field: where });
   return id;
+}
+
+/** A libvirt domain name as virsh takes it: no slash (libvirt refuses one), no control characters, at most 256 characters. */
+function domainName(value: unknown, where: string): string {
+  const name = text(value, where, 256);
+  if (name.includes('/') || /[\u0000-\u001f\u007f]/u.test(name)) throw new InvalidArgumentError(`${where} must be a libvirt domain name: no slash, no control characters`, { field: where });
+  return name;
 }
 
 function nbdUri(value: unknown, where: string): string {

@@ -41,6 +41,21 @@ export async function runJob(request: JobRequest, run: JobRun): Promise<Record<s
       return backupJson(record);
     }
     case 'restore': {
+      if (request.target.kind === 'libvirt') {
+        // As `restore --live --libvirt DOMAIN --to DIR --json`: the result is that command's object.
+        const { liveRestore } = await import('../restore/live-restore.js');
+        return (await liveRestore({
+          repo,
+          passphrase,
+          backupId: request.backup,
+          disk: request.disk,
+          libvirt: request.target.domain,
+          imageDir: request.target.dir,
+          signal,
+          onNotice: run.onLog,
+          onProgress: (p) => run.onProgress({ phase: `hydrate ${p.disk}`, done: p.bytesDone, total: p.bytesTotal, unit: 'bytes' }),
+        })) as unknown as Record<string, unknown>;
+      }
       const result = await restore({
         repo,
         passphrase,
