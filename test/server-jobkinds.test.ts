@@ -9,8 +9,10 @@ import { createHash } from 'node:crypto';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { filesIdentical, initRepository, sh, tempDir, writeRegion } from './helpers.js';
-import { qemuImgCompare } from './qemu.js';
 import { destroyDomain, ensureLibvirtd, startDomain } from './libvirt.js';
+import { qemuImgCompare, qemuIo } from './qemu.js';
+import { contractProblems } from './ovirt-contract/contract.js';
+import { startOvirtSim, type OvirtSim } from '../dist/test/ovirt-sim/server.js';
 import { answerSchema, call, jobEnd, openApiDocument, recorded, startServer, validate, writeConfig, type RunningServer } from './server-helpers.js';
 
 type Job = Record<string, unknown> & { id: string; state: string; result: Record<string, unknown> | null; error: { code: string; message: string } | null };
@@ -18,6 +20,7 @@ type Job = Record<string, unknown> & { id: string; state: string; result: Record
 let dir: string;
 let cleanup: () => Promise<void>;
 let server: RunningServer;
+let sim: OvirtSim | undefined;
 const SOURCE = `engine-jobkinds-${process.pid}-source`;
 const RESTORED = `engine-jobkinds-${process.pid}-restored`;
 const operator = 'engine_operator-token-for-the-jobkinds-test-0000';
@@ -38,12 +41,18 @@ beforeAll(async () => {
     repositories: { main: { location: join(dir, 'main') }, offsite: { location: join(dir, 'offsite') } },
   });
   // The live restore's NBD server and journal under the test's folder, not /run/engine.
-  server = await startServer(['--config', config, '--listen', '127.0.0.1:0'], { ENGINE_RUN_DIR: join(dir, 'run') });
+  // The simulator's 409s do not clear up with time: retried quickly (as the oVirt tests' SIM_ENV).
+  server = await startServer(['--config', config, '--listen', '127.0.0.1:0'], { ENGINE_RUN_DIR: join(dir, 'run'), ENGINE_OVIRT_CONFLICT_DELAY_MS: '20' });
 });
 
 afterAll(async () => {
   await server?.stop();
   for (const domain of [SOURCE, RESTORED]) await destroyDomain(domain);
+  if (sim) {
+    // Every request the server made to the simulator follows oVirt's API model.
+    expect(contractProblems(sim.requests)).toEqual([]);
+    await sim.stop();
+  }
   await cleanup?.();
 });
 
@@ -139,15 +148,49 @@ describe('engine server: job kinds', () => {
     await refused({ ...base, target: { kind: 'file', domain: 'x', path: '/tmp/y' } }, 400, 'target.domain');
   });
 
+  test('a restore job into oVirt (restore --ovirt --new-vm --via transfer): a new VM whose disk holds the backup; credentials from a file on the server', async () => {
+    sim = await startOvirtSim({ dir: join(dir, 'sim'), lockMs: 150 });
+    const vm = await sim.addVm('db1', [{ alias: 'db1_os', size: '8M' }]);
+    const source = sim.disks.get(vm.disks[0]!)!.image;
+    await qemuIo(source, ['write -P 0x11 0 3M', 'write -P 0x12 6M 1M']);
+    const credentialsFile = join(dir, 'ovirt-credentials');
+    await writeFile(credentialsFile, 'admin@internal\nsecret\n', { mode: 0o600 });
+    const ovirt = { url: sim.url, credentialsFile, insecureHttp: true };
+    const backedUp = await run({ kind: 'backup', repository: 'main', ovirt: { ...ovirt, vm: 'db1' } });
+    const restored = await run({ kind: 'restore', repository: 'main', backup: String(backedUp.result!.id), target: { kind: 'ovirt', ...ovirt, newVm: 'db1-restored', via: 'transfer' } });
+    const result = restored.result as { backup: string; vm: { id: string; name: string }; disks: { name: string; id: string; size: number }[] };
+    expect(result).toMatchObject({ backup: backedUp.result!.id, vm: { name: 'db1-restored' }, disks: [{ name: 'db1_os', size: 8 * 1024 * 1024 }] });
+    expect(result.disks[0]!.id).not.toBe(vm.disks[0]);
+    expect([...sim.vms.get(result.vm.id)!.attachments.keys()]).toEqual([result.disks[0]!.id]);
+    // -U: the simulator's images may still be open in its imageio's qemu-nbd; compare exits 1 on a difference.
+    await sh('qemu-img', ['compare', '-U', '-q', '-f', 'qcow2', '-F', 'qcow2', sim.disks.get(result.disks[0]!.id)!.image, source]);
+    expect([...sim.transfers.values()].filter((t) => t.direction === 'upload').map((t) => t.phase)).toEqual(['finished_success']);
+    // The request as the API shows it back names the credentials' file, not what is in it.
+    expect(JSON.stringify(restored.request)).not.toContain('secret');
+  });
+
+  test('oVirt restore targets refused: no appliance without via transfer, neither or both of newVm and toVm, toVm without disk, a password in the body, force', async () => {
+    const base = { kind: 'restore', repository: 'main', backup: 'ab' };
+    const ovirt = { kind: 'ovirt', url: 'http://127.0.0.1:1', credentialsFile: '/etc/engine/ovirt', insecureHttp: true };
+    await refused({ ...base, target: { ...ovirt, newVm: 'x' } }, 400, 'target.appliance');
+    await refused({ ...base, target: { ...ovirt, via: 'transfer' } }, 400, 'target.newVm');
+    await refused({ ...base, target: { ...ovirt, via: 'transfer', newVm: 'x', toVm: 'y' } }, 400, 'target.newVm');
+    await refused({ ...base, target: { ...ovirt, via: 'transfer', toVm: 'y' } }, 400, 'disk');
+    await refused({ ...base, target: { ...ovirt, via: 'transfer', newVm: 'x', password: 'secret' } }, 400, 'target.password');
+    await refused({ ...base, target: { ...ovirt, via: 'transfer', newVm: 'x', credentialsFile: 'ovirt' } }, 400, 'target.credentialsFile');
+    await refused({ ...base, target: { ...ovirt, via: 'transfer', newVm: 'x' }, force: true }, 400, 'force');
+  });
+
   test('every accepted body matches the OpenAPI JobRequest, every refused one does not; every answer matches its schema', async () => {
     const doc = await openApiDocument();
     const jobRequest = { $ref: '#/components/schemas/JobRequest' };
     const posted = recorded.filter((a) => a.method === 'POST' && a.path === '/api/v1/jobs');
     expect(posted.length).toBe(bodies.length);
-    // The schema is looser than the parser where JSON Schema cannot say it: exactly one selection, not the own repository, no force with a libvirt target.
+    // The schema is looser than the parser where JSON Schema cannot say it: exactly one selection, not the own repository, no force with a libvirt or oVirt target, the oVirt target's combinations.
     const schemaOnly = (body: unknown): boolean => {
       const b = body as Record<string, unknown>;
       const target = b.target as Record<string, unknown> | undefined;
+      if (b.kind === 'restore' && target?.kind === 'ovirt') return target.password === undefined;
       if (b.kind === 'restore') return target?.kind === 'libvirt' && (b.force !== undefined || b.workers !== undefined || (target.dir !== undefined && !String(target.dir).startsWith('/')));
       return b.kind === 'copy' && b.to !== undefined && (b.to === b.repository || b.to === 'elsewhere' || ['backups', 'all', 'name', 'latest'].filter((k) => b[k] !== undefined).length !== 1);
     };

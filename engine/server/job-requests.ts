@@ -31,7 +31,7 @@ export interface OvirtSource {
 
 export type JobRequest =
   | { kind: 'backup'; repository: string; name: string | undefined; chain: ChainPolicy; workers: number | undefined; from: BackupFrom | { kind: 'ovirt'; ovirt: OvirtSource } }
-  | { kind: 'restore'; repository: string; backup: string; disk: string | undefined; target: RestoreTarget | LibvirtRestoreTarget; force: boolean; workers: number | undefined }
+  | { kind: 'restore'; repository: string; backup: string; disk: string | undefined; target: RestoreTarget | LibvirtRestoreTarget | OvirtRestoreTarget; force: boolean; workers: number | undefined }
   | { kind: 'verify'; repository: string; readData: boolean; subset: number | undefined; seed: string | undefined; workers: number | undefined }
   | { kind: 'prune'; repository: string; policy: RetentionPolicy; dryRun: boolean; names?: string[] | undefined }
   | { kind: 'gc'; repository: string; rewriteBelow: number | undefined; dryRun: boolean }
@@ -49,6 +49,24 @@ export interface LibvirtRestoreTarget {
   kind: 'libvirt';
   domain: string;
   dir: string;
+}
+
+/**
+ * As `restore --ovirt URL --new-vm NAME | --to-vm NAME`: a new VM from the backup's OVF, or one disk (`disk`)
+ * into a new disk of an existing VM; written through this appliance or uploaded by imageio transfers.
+ */
+export interface OvirtRestoreTarget {
+  kind: 'ovirt';
+  /** The connection as an oVirt backup job's: credentials from a file on the server. */
+  ovirt: Omit<OvirtSource, 'vm' | 'appliance' | 'deviceRoot' | 'quiesce'>;
+  newVm: string | undefined;
+  toVm: string | undefined;
+  via: 'appliance' | 'transfer';
+  appliance: string | undefined;
+  deviceRoot: string;
+  cluster: string | undefined;
+  storageDomain: string | undefined;
+  keepDiskIds: boolean;
 }
 
 type Json = Record<string, unknown>;
@@ -120,14 +138,15 @@ export function parseJobRequest(body: unknown): JobRequest {
     case 'backup':
       return backupRequest(top, repository, workers);
     case 'restore': {
-      const targetKind = oneOf(fields(top.target, 'target', Object.keys((top.target ?? {}) as object), ['kind']).kind, 'target.kind', ['path', 'file', 'qcow2', 'nbd', 'libvirt'] as const)!;
-      const target = fields(top.target, 'target', targetKind === 'libvirt' ? ['kind', 'domain', 'dir'] : ['kind', 'path', 'uri'], ['kind']);
+      const targetKind = oneOf(fields(top.target, 'target', Object.keys((top.target ?? {}) as object), ['kind']).kind, 'target.kind', ['path', 'file', 'qcow2', 'nbd', 'libvirt', 'ovirt'] as const)!;
+      const target = fields(top.target, 'target', TARGET_FIELDS[targetKind], ['kind']);
       const disk = optionalText(top.disk, 'disk');
       if (disk !== undefined) checkName(disk, 'disk', 'disk');
       const common = { kind, repository, backup: backupId(top.backup), disk };
-      if (targetKind === 'libvirt') {
-        // The live restore makes new images only and runs in QEMU's stream, not the engine's pipeline.
-        for (const key of ['force', 'workers'] as const) if (top[key] !== undefined) throw new InvalidArgumentError(`${key} does not go with a libvirt target: it makes a new domain on new images, streamed in by QEMU`, { field: key });
+      if (targetKind === 'libvirt' || targetKind === 'ovirt') {
+        // Both make new images or disks only, and neither runs the engine's restore pipeline.
+        for (const key of ['force', 'workers'] as const) if (top[key] !== undefined) throw new InvalidArgumentError(`${key} does not go with a ${targetKind} target: it makes a new ${targetKind === 'libvirt' ? 'domain on new images, streamed in by QEMU' : 'VM or new disks'}`, { field: key });
+        if (targetKind === 'ovirt') return { ...common, target: ovirtTarget(target, disk), force: false, workers: undefined };
         return { ...common, target: { kind: 'libvirt', domain: domainName(target.domain, 'target.domain'), dir: localPath(target.dir, 'target.dir') }, force: false, workers: undefined };
       }
       const parsed: RestoreTarget =
@@ -186,6 +205,43 @@ function backupId(value: unknown, where = 'backup'): string {
   const id = text(value, where, 64);
   if (!/^[0-9a-f]{1,64}$/.test(id)) throw new InvalidArgumentError(`${where} must be a backup id or a prefix of one (hex digits)`, { field: where });
   return id;
+}
+
+const TARGET_FIELDS = {
+  path: ['kind', 'path', 'uri'],
+  file: ['kind', 'path', 'uri'],
+  qcow2: ['kind', 'path', 'uri'],
+  nbd: ['kind', 'path', 'uri'],
+  libvirt: ['kind', 'domain', 'dir'],
+  ovirt: ['kind', 'url', 'credentialsFile', 'caFile', 'insecureHttp', 'newVm', 'toVm', 'via', 'appliance', 'deviceRoot', 'cluster', 'storageDomain', 'keepDiskIds'],
+} as const;
+
+/** As the CLI's checkOvirtRestoreFlags: an appliance or the transfers; a new VM or an existing one, the latter with one disk. */
+function ovirtTarget(target: Json, disk: string | undefined): OvirtRestoreTarget {
+  const via = oneOf(target.via, 'target.via', ['appliance', 'transfer'] as const) ?? 'appliance';
+  const appliance = optionalText(target.appliance, 'target.appliance');
+  if (via === 'appliance' && appliance === undefined) throw new InvalidArgumentError('an oVirt restore goes through this backup appliance (target.appliance) or through imageio transfers (target.via: transfer)', { field: 'target.appliance' });
+  const newVm = optionalText(target.newVm, 'target.newVm');
+  const toVm = optionalText(target.toVm, 'target.toVm');
+  if ((newVm === undefined) === (toVm === undefined)) throw new InvalidArgumentError('an oVirt restore needs either target.newVm (a new VM) or target.toVm (a new disk of an existing VM)', { field: 'target.newVm' });
+  if (toVm !== undefined && disk === undefined) throw new InvalidArgumentError('target.toVm restores one disk: name it with disk', { field: 'disk' });
+  return {
+    kind: 'ovirt',
+    ovirt: {
+      url: text(target.url, 'target.url'),
+      credentialsFile: localPath(target.credentialsFile, 'target.credentialsFile'),
+      caFile: target.caFile === undefined ? undefined : localPath(target.caFile, 'target.caFile'),
+      insecureHttp: flag(target.insecureHttp, 'target.insecureHttp'),
+    },
+    newVm,
+    toVm,
+    via,
+    appliance,
+    deviceRoot: target.deviceRoot === undefined ? '/dev/disk/by-id' : localPath(target.deviceRoot, 'target.deviceRoot'),
+    cluster: optionalText(target.cluster, 'target.cluster'),
+    storageDomain: optionalText(target.storageDomain, 'target.storageDomain'),
+    keepDiskIds: flag(target.keepDiskIds, 'target.keepDiskIds'),
+  };
 }
 
 /** A libvirt domain name as virsh takes it: no slash (libvirt refuses one), no control characters, at most 256 characters. */

@@ -40,7 +40,8 @@ export function sourceHostsOf(request: JobRequest, env: Readonly<Record<string, 
     else if (from.kind === 'ovirt') hosts.add(hostOfUrl(from.ovirt.url));
   } else if (request.kind === 'restore') {
     const target = request.target;
-    hosts.add(target.kind === 'nbd' ? hostOfNbd(target.uri) : target.kind === 'libvirt' && env.LIBVIRT_DEFAULT_URI ? hostOfUrl(env.LIBVIRT_DEFAULT_URI) : LOCAL_HOST);
+    if (target.kind === 'ovirt') hosts.add(hostOfUrl(target.ovirt.url));
+    else hosts.add(target.kind === 'nbd' ? hostOfNbd(target.uri) : target.kind === 'libvirt' && env.LIBVIRT_DEFAULT_URI ? hostOfUrl(env.LIBVIRT_DEFAULT_URI) : LOCAL_HOST);
   }
   return [...hosts];
 }
