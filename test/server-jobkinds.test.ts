@@ -13,6 +13,8 @@ import { destroyDomain, ensureLibvirtd, startDomain } from './libvirt.js';
 import { qemuImgCompare, qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
 import { startOvirtSim, type OvirtSim } from '../dist/test/ovirt-sim/server.js';
+import { parseJobRequest } from '../dist/engine/server/job-requests.js';
+import { sourceHostsOf } from '../dist/engine/server/source-hosts.js';
 import { answerSchema, call, jobEnd, openApiDocument, recorded, startServer, validate, writeConfig, type RunningServer } from './server-helpers.js';
 
 type Job = Record<string, unknown> & { id: string; state: string; result: Record<string, unknown> | null; error: { code: string; message: string } | null };
@@ -179,6 +181,15 @@ describe('engine server: job kinds', () => {
     await refused({ ...base, target: { ...ovirt, via: 'transfer', newVm: 'x', password: 'secret' } }, 400, 'target.password');
     await refused({ ...base, target: { ...ovirt, via: 'transfer', newVm: 'x', credentialsFile: 'ovirt' } }, 400, 'target.credentialsFile');
     await refused({ ...base, target: { ...ovirt, via: 'transfer', newVm: 'x' }, force: true }, 400, 'force');
+  });
+
+  test("the new kinds' hosts for limits.perHost: the oVirt engine's, the libvirt URI's (else this host); none for a copy", () => {
+    const hosts = (body: Record<string, unknown>, env: Record<string, string> = {}): string[] => sourceHostsOf(parseJobRequest({ repository: 'main', ...body }), env);
+    const restore = { kind: 'restore', backup: 'ab' };
+    expect(hosts({ ...restore, target: { kind: 'ovirt', url: 'https://Engine.example/ovirt-engine', credentialsFile: '/etc/c', newVm: 'x', via: 'transfer' } })).toEqual(['engine.example']);
+    expect(hosts({ ...restore, target: { kind: 'libvirt', domain: 'x', dir: '/srv' } })).toEqual(['local']);
+    expect(hosts({ ...restore, target: { kind: 'libvirt', domain: 'x', dir: '/srv' } }, { LIBVIRT_DEFAULT_URI: 'qemu+ssh://root@kvm-2.example/system' })).toEqual(['kvm-2.example']);
+    expect(hosts({ kind: 'copy', to: 'offsite', all: true })).toEqual([]);
   });
 
   test('every accepted body matches the OpenAPI JobRequest, every refused one does not; every answer matches its schema', async () => {
