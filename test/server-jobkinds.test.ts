@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createHash } from 'node:crypto';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { filesIdentical, initRepository, sh, tempDir, writeRegion } from './helpers.js';
+import { filesIdentical, initRepository, sh, tempDir, waitFor, writeRegion } from './helpers.js';
 import { destroyDomain, ensureLibvirtd, startDomain } from './libvirt.js';
 import { qemuImgCompare, qemuIo } from './qemu.js';
 import { contractProblems } from './ovirt-contract/contract.js';
@@ -91,6 +91,8 @@ describe('engine server: job kinds', () => {
     expect(entry).toMatchObject({ source: id, name: 'a', status: 'copied' });
     const listed = (await call(server, 'GET', '/api/v1/repositories/offsite/backups', undefined, { token: reader })).json as { backups: { id: string; name: string }[] };
     expect(listed.backups.map((b) => [b.id, b.name])).toEqual([[entry!.target, 'a']]);
+    // /metrics takes the target's figures again after a copy: its catalogue now holds the backup.
+    await waitFor('the target\'s figures taken again', async () => (await call(server, 'GET', '/metrics', undefined, { token: reader })).text.includes('engine_repository_backups{repository="offsite"} 1'), { everyMs: 100 });
     const target = join(dir, 'restored.img');
     await run({ kind: 'restore', repository: 'offsite', backup: entry!.target, target: { kind: 'file', path: target } });
     expect(await filesIdentical(target, join(dir, 'a.img'))).toBe(true);
