@@ -11,9 +11,10 @@ import { isNbdUri } from '../nbd/uri.js';
 import { KEEP_RULES, policyIsEmpty, type RetentionPolicy } from '../retention/policy.js';
 import type { BackupDisk, BackupFrom, ChainPolicy, QuiesceRequest } from '../backup/request.js';
 import type { RestoreTarget } from '../restore/request.js';
+import type { Selection } from '../copy/select.js';
 
-export type JobKind = 'backup' | 'restore' | 'verify' | 'prune' | 'gc';
-export const JOB_KINDS: readonly JobKind[] = ['backup', 'restore', 'verify', 'prune', 'gc'];
+export type JobKind = 'backup' | 'restore' | 'verify' | 'prune' | 'gc' | 'copy';
+export const JOB_KINDS: readonly JobKind[] = ['backup', 'restore', 'verify', 'prune', 'gc', 'copy'];
 
 export interface OvirtSource {
   url: string;
@@ -30,13 +31,43 @@ export interface OvirtSource {
 
 export type JobRequest =
   | { kind: 'backup'; repository: string; name: string | undefined; chain: ChainPolicy; workers: number | undefined; from: BackupFrom | { kind: 'ovirt'; ovirt: OvirtSource } }
-  | { kind: 'restore'; repository: string; backup: string; disk: string | undefined; target: RestoreTarget; force: boolean; workers: number | undefined }
+  | { kind: 'restore'; repository: string; backup: string; disk: string | undefined; target: RestoreTarget | LibvirtRestoreTarget | OvirtRestoreTarget; force: boolean; workers: number | undefined }
   | { kind: 'verify'; repository: string; readData: boolean; subset: number | undefined; seed: string | undefined; workers: number | undefined }
   | { kind: 'prune'; repository: string; policy: RetentionPolicy; dryRun: boolean; names?: string[] | undefined }
   | { kind: 'gc'; repository: string; rewriteBelow: number | undefined; dryRun: boolean }
-  /** The policies' own steps (policies/scheduler.ts), not offered by POST /jobs: `engine copy` of backups to another repository of the config, and `verify --boot`. */
-  | { kind: 'copy'; repository: string; to: string; backups: string[] }
+  /** `engine copy` of backups to another repository of the config (a policy's copy step too: policies/scheduler.ts). */
+  | { kind: 'copy'; repository: string; to: string; selection: Selection }
+  /** A policy's own step (policies/scheduler.ts), not offered by POST /jobs: `verify --boot`. */
   | { kind: 'boot'; repository: string; backup: string; timeoutSeconds: number | undefined; memoryBytes: number | undefined; expectConsole: string | undefined };
+
+/**
+ * As `restore --live --libvirt DOMAIN --to DIR`: a new domain defined from the backup's libvirt definition and
+ * started at once on new qcow2 images in `dir`, QEMU streaming the data in under it; the job ends when every disk
+ * is hydrated. Only new images and a new domain, so nothing to force.
+ */
+export interface LibvirtRestoreTarget {
+  kind: 'libvirt';
+  domain: string;
+  dir: string;
+}
+
+/**
+ * As `restore --ovirt URL --new-vm NAME | --to-vm NAME`: a new VM from the backup's OVF, or one disk (`disk`)
+ * into a new disk of an existing VM; written through this appliance or uploaded by imageio transfers.
+ */
+export interface OvirtRestoreTarget {
+  kind: 'ovirt';
+  /** The connection as an oVirt backup job's: credentials from a file on the server. */
+  ovirt: Omit<OvirtSource, 'vm' | 'appliance' | 'deviceRoot' | 'quiesce'>;
+  newVm: string | undefined;
+  toVm: string | undefined;
+  via: 'appliance' | 'transfer';
+  appliance: string | undefined;
+  deviceRoot: string;
+  cluster: string | undefined;
+  storageDomain: string | undefined;
+  keepDiskIds: boolean;
+}
 
 type Json = Record<string, unknown>;
 
@@ -98,6 +129,7 @@ export function parseJobRequest(body: unknown): JobRequest {
     verify: ['readData', 'subset', 'seed', 'workers'],
     prune: ['keep', 'dryRun'],
     gc: ['rewriteBelow', 'dryRun'],
+    copy: ['to', 'backups', 'all', 'name', 'latest'],
   };
   const top = fields(body, `a ${kind} job`, [...COMMON, ...allowed[kind]]);
   const repository = text(top.repository, 'repository', 64);
@@ -106,15 +138,22 @@ export function parseJobRequest(body: unknown): JobRequest {
     case 'backup':
       return backupRequest(top, repository, workers);
     case 'restore': {
-      const target = fields(top.target, 'target', ['kind', 'path', 'uri'], ['kind']);
-      const targetKind = oneOf(target.kind, 'target.kind', ['path', 'file', 'qcow2', 'nbd'] as const)!;
+      const targetKind = oneOf(fields(top.target, 'target', Object.keys((top.target ?? {}) as object), ['kind']).kind, 'target.kind', ['path', 'file', 'qcow2', 'nbd', 'libvirt', 'ovirt'] as const)!;
+      const target = fields(top.target, 'target', TARGET_FIELDS[targetKind], ['kind']);
+      const disk = optionalText(top.disk, 'disk');
+      if (disk !== undefined) checkName(disk, 'disk', 'disk');
+      const common = { kind, repository, backup: backupId(top.backup), disk };
+      if (targetKind === 'libvirt' || targetKind === 'ovirt') {
+        // Both make new images or disks only, and neither runs the engine's restore pipeline.
+        for (const key of ['force', 'workers'] as const) if (top[key] !== undefined) throw new InvalidArgumentError(`${key} does not go with a ${targetKind} target: it makes a new ${targetKind === 'libvirt' ? 'domain on new images, streamed in by QEMU' : 'VM or new disks'}`, { field: key });
+        if (targetKind === 'ovirt') return { ...common, target: ovirtTarget(target, disk), force: false, workers: undefined };
+        return { ...common, target: { kind: 'libvirt', domain: domainName(target.domain, 'target.domain'), dir: localPath(target.dir, 'target.dir') }, force: false, workers: undefined };
+      }
       const parsed: RestoreTarget =
         targetKind === 'nbd'
           ? { kind: 'nbd', uri: nbdUri(target.uri, 'target.uri') }
           : { kind: targetKind, path: localPath(target.path, 'target.path', targetKind === 'path' ? 'target kind nbd with a uri' : undefined) };
-      const disk = optionalText(top.disk, 'disk');
-      if (disk !== undefined) checkName(disk, 'disk', 'disk');
-      return { kind, repository, backup: backupId(top.backup), disk, target: parsed, force: flag(top.force, 'force'), workers };
+      return { ...common, target: parsed, force: flag(top.force, 'force'), workers };
     }
     case 'verify': {
       const readData = flag(top.readData, 'readData');
@@ -135,13 +174,81 @@ export function parseJobRequest(body: unknown): JobRequest {
     }
     case 'gc':
       return { kind, repository, rewriteBelow: fraction(top.rewriteBelow, 'rewriteBelow', true), dryRun: flag(top.dryRun, 'dryRun') };
+    case 'copy': {
+      const to = text(top.to, 'to', 64);
+      if (to === repository) throw new InvalidArgumentError('to is the job\'s own repository: a copy goes to another one', { field: 'to' });
+      return { kind, repository, to, selection: copySelection(top) };
+    }
   }
 }
 
-function backupId(value: unknown): string {
-  const id = text(value, 'backup', 64);
-  if (!/^[0-9a-f]{1,64}$/.test(id)) throw new InvalidArgumentError('backup must be a backup id or a prefix of one (hex digits)', { field: 'backup' });
+/** As `engine copy`'s arguments: exactly one way of choosing, backups (ids), all, name (with or without latest), or latest. */
+function copySelection(top: Json): Selection {
+  const ways = [top.backups !== undefined, top.all !== undefined, top.name !== undefined || top.latest !== undefined].filter(Boolean).length;
+  if (ways !== 1) throw new InvalidArgumentError('say which backups to copy: backups (ids), all, name, or latest (name with latest: the newest N of that name)', { field: 'backups' });
+  if (top.backups !== undefined) {
+    if (!Array.isArray(top.backups) || top.backups.length === 0 || top.backups.length > 1000) throw new InvalidArgumentError('backups must be a list of 1 to 1000 backup ids', { field: 'backups' });
+    return { kind: 'ids', ids: top.backups.map((id: unknown, i) => backupId(id, `backups[${i}]`)) };
+  }
+  if (top.all !== undefined) {
+    if (top.all !== true) throw new InvalidArgumentError('all must be true (or left out)', { field: 'all' });
+    return { kind: 'all' };
+  }
+  const latest = integer(top.latest, 'latest', 1, 1_000_000);
+  if (top.name === undefined) return { kind: 'latest', count: latest! };
+  const name = text(top.name, 'name');
+  checkName(name, 'backup', 'name');
+  return { kind: 'name', name, latest };
+}
+
+function backupId(value: unknown, where = 'backup'): string {
+  const id = text(value, where, 64);
+  if (!/^[0-9a-f]{1,64}$/.test(id)) throw new InvalidArgumentError(`${where} must be a backup id or a prefix of one (hex digits)`, { field: where });
   return id;
+}
+
+const TARGET_FIELDS = {
+  path: ['kind', 'path', 'uri'],
+  file: ['kind', 'path', 'uri'],
+  qcow2: ['kind', 'path', 'uri'],
+  nbd: ['kind', 'path', 'uri'],
+  libvirt: ['kind', 'domain', 'dir'],
+  ovirt: ['kind', 'url', 'credentialsFile', 'caFile', 'insecureHttp', 'newVm', 'toVm', 'via', 'appliance', 'deviceRoot', 'cluster', 'storageDomain', 'keepDiskIds'],
+} as const;
+
+/** As the CLI's checkOvirtRestoreFlags: an appliance or the transfers; a new VM or an existing one, the latter with one disk. */
+function ovirtTarget(target: Json, disk: string | undefined): OvirtRestoreTarget {
+  const via = oneOf(target.via, 'target.via', ['appliance', 'transfer'] as const) ?? 'appliance';
+  const appliance = optionalText(target.appliance, 'target.appliance');
+  if (via === 'appliance' && appliance === undefined) throw new InvalidArgumentError('an oVirt restore goes through this backup appliance (target.appliance) or through imageio transfers (target.via: transfer)', { field: 'target.appliance' });
+  const newVm = optionalText(target.newVm, 'target.newVm');
+  const toVm = optionalText(target.toVm, 'target.toVm');
+  if ((newVm === undefined) === (toVm === undefined)) throw new InvalidArgumentError('an oVirt restore needs either target.newVm (a new VM) or target.toVm (a new disk of an existing VM)', { field: 'target.newVm' });
+  if (toVm !== undefined && disk === undefined) throw new InvalidArgumentError('target.toVm restores one disk: name it with disk', { field: 'disk' });
+  return {
+    kind: 'ovirt',
+    ovirt: {
+      url: text(target.url, 'target.url'),
+      credentialsFile: localPath(target.credentialsFile, 'target.credentialsFile'),
+      caFile: target.caFile === undefined ? undefined : localPath(target.caFile, 'target.caFile'),
+      insecureHttp: flag(target.insecureHttp, 'target.insecureHttp'),
+    },
+    newVm,
+    toVm,
+    via,
+    appliance,
+    deviceRoot: target.deviceRoot === undefined ? '/dev/disk/by-id' : localPath(target.deviceRoot, 'target.deviceRoot'),
+    cluster: optionalText(target.cluster, 'target.cluster'),
+    storageDomain: optionalText(target.storageDomain, 'target.storageDomain'),
+    keepDiskIds: flag(target.keepDiskIds, 'target.keepDiskIds'),
+  };
+}
+
+/** A libvirt domain name as virsh takes it: no slash (libvirt refuses one), no control characters, at most 256 characters. */
+function domainName(value: unknown, where: string): string {
+  const name = text(value, where, 256);
+  if (name.includes('/') || /[\u0000-\u001f\u007f]/u.test(name)) throw new InvalidArgumentError(`${where} must be a libvirt domain name: no slash, no control characters`, { field: where });
+  return name;
 }
 
 function nbdUri(value: unknown, where: string): string {

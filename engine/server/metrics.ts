@@ -185,6 +185,9 @@ export class ServerMetrics {
     }
     // A job that may have run (a failed backup leaves packs until gc) changes the repository.
     if (WRITING_KINDS.includes(record.kind) && record.startedAt !== null) this.refresh(record.repository);
+    // A copy writes to its target, another repository of the config (request.to).
+    const to = record.request.to;
+    if (record.kind === 'copy' && record.startedAt !== null && typeof to === 'string' && this.config.repositories.has(to)) this.refresh(to);
   }
 
   apiError(code: string): void {

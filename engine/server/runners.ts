@@ -12,7 +12,7 @@ import { gc } from '../gc/gc.js';
 import { backupJson, restoreJson } from '../catalogue/json.js';
 import { readSecretFile } from '../host/secret-file.js';
 import { InvalidArgumentError } from '../../repo-format/errors.js';
-import type { JobRequest, OvirtSource } from './job-requests.js';
+import type { JobRequest, OvirtRestoreTarget, OvirtSource } from './job-requests.js';
 import type { JobProgress } from './journal.js';
 import { BootTestFailedError } from './errors.js';
 import type { PoolLender } from '../pipeline/block-pool.js';
@@ -41,6 +41,22 @@ export async function runJob(request: JobRequest, run: JobRun): Promise<Record<s
       return backupJson(record);
     }
     case 'restore': {
+      if (request.target.kind === 'ovirt') return (await ovirtRestore(request.target, request.backup, request.disk, { repo, passphrase, signal, onNotice: run.onLog })) as unknown as Record<string, unknown>;
+      if (request.target.kind === 'libvirt') {
+        // As `restore --live --libvirt DOMAIN --to DIR --json`: the result is that command's object.
+        const { liveRestore } = await import('../restore/live-restore.js');
+        return (await liveRestore({
+          repo,
+          passphrase,
+          backupId: request.backup,
+          disk: request.disk,
+          libvirt: request.target.domain,
+          imageDir: request.target.dir,
+          signal,
+          onNotice: run.onLog,
+          onProgress: (p) => run.onProgress({ phase: `hydrate ${p.disk}`, done: p.bytesDone, total: p.bytesTotal, unit: 'bytes' }),
+        })) as unknown as Record<string, unknown>;
+      }
       const result = await restore({
         repo,
         passphrase,
@@ -70,7 +86,7 @@ export async function runJob(request: JobRequest, run: JobRun): Promise<Record<s
         to: target.location,
         fromPassphrase: passphrase,
         toPassphrase: target.passphrase,
-        selection: { kind: 'ids', ids: request.backups },
+        selection: request.selection,
         signal,
         onProgress: (p) => run.onProgress({ phase: `copy ${p.name} ${p.disk} (${p.index + 1}/${p.count})`, done: p.bytesDone, total: p.bytesTotal, unit: 'bytes' }),
         onNotice: run.onLog,
@@ -135,4 +151,25 @@ async function ovirtBackup(source: OvirtSource, mode: 'auto' | 'full' | 'increme
   }
   const { ovirtIncrementalBackup } = await import('../ovirt/incremental-backup.js');
   return (await ovirtIncrementalBackup({ ...base, mode })).record;
+}
+
+/** As `restore --ovirt URL --new-vm | --to-vm … --json`: credentials from their file, the result that command's object. */
+async function ovirtRestore(target: OvirtRestoreTarget, backupId: string, disk: string | undefined, common: { repo: string; passphrase: Buffer | undefined; signal: AbortSignal; onNotice: (message: string) => void }): Promise<unknown> {
+  const { checkEngineUrl } = await import('../ovirt/url-policy.js');
+  checkEngineUrl(target.ovirt.url, target.ovirt.insecureHttp, 'target.url');
+  const { ovirtRestoreVm } = await import('../ovirt/restore-vm.js');
+  return ovirtRestoreVm({
+    ...common,
+    ovirt: { url: target.ovirt.url, credentials: await ovirtCredentials(target.ovirt.credentialsFile, common.onNotice), caFile: target.ovirt.caFile, insecureHttp: target.ovirt.insecureHttp },
+    backupId,
+    appliance: target.appliance,
+    via: target.via,
+    newVm: target.newVm,
+    toVm: target.toVm,
+    disk,
+    cluster: target.cluster,
+    storageDomain: target.storageDomain,
+    keepDiskIds: target.keepDiskIds,
+    deviceRoot: target.deviceRoot,
+  });
 }

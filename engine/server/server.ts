@@ -210,6 +210,7 @@ function buildRoutes(config: ServerConfig, jobs: JobManager, openSse: Set<Server
         noQuery(query);
         const request = parseJobRequest(await readJsonBody(req));
         repositoryOf(config, request.repository);
+        if (request.kind === 'copy') repositoryOf(config, request.to);
         const job = await jobs.submit(request, principal.label);
         sendJson(res, 202, job, { location: `/api/v1/jobs/${job.id}` });
       },

@@ -39,7 +39,9 @@ export function sourceHostsOf(request: JobRequest, env: Readonly<Record<string, 
     else if (from.kind === 'libvirt') hosts.add(env.LIBVIRT_DEFAULT_URI ? hostOfUrl(env.LIBVIRT_DEFAULT_URI) : LOCAL_HOST);
     else if (from.kind === 'ovirt') hosts.add(hostOfUrl(from.ovirt.url));
   } else if (request.kind === 'restore') {
-    hosts.add(request.target.kind === 'nbd' ? hostOfNbd(request.target.uri) : LOCAL_HOST);
+    const target = request.target;
+    if (target.kind === 'ovirt') hosts.add(hostOfUrl(target.ovirt.url));
+    else hosts.add(target.kind === 'nbd' ? hostOfNbd(target.uri) : target.kind === 'libvirt' && env.LIBVIRT_DEFAULT_URI ? hostOfUrl(env.LIBVIRT_DEFAULT_URI) : LOCAL_HOST);
   }
   return [...hosts];
 }

@@ -298,7 +298,7 @@ export class Scheduler {
         if (verify.result?.ok === false) throw new VerifyFailedError(verify.id, Array.isArray(verify.result.problems) ? verify.result.problems.length : 0);
       }
       if (policy.bootTest) await this.step(rt, run, 'boot', { kind: 'boot', repository, backup: run.backup, ...policy.bootTest });
-      if (policy.copyTo) await this.step(rt, run, 'copy', { kind: 'copy', repository, to: policy.copyTo, backups: [run.backup] });
+      if (policy.copyTo) await this.step(rt, run, 'copy', { kind: 'copy', repository, to: policy.copyTo, selection: { kind: 'ids', ids: [run.backup] } });
       run.state = 'succeeded';
     } catch (error) {
       run.state = 'failed';
