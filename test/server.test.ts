@@ -197,6 +197,14 @@ describe('engine server: jobs', () => {
     // Random data: nothing deduplicated, nothing compressed; the packs hold at least what the records say was stored.
     expect(stats.dedupeRatio).toBe(1);
     expect(stats.storedBytes).toBeGreaterThanOrEqual(stats.recordedStoredBytes!);
+    // Growth per day: both backups on today's UTC day (or yesterday's and today's, across midnight), their records' bytes.
+    const growth = (stats as unknown as { growth: { days: { day: string; backups: number; newBytes: number; storedBytes: number }[]; storedBytesPerDay: number } }).growth;
+    const today = new Date().toISOString().slice(0, 10);
+    expect(growth.days.at(-1)!.day).toBe(today);
+    expect(growth.days.reduce((n, d) => n + d.backups, 0)).toBe(2);
+    expect(growth.days.reduce((n, d) => n + d.newBytes, 0)).toBe(28 * 1024 * 1024);
+    expect(growth.days.reduce((n, d) => n + d.storedBytes, 0)).toBe(stats.recordedStoredBytes);
+    expect(growth.storedBytesPerDay).toBe(Math.round(stats.recordedStoredBytes! / 30));
     const repositories = (await call(server, 'GET', '/api/v1/repositories')).json;
     expect(repositories).toEqual({ repositories: [{ name: 'main', location: repo, encrypted: false, limits: { jobs: 2 }, jobs: { running: 0, queued: 0 } }] });
   });

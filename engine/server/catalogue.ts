@@ -210,13 +210,20 @@ export async function statsOf(repo: RepositoryConfig, passphrase: Buffer | undef
   let newBytes = 0;
   let recordedStoredBytes = 0;
   let readBytes = 0;
+  const days = new Map<string, GrowthDay>();
   for (const b of backups) {
+    const day = new Date(b.startTime).toISOString().slice(0, 10);
+    let growth = days.get(day);
+    if (!growth) days.set(day, (growth = { day, backups: 0, newBytes: 0, storedBytes: 0 }));
+    growth.backups += 1;
     for (const d of b.disks) {
       logicalBytes += d.size;
       dataBytes += Math.max(0, d.size - d.stats.blocksZero * b.blockSize);
       newBytes += d.stats.bytesNew;
       recordedStoredBytes += d.stats.bytesStored;
       readBytes += d.stats.bytesRead;
+      growth.newBytes += d.stats.bytesNew;
+      growth.storedBytes += d.stats.bytesStored;
     }
   }
   let storedBytes = 0;
@@ -243,6 +250,31 @@ export async function statsOf(repo: RepositoryConfig, passphrase: Buffer | undef
     packs,
     dedupeRatio: ratio(dataBytes, newBytes),
     compressionRatio: ratio(newBytes, recordedStoredBytes),
-    estimated: ['dedupeRatio', 'compressionRatio', 'dataBytes'],
+    growth: growthOf(days, Date.now()),
+    estimated: ['dedupeRatio', 'compressionRatio', 'dataBytes', 'growth'],
   };
+}
+
+interface GrowthDay {
+  /** A UTC day, YYYY-MM-DD, of the backups' startTime. */
+  day: string;
+  backups: number;
+  /** What the day's backups found new, and stored (after compression), as their records say. */
+  newBytes: number;
+  storedBytes: number;
+}
+
+/** Days of growth the stats list: the newest, up to the day of the request. */
+export const GROWTH_DAYS = 30;
+
+/**
+ * Growth per day over the last GROWTH_DAYS UTC days (today included): each day that has backups, oldest first,
+ * and the stored bytes a day on average over those days, days without backups counting as none. From the records
+ * (what each backup added when it ran): a backup since pruned no longer counts, nor does what gc later reclaimed.
+ */
+function growthOf(days: ReadonlyMap<string, GrowthDay>, now: number): { days: GrowthDay[]; storedBytesPerDay: number } {
+  const first = new Date(now - (GROWTH_DAYS - 1) * 86_400_000).toISOString().slice(0, 10);
+  const recent = [...days.values()].filter((d) => d.day >= first).sort((a, b) => (a.day < b.day ? -1 : 1));
+  const stored = recent.reduce((sum, d) => sum + d.storedBytes, 0);
+  return { days: recent, storedBytesPerDay: Math.round(stored / GROWTH_DAYS) };
 }
