@@ -211,14 +211,14 @@ async function main(): Promise<void> {
     const first = (f: Figures[]): number[] => f.map((x) => x.firstMs);
     const warm = (f: Figures[]): number[] => f.flatMap((x) => x.warmMs);
     const lines = [
-      `# The dashboard and the catalogue API with ${ours[0]!.count} backups (commit ${commit})`,
+      `# The dashboard and the catalogue API with ${backups} backups (commit ${commit})`,
       '',
       `Machine: ${machineLine()}; other sessions running: load average ${loadStart} at start, ${loadEnd} at the end. \`node dist/bench/dashboard.js${baseline ? ` --baseline ${baseline}` : ''}\`.`,
-      `Catalogue: ${ours[0]!.count} backups of ${vms} VMs in one format-3 folder repository: one real \`engine backup\` of a 64 KiB file, and ${backups - 1} records committed through Repository.commitBackup (under a backup's lease) reusing its disk map, a full backup every 10 per VM and incremental ones between (their parents set). Server: \`bin/engine server\`, no tokens file, 127.0.0.1. Times in ms, min / **median** / max.`,
+      `Catalogue: ${backups} backups of ${vms} VMs in one format-3 folder repository: one real \`engine backup\` of a 64 KiB file, and ${backups - 1} records committed through Repository.commitBackup (under a backup's lease) reusing its disk map, a full backup every 10 per VM and incremental ones between (their parents set). Server: \`bin/engine server\`, no tokens file, 127.0.0.1. Times in ms, min / **median** / max.`,
       '',
       '## Catalogue API: `GET /api/v1/repositories/main/backups`',
       '',
-      `3 server starts, each after \`sync; echo 3 > /proc/sys/vm/drop_caches\`: its first request, then ${rounds} more (warm). Answer: ${(ours[0]!.bytes / 1048576).toFixed(1)} MiB of JSON.`,
+      `3 server starts, each after \`sync; echo 3 > /proc/sys/vm/drop_caches\`: its first request, then ${rounds} more (warm). Answer: the first page, ${ours[0]!.count} backups (the default \`limit\`), ${(ours[0]!.bytes / 1048576).toFixed(1)} MiB of JSON.`,
       '',
       '| engine | first request after start (cold) | later requests (warm) |',
       '|---|---|---|',
