@@ -78,9 +78,8 @@ export function sendError(res: ServerResponse, error: unknown, headers: Record<s
  * a body that grows past it (chunked) when it does; either way the connection is closed after the answer,
  * so the rest is never read.
  */
-export async function readJsonBody(req: IncomingMessage, limit = MAX_BODY_BYTES): Promise<unknown> {
-  const type = req.headers['content-type'];
-  if (type !== undefined && !/^application\/json\s*(;|$)/i.test(type)) throw new InvalidArgumentError(`the request body must be application/json, not ${type}`);
+/** A request's body as UTF-8 text, at most `limit` bytes: refused by its Content-Length, or as it grows past it. */
+export async function readBody(req: IncomingMessage, limit: number): Promise<string> {
   const declared = Number(req.headers['content-length'] ?? NaN);
   if (declared > limit) throw new BodyTooLargeError(limit);
   const chunks: Buffer[] = [];
@@ -90,7 +89,13 @@ export async function readJsonBody(req: IncomingMessage, limit = MAX_BODY_BYTES)
     if (length > limit) throw new BodyTooLargeError(limit);
     chunks.push(chunk);
   }
-  const text = Buffer.concat(chunks).toString('utf8');
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+export async function readJsonBody(req: IncomingMessage, limit = MAX_BODY_BYTES): Promise<unknown> {
+  const type = req.headers['content-type'];
+  if (type !== undefined && !/^application\/json\s*(;|$)/i.test(type)) throw new InvalidArgumentError(`the request body must be application/json, not ${type}`);
+  const text = await readBody(req, limit);
   if (text.trim() === '') throw new InvalidArgumentError('the request needs a JSON body');
   try {
     return JSON.parse(text);

@@ -22,8 +22,8 @@ import { PACKAGE_ROOT } from '../../version.js';
 import { requireRole, tokenHash, type Principal, type TokenStore } from '../auth.js';
 import { catalogueOf, statsOf } from '../catalogue.js';
 import type { ServerConfig } from '../config.js';
-import { BodyTooLargeError, ForbiddenError } from '../errors.js';
-import { errorJson } from '../http.js';
+import { ForbiddenError } from '../errors.js';
+import { errorJson, readBody } from '../http.js';
 import type { JobManager } from '../jobs.js';
 import { parseJobRequest } from '../job-requests.js';
 import type { Markup } from './html.js';
@@ -209,14 +209,7 @@ export function createDashboard(options: { config: ServerConfig; jobs: JobManage
 async function readForm(req: IncomingMessage): Promise<URLSearchParams> {
   const type = req.headers['content-type'] ?? '';
   if (!/^application\/x-www-form-urlencoded\s*(;|$)/i.test(type)) throw new InvalidArgumentError('a form is application/x-www-form-urlencoded');
-  const chunks: Buffer[] = [];
-  let length = 0;
-  for await (const chunk of req as AsyncIterable<Buffer>) {
-    length += chunk.length;
-    if (length > MAX_FORM_BYTES) throw new BodyTooLargeError(MAX_FORM_BYTES);
-    chunks.push(chunk);
-  }
-  return new URLSearchParams(Buffer.concat(chunks).toString('utf8'));
+  return new URLSearchParams(await readBody(req, MAX_FORM_BYTES));
 }
 
 /** The API's job request a form describes; parseJobRequest checks it as it checks a posted one. */
