@@ -211,6 +211,21 @@ export function validate(doc: Schema, schema: Schema, value: unknown, at = '$'):
 }
 
 /** The schema of an answer: the document's path template matching `path`, its method, its status. */
+/**
+ * Every recorded JSON answer against the OpenAPI document: those the document has no schema for (`unchecked`,
+ * by method, path and status) and every way the others break their schema (`problems`).
+ */
+export function checkAnswers(doc: Schema, answers: readonly { method: string; path: string; status: number; json: unknown }[]): { unchecked: string[]; problems: string[] } {
+  const unchecked: string[] = [];
+  const problems: string[] = [];
+  for (const answer of answers) {
+    const schema = answerSchema(doc, answer.method, answer.path, answer.status);
+    if (!schema) unchecked.push(`${answer.method} ${answer.path} ${answer.status}`);
+    else problems.push(...validate(doc, schema, answer.json).map((p) => `${answer.method} ${answer.path} ${answer.status}: ${p}`));
+  }
+  return { unchecked, problems };
+}
+
 export function answerSchema(doc: Schema, method: string, path: string, status: number): Schema | undefined {
   const paths = doc.paths as Record<string, Record<string, Schema>>;
   for (const [template, item] of Object.entries(paths)) {

@@ -25,7 +25,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { initRepository, runEngine, tempDir, waitFor } from './helpers.js';
 import { qcow2, qemuIo } from './qemu.js';
-import { answerSchema, call, openApiDocument, recorded, startServer, validate, writeConfig, type RunningServer } from './server-helpers.js';
+import { call, checkAnswers, openApiDocument, recorded, startServer, writeConfig, type RunningServer } from './server-helpers.js';
 
 interface Run {
   id: string;
@@ -417,13 +417,7 @@ describe('engine server: one job per VM, and the server killed -9 mid-run', () =
 describe('engine server: policies in the OpenAPI document', () => {
   test('every JSON answer above matches it', async () => {
     const doc = await openApiDocument();
-    const problems: string[] = [];
-    const unchecked: string[] = [];
-    for (const answer of recorded) {
-      const schema = answerSchema(doc, answer.method, answer.path, answer.status);
-      if (!schema) unchecked.push(`${answer.method} ${answer.path} ${answer.status}`);
-      else problems.push(...validate(doc, schema, answer.json).map((p) => `${answer.method} ${answer.path} ${answer.status}: ${p}`));
-    }
+    const { unchecked, problems } = checkAnswers(doc, recorded);
     expect(unchecked).toEqual([]);
     expect(problems).toEqual([]);
     const covered = new Set(recorded.map((a) => `${a.method} ${a.path.replace(/policies\/[^/]+/, 'policies/{p}')} ${a.status}`));

@@ -15,7 +15,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { exitOf, filesIdentical, initRepository, runEngine, sh, tempDir, waitFor, writeRegion } from './helpers.js';
 import { qcow2, qemuImgCompare, qemuIo, qemuNbd } from './qemu.js';
-import { answerSchema, call, jobEnd, openApiDocument, readEvents, recorded, startServer, validate, writeConfig, type RunningServer } from './server-helpers.js';
+import { call, checkAnswers, jobEnd, openApiDocument, readEvents, recorded, startServer, writeConfig, type RunningServer } from './server-helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -291,13 +291,7 @@ describe('engine server: jobs', () => {
     const doc = await openApiDocument();
     const served = await call(server, 'GET', '/api/openapi.json');
     expect(served.json).toEqual(doc);
-    const unchecked: string[] = [];
-    const problems: string[] = [];
-    for (const answer of recorded) {
-      const schema = answerSchema(doc, answer.method, answer.path, answer.status);
-      if (!schema) unchecked.push(`${answer.method} ${answer.path} ${answer.status}`);
-      else problems.push(...validate(doc, schema, answer.json).map((p) => `${answer.method} ${answer.path} ${answer.status}: ${p}`));
-    }
+    const { unchecked, problems } = checkAnswers(doc, recorded);
     expect(unchecked).toEqual([]);
     expect(problems).toEqual([]);
     const covered = new Set(recorded.map((a) => `${a.method} ${a.path.replace(/\/[0-9a-f]{32}(?=\/|$)/, '/{id}').replace(/backups\/[0-9a-f]+$/, 'backups/{id}')} ${a.status}`));
